@@ -242,37 +242,59 @@ def make_set_batch(x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tens
 
 
 def check_priors(p0: Optional[Tensor], q0: Optional[Tensor], batch: SetBatch, D: int,
-                 dtype: torch.dtype) -> tuple:
+                 dtype: torch.dtype, log_p0: Optional[Tensor] = None,
+                 log_q0: Optional[Tensor] = None) -> tuple:
     """Validate and normalise the priors; returns padded ``(log_p0 (B, D), log_q0 (B, N_max))``.
 
     ``p0``: ``(B, D)`` per set, or ``(D,)`` shared by all sets. ``q0``: like ``x[..., 0]`` -
     ``(N_total,)`` for a ragged batch, ``(B, N)`` for a dense one. Entries must be positive and
-    finite; each set's prior is normalised to sum 1. ``None`` means uniform. Padding entries of
+    finite; each set's prior is normalised to sum 1. ``None`` means uniform. Alternatively the
+    priors can be given as (unnormalised, finite) logits ``log_p0`` / ``log_q0`` of the same
+    shapes, which avoids underflow for attention scores. Padding entries of the returned
     ``log_q0`` are 0 (they are masked wherever they are used).
     """
     B, N = batch.mask.shape
     dev = batch.mask.device
-    if p0 is None:
-        log_p0 = torch.full((B, D), -math.log(max(D, 1)), device=dev, dtype=dtype)
+    if p0 is not None and log_p0 is not None:
+        raise ValueError("give p0 or log_p0, not both")
+    if q0 is not None and log_q0 is not None:
+        raise ValueError("give q0 or log_q0, not both")
+    if p0 is None and log_p0 is None:
+        lp0 = torch.full((B, D), -math.log(max(D, 1)), device=dev, dtype=dtype)
     else:
-        check_tensor(p0, "p0", ndim=(1, 2))
-        if p0.shape[-1] != D or (p0.dim() == 2 and p0.shape[0] != B):
-            raise ValueError(f"p0 must have shape ({B}, {D}) or ({D},), got {tuple(p0.shape)}")
-        _check_positive(p0, "p0")
-        p = p0.to(dtype).expand(B, D)
-        log_p0 = torch.log(p) - torch.log(p.sum(-1, keepdim=True))
-    if q0 is None:
-        log_q0 = -torch.log(batch.lengths.clamp_min(1).to(dtype))[:, None].expand(B, N)
+        name = "p0" if p0 is not None else "log_p0"
+        t = p0 if p0 is not None else log_p0
+        check_tensor(t, name, ndim=(1, 2))
+        if t.shape[-1] != D or (t.dim() == 2 and t.shape[0] != B):
+            raise ValueError(f"{name} must have shape ({B}, {D}) or ({D},), got {tuple(t.shape)}")
+        if p0 is not None:
+            _check_positive(p0, "p0")
+            t = torch.log(p0.to(dtype))
+        else:
+            check_finite(log_p0, "log_p0")
+            t = log_p0.to(dtype)
+        t = t.expand(B, D)
+        lp0 = t - torch.logsumexp(t, dim=-1, keepdim=True)
+    if q0 is None and log_q0 is None:
+        lq0 = -torch.log(batch.lengths.clamp_min(1).to(dtype))[:, None].expand(B, N)
     else:
-        check_tensor(q0, "q0", ndim=(1, 2))
+        name = "q0" if q0 is not None else "log_q0"
+        t = q0 if q0 is not None else log_q0
+        check_tensor(t, name, ndim=(1, 2))
         want = (B, N) if batch.dense else (batch.index.numel(),)
-        if tuple(q0.shape) != want:
-            raise ValueError(f"q0 must have shape {want} (like x[..., 0]), got {tuple(q0.shape)}")
-        _check_positive(q0, "q0")
-        q = batch.pad_rows(q0.to(dtype), fill=1.0)
-        log_q = torch.log(q).masked_fill(~batch.mask, float("-inf"))
-        log_q0 = (log_q - torch.logsumexp(log_q, dim=1, keepdim=True)).masked_fill(~batch.mask, 0.0)
-    return log_p0, log_q0
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must have shape {want} (like x[..., 0]), got {tuple(t.shape)}")
+        if q0 is not None:
+            _check_positive(q0, "q0")
+            t = torch.log(q0.to(dtype))
+        else:
+            check_finite(log_q0, "log_q0")
+            t = log_q0.to(dtype)
+        lq = batch.pad_rows(t, fill=0.0).masked_fill(~batch.mask, float("-inf"))
+        lse = torch.logsumexp(lq, dim=1, keepdim=True)
+        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # empty sets
+        lq0 = (lq - lse).masked_fill(~batch.mask, 0.0)
+    return lp0, lq0
 
 
 def _check_positive(t: Tensor, name: str) -> None:

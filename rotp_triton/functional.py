@@ -20,7 +20,8 @@ def rot_pool(x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = 
              num_iters: int = 4, inner_iters: int = 5, a0: Weight = 0.0, a1: Weight = 1.0,
              a2: Weight = 1.0, a3: Weight = 1.0, rho: Weight = 1.0, tau: Weight = 1.0,
              p0: Optional[Tensor] = None, q0: Optional[Tensor] = None, backend: str = "auto",
-             return_plan: bool = False):
+             return_plan: bool = False, log_p0: Optional[Tensor] = None,
+             log_q0: Optional[Tensor] = None):
     r"""Pool each set of a batch with regularized optimal transport (Xu & Cheng, TPAMI 2023).
 
     For one set X ∈ R^{D×N} (code layout: ``x`` (N, D)), solve the ROT problem (eq. 3)
@@ -57,6 +58,8 @@ def rot_pool(x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = 
         backend: ``"auto"`` (Triton kernels for CUDA tensors where one applies, else torch),
             ``"triton"`` (require a kernel) or ``"torch"``.
         return_plan: also return the plan P in x's layout, each set's P summing to 1.
+        log_p0, log_q0: the priors as finite logits instead (same shapes as p0 / q0; normalized
+            per set by a log-softmax) - what attention priors should pass.
 
     Returns:
         ``y`` of shape ``(B, D)`` in x's dtype, and with ``return_plan=True`` also ``P``.
@@ -85,14 +88,16 @@ def rot_pool(x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = 
         tau=as_weight(tau, "tau", T, **kw),
     )
     structure = wants_structure(w["a0"])
-    log_p0, log_q0 = check_priors(p0, q0, batch, D, cdt)
+    uniform_p0 = p0 is None and log_p0 is None
+    uniform_q0 = q0 is None and log_q0 is None
+    log_p0, log_q0 = check_priors(p0, q0, batch, D, cdt, log_p0, log_q0)
 
     if backend != "torch":
         from .ops.rot import dispatch
         out = dispatch.try_triton(x, batch, method=method, variant=variant, structure=structure,
                                   weights=w, log_p0=log_p0, log_q0=log_q0, num_iters=T,
-                                  inner_iters=inner_iters, uniform_p0=p0 is None,
-                                  uniform_q0=q0 is None, return_plan=return_plan,
+                                  inner_iters=inner_iters, uniform_p0=uniform_p0,
+                                  uniform_q0=uniform_q0, return_plan=return_plan,
                                   required=backend == "triton")
         if out is not None:
             return out if return_plan else out[0]

@@ -1,0 +1,89 @@
+"""Learnable ROT weights (α0, α1, α2, α3, ρ, τ) as softplus of free parameters (DESIGN §2)."""
+from __future__ import annotations
+
+import math
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+WEIGHT_NAMES = ("a0", "a1", "a2", "a3", "rho", "tau")
+
+# Defaults of the modules (not of the functional rot_pool): large smoothness and ADMM penalty make
+# a freshly built layer pool close to the mean (DESIGN §4: mean pooling is the α1 -> inf limit),
+# so it can replace average pooling in a trained network; training moves them.
+MODULE_DEFAULTS = dict(a0=0.0, a1=100.0, a2=1.0, a3=1.0, rho=100.0, tau=1.0)
+LEARN_DEFAULTS = dict(a0=False, a1=True, a2=True, a3=True, rho=True, tau=False)
+# learn_a0=True with a0=0 starts from this value (softplus cannot reach 0)
+A0_LEARN_INIT = 0.1
+
+
+def inverse_softplus(v: float) -> float:
+    """softplus⁻¹(v) for v > 0, stable for large v."""
+    return v + math.log(-math.expm1(-v)) if v < 30 else v
+
+
+class ROTWeights(nn.Module):
+    """Holds the solver weights of one ROT layer and returns them as ``(T,)`` tensors.
+
+    Each learnable weight is ``softplus(raw)`` with ``raw`` of shape ``(T,)`` when
+    ``per_iter_params`` (one value per unrolled module, the official code's default) or ``(1,)``.
+    Fixed weights are buffers; ``float('inf')`` is allowed for fixed ``a2``/``a3`` (hard marginal).
+    """
+
+    def __init__(self, num_iters: int, per_iter_params: bool = True, **kwargs):
+        super().__init__()
+        self.num_iters = num_iters
+        self.per_iter_params = per_iter_params
+        self.init: Dict[str, float] = {}
+        self.learn: Dict[str, bool] = {}
+        for name in WEIGHT_NAMES:
+            v = kwargs.pop(name, MODULE_DEFAULTS[name])
+            learn = kwargs.pop(f"learn_{name}", LEARN_DEFAULTS[name])
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+            v = float(v)
+            if math.isnan(v) or v < 0:
+                raise ValueError(f"{name} must be >= 0, got {v}")
+            if name in ("a1", "rho") and v == 0:
+                raise ValueError(f"{name} must be positive, got {v}")
+            if math.isinf(v) and (learn or name not in ("a2", "a3")):
+                raise ValueError(f"{name} = inf is only allowed for a fixed (learn_{name}=False) a2 "
+                                 f"or a3")
+            if learn and v == 0:
+                if name != "a0":
+                    raise ValueError(f"a learnable {name} must start positive (softplus > 0)")
+                v = A0_LEARN_INIT
+            self.init[name], self.learn[name] = v, bool(learn)
+            size = num_iters if per_iter_params else 1
+            if learn:
+                self.register_parameter(f"raw_{name}", nn.Parameter(torch.empty(size)))
+            else:
+                self.register_buffer(f"fixed_{name}", torch.full((size,), v), persistent=False)
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            for name in WEIGHT_NAMES:
+                if self.learn[name]:
+                    getattr(self, f"raw_{name}").fill_(inverse_softplus(self.init[name]))
+
+    def forward(self) -> Dict[str, Tensor]:
+        out = {}
+        for name in WEIGHT_NAMES:
+            out[name] = (F.softplus(getattr(self, f"raw_{name}")) if self.learn[name]
+                         else getattr(self, f"fixed_{name}"))
+        return out
+
+    def extra_repr(self) -> str:
+        parts = [f"num_iters={self.num_iters}", f"per_iter_params={self.per_iter_params}"]
+        for name in WEIGHT_NAMES:
+            parts.append(f"{name}={self.init[name]:g}{'*' if self.learn[name] else ''}")
+        return ", ".join(parts)
+
+    def describe(self) -> str:
+        """Short form for the owning layer's ``__repr__``: learnable weights marked with ``*``."""
+        return ", ".join(f"{n}={self.init[n]:g}{'*' if self.learn[n] else ''}" for n in WEIGHT_NAMES)
