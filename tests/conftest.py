@@ -1,0 +1,15 @@
+"""Test configuration: where kernel tests run.
+
+``ROTP_TEST_DEVICE=cuda`` runs every kernel test on the GPU (plus fp16/bf16 cases); by default
+(``cpu``) the Triton kernels run under the interpreter, which must be switched on before triton
+is first imported - hence here, in the first file pytest loads.
+"""
+import os
+import sys
+
+DEVICE = os.environ.get("ROTP_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/ helpers (aot, kernel_utils)
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # reference/ from the repo root
