@@ -62,21 +62,39 @@ class GSPOutput(NamedTuple):
     alpha: Tensor
 
 
-def as_set_input(x, index, ptr, dim_size) -> tuple:
-    """Accept sets (2-D ragged / 3-D dense) or images ``(B, C, H, W)``; returns ``(x, batch)``.
+def as_set_input(x, index, ptr, dim_size, mask: Optional[Tensor] = None) -> tuple:
+    """Accept sets (2-D ragged / 3-D dense, optionally masked) or images ``(B, C, H, W)``;
+    returns ``(x, batch)`` with ``batch`` a :class:`~rotp_triton._batching.SetBatch`.
 
     An image is the set of its H*W pixels with C features: ``x.flatten(2).transpose(1, 2)``
-    (a view, no copy).
+    (a view, no copy). ``mask``: ``(B, N)`` bool for a dense ``x``, True for the real samples
+    (the masked batch is pooled as the ragged batch ``x[mask]``).
     """
     check_tensor(x, "x", ndim=(2, 3, 4))
     if x.dim() == 4:
-        if index is not None or ptr is not None:
-            raise ValueError(f"index/ptr are only used with a 2-D (N_total, D) x; got an image batch "
+        if index is not None or ptr is not None or mask is not None:
+            raise ValueError(f"index/ptr/mask are only used with set input; got an image batch "
                              f"(B, C, H, W) of shape {tuple(x.shape)}")
         if dim_size is not None and dim_size != x.shape[0]:
             raise ValueError(f"dim_size ({dim_size}) disagrees with the image batch size {x.shape[0]}")
         x = x.flatten(2).transpose(1, 2)
         dim_size = None
+    if mask is not None:
+        if x.dim() != 3:
+            raise ValueError(f"mask is only used with a dense (B, N, D) x, got x of shape "
+                             f"{tuple(x.shape)}")
+        check_tensor(mask, "mask", ndim=(2,), floating=False)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+        if tuple(mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"mask must have shape {tuple(x.shape[:2])} (like x[..., 0]), got "
+                             f"{tuple(mask.shape)}")
+        if dim_size is not None and dim_size != x.shape[0]:
+            raise ValueError(f"dim_size ({dim_size}) disagrees with the dense batch size {x.shape[0]}")
+        B = x.shape[0]
+        mask = mask.to(x.device)
+        index = torch.arange(B, device=x.device)[:, None].expand_as(mask)[mask]
+        x, dim_size = x[mask], B
     check_finite(x, "x")
     return x, make_set_batch(x, index, ptr, dim_size)
 
@@ -159,7 +177,7 @@ def gsp_pool(x: Tensor, prototypes: Tensor, index: Optional[Tensor] = None,
              ptr: Optional[Tensor] = None, dim_size: Optional[int] = None, *,
              weight: Optional[Tensor] = None, mass: float = 0.3, gamma: float = 5.0,
              num_iters: int = 100, tol: Optional[float] = None, return_histogram: bool = False,
-             return_plan: bool = False):
+             return_plan: bool = False, mask: Optional[Tensor] = None):
     """Generalized Sum Pooling of a batch of sets or images (see the module docstring).
 
     Args:
@@ -168,6 +186,8 @@ def gsp_pool(x: Tensor, prototypes: Tensor, index: Optional[Tensor] = None,
         prototypes: ``(K, D_out)`` the prototypes z_k.
         index: ``(N_total,)`` set id of each row (any order). ptr: ``(B + 1,)`` CSR offsets.
         dim_size: number of sets B (ragged input; sets without rows give zeros).
+        mask: ``(B, N)`` bool for a dense x, True for real samples (rows of the plan/rho
+            outputs are then those of ``x[mask]``).
         weight: ``(D_out, D_in)`` the 1x1 projection (a ``Linear`` / 1x1 ``Conv2d`` weight);
             ``None`` pools x itself (D_out = D_in).
         mass: mu in (0, 1], the transported mass. gamma: >= 0, inverse entropy weight.
@@ -181,7 +201,7 @@ def gsp_pool(x: Tensor, prototypes: Tensor, index: Optional[Tensor] = None,
         a :class:`GSPOutput` with ``return_plan``. Empty sets give zeros.
     """
     mass, gamma, num_iters, tol = check_gsp_hparams(mass, gamma, num_iters, tol)
-    x, batch = as_set_input(x, index, ptr, dim_size)
+    x, batch = as_set_input(x, index, ptr, dim_size, mask)
     D_in = x.shape[-1]
     check_tensor(prototypes, "prototypes", ndim=(2,))
     if weight is not None:

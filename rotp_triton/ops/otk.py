@@ -39,7 +39,7 @@ from torch import Tensor
 from rotp_triton._batching import SetBatch, check_tensor, compute_dtype
 from rotp_triton.ops.gsp import _check_float, _check_int, as_set_input
 
-__all__ = ["otk_pool", "check_otk_hparams"]
+__all__ = ["otk_pool", "check_otk_hparams", "kmeans"]
 
 
 def check_otk_hparams(eps, num_iters, log_domain) -> tuple:
@@ -55,7 +55,8 @@ def check_otk_hparams(eps, num_iters, log_domain) -> tuple:
 
 def otk_pool(x: Tensor, weight: Tensor, index: Optional[Tensor] = None,
              ptr: Optional[Tensor] = None, dim_size: Optional[int] = None, *, eps: float = 0.1,
-             num_iters: int = 10, log_domain: bool = True, return_plan: bool = False):
+             num_iters: int = 10, log_domain: bool = True, return_plan: bool = False,
+             mask: Optional[Tensor] = None):
     """OTK embedding of a batch of sets or images (see the module docstring).
 
     Args:
@@ -64,6 +65,8 @@ def otk_pool(x: Tensor, weight: Tensor, index: Optional[Tensor] = None,
         weight: ``(h, p, d)`` the supports of every head, or ``(p, d)`` for one head.
         index: ``(N_total,)`` set id of each row (any order). ptr: ``(B + 1,)`` CSR offsets.
         dim_size: number of sets B (ragged input; sets without rows give zeros).
+        mask: ``(B, N)`` bool for a dense x, True for real samples (the plan's rows are then
+            those of ``x[mask]``).
         eps: entropic regularisation, > 0. num_iters: Sinkhorn iterations, >= 1.
         log_domain: log-domain potentials (stable for any eps) or scaling vectors.
         return_plan: also return the scaled plans in x's row layout, ``(N_total, h, p)`` ragged
@@ -73,7 +76,7 @@ def otk_pool(x: Tensor, weight: Tensor, index: Optional[Tensor] = None,
         ``(B, p, h*d)`` in x's dtype [, the plans]. Empty sets give zeros.
     """
     eps, num_iters, log_domain = check_otk_hparams(eps, num_iters, log_domain)
-    x, batch = as_set_input(x, index, ptr, dim_size)
+    x, batch = as_set_input(x, index, ptr, dim_size, mask)
     d = x.shape[-1]
     check_tensor(weight, "weight", ndim=(2, 3))
     if weight.dim() == 2:
@@ -126,3 +129,53 @@ def _otk_padded(batch: SetBatch, W: Tensor, eps: float, T: int, log_domain: bool
     y = torch.einsum("bhnp,bnd->bphd", A, X).reshape(B, p, h * d)
     keep = nonempty.to(cd)
     return y * keep[:, None, None], A * (keep[:, None, None, None] * batch.mask[:, None, :, None])
+
+
+@torch.no_grad()
+def kmeans(points: Tensor, k: int, *, num_iters: int = 20,
+           generator: Optional[torch.Generator] = None) -> Tensor:
+    """Lloyd's k-means with k-means++ seeding (used to initialise OTK supports from data).
+
+    Args:
+        points: ``(M, d)`` with M >= k. k: number of centroids.
+        num_iters: Lloyd iterations (stops early once the assignment no longer changes).
+        generator: random generator of the seeding (on points' device).
+    Returns:
+        ``(k, d)`` centroids in points' dtype. An emptied cluster is re-seeded at the point
+        farthest from its centroid, so all k centroids are distinct data-driven points.
+    """
+    check_tensor(points, "points", ndim=(2,))
+    k = _check_int(k, "k", 1)
+    num_iters = _check_int(num_iters, "num_iters", 0)
+    M = points.shape[0]
+    if M < k:
+        raise ValueError(f"k-means needs at least k = {k} points, got {M}")
+    P = points.to(compute_dtype(points.dtype))
+    # k-means++: each new seed drawn with probability proportional to the squared distance to
+    # the nearest seed so far (spreads the seeds; O(log k)-competitive in expectation).
+    first = torch.randint(M, (1,), generator=generator, device=P.device)
+    C = P[first]
+    d2 = ((P - C[0]) ** 2).sum(-1)
+    for _ in range(1, k):
+        if float(d2.sum()) > 0:
+            nxt = torch.multinomial(d2, 1, generator=generator)
+        else:  # fewer distinct points than k: duplicates are unavoidable
+            nxt = torch.randint(M, (1,), generator=generator, device=P.device)
+        C = torch.cat([C, P[nxt]])
+        d2 = torch.minimum(d2, ((P - P[nxt]) ** 2).sum(-1))
+    assign = None
+    for _ in range(num_iters):
+        dist = torch.cdist(P, C)                                   # (M, k)
+        new_assign = dist.argmin(1)
+        if assign is not None and torch.equal(new_assign, assign):
+            break
+        assign = new_assign
+        counts = torch.bincount(assign, minlength=k).to(P.dtype)
+        sums = torch.zeros_like(C).index_add_(0, assign, P)
+        C = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], C)
+        far = dist.min(1).values
+        for j in torch.nonzero(counts == 0).flatten().tolist():
+            i = far.argmax()
+            C[j] = P[i]
+            far[i] = -1.0                                          # not twice the same point
+    return C.to(points.dtype)
