@@ -114,9 +114,9 @@ def _rot_pool_torch(x: Tensor, batch: SetBatch, *, method, variant, structure, w
     B, N = batch.mask.shape
     D = x.shape[-1]
     cdt = compute_dtype(x.dtype)
-    if N == 0:  # every set is empty
-        y = x.new_zeros(B, D)
-        return y, (x.new_zeros(x.shape) if return_plan else None)
+    if N == 0:  # every set is empty: zeros, still connected to x for autograd
+        y = (x.sum() * 0).expand(B, D).clone()
+        return y, (x * 0 if return_plan else None)
     xp = batch.pad_rows(x).to(cdt) if not batch.dense else x.to(cdt)
     # An empty set is solved on one dummy zero sample (finite everywhere, so no NaN reaches
     # shared weights in the backward) and its output is zeroed.

@@ -19,7 +19,7 @@ RTOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a - b‖ / max(‖b‖, tiny) in float64; NaN if either has a NaN."""
-    a, b = a.double().cpu(), b.double().cpu()
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         return float("nan")
     return float((a - b).norm() / b.norm().clamp_min(1e-30))

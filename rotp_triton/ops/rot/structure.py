@@ -35,7 +35,7 @@ class StructureFactors:
             return t @ s1
         s2 = xt @ xt.transpose(1, 2)                           # [B, N, N]   Σ2
         t = s2 @ m                                             # [B, N, D]
-        return (t @ xc) @ xc.transpose(1, 2)                   # [B, N, D]   (Σ2 m) Σ1 via (N, N)
+        return (t @ xc.transpose(1, 2)) @ xc                   # [B, N, D]   (Σ2 m) Σ1 via (N, N)
 
 
 def structure_factors(x: Tensor, mask: Tensor) -> StructureFactors:
