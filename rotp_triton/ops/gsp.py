@@ -231,9 +231,10 @@ def _gsp_padded(batch: SetBatch, weight, prototypes, mu, gamma, num_iters, tol, 
     Z = prototypes.to(cd)
     B, N = batch.mask.shape
     K = Z.shape[0]
-    if N == 0:  # every set empty
+    if N == 0:  # every set empty: zeros, still attached to the graph so backward() works
         z = H.new_zeros
-        return z(B, H.shape[-1]), z(B, K), z(B, 0, K), z(B, 0), z(B)
+        hist = (0.0 * Z.sum(-1))[None, :].expand(B, K)
+        return H.sum(1), hist, z(B, 0, K), z(B, 0), z(B)
     nonempty = batch.lengths > 0
     # An empty set gets one fake sample (its zero padding row) so that every quantity stays
     # finite; its outputs are zeroed below and its row is not connected to x, so no gradient leaks.

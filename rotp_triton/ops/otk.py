@@ -96,8 +96,9 @@ def _otk_padded(batch: SetBatch, W: Tensor, eps: float, T: int, log_domain: bool
     X = batch.x.to(cd)                                            # (B, N, d)
     B, N = batch.mask.shape
     h, p, d = W.shape
-    if N == 0:  # every set empty
-        return X.new_zeros(B, p, h * d), X.new_zeros(B, h, 0, p)
+    if N == 0:  # every set empty: zeros, still attached to the graph so backward() works
+        y = torch.einsum("bnd,hpd->bphd", X, W).reshape(B, p, h * d)
+        return y, X.new_zeros(B, h, 0, p)
     nonempty = batch.lengths > 0
     # An empty set gets one fake sample (its zero padding row) so that every quantity stays
     # finite; its output is zeroed below and the row is not connected to x.
