@@ -1,0 +1,1061 @@
+"""Triton kernels for ROT pooling with the structure term (α0 > 0): B-E, B-Q and proximal S.
+
+Every iteration needs Σ1 M Σ2 (paper layout; ``Σ2 m Σ1`` here, rows = samples) for M = S or P.
+Per set the larger of Σ1 (D×D) / Σ2 (N×N) is never formed (DESIGN §2):
+
+    D <= N:  out = xt · ((xtᵀ m) · Σ1)            Σ1 = xcᵀ xc  (D×D) is materialized
+    N <  D:  out = (Σ2 · (m xcᵀ)) · xc            Σ2 = xt xtᵀ  (N×N) is materialized
+
+Each product is one launch of :func:`set_matmul_kernel`, a batched ``tl.dot`` GEMM whose sample
+dimension has a per-set length (tiles past a set's end do no work). The branch is chosen once per
+batch from ``N_max`` and ``D``.
+
+Internal layout: every per-row state is a zero-padded fp32 ``(B, N_max, D)`` tensor plus the set
+lengths; the input (dense with any strides, or ragged rows grouped by ``ptr``) is read once by
+:func:`structure_factors_kernel`, which also writes the fp32 padded copy, the centred and
+normalized factors ``xc`` / ``xt`` (per set, DESIGN §2) in the same launch. The LogSumExp
+passes and the dual updates of one iteration run in one program per set that owns all D
+features, so the normalizations over d (log μ) and over n (log η) need no second launch:
+
+    B-E / B-Q, per iteration:  3 launches Σ(S) · 1 P-step · 3 launches Σ(P) · 1 S-step + duals
+    S, per outer iteration:    3 launches Σ(P) · 1 launch with the cost and all K inner
+                               Gauss-Seidel (exact) or Jacobi (paper) iterations
+    then 1 launch for the pooling (column softmax of log P) and the normalized plan.
+
+An empty set is solved on one zero dummy sample (all finite) and its output is zeroed, like the
+torch path.
+
+Backward (:class:`StructureROTFunction`). The gradient is the exact gradient of the T unrolled
+iterations. Memory: the forward saves only its inputs, the structure factors (xc, xt and the
+smaller Gram matrix - "what the structure matrices need") and the final log P; no per-iteration
+N×D state. The backward walks the iterations in reverse; for iteration t it recomputes the
+state entering t by re-running the Triton forward from the nearest checkpoint (by default only
+the initial state, which is known from the inputs, so memory is independent of T), then
+replays that one iteration under autograd and pulls the incoming gradient through it. The cost
+is T(T-1)/2 extra forward iterations (T = 4: 6, T = 16: 120); setting
+``CHECKPOINT_EVERY = c`` stores every c-th state in the forward (T/c states of N×D) and cuts the
+recompute to about T·c/2 iterations. In the replay the structure products - forward and
+backward, including the gradients through Σ1, Σ2 to the factors - are Triton kernels
+(:class:`SigmaProduct`); the elementwise log-domain updates and their LogSumExp reductions are
+differentiated by torch autograd on the padded layout, and so is the (once per call) centring
+and normalization of the factors and the final pooling. Those pieces are not Triton kernels in
+the backward.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+from .solvers import normalized_plan, pool_from_log_plan, structure_factors
+
+# States stored every CHECKPOINT_EVERY iterations in the forward for the backward's recompute;
+# None: store none (memory independent of T, O(T^2) recompute).
+CHECKPOINT_EVERY: Optional[int] = None
+# fp32 tl.dot precision: "ieee" (exact fp32) or "tf32" (tensor cores, ~1e-3 relative error).
+DOT_PRECISION = os.environ.get("ROTP_STRUCTURE_DOT", "ieee")
+
+_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(float32).tiny, as structure.py
+_NEG_BIG = tl.constexpr(-1.0e30)  # finite "-inf" for running maxima: no (-inf) - (-inf)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ============================================================================================
+# kernels
+# ============================================================================================
+@triton.jit
+def _kappa(alpha, w):
+    """κ(α, w) = α / (α + w), 1 at α = +inf."""
+    return tl.where(alpha == float("inf"), 1.0, alpha / (alpha + w))
+
+
+@triton.jit
+def structure_factors_kernel(x_ptr, row_start_ptr, len_ptr, x32_ptr, xc_ptr, xt_ptr,
+                             s_xb, s_xn, s_xd, N_pad, D,
+                             BN: tl.constexpr, BD: tl.constexpr):
+    """One program per set: the fp32 padded copy of x and the normalized factors.
+
+    x: caller's tensor, element (b, n, d) at b*s_xb + (row_start[b] + n)*s_xn + d*s_xd.
+    x32, xc, xt: (B, N_pad, D) fp32, written for n < len[b] (padding stays 0).
+    xc = (x - μ1) / sqrt(n_b · max diag Σ1), xt = (x - μ2) / sqrt(D · max diag Σ2).
+    """
+    b = tl.program_id(0)
+    n_b = tl.load(len_ptr + b).to(tl.int32)
+    row0 = tl.load(row_start_ptr + b)
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    nf = tl.maximum(n_b, 1).to(tl.float32)
+    # pass 1: μ1 (mean over samples, per feature)
+    col = tl.zeros([BD], dtype=tl.float32)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        msk = (rows < n_b)[:, None] & d_ok[None, :]
+        xv = tl.load(x_ptr + b * s_xb + (row0 + rows)[:, None] * s_xn + offs_d[None, :] * s_xd,
+                     mask=msk, other=0.0).to(tl.float32)                      # [BN, BD]
+        col += tl.sum(xv, 0)
+    mu1 = col / nf
+    # pass 2: diagonals of Σ1 (per feature) and Σ2 (per sample); write the fp32 copy
+    var1 = tl.zeros([BD], dtype=tl.float32)
+    max2 = tl.zeros([BN], dtype=tl.float32)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        xv = tl.load(x_ptr + b * s_xb + (row0 + rows)[:, None] * s_xn + offs_d[None, :] * s_xd,
+                     mask=msk, other=0.0).to(tl.float32)
+        tl.store(x32_ptr + (b * N_pad + rows)[:, None] * D + offs_d[None, :], xv, mask=msk)
+        xc = tl.where(msk, xv - mu1[None, :], 0.0)
+        var1 += tl.sum(xc * xc, 0)
+        mu2 = tl.sum(xv, 1) / D                                                # [BN]
+        xt = tl.where(msk, xv - mu2[:, None], 0.0)
+        max2 = tl.maximum(max2, tl.where(r_ok, tl.sum(xt * xt, 1) / D, 0.0))
+    s1 = tl.maximum(tl.max(tl.where(d_ok, var1 / nf, 0.0), 0), _TINY)
+    s2 = tl.maximum(tl.max(max2, 0), _TINY)
+    c1 = 1.0 / tl.sqrt(nf * s1)
+    c2 = 1.0 / tl.sqrt(D * s2)
+    # pass 3: the factors
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        msk = (rows < n_b)[:, None] & d_ok[None, :]
+        xv = tl.load(x_ptr + b * s_xb + (row0 + rows)[:, None] * s_xn + offs_d[None, :] * s_xd,
+                     mask=msk, other=0.0).to(tl.float32)
+        mu2 = tl.sum(xv, 1) / D
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        tl.store(xc_ptr + off, (xv - mu1[None, :]) * c1, mask=msk)
+        tl.store(xt_ptr + off, (xv - mu2[:, None]) * c2, mask=msk)
+
+
+@triton.jit
+def set_matmul_kernel(a_ptr, b_ptr, c_ptr, len_ptr, D, M_alloc, N_alloc,
+                      s_ab, s_am, s_ak, s_bb, s_bk, s_bn, s_cb, s_cm, s_cn,
+                      M_IS_SET: tl.constexpr, K_IS_SET: tl.constexpr, N_IS_SET: tl.constexpr,
+                      EXP_B: tl.constexpr, ACCUMULATE: tl.constexpr, ALPHA: tl.constexpr,
+                      PRECISION: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """C[b] (+)= ALPHA · A[b] @ op(B[b]) per set, op = exp if EXP_B (B holds a log plan).
+
+    Each of the dims M, K, N is either the set's samples (length len[b], ``*_IS_SET``) or the
+    features (length D); operands are addressed by strides (transposes are free). Entries past
+    the logical size are loaded as 0 (exp: as exp(-inf) = 0), so rows/columns of C past a set's
+    end come out 0 and are written over the whole allocation (M_alloc, N_alloc).
+    """
+    b = tl.program_id(0)
+    pid = tl.program_id(1)
+    n_b = tl.load(len_ptr + b).to(tl.int32)
+    if M_IS_SET:
+        m_size = n_b
+    else:
+        m_size = D
+    if K_IS_SET:
+        k_size = n_b
+    else:
+        k_size = D
+    if N_IS_SET:
+        n_size = n_b
+    else:
+        n_size = D
+    n_tiles = tl.cdiv(N_alloc, BN)
+    pm = pid // n_tiles
+    pn = pid % n_tiles
+    offs_m = pm * BM + tl.arange(0, BM)
+    offs_n = pn * BN + tl.arange(0, BN)
+    m_ok = offs_m < m_size
+    n_ok = offs_n < n_size
+    # a tile wholly past the set's end only writes zeros: skip its K loop
+    k_end = tl.where((pm * BM < m_size) & (pn * BN < n_size), k_size, 0)
+    a_base = a_ptr + b * s_ab + offs_m[:, None] * s_am
+    b_base = b_ptr + b * s_bb + offs_n[None, :] * s_bn
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, k_end, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        k_ok = offs_k < k_size
+        a = tl.load(a_base + offs_k[None, :] * s_ak, mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)                                                  # [BM, BK]
+        if EXP_B:
+            bv = tl.exp(tl.load(b_base + offs_k[:, None] * s_bk,
+                                mask=k_ok[:, None] & n_ok[None, :], other=float("-inf")))
+        else:
+            bv = tl.load(b_base + offs_k[:, None] * s_bk, mask=k_ok[:, None] & n_ok[None, :],
+                         other=0.0)                                             # [BK, BN]
+        acc += tl.dot(a, bv, input_precision=PRECISION)
+    acc = acc * ALPHA
+    c_ptrs = c_ptr + b * s_cb + offs_m[:, None] * s_cm + offs_n[None, :] * s_cn
+    c_msk = (offs_m < M_alloc)[:, None] & (offs_n < N_alloc)[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_msk, other=0.0)
+    tl.store(c_ptrs, acc, mask=c_msk)
+
+
+@triton.jit
+def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr, log_mu_ptr,
+                        len_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t, N_pad, D,
+                        QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
+                        BN: tl.constexpr, BD: tl.constexpr):
+    """P-step of B-E/B-Q, one program per set (all D features).
+
+    G = x + α0 Σ(S) - Z [- α1 S];  Y = log S + G/ρ;  R = LSE_n Y;
+    exact: log μ = lognorm(κ2 log p0 + (1-κ2) R);  paper: log μ is the state;
+    log P = Y + (log μ - R).   sig = Σ(S) (B, N_pad, D); log_mu (B, D) (paper only).
+    """
+    b = tl.program_id(0)
+    n_b = tl.load(len_ptr + b).to(tl.int32)
+    a0 = tl.load(a0_ptr + t)
+    a1 = tl.load(a1_ptr + t)
+    rho = tl.load(rho_ptr + t)
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    m = tl.full([BD], _NEG_BIG, dtype=tl.float32)
+    l = tl.zeros([BD], dtype=tl.float32)
+    # pass 1: R = LSE over samples of Y (online, per feature)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        msk = (rows < n_b)[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        ls = tl.load(log_s_ptr + off, mask=msk, other=0.0)
+        g = tl.load(x_ptr + off, mask=msk, other=0.0) - tl.load(z_ptr + off, mask=msk, other=0.0)
+        g += a0 * tl.load(sig_ptr + off, mask=msk, other=0.0)
+        if QUADRATIC:
+            g -= a1 * tl.exp(ls)
+        y = tl.where(msk, ls + g / rho, float("-inf"))                          # [BN, BD]
+        m_new = tl.maximum(m, tl.max(y, 0))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(y - m_new[None, :]), 0)
+        m = m_new
+    r = m + tl.log(l)                                                          # [BD]
+    if PAPER:
+        log_mu = tl.load(log_mu_ptr + b * D + offs_d, mask=d_ok, other=0.0)
+    else:
+        k2 = _kappa(tl.load(a2_ptr + t), rho)
+        v = k2 * tl.load(log_p0_ptr + b * D + offs_d, mask=d_ok, other=0.0) + (1 - k2) * r
+        v = tl.where(d_ok, v, float("-inf"))
+        vm = tl.max(v, 0)
+        log_mu = v - (vm + tl.log(tl.sum(tl.exp(v - vm), 0)))
+    shift = log_mu - r
+    # pass 2: log P = Y + log μ - R
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        msk = (rows < n_b)[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        ls = tl.load(log_s_ptr + off, mask=msk, other=0.0)
+        g = tl.load(x_ptr + off, mask=msk, other=0.0) - tl.load(z_ptr + off, mask=msk, other=0.0)
+        g += a0 * tl.load(sig_ptr + off, mask=msk, other=0.0)
+        if QUADRATIC:
+            g -= a1 * tl.exp(ls)
+        tl.store(log_p_ptr + off, ls + g / rho + shift[None, :], mask=msk)
+
+
+@triton.jit
+def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr, log_eta_ptr,
+                        z2_ptr, log_p0_ptr, log_mu_ptr, z1_ptr, len_ptr,
+                        a0_ptr, a1_ptr, a2_ptr, a3_ptr, rho_ptr, t, N_pad, D,
+                        QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
+                        BN: tl.constexpr, BD: tl.constexpr):
+    """S-step and dual update of B-E/B-Q, one program per set.
+
+    H = Z + α0 Σ(P);  B-E: Y = (H + ρ log P)/(α1+ρ);  B-Q: Y = log P + (H - α1 P)/ρ;
+    C = LSE_d Y;  exact: log η = lognorm_n(κ3 log q0 + (1-κ3) C);  paper: log η is the state;
+    log S = Y + log η - C;  Z += ρ (P - S).
+    Paper only, eqs. (26)-(28): log μ, log η, z1 (B, D), z2 (B, N_pad) updated in place.
+    c: (B, N_pad) scratch for C.  Y is parked in log_s between the two passes.
+    """
+    b = tl.program_id(0)
+    n_b = tl.load(len_ptr + b).to(tl.int32)
+    a0 = tl.load(a0_ptr + t)
+    a1 = tl.load(a1_ptr + t)
+    rho = tl.load(rho_ptr + t)
+    if QUADRATIC:
+        w = rho
+    else:
+        w = a1 + rho
+    if PAPER:
+        k3 = _kappa(tl.load(a3_ptr + t), rho)
+    else:
+        k3 = _kappa(tl.load(a3_ptr + t), w)
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    # pass 1: Y, C_n; the LSE over n of the η logits (running scalar max/sum)
+    vm = tl.max(tl.full([BN], _NEG_BIG, dtype=tl.float32), 0)
+    vl = tl.sum(tl.zeros([BN], dtype=tl.float32), 0)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        lp = tl.load(log_p_ptr + off, mask=msk, other=0.0)
+        h = tl.load(z_ptr + off, mask=msk, other=0.0) + a0 * tl.load(sig_ptr + off, mask=msk,
+                                                                     other=0.0)
+        if QUADRATIC:
+            y = lp + (h - a1 * tl.exp(lp)) / rho
+        else:
+            y = (h + rho * lp) / w
+        y = tl.where(msk, y, float("-inf"))                                     # [BN, BD]
+        ym = tl.max(y, 1)
+        c = ym + tl.log(tl.sum(tl.exp(y - ym[:, None]), 1))                     # [BN]
+        tl.store(log_s_ptr + off, y, mask=msk)
+        tl.store(c_ptr + b * N_pad + rows, c, mask=r_ok)
+        lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+        if PAPER:   # logits of the new log η, eq. (27), from the state before this update
+            le = tl.load(log_eta_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+            z2 = tl.load(z2_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+            v = (1 - k3) * (le - z2 / rho) + k3 * lq0
+        else:
+            v = k3 * lq0 + (1 - k3) * c
+        v = tl.where(r_ok, v, float("-inf"))
+        vm_new = tl.maximum(vm, tl.max(v, 0))
+        vl = vl * tl.exp(vm - vm_new) + tl.sum(tl.exp(v - vm_new), 0)
+        vm = vm_new
+    v_lse = vm + tl.log(vl)
+    tl.debug_barrier()   # pass 2 reads what other threads of this program wrote in pass 1
+    colsum_p = tl.zeros([BD], dtype=tl.float32)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        y = tl.load(log_s_ptr + off, mask=msk, other=0.0)
+        c = tl.load(c_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+        lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+        if PAPER:
+            le = tl.load(log_eta_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+        else:
+            le = k3 * lq0 + (1 - k3) * c - v_lse
+        ls = y + (le - c)[:, None]
+        p = tl.where(msk, tl.exp(tl.load(log_p_ptr + off, mask=msk, other=0.0)), 0.0)
+        s = tl.where(msk, tl.exp(ls), 0.0)
+        zz = tl.load(z_ptr + off, mask=msk, other=0.0) + rho * (p - s)
+        tl.store(log_s_ptr + off, ls, mask=msk)
+        tl.store(z_ptr + off, zz, mask=msk)
+        if PAPER:
+            z2 = tl.load(z2_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+            le_new = (1 - k3) * (le - z2 / rho) + k3 * lq0 - v_lse
+            z2 = z2 + rho * (tl.exp(le_new) - tl.sum(s, 1))
+            tl.store(log_eta_ptr + b * N_pad + rows, le_new, mask=r_ok)
+            tl.store(z2_ptr + b * N_pad + rows, z2, mask=r_ok)
+            colsum_p += tl.sum(p, 0)
+    if PAPER:   # eq. (26) and the z1 update
+        k2 = _kappa(tl.load(a2_ptr + t), rho)
+        lmu = tl.load(log_mu_ptr + b * D + offs_d, mask=d_ok, other=0.0)
+        z1 = tl.load(z1_ptr + b * D + offs_d, mask=d_ok, other=0.0)
+        u = (1 - k2) * (lmu - z1 / rho) + k2 * tl.load(log_p0_ptr + b * D + offs_d, mask=d_ok,
+                                                         other=0.0)
+        u = tl.where(d_ok, u, float("-inf"))
+        um = tl.max(u, 0)
+        lmu = u - (um + tl.log(tl.sum(tl.exp(u - um), 0)))
+        z1 = z1 + rho * (tl.exp(lmu) - colsum_p)
+        tl.store(log_mu_ptr + b * D + offs_d, lmu, mask=d_ok)
+        tl.store(z1_ptr + b * D + offs_d, z1, mask=d_ok)
+
+
+@triton.jit
+def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr, log_p0_ptr,
+                              log_q0_ptr, len_ptr, a0_ptr, a1_ptr, a2_ptr, a3_ptr, tau_ptr, t,
+                              K, N_pad, D, PAPER: tl.constexpr,
+                              BN: tl.constexpr, BD: tl.constexpr):
+    """One proximal (Alg. 1) outer step of S, all K inner iterations, one program per set.
+
+    Y0 = (x + α0 Σ(P) + τ log P)/ε, ε = α1 + τ (= -C_t/ε). Exact: K Gauss-Seidel iterations
+    a = lognorm(κ2 log p0 + (1-κ2) LSE_n(Y0 + b)) - LSE_n(..), b likewise over d; paper: K
+    Jacobi iterations of eq. (18) with the a/ε factor. log P ← Y0 + a + b (in place).
+    y0: (B, N_pad, D) scratch; bvec, c: (B, N_pad) scratch.
+    """
+    b = tl.program_id(0)
+    n_b = tl.load(len_ptr + b).to(tl.int32)
+    a0 = tl.load(a0_ptr + t)
+    tau = tl.load(tau_ptr + t)
+    eps = tl.load(a1_ptr + t) + tau
+    k2 = _kappa(tl.load(a2_ptr + t), eps)
+    k3 = _kappa(tl.load(a3_ptr + t), eps)
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    lp0 = tl.load(log_p0_ptr + b * D + offs_d, mask=d_ok, other=0.0)
+    # Y0 and b = 0
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        y0 = (tl.load(x_ptr + off, mask=msk, other=0.0)
+              + a0 * tl.load(sig_ptr + off, mask=msk, other=0.0)
+              + tau * tl.load(log_p_ptr + off, mask=msk, other=0.0)) / eps
+        tl.store(y0_ptr + off, y0, mask=msk)
+        tl.store(bvec_ptr + b * N_pad + rows, tl.zeros([BN], dtype=tl.float32), mask=r_ok)
+    a = tl.zeros([BD], dtype=tl.float32)
+    tl.debug_barrier()
+    for _k in range(0, K):
+        if PAPER:
+            # Jacobi: R and C from the same Y = Y0 + a + b; b updated row by row
+            m = tl.full([BD], _NEG_BIG, dtype=tl.float32)
+            l = tl.zeros([BD], dtype=tl.float32)
+            for n0 in range(0, n_b, BN):
+                rows = n0 + tl.arange(0, BN)
+                r_ok = rows < n_b
+                msk = r_ok[:, None] & d_ok[None, :]
+                off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+                bv = tl.load(bvec_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                y = tl.load(y0_ptr + off, mask=msk, other=0.0) + a[None, :] + bv[:, None]
+                y = tl.where(msk, y, float("-inf"))
+                m_new = tl.maximum(m, tl.max(y, 0))
+                l = l * tl.exp(m - m_new) + tl.sum(tl.exp(y - m_new[None, :]), 0)
+                m = m_new
+                ym = tl.max(y, 1)
+                c = ym + tl.log(tl.sum(tl.exp(y - ym[:, None]), 1))
+                lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                tl.store(bvec_ptr + b * N_pad + rows, k3 * (bv / eps + lq0 - c), mask=r_ok)
+            r = m + tl.log(l)
+            a = tl.where(d_ok, k2 * (a / eps + lp0 - r), 0.0)
+        else:
+            # a from R = LSE_n(Y0 + b)
+            m = tl.full([BD], _NEG_BIG, dtype=tl.float32)
+            l = tl.zeros([BD], dtype=tl.float32)
+            for n0 in range(0, n_b, BN):
+                rows = n0 + tl.arange(0, BN)
+                r_ok = rows < n_b
+                msk = r_ok[:, None] & d_ok[None, :]
+                off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+                bv = tl.load(bvec_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                y = tl.load(y0_ptr + off, mask=msk, other=0.0) + bv[:, None]
+                y = tl.where(msk, y, float("-inf"))
+                m_new = tl.maximum(m, tl.max(y, 0))
+                l = l * tl.exp(m - m_new) + tl.sum(tl.exp(y - m_new[None, :]), 0)
+                m = m_new
+            r = m + tl.log(l)
+            v = tl.where(d_ok, k2 * lp0 + (1 - k2) * r, float("-inf"))
+            vmax = tl.max(v, 0)
+            a = tl.where(d_ok, v - (vmax + tl.log(tl.sum(tl.exp(v - vmax), 0))) - r, 0.0)
+            # b from C = LSE_d(Y0 + a)
+            vm = tl.max(tl.full([BN], _NEG_BIG, dtype=tl.float32), 0)
+            vl = tl.sum(tl.zeros([BN], dtype=tl.float32), 0)
+            for n0 in range(0, n_b, BN):
+                rows = n0 + tl.arange(0, BN)
+                r_ok = rows < n_b
+                msk = r_ok[:, None] & d_ok[None, :]
+                off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+                y = tl.load(y0_ptr + off, mask=msk, other=0.0) + a[None, :]
+                y = tl.where(msk, y, float("-inf"))
+                ym = tl.max(y, 1)
+                c = ym + tl.log(tl.sum(tl.exp(y - ym[:, None]), 1))
+                tl.store(c_ptr + b * N_pad + rows, c, mask=r_ok)
+                lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                v = tl.where(r_ok, k3 * lq0 + (1 - k3) * c, float("-inf"))
+                vm_new = tl.maximum(vm, tl.max(v, 0))
+                vl = vl * tl.exp(vm - vm_new) + tl.sum(tl.exp(v - vm_new), 0)
+                vm = vm_new
+            v_lse = vm + tl.log(vl)
+            tl.debug_barrier()
+            for n0 in range(0, n_b, BN):
+                rows = n0 + tl.arange(0, BN)
+                r_ok = rows < n_b
+                c = tl.load(c_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                tl.store(bvec_ptr + b * N_pad + rows, k3 * lq0 + (1 - k3) * c - v_lse - c,
+                         mask=r_ok)
+        tl.debug_barrier()
+    # log P = Y0 + a + b
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        bv = tl.load(bvec_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+        y = tl.load(y0_ptr + off, mask=msk, other=0.0) + a[None, :] + bv[:, None]
+        tl.store(log_p_ptr + off, y, mask=msk)
+
+
+@triton.jit
+def pool_from_log_plan_kernel(log_p_ptr, x_ptr, y_ptr, plan_ptr, len_ptr, real_len_ptr,
+                              row_start_ptr, N_pad, D, s_pn, s_pb,
+                              WRITE_PLAN: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """y_d = Σ_n softmax_n(log P[:, d]) x_nd (one online pass), 0 for empty sets; optionally
+    the plan exp(log P - LSE_{n,d} log P) in the caller's row layout (row b*s_pb +
+    (row_start[b] + n)*s_pn, contiguous features) and dtype.
+    """
+    b = tl.program_id(0)
+    n_b = tl.load(len_ptr + b).to(tl.int32)
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    m = tl.full([BD], _NEG_BIG, dtype=tl.float32)
+    l = tl.zeros([BD], dtype=tl.float32)
+    acc = tl.zeros([BD], dtype=tl.float32)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        msk = (rows < n_b)[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        lp = tl.where(msk, tl.load(log_p_ptr + off, mask=msk, other=0.0), float("-inf"))
+        xv = tl.load(x_ptr + off, mask=msk, other=0.0)
+        m_new = tl.maximum(m, tl.max(lp, 0))
+        scale = tl.exp(m - m_new)
+        e = tl.exp(lp - m_new[None, :])                                        # [BN, BD]
+        l = l * scale + tl.sum(e, 0)
+        acc = acc * scale + tl.sum(e * xv, 0)
+        m = m_new
+    real = tl.load(real_len_ptr + b)
+    y = tl.where(real > 0, acc / tl.maximum(l, 1e-30), 0.0)
+    tl.store(y_ptr + b * D + offs_d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
+    if WRITE_PLAN:
+        col = tl.where(d_ok, m + tl.log(l), float("-inf"))
+        cm = tl.max(col, 0)
+        total = cm + tl.log(tl.sum(tl.exp(col - cm), 0))
+        row0 = tl.load(row_start_ptr + b)
+        n_real = real.to(tl.int32)
+        for n0 in range(0, n_real, BN):
+            rows = n0 + tl.arange(0, BN)
+            msk = (rows < n_real)[:, None] & d_ok[None, :]
+            off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+            lp = tl.load(log_p_ptr + off, mask=msk, other=0.0)
+            tl.store(plan_ptr + b * s_pb + (row0 + rows)[:, None] * s_pn + offs_d[None, :],
+                     tl.exp(lp - total).to(plan_ptr.dtype.element_ty), mask=msk)
+
+
+# ============================================================================================
+# host launchers
+# ============================================================================================
+def _row_block(BD: int) -> int:
+    """Rows per chunk of the per-set kernels: about 4096 fp32 values per [BN, BD] tile."""
+    return max(1, min(64, 4096 // BD))
+
+
+def _mm_blocks(M: int, N: int, K: int):
+    cap = 32 if _interpreting() else 64
+    def blk(v):
+        return max(16, min(cap, triton.next_power_of_2(max(v, 1))))
+    return blk(M), blk(N), blk(K)
+
+
+def set_matmul(a: Tensor, b: Tensor, out: Tensor, lens: Tensor, D: int, *, m_set: bool,
+               k_set: bool, n_set: bool, exp_b: bool = False, accumulate: bool = False,
+               alpha: float = 1.0) -> Tensor:
+    """out[i] (+)= alpha · a[i] @ (exp(b[i]) if exp_b else b[i]) for every set i.
+
+    a: (B, M_alloc, K_alloc), b: (B, K_alloc, N_alloc), out: (B, M_alloc, N_alloc), any
+    strides (pass transposed views); a dim flagged ``*_set`` has the set's length lens[i],
+    the others D. Entries past the logical sizes are treated as 0.
+    """
+    B, M_alloc, N_alloc = out.shape
+    K_alloc = a.shape[2]
+    if B == 0 or M_alloc == 0 or N_alloc == 0:
+        return out
+    BM, BN, BK = _mm_blocks(M_alloc, N_alloc, K_alloc)
+    grid = (B, triton.cdiv(M_alloc, BM) * triton.cdiv(N_alloc, BN))
+    set_matmul_kernel[grid](
+        a, b, out, lens, D, M_alloc, N_alloc,
+        a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        M_IS_SET=m_set, K_IS_SET=k_set, N_IS_SET=n_set, EXP_B=exp_b, ACCUMULATE=accumulate,
+        ALPHA=float(alpha), PRECISION=DOT_PRECISION, BM=BM, BN=BN, BK=BK, num_warps=4)
+    return out
+
+
+class Factors:
+    """The per-set structure factors of a padded batch and the smaller Gram matrix.
+
+    xc, xt: (B, N_pad, D) fp32 (DESIGN §2, scaled so Σ1 = xcᵀxc, Σ2 = xt xtᵀ);
+    gram: Σ1 (B, D, D) when ``d_small`` (D <= N_pad) else Σ2 (B, N_pad, N_pad).
+    """
+
+    def __init__(self, xc: Tensor, xt: Tensor, lens: Tensor):
+        self.xc, self.xt, self.lens = xc, xt, lens
+        B, N, D = xc.shape
+        self.D = D
+        self.d_small = D <= N
+        if self.d_small:
+            self.gram = xc.new_empty(B, D, D)
+            set_matmul(xc.transpose(1, 2), xc, self.gram, lens, D, m_set=False, k_set=True,
+                       n_set=False)
+        else:
+            self.gram = xc.new_empty(B, N, N)
+            set_matmul(xt, xt.transpose(1, 2), self.gram, lens, D, m_set=True, k_set=False,
+                       n_set=True)
+
+    def apply(self, m: Tensor, *, exp: bool = False, out: Optional[Tensor] = None) -> Tensor:
+        """Σ2 m Σ1 (paper Σ1 M Σ2) for m (B, N_pad, D); with ``exp`` m holds log M."""
+        return sigma_apply(m, self.xc, self.xt, self.gram, self.lens, exp=exp, out=out)
+
+
+def sigma_apply(m: Tensor, xc: Tensor, xt: Tensor, gram: Tensor, lens: Tensor, *,
+                exp: bool = False, out: Optional[Tensor] = None) -> Tensor:
+    """Σ2 m Σ1 through the factors, 3 launches; see the module docstring for the two orders."""
+    B, N, D = m.shape
+    out = torch.empty_like(m) if out is None else out
+    if D <= N:
+        w = m.new_empty(B, D, D)
+        set_matmul(xt.transpose(1, 2), m, w, lens, D, m_set=False, k_set=True, n_set=False,
+                   exp_b=exp)                                                  # xtᵀ m
+        v = m.new_empty(B, D, D)
+        set_matmul(w, gram, v, lens, D, m_set=False, k_set=False, n_set=False)  # (xtᵀ m) Σ1
+        set_matmul(xt, v, out, lens, D, m_set=True, k_set=False, n_set=False)   # xt V
+    else:
+        u = m.new_empty(B, N, N)
+        mt = m.transpose(1, 2)
+        # u = m xcᵀ computed as (xc mᵀ)ᵀ so that m (possibly exp'd) is the B operand
+        set_matmul(xc, mt, u.transpose(1, 2), lens, D, m_set=True, k_set=False, n_set=True,
+                   exp_b=exp)
+        q = m.new_empty(B, N, N)
+        set_matmul(gram, u, q, lens, D, m_set=True, k_set=True, n_set=True)     # Σ2 u
+        set_matmul(q, xc, out, lens, D, m_set=True, k_set=True, n_set=False)    # q xc
+    return out
+
+
+def _launch_factors(x: Tensor, row_start: Tensor, lens: Tensor, B: int, N_pad: int, D: int,
+                    dense: bool):
+    x32 = x.new_zeros(B, N_pad, D, dtype=torch.float32)
+    xc = torch.zeros_like(x32)
+    xt = torch.zeros_like(x32)
+    BD = triton.next_power_of_2(D)
+    if dense:
+        s_xb, s_xn, s_xd = x.stride()
+    else:
+        s_xb, (s_xn, s_xd) = 0, x.stride()
+    structure_factors_kernel[(B,)](x, row_start, lens, x32, xc, xt, s_xb, s_xn, s_xd, N_pad, D,
+                                   BN=_row_block(BD), BD=BD, num_warps=4)
+    return x32, xc, xt
+
+
+class _Problem:
+    """Everything a forward needs, on the padded fp32 layout."""
+
+    def __init__(self, x32, lens, real_lens, log_p0, log_q0, w, method, variant, T, K):
+        self.x32, self.lens, self.real_lens = x32, lens, real_lens
+        self.log_p0, self.log_q0 = log_p0, log_q0
+        self.w = w                                  # dict of contiguous fp32 (T,) tensors
+        self.method, self.variant, self.T, self.K = method, variant, T, K
+        B, N, D = x32.shape
+        self.B, self.N, self.D = B, N, D
+        self.BD = triton.next_power_of_2(D)
+        self.BN = _row_block(self.BD)
+
+
+def init_state(pb: _Problem) -> dict:
+    """State before iteration 0: log S = log P = log(p0 q0ᵀ) (padding 0), Z = 0 (+ paper duals)."""
+    mask = torch.arange(pb.N, device=pb.x32.device)[None, :] < pb.lens[:, None]
+    log_s = ((pb.log_p0[:, None, :] + pb.log_q0[:, :, None]) * mask[..., None]).contiguous()
+    st = {"log_s": log_s}
+    if pb.method != "sinkhorn":
+        st["z"] = torch.zeros_like(log_s)
+        if pb.variant == "paper":
+            st["log_mu"] = pb.log_p0.clone()
+            st["log_eta"] = pb.log_q0.clone()
+            st["z1"] = torch.zeros_like(pb.log_p0)
+            st["z2"] = torch.zeros_like(pb.log_q0)
+    return st
+
+
+def run_iterations(pb: _Problem, fac: Factors, st: dict, t0: int, t1: int) -> dict:
+    """Iterations t0..t1-1 with the Triton kernels, in place on (a copy of) ``st``.
+
+    For B-E/B-Q the key ``log_p`` holds the P of the last iteration run; for S ``log_s``
+    holds log P (the proximal state).
+    """
+    st = {k: v.clone() for k, v in st.items()}
+    w = pb.w
+    B, N, D = pb.B, pb.N, pb.D
+    sig = torch.empty_like(pb.x32)
+    paper = pb.variant == "paper"
+    if pb.method == "sinkhorn":
+        y0 = torch.empty_like(pb.x32)
+        bvec = torch.empty_like(pb.log_q0)
+        cbuf = torch.empty_like(pb.log_q0)
+        for t in range(t0, t1):
+            fac.apply(st["log_s"], exp=True, out=sig)
+            sinkhorn_prox_step_kernel[(B,)](
+                pb.x32, st["log_s"], sig, y0, bvec, cbuf, pb.log_p0, pb.log_q0, pb.lens,
+                w["a0"], w["a1"], w["a2"], w["a3"], w["tau"], t, pb.K, N, D,
+                PAPER=paper, BN=pb.BN, BD=pb.BD, num_warps=4)
+        return st
+    quad = pb.method == "badmm-q"
+    log_p = st.get("log_p")
+    if log_p is None:
+        log_p = torch.zeros_like(pb.x32)
+    cbuf = torch.empty_like(pb.log_q0)
+    dummy = pb.log_p0
+    for t in range(t0, t1):
+        fac.apply(st["log_s"], exp=True, out=sig)
+        badmm_p_step_kernel[(B,)](
+            pb.x32, st["log_s"], st["z"], sig, log_p, pb.log_p0, st.get("log_mu", dummy),
+            pb.lens, w["a0"], w["a1"], w["a2"], w["rho"], t, N, D,
+            QUADRATIC=quad, PAPER=paper, BN=pb.BN, BD=pb.BD, num_warps=4)
+        fac.apply(log_p, exp=True, out=sig)
+        badmm_s_step_kernel[(B,)](
+            log_p, st["z"], sig, st["log_s"], cbuf, pb.log_q0, st.get("log_eta", dummy),
+            st.get("z2", dummy), pb.log_p0, st.get("log_mu", dummy), st.get("z1", dummy),
+            pb.lens, w["a0"], w["a1"], w["a2"], w["a3"], w["rho"], t, N, D,
+            QUADRATIC=quad, PAPER=paper, BN=pb.BN, BD=pb.BD, num_warps=4)
+    st["log_p"] = log_p
+    return st
+
+
+def final_log_p(pb: _Problem, st: dict) -> Tensor:
+    return st["log_s"] if pb.method == "sinkhorn" else st["log_p"]
+
+
+def pool_launch(pb: _Problem, log_p: Tensor, out_dtype, plan: Optional[Tensor],
+                row_start: Tensor, dense: bool) -> Tensor:
+    y = torch.empty(pb.B, pb.D, device=log_p.device, dtype=out_dtype)
+    if pb.B == 0:
+        return y
+    if plan is not None:
+        if dense:
+            s_pb, s_pn = plan.stride(0), plan.stride(1)
+        else:
+            s_pb, s_pn = 0, plan.stride(0)
+    else:
+        s_pb = s_pn = 0
+    pool_from_log_plan_kernel[(pb.B,)](
+        log_p, pb.x32, y, plan if plan is not None else y, pb.lens, pb.real_lens, row_start,
+        pb.N, pb.D, s_pn, s_pb, WRITE_PLAN=plan is not None, BN=pb.BN, BD=pb.BD, num_warps=4)
+    return y
+
+
+# ============================================================================================
+# backward: Triton structure product with its exact adjoint, torch replay of one iteration
+# ============================================================================================
+class SigmaProduct(torch.autograd.Function):
+    """out = Σ2 m Σ1 with Σ1 = xcᵀxc, Σ2 = xt xtᵀ (per set), forward and backward in Triton.
+
+    ``gram`` is the precomputed smaller Gram matrix (not differentiated directly: its gradient
+    reaches xc / xt through the factor formulas below).
+    """
+
+    @staticmethod
+    def forward(ctx, m, xc, xt, gram, lens):
+        ctx.save_for_backward(m, xc, xt, gram, lens)
+        return sigma_apply(m.contiguous(), xc, xt, gram, lens)
+
+    @staticmethod
+    def backward(ctx, g):
+        m, xc, xt, gram, lens = ctx.saved_tensors
+        g = g.contiguous()
+        B, N, D = m.shape
+        dm = sigma_apply(g, xc, xt, gram, lens)             # Σ1, Σ2 symmetric: the adjoint is Σ
+        dxc = torch.zeros_like(xc)
+        dxt = torch.zeros_like(xt)
+        if D <= N:
+            # out = xt V, V = W Σ1, W = xtᵀ m
+            w = m.new_empty(B, D, D)
+            set_matmul(xt.transpose(1, 2), m, w, lens, D, m_set=False, k_set=True, n_set=False)
+            v = m.new_empty(B, D, D)
+            set_matmul(w, gram, v, lens, D, m_set=False, k_set=False, n_set=False)
+            set_matmul(g, v.transpose(1, 2), dxt, lens, D, m_set=True, k_set=False,
+                       n_set=False)                                          # dxt = g Vᵀ
+            dv = m.new_empty(B, D, D)
+            set_matmul(xt.transpose(1, 2), g, dv, lens, D, m_set=False, k_set=True,
+                       n_set=False)                                          # dV = xtᵀ g
+            dw = m.new_empty(B, D, D)
+            set_matmul(dv, gram, dw, lens, D, m_set=False, k_set=False, n_set=False)  # dV Σ1
+            ds1 = m.new_empty(B, D, D)
+            set_matmul(w.transpose(1, 2), dv, ds1, lens, D, m_set=False, k_set=False,
+                       n_set=False)                                          # Wᵀ dV
+            set_matmul(m, dw.transpose(1, 2), dxt, lens, D, m_set=True, k_set=False,
+                       n_set=False, accumulate=True)                         # += m dWᵀ
+            ds1 = ds1 + ds1.transpose(1, 2)
+            set_matmul(xc, ds1, dxc, lens, D, m_set=True, k_set=False, n_set=False)
+        else:
+            # out = Q xc, Q = Σ2 U, U = m xcᵀ
+            u = m.new_empty(B, N, N)
+            set_matmul(m, xc.transpose(1, 2), u, lens, D, m_set=True, k_set=False, n_set=True)
+            q = m.new_empty(B, N, N)
+            set_matmul(gram, u, q, lens, D, m_set=True, k_set=True, n_set=True)
+            set_matmul(q.transpose(1, 2), g, dxc, lens, D, m_set=True, k_set=True,
+                       n_set=False)                                          # dxc = Qᵀ g
+            dq = m.new_empty(B, N, N)
+            set_matmul(g, xc.transpose(1, 2), dq, lens, D, m_set=True, k_set=False,
+                       n_set=True)                                           # dQ = g xcᵀ
+            du = m.new_empty(B, N, N)
+            set_matmul(gram, dq, du, lens, D, m_set=True, k_set=True, n_set=True)  # Σ2 dQ
+            ds2 = m.new_empty(B, N, N)
+            set_matmul(dq, u.transpose(1, 2), ds2, lens, D, m_set=True, k_set=True,
+                       n_set=True)                                           # dQ Uᵀ
+            set_matmul(du.transpose(1, 2), m, dxc, lens, D, m_set=True, k_set=True,
+                       n_set=False, accumulate=True)                         # += dUᵀ m
+            ds2 = ds2 + ds2.transpose(1, 2)
+            set_matmul(ds2, xt, dxt, lens, D, m_set=True, k_set=True, n_set=False)
+        return dm, dxc, dxt, None, None
+
+
+def _kappa_t(alpha: Tensor, w: Tensor) -> Tensor:
+    inf = torch.isinf(alpha)
+    a = torch.where(inf, torch.ones_like(alpha), alpha)
+    return torch.where(inf, torch.ones_like(alpha), a / (a + w))
+
+
+def _replay_step(pb: _Problem, st: dict, x: Tensor, xc: Tensor, xt: Tensor, gram: Tensor,
+                 mask: Tensor, lp0: Tensor, lq0: Tensor, w: dict, t: int) -> dict:
+    """One iteration t in differentiable torch ops (the math of solvers.py) on the padded
+    layout, the structure products through :class:`SigmaProduct`."""
+    neg = float("-inf")
+    m3 = mask[..., None]
+    lp0 = lp0[:, None, :]
+    lq0 = lq0[:, :, None]
+
+    def sig(log_m):
+        return SigmaProduct.apply(torch.exp(log_m.masked_fill(~m3, neg)), xc, xt, gram, pb.lens)
+
+    def lse_n(y):
+        return torch.logsumexp(y.masked_fill(~m3, neg), dim=1, keepdim=True)
+
+    def lognorm_d(v):
+        return v - torch.logsumexp(v, dim=2, keepdim=True)
+
+    def lognorm_n(v):
+        return (v - torch.logsumexp(v.masked_fill(~m3, neg), dim=1, keepdim=True)).masked_fill(
+            ~m3, 0.0)
+
+    def zp(v):
+        return v.masked_fill(~m3, 0.0)
+
+    a0, a1, a2, a3 = w["a0"][t], w["a1"][t], w["a2"][t], w["a3"][t]
+    if pb.method == "sinkhorn":
+        log_p = st["log_s"]
+        tau = w["tau"][t]
+        eps = a1 + tau
+        k2, k3 = _kappa_t(a2, eps), _kappa_t(a3, eps)
+        y0 = zp((x + a0 * sig(log_p) + tau * log_p) / eps)
+        a = torch.zeros_like(lp0)
+        b = torch.zeros_like(lq0)
+        if pb.variant == "exact":
+            for _ in range(pb.K):
+                r = lse_n(y0 + b)
+                a = lognorm_d(k2 * lp0 + (1 - k2) * r) - r
+                c = zp(torch.logsumexp(y0 + a, dim=2, keepdim=True))
+                b = zp(lognorm_n(k3 * lq0 + (1 - k3) * c) - c)
+            return {"log_s": zp(y0 + a + b)}
+        y = y0
+        for _ in range(pb.K):
+            r = lse_n(y)
+            c = zp(torch.logsumexp(y, dim=2, keepdim=True))
+            a = k2 * (a / eps + lp0 - r)
+            b = zp(k3 * (b / eps + lq0 - c))
+            y = y0 + a + b
+        return {"log_s": zp(y)}
+    rho = w["rho"][t]
+    quad = pb.method == "badmm-q"
+    log_s, z = st["log_s"], st["z"]
+    s = torch.exp(log_s.masked_fill(~m3, neg))
+    g = x - z + a0 * sig(log_s)
+    if quad:
+        g = g - a1 * s
+    y = log_s + g / rho
+    r = lse_n(y)
+    if pb.variant == "exact":
+        k2 = _kappa_t(a2, rho)
+        log_mu = lognorm_d(k2 * lp0 + (1 - k2) * r)
+    else:
+        log_mu = st["log_mu"][:, None, :]
+    log_p = zp(y + (log_mu - r))
+    p = torch.exp(log_p.masked_fill(~m3, neg))
+    h = z + a0 * sig(log_p)
+    if quad:
+        y = log_p + (h - a1 * p) / rho
+        wgt = rho
+    else:
+        wgt = a1 + rho
+        y = (h + rho * log_p) / wgt
+    c = zp(torch.logsumexp(y, dim=2, keepdim=True))
+    if pb.variant == "exact":
+        k3 = _kappa_t(a3, wgt)
+        log_eta = lognorm_n(k3 * lq0 + (1 - k3) * c)
+    else:
+        log_eta = st["log_eta"][:, :, None]
+    log_s = zp(y + (log_eta - c))
+    s = torch.exp(log_s.masked_fill(~m3, neg))
+    out = {"log_s": log_s, "z": zp(z + rho * (p - s)), "log_p": log_p}
+    if pb.variant == "paper":
+        k2 = _kappa_t(a2, rho)
+        k3 = _kappa_t(a3, rho)
+        lmu = lognorm_d((1 - k2) * (log_mu - st["z1"][:, None, :] / rho) + k2 * lp0)
+        leta = lognorm_n((1 - k3) * (log_eta - st["z2"][:, :, None] / rho) + k3 * lq0)
+        out["z1"] = (st["z1"][:, None, :] + rho * (torch.exp(lmu) - p.sum(1, keepdim=True)))[:, 0]
+        out["z2"] = zp(st["z2"][:, :, None] + rho * (torch.exp(leta) - s.sum(2, keepdim=True)))[
+            ..., 0]
+        out["log_mu"] = lmu[:, 0]
+        out["log_eta"] = leta[..., 0]
+    return out
+
+
+_WEIGHTS = ("a0", "a1", "a2", "a3", "rho", "tau")
+
+
+class StructureROTFunction(torch.autograd.Function):
+    """(y, plan) of the α0 > 0 solvers; see the module docstring for the backward's design."""
+
+    @staticmethod
+    def forward(ctx, x, log_p0, log_q0, a0, a1, a2, a3, rho, tau, meta):
+        pb, fac, row_start, dense, return_plan = _forward_setup(x, log_p0, log_q0,
+                                                                dict(a0=a0, a1=a1, a2=a2, a3=a3,
+                                                                     rho=rho, tau=tau), meta)
+        st0 = init_state(pb)
+        every = CHECKPOINT_EVERY if CHECKPOINT_EVERY else pb.T
+        ckpts = {0: st0}
+        st = st0
+        for t0 in range(0, pb.T, every):
+            t1 = min(pb.T, t0 + every)
+            st = run_iterations(pb, fac, st, t0, t1)
+            if t1 < pb.T:
+                ckpts[t1] = st
+        log_p = final_log_p(pb, st)
+        plan = None
+        if return_plan:
+            plan = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        y = pool_launch(pb, log_p, x.dtype, plan, row_start, dense)
+        ctx.meta = meta
+        ctx.pb, ctx.fac, ctx.ckpts, ctx.dense = pb, fac, ckpts, dense
+        ctx.has_p0, ctx.has_q0 = log_p0 is not None, log_q0 is not None
+        ctx.save_for_backward(x, log_p)
+        return y, plan
+
+    @staticmethod
+    def backward(ctx, gy, gplan):
+        x, log_p_T = ctx.saved_tensors
+        pb, fac, ckpts = ctx.pb, ctx.fac, ctx.ckpts
+        dev = x.device
+        mask = torch.arange(pb.N, device=dev)[None, :] < pb.lens[:, None]
+        with torch.enable_grad():
+            xl = pb.x32.detach().requires_grad_()
+            sf = structure_factors(xl, mask)
+            xc = sf.xc.detach().requires_grad_()
+            xt = sf.xt.detach().requires_grad_()
+            lp0 = pb.log_p0.detach().requires_grad_()
+            lq0 = pb.log_q0.detach().requires_grad_()
+            w = {k: pb.w[k].detach().requires_grad_() for k in _WEIGHTS}
+            leaves = [xl, xc, xt, lp0, lq0] + [w[k] for k in _WEIGHTS]
+            grads = [torch.zeros_like(v) for v in leaves]
+
+            def pull(outputs: dict, gouts: dict, inputs: list):
+                keys = [k for k in outputs if gouts.get(k) is not None]
+                gs = torch.autograd.grad([outputs[k] for k in keys], inputs,
+                                         [gouts[k] for k in keys], allow_unused=True)
+                return [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, gs)]
+
+            # pooling and plan
+            lpT = log_p_T.detach().requires_grad_()
+            empty = (pb.real_lens == 0)[:, None]
+            y = pool_from_log_plan(lpT, xl, mask).masked_fill(empty, 0.0)
+            outs, gos = {"y": y}, {"y": gy.to(torch.float32)}
+            if gplan is not None:
+                outs["plan"] = normalized_plan(lpT, mask)
+                gos["plan"] = _pad_rows(gplan.to(torch.float32), pb.B, pb.N, ctx.meta,
+                                       ctx.dense)
+            gs = pull(outs, gos, [lpT, xl])
+            grads[0] += gs[1]
+            key = "log_s" if pb.method == "sinkhorn" else "log_p"
+            g_state = {key: gs[0]}
+            gram = fac.gram
+            for t in reversed(range(pb.T)):
+                t_ck = max(k for k in ckpts if k <= t)
+                st = run_iterations(pb, fac, ckpts[t_ck], t_ck, t) if t > t_ck else ckpts[t_ck]
+                st_in = {k: v.detach().requires_grad_() for k, v in st.items() if k != "log_p"}
+                out = _replay_step(pb, st_in, xl, xc, xt, gram, mask, lp0, lq0, w, t)
+                ins = list(st_in.values()) + leaves
+                gs = pull(out, g_state, ins)
+                g_state = dict(zip(st_in.keys(), gs[:len(st_in)]))
+                for i, g in enumerate(gs[len(st_in):]):
+                    grads[i] += g
+            # through the centring and normalization of the factors to x
+            gx = torch.autograd.grad([sf.xc, sf.xt], [xl], [grads[1], grads[2]])[0] + grads[0]
+        gx_user = _unpad_rows(gx, pb, ctx.meta, ctx.dense).to(x.dtype)
+        g_lp0 = grads[3] if ctx.has_p0 else None
+        g_lq0 = _unpad_q(grads[4], pb, ctx.meta, ctx.dense) if ctx.has_q0 else None
+        gw = [grads[5 + i] for i in range(len(_WEIGHTS))]
+        return (gx_user, g_lp0, g_lq0, *gw, None)
+
+
+def _pad_rows(v: Tensor, B: int, N_pad: int, meta: dict, dense: bool) -> Tensor:
+    """Caller-layout per-row tensor -> padded (B, N_pad, ...)."""
+    if dense:
+        return v
+    index, pos = meta["index"], meta["pos"]
+    out = v.new_zeros((B, N_pad) + tuple(v.shape[1:]))
+    return out.index_put((index, pos), v)
+
+
+def _unpad_rows(v: Tensor, pb: _Problem, meta: dict, dense: bool) -> Tensor:
+    if dense:
+        return v
+    return v[meta["index"], meta["pos"]]
+
+
+def _unpad_q(v: Tensor, pb: _Problem, meta: dict, dense: bool) -> Tensor:
+    return _unpad_rows(v, pb, meta, dense)
+
+
+def _forward_setup(x, log_p0, log_q0, weights, meta):
+    dense = x.dim() == 3
+    dev = x.device
+    D = x.shape[-1]
+    if dense:
+        B, N = x.shape[0], x.shape[1]
+        real_lens = torch.full((B,), N, dtype=torch.int64, device=dev)
+        row_start = torch.zeros(B, dtype=torch.int64, device=dev)
+    else:
+        ptr = meta["ptr"]
+        B = ptr.numel() - 1
+        real_lens = ptr[1:] - ptr[:-1]
+        row_start = ptr[:-1].contiguous()
+    N_pad = max(meta["n_max"], 1)
+    lens = real_lens.clamp_min(1)          # empty set: one zero dummy sample
+    x32, xc, xt = _launch_factors(x, row_start, real_lens, B, N_pad, D, dense)
+    mask = torch.arange(N_pad, device=dev)[None, :] < lens[:, None]
+    if log_p0 is None:
+        lp0 = torch.full((B, D), -math.log(max(D, 1)), device=dev, dtype=torch.float32)
+    else:
+        lp0 = log_p0.detach().to(torch.float32).contiguous()
+    if log_q0 is None:
+        lq0 = (-torch.log(lens.to(torch.float32)))[:, None] * mask
+    else:
+        lq0 = _pad_rows(log_q0.detach().to(torch.float32), B, N_pad, meta, dense) * mask
+    w = {k: v.detach().to(device=dev, dtype=torch.float32).contiguous()
+         for k, v in weights.items()}
+    pb = _Problem(x32, lens, real_lens, lp0, lq0.contiguous(), w, meta["method"],
+                  meta["variant"], meta["T"], meta["K"])
+    fac = Factors(xc, xt, lens)
+    return pb, fac, row_start, dense, meta["return_plan"]
+
+
+# ============================================================================================
+# entry point (called by dispatch.try_triton)
+# ============================================================================================
+def rot_pool_structure_triton(x: Tensor, ptr: Optional[Tensor], *, method: str, variant: str,
+                              a0: Tensor, a1: Tensor, a2: Tensor, a3: Tensor, rho: Tensor,
+                              tau: Tensor, inner_iters: int, log_p0: Optional[Tensor],
+                              log_q0: Optional[Tensor], return_plan: bool):
+    """ROT pooling with α0 > 0 on the Triton kernels.
+
+    Args:
+        x: (B, N, D) dense batch (any strides) or (N_total, D) ragged batch, rows grouped by set.
+        ptr: (B + 1,) int64 CSR offsets for a ragged x, None for a dense one.
+        method: "sinkhorn" | "badmm-e" | "badmm-q"; variant: "exact" | "paper".
+        a0, a1, a2, a3, rho, tau: (T,) weights (a2, a3 may be +inf); differentiable.
+        inner_iters: K, inner Sinkhorn iterations per proximal step (S only).
+        log_p0: (B, D) normalized log prior over features, or None (uniform).
+        log_q0: like x[..., 0] ((B, N) or (N_total,)), normalized log prior, or None (uniform).
+        return_plan: also return P in x's layout, each set's P summing to 1.
+
+    Returns:
+        (y (B, D) in x's dtype, plan or None).
+    """
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"the structure kernels take fp32/fp16/bf16 inputs, got {x.dtype}")
+    dense = x.dim() == 3
+    meta = dict(method=method, variant=variant, T=int(a1.shape[0]), K=int(inner_iters),
+                return_plan=bool(return_plan))
+    if dense:
+        meta["n_max"] = x.shape[1]
+    else:
+        if ptr is None:
+            raise ValueError("a ragged x needs ptr")
+        ptr = ptr.to(device=x.device, dtype=torch.int64)
+        lens = ptr[1:] - ptr[:-1]
+        meta["ptr"] = ptr
+        meta["n_max"] = int(lens.max()) if lens.numel() else 0
+        index = torch.repeat_interleave(torch.arange(lens.numel(), device=x.device), lens)
+        meta["index"] = index
+        meta["pos"] = torch.arange(x.shape[0], device=x.device) - ptr[index]
+    y, plan = StructureROTFunction.apply(x, log_p0, log_q0, a0, a1, a2, a3, rho, tau, meta)
+    return y, plan
