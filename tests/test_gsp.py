@@ -80,12 +80,13 @@ def test_gradients_match_reference_unrolled():
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-11)
 
 
-def test_gradcheck_implicit_alpha():
+@pytest.mark.parametrize("mass,gamma", [(0.35, 3.0), (0.97, 8.0), (1.0, 3.0), (0.5, 0.0)])
+def test_gradcheck_implicit_alpha(mass, gamma):
     """Finite differences in float64 (empty set and a 1-sample set included)."""
     x, index, ptr, _ = ragged([4, 0, 1, 3], 3, seed=7)
     W, Z = params(3, 2, 3, seed=8, scale=0.8)
-    fn = lambda x_, W_, Z_: gsp_pool(x_, Z_, index, dim_size=4, weight=W_, mass=0.35, gamma=3.0,
-                                     return_histogram=True)
+    fn = lambda x_, W_, Z_: gsp_pool(x_, Z_, index, dim_size=4, weight=W_, mass=mass,
+                                     gamma=gamma, return_histogram=True)
     inputs = tuple(t.clone().requires_grad_(True) for t in (x, W, Z))
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 

@@ -88,7 +88,7 @@ def test_converged_plan_matches_pot():
     x, index, ptr, sets = ragged([9, 4], 3, seed=7)
     W = supports(1, 5, 3, seed=8, scale=1.0)
     eps = 0.2
-    _, A = otk_pool(x, W, ptr=ptr, eps=eps, num_iters=1000, return_plan=True)
+    _, A = otk_pool(x, W, ptr=ptr, eps=eps, num_iters=400, return_plan=True)
     for b, xs in enumerate(sets):
         n, p = xs.shape[0], W.shape[1]
         M = -(xs @ W[0].T)
