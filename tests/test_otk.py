@@ -1,6 +1,5 @@
 """OTK embedding: rotp_triton.ops.otk / nn.otk against reference/otk.py, POT, and the
 properties of DESIGN §6 (mean-pooling limits, column sums, log/scaling agreement, permutations)."""
-import math
 import os
 import sys
 

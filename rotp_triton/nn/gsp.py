@@ -1,7 +1,6 @@
 """``GSPool``: Generalized Sum Pooling as an ``nn.Module`` (DESIGN §6, §9)."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
