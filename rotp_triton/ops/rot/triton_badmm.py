@@ -1,0 +1,1057 @@
+"""Triton kernels of ROTP Bregman ADMM (B-E entropic, B-Q quadratic) with α0 = 0.
+
+Computes exactly what :func:`rotp_triton.ops.rot.solvers.badmm` computes with ``sf=None``
+(DESIGN §3.1 ``variant="exact"``, §3.2 ``variant="paper"``), fused: one launch for the forward,
+one for the backward.
+
+Layout and state. A set is ``x_b`` (N_b, D) (rows = samples). B-ADMM carries two full
+(N_b, D) matrices, log S and Z, from one iteration to the next, so unlike Sinkhorn its state
+cannot be reduced to vectors. Each program owns a set at a time (persistent grid: program
+``pid`` handles sets ``pid, pid + G, ...``), and keeps log S and Z in a per-program fp32
+scratch in global memory (L2-resident for the sizes of interest), streamed in [BN, BD] tiles.
+Scratch is O(G · N_max · D), not O(B · N · D). One iteration is three streamed passes:
+
+  A  (column-wise) Y = log S + (X - Z [- α1 S]) / ρ,  R = LSE_n(Y)  (online LSE over n tiles)
+     then the D-vector log μ = lognorm(κ2 log p0 + (1 - κ2) R)          (exact) / state (paper)
+  B  (row-wise)    log P = Y + (log μ - R), P-step done; S-step input Y2 (written over log S),
+                   C = LSE_d(Y2), and Z += ρ P (written in place)
+     then the N-vector log η = lognorm(κ3 log q0 + (1 - κ3) C)         (exact) / state (paper)
+  C  (elementwise) log S = Y2 + (log η - C);  Z -= ρ S
+  (paper: then the μ/η/z1/z2 vector updates, eqs. 26-28)
+
+The last iteration only needs its P-step: pass A also accumulates the pooled output
+y_d = Σ_n softmax_n(Y)_nd X_nd (softmax_n(log P) = softmax_n(Y): log μ - R is constant over
+n), and with ``return_plan`` one more pass writes P = exp(Y + log μ - R), which already has
+total mass 1 (Σ_d μ_d = 1).
+
+Paper variant: Σ_n P = μ and Σ_d S = η hold by construction after the P- and S-steps, so the
+z1/z2 updates use exp(log μ_t) / exp(log η_t) for P·1 / Sᵀ·1 (equal in exact arithmetic to the
+sums the torch path forms; they differ by rounding only).
+
+Backward: the exact reverse-mode gradient of the T unrolled iterations, for x, log p0, log q0
+and the per-iteration scalars (α1, ρ directly; α2, α3 through κ2, κ3, whose chain rule torch
+does on the host). Memory must not grow with T, so nothing per-iteration is saved: the
+backward of iteration t first recomputes the state (log S_t, Z_t) by re-running the forward
+from the start (the "O(T²) recompute" schedule): T(T-1)/2 forward iterations plus T backward
+iterations (each three streamed passes). For T = 4 that is 6 + 4, for T = 16, 120 + 16
+iterations: the backward costs ~ (T + 7)/2 forwards' worth of passes (T = 16: ~12 forwards).
+In exchange, the only memory is the inputs, the (B, D) output, and a per-program scratch
+of five (N_max, D) fp32 matrices (log S, Z, their adjoints, the x-gradient accumulator is the
+fp32 grad buffer itself) - independent of T. (Checkpointing every √T iterations would cut the
+recompute to O(T) at O(√T) state copies; we keep the memory flat instead.)
+
+Adjoint of one exact iteration (ā = adjoint of a; s' = exp(log S_{t+1})):
+  L̄' ← L̄' - ρ Z̄' s'                       (Z' = Z + ρ(P - S'))
+  σ_n = Σ_d L̄';  v̄ = σ - η Σσ;  C̄ = -σ + (1-κ3) v̄ ;  κ̄3 += Σ v̄ (log q0 - C); log q̄0 += κ3 v̄
+  Ȳ2 = L̄' + C̄ exp(Y2 - C)
+  E: Z̄ = Z̄' + Ȳ2/w,  log P̄ = ρ Ȳ2/w + ρ Z̄' P     (w = α1 + ρ)
+  Q: Z̄ = Z̄' + Ȳ2/ρ,  log P̄ = Ȳ2 + P (ρ Z̄' - α1 Ȳ2/ρ)
+  τ_d = Σ_n log P̄;  ū = τ - μ Στ;  R̄ = -τ + (1-κ2) ū;  κ̄2 += Σ ū (log p0 - R); log p̄0 += κ2 ū
+  Ȳ = log P̄ + R̄ softmax_n(Y);  L̄ = Ȳ [- α1 S Ȳ/ρ];  Z̄ -= Ȳ/ρ;  X̄ += Ȳ/ρ
+(plus the scalar partials of α1 and ρ; the paper variant replaces the lognorm lines by its
+vector state's adjoints). Every reduction is a streamed pass like the forward's.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+from .solvers import kappa
+
+__all__ = ["rot_pool_badmm_triton"]
+
+# vector scratch slots (per program, each VLEN fp32)
+_R, _LMU, _C, _LETA, _Z1, _Z2, _SIG, _TAU, _LMUB, _LETAB, _Z1B, _Z2B, _LP0B, _LQ0B = range(14)
+_NSLOT = 14
+_NEG = -1.0e30  # finite "minus infinity" for running maxima: exp2(NEG - m) never sees inf - inf
+
+
+# --------------------------------------------------------------------------------------------
+# elementwise helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _exp(v):
+    return tl.exp2(v * 1.4426950408889634)
+
+
+@triton.jit
+def _log(v):
+    return tl.log2(v) * 0.6931471805599453
+
+
+@triton.jit
+def _vzero(BV: tl.constexpr):
+    # a 0-d fp32 zero usable as a loop-carried scalar accumulator
+    return tl.sum(tl.zeros([BV], dtype=tl.float32), axis=0)
+
+
+@triton.jit
+def _load_prior(prior_ptr, offs, length, uval, HAS: tl.constexpr):
+    """log p0 / log q0 entries at ``offs`` (uniform ``uval`` when not given); 0 past ``length``."""
+    m = offs < length
+    if HAS:
+        v = tl.load(prior_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    else:
+        v = tl.where(m, uval, 0.0)
+    return v
+
+
+@triton.jit
+def _tile_ptrs(offs_n, offs_d, stride_n, stride_d):
+    return offs_n[:, None].to(tl.int64) * stride_n + offs_d[None, :] * stride_d   # [BN, BD]
+
+
+@triton.jit
+def _p_step_y(X, L, Zt, a1, rho, QUAD: tl.constexpr):
+    """Y = log S + G/ρ, G = X - Z [- α1 S]; returns (Y, G, S)."""
+    s = _exp(L)
+    if QUAD:
+        g = X - Zt - a1 * s
+    else:
+        g = X - Zt
+    return L + g / rho, g, s
+
+
+@triton.jit
+def _s_step_y(lp, p, Zt, a1, rho, QUAD: tl.constexpr):
+    """S-step input Y2: B-E (Z + ρ log P)/(α1 + ρ); B-Q log P + (Z - α1 P)/ρ."""
+    if QUAD:
+        y2 = lp + (Zt - a1 * p) / rho
+    else:
+        y2 = (Zt + rho * lp) / (a1 + rho)
+    return y2
+
+
+# --------------------------------------------------------------------------------------------
+# streamed passes over one set (N_b, D); scratch matrices have row stride D
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _init_state_pass(sl, sz, lp0_ptr, lq0_ptr, n_b, D, u_p0, u_q0,
+                     HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr,
+                     BN: tl.constexpr, BD: tl.constexpr):
+    """log S = log p0 + log q0 (log of p0 q0ᵀ), Z = 0."""
+    for n0 in range(0, n_b, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        lq = _load_prior(lq0_ptr, offs_n, n_b, u_q0, HAS_Q0)                        # [BN]
+        for d0 in range(0, D, BD):
+            offs_d = d0 + tl.arange(0, BD)
+            mask = (offs_n < n_b)[:, None] & (offs_d < D)[None, :]
+            lp = _load_prior(lp0_ptr, offs_d, D, u_p0, HAS_P0)                      # [BD]
+            o = _tile_ptrs(offs_n, offs_d, D, 1)
+            tl.store(sl + o, lq[:, None] + lp[None, :], mask=mask)
+            tl.store(sz + o, tl.zeros([BN, BD], dtype=tl.float32), mask=mask)
+
+
+@triton.jit
+def _row_lse_pass(xb, sxn, sxd, sl, sz, r_ptr, out_ptr, n_b, D, a1, rho,
+                  QUAD: tl.constexpr, POOL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """Pass A: R_d = LSE_n(Y_nd) by an online LSE over n tiles; with POOL also
+    out_d = Σ_n softmax_n(Y)_nd X_nd (online-softmax weighted sum)."""
+    for d0 in range(0, D, BD):
+        offs_d = d0 + tl.arange(0, BD)
+        dm = offs_d < D
+        m = tl.full([BD], -1.0e30, dtype=tl.float32)
+        l = tl.zeros([BD], dtype=tl.float32)
+        acc = tl.zeros([BD], dtype=tl.float32)
+        for n0 in range(0, n_b, BN):
+            offs_n = n0 + tl.arange(0, BN)
+            mask = (offs_n < n_b)[:, None] & dm[None, :]
+            X = tl.load(xb + _tile_ptrs(offs_n, offs_d, sxn, sxd), mask=mask, other=0.0).to(tl.float32)
+            o = _tile_ptrs(offs_n, offs_d, D, 1)
+            L = tl.load(sl + o, mask=mask, other=0.0)
+            Zt = tl.load(sz + o, mask=mask, other=0.0)
+            y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)                             # [BN, BD]
+            y = tl.where(mask, y, float("-inf"))
+            m_new = tl.maximum(m, tl.max(y, axis=0))
+            alpha = _exp(m - m_new)
+            e = _exp(y - m_new[None, :])
+            l = l * alpha + tl.sum(e, axis=0)
+            if POOL:
+                acc = acc * alpha + tl.sum(e * X, axis=0)
+            m = m_new
+        tl.store(r_ptr + offs_d, m + _log(l), mask=dm)
+        if POOL:
+            tl.store(out_ptr + offs_d, acc / l, mask=dm)
+
+
+@triton.jit
+def _col_lse_pass(xb, sxn, sxd, sl, sz, r_ptr, lmu_ptr, c_ptr, n_b, D, a1, rho,
+                  QUAD: tl.constexpr, WRITE: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """Pass B: log P = Y + (log μ - R), P = exp(log P), the S-step input Y2 and
+    C_n = LSE_d(Y2_n·). WRITE: log S ← Y2 and Z ← Z + ρ P in place (the forward); without it
+    only C (the backward's recomputation of iteration t's vectors)."""
+    for n0 in range(0, n_b, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        nm = offs_n < n_b
+        m = tl.full([BN], -1.0e30, dtype=tl.float32)
+        l = tl.zeros([BN], dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            offs_d = d0 + tl.arange(0, BD)
+            dm = offs_d < D
+            mask = nm[:, None] & dm[None, :]
+            X = tl.load(xb + _tile_ptrs(offs_n, offs_d, sxn, sxd), mask=mask, other=0.0).to(tl.float32)
+            o = _tile_ptrs(offs_n, offs_d, D, 1)
+            L = tl.load(sl + o, mask=mask, other=0.0)
+            Zt = tl.load(sz + o, mask=mask, other=0.0)
+            r = tl.load(r_ptr + offs_d, mask=dm, other=0.0)
+            lmu = tl.load(lmu_ptr + offs_d, mask=dm, other=0.0)
+            y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
+            lp = y + (lmu - r)[None, :]                                              # log P
+            p = _exp(lp)
+            y2 = _s_step_y(lp, p, Zt, a1, rho, QUAD)
+            y2m = tl.where(mask, y2, float("-inf"))
+            m_new = tl.maximum(m, tl.max(y2m, axis=1))
+            l = l * _exp(m - m_new) + tl.sum(_exp(y2m - m_new[:, None]), axis=1)
+            m = m_new
+            if WRITE:
+                tl.store(sl + o, y2, mask=mask)
+                tl.store(sz + o, Zt + rho * p, mask=mask)
+        tl.store(c_ptr + offs_n, m + _log(l), mask=nm)
+
+
+@triton.jit
+def _s_norm_pass(sl, sz, c_ptr, leta_ptr, n_b, D, rho, BN: tl.constexpr, BD: tl.constexpr):
+    """Pass C: log S = Y2 + (log η - C) (columns of S to η), Z ← Z - ρ S."""
+    for n0 in range(0, n_b, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        nm = offs_n < n_b
+        shift = tl.load(leta_ptr + offs_n, mask=nm, other=0.0) - tl.load(c_ptr + offs_n, mask=nm, other=0.0)
+        for d0 in range(0, D, BD):
+            offs_d = d0 + tl.arange(0, BD)
+            mask = nm[:, None] & (offs_d < D)[None, :]
+            o = _tile_ptrs(offs_n, offs_d, D, 1)
+            L = tl.load(sl + o, mask=mask, other=0.0) + shift[:, None]
+            Zt = tl.load(sz + o, mask=mask, other=0.0)
+            tl.store(sl + o, L, mask=mask)
+            tl.store(sz + o, Zt - rho * _exp(L), mask=mask)
+
+
+@triton.jit
+def _plan_pass(xb, sxn, sxd, sl, sz, r_ptr, lmu_ptr, plan_b, n_b, D, a1, rho,
+               QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """P = exp(Y + log μ - R) of the last iteration, written in the plan's (rows, D) layout."""
+    for n0 in range(0, n_b, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        for d0 in range(0, D, BD):
+            offs_d = d0 + tl.arange(0, BD)
+            dm = offs_d < D
+            mask = (offs_n < n_b)[:, None] & dm[None, :]
+            X = tl.load(xb + _tile_ptrs(offs_n, offs_d, sxn, sxd), mask=mask, other=0.0).to(tl.float32)
+            o = _tile_ptrs(offs_n, offs_d, D, 1)
+            L = tl.load(sl + o, mask=mask, other=0.0)
+            Zt = tl.load(sz + o, mask=mask, other=0.0)
+            r = tl.load(r_ptr + offs_d, mask=dm, other=0.0)
+            lmu = tl.load(lmu_ptr + offs_d, mask=dm, other=0.0)
+            y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
+            p = _exp(y + (lmu - r)[None, :])
+            tl.store(plan_b + o, p.to(plan_b.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# vector steps (length D or N_b), BV-wide chunks
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _vec_lognorm_mix(prior_ptr, HAS: tl.constexpr, uval, src_ptr, dst_ptr, k, length,
+                     BV: tl.constexpr):
+    """dst = lognorm(κ log prior + (1 - κ) src) (exact variant's log μ from R, log η from C)."""
+    mv = tl.full([BV], -1.0e30, dtype=tl.float32)
+    lv = tl.zeros([BV], dtype=tl.float32)
+    for i0 in range(0, length, BV):
+        offs = i0 + tl.arange(0, BV)
+        msk = offs < length
+        u = k * _load_prior(prior_ptr, offs, length, uval, HAS) \
+            + (1 - k) * tl.load(src_ptr + offs, mask=msk, other=0.0)
+        u = tl.where(msk, u, float("-inf"))
+        m_new = tl.maximum(mv, u)
+        lv = lv * _exp(mv - m_new) + _exp(u - m_new)
+        mv = m_new
+    mx = tl.max(mv, axis=0)
+    lse = mx + _log(tl.sum(lv * _exp(mv - mx), axis=0))
+    for i0 in range(0, length, BV):
+        offs = i0 + tl.arange(0, BV)
+        msk = offs < length
+        u = k * _load_prior(prior_ptr, offs, length, uval, HAS) \
+            + (1 - k) * tl.load(src_ptr + offs, mask=msk, other=0.0)
+        tl.store(dst_ptr + offs, u - lse, mask=msk)
+
+
+@triton.jit
+def _vec_paper_update(prior_ptr, HAS: tl.constexpr, uval, lmu_ptr, z1_ptr, k, rho, length,
+                      BV: tl.constexpr):
+    """Eqs. (26)-(28) for one side: log μ' = lognorm((1-κ)(log μ - z1/ρ) + κ log p0),
+    z1' = z1 + ρ(μ' - μ)   (μ = P·1 after the P-step)."""
+    mv = tl.full([BV], -1.0e30, dtype=tl.float32)
+    lv = tl.zeros([BV], dtype=tl.float32)
+    for i0 in range(0, length, BV):
+        offs = i0 + tl.arange(0, BV)
+        msk = offs < length
+        u = (1 - k) * (tl.load(lmu_ptr + offs, mask=msk, other=0.0)
+                       - tl.load(z1_ptr + offs, mask=msk, other=0.0) / rho) \
+            + k * _load_prior(prior_ptr, offs, length, uval, HAS)
+        u = tl.where(msk, u, float("-inf"))
+        m_new = tl.maximum(mv, u)
+        lv = lv * _exp(mv - m_new) + _exp(u - m_new)
+        mv = m_new
+    mx = tl.max(mv, axis=0)
+    lse = mx + _log(tl.sum(lv * _exp(mv - mx), axis=0))
+    for i0 in range(0, length, BV):
+        offs = i0 + tl.arange(0, BV)
+        msk = offs < length
+        lmu = tl.load(lmu_ptr + offs, mask=msk, other=0.0)
+        z1 = tl.load(z1_ptr + offs, mask=msk, other=0.0)
+        u = (1 - k) * (lmu - z1 / rho) + k * _load_prior(prior_ptr, offs, length, uval, HAS)
+        lmu_new = u - lse
+        tl.store(lmu_ptr + offs, lmu_new, mask=msk)
+        tl.store(z1_ptr + offs, z1 + rho * (_exp(lmu_new) - _exp(lmu)), mask=msk)
+
+
+@triton.jit
+def _vec_copy_prior(prior_ptr, HAS: tl.constexpr, uval, dst_ptr, length, BV: tl.constexpr):
+    for i0 in range(0, length, BV):
+        offs = i0 + tl.arange(0, BV)
+        tl.store(dst_ptr + offs, _load_prior(prior_ptr, offs, length, uval, HAS), mask=offs < length)
+
+
+@triton.jit
+def _vec_fill(dst_ptr, value, length, BV: tl.constexpr):
+    for i0 in range(0, length, BV):
+        offs = i0 + tl.arange(0, BV)
+        tl.store(dst_ptr + offs, tl.zeros([BV], dtype=tl.float32) + value, mask=offs < length)
+
+
+# --------------------------------------------------------------------------------------------
+# one forward iteration and the forward kernel
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _forward_iteration(xb, sxn, sxd, sl, sz, vb, VLEN, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
+                       a1, rho, k2, k3,
+                       HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
+                       PAPER: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                       BV: tl.constexpr):
+    """One full B-ADMM iteration (P-step, S-step, dual[, paper vector updates]) in place."""
+    r_ptr = vb + 0 * VLEN
+    lmu_ptr = vb + 1 * VLEN
+    c_ptr = vb + 2 * VLEN
+    leta_ptr = vb + 3 * VLEN
+    _row_lse_pass(xb, sxn, sxd, sl, sz, r_ptr, r_ptr, n_b, D, a1, rho, QUAD, False, BN, BD)
+    tl.debug_barrier()
+    if not PAPER:
+        _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, r_ptr, lmu_ptr, k2, D, BV)
+        tl.debug_barrier()
+    _col_lse_pass(xb, sxn, sxd, sl, sz, r_ptr, lmu_ptr, c_ptr, n_b, D, a1, rho, QUAD, True, BN, BD)
+    tl.debug_barrier()
+    if not PAPER:
+        _vec_lognorm_mix(lq0_b, HAS_Q0, u_q0, c_ptr, leta_ptr, k3, n_b, BV)
+        tl.debug_barrier()
+    _s_norm_pass(sl, sz, c_ptr, leta_ptr, n_b, D, rho, BN, BD)
+    tl.debug_barrier()
+    if PAPER:
+        _vec_paper_update(lp0_b, HAS_P0, u_p0, lmu_ptr, vb + 4 * VLEN, k2, rho, D, BV)
+        _vec_paper_update(lq0_b, HAS_Q0, u_q0, leta_ptr, vb + 5 * VLEN, k3, rho, n_b, BV)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _set_bounds(b, ptr_ptr, N, sxb, sxn, RAGGED: tl.constexpr):
+    """(first row in the (rows, ·) layouts, N_b, offset of the set in x)."""
+    if RAGGED:
+        rs = tl.load(ptr_ptr + b)
+        n_b = (tl.load(ptr_ptr + b + 1) - rs).to(tl.int32)
+        xoff = rs * sxn
+    else:
+        rs = b.to(tl.int64) * N
+        n_b = (b * 0 + N).to(tl.int32)  # a tensor even when N is specialized to a constant
+        xoff = b.to(tl.int64) * sxb
+    return rs, n_b, xoff
+
+
+@triton.jit
+def _restart(xb, sxn, sxd, sl, sz, vb, VLEN, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
+             HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
+             BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
+    """State of iteration 0: log S = log p0 q0ᵀ, Z = 0 (paper: log μ = log p0, log η = log q0,
+    z1 = z2 = 0)."""
+    _init_state_pass(sl, sz, lp0_b, lq0_b, n_b, D, u_p0, u_q0, HAS_P0, HAS_Q0, BN, BD)
+    if PAPER:
+        _vec_copy_prior(lp0_b, HAS_P0, u_p0, vb + 1 * VLEN, D, BV)
+        _vec_copy_prior(lq0_b, HAS_Q0, u_q0, vb + 3 * VLEN, n_b, BV)
+        _vec_fill(vb + 4 * VLEN, 0.0, D, BV)
+        _vec_fill(vb + 5 * VLEN, 0.0, n_b, BV)
+    tl.debug_barrier()
+
+
+@triton.jit
+def badmm_forward_kernel(
+    x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr,
+    a1_ptr, rho_ptr, k2_ptr, k3_ptr,
+    y_ptr, plan_ptr, sl_ptr, sz_ptr, v_ptr,
+    B, N, D, NMAX, VLEN, T, u_p0,
+    RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
+    PAPER: tl.constexpr, PLAN: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+):
+    """Pooled output y (B, D) fp32 [and the plan] of T B-ADMM iterations, one set per program
+    at a time (persistent grid)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    sl = sl_ptr + pid.to(tl.int64) * NMAX * D                                        # [NMAX, D]
+    sz = sz_ptr + pid.to(tl.int64) * NMAX * D
+    vb = v_ptr + pid.to(tl.int64) * 14 * VLEN
+    for it in range(0, tl.cdiv(B - pid, nprog)):
+        b = pid + it * nprog                                   # a tensor, also in the interpreter
+        rs, n_b, xoff = _set_bounds(b, ptr_ptr, N, sxb, sxn, RAGGED)
+        if n_b > 0:
+            xb = x_ptr + xoff
+            lp0_b = lp0_ptr + b.to(tl.int64) * D
+            lq0_b = lq0_ptr + rs
+            u_q0 = -_log(n_b.to(tl.float32))
+            _restart(xb, sxn, sxd, sl, sz, vb, VLEN, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
+                     HAS_P0, HAS_Q0, PAPER, BN, BD, BV)
+            for t in range(0, T - 1):
+                _forward_iteration(xb, sxn, sxd, sl, sz, vb, VLEN, lp0_b, lq0_b, n_b, D,
+                                   u_p0, u_q0, tl.load(a1_ptr + t), tl.load(rho_ptr + t),
+                                   tl.load(k2_ptr + t), tl.load(k3_ptr + t),
+                                   HAS_P0, HAS_Q0, QUAD, PAPER, BN, BD, BV)
+            # last iteration: its P-step only, pooling on the fly
+            a1 = tl.load(a1_ptr + T - 1)
+            rho = tl.load(rho_ptr + T - 1)
+            _row_lse_pass(xb, sxn, sxd, sl, sz, vb, y_ptr + b.to(tl.int64) * D, n_b, D, a1, rho,
+                          QUAD, True, BN, BD)
+            if PLAN:
+                tl.debug_barrier()
+                if not PAPER:
+                    _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, vb, vb + VLEN, tl.load(k2_ptr + T - 1),
+                                     D, BV)
+                    tl.debug_barrier()
+                _plan_pass(xb, sxn, sxd, sl, sz, vb, vb + VLEN, plan_ptr + rs * D, n_b, D, a1,
+                           rho, QUAD, BN, BD)
+        tl.debug_barrier()
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _adjoint_rowsum_pass(xb, sxn, sxd, sl, sz, slb, szb, vb, VLEN, n_b, D, a1, rho,
+                         QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """Backward pass 1: σ_n = Σ_d (L̄' - ρ Z̄' S') (adjoint of C and of log η, before the
+    lognorm), S' = exp(log S_{t+1}) recomputed from the state of iteration t."""
+    for n0 in range(0, n_b, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        nm = offs_n < n_b
+        c = tl.load(vb + 2 * VLEN + offs_n, mask=nm, other=0.0)
+        leta = tl.load(vb + 3 * VLEN + offs_n, mask=nm, other=0.0)
+        acc = tl.zeros([BN], dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            offs_d = d0 + tl.arange(0, BD)
+            dm = offs_d < D
+            mask = nm[:, None] & dm[None, :]
+            X = tl.load(xb + _tile_ptrs(offs_n, offs_d, sxn, sxd), mask=mask, other=0.0).to(tl.float32)
+            o = _tile_ptrs(offs_n, offs_d, D, 1)
+            L = tl.load(sl + o, mask=mask, other=0.0)
+            Zt = tl.load(sz + o, mask=mask, other=0.0)
+            Lb = tl.load(slb + o, mask=mask, other=0.0)
+            Zb = tl.load(szb + o, mask=mask, other=0.0)
+            r = tl.load(vb + offs_d, mask=dm, other=0.0)
+            lmu = tl.load(vb + VLEN + offs_d, mask=dm, other=0.0)
+            y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
+            lp = y + (lmu - r)[None, :]
+            y2 = _s_step_y(lp, _exp(lp), Zt, a1, rho, QUAD)
+            s_new = _exp(y2 + (leta - c)[:, None])
+            acc += tl.sum(tl.where(mask, Lb - rho * Zb * s_new, 0.0), axis=1)
+        tl.store(vb + 6 * VLEN + offs_n, acc, mask=nm)
+
+
+@triton.jit
+def _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, slb, szb, vb, VLEN, n_b, D, a1, rho,
+                         QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """Backward pass 2: through log S' = Y2 + (log η - C), the S-step and the dual update, to
+    log P̄ (written over L̄) and Z̄ (in place); τ_d = Σ_n log P̄ (into the TAU slot).
+    Returns the scalar partials (∂/∂α1, ∂/∂ρ) of this iteration so far."""
+    acc_a1 = _vzero(BD)
+    acc_rho = _vzero(BD)
+    for d0 in range(0, D, BD):
+        offs_d = d0 + tl.arange(0, BD)
+        dm = offs_d < D
+        r = tl.load(vb + offs_d, mask=dm, other=0.0)
+        lmu = tl.load(vb + VLEN + offs_d, mask=dm, other=0.0)
+        tau = tl.zeros([BD], dtype=tl.float32)
+        for n0 in range(0, n_b, BN):
+            offs_n = n0 + tl.arange(0, BN)
+            nm = offs_n < n_b
+            mask = nm[:, None] & dm[None, :]
+            c = tl.load(vb + 2 * VLEN + offs_n, mask=nm, other=0.0)
+            leta = tl.load(vb + 3 * VLEN + offs_n, mask=nm, other=0.0)
+            cb = tl.load(vb + 6 * VLEN + offs_n, mask=nm, other=0.0)
+            X = tl.load(xb + _tile_ptrs(offs_n, offs_d, sxn, sxd), mask=mask, other=0.0).to(tl.float32)
+            o = _tile_ptrs(offs_n, offs_d, D, 1)
+            L = tl.load(sl + o, mask=mask, other=0.0)
+            Zt = tl.load(sz + o, mask=mask, other=0.0)
+            Lb = tl.load(slb + o, mask=mask, other=0.0)
+            Zb = tl.load(szb + o, mask=mask, other=0.0)
+            y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
+            lp = y + (lmu - r)[None, :]
+            p = _exp(lp)
+            y2 = _s_step_y(lp, p, Zt, a1, rho, QUAD)
+            e2 = _exp(y2 - c[:, None])                                               # softmax_d(Y2)
+            s_new = e2 * _exp(leta)[:, None]
+            y2b = Lb - rho * Zb * s_new + cb[:, None] * e2                           # Ȳ2
+            if QUAD:
+                zb_new = Zb + y2b / rho
+                lpb = y2b + p * (rho * Zb - a1 * y2b / rho)
+                d_rho = Zb * (p - s_new) - y2b * (Zt - a1 * p) / (rho * rho)
+                d_a1 = -y2b * p / rho
+            else:
+                w = a1 + rho
+                zb_new = Zb + y2b / w
+                lpb = rho * y2b / w + rho * Zb * p
+                d_rho = Zb * (p - s_new) + y2b * (lp - y2) / w
+                d_a1 = -y2b * y2 / w
+            lpb = tl.where(mask, lpb, 0.0)
+            acc_rho += tl.sum(tl.sum(tl.where(mask, d_rho, 0.0), axis=1), axis=0)
+            acc_a1 += tl.sum(tl.sum(tl.where(mask, d_a1, 0.0), axis=1), axis=0)
+            tl.store(slb + o, lpb, mask=mask)
+            tl.store(szb + o, zb_new, mask=mask)
+            tau += tl.sum(lpb, axis=0)
+        tl.store(vb + 7 * VLEN + offs_d, tau, mask=dm)
+    return acc_a1, acc_rho
+
+
+@triton.jit
+def _adjoint_plan_pass(xb, sxn, sxd, sl, sz, slb, vb, VLEN, gplan_b, n_b, D, a1, rho,
+                       QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """Last iteration with a plan gradient: log P̄ = P̄ ⊙ P (over L̄), τ_d = Σ_n log P̄."""
+    for d0 in range(0, D, BD):
+        offs_d = d0 + tl.arange(0, BD)
+        dm = offs_d < D
+        r = tl.load(vb + offs_d, mask=dm, other=0.0)
+        lmu = tl.load(vb + VLEN + offs_d, mask=dm, other=0.0)
+        tau = tl.zeros([BD], dtype=tl.float32)
+        for n0 in range(0, n_b, BN):
+            offs_n = n0 + tl.arange(0, BN)
+            mask = (offs_n < n_b)[:, None] & dm[None, :]
+            X = tl.load(xb + _tile_ptrs(offs_n, offs_d, sxn, sxd), mask=mask, other=0.0).to(tl.float32)
+            o = _tile_ptrs(offs_n, offs_d, D, 1)
+            L = tl.load(sl + o, mask=mask, other=0.0)
+            Zt = tl.load(sz + o, mask=mask, other=0.0)
+            y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
+            p = _exp(y + (lmu - r)[None, :])
+            lpb = tl.where(mask, tl.load(gplan_b + o, mask=mask, other=0.0) * p, 0.0)
+            tl.store(slb + o, lpb, mask=mask)
+            tau += tl.sum(lpb, axis=0)
+        tl.store(vb + 7 * VLEN + offs_d, tau, mask=dm)
+
+
+@triton.jit
+def _adjoint_p_step_pass(xb, sxn, sxd, sl, sz, slb, szb, gx_b, vb, VLEN, gy_b, out_b, n_b, D,
+                         a1, rho, last, QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """Backward pass 3: Ȳ = log P̄ + R̄ softmax_n(Y) [+ the pooling's adjoint: last = 1.0 in
+    the last iteration, 0.0 before], then
+    through Y = log S + G/ρ: L̄ ← Ȳ [- α1 S Ȳ/ρ], Z̄ ← Z̄ - Ȳ/ρ, X̄ += Ȳ/ρ.
+    Returns the scalar partials (∂/∂α1, ∂/∂ρ)."""
+    acc_a1 = _vzero(BD)
+    acc_rho = _vzero(BD)
+    for d0 in range(0, D, BD):
+        offs_d = d0 + tl.arange(0, BD)
+        dm = offs_d < D
+        r = tl.load(vb + offs_d, mask=dm, other=0.0)
+        rb = tl.load(vb + 7 * VLEN + offs_d, mask=dm, other=0.0)
+        gy = tl.load(gy_b + offs_d, mask=dm, other=0.0) * last
+        out = tl.load(out_b + offs_d, mask=dm, other=0.0)
+        for n0 in range(0, n_b, BN):
+            offs_n = n0 + tl.arange(0, BN)
+            mask = (offs_n < n_b)[:, None] & dm[None, :]
+            X = tl.load(xb + _tile_ptrs(offs_n, offs_d, sxn, sxd), mask=mask, other=0.0).to(tl.float32)
+            o = _tile_ptrs(offs_n, offs_d, D, 1)
+            L = tl.load(sl + o, mask=mask, other=0.0)
+            Zt = tl.load(sz + o, mask=mask, other=0.0)
+            lpb = tl.load(slb + o, mask=mask, other=0.0)
+            Zb = tl.load(szb + o, mask=mask, other=0.0)
+            gx = tl.load(gx_b + o, mask=mask, other=0.0)
+            y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
+            e = _exp(y - r[None, :])                                                 # softmax_n(Y)
+            yb = lpb + rb[None, :] * e
+            # y_d = Σ_n e_nd X_nd: Ȳ += e (X - y_d) ȳ_d, X̄ += e ȳ_d (ȳ = 0 unless last)
+            yb += e * (X - out[None, :]) * gy[None, :]
+            gx += e * gy[None, :]
+            yb = tl.where(mask, yb, 0.0)
+            gb = yb / rho
+            lb = yb
+            if QUAD:
+                lb = yb - a1 * s * gb
+                acc_a1 += tl.sum(tl.sum(tl.where(mask, -gb * s, 0.0), axis=1), axis=0)
+            acc_rho += tl.sum(tl.sum(tl.where(mask, -gb * g / rho, 0.0), axis=1), axis=0)
+            tl.store(slb + o, lb, mask=mask)
+            tl.store(szb + o, Zb - gb, mask=mask)
+            tl.store(gx_b + o, gx + gb, mask=mask)
+    return acc_a1, acc_rho
+
+
+@triton.jit
+def _vec_lognorm_mix_bwd(prior_ptr, HAS: tl.constexpr, uval, src_ptr, dst_ptr, gsum_ptr,
+                         gprior_ptr, k, length, BV: tl.constexpr):
+    """Adjoint of dst = lognorm(κ prior + (1-κ) src) for the exact variant, where the adjoint
+    of dst equals the row/column sum g = gsum and src also enters as -src: on exit gsum holds
+    src's total adjoint -g + (1-κ) ū, ū = g - exp(dst) Σg; gprior += κ ū. Returns ∂/∂κ."""
+    sv = tl.zeros([BV], dtype=tl.float32)
+    for i0 in range(0, length, BV):
+        offs = i0 + tl.arange(0, BV)
+        sv += tl.load(gsum_ptr + offs, mask=offs < length, other=0.0)
+    gs = tl.sum(sv, axis=0)
+    kacc = tl.zeros([BV], dtype=tl.float32)
+    for i0 in range(0, length, BV):
+        offs = i0 + tl.arange(0, BV)
+        msk = offs < length
+        gv = tl.load(gsum_ptr + offs, mask=msk, other=0.0)
+        src = tl.load(src_ptr + offs, mask=msk, other=0.0)
+        ub = gv - _exp(tl.load(dst_ptr + offs, mask=msk, other=0.0)) * gs
+        ub = tl.where(msk, ub, 0.0)
+        prior = _load_prior(prior_ptr, offs, length, uval, HAS)
+        kacc += ub * (prior - src)
+        tl.store(gsum_ptr + offs, -gv + (1 - k) * ub, mask=msk)
+        tl.store(gprior_ptr + offs, tl.load(gprior_ptr + offs, mask=msk, other=0.0) + k * ub,
+                 mask=msk)
+    return tl.sum(kacc, axis=0)
+
+
+@triton.jit
+def _vec_paper_absorb(gsum_ptr, gstate_ptr, length, BV: tl.constexpr):
+    """Paper variant: log μ (log η) is state, so its adjoint takes the sum g, and R̄ = -g."""
+    for i0 in range(0, length, BV):
+        offs = i0 + tl.arange(0, BV)
+        msk = offs < length
+        gv = tl.load(gsum_ptr + offs, mask=msk, other=0.0)
+        tl.store(gstate_ptr + offs, tl.load(gstate_ptr + offs, mask=msk, other=0.0) + gv, mask=msk)
+        tl.store(gsum_ptr + offs, -gv, mask=msk)
+
+
+@triton.jit
+def _vec_paper_update_bwd(prior_ptr, HAS: tl.constexpr, uval, lmu_ptr, z1_ptr, glmu_ptr,
+                          gz1_ptr, gprior_ptr, k, rho, length, BV: tl.constexpr):
+    """Adjoint of log μ' = lognorm(m), m = (1-κ)(log μ - z1/ρ) + κ log p0, z1' = z1 +
+    ρ(μ' - μ): reads (log μ, z1) of iteration t and the adjoints of (log μ', z1'), overwrites
+    them with the adjoints of (log μ, z1); returns (∂/∂κ, ∂/∂ρ)."""
+    mv = tl.full([BV], -1.0e30, dtype=tl.float32)
+    lv = tl.zeros([BV], dtype=tl.float32)
+    for i0 in range(0, length, BV):
+        offs = i0 + tl.arange(0, BV)
+        msk = offs < length
+        u = (1 - k) * (tl.load(lmu_ptr + offs, mask=msk, other=0.0)
+                       - tl.load(z1_ptr + offs, mask=msk, other=0.0) / rho) \
+            + k * _load_prior(prior_ptr, offs, length, uval, HAS)
+        u = tl.where(msk, u, float("-inf"))
+        m_new = tl.maximum(mv, u)
+        lv = lv * _exp(mv - m_new) + _exp(u - m_new)
+        mv = m_new
+    mx = tl.max(mv, axis=0)
+    lse = mx + _log(tl.sum(lv * _exp(mv - mx), axis=0))
+    # A = adjoint of log μ' including z1' = ... + ρ μ'
+    sv = tl.zeros([BV], dtype=tl.float32)
+    for i0 in range(0, length, BV):
+        offs = i0 + tl.arange(0, BV)
+        msk = offs < length
+        u = (1 - k) * (tl.load(lmu_ptr + offs, mask=msk, other=0.0)
+                       - tl.load(z1_ptr + offs, mask=msk, other=0.0) / rho) \
+            + k * _load_prior(prior_ptr, offs, length, uval, HAS)
+        a = tl.load(glmu_ptr + offs, mask=msk, other=0.0) \
+            + rho * tl.load(gz1_ptr + offs, mask=msk, other=0.0) * _exp(u - lse)
+        sv += tl.where(msk, a, 0.0)
+    sa = tl.sum(sv, axis=0)
+    kacc = tl.zeros([BV], dtype=tl.float32)
+    racc = tl.zeros([BV], dtype=tl.float32)
+    for i0 in range(0, length, BV):
+        offs = i0 + tl.arange(0, BV)
+        msk = offs < length
+        lmu = tl.load(lmu_ptr + offs, mask=msk, other=0.0)
+        z1 = tl.load(z1_ptr + offs, mask=msk, other=0.0)
+        prior = _load_prior(prior_ptr, offs, length, uval, HAS)
+        u = (1 - k) * (lmu - z1 / rho) + k * prior
+        mu_new = _exp(u - lse)
+        gz1 = tl.load(gz1_ptr + offs, mask=msk, other=0.0)
+        a = tl.load(glmu_ptr + offs, mask=msk, other=0.0) + rho * gz1 * mu_new
+        mb = tl.where(msk, a - mu_new * sa, 0.0)
+        kacc += mb * (prior - lmu + z1 / rho)
+        racc += tl.where(msk, gz1 * (mu_new - _exp(lmu)) + (1 - k) * mb * z1 / (rho * rho), 0.0)
+        tl.store(glmu_ptr + offs, (1 - k) * mb - rho * gz1 * _exp(lmu), mask=msk)
+        tl.store(gz1_ptr + offs, gz1 - (1 - k) * mb / rho, mask=msk)
+        tl.store(gprior_ptr + offs, tl.load(gprior_ptr + offs, mask=msk, other=0.0) + k * mb,
+                 mask=msk)
+    return tl.sum(kacc, axis=0), tl.sum(racc, axis=0)
+
+
+@triton.jit
+def _init_adjoint_pass(sl, slb, szb, gx_b, vb, VLEN, gp0_b, gq0_b, n_b, D,
+                       HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
+                       BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
+    """Adjoint of log S_0 = log p0 + log q0 (and paper: log μ_0 = log p0, log η_0 = log q0):
+    log p̄0 += Σ_n L̄, log q̄0 += Σ_d L̄; written to the gradient outputs."""
+    if HAS_Q0:
+        for n0 in range(0, n_b, BN):
+            offs_n = n0 + tl.arange(0, BN)
+            nm = offs_n < n_b
+            acc = tl.zeros([BN], dtype=tl.float32)
+            for d0 in range(0, D, BD):
+                offs_d = d0 + tl.arange(0, BD)
+                mask = nm[:, None] & (offs_d < D)[None, :]
+                acc += tl.sum(tl.load(slb + _tile_ptrs(offs_n, offs_d, D, 1), mask=mask, other=0.0),
+                              axis=1)
+            acc += tl.load(vb + 13 * VLEN + offs_n, mask=nm, other=0.0)
+            if PAPER:
+                acc += tl.load(vb + 9 * VLEN + offs_n, mask=nm, other=0.0)
+            tl.store(gq0_b + offs_n, acc, mask=nm)
+    if HAS_P0:
+        for d0 in range(0, D, BD):
+            offs_d = d0 + tl.arange(0, BD)
+            dm = offs_d < D
+            acc = tl.zeros([BD], dtype=tl.float32)
+            for n0 in range(0, n_b, BN):
+                offs_n = n0 + tl.arange(0, BN)
+                mask = (offs_n < n_b)[:, None] & dm[None, :]
+                acc += tl.sum(tl.load(slb + _tile_ptrs(offs_n, offs_d, D, 1), mask=mask, other=0.0),
+                              axis=0)
+            acc += tl.load(vb + 12 * VLEN + offs_d, mask=dm, other=0.0)
+            if PAPER:
+                acc += tl.load(vb + 8 * VLEN + offs_d, mask=dm, other=0.0)
+            tl.store(gp0_b + offs_d, acc, mask=dm)
+
+
+@triton.jit
+def _zero_pass(sl, sz, n_b, D, BN: tl.constexpr, BD: tl.constexpr):
+    for n0 in range(0, n_b, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        for d0 in range(0, D, BD):
+            offs_d = d0 + tl.arange(0, BD)
+            mask = (offs_n < n_b)[:, None] & (offs_d < D)[None, :]
+            o = _tile_ptrs(offs_n, offs_d, D, 1)
+            tl.store(sl + o, tl.zeros([BN, BD], dtype=tl.float32), mask=mask)
+            tl.store(sz + o, tl.zeros([BN, BD], dtype=tl.float32), mask=mask)
+
+
+@triton.jit
+def badmm_backward_kernel(
+    x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr,
+    a1_ptr, rho_ptr, k2_ptr, k3_ptr,
+    out_ptr, gy_ptr, gplan_ptr,
+    gx_ptr, gp0_ptr, gq0_ptr, gw_ptr,
+    sl_ptr, sz_ptr, slb_ptr, szb_ptr, v_ptr,
+    B, N, D, NMAX, VLEN, T, u_p0,
+    RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
+    PAPER: tl.constexpr, PLAN_GRAD: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+):
+    """Exact gradient of the T unrolled iterations (O(T²) recompute, O(1) extra memory in T).
+
+    Writes gx (rows, D) fp32 (in x's row order), gp0 (B, D), gq0 (rows,), and gw (B, T, 4):
+    per set and iteration the partials wrt (κ2, κ3, α1, ρ) (summed over sets on the host).
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    base = pid.to(tl.int64) * NMAX * D
+    sl = sl_ptr + base
+    sz = sz_ptr + base
+    slb = slb_ptr + base
+    szb = szb_ptr + base
+    vb = v_ptr + pid.to(tl.int64) * 14 * VLEN
+    for it in range(0, tl.cdiv(B - pid, nprog)):
+        b = pid + it * nprog                                   # a tensor, also in the interpreter
+        rs, n_b, xoff = _set_bounds(b, ptr_ptr, N, sxb, sxn, RAGGED)
+        if n_b > 0:
+            xb = x_ptr + xoff
+            lp0_b = lp0_ptr + b.to(tl.int64) * D
+            lq0_b = lq0_ptr + rs
+            u_q0 = -_log(n_b.to(tl.float32))
+            gx_b = gx_ptr + rs * D
+            _zero_pass(slb, szb, n_b, D, BN, BD)
+            for j in range(8, 14):
+                _vec_fill(vb + j * VLEN, 0.0, VLEN, BV)
+            tl.debug_barrier()
+            for i in range(0, T):
+                tb = T - 1 - i
+                # state of iteration tb, recomputed from the start
+                _restart(xb, sxn, sxd, sl, sz, vb, VLEN, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
+                         HAS_P0, HAS_Q0, PAPER, BN, BD, BV)
+                for t in range(0, tb):
+                    _forward_iteration(xb, sxn, sxd, sl, sz, vb, VLEN, lp0_b, lq0_b, n_b, D,
+                                       u_p0, u_q0, tl.load(a1_ptr + t), tl.load(rho_ptr + t),
+                                       tl.load(k2_ptr + t), tl.load(k3_ptr + t),
+                                       HAS_P0, HAS_Q0, QUAD, PAPER, BN, BD, BV)
+                a1 = tl.load(a1_ptr + tb)
+                rho = tl.load(rho_ptr + tb)
+                k2 = tl.load(k2_ptr + tb)
+                k3 = tl.load(k3_ptr + tb)
+                gk2 = _vzero(BV)
+                gk3 = _vzero(BV)
+                ga1 = _vzero(BV)
+                grho = _vzero(BV)
+                # iteration tb's vectors R, log μ
+                _row_lse_pass(xb, sxn, sxd, sl, sz, vb, vb, n_b, D, a1, rho, QUAD, False, BN, BD)
+                tl.debug_barrier()
+                if not PAPER:
+                    _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, vb, vb + VLEN, k2, D, BV)
+                    tl.debug_barrier()
+                if tb == T - 1:
+                    if PLAN_GRAD:
+                        _adjoint_plan_pass(xb, sxn, sxd, sl, sz, slb, vb, VLEN, gplan_ptr + rs * D,
+                                           n_b, D, a1, rho, QUAD, BN, BD)
+                    else:
+                        _vec_fill(vb + 7 * VLEN, 0.0, D, BV)
+                    tl.debug_barrier()
+                else:
+                    # C, log η of iteration tb (state unchanged)
+                    _col_lse_pass(xb, sxn, sxd, sl, sz, vb, vb + VLEN, vb + 2 * VLEN, n_b, D, a1,
+                                  rho, QUAD, False, BN, BD)
+                    tl.debug_barrier()
+                    if PAPER:
+                        dk, dr = _vec_paper_update_bwd(lp0_b, HAS_P0, u_p0, vb + VLEN, vb + 4 * VLEN,
+                                                       vb + 8 * VLEN, vb + 10 * VLEN,
+                                                       vb + 12 * VLEN, k2, rho, D, BV)
+                        gk2 += dk
+                        grho += dr
+                        dk, dr = _vec_paper_update_bwd(lq0_b, HAS_Q0, u_q0, vb + 3 * VLEN,
+                                                       vb + 5 * VLEN, vb + 9 * VLEN,
+                                                       vb + 11 * VLEN, vb + 13 * VLEN, k3, rho,
+                                                       n_b, BV)
+                        gk3 += dk
+                        grho += dr
+                    else:
+                        _vec_lognorm_mix(lq0_b, HAS_Q0, u_q0, vb + 2 * VLEN, vb + 3 * VLEN, k3,
+                                         n_b, BV)
+                    tl.debug_barrier()
+                    _adjoint_rowsum_pass(xb, sxn, sxd, sl, sz, slb, szb, vb, VLEN, n_b, D, a1,
+                                         rho, QUAD, BN, BD)
+                    tl.debug_barrier()
+                    if PAPER:
+                        _vec_paper_absorb(vb + 6 * VLEN, vb + 9 * VLEN, n_b, BV)
+                    else:
+                        gk3 += _vec_lognorm_mix_bwd(lq0_b, HAS_Q0, u_q0, vb + 2 * VLEN,
+                                                    vb + 3 * VLEN, vb + 6 * VLEN, vb + 13 * VLEN,
+                                                    k3, n_b, BV)
+                    tl.debug_barrier()
+                    da1, dr = _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, slb, szb, vb, VLEN, n_b,
+                                                   D, a1, rho, QUAD, BN, BD)
+                    ga1 += da1
+                    grho += dr
+                    tl.debug_barrier()
+                if PAPER:
+                    _vec_paper_absorb(vb + 7 * VLEN, vb + 8 * VLEN, D, BV)
+                else:
+                    gk2 += _vec_lognorm_mix_bwd(lp0_b, HAS_P0, u_p0, vb, vb + VLEN, vb + 7 * VLEN,
+                                                vb + 12 * VLEN, k2, D, BV)
+                tl.debug_barrier()
+                da1, dr = _adjoint_p_step_pass(xb, sxn, sxd, sl, sz, slb, szb, gx_b, vb, VLEN,
+                                               gy_ptr + b.to(tl.int64) * D,
+                                               out_ptr + b.to(tl.int64) * D, n_b, D, a1, rho,
+                                               tl.where(tb == T - 1, 1.0, 0.0), QUAD, BN, BD)
+                ga1 += da1
+                grho += dr
+                tl.debug_barrier()
+                gwb = gw_ptr + (b.to(tl.int64) * T + tb) * 4
+                tl.store(gwb + 0, gk2)
+                tl.store(gwb + 1, gk3)
+                tl.store(gwb + 2, ga1)
+                tl.store(gwb + 3, grho)
+            _init_adjoint_pass(sl, slb, szb, gx_b, vb, VLEN, gp0_ptr + b.to(tl.int64) * D,
+                               gq0_ptr + rs, n_b, D, HAS_P0, HAS_Q0, PAPER, BN, BD, BV)
+        tl.debug_barrier()
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------
+def _block_sizes(nmax: int, D: int):
+    """[BN, BD] tiles of ~2048 fp32 (a few live tiles per thread at 8 warps), BV for vectors."""
+    BD = min(max(triton.next_power_of_2(D), 16), 128)
+    BN = min(max(triton.next_power_of_2(max(nmax, 1)), 16), max(16, 2048 // BD))
+    BV = min(max(triton.next_power_of_2(max(nmax, D, 1)), 16), 1024)
+    return BN, BD, BV
+
+
+def _num_programs(B: int, device: torch.device) -> int:
+    """Persistent grid: one program per SM on a GPU (scratch is O(programs · N_max · D)); a few
+    under the interpreter, so that the loop over sets is exercised."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(B, sms))
+    return max(1, min(B, 3))
+
+
+class _Geometry:
+    """Where each set lives: dense (B, N, D) with any strides, or ragged (rows, D) + ptr."""
+
+    def __init__(self, x: Tensor, ptr: Optional[Tensor]):
+        self.ragged = ptr is not None
+        self.D = x.shape[-1]
+        if self.ragged:
+            self.B = ptr.numel() - 1
+            self.N = 0
+            self.rows = x.shape[0]
+            self.nmax = int((ptr[1:] - ptr[:-1]).max()) if self.B > 0 else 0
+            self.sxb, (self.sxn, self.sxd) = 0, x.stride()
+            self.ptr = ptr.to(device=x.device, dtype=torch.int64).contiguous()
+        else:
+            self.B, self.N = x.shape[0], x.shape[1]
+            self.rows = self.B * self.N
+            self.nmax = self.N
+            self.sxb, self.sxn, self.sxd = x.stride()
+            self.ptr = torch.zeros(1, dtype=torch.int64, device=x.device)  # unused
+        self.vlen = max(self.nmax, self.D, 1)
+        self.blocks = _block_sizes(self.nmax, self.D)
+        self.grid = _num_programs(self.B, x.device)
+
+
+def _f32(t: Tensor) -> Tensor:
+    return t.detach().to(torch.float32).contiguous()
+
+
+def _priors(x: Tensor, log_p0: Optional[Tensor], log_q0: Optional[Tensor]):
+    dummy = torch.zeros(1, device=x.device, dtype=torch.float32)
+    lp0 = dummy if log_p0 is None else _f32(log_p0)
+    lq0 = dummy if log_q0 is None else _f32(log_q0).reshape(-1)
+    return lp0, lq0
+
+
+def _scratch(geo: _Geometry, device, n_mats: int):
+    mats = [torch.empty(geo.grid * max(geo.nmax, 1) * geo.D, device=device, dtype=torch.float32)
+            for _ in range(n_mats)]
+    vec = torch.zeros(geo.grid * _NSLOT * geo.vlen, device=device, dtype=torch.float32)
+    return mats, vec
+
+
+def badmm_forward(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
+                  log_q0: Optional[Tensor], a1: Tensor, rho: Tensor, k2: Tensor, k3: Tensor, *,
+                  quadratic: bool, paper: bool, return_plan: bool):
+    """Launch the forward kernel. Returns (y (B, D) fp32, plan in x's layout and dtype or None).
+
+    x: (B, N, D) any strides, or (rows, D) with ptr (B + 1,); log_p0 (B, D) / None;
+    log_q0 (B, N) or (rows,) / None; a1, rho, k2, k3: (T,) (detached here).
+    """
+    geo = _Geometry(x, ptr)
+    B, D, T = geo.B, geo.D, a1.numel()
+    y = torch.zeros(B, D, device=x.device, dtype=torch.float32)
+    plan = torch.zeros(x.shape, device=x.device, dtype=x.dtype) if return_plan else None
+    if B == 0 or geo.rows == 0 or D == 0:
+        return y, plan
+    lp0, lq0 = _priors(x, log_p0, log_q0)
+    (sl, sz), vec = _scratch(geo, x.device, 2)
+    BN, BD, BV = geo.blocks
+    badmm_forward_kernel[(geo.grid,)](
+        x, geo.sxb, geo.sxn, geo.sxd, geo.ptr, lp0, lq0,
+        _f32(a1), _f32(rho), _f32(k2), _f32(k3),
+        y, plan if return_plan else y, sl, sz, vec,
+        B, geo.N, D, max(geo.nmax, 1), geo.vlen, T, -math.log(D),
+        RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
+        QUAD=quadratic, PAPER=paper, PLAN=return_plan, BN=BN, BD=BD, BV=BV,
+        num_warps=8 if BN * BD >= 2048 else 4,
+    )
+    return y, plan
+
+
+def badmm_backward(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
+                   log_q0: Optional[Tensor], a1: Tensor, rho: Tensor, k2: Tensor, k3: Tensor,
+                   y32: Tensor, grad_y: Tensor, grad_plan: Optional[Tensor], *, quadratic: bool,
+                   paper: bool):
+    """Launch the backward kernel. Returns fp32 (grad_x in x's shape, grad_log_p0 (B, D),
+    grad_log_q0 like log_q0, grad_k2, grad_k3, grad_a1, grad_rho (T,) each)."""
+    geo = _Geometry(x, ptr)
+    B, D, T = geo.B, geo.D, a1.numel()
+    dev = x.device
+    gx = torch.zeros(geo.rows, D, device=dev, dtype=torch.float32)
+    gp0 = torch.zeros(B, D, device=dev, dtype=torch.float32)
+    gq0 = torch.zeros(geo.rows, device=dev, dtype=torch.float32)
+    gw = torch.zeros(B, T, 4, device=dev, dtype=torch.float32)
+    if B > 0 and geo.rows > 0 and D > 0:
+        lp0, lq0 = _priors(x, log_p0, log_q0)
+        (sl, sz, slb, szb), vec = _scratch(geo, dev, 4)
+        gplan = _f32(grad_plan).reshape(geo.rows, D) if grad_plan is not None else gx
+        BN, BD, BV = geo.blocks
+        badmm_backward_kernel[(geo.grid,)](
+            x, geo.sxb, geo.sxn, geo.sxd, geo.ptr, lp0, lq0,
+            _f32(a1), _f32(rho), _f32(k2), _f32(k3),
+            y32, _f32(grad_y), gplan,
+            gx, gp0, gq0, gw,
+            sl, sz, slb, szb, vec,
+            B, geo.N, D, max(geo.nmax, 1), geo.vlen, T, -math.log(D),
+            RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
+            QUAD=quadratic, PAPER=paper, PLAN_GRAD=grad_plan is not None,
+            BN=BN, BD=BD, BV=BV, num_warps=8 if BN * BD >= 2048 else 4,
+        )
+    g = gw.sum(0)
+    gq0 = gq0.reshape(log_q0.shape) if log_q0 is not None else None
+    return gx.reshape(x.shape), gp0, gq0, g[:, 0], g[:, 1], g[:, 2], g[:, 3]
+
+
+class BadmmPoolFunction(torch.autograd.Function):
+    """y (B, D) [and the plan] of T B-ADMM iterations; differentiable in x, log p0, log q0,
+    α1, ρ (T,) and κ2, κ3 (T,) (the host computes κ from α2, α3 so torch does that chain)."""
+
+    @staticmethod
+    def forward(ctx, x, ptr, log_p0, log_q0, a1, rho, k2, k3, quadratic, paper, return_plan):
+        y32, plan = badmm_forward(x, ptr, log_p0, log_q0, a1, rho, k2, k3, quadratic=quadratic,
+                                  paper=paper, return_plan=return_plan)
+        ctx.save_for_backward(x, ptr, log_p0, log_q0, a1, rho, k2, k3, y32)
+        ctx.quadratic, ctx.paper, ctx.return_plan = quadratic, paper, return_plan
+        if plan is None:
+            plan = x.new_zeros(0)
+            ctx.mark_non_differentiable(plan)
+        return y32.to(x.dtype), plan
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_plan):
+        x, ptr, log_p0, log_q0, a1, rho, k2, k3, y32 = ctx.saved_tensors
+        if grad_y is None:
+            grad_y = torch.zeros_like(y32)
+        if not ctx.return_plan:
+            grad_plan = None
+        gx, gp0, gq0, gk2, gk3, ga1, grho = badmm_backward(
+            x, ptr, log_p0, log_q0, a1, rho, k2, k3, y32, grad_y, grad_plan,
+            quadratic=ctx.quadratic, paper=ctx.paper)
+
+        def cast(g, like):
+            return None if like is None else g.to(like.dtype)
+        return (gx.to(x.dtype), None, cast(gp0, log_p0), cast(gq0, log_q0), ga1.to(a1.dtype),
+                grho.to(rho.dtype), gk2.to(k2.dtype), gk3.to(k3.dtype), None, None, None)
+
+
+def rot_pool_badmm_triton(x: Tensor, ptr: Optional[Tensor], *, method: str, variant: str,
+                          a1: Tensor, a2: Tensor, a3: Tensor, rho: Tensor,
+                          log_p0: Optional[Tensor], log_q0: Optional[Tensor],
+                          return_plan: bool):
+    """ROTP pooling by Bregman ADMM (α0 = 0) with the fused Triton kernels.
+
+    Args:
+        x: ``(B, N, D)`` dense batch with any strides, or ``(N_total, D)`` ragged batch whose
+            rows are grouped by set, with ``ptr``. fp32 / fp16 / bf16.
+        ptr: ``(B + 1,)`` int64 CSR offsets for a ragged ``x``; ``None`` for a dense one.
+        method: ``"badmm-e"`` (entropic) or ``"badmm-q"`` (quadratic).
+        variant: ``"exact"`` (DESIGN §3.1) or ``"paper"`` (Alg. 2, §3.2).
+        a1, a2, a3, rho: ``(T,)`` per-iteration weights (a2, a3 may be +inf); differentiable.
+        log_p0: ``(B, D)`` normalized log prior over features, or ``None`` (uniform).
+        log_q0: ``(B, N)`` / ``(N_total,)`` normalized log prior over each set's samples, or
+            ``None`` (uniform).
+        return_plan: also return each set's plan P (total mass 1) in x's layout and dtype.
+
+    Returns:
+        ``(y, plan_or_None)``: ``y`` ``(B, D)`` in x's dtype (0 for empty sets).
+    """
+    if method not in ("badmm-e", "badmm-q"):
+        raise ValueError(f"method must be 'badmm-e' or 'badmm-q', got {method!r}")
+    if variant not in ("exact", "paper"):
+        raise ValueError(f"variant must be 'exact' or 'paper', got {variant!r}")
+    if x.dim() == 3 and ptr is not None:
+        raise ValueError("ptr is only used with a 2-D ragged x")
+    if x.dim() == 2 and ptr is None:
+        raise ValueError("a 2-D (ragged) x needs ptr")
+    quadratic = method == "badmm-q"
+    paper = variant == "paper"
+    # κ2 = κ(α2, ρ); κ3 = κ(α3, w), w = α1 + ρ (B-E exact) or ρ (B-Q, paper): as solvers.badmm
+    k2 = kappa(a2, rho)
+    k3 = kappa(a3, rho if (quadratic or paper) else a1 + rho)
+    y, plan = BadmmPoolFunction.apply(x, ptr, log_p0, log_q0, a1, rho, k2, k3, quadratic, paper,
+                                      return_plan)
+    return y, (plan if return_plan else None)
