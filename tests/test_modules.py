@@ -1,0 +1,157 @@
+"""ROTPool, MixedROTPool, SetFusionROTPool: reference agreement, gradcheck, initialisation."""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import rotp_triton as rt
+from rotp_triton.nn.hierarchical import MixedROTPool, SetFusionROTPool
+from reference import hierarchical as ref_h
+from reference import rot as ref
+
+from kernel_utils import rel_err
+
+METHODS = ("sinkhorn", "badmm-e", "badmm-q")
+
+
+def theta(layer):
+    """The reference's keyword arguments for the weights a ROTPool layer currently has."""
+    w = layer.weights()
+    return dict(method=layer.method, variant=layer.variant, num_iters=layer.num_iters,
+                inner_iters=layer.inner_iters, **w)
+
+
+@pytest.mark.parametrize("method,learn_a0", list(itertools.product(METHODS, (False, True))))
+def test_gradcheck_through_rotpool(method, learn_a0):
+    layer = rt.ROTPool(3, method=method, num_iters=2, inner_iters=2, a1=1.0, rho=1.0,
+                       learn_a0=learn_a0, q0="attention", p0="attention").double()
+    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([0, 0, 2, 2, 2, 1, 2])
+    assert torch.autograd.gradcheck(lambda x: layer(x, index), (x,))
+    # gradients w.r.t. every parameter (softplus weights, attention) by finite differences
+    for name, p in layer.named_parameters():
+        def fp(v, name=name):
+            params = {n: (v if n == name else q) for n, q in layer.named_parameters()}
+            return torch.func.functional_call(layer, params, (x.detach(), index))
+        assert torch.autograd.gradcheck(fp, (p.detach().clone().requires_grad_(),)), name
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rotpool_matches_reference_with_attention_priors(method):
+    layer = rt.ROTPool(4, method=method, num_iters=3, a1=0.9, rho=1.2, learn_a0=True,
+                       p0="attention", q0="attention").double()
+    sizes = [3, 5, 1]
+    x = torch.randn(sum(sizes), 4, dtype=torch.float64)
+    index = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
+    y = layer(x, index)
+    log_p0, log_q0 = layer.prior_logits(x, index)
+    for b in range(3):
+        xb = x[index == b]
+        p0 = torch.softmax(log_p0[b], 0)
+        q0 = torch.softmax(log_q0[index == b], 0)
+        yb, _ = ref.rot_pool_set(xb.T, p0=p0, q0=q0, **theta(layer))
+        assert rel_err(y[b], yb) < 1e-10
+    # attention p0 uses U X 1_N: the set sum, so it is per set
+    assert rel_err(log_p0[0], layer.p0_proj(x[index == 0].sum(0))) < 1e-14
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_default_layer_pools_close_to_the_mean(method):
+    """The documented initialisation: within ~1% (S), 2% (B-E), 4% (B-Q) of a feature's std."""
+    bound = {"sinkhorn": 0.015, "badmm-e": 0.03, "badmm-q": 0.05}[method]
+    x = torch.randn(64, 49, 32)
+    y = rt.ROTPool(32, method=method)(x)
+    dev = ((y - x.mean(1)) / x.std(1)).abs().mean().item()
+    print(f"{method}: mean |y - mean| / std = {dev:.4f}")
+    assert dev < bound
+    # and it is not the mean: the layer pools by transport, with room to learn
+    assert dev > 1e-3
+
+
+def test_per_iter_params_shapes_and_training_moves_weights():
+    layer = rt.ROTPool(5, num_iters=3, a1=1.0, rho=1.0)
+    assert layer.weights.raw_a1.shape == (3,)
+    shared = rt.ROTPool(5, num_iters=3, per_iter_params=False)
+    assert shared.weights.raw_a1.shape == (1,)
+    x = torch.randn(4, 6, 5)
+    before = {k: v.detach().clone() for k, v in layer.weights().items()}
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x).pow(2).sum().backward()
+    opt.step()
+    after = layer.weights()
+    for k in ("a1", "a2", "a3", "rho"):
+        assert not torch.equal(before[k], after[k]), k
+    assert torch.equal(before["a0"], after["a0"])  # not learned by default
+    layer.reset_parameters()
+    for k, v in layer.weights().items():
+        assert torch.allclose(v, before[k]), k
+
+
+def test_repr_is_exact():
+    layer = rt.ROTPool(16, method="sinkhorn", num_iters=2, a2=float("inf"), learn_a2=False)
+    assert repr(layer) == ("ROTPool(16, method='sinkhorn', variant='exact', num_iters=2, "
+                           "p0='uniform', q0='uniform', a0=0, a1=100*, a2=inf, a3=1*, "
+                           "rho=100*, tau=1)")
+
+
+def test_rotpool_errors():
+    with pytest.raises(ValueError, match="dim"):
+        rt.ROTPool(0)
+    with pytest.raises(ValueError, match="method"):
+        rt.ROTPool(4, method="sinkhorn2")
+    with pytest.raises(ValueError, match="variant"):
+        rt.ROTPool(4, variant="published")
+    with pytest.raises(ValueError, match="q0"):
+        rt.ROTPool(4, q0="learned")
+    with pytest.raises(ValueError, match="a2"):
+        rt.ROTPool(4, a2=float("inf"))  # learnable and infinite
+    with pytest.raises(ValueError, match="a1"):
+        rt.ROTPool(4, a1=-1.0)
+    with pytest.raises(TypeError, match="unexpected"):
+        rt.ROTPool(4, alpha1=1.0)
+    layer = rt.ROTPool(4)
+    with pytest.raises(ValueError, match="features"):
+        layer(torch.randn(2, 3, 5))
+    with pytest.raises(ValueError, match="dimensions"):
+        layer(torch.randn(4))
+
+
+# ---------------------------------------------------------------------------------------------
+# hierarchical pooling (eqs. 13, 14)
+# ---------------------------------------------------------------------------------------------
+def test_mixed_pool_matches_reference():
+    layer = MixedROTPool(4, methods=("sinkhorn", "badmm-q"), final_method="badmm-e",
+                         num_iters=2, a1=0.8, rho=1.5).double()
+    x = torch.randn(2, 6, 4, dtype=torch.float64)
+    y = layer(x)
+    for b in range(2):
+        yb = ref_h.mixed_pool(x[b].T, [theta(h) for h in layer.heads], theta(layer.final))
+        assert rel_err(y[b], yb) < 1e-10
+    assert repr(layer) == ("MixedROTPool(4, methods=('sinkhorn', 'badmm-q'), "
+                           "final_method='badmm-e')")
+
+
+def test_set_fusion_matches_reference_ragged_and_dense():
+    g = nn.Sequential(nn.Linear(4, 3), nn.Tanh()).double()
+    layer = SetFusionROTPool(4, g=g, out_dim=3, num_iters=2, a1=0.7, rho=1.1).double()
+    # 2 groups: members (graphs) of sizes [3, 2, 4] and [1, 5]
+    member_sizes = [3, 2, 4, 1, 5]
+    x = torch.randn(sum(member_sizes), 4, dtype=torch.float64)
+    index = torch.repeat_interleave(torch.arange(5), torch.tensor(member_sizes))
+    group_index = torch.tensor([0, 0, 0, 1, 1])
+    y = layer(x, index, group_index=group_index)
+    assert y.shape == (2, 3)
+    groups = [[0, 1, 2], [3, 4]]
+    for gi, members in enumerate(groups):
+        Xs = [x[index == m].T for m in members]
+        yg = ref_h.set_fusion_pool(Xs, theta(layer.inner), theta(layer.outer), g=g)
+        assert rel_err(y[gi], yg) < 1e-10
+    # dense (G, M, N, D)
+    xd = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    yd = layer(xd)
+    yr = layer(xd.reshape(-1, 4), torch.arange(6).repeat_interleave(4),
+               group_ptr=torch.tensor([0, 3, 6]))
+    assert rel_err(yd, yr) < 1e-12
+    with pytest.raises(ValueError, match="group"):
+        layer(x, index)
