@@ -1,7 +1,12 @@
 """rotp_triton: regularized optimal-transport pooling layers for PyTorch, with Triton kernels."""
 from .functional import rot_pool
-from .nn import ROTPool, ROTWeights
+from .nn import (AdaptiveROTPool2d, GSPool, MixedROTPool, OTKPool, ROTPool, ROTPool2d,
+                 ROTWeights, SetFusionROTPool, replace_avgpool)
+from .ops.gsp import gsp_pool
+from .ops.otk import otk_pool
 
 __version__ = "0.1.0"
 
-__all__ = ["rot_pool", "ROTPool", "ROTWeights"]
+__all__ = ["rot_pool", "gsp_pool", "otk_pool", "ROTPool", "ROTWeights", "AdaptiveROTPool2d",
+           "ROTPool2d", "replace_avgpool", "MixedROTPool", "SetFusionROTPool", "GSPool",
+           "OTKPool"]

@@ -1,5 +1,10 @@
 """nn.Module pooling layers."""
+from .gsp import GSPool
+from .hierarchical import MixedROTPool, SetFusionROTPool
+from .image import AdaptiveROTPool2d, ROTPool2d, replace_avgpool
+from .otk import OTKPool
 from .rot_pool import ROTPool
 from .weights import ROTWeights
 
-__all__ = ["ROTPool", "ROTWeights"]
+__all__ = ["ROTPool", "ROTWeights", "AdaptiveROTPool2d", "ROTPool2d", "replace_avgpool",
+           "MixedROTPool", "SetFusionROTPool", "GSPool", "OTKPool"]
