@@ -87,7 +87,7 @@ def rot_pool(x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = 
         rho=as_weight(rho, "rho", T, allow_zero=False, **kw),
         tau=as_weight(tau, "tau", T, **kw),
     )
-    structure = wants_structure(w["a0"])
+    structure = wants_structure(a0)
     uniform_p0 = p0 is None and log_p0 is None
     uniform_q0 = q0 is None and log_q0 is None
     log_p0, log_q0 = check_priors(p0, q0, batch, D, cdt, log_p0, log_q0)

@@ -66,9 +66,18 @@ def masked_exp(log_v: Tensor, mask: Tensor) -> Tensor:
 
 
 def wants_structure(a0) -> bool:
-    """The α0 > 0 algorithms run iff a0 is learnable (requires grad) or has a positive entry."""
+    """The α0 > 0 algorithms run iff a0 is learnable (requires grad) or has a positive entry.
+
+    Decided from the caller's ``a0`` (a Python number is static). While torch.compile traces,
+    a tensor ``a0`` without grad counts as positive: its value cannot be read without a graph
+    break (only Sinkhorn differs between the two algorithms at α0 = 0).
+    """
     if isinstance(a0, Tensor):
-        return bool(a0.requires_grad) or bool((a0.detach() > 0).any())
+        if a0.requires_grad:
+            return True
+        if torch.compiler.is_compiling():
+            return True
+        return bool((a0.detach() > 0).any())
     return float(a0) > 0
 
 
