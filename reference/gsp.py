@@ -52,7 +52,8 @@ def safe_norm(v: Tensor) -> Tensor:
 
 
 def gsp_reference(x: Tensor, prototypes: Tensor, weight: Optional[Tensor] = None, *,
-                  mass: float = 0.3, gamma: float = 5.0, num_iters: int = 100) -> GSPReference:
+                  mass: float = 0.3, gamma: float = 5.0, num_iters: int = 100,
+                  tol: float = -1.0) -> GSPReference:
     """GSP of one set.
 
     Args:
@@ -62,6 +63,7 @@ def gsp_reference(x: Tensor, prototypes: Tensor, weight: Optional[Tensor] = None
         mass: mu in (0, 1], the total transported mass.
         gamma: >= 0, inverse entropy weight (1/gamma is the entropy regularisation).
         num_iters: fixed-point iterations for alpha.
+        tol: stop early once an iteration changes alpha by at most tol * alpha (default: never).
     """
     h = x if weight is None else x @ weight.T              # 1x1 convolution
     n = h.shape[0]
@@ -86,7 +88,9 @@ def gsp_reference(x: Tensor, prototypes: Tensor, weight: Optional[Tensor] = None
         alpha = h.new_tensor(1.0)
         for _ in range(num_iters):
             rho = q / (1.0 + alpha * s)                    # rho_i(alpha)
-            alpha = mu / (rho * s).sum()                   # fixed point of sum_i alpha rho_i s_i = mu
+            prev, alpha = alpha, mu / (rho * s).sum()      # fixed point of sum_i alpha rho_i s_i = mu
+            if abs(float(alpha.detach() - prev.detach())) <= tol * float(alpha.detach()):
+                break
         rho = q / (1.0 + alpha * s)
         plan = alpha * rho[None, :] * E                    # pi_ki = alpha rho_i exp(-gamma c_ki)
     pooled = (((q - rho) / mu)[:, None] * h).sum(0)        # x_bar = sum_i (1/n - rho_i)/mu h_i
