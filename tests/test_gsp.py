@@ -89,7 +89,9 @@ def test_gradcheck_implicit_alpha(mass, gamma):
     fn = lambda x_, W_, Z_: gsp_pool(x_, Z_, index, dim_size=4, weight=W_, mass=mass,
                                      gamma=gamma, return_histogram=True)
     inputs = tuple(t.clone().requires_grad_(True) for t in (x, W, Z))
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+    # full Jacobian for the default case; random projections (fast_mode) for the limits
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5,
+                                    fast_mode=(mass, gamma) != (0.35, 3.0))
 
 
 # ------------------------------------------------------------------------------------------
