@@ -19,10 +19,14 @@ How it is computed (all equal to the formulas above; chosen for range and exactn
   alpha solves the scalar monotone equation F(t) = (1/n) sum_i sigma(t + l_i) - mu = 0, whose root
   lies in [logit(mu) - max_i l_i, logit(mu) - min_i l_i]. It is solved per set by Newton's method
   safeguarded by bisection on that bracket, to |F| <= tol (the transported mass is mu to within
-  tol; default 1e-12 for float64 state, 1e-6 for float32), at most ``num_iters`` steps (Newton
-  converges in a handful; the paper's fixed point alpha <- mu / sum_i rho_i s_i is linear with a
-  rate close to 1 when mu is close to 1). No exp(-gamma c) is formed unnormalised, so a large
-  gamma cannot underflow s_i to 0.
+  tol; default 1e-12 for float64 state, 1e-6 for float32), at most ``num_iters`` steps. Measured:
+  <= 20 steps even with the l_i spread over 1000 (float32 and float64, mu from 1e-4 to 0.9999),
+  2-5 on typical features. The paper's fixed point alpha <- mu / sum_i rho_i s_i converges
+  linearly with a rate close to 1 when mu is close to 1: after its default 100 iterations the
+  transported mass is still off by ~5e-3 at mu = 0.99 (gamma = 5, K = 64, n = 49). No
+  exp(-gamma c) is formed unnormalised, so a large gamma cannot underflow s_i to 0.
+* c_ki uses ||a||^2 + ||b||^2 - 2 a.b (no (B, K, n, D) difference tensor); in float32 this loses
+  accuracy only for near-coincident points (c ~ 1e-3), where the kernel is flat anyway.
 * Gradients: implicit, not unrolled. The root t* is found without autograd; then one Newton step
   t = t* - F(t*, l) / F'(t*) is taken with F' detached. Its value is t* (up to tol) and its
   derivative is the implicit-function-theorem one, dt/dl_i = -sigma'(t + l_i) / sum_j
@@ -32,6 +36,7 @@ How it is computed (all equal to the formulas above; chosen for range and exactn
   solve tolerance: gamma = 0 or equal s_i give global average pooling to rounding. Likewise
   a_k = sum_i w_i softmax_k(-gamma c_ki), which sums to 1 exactly.
 * mu = 1 means alpha = inf: sigma = 1 for every sample (rho = 0), handled as that limit.
+* mass and gamma are hyper-parameters (Python floats): no gradient flows to them.
 """
 from __future__ import annotations
 
