@@ -25,8 +25,10 @@ How it is computed (all equal to the formulas above; chosen for range and exactn
   linearly with a rate close to 1 when mu is close to 1: after its default 100 iterations the
   transported mass is still off by ~5e-3 at mu = 0.99 (gamma = 5, K = 64, n = 49). No
   exp(-gamma c) is formed unnormalised, so a large gamma cannot underflow s_i to 0.
-* c_ki uses ||a||^2 + ||b||^2 - 2 a.b (no (B, K, n, D) difference tensor); in float32 this loses
-  accuracy only for near-coincident points (c ~ 1e-3), where the kernel is flat anyway.
+* c_ki uses ||a||^2 + ||b||^2 - 2 a.b (no (B, K, n, D) difference tensor). In float32 the ~1e-7
+  rounding of that sum gives c an absolute error up to ~3e-4 for near-coincident points (the
+  sqrt of the rounding), i.e. a relative error up to ~gamma * 3e-4 in their kernel; float64 is
+  exact to ~1e-8 there.
 * Gradients: implicit, not unrolled. The root t* is found without autograd; then one Newton step
   t = t* - F(t*, l) / F'(t*) is taken with F' detached. Its value is t* (up to tol) and its
   derivative is the implicit-function-theorem one, dt/dl_i = -sigma'(t + l_i) / sum_j
