@@ -270,6 +270,20 @@ def test_module_api():
     assert out.plan.shape == (2, 9, 64) and out.rho.shape == (2, 9) and out.alpha.shape == (2,)
 
 
+def test_kmeans_init_of_prototypes():
+    g = torch.Generator().manual_seed(61)
+    pool = GSPool(3, 3, num_prototypes=2)
+    with torch.no_grad():
+        pool.weight.copy_(torch.eye(3))
+    centers = torch.tensor([[0.5, 0.0, 0.0], [0.0, -0.5, 0.0]])
+    x = (centers[:, None, :] + 0.01 * torch.randn(2, 30, 3, generator=g)).reshape(60, 3)
+    assert pool.init_kmeans(x, ptr=torch.tensor([0, 25, 60]), generator=g) is pool
+    dist = torch.cdist(pool.prototypes.detach(), centers)
+    assert (dist.min(0).values < 0.02).all() and (dist.min(1).values < 0.02).all()
+    with pytest.raises(ValueError, match="num_prototypes"):
+        GSPool(3, num_prototypes=8).init_kmeans(x[:5], ptr=torch.tensor([0, 5]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_keep_dtype(dtype):
     pool = GSPool(8, 8, num_prototypes=4)

@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from rotp_triton.ops.gsp import _check_int, check_gsp_hparams, gsp_pool
+from rotp_triton.ops.gsp import _check_int, _unit_ball, as_set_input, check_gsp_hparams, gsp_pool
+from rotp_triton.ops.otk import kmeans
 
 __all__ = ["GSPool"]
 
@@ -100,6 +101,27 @@ class GSPool(nn.Module):
         return gsp_pool(x, self.prototypes, index, ptr, dim_size, weight=self.weight,
                         mass=self.mass, gamma=self.gamma, num_iters=self.num_iters, tol=self.tol,
                         return_histogram=return_histogram, return_plan=return_plan, mask=mask)
+
+    @torch.no_grad()
+    def init_kmeans(self, x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = None,
+                    dim_size: Optional[int] = None, *, mask: Optional[Tensor] = None,
+                    num_iters: int = 20, generator: Optional[torch.Generator] = None) -> "GSPool":
+        """Initialise the prototypes by k-means (k = num_prototypes) on the projected samples.
+
+        The samples of all sets are projected (1x1 convolution, then onto the unit ball, where
+        the costs are measured) and clustered together. Inputs as in :meth:`forward`. Returns
+        ``self``.
+        """
+        self._check_features(x)
+        _, batch = as_set_input(x, index, ptr, dim_size, mask)
+        points = batch.x[batch.mask].to(self.weight.dtype)
+        if points.shape[0] < self.num_prototypes:
+            raise ValueError(f"x holds {points.shape[0]} samples; k-means needs at least "
+                             f"num_prototypes = {self.num_prototypes}")
+        points = _unit_ball(points @ self.weight.T)
+        C = kmeans(points, self.num_prototypes, num_iters=num_iters, generator=generator)
+        self.prototypes.copy_(C)
+        return self
 
     def __repr__(self) -> str:
         tol = "" if self.tol is None else f", tol={self.tol}"
