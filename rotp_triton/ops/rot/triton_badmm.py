@@ -53,6 +53,7 @@ vector state's adjoints). Every reduction is a streamed pass like the forward's.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -66,9 +67,8 @@ from .solvers import kappa
 
 __all__ = ["rot_pool_badmm_triton"]
 
-# vector scratch slots (per program, each VLEN fp32)
-_R, _LMU, _C, _LETA, _Z1, _Z2, _SIG, _TAU, _LMUB, _LETAB, _Z1B, _Z2B, _LP0B, _LQ0B = range(14)
-_NSLOT = 14
+# Vector scratch: 7 D-vectors per program (vd + j·D) - R, log μ, z1, τ (then R̄), log μ̄, z̄1,
+# log p̄0 - and 7 N-vectors per set (vn + j·ns) - C, log η, z2, σ (then C̄), log η̄, z̄2, log q̄0.
 _NEG = -1.0e30  # finite "minus infinity" for running maxima: exp2(NEG - m) never sees inf - inf
 
 
@@ -329,16 +329,16 @@ def _vec_fill(dst_ptr, value, length, BV: tl.constexpr):
 # one forward iteration and the forward kernel
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _forward_iteration(xb, sxn, sxd, sl, sz, vb, VLEN, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
+def _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
                        a1, rho, k2, k3,
                        HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
                        PAPER: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                        BV: tl.constexpr):
     """One full B-ADMM iteration (P-step, S-step, dual[, paper vector updates]) in place."""
-    r_ptr = vb + 0 * VLEN
-    lmu_ptr = vb + 1 * VLEN
-    c_ptr = vb + 2 * VLEN
-    leta_ptr = vb + 3 * VLEN
+    r_ptr = vd
+    lmu_ptr = vd + D
+    c_ptr = vn
+    leta_ptr = vn + ns
     _row_lse_pass(xb, sxn, sxd, sl, sz, r_ptr, r_ptr, n_b, D, a1, rho, QUAD, False, BN, BD)
     tl.debug_barrier()
     if not PAPER:
@@ -352,8 +352,8 @@ def _forward_iteration(xb, sxn, sxd, sl, sz, vb, VLEN, lp0_b, lq0_b, n_b, D, u_p
     _s_norm_pass(sl, sz, c_ptr, leta_ptr, n_b, D, rho, BN, BD)
     tl.debug_barrier()
     if PAPER:
-        _vec_paper_update(lp0_b, HAS_P0, u_p0, lmu_ptr, vb + 4 * VLEN, k2, rho, D, BV)
-        _vec_paper_update(lq0_b, HAS_Q0, u_q0, leta_ptr, vb + 5 * VLEN, k3, rho, n_b, BV)
+        _vec_paper_update(lp0_b, HAS_P0, u_p0, lmu_ptr, vd + 2 * D, k2, rho, D, BV)
+        _vec_paper_update(lq0_b, HAS_Q0, u_q0, leta_ptr, vn + 2 * ns, k3, rho, n_b, BV)
         tl.debug_barrier()
 
 
@@ -372,17 +372,34 @@ def _set_bounds(b, ptr_ptr, N, sxb, sxn, RAGGED: tl.constexpr):
 
 
 @triton.jit
-def _restart(xb, sxn, sxd, sl, sz, vb, VLEN, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
+def _scratch_bases(pid, rs, N, D, NR, RAGGED: tl.constexpr):
+    """Offsets of this set's scratch: a dense batch uses a per-program [N, D] matrix and 7
+    N-vectors (O(programs · N · D)); a ragged batch the set's own rows of a (rows, D) matrix and
+    of 7 (rows,) vectors (no host sync for N_max). Returns (matrix offset, N-vector offset,
+    N-vector slot stride)."""
+    if RAGGED:
+        sbase = rs * D
+        vn = rs
+        ns = NR
+    else:
+        sbase = pid.to(tl.int64) * N * D
+        vn = pid.to(tl.int64) * 7 * N
+        ns = N
+    return sbase, vn, ns
+
+
+@triton.jit
+def _restart(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
              HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
              BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
     """State of iteration 0: log S = log p0 q0ᵀ, Z = 0 (paper: log μ = log p0, log η = log q0,
     z1 = z2 = 0)."""
     _init_state_pass(sl, sz, lp0_b, lq0_b, n_b, D, u_p0, u_q0, HAS_P0, HAS_Q0, BN, BD)
     if PAPER:
-        _vec_copy_prior(lp0_b, HAS_P0, u_p0, vb + 1 * VLEN, D, BV)
-        _vec_copy_prior(lq0_b, HAS_Q0, u_q0, vb + 3 * VLEN, n_b, BV)
-        _vec_fill(vb + 4 * VLEN, 0.0, D, BV)
-        _vec_fill(vb + 5 * VLEN, 0.0, n_b, BV)
+        _vec_copy_prior(lp0_b, HAS_P0, u_p0, vd + D, D, BV)
+        _vec_copy_prior(lq0_b, HAS_Q0, u_q0, vn + ns, n_b, BV)
+        _vec_fill(vd + 2 * D, 0.0, D, BV)
+        _vec_fill(vn + 2 * ns, 0.0, n_b, BV)
     tl.debug_barrier()
 
 
@@ -390,8 +407,8 @@ def _restart(xb, sxn, sxd, sl, sz, vb, VLEN, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
 def badmm_forward_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr,
     a1_ptr, rho_ptr, k2_ptr, k3_ptr,
-    y_ptr, plan_ptr, sl_ptr, sz_ptr, v_ptr,
-    B, N, D, NMAX, VLEN, T, u_p0,
+    y_ptr, plan_ptr, sl_ptr, sz_ptr, vd_ptr, vn_ptr,
+    B, N, D, NR, T, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
     PAPER: tl.constexpr, PLAN: tl.constexpr,
     BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
@@ -400,36 +417,38 @@ def badmm_forward_kernel(
     at a time (persistent grid)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    sl = sl_ptr + pid.to(tl.int64) * NMAX * D                                        # [NMAX, D]
-    sz = sz_ptr + pid.to(tl.int64) * NMAX * D
-    vb = v_ptr + pid.to(tl.int64) * 14 * VLEN
+    vd = vd_ptr + pid.to(tl.int64) * 7 * D
     for it in range(0, tl.cdiv(B - pid, nprog)):
         b = pid + it * nprog                                   # a tensor, also in the interpreter
         rs, n_b, xoff = _set_bounds(b, ptr_ptr, N, sxb, sxn, RAGGED)
+        sbase, vn, ns = _scratch_bases(pid, rs, N, D, NR, RAGGED)
+        sl = sl_ptr + sbase                                                          # [N_b, D]
+        sz = sz_ptr + sbase
+        vn = vn_ptr + vn
         if n_b > 0:
             xb = x_ptr + xoff
             lp0_b = lp0_ptr + b.to(tl.int64) * D
             lq0_b = lq0_ptr + rs
             u_q0 = -_log(n_b.to(tl.float32))
-            _restart(xb, sxn, sxd, sl, sz, vb, VLEN, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
+            _restart(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
                      HAS_P0, HAS_Q0, PAPER, BN, BD, BV)
             for t in range(0, T - 1):
-                _forward_iteration(xb, sxn, sxd, sl, sz, vb, VLEN, lp0_b, lq0_b, n_b, D,
+                _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D,
                                    u_p0, u_q0, tl.load(a1_ptr + t), tl.load(rho_ptr + t),
                                    tl.load(k2_ptr + t), tl.load(k3_ptr + t),
                                    HAS_P0, HAS_Q0, QUAD, PAPER, BN, BD, BV)
             # last iteration: its P-step only, pooling on the fly
             a1 = tl.load(a1_ptr + T - 1)
             rho = tl.load(rho_ptr + T - 1)
-            _row_lse_pass(xb, sxn, sxd, sl, sz, vb, y_ptr + b.to(tl.int64) * D, n_b, D, a1, rho,
+            _row_lse_pass(xb, sxn, sxd, sl, sz, vd, y_ptr + b.to(tl.int64) * D, n_b, D, a1, rho,
                           QUAD, True, BN, BD)
             if PLAN:
                 tl.debug_barrier()
                 if not PAPER:
-                    _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, vb, vb + VLEN, tl.load(k2_ptr + T - 1),
+                    _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, vd, vd + D, tl.load(k2_ptr + T - 1),
                                      D, BV)
                     tl.debug_barrier()
-                _plan_pass(xb, sxn, sxd, sl, sz, vb, vb + VLEN, plan_ptr + rs * D, n_b, D, a1,
+                _plan_pass(xb, sxn, sxd, sl, sz, vd, vd + D, plan_ptr + rs * D, n_b, D, a1,
                            rho, QUAD, BN, BD)
         tl.debug_barrier()
 
@@ -438,15 +457,15 @@ def badmm_forward_kernel(
 # backward
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _adjoint_rowsum_pass(xb, sxn, sxd, sl, sz, slb, szb, vb, VLEN, n_b, D, a1, rho,
+def _adjoint_rowsum_pass(xb, sxn, sxd, sl, sz, slb, szb, vd, vn, ns, n_b, D, a1, rho,
                          QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Backward pass 1: σ_n = Σ_d (L̄' - ρ Z̄' S') (adjoint of C and of log η, before the
     lognorm), S' = exp(log S_{t+1}) recomputed from the state of iteration t."""
     for n0 in range(0, n_b, BN):
         offs_n = n0 + tl.arange(0, BN)
         nm = offs_n < n_b
-        c = tl.load(vb + 2 * VLEN + offs_n, mask=nm, other=0.0)
-        leta = tl.load(vb + 3 * VLEN + offs_n, mask=nm, other=0.0)
+        c = tl.load(vn + offs_n, mask=nm, other=0.0)
+        leta = tl.load(vn + ns + offs_n, mask=nm, other=0.0)
         acc = tl.zeros([BN], dtype=tl.float32)
         for d0 in range(0, D, BD):
             offs_d = d0 + tl.arange(0, BD)
@@ -458,18 +477,18 @@ def _adjoint_rowsum_pass(xb, sxn, sxd, sl, sz, slb, szb, vb, VLEN, n_b, D, a1, r
             Zt = tl.load(sz + o, mask=mask, other=0.0)
             Lb = tl.load(slb + o, mask=mask, other=0.0)
             Zb = tl.load(szb + o, mask=mask, other=0.0)
-            r = tl.load(vb + offs_d, mask=dm, other=0.0)
-            lmu = tl.load(vb + VLEN + offs_d, mask=dm, other=0.0)
+            r = tl.load(vd + offs_d, mask=dm, other=0.0)
+            lmu = tl.load(vd + D + offs_d, mask=dm, other=0.0)
             y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
             lp = y + (lmu - r)[None, :]
             y2 = _s_step_y(lp, _exp(lp), Zt, a1, rho, QUAD)
             s_new = _exp(y2 + (leta - c)[:, None])
             acc += tl.sum(tl.where(mask, Lb - rho * Zb * s_new, 0.0), axis=1)
-        tl.store(vb + 6 * VLEN + offs_n, acc, mask=nm)
+        tl.store(vn + 3 * ns + offs_n, acc, mask=nm)
 
 
 @triton.jit
-def _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, slb, szb, vb, VLEN, n_b, D, a1, rho,
+def _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, slb, szb, vd, vn, ns, n_b, D, a1, rho,
                          QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Backward pass 2: through log S' = Y2 + (log η - C), the S-step and the dual update, to
     log P̄ (written over L̄) and Z̄ (in place); τ_d = Σ_n log P̄ (into the TAU slot).
@@ -479,16 +498,16 @@ def _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, slb, szb, vb, VLEN, n_b, D, a1, r
     for d0 in range(0, D, BD):
         offs_d = d0 + tl.arange(0, BD)
         dm = offs_d < D
-        r = tl.load(vb + offs_d, mask=dm, other=0.0)
-        lmu = tl.load(vb + VLEN + offs_d, mask=dm, other=0.0)
+        r = tl.load(vd + offs_d, mask=dm, other=0.0)
+        lmu = tl.load(vd + D + offs_d, mask=dm, other=0.0)
         tau = tl.zeros([BD], dtype=tl.float32)
         for n0 in range(0, n_b, BN):
             offs_n = n0 + tl.arange(0, BN)
             nm = offs_n < n_b
             mask = nm[:, None] & dm[None, :]
-            c = tl.load(vb + 2 * VLEN + offs_n, mask=nm, other=0.0)
-            leta = tl.load(vb + 3 * VLEN + offs_n, mask=nm, other=0.0)
-            cb = tl.load(vb + 6 * VLEN + offs_n, mask=nm, other=0.0)
+            c = tl.load(vn + offs_n, mask=nm, other=0.0)
+            leta = tl.load(vn + ns + offs_n, mask=nm, other=0.0)
+            cb = tl.load(vn + 3 * ns + offs_n, mask=nm, other=0.0)
             X = tl.load(xb + _tile_ptrs(offs_n, offs_d, sxn, sxd), mask=mask, other=0.0).to(tl.float32)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             L = tl.load(sl + o, mask=mask, other=0.0)
@@ -519,19 +538,19 @@ def _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, slb, szb, vb, VLEN, n_b, D, a1, r
             tl.store(slb + o, lpb, mask=mask)
             tl.store(szb + o, zb_new, mask=mask)
             tau += tl.sum(lpb, axis=0)
-        tl.store(vb + 7 * VLEN + offs_d, tau, mask=dm)
+        tl.store(vd + 3 * D + offs_d, tau, mask=dm)
     return acc_a1, acc_rho
 
 
 @triton.jit
-def _adjoint_plan_pass(xb, sxn, sxd, sl, sz, slb, vb, VLEN, gplan_b, n_b, D, a1, rho,
+def _adjoint_plan_pass(xb, sxn, sxd, sl, sz, slb, vd, vn, ns, gplan_b, n_b, D, a1, rho,
                        QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Last iteration with a plan gradient: log P̄ = P̄ ⊙ P (over L̄), τ_d = Σ_n log P̄."""
     for d0 in range(0, D, BD):
         offs_d = d0 + tl.arange(0, BD)
         dm = offs_d < D
-        r = tl.load(vb + offs_d, mask=dm, other=0.0)
-        lmu = tl.load(vb + VLEN + offs_d, mask=dm, other=0.0)
+        r = tl.load(vd + offs_d, mask=dm, other=0.0)
+        lmu = tl.load(vd + D + offs_d, mask=dm, other=0.0)
         tau = tl.zeros([BD], dtype=tl.float32)
         for n0 in range(0, n_b, BN):
             offs_n = n0 + tl.arange(0, BN)
@@ -545,11 +564,11 @@ def _adjoint_plan_pass(xb, sxn, sxd, sl, sz, slb, vb, VLEN, gplan_b, n_b, D, a1,
             lpb = tl.where(mask, tl.load(gplan_b + o, mask=mask, other=0.0) * p, 0.0)
             tl.store(slb + o, lpb, mask=mask)
             tau += tl.sum(lpb, axis=0)
-        tl.store(vb + 7 * VLEN + offs_d, tau, mask=dm)
+        tl.store(vd + 3 * D + offs_d, tau, mask=dm)
 
 
 @triton.jit
-def _adjoint_p_step_pass(xb, sxn, sxd, sl, sz, slb, szb, gx_b, vb, VLEN, gy_b, out_b, n_b, D,
+def _adjoint_p_step_pass(xb, sxn, sxd, sl, sz, slb, szb, gx_b, vd, vn, ns, gy_b, out_b, n_b, D,
                          a1, rho, last, QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Backward pass 3: Ȳ = log P̄ + R̄ softmax_n(Y) [+ the pooling's adjoint: last = 1.0 in
     the last iteration, 0.0 before], then
@@ -560,8 +579,8 @@ def _adjoint_p_step_pass(xb, sxn, sxd, sl, sz, slb, szb, gx_b, vb, VLEN, gy_b, o
     for d0 in range(0, D, BD):
         offs_d = d0 + tl.arange(0, BD)
         dm = offs_d < D
-        r = tl.load(vb + offs_d, mask=dm, other=0.0)
-        rb = tl.load(vb + 7 * VLEN + offs_d, mask=dm, other=0.0)
+        r = tl.load(vd + offs_d, mask=dm, other=0.0)
+        rb = tl.load(vd + 3 * D + offs_d, mask=dm, other=0.0)
         gy = tl.load(gy_b + offs_d, mask=dm, other=0.0) * last
         out = tl.load(out_b + offs_d, mask=dm, other=0.0)
         for n0 in range(0, n_b, BN):
@@ -686,7 +705,7 @@ def _vec_paper_update_bwd(prior_ptr, HAS: tl.constexpr, uval, lmu_ptr, z1_ptr, g
 
 
 @triton.jit
-def _init_adjoint_pass(sl, slb, szb, gx_b, vb, VLEN, gp0_b, gq0_b, n_b, D,
+def _init_adjoint_pass(sl, slb, szb, gx_b, vd, vn, ns, gp0_b, gq0_b, n_b, D,
                        HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
                        BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
     """Adjoint of log S_0 = log p0 + log q0 (and paper: log μ_0 = log p0, log η_0 = log q0):
@@ -701,9 +720,9 @@ def _init_adjoint_pass(sl, slb, szb, gx_b, vb, VLEN, gp0_b, gq0_b, n_b, D,
                 mask = nm[:, None] & (offs_d < D)[None, :]
                 acc += tl.sum(tl.load(slb + _tile_ptrs(offs_n, offs_d, D, 1), mask=mask, other=0.0),
                               axis=1)
-            acc += tl.load(vb + 13 * VLEN + offs_n, mask=nm, other=0.0)
+            acc += tl.load(vn + 6 * ns + offs_n, mask=nm, other=0.0)
             if PAPER:
-                acc += tl.load(vb + 9 * VLEN + offs_n, mask=nm, other=0.0)
+                acc += tl.load(vn + 4 * ns + offs_n, mask=nm, other=0.0)
             tl.store(gq0_b + offs_n, acc, mask=nm)
     if HAS_P0:
         for d0 in range(0, D, BD):
@@ -715,9 +734,9 @@ def _init_adjoint_pass(sl, slb, szb, gx_b, vb, VLEN, gp0_b, gq0_b, n_b, D,
                 mask = (offs_n < n_b)[:, None] & dm[None, :]
                 acc += tl.sum(tl.load(slb + _tile_ptrs(offs_n, offs_d, D, 1), mask=mask, other=0.0),
                               axis=0)
-            acc += tl.load(vb + 12 * VLEN + offs_d, mask=dm, other=0.0)
+            acc += tl.load(vd + 6 * D + offs_d, mask=dm, other=0.0)
             if PAPER:
-                acc += tl.load(vb + 8 * VLEN + offs_d, mask=dm, other=0.0)
+                acc += tl.load(vd + 4 * D + offs_d, mask=dm, other=0.0)
             tl.store(gp0_b + offs_d, acc, mask=dm)
 
 
@@ -739,8 +758,8 @@ def badmm_backward_kernel(
     a1_ptr, rho_ptr, k2_ptr, k3_ptr,
     out_ptr, gy_ptr, gplan_ptr,
     gx_ptr, gp0_ptr, gq0_ptr, gw_ptr,
-    sl_ptr, sz_ptr, slb_ptr, szb_ptr, v_ptr,
-    B, N, D, NMAX, VLEN, T, u_p0,
+    sl_ptr, sz_ptr, slb_ptr, szb_ptr, vd_ptr, vn_ptr,
+    B, N, D, NR, T, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
     PAPER: tl.constexpr, PLAN_GRAD: tl.constexpr,
     BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
@@ -752,15 +771,16 @@ def badmm_backward_kernel(
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    base = pid.to(tl.int64) * NMAX * D
-    sl = sl_ptr + base
-    sz = sz_ptr + base
-    slb = slb_ptr + base
-    szb = szb_ptr + base
-    vb = v_ptr + pid.to(tl.int64) * 14 * VLEN
+    vd = vd_ptr + pid.to(tl.int64) * 7 * D
     for it in range(0, tl.cdiv(B - pid, nprog)):
         b = pid + it * nprog                                   # a tensor, also in the interpreter
         rs, n_b, xoff = _set_bounds(b, ptr_ptr, N, sxb, sxn, RAGGED)
+        sbase, vn, ns = _scratch_bases(pid, rs, N, D, NR, RAGGED)
+        sl = sl_ptr + sbase                                                          # [N_b, D]
+        sz = sz_ptr + sbase
+        slb = slb_ptr + sbase
+        szb = szb_ptr + sbase
+        vn = vn_ptr + vn
         if n_b > 0:
             xb = x_ptr + xoff
             lp0_b = lp0_ptr + b.to(tl.int64) * D
@@ -768,16 +788,17 @@ def badmm_backward_kernel(
             u_q0 = -_log(n_b.to(tl.float32))
             gx_b = gx_ptr + rs * D
             _zero_pass(slb, szb, n_b, D, BN, BD)
-            for j in range(8, 14):
-                _vec_fill(vb + j * VLEN, 0.0, VLEN, BV)
+            for j in range(4, 7):   # adjoint accumulators: log μ̄, z̄1, log p̄0 / log η̄, z̄2, log q̄0
+                _vec_fill(vd + j * D, 0.0, D, BV)
+                _vec_fill(vn + j * ns, 0.0, n_b, BV)
             tl.debug_barrier()
             for i in range(0, T):
                 tb = T - 1 - i
                 # state of iteration tb, recomputed from the start
-                _restart(xb, sxn, sxd, sl, sz, vb, VLEN, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
+                _restart(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
                          HAS_P0, HAS_Q0, PAPER, BN, BD, BV)
                 for t in range(0, tb):
-                    _forward_iteration(xb, sxn, sxd, sl, sz, vb, VLEN, lp0_b, lq0_b, n_b, D,
+                    _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D,
                                        u_p0, u_q0, tl.load(a1_ptr + t), tl.load(rho_ptr + t),
                                        tl.load(k2_ptr + t), tl.load(k3_ptr + t),
                                        HAS_P0, HAS_Q0, QUAD, PAPER, BN, BD, BV)
@@ -790,61 +811,61 @@ def badmm_backward_kernel(
                 ga1 = _vzero(BV)
                 grho = _vzero(BV)
                 # iteration tb's vectors R, log μ
-                _row_lse_pass(xb, sxn, sxd, sl, sz, vb, vb, n_b, D, a1, rho, QUAD, False, BN, BD)
+                _row_lse_pass(xb, sxn, sxd, sl, sz, vd, vd, n_b, D, a1, rho, QUAD, False, BN, BD)
                 tl.debug_barrier()
                 if not PAPER:
-                    _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, vb, vb + VLEN, k2, D, BV)
+                    _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, vd, vd + D, k2, D, BV)
                     tl.debug_barrier()
                 if tb == T - 1:
                     if PLAN_GRAD:
-                        _adjoint_plan_pass(xb, sxn, sxd, sl, sz, slb, vb, VLEN, gplan_ptr + rs * D,
+                        _adjoint_plan_pass(xb, sxn, sxd, sl, sz, slb, vd, vn, ns, gplan_ptr + rs * D,
                                            n_b, D, a1, rho, QUAD, BN, BD)
                     else:
-                        _vec_fill(vb + 7 * VLEN, 0.0, D, BV)
+                        _vec_fill(vd + 3 * D, 0.0, D, BV)
                     tl.debug_barrier()
                 else:
                     # C, log η of iteration tb (state unchanged)
-                    _col_lse_pass(xb, sxn, sxd, sl, sz, vb, vb + VLEN, vb + 2 * VLEN, n_b, D, a1,
+                    _col_lse_pass(xb, sxn, sxd, sl, sz, vd, vd + D, vn, n_b, D, a1,
                                   rho, QUAD, False, BN, BD)
                     tl.debug_barrier()
                     if PAPER:
-                        dk, dr = _vec_paper_update_bwd(lp0_b, HAS_P0, u_p0, vb + VLEN, vb + 4 * VLEN,
-                                                       vb + 8 * VLEN, vb + 10 * VLEN,
-                                                       vb + 12 * VLEN, k2, rho, D, BV)
+                        dk, dr = _vec_paper_update_bwd(lp0_b, HAS_P0, u_p0, vd + D, vd + 2 * D,
+                                                       vd + 4 * D, vd + 5 * D,
+                                                       vd + 6 * D, k2, rho, D, BV)
                         gk2 += dk
                         grho += dr
-                        dk, dr = _vec_paper_update_bwd(lq0_b, HAS_Q0, u_q0, vb + 3 * VLEN,
-                                                       vb + 5 * VLEN, vb + 9 * VLEN,
-                                                       vb + 11 * VLEN, vb + 13 * VLEN, k3, rho,
+                        dk, dr = _vec_paper_update_bwd(lq0_b, HAS_Q0, u_q0, vn + ns,
+                                                       vn + 2 * ns, vn + 4 * ns,
+                                                       vn + 5 * ns, vn + 6 * ns, k3, rho,
                                                        n_b, BV)
                         gk3 += dk
                         grho += dr
                     else:
-                        _vec_lognorm_mix(lq0_b, HAS_Q0, u_q0, vb + 2 * VLEN, vb + 3 * VLEN, k3,
+                        _vec_lognorm_mix(lq0_b, HAS_Q0, u_q0, vn, vn + ns, k3,
                                          n_b, BV)
                     tl.debug_barrier()
-                    _adjoint_rowsum_pass(xb, sxn, sxd, sl, sz, slb, szb, vb, VLEN, n_b, D, a1,
+                    _adjoint_rowsum_pass(xb, sxn, sxd, sl, sz, slb, szb, vd, vn, ns, n_b, D, a1,
                                          rho, QUAD, BN, BD)
                     tl.debug_barrier()
                     if PAPER:
-                        _vec_paper_absorb(vb + 6 * VLEN, vb + 9 * VLEN, n_b, BV)
+                        _vec_paper_absorb(vn + 3 * ns, vn + 4 * ns, n_b, BV)
                     else:
-                        gk3 += _vec_lognorm_mix_bwd(lq0_b, HAS_Q0, u_q0, vb + 2 * VLEN,
-                                                    vb + 3 * VLEN, vb + 6 * VLEN, vb + 13 * VLEN,
+                        gk3 += _vec_lognorm_mix_bwd(lq0_b, HAS_Q0, u_q0, vn,
+                                                    vn + ns, vn + 3 * ns, vn + 6 * ns,
                                                     k3, n_b, BV)
                     tl.debug_barrier()
-                    da1, dr = _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, slb, szb, vb, VLEN, n_b,
+                    da1, dr = _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, slb, szb, vd, vn, ns, n_b,
                                                    D, a1, rho, QUAD, BN, BD)
                     ga1 += da1
                     grho += dr
                     tl.debug_barrier()
                 if PAPER:
-                    _vec_paper_absorb(vb + 7 * VLEN, vb + 8 * VLEN, D, BV)
+                    _vec_paper_absorb(vd + 3 * D, vd + 4 * D, D, BV)
                 else:
-                    gk2 += _vec_lognorm_mix_bwd(lp0_b, HAS_P0, u_p0, vb, vb + VLEN, vb + 7 * VLEN,
-                                                vb + 12 * VLEN, k2, D, BV)
+                    gk2 += _vec_lognorm_mix_bwd(lp0_b, HAS_P0, u_p0, vd, vd + D, vd + 3 * D,
+                                                vd + 6 * D, k2, D, BV)
                 tl.debug_barrier()
-                da1, dr = _adjoint_p_step_pass(xb, sxn, sxd, sl, sz, slb, szb, gx_b, vb, VLEN,
+                da1, dr = _adjoint_p_step_pass(xb, sxn, sxd, sl, sz, slb, szb, gx_b, vd, vn, ns,
                                                gy_ptr + b.to(tl.int64) * D,
                                                out_ptr + b.to(tl.int64) * D, n_b, D, a1, rho,
                                                tl.where(tb == T - 1, 1.0, 0.0), QUAD, BN, BD)
@@ -856,7 +877,7 @@ def badmm_backward_kernel(
                 tl.store(gwb + 1, gk3)
                 tl.store(gwb + 2, ga1)
                 tl.store(gwb + 3, grho)
-            _init_adjoint_pass(sl, slb, szb, gx_b, vb, VLEN, gp0_ptr + b.to(tl.int64) * D,
+            _init_adjoint_pass(sl, slb, szb, gx_b, vd, vn, ns, gp0_ptr + b.to(tl.int64) * D,
                                gq0_ptr + rs, n_b, D, HAS_P0, HAS_Q0, PAPER, BN, BD, BV)
         tl.debug_barrier()
 
@@ -864,45 +885,58 @@ def badmm_backward_kernel(
 # --------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------
-def _block_sizes(nmax: int, D: int):
-    """[BN, BD] tiles of ~2048 fp32 (a few live tiles per thread at 8 warps), BV for vectors."""
+def _block_sizes(n_hint: int, D: int):
+    """[BN, BD] tiles of ~2048 fp32 (a few live tiles per thread at 8 warps), BV for vectors.
+    ``n_hint``: the set size of a dense batch (caps BN), 0 for a ragged one (not looked up:
+    that would be a host sync)."""
     BD = min(max(triton.next_power_of_2(D), 16), 128)
-    BN = min(max(triton.next_power_of_2(max(nmax, 1)), 16), max(16, 2048 // BD))
-    BV = min(max(triton.next_power_of_2(max(nmax, D, 1)), 16), 1024)
+    BN = max(16, 2048 // BD)
+    if n_hint > 0:
+        BN = min(BN, max(triton.next_power_of_2(n_hint), 16))
+    BV = min(max(triton.next_power_of_2(max(n_hint, D, 1)), 16), 1024)
     return BN, BD, BV
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_programs(B: int, device: torch.device) -> int:
-    """Persistent grid: one program per SM on a GPU (scratch is O(programs · N_max · D)); a few
-    under the interpreter, so that the loop over sets is exercised."""
+    """Persistent grid: one program per SM on a GPU (a dense batch's scratch is
+    O(programs · N · D)); a few under the interpreter, so that the loop over sets is exercised."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(B, sms))
+        return max(1, min(B, _sm_count(device.index if device.index is not None
+                                       else torch.cuda.current_device())))
     return max(1, min(B, 3))
 
 
 class _Geometry:
-    """Where each set lives: dense (B, N, D) with any strides, or ragged (rows, D) + ptr."""
+    """Where each set lives: dense (B, N, D) with any strides, or ragged (rows, D) + ptr;
+    and the scratch sizes (dense: per program; ragged: per row)."""
 
     def __init__(self, x: Tensor, ptr: Optional[Tensor]):
         self.ragged = ptr is not None
         self.D = x.shape[-1]
         if self.ragged:
-            self.B = ptr.numel() - 1
+            self.B = ptr.shape[0] - 1
             self.N = 0
             self.rows = x.shape[0]
-            self.nmax = int((ptr[1:] - ptr[:-1]).max()) if self.B > 0 else 0
             self.sxb, (self.sxn, self.sxd) = 0, x.stride()
-            self.ptr = ptr.to(device=x.device, dtype=torch.int64).contiguous()
+            self.ptr = ptr
         else:
             self.B, self.N = x.shape[0], x.shape[1]
             self.rows = self.B * self.N
-            self.nmax = self.N
             self.sxb, self.sxn, self.sxd = x.stride()
-            self.ptr = torch.zeros(1, dtype=torch.int64, device=x.device)  # unused
-        self.vlen = max(self.nmax, self.D, 1)
-        self.blocks = _block_sizes(self.nmax, self.D)
+            self.ptr = None
+        self.blocks = _block_sizes(self.N, self.D)
         self.grid = _num_programs(self.B, x.device)
+        self.mat_numel = max(self.rows if self.ragged else self.grid * self.N, 1) * self.D
+        self.nvec_numel = 7 * max(self.rows if self.ragged else self.grid * self.N, 1)
+
+
+def _direct(kernel):
+    return kernel
 
 
 def _f32(t: Tensor) -> Tensor:
@@ -917,16 +951,15 @@ def _priors(x: Tensor, log_p0: Optional[Tensor], log_q0: Optional[Tensor]):
 
 
 def _scratch(geo: _Geometry, device, n_mats: int):
-    mats = [torch.empty(geo.grid * max(geo.nmax, 1) * geo.D, device=device, dtype=torch.float32)
-            for _ in range(n_mats)]
-    vec = torch.zeros(geo.grid * _NSLOT * geo.vlen, device=device, dtype=torch.float32)
-    return mats, vec
+    f32 = dict(device=device, dtype=torch.float32)
+    mats = [torch.empty(geo.mat_numel, **f32) for _ in range(n_mats)]
+    return mats, torch.empty(geo.grid * 7 * geo.D, **f32), torch.empty(geo.nvec_numel, **f32)
 
 
 def badmm_forward(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
                   log_q0: Optional[Tensor], a1: Tensor, rho: Tensor, k2: Tensor, k3: Tensor, *,
-                  quadratic: bool, paper: bool, return_plan: bool):
-    """Launch the forward kernel. Returns (y (B, D) fp32, plan in x's layout and dtype or None).
+                  quadratic: bool, paper: bool, return_plan: bool, wrap=_direct):
+    """Launch the forward kernel (``wrap``: ``torch.library.wrap_triton`` inside a triton_op). Returns (y (B, D) fp32, plan in x's layout and dtype or None).
 
     x: (B, N, D) any strides, or (rows, D) with ptr (B + 1,); log_p0 (B, D) / None;
     log_q0 (B, N) or (rows,) / None; a1, rho, k2, k3: (T,) (detached here).
@@ -938,13 +971,13 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
     if B == 0 or geo.rows == 0 or D == 0:
         return y, plan
     lp0, lq0 = _priors(x, log_p0, log_q0)
-    (sl, sz), vec = _scratch(geo, x.device, 2)
+    (sl, sz), vd, vn = _scratch(geo, x.device, 2)
     BN, BD, BV = geo.blocks
-    badmm_forward_kernel[(geo.grid,)](
-        x, geo.sxb, geo.sxn, geo.sxd, geo.ptr, lp0, lq0,
+    wrap(badmm_forward_kernel)[(geo.grid,)](
+        x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else y, lp0, lq0,
         _f32(a1), _f32(rho), _f32(k2), _f32(k3),
-        y, plan if return_plan else y, sl, sz, vec,
-        B, geo.N, D, max(geo.nmax, 1), geo.vlen, T, -math.log(D),
+        y, plan if return_plan else y, sl, sz, vd, vn,
+        B, geo.N, D, geo.rows, T, -math.log(D),
         RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
         QUAD=quadratic, PAPER=paper, PLAN=return_plan, BN=BN, BD=BD, BV=BV,
         num_warps=8 if BN * BD >= 2048 else 4,
@@ -955,7 +988,7 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
 def badmm_backward(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
                    log_q0: Optional[Tensor], a1: Tensor, rho: Tensor, k2: Tensor, k3: Tensor,
                    y32: Tensor, grad_y: Tensor, grad_plan: Optional[Tensor], *, quadratic: bool,
-                   paper: bool):
+                   paper: bool, wrap=_direct):
     """Launch the backward kernel. Returns fp32 (grad_x in x's shape, grad_log_p0 (B, D),
     grad_log_q0 like log_q0, grad_k2, grad_k3, grad_a1, grad_rho (T,) each)."""
     geo = _Geometry(x, ptr)
@@ -967,16 +1000,16 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
     gw = torch.zeros(B, T, 4, device=dev, dtype=torch.float32)
     if B > 0 and geo.rows > 0 and D > 0:
         lp0, lq0 = _priors(x, log_p0, log_q0)
-        (sl, sz, slb, szb), vec = _scratch(geo, dev, 4)
+        (sl, sz, slb, szb), vd, vn = _scratch(geo, dev, 4)
         gplan = _f32(grad_plan).reshape(geo.rows, D) if grad_plan is not None else gx
         BN, BD, BV = geo.blocks
-        badmm_backward_kernel[(geo.grid,)](
-            x, geo.sxb, geo.sxn, geo.sxd, geo.ptr, lp0, lq0,
+        wrap(badmm_backward_kernel)[(geo.grid,)](
+            x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else gx, lp0, lq0,
             _f32(a1), _f32(rho), _f32(k2), _f32(k3),
             y32, _f32(grad_y), gplan,
             gx, gp0, gq0, gw,
-            sl, sz, slb, szb, vec,
-            B, geo.N, D, max(geo.nmax, 1), geo.vlen, T, -math.log(D),
+            sl, sz, slb, szb, vd, vn,
+            B, geo.N, D, geo.rows, T, -math.log(D),
             RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
             QUAD=quadratic, PAPER=paper, PLAN_GRAD=grad_plan is not None,
             BN=BN, BD=BD, BV=BV, num_warps=8 if BN * BD >= 2048 else 4,
