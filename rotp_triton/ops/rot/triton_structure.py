@@ -444,9 +444,9 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
                 c = ym + tl.log(tl.sum(tl.exp(y - ym[:, None]), 1))
                 tl.store(c_ptr + b * N_pad + rows, c, mask=r_ok)
                 lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
-                v = tl.where(r_ok, k3 * lq0 + (1 - k3) * c, float("-inf"))
-                vm_new = tl.maximum(vm, tl.max(v, 0))
-                vl = vl * tl.exp(vm - vm_new) + tl.sum(tl.exp(v - vm_new), 0)
+                vn = tl.where(r_ok, k3 * lq0 + (1 - k3) * c, float("-inf"))
+                vm_new = tl.maximum(vm, tl.max(vn, 0))
+                vl = vl * tl.exp(vm - vm_new) + tl.sum(tl.exp(vn - vm_new), 0)
                 vm = vm_new
             v_lse = vm + tl.log(vl)
             tl.debug_barrier()
@@ -517,6 +517,11 @@ def pool_from_log_plan_kernel(log_p_ptr, x_ptr, y_ptr, plan_ptr, len_ptr, real_l
 # ============================================================================================
 # host launchers
 # ============================================================================================
+# one program per set streams [BN, BD] tiles with several live fp32 tensors: 8 warps keep it
+# under 255 registers per thread at BN·BD = 4096 (ptxas, W1 sizes; see test_aot_sm90)
+_PER_SET_WARPS = 8
+
+
 def _row_block(BD: int) -> int:
     """Rows per chunk of the per-set kernels: about 4096 fp32 values per [BN, BD] tile."""
     return max(1, min(64, 4096 // BD))
@@ -614,7 +619,8 @@ def _launch_factors(x: Tensor, row_start: Tensor, lens: Tensor, B: int, N_pad: i
     else:
         s_xb, (s_xn, s_xd) = 0, x.stride()
     structure_factors_kernel[(B,)](x, row_start, lens, x32, xc, xt, s_xb, s_xn, s_xd, N_pad, D,
-                                   BN=_row_block(BD), BD=BD, num_warps=4)
+                                   BN=_row_block(BD), BD=BD,
+                                   num_warps=_PER_SET_WARPS)
     return x32, xc, xt
 
 
@@ -667,7 +673,7 @@ def run_iterations(pb: _Problem, fac: Factors, st: dict, t0: int, t1: int) -> di
             sinkhorn_prox_step_kernel[(B,)](
                 pb.x32, st["log_s"], sig, y0, bvec, cbuf, pb.log_p0, pb.log_q0, pb.lens,
                 w["a0"], w["a1"], w["a2"], w["a3"], w["tau"], t, pb.K, N, D,
-                PAPER=paper, BN=pb.BN, BD=pb.BD, num_warps=4)
+                PAPER=paper, BN=pb.BN, BD=pb.BD, num_warps=_PER_SET_WARPS)
         return st
     quad = pb.method == "badmm-q"
     log_p = st.get("log_p")
@@ -680,13 +686,13 @@ def run_iterations(pb: _Problem, fac: Factors, st: dict, t0: int, t1: int) -> di
         badmm_p_step_kernel[(B,)](
             pb.x32, st["log_s"], st["z"], sig, log_p, pb.log_p0, st.get("log_mu", dummy),
             pb.lens, w["a0"], w["a1"], w["a2"], w["rho"], t, N, D,
-            QUADRATIC=quad, PAPER=paper, BN=pb.BN, BD=pb.BD, num_warps=4)
+            QUADRATIC=quad, PAPER=paper, BN=pb.BN, BD=pb.BD, num_warps=_PER_SET_WARPS)
         fac.apply(log_p, exp=True, out=sig)
         badmm_s_step_kernel[(B,)](
             log_p, st["z"], sig, st["log_s"], cbuf, pb.log_q0, st.get("log_eta", dummy),
             st.get("z2", dummy), pb.log_p0, st.get("log_mu", dummy), st.get("z1", dummy),
             pb.lens, w["a0"], w["a1"], w["a2"], w["a3"], w["rho"], t, N, D,
-            QUADRATIC=quad, PAPER=paper, BN=pb.BN, BD=pb.BD, num_warps=4)
+            QUADRATIC=quad, PAPER=paper, BN=pb.BN, BD=pb.BD, num_warps=_PER_SET_WARPS)
     st["log_p"] = log_p
     return st
 
@@ -709,7 +715,8 @@ def pool_launch(pb: _Problem, log_p: Tensor, out_dtype, plan: Optional[Tensor],
         s_pb = s_pn = 0
     pool_from_log_plan_kernel[(pb.B,)](
         log_p, pb.x32, y, plan if plan is not None else y, pb.lens, pb.real_lens, row_start,
-        pb.N, pb.D, s_pn, s_pb, WRITE_PLAN=plan is not None, BN=pb.BN, BD=pb.BD, num_warps=4)
+        pb.N, pb.D, s_pn, s_pb, WRITE_PLAN=plan is not None, BN=pb.BN, BD=pb.BD,
+        num_warps=_PER_SET_WARPS)
     return y
 
 
@@ -957,6 +964,13 @@ class StructureROTFunction(torch.autograd.Function):
                 g_state = dict(zip(st_in.keys(), gs[:len(st_in)]))
                 for i, g in enumerate(gs[len(st_in):]):
                     grads[i] += g
+            # the initial state: log S⁰ = log p0 + log q0 (padding 0); paper: log μ⁰, log η⁰
+            g0 = g_state["log_s"].masked_fill(~mask[..., None], 0.0)
+            grads[3] += g0.sum(1)
+            grads[4] += g0.sum(2)
+            if "log_mu" in g_state:
+                grads[3] += g_state["log_mu"]
+                grads[4] += g_state["log_eta"].masked_fill(~mask, 0.0)
             # through the centring and normalization of the factors to x
             gx = torch.autograd.grad([sf.xc, sf.xt], [xl], [grads[1], grads[2]])[0] + grads[0]
         gx_user = _unpad_rows(gx, pb, ctx.meta, ctx.dense).to(x.dtype)
