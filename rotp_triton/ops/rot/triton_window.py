@@ -36,8 +36,8 @@ from torch import Tensor
 
 from .solvers import kappa
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 NUM_PARAMS = 6          # columns of the per-iteration parameter table
 METHOD_IDS = {"sinkhorn": 0, "badmm-e": 1, "badmm-q": 2}
 # register budget: elements of one [BW, BN, BC] tile per program
@@ -670,7 +670,7 @@ def rot_pool2d_triton(x: Tensor, kernel_size, stride=None, padding=0, ceil_mode:
         ceil_mode: as nn.MaxPool2d.
         method: "sinkhorn" | "badmm-e" | "badmm-q"; variant: "exact" | "paper".
         a1, a2, a3, rho: floats or (T,) / (1,) tensors (a2, a3 may be inf); differentiable.
-        num_iters: T (default: the length of the weight tensors, else 4).
+        num_iters: T (default: the longest weight tensor's length; 4 if all are floats).
     Returns:
         (B, C, Ho, Wo) in x's dtype, channels_last if x is.
     """
@@ -686,7 +686,7 @@ def rot_pool2d_triton(x: Tensor, kernel_size, stride=None, padding=0, ceil_mode:
     s = k if stride is None else _as_pair(stride, "stride")
     p = _as_pair(padding, "padding")
     if num_iters is None:
-        lens = [w.numel() for w in (a1, a2, a3, rho) if isinstance(w, Tensor) and w.numel() > 1]
+        lens = [w.numel() for w in (a1, a2, a3, rho) if isinstance(w, Tensor)]
         num_iters = max(lens) if lens else 4
     vec = [_as_vec(w, num_iters, n, x.device) for n, w in
            (("a1", a1), ("a2", a2), ("a3", a3), ("rho", rho))]
