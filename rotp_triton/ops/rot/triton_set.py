@@ -89,9 +89,10 @@ if _HAS_TRITON_OP:
             dx, dlp0, dlq0, dk2, dk3, deps = _k.sinkhorn_backward(
                 x, ptr, eps, k2, k3, log_p0, log_q0, paper, y, A, Rn, Bv, Cn, rfin, tot,
                 grad_y, grad_plan, wrap=wrap_triton)
-            empty = x.new_empty(0, dtype=torch.float32)
-            return (dx, dlp0 if dlp0 is not None else empty,
-                    dlq0 if dlq0 is not None else empty, dk2, dk3, deps)
+            # absent priors: distinct empty tensors (custom-op outputs may not alias)
+            return (dx, dlp0 if dlp0 is not None else x.new_empty(0, dtype=torch.float32),
+                    dlq0 if dlq0 is not None else x.new_empty(0, dtype=torch.float32),
+                    dk2, dk3, deps)
 
         def _setup_context(ctx, inputs, output):
             x, ptr, eps, k2, k3, log_p0, log_q0, paper, return_plan = inputs
@@ -109,6 +110,30 @@ if _HAS_TRITON_OP:
                     dlq0 if log_q0 is not None else None, None, None)
 
         sinkhorn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+        # Explicit fake (meta) kernels: under TRITON_INTERPRET=1 wrap_triton hands back the raw
+        # interpreted kernel, which cannot run on fake tensors, so tracing needs these.
+        @sinkhorn_fwd_op.register_fake
+        def _sinkhorn_fwd_fake(x, ptr, eps, k2, k3, log_p0, log_q0, paper, return_plan):
+            B, _, D, NR, _ = _k._layout(x, ptr)
+            T = eps.shape[0]
+            f = dict(device=x.device, dtype=torch.float32)
+            plan = torch.empty_like(x) if return_plan else x.new_empty(0)
+            return (x.new_empty(B, D, dtype=torch.float32), plan,
+                    x.new_empty(B, T + 1, D, **f), x.new_empty(B, T, D, **f),
+                    x.new_empty(T + 1, NR, **f), x.new_empty(T, NR, **f),
+                    x.new_empty(B, D, **f), x.new_empty(B, **f))
+
+        @sinkhorn_bwd_op.register_fake
+        def _sinkhorn_bwd_fake(x, ptr, eps, k2, k3, log_p0, log_q0, paper, y, A, Rn, Bv, Cn,
+                               rfin, tot, grad_y, grad_plan):
+            B, _, D, NR, _ = _k._layout(x, ptr)
+            T = eps.shape[0]
+            f = dict(device=x.device, dtype=torch.float32)
+            return (torch.empty_like(x),
+                    x.new_empty(B, D, **f) if log_p0 is not None else x.new_empty(0, **f),
+                    x.new_empty(log_q0.shape, **f) if log_q0 is not None else x.new_empty(0, **f),
+                    x.new_empty(T, **f), x.new_empty(T, **f), x.new_empty(T, **f))
     except Exception:  # pragma: no cover - a torch whose triton_op rejects this op
         _HAS_TRITON_OP = False
         sinkhorn_fwd_op = sinkhorn_bwd_op = None

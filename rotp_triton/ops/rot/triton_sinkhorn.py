@@ -39,9 +39,9 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-NEG_INF: tl.constexpr = float("-inf")
-_LOG2E: tl.constexpr = 1.4426950408889634
-_LN2: tl.constexpr = 0.6931471805599453
+NEG_INF = tl.constexpr(float("-inf"))
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(LN2)
 
 
 # --------------------------------------------------------------------------------------------
