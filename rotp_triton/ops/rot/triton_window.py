@@ -40,9 +40,12 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 NUM_PARAMS = 6          # columns of the per-iteration parameter table
 METHOD_IDS = {"sinkhorn": 0, "badmm-e": 1, "badmm-q": 2}
-# register budget: elements of one [BW, BN, BC] tile per program
-FWD_TILE = 4096
-BWD_TILE = 1024
+# register budget: elements of one [BW, BN, BC] tile per program (8 / 4 per thread at 4 warps).
+# sm_90 AOT (ptxas via tests/test_image.py), 2×2 windows, B-E, T = 4: forward 108 registers at
+# C = 64 (80 at C = 256), backward ~125; a 4096-element forward tile needs 255. Tuned without a
+# GPU: bench/bench_image.py sweeps them.
+FWD_TILE = 1024
+BWD_TILE = 512
 
 
 # --------------------------------------------------------------------------------------------
