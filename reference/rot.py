@@ -153,7 +153,7 @@ def _uses_structure(a0):
 # ----------------------------------------------------------------------------------------------
 def _exact_sinkhorn_iteration(Xe, a, b, log_p0, log_q0, k2, k3):
     """One alternating (Gauss-Seidel) iteration of the mass-constrained unbalanced Sinkhorn
-    update on the scaled score Xe = X / eps (DESIGN §3.1):
+    update on the scaled score Xe = X / eps (DESIGN §3.1; the corrected eq. (18)):
 
         R = LSE_n(Xe + 1 b^T);  a = lognorm(k2 log p0 + (1 - k2) R) - R
         C = LSE_d(Xe + a 1^T);  b = lognorm(k3 log q0 + (1 - k3) C) - C
@@ -249,32 +249,29 @@ def _exact_badmm(X, Sigma1, Sigma2, log_p0, log_q0, w, T, quadratic):
 # ----------------------------------------------------------------------------------------------
 # DESIGN §3.2  variant="paper" (the published algorithms)
 # ----------------------------------------------------------------------------------------------
-def _paper_sinkhorn_jacobi(Y0, a, b, log_p0, log_q0, a11, k2, k3):
-    """One iteration of eq. (18) as printed: Jacobi updates from ONE Y, with the a/a1' factor.
+def _paper_sinkhorn_step(Y, a, b, log_p0, log_q0, a11, k2, k3):
+    """One iteration of eq. (18) as printed: Jacobi updates of a and b from the SAME Y, with the
+    a/a1' (b/a1') factor:
 
-        a = a2/(a1'+a2) (a/a1' + log p0 - LSE_n Y),  b = a3/(a1'+a3) (b/a1' + log q0 - LSE_d Y)
-        Y = Y0 + a 1^T + 1 b^T
+        a = a2/(a1'+a2) (a/a1' + log p0 - LSE_n Y),   b = a3/(a1'+a3) (b/a1' + log q0 - LSE_d Y)
     """
-    Y = Y0 + _row(a) + _col(b)
     R = _lse_n(Y)  # per d
-    C = _lse_d(Y)  # per n (from the same Y)
+    C = _lse_d(Y)  # per n
     a = k2 * (a / a11 + log_p0 - R)
     b = k3 * (b / a11 + log_q0 - C)
     return a, b
 
 
 def _paper_sinkhorn_uot(X, log_p0, log_q0, w, T):
-    """Eq. (18), alpha0 = 0, tau = 0: a single module of T Jacobi iterations."""
+    """Eq. (18), alpha0 = 0, tau = 0: a single module of T Jacobi iterations; log P = Y."""
     D, N = X.shape
     a = X.new_zeros(D)
     b = X.new_zeros(N)
     Y = X / w("a1", 0)  # Y = X / a1[0]
     for t in range(T):
         a11 = w("a1", t)
-        R = _lse_n(Y)
-        C = _lse_d(Y)
-        a = kappa(w("a2", t), a11) * (a / a11 + log_p0 - R)
-        b = kappa(w("a3", t), a11) * (b / a11 + log_q0 - C)
+        a, b = _paper_sinkhorn_step(Y, a, b, log_p0, log_q0, a11,
+                                    kappa(w("a2", t), a11), kappa(w("a3", t), a11))
         Y = X / a11 + _row(a) + _col(b)
     return Y
 
@@ -294,10 +291,7 @@ def _paper_sinkhorn_rot(X, Sigma1, Sigma2, log_p0, log_q0, w, T, K):
         b = X.new_zeros(N)
         Y = -cost / a11
         for _ in range(K):
-            R = _lse_n(Y)
-            C = _lse_d(Y)
-            a = k2 * (a / a11 + log_p0 - R)
-            b = k3 * (b / a11 + log_q0 - C)
+            a, b = _paper_sinkhorn_step(Y, a, b, log_p0, log_q0, a11, k2, k3)
             Y = -cost / a11 + _row(a) + _col(b)
         log_P = Y
     return log_P
