@@ -337,6 +337,7 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
             z2 = tl.load(z2_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
             le_new = (1 - k3) * (le - z2 / rho) + k3 * lq0 - v_lse
             z2 = z2 + rho * (tl.exp(le_new) - tl.sum(s, 1))
+            tl.debug_barrier()   # every warp has read this chunk's old log η, z2
             tl.store(log_eta_ptr + b * N_pad + rows, le_new, mask=r_ok)
             tl.store(z2_ptr + b * N_pad + rows, z2, mask=r_ok)
             colsum_p += tl.sum(p, 0)
@@ -408,6 +409,8 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
                 ym = tl.max(y, 1)
                 c = ym + tl.log(tl.sum(tl.exp(y - ym[:, None]), 1))
                 lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                # bv is replicated across warps: all must have read it before it is replaced
+                tl.debug_barrier()
                 tl.store(bvec_ptr + b * N_pad + rows, k3 * (bv / eps + lq0 - c), mask=r_ok)
             r = m + tl.log(l)
             a = tl.where(d_ok, k2 * (a / eps + lp0 - r), 0.0)

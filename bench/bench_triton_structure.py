@@ -1,0 +1,248 @@
+"""Benchmark of the α0 > 0 ROT kernels (issue 5): Triton vs the eager torch path vs
+torch.compile of the torch path.
+
+    python bench/bench_triton_structure.py            # on a GPU; exits 0 with a message without
+    python bench/bench_triton_structure.py --smoke    # tiny shapes on CPU under the interpreter
+                                                      # (checks the script, times mean nothing)
+
+Workloads (DESIGN §7 / issue 5):
+  W1: dense 50 sets × 500 samples × 100 features, α0 > 0 learnable, T = 4 and T = 16.
+  W5: ragged graph batch, 128 sets of 20-500 nodes (uniform, seed 0), D = 128, T = 4.
+for B-E, B-Q and S (K = 5 inner iterations). Reported: median forward and forward+backward
+time (triton.testing.do_bench), peak memory of one forward+backward above the inputs, the
+FLOP count of the structure products of one forward (what the kernels compute: per set
+4·n·D² + 2·D³ per product when D <= N_max, else 4·n²·D + 2·n³), the achieved TFLOP/s of the
+product alone (one Σ M Σ application timed on its own) and of the whole forward (products'
+FLOPs / forward time, a lower bound). Results: bench/results/structure_<device>_<date>.md/.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import rotp_triton as rt  # noqa: E402
+from rotp_triton.ops.rot import triton_structure as ts  # noqa: E402
+
+METHODS = ("badmm-e", "badmm-q", "sinkhorn")
+
+
+def timer(fn, device):
+    """Median milliseconds of fn()."""
+    if device == "cuda":
+        import triton
+        return triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")
+    ts_ = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        fn()
+        ts_.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts_)
+
+
+def peak_mb(fn, device):
+    if device != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def workloads(device, smoke):
+    g = torch.Generator().manual_seed(0)
+    if smoke:
+        w1 = dict(B=3, N=20, D=8)
+        sizes = torch.randint(2, 20, (4,), generator=g)
+        D5 = 8
+        t_list = (2,)
+    else:
+        w1 = dict(B=50, N=500, D=100)
+        sizes = torch.randint(20, 501, (128,), generator=g)
+        D5 = 128
+        t_list = (4, 16)
+    out = []
+    x1 = torch.randn(w1["B"], w1["N"], w1["D"], generator=g).to(device)
+    for T in t_list:
+        out.append((f"W1 {w1['B']}x{w1['N']}x{w1['D']} T={T}", x1, None, T))
+    x5 = torch.randn(int(sizes.sum()), D5, generator=g).to(device)
+    ptr = torch.zeros(len(sizes) + 1, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(sizes, 0)
+    out.append((f"W5 ragged {len(sizes)} sets 20-500 x{D5} T={t_list[0]}", x5, ptr.to(device),
+                t_list[0]))
+    return out
+
+
+def product_flops(lens, D, n_max):
+    """FLOPs of one Σ2 M Σ1 application as the kernels do it (per-batch branch)."""
+    tot = 0
+    for n in lens:
+        n = int(n)
+        if n == 0:
+            continue
+        tot += 4 * n * D * D + 2 * D ** 3 if D <= n_max else 4 * n * n * D + 2 * n ** 3
+    return tot
+
+
+def bench_product(x, ptr, device):
+    """ms of one structure product alone (3 set_matmul launches) on the workload."""
+    dense = ptr is None
+    if dense:
+        B, N, D = x.shape
+        lens = torch.full((B,), N, dtype=torch.int64, device=x.device)
+        row_start = torch.zeros(B, dtype=torch.int64, device=x.device)
+        n_max = N
+    else:
+        lens = ptr[1:] - ptr[:-1]
+        row_start = ptr[:-1].contiguous()
+        n_max = int(lens.max())
+        B, D = lens.numel(), x.shape[1]
+    x32, xc, xt = ts._launch_factors(x, row_start, lens, B, n_max, D, dense)
+    fac = ts.Factors(xc, xt, lens.clamp_min(1))
+    m = torch.randn_like(x32)
+    out = torch.empty_like(x32)
+    ms = timer(lambda: fac.apply(m, exp=True, out=out), device)
+    return ms, product_flops(lens.tolist(), D, n_max)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--checkpoint-every", type=int, default=None,
+                    help="store every c-th state for the backward (default: none, memory "
+                         "independent of T, O(T^2) recompute)")
+    ap.add_argument("--dot", choices=("ieee", "tf32"), default=None, help="fp32 tl.dot precision")
+    args = ap.parse_args()
+    ts.CHECKPOINT_EVERY = args.checkpoint_every
+    if args.dot:
+        ts.DOT_PRECISION = args.dot
+    if not SMOKE and not torch.cuda.is_available():
+        print("bench_triton_structure: no CUDA device; nothing measured (use --smoke to check "
+              "the script on CPU under the Triton interpreter)")
+        return 0
+    device = "cuda" if not SMOKE else "cpu"
+    dev_name = torch.cuda.get_device_name() if device == "cuda" else "cpu-interpreter"
+    rows = []
+    for name, x, ptr, T in workloads(device, SMOKE):
+        ms_prod, flops_prod = bench_product(x, ptr, device)
+        for method in METHODS:
+            n_prod = 1 if method == "sinkhorn" else 2
+            flops_fwd = flops_prod * n_prod * T
+            a0 = torch.full((T,), 0.5, device=device, requires_grad=True)
+            kw = dict(method=method, num_iters=T, inner_iters=5, a1=1.0, a2=1.0, a3=1.0, rho=1.0,
+                      tau=1.0)
+
+            def call(backend, xx, fn=None):
+                f = fn or rt.rot_pool
+                return f(xx, ptr=ptr, a0=a0, backend=backend, **kw)
+
+            res = dict(workload=name, method=method, T=T, product_gflop=flops_prod / 1e9,
+                       product_ms=ms_prod, product_tflops=flops_prod / ms_prod / 1e9,
+                       forward_product_gflop=flops_fwd / 1e9)
+            compiled = None
+            if not args.no_compile and device == "cuda":
+                try:
+                    compiled = torch.compile(rt.rot_pool, dynamic=False)
+                except Exception as e:  # pragma: no cover
+                    res["compile_error"] = repr(e)[:200]
+            impls = [("triton", "triton", None), ("eager", "torch", None)]
+            if compiled is not None:
+                impls.append(("compile", "torch", compiled))
+            for label, backend, fn in impls:
+                xg = x.detach().requires_grad_()
+
+                def fwd():
+                    with torch.no_grad():
+                        return call(backend, x, fn)
+
+                def fwdbwd():
+                    y = call(backend, xg, fn)
+                    y.sum().backward()
+                    xg.grad = None
+                    a0.grad = None
+
+                try:
+                    fwd()
+                    fwdbwd()                     # warm-up / compilation
+                    res[f"{label}_fwd_ms"] = timer(fwd, device)
+                    res[f"{label}_fwdbwd_ms"] = timer(fwdbwd, device)
+                    res[f"{label}_peak_mb"] = peak_mb(fwdbwd, device)
+                except Exception as e:  # record and go on (e.g. out of memory in eager)
+                    res[f"{label}_error"] = repr(e)[:200]
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+            if "triton_fwd_ms" in res:
+                res["forward_tflops"] = flops_fwd / res["triton_fwd_ms"] / 1e9
+            rows.append(res)
+            print(json.dumps(res), flush=True)
+    write(rows, dev_name, device)
+    return 0
+
+
+def _f(v, fmt="{:.3g}"):
+    return fmt.format(v) if isinstance(v, (int, float)) else "-"
+
+
+def write(rows, dev_name, device):
+    date = datetime.date.today().isoformat()
+    tag = "".join(c if c.isalnum() else "-" for c in dev_name).strip("-").lower()
+    root = (os.path.join(os.path.dirname(os.path.abspath(__file__)), "results") if not SMOKE
+            else os.environ.get("TMPDIR", "/tmp"))      # smoke runs are not results
+    base = os.path.join(root, f"structure_{tag}_{date}")
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    meta = dict(device=dev_name, torch=torch.__version__, dot_precision=ts.DOT_PRECISION,
+                checkpoint_every=ts.CHECKPOINT_EVERY, date=date)
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except Exception:  # pragma: no cover
+        pass
+    with open(base + ".json", "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    hdr = ("| workload | method | triton fwd ms | eager fwd ms | compile fwd ms | triton f+b ms | "
+           "eager f+b ms | compile f+b ms | speedup f+b vs eager | vs compile | peak MB "
+           "triton/eager/compile | product GFLOP | product TFLOP/s | fwd TFLOP/s |")
+    lines = [f"# α0 > 0 kernels on {dev_name} ({date})", "",
+             f"torch {meta['torch']}, triton {meta.get('triton')}, dot precision "
+             f"{meta['dot_precision']}, checkpoint_every {meta['checkpoint_every']}", "",
+             hdr, "|" + "---|" * 14]
+    for r in rows:
+        sp_e = (r.get("eager_fwdbwd_ms", float("nan")) / r["triton_fwdbwd_ms"]
+                if "triton_fwdbwd_ms" in r else None)
+        sp_c = (r.get("compile_fwdbwd_ms", float("nan")) / r["triton_fwdbwd_ms"]
+                if "triton_fwdbwd_ms" in r else None)
+        peaks = "/".join(_f(r.get(f"{k}_peak_mb"), "{:.0f}") for k in ("triton", "eager",
+                                                                          "compile"))
+        lines.append(
+            f"| {r['workload']} | {r['method']} | {_f(r.get('triton_fwd_ms'))} | "
+            f"{_f(r.get('eager_fwd_ms'))} | {_f(r.get('compile_fwd_ms'))} | "
+            f"{_f(r.get('triton_fwdbwd_ms'))} | {_f(r.get('eager_fwdbwd_ms'))} | "
+            f"{_f(r.get('compile_fwdbwd_ms'))} | {_f(sp_e)} | {_f(sp_c)} | {peaks} | "
+            f"{_f(r['product_gflop'])} | {_f(r['product_tflops'])} | "
+            f"{_f(r.get('forward_tflops'))} |")
+    errs = [f"- {r['workload']} {r['method']}: {k} = {v}" for r in rows for k, v in r.items()
+            if k.endswith("error")]
+    if errs:
+        lines += ["", "Errors:"] + errs
+    with open(base + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwrote {base}.md/.json")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
