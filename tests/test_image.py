@@ -361,7 +361,7 @@ from rotp_triton.ops.rot import triton_window as tw
 FWD = ["x_ptr", "y_ptr", "prm_ptr", "C", "H", "W", "Ho", "Wo", "n_windows", "lp0",
        "sxb", "sxc", "sxh", "sxw", "syb", "syc", "syh", "syw"]
 BWD = ["x_ptr", "gy_ptr", "prm_ptr", "gx_ptr", "gprm_ptr", "C", "H", "W", "Ho", "Wo",
-       "n_windows", "lp0", "sxb", "sxc", "sxh", "sxw", "sgb", "sgc", "sgh", "sgw",
+       "n_windows", "n_tiles", "lp0", "sxb", "sxc", "sxh", "sxw", "sgb", "sgc", "sgh", "sgw",
        "sdb", "sdc", "sdh", "sdw"]
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                          "cuobjdump")
@@ -374,7 +374,7 @@ for C, method, paper, kind, overlap in [(64, 1, False, "fwd", False), (256, 1, F
     ce = dict(T=4, KH=2, KW=2, SH=1 if overlap else 2, SW=1 if overlap else 2, PH=0, PW=0,
               BW=BW, BN=BN, BC=BC, METHOD=method, PAPER=paper)
     if kind == "bwd":
-        ce["OVERLAP"] = overlap
+        ce.update(OVERLAP=overlap, TP=32)
     sig = {n: ("*fp32" if n.endswith("_ptr") else "fp32" if n == "lp0" else "i32")
            for n in names}
     sig.update({n: "constexpr" for n in ce})

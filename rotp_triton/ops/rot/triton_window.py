@@ -419,19 +419,24 @@ def rot_window_pool_fwd_kernel(
 
 
 @triton.jit
-def rot_window_pool_bwd_kernel(
-    x_ptr, gy_ptr, prm_ptr, gx_ptr, gprm_ptr,
+def _acc(acc, offs_p, k, v):
+    """acc[k] += v for a scalar v (acc: the program's [TP] parameter-cotangent accumulator)."""
+    return tl.where(offs_p == k, acc + v, acc)
+
+
+@triton.jit
+def _window_bwd_tile(
+    tile, acc, offs_p, x_ptr, gy_ptr, prm_ptr, gx_ptr,
     C, H, W, Ho, Wo, n_windows, lp0,
     sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw,
     T: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
     METHOD: tl.constexpr, PAPER: tl.constexpr, OVERLAP: tl.constexpr,
 ):
-    """gx (fp32, pre-zeroed) += ∂y/∂x ᵀ gy for the program's windows; gprm[pid] = this tile's
-    share of ∂y/∂prm ᵀ gy (T × 6). Recomputes the forward from x for every t (no saved state)."""
-    pid = tl.program_id(0)
+    """Backward of one tile of BW windows: gx (fp32, pre-zeroed) += ∂y/∂x ᵀ gy; returns acc plus
+    the tile's ∂y/∂prm ᵀ gy (T × 6, flattened). Recomputes the forward from x for every t."""
     offs_w, w_ok, ow, oh, bi, hh, ww, inside, sv2, offs_c, c_ok = _window_tile(
-        pid, C, H, W, Ho, Wo, n_windows, KH, KW, SH, SW, PH, PW, BW, BN, BC)
+        tile, C, H, W, Ho, Wo, n_windows, KH, KW, SH, SW, PH, PW, BW, BN, BC)
     sv = sv2[:, :, None]
     cv = c_ok[None, None, :]
     m = sv & cv
@@ -445,7 +450,6 @@ def rot_window_pool_bwd_kernel(
     gy = gy[:, None, :]                                                # [BW, 1, BC]
     count = tl.sum(sv2.to(tl.float32), axis=1)
     lq0 = tl.where(sv, -tl.log2(count)[:, None, None] * LN2, 0.0)
-    gprm = gprm_ptr + pid * (T * 6)
 
     if METHOD == 0:
         # ---- final state (a_T, b_T) and the output's cotangent of b_T
@@ -484,9 +488,9 @@ def rot_window_pool_bwd_kernel(
             gx += gx_t
             # 1/ε_t: its use in step t, in step t+1's Y (paper) or the output (carry), and the
             # paper's initial Y = x/ε_0 (g_up of step 0)
-            tl.store(gprm + t * 6, g_u + g_u_carry + tl.where(t == 0, g_up, 0.0))
-            tl.store(gprm + t * 6 + 1, g_k2)
-            tl.store(gprm + t * 6 + 2, g_k3)
+            acc = _acc(acc, offs_p, t * 6, g_u + g_u_carry + tl.where(t == 0, g_up, 0.0))
+            acc = _acc(acc, offs_p, t * 6 + 1, g_k2)
+            acc = _acc(acc, offs_p, t * 6 + 2, g_k3)
             g_u_carry = g_up
     else:
         g_ls = tl.zeros([BW, BN, BC], dtype=tl.float32)
@@ -529,18 +533,42 @@ def rot_window_pool_bwd_kernel(
                 x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp0, lq0, sv, cv,
                 g_ls, g_z, g_lmu, g_leta, g_z1, g_z2, g_y, METHOD == 2, PAPER)
             gx += gx_t
-            tl.store(gprm + t * 6, g_rho)
-            tl.store(gprm + t * 6 + 1, g_irho)
-            tl.store(gprm + t * 6 + 2, g_k2)
-            tl.store(gprm + t * 6 + 3, g_k3)
-            tl.store(gprm + t * 6 + 4, g_c1)
-            tl.store(gprm + t * 6 + 5, g_c2)
+            acc = _acc(acc, offs_p, t * 6, g_rho)
+            acc = _acc(acc, offs_p, t * 6 + 1, g_irho)
+            acc = _acc(acc, offs_p, t * 6 + 2, g_k2)
+            acc = _acc(acc, offs_p, t * 6 + 3, g_k3)
+            acc = _acc(acc, offs_p, t * 6 + 4, g_c1)
+            acc = _acc(acc, offs_p, t * 6 + 5, g_c2)
     gptrs = (gx_ptr + b64 * sdb + offs_c[None, None, :] * sdc + hh[:, :, None] * sdh
              + ww[:, :, None] * sdw)
     if OVERLAP:
         tl.atomic_add(gptrs, gx, mask=lmask)
     else:
         tl.store(gptrs, gx, mask=lmask)
+    return acc
+
+
+@triton.jit
+def rot_window_pool_bwd_kernel(
+    x_ptr, gy_ptr, prm_ptr, gx_ptr, gprm_ptr,
+    C, H, W, Ho, Wo, n_windows, n_tiles, lp0,
+    sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw,
+    T: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+    TP: tl.constexpr, METHOD: tl.constexpr, PAPER: tl.constexpr, OVERLAP: tl.constexpr,
+):
+    """Backward of local ROT pooling. A grid of a few programs per SM strides over the tiles of
+    windows, so the per-program parameter cotangents gprm (grid × TP, TP = next_pow2(6T)) stay
+    small and their sum on the host is deterministic."""
+    pid = tl.program_id(0)
+    offs_p = tl.arange(0, TP)
+    acc = tl.zeros([TP], dtype=tl.float32)
+    for tile in range(pid, n_tiles, tl.num_programs(0)):
+        acc = _window_bwd_tile(
+            tile, acc, offs_p, x_ptr, gy_ptr, prm_ptr, gx_ptr, C, H, W, Ho, Wo, n_windows, lp0,
+            sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw, T, KH, KW, SH, SW, PH,
+            PW, BW, BN, BC, METHOD, PAPER, OVERLAP)
+    tl.store(gprm_ptr + pid * TP + offs_p, acc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -586,6 +614,13 @@ class _Geometry:
         return dict(KH=self.kh, KW=self.kw, SH=self.sh, SW=self.sw, PH=self.ph, PW=self.pw)
 
 
+def _max_programs(device) -> int:
+    """Grid of the backward: a few resident programs per SM (the interpreter: 64)."""
+    if device.type == "cuda":
+        return 8 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 64
+
+
 def _like_layout(x: Tensor, shape, dtype) -> Tensor:
     """A new tensor in x's memory format (channels_last stays channels_last)."""
     cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
@@ -615,15 +650,18 @@ def _launch_bwd(x: Tensor, gy: Tensor, prm: Tensor, g: _Geometry, method: str,
         x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()) else gx
     T = prm.shape[0]
     BW, BN, BC = _block_sizes(g.kh * g.kw, g.C, BWD_TILE)
-    n_prog = triton.cdiv(g.n_windows, BW)
-    gprm = torch.zeros(max(n_prog, 1), T, NUM_PARAMS, dtype=torch.float32, device=x.device)
+    TP = triton.next_power_of_2(T * NUM_PARAMS)
+    n_tiles = triton.cdiv(g.n_windows, BW)
+    n_prog = max(1, min(n_tiles, _max_programs(x.device)))
+    gprm = torch.zeros(n_prog, TP, dtype=torch.float32, device=x.device)
     if g.n_windows > 0:
         rot_window_pool_bwd_kernel[(n_prog,)](
-            x, gy, prm, gx, gprm, g.C, g.H, g.W, g.Ho, g.Wo, g.n_windows, -math.log(g.C),
-            *x.stride(), *gy.stride(), *gx.stride(), T=T, BW=BW, BN=BN, BC=BC,
-            METHOD=METHOD_IDS[method], PAPER=variant == "paper", OVERLAP=g.overlap,
+            x, gy, prm, gx, gprm, g.C, g.H, g.W, g.Ho, g.Wo, g.n_windows, n_tiles,
+            -math.log(g.C), *x.stride(), *gy.stride(), *gx.stride(), T=T, BW=BW, BN=BN, BC=BC,
+            TP=TP, METHOD=METHOD_IDS[method], PAPER=variant == "paper", OVERLAP=g.overlap,
             num_warps=4 if BC <= 256 else 8, **g.constexprs())
-    return gx.to(x.dtype), gprm.sum(0)
+    gprm = gprm.sum(0)[:T * NUM_PARAMS].reshape(T, NUM_PARAMS)
+    return gx.to(x.dtype), gprm
 
 
 class RotWindowPoolFunction(torch.autograd.Function):
