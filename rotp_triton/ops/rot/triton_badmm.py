@@ -175,6 +175,7 @@ def _row_lse_pass(xb, sxn, sxd, sl, sz, r_ptr, out_ptr, n_b, D, a1, rho,
             if POOL:
                 acc = acc * alpha + tl.sum(e * X, axis=0)
             m = m_new
+        l = tl.where(dm, l, 1.0)                        # columns past D: keep them finite
         tl.store(r_ptr + offs_d, m + _log(l), mask=dm)
         if POOL:
             tl.store(out_ptr + offs_d, acc / l, mask=dm)
@@ -212,7 +213,7 @@ def _col_lse_pass(xb, sxn, sxd, sl, sz, r_ptr, lmu_ptr, c_ptr, n_b, D, a1, rho,
             if WRITE:
                 tl.store(sl + o, y2, mask=mask)
                 tl.store(sz + o, Zt + rho * p, mask=mask)
-        tl.store(c_ptr + offs_n, m + _log(l), mask=nm)
+        tl.store(c_ptr + offs_n, m + _log(tl.where(nm, l, 1.0)), mask=nm)
 
 
 @triton.jit
