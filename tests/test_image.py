@@ -132,6 +132,27 @@ def test_torch_path_matches_reference(method, variant, case):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_torch_path_structure_term_matches_reference(method):
+    """α0 > 0 (torch path only): each window's Σ1, Σ2 are its own (padding excluded)."""
+    B, C, H, W, k, s, p, cm = TORCH_CASES[0]
+    T = 2
+    torch.manual_seed(7)
+    x = torch.randn(B, C, H, W, dtype=torch.float64)
+    w = random_weights(T, torch.float64, 1)
+    full = dict(w, a0=torch.full((T,), 0.3, dtype=torch.float64),
+                tau=torch.ones(T, dtype=torch.float64))
+    y = rot_pool2d_torch(x, k, s, p, cm, method=method, variant="exact", num_iters=T,
+                         inner_iters=2, weights=full)
+    Ho, Wo, wins = window_positions(H, W, k, s, p, cm)
+    yr = reference_pool(x, wins, (Ho, Wo), method=method, variant="exact", num_iters=T,
+                        inner_iters=2, **full)
+    assert rel_err(y, yr) <= 1e-9
+    y0 = rot_pool2d_torch(x, k, s, p, cm, method=method, variant="exact", num_iters=T,
+                          inner_iters=2, weights=all_weights(w, T, torch.float64))
+    assert rel_err(y, y0) > 1e-6  # the structure term changes the output
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("output_size", [1, (2, 3), (None, 2)])
 def test_adaptive_matches_reference(method, output_size):
     torch.manual_seed(1)
