@@ -263,7 +263,9 @@ def _paper_sinkhorn_step(Y, a, b, log_p0, log_q0, a11, k2, k3):
 
 
 def _paper_sinkhorn_uot(X, log_p0, log_q0, w, T):
-    """Eq. (18), alpha0 = 0, tau = 0: a single module of T Jacobi iterations; log P = Y."""
+    """Eq. (18), alpha0 = 0, tau = 0: a single module of T Jacobi iterations; log P = Y.
+    (The official code's uot_sinkhorn has tau = 0 in one revision and tau = 1 in another;
+    DESIGN §3.2 fixes tau = 0.)"""
     D, N = X.shape
     a = X.new_zeros(D)
     b = X.new_zeros(N)
