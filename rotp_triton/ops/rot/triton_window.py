@@ -522,12 +522,13 @@ def _window_bwd_tile(
             c1 = tl.load(p + 4)
             c2 = tl.load(p + 5)
             # the output reads Y of the last P-step only
-            is_last = t == T - 1
-            y_last = _admm_p_logits(x, log_s, z, irho, c1, m, METHOD == 2)
-            w = _softmax(y_last, sv, 1)
-            yv = _sum(w * x, 1)
-            g_y = tl.where(m & is_last, w * (x - yv) * gy, 0.0)
-            gx += tl.where(m & is_last, w * gy, 0.0)
+            g_y = tl.zeros([BW, BN, BC], dtype=tl.float32)
+            if t == T - 1:  # the output reads Y of the last P-step only (a scalar branch)
+                y_last = _admm_p_logits(x, log_s, z, irho, c1, m, METHOD == 2)
+                w = _softmax(y_last, sv, 1)
+                yv = _sum(w * x, 1)
+                g_y = tl.where(m, w * (x - yv) * gy, 0.0)
+                gx += tl.where(m, w * gy, 0.0)
             (gx_t, g_ls, g_z, g_lmu, g_leta, g_z1, g_z2,
              g_rho, g_irho, g_k2, g_k3, g_c1, g_c2) = _admm_step_bwd(
                 x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp0, lq0, sv, cv,

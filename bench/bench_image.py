@@ -1,0 +1,404 @@
+"""Benchmark of image ROT pooling on the GPU (issue 4): local 2×2 windows, a ResNet-50 head, and a
+full ResNet-50 training step.
+
+    python bench/bench_image.py [--quick] [--no-compile] [--workloads W3 W2 W4] [--smoke-cpu]
+
+Without a GPU it prints a message and exits 0 (``--smoke-cpu`` instead runs the script's logic on
+tiny inputs under TRITON_INTERPRET=1: timings meaningless, nothing written).
+
+Workloads (fp32 unless said otherwise; layer defaults: B-E exact, T = 4, a1 = ρ = 100):
+    W3  ROTPool2d(C, 2) on (64, 256, 56, 56) and (256, 64, 112, 112), NCHW and channels_last:
+        forward and forward+backward (gradients for x and the learnable weights) of
+          triton         rot_pool2d_triton (the fused window kernels), best of a tile sweep
+          torch eager    the torch path (unfold + batched solver)
+          torch.compile  of the torch path
+          nn.AvgPool2d(2), nn.MaxPool2d(2)
+        median time (triton.testing.do_bench, return_mode="median"), peak memory above the
+        pre-call allocation (torch.cuda.max_memory_allocated), and for triton the speed of light
+        SoL = max(bytes / copy bandwidth, transcendentals / SFU rate) and the ratio to it:
+          bytes: x read + y written (forward); + x read, gy read, gx written (backward);
+          transcendentals (lower bound of the algorithm, as bench_triton_set.py counts it):
+          forward (2T + 1)·N·C per window (two LogSumExp passes per iteration + the pooling
+          softmax), backward another (4T + 1)·N·C. The kernels as written do more: B-E forward
+          ≈ (4.5T + 1)·N·C (exp of P and S, the per-channel logs) and the recomputing backward
+          ≈ O(T²/2) further iterations - see the report in the results file.
+        Copy bandwidth is measured in the same run (1 GiB device-to-device copy); the SFU rate is
+        assumed, 16 exp2 / SM / clock × SMs × max SM clock.
+    W2  AdaptiveROTPool2d(2048) on a ResNet-50 head (256, 2048, 7, 7) (rot_pool on the strided
+        view, i.e. the set kernels of rotp_triton.ops.rot.triton_set when present), NCHW and
+        channels_last, against nn.AdaptiveAvgPool2d(1); forward and forward+backward.
+    W4  torchvision ResNet-50 training step (batch 64, 224×224, SGD momentum 0.9, channels_last,
+        bf16 autocast): AdaptiveAvgPool2d vs replace_avgpool (AdaptiveROTPool2d); step-time ratio.
+        Skipped when torchvision is not importable.
+Results: bench/results/image_<device>_<date>.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SFU_PER_SM_PER_CLK = 16
+DEVICE = "cuda"
+
+
+def _cuda(name, default=0):
+    return getattr(torch.cuda, name)() if DEVICE == "cuda" else default
+
+
+def _sm_clock_hz() -> float:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.max.sm",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=20).stdout
+        return float(out.strip().splitlines()[0]) * 1e6
+    except Exception:
+        khz = getattr(torch.cuda.get_device_properties(0), "clock_rate", None)
+        return float(khz) * 1e3 if khz else 1.98e9
+
+
+def _bandwidth(do_bench) -> float:
+    n = 1 << 28 if DEVICE == "cuda" else 1 << 16
+    a = torch.empty(n, device=DEVICE)
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), return_mode="median")
+    del a, b
+    _cuda("empty_cache")
+    return 2 * n * 4 / (ms * 1e-3)
+
+
+def _measure(do_bench, run):
+    """(median ms, peak bytes above the pre-call allocation) of run()."""
+    run()  # warm-up / compile / autotune
+    _cuda("synchronize")
+    _cuda("empty_cache")
+    base = _cuda("memory_allocated")
+    _cuda("reset_peak_memory_stats")
+    run()
+    _cuda("synchronize")
+    peak = _cuda("max_memory_allocated") - base
+    return do_bench(run, return_mode="median"), peak
+
+
+def _runner(fn, x, params, backward):
+    leaves = [x] + [p for p in params if p.requires_grad]
+
+    def run():
+        y = fn(x)
+        if backward:
+            torch.autograd.grad(y.float().sum(), leaves)
+        return y
+    return run
+
+
+def _safe(do_bench, run):
+    try:
+        ms, peak = _measure(do_bench, run)
+        return ms, peak, None
+    except Exception as e:  # OOM, compile failure, missing kernel
+        _cuda("empty_cache")
+        return float("nan"), float("nan"), f"{type(e).__name__}: {str(e)[:160]}"
+
+
+# --------------------------------------------------------------------------------------------
+def bench_w3(do_bench, bw, sfu_rate, args):
+    from torch import nn
+
+    from rotp_triton.nn.image import ROTPool2d
+    from rotp_triton.ops.rot import triton_window as tw
+
+    shapes = [(64, 256, 56, 56), (256, 64, 112, 112)]
+    if args.quick:
+        shapes = [(8, 256, 56, 56), (32, 64, 112, 112)]
+    if args.smoke_cpu:
+        shapes = [(1, 8, 6, 6)]
+    rows = []
+    for shape in shapes:
+        B, C, H, W = shape
+        T = 4
+        layer = ROTPool2d(C, 2).to(DEVICE)
+        params = list(layer.parameters())
+        n_el = B * C * H * W
+        in_bytes = n_el * 4
+        Ho, Wo = H // 2, W // 2
+        nc = B * Ho * Wo * 4 * C                       # N·C summed over the windows
+        for layout in ("nchw", "channels_last"):
+            x0 = torch.randn(shape, device=DEVICE)
+            if layout == "channels_last":
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            wl = f"W3 {B}x{C}x{H}x{W} {layout}"
+            for bwd in (False, True):
+                pass_ = "fwd+bwd" if bwd else "fwd"
+                x = x0.detach().requires_grad_(bwd)
+
+                def add(impl, fn, extra=None, ps=params):
+                    ms, peak, err = _safe(do_bench, _runner(fn, x, ps if bwd else [], bwd))
+                    row = dict(workload=wl, impl=impl, pass_=pass_, ms=ms, peak_bytes=peak,
+                               input_bytes=in_bytes, error=err, **(extra or {}))
+                    rows.append(row)
+                    print(_fmt(row), flush=True)
+                    return row
+
+                # triton: sweep the register tile sizes, keep the best
+                best = None
+                saved = (tw.FWD_TILE, tw.BWD_TILE)
+                tiles = [(1024, 512)] if args.smoke_cpu else \
+                    [(f, b) for f in (512, 1024, 2048, 4096) for b in ((256, 512, 1024) if bwd
+                                                                      else (512,))]
+                for ft, bt in tiles:
+                    tw.FWD_TILE, tw.BWD_TILE = ft, bt
+                    ms, peak, err = _safe(do_bench, _runner(
+                        lambda v: _triton_call(layer, v), x, params if bwd else [], bwd))
+                    if err is None and (best is None or ms < best[0]):
+                        best = (ms, peak, ft, bt)
+                tw.FWD_TILE, tw.BWD_TILE = saved
+                by = in_bytes + in_bytes // 4 + (in_bytes + in_bytes // 4 + in_bytes if bwd
+                                                  else 0)
+                ex = (2 * T + 1) * nc + ((4 * T + 1) * nc if bwd else 0)
+                sol = max(by / bw, ex / sfu_rate) * 1e3
+                row = dict(workload=wl, impl="triton", pass_=pass_,
+                           ms=best[0] if best else float("nan"),
+                           peak_bytes=best[1] if best else float("nan"), input_bytes=in_bytes,
+                           tiles=f"fwd {best[2]} bwd {best[3]}" if best else None,
+                           sol_ms=sol, sol_bound="SFU" if ex / sfu_rate > by / bw else "memory",
+                           error=None if best else "every tile failed")
+                if best:
+                    row["ratio_to_sol"] = best[0] / sol
+                rows.append(row)
+                print(_fmt(row), flush=True)
+                torch_layer = ROTPool2d(C, 2, backend="torch").to(DEVICE)
+                torch_params = list(torch_layer.parameters())
+                add("torch eager", torch_layer, ps=torch_params)
+                if not args.no_compile:
+                    torch._dynamo.reset()
+                    add("torch.compile", torch.compile(torch_layer), ps=torch_params)
+                add("nn.AvgPool2d(2)", nn.AvgPool2d(2), ps=[])
+                add("nn.MaxPool2d(2)", nn.MaxPool2d(2), ps=[])
+                del x
+                _cuda("empty_cache")
+    return rows
+
+
+def _triton_call(layer, x):
+    from rotp_triton.ops.rot.triton_window import rot_pool2d_triton
+    w = layer.weights()
+    return rot_pool2d_triton(x, layer.kernel_size, layer.stride, layer.padding, layer.ceil_mode,
+                             method=layer.method, variant=layer.variant, a1=w["a1"], a2=w["a2"],
+                             a3=w["a3"], rho=w["rho"], num_iters=layer.num_iters)
+
+
+def bench_w2(do_bench, args):
+    from torch import nn
+
+    from rotp_triton.nn.image import AdaptiveROTPool2d
+    shape = (32, 2048, 7, 7) if args.quick else (256, 2048, 7, 7)
+    if args.smoke_cpu:
+        shape = (2, 16, 3, 3)
+    try:
+        from rotp_triton.ops.rot import triton_set  # noqa: F401
+        kern = "set kernels"
+    except ImportError:
+        kern = "torch path (no set kernels)"
+    rows = []
+    B, C, H, W = shape
+    layer = AdaptiveROTPool2d(C).to(DEVICE)
+    for layout in ("nchw", "channels_last"):
+        x0 = torch.randn(shape, device=DEVICE)
+        if layout == "channels_last":
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        for bwd in (False, True):
+            x = x0.detach().requires_grad_(bwd)
+            for impl, fn, ps in ((f"AdaptiveROTPool2d ({kern})", layer, list(layer.parameters())),
+                                 ("nn.AdaptiveAvgPool2d(1)", nn.AdaptiveAvgPool2d(1), [])):
+                ms, peak, err = _safe(do_bench, _runner(fn, x, ps if bwd else [], bwd))
+                row = dict(workload=f"W2 {B}x{C}x{H}x{W} {layout}", impl=impl,
+                           pass_="fwd+bwd" if bwd else "fwd", ms=ms, peak_bytes=peak,
+                           input_bytes=x.numel() * 4, error=err)
+                rows.append(row)
+                print(_fmt(row), flush=True)
+    return rows
+
+
+def bench_w4(do_bench, args):
+    try:
+        import torchvision
+    except ImportError:
+        print("W4 skipped: torchvision is not importable")
+        return [dict(workload="W4 ResNet-50 train step", impl="-", pass_="-", ms=float("nan"),
+                     peak_bytes=float("nan"), error="torchvision not importable")]
+    from rotp_triton.nn.image import replace_avgpool
+    batch = 16 if args.quick else 64
+    res = 224
+    if args.smoke_cpu:
+        batch, res = 2, 32
+    rows = []
+    times = {}
+    for impl in ("AdaptiveAvgPool2d", "AdaptiveROTPool2d"):
+        torch.manual_seed(0)
+        model = torchvision.models.resnet50(weights=None)
+        if impl == "AdaptiveROTPool2d":
+            replace_avgpool(model)
+        model = model.to(DEVICE).to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        x = torch.randn(batch, 3, res, res, device=DEVICE).contiguous(
+            memory_format=torch.channels_last)
+        y = torch.randint(0, 1000, (batch,), device=DEVICE)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+        ms, peak, err = _safe(do_bench, step)
+        times[impl] = ms
+        row = dict(workload=f"W4 ResNet-50 train step b{batch} {res}px bf16 channels_last",
+                   impl=impl, pass_="step", ms=ms, peak_bytes=peak, error=err)
+        rows.append(row)
+        print(_fmt(row), flush=True)
+        del model, opt
+        _cuda("empty_cache")
+    rows[-1]["ratio_to_avgpool"] = times["AdaptiveROTPool2d"] / times["AdaptiveAvgPool2d"]
+    print(f"W4 step-time ratio ROT / avg = {rows[-1]['ratio_to_avgpool']:.3f}")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+def _fmt(r) -> str:
+    s = f"{r['workload']:<40} {r['impl']:<40} {r['pass_']:<8} {r['ms']:9.3f} ms"
+    if r.get("peak_bytes") == r.get("peak_bytes"):
+        s += f"  peak {r['peak_bytes'] / 2**20:9.1f} MiB"
+    if "sol_ms" in r:
+        s += f"  SoL {r['sol_ms']:.3f} ms ({r['sol_bound']})"
+        if "ratio_to_sol" in r:
+            s += f" {r['ratio_to_sol']:.2f}x"
+    if r.get("tiles"):
+        s += f"  [{r['tiles']}]"
+    if r.get("error"):
+        s += f"  ERROR {r['error']}"
+    return s
+
+
+def _markdown(meta, rows) -> str:
+    lines = [f"# Image pooling benchmark ({meta['device']}, {meta['date']})", "",
+             f"torch {meta['torch']}, triton {meta['triton']}; {meta['sms']} SMs, max SM clock "
+             f"{meta['sm_clock_hz'] / 1e9:.2f} GHz; SFU rate assumed {SFU_PER_SM_PER_CLK}/SM/clk "
+             f"= {meta['sfu_rate_per_s'] / 1e12:.2f} T/s; measured copy bandwidth "
+             f"{meta['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s. Medians of "
+             f"triton.testing.do_bench. Command: `python bench/bench_image.py "
+             f"{' '.join(meta['argv'])}`.", "",
+             "| workload | impl | pass | ms | peak MiB | SoL ms | bound | × SoL | notes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def f(r, k, fmt):
+        v = r.get(k)
+        return "" if v is None or v != v else format(v, fmt)
+    for r in rows:
+        note = r.get("tiles") or ""
+        if "ratio_to_avgpool" in r:
+            note = f"step ratio ROT/avg {r['ratio_to_avgpool']:.3f}"
+        if "speedup_vs_eager" in r:
+            note += f"; {r['speedup_vs_eager']:.1f}× vs eager"
+        if "speedup_vs_compile" in r:
+            note += f"; {r['speedup_vs_compile']:.1f}× vs compile"
+        if r.get("error"):
+            note += f" error: {r['error']}"
+        pk = r.get("peak_bytes")
+        lines.append(f"| {r['workload']} | {r['impl']} | {r['pass_']} | {f(r, 'ms', '.3f')} | "
+                     f"{'' if pk is None or pk != pk else format(pk / 2**20, '.1f')} | "
+                     f"{f(r, 'sol_ms', '.3f')} | {r.get('sol_bound', '')} | "
+                     f"{f(r, 'ratio_to_sol', '.2f')} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smaller batches")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    p.add_argument("--workloads", nargs="+", default=["W3", "W2", "W4"])
+    p.add_argument("--smoke-cpu", action="store_true",
+                   help="run the script's logic on CPU under TRITON_INTERPRET=1 (tiny inputs, "
+                        "timings meaningless, nothing written)")
+    args = p.parse_args(argv)
+    global DEVICE
+    if args.smoke_cpu:
+        os.environ["TRITON_INTERPRET"] = "1"
+        DEVICE = "cpu"
+    elif not torch.cuda.is_available():
+        print("bench_image: no CUDA device - this benchmark measures GPU kernels; nothing to do "
+              "(exit 0).")
+        return 0
+    import triton
+    if args.smoke_cpu:
+        def do_bench(fn, return_mode="median"):  # wall-clock stand-in
+            ts = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                fn()
+                ts.append((time.perf_counter() - t0) * 1e3)
+            return statistics.median(ts)
+        dev_name, sms, clk = "cpu-smoke", 1, 1e9
+        # the interpreter runs the kernels on CPU tensors only with backend="triton"
+        from rotp_triton.nn import image
+        image._use_window_kernel = lambda x, backend, w: backend != "torch"
+    else:
+        from triton.testing import do_bench
+        dev_name = torch.cuda.get_device_name(0)
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        clk = _sm_clock_hz()
+    sfu_rate = SFU_PER_SM_PER_CLK * sms * clk
+    bw = _bandwidth(do_bench)
+    print(f"device {dev_name}: {sms} SMs, SM clock {clk / 1e9:.2f} GHz, SFU rate (assumed) "
+          f"{sfu_rate / 1e12:.2f} T/s, copy bandwidth (measured) {bw / 1e12:.2f} TB/s")
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    rows = []
+    if "W3" in args.workloads:
+        rows += bench_w3(do_bench, bw, sfu_rate, args)
+    if "W2" in args.workloads:
+        rows += bench_w2(do_bench, args)
+    if "W4" in args.workloads:
+        rows += bench_w4(do_bench, args)
+    # speed-ups of the kernels against the torch path, same workload and pass
+    key = {(r["workload"], r["impl"], r["pass_"]): r for r in rows}
+    for r in rows:
+        if r["impl"] == "triton" and r["ms"] == r["ms"]:
+            for other, k in (("torch eager", "speedup_vs_eager"),
+                             ("torch.compile", "speedup_vs_compile")):
+                o = key.get((r["workload"], other, r["pass_"]))
+                if o is not None and o["ms"] == o["ms"]:
+                    r[k] = o["ms"] / r["ms"]
+    meta = dict(device=dev_name, sms=sms, sm_clock_hz=clk, sfu_rate_per_s=sfu_rate,
+                copy_bandwidth_bytes_per_s=bw, torch=torch.__version__,
+                triton=triton.__version__, python=platform.python_version(),
+                date=datetime.date.today().isoformat(), argv=list(argv or sys.argv[1:]))
+    md = _markdown(meta, rows)
+    print()
+    print(md)
+    if args.smoke_cpu:
+        return 0
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", dev_name).strip("-").lower()
+    out_dir = os.path.join(ROOT, "bench", "results")
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, f"image_{slug}_{meta['date']}")
+    with open(base + ".json", "w") as fh:
+        json.dump(dict(meta=meta, rows=rows), fh, indent=1, default=str)
+    with open(base + ".md", "w") as fh:
+        fh.write(md)
+    print(f"wrote {base}.md and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
