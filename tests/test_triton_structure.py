@@ -215,14 +215,27 @@ for (m, k, n, e, acc, prec) in [(False, True, False, True, False, "ieee"),
 for quad, paper in ((True, False), (False, True)):
     ck(ts.badmm_p_step_kernel,
        dict(x_ptr=P, log_s_ptr=P, z_ptr=P, sig_ptr=P, log_p_ptr=P, log_p0_ptr=P,
-            log_mu_ptr=P, len_ptr="*i64", a0_ptr=P, a1_ptr=P, a2_ptr=P, rho_ptr=P, t=I,
-            N_pad=I, D=I), dict(QUADRATIC=quad, PAPER=paper, BN=BN, BD=BD),
+            log_mu_ptr=P, r_out_ptr=P, mu_out_ptr=P, len_ptr="*i64", a0_ptr=P, a1_ptr=P,
+            a2_ptr=P, rho_ptr=P, t=I, N_pad=I, D=I),
+       dict(QUADRATIC=quad, PAPER=paper, SAVE=not paper, BN=BN, BD=BD),
        f"p_step[quad={quad},paper={paper}]")
     ck(ts.badmm_s_step_kernel,
        dict(log_p_ptr=P, z_ptr=P, sig_ptr=P, log_s_ptr=P, c_ptr=P, log_q0_ptr=P,
-            log_eta_ptr=P, z2_ptr=P, log_p0_ptr=P, log_mu_ptr=P, z1_ptr=P, len_ptr="*i64",
-            a0_ptr=P, a1_ptr=P, a2_ptr=P, a3_ptr=P, rho_ptr=P, t=I, N_pad=I, D=I),
-       dict(QUADRATIC=quad, PAPER=paper, BN=BN, BD=BD), f"s_step[quad={quad},paper={paper}]")
+            log_eta_ptr=P, z2_ptr=P, log_p0_ptr=P, log_mu_ptr=P, z1_ptr=P, eta_out_ptr=P,
+            len_ptr="*i64", a0_ptr=P, a1_ptr=P, a2_ptr=P, a3_ptr=P, rho_ptr=P, t=I, N_pad=I,
+            D=I), dict(QUADRATIC=quad, PAPER=paper, SAVE=not paper, BN=BN, BD=BD), f"s_step[quad={quad},paper={paper}]")
+for quad in (False, True):
+    ck(ts.badmm_s_step_bwd_kernel,
+       dict(g_ls_ptr=P, g_z_ptr=P, log_p_ptr=P, z_ptr=P, sig_p_ptr=P, log_s_new_ptr=P, c_ptr=P,
+            eta_ptr=P, log_q0_ptr=P, g_z_out_ptr=P, g_sig_ptr=P, g_lp_ptr=P, g_p_ptr=P,
+            g_lq0_ptr=P, gvec_ptr=P, wpart_ptr=P, len_ptr="*i64", a0_ptr=P, a1_ptr=P, a3_ptr=P,
+            rho_ptr=P, t=I, N_pad=I, D=I), dict(QUADRATIC=quad, BN=BN, BD=BD),
+       f"s_step_bwd[quad={quad}]")
+    ck(ts.badmm_p_step_bwd_kernel,
+       dict(g_lp_ptr=P, g_p_ptr=P, log_p_ptr=P, log_s_ptr=P, z_ptr=P, x_ptr=P, sig_s_ptr=P,
+            r_ptr=P, mu_ptr=P, log_p0_ptr=P, g_l_ptr=P, g_x_ptr=P, g_z_ptr=P, g_sig_ptr=P,
+            g_lp0_ptr=P, wpart_ptr=P, len_ptr="*i64", a0_ptr=P, a1_ptr=P, a2_ptr=P, rho_ptr=P,
+            t=I, N_pad=I, D=I), dict(QUADRATIC=quad, BN=BN, BD=BD), f"p_step_bwd[quad={quad}]")
 for paper in (False, True):
     ck(ts.sinkhorn_prox_step_kernel,
        dict(x_ptr=P, log_p_ptr=P, sig_ptr=P, y0_ptr=P, bvec_ptr=P, c_ptr=P, log_p0_ptr=P,
@@ -242,6 +255,6 @@ def test_aot_sm90():
     out = run_without_interpreter(_AOT, timeout=900)
     lines = [ln for ln in out.splitlines() if ln.startswith("RESULT")]
     print("\n".join(lines))
-    assert len(lines) == 11
+    assert len(lines) == 15
     for line in lines:
         assert "LOCAL:0" in line or "LOCAL:?" in line, line

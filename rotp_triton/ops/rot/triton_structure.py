@@ -58,6 +58,8 @@ from .solvers import normalized_plan, pool_from_log_plan, structure_factors
 # States stored every CHECKPOINT_EVERY iterations in the forward for the backward's recompute;
 # None: store none (memory independent of T, O(T^2) recompute).
 CHECKPOINT_EVERY: Optional[int] = None
+# exact B-E / B-Q: adjoint kernels in Triton (False: torch-autograd replay, as for S and paper)
+TRITON_BACKWARD = True
 # fp32 tl.dot precision: "ieee" (exact fp32) or "tf32" (tensor cores, ~1e-3 relative error).
 DOT_PRECISION = os.environ.get("ROTP_STRUCTURE_DOT", "ieee")
 
@@ -197,14 +199,15 @@ def set_matmul_kernel(a_ptr, b_ptr, c_ptr, len_ptr, D, M_alloc, N_alloc,
 
 @triton.jit
 def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr, log_mu_ptr,
-                        len_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t, N_pad, D,
-                        QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
-                        BN: tl.constexpr, BD: tl.constexpr):
+                        r_out_ptr, mu_out_ptr, len_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
+                        N_pad, D, QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
+                        SAVE: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """P-step of B-E/B-Q, one program per set (all D features).
 
     G = x + α0 Σ(S) - Z [- α1 S];  Y = log S + G/ρ;  R = LSE_n Y;
     exact: log μ = lognorm(κ2 log p0 + (1-κ2) R);  paper: log μ is the state;
     log P = Y + (log μ - R).   sig = Σ(S) (B, N_pad, D); log_mu (B, D) (paper only).
+    SAVE: also write R and log μ to r_out, mu_out (B, D) for the backward.
     """
     b = tl.program_id(0)
     n_b = tl.load(len_ptr + b).to(tl.int32)
@@ -239,6 +242,9 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
         vm = tl.max(v, 0)
         log_mu = v - (vm + tl.log(tl.sum(tl.exp(v - vm), 0)))
     shift = log_mu - r
+    if SAVE:
+        tl.store(r_out_ptr + b * D + offs_d, r, mask=d_ok)
+        tl.store(mu_out_ptr + b * D + offs_d, log_mu, mask=d_ok)
     # pass 2: log P = Y + log μ - R
     for n0 in range(0, n_b, BN):
         rows = n0 + tl.arange(0, BN)
@@ -254,9 +260,9 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
 
 @triton.jit
 def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr, log_eta_ptr,
-                        z2_ptr, log_p0_ptr, log_mu_ptr, z1_ptr, len_ptr,
+                        z2_ptr, log_p0_ptr, log_mu_ptr, z1_ptr, eta_out_ptr, len_ptr,
                         a0_ptr, a1_ptr, a2_ptr, a3_ptr, rho_ptr, t, N_pad, D,
-                        QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
+                        QUADRATIC: tl.constexpr, PAPER: tl.constexpr, SAVE: tl.constexpr,
                         BN: tl.constexpr, BD: tl.constexpr):
     """S-step and dual update of B-E/B-Q, one program per set.
 
@@ -265,6 +271,7 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
     log S = Y + log η - C;  Z += ρ (P - S).
     Paper only, eqs. (26)-(28): log μ, log η, z1 (B, D), z2 (B, N_pad) updated in place.
     c: (B, N_pad) scratch for C.  Y is parked in log_s between the two passes.
+    SAVE: also write log η to eta_out (B, N_pad) for the backward (C stays in c).
     """
     b = tl.program_id(0)
     n_b = tl.load(len_ptr + b).to(tl.int32)
@@ -332,6 +339,8 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
         s = tl.where(msk, tl.exp(ls), 0.0)
         zz = tl.load(z_ptr + off, mask=msk, other=0.0) + rho * (p - s)
         tl.store(log_s_ptr + off, ls, mask=msk)
+        if SAVE:
+            tl.store(eta_out_ptr + b * N_pad + rows, le, mask=r_ok)
         tl.store(z_ptr + off, zz, mask=msk)
         if PAPER:
             z2 = tl.load(z2_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
@@ -470,6 +479,180 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
         bv = tl.load(bvec_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
         y = tl.load(y0_ptr + off, mask=msk, other=0.0) + a[None, :] + bv[:, None]
         tl.store(log_p_ptr + off, y, mask=msk)
+
+
+@triton.jit
+def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_s_new_ptr, c_ptr,
+                            eta_ptr, log_q0_ptr, g_z_out_ptr, g_sig_ptr, g_lp_ptr, g_p_ptr,
+                            g_lq0_ptr, gvec_ptr, wpart_ptr, len_ptr, a0_ptr, a1_ptr, a3_ptr,
+                            rho_ptr, t, N_pad, D, QUADRATIC: tl.constexpr,
+                            BN: tl.constexpr, BD: tl.constexpr):
+    """Adjoint of the exact S-step and dual update (badmm_s_step_kernel), one program per set.
+
+    In: g_ls, g_z = ∂L/∂log S', ∂L/∂Z' (B, N_pad, D); the forward's log P, Z, Σ(P), log S',
+    C (c) and log η (eta). Out: g_z_out = ∂L/∂Z through this step, g_sig = α0 ∂L/∂H (to be
+    pushed through Σ), g_lp = ∂L/∂log P and g_p = ∂L/∂P except the Σ(P) path, g_lq0
+    (B, N_pad), and per-set partial sums wpart[b] = (∂/∂α0, ∂/∂α1, ∂/∂ρ direct, ∂/∂κ3, ∂/∂w).
+    gvec: (B, N_pad) scratch.
+    """
+    b = tl.program_id(0)
+    n_b = tl.load(len_ptr + b).to(tl.int32)
+    a0 = tl.load(a0_ptr + t)
+    a1 = tl.load(a1_ptr + t)
+    rho = tl.load(rho_ptr + t)
+    if QUADRATIC:
+        w = rho
+    else:
+        w = a1 + rho
+    k3 = _kappa(tl.load(a3_ptr + t), w)
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    zero_n = tl.zeros([BN], dtype=tl.float32)
+    # pass 1: ∂L/∂log η_n = Σ_d ∂L/∂log S'_nd (total, through S' = exp(log S') in the dual too)
+    g_rho = tl.sum(zero_n, 0)
+    g_eta_sum = tl.sum(zero_n, 0)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        gz = tl.load(g_z_ptr + off, mask=msk, other=0.0)
+        p = tl.where(msk, tl.exp(tl.load(log_p_ptr + off, mask=msk, other=0.0)), 0.0)
+        s = tl.where(msk, tl.exp(tl.load(log_s_new_ptr + off, mask=msk, other=0.0)), 0.0)
+        glt = tl.load(g_ls_ptr + off, mask=msk, other=0.0) - rho * gz * s      # [BN, BD]
+        g_rho += tl.sum(tl.sum(gz * (p - s), 1), 0)
+        g_eta = tl.sum(glt, 1)                                                  # [BN]
+        tl.store(gvec_ptr + b * N_pad + rows, g_eta, mask=r_ok)
+        g_eta_sum += tl.sum(g_eta, 0)
+    tl.debug_barrier()
+    g_a0 = tl.sum(zero_n, 0)
+    g_a1 = tl.sum(zero_n, 0)
+    g_w = tl.sum(zero_n, 0)
+    g_k3 = tl.sum(zero_n, 0)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        # log η = lognorm_n(v), v = κ3 log q0 + (1-κ3) C: softmax(v) = η
+        g_eta = tl.load(gvec_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+        le = tl.load(eta_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+        c = tl.load(c_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+        lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+        g_v = tl.where(r_ok, g_eta - tl.exp(le) * g_eta_sum, 0.0)
+        g_c = -g_eta + (1 - k3) * g_v
+        tl.store(g_lq0_ptr + b * N_pad + rows, k3 * g_v, mask=r_ok)
+        g_k3 += tl.sum(g_v * (lq0 - c), 0)
+        gz = tl.load(g_z_ptr + off, mask=msk, other=0.0)
+        lp = tl.load(log_p_ptr + off, mask=msk, other=0.0)
+        p = tl.where(msk, tl.exp(lp), 0.0)
+        s = tl.where(msk, tl.exp(tl.load(log_s_new_ptr + off, mask=msk, other=0.0)), 0.0)
+        sig = tl.load(sig_p_ptr + off, mask=msk, other=0.0)
+        h = tl.load(z_ptr + off, mask=msk, other=0.0) + a0 * sig
+        if QUADRATIC:
+            y = lp + (h - a1 * p) / rho
+        else:
+            y = (h + rho * lp) / w
+        # C = LSE_d Y: ∂C/∂Y = exp(Y - C)
+        g_y = tl.load(g_ls_ptr + off, mask=msk, other=0.0) - rho * gz * s \
+            + tl.where(msk, tl.exp(y - c[:, None]), 0.0) * g_c[:, None]          # [BN, BD]
+        if QUADRATIC:
+            g_h = g_y / rho
+            g_lp = g_y
+            g_p = rho * gz - a1 * g_h
+            g_a1 += tl.sum(tl.sum(-g_h * p, 1), 0)
+            g_rho += tl.sum(tl.sum(-g_h * (h - a1 * p), 1), 0) / rho
+        else:
+            g_h = g_y / w
+            g_lp = rho * g_h
+            g_p = rho * gz
+            g_w += tl.sum(tl.sum(-g_h * y, 1), 0)
+            g_rho += tl.sum(tl.sum(g_h * lp, 1), 0)
+        g_a0 += tl.sum(tl.sum(g_h * sig, 1), 0)
+        tl.store(g_z_out_ptr + off, gz + g_h, mask=msk)
+        tl.store(g_sig_ptr + off, a0 * g_h, mask=msk)
+        tl.store(g_lp_ptr + off, g_lp, mask=msk)
+        tl.store(g_p_ptr + off, g_p, mask=msk)
+    tl.store(wpart_ptr + b * 8 + 0, g_a0)
+    tl.store(wpart_ptr + b * 8 + 1, g_a1)
+    tl.store(wpart_ptr + b * 8 + 2, g_rho)
+    tl.store(wpart_ptr + b * 8 + 3, g_k3)
+    tl.store(wpart_ptr + b * 8 + 4, g_w)
+
+
+@triton.jit
+def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_ptr, sig_s_ptr,
+                            r_ptr, mu_ptr, log_p0_ptr, g_l_ptr, g_x_ptr, g_z_ptr, g_sig_ptr,
+                            g_lp0_ptr, wpart_ptr, len_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
+                            N_pad, D, QUADRATIC: tl.constexpr,
+                            BN: tl.constexpr, BD: tl.constexpr):
+    """Adjoint of the exact P-step (badmm_p_step_kernel), one program per set.
+
+    In: ∂L/∂log P = g_lp + P ⊙ g_p (all paths); the forward's log P, log S, Z, x, Σ(S), R and
+    log μ (r, mu (B, D)). Out: g_l = ∂L/∂log S except the Σ(S) path (written), g_x += and
+    g_z -= ∂L/∂G (in place), g_sig = α0 ∂L/∂G (to be pushed through Σ), g_lp0 (B, D), and
+    per-set partials wpart[b] = (∂/∂α0, ∂/∂α1, ∂/∂ρ direct, ∂/∂κ2).
+    """
+    b = tl.program_id(0)
+    n_b = tl.load(len_ptr + b).to(tl.int32)
+    a0 = tl.load(a0_ptr + t)
+    a1 = tl.load(a1_ptr + t)
+    rho = tl.load(rho_ptr + t)
+    k2 = _kappa(tl.load(a2_ptr + t), rho)
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    # pass 1: ∂L/∂log μ_d = Σ_n ∂L/∂log P_nd
+    g_mu = tl.zeros([BD], dtype=tl.float32)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        msk = (rows < n_b)[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        p = tl.where(msk, tl.exp(tl.load(log_p_ptr + off, mask=msk, other=0.0)), 0.0)
+        g_mu += tl.sum(tl.load(g_lp_ptr + off, mask=msk, other=0.0)
+                       + p * tl.load(g_p_ptr + off, mask=msk, other=0.0), 0)
+    r = tl.load(r_ptr + b * D + offs_d, mask=d_ok, other=0.0)
+    lmu = tl.load(mu_ptr + b * D + offs_d, mask=d_ok, other=0.0)
+    lp0 = tl.load(log_p0_ptr + b * D + offs_d, mask=d_ok, other=0.0)
+    g_v = tl.where(d_ok, g_mu - tl.exp(lmu) * tl.sum(g_mu, 0), 0.0)   # log μ = lognorm(v)
+    g_r = -g_mu + (1 - k2) * g_v
+    tl.store(g_lp0_ptr + b * D + offs_d, k2 * g_v, mask=d_ok)
+    g_k2 = tl.sum(tl.where(d_ok, g_v * (lp0 - r), 0.0), 0)
+    zero_n = tl.zeros([BN], dtype=tl.float32)
+    g_a0 = tl.sum(zero_n, 0)
+    g_a1 = tl.sum(zero_n, 0)
+    g_rho = tl.sum(zero_n, 0)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        msk = (rows < n_b)[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        p = tl.where(msk, tl.exp(tl.load(log_p_ptr + off, mask=msk, other=0.0)), 0.0)
+        glp = tl.load(g_lp_ptr + off, mask=msk, other=0.0) \
+            + p * tl.load(g_p_ptr + off, mask=msk, other=0.0)
+        ls = tl.load(log_s_ptr + off, mask=msk, other=0.0)
+        sig = tl.load(sig_s_ptr + off, mask=msk, other=0.0)
+        g = tl.load(x_ptr + off, mask=msk, other=0.0) - tl.load(z_ptr + off, mask=msk, other=0.0)
+        g += a0 * sig
+        s = tl.where(msk, tl.exp(ls), 0.0)
+        if QUADRATIC:
+            g -= a1 * s
+        y = ls + g / rho
+        # R = LSE_n Y: ∂R/∂Y = exp(Y - R)
+        g_y = glp + tl.where(msk, tl.exp(y - r[None, :]), 0.0) * g_r[None, :]   # [BN, BD]
+        g_g = g_y / rho
+        g_rho += tl.sum(tl.sum(-g_g * g, 1), 0) / rho
+        g_a0 += tl.sum(tl.sum(g_g * sig, 1), 0)
+        g_l = g_y
+        if QUADRATIC:
+            g_a1 += tl.sum(tl.sum(-g_g * s, 1), 0)
+            g_l -= a1 * g_g * s
+        tl.store(g_l_ptr + off, g_l, mask=msk)
+        tl.store(g_x_ptr + off, tl.load(g_x_ptr + off, mask=msk, other=0.0) + g_g, mask=msk)
+        tl.store(g_z_ptr + off, tl.load(g_z_ptr + off, mask=msk, other=0.0) - g_g, mask=msk)
+        tl.store(g_sig_ptr + off, a0 * g_g, mask=msk)
+    tl.store(wpart_ptr + b * 8 + 0, g_a0)
+    tl.store(wpart_ptr + b * 8 + 1, g_a1)
+    tl.store(wpart_ptr + b * 8 + 2, g_rho)
+    tl.store(wpart_ptr + b * 8 + 3, g_k2)
 
 
 @triton.jit
@@ -688,14 +871,16 @@ def run_iterations(pb: _Problem, fac: Factors, st: dict, t0: int, t1: int) -> di
         fac.apply(st["log_s"], exp=True, out=sig)
         badmm_p_step_kernel[(B,)](
             pb.x32, st["log_s"], st["z"], sig, log_p, pb.log_p0, st.get("log_mu", dummy),
-            pb.lens, w["a0"], w["a1"], w["a2"], w["rho"], t, N, D,
-            QUADRATIC=quad, PAPER=paper, BN=pb.BN, BD=pb.BD, num_warps=_PER_SET_WARPS)
+            dummy, dummy, pb.lens, w["a0"], w["a1"], w["a2"], w["rho"], t, N, D,
+            QUADRATIC=quad, PAPER=paper, SAVE=False, BN=pb.BN, BD=pb.BD,
+            num_warps=_PER_SET_WARPS)
         fac.apply(log_p, exp=True, out=sig)
         badmm_s_step_kernel[(B,)](
             log_p, st["z"], sig, st["log_s"], cbuf, pb.log_q0, st.get("log_eta", dummy),
             st.get("z2", dummy), pb.log_p0, st.get("log_mu", dummy), st.get("z1", dummy),
-            pb.lens, w["a0"], w["a1"], w["a2"], w["a3"], w["rho"], t, N, D,
-            QUADRATIC=quad, PAPER=paper, BN=pb.BN, BD=pb.BD, num_warps=_PER_SET_WARPS)
+            dummy, pb.lens, w["a0"], w["a1"], w["a2"], w["a3"], w["rho"], t, N, D,
+            QUADRATIC=quad, PAPER=paper, SAVE=False, BN=pb.BN, BD=pb.BD,
+            num_warps=_PER_SET_WARPS)
     st["log_p"] = log_p
     return st
 
@@ -726,11 +911,63 @@ def pool_launch(pb: _Problem, log_p: Tensor, out_dtype, plan: Optional[Tensor],
 # ============================================================================================
 # backward: Triton structure product with its exact adjoint, torch replay of one iteration
 # ============================================================================================
+def sigma_apply_bwd(m: Tensor, g: Tensor, xc: Tensor, xt: Tensor, gram: Tensor, lens: Tensor,
+                    dxc: Tensor, dxt: Tensor) -> Tensor:
+    """Adjoint of out = Σ2 m Σ1 for the upstream gradient g (B, N_pad, D): returns ∂/∂m and
+    adds ∂/∂xc, ∂/∂xt into dxc, dxt (about 9 set_matmul launches, all tl.dot)."""
+    g = g.contiguous()
+    B, N, D = m.shape
+    dm = sigma_apply(g, xc, xt, gram, lens)             # Σ1, Σ2 symmetric: the adjoint is Σ
+    if D <= N:
+        # out = xt V, V = W Σ1, W = xtᵀ m
+        w = m.new_empty(B, D, D)
+        set_matmul(xt.transpose(1, 2), m, w, lens, D, m_set=False, k_set=True, n_set=False)
+        v = m.new_empty(B, D, D)
+        set_matmul(w, gram, v, lens, D, m_set=False, k_set=False, n_set=False)
+        set_matmul(g, v.transpose(1, 2), dxt, lens, D, m_set=True, k_set=False,
+                   n_set=False, accumulate=True)                             # += g Vᵀ
+        dv = m.new_empty(B, D, D)
+        set_matmul(xt.transpose(1, 2), g, dv, lens, D, m_set=False, k_set=True,
+                   n_set=False)                                              # dV = xtᵀ g
+        dw = m.new_empty(B, D, D)
+        set_matmul(dv, gram, dw, lens, D, m_set=False, k_set=False, n_set=False)  # dV Σ1
+        ds1 = m.new_empty(B, D, D)
+        set_matmul(w.transpose(1, 2), dv, ds1, lens, D, m_set=False, k_set=False,
+                   n_set=False)                                              # Wᵀ dV
+        set_matmul(m, dw.transpose(1, 2), dxt, lens, D, m_set=True, k_set=False,
+                   n_set=False, accumulate=True)                             # += m dWᵀ
+        ds1 = ds1 + ds1.transpose(1, 2)
+        set_matmul(xc, ds1, dxc, lens, D, m_set=True, k_set=False, n_set=False,
+                   accumulate=True)                                          # += xc (dΣ1 + dΣ1ᵀ)
+    else:
+        # out = Q xc, Q = Σ2 U, U = m xcᵀ
+        u = m.new_empty(B, N, N)
+        set_matmul(m, xc.transpose(1, 2), u, lens, D, m_set=True, k_set=False, n_set=True)
+        q = m.new_empty(B, N, N)
+        set_matmul(gram, u, q, lens, D, m_set=True, k_set=True, n_set=True)
+        set_matmul(q.transpose(1, 2), g, dxc, lens, D, m_set=True, k_set=True,
+                   n_set=False, accumulate=True)                             # += Qᵀ g
+        dq = m.new_empty(B, N, N)
+        set_matmul(g, xc.transpose(1, 2), dq, lens, D, m_set=True, k_set=False,
+                   n_set=True)                                               # dQ = g xcᵀ
+        du = m.new_empty(B, N, N)
+        set_matmul(gram, dq, du, lens, D, m_set=True, k_set=True, n_set=True)  # Σ2 dQ
+        ds2 = m.new_empty(B, N, N)
+        set_matmul(dq, u.transpose(1, 2), ds2, lens, D, m_set=True, k_set=True,
+                   n_set=True)                                               # dQ Uᵀ
+        set_matmul(du.transpose(1, 2), m, dxc, lens, D, m_set=True, k_set=True,
+                   n_set=False, accumulate=True)                             # += dUᵀ m
+        ds2 = ds2 + ds2.transpose(1, 2)
+        set_matmul(ds2, xt, dxt, lens, D, m_set=True, k_set=True, n_set=False,
+                   accumulate=True)                                          # += (dΣ2 + dΣ2ᵀ) xt
+    return dm
+
+
 class SigmaProduct(torch.autograd.Function):
     """out = Σ2 m Σ1 with Σ1 = xcᵀxc, Σ2 = xt xtᵀ (per set), forward and backward in Triton.
 
     ``gram`` is the precomputed smaller Gram matrix (not differentiated directly: its gradient
-    reaches xc / xt through the factor formulas below).
+    reaches xc / xt through the factor formulas of :func:`sigma_apply_bwd`).
     """
 
     @staticmethod
@@ -741,52 +978,96 @@ class SigmaProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         m, xc, xt, gram, lens = ctx.saved_tensors
-        g = g.contiguous()
-        B, N, D = m.shape
-        dm = sigma_apply(g, xc, xt, gram, lens)             # Σ1, Σ2 symmetric: the adjoint is Σ
         dxc = torch.zeros_like(xc)
         dxt = torch.zeros_like(xt)
-        if D <= N:
-            # out = xt V, V = W Σ1, W = xtᵀ m
-            w = m.new_empty(B, D, D)
-            set_matmul(xt.transpose(1, 2), m, w, lens, D, m_set=False, k_set=True, n_set=False)
-            v = m.new_empty(B, D, D)
-            set_matmul(w, gram, v, lens, D, m_set=False, k_set=False, n_set=False)
-            set_matmul(g, v.transpose(1, 2), dxt, lens, D, m_set=True, k_set=False,
-                       n_set=False)                                          # dxt = g Vᵀ
-            dv = m.new_empty(B, D, D)
-            set_matmul(xt.transpose(1, 2), g, dv, lens, D, m_set=False, k_set=True,
-                       n_set=False)                                          # dV = xtᵀ g
-            dw = m.new_empty(B, D, D)
-            set_matmul(dv, gram, dw, lens, D, m_set=False, k_set=False, n_set=False)  # dV Σ1
-            ds1 = m.new_empty(B, D, D)
-            set_matmul(w.transpose(1, 2), dv, ds1, lens, D, m_set=False, k_set=False,
-                       n_set=False)                                          # Wᵀ dV
-            set_matmul(m, dw.transpose(1, 2), dxt, lens, D, m_set=True, k_set=False,
-                       n_set=False, accumulate=True)                         # += m dWᵀ
-            ds1 = ds1 + ds1.transpose(1, 2)
-            set_matmul(xc, ds1, dxc, lens, D, m_set=True, k_set=False, n_set=False)
-        else:
-            # out = Q xc, Q = Σ2 U, U = m xcᵀ
-            u = m.new_empty(B, N, N)
-            set_matmul(m, xc.transpose(1, 2), u, lens, D, m_set=True, k_set=False, n_set=True)
-            q = m.new_empty(B, N, N)
-            set_matmul(gram, u, q, lens, D, m_set=True, k_set=True, n_set=True)
-            set_matmul(q.transpose(1, 2), g, dxc, lens, D, m_set=True, k_set=True,
-                       n_set=False)                                          # dxc = Qᵀ g
-            dq = m.new_empty(B, N, N)
-            set_matmul(g, xc.transpose(1, 2), dq, lens, D, m_set=True, k_set=False,
-                       n_set=True)                                           # dQ = g xcᵀ
-            du = m.new_empty(B, N, N)
-            set_matmul(gram, dq, du, lens, D, m_set=True, k_set=True, n_set=True)  # Σ2 dQ
-            ds2 = m.new_empty(B, N, N)
-            set_matmul(dq, u.transpose(1, 2), ds2, lens, D, m_set=True, k_set=True,
-                       n_set=True)                                           # dQ Uᵀ
-            set_matmul(du.transpose(1, 2), m, dxc, lens, D, m_set=True, k_set=True,
-                       n_set=False, accumulate=True)                         # += dUᵀ m
-            ds2 = ds2 + ds2.transpose(1, 2)
-            set_matmul(ds2, xt, dxt, lens, D, m_set=True, k_set=True, n_set=False)
+        dm = sigma_apply_bwd(m.contiguous(), g, xc, xt, gram, lens, dxc, dxt)
         return dm, dxc, dxt, None, None
+
+
+def _masked_exp(log_m: Tensor, mask: Tensor) -> Tensor:
+    return torch.exp(log_m.masked_fill(~mask[..., None], float("-inf")))
+
+
+def _dkappa(alpha: Tensor, w: Tensor):
+    """(∂κ/∂α, ∂κ/∂w) of κ(α, w) = α/(α + w); both 0 at α = +inf."""
+    inf = torch.isinf(alpha)
+    a = torch.where(inf, torch.zeros_like(alpha), alpha)
+    den = (a + w) ** 2
+    return (torch.where(inf, torch.zeros_like(alpha), w / den),
+            torch.where(inf, torch.zeros_like(alpha), -a / den))
+
+
+def badmm_exact_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tensor,
+                             g_ls: Tensor, g_z: Tensor, g_lp_ext: Optional[Tensor], acc: dict):
+    """Pull (∂L/∂log S_{t+1}, ∂L/∂Z_{t+1}, ∂L/∂log P_{t+1}) back through exact B-E/B-Q
+    iteration t, all in Triton: re-run iteration t saving R, log μ, C, log η, Σ(S), Σ(P), then
+    the two adjoint kernels and the two structure-product adjoints. Returns
+    (∂L/∂log S_t, ∂L/∂Z_t); accumulates into acc["x"], acc["xc"], acc["xt"], acc["lp0"],
+    acc["lq0"] and acc[weight][t].
+    """
+    B, N, D = pb.B, pb.N, pb.D
+    w = pb.w
+    quad = pb.method == "badmm-q"
+    kw = dict(QUADRATIC=quad, BN=pb.BN, BD=pb.BD, num_warps=_PER_SET_WARPS)
+    dummy = pb.log_p0
+    # re-run iteration t, keeping what the adjoint needs
+    sig_s = fac.apply(st["log_s"], exp=True)
+    log_p = torch.zeros_like(pb.x32)
+    r = torch.empty_like(pb.log_p0)
+    mu = torch.empty_like(pb.log_p0)
+    badmm_p_step_kernel[(B,)](pb.x32, st["log_s"], st["z"], sig_s, log_p, pb.log_p0, dummy, r,
+                              mu, pb.lens, w["a0"], w["a1"], w["a2"], w["rho"], t, N, D,
+                              PAPER=False, SAVE=True, **kw)
+    sig_p = fac.apply(log_p, exp=True)
+    ls_new = torch.zeros_like(pb.x32)
+    z_new = st["z"].clone()
+    cbuf = torch.empty_like(pb.log_q0)
+    eta = torch.empty_like(pb.log_q0)
+    badmm_s_step_kernel[(B,)](log_p, z_new, sig_p, ls_new, cbuf, pb.log_q0, dummy, dummy,
+                              pb.log_p0, dummy, dummy, eta, pb.lens, w["a0"], w["a1"], w["a2"],
+                              w["a3"], w["rho"], t, N, D, PAPER=False, SAVE=True, **kw)
+    # adjoint of the S-step and the dual update
+    g_z_out = torch.zeros_like(pb.x32)
+    g_sig = torch.zeros_like(pb.x32)
+    g_lp = torch.zeros_like(pb.x32)
+    g_p = torch.zeros_like(pb.x32)
+    g_lq0 = torch.zeros_like(pb.log_q0)
+    gvec = torch.empty_like(pb.log_q0)
+    wp_s = torch.zeros(B, 8, device=pb.x32.device, dtype=torch.float32)
+    badmm_s_step_bwd_kernel[(B,)](g_ls.contiguous(), g_z.contiguous(), log_p, st["z"], sig_p,
+                                  ls_new, cbuf, eta, pb.log_q0, g_z_out, g_sig, g_lp, g_p, g_lq0,
+                                  gvec, wp_s, pb.lens, w["a0"], w["a1"], w["a3"], w["rho"], t,
+                                  N, D, **kw)
+    g_p += sigma_apply_bwd(_masked_exp(log_p, mask), g_sig, fac.xc, fac.xt, fac.gram, pb.lens,
+                           acc["xc"], acc["xt"])
+    if g_lp_ext is not None:
+        g_lp += g_lp_ext
+    # adjoint of the P-step
+    g_l = torch.zeros_like(pb.x32)
+    g_sig_s = torch.zeros_like(pb.x32)
+    g_lp0 = torch.zeros_like(pb.log_p0)
+    wp_p = torch.zeros(B, 8, device=pb.x32.device, dtype=torch.float32)
+    badmm_p_step_bwd_kernel[(B,)](g_lp, g_p, log_p, st["log_s"], st["z"], pb.x32, sig_s, r, mu,
+                                  pb.log_p0, g_l, acc["x"], g_z_out, g_sig_s, g_lp0, wp_p,
+                                  pb.lens, w["a0"], w["a1"], w["a2"], w["rho"], t, N, D, **kw)
+    s = _masked_exp(st["log_s"], mask)
+    g_l += s * sigma_apply_bwd(s, g_sig_s, fac.xc, fac.xt, fac.gram, pb.lens, acc["xc"],
+                               acc["xt"])
+    acc["lp0"] += g_lp0
+    acc["lq0"] += g_lq0
+    # the scalar weights of iteration t from the per-set partial sums
+    ps, pp = wp_s.sum(0), wp_p.sum(0)
+    rho, a1 = w["rho"][t], w["a1"][t]
+    wgt = rho if quad else a1 + rho
+    k3_a, k3_w = _dkappa(w["a3"][t], wgt)
+    k2_a, k2_w = _dkappa(w["a2"][t], rho)
+    g_w = ps[4] + ps[3] * k3_w
+    acc["a0"][t] += ps[0] + pp[0]
+    acc["a1"][t] += ps[1] + pp[1] + (0 if quad else g_w)
+    acc["rho"][t] += ps[2] + pp[2] + g_w + pp[3] * k2_w
+    acc["a3"][t] += ps[3] * k3_a
+    acc["a2"][t] += pp[3] * k2_a
+    return g_l, g_z_out
 
 
 def _kappa_t(alpha: Tensor, w: Tensor) -> Tensor:
@@ -957,16 +1238,34 @@ class StructureROTFunction(torch.autograd.Function):
             key = "log_s" if pb.method == "sinkhorn" else "log_p"
             g_state = {key: gs[0]}
             gram = fac.gram
-            for t in reversed(range(pb.T)):
-                t_ck = max(k for k in ckpts if k <= t)
-                st = run_iterations(pb, fac, ckpts[t_ck], t_ck, t) if t > t_ck else ckpts[t_ck]
-                st_in = {k: v.detach().requires_grad_() for k, v in st.items() if k != "log_p"}
-                out = _replay_step(pb, st_in, xl, xc, xt, gram, mask, lp0, lq0, w, t)
-                ins = list(st_in.values()) + leaves
-                gs = pull(out, g_state, ins)
-                g_state = dict(zip(st_in.keys(), gs[:len(st_in)]))
-                for i, g in enumerate(gs[len(st_in):]):
-                    grads[i] += g
+            if TRITON_BACKWARD and pb.method != "sinkhorn" and pb.variant == "exact":
+                acc = {"x": grads[0], "xc": grads[1], "xt": grads[2], "lp0": grads[3],
+                       "lq0": grads[4]}
+                acc.update({k: grads[5 + i] for i, k in enumerate(_WEIGHTS)})
+                g_ls = torch.zeros_like(pb.x32)
+                g_z = torch.zeros_like(pb.x32)
+                with torch.no_grad():
+                    for t in reversed(range(pb.T)):
+                        t_ck = max(k for k in ckpts if k <= t)
+                        st = (run_iterations(pb, fac, ckpts[t_ck], t_ck, t) if t > t_ck
+                              else ckpts[t_ck])
+                        g_ls, g_z = badmm_exact_reverse_step(
+                            pb, fac, st, t, mask, g_ls, g_z,
+                            g_state["log_p"] if t == pb.T - 1 else None, acc)
+                g_state = {"log_s": g_ls}
+            else:
+                for t in reversed(range(pb.T)):
+                    t_ck = max(k for k in ckpts if k <= t)
+                    st = (run_iterations(pb, fac, ckpts[t_ck], t_ck, t) if t > t_ck
+                          else ckpts[t_ck])
+                    st_in = {k: v.detach().requires_grad_() for k, v in st.items()
+                             if k != "log_p"}
+                    out = _replay_step(pb, st_in, xl, xc, xt, gram, mask, lp0, lq0, w, t)
+                    ins = list(st_in.values()) + leaves
+                    gs = pull(out, g_state, ins)
+                    g_state = dict(zip(st_in.keys(), gs[:len(st_in)]))
+                    for i, g in enumerate(gs[len(st_in):]):
+                        grads[i] += g
             # the initial state: log S⁰ = log p0 + log q0 (padding 0); paper: log μ⁰, log η⁰
             g0 = g_state["log_s"].masked_fill(~mask[..., None], 0.0)
             grads[3] += g0.sum(1)
