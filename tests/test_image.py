@@ -370,6 +370,21 @@ def test_module_dispatches_to_kernel():
         ROTPool2d(3, a0=0.5, backend="triton").to(DEVICE)(x)
 
 
+def test_adaptive_even_windows_use_kernel(monkeypatch):
+    """AdaptiveROTPool2d with windows that tile the image evenly runs the window kernel."""
+    from rotp_triton.ops.rot import triton_window
+    calls = []
+    real = triton_window.rot_pool2d_triton
+    monkeypatch.setattr(triton_window, "rot_pool2d_triton",
+                        lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    x = make_input(2, 3, 4, 6, "channels_last", torch.float32, seed=5)
+    outs = [AdaptiveROTPool2d(3, (2, 3), num_iters=2, a1=0.5, rho=0.5, backend=b).to(DEVICE)(x)
+            for b in ("triton", "torch")]
+    assert calls == [(2, 2)]
+    assert outs[0].shape == (2, 3, 2, 3)
+    assert rel_err(outs[0], outs[1]) <= 1e-4
+
+
 # --------------------------------------------------------------------------------------------
 # AOT compile for sm_90: catches what the interpreter accepts and the GPU compiler rejects
 # --------------------------------------------------------------------------------------------

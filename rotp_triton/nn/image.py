@@ -172,10 +172,25 @@ def adaptive_rot_pool2d_torch(x: Tensor, output_size: Tuple[int, int], *, method
     return y.reshape(B, oh, ow, C).permute(0, 3, 1, 2).to(x.dtype)
 
 
-def _use_window_kernel(x: Tensor, backend: str, weights: ROTWeights) -> bool:
+# The window kernels hold one window's next_pow2(kh·kw) × next_pow2(C) tile in registers; beyond
+# this many elements backend="auto" uses the torch path (sm_90 AOT: 2×2 windows with C = 1024
+# use 255 registers in the backward without spilling; larger tiles would spill).
+MAX_WINDOW_TILE = 4096
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+def _use_window_kernel(x: Tensor, backend: str, weights: ROTWeights,
+                       window: Tuple[int, int] = (2, 2)) -> bool:
     """The Triton window kernels apply to CUDA inputs (or the interpreter with backend="triton")
-    when α0 = 0 (fixed at 0, not learned)."""
+    when α0 = 0 (fixed at 0, not learned); "auto" also requires a window tile of at most
+    MAX_WINDOW_TILE elements."""
     if backend == "torch":
+        return False
+    if backend == "auto" and (_next_pow2(window[0] * window[1]) * _next_pow2(x.shape[1])
+                              > MAX_WINDOW_TILE):
         return False
     a0_zero = (not weights.learn["a0"]) and weights.init["a0"] == 0.0
     if x.dtype == torch.float64 or not a0_zero:
@@ -282,7 +297,8 @@ class AdaptiveROTPool2d(_ImageROTBase):
             y = rot_pool(x.flatten(2).transpose(1, 2), backend=self.backend,
                          **self._solver_kwargs(), **w)
             return y if self.flatten else y[:, :, None, None]
-        if H % oh == 0 and W % ow == 0 and _use_window_kernel(x, self.backend, self.weights):
+        if (H % oh == 0 and W % ow == 0
+                and _use_window_kernel(x, self.backend, self.weights, (H // oh, W // ow))):
             from ..ops.rot.triton_window import rot_pool2d_triton
             k = (H // oh, W // ow)
             return rot_pool2d_triton(x, k, k, (0, 0), False, method=self.method,
@@ -312,7 +328,9 @@ class ROTPool2d(_ImageROTBase):
 
     Backend: CUDA inputs with α0 = 0 (backend "auto" or "triton") use the fused Triton kernels of
     :mod:`rotp_triton.ops.rot.triton_window` (NCHW or channels_last read by strides, all T
-    iterations in one launch, recomputing backward); otherwise the torch path (unfold).
+    iterations in one launch, recomputing backward); "auto" only while one window's
+    next_pow2(kh·kw) × next_pow2(C) tile has at most 4096 elements (e.g. 2×2 windows up to
+    C = 1024), the kernels keeping it in registers. Otherwise the torch path (unfold).
 
     Args:
         channels: C.
@@ -357,7 +375,7 @@ class ROTPool2d(_ImageROTBase):
                              f"kernel_size={self.kernel_size}, padding={self.padding} "
                              f"(output {Ho}×{Wo})")
         w = self._weights_for(x)
-        if _use_window_kernel(x, self.backend, self.weights):
+        if _use_window_kernel(x, self.backend, self.weights, self.kernel_size):
             from ..ops.rot.triton_window import rot_pool2d_triton
             return rot_pool2d_triton(x, self.kernel_size, self.stride, self.padding,
                                      self.ceil_mode, method=self.method, variant=self.variant,
