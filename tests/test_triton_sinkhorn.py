@@ -381,7 +381,7 @@ bwd = dict(common, g_ptr="*fp32", gp_ptr="*{x}", sgb="i64", sgn="i64", sgd="i64"
            dk2_ptr="*fp32", dk3_ptr="*fp32", deps_rec_ptr="*fp32", deps_x_ptr="*fp32",
            deps_fin_ptr="*fp32", Rbar_ptr="*fp32", Cbar_ptr="*fp32", abar_ptr="*fp32",
            bbar_ptr="*fp32")
-which, paper, xdt = sys.argv[1], sys.argv[2] == "paper", sys.argv[3]
+which, paper, xdt, nw = sys.argv[1], sys.argv[2] == "paper", sys.argv[3], int(sys.argv[4])
 BN_f, BD = k._blocks(2048, None, 4096)
 BN_b, _ = k._blocks(2048, None, 2048)
 if which == "fwd":
@@ -394,26 +394,29 @@ else:
     sig, kern = bwd, k.rot_sinkhorn_bwd_kernel
 sig = {n: v.format(x=xdt) for n, v in sig.items()}
 sig.update({n: "constexpr" for n in ce})
-c = compile_sm90(kern, sig, ce, num_warps=4)
+c = compile_sm90(kern, sig, ce, num_warps=nw)
 with tempfile.TemporaryDirectory() as d:
     p = os.path.join(d, "k.cubin")
     open(p, "wb").write(c.asm["cubin"])
     res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", p], capture_output=True,
                          text=True).stdout
 m = re.search(r"REG:(\d+).*LOCAL:(\d+)", res)
-print("USAGE", which, sys.argv[2], xdt, m.group(1), m.group(2))
+print("USAGE", which, sys.argv[2], xdt, nw, m.group(1), m.group(2))
 '''
 
 
-@pytest.mark.parametrize("which,variant,xdt", [("fwd", "exact", "bf16"), ("fwd", "paper", "fp32"),
-                                               ("bwd", "exact", "fp32"), ("bwd", "paper", "fp16")])
-def test_aot_sm90_compiles_without_spills(which, variant, xdt):
-    """Each kernel (both variants; fp32/fp16/bf16 pointers) compiles for sm_90 with the tile
-    sizes the launcher picks for D = 2048, and ptxas reports no local-memory spills."""
-    out = run_without_interpreter(_AOT.replace("sys.argv[1], sys.argv[2] == \"paper\", "
-                                               "sys.argv[3]",
-                                               f"{which!r}, {variant == 'paper'}, {xdt!r}")
-                                  .replace("sys.argv[2]", repr(variant)))
+@pytest.mark.parametrize("which,variant,xdt,nw", [("fwd", "exact", "bf16", 8),
+                                                  ("fwd", "paper", "fp32", 4),
+                                                  ("bwd", "exact", "fp32", 4),
+                                                  ("bwd", "paper", "fp16", 8)])
+def test_aot_sm90_compiles_without_spills(which, variant, xdt, nw):
+    """Each kernel (both variants; fp32/fp16/bf16 pointers; the launcher's 4 and 8 warps)
+    compiles for sm_90 with the tile sizes the launcher picks for D = 2048, and ptxas reports
+    no local-memory spills."""
+    code = (_AOT.replace("sys.argv[1], sys.argv[2] == \"paper\", sys.argv[3], int(sys.argv[4])",
+                         f"{which!r}, {variant == 'paper'}, {xdt!r}, {nw}")
+            .replace("sys.argv[2]", repr(variant)))
+    out = run_without_interpreter(code)
     line = [ln for ln in out.splitlines() if ln.startswith("USAGE")][0]
     regs, local = map(int, line.split()[-2:])
     print(line)

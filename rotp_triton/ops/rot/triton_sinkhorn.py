@@ -616,6 +616,20 @@ def _blocks(D: int, N: Optional[int], tile: int) -> tuple:
     return BN, BD
 
 
+_SM_COUNT = {}
+
+
+def _num_warps(x: Tensor, B: int) -> int:
+    """One program per set: with fewer sets than about two per SM (W1: 50, W5: 128 sets) each
+    program gets 8 warps to keep enough loads in flight; many small sets use 4."""
+    if not x.is_cuda:
+        return 4
+    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return 8 if B < 2 * _SM_COUNT[idx] else 4
+
+
 def _layout(x: Tensor, ptr: Optional[Tensor]):
     """(B, N or None, D, NR, strides (b, n, d)) of a dense (B, N, D) or ragged (NR, D) batch."""
     if ptr is None:
@@ -675,7 +689,7 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], eps: Tensor, k2: Tensor, 
             -math.log2(D), sc, ie, k2.float().contiguous(), k3.float().contiguous(), lp0, lq0,
             A, Rn, Bv, Cn, rfin, tot, y, plan, spb, spn, spd,
             RAGGED=ptr is not None, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
-            PAPER=paper, RETURN_PLAN=return_plan, BN=BN, BD=BD, num_warps=4)
+            PAPER=paper, RETURN_PLAN=return_plan, BN=BN, BD=BD, num_warps=_num_warps(x, B))
     return y, plan, A, Rn, Bv, Cn, rfin, tot
 
 
@@ -741,7 +755,8 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], eps: Tensor, k2: Tensor,
             g, gp, sgb, sgn, sgd, dx, sdb, sdn, sdd,
             dlp0, dlq0, dk2, dk3, deps_rec, deps_x, deps_fin, Rbar, Cbar, abar, bbar,
             RAGGED=ptr is not None, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
-            PAPER=paper, HAS_GP=has_gp, BN=BN, BD=BD, BT=_next_pow2(T), num_warps=4)
+            PAPER=paper, HAS_GP=has_gp, BN=BN, BD=BD, BT=_next_pow2(T),
+            num_warps=_num_warps(x, B))
     dx_eps = deps_x.sum(0)
     if paper:  # term t of the x-scale belongs to ε_{max(t-1, 0)}
         dx_eps = torch.cat([dx_eps[:1] + dx_eps[1:2], dx_eps[2:], dx_eps.new_zeros(1)]) \
