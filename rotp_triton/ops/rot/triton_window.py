@@ -71,7 +71,19 @@ def _softmax(y, valid, AXIS: tl.constexpr):
     yv = tl.where(valid, y, float("-inf"))
     m = tl.expand_dims(tl.max(yv, axis=AXIS), AXIS)
     e = tl.exp2((yv - m) * LOG2E)
-    return e / tl.expand_dims(tl.sum(e, axis=AXIS), AXIS)
+    return e * (1.0 / tl.expand_dims(tl.sum(e, axis=AXIS), AXIS))
+
+
+@triton.jit
+def _lse_softmax(y, valid, AXIS: tl.constexpr):
+    """(LogSumExp, softmax) of y along AXIS over the valid entries from one pass of exps: the
+    B-ADMM plans are softmax · marginal (P = softmax_n(Y) μ, S = softmax_d(Y2) η), which saves
+    two exps per element and iteration over exp(log P), exp(log S)."""
+    yv = tl.where(valid, y, float("-inf"))
+    m = tl.expand_dims(tl.max(yv, axis=AXIS), AXIS)
+    e = tl.exp2((yv - m) * LOG2E)
+    s = tl.expand_dims(tl.sum(e, axis=AXIS), AXIS)
+    return m + tl.log2(s) * LN2, e * (1.0 / s)
 
 
 @triton.jit
@@ -180,26 +192,27 @@ def _admm_step(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp0, l
     """One B-ADMM iteration; returns the new state and Y (the P-step logits of this iteration)."""
     m = sv & cv
     y = _admm_p_logits(x, log_s, z, irho, c1, m, QUAD)                 # [BW, BN, BC]
-    r = _lse(y, sv, 1)                                                 # [BW, 1, BC]
+    r, sm1 = _lse_softmax(y, sv, 1)                                    # [BW, 1, BC] R
     if PAPER:
         log_mu = lmu
     else:
         v = k2 * lp0 + (1 - k2) * r
         log_mu = v - _lse(v, cv, 2)
     log_p = tl.where(m, y + log_mu - r, 0.0)
-    p = tl.where(m, _exp(log_p), 0.0)
+    p = tl.where(m, sm1 * _exp(log_mu), 0.0)                           # exp(log P)
     if QUAD:
         y2 = log_p + z * irho - c1 * p
     else:
         y2 = z * c1 + log_p * c2
-    c = tl.where(sv, _lse(y2, cv, 2), 0.0)                             # [BW, BN, 1]
+    c, sm2 = _lse_softmax(y2, cv, 2)                                   # [BW, BN, 1] C
+    c = tl.where(sv, c, 0.0)
     if PAPER:
         log_eta = leta
     else:
         q = k3 * lq0 + (1 - k3) * c
         log_eta = q - _lse(q, sv, 1)
     log_s_new = tl.where(m, y2 + log_eta - c, 0.0)
-    s_new = tl.where(m, _exp(log_s_new), 0.0)
+    s_new = tl.where(m, sm2 * _exp(log_eta), 0.0)                      # exp(log S')
     z_new = z + rho * (p - s_new)
     if PAPER:
         t1 = (1 - k2) * (lmu - z1 * irho) + k2 * lp0
@@ -228,26 +241,27 @@ def _admm_step_bwd(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp
     # ---- recompute the forward of this iteration
     s = tl.where(m, _exp(log_s), 0.0)
     y = _admm_p_logits(x, log_s, z, irho, c1, m, QUAD)
-    r = _lse(y, sv, 1)
+    r, sm1 = _lse_softmax(y, sv, 1)
     if PAPER:
         log_mu = lmu
     else:
         v = k2 * lp0 + (1 - k2) * r
         log_mu = v - _lse(v, cv, 2)
     log_p = tl.where(m, y + log_mu - r, 0.0)
-    p = tl.where(m, _exp(log_p), 0.0)
+    p = tl.where(m, sm1 * _exp(log_mu), 0.0)
     if QUAD:
         y2 = log_p + z * irho - c1 * p
     else:
         y2 = z * c1 + log_p * c2
-    c = tl.where(sv, _lse(y2, cv, 2), 0.0)
+    c, sm2 = _lse_softmax(y2, cv, 2)
+    c = tl.where(sv, c, 0.0)
     if PAPER:
         log_eta = leta
     else:
         q = k3 * lq0 + (1 - k3) * c
         log_eta = q - _lse(q, sv, 1)
     log_s_new = tl.where(m, y2 + log_eta - c, 0.0)
-    s_new = tl.where(m, _exp(log_s_new), 0.0)
+    s_new = tl.where(m, sm2 * _exp(log_eta), 0.0)
 
     # ---- backward
     g_z = tl.where(m, g_z_new, 0.0)
@@ -298,7 +312,7 @@ def _admm_step_bwd(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp
         g_c += (1 - k3) * g_q
         g_k3 = _tsum(g_q * (lq0 - c))
     g_c = tl.where(sv, g_c, 0.0)
-    g_y2 = tl.where(m, g_ls + _softmax(y2, cv, 2) * g_c, 0.0)
+    g_y2 = tl.where(m, g_ls + sm2 * g_c, 0.0)
     if QUAD:
         g_logp = g_y2
         g_z += irho * g_y2
@@ -322,7 +336,7 @@ def _admm_step_bwd(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp
         g_r += (1 - k2) * g_v
         g_k2 = _tsum(g_v * (lp0 - r))
     g_r = tl.where(cv, g_r, 0.0)
-    g_yy = tl.where(m, g_logp + g_y + _softmax(y, sv, 1) * g_r, 0.0)
+    g_yy = tl.where(m, g_logp + g_y + sm1 * g_r, 0.0)
     # Y = log S + (X - Z)/ρ [- c1 S]
     g_x = irho * g_yy
     g_z += -irho * g_yy
