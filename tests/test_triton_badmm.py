@@ -401,3 +401,56 @@ def test_aot_compile_sm90():
     for l in lines:
         if "local ?" not in l:
             assert l.endswith("local 0"), l
+
+
+# --------------------------------------------------------------------------------------------
+# custom operator and torch.compile
+# --------------------------------------------------------------------------------------------
+def test_opcheck_custom_op():
+    """torch.library.opcheck of the forward op: schema, autograd registration, fake tensor."""
+    if triton_badmm.badmm_fwd_op is None:
+        pytest.skip("torch has no torch.library.triton_op")
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 4, generator=gen).to(DEVICE).requires_grad_()
+    a1 = torch.tensor([0.9, 1.1], device=DEVICE, requires_grad=True)
+    rho = torch.tensor([1.0, 1.3], device=DEVICE, requires_grad=True)
+    k2 = torch.tensor([0.4, 0.6], device=DEVICE)
+    k3 = torch.tensor([0.5, 0.3], device=DEVICE)
+    lp0 = torch.log_softmax(torch.randn(2, 4, generator=gen), -1).to(DEVICE)
+    torch.library.opcheck(triton_badmm.badmm_fwd_op,
+                          (x, None, lp0, None, a1, rho, k2, k3, True, False, True),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_torch_compile_fullgraph(ragged):
+    """torch.compile(fullgraph=True) of rt.rot_pool(method="badmm-e", backend="triton")
+    traces without graph breaks and reproduces the eager y and gradients (x, a (T,) ρ). Under
+    the interpreter the graph runs on the "eager" backend, on CUDA on inductor."""
+    if triton_badmm.badmm_fwd_op is None:
+        pytest.skip("torch has no torch.library.triton_op")
+    gen = torch.Generator().manual_seed(12)
+    if ragged:
+        x = torch.randn(7, 3, generator=gen).to(DEVICE)
+        ptr = torch.tensor([0, 3, 3, 7]).to(DEVICE)
+    else:
+        x = torch.randn(2, 4, 3, generator=gen).to(DEVICE)
+        ptr = None
+    rho = torch.tensor([0.7, 1.2], device=DEVICE)
+
+    def f(x, rho):
+        return rt.rot_pool(x, ptr=ptr, method="badmm-e", num_iters=2, a1=0.8, a2=2.0,
+                           a3=math.inf, rho=rho, backend="triton")
+
+    def run(fn):
+        xl, rl = x.clone().requires_grad_(), rho.clone().requires_grad_()
+        y = fn(xl, rl)
+        cot = torch.arange(y.numel(), device=DEVICE, dtype=y.dtype).reshape(y.shape)
+        return (y,) + torch.autograd.grad((y * cot).sum(), [xl, rl])
+
+    eager = run(f)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(f, fullgraph=True, backend="inductor" if ON_CUDA else "eager"))
+    for a, b in zip(compiled, eager):
+        assert float((a - b).norm() / b.norm()) <= 1e-6

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -227,7 +227,7 @@ def _s_norm_pass(sl, sz, c_ptr, leta_ptr, n_b, D, rho, BN: tl.constexpr, BD: tl.
             offs_d = d0 + tl.arange(0, BD)
             mask = nm[:, None] & (offs_d < D)[None, :]
             o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L = tl.load(sl + o, mask=mask, other=0.0) + shift[:, None]
+            L = tl.where(mask, tl.load(sl + o, mask=mask, other=0.0) + shift[:, None], 0.0)
             Zt = tl.load(sz + o, mask=mask, other=0.0)
             tl.store(sl + o, L, mask=mask)
             tl.store(sz + o, Zt - rho * _exp(L), mask=mask)
@@ -1015,9 +1015,9 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
             QUAD=quadratic, PAPER=paper, PLAN_GRAD=grad_plan is not None,
             BN=BN, BD=BD, BV=BV, num_warps=8 if BN * BD >= 2048 else 4,
         )
-    g = gw.sum(0)
+    g = gw.sum(0).t().contiguous()                                                 # [4, T]
     gq0 = gq0.reshape(log_q0.shape) if log_q0 is not None else None
-    return gx.reshape(x.shape), gp0, gq0, g[:, 0], g[:, 1], g[:, 2], g[:, 3]
+    return gx.reshape(x.shape), gp0, gq0, g[0].clone(), g[1].clone(), g[2].clone(), g[3].clone()
 
 
 class BadmmPoolFunction(torch.autograd.Function):
@@ -1050,6 +1050,89 @@ class BadmmPoolFunction(torch.autograd.Function):
             return None if like is None else g.to(like.dtype)
         return (gx.to(x.dtype), None, cast(gp0, log_p0), cast(gq0, log_q0), ga1.to(a1.dtype),
                 grho.to(rho.dtype), gk2.to(k2.dtype), gk3.to(k3.dtype), None, None, None)
+
+
+# --------------------------------------------------------------------------------------------
+# custom operators: torch.compile(fullgraph=True) sees one opaque node each (as triton_set's
+# Sinkhorn operators); without torch.library.triton_op the autograd Function above is used
+# --------------------------------------------------------------------------------------------
+_HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+badmm_fwd_op = None
+badmm_bwd_op = None
+
+if _HAS_TRITON_OP:
+    try:
+        from torch.library import triton_op, wrap_triton
+
+        @triton_op("rotp_triton::badmm_fwd", mutates_args=())
+        def badmm_fwd_op(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
+                         log_q0: Optional[Tensor], a1: Tensor, rho: Tensor, k2: Tensor,
+                         k3: Tensor, quadratic: bool, paper: bool,
+                         return_plan: bool) -> Tuple[Tensor, Tensor]:
+            """(y (B, D) fp32, plan in x's layout or an empty tensor)."""
+            y, plan = badmm_forward(x, ptr, log_p0, log_q0, a1, rho, k2, k3,
+                                    quadratic=quadratic, paper=paper, return_plan=return_plan,
+                                    wrap=wrap_triton)
+            return y, (plan if plan is not None else x.new_empty(0))
+
+        @triton_op("rotp_triton::badmm_bwd", mutates_args=())
+        def badmm_bwd_op(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
+                         log_q0: Optional[Tensor], a1: Tensor, rho: Tensor, k2: Tensor,
+                         k3: Tensor, y32: Tensor, grad_y: Tensor, grad_plan: Optional[Tensor],
+                         quadratic: bool, paper: bool
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            """(dx fp32 like x, dlog_p0 (B, D), dlog_q0 like log_q0 (empty when absent),
+            dκ2, dκ3, dα1, dρ (T,))."""
+            gx, gp0, gq0, gk2, gk3, ga1, grho = badmm_backward(
+                x, ptr, log_p0, log_q0, a1, rho, k2, k3, y32, grad_y, grad_plan,
+                quadratic=quadratic, paper=paper, wrap=wrap_triton)
+            if gq0 is None:
+                gq0 = x.new_empty(0, dtype=torch.float32)
+            return gx, gp0, gq0, gk2, gk3, ga1, grho
+
+        def _setup_context(ctx, inputs, output):
+            x, ptr, log_p0, log_q0, a1, rho, k2, k3, quadratic, paper, return_plan = inputs
+            ctx.save_for_backward(x, ptr, log_p0, log_q0, a1, rho, k2, k3, output[0])
+            ctx.quadratic, ctx.paper, ctx.return_plan = quadratic, paper, return_plan
+
+        def _backward(ctx, grad_y, grad_plan):
+            x, ptr, log_p0, log_q0, a1, rho, k2, k3, y32 = ctx.saved_tensors
+            gp = grad_plan.contiguous() if (ctx.return_plan and grad_plan is not None) else None
+            if grad_y is None:
+                grad_y = torch.zeros_like(y32)
+            gx, gp0, gq0, gk2, gk3, ga1, grho = badmm_bwd_op(
+                x, ptr, log_p0, log_q0, a1, rho, k2, k3, y32, grad_y.contiguous(), gp,
+                ctx.quadratic, ctx.paper)
+            return (gx.to(x.dtype), None,
+                    gp0.to(log_p0.dtype) if log_p0 is not None else None,
+                    gq0.to(log_q0.dtype) if log_q0 is not None else None,
+                    ga1.to(a1.dtype), grho.to(rho.dtype), gk2.to(k2.dtype), gk3.to(k3.dtype),
+                    None, None, None)
+
+        badmm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+        # Explicit fake kernels: under TRITON_INTERPRET=1 wrap_triton hands back the raw
+        # interpreted kernel, which cannot run on fake tensors, so tracing needs these.
+        @badmm_fwd_op.register_fake
+        def _badmm_fwd_fake(x, ptr, log_p0, log_q0, a1, rho, k2, k3, quadratic, paper,
+                            return_plan):
+            B = x.shape[0] if ptr is None else ptr.shape[0] - 1
+            plan = torch.empty_like(x, memory_format=torch.contiguous_format) if return_plan \
+                else x.new_empty(0)
+            return x.new_empty(B, x.shape[-1], dtype=torch.float32), plan
+
+        @badmm_bwd_op.register_fake
+        def _badmm_bwd_fake(x, ptr, log_p0, log_q0, a1, rho, k2, k3, y32, grad_y, grad_plan,
+                            quadratic, paper):
+            f = dict(dtype=torch.float32)
+            T = a1.shape[0]
+            return (x.new_empty(x.shape, **f), x.new_empty(y32.shape, **f),
+                    x.new_empty(log_q0.shape if log_q0 is not None else (0,), **f),
+                    x.new_empty(T, **f), x.new_empty(T, **f), x.new_empty(T, **f),
+                    x.new_empty(T, **f))
+    except Exception:  # pragma: no cover - a torch whose triton_op rejects these ops
+        _HAS_TRITON_OP = False
+        badmm_fwd_op = badmm_bwd_op = None
 
 
 def rot_pool_badmm_triton(x: Tensor, ptr: Optional[Tensor], *, method: str, variant: str,
@@ -1086,6 +1169,11 @@ def rot_pool_badmm_triton(x: Tensor, ptr: Optional[Tensor], *, method: str, vari
     # κ2 = κ(α2, ρ); κ3 = κ(α3, w), w = α1 + ρ (B-E exact) or ρ (B-Q, paper): as solvers.badmm
     k2 = kappa(a2, rho)
     k3 = kappa(a3, rho if (quadratic or paper) else a1 + rho)
-    y, plan = BadmmPoolFunction.apply(x, ptr, log_p0, log_q0, a1, rho, k2, k3, quadratic, paper,
-                                      return_plan)
+    if badmm_fwd_op is not None:
+        y32, plan = badmm_fwd_op(x, ptr, log_p0, log_q0, a1, rho, k2, k3, quadratic, paper,
+                                 return_plan)
+        y = y32.to(x.dtype)
+    else:
+        y, plan = BadmmPoolFunction.apply(x, ptr, log_p0, log_q0, a1, rho, k2, k3, quadratic,
+                                          paper, return_plan)
     return y, (plan if return_plan else None)
