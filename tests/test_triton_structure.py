@@ -239,9 +239,16 @@ for quad in (False, True):
 for paper in (False, True):
     ck(ts.sinkhorn_prox_step_kernel,
        dict(x_ptr=P, log_p_ptr=P, sig_ptr=P, y0_ptr=P, bvec_ptr=P, c_ptr=P, log_p0_ptr=P,
-            log_q0_ptr=P, len_ptr="*i64", a0_ptr=P, a1_ptr=P, a2_ptr=P, a3_ptr=P, tau_ptr=P,
-            t=I, K=I, N_pad=I, D=I), dict(PAPER=paper, BN=BN, BD=BD),
+            log_q0_ptr=P, hist_r_ptr=P, hist_a_ptr=P, hist_c_ptr=P, hist_b_ptr=P,
+            len_ptr="*i64", a0_ptr=P, a1_ptr=P, a2_ptr=P, a3_ptr=P, tau_ptr=P,
+            t=I, K=I, N_pad=I, D=I), dict(PAPER=paper, SAVE=not paper, BN=BN, BD=BD),
        f"sinkhorn_prox[paper={paper}]")
+ck(ts.sinkhorn_prox_step_bwd_kernel,
+   dict(g_out_ptr=P, x_ptr=P, log_p_ptr=P, sig_ptr=P, y0_ptr=P, gy0_ptr=P, hist_r_ptr=P,
+        hist_a_ptr=P, hist_c_ptr=P, hist_b_ptr=P, gb_ptr=P, gc_ptr=P, log_p0_ptr=P,
+        log_q0_ptr=P, g_lp_ptr=P, g_x_ptr=P, g_sig_ptr=P, g_lp0_ptr=P, g_lq0_ptr=P, wpart_ptr=P,
+        len_ptr="*i64", a0_ptr=P, a1_ptr=P, a2_ptr=P, a3_ptr=P, tau_ptr=P, t=I, K=I, N_pad=I,
+        D=I), dict(BN=BN, BD=BD), "sinkhorn_prox_bwd")
 ck(ts.pool_from_log_plan_kernel,
    dict(log_p_ptr=P, x_ptr=P, y_ptr="*bf16", plan_ptr="*bf16", len_ptr="*i64",
         real_len_ptr="*i64", row_start_ptr="*i64", N_pad=I, D=I, s_pn=I, s_pb=I),
@@ -255,6 +262,6 @@ def test_aot_sm90():
     out = run_without_interpreter(_AOT, timeout=900)
     lines = [ln for ln in out.splitlines() if ln.startswith("RESULT")]
     print("\n".join(lines))
-    assert len(lines) == 15
+    assert len(lines) == 16
     for line in lines:
         assert "LOCAL:0" in line or "LOCAL:?" in line, line

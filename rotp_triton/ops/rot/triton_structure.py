@@ -366,8 +366,9 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
 
 @triton.jit
 def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr, log_p0_ptr,
-                              log_q0_ptr, len_ptr, a0_ptr, a1_ptr, a2_ptr, a3_ptr, tau_ptr, t,
-                              K, N_pad, D, PAPER: tl.constexpr,
+                              log_q0_ptr, hist_r_ptr, hist_a_ptr, hist_c_ptr, hist_b_ptr,
+                              len_ptr, a0_ptr, a1_ptr, a2_ptr, a3_ptr, tau_ptr, t,
+                              K, N_pad, D, PAPER: tl.constexpr, SAVE: tl.constexpr,
                               BN: tl.constexpr, BD: tl.constexpr):
     """One proximal (Alg. 1) outer step of S, all K inner iterations, one program per set.
 
@@ -375,6 +376,7 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
     a = lognorm(κ2 log p0 + (1-κ2) LSE_n(Y0 + b)) - LSE_n(..), b likewise over d; paper: K
     Jacobi iterations of eq. (18) with the a/ε factor. log P ← Y0 + a + b (in place).
     y0: (B, N_pad, D) scratch; bvec, c: (B, N_pad) scratch.
+    SAVE (exact): the inner history R_k, a_k (B, K, D) and C_k, b_k (B, K, N_pad) for the adjoint.
     """
     b = tl.program_id(0)
     n_b = tl.load(len_ptr + b).to(tl.int32)
@@ -442,6 +444,9 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
             v = tl.where(d_ok, k2 * lp0 + (1 - k2) * r, float("-inf"))
             vmax = tl.max(v, 0)
             a = tl.where(d_ok, v - (vmax + tl.log(tl.sum(tl.exp(v - vmax), 0))) - r, 0.0)
+            if SAVE:
+                tl.store(hist_r_ptr + (b * K + _k) * D + offs_d, r, mask=d_ok)
+                tl.store(hist_a_ptr + (b * K + _k) * D + offs_d, a, mask=d_ok)
             # b from C = LSE_d(Y0 + a)
             vm = tl.max(tl.full([BN], _NEG_BIG, dtype=tl.float32), 0)
             vl = tl.sum(tl.zeros([BN], dtype=tl.float32), 0)
@@ -467,8 +472,11 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
                 r_ok = rows < n_b
                 c = tl.load(c_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
                 lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
-                tl.store(bvec_ptr + b * N_pad + rows, k3 * lq0 + (1 - k3) * c - v_lse - c,
-                         mask=r_ok)
+                bn = k3 * lq0 + (1 - k3) * c - v_lse - c
+                tl.store(bvec_ptr + b * N_pad + rows, bn, mask=r_ok)
+                if SAVE:
+                    tl.store(hist_c_ptr + (b * K + _k) * N_pad + rows, c, mask=r_ok)
+                    tl.store(hist_b_ptr + (b * K + _k) * N_pad + rows, bn, mask=r_ok)
         tl.debug_barrier()
     # log P = Y0 + a + b
     for n0 in range(0, n_b, BN):
@@ -653,6 +661,129 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
     tl.store(wpart_ptr + b * 8 + 1, g_a1)
     tl.store(wpart_ptr + b * 8 + 2, g_rho)
     tl.store(wpart_ptr + b * 8 + 3, g_k2)
+
+
+@triton.jit
+def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, gy0_ptr,
+                                  hist_r_ptr, hist_a_ptr, hist_c_ptr, hist_b_ptr, gb_ptr, gc_ptr,
+                                  log_p0_ptr, log_q0_ptr, g_lp_ptr, g_x_ptr, g_sig_ptr,
+                                  g_lp0_ptr, g_lq0_ptr, wpart_ptr, len_ptr, a0_ptr, a1_ptr,
+                                  a2_ptr, a3_ptr, tau_ptr, t, K, N_pad, D,
+                                  BN: tl.constexpr, BD: tl.constexpr):
+    """Adjoint of one exact proximal S step (sinkhorn_prox_step_kernel, SAVE), one program per
+    set: the K Gauss-Seidel iterations in reverse from their saved (R_k, a_k, C_k, b_k) and Y0.
+
+    In: g_out = ∂L/∂log P_{t+1} (B, N_pad, D); log P_t, Σ(P_t), Y0 and the history. Out: g_lp =
+    ∂L/∂log P_t except the Σ(P_t) path, g_x += ∂L/∂x, g_sig = α0 ∂L/∂Y0/ε (to be pushed
+    through Σ), g_lp0 (B, D), g_lq0 (B, N_pad), wpart[b] = (∂/∂α0, ∂/∂τ direct, ∂/∂ε direct,
+    ∂/∂κ2, ∂/∂κ3). Scratch: gy0 (B, N_pad, D), gb, gc (B, N_pad).
+    """
+    b = tl.program_id(0)
+    n_b = tl.load(len_ptr + b).to(tl.int32)
+    a0 = tl.load(a0_ptr + t)
+    tau = tl.load(tau_ptr + t)
+    eps = tl.load(a1_ptr + t) + tau
+    k2 = _kappa(tl.load(a2_ptr + t), eps)
+    k3 = _kappa(tl.load(a3_ptr + t), eps)
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    lp0 = tl.load(log_p0_ptr + b * D + offs_d, mask=d_ok, other=0.0)
+    zero_n = tl.zeros([BN], dtype=tl.float32)
+    # log P_{t+1} = Y0 + a_K + b_K
+    g_a_out = tl.zeros([BD], dtype=tl.float32)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        g = tl.load(g_out_ptr + off, mask=msk, other=0.0)
+        tl.store(gy0_ptr + off, g, mask=msk)
+        g_a_out += tl.sum(g, 0)
+        tl.store(gb_ptr + b * N_pad + rows, tl.sum(g, 1), mask=r_ok)
+        tl.store(g_lq0_ptr + b * N_pad + rows, zero_n, mask=r_ok)
+    g_lp0 = tl.zeros([BD], dtype=tl.float32)
+    g_k2 = tl.sum(zero_n, 0)
+    g_k3 = tl.sum(zero_n, 0)
+    tl.debug_barrier()
+    for kk in range(0, K):
+        k = K - 1 - kk
+        # b_k = lognorm_n(v) - C_k, v = κ3 log q0 + (1-κ3) C_k, softmax(v) = exp(b_k + C_k)
+        gb_sum = tl.sum(zero_n, 0)
+        for n0 in range(0, n_b, BN):
+            rows = n0 + tl.arange(0, BN)
+            gb_sum += tl.sum(tl.load(gb_ptr + b * N_pad + rows, mask=rows < n_b, other=0.0), 0)
+        for n0 in range(0, n_b, BN):
+            rows = n0 + tl.arange(0, BN)
+            r_ok = rows < n_b
+            gbv = tl.load(gb_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+            c = tl.load(hist_c_ptr + (b * K + k) * N_pad + rows, mask=r_ok, other=0.0)
+            bk = tl.load(hist_b_ptr + (b * K + k) * N_pad + rows, mask=r_ok, other=0.0)
+            lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+            g_v = tl.where(r_ok, gbv - tl.exp(bk + c) * gb_sum, 0.0)
+            tl.store(gc_ptr + b * N_pad + rows, -gbv + (1 - k3) * g_v, mask=r_ok)
+            g_k3 += tl.sum(g_v * (lq0 - c), 0)
+            old = tl.load(g_lq0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+            tl.debug_barrier()   # every warp read the old value before it is replaced
+            tl.store(g_lq0_ptr + b * N_pad + rows, old + k3 * g_v, mask=r_ok)
+        tl.debug_barrier()
+        # C_k = LSE_d(Y0 + a_k)
+        ak = tl.load(hist_a_ptr + (b * K + k) * D + offs_d, mask=d_ok, other=0.0)
+        g_a = tl.where(k == K - 1, g_a_out, 0.0)   # a_k feeds C_k and, last, the output
+        for n0 in range(0, n_b, BN):
+            rows = n0 + tl.arange(0, BN)
+            r_ok = rows < n_b
+            msk = r_ok[:, None] & d_ok[None, :]
+            off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+            c = tl.load(hist_c_ptr + (b * K + k) * N_pad + rows, mask=r_ok, other=0.0)
+            gc = tl.load(gc_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+            e = tl.where(msk, tl.exp(tl.load(y0_ptr + off, mask=msk, other=0.0) + ak[None, :]
+                                     - c[:, None]), 0.0) * gc[:, None]          # [BN, BD]
+            tl.store(gy0_ptr + off, tl.load(gy0_ptr + off, mask=msk, other=0.0) + e, mask=msk)
+            g_a += tl.sum(e, 0)
+        # a_k = lognorm_d(u) - R_k, u = κ2 log p0 + (1-κ2) R_k, softmax(u) = exp(a_k + R_k)
+        rk = tl.load(hist_r_ptr + (b * K + k) * D + offs_d, mask=d_ok, other=0.0)
+        g_u = tl.where(d_ok, g_a - tl.exp(ak + rk) * tl.sum(g_a, 0), 0.0)
+        g_r = -g_a + (1 - k2) * g_u
+        g_lp0 += k2 * g_u
+        g_k2 += tl.sum(tl.where(d_ok, g_u * (lp0 - rk), 0.0), 0)
+        # R_k = LSE_n(Y0 + b_{k-1}), b_{-1} = 0
+        for n0 in range(0, n_b, BN):
+            rows = n0 + tl.arange(0, BN)
+            r_ok = rows < n_b
+            msk = r_ok[:, None] & d_ok[None, :]
+            off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+            bprev = tl.load(hist_b_ptr + (b * K + tl.maximum(k - 1, 0)) * N_pad + rows,
+                            mask=r_ok, other=0.0)
+            bprev = tl.where(k > 0, bprev, 0.0)
+            e = tl.where(msk, tl.exp(tl.load(y0_ptr + off, mask=msk, other=0.0) + bprev[:, None]
+                                     - rk[None, :]), 0.0) * g_r[None, :]
+            tl.store(gy0_ptr + off, tl.load(gy0_ptr + off, mask=msk, other=0.0) + e, mask=msk)
+            tl.store(gb_ptr + b * N_pad + rows, tl.sum(e, 1), mask=r_ok)
+        tl.debug_barrier()
+    # Y0 = (x + α0 Σ(P) + τ log P) / ε
+    g_a0 = tl.sum(zero_n, 0)
+    g_tau = tl.sum(zero_n, 0)
+    g_eps = tl.sum(zero_n, 0)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        gy = tl.load(gy0_ptr + off, mask=msk, other=0.0) / eps
+        sig = tl.load(sig_ptr + off, mask=msk, other=0.0)
+        lp = tl.load(log_p_ptr + off, mask=msk, other=0.0)
+        g_a0 += tl.sum(tl.sum(gy * sig, 1), 0)
+        g_tau += tl.sum(tl.sum(gy * lp, 1), 0)
+        g_eps += tl.sum(tl.sum(-gy * tl.load(y0_ptr + off, mask=msk, other=0.0), 1), 0)
+        tl.store(g_x_ptr + off, tl.load(g_x_ptr + off, mask=msk, other=0.0) + gy, mask=msk)
+        tl.store(g_sig_ptr + off, a0 * gy, mask=msk)
+        tl.store(g_lp_ptr + off, tau * gy, mask=msk)
+    tl.store(g_lp0_ptr + b * D + offs_d, g_lp0, mask=d_ok)
+    tl.store(wpart_ptr + b * 8 + 0, g_a0)
+    tl.store(wpart_ptr + b * 8 + 1, g_tau)
+    tl.store(wpart_ptr + b * 8 + 2, g_eps)
+    tl.store(wpart_ptr + b * 8 + 3, g_k2)
+    tl.store(wpart_ptr + b * 8 + 4, g_k3)
 
 
 @triton.jit
@@ -857,9 +988,9 @@ def run_iterations(pb: _Problem, fac: Factors, st: dict, t0: int, t1: int) -> di
         for t in range(t0, t1):
             fac.apply(st["log_s"], exp=True, out=sig)
             sinkhorn_prox_step_kernel[(B,)](
-                pb.x32, st["log_s"], sig, y0, bvec, cbuf, pb.log_p0, pb.log_q0, pb.lens,
-                w["a0"], w["a1"], w["a2"], w["a3"], w["tau"], t, pb.K, N, D,
-                PAPER=paper, BN=pb.BN, BD=pb.BD, num_warps=_PER_SET_WARPS)
+                pb.x32, st["log_s"], sig, y0, bvec, cbuf, pb.log_p0, pb.log_q0, bvec, bvec,
+                bvec, bvec, pb.lens, w["a0"], w["a1"], w["a2"], w["a3"], w["tau"], t, pb.K, N,
+                D, PAPER=paper, SAVE=False, BN=pb.BN, BD=pb.BD, num_warps=_PER_SET_WARPS)
         return st
     quad = pb.method == "badmm-q"
     log_p = st.get("log_p")
@@ -1170,6 +1301,58 @@ def _replay_step(pb: _Problem, st: dict, x: Tensor, xc: Tensor, xt: Tensor, gram
     return out
 
 
+def sinkhorn_exact_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tensor,
+                                g_out: Tensor, acc: dict) -> Tensor:
+    """Pull ∂L/∂log P_{t+1} back through the exact proximal S step t (K inner iterations), in
+    Triton: re-run step t saving Y0 and the inner history, then the adjoint kernel and the
+    structure-product adjoint. Returns ∂L/∂log P_t; accumulates like badmm_exact_reverse_step.
+    """
+    B, N, D, K = pb.B, pb.N, pb.D, pb.K
+    w = pb.w
+    kw = dict(BN=pb.BN, BD=pb.BD, num_warps=_PER_SET_WARPS)
+    log_p = st["log_s"]
+    sig = fac.apply(log_p, exp=True)
+    y0 = torch.zeros_like(pb.x32)
+    bvec = torch.empty_like(pb.log_q0)
+    cbuf = torch.empty_like(pb.log_q0)
+    h_r = torch.zeros(B, K, D, device=pb.x32.device, dtype=torch.float32)
+    h_a = torch.zeros_like(h_r)
+    h_c = torch.zeros(B, K, N, device=pb.x32.device, dtype=torch.float32)
+    h_b = torch.zeros_like(h_c)
+    out = log_p.clone()
+    sinkhorn_prox_step_kernel[(B,)](pb.x32, out, sig, y0, bvec, cbuf, pb.log_p0, pb.log_q0, h_r,
+                                    h_a, h_c, h_b, pb.lens, w["a0"], w["a1"], w["a2"], w["a3"],
+                                    w["tau"], t, K, N, D, PAPER=False, SAVE=True, **kw)
+    gy0 = torch.zeros_like(pb.x32)
+    gb = torch.zeros_like(pb.log_q0)
+    gc = torch.zeros_like(pb.log_q0)
+    g_lp = torch.zeros_like(pb.x32)
+    g_sig = torch.zeros_like(pb.x32)
+    g_lp0 = torch.zeros_like(pb.log_p0)
+    g_lq0 = torch.zeros_like(pb.log_q0)
+    wp = torch.zeros(B, 8, device=pb.x32.device, dtype=torch.float32)
+    sinkhorn_prox_step_bwd_kernel[(B,)](g_out.contiguous(), pb.x32, log_p, sig, y0, gy0, h_r, h_a,
+                                        h_c, h_b, gb, gc, pb.log_p0, pb.log_q0, g_lp, acc["x"],
+                                        g_sig, g_lp0, g_lq0, wp, pb.lens, w["a0"], w["a1"],
+                                        w["a2"], w["a3"], w["tau"], t, K, N, D, **kw)
+    p = _masked_exp(log_p, mask)
+    g_lp += p * sigma_apply_bwd(p, g_sig, fac.xc, fac.xt, fac.gram, pb.lens, acc["xc"],
+                                acc["xt"])
+    acc["lp0"] += g_lp0
+    acc["lq0"] += g_lq0
+    ps = wp.sum(0)
+    eps = w["a1"][t] + w["tau"][t]
+    k2_a, k2_w = _dkappa(w["a2"][t], eps)
+    k3_a, k3_w = _dkappa(w["a3"][t], eps)
+    g_eps = ps[2] + ps[3] * k2_w + ps[4] * k3_w
+    acc["a0"][t] += ps[0]
+    acc["tau"][t] += ps[1] + g_eps
+    acc["a1"][t] += g_eps
+    acc["a2"][t] += ps[3] * k2_a
+    acc["a3"][t] += ps[4] * k3_a
+    return g_lp
+
+
 _WEIGHTS = ("a0", "a1", "a2", "a3", "rho", "tau")
 
 
@@ -1238,7 +1421,19 @@ class StructureROTFunction(torch.autograd.Function):
             key = "log_s" if pb.method == "sinkhorn" else "log_p"
             g_state = {key: gs[0]}
             gram = fac.gram
-            if TRITON_BACKWARD and pb.method != "sinkhorn" and pb.variant == "exact":
+            if TRITON_BACKWARD and pb.method == "sinkhorn" and pb.variant == "exact":
+                acc = {"x": grads[0], "xc": grads[1], "xt": grads[2], "lp0": grads[3],
+                       "lq0": grads[4]}
+                acc.update({k: grads[5 + i] for i, k in enumerate(_WEIGHTS)})
+                g_lp = g_state["log_s"]
+                with torch.no_grad():
+                    for t in reversed(range(pb.T)):
+                        t_ck = max(k for k in ckpts if k <= t)
+                        st = (run_iterations(pb, fac, ckpts[t_ck], t_ck, t) if t > t_ck
+                              else ckpts[t_ck])
+                        g_lp = sinkhorn_exact_reverse_step(pb, fac, st, t, mask, g_lp, acc)
+                g_state = {"log_s": g_lp}
+            elif TRITON_BACKWARD and pb.method != "sinkhorn" and pb.variant == "exact":
                 acc = {"x": grads[0], "xc": grads[1], "xt": grads[2], "lp0": grads[3],
                        "lq0": grads[4]}
                 acc.update({k: grads[5 + i] for i, k in enumerate(_WEIGHTS)})
