@@ -370,6 +370,38 @@ def test_module_dispatches_to_kernel():
         ROTPool2d(3, a0=0.5, backend="triton").to(DEVICE)(x)
 
 
+def test_kernel_saves_only_input_and_weight_table():
+    """The autograd graph of the kernel path holds x and the (T, 6) weight table, nothing per
+    iteration: memory does not grow with T (the backward recomputes)."""
+    from rotp_triton.ops.rot.triton_window import rot_pool2d_triton
+    x = make_input(1, 3, 4, 4, "nchw", torch.float32, seed=1).requires_grad_()
+    for T in (1, 3):
+        a1 = torch.full((T,), 0.5, device=DEVICE, requires_grad=True)
+        y = rot_pool2d_triton(x, 2, method="badmm-e", a1=a1, a2=1.0, a3=1.0, rho=1.0)
+        saved = y.grad_fn.saved_tensors
+        assert len(saved) == 2 and saved[0].data_ptr() == x.data_ptr()
+        assert saved[1].shape == (T, 6)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="peak memory is measured on CUDA")
+def test_kernel_peak_memory_independent_of_T():
+    from rotp_triton.ops.rot.triton_window import rot_pool2d_triton
+    x = torch.randn(8, 64, 56, 56, device="cuda", requires_grad=True)
+    peaks = []
+    for T in (2, 16):
+        a1 = torch.full((T,), 1.0, device="cuda", requires_grad=True)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        y = rot_pool2d_triton(x, 2, method="badmm-e", a1=a1, a2=1.0, a3=1.0, rho=1.0)
+        torch.autograd.grad(y.sum(), [x, a1])
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+    # x.grad (fp32) + y + per-program partials: the same for T = 2 and 16 up to the (T, 6) table
+    # and the partial sums (grid × next_pow2(6T) floats)
+    assert abs(peaks[1] - peaks[0]) <= 2 * 2**20, peaks
+
+
 def test_adaptive_even_windows_use_kernel(monkeypatch):
     """AdaptiveROTPool2d with windows that tile the image evenly runs the window kernel."""
     from rotp_triton.ops.rot import triton_window
