@@ -286,16 +286,18 @@ KERNEL_CASES = {  # name: (B, C, H, W, k, s, p, ceil_mode, layout)
 
 
 def make_input(B, C, H, W, layout, dtype, seed):
+    """A (B, C, H, W) input on DEVICE in the given layout (built there: .to() would densify)."""
     g = torch.Generator().manual_seed(seed)
     if layout == "noncontig":  # every other channel of a wider tensor, H and W transposed
-        base = torch.randn(B, 2 * C, W, H, generator=g).to(dtype)
+        base = torch.randn(B, 2 * C, W, H, generator=g).to(DEVICE, dtype)
         x = base[:, ::2].transpose(2, 3)
         assert not x.is_contiguous() and x.shape == (B, C, H, W)
-    else:
-        x = torch.randn(B, C, H, W, generator=g).to(dtype)
-        if layout == "channels_last":
-            x = x.contiguous(memory_format=torch.channels_last)
-    return x.to(DEVICE)
+        assert not x.is_contiguous(memory_format=torch.channels_last)
+        return x
+    x = torch.randn(B, C, H, W, generator=g).to(DEVICE, dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def check_kernel(method, variant, case, dtype=torch.float32, T=3, inf_a2=False):
@@ -357,15 +359,17 @@ def test_module_dispatches_to_kernel():
     """ROTPool2d(backend="triton") on the kernel == backend="torch", weights included."""
     torch.manual_seed(4)
     x = make_input(2, 3, 5, 5, "nchw", torch.float32, seed=9)
-    outs = []
-    for backend in ("triton", "torch"):
-        layer = ROTPool2d(3, 2, padding=1, num_iters=2, a1=0.5, rho=0.5, backend=backend)
-        layer = layer.to(DEVICE)
-        y = layer(x)
-        (g,) = torch.autograd.grad(y.sum(), layer.weights.raw_rho)
-        outs.append((y, g))
-    assert rel_err(outs[0][0], outs[1][0]) <= 1e-4
-    assert rel_err(outs[0][1], outs[1][1]) <= 1e-4
+    for per_iter in (True, False):
+        outs = []
+        for backend in ("triton", "torch"):
+            layer = ROTPool2d(3, 2, padding=1, num_iters=2, a1=0.5, rho=0.5, backend=backend,
+                              per_iter_params=per_iter).to(DEVICE)
+            y = layer(x)
+            (g,) = torch.autograd.grad(y.sum(), layer.weights.raw_rho)
+            assert g.shape == ((2,) if per_iter else (1,))
+            outs.append((y, g))
+        assert rel_err(outs[0][0], outs[1][0]) <= 1e-4
+        assert rel_err(outs[0][1], outs[1][1]) <= 1e-4
     with pytest.raises(ValueError, match="a0"):
         ROTPool2d(3, a0=0.5, backend="triton").to(DEVICE)(x)
 

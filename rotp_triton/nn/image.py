@@ -102,7 +102,9 @@ def _solve_sets(sets: Tensor, mask: Tensor, *, method, variant, num_iters, inner
     valid samples."""
     M, N, C = sets.shape
     cdt = sets.dtype
-    w = {k: v.to(device=sets.device, dtype=cdt) for k, v in weights.items()}
+    # (1,) weights (per_iter_params=False) are shared by the T modules
+    w = {k: v.to(device=sets.device, dtype=cdt).reshape(-1).expand(num_iters)
+         for k, v in weights.items()}
     log_p0 = sets.new_full((M, C), -math.log(C))
     count = mask.sum(1, keepdim=True).clamp_min(1).to(cdt)
     log_q0 = torch.where(mask, -torch.log(count), torch.zeros((), dtype=cdt, device=sets.device))
