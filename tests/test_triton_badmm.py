@@ -139,8 +139,9 @@ def _case(B, N, D, T, gen, priors=True, inf_a2=False, plan=True):
 
 def _small_blocks(monkeypatch):
     """Force 16-wide tiles and vector chunks so that small shapes run several tiles (online
-    LSE across tiles, partial tiles)."""
-    monkeypatch.setattr(triton_badmm, "_block_sizes", lambda n, d: (16, 16, 16))
+    LSE across tiles, partial tiles). Interpreter only: on a GPU BV must cover the CTA."""
+    bv = 16 if not ON_CUDA else 128
+    monkeypatch.setattr(triton_badmm, "_block_sizes", lambda n, d: (16, 16, bv, 4))
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,11 +368,11 @@ for kernel, D, N, quad, paper, ragged, flag in [
         (m.badmm_forward_kernel, 2048, 49, True, True, True, "PLAN"),
         (m.badmm_backward_kernel, 128, 500, False, False, True, "PLAN_GRAD"),
         (m.badmm_backward_kernel, 2048, 49, True, True, False, "PLAN_GRAD")]:
-    BN, BD, BV = m._block_sizes(0 if ragged else N, D)
+    BN, BD, BV, num_warps = m._block_sizes(0 if ragged else N, D)
     consts = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=quad, PAPER=paper, BN=BN, BD=BD,
                   BV=BV, **{flag: True})
     c = compile_sm90(kernel, signature(kernel, consts), consts,
-                     num_warps=8 if BN * BD >= 2048 else 4)
+                     num_warps=num_warps)
     assert ".target sm_90" in c.asm["ptx"]
     regs = spill = "?"
     if os.path.exists(cuobjdump):

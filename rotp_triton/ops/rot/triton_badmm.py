@@ -887,15 +887,20 @@ def badmm_backward_kernel(
 # host side
 # --------------------------------------------------------------------------------------------
 def _block_sizes(n_hint: int, D: int):
-    """[BN, BD] tiles of ~2048 fp32 (a few live tiles per thread at 8 warps), BV for vectors.
-    ``n_hint``: the set size of a dense batch (caps BN), 0 for a ragged one (not looked up:
-    that would be a host sync)."""
+    """(BN, BD, BV, num_warps): [BN, BD] tiles of <= 2048 fp32 (a few live tiles per thread at
+    8 warps), BV-wide chunks for the vector steps. ``n_hint``: the set size of a dense batch
+    (caps BN), 0 for a ragged one (not looked up: that would be a host sync).
+
+    BV >= 32 · num_warps: a 1-D block narrower than the CTA is replicated across warps, and the
+    vector steps update their vectors in place (load, then store the same lanes) - replicas in
+    different warps would race. With BV covering every thread once, each lane has one owner."""
     BD = min(max(triton.next_power_of_2(D), 16), 128)
     BN = max(16, 2048 // BD)
     if n_hint > 0:
         BN = min(BN, max(triton.next_power_of_2(n_hint), 16))
-    BV = min(max(triton.next_power_of_2(max(n_hint, D, 1)), 16), 1024)
-    return BN, BD, BV
+    num_warps = 8 if BN * BD >= 2048 else 4
+    BV = min(max(triton.next_power_of_2(max(n_hint, D, 1)), 32 * num_warps), 1024)
+    return BN, BD, BV, num_warps
 
 
 @functools.lru_cache(maxsize=None)
@@ -973,7 +978,7 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
         return y, plan
     lp0, lq0 = _priors(x, log_p0, log_q0)
     (sl, sz), vd, vn = _scratch(geo, x.device, 2)
-    BN, BD, BV = geo.blocks
+    BN, BD, BV, num_warps = geo.blocks
     wrap(badmm_forward_kernel)[(geo.grid,)](
         x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else y, lp0, lq0,
         _f32(a1), _f32(rho), _f32(k2), _f32(k3),
@@ -981,7 +986,7 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
         B, geo.N, D, geo.rows, T, -math.log(D),
         RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
         QUAD=quadratic, PAPER=paper, PLAN=return_plan, BN=BN, BD=BD, BV=BV,
-        num_warps=8 if BN * BD >= 2048 else 4,
+        num_warps=num_warps,
     )
     return y, plan
 
@@ -1003,7 +1008,7 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
         lp0, lq0 = _priors(x, log_p0, log_q0)
         (sl, sz, slb, szb), vd, vn = _scratch(geo, dev, 4)
         gplan = _f32(grad_plan).reshape(geo.rows, D) if grad_plan is not None else gx
-        BN, BD, BV = geo.blocks
+        BN, BD, BV, num_warps = geo.blocks
         wrap(badmm_backward_kernel)[(geo.grid,)](
             x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else gx, lp0, lq0,
             _f32(a1), _f32(rho), _f32(k2), _f32(k3),
@@ -1013,7 +1018,7 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
             B, geo.N, D, geo.rows, T, -math.log(D),
             RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
             QUAD=quadratic, PAPER=paper, PLAN_GRAD=grad_plan is not None,
-            BN=BN, BD=BD, BV=BV, num_warps=8 if BN * BD >= 2048 else 4,
+            BN=BN, BD=BD, BV=BV, num_warps=num_warps,
         )
     g = gw.sum(0).t().contiguous()                                                 # [4, T]
     gq0 = gq0.reshape(log_q0.shape) if log_q0 is not None else None
