@@ -437,9 +437,11 @@ BWD = ["x_ptr", "gy_ptr", "prm_ptr", "gx_ptr", "gprm_ptr", "C", "H", "W", "Ho", 
        "sdb", "sdc", "sdh", "sdw"]
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                          "cuobjdump")
-for C, method, paper, kind, overlap in [(64, 1, False, "fwd", False), (256, 1, False, "fwd", False),
-                                        (64, 1, False, "bwd", True), (256, 1, False, "bwd", False),
-                                        (256, 0, True, "bwd", False), (256, 2, True, "bwd", True)]:
+CASES = [(64, 1, False, "fwd", False, "fp32"), (256, 1, False, "fwd", False, "fp32"),
+         (64, 1, False, "bwd", True, "fp32"), (256, 1, False, "bwd", False, "fp32"),
+         (256, 0, True, "bwd", False, "fp32"), (256, 2, True, "bwd", True, "fp32"),
+         (64, 1, False, "fwd", False, "bf16"), (64, 0, False, "bwd", True, "bf16")]
+for C, method, paper, kind, overlap, dt in CASES:
     names, kern = (FWD, tw.rot_window_pool_fwd_kernel) if kind == "fwd" else \
         (BWD, tw.rot_window_pool_bwd_kernel)
     BW, BN, BC = tw._block_sizes(4, C, tw.FWD_TILE if kind == "fwd" else tw.BWD_TILE)
@@ -447,8 +449,10 @@ for C, method, paper, kind, overlap in [(64, 1, False, "fwd", False), (256, 1, F
               BW=BW, BN=BN, BC=BC, METHOD=method, PAPER=paper)
     if kind == "bwd":
         ce.update(OVERLAP=overlap, TP=32)
-    sig = {n: ("*fp32" if n.endswith("_ptr") else "fp32" if n == "lp0" else "i32")
-           for n in names}
+    # x, y, gy in the input dtype; the weight tables and gx (accumulated) in fp32
+    low = ("x_ptr", "y_ptr", "gy_ptr")
+    sig = {n: (f"*{dt}" if n in low else "*fp32" if n.endswith("_ptr") else
+               "fp32" if n == "lp0" else "i32") for n in names}
     sig.update({n: "constexpr" for n in ce})
     c = compile_sm90(kern, sig, ce, num_warps=4 if BC <= 256 else 8)
     assert "cubin" in c.asm
@@ -460,7 +464,7 @@ for C, method, paper, kind, overlap in [(64, 1, False, "fwd", False), (256, 1, F
                                text=True).stdout
         os.unlink(f.name)
         usage = " ".join(t for t in usage.split() if t.startswith(("REG:", "LOCAL:")))
-    print(f"RESULT C={C} method={method} paper={paper} {kind} tile={BW}x{BN}x{BC} {usage}")
+    print(f"RESULT C={C} method={method} paper={paper} {kind} {dt} tile={BW}x{BN}x{BC} {usage}")
 """
 
 
@@ -468,7 +472,7 @@ def test_aot_compile_sm90():
     out = run_without_interpreter(AOT_CODE, timeout=900)
     lines = [l for l in out.splitlines() if l.startswith("RESULT")]
     print("\n".join(lines))
-    assert len(lines) == 6
+    assert len(lines) == 8
     for line in lines:
         if "LOCAL:" in line:  # no register spills to local memory
             assert "LOCAL:0" in line, line
