@@ -179,10 +179,12 @@ def test_degenerate_shapes(shape):
 
 
 @pytest.mark.parametrize("variant", ["exact", "paper"])
-def test_strided_image_view_multi_tile(variant):
-    """(B, C, H, W) pooled over H·W through the (B, HW, C) strided view, with sets larger than
-    one tile along both axes (BN and BD are capped), so the online LSE over tiles is exercised;
-    the gradient comes back in the view's strides."""
+@pytest.mark.parametrize("one_tile", [True, False])
+def test_strided_image_view_multi_tile(variant, one_tile):
+    """(B, C, H, W) pooled over H·W through the (B, HW, C) strided view, with the tiles forced
+    small: both forward paths (all rows of a set in one tile with several feature chunks, and
+    streamed [2, 2] tiles with the online LSE over tiles) and a tiled backward; the gradient
+    comes back in the view's strides."""
     from rotp_triton.ops.rot import triton_sinkhorn as tk
     gen = torch.Generator().manual_seed(5)
     B, C, H, W = 2, 5, 3, 3
@@ -190,8 +192,10 @@ def test_strided_image_view_multi_tile(variant):
     img = torch.randn(B, C, H, W, generator=gen)
     a1, a2, a3 = _weights(T, gen)
     cy = torch.randn(B, C, generator=gen)
+    old_cfg = tk._fwd_config
+    tk._fwd_config = lambda D, N, nw=4: (16, 2, True) if one_tile else (2, 2, False)
     old = tk._blocks
-    tk._blocks = lambda D, N, tile: (2, 2)  # several [2, 2] tiles per set
+    tk._blocks = lambda D, N, tile: (2, 2)  # several [2, 2] tiles per set in the backward
     try:
         imgk = img.to(DEVICE).requires_grad_()
         xv = imgk.flatten(2).transpose(1, 2)                                   # (B, HW, C)
@@ -202,6 +206,7 @@ def test_strided_image_view_multi_tile(variant):
         (gimg,) = torch.autograd.grad((y * cy.to(DEVICE)).sum(), [imgk])
     finally:
         tk._blocks = old
+        tk._fwd_config = old_cfg
     x = img.flatten(2).transpose(1, 2)
     yr, _, (gx_ref, *_rest) = _run_reference(x, None, variant, T, a1, a2, a3, None, None, cy,
                                              None)
@@ -382,14 +387,19 @@ bwd = dict(common, g_ptr="*fp32", gp_ptr="*{x}", sgb="i64", sgn="i64", sgd="i64"
            deps_fin_ptr="*fp32", Rbar_ptr="*fp32", Cbar_ptr="*fp32", abar_ptr="*fp32",
            bbar_ptr="*fp32")
 which, paper, xdt, nw = sys.argv[1], sys.argv[2] == "paper", sys.argv[3], int(sys.argv[4])
-BN_f, BD = k._blocks(2048, None, 4096)
-BN_b, _ = k._blocks(2048, None, 2048)
-if which == "fwd":
-    ce = dict(RAGGED=True, HAS_P0=True, HAS_Q0=True, PAPER=paper, RETURN_PLAN=True, BN=BN_f,
-              BD=BD)
+BN_f, BD_f, _ = k._fwd_config(2048, None, nw)
+BN_b, BD_b = k._bwd_config(2048, None, nw)
+if which == "fwd":  # streamed tiles (ragged)
+    ce = dict(RAGGED=True, HAS_P0=True, HAS_Q0=True, PAPER=paper, RETURN_PLAN=True,
+              ONE_TILE_N=False, BN=BN_f, BD=BD_f)
+    sig, kern = fwd, k.rot_sinkhorn_fwd_kernel
+elif which == "fwd1":  # all rows in one tile (dense W2: N = 49)
+    BN_1, BD_1, _ = k._fwd_config(2048, 49, nw)
+    ce = dict(RAGGED=False, HAS_P0=True, HAS_Q0=True, PAPER=paper, RETURN_PLAN=True,
+              ONE_TILE_N=True, BN=BN_1, BD=BD_1)
     sig, kern = fwd, k.rot_sinkhorn_fwd_kernel
 else:
-    ce = dict(RAGGED=False, HAS_P0=True, HAS_Q0=True, PAPER=paper, HAS_GP=True, BN=BN_b, BD=BD,
+    ce = dict(RAGGED=False, HAS_P0=True, HAS_Q0=True, PAPER=paper, HAS_GP=True, BN=BN_b, BD=BD_b,
               BT=16)
     sig, kern = bwd, k.rot_sinkhorn_bwd_kernel
 sig = {n: v.format(x=xdt) for n, v in sig.items()}
@@ -407,6 +417,8 @@ print("USAGE", which, sys.argv[2], xdt, nw, m.group(1), m.group(2))
 
 @pytest.mark.parametrize("which,variant,xdt,nw", [("fwd", "exact", "bf16", 8),
                                                   ("fwd", "paper", "fp32", 4),
+                                                  ("fwd1", "exact", "fp32", 8),
+                                                  ("fwd1", "paper", "bf16", 4),
                                                   ("bwd", "exact", "fp32", 4),
                                                   ("bwd", "paper", "fp16", 8)])
 def test_aot_sm90_compiles_without_spills(which, variant, xdt, nw):

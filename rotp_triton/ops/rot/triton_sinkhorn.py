@@ -174,6 +174,89 @@ def _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED: tl.constexpr):
     return row0, n_b, x_off
 
 
+@triton.jit
+def _exact_iteration_one_sweep(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u,
+                               B_prev, A_cur, B_cur, R_t, C_t, HAS_P0: tl.constexpr,
+                               HAS_Q0: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """One exact iteration in ONE pass over x when all n_b rows fit in a tile (BN >= n_b).
+
+    Each [BN, BD] chunk holds every sample of its features, so R_d is final inside the chunk;
+    a_d = u_d - LSE(u) - R_d waits only for the scalar LSE(u), which shifts every row LSE by the
+    same amount: C_n = LSE_d(x s + u_d - R_d) - LSE(u) is accumulated in the same sweep."""
+    on = tl.arange(0, BN)
+    nm = on < n_b
+    bp = tl.load(B_prev + on, mask=nm, other=0.0)                              # [BN]
+    m_c = tl.full([BN], NEG_INF, tl.float32)
+    l_c = tl.zeros([BN], tl.float32)
+    m_u = tl.max(tl.full([BD], NEG_INF, tl.float32), axis=0)
+    l_u = tl.sum(tl.zeros([BD], tl.float32), axis=0)
+    for d0 in range(0, D, BD):
+        od = d0 + tl.arange(0, BD)
+        dm = od < D
+        x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)                # [BN, BD]
+        xs = x * s
+        z = tl.where(msk, xs + bp[:, None], NEG_INF)
+        mz = tl.max(z, axis=0)
+        mz = tl.where(mz == NEG_INF, 0.0, mz)
+        r = mz + tl.log2(tl.sum(tl.exp2(z - mz[None, :]), axis=0))             # [BD] R_d
+        tl.store(R_t + od, r, mask=dm)
+        lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
+        u = k2 * lp0 + (1.0 - k2) * r
+        m_u, l_u = _online_lse_merge(m_u, l_u, tl.where(dm, u, NEG_INF))
+        ar = tl.where(dm, u - r, 0.0)                                          # a_d + LSE(u)
+        tl.store(A_cur + od, ar, mask=dm)
+        m_c, l_c = _online_lse_merge(m_c, l_c, tl.trans(tl.where(msk, xs + ar[None, :],
+                                                                 NEG_INF)))
+    lse_u = m_u + tl.log2(l_u)
+    c = tl.where(nm, m_c + tl.log2(l_c) - lse_u, 0.0)                          # [BN] C_n
+    tl.store(C_t + on, c, mask=nm)
+    lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
+    v = tl.where(nm, k3 * lq0 + (1.0 - k3) * c, NEG_INF)
+    mv = tl.max(v, axis=0)
+    lse_v = mv + tl.log2(tl.sum(tl.exp2(v - mv), axis=0))
+    tl.store(B_cur + on, v - lse_v - c, mask=nm)
+    tl.debug_barrier()
+    for d0 in range(0, D, BD):
+        od = d0 + tl.arange(0, BD)
+        dm = od < D
+        tl.store(A_cur + od, tl.load(A_cur + od, mask=dm, other=0.0) - lse_u, mask=dm)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _paper_iteration_one_sweep(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, lp0_u, lq0_b,
+                               lq0_u, A_prev, B_prev, A_cur, B_cur, R_t, C_t,
+                               HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, BN: tl.constexpr,
+                               BD: tl.constexpr):
+    """One eq. (18) iteration in ONE pass over x when BN >= n_b: the column LSEs (and a_t)
+    are final per chunk, the row LSEs accumulate over the chunks."""
+    on = tl.arange(0, BN)
+    nm = on < n_b
+    bp = tl.load(B_prev + on, mask=nm, other=0.0)                              # [BN]
+    m_c = tl.full([BN], NEG_INF, tl.float32)
+    l_c = tl.zeros([BN], tl.float32)
+    for d0 in range(0, D, BD):
+        od = d0 + tl.arange(0, BD)
+        dm = od < D
+        x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)                # [BN, BD]
+        xs = x * s
+        ap = tl.load(A_prev + od, mask=dm, other=0.0)
+        z = tl.where(msk, xs + bp[:, None], NEG_INF)
+        mz = tl.max(z, axis=0)
+        mz = tl.where(mz == NEG_INF, 0.0, mz)
+        r = mz + tl.log2(tl.sum(tl.exp2(z - mz[None, :]), axis=0))             # [BD] Rn_t
+        tl.store(R_t + od, r, mask=dm)
+        lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
+        tl.store(A_cur + od, k2 * (ap * ie + lp0 - ap - r), mask=dm)
+        m_c, l_c = _online_lse_merge(m_c, l_c, tl.trans(tl.where(msk, xs + ap[None, :],
+                                                                 NEG_INF)))
+    c = tl.where(nm, m_c + tl.log2(l_c), 0.0)                                  # [BN] Cn_t
+    tl.store(C_t + on, c, mask=nm)
+    lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
+    tl.store(B_cur + on, k3 * (bp * ie + lq0 - bp - c), mask=nm)
+    tl.debug_barrier()
+
+
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
@@ -184,7 +267,7 @@ def rot_sinkhorn_fwd_kernel(
     A_ptr, Rn_ptr, Bv_ptr, Cn_ptr, rfin_ptr, tot_ptr, y_ptr,
     plan_ptr, spb, spn, spd,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
-    RETURN_PLAN: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    RETURN_PLAN: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
 ):
     """T Sinkhorn iterations, the pooled y and (optionally) the plan of one set per program.
 
@@ -212,7 +295,17 @@ def rot_sinkhorn_fwd_kernel(
             B_cur = Bv_ptr + (t + 1) * NR + row0
             R_t = Rn_b + t * D
             C_t = Cn_ptr + t * NR + row0
-            if PAPER:
+            if ONE_TILE_N:
+                if PAPER:
+                    _paper_iteration_one_sweep(x_base, sxn, sxd, n_b, D, s, tl.load(ie_ptr + t),
+                                               k2, k3, lp0_b, lp0_u, lq0_b, lq0_u, A_prev,
+                                               B_prev, A_cur, B_cur, R_t, C_t, HAS_P0, HAS_Q0,
+                                               BN, BD)
+                else:
+                    _exact_iteration_one_sweep(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
+                                               lq0_b, lq0_u, B_prev, A_cur, B_cur, R_t, C_t,
+                                               HAS_P0, HAS_Q0, BN, BD)
+            elif PAPER:
                 # eq. (18): both LSEs of the same z_{t-1}, then the Jacobi updates
                 # a_t = κ2 (a_{t-1}/ε_t + log p0 - r_t), r_t = a_{t-1} + Rn_t (b likewise).
                 ie = tl.load(ie_ptr + t)
@@ -606,6 +699,32 @@ def _next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+ONE_TILE_MAX_N = 512
+
+
+# elements of x per thread in one [BN, BD] tile: the forward holds ~3 tiles live, the backward's
+# dx pass ~6; with these budgets ptxas stays below 255 registers without spills (AOT test).
+FWD_ELEMS_PER_THREAD = 16
+BWD_ELEMS_PER_THREAD = 8
+
+
+def _fwd_config(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
+    """(BN, BD, one_tile) of the forward: a dense batch with N <= 512 puts all of a set's rows in
+    one tile (one pass over x per iteration instead of two); otherwise streamed [BN, BD] tiles."""
+    tile = FWD_ELEMS_PER_THREAD * 32 * num_warps
+    if N is not None and N <= ONE_TILE_MAX_N:
+        BN = _next_pow2(max(N, 1))
+        BD = max(min(tile // BN, _next_pow2(D), 128), 1)
+        return BN, BD, True
+    BN, BD = _blocks(D, N, tile)
+    return BN, BD, False
+
+
+def _bwd_config(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
+    """(BN, BD) of the backward's streamed tiles."""
+    return _blocks(D, N, BWD_ELEMS_PER_THREAD * 32 * num_warps)
+
+
 def _blocks(D: int, N: Optional[int], tile: int) -> tuple:
     """[BN, BD] tile: BD covers D up to 128 features, BN fills the rest of a ``tile``-element
     budget (capped by the set size when it is known, i.e. for dense batches)."""
@@ -680,7 +799,8 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], eps: Tensor, k2: Tensor, 
             (0, plan.stride(0), plan.stride(1))
     else:
         spb = spn = spd = 0
-    BN, BD = _blocks(D, N, 4096)
+    nw = _num_warps(x, B)
+    BN, BD, one_tile = _fwd_config(D, N, nw)
     lp0 = log_p0.float().contiguous() if log_p0 is not None else y
     lq0 = log_q0.float().contiguous() if log_q0 is not None else y
     if B > 0 and D > 0:
@@ -689,7 +809,8 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], eps: Tensor, k2: Tensor, 
             -math.log2(D), sc, ie, k2.float().contiguous(), k3.float().contiguous(), lp0, lq0,
             A, Rn, Bv, Cn, rfin, tot, y, plan, spb, spn, spd,
             RAGGED=ptr is not None, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
-            PAPER=paper, RETURN_PLAN=return_plan, BN=BN, BD=BD, num_warps=_num_warps(x, B))
+            PAPER=paper, RETURN_PLAN=return_plan, ONE_TILE_N=one_tile, BN=BN, BD=BD,
+            num_warps=nw)
     return y, plan, A, Rn, Bv, Cn, rfin, tot
 
 
@@ -744,7 +865,8 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], eps: Tensor, k2: Tensor,
         sgb = sgn = sgd = 0
     sdb, sdn, sdd = (dx.stride(0), dx.stride(1), dx.stride(2)) if ptr is None else \
         (0, dx.stride(0), dx.stride(1))
-    BN, BD = _blocks(D, N, 2048)
+    nw = _num_warps(x, B)
+    BN, BD = _bwd_config(D, N, nw)
     lp0 = log_p0.float().contiguous() if log_p0 is not None else g
     lq0 = log_q0.float().contiguous() if log_q0 is not None else g
     if B > 0 and D > 0:
@@ -755,8 +877,7 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], eps: Tensor, k2: Tensor,
             g, gp, sgb, sgn, sgd, dx, sdb, sdn, sdd,
             dlp0, dlq0, dk2, dk3, deps_rec, deps_x, deps_fin, Rbar, Cbar, abar, bbar,
             RAGGED=ptr is not None, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
-            PAPER=paper, HAS_GP=has_gp, BN=BN, BD=BD, BT=_next_pow2(T),
-            num_warps=_num_warps(x, B))
+            PAPER=paper, HAS_GP=has_gp, BN=BN, BD=BD, BT=_next_pow2(T), num_warps=nw)
     dx_eps = deps_x.sum(0)
     if paper:  # term t of the x-scale belongs to ε_{max(t-1, 0)}
         dx_eps = torch.cat([dx_eps[:1] + dx_eps[1:2], dx_eps[2:], dx_eps.new_zeros(1)]) \
