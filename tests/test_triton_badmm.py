@@ -298,6 +298,29 @@ def test_saved_tensors_do_not_grow_with_T():
     assert len(s16) == len(s2)                   # the weights: same count, (T,) each
 
 
+@pytest.mark.skipif(not ON_CUDA, reason="peak memory is measured on CUDA")
+def test_cuda_peak_memory_independent_of_T():
+    """Peak CUDA memory of forward + backward is the same at T = 2 and T = 8 (within 5 % +
+    64 KiB): the backward recomputes instead of storing per-iteration states."""
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(64, 49, 256, generator=gen).to(DEVICE).requires_grad_()
+
+    def peak(T):
+        w = {k: v.to(DEVICE).requires_grad_() for k, v in _weights(T, gen).items()}
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        y, _ = rot_pool_badmm_triton(x, None, method="badmm-q", variant="exact", **w,
+                                     log_p0=None, log_q0=None, return_plan=False)
+        y.sum().backward()
+        torch.cuda.synchronize()
+        x.grad = None
+        return torch.cuda.max_memory_allocated() - base
+
+    p2, p8 = peak(2), peak(8)
+    assert p8 <= 1.05 * p2 + 65536, (p2, p8)
+
+
 def test_rot_pool_routes_here(monkeypatch):
     """rt.rot_pool(..., backend="triton") with method badmm-q reaches this kernel and agrees
     with backend="torch"."""

@@ -4,12 +4,16 @@ Computes exactly what :func:`rotp_triton.ops.rot.solvers.badmm` computes with ``
 (DESIGN §3.1 ``variant="exact"``, §3.2 ``variant="paper"``), fused: one launch for the forward,
 one for the backward.
 
-Layout and state. A set is ``x_b`` (N_b, D) (rows = samples). B-ADMM carries two full
-(N_b, D) matrices, log S and Z, from one iteration to the next, so unlike Sinkhorn its state
-cannot be reduced to vectors. Each program owns a set at a time (persistent grid: program
-``pid`` handles sets ``pid, pid + G, ...``), and keeps log S and Z in a per-program fp32
-scratch in global memory (L2-resident for the sizes of interest), streamed in [BN, BD] tiles.
-Scratch is O(G · N_max · D), not O(B · N · D). One iteration is three streamed passes:
+Layout and state. A set is ``x_b`` (N_b, D) (rows = samples), read in place through x's
+strides (a dense (B, N, D) batch with any strides, e.g. an NCHW image viewed as
+x.flatten(2).transpose(1, 2), or a ragged (rows, D) batch with ``ptr``). B-ADMM carries two
+full (N_b, D) matrices, log S and Z, from one iteration to the next, so unlike Sinkhorn its
+state cannot be reduced to vectors. Persistent grid: program ``pid`` handles sets
+``pid, pid + G, ...`` (G = #SMs), one at a time, keeping log S and Z in an fp32 scratch in
+global memory (L2-resident when it fits), streamed in [BN, BD] tiles with online LSEs. The
+scratch of a dense batch is per program, O(G · N · D), not O(B · N · D); that of a ragged batch
+is the set's own rows of a (rows, D) matrix (sizing a per-program scratch would need N_max, a
+host sync that torch.compile cannot trace). One iteration is three streamed passes:
 
   A  (column-wise) Y = log S + (X - Z [- α1 S]) / ρ,  R = LSE_n(Y)  (online LSE over n tiles)
      then the D-vector log μ = lognorm(κ2 log p0 + (1 - κ2) R)          (exact) / state (paper)
@@ -33,12 +37,18 @@ and the per-iteration scalars (α1, ρ directly; α2, α3 through κ2, κ3, whos
 does on the host). Memory must not grow with T, so nothing per-iteration is saved: the
 backward of iteration t first recomputes the state (log S_t, Z_t) by re-running the forward
 from the start (the "O(T²) recompute" schedule): T(T-1)/2 forward iterations plus T backward
-iterations (each three streamed passes). For T = 4 that is 6 + 4, for T = 16, 120 + 16
-iterations: the backward costs ~ (T + 7)/2 forwards' worth of passes (T = 16: ~12 forwards).
-In exchange, the only memory is the inputs, the (B, D) output, and a per-program scratch
-of five (N_max, D) fp32 matrices (log S, Z, their adjoints, the x-gradient accumulator is the
-fp32 grad buffer itself) - independent of T. (Checkpointing every √T iterations would cut the
-recompute to O(T) at O(√T) state copies; we keep the memory flat instead.)
+iterations (three streamed passes each, plus two to recompute the vectors of iteration t). In
+streamed passes the forward is ~3T, the backward ~3T(T-1)/2 + 6T, i.e. ~(T + 3)/2 forwards
+(T = 4: 3.5, T = 16: 9.5), and each backward pass recomputes more exponentials per element.
+In exchange, the only memory is the inputs, the (B, D) output, the fp32 x-gradient and the
+scratch (four matrices - log S, Z and their adjoints - of the size above, plus vectors),
+independent of T. Checkpointing every √T iterations would cut the recompute to O(T) at O(√T)
+state copies; we keep the memory flat instead.
+
+Launch shape and synchronisation: every pass that reads what another pass wrote is separated
+from it by ``tl.debug_barrier()`` (the passes use different thread mappings); in-place updates
+(load, then store the same lanes) only happen within one layout, with blocks that cover the CTA
+(no replicated lanes; see :func:`_block_sizes`).
 
 Adjoint of one exact iteration (ā = adjoint of a; s' = exp(log S_{t+1})):
   L̄' ← L̄' - ρ Z̄' s'                       (Z' = Z + ρ(P - S'))
@@ -69,7 +79,7 @@ __all__ = ["rot_pool_badmm_triton"]
 
 # Vector scratch: 7 D-vectors per program (vd + j·D) - R, log μ, z1, τ (then R̄), log μ̄, z̄1,
 # log p̄0 - and 7 N-vectors per set (vn + j·ns) - C, log η, z2, σ (then C̄), log η̄, z̄2, log q̄0.
-_NEG = -1.0e30  # finite "minus infinity" for running maxima: exp2(NEG - m) never sees inf - inf
+# Running maxima start at -1e30 (finite): exp2(m_old - m_new) never sees inf - inf.
 
 
 # --------------------------------------------------------------------------------------------
