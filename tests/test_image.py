@@ -349,6 +349,49 @@ def test_kernel_hard_marginal_and_single_iteration():
     check_kernel("badmm-q", "exact", "2x2-odd", T=1)
 
 
+def test_kernel_random_configs():
+    """Random window geometries (k, stride > k, padding, ceil_mode, C = 1, H = 1, T = 1...),
+    layouts, methods and variants: kernel (fp32) vs the float64 torch path (== reference above).
+    Criterion ‖a − b‖ ≤ 1e-4 ‖b‖ + 1e-6: gradients that are exactly 0 in exact arithmetic (α2 of
+    the paper variants, α1 of B-Q at T = 1) come out at float32 rounding level."""
+    import random
+
+    from rotp_triton.ops.rot.triton_window import rot_pool2d_triton
+    rng = random.Random(1)
+    done = 0
+    while done < 8:
+        k = (rng.randint(1, 3), rng.randint(1, 3))
+        s = (rng.randint(1, 3), rng.randint(1, 3))
+        p = (rng.randint(0, k[0] // 2), rng.randint(0, k[1] // 2))
+        cm = rng.random() < 0.5
+        B, C, H, W = rng.randint(1, 2), rng.choice([1, 2, 3, 5]), rng.randint(1, 5), rng.randint(1, 5)
+        if min(pool_output_size(H, k[0], s[0], p[0], cm), pool_output_size(W, k[1], s[1], p[1], cm)) < 1:
+            continue
+        done += 1
+        method, variant = rng.choice(METHODS), rng.choice(VARIANTS)
+        T = rng.randint(1, 3)
+        x = make_input(B, C, H, W, rng.choice(["nchw", "channels_last"]), torch.float32,
+                       seed=done).requires_grad_()
+        w = {n: (torch.rand(T, generator=torch.Generator().manual_seed(done)) + 0.3)
+             for n in ("a1", "a2", "a3", "rho")}
+        wk = {n: v.to(DEVICE).requires_grad_() for n, v in w.items()}
+        wt = {n: v.double().requires_grad_() for n, v in w.items()}
+        y = rot_pool2d_triton(x, k, s, p, cm, method=method, variant=variant, **wk)
+        x64 = x.detach().double().cpu().requires_grad_()
+        yr = rot_pool2d_torch(x64, k, s, p, cm, method=method, variant=variant, num_iters=T,
+                              inner_iters=1, weights=all_weights(wt, T, torch.float64))
+        what = f"k={k} s={s} p={p} ceil={cm} {(B, C, H, W)} {method} {variant} T={T}"
+        assert rel_err(y, yr) <= 1e-4, what
+        g = torch.randn(yr.shape, dtype=torch.float64)
+        gk = torch.autograd.grad((y * g.to(DEVICE, torch.float32)).sum(), [x] + list(wk.values()),
+                                 allow_unused=True, materialize_grads=True)
+        gr = torch.autograd.grad((yr * g).sum(), [x64] + list(wt.values()), allow_unused=True,
+                                 materialize_grads=True)
+        for name, a, b in zip(["x", "a1", "a2", "a3", "rho"], gk, gr):
+            a, b = a.double().cpu(), b.double()
+            assert (a - b).norm() <= 1e-4 * b.norm() + 1e-6, f"{name}: {what}"
+
+
 @pytest.mark.skipif(not ON_CUDA, reason="fp16/bf16 kernels run on CUDA only")
 @pytest.mark.parametrize("dtype", [d for d in KERNEL_DTYPES if d != torch.float32])
 def test_kernel_low_precision(dtype):
