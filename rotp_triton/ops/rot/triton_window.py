@@ -23,6 +23,14 @@ pooled output is y_d = Σ_n softmax_n(L_·d) x_nd, and every per-channel shift o
   Sinkhorn paper:  R, C from Y = x/ε' + a + b;  a = κ2(a/ε + log p0 - R), b = κ3(b/ε + log q0 - C)
   B-ADMM:          DESIGN §3.1 (exact) / §3.2 (paper), state log S, Z (N×C per window)
                    [+ log μ, z1 (C), log η, z2 (N) for paper]; L = Y of the last P-step.
+
+Limits (measured by ptxas through tests/test_image.py::test_aot_compile_sm90; not yet timed on a
+GPU): a window's next_pow2(N) × next_pow2(C) tile lives in registers, so very wide windows
+(2×2 with C > 1024) would spill - ``ROTPool2d(backend="auto")`` sends them to the torch path;
+there is no loop over channel blocks. The backward reruns 0 + 1 + … + (T-1) forward iterations
+(O(T²) work, O(1) memory in T). NCHW inputs are read with the channel axis across threads
+(stride H·W): every sector fetched is used by the tile, but the loads are not warp-coalesced as
+they are for channels_last.
 """
 from __future__ import annotations
 
