@@ -28,9 +28,9 @@ Limits (measured by ptxas through tests/test_image.py::test_aot_compile_sm90; no
 GPU): a window's next_pow2(N) × next_pow2(C) tile lives in registers, so very wide windows
 (2×2 with C > 1024) would spill - ``ROTPool2d(backend="auto")`` sends them to the torch path;
 there is no loop over channel blocks. The backward reruns 0 + 1 + … + (T-1) forward iterations
-(O(T²) work, O(1) memory in T). NCHW inputs are read with the channel axis across threads
-(stride H·W): every sector fetched is used by the tile, but the loads are not warp-coalesced as
-they are for channels_last.
+(O(T²) work, O(1) memory in T). For NCHW the channels of a tile are H·W apart: every sector a
+tile fetches is used by it, but how well those loads coalesce (vs channels_last, where the
+channel axis is contiguous) has not been measured yet - bench/bench_image.py times both.
 """
 from __future__ import annotations
 
