@@ -224,18 +224,19 @@ for quad, paper in ((True, False), (False, True)):
             log_eta_ptr=P, z2_ptr=P, log_p0_ptr=P, log_mu_ptr=P, z1_ptr=P, eta_out_ptr=P,
             len_ptr="*i64", a0_ptr=P, a1_ptr=P, a2_ptr=P, a3_ptr=P, rho_ptr=P, t=I, N_pad=I,
             D=I), dict(QUADRATIC=quad, PAPER=paper, SAVE=not paper, BN=BN, BD=BD), f"s_step[quad={quad},paper={paper}]")
-for quad in (False, True):
+for quad, paper in ((False, True), (True, False)):
     ck(ts.badmm_s_step_bwd_kernel,
        dict(g_ls_ptr=P, g_z_ptr=P, log_p_ptr=P, z_ptr=P, sig_p_ptr=P, log_s_new_ptr=P, c_ptr=P,
             eta_ptr=P, log_q0_ptr=P, g_z_out_ptr=P, g_sig_ptr=P, g_lp_ptr=P, g_p_ptr=P,
-            g_lq0_ptr=P, gvec_ptr=P, wpart_ptr=P, len_ptr="*i64", a0_ptr=P, a1_ptr=P, a3_ptr=P,
-            rho_ptr=P, t=I, N_pad=I, D=I), dict(QUADRATIC=quad, BN=BN, BD=BD),
-       f"s_step_bwd[quad={quad}]")
+            g_lq0_ptr=P, gvec_ptr=P, row_x_ptr=P, col_x_ptr=P, wpart_ptr=P, len_ptr="*i64",
+            a0_ptr=P, a1_ptr=P, a3_ptr=P, rho_ptr=P, t=I, N_pad=I, D=I),
+       dict(QUADRATIC=quad, PAPER=paper, BN=BN, BD=BD), f"s_step_bwd[quad={quad},paper={paper}]")
     ck(ts.badmm_p_step_bwd_kernel,
        dict(g_lp_ptr=P, g_p_ptr=P, log_p_ptr=P, log_s_ptr=P, z_ptr=P, x_ptr=P, sig_s_ptr=P,
             r_ptr=P, mu_ptr=P, log_p0_ptr=P, g_l_ptr=P, g_x_ptr=P, g_z_ptr=P, g_sig_ptr=P,
             g_lp0_ptr=P, wpart_ptr=P, len_ptr="*i64", a0_ptr=P, a1_ptr=P, a2_ptr=P, rho_ptr=P,
-            t=I, N_pad=I, D=I), dict(QUADRATIC=quad, BN=BN, BD=BD), f"p_step_bwd[quad={quad}]")
+            t=I, N_pad=I, D=I), dict(QUADRATIC=quad, PAPER=paper, BN=BN, BD=BD),
+       f"p_step_bwd[quad={quad},paper={paper}]")
 for paper in (False, True):
     ck(ts.sinkhorn_prox_step_kernel,
        dict(x_ptr=P, log_p_ptr=P, sig_ptr=P, y0_ptr=P, bvec_ptr=P, c_ptr=P, log_p0_ptr=P,

@@ -25,21 +25,42 @@ features, so the normalizations over d (log μ) and over n (log η) need no seco
 An empty set is solved on one zero dummy sample (all finite) and its output is zeroed, like the
 torch path.
 
-Backward (:class:`StructureROTFunction`). The gradient is the exact gradient of the T unrolled
-iterations. Memory: the forward saves only its inputs, the structure factors (xc, xt and the
-smaller Gram matrix - "what the structure matrices need") and the final log P; no per-iteration
-N×D state. The backward walks the iterations in reverse; for iteration t it recomputes the
-state entering t by re-running the Triton forward from the nearest checkpoint (by default only
-the initial state, which is known from the inputs, so memory is independent of T), then
-replays that one iteration under autograd and pulls the incoming gradient through it. The cost
-is T(T-1)/2 extra forward iterations (T = 4: 6, T = 16: 120); setting
-``CHECKPOINT_EVERY = c`` stores every c-th state in the forward (T/c states of N×D) and cuts the
-recompute to about T·c/2 iterations. In the replay the structure products - forward and
-backward, including the gradients through Σ1, Σ2 to the factors - are Triton kernels
-(:class:`SigmaProduct`); the elementwise log-domain updates and their LogSumExp reductions are
-differentiated by torch autograd on the padded layout, and so is the (once per call) centring
-and normalization of the factors and the final pooling. Those pieces are not Triton kernels in
-the backward.
+Backward (:class:`StructureROTFunction`): the exact gradient of the T unrolled iterations for
+x (including through Σ1, Σ2 and their centring/normalization), α0..α3, ρ, τ (per-iteration
+vectors) and the prior logits.
+
+Memory. The forward keeps its inputs, the structure factors (xc, xt and the smaller Gram
+matrix: what the structure matrices need) and the final log P - no per-iteration N×D state.
+The backward walks the iterations in reverse; for iteration t it recomputes the state entering
+t by re-running the Triton forward from the nearest checkpoint. By default the only checkpoint
+is the initial state (known from the inputs), so the memory of forward+backward does not grow
+with T; the price is T(T-1)/2 extra forward iterations in the backward (T = 4: 6, T = 16: 120,
+i.e. the backward re-runs the forward about T/2 times). ``CHECKPOINT_EVERY = c`` stores every
+c-th state in the forward (T/c states of 2·N×D floats for B-ADMM, N×D for S) and cuts the
+recompute to about T(c-1)/2 iterations - the knob for trading memory for time.
+
+Kernels of the backward, per reverse iteration t (after the recompute):
+  exact B-E / B-Q: the forward step t re-run with ``SAVE`` (R, log μ, C, log η kept, O(N + D)
+      per set), :func:`badmm_s_step_bwd_kernel` (adjoint of the S-step, its row LSE, the
+      normalization over n and the dual update), the adjoint of Σ(P) (:func:`sigma_apply_bwd`:
+      ~10 set_matmul launches, the gradients of the factors included), then
+      :func:`badmm_p_step_bwd_kernel` (adjoint of the P-step, its column LSE and the
+      normalization over d) and the adjoint of Σ(S).
+  exact S: the outer step re-run with ``SAVE`` (Y0 and the inner history R_k, a_k, C_k, b_k,
+      O(K·(N + D)) per set), :func:`sinkhorn_prox_step_bwd_kernel` (all K Gauss-Seidel
+      iterations in reverse, one program per set) and the adjoint of Σ(P).
+  Weight gradients: per-set partial sums written by the adjoint kernels, reduced by torch
+  (a (B, 8) sum per iteration) together with the κ derivatives.
+  paper B-E / B-Q: the same two adjoint kernels (``PAPER``: log μ, log η are states); the
+      eq. (26)-(28) updates of log μ, log η, z1, z2 are O(N + D) vectors, differentiated with
+      torch ops in :func:`badmm_reverse_step`.
+  paper S: NOT Triton. Iteration t is replayed in differentiable torch ops on the padded layout
+      (:func:`_replay_step`, the math of solvers.py) and differentiated by torch autograd; only
+      its structure products (:class:`SigmaProduct`) are Triton, forward and backward. Same
+      recompute scheme, same memory bound. (``TRITON_BACKWARD = False`` sends every method
+      through this replay, a second implementation to cross-check the adjoint kernels.)
+  Once per call, in torch autograd (not Triton): the final pooling / plan normalization and the
+  chain from the factors' gradients to x through the centring and normalization (cheap O(N·D)).
 """
 from __future__ import annotations
 
@@ -492,8 +513,9 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
 @triton.jit
 def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_s_new_ptr, c_ptr,
                             eta_ptr, log_q0_ptr, g_z_out_ptr, g_sig_ptr, g_lp_ptr, g_p_ptr,
-                            g_lq0_ptr, gvec_ptr, wpart_ptr, len_ptr, a0_ptr, a1_ptr, a3_ptr,
-                            rho_ptr, t, N_pad, D, QUADRATIC: tl.constexpr,
+                            g_lq0_ptr, gvec_ptr, row_x_ptr, col_x_ptr, wpart_ptr, len_ptr,
+                            a0_ptr, a1_ptr, a3_ptr, rho_ptr, t, N_pad, D,
+                            QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
                             BN: tl.constexpr, BD: tl.constexpr):
     """Adjoint of the exact S-step and dual update (badmm_s_step_kernel), one program per set.
 
@@ -502,6 +524,9 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
     pushed through Σ), g_lp = ∂L/∂log P and g_p = ∂L/∂P except the Σ(P) path, g_lq0
     (B, N_pad), and per-set partial sums wpart[b] = (∂/∂α0, ∂/∂α1, ∂/∂ρ direct, ∂/∂κ3, ∂/∂w).
     gvec: (B, N_pad) scratch.
+    PAPER: log η is a state (no κ3 path): gvec returns ∂L/∂log η through log S'; the eq. (27)-(28)
+    updates enter as row_x (B, N_pad) (∂L/∂S'_nd += row_x_n, from z2) and col_x (B, D)
+    (∂L/∂P_nd += col_x_d, from z1).
     """
     b = tl.program_id(0)
     n_b = tl.load(len_ptr + b).to(tl.int32)
@@ -528,6 +553,8 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
         p = tl.where(msk, tl.exp(tl.load(log_p_ptr + off, mask=msk, other=0.0)), 0.0)
         s = tl.where(msk, tl.exp(tl.load(log_s_new_ptr + off, mask=msk, other=0.0)), 0.0)
         glt = tl.load(g_ls_ptr + off, mask=msk, other=0.0) - rho * gz * s      # [BN, BD]
+        if PAPER:
+            glt += tl.load(row_x_ptr + b * N_pad + rows, mask=r_ok, other=0.0)[:, None] * s
         g_rho += tl.sum(tl.sum(gz * (p - s), 1), 0)
         g_eta = tl.sum(glt, 1)                                                  # [BN]
         tl.store(gvec_ptr + b * N_pad + rows, g_eta, mask=r_ok)
@@ -547,10 +574,13 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
         le = tl.load(eta_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
         c = tl.load(c_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
         lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
-        g_v = tl.where(r_ok, g_eta - tl.exp(le) * g_eta_sum, 0.0)
-        g_c = -g_eta + (1 - k3) * g_v
-        tl.store(g_lq0_ptr + b * N_pad + rows, k3 * g_v, mask=r_ok)
-        g_k3 += tl.sum(g_v * (lq0 - c), 0)
+        if PAPER:
+            g_c = -g_eta
+        else:
+            g_v = tl.where(r_ok, g_eta - tl.exp(le) * g_eta_sum, 0.0)
+            g_c = -g_eta + (1 - k3) * g_v
+            tl.store(g_lq0_ptr + b * N_pad + rows, k3 * g_v, mask=r_ok)
+            g_k3 += tl.sum(g_v * (lq0 - c), 0)
         gz = tl.load(g_z_ptr + off, mask=msk, other=0.0)
         lp = tl.load(log_p_ptr + off, mask=msk, other=0.0)
         p = tl.where(msk, tl.exp(lp), 0.0)
@@ -564,6 +594,8 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
         # C = LSE_d Y: ∂C/∂Y = exp(Y - C)
         g_y = tl.load(g_ls_ptr + off, mask=msk, other=0.0) - rho * gz * s \
             + tl.where(msk, tl.exp(y - c[:, None]), 0.0) * g_c[:, None]          # [BN, BD]
+        if PAPER:
+            g_y += tl.load(row_x_ptr + b * N_pad + rows, mask=r_ok, other=0.0)[:, None] * s
         if QUADRATIC:
             g_h = g_y / rho
             g_lp = g_y
@@ -576,6 +608,8 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
             g_p = rho * gz
             g_w += tl.sum(tl.sum(-g_h * y, 1), 0)
             g_rho += tl.sum(tl.sum(g_h * lp, 1), 0)
+        if PAPER:
+            g_p += tl.load(col_x_ptr + b * D + offs_d, mask=d_ok, other=0.0)[None, :]
         g_a0 += tl.sum(tl.sum(g_h * sig, 1), 0)
         tl.store(g_z_out_ptr + off, gz + g_h, mask=msk)
         tl.store(g_sig_ptr + off, a0 * g_h, mask=msk)
@@ -592,7 +626,7 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
 def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_ptr, sig_s_ptr,
                             r_ptr, mu_ptr, log_p0_ptr, g_l_ptr, g_x_ptr, g_z_ptr, g_sig_ptr,
                             g_lp0_ptr, wpart_ptr, len_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
-                            N_pad, D, QUADRATIC: tl.constexpr,
+                            N_pad, D, QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
                             BN: tl.constexpr, BD: tl.constexpr):
     """Adjoint of the exact P-step (badmm_p_step_kernel), one program per set.
 
@@ -600,6 +634,7 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
     log μ (r, mu (B, D)). Out: g_l = ∂L/∂log S except the Σ(S) path (written), g_x += and
     g_z -= ∂L/∂G (in place), g_sig = α0 ∂L/∂G (to be pushed through Σ), g_lp0 (B, D), and
     per-set partials wpart[b] = (∂/∂α0, ∂/∂α1, ∂/∂ρ direct, ∂/∂κ2).
+    PAPER: log μ is a state: g_lp0 returns ∂L/∂log μ (no κ2 path).
     """
     b = tl.program_id(0)
     n_b = tl.load(len_ptr + b).to(tl.int32)
@@ -621,10 +656,15 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
     r = tl.load(r_ptr + b * D + offs_d, mask=d_ok, other=0.0)
     lmu = tl.load(mu_ptr + b * D + offs_d, mask=d_ok, other=0.0)
     lp0 = tl.load(log_p0_ptr + b * D + offs_d, mask=d_ok, other=0.0)
-    g_v = tl.where(d_ok, g_mu - tl.exp(lmu) * tl.sum(g_mu, 0), 0.0)   # log μ = lognorm(v)
-    g_r = -g_mu + (1 - k2) * g_v
-    tl.store(g_lp0_ptr + b * D + offs_d, k2 * g_v, mask=d_ok)
-    g_k2 = tl.sum(tl.where(d_ok, g_v * (lp0 - r), 0.0), 0)
+    if PAPER:
+        g_r = -g_mu
+        tl.store(g_lp0_ptr + b * D + offs_d, g_mu, mask=d_ok)
+        g_k2 = tl.sum(tl.zeros([BD], dtype=tl.float32), 0)
+    else:
+        g_v = tl.where(d_ok, g_mu - tl.exp(lmu) * tl.sum(g_mu, 0), 0.0)  # log μ = lognorm(v)
+        g_r = -g_mu + (1 - k2) * g_v
+        tl.store(g_lp0_ptr + b * D + offs_d, k2 * g_v, mask=d_ok)
+        g_k2 = tl.sum(tl.where(d_ok, g_v * (lp0 - r), 0.0), 0)
     zero_n = tl.zeros([BN], dtype=tl.float32)
     g_a0 = tl.sum(zero_n, 0)
     g_a1 = tl.sum(zero_n, 0)
@@ -1128,47 +1168,83 @@ def _dkappa(alpha: Tensor, w: Tensor):
             torch.where(inf, torch.zeros_like(alpha), -a / den))
 
 
-def badmm_exact_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tensor,
-                             g_ls: Tensor, g_z: Tensor, g_lp_ext: Optional[Tensor], acc: dict):
-    """Pull (∂L/∂log S_{t+1}, ∂L/∂Z_{t+1}, ∂L/∂log P_{t+1}) back through exact B-E/B-Q
-    iteration t, all in Triton: re-run iteration t saving R, log μ, C, log η, Σ(S), Σ(P), then
-    the two adjoint kernels and the two structure-product adjoints. Returns
-    (∂L/∂log S_t, ∂L/∂Z_t); accumulates into acc["x"], acc["xc"], acc["xt"], acc["lp0"],
-    acc["lq0"] and acc[weight][t].
+def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tensor, g: dict,
+                       g_lp_ext: Optional[Tensor], acc: dict) -> dict:
+    """Pull the gradient of the state after B-E/B-Q iteration t (``g``: log_s, z and, paper,
+    log_mu, log_eta, z1, z2) and ∂L/∂log P_{t+1} (``g_lp_ext``, last iteration only) back to the
+    state entering t, in Triton: re-run iteration t saving R, log μ, C, log η, Σ(S), Σ(P), then
+    the two adjoint kernels and the two structure-product adjoints. The paper variant's
+    eq. (26)-(28) updates are O(N + D) vectors, differentiated here with torch.
+    Accumulates into acc["x"], acc["xc"], acc["xt"], acc["lp0"], acc["lq0"], acc[weight][t].
     """
     B, N, D = pb.B, pb.N, pb.D
     w = pb.w
     quad = pb.method == "badmm-q"
-    kw = dict(QUADRATIC=quad, BN=pb.BN, BD=pb.BD, num_warps=_PER_SET_WARPS)
+    paper = pb.variant == "paper"
+    kw = dict(QUADRATIC=quad, PAPER=paper, BN=pb.BN, BD=pb.BD, num_warps=_PER_SET_WARPS)
     dummy = pb.log_p0
     # re-run iteration t, keeping what the adjoint needs
     sig_s = fac.apply(st["log_s"], exp=True)
     log_p = torch.zeros_like(pb.x32)
     r = torch.empty_like(pb.log_p0)
     mu = torch.empty_like(pb.log_p0)
-    badmm_p_step_kernel[(B,)](pb.x32, st["log_s"], st["z"], sig_s, log_p, pb.log_p0, dummy, r,
-                              mu, pb.lens, w["a0"], w["a1"], w["a2"], w["rho"], t, N, D,
-                              PAPER=False, SAVE=True, **kw)
+    badmm_p_step_kernel[(B,)](pb.x32, st["log_s"], st["z"], sig_s, log_p, pb.log_p0,
+                              st.get("log_mu", dummy), r, mu, pb.lens, w["a0"], w["a1"],
+                              w["a2"], w["rho"], t, N, D, SAVE=True, **kw)
     sig_p = fac.apply(log_p, exp=True)
     ls_new = torch.zeros_like(pb.x32)
     z_new = st["z"].clone()
+    new = {k: st[k].clone() for k in ("log_mu", "log_eta", "z1", "z2")} if paper else {}
     cbuf = torch.empty_like(pb.log_q0)
     eta = torch.empty_like(pb.log_q0)
-    badmm_s_step_kernel[(B,)](log_p, z_new, sig_p, ls_new, cbuf, pb.log_q0, dummy, dummy,
-                              pb.log_p0, dummy, dummy, eta, pb.lens, w["a0"], w["a1"], w["a2"],
-                              w["a3"], w["rho"], t, N, D, PAPER=False, SAVE=True, **kw)
+    badmm_s_step_kernel[(B,)](log_p, z_new, sig_p, ls_new, cbuf, pb.log_q0,
+                              new.get("log_eta", dummy), new.get("z2", dummy), pb.log_p0,
+                              new.get("log_mu", dummy), new.get("z1", dummy), eta, pb.lens,
+                              w["a0"], w["a1"], w["a2"], w["a3"], w["rho"], t, N, D, SAVE=True,
+                              **kw)
+    rho, a1 = w["rho"][t], w["a1"][t]
+    wgt = rho if quad else a1 + rho
+    k2_a, k2_w = _dkappa(w["a2"][t], rho)
+    row_x = col_x = dummy
+    if paper:
+        # eqs. (26)-(28): log μ' = lognorm((1-κ2)(log μ - z1/ρ) + κ2 log p0),
+        # z1' = z1 + ρ(μ' - Σ_n P), and the same over n for log η', z2' with S'
+        k2 = _kappa_t(w["a2"][t], rho)
+        k3 = _kappa_t(w["a3"][t], rho)
+        k3_a, k3_w = _dkappa(w["a3"][t], rho)
+        m2 = mask.to(torch.float32)
+        mu_n, eta_n = torch.exp(new["log_mu"]), torch.exp(new["log_eta"]) * m2
+        g_mu_tot = g["log_mu"] + rho * g["z1"] * mu_n
+        g_u = g_mu_tot - mu_n * g_mu_tot.sum(1, keepdim=True)
+        g_eta_tot = (g["log_eta"] + rho * g["z2"] * eta_n) * m2
+        g_v = (g_eta_tot - eta_n * g_eta_tot.sum(1, keepdim=True)) * m2
+        g_rho = ((g["z1"] * (new["z1"] - st["z1"])).sum() + (g["z2"] * (new["z2"] - st["z2"])
+                                                              * m2).sum()) / rho
+        g_rho = g_rho + ((1 - k2) * g_u * st["z1"]).sum() / rho ** 2 \
+            + ((1 - k3) * g_v * st["z2"]).sum() / rho ** 2
+        g_k2 = (g_u * (pb.log_p0 - (st["log_mu"] - st["z1"] / rho))).sum()
+        g_k3 = (g_v * (pb.log_q0 - (st["log_eta"] - st["z2"] / rho))).sum()
+        acc["lp0"] += k2 * g_u
+        acc["lq0"] += k3 * g_v
+        g_out = {"log_mu": (1 - k2) * g_u, "log_eta": (1 - k3) * g_v,
+                 "z1": g["z1"] - (1 - k2) * g_u / rho, "z2": (g["z2"] - (1 - k3) * g_v / rho) * m2}
+        acc["rho"][t] += g_rho + g_k2 * k2_w + g_k3 * k3_w
+        acc["a2"][t] += g_k2 * k2_a
+        acc["a3"][t] += g_k3 * k3_a
+        row_x = (-rho * g["z2"] * m2).contiguous()     # ∂/∂S'_nd of z2' = ... - ρ Σ_d S'_nd
+        col_x = (-rho * g["z1"]).contiguous()          # ∂/∂P_nd of z1' = ... - ρ Σ_n P_nd
     # adjoint of the S-step and the dual update
     g_z_out = torch.zeros_like(pb.x32)
     g_sig = torch.zeros_like(pb.x32)
     g_lp = torch.zeros_like(pb.x32)
     g_p = torch.zeros_like(pb.x32)
     g_lq0 = torch.zeros_like(pb.log_q0)
-    gvec = torch.empty_like(pb.log_q0)
+    gvec = torch.zeros_like(pb.log_q0)
     wp_s = torch.zeros(B, 8, device=pb.x32.device, dtype=torch.float32)
-    badmm_s_step_bwd_kernel[(B,)](g_ls.contiguous(), g_z.contiguous(), log_p, st["z"], sig_p,
-                                  ls_new, cbuf, eta, pb.log_q0, g_z_out, g_sig, g_lp, g_p, g_lq0,
-                                  gvec, wp_s, pb.lens, w["a0"], w["a1"], w["a3"], w["rho"], t,
-                                  N, D, **kw)
+    badmm_s_step_bwd_kernel[(B,)](g["log_s"].contiguous(), g["z"].contiguous(), log_p, st["z"],
+                                  sig_p, ls_new, cbuf, eta, pb.log_q0, g_z_out, g_sig, g_lp, g_p,
+                                  g_lq0, gvec, row_x, col_x, wp_s, pb.lens, w["a0"], w["a1"],
+                                  w["a3"], w["rho"], t, N, D, **kw)
     g_p += sigma_apply_bwd(_masked_exp(log_p, mask), g_sig, fac.xc, fac.xt, fac.gram, pb.lens,
                            acc["xc"], acc["xt"])
     if g_lp_ext is not None:
@@ -1184,21 +1260,27 @@ def badmm_exact_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask:
     s = _masked_exp(st["log_s"], mask)
     g_l += s * sigma_apply_bwd(s, g_sig_s, fac.xc, fac.xt, fac.gram, pb.lens, acc["xc"],
                                acc["xt"])
-    acc["lp0"] += g_lp0
-    acc["lq0"] += g_lq0
     # the scalar weights of iteration t from the per-set partial sums
     ps, pp = wp_s.sum(0), wp_p.sum(0)
-    rho, a1 = w["rho"][t], w["a1"][t]
-    wgt = rho if quad else a1 + rho
-    k3_a, k3_w = _dkappa(w["a3"][t], wgt)
-    k2_a, k2_w = _dkappa(w["a2"][t], rho)
-    g_w = ps[4] + ps[3] * k3_w
+    if paper:
+        g_w = ps[4]
+        g_out["log_mu"] = g_out["log_mu"] + g_lp0        # P-step: log P = Y + log μ - R
+        g_out["log_eta"] = g_out["log_eta"] + gvec       # S-step: log S' = Y' + log η - C
+    else:
+        k3_a, k3_w = _dkappa(w["a3"][t], wgt)
+        g_w = ps[4] + ps[3] * k3_w
+        acc["lp0"] += g_lp0
+        acc["lq0"] += g_lq0
+        acc["a3"][t] += ps[3] * k3_a
+        acc["a2"][t] += pp[3] * k2_a
+        acc["rho"][t] += pp[3] * k2_w
+        g_out = {}
     acc["a0"][t] += ps[0] + pp[0]
     acc["a1"][t] += ps[1] + pp[1] + (0 if quad else g_w)
-    acc["rho"][t] += ps[2] + pp[2] + g_w + pp[3] * k2_w
-    acc["a3"][t] += ps[3] * k3_a
-    acc["a2"][t] += pp[3] * k2_a
-    return g_l, g_z_out
+    acc["rho"][t] += ps[2] + pp[2] + g_w
+    g_out["log_s"] = g_l
+    g_out["z"] = g_z_out
+    return g_out
 
 
 def _kappa_t(alpha: Tensor, w: Tensor) -> Tensor:
@@ -1433,21 +1515,19 @@ class StructureROTFunction(torch.autograd.Function):
                               else ckpts[t_ck])
                         g_lp = sinkhorn_exact_reverse_step(pb, fac, st, t, mask, g_lp, acc)
                 g_state = {"log_s": g_lp}
-            elif TRITON_BACKWARD and pb.method != "sinkhorn" and pb.variant == "exact":
+            elif TRITON_BACKWARD and pb.method != "sinkhorn":
                 acc = {"x": grads[0], "xc": grads[1], "xt": grads[2], "lp0": grads[3],
                        "lq0": grads[4]}
                 acc.update({k: grads[5 + i] for i, k in enumerate(_WEIGHTS)})
-                g_ls = torch.zeros_like(pb.x32)
-                g_z = torch.zeros_like(pb.x32)
+                g_lp_T = g_state["log_p"]
+                g_state = {k: torch.zeros_like(v) for k, v in ckpts[0].items()}
                 with torch.no_grad():
                     for t in reversed(range(pb.T)):
                         t_ck = max(k for k in ckpts if k <= t)
                         st = (run_iterations(pb, fac, ckpts[t_ck], t_ck, t) if t > t_ck
                               else ckpts[t_ck])
-                        g_ls, g_z = badmm_exact_reverse_step(
-                            pb, fac, st, t, mask, g_ls, g_z,
-                            g_state["log_p"] if t == pb.T - 1 else None, acc)
-                g_state = {"log_s": g_ls}
+                        g_state = badmm_reverse_step(pb, fac, st, t, mask, g_state,
+                                                     g_lp_T if t == pb.T - 1 else None, acc)
             else:
                 for t in reversed(range(pb.T)):
                     t_ck = max(k for k in ckpts if k <= t)
