@@ -9,7 +9,7 @@ the column LogSumExp over features couples all channels of a window.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F

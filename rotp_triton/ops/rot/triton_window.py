@@ -35,7 +35,7 @@ channel axis is contiguous) has not been measured yet - bench/bench_image.py tim
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 import triton
