@@ -426,6 +426,65 @@ def rot_sinkhorn_fwd_kernel(
                              p.to(plan_ptr.dtype.element_ty), mask=msk)
 
 
+@triton.jit
+def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, A_cur, R_t, C_t, Cbar_t, B_prev, abar_b,
+                     add_init, BN: tl.constexpr, BD: tl.constexpr):
+    """Both matrix-vector products of one exact reverse iteration in ONE pass (BN >= n_b).
+
+    ā_d = Σ_n Q[n, d] C̄_n is final per chunk; R̄_d = -κ2 ā_d - (1-κ2) softmax(u)_d Σā needs the
+    scalar Σā only, so b̄_n = Σ_d S[n, d] R̄_d = acc1_n - (1-κ2) Σā acc2_n with
+    acc1 = S (-κ2 ā), acc2 = S softmax(u) accumulated in the same sweep. Writes ā to abar."""
+    on = tl.arange(0, BN)
+    nm = on < n_b
+    cb = tl.load(Cbar_t + on, mask=nm, other=0.0)                              # [BN]
+    cn = tl.load(C_t + on, mask=nm, other=0.0)
+    bp = tl.load(B_prev + on, mask=nm, other=0.0)
+    acc1 = tl.zeros([BN], tl.float32)
+    acc2 = tl.zeros([BN], tl.float32)
+    for d0 in range(0, D, BD):
+        od = d0 + tl.arange(0, BD)
+        dm = od < D
+        x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)                # [BN, BD]
+        xs = x * s
+        ac = tl.load(A_cur + od, mask=dm, other=0.0)
+        r = tl.load(R_t + od, mask=dm, other=0.0)
+        q = tl.exp2(tl.where(msk, xs + ac[None, :] - cn[:, None], NEG_INF))
+        ab = tl.sum(q * cb[:, None], axis=0)                                   # [BD] ā
+        ab += tl.where(add_init != 0, tl.load(abar_b + od, mask=dm, other=0.0), 0.0)
+        tl.store(abar_b + od, ab, mask=dm)
+        smu = tl.where(dm, tl.exp2(ac + r), 0.0)
+        sm = tl.exp2(tl.where(msk, xs + bp[:, None] - r[None, :], NEG_INF))
+        acc1 += tl.sum(sm * (-k2 * ab)[None, :], axis=1)
+        acc2 += tl.sum(sm * smu[None, :], axis=1)
+    return acc1, acc2
+
+
+@triton.jit
+def _paper_bwd_sweep(x_base, sxn, sxd, n_b, D, s, A_prev, B_prev, R_t, C_t, Rbar_t, Cbar_t,
+                     abar_b, bbar_b, BN: tl.constexpr, BD: tl.constexpr):
+    """ā += Qᵀ c̄ and b̄ += S r̄ of one paper reverse iteration in ONE pass (BN >= n_b)."""
+    on = tl.arange(0, BN)
+    nm = on < n_b
+    cb = tl.load(Cbar_t + on, mask=nm, other=0.0)                              # [BN]
+    cn = tl.load(C_t + on, mask=nm, other=0.0)
+    bp = tl.load(B_prev + on, mask=nm, other=0.0)
+    acc = tl.zeros([BN], tl.float32)
+    for d0 in range(0, D, BD):
+        od = d0 + tl.arange(0, BD)
+        dm = od < D
+        x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)                # [BN, BD]
+        xs = x * s
+        ap = tl.load(A_prev + od, mask=dm, other=0.0)
+        r = tl.load(R_t + od, mask=dm, other=0.0)
+        rb = tl.load(Rbar_t + od, mask=dm, other=0.0)
+        q = tl.exp2(tl.where(msk, xs + ap[None, :] - cn[:, None], NEG_INF))
+        old = tl.load(abar_b + od, mask=dm, other=0.0)
+        tl.store(abar_b + od, old + tl.sum(q * cb[:, None], axis=0), mask=dm)
+        sm = tl.exp2(tl.where(msk, xs + bp[:, None] - r[None, :], NEG_INF))
+        acc += tl.sum(sm * rb[None, :], axis=1)
+    tl.store(bbar_b + on, tl.load(bbar_b + on, mask=nm, other=0.0) + acc, mask=nm)
+
+
 # --------------------------------------------------------------------------------------------
 # backward
 # --------------------------------------------------------------------------------------------
@@ -439,7 +498,8 @@ def rot_sinkhorn_bwd_kernel(
     dlp0_ptr, dlq0_ptr, dk2_ptr, dk3_ptr, deps_rec_ptr, deps_x_ptr, deps_fin_ptr,
     Rbar_ptr, Cbar_ptr, abar_ptr, bbar_ptr,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
-    HAS_GP: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
+    HAS_GP: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    BT: tl.constexpr,
 ):
     """Exact gradient of the T unrolled iterations + pooling (+ plan) of one set per program.
 
@@ -588,10 +648,14 @@ def rot_sinkhorn_bwd_kernel(
                 tl.debug_barrier()
                 if t > 0:
                     # ā_{t-1} += Qᵀ c̄ (column sums of Q c̄), b̄_{t-1} += S r̄ (row sums of S r̄)
-                    _matvec_over_n(x_base, sxn, sxd, n_b, D, s, A_prev, C_t, Cbar_t, abar_b, 1,
-                                   BN, BD)
-                    _matvec_over_d(x_base, sxn, sxd, n_b, D, s, B_prev, R_t, Rbar_t, bbar_b, 1,
-                                   BN, BD)
+                    if ONE_TILE_N:
+                        _paper_bwd_sweep(x_base, sxn, sxd, n_b, D, s, A_prev, B_prev, R_t, C_t,
+                                         Rbar_t, Cbar_t, abar_b, bbar_b, BN, BD)
+                    else:
+                        _matvec_over_n(x_base, sxn, sxd, n_b, D, s, A_prev, C_t, Cbar_t, abar_b,
+                                       1, BN, BD)
+                        _matvec_over_d(x_base, sxn, sxd, n_b, D, s, B_prev, R_t, Rbar_t, bbar_b,
+                                       1, BN, BD)
                     tl.debug_barrier()
             else:
                 # b_t = v - LSE(v) - C_t, v = κ3 lq0 + (1-κ3) C_t; softmax(v) = 2^(b_t + C_t)
@@ -613,8 +677,13 @@ def rot_sinkhorn_bwd_kernel(
                 tl.store(dk3_ptr + b * T + t, dk3)
                 tl.debug_barrier()
                 # C_t = LSE_d(x/ε_t + a_t): ā_t = Q_tᵀ C̄ (+ the plan's ā at t = T - 1)
-                _matvec_over_n(x_base, sxn, sxd, n_b, D, s, A_cur, C_t, Cbar_t, abar_b,
-                               (t == T - 1).to(tl.int32), BN, BD)
+                if ONE_TILE_N:  # ... and the S-product terms of b̄_{t-1} in the same pass
+                    acc1, acc2 = _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, A_cur, R_t,
+                                                  C_t, Cbar_t, B_prev, abar_b,
+                                                  (t == T - 1).to(tl.int32), BN, BD)
+                else:
+                    _matvec_over_n(x_base, sxn, sxd, n_b, D, s, A_cur, C_t, Cbar_t, abar_b,
+                                   (t == T - 1).to(tl.int32), BN, BD)
                 tl.debug_barrier()
                 # a_t = u - LSE(u) - R_t, u = κ2 lp0 + (1-κ2) R_t; softmax(u) = 2^(a_t + R_t)
                 sa = _vec_sum(abar_b, D, BD)
@@ -636,8 +705,12 @@ def rot_sinkhorn_bwd_kernel(
                 tl.debug_barrier()
                 if t > 0:
                     # R_t = LSE_n(x/ε_t + b_{t-1}): b̄_{t-1} = S_t R̄
-                    _matvec_over_d(x_base, sxn, sxd, n_b, D, s, B_prev, R_t, Rbar_t, bbar_b, 0,
-                                   BN, BD)
+                    if ONE_TILE_N:
+                        on = tl.arange(0, BN)
+                        tl.store(bbar_b + on, acc1 - (1.0 - k2) * sa * acc2, mask=on < n_b)
+                    else:
+                        _matvec_over_d(x_base, sxn, sxd, n_b, D, s, B_prev, R_t, Rbar_t, bbar_b,
+                                       0, BN, BD)
                     tl.debug_barrier()
 
         # dx = Σ_t (S_t R̄_t + Q_t C̄_t)/ε(t) + g_d W (1 + (x - y_d)/ε_{T-1}) [+ plan term],
@@ -721,8 +794,13 @@ def _fwd_config(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
 
 
 def _bwd_config(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
-    """(BN, BD) of the backward's streamed tiles."""
-    return _blocks(D, N, BWD_ELEMS_PER_THREAD * 32 * num_warps)
+    """(BN, BD, one_tile) of the backward (one pass per reverse iteration when one_tile)."""
+    tile = BWD_ELEMS_PER_THREAD * 32 * num_warps
+    if N is not None and N <= ONE_TILE_MAX_N:
+        BN = _next_pow2(max(N, 1))
+        return BN, max(min(tile // BN, _next_pow2(D), 128), 1), True
+    BN, BD = _blocks(D, N, tile)
+    return BN, BD, False
 
 
 def _blocks(D: int, N: Optional[int], tile: int) -> tuple:
@@ -866,7 +944,7 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], eps: Tensor, k2: Tensor,
     sdb, sdn, sdd = (dx.stride(0), dx.stride(1), dx.stride(2)) if ptr is None else \
         (0, dx.stride(0), dx.stride(1))
     nw = _num_warps(x, B)
-    BN, BD = _bwd_config(D, N, nw)
+    BN, BD, one_tile = _bwd_config(D, N, nw)
     lp0 = log_p0.float().contiguous() if log_p0 is not None else g
     lq0 = log_q0.float().contiguous() if log_q0 is not None else g
     if B > 0 and D > 0:
@@ -877,7 +955,8 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], eps: Tensor, k2: Tensor,
             g, gp, sgb, sgn, sgd, dx, sdb, sdn, sdd,
             dlp0, dlq0, dk2, dk3, deps_rec, deps_x, deps_fin, Rbar, Cbar, abar, bbar,
             RAGGED=ptr is not None, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
-            PAPER=paper, HAS_GP=has_gp, BN=BN, BD=BD, BT=_next_pow2(T), num_warps=nw)
+            PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one_tile, BN=BN, BD=BD, BT=_next_pow2(T),
+            num_warps=nw)
     dx_eps = deps_x.sum(0)
     if paper:  # term t of the x-scale belongs to ε_{max(t-1, 0)}
         dx_eps = torch.cat([dx_eps[:1] + dx_eps[1:2], dx_eps[2:], dx_eps.new_zeros(1)]) \
