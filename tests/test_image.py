@@ -417,6 +417,27 @@ def test_module_dispatches_to_kernel():
         ROTPool2d(3, a0=0.5, backend="triton").to(DEVICE)(x)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_global_pool_uses_set_kernels_on_the_strided_view(layout, monkeypatch):
+    """output_size=1 goes through rot_pool's set kernels on x.flatten(2).transpose(1, 2), a view
+    of the image (same storage, no copy); result == the torch path."""
+    from rotp_triton.ops.rot import triton_set
+    seen = []
+    real = triton_set.rot_pool_triton
+    monkeypatch.setattr(triton_set, "rot_pool_triton",
+                        lambda x, *a, **k: seen.append(x) or real(x, *a, **k))
+    x = make_input(2, 5, 3, 4, layout, torch.float32, seed=2).requires_grad_()
+    res = []
+    for backend in ("triton", "torch"):
+        m = AdaptiveROTPool2d(5, method="badmm-e", num_iters=2, a1=0.5, rho=0.5,
+                              backend=backend).to(DEVICE)
+        y = m(x)
+        res.append((y,) + torch.autograd.grad(y.sum(), [x, m.weights.raw_a1]))
+    assert len(seen) == 1 and seen[0].data_ptr() == x.data_ptr() and seen[0].shape == (2, 12, 5)
+    for a, b in zip(*res):
+        assert rel_err(a, b) <= 1e-4
+
+
 def test_kernel_saves_only_input_and_weight_table():
     """The autograd graph of the kernel path holds x and the (T, 6) weight table, nothing per
     iteration: memory does not grow with T (the backward recomputes)."""
