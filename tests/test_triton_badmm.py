@@ -4,10 +4,12 @@ gradients.
 Runs under TRITON_INTERPRET=1 on CPU by default and on CUDA with ROTP_TEST_DEVICE=cuda (see
 conftest.py / kernel_utils.py). Every comparison is a relative error in the 2-norm,
 ‖kernel - reference‖ / max(‖reference‖, floor), against ``reference.rot`` evaluated in float64
-on the same (rounded) inputs: tolerance RTOL[dtype] (fp32 1e-4). The floor (1e-3, for
-gradients only) covers gradients that are zero in exact arithmetic - in the paper variant α2
-and α3 have no effect (DESIGN §3.3, defect 2), so their gradients are rounding noise (~1e-9 in
-fp32, ~1e-17 in float64) and a pure relative error would compare noise with noise.
+on the same (rounded) inputs: tolerance RTOL[dtype] (fp32 1e-4). The floor (1e-2, for
+gradients only; the cotangents are O(1)) covers gradients that are zero in exact arithmetic -
+in the paper variant α2 and α3 have no effect (DESIGN §3.3, defect 2), and with T = 1 the
+paper variant's output does not depend on p0 - so the kernel's value is fp32 rounding noise of
+sums of N·D O(1) terms (up to ~1e-6 absolute) while float64 gives ~1e-17: a pure relative
+error would compare noise with noise. A non-zero gradient must still match to 1e-6 absolute.
 """
 import math
 
@@ -20,7 +22,7 @@ from kernel_utils import DEVICE, KERNEL_DTYPES, ON_CUDA, RTOL, run_without_inter
 from rotp_triton.ops.rot import triton_badmm
 from rotp_triton.ops.rot.triton_badmm import rot_pool_badmm_triton
 
-GRAD_FLOOR = 1e-3
+GRAD_FLOOR = 1e-2
 WEIGHTS = ("a1", "a2", "a3", "rho")
 
 
