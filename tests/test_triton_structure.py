@@ -129,6 +129,19 @@ def test_forward_and_gradients_d_greater_than_n(method):
     _check_case([3, 0, 4], 7, method, "exact", dense=False, grads=True, seed=3)
 
 
+@pytest.mark.parametrize("method,variant,switch", [("sinkhorn", "paper", "replay"),
+                                                   ("badmm-q", "paper", "checkpoint")])
+def test_backward_alternatives(monkeypatch, method, variant, switch):
+    """The torch-autograd replay backward (TRITON_BACKWARD = False) and the backward with
+    stored checkpoints (CHECKPOINT_EVERY = 1, no recompute) give the reference gradients too."""
+    from rotp_triton.ops.rot import triton_structure as ts
+    if switch == "replay":
+        monkeypatch.setattr(ts, "TRITON_BACKWARD", False)
+    else:
+        monkeypatch.setattr(ts, "CHECKPOINT_EVERY", 1)
+    _check_case([5, 5], 3, method, variant, dense=True, grads=True, seed=17)
+
+
 @pytest.mark.parametrize("sizes,D", [([1, 1], 4), ([5, 2], 1), ([17, 1, 0, 9], 20)])
 def test_forward_awkward_shapes(sizes, D):
     """N = 1, D = 1, and a ragged batch mixing sizes across a 16-row tile, one set empty."""
@@ -244,12 +257,14 @@ for paper in (False, True):
             len_ptr="*i64", a0_ptr=P, a1_ptr=P, a2_ptr=P, a3_ptr=P, tau_ptr=P,
             t=I, K=I, N_pad=I, D=I), dict(PAPER=paper, SAVE=not paper, BN=BN, BD=BD),
        f"sinkhorn_prox[paper={paper}]")
-ck(ts.sinkhorn_prox_step_bwd_kernel,
-   dict(g_out_ptr=P, x_ptr=P, log_p_ptr=P, sig_ptr=P, y0_ptr=P, gy0_ptr=P, hist_r_ptr=P,
-        hist_a_ptr=P, hist_c_ptr=P, hist_b_ptr=P, gb_ptr=P, gc_ptr=P, log_p0_ptr=P,
-        log_q0_ptr=P, g_lp_ptr=P, g_x_ptr=P, g_sig_ptr=P, g_lp0_ptr=P, g_lq0_ptr=P, wpart_ptr=P,
-        len_ptr="*i64", a0_ptr=P, a1_ptr=P, a2_ptr=P, a3_ptr=P, tau_ptr=P, t=I, K=I, N_pad=I,
-        D=I), dict(BN=BN, BD=BD), "sinkhorn_prox_bwd")
+for paper in (False, True):
+    ck(ts.sinkhorn_prox_step_bwd_kernel,
+       dict(g_out_ptr=P, x_ptr=P, log_p_ptr=P, sig_ptr=P, y0_ptr=P, gy0_ptr=P, hist_r_ptr=P,
+            hist_a_ptr=P, hist_c_ptr=P, hist_b_ptr=P, gb_ptr=P, gc_ptr=P, log_p0_ptr=P,
+            log_q0_ptr=P, g_lp_ptr=P, g_x_ptr=P, g_sig_ptr=P, g_lp0_ptr=P, g_lq0_ptr=P,
+            wpart_ptr=P, len_ptr="*i64", a0_ptr=P, a1_ptr=P, a2_ptr=P, a3_ptr=P, tau_ptr=P, t=I,
+            K=I, N_pad=I, D=I), dict(PAPER=paper, BN=BN, BD=BD),
+       f"sinkhorn_prox_bwd[paper={paper}]")
 ck(ts.pool_from_log_plan_kernel,
    dict(log_p_ptr=P, x_ptr=P, y_ptr="*bf16", plan_ptr="*bf16", len_ptr="*i64",
         real_len_ptr="*i64", row_start_ptr="*i64", N_pad=I, D=I, s_pn=I, s_pb=I),
@@ -263,6 +278,6 @@ def test_aot_sm90():
     out = run_without_interpreter(_AOT, timeout=900)
     lines = [ln for ln in out.splitlines() if ln.startswith("RESULT")]
     print("\n".join(lines))
-    assert len(lines) == 16
+    assert len(lines) == 17
     for line in lines:
         assert "LOCAL:0" in line or "LOCAL:?" in line, line

@@ -46,19 +46,18 @@ Kernels of the backward, per reverse iteration t (after the recompute):
       ~10 set_matmul launches, the gradients of the factors included), then
       :func:`badmm_p_step_bwd_kernel` (adjoint of the P-step, its column LSE and the
       normalization over d) and the adjoint of Σ(S).
-  exact S: the outer step re-run with ``SAVE`` (Y0 and the inner history R_k, a_k, C_k, b_k,
-      O(K·(N + D)) per set), :func:`sinkhorn_prox_step_bwd_kernel` (all K Gauss-Seidel
-      iterations in reverse, one program per set) and the adjoint of Σ(P).
+  S (exact and paper): the outer step re-run with ``SAVE`` (Y0 and the inner history R_k, a_k,
+      C_k, b_k, O(K·(N + D)) per set), :func:`sinkhorn_prox_step_bwd_kernel` (all K
+      Gauss-Seidel / Jacobi iterations in reverse, one program per set) and the adjoint of Σ(P).
   Weight gradients: per-set partial sums written by the adjoint kernels, reduced by torch
   (a (B, 8) sum per iteration) together with the κ derivatives.
   paper B-E / B-Q: the same two adjoint kernels (``PAPER``: log μ, log η are states); the
       eq. (26)-(28) updates of log μ, log η, z1, z2 are O(N + D) vectors, differentiated with
       torch ops in :func:`badmm_reverse_step`.
-  paper S: NOT Triton. Iteration t is replayed in differentiable torch ops on the padded layout
-      (:func:`_replay_step`, the math of solvers.py) and differentiated by torch autograd; only
-      its structure products (:class:`SigmaProduct`) are Triton, forward and backward. Same
-      recompute scheme, same memory bound. (``TRITON_BACKWARD = False`` sends every method
-      through this replay, a second implementation to cross-check the adjoint kernels.)
+  ``TRITON_BACKWARD = False``: a second, slower implementation kept to cross-check the adjoint
+      kernels: iteration t is replayed in differentiable torch ops on the padded layout
+      (:func:`_replay_step`, the math of solvers.py) and differentiated by torch autograd, with
+      only the structure products (:class:`SigmaProduct`) in Triton. Same recompute scheme.
   Once per call, in torch autograd (not Triton): the final pooling / plan normalization and the
   chain from the factors' gradients to x through the centring and normalization (cheap O(N·D)).
 """
@@ -79,7 +78,7 @@ from .solvers import normalized_plan, pool_from_log_plan, structure_factors
 # States stored every CHECKPOINT_EVERY iterations in the forward for the backward's recompute;
 # None: store none (memory independent of T, O(T^2) recompute).
 CHECKPOINT_EVERY: Optional[int] = None
-# exact B-E / B-Q: adjoint kernels in Triton (False: torch-autograd replay, as for S and paper)
+# adjoint kernels in Triton (False: torch-autograd replay of each iteration, for cross-checks)
 TRITON_BACKWARD = True
 # fp32 tl.dot precision: "ieee" (exact fp32) or "tf32" (tensor cores, ~1e-3 relative error).
 DOT_PRECISION = os.environ.get("ROTP_STRUCTURE_DOT", "ieee")
@@ -397,7 +396,8 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
     a = lognorm(κ2 log p0 + (1-κ2) LSE_n(Y0 + b)) - LSE_n(..), b likewise over d; paper: K
     Jacobi iterations of eq. (18) with the a/ε factor. log P ← Y0 + a + b (in place).
     y0: (B, N_pad, D) scratch; bvec, c: (B, N_pad) scratch.
-    SAVE (exact): the inner history R_k, a_k (B, K, D) and C_k, b_k (B, K, N_pad) for the adjoint.
+    SAVE: the inner history for the adjoint, R_k, a_k (B, K, D) and C_k, b_k (B, K, N_pad):
+    exact, a_k and b_k after iteration k; paper, a and b entering iteration k.
     """
     b = tl.program_id(0)
     n_b = tl.load(len_ptr + b).to(tl.int32)
@@ -444,7 +444,13 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
                 # bv is replicated across warps: all must have read it before it is replaced
                 tl.debug_barrier()
                 tl.store(bvec_ptr + b * N_pad + rows, k3 * (bv / eps + lq0 - c), mask=r_ok)
+                if SAVE:   # the state entering iteration k and its C
+                    tl.store(hist_b_ptr + (b * K + _k) * N_pad + rows, bv, mask=r_ok)
+                    tl.store(hist_c_ptr + (b * K + _k) * N_pad + rows, c, mask=r_ok)
             r = m + tl.log(l)
+            if SAVE:
+                tl.store(hist_r_ptr + (b * K + _k) * D + offs_d, r, mask=d_ok)
+                tl.store(hist_a_ptr + (b * K + _k) * D + offs_d, a, mask=d_ok)
             a = tl.where(d_ok, k2 * (a / eps + lp0 - r), 0.0)
         else:
             # a from R = LSE_n(Y0 + b)
@@ -709,9 +715,10 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
                                   log_p0_ptr, log_q0_ptr, g_lp_ptr, g_x_ptr, g_sig_ptr,
                                   g_lp0_ptr, g_lq0_ptr, wpart_ptr, len_ptr, a0_ptr, a1_ptr,
                                   a2_ptr, a3_ptr, tau_ptr, t, K, N_pad, D,
-                                  BN: tl.constexpr, BD: tl.constexpr):
-    """Adjoint of one exact proximal S step (sinkhorn_prox_step_kernel, SAVE), one program per
-    set: the K Gauss-Seidel iterations in reverse from their saved (R_k, a_k, C_k, b_k) and Y0.
+                                  PAPER: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """Adjoint of one proximal S step (sinkhorn_prox_step_kernel, SAVE), one program per
+    set: the K Gauss-Seidel (exact) or Jacobi (paper, eq. 18) iterations in reverse from their
+    saved (R_k, a_k, C_k, b_k) and Y0.
 
     In: g_out = ∂L/∂log P_{t+1} (B, N_pad, D); log P_t, Σ(P_t), Y0 and the history. Out: g_lp =
     ∂L/∂log P_t except the Σ(P_t) path, g_x += ∂L/∂x, g_sig = α0 ∂L/∂Y0/ε (to be pushed
@@ -744,62 +751,103 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
     g_lp0 = tl.zeros([BD], dtype=tl.float32)
     g_k2 = tl.sum(zero_n, 0)
     g_k3 = tl.sum(zero_n, 0)
+    g_eps_j = tl.sum(zero_n, 0)
     tl.debug_barrier()
-    for kk in range(0, K):
-        k = K - 1 - kk
-        # b_k = lognorm_n(v) - C_k, v = κ3 log q0 + (1-κ3) C_k, softmax(v) = exp(b_k + C_k)
-        gb_sum = tl.sum(zero_n, 0)
-        for n0 in range(0, n_b, BN):
-            rows = n0 + tl.arange(0, BN)
-            gb_sum += tl.sum(tl.load(gb_ptr + b * N_pad + rows, mask=rows < n_b, other=0.0), 0)
-        for n0 in range(0, n_b, BN):
-            rows = n0 + tl.arange(0, BN)
-            r_ok = rows < n_b
-            gbv = tl.load(gb_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
-            c = tl.load(hist_c_ptr + (b * K + k) * N_pad + rows, mask=r_ok, other=0.0)
-            bk = tl.load(hist_b_ptr + (b * K + k) * N_pad + rows, mask=r_ok, other=0.0)
-            lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
-            g_v = tl.where(r_ok, gbv - tl.exp(bk + c) * gb_sum, 0.0)
-            tl.store(gc_ptr + b * N_pad + rows, -gbv + (1 - k3) * g_v, mask=r_ok)
-            g_k3 += tl.sum(g_v * (lq0 - c), 0)
-            old = tl.load(g_lq0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
-            tl.debug_barrier()   # every warp read the old value before it is replaced
-            tl.store(g_lq0_ptr + b * N_pad + rows, old + k3 * g_v, mask=r_ok)
-        tl.debug_barrier()
-        # C_k = LSE_d(Y0 + a_k)
-        ak = tl.load(hist_a_ptr + (b * K + k) * D + offs_d, mask=d_ok, other=0.0)
-        g_a = tl.where(k == K - 1, g_a_out, 0.0)   # a_k feeds C_k and, last, the output
-        for n0 in range(0, n_b, BN):
-            rows = n0 + tl.arange(0, BN)
-            r_ok = rows < n_b
-            msk = r_ok[:, None] & d_ok[None, :]
-            off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
-            c = tl.load(hist_c_ptr + (b * K + k) * N_pad + rows, mask=r_ok, other=0.0)
-            gc = tl.load(gc_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
-            e = tl.where(msk, tl.exp(tl.load(y0_ptr + off, mask=msk, other=0.0) + ak[None, :]
-                                     - c[:, None]), 0.0) * gc[:, None]          # [BN, BD]
-            tl.store(gy0_ptr + off, tl.load(gy0_ptr + off, mask=msk, other=0.0) + e, mask=msk)
-            g_a += tl.sum(e, 0)
-        # a_k = lognorm_d(u) - R_k, u = κ2 log p0 + (1-κ2) R_k, softmax(u) = exp(a_k + R_k)
-        rk = tl.load(hist_r_ptr + (b * K + k) * D + offs_d, mask=d_ok, other=0.0)
-        g_u = tl.where(d_ok, g_a - tl.exp(ak + rk) * tl.sum(g_a, 0), 0.0)
-        g_r = -g_a + (1 - k2) * g_u
-        g_lp0 += k2 * g_u
-        g_k2 += tl.sum(tl.where(d_ok, g_u * (lp0 - rk), 0.0), 0)
-        # R_k = LSE_n(Y0 + b_{k-1}), b_{-1} = 0
-        for n0 in range(0, n_b, BN):
-            rows = n0 + tl.arange(0, BN)
-            r_ok = rows < n_b
-            msk = r_ok[:, None] & d_ok[None, :]
-            off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
-            bprev = tl.load(hist_b_ptr + (b * K + tl.maximum(k - 1, 0)) * N_pad + rows,
-                            mask=r_ok, other=0.0)
-            bprev = tl.where(k > 0, bprev, 0.0)
-            e = tl.where(msk, tl.exp(tl.load(y0_ptr + off, mask=msk, other=0.0) + bprev[:, None]
-                                     - rk[None, :]), 0.0) * g_r[None, :]
-            tl.store(gy0_ptr + off, tl.load(gy0_ptr + off, mask=msk, other=0.0) + e, mask=msk)
-            tl.store(gb_ptr + b * N_pad + rows, tl.sum(e, 1), mask=r_ok)
-        tl.debug_barrier()
+    if PAPER:
+        # a' = κ2 (a/ε + log p0 - R), b' = κ3 (b/ε + log q0 - C), R, C from Y = Y0 + a + b
+        g_a = g_a_out
+        for kk in range(0, K):
+            k = K - 1 - kk
+            a_old = tl.load(hist_a_ptr + (b * K + k) * D + offs_d, mask=d_ok, other=0.0)
+            rk = tl.load(hist_r_ptr + (b * K + k) * D + offs_d, mask=d_ok, other=0.0)
+            g_r = -k2 * g_a
+            g_lp0 += k2 * g_a
+            g_k2 += tl.sum(tl.where(d_ok, g_a * (a_old / eps + lp0 - rk), 0.0), 0)
+            g_eps_j += tl.sum(tl.where(d_ok, -g_a * k2 * a_old, 0.0), 0) / (eps * eps)
+            g_a_new = k2 / eps * g_a
+            for n0 in range(0, n_b, BN):
+                rows = n0 + tl.arange(0, BN)
+                r_ok = rows < n_b
+                msk = r_ok[:, None] & d_ok[None, :]
+                off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+                gbv = tl.load(gb_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                b_old = tl.load(hist_b_ptr + (b * K + k) * N_pad + rows, mask=r_ok, other=0.0)
+                c = tl.load(hist_c_ptr + (b * K + k) * N_pad + rows, mask=r_ok, other=0.0)
+                lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                g_c = -k3 * gbv
+                g_k3 += tl.sum(gbv * (b_old / eps + lq0 - c), 0)
+                g_eps_j += tl.sum(-gbv * k3 * b_old, 0) / (eps * eps)
+                y = tl.load(y0_ptr + off, mask=msk, other=0.0) + a_old[None, :] + b_old[:, None]
+                gy = tl.where(msk, tl.exp(y - rk[None, :]) * g_r[None, :]
+                              + tl.exp(y - c[:, None]) * g_c[:, None], 0.0)     # [BN, BD]
+                tl.store(gy0_ptr + off, tl.load(gy0_ptr + off, mask=msk, other=0.0) + gy,
+                         mask=msk)
+                g_a_new += tl.sum(gy, 0)
+                old_q = tl.load(g_lq0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                tl.debug_barrier()   # every warp read gb, g_lq0 of these rows before the update
+                tl.store(gb_ptr + b * N_pad + rows, k3 / eps * gbv + tl.sum(gy, 1), mask=r_ok)
+                tl.store(g_lq0_ptr + b * N_pad + rows, old_q + k3 * gbv, mask=r_ok)
+            g_a = g_a_new
+            tl.debug_barrier()
+    else:
+        for kk in range(0, K):
+            k = K - 1 - kk
+            # b_k = lognorm_n(v) - C_k, v = κ3 log q0 + (1-κ3) C_k, softmax(v) = exp(b_k + C_k)
+            gb_sum = tl.sum(zero_n, 0)
+            for n0 in range(0, n_b, BN):
+                rows = n0 + tl.arange(0, BN)
+                gb_sum += tl.sum(tl.load(gb_ptr + b * N_pad + rows, mask=rows < n_b,
+                                         other=0.0), 0)
+            for n0 in range(0, n_b, BN):
+                rows = n0 + tl.arange(0, BN)
+                r_ok = rows < n_b
+                gbv = tl.load(gb_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                c = tl.load(hist_c_ptr + (b * K + k) * N_pad + rows, mask=r_ok, other=0.0)
+                bk = tl.load(hist_b_ptr + (b * K + k) * N_pad + rows, mask=r_ok, other=0.0)
+                lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                g_v = tl.where(r_ok, gbv - tl.exp(bk + c) * gb_sum, 0.0)
+                tl.store(gc_ptr + b * N_pad + rows, -gbv + (1 - k3) * g_v, mask=r_ok)
+                g_k3 += tl.sum(g_v * (lq0 - c), 0)
+                old = tl.load(g_lq0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                tl.debug_barrier()   # every warp read the old value before it is replaced
+                tl.store(g_lq0_ptr + b * N_pad + rows, old + k3 * g_v, mask=r_ok)
+            tl.debug_barrier()
+            # C_k = LSE_d(Y0 + a_k)
+            ak = tl.load(hist_a_ptr + (b * K + k) * D + offs_d, mask=d_ok, other=0.0)
+            g_a = tl.where(k == K - 1, g_a_out, 0.0)   # a_k feeds C_k and, last, the output
+            for n0 in range(0, n_b, BN):
+                rows = n0 + tl.arange(0, BN)
+                r_ok = rows < n_b
+                msk = r_ok[:, None] & d_ok[None, :]
+                off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+                c = tl.load(hist_c_ptr + (b * K + k) * N_pad + rows, mask=r_ok, other=0.0)
+                gc = tl.load(gc_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                e = tl.where(msk, tl.exp(tl.load(y0_ptr + off, mask=msk, other=0.0)
+                                         + ak[None, :] - c[:, None]), 0.0) * gc[:, None]
+                tl.store(gy0_ptr + off, tl.load(gy0_ptr + off, mask=msk, other=0.0) + e,
+                         mask=msk)
+                g_a += tl.sum(e, 0)
+            # a_k = lognorm_d(u) - R_k, u = κ2 log p0 + (1-κ2) R_k, softmax(u) = exp(a_k + R_k)
+            rk = tl.load(hist_r_ptr + (b * K + k) * D + offs_d, mask=d_ok, other=0.0)
+            g_u = tl.where(d_ok, g_a - tl.exp(ak + rk) * tl.sum(g_a, 0), 0.0)
+            g_r = -g_a + (1 - k2) * g_u
+            g_lp0 += k2 * g_u
+            g_k2 += tl.sum(tl.where(d_ok, g_u * (lp0 - rk), 0.0), 0)
+            # R_k = LSE_n(Y0 + b_{k-1}), b_{-1} = 0
+            for n0 in range(0, n_b, BN):
+                rows = n0 + tl.arange(0, BN)
+                r_ok = rows < n_b
+                msk = r_ok[:, None] & d_ok[None, :]
+                off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+                bprev = tl.load(hist_b_ptr + (b * K + tl.maximum(k - 1, 0)) * N_pad + rows,
+                                mask=r_ok, other=0.0)
+                bprev = tl.where(k > 0, bprev, 0.0)
+                e = tl.where(msk, tl.exp(tl.load(y0_ptr + off, mask=msk, other=0.0)
+                                         + bprev[:, None] - rk[None, :]), 0.0) * g_r[None, :]
+                tl.store(gy0_ptr + off, tl.load(gy0_ptr + off, mask=msk, other=0.0) + e,
+                         mask=msk)
+                tl.store(gb_ptr + b * N_pad + rows, tl.sum(e, 1), mask=r_ok)
+            tl.debug_barrier()
     # Y0 = (x + α0 Σ(P) + τ log P) / ε
     g_a0 = tl.sum(zero_n, 0)
     g_tau = tl.sum(zero_n, 0)
@@ -821,7 +869,7 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
     tl.store(g_lp0_ptr + b * D + offs_d, g_lp0, mask=d_ok)
     tl.store(wpart_ptr + b * 8 + 0, g_a0)
     tl.store(wpart_ptr + b * 8 + 1, g_tau)
-    tl.store(wpart_ptr + b * 8 + 2, g_eps)
+    tl.store(wpart_ptr + b * 8 + 2, g_eps + g_eps_j)
     tl.store(wpart_ptr + b * 8 + 3, g_k2)
     tl.store(wpart_ptr + b * 8 + 4, g_k3)
 
@@ -1383,9 +1431,9 @@ def _replay_step(pb: _Problem, st: dict, x: Tensor, xc: Tensor, xt: Tensor, gram
     return out
 
 
-def sinkhorn_exact_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tensor,
+def sinkhorn_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tensor,
                                 g_out: Tensor, acc: dict) -> Tensor:
-    """Pull ∂L/∂log P_{t+1} back through the exact proximal S step t (K inner iterations), in
+    """Pull ∂L/∂log P_{t+1} back through the proximal S step t (K inner iterations), in
     Triton: re-run step t saving Y0 and the inner history, then the adjoint kernel and the
     structure-product adjoint. Returns ∂L/∂log P_t; accumulates like badmm_exact_reverse_step.
     """
@@ -1404,7 +1452,8 @@ def sinkhorn_exact_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, ma
     out = log_p.clone()
     sinkhorn_prox_step_kernel[(B,)](pb.x32, out, sig, y0, bvec, cbuf, pb.log_p0, pb.log_q0, h_r,
                                     h_a, h_c, h_b, pb.lens, w["a0"], w["a1"], w["a2"], w["a3"],
-                                    w["tau"], t, K, N, D, PAPER=False, SAVE=True, **kw)
+                                    w["tau"], t, K, N, D, PAPER=pb.variant == "paper",
+                                    SAVE=True, **kw)
     gy0 = torch.zeros_like(pb.x32)
     gb = torch.zeros_like(pb.log_q0)
     gc = torch.zeros_like(pb.log_q0)
@@ -1416,7 +1465,8 @@ def sinkhorn_exact_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, ma
     sinkhorn_prox_step_bwd_kernel[(B,)](g_out.contiguous(), pb.x32, log_p, sig, y0, gy0, h_r, h_a,
                                         h_c, h_b, gb, gc, pb.log_p0, pb.log_q0, g_lp, acc["x"],
                                         g_sig, g_lp0, g_lq0, wp, pb.lens, w["a0"], w["a1"],
-                                        w["a2"], w["a3"], w["tau"], t, K, N, D, **kw)
+                                        w["a2"], w["a3"], w["tau"], t, K, N, D,
+                                        PAPER=pb.variant == "paper", **kw)
     p = _masked_exp(log_p, mask)
     g_lp += p * sigma_apply_bwd(p, g_sig, fac.xc, fac.xt, fac.gram, pb.lens, acc["xc"],
                                 acc["xt"])
@@ -1503,7 +1553,7 @@ class StructureROTFunction(torch.autograd.Function):
             key = "log_s" if pb.method == "sinkhorn" else "log_p"
             g_state = {key: gs[0]}
             gram = fac.gram
-            if TRITON_BACKWARD and pb.method == "sinkhorn" and pb.variant == "exact":
+            if TRITON_BACKWARD and pb.method == "sinkhorn":
                 acc = {"x": grads[0], "xc": grads[1], "xt": grads[2], "lp0": grads[3],
                        "lq0": grads[4]}
                 acc.update({k: grads[5 + i] for i, k in enumerate(_WEIGHTS)})
@@ -1513,7 +1563,7 @@ class StructureROTFunction(torch.autograd.Function):
                         t_ck = max(k for k in ckpts if k <= t)
                         st = (run_iterations(pb, fac, ckpts[t_ck], t_ck, t) if t > t_ck
                               else ckpts[t_ck])
-                        g_lp = sinkhorn_exact_reverse_step(pb, fac, st, t, mask, g_lp, acc)
+                        g_lp = sinkhorn_reverse_step(pb, fac, st, t, mask, g_lp, acc)
                 g_state = {"log_s": g_lp}
             elif TRITON_BACKWARD and pb.method != "sinkhorn":
                 acc = {"x": grads[0], "xc": grads[1], "xt": grads[2], "lp0": grads[3],
