@@ -16,9 +16,10 @@ weights a1, a2, a3), and the peak memory above what was allocated before the cal
 Speed of light of the Triton Sinkhorn kernel: max(bytes / bandwidth, transcendentals / SFU rate).
 bytes: x read once + y written (forward); + x read again and dx written (backward).
 transcendentals: the exp2 count of the algorithm as implemented: forward (2T + 1)·N·D (two
-LogSumExp passes per iteration + the pooling), backward (4T + 1)·N·D (T + (T - 1) matrix-vector
-passes, the pooling adjoint, and the final dx pass recomputing 2T softmaxes + the pooling);
-per-vector logs are negligible. The bandwidth is measured in the same run (a device-to-device
+softmaxes per iteration + the pooling), backward (4T + 1)·N·D (two softmax-matrix products per
+reverse iteration, the pooling adjoint, and the final dx pass recomputing 2T softmaxes + the
+pooling); per-vector logs are negligible. (The kernels read x once per iteration when a set's
+rows fit in one tile - dense W1, W2 - and twice otherwise - W5; the SoL counts x once.) The bandwidth is measured in the same run (a device-to-device
 copy of 1 GiB: 2 GiB moved); the SFU rate is assumed: 16 exp2/SM/clock × SMs × max SM clock.
 Results go to bench/results/triton_set_<device>_<date>.{md,json}.
 """

@@ -1,8 +1,14 @@
 """Fused Triton kernels of ROTP Sinkhorn (S) with α0 = 0 (DESIGN §3.1 exact, §3.2 paper eq. 18).
 
 One program owns one set x_b (n_b samples × D features, code layout: rows = samples) and runs
-all T iterations, the pooling and (on request) the plan, streaming [BN, BD] tiles of x from
-memory with an online LogSumExp, so a set of any size runs in one launch.
+all T iterations, the pooling and (on request) the plan in one launch; the backward is a second
+launch. Two tilings (``ONE_TILE_N``):
+
+- all n_b rows of a set in one [BN, BD] tile, looping over feature chunks (dense batches with
+  N <= 512: W2's 49 positions, W1's 500 samples): one pass over x per iteration, forward and
+  backward - the column LSEs are final per chunk and the row LSEs accumulate over the chunks;
+- streamed [BN, BD] tiles with an online LogSumExp (ragged batches, long sets): two passes
+  over x per iteration (column LSE, then row LSE), any set size.
 
 All log-domain state is kept in base 2 (value · log2 e), so every exponential is one ``exp2`` of
 ``x · s + vectors`` with the scale ``s = log2(e) / ε`` folded into one multiply: the kernels are
