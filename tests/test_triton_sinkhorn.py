@@ -292,6 +292,7 @@ def test_saved_memory_is_linear_in_T_times_vectors_not_input():
     s16, _ = _saved_bytes(16)
     per_iter = (s16 - s4) / 12
     B, N, D = 2, 32, 32
+    assert s4 >= x_bytes and per_iter > 0, (s4, s16)                # the hook saw the saves
     assert per_iter <= 2 * B * (N + D) * 4 + 64, per_iter     # the vectors + the (T,) weights
     assert s16 <= 2 * x_bytes + 16 * per_iter + 4096, (s16, x_bytes)
 
@@ -311,6 +312,36 @@ def test_reduced_precision(dtype, variant):
     k = _run_kernel(*args, dtype=dtype)
     assert k[0].dtype == dtype
     _compare(k, _run_reference(*args), RTOL[dtype], ["x", "a1", "a2", "a3"])
+
+
+@pytest.mark.parametrize("variant", ["exact", "paper"])
+def test_autograd_function_fallback_matches_custom_op(variant):
+    """The plain torch.autograd.Function (used where torch has no triton_op) gives the custom
+    op's y, plan and gradients."""
+    from rotp_triton.ops.rot import triton_set
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 4, 3, generator=gen).to(DEVICE)
+    eps = torch.tensor([0.8, 1.3], device=DEVICE)
+    k2 = torch.tensor([0.3, 0.7], device=DEVICE)
+    k3 = torch.tensor([0.6, 0.2], device=DEVICE)
+    lq0 = torch.log_softmax(torch.randn(2, 4, generator=gen), -1).to(DEVICE)
+    cp = torch.randn(2, 4, 3, generator=gen).to(DEVICE)
+
+    def run(use_op):
+        leaves = [t.clone().requires_grad_() for t in (x, eps, k2, k3, lq0)]
+        args = (leaves[0], None, *leaves[1:4], None, leaves[4], variant == "paper", True)
+        if use_op:
+            y, plan, *_ = triton_set.sinkhorn_fwd_op(*args)
+        else:
+            y, plan = triton_set.RotSinkhornFunction.apply(*args)
+        loss = (y.float() * torch.arange(6.0, device=DEVICE).reshape(2, 3)).sum() + \
+            (plan * cp).sum()
+        return [y, plan] + list(torch.autograd.grad(loss, leaves))
+
+    if triton_set.sinkhorn_fwd_op is None:
+        pytest.skip("torch has no torch.library.triton_op")
+    for a, b in zip(run(False), run(True)):
+        assert rel_err(a.detach(), b.detach()) <= 1e-6
 
 
 def test_opcheck_custom_op():
