@@ -13,13 +13,16 @@ time (triton.testing.do_bench), peak memory of one forward+backward above the in
 FLOP count of the structure products of one forward (what the kernels compute: per set
 4·n·D² + 2·D³ per product when D <= N_max, else 4·n²·D + 2·n³), the achieved TFLOP/s of the
 product alone (one Σ M Σ application timed on its own) and of the whole forward (products'
-FLOPs / forward time, a lower bound). Results: bench/results/structure_<device>_<date>.md/.json.
+FLOPs / forward time, a lower bound). "triton √T-ckpt" is the Triton forward+backward with every
+ceil(sqrt(T))-th state stored (memory ~sqrt(T) states instead of none; less recompute).
+Results: bench/results/structure_<device>_<date>.md/.json.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import math
 import os
 import statistics
 import sys
@@ -152,14 +155,16 @@ def main():
 
             res = dict(workload=name, method=method, T=T, product_gflop=flops_prod / 1e9,
                        product_ms=ms_prod, product_tflops=flops_prod / ms_prod / 1e9,
-                       forward_product_gflop=flops_fwd / 1e9)
+                       forward_product_gflop=flops_fwd / 1e9,
+                       forward_product_tflops_note="products' FLOPs / whole triton forward")
             compiled = None
             if not args.no_compile and device == "cuda":
                 try:
                     compiled = torch.compile(rt.rot_pool, dynamic=False)
                 except Exception as e:  # pragma: no cover
                     res["compile_error"] = repr(e)[:200]
-            impls = [("triton", "triton", None), ("eager", "torch", None)]
+            impls = [("triton", "triton", None), ("triton_ckpt", "triton", None),
+                     ("eager", "torch", None)]
             if compiled is not None:
                 impls.append(("compile", "torch", compiled))
             for label, backend, fn in impls:
@@ -175,16 +180,22 @@ def main():
                     xg.grad = None
                     a0.grad = None
 
+                saved = ts.CHECKPOINT_EVERY
+                if label == "triton_ckpt":   # every ceil(sqrt(T))-th state kept for the backward
+                    ts.CHECKPOINT_EVERY = math.ceil(math.sqrt(T))
                 try:
                     fwd()
                     fwdbwd()                     # warm-up / compilation
-                    res[f"{label}_fwd_ms"] = timer(fwd, device)
+                    if label != "triton_ckpt":   # same forward as "triton"
+                        res[f"{label}_fwd_ms"] = timer(fwd, device)
                     res[f"{label}_fwdbwd_ms"] = timer(fwdbwd, device)
                     res[f"{label}_peak_mb"] = peak_mb(fwdbwd, device)
                 except Exception as e:  # record and go on (e.g. out of memory in eager)
                     res[f"{label}_error"] = repr(e)[:200]
                     if device == "cuda":
                         torch.cuda.empty_cache()
+                finally:
+                    ts.CHECKPOINT_EVERY = saved
             if "triton_fwd_ms" in res:
                 res["forward_tflops"] = flops_fwd / res["triton_fwd_ms"] / 1e9
             rows.append(res)
@@ -214,23 +225,25 @@ def write(rows, dev_name, device):
     with open(base + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     hdr = ("| workload | method | triton fwd ms | eager fwd ms | compile fwd ms | triton f+b ms | "
-           "eager f+b ms | compile f+b ms | speedup f+b vs eager | vs compile | peak MB "
-           "triton/eager/compile | product GFLOP | product TFLOP/s | fwd TFLOP/s |")
+           "triton √T-ckpt f+b ms | eager f+b ms | compile f+b ms | f+b speedup vs eager | "
+           "vs compile | peak MB triton/√T-ckpt/eager/compile | product GFLOP | "
+           "product TFLOP/s | fwd TFLOP/s |")
     lines = [f"# α0 > 0 kernels on {dev_name} ({date})", "",
              f"torch {meta['torch']}, triton {meta.get('triton')}, dot precision "
              f"{meta['dot_precision']}, checkpoint_every {meta['checkpoint_every']}", "",
-             hdr, "|" + "---|" * 14]
+             hdr, "|" + "---|" * 15]
     for r in rows:
         sp_e = (r.get("eager_fwdbwd_ms", float("nan")) / r["triton_fwdbwd_ms"]
                 if "triton_fwdbwd_ms" in r else None)
         sp_c = (r.get("compile_fwdbwd_ms", float("nan")) / r["triton_fwdbwd_ms"]
                 if "triton_fwdbwd_ms" in r else None)
-        peaks = "/".join(_f(r.get(f"{k}_peak_mb"), "{:.0f}") for k in ("triton", "eager",
-                                                                          "compile"))
+        peaks = "/".join(_f(r.get(f"{k}_peak_mb"), "{:.0f}")
+                         for k in ("triton", "triton_ckpt", "eager", "compile"))
         lines.append(
             f"| {r['workload']} | {r['method']} | {_f(r.get('triton_fwd_ms'))} | "
             f"{_f(r.get('eager_fwd_ms'))} | {_f(r.get('compile_fwd_ms'))} | "
-            f"{_f(r.get('triton_fwdbwd_ms'))} | {_f(r.get('eager_fwdbwd_ms'))} | "
+            f"{_f(r.get('triton_fwdbwd_ms'))} | {_f(r.get('triton_ckpt_fwdbwd_ms'))} | "
+            f"{_f(r.get('eager_fwdbwd_ms'))} | "
             f"{_f(r.get('compile_fwdbwd_ms'))} | {_f(sp_e)} | {_f(sp_c)} | {peaks} | "
             f"{_f(r['product_gflop'])} | {_f(r['product_tflops'])} | "
             f"{_f(r.get('forward_tflops'))} |")

@@ -142,6 +142,19 @@ def test_backward_alternatives(monkeypatch, method, variant, switch):
     _check_case([5, 5], 3, method, variant, dense=True, grads=True, seed=17)
 
 
+def test_saved_state_does_not_grow_with_t():
+    """The forward keeps the same tensors for the backward whatever T (DESIGN §7): no
+    per-iteration N×D state, only the initial checkpoint (a dict built from the inputs)."""
+    x = torch.randn(2, 6, 3, device=DEVICE, requires_grad=True)
+    kept = []
+    for Tn in (1, 3):
+        y = rt.rot_pool(x, method="badmm-e", num_iters=Tn, a0=0.5, backend="triton")
+        ctx = y.grad_fn
+        n_ckpt_tensors = sum(len(st) for st in ctx.ckpts.values())
+        kept.append((len(ctx.saved_tensors), len(ctx.ckpts), n_ckpt_tensors))
+    assert kept[0] == kept[1] and kept[0][1] == 1, kept
+
+
 @pytest.mark.parametrize("sizes,D", [([1, 1], 4), ([5, 2], 1), ([17, 1, 0, 9], 20)])
 def test_forward_awkward_shapes(sizes, D):
     """N = 1, D = 1, and a ragged batch mixing sizes across a 16-row tile, one set empty."""
