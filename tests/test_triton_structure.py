@@ -249,7 +249,8 @@ for quad, paper in ((True, False), (False, True)):
        dict(log_p_ptr=P, z_ptr=P, sig_ptr=P, log_s_ptr=P, c_ptr=P, log_q0_ptr=P,
             log_eta_ptr=P, z2_ptr=P, log_p0_ptr=P, log_mu_ptr=P, z1_ptr=P, eta_out_ptr=P,
             len_ptr="*i64", a0_ptr=P, a1_ptr=P, a2_ptr=P, a3_ptr=P, rho_ptr=P, t=I, N_pad=I,
-            D=I), dict(QUADRATIC=quad, PAPER=paper, SAVE=not paper, BN=BN, BD=BD), f"s_step[quad={quad},paper={paper}]")
+            D=I), dict(QUADRATIC=quad, PAPER=paper, SAVE=not paper, BN=BN, BD=BD),
+       f"s_step[quad={quad},paper={paper}]")
 for quad, paper in ((False, True), (True, False)):
     ck(ts.badmm_s_step_bwd_kernel,
        dict(g_ls_ptr=P, g_z_ptr=P, log_p_ptr=P, z_ptr=P, sig_p_ptr=P, log_s_new_ptr=P, c_ptr=P,
