@@ -125,16 +125,16 @@ def _p_step_y(X, L, Zt, a1, rho, QUAD: tl.constexpr):
         g = X - Zt - a1 * s
     else:
         g = X - Zt
-    return L + g / rho, g, s
+    return L + g * (1.0 / rho), g, s                  # scalar reciprocal: no per-element divide
 
 
 @triton.jit
 def _s_step_y(lp, p, Zt, a1, rho, QUAD: tl.constexpr):
     """S-step input Y2: B-E (Z + ρ log P)/(α1 + ρ); B-Q log P + (Z - α1 P)/ρ."""
     if QUAD:
-        y2 = lp + (Zt - a1 * p) / rho
+        y2 = lp + (Zt - a1 * p) * (1.0 / rho)
     else:
-        y2 = (Zt + rho * lp) / (a1 + rho)
+        y2 = (Zt + rho * lp) * (1.0 / (a1 + rho))
     return y2
 
 
@@ -506,6 +506,8 @@ def _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, slb, szb, vd, vn, ns, n_b, D, a1,
     Returns the scalar partials (∂/∂α1, ∂/∂ρ) of this iteration so far."""
     acc_a1 = _vzero(BD)
     acc_rho = _vzero(BD)
+    inv_rho = 1.0 / rho
+    inv_w = 1.0 / (a1 + rho)
     for d0 in range(0, D, BD):
         offs_d = d0 + tl.arange(0, BD)
         dm = offs_d < D
@@ -533,16 +535,16 @@ def _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, slb, szb, vd, vn, ns, n_b, D, a1,
             s_new = e2 * _exp(leta)[:, None]
             y2b = Lb - rho * Zb * s_new + cb[:, None] * e2                           # Ȳ2
             if QUAD:
-                zb_new = Zb + y2b / rho
-                lpb = y2b + p * (rho * Zb - a1 * y2b / rho)
-                d_rho = Zb * (p - s_new) - y2b * (Zt - a1 * p) / (rho * rho)
-                d_a1 = -y2b * p / rho
+                zb_new = Zb + y2b * inv_rho
+                lpb = y2b + p * (rho * Zb - a1 * inv_rho * y2b)
+                d_rho = Zb * (p - s_new) - y2b * (Zt - a1 * p) * (inv_rho * inv_rho)
+                d_a1 = -y2b * p * inv_rho
             else:
                 w = a1 + rho
-                zb_new = Zb + y2b / w
-                lpb = rho * y2b / w + rho * Zb * p
-                d_rho = Zb * (p - s_new) + y2b * (lp - y2) / w
-                d_a1 = -y2b * y2 / w
+                zb_new = Zb + y2b * inv_w
+                lpb = (rho * inv_w) * y2b + rho * Zb * p
+                d_rho = Zb * (p - s_new) + y2b * (lp - y2) * inv_w
+                d_a1 = -y2b * y2 * inv_w
             lpb = tl.where(mask, lpb, 0.0)
             acc_rho += tl.sum(tl.sum(tl.where(mask, d_rho, 0.0), axis=1), axis=0)
             acc_a1 += tl.sum(tl.sum(tl.where(mask, d_a1, 0.0), axis=1), axis=0)
@@ -587,6 +589,7 @@ def _adjoint_p_step_pass(xb, sxn, sxd, sl, sz, slb, szb, gx_b, vd, vn, ns, gy_b,
     Returns the scalar partials (∂/∂α1, ∂/∂ρ)."""
     acc_a1 = _vzero(BD)
     acc_rho = _vzero(BD)
+    inv_rho = 1.0 / rho
     for d0 in range(0, D, BD):
         offs_d = d0 + tl.arange(0, BD)
         dm = offs_d < D
@@ -611,12 +614,12 @@ def _adjoint_p_step_pass(xb, sxn, sxd, sl, sz, slb, szb, gx_b, vd, vn, ns, gy_b,
             yb += e * (X - out[None, :]) * gy[None, :]
             gx += e * gy[None, :]
             yb = tl.where(mask, yb, 0.0)
-            gb = yb / rho
+            gb = yb * inv_rho
             lb = yb
             if QUAD:
                 lb = yb - a1 * s * gb
                 acc_a1 += tl.sum(tl.sum(tl.where(mask, -gb * s, 0.0), axis=1), axis=0)
-            acc_rho += tl.sum(tl.sum(tl.where(mask, -gb * g / rho, 0.0), axis=1), axis=0)
+            acc_rho += tl.sum(tl.sum(tl.where(mask, -gb * g * inv_rho, 0.0), axis=1), axis=0)
             tl.store(slb + o, lb, mask=mask)
             tl.store(szb + o, Zb - gb, mask=mask)
             tl.store(gx_b + o, gx + gb, mask=mask)
