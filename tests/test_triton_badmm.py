@@ -155,7 +155,7 @@ def test_matches_reference(method, variant):
     """Dense batch, per-iteration weights (one α2 = ∞), given p0 and q0, y and plan
     cotangents: y, P and the gradients of x, the prior logits, α1, α2, α3, ρ (all (T,))."""
     gen = torch.Generator().manual_seed(1)
-    x, w, lp, lq, cy, cp = _case(3, 7, 5, 3, gen, inf_a2=True)
+    x, w, lp, lq, cy, cp = _case(3, 7, 5, 4, gen, inf_a2=True)
     args = (x, None, method, variant, w, lp, lq, cy, cp)
     _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32])
 
