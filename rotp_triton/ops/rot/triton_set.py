@@ -3,9 +3,11 @@
 ``rot_pool_triton`` routes Sinkhorn to the fused kernels of ``triton_sinkhorn`` and Bregman ADMM
 to ``triton_badmm``. The Sinkhorn kernels are wrapped as two custom operators
 (``rotp_triton::sinkhorn_fwd`` / ``sinkhorn_bwd``, built with ``torch.library.triton_op`` where
-torch has it) with registered autograd, so ``torch.compile(fullgraph=True)`` sees one opaque op
-and no graph break; the operators' CPU kernel runs the batched torch solver when the Triton
-interpreter is off. Without ``triton_op`` a plain ``torch.autograd.Function`` is used.
+torch has it) with registered autograd and explicit fake kernels, so
+``torch.compile(fullgraph=True)`` traces them without a graph break. They run the Triton kernels
+on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (no separate CPU kernel: dispatch
+sends CPU tensors to the torch path). Without ``triton_op`` a plain ``torch.autograd.Function``
+is used.
 
 The weights enter as ε = α1, κ2 = κ(α2, ε), κ3 = κ(α3, ε) (each (T,)), computed here with torch
 ops, so autograd (or the compiled graph) carries their gradients on to α1, α2, α3.
