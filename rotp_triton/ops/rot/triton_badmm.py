@@ -1038,6 +1038,45 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
     return gx.reshape(x.shape), gp0, gq0, g[0].clone(), g[1].clone(), g[2].clone(), g[3].clone()
 
 
+def badmm_cost_model(num_elements: int, T: int, *, quadratic: bool, x_bytes: int = 4,
+                     return_plan: bool = False, backward: bool = False) -> dict:
+    """Memory traffic and exponentials of these kernels as implemented (for a speed-of-light
+    estimate): ``num_elements`` = Σ_b N_b · D, x of ``x_bytes`` per element, fp32 scratch.
+
+    Per element: a full forward iteration streams pass A (reads x, log S, Z), B (reads x,
+    log S, Z, writes log S, Z) and C (reads and writes log S, Z) = 2·x_bytes + 32 bytes, and
+    4 (B-E) / 6 (B-Q) exp2; the forward is init (8 bytes) + (T - 1) iterations + the last pass
+    A (+ the plan pass). The backward adds, for every t, the recompute (init + t iterations +
+    passes A, B) and passes 1-3 over x, the state, its adjoints and the fp32 x-gradient.
+    Vector work (O(N + D) per set and pass) is left out. Returns {"bytes", "exp2"} in total.
+    """
+    bx = x_bytes
+    e_a, e_b, e_c = (2, 3, 1) if quadratic else (1, 2, 1)          # exp2 per pass A, B, C
+    it_bytes, it_exp = 2 * bx + 32, e_a + e_b + e_c
+
+    def forward_to(t):  # init + t full iterations
+        return 8 + t * it_bytes, t * it_exp
+
+    fb, fe = forward_to(T - 1)
+    fb, fe = fb + bx + 8, fe + e_a
+    if return_plan:
+        fb, fe = fb + 2 * bx + 8, fe + e_a
+    if not backward:
+        return dict(bytes=fb * num_elements, exp2=fe * num_elements)
+    bb, be = 8 + 8, 0                                               # zero adjoints, final sums
+    for t in range(T):
+        rb, re = forward_to(t)
+        bb, be = bb + rb + bx + 8, be + re + e_a                    # recompute + pass A
+        if t < T - 1:
+            bb, be = bb + bx + 8, be + e_b                          # pass B (read only)
+            bb, be = bb + bx + 16, be + e_b + 1                     # pass 1
+            bb, be = bb + bx + 24, be + e_b + 1                     # pass 2
+        elif return_plan:
+            bb, be = bb + bx + 16 + 4, be + e_a                     # plan adjoint
+        bb, be = bb + bx + 32, be + e_a                             # pass 3
+    return dict(bytes=(fb + bb) * num_elements, exp2=(fe + be) * num_elements)
+
+
 class BadmmPoolFunction(torch.autograd.Function):
     """y (B, D) [and the plan] of T B-ADMM iterations; differentiable in x, log p0, log q0,
     α1, ρ (T,) and κ2, κ3 (T,) (the host computes κ from α2, α3 so torch does that chain)."""
