@@ -140,7 +140,10 @@ def check_index_ptr(n_rows: int, index: Optional[Tensor], ptr: Optional[Tensor],
         B = dim_size
         if max_idx >= B:
             raise ValueError(f"index holds set id {max_idx} but dim_size is {B}")
-    sorted_ = index.numel() < 2 or bool((index[1:] >= index[:-1]).all())
+    # (while torch.compile traces, the rows are taken as unsorted: reading the check's result
+    # would break the graph; the cost is one gather of x)
+    sorted_ = (not _is_compiling()
+               and (index.numel() < 2 or bool((index[1:] >= index[:-1]).all())))
     if sorted_:
         counts = torch.bincount(index, minlength=B)
         ptr = torch.zeros(B + 1, dtype=torch.int64, device=device)
@@ -164,23 +167,24 @@ def _check_index(index, n_rows: int, B: Optional[int]) -> None:
 
 @dataclass
 class SetBatch:
-    """A batch of sets as a padded tensor plus the map back to the caller's layout.
+    """A batch of sets: the bookkeeping to pad it and to map results back to the caller's layout.
 
     Attributes:
         x: ``(B, N_max, D)`` padded samples (padding rows are zero); ``None`` when built with
             ``pad=False`` (the kernels read the caller's tensor directly).
-        mask: ``(B, N_max)`` bool, True for real samples.
         lengths: ``(B,)`` int64 number of samples per set.
         index, pos: for ragged input, ``(N_total,)`` set id and position inside the set of every
             row of the caller's ``x`` (``None`` for dense input).
         ptr: ``(B + 1,)`` CSR offsets when the caller's rows are grouped by set, else ``None``.
+        dense_n: N of a dense batch (``None`` for ragged input).
     """
     x: Optional[Tensor]
-    mask: Tensor
     lengths: Tensor
     index: Optional[Tensor] = None
     pos: Optional[Tensor] = None
     ptr: Optional[Tensor] = None
+    dense_n: Optional[int] = None
+    _mask: Optional[Tensor] = None
 
     @property
     def dense(self) -> bool:
@@ -188,7 +192,21 @@ class SetBatch:
 
     @property
     def num_sets(self) -> int:
-        return self.mask.shape[0]
+        return self.lengths.shape[0]
+
+    @property
+    def mask(self) -> Tensor:
+        """``(B, N_max)`` bool, True for real samples (set b fills positions 0..len_b - 1).
+
+        Built on first use: N_max is read from the data, which the kernels never need."""
+        if self._mask is None:
+            if self.dense:
+                n_max = self.dense_n
+            else:
+                n_max = int(self.lengths.max()) if self.num_sets > 0 else 0
+            ar = torch.arange(n_max, device=self.lengths.device)
+            self._mask = ar[None, :] < self.lengths[:, None]
+        return self._mask
 
     def pad_rows(self, v: Tensor, fill: float = 0.0) -> Tensor:
         """Per-row values in the caller's layout (``(N_total, ...)`` ragged, ``(B, N, ...)`` dense)
@@ -218,27 +236,26 @@ def make_set_batch(x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tens
         if dim_size is not None and dim_size != x.shape[0]:
             raise ValueError(f"dim_size ({dim_size}) disagrees with the dense batch size {x.shape[0]}")
         B, N, _ = x.shape
-        mask = torch.ones(B, N, dtype=torch.bool, device=x.device)
         lengths = torch.full((B,), N, dtype=torch.int64, device=x.device)
-        return SetBatch(x=x, mask=mask, lengths=lengths)
+        return SetBatch(x=x, lengths=lengths, dense_n=N)
     n_rows = x.shape[0]
     index, ptr, B = check_index_ptr(n_rows, index, ptr, dim_size, x.device)
-    lengths = torch.bincount(index, minlength=B) if n_rows else torch.zeros(B, dtype=torch.int64,
-                                                                             device=x.device)
     if ptr is not None:
+        lengths = ptr[1:] - ptr[:-1]
         pos = torch.arange(n_rows, device=x.device) - ptr[index]
     else:
+        lengths = torch.bincount(index, minlength=B)
         order = torch.argsort(index, stable=True)
         starts = torch.zeros(B + 1, dtype=torch.int64, device=x.device)
         starts[1:] = torch.cumsum(lengths, 0)
         pos_sorted = torch.arange(n_rows, device=x.device) - starts[index[order]]
         pos = torch.empty_like(pos_sorted)
         pos[order] = pos_sorted
-    n_max = int(lengths.max()) if B > 0 else 0
-    mask = torch.zeros(B, n_max, dtype=torch.bool, device=x.device)
-    mask[index, pos] = True
-    xp = x.new_zeros(B, n_max, x.shape[1]).index_put((index, pos), x) if pad else None
-    return SetBatch(x=xp, mask=mask, lengths=lengths, index=index, pos=pos, ptr=ptr)
+    batch = SetBatch(x=None, lengths=lengths, index=index, pos=pos, ptr=ptr)
+    if pad:
+        B, n_max = batch.mask.shape
+        batch.x = x.new_zeros(B, n_max, x.shape[1]).index_put((index, pos), x)
+    return batch
 
 
 def check_priors(p0: Optional[Tensor], q0: Optional[Tensor], batch: SetBatch, D: int,
