@@ -148,7 +148,7 @@ def markdown_report():
         f"the input x itself is {x_mib:.1f} MiB).",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch threads; load average at the end "
+        f"torch threads: {torch.get_num_threads()}; load average at the end "
         f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} (the machine was shared: absolute "
         "times are inflated by contention, ratios to mean pooling in the same run less so).",
         "",
