@@ -118,6 +118,12 @@ def _tile_ptrs(offs_n, offs_d, stride_n, stride_d):
 
 
 @triton.jit
+def _load_x(xb, offs_n, offs_d, sxn, sxd, mask):
+    """A [BN, BD] tile of the set, through x's own strides, in fp32."""
+    return tl.load(xb + _tile_ptrs(offs_n, offs_d, sxn, sxd), mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _p_step_y(X, L, Zt, a1, rho, QUAD: tl.constexpr):
     """Y = log S + G/ρ, G = X - Z [- α1 S]; returns (Y, G, S)."""
     s = _exp(L)
@@ -172,7 +178,7 @@ def _row_lse_pass(xb, sxn, sxd, sl, sz, r_ptr, out_ptr, n_b, D, a1, rho,
         for n0 in range(0, n_b, BN):
             offs_n = n0 + tl.arange(0, BN)
             mask = (offs_n < n_b)[:, None] & dm[None, :]
-            X = tl.load(xb + _tile_ptrs(offs_n, offs_d, sxn, sxd), mask=mask, other=0.0).to(tl.float32)
+            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             L = tl.load(sl + o, mask=mask, other=0.0)
             Zt = tl.load(sz + o, mask=mask, other=0.0)
@@ -206,7 +212,7 @@ def _col_lse_pass(xb, sxn, sxd, sl, sz, r_ptr, lmu_ptr, c_ptr, n_b, D, a1, rho,
             offs_d = d0 + tl.arange(0, BD)
             dm = offs_d < D
             mask = nm[:, None] & dm[None, :]
-            X = tl.load(xb + _tile_ptrs(offs_n, offs_d, sxn, sxd), mask=mask, other=0.0).to(tl.float32)
+            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             L = tl.load(sl + o, mask=mask, other=0.0)
             Zt = tl.load(sz + o, mask=mask, other=0.0)
@@ -232,7 +238,8 @@ def _s_norm_pass(sl, sz, c_ptr, leta_ptr, n_b, D, rho, BN: tl.constexpr, BD: tl.
     for n0 in range(0, n_b, BN):
         offs_n = n0 + tl.arange(0, BN)
         nm = offs_n < n_b
-        shift = tl.load(leta_ptr + offs_n, mask=nm, other=0.0) - tl.load(c_ptr + offs_n, mask=nm, other=0.0)
+        shift = tl.load(leta_ptr + offs_n, mask=nm, other=0.0) \
+            - tl.load(c_ptr + offs_n, mask=nm, other=0.0)                             # [BN]
         for d0 in range(0, D, BD):
             offs_d = d0 + tl.arange(0, BD)
             mask = nm[:, None] & (offs_d < D)[None, :]
@@ -253,7 +260,7 @@ def _plan_pass(xb, sxn, sxd, sl, sz, r_ptr, lmu_ptr, plan_b, n_b, D, a1, rho,
             offs_d = d0 + tl.arange(0, BD)
             dm = offs_d < D
             mask = (offs_n < n_b)[:, None] & dm[None, :]
-            X = tl.load(xb + _tile_ptrs(offs_n, offs_d, sxn, sxd), mask=mask, other=0.0).to(tl.float32)
+            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             L = tl.load(sl + o, mask=mask, other=0.0)
             Zt = tl.load(sz + o, mask=mask, other=0.0)
@@ -326,7 +333,8 @@ def _vec_paper_update(prior_ptr, HAS: tl.constexpr, uval, lmu_ptr, z1_ptr, k, rh
 def _vec_copy_prior(prior_ptr, HAS: tl.constexpr, uval, dst_ptr, length, BV: tl.constexpr):
     for i0 in range(0, length, BV):
         offs = i0 + tl.arange(0, BV)
-        tl.store(dst_ptr + offs, _load_prior(prior_ptr, offs, length, uval, HAS), mask=offs < length)
+        tl.store(dst_ptr + offs, _load_prior(prior_ptr, offs, length, uval, HAS),
+                 mask=offs < length)
 
 
 @triton.jit
@@ -482,7 +490,7 @@ def _adjoint_rowsum_pass(xb, sxn, sxd, sl, sz, slb, szb, vd, vn, ns, n_b, D, a1,
             offs_d = d0 + tl.arange(0, BD)
             dm = offs_d < D
             mask = nm[:, None] & dm[None, :]
-            X = tl.load(xb + _tile_ptrs(offs_n, offs_d, sxn, sxd), mask=mask, other=0.0).to(tl.float32)
+            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             L = tl.load(sl + o, mask=mask, other=0.0)
             Zt = tl.load(sz + o, mask=mask, other=0.0)
@@ -521,7 +529,7 @@ def _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, slb, szb, vd, vn, ns, n_b, D, a1,
             c = tl.load(vn + offs_n, mask=nm, other=0.0)
             leta = tl.load(vn + ns + offs_n, mask=nm, other=0.0)
             cb = tl.load(vn + 3 * ns + offs_n, mask=nm, other=0.0)
-            X = tl.load(xb + _tile_ptrs(offs_n, offs_d, sxn, sxd), mask=mask, other=0.0).to(tl.float32)
+            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             L = tl.load(sl + o, mask=mask, other=0.0)
             Zt = tl.load(sz + o, mask=mask, other=0.0)
@@ -568,7 +576,7 @@ def _adjoint_plan_pass(xb, sxn, sxd, sl, sz, slb, vd, vn, ns, gplan_b, n_b, D, a
         for n0 in range(0, n_b, BN):
             offs_n = n0 + tl.arange(0, BN)
             mask = (offs_n < n_b)[:, None] & dm[None, :]
-            X = tl.load(xb + _tile_ptrs(offs_n, offs_d, sxn, sxd), mask=mask, other=0.0).to(tl.float32)
+            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             L = tl.load(sl + o, mask=mask, other=0.0)
             Zt = tl.load(sz + o, mask=mask, other=0.0)
@@ -600,7 +608,7 @@ def _adjoint_p_step_pass(xb, sxn, sxd, sl, sz, slb, szb, gx_b, vd, vn, ns, gy_b,
         for n0 in range(0, n_b, BN):
             offs_n = n0 + tl.arange(0, BN)
             mask = (offs_n < n_b)[:, None] & dm[None, :]
-            X = tl.load(xb + _tile_ptrs(offs_n, offs_d, sxn, sxd), mask=mask, other=0.0).to(tl.float32)
+            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             L = tl.load(sl + o, mask=mask, other=0.0)
             Zt = tl.load(sz + o, mask=mask, other=0.0)
@@ -719,9 +727,9 @@ def _vec_paper_update_bwd(prior_ptr, HAS: tl.constexpr, uval, lmu_ptr, z1_ptr, g
 
 
 @triton.jit
-def _init_adjoint_pass(sl, slb, szb, gx_b, vd, vn, ns, gp0_b, gq0_b, n_b, D,
+def _init_adjoint_pass(slb, vd, vn, ns, gp0_b, gq0_b, n_b, D,
                        HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
-                       BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
+                       BN: tl.constexpr, BD: tl.constexpr):
     """Adjoint of log S_0 = log p0 + log q0 (and paper: log μ_0 = log p0, log η_0 = log q0):
     log p̄0 += Σ_n L̄, log q̄0 += Σ_d L̄; written to the gradient outputs."""
     if HAS_Q0:
@@ -802,7 +810,8 @@ def badmm_backward_kernel(
             u_q0 = -_log(n_b.to(tl.float32))
             gx_b = gx_ptr + rs * D
             _zero_pass(slb, szb, n_b, D, BN, BD)
-            for j in range(4, 7):   # adjoint accumulators: log μ̄, z̄1, log p̄0 / log η̄, z̄2, log q̄0
+            # adjoint accumulators: log μ̄, z̄1, log p̄0 and log η̄, z̄2, log q̄0
+            for j in range(4, 7):
                 _vec_fill(vd + j * D, 0.0, D, BV)
                 _vec_fill(vn + j * ns, 0.0, n_b, BV)
             tl.debug_barrier()
@@ -832,7 +841,8 @@ def badmm_backward_kernel(
                     tl.debug_barrier()
                 if tb == T - 1:
                     if PLAN_GRAD:
-                        _adjoint_plan_pass(xb, sxn, sxd, sl, sz, slb, vd, vn, ns, gplan_ptr + rs * D,
+                        _adjoint_plan_pass(xb, sxn, sxd, sl, sz, slb, vd, vn, ns,
+                                           gplan_ptr + rs * D,
                                            n_b, D, a1, rho, QUAD, BN, BD)
                     else:
                         _vec_fill(vd + 3 * D, 0.0, D, BV)
@@ -891,8 +901,8 @@ def badmm_backward_kernel(
                 tl.store(gwb + 1, gk3)
                 tl.store(gwb + 2, ga1)
                 tl.store(gwb + 3, grho)
-            _init_adjoint_pass(sl, slb, szb, gx_b, vd, vn, ns, gp0_ptr + b.to(tl.int64) * D,
-                               gq0_ptr + rs, n_b, D, HAS_P0, HAS_Q0, PAPER, BN, BD, BV)
+            _init_adjoint_pass(slb, vd, vn, ns, gp0_ptr + b.to(tl.int64) * D, gq0_ptr + rs,
+                               n_b, D, HAS_P0, HAS_Q0, PAPER, BN, BD)
         tl.debug_barrier()
 
 
@@ -978,7 +988,8 @@ def _scratch(geo: _Geometry, device, n_mats: int):
 def badmm_forward(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
                   log_q0: Optional[Tensor], a1: Tensor, rho: Tensor, k2: Tensor, k3: Tensor, *,
                   quadratic: bool, paper: bool, return_plan: bool, wrap=_direct):
-    """Launch the forward kernel (``wrap``: ``torch.library.wrap_triton`` inside a triton_op). Returns (y (B, D) fp32, plan in x's layout and dtype or None).
+    """Launch the forward kernel (``wrap``: ``torch.library.wrap_triton`` inside a triton_op).
+    Returns (y (B, D) fp32, plan in x's layout and dtype or None).
 
     x: (B, N, D) any strides, or (rows, D) with ptr (B + 1,); log_p0 (B, D) / None;
     log_q0 (B, N) or (rows,) / None; a1, rho, k2, k3: (T,) (detached here).
