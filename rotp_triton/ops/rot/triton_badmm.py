@@ -1055,7 +1055,7 @@ def badmm_cost_model(num_elements: int, T: int, *, quadratic: bool, x_bytes: int
     estimate): ``num_elements`` = Σ_b N_b · D, x of ``x_bytes`` per element, fp32 scratch.
 
     Per element: a full forward iteration streams pass A (reads x, log S, Z), B (reads x,
-    log S, Z, writes log S, Z) and C (reads and writes log S, Z) = 2·x_bytes + 32 bytes, and
+    log S, Z, writes log S, Z) and C (reads and writes log S, Z) = 2·x_bytes + 40 bytes, and
     4 (B-E) / 6 (B-Q) exp2; the forward is init (8 bytes) + (T - 1) iterations + the last pass
     A (+ the plan pass). The backward adds, for every t, the recompute (init + t iterations +
     passes A, B) and passes 1-3 over x, the state, its adjoints and the fp32 x-gradient.
@@ -1063,7 +1063,7 @@ def badmm_cost_model(num_elements: int, T: int, *, quadratic: bool, x_bytes: int
     """
     bx = x_bytes
     e_a, e_b, e_c = (2, 3, 1) if quadratic else (1, 2, 1)          # exp2 per pass A, B, C
-    it_bytes, it_exp = 2 * bx + 32, e_a + e_b + e_c
+    it_bytes, it_exp = 2 * bx + 40, e_a + e_b + e_c
 
     def forward_to(t):  # init + t full iterations
         return 8 + t * it_bytes, t * it_exp
@@ -1083,7 +1083,7 @@ def badmm_cost_model(num_elements: int, T: int, *, quadratic: bool, x_bytes: int
             bb, be = bb + bx + 16, be + e_b + 1                     # pass 1
             bb, be = bb + bx + 24, be + e_b + 1                     # pass 2
         elif return_plan:
-            bb, be = bb + bx + 16 + 4, be + e_a                     # plan adjoint
+            bb, be = bb + bx + 16, be + e_a                         # plan adjoint
         bb, be = bb + bx + 32, be + e_a                             # pass 3
     return dict(bytes=(fb + bb) * num_elements, exp2=(fe + be) * num_elements)
 
