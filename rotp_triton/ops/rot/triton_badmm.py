@@ -13,15 +13,18 @@ state cannot be reduced to vectors. Persistent grid: program ``pid`` handles set
 global memory (L2-resident when it fits), streamed in [BN, BD] tiles with online LSEs. The
 scratch of a dense batch is per program, O(G · N · D), not O(B · N · D); that of a ragged batch
 is the set's own rows of a (rows, D) matrix (sizing a per-program scratch would need N_max, a
-host sync that torch.compile cannot trace). One iteration is three streamed passes:
+host sync that torch.compile cannot trace). One iteration is two streamed passes:
 
   A  (column-wise) Y = log S + (X - Z [- α1 S]) / ρ,  R = LSE_n(Y)  (online LSE over n tiles)
      then the D-vector log μ = lognorm(κ2 log p0 + (1 - κ2) R)          (exact) / state (paper)
   B  (row-wise)    log P = Y + (log μ - R), P-step done; S-step input Y2 (written over log S),
                    C = LSE_d(Y2), and Z += ρ P (written in place)
      then the N-vector log η = lognorm(κ3 log q0 + (1 - κ3) C)         (exact) / state (paper)
-  C  (elementwise) log S = Y2 + (log η - C);  Z -= ρ S
   (paper: then the μ/η/z1/z2 vector updates, eqs. 26-28)
+The S-step's normalisation log S = Y2 + (log η - C) and the dual's Z -= ρ S are not a pass of
+their own: the scratch keeps (Y2, Z + ρ P) and every pass that reads the state applies them on
+the fly from the kept vectors C, log η and the scalar ρ (:func:`_load_state`), which saves a
+read and a write of both matrices per iteration.
 
 The last iteration only needs its P-step: pass A also accumulates the pooled output
 y_d = Σ_n softmax_n(Y)_nd X_nd (softmax_n(log P) = softmax_n(Y): log μ - R is constant over
@@ -38,8 +41,9 @@ does on the host). Memory must not grow with T, so nothing per-iteration is save
 backward of iteration t first recomputes the state (log S_t, Z_t) by re-running the forward
 from the start (the "O(T²) recompute" schedule): T(T-1)/2 forward iterations plus T backward
 iterations (three streamed passes each, plus two to recompute the vectors of iteration t). In
-streamed passes the forward is ~3T, the backward ~3T(T-1)/2 + 6T, i.e. ~(T + 3)/2 forwards
-(T = 4: 3.5, T = 16: 9.5), and each backward pass recomputes more exponentials per element.
+streamed passes the forward is ~2T, the backward ~2·T(T-1)/2 + 6T, i.e. ~(T + 5)/2 forwards
+(T = 4: 4.5, T = 16: 10.5), and each backward pass recomputes more exponentials per element
+(exact byte and exp2 counts: :func:`badmm_cost_model`).
 In exchange, the only memory is the inputs, the (B, D) output, the fp32 x-gradient and the
 scratch (four matrices - log S, Z and their adjoints - of the size above, plus vectors),
 independent of T. Checkpointing every √T iterations would cut the recompute to O(T) at O(√T)
@@ -78,7 +82,8 @@ from .solvers import kappa
 __all__ = ["rot_pool_badmm_triton"]
 
 # Vector scratch: 7 D-vectors per program (vd + j·D) - R, log μ, z1, τ (then R̄), log μ̄, z̄1,
-# log p̄0 - and 7 N-vectors per set (vn + j·ns) - C, log η, z2, σ (then C̄), log η̄, z̄2, log q̄0.
+# log p̄0 - and 9 N-vectors per set (vn + j·ns) - C, log η, z2, σ (then C̄), log η̄, z̄2, log q̄0,
+# and the previous iteration's C and log η (the deferred S normalisation, _load_state).
 # Running maxima start at -1e30 (finite): exp2(m_old - m_new) never sees inf - inf.
 
 
@@ -124,6 +129,26 @@ def _load_x(xb, offs_n, offs_d, sxn, sxd, mask):
 
 
 @triton.jit
+def _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp):
+    """(log S, Z) of the current iteration from the deferred form the scratch holds: the
+    previous S-step's Y2 and Z + ρ P, with log S = Y2 + (log η - C)_n and Z = (Z + ρ P) - ρ S
+    (``cp`` = C, ``ep`` = log η, ``rp`` = ρ of the previous iteration; 0, 0, 0 at t = 0, where
+    the scratch holds log S_0 and Z_0 = 0). Folding the S normalisation into the next read saves
+    a full read-write pass of the state per iteration."""
+    nm = offs_n < n_b
+    shift = tl.load(ep + offs_n, mask=nm, other=0.0) - tl.load(cp + offs_n, mask=nm, other=0.0)
+    L = tl.where(mask, tl.load(sl + o, mask=mask, other=0.0) + shift[:, None], 0.0)  # [BN, BD]
+    Zt = tl.load(sz + o, mask=mask, other=0.0) - rp * _exp(L)
+    return L, Zt
+
+
+@triton.jit
+def _rho_prev(rho_ptr, t):
+    """ρ of iteration t - 1 (0 at t = 0: the initial state is not deferred)."""
+    return tl.where(t > 0, tl.load(rho_ptr + t - 1 + (t == 0)), 0.0)
+
+
+@triton.jit
 def _p_step_y(X, L, Zt, a1, rho, QUAD: tl.constexpr):
     """Y = log S + G/ρ, G = X - Z [- α1 S]; returns (Y, G, S)."""
     s = _exp(L)
@@ -165,7 +190,7 @@ def _init_state_pass(sl, sz, lp0_ptr, lq0_ptr, n_b, D, u_p0, u_q0,
 
 
 @triton.jit
-def _row_lse_pass(xb, sxn, sxd, sl, sz, r_ptr, out_ptr, n_b, D, a1, rho,
+def _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, out_ptr, n_b, D, a1, rho,
                   QUAD: tl.constexpr, POOL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Pass A: R_d = LSE_n(Y_nd) by an online LSE over n tiles; with POOL also
     out_d = Σ_n softmax_n(Y)_nd X_nd (online-softmax weighted sum)."""
@@ -180,8 +205,7 @@ def _row_lse_pass(xb, sxn, sxd, sl, sz, r_ptr, out_ptr, n_b, D, a1, rho,
             mask = (offs_n < n_b)[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L = tl.load(sl + o, mask=mask, other=0.0)
-            Zt = tl.load(sz + o, mask=mask, other=0.0)
+            L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
             y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)                             # [BN, BD]
             y = tl.where(mask, y, float("-inf"))
             m_new = tl.maximum(m, tl.max(y, axis=0))
@@ -198,7 +222,7 @@ def _row_lse_pass(xb, sxn, sxd, sl, sz, r_ptr, out_ptr, n_b, D, a1, rho,
 
 
 @triton.jit
-def _col_lse_pass(xb, sxn, sxd, sl, sz, r_ptr, lmu_ptr, c_ptr, n_b, D, a1, rho,
+def _col_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, D, a1, rho,
                   QUAD: tl.constexpr, WRITE: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Pass B: log P = Y + (log μ - R), P = exp(log P), the S-step input Y2 and
     C_n = LSE_d(Y2_n·). WRITE: log S ← Y2 and Z ← Z + ρ P in place (the forward); without it
@@ -214,8 +238,7 @@ def _col_lse_pass(xb, sxn, sxd, sl, sz, r_ptr, lmu_ptr, c_ptr, n_b, D, a1, rho,
             mask = nm[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L = tl.load(sl + o, mask=mask, other=0.0)
-            Zt = tl.load(sz + o, mask=mask, other=0.0)
+            L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
             r = tl.load(r_ptr + offs_d, mask=dm, other=0.0)
             lmu = tl.load(lmu_ptr + offs_d, mask=dm, other=0.0)
             y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
@@ -233,25 +256,7 @@ def _col_lse_pass(xb, sxn, sxd, sl, sz, r_ptr, lmu_ptr, c_ptr, n_b, D, a1, rho,
 
 
 @triton.jit
-def _s_norm_pass(sl, sz, c_ptr, leta_ptr, n_b, D, rho, BN: tl.constexpr, BD: tl.constexpr):
-    """Pass C: log S = Y2 + (log η - C) (columns of S to η), Z ← Z - ρ S."""
-    for n0 in range(0, n_b, BN):
-        offs_n = n0 + tl.arange(0, BN)
-        nm = offs_n < n_b
-        shift = tl.load(leta_ptr + offs_n, mask=nm, other=0.0) \
-            - tl.load(c_ptr + offs_n, mask=nm, other=0.0)                             # [BN]
-        for d0 in range(0, D, BD):
-            offs_d = d0 + tl.arange(0, BD)
-            mask = nm[:, None] & (offs_d < D)[None, :]
-            o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L = tl.where(mask, tl.load(sl + o, mask=mask, other=0.0) + shift[:, None], 0.0)
-            Zt = tl.load(sz + o, mask=mask, other=0.0)
-            tl.store(sl + o, L, mask=mask)
-            tl.store(sz + o, Zt - rho * _exp(L), mask=mask)
-
-
-@triton.jit
-def _plan_pass(xb, sxn, sxd, sl, sz, r_ptr, lmu_ptr, plan_b, n_b, D, a1, rho,
+def _plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, plan_b, n_b, D, a1, rho,
                QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """P = exp(Y + log μ - R) of the last iteration, written in the plan's (rows, D) layout."""
     for n0 in range(0, n_b, BN):
@@ -262,8 +267,7 @@ def _plan_pass(xb, sxn, sxd, sl, sz, r_ptr, lmu_ptr, plan_b, n_b, D, a1, rho,
             mask = (offs_n < n_b)[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L = tl.load(sl + o, mask=mask, other=0.0)
-            Zt = tl.load(sz + o, mask=mask, other=0.0)
+            L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
             r = tl.load(r_ptr + offs_d, mask=dm, other=0.0)
             lmu = tl.load(lmu_ptr + offs_d, mask=dm, other=0.0)
             y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
@@ -338,6 +342,14 @@ def _vec_copy_prior(prior_ptr, HAS: tl.constexpr, uval, dst_ptr, length, BV: tl.
 
 
 @triton.jit
+def _vec_copy(src_ptr, dst_ptr, length, BV: tl.constexpr):
+    for i0 in range(0, length, BV):
+        offs = i0 + tl.arange(0, BV)
+        tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=offs < length, other=0.0),
+                 mask=offs < length)
+
+
+@triton.jit
 def _vec_fill(dst_ptr, value, length, BV: tl.constexpr):
     for i0 in range(0, length, BV):
         offs = i0 + tl.arange(0, BV)
@@ -349,26 +361,34 @@ def _vec_fill(dst_ptr, value, length, BV: tl.constexpr):
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
-                       a1, rho, k2, k3,
+                       a1, rho, k2, k3, rp,
                        HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
                        PAPER: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                        BV: tl.constexpr):
-    """One full B-ADMM iteration (P-step, S-step, dual[, paper vector updates]) in place."""
+    """One full B-ADMM iteration (P-step, S-step, dual[, paper vector updates]) in place; the
+    state stays in the deferred form of :func:`_load_state` (``rp``: ρ of the previous
+    iteration)."""
     r_ptr = vd
     lmu_ptr = vd + D
     c_ptr = vn
     leta_ptr = vn + ns
-    _row_lse_pass(xb, sxn, sxd, sl, sz, r_ptr, r_ptr, n_b, D, a1, rho, QUAD, False, BN, BD)
+    cp = vn + 7 * ns
+    ep = vn + 8 * ns
+    _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, r_ptr, n_b, D, a1, rho, QUAD, False,
+                  BN, BD)
     tl.debug_barrier()
     if not PAPER:
         _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, r_ptr, lmu_ptr, k2, D, BV)
         tl.debug_barrier()
-    _col_lse_pass(xb, sxn, sxd, sl, sz, r_ptr, lmu_ptr, c_ptr, n_b, D, a1, rho, QUAD, True, BN, BD)
+    _col_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, D, a1, rho, QUAD,
+                  True, BN, BD)
     tl.debug_barrier()
     if not PAPER:
         _vec_lognorm_mix(lq0_b, HAS_Q0, u_q0, c_ptr, leta_ptr, k3, n_b, BV)
         tl.debug_barrier()
-    _s_norm_pass(sl, sz, c_ptr, leta_ptr, n_b, D, rho, BN, BD)
+    # the S normalisation is deferred to the next read: keep this iteration's C and log η
+    _vec_copy(c_ptr, cp, n_b, BV)
+    _vec_copy(leta_ptr, ep, n_b, BV)
     tl.debug_barrier()
     if PAPER:
         _vec_paper_update(lp0_b, HAS_P0, u_p0, lmu_ptr, vd + 2 * D, k2, rho, D, BV)
@@ -394,7 +414,7 @@ def _set_bounds(b, ptr_ptr, N, sxb, sxn, RAGGED: tl.constexpr):
 def _scratch_bases(pid, rs, N, D, NR, RAGGED: tl.constexpr):
     """Offsets of this set's scratch: a dense batch uses a per-program [N, D] matrix and 7
     N-vectors (O(programs · N · D)); a ragged batch the set's own rows of a (rows, D) matrix and
-    of 7 (rows,) vectors (no host sync for N_max). Returns (matrix offset, N-vector offset,
+    of 9 (rows,) vectors (no host sync for N_max). Returns (matrix offset, N-vector offset,
     N-vector slot stride)."""
     if RAGGED:
         sbase = rs * D
@@ -402,7 +422,7 @@ def _scratch_bases(pid, rs, N, D, NR, RAGGED: tl.constexpr):
         ns = NR
     else:
         sbase = pid.to(tl.int64) * N * D
-        vn = pid.to(tl.int64) * 7 * N
+        vn = pid.to(tl.int64) * 9 * N
         ns = N
     return sbase, vn, ns
 
@@ -414,6 +434,8 @@ def _restart(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
     """State of iteration 0: log S = log p0 q0ᵀ, Z = 0 (paper: log μ = log p0, log η = log q0,
     z1 = z2 = 0)."""
     _init_state_pass(sl, sz, lp0_b, lq0_b, n_b, D, u_p0, u_q0, HAS_P0, HAS_Q0, BN, BD)
+    _vec_fill(vn + 7 * ns, 0.0, n_b, BV)
+    _vec_fill(vn + 8 * ns, 0.0, n_b, BV)
     if PAPER:
         _vec_copy_prior(lp0_b, HAS_P0, u_p0, vd + D, D, BV)
         _vec_copy_prior(lq0_b, HAS_Q0, u_q0, vn + ns, n_b, BV)
@@ -455,20 +477,24 @@ def badmm_forward_kernel(
                 _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D,
                                    u_p0, u_q0, tl.load(a1_ptr + t), tl.load(rho_ptr + t),
                                    tl.load(k2_ptr + t), tl.load(k3_ptr + t),
-                                   HAS_P0, HAS_Q0, QUAD, PAPER, BN, BD, BV)
+                                   _rho_prev(rho_ptr, t), HAS_P0, HAS_Q0, QUAD, PAPER, BN, BD,
+                                   BV)
             # last iteration: its P-step only, pooling on the fly
             a1 = tl.load(a1_ptr + T - 1)
             rho = tl.load(rho_ptr + T - 1)
-            _row_lse_pass(xb, sxn, sxd, sl, sz, vd, y_ptr + b.to(tl.int64) * D, n_b, D, a1, rho,
-                          QUAD, True, BN, BD)
+            cp = vn + 7 * ns
+            ep = vn + 8 * ns
+            rp = _rho_prev(rho_ptr, T - 1)
+            _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, vd, y_ptr + b.to(tl.int64) * D, n_b,
+                          D, a1, rho, QUAD, True, BN, BD)
             if PLAN:
                 tl.debug_barrier()
                 if not PAPER:
                     _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, vd, vd + D, tl.load(k2_ptr + T - 1),
                                      D, BV)
                     tl.debug_barrier()
-                _plan_pass(xb, sxn, sxd, sl, sz, vd, vd + D, plan_ptr + rs * D, n_b, D, a1,
-                           rho, QUAD, BN, BD)
+                _plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, vd, vd + D, plan_ptr + rs * D, n_b,
+                           D, a1, rho, QUAD, BN, BD)
         tl.debug_barrier()
 
 
@@ -476,7 +502,7 @@ def badmm_forward_kernel(
 # backward
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _adjoint_rowsum_pass(xb, sxn, sxd, sl, sz, slb, szb, vd, vn, ns, n_b, D, a1, rho,
+def _adjoint_rowsum_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, vd, vn, ns, n_b, D, a1, rho,
                          QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Backward pass 1: σ_n = Σ_d (L̄' - ρ Z̄' S') (adjoint of C and of log η, before the
     lognorm), S' = exp(log S_{t+1}) recomputed from the state of iteration t."""
@@ -492,8 +518,7 @@ def _adjoint_rowsum_pass(xb, sxn, sxd, sl, sz, slb, szb, vd, vn, ns, n_b, D, a1,
             mask = nm[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L = tl.load(sl + o, mask=mask, other=0.0)
-            Zt = tl.load(sz + o, mask=mask, other=0.0)
+            L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
             Lb = tl.load(slb + o, mask=mask, other=0.0)
             Zb = tl.load(szb + o, mask=mask, other=0.0)
             r = tl.load(vd + offs_d, mask=dm, other=0.0)
@@ -507,7 +532,7 @@ def _adjoint_rowsum_pass(xb, sxn, sxd, sl, sz, slb, szb, vd, vn, ns, n_b, D, a1,
 
 
 @triton.jit
-def _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, slb, szb, vd, vn, ns, n_b, D, a1, rho,
+def _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, vd, vn, ns, n_b, D, a1, rho,
                          QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Backward pass 2: through log S' = Y2 + (log η - C), the S-step and the dual update, to
     log P̄ (written over L̄) and Z̄ (in place); τ_d = Σ_n log P̄ (into the TAU slot).
@@ -531,8 +556,7 @@ def _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, slb, szb, vd, vn, ns, n_b, D, a1,
             cb = tl.load(vn + 3 * ns + offs_n, mask=nm, other=0.0)
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L = tl.load(sl + o, mask=mask, other=0.0)
-            Zt = tl.load(sz + o, mask=mask, other=0.0)
+            L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
             Lb = tl.load(slb + o, mask=mask, other=0.0)
             Zb = tl.load(szb + o, mask=mask, other=0.0)
             y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
@@ -564,7 +588,7 @@ def _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, slb, szb, vd, vn, ns, n_b, D, a1,
 
 
 @triton.jit
-def _adjoint_plan_pass(xb, sxn, sxd, sl, sz, slb, vd, vn, ns, gplan_b, n_b, D, a1, rho,
+def _adjoint_plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, vd, vn, ns, gplan_b, n_b, D, a1, rho,
                        QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Last iteration with a plan gradient: log P̄ = P̄ ⊙ P (over L̄), τ_d = Σ_n log P̄."""
     for d0 in range(0, D, BD):
@@ -578,8 +602,7 @@ def _adjoint_plan_pass(xb, sxn, sxd, sl, sz, slb, vd, vn, ns, gplan_b, n_b, D, a
             mask = (offs_n < n_b)[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L = tl.load(sl + o, mask=mask, other=0.0)
-            Zt = tl.load(sz + o, mask=mask, other=0.0)
+            L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
             y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
             p = _exp(y + (lmu - r)[None, :])
             lpb = tl.where(mask, tl.load(gplan_b + o, mask=mask, other=0.0) * p, 0.0)
@@ -589,7 +612,8 @@ def _adjoint_plan_pass(xb, sxn, sxd, sl, sz, slb, vd, vn, ns, gplan_b, n_b, D, a
 
 
 @triton.jit
-def _adjoint_p_step_pass(xb, sxn, sxd, sl, sz, slb, szb, gx_b, vd, vn, ns, gy_b, out_b, n_b, D,
+def _adjoint_p_step_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, gx_b, vd, vn, ns, gy_b,
+                         out_b, n_b, D,
                          a1, rho, last, QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Backward pass 3: Ȳ = log P̄ + R̄ softmax_n(Y) [+ the pooling's adjoint: last = 1.0 in
     the last iteration, 0.0 before], then
@@ -610,8 +634,7 @@ def _adjoint_p_step_pass(xb, sxn, sxd, sl, sz, slb, szb, gx_b, vd, vn, ns, gy_b,
             mask = (offs_n < n_b)[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L = tl.load(sl + o, mask=mask, other=0.0)
-            Zt = tl.load(sz + o, mask=mask, other=0.0)
+            L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
             lpb = tl.load(slb + o, mask=mask, other=0.0)
             Zb = tl.load(szb + o, mask=mask, other=0.0)
             gx = tl.load(gx_b + o, mask=mask, other=0.0)
@@ -824,7 +847,11 @@ def badmm_backward_kernel(
                     _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D,
                                        u_p0, u_q0, tl.load(a1_ptr + t), tl.load(rho_ptr + t),
                                        tl.load(k2_ptr + t), tl.load(k3_ptr + t),
-                                       HAS_P0, HAS_Q0, QUAD, PAPER, BN, BD, BV)
+                                       _rho_prev(rho_ptr, t), HAS_P0, HAS_Q0, QUAD, PAPER, BN,
+                                       BD, BV)
+                cp = vn + 7 * ns                      # the deferred normalisation of state tb
+                ep = vn + 8 * ns
+                rp = _rho_prev(rho_ptr, tb)
                 a1 = tl.load(a1_ptr + tb)
                 rho = tl.load(rho_ptr + tb)
                 k2 = tl.load(k2_ptr + tb)
@@ -834,14 +861,15 @@ def badmm_backward_kernel(
                 ga1 = _vzero(BV)
                 grho = _vzero(BV)
                 # iteration tb's vectors R, log μ
-                _row_lse_pass(xb, sxn, sxd, sl, sz, vd, vd, n_b, D, a1, rho, QUAD, False, BN, BD)
+                _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, vd, vd, n_b, D, a1, rho, QUAD,
+                              False, BN, BD)
                 tl.debug_barrier()
                 if not PAPER:
                     _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, vd, vd + D, k2, D, BV)
                     tl.debug_barrier()
                 if tb == T - 1:
                     if PLAN_GRAD:
-                        _adjoint_plan_pass(xb, sxn, sxd, sl, sz, slb, vd, vn, ns,
+                        _adjoint_plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, vd, vn, ns,
                                            gplan_ptr + rs * D,
                                            n_b, D, a1, rho, QUAD, BN, BD)
                     else:
@@ -849,7 +877,7 @@ def badmm_backward_kernel(
                     tl.debug_barrier()
                 else:
                     # C, log η of iteration tb (state unchanged)
-                    _col_lse_pass(xb, sxn, sxd, sl, sz, vd, vd + D, vn, n_b, D, a1,
+                    _col_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, vd, vd + D, vn, n_b, D, a1,
                                   rho, QUAD, False, BN, BD)
                     tl.debug_barrier()
                     if PAPER:
@@ -868,7 +896,8 @@ def badmm_backward_kernel(
                         _vec_lognorm_mix(lq0_b, HAS_Q0, u_q0, vn, vn + ns, k3,
                                          n_b, BV)
                     tl.debug_barrier()
-                    _adjoint_rowsum_pass(xb, sxn, sxd, sl, sz, slb, szb, vd, vn, ns, n_b, D, a1,
+                    _adjoint_rowsum_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, vd, vn, ns,
+                                         n_b, D, a1,
                                          rho, QUAD, BN, BD)
                     tl.debug_barrier()
                     if PAPER:
@@ -878,7 +907,8 @@ def badmm_backward_kernel(
                                                     vn + ns, vn + 3 * ns, vn + 6 * ns,
                                                     k3, n_b, BV)
                     tl.debug_barrier()
-                    da1, dr = _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, slb, szb, vd, vn, ns, n_b,
+                    da1, dr = _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, vd,
+                                                   vn, ns, n_b,
                                                    D, a1, rho, QUAD, BN, BD)
                     ga1 += da1
                     grho += dr
@@ -889,7 +919,8 @@ def badmm_backward_kernel(
                     gk2 += _vec_lognorm_mix_bwd(lp0_b, HAS_P0, u_p0, vd, vd + D, vd + 3 * D,
                                                 vd + 6 * D, k2, D, BV)
                 tl.debug_barrier()
-                da1, dr = _adjoint_p_step_pass(xb, sxn, sxd, sl, sz, slb, szb, gx_b, vd, vn, ns,
+                da1, dr = _adjoint_p_step_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, gx_b, vd,
+                                               vn, ns,
                                                gy_ptr + b.to(tl.int64) * D,
                                                out_ptr + b.to(tl.int64) * D, n_b, D, a1, rho,
                                                tl.where(tb == T - 1, 1.0, 0.0), QUAD, BN, BD)
@@ -961,7 +992,7 @@ class _Geometry:
         self.blocks = _block_sizes(self.N, self.D)
         self.grid = _num_programs(self.B, x.device)
         self.mat_numel = max(self.rows if self.ragged else self.grid * self.N, 1) * self.D
-        self.nvec_numel = 7 * max(self.rows if self.ragged else self.grid * self.N, 1)
+        self.nvec_numel = 9 * max(self.rows if self.ragged else self.grid * self.N, 1)
 
 
 def _direct(kernel):
@@ -1049,42 +1080,42 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
     return gx.reshape(x.shape), gp0, gq0, g[0].clone(), g[1].clone(), g[2].clone(), g[3].clone()
 
 
-def badmm_cost_model(num_elements: int, T: int, *, quadratic: bool, x_bytes: int = 4,
-                     return_plan: bool = False, backward: bool = False) -> dict:
+def badmm_cost_model(num_elements: int, T: int, *, x_bytes: int = 4, return_plan: bool = False,
+                     backward: bool = False) -> dict:
     """Memory traffic and exponentials of these kernels as implemented (for a speed-of-light
     estimate): ``num_elements`` = Σ_b N_b · D, x of ``x_bytes`` per element, fp32 scratch.
 
-    Per element: a full forward iteration streams pass A (reads x, log S, Z), B (reads x,
-    log S, Z, writes log S, Z) and C (reads and writes log S, Z) = 2·x_bytes + 40 bytes, and
-    4 (B-E) / 6 (B-Q) exp2; the forward is init (8 bytes) + (T - 1) iterations + the last pass
-    A (+ the plan pass). The backward adds, for every t, the recompute (init + t iterations +
-    passes A, B) and passes 1-3 over x, the state, its adjoints and the fp32 x-gradient.
-    Vector work (O(N + D) per set and pass) is left out. Returns {"bytes", "exp2"} in total.
+    Per element: a full forward iteration streams pass A (reads x, log S, Z) and B (reads x,
+    log S, Z, writes log S, Z) = 2·x_bytes + 24 bytes, and 5 exp2 (S for the deferred Z in A
+    and B - doubling as B-Q's α1 S -, the LSE in A, P and the LSE in B); the forward is init
+    (8 bytes) + (T - 1) iterations + the last pass A (+ the plan pass). The backward adds, for
+    every t, the recompute (init + t iterations + passes A, B) and passes 1-3 over x, the
+    state, its adjoints and the fp32 x-gradient. Vector work (O(N + D) per set and pass) is
+    left out. Returns the totals {"bytes", "exp2"}; the same for B-E and B-Q.
     """
     bx = x_bytes
-    e_a, e_b, e_c = (2, 3, 1) if quadratic else (1, 2, 1)          # exp2 per pass A, B, C
-    it_bytes, it_exp = 2 * bx + 40, e_a + e_b + e_c
+    it_bytes, it_exp = 2 * bx + 24, 5
 
     def forward_to(t):  # init + t full iterations
         return 8 + t * it_bytes, t * it_exp
 
     fb, fe = forward_to(T - 1)
-    fb, fe = fb + bx + 8, fe + e_a
+    fb, fe = fb + bx + 8, fe + 2                                    # last pass A (pooling)
     if return_plan:
-        fb, fe = fb + 2 * bx + 8, fe + e_a
+        fb, fe = fb + 2 * bx + 8, fe + 2
     if not backward:
         return dict(bytes=fb * num_elements, exp2=fe * num_elements)
     bb, be = 8 + 8, 0                                               # zero adjoints, final sums
     for t in range(T):
         rb, re = forward_to(t)
-        bb, be = bb + rb + bx + 8, be + re + e_a                    # recompute + pass A
+        bb, be = bb + rb + bx + 8, be + re + 2                      # recompute + pass A
         if t < T - 1:
-            bb, be = bb + bx + 8, be + e_b                          # pass B (read only)
-            bb, be = bb + bx + 16, be + e_b + 1                     # pass 1
-            bb, be = bb + bx + 24, be + e_b + 1                     # pass 2
+            bb, be = bb + bx + 8, be + 3                            # pass B (read only)
+            bb, be = bb + bx + 16, be + 3                           # pass 1: S, P, S'
+            bb, be = bb + bx + 24, be + 3                           # pass 2: S, P, S'
         elif return_plan:
-            bb, be = bb + bx + 16, be + e_a                         # plan adjoint
-        bb, be = bb + bx + 32, be + e_a                             # pass 3
+            bb, be = bb + bx + 16, be + 2                           # plan adjoint
+        bb, be = bb + bx + 32, be + 2                               # pass 3: S, softmax
     return dict(bytes=(fb + bb) * num_elements, exp2=(fe + be) * num_elements)
 
 
