@@ -34,7 +34,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -167,7 +167,8 @@ class MaxPool(nn.Module):
 
 
 class AttentionPool(nn.Module):
-    """Ilse et al.'s attention a_n ∝ exp(wᵀ tanh(V h_n)) (gated: ⊙ sigm(U h_n)); output Σ a_n h_n."""
+    """Ilse et al.'s attention: a_n ∝ exp(wᵀ tanh(V h_n)) (gated: wᵀ (tanh(V h_n) ⊙ sigm(U h_n)));
+    output Σ_n a_n h_n."""
 
     def __init__(self, dim: int, hidden: int, gated: bool):
         super().__init__()

@@ -151,7 +151,8 @@ def markdown_report():
         "forward+backward with x and every weight requiring grad (loss y.sum()), except a "
         "zero α0, which stays constant (a learnable α0 selects the α0 > 0 algorithm). Time: median "
         "(min) over the rounds of pytest-benchmark (5 for ROT, 20 for mean pooling); the ratio "
-        "uses the minima, the least disturbed by other jobs on a shared machine. Peak: the most bytes of tensor storage alive "
+        "uses the minima, the least disturbed by other jobs on a shared machine. Peak: the most "
+        "bytes of tensor storage alive "
         "at once during the call, above the level before it (torch.profiler memory events; "
         f"the input x itself is {x_mib:.1f} MiB).",
         "",
@@ -170,8 +171,9 @@ def markdown_report():
             if r is None:
                 continue
             ratio = f"{r['min_s'] / base:.0f}×" if base else "-"
+            peak = fmt_bytes(r["peak_mib"] * 2**20)
             lines.append(f"| {label} | {mode} | {r['median_s'] * 1e3:.1f} ms "
-                         f"({r['min_s'] * 1e3:.1f}) | {ratio} | {fmt_bytes(r['peak_mib'] * 2**20)} |")
+                         f"({r['min_s'] * 1e3:.1f}) | {ratio} | {peak} |")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -27,11 +27,10 @@ at load average ~4, 2 min 46 s at load average ~8 (other jobs running). ``--quic
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import torch
@@ -191,11 +190,13 @@ def train_run(name: str, local: str, global_: str, data, args, device, tag: str)
 def global_plans(model: DigitsCNN, x: Tensor) -> Tuple[Tensor, Tensor, float]:
     """The plans P* of the model's global ROT pooling for images x.
 
+    ``AdaptiveROTPool2d(output_size=1)`` pools each image as the set
+    ``x.flatten(2).transpose(1, 2)``; ``rot_pool`` with the layer's current weights and
+    ``return_plan=True`` solves the same problem and returns its plan.
+
     Returns ``P`` (B, H·W, C) - each image's plan, rows = positions, columns = channels, total
     mass 1 -, the features (B, C, H, W) it pools, and the largest difference between the
-    pooling by this plan and the layer's own output (the two must agree). ``AdaptiveROTPool2d(output_size=1)`` pools
-    each image as the set ``x.flatten(2).transpose(1, 2)``; ``rot_pool`` with the layer's
-    current weights and ``return_plan=True`` solves the same problem and returns its plan.
+    pooling by this plan and the layer's own output (the two must agree).
     """
     pool = model.glob.pool
     model.eval()
