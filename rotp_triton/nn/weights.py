@@ -19,16 +19,15 @@ LEARN_DEFAULTS = dict(a0=False, a1=True, a2=True, a3=True, rho=True, tau=False)
 A0_LEARN_INIT = 0.1
 
 
-def inverse_softplus(v: float) -> float:
-    """softplus⁻¹(v) for v > 0, stable for large v."""
-    return v + math.log(-math.expm1(-v)) if v < 30 else v
-
-
 class ROTWeights(nn.Module):
     """Holds the solver weights of one ROT layer and returns them as ``(T,)`` tensors.
 
-    Each learnable weight is ``softplus(raw)`` with ``raw`` of shape ``(T,)`` when
-    ``per_iter_params`` (one value per unrolled module, the official code's default) or ``(1,)``.
+    Each learnable weight is ``init * softplus(raw) / softplus(0)`` with ``raw`` starting at 0, of
+    shape ``(T,)`` when ``per_iter_params`` (one value per unrolled module, the official code's
+    default) or ``(1,)``. The fixed scale makes learning move every weight by the same relative
+    amount per step whatever its initial value: a layer that starts near mean pooling (α1 = ρ =
+    100) trains as fast as one that starts at the paper's softplus(0) ≈ 0.69 (a plain
+    ``softplus(raw)`` at raw ≈ 100 would need ~100 times more steps to halve a weight).
     Fixed weights are buffers; ``float('inf')`` is allowed for fixed ``a2``/``a3`` (hard marginal).
     """
 
@@ -59,6 +58,8 @@ class ROTWeights(nn.Module):
             size = num_iters if per_iter_params else 1
             if learn:
                 self.register_parameter(f"raw_{name}", nn.Parameter(torch.empty(size)))
+                self.register_buffer(f"scale_{name}", torch.tensor(v / math.log(2.0)),
+                                     persistent=False)
             else:
                 self.register_buffer(f"fixed_{name}", torch.full((size,), v), persistent=False)
         if kwargs:
@@ -69,13 +70,13 @@ class ROTWeights(nn.Module):
         with torch.no_grad():
             for name in WEIGHT_NAMES:
                 if self.learn[name]:
-                    getattr(self, f"raw_{name}").fill_(inverse_softplus(self.init[name]))
+                    getattr(self, f"raw_{name}").zero_()
 
     def forward(self) -> Dict[str, Tensor]:
         out = {}
         for name in WEIGHT_NAMES:
-            out[name] = (F.softplus(getattr(self, f"raw_{name}")) if self.learn[name]
-                         else getattr(self, f"fixed_{name}"))
+            out[name] = (getattr(self, f"scale_{name}") * F.softplus(getattr(self, f"raw_{name}"))
+                         if self.learn[name] else getattr(self, f"fixed_{name}"))
         return out
 
     def extra_repr(self) -> str:
