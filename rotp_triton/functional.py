@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-import torch
 from torch import Tensor
 
 from ._batching import (SetBatch, as_weight, check_finite, check_priors, compute_dtype,
@@ -13,6 +12,20 @@ from .ops.rot.solvers import (METHODS, VARIANTS, normalized_plan, pool_from_log_
 
 Weight = Union[float, Tensor]
 BACKENDS = ("auto", "triton", "torch")
+
+
+def check_rot_options(method: str, variant: str, num_iters: int, inner_iters: int,
+                      backend: str) -> None:
+    """Validate the solver options shared by ``rot_pool`` and every ROT layer."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for name, v in (("num_iters", num_iters), ("inner_iters", inner_iters)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
 def rot_pool(x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = None,
@@ -64,15 +77,7 @@ def rot_pool(x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = 
     Returns:
         ``y`` of shape ``(B, D)`` in x's dtype, and with ``return_plan=True`` also ``P``.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    for name, v in (("num_iters", num_iters), ("inner_iters", inner_iters)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    check_rot_options(method, variant, num_iters, inner_iters, backend)
     batch = make_set_batch(x, index, ptr, dim_size, pad=False)
     check_finite(x, "x")
     D = x.shape[-1]

@@ -1,7 +1,6 @@
 """Properties of rot_pool: the defects of the published algorithms (DESIGN §3.3), the special
 cases of Prop. 1, invariances, and the stability of the exact solvers on the Fig. 7 grid."""
 import itertools
-import math
 
 import pytest
 import torch

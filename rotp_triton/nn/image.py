@@ -16,11 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._batching import compute_dtype
-from ..functional import rot_pool
-from ..ops.rot.solvers import METHODS, VARIANTS, pool_from_log_plan, rot_log_plan, wants_structure
+from ..functional import check_rot_options, rot_pool
+from ..ops.rot.solvers import pool_from_log_plan, rot_log_plan, wants_structure
 from .weights import ROTWeights
 
-_BACKENDS = ("auto", "triton", "torch")
 IntPair = Union[int, Tuple[int, int]]
 
 # Default initialisation (ROTWeights: a1 = rho = 100, a2 = a3 = 1, T = 4) against the mean of
@@ -52,18 +51,6 @@ def _pair(v, name: str, *, minimum: int, allow_none: bool = False) -> Tuple:
         if e < minimum:
             raise ValueError(f"{name} must be >= {minimum}, got {v!r}")
     return vals
-
-
-def _check_rot_kwargs(method, variant, num_iters, inner_iters, backend) -> None:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    for name, v in (("num_iters", num_iters), ("inner_iters", inner_iters)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
 
 
 def _check_image(x, channels: int) -> None:
@@ -220,7 +207,7 @@ class _ImageROTBase(nn.Module):
         super().__init__()
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
             raise ValueError(f"channels must be a positive int, got {channels!r}")
-        _check_rot_kwargs(method, variant, num_iters, inner_iters, backend)
+        check_rot_options(method, variant, num_iters, inner_iters, backend)
         self.channels, self.method, self.variant = channels, method, variant
         self.num_iters, self.inner_iters, self.backend = num_iters, inner_iters, backend
         self.weights = ROTWeights(num_iters, per_iter_params, **weights)

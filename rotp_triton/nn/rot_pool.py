@@ -7,8 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .._batching import make_set_batch
-from ..functional import rot_pool
-from ..ops.rot.solvers import METHODS, VARIANTS
+from ..functional import check_rot_options, rot_pool
 from .weights import ROTWeights
 
 PRIORS = ("uniform", "attention")
@@ -59,13 +58,7 @@ class ROTPool(nn.Module):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        for name, v in (("num_iters", num_iters), ("inner_iters", inner_iters)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_rot_options(method, variant, num_iters, inner_iters, backend)
         if p0 not in PRIORS:
             raise ValueError(f"p0 must be one of {PRIORS}, got {p0!r}")
         if q0 not in PRIORS:

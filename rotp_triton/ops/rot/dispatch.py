@@ -7,8 +7,6 @@ unsorted ``index`` is gathered into set order first, and its plan scattered back
 from __future__ import annotations
 
 import os
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -21,7 +19,7 @@ def interpreter_enabled() -> bool:
 
 def triton_available() -> bool:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (only whether it imports)
     except Exception:  # pragma: no cover - triton missing
         return False
     return True

@@ -572,7 +572,6 @@ def _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, vd, vn, ns,
                 d_rho = Zb * (p - s_new) - y2b * (Zt - a1 * p) * (inv_rho * inv_rho)
                 d_a1 = -y2b * p * inv_rho
             else:
-                w = a1 + rho
                 zb_new = Zb + y2b * inv_w
                 lpb = (rho * inv_w) * y2b + rho * Zb * p
                 d_rho = Zb * (p - s_new) + y2b * (lp - y2) * inv_w

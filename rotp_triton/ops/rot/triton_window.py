@@ -268,7 +268,6 @@ def _admm_step_bwd(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp
     else:
         q = k3 * lq0 + (1 - k3) * c
         log_eta = q - _lse(q, sv, 1)
-    log_s_new = tl.where(m, y2 + log_eta - c, 0.0)
     s_new = tl.where(m, sm2 * _exp(log_eta), 0.0)
 
     # ---- backward
