@@ -167,6 +167,33 @@ def _load_log_prior(p_ptr, o, n, uniform_value, HAS: tl.constexpr):
 
 
 @triton.jit
+def _marginal_scaling(r_ptr, lp_ptr, lp_uniform, k, out_ptr, n, HAS_PRIOR: tl.constexpr,
+                      BV: tl.constexpr):
+    """out = lognorm(k·log prior + (1 - k)·r) - r over n entries (base-2 logs), in two sweeps:
+    the softened marginal and its LSE, then the normalisation. The scaling a (or b) of one
+    Gauss-Seidel half-step, DESIGN §3.1."""
+    m = tl.max(tl.full([BV], NEG_INF, tl.float32), axis=0)
+    l = tl.sum(tl.zeros([BV], tl.float32), axis=0)
+    for i0 in range(0, n, BV):
+        o = i0 + tl.arange(0, BV)
+        om = o < n
+        r = tl.load(r_ptr + o, mask=om, other=0.0)
+        lp = _load_log_prior(lp_ptr, o, n, lp_uniform, HAS_PRIOR)
+        u = k * lp + (1.0 - k) * r                                             # [BV]
+        tl.store(out_ptr + o, u, mask=om)
+        m, l = _online_lse_merge(m, l, tl.where(om, u, NEG_INF))
+    lse_u = m + tl.log2(l)
+    tl.debug_barrier()
+    for i0 in range(0, n, BV):
+        o = i0 + tl.arange(0, BV)
+        om = o < n
+        u = tl.load(out_ptr + o, mask=om, other=0.0)
+        r = tl.load(r_ptr + o, mask=om, other=0.0)
+        tl.store(out_ptr + o, u - lse_u - r, mask=om)
+    tl.debug_barrier()
+
+
+@triton.jit
 def _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED: tl.constexpr):
     """(first row of set b in the per-row buffers, its size, offset of its x[0, 0])."""
     if RAGGED:
@@ -337,47 +364,11 @@ def rot_sinkhorn_fwd_kernel(
                 # Gauss-Seidel (DESIGN §3.1): R = LSE_n(x/ε + b); a = lognorm(κ2 lp0 + (1-κ2) R) - R
                 _lse_over_n(x_base, sxn, sxd, n_b, D, s, B_prev, R_t, BN, BD)
                 tl.debug_barrier()
-                m = tl.max(tl.full([BD], NEG_INF, tl.float32), axis=0)
-                l = tl.sum(tl.zeros([BD], tl.float32), axis=0)
-                for d0 in range(0, D, BD):
-                    od = d0 + tl.arange(0, BD)
-                    dm = od < D
-                    r = tl.load(R_t + od, mask=dm, other=0.0)
-                    lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
-                    u = k2 * lp0 + (1.0 - k2) * r                              # [BD]
-                    tl.store(A_cur + od, u, mask=dm)
-                    m, l = _online_lse_merge(m, l, tl.where(dm, u, NEG_INF))
-                lse_u = m + tl.log2(l)
-                tl.debug_barrier()
-                for d0 in range(0, D, BD):
-                    od = d0 + tl.arange(0, BD)
-                    dm = od < D
-                    u = tl.load(A_cur + od, mask=dm, other=0.0)
-                    r = tl.load(R_t + od, mask=dm, other=0.0)
-                    tl.store(A_cur + od, u - lse_u - r, mask=dm)
-                tl.debug_barrier()
+                _marginal_scaling(R_t, lp0_b, lp0_u, k2, A_cur, D, HAS_P0, BD)
                 # C = LSE_d(x/ε + a); b = lognorm(κ3 lq0 + (1-κ3) C) - C
                 _lse_over_d(x_base, sxn, sxd, n_b, D, s, A_cur, C_t, BN, BD)
                 tl.debug_barrier()
-                m = tl.max(tl.full([BN], NEG_INF, tl.float32), axis=0)
-                l = tl.sum(tl.zeros([BN], tl.float32), axis=0)
-                for n0 in range(0, n_b, BN):
-                    on = n0 + tl.arange(0, BN)
-                    nm = on < n_b
-                    c = tl.load(C_t + on, mask=nm, other=0.0)
-                    lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
-                    v = k3 * lq0 + (1.0 - k3) * c                              # [BN]
-                    tl.store(B_cur + on, v, mask=nm)
-                    m, l = _online_lse_merge(m, l, tl.where(nm, v, NEG_INF))
-                lse_v = m + tl.log2(l)
-                tl.debug_barrier()
-                for n0 in range(0, n_b, BN):
-                    on = n0 + tl.arange(0, BN)
-                    nm = on < n_b
-                    v = tl.load(B_cur + on, mask=nm, other=0.0)
-                    c = tl.load(C_t + on, mask=nm, other=0.0)
-                    tl.store(B_cur + on, v - lse_v - c, mask=nm)
-                tl.debug_barrier()
+                _marginal_scaling(C_t, lq0_b, lq0_u, k3, B_cur, n_b, HAS_Q0, BN)
 
         # pooling, eq. (5): y_d = Σ_n softmax_n(log P)_nd x_nd; a_d cancels in the softmax over n
         s_fin = tl.load(ie_ptr + T - 1) * _LOG2E
