@@ -27,50 +27,24 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
-import re
-import subprocess
 import sys
-import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SFU_PER_SM_PER_CLK = 16
+from bench import common  # noqa: E402
+
+SFU_PER_SM_PER_CLK = common.SFU_PER_SM_PER_CLK
 DEVICE = "cuda"
-
-
-def _sm_clock_hz() -> float:
-    """Max SM clock: nvidia-smi if present, else torch's property, else the H100 SXM boost."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.max.sm", "--format=csv,noheader,"
-                              "nounits"], capture_output=True, text=True, timeout=20).stdout
-        return float(out.strip().splitlines()[0]) * 1e6
-    except Exception:
-        pass
-    props = torch.cuda.get_device_properties(0)
-    khz = getattr(props, "clock_rate", None)
-    return float(khz) * 1e3 if khz else 1.98e9
-
-
-def _bandwidth(do_bench) -> float:
-    """Bytes/s of a 1 GiB device-to-device copy (read + write)."""
-    n = 1 << 28 if DEVICE == "cuda" else 1 << 20
-    a = torch.empty(n, device=DEVICE, dtype=torch.float32)
-    b = torch.empty_like(a)
-    ms = do_bench(lambda: b.copy_(a), return_mode="median")
-    del a, b
-    _cuda("empty_cache")
-    return 2 * n * 4 / (ms * 1e-3)
 
 
 def _cuda(name, default=0):
     """torch.cuda.<name>() on a GPU run; ``default`` in the CPU smoke run."""
-    return getattr(torch.cuda, name)() if DEVICE == "cuda" else default
+    return common.cuda(name, DEVICE, default)
 
 
 def _workloads(quick: bool, smoke: bool = False):
@@ -119,16 +93,7 @@ def _measure(do_bench, fn, x, weights, backward: bool):
             torch.autograd.grad(y.sum(), [t for t in leaves if t.requires_grad])
         return y
 
-    run()  # warm-up / compile
-    _cuda("synchronize")
-    _cuda("empty_cache")
-    base = _cuda("memory_allocated")
-    _cuda("reset_peak_memory_stats")
-    run()
-    _cuda("synchronize")
-    peak = _cuda("max_memory_allocated") - base
-    ms = do_bench(run, return_mode="median")
-    return ms, peak
+    return common.measure(do_bench, run, DEVICE)
 
 
 def main(argv=None) -> int:
@@ -147,9 +112,7 @@ def main(argv=None) -> int:
     if args.smoke_cpu:
         os.environ["TRITON_INTERPRET"] = "1"
         DEVICE = "cpu"
-    elif not torch.cuda.is_available():
-        print("bench_triton_set: no CUDA device - this benchmark measures GPU kernels; nothing "
-              "to do (exit 0).")
+    elif common.no_gpu("bench_triton_set"):
         return 0
     try:
         import triton
@@ -166,22 +129,10 @@ def main(argv=None) -> int:
         badmm_kernels = False
 
     if args.smoke_cpu:
-        import statistics
-
-        def do_bench(fn, return_mode="median"):  # noqa: F811 - wall-clock stand-in
-            ts = []
-            for _ in range(2):
-                t0 = time.perf_counter()
-                fn()
-                ts.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(ts)
-        dev_name, sms, clk = "cpu-smoke", 1, 1e9
-    else:
-        dev_name = torch.cuda.get_device_name(0)
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        clk = _sm_clock_hz()
-    sfu_rate = SFU_PER_SM_PER_CLK * sms * clk
-    bw = _bandwidth(do_bench)
+        do_bench = common.wall_clock_bench  # noqa: F811
+    m = common.machine(do_bench, DEVICE)
+    dev_name, sms, clk = m["device"], m["sms"], m["sm_clock_hz"]
+    sfu_rate, bw = m["sfu_rate_per_s"], m["copy_bandwidth_bytes_per_s"]
     print(f"device {dev_name}: {sms} SMs, max SM clock {clk / 1e9:.2f} GHz, assumed SFU rate "
           f"{SFU_PER_SM_PER_CLK}/SM/clk = {sfu_rate / 1e12:.2f} T/s; measured copy bandwidth "
           f"{bw / 1e12:.2f} TB/s")
@@ -260,20 +211,14 @@ def main(argv=None) -> int:
                              workloads={}), rows))
         return 0
     date = datetime.date.today().isoformat()
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", dev_name).strip("-").lower()
-    out_dir = os.path.join(ROOT, "bench", "results")
-    os.makedirs(out_dir, exist_ok=True)
     meta = dict(device=dev_name, sms=sms, sm_clock_hz=clk, sfu_rate_per_s=sfu_rate,
                 sfu_assumption=f"{SFU_PER_SM_PER_CLK} exp2 per SM per clock",
                 copy_bandwidth_bytes_per_s=bw, torch=torch.__version__,
                 triton=triton.__version__, python=platform.python_version(), date=date,
                 quick=args.quick, badmm_kernels=badmm_kernels,
                 workloads={k: v["desc"] for k, v in work.items()})
-    base = os.path.join(out_dir, f"triton_set_{slug}_{date}")
-    with open(base + ".json", "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1, default=str)
-    with open(base + ".md", "w") as f:
-        f.write(_markdown(meta, rows))
+    base = common.write_results("triton_set", dev_name, date, meta, rows,
+                                _markdown(meta, rows))
     print(f"\nwrote {base}.md and .json")
     return 0
 
