@@ -36,60 +36,23 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
-import re
-import statistics
-import subprocess
 import sys
-import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SFU_PER_SM_PER_CLK = 16
+from bench import common  # noqa: E402
+
+SFU_PER_SM_PER_CLK = common.SFU_PER_SM_PER_CLK
 DEVICE = "cuda"
 
 
 def _cuda(name, default=0):
-    return getattr(torch.cuda, name)() if DEVICE == "cuda" else default
-
-
-def _sm_clock_hz() -> float:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.max.sm",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                             timeout=20).stdout
-        return float(out.strip().splitlines()[0]) * 1e6
-    except Exception:
-        khz = getattr(torch.cuda.get_device_properties(0), "clock_rate", None)
-        return float(khz) * 1e3 if khz else 1.98e9
-
-
-def _bandwidth(do_bench) -> float:
-    n = 1 << 28 if DEVICE == "cuda" else 1 << 16
-    a = torch.empty(n, device=DEVICE)
-    b = torch.empty_like(a)
-    ms = do_bench(lambda: b.copy_(a), return_mode="median")
-    del a, b
-    _cuda("empty_cache")
-    return 2 * n * 4 / (ms * 1e-3)
-
-
-def _measure(do_bench, run):
-    """(median ms, peak bytes above the pre-call allocation) of run()."""
-    run()  # warm-up / compile / autotune
-    _cuda("synchronize")
-    _cuda("empty_cache")
-    base = _cuda("memory_allocated")
-    _cuda("reset_peak_memory_stats")
-    run()
-    _cuda("synchronize")
-    peak = _cuda("max_memory_allocated") - base
-    return do_bench(run, return_mode="median"), peak
+    return common.cuda(name, DEVICE, default)
 
 
 def _runner(fn, x, params, backward):
@@ -105,7 +68,7 @@ def _runner(fn, x, params, backward):
 
 def _safe(do_bench, run):
     try:
-        ms, peak = _measure(do_bench, run)
+        ms, peak = common.measure(do_bench, run, DEVICE)
         return ms, peak, None
     except Exception as e:  # OOM, compile failure, missing kernel
         _cuda("empty_cache")
@@ -336,30 +299,19 @@ def main(argv=None) -> int:
     if args.smoke_cpu:
         os.environ["TRITON_INTERPRET"] = "1"
         DEVICE = "cpu"
-    elif not torch.cuda.is_available():
-        print("bench_image: no CUDA device - this benchmark measures GPU kernels; nothing to do "
-              "(exit 0).")
+    elif common.no_gpu("bench_image"):
         return 0
     import triton
     if args.smoke_cpu:
-        def do_bench(fn, return_mode="median"):  # wall-clock stand-in
-            ts = []
-            for _ in range(2):
-                t0 = time.perf_counter()
-                fn()
-                ts.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(ts)
-        dev_name, sms, clk = "cpu-smoke", 1, 1e9
+        do_bench = common.wall_clock_bench
         # the interpreter runs the kernels on CPU tensors only with backend="triton"
         from rotp_triton.nn import image
         image._use_window_kernel = lambda x, backend, w: backend != "torch"
     else:
         from triton.testing import do_bench
-        dev_name = torch.cuda.get_device_name(0)
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        clk = _sm_clock_hz()
-    sfu_rate = SFU_PER_SM_PER_CLK * sms * clk
-    bw = _bandwidth(do_bench)
+    m = common.machine(do_bench, DEVICE, cpu_copy_elements=1 << 16)
+    dev_name, sms, clk = m["device"], m["sms"], m["sm_clock_hz"]
+    sfu_rate, bw = m["sfu_rate_per_s"], m["copy_bandwidth_bytes_per_s"]
     print(f"device {dev_name}: {sms} SMs, SM clock {clk / 1e9:.2f} GHz, SFU rate (assumed) "
           f"{sfu_rate / 1e12:.2f} T/s, copy bandwidth (measured) {bw / 1e12:.2f} TB/s")
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -388,14 +340,7 @@ def main(argv=None) -> int:
     print(md)
     if args.smoke_cpu:
         return 0
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", dev_name).strip("-").lower()
-    out_dir = os.path.join(ROOT, "bench", "results")
-    os.makedirs(out_dir, exist_ok=True)
-    base = os.path.join(out_dir, f"image_{slug}_{meta['date']}")
-    with open(base + ".json", "w") as fh:
-        json.dump(dict(meta=meta, rows=rows), fh, indent=1, default=str)
-    with open(base + ".md", "w") as fh:
-        fh.write(md)
+    base = common.write_results("image", dev_name, meta["date"], meta, rows, md)
     print(f"wrote {base}.md and .json")
     return 0
 
