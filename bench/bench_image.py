@@ -47,12 +47,7 @@ sys.path.insert(0, ROOT)
 
 from bench import common  # noqa: E402
 
-SFU_PER_SM_PER_CLK = common.SFU_PER_SM_PER_CLK
 DEVICE = "cuda"
-
-
-def _cuda(name, default=0):
-    return common.cuda(name, DEVICE, default)
 
 
 def _runner(fn, x, params, backward):
@@ -71,7 +66,7 @@ def _safe(do_bench, run):
         ms, peak = common.measure(do_bench, run, DEVICE)
         return ms, peak, None
     except Exception as e:  # OOM, compile failure, missing kernel
-        _cuda("empty_cache")
+        common.cuda("empty_cache", DEVICE)
         return float("nan"), float("nan"), f"{type(e).__name__}: {str(e)[:160]}"
 
 
@@ -150,7 +145,7 @@ def bench_w3(do_bench, bw, sfu_rate, args):
                 add("nn.AvgPool2d(2)", nn.AvgPool2d(2), ps=[])
                 add("nn.MaxPool2d(2)", nn.MaxPool2d(2), ps=[])
                 del x
-                _cuda("empty_cache")
+                common.cuda("empty_cache", DEVICE)
     return rows
 
 
@@ -232,7 +227,7 @@ def bench_w4(do_bench, args):
         rows.append(row)
         print(_fmt(row), flush=True)
         del model, opt
-        _cuda("empty_cache")
+        common.cuda("empty_cache", DEVICE)
     rows[-1]["ratio_to_avgpool"] = times["AdaptiveROTPool2d"] / times["AdaptiveAvgPool2d"]
     print(f"W4 step-time ratio ROT / avg = {rows[-1]['ratio_to_avgpool']:.3f}")
     return rows
@@ -257,8 +252,9 @@ def _fmt(r) -> str:
 def _markdown(meta, rows) -> str:
     lines = [f"# Image pooling benchmark ({meta['device']}, {meta['date']})", "",
              f"torch {meta['torch']}, triton {meta['triton']}; {meta['sms']} SMs, max SM clock "
-             f"{meta['sm_clock_hz'] / 1e9:.2f} GHz; SFU rate assumed {SFU_PER_SM_PER_CLK}/SM/clk "
-             f"= {meta['sfu_rate_per_s'] / 1e12:.2f} T/s; measured copy bandwidth "
+             f"{meta['sm_clock_hz'] / 1e9:.2f} GHz; SFU rate assumed "
+             f"{common.SFU_PER_SM_PER_CLK}/SM/clk = {meta['sfu_rate_per_s'] / 1e12:.2f} T/s; "
+             f"measured copy bandwidth "
              f"{meta['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s. Medians of "
              f"triton.testing.do_bench. Command: `python bench/bench_image.py "
              f"{' '.join(meta['argv'])}`.", "",
@@ -296,10 +292,8 @@ def main(argv=None) -> int:
                         "timings meaningless, nothing written)")
     args = p.parse_args(argv)
     global DEVICE
-    if args.smoke_cpu:
-        os.environ["TRITON_INTERPRET"] = "1"
-        DEVICE = "cpu"
-    elif common.no_gpu("bench_image"):
+    DEVICE = common.select_device(args.smoke_cpu, "bench_image")
+    if DEVICE is None:
         return 0
     import triton
     if args.smoke_cpu:
@@ -309,9 +303,8 @@ def main(argv=None) -> int:
         image._use_window_kernel = lambda x, backend, w: backend != "torch"
     else:
         from triton.testing import do_bench
-    m = common.machine(do_bench, DEVICE, cpu_copy_elements=1 << 16)
-    dev_name, sms, clk = m["device"], m["sms"], m["sm_clock_hz"]
-    sfu_rate, bw = m["sfu_rate_per_s"], m["copy_bandwidth_bytes_per_s"]
+    dev_name, sms, clk, sfu_rate, bw = common.machine(do_bench, DEVICE,
+                                                      cpu_copy_elements=1 << 16)
     print(f"device {dev_name}: {sms} SMs, SM clock {clk / 1e9:.2f} GHz, SFU rate (assumed) "
           f"{sfu_rate / 1e12:.2f} T/s, copy bandwidth (measured) {bw / 1e12:.2f} TB/s")
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)

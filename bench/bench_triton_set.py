@@ -38,13 +38,7 @@ sys.path.insert(0, ROOT)
 
 from bench import common  # noqa: E402
 
-SFU_PER_SM_PER_CLK = common.SFU_PER_SM_PER_CLK
 DEVICE = "cuda"
-
-
-def _cuda(name, default=0):
-    """torch.cuda.<name>() on a GPU run; ``default`` in the CPU smoke run."""
-    return common.cuda(name, DEVICE, default)
 
 
 def _workloads(quick: bool, smoke: bool = False):
@@ -109,10 +103,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     global DEVICE
-    if args.smoke_cpu:
-        os.environ["TRITON_INTERPRET"] = "1"
-        DEVICE = "cpu"
-    elif common.no_gpu("bench_triton_set"):
+    DEVICE = common.select_device(args.smoke_cpu, "bench_triton_set")
+    if DEVICE is None:
         return 0
     try:
         import triton
@@ -130,12 +122,10 @@ def main(argv=None) -> int:
 
     if args.smoke_cpu:
         do_bench = common.wall_clock_bench  # noqa: F811
-    m = common.machine(do_bench, DEVICE)
-    dev_name, sms, clk = m["device"], m["sms"], m["sm_clock_hz"]
-    sfu_rate, bw = m["sfu_rate_per_s"], m["copy_bandwidth_bytes_per_s"]
+    dev_name, sms, clk, sfu_rate, bw = common.machine(do_bench, DEVICE)
     print(f"device {dev_name}: {sms} SMs, max SM clock {clk / 1e9:.2f} GHz, assumed SFU rate "
-          f"{SFU_PER_SM_PER_CLK}/SM/clk = {sfu_rate / 1e12:.2f} T/s; measured copy bandwidth "
-          f"{bw / 1e12:.2f} TB/s")
+          f"{common.SFU_PER_SM_PER_CLK}/SM/clk = {sfu_rate / 1e12:.2f} T/s; measured copy "
+          f"bandwidth {bw / 1e12:.2f} TB/s")
     print(f"torch {torch.__version__}, triton {triton.__version__}; B-ADMM Triton kernels: "
           f"{'yes' if badmm_kernels else 'no (rot_pool falls back to the torch path)'}")
 
@@ -177,7 +167,7 @@ def main(argv=None) -> int:
                             err = None
                         except Exception as e:  # OOM, missing kernel, compile failure
                             ms, peak, err = float("nan"), float("nan"), repr(e)[:200]
-                            _cuda("empty_cache")
+                            common.cuda("empty_cache", DEVICE)
                         row = dict(workload=wname, T=T, method=method, impl=impl,
                                    pass_="fwd+bwd" if bwd else "fwd", ms=ms, peak_bytes=peak,
                                    input_bytes=in_bytes, error=err)
@@ -212,7 +202,7 @@ def main(argv=None) -> int:
         return 0
     date = datetime.date.today().isoformat()
     meta = dict(device=dev_name, sms=sms, sm_clock_hz=clk, sfu_rate_per_s=sfu_rate,
-                sfu_assumption=f"{SFU_PER_SM_PER_CLK} exp2 per SM per clock",
+                sfu_assumption=f"{common.SFU_PER_SM_PER_CLK} exp2 per SM per clock",
                 copy_bandwidth_bytes_per_s=bw, torch=torch.__version__,
                 triton=triton.__version__, python=platform.python_version(), date=date,
                 quick=args.quick, badmm_kernels=badmm_kernels,

@@ -15,6 +15,7 @@ import re
 import statistics
 import subprocess
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -31,6 +32,15 @@ def no_gpu(script: str, hint: str = "") -> bool:
     print(f"{script}: no CUDA device - this benchmark measures GPU kernels; nothing to do "
           f"(exit 0).{' ' + hint if hint else ''}")
     return True
+
+
+def select_device(smoke: bool, script: str, hint: str = "") -> str | None:
+    """"cpu" for a smoke run (the Triton interpreter switched on: call this before triton is
+    imported), "cuda" on a GPU, None (after printing why: the caller returns 0) otherwise."""
+    if smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+        return "cpu"
+    return None if no_gpu(script, hint) else "cuda"
 
 
 def cuda(name: str, device: str, default=0):
@@ -73,18 +83,25 @@ def copy_bandwidth(do_bench, device: str, cpu_elements: int = 1 << 20) -> float:
     return 2 * n * 4 / (ms * 1e-3)
 
 
-def machine(do_bench, device: str, cpu_copy_elements: int = 1 << 20) -> dict:
-    """The machine as the speed-of-light estimates see it: name, SMs, max SM clock, assumed
-    SFU rate and measured copy bandwidth (placeholders 1 SM at 1 GHz in a smoke run)."""
+class Machine(NamedTuple):
+    device: str                       # name
+    sms: int
+    sm_clock_hz: float                # max SM clock
+    sfu_rate_per_s: float             # assumed: SFU_PER_SM_PER_CLK x SMs x max SM clock
+    copy_bandwidth_bytes_per_s: float  # measured
+
+
+def machine(do_bench, device: str, cpu_copy_elements: int = 1 << 20) -> Machine:
+    """The machine as the speed-of-light estimates see it (placeholders 1 SM at 1 GHz named
+    "cpu-smoke" in a smoke run)."""
     if device == "cuda":
         name = torch.cuda.get_device_name(0)
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         clk = sm_clock_hz()
     else:
         name, sms, clk = "cpu-smoke", 1, 1e9
-    return dict(device=name, sms=sms, sm_clock_hz=clk,
-                sfu_rate_per_s=SFU_PER_SM_PER_CLK * sms * clk,
-                copy_bandwidth_bytes_per_s=copy_bandwidth(do_bench, device, cpu_copy_elements))
+    return Machine(name, sms, clk, SFU_PER_SM_PER_CLK * sms * clk,
+                   copy_bandwidth(do_bench, device, cpu_copy_elements))
 
 
 def peak_bytes(run, device: str) -> float:
