@@ -19,8 +19,13 @@ transcendentals: the exp2 count of the algorithm as implemented: forward (2T + 1
 softmaxes per iteration + the pooling), backward (4T + 1)·N·D (two softmax-matrix products per
 reverse iteration, the pooling adjoint, and the final dx pass recomputing 2T softmaxes + the
 pooling); per-vector logs are negligible. (The kernels read x once per iteration when a set's
-rows fit in one tile - dense W1, W2 - and twice otherwise - W5; the SoL counts x once.) The bandwidth is measured in the same run (a device-to-device
-copy of 1 GiB: 2 GiB moved); the SFU rate is assumed: 16 exp2/SM/clock × SMs × max SM clock.
+rows fit in one tile - dense W1, W2 - and twice otherwise - W5; the SoL counts x once.)
+Speed of light of the Triton B-E / B-Q kernels (when rotp_triton.ops.rot.triton_badmm exists):
+the same max(bytes / bandwidth, exp2 / SFU rate) with the bytes and exp2 of
+triton_badmm.badmm_cost_model (the kernels as implemented: x and the fp32 (N, D) state log S, Z
+streamed every iteration; the backward with its recomputation). The bandwidth is measured in
+the same run (a device-to-device copy of 1 GiB: 2 GiB moved); the SFU rate is assumed:
+16 exp2/SM/clock × SMs × max SM clock.
 Results go to bench/results/triton_set_<device>_<date>.{md,json}.
 """
 from __future__ import annotations
@@ -115,10 +120,10 @@ def main(argv=None) -> int:
     import rotp_triton as rt
 
     try:
-        from rotp_triton.ops.rot import triton_badmm  # noqa: F401
+        from rotp_triton.ops.rot import triton_badmm
         badmm_kernels = True
     except ImportError:
-        badmm_kernels = False
+        triton_badmm, badmm_kernels = None, False
 
     if args.smoke_cpu:
         do_bench = common.wall_clock_bench  # noqa: F811
@@ -178,6 +183,14 @@ def main(argv=None) -> int:
                             sol = max(by / bw, ex / sfu_rate) * 1e3
                             row.update(sol_ms=sol, sol_bound="SFU" if ex / sfu_rate > by / bw
                                        else "memory", ratio_to_sol=ms / sol)
+                        if impl == "triton" and method != "sinkhorn" and badmm_kernels:
+                            # B-E and B-Q stream full (N, D) states: their own cost model
+                            c = triton_badmm.badmm_cost_model(x0.numel(), T,
+                                                              x_bytes=x0.element_size(),
+                                                              backward=bwd)
+                            sol = max(c["bytes"] / bw, c["exp2"] / sfu_rate) * 1e3
+                            row.update(sol_ms=sol, sol_bound="SFU" if c["exp2"] / sfu_rate >
+                                       c["bytes"] / bw else "memory", ratio_to_sol=ms / sol)
                         if impl == "triton" and method != "sinkhorn" and not badmm_kernels:
                             row["impl"] = "triton (fell back to torch)"
                         rows.append(row)
@@ -235,7 +248,9 @@ def _markdown(meta, rows) -> str:
     for k, v in meta["workloads"].items():
         lines.append(f"- {k}: {v}")
     lines += ["", "Median times (do_bench), peak memory above the pre-call allocation "
-              "(ratio to the input size). SoL = speed of light of the Triton Sinkhorn kernel.",
+              "(ratio to the input size). SoL = speed of light of the Triton kernel (Sinkhorn: "
+              "x read once, minimal exp2 count; B-E/B-Q: triton_badmm.badmm_cost_model, its "
+              "traffic and exp2 as implemented).",
               "",
               "| workload | T | method | impl | pass | ms | peak MiB | peak/input | vs eager | "
               "vs compile | SoL ms | bound | x SoL |",
