@@ -142,17 +142,33 @@ def test_backward_alternatives(monkeypatch, method, variant, switch):
     _check_case([5, 5], 3, method, variant, dense=True, grads=True, seed=17)
 
 
-def test_saved_state_does_not_grow_with_t():
+@pytest.mark.parametrize("custom_op", [False, True])
+def test_saved_state_does_not_grow_with_t(monkeypatch, custom_op):
     """The forward keeps the same tensors for the backward whatever T (DESIGN §7): no
-    per-iteration N×D state, only the initial checkpoint (a dict built from the inputs)."""
+    per-iteration N×D state. autograd.Function: only the initial checkpoint (a dict built from
+    the inputs); custom operator: its inputs and log P_T (the initial state is rebuilt)."""
+    from rotp_triton.ops.rot import triton_structure as ts
+    if custom_op and ts.structure_fwd_op is None:
+        pytest.skip("torch has no torch.library.triton_op")
+    monkeypatch.setattr(ts, "USE_CUSTOM_OP", custom_op)
     x = torch.randn(2, 6, 3, device=DEVICE, requires_grad=True)
     kept = []
     for Tn in (1, 3):
         y = rt.rot_pool(x, method="badmm-e", num_iters=Tn, a0=0.5, backend="triton")
         ctx = y.grad_fn
-        n_ckpt_tensors = sum(len(st) for st in ctx.ckpts.values())
-        kept.append((len(ctx.saved_tensors), len(ctx.ckpts), n_ckpt_tensors))
-    assert kept[0] == kept[1] and kept[0][1] == 1, kept
+        saved = ctx.saved_tensors
+        if custom_op:
+            assert "structure_fwd" in type(ctx).__name__
+            kept.append(tuple(None if t is None else tuple(t.shape) for t in saved))
+        else:
+            n_ckpt_tensors = sum(len(st) for st in ctx.ckpts.values())
+            kept.append((len(saved), len(ctx.ckpts), n_ckpt_tensors))
+    assert kept[0] != () and all(k is not None for k in kept)
+    if custom_op:   # x, 6 weights of (T,) elements, log P_T: only the weights' length changes
+        big = [s for s in kept[1] if s is not None and len(s) == 3]
+        assert big == [(2, 6, 3), (2, 6, 3)], kept
+    else:
+        assert kept[0] == kept[1] and kept[0][1] == 1, kept
 
 
 @pytest.mark.parametrize("sizes,D", [([1, 1], 4), ([5, 2], 1), ([17, 1, 0, 9], 20)])
@@ -198,6 +214,79 @@ def test_reduced_precision_forward(method, dtype):
                     **{k: v.to(DEVICE, torch.float32) for k, v in ws.items()})
     assert y.dtype == dtype
     assert rel_err(y, y_ref) <= RTOL[dtype]
+
+
+def _custom_op():
+    from rotp_triton.ops.rot import triton_structure as ts
+    if ts.structure_fwd_op is None:
+        pytest.skip("torch has no torch.library.triton_op")
+    return ts
+
+
+def test_custom_op_matches_autograd_function(monkeypatch):
+    """The custom-operator path (explicit pooling / factor adjoints around the backward op)
+    gives the forward and gradients of the autograd.Function path, to fp32 rounding."""
+    ts = _custom_op()
+    g = torch.Generator().manual_seed(21)
+    x0 = torch.randn(7, 5, generator=g).to(DEVICE)
+    ptr = torch.tensor([0, 4, 4, 7], device=DEVICE)
+    lq = torch.randn(7, generator=g).to(DEVICE)
+    ws = {k: v.float().to(DEVICE) for k, v in _weights(T, seed=4).items()}
+    gy = torch.randn(3, 5, generator=g).to(DEVICE)
+    gpl = torch.randn(7, 5, generator=g).to(DEVICE)
+
+    def run(use_op):
+        monkeypatch.setattr(ts, "USE_CUSTOM_OP", use_op)
+        x, q = _leaf(x0), _leaf(lq)
+        w = {k: _leaf(v) for k, v in ws.items()}
+        y, plan = rt.rot_pool(x, ptr=ptr, method="badmm-q", num_iters=T, log_q0=q,
+                              backend="triton", return_plan=True, **w)
+        leaves = [x, q] + list(w.values())
+        return [y, plan] + list(torch.autograd.grad((y * gy).sum() + (plan * gpl).sum(),
+                                                    leaves))
+
+    for a, b in zip(run(True), run(False)):
+        assert rel_err(a, b) <= 1e-5, rel_err(a, b)
+
+
+def test_opcheck_custom_op():
+    """torch.library.opcheck of the forward op (schema, autograd registration, fake tensor)."""
+    ts = _custom_op()
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(2, 4, 3, generator=g).to(DEVICE).requires_grad_()
+    ws = [v.float().to(DEVICE).requires_grad_() for v in _weights(T, seed=2).values()]
+    lp0 = torch.log_softmax(torch.randn(2, 3, generator=g), -1).to(DEVICE)
+    torch.library.opcheck(ts.structure_fwd_op,
+                          (x, None, None, None, lp0, None, *ws, "sinkhorn", "exact", K, 4, True),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+
+@pytest.mark.parametrize("a0_tensor", [False, True])
+def test_torch_compile_fullgraph(a0_tensor):
+    """torch.compile(fullgraph=True) of rt.rot_pool(x, a0=0.3, backend="triton") on a dense
+    batch traces without graph breaks and gives the eager y and gradients (x and the (T,) α0).
+    Under the interpreter the compiled graph runs on the "eager" backend (wrap_triton returns
+    the raw interpreted kernel, which AOT tracing cannot enter); on CUDA on inductor."""
+    _custom_op()
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(2, 5, 3, generator=g).to(DEVICE)
+    a0 = torch.tensor([0.3, 0.3], device=DEVICE)
+
+    def f(x, a0):
+        return rt.rot_pool(x, a0=a0 if a0_tensor else 0.3, num_iters=2, backend="triton")
+
+    def run(fn):
+        xl, al = x.clone().requires_grad_(), a0.clone().requires_grad_()
+        y = fn(xl, al)
+        wgt = torch.arange(y.numel(), device=DEVICE, dtype=y.dtype).reshape(y.shape)
+        return (y,) + torch.autograd.grad((y * wgt).sum(), [xl, al] if a0_tensor else [xl])
+
+    eager = run(f)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(f, fullgraph=True, backend="inductor" if ON_CUDA else "eager"))
+    for a, b in zip(compiled, eager):
+        assert rel_err(a, b) <= 1e-6, rel_err(a, b)
 
 
 _AOT = r"""

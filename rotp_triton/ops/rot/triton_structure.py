@@ -58,14 +58,25 @@ Kernels of the backward, per reverse iteration t (after the recompute):
       kernels: iteration t is replayed in differentiable torch ops on the padded layout
       (:func:`_replay_step`, the math of solvers.py) and differentiated by torch autograd, with
       only the structure products (:class:`SigmaProduct`) in Triton. Same recompute scheme.
-  Once per call, in torch autograd (not Triton): the final pooling / plan normalization and the
-  chain from the factors' gradients to x through the centring and normalization (cheap O(N·D)).
+  Once per call, in torch (not Triton): the final pooling / plan normalization and the chain
+  from the factors' gradients to x through the centring and normalization (cheap O(N·D)).
+
+torch.compile: by default the forward and the Triton backward are the custom operators
+``rotp_triton::structure_fwd`` / ``structure_bwd`` (``torch.library.triton_op``, launches through
+``wrap_triton``, explicit fake kernels), so ``torch.compile(fullgraph=True)`` traces a dense
+``rot_pool(..., a0 > 0)`` without a graph break. Their registered backward runs the pooling /
+plan adjoint (:func:`pool_plan_bwd`) and the factors -> x chain (:func:`structure_factors_bwd`)
+as explicit torch formulas around ``structure_bwd`` (no torch autograd inside). It keeps only
+the inputs and log P_T and rebuilds the initial state. ``StructureROTFunction`` (torch autograd
+for those two pieces) is used when torch has no ``triton_op``, with ``TRITON_BACKWARD = False``
+or a ``CHECKPOINT_EVERY``, and for a dense batch with N = 0. A ragged batch still graph-breaks
+(the host reads ``max(ptr diff)`` to size the padding).
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -89,6 +100,16 @@ _NEG_BIG = tl.constexpr(-1.0e30)  # finite "-inf" for running maxima: no (-inf) 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# How kernels are launched: directly, or through torch.library.wrap_triton while the body of
+# one of the custom operators below runs (so torch.compile can trace the launches).
+_LAUNCH_WRAP = [None]
+
+
+def _wrap(kernel):
+    wrap = _LAUNCH_WRAP[0]
+    return kernel if wrap is None else wrap(kernel)
 
 
 # ============================================================================================
@@ -954,7 +975,7 @@ def set_matmul(a: Tensor, b: Tensor, out: Tensor, lens: Tensor, D: int, *, m_set
         return out
     BM, BN, BK = _mm_blocks(M_alloc, N_alloc, K_alloc)
     grid = (B, triton.cdiv(M_alloc, BM) * triton.cdiv(N_alloc, BN))
-    set_matmul_kernel[grid](
+    _wrap(set_matmul_kernel)[grid](
         a, b, out, lens, D, M_alloc, N_alloc,
         a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
@@ -1023,7 +1044,7 @@ def _launch_factors(x: Tensor, row_start: Tensor, lens: Tensor, B: int, N_pad: i
         s_xb, s_xn, s_xd = x.stride()
     else:
         s_xb, (s_xn, s_xd) = 0, x.stride()
-    structure_factors_kernel[(B,)](x, row_start, lens, x32, xc, xt, s_xb, s_xn, s_xd, N_pad, D,
+    _wrap(structure_factors_kernel)[(B,)](x, row_start, lens, x32, xc, xt, s_xb, s_xn, s_xd, N_pad, D,
                                    BN=_row_block(BD), BD=BD,
                                    num_warps=_PER_SET_WARPS)
     return x32, xc, xt
@@ -1075,7 +1096,7 @@ def run_iterations(pb: _Problem, fac: Factors, st: dict, t0: int, t1: int) -> di
         cbuf = torch.empty_like(pb.log_q0)
         for t in range(t0, t1):
             fac.apply(st["log_s"], exp=True, out=sig)
-            sinkhorn_prox_step_kernel[(B,)](
+            _wrap(sinkhorn_prox_step_kernel)[(B,)](
                 pb.x32, st["log_s"], sig, y0, bvec, cbuf, pb.log_p0, pb.log_q0, bvec, bvec,
                 bvec, bvec, pb.lens, w["a0"], w["a1"], w["a2"], w["a3"], w["tau"], t, pb.K, N,
                 D, PAPER=paper, SAVE=False, BN=pb.BN, BD=pb.BD, num_warps=_PER_SET_WARPS)
@@ -1088,13 +1109,13 @@ def run_iterations(pb: _Problem, fac: Factors, st: dict, t0: int, t1: int) -> di
     dummy = pb.log_p0
     for t in range(t0, t1):
         fac.apply(st["log_s"], exp=True, out=sig)
-        badmm_p_step_kernel[(B,)](
+        _wrap(badmm_p_step_kernel)[(B,)](
             pb.x32, st["log_s"], st["z"], sig, log_p, pb.log_p0, st.get("log_mu", dummy),
             dummy, dummy, pb.lens, w["a0"], w["a1"], w["a2"], w["rho"], t, N, D,
             QUADRATIC=quad, PAPER=paper, SAVE=False, BN=pb.BN, BD=pb.BD,
             num_warps=_PER_SET_WARPS)
         fac.apply(log_p, exp=True, out=sig)
-        badmm_s_step_kernel[(B,)](
+        _wrap(badmm_s_step_kernel)[(B,)](
             log_p, st["z"], sig, st["log_s"], cbuf, pb.log_q0, st.get("log_eta", dummy),
             st.get("z2", dummy), pb.log_p0, st.get("log_mu", dummy), st.get("z1", dummy),
             dummy, pb.lens, w["a0"], w["a1"], w["a2"], w["a3"], w["rho"], t, N, D,
@@ -1120,7 +1141,7 @@ def pool_launch(pb: _Problem, log_p: Tensor, out_dtype, plan: Optional[Tensor],
             s_pb, s_pn = 0, plan.stride(0)
     else:
         s_pb = s_pn = 0
-    pool_from_log_plan_kernel[(pb.B,)](
+    _wrap(pool_from_log_plan_kernel)[(pb.B,)](
         log_p, pb.x32, y, plan if plan is not None else y, pb.lens, pb.real_lens, row_start,
         pb.N, pb.D, s_pn, s_pb, WRITE_PLAN=plan is not None, BN=pb.BN, BD=pb.BD,
         num_warps=_PER_SET_WARPS)
@@ -1236,7 +1257,7 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tenso
     log_p = torch.zeros_like(pb.x32)
     r = torch.empty_like(pb.log_p0)
     mu = torch.empty_like(pb.log_p0)
-    badmm_p_step_kernel[(B,)](pb.x32, st["log_s"], st["z"], sig_s, log_p, pb.log_p0,
+    _wrap(badmm_p_step_kernel)[(B,)](pb.x32, st["log_s"], st["z"], sig_s, log_p, pb.log_p0,
                               st.get("log_mu", dummy), r, mu, pb.lens, w["a0"], w["a1"],
                               w["a2"], w["rho"], t, N, D, SAVE=True, **kw)
     sig_p = fac.apply(log_p, exp=True)
@@ -1245,7 +1266,7 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tenso
     new = {k: st[k].clone() for k in ("log_mu", "log_eta", "z1", "z2")} if paper else {}
     cbuf = torch.empty_like(pb.log_q0)
     eta = torch.empty_like(pb.log_q0)
-    badmm_s_step_kernel[(B,)](log_p, z_new, sig_p, ls_new, cbuf, pb.log_q0,
+    _wrap(badmm_s_step_kernel)[(B,)](log_p, z_new, sig_p, ls_new, cbuf, pb.log_q0,
                               new.get("log_eta", dummy), new.get("z2", dummy), pb.log_p0,
                               new.get("log_mu", dummy), new.get("z1", dummy), eta, pb.lens,
                               w["a0"], w["a1"], w["a2"], w["a3"], w["rho"], t, N, D, SAVE=True,
@@ -1289,7 +1310,7 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tenso
     g_lq0 = torch.zeros_like(pb.log_q0)
     gvec = torch.zeros_like(pb.log_q0)
     wp_s = torch.zeros(B, 8, device=pb.x32.device, dtype=torch.float32)
-    badmm_s_step_bwd_kernel[(B,)](g["log_s"].contiguous(), g["z"].contiguous(), log_p, st["z"],
+    _wrap(badmm_s_step_bwd_kernel)[(B,)](g["log_s"].contiguous(), g["z"].contiguous(), log_p, st["z"],
                                   sig_p, ls_new, cbuf, eta, pb.log_q0, g_z_out, g_sig, g_lp, g_p,
                                   g_lq0, gvec, row_x, col_x, wp_s, pb.lens, w["a0"], w["a1"],
                                   w["a3"], w["rho"], t, N, D, **kw)
@@ -1302,7 +1323,7 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tenso
     g_sig_s = torch.zeros_like(pb.x32)
     g_lp0 = torch.zeros_like(pb.log_p0)
     wp_p = torch.zeros(B, 8, device=pb.x32.device, dtype=torch.float32)
-    badmm_p_step_bwd_kernel[(B,)](g_lp, g_p, log_p, st["log_s"], st["z"], pb.x32, sig_s, r, mu,
+    _wrap(badmm_p_step_bwd_kernel)[(B,)](g_lp, g_p, log_p, st["log_s"], st["z"], pb.x32, sig_s, r, mu,
                                   pb.log_p0, g_l, acc["x"], g_z_out, g_sig_s, g_lp0, wp_p,
                                   pb.lens, w["a0"], w["a1"], w["a2"], w["rho"], t, N, D, **kw)
     s = _masked_exp(st["log_s"], mask)
@@ -1450,7 +1471,7 @@ def sinkhorn_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Te
     h_c = torch.zeros(B, K, N, device=pb.x32.device, dtype=torch.float32)
     h_b = torch.zeros_like(h_c)
     out = log_p.clone()
-    sinkhorn_prox_step_kernel[(B,)](pb.x32, out, sig, y0, bvec, cbuf, pb.log_p0, pb.log_q0, h_r,
+    _wrap(sinkhorn_prox_step_kernel)[(B,)](pb.x32, out, sig, y0, bvec, cbuf, pb.log_p0, pb.log_q0, h_r,
                                     h_a, h_c, h_b, pb.lens, w["a0"], w["a1"], w["a2"], w["a3"],
                                     w["tau"], t, K, N, D, PAPER=pb.variant == "paper",
                                     SAVE=True, **kw)
@@ -1462,7 +1483,7 @@ def sinkhorn_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Te
     g_lp0 = torch.zeros_like(pb.log_p0)
     g_lq0 = torch.zeros_like(pb.log_q0)
     wp = torch.zeros(B, 8, device=pb.x32.device, dtype=torch.float32)
-    sinkhorn_prox_step_bwd_kernel[(B,)](g_out.contiguous(), pb.x32, log_p, sig, y0, gy0, h_r, h_a,
+    _wrap(sinkhorn_prox_step_bwd_kernel)[(B,)](g_out.contiguous(), pb.x32, log_p, sig, y0, gy0, h_r, h_a,
                                         h_c, h_b, gb, gc, pb.log_p0, pb.log_q0, g_lp, acc["x"],
                                         g_sig, g_lp0, g_lq0, wp, pb.lens, w["a0"], w["a1"],
                                         w["a2"], w["a3"], w["tau"], t, K, N, D,
@@ -1486,6 +1507,46 @@ def sinkhorn_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Te
 
 
 _WEIGHTS = ("a0", "a1", "a2", "a3", "rho", "tau")
+
+
+def _initial_state_grads(g_state: dict, mask: Tensor, grads: list) -> None:
+    """Pull the gradient of the initial state to the priors: log S⁰ = log p0 + log q0
+    (padding 0); paper B-ADMM also starts from log μ⁰ = log p0, log η⁰ = log q0."""
+    g0 = g_state["log_s"].masked_fill(~mask[..., None], 0.0)
+    grads[3] += g0.sum(1)
+    grads[4] += g0.sum(2)
+    if "log_mu" in g_state:
+        grads[3] += g_state["log_mu"]
+        grads[4] += g_state["log_eta"].masked_fill(~mask, 0.0)
+
+
+def reverse_iterations(pb: _Problem, fac: Factors, ckpts: dict, mask: Tensor, g_lp_T: Tensor,
+                       grads: list) -> None:
+    """The T iterations in reverse with the adjoint kernels (no torch autograd).
+
+    g_lp_T: ∂L/∂log P_T (B, N_pad, D). Accumulates into ``grads`` = [x (B, N_pad, D),
+    xc, xt (B, N_pad, D), log p0 (B, D), log q0 (B, N_pad), a0, a1, a2, a3, rho, tau (T,)]
+    (x: the direct dependence only; xc, xt: the factors, chained to x by the caller).
+    """
+    acc = {"x": grads[0], "xc": grads[1], "xt": grads[2], "lp0": grads[3], "lq0": grads[4]}
+    acc.update({k: grads[5 + i] for i, k in enumerate(_WEIGHTS)})
+
+    def state_entering(t):
+        t_ck = max(k for k in ckpts if k <= t)
+        return run_iterations(pb, fac, ckpts[t_ck], t_ck, t) if t > t_ck else ckpts[t_ck]
+
+    if pb.method == "sinkhorn":
+        g_lp = g_lp_T
+        for t in reversed(range(pb.T)):
+            g_lp = sinkhorn_reverse_step(pb, fac, state_entering(t), t, mask, g_lp, acc)
+        g_state = {"log_s": g_lp}
+    else:
+        g_state = {k: torch.zeros_like(v) for k, v in ckpts[0].items()}
+        for t in reversed(range(pb.T)):
+            g_state = badmm_reverse_step(pb, fac, state_entering(t), t, mask, g_state,
+                                         g_lp_T if t == pb.T - 1 else None, acc)
+    _initial_state_grads(g_state, mask, grads)
+
 
 
 class StructureROTFunction(torch.autograd.Function):
@@ -1553,31 +1614,9 @@ class StructureROTFunction(torch.autograd.Function):
             key = "log_s" if pb.method == "sinkhorn" else "log_p"
             g_state = {key: gs[0]}
             gram = fac.gram
-            if TRITON_BACKWARD and pb.method == "sinkhorn":
-                acc = {"x": grads[0], "xc": grads[1], "xt": grads[2], "lp0": grads[3],
-                       "lq0": grads[4]}
-                acc.update({k: grads[5 + i] for i, k in enumerate(_WEIGHTS)})
-                g_lp = g_state["log_s"]
+            if TRITON_BACKWARD:
                 with torch.no_grad():
-                    for t in reversed(range(pb.T)):
-                        t_ck = max(k for k in ckpts if k <= t)
-                        st = (run_iterations(pb, fac, ckpts[t_ck], t_ck, t) if t > t_ck
-                              else ckpts[t_ck])
-                        g_lp = sinkhorn_reverse_step(pb, fac, st, t, mask, g_lp, acc)
-                g_state = {"log_s": g_lp}
-            elif TRITON_BACKWARD and pb.method != "sinkhorn":
-                acc = {"x": grads[0], "xc": grads[1], "xt": grads[2], "lp0": grads[3],
-                       "lq0": grads[4]}
-                acc.update({k: grads[5 + i] for i, k in enumerate(_WEIGHTS)})
-                g_lp_T = g_state["log_p"]
-                g_state = {k: torch.zeros_like(v) for k, v in ckpts[0].items()}
-                with torch.no_grad():
-                    for t in reversed(range(pb.T)):
-                        t_ck = max(k for k in ckpts if k <= t)
-                        st = (run_iterations(pb, fac, ckpts[t_ck], t_ck, t) if t > t_ck
-                              else ckpts[t_ck])
-                        g_state = badmm_reverse_step(pb, fac, st, t, mask, g_state,
-                                                     g_lp_T if t == pb.T - 1 else None, acc)
+                    reverse_iterations(pb, fac, ckpts, mask, g_state[key], grads)
             else:
                 for t in reversed(range(pb.T)):
                     t_ck = max(k for k in ckpts if k <= t)
@@ -1591,13 +1630,7 @@ class StructureROTFunction(torch.autograd.Function):
                     g_state = dict(zip(st_in.keys(), gs[:len(st_in)]))
                     for i, g in enumerate(gs[len(st_in):]):
                         grads[i] += g
-            # the initial state: log S⁰ = log p0 + log q0 (padding 0); paper: log μ⁰, log η⁰
-            g0 = g_state["log_s"].masked_fill(~mask[..., None], 0.0)
-            grads[3] += g0.sum(1)
-            grads[4] += g0.sum(2)
-            if "log_mu" in g_state:
-                grads[3] += g_state["log_mu"]
-                grads[4] += g_state["log_eta"].masked_fill(~mask, 0.0)
+                _initial_state_grads(g_state, mask, grads)
             # through the centring and normalization of the factors to x
             gx = torch.autograd.grad([sf.xc, sf.xt], [xl], [grads[1], grads[2]])[0] + grads[0]
         gx_user = _unpad_rows(gx, pb, ctx.meta, ctx.dense).to(x.dtype)
@@ -1605,6 +1638,70 @@ class StructureROTFunction(torch.autograd.Function):
         g_lq0 = _unpad_q(grads[4], pb, ctx.meta, ctx.dense) if ctx.has_q0 else None
         gw = [grads[5 + i] for i in range(len(_WEIGHTS))]
         return (gx_user, g_lp0, g_lq0, *gw, None)
+
+
+# ============================================================================================
+# explicit adjoints of the torch pieces (the custom-op backward may not call torch autograd)
+# ============================================================================================
+def pool_plan_bwd(log_p: Tensor, x32: Tensor, mask: Tensor, empty: Tensor, gy: Tensor,
+                  gplan: Optional[Tensor]):
+    """Adjoint of y = pool_from_log_plan(log P, x) (zeroed for empty sets) and of
+    plan = normalized_plan(log P).
+
+    log_p, x32: (B, N_pad, D); mask: (B, N_pad); empty: (B, 1); gy: (B, D);
+    gplan: (B, N_pad, D) or None. Returns (∂L/∂log P, ∂L/∂x), both (B, N_pad, D).
+    """
+    m3 = mask[..., None]
+    lp = log_p.masked_fill(~m3, float("-inf"))
+    w = torch.softmax(lp, dim=1)                                   # [B, N, D] column softmax
+    gyw = w * gy.to(torch.float32).masked_fill(empty, 0.0)[:, None, :]
+    y = (w * x32).sum(1, keepdim=True)
+    g_lp = gyw * (x32 - y)                                         # softmax adjoint
+    if gplan is not None:
+        plan = torch.exp(lp - torch.logsumexp(lp.flatten(1), dim=1)[:, None, None])
+        g_lp = g_lp + plan * (gplan - (plan * gplan).sum((1, 2), keepdim=True))
+    return g_lp, gyw
+
+
+def _amax_onehot(v: Tensor, dim: int) -> Tensor:
+    """∂ amax(v, dim) / ∂v as torch defines it: the gradient split evenly between ties."""
+    hit = (v == v.amax(dim, keepdim=True)).to(v.dtype)
+    return hit / hit.sum(dim, keepdim=True)
+
+
+def structure_factors_bwd(x32: Tensor, mask: Tensor, g_xc: Tensor, g_xt: Tensor) -> Tensor:
+    """Adjoint of structure.structure_factors (centring + normalization) for a padded batch.
+
+    x32, g_xc, g_xt: (B, N_pad, D); mask: (B, N_pad). Returns ∂L/∂x (B, N_pad, D).
+    """
+    m = mask.unsqueeze(-1).to(x32.dtype)                          # [B, N, 1]
+    n = mask.sum(1).clamp_min(1).to(x32.dtype)[:, None, None]     # [B, 1, 1]
+    D = x32.shape[-1]
+    tiny = torch.finfo(x32.dtype).tiny
+    # xc = xc0 / sqrt(n s1), xc0 = (x - μ1) m, s1 = max_d Σ_n xc0² / n
+    xc0 = (x32 - (x32 * m).sum(1, keepdim=True) / n) * m
+    diag1 = (xc0 * xc0).sum(1) / n[:, 0]                           # [B, D]
+    s1r = diag1.amax(-1)
+    s1 = s1r.clamp_min(tiny)[:, None, None]
+    c1 = 1.0 / torch.sqrt(n * s1)
+    g_c1 = (g_xc * xc0).sum((1, 2), keepdim=True)
+    g_s1 = (g_c1 * (-0.5) * c1 / s1) * (s1r >= tiny)[:, None, None]
+    g_d1 = g_s1[:, 0] * _amax_onehot(diag1, -1)                     # [B, D]
+    g0 = g_xc * c1 + g_d1[:, None, :] * 2.0 * xc0 / n
+    g0 = g0 * m
+    gx = g0 - m * g0.sum(1, keepdim=True) / n
+    # xt = xt0 / sqrt(D s2), xt0 = (x - μ2) m, s2 = max_n Σ_d xt0² / D
+    xt0 = (x32 - x32.mean(-1, keepdim=True)) * m
+    diag2 = (xt0 * xt0).sum(-1) / D                                # [B, N]
+    s2r = diag2.amax(-1)
+    s2 = s2r.clamp_min(tiny)[:, None, None]
+    c2 = 1.0 / torch.sqrt(D * s2)
+    g_c2 = (g_xt * xt0).sum((1, 2), keepdim=True)
+    g_s2 = (g_c2 * (-0.5) * c2 / s2) * (s2r >= tiny)[:, None, None]
+    g_d2 = g_s2[:, 0] * _amax_onehot(diag2, -1)                     # [B, N]
+    g0 = g_xt * c2 + g_d2[..., None] * 2.0 * xt0 / D
+    g0 = g0 * m
+    return gx + g0 - g0.sum(-1, keepdim=True) / D
 
 
 def _pad_rows(v: Tensor, B: int, N_pad: int, meta: dict, dense: bool) -> Tensor:
@@ -1660,6 +1757,160 @@ def _forward_setup(x, log_p0, log_q0, weights, meta):
 
 
 # ============================================================================================
+# custom operators: torch.compile(fullgraph=True) sees one opaque node for the forward and one
+# for the backward (as triton_set / triton_badmm); the torch pieces of the backward (pooling /
+# plan adjoint, factors -> x chain) are explicit formulas around the backward operator.
+# Used when torch has triton_op, TRITON_BACKWARD is set and CHECKPOINT_EVERY is None (only the
+# initial state is needed, rebuilt from the inputs); otherwise StructureROTFunction.
+# ============================================================================================
+USE_CUSTOM_OP = True
+_HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+structure_fwd_op = None
+structure_bwd_op = None
+
+
+def _op_meta(ptr, index, pos, method, variant, T, K, n_max, return_plan) -> dict:
+    meta = dict(method=method, variant=variant, T=T, K=K, n_max=n_max,
+                return_plan=return_plan)
+    if ptr is not None:
+        meta.update(ptr=ptr, index=index, pos=pos)
+    return meta
+
+
+def _op_weights(a0, a1, a2, a3, rho, tau) -> dict:
+    return dict(a0=a0, a1=a1, a2=a2, a3=a3, rho=rho, tau=tau)
+
+
+def structure_forward(x, ptr, index, pos, log_p0, log_q0, a0, a1, a2, a3, rho, tau, method,
+                      variant, K, n_max, return_plan):
+    """(y (B, D) in x's dtype, plan in x's layout or an empty tensor, log P_T (B, N_pad, D))."""
+    meta = _op_meta(ptr, index, pos, method, variant, int(a1.shape[0]), K, n_max, return_plan)
+    pb, fac, row_start, dense, _ = _forward_setup(x, log_p0, log_q0,
+                                                  _op_weights(a0, a1, a2, a3, rho, tau), meta)
+    log_p = final_log_p(pb, run_iterations(pb, fac, init_state(pb), 0, pb.T))
+    plan = torch.empty(x.shape, device=x.device, dtype=x.dtype) if return_plan else None
+    y = pool_launch(pb, log_p, x.dtype, plan, row_start, dense)
+    return y, (plan if plan is not None else x.new_empty(0)), log_p
+
+
+def structure_backward(x, ptr, index, pos, log_p0, log_q0, a0, a1, a2, a3, rho, tau, g_lp_T,
+                       method, variant, K, n_max):
+    """Gradients of the T iterations given ∂L/∂log P_T (B, N_pad, D): (x direct, xc, xt
+    (B, N_pad, D), log p0 (B, D), log q0 (B, N_pad), weights (6, T) in _WEIGHTS order)."""
+    meta = _op_meta(ptr, index, pos, method, variant, int(a1.shape[0]), K, n_max, False)
+    pb, fac, _, _, _ = _forward_setup(x, log_p0, log_q0, _op_weights(a0, a1, a2, a3, rho, tau),
+                                      meta)
+    mask = torch.arange(pb.N, device=x.device)[None, :] < pb.lens[:, None]
+    grads = [torch.zeros_like(pb.x32) for _ in range(3)]
+    grads += [torch.zeros_like(pb.log_p0), torch.zeros_like(pb.log_q0)]
+    grads += [torch.zeros_like(pb.w[k]) for k in _WEIGHTS]
+    reverse_iterations(pb, fac, {0: init_state(pb)}, mask, g_lp_T.contiguous(), grads)
+    return (*grads[:5], torch.stack(grads[5:]))
+
+
+def _op_shapes(x, ptr, n_max):
+    B = x.shape[0] if ptr is None else ptr.shape[0] - 1
+    return B, max(n_max, 1), x.shape[-1]
+
+
+if _HAS_TRITON_OP:
+    try:
+        from torch.library import triton_op, wrap_triton
+
+        def _wrapped(fn, *args):
+            _LAUNCH_WRAP[0] = wrap_triton
+            try:
+                return fn(*args)
+            finally:
+                _LAUNCH_WRAP[0] = None
+
+        @triton_op("rotp_triton::structure_fwd", mutates_args=())
+        def structure_fwd_op(x: Tensor, ptr: Optional[Tensor], index: Optional[Tensor],
+                             pos: Optional[Tensor], log_p0: Optional[Tensor],
+                             log_q0: Optional[Tensor], a0: Tensor, a1: Tensor, a2: Tensor,
+                             a3: Tensor, rho: Tensor, tau: Tensor, method: str, variant: str,
+                             K: int, n_max: int, return_plan: bool
+                             ) -> Tuple[Tensor, Tensor, Tensor]:
+            """See :func:`structure_forward`."""
+            return _wrapped(structure_forward, x, ptr, index, pos, log_p0, log_q0, a0, a1, a2,
+                            a3, rho, tau, method, variant, K, n_max, return_plan)
+
+        @triton_op("rotp_triton::structure_bwd", mutates_args=())
+        def structure_bwd_op(x: Tensor, ptr: Optional[Tensor], index: Optional[Tensor],
+                             pos: Optional[Tensor], log_p0: Optional[Tensor],
+                             log_q0: Optional[Tensor], a0: Tensor, a1: Tensor, a2: Tensor,
+                             a3: Tensor, rho: Tensor, tau: Tensor, g_lp_T: Tensor, method: str,
+                             variant: str, K: int, n_max: int
+                             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            """See :func:`structure_backward`."""
+            return _wrapped(structure_backward, x, ptr, index, pos, log_p0, log_q0, a0, a1, a2,
+                            a3, rho, tau, g_lp_T, method, variant, K, n_max)
+
+        def _setup_context(ctx, inputs, output):
+            (x, ptr, index, pos, log_p0, log_q0, a0, a1, a2, a3, rho, tau, method, variant, K,
+             n_max, return_plan) = inputs
+            ctx.save_for_backward(x, ptr, index, pos, log_p0, log_q0, a0, a1, a2, a3, rho, tau,
+                                  output[2])
+            ctx.args = (method, variant, K, n_max, return_plan)
+
+        def _backward(ctx, gy, gplan, g_lp_out):
+            x, ptr, index, pos, log_p0, log_q0, *ws, log_p_T = ctx.saved_tensors
+            method, variant, K, n_max, return_plan = ctx.args
+            B, N_pad, D = _op_shapes(x, ptr, n_max)
+            dense = ptr is None
+            rows = dict(index=index, pos=pos)
+            x32 = _pad_rows(x.to(torch.float32), B, N_pad, rows, dense)
+            if dense:
+                real_lens = torch.full((B,), N_pad, dtype=torch.int64, device=x.device)
+            else:
+                real_lens = ptr[1:] - ptr[:-1]
+            mask = torch.arange(N_pad, device=x.device)[None, :] < real_lens.clamp_min(1)[:, None]
+            gp = None
+            if return_plan and gplan is not None:
+                gp = _pad_rows(gplan.to(torch.float32), B, N_pad, rows, dense)
+            if gy is None:
+                gy = x.new_zeros(B, D, dtype=torch.float32)
+            g_lp, gx_pool = pool_plan_bwd(log_p_T, x32, mask, (real_lens == 0)[:, None], gy, gp)
+            if g_lp_out is not None:
+                g_lp = g_lp + g_lp_out
+            g_x, g_xc, g_xt, g_lp0, g_lq0, g_w = structure_bwd_op(
+                x, ptr, index, pos, log_p0, log_q0, *ws, g_lp, method, variant, K, n_max)
+            gx = structure_factors_bwd(x32, mask, g_xc, g_xt) + g_x + gx_pool
+            gx = (gx if dense else gx[index, pos]).to(x.dtype)
+            g_lp0 = g_lp0.to(log_p0.dtype) if log_p0 is not None else None
+            if log_q0 is not None:
+                g_lq0 = (g_lq0 if dense else g_lq0[index, pos]).to(log_q0.dtype)
+            else:
+                g_lq0 = None
+            gws = [g_w[i].to(w.dtype) for i, w in enumerate(ws)]
+            return (gx, None, None, None, g_lp0, g_lq0, *gws, None, None, None, None, None)
+
+        structure_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+        # Explicit fake kernels: under TRITON_INTERPRET=1 wrap_triton hands back the raw
+        # interpreted kernel, which cannot run on fake tensors, so tracing needs these.
+        @structure_fwd_op.register_fake
+        def _structure_fwd_fake(x, ptr, index, pos, log_p0, log_q0, a0, a1, a2, a3, rho, tau,
+                                method, variant, K, n_max, return_plan):
+            B, N_pad, D = _op_shapes(x, ptr, n_max)
+            plan = torch.empty(x.shape, device=x.device, dtype=x.dtype) if return_plan \
+                else x.new_empty(0)
+            return (x.new_empty(B, D), plan, x.new_empty(B, N_pad, D, dtype=torch.float32))
+
+        @structure_bwd_op.register_fake
+        def _structure_bwd_fake(x, ptr, index, pos, log_p0, log_q0, a0, a1, a2, a3, rho, tau,
+                                g_lp_T, method, variant, K, n_max):
+            B, N_pad, D = _op_shapes(x, ptr, n_max)
+            f = dict(dtype=torch.float32)
+            return (x.new_empty(B, N_pad, D, **f), x.new_empty(B, N_pad, D, **f),
+                    x.new_empty(B, N_pad, D, **f), x.new_empty(B, D, **f),
+                    x.new_empty(B, N_pad, **f), x.new_empty(6, a1.shape[0], **f))
+    except Exception:  # pragma: no cover - a torch whose triton_op rejects these ops
+        _HAS_TRITON_OP = False
+        structure_fwd_op = structure_bwd_op = None
+
+
+# ============================================================================================
 # entry point (called by dispatch.try_triton)
 # ============================================================================================
 def rot_pool_structure_triton(x: Tensor, ptr: Optional[Tensor], *, method: str, variant: str,
@@ -1698,5 +1949,11 @@ def rot_pool_structure_triton(x: Tensor, ptr: Optional[Tensor], *, method: str, 
         index = torch.repeat_interleave(torch.arange(lens.numel(), device=x.device), lens)
         meta["index"] = index
         meta["pos"] = torch.arange(x.shape[0], device=x.device) - ptr[index]
+    if (USE_CUSTOM_OP and structure_fwd_op is not None and TRITON_BACKWARD
+            and not CHECKPOINT_EVERY and (x.shape[1] > 0 if dense else True)):
+        y, plan, _ = structure_fwd_op(x, meta.get("ptr"), meta.get("index"), meta.get("pos"),
+                                      log_p0, log_q0, a0, a1, a2, a3, rho, tau, method, variant,
+                                      int(inner_iters), meta["n_max"], bool(return_plan))
+        return y, (plan if return_plan else None)
     y, plan = StructureROTFunction.apply(x, log_p0, log_q0, a0, a1, a2, a3, rho, tau, meta)
     return y, plan
