@@ -24,9 +24,7 @@ import datetime
 import json
 import math
 import os
-import statistics
 import sys
-import time
 
 SMOKE = "--smoke" in sys.argv
 if SMOKE:
@@ -36,6 +34,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rotp_triton as rt  # noqa: E402
+from bench import common  # noqa: E402
 from rotp_triton.ops.rot import triton_structure as ts  # noqa: E402
 
 METHODS = ("badmm-e", "badmm-q", "sinkhorn")
@@ -46,23 +45,14 @@ def timer(fn, device):
     if device == "cuda":
         import triton
         return triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")
-    ts_ = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        fn()
-        ts_.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts_)
+    return common.wall_clock_bench(fn)
 
 
 def peak_mb(fn, device):
+    """Peak MiB allocated during fn() above the allocation before it (nan on CPU)."""
     if device != "cuda":
         return float("nan")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return common.peak_bytes(fn, device) / 2**20
 
 
 def workloads(device, smoke):
@@ -133,11 +123,10 @@ def main():
     ts.CHECKPOINT_EVERY = args.checkpoint_every
     if args.dot:
         ts.DOT_PRECISION = args.dot
-    if not SMOKE and not torch.cuda.is_available():
-        print("bench_triton_structure: no CUDA device; nothing measured (use --smoke to check "
-              "the script on CPU under the Triton interpreter)")
+    device = common.select_device(SMOKE, "bench_triton_structure", "Use --smoke to check the "
+                                  "script on CPU under the Triton interpreter.")
+    if device is None:
         return 0
-    device = "cuda" if not SMOKE else "cpu"
     dev_name = torch.cuda.get_device_name() if device == "cuda" else "cpu-interpreter"
     rows = []
     for name, x, ptr, T in workloads(device, SMOKE):
@@ -210,20 +199,10 @@ def _f(v, fmt="{:.3g}"):
 
 def write(rows, dev_name, device):
     date = datetime.date.today().isoformat()
-    tag = "".join(c if c.isalnum() else "-" for c in dev_name).strip("-").lower()
-    root = (os.path.join(os.path.dirname(os.path.abspath(__file__)), "results") if not SMOKE
-            else os.environ.get("TMPDIR", "/tmp"))      # smoke runs are not results
-    base = os.path.join(root, f"structure_{tag}_{date}")
-    os.makedirs(os.path.dirname(base), exist_ok=True)
-    meta = dict(device=dev_name, torch=torch.__version__, dot_precision=ts.DOT_PRECISION,
+    # smoke runs are not results
+    out_dir = common.RESULTS_DIR if not SMOKE else os.environ.get("TMPDIR", "/tmp")
+    meta = dict(device=dev_name, **common.versions(), dot_precision=ts.DOT_PRECISION,
                 checkpoint_every=ts.CHECKPOINT_EVERY, date=date)
-    try:
-        import triton
-        meta["triton"] = triton.__version__
-    except Exception:  # pragma: no cover
-        pass
-    with open(base + ".json", "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
     hdr = ("| workload | method | triton fwd ms | eager fwd ms | compile fwd ms | triton f+b ms | "
            "triton √T-ckpt f+b ms | eager f+b ms | compile f+b ms | f+b speedup vs eager | "
            "vs compile | peak MB triton/√T-ckpt/eager/compile | product GFLOP | "
@@ -251,8 +230,8 @@ def write(rows, dev_name, device):
             if k.endswith("error")]
     if errs:
         lines += ["", "Errors:"] + errs
-    with open(base + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
+    base = common.write_results("structure", dev_name, date, meta, rows, "\n".join(lines) + "\n",
+                                out_dir)
     print("\n".join(lines))
     print(f"\nwrote {base}.md/.json")
 

@@ -35,8 +35,9 @@ def no_gpu(script: str, hint: str = "") -> bool:
 
 
 def select_device(smoke: bool, script: str, hint: str = "") -> str | None:
-    """"cpu" for a smoke run (the Triton interpreter switched on: call this before triton is
-    imported), "cuda" on a GPU, None (after printing why: the caller returns 0) otherwise."""
+    """The device to benchmark on: "cpu" for a smoke run (the Triton interpreter switched on:
+    call this before triton is imported), "cuda" on a GPU, None (after printing why: the
+    caller returns 0) otherwise."""
     if smoke:
         os.environ["TRITON_INTERPRET"] = "1"
         return "cpu"
