@@ -75,17 +75,21 @@ def test_per_iter_params_shapes_and_training_moves_weights():
     shared = rt.ROTPool(5, num_iters=3, per_iter_params=False)
     assert shared.weights.raw_a1.shape == (1,)
     x = torch.randn(4, 6, 5)
-    before = {k: v.detach().clone() for k, v in layer.weights().items()}
+    before = {k: v.detach().clone() for k, v in layer.weights().items() if k != "a0"}
+    # a fixed α0 is a Python number: the α0 = 0 algorithm is chosen statically
+    assert layer.weights()["a0"] == 0.0 and isinstance(layer.weights()["a0"], float)
+    assert not layer.weights.structure and rt.ROTPool(5, learn_a0=True).weights.structure
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     layer(x).pow(2).sum().backward()
     opt.step()
     after = layer.weights()
     for k in ("a1", "a2", "a3", "rho"):
         assert not torch.equal(before[k], after[k]), k
-    assert torch.equal(before["a0"], after["a0"])  # not learned by default
+    assert torch.equal(before["tau"], after["tau"]) and after["a0"] == 0.0  # not learned
     layer.reset_parameters()
     for k, v in layer.weights().items():
-        assert torch.allclose(v, before[k]), k
+        if k != "a0":
+            assert torch.allclose(v, before[k]), k
 
 
 def test_repr_is_exact():

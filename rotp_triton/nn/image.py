@@ -90,13 +90,14 @@ def _solve_sets(sets: Tensor, mask: Tensor, *, method, variant, num_iters, inner
     M, N, C = sets.shape
     cdt = sets.dtype
     # (1,) weights (per_iter_params=False) are shared by the T modules
-    w = {k: v.to(device=sets.device, dtype=cdt).reshape(-1).expand(num_iters)
+    structure = wants_structure(weights["a0"])
+    w = {k: torch.as_tensor(v, device=sets.device, dtype=cdt).reshape(-1).expand(num_iters)
          for k, v in weights.items()}
     log_p0 = sets.new_full((M, C), -math.log(C))
     count = mask.sum(1, keepdim=True).clamp_min(1).to(cdt)
     log_q0 = torch.where(mask, -torch.log(count), torch.zeros((), dtype=cdt, device=sets.device))
     log_p = rot_log_plan(sets, mask, log_p0, log_q0, method=method, variant=variant,
-                         structure=wants_structure(w["a0"]), num_iters=num_iters,
+                         structure=structure, num_iters=num_iters,
                          inner_iters=inner_iters, **w)
     return pool_from_log_plan(log_p, sets, mask)
 
@@ -181,8 +182,7 @@ def _use_window_kernel(x: Tensor, backend: str, weights: ROTWeights,
     if backend == "auto" and (_next_pow2(window[0] * window[1]) * _next_pow2(x.shape[1])
                               > MAX_WINDOW_TILE):
         return False
-    a0_zero = (not weights.learn["a0"]) and weights.init["a0"] == 0.0
-    if x.dtype == torch.float64 or not a0_zero:
+    if x.dtype == torch.float64 or weights.structure:
         if backend == "triton":
             raise ValueError("backend='triton' needs a0 = 0 (not learned) and a "
                              "float32/float16/bfloat16 input")
@@ -220,7 +220,8 @@ class _ImageROTBase(nn.Module):
                     inner_iters=self.inner_iters)
 
     def _weights_for(self, x: Tensor) -> dict:
-        return {k: v.to(x.device) for k, v in self.weights().items()}
+        return {k: v.to(x.device) if isinstance(v, Tensor) else v
+                for k, v in self.weights().items()}
 
     def _rot_repr(self) -> str:
         return (f"method={self.method!r}, variant={self.variant!r}, num_iters={self.num_iters}, "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Dict, Union
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,7 @@ class ROTWeights(nn.Module):
                 self.register_parameter(f"raw_{name}", nn.Parameter(torch.empty(size)))
                 self.register_buffer(f"scale_{name}", torch.tensor(v / math.log(2.0)),
                                      persistent=False)
-            else:
+            elif name != "a0":  # a fixed α0 stays a Python number: see forward()
                 self.register_buffer(f"fixed_{name}", torch.full((size,), v), persistent=False)
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
@@ -72,11 +72,22 @@ class ROTWeights(nn.Module):
                 if self.learn[name]:
                     getattr(self, f"raw_{name}").zero_()
 
-    def forward(self) -> Dict[str, Tensor]:
+    @property
+    def structure(self) -> bool:
+        """Whether the layer runs the α0 > 0 algorithms (α0 learned, or fixed above 0)."""
+        return self.learn["a0"] or self.init["a0"] > 0
+
+    def forward(self) -> Dict[str, Union[Tensor, float]]:
+        """The weights as ``(T,)`` (or ``(1,)``) tensors; a fixed α0 as a Python float, so that
+        the choice of algorithm (α0 = 0 or > 0) is static, also under torch.compile."""
         out = {}
         for name in WEIGHT_NAMES:
-            out[name] = (getattr(self, f"scale_{name}") * F.softplus(getattr(self, f"raw_{name}"))
-                         if self.learn[name] else getattr(self, f"fixed_{name}"))
+            if self.learn[name]:
+                out[name] = getattr(self, f"scale_{name}") * F.softplus(getattr(self, f"raw_{name}"))
+            elif name == "a0":
+                out[name] = self.init[name]
+            else:
+                out[name] = getattr(self, f"fixed_{name}")
         return out
 
     def extra_repr(self) -> str:
