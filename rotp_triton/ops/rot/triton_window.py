@@ -361,6 +361,43 @@ def _admm_step_bwd(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp
 # tile setup shared by the forward and backward kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _sinkhorn_run(x, prm_ptr, n_steps, lp0, lq0, sv, cv, PAPER: tl.constexpr,
+                  BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+    """(a, b, 1/ε) after the first ``n_steps`` Sinkhorn iterations from a = b = 0 (the forward,
+    and the backward's recomputation of the state at the start of an iteration)."""
+    a = tl.zeros([BW, 1, BC], dtype=tl.float32)
+    b = tl.zeros([BW, BN, 1], dtype=tl.float32)
+    u_prev = tl.load(prm_ptr)
+    for t in range(n_steps):
+        u = tl.load(prm_ptr + t * 6)
+        a, b = _sinkhorn_step(x, a, b, u_prev, u, tl.load(prm_ptr + t * 6 + 1),
+                              tl.load(prm_ptr + t * 6 + 2), lp0, lq0, sv, cv, PAPER)
+        u_prev = u
+    return a, b, u_prev
+
+
+@triton.jit
+def _admm_run(x, prm_ptr, n_steps, lp0, lq0, sv, cv, QUAD: tl.constexpr, PAPER: tl.constexpr,
+              BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+    """The B-ADMM state (log S, Z, log μ, log η, z1, z2) and the last P-step's logits after the
+    first ``n_steps`` iterations from log S = log(p0 q0ᵀ), Z = 0."""
+    m = sv & cv
+    log_s = tl.where(m, lp0 + lq0 + tl.zeros([BW, BN, BC], dtype=tl.float32), 0.0)
+    z = tl.zeros([BW, BN, BC], dtype=tl.float32)
+    lmu = tl.where(cv, lp0 + tl.zeros([BW, 1, BC], dtype=tl.float32), 0.0)
+    leta = lq0
+    z1 = tl.zeros([BW, 1, BC], dtype=tl.float32)
+    z2 = tl.zeros([BW, BN, 1], dtype=tl.float32)
+    logits = z
+    for t in range(n_steps):
+        p = prm_ptr + t * 6
+        log_s, z, lmu, leta, z1, z2, logits = _admm_step(
+            x, log_s, z, lmu, leta, z1, z2, tl.load(p), tl.load(p + 1), tl.load(p + 2),
+            tl.load(p + 3), tl.load(p + 4), tl.load(p + 5), lp0, lq0, sv, cv, QUAD, PAPER)
+    return log_s, z, lmu, leta, z1, z2, logits
+
+
+@triton.jit
 def _window_tile(pid, C, H, W, Ho, Wo, n_windows, KH: tl.constexpr, KW: tl.constexpr,
                  SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                  BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
@@ -406,31 +443,11 @@ def rot_window_pool_fwd_kernel(
     lq0 = tl.where(sv, -tl.log2(count)[:, None, None] * LN2, 0.0)     # [BW, BN, 1] uniform q0
 
     if METHOD == 0:
-        a = tl.zeros([BW, 1, BC], dtype=tl.float32)
-        b = tl.zeros([BW, BN, 1], dtype=tl.float32)
-        u_prev = tl.load(prm_ptr)
-        for t in range(T):
-            u = tl.load(prm_ptr + t * 6)
-            k2 = tl.load(prm_ptr + t * 6 + 1)
-            k3 = tl.load(prm_ptr + t * 6 + 2)
-            a, b = _sinkhorn_step(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, PAPER)
-            u_prev = u
+        a, b, u_prev = _sinkhorn_run(x, prm_ptr, T, lp0, lq0, sv, cv, PAPER, BW, BN, BC)
         logits = x * u_prev + b
     else:
-        m = sv & cv
-        log_s = tl.where(m, lp0 + lq0 + tl.zeros([BW, BN, BC], dtype=tl.float32), 0.0)
-        z = tl.zeros([BW, BN, BC], dtype=tl.float32)
-        lmu = tl.where(cv, lp0 + tl.zeros([BW, 1, BC], dtype=tl.float32), 0.0)
-        leta = lq0
-        z1 = tl.zeros([BW, 1, BC], dtype=tl.float32)
-        z2 = tl.zeros([BW, BN, 1], dtype=tl.float32)
-        logits = z
-        for t in range(T):
-            p = prm_ptr + t * 6
-            log_s, z, lmu, leta, z1, z2, logits = _admm_step(
-                x, log_s, z, lmu, leta, z1, z2, tl.load(p), tl.load(p + 1), tl.load(p + 2),
-                tl.load(p + 3), tl.load(p + 4), tl.load(p + 5), lp0, lq0, sv, cv,
-                METHOD == 2, PAPER)
+        log_s, z, lmu, leta, z1, z2, logits = _admm_run(x, prm_ptr, T, lp0, lq0, sv, cv,
+                                                        METHOD == 2, PAPER, BW, BN, BC)
     # eq. (5): y_d = Σ_n softmax_n(L)_nd x_nd
     w = _softmax(logits, sv, 1)
     y = tl.sum(w * x, axis=1)                                          # [BW, BC]
@@ -474,14 +491,7 @@ def _window_bwd_tile(
 
     if METHOD == 0:
         # ---- final state (a_T, b_T) and the output's cotangent of b_T
-        a = tl.zeros([BW, 1, BC], dtype=tl.float32)
-        b = tl.zeros([BW, BN, 1], dtype=tl.float32)
-        u_prev = tl.load(prm_ptr)
-        for t in range(T):
-            u = tl.load(prm_ptr + t * 6)
-            a, b = _sinkhorn_step(x, a, b, u_prev, u, tl.load(prm_ptr + t * 6 + 1),
-                                  tl.load(prm_ptr + t * 6 + 2), lp0, lq0, sv, cv, PAPER)
-            u_prev = u
+        a, b, u_prev = _sinkhorn_run(x, prm_ptr, T, lp0, lq0, sv, cv, PAPER, BW, BN, BC)
         logits = x * u_prev + b
         w = _softmax(logits, sv, 1)
         yv = _sum(w * x, 1)
@@ -494,14 +504,7 @@ def _window_bwd_tile(
         for tt in range(T):
             t = T - 1 - tt
             # recompute the state at the start of iteration t
-            a = tl.zeros([BW, 1, BC], dtype=tl.float32)
-            b = tl.zeros([BW, BN, 1], dtype=tl.float32)
-            u_prev = tl.load(prm_ptr)
-            for s in range(t):
-                u = tl.load(prm_ptr + s * 6)
-                a, b = _sinkhorn_step(x, a, b, u_prev, u, tl.load(prm_ptr + s * 6 + 1),
-                                      tl.load(prm_ptr + s * 6 + 2), lp0, lq0, sv, cv, PAPER)
-                u_prev = u
+            a, b, u_prev = _sinkhorn_run(x, prm_ptr, t, lp0, lq0, sv, cv, PAPER, BW, BN, BC)
             u = tl.load(prm_ptr + t * 6)
             gx_t, ga, gb, g_up, g_u, g_k2, g_k3 = _sinkhorn_step_bwd(
                 x, a, b, u_prev, u, tl.load(prm_ptr + t * 6 + 1), tl.load(prm_ptr + t * 6 + 2),
@@ -523,18 +526,8 @@ def _window_bwd_tile(
         gx = tl.zeros([BW, BN, BC], dtype=tl.float32)
         for tt in range(T):
             t = T - 1 - tt
-            log_s = tl.where(m, lp0 + lq0 + tl.zeros([BW, BN, BC], dtype=tl.float32), 0.0)
-            z = tl.zeros([BW, BN, BC], dtype=tl.float32)
-            lmu = tl.where(cv, lp0 + tl.zeros([BW, 1, BC], dtype=tl.float32), 0.0)
-            leta = lq0
-            z1 = tl.zeros([BW, 1, BC], dtype=tl.float32)
-            z2 = tl.zeros([BW, BN, 1], dtype=tl.float32)
-            for s in range(t):
-                p = prm_ptr + s * 6
-                log_s, z, lmu, leta, z1, z2, _y = _admm_step(
-                    x, log_s, z, lmu, leta, z1, z2, tl.load(p), tl.load(p + 1),
-                    tl.load(p + 2), tl.load(p + 3), tl.load(p + 4), tl.load(p + 5), lp0, lq0,
-                    sv, cv, METHOD == 2, PAPER)
+            log_s, z, lmu, leta, z1, z2, _y = _admm_run(x, prm_ptr, t, lp0, lq0, sv, cv,
+                                                        METHOD == 2, PAPER, BW, BN, BC)
             p = prm_ptr + t * 6
             rho = tl.load(p)
             irho = tl.load(p + 1)
