@@ -1,0 +1,76 @@
+"""Helpers shared by every kernel family: environment checks, grid sizing, custom-op plumbing,
+and the few ``@triton.jit`` primitives (exp2-based LSE, κ) that all families use.
+
+Kernels work in base 2: a natural-log quantity v is carried as v·log2(e), so that the
+transcendental of the inner loop is one ``exp2`` (one MUFU op) and logs happen only on reduced
+vectors (PERF.md, "speed of light").
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # log2(e): natural-log quantities are multiplied by it for exp2
+LN2 = 0.6931471805599453  # ln(2): back from base 2
+
+
+def interpreter_enabled() -> bool:
+    """True under ``TRITON_INTERPRET=1`` (kernels run on CPU tensors, one program at a time)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device; under the interpreter a small stand-in (4), so that
+    grid-splitting code paths (several programs per set, persistent loops) are exercised."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two ≥ max(n, 1)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+# torch.library.triton_op makes a launcher one node for torch.compile / export; older torch
+# falls back to a plain autograd.Function (each family's op.py handles both).
+HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+
+
+def launcher(kernel, wrap=None):
+    """``kernel`` itself, or ``wrap(kernel)`` (``torch.library.wrap_triton`` inside a custom op)."""
+    return kernel if wrap is None else wrap(kernel)
+
+
+# --------------------------------------------------------------------------------------------
+# jit primitives
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def kappa(alpha, w):
+    """κ(α, w) = α / (α + w) ∈ [0, 1], and exactly 1 for α = +inf (never inf/inf)."""
+    return tl.where(alpha == float("inf"), 1.0, alpha / (alpha + w))
+
+
+@triton.jit
+def lse2_combine(m1, s1, m2, s2):
+    """Merge two partial base-2 log-sum-exps kept as (max m, sum s of 2^(v - m))."""
+    m = tl.maximum(m1, m2)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    return m, s1 * tl.exp2(m1 - m_safe) + s2 * tl.exp2(m2 - m_safe)
+
+
+__all__ = ["LOG2E", "LN2", "interpreter_enabled", "sm_count", "next_pow2", "cdiv",
+           "HAS_TRITON_OP", "launcher", "kappa", "lse2_combine"]
