@@ -7,8 +7,8 @@ from torch import Tensor
 
 from ._batching import (SetBatch, as_weight, check_finite, check_priors, compute_dtype,
                         make_set_batch)
-from .ops.rot.solvers import (METHODS, VARIANTS, normalized_plan, pool_from_log_plan,
-                              rot_log_plan, wants_structure)
+from .ops.rot.torch.sets import (METHODS, VARIANTS, normalized_plan, pool_from_log_plan,
+                                 rot_log_plan, wants_structure)
 
 Weight = Union[float, Tensor]
 BACKENDS = ("auto", "triton", "torch")

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .._batching import compute_dtype
 from ..functional import check_rot_options, rot_pool
-from ..ops.rot.solvers import pool_from_log_plan, rot_log_plan, wants_structure
+from ..ops.rot.torch.sets import pool_from_log_plan, rot_log_plan, wants_structure
 from .weights import ROTWeights
 
 IntPair = Union[int, Tuple[int, int]]

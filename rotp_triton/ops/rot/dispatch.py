@@ -47,7 +47,7 @@ def try_triton(x: Tensor, batch: SetBatch, *, method: str, variant: str, structu
                            "for float64")
     try:
         if structure:
-            from . import triton_structure as kernels
+            from .triton.structure import op as kernels
         else:
             from . import triton_set as kernels
     except ImportError as e:  # pragma: no cover - kernel module not built yet

@@ -1,4 +1,4 @@
-"""Triton kernels of ROT pooling with α0 > 0 (rotp_triton/ops/rot/triton_structure.py).
+"""Triton kernels of ROT pooling with α0 > 0 (rotp_triton/ops/rot/triton/structure/).
 
 Every kernel result is compared with the float64 per-set oracle ``reference.rot`` (forward and
 gradients of every input: x, the six weights as per-iteration (T,) vectors, and the prior
@@ -134,7 +134,7 @@ def test_forward_and_gradients_d_greater_than_n(method):
 def test_backward_alternatives(monkeypatch, method, variant, switch):
     """The torch-autograd replay backward (TRITON_BACKWARD = False) and the backward with
     stored checkpoints (CHECKPOINT_EVERY = 1, no recompute) give the reference gradients too."""
-    from rotp_triton.ops.rot import triton_structure as ts
+    from rotp_triton.ops.rot.triton.structure import op as ts
     if switch == "replay":
         monkeypatch.setattr(ts, "TRITON_BACKWARD", False)
     else:
@@ -147,7 +147,7 @@ def test_saved_state_does_not_grow_with_t(monkeypatch, custom_op):
     """The forward keeps the same tensors for the backward whatever T (DESIGN §7): no
     per-iteration N×D state. autograd.Function: only the initial checkpoint (a dict built from
     the inputs); custom operator: its inputs and log P_T (the initial state is rebuilt)."""
-    from rotp_triton.ops.rot import triton_structure as ts
+    from rotp_triton.ops.rot.triton.structure import op as ts
     if custom_op and ts.structure_fwd_op is None:
         pytest.skip("torch has no torch.library.triton_op")
     monkeypatch.setattr(ts, "USE_CUSTOM_OP", custom_op)
@@ -217,7 +217,7 @@ def test_reduced_precision_forward(method, dtype):
 
 
 def _custom_op():
-    from rotp_triton.ops.rot import triton_structure as ts
+    from rotp_triton.ops.rot.triton.structure import op as ts
     if ts.structure_fwd_op is None:
         pytest.skip("torch has no torch.library.triton_op")
     return ts
@@ -293,7 +293,7 @@ _AOT = r"""
 import os, re, subprocess, tempfile
 import triton
 from aot import compile_sm90
-from rotp_triton.ops.rot import triton_structure as ts
+from rotp_triton.ops.rot.triton.structure import op as ts
 N, D = 500, 100          # W1
 BD = triton.next_power_of_2(D)
 BN = ts._row_block(BD)

@@ -84,7 +84,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from .solvers import normalized_plan, pool_from_log_plan, structure_factors
+from ...torch.sets import normalized_plan, pool_from_log_plan, structure_factors
 
 # States stored every CHECKPOINT_EVERY iterations in the forward for the backward's recompute;
 # None: store none (memory independent of T, O(T^2) recompute).

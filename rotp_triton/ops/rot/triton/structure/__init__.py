@@ -1,0 +1,1 @@
+"""Triton kernels for α0 > 0 (the structure term): ``kernels.py``, ``launch.py``, ``op.py``."""
