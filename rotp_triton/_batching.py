@@ -9,11 +9,12 @@ put per-row results (the plan P) back into the caller's layout.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from .ops.rot.params import check_finite, value_checks_enabled
 
 Number = Union[int, float]
 
@@ -39,52 +40,9 @@ def check_tensor(t, name: str, *, ndim: Optional[Sequence[int]] = None, floating
     return t
 
 
-def check_finite(t: Tensor, name: str) -> None:
-    """Raise ValueError if ``t`` holds NaN or +-inf (skipped while torch.compile traces)."""
-    if _is_compiling() or t.numel() == 0:
-        return
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
-
-
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """State and accumulation dtype: float64 stays float64, everything else runs in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def as_weight(value, name: str, T: int, *, device, dtype, allow_inf: bool = False,
-              allow_zero: bool = True) -> Tensor:
-    """A solver weight as a ``(T,)`` tensor (one entry per unrolled module).
-
-    ``value`` is a Python number, a 0-d / 1-element tensor (shared by all modules) or a tensor of
-    shape ``(T,)``. Tensors keep their autograd graph. ``allow_inf`` admits ``+inf`` (a hard
-    marginal); ``allow_zero`` admits 0. Negative and NaN values are rejected.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
-        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
-    if isinstance(value, Tensor):
-        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
-            raise TypeError(f"{name} must be a real tensor, got dtype {value.dtype}")
-        if value.dim() > 1 or value.numel() not in (1, T):
-            raise ValueError(f"{name} must be a scalar or a tensor of shape ({T},) (one entry per "
-                             f"iteration), got shape {tuple(value.shape)}")
-        w = value.reshape(-1).to(device=device, dtype=dtype)
-        if w.numel() == 1 and T != 1:
-            w = w.expand(T)
-        check_vals = w.detach()
-    else:
-        w = torch.full((T,), float(value), device=device, dtype=dtype)
-        check_vals = w
-    if not _is_compiling():
-        if bool(torch.isnan(check_vals).any()):
-            raise ValueError(f"{name} must not be NaN")
-        if bool((check_vals < 0).any()):
-            raise ValueError(f"{name} must be non-negative, got {check_vals.tolist()}")
-        if not allow_zero and bool((check_vals == 0).any()):
-            raise ValueError(f"{name} must be positive, got {check_vals.tolist()}")
-        if not allow_inf and bool(torch.isinf(check_vals).any()):
-            raise ValueError(f"{name} must be finite, got {check_vals.tolist()}")
-    return w
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,10 +50,12 @@ def as_weight(value, name: str, T: int, *, device, dtype, allow_inf: bool = Fals
 # --------------------------------------------------------------------------------------------
 def check_index_ptr(n_rows: int, index: Optional[Tensor], ptr: Optional[Tensor],
                     dim_size: Optional[int], device) -> tuple:
-    """Validate index/ptr/dim_size for ``n_rows`` rows; returns ``(index, ptr_or_None, B)``.
+    """Validate index/ptr/dim_size for ``n_rows`` rows; returns ``(index_or_None, ptr_or_None,
+    B)`` with ``ptr`` int64 on ``device``.
 
-    ``index`` is always returned (built from ``ptr`` if needed); ``ptr`` only when rows are grouped
-    by set (given, or ``index`` sorted).
+    Shapes and dtypes are always checked; the values (ptr from 0 to n_rows and non-decreasing,
+    index in [0, B), index agreeing with ptr) when value checks are on (params.py). B is read
+    from ``index`` (one host sync) only when neither ``ptr`` nor ``dim_size`` gives it.
     """
     if dim_size is not None:
         if isinstance(dim_size, bool) or not isinstance(dim_size, int):
@@ -112,43 +72,31 @@ def check_index_ptr(n_rows: int, index: Optional[Tensor], ptr: Optional[Tensor],
         B = ptr.numel() - 1
         if dim_size is not None and dim_size != B:
             raise ValueError(f"dim_size ({dim_size}) disagrees with ptr, which describes {B} sets")
-        if not _is_compiling():
+        if index is not None:
+            _check_index(index, n_rows, B)
+        if value_checks_enabled(ptr):
             if int(ptr[0]) != 0 or int(ptr[-1]) != n_rows:
                 raise ValueError(f"ptr must start at 0 and end at x.size(0) = {n_rows}, "
                                  f"got ptr[0] = {int(ptr[0])}, ptr[-1] = {int(ptr[-1])}")
             if B > 0 and bool((ptr[1:] < ptr[:-1]).any()):
                 raise ValueError("ptr must be non-decreasing")
-        counts = ptr[1:] - ptr[:-1]
-        index_from_ptr = torch.repeat_interleave(torch.arange(B, device=device), counts,
-                                                 output_size=n_rows)
-        if index is not None:
-            _check_index(index, n_rows, B)
-            if not _is_compiling() and not torch.equal(index.to(device=device, dtype=torch.int64),
-                                                       index_from_ptr):
-                raise ValueError("index and ptr disagree: ptr says rows ptr[b]:ptr[b+1] belong to set "
-                                 "b, index says otherwise")
-        return index_from_ptr, ptr, B
+            if index is not None:
+                counts = ptr[1:] - ptr[:-1]
+                from_ptr = torch.repeat_interleave(torch.arange(B, device=device), counts,
+                                                   output_size=n_rows)
+                if not torch.equal(index.to(device=device, dtype=torch.int64), from_ptr):
+                    raise ValueError("index and ptr disagree: ptr says rows ptr[b]:ptr[b+1] "
+                                     "belong to set b, index says otherwise")
+        return None, ptr, B
     if index is None:
         raise ValueError("a 2-D x (ragged batch) needs index or ptr; pass a 3-D (B, N, D) tensor for "
                          "a dense batch")
-    _check_index(index, n_rows, None)
+    _check_index(index, n_rows, dim_size)
     index = index.to(device=device, dtype=torch.int64)
-    max_idx = int(index.max()) if index.numel() > 0 else -1
-    if dim_size is None:
-        B = max_idx + 1
+    if dim_size is None:  # the number of sets is in the data: one host sync (pass dim_size)
+        B = int(index.max()) + 1 if index.numel() > 0 else 0
     else:
         B = dim_size
-        if max_idx >= B:
-            raise ValueError(f"index holds set id {max_idx} but dim_size is {B}")
-    # (while torch.compile traces, the rows are taken as unsorted: reading the check's result
-    # would break the graph; the cost is one gather of x)
-    sorted_ = (not _is_compiling()
-               and (index.numel() < 2 or bool((index[1:] >= index[:-1]).all())))
-    if sorted_:
-        counts = torch.bincount(index, minlength=B)
-        ptr = torch.zeros(B + 1, dtype=torch.int64, device=device)
-        ptr[1:] = torch.cumsum(counts, 0)
-        return index, ptr, B
     return index, None, B
 
 
@@ -158,53 +106,94 @@ def _check_index(index, n_rows: int, B: Optional[int]) -> None:
         raise TypeError(f"index must be an integer tensor, got dtype {index.dtype}")
     if index.numel() != n_rows:
         raise ValueError(f"index must have one entry per row of x ({n_rows}), got {index.numel()}")
-    if index.numel() and not _is_compiling():
+    if index.numel() and value_checks_enabled(index):
         if int(index.min()) < 0:
             raise ValueError("index must be non-negative")
         if B is not None and int(index.max()) >= B:
-            raise ValueError(f"index holds set id {int(index.max())} but ptr describes {B} sets")
+            raise ValueError(f"index holds set id {int(index.max())} but dim_size is {B}")
 
 
-@dataclass
 class SetBatch:
     """A batch of sets: the bookkeeping to pad it and to map results back to the caller's layout.
 
+    Everything is built on first use, so that the Triton path (which reads the caller's tensor
+    and ``ptr`` directly) runs no op for it.
+
     Attributes:
-        x: ``(B, N_max, D)`` padded samples (padding rows are zero); ``None`` when built with
-            ``pad=False`` (the kernels read the caller's tensor directly).
+        x: ``(B, N_max, D)`` padded samples (padding rows are zero), or ``None`` (``pad=False``).
+        num_sets: B. dense_n: N of a dense batch (``None`` for ragged input).
+        ptr: ``(B + 1,)`` CSR offsets when the caller gave them (rows grouped by set), else None.
         lengths: ``(B,)`` int64 number of samples per set.
         index, pos: for ragged input, ``(N_total,)`` set id and position inside the set of every
             row of the caller's ``x`` (``None`` for dense input).
-        ptr: ``(B + 1,)`` CSR offsets when the caller's rows are grouped by set, else ``None``.
-        dense_n: N of a dense batch (``None`` for ragged input).
     """
-    x: Optional[Tensor]
-    lengths: Tensor
-    index: Optional[Tensor] = None
-    pos: Optional[Tensor] = None
-    ptr: Optional[Tensor] = None
-    dense_n: Optional[int] = None
-    _mask: Optional[Tensor] = None
+
+    def __init__(self, *, num_sets: int, n_rows: int, device, dense_n: Optional[int] = None,
+                 ptr: Optional[Tensor] = None, index: Optional[Tensor] = None):
+        self.num_sets, self.n_rows, self.device = num_sets, n_rows, device
+        self.dense_n, self.ptr = dense_n, ptr
+        self.x: Optional[Tensor] = None
+        self._index, self._lengths, self._pos, self._mask = index, None, None, None
 
     @property
     def dense(self) -> bool:
-        return self.index is None
+        return self.dense_n is not None
 
     @property
-    def num_sets(self) -> int:
-        return self.lengths.shape[0]
+    def lengths(self) -> Tensor:
+        if self._lengths is None:
+            B = self.num_sets
+            if self.dense:
+                self._lengths = torch.full((B,), self.dense_n, dtype=torch.int64,
+                                           device=self.device)
+            elif self.ptr is not None:
+                self._lengths = self.ptr[1:] - self.ptr[:-1]
+            else:  # a scatter, not bincount: static shape, no host sync on CUDA
+                self._lengths = torch.zeros(B, dtype=torch.int64, device=self.device).index_add_(
+                    0, self._index, torch.ones_like(self._index))
+        return self._lengths
+
+    @property
+    def index(self) -> Optional[Tensor]:
+        if self._index is None and self.ptr is not None:
+            self._index = torch.repeat_interleave(torch.arange(self.num_sets, device=self.device),
+                                                  self.lengths, output_size=self.n_rows)
+        return self._index
+
+    @property
+    def pos(self) -> Optional[Tensor]:
+        if self._pos is None and not self.dense:
+            index = self.index
+            ar = torch.arange(self.n_rows, device=self.device)
+            if self.ptr is not None:
+                self._pos = ar - self.ptr[index]
+            else:
+                order, ptr = self.set_order()
+                pos = torch.empty_like(ar)
+                self._pos = pos.index_put_((order,), ar - ptr[index[order]])
+        return self._pos
+
+    def set_order(self) -> tuple:
+        """``(order, ptr)`` of an unsorted ragged batch: ``x[order]`` has its rows grouped by
+        set (stable), with CSR offsets ``ptr``."""
+        order = torch.argsort(self._index, stable=True)
+        ptr = torch.cat([self.lengths.new_zeros(1), torch.cumsum(self.lengths, 0)])
+        return order, ptr
 
     @property
     def mask(self) -> Tensor:
         """``(B, N_max)`` bool, True for real samples (set b fills positions 0..len_b - 1).
 
-        Built on first use: N_max is read from the data, which the kernels never need."""
+        N_max of a ragged batch is read from the data (a host sync), except while torch.compile
+        traces: then the static bound N_total is used (more padding, same results)."""
         if self._mask is None:
             if self.dense:
                 n_max = self.dense_n
+            elif _is_compiling():
+                n_max = self.n_rows
             else:
                 n_max = int(self.lengths.max()) if self.num_sets > 0 else 0
-            ar = torch.arange(n_max, device=self.lengths.device)
+            ar = torch.arange(n_max, device=self.device)
             self._mask = ar[None, :] < self.lengths[:, None]
         return self._mask
 
@@ -227,7 +216,7 @@ class SetBatch:
 def make_set_batch(x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = None,
                    dim_size: Optional[int] = None, *, name: str = "x", pad: bool = True) -> SetBatch:
     """Validate ``x`` (+ ``index`` / ``ptr`` / ``dim_size``) and build the padded view
-    (``pad=False``: only the bookkeeping, no copy of ``x``)."""
+    (``pad=False``: only the bookkeeping, built lazily, no op on ``x``)."""
     check_tensor(x, name, ndim=(2, 3))
     if x.dim() == 3:
         if index is not None or ptr is not None:
@@ -235,26 +224,17 @@ def make_set_batch(x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tens
                              f"dense batch of shape {tuple(x.shape)}")
         if dim_size is not None and dim_size != x.shape[0]:
             raise ValueError(f"dim_size ({dim_size}) disagrees with the dense batch size {x.shape[0]}")
-        B, N, _ = x.shape
-        lengths = torch.full((B,), N, dtype=torch.int64, device=x.device)
-        return SetBatch(x=x, lengths=lengths, dense_n=N)
+        batch = SetBatch(num_sets=x.shape[0], n_rows=x.shape[0] * x.shape[1], device=x.device,
+                         dense_n=x.shape[1])
+        if pad:
+            batch.x = x
+        return batch
     n_rows = x.shape[0]
     index, ptr, B = check_index_ptr(n_rows, index, ptr, dim_size, x.device)
-    if ptr is not None:
-        lengths = ptr[1:] - ptr[:-1]
-        pos = torch.arange(n_rows, device=x.device) - ptr[index]
-    else:
-        lengths = torch.bincount(index, minlength=B)
-        order = torch.argsort(index, stable=True)
-        starts = torch.zeros(B + 1, dtype=torch.int64, device=x.device)
-        starts[1:] = torch.cumsum(lengths, 0)
-        pos_sorted = torch.arange(n_rows, device=x.device) - starts[index[order]]
-        pos = torch.empty_like(pos_sorted)
-        pos[order] = pos_sorted
-    batch = SetBatch(x=None, lengths=lengths, index=index, pos=pos, ptr=ptr)
+    batch = SetBatch(num_sets=B, n_rows=n_rows, device=x.device, ptr=ptr, index=index)
     if pad:
         B, n_max = batch.mask.shape
-        batch.x = x.new_zeros(B, n_max, x.shape[1]).index_put((index, pos), x)
+        batch.x = x.new_zeros(B, n_max, x.shape[1]).index_put((batch.index, batch.pos), x)
     return batch
 
 
@@ -270,52 +250,72 @@ def check_priors(p0: Optional[Tensor], q0: Optional[Tensor], batch: SetBatch, D:
     shapes, which avoids underflow for attention scores. Padding entries of the returned
     ``log_q0`` are 0 (they are masked wherever they are used).
     """
+    check_prior_args(p0, q0, batch, D, log_p0, log_q0)
+    lp0 = normalized_log_p0(p0, log_p0, batch.num_sets, D, dtype, batch.device)
     B, N = batch.mask.shape
-    dev = batch.mask.device
+    if q0 is None and log_q0 is None:
+        lq0 = -torch.log(batch.lengths.clamp_min(1).to(dtype))[:, None].expand(B, N)
+    else:
+        lq0 = normalized_log_q0(q0, log_q0, batch, dtype, padded=True)
+    return lp0, lq0
+
+
+def check_prior_args(p0, q0, batch: SetBatch, D: int, log_p0=None, log_q0=None) -> None:
+    """Shapes of the priors (no value is read)."""
     if p0 is not None and log_p0 is not None:
         raise ValueError("give p0 or log_p0, not both")
     if q0 is not None and log_q0 is not None:
         raise ValueError("give q0 or log_q0, not both")
-    if p0 is None and log_p0 is None:
-        lp0 = torch.full((B, D), -math.log(max(D, 1)), device=dev, dtype=dtype)
-    else:
+    B = batch.num_sets
+    if p0 is not None or log_p0 is not None:
         name = "p0" if p0 is not None else "log_p0"
         t = p0 if p0 is not None else log_p0
         check_tensor(t, name, ndim=(1, 2))
         if t.shape[-1] != D or (t.dim() == 2 and t.shape[0] != B):
             raise ValueError(f"{name} must have shape ({B}, {D}) or ({D},), got {tuple(t.shape)}")
-        if p0 is not None:
-            _check_positive(p0, "p0")
-            t = torch.log(p0.to(dtype))
-        else:
-            check_finite(log_p0, "log_p0")
-            t = log_p0.to(dtype)
-        t = t.expand(B, D)
-        lp0 = t - torch.logsumexp(t, dim=-1, keepdim=True)
-    if q0 is None and log_q0 is None:
-        lq0 = -torch.log(batch.lengths.clamp_min(1).to(dtype))[:, None].expand(B, N)
-    else:
+    if q0 is not None or log_q0 is not None:
         name = "q0" if q0 is not None else "log_q0"
         t = q0 if q0 is not None else log_q0
         check_tensor(t, name, ndim=(1, 2))
-        want = (B, N) if batch.dense else (batch.index.numel(),)
+        want = (B, batch.dense_n) if batch.dense else (batch.n_rows,)
         if tuple(t.shape) != want:
             raise ValueError(f"{name} must have shape {want} (like x[..., 0]), got {tuple(t.shape)}")
-        if q0 is not None:
-            _check_positive(q0, "q0")
-            t = torch.log(q0.to(dtype))
-        else:
-            check_finite(log_q0, "log_q0")
-            t = log_q0.to(dtype)
-        lq = batch.pad_rows(t, fill=0.0).masked_fill(~batch.mask, float("-inf"))
-        lse = torch.logsumexp(lq, dim=1, keepdim=True)
-        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # empty sets
-        lq0 = (lq - lse).masked_fill(~batch.mask, 0.0)
-    return lp0, lq0
+
+
+def normalized_log_p0(p0, log_p0, B: int, D: int, dtype, device) -> Tensor:
+    """(B, D) log prior over features, each row normalised (uniform when both are None)."""
+    if p0 is None and log_p0 is None:
+        return torch.full((B, D), -math.log(max(D, 1)), device=device, dtype=dtype)
+    if p0 is not None:
+        _check_positive(p0, "p0")
+        t = torch.log(p0.to(dtype))
+    else:
+        check_finite(log_p0, "log_p0")
+        t = log_p0.to(dtype)
+    t = t.expand(B, D)
+    return t - torch.logsumexp(t, dim=-1, keepdim=True)
+
+
+def normalized_log_q0(q0, log_q0, batch: SetBatch, dtype, *, padded: bool) -> Tensor:
+    """Log prior over each set's samples, normalised per set: padded ``(B, N_max)`` (padding
+    0) or in the caller's layout (``padded=False``: ``(B, N)`` dense, ``(N_total,)`` ragged)."""
+    if q0 is not None:
+        _check_positive(q0, "q0")
+        t = torch.log(q0.to(dtype))
+    else:
+        check_finite(log_q0, "log_q0")
+        t = log_q0.to(dtype)
+    if batch.dense:
+        return t - torch.logsumexp(t, dim=1, keepdim=True)
+    lq = batch.pad_rows(t, fill=0.0).masked_fill(~batch.mask, float("-inf"))
+    lse = torch.logsumexp(lq, dim=1, keepdim=True)
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # empty sets
+    lq0 = (lq - lse).masked_fill(~batch.mask, 0.0)
+    return lq0 if padded else batch.unpad_rows(lq0)
 
 
 def _check_positive(t: Tensor, name: str) -> None:
-    if _is_compiling() or t.numel() == 0:
+    if t.numel() == 0 or not value_checks_enabled(t):
         return
     td = t.detach()
     if not bool(torch.isfinite(td).all()):

@@ -1,31 +1,23 @@
-"""``rot_pool``: regularized optimal-transport pooling of a batch of sets (DESIGN §9)."""
+"""``rot_pool``: regularized optimal-transport pooling of a batch of sets (DESIGN §9).
+
+The public boundary: options, shapes and (where value checks are on, ``ops/rot/params.py``)
+values are checked here once; the weights become one (6, T) table; ``ops/rot/route.py`` picks
+the Triton kernels or the torch path.
+"""
 from __future__ import annotations
 
 from typing import Optional, Union
 
 from torch import Tensor
 
-from ._batching import (SetBatch, as_weight, check_finite, check_priors, compute_dtype,
-                        make_set_batch)
-from .ops.rot.torch.sets import (METHODS, VARIANTS, normalized_plan, pool_from_log_plan,
-                                 rot_log_plan, wants_structure)
+from ._batching import compute_dtype, make_set_batch
+from .ops.rot.params import BACKENDS, check_finite, check_options, wants_structure, weight_table
+from .ops.rot.route import pool_sets
 
 Weight = Union[float, Tensor]
-BACKENDS = ("auto", "triton", "torch")
+check_rot_options = check_options  # the layers' name for it
 
-
-def check_rot_options(method: str, variant: str, num_iters: int, inner_iters: int,
-                      backend: str) -> None:
-    """Validate the solver options shared by ``rot_pool`` and every ROT layer."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    for name, v in (("num_iters", num_iters), ("inner_iters", inner_iters)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+__all__ = ["rot_pool", "check_rot_options", "BACKENDS"]
 
 
 def rot_pool(x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = None,
@@ -77,64 +69,13 @@ def rot_pool(x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = 
     Returns:
         ``y`` of shape ``(B, D)`` in x's dtype, and with ``return_plan=True`` also ``P``.
     """
-    check_rot_options(method, variant, num_iters, inner_iters, backend)
+    check_options(method, variant, num_iters, inner_iters, backend)
     batch = make_set_batch(x, index, ptr, dim_size, pad=False)
     check_finite(x, "x")
-    D = x.shape[-1]
-    cdt = compute_dtype(x.dtype)
-    T = num_iters
-    kw = dict(device=x.device, dtype=cdt)
-    w = dict(
-        a0=as_weight(a0, "a0", T, **kw),
-        a1=as_weight(a1, "a1", T, allow_zero=False, **kw),
-        a2=as_weight(a2, "a2", T, allow_inf=True, **kw),
-        a3=as_weight(a3, "a3", T, allow_inf=True, **kw),
-        rho=as_weight(rho, "rho", T, allow_zero=False, **kw),
-        tau=as_weight(tau, "tau", T, **kw),
-    )
-    structure = wants_structure(a0)
-    uniform_p0 = p0 is None and log_p0 is None
-    uniform_q0 = q0 is None and log_q0 is None
-    log_p0, log_q0 = check_priors(p0, q0, batch, D, cdt, log_p0, log_q0)
-
-    if backend != "torch":
-        from .ops.rot import dispatch
-        out = dispatch.try_triton(x, batch, method=method, variant=variant, structure=structure,
-                                  weights=w, log_p0=log_p0, log_q0=log_q0, num_iters=T,
-                                  inner_iters=inner_iters, uniform_p0=uniform_p0,
-                                  uniform_q0=uniform_q0, return_plan=return_plan,
-                                  required=backend == "triton")
-        if out is not None:
-            return out if return_plan else out[0]
-
-    y, plan = _rot_pool_torch(x, batch, method=method, variant=variant, structure=structure,
-                              weights=w, log_p0=log_p0, log_q0=log_q0, num_iters=T,
-                              inner_iters=inner_iters, return_plan=return_plan)
+    table = weight_table(a0, a1, a2, a3, rho, tau, num_iters, x.device,
+                         dtype=compute_dtype(x.dtype))
+    y, plan = pool_sets(x, batch, table, method=method, variant=variant,
+                        structure=wants_structure(a0), num_iters=num_iters,
+                        inner_iters=inner_iters, p0=p0, q0=q0, log_p0=log_p0, log_q0=log_q0,
+                        backend=backend, return_plan=return_plan)
     return (y, plan) if return_plan else y
-
-
-def _rot_pool_torch(x: Tensor, batch: SetBatch, *, method, variant, structure, weights, log_p0,
-                    log_q0, num_iters, inner_iters, return_plan):
-    """The torch path on the padded view of ``x``."""
-    B, N = batch.mask.shape
-    D = x.shape[-1]
-    cdt = compute_dtype(x.dtype)
-    if N == 0:  # every set is empty: zeros, still connected to x for autograd
-        y = (x.sum() * 0).expand(B, D).clone()
-        return y, (x * 0 if return_plan else None)
-    xp = batch.pad_rows(x).to(cdt) if not batch.dense else x.to(cdt)
-    # An empty set is solved on one dummy zero sample (finite everywhere, so no NaN reaches
-    # shared weights in the backward) and its output is zeroed.
-    empty = batch.lengths == 0
-    mask = batch.mask
-    if bool(empty.any()):
-        mask = mask.clone()
-        mask[:, 0] |= empty
-    log_p = rot_log_plan(xp, mask, log_p0, log_q0, method=method, variant=variant,
-                         structure=structure, num_iters=num_iters, inner_iters=inner_iters,
-                         **weights)
-    y = pool_from_log_plan(log_p, xp, mask).masked_fill(empty[:, None], 0.0).to(x.dtype)
-    plan = None
-    if return_plan:
-        plan = batch.unpad_rows(normalized_plan(log_p, mask)).to(x.dtype)
-    return y, plan

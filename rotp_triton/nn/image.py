@@ -8,16 +8,17 @@ the column LogSumExp over features couples all channels of a window.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._batching import compute_dtype
 from ..functional import check_rot_options, rot_pool
-from ..ops.rot.torch.sets import pool_from_log_plan, rot_log_plan, wants_structure
+from ..ops.rot import route
+from ..ops.rot.params import weight_table
+# pool_output_size, adaptive_bounds, rot_pool2d_torch: re-exported (tests, legacy triton_window)
+from ..ops.rot.torch.windows import rot_pool2d_torch  # noqa: F401
+from ..ops.rot.window_geometry import adaptive_bounds, pool_output_size  # noqa: F401
 from .weights import ROTWeights
 
 IntPair = Union[int, Tuple[int, int]]
@@ -65,138 +66,6 @@ def _check_image(x, channels: int) -> None:
                          f"channels={channels}")
 
 
-def pool_output_size(size: int, k: int, s: int, p: int, ceil_mode: bool) -> int:
-    """Output length of nn.MaxPool2d (dilation 1) along one axis."""
-    num = size + 2 * p - k + (s - 1 if ceil_mode else 0)
-    out = num // s + 1
-    if ceil_mode and (out - 1) * s >= size + p:
-        out -= 1
-    return out
-
-
-def adaptive_bounds(size: int, out: int) -> list:
-    """Window [start, end) of each output index, exactly nn.AdaptiveAvgPool2d's."""
-    return [((i * size) // out, -((-(i + 1) * size) // out)) for i in range(out)]
-
-
-# --------------------------------------------------------------------------------------------
-# torch path: windows as a padded batch of sets
-# --------------------------------------------------------------------------------------------
-def _solve_sets(sets: Tensor, mask: Tensor, *, method, variant, num_iters, inner_iters,
-                weights) -> Tensor:
-    """Pool a padded batch of window sets: sets (M, N, C) (invalid samples 0), mask (M, N)
-    -> (M, C) in the compute dtype. Uniform priors over the C features and each window's
-    valid samples."""
-    M, N, C = sets.shape
-    cdt = sets.dtype
-    # (1,) weights (per_iter_params=False) are shared by the T modules
-    structure = wants_structure(weights["a0"])
-    w = {k: torch.as_tensor(v, device=sets.device, dtype=cdt).reshape(-1).expand(num_iters)
-         for k, v in weights.items()}
-    log_p0 = sets.new_full((M, C), -math.log(C))
-    count = mask.sum(1, keepdim=True).clamp_min(1).to(cdt)
-    log_q0 = torch.where(mask, -torch.log(count), torch.zeros((), dtype=cdt, device=sets.device))
-    log_p = rot_log_plan(sets, mask, log_p0, log_q0, method=method, variant=variant,
-                         structure=structure, num_iters=num_iters,
-                         inner_iters=inner_iters, **w)
-    return pool_from_log_plan(log_p, sets, mask)
-
-
-def rot_pool2d_torch(x: Tensor, kernel_size: IntPair, stride: IntPair, padding: IntPair,
-                     ceil_mode: bool, *, method: str, variant: str, num_iters: int,
-                     inner_iters: int, weights: dict) -> Tensor:
-    """Local ROT pooling on the torch path (the CPU fallback and the kernels' reference).
-
-    Args:
-        x: (B, C, H, W), any strides.
-        kernel_size, stride, padding: (kh, kw), (sh, sw), (ph, pw).
-        weights: dict of (T,) tensors a0, a1, a2, a3, rho, tau.
-    Returns:
-        (B, C, Ho, Wo) in x's dtype (Ho, Wo as nn.MaxPool2d); channels_last strides if x is.
-    """
-    B, C, H, W = x.shape
-    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
-    Ho = pool_output_size(H, kh, sh, ph, ceil_mode)
-    Wo = pool_output_size(W, kw, sw, pw, ceil_mode)
-    # right/bottom padding: enough for every window (ceil_mode may reach past the padding)
-    pad_b = max(ph, (Ho - 1) * sh + kh - H - ph)
-    pad_r = max(pw, (Wo - 1) * sw + kw - W - pw)
-    cdt = compute_dtype(x.dtype)
-    xp = F.pad(x.to(cdt), (pw, pad_r, ph, pad_b))                          # zeros: not samples
-    valid = F.pad(x.new_ones(1, 1, H, W, dtype=cdt), (pw, pad_r, ph, pad_b))
-    win = xp.unfold(2, kh, sh).unfold(3, kw, sw)[:, :, :Ho, :Wo]         # [B, C, Ho, Wo, kh, kw]
-    sets = win.permute(0, 2, 3, 4, 5, 1).reshape(B * Ho * Wo, kh * kw, C)
-    vm = valid.unfold(2, kh, sh).unfold(3, kw, sw)[0, 0, :Ho, :Wo].reshape(Ho * Wo, kh * kw) > 0
-    mask = vm.unsqueeze(0).expand(B, -1, -1).reshape(B * Ho * Wo, kh * kw)
-    y = _solve_sets(sets, mask, method=method, variant=variant, num_iters=num_iters,
-                    inner_iters=inner_iters, weights=weights)
-    return y.reshape(B, Ho, Wo, C).permute(0, 3, 1, 2).to(x.dtype)        # channels_last strides
-
-
-def adaptive_rot_pool2d_torch(x: Tensor, output_size: Tuple[int, int], *, method: str,
-                              variant: str, num_iters: int, inner_iters: int,
-                              weights: dict) -> Tensor:
-    """Adaptive-window ROT pooling on the torch path: (B, C, H, W) -> (B, C, oh, ow), windows
-    exactly those of nn.AdaptiveAvgPool2d (they may overlap and differ in size)."""
-    B, C, H, W = x.shape
-    oh, ow = output_size
-    rows, cols = adaptive_bounds(H, oh), adaptive_bounds(W, ow)
-    nh = max(e - s for s, e in rows)
-    nw = max(e - s for s, e in cols)
-    idx = torch.zeros(oh * ow, nh * nw, dtype=torch.long)
-    mask = torch.zeros(oh * ow, nh * nw, dtype=torch.bool)
-    for i, (hs, he) in enumerate(rows):
-        for j, (ws, we) in enumerate(cols):
-            pos = [h * W + w for h in range(hs, he) for w in range(ws, we)]
-            idx[i * ow + j, :len(pos)] = torch.tensor(pos)
-            mask[i * ow + j, :len(pos)] = True
-    idx, mask = idx.to(x.device), mask.to(x.device)
-    cdt = compute_dtype(x.dtype)
-    flat = x.to(cdt).flatten(2)                                           # [B, C, H*W]
-    sets = flat[:, :, idx.reshape(-1)].reshape(B, C, oh * ow, nh * nw)
-    sets = sets.permute(0, 2, 3, 1) * mask[None, :, :, None]             # [B, oh*ow, n, C]
-    sets = sets.reshape(B * oh * ow, nh * nw, C)
-    m = mask.unsqueeze(0).expand(B, -1, -1).reshape(B * oh * ow, nh * nw)
-    y = _solve_sets(sets, m, method=method, variant=variant, num_iters=num_iters,
-                    inner_iters=inner_iters, weights=weights)
-    return y.reshape(B, oh, ow, C).permute(0, 3, 1, 2).to(x.dtype)
-
-
-# The window kernels hold one window's next_pow2(kh·kw) × next_pow2(C) tile in registers; beyond
-# this many elements backend="auto" uses the torch path (sm_90 AOT: 2×2 windows with C = 1024
-# use 255 registers in the backward without spilling; larger tiles would spill).
-MAX_WINDOW_TILE = 4096
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << (max(n, 1) - 1).bit_length()
-
-
-def _use_window_kernel(x: Tensor, backend: str, weights: ROTWeights,
-                       window: Tuple[int, int] = (2, 2)) -> bool:
-    """The Triton window kernels apply to CUDA inputs (or the interpreter with backend="triton")
-    when α0 = 0 (fixed at 0, not learned); "auto" also requires a window tile of at most
-    MAX_WINDOW_TILE elements."""
-    if backend == "torch":
-        return False
-    if backend == "auto" and (_next_pow2(window[0] * window[1]) * _next_pow2(x.shape[1])
-                              > MAX_WINDOW_TILE):
-        return False
-    if x.dtype == torch.float64 or weights.structure:
-        if backend == "triton":
-            raise ValueError("backend='triton' needs a0 = 0 (not learned) and a "
-                             "float32/float16/bfloat16 input")
-        return False
-    if x.is_cuda:
-        return True
-    if backend == "triton":
-        from ..ops.rot.dispatch import interpreter_enabled
-        if interpreter_enabled():
-            return True
-        raise ValueError("backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
-    return False
-
-
 # --------------------------------------------------------------------------------------------
 # modules
 # --------------------------------------------------------------------------------------------
@@ -222,6 +91,15 @@ class _ImageROTBase(nn.Module):
     def _weights_for(self, x: Tensor) -> dict:
         return {k: v.to(x.device) if isinstance(v, Tensor) else v
                 for k, v in self.weights().items()}
+
+    def _table(self, x: Tensor, w: dict) -> Tensor:
+        """The (6, T) fp32 weight table of the window kernels."""
+        return weight_table(*(w[k] for k in ("a0", "a1", "a2", "a3", "rho", "tau")),
+                            self.num_iters, x.device)
+
+    def _route_kwargs(self) -> dict:
+        return dict(self._solver_kwargs(), structure=self.weights.structure,
+                    backend=self.backend)
 
     def _rot_repr(self) -> str:
         return (f"method={self.method!r}, variant={self.variant!r}, num_iters={self.num_iters}, "
@@ -287,14 +165,7 @@ class AdaptiveROTPool2d(_ImageROTBase):
             y = rot_pool(x.flatten(2).transpose(1, 2), backend=self.backend,
                          **self._solver_kwargs(), **w)
             return y if self.flatten else y[:, :, None, None]
-        if (H % oh == 0 and W % ow == 0
-                and _use_window_kernel(x, self.backend, self.weights, (H // oh, W // ow))):
-            from ..ops.rot.triton_window import rot_pool2d_triton
-            k = (H // oh, W // ow)
-            return rot_pool2d_triton(x, k, k, (0, 0), False, method=self.method,
-                                     variant=self.variant, a1=w["a1"], a2=w["a2"], a3=w["a3"],
-                                     rho=w["rho"], num_iters=self.num_iters)
-        return adaptive_rot_pool2d_torch(x, (oh, ow), weights=w, **self._solver_kwargs())
+        return route.pool_adaptive(x, self._table(x, w), w, (oh, ow), **self._route_kwargs())
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.channels}, output_size={self.output_size!r}, "
@@ -365,14 +236,9 @@ class ROTPool2d(_ImageROTBase):
                              f"kernel_size={self.kernel_size}, padding={self.padding} "
                              f"(output {Ho}×{Wo})")
         w = self._weights_for(x)
-        if _use_window_kernel(x, self.backend, self.weights, self.kernel_size):
-            from ..ops.rot.triton_window import rot_pool2d_triton
-            return rot_pool2d_triton(x, self.kernel_size, self.stride, self.padding,
-                                     self.ceil_mode, method=self.method, variant=self.variant,
-                                     a1=w["a1"], a2=w["a2"], a3=w["a3"], rho=w["rho"],
-                                     num_iters=self.num_iters)
-        return rot_pool2d_torch(x, self.kernel_size, self.stride, self.padding, self.ceil_mode,
-                                weights=w, **self._solver_kwargs())
+        return route.pool_windows(x, self._table(x, w), w, kernel_size=self.kernel_size,
+                                  stride=self.stride, padding=self.padding,
+                                  ceil_mode=self.ceil_mode, **self._route_kwargs())
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.channels}, kernel_size={self.kernel_size}, "

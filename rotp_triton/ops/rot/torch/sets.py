@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..params import kappa, wants_structure  # noqa: F401  (wants_structure: re-exported)
 from .structure import StructureFactors, structure_factors
 
 METHODS = ("sinkhorn", "badmm-e", "badmm-q")
@@ -28,13 +29,6 @@ _NEG_INF = float("-inf")
 # --------------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------------
-def kappa(alpha: Tensor, w: Tensor) -> Tensor:
-    """κ(α, w) = α / (α + w), with κ = 1 at α = +inf (no inf/inf, no NaN in the backward)."""
-    inf = torch.isinf(alpha)
-    a = torch.where(inf, torch.ones_like(alpha), alpha)
-    return torch.where(inf, torch.ones_like(alpha), a / (a + w))
-
-
 def lse_n(y: Tensor, mask: Tensor) -> Tensor:
     """LogSumExp over the samples of each set: (B, N, D) -> (B, 1, D), padding excluded."""
     return torch.logsumexp(y.masked_fill(~mask[..., None], _NEG_INF), dim=1, keepdim=True)
@@ -63,22 +57,6 @@ def zero_pad(v: Tensor, mask: Tensor) -> Tensor:
 
 def masked_exp(log_v: Tensor, mask: Tensor) -> Tensor:
     return torch.exp(log_v.masked_fill(~mask[..., None], _NEG_INF))
-
-
-def wants_structure(a0) -> bool:
-    """The α0 > 0 algorithms run iff a0 is learnable (requires grad) or has a positive entry.
-
-    Decided from the caller's ``a0`` (a Python number is static). While torch.compile traces,
-    a tensor ``a0`` without grad counts as positive: its value cannot be read without a graph
-    break (only Sinkhorn differs between the two algorithms at α0 = 0).
-    """
-    if isinstance(a0, Tensor):
-        if a0.requires_grad:
-            return True
-        if torch.compiler.is_compiling():
-            return True
-        return bool((a0.detach() > 0).any())
-    return float(a0) > 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -1911,7 +1911,7 @@ if _HAS_TRITON_OP:
 
 
 # ============================================================================================
-# entry point (called by dispatch.try_triton)
+# entry points (structure_pool: called by route.pool_sets)
 # ============================================================================================
 def rot_pool_structure_triton(x: Tensor, ptr: Optional[Tensor], *, method: str, variant: str,
                               a0: Tensor, a1: Tensor, a2: Tensor, a3: Tensor, rho: Tensor,
@@ -1957,3 +1957,14 @@ def rot_pool_structure_triton(x: Tensor, ptr: Optional[Tensor], *, method: str, 
         return y, (plan if return_plan else None)
     y, plan = StructureROTFunction.apply(x, log_p0, log_q0, a0, a1, a2, a3, rho, tau, meta)
     return y, plan
+
+
+def structure_pool(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
+                   log_q0: Optional[Tensor], *, method: str, variant: str, inner_iters: int,
+                   return_plan: bool):
+    """The family's entry point (CONTRACT): the (6, T) weight table ``w`` instead of six
+    vectors; otherwise as :func:`rot_pool_structure_triton`."""
+    a0, a1, a2, a3, rho, tau = w.unbind(0)
+    return rot_pool_structure_triton(x, ptr, method=method, variant=variant, a0=a0, a1=a1,
+                                     a2=a2, a3=a3, rho=rho, tau=tau, inner_iters=inner_iters,
+                                     log_p0=log_p0, log_q0=log_q0, return_plan=return_plan)

@@ -1,0 +1,1 @@
+"""TEMPORARY shim package (branch layout): replaced by the badmm kernel package."""

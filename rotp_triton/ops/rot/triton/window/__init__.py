@@ -1,0 +1,1 @@
+"""TEMPORARY shim package (branch layout): replaced by the window kernel package."""
