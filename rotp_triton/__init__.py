@@ -4,9 +4,10 @@ from .nn import (AdaptiveROTPool2d, GSPool, MixedROTPool, OTKPool, ROTPool, ROTP
                  ROTWeights, SetFusionROTPool, replace_avgpool)
 from .ops.gsp import gsp_pool
 from .ops.otk import otk_pool
+from .ops.rot.params import set_value_checks
 
 __version__ = "0.1.0"
 
 __all__ = ["rot_pool", "gsp_pool", "otk_pool", "ROTPool", "ROTWeights", "AdaptiveROTPool2d",
            "ROTPool2d", "replace_avgpool", "MixedROTPool", "SetFusionROTPool", "GSPool",
-           "OTKPool"]
+           "OTKPool", "set_value_checks"]

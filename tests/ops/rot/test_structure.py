@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import rotp_triton as rt
-from kernel_utils import DEVICE, KERNEL_DTYPES, ON_CUDA, RTOL, rel_err, run_without_interpreter
+from harness import DEVICE, KERNEL_DTYPES, ON_CUDA, RTOL, rel_err, run_without_interpreter
 from reference import rot as ref
 
 METHODS = ("badmm-e", "badmm-q", "sinkhorn")

@@ -12,7 +12,7 @@ import torch
 import rotp_triton as rt
 from reference import rot as ref
 
-from kernel_utils import rel_err
+from harness import rel_err
 
 METHODS = ("sinkhorn", "badmm-e", "badmm-q")
 VARIANTS = ("exact", "paper")

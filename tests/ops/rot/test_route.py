@@ -1,0 +1,203 @@
+"""The router and the host front end (ops/rot/route.py, params.py): which path runs, value
+checks, and what a call costs outside the kernels.
+
+The op counts use a ``TorchDispatchMode`` under TRITON_INTERPRET=1 with value checks off, i.e.
+the CUDA default (value checks are off for CUDA tensors; on CPU the test switches them off).
+Budget (issue 11, PERF.md "Host front end"): no host synchronisation per forward+backward, at
+most 10 aten ops per forward and 25 per forward+backward, dense and ptr. While a kernel family
+is still a temporary shim (``IS_SHIM``), the ops inside its entry point (κ built with torch
+ops) are reported apart and only the front end is held to the budget.
+"""
+import importlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import rotp_triton as rt
+from harness import DEVICE, ON_CUDA, assert_close
+from rotp_triton.ops.rot import params, route
+
+SYNC_OPS = ("aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal")
+ENTRY = {"sinkhorn": ("sinkhorn", "sinkhorn_pool"), "badmm-e": ("badmm", "badmm_pool"),
+         "badmm-q": ("badmm", "badmm_pool")}
+
+
+class OpLog(TorchDispatchMode):
+    """Every aten op dispatched, tagged with whether it ran inside a kernel family's entry."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.in_family = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append((str(func), self.in_family > 0))
+        return func(*args, **(kwargs or {}))
+
+    def count(self, *, family=None):
+        return sum(1 for _, f in self.ops if family is None or f == family)
+
+    def syncs(self):
+        return [name for name, _ in self.ops if name.startswith(SYNC_OPS)]
+
+
+def _watch_entry(monkeypatch, log, method):
+    family, entry = ENTRY[method]
+    mod = importlib.import_module(f"rotp_triton.ops.rot.triton.{family}.op")
+    real = getattr(mod, entry)
+
+    def wrapped(*a, **k):
+        log.in_family += 1
+        try:
+            return real(*a, **k)
+        finally:
+            log.in_family -= 1
+    monkeypatch.setattr(mod, entry, wrapped)
+    return getattr(mod, "IS_SHIM", False)
+
+
+def _inputs(layout):
+    g = torch.Generator().manual_seed(0)
+    if layout == "dense":
+        return torch.randn(3, 5, 4, generator=g).to(DEVICE).requires_grad_(), {}
+    x = torch.randn(9, 4, generator=g).to(DEVICE).requires_grad_()
+    return x, dict(ptr=torch.tensor([0, 2, 2, 9], device=DEVICE))
+
+
+@pytest.mark.parametrize("layout", ["dense", "ptr"])
+@pytest.mark.parametrize("method", ["sinkhorn", "badmm-e", "badmm-q"])
+def test_triton_path_front_end_has_no_sync_and_few_ops(monkeypatch, method, layout):
+    x, kw = _inputs(layout)
+    with rt.set_value_checks(False):
+        rt.rot_pool(x, method=method, backend="triton", **kw).sum().backward()  # warm up
+        fwd, bwd = OpLog(), OpLog()
+        shim = _watch_entry(monkeypatch, fwd, method)
+        with fwd:
+            y = rt.rot_pool(x, method=method, backend="triton", **kw)
+        gy = torch.randn_like(y)
+        with bwd:
+            y.backward(gy)
+    assert fwd.syncs() == [] and bwd.syncs() == []
+    front = fwd.count(family=False)
+    assert front <= 10, fwd.ops
+    assert front + bwd.count() <= 25, (fwd.ops, bwd.ops)
+    if not shim:  # the real kernel packages: the whole call is held to the budget
+        assert fwd.count() <= 10, fwd.ops
+        assert fwd.count() + bwd.count() <= 25, (fwd.ops, bwd.ops)
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "badmm-e"])
+def test_unsorted_index_with_dim_size_has_no_sync(method):
+    """An unsorted index adds its sort and gather, still without reading a value on the host
+    (dim_size given: the number of sets is not read from the data)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 4, generator=g).to(DEVICE).requires_grad_()
+    index = torch.tensor([2, 0, 0, 2, 1, 2, 0], device=DEVICE)
+    with rt.set_value_checks(False):
+        log = OpLog()
+        with log:
+            y, plan = rt.rot_pool(x, index, dim_size=4, method=method, backend="triton",
+                                  return_plan=True)
+            (y.sum() + plan.sum()).backward()
+    assert log.syncs() == []
+    # the same result as the torch path, the plan in the caller's row order, set 3 empty -> 0
+    y2, plan2 = rt.rot_pool(x.detach().double(), index, dim_size=4, method=method,
+                            backend="torch", return_plan=True)
+    assert_close(y, y2.float(), name="y")
+    assert_close(plan, plan2.float(), name="plan")
+
+
+def test_window_path_has_no_sync():
+    x = torch.randn(2, 3, 4, 4, device=DEVICE, requires_grad=True)
+    layer = rt.ROTPool2d(3, 2, num_iters=2, backend="triton").to(DEVICE)
+    with rt.set_value_checks(False):
+        log = OpLog()
+        with log:
+            layer(x).sum().backward()
+    assert log.syncs() == []
+
+
+# --------------------------------------------------------------------------------------------
+# value checks
+# --------------------------------------------------------------------------------------------
+def test_value_checks_default_on_cpu_off_elsewhere():
+    assert params.value_checks_enabled(torch.empty(1))
+    meta = torch.empty(1, device="meta")  # stands for a CUDA tensor: not CPU
+    assert not params.value_checks_enabled(meta)
+    with rt.set_value_checks(True):
+        assert params.value_checks_enabled(meta)
+        with rt.set_value_checks(False):
+            assert not params.value_checks_enabled(torch.empty(1))
+        assert params.value_checks_enabled(torch.empty(1))
+    assert not params.value_checks_enabled(meta)  # back to "auto"
+
+
+def test_set_value_checks_takes_effect_without_with():
+    rt.set_value_checks(False)
+    try:
+        assert not params.value_checks_enabled(torch.empty(1))
+    finally:
+        rt.set_value_checks("auto")
+    assert params.value_checks_enabled(torch.empty(1))
+    with pytest.raises(ValueError, match="mode"):
+        rt.set_value_checks("sometimes")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(a1=torch.tensor([1.0, 0.0])), "a1 must be positive"),
+    (dict(a2=torch.tensor([1.0, float("nan")])), "a2 must not be NaN"),
+    (dict(rho=torch.tensor(-1.0)), "rho must be non-negative"),
+    (dict(tau=torch.tensor([float("inf"), 1.0])), "tau must be finite"),
+], ids=["a1-zero", "a2-nan", "rho-negative", "tau-inf"])
+def test_tensor_weight_values_are_checked_when_on(kwargs, match):
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match=match):
+        rt.rot_pool(x, num_iters=2, **kwargs)
+    with rt.set_value_checks(False):  # off: no host read, the caller's responsibility
+        rt.rot_pool(x, num_iters=2, backend="torch", **kwargs)
+
+
+def test_value_checks_off_skips_finite_and_ptr_checks():
+    x = torch.randn(6, 4)
+    x[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        rt.rot_pool(x, ptr=torch.tensor([0, 2, 6]))
+    with rt.set_value_checks(False):
+        y = rt.rot_pool(x, ptr=torch.tensor([0, 2, 6]))
+    assert torch.isnan(y[0]).any() and torch.isfinite(y[1]).all()
+
+
+def test_shape_checks_always_run():
+    with rt.set_value_checks(False):
+        with pytest.raises(ValueError, match="ptr"):
+            rt.rot_pool(torch.randn(6, 4), ptr=torch.tensor([0, 2, 5]), dim_size=3)
+        with pytest.raises(ValueError, match=r"a1 must be a scalar or a tensor of shape \(4,\)"):
+            rt.rot_pool(torch.randn(2, 3, 4), a1=torch.ones(3))
+
+
+# --------------------------------------------------------------------------------------------
+# routing
+# --------------------------------------------------------------------------------------------
+def test_weight_table_rows_and_gradient():
+    a1 = torch.tensor([0.5, 2.0], requires_grad=True)
+    t = params.weight_table(0.0, a1, float("inf"), torch.tensor(3.0), 1.0, 0.5, 2, "cpu")
+    assert t.shape == (params.NUM_WEIGHTS, 2) and t.dtype == torch.float32
+    assert t[params.A1].tolist() == [0.5, 2.0] and t[params.A2].tolist() == [float("inf")] * 2
+    assert t[params.A3].tolist() == [3.0, 3.0] and t[params.TAU].tolist() == [0.5, 0.5]
+    (g,) = torch.autograd.grad(t[params.A1].sum() * 2, a1)
+    assert g.tolist() == [2.0, 2.0]
+    floats = params.weight_table(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 3, "cpu")
+    assert floats[:, 2].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+@pytest.mark.skipif(ON_CUDA, reason="CPU routing")
+def test_routing_on_cpu():
+    x = torch.randn(2, 3, 4)
+    assert not route.use_kernels(x, "auto")            # CPU tensors: the torch path
+    assert route.use_kernels(x, "triton")              # the interpreter (conftest sets it)
+    assert not route.use_kernels(x, "torch")
+    with pytest.raises(ValueError, match="float64"):
+        route.use_kernels(x.double(), "triton")
+    with pytest.raises(ValueError, match="a0 = 0"):
+        route.use_kernels(x, "triton", structure=True, window_tile=4)
+    assert not route.use_kernels(x, "auto", window_tile=route.MAX_WINDOW_TILE * 2)
