@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from kernel_utils import DEVICE, KERNEL_DTYPES, ON_CUDA, RTOL, rel_err, run_without_interpreter
-from reference.rot import rot_pool_sets
+from reference.window import pool_windows as reference_pool
+from reference.window import adaptive_positions, window_positions
 from rotp_triton.nn.image import (CLOSE_TO_MEAN, AdaptiveROTPool2d, ROTPool2d, adaptive_bounds,
                                   pool_output_size, rot_pool2d_torch)
 
@@ -23,33 +24,6 @@ VARIANTS = ("exact", "paper")
 # --------------------------------------------------------------------------------------------
 # helpers: the reference, window by window
 # --------------------------------------------------------------------------------------------
-def window_positions(H, W, k, s, p, ceil_mode):
-    """Valid (h, w) positions of every window, row-major over the output."""
-    (kh, kw), (sh, sw), (ph, pw) = k, s, p
-    Ho = pool_output_size(H, kh, sh, ph, ceil_mode)
-    Wo = pool_output_size(W, kw, sw, pw, ceil_mode)
-    wins = []
-    for i in range(Ho):
-        for j in range(Wo):
-            wins.append([(h, w) for h in range(i * sh - ph, i * sh - ph + kh)
-                         for w in range(j * sw - pw, j * sw - pw + kw)
-                         if 0 <= h < H and 0 <= w < W])
-    return Ho, Wo, wins
-
-
-def reference_pool(x, wins, out_hw, **kw):
-    """(B, C, H, W) -> (B, C, Ho, Wo): reference/ ROT pooling of each window as one set."""
-    B, C = x.shape[:2]
-    sets = []
-    for b in range(B):
-        for pos in wins:
-            hs = torch.tensor([h for h, _ in pos])
-            ws = torch.tensor([w for _, w in pos])
-            sets.append(x[b][:, hs, ws].T)                               # (N, C) code layout
-    y, _ = rot_pool_sets(sets, **kw)
-    return y.reshape(B, out_hw[0], out_hw[1], C).permute(0, 3, 1, 2)
-
-
 def random_weights(T, dtype, seed=0, inf_a2=False):
     g = torch.Generator().manual_seed(seed)
     w = dict(a1=torch.rand(T, generator=g) * 1.5 + 0.3, a2=torch.rand(T, generator=g) + 0.5,
@@ -162,8 +136,7 @@ def test_adaptive_matches_reference(method, output_size):
                               backend="torch").double()
     y = layer(x)
     oh, ow = (1, 1) if output_size == 1 else (output_size[0] or H, output_size[1])
-    wins = [[(h, w) for h in range(hs, he) for w in range(ws, we)]
-            for hs, he in adaptive_bounds(H, oh) for ws, we in adaptive_bounds(W, ow)]
+    wins = adaptive_positions(H, W, oh, ow)
     kw = {n: v.double() for n, v in layer.weights().items() if n not in ("a0", "tau")}
     yr = reference_pool(x, wins, (oh, ow), method=method, num_iters=3, **kw)
     assert y.shape == (B, C, oh, ow)
