@@ -293,17 +293,18 @@ _AOT = r"""
 import os, re, subprocess, tempfile
 import triton
 from aot import compile_sm90
-from rotp_triton.ops.rot.triton.structure import op as ts
+from rotp_triton.ops.rot.triton.structure import kernels as ts
+from rotp_triton.ops.rot.triton.structure.launch import PER_SET_WARPS, row_block
 N, D = 500, 100          # W1
 BD = triton.next_power_of_2(D)
-BN = ts._row_block(BD)
+BN = row_block(BD)
 P, I = "*fp32", "i32"
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                          "cuobjdump")
 def ck(kernel, sig, const, name):
     sig = dict(sig)
     sig.update({k: "constexpr" for k in const})
-    warps = 4 if kernel is ts.set_matmul_kernel else ts._PER_SET_WARPS   # as the launchers
+    warps = 4 if kernel is ts.set_matmul_kernel else PER_SET_WARPS   # as the launchers
     c = compile_sm90(kernel, sig, const, num_warps=warps)
     usage = "REG:? LOCAL:?"
     if os.path.exists(CUOBJDUMP):

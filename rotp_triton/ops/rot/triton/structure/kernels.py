@@ -1,0 +1,840 @@
+"""``@triton.jit`` kernels of ROT pooling with α0 > 0 (the structure term): the factors of
+Σ1, Σ2, the per-set batched GEMM of the factorized Σ1 M Σ2, the fused B-ADMM P-/S-steps, the
+proximal Sinkhorn step with its K inner iterations, their adjoints, and the final pooling.
+
+One program per set owns all D features of a [BN, BD] tile stream (the normalizations over d
+and over n need no second launch). What each kernel reads and writes is in its docstring;
+launchers: ``launch.py``; the adjoints' derivations: ../../../../../docs/adjoints.md.
+Design: ../../../../../../shared/DESIGN.md §2, §3, §7.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..common import kappa as _kappa  # κ(α, w), 1 at α = inf
+
+_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(float32).tiny, as structure.py
+_NEG_BIG = tl.constexpr(-1.0e30)  # finite "-inf" for running maxima: no (-inf) - (-inf)
+
+
+# ============================================================================================
+# kernels
+# ============================================================================================
+@triton.jit
+def structure_factors_kernel(x_ptr, row_start_ptr, len_ptr, x32_ptr, xc_ptr, xt_ptr,
+                             s_xb, s_xn, s_xd, N_pad, D,
+                             BN: tl.constexpr, BD: tl.constexpr):
+    """One program per set: the fp32 padded copy of x and the normalized factors.
+
+    x: caller's tensor, element (b, n, d) at b*s_xb + (row_start[b] + n)*s_xn + d*s_xd.
+    x32, xc, xt: (B, N_pad, D) fp32, written for n < len[b] (padding stays 0).
+    xc = (x - μ1) / sqrt(n_b · max diag Σ1), xt = (x - μ2) / sqrt(D · max diag Σ2).
+    """
+    b = tl.program_id(0)
+    n_b = tl.load(len_ptr + b).to(tl.int32)
+    row0 = tl.load(row_start_ptr + b)
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    nf = tl.maximum(n_b, 1).to(tl.float32)
+    # pass 1: μ1 (mean over samples, per feature)
+    col = tl.zeros([BD], dtype=tl.float32)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        msk = (rows < n_b)[:, None] & d_ok[None, :]
+        xv = tl.load(x_ptr + b * s_xb + (row0 + rows)[:, None] * s_xn + offs_d[None, :] * s_xd,
+                     mask=msk, other=0.0).to(tl.float32)                      # [BN, BD]
+        col += tl.sum(xv, 0)
+    mu1 = col / nf
+    # pass 2: diagonals of Σ1 (per feature) and Σ2 (per sample); write the fp32 copy
+    var1 = tl.zeros([BD], dtype=tl.float32)
+    max2 = tl.zeros([BN], dtype=tl.float32)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        xv = tl.load(x_ptr + b * s_xb + (row0 + rows)[:, None] * s_xn + offs_d[None, :] * s_xd,
+                     mask=msk, other=0.0).to(tl.float32)
+        tl.store(x32_ptr + (b * N_pad + rows)[:, None] * D + offs_d[None, :], xv, mask=msk)
+        xc = tl.where(msk, xv - mu1[None, :], 0.0)
+        var1 += tl.sum(xc * xc, 0)
+        mu2 = tl.sum(xv, 1) / D                                                # [BN]
+        xt = tl.where(msk, xv - mu2[:, None], 0.0)
+        max2 = tl.maximum(max2, tl.where(r_ok, tl.sum(xt * xt, 1) / D, 0.0))
+    s1 = tl.maximum(tl.max(tl.where(d_ok, var1 / nf, 0.0), 0), _TINY)
+    s2 = tl.maximum(tl.max(max2, 0), _TINY)
+    c1 = 1.0 / tl.sqrt(nf * s1)
+    c2 = 1.0 / tl.sqrt(D * s2)
+    # pass 3: the factors
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        msk = (rows < n_b)[:, None] & d_ok[None, :]
+        xv = tl.load(x_ptr + b * s_xb + (row0 + rows)[:, None] * s_xn + offs_d[None, :] * s_xd,
+                     mask=msk, other=0.0).to(tl.float32)
+        mu2 = tl.sum(xv, 1) / D
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        tl.store(xc_ptr + off, (xv - mu1[None, :]) * c1, mask=msk)
+        tl.store(xt_ptr + off, (xv - mu2[:, None]) * c2, mask=msk)
+
+
+@triton.jit
+def set_matmul_kernel(a_ptr, b_ptr, c_ptr, len_ptr, D, M_alloc, N_alloc,
+                      s_ab, s_am, s_ak, s_bb, s_bk, s_bn, s_cb, s_cm, s_cn,
+                      M_IS_SET: tl.constexpr, K_IS_SET: tl.constexpr, N_IS_SET: tl.constexpr,
+                      EXP_B: tl.constexpr, ACCUMULATE: tl.constexpr, ALPHA: tl.constexpr,
+                      PRECISION: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """C[b] (+)= ALPHA · A[b] @ op(B[b]) per set, op = exp if EXP_B (B holds a log plan).
+
+    Each of the dims M, K, N is either the set's samples (length len[b], ``*_IS_SET``) or the
+    features (length D); operands are addressed by strides (transposes are free). Entries past
+    the logical size are loaded as 0 (exp: as exp(-inf) = 0), so rows/columns of C past a set's
+    end come out 0 and are written over the whole allocation (M_alloc, N_alloc).
+    """
+    b = tl.program_id(0)
+    pid = tl.program_id(1)
+    n_b = tl.load(len_ptr + b).to(tl.int32)
+    if M_IS_SET:
+        m_size = n_b
+    else:
+        m_size = D
+    if K_IS_SET:
+        k_size = n_b
+    else:
+        k_size = D
+    if N_IS_SET:
+        n_size = n_b
+    else:
+        n_size = D
+    n_tiles = tl.cdiv(N_alloc, BN)
+    pm = pid // n_tiles
+    pn = pid % n_tiles
+    offs_m = pm * BM + tl.arange(0, BM)
+    offs_n = pn * BN + tl.arange(0, BN)
+    m_ok = offs_m < m_size
+    n_ok = offs_n < n_size
+    # a tile wholly past the set's end only writes zeros: skip its K loop
+    k_end = tl.where((pm * BM < m_size) & (pn * BN < n_size), k_size, 0)
+    a_base = a_ptr + b * s_ab + offs_m[:, None] * s_am
+    b_base = b_ptr + b * s_bb + offs_n[None, :] * s_bn
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, k_end, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        k_ok = offs_k < k_size
+        a = tl.load(a_base + offs_k[None, :] * s_ak, mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)                                                  # [BM, BK]
+        if EXP_B:
+            bv = tl.exp(tl.load(b_base + offs_k[:, None] * s_bk,
+                                mask=k_ok[:, None] & n_ok[None, :], other=float("-inf")))
+        else:
+            bv = tl.load(b_base + offs_k[:, None] * s_bk, mask=k_ok[:, None] & n_ok[None, :],
+                         other=0.0)                                             # [BK, BN]
+        acc += tl.dot(a, bv, input_precision=PRECISION)
+    acc = acc * ALPHA
+    c_ptrs = c_ptr + b * s_cb + offs_m[:, None] * s_cm + offs_n[None, :] * s_cn
+    c_msk = (offs_m < M_alloc)[:, None] & (offs_n < N_alloc)[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_msk, other=0.0)
+    tl.store(c_ptrs, acc, mask=c_msk)
+
+
+@triton.jit
+def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr, log_mu_ptr,
+                        r_out_ptr, mu_out_ptr, len_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
+                        N_pad, D, QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
+                        SAVE: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """P-step of B-E/B-Q, one program per set (all D features).
+
+    G = x + α0 Σ(S) - Z [- α1 S];  Y = log S + G/ρ;  R = LSE_n Y;
+    exact: log μ = lognorm(κ2 log p0 + (1-κ2) R);  paper: log μ is the state;
+    log P = Y + (log μ - R).   sig = Σ(S) (B, N_pad, D); log_mu (B, D) (paper only).
+    SAVE: also write R and log μ to r_out, mu_out (B, D) for the backward.
+    """
+    b = tl.program_id(0)
+    n_b = tl.load(len_ptr + b).to(tl.int32)
+    a0 = tl.load(a0_ptr + t)
+    a1 = tl.load(a1_ptr + t)
+    rho = tl.load(rho_ptr + t)
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    m = tl.full([BD], _NEG_BIG, dtype=tl.float32)
+    l = tl.zeros([BD], dtype=tl.float32)
+    # pass 1: R = LSE over samples of Y (online, per feature)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        msk = (rows < n_b)[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        ls = tl.load(log_s_ptr + off, mask=msk, other=0.0)
+        g = tl.load(x_ptr + off, mask=msk, other=0.0) - tl.load(z_ptr + off, mask=msk, other=0.0)
+        g += a0 * tl.load(sig_ptr + off, mask=msk, other=0.0)
+        if QUADRATIC:
+            g -= a1 * tl.exp(ls)
+        y = tl.where(msk, ls + g / rho, float("-inf"))                          # [BN, BD]
+        m_new = tl.maximum(m, tl.max(y, 0))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(y - m_new[None, :]), 0)
+        m = m_new
+    r = m + tl.log(l)                                                          # [BD]
+    if PAPER:
+        log_mu = tl.load(log_mu_ptr + b * D + offs_d, mask=d_ok, other=0.0)
+    else:
+        k2 = _kappa(tl.load(a2_ptr + t), rho)
+        v = k2 * tl.load(log_p0_ptr + b * D + offs_d, mask=d_ok, other=0.0) + (1 - k2) * r
+        v = tl.where(d_ok, v, float("-inf"))
+        vm = tl.max(v, 0)
+        log_mu = v - (vm + tl.log(tl.sum(tl.exp(v - vm), 0)))
+    shift = log_mu - r
+    if SAVE:
+        tl.store(r_out_ptr + b * D + offs_d, r, mask=d_ok)
+        tl.store(mu_out_ptr + b * D + offs_d, log_mu, mask=d_ok)
+    # pass 2: log P = Y + log μ - R
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        msk = (rows < n_b)[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        ls = tl.load(log_s_ptr + off, mask=msk, other=0.0)
+        g = tl.load(x_ptr + off, mask=msk, other=0.0) - tl.load(z_ptr + off, mask=msk, other=0.0)
+        g += a0 * tl.load(sig_ptr + off, mask=msk, other=0.0)
+        if QUADRATIC:
+            g -= a1 * tl.exp(ls)
+        tl.store(log_p_ptr + off, ls + g / rho + shift[None, :], mask=msk)
+
+
+@triton.jit
+def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr, log_eta_ptr,
+                        z2_ptr, log_p0_ptr, log_mu_ptr, z1_ptr, eta_out_ptr, len_ptr,
+                        a0_ptr, a1_ptr, a2_ptr, a3_ptr, rho_ptr, t, N_pad, D,
+                        QUADRATIC: tl.constexpr, PAPER: tl.constexpr, SAVE: tl.constexpr,
+                        BN: tl.constexpr, BD: tl.constexpr):
+    """S-step and dual update of B-E/B-Q, one program per set.
+
+    H = Z + α0 Σ(P);  B-E: Y = (H + ρ log P)/(α1+ρ);  B-Q: Y = log P + (H - α1 P)/ρ;
+    C = LSE_d Y;  exact: log η = lognorm_n(κ3 log q0 + (1-κ3) C);  paper: log η is the state;
+    log S = Y + log η - C;  Z += ρ (P - S).
+    Paper only, eqs. (26)-(28): log μ, log η, z1 (B, D), z2 (B, N_pad) updated in place.
+    c: (B, N_pad) scratch for C.  Y is parked in log_s between the two passes.
+    SAVE: also write log η to eta_out (B, N_pad) for the backward (C stays in c).
+    """
+    b = tl.program_id(0)
+    n_b = tl.load(len_ptr + b).to(tl.int32)
+    a0 = tl.load(a0_ptr + t)
+    a1 = tl.load(a1_ptr + t)
+    rho = tl.load(rho_ptr + t)
+    if QUADRATIC:
+        w = rho
+    else:
+        w = a1 + rho
+    if PAPER:
+        k3 = _kappa(tl.load(a3_ptr + t), rho)
+    else:
+        k3 = _kappa(tl.load(a3_ptr + t), w)
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    # pass 1: Y, C_n; the LSE over n of the η logits (running scalar max/sum)
+    vm = tl.max(tl.full([BN], _NEG_BIG, dtype=tl.float32), 0)
+    vl = tl.sum(tl.zeros([BN], dtype=tl.float32), 0)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        lp = tl.load(log_p_ptr + off, mask=msk, other=0.0)
+        h = tl.load(z_ptr + off, mask=msk, other=0.0) + a0 * tl.load(sig_ptr + off, mask=msk,
+                                                                     other=0.0)
+        if QUADRATIC:
+            y = lp + (h - a1 * tl.exp(lp)) / rho
+        else:
+            y = (h + rho * lp) / w
+        y = tl.where(msk, y, float("-inf"))                                     # [BN, BD]
+        ym = tl.max(y, 1)
+        c = ym + tl.log(tl.sum(tl.exp(y - ym[:, None]), 1))                     # [BN]
+        tl.store(log_s_ptr + off, y, mask=msk)
+        tl.store(c_ptr + b * N_pad + rows, c, mask=r_ok)
+        lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+        if PAPER:   # logits of the new log η, eq. (27), from the state before this update
+            le = tl.load(log_eta_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+            z2 = tl.load(z2_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+            v = (1 - k3) * (le - z2 / rho) + k3 * lq0
+        else:
+            v = k3 * lq0 + (1 - k3) * c
+        v = tl.where(r_ok, v, float("-inf"))
+        vm_new = tl.maximum(vm, tl.max(v, 0))
+        vl = vl * tl.exp(vm - vm_new) + tl.sum(tl.exp(v - vm_new), 0)
+        vm = vm_new
+    v_lse = vm + tl.log(vl)
+    tl.debug_barrier()   # pass 2 reads what other threads of this program wrote in pass 1
+    colsum_p = tl.zeros([BD], dtype=tl.float32)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        y = tl.load(log_s_ptr + off, mask=msk, other=0.0)
+        c = tl.load(c_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+        lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+        if PAPER:
+            le = tl.load(log_eta_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+        else:
+            le = k3 * lq0 + (1 - k3) * c - v_lse
+        ls = y + (le - c)[:, None]
+        p = tl.where(msk, tl.exp(tl.load(log_p_ptr + off, mask=msk, other=0.0)), 0.0)
+        s = tl.where(msk, tl.exp(ls), 0.0)
+        zz = tl.load(z_ptr + off, mask=msk, other=0.0) + rho * (p - s)
+        tl.store(log_s_ptr + off, ls, mask=msk)
+        if SAVE:
+            tl.store(eta_out_ptr + b * N_pad + rows, le, mask=r_ok)
+        tl.store(z_ptr + off, zz, mask=msk)
+        if PAPER:
+            z2 = tl.load(z2_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+            le_new = (1 - k3) * (le - z2 / rho) + k3 * lq0 - v_lse
+            z2 = z2 + rho * (tl.exp(le_new) - tl.sum(s, 1))
+            tl.debug_barrier()   # every warp has read this chunk's old log η, z2
+            tl.store(log_eta_ptr + b * N_pad + rows, le_new, mask=r_ok)
+            tl.store(z2_ptr + b * N_pad + rows, z2, mask=r_ok)
+            colsum_p += tl.sum(p, 0)
+    if PAPER:   # eq. (26) and the z1 update
+        k2 = _kappa(tl.load(a2_ptr + t), rho)
+        lmu = tl.load(log_mu_ptr + b * D + offs_d, mask=d_ok, other=0.0)
+        z1 = tl.load(z1_ptr + b * D + offs_d, mask=d_ok, other=0.0)
+        u = (1 - k2) * (lmu - z1 / rho) + k2 * tl.load(log_p0_ptr + b * D + offs_d, mask=d_ok,
+                                                         other=0.0)
+        u = tl.where(d_ok, u, float("-inf"))
+        um = tl.max(u, 0)
+        lmu = u - (um + tl.log(tl.sum(tl.exp(u - um), 0)))
+        z1 = z1 + rho * (tl.exp(lmu) - colsum_p)
+        tl.store(log_mu_ptr + b * D + offs_d, lmu, mask=d_ok)
+        tl.store(z1_ptr + b * D + offs_d, z1, mask=d_ok)
+
+
+@triton.jit
+def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr, log_p0_ptr,
+                              log_q0_ptr, hist_r_ptr, hist_a_ptr, hist_c_ptr, hist_b_ptr,
+                              len_ptr, a0_ptr, a1_ptr, a2_ptr, a3_ptr, tau_ptr, t,
+                              K, N_pad, D, PAPER: tl.constexpr, SAVE: tl.constexpr,
+                              BN: tl.constexpr, BD: tl.constexpr):
+    """One proximal (Alg. 1) outer step of S, all K inner iterations, one program per set.
+
+    Y0 = (x + α0 Σ(P) + τ log P)/ε, ε = α1 + τ (= -C_t/ε). Exact: K Gauss-Seidel iterations
+    a = lognorm(κ2 log p0 + (1-κ2) LSE_n(Y0 + b)) - LSE_n(..), b likewise over d; paper: K
+    Jacobi iterations of eq. (18) with the a/ε factor. log P ← Y0 + a + b (in place).
+    y0: (B, N_pad, D) scratch; bvec, c: (B, N_pad) scratch.
+    SAVE: the inner history for the adjoint, R_k, a_k (B, K, D) and C_k, b_k (B, K, N_pad):
+    exact, a_k and b_k after iteration k; paper, a and b entering iteration k.
+    """
+    b = tl.program_id(0)
+    n_b = tl.load(len_ptr + b).to(tl.int32)
+    a0 = tl.load(a0_ptr + t)
+    tau = tl.load(tau_ptr + t)
+    eps = tl.load(a1_ptr + t) + tau
+    k2 = _kappa(tl.load(a2_ptr + t), eps)
+    k3 = _kappa(tl.load(a3_ptr + t), eps)
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    lp0 = tl.load(log_p0_ptr + b * D + offs_d, mask=d_ok, other=0.0)
+    # Y0 and b = 0
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        y0 = (tl.load(x_ptr + off, mask=msk, other=0.0)
+              + a0 * tl.load(sig_ptr + off, mask=msk, other=0.0)
+              + tau * tl.load(log_p_ptr + off, mask=msk, other=0.0)) / eps
+        tl.store(y0_ptr + off, y0, mask=msk)
+        tl.store(bvec_ptr + b * N_pad + rows, tl.zeros([BN], dtype=tl.float32), mask=r_ok)
+    a = tl.zeros([BD], dtype=tl.float32)
+    tl.debug_barrier()
+    for _k in range(0, K):
+        if PAPER:
+            # Jacobi: R and C from the same Y = Y0 + a + b; b updated row by row
+            m = tl.full([BD], _NEG_BIG, dtype=tl.float32)
+            l = tl.zeros([BD], dtype=tl.float32)
+            for n0 in range(0, n_b, BN):
+                rows = n0 + tl.arange(0, BN)
+                r_ok = rows < n_b
+                msk = r_ok[:, None] & d_ok[None, :]
+                off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+                bv = tl.load(bvec_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                y = tl.load(y0_ptr + off, mask=msk, other=0.0) + a[None, :] + bv[:, None]
+                y = tl.where(msk, y, float("-inf"))
+                m_new = tl.maximum(m, tl.max(y, 0))
+                l = l * tl.exp(m - m_new) + tl.sum(tl.exp(y - m_new[None, :]), 0)
+                m = m_new
+                ym = tl.max(y, 1)
+                c = ym + tl.log(tl.sum(tl.exp(y - ym[:, None]), 1))
+                lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                # bv is replicated across warps: all must have read it before it is replaced
+                tl.debug_barrier()
+                tl.store(bvec_ptr + b * N_pad + rows, k3 * (bv / eps + lq0 - c), mask=r_ok)
+                if SAVE:   # the state entering iteration k and its C
+                    tl.store(hist_b_ptr + (b * K + _k) * N_pad + rows, bv, mask=r_ok)
+                    tl.store(hist_c_ptr + (b * K + _k) * N_pad + rows, c, mask=r_ok)
+            r = m + tl.log(l)
+            if SAVE:
+                tl.store(hist_r_ptr + (b * K + _k) * D + offs_d, r, mask=d_ok)
+                tl.store(hist_a_ptr + (b * K + _k) * D + offs_d, a, mask=d_ok)
+            a = tl.where(d_ok, k2 * (a / eps + lp0 - r), 0.0)
+        else:
+            # a from R = LSE_n(Y0 + b)
+            m = tl.full([BD], _NEG_BIG, dtype=tl.float32)
+            l = tl.zeros([BD], dtype=tl.float32)
+            for n0 in range(0, n_b, BN):
+                rows = n0 + tl.arange(0, BN)
+                r_ok = rows < n_b
+                msk = r_ok[:, None] & d_ok[None, :]
+                off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+                bv = tl.load(bvec_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                y = tl.load(y0_ptr + off, mask=msk, other=0.0) + bv[:, None]
+                y = tl.where(msk, y, float("-inf"))
+                m_new = tl.maximum(m, tl.max(y, 0))
+                l = l * tl.exp(m - m_new) + tl.sum(tl.exp(y - m_new[None, :]), 0)
+                m = m_new
+            r = m + tl.log(l)
+            v = tl.where(d_ok, k2 * lp0 + (1 - k2) * r, float("-inf"))
+            vmax = tl.max(v, 0)
+            a = tl.where(d_ok, v - (vmax + tl.log(tl.sum(tl.exp(v - vmax), 0))) - r, 0.0)
+            if SAVE:
+                tl.store(hist_r_ptr + (b * K + _k) * D + offs_d, r, mask=d_ok)
+                tl.store(hist_a_ptr + (b * K + _k) * D + offs_d, a, mask=d_ok)
+            # b from C = LSE_d(Y0 + a)
+            vm = tl.max(tl.full([BN], _NEG_BIG, dtype=tl.float32), 0)
+            vl = tl.sum(tl.zeros([BN], dtype=tl.float32), 0)
+            for n0 in range(0, n_b, BN):
+                rows = n0 + tl.arange(0, BN)
+                r_ok = rows < n_b
+                msk = r_ok[:, None] & d_ok[None, :]
+                off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+                y = tl.load(y0_ptr + off, mask=msk, other=0.0) + a[None, :]
+                y = tl.where(msk, y, float("-inf"))
+                ym = tl.max(y, 1)
+                c = ym + tl.log(tl.sum(tl.exp(y - ym[:, None]), 1))
+                tl.store(c_ptr + b * N_pad + rows, c, mask=r_ok)
+                lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                vn = tl.where(r_ok, k3 * lq0 + (1 - k3) * c, float("-inf"))
+                vm_new = tl.maximum(vm, tl.max(vn, 0))
+                vl = vl * tl.exp(vm - vm_new) + tl.sum(tl.exp(vn - vm_new), 0)
+                vm = vm_new
+            v_lse = vm + tl.log(vl)
+            tl.debug_barrier()
+            for n0 in range(0, n_b, BN):
+                rows = n0 + tl.arange(0, BN)
+                r_ok = rows < n_b
+                c = tl.load(c_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                bn = k3 * lq0 + (1 - k3) * c - v_lse - c
+                tl.store(bvec_ptr + b * N_pad + rows, bn, mask=r_ok)
+                if SAVE:
+                    tl.store(hist_c_ptr + (b * K + _k) * N_pad + rows, c, mask=r_ok)
+                    tl.store(hist_b_ptr + (b * K + _k) * N_pad + rows, bn, mask=r_ok)
+        tl.debug_barrier()
+    # log P = Y0 + a + b
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        bv = tl.load(bvec_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+        y = tl.load(y0_ptr + off, mask=msk, other=0.0) + a[None, :] + bv[:, None]
+        tl.store(log_p_ptr + off, y, mask=msk)
+
+
+@triton.jit
+def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_s_new_ptr, c_ptr,
+                            eta_ptr, log_q0_ptr, g_z_out_ptr, g_sig_ptr, g_lp_ptr, g_p_ptr,
+                            g_lq0_ptr, gvec_ptr, row_x_ptr, col_x_ptr, wpart_ptr, len_ptr,
+                            a0_ptr, a1_ptr, a3_ptr, rho_ptr, t, N_pad, D,
+                            QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
+                            BN: tl.constexpr, BD: tl.constexpr):
+    """Adjoint of the exact S-step and dual update (badmm_s_step_kernel), one program per set.
+
+    In: g_ls, g_z = ∂L/∂log S', ∂L/∂Z' (B, N_pad, D); the forward's log P, Z, Σ(P), log S',
+    C (c) and log η (eta). Out: g_z_out = ∂L/∂Z through this step, g_sig = α0 ∂L/∂H (to be
+    pushed through Σ), g_lp = ∂L/∂log P and g_p = ∂L/∂P except the Σ(P) path, g_lq0
+    (B, N_pad), and per-set partial sums wpart[b] = (∂/∂α0, ∂/∂α1, ∂/∂ρ direct, ∂/∂κ3, ∂/∂w).
+    gvec: (B, N_pad) scratch.
+    PAPER: log η is a state (no κ3 path): gvec returns ∂L/∂log η through log S'; the eq. (27)-(28)
+    updates enter as row_x (B, N_pad) (∂L/∂S'_nd += row_x_n, from z2) and col_x (B, D)
+    (∂L/∂P_nd += col_x_d, from z1).
+    """
+    b = tl.program_id(0)
+    n_b = tl.load(len_ptr + b).to(tl.int32)
+    a0 = tl.load(a0_ptr + t)
+    a1 = tl.load(a1_ptr + t)
+    rho = tl.load(rho_ptr + t)
+    if QUADRATIC:
+        w = rho
+    else:
+        w = a1 + rho
+    k3 = _kappa(tl.load(a3_ptr + t), w)
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    zero_n = tl.zeros([BN], dtype=tl.float32)
+    # pass 1: ∂L/∂log η_n = Σ_d ∂L/∂log S'_nd (total, through S' = exp(log S') in the dual too)
+    g_rho = tl.sum(zero_n, 0)
+    g_eta_sum = tl.sum(zero_n, 0)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        gz = tl.load(g_z_ptr + off, mask=msk, other=0.0)
+        p = tl.where(msk, tl.exp(tl.load(log_p_ptr + off, mask=msk, other=0.0)), 0.0)
+        s = tl.where(msk, tl.exp(tl.load(log_s_new_ptr + off, mask=msk, other=0.0)), 0.0)
+        glt = tl.load(g_ls_ptr + off, mask=msk, other=0.0) - rho * gz * s      # [BN, BD]
+        if PAPER:
+            glt += tl.load(row_x_ptr + b * N_pad + rows, mask=r_ok, other=0.0)[:, None] * s
+        g_rho += tl.sum(tl.sum(gz * (p - s), 1), 0)
+        g_eta = tl.sum(glt, 1)                                                  # [BN]
+        tl.store(gvec_ptr + b * N_pad + rows, g_eta, mask=r_ok)
+        g_eta_sum += tl.sum(g_eta, 0)
+    tl.debug_barrier()
+    g_a0 = tl.sum(zero_n, 0)
+    g_a1 = tl.sum(zero_n, 0)
+    g_w = tl.sum(zero_n, 0)
+    g_k3 = tl.sum(zero_n, 0)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        # log η = lognorm_n(v), v = κ3 log q0 + (1-κ3) C: softmax(v) = η
+        g_eta = tl.load(gvec_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+        le = tl.load(eta_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+        c = tl.load(c_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+        lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+        if PAPER:
+            g_c = -g_eta
+        else:
+            g_v = tl.where(r_ok, g_eta - tl.exp(le) * g_eta_sum, 0.0)
+            g_c = -g_eta + (1 - k3) * g_v
+            tl.store(g_lq0_ptr + b * N_pad + rows, k3 * g_v, mask=r_ok)
+            g_k3 += tl.sum(g_v * (lq0 - c), 0)
+        gz = tl.load(g_z_ptr + off, mask=msk, other=0.0)
+        lp = tl.load(log_p_ptr + off, mask=msk, other=0.0)
+        p = tl.where(msk, tl.exp(lp), 0.0)
+        s = tl.where(msk, tl.exp(tl.load(log_s_new_ptr + off, mask=msk, other=0.0)), 0.0)
+        sig = tl.load(sig_p_ptr + off, mask=msk, other=0.0)
+        h = tl.load(z_ptr + off, mask=msk, other=0.0) + a0 * sig
+        if QUADRATIC:
+            y = lp + (h - a1 * p) / rho
+        else:
+            y = (h + rho * lp) / w
+        # C = LSE_d Y: ∂C/∂Y = exp(Y - C)
+        g_y = tl.load(g_ls_ptr + off, mask=msk, other=0.0) - rho * gz * s \
+            + tl.where(msk, tl.exp(y - c[:, None]), 0.0) * g_c[:, None]          # [BN, BD]
+        if PAPER:
+            g_y += tl.load(row_x_ptr + b * N_pad + rows, mask=r_ok, other=0.0)[:, None] * s
+        if QUADRATIC:
+            g_h = g_y / rho
+            g_lp = g_y
+            g_p = rho * gz - a1 * g_h
+            g_a1 += tl.sum(tl.sum(-g_h * p, 1), 0)
+            g_rho += tl.sum(tl.sum(-g_h * (h - a1 * p), 1), 0) / rho
+        else:
+            g_h = g_y / w
+            g_lp = rho * g_h
+            g_p = rho * gz
+            g_w += tl.sum(tl.sum(-g_h * y, 1), 0)
+            g_rho += tl.sum(tl.sum(g_h * lp, 1), 0)
+        if PAPER:
+            g_p += tl.load(col_x_ptr + b * D + offs_d, mask=d_ok, other=0.0)[None, :]
+        g_a0 += tl.sum(tl.sum(g_h * sig, 1), 0)
+        tl.store(g_z_out_ptr + off, gz + g_h, mask=msk)
+        tl.store(g_sig_ptr + off, a0 * g_h, mask=msk)
+        tl.store(g_lp_ptr + off, g_lp, mask=msk)
+        tl.store(g_p_ptr + off, g_p, mask=msk)
+    tl.store(wpart_ptr + b * 8 + 0, g_a0)
+    tl.store(wpart_ptr + b * 8 + 1, g_a1)
+    tl.store(wpart_ptr + b * 8 + 2, g_rho)
+    tl.store(wpart_ptr + b * 8 + 3, g_k3)
+    tl.store(wpart_ptr + b * 8 + 4, g_w)
+
+
+@triton.jit
+def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_ptr, sig_s_ptr,
+                            r_ptr, mu_ptr, log_p0_ptr, g_l_ptr, g_x_ptr, g_z_ptr, g_sig_ptr,
+                            g_lp0_ptr, wpart_ptr, len_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
+                            N_pad, D, QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
+                            BN: tl.constexpr, BD: tl.constexpr):
+    """Adjoint of the exact P-step (badmm_p_step_kernel), one program per set.
+
+    In: ∂L/∂log P = g_lp + P ⊙ g_p (all paths); the forward's log P, log S, Z, x, Σ(S), R and
+    log μ (r, mu (B, D)). Out: g_l = ∂L/∂log S except the Σ(S) path (written), g_x += and
+    g_z -= ∂L/∂G (in place), g_sig = α0 ∂L/∂G (to be pushed through Σ), g_lp0 (B, D), and
+    per-set partials wpart[b] = (∂/∂α0, ∂/∂α1, ∂/∂ρ direct, ∂/∂κ2).
+    PAPER: log μ is a state: g_lp0 returns ∂L/∂log μ (no κ2 path).
+    """
+    b = tl.program_id(0)
+    n_b = tl.load(len_ptr + b).to(tl.int32)
+    a0 = tl.load(a0_ptr + t)
+    a1 = tl.load(a1_ptr + t)
+    rho = tl.load(rho_ptr + t)
+    k2 = _kappa(tl.load(a2_ptr + t), rho)
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    # pass 1: ∂L/∂log μ_d = Σ_n ∂L/∂log P_nd
+    g_mu = tl.zeros([BD], dtype=tl.float32)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        msk = (rows < n_b)[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        p = tl.where(msk, tl.exp(tl.load(log_p_ptr + off, mask=msk, other=0.0)), 0.0)
+        g_mu += tl.sum(tl.load(g_lp_ptr + off, mask=msk, other=0.0)
+                       + p * tl.load(g_p_ptr + off, mask=msk, other=0.0), 0)
+    r = tl.load(r_ptr + b * D + offs_d, mask=d_ok, other=0.0)
+    lmu = tl.load(mu_ptr + b * D + offs_d, mask=d_ok, other=0.0)
+    lp0 = tl.load(log_p0_ptr + b * D + offs_d, mask=d_ok, other=0.0)
+    if PAPER:
+        g_r = -g_mu
+        tl.store(g_lp0_ptr + b * D + offs_d, g_mu, mask=d_ok)
+        g_k2 = tl.sum(tl.zeros([BD], dtype=tl.float32), 0)
+    else:
+        g_v = tl.where(d_ok, g_mu - tl.exp(lmu) * tl.sum(g_mu, 0), 0.0)  # log μ = lognorm(v)
+        g_r = -g_mu + (1 - k2) * g_v
+        tl.store(g_lp0_ptr + b * D + offs_d, k2 * g_v, mask=d_ok)
+        g_k2 = tl.sum(tl.where(d_ok, g_v * (lp0 - r), 0.0), 0)
+    zero_n = tl.zeros([BN], dtype=tl.float32)
+    g_a0 = tl.sum(zero_n, 0)
+    g_a1 = tl.sum(zero_n, 0)
+    g_rho = tl.sum(zero_n, 0)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        msk = (rows < n_b)[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        p = tl.where(msk, tl.exp(tl.load(log_p_ptr + off, mask=msk, other=0.0)), 0.0)
+        glp = tl.load(g_lp_ptr + off, mask=msk, other=0.0) \
+            + p * tl.load(g_p_ptr + off, mask=msk, other=0.0)
+        ls = tl.load(log_s_ptr + off, mask=msk, other=0.0)
+        sig = tl.load(sig_s_ptr + off, mask=msk, other=0.0)
+        g = tl.load(x_ptr + off, mask=msk, other=0.0) - tl.load(z_ptr + off, mask=msk, other=0.0)
+        g += a0 * sig
+        s = tl.where(msk, tl.exp(ls), 0.0)
+        if QUADRATIC:
+            g -= a1 * s
+        y = ls + g / rho
+        # R = LSE_n Y: ∂R/∂Y = exp(Y - R)
+        g_y = glp + tl.where(msk, tl.exp(y - r[None, :]), 0.0) * g_r[None, :]   # [BN, BD]
+        g_g = g_y / rho
+        g_rho += tl.sum(tl.sum(-g_g * g, 1), 0) / rho
+        g_a0 += tl.sum(tl.sum(g_g * sig, 1), 0)
+        g_l = g_y
+        if QUADRATIC:
+            g_a1 += tl.sum(tl.sum(-g_g * s, 1), 0)
+            g_l -= a1 * g_g * s
+        tl.store(g_l_ptr + off, g_l, mask=msk)
+        tl.store(g_x_ptr + off, tl.load(g_x_ptr + off, mask=msk, other=0.0) + g_g, mask=msk)
+        tl.store(g_z_ptr + off, tl.load(g_z_ptr + off, mask=msk, other=0.0) - g_g, mask=msk)
+        tl.store(g_sig_ptr + off, a0 * g_g, mask=msk)
+    tl.store(wpart_ptr + b * 8 + 0, g_a0)
+    tl.store(wpart_ptr + b * 8 + 1, g_a1)
+    tl.store(wpart_ptr + b * 8 + 2, g_rho)
+    tl.store(wpart_ptr + b * 8 + 3, g_k2)
+
+
+@triton.jit
+def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, gy0_ptr,
+                                  hist_r_ptr, hist_a_ptr, hist_c_ptr, hist_b_ptr, gb_ptr, gc_ptr,
+                                  log_p0_ptr, log_q0_ptr, g_lp_ptr, g_x_ptr, g_sig_ptr,
+                                  g_lp0_ptr, g_lq0_ptr, wpart_ptr, len_ptr, a0_ptr, a1_ptr,
+                                  a2_ptr, a3_ptr, tau_ptr, t, K, N_pad, D,
+                                  PAPER: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """Adjoint of one proximal S step (sinkhorn_prox_step_kernel, SAVE), one program per
+    set: the K Gauss-Seidel (exact) or Jacobi (paper, eq. 18) iterations in reverse from their
+    saved (R_k, a_k, C_k, b_k) and Y0.
+
+    In: g_out = ∂L/∂log P_{t+1} (B, N_pad, D); log P_t, Σ(P_t), Y0 and the history. Out: g_lp =
+    ∂L/∂log P_t except the Σ(P_t) path, g_x += ∂L/∂x, g_sig = α0 ∂L/∂Y0/ε (to be pushed
+    through Σ), g_lp0 (B, D), g_lq0 (B, N_pad), wpart[b] = (∂/∂α0, ∂/∂τ direct, ∂/∂ε direct,
+    ∂/∂κ2, ∂/∂κ3). Scratch: gy0 (B, N_pad, D), gb, gc (B, N_pad).
+    """
+    b = tl.program_id(0)
+    n_b = tl.load(len_ptr + b).to(tl.int32)
+    a0 = tl.load(a0_ptr + t)
+    tau = tl.load(tau_ptr + t)
+    eps = tl.load(a1_ptr + t) + tau
+    k2 = _kappa(tl.load(a2_ptr + t), eps)
+    k3 = _kappa(tl.load(a3_ptr + t), eps)
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    lp0 = tl.load(log_p0_ptr + b * D + offs_d, mask=d_ok, other=0.0)
+    zero_n = tl.zeros([BN], dtype=tl.float32)
+    # log P_{t+1} = Y0 + a_K + b_K
+    g_a_out = tl.zeros([BD], dtype=tl.float32)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        g = tl.load(g_out_ptr + off, mask=msk, other=0.0)
+        tl.store(gy0_ptr + off, g, mask=msk)
+        g_a_out += tl.sum(g, 0)
+        tl.store(gb_ptr + b * N_pad + rows, tl.sum(g, 1), mask=r_ok)
+        tl.store(g_lq0_ptr + b * N_pad + rows, zero_n, mask=r_ok)
+    g_lp0 = tl.zeros([BD], dtype=tl.float32)
+    g_k2 = tl.sum(zero_n, 0)
+    g_k3 = tl.sum(zero_n, 0)
+    g_eps_j = tl.sum(zero_n, 0)
+    tl.debug_barrier()
+    if PAPER:
+        # a' = κ2 (a/ε + log p0 - R), b' = κ3 (b/ε + log q0 - C), R, C from Y = Y0 + a + b
+        g_a = g_a_out
+        for kk in range(0, K):
+            k = K - 1 - kk
+            a_old = tl.load(hist_a_ptr + (b * K + k) * D + offs_d, mask=d_ok, other=0.0)
+            rk = tl.load(hist_r_ptr + (b * K + k) * D + offs_d, mask=d_ok, other=0.0)
+            g_r = -k2 * g_a
+            g_lp0 += k2 * g_a
+            g_k2 += tl.sum(tl.where(d_ok, g_a * (a_old / eps + lp0 - rk), 0.0), 0)
+            g_eps_j += tl.sum(tl.where(d_ok, -g_a * k2 * a_old, 0.0), 0) / (eps * eps)
+            g_a_new = k2 / eps * g_a
+            for n0 in range(0, n_b, BN):
+                rows = n0 + tl.arange(0, BN)
+                r_ok = rows < n_b
+                msk = r_ok[:, None] & d_ok[None, :]
+                off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+                gbv = tl.load(gb_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                b_old = tl.load(hist_b_ptr + (b * K + k) * N_pad + rows, mask=r_ok, other=0.0)
+                c = tl.load(hist_c_ptr + (b * K + k) * N_pad + rows, mask=r_ok, other=0.0)
+                lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                g_c = -k3 * gbv
+                g_k3 += tl.sum(gbv * (b_old / eps + lq0 - c), 0)
+                g_eps_j += tl.sum(-gbv * k3 * b_old, 0) / (eps * eps)
+                y = tl.load(y0_ptr + off, mask=msk, other=0.0) + a_old[None, :] + b_old[:, None]
+                gy = tl.where(msk, tl.exp(y - rk[None, :]) * g_r[None, :]
+                              + tl.exp(y - c[:, None]) * g_c[:, None], 0.0)     # [BN, BD]
+                tl.store(gy0_ptr + off, tl.load(gy0_ptr + off, mask=msk, other=0.0) + gy,
+                         mask=msk)
+                g_a_new += tl.sum(gy, 0)
+                old_q = tl.load(g_lq0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                tl.debug_barrier()   # every warp read gb, g_lq0 of these rows before the update
+                tl.store(gb_ptr + b * N_pad + rows, k3 / eps * gbv + tl.sum(gy, 1), mask=r_ok)
+                tl.store(g_lq0_ptr + b * N_pad + rows, old_q + k3 * gbv, mask=r_ok)
+            g_a = g_a_new
+            tl.debug_barrier()
+    else:
+        for kk in range(0, K):
+            k = K - 1 - kk
+            # b_k = lognorm_n(v) - C_k, v = κ3 log q0 + (1-κ3) C_k, softmax(v) = exp(b_k + C_k)
+            gb_sum = tl.sum(zero_n, 0)
+            for n0 in range(0, n_b, BN):
+                rows = n0 + tl.arange(0, BN)
+                gb_sum += tl.sum(tl.load(gb_ptr + b * N_pad + rows, mask=rows < n_b,
+                                         other=0.0), 0)
+            for n0 in range(0, n_b, BN):
+                rows = n0 + tl.arange(0, BN)
+                r_ok = rows < n_b
+                gbv = tl.load(gb_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                c = tl.load(hist_c_ptr + (b * K + k) * N_pad + rows, mask=r_ok, other=0.0)
+                bk = tl.load(hist_b_ptr + (b * K + k) * N_pad + rows, mask=r_ok, other=0.0)
+                lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                g_v = tl.where(r_ok, gbv - tl.exp(bk + c) * gb_sum, 0.0)
+                tl.store(gc_ptr + b * N_pad + rows, -gbv + (1 - k3) * g_v, mask=r_ok)
+                g_k3 += tl.sum(g_v * (lq0 - c), 0)
+                old = tl.load(g_lq0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                tl.debug_barrier()   # every warp read the old value before it is replaced
+                tl.store(g_lq0_ptr + b * N_pad + rows, old + k3 * g_v, mask=r_ok)
+            tl.debug_barrier()
+            # C_k = LSE_d(Y0 + a_k)
+            ak = tl.load(hist_a_ptr + (b * K + k) * D + offs_d, mask=d_ok, other=0.0)
+            g_a = tl.where(k == K - 1, g_a_out, 0.0)   # a_k feeds C_k and, last, the output
+            for n0 in range(0, n_b, BN):
+                rows = n0 + tl.arange(0, BN)
+                r_ok = rows < n_b
+                msk = r_ok[:, None] & d_ok[None, :]
+                off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+                c = tl.load(hist_c_ptr + (b * K + k) * N_pad + rows, mask=r_ok, other=0.0)
+                gc = tl.load(gc_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                e = tl.where(msk, tl.exp(tl.load(y0_ptr + off, mask=msk, other=0.0)
+                                         + ak[None, :] - c[:, None]), 0.0) * gc[:, None]
+                tl.store(gy0_ptr + off, tl.load(gy0_ptr + off, mask=msk, other=0.0) + e,
+                         mask=msk)
+                g_a += tl.sum(e, 0)
+            # a_k = lognorm_d(u) - R_k, u = κ2 log p0 + (1-κ2) R_k, softmax(u) = exp(a_k + R_k)
+            rk = tl.load(hist_r_ptr + (b * K + k) * D + offs_d, mask=d_ok, other=0.0)
+            g_u = tl.where(d_ok, g_a - tl.exp(ak + rk) * tl.sum(g_a, 0), 0.0)
+            g_r = -g_a + (1 - k2) * g_u
+            g_lp0 += k2 * g_u
+            g_k2 += tl.sum(tl.where(d_ok, g_u * (lp0 - rk), 0.0), 0)
+            # R_k = LSE_n(Y0 + b_{k-1}), b_{-1} = 0
+            for n0 in range(0, n_b, BN):
+                rows = n0 + tl.arange(0, BN)
+                r_ok = rows < n_b
+                msk = r_ok[:, None] & d_ok[None, :]
+                off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+                bprev = tl.load(hist_b_ptr + (b * K + tl.maximum(k - 1, 0)) * N_pad + rows,
+                                mask=r_ok, other=0.0)
+                bprev = tl.where(k > 0, bprev, 0.0)
+                e = tl.where(msk, tl.exp(tl.load(y0_ptr + off, mask=msk, other=0.0)
+                                         + bprev[:, None] - rk[None, :]), 0.0) * g_r[None, :]
+                tl.store(gy0_ptr + off, tl.load(gy0_ptr + off, mask=msk, other=0.0) + e,
+                         mask=msk)
+                tl.store(gb_ptr + b * N_pad + rows, tl.sum(e, 1), mask=r_ok)
+            tl.debug_barrier()
+    # Y0 = (x + α0 Σ(P) + τ log P) / ε
+    g_a0 = tl.sum(zero_n, 0)
+    g_tau = tl.sum(zero_n, 0)
+    g_eps = tl.sum(zero_n, 0)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        gy = tl.load(gy0_ptr + off, mask=msk, other=0.0) / eps
+        sig = tl.load(sig_ptr + off, mask=msk, other=0.0)
+        lp = tl.load(log_p_ptr + off, mask=msk, other=0.0)
+        g_a0 += tl.sum(tl.sum(gy * sig, 1), 0)
+        g_tau += tl.sum(tl.sum(gy * lp, 1), 0)
+        g_eps += tl.sum(tl.sum(-gy * tl.load(y0_ptr + off, mask=msk, other=0.0), 1), 0)
+        tl.store(g_x_ptr + off, tl.load(g_x_ptr + off, mask=msk, other=0.0) + gy, mask=msk)
+        tl.store(g_sig_ptr + off, a0 * gy, mask=msk)
+        tl.store(g_lp_ptr + off, tau * gy, mask=msk)
+    tl.store(g_lp0_ptr + b * D + offs_d, g_lp0, mask=d_ok)
+    tl.store(wpart_ptr + b * 8 + 0, g_a0)
+    tl.store(wpart_ptr + b * 8 + 1, g_tau)
+    tl.store(wpart_ptr + b * 8 + 2, g_eps + g_eps_j)
+    tl.store(wpart_ptr + b * 8 + 3, g_k2)
+    tl.store(wpart_ptr + b * 8 + 4, g_k3)
+
+
+@triton.jit
+def pool_from_log_plan_kernel(log_p_ptr, x_ptr, y_ptr, plan_ptr, len_ptr, real_len_ptr,
+                              row_start_ptr, N_pad, D, s_pn, s_pb,
+                              WRITE_PLAN: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """y_d = Σ_n softmax_n(log P[:, d]) x_nd (one online pass), 0 for empty sets; optionally
+    the plan exp(log P - LSE_{n,d} log P) in the caller's row layout (row b*s_pb +
+    (row_start[b] + n)*s_pn, contiguous features) and dtype.
+    """
+    b = tl.program_id(0)
+    n_b = tl.load(len_ptr + b).to(tl.int32)
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    m = tl.full([BD], _NEG_BIG, dtype=tl.float32)
+    l = tl.zeros([BD], dtype=tl.float32)
+    acc = tl.zeros([BD], dtype=tl.float32)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        msk = (rows < n_b)[:, None] & d_ok[None, :]
+        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        lp = tl.where(msk, tl.load(log_p_ptr + off, mask=msk, other=0.0), float("-inf"))
+        xv = tl.load(x_ptr + off, mask=msk, other=0.0)
+        m_new = tl.maximum(m, tl.max(lp, 0))
+        scale = tl.exp(m - m_new)
+        e = tl.exp(lp - m_new[None, :])                                        # [BN, BD]
+        l = l * scale + tl.sum(e, 0)
+        acc = acc * scale + tl.sum(e * xv, 0)
+        m = m_new
+    real = tl.load(real_len_ptr + b)
+    y = tl.where(real > 0, acc / tl.maximum(l, 1e-30), 0.0)
+    tl.store(y_ptr + b * D + offs_d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
+    if WRITE_PLAN:
+        col = tl.where(d_ok, m + tl.log(l), float("-inf"))
+        cm = tl.max(col, 0)
+        total = cm + tl.log(tl.sum(tl.exp(col - cm), 0))
+        row0 = tl.load(row_start_ptr + b)
+        n_real = real.to(tl.int32)
+        for n0 in range(0, n_real, BN):
+            rows = n0 + tl.arange(0, BN)
+            msk = (rows < n_real)[:, None] & d_ok[None, :]
+            off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+            lp = tl.load(log_p_ptr + off, mask=msk, other=0.0)
+            tl.store(plan_ptr + b * s_pb + (row0 + rows)[:, None] * s_pn + offs_d[None, :],
+                     tl.exp(lp - total).to(plan_ptr.dtype.element_ty), mask=msk)
