@@ -4,7 +4,7 @@ The six weights of ROT pooling (α0, α1, α2, α3, ρ, τ), each a float, ``inf
 reach every kernel as ONE float32 table of shape (6, T) — row ``A0`` … ``TAU`` below, column t
 for unrolled module t. Kernels derive every per-iteration scalar (κ, 1/ρ, 1/ε, ...) from it
 on chip, so the host does no per-weight arithmetic; its gradient (6, T) flows back to the
-weights through the op that built it (:func:`weight_table`: one tensor creation for Python
+weights through the op that built it (:func:`weight_table`: a cached constant for Python
 floats, one ``stack`` for tensors).
 
 Options are validated here ONCE, at the public boundary (``rot_pool``, the layers); routing and
@@ -160,9 +160,9 @@ def weight_table(a0: Weight, a1: Weight, a2: Weight, a3: Weight, rho: Weight, ta
     """The (6, T) table of per-iteration weights (rows A0 … TAU), differentiable in tensors.
 
     Each weight is a Python number (checked here, free) or a tensor of shape ``()``, ``(1,)``
-    (shared by the T modules) or ``(T,)``. Python numbers only: one tensor creation. With
-    tensors: one ``stack`` (numbers become constant rows); their values are range-checked when
-    value checks are on (:func:`value_checks_enabled`).
+    (shared by the T modules) or ``(T,)``. Python numbers only: a cached constant (no op per
+    call). With tensors: one ``stack`` (numbers become constant rows); their values are
+    range-checked when value checks are on (:func:`value_checks_enabled`).
     """
     values = (a0, a1, a2, a3, rho, tau)
     tensors = False
@@ -175,12 +175,32 @@ def weight_table(a0: Weight, a1: Weight, a2: Weight, a3: Weight, rho: Weight, ta
         else:
             _check_float_weight(name, float(v))
     if not tensors:
-        return torch.tensor([[float(v)] * T for v in values], dtype=dtype, device=device)
+        return _constant_table(tuple(float(v) for v in values), T, torch.device(device), dtype)
     rows = [v.reshape(-1).to(device=device, dtype=dtype).expand(T) if isinstance(v, Tensor)
             else torch.full((T,), float(v), dtype=dtype, device=device) for v in values]
     table = torch.stack(rows)
     if value_checks_enabled(table):
         check_weight_values(table)
+    return table
+
+
+_CONSTANT_TABLES: dict = {}
+
+
+def _constant_table(values: tuple, T: int, device: torch.device, dtype) -> Tensor:
+    """The table of Python-number weights, built once per (values, T, device, dtype) and reused
+    (read-only everywhere): no op at all per call, and a CUDA-graph capture finds it on the
+    device instead of copying it from pageable host memory. Fresh while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return torch.tensor([[v] * T for v in values], dtype=dtype, device=device)
+    key = (values, T, str(device), dtype)
+    table = _CONSTANT_TABLES.get(key)
+    if table is None:
+        if len(_CONSTANT_TABLES) >= 256:  # bounded: a sweep over weights must not leak memory
+            _CONSTANT_TABLES.clear()
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, never inference
+            table = torch.tensor([[v] * T for v in values], dtype=dtype, device=device)
+        _CONSTANT_TABLES[key] = table
     return table
 
 

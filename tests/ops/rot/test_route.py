@@ -201,3 +201,51 @@ def test_routing_on_cpu():
     with pytest.raises(ValueError, match="a0 = 0"):
         route.use_kernels(x, "triton", structure=True, window_tile=4)
     assert not route.use_kernels(x, "auto", window_tile=route.MAX_WINDOW_TILE * 2)
+
+
+def test_constant_table_is_cached_and_not_an_inference_tensor():
+    with torch.inference_mode():
+        t1 = params.weight_table(0.0, 1.37, 1.0, float("inf"), 1.0, 1.0, 3, "cpu")
+    t2 = params.weight_table(0.0, 1.37, 1.0, float("inf"), 1.0, 1.0, 3, "cpu")
+    assert t1 is t2 and not t2.is_inference() and not t2.requires_grad
+    x = torch.randn(2, 3, 4, requires_grad=True)  # a training call after an inference call
+    with torch.inference_mode():
+        rt.rot_pool(x.detach(), a1=1.37, a3=float("inf"), num_iters=3)
+    rt.rot_pool(x, a1=1.37, a3=float("inf"), num_iters=3).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("layer", ["rotpool-dense", "rotpool-ptr", "rotpool2d"])
+def test_cuda_graph_capture_of_forward_and_backward(layer):
+    """No host sync and no pageable copy on the hot path: a module's forward+backward can be
+    captured in a CUDA graph and replayed with new data."""
+    if layer == "rotpool2d":
+        m = rt.ROTPool2d(8, 2, num_iters=2).cuda()
+        x = torch.randn(2, 8, 6, 6, device="cuda", requires_grad=True)
+        kw = {}
+    else:
+        m = rt.ROTPool(8, num_iters=2).cuda()
+        dense = layer == "rotpool-dense"
+        x = torch.randn(*((3, 5, 8) if dense else (9, 8)), device="cuda", requires_grad=True)
+        kw = {} if dense else dict(ptr=torch.tensor([0, 2, 2, 9], device="cuda"))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm-up: compile kernels, fill caches
+            m(x, **kw).sum().backward()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(g):
+        y = m(x, **kw)
+        y.sum().backward()
+    with torch.no_grad():
+        x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    xe = x.detach().clone().requires_grad_()
+    ye = m(xe, **kw)
+    ye.sum().backward()
+    assert_close(y, ye, name="y")
+    assert_close(x.grad, xe.grad, name="dx")
