@@ -4,7 +4,12 @@ A batch of sets arrives either dense, ``x: (B, N, D)`` (every set has N samples)
 ``x: (N_total, D)`` with ``index`` (the set of each row, any order) and/or ``ptr`` (CSR offsets,
 rows already grouped by set), as in ``torch_geometric.nn.aggr``. The torch path works on a padded
 view ``(B, N_max, D)`` with a boolean ``mask``; :class:`SetBatch` holds that view and knows how to
-put per-row results (the plan P) back into the caller's layout.
+put per-row results (the plan P) back into the caller's layout. It is built lazily: the Triton
+path reads the caller's tensor and ``ptr`` directly and costs no op here.
+
+Value checks (index in range, ptr monotone, finite priors) read tensors on the host and run
+only where ``ops/rot/params.py`` enables them (CPU tensors by default). Layout conventions:
+../../shared/DESIGN.md §1.
 """
 from __future__ import annotations
 

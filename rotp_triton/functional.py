@@ -2,7 +2,8 @@
 
 The public boundary: options, shapes and (where value checks are on, ``ops/rot/params.py``)
 values are checked here once; the weights become one (6, T) table; ``ops/rot/route.py`` picks
-the Triton kernels or the torch path.
+the Triton kernels or the torch path. Mathematics and API: ../../shared/DESIGN.md §2-3, §9;
+front-end cost budget: ../../shared/PERF.md.
 """
 from __future__ import annotations
 

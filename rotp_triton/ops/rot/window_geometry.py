@@ -3,7 +3,8 @@ path (``torch/windows.py``) and the window kernels: one formula for every path.
 
 Local k×k windows follow ``nn.MaxPool2d`` (dilation 1: output size, padding, ``ceil_mode``);
 adaptive windows follow ``nn.AdaptiveAvgPool2d`` (rows ``floor(i·H/oh)`` to
-``ceil((i+1)·H/oh)``, they may overlap and differ in size). DESIGN §1 (images as sets), §9.
+``ceil((i+1)·H/oh)``, they may overlap and differ in size). ../../../../shared/DESIGN.md §1
+(images as sets), §9.
 """
 from __future__ import annotations
 

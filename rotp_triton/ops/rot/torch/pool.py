@@ -3,7 +3,8 @@ solved by ``sets.py``; the plan is put back into the caller's layout (DESIGN §1
 
 An empty set of a ragged batch is solved on one dummy zero sample (finite everywhere, so no NaN
 reaches shared weights in the backward) and its output is zeroed; masked ops, not a host-side
-test, so that ``torch.compile(fullgraph=True)`` traces it.
+test, so that ``torch.compile(fullgraph=True)`` traces it. Design: ../../../../../shared/DESIGN.md
+§1, §3.
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 batch, solved by ``sets.py`` (DESIGN §1: a window's valid pixels are the samples, the C
 channels the features). The CPU path, the fallback of the window kernels, and their reference
 in the tests. Window geometry: ``../window_geometry.py``; routing: ``../route.py``.
+Design: ../../../../../shared/DESIGN.md §1, §9.
 """
 from __future__ import annotations
 
