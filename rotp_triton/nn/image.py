@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from ..functional import check_rot_options, rot_pool
 from ..ops.rot import route
-from ..ops.rot.params import weight_table
 # pool_output_size, adaptive_bounds, rot_pool2d_torch: re-exported (tests, legacy triton_window)
 from ..ops.rot.torch.windows import rot_pool2d_torch  # noqa: F401
 from ..ops.rot.window_geometry import adaptive_bounds, pool_output_size  # noqa: F401
@@ -92,11 +91,6 @@ class _ImageROTBase(nn.Module):
         return {k: v.to(x.device) if isinstance(v, Tensor) else v
                 for k, v in self.weights().items()}
 
-    def _table(self, x: Tensor, w: dict) -> Tensor:
-        """The (6, T) fp32 weight table of the window kernels."""
-        return weight_table(*(w[k] for k in ("a0", "a1", "a2", "a3", "rho", "tau")),
-                            self.num_iters, x.device)
-
     def _route_kwargs(self) -> dict:
         return dict(self._solver_kwargs(), structure=self.weights.structure,
                     backend=self.backend)
@@ -165,7 +159,7 @@ class AdaptiveROTPool2d(_ImageROTBase):
             y = rot_pool(x.flatten(2).transpose(1, 2), backend=self.backend,
                          **self._solver_kwargs(), **w)
             return y if self.flatten else y[:, :, None, None]
-        return route.pool_adaptive(x, self._table(x, w), w, (oh, ow), **self._route_kwargs())
+        return route.pool_adaptive(x, w, (oh, ow), **self._route_kwargs())
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.channels}, output_size={self.output_size!r}, "
@@ -236,7 +230,7 @@ class ROTPool2d(_ImageROTBase):
                              f"kernel_size={self.kernel_size}, padding={self.padding} "
                              f"(output {Ho}×{Wo})")
         w = self._weights_for(x)
-        return route.pool_windows(x, self._table(x, w), w, kernel_size=self.kernel_size,
+        return route.pool_windows(x, w, kernel_size=self.kernel_size,
                                   stride=self.stride, padding=self.padding,
                                   ceil_mode=self.ceil_mode, **self._route_kwargs())
 

@@ -18,6 +18,7 @@ import torch
 import triton
 from torch import Tensor
 
+from ...params import kappa
 from ...torch.sets import normalized_plan, pool_from_log_plan, structure_factors
 from ..common import interpreter_enabled, launcher
 from .kernels import (badmm_p_step_bwd_kernel, badmm_p_step_kernel, badmm_s_step_bwd_kernel,
@@ -375,8 +376,8 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tenso
     if paper:
         # eqs. (26)-(28): log μ' = lognorm((1-κ2)(log μ - z1/ρ) + κ2 log p0),
         # z1' = z1 + ρ(μ' - Σ_n P), and the same over n for log η', z2' with S'
-        k2 = _kappa_t(w["a2"][t], rho)
-        k3 = _kappa_t(w["a3"][t], rho)
+        k2 = kappa(w["a2"][t], rho)
+        k3 = kappa(w["a3"][t], rho)
         k3_a, k3_w = _dkappa(w["a3"][t], rho)
         m2 = mask.to(torch.float32)
         mu_n, eta_n = torch.exp(new["log_mu"]), torch.exp(new["log_eta"]) * m2
@@ -449,12 +450,6 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tenso
     return g_out
 
 
-def _kappa_t(alpha: Tensor, w: Tensor) -> Tensor:
-    inf = torch.isinf(alpha)
-    a = torch.where(inf, torch.ones_like(alpha), alpha)
-    return torch.where(inf, torch.ones_like(alpha), a / (a + w))
-
-
 def _replay_step(pb: _Problem, st: dict, x: Tensor, xc: Tensor, xt: Tensor, gram: Tensor,
                  mask: Tensor, lp0: Tensor, lq0: Tensor, w: dict, t: int) -> dict:
     """One iteration t in differentiable torch ops (the math of solvers.py) on the padded
@@ -485,7 +480,7 @@ def _replay_step(pb: _Problem, st: dict, x: Tensor, xc: Tensor, xt: Tensor, gram
         log_p = st["log_s"]
         tau = w["tau"][t]
         eps = a1 + tau
-        k2, k3 = _kappa_t(a2, eps), _kappa_t(a3, eps)
+        k2, k3 = kappa(a2, eps), kappa(a3, eps)
         y0 = zp((x + a0 * sig(log_p) + tau * log_p) / eps)
         a = torch.zeros_like(lp0)
         b = torch.zeros_like(lq0)
@@ -514,7 +509,7 @@ def _replay_step(pb: _Problem, st: dict, x: Tensor, xc: Tensor, xt: Tensor, gram
     y = log_s + g / rho
     r = lse_n(y)
     if pb.variant == "exact":
-        k2 = _kappa_t(a2, rho)
+        k2 = kappa(a2, rho)
         log_mu = lognorm_d(k2 * lp0 + (1 - k2) * r)
     else:
         log_mu = st["log_mu"][:, None, :]
@@ -529,7 +524,7 @@ def _replay_step(pb: _Problem, st: dict, x: Tensor, xc: Tensor, xt: Tensor, gram
         y = (h + rho * log_p) / wgt
     c = zp(torch.logsumexp(y, dim=2, keepdim=True))
     if pb.variant == "exact":
-        k3 = _kappa_t(a3, wgt)
+        k3 = kappa(a3, wgt)
         log_eta = lognorm_n(k3 * lq0 + (1 - k3) * c)
     else:
         log_eta = st["log_eta"][:, :, None]
@@ -537,8 +532,8 @@ def _replay_step(pb: _Problem, st: dict, x: Tensor, xc: Tensor, xt: Tensor, gram
     s = torch.exp(log_s.masked_fill(~m3, neg))
     out = {"log_s": log_s, "z": zp(z + rho * (p - s)), "log_p": log_p}
     if pb.variant == "paper":
-        k2 = _kappa_t(a2, rho)
-        k3 = _kappa_t(a3, rho)
+        k2 = kappa(a2, rho)
+        k3 = kappa(a3, rho)
         lmu = lognorm_d((1 - k2) * (log_mu - st["z1"][:, None, :] / rho) + k2 * lp0)
         leta = lognorm_n((1 - k3) * (log_eta - st["z2"][:, :, None] / rho) + k3 * lq0)
         out["z1"] = (st["z1"][:, None, :] + rho * (torch.exp(lmu) - p.sum(1, keepdim=True)))[:, 0]
