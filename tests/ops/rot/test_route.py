@@ -15,7 +15,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rotp_triton as rt
-from harness import DEVICE, ON_CUDA, assert_close
+from harness import (DEVICE, KERNEL_DTYPES, ON_CUDA, assert_close, check_against_reference,
+                     dtype_id)
 from rotp_triton.ops.rot import route
 
 SYNC_OPS = ("aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal")
@@ -169,3 +170,58 @@ def test_cuda_graph_capture_of_forward_and_backward(layer):
     ye.sum().backward()
     assert_close(y, ye, name="y")
     assert_close(x.grad, xe.grad, name="dx")
+
+
+# --------------------------------------------------------------------------------------------
+# end to end through the router: every family's entry point against the oracle
+# --------------------------------------------------------------------------------------------
+SIZES = [3, 0, 5, 1]  # a ragged batch with an empty set and a single-sample set
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("layout", ["dense", "ptr", "index"])
+@pytest.mark.parametrize("method,a0", [("sinkhorn", 0.0), ("badmm-e", 0.0), ("badmm-q", 0.0),
+                                       ("badmm-e", 0.5)], ids=["S", "BE", "BQ", "BE-a0"])
+def test_triton_route_matches_reference(method, a0, layout, dtype):
+    """rot_pool(backend="triton") through route.py: y and the plan (caller's row order) and the
+    gradients of x, the weights and the prior logits, against reference/rot.py in float64."""
+    from reference.rot import rot_pool_sets
+    T, D = 2, 3
+    sizes = [4, 4, 4] if layout == "dense" else SIZES
+    g = torch.Generator().manual_seed(3)
+    n = sum(sizes)
+    order = torch.randperm(n, generator=g) if layout == "index" else torch.arange(n)
+    set_of_row = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    inputs = dict(x=torch.randn(n, D, generator=g, dtype=torch.float64),
+                  a1=0.6 + torch.rand(T, generator=g, dtype=torch.float64),
+                  rho=0.8 + torch.rand(T, generator=g, dtype=torch.float64),
+                  lp0=torch.randn(len(sizes), D, generator=g, dtype=torch.float64),
+                  lq0=torch.randn(n, generator=g, dtype=torch.float64))
+
+    def kernel(x, a1, rho, lp0, lq0):
+        kw = dict(method=method, num_iters=T, inner_iters=2, a0=a0, a1=a1, rho=rho,
+                  log_p0=lp0, backend="triton", return_plan=True)
+        if layout == "dense":
+            y, plan = rt.rot_pool(x.view(len(sizes), -1, D), log_q0=lq0.view(len(sizes), -1),
+                                  **kw)
+            return y, plan.reshape(n, D)
+        if layout == "ptr":
+            ptr = torch.tensor([0] + sizes, device=x.device).cumsum(0)
+            return rt.rot_pool(x, ptr=ptr, log_q0=lq0, **kw)
+        idx = set_of_row[order].to(x.device)  # rows shuffled: an unsorted index
+        inv = torch.argsort(order).to(x.device)
+        y, plan = rt.rot_pool(x[order.to(x.device)], idx, dim_size=len(sizes),
+                              log_q0=lq0[order.to(x.device)], **kw)
+        return y, plan[inv]
+
+    def reference(x, a1, rho, lp0, lq0):
+        xs = list(torch.split(x, sizes))
+        p0s = [torch.softmax(p, 0) for p in lp0]
+        q0s = [torch.softmax(q, 0) if q.numel() else None for q in torch.split(lq0, sizes)]
+        y, plans = rot_pool_sets(xs, p0s=p0s, q0s=q0s, method=method, variant="exact",
+                                 num_iters=T, inner_iters=2, a0=torch.full((T,), a0).double(),
+                                 a1=a1, a2=torch.ones(T).double(), a3=torch.ones(T).double(),
+                                 rho=rho, tau=torch.ones(T).double())
+        return y, torch.cat(plans)
+
+    check_against_reference(kernel, reference, inputs, dtype=dtype)
