@@ -78,7 +78,7 @@ def check_index_ptr(n_rows: int, index: Optional[Tensor], ptr: Optional[Tensor],
         if dim_size is not None and dim_size != B:
             raise ValueError(f"dim_size ({dim_size}) disagrees with ptr, which describes {B} sets")
         if index is not None:
-            _check_index(index, n_rows, B)
+            _check_index(index, n_rows, B, "ptr describes {} sets")
         if value_checks_enabled(ptr):
             if int(ptr[0]) != 0 or int(ptr[-1]) != n_rows:
                 raise ValueError(f"ptr must start at 0 and end at x.size(0) = {n_rows}, "
@@ -96,7 +96,7 @@ def check_index_ptr(n_rows: int, index: Optional[Tensor], ptr: Optional[Tensor],
     if index is None:
         raise ValueError("a 2-D x (ragged batch) needs index or ptr; pass a 3-D (B, N, D) tensor for "
                          "a dense batch")
-    _check_index(index, n_rows, dim_size)
+    _check_index(index, n_rows, dim_size, "dim_size is {}")
     index = index.to(device=device, dtype=torch.int64)
     if dim_size is None:  # the number of sets is in the data: one host sync (pass dim_size)
         B = int(index.max()) + 1 if index.numel() > 0 else 0
@@ -105,7 +105,7 @@ def check_index_ptr(n_rows: int, index: Optional[Tensor], ptr: Optional[Tensor],
     return index, None, B
 
 
-def _check_index(index, n_rows: int, B: Optional[int]) -> None:
+def _check_index(index, n_rows: int, B: Optional[int], bound: str = "dim_size is {}") -> None:
     check_tensor(index, "index", ndim=(1,), floating=False)
     if index.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"index must be an integer tensor, got dtype {index.dtype}")
@@ -115,7 +115,7 @@ def _check_index(index, n_rows: int, B: Optional[int]) -> None:
         if int(index.min()) < 0:
             raise ValueError("index must be non-negative")
         if B is not None and int(index.max()) >= B:
-            raise ValueError(f"index holds set id {int(index.max())} but dim_size is {B}")
+            raise ValueError(f"index holds set id {int(index.max())} but " + bound.format(B))
 
 
 class SetBatch:
