@@ -394,10 +394,10 @@ def test_module_dispatches_to_kernel():
 def test_global_pool_uses_set_kernels_on_the_strided_view(layout, monkeypatch):
     """output_size=1 goes through rot_pool's set kernels on x.flatten(2).transpose(1, 2), a view
     of the image (same storage, no copy); result == the torch path."""
-    from rotp_triton.ops.rot import triton_set
+    from rotp_triton.ops.rot.triton.badmm import op as badmm_op
     seen = []
-    real = triton_set.rot_pool_triton
-    monkeypatch.setattr(triton_set, "rot_pool_triton",
+    real = badmm_op.badmm_pool
+    monkeypatch.setattr(badmm_op, "badmm_pool",
                         lambda x, *a, **k: seen.append(x) or real(x, *a, **k))
     x = make_input(2, 5, 3, 4, layout, torch.float32, seed=2).requires_grad_()
     res = []
@@ -445,11 +445,11 @@ def test_kernel_peak_memory_independent_of_T():
 
 def test_adaptive_even_windows_use_kernel(monkeypatch):
     """AdaptiveROTPool2d with windows that tile the image evenly runs the window kernel."""
-    from rotp_triton.ops.rot import triton_window
+    from rotp_triton.ops.rot.triton.window import op as window_op
     calls = []
-    real = triton_window.rot_pool2d_triton
-    monkeypatch.setattr(triton_window, "rot_pool2d_triton",
-                        lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    real = window_op.window_pool
+    monkeypatch.setattr(window_op, "window_pool",
+                        lambda x, w, **k: calls.append(k["kernel_size"]) or real(x, w, **k))
     x = make_input(2, 3, 4, 6, "channels_last", torch.float32, seed=5)
     outs = [AdaptiveROTPool2d(3, (2, 3), num_iters=2, a1=0.5, rho=0.5, backend=b).to(DEVICE)(x)
             for b in ("triton", "torch")]
