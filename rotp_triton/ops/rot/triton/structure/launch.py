@@ -19,7 +19,6 @@ import triton
 from torch import Tensor
 
 from ...params import kappa
-from ...torch.sets import normalized_plan, pool_from_log_plan, structure_factors
 from ..common import interpreter_enabled, launcher
 from .kernels import (badmm_p_step_bwd_kernel, badmm_p_step_kernel, badmm_s_step_bwd_kernel,
                       badmm_s_step_kernel, pool_from_log_plan_kernel, set_matmul_kernel,
