@@ -159,7 +159,7 @@ def test_adaptive_matches_reference(method, output_size):
     B, C, H, W = 2, 3, 5, 7
     x = torch.randn(B, C, H, W, dtype=torch.float64, requires_grad=True)
     layer = AdaptiveROTPool2d(C, output_size, method=method, num_iters=3, a1=0.7, rho=0.8,
-                              backend="torch").double()
+                              backend="torch", scale=None).double()
     y = layer(x)
     oh, ow = (1, 1) if output_size == 1 else (output_size[0] or H, output_size[1])
     wins = [[(h, w) for h in range(hs, he) for w in range(ws, we)]
@@ -218,17 +218,17 @@ def test_repr_and_reset():
     m = ROTPool2d(8, 3, 2, 1, ceil_mode=True, method="sinkhorn", num_iters=2, a1=5.0)
     assert repr(m) == ("ROTPool2d(8, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), "
                        "ceil_mode=True, method='sinkhorn', variant='exact', num_iters=2, "
-                       "a0=0, a1=5*, a2=1*, a3=1*, rho=100*, tau=1)")
+                       "a1=5*, a2=1*, a3=1*)")
     a = AdaptiveROTPool2d(16, (2, None), num_iters=3)
     assert repr(a) == ("AdaptiveROTPool2d(16, output_size=(2, None), flatten=False, "
                        "method='badmm-e', variant='exact', num_iters=3, "
-                       "a0=0, a1=100*, a2=1*, a3=1*, rho=100*, tau=1)")
+                       "a1=100*, a2=1*, a3=1*, rho=100*)")
     w0 = m.weights()["a1"].detach().clone()
     with torch.no_grad():
         m.weights.raw_a1.add_(1.0)
     m.reset_parameters()
     assert torch.equal(m.weights()["a1"].detach(), w0)
-    assert sum(p.numel() for p in m.parameters()) == 2 * 4  # a1, a2, a3, rho per iteration
+    assert sum(p.numel() for p in m.parameters()) == 2 * 3  # a1, a2, a3 per iteration (S: no ρ)
 
 
 @pytest.mark.parametrize("make,x,err,match", [

@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from .._batching import compute_dtype
 from ..functional import check_rot_options, rot_pool
 from ..ops.rot.solvers import pool_from_log_plan, rot_log_plan, wants_structure
+from .scale import check_scale, image_spread
+from .weight_use import describe_used, restrict_learning
 from .weights import ROTWeights
 
 IntPair = Union[int, Tuple[int, int]]
@@ -203,14 +205,31 @@ def _use_window_kernel(x: Tensor, backend: str, weights: ROTWeights,
 class _ImageROTBase(nn.Module):
     def __init__(self, channels: int, method: str = "badmm-e", variant: str = "exact",
                  num_iters: int = 4, inner_iters: int = 5, per_iter_params: bool = True,
-                 backend: str = "auto", **weights):
+                 backend: str = "auto", scale="auto", **weights):
         super().__init__()
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
             raise ValueError(f"channels must be a positive int, got {channels!r}")
         check_rot_options(method, variant, num_iters, inner_iters, backend)
         self.channels, self.method, self.variant = channels, method, variant
         self.num_iters, self.inner_iters, self.backend = num_iters, inner_iters, backend
-        self.weights = ROTWeights(num_iters, per_iter_params, **weights)
+        self.scale = check_scale(scale)  # per image: rotp_triton/nn/scale.py
+        self.weights = ROTWeights(num_iters, per_iter_params, **restrict_learning(method, weights))
+
+    def _spread(self, x: Tensor):
+        """``(B, 1, 1, 1)`` feature unit of each image, or None (scale=None)."""
+        if self.scale is None:
+            return None
+        if self.scale == "auto":
+            return image_spread(x.to(compute_dtype(x.dtype)))[:, None, None, None]
+        return self.scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_image(x, self.channels)
+        s = self._spread(x)
+        if s is None:
+            return self._forward(x)
+        y = self._forward((x / s).to(x.dtype))
+        return (y * (s if y.dim() == 4 else s[:, :, 0, 0])).to(x.dtype)
 
     def reset_parameters(self) -> None:
         self.weights.reset_parameters()
@@ -224,8 +243,9 @@ class _ImageROTBase(nn.Module):
                 for k, v in self.weights().items()}
 
     def _rot_repr(self) -> str:
+        scale = "" if self.scale == "auto" else f"scale={self.scale!r}, "
         return (f"method={self.method!r}, variant={self.variant!r}, num_iters={self.num_iters}, "
-                f"{self.weights.describe()}")
+                f"{scale}{describe_used(self.weights, self.method)}")
 
 
 class AdaptiveROTPool2d(_ImageROTBase):
@@ -256,6 +276,9 @@ class AdaptiveROTPool2d(_ImageROTBase):
         flatten: return (B, C) instead of (B, C, 1, 1) (``output_size`` must be 1).
         method, variant, num_iters, inner_iters, per_iter_params, backend, a0, a1, a2, a3, rho,
             tau, learn_*: as in :class:`rotp_triton.ROTPool`.
+        scale: ``"auto"`` (default): the weights are relative to each image's feature spread
+            (RMS over channels of the spatial standard deviation; :mod:`rotp_triton.nn.scale`),
+            so the near-mean start holds at any feature scale; ``None``: as given.
 
     Shapes:
         (B, C, H, W) -> (B, C, oh, ow), or (B, C) with ``flatten=True``; output in x's dtype.
@@ -275,8 +298,7 @@ class AdaptiveROTPool2d(_ImageROTBase):
             raise ValueError(f"flatten=True needs output_size=1, got {output_size!r}")
         self.flatten = flatten
 
-    def forward(self, x: Tensor) -> Tensor:
-        _check_image(x, self.channels)
+    def _forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
         oh = H if self._out[0] is None else self._out[0]
         ow = W if self._out[1] is None else self._out[1]
@@ -330,6 +352,9 @@ class ROTPool2d(_ImageROTBase):
         ceil_mode: ceil instead of floor in the output shape (as nn.MaxPool2d).
         method, variant, num_iters, inner_iters, per_iter_params, backend, a0, a1, a2, a3, rho,
             tau, learn_*: as in :class:`rotp_triton.ROTPool`.
+        scale: ``"auto"`` (default): the weights are relative to each image's feature spread
+            (RMS over channels of the spatial standard deviation; :mod:`rotp_triton.nn.scale`),
+            so the near-mean start holds at any feature scale; ``None``: as given.
 
     Shapes:
         (B, C, H, W) -> (B, C, Ho, Wo), Ho = floor((H + 2ph − kh)/sh) + 1 (ceil with
@@ -357,8 +382,7 @@ class ROTPool2d(_ImageROTBase):
         return (pool_output_size(H, kh, sh, ph, self.ceil_mode),
                 pool_output_size(W, kw, sw, pw, self.ceil_mode))
 
-    def forward(self, x: Tensor) -> Tensor:
-        _check_image(x, self.channels)
+    def _forward(self, x: Tensor) -> Tensor:
         Ho, Wo = self.output_shape(x.shape[2], x.shape[3])
         if Ho < 1 or Wo < 1:
             raise ValueError(f"input of spatial size {tuple(x.shape[2:])} is too small for "
