@@ -1,5 +1,5 @@
-"""ROT pooling of images: global / adaptive (``AdaptiveROTPool2d``), local k×k (``ROTPool2d``),
-and ``replace_avgpool`` to drop ROT pooling into a CNN (DESIGN §1, §7, §9).
+"""ROT pooling of images: global / adaptive (``AdaptiveROTPool2d``) and local k×k
+(``ROTPool2d``) (DESIGN §1, §7, §9); ``replace_avgpool`` is in :mod:`rotp_triton.nn.surgery`.
 
 An image ``x (B, C, H, W)`` is pooled window by window; each window is one set in the code layout
 of DESIGN §1: its N valid pixel positions are the samples (rows) and the C channels the features
@@ -405,88 +405,9 @@ class ROTPool2d(_ImageROTBase):
 
 
 # --------------------------------------------------------------------------------------------
-# replace_avgpool
+# replace_avgpool lives in surgery.py (it imports this module); kept importable from here
 # --------------------------------------------------------------------------------------------
-def _infer_channels(model: nn.Module, pools, example_input) -> dict:
-    """Channel count of the input of every pool in ``pools`` (name -> C).
-
-    With ``example_input`` it is read from a dry run (forward pre-hooks, no_grad, eval mode,
-    restored afterwards). Without it, from the module registered just before the pool in
-    ``model.named_modules()`` order: the last ``BatchNorm2d.num_features`` /
-    ``Conv2d.out_channels`` / ``GroupNorm.num_channels`` seen (true for torchvision ResNets,
-    VGG-style and most sequential CNNs)."""
-    found = {}
-    if example_input is not None:
-        handles = []
-        for name, mod in pools:
-            def hook(_m, args, name=name):
-                found[name] = int(args[0].shape[1])
-            handles.append(mod.register_forward_pre_hook(hook))
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                if isinstance(example_input, (tuple, list)):
-                    model(*example_input)
-                else:
-                    model(example_input)
-        finally:
-            model.train(was_training)
-            for h in handles:
-                h.remove()
-        return found
-    last = None
-    pool_ids = {id(m): n for n, m in pools}
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            last = mod.num_features
-        elif isinstance(mod, nn.Conv2d):
-            last = mod.out_channels
-        elif isinstance(mod, nn.GroupNorm):
-            last = mod.num_channels
-        if id(mod) in pool_ids and last is not None:
-            found[pool_ids[id(mod)]] = last
-    return found
-
-
-def replace_avgpool(model: nn.Module, example_input=None, **rot_kwargs) -> nn.Module:
-    """Swap every ``nn.AdaptiveAvgPool2d`` of ``model`` (recursively) for an
-    :class:`AdaptiveROTPool2d` with the same ``output_size``, in place; returns ``model``.
-
-    The channel count of each pool is inferred from ``example_input`` (a dry run with forward
-    pre-hooks; give it for models whose pools are not preceded by the layer that sets their
-    width) or, without it, from the last ``BatchNorm2d`` / ``Conv2d`` / ``GroupNorm`` registered
-    before the pool (true for torchvision ResNets). A pool whose channels cannot be inferred (or
-    that the dry run did not reach) raises ValueError. The new layers are put on the
-    device/dtype of the model's first parameter. With the default weights (a1 = ρ = 100) the new
-    model's outputs stay close to the original: for the small ResNet of
-    ``tests/test_replace_avgpool.py`` (eval mode) max |Δlogit| / max |logit| is at most 0.0016
-    (Sinkhorn), 0.0031 (B-E), 0.0066 (B-Q) over 3 seeds (the test asserts 0.004 / 0.008 / 0.015).
-
-    Args:
-        model: any nn.Module.
-        example_input: optional input tensor (or tuple of inputs) for the dry run.
-        **rot_kwargs: passed to every :class:`AdaptiveROTPool2d` (method, num_iters, a1, ...).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    pools = [(n, m) for n, m in model.named_modules() if type(m) is nn.AdaptiveAvgPool2d]
-    if not pools:
-        return model
-    channels = _infer_channels(model, pools, example_input)
-    missing = [n for n, _ in pools if n not in channels]
-    if missing:
-        how = ("the dry run with example_input did not reach them" if example_input is not None
-               else "no BatchNorm2d/Conv2d/GroupNorm precedes them; pass example_input=")
-        raise ValueError(f"replace_avgpool cannot infer the channel count of {missing}: {how}")
-    param = next(iter(model.parameters()), None)
-    for name, mod in pools:
-        new = AdaptiveROTPool2d(channels[name], output_size=mod.output_size, **rot_kwargs)
-        if param is not None:
-            new = new.to(device=param.device, dtype=param.dtype)
-        if name == "":
-            return new
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, new)
-    return model
+def replace_avgpool(*args, **kwargs):
+    """See :func:`rotp_triton.nn.surgery.replace_avgpool`."""
+    from .surgery import replace_avgpool as replace
+    return replace(*args, **kwargs)
