@@ -163,3 +163,21 @@ def test_set_fusion_matches_reference_ragged_and_dense():
     assert rel_err(yd, yr) < 1e-12
     with pytest.raises(ValueError, match="group"):
         layer(x, index)
+
+
+@pytest.mark.parametrize("method,variant,T,learned", [
+    ("sinkhorn", "exact", 4, ["a1", "a2", "a3"]),
+    ("badmm-e", "exact", 4, ["a1", "a2", "a3", "rho"]),
+    ("badmm-e", "exact", 1, ["a2", "rho"]),         # α1, α3 only enter the S-step
+    ("badmm-q", "exact", 1, ["a1", "a2", "rho"]),
+    ("badmm-q", "paper", 2, ["a1", "a2", "rho"]),   # paper: η (α3) is updated for module t + 2
+], ids=lambda v: str(v))
+def test_parameters_only_for_the_weights_the_method_reads(method, variant, T, learned):
+    layer = rt.ROTPool(4, method=method, variant=variant, num_iters=T)
+    assert [n for n, _ in layer.named_parameters()] == [f"weights.raw_{n}" for n in learned]
+    with pytest.raises(ValueError, match="rho"):
+        rt.ROTPool(4, method="sinkhorn", learn_rho=True)
+    with pytest.raises(ValueError, match="tau"):
+        rt.ROTPool(4, method="badmm-e", learn_a0=True, learn_tau=True)
+    # a value for an unused weight is accepted (kwargs shared by heads of different methods)
+    assert not rt.ROTPool(4, method="sinkhorn", rho=5.0).weights.learn["rho"]

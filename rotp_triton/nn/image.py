@@ -213,7 +213,8 @@ class _ImageROTBase(nn.Module):
         self.channels, self.method, self.variant = channels, method, variant
         self.num_iters, self.inner_iters, self.backend = num_iters, inner_iters, backend
         self.scale = check_scale(scale)  # per image: rotp_triton/nn/scale.py
-        self.weights = ROTWeights(num_iters, per_iter_params, **restrict_learning(method, weights))
+        weights = restrict_learning(method, weights, variant, num_iters)
+        self.weights = ROTWeights(num_iters, per_iter_params, **weights)
 
     def _spread(self, x: Tensor):
         """``(B, 1, 1, 1)`` feature unit of each image, or None (scale=None)."""
@@ -245,7 +246,7 @@ class _ImageROTBase(nn.Module):
     def _rot_repr(self) -> str:
         scale = "" if self.scale == "auto" else f"scale={self.scale!r}, "
         return (f"method={self.method!r}, variant={self.variant!r}, num_iters={self.num_iters}, "
-                f"{scale}{describe_used(self.weights, self.method)}")
+                f"{scale}{describe_used(self.weights, self.method, self.variant)}")
 
 
 class AdaptiveROTPool2d(_ImageROTBase):

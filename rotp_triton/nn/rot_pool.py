@@ -80,7 +80,8 @@ class ROTPool(SetAggregation):
         self.num_iters, self.inner_iters = num_iters, inner_iters
         self.p0_mode, self.q0_mode, self.backend = p0, q0, backend
         self.scale = check_scale(scale)
-        self.weights = ROTWeights(num_iters, per_iter_params, **restrict_learning(method, weights))
+        weights = restrict_learning(method, weights, variant, num_iters)
+        self.weights = ROTWeights(num_iters, per_iter_params, **weights)
         self.attention_dim = attention_dim or dim
         self.p0_proj = nn.Linear(dim, dim, bias=False) if p0 == "attention" else None
         if q0 == "attention":
@@ -155,4 +156,4 @@ class ROTPool(SetAggregation):
         return (f"{self.__class__.__name__}({self.dim}, method={self.method!r}, "
                 f"variant={self.variant!r}, num_iters={self.num_iters}, "
                 f"p0={self.p0_mode!r}, q0={self.q0_mode!r}{scale}, "
-                f"{describe_used(self.weights, self.method)})")
+                f"{describe_used(self.weights, self.method, self.variant)})")
