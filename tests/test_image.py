@@ -420,7 +420,8 @@ def test_module_dispatches_to_kernel():
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_global_pool_uses_set_kernels_on_the_strided_view(layout, monkeypatch):
     """output_size=1 goes through rot_pool's set kernels on x.flatten(2).transpose(1, 2), a view
-    of the image (same storage, no copy); result == the torch path."""
+    of the image (same storage, no copy; with scale=None - "auto" pools x / s); result == the
+    torch path."""
     from rotp_triton.ops.rot import triton_set
     seen = []
     real = triton_set.rot_pool_triton
@@ -430,7 +431,7 @@ def test_global_pool_uses_set_kernels_on_the_strided_view(layout, monkeypatch):
     res = []
     for backend in ("triton", "torch"):
         m = AdaptiveROTPool2d(5, method="badmm-e", num_iters=2, a1=0.5, rho=0.5,
-                              backend=backend).to(DEVICE)
+                              backend=backend, scale=None).to(DEVICE)
         y = m(x)
         res.append((y,) + torch.autograd.grad(y.sum(), [x, m.weights.raw_a1]))
     assert len(seen) == 1 and seen[0].data_ptr() == x.data_ptr() and seen[0].shape == (2, 12, 5)
