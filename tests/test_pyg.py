@@ -165,3 +165,18 @@ def test_without_pyg_the_layers_are_plain_modules():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_set_fusion_mask_equals_ragged():
+    torch.manual_seed(0)
+    layer = rt.SetFusionROTPool(D, num_iters=2).double()
+    x = torch.randn(2, 3, 4, D, dtype=torch.float64)
+    rows = torch.tensor([[4, 2, 0], [1, 3, 4]])                     # member 2 of group 0: empty
+    mask = torch.arange(4)[None, None, :] < rows[..., None]
+    xr = x[mask]
+    member_rows = rows.flatten()
+    keep = member_rows > 0
+    index = torch.repeat_interleave(torch.arange(int(keep.sum())), member_rows[keep])
+    group_index = torch.tensor([0, 0, 1, 1, 1])
+    y = layer(x + 7.0 * (~mask)[..., None], mask=mask)
+    assert torch.allclose(y, layer(xr, index, group_index=group_index), rtol=1e-10, atol=1e-12)

@@ -97,8 +97,10 @@ class SetFusionROTPool(nn.Module):
     Shapes: forward(x, index=None, ptr=None, dim_size=None, *, group_index=None, group_ptr=None,
     num_groups=None, return_plan=False): x (N_total, D) rows, ``index``/``ptr`` assign rows to members (M of them),
     ``group_index`` (M,) / ``group_ptr`` assign members to groups -> (num_groups, out_dim).
-    A dense x (G, M, N, D) (G groups of M members of N rows) needs no indices. With
-    ``return_plan`` also a :class:`FusionPlan`.
+    A dense x (G, M, N, D) (G groups of M members of N rows) needs no indices; its ``mask``
+    (G, M, N) marks the real rows of a padded batch (a member without rows is left out of its
+    group's outer pooling), equal to the ragged result. With ``return_plan`` also a
+    :class:`FusionPlan`.
     """
 
     def __init__(self, dim: int, g: Optional[nn.Module] = None, out_dim: Optional[int] = None,
@@ -122,21 +124,31 @@ class SetFusionROTPool(nn.Module):
     def forward(self, x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = None,
                 dim_size: Optional[int] = None, *, group_index: Optional[Tensor] = None,
                 group_ptr: Optional[Tensor] = None, num_groups: Optional[int] = None,
-                return_plan: bool = False):
+                mask: Optional[Tensor] = None, return_plan: bool = False):
         if x.dim() == 4:
             if any(v is not None for v in (index, ptr, group_index, group_ptr)):
                 raise ValueError("a dense 4-D x (G, M, N, D) takes no index/ptr/group_index/"
                                  "group_ptr")
             G, M, N, D = x.shape
-            members = self.inner(x.reshape(G * M, N, D), return_plan=return_plan)  # [G*M, D]
+            if mask is not None and (not isinstance(mask, Tensor)
+                                     or tuple(mask.shape) != (G, M, N)):
+                raise ValueError(f"mask must be a (G, M, N) = {(G, M, N)} bool tensor for x of "
+                                 f"shape {tuple(x.shape)}")
+            inner_mask = None if mask is None else mask.reshape(G * M, N)
+            members = self.inner(x.reshape(G * M, N, D), mask=inner_mask,
+                                 return_plan=return_plan)                # [G*M, D]
             inner_plan = None
             if return_plan:
                 members, inner_plan = members
                 inner_plan = inner_plan.reshape(x.shape)
             if self.g is not None:
                 members = self.g(members)
-            out = self.outer(members.reshape(G, M, -1), return_plan=return_plan)
+            outer_mask = None if mask is None else mask.any(-1)            # [G, M]
+            out = self.outer(members.reshape(G, M, -1), mask=outer_mask,
+                             return_plan=return_plan)
             return (out[0], FusionPlan(inner_plan, out[1])) if return_plan else out
+        if mask is not None:
+            raise ValueError("mask is for a dense (G, M, N, D) x; a ragged x takes index/ptr")
         if x.dim() != 2:
             raise ValueError(f"x must be (N_total, D) with index/ptr, or dense (G, M, N, D); got "
                              f"shape {tuple(x.shape)}")
