@@ -180,3 +180,12 @@ def test_set_fusion_mask_equals_ragged():
     group_index = torch.tensor([0, 0, 1, 1, 1])
     y = layer(x + 7.0 * (~mask)[..., None], mask=mask)
     assert torch.allclose(y, layer(xr, index, group_index=group_index), rtol=1e-10, atol=1e-12)
+
+
+def test_no_index_is_one_set_then_empty_ones_like_pyg():
+    x, _, _ = _graph()
+    for name in LAYERS:
+        layer = _make(name)
+        ref = _make(name)(x, torch.zeros(9, dtype=torch.long), dim_size=3)
+        y = layer(x, dim_size=3)
+        assert torch.allclose(y, ref, rtol=1e-10, atol=1e-12) and torch.all(y[1:] == 0)

@@ -105,9 +105,14 @@ def pool_sets(pool: Callable, x: Tensor, index: Optional[Tensor], ptr: Optional[
         full = full.masked_scatter(m[..., None], plan)
         return y, full.reshape(x.shape)
     if index is None and ptr is None:
-        if x.dim() == 2:  # one set, as torch_geometric.nn.aggr does without index
-            ptr1 = torch.tensor([0, x.shape[0]], device=x.device)
-            y, plan = pool(x, None, ptr1, 1)
+        if x.dim() == 2:  # one set (then dim_size - 1 empty ones), as torch_geometric does
+            B = 1 if dim_size is None else dim_size
+            if isinstance(B, bool) or not isinstance(B, int) or B < 1:
+                raise ValueError(f"dim_size must be a positive int for x without index/ptr, "
+                                 f"got {dim_size!r}")
+            ptr1 = torch.full((B + 1,), x.shape[0], dtype=torch.long, device=x.device)
+            ptr1[0] = 0
+            y, plan = pool(x, None, ptr1, B)
             return (y, plan) if return_plan else y
         if dim_size is not None and x.dim() == 3 and dim_size != x.shape[0]:
             raise ValueError(f"dim_size ({dim_size}) disagrees with the dense batch size "

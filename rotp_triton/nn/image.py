@@ -279,7 +279,8 @@ class AdaptiveROTPool2d(_ImageROTBase):
             tau, learn_*: as in :class:`rotp_triton.ROTPool`.
         scale: ``"auto"`` (default): the weights are relative to each image's feature spread
             (RMS over channels of the spatial standard deviation; :mod:`rotp_triton.nn.scale`),
-            so the near-mean start holds at any feature scale; ``None``: as given.
+            so the near-mean start holds at any feature scale; ``None``: as given. "auto"
+            costs a reduction and one elementwise pass over x (the kernels then read x / s).
 
     Shapes:
         (B, C, H, W) -> (B, C, oh, ow), or (B, C) with ``flatten=True``; output in x's dtype.
@@ -355,7 +356,8 @@ class ROTPool2d(_ImageROTBase):
             tau, learn_*: as in :class:`rotp_triton.ROTPool`.
         scale: ``"auto"`` (default): the weights are relative to each image's feature spread
             (RMS over channels of the spatial standard deviation; :mod:`rotp_triton.nn.scale`),
-            so the near-mean start holds at any feature scale; ``None``: as given.
+            so the near-mean start holds at any feature scale; ``None``: as given. "auto"
+            costs a reduction and one elementwise pass over x (the kernels then read x / s).
 
     Shapes:
         (B, C, H, W) -> (B, C, Ho, Wo), Ho = floor((H + 2ph − kh)/sh) + 1 (ceil with
