@@ -263,19 +263,33 @@ def test_nhwc_transformer_head_channels():
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 3)
 
 
+class FastAdaptiveAvgPool(nn.Module):
+    """timm's fast pool: a mean over the spatial dims, flattening itself."""
+
+    def __init__(self, flatten, dim):
+        super().__init__()
+        self.flatten, self.dim = flatten, dim
+
+    def forward(self, x):
+        return x.mean(self.dim, keepdim=not self.flatten)
+
+
 class SelectAdaptivePool2d(nn.Module):
-    """timm's pooling module, as far as replace_avgpool relies on it: pool_type, flatten,
-    input_fmt ('NHWC': a mean over dims (1, 2), as timm's fast pools for swin / convnext)."""
+    """timm's pooling module, as far as replace_avgpool relies on it: pool_type, flatten, and
+    the input format only in the fast pool's spatial dims ((1, 2): NHWC, as for swin /
+    convnext)."""
 
     def __init__(self, pool_type="avg", flatten=False, input_fmt="NCHW"):
         super().__init__()
-        self.pool_type, self.input_fmt = pool_type, input_fmt
-        self.pool = nn.AdaptiveAvgPool2d(1) if input_fmt == "NCHW" else nn.Identity()
-        self.flatten = nn.Flatten(1) if flatten else nn.Identity()
+        self.pool_type = pool_type
+        if input_fmt == "NCHW":
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.flatten = nn.Flatten(1) if flatten else nn.Identity()
+        else:
+            self.pool = FastAdaptiveAvgPool(flatten, (1, 2))
+            self.flatten = nn.Identity()
 
     def forward(self, x):
-        if self.input_fmt == "NHWC":
-            return self.flatten(x.mean((1, 2), keepdim=False)[:, :, None, None])
         return self.flatten(self.pool(x))
 
 

@@ -169,20 +169,33 @@ def _example(model: nn.Module, example_input, input_size):
     return torch.randn(tuple(input_size), generator=g).to(device=device, dtype=dtype)
 
 
+def _input_fmt(mod: nn.Module) -> str:
+    """"NHWC" or "NCHW": timm stores it on SelectAdaptivePool2d (some versions) or as the
+    spatial dims ``pool.dim`` of its fast pools ((1, 2) for NHWC)."""
+    fmt = getattr(mod, "input_fmt", None)
+    if fmt is None:
+        fmt = "NHWC" if tuple(getattr(getattr(mod, "pool", None), "dim", ()) or ()) == (1, 2) \
+            else "NCHW"
+    return str(getattr(fmt, "value", fmt))
+
+
 def _channels(mod: nn.Module, shape: tuple) -> int:
-    fmt = getattr(mod, "input_fmt", "NCHW")
-    return shape[-1] if fmt == "NHWC" else shape[1]
+    return shape[-1] if _input_fmt(mod) == "NHWC" else shape[1]
 
 
 def _new_pool(mod: nn.Module, channels: int, rot_kwargs: dict) -> nn.Module:
     if isinstance(mod, nn.AdaptiveAvgPool2d):
         return AdaptiveROTPool2d(channels, output_size=mod.output_size, **rot_kwargs)
+    return ROTSelectAdaptivePool2d(channels, flatten=_flattens(mod), input_fmt=_input_fmt(mod),
+                                   **rot_kwargs)
+
+
+def _flattens(mod: nn.Module) -> bool:
+    """Whether a SelectAdaptivePool2d returns (B, C): its flatten member, or (timm's "fast"
+    pools) the ``flatten`` flag of its inner pool."""
     flatten = mod.flatten if isinstance(mod.flatten, bool) else not isinstance(mod.flatten,
                                                                                 nn.Identity)
-    # timm's "fast" pools flatten inside self.pool
-    flatten = flatten or bool(getattr(getattr(mod, "pool", None), "flatten", False) is True)
-    return ROTSelectAdaptivePool2d(channels, flatten=flatten,
-                                   input_fmt=str(getattr(mod, "input_fmt", "NCHW")), **rot_kwargs)
+    return flatten or getattr(getattr(mod, "pool", None), "flatten", False) is True
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -303,7 +316,7 @@ class KeepROTPoolOnReset:
             if now is pool or not _is_candidate(now):
                 continue
             if isinstance(pool, ROTSelectAdaptivePool2d) and _is_select_adaptive(now):
-                flatten = not isinstance(getattr(now, "flatten", nn.Identity()), nn.Identity)
+                flatten = _flattens(now)
                 pool.pool.flatten = flatten
                 pool.flatten = nn.Flatten(1) if flatten else nn.Identity()
             _set(self.model, name, pool)
