@@ -122,6 +122,10 @@ def test_rotpool_errors():
         layer(torch.randn(2, 3, 5))
     with pytest.raises(ValueError, match="dimensions"):
         layer(torch.randn(4))
+    with pytest.raises(TypeError, match="floating"):
+        layer(torch.ones(2, 3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="non-finite"):
+        layer(torch.full((2, 3, 4), float("nan")))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .._batching import compute_dtype, make_set_batch
+from .._batching import check_tensor, compute_dtype, make_set_batch
 from ..functional import check_rot_options, rot_pool
 from .aggregation import SetAggregation, pool_sets
 from .scale import check_scale, dense_spread, ragged_spread
@@ -126,6 +126,7 @@ class ROTPool(SetAggregation):
         if x.dim() not in (2, 3):
             raise ValueError(f"x must have 2 (ragged) or 3 (dense) dimensions, got shape "
                              f"{tuple(x.shape)}")
+        check_tensor(x, "x")  # floating point (before the scale turns an int x into floats)
         log_p0, log_q0 = self.prior_logits(x, index, ptr, dim_size)
         kw = dict(method=self.method, variant=self.variant, num_iters=self.num_iters,
                   inner_iters=self.inner_iters, log_p0=log_p0, log_q0=log_q0,
