@@ -39,6 +39,12 @@ CASES = {
 }
 
 
+# ROTPool2d captures already; the others read tensor values on the host in functional.py /
+# _batching.py (checked: with `bool(empty.any())` removed, ROTPool-dense and AdaptiveROTPool2d
+# pass; ROTPool-ptr then stops at N_max = lengths.max() in _batching.SetBatch.mask)
+NAMES = [pytest.param(n, marks=HOST_SYNC) if n != "ROTPool2d" else n for n in CASES]
+
+
 def _eager(name):
     torch.manual_seed(0)
     make_layer, make_input = CASES[name]
@@ -47,8 +53,7 @@ def _eager(name):
     return layer, args, kwargs
 
 
-@HOST_SYNC
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", NAMES)
 def test_compile_fullgraph(name):
     layer, args, kwargs = _eager(name)
     x = args[0].requires_grad_()
@@ -62,8 +67,7 @@ def test_compile_fullgraph(name):
     assert torch.allclose(gxc, gx, rtol=1e-5, atol=1e-6)
 
 
-@HOST_SYNC
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", NAMES)
 def test_export(name):
     layer, args, kwargs = _eager(name)
     ep = torch.export.export(layer, args, kwargs)
