@@ -49,7 +49,9 @@ C1, C2 = 16, 32     # channels of the two conv blocks
 # start at the functional defaults (α1 = α2 = α3 = ρ = 1) rather than the modules' near-mean
 # default (α1 = ρ = 100): a layer trained from scratch here has no pretrained mean pooling to
 # stay close to, and from α1 = 1 the plans move away from uniform within a few epochs.
-ROT_KW = dict(method="badmm-e", variant="exact", num_iters=4, a1=1.0, rho=1.0)
+# scale=None: the weights in the features' own units (as when the README's results were measured;
+# global_plans below re-solves the layer's problem with rt.rot_pool on the raw features)
+ROT_KW = dict(method="badmm-e", variant="exact", num_iters=4, a1=1.0, rho=1.0, scale=None)
 
 
 # --------------------------------------------------------------------------------------------

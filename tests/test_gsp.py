@@ -304,8 +304,8 @@ def test_bad_inputs():
         pool(torch.randn(4))
     with pytest.raises(TypeError, match="x"):
         pool(torch.ones(2, 3, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match="index or ptr"):
-        pool(x)
+    # the layer (a PyG Aggregation) takes a 2-D x without index as one set, as PyG does
+    assert torch.allclose(pool(x), pool(x, ptr=torch.tensor([0, 5])))
     with pytest.raises(ValueError, match="ptr"):
         pool(x, ptr=torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="index"):

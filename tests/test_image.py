@@ -133,7 +133,7 @@ def test_adaptive_matches_reference(method, output_size):
     B, C, H, W = 2, 3, 5, 7
     x = torch.randn(B, C, H, W, dtype=torch.float64, requires_grad=True)
     layer = AdaptiveROTPool2d(C, output_size, method=method, num_iters=3, a1=0.7, rho=0.8,
-                              backend="torch").double()
+                              backend="torch", scale=None).double()
     y = layer(x)
     oh, ow = (1, 1) if output_size == 1 else (output_size[0] or H, output_size[1])
     wins = adaptive_positions(H, W, oh, ow)
@@ -191,17 +191,17 @@ def test_repr_and_reset():
     m = ROTPool2d(8, 3, 2, 1, ceil_mode=True, method="sinkhorn", num_iters=2, a1=5.0)
     assert repr(m) == ("ROTPool2d(8, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), "
                        "ceil_mode=True, method='sinkhorn', variant='exact', num_iters=2, "
-                       "a0=0, a1=5*, a2=1*, a3=1*, rho=100*, tau=1)")
+                       "a1=5*, a2=1*, a3=1*)")
     a = AdaptiveROTPool2d(16, (2, None), num_iters=3)
     assert repr(a) == ("AdaptiveROTPool2d(16, output_size=(2, None), flatten=False, "
                        "method='badmm-e', variant='exact', num_iters=3, "
-                       "a0=0, a1=100*, a2=1*, a3=1*, rho=100*, tau=1)")
+                       "a1=100*, a2=1*, a3=1*, rho=100*)")
     w0 = m.weights()["a1"].detach().clone()
     with torch.no_grad():
         m.weights.raw_a1.add_(1.0)
     m.reset_parameters()
     assert torch.equal(m.weights()["a1"].detach(), w0)
-    assert sum(p.numel() for p in m.parameters()) == 2 * 4  # a1, a2, a3, rho per iteration
+    assert sum(p.numel() for p in m.parameters()) == 2 * 3  # a1, a2, a3 per iteration (S: no ρ)
 
 
 @pytest.mark.parametrize("make,x,err,match", [
@@ -393,7 +393,8 @@ def test_module_dispatches_to_kernel():
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_global_pool_uses_set_kernels_on_the_strided_view(layout, monkeypatch):
     """output_size=1 goes through rot_pool's set kernels on x.flatten(2).transpose(1, 2), a view
-    of the image (same storage, no copy); result == the torch path."""
+    of the image (same storage, no copy; with scale=None - "auto" pools x / s); result == the
+    torch path."""
     from rotp_triton.ops.rot.triton.badmm import op as badmm_op
     seen = []
     real = badmm_op.badmm_pool
@@ -403,7 +404,7 @@ def test_global_pool_uses_set_kernels_on_the_strided_view(layout, monkeypatch):
     res = []
     for backend in ("triton", "torch"):
         m = AdaptiveROTPool2d(5, method="badmm-e", num_iters=2, a1=0.5, rho=0.5,
-                              backend=backend).to(DEVICE)
+                              backend=backend, scale=None).to(DEVICE)
         y = m(x)
         res.append((y,) + torch.autograd.grad(y.sum(), [x, m.weights.raw_a1]))
     assert len(seen) == 1 and seen[0].data_ptr() == x.data_ptr() and seen[0].shape == (2, 12, 5)

@@ -40,7 +40,7 @@ def test_gradcheck_through_rotpool(method, learn_a0):
 @pytest.mark.parametrize("method", METHODS)
 def test_rotpool_matches_reference_with_attention_priors(method):
     layer = rt.ROTPool(4, method=method, num_iters=3, a1=0.9, rho=1.2, learn_a0=True,
-                       p0="attention", q0="attention").double()
+                       p0="attention", q0="attention", scale=None).double()
     sizes = [3, 5, 1]
     x = torch.randn(sum(sizes), 4, dtype=torch.float64)
     index = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
@@ -94,9 +94,12 @@ def test_per_iter_params_shapes_and_training_moves_weights():
 
 def test_repr_is_exact():
     layer = rt.ROTPool(16, method="sinkhorn", num_iters=2, a2=float("inf"), learn_a2=False)
+    # only the weights the method reads (Sinkhorn, α0 = 0: α1, α2, α3), learnable ones with *
     assert repr(layer) == ("ROTPool(16, method='sinkhorn', variant='exact', num_iters=2, "
-                           "p0='uniform', q0='uniform', a0=0, a1=100*, a2=inf, a3=1*, "
-                           "rho=100*, tau=1)")
+                           "p0='uniform', q0='uniform', a1=100*, a2=inf, a3=1*)")
+    assert repr(rt.ROTPool(8, learn_a0=True, scale=None)) == (
+        "ROTPool(8, method='badmm-e', variant='exact', num_iters=4, p0='uniform', q0='uniform', "
+        "scale=None, a0=0.1*, a1=100*, a2=1*, a3=1*, rho=100*)")
 
 
 def test_rotpool_errors():
@@ -119,6 +122,10 @@ def test_rotpool_errors():
         layer(torch.randn(2, 3, 5))
     with pytest.raises(ValueError, match="dimensions"):
         layer(torch.randn(4))
+    with pytest.raises(TypeError, match="floating"):
+        layer(torch.ones(2, 3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="non-finite"):
+        layer(torch.full((2, 3, 4), float("nan")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +133,7 @@ def test_rotpool_errors():
 # ---------------------------------------------------------------------------------------------
 def test_mixed_pool_matches_reference():
     layer = MixedROTPool(4, methods=("sinkhorn", "badmm-q"), final_method="badmm-e",
-                         num_iters=2, a1=0.8, rho=1.5).double()
+                         num_iters=2, a1=0.8, rho=1.5, scale=None).double()
     x = torch.randn(2, 6, 4, dtype=torch.float64)
     y = layer(x)
     for b in range(2):
@@ -138,7 +145,8 @@ def test_mixed_pool_matches_reference():
 
 def test_set_fusion_matches_reference_ragged_and_dense():
     g = nn.Sequential(nn.Linear(4, 3), nn.Tanh()).double()
-    layer = SetFusionROTPool(4, g=g, out_dim=3, num_iters=2, a1=0.7, rho=1.1).double()
+    layer = SetFusionROTPool(4, g=g, out_dim=3, num_iters=2, a1=0.7, rho=1.1,
+                             scale=None).double()
     # 2 groups: members (graphs) of sizes [3, 2, 4] and [1, 5]
     member_sizes = [3, 2, 4, 1, 5]
     x = torch.randn(sum(member_sizes), 4, dtype=torch.float64)
@@ -159,3 +167,21 @@ def test_set_fusion_matches_reference_ragged_and_dense():
     assert rel_err(yd, yr) < 1e-12
     with pytest.raises(ValueError, match="group"):
         layer(x, index)
+
+
+@pytest.mark.parametrize("method,variant,T,learned", [
+    ("sinkhorn", "exact", 4, ["a1", "a2", "a3"]),
+    ("badmm-e", "exact", 4, ["a1", "a2", "a3", "rho"]),
+    ("badmm-e", "exact", 1, ["a2", "rho"]),         # α1, α3 only enter the S-step
+    ("badmm-q", "exact", 1, ["a1", "a2", "rho"]),
+    ("badmm-q", "paper", 2, ["a1", "a2", "rho"]),   # paper: η (α3) is updated for module t + 2
+], ids=lambda v: str(v))
+def test_parameters_only_for_the_weights_the_method_reads(method, variant, T, learned):
+    layer = rt.ROTPool(4, method=method, variant=variant, num_iters=T)
+    assert [n for n, _ in layer.named_parameters()] == [f"weights.raw_{n}" for n in learned]
+    with pytest.raises(ValueError, match="rho"):
+        rt.ROTPool(4, method="sinkhorn", learn_rho=True)
+    with pytest.raises(ValueError, match="tau"):
+        rt.ROTPool(4, method="badmm-e", learn_a0=True, learn_tau=True)
+    # a value for an unused weight is accepted (kwargs shared by heads of different methods)
+    assert not rt.ROTPool(4, method="sinkhorn", rho=5.0).weights.learn["rho"]

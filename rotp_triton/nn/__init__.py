@@ -1,10 +1,11 @@
 """nn.Module pooling layers."""
 from .gsp import GSPool
 from .hierarchical import MixedROTPool, SetFusionROTPool
-from .image import AdaptiveROTPool2d, ROTPool2d, replace_avgpool
+from .image import AdaptiveROTPool2d, ROTPool2d
+from .surgery import ROTSelectAdaptivePool2d, replace_avgpool
 from .otk import OTKPool
 from .rot_pool import ROTPool
 from .weights import ROTWeights
 
-__all__ = ["ROTPool", "ROTWeights", "AdaptiveROTPool2d", "ROTPool2d", "replace_avgpool",
+__all__ = ["ROTPool", "ROTWeights", "AdaptiveROTPool2d", "ROTPool2d", "replace_avgpool", "ROTSelectAdaptivePool2d",
            "MixedROTPool", "SetFusionROTPool", "GSPool", "OTKPool"]

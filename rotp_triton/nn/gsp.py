@@ -6,13 +6,15 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from rotp_triton.nn.aggregation import SetAggregation, native_layout, pool_sets
+
 from rotp_triton.ops.gsp import _check_int, _unit_ball, as_set_input, check_gsp_hparams, gsp_pool
 from rotp_triton.ops.otk import kmeans
 
 __all__ = ["GSPool"]
 
 
-class GSPool(nn.Module):
+class GSPool(SetAggregation):
     r"""Generalized Sum Pooling (Gurbuz, Sener, Alatan, ICCV 2023) of each set or image.
 
     Each sample x_i of a set (n samples; an image is the set of its H·W pixels) is projected by
@@ -83,7 +85,7 @@ class GSPool(nn.Module):
                                  f"{self.in_channels}")
 
     def forward(self, x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = None,
-                dim_size: Optional[int] = None, *, mask: Optional[Tensor] = None,
+                dim_size: Optional[int] = None, dim: int = -2, *, mask: Optional[Tensor] = None,
                 return_histogram: bool = False, return_plan: bool = False):
         """Pool each set (or image) of the batch.
 
@@ -91,6 +93,9 @@ class GSPool(nn.Module):
             x: ``(N_total, C)`` ragged, ``(B, N, C)`` dense, or ``(B, C, H, W)`` images.
             index: ``(N_total,)`` set id per row. ptr: ``(B + 1,)`` CSR offsets.
             dim_size: number of sets B. mask: ``(B, N)`` bool for a dense x.
+            dim: the rows axis (PyG's convention; other layouts, e.g. a 2-D x without index =
+                one set, or leading batch axes, are mapped by
+                :func:`~rotp_triton.nn.aggregation.pool_sets`, pooled output only).
             return_histogram: also return the attribute histogram ``(B, num_prototypes)``.
             return_plan: return a :class:`~rotp_triton.ops.gsp.GSPOutput` (pooled, histogram,
                 plan, rho, alpha).
@@ -98,9 +103,16 @@ class GSPool(nn.Module):
             ``(B, out_channels)``, or ``(pooled, histogram)``, or a ``GSPOutput``.
         """
         self._check_features(x)
-        return gsp_pool(x, self.prototypes, index, ptr, dim_size, weight=self.weight,
-                        mass=self.mass, gamma=self.gamma, num_iters=self.num_iters, tol=self.tol,
-                        return_histogram=return_histogram, return_plan=return_plan, mask=mask)
+        kw = dict(weight=self.weight, mass=self.mass, gamma=self.gamma, num_iters=self.num_iters,
+                  tol=self.tol)
+        if native_layout(x, index, ptr, dim, images=True):
+            return gsp_pool(x, self.prototypes, index, ptr, dim_size, **kw, mask=mask,
+                            return_histogram=return_histogram, return_plan=return_plan)
+        if return_histogram or return_plan:
+            raise ValueError("return_histogram/return_plan need x (N_total, C) with index/ptr, "
+                             "(B, N, C) or (B, C, H, W)")
+        return pool_sets(lambda *a: (gsp_pool(*a[:1], self.prototypes, *a[1:], **kw), None),
+                         x, index, ptr, dim_size, dim, mask)
 
     @torch.no_grad()
     def init_kmeans(self, x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = None,

@@ -1,5 +1,5 @@
-"""ROT pooling of images: global / adaptive (``AdaptiveROTPool2d``), local k×k (``ROTPool2d``),
-and ``replace_avgpool`` to drop ROT pooling into a CNN (DESIGN §1, §7, §9).
+"""ROT pooling of images: global / adaptive (``AdaptiveROTPool2d``) and local k×k
+(``ROTPool2d``) (DESIGN §1, §7, §9); ``replace_avgpool`` is in :mod:`rotp_triton.nn.surgery`.
 
 An image ``x (B, C, H, W)`` is pooled window by window; each window is one set in the code layout
 of DESIGN §1: its N valid pixel positions are the samples (rows) and the C channels the features
@@ -13,11 +13,14 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .._batching import compute_dtype
 from ..functional import check_rot_options, rot_pool
 from ..ops.rot import route
 # pool_output_size, adaptive_bounds, rot_pool2d_torch: re-exported (tests, legacy triton_window)
 from ..ops.rot.torch.windows import rot_pool2d_torch  # noqa: F401
 from ..ops.rot.window_geometry import adaptive_bounds, pool_output_size  # noqa: F401
+from .scale import check_scale, image_spread
+from .weight_use import describe_used, restrict_learning
 from .weights import ROTWeights
 
 IntPair = Union[int, Tuple[int, int]]
@@ -71,14 +74,32 @@ def _check_image(x, channels: int) -> None:
 class _ImageROTBase(nn.Module):
     def __init__(self, channels: int, method: str = "badmm-e", variant: str = "exact",
                  num_iters: int = 4, inner_iters: int = 5, per_iter_params: bool = True,
-                 backend: str = "auto", **weights):
+                 backend: str = "auto", scale="auto", **weights):
         super().__init__()
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
             raise ValueError(f"channels must be a positive int, got {channels!r}")
         check_rot_options(method, variant, num_iters, inner_iters, backend)
         self.channels, self.method, self.variant = channels, method, variant
         self.num_iters, self.inner_iters, self.backend = num_iters, inner_iters, backend
+        self.scale = check_scale(scale)  # per image: rotp_triton/nn/scale.py
+        weights = restrict_learning(method, weights, variant, num_iters)
         self.weights = ROTWeights(num_iters, per_iter_params, **weights)
+
+    def _spread(self, x: Tensor):
+        """``(B, 1, 1, 1)`` feature unit of each image, or None (scale=None)."""
+        if self.scale is None:
+            return None
+        if self.scale == "auto":
+            return image_spread(x.to(compute_dtype(x.dtype)))[:, None, None, None]
+        return self.scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_image(x, self.channels)
+        s = self._spread(x)
+        if s is None:
+            return self._forward(x)
+        y = self._forward((x / s).to(x.dtype))
+        return (y * (s if y.dim() == 4 else s[:, :, 0, 0])).to(x.dtype)
 
     def reset_parameters(self) -> None:
         self.weights.reset_parameters()
@@ -96,8 +117,9 @@ class _ImageROTBase(nn.Module):
                     backend=self.backend)
 
     def _rot_repr(self) -> str:
+        scale = "" if self.scale == "auto" else f"scale={self.scale!r}, "
         return (f"method={self.method!r}, variant={self.variant!r}, num_iters={self.num_iters}, "
-                f"{self.weights.describe()}")
+                f"{scale}{describe_used(self.weights, self.method, self.variant)}")
 
 
 class AdaptiveROTPool2d(_ImageROTBase):
@@ -128,6 +150,10 @@ class AdaptiveROTPool2d(_ImageROTBase):
         flatten: return (B, C) instead of (B, C, 1, 1) (``output_size`` must be 1).
         method, variant, num_iters, inner_iters, per_iter_params, backend, a0, a1, a2, a3, rho,
             tau, learn_*: as in :class:`rotp_triton.ROTPool`.
+        scale: ``"auto"`` (default): the weights are relative to each image's feature spread
+            (RMS over channels of the spatial standard deviation; :mod:`rotp_triton.nn.scale`),
+            so the near-mean start holds at any feature scale; ``None``: as given. "auto"
+            costs a reduction and one elementwise pass over x (the kernels then read x / s).
 
     Shapes:
         (B, C, H, W) -> (B, C, oh, ow), or (B, C) with ``flatten=True``; output in x's dtype.
@@ -147,8 +173,7 @@ class AdaptiveROTPool2d(_ImageROTBase):
             raise ValueError(f"flatten=True needs output_size=1, got {output_size!r}")
         self.flatten = flatten
 
-    def forward(self, x: Tensor) -> Tensor:
-        _check_image(x, self.channels)
+    def _forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
         oh = H if self._out[0] is None else self._out[0]
         ow = W if self._out[1] is None else self._out[1]
@@ -195,6 +220,10 @@ class ROTPool2d(_ImageROTBase):
         ceil_mode: ceil instead of floor in the output shape (as nn.MaxPool2d).
         method, variant, num_iters, inner_iters, per_iter_params, backend, a0, a1, a2, a3, rho,
             tau, learn_*: as in :class:`rotp_triton.ROTPool`.
+        scale: ``"auto"`` (default): the weights are relative to each image's feature spread
+            (RMS over channels of the spatial standard deviation; :mod:`rotp_triton.nn.scale`),
+            so the near-mean start holds at any feature scale; ``None``: as given. "auto"
+            costs a reduction and one elementwise pass over x (the kernels then read x / s).
 
     Shapes:
         (B, C, H, W) -> (B, C, Ho, Wo), Ho = floor((H + 2ph − kh)/sh) + 1 (ceil with
@@ -222,8 +251,7 @@ class ROTPool2d(_ImageROTBase):
         return (pool_output_size(H, kh, sh, ph, self.ceil_mode),
                 pool_output_size(W, kw, sw, pw, self.ceil_mode))
 
-    def forward(self, x: Tensor) -> Tensor:
-        _check_image(x, self.channels)
+    def _forward(self, x: Tensor) -> Tensor:
         Ho, Wo = self.output_shape(x.shape[2], x.shape[3])
         if Ho < 1 or Wo < 1:
             raise ValueError(f"input of spatial size {tuple(x.shape[2:])} is too small for "
@@ -241,88 +269,9 @@ class ROTPool2d(_ImageROTBase):
 
 
 # --------------------------------------------------------------------------------------------
-# replace_avgpool
+# replace_avgpool lives in surgery.py (it imports this module); kept importable from here
 # --------------------------------------------------------------------------------------------
-def _infer_channels(model: nn.Module, pools, example_input) -> dict:
-    """Channel count of the input of every pool in ``pools`` (name -> C).
-
-    With ``example_input`` it is read from a dry run (forward pre-hooks, no_grad, eval mode,
-    restored afterwards). Without it, from the module registered just before the pool in
-    ``model.named_modules()`` order: the last ``BatchNorm2d.num_features`` /
-    ``Conv2d.out_channels`` / ``GroupNorm.num_channels`` seen (true for torchvision ResNets,
-    VGG-style and most sequential CNNs)."""
-    found = {}
-    if example_input is not None:
-        handles = []
-        for name, mod in pools:
-            def hook(_m, args, name=name):
-                found[name] = int(args[0].shape[1])
-            handles.append(mod.register_forward_pre_hook(hook))
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                if isinstance(example_input, (tuple, list)):
-                    model(*example_input)
-                else:
-                    model(example_input)
-        finally:
-            model.train(was_training)
-            for h in handles:
-                h.remove()
-        return found
-    last = None
-    pool_ids = {id(m): n for n, m in pools}
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            last = mod.num_features
-        elif isinstance(mod, nn.Conv2d):
-            last = mod.out_channels
-        elif isinstance(mod, nn.GroupNorm):
-            last = mod.num_channels
-        if id(mod) in pool_ids and last is not None:
-            found[pool_ids[id(mod)]] = last
-    return found
-
-
-def replace_avgpool(model: nn.Module, example_input=None, **rot_kwargs) -> nn.Module:
-    """Swap every ``nn.AdaptiveAvgPool2d`` of ``model`` (recursively) for an
-    :class:`AdaptiveROTPool2d` with the same ``output_size``, in place; returns ``model``.
-
-    The channel count of each pool is inferred from ``example_input`` (a dry run with forward
-    pre-hooks; give it for models whose pools are not preceded by the layer that sets their
-    width) or, without it, from the last ``BatchNorm2d`` / ``Conv2d`` / ``GroupNorm`` registered
-    before the pool (true for torchvision ResNets). A pool whose channels cannot be inferred (or
-    that the dry run did not reach) raises ValueError. The new layers are put on the
-    device/dtype of the model's first parameter. With the default weights (a1 = ρ = 100) the new
-    model's outputs stay close to the original: for the small ResNet of
-    ``tests/test_replace_avgpool.py`` (eval mode) max |Δlogit| / max |logit| is at most 0.0016
-    (Sinkhorn), 0.0031 (B-E), 0.0066 (B-Q) over 3 seeds (the test asserts 0.004 / 0.008 / 0.015).
-
-    Args:
-        model: any nn.Module.
-        example_input: optional input tensor (or tuple of inputs) for the dry run.
-        **rot_kwargs: passed to every :class:`AdaptiveROTPool2d` (method, num_iters, a1, ...).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    pools = [(n, m) for n, m in model.named_modules() if type(m) is nn.AdaptiveAvgPool2d]
-    if not pools:
-        return model
-    channels = _infer_channels(model, pools, example_input)
-    missing = [n for n, _ in pools if n not in channels]
-    if missing:
-        how = ("the dry run with example_input did not reach them" if example_input is not None
-               else "no BatchNorm2d/Conv2d/GroupNorm precedes them; pass example_input=")
-        raise ValueError(f"replace_avgpool cannot infer the channel count of {missing}: {how}")
-    param = next(iter(model.parameters()), None)
-    for name, mod in pools:
-        new = AdaptiveROTPool2d(channels[name], output_size=mod.output_size, **rot_kwargs)
-        if param is not None:
-            new = new.to(device=param.device, dtype=param.dtype)
-        if name == "":
-            return new
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, new)
-    return model
+def replace_avgpool(*args, **kwargs):
+    """See :func:`rotp_triton.nn.surgery.replace_avgpool`."""
+    from .surgery import replace_avgpool as replace
+    return replace(*args, **kwargs)

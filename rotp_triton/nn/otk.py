@@ -7,13 +7,15 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from rotp_triton.nn.aggregation import SetAggregation, native_layout, pool_sets
+
 from rotp_triton.ops.gsp import _check_int, as_set_input
 from rotp_triton.ops.otk import check_otk_hparams, kmeans, otk_pool
 
 __all__ = ["OTKPool"]
 
 
-class OTKPool(nn.Module):
+class OTKPool(SetAggregation):
     r"""Optimal-transport embedding (Mialon et al., ICLR 2021) of each set or image.
 
     ``heads`` = h references of ``num_supports`` = p learnable supports each,
@@ -38,15 +40,22 @@ class OTKPool(nn.Module):
         log_domain: log-domain potentials (stable for any eps) or scaling vectors (faster, but
             underflows when a set's scores spread over more than ~80 eps in float32).
 
+        flatten: return ``(B, p·h·d)`` instead of ``(B, p, h·d)`` (one vector per set, as
+            PyG's aggregations and ``SAGEConv(aggr=...)`` expect).
+
     Shapes:
-        forward(x, index=None, ptr=None, dim_size=None): x ``(N_total, d)`` ragged with
+        forward(x, index=None, ptr=None, dim_size=None, dim=-2): x ``(N_total, d)`` ragged with
         ``index``/``ptr``, ``(B, N, d)`` dense (optionally with ``mask`` ``(B, N)``), or images
-        ``(B, d, H, W)`` -> ``(B, p, h·d)``. Empty sets give zeros.
+        ``(B, d, H, W)`` -> ``(B, p, h·d)`` (``(B, p·h·d)`` with ``flatten``). Empty sets give
+        zeros.
     """
 
     def __init__(self, dim: int, num_supports: int = 10, heads: int = 1, eps: float = 0.1,
-                 num_iters: int = 10, log_domain: bool = True):
+                 num_iters: int = 10, log_domain: bool = True, flatten: bool = False):
         super().__init__()
+        if not isinstance(flatten, bool):
+            raise TypeError(f"flatten must be a bool, got {type(flatten).__name__}")
+        self.flatten = flatten
         self.dim = _check_int(dim, "dim", 1)
         self.num_supports = _check_int(num_supports, "num_supports", 1)
         self.heads = _check_int(heads, "heads", 1)
@@ -73,7 +82,7 @@ class OTKPool(nn.Module):
                 raise ValueError(f"x has {c} features ({where}) but OTKPool expects dim = {self.dim}")
 
     def forward(self, x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = None,
-                dim_size: Optional[int] = None, *, mask: Optional[Tensor] = None,
+                dim_size: Optional[int] = None, dim: int = -2, *, mask: Optional[Tensor] = None,
                 return_plan: bool = False):
         """Embed each set (or image) of the batch.
 
@@ -81,15 +90,31 @@ class OTKPool(nn.Module):
             x: ``(N_total, d)`` ragged, ``(B, N, d)`` dense, or ``(B, d, H, W)`` images.
             index: ``(N_total,)`` set id per row. ptr: ``(B + 1,)`` CSR offsets.
             dim_size: number of sets B. mask: ``(B, N)`` bool for a dense x.
+            dim: the rows axis (PyG's convention; other layouts, e.g. a 2-D x without index =
+                one set, or leading batch axes, are mapped by
+                :func:`~rotp_triton.nn.aggregation.pool_sets`, embedding only).
             return_plan: also return the column-normalised plans (see
                 :func:`~rotp_triton.ops.otk.otk_pool`).
         Returns:
-            ``(B, num_supports, heads * dim)`` [, plans].
+            ``(B, num_supports, heads * dim)`` (``(B, num_supports * heads * dim)`` with
+            ``flatten``) [, plans].
         """
         self._check_features(x)
-        return otk_pool(x, self.weight, index, ptr, dim_size, eps=self.eps,
-                        num_iters=self.num_iters, log_domain=self.log_domain,
-                        return_plan=return_plan, mask=mask)
+        kw = dict(eps=self.eps, num_iters=self.num_iters, log_domain=self.log_domain)
+
+        def embed(*a, mask=None, return_plan=False):
+            out = otk_pool(*a[:1], self.weight, *a[1:], **kw, mask=mask, return_plan=return_plan)
+            y = out[0] if return_plan else out
+            y = y.flatten(1) if self.flatten else y
+            return (y, out[1]) if return_plan else (y, None)
+
+        if native_layout(x, index, ptr, dim, images=True):
+            y, plan = embed(x, index, ptr, dim_size, mask=mask, return_plan=return_plan)
+            return (y, plan) if return_plan else y
+        if return_plan:
+            raise ValueError("return_plan needs x (N_total, d) with index/ptr, (B, N, d) or "
+                             "(B, d, H, W)")
+        return pool_sets(embed, x, index, ptr, dim_size, dim, mask)
 
     @torch.no_grad()
     def init_kmeans(self, x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = None,
@@ -115,4 +140,4 @@ class OTKPool(nn.Module):
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.dim}, num_supports={self.num_supports}, "
                 f"heads={self.heads}, eps={self.eps}, num_iters={self.num_iters}, "
-                f"log_domain={self.log_domain})")
+                f"log_domain={self.log_domain}{', flatten=True' if self.flatten else ''})")

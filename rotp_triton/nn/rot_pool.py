@@ -6,14 +6,17 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .._batching import make_set_batch
+from .._batching import check_tensor, compute_dtype, make_set_batch
 from ..functional import check_rot_options, rot_pool
+from .aggregation import SetAggregation, pool_sets
+from .scale import check_scale, dense_spread, ragged_spread
+from .weight_use import describe_used, restrict_learning
 from .weights import ROTWeights
 
 PRIORS = ("uniform", "attention")
 
 
-class ROTPool(nn.Module):
+class ROTPool(SetAggregation):
     r"""Regularized optimal-transport pooling (Xu & Cheng, TPAMI 2023) of each set of a batch.
 
     For a set X ∈ R^{D×N} the layer solves (approximately, with ``num_iters`` unrolled modules)
@@ -31,10 +34,16 @@ class ROTPool(nn.Module):
     (V: ``attention_dim``×D).
 
     Default initialisation: α1 = ρ = 100 make a new layer pool close to the mean (mean pooling is
-    the α1 → ∞ limit, Prop. 1): on standardised Gaussian sets (N = 49, D = 32) the output differs
+    the α1 → ∞ limit, Prop. 1): on Gaussian sets (N = 49, D = 32) of any scale the output differs
     from the mean by about 1% (S), 2% (B-E) and 4% (B-Q) of a feature's standard deviation
-    (``tests/test_modules.py`` measures it), so the layer can replace average pooling in a trained
-    network. Pass smaller ``a1`` / ``rho`` for a layer that starts further from the mean.
+    (``tests/test_modules.py``, ``tests/test_feature_scale.py``), so the layer can replace
+    average pooling in a trained network. Pass smaller ``a1`` / ``rho`` for a layer that starts
+    further from the mean. The weights are relative to each set's feature spread
+    (``scale="auto"``, :mod:`rotp_triton.nn.scale`); ``scale=None`` uses them as given.
+
+    The layer owns a learnable parameter only for the weights its method reads (Sinkhorn: no ρ,
+    τ only with α0 > 0; Bregman ADMM: no τ), so DDP needs no ``find_unused_parameters``.
+    When torch_geometric imports, the layer is a ``torch_geometric.nn.aggr.Aggregation``.
 
     Args:
         dim: D, the feature size.
@@ -45,16 +54,20 @@ class ROTPool(nn.Module):
             ``learn_a0=True`` enables the structure term (α0 starts at ``a0`` or 0.1).
         p0, q0: ``"uniform"`` or ``"attention"``.
         attention_dim: hidden size of the ``q0`` attention (default ``dim``).
+        scale: ``"auto"`` (weights relative to each set's feature spread), ``None`` (as given)
+            or a positive float (a fixed feature unit).
 
     Shapes:
-        forward(x, index=None, ptr=None, dim_size=None): x (N_total, D) ragged or (B, N, D) dense
-        -> (B, D).
+        forward(x, index=None, ptr=None, dim_size=None, dim=-2, *, mask=None,
+        return_plan=False): x (N_total, D) ragged with index/ptr (or one set without them),
+        (B, N, D) dense (``mask`` (B, N) marks real rows of a padded batch; equal to the ragged
+        result), or PyG's (*, N, D) with index along ``dim`` -> (B, D) (``(*, B, D)``).
     """
 
     def __init__(self, dim: int, method: str = "badmm-e", variant: str = "exact",
                  num_iters: int = 4, inner_iters: int = 5, per_iter_params: bool = True,
                  p0: str = "uniform", q0: str = "uniform", attention_dim: Optional[int] = None,
-                 backend: str = "auto", **weights):
+                 backend: str = "auto", scale="auto", **weights):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
@@ -66,6 +79,8 @@ class ROTPool(nn.Module):
         self.dim, self.method, self.variant = dim, method, variant
         self.num_iters, self.inner_iters = num_iters, inner_iters
         self.p0_mode, self.q0_mode, self.backend = p0, q0, backend
+        self.scale = check_scale(scale)
+        weights = restrict_learning(method, weights, variant, num_iters)
         self.weights = ROTWeights(num_iters, per_iter_params, **weights)
         self.attention_dim = attention_dim or dim
         self.p0_proj = nn.Linear(dim, dim, bias=False) if p0 == "attention" else None
@@ -98,22 +113,48 @@ class ROTPool(nn.Module):
         return log_p0, log_q0
 
     def forward(self, x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = None,
-                dim_size: Optional[int] = None, return_plan: bool = False):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+                dim_size: Optional[int] = None, dim: int = -2, *, mask: Optional[Tensor] = None,
+                return_plan: bool = False):
+        if isinstance(x, Tensor) and x.dim() >= 1 and x.shape[-1] != self.dim:
+            raise ValueError(f"x has {x.shape[-1]} features but the layer was built with "
+                             f"dim={self.dim}")
+        return pool_sets(lambda *a: self._pool(*a, return_plan=return_plan), x, index, ptr,
+                         dim_size, dim, mask, return_plan)
+
+    def _pool(self, x: Tensor, index, ptr, dim_size, *, return_plan: bool):
+        """Canonical input: x (N_total, D) with index/ptr, or (B, N, D) -> (y, plan or None)."""
         if x.dim() not in (2, 3):
             raise ValueError(f"x must have 2 (ragged) or 3 (dense) dimensions, got shape "
                              f"{tuple(x.shape)}")
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x has {x.shape[-1]} features but the layer was built with "
-                             f"dim={self.dim}")
+        check_tensor(x, "x")  # floating point (before the scale turns an int x into floats)
         log_p0, log_q0 = self.prior_logits(x, index, ptr, dim_size)
-        return rot_pool(x, index, ptr, dim_size, method=self.method, variant=self.variant,
-                        num_iters=self.num_iters, inner_iters=self.inner_iters,
-                        log_p0=log_p0, log_q0=log_q0, backend=self.backend,
-                        return_plan=return_plan, **self.weights())
+        kw = dict(method=self.method, variant=self.variant, num_iters=self.num_iters,
+                  inner_iters=self.inner_iters, log_p0=log_p0, log_q0=log_q0,
+                  backend=self.backend, return_plan=return_plan, **self.weights())
+
+        def run(xs):
+            out = rot_pool(xs, index, ptr, dim_size, **kw)
+            return out if return_plan else (out, None)
+
+        if self.scale is None:
+            return run(x)
+        if self.scale == "auto":
+            cdt = compute_dtype(x.dtype)
+            if x.dim() == 3:
+                s = dense_spread(x.to(cdt))
+                s_rows = s[:, None, None]
+            else:
+                batch = make_set_batch(x, index, ptr, dim_size, pad=False)
+                s = ragged_spread(x.to(cdt), batch.index, batch.num_sets)
+                s_rows = s[batch.index][:, None]
+            y, plan = run((x / s_rows).to(x.dtype))
+            return (y * s[:, None]).to(x.dtype), plan
+        y, plan = run(x / self.scale)
+        return y * self.scale, plan
 
     def __repr__(self) -> str:
+        scale = "" if self.scale == "auto" else f", scale={self.scale!r}"
         return (f"{self.__class__.__name__}({self.dim}, method={self.method!r}, "
                 f"variant={self.variant!r}, num_iters={self.num_iters}, "
-                f"p0={self.p0_mode!r}, q0={self.q0_mode!r}, {self.weights.describe()})")
+                f"p0={self.p0_mode!r}, q0={self.q0_mode!r}{scale}, "
+                f"{describe_used(self.weights, self.method, self.variant)})")
