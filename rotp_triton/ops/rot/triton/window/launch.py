@@ -1,0 +1,118 @@
+"""Host launchers of the window kernels (``kernels.py``): output geometry, tile sizes, grids.
+
+No host synchronisation and no per-weight arithmetic here: the kernels read the (6, T) weight
+table directly. The backward's weight cotangent comes back as per-program partial sums
+(grid × next_pow2(6T)) summed on the device in a fixed order (deterministic).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Tuple
+
+import torch
+from torch import Tensor
+
+from ... import params
+from ..common import launcher, next_pow2, sm_count
+from .kernels import window_bwd_kernel, window_fwd_kernel
+
+METHOD_IDS = {"sinkhorn": 0, "badmm-e": 1, "badmm-q": 2}
+# register budget: elements of one [BW, BN, BC] tile per program (8 / 4 per thread at 4 warps).
+# sm_90 AOT (ptxas, tests/ops/rot/test_window.py), 2×2 windows, B-E, T = 4: forward 108
+# registers at C = 64 (80 at C = 256), backward ~125; a 4096-element forward tile needs 255.
+FWD_TILE = 1024
+BWD_TILE = 512
+# programs per SM of the backward's persistent grid
+BWD_PROGRAMS_PER_SM = 8
+
+
+class Geometry(NamedTuple):
+    """Sizes of one window pooling problem (all host ints, from shapes only)."""
+    B: int
+    C: int
+    H: int
+    W: int
+    Ho: int
+    Wo: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+
+    @property
+    def n_windows(self) -> int:
+        return self.B * self.Ho * self.Wo
+
+    @property
+    def overlap(self) -> bool:
+        """Windows share pixels: the backward accumulates dx with atomics."""
+        return self.sh < self.kh or self.sw < self.kw
+
+    def constexprs(self) -> dict:
+        return dict(KH=self.kh, KW=self.kw, SH=self.sh, SW=self.sw, PH=self.ph, PW=self.pw)
+
+
+def geometry(x_shape, kernel_size, stride, padding, ceil_mode: bool) -> Geometry:
+    from .....nn.image import pool_output_size  # one formula for every path (lazy: import cycle)
+    B, C, H, W = x_shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    return Geometry(B, C, H, W, pool_output_size(H, kh, sh, ph, ceil_mode),
+                    pool_output_size(W, kw, sw, pw, ceil_mode), kh, kw, sh, sw, ph, pw)
+
+
+def block_sizes(N: int, C: int, budget: int) -> Tuple[int, int, int]:
+    """(BW, BN, BC): windows per program, next_pow2 of the samples and of the channels."""
+    BN, BC = next_pow2(N), next_pow2(C)
+    return max(1, min(64, budget // (BN * BC))), BN, BC
+
+
+def num_warps_for(BC: int) -> int:
+    return 4 if BC <= 256 else 8
+
+
+def is_channels_last(x: Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def empty_like_layout(x: Tensor, shape, dtype) -> Tensor:
+    """A new tensor in x's memory format (channels_last stays channels_last)."""
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, device=x.device, memory_format=fmt)
+
+
+def window_forward(x: Tensor, w: Tensor, g: Geometry, method: str, variant: str,
+                   wrap=None) -> Tensor:
+    """y (B, C, Ho, Wo) in x's dtype and memory format."""
+    y = empty_like_layout(x, (g.B, g.C, g.Ho, g.Wo), x.dtype)
+    if g.n_windows == 0 or g.C == 0:
+        return y
+    BW, BN, BC = block_sizes(g.kh * g.kw, g.C, FWD_TILE)
+    grid = (-(-g.n_windows // BW),)
+    launcher(window_fwd_kernel, wrap)[grid](
+        x, y, w, g.C, g.H, g.W, g.Ho, g.Wo, g.n_windows, -math.log(g.C),
+        *x.stride(), *y.stride(), T=w.shape[1], BW=BW, BN=BN, BC=BC,
+        METHOD=METHOD_IDS[method], PAPER=variant == "paper", num_warps=num_warps_for(BC),
+        **g.constexprs())
+    return y
+
+
+def window_backward(x: Tensor, w: Tensor, gy: Tensor, g: Geometry, method: str, variant: str,
+                    wrap=None) -> Tuple[Tensor, Tensor]:
+    """(dx in x's dtype and memory format, dw (6, T) float32)."""
+    T = w.shape[1]
+    gx = empty_like_layout(x, x.shape, torch.float32).zero_()  # pixels in no window: 0
+    BW, BN, BC = block_sizes(g.kh * g.kw, g.C, BWD_TILE)
+    TP = next_pow2(T * params.NUM_WEIGHTS)
+    n_tiles = max(1, -(-g.n_windows // BW))
+    n_prog = max(1, min(n_tiles, BWD_PROGRAMS_PER_SM * sm_count(x.device)))
+    gw = torch.zeros(n_prog, TP, dtype=torch.float32, device=x.device)
+    if g.n_windows > 0 and g.C > 0:
+        launcher(window_bwd_kernel, wrap)[(n_prog,)](
+            x, gy, w, gx, gw, g.C, g.H, g.W, g.Ho, g.Wo, g.n_windows, n_tiles,
+            -math.log(g.C), *x.stride(), *gy.stride(), *gx.stride(), T=T, BW=BW, BN=BN, BC=BC,
+            TP=TP, METHOD=METHOD_IDS[method], PAPER=variant == "paper", OVERLAP=g.overlap,
+            num_warps=num_warps_for(BC), **g.constexprs())
+    gw = gw.sum(0)[:T * params.NUM_WEIGHTS].view(params.NUM_WEIGHTS, T)
+    return gx.to(x.dtype), gw
