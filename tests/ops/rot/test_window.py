@@ -22,6 +22,9 @@ WEIGHT_ROWS = {"a1": A1, "a2": A2, "a3": A3, "rho": RHO}
 
 CASES = {  # name: (B, C, H, W, k, s, p, ceil_mode, layout)
     "2x2-oddC": (2, 3, 5, 7, (2, 2), (2, 2), (0, 0), False, "nchw"),
+    # full windows and C = next_pow2(C): the unmasked kernel; 32 windows = whole tiles / a tail
+    "2x2-even": (1, 8, 8, 16, (2, 2), (2, 2), (0, 0), False, "nchw"),
+    "2x2-even-tail-cl": (2, 4, 4, 6, (2, 2), (2, 2), (0, 0), False, "channels_last"),
     "2x2-cl": (2, 5, 4, 6, (2, 2), (2, 2), (0, 0), False, "channels_last"),
     "3x3-pad-ceil-overlap-cl": (1, 5, 5, 6, (3, 3), (2, 2), (1, 1), True, "channels_last"),
     "3x3-stride1-nchw": (1, 3, 4, 5, (3, 3), (1, 1), (0, 0), False, "nchw"),
@@ -78,12 +81,13 @@ def check_window(method, variant, case, dtype=torch.float32, T=3, inf_a2=False, 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_and_variant(method, variant):
-    check_window(method, variant, "2x2-oddC")
+@pytest.mark.parametrize("case", ["2x2-oddC", "2x2-even"])
+def test_every_method_and_variant(method, variant, case):
+    check_window(method, variant, case)
 
 
-@pytest.mark.parametrize("case", ["2x2-cl", "3x3-pad-ceil-overlap-cl", "3x3-stride1-nchw",
-                                  "2x3-noncontig"])
+@pytest.mark.parametrize("case", ["2x2-even", "2x2-even-tail-cl", "2x2-cl",
+                                  "3x3-pad-ceil-overlap-cl", "3x3-stride1-nchw", "2x3-noncontig"])
 @pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("sinkhorn", "paper"),
                                             ("badmm-q", "paper"), ("sinkhorn", "exact")],
                          ids=["be-exact", "s-paper", "bq-paper", "s-exact"])
@@ -228,20 +232,22 @@ BWD = ["x_ptr", "gy_ptr", "w_ptr", "gx_ptr", "gw_ptr", "C", "H", "W", "Ho", "Wo"
        "sdb", "sdc", "sdh", "sdw"]
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                          "cuobjdump")
-CASES = eval(sys.argv[1]) if len(sys.argv) > 1 else None
-for C, k, method, paper, kind, overlap, dt in CASES:
-    names, kern = (FWD, K.window_fwd_kernel) if kind == "fwd" else (BWD, K.window_bwd_kernel)
-    BW, BN, BC = L.block_sizes(k * k, C, L.FWD_TILE if kind == "fwd" else L.BWD_TILE)
-    ce = dict(T=4, KH=k, KW=k, SH=1 if overlap else k, SW=1 if overlap else k, PH=0, PW=0,
-              BW=BW, BN=BN, BC=BC, METHOD=method, PAPER=paper)
-    if kind == "bwd":
-        ce.update(OVERLAP=overlap, TP=32)
+for C, k, s, method, paper, kind, dt in CASES:
+    g = L.geometry((64, C, 56, 56), (k, k), (s, s), (0, 0), False)
+    if kind == "fwd":
+        names, kern, cfg = FWD, K.window_fwd_kernel, L.fwd_config(g)
+        cfg["FAST"] = True
+    else:
+        names, kern, cfg = BWD, K.window_bwd_kernel, L.bwd_config(g)
+        cfg.update(OVERLAP=g.overlap, TP=32)
+    warps = cfg.pop("num_warps")
+    ce = dict(T=4, METHOD=method, PAPER=paper, **cfg, **g.constexprs())
     # x, y, gy in the input dtype; the weight table and gx (accumulated) in fp32
     low = ("x_ptr", "y_ptr", "gy_ptr")
     sig = {n: (f"*{dt}" if n in low else "*fp32" if n.endswith("_ptr") else
                "fp32" if n == "lp0" else "i32") for n in names}
     sig.update({n: "constexpr" for n in ce})
-    c = compile_sm90(kern, sig, ce, num_warps=L.num_warps_for(BC))
+    c = compile_sm90(kern, sig, ce, num_warps=warps)
     assert "cubin" in c.asm
     usage = ""
     if os.path.exists(cuobjdump):
@@ -251,22 +257,25 @@ for C, k, method, paper, kind, overlap, dt in CASES:
                                text=True).stdout
         os.unlink(f.name)
         usage = " ".join(t for t in usage.split() if t.startswith(("REG:", "LOCAL:")))
-    print(f"RESULT C={C} k={k} method={method} paper={paper} {kind} {dt} "
-          f"tile={BW}x{BN}x{BC} {usage}", flush=True)
+    flags = "".join(f for f in ("MASKED", "TAIL") if cfg.get(f))
+    print(f"RESULT C={C} k={k} s={s} method={method} paper={paper} {kind} {dt} "
+          f"tile={cfg['BW']}x{cfg['BC']}x{cfg['BN']} warps={warps} {flags} {usage}", flush=True)
 """
 
-# (C, k, method id, paper, fwd/bwd, overlapping windows, dtype): every method × variant ×
-# direction at W3's C = 256 (T = 4), plus 3×3, narrow C and fp16/bf16
-AOT_CASES = ([(256, 2, m, pa, kind, False, "fp32") for m in range(3) for pa in (False, True)
+# (C, k, stride, method id, paper, fwd/bwd, dtype): every method × variant × direction at W3
+# (C = 256, 2×2, T = 4, full windows: the unmasked forward), plus masked / overlapping / 3×3,
+# fp16/bf16, and the tiles beyond 4,096 elements (C = 1100: forward 8,192 elements)
+AOT_CASES = ([(256, 2, 2, m, pa, kind, "fp32") for m in range(3) for pa in (False, True)
               for kind in ("fwd", "bwd")]
-             + [(64, 3, 1, False, "fwd", False, "fp32"), (64, 3, 0, True, "bwd", True, "fp32"),
-                (64, 2, 1, False, "fwd", False, "bf16"), (64, 2, 2, False, "bwd", True, "fp16")])
+             + [(100, 2, 2, 1, False, "fwd", "fp32"), (64, 3, 3, 1, False, "fwd", "fp32"),
+                (64, 3, 2, 0, True, "bwd", "fp32"), (256, 2, 2, 1, False, "fwd", "bf16"),
+                (64, 2, 1, 2, False, "bwd", "fp16"), (1100, 2, 2, 0, False, "fwd", "fp32"),
+                (1100, 2, 2, 1, False, "fwd", "fp32"), (512, 2, 2, 1, False, "bwd", "fp32"),
+                (1100, 2, 2, 1, False, "bwd", "fp32")])
 
 
 def test_aot_compile_sm90_without_spills():
-    import sys
-    code = AOT_CODE.replace("CASES = eval(sys.argv[1]) if len(sys.argv) > 1 else None",
-                            f"CASES = {AOT_CASES!r}")
+    code = f"CASES = {AOT_CASES!r}\n" + AOT_CODE
     out = run_without_interpreter(code, timeout=900)
     lines = [l for l in out.splitlines() if l.startswith("RESULT")]
     print("\n".join(lines))

@@ -40,6 +40,11 @@ _A3 = tl.constexpr(params.A3)
 _RHO = tl.constexpr(params.RHO)
 
 
+# axes of the [BW, BN, BC] tile. The channels are the last axis: with no contiguity known along
+# the samples (the kernels do not specialise on sxh, sxw == 1) the compiler spreads the lanes over
+# the channels and keeps a window's samples of a channel in one thread.
+AX_N = tl.constexpr(1)
+AX_C = tl.constexpr(2)
 # --------------------------------------------------------------------------------------------
 # per-iteration scalars from the weight table, and their cotangents back onto it
 # --------------------------------------------------------------------------------------------
@@ -185,18 +190,18 @@ def _sinkhorn_step(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, PAPER: tl.const
     Jacobi step reads (ε_{t-1}, ε_0 at t = 0)."""
     if PAPER:
         y = x * u_prev + a + b                                         # [BW, BN, BC]
-        r = _lse(y, sv, 1)                                             # [BW, 1, BC]
-        c = tl.where(sv, _lse(y, cv, 2), 0.0)                          # [BW, BN, 1]
+        r = _lse(y, sv, AX_N)                                             # [BW, 1, BC]
+        c = tl.where(sv, _lse(y, cv, AX_C), 0.0)                          # [BW, BN, 1]
         a_new = tl.where(cv, k2 * (a * u + lp0 - r), 0.0)
         b_new = tl.where(sv, k3 * (b * u + lq0 - c), 0.0)
     else:
         xu = x * u
-        r = _lse(xu + b, sv, 1)                                        # [BW, 1, BC] R_d
+        r = _lse(xu + b, sv, AX_N)                                        # [BW, 1, BC] R_d
         v = k2 * lp0 + (1 - k2) * r
-        a_new = tl.where(cv, v - _lse(v, cv, 2) - r, 0.0)
-        c = tl.where(sv, _lse(xu + a_new, cv, 2), 0.0)                 # [BW, BN, 1] C_n
+        a_new = tl.where(cv, v - _lse(v, cv, AX_C) - r, 0.0)
+        c = tl.where(sv, _lse(xu + a_new, cv, AX_C), 0.0)                 # [BW, BN, 1] C_n
         q = k3 * lq0 + (1 - k3) * c
-        b_new = tl.where(sv, q - _lse(q, sv, 1) - c, 0.0)
+        b_new = tl.where(sv, q - _lse(q, sv, AX_N) - c, 0.0)
     return a_new, b_new
 
 
@@ -207,8 +212,8 @@ def _sinkhorn_step_bwd(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, ga_new, gb_
     summed over the tile."""
     if PAPER:
         y = x * u_prev + a + b
-        r = _lse(y, sv, 1)
-        c = tl.where(sv, _lse(y, cv, 2), 0.0)
+        r = _lse(y, sv, AX_N)
+        c = tl.where(sv, _lse(y, cv, AX_C), 0.0)
         ga_new = tl.where(cv, ga_new, 0.0)
         gb_new = tl.where(sv, gb_new, 0.0)
         gk2 = tl.sum(tl.sum(tl.sum(ga_new * (a * u + lp0 - r), 2), 1), 0)
@@ -216,36 +221,36 @@ def _sinkhorn_step_bwd(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, ga_new, gb_
         gu = (tl.sum(tl.sum(tl.sum(k2 * ga_new * a, 2), 1), 0)
               + tl.sum(tl.sum(tl.sum(k3 * gb_new * b, 2), 1), 0))
         # y feeds R (softmax over n) and C (softmax over d)
-        gy = (_softmax(y, sv, 1) * (-k2 * ga_new) + _softmax(y, cv, 2) * (-k3 * gb_new))
+        gy = (_softmax(y, sv, AX_N) * (-k2 * ga_new) + _softmax(y, cv, AX_C) * (-k3 * gb_new))
         gy = tl.where(sv & cv, gy, 0.0)
         gx = u_prev * gy
         gu_prev = tl.sum(tl.sum(tl.sum(x * gy, 2), 1), 0)
-        ga = k2 * u * ga_new + _sum(gy, 1)
-        gb = k3 * u * gb_new + _sum(gy, 2)
+        ga = k2 * u * ga_new + _sum(gy, AX_N)
+        gb = k3 * u * gb_new + _sum(gy, AX_C)
     else:
         xu = x * u
         y1 = xu + b
-        r = _lse(y1, sv, 1)                                            # [BW, 1, BC]
+        r = _lse(y1, sv, AX_N)                                            # [BW, 1, BC]
         v = k2 * lp0 + (1 - k2) * r
-        a_new = tl.where(cv, v - _lse(v, cv, 2) - r, 0.0)
+        a_new = tl.where(cv, v - _lse(v, cv, AX_C) - r, 0.0)
         y2 = xu + a_new
-        c = tl.where(sv, _lse(y2, cv, 2), 0.0)                         # [BW, BN, 1]
+        c = tl.where(sv, _lse(y2, cv, AX_C), 0.0)                         # [BW, BN, 1]
         q = k3 * lq0 + (1 - k3) * c
         # b' = lognorm_n(q) - C
-        gq = _lognorm_bwd(gb_new, _softmax(q, sv, 1), sv, 1)           # [BW, BN, 1]
+        gq = _lognorm_bwd(gb_new, _softmax(q, sv, AX_N), sv, AX_N)           # [BW, BN, 1]
         gc = tl.where(sv, -gb_new + (1 - k3) * gq, 0.0)
         gk3 = tl.sum(tl.sum(tl.sum(gq * (lq0 - c), 2), 1), 0)
-        gy2 = tl.where(sv & cv, _softmax(y2, cv, 2) * gc, 0.0)         # [BW, BN, BC]
-        ga = tl.where(cv, ga_new + _sum(gy2, 1), 0.0)                  # [BW, 1, BC]
+        gy2 = tl.where(sv & cv, _softmax(y2, cv, AX_C) * gc, 0.0)         # [BW, BN, BC]
+        ga = tl.where(cv, ga_new + _sum(gy2, AX_N), 0.0)                  # [BW, 1, BC]
         # a' = lognorm_d(v) - R
-        gv = _lognorm_bwd(ga, _softmax(v, cv, 2), cv, 2)
+        gv = _lognorm_bwd(ga, _softmax(v, cv, AX_C), cv, AX_C)
         gr = tl.where(cv, -ga + (1 - k2) * gv, 0.0)
         gk2 = tl.sum(tl.sum(tl.sum(gv * (lp0 - r), 2), 1), 0)
-        gy1 = tl.where(sv & cv, _softmax(y1, sv, 1) * gr, 0.0)
+        gy1 = tl.where(sv & cv, _softmax(y1, sv, AX_N) * gr, 0.0)
         gx = u * (gy1 + gy2)
         gu = tl.sum(tl.sum(tl.sum(x * (gy1 + gy2), 2), 1), 0)
         gu_prev = gu * 0.0
-        gb = _sum(gy1, 2)
+        gb = _sum(gy1, AX_C)
         ga = ga * 0.0                                                  # a does not feed a'
     return gx, ga, gb, gu_prev, gu, gk2, gk3
 
@@ -270,35 +275,35 @@ def _admm_step(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp0, l
     """One B-ADMM iteration; returns the new state and Y (the P-step logits of this iteration)."""
     m = sv & cv
     y = _admm_p_logits(x, log_s, z, irho, c1, m, QUAD)                 # [BW, BN, BC]
-    r, sm1 = _lse_softmax(y, sv, 1)                                    # [BW, 1, BC] R
+    r, sm1 = _lse_softmax(y, sv, AX_N)                                    # [BW, 1, BC] R
     if PAPER:
         log_mu = lmu
     else:
         v = k2 * lp0 + (1 - k2) * r
-        log_mu = v - _lse(v, cv, 2)
+        log_mu = v - _lse(v, cv, AX_C)
     log_p = tl.where(m, y + log_mu - r, 0.0)
     p = tl.where(m, sm1 * _exp(log_mu), 0.0)                           # exp(log P)
     if QUAD:
         y2 = log_p + z * irho - c1 * p
     else:
         y2 = z * c1 + log_p * c2
-    c, sm2 = _lse_softmax(y2, cv, 2)                                   # [BW, BN, 1] C
+    c, sm2 = _lse_softmax(y2, cv, AX_C)                                   # [BW, BN, 1] C
     c = tl.where(sv, c, 0.0)
     if PAPER:
         log_eta = leta
     else:
         q = k3 * lq0 + (1 - k3) * c
-        log_eta = q - _lse(q, sv, 1)
+        log_eta = q - _lse(q, sv, AX_N)
     log_s_new = tl.where(m, y2 + log_eta - c, 0.0)
     s_new = tl.where(m, sm2 * _exp(log_eta), 0.0)                      # exp(log S')
     z_new = z + rho * (p - s_new)
     if PAPER:
         t1 = (1 - k2) * (lmu - z1 * irho) + k2 * lp0
-        lmu_new = tl.where(cv, t1 - _lse(t1, cv, 2), 0.0)
+        lmu_new = tl.where(cv, t1 - _lse(t1, cv, AX_C), 0.0)
         t2 = (1 - k3) * (leta - z2 * irho) + k3 * lq0
-        leta_new = tl.where(sv, t2 - _lse(t2, sv, 1), 0.0)
-        z1_new = tl.where(cv, z1 + rho * (_exp(lmu_new) - _sum(p, 1)), 0.0)
-        z2_new = tl.where(sv, z2 + rho * (_exp(leta_new) - _sum(s_new, 2)), 0.0)
+        leta_new = tl.where(sv, t2 - _lse(t2, sv, AX_N), 0.0)
+        z1_new = tl.where(cv, z1 + rho * (_exp(lmu_new) - _sum(p, AX_N)), 0.0)
+        z2_new = tl.where(sv, z2 + rho * (_exp(leta_new) - _sum(s_new, AX_C)), 0.0)
     else:
         lmu_new, leta_new, z1_new, z2_new = lmu, leta, z1, z2
     return log_s_new, z_new, lmu_new, leta_new, z1_new, z2_new, y
@@ -319,25 +324,25 @@ def _admm_step_bwd(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp
     # ---- recompute the forward of this iteration
     s = tl.where(m, _exp(log_s), 0.0)
     y = _admm_p_logits(x, log_s, z, irho, c1, m, QUAD)
-    r, sm1 = _lse_softmax(y, sv, 1)
+    r, sm1 = _lse_softmax(y, sv, AX_N)
     if PAPER:
         log_mu = lmu
     else:
         v = k2 * lp0 + (1 - k2) * r
-        log_mu = v - _lse(v, cv, 2)
+        log_mu = v - _lse(v, cv, AX_C)
     log_p = tl.where(m, y + log_mu - r, 0.0)
     p = tl.where(m, sm1 * _exp(log_mu), 0.0)
     if QUAD:
         y2 = log_p + z * irho - c1 * p
     else:
         y2 = z * c1 + log_p * c2
-    c, sm2 = _lse_softmax(y2, cv, 2)
+    c, sm2 = _lse_softmax(y2, cv, AX_C)
     c = tl.where(sv, c, 0.0)
     if PAPER:
         log_eta = leta
     else:
         q = k3 * lq0 + (1 - k3) * c
-        log_eta = q - _lse(q, sv, 1)
+        log_eta = q - _lse(q, sv, AX_N)
     s_new = tl.where(m, sm2 * _exp(log_eta), 0.0)
 
     # ---- backward
@@ -355,37 +360,37 @@ def _admm_step_bwd(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp
     if PAPER:
         lmu_t1 = lmu - z1 * irho
         t1 = (1 - k2) * lmu_t1 + k2 * lp0
-        lmu_new = tl.where(cv, t1 - _lse(t1, cv, 2), 0.0)
+        lmu_new = tl.where(cv, t1 - _lse(t1, cv, AX_C), 0.0)
         leta_t2 = leta - z2 * irho
         t2 = (1 - k3) * leta_t2 + k3 * lq0
-        leta_new = tl.where(sv, t2 - _lse(t2, sv, 1), 0.0)
+        leta_new = tl.where(sv, t2 - _lse(t2, sv, AX_N), 0.0)
         g_z1n = tl.where(cv, g_z1_new, 0.0)
         g_z2n = tl.where(sv, g_z2_new, 0.0)
-        g_rho += _tsum(g_z1n * (_exp(lmu_new) - _sum(p, 1)))
-        g_rho += _tsum(g_z2n * (_exp(leta_new) - _sum(s_new, 2)))
+        g_rho += _tsum(g_z1n * (_exp(lmu_new) - _sum(p, AX_N)))
+        g_rho += _tsum(g_z2n * (_exp(leta_new) - _sum(s_new, AX_C)))
         g_z1 = g_z1n
         g_z2 = g_z2n
         g_p += -rho * g_z1n
         g_s_new += -rho * g_z2n
         g_lmu_n = g_lmu_new + rho * _exp(lmu_new) * g_z1n
         g_leta_n = g_leta_new + rho * _exp(leta_new) * g_z2n
-        g_t1 = _lognorm_bwd(g_lmu_n, _softmax(t1, cv, 2), cv, 2)
+        g_t1 = _lognorm_bwd(g_lmu_n, _softmax(t1, cv, AX_C), cv, AX_C)
         g_k2 = _tsum(g_t1 * (lp0 - lmu_t1))
         g_lmu = (1 - k2) * g_t1
         g_z1 += -(1 - k2) * irho * g_t1
         g_irho += -_tsum((1 - k2) * z1 * g_t1)
-        g_t2 = _lognorm_bwd(g_leta_n, _softmax(t2, sv, 1), sv, 1)
+        g_t2 = _lognorm_bwd(g_leta_n, _softmax(t2, sv, AX_N), sv, AX_N)
         g_k3 = _tsum(g_t2 * (lq0 - leta_t2))
         g_leta = (1 - k3) * g_t2
         g_z2 += -(1 - k3) * irho * g_t2
         g_irho += -_tsum((1 - k3) * z2 * g_t2)
     # log S' = Y2 + log η - LSE_d(Y2)
     g_ls = tl.where(m, g_log_s_new + s_new * g_s_new, 0.0)
-    g_c = -_sum(g_ls, 2)                                               # [BW, BN, 1]
+    g_c = -_sum(g_ls, AX_C)                                               # [BW, BN, 1]
     if PAPER:
-        g_leta += _sum(g_ls, 2)
+        g_leta += _sum(g_ls, AX_C)
     else:
-        g_q = _lognorm_bwd(_sum(g_ls, 2), _softmax(q, sv, 1), sv, 1)
+        g_q = _lognorm_bwd(_sum(g_ls, AX_C), _softmax(q, sv, AX_N), sv, AX_N)
         g_c += (1 - k3) * g_q
         g_k3 = _tsum(g_q * (lq0 - c))
     g_c = tl.where(sv, g_c, 0.0)
@@ -404,12 +409,12 @@ def _admm_step_bwd(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp
         g_c2 = _tsum(log_p * g_y2)
     g_logp = tl.where(m, g_logp + p * g_p, 0.0)
     # log P = Y + log μ - LSE_n(Y)
-    g_lmu_sum = _sum(g_logp, 1)                                        # [BW, 1, BC]
+    g_lmu_sum = _sum(g_logp, AX_N)                                        # [BW, 1, BC]
     g_r = -g_lmu_sum
     if PAPER:
         g_lmu += g_lmu_sum
     else:
-        g_v = _lognorm_bwd(g_lmu_sum, _softmax(v, cv, 2), cv, 2)
+        g_v = _lognorm_bwd(g_lmu_sum, _softmax(v, cv, AX_C), cv, AX_C)
         g_r += (1 - k2) * g_v
         g_k2 = _tsum(g_v * (lp0 - r))
     g_r = tl.where(cv, g_r, 0.0)
@@ -470,7 +475,8 @@ def _admm_run(x, w_ptr, n_steps, T: tl.constexpr, lp0, lq0, sv, cv, QUAD: tl.con
 def _window_tile(pid, C, H, W, Ho, Wo, n_windows, KH: tl.constexpr, KW: tl.constexpr,
                  SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                  BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
-    """Indices and masks of the program's [BW, BN, BC] tile of (window, sample, channel)."""
+    """Indices and masks of the program's tile of BW windows: [BW] window and [BW, BN] sample
+    positions, [BC] channels (the kernels expand them to [BW, BN, BC])."""
     offs_w = pid * BW + tl.arange(0, BW)                               # [BW]
     w_ok = offs_w < n_windows
     ow = offs_w % Wo
@@ -490,39 +496,199 @@ def _window_tile(pid, C, H, W, Ho, Wo, n_windows, KH: tl.constexpr, KW: tl.const
     return offs_w, w_ok, ow, oh, bi, hh, ww, inside, sv2, offs_c, c_ok
 
 
+# --------------------------------------------------------------------------------------------
+# forward (v2): base-2 logs, exp2 with pre-scaled arguments, logs and divisions only on reduced
+# vectors, masks only where the launch has partial windows or padded channels (MASKED)
+# --------------------------------------------------------------------------------------------
 @triton.jit
+def _log2(v, FAST: tl.constexpr):
+    """log2 of a reduced vector: one MUFU.LG2 on the GPU (tl.log2 is a ~20-instruction
+    polynomial there); the interpreter has no inline PTX."""
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [v],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.log2(v)
+
+
+@triton.jit
+def _rcp(v, FAST: tl.constexpr):
+    """1/v of a reduced vector (MUFU.RCP on the GPU instead of a precise division)."""
+    if FAST:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [v],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return 1.0 / v
+
+
+@triton.jit
+def _keep(v, valid, MASKED: tl.constexpr):
+    """v where valid, 0 elsewhere (only in masked launches)."""
+    if MASKED:
+        return tl.where(valid, v, 0.0)
+    else:
+        return v
+
+
+@triton.jit
+def _exp2_parts(y, valid, AXIS: tl.constexpr, MASKED: tl.constexpr):
+    """(max m, 2^(y - m), Σ 2^(y - m)) along AXIS over the valid entries (kept dims)."""
+    if MASKED:
+        y = tl.where(valid, y, float("-inf"))
+    m = tl.max(y, axis=AXIS, keep_dims=True)
+    e = tl.exp2(y - m)
+    return m, e, tl.sum(e, axis=AXIS, keep_dims=True)
+
+
+@triton.jit
+def _lse2(y, valid, AXIS: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr):
+    """log2 Σ 2^y along AXIS over the valid entries (kept dims)."""
+    m, e, s = _exp2_parts(y, valid, AXIS, MASKED)
+    return m + _log2(s, FAST)
+
+
+@triton.jit
+def _sinkhorn_fwd(x, w_ptr, lp0, lq0, sv, cv, T: tl.constexpr, PAPER: tl.constexpr,
+                  MASKED: tl.constexpr, FAST: tl.constexpr, BW: tl.constexpr,
+                  BN: tl.constexpr, BC: tl.constexpr):
+    """Base-2 logits L·log2(e) of the output softmax after T Sinkhorn iterations
+    (a, b, lp0, lq0 in base 2)."""
+    a = tl.zeros([BW, 1, BC], dtype=tl.float32)
+    b = tl.zeros([BW, BN, 1], dtype=tl.float32)
+    u_prev, _k2, _k3 = sinkhorn_params(w_ptr, 0, T)
+    for t in range(T):
+        u, k2, k3 = sinkhorn_params(w_ptr, t, T)
+        if PAPER:
+            y = x * (u_prev * LOG2E) + a + b                           # [BW, BN, BC]
+            r = _lse2(y, sv, AX_N, MASKED, FAST)                      # [BW, 1, BC]
+            c = _keep(_lse2(y, cv, AX_C, MASKED, FAST), sv, MASKED)  # [BW, BN, 1]
+            a = _keep(k2 * (a * u + lp0 - r), cv, MASKED)
+            b = _keep(k3 * (b * u + lq0 - c), sv, MASKED)
+        else:
+            xu = x * (u * LOG2E)
+            r = _lse2(xu + b, sv, AX_N, MASKED, FAST)                 # [BW, 1, BC] R_d
+            v = k2 * lp0 + (1 - k2) * r
+            a = _keep(v - _lse2(v, cv, AX_C, MASKED, FAST) - r, cv, MASKED)
+            c = _keep(_lse2(xu + a, cv, AX_C, MASKED, FAST), sv, MASKED)  # [BW, BN, 1] C_n
+            q = k3 * lq0 + (1 - k3) * c
+            b = _keep(q - _lse2(q, sv, AX_N, MASKED, FAST) - c, sv, MASKED)
+        u_prev = u
+    return x * (u_prev * LOG2E) + b
+
+
+@triton.jit
+def _admm_fwd(x, w_ptr, lp0, lq0, sv, cv, T: tl.constexpr, QUAD: tl.constexpr,
+              PAPER: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr,
+              BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+    """Base-2 logits Y·log2(e) of the last P-step after T B-ADMM iterations: T - 1 full
+    iterations, then the P-step logits only (the output reads nothing else). State in base 2:
+    log2 S, Z (natural), [B-Q: S], [paper: log2 μ, z1, log2 η, z2]."""
+    m = sv & cv
+    ls = _keep(lp0 + lq0 + tl.zeros([BW, BN, BC], dtype=tl.float32), m, MASKED)
+    z = tl.zeros([BW, BN, BC], dtype=tl.float32)
+    s = _keep(tl.exp2(ls), m, MASKED)                                  # S (B-Q only)
+    lmu = _keep(lp0 + tl.zeros([BW, 1, BC], dtype=tl.float32), cv, MASKED)
+    leta = lq0 + tl.zeros([BW, BN, 1], dtype=tl.float32)
+    z1 = tl.zeros([BW, 1, BC], dtype=tl.float32)
+    z2 = tl.zeros([BW, BN, 1], dtype=tl.float32)
+    for t in range(T - 1):
+        rho, irho, k2, k3, c1, c2 = admm_params(w_ptr, t, T, QUAD, PAPER)
+        irho2 = irho * LOG2E
+        c1l = c1 * LOG2E
+        # P-step: Y = log S + (X - Z)/ρ [- α1 S/ρ];  log P = Y + log μ - LSE_n(Y)
+        y = ls + (x - z) * irho2
+        if QUAD:
+            y = y - c1l * s
+        m1, e1, s1 = _exp2_parts(y, sv, AX_N, MASKED)                 # [BW, 1, BC]
+        r = m1 + _log2(s1, FAST)
+        if PAPER:
+            lmu_t = lmu
+        else:
+            v = k2 * lp0 + (1 - k2) * r
+            lmu_t = v - _lse2(v, cv, AX_C, MASKED, FAST)
+        lp = _keep(y + (lmu_t - r), m, MASKED)                         # log2 P
+        p = _keep(e1 * (tl.exp2(lmu_t) * _rcp(s1, FAST)), m, MASKED)   # P = softmax_n(Y) μ
+        # S-step: log S = Y2 + log η - LSE_d(Y2)
+        if QUAD:
+            y2 = lp + z * irho2 - c1l * p
+        else:
+            y2 = z * c1l + lp * c2
+        m2, e2, s2 = _exp2_parts(y2, cv, AX_C, MASKED)                # [BW, BN, 1]
+        cc = _keep(m2 + _log2(s2, FAST), sv, MASKED)
+        if PAPER:
+            leta_t = leta
+        else:
+            q = k3 * lq0 + (1 - k3) * cc
+            leta_t = q - _lse2(q, sv, AX_N, MASKED, FAST)
+        ls = _keep(y2 + (leta_t - cc), m, MASKED)
+        s_new = _keep(e2 * (tl.exp2(leta_t) * _rcp(s2, FAST)), m, MASKED)
+        z = z + rho * (p - s_new)
+        if QUAD:
+            s = s_new
+        if PAPER:
+            t1 = (1 - k2) * (lmu - z1 * irho2) + k2 * lp0
+            lmu = _keep(t1 - _lse2(t1, cv, AX_C, MASKED, FAST), cv, MASKED)
+            t2 = (1 - k3) * (leta - z2 * irho2) + k3 * lq0
+            leta = _keep(t2 - _lse2(t2, sv, AX_N, MASKED, FAST), sv, MASKED)
+            z1 = _keep(z1 + rho * (tl.exp2(lmu) - tl.sum(p, axis=AX_N, keep_dims=True)), cv,
+                       MASKED)
+            z2 = _keep(z2 + rho * (tl.exp2(leta) - tl.sum(s_new, axis=AX_C, keep_dims=True)),
+                       sv, MASKED)
+    rho, irho, k2, k3, c1, c2 = admm_params(w_ptr, T - 1, T, QUAD, PAPER)
+    y = ls + (x - z) * (irho * LOG2E)
+    if QUAD:
+        y = y - (c1 * LOG2E) * s
+    return y
+
+
+@triton.jit(do_not_specialize=["sxh", "sxw"])
 def window_fwd_kernel(
     x_ptr, y_ptr, w_ptr,
     C, H, W, Ho, Wo, n_windows, lp0,
     sxb, sxc, sxh, sxw, syb, syc, syh, syw,
     T: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
-    METHOD: tl.constexpr, PAPER: tl.constexpr,
+    METHOD: tl.constexpr, PAPER: tl.constexpr, MASKED: tl.constexpr, TAIL: tl.constexpr,
+    FAST: tl.constexpr,
 ):
-    """y[b, :, oh, ow] = ROT pooling of window (oh, ow) of image b, all T iterations fused."""
+    """y[b, :, oh, ow] = ROT pooling of window (oh, ow) of image b, all T iterations fused, for
+    a [BW, BN, BC] tile: a window's samples of a channel in one thread (or a few lanes), the
+    channel reductions across lanes. MASKED: some windows lose samples to padding / the border
+    or C < BC; TAIL: the last tile has fewer than BW windows (masks its loads/stores only)."""
     pid = tl.program_id(0)
     offs_w, w_ok, ow, oh, bi, hh, ww, inside, sv2, offs_c, c_ok = _window_tile(
         pid, C, H, W, Ho, Wo, n_windows, KH, KW, SH, SW, PH, PW, BW, BN, BC)
     sv = sv2[:, :, None]                                               # [BW, BN, 1]
-    cv = c_ok[None, None, :]                                           # [1, 1, BC]
+    cv = c_ok[None, None, :]                                           # [1, BC, 1]
     ptrs = (x_ptr + bi.to(tl.int64)[:, None, None] * sxb + offs_c[None, None, :] * sxc
             + hh[:, :, None] * sxh + ww[:, :, None] * sxw)
-    x = tl.load(ptrs, mask=inside[:, :, None] & cv, other=0.0).to(tl.float32)  # [BW, BN, BC]
-    count = tl.sum(sv2.to(tl.float32), axis=1)                         # [BW] valid samples
-    lq0 = tl.where(sv, -tl.log2(count)[:, None, None] * LN2, 0.0)     # [BW, BN, 1] uniform q0
-
-    if METHOD == 0:
-        a, b, u_prev = _sinkhorn_run(x, w_ptr, T, T, lp0, lq0, sv, cv, PAPER, BW, BN, BC)
-        logits = x * u_prev + b
-    else:
-        log_s, z, lmu, leta, z1, z2, logits = _admm_run(x, w_ptr, T, T, lp0, lq0, sv, cv,
-                                                        METHOD == 2, PAPER, BW, BN, BC)
-    # eq. (5): y_d = Σ_n softmax_n(L)_nd x_nd
-    w = _softmax(logits, sv, 1)
-    y = tl.sum(w * x, axis=1)                                          # [BW, BC]
     yptrs = (y_ptr + bi.to(tl.int64)[:, None] * syb + offs_c[None, :] * syc
-             + oh[:, None] * syh + ow[:, None] * syw)
-    tl.store(yptrs, y.to(y_ptr.dtype.element_ty), mask=w_ok[:, None] & c_ok[None, :])
+             + oh[:, None] * syh + ow[:, None] * syw)                  # [BW, BC]
+    if MASKED:
+        x = tl.load(ptrs, mask=inside[:, :, None] & cv, other=0.0).to(tl.float32)
+        count = tl.sum(sv2.to(tl.float32), axis=1)                     # [BW] valid samples
+        lq0 = -tl.log2(count)[:, None, None]                           # [BW, 1, 1] log2 q0
+    elif TAIL:
+        x = tl.load(ptrs, mask=w_ok[:, None, None], other=0.0).to(tl.float32)
+        lq0 = -tl.log2(KH * KW * 1.0)
+    else:
+        x = tl.load(ptrs).to(tl.float32)                               # [BW, BN, BC]
+        lq0 = -tl.log2(KH * KW * 1.0)
+    lp02 = lp0 * LOG2E
+    if METHOD == 0:
+        logits = _sinkhorn_fwd(x, w_ptr, lp02, lq0, sv, cv, T, PAPER, MASKED, FAST, BW, BN, BC)
+    else:
+        logits = _admm_fwd(x, w_ptr, lp02, lq0, sv, cv, T, METHOD == 2, PAPER, MASKED, FAST,
+                           BW, BN, BC)
+    # eq. (5): y_d = Σ_n softmax_n(L)_nd x_nd
+    mo, e, so = _exp2_parts(logits, sv, AX_N, MASKED)
+    y = tl.sum(e * x, axis=AX_N) * _rcp(tl.sum(e, axis=AX_N), FAST)   # [BW, BC]
+    if MASKED:
+        tl.store(yptrs, y.to(y_ptr.dtype.element_ty), mask=w_ok[:, None] & c_ok[None, :])
+    elif TAIL:
+        tl.store(yptrs, y.to(y_ptr.dtype.element_ty), mask=w_ok[:, None])
+    else:
+        tl.store(yptrs, y.to(y_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -544,8 +710,8 @@ def _window_bwd_tile(
     the tile's ∂y/∂w ᵀ gy ((6, T) flattened). Recomputes the forward from x for every t."""
     offs_w, w_ok, ow, oh, bi, hh, ww, inside, sv2, offs_c, c_ok = _window_tile(
         tile, C, H, W, Ho, Wo, n_windows, KH, KW, SH, SW, PH, PW, BW, BN, BC)
-    sv = sv2[:, :, None]
-    cv = c_ok[None, None, :]
+    sv = sv2[:, :, None]                                               # [BW, BN, 1]
+    cv = c_ok[None, None, :]                                           # [1, BC, 1]
     m = sv & cv
     b64 = bi.to(tl.int64)[:, None, None]
     lmask = inside[:, :, None] & cv
@@ -562,13 +728,13 @@ def _window_bwd_tile(
         # ---- final state (a_T, b_T) and the output's cotangent of b_T
         a, b, u_prev = _sinkhorn_run(x, w_ptr, T, T, lp0, lq0, sv, cv, PAPER, BW, BN, BC)
         logits = x * u_prev + b
-        w = _softmax(logits, sv, 1)
-        yv = _sum(w * x, 1)
+        w = _softmax(logits, sv, AX_N)
+        yv = _sum(w * x, AX_N)
         g_l = tl.where(m, w * (x - yv) * gy, 0.0)                      # [BW, BN, BC]
         gx = tl.where(m, w * gy, 0.0) + u_prev * g_l
         g_u_last = _tsum(x * g_l)
         ga = tl.zeros([BW, 1, BC], dtype=tl.float32)
-        gb = _sum(g_l, 2)
+        gb = _sum(g_l, AX_C)
         g_u_carry = g_u_last          # cotangent of 1/ε_t carried into iteration t's record
         for tt in range(T):
             t = T - 1 - tt
@@ -603,8 +769,8 @@ def _window_bwd_tile(
             g_y = tl.zeros([BW, BN, BC], dtype=tl.float32)
             if t == T - 1:  # the output reads Y of the last P-step only (a scalar branch)
                 y_last = _admm_p_logits(x, log_s, z, irho, c1, m, METHOD == 2)
-                w = _softmax(y_last, sv, 1)
-                yv = _sum(w * x, 1)
+                w = _softmax(y_last, sv, AX_N)
+                yv = _sum(w * x, AX_N)
                 g_y = tl.where(m, w * (x - yv) * gy, 0.0)
                 gx += tl.where(m, w * gy, 0.0)
             (gx_t, g_ls, g_z, g_lmu, g_leta, g_z1, g_z2,
@@ -627,7 +793,7 @@ def _window_bwd_tile(
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["sxh", "sxw", "sdh", "sdw"])
 def window_bwd_kernel(
     x_ptr, gy_ptr, w_ptr, gx_ptr, gw_ptr,
     C, H, W, Ho, Wo, n_windows, n_tiles, lp0,

@@ -13,15 +13,18 @@ import torch
 from torch import Tensor
 
 from ... import params
-from ..common import launcher, next_pow2, sm_count
+from ..common import interpreter_enabled, launcher, next_pow2, sm_count
 from .kernels import window_bwd_kernel, window_fwd_kernel
 
 METHOD_IDS = {"sinkhorn": 0, "badmm-e": 1, "badmm-q": 2}
-# register budget: elements of one [BW, BN, BC] tile per program (8 / 4 per thread at 4 warps).
-# sm_90 AOT (ptxas, tests/ops/rot/test_window.py), 2×2 windows, B-E, T = 4: forward 108
-# registers at C = 64 (80 at C = 256), backward ~125; a 4096-element forward tile needs 255.
+# Tiles [BW, BN, BC]: BW windows per program so that a tile holds at least *_TILE elements, and
+# as many warps as give each thread *_PER_THREAD elements (1 to MAX_WARPS). Register use
+# (sm_90 AOT, tests/ops/rot/test_window.py) bounds both; not yet tuned on a GPU.
 FWD_TILE = 1024
+FWD_PER_THREAD = 32
 BWD_TILE = 512
+BWD_PER_THREAD = 8
+MAX_WARPS = 16
 # programs per SM of the backward's persistent grid
 BWD_PROGRAMS_PER_SM = 8
 
@@ -68,8 +71,26 @@ def block_sizes(N: int, C: int, budget: int) -> Tuple[int, int, int]:
     return max(1, min(64, budget // (BN * BC))), BN, BC
 
 
-def num_warps_for(BC: int) -> int:
-    return 4 if BC <= 256 else 8
+def num_warps_for(tile_elems: int, per_thread: int) -> int:
+    """Warps that give each thread ``per_thread`` elements of the tile (a power of 2)."""
+    return max(1, min(MAX_WARPS, tile_elems // (32 * per_thread)))
+
+
+def fwd_config(g: Geometry) -> dict:
+    """Block sizes and the mask flags of the forward kernel: MASKED when some window loses
+    samples (padding, border, ceil_mode, k² not a power of 2) or C < next_pow2(C); TAIL when
+    the last tile is partial (then only its loads and stores are masked)."""
+    BW, BN, BC = block_sizes(g.kh * g.kw, g.C, FWD_TILE)
+    full = (g.ph == 0 and g.pw == 0 and g.kh * g.kw == BN and (g.Ho - 1) * g.sh + g.kh <= g.H
+            and (g.Wo - 1) * g.sw + g.kw <= g.W)
+    return dict(BW=BW, BN=BN, BC=BC, MASKED=not full or g.C != BC,
+                TAIL=g.n_windows % BW != 0, FAST=not interpreter_enabled(),
+                num_warps=num_warps_for(BW * BN * BC, FWD_PER_THREAD))
+
+
+def bwd_config(g: Geometry) -> dict:
+    BW, BN, BC = block_sizes(g.kh * g.kw, g.C, BWD_TILE)
+    return dict(BW=BW, BN=BN, BC=BC, num_warps=num_warps_for(BW * BN * BC, BWD_PER_THREAD))
 
 
 def is_channels_last(x: Tensor) -> bool:
@@ -88,13 +109,12 @@ def window_forward(x: Tensor, w: Tensor, g: Geometry, method: str, variant: str,
     y = empty_like_layout(x, (g.B, g.C, g.Ho, g.Wo), x.dtype)
     if g.n_windows == 0 or g.C == 0:
         return y
-    BW, BN, BC = block_sizes(g.kh * g.kw, g.C, FWD_TILE)
-    grid = (-(-g.n_windows // BW),)
+    cfg = fwd_config(g)
+    grid = (-(-g.n_windows // cfg["BW"]),)
     launcher(window_fwd_kernel, wrap)[grid](
         x, y, w, g.C, g.H, g.W, g.Ho, g.Wo, g.n_windows, -math.log(g.C),
-        *x.stride(), *y.stride(), T=w.shape[1], BW=BW, BN=BN, BC=BC,
-        METHOD=METHOD_IDS[method], PAPER=variant == "paper", num_warps=num_warps_for(BC),
-        **g.constexprs())
+        *x.stride(), *y.stride(), T=w.shape[1], METHOD=METHOD_IDS[method],
+        PAPER=variant == "paper", **cfg, **g.constexprs())
     return y
 
 
@@ -103,16 +123,16 @@ def window_backward(x: Tensor, w: Tensor, gy: Tensor, g: Geometry, method: str, 
     """(dx in x's dtype and memory format, dw (6, T) float32)."""
     T = w.shape[1]
     gx = empty_like_layout(x, x.shape, torch.float32).zero_()  # pixels in no window: 0
-    BW, BN, BC = block_sizes(g.kh * g.kw, g.C, BWD_TILE)
+    cfg = bwd_config(g)
     TP = next_pow2(T * params.NUM_WEIGHTS)
-    n_tiles = max(1, -(-g.n_windows // BW))
+    n_tiles = max(1, -(-g.n_windows // cfg["BW"]))
     n_prog = max(1, min(n_tiles, BWD_PROGRAMS_PER_SM * sm_count(x.device)))
     gw = torch.zeros(n_prog, TP, dtype=torch.float32, device=x.device)
     if g.n_windows > 0 and g.C > 0:
         launcher(window_bwd_kernel, wrap)[(n_prog,)](
             x, gy, w, gx, gw, g.C, g.H, g.W, g.Ho, g.Wo, g.n_windows, n_tiles,
-            -math.log(g.C), *x.stride(), *gy.stride(), *gx.stride(), T=T, BW=BW, BN=BN, BC=BC,
-            TP=TP, METHOD=METHOD_IDS[method], PAPER=variant == "paper", OVERLAP=g.overlap,
-            num_warps=num_warps_for(BC), **g.constexprs())
+            -math.log(g.C), *x.stride(), *gy.stride(), *gx.stride(), T=T, TP=TP,
+            METHOD=METHOD_IDS[method], PAPER=variant == "paper", OVERLAP=g.overlap, **cfg,
+            **g.constexprs())
     gw = gw.sum(0)[:T * params.NUM_WEIGHTS].view(params.NUM_WEIGHTS, T)
     return gx.to(x.dtype), gw
