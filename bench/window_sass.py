@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 if not os.environ.get("PYTHONPATH"):  # this tree's package, unless PYTHONPATH names another
     sys.path.insert(0, ROOT)
 import triton  # noqa: E402
-from aot import compile_sm90  # noqa: E402
+from aot import compile_sm90, ptxas_usage  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 FWD_ARGS = ["x_ptr", "y_ptr", "w_ptr", "C", "H", "W", "Ho", "Wo", "n_windows", "lp0",
@@ -62,22 +62,20 @@ def unit_strides(kernel, layout):
 def sass_of(kernel, cfg, g, method, paper, layout):
     cfg = dict(cfg)
     warps = cfg.pop("num_warps")
+    maxnreg = cfg.pop("maxnreg", None)
     ce = dict(T=T, METHOD=method, PAPER=paper, **cfg, **g.constexprs())
     sig = {n: ("*fp32" if n.endswith("_ptr") else "fp32" if n == "lp0" else "i32")
            for n in FWD_ARGS}
     ce.update({u: 1 for u in unit_strides(kernel, layout)})
     sig.update({n: "constexpr" for n in ce})
-    c = compile_sm90(kernel, sig, ce, num_warps=warps)
+    c = compile_sm90(kernel, sig, ce, num_warps=warps, maxnreg=maxnreg)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(c.asm["cubin"])
     sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", f.name], capture_output=True,
                           text=True, check=True).stdout
-    usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", f.name],
-                           capture_output=True, text=True).stdout
     os.unlink(f.name)
-    reg = re.search(r"REG:(\d+)", usage)
-    local = re.search(r"LOCAL:(\d+)", usage)
-    return sass, warps, int(reg.group(1)) if reg else -1, int(local.group(1)) if local else -1
+    u = ptxas_usage(c)
+    return sass, warps, u["registers"], u["spill_bytes"]
 
 
 def parse(sass: str):
@@ -140,8 +138,7 @@ def analyse(L, K, method, paper, layout):
     per_ei = {k: v / (per_thread * T) for k, v in dyn.items()}
     loop_ei = {k: v / per_thread for k, v in body.items()}
     return dict(method=METHODS[method], variant="paper" if paper else "exact", layout=layout,
-                tile=f"{cfg['BW']}x{cfg['BC']}x{cfg['BN']}" if "MASKED" in cfg
-                else f"{cfg['BW']}x{cfg['BN']}x{cfg['BC']}",
+                tile=f"{cfg['BW']}x{cfg['BN']}x{cfg['BC']}",
                 warps=warps, reg=reg, local=local, per_thread=per_thread,
                 loop_len=b - a + 1, loop=loop_ei, kernel=per_ei, t_hbm=t_hbm, t_sfu=t_sfu,
                 t_ins=t_ins, sol=sol, pred=pred)
@@ -152,6 +149,7 @@ def main():
     ap.add_argument("--label", default="current")
     ap.add_argument("--methods", default="0,1,2")
     ap.add_argument("--layouts", default="nchw,channels_last")
+    ap.add_argument("--eager", action="store_true", help="also predict the eager torch path")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run without TRITON_INTERPRET (the kernels must compile for sm_90)")
@@ -173,7 +171,50 @@ def main():
                       + f" | {r['loop'].get('all', 0):.1f} | {r['t_hbm'] * 1e6:.0f} | "
                       f"{r['t_sfu'] * 1e6:.0f} | {r['t_ins'] * 1e6:.0f} | "
                       f"{r['pred'] * 1e6:.0f} | {r['pred'] / r['sol']:.2f} |", flush=True)
+    if args.eager:
+        print("\n| method | variant | eager aten ops | eager bytes (GB) | predicted eager µs |")
+        print("|---|---|---|---|---|")
+        for m in map(int, args.methods.split(",")):
+            for variant in ("exact", "paper"):
+                ops, nbytes, t = eager_prediction(METHODS[m], variant)
+                print(f"| {METHODS[m]} | {variant} | {ops} | {nbytes / 1e9:.1f} | {t * 1e6:.0f} |",
+                      flush=True)
 
 
 if __name__ == "__main__":
     main()
+
+
+def eager_prediction(method: str, variant: str = "exact", scale_b: int = 64):
+    """Predicted eager time of the torch path (nn/image.rot_pool2d_torch) at W3, forward: run it
+    on the CPU at batch 1 under a dispatch mode that counts aten ops and the bytes each reads
+    and writes (views excluded), scale the bytes to batch 64, and charge bytes / HBM plus ~5 µs
+    per op launch (about a lower bound for eager: no op is faster than its traffic plus its
+    launch; broadcast operands are counted at their expanded size)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from rotp_triton.nn.image import rot_pool2d_torch
+
+    class Count(TorchDispatchMode):
+        ops = 0
+        nbytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(r.alias_info is not None for r in func._schema.returns):
+                return out  # a view (or in-place alias): no kernel, no traffic
+            seen = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+            Count.ops += 1
+            Count.nbytes += sum(t.numel() * t.element_size() for t in seen)
+            return out
+
+    x = torch.randn(1, *W3[1:])
+    w = {k: torch.full((T,), v) for k, v in dict(a0=0.0, a1=100.0, a2=1.0, a3=1.0, rho=100.0,
+                                                   tau=1.0).items()}
+    with torch.no_grad(), Count():
+        rot_pool2d_torch(x, (2, 2), (2, 2), (0, 0), False, method=method, variant=variant,
+                         num_iters=T, inner_iters=1, weights=w)
+    t = Count.nbytes * scale_b / HBM_BPS + Count.ops * 5e-6
+    return Count.ops, Count.nbytes * scale_b, t

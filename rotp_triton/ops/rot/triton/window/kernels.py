@@ -706,7 +706,8 @@ def _window_bwd_tile(
     PH: tl.constexpr, PW: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
     METHOD: tl.constexpr, PAPER: tl.constexpr, OVERLAP: tl.constexpr,
 ):
-    """Backward of one tile of BW windows: gx (fp32, pre-zeroed) += ∂y/∂x ᵀ gy; returns acc plus
+    """Backward of one tile of BW windows: gx += ∂y/∂x ᵀ gy (atomically into fp32 when windows
+    overlap, else stored in x's dtype); returns acc plus
     the tile's ∂y/∂w ᵀ gy ((6, T) flattened). Recomputes the forward from x for every t."""
     offs_w, w_ok, ow, oh, bi, hh, ww, inside, sv2, offs_c, c_ok = _window_tile(
         tile, C, H, W, Ho, Wo, n_windows, KH, KW, SH, SW, PH, PW, BW, BN, BC)
@@ -786,10 +787,10 @@ def _window_bwd_tile(
             acc = _acc(acc, offs_p, _RHO * T + t, grho)
     gptrs = (gx_ptr + b64 * sdb + offs_c[None, None, :] * sdc + hh[:, :, None] * sdh
              + ww[:, :, None] * sdw)
-    if OVERLAP:
+    if OVERLAP:  # fp32 accumulation across windows
         tl.atomic_add(gptrs, gx, mask=lmask)
-    else:
-        tl.store(gptrs, gx, mask=lmask)
+    else:  # each pixel belongs to one window: written once, in x's dtype
+        tl.store(gptrs, gx.to(gx_ptr.dtype.element_ty), mask=lmask)
     return acc
 
 

@@ -53,6 +53,12 @@ class Geometry(NamedTuple):
         """Windows share pixels: the backward accumulates dx with atomics."""
         return self.sh < self.kh or self.sw < self.kw
 
+    @property
+    def tiles_image(self) -> bool:
+        """Every pixel lies in exactly one window (stride = kernel, no padding, no remainder)."""
+        return (self.sh == self.kh and self.sw == self.kw and self.ph == 0 and self.pw == 0
+                and self.Ho * self.kh == self.H and self.Wo * self.kw == self.W)
+
     def constexprs(self) -> dict:
         return dict(KH=self.kh, KW=self.kw, SH=self.sh, SW=self.sw, PH=self.ph, PW=self.pw)
 
@@ -76,6 +82,14 @@ def num_warps_for(tile_elems: int, per_thread: int) -> int:
     return max(1, min(MAX_WARPS, tile_elems // (32 * per_thread)))
 
 
+def max_registers(num_warps: int) -> int:
+    """The register cap passed to ptxas (``maxnreg``): all that one CTA may use (65,536 per SM,
+    at most 255 per thread). Without it ptxas picks fewer registers for some backward kernels
+    and spills (sm_90 AOT: B-Q exact at W3 168 registers + 32 B of spills; 192 and none
+    with the cap)."""
+    return min(255, 65536 // (32 * num_warps)) // 8 * 8
+
+
 def fwd_config(g: Geometry) -> dict:
     """Block sizes and the mask flags of the forward kernel: MASKED when some window loses
     samples (padding, border, ceil_mode, k² not a power of 2) or C < next_pow2(C); TAIL when
@@ -83,14 +97,16 @@ def fwd_config(g: Geometry) -> dict:
     BW, BN, BC = block_sizes(g.kh * g.kw, g.C, FWD_TILE)
     full = (g.ph == 0 and g.pw == 0 and g.kh * g.kw == BN and (g.Ho - 1) * g.sh + g.kh <= g.H
             and (g.Wo - 1) * g.sw + g.kw <= g.W)
+    warps = num_warps_for(BW * BN * BC, FWD_PER_THREAD)
     return dict(BW=BW, BN=BN, BC=BC, MASKED=not full or g.C != BC,
-                TAIL=g.n_windows % BW != 0, FAST=not interpreter_enabled(),
-                num_warps=num_warps_for(BW * BN * BC, FWD_PER_THREAD))
+                TAIL=g.n_windows % BW != 0, FAST=not interpreter_enabled(), num_warps=warps,
+                maxnreg=max_registers(warps))
 
 
 def bwd_config(g: Geometry) -> dict:
     BW, BN, BC = block_sizes(g.kh * g.kw, g.C, BWD_TILE)
-    return dict(BW=BW, BN=BN, BC=BC, num_warps=num_warps_for(BW * BN * BC, BWD_PER_THREAD))
+    warps = num_warps_for(BW * BN * BC, BWD_PER_THREAD)
+    return dict(BW=BW, BN=BN, BC=BC, num_warps=warps, maxnreg=max_registers(warps))
 
 
 def is_channels_last(x: Tensor) -> bool:
@@ -122,7 +138,11 @@ def window_backward(x: Tensor, w: Tensor, gy: Tensor, g: Geometry, method: str, 
                     wrap=None) -> Tuple[Tensor, Tensor]:
     """(dx in x's dtype and memory format, dw (6, T) float32)."""
     T = w.shape[1]
-    gx = empty_like_layout(x, x.shape, torch.float32).zero_()  # pixels in no window: 0
+    # overlapping windows accumulate dx atomically in fp32; otherwise every pixel is written
+    # once (by its window, in x's dtype) or belongs to no window (then zeros are needed)
+    gx = empty_like_layout(x, x.shape, torch.float32 if g.overlap else x.dtype)
+    if g.overlap or not g.tiles_image:
+        gx.zero_()
     cfg = bwd_config(g)
     TP = next_pow2(T * params.NUM_WEIGHTS)
     n_tiles = max(1, -(-g.n_windows // cfg["BW"]))
