@@ -181,9 +181,6 @@ def main():
                       flush=True)
 
 
-if __name__ == "__main__":
-    main()
-
 
 def eager_prediction(method: str, variant: str = "exact", scale_b: int = 64):
     """Predicted eager time of the torch path (nn/image.rot_pool2d_torch) at W3, forward: run it
@@ -218,3 +215,7 @@ def eager_prediction(method: str, variant: str = "exact", scale_b: int = 64):
                          num_iters=T, inner_iters=1, weights=w)
     t = Count.nbytes * scale_b / HBM_BPS + Count.ops * 5e-6
     return Count.ops, Count.nbytes * scale_b, t
+
+
+if __name__ == "__main__":
+    main()
