@@ -1,18 +1,26 @@
 """``@triton.jit`` kernels of local k×k ROT pooling with α0 = 0 (DESIGN §7; host side in
-``launch.py``, autograd in ``op.py``).
+``launch.py``, autograd in ``op.py``; sm_90 analysis in bench/results/window_sass_*.md).
 
 Every window of ``x (B, C, H, W)`` is one set: its valid pixel positions are the N ≤ kh·kw
 samples, the C channels the features. One program owns a ``[BW, BN, BC]`` register tile (BW
-windows × next_pow2(N) × next_pow2(C)), read from NCHW or channels_last by strides; padding and
-positions past the border under ``ceil_mode`` are masked out of every reduction over samples.
-All T iterations run in one launch with fp32 state. The per-iteration scalars (1/ε, κ2, κ3 for
-Sinkhorn; ρ, 1/ρ, κ2, κ3, c1, c2 for B-ADMM) are derived on chip from the (6, T) weight table
-(``params.py`` rows), and the backward maps their cotangents back onto that table.
+windows × next_pow2(N) × next_pow2(C)), read from NCHW or channels_last by strides. The channel
+axis is the last: the lanes run over channels and a window's samples of a channel sit in one
+thread, so the LSE over samples is in-thread and the LSE over channels a warp (or CTA)
+reduction. The per-iteration scalars (1/ε, κ2, κ3 for Sinkhorn; ρ, 1/ρ, κ2, κ3, c1, c2 for
+B-ADMM) are derived on chip from the (6, T) weight table (``params.py`` rows); the backward maps
+their cotangents back onto that table.
 
-Backward: the exact gradient of the T unrolled iterations, recomputed in registers: for each
-t = T-1 … 0 the program reruns the forward from x to the state at the start of iteration t
-(O(T²) iterations, T is small) and back-propagates through iteration t; nothing per iteration
-is saved, so memory does not grow with T.
+Forward (``window_fwd_kernel``): all T iterations in registers, fp32 state, logs in base 2 so
+that every element costs FMA/add + one exp2 per LSE; logs (lg2.approx) and reciprocals
+(rcp.approx) only on the reduced vectors; masks only in launches where windows lose samples
+(padding, border, ceil_mode, k² not a power of 2) or C < BC (``MASKED``), otherwise only the
+last tile's loads/stores (``TAIL``). B-ADMM peels the last iteration's S-step (the output reads
+the last P-step's logits only); B-Q carries S instead of recomputing exp(log S).
+
+Backward (``window_bwd_kernel``): the exact gradient of the T unrolled iterations, in natural
+logs, recomputed in registers: for each t = T-1 … 0 the program reruns the forward from x to
+the state at the start of iteration t (O(T²) iterations, T is small) and back-propagates
+through iteration t; nothing per iteration is saved, so memory does not grow with T.
 
 Per-window updates (LSE_n: over the window's valid samples, LSE_d: over the C channels; the
 pooled output is y_d = Σ_n softmax_n(L)_nd x_nd, and every per-channel shift of L cancels):
@@ -21,6 +29,9 @@ pooled output is y_d = Σ_n softmax_n(L)_nd x_nd, and every per-channel shift of
   Sinkhorn paper:  R, C from Y = x/ε' + a + b;  a = κ2(a/ε + log p0 - R), b = κ3(b/ε + log q0 - C)
   B-ADMM:          DESIGN §3.1 (exact) / §3.2 (paper), state log S, Z (N×C per window)
                    [+ log μ, z1 (C), log η, z2 (N) for paper]; L = Y of the last P-step.
+
+Limits (sm_90 AOT, tests/ops/rot/test_window.py): no register spills up to 8,192 tile elements
+forward and 2,048 backward (2×2 windows: C ≤ 2048 / C ≤ 512); larger tiles run with spills.
 """
 from __future__ import annotations
 
@@ -132,7 +143,8 @@ def admm_params_bwd(w_ptr, t, T: tl.constexpr, g_rho, g_irho, g_k2, g_k3, g_c1, 
 
 
 # --------------------------------------------------------------------------------------------
-# reductions (masked; every reduced row holds at least one valid entry)
+# backward and its recomputation of the state (natural logs): masked reductions (every
+# reduced row holds at least one valid entry)
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _exp(v):
@@ -182,7 +194,7 @@ def _lognorm_bwd(g, sm, valid, AXIS: tl.constexpr):
 
 
 # --------------------------------------------------------------------------------------------
-# Sinkhorn: state a [BW, 1, BC], b [BW, BN, 1]
+# backward: Sinkhorn, state a [BW, 1, BC], b [BW, BN, 1]
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _sinkhorn_step(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, PAPER: tl.constexpr):
@@ -256,7 +268,7 @@ def _sinkhorn_step_bwd(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, ga_new, gb_
 
 
 # --------------------------------------------------------------------------------------------
-# Bregman ADMM: state log S, Z [BW, BN, BC]; log μ, z1 [BW, 1, BC]; log η, z2 [BW, BN, 1]
+# backward: Bregman ADMM, state log S, Z [BW, BN, BC]; log μ, z1 [BW, 1, BC]; log η, z2 [BW, BN, 1]
 # (the last four are the paper variant's marginal variables and stay put in the exact variant)
 # params: ρ, 1/ρ, κ2, κ3, c1, c2 with c1 = 1/(α1+ρ), c2 = ρ/(α1+ρ) (B-E) or c1 = α1/ρ (B-Q)
 # --------------------------------------------------------------------------------------------
@@ -497,7 +509,7 @@ def _window_tile(pid, C, H, W, Ho, Wo, n_windows, KH: tl.constexpr, KW: tl.const
 
 
 # --------------------------------------------------------------------------------------------
-# forward (v2): base-2 logs, exp2 with pre-scaled arguments, logs and divisions only on reduced
+# forward: base-2 logs, exp2 with pre-scaled arguments, logs and divisions only on reduced
 # vectors, masks only where the launch has partial windows or padded channels (MASKED)
 # --------------------------------------------------------------------------------------------
 @triton.jit
