@@ -619,7 +619,8 @@ def _admm_fwd(x, w_ptr, lp0, lq0, sv, cv, T: tl.constexpr, QUAD: tl.constexpr,
             v = k2 * lp0 + (1 - k2) * r
             lmu_t = v - _lse2(v, cv, AX_C, MASKED, FAST)
         lp = _keep(y + (lmu_t - r), m, MASKED)                         # log2 P
-        p = _keep(e1 * (tl.exp2(lmu_t) * _rcp(s1, FAST)), m, MASKED)   # P = softmax_n(Y) μ
+        # P = softmax_n(Y) μ = 2^(Y - m1) · 2^(log μ - log2 s1): one exp2 per channel, no rcp
+        p = _keep(e1 * tl.exp2(lmu_t - (r - m1)), m, MASKED)
         # S-step: log S = Y2 + log η - LSE_d(Y2)
         if QUAD:
             y2 = lp + z * irho2 - c1l * p
@@ -633,7 +634,7 @@ def _admm_fwd(x, w_ptr, lp0, lq0, sv, cv, T: tl.constexpr, QUAD: tl.constexpr,
             q = k3 * lq0 + (1 - k3) * cc
             leta_t = q - _lse2(q, sv, AX_N, MASKED, FAST)
         ls = _keep(y2 + (leta_t - cc), m, MASKED)
-        s_new = _keep(e2 * (tl.exp2(leta_t) * _rcp(s2, FAST)), m, MASKED)
+        s_new = _keep(e2 * tl.exp2(leta_t - (cc - m2)), m, MASKED)    # S = softmax_d(Y2) η
         z = z + rho * (p - s_new)
         if QUAD:
             s = s_new
