@@ -75,7 +75,7 @@ def bench_w3(do_bench, bw, sfu_rate, args):
     from torch import nn
 
     from rotp_triton.nn.image import ROTPool2d
-    from rotp_triton.ops.rot import triton_window as tw
+    from rotp_triton.ops.rot.triton.window import launch as tw  # FWD_TILE, BWD_TILE
 
     shapes = [(64, 256, 56, 56), (256, 64, 112, 112)]
     if args.quick:

@@ -14,7 +14,7 @@ HOPPER = GPUTarget("cuda", 90, 32)
 
 
 def compile_sm90(kernel, signature: dict, constexprs: dict, num_warps: int = 4,
-                 num_stages: int = 3):
+                 num_stages: int = 3, maxnreg=None):
     """``signature``: argument name -> type string (``"*fp32"``, ``"i32"``, ``"fp32"``,
     ``"constexpr"``); ``constexprs``: name -> value. Returns the compiled kernel (``.asm`` holds
     ``ptx`` / ``cubin``) or raises the compiler's error."""
@@ -22,5 +22,40 @@ def compile_sm90(kernel, signature: dict, constexprs: dict, num_warps: int = 4,
     while not isinstance(fn, triton.runtime.jit.JITFunction):
         fn = fn.fn
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    return triton.compile(src, target=HOPPER,
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:  # the launcher's register cap (a launch option like num_warps)
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=HOPPER, options=options)
+
+
+def ptxas_usage(compiled) -> dict:
+    """Registers and spill bytes of a compiled kernel from ``ptxas -v`` on its PTX, with the
+    ptxas that triton itself uses for the target. (``cuobjdump -res-usage`` prints LOCAL:0 even
+    when registers spill: spills land in STACK, which also counts call frames.)"""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+    try:
+        ptxas = get_ptxas(HOPPER.arch).path
+    except TypeError:  # older triton: get_ptxas() without the architecture
+        ptxas = get_ptxas().path
+    ptx = compiled.asm["ptx"]
+    arch = re.search(r"\.target\s+(\w+)", ptx).group(1)
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        # the options triton's make_cubin passes (register allocation differs without them)
+        err = subprocess.run([ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2",
+                              f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True)
+    out = err.stdout + err.stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    if regs is None or spill is None:
+        raise RuntimeError(f"ptxas -v gave no usage:\n{out[-2000:]}")
+    return dict(registers=int(regs.group(1)),
+                spill_bytes=int(spill.group(1)) + int(spill.group(2)))

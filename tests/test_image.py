@@ -1,4 +1,5 @@
-"""Image pooling: AdaptiveROTPool2d, ROTPool2d and the Triton window kernels (issue 4).
+"""Image pooling: AdaptiveROTPool2d, ROTPool2d (issue 4); the window kernels themselves are
+tested in tests/ops/rot/test_window.py against the oracle below.
 
 Oracle: reference/ with every window (or image) pooled as its own set in float64. The torch path
 must match it to 1e-9 (float64); the kernels (fp32, under TRITON_INTERPRET=1 on CPU, or on CUDA
@@ -11,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from kernel_utils import DEVICE, KERNEL_DTYPES, ON_CUDA, RTOL, rel_err, run_without_interpreter
+from kernel_utils import DEVICE, RTOL, rel_err
 from reference.window import pool_windows as reference_pool
 from reference.window import adaptive_positions, window_positions
 from rotp_triton.nn.image import (CLOSE_TO_MEAN, AdaptiveROTPool2d, ROTPool2d, adaptive_bounds,
-                                  pool_output_size, rot_pool2d_torch)
+                                  rot_pool2d_torch)
 
 METHODS = ("sinkhorn", "badmm-e", "badmm-q")
 VARIANTS = ("exact", "paper")
@@ -249,13 +250,8 @@ def test_bad_adaptive_arguments():
 
 
 # --------------------------------------------------------------------------------------------
-# Triton window kernels == reference (fp32; interpreter on CPU, or CUDA)
+# The modules on the Triton kernels (the window kernels themselves: tests/ops/rot/test_window.py)
 # --------------------------------------------------------------------------------------------
-KERNEL_CASES = {  # name: (B, C, H, W, k, s, p, ceil_mode, layout)
-    "2x2-odd": (2, 3, 5, 7, (2, 2), (2, 2), (0, 0), False, "nchw"),
-    "3x3-pad-ceil-overlap-cl": (1, 5, 5, 6, (3, 3), (2, 2), (1, 1), True, "channels_last"),
-    "2x3-noncontig": (2, 6, 4, 5, (2, 3), (1, 2), (1, 1), True, "noncontig"),
-}
 
 
 def make_input(B, C, H, W, layout, dtype, seed):
@@ -271,104 +267,6 @@ def make_input(B, C, H, W, layout, dtype, seed):
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     return x
-
-
-def check_kernel(method, variant, case, dtype=torch.float32, T=3, inf_a2=False):
-    from rotp_triton.ops.rot.triton_window import rot_pool2d_triton
-    B, C, H, W, k, s, p, cm, layout = KERNEL_CASES[case]
-    x = make_input(B, C, H, W, layout, dtype, seed=len(case)).requires_grad_()
-    w64 = random_weights(T, torch.float64, seed=3, inf_a2=inf_a2)
-    learn = [n for n in w64 if not (inf_a2 and n == "a2")]
-    wk = {n: v.float().to(DEVICE).requires_grad_(n in learn) for n, v in w64.items()}
-    y = rot_pool2d_triton(x, k, s, p, cm, method=method, variant=variant, **wk)
-    Ho, Wo, wins = window_positions(H, W, k, s, p, cm)
-    assert y.shape == (B, C, Ho, Wo) and y.dtype == dtype
-    if layout == "channels_last":
-        assert y.is_contiguous(memory_format=torch.channels_last)
-    x64 = x.detach().double().cpu().requires_grad_()
-    wr = {n: v.clone().requires_grad_(n in learn) for n, v in w64.items()}
-    yr = reference_pool(x64, wins, (Ho, Wo), method=method, variant=variant, num_iters=T, **wr)
-    tol = RTOL[dtype]
-    assert rel_err(y, yr) <= tol
-    g = torch.randn(yr.shape, dtype=torch.float64)
-    ins = [x] + [wk[n] for n in learn]
-    gk = torch.autograd.grad((y * g.to(DEVICE, dtype)).sum(), ins, allow_unused=True,
-                             materialize_grads=True)
-    gr = torch.autograd.grad((yr * g).sum(), [x64] + [wr[n] for n in learn], allow_unused=True,
-                             materialize_grads=True)
-    for name, a, b in zip(["x"] + learn, gk, gr):
-        assert a.shape == b.shape
-        if b.abs().max() <= 1e-12:  # α2, α3 of the paper B-ADMM (defect 2): no effect
-            assert a.abs().max() <= 1e-6, name
-        else:
-            assert rel_err(a, b) <= (tol if dtype == torch.float32 else 2 * tol), name
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_kernel_matches_reference_every_method(method, variant):
-    check_kernel(method, variant, "2x2-odd")
-
-
-@pytest.mark.parametrize("case", ["3x3-pad-ceil-overlap-cl", "2x3-noncontig"])
-@pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("sinkhorn", "paper"),
-                                            ("badmm-q", "paper")])
-def test_kernel_layouts_padding_ceil(case, method, variant):
-    check_kernel(method, variant, case)
-
-
-def test_kernel_hard_marginal_and_single_iteration():
-    check_kernel("sinkhorn", "exact", "2x2-odd", inf_a2=True)
-    check_kernel("badmm-q", "exact", "2x2-odd", T=1)
-
-
-def test_kernel_random_configs():
-    """Random window geometries (k, stride > k, padding, ceil_mode, C = 1, H = 1, T = 1...),
-    layouts, methods and variants: kernel (fp32) vs the float64 torch path (== reference above).
-    Criterion ‖a − b‖ ≤ 1e-4 ‖b‖ + 1e-6: gradients that are exactly 0 in exact arithmetic (α2 of
-    the paper variants, α1 of B-Q at T = 1) come out at float32 rounding level."""
-    import random
-
-    from rotp_triton.ops.rot.triton_window import rot_pool2d_triton
-    rng = random.Random(1)
-    done = 0
-    while done < 8:
-        k = (rng.randint(1, 3), rng.randint(1, 3))
-        s = (rng.randint(1, 3), rng.randint(1, 3))
-        p = (rng.randint(0, k[0] // 2), rng.randint(0, k[1] // 2))
-        cm = rng.random() < 0.5
-        B, C, H, W = rng.randint(1, 2), rng.choice([1, 2, 3, 5]), rng.randint(1, 5), rng.randint(1, 5)
-        if min(pool_output_size(H, k[0], s[0], p[0], cm), pool_output_size(W, k[1], s[1], p[1], cm)) < 1:
-            continue
-        done += 1
-        method, variant = rng.choice(METHODS), rng.choice(VARIANTS)
-        T = rng.randint(1, 3)
-        x = make_input(B, C, H, W, rng.choice(["nchw", "channels_last"]), torch.float32,
-                       seed=done).requires_grad_()
-        w = {n: (torch.rand(T, generator=torch.Generator().manual_seed(done)) + 0.3)
-             for n in ("a1", "a2", "a3", "rho")}
-        wk = {n: v.to(DEVICE).requires_grad_() for n, v in w.items()}
-        wt = {n: v.double().requires_grad_() for n, v in w.items()}
-        y = rot_pool2d_triton(x, k, s, p, cm, method=method, variant=variant, **wk)
-        x64 = x.detach().double().cpu().requires_grad_()
-        yr = rot_pool2d_torch(x64, k, s, p, cm, method=method, variant=variant, num_iters=T,
-                              inner_iters=1, weights=all_weights(wt, T, torch.float64))
-        what = f"k={k} s={s} p={p} ceil={cm} {(B, C, H, W)} {method} {variant} T={T}"
-        assert rel_err(y, yr) <= 1e-4, what
-        g = torch.randn(yr.shape, dtype=torch.float64)
-        gk = torch.autograd.grad((y * g.to(DEVICE, torch.float32)).sum(), [x] + list(wk.values()),
-                                 allow_unused=True, materialize_grads=True)
-        gr = torch.autograd.grad((yr * g).sum(), [x64] + list(wt.values()), allow_unused=True,
-                                 materialize_grads=True)
-        for name, a, b in zip(["x", "a1", "a2", "a3", "rho"], gk, gr):
-            a, b = a.double().cpu(), b.double()
-            assert (a - b).norm() <= 1e-4 * b.norm() + 1e-6, f"{name}: {what}"
-
-
-@pytest.mark.skipif(not ON_CUDA, reason="fp16/bf16 kernels run on CUDA only")
-@pytest.mark.parametrize("dtype", [d for d in KERNEL_DTYPES if d != torch.float32])
-def test_kernel_low_precision(dtype):
-    check_kernel("badmm-e", "exact", "3x3-pad-ceil-overlap-cl", dtype=dtype)
 
 
 def test_module_dispatches_to_kernel():
@@ -412,38 +310,6 @@ def test_global_pool_uses_set_kernels_on_the_strided_view(layout, monkeypatch):
         assert rel_err(a, b) <= 1e-4
 
 
-def test_kernel_saves_only_input_and_weight_table():
-    """The autograd graph of the kernel path holds x and the (T, 6) weight table, nothing per
-    iteration: memory does not grow with T (the backward recomputes)."""
-    from rotp_triton.ops.rot.triton_window import rot_pool2d_triton
-    x = make_input(1, 3, 4, 4, "nchw", torch.float32, seed=1).requires_grad_()
-    for T in (1, 3):
-        a1 = torch.full((T,), 0.5, device=DEVICE, requires_grad=True)
-        y = rot_pool2d_triton(x, 2, method="badmm-e", a1=a1, a2=1.0, a3=1.0, rho=1.0)
-        saved = y.grad_fn.saved_tensors
-        assert len(saved) == 2 and saved[0].data_ptr() == x.data_ptr()
-        assert saved[1].shape == (T, 6)
-
-
-@pytest.mark.skipif(not ON_CUDA, reason="peak memory is measured on CUDA")
-def test_kernel_peak_memory_independent_of_T():
-    from rotp_triton.ops.rot.triton_window import rot_pool2d_triton
-    x = torch.randn(8, 64, 56, 56, device="cuda", requires_grad=True)
-    peaks = []
-    for T in (2, 16):
-        a1 = torch.full((T,), 1.0, device="cuda", requires_grad=True)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        y = rot_pool2d_triton(x, 2, method="badmm-e", a1=a1, a2=1.0, a3=1.0, rho=1.0)
-        torch.autograd.grad(y.sum(), [x, a1])
-        torch.cuda.synchronize()
-        peaks.append(torch.cuda.max_memory_allocated() - base)
-    # x.grad (fp32) + y + per-program partials: the same for T = 2 and 16 up to the (T, 6) table
-    # and the partial sums (grid × next_pow2(6T) floats)
-    assert abs(peaks[1] - peaks[0]) <= 2 * 2**20, peaks
-
-
 def test_adaptive_even_windows_use_kernel(monkeypatch):
     """AdaptiveROTPool2d with windows that tile the image evenly runs the window kernel."""
     from rotp_triton.ops.rot.triton.window import op as window_op
@@ -457,60 +323,3 @@ def test_adaptive_even_windows_use_kernel(monkeypatch):
     assert calls == [(2, 2)]
     assert outs[0].shape == (2, 3, 2, 3)
     assert rel_err(outs[0], outs[1]) <= 1e-4
-
-
-# --------------------------------------------------------------------------------------------
-# AOT compile for sm_90: catches what the interpreter accepts and the GPU compiler rejects
-# --------------------------------------------------------------------------------------------
-AOT_CODE = r"""
-import os, subprocess, tempfile
-import triton
-from aot import compile_sm90
-from rotp_triton.ops.rot import triton_window as tw
-
-FWD = ["x_ptr", "y_ptr", "prm_ptr", "C", "H", "W", "Ho", "Wo", "n_windows", "lp0",
-       "sxb", "sxc", "sxh", "sxw", "syb", "syc", "syh", "syw"]
-BWD = ["x_ptr", "gy_ptr", "prm_ptr", "gx_ptr", "gprm_ptr", "C", "H", "W", "Ho", "Wo",
-       "n_windows", "n_tiles", "lp0", "sxb", "sxc", "sxh", "sxw", "sgb", "sgc", "sgh", "sgw",
-       "sdb", "sdc", "sdh", "sdw"]
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                         "cuobjdump")
-CASES = [(64, 1, False, "fwd", False, "fp32"), (256, 1, False, "fwd", False, "fp32"),
-         (64, 1, False, "bwd", True, "fp32"), (256, 1, False, "bwd", False, "fp32"),
-         (256, 0, True, "bwd", False, "fp32"), (256, 2, True, "bwd", True, "fp32"),
-         (64, 1, False, "fwd", False, "bf16"), (64, 0, False, "bwd", True, "bf16")]
-for C, method, paper, kind, overlap, dt in CASES:
-    names, kern = (FWD, tw.rot_window_pool_fwd_kernel) if kind == "fwd" else \
-        (BWD, tw.rot_window_pool_bwd_kernel)
-    BW, BN, BC = tw._block_sizes(4, C, tw.FWD_TILE if kind == "fwd" else tw.BWD_TILE)
-    ce = dict(T=4, KH=2, KW=2, SH=1 if overlap else 2, SW=1 if overlap else 2, PH=0, PW=0,
-              BW=BW, BN=BN, BC=BC, METHOD=method, PAPER=paper)
-    if kind == "bwd":
-        ce.update(OVERLAP=overlap, TP=32)
-    # x, y, gy in the input dtype; the weight tables and gx (accumulated) in fp32
-    low = ("x_ptr", "y_ptr", "gy_ptr")
-    sig = {n: (f"*{dt}" if n in low else "*fp32" if n.endswith("_ptr") else
-               "fp32" if n == "lp0" else "i32") for n in names}
-    sig.update({n: "constexpr" for n in ce})
-    c = compile_sm90(kern, sig, ce, num_warps=4 if BC <= 256 else 8)
-    assert "cubin" in c.asm
-    usage = ""
-    if os.path.exists(cuobjdump):
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(c.asm["cubin"])
-        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True,
-                               text=True).stdout
-        os.unlink(f.name)
-        usage = " ".join(t for t in usage.split() if t.startswith(("REG:", "LOCAL:")))
-    print(f"RESULT C={C} method={method} paper={paper} {kind} {dt} tile={BW}x{BN}x{BC} {usage}")
-"""
-
-
-def test_aot_compile_sm90():
-    out = run_without_interpreter(AOT_CODE, timeout=900)
-    lines = [l for l in out.splitlines() if l.startswith("RESULT")]
-    print("\n".join(lines))
-    assert len(lines) == 8
-    for line in lines:
-        if "LOCAL:" in line:  # no register spills to local memory
-            assert "LOCAL:0" in line, line

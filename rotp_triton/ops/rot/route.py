@@ -29,10 +29,11 @@ from .torch.windows import adaptive_rot_pool2d_torch, rot_pool2d_torch
 from .triton.common import interpreter_enabled, next_pow2
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The window kernels hold one window's next_pow2(kh·kw) × next_pow2(C) tile in registers; beyond
-# this many elements backend="auto" uses the torch path (sm_90 AOT: 2×2 windows with C = 1024
-# use 255 registers in the backward without spilling; larger tiles would spill).
-MAX_WINDOW_TILE = 4096
+# The window kernels hold a tile of next_pow2(kh·kw) × next_pow2(C) per program in registers
+# (triton/window, sm_90 AOT: up to 8,192 elements forward and 2,048 backward without spills);
+# up to this many they still run on the kernels (spilling registers: slower, not yet timed on a
+# GPU); beyond it backend="auto" uses the torch path.
+MAX_WINDOW_TILE = 16384
 
 
 def _triton_importable() -> bool:

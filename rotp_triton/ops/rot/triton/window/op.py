@@ -1,13 +1,96 @@
-"""TEMPORARY shim (branch layout): ``window_pool`` with the contract's signature over today's
-``triton_window.py`` (its (T, 6) parameter table is built there with torch ops; the real
-package reads the (6, T) weight table on chip). Replaced by the window package at integration."""
-from ...params import A1, A2, A3, RHO
+"""Autograd and custom-op plumbing of the window kernels, and the family's entry point
+:func:`window_pool` (contract: /work/plan/CONTRACT.md, "Kernel family interface").
 
-IS_SHIM = True  # tests count this module's eager ops apart (they vanish with the real package)
+Where torch has ``torch.library.triton_op`` the forward and backward are the custom ops
+``rotp_triton::window_fwd`` / ``window_bwd`` (one opaque node each for ``torch.compile``, with
+fake kernels); otherwise :class:`WindowPoolFunction`. Either way the graph saves only x and the
+(6, T) weight table: the backward recomputes the iterations on chip.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+from torch import Tensor
+
+from ..common import HAS_TRITON_OP
+from .launch import empty_like_layout, geometry, window_backward, window_forward
 
 
-def window_pool(x, w, *, kernel_size, stride, padding, ceil_mode, method, variant):
-    from ... import triton_window  # looked up per call: tests may patch rot_pool2d_triton
-    return triton_window.rot_pool2d_triton(x, kernel_size, stride, padding, ceil_mode,
-                                           method=method, variant=variant, a1=w[A1], a2=w[A2],
-                                           a3=w[A3], rho=w[RHO], num_iters=w.shape[1])
+class WindowPoolFunction(torch.autograd.Function):
+    """y = local ROT pooling of x's windows (α0 = 0) from x and the (6, T) weight table."""
+
+    @staticmethod
+    def forward(ctx, x, w, kernel_size, stride, padding, ceil_mode, method, variant):
+        g = geometry(x.shape, kernel_size, stride, padding, ceil_mode)
+        ctx.save_for_backward(x, w)
+        ctx.args = (g, method, variant)
+        return window_forward(x, w, g, method, variant)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        gx, gw = window_backward(x, w, gy, *ctx.args)
+        return (gx if ctx.needs_input_grad[0] else None,
+                gw if ctx.needs_input_grad[1] else None, None, None, None, None, None, None)
+
+
+window_fwd_op = None
+if HAS_TRITON_OP:
+    try:
+        from torch.library import triton_op, wrap_triton
+
+        @triton_op("rotp_triton::window_fwd", mutates_args=())
+        def window_fwd_op(x: Tensor, w: Tensor, kernel_size: List[int], stride: List[int],
+                          padding: List[int], ceil_mode: bool, method: str,
+                          variant: str) -> Tensor:
+            g = geometry(x.shape, kernel_size, stride, padding, ceil_mode)
+            return window_forward(x, w, g, method, variant, wrap=wrap_triton)
+
+        @triton_op("rotp_triton::window_bwd", mutates_args=())
+        def window_bwd_op(x: Tensor, w: Tensor, gy: Tensor, kernel_size: List[int],
+                          stride: List[int], padding: List[int], ceil_mode: bool, method: str,
+                          variant: str) -> Tuple[Tensor, Tensor]:
+            g = geometry(x.shape, kernel_size, stride, padding, ceil_mode)
+            return window_backward(x, w, gy, g, method, variant, wrap=wrap_triton)
+
+        def _setup_context(ctx, inputs, output):
+            x, w, *rest = inputs
+            ctx.save_for_backward(x, w)
+            ctx.args = rest
+
+        def _backward(ctx, gy):
+            x, w = ctx.saved_tensors
+            gx, gw = window_bwd_op(x, w, gy, *ctx.args)
+            return (gx if ctx.needs_input_grad[0] else None,
+                    gw if ctx.needs_input_grad[1] else None, None, None, None, None, None, None)
+
+        window_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+        # Explicit fake kernels: under TRITON_INTERPRET=1 wrap_triton hands back the raw
+        # interpreted kernel, which cannot run on fake tensors.
+        @window_fwd_op.register_fake
+        def _window_fwd_fake(x, w, kernel_size, stride, padding, ceil_mode, method, variant):
+            g = geometry(x.shape, kernel_size, stride, padding, ceil_mode)
+            return empty_like_layout(x, (g.B, g.C, g.Ho, g.Wo), x.dtype)
+
+        @window_bwd_op.register_fake
+        def _window_bwd_fake(x, w, gy, kernel_size, stride, padding, ceil_mode, method,
+                             variant):
+            return (empty_like_layout(x, x.shape, x.dtype),
+                    w.new_empty(w.shape, dtype=torch.float32))
+    except Exception:  # pragma: no cover - a torch whose triton_op rejects these ops
+        window_fwd_op = None
+
+
+def window_pool(x: Tensor, w: Tensor, *, kernel_size, stride, padding, ceil_mode: bool,
+                method: str, variant: str) -> Tensor:
+    """Local ROT pooling (α0 = 0) of every window of ``x (B, C, H, W)`` (any strides) with the
+    (6, T) float32 weight table ``w`` (rows of ``params.py``; may require grad). ``kernel_size``,
+    ``stride``, ``padding``: validated (int, int) pairs. Returns (B, C, Ho, Wo) in x's dtype and
+    memory format; the backward gives dx and dw (6, T) (zeros in the unused rows a0, τ)."""
+    k, s, p = list(kernel_size), list(stride), list(padding)
+    if window_fwd_op is not None:
+        return window_fwd_op(x, w, k, s, p, bool(ceil_mode), method, variant)
+    return WindowPoolFunction.apply(x, w, tuple(k), tuple(s), tuple(p), bool(ceil_mode), method,
+                                    variant)

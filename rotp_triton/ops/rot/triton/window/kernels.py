@@ -1,0 +1,832 @@
+"""``@triton.jit`` kernels of local k×k ROT pooling with α0 = 0 (DESIGN §7; host side in
+``launch.py``, autograd in ``op.py``; sm_90 analysis in bench/results/window_sass_*.md).
+
+Every window of ``x (B, C, H, W)`` is one set: its valid pixel positions are the N ≤ kh·kw
+samples, the C channels the features. One program owns a ``[BW, BN, BC]`` register tile (BW
+windows × next_pow2(N) × next_pow2(C)), read from NCHW or channels_last by strides. The channel
+axis is the last: the lanes run over channels and a window's samples of a channel sit in one
+thread, so the LSE over samples is in-thread and the LSE over channels a warp (or CTA)
+reduction. The per-iteration scalars (1/ε, κ2, κ3 for Sinkhorn; ρ, 1/ρ, κ2, κ3, c1, c2 for
+B-ADMM) are derived on chip from the (6, T) weight table (``params.py`` rows); the backward maps
+their cotangents back onto that table.
+
+Forward (``window_fwd_kernel``): all T iterations in registers, fp32 state, logs in base 2 so
+that every element costs FMA/add + one exp2 per LSE; logs (lg2.approx) and reciprocals
+(rcp.approx) only on the reduced vectors; masks only in launches where windows lose samples
+(padding, border, ceil_mode, k² not a power of 2) or C < BC (``MASKED``), otherwise only the
+last tile's loads/stores (``TAIL``). B-ADMM peels the last iteration's S-step (the output reads
+the last P-step's logits only); B-Q carries S instead of recomputing exp(log S).
+
+Backward (``window_bwd_kernel``): the exact gradient of the T unrolled iterations, in natural
+logs, recomputed in registers: for each t = T-1 … 0 the program reruns the forward from x to
+the state at the start of iteration t (O(T²) iterations, T is small) and back-propagates
+through iteration t; nothing per iteration is saved, so memory does not grow with T.
+
+Per-window updates (LSE_n: over the window's valid samples, LSE_d: over the C channels; the
+pooled output is y_d = Σ_n softmax_n(L)_nd x_nd, and every per-channel shift of L cancels):
+  Sinkhorn exact:  R = LSE_n(x/ε + b); a = lognorm_d(κ2 log p0 + (1-κ2) R) - R
+                   C = LSE_d(x/ε + a); b = lognorm_n(κ3 log q0 + (1-κ3) C) - C;  L = x/ε_T + b
+  Sinkhorn paper:  R, C from Y = x/ε' + a + b;  a = κ2(a/ε + log p0 - R), b = κ3(b/ε + log q0 - C)
+  B-ADMM:          DESIGN §3.1 (exact) / §3.2 (paper), state log S, Z (N×C per window)
+                   [+ log μ, z1 (C), log η, z2 (N) for paper]; L = Y of the last P-step.
+
+Limits (sm_90 AOT, tests/ops/rot/test_window.py): no register spills up to 8,192 tile elements
+forward and 2,048 backward (2×2 windows: C ≤ 2048 / C ≤ 512); larger tiles run with spills.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .. import common
+from ..common import kappa
+from ... import params
+
+LOG2E = tl.constexpr(common.LOG2E)
+LN2 = tl.constexpr(common.LN2)
+# rows of the (6, T) weight table (params.py)
+_A1 = tl.constexpr(params.A1)
+_A2 = tl.constexpr(params.A2)
+_A3 = tl.constexpr(params.A3)
+_RHO = tl.constexpr(params.RHO)
+
+
+# axes of the [BW, BN, BC] tile. The channels are the last axis: with no contiguity known along
+# the samples (the kernels do not specialise on sxh, sxw == 1) the compiler spreads the lanes over
+# the channels and keeps a window's samples of a channel in one thread.
+AX_N = tl.constexpr(1)
+AX_C = tl.constexpr(2)
+# --------------------------------------------------------------------------------------------
+# per-iteration scalars from the weight table, and their cotangents back onto it
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _weight(w_ptr, row: tl.constexpr, t, T: tl.constexpr):
+    return tl.load(w_ptr + row * T + t)
+
+
+@triton.jit
+def _kappa_grads(alpha, w):
+    """(∂κ/∂α, ∂κ/∂w) of κ(α, w) = α/(α + w): w/(α+w)², -α/(α+w)²; both 0 at α = +inf."""
+    inf = alpha == float("inf")
+    a = tl.where(inf, 0.0, alpha)
+    d = 1.0 / ((a + w) * (a + w))
+    return tl.where(inf, 0.0, w * d), tl.where(inf, 0.0, -a * d)
+
+
+@triton.jit
+def sinkhorn_params(w_ptr, t, T: tl.constexpr):
+    """(1/ε, κ(α2, ε), κ(α3, ε)) of iteration t, ε = α1."""
+    a1 = _weight(w_ptr, _A1, t, T)
+    return 1.0 / a1, kappa(_weight(w_ptr, _A2, t, T), a1), kappa(_weight(w_ptr, _A3, t, T), a1)
+
+
+@triton.jit
+def sinkhorn_params_bwd(w_ptr, t, T: tl.constexpr, g_u, g_k2, g_k3):
+    """(∂/∂α1, ∂/∂α2, ∂/∂α3) of iteration t from the cotangents of (1/ε, κ2, κ3)."""
+    a1 = _weight(w_ptr, _A1, t, T)
+    dk2_da2, dk2_da1 = _kappa_grads(_weight(w_ptr, _A2, t, T), a1)
+    dk3_da3, dk3_da1 = _kappa_grads(_weight(w_ptr, _A3, t, T), a1)
+    return -g_u / (a1 * a1) + g_k2 * dk2_da1 + g_k3 * dk3_da1, g_k2 * dk2_da2, g_k3 * dk3_da3
+
+
+@triton.jit
+def admm_params(w_ptr, t, T: tl.constexpr, QUAD: tl.constexpr, PAPER: tl.constexpr):
+    """(ρ, 1/ρ, κ2, κ3, c1, c2) of iteration t: κ2 = κ(α2, ρ); κ3 = κ(α3, α1 + ρ) (B-E exact)
+    or κ(α3, ρ); c1 = 1/(α1 + ρ), c2 = ρ/(α1 + ρ) (B-E) or c1 = α1/ρ, c2 = 0 (B-Q)."""
+    a1 = _weight(w_ptr, _A1, t, T)
+    a3 = _weight(w_ptr, _A3, t, T)
+    rho = _weight(w_ptr, _RHO, t, T)
+    k2 = kappa(_weight(w_ptr, _A2, t, T), rho)
+    if QUAD:
+        k3 = kappa(a3, rho)
+        c1 = a1 / rho
+        c2 = a1 * 0.0
+    else:
+        wq = a1 + rho
+        if PAPER:
+            k3 = kappa(a3, rho)
+        else:
+            k3 = kappa(a3, wq)
+        c1 = 1.0 / wq
+        c2 = rho / wq
+    return rho, 1.0 / rho, k2, k3, c1, c2
+
+
+@triton.jit
+def admm_params_bwd(w_ptr, t, T: tl.constexpr, g_rho, g_irho, g_k2, g_k3, g_c1, g_c2,
+                    QUAD: tl.constexpr, PAPER: tl.constexpr):
+    """(∂/∂α1, ∂/∂α2, ∂/∂α3, ∂/∂ρ) of iteration t from the cotangents of admm_params."""
+    a1 = _weight(w_ptr, _A1, t, T)
+    a3 = _weight(w_ptr, _A3, t, T)
+    rho = _weight(w_ptr, _RHO, t, T)
+    dk2_da2, dk2_drho = _kappa_grads(_weight(w_ptr, _A2, t, T), rho)
+    g_a1 = g_c1 * 0.0
+    g_r = g_rho - g_irho / (rho * rho) + g_k2 * dk2_drho
+    if QUAD:
+        dk3_da3, dk3_dw = _kappa_grads(a3, rho)
+        g_r += g_k3 * dk3_dw - g_c1 * a1 / (rho * rho)
+        g_a1 += g_c1 / rho
+    else:
+        wq = a1 + rho
+        iw2 = 1.0 / (wq * wq)
+        if PAPER:
+            dk3_da3, dk3_dw = _kappa_grads(a3, rho)
+            g_r += g_k3 * dk3_dw
+        else:
+            dk3_da3, dk3_dw = _kappa_grads(a3, wq)
+            g_r += g_k3 * dk3_dw
+            g_a1 += g_k3 * dk3_dw
+        # c1 = 1/w, c2 = ρ/w with w = α1 + ρ
+        g_a1 += -g_c1 * iw2 - g_c2 * rho * iw2
+        g_r += -g_c1 * iw2 + g_c2 * a1 * iw2
+    return g_a1, g_k2 * dk2_da2, g_k3 * dk3_da3, g_r
+
+
+# --------------------------------------------------------------------------------------------
+# backward and its recomputation of the state (natural logs): masked reductions (every
+# reduced row holds at least one valid entry)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _exp(v):
+    return tl.exp2(v * LOG2E)
+
+
+@triton.jit
+def _lse(y, valid, AXIS: tl.constexpr):
+    """LogSumExp of y along AXIS over the valid entries, keeping the reduced axis (size 1)."""
+    yv = tl.where(valid, y, float("-inf"))
+    m = tl.expand_dims(tl.max(yv, axis=AXIS), AXIS)
+    s = tl.expand_dims(tl.sum(tl.exp2((yv - m) * LOG2E), axis=AXIS), AXIS)
+    return m + tl.log2(s) * LN2
+
+
+@triton.jit
+def _softmax(y, valid, AXIS: tl.constexpr):
+    """softmax of y along AXIS over the valid entries (0 elsewhere)."""
+    yv = tl.where(valid, y, float("-inf"))
+    m = tl.expand_dims(tl.max(yv, axis=AXIS), AXIS)
+    e = tl.exp2((yv - m) * LOG2E)
+    return e * (1.0 / tl.expand_dims(tl.sum(e, axis=AXIS), AXIS))
+
+
+@triton.jit
+def _lse_softmax(y, valid, AXIS: tl.constexpr):
+    """(LogSumExp, softmax) of y along AXIS over the valid entries from one pass of exps: the
+    B-ADMM plans are softmax · marginal (P = softmax_n(Y) μ, S = softmax_d(Y2) η), which saves
+    two exps per element and iteration over exp(log P), exp(log S)."""
+    yv = tl.where(valid, y, float("-inf"))
+    m = tl.expand_dims(tl.max(yv, axis=AXIS), AXIS)
+    e = tl.exp2((yv - m) * LOG2E)
+    s = tl.expand_dims(tl.sum(e, axis=AXIS), AXIS)
+    return m + tl.log2(s) * LN2, e * (1.0 / s)
+
+
+@triton.jit
+def _sum(v, AXIS: tl.constexpr):
+    return tl.expand_dims(tl.sum(v, axis=AXIS), AXIS)
+
+
+@triton.jit
+def _lognorm_bwd(g, sm, valid, AXIS: tl.constexpr):
+    """VJP of v -> v - LSE(v) along AXIS: g - softmax(v) Σ g (sm = softmax(v))."""
+    g = tl.where(valid, g, 0.0)
+    return tl.where(valid, g - sm * _sum(g, AXIS), 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# backward: Sinkhorn, state a [BW, 1, BC], b [BW, BN, 1]
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _sinkhorn_step(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, PAPER: tl.constexpr):
+    """One iteration: (a, b) -> (a', b'). ``u`` = 1/ε_t; ``u_prev`` = 1/ε of the Y the paper's
+    Jacobi step reads (ε_{t-1}, ε_0 at t = 0)."""
+    if PAPER:
+        y = x * u_prev + a + b                                         # [BW, BN, BC]
+        r = _lse(y, sv, AX_N)                                             # [BW, 1, BC]
+        c = tl.where(sv, _lse(y, cv, AX_C), 0.0)                          # [BW, BN, 1]
+        a_new = tl.where(cv, k2 * (a * u + lp0 - r), 0.0)
+        b_new = tl.where(sv, k3 * (b * u + lq0 - c), 0.0)
+    else:
+        xu = x * u
+        r = _lse(xu + b, sv, AX_N)                                        # [BW, 1, BC] R_d
+        v = k2 * lp0 + (1 - k2) * r
+        a_new = tl.where(cv, v - _lse(v, cv, AX_C) - r, 0.0)
+        c = tl.where(sv, _lse(xu + a_new, cv, AX_C), 0.0)                 # [BW, BN, 1] C_n
+        q = k3 * lq0 + (1 - k3) * c
+        b_new = tl.where(sv, q - _lse(q, sv, AX_N) - c, 0.0)
+    return a_new, b_new
+
+
+@triton.jit
+def _sinkhorn_step_bwd(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, ga_new, gb_new,
+                       PAPER: tl.constexpr):
+    """VJP of _sinkhorn_step: returns (gx, ga, gb, gu_prev, gu, gk2, gk3); the scalar grads are
+    summed over the tile."""
+    if PAPER:
+        y = x * u_prev + a + b
+        r = _lse(y, sv, AX_N)
+        c = tl.where(sv, _lse(y, cv, AX_C), 0.0)
+        ga_new = tl.where(cv, ga_new, 0.0)
+        gb_new = tl.where(sv, gb_new, 0.0)
+        gk2 = tl.sum(tl.sum(tl.sum(ga_new * (a * u + lp0 - r), 2), 1), 0)
+        gk3 = tl.sum(tl.sum(tl.sum(gb_new * (b * u + lq0 - c), 2), 1), 0)
+        gu = (tl.sum(tl.sum(tl.sum(k2 * ga_new * a, 2), 1), 0)
+              + tl.sum(tl.sum(tl.sum(k3 * gb_new * b, 2), 1), 0))
+        # y feeds R (softmax over n) and C (softmax over d)
+        gy = (_softmax(y, sv, AX_N) * (-k2 * ga_new) + _softmax(y, cv, AX_C) * (-k3 * gb_new))
+        gy = tl.where(sv & cv, gy, 0.0)
+        gx = u_prev * gy
+        gu_prev = tl.sum(tl.sum(tl.sum(x * gy, 2), 1), 0)
+        ga = k2 * u * ga_new + _sum(gy, AX_N)
+        gb = k3 * u * gb_new + _sum(gy, AX_C)
+    else:
+        xu = x * u
+        y1 = xu + b
+        r = _lse(y1, sv, AX_N)                                            # [BW, 1, BC]
+        v = k2 * lp0 + (1 - k2) * r
+        a_new = tl.where(cv, v - _lse(v, cv, AX_C) - r, 0.0)
+        y2 = xu + a_new
+        c = tl.where(sv, _lse(y2, cv, AX_C), 0.0)                         # [BW, BN, 1]
+        q = k3 * lq0 + (1 - k3) * c
+        # b' = lognorm_n(q) - C
+        gq = _lognorm_bwd(gb_new, _softmax(q, sv, AX_N), sv, AX_N)           # [BW, BN, 1]
+        gc = tl.where(sv, -gb_new + (1 - k3) * gq, 0.0)
+        gk3 = tl.sum(tl.sum(tl.sum(gq * (lq0 - c), 2), 1), 0)
+        gy2 = tl.where(sv & cv, _softmax(y2, cv, AX_C) * gc, 0.0)         # [BW, BN, BC]
+        ga = tl.where(cv, ga_new + _sum(gy2, AX_N), 0.0)                  # [BW, 1, BC]
+        # a' = lognorm_d(v) - R
+        gv = _lognorm_bwd(ga, _softmax(v, cv, AX_C), cv, AX_C)
+        gr = tl.where(cv, -ga + (1 - k2) * gv, 0.0)
+        gk2 = tl.sum(tl.sum(tl.sum(gv * (lp0 - r), 2), 1), 0)
+        gy1 = tl.where(sv & cv, _softmax(y1, sv, AX_N) * gr, 0.0)
+        gx = u * (gy1 + gy2)
+        gu = tl.sum(tl.sum(tl.sum(x * (gy1 + gy2), 2), 1), 0)
+        gu_prev = gu * 0.0
+        gb = _sum(gy1, AX_C)
+        ga = ga * 0.0                                                  # a does not feed a'
+    return gx, ga, gb, gu_prev, gu, gk2, gk3
+
+
+# --------------------------------------------------------------------------------------------
+# backward: Bregman ADMM, state log S, Z [BW, BN, BC]; log μ, z1 [BW, 1, BC]; log η, z2 [BW, BN, 1]
+# (the last four are the paper variant's marginal variables and stay put in the exact variant)
+# params: ρ, 1/ρ, κ2, κ3, c1, c2 with c1 = 1/(α1+ρ), c2 = ρ/(α1+ρ) (B-E) or c1 = α1/ρ (B-Q)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _admm_p_logits(x, log_s, z, irho, c1, m, QUAD: tl.constexpr):
+    """Y of the P-step: log S + (X - Z)/ρ [- α1 S/ρ] (masked to 0)."""
+    y = log_s + (x - z) * irho
+    if QUAD:
+        y = y - c1 * tl.where(m, _exp(log_s), 0.0)
+    return tl.where(m, y, 0.0)
+
+
+@triton.jit
+def _admm_step(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp0, lq0, sv, cv,
+               QUAD: tl.constexpr, PAPER: tl.constexpr):
+    """One B-ADMM iteration; returns the new state and Y (the P-step logits of this iteration)."""
+    m = sv & cv
+    y = _admm_p_logits(x, log_s, z, irho, c1, m, QUAD)                 # [BW, BN, BC]
+    r, sm1 = _lse_softmax(y, sv, AX_N)                                    # [BW, 1, BC] R
+    if PAPER:
+        log_mu = lmu
+    else:
+        v = k2 * lp0 + (1 - k2) * r
+        log_mu = v - _lse(v, cv, AX_C)
+    log_p = tl.where(m, y + log_mu - r, 0.0)
+    p = tl.where(m, sm1 * _exp(log_mu), 0.0)                           # exp(log P)
+    if QUAD:
+        y2 = log_p + z * irho - c1 * p
+    else:
+        y2 = z * c1 + log_p * c2
+    c, sm2 = _lse_softmax(y2, cv, AX_C)                                   # [BW, BN, 1] C
+    c = tl.where(sv, c, 0.0)
+    if PAPER:
+        log_eta = leta
+    else:
+        q = k3 * lq0 + (1 - k3) * c
+        log_eta = q - _lse(q, sv, AX_N)
+    log_s_new = tl.where(m, y2 + log_eta - c, 0.0)
+    s_new = tl.where(m, sm2 * _exp(log_eta), 0.0)                      # exp(log S')
+    z_new = z + rho * (p - s_new)
+    if PAPER:
+        t1 = (1 - k2) * (lmu - z1 * irho) + k2 * lp0
+        lmu_new = tl.where(cv, t1 - _lse(t1, cv, AX_C), 0.0)
+        t2 = (1 - k3) * (leta - z2 * irho) + k3 * lq0
+        leta_new = tl.where(sv, t2 - _lse(t2, sv, AX_N), 0.0)
+        z1_new = tl.where(cv, z1 + rho * (_exp(lmu_new) - _sum(p, AX_N)), 0.0)
+        z2_new = tl.where(sv, z2 + rho * (_exp(leta_new) - _sum(s_new, AX_C)), 0.0)
+    else:
+        lmu_new, leta_new, z1_new, z2_new = lmu, leta, z1, z2
+    return log_s_new, z_new, lmu_new, leta_new, z1_new, z2_new, y
+
+
+@triton.jit
+def _tsum(v):
+    return tl.sum(tl.sum(tl.sum(v, 2), 1), 0)
+
+
+@triton.jit
+def _admm_step_bwd(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp0, lq0, sv, cv,
+                   g_log_s_new, g_z_new, g_lmu_new, g_leta_new, g_z1_new, g_z2_new, g_y,
+                   QUAD: tl.constexpr, PAPER: tl.constexpr):
+    """VJP of _admm_step (g_y: cotangent of the returned Y). Returns gx, the state cotangents
+    and the (tile-summed) cotangents of ρ, 1/ρ, κ2, κ3, c1, c2."""
+    m = sv & cv
+    # ---- recompute the forward of this iteration
+    s = tl.where(m, _exp(log_s), 0.0)
+    y = _admm_p_logits(x, log_s, z, irho, c1, m, QUAD)
+    r, sm1 = _lse_softmax(y, sv, AX_N)
+    if PAPER:
+        log_mu = lmu
+    else:
+        v = k2 * lp0 + (1 - k2) * r
+        log_mu = v - _lse(v, cv, AX_C)
+    log_p = tl.where(m, y + log_mu - r, 0.0)
+    p = tl.where(m, sm1 * _exp(log_mu), 0.0)
+    if QUAD:
+        y2 = log_p + z * irho - c1 * p
+    else:
+        y2 = z * c1 + log_p * c2
+    c, sm2 = _lse_softmax(y2, cv, AX_C)
+    c = tl.where(sv, c, 0.0)
+    if PAPER:
+        log_eta = leta
+    else:
+        q = k3 * lq0 + (1 - k3) * c
+        log_eta = q - _lse(q, sv, AX_N)
+    s_new = tl.where(m, sm2 * _exp(log_eta), 0.0)
+
+    # ---- backward
+    g_z = tl.where(m, g_z_new, 0.0)
+    g_rho = _tsum(g_z * (p - s_new))
+    g_p = rho * g_z
+    g_s_new = -rho * g_z
+    g_irho = g_rho * 0.0
+    g_k2 = g_rho * 0.0
+    g_k3 = g_rho * 0.0
+    g_lmu = g_lmu_new * 0.0
+    g_leta = g_leta_new * 0.0
+    g_z1 = g_z1_new * 0.0
+    g_z2 = g_z2_new * 0.0
+    if PAPER:
+        lmu_t1 = lmu - z1 * irho
+        t1 = (1 - k2) * lmu_t1 + k2 * lp0
+        lmu_new = tl.where(cv, t1 - _lse(t1, cv, AX_C), 0.0)
+        leta_t2 = leta - z2 * irho
+        t2 = (1 - k3) * leta_t2 + k3 * lq0
+        leta_new = tl.where(sv, t2 - _lse(t2, sv, AX_N), 0.0)
+        g_z1n = tl.where(cv, g_z1_new, 0.0)
+        g_z2n = tl.where(sv, g_z2_new, 0.0)
+        g_rho += _tsum(g_z1n * (_exp(lmu_new) - _sum(p, AX_N)))
+        g_rho += _tsum(g_z2n * (_exp(leta_new) - _sum(s_new, AX_C)))
+        g_z1 = g_z1n
+        g_z2 = g_z2n
+        g_p += -rho * g_z1n
+        g_s_new += -rho * g_z2n
+        g_lmu_n = g_lmu_new + rho * _exp(lmu_new) * g_z1n
+        g_leta_n = g_leta_new + rho * _exp(leta_new) * g_z2n
+        g_t1 = _lognorm_bwd(g_lmu_n, _softmax(t1, cv, AX_C), cv, AX_C)
+        g_k2 = _tsum(g_t1 * (lp0 - lmu_t1))
+        g_lmu = (1 - k2) * g_t1
+        g_z1 += -(1 - k2) * irho * g_t1
+        g_irho += -_tsum((1 - k2) * z1 * g_t1)
+        g_t2 = _lognorm_bwd(g_leta_n, _softmax(t2, sv, AX_N), sv, AX_N)
+        g_k3 = _tsum(g_t2 * (lq0 - leta_t2))
+        g_leta = (1 - k3) * g_t2
+        g_z2 += -(1 - k3) * irho * g_t2
+        g_irho += -_tsum((1 - k3) * z2 * g_t2)
+    # log S' = Y2 + log η - LSE_d(Y2)
+    g_ls = tl.where(m, g_log_s_new + s_new * g_s_new, 0.0)
+    g_c = -_sum(g_ls, AX_C)                                               # [BW, BN, 1]
+    if PAPER:
+        g_leta += _sum(g_ls, AX_C)
+    else:
+        g_q = _lognorm_bwd(_sum(g_ls, AX_C), _softmax(q, sv, AX_N), sv, AX_N)
+        g_c += (1 - k3) * g_q
+        g_k3 = _tsum(g_q * (lq0 - c))
+    g_c = tl.where(sv, g_c, 0.0)
+    g_y2 = tl.where(m, g_ls + sm2 * g_c, 0.0)
+    if QUAD:
+        g_logp = g_y2
+        g_z += irho * g_y2
+        g_irho += _tsum(z * g_y2)
+        g_p += -c1 * g_y2
+        g_c1 = -_tsum(p * g_y2)
+        g_c2 = g_rho * 0.0
+    else:
+        g_logp = c2 * g_y2
+        g_z += c1 * g_y2
+        g_c1 = _tsum(z * g_y2)
+        g_c2 = _tsum(log_p * g_y2)
+    g_logp = tl.where(m, g_logp + p * g_p, 0.0)
+    # log P = Y + log μ - LSE_n(Y)
+    g_lmu_sum = _sum(g_logp, AX_N)                                        # [BW, 1, BC]
+    g_r = -g_lmu_sum
+    if PAPER:
+        g_lmu += g_lmu_sum
+    else:
+        g_v = _lognorm_bwd(g_lmu_sum, _softmax(v, cv, AX_C), cv, AX_C)
+        g_r += (1 - k2) * g_v
+        g_k2 = _tsum(g_v * (lp0 - r))
+    g_r = tl.where(cv, g_r, 0.0)
+    g_yy = tl.where(m, g_logp + g_y + sm1 * g_r, 0.0)
+    # Y = log S + (X - Z)/ρ [- c1 S]
+    g_x = irho * g_yy
+    g_z += -irho * g_yy
+    g_irho += _tsum((x - z) * g_yy)
+    g_log_s = g_yy
+    if QUAD:
+        g_c1 += -_tsum(s * g_yy)
+        g_log_s += -c1 * s * g_yy
+    g_log_s = tl.where(m, g_log_s, 0.0)
+    return (g_x, g_log_s, g_z, g_lmu, g_leta, g_z1, g_z2,
+            g_rho, g_irho, g_k2, g_k3, g_c1, g_c2)
+
+
+# --------------------------------------------------------------------------------------------
+# tile setup shared by the forward and backward kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _sinkhorn_run(x, w_ptr, n_steps, T: tl.constexpr, lp0, lq0, sv, cv, PAPER: tl.constexpr,
+                  BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+    """(a, b, 1/ε) after the first ``n_steps`` Sinkhorn iterations from a = b = 0 (the forward,
+    and the backward's recomputation of the state at the start of an iteration)."""
+    a = tl.zeros([BW, 1, BC], dtype=tl.float32)
+    b = tl.zeros([BW, BN, 1], dtype=tl.float32)
+    u_prev, _k2, _k3 = sinkhorn_params(w_ptr, 0, T)
+    for t in range(n_steps):
+        u, k2, k3 = sinkhorn_params(w_ptr, t, T)
+        a, b = _sinkhorn_step(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, PAPER)
+        u_prev = u
+    return a, b, u_prev
+
+
+@triton.jit
+def _admm_run(x, w_ptr, n_steps, T: tl.constexpr, lp0, lq0, sv, cv, QUAD: tl.constexpr, PAPER: tl.constexpr,
+              BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+    """The B-ADMM state (log S, Z, log μ, log η, z1, z2) and the last P-step's logits after the
+    first ``n_steps`` iterations from log S = log(p0 q0ᵀ), Z = 0."""
+    m = sv & cv
+    log_s = tl.where(m, lp0 + lq0 + tl.zeros([BW, BN, BC], dtype=tl.float32), 0.0)
+    z = tl.zeros([BW, BN, BC], dtype=tl.float32)
+    lmu = tl.where(cv, lp0 + tl.zeros([BW, 1, BC], dtype=tl.float32), 0.0)
+    leta = lq0
+    z1 = tl.zeros([BW, 1, BC], dtype=tl.float32)
+    z2 = tl.zeros([BW, BN, 1], dtype=tl.float32)
+    logits = z
+    for t in range(n_steps):
+        rho, irho, k2, k3, c1, c2 = admm_params(w_ptr, t, T, QUAD, PAPER)
+        log_s, z, lmu, leta, z1, z2, logits = _admm_step(
+            x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp0, lq0, sv, cv, QUAD,
+            PAPER)
+    return log_s, z, lmu, leta, z1, z2, logits
+
+
+@triton.jit
+def _window_tile(pid, C, H, W, Ho, Wo, n_windows, KH: tl.constexpr, KW: tl.constexpr,
+                 SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                 BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+    """Indices and masks of the program's tile of BW windows: [BW] window and [BW, BN] sample
+    positions, [BC] channels (the kernels expand them to [BW, BN, BC])."""
+    offs_w = pid * BW + tl.arange(0, BW)                               # [BW]
+    w_ok = offs_w < n_windows
+    ow = offs_w % Wo
+    oh = (offs_w // Wo) % Ho
+    bi = (offs_w // Wo) // Ho
+    offs_n = tl.arange(0, BN)
+    ki = offs_n // KW
+    kj = offs_n % KW
+    hh = oh[:, None] * SH - PH + ki[None, :]                           # [BW, BN]
+    ww = ow[:, None] * SW - PW + kj[None, :]
+    inside = ((offs_n[None, :] < KH * KW) & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+              & w_ok[:, None])
+    # windows past the end get one dummy sample so that every reduction stays finite
+    sv2 = inside | ((offs_n[None, :] == 0) & (offs_w[:, None] >= n_windows))
+    offs_c = tl.arange(0, BC)
+    c_ok = offs_c < C
+    return offs_w, w_ok, ow, oh, bi, hh, ww, inside, sv2, offs_c, c_ok
+
+
+# --------------------------------------------------------------------------------------------
+# forward: base-2 logs, exp2 with pre-scaled arguments, logs and divisions only on reduced
+# vectors, masks only where the launch has partial windows or padded channels (MASKED)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _log2(v, FAST: tl.constexpr):
+    """log2 of a reduced vector: one MUFU.LG2 on the GPU (tl.log2 is a ~20-instruction
+    polynomial there); the interpreter has no inline PTX."""
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [v],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.log2(v)
+
+
+@triton.jit
+def _rcp(v, FAST: tl.constexpr):
+    """1/v of a reduced vector (MUFU.RCP on the GPU instead of a precise division)."""
+    if FAST:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [v],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return 1.0 / v
+
+
+@triton.jit
+def _keep(v, valid, MASKED: tl.constexpr):
+    """v where valid, 0 elsewhere (only in masked launches)."""
+    if MASKED:
+        return tl.where(valid, v, 0.0)
+    else:
+        return v
+
+
+@triton.jit
+def _exp2_parts(y, valid, AXIS: tl.constexpr, MASKED: tl.constexpr):
+    """(max m, 2^(y - m), Σ 2^(y - m)) along AXIS over the valid entries (kept dims)."""
+    if MASKED:
+        y = tl.where(valid, y, float("-inf"))
+    m = tl.max(y, axis=AXIS, keep_dims=True)
+    e = tl.exp2(y - m)
+    return m, e, tl.sum(e, axis=AXIS, keep_dims=True)
+
+
+@triton.jit
+def _lse2(y, valid, AXIS: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr):
+    """log2 Σ 2^y along AXIS over the valid entries (kept dims)."""
+    m, e, s = _exp2_parts(y, valid, AXIS, MASKED)
+    return m + _log2(s, FAST)
+
+
+@triton.jit
+def _sinkhorn_fwd(x, w_ptr, lp0, lq0, sv, cv, T: tl.constexpr, PAPER: tl.constexpr,
+                  MASKED: tl.constexpr, FAST: tl.constexpr, BW: tl.constexpr,
+                  BN: tl.constexpr, BC: tl.constexpr):
+    """Base-2 logits L·log2(e) of the output softmax after T Sinkhorn iterations
+    (a, b, lp0, lq0 in base 2)."""
+    a = tl.zeros([BW, 1, BC], dtype=tl.float32)
+    b = tl.zeros([BW, BN, 1], dtype=tl.float32)
+    u_prev, _k2, _k3 = sinkhorn_params(w_ptr, 0, T)
+    for t in range(T):
+        u, k2, k3 = sinkhorn_params(w_ptr, t, T)
+        if PAPER:
+            y = x * (u_prev * LOG2E) + a + b                           # [BW, BN, BC]
+            r = _lse2(y, sv, AX_N, MASKED, FAST)                      # [BW, 1, BC]
+            c = _keep(_lse2(y, cv, AX_C, MASKED, FAST), sv, MASKED)  # [BW, BN, 1]
+            a = _keep(k2 * (a * u + lp0 - r), cv, MASKED)
+            b = _keep(k3 * (b * u + lq0 - c), sv, MASKED)
+        else:
+            xu = x * (u * LOG2E)
+            r = _lse2(xu + b, sv, AX_N, MASKED, FAST)                 # [BW, 1, BC] R_d
+            v = k2 * lp0 + (1 - k2) * r
+            a = _keep(v - _lse2(v, cv, AX_C, MASKED, FAST) - r, cv, MASKED)
+            c = _keep(_lse2(xu + a, cv, AX_C, MASKED, FAST), sv, MASKED)  # [BW, BN, 1] C_n
+            q = k3 * lq0 + (1 - k3) * c
+            b = _keep(q - _lse2(q, sv, AX_N, MASKED, FAST) - c, sv, MASKED)
+        u_prev = u
+    return x * (u_prev * LOG2E) + b
+
+
+@triton.jit
+def _admm_fwd(x, w_ptr, lp0, lq0, sv, cv, T: tl.constexpr, QUAD: tl.constexpr,
+              PAPER: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr,
+              BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+    """Base-2 logits Y·log2(e) of the last P-step after T B-ADMM iterations: T - 1 full
+    iterations, then the P-step logits only (the output reads nothing else). State in base 2:
+    log2 S, Z (natural), [B-Q: S], [paper: log2 μ, z1, log2 η, z2]."""
+    m = sv & cv
+    ls = _keep(lp0 + lq0 + tl.zeros([BW, BN, BC], dtype=tl.float32), m, MASKED)
+    z = tl.zeros([BW, BN, BC], dtype=tl.float32)
+    s = _keep(tl.exp2(ls), m, MASKED)                                  # S (B-Q only)
+    lmu = _keep(lp0 + tl.zeros([BW, 1, BC], dtype=tl.float32), cv, MASKED)
+    leta = lq0 + tl.zeros([BW, BN, 1], dtype=tl.float32)
+    z1 = tl.zeros([BW, 1, BC], dtype=tl.float32)
+    z2 = tl.zeros([BW, BN, 1], dtype=tl.float32)
+    for t in range(T - 1):
+        rho, irho, k2, k3, c1, c2 = admm_params(w_ptr, t, T, QUAD, PAPER)
+        irho2 = irho * LOG2E
+        c1l = c1 * LOG2E
+        # P-step: Y = log S + (X - Z)/ρ [- α1 S/ρ];  log P = Y + log μ - LSE_n(Y)
+        y = ls + (x - z) * irho2
+        if QUAD:
+            y = y - c1l * s
+        m1, e1, s1 = _exp2_parts(y, sv, AX_N, MASKED)                 # [BW, 1, BC]
+        r = m1 + _log2(s1, FAST)
+        if PAPER:
+            lmu_t = lmu
+        else:
+            v = k2 * lp0 + (1 - k2) * r
+            lmu_t = v - _lse2(v, cv, AX_C, MASKED, FAST)
+        lp = _keep(y + (lmu_t - r), m, MASKED)                         # log2 P
+        # P = softmax_n(Y) μ = 2^(Y - m1) · 2^(log μ - log2 s1): one exp2 per channel, no rcp
+        p = _keep(e1 * tl.exp2(lmu_t - (r - m1)), m, MASKED)
+        # S-step: log S = Y2 + log η - LSE_d(Y2)
+        if QUAD:
+            y2 = lp + z * irho2 - c1l * p
+        else:
+            y2 = z * c1l + lp * c2
+        m2, e2, s2 = _exp2_parts(y2, cv, AX_C, MASKED)                # [BW, BN, 1]
+        cc = _keep(m2 + _log2(s2, FAST), sv, MASKED)
+        if PAPER:
+            leta_t = leta
+        else:
+            q = k3 * lq0 + (1 - k3) * cc
+            leta_t = q - _lse2(q, sv, AX_N, MASKED, FAST)
+        ls = _keep(y2 + (leta_t - cc), m, MASKED)
+        s_new = _keep(e2 * tl.exp2(leta_t - (cc - m2)), m, MASKED)    # S = softmax_d(Y2) η
+        z = z + rho * (p - s_new)
+        if QUAD:
+            s = s_new
+        if PAPER:
+            t1 = (1 - k2) * (lmu - z1 * irho2) + k2 * lp0
+            lmu = _keep(t1 - _lse2(t1, cv, AX_C, MASKED, FAST), cv, MASKED)
+            t2 = (1 - k3) * (leta - z2 * irho2) + k3 * lq0
+            leta = _keep(t2 - _lse2(t2, sv, AX_N, MASKED, FAST), sv, MASKED)
+            z1 = _keep(z1 + rho * (tl.exp2(lmu) - tl.sum(p, axis=AX_N, keep_dims=True)), cv,
+                       MASKED)
+            z2 = _keep(z2 + rho * (tl.exp2(leta) - tl.sum(s_new, axis=AX_C, keep_dims=True)),
+                       sv, MASKED)
+    rho, irho, k2, k3, c1, c2 = admm_params(w_ptr, T - 1, T, QUAD, PAPER)
+    y = ls + (x - z) * (irho * LOG2E)
+    if QUAD:
+        y = y - (c1 * LOG2E) * s
+    return y
+
+
+@triton.jit(do_not_specialize=["sxh", "sxw"])
+def window_fwd_kernel(
+    x_ptr, y_ptr, w_ptr,
+    C, H, W, Ho, Wo, n_windows, lp0,
+    sxb, sxc, sxh, sxw, syb, syc, syh, syw,
+    T: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+    METHOD: tl.constexpr, PAPER: tl.constexpr, MASKED: tl.constexpr, TAIL: tl.constexpr,
+    FAST: tl.constexpr,
+):
+    """y[b, :, oh, ow] = ROT pooling of window (oh, ow) of image b, all T iterations fused, for
+    a [BW, BN, BC] tile: a window's samples of a channel in one thread (or a few lanes), the
+    channel reductions across lanes. MASKED: some windows lose samples to padding / the border
+    or C < BC; TAIL: the last tile has fewer than BW windows (masks its loads/stores only)."""
+    pid = tl.program_id(0)
+    offs_w, w_ok, ow, oh, bi, hh, ww, inside, sv2, offs_c, c_ok = _window_tile(
+        pid, C, H, W, Ho, Wo, n_windows, KH, KW, SH, SW, PH, PW, BW, BN, BC)
+    sv = sv2[:, :, None]                                               # [BW, BN, 1]
+    cv = c_ok[None, None, :]                                           # [1, BC, 1]
+    ptrs = (x_ptr + bi.to(tl.int64)[:, None, None] * sxb + offs_c[None, None, :] * sxc
+            + hh[:, :, None] * sxh + ww[:, :, None] * sxw)
+    yptrs = (y_ptr + bi.to(tl.int64)[:, None] * syb + offs_c[None, :] * syc
+             + oh[:, None] * syh + ow[:, None] * syw)                  # [BW, BC]
+    if MASKED:
+        x = tl.load(ptrs, mask=inside[:, :, None] & cv, other=0.0).to(tl.float32)
+        count = tl.sum(sv2.to(tl.float32), axis=1)                     # [BW] valid samples
+        lq0 = -tl.log2(count)[:, None, None]                           # [BW, 1, 1] log2 q0
+    elif TAIL:
+        x = tl.load(ptrs, mask=w_ok[:, None, None], other=0.0).to(tl.float32)
+        lq0 = -tl.log2(KH * KW * 1.0)
+    else:
+        x = tl.load(ptrs).to(tl.float32)                               # [BW, BN, BC]
+        lq0 = -tl.log2(KH * KW * 1.0)
+    lp02 = lp0 * LOG2E
+    if METHOD == 0:
+        logits = _sinkhorn_fwd(x, w_ptr, lp02, lq0, sv, cv, T, PAPER, MASKED, FAST, BW, BN, BC)
+    else:
+        logits = _admm_fwd(x, w_ptr, lp02, lq0, sv, cv, T, METHOD == 2, PAPER, MASKED, FAST,
+                           BW, BN, BC)
+    # eq. (5): y_d = Σ_n softmax_n(L)_nd x_nd
+    mo, e, so = _exp2_parts(logits, sv, AX_N, MASKED)
+    y = tl.sum(e * x, axis=AX_N) * _rcp(tl.sum(e, axis=AX_N), FAST)   # [BW, BC]
+    if MASKED:
+        tl.store(yptrs, y.to(y_ptr.dtype.element_ty), mask=w_ok[:, None] & c_ok[None, :])
+    elif TAIL:
+        tl.store(yptrs, y.to(y_ptr.dtype.element_ty), mask=w_ok[:, None])
+    else:
+        tl.store(yptrs, y.to(y_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _acc(acc, offs_p, k, v):
+    """acc[k] += v for a scalar v (acc: the program's [TP] weight-cotangent accumulator)."""
+    return tl.where(offs_p == k, acc + v, acc)
+
+
+@triton.jit
+def _window_bwd_tile(
+    tile, acc, offs_p, x_ptr, gy_ptr, w_ptr, gx_ptr,
+    C, H, W, Ho, Wo, n_windows, lp0,
+    sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw,
+    T: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+    METHOD: tl.constexpr, PAPER: tl.constexpr, OVERLAP: tl.constexpr,
+):
+    """Backward of one tile of BW windows: gx += ∂y/∂x ᵀ gy (atomically into fp32 when windows
+    overlap, else stored in x's dtype); returns acc plus
+    the tile's ∂y/∂w ᵀ gy ((6, T) flattened). Recomputes the forward from x for every t."""
+    offs_w, w_ok, ow, oh, bi, hh, ww, inside, sv2, offs_c, c_ok = _window_tile(
+        tile, C, H, W, Ho, Wo, n_windows, KH, KW, SH, SW, PH, PW, BW, BN, BC)
+    sv = sv2[:, :, None]                                               # [BW, BN, 1]
+    cv = c_ok[None, None, :]                                           # [1, BC, 1]
+    m = sv & cv
+    b64 = bi.to(tl.int64)[:, None, None]
+    lmask = inside[:, :, None] & cv
+    x = tl.load(x_ptr + b64 * sxb + offs_c[None, None, :] * sxc + hh[:, :, None] * sxh
+                + ww[:, :, None] * sxw, mask=lmask, other=0.0).to(tl.float32)
+    gyp = (gy_ptr + bi.to(tl.int64)[:, None] * sgb + offs_c[None, :] * sgc
+           + oh[:, None] * sgh + ow[:, None] * sgw)
+    gy = tl.load(gyp, mask=w_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+    gy = gy[:, None, :]                                                # [BW, 1, BC]
+    count = tl.sum(sv2.to(tl.float32), axis=1)
+    lq0 = tl.where(sv, -tl.log2(count)[:, None, None] * LN2, 0.0)
+
+    if METHOD == 0:
+        # ---- final state (a_T, b_T) and the output's cotangent of b_T
+        a, b, u_prev = _sinkhorn_run(x, w_ptr, T, T, lp0, lq0, sv, cv, PAPER, BW, BN, BC)
+        logits = x * u_prev + b
+        w = _softmax(logits, sv, AX_N)
+        yv = _sum(w * x, AX_N)
+        g_l = tl.where(m, w * (x - yv) * gy, 0.0)                      # [BW, BN, BC]
+        gx = tl.where(m, w * gy, 0.0) + u_prev * g_l
+        g_u_last = _tsum(x * g_l)
+        ga = tl.zeros([BW, 1, BC], dtype=tl.float32)
+        gb = _sum(g_l, AX_C)
+        g_u_carry = g_u_last          # cotangent of 1/ε_t carried into iteration t's record
+        for tt in range(T):
+            t = T - 1 - tt
+            # recompute the state at the start of iteration t
+            a, b, u_prev = _sinkhorn_run(x, w_ptr, t, T, lp0, lq0, sv, cv, PAPER, BW, BN, BC)
+            u, k2, k3 = sinkhorn_params(w_ptr, t, T)
+            gx_t, ga, gb, g_up, g_u, g_k2, g_k3 = _sinkhorn_step_bwd(
+                x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, ga, gb, PAPER)
+            gx += gx_t
+            # 1/ε_t: its use in step t, in step t+1's Y (paper) or the output (carry), and the
+            # paper's initial Y = x/ε_0 (g_up of step 0)
+            ga1, ga2, ga3 = sinkhorn_params_bwd(
+                w_ptr, t, T, g_u + g_u_carry + tl.where(t == 0, g_up, 0.0), g_k2, g_k3)
+            acc = _acc(acc, offs_p, _A1 * T + t, ga1)
+            acc = _acc(acc, offs_p, _A2 * T + t, ga2)
+            acc = _acc(acc, offs_p, _A3 * T + t, ga3)
+            g_u_carry = g_up
+    else:
+        g_ls = tl.zeros([BW, BN, BC], dtype=tl.float32)
+        g_z = tl.zeros([BW, BN, BC], dtype=tl.float32)
+        g_lmu = tl.zeros([BW, 1, BC], dtype=tl.float32)
+        g_leta = tl.zeros([BW, BN, 1], dtype=tl.float32)
+        g_z1 = tl.zeros([BW, 1, BC], dtype=tl.float32)
+        g_z2 = tl.zeros([BW, BN, 1], dtype=tl.float32)
+        gx = tl.zeros([BW, BN, BC], dtype=tl.float32)
+        for tt in range(T):
+            t = T - 1 - tt
+            log_s, z, lmu, leta, z1, z2, _y = _admm_run(x, w_ptr, t, T, lp0, lq0, sv, cv,
+                                                        METHOD == 2, PAPER, BW, BN, BC)
+            rho, irho, k2, k3, c1, c2 = admm_params(w_ptr, t, T, METHOD == 2, PAPER)
+            # the output reads Y of the last P-step only
+            g_y = tl.zeros([BW, BN, BC], dtype=tl.float32)
+            if t == T - 1:  # the output reads Y of the last P-step only (a scalar branch)
+                y_last = _admm_p_logits(x, log_s, z, irho, c1, m, METHOD == 2)
+                w = _softmax(y_last, sv, AX_N)
+                yv = _sum(w * x, AX_N)
+                g_y = tl.where(m, w * (x - yv) * gy, 0.0)
+                gx += tl.where(m, w * gy, 0.0)
+            (gx_t, g_ls, g_z, g_lmu, g_leta, g_z1, g_z2,
+             g_rho, g_irho, g_k2, g_k3, g_c1, g_c2) = _admm_step_bwd(
+                x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp0, lq0, sv, cv,
+                g_ls, g_z, g_lmu, g_leta, g_z1, g_z2, g_y, METHOD == 2, PAPER)
+            gx += gx_t
+            ga1, ga2, ga3, grho = admm_params_bwd(w_ptr, t, T, g_rho, g_irho, g_k2, g_k3, g_c1,
+                                                  g_c2, METHOD == 2, PAPER)
+            acc = _acc(acc, offs_p, _A1 * T + t, ga1)
+            acc = _acc(acc, offs_p, _A2 * T + t, ga2)
+            acc = _acc(acc, offs_p, _A3 * T + t, ga3)
+            acc = _acc(acc, offs_p, _RHO * T + t, grho)
+    gptrs = (gx_ptr + b64 * sdb + offs_c[None, None, :] * sdc + hh[:, :, None] * sdh
+             + ww[:, :, None] * sdw)
+    if OVERLAP:  # fp32 accumulation across windows
+        tl.atomic_add(gptrs, gx, mask=lmask)
+    else:  # each pixel belongs to one window: written once, in x's dtype
+        tl.store(gptrs, gx.to(gx_ptr.dtype.element_ty), mask=lmask)
+    return acc
+
+
+@triton.jit(do_not_specialize=["sxh", "sxw", "sdh", "sdw"])
+def window_bwd_kernel(
+    x_ptr, gy_ptr, w_ptr, gx_ptr, gw_ptr,
+    C, H, W, Ho, Wo, n_windows, n_tiles, lp0,
+    sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw,
+    T: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+    TP: tl.constexpr, METHOD: tl.constexpr, PAPER: tl.constexpr, OVERLAP: tl.constexpr,
+):
+    """Backward of local ROT pooling. A grid of a few programs per SM strides over the tiles of
+    windows, so the per-program weight cotangents gw (grid × TP, TP = next_pow2(6T), the (6, T)
+    table flattened) stay small and their sum on the host is deterministic."""
+    pid = tl.program_id(0)
+    offs_p = tl.arange(0, TP)
+    acc = tl.zeros([TP], dtype=tl.float32)
+    for tile in range(pid, n_tiles, tl.num_programs(0)):
+        acc = _window_bwd_tile(
+            tile, acc, offs_p, x_ptr, gy_ptr, w_ptr, gx_ptr, C, H, W, Ho, Wo, n_windows, lp0,
+            sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw, T, KH, KW, SH, SW, PH,
+            PW, BW, BN, BC, METHOD, PAPER, OVERLAP)
+    tl.store(gw_ptr + pid * TP + offs_p, acc)
+
+

@@ -1,0 +1,158 @@
+"""Host launchers of the window kernels (``kernels.py``): output geometry, tile sizes, grids.
+
+No host synchronisation and no per-weight arithmetic here: the kernels read the (6, T) weight
+table directly. The backward's weight cotangent comes back as per-program partial sums
+(grid × next_pow2(6T)) summed on the device in a fixed order (deterministic).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Tuple
+
+import torch
+from torch import Tensor
+
+from ... import params
+from ..common import interpreter_enabled, launcher, next_pow2, sm_count
+from .kernels import window_bwd_kernel, window_fwd_kernel
+from ...window_geometry import pool_output_size  # one formula for every path
+
+METHOD_IDS = {"sinkhorn": 0, "badmm-e": 1, "badmm-q": 2}
+# Tiles [BW, BN, BC]: BW windows per program so that a tile holds at least *_TILE elements, and
+# as many warps as give each thread *_PER_THREAD elements (1 to MAX_WARPS). Register use
+# (sm_90 AOT, tests/ops/rot/test_window.py) bounds both; not yet tuned on a GPU.
+FWD_TILE = 1024
+FWD_PER_THREAD = 32
+BWD_TILE = 512
+BWD_PER_THREAD = 8
+MAX_WARPS = 16
+# programs per SM of the backward's persistent grid
+BWD_PROGRAMS_PER_SM = 8
+
+
+class Geometry(NamedTuple):
+    """Sizes of one window pooling problem (all host ints, from shapes only)."""
+    B: int
+    C: int
+    H: int
+    W: int
+    Ho: int
+    Wo: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+
+    @property
+    def n_windows(self) -> int:
+        return self.B * self.Ho * self.Wo
+
+    @property
+    def overlap(self) -> bool:
+        """Windows share pixels: the backward accumulates dx with atomics."""
+        return self.sh < self.kh or self.sw < self.kw
+
+    @property
+    def tiles_image(self) -> bool:
+        """Every pixel lies in exactly one window (stride = kernel, no padding, no remainder)."""
+        return (self.sh == self.kh and self.sw == self.kw and self.ph == 0 and self.pw == 0
+                and self.Ho * self.kh == self.H and self.Wo * self.kw == self.W)
+
+    def constexprs(self) -> dict:
+        return dict(KH=self.kh, KW=self.kw, SH=self.sh, SW=self.sw, PH=self.ph, PW=self.pw)
+
+
+def geometry(x_shape, kernel_size, stride, padding, ceil_mode: bool) -> Geometry:
+    B, C, H, W = x_shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    return Geometry(B, C, H, W, pool_output_size(H, kh, sh, ph, ceil_mode),
+                    pool_output_size(W, kw, sw, pw, ceil_mode), kh, kw, sh, sw, ph, pw)
+
+
+def block_sizes(N: int, C: int, budget: int) -> Tuple[int, int, int]:
+    """(BW, BN, BC): windows per program, next_pow2 of the samples and of the channels."""
+    BN, BC = next_pow2(N), next_pow2(C)
+    return max(1, min(64, budget // (BN * BC))), BN, BC
+
+
+def num_warps_for(tile_elems: int, per_thread: int) -> int:
+    """Warps that give each thread ``per_thread`` elements of the tile (a power of 2)."""
+    return max(1, min(MAX_WARPS, tile_elems // (32 * per_thread)))
+
+
+def max_registers(num_warps: int) -> int:
+    """The register cap passed to ptxas (``maxnreg``): all that one CTA may use (65,536 per SM,
+    at most 255 per thread). Without it ptxas picks fewer registers for some backward kernels
+    and spills (sm_90 AOT: B-Q exact at W3 168 registers + 32 B of spills; 192 and none
+    with the cap)."""
+    return min(255, 65536 // (32 * num_warps)) // 8 * 8
+
+
+def fwd_config(g: Geometry) -> dict:
+    """Block sizes and the mask flags of the forward kernel: MASKED when some window loses
+    samples (padding, border, ceil_mode, k² not a power of 2) or C < next_pow2(C); TAIL when
+    the last tile is partial (then only its loads and stores are masked)."""
+    BW, BN, BC = block_sizes(g.kh * g.kw, g.C, FWD_TILE)
+    full = (g.ph == 0 and g.pw == 0 and g.kh * g.kw == BN and (g.Ho - 1) * g.sh + g.kh <= g.H
+            and (g.Wo - 1) * g.sw + g.kw <= g.W)
+    warps = num_warps_for(BW * BN * BC, FWD_PER_THREAD)
+    return dict(BW=BW, BN=BN, BC=BC, MASKED=not full or g.C != BC,
+                TAIL=g.n_windows % BW != 0, FAST=not interpreter_enabled(), num_warps=warps,
+                maxnreg=max_registers(warps))
+
+
+def bwd_config(g: Geometry) -> dict:
+    BW, BN, BC = block_sizes(g.kh * g.kw, g.C, BWD_TILE)
+    warps = num_warps_for(BW * BN * BC, BWD_PER_THREAD)
+    return dict(BW=BW, BN=BN, BC=BC, num_warps=warps, maxnreg=max_registers(warps))
+
+
+def is_channels_last(x: Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def empty_like_layout(x: Tensor, shape, dtype) -> Tensor:
+    """A new tensor in x's memory format (channels_last stays channels_last)."""
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, device=x.device, memory_format=fmt)
+
+
+def window_forward(x: Tensor, w: Tensor, g: Geometry, method: str, variant: str,
+                   wrap=None) -> Tensor:
+    """y (B, C, Ho, Wo) in x's dtype and memory format."""
+    y = empty_like_layout(x, (g.B, g.C, g.Ho, g.Wo), x.dtype)
+    if g.n_windows == 0 or g.C == 0:
+        return y
+    cfg = fwd_config(g)
+    grid = (-(-g.n_windows // cfg["BW"]),)
+    launcher(window_fwd_kernel, wrap)[grid](
+        x, y, w, g.C, g.H, g.W, g.Ho, g.Wo, g.n_windows, -math.log(g.C),
+        *x.stride(), *y.stride(), T=w.shape[1], METHOD=METHOD_IDS[method],
+        PAPER=variant == "paper", **cfg, **g.constexprs())
+    return y
+
+
+def window_backward(x: Tensor, w: Tensor, gy: Tensor, g: Geometry, method: str, variant: str,
+                    wrap=None) -> Tuple[Tensor, Tensor]:
+    """(dx in x's dtype and memory format, dw (6, T) float32)."""
+    T = w.shape[1]
+    # overlapping windows accumulate dx atomically in fp32; otherwise every pixel is written
+    # once (by its window, in x's dtype) or belongs to no window (then zeros are needed)
+    gx = empty_like_layout(x, x.shape, torch.float32 if g.overlap else x.dtype)
+    if g.overlap or not g.tiles_image:
+        gx.zero_()
+    cfg = bwd_config(g)
+    TP = next_pow2(T * params.NUM_WEIGHTS)
+    n_tiles = max(1, -(-g.n_windows // cfg["BW"]))
+    n_prog = max(1, min(n_tiles, BWD_PROGRAMS_PER_SM * sm_count(x.device)))
+    gw = torch.zeros(n_prog, TP, dtype=torch.float32, device=x.device)
+    if g.n_windows > 0 and g.C > 0:
+        launcher(window_bwd_kernel, wrap)[(n_prog,)](
+            x, gy, w, gx, gw, g.C, g.H, g.W, g.Ho, g.Wo, g.n_windows, n_tiles,
+            -math.log(g.C), *x.stride(), *gy.stride(), *gx.stride(), T=T, TP=TP,
+            METHOD=METHOD_IDS[method], PAPER=variant == "paper", OVERLAP=g.overlap, **cfg,
+            **g.constexprs())
+    gw = gw.sum(0)[:T * params.NUM_WEIGHTS].view(params.NUM_WEIGHTS, T)
+    return gx.to(x.dtype), gw

@@ -1,0 +1,296 @@
+"""Window kernels (``rotp_triton.ops.rot.triton.window``) == the window oracle, forward and
+gradients (x and the (6, T) weight table), and their sm_90 compilation.
+
+Oracle: reference/ ROT pooling of every window as its own set in float64 (``test_image``'s
+``reference_pool``; branch layout moves it to reference/window.py). Kernels run in fp32 under
+TRITON_INTERPRET=1 on CPU (or on CUDA with ROTP_TEST_DEVICE=cuda, plus fp16/bf16); tolerance:
+relative error 1e-4 (fp32).
+"""
+import pytest
+import torch
+
+from kernel_utils import DEVICE, KERNEL_DTYPES, ON_CUDA, RTOL, rel_err, run_without_interpreter
+from reference.window import pool_windows as reference_pool
+from reference.window import window_positions
+from test_image import make_input, random_weights
+from rotp_triton.ops.rot.params import A0, A1, A2, A3, RHO, TAU
+from rotp_triton.ops.rot.triton.window import window_pool
+
+METHODS = ("sinkhorn", "badmm-e", "badmm-q")
+VARIANTS = ("exact", "paper")
+WEIGHT_ROWS = {"a1": A1, "a2": A2, "a3": A3, "rho": RHO}
+
+CASES = {  # name: (B, C, H, W, k, s, p, ceil_mode, layout)
+    "2x2-oddC": (2, 3, 5, 7, (2, 2), (2, 2), (0, 0), False, "nchw"),
+    # full windows and C = next_pow2(C): the unmasked kernel; 32 windows = whole tiles / a tail
+    "2x2-even": (1, 8, 8, 16, (2, 2), (2, 2), (0, 0), False, "nchw"),
+    "2x2-even-tail-cl": (2, 4, 4, 6, (2, 2), (2, 2), (0, 0), False, "channels_last"),
+    "2x2-cl": (2, 5, 4, 6, (2, 2), (2, 2), (0, 0), False, "channels_last"),
+    "3x3-pad-ceil-overlap-cl": (1, 5, 5, 6, (3, 3), (2, 2), (1, 1), True, "channels_last"),
+    "3x3-stride1-nchw": (1, 3, 4, 5, (3, 3), (1, 1), (0, 0), False, "nchw"),
+    "2x3-noncontig": (2, 6, 4, 5, (2, 3), (1, 2), (1, 1), True, "noncontig"),
+    # next_pow2(k²) · next_pow2(C) = 4 · 2048 > 4096: the tile size nn/image.py's "auto" used to
+    # send to the torch path
+    "2x2-wideC": (1, 1100, 2, 4, (2, 2), (2, 2), (0, 0), False, "channels_last"),
+}
+
+
+def weight_table(w64, T):
+    """The (6, T) table in float64: a0 = 0, τ = 1 (unused by α0 = 0 windows)."""
+    return torch.stack([torch.zeros(T, dtype=torch.float64), w64["a1"], w64["a2"], w64["a3"],
+                        w64["rho"], torch.ones(T, dtype=torch.float64)])
+
+
+def check_window(method, variant, case, dtype=torch.float32, T=3, inf_a2=False, atol=0.0):
+    """Forward and gradients vs the oracle: relative error ≤ RTOL[dtype] (2× for gradients in
+    fp16/bf16); ``atol`` (absolute, weight gradients only) for sums of thousands of cancelling
+    fp32 terms."""
+    B, C, H, W, k, s, p, cm, layout = CASES[case]
+    x = make_input(B, C, H, W, layout, dtype, seed=len(case)).requires_grad_()
+    w64 = random_weights(T, torch.float64, seed=3, inf_a2=inf_a2)
+    learn = [n for n in w64 if not (inf_a2 and n == "a2")]
+    wt = weight_table(w64, T).float().to(DEVICE).requires_grad_()
+    y = window_pool(x, wt, kernel_size=k, stride=s, padding=p, ceil_mode=cm, method=method,
+                    variant=variant)
+    Ho, Wo, wins = window_positions(H, W, k, s, p, cm)
+    assert y.shape == (B, C, Ho, Wo) and y.dtype == dtype
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    x64 = x.detach().double().cpu().requires_grad_()
+    wr = {n: v.clone().requires_grad_(n in learn) for n, v in w64.items()}
+    yr = reference_pool(x64, wins, (Ho, Wo), method=method, variant=variant, num_iters=T, **wr)
+    tol = RTOL[dtype]
+    assert rel_err(y, yr) <= tol
+    g = torch.randn(yr.shape, dtype=torch.float64)
+    gx, gw = torch.autograd.grad((y * g.to(DEVICE, dtype)).sum(), [x, wt])
+    gr = torch.autograd.grad((yr * g).sum(), [x64] + [wr[n] for n in learn], allow_unused=True,
+                             materialize_grads=True)
+    assert gw.shape == (6, T)
+    assert gw[A0].abs().max() == 0 and gw[TAU].abs().max() == 0
+    for name, a, b in zip(["x"] + learn, [gx] + [gw[WEIGHT_ROWS[n]] for n in learn], gr):
+        assert a.shape == b.shape
+        if b.abs().max() <= 1e-12:  # α2, α3 of the paper B-ADMM (defect 2): no effect
+            assert a.abs().max() <= 1e-6, name
+        else:
+            rt = tol if dtype == torch.float32 else 2 * tol
+            a64 = a.detach().double().cpu()
+            assert (a64 - b).norm() <= rt * b.norm() + (atol if name != "x" else 0.0), name
+    if inf_a2:
+        assert torch.isfinite(gw).all()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", ["2x2-oddC", "2x2-even"])
+def test_every_method_and_variant(method, variant, case):
+    check_window(method, variant, case)
+
+
+@pytest.mark.parametrize("case", ["2x2-even", "2x2-even-tail-cl", "2x2-cl",
+                                  "3x3-pad-ceil-overlap-cl", "3x3-stride1-nchw", "2x3-noncontig"])
+@pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("sinkhorn", "paper"),
+                                            ("badmm-q", "paper"), ("sinkhorn", "exact")],
+                         ids=["be-exact", "s-paper", "bq-paper", "s-exact"])
+def test_layouts_padding_ceil_stride(case, method, variant):
+    check_window(method, variant, case)
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "badmm-e"])
+def test_wide_channels(method):
+    """A window tile beyond 4,096 elements runs on the kernel (no torch fallback needed)."""
+    # dα2 sums 2 windows × 1100 channels of cancelling terms: fp32 rounding ≈ 1e-6 absolute
+    check_window(method, "exact", "2x2-wideC", T=2, atol=1e-6)
+
+
+def test_hard_marginal_and_single_iteration():
+    check_window("sinkhorn", "exact", "2x2-oddC", inf_a2=True)
+    check_window("badmm-e", "exact", "2x2-oddC", inf_a2=True, T=2)
+    check_window("badmm-q", "exact", "2x2-oddC", T=1)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="fp16/bf16 kernels run on CUDA only")
+@pytest.mark.parametrize("dtype", [d for d in KERNEL_DTYPES if d != torch.float32],
+                         ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", ["3x3-pad-ceil-overlap-cl", "2x2-oddC"])
+def test_low_precision(dtype, case):
+    check_window("badmm-e", "exact", case, dtype=dtype)
+
+
+def test_random_configs():
+    """Random window geometries (k, stride > k, padding, ceil_mode, C = 1, H = 1, T = 1...),
+    layouts, methods and variants: kernel (fp32) vs the float64 torch path (== reference, see
+    test_image). Criterion ‖a − b‖ ≤ 1e-4 ‖b‖ + 1e-6: gradients that are exactly 0 in exact
+    arithmetic (α2 of the paper variants, α1 of B-Q at T = 1) come out at float32 rounding."""
+    import random
+
+    from rotp_triton.nn.image import pool_output_size, rot_pool2d_torch
+    rng = random.Random(1)
+    done = 0
+    while done < 8:
+        k = (rng.randint(1, 3), rng.randint(1, 3))
+        s = (rng.randint(1, 3), rng.randint(1, 3))
+        p = (rng.randint(0, k[0] // 2), rng.randint(0, k[1] // 2))
+        cm = rng.random() < 0.5
+        B, C = rng.randint(1, 2), rng.choice([1, 2, 3, 5])
+        H, W = rng.randint(1, 5), rng.randint(1, 5)
+        if min(pool_output_size(H, k[0], s[0], p[0], cm),
+               pool_output_size(W, k[1], s[1], p[1], cm)) < 1:
+            continue
+        done += 1
+        method, variant = rng.choice(METHODS), rng.choice(VARIANTS)
+        T = rng.randint(1, 3)
+        x = make_input(B, C, H, W, rng.choice(["nchw", "channels_last"]), torch.float32,
+                       seed=done).requires_grad_()
+        w = {n: (torch.rand(T, generator=torch.Generator().manual_seed(done)) + 0.3)
+             for n in ("a1", "a2", "a3", "rho")}
+        wt64 = {n: v.double().requires_grad_() for n, v in w.items()}
+        table = weight_table({n: v.double() for n, v in w.items()}, T).float().to(DEVICE)
+        table.requires_grad_()
+        y = window_pool(x, table, kernel_size=k, stride=s, padding=p, ceil_mode=cm,
+                        method=method, variant=variant)
+        x64 = x.detach().double().cpu().requires_grad_()
+        yr = rot_pool2d_torch(x64, k, s, p, cm, method=method, variant=variant, num_iters=T,
+                              inner_iters=1,
+                              weights=dict(a0=torch.zeros(T, dtype=torch.float64),
+                                           tau=torch.ones(T, dtype=torch.float64), **wt64))
+        what = f"k={k} s={s} p={p} ceil={cm} {(B, C, H, W)} {method} {variant} T={T}"
+        assert rel_err(y, yr) <= 1e-4, what
+        g = torch.randn(yr.shape, dtype=torch.float64)
+        gx, gw = torch.autograd.grad((y * g.to(DEVICE, torch.float32)).sum(), [x, table])
+        gr = torch.autograd.grad((yr * g).sum(), [x64] + list(wt64.values()), allow_unused=True,
+                                 materialize_grads=True)
+        got = [gx] + [gw[WEIGHT_ROWS[n]] for n in wt64]
+        for name, a, b in zip(["x"] + list(wt64), got, gr):
+            a, b = a.double().cpu(), b.double()
+            assert (a - b).norm() <= 1e-4 * b.norm() + 1e-6, f"{name}: {what}"
+
+
+def test_saves_only_input_and_weight_table():
+    """The autograd graph holds x and the (6, T) weight table, nothing per iteration: memory
+    does not grow with T (the backward recomputes)."""
+    x = make_input(1, 3, 4, 4, "nchw", torch.float32, seed=1).requires_grad_()
+    for T in (1, 3):
+        w = torch.ones(6, T, device=DEVICE, requires_grad=True)
+        y = window_pool(x, w, kernel_size=(2, 2), stride=(2, 2), padding=(0, 0),
+                        ceil_mode=False, method="badmm-e", variant="exact")
+        saved = y.grad_fn.saved_tensors
+        assert len(saved) == 2 and saved[0].data_ptr() == x.data_ptr()
+        assert saved[1].shape == (6, T)
+
+
+def test_compile_fullgraph():
+    """torch.compile(fullgraph=True) traces window_pool as one node (custom op, fake kernel);
+    under the interpreter the graph runs on the "eager" backend (wrap_triton hands back the
+    interpreted kernel, which cannot run inside AOT autograd)."""
+    from rotp_triton.ops.rot.triton import window as win
+    if win.op.window_fwd_op is None:
+        pytest.skip("torch without triton_op")
+    x = make_input(1, 3, 4, 6, "channels_last", torch.float32, seed=2)
+    w = weight_table(random_weights(2, torch.float64), 2).float().to(DEVICE)
+
+    def f(x, w):
+        return window_pool(x, w, kernel_size=(2, 2), stride=(2, 2), padding=(0, 0),
+                           ceil_mode=False, method="sinkhorn", variant="exact")
+
+    ref = f(x, w)
+    out = torch.compile(f, fullgraph=True, backend="inductor" if ON_CUDA else "eager")(x, w)
+    assert out.shape == ref.shape and rel_err(out, ref) <= 1e-6
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="peak memory is measured on CUDA")
+def test_peak_memory_independent_of_T():
+    x = torch.randn(8, 64, 56, 56, device="cuda", requires_grad=True)
+    peaks = []
+    for T in (2, 16):
+        w = torch.ones(6, T, device="cuda", requires_grad=True)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        y = window_pool(x, w, kernel_size=(2, 2), stride=(2, 2), padding=(0, 0),
+                        ceil_mode=False, method="badmm-e", variant="exact")
+        torch.autograd.grad(y.sum(), [x, w])
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+    # x.grad (fp32) + y + per-program partials: equal for T = 2 and 16 up to the partials
+    assert abs(peaks[1] - peaks[0]) <= 2 * 2**20, peaks
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="peak memory is measured on CUDA")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_peak_memory_within_one_and_a_half_inputs(layout):
+    """Issue 12 (W3 at batch 8): forward + backward allocate at most 1.5× the input above what
+    exists before the call: y (0.25×), dx (1×, written in place) and small partial sums."""
+    x = make_input(8, 256, 56, 56, layout, torch.float32, seed=0).requires_grad_()
+    w = torch.ones(6, 4, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    y = window_pool(x, w, kernel_size=(2, 2), stride=(2, 2), padding=(0, 0), ceil_mode=False,
+                    method="badmm-e", variant="exact")
+    torch.autograd.grad(y.sum(), [x, w])
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak <= 1.5 * x.numel() * x.element_size(), peak
+
+
+# --------------------------------------------------------------------------------------------
+# AOT compile for sm_90 with the launcher's constexprs: what the interpreter accepts and the
+# GPU compiler rejects, and register spills (ptxas -v: 0 bytes spill stores and loads)
+# --------------------------------------------------------------------------------------------
+AOT_CODE = r"""
+from aot import compile_sm90, ptxas_usage
+from rotp_triton.ops.rot.triton.window import kernels as K, launch as L
+
+FWD = ["x_ptr", "y_ptr", "w_ptr", "C", "H", "W", "Ho", "Wo", "n_windows", "lp0",
+       "sxb", "sxc", "sxh", "sxw", "syb", "syc", "syh", "syw"]
+BWD = ["x_ptr", "gy_ptr", "w_ptr", "gx_ptr", "gw_ptr", "C", "H", "W", "Ho", "Wo",
+       "n_windows", "n_tiles", "lp0", "sxb", "sxc", "sxh", "sxw", "sgb", "sgc", "sgh", "sgw",
+       "sdb", "sdc", "sdh", "sdw"]
+for C, k, s, method, paper, kind, dt in CASES:
+    g = L.geometry((64, C, 56, 56), (k, k), (s, s), (0, 0), False)
+    if kind == "fwd":
+        names, kern, cfg = FWD, K.window_fwd_kernel, L.fwd_config(g)
+        cfg["FAST"] = True
+    else:
+        names, kern, cfg = BWD, K.window_bwd_kernel, L.bwd_config(g)
+        cfg.update(OVERLAP=g.overlap, TP=32)
+    warps, maxnreg = cfg.pop("num_warps"), cfg.pop("maxnreg")
+    ce = dict(T=4, METHOD=method, PAPER=paper, **cfg, **g.constexprs())
+    # x, y, gy in the input dtype; the weight table and gx (accumulated) in fp32
+    low = ("x_ptr", "y_ptr", "gy_ptr")
+    sig = {n: (f"*{dt}" if n in low else "*fp32" if n.endswith("_ptr") else
+               "fp32" if n == "lp0" else "i32") for n in names}
+    sig.update({n: "constexpr" for n in ce})
+    c = compile_sm90(kern, sig, ce, num_warps=warps, maxnreg=maxnreg)
+    assert "cubin" in c.asm
+    u = ptxas_usage(c)
+    usage = f"REG:{u['registers']} SPILL:{u['spill_bytes']}"
+    flags = "".join(f for f in ("MASKED", "TAIL") if cfg.get(f))
+    print(f"RESULT C={C} k={k} s={s} method={method} paper={paper} {kind} {dt} "
+          f"tile={cfg['BW']}x{cfg['BN']}x{cfg['BC']} warps={warps} {flags} {usage}", flush=True)
+"""
+
+# (C, k, stride, method id, paper, fwd/bwd, dtype): every method × variant × direction at W3
+# (C = 256, 2×2, T = 4, full windows: the unmasked forward), plus masked / overlapping / 3×3,
+# fp16/bf16, and the tiles beyond 4,096 elements (C = 1100: forward 8,192 elements)
+AOT_CASES = ([(256, 2, 2, m, pa, kind, "fp32") for m in range(3) for pa in (False, True)
+              for kind in ("fwd", "bwd")]
+             + [(100, 2, 2, 1, False, "fwd", "fp32"), (64, 3, 3, 1, False, "fwd", "fp32"),
+                (64, 3, 2, 0, True, "bwd", "fp32"), (256, 2, 2, 1, False, "fwd", "bf16"),
+                (64, 2, 1, 2, False, "bwd", "fp16"), (1100, 2, 2, 0, False, "fwd", "fp32"),
+                (1100, 2, 2, 1, False, "fwd", "fp32"), (512, 2, 2, 1, False, "bwd", "fp32")])
+# Known limit: a backward tile beyond 8 warps × 32 × BWD_PER_THREAD = 2,048 elements (2×2
+# windows with C > 512) needs 16 warps, whose 128-register cap makes the B-ADMM backward spill
+# (0.2 KB at C = 1024, 1.6 KB at C = 1100); it compiles and is correct (test_wide_channels),
+# only slower. Printed, not asserted.
+AOT_SPILLING = [(1024, 2, 2, 1, False, "bwd", "fp32"), (1100, 2, 2, 1, False, "bwd", "fp32")]
+
+
+def test_aot_compile_sm90_without_spills():
+    code = f"CASES = {AOT_CASES + AOT_SPILLING!r}\n" + AOT_CODE
+    out = run_without_interpreter(code, timeout=900)
+    lines = [l for l in out.splitlines() if l.startswith("RESULT")]
+    print("\n".join(lines))
+    assert len(lines) == len(AOT_CASES) + len(AOT_SPILLING)
+    for line in lines[:len(AOT_CASES)]:  # no register spills
+        assert line.endswith(" SPILL:0"), line
