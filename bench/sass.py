@@ -25,7 +25,7 @@ HOPPER_SMS = 132
 # opcode families counted in the instruction mix (base opcode = text before the first '.')
 FP32_OPS = {"FFMA", "FADD", "FMUL", "FMNMX", "FSETP", "FSEL", "FSET", "FCHK", "FRND", "FSWZADD",
             "FMNMX3", "FADD2", "FFMA2", "FMUL2"}
-CATEGORIES = ("total", "MUFU", "EX2LG2", "FP32", "SHFL", "BAR", "LDG", "STG", "LDS", "STS", "LDL", "STL",
+CATEGORIES = ("total", "MUFU", "EX2LG2", "LDG_WORDS", "FP32", "SHFL", "BAR", "LDG", "STG", "LDS", "STS", "LDL", "STL",
               "ATOM", "BRA")
 
 
@@ -132,19 +132,23 @@ def mix(instrs) -> dict:
             c["FP32"] += 1
         elif b in ("SHFL", "BAR", "LDG", "STG", "LDS", "STS", "LDL", "STL", "BRA"):
             c[b] += 1
+            if b == "LDG":  # 32-bit words per thread: LDG.E.128 loads 4, .64 2, plain 1
+                m = re.search(r"\.(64|128)\b", i.opcode)
+                c["LDG_WORDS"] += int(m.group(1)) // 32 if m else 1
         elif b in ("ATOM", "ATOMG", "RED", "REDG", "ATOMS"):
             c["ATOM"] += 1
     return {k: c.get(k, 0) for k in CATEGORIES}
 
 
 def loops(instrs, labels) -> list[tuple[int, int]]:
-    """(start, end) address ranges of backward branches: target <= branch address."""
+    """(start, end) address ranges of backward branches: target < branch address."""
     out = []
     for i in instrs:
         if i.base != "BRA":
             continue
         m = _TARGET.search(i.operands)
-        if m and m.group(1) in labels and labels[m.group(1)] <= i.addr:
+        # target < branch: a loop (target == branch is the `BRA self` that ends every kernel)
+        if m and m.group(1) in labels and labels[m.group(1)] < i.addr:
             out.append((labels[m.group(1)], i.addr))
     return sorted(set(out))
 
