@@ -299,7 +299,7 @@ def main(argv=None) -> int:
         do_bench = common.wall_clock_bench
         # the interpreter runs the kernels on CPU tensors only with backend="triton"
         from rotp_triton.nn import image
-        image._use_window_kernel = lambda x, backend, w: backend != "torch"
+        image._use_window_kernel = lambda x, backend, w, *_: backend != "torch"
     else:
         from triton.testing import do_bench
     dev_name, sms, clk, sfu_rate, bw = common.machine(do_bench, DEVICE,
