@@ -95,14 +95,66 @@ def describe_launch(fn, args, kwargs, grid) -> Launch:
     backend = sm90_backend()
     kwargs = dict(kwargs)
     kwargs.setdefault("debug", getattr(fn, "debug", None) or False)
-    bound, specialization, options = _binder(fn)(*args, **kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization,
-                                                          options)
+    try:  # triton's own binder and packer (triton >= 3.4: what a real launch computes)
+        bound, specialization, options = _binder(fn)(*args, **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
+                                                              specialization, options)
+    except (ImportError, AttributeError, TypeError):  # older triton: the same rules by hand
+        bound, signature, constexprs, attrs, options = _describe_by_hand(fn, args, kwargs,
+                                                                         backend)
     g = grid(bound) if callable(grid) else grid
     g = tuple(int(v) for v in g) + (1,) * (3 - len(g))
     return Launch(fn=fn, name=fn.fn.__name__, grid=g, signature=signature,
                   constexprs=constexprs, attrs=attrs, options=options,
                   args={k: _describe(v) for k, v in bound.items()})
+
+
+_TORCH_TO_TRITON = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64",
+                    "int64": "i64", "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8",
+                    "bool": "i1"}
+
+
+def _describe_by_hand(fn, args, kwargs, backend):
+    """Fallback of ``describe_launch`` for a triton without ``create_function_from_signature``:
+    triton's specialisation rules (pointer % 16, int % 16 -> divisibility 16, int == 1 ->
+    constexpr, floats and bools never specialised), applied to the bound arguments."""
+    sig = inspect.signature(fn.fn)
+    names = set(sig.parameters)
+    opts = {k: v for k, v in kwargs.items() if k not in names}
+    ba = sig.bind(*args, **{k: v for k, v in kwargs.items() if k in names})
+    ba.apply_defaults()
+    bound = dict(ba.arguments)
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (name, kp) in enumerate(zip(sig.parameters, fn.params)):
+        v = bound[name]
+        if kp.is_constexpr:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = v
+            attrs[(i,)] = []
+        elif isinstance(v, torch.Tensor):
+            signature[name] = "*" + _TORCH_TO_TRITON[str(v.dtype).replace("torch.", "")]
+            aligned = v.data_ptr() % 16 == 0 and not kp.do_not_specialize_on_alignment
+            attrs[(i,)] = [["tt.divisibility", 16]] if aligned else []
+        elif isinstance(v, bool):
+            signature[name] = "i1"
+        elif isinstance(v, int):
+            if v == 1 and not kp.do_not_specialize:
+                signature[name] = "constexpr"
+                constexprs[(i,)] = 1
+                attrs[(i,)] = []
+                continue
+            signature[name] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
+            div = v % 16 == 0 and not kp.do_not_specialize
+            attrs[(i,)] = [["tt.divisibility", 16]] if div else []
+        elif isinstance(v, float):
+            signature[name] = "fp32"
+        elif v is None:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = None
+        else:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = v
+    return bound, signature, constexprs, attrs, backend.parse_options(opts)
 
 
 @contextlib.contextmanager
