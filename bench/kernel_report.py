@@ -18,7 +18,9 @@ once; α0 > 0 for B-E W1 T = 4), forward and forward+backward, through the PUBLI
    SETS (same per-set shape: 1 set for W1/W2, the first 3 sets for W5, one 8×8 image for W3),
    scaled by the element ratio; run at T = 1, 2, 3 and extrapolated to T by the quadratic
    through them (exact for work polynomial of degree ≤ 2 in T: forward O(T), a backward that
-   recomputes O(T²)). ``--quick`` also runs T = 4 directly and prints the fit's error.
+   recomputes O(T²)). ``--quick`` also runs T = 4 directly and prints the fit's error. These
+   counts are cached in ~/.cache/rotp_triton_bench/<hash of rotp_triton's sources>/ (the
+   interpreter dominates the report's time); ROTP_BENCH_NO_CACHE=1 turns the cache off.
 4. Dynamic instructions: the interpreter's exp2+log2 count × the hot loop's instructions per
    MUFU.EX2/LG2 (the hot loop: the innermost SASS loop with the most MUFU). Per
    element-iteration = that / (elements × T). Kernels whose loops have no EX2/LG2 get none
@@ -217,6 +219,41 @@ def torch_ops(c: dict) -> dict:
     return dict(fwd=r1.rows, bwd=r2.rows)
 
 
+def _source_hash() -> str:
+    """Hash of the package's sources, the work counter and the versions: the interpreter's counts
+    depend on nothing else (set ROTP_BENCH_NO_CACHE=1 after changing the workloads here)."""
+    import hashlib
+    h = hashlib.sha1()
+    for base in (os.path.join(ROOT, "rotp_triton"),):
+        for dirpath, _, files in sorted(os.walk(base)):
+            for f in sorted(files):
+                if f.endswith(".py"):
+                    with open(os.path.join(dirpath, f), "rb") as fh:
+                        h.update(f.encode() + fh.read())
+    for f in ("interp_counter.py",):
+        with open(os.path.join(ROOT, "bench", f), "rb") as fh:
+            h.update(fh.read())
+    import triton
+    h.update(triton.__version__.encode() + torch.__version__.encode())
+    return h.hexdigest()[:16]
+
+
+_SRC_HASH = None
+
+
+def _work_cache_path(fit_key, check_t4: bool) -> str | None:
+    """Where the interpreter's counts of one (workload, method, variant, α0) are cached (the
+    interpreter dominates the report's time), or None with ROTP_BENCH_NO_CACHE=1."""
+    global _SRC_HASH
+    if os.environ.get("ROTP_BENCH_NO_CACHE"):
+        return None
+    if _SRC_HASH is None:
+        _SRC_HASH = _source_hash()
+    name = "_".join(str(k) for k in fit_key) + ("_t4" if check_t4 else "")
+    return os.path.join(os.path.expanduser("~/.cache/rotp_triton_bench"), _SRC_HASH,
+                        f"work_{name}.json")
+
+
 def worker(spec_path: str, out_path: str, check_t4: bool) -> int:
     torch.set_num_threads(1)
     spec = json.load(open(spec_path))
@@ -227,9 +264,16 @@ def worker(spec_path: str, out_path: str, check_t4: bool) -> int:
         fit_key = (c["workload"], c["method"], c["variant"], c["a0"])
         t0 = time.time()
         if fit_key not in done_fits:
-            fits = {T: kernel_work(c, T) for T in FIT_TS}
-            if check_t4:
-                fits[4] = kernel_work(c, 4)
+            path = _work_cache_path(fit_key, check_t4)
+            if path and os.path.exists(path):
+                fits = {int(k): v for k, v in json.load(open(path)).items()}
+            else:
+                fits = {T: kernel_work(c, T) for T in FIT_TS}
+                if check_t4:
+                    fits[4] = kernel_work(c, 4)
+                if path:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    json.dump(fits, open(path, "w"))
             done_fits[fit_key] = fits
         res[cid] = dict(fits={str(k): v for k, v in done_fits[fit_key].items()},
                         torch=torch_ops(c))
