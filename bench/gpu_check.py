@@ -426,7 +426,6 @@ def _measure_rows(env, out, end, section, wl, T, method, impl, fn, params, x0, d
 def _tiny_compile_seconds(env, kind, method, T, a0, end) -> float | None:
     """Seconds to compile (and run once) the torch path on a tiny shape of the same kind, or
     None if it does not finish in a third of what is left."""
-    import rotp_triton as rt  # noqa: F401
     tiny = dict(set=(torch.randn(2, 6, 4), None), ragged=(torch.randn(7, 4),
                                                           torch.tensor([0, 3, 7])),
                 global_=(torch.randn(2, 4, 3, 3), None), window=(torch.randn(1, 4, 4, 4), None))

@@ -119,11 +119,6 @@ def workload_input(wl: str, reduced: bool):
     raise ValueError(wl)
 
 
-def elements(wl: str, x) -> int:
-    """Σ over sets (windows) of N·D: the element count the SoL and per-element-iteration use."""
-    return x.numel()
-
-
 def output_elements(wl: str, x, ptr) -> int:
     if wl == "W1":
         return x.shape[0] * x.shape[2]
@@ -178,9 +173,6 @@ def kernel_work(c: dict, T: int) -> dict:
     with count_kernel_work() as wb:
         _grad(y, leaves)
     return dict(fwd=_by_name(wf), bwd=_by_name(wb))
-
-
-VIEW_OPS = None
 
 
 def torch_ops(c: dict) -> dict:
@@ -541,7 +533,7 @@ def _x(v) -> str:
 
 def markdown(meta, rows) -> str:
     m = meta["model"]
-    L = [f"# Kernel report - PREDICTIONS for one H100 (computed on a CPU, nothing measured)", "",
+    L = ["# Kernel report - PREDICTIONS for one H100 (computed on a CPU, nothing measured)", "",
          f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['git']}, {meta['date']}"
          f"{' (--quick)' if meta['quick'] else ''}; {meta['seconds']} s to produce.", "",
          "How each number is made: `bench/kernel_report.py` docstring and `bench/README.md`. "
@@ -559,8 +551,6 @@ def markdown(meta, rows) -> str:
          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for pass_, s in r["summary"].items():
-            T = r["T"]
-            minper = s["min_exp2"] / (s["problem_bytes"] and 1) / 1
             el_it = s["mufu_per_element_iteration"]
             min_el_it = s["min_exp2"] / (s["mufu"] / el_it) if s["mufu"] and el_it else None
             L.append(
@@ -571,7 +561,6 @@ def markdown(meta, rows) -> str:
                 f"{_x(s['speedup_vs_eager'])} | {_x(s['speedup_vs_compile'])} | "
                 f"{_x(s['hbm_bytes'] / s['problem_bytes'])} | {el_it:.2f} "
                 f"({'n/a' if min_el_it is None else f'{min_el_it:.2f}'}) |")
-            del minper, T
     L += ["", "× eager / × compile: predicted eager (torch.compile) time ÷ predicted Triton time "
           "(> 1: the Triton path is faster). ÷ SoL includes the front end; kernel ÷ SoL does "
           "not. MUFU / el-it: dynamic exp2+log2 per element-iteration (N·D·T), with the "
