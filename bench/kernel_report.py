@@ -543,7 +543,11 @@ def markdown(meta, rows) -> str:
          f"{m['sync_s'] * 1e6:.0f} µs/sync. HBM bytes and MUFU counts come from the interpreter "
          "on fewer sets (same per-set shape) scaled by the element ratio, at T = 1, 2, 3 "
          "extrapolated to T; bytes are global loads + stores (L2 hits not modelled: an upper "
-         "bound on HBM traffic).", "",
+         "bound on HBM traffic: W1 (10 MB) and a W5 set fit in the 50 MB L2, so their "
+         "'memory' bounds are pessimistic). Not modelled: load imbalance across programs (W5's "
+         "largest set), overlap of the host front end with kernels (added serially), "
+         "occupancy beyond programs ÷ 132. The torch.compile column is a crude fusion model.",
+         "",
          "## Summary (every time a PREDICTION)", "",
          "| case | pass | launches | host ops / syncs | kernel µs | front end µs | predicted µs "
          "| SoL µs (bound) | ÷ SoL | kernel ÷ SoL | × eager | × compile | HBM bytes ÷ problem "
