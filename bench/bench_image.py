@@ -15,15 +15,12 @@ Workloads (fp32 unless said otherwise; layer defaults: B-E exact, T = 4, a1 = ρ
           nn.AvgPool2d(2), nn.MaxPool2d(2)
         median time (triton.testing.do_bench, return_mode="median"), peak memory above the
         pre-call allocation (torch.cuda.max_memory_allocated), and for triton the speed of light
-        SoL = max(bytes / copy bandwidth, transcendentals / SFU rate) and the ratio to it:
-          bytes: x read + y written (forward); + x read, gy read, gx written (backward);
-          transcendentals (lower bound of the algorithm, as bench_triton_set.py counts it):
-          forward (2T + 1)·N·C per window (two LogSumExp passes per iteration + the pooling
-          softmax), backward another (4T + 1)·N·C. The kernels as written do more: B-E forward
-          ≈ (4.5T + 1)·N·C (exp of P and S, the per-channel logs) and the recomputing backward
-          ≈ O(T²/2) further iterations - see the report in the results file.
-        Copy bandwidth is measured in the same run (1 GiB device-to-device copy); the SFU rate is
-        assumed, 16 exp2 / SM / clock × SMs × max SM clock.
+        SoL = max(bytes / copy bandwidth, transcendentals / SFU rate) and the ratio to it
+        (bench/sol.py, PERF.md): bytes x read + y written (forward); + gy read, gx written
+        (backward); transcendentals the algorithm's minimum, (2T + 1)·N·C per window forward and
+        as much again backward. Copy bandwidth is measured in the same run (1 GiB
+        device-to-device copy); the SFU rate is assumed, 16 exp2 / SM / clock × SMs × the
+        sustained clock (1.75 GHz, not the maximum).
     W2  AdaptiveROTPool2d(2048) on a ResNet-50 head (256, 2048, 7, 7) (rot_pool on the strided
         view, i.e. the set kernels of rotp_triton.ops.rot.triton_set when present), NCHW and
         channels_last, against nn.AdaptiveAvgPool2d(1); forward and forward+backward.
@@ -46,6 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench import common  # noqa: E402
+from bench import sol as sol_mod  # noqa: E402
 
 DEVICE = "cuda"
 
@@ -122,15 +120,15 @@ def bench_w3(do_bench, bw, sfu_rate, args):
                     if err is None and (best is None or ms < best[0]):
                         best = (ms, peak, ft, bt)
                 tw.FWD_TILE, tw.BWD_TILE = saved
-                by = in_bytes + in_bytes // 4 + (in_bytes + in_bytes // 4 + in_bytes if bwd
-                                                  else 0)
-                ex = (2 * T + 1) * nc + ((4 * T + 1) * nc if bwd else 0)
-                sol = max(by / bw, ex / sfu_rate) * 1e3
+                by = sol_mod.problem_bytes(n_el, 4, n_el // 4, 4, backward=bwd)
+                ex = sol_mod.min_transcendentals(nc, T, backward=bwd)
+                sol, sol_bound = sol_mod.sol_seconds(by, ex, bandwidth=bw, sfu=sfu_rate)
+                sol *= 1e3
                 row = dict(workload=wl, impl="triton", pass_=pass_,
                            ms=best[0] if best else float("nan"),
                            peak_bytes=best[1] if best else float("nan"), input_bytes=in_bytes,
                            tiles=f"fwd {best[2]} bwd {best[3]}" if best else None,
-                           sol_ms=sol, sol_bound="SFU" if ex / sfu_rate > by / bw else "memory",
+                           sol_ms=sol, sol_bound=sol_bound,
                            error=None if best else "every tile failed")
                 if best:
                     row["ratio_to_sol"] = best[0] / sol
@@ -253,7 +251,8 @@ def _markdown(meta, rows) -> str:
     lines = [f"# Image pooling benchmark ({meta['device']}, {meta['date']})", "",
              f"torch {meta['torch']}, triton {meta['triton']}; {meta['sms']} SMs, max SM clock "
              f"{meta['sm_clock_hz'] / 1e9:.2f} GHz; SFU rate assumed "
-             f"{common.SFU_PER_SM_PER_CLK}/SM/clk = {meta['sfu_rate_per_s'] / 1e12:.2f} T/s; "
+             f"{common.SFU_PER_SM_PER_CLK}/SM/clk at the sustained clock = "
+             f"{meta['sfu_rate_per_s'] / 1e12:.2f} T/s; "
              f"measured copy bandwidth "
              f"{meta['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s. Medians of "
              f"triton.testing.do_bench. Command: `python bench/bench_image.py "
@@ -300,7 +299,7 @@ def main(argv=None) -> int:
         do_bench = common.wall_clock_bench
         # the interpreter runs the kernels on CPU tensors only with backend="triton"
         from rotp_triton.nn import image
-        image._use_window_kernel = lambda x, backend, w: backend != "torch"
+        image._use_window_kernel = lambda x, backend, w, *_: backend != "torch"
     else:
         from triton.testing import do_bench
     dev_name, sms, clk, sfu_rate, bw = common.machine(do_bench, DEVICE,

@@ -13,19 +13,11 @@ weights a1, a2, a3), and the peak memory above what was allocated before the cal
 (torch.cuda.max_memory_allocated), for: triton (rot_pool backend="triton"), eager torch
 (backend="torch"), torch.compile of the torch path, and mean pooling.
 
-Speed of light of the Triton Sinkhorn kernel: max(bytes / bandwidth, transcendentals / SFU rate).
-bytes: x read once + y written (forward); + x read again and dx written (backward).
-transcendentals: the exp2 count of the algorithm as implemented: forward (2T + 1)·N·D (two
-softmaxes per iteration + the pooling), backward (4T + 1)·N·D (two softmax-matrix products per
-reverse iteration, the pooling adjoint, and the final dx pass recomputing 2T softmaxes + the
-pooling); per-vector logs are negligible. (The kernels read x once per iteration when a set's
-rows fit in one tile - dense W1, W2 - and twice otherwise - W5; the SoL counts x once.)
-Speed of light of the Triton B-E / B-Q kernels (when rotp_triton.ops.rot.triton_badmm exists):
-the same max(bytes / bandwidth, exp2 / SFU rate) with the bytes and exp2 of
-triton_badmm.badmm_cost_model (the kernels as implemented: x and the fp32 (N, D) state log S, Z
-streamed every iteration; the backward with its recomputation). The bandwidth is measured in
-the same run (a device-to-device copy of 1 GiB: 2 GiB moved); the SFU rate is assumed:
-16 exp2/SM/clock × SMs × max SM clock.
+Speed of light (bench/sol.py, PERF.md): max(problem bytes / measured copy bandwidth, the
+algorithm's minimal exp2 count / SFU rate) for every method: bytes = x read once + y written
+(forward), + dy read and dx written (backward); exp2 = (2T + 1)·N·D forward, as much again
+backward; SFU rate 16 exp2/SM/clock × SMs × the sustained clock (1.75 GHz, not the maximum).
+The bandwidth is measured in the same run (a device-to-device copy of 1 GiB: 2 GiB moved).
 Results go to bench/results/triton_set_<device>_<date>.{md,json}.
 """
 from __future__ import annotations
@@ -41,7 +33,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench import common  # noqa: E402
+from bench import common, sol  # noqa: E402
 
 DEVICE = "cuda"
 
@@ -119,17 +111,14 @@ def main(argv=None) -> int:
         return 0
     import rotp_triton as rt
 
-    try:
-        from rotp_triton.ops.rot import triton_badmm
-        badmm_kernels = True
-    except ImportError:
-        triton_badmm, badmm_kernels = None, False
+    badmm_kernels = True  # reported as before; rot_pool raises if a kernel is missing
 
     if args.smoke_cpu:
         do_bench = common.wall_clock_bench  # noqa: F811
     dev_name, sms, clk, sfu_rate, bw = common.machine(do_bench, DEVICE)
     print(f"device {dev_name}: {sms} SMs, max SM clock {clk / 1e9:.2f} GHz, assumed SFU rate "
-          f"{common.SFU_PER_SM_PER_CLK}/SM/clk = {sfu_rate / 1e12:.2f} T/s; measured copy "
+          f"{common.SFU_PER_SM_PER_CLK}/SM/clk at the sustained clock = {sfu_rate / 1e12:.2f} T/s; "
+          f"measured copy "
           f"bandwidth {bw / 1e12:.2f} TB/s")
     print(f"torch {torch.__version__}, triton {triton.__version__}; B-ADMM Triton kernels: "
           f"{'yes' if badmm_kernels else 'no (rot_pool falls back to the torch path)'}")
@@ -140,7 +129,6 @@ def main(argv=None) -> int:
     for wname in args.workloads:
         wl = work[wname]
         x0, ptr = wl["x"], wl["ptr"]
-        N_D = x0.numel() // 1  # total N·D over the batch
         in_bytes = x0.numel() * x0.element_size()
         # mean pooling, once per workload
         xm = x0.detach().requires_grad_()
@@ -176,23 +164,15 @@ def main(argv=None) -> int:
                         row = dict(workload=wname, T=T, method=method, impl=impl,
                                    pass_="fwd+bwd" if bwd else "fwd", ms=ms, peak_bytes=peak,
                                    input_bytes=in_bytes, error=err)
-                        if impl == "triton" and method == "sinkhorn":
-                            nd = N_D
-                            ex = (2 * T + 1) * nd + ((4 * T + 1) * nd if bwd else 0)
-                            by = in_bytes + x0.shape[-1] * 4 + (2 * in_bytes if bwd else 0)
-                            sol = max(by / bw, ex / sfu_rate) * 1e3
-                            row.update(sol_ms=sol, sol_bound="SFU" if ex / sfu_rate > by / bw
-                                       else "memory", ratio_to_sol=ms / sol)
-                        if impl == "triton" and method != "sinkhorn" and badmm_kernels:
-                            # B-E and B-Q stream full (N, D) states: their own cost model
-                            c = triton_badmm.badmm_cost_model(x0.numel(), T,
-                                                              x_bytes=x0.element_size(),
-                                                              backward=bwd)
-                            sol = max(c["bytes"] / bw, c["exp2"] / sfu_rate) * 1e3
-                            row.update(sol_ms=sol, sol_bound="SFU" if c["exp2"] / sfu_rate >
-                                       c["bytes"] / bw else "memory", ratio_to_sol=ms / sol)
-                        if impl == "triton" and method != "sinkhorn" and not badmm_kernels:
-                            row["impl"] = "triton (fell back to torch)"
+                        if impl == "triton" and err is None:
+                            ye = x0.shape[0] * x0.shape[-1] if ptr is None else \
+                                (ptr.numel() - 1) * x0.shape[-1]
+                            by = sol.problem_bytes(x0.numel(), x0.element_size(), ye,
+                                                   x0.element_size(), backward=bwd)
+                            ex = sol.min_transcendentals(x0.numel(), T, backward=bwd)
+                            s_, bound = sol.sol_seconds(by, ex, bandwidth=bw, sfu=sfu_rate)
+                            row.update(sol_ms=s_ * 1e3, sol_bound=bound,
+                                       ratio_to_sol=ms / (s_ * 1e3))
                         rows.append(row)
                         print(_fmt_row(row), flush=True)
 
@@ -248,9 +228,8 @@ def _markdown(meta, rows) -> str:
     for k, v in meta["workloads"].items():
         lines.append(f"- {k}: {v}")
     lines += ["", "Median times (do_bench), peak memory above the pre-call allocation "
-              "(ratio to the input size). SoL = speed of light of the Triton kernel (Sinkhorn: "
-              "x read once, minimal exp2 count; B-E/B-Q: triton_badmm.badmm_cost_model, its "
-              "traffic and exp2 as implemented).",
+              "(ratio to the input size). SoL = speed of light (bench/sol.py: problem bytes, the "
+              "algorithm's minimal exp2 count, sustained clock).",
               "",
               "| workload | T | method | impl | pass | ms | peak MiB | peak/input | vs eager | "
               "vs compile | SoL ms | bound | x SoL |",

@@ -21,8 +21,10 @@ import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
+from bench import sol  # noqa: E402  (the SoL formula and rates every script shares)
+
 # exp2 per SM per clock assumed for the speed of light (the SFU throughput of sm_80/sm_90)
-SFU_PER_SM_PER_CLK = 16
+SFU_PER_SM_PER_CLK = sol.SFU_PER_SM_PER_CLK
 
 
 def no_gpu(script: str, hint: str = "") -> bool:
@@ -87,8 +89,8 @@ def copy_bandwidth(do_bench, device: str, cpu_elements: int = 1 << 20) -> float:
 class Machine(NamedTuple):
     device: str                       # name
     sms: int
-    sm_clock_hz: float                # max SM clock
-    sfu_rate_per_s: float             # assumed: SFU_PER_SM_PER_CLK x SMs x max SM clock
+    sm_clock_hz: float                # max SM clock (reported; the SFU rate uses the sustained)
+    sfu_rate_per_s: float             # assumed: 16 x SMs x sustained clock (1.75 GHz, or max if lower)
     copy_bandwidth_bytes_per_s: float  # measured
 
 
@@ -101,7 +103,7 @@ def machine(do_bench, device: str, cpu_copy_elements: int = 1 << 20) -> Machine:
         clk = sm_clock_hz()
     else:
         name, sms, clk = "cpu-smoke", 1, 1e9
-    return Machine(name, sms, clk, SFU_PER_SM_PER_CLK * sms * clk,
+    return Machine(name, sms, clk, sol.sfu_rate(sms, min(clk, sol.SUSTAINED_SM_CLOCK_HZ)),
                    copy_bandwidth(do_bench, device, cpu_copy_elements))
 
 

@@ -1,0 +1,642 @@
+"""The one GPU command (issue 10; PERF.md "Measuring on the GPU"): ≤ 8 minutes on one H100,
+compilation included, every section under its own deadline.
+
+    python bench/gpu_check.py [--out DIR] [--budget-scale 1.0]
+    python bench/gpu_check.py --smoke-cpu [--out DIR]   # tiny shapes, CPU, interpreter, < 3 min
+
+Sections, in order of value (a section that runs out of time is reported as such, with what it
+finished):
+1. smoke: every kernel family through the public API, forward and gradients (x and weights) vs
+   backend="torch", fp32 and bf16: rot_pool dense / ragged ptr / unsorted index for S, B-E,
+   B-Q, B-E paper, α0 > 0; ROTPool2d 2×2 NCHW and channels_last; AdaptiveROTPool2d.
+2. W2, W1, W3, W5 at T = 4: median time (triton.testing.do_bench) and peak memory above the
+   pre-call level (torch.cuda.max_memory_allocated) of forward and forward+backward for triton,
+   the eager torch path, torch.compile of the torch path (only when a compile on a tiny shape
+   shows it fits in what is left of the section) and mean/avg pooling; the ratio to the SoL
+   (bench/sol.py, with the copy bandwidth measured in this run).
+3. the same at T = 16.  4. α0 > 0 (B-E, W1, T = 4).  5. W4: a ResNet-50 training step (batch
+   64, 224²) with the head pool replaced vs average pooling (needs torchvision; skipped if absent).
+Writes bench/results/gpu_<device>_<date>.{md,json} after every section (device, torch/triton
+versions, clocks, date). Only the public API is used (rot_pool, the modules).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+SMOKE = "--smoke-cpu" in sys.argv
+if SMOKE:  # before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from bench import sol  # noqa: E402
+
+T0 = time.time()
+# inductor on a GPU; under --smoke-cpu aot_eager (dynamo + autograd tracing, no C++ build), so
+# the smoke run checks the script's compile path in seconds
+COMPILE_BACKEND = "aot_eager" if SMOKE else "inductor"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:6.1f} s] {msg}", flush=True)
+
+
+class SectionTimeout(Exception):
+    pass
+
+
+def is_timeout(e: BaseException) -> bool:
+    """SectionTimeout, also when a library wrapped it (inductor, the interpreter)."""
+    return isinstance(e, SectionTimeout) or "SectionTimeout" in repr(e)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Raise SectionTimeout in the main thread after ``seconds`` (SIGALRM; a compile or a
+    measurement in progress is abandoned at its next Python bytecode)."""
+    if seconds <= 0:
+        raise SectionTimeout()
+
+    def handler(signum, frame):
+        raise SectionTimeout()
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# --------------------------------------------------------------------------------------------
+# device helpers
+# --------------------------------------------------------------------------------------------
+class Env:
+    def __init__(self, smoke: bool):
+        self.smoke = smoke
+        self.device = "cpu" if smoke else "cuda"
+        if smoke:
+            self.do_bench = self._wall_bench
+        else:
+            from triton.testing import do_bench
+            self.do_bench = lambda fn: do_bench(fn, warmup=5, rep=30, return_mode="median")
+
+    @staticmethod
+    def _wall_bench(fn):
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+
+    def sync(self):
+        if not self.smoke:
+            torch.cuda.synchronize()
+
+    def measure(self, run) -> tuple[float, float]:
+        """(median ms, peak bytes above the pre-call level) of run(), after a warm-up call."""
+        run()
+        peak = 0.0
+        if not self.smoke:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            run()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+        return self.do_bench(run), peak
+
+    def copy_bandwidth(self) -> float:
+        n = (1 << 28) if not self.smoke else (1 << 16)
+        a = torch.empty(n, device=self.device)
+        b = torch.empty_like(a)
+        ms = self.do_bench(lambda: b.copy_(a))
+        return 2 * n * 4 / (ms * 1e-3)
+
+
+def machine_info(env: Env) -> dict:
+    import triton
+    info = dict(torch=torch.__version__, triton=triton.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                smoke=env.smoke)
+    if env.smoke:
+        info.update(device="cpu-smoke (interpreter)", sms=1)
+        return info
+    p = torch.cuda.get_device_properties(0)
+    info.update(device=torch.cuda.get_device_name(0), sms=p.multi_processor_count,
+                memory_gib=round(p.total_memory / 2 ** 30, 1))
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm,clocks.mem,"
+                              "power.limit,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+        info["nvidia_smi"] = out
+    except Exception as e:  # pragma: no cover
+        info["nvidia_smi"] = f"unavailable ({e})"
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# shapes
+# --------------------------------------------------------------------------------------------
+def workload(name: str, env: Env, dtype=torch.float32):
+    """(x, ptr or None, kind, description) on env.device; tiny under --smoke-cpu."""
+    g = torch.Generator().manual_seed(0)
+    s = env.smoke
+    if name == "W1":
+        shape = (2, 7, 5) if s else (50, 500, 100)
+        return torch.randn(*shape, generator=g), None, "set", f"{shape} dense"
+    if name == "W2":
+        shape = (2, 6, 3, 3) if s else (256, 2048, 7, 7)
+        return torch.randn(*shape, generator=g), None, "global", f"{shape} AdaptiveROTPool2d(1)"
+    if name == "W3":
+        shape = (1, 4, 4, 4) if s else (64, 256, 56, 56)
+        return torch.randn(*shape, generator=g), None, "window", f"{shape} ROTPool2d(C, 2)"
+    if name == "W5":
+        B = 3 if s else 128
+        sizes = torch.randint(2, 6, (B,), generator=g) if s else \
+            torch.randint(20, 501, (B,), generator=g)
+        ptr = torch.zeros(B + 1, dtype=torch.int64)
+        ptr[1:] = torch.cumsum(sizes, 0)
+        D = 4 if s else 128
+        return torch.randn(int(ptr[-1]), D, generator=g), ptr, "ragged", \
+            f"ragged {B} sets, {int(ptr[-1])} rows x {D}"
+    raise ValueError(name)
+
+
+def pool_fn(kind: str, x, ptr, method: str, T: int, backend: str, env: Env, a0: float = 0.0,
+            variant: str = "exact"):
+    """(fn(x) -> y, parameters) through the public API."""
+    import rotp_triton as rt
+    kw = dict(method=method, variant=variant, num_iters=T, backend=backend)
+    if kind == "global":
+        m = rt.AdaptiveROTPool2d(x.shape[1], **kw).to(env.device)
+        return m, list(m.parameters())
+    if kind == "window":
+        m = rt.ROTPool2d(x.shape[1], 2, **kw).to(env.device)
+        return m, list(m.parameters())
+    w = {k: torch.full((T,), 1.0, device=env.device, requires_grad=True)
+         for k in ("a1", "a2", "a3")}
+    extra = dict(a0=a0) if a0 else {}
+    return (lambda xx: rt.rot_pool(xx, ptr=ptr, **kw, **w, **extra)), list(w.values())
+
+
+def mean_fn(kind: str, ptr):
+    if kind == "global":
+        return lambda x: torch.nn.functional.adaptive_avg_pool2d(x, 1)
+    if kind == "window":
+        return lambda x: torch.nn.functional.avg_pool2d(x, 2)
+    if kind == "set":
+        return lambda x: x.mean(1)
+    lengths = ptr[1:] - ptr[:-1]
+    index = torch.repeat_interleave(torch.arange(lengths.numel(), device=ptr.device), lengths)
+
+    def seg_mean(x):
+        s = torch.zeros(lengths.numel(), x.shape[1], device=x.device, dtype=x.dtype)
+        return s.index_add(0, index, x) / lengths.clamp_min(1)[:, None].to(x.dtype)
+    return seg_mean
+
+
+def sizes_for_sol(kind: str, x, ptr) -> tuple[int, int]:
+    """(x elements, y elements)."""
+    if kind == "global":
+        return x.numel(), x.shape[0] * x.shape[1]
+    if kind == "window":
+        return x.numel(), x.numel() // 4
+    if kind == "set":
+        return x.numel(), x.shape[0] * x.shape[2]
+    return x.numel(), (ptr.numel() - 1) * x.shape[1]
+
+
+# --------------------------------------------------------------------------------------------
+# section 1: correctness smoke
+# --------------------------------------------------------------------------------------------
+def rel(a, b) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return float("nan")
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def smoke_cases(env: Env):
+    g = torch.Generator().manual_seed(1)
+    dense = torch.randn(3, 37, 20, generator=g) if not env.smoke else torch.randn(2, 5, 4,
+                                                                                 generator=g)
+    ptr = torch.tensor([0, 5, 5, 17, 40]) if not env.smoke else torch.tensor([0, 2, 2, 6])
+    rag = torch.randn(int(ptr[-1]), 20 if not env.smoke else 4, generator=g)
+    lengths = ptr[1:] - ptr[:-1]
+    index = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    index = index[torch.randperm(index.numel(), generator=g)]
+    img = torch.randn(2, 16 if not env.smoke else 4, 6, 6, generator=g)
+    out = []
+    for m in ("sinkhorn", "badmm-e", "badmm-q"):
+        out += [(f"rot_pool dense {m}", "set", dense, None, None, m, "exact", 0.0),
+                (f"rot_pool ptr {m}", "ragged", rag, ptr, None, m, "exact", 0.0),
+                (f"rot_pool index {m}", "index", rag, None, index, m, "exact", 0.0),
+                (f"ROTPool2d {m}", "window", img, None, None, m, "exact", 0.0),
+                (f"ROTPool2d channels_last {m}", "window_cl", img, None, None, m, "exact", 0.0),
+                (f"AdaptiveROTPool2d {m}", "global", img, None, None, m, "exact", 0.0)]
+    out += [("rot_pool dense badmm-e paper", "set", dense, None, None, "badmm-e", "paper", 0.0),
+            ("rot_pool dense sinkhorn paper", "set", dense, None, None, "sinkhorn", "paper",
+             0.0),
+            ("rot_pool dense badmm-e a0=0.1", "set", dense, None, None, "badmm-e", "exact", 0.1),
+            ("rot_pool dense sinkhorn a0=0.1", "set", dense, None, None, "sinkhorn", "exact",
+             0.1)]
+    # every family once first (in case the deadline cuts the section), then the variations
+    first = ("rot_pool dense sinkhorn", "rot_pool dense badmm-e", "rot_pool dense badmm-q",
+             "ROTPool2d badmm-e", "rot_pool dense badmm-e a0=0.1", "rot_pool ptr sinkhorn",
+             "rot_pool index badmm-e", "ROTPool2d channels_last sinkhorn",
+             "AdaptiveROTPool2d badmm-e", "rot_pool dense badmm-e paper")
+    return sorted(out, key=lambda c: first.index(c[0]) if c[0] in first else len(first))
+
+
+def run_smoke_case(env, case, dtype):
+    import rotp_triton as rt
+    name, kind, x0, ptr, index, method, variant, a0 = case
+    T = 3
+    x0 = x0.to(env.device, dtype)
+    if kind == "window_cl":
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    ptr = ptr.to(env.device) if ptr is not None else None
+    index = index.to(env.device) if index is not None else None
+    res = {}
+    for backend in ("triton", "torch"):
+        torch.manual_seed(0)
+        x = x0.clone().requires_grad_() if kind != "window_cl" else \
+            x0.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+        if kind in ("window", "window_cl", "global"):
+            cls = rt.ROTPool2d if kind != "global" else rt.AdaptiveROTPool2d
+            args = (x.shape[1], 2) if kind != "global" else (x.shape[1],)
+            m = cls(*args, method=method, variant=variant, num_iters=T,
+                    backend=backend).to(env.device)
+            params = list(m.parameters())
+            y = m(x)
+        else:
+            w = {k: torch.full((T,), v, device=env.device, requires_grad=True)
+                 for k, v in (("a1", 0.7), ("a2", 1.3), ("a3", 0.9))}
+            params = list(w.values())
+            extra = dict(a0=a0) if a0 else {}
+            y = rt.rot_pool(x, index=index, ptr=ptr, dim_size=None if index is None else
+                            int(index.max()) + 1, method=method, variant=variant, num_iters=T,
+                            backend=backend, **w, **extra)
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(y)
+        grads = torch.autograd.grad(y, [x] + params, gy, allow_unused=True)
+        res[backend] = (y, grads)
+    (yt, gt), (yr, gr) = res["triton"], res["torch"]
+    errs = dict(y=rel(yt.float(), yr.float()), dx=rel(gt[0].float(), gr[0].float()))
+    gw = [rel(a, b) for a, b in zip(gt[1:], gr[1:]) if a is not None and b is not None]
+    errs["dw"] = max(gw) if gw else float("nan")
+    # the weights' gradients sum over every element (and pass softplus in the modules): they
+    # lose more digits to cancellation than y and dx
+    tol = dict(y=2e-3, dx=2e-3, dw=1e-2) if dtype == torch.float32 else \
+        dict(y=6e-2, dx=6e-2, dw=2e-1)
+    ok = all(v == v and v <= tol[k] for k, v in errs.items())
+    return dict(errs, tol=tol["y"], tol_dw=tol["dw"], ok=ok,
+                layout_ok=(kind != "window_cl" or yt.is_contiguous(
+                    memory_format=torch.channels_last)))
+
+
+def section_smoke(env, out, budget):
+    dtypes = [torch.float32] + ([] if env.smoke else [torch.bfloat16])
+    cases = smoke_cases(env)
+    if env.smoke:  # the interpreter is slow: one case per family and layout
+        keep = ("rot_pool dense sinkhorn", "rot_pool ptr badmm-e", "rot_pool index badmm-q",
+                "ROTPool2d channels_last badmm-e", "AdaptiveROTPool2d sinkhorn",
+                "rot_pool dense badmm-e paper", "rot_pool dense badmm-e a0=0.1")
+        cases = [c for c in cases if c[0] in keep]
+    with deadline(budget):
+        for case in cases:
+            for dt in dtypes:
+                row = dict(section="smoke", case=case[0], dtype=str(dt).replace("torch.", ""))
+                try:
+                    row.update(run_smoke_case(env, case, dt))
+                except Exception as e:
+                    if is_timeout(e):
+                        raise SectionTimeout() from e
+                    row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:200]}")
+                out.append(row)
+                log(f"smoke {row['case']} {row['dtype']}: "
+                    + ("OK" if row.get("ok") else "FAIL")
+                    + (f" y {row['y']:.1e} dx {row['dx']:.1e} dw {row['dw']:.1e}"
+                       if "y" in row else f" {row.get('error')}"))
+
+
+# --------------------------------------------------------------------------------------------
+# sections 2-4: timings
+# --------------------------------------------------------------------------------------------
+def _time_impl(env, fn, x0, params, backward: bool):
+    x = x0.detach().clone().requires_grad_(backward)
+    leaves = [x] + [p for p in params if p.requires_grad]
+
+    def run():
+        y = fn(x)
+        if backward:
+            torch.autograd.grad(y.float().sum(), leaves, allow_unused=True)
+        return y
+    return env.measure(run)
+
+
+def section_timings(env, out, budget, T: int, workloads, methods, bw: float,
+                    a0: float = 0.0, section: str = ""):
+    """Phase A: per workload mean pooling, then triton and eager for every method. Phase B
+    (what time is left): torch.compile, where a tiny-shape compile shows it fits."""
+    end = time.time() + budget
+    data = {}
+    for wl in workloads:
+        x0, ptr, kind, desc = workload(wl, env)
+        x0 = x0.to(env.device)
+        ptr = ptr.to(env.device) if ptr is not None else None
+        data[wl] = (x0, ptr, kind, desc)
+        _measure_rows(env, out, end, section, wl, "-", "mean", "mean", mean_fn(kind, ptr), [],
+                      x0, desc, None)
+        for method in methods:
+            for impl in ("triton", "eager"):
+                fn, params = pool_fn(kind, x0, ptr, method, T,
+                                     "triton" if impl == "triton" else "torch", env, a0=a0)
+                _measure_rows(env, out, end, section, wl, T, method, impl, fn, params, x0, desc,
+                              (kind, ptr, a0) if impl == "triton" else None, bw)
+    compile_cost: dict = {}
+    for wl in workloads:
+        x0, ptr, kind, desc = data[wl]
+        for method in methods:
+            key = (kind, method)
+            if time.time() > end:
+                out.append(dict(section=section, workload=wl, T=T, method=method,
+                                impl="compile", status="out of time"))
+                continue
+            if key not in compile_cost:  # compile time on a tiny shape first
+                compile_cost[key] = _tiny_compile_seconds(env, kind, method, T, a0, end)
+            est = compile_cost[key]
+            if est is None or 3 * est > end - time.time():
+                out.append(dict(section=section, workload=wl, T=T, method=method,
+                                impl="compile", status="skipped: tiny-shape compile "
+                                f"{'did not finish' if est is None else f'took {est:.0f} s'}"
+                                f", {max(0, end - time.time()):.0f} s left"))
+                log(f"{section} {wl} {method} compile: {out[-1]['status']}")
+                continue
+            fn, params = pool_fn(kind, x0, ptr, method, T, "torch", env, a0=a0)
+            torch._dynamo.reset()
+            _measure_rows(env, out, end, section, wl, T, method, "compile",
+                          torch.compile(fn, backend=COMPILE_BACKEND), params, x0, desc, None)
+    _ratios(out)
+
+
+def _measure_rows(env, out, end, section, wl, T, method, impl, fn, params, x0, desc, sol_of,
+                  bw=None):
+    """Forward and forward+backward rows of one implementation (status "out of time" once the
+    section's deadline has passed)."""
+    for bwd in (False, True):
+        row = dict(section=section, workload=wl, T=T, method=method, impl=impl,
+                   pass_="fwd+bwd" if bwd else "fwd", input_bytes=x0.numel() * x0.element_size(),
+                   desc=desc)
+        if time.time() > end:
+            row["status"] = "out of time"
+            out.append(row)
+            continue
+        try:
+            with deadline(end - time.time()):
+                row["ms"], row["peak_bytes"] = _time_impl(env, fn, x0, params, bwd)
+        except Exception as e:
+            row["status"] = "out of time" if is_timeout(e) else \
+                f"error {type(e).__name__}: {str(e)[:200]}"
+            if not env.smoke:
+                torch.cuda.empty_cache()
+        if sol_of is not None and "ms" in row:
+            kind, ptr, a0 = sol_of
+            xe, ye = sizes_for_sol(kind, x0, ptr)
+            pb = sol.problem_bytes(xe, x0.element_size(), ye, x0.element_size(), backward=bwd)
+            ex = sol.min_transcendentals(xe, T, backward=bwd, structure=bool(a0))
+            s, bound = sol.sol_seconds(pb, ex, bandwidth=bw)
+            row.update(sol_ms=s * 1e3, sol_bound=bound, ratio_to_sol=row["ms"] / (s * 1e3))
+        out.append(row)
+        log(_fmt(row))
+
+
+def _tiny_compile_seconds(env, kind, method, T, a0, end) -> float | None:
+    """Seconds to compile (and run once) the torch path on a tiny shape of the same kind, or
+    None if it does not finish in a third of what is left."""
+    tiny = dict(set=(torch.randn(2, 6, 4), None), ragged=(torch.randn(7, 4),
+                                                          torch.tensor([0, 3, 7])),
+                global_=(torch.randn(2, 4, 3, 3), None), window=(torch.randn(1, 4, 4, 4), None))
+    x, ptr = tiny["global_" if kind == "global" else kind]
+    x = x.to(env.device)
+    ptr = ptr.to(env.device) if ptr is not None else None
+    fn, params = pool_fn(kind, x, ptr, method, T, "torch", env, a0=a0)
+    torch._dynamo.reset()
+    t = time.time()
+    allowed = (end - time.time()) / 3
+    try:
+        with deadline(allowed):
+            c = torch.compile(fn, backend=COMPILE_BACKEND)
+            xx = x.clone().requires_grad_()
+            torch.autograd.grad(c(xx).sum(), [xx], allow_unused=True)
+        took = time.time() - t
+        return took if took <= allowed else None  # a swallowed alarm
+    except Exception as e:
+        if not is_timeout(e):
+            log(f"tiny compile failed: {type(e).__name__}: {str(e)[:200]}")
+        return None
+    finally:
+        torch._dynamo.reset()
+
+
+def _ratios(rows):
+    by = {(r.get("section"), r.get("workload"), r.get("T"), r.get("method"), r.get("impl"),
+           r.get("pass_")): r for r in rows if "ms" in r}
+    for r in rows:
+        if r.get("impl") == "triton" and "ms" in r:
+            for other in ("eager", "compile"):
+                o = by.get((r["section"], r["workload"], r["T"], r["method"], other, r["pass_"]))
+                if o:
+                    r[f"speedup_vs_{other}"] = o["ms"] / r["ms"]
+
+
+def _fmt(r) -> str:
+    s = f"{r['section']} {r['workload']} T={r['T']} {r['method']} {r['impl']} {r.get('pass_')}"
+    if "ms" in r:
+        s += f": {r['ms']:.3f} ms, peak {r.get('peak_bytes', 0) / 2 ** 20:.1f} MiB"
+        if "ratio_to_sol" in r:
+            s += f", {r['ratio_to_sol']:.1f}x SoL ({r['sol_bound']})"
+    if r.get("status"):
+        s += f" [{r['status']}]"
+    return s
+
+
+# --------------------------------------------------------------------------------------------
+# section 5: W4
+# --------------------------------------------------------------------------------------------
+def section_w4(env, out, budget):
+    import rotp_triton as rt
+    with deadline(budget):
+        if env.smoke:
+            def model_fn():
+                return torch.nn.Sequential(
+                    torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                    torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                    torch.nn.Linear(8, 10))
+            x = torch.randn(2, 3, 8, 8)
+        else:
+            try:
+                import torchvision
+            except ImportError:
+                out.append(dict(section="W4", status="skipped: torchvision not installed"))
+                log("W4 skipped: no torchvision")
+                return
+            def model_fn():
+                return torchvision.models.resnet50(weights=None)
+            x = torch.randn(64, 3, 224, 224)
+        x = x.to(env.device)
+        target = torch.randint(0, 10, (x.shape[0],), device=env.device)
+        for name in ("avgpool", "rot badmm-e", "rot sinkhorn"):
+            model = model_fn()
+            if name != "avgpool":
+                rt.replace_avgpool(model, method=name.split()[1])
+            model = model.to(env.device).train()
+            opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(model(x), target)
+                loss.backward()
+                opt.step()
+            ms, peak = env.measure(step)
+            out.append(dict(section="W4", impl=name, ms=ms, peak_bytes=peak))
+            log(f"W4 {name}: {ms:.2f} ms/step")
+        base = next(r["ms"] for r in out if r.get("section") == "W4" and r["impl"] == "avgpool")
+        for r in out:
+            if r.get("section") == "W4" and "ms" in r:
+                r["ratio_to_avgpool"] = r["ms"] / base
+
+
+# --------------------------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------------------------
+def write(out_dir, info, rows, sections) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    slug = "".join(ch if ch.isalnum() else "-" for ch in info["device"].lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    base = os.path.join(out_dir, f"gpu_{slug}_{info['date'][:10]}")
+    with open(base + ".json", "w") as f:
+        json.dump(dict(meta=info, sections=sections, rows=rows), f, indent=1, default=str)
+    L = [f"# GPU check - {info['device']}, {info['date']}", "",
+         f"torch {info['torch']}, triton {info['triton']}; {info.get('nvidia_smi', '')}; "
+         f"measured copy bandwidth {info.get('copy_bandwidth_bytes_per_s', 0) / 1e12:.2f} TB/s; "
+         f"SFU rate assumed {sol.sfu_rate(info.get('sms', 132)) / 1e12:.2f}e12/s "
+         f"(16/SM/clk at {sol.SUSTAINED_SM_CLOCK_HZ / 1e9:.2f} GHz). MEASURED times (median "
+         "of triton.testing.do_bench), peak memory above the pre-call allocation.", "",
+         "| section | status | seconds |", "|---|---|---|"]
+    L += [f"| {s['name']} | {s['status']} | {s['seconds']:.0f} |" for s in sections]
+    L += ["", "## Correctness smoke (triton vs backend='torch', relative L2 errors)", "",
+          "| case | dtype | y | dx | dw | tol | ok |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("section") == "smoke":
+            e = lambda k: f"{r[k]:.1e}" if k in r else ""  # noqa: E731
+            verdict = "OK" if r.get("ok") else "FAIL " + r.get("error", "")
+            L.append(f"| {r['case']} | {r['dtype']} | {e('y')} | {e('dx')} | {e('dw')} | "
+                     f"{r.get('tol', '')} | {verdict} |")
+    L += ["", "## Timings", "",
+          "| section | workload | T | method | impl | pass | ms | peak MiB | peak ÷ input | "
+          "× SoL | × faster than eager | × faster than compile | status |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("section") in ("smoke", "W4"):
+            continue
+        f = lambda k, fmt: format(r[k], fmt) if isinstance(r.get(k), float) else ""  # noqa
+        pk = r.get("peak_bytes")
+        pk_mib = "" if pk is None else f"{pk / 2 ** 20:.1f}"
+        pk_in = "" if pk is None else f"{pk / r['input_bytes']:.2f}"
+        L.append(f"| {r['section']} | {r.get('workload')} | {r.get('T')} | {r.get('method')} | "
+                 f"{r.get('impl')} | {r.get('pass_', '')} | {f('ms', '.3f')} | "
+                 f"{pk_mib} | {pk_in} | "
+                 f"{f('ratio_to_sol', '.1f')} | {f('speedup_vs_eager', '.1f')} | "
+                 f"{f('speedup_vs_compile', '.1f')} | {r.get('status', '')} |")
+    w4 = [r for r in rows if r.get("section") == "W4"]
+    if w4:
+        L += ["", "## W4 training step", "", "| model | ms/step | ÷ avgpool | status |",
+              "|---|---|---|---|"]
+        for r in w4:
+            L.append(f"| {r.get('impl', '')} | {r.get('ms', '')} | "
+                     f"{r.get('ratio_to_avgpool', '')} | {r.get('status', '')} |")
+    with open(base + ".md", "w") as f:
+        f.write("\n".join(L) + "\n")
+    return base
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke-cpu", action="store_true",
+                   help="tiny shapes on CPU under TRITON_INTERPRET=1 (checks the script)")
+    p.add_argument("--out", default=None, help="results folder (default bench/results; "
+                   "a temporary folder with --smoke-cpu)")
+    p.add_argument("--budget-scale", type=float, default=1.0,
+                   help="multiply every section deadline (e.g. 0.5 for a shorter run)")
+    args = p.parse_args(argv)
+    if not args.smoke_cpu and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device (use --smoke-cpu to check the script on CPU); exit 0")
+        return 0
+    out_dir = args.out or (tempfile.mkdtemp(prefix="gpu_check_") if args.smoke_cpu
+                           else os.path.join(ROOT, "bench", "results"))
+    env = Env(args.smoke_cpu)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    info = machine_info(env)
+    bw = env.copy_bandwidth()
+    info["copy_bandwidth_bytes_per_s"] = bw
+    log(f"{info['device']}: torch {info['torch']}, triton {info['triton']}, copy bandwidth "
+        f"{bw / 1e12:.2f} TB/s")
+    s = args.budget_scale
+    methods = ("sinkhorn", "badmm-e", "badmm-q")
+    wls = ("W2", "W1", "W3", "W5")
+    # under --smoke-cpu: T = 2 / 3 and one method per timing section (the interpreter is slow;
+    # the point is that every code path of the script runs)
+    T4, T16 = (2, 3) if env.smoke else (4, 16)
+    m4, m16 = (("sinkhorn",), ("badmm-e",)) if env.smoke else (methods, methods)
+    budgets = (50, 45, 30, 20, 15) if env.smoke else (85, 165, 95, 40, 50)
+    plan = [
+        ("1 smoke (fp32 + bf16 vs torch)", budgets[0], lambda o, b: section_smoke(env, o, b)),
+        (f"2 W2, W1, W3, W5 at T={T4}", budgets[1], lambda o, b: section_timings(
+            env, o, b, T4, wls, m4, bw, section=f"T={T4}")),
+        (f"3 T={T16}", budgets[2], lambda o, b: section_timings(
+            env, o, b, T16, wls, m16, bw, section=f"T={T16}")),
+        (f"4 a0 > 0 (B-E W1 T={T4})", budgets[3], lambda o, b: section_timings(
+            env, o, b, T4, ("W1",), ("badmm-e",), bw, a0=0.1, section="a0=0.1")),
+        ("5 W4 ResNet-50 step", budgets[4], lambda o, b: section_w4(env, o, b)),
+    ]
+    rows, sections = [], []
+    for name, budget, fn in plan:
+        t = time.time()
+        n_before = len(rows)
+        log(f"section {name} (deadline {budget * s:.0f} s)")
+        try:
+            fn(rows, budget * s)
+            status = "done"
+        except Exception as e:
+            if is_timeout(e):
+                status = f"OUT OF TIME after {budget * s:.0f} s (rows so far kept)"
+            else:
+                status = f"error: {type(e).__name__}: {str(e)[:300]}"
+                traceback.print_exc()
+        n_late = sum(1 for r in rows[n_before:] if r.get("status") == "out of time")
+        if n_late:
+            status += f" ({n_late} rows out of time)"
+        sections.append(dict(name=name, status=status, seconds=time.time() - t))
+        log(f"section {name}: {status}")
+        base = write(out_dir, info, rows, sections)
+    bad = [r for r in rows if r.get("section") == "smoke" and not r.get("ok")]
+    log(f"wrote {base}.md and .json; smoke failures: {len(bad)}; total {time.time() - T0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Count what kernels really load, store and evaluate, under the Triton interpreter
+(kernel_report.py; PERF.md "Measuring on the CPU", step 3).
+
+``count_kernel_work()`` wraps the interpreter's builder ops: every masked-in element of a global
+load or store (``tl.load`` / ``tl.store``, atomics) adds its element size to the launch's bytes,
+and every element of ``exp2`` / ``exp`` / ``log2`` / ``log`` adds one transcendental (masked-off
+lanes included, as on a GPU, where the whole tile is evaluated). One :class:`KernelWork` per
+launch, in launch order. These are global-memory bytes: on a GPU some of them hit L2, so they
+bound the HBM traffic from above. Requires ``TRITON_INTERPRET=1`` before triton is imported.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+
+@dataclasses.dataclass
+class KernelWork:
+    name: str
+    programs: int = 0
+    load_bytes: int = 0
+    store_bytes: int = 0
+    exp2: int = 0   # exp2 + exp element evaluations
+    log2: int = 0   # log2 + log element evaluations
+
+    @property
+    def bytes(self) -> int:
+        return self.load_bytes + self.store_bytes
+
+
+@contextlib.contextmanager
+def count_kernel_work(out: list | None = None):
+    """Yield a list that receives a :class:`KernelWork` per interpreted launch."""
+    import numpy as np
+    from triton.runtime import interpreter as I
+
+    out = [] if out is None else out
+    B = I.InterpreterBuilder
+    saved = {n: B.__dict__[n] for n in ("create_masked_load", "create_masked_store", "create_exp",
+                                         "create_exp2", "create_log", "create_log2",
+                                         "create_atomic_rmw", "create_atomic_cas",
+                                         "set_grid_dim") if n in B.__dict__}
+    saved_call = I.GridExecutor.__call__
+    current = [None]
+
+    def cur():
+        if current[0] is None:  # an op outside a launch we bracketed: still counted
+            current[0] = KernelWork("?")
+            out.append(current[0])
+        return current[0]
+
+    def nbytes(handle_dtype, n):
+        try:
+            return int(n) * np.dtype(I._get_np_dtype(handle_dtype)).itemsize
+        except Exception:
+            return int(n) * 4
+
+    def masked_load(self, ptrs, mask, other, *a, **k):
+        cur().load_bytes += nbytes(ptrs.get_element_ty(), np.count_nonzero(mask.data))
+        return saved["create_masked_load"](self, ptrs, mask, other, *a, **k)
+
+    def masked_store(self, ptrs, value, mask, *a, **k):
+        cur().store_bytes += int(np.count_nonzero(mask.data)) * value.data.dtype.itemsize
+        return saved["create_masked_store"](self, ptrs, value, mask, *a, **k)
+
+    def transcendental(name, field):
+        def f(self, arg):
+            w = cur()
+            setattr(w, field, getattr(w, field) + int(np.size(arg.data)))
+            return saved[name](self, arg)
+        return f
+
+    def atomic(name):
+        def f(self, ptr, *a, **k):
+            v = saved[name](self, ptr, *a, **k)
+            n = int(np.size(ptr.data))
+            cur().load_bytes += nbytes(ptr.get_element_ty(), n)
+            cur().store_bytes += nbytes(ptr.get_element_ty(), n)
+            return v
+        return f
+
+    def grid_dim(self, nx, ny, nz):
+        cur().programs = int(nx) * int(ny) * int(nz)
+        return saved["set_grid_dim"](self, nx, ny, nz)
+
+    def call(self, *args, **kwargs):
+        current[0] = KernelWork(getattr(self.fn, "__name__", "?"))
+        out.append(current[0])
+        try:
+            return saved_call(self, *args, **kwargs)
+        finally:
+            current[0] = None
+
+    B.create_masked_load = masked_load
+    B.create_masked_store = masked_store
+    for name, field in (("create_exp", "exp2"), ("create_exp2", "exp2"), ("create_log", "log2"),
+                        ("create_log2", "log2")):
+        if name in saved:
+            setattr(B, name, transcendental(name, field))
+    for name in ("create_atomic_rmw", "create_atomic_cas"):
+        if name in saved:
+            setattr(B, name, atomic(name))
+    if "set_grid_dim" in saved:
+        B.set_grid_dim = grid_dim
+    I.GridExecutor.__call__ = call
+    try:
+        yield out
+    finally:
+        for n, f in saved.items():
+            setattr(B, n, f)
+        I.GridExecutor.__call__ = saved_call

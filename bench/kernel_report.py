@@ -1,0 +1,600 @@
+"""Kernel report: what the Triton kernels would do on an H100, predicted on a CPU (issue 10;
+PERF.md "Measuring on the CPU"). Every time in it is a PREDICTION.
+
+    python bench/kernel_report.py [--quick] [--out DIR]
+
+For each case (workload W1, W2, W3, W5 at T = 4 and 16; Sinkhorn, B-E, B-Q exact; B-E paper
+once; α0 > 0 for B-E W1 T = 4), forward and forward+backward, through the PUBLIC API only:
+
+1. Launches (``bench/launch_recorder.py``): the call runs at full size on CPU tensors that pass
+   for CUDA ones (``h100_host``), with every Triton launch recorded and skipped: grid,
+   constexprs, num_warps, num_stages and the divisibility specialisation, as the launcher and
+   triton choose them for an H100. The host aten ops and syncs of the same call are counted
+   (``frontend_report.count_host_ops``).
+2. SASS (``bench/sass.py``): each distinct launch compiled for sm_90; registers, spills, shared
+   memory, and the innermost-loop instruction mix.
+3. Work (``bench/interp_counter.py``, in a subprocess under ``TRITON_INTERPRET=1``): global
+   bytes loaded + stored and exp2/log2 evaluations of each kernel, on the same call with FEWER
+   SETS (same per-set shape: 1 set for W1/W2, the first 3 sets for W5, one 8×8 image for W3),
+   scaled by the element ratio; run at T = 1, 2, 3 and extrapolated to T by the quadratic
+   through them (exact for work polynomial of degree ≤ 2 in T: forward O(T), a backward that
+   recomputes O(T²)). ``--quick`` also runs T = 4 directly and prints the fit's error. These
+   counts are cached in ~/.cache/rotp_triton_bench/<hash of rotp_triton's sources>/ (the
+   interpreter dominates the report's time); ROTP_BENCH_NO_CACHE=1 turns the cache off.
+4. Dynamic instructions: the interpreter's exp2+log2 count × the hot loop's instructions per
+   MUFU.EX2/LG2 (the hot loop: the innermost SASS loop with the most MUFU). Per
+   element-iteration = that / (elements × T). Kernels whose loops have no EX2/LG2 get none
+   (their time is then bounded by bytes only, and the table says "n/a").
+5. Predicted kernel time, per kernel (its launches summed) = max(bytes / 3.0 TB/s, MUFU / 3.7e12
+   /s, instructions / (128 · 132 · 1.75 GHz)) ÷ min(1, programs / 132) + 4 µs per launch; the
+   front end adds 5 µs per non-view host aten op and 10 µs per sync (serially: a conservative
+   model). SoL: ``bench/sol.py`` (problem bytes, minimal exp2 count).
+6. Eager torch path (backend="torch", reduced batch, bytes scaled like 3.): Σ over non-view aten
+   ops of max(5 µs, op bytes (inputs + outputs) / 3.0 TB/s) + 10 µs per sync.
+   torch.compile model: one fused kernel per reduction (an op whose output is smaller than its
+   largest input) + one for the rest, each reading its largest input and writing its output
+   once: Σ max(4 µs, bytes / 3.0 TB/s), + 10 µs per sync (a graph break). A crude model, stated
+   as such; replace both with gpu_check.py measurements when a GPU is available.
+
+Writes bench/results/kernel_report.{md,json}. Runs WITHOUT TRITON_INTERPRET (the worker sets it).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from bench import sol  # noqa: E402
+
+METHODS = ("sinkhorn", "badmm-e", "badmm-q")
+SHORT = {"sinkhorn": "S", "badmm-e": "B-E", "badmm-q": "B-Q"}
+FIT_TS = (1, 2, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# cases and workloads
+# --------------------------------------------------------------------------------------------
+def cases(quick: bool) -> list[dict]:
+    out = []
+    if quick:
+        return [dict(workload="W1", T=4, method="sinkhorn", variant="exact", a0=0.0),
+                dict(workload="W1", T=4, method="badmm-e", variant="exact", a0=0.0)]
+    for wl in ("W1", "W2", "W3", "W5"):
+        for T in (4, 16):
+            for m in METHODS:
+                out.append(dict(workload=wl, T=T, method=m, variant="exact", a0=0.0))
+    out.append(dict(workload="W1", T=4, method="badmm-e", variant="paper", a0=0.0))
+    out.append(dict(workload="W1", T=4, method="badmm-e", variant="exact", a0=0.1))
+    return out
+
+
+def case_id(c: dict) -> str:
+    s = f"{c['workload']} T={c['T']} {SHORT[c['method']]}"
+    if c["variant"] != "exact":
+        s += f" {c['variant']}"
+    if c["a0"]:
+        s += f" a0={c['a0']}"
+    return s
+
+
+def _w5_ptr(sets: int | None):
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.randint(20, 501, (128,), generator=g)
+    if sets is not None:
+        sizes = sizes[:sets]
+    ptr = torch.zeros(sizes.numel() + 1, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(sizes, 0)
+    return ptr
+
+
+def workload_input(wl: str, reduced: bool):
+    """(x, ptr or None, description). Reduced: fewer sets, same per-set shape."""
+    g = torch.Generator().manual_seed(0)
+    if wl == "W1":
+        B = 1 if reduced else 50
+        return torch.randn(B, 500, 100, generator=g), None, f"{B} x 500 x 100 dense"
+    if wl == "W2":
+        B = 1 if reduced else 256
+        return torch.randn(B, 2048, 7, 7, generator=g), None, \
+            f"({B}, 2048, 7, 7) NCHW, AdaptiveROTPool2d(2048) (sets of 49 x 2048, strided)"
+    if wl == "W3":
+        shape = (1, 256, 8, 8) if reduced else (64, 256, 56, 56)
+        return torch.randn(*shape, generator=g), None, f"{shape} ROTPool2d(256, 2)"
+    if wl == "W5":
+        ptr = _w5_ptr(3 if reduced else None)
+        n = int(ptr[-1])
+        return torch.randn(n, 128, generator=g), ptr, \
+            f"ragged {ptr.numel() - 1} sets of 20-500 rows x 128 ({n} rows)"
+    raise ValueError(wl)
+
+
+def output_elements(wl: str, x, ptr) -> int:
+    if wl == "W1":
+        return x.shape[0] * x.shape[2]
+    if wl == "W2":
+        return x.shape[0] * x.shape[1]
+    if wl == "W3":
+        return x.numel() // 4
+    return (ptr.numel() - 1) * x.shape[1]
+
+
+def make_call(c: dict, T: int, reduced: bool, backend: str):
+    """(forward fn, leaves requiring grad, x) for case ``c`` with T iterations."""
+    import rotp_triton as rt
+    x0, ptr, _ = workload_input(c["workload"], reduced)
+    x = x0.clone().requires_grad_()
+    kw = dict(method=c["method"], variant=c["variant"], num_iters=T, backend=backend)
+    if c["workload"] in ("W2", "W3"):
+        if c["workload"] == "W2":
+            m = rt.AdaptiveROTPool2d(2048, **kw)
+        else:
+            m = rt.ROTPool2d(256, 2, **kw)
+        return (lambda: m(x)), [x, *m.parameters()], x
+    w = {k: torch.full((T,), 1.0, requires_grad=True) for k in ("a1", "a2", "a3")}
+    extra = dict(a0=c["a0"]) if c["a0"] else {}
+    return (lambda: rt.rot_pool(x, ptr=ptr, **kw, **w, **extra)), [x, *w.values()], x
+
+
+def _grad(y, leaves):
+    torch.autograd.grad(y.float().sum(), [t for t in leaves if t.requires_grad],
+                        allow_unused=True)
+
+
+# --------------------------------------------------------------------------------------------
+# worker (TRITON_INTERPRET=1): kernel work at T = 1, 2, 3 and torch-path op records
+# --------------------------------------------------------------------------------------------
+def _by_name(works) -> dict:
+    agg = collections.defaultdict(lambda: dict(launches=0, load_bytes=0, store_bytes=0, exp2=0,
+                                               log2=0))
+    for w in works:
+        a = agg[w.name]
+        a["launches"] += 1
+        for k in ("load_bytes", "store_bytes", "exp2", "log2"):
+            a[k] += getattr(w, k)
+    return dict(agg)
+
+
+def kernel_work(c: dict, T: int) -> dict:
+    from bench.interp_counter import count_kernel_work
+    fwd, leaves, _ = make_call(c, T, reduced=True, backend="triton")
+    with count_kernel_work() as wf:
+        y = fwd()
+    with count_kernel_work() as wb:
+        _grad(y, leaves)
+    return dict(fwd=_by_name(wf), bwd=_by_name(wb))
+
+
+def torch_ops(c: dict) -> dict:
+    """aten ops of the torch path (reduced batch): [name, in bytes, out bytes, reduction]."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from bench.frontend_report import SYNC_OPS, VIEW_OPS as views
+
+    class Rec(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            ins = [a for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                   if isinstance(a, torch.Tensor)]
+            outs = [a for a in torch.utils._pytree.tree_leaves(out)
+                    if isinstance(a, torch.Tensor)]
+            nb = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+            big = max([t.numel() for t in ins], default=0)
+            self.rows.append([name, nb(ins), nb(outs), bool(outs) and big > 0 and
+                              max(t.numel() for t in outs) < big and name not in views,
+                              name in views, name in SYNC_OPS, max([nb([t]) for t in ins],
+                                                                   default=0)])
+            return out
+
+    fwd, leaves, _ = make_call(c, c["T"], reduced=True, backend="torch")
+    fwd()
+    r1 = Rec()
+    with r1:
+        y = fwd()
+    r2 = Rec()
+    with r2:
+        _grad(y, leaves)
+    return dict(fwd=r1.rows, bwd=r2.rows)
+
+
+def _source_hash() -> str:
+    """Hash of the package's sources, the work counter and the versions: the interpreter's counts
+    depend on nothing else (set ROTP_BENCH_NO_CACHE=1 after changing the workloads here)."""
+    import hashlib
+    h = hashlib.sha1()
+    for base in (os.path.join(ROOT, "rotp_triton"),):
+        for dirpath, _, files in sorted(os.walk(base)):
+            for f in sorted(files):
+                if f.endswith(".py"):
+                    with open(os.path.join(dirpath, f), "rb") as fh:
+                        h.update(f.encode() + fh.read())
+    for f in ("interp_counter.py",):
+        with open(os.path.join(ROOT, "bench", f), "rb") as fh:
+            h.update(fh.read())
+    import triton
+    h.update(triton.__version__.encode() + torch.__version__.encode())
+    return h.hexdigest()[:16]
+
+
+_SRC_HASH = None
+
+
+def _work_cache_path(fit_key, check_t4: bool) -> str | None:
+    """Where the interpreter's counts of one (workload, method, variant, α0) are cached (the
+    interpreter dominates the report's time), or None with ROTP_BENCH_NO_CACHE=1."""
+    global _SRC_HASH
+    if os.environ.get("ROTP_BENCH_NO_CACHE"):
+        return None
+    if _SRC_HASH is None:
+        _SRC_HASH = _source_hash()
+    name = "_".join(str(k) for k in fit_key) + ("_t4" if check_t4 else "")
+    return os.path.join(os.path.expanduser("~/.cache/rotp_triton_bench"), _SRC_HASH,
+                        f"work_{name}.json")
+
+
+def worker(spec_path: str, out_path: str, check_t4: bool) -> int:
+    torch.set_num_threads(1)
+    spec = json.load(open(spec_path))
+    res = {}
+    done_fits = {}
+    for c in spec:
+        cid = case_id(c)
+        fit_key = (c["workload"], c["method"], c["variant"], c["a0"])
+        t0 = time.time()
+        if fit_key not in done_fits:
+            path = _work_cache_path(fit_key, check_t4)
+            if path and os.path.exists(path):
+                fits = {int(k): v for k, v in json.load(open(path)).items()}
+            else:
+                fits = {T: kernel_work(c, T) for T in FIT_TS}
+                if check_t4:
+                    fits[4] = kernel_work(c, 4)
+                if path:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    json.dump(fits, open(path, "w"))
+            done_fits[fit_key] = fits
+        res[cid] = dict(fits={str(k): v for k, v in done_fits[fit_key].items()},
+                        torch=torch_ops(c))
+        print(f"  [worker] {cid}: {time.time() - t0:.1f} s", flush=True)
+    json.dump(res, open(out_path, "w"))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# main process: record launches, compile, read SASS, predict
+# --------------------------------------------------------------------------------------------
+def quad_extrapolate(ys: dict, T: int) -> float:
+    """The quadratic through (1, y1), (2, y2), (3, y3) evaluated at T."""
+    y1, y2, y3 = ys[1], ys[2], ys[3]
+    c2 = (y3 - 2 * y2 + y1) / 2
+    c1 = y2 - y1 - 3 * c2
+    c0 = y1 - c1 - c2
+    return max(0.0, c0 + c1 * T + c2 * T * T)
+
+
+def record_case(c: dict):
+    """Full-size launches (fwd, bwd) and host ops (fwd, fwd+bwd) of the Triton path."""
+    from bench.frontend_report import VIEW_OPS as views, count_host_ops
+    from bench.launch_recorder import h100_host, record_launches
+    out = {}
+    with h100_host():
+        fwd, leaves, x = make_call(c, c["T"], reduced=False, backend="triton")
+        with record_launches() as lf:
+            ops_f, syncs_f = count_host_ops(fwd)
+        y = None
+        with record_launches() as lb:
+            def fb():
+                nonlocal y
+                y = fwd()
+                _grad(y, leaves)
+            ops_fb, syncs_fb = count_host_ops(fb)
+    nv = lambda ops: sum(n for k, n in ops.items() if k not in views)  # noqa: E731
+    n_f = len(lf)
+    out["launches_fwd"] = lf
+    out["launches_bwd"] = lb[n_f:]  # fb re-runs the forward first
+    out["host"] = dict(fwd_ops=nv(ops_f), fwd_syncs=syncs_f, fwd_bwd_ops=nv(ops_fb),
+                       fwd_bwd_syncs=syncs_fb)
+    out["x_elements"] = x.numel()
+    out["x_bytes"] = x.element_size()
+    return out
+
+
+def predict_torch(rows, scale: float) -> tuple[float, float, int, int]:
+    """(eager s, compile s, non-view ops, syncs) of a recorded torch-path pass."""
+    eager = comp = 0.0
+    ops = syncs = 0
+    fused_rest = 0.0
+    for name, b_in, b_out, is_red, is_view, is_sync, big_in in rows:
+        if is_sync:
+            syncs += 1
+            eager += sol.SYNC_S
+            comp += sol.SYNC_S
+        if is_view or is_sync:
+            continue
+        ops += 1
+        eager += max(sol.ATEN_OP_S, (b_in + b_out) * scale / sol.HBM_BYTES_PER_S)
+        if is_red:
+            comp += max(sol.LAUNCH_S, (big_in + b_out) * scale / sol.HBM_BYTES_PER_S)
+        else:
+            fused_rest = max(fused_rest, b_out * scale)
+    comp += max(sol.LAUNCH_S, fused_rest / sol.HBM_BYTES_PER_S)
+    return eager, comp, ops, syncs
+
+
+def analyse(c, rec, work, scale, sass_cache, quick_check):
+    from bench import sass
+    T = c["T"]
+    el = rec["x_elements"]
+    res = dict(case=case_id(c), **{k: c[k] for k in ("workload", "T", "method", "variant", "a0")})
+    kernels = {}
+    for pass_ in ("fwd", "bwd"):
+        launches = rec[f"launches_{pass_}"]
+        by_name = collections.defaultdict(list)
+        for L in launches:
+            by_name[L.name].append(L)
+        for name, Ls in by_name.items():
+            ks = []
+            for L in Ls:
+                k = L.key()
+                if k not in sass_cache:
+                    try:
+                        sass_cache[k] = sass.analyse_launch(L)
+                    except Exception as e:  # a kernel ptxas rejects: reported, not hidden
+                        sass_cache[k] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+                ks.append(sass_cache[k])
+            a = ks[0]
+            fits = {T_: work["fits"][str(T_)][pass_].get(name) for T_ in FIT_TS}
+            if any(f is None for f in fits.values()):
+                w = dict(load_bytes=0, store_bytes=0, exp2=0, log2=0)
+                note = "not seen under the interpreter"
+            else:
+                w = {k: quad_extrapolate({t: f[k] for t, f in fits.items()}, T) * scale
+                     for k in ("load_bytes", "store_bytes", "exp2", "log2")}
+                note = ""
+            if quick_check and "4" in work["fits"] and T == 4:
+                d = work["fits"]["4"][pass_].get(name)
+                if d:
+                    got = d["load_bytes"] + d["store_bytes"]
+                    fit = (w["load_bytes"] + w["store_bytes"]) / scale
+                    note = f"fit vs T=4 run: bytes {fit / max(got, 1):.3f}x"
+            hot = a.get("hot") or {}
+            hmix = hot.get("mix", {})
+            ex = hmix.get("EX2LG2", 0)
+            mufu_dyn = w["exp2"] + w["log2"]
+            per_ei = {}
+            instr = None
+            if ex:
+                instr = mufu_dyn * hmix["total"] / ex
+                for cat in ("total", "MUFU", "FP32", "SHFL", "BAR", "LDG", "STG"):
+                    per_ei[cat] = mufu_dyn * hmix[cat] / ex / (el * T)
+            programs = max(L.programs for L in Ls)
+            frac = min(1.0, programs / sol.H100_SMS)
+            nbytes = w["load_bytes"] + w["store_bytes"]
+            t_mem = nbytes / sol.HBM_BYTES_PER_S
+            t_sfu = mufu_dyn / sol.sfu_rate()
+            t_issue = (instr or 0) / sol.issue_rate()
+            t = max(t_mem, t_sfu, t_issue) / frac + sol.LAUNCH_S * len(Ls)
+            bound = max((t_mem, "memory"), (t_sfu, "SFU"), (t_issue, "issue"))[1]
+            kernels[f"{pass_}:{name}"] = dict(
+                pass_=pass_, name=name, launches=len(Ls), distinct_specialisations=len(
+                    {L.key() for L in Ls}), grid=list(Ls[0].grid), programs=programs,
+                num_warps=Ls[0].num_warps, num_stages=Ls[0].num_stages,
+                regs=a.get("regs"), local_bytes=a.get("local_bytes"),
+                spill_ldl_stl=a.get("spill_ldl_stl"), shared_bytes=a.get("shared_bytes"),
+                loops=a.get("loops"), hot_loop_mix=hmix, per_element_iteration=per_ei,
+                bytes=nbytes, mufu=mufu_dyn, instructions=instr, predicted_s=t, bound=bound,
+                note=note, error=a.get("error"))
+    res["kernels"] = kernels
+    return res
+
+
+def summarise(c, rec, res, torch_rows, scale, x_el_full, y_el_full, x_bytes):
+    T = c["T"]
+    structure = bool(c["a0"])
+    out = {}
+    for pass_, passes in (("fwd", ("fwd",)), ("fwd+bwd", ("fwd", "bwd"))):
+        ks = [k for k in res["kernels"].values() if k["pass_"] in passes]
+        bwd = pass_ != "fwd"
+        kernel_s = sum(k["predicted_s"] for k in ks)
+        h = rec["host"]
+        ops, syncs = (h["fwd_ops"], h["fwd_syncs"]) if not bwd else \
+            (h["fwd_bwd_ops"], h["fwd_bwd_syncs"])
+        front = ops * sol.ATEN_OP_S + syncs * sol.SYNC_S
+        pb = sol.problem_bytes(x_el_full, x_bytes, y_el_full, x_bytes, backward=bwd)
+        ex = sol.min_transcendentals(x_el_full, T, backward=bwd, structure=structure)
+        sol_s, sol_bound = sol.sol_seconds(pb, ex)
+        e1, c1, o1, s1 = predict_torch(torch_rows["fwd"], scale)
+        if bwd:
+            e2, c2, o2, s2 = predict_torch(torch_rows["bwd"], scale)
+            e1, c1, o1, s1 = e1 + e2, c1 + c2, o1 + o2, s1 + s2
+        total = kernel_s + front
+        mufu = sum(k["mufu"] for k in ks)
+        instr = [k["instructions"] for k in ks]
+        out[pass_] = dict(
+            launches=sum(k["launches"] for k in ks), kernel_s=kernel_s, front_end_s=front,
+            host_ops=ops, host_syncs=syncs, predicted_s=total,
+            hbm_bytes=sum(k["bytes"] for k in ks), problem_bytes=pb,
+            mufu=mufu, mufu_per_element_iteration=mufu / (x_el_full * T),
+            min_exp2=ex, instructions=sum(i for i in instr if i) if any(instr) else None,
+            sol_s=sol_s, sol_bound=sol_bound, eager_s=e1, eager_ops=o1, eager_syncs=s1,
+            compile_s=c1, ratio_to_sol=total / sol_s, kernel_ratio_to_sol=kernel_s / sol_s,
+            speedup_vs_eager=e1 / total, speedup_vs_compile=c1 / total)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="one workload (W1, T=4, S and B-E)")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    p.add_argument("--only", default="", help="substring filter on case ids")
+    p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--check-t4", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(*args.worker, check_t4=args.check_t4)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("kernel_report: run WITHOUT TRITON_INTERPRET (kernels are compiled for sm_90)")
+        return 2
+    from bench import sass
+    if sass.tool("nvdisasm") is None or sass.tool("cuobjdump") is None:
+        print("kernel_report: nvdisasm/cuobjdump not found (they ship with triton's nvidia "
+              "backend)")
+        return 2
+    t_start = time.time()
+    cs = [c for c in cases(args.quick) if args.only in case_id(c)]
+    tmp = tempfile.mkdtemp(prefix="kernel_report_")
+    spec, wout = os.path.join(tmp, "spec.json"), os.path.join(tmp, "work.json")
+    json.dump(cs, open(spec, "w"))
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", spec, wout]
+    if args.quick:
+        cmd.append("--check-t4")
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT)  # runs while this process compiles
+    torch.set_num_threads(1)
+    recs, sass_cache = {}, {}
+    for c in cs:
+        t0 = time.time()
+        rec = recs[case_id(c)] = record_case(c)
+        for L in rec["launches_fwd"] + rec["launches_bwd"]:
+            if L.key() not in sass_cache:
+                try:
+                    sass_cache[L.key()] = sass.analyse_launch(L)
+                except Exception as e:
+                    sass_cache[L.key()] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+        print(f"{case_id(c)}: {len(rec['launches_fwd'])} + {len(rec['launches_bwd'])} launches, "
+              f"{len(sass_cache)} kernels compiled so far ({time.time() - t0:.1f} s)",
+              flush=True)
+    rc = proc.wait()
+    if rc != 0:
+        print(f"kernel_report: interpreter worker failed (exit {rc})")
+        return 1
+    work = json.load(open(wout))
+    rows = []
+    for c in cs:
+        cid = case_id(c)
+        x_full, ptr_full, desc = workload_input(c["workload"], reduced=False)
+        x_red, ptr_red, _ = workload_input(c["workload"], reduced=True)
+        scale = x_full.numel() / x_red.numel()
+        rec = recs[cid]
+        res = analyse(c, rec, work[cid], scale, sass_cache, args.quick)
+        res["workload_desc"] = desc
+        res["scale"] = scale
+        res["summary"] = summarise(c, rec, res, work[cid]["torch"], scale, x_full.numel(),
+                                   output_elements(c["workload"], x_full, ptr_full),
+                                   x_full.element_size())
+        rows.append(res)
+    meta = dict(torch=torch.__version__, triton=__import__("triton").__version__,
+                date=time.strftime("%Y-%m-%d"), quick=args.quick,
+                git=_git_rev(), seconds=round(time.time() - t_start, 1),
+                model=dict(hbm_bytes_per_s=sol.HBM_BYTES_PER_S, sfu_per_s=sol.sfu_rate(),
+                           issue_per_s=sol.issue_rate(), sms=sol.H100_SMS,
+                           clock_hz=sol.SUSTAINED_SM_CLOCK_HZ, launch_s=sol.LAUNCH_S,
+                           aten_op_s=sol.ATEN_OP_S, sync_s=sol.SYNC_S))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "kernel_report.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1, default=str)
+    md = markdown(meta, rows)
+    with open(os.path.join(args.out, "kernel_report.md"), "w") as f:
+        f.write(md)
+    print(md)
+    print(f"wrote {args.out}/kernel_report.{{md,json}} in {time.time() - t_start:.0f} s")
+    return 0
+
+
+def _git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                              capture_output=True, text=True).stdout.strip()
+    except Exception:
+        return "?"
+
+
+def _us(s) -> str:
+    return "n/a" if s is None else f"{s * 1e6:,.0f}"
+
+
+def _x(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 100 else f"{v:.0f}"
+
+
+def markdown(meta, rows) -> str:
+    m = meta["model"]
+    L = ["# Kernel report - PREDICTIONS for one H100 (computed on a CPU, nothing measured)", "",
+         f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['git']}, {meta['date']}"
+         f"{' (--quick)' if meta['quick'] else ''}; {meta['seconds']} s to produce.", "",
+         "How each number is made: `bench/kernel_report.py` docstring and `bench/README.md`. "
+         f"Model: HBM {m['hbm_bytes_per_s'] / 1e12:.1f} TB/s, SFU {m['sfu_per_s'] / 1e12:.2f}e12 "
+         f"exp2/s, issue 128 lanes x {m['sms']} SMs x {m['clock_hz'] / 1e9:.2f} GHz, "
+         f"{m['launch_s'] * 1e6:.0f} µs/launch, {m['aten_op_s'] * 1e6:.0f} µs/host aten op, "
+         f"{m['sync_s'] * 1e6:.0f} µs/sync. HBM bytes and MUFU counts come from the interpreter "
+         "on fewer sets (same per-set shape) scaled by the element ratio, at T = 1, 2, 3 "
+         "extrapolated to T; bytes are global loads + stores (L2 hits not modelled: an upper "
+         "bound on HBM traffic: W1 (10 MB) and a W5 set fit in the 50 MB L2, so their "
+         "'memory' bounds are pessimistic). Not modelled: load imbalance across programs (W5's "
+         "largest set), overlap of the host front end with kernels (added serially), "
+         "occupancy beyond programs ÷ 132. The torch.compile column is a crude fusion model.",
+         "",
+         "## Summary (every time a PREDICTION)", "",
+         "| case | pass | launches | host ops / syncs | kernel µs | front end µs | predicted µs "
+         "| SoL µs (bound) | ÷ SoL | kernel ÷ SoL | × eager | × compile | HBM bytes ÷ problem "
+         "| MUFU / el-it (min) |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for pass_, s in r["summary"].items():
+            el_it = s["mufu_per_element_iteration"]
+            min_el_it = s["min_exp2"] / (s["mufu"] / el_it) if s["mufu"] and el_it else None
+            L.append(
+                f"| {r['case']} | {pass_} | {s['launches']} | {s['host_ops']} / "
+                f"{s['host_syncs']} | {_us(s['kernel_s'])} | {_us(s['front_end_s'])} | "
+                f"{_us(s['predicted_s'])} | {_us(s['sol_s'])} ({s['sol_bound']}) | "
+                f"{_x(s['ratio_to_sol'])} | {_x(s['kernel_ratio_to_sol'])} | "
+                f"{_x(s['speedup_vs_eager'])} | {_x(s['speedup_vs_compile'])} | "
+                f"{_x(s['hbm_bytes'] / s['problem_bytes'])} | {el_it:.2f} "
+                f"({'n/a' if min_el_it is None else f'{min_el_it:.2f}'}) |")
+    L += ["", "× eager / × compile: predicted eager (torch.compile) time ÷ predicted Triton time "
+          "(> 1: the Triton path is faster). ÷ SoL includes the front end; kernel ÷ SoL does "
+          "not. MUFU / el-it: dynamic exp2+log2 per element-iteration (N·D·T), with the "
+          "algorithm's minimum in brackets.", "",
+          "## Kernels (per case; SASS of the sm_90 build of the recorded launch)", "",
+          "| case | kernel | launches | grid | programs ÷ 132 | warps / stages | regs | spill "
+          "(local B, LDL+STL) | smem B | hot loop: instr / MUFU / FP32 / SHFL / BAR / LDG+STG "
+          "| per el-it: instr / MUFU / FP32 / SHFL | GB | bound | µs | note |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for k in r["kernels"].values():
+            if k.get("error"):
+                L.append(f"| {r['case']} | {k['pass_']}:{k['name']} | {k['launches']} | "
+                         f"compile error: {k['error'][:120]} |||||||||||")
+                continue
+            h = k["hot_loop_mix"]
+            pe = k["per_element_iteration"]
+            hot = (f"{h.get('total', 0)} / {h.get('MUFU', 0)} / {h.get('FP32', 0)} / "
+                   f"{h.get('SHFL', 0)} / {h.get('BAR', 0)} / "
+                   f"{h.get('LDG', 0) + h.get('STG', 0)}") if h else "no loop"
+            per = (f"{pe['total']:.1f} / {pe['MUFU']:.2f} / {pe['FP32']:.1f} / "
+                   f"{pe['SHFL']:.2f}") if pe else "n/a"
+            L.append(
+                f"| {r['case']} | {k['pass_']}:{k['name']} | {k['launches']} | "
+                f"{tuple(k['grid'])} | {k['programs'] / sol.H100_SMS:.2f} | {k['num_warps']} / "
+                f"{k['num_stages']} | {k['regs']} | {k['local_bytes']}, {k['spill_ldl_stl']} | "
+                f"{k['shared_bytes']} | {hot} | {per} | {k['bytes'] / 1e9:.3f} | {k['bound']} | "
+                f"{_us(k['predicted_s'])} | {k['note']} |")
+    return "\n".join(L) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

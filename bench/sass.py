@@ -1,0 +1,187 @@
+"""Compile a recorded launch for sm_90 without a GPU and read its SASS (PERF.md, "Measuring on
+the CPU", step 2).
+
+``compile_launch`` compiles a :class:`bench.launch_recorder.Launch` exactly as triton would for
+an H100 (its signature, constexprs, divisibility attrs and options). ``analyse_cubin`` reads the
+cubin with the ``cuobjdump`` / ``nvdisasm`` shipped inside the triton package: registers, stack
+and local memory (spills), shared memory, and the instruction mix of the whole kernel and of each
+innermost loop. A loop is the address range [target, branch] of a backward ``BRA``; an innermost
+loop contains no other loop; the *hot* loop is the innermost loop with the most MUFU
+instructions (then the most instructions).
+
+Must run WITHOUT ``TRITON_INTERPRET`` (interpreted functions are not compiled).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+
+HOPPER_SMS = 132
+
+# opcode families counted in the instruction mix (base opcode = text before the first '.')
+FP32_OPS = {"FFMA", "FADD", "FMUL", "FMNMX", "FSETP", "FSEL", "FSET", "FCHK", "FRND", "FSWZADD",
+            "FMNMX3", "FADD2", "FFMA2", "FMUL2"}
+CATEGORIES = ("total", "MUFU", "EX2LG2", "LDG_WORDS", "FP32", "SHFL", "BAR", "LDG", "STG", "LDS", "STS", "LDL", "STL",
+              "ATOM", "BRA")
+
+
+def tool(name: str) -> str | None:
+    """Path of a CUDA binary utility shipped with triton (or on PATH), None if absent."""
+    try:
+        import triton
+        p = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+        if os.path.exists(p):
+            return p
+    except Exception:  # pragma: no cover
+        pass
+    import shutil
+    return shutil.which(name)
+
+
+_COMPILED: dict = {}
+
+
+def compile_launch(launch):
+    """The sm_90 CompiledKernel of a recorded launch (cached per specialisation)."""
+    key = launch.key()
+    if key not in _COMPILED:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        src = triton.compiler.ASTSource(fn=launch.fn, signature=launch.signature,
+                                        constexprs=launch.constexprs, attrs=launch.attrs)
+        _COMPILED[key] = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                        options=launch.options.__dict__)
+    return _COMPILED[key]
+
+
+@dataclasses.dataclass
+class Instr:
+    addr: int
+    pred: str
+    opcode: str
+    operands: str
+
+    @property
+    def base(self) -> str:
+        return self.opcode.split(".")[0]
+
+
+_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+
+
+def disassemble(cubin: bytes) -> tuple[list[Instr], dict]:
+    """(instructions in address order, label -> address) of the cubin's first kernel."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([tool("nvdisasm"), "-c", path], capture_output=True, text=True,
+                             check=True).stdout
+    instrs, labels, pending = [], {}, []
+    for line in out.splitlines():
+        m = _LABEL.match(line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = _LINE.search(line)
+        if m:
+            addr = int(m.group(1), 16)
+            for lab in pending:
+                labels[lab] = addr
+            pending = []
+            instrs.append(Instr(addr, (m.group(2) or "").strip(), m.group(3), m.group(4).strip()))
+    for lab in pending:  # a label after the last instruction
+        labels[lab] = instrs[-1].addr + 16 if instrs else 0
+    return instrs, labels
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """REG, STACK, SHARED, LOCAL of the kernel from ``cuobjdump --dump-resource-usage``."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([tool("cuobjdump"), "--dump-resource-usage", path],
+                             capture_output=True, text=True, check=True).stdout
+    res = {}
+    for key in ("REG", "STACK", "SHARED", "LOCAL"):
+        m = re.search(rf"\b{key}:(\d+)", out.split("Function", 1)[-1])
+        res[key.lower()] = int(m.group(1)) if m else None
+    return res
+
+
+def mix(instrs) -> dict:
+    """Instruction counts by category (NOP excluded)."""
+    c = collections.Counter()
+    for i in instrs:
+        b = i.base
+        if b == "NOP":
+            continue
+        c["total"] += 1
+        if b == "MUFU":
+            c["MUFU"] += 1
+            if i.opcode.startswith(("MUFU.EX2", "MUFU.LG2")):
+                c["EX2LG2"] += 1
+        elif b in FP32_OPS:
+            c["FP32"] += 1
+        elif b in ("SHFL", "BAR", "LDG", "STG", "LDS", "STS", "LDL", "STL", "BRA"):
+            c[b] += 1
+            if b == "LDG":  # 32-bit words per thread: LDG.E.128 loads 4, .64 2, plain 1
+                m = re.search(r"\.(64|128)\b", i.opcode)
+                c["LDG_WORDS"] += int(m.group(1)) // 32 if m else 1
+        elif b in ("ATOM", "ATOMG", "RED", "REDG", "ATOMS"):
+            c["ATOM"] += 1
+    return {k: c.get(k, 0) for k in CATEGORIES}
+
+
+def loops(instrs, labels) -> list[tuple[int, int]]:
+    """(start, end) address ranges of backward branches: target < branch address."""
+    out = []
+    for i in instrs:
+        if i.base != "BRA":
+            continue
+        m = _TARGET.search(i.operands)
+        # target < branch: a loop (target == branch is the `BRA self` that ends every kernel)
+        if m and m.group(1) in labels and labels[m.group(1)] < i.addr:
+            out.append((labels[m.group(1)], i.addr))
+    return sorted(set(out))
+
+
+def innermost(ranges) -> list[tuple[int, int]]:
+    """The loops that contain no other loop."""
+    return [r for r in ranges
+            if not any(o != r and r[0] <= o[0] and o[1] <= r[1] for o in ranges)]
+
+
+def analyse_cubin(cubin: bytes) -> dict:
+    """Resource usage, whole-kernel mix, and the mix of every innermost loop and of the hot
+    loop (``hot`` is None when the kernel has no loop)."""
+    instrs, labels = disassemble(cubin)
+    res = resource_usage(cubin)
+    ranges = loops(instrs, labels)
+    inner = []
+    for a, b in innermost(ranges):
+        body = [i for i in instrs if a <= i.addr <= b]
+        inner.append(dict(start=a, end=b, mix=mix(body)))
+    hot = max(inner, key=lambda L: (L["mix"]["MUFU"], L["mix"]["total"]), default=None)
+    kernel_mix = mix(instrs)
+    return dict(regs=res["reg"], stack_bytes=res["stack"], local_bytes=res["local"],
+                shared_bytes_static=res["shared"], spill_ldl_stl=kernel_mix["LDL"] +
+                kernel_mix["STL"], kernel_mix=kernel_mix, loops=len(ranges),
+                innermost_loops=inner, hot=hot)
+
+
+def analyse_launch(launch) -> dict:
+    """``analyse_cubin`` of the compiled launch plus triton's shared-memory size (dynamic
+    shared memory included) and the launch's warps and stages."""
+    k = compile_launch(launch)
+    out = analyse_cubin(k.asm["cubin"])
+    out.update(shared_bytes=int(getattr(k.metadata, "shared", 0) or 0),
+               num_warps=launch.num_warps, num_stages=launch.num_stages)
+    return out
