@@ -194,7 +194,7 @@ def bench_w4(do_bench, args):
         print("W4 skipped: torchvision is not importable")
         return [dict(workload="W4 ResNet-50 train step", impl="-", pass_="-", ms=float("nan"),
                      peak_bytes=float("nan"), error="torchvision not importable")]
-    from rotp_triton.nn.image import replace_avgpool
+    from rotp_triton import replace_avgpool
     batch = 16 if args.quick else 64
     res = 224
     if args.smoke_cpu:

@@ -2,7 +2,8 @@
 from .gsp import GSPool
 from .hierarchical import MixedROTPool, SetFusionROTPool
 from .image import AdaptiveROTPool2d, ROTPool2d
-from .surgery import ROTSelectAdaptivePool2d, replace_avgpool
+from .select_pool import ROTSelectAdaptivePool2d
+from .surgery import replace_avgpool
 from .otk import OTKPool
 from .rot_pool import ROTPool
 from .weights import ROTWeights

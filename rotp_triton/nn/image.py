@@ -266,12 +266,3 @@ class ROTPool2d(_ImageROTBase):
         return (f"{self.__class__.__name__}({self.channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, ceil_mode={self.ceil_mode}, "
                 f"{self._rot_repr()})")
-
-
-# --------------------------------------------------------------------------------------------
-# replace_avgpool lives in surgery.py (it imports this module); kept importable from here
-# --------------------------------------------------------------------------------------------
-def replace_avgpool(*args, **kwargs):
-    """See :func:`rotp_triton.nn.surgery.replace_avgpool`."""
-    from .surgery import replace_avgpool as replace
-    return replace(*args, **kwargs)

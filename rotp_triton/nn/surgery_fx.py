@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .image import AdaptiveROTPool2d
+from .select_pool import ROTSelectAdaptivePool2d
 
 
 def _global_pool_call(node):
@@ -38,7 +39,6 @@ def replace_functional_avgpool(model: nn.Module, example, *, strict: bool = True
     import torch.fx as fx
     from torch.fx.passes.shape_prop import ShapeProp
 
-    from .surgery import ROTSelectAdaptivePool2d
     try:
         gm = fx.symbolic_trace(model)
     except Exception as e:
