@@ -1,20 +1,16 @@
-"""Fused Triton kernels of ROTP Sinkhorn (S) with α0 = 0 (DESIGN §3.1 exact, §3.2 paper eq. 18).
+"""``@triton.jit`` code of the fused Sinkhorn (α0 = 0) set kernels (DESIGN §3.1 exact, §3.2 paper
+eq. 18); launchers in ``launch.py``.
 
-One program owns one set x_b (n_b samples × D features, code layout: rows = samples) and runs
-all T iterations, the pooling and (on request) the plan in one launch; the backward is a second
-launch. Two tilings (``ONE_TILE_N``):
+One program owns one set x_b (n_b samples × D features, rows = samples) and runs all T
+iterations, the pooling and (on request) the plan in one launch; the backward is a second launch
+and a one-program launch folds the per-set weight gradients into the (6, T) table gradient.
+Two tilings (``ONE_TILE_N``): all n_b rows of a set in one [BN, BD] tile looping over feature
+chunks (one pass over x per iteration), or streamed [BN, BD] tiles with an online LogSumExp
+(ragged batches, long sets; two passes per iteration).
 
-- all n_b rows of a set in one [BN, BD] tile, looping over feature chunks (dense batches with
-  N <= 512: W2's 49 positions, W1's 500 samples): one pass over x per iteration, forward and
-  backward - the column LSEs are final per chunk and the row LSEs accumulate over the chunks;
-- streamed [BN, BD] tiles with an online LogSumExp (ragged batches, long sets): two passes
-  over x per iteration (column LSE, then row LSE), any set size.
-
-All log-domain state is kept in base 2 (value · log2 e), so every exponential is one ``exp2`` of
-``x · s + vectors`` with the scale ``s = log2(e) / ε`` folded into one multiply: the kernels are
-bound by the special-function units. The per-iteration state of a set is two vectors (a: D,
-b: n_b), which the forward writes for every t (O(T·(N + D)) per set); the backward re-creates
-every softmax from x and those vectors instead of saving anything of x's size.
+Every per-iteration scalar comes from the weight table w (6, T) on chip: ε_t = w[A1, t],
+κ2_t = κ(w[A2, t], ε_t), κ3_t = κ(w[A3, t], ε_t). Log-domain state is kept in base 2 (value ·
+log2 e), so every exponential is one ``exp2`` of ``x · s + vectors``, s = log2(e)/ε.
 
 Saved state (slot 0 of A and B is the zero initial state, slot t + 1 holds iteration t):
 
@@ -29,30 +25,64 @@ Saved state (slot 0 of A and B is the zero initial state, slot t + 1 holds itera
             Q_t = softmax_d(z_{t-1}) = 2^(x s_t + A[t] - Cn[t])
 
 so both variants share every tile pass; they differ only in the vector updates between passes
-and in the slot Q reads (``QOFF``). ``s_t`` (``sc[t]``) is log2(e)/ε_t (exact) or
-log2(e)/ε_{max(t-1, 0)} (paper). Rows of a set live at ``row0 + n`` in every per-row buffer
-(``NR`` rows in all: N_total ragged, B·N dense).
+and in the slot Q reads (``QOFF``). ``s_t`` is log2(e)/ε_t (exact) or log2(e)/ε_{max(t-1, 0)}
+(paper). Rows of a set live at ``row0 + n`` in every per-row buffer (``NR`` rows in all:
+N_total ragged, B·N dense).
 """
 from __future__ import annotations
 
-import math
-from typing import Optional
-
-import torch
 import triton
-from torch import Tensor
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+from ...params import A1, A2, A3
+from ..common import LN2, LOG2E, kappa
+
 NEG_INF = tl.constexpr(float("-inf"))
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(LN2)
+_A1 = tl.constexpr(A1)
+_A2 = tl.constexpr(A2)
+_A3 = tl.constexpr(A3)
+
+
+# --------------------------------------------------------------------------------------------
+# per-iteration scalars from the weight table
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _inv_eps(w_ptr, T, t):
+    """1/ε_t, ε_t = α1[t]."""
+    return 1.0 / tl.load(w_ptr + _A1 * T + t)
+
+
+@triton.jit
+def _x_scale(w_ptr, T, t, PAPER: tl.constexpr):
+    """log2(e)/ε of the softmaxes of iteration t (paper: those of z_{t-1}, built with ε_{t-1},
+    ε_{-1} = ε_0)."""
+    if PAPER:
+        te = tl.maximum(t - 1, 0)
+    else:
+        te = t
+    return _LOG2E / tl.load(w_ptr + _A1 * T + te)
+
+
+@triton.jit
+def _kappa_at(w_ptr, T, t, ROW: tl.constexpr):
+    """κ(w[ROW, t], ε_t) (ROW = A2 or A3)."""
+    return kappa(tl.load(w_ptr + ROW * T + t), tl.load(w_ptr + _A1 * T + t))
 
 
 # --------------------------------------------------------------------------------------------
 # tile helpers
 # --------------------------------------------------------------------------------------------
+@triton.jit
+def _prob2(z):
+    """2^z for a z that is mathematically ≤ 0 (a softmax or plan entry, at most 1).
+
+    The clamp changes nothing in exact arithmetic; it keeps the entry ≤ 1 where fp32 rounding
+    of |x|/ε ≳ 1e9 (one ulp ≈ 1e3 in the exponent) would give 2^(+1000) = inf and then NaN."""
+    return tl.exp2(tl.minimum(z, 0.0))
+
+
 @triton.jit
 def _load_x_tile(x_base, sxn, sxd, on, od, n_b, D):
     """x[on, od] of one set as fp32 and its validity mask, both [BN, BD]."""
@@ -121,7 +151,7 @@ def _matvec_over_n(x_base, sxn, sxd, n_b, D, s, cadd_ptr, rsub_ptr, w_ptr, out_p
             x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)            # [BN, BD]
             r = tl.load(rsub_ptr + on, mask=nm, other=0.0)
             w = tl.load(w_ptr + on, mask=nm, other=0.0)
-            p = tl.exp2(tl.where(msk, x * s + c[None, :] - r[:, None], NEG_INF))
+            p = _prob2(tl.where(msk, x * s + c[None, :] - r[:, None], NEG_INF))
             acc += tl.sum(p * w[:, None], axis=0)
         tl.store(out_ptr + od, acc, mask=dm)
 
@@ -141,7 +171,7 @@ def _matvec_over_d(x_base, sxn, sxd, n_b, D, s, radd_ptr, csub_ptr, w_ptr, out_p
             x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)            # [BN, BD]
             c = tl.load(csub_ptr + od, mask=dm, other=0.0)
             w = tl.load(w_ptr + od, mask=dm, other=0.0)
-            p = tl.exp2(tl.where(msk, x * s + r[:, None] - c[None, :], NEG_INF))
+            p = _prob2(tl.where(msk, x * s + r[:, None] - c[None, :], NEG_INF))
             acc += tl.sum(p * w[None, :], axis=1)
         tl.store(out_ptr + on, acc, mask=nm)
 
@@ -294,9 +324,9 @@ def _paper_iteration_one_sweep(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, l
 # forward
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def rot_sinkhorn_fwd_kernel(
+def sinkhorn_fwd_kernel(
     x_ptr, ptr_ptr, sxb, sxn, sxd, N, D, T, NR, lp0_u,
-    sc_ptr, ie_ptr, k2_ptr, k3_ptr, lp0_ptr, lq0_ptr,
+    w_ptr, lp0_ptr, lq0_ptr,
     A_ptr, Rn_ptr, Bv_ptr, Cn_ptr, rfin_ptr, tot_ptr, y_ptr,
     plan_ptr, spb, spn, spd,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
@@ -305,7 +335,7 @@ def rot_sinkhorn_fwd_kernel(
     """T Sinkhorn iterations, the pooled y and (optionally) the plan of one set per program.
 
     x: [B, N, D] (strides sxb, sxn, sxd) or ragged [N_total, D] with ptr [B + 1];
-    sc, ie, k2, k3: [T] (x-scale of iteration t, 1/ε_t, κ2_t, κ3_t); lp0: [B, D], lq0: [NR]
+    w: [6, T] weight table (ε, κ2, κ3 of iteration t derived on chip); lp0: [B, D], lq0: [NR]
     natural log priors; writes A, Rn, Bv, Cn (see the module docstring), rfin [B, D] (final
     LSE over n), tot [B] (log2 of the plan's mass), y [B, D] fp32, plan like x.
     """
@@ -319,9 +349,9 @@ def rot_sinkhorn_fwd_kernel(
         lq0_b = lq0_ptr + row0
         lq0_u = -tl.log2(n_b.to(tl.float32))
         for t in range(T):
-            s = tl.load(sc_ptr + t)
-            k2 = tl.load(k2_ptr + t)
-            k3 = tl.load(k3_ptr + t)
+            s = _x_scale(w_ptr, T, t, PAPER)
+            k2 = _kappa_at(w_ptr, T, t, _A2)
+            k3 = _kappa_at(w_ptr, T, t, _A3)
             A_prev = A_b + t * D
             A_cur = A_b + (t + 1) * D
             B_prev = Bv_ptr + t * NR + row0
@@ -330,7 +360,7 @@ def rot_sinkhorn_fwd_kernel(
             C_t = Cn_ptr + t * NR + row0
             if ONE_TILE_N:
                 if PAPER:
-                    _paper_iteration_one_sweep(x_base, sxn, sxd, n_b, D, s, tl.load(ie_ptr + t),
+                    _paper_iteration_one_sweep(x_base, sxn, sxd, n_b, D, s, _inv_eps(w_ptr, T, t),
                                                k2, k3, lp0_b, lp0_u, lq0_b, lq0_u, A_prev,
                                                B_prev, A_cur, B_cur, R_t, C_t, HAS_P0, HAS_Q0,
                                                BN, BD)
@@ -341,7 +371,7 @@ def rot_sinkhorn_fwd_kernel(
             elif PAPER:
                 # eq. (18): both LSEs of the same z_{t-1}, then the Jacobi updates
                 # a_t = κ2 (a_{t-1}/ε_t + log p0 - r_t), r_t = a_{t-1} + Rn_t (b likewise).
-                ie = tl.load(ie_ptr + t)
+                ie = _inv_eps(w_ptr, T, t)
                 _lse_over_n(x_base, sxn, sxd, n_b, D, s, B_prev, R_t, BN, BD)
                 _lse_over_d(x_base, sxn, sxd, n_b, D, s, A_prev, C_t, BN, BD)
                 tl.debug_barrier()
@@ -371,7 +401,7 @@ def rot_sinkhorn_fwd_kernel(
                 _marginal_scaling(C_t, lq0_b, lq0_u, k3, B_cur, n_b, HAS_Q0, BN)
 
         # pooling, eq. (5): y_d = Σ_n softmax_n(log P)_nd x_nd; a_d cancels in the softmax over n
-        s_fin = tl.load(ie_ptr + T - 1) * _LOG2E
+        s_fin = _inv_eps(w_ptr, T, T - 1) * _LOG2E
         B_fin = Bv_ptr + T * NR + row0
         A_fin = A_b + T * D
         for d0 in range(0, D, BD):
@@ -418,7 +448,7 @@ def rot_sinkhorn_fwd_kernel(
                     od = d0 + tl.arange(0, BD)
                     x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)    # [BN, BD]
                     a = tl.load(A_fin + od, mask=od < D, other=0.0)
-                    p = tl.exp2(x * s_fin + a[None, :] + bb[:, None] - tot)
+                    p = _prob2(x * s_fin + a[None, :] + bb[:, None] - tot)
                     tl.store(p_base + on[:, None] * spn + od[None, :] * spd,
                              p.to(plan_ptr.dtype.element_ty), mask=msk)
 
@@ -445,12 +475,12 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, A_cur, R_t, C_t, Cbar_t, B
         xs = x * s
         ac = tl.load(A_cur + od, mask=dm, other=0.0)
         r = tl.load(R_t + od, mask=dm, other=0.0)
-        q = tl.exp2(tl.where(msk, xs + ac[None, :] - cn[:, None], NEG_INF))
+        q = _prob2(tl.where(msk, xs + ac[None, :] - cn[:, None], NEG_INF))
         ab = tl.sum(q * cb[:, None], axis=0)                                   # [BD] ā
         ab += tl.where(add_init != 0, tl.load(abar_b + od, mask=dm, other=0.0), 0.0)
         tl.store(abar_b + od, ab, mask=dm)
-        smu = tl.where(dm, tl.exp2(ac + r), 0.0)
-        sm = tl.exp2(tl.where(msk, xs + bp[:, None] - r[None, :], NEG_INF))
+        smu = tl.where(dm, _prob2(ac + r), 0.0)
+        sm = _prob2(tl.where(msk, xs + bp[:, None] - r[None, :], NEG_INF))
         acc1 += tl.sum(sm * (-k2 * ab)[None, :], axis=1)
         acc2 += tl.sum(sm * smu[None, :], axis=1)
     return acc1, acc2
@@ -474,10 +504,10 @@ def _paper_bwd_sweep(x_base, sxn, sxd, n_b, D, s, A_prev, B_prev, R_t, C_t, Rbar
         ap = tl.load(A_prev + od, mask=dm, other=0.0)
         r = tl.load(R_t + od, mask=dm, other=0.0)
         rb = tl.load(Rbar_t + od, mask=dm, other=0.0)
-        q = tl.exp2(tl.where(msk, xs + ap[None, :] - cn[:, None], NEG_INF))
+        q = _prob2(tl.where(msk, xs + ap[None, :] - cn[:, None], NEG_INF))
         old = tl.load(abar_b + od, mask=dm, other=0.0)
         tl.store(abar_b + od, old + tl.sum(q * cb[:, None], axis=0), mask=dm)
-        sm = tl.exp2(tl.where(msk, xs + bp[:, None] - r[None, :], NEG_INF))
+        sm = _prob2(tl.where(msk, xs + bp[:, None] - r[None, :], NEG_INF))
         acc += tl.sum(sm * rb[None, :], axis=1)
     tl.store(bbar_b + on, tl.load(bbar_b + on, mask=nm, other=0.0) + acc, mask=nm)
 
@@ -486,9 +516,9 @@ def _paper_bwd_sweep(x_base, sxn, sxd, n_b, D, s, A_prev, B_prev, R_t, C_t, Rbar
 # backward
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def rot_sinkhorn_bwd_kernel(
+def sinkhorn_bwd_kernel(
     x_ptr, ptr_ptr, sxb, sxn, sxd, N, D, T, NR, lp0_u,
-    sc_ptr, ie_ptr, k2_ptr, k3_ptr, lp0_ptr, lq0_ptr,
+    w_ptr, lp0_ptr, lq0_ptr,
     A_ptr, Rn_ptr, Bv_ptr, Cn_ptr, rfin_ptr, tot_ptr, y_ptr,
     g_ptr, gp_ptr, sgb, sgn, sgd,
     dx_ptr, sdb, sdn, sdd,
@@ -519,7 +549,7 @@ def rot_sinkhorn_bwd_kernel(
         bbar_b = bbar_ptr + row0
         rfin_b = rfin_ptr + b * D
         lq0_u = -tl.log2(n_b.to(tl.float32))
-        ie_fin = tl.load(ie_ptr + T - 1)
+        ie_fin = _inv_eps(w_ptr, T, T - 1)
         s_fin = ie_fin * _LOG2E
         B_fin = Bv_ptr + T * NR + row0
         A_fin = A_b + T * D
@@ -544,7 +574,7 @@ def rot_sinkhorn_bwd_kernel(
                     a = tl.load(A_fin + od, mask=od < D, other=0.0)
                     gp = tl.load(gp_base + on[:, None] * sgn + od[None, :] * sgd, mask=msk,
                                  other=0.0).to(tl.float32)
-                    p = tl.exp2(tl.where(msk, x * s_fin + a[None, :] + bb[:, None] - tot, NEG_INF))
+                    p = _prob2(tl.where(msk, x * s_fin + a[None, :] + bb[:, None] - tot, NEG_INF))
                     pg += tl.sum(tl.sum(p * gp, axis=1), axis=0)
 
         # adjoint of the final log P: z̄ = g_d W (x - y_d) [+ P (G - <P,G>)], W = softmax_n;
@@ -561,13 +591,13 @@ def rot_sinkhorn_bwd_kernel(
                 rf = tl.load(rfin_b + od, mask=dm, other=0.0)
                 g = tl.load(g_ptr + b * D + od, mask=dm, other=0.0)
                 yd = tl.load(y_ptr + b * D + od, mask=dm, other=0.0)
-                w = tl.exp2(tl.where(msk, x * s_fin + bb[:, None] - rf[None, :], NEG_INF))
+                w = _prob2(tl.where(msk, x * s_fin + bb[:, None] - rf[None, :], NEG_INF))
                 zb = g[None, :] * w * (x - yd[None, :])
                 if HAS_GP:
                     a = tl.load(A_fin + od, mask=dm, other=0.0)
                     gp = tl.load(gp_base + on[:, None] * sgn + od[None, :] * sgd, mask=msk,
                                  other=0.0).to(tl.float32)
-                    p = tl.exp2(tl.where(msk, x * s_fin + a[None, :] + bb[:, None] - tot, NEG_INF))
+                    p = _prob2(tl.where(msk, x * s_fin + a[None, :] + bb[:, None] - tot, NEG_INF))
                     zb += p * (gp - pg)
                 acc += tl.sum(zb, axis=1)
             tl.store(bbar_b + on, acc, mask=nm)
@@ -583,7 +613,7 @@ def rot_sinkhorn_bwd_kernel(
                     x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)
                     gp = tl.load(gp_base + on[:, None] * sgn + od[None, :] * sgd, mask=msk,
                                  other=0.0).to(tl.float32)
-                    p = tl.exp2(tl.where(msk, x * s_fin + a[None, :] + bb[:, None] - tot, NEG_INF))
+                    p = _prob2(tl.where(msk, x * s_fin + a[None, :] + bb[:, None] - tot, NEG_INF))
                     acc += tl.sum(p * (gp - pg), axis=0)
             tl.store(abar_b + od, acc, mask=dm)
         tl.debug_barrier()
@@ -591,9 +621,9 @@ def rot_sinkhorn_bwd_kernel(
         # reverse sweep over the iterations: only vectors (adjoints of a, b, R, C) are carried
         for i in range(T):
             t = T - 1 - i
-            s = tl.load(sc_ptr + t)
-            k2 = tl.load(k2_ptr + t)
-            k3 = tl.load(k3_ptr + t)
+            s = _x_scale(w_ptr, T, t, PAPER)
+            k2 = _kappa_at(w_ptr, T, t, _A2)
+            k3 = _kappa_at(w_ptr, T, t, _A3)
             A_prev = A_b + t * D
             A_cur = A_b + (t + 1) * D
             B_prev = Bv_ptr + t * NR + row0
@@ -604,7 +634,7 @@ def rot_sinkhorn_bwd_kernel(
             Cbar_t = Cbar_ptr + t * NR + row0
             if PAPER:
                 # a_t = κ2 (a_{t-1}/ε_t + lp0 - a_{t-1} - Rn_t): r̄ = -κ2 ā, ā_{t-1} = κ2 ā/ε_t + ...
-                ie = tl.load(ie_ptr + t)
+                ie = _inv_eps(w_ptr, T, t)
                 dk2 = tl.sum(tl.zeros([BD], tl.float32), axis=0)
                 de = tl.sum(tl.zeros([BD], tl.float32), axis=0)
                 for d0 in range(0, D, BD):
@@ -665,7 +695,7 @@ def rot_sinkhorn_bwd_kernel(
                     bc = tl.load(B_cur + on, mask=nm, other=0.0)
                     c = tl.load(C_t + on, mask=nm, other=0.0)
                     lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
-                    vb = tl.where(nm, bb - tl.exp2(bc + c) * sb, 0.0)          # v̄
+                    vb = tl.where(nm, bb - _prob2(bc + c) * sb, 0.0)          # v̄
                     tl.store(Cbar_t + on, -bb + (1.0 - k3) * vb, mask=nm)      # C̄
                     if HAS_Q0:
                         old = tl.load(dlq0_ptr + row0 + on, mask=nm, other=0.0)
@@ -692,7 +722,7 @@ def rot_sinkhorn_bwd_kernel(
                     ac = tl.load(A_cur + od, mask=dm, other=0.0)
                     r = tl.load(R_t + od, mask=dm, other=0.0)
                     lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
-                    ub = tl.where(dm, ab - tl.exp2(ac + r) * sa, 0.0)          # ū
+                    ub = tl.where(dm, ab - _prob2(ac + r) * sa, 0.0)          # ū
                     tl.store(Rbar_t + od, -ab + (1.0 - k2) * ub, mask=dm)      # R̄
                     if HAS_P0:
                         old = tl.load(dlp0_ptr + b * D + od, mask=dm, other=0.0)
@@ -730,18 +760,18 @@ def rot_sinkhorn_bwd_kernel(
                 rf = tl.load(rfin_b + od, mask=dm, other=0.0)
                 g = tl.load(g_ptr + b * D + od, mask=dm, other=0.0)
                 yd = tl.load(y_ptr + b * D + od, mask=dm, other=0.0)
-                w = tl.exp2(tl.where(msk, x * s_fin + bb[:, None] - rf[None, :], NEG_INF))
+                w = _prob2(tl.where(msk, x * s_fin + bb[:, None] - rf[None, :], NEG_INF))
                 zb = g[None, :] * w * (x - yd[None, :])
                 if HAS_GP:
                     a = tl.load(A_fin + od, mask=dm, other=0.0)
                     gp = tl.load(gp_base + on[:, None] * sgn + od[None, :] * sgd, mask=msk,
                                  other=0.0).to(tl.float32)
-                    p = tl.exp2(tl.where(msk, x * s_fin + a[None, :] + bb[:, None] - tot, NEG_INF))
+                    p = _prob2(tl.where(msk, x * s_fin + a[None, :] + bb[:, None] - tot, NEG_INF))
                     zb += p * (gp - pg)
                 dx = g[None, :] * w + zb * ie_fin                              # [BN, BD]
                 de_fin -= tl.sum(tl.sum(zb * x, axis=1), axis=0) * (ie_fin * ie_fin)
                 for t in range(T):
-                    s = tl.load(sc_ptr + t)
+                    s = _x_scale(w_ptr, T, t, PAPER)
                     e_inv = s * _LN2
                     bp = tl.load(Bv_ptr + t * NR + row0 + on, mask=nm, other=0.0)
                     cn = tl.load(Cn_ptr + t * NR + row0 + on, mask=nm, other=0.0)
@@ -750,8 +780,8 @@ def rot_sinkhorn_bwd_kernel(
                     rb = tl.load(Rbar_b + t * D + od, mask=dm, other=0.0)
                     aq = tl.load(A_b + (t + QOFF) * D + od, mask=dm, other=0.0)
                     xs = x * s
-                    sm = tl.exp2(tl.where(msk, xs + bp[:, None] - r[None, :], NEG_INF))
-                    qm = tl.exp2(tl.where(msk, xs + aq[None, :] - cn[:, None], NEG_INF))
+                    sm = _prob2(tl.where(msk, xs + bp[:, None] - r[None, :], NEG_INF))
+                    qm = _prob2(tl.where(msk, xs + aq[None, :] - cn[:, None], NEG_INF))
                     term = sm * rb[None, :] + qm * cb[:, None]                 # ȳ_t
                     dx += term * e_inv
                     tx = tl.sum(tl.sum(term * x, axis=1), axis=0)
@@ -763,203 +793,54 @@ def rot_sinkhorn_bwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# host launchers
+# weight-table gradient
 # --------------------------------------------------------------------------------------------
-def _next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
+@triton.jit
+def _dkappa(alpha, eps):
+    """(∂κ/∂α, ∂κ/∂ε) of κ(α, ε) = α/(α + ε); both 0 at α = +inf (κ ≡ 1 there)."""
+    inf = alpha == float("inf")
+    a = tl.where(inf, 0.0, alpha)
+    r = 1.0 / ((a + eps) * (a + eps))
+    return tl.where(inf, 0.0, eps * r), tl.where(inf, 0.0, -a * r)
 
 
-ONE_TILE_MAX_N = 512
+@triton.jit
+def sinkhorn_wgrad_kernel(w_ptr, dk2_ptr, dk3_ptr, deps_rec_ptr, deps_x_ptr, deps_fin_ptr,
+                          dw_ptr, B, T, PAPER: tl.constexpr, BT: tl.constexpr):
+    """dw [6, T] from the per-set partials of the backward (one program; the partials are B × T).
 
-
-# elements of x per thread in one [BN, BD] tile: the forward holds ~3 tiles live, the backward's
-# dx pass ~6; with these budgets ptxas stays below 255 registers without spills (AOT test).
-FWD_ELEMS_PER_THREAD = 16
-BWD_ELEMS_PER_THREAD = 8
-
-
-def _fwd_config(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
-    """(BN, BD, one_tile) of the forward: a dense batch with N <= 512 puts all of a set's rows in
-    one tile (one pass over x per iteration instead of two); otherwise streamed [BN, BD] tiles."""
-    tile = FWD_ELEMS_PER_THREAD * 32 * num_warps
-    if N is not None and N <= ONE_TILE_MAX_N:
-        BN = _next_pow2(max(N, 1))
-        BD = max(min(tile // BN, _next_pow2(D), 128), 1)
-        return BN, BD, True
-    BN, BD = _blocks(D, N, tile)
-    return BN, BD, False
-
-
-def _bwd_config(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
-    """(BN, BD, one_tile) of the backward (one pass per reverse iteration when one_tile)."""
-    tile = BWD_ELEMS_PER_THREAD * 32 * num_warps
-    if N is not None and N <= ONE_TILE_MAX_N:
-        BN = _next_pow2(max(N, 1))
-        return BN, max(min(tile // BN, _next_pow2(D), 128), 1), True
-    BN, BD = _blocks(D, N, tile)
-    return BN, BD, False
-
-
-def _blocks(D: int, N: Optional[int], tile: int) -> tuple:
-    """[BN, BD] tile: BD covers D up to 128 features, BN fills the rest of a ``tile``-element
-    budget (capped by the set size when it is known, i.e. for dense batches)."""
-    BD = min(_next_pow2(D), 128)
-    BN = max(tile // BD, 1)
-    if N is not None:
-        BN = min(BN, _next_pow2(max(N, 1)))
-    return BN, BD
-
-
-_SM_COUNT = {}
-
-
-def _num_warps(x: Tensor, B: int) -> int:
-    """One program per set: with fewer sets than about two per SM (W1: 50, W5: 128 sets) each
-    program gets 8 warps to keep enough loads in flight; many small sets use 4."""
-    if not x.is_cuda:
-        return 4
-    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return 8 if B < 2 * _SM_COUNT[idx] else 4
-
-
-def _layout(x: Tensor, ptr: Optional[Tensor]):
-    """(B, N or None, D, NR, strides (b, n, d)) of a dense (B, N, D) or ragged (NR, D) batch."""
-    if ptr is None:
-        B, N, D = x.shape
-        return B, N, D, B * N, (x.stride(0), x.stride(1), x.stride(2))
-    NR, D = x.shape
-    return ptr.shape[0] - 1, None, D, NR, (0, x.stride(0), x.stride(1))
-
-
-def _direct(kernel):
-    return kernel
-
-
-def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], eps: Tensor, k2: Tensor, k3: Tensor,
-                     log_p0: Optional[Tensor], log_q0: Optional[Tensor], paper: bool,
-                     return_plan: bool, wrap=_direct):
-    """Launch the fused forward.
-
-    Args:
-        x: (B, N, D) dense with any strides, or (N_total, D) ragged with ``ptr`` (B + 1,) int64.
-        eps, k2, k3: (T,) fp32: ε_t = α1[t], κ2_t = κ(α2[t], ε_t), κ3_t = κ(α3[t], ε_t).
-        log_p0: (B, D) normalized natural-log prior over features, or None (uniform).
-        log_q0: like x[..., 0] ((B, N) or (N_total,)), normalized per set, or None (uniform).
-        paper: eq. (18) Jacobi updates instead of the exact Gauss-Seidel ones.
-        return_plan: also write each set's plan, normalized to mass 1, in x's layout.
-        wrap: ``torch.library.wrap_triton`` inside a triton_op, else the identity.
-
-    Returns:
-        y (B, D) fp32, plan (like x, or an empty tensor), and the saved state
-        A (B, T + 1, D), Rn (B, T, D), Bv (T + 1, NR), Cn (T, NR), rfin (B, D), tot (B,).
-    """
-    B, N, D, NR, (sxb, sxn, sxd) = _layout(x, ptr)
-    T = eps.shape[0]
-    dev = x.device
-    f32 = dict(device=dev, dtype=torch.float32)
-    sc, ie = _scales(eps, paper)
-    A = torch.zeros(B, T + 1, D, **f32)
-    Rn = torch.empty(B, T, D, **f32)
-    Bv = torch.zeros(T + 1, NR, **f32)
-    Cn = torch.empty(T, NR, **f32)
-    rfin = torch.empty(B, D, **f32)
-    tot = torch.zeros(B, **f32)
-    y = torch.zeros(B, D, **f32)
-    plan = torch.empty_like(x) if return_plan else x.new_empty(0)
-    if return_plan:
-        plan.zero_()  # empty sets have no rows; padding never exists, but keep it defined
-        spb, spn, spd = (plan.stride(0), plan.stride(1), plan.stride(2)) if ptr is None else \
-            (0, plan.stride(0), plan.stride(1))
-    else:
-        spb = spn = spd = 0
-    nw = _num_warps(x, B)
-    BN, BD, one_tile = _fwd_config(D, N, nw)
-    lp0 = log_p0.float().contiguous() if log_p0 is not None else y
-    lq0 = log_q0.float().contiguous() if log_q0 is not None else y
-    if B > 0 and D > 0:
-        wrap(rot_sinkhorn_fwd_kernel)[(B,)](
-            x, ptr if ptr is not None else y, sxb, sxn, sxd, N if N is not None else 0, D, T, NR,
-            -math.log2(D), sc, ie, k2.float().contiguous(), k3.float().contiguous(), lp0, lq0,
-            A, Rn, Bv, Cn, rfin, tot, y, plan, spb, spn, spd,
-            RAGGED=ptr is not None, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
-            PAPER=paper, RETURN_PLAN=return_plan, ONE_TILE_N=one_tile, BN=BN, BD=BD,
-            num_warps=nw)
-    return y, plan, A, Rn, Bv, Cn, rfin, tot
-
-
-def _scales(eps: Tensor, paper: bool):
-    """sc[t]: the x-scale log2(e)/ε of the softmaxes of iteration t (paper: those of z_{t-1},
-    built with ε_{t-1}, ε_{-1} = ε_0); ie[t] = 1/ε_t."""
-    e = eps.detach().float()
-    if paper:
-        e_s = torch.cat([e[:1], e[:-1]])
-    else:
-        e_s = e
-    return (LOG2E / e_s).contiguous(), (1.0 / e).contiguous()
-
-
-def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], eps: Tensor, k2: Tensor, k3: Tensor,
-                      log_p0: Optional[Tensor], log_q0: Optional[Tensor], paper: bool,
-                      y: Tensor, A: Tensor, Rn: Tensor, Bv: Tensor, Cn: Tensor, rfin: Tensor,
-                      tot: Tensor, grad_y: Tensor, grad_plan: Optional[Tensor], wrap=_direct):
-    """Launch the fused backward (arguments as :func:`sinkhorn_forward`, plus its outputs).
-
-    Args:
-        grad_y: (B, D) gradient of y. grad_plan: gradient of the plan (x's shape) or None.
-
-    Returns:
-        dx (like x, x's dtype), dlog_p0 (B, D) or None, dlog_q0 (like log_q0) or None,
-        dk2, dk3, deps (T,) fp32.
-    """
-    B, N, D, NR, (sxb, sxn, sxd) = _layout(x, ptr)
-    T = eps.shape[0]
-    dev = x.device
-    f32 = dict(device=dev, dtype=torch.float32)
-    sc, ie = _scales(eps, paper)
-    dx = torch.zeros_like(x)
-    dlp0 = torch.zeros(B, D, **f32)
-    dlq0 = torch.zeros(NR, **f32)
-    dk2 = torch.zeros(B, T, **f32)
-    dk3 = torch.zeros(B, T, **f32)
-    deps_rec = torch.zeros(B, T, **f32)
-    deps_x = torch.zeros(B, T, **f32)
-    deps_fin = torch.zeros(B, **f32)
-    Rbar = torch.empty(B, T, D, **f32)
-    Cbar = torch.empty(T, NR, **f32)
-    abar = torch.empty(B, D, **f32)
-    bbar = torch.empty(NR, **f32)
-    g = grad_y.float().contiguous()
-    has_gp = grad_plan is not None
-    gp = grad_plan if has_gp else g
-    if has_gp:
-        sgb, sgn, sgd = (gp.stride(0), gp.stride(1), gp.stride(2)) if ptr is None else \
-            (0, gp.stride(0), gp.stride(1))
-    else:
-        sgb = sgn = sgd = 0
-    sdb, sdn, sdd = (dx.stride(0), dx.stride(1), dx.stride(2)) if ptr is None else \
-        (0, dx.stride(0), dx.stride(1))
-    nw = _num_warps(x, B)
-    BN, BD, one_tile = _bwd_config(D, N, nw)
-    lp0 = log_p0.float().contiguous() if log_p0 is not None else g
-    lq0 = log_q0.float().contiguous() if log_q0 is not None else g
-    if B > 0 and D > 0:
-        wrap(rot_sinkhorn_bwd_kernel)[(B,)](
-            x, ptr if ptr is not None else g, sxb, sxn, sxd, N if N is not None else 0, D, T, NR,
-            -math.log2(D), sc, ie, k2.float().contiguous(), k3.float().contiguous(), lp0, lq0,
-            A, Rn, Bv, Cn, rfin, tot, y,
-            g, gp, sgb, sgn, sgd, dx, sdb, sdn, sdd,
-            dlp0, dlq0, dk2, dk3, deps_rec, deps_x, deps_fin, Rbar, Cbar, abar, bbar,
-            RAGGED=ptr is not None, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
-            PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one_tile, BN=BN, BD=BD, BT=_next_pow2(T),
-            num_warps=nw)
-    dx_eps = deps_x.sum(0)
-    if paper:  # term t of the x-scale belongs to ε_{max(t-1, 0)}
-        dx_eps = torch.cat([dx_eps[:1] + dx_eps[1:2], dx_eps[2:], dx_eps.new_zeros(1)]) \
-            if T > 1 else dx_eps
-    deps = deps_rec.sum(0) + dx_eps
-    deps = deps + torch.nn.functional.pad(deps_fin.sum().reshape(1), (T - 1, 0))
-    return (dx, dlp0 if log_p0 is not None else None,
-            dlq0.reshape(log_q0.shape) if log_q0 is not None else None,
-            dk2.sum(0), dk3.sum(0), deps)
+    dk2, dk3 [B, T]: gradients w.r.t. κ2_t, κ3_t; deps_rec [B, T]: direct ε_t terms; deps_x
+    [B, T]: term t of the x-scale (paper: it belongs to ε_{max(t-1, 0)}); deps_fin [B]: the
+    final log P's ε_{T-1}. Rows other than A1..A3 are written as zeros."""
+    ot = tl.arange(0, BT)
+    tm = ot < T
+    g2 = tl.zeros([BT], tl.float32)
+    g3 = tl.zeros([BT], tl.float32)
+    ge = tl.zeros([BT], tl.float32)
+    for b in range(B):
+        row = b * T
+        g2 += tl.load(dk2_ptr + row + ot, mask=tm, other=0.0)
+        g3 += tl.load(dk3_ptr + row + ot, mask=tm, other=0.0)
+        ge += tl.load(deps_rec_ptr + row + ot, mask=tm, other=0.0)
+        if PAPER:
+            ge += tl.load(deps_x_ptr + row + ot + 1, mask=ot + 1 < T, other=0.0)
+            ge += tl.where(ot == 0, tl.load(deps_x_ptr + row), 0.0)
+        else:
+            ge += tl.load(deps_x_ptr + row + ot, mask=tm, other=0.0)
+        ge += tl.where(ot == T - 1, tl.load(deps_fin_ptr + b), 0.0)
+    eps = tl.load(w_ptr + _A1 * T + ot, mask=tm, other=1.0)
+    a2 = tl.load(w_ptr + _A2 * T + ot, mask=tm, other=1.0)
+    a3 = tl.load(w_ptr + _A3 * T + ot, mask=tm, other=1.0)
+    k2_a, k2_e = _dkappa(a2, eps)
+    k3_a, k3_e = _dkappa(a3, eps)
+    zero = tl.zeros([BT], tl.float32)
+    for r in tl.static_range(6):
+        if r == _A1:
+            v = ge + g2 * k2_e + g3 * k3_e
+        elif r == _A2:
+            v = g2 * k2_a
+        elif r == _A3:
+            v = g3 * k3_a
+        else:
+            v = zero
+        tl.store(dw_ptr + r * T + ot, v, mask=tm)
