@@ -103,6 +103,15 @@ def _compare(k, r, tol, names):
         assert e <= tol, f"grad {name}: {e:.3g}"
 
 
+@pytest.fixture(params=["v1", "v2"])
+def forward_iteration(request, monkeypatch):
+    """Run the test with the v1 one-sweep forward iteration and with the lean v2 one
+    (``launch.LEAN_FORWARD``); both must give the reference's results."""
+    from rotp_triton.ops.rot.triton.sinkhorn import launch
+    monkeypatch.setattr(launch, "LEAN_FORWARD", request.param == "v2")
+    return request.param
+
+
 def _ragged_ptr(sizes):
     ptr = torch.zeros(len(sizes) + 1, dtype=torch.int64)
     ptr[1:] = torch.cumsum(torch.tensor(sizes), 0)
@@ -113,6 +122,7 @@ def _ragged_ptr(sizes):
 # forward + gradients against the reference
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", ["exact", "paper"])
+@pytest.mark.usefixtures("forward_iteration")
 def test_dense_priors_plan_per_iteration_weights(variant):
     """Dense (B, N, D) = (2, 5, 3), T = 3 per-iteration weights (one a2 = inf), given p0, q0,
     a loss on y and on the plan: every gradient matches the reference."""
@@ -166,6 +176,7 @@ def test_ragged_priors_exact():
 
 
 @pytest.mark.parametrize("shape", [(3, 1, 4), (2, 6, 1), (1, 1, 1)])
+@pytest.mark.usefixtures("forward_iteration")
 def test_degenerate_shapes(shape):
     """N = 1, D = 1 and a 1 × 1 set: forward and gradients (exact, T = 2)."""
     gen = torch.Generator().manual_seed(4)
@@ -181,6 +192,7 @@ def test_degenerate_shapes(shape):
 
 @pytest.mark.parametrize("variant", ["exact", "paper"])
 @pytest.mark.parametrize("one_tile", [True, False])
+@pytest.mark.usefixtures("forward_iteration")
 def test_strided_image_view_multi_tile(variant, one_tile):
     """(B, C, H, W) pooled over H·W through the (B, HW, C) strided view, with the tiles forced
     small: both kernel paths (all rows of a set in one tile with several feature chunks - one
@@ -215,12 +227,36 @@ def test_strided_image_view_multi_tile(variant, one_tile):
     assert rel_err(gimg.flatten(2).transpose(1, 2), gx_ref) <= RTOL[torch.float32]
 
 
+@pytest.mark.parametrize("variant", ["exact", "paper"])
+@pytest.mark.parametrize("N,D,BN,BD", [(8, 8, 8, 4), (8, 6, 8, 4), (5, 8, 8, 4)],
+                         ids=["even", "edge_d", "edge_n"])
+def test_lean_tile_edges(variant, N, D, BN, BD, monkeypatch):
+    """The v2 iteration's mask-free path (N == BN, D % BD == 0) and its edge paths (padded rows
+    by a -inf bias, a last partial feature chunk) against the reference, forward and
+    gradients, with a plan and priors."""
+    from rotp_triton.ops.rot.triton.sinkhorn import launch
+    monkeypatch.setattr(launch, "LEAN_FORWARD", True)
+    monkeypatch.setattr(launch, "fwd_config", lambda D_, N_, nw=4: (BN, BD, True))
+    gen = torch.Generator().manual_seed(15)
+    B, T = 2, 3
+    x = torch.randn(B, N, D, generator=gen)
+    a1, a2, a3 = _weights(T, gen, inf_a2=True)
+    p0 = torch.rand(B, D, generator=gen) + 0.1
+    q0 = torch.rand(B, N, generator=gen) + 0.1
+    cy = torch.randn(B, D, generator=gen)
+    cp = torch.randn(B, N, D, generator=gen)
+    args = (x, None, variant, T, a1, a2, a3, p0, q0, cy, cp)
+    _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32],
+             ["x", "a1", "a2", "a3", "p0", "q0"])
+
+
 # --------------------------------------------------------------------------------------------
 # Fig. 7 extremes
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("a1", [1e-5, 1e4])
 @pytest.mark.parametrize("a23", [1e-5, 1e4])
 @pytest.mark.parametrize("variant", ["exact", "paper"])
+@pytest.mark.usefixtures("forward_iteration")
 def test_fig7_extremes(variant, a1, a23):
     """α1, α2 = α3 ∈ {1e-5, 1e4}, T = 4: the exact variant is finite and matches; the paper
     variant is finite exactly where the reference is, and matches there."""
@@ -243,6 +279,7 @@ def test_fig7_extremes(variant, a1, a23):
 
 
 @pytest.mark.parametrize("a1,a23", [(1e-5, 1e-5), (1e-3, 1e4), (1e-1, 1e-5)])
+@pytest.mark.usefixtures("forward_iteration")
 def test_fig7_T16_paper_diverges_like_the_fp32_torch_path(a1, a23):
     """T = 16: eq. (18) with small α1 overflows float32 (defect 1 of DESIGN §3.3; the float64
     reference overflows later). The kernel is non-finite exactly where the float32 torch path
@@ -263,6 +300,7 @@ def test_fig7_T16_paper_diverges_like_the_fp32_torch_path(a1, a23):
     assert rel_err(ye, yre) <= (3e-3 if a1 < 1e-2 else RTOL[torch.float32])
 
 
+@pytest.mark.usefixtures("forward_iteration")
 def test_fig7_exact_gradients_small_eps():
     """Gradients stay finite at the small-ε corner of the grid (α1 = 1e-5, α2 = α3 = 1e4)."""
     x = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(7)).to(DEVICE)
@@ -275,6 +313,7 @@ def test_fig7_exact_gradients_small_eps():
 
 
 @pytest.mark.parametrize("variant", ["exact", "paper"])
+@pytest.mark.usefixtures("forward_iteration")
 def test_huge_x_over_eps_gradient_finite_like_torch_path(variant):
     """|x|/α1 ≈ 1e10 (x = randn * 1e5, α1 = 1e-5): one fp32 ulp of x/ε is ≈ 1e3 in an exponent,
     which once made every softmax recomputed in the backward overflow (all-NaN x.grad). The

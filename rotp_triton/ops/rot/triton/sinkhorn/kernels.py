@@ -321,6 +321,170 @@ def _paper_iteration_one_sweep(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, l
 
 
 # --------------------------------------------------------------------------------------------
+# lean one-tile iteration (v2): every row of the set in the tile, feature chunks streamed
+# --------------------------------------------------------------------------------------------
+# Per element and iteration: x·s + b (FFMA), the column max, x·s + b - max (FADD), exp2, the
+# column sum; x·s + a (FFMA), the row max, exp2, the row sum - no select, no log, no division.
+# Padding costs nothing per element: a padded row gets the bias b = -inf (so it drops out of
+# every column LSE), a padded column a = -inf (so it drops out of every row LSE); only the loads
+# carry a mask, and only where the tile has padding (MASK_N: n_b < BN; the last chunk when
+# D % BD != 0). Logs are taken of the reduced [BD] / [BN] vectors only.
+@triton.jit
+def _lean_load_chunk(x_base, sxn, sxd, on, nm, od, D, MASK_N: tl.constexpr,
+                     MASK_D: tl.constexpr):
+    """x[on, od] as fp32 [BN, BD]; padding reads 0 (its bias removes it from every LSE)."""
+    offs = on[:, None] * sxn + od[None, :] * sxd
+    if MASK_D:
+        x = tl.load(x_base + offs, mask=nm[:, None] & (od[None, :] < D), other=0.0)
+    elif MASK_N:
+        x = tl.load(x_base + offs, mask=nm[:, None], other=0.0)
+    else:
+        x = tl.load(x_base + offs)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _lean_vec(ptr, o, n, other, MASK: tl.constexpr):
+    """ptr[o] as fp32, ``other`` where o >= n (only when MASK)."""
+    if MASK:
+        v = tl.load(ptr + o, mask=o < n, other=other)
+    else:
+        v = tl.load(ptr + o)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _lean_col_lse(xs, bias):
+    """LSE over n (base 2) of xs + bias[:, None], per column: [BN, BD] -> [BD]. A column whose
+    entries are all -inf (diverging paper variant) gives -inf, never NaN."""
+    z = xs + bias[:, None]
+    mz = tl.max(z, axis=0)
+    mz = tl.where(mz == NEG_INF, 0.0, mz)
+    return mz + tl.log2(tl.sum(tl.exp2(z - mz[None, :]), axis=0))
+
+
+@triton.jit
+def _lean_row_merge(m, l, xs, bias):
+    """Fold the chunk xs + bias[None, :] into the running row LSE (max m, sum l), both [BN]."""
+    z = xs + bias[None, :]
+    mn = tl.maximum(m, tl.max(z, axis=1))
+    ms = tl.where(mn == NEG_INF, 0.0, mn)
+    l = l * tl.exp2(m - ms) + tl.sum(tl.exp2(z - ms[:, None]), axis=1)
+    return mn, l
+
+
+@triton.jit
+def _lean_exact_chunk(x_base, sxn, sxd, on, nm, bp, d0, D, s, k2, lp0_b, lp0_u, A_cur, R_t,
+                      m_u, l_u, m_c, l_c, HAS_P0: tl.constexpr, MASK_N: tl.constexpr,
+                      MASK_D: tl.constexpr, BD: tl.constexpr):
+    """One feature chunk of the exact iteration: R_d final, a_d + LSE(u) stored, the row LSE of
+    x s + a + LSE(u) and the scalar LSE(u) merged (see _exact_iteration_one_sweep)."""
+    od = d0 + tl.arange(0, BD)
+    xs = _lean_load_chunk(x_base, sxn, sxd, on, nm, od, D, MASK_N, MASK_D) * s   # [BN, BD]
+    r = _lean_col_lse(xs, bp)                                                  # [BD] R_d
+    if HAS_P0:
+        lp0 = _lean_vec(lp0_b, od, D, 0.0, MASK_D) * _LOG2E
+    else:
+        lp0 = lp0_u
+    u = k2 * lp0 + (1.0 - k2) * r
+    ar = u - r                                                                 # a_d + LSE(u)
+    if MASK_D:
+        dm = od < D
+        u = tl.where(dm, u, NEG_INF)
+        ar = tl.where(dm, ar, NEG_INF)
+        tl.store(R_t + od, r, mask=dm)
+        tl.store(A_cur + od, ar, mask=dm)
+    else:
+        tl.store(R_t + od, r)
+        tl.store(A_cur + od, ar)
+    mu = tl.maximum(m_u, tl.max(u, axis=0))
+    l_u = l_u * tl.exp2(m_u - mu) + tl.sum(tl.exp2(u - mu), axis=0)
+    m_c, l_c = _lean_row_merge(m_c, l_c, xs, ar)
+    return mu, l_u, m_c, l_c
+
+
+@triton.jit
+def _lean_paper_chunk(x_base, sxn, sxd, on, nm, bp, d0, D, s, ie, k2, lp0_b, lp0_u, A_prev,
+                      A_cur, R_t, m_c, l_c, HAS_P0: tl.constexpr, MASK_N: tl.constexpr,
+                      MASK_D: tl.constexpr, BD: tl.constexpr):
+    """One feature chunk of the eq. (18) iteration: R_d and a_t final, the row LSE of
+    x s + a_{t-1} merged."""
+    od = d0 + tl.arange(0, BD)
+    xs = _lean_load_chunk(x_base, sxn, sxd, on, nm, od, D, MASK_N, MASK_D) * s   # [BN, BD]
+    r = _lean_col_lse(xs, bp)                                                  # [BD] Rn_t
+    ap = _lean_vec(A_prev, od, D, float("-inf"), MASK_D)
+    if HAS_P0:
+        lp0 = _lean_vec(lp0_b, od, D, 0.0, MASK_D) * _LOG2E
+    else:
+        lp0 = lp0_u
+    a_new = k2 * (ap * ie + lp0 - ap - r)
+    if MASK_D:
+        dm = od < D
+        tl.store(R_t + od, r, mask=dm)
+        tl.store(A_cur + od, a_new, mask=dm)
+    else:
+        tl.store(R_t + od, r)
+        tl.store(A_cur + od, a_new)
+    return _lean_row_merge(m_c, l_c, xs, ap)
+
+
+@triton.jit
+def _lean_iteration(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u,
+                    A_prev, B_prev, A_cur, B_cur, R_t, C_t, HAS_P0: tl.constexpr,
+                    HAS_Q0: tl.constexpr, PAPER: tl.constexpr, MASK_N: tl.constexpr,
+                    BN: tl.constexpr, BD: tl.constexpr):
+    """One iteration (exact or paper) in one pass over x with all n_b <= BN rows in the tile:
+    the full feature chunks without any mask, the last partial chunk (if any) with one."""
+    on = tl.arange(0, BN)
+    nm = on < n_b
+    bp = _lean_vec(B_prev, on, n_b, float("-inf"), MASK_N)                     # [BN]
+    m_c = tl.full([BN], NEG_INF, tl.float32)
+    l_c = tl.zeros([BN], tl.float32)
+    m_u = tl.max(tl.full([BD], NEG_INF, tl.float32), axis=0)
+    l_u = tl.sum(tl.zeros([BD], tl.float32), axis=0)
+    d_full = (D // BD) * BD
+    for d0 in range(0, d_full, BD):
+        if PAPER:
+            m_c, l_c = _lean_paper_chunk(x_base, sxn, sxd, on, nm, bp, d0, D, s, ie, k2, lp0_b,
+                                         lp0_u, A_prev, A_cur, R_t, m_c, l_c, HAS_P0, MASK_N,
+                                         False, BD)
+        else:
+            m_u, l_u, m_c, l_c = _lean_exact_chunk(x_base, sxn, sxd, on, nm, bp, d0, D, s, k2,
+                                                   lp0_b, lp0_u, A_cur, R_t, m_u, l_u, m_c, l_c,
+                                                   HAS_P0, MASK_N, False, BD)
+    if d_full < D:
+        if PAPER:
+            m_c, l_c = _lean_paper_chunk(x_base, sxn, sxd, on, nm, bp, d_full, D, s, ie, k2,
+                                         lp0_b, lp0_u, A_prev, A_cur, R_t, m_c, l_c, HAS_P0,
+                                         MASK_N, True, BD)
+        else:
+            m_u, l_u, m_c, l_c = _lean_exact_chunk(x_base, sxn, sxd, on, nm, bp, d_full, D, s,
+                                                   k2, lp0_b, lp0_u, A_cur, R_t, m_u, l_u, m_c,
+                                                   l_c, HAS_P0, MASK_N, True, BD)
+    lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
+    if PAPER:
+        c = m_c + tl.log2(l_c)                                                 # [BN] Cn_t
+        tl.store(C_t + on, c, mask=nm)
+        tl.store(B_cur + on, k3 * (bp * ie + lq0 - bp - c), mask=nm)
+        tl.debug_barrier()
+    else:
+        # b = lognorm(κ3 lq0 + (1-κ3) C) - C; a_d = (a_d + LSE(u)) - LSE(u)
+        lse_u = m_u + tl.log2(l_u)
+        c = tl.where(nm, m_c + tl.log2(l_c) - lse_u, 0.0)                      # [BN] C_n
+        tl.store(C_t + on, c, mask=nm)
+        v = tl.where(nm, k3 * lq0 + (1.0 - k3) * c, NEG_INF)
+        mv = tl.max(v, axis=0)
+        lse_v = mv + tl.log2(tl.sum(tl.exp2(v - mv), axis=0))
+        tl.store(B_cur + on, v - lse_v - c, mask=nm)
+        tl.debug_barrier()
+        for d0 in range(0, D, BD):
+            od = d0 + tl.arange(0, BD)
+            dm = od < D
+            tl.store(A_cur + od, tl.load(A_cur + od, mask=dm, other=0.0) - lse_u, mask=dm)
+        tl.debug_barrier()
+
+
+# --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
 @triton.jit
@@ -331,6 +495,7 @@ def sinkhorn_fwd_kernel(
     plan_ptr, spb, spn, spd,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
     RETURN_PLAN: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    LEAN: tl.constexpr = False, MASK_N: tl.constexpr = True,
 ):
     """T Sinkhorn iterations, the pooled y and (optionally) the plan of one set per program.
 
@@ -338,6 +503,8 @@ def sinkhorn_fwd_kernel(
     w: [6, T] weight table (ε, κ2, κ3 of iteration t derived on chip); lp0: [B, D], lq0: [NR]
     natural log priors; writes A, Rn, Bv, Cn (see the module docstring), rfin [B, D] (final
     LSE over n), tot [B] (log2 of the plan's mass), y [B, D] fp32, plan like x.
+    LEAN (with ONE_TILE_N): the v2 iteration ``_lean_iteration``; MASK_N: some set has fewer
+    than BN rows (dense: N < BN), so row loads need a mask.
     """
     b = tl.program_id(0).to(tl.int64)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
@@ -358,7 +525,11 @@ def sinkhorn_fwd_kernel(
             B_cur = Bv_ptr + (t + 1) * NR + row0
             R_t = Rn_b + t * D
             C_t = Cn_ptr + t * NR + row0
-            if ONE_TILE_N:
+            if ONE_TILE_N and LEAN:
+                _lean_iteration(x_base, sxn, sxd, n_b, D, s, _inv_eps(w_ptr, T, t), k2, k3,
+                                lp0_b, lp0_u, lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
+                                C_t, HAS_P0, HAS_Q0, PAPER, MASK_N, BN, BD)
+            elif ONE_TILE_N:
                 if PAPER:
                     _paper_iteration_one_sweep(x_base, sxn, sxd, n_b, D, s, _inv_eps(w_ptr, T, t),
                                                k2, k3, lp0_b, lp0_u, lq0_b, lq0_u, A_prev,

@@ -17,6 +17,10 @@ from .kernels import sinkhorn_bwd_kernel, sinkhorn_fwd_kernel, sinkhorn_wgrad_ke
 # a dense set with at most this many rows is held in one [BN, BD] tile (one pass per iteration)
 ONE_TILE_MAX_N = 512
 
+# the v2 forward iteration (kernels._lean_iteration) for sets held in one tile; the v1 one-sweep
+# iteration otherwise. A module flag so that tests and benchmarks can compare both.
+LEAN_FORWARD = False
+
 # elements of x per thread in one [BN, BD] tile: the forward holds ~3 tiles live, the backward's
 # dx pass ~6; with these budgets ptxas stays below 255 registers without spills (AOT test).
 FWD_ELEMS_PER_THREAD = 16
@@ -117,7 +121,7 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
             -math.log2(D), w, lp0, lq0, A, Rn, Bv, Cn, rfin, tot, y, plan, spb, spn, spd,
             RAGGED=ptr is not None, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
             PAPER=paper, RETURN_PLAN=return_plan, ONE_TILE_N=one_tile, BN=BN, BD=BD,
-            num_warps=nw)
+            LEAN=LEAN_FORWARD, MASK_N=N is None or N != BN, num_warps=nw)
     return y, plan, A, Rn, Bv, Cn, rfin, tot
 
 
