@@ -23,7 +23,7 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(os.path.
 
 import triton  # noqa: E402
 
-from aot import compile_sm90  # noqa: E402
+from aot import HOPPER, compile_sm90  # noqa: E402
 from rotp_triton.ops.rot.triton.sinkhorn import kernels as K  # noqa: E402
 from rotp_triton.ops.rot.triton.sinkhorn import launch as L  # noqa: E402
 
@@ -87,14 +87,15 @@ def compile_config(which, variant, xdt, nw):
 
 
 def usage(compiled) -> tuple:
-    """(registers, local-memory bytes) per thread from cuobjdump -res-usage."""
+    """(registers, spill bytes) per thread from cuobjdump -res-usage; spills are LOCAL + STACK
+    (ptxas puts register spills of these kernels on the stack frame)."""
     with tempfile.TemporaryDirectory() as d:
         p = os.path.join(d, "k.cubin")
         open(p, "wb").write(compiled.asm["cubin"])
         res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", p],
                              capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+).*LOCAL:(\d+)", res)
-    return int(m.group(1)), int(m.group(2))
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+).*LOCAL:(\d+)", res)
+    return int(m.group(1)), int(m.group(2)) + int(m.group(3))
 
 
 def sass(compiled) -> str:
@@ -109,9 +110,29 @@ _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 
 
+# the kernels' rare-path guard (kernels._TINY = 2^-60 as printed by nvdisasm): the forward
+# branch that follows a comparison with it skips the exact-LSE fallback on the hot path
+_TINY_TEXT = "8.6736173798840354721e-19"
+
+
+def _hot_path(instrs: list, labels: dict, a: int, b: int) -> list:
+    """The instructions of instrs[a..b] that one trip of the loop executes when no fallback is
+    taken: a conditional forward branch right after a comparison with 2^-60 is followed."""
+    out, i = [], a
+    while i <= b:
+        ins = instrs[i]
+        out.append(ins)
+        m = re.search(r"^@!?P\d\s+BRA\b.*?(\.L_x_\d+)", ins)
+        if m and _TINY_TEXT in " ".join(instrs[max(a, i - 3):i]) and labels[m.group(1)] > i:
+            i = labels[m.group(1)]
+            continue
+        i += 1
+    return out
+
+
 def innermost_loops(text: str) -> list:
     """Innermost loops (a backward branch whose body holds no other backward branch) as dicts:
-    instruction count, MUFU count, opcode histogram."""
+    instruction count, MUFU count, opcode histogram of one trip's hot path (``_hot_path``)."""
     instrs, labels = [], {}
     for line in text.splitlines():
         m = _LABEL.match(line)
@@ -130,7 +151,7 @@ def innermost_loops(text: str) -> list:
              if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
     out = []
     for a, b in inner:
-        body = [s for s in instrs[a:b + 1] if not s.startswith("NOP")]
+        body = [s for s in _hot_path(instrs, labels, a, b) if not s.startswith("NOP")]
         ops = {}
         for s in body:
             op = re.sub(r"^@!?U?P\w+\s+", "", s).split()[0].split(".")[0]
@@ -139,10 +160,34 @@ def innermost_loops(text: str) -> list:
     return out
 
 
-# strides: W1 contiguous (sxd = 1), W2 the NCHW view (sxn = 1); the JIT specialises a stride of
-# 1 as a constant, so these are compiled as such
-WORKLOADS = {"W1": dict(B=50, N=500, D=100, xdt="fp32", unit_stride="sxd"),
-             "W2": dict(B=256, N=49, D=2048, xdt="fp32", unit_stride="sxn")}
+# the int arguments of the launch (W1 contiguous: sxd = 1; W2 the NCHW view: sxn = 1), compiled
+# with the JIT's specialisations (compile_like_jit)
+WORKLOADS = {"W1": dict(B=50, N=500, D=100, xdt="fp32", unit_stride="sxd",
+                       ints=dict(sxb=50000, sxn=100, sxd=1, N=500, D=100, T=4, NR=25000)),
+             "W2": dict(B=256, N=49, D=2048, xdt="fp32", unit_stride="sxn",
+                       ints=dict(sxb=100352, sxn=1, sxd=49, N=49, D=2048, T=4, NR=12544))}
+
+
+def compile_like_jit(kernel, sig: dict, constexprs: dict, ints: dict, num_warps: int):
+    """compile_sm90 with the JIT's specialisation of the launch: an int argument is i32 when it
+    fits, one equal to 1 is a constant (unless ``do_not_specialize``), one divisible by 16 and every pointer (torch allocations) carry
+    ``tt.divisibility = 16``, which is what lets the compiler vectorise and hoist."""
+    fn = kernel
+    while not isinstance(fn, triton.runtime.jit.JITFunction):
+        fn = fn.fn
+    ce = dict(constexprs)
+    for name, v in ints.items():
+        if v == 1 and name not in fn.do_not_specialize:
+            ce[name] = 1
+            sig[name] = "constexpr"
+        elif name in sig and sig[name] != "constexpr":
+            sig[name] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"  # the JIT types ints by value
+    attrs = {}
+    for i, name in enumerate(fn.arg_names):
+        if sig[name].startswith("*") or (name in ints and ints[name] % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=ce, attrs=attrs)
+    return triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": 3})
 
 
 def loop_report(name: str, variant: str, lean: bool) -> str:
@@ -150,13 +195,12 @@ def loop_report(name: str, variant: str, lean: bool) -> str:
     wl = WORKLOADS[name]
     nw = 8 if wl["B"] < 2 * 132 else 4  # launch.num_warps_for on an H100 (132 SMs)
     kern, ce = config("fwd1", variant, wl["N"], wl["D"], nw, lean=lean)
-    ce[wl["unit_stride"]] = 1
-    c = compile_sm90(kern, signature(kern, ce, wl["xdt"]), ce, num_warps=nw)
+    c = compile_like_jit(kern, signature(kern, ce, wl["xdt"]), ce, wl["ints"], nw)
     regs, local = usage(c)
     loops = [lp for lp in innermost_loops(sass(c)) if lp["mufu"] > 0]
     elems = ce["BN"] * ce["BD"] / (32 * nw)  # x elements per thread per trip of a tile loop
     lines = [f"{name} {variant} {'v2' if lean else 'v1'}: BN={ce['BN']} BD={ce['BD']} warps={nw} regs={regs} "
-             f"local={local} elements/thread/trip={elems:g}"]
+             f"spill bytes={local} elements/thread/trip={elems:g}"]
     for lp in loops:
         top = ", ".join(f"{k} {v}" for k, v in sorted(lp["ops"].items(), key=lambda kv: -kv[1])[:10])
         lines.append(f"  loop@{lp['start']}: {lp['n']} instr, {lp['mufu']} MUFU per trip; "

@@ -509,8 +509,8 @@ def test_torch_compile_fullgraph(ragged):
 def test_aot_sm90_compiles_without_spills():
     """Each kernel configuration the launchers use (``sinkhorn_sass.AOT_CONFIGS``: forward /
     backward, streamed / one-tile, both variants, fp32/fp16/bf16 pointers, 4 and 8 warps)
-    compiles for sm_90 with the tile sizes picked for D = 2048, and ptxas reports no
-    local-memory spills. The compilations run as concurrent subprocesses without
+    compiles for sm_90 with the tile sizes picked for D = 2048, and ptxas reports no spills
+    (neither local memory nor stack). The compilations run as concurrent subprocesses without
     TRITON_INTERPRET."""
     import os
     import subprocess

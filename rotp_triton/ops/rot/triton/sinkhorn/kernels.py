@@ -326,21 +326,25 @@ def _paper_iteration_one_sweep(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, l
 # Per element and iteration: x·s + b (FFMA), the column max, x·s + b - max (FADD), exp2, the
 # column sum; x·s + a (FFMA), the row max, exp2, the row sum - no select, no log, no division.
 # Padding costs nothing per element: a padded row gets the bias b = -inf (so it drops out of
-# every column LSE), a padded column a = -inf (so it drops out of every row LSE); only the loads
-# carry a mask, and only where the tile has padding (MASK_N: n_b < BN; the last chunk when
-# D % BD != 0). Logs are taken of the reduced [BD] / [BN] vectors only.
+# every column LSE), a padded column a = -inf (so it drops out of every row LSE), and the loads
+# carry no mask at all: padded rows / features read a clamped (real) index (MASK_N: n_b < BN;
+# MASK_D: the last chunk when D % BD != 0). Logs are taken of the reduced [BD] / [BN] vectors.
 @triton.jit
-def _lean_load_chunk(x_base, sxn, sxd, on, nm, od, D, MASK_N: tl.constexpr,
-                     MASK_D: tl.constexpr):
-    """x[on, od] as fp32 [BN, BD]; padding reads 0 (its bias removes it from every LSE)."""
-    offs = on[:, None] * sxn + od[None, :] * sxd
+def _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D: tl.constexpr):
+    """x[rows, od] as fp32 [BN, BD] without a mask: ``roff`` are the row offsets with padded
+    rows clamped to the last real row, and the features of a partial chunk are clamped to the
+    last real one; the -inf biases of padded rows / columns remove the duplicates."""
     if MASK_D:
-        x = tl.load(x_base + offs, mask=nm[:, None] & (od[None, :] < D), other=0.0)
-    elif MASK_N:
-        x = tl.load(x_base + offs, mask=nm[:, None], other=0.0)
-    else:
-        x = tl.load(x_base + offs)
-    return x.to(tl.float32)
+        od = tl.minimum(od, D - 1)
+    return tl.load(x_base + roff[:, None] + od[None, :] * sxd).to(tl.float32)
+
+
+@triton.jit
+def _lean_row_offsets(on, n_b, sxn, MASK_N: tl.constexpr):
+    """Row offsets of the tile (int64 [BN]); padded rows read the last real row."""
+    if MASK_N:
+        on = tl.minimum(on, n_b - 1)
+    return on.to(tl.int64) * sxn
 
 
 @triton.jit
@@ -374,13 +378,13 @@ def _lean_row_merge(m, l, xs, bias):
 
 
 @triton.jit
-def _lean_exact_chunk(x_base, sxn, sxd, on, nm, bp, d0, D, s, k2, lp0_b, lp0_u, A_cur, R_t,
+def _lean_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_cur, R_t,
                       m_u, l_u, m_c, l_c, HAS_P0: tl.constexpr, MASK_N: tl.constexpr,
                       MASK_D: tl.constexpr, BD: tl.constexpr):
     """One feature chunk of the exact iteration: R_d final, a_d + LSE(u) stored, the row LSE of
     x s + a + LSE(u) and the scalar LSE(u) merged (see _exact_iteration_one_sweep)."""
     od = d0 + tl.arange(0, BD)
-    xs = _lean_load_chunk(x_base, sxn, sxd, on, nm, od, D, MASK_N, MASK_D) * s   # [BN, BD]
+    xs = _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D) * s   # [BN, BD]
     r = _lean_col_lse(xs, bp)                                                  # [BD] R_d
     if HAS_P0:
         lp0 = _lean_vec(lp0_b, od, D, 0.0, MASK_D) * _LOG2E
@@ -404,13 +408,13 @@ def _lean_exact_chunk(x_base, sxn, sxd, on, nm, bp, d0, D, s, k2, lp0_b, lp0_u, 
 
 
 @triton.jit
-def _lean_paper_chunk(x_base, sxn, sxd, on, nm, bp, d0, D, s, ie, k2, lp0_b, lp0_u, A_prev,
+def _lean_paper_chunk(x_base, roff, sxd, bp, d0, D, s, ie, k2, lp0_b, lp0_u, A_prev,
                       A_cur, R_t, m_c, l_c, HAS_P0: tl.constexpr, MASK_N: tl.constexpr,
                       MASK_D: tl.constexpr, BD: tl.constexpr):
     """One feature chunk of the eq. (18) iteration: R_d and a_t final, the row LSE of
     x s + a_{t-1} merged."""
     od = d0 + tl.arange(0, BD)
-    xs = _lean_load_chunk(x_base, sxn, sxd, on, nm, od, D, MASK_N, MASK_D) * s   # [BN, BD]
+    xs = _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D) * s   # [BN, BD]
     r = _lean_col_lse(xs, bp)                                                  # [BD] Rn_t
     ap = _lean_vec(A_prev, od, D, float("-inf"), MASK_D)
     if HAS_P0:
@@ -438,6 +442,7 @@ def _lean_iteration(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, lp0_u, lq0_b
     on = tl.arange(0, BN)
     nm = on < n_b
     bp = _lean_vec(B_prev, on, n_b, float("-inf"), MASK_N)                     # [BN]
+    roff = _lean_row_offsets(on, n_b, sxn, MASK_N)                             # [BN]
     m_c = tl.full([BN], NEG_INF, tl.float32)
     l_c = tl.zeros([BN], tl.float32)
     m_u = tl.max(tl.full([BD], NEG_INF, tl.float32), axis=0)
@@ -445,20 +450,20 @@ def _lean_iteration(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, lp0_u, lq0_b
     d_full = (D // BD) * BD
     for d0 in range(0, d_full, BD):
         if PAPER:
-            m_c, l_c = _lean_paper_chunk(x_base, sxn, sxd, on, nm, bp, d0, D, s, ie, k2, lp0_b,
+            m_c, l_c = _lean_paper_chunk(x_base, roff, sxd, bp, d0, D, s, ie, k2, lp0_b,
                                          lp0_u, A_prev, A_cur, R_t, m_c, l_c, HAS_P0, MASK_N,
                                          False, BD)
         else:
-            m_u, l_u, m_c, l_c = _lean_exact_chunk(x_base, sxn, sxd, on, nm, bp, d0, D, s, k2,
+            m_u, l_u, m_c, l_c = _lean_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2,
                                                    lp0_b, lp0_u, A_cur, R_t, m_u, l_u, m_c, l_c,
                                                    HAS_P0, MASK_N, False, BD)
     if d_full < D:
         if PAPER:
-            m_c, l_c = _lean_paper_chunk(x_base, sxn, sxd, on, nm, bp, d_full, D, s, ie, k2,
+            m_c, l_c = _lean_paper_chunk(x_base, roff, sxd, bp, d_full, D, s, ie, k2,
                                          lp0_b, lp0_u, A_prev, A_cur, R_t, m_c, l_c, HAS_P0,
                                          MASK_N, True, BD)
         else:
-            m_u, l_u, m_c, l_c = _lean_exact_chunk(x_base, sxn, sxd, on, nm, bp, d_full, D, s,
+            m_u, l_u, m_c, l_c = _lean_exact_chunk(x_base, roff, sxd, bp, d_full, D, s,
                                                    k2, lp0_b, lp0_u, A_cur, R_t, m_u, l_u, m_c,
                                                    l_c, HAS_P0, MASK_N, True, BD)
     lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
@@ -484,10 +489,111 @@ def _lean_iteration(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, lp0_u, lq0_b
         tl.debug_barrier()
 
 
+# Exact iterations t >= 1 need no running max at all: the previous iteration ended with the
+# b-update, so its plan 2^(x s + a_{t-1} + b) is <= 1 entrywise, i.e. x s + b <= -a_{t-1}: a
+# fixed per-column shift for R = LSE_n(x s + b). After the a-update x s + b - R_d <= 0, so
+# x s + b + (u_d - R_d) <= u_d <= max_d u: the row sums of 2^(x s + b + a + LSE(u) - max u)
+# accumulate elementwise in a [BN, BD] register tile across chunks (one FFMA, rescaled by a
+# scalar when max u grows) and are reduced once per iteration. A shift is only an upper bound:
+# a column or row with almost no mass (< 2^-60, e.g. ε ≪ |x|) would lose precision, so the
+# rare chunk or set where that happens takes the exact max-based LSE instead.
+_TINY = tl.constexpr(2.0 ** -60)
+
+
+@triton.jit
+def _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_prev,
+                         A_cur, R_t, m_u, l_u, acc, HAS_P0: tl.constexpr, MASK_N: tl.constexpr,
+                         MASK_D: tl.constexpr, BD: tl.constexpr):
+    """One feature chunk of an exact iteration t >= 1 with fixed shifts (see above)."""
+    od = d0 + tl.arange(0, BD)
+    xs = _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D) * s   # [BN, BD]
+    z = xs + bp[:, None]                                                       # [BN, BD]
+    sh = -_lean_vec(A_prev, od, D, 0.0, MASK_D)                                # [BD] >= max z
+    col = tl.sum(tl.exp2(z - sh[None, :]), axis=0)                             # [BD]
+    if MASK_D:
+        dm = od < D
+        col = tl.where(dm, col, 1.0)
+    if tl.min(col, axis=0) < _TINY:
+        r = _lean_col_lse(xs, bp)                                              # [BD] R_d
+    else:
+        r = sh + tl.log2(col)
+    if HAS_P0:
+        lp0 = _lean_vec(lp0_b, od, D, 0.0, MASK_D) * _LOG2E
+    else:
+        lp0 = lp0_u
+    u = k2 * lp0 + (1.0 - k2) * r
+    ar = u - r                                                                 # a_d + LSE(u)
+    if MASK_D:
+        u = tl.where(dm, u, NEG_INF)
+        ar = tl.where(dm, ar, NEG_INF)
+        tl.store(R_t + od, r, mask=dm)
+        tl.store(A_cur + od, ar, mask=dm)
+    else:
+        tl.store(R_t + od, r)
+        tl.store(A_cur + od, ar)
+    mu = tl.maximum(m_u, tl.max(u, axis=0))
+    sc = tl.exp2(m_u - mu)
+    l_u = l_u * sc + tl.sum(tl.exp2(u - mu), axis=0)
+    acc = acc * sc + tl.exp2(z + (ar - mu)[None, :])                           # [BN, BD]
+    return mu, l_u, acc
+
+
+@triton.jit
+def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u,
+                             A_prev, B_prev, A_cur, B_cur, R_t, C_t, HAS_P0: tl.constexpr,
+                             HAS_Q0: tl.constexpr, MASK_N: tl.constexpr, BN: tl.constexpr,
+                             BD: tl.constexpr):
+    """An exact iteration t >= 1 in one pass over x, all n_b <= BN rows in the tile; writes
+    the same R_t, a_t, C_t, b_t as _lean_iteration."""
+    on = tl.arange(0, BN)
+    nm = on < n_b
+    bp = _lean_vec(B_prev, on, n_b, float("-inf"), MASK_N)                     # [BN]
+    roff = _lean_row_offsets(on, n_b, sxn, MASK_N)                             # [BN]
+    m_u = tl.max(tl.full([BD], NEG_INF, tl.float32), axis=0)
+    l_u = tl.sum(tl.zeros([BD], tl.float32), axis=0)
+    acc = tl.zeros([BN, BD], tl.float32)
+    d_full = (D // BD) * BD
+    for d0 in range(0, d_full, BD):
+        m_u, l_u, acc = _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b,
+                                             lp0_u, A_prev, A_cur, R_t, m_u, l_u, acc, HAS_P0,
+                                             MASK_N, False, BD)
+    if d_full < D:
+        m_u, l_u, acc = _shifted_exact_chunk(x_base, roff, sxd, bp, d_full, D, s, k2,
+                                             lp0_b, lp0_u, A_prev, A_cur, R_t, m_u, l_u, acc,
+                                             HAS_P0, MASK_N, True, BD)
+    lse_u = m_u + tl.log2(l_u)
+    rs = tl.sum(acc, axis=1)                                                   # [BN]
+    if tl.min(tl.where(nm, rs, 1.0), axis=0) < _TINY:
+        # a row with almost no mass: the exact row LSE in a second pass (rare)
+        tl.debug_barrier()
+        _lse_over_d(x_base, sxn, sxd, n_b, D, s, A_cur, C_t, BN, BD)
+        tl.debug_barrier()
+        c = tl.load(C_t + on, mask=nm, other=0.0) - lse_u
+    else:
+        c = tl.log2(rs) - bp + (m_u - lse_u)
+    c = tl.where(nm, c, 0.0)                                                   # [BN] C_n
+    tl.store(C_t + on, c, mask=nm)
+    lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
+    v = tl.where(nm, k3 * lq0 + (1.0 - k3) * c, NEG_INF)
+    mv = tl.max(v, axis=0)
+    lse_v = mv + tl.log2(tl.sum(tl.exp2(v - mv), axis=0))
+    tl.store(B_cur + on, v - lse_v - c, mask=nm)
+    tl.debug_barrier()
+    for d0 in range(0, D, BD):
+        od = d0 + tl.arange(0, BD)
+        dm = od < D
+        tl.store(A_cur + od, tl.load(A_cur + od, mask=dm, other=0.0) - lse_u, mask=dm)
+    tl.debug_barrier()
+
+
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
-@triton.jit
+# sxn, sxd not specialised on 1: with n known contiguous (the NCHW view, W2) the compiler lays a
+# warp along n, and every per-column vector op of a chunk runs once per row-lane (66 SASS
+# instructions per element-iteration at W2); unspecialised, a warp spans features and holds
+# several rows of a column per thread (tests/ops/rot/sinkhorn_sass.py)
+@triton.jit(do_not_specialize=["sxn", "sxd"])
 def sinkhorn_fwd_kernel(
     x_ptr, ptr_ptr, sxb, sxn, sxd, N, D, T, NR, lp0_u,
     w_ptr, lp0_ptr, lq0_ptr,
@@ -525,7 +631,11 @@ def sinkhorn_fwd_kernel(
             B_cur = Bv_ptr + (t + 1) * NR + row0
             R_t = Rn_b + t * D
             C_t = Cn_ptr + t * NR + row0
-            if ONE_TILE_N and LEAN:
+            if ONE_TILE_N and LEAN and not PAPER and t > 0:
+                _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
+                                         lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t, C_t,
+                                         HAS_P0, HAS_Q0, MASK_N, BN, BD)
+            elif ONE_TILE_N and LEAN:
                 _lean_iteration(x_base, sxn, sxd, n_b, D, s, _inv_eps(w_ptr, T, t), k2, k3,
                                 lp0_b, lp0_u, lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
                                 C_t, HAS_P0, HAS_Q0, PAPER, MASK_N, BN, BD)

@@ -17,12 +17,14 @@ from .kernels import sinkhorn_bwd_kernel, sinkhorn_fwd_kernel, sinkhorn_wgrad_ke
 # a dense set with at most this many rows is held in one [BN, BD] tile (one pass per iteration)
 ONE_TILE_MAX_N = 512
 
-# the v2 forward iteration (kernels._lean_iteration) for sets held in one tile; the v1 one-sweep
-# iteration otherwise. A module flag so that tests and benchmarks can compare both.
-LEAN_FORWARD = False
+# the v2 forward iterations (kernels._lean_iteration, _shifted_exact_iteration) for sets held in
+# one tile; False: the v1 one-sweep iteration. A module flag so that tests and the SASS report
+# can compare both.
+LEAN_FORWARD = True
 
 # elements of x per thread in one [BN, BD] tile: the forward holds ~3 tiles live, the backward's
-# dx pass ~6; with these budgets ptxas stays below 255 registers without spills (AOT test).
+# dx pass ~6; with these budgets ptxas stays below 255 registers without spills (AOT test; 32
+# per thread in the v2 forward would halve its per-chunk vector work but spills to the stack).
 FWD_ELEMS_PER_THREAD = 16
 BWD_ELEMS_PER_THREAD = 8
 
