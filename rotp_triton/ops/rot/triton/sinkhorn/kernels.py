@@ -489,9 +489,10 @@ def _lean_iteration(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, lp0_u, lq0_b
         tl.debug_barrier()
 
 
-# Exact iterations t >= 1 need no running max at all: the previous iteration ended with the
-# b-update, so its plan 2^(x s + a_{t-1} + b) is <= 1 entrywise, i.e. x s + b <= -a_{t-1}: a
-# fixed per-column shift for R = LSE_n(x s + b). After the a-update x s + b - R_d <= 0, so
+# Exact iterations need no running max for the row LSE, and from t = 1 on none for the column
+# LSE either: the previous iteration ended with the b-update, so its plan 2^(x s + a_{t-1} + b)
+# is <= 1 entrywise, i.e. x s + b <= -a_{t-1}: a fixed per-column shift for R = LSE_n(x s + b)
+# (t = 0 has no previous plan and takes the column max). After the a-update x s + b - R_d <= 0, so
 # x s + b + (u_d - R_d) <= u_d <= max_d u: the row sums of 2^(x s + b + a + LSE(u) - max u)
 # accumulate elementwise in a [BN, BD] register tile across chunks (one FFMA, rescaled by a
 # scalar when max u grows) and are reduced once per iteration. A shift is only an upper bound:
@@ -503,20 +504,25 @@ _TINY = tl.constexpr(2.0 ** -60)
 @triton.jit
 def _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_prev,
                          A_cur, R_t, m_u, l_u, acc, HAS_P0: tl.constexpr, MASK_N: tl.constexpr,
-                         MASK_D: tl.constexpr, BD: tl.constexpr):
-    """One feature chunk of an exact iteration t >= 1 with fixed shifts (see above)."""
+                         MASK_D: tl.constexpr, FIRST: tl.constexpr, BD: tl.constexpr):
+    """One feature chunk of an exact iteration with fixed shifts (see above); FIRST (t = 0, no
+    previous plan): the column LSE takes its max, the row sums still accumulate."""
     od = d0 + tl.arange(0, BD)
     xs = _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D) * s   # [BN, BD]
     z = xs + bp[:, None]                                                       # [BN, BD]
-    sh = -_lean_vec(A_prev, od, D, 0.0, MASK_D)                                # [BD] >= max z
-    col = tl.sum(tl.exp2(z - sh[None, :]), axis=0)                             # [BD]
     if MASK_D:
         dm = od < D
-        col = tl.where(dm, col, 1.0)
-    if tl.min(col, axis=0) < _TINY:
+    if FIRST:
         r = _lean_col_lse(xs, bp)                                              # [BD] R_d
     else:
-        r = sh + tl.log2(col)
+        sh = -_lean_vec(A_prev, od, D, 0.0, MASK_D)                            # [BD] >= max z
+        col = tl.sum(tl.exp2(z - sh[None, :]), axis=0)                         # [BD]
+        if MASK_D:
+            col = tl.where(dm, col, 1.0)
+        if tl.min(col, axis=0) < _TINY:
+            r = _lean_col_lse(xs, bp)
+        else:
+            r = sh + tl.log2(col)
     if HAS_P0:
         lp0 = _lean_vec(lp0_b, od, D, 0.0, MASK_D) * _LOG2E
     else:
@@ -541,10 +547,10 @@ def _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_pr
 @triton.jit
 def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u,
                              A_prev, B_prev, A_cur, B_cur, R_t, C_t, HAS_P0: tl.constexpr,
-                             HAS_Q0: tl.constexpr, MASK_N: tl.constexpr, BN: tl.constexpr,
-                             BD: tl.constexpr):
-    """An exact iteration t >= 1 in one pass over x, all n_b <= BN rows in the tile; writes
-    the same R_t, a_t, C_t, b_t as _lean_iteration."""
+                             HAS_Q0: tl.constexpr, MASK_N: tl.constexpr, FIRST: tl.constexpr,
+                             BN: tl.constexpr, BD: tl.constexpr):
+    """An exact iteration in one pass over x, all n_b <= BN rows in the tile (FIRST: t = 0);
+    writes the same R_t, a_t, C_t, b_t as _lean_iteration."""
     on = tl.arange(0, BN)
     nm = on < n_b
     bp = _lean_vec(B_prev, on, n_b, float("-inf"), MASK_N)                     # [BN]
@@ -556,11 +562,11 @@ def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, 
     for d0 in range(0, d_full, BD):
         m_u, l_u, acc = _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b,
                                              lp0_u, A_prev, A_cur, R_t, m_u, l_u, acc, HAS_P0,
-                                             MASK_N, False, BD)
+                                             MASK_N, False, FIRST, BD)
     if d_full < D:
         m_u, l_u, acc = _shifted_exact_chunk(x_base, roff, sxd, bp, d_full, D, s, k2,
                                              lp0_b, lp0_u, A_prev, A_cur, R_t, m_u, l_u, acc,
-                                             HAS_P0, MASK_N, True, BD)
+                                             HAS_P0, MASK_N, True, FIRST, BD)
     lse_u = m_u + tl.log2(l_u)
     rs = tl.sum(acc, axis=1)                                                   # [BN]
     if tl.min(tl.where(nm, rs, 1.0), axis=0) < _TINY:
@@ -631,10 +637,15 @@ def sinkhorn_fwd_kernel(
             B_cur = Bv_ptr + (t + 1) * NR + row0
             R_t = Rn_b + t * D
             C_t = Cn_ptr + t * NR + row0
-            if ONE_TILE_N and LEAN and not PAPER and t > 0:
-                _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
-                                         lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t, C_t,
-                                         HAS_P0, HAS_Q0, MASK_N, BN, BD)
+            if ONE_TILE_N and LEAN and not PAPER:
+                if t == 0:
+                    _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
+                                             lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
+                                             C_t, HAS_P0, HAS_Q0, MASK_N, True, BN, BD)
+                else:
+                    _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
+                                             lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
+                                             C_t, HAS_P0, HAS_Q0, MASK_N, False, BN, BD)
             elif ONE_TILE_N and LEAN:
                 _lean_iteration(x_base, sxn, sxd, n_b, D, s, _inv_eps(w_ptr, T, t), k2, k3,
                                 lp0_b, lp0_u, lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
