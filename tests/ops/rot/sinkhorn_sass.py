@@ -73,14 +73,33 @@ def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = F
 
 
 # the launcher configurations compiled by the AOT test: (which, variant, x dtype, warps)
-# fwd / bwd: streamed tiles (ragged, D = 2048); fwd1 / bwd1: one tile per set (dense N = 49)
+# fwd / bwd: streamed tiles (ragged, D = 2048); fwd1 / bwd1: one tile per set (dense N = 49);
+# split_*: the split-set launches at W1's shape
 AOT_CONFIGS = [("fwd", "exact", "bf16", 8), ("fwd", "paper", "fp32", 4),
                ("fwd1", "exact", "fp32", 8), ("fwd1", "paper", "bf16", 4),
                ("bwd", "exact", "fp32", 4), ("bwd", "paper", "fp16", 8),
-               ("bwd1", "exact", "bf16", 8), ("bwd1", "paper", "fp32", 4)]
+               ("bwd1", "exact", "bf16", 8), ("bwd1", "paper", "fp32", 4),
+               ("split_col", "exact", "bf16", 8), ("split_a", "exact", "fp32", 4),
+               ("split_row", "exact", "fp32", 8), ("split_b", "exact", "fp32", 1)]
+
+
+def split_config(which: str, N: int, D: int, num_warps: int) -> tuple:
+    """(kernel, constexprs) of a split-set launch (launch._split_iterations) for B = 50 sets
+    of N rows on 132 SMs."""
+    rows = L.next_pow2(L.cdiv(N, min(L.cdiv(132, 50), N // L.SPLIT_MIN_ROWS)))
+    NB = L.cdiv(N, rows)
+    BD = max(min(L.next_pow2(D), L.FWD_ELEMS_PER_THREAD * 32 * num_warps // rows, 128), 1)
+    return {"split_col": (K.sinkhorn_split_col_kernel, dict(BN=rows, BD=BD)),
+            "split_a": (K.sinkhorn_split_a_kernel,
+                        dict(HAS_P0=True, BJ=L.next_pow2(NB), BD=min(L.next_pow2(D), 1024))),
+            "split_row": (K.sinkhorn_split_row_kernel, dict(HAS_Q0=True, BN=rows, BD=BD)),
+            "split_b": (K.sinkhorn_split_b_kernel, dict(BN=rows, BJ=L.next_pow2(NB)))}[which]
 
 
 def compile_config(which, variant, xdt, nw):
+    if which.startswith("split"):  # W1's shape
+        kern, ce = split_config(which, 500, 100, nw)
+        return compile_sm90(kern, signature(kern, ce, xdt), ce, num_warps=nw)
     ragged = which in ("fwd", "bwd")
     kern, ce = config(which, variant, None if ragged else 49, 2048, nw, ragged=ragged)
     return compile_sm90(kern, signature(kern, ce, xdt), ce, num_warps=nw)

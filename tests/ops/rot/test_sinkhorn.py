@@ -103,12 +103,15 @@ def _compare(k, r, tol, names):
         assert e <= tol, f"grad {name}: {e:.3g}"
 
 
-@pytest.fixture(params=["v1", "v2"])
+@pytest.fixture(params=["v1", "v2", "split"])
 def forward_iteration(request, monkeypatch):
-    """Run the test with the v1 one-sweep forward iteration and with the lean v2 one
-    (``launch.LEAN_FORWARD``); both must give the reference's results."""
+    """Run the test with the v1 one-sweep forward iteration, the lean v2 one
+    (``launch.LEAN_FORWARD``) and the split-set launches with blocks of 2 rows (dense exact
+    batches; ``launch.SPLIT_ROWS``, so that the cross-program combine runs on small shapes):
+    all must give the reference's results."""
     from rotp_triton.ops.rot.triton.sinkhorn import launch
-    monkeypatch.setattr(launch, "LEAN_FORWARD", request.param == "v2")
+    monkeypatch.setattr(launch, "LEAN_FORWARD", request.param != "v1")
+    monkeypatch.setattr(launch, "SPLIT_ROWS", 2 if request.param == "split" else None)
     return request.param
 
 

@@ -607,7 +607,7 @@ def sinkhorn_fwd_kernel(
     plan_ptr, spb, spn, spd,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
     RETURN_PLAN: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    LEAN: tl.constexpr = False, MASK_N: tl.constexpr = True,
+    LEAN: tl.constexpr = False, MASK_N: tl.constexpr = True, ITERATE: tl.constexpr = True,
 ):
     """T Sinkhorn iterations, the pooled y and (optionally) the plan of one set per program.
 
@@ -627,7 +627,11 @@ def sinkhorn_fwd_kernel(
         lp0_b = lp0_ptr + b * D
         lq0_b = lq0_ptr + row0
         lq0_u = -tl.log2(n_b.to(tl.float32))
-        for t in range(T):
+        if ITERATE:
+            t_end = T
+        else:  # the iterations ran in the split-set launches: pooling (and plan) only
+            t_end = 0
+        for t in range(t_end):
             s = _x_scale(w_ptr, T, t, PAPER)
             k2 = _kappa_at(w_ptr, T, t, _A2)
             k3 = _kappa_at(w_ptr, T, t, _A3)
@@ -1136,3 +1140,91 @@ def sinkhorn_wgrad_kernel(w_ptr, dk2_ptr, dk3_ptr, deps_rec_ptr, deps_x_ptr, dep
         else:
             v = zero
         tl.store(dw_ptr + r * T + ot, v, mask=tm)
+
+
+# --------------------------------------------------------------------------------------------
+# split sets: several programs per set, combined through separate launches
+# --------------------------------------------------------------------------------------------
+# A dense exact iteration over NB row blocks of BN rows per set, grid (B, NB) except the
+# a-update (B,): (1) per block, the column LSE over its rows; (2) per set, the column LSEs
+# combined over the blocks, R and the a-update; (3) per block, the row LSE C (all features are
+# in the block) and v = κ3 log q0 + (1 - κ3) C with the block's LSE of v; (4) per block, LSE(v)
+# combined over the blocks and the b-update. No program waits for another (PERF.md: the
+# interpreter runs programs one at a time); the state written is that of sinkhorn_fwd_kernel,
+# whose pooling pass (ITERATE=False) and the backward read it unchanged.
+@triton.jit(do_not_specialize=["t"])
+def sinkhorn_split_col_kernel(x_ptr, sxb, sxn, sxd, N, D, T, NR, t, w_ptr, Bv_ptr, Pr_ptr, NB,
+                              BN: tl.constexpr, BD: tl.constexpr):
+    """Pr[b, j, d] = LSE over the rows n of block j of x[b, n, d] s_t + b_{t-1}[n]."""
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    n0 = j * BN
+    n_rows = tl.minimum(N - n0, BN)
+    s = _x_scale(w_ptr, T, t, False)
+    _lse_over_n(x_ptr + b * sxb + n0 * sxn, sxn, sxd, n_rows, D, s,
+                Bv_ptr + t * NR + b * N + n0, Pr_ptr + (b * NB + j) * D, BN, BD)
+
+
+@triton.jit(do_not_specialize=["t"])
+def sinkhorn_split_a_kernel(Pr_ptr, NB, D, T, t, w_ptr, lp0_ptr, lp0_u, A_ptr, Rn_ptr,
+                            HAS_P0: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
+    """R_t[b, d] = LSE_j Pr[b, j, d]; a_t = lognorm(κ2 log p0 + (1 - κ2) R) - R."""
+    b = tl.program_id(0).to(tl.int64)
+    oj = tl.arange(0, BJ)
+    R_t = Rn_ptr + b * T * D + t * D
+    for d0 in range(0, D, BD):
+        od = d0 + tl.arange(0, BD)
+        dm = od < D
+        pr = tl.load(Pr_ptr + (b * NB + oj[:, None]) * D + od[None, :],
+                     mask=(oj[:, None] < NB) & dm[None, :], other=NEG_INF)       # [BJ, BD]
+        m = tl.max(pr, axis=0)
+        m = tl.where(m == NEG_INF, 0.0, m)
+        tl.store(R_t + od, m + tl.log2(tl.sum(tl.exp2(pr - m[None, :]), axis=0)), mask=dm)
+    tl.debug_barrier()
+    _marginal_scaling(R_t, lp0_ptr + b * D, lp0_u, _kappa_at(w_ptr, T, t, _A2),
+                      A_ptr + b * (T + 1) * D + (t + 1) * D, D, HAS_P0, BD)
+
+
+@triton.jit(do_not_specialize=["t"])
+def sinkhorn_split_row_kernel(x_ptr, sxb, sxn, sxd, N, D, T, NR, t, w_ptr, A_ptr, Cn_ptr,
+                              Bv_ptr, lq0_ptr, Vr_ptr, NB, HAS_Q0: tl.constexpr,
+                              BN: tl.constexpr, BD: tl.constexpr):
+    """C_t of the rows of block j (all features), v = κ3 log q0 + (1 - κ3) C stored in the
+    b_t slot, and Vr[b, j] = LSE of v over the block."""
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    n0 = j * BN
+    n_rows = tl.minimum(N - n0, BN)
+    s = _x_scale(w_ptr, T, t, False)
+    C_blk = Cn_ptr + t * NR + b * N + n0
+    _lse_over_d(x_ptr + b * sxb + n0 * sxn, sxn, sxd, n_rows, D, s,
+                A_ptr + b * (T + 1) * D + (t + 1) * D, C_blk, BN, BD)
+    tl.debug_barrier()
+    on = tl.arange(0, BN)
+    nm = on < n_rows
+    c = tl.load(C_blk + on, mask=nm, other=0.0)
+    k3 = _kappa_at(w_ptr, T, t, _A3)
+    lq0 = _load_log_prior(lq0_ptr + b * N + n0, on, n_rows, -tl.log2(N.to(tl.float32)), HAS_Q0)
+    v = tl.where(nm, k3 * lq0 + (1.0 - k3) * c, NEG_INF)
+    tl.store(Bv_ptr + (t + 1) * NR + b * N + n0 + on, v, mask=nm)
+    mv = tl.max(v, axis=0)
+    tl.store(Vr_ptr + b * NB + j, mv + tl.log2(tl.sum(tl.exp2(v - mv), axis=0)))
+
+
+@triton.jit(do_not_specialize=["t"])
+def sinkhorn_split_b_kernel(N, T, NR, t, Cn_ptr, Bv_ptr, Vr_ptr, NB, BN: tl.constexpr,
+                            BJ: tl.constexpr):
+    """b_t = v - LSE(v) - C_t for the rows of block j, LSE(v) combined over the blocks."""
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    oj = tl.arange(0, BJ)
+    vr = tl.load(Vr_ptr + b * NB + oj, mask=oj < NB, other=NEG_INF)             # [BJ]
+    mv = tl.max(vr, axis=0)
+    lse_v = mv + tl.log2(tl.sum(tl.exp2(vr - mv), axis=0))
+    n0 = j * BN
+    on = tl.arange(0, BN)
+    nm = on < tl.minimum(N - n0, BN)
+    row = b * N + n0 + on
+    v = tl.load(Bv_ptr + (t + 1) * NR + row, mask=nm, other=0.0)
+    c = tl.load(Cn_ptr + t * NR + row, mask=nm, other=0.0)
+    tl.store(Bv_ptr + (t + 1) * NR + row, v - lse_v - c, mask=nm)

@@ -11,8 +11,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..common import launcher, next_pow2, sm_count
-from .kernels import sinkhorn_bwd_kernel, sinkhorn_fwd_kernel, sinkhorn_wgrad_kernel
+from ..common import cdiv, launcher, next_pow2, sm_count
+from .kernels import (sinkhorn_bwd_kernel, sinkhorn_fwd_kernel, sinkhorn_split_a_kernel,
+                      sinkhorn_split_b_kernel, sinkhorn_split_col_kernel,
+                      sinkhorn_split_row_kernel, sinkhorn_wgrad_kernel)
 
 # a dense set with at most this many rows is held in one [BN, BD] tile (one pass per iteration)
 ONE_TILE_MAX_N = 512
@@ -21,6 +23,14 @@ ONE_TILE_MAX_N = 512
 # one tile; False: the v1 one-sweep iteration. A module flag so that tests and the SASS report
 # can compare both.
 LEAN_FORWARD = True
+
+# split sets (dense, exact): when there are fewer sets than SMs, each set's rows are split into
+# blocks, one program each, combined through separate launches (kernels.sinkhorn_split_*).
+# Off by default: the split kernels still use the v1 streamed loops (not yet SASS-tuned).
+# SPLIT_ROWS forces the block size (tests: CI exercises the cross-program combine).
+SPLIT_SETS = False
+SPLIT_ROWS: Optional[int] = None
+SPLIT_MIN_ROWS = 32
 
 # elements of x per thread in one [BN, BD] tile: the forward holds ~3 tiles live, the backward's
 # dx pass ~6; with these budgets ptxas stays below 255 registers without spills (AOT test; 32
@@ -65,6 +75,41 @@ def num_warps_for(x: Tensor, B: int) -> int:
     if not x.is_cuda:
         return 4
     return 8 if B < 2 * sm_count(x.device) else 4
+
+
+def split_rows(x: Tensor, B: int, N: Optional[int], paper: bool) -> int:
+    """Rows per block of a split set, or 0 (one program per set)."""
+    if N is None or paper or N < 2:
+        return 0
+    if SPLIT_ROWS is not None:
+        return next_pow2(min(SPLIT_ROWS, N))
+    if not SPLIT_SETS:
+        return 0
+    blocks = min(cdiv(sm_count(x.device), max(B, 1)), N // SPLIT_MIN_ROWS)
+    return next_pow2(cdiv(N, blocks)) if blocks >= 2 else 0
+
+
+def _split_iterations(x, B, N, D, NR, strides, w, lp0, lq0, has_p0, has_q0, A, Rn, Bv, Cn,
+                      rows, nw, wrap):
+    """All T exact iterations of a dense batch with each set split into blocks of ``rows``."""
+    sxb, sxn, sxd = strides
+    T = w.shape[1]
+    NB = cdiv(N, rows)
+    BD = max(min(next_pow2(D), FWD_ELEMS_PER_THREAD * 32 * nw // rows, 128), 1)
+    BJ = next_pow2(NB)
+    Pr = torch.empty(B, NB, D, device=x.device, dtype=torch.float32)
+    Vr = torch.empty(B, NB, device=x.device, dtype=torch.float32)
+    for t in range(T):
+        launcher(sinkhorn_split_col_kernel, wrap)[(B, NB)](
+            x, sxb, sxn, sxd, N, D, T, NR, t, w, Bv, Pr, NB, BN=rows, BD=BD, num_warps=nw)
+        launcher(sinkhorn_split_a_kernel, wrap)[(B,)](
+            Pr, NB, D, T, t, w, lp0, -math.log2(D), A, Rn, HAS_P0=has_p0, BJ=BJ,
+            BD=min(next_pow2(D), 1024), num_warps=4)
+        launcher(sinkhorn_split_row_kernel, wrap)[(B, NB)](
+            x, sxb, sxn, sxd, N, D, T, NR, t, w, A, Cn, Bv, lq0, Vr, NB, HAS_Q0=has_q0,
+            BN=rows, BD=BD, num_warps=nw)
+        launcher(sinkhorn_split_b_kernel, wrap)[(B, NB)](
+            N, T, NR, t, Cn, Bv, Vr, NB, BN=rows, BJ=BJ, num_warps=1)
 
 
 def layout(x: Tensor, ptr: Optional[Tensor]):
@@ -117,13 +162,17 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
     BN, BD, one_tile = fwd_config(D, N, nw)
     lp0 = log_p0.float().contiguous() if log_p0 is not None else y
     lq0 = log_q0.float().contiguous() if log_q0 is not None else y
+    rows = split_rows(x, B, N, paper)
     if B > 0 and D > 0:
+        if rows:
+            _split_iterations(x, B, N, D, NR, (sxb, sxn, sxd), w, lp0, lq0, log_p0 is not None,
+                              log_q0 is not None, A, Rn, Bv, Cn, rows, nw, wrap)
         launcher(sinkhorn_fwd_kernel, wrap)[(B,)](
             x, ptr if ptr is not None else y, sxb, sxn, sxd, N if N is not None else 0, D, T, NR,
             -math.log2(D), w, lp0, lq0, A, Rn, Bv, Cn, rfin, tot, y, plan, spb, spn, spd,
             RAGGED=ptr is not None, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
             PAPER=paper, RETURN_PLAN=return_plan, ONE_TILE_N=one_tile, BN=BN, BD=BD,
-            LEAN=LEAN_FORWARD, MASK_N=N is None or N != BN, num_warps=nw)
+            LEAN=LEAN_FORWARD, MASK_N=N is None or N != BN, ITERATE=not rows, num_warps=nw)
     return y, plan, A, Rn, Bv, Cn, rfin, tot
 
 
