@@ -42,7 +42,7 @@ def signature(kernel, constexprs: dict, xdt: str) -> dict:
             sig[name] = "constexpr"
         elif name in _X_PTRS:
             sig[name] = f"*{xdt}"
-        elif name == "ptr_ptr":
+        elif name in ("ptr_ptr", "order_ptr"):
             sig[name] = "*i64"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"

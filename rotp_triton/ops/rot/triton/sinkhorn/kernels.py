@@ -2,11 +2,18 @@
 eq. 18); launchers in ``launch.py``.
 
 One program owns one set x_b (n_b samples × D features, rows = samples) and runs all T
-iterations, the pooling and (on request) the plan in one launch; the backward is a second launch
-and a one-program launch folds the per-set weight gradients into the (6, T) table gradient.
-Two tilings (``ONE_TILE_N``): all n_b rows of a set in one [BN, BD] tile looping over feature
-chunks (one pass over x per iteration), or streamed [BN, BD] tiles with an online LogSumExp
-(ragged batches, long sets; two passes per iteration).
+iterations, the pooling and (on request) the plan in one launch (ragged batches: largest set
+first); the backward is a second launch and a one-program launch folds the per-set weight
+gradients into the (6, T) table gradient. Tilings of the forward:
+
+- one tile over n (dense, N <= 512): all rows of a set in a [BN, BD] tile, feature chunks
+  streamed, one pass over x per iteration. v2 (``LEAN``, the default): ``_shifted_exact_iteration``
+  (exact: fixed shifts from the previous plan, row sums accumulated in registers) and
+  ``_lean_iteration`` (paper), both without per-element masks or selects; v1: the
+  ``*_one_sweep`` iterations (kept for comparison, ``launch.LEAN_FORWARD = False``);
+- streamed [BN, BD] tiles with an online LogSumExp (ragged batches, long sets; two passes);
+- split sets (``sinkhorn_split_*``, dense exact, ``launch.SPLIT_SETS``): row blocks of a set in
+  separate programs, combined through separate launches; the forward kernel then only pools.
 
 Every per-iteration scalar comes from the weight table w (6, T) on chip: ε_t = w[A1, t],
 κ2_t = κ(w[A2, t], ε_t), κ3_t = κ(w[A3, t], ε_t). Log-domain state is kept in base 2 (value ·
@@ -221,6 +228,17 @@ def _marginal_scaling(r_ptr, lp_ptr, lp_uniform, k, out_ptr, n, HAS_PRIOR: tl.co
         r = tl.load(r_ptr + o, mask=om, other=0.0)
         tl.store(out_ptr + o, u - lse_u - r, mask=om)
     tl.debug_barrier()
+
+
+@triton.jit
+def _set_of_program(order_ptr, RAGGED: tl.constexpr):
+    """The set this program owns: ragged batches run their sets largest first (order [B],
+    int64, from the launcher), so that the longest set does not start last; dense: program id."""
+    if RAGGED:
+        b = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
+    else:
+        b = tl.program_id(0).to(tl.int64)
+    return b
 
 
 @triton.jit
@@ -601,7 +619,7 @@ def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, 
 # several rows of a column per thread (tests/ops/rot/sinkhorn_sass.py)
 @triton.jit(do_not_specialize=["sxn", "sxd"])
 def sinkhorn_fwd_kernel(
-    x_ptr, ptr_ptr, sxb, sxn, sxd, N, D, T, NR, lp0_u,
+    x_ptr, ptr_ptr, order_ptr, sxb, sxn, sxd, N, D, T, NR, lp0_u,
     w_ptr, lp0_ptr, lq0_ptr,
     A_ptr, Rn_ptr, Bv_ptr, Cn_ptr, rfin_ptr, tot_ptr, y_ptr,
     plan_ptr, spb, spn, spd,
@@ -618,7 +636,7 @@ def sinkhorn_fwd_kernel(
     LEAN (with ONE_TILE_N): the v2 iteration ``_lean_iteration``; MASK_N: some set has fewer
     than BN rows (dense: N < BN), so row loads need a mask.
     """
-    b = tl.program_id(0).to(tl.int64)
+    b = _set_of_program(order_ptr, RAGGED)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
     if n_b > 0:
         x_base = x_ptr + x_off
@@ -813,7 +831,7 @@ def _paper_bwd_sweep(x_base, sxn, sxd, n_b, D, s, A_prev, B_prev, R_t, C_t, Rbar
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def sinkhorn_bwd_kernel(
-    x_ptr, ptr_ptr, sxb, sxn, sxd, N, D, T, NR, lp0_u,
+    x_ptr, ptr_ptr, order_ptr, sxb, sxn, sxd, N, D, T, NR, lp0_u,
     w_ptr, lp0_ptr, lq0_ptr,
     A_ptr, Rn_ptr, Bv_ptr, Cn_ptr, rfin_ptr, tot_ptr, y_ptr,
     g_ptr, gp_ptr, sgb, sgn, sgd,
@@ -832,7 +850,7 @@ def sinkhorn_bwd_kernel(
     x-scale sc[t]), deps_fin [B] (the final log P, scale 1/ε_{T-1}).
     Scratch: Rbar [B, T, D], Cbar [T, NR] (the adjoints of the LSEs), abar [B, D], bbar [NR].
     """
-    b = tl.program_id(0).to(tl.int64)
+    b = _set_of_program(order_ptr, RAGGED)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
     if n_b > 0:
         x_base = x_ptr + x_off

@@ -112,6 +112,14 @@ def _split_iterations(x, B, N, D, NR, strides, w, lp0, lq0, has_p0, has_q0, A, R
             N, T, NR, t, Cn, Bv, Vr, NB, BN=rows, BJ=BJ, num_warps=1)
 
 
+def _largest_first(ptr: Optional[Tensor], dummy: Tensor) -> Tensor:
+    """Set ids of a ragged batch by decreasing size (the kernels' program order, so that the
+    largest set starts first); ``dummy`` for a dense batch (programs in set order)."""
+    if ptr is None:
+        return dummy
+    return torch.argsort(ptr[1:] - ptr[:-1], descending=True)
+
+
 def layout(x: Tensor, ptr: Optional[Tensor]):
     """(B, N or None, D, NR, strides (b, n, d)) of a dense (B, N, D) or ragged (NR, D) batch."""
     if ptr is None:
@@ -168,7 +176,7 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
             _split_iterations(x, B, N, D, NR, (sxb, sxn, sxd), w, lp0, lq0, log_p0 is not None,
                               log_q0 is not None, A, Rn, Bv, Cn, rows, nw, wrap)
         launcher(sinkhorn_fwd_kernel, wrap)[(B,)](
-            x, ptr if ptr is not None else y, sxb, sxn, sxd, N if N is not None else 0, D, T, NR,
+            x, ptr if ptr is not None else y, _largest_first(ptr, y), sxb, sxn, sxd, N if N is not None else 0, D, T, NR,
             -math.log2(D), w, lp0, lq0, A, Rn, Bv, Cn, rfin, tot, y, plan, spb, spn, spd,
             RAGGED=ptr is not None, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
             PAPER=paper, RETURN_PLAN=return_plan, ONE_TILE_N=one_tile, BN=BN, BD=BD,
@@ -215,7 +223,7 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     lq0 = log_q0.float().contiguous() if log_q0 is not None else g
     if B > 0 and D > 0:
         launcher(sinkhorn_bwd_kernel, wrap)[(B,)](
-            x, ptr if ptr is not None else g, sxb, sxn, sxd, N if N is not None else 0, D, T, NR,
+            x, ptr if ptr is not None else g, _largest_first(ptr, g), sxb, sxn, sxd, N if N is not None else 0, D, T, NR,
             -math.log2(D), w, lp0, lq0, A, Rn, Bv, Cn, rfin, tot, y,
             g, gp, sgb, sgn, sgd, dx, sdb, sdn, sdd,
             dlp0, dlq0, part[0], part[1], part[2], part[3], deps_fin, Rbar, Cbar, abar, bbar,
