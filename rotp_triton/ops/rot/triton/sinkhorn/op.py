@@ -1,13 +1,134 @@
-"""TEMPORARY shim (branch layout): ``sinkhorn_pool`` with the contract's signature over today's
-``triton_set.py``. The κ rows are built here with torch ops; the real package computes them on
-chip. Replaced by the sinkhorn package at integration."""
-from ...params import A1, A2, A3, RHO
+"""Autograd and custom-op wrappers of the Sinkhorn set kernels, and the family's entry point
+:func:`sinkhorn_pool` (the kernel interface of /work/plan/CONTRACT.md, DESIGN §3.1-3.2, α0 = 0).
 
-IS_SHIM = True  # tests count this module's eager ops apart (they vanish with the real package)
+``rotp_triton::sinkhorn_fwd`` / ``sinkhorn_bwd`` are ``torch.library.triton_op`` s with
+registered autograd and explicit fake kernels, so ``torch.compile(fullgraph=True)`` traces them
+as one node each; without ``triton_op`` a plain ``torch.autograd.Function`` is used. The forward
+saves x (no copy) and O(T·(N + D)) vectors per set; the backward recomputes every softmax.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..common import HAS_TRITON_OP
+from .launch import layout, sinkhorn_backward, sinkhorn_forward
+
+_OP_NS = "rotp_triton"
 
 
-def sinkhorn_pool(x, ptr, w, log_p0, log_q0, *, variant, return_plan):
-    from ... import triton_set  # looked up per call: tests may patch rot_pool_triton
-    return triton_set.rot_pool_triton(x, ptr, method="sinkhorn", variant=variant, a1=w[A1],
-                                      a2=w[A2], a3=w[A3], rho=w[RHO], log_p0=log_p0,
-                                      log_q0=log_q0, return_plan=return_plan)
+class SinkhornFunction(torch.autograd.Function):
+    """(y fp32, plan) = f(x, ptr, w, log p0, log q0): T fused Sinkhorn iterations + pooling."""
+
+    @staticmethod
+    def forward(ctx, x, ptr, w, log_p0, log_q0, paper, return_plan):
+        y, plan, *state = sinkhorn_forward(x, ptr, w, log_p0, log_q0, paper, return_plan)
+        ctx.save_for_backward(x, ptr, w, log_p0, log_q0, y, *state)
+        ctx.paper = paper
+        ctx.return_plan = return_plan
+        return y, plan
+
+    @staticmethod
+    def backward(ctx, gy, gplan):
+        x, ptr, w, log_p0, log_q0, y, *state = ctx.saved_tensors
+        gp = gplan if (ctx.return_plan and gplan is not None) else None
+        dx, dlp0, dlq0, dw = sinkhorn_backward(x, ptr, w, log_p0, log_q0, ctx.paper, y, *state,
+                                               gy.contiguous(), gp)
+        return dx, None, dw, dlp0, dlq0, None, None
+
+
+sinkhorn_fwd_op = None
+sinkhorn_bwd_op = None
+
+if HAS_TRITON_OP:
+    try:
+        from torch.library import triton_op, wrap_triton
+
+        @triton_op(f"{_OP_NS}::sinkhorn_fwd", mutates_args=())
+        def sinkhorn_fwd_op(x: Tensor, ptr: Optional[Tensor], w: Tensor,
+                            log_p0: Optional[Tensor], log_q0: Optional[Tensor], paper: bool,
+                            return_plan: bool
+                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                       Tensor]:
+            """(y fp32, plan, A, Rn, Bv, Cn, rfin, tot); see launch.sinkhorn_forward."""
+            return sinkhorn_forward(x, ptr, w, log_p0, log_q0, paper, return_plan,
+                                    wrap=wrap_triton)
+
+        @triton_op(f"{_OP_NS}::sinkhorn_bwd", mutates_args=())
+        def sinkhorn_bwd_op(x: Tensor, ptr: Optional[Tensor], w: Tensor,
+                            log_p0: Optional[Tensor], log_q0: Optional[Tensor], paper: bool,
+                            y: Tensor, A: Tensor, Rn: Tensor, Bv: Tensor, Cn: Tensor,
+                            rfin: Tensor, tot: Tensor, grad_y: Tensor,
+                            grad_plan: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+            """(dx, dlog_p0, dlog_q0, dw (6, T)); absent priors give empty gradients."""
+            dx, dlp0, dlq0, dw = sinkhorn_backward(x, ptr, w, log_p0, log_q0, paper, y, A, Rn,
+                                                   Bv, Cn, rfin, tot, grad_y, grad_plan,
+                                                   wrap=wrap_triton)
+            # absent priors: distinct empty tensors (custom-op outputs may not alias)
+            return (dx, dlp0 if dlp0 is not None else x.new_empty(0, dtype=torch.float32),
+                    dlq0 if dlq0 is not None else x.new_empty(0, dtype=torch.float32), dw)
+
+        def _setup_context(ctx, inputs, output):
+            x, ptr, w, log_p0, log_q0, paper, return_plan = inputs
+            y, plan, *state = output
+            ctx.save_for_backward(x, ptr, w, log_p0, log_q0, y, *state)
+            ctx.paper = paper
+            ctx.return_plan = return_plan
+
+        def _backward(ctx, gy, gplan, *_state_grads):
+            x, ptr, w, log_p0, log_q0, y, *state = ctx.saved_tensors
+            gp = gplan.contiguous() if (ctx.return_plan and gplan is not None) else None
+            dx, dlp0, dlq0, dw = sinkhorn_bwd_op(x, ptr, w, log_p0, log_q0, ctx.paper, y,
+                                                 *state, gy.contiguous(), gp)
+            return (dx, None, dw, dlp0 if log_p0 is not None else None,
+                    dlq0 if log_q0 is not None else None, None, None)
+
+        sinkhorn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+        # Explicit fake (meta) kernels: under TRITON_INTERPRET=1 wrap_triton hands back the raw
+        # interpreted kernel, which cannot run on fake tensors, so tracing needs these.
+        @sinkhorn_fwd_op.register_fake
+        def _sinkhorn_fwd_fake(x, ptr, w, log_p0, log_q0, paper, return_plan):
+            B, _, D, NR, _ = layout(x, ptr)
+            T = w.shape[1]
+            f = dict(device=x.device, dtype=torch.float32)
+            plan = torch.empty_like(x) if return_plan else x.new_empty(0)
+            return (x.new_empty(B, D, **f), plan, x.new_empty(B, T + 1, D, **f),
+                    x.new_empty(B, T, D, **f), x.new_empty(T + 1, NR, **f),
+                    x.new_empty(T, NR, **f), x.new_empty(B, D, **f), x.new_empty(B, **f))
+
+        @sinkhorn_bwd_op.register_fake
+        def _sinkhorn_bwd_fake(x, ptr, w, log_p0, log_q0, paper, y, A, Rn, Bv, Cn, rfin, tot,
+                               grad_y, grad_plan):
+            B, _, D, _, _ = layout(x, ptr)
+            f = dict(device=x.device, dtype=torch.float32)
+            return (torch.empty_like(x),
+                    x.new_empty(B, D, **f) if log_p0 is not None else x.new_empty(0, **f),
+                    x.new_empty(log_q0.shape, **f) if log_q0 is not None else x.new_empty(0, **f),
+                    x.new_empty(w.shape, **f))
+    except Exception:  # pragma: no cover - a torch whose triton_op rejects this op
+        sinkhorn_fwd_op = sinkhorn_bwd_op = None
+
+
+def sinkhorn_pool(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
+                  log_q0: Optional[Tensor], *, variant: str, return_plan: bool):
+    """Sinkhorn ROT pooling (α0 = 0) of every set on the fused kernels.
+
+    Args:
+        x: (B, N, D) dense (any strides) or (N_total, D) ragged with ``ptr`` (B + 1,) int64.
+        w: (6, T) float32 weight table (rows of ``params.py``), may require grad; the kernels
+            read ε = α1, κ2 = κ(α2, ε), κ3 = κ(α3, ε) from it on chip.
+        log_p0: (B, D) normalised log prior or None; log_q0: like x[..., 0] or None.
+        variant: "exact" | "paper". return_plan: also return each set's plan (mass 1).
+
+    Returns:
+        (y (B, D) in x.dtype, plan in x's layout and dtype, or None).
+    """
+    paper = variant == "paper"
+    if sinkhorn_fwd_op is not None:
+        y, plan, *_ = sinkhorn_fwd_op(x, ptr, w, log_p0, log_q0, paper, return_plan)
+    else:
+        y, plan = SinkhornFunction.apply(x, ptr, w, log_p0, log_q0, paper, return_plan)
+    return y.to(x.dtype), (plan if return_plan else None)

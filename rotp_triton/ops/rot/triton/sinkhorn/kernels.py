@@ -1,20 +1,23 @@
-"""Fused Triton kernels of ROTP Sinkhorn (S) with α0 = 0 (DESIGN §3.1 exact, §3.2 paper eq. 18).
+"""``@triton.jit`` code of the fused Sinkhorn (α0 = 0) set kernels (DESIGN §3.1 exact, §3.2 paper
+eq. 18); launchers in ``launch.py``.
 
-One program owns one set x_b (n_b samples × D features, code layout: rows = samples) and runs
-all T iterations, the pooling and (on request) the plan in one launch; the backward is a second
-launch. Two tilings (``ONE_TILE_N``):
+One program owns one set x_b (n_b samples × D features, rows = samples) and runs all T
+iterations, the pooling and (on request) the plan in one launch (ragged batches: largest set
+first); the backward is a second launch and a one-program launch folds the per-set weight
+gradients into the (6, T) table gradient. Tilings of the forward:
 
-- all n_b rows of a set in one [BN, BD] tile, looping over feature chunks (dense batches with
-  N <= 512: W2's 49 positions, W1's 500 samples): one pass over x per iteration, forward and
-  backward - the column LSEs are final per chunk and the row LSEs accumulate over the chunks;
-- streamed [BN, BD] tiles with an online LogSumExp (ragged batches, long sets): two passes
-  over x per iteration (column LSE, then row LSE), any set size.
+- one tile over n (dense, N <= 512): all rows of a set in a [BN, BD] tile, feature chunks
+  streamed, one pass over x per iteration. v2 (``LEAN``, the default): ``_shifted_exact_iteration``
+  (exact: fixed shifts from the previous plan, row sums accumulated in registers) and
+  ``_lean_iteration`` (paper), both without per-element masks or selects; v1: the
+  ``*_one_sweep`` iterations (kept for comparison, ``launch.LEAN_FORWARD = False``);
+- streamed [BN, BD] tiles with an online LogSumExp (ragged batches, long sets; two passes);
+- split sets (``sinkhorn_split_*``, dense exact, ``launch.SPLIT_SETS``): row blocks of a set in
+  separate programs, combined through separate launches; the forward kernel then only pools.
 
-All log-domain state is kept in base 2 (value · log2 e), so every exponential is one ``exp2`` of
-``x · s + vectors`` with the scale ``s = log2(e) / ε`` folded into one multiply: the kernels are
-bound by the special-function units. The per-iteration state of a set is two vectors (a: D,
-b: n_b), which the forward writes for every t (O(T·(N + D)) per set); the backward re-creates
-every softmax from x and those vectors instead of saving anything of x's size.
+Every per-iteration scalar comes from the weight table w (6, T) on chip: ε_t = w[A1, t],
+κ2_t = κ(w[A2, t], ε_t), κ3_t = κ(w[A3, t], ε_t). Log-domain state is kept in base 2 (value ·
+log2 e), so every exponential is one ``exp2`` of ``x · s + vectors``, s = log2(e)/ε.
 
 Saved state (slot 0 of A and B is the zero initial state, slot t + 1 holds iteration t):
 
@@ -29,30 +32,64 @@ Saved state (slot 0 of A and B is the zero initial state, slot t + 1 holds itera
             Q_t = softmax_d(z_{t-1}) = 2^(x s_t + A[t] - Cn[t])
 
 so both variants share every tile pass; they differ only in the vector updates between passes
-and in the slot Q reads (``QOFF``). ``s_t`` (``sc[t]``) is log2(e)/ε_t (exact) or
-log2(e)/ε_{max(t-1, 0)} (paper). Rows of a set live at ``row0 + n`` in every per-row buffer
-(``NR`` rows in all: N_total ragged, B·N dense).
+and in the slot Q reads (``QOFF``). ``s_t`` is log2(e)/ε_t (exact) or log2(e)/ε_{max(t-1, 0)}
+(paper). Rows of a set live at ``row0 + n`` in every per-row buffer (``NR`` rows in all:
+N_total ragged, B·N dense).
 """
 from __future__ import annotations
 
-import math
-from typing import Optional
-
-import torch
 import triton
-from torch import Tensor
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+from ...params import A1, A2, A3
+from ..common import LN2, LOG2E, kappa
+
 NEG_INF = tl.constexpr(float("-inf"))
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(LN2)
+_A1 = tl.constexpr(A1)
+_A2 = tl.constexpr(A2)
+_A3 = tl.constexpr(A3)
+
+
+# --------------------------------------------------------------------------------------------
+# per-iteration scalars from the weight table
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _inv_eps(w_ptr, T, t):
+    """1/ε_t, ε_t = α1[t]."""
+    return 1.0 / tl.load(w_ptr + _A1 * T + t)
+
+
+@triton.jit
+def _x_scale(w_ptr, T, t, PAPER: tl.constexpr):
+    """log2(e)/ε of the softmaxes of iteration t (paper: those of z_{t-1}, built with ε_{t-1},
+    ε_{-1} = ε_0)."""
+    if PAPER:
+        te = tl.maximum(t - 1, 0)
+    else:
+        te = t
+    return _LOG2E / tl.load(w_ptr + _A1 * T + te)
+
+
+@triton.jit
+def _kappa_at(w_ptr, T, t, ROW: tl.constexpr):
+    """κ(w[ROW, t], ε_t) (ROW = A2 or A3)."""
+    return kappa(tl.load(w_ptr + ROW * T + t), tl.load(w_ptr + _A1 * T + t))
 
 
 # --------------------------------------------------------------------------------------------
 # tile helpers
 # --------------------------------------------------------------------------------------------
+@triton.jit
+def _prob2(z):
+    """2^z for a z that is mathematically ≤ 0 (a softmax or plan entry, at most 1).
+
+    The clamp changes nothing in exact arithmetic; it keeps the entry ≤ 1 where fp32 rounding
+    of |x|/ε ≳ 1e9 (one ulp ≈ 1e3 in the exponent) would give 2^(+1000) = inf and then NaN."""
+    return tl.exp2(tl.minimum(z, 0.0))
+
+
 @triton.jit
 def _load_x_tile(x_base, sxn, sxd, on, od, n_b, D):
     """x[on, od] of one set as fp32 and its validity mask, both [BN, BD]."""
@@ -121,7 +158,7 @@ def _matvec_over_n(x_base, sxn, sxd, n_b, D, s, cadd_ptr, rsub_ptr, w_ptr, out_p
             x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)            # [BN, BD]
             r = tl.load(rsub_ptr + on, mask=nm, other=0.0)
             w = tl.load(w_ptr + on, mask=nm, other=0.0)
-            p = tl.exp2(tl.where(msk, x * s + c[None, :] - r[:, None], NEG_INF))
+            p = _prob2(tl.where(msk, x * s + c[None, :] - r[:, None], NEG_INF))
             acc += tl.sum(p * w[:, None], axis=0)
         tl.store(out_ptr + od, acc, mask=dm)
 
@@ -141,7 +178,7 @@ def _matvec_over_d(x_base, sxn, sxd, n_b, D, s, radd_ptr, csub_ptr, w_ptr, out_p
             x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)            # [BN, BD]
             c = tl.load(csub_ptr + od, mask=dm, other=0.0)
             w = tl.load(w_ptr + od, mask=dm, other=0.0)
-            p = tl.exp2(tl.where(msk, x * s + r[:, None] - c[None, :], NEG_INF))
+            p = _prob2(tl.where(msk, x * s + r[:, None] - c[None, :], NEG_INF))
             acc += tl.sum(p * w[None, :], axis=1)
         tl.store(out_ptr + on, acc, mask=nm)
 
@@ -191,6 +228,17 @@ def _marginal_scaling(r_ptr, lp_ptr, lp_uniform, k, out_ptr, n, HAS_PRIOR: tl.co
         r = tl.load(r_ptr + o, mask=om, other=0.0)
         tl.store(out_ptr + o, u - lse_u - r, mask=om)
     tl.debug_barrier()
+
+
+@triton.jit
+def _set_of_program(order_ptr, RAGGED: tl.constexpr):
+    """The set this program owns: ragged batches run their sets largest first (order [B],
+    int64, from the launcher), so that the longest set does not start last; dense: program id."""
+    if RAGGED:
+        b = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
+    else:
+        b = tl.program_id(0).to(tl.int64)
+    return b
 
 
 @triton.jit
@@ -291,25 +339,304 @@ def _paper_iteration_one_sweep(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, l
 
 
 # --------------------------------------------------------------------------------------------
+# lean one-tile iteration (v2): every row of the set in the tile, feature chunks streamed
+# --------------------------------------------------------------------------------------------
+# Per element and iteration: x·s + b (FFMA), the column max, x·s + b - max (FADD), exp2, the
+# column sum; x·s + a (FFMA), the row max, exp2, the row sum - no select, no log, no division.
+# Padding costs nothing per element: a padded row gets the bias b = -inf (so it drops out of
+# every column LSE), a padded column a = -inf (so it drops out of every row LSE), and the loads
+# carry no mask at all: padded rows / features read a clamped (real) index (MASK_N: n_b < BN;
+# MASK_D: the last chunk when D % BD != 0). Logs are taken of the reduced [BD] / [BN] vectors.
+@triton.jit
+def _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D: tl.constexpr):
+    """x[rows, od] as fp32 [BN, BD] without a mask: ``roff`` are the row offsets with padded
+    rows clamped to the last real row, and the features of a partial chunk are clamped to the
+    last real one; the -inf biases of padded rows / columns remove the duplicates."""
+    if MASK_D:
+        od = tl.minimum(od, D - 1)
+    return tl.load(x_base + roff[:, None] + od[None, :] * sxd).to(tl.float32)
+
+
+@triton.jit
+def _lean_row_offsets(on, n_b, sxn, MASK_N: tl.constexpr):
+    """Row offsets of the tile (int64 [BN]); padded rows read the last real row."""
+    if MASK_N:
+        on = tl.minimum(on, n_b - 1)
+    return on.to(tl.int64) * sxn
+
+
+@triton.jit
+def _lean_vec(ptr, o, n, other, MASK: tl.constexpr):
+    """ptr[o] as fp32, ``other`` where o >= n (only when MASK)."""
+    if MASK:
+        v = tl.load(ptr + o, mask=o < n, other=other)
+    else:
+        v = tl.load(ptr + o)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _lean_col_lse(xs, bias):
+    """LSE over n (base 2) of xs + bias[:, None], per column: [BN, BD] -> [BD]. A column whose
+    entries are all -inf (diverging paper variant) gives -inf, never NaN."""
+    z = xs + bias[:, None]
+    mz = tl.max(z, axis=0)
+    mz = tl.where(mz == NEG_INF, 0.0, mz)
+    return mz + tl.log2(tl.sum(tl.exp2(z - mz[None, :]), axis=0))
+
+
+@triton.jit
+def _lean_row_merge(m, l, xs, bias):
+    """Fold the chunk xs + bias[None, :] into the running row LSE (max m, sum l), both [BN]."""
+    z = xs + bias[None, :]
+    mn = tl.maximum(m, tl.max(z, axis=1))
+    ms = tl.where(mn == NEG_INF, 0.0, mn)
+    l = l * tl.exp2(m - ms) + tl.sum(tl.exp2(z - ms[:, None]), axis=1)
+    return mn, l
+
+
+@triton.jit
+def _lean_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_cur, R_t,
+                      m_u, l_u, m_c, l_c, HAS_P0: tl.constexpr, MASK_N: tl.constexpr,
+                      MASK_D: tl.constexpr, BD: tl.constexpr):
+    """One feature chunk of the exact iteration: R_d final, a_d + LSE(u) stored, the row LSE of
+    x s + a + LSE(u) and the scalar LSE(u) merged (see _exact_iteration_one_sweep)."""
+    od = d0 + tl.arange(0, BD)
+    xs = _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D) * s   # [BN, BD]
+    r = _lean_col_lse(xs, bp)                                                  # [BD] R_d
+    if HAS_P0:
+        lp0 = _lean_vec(lp0_b, od, D, 0.0, MASK_D) * _LOG2E
+    else:
+        lp0 = lp0_u
+    u = k2 * lp0 + (1.0 - k2) * r
+    ar = u - r                                                                 # a_d + LSE(u)
+    if MASK_D:
+        dm = od < D
+        u = tl.where(dm, u, NEG_INF)
+        ar = tl.where(dm, ar, NEG_INF)
+        tl.store(R_t + od, r, mask=dm)
+        tl.store(A_cur + od, ar, mask=dm)
+    else:
+        tl.store(R_t + od, r)
+        tl.store(A_cur + od, ar)
+    mu = tl.maximum(m_u, tl.max(u, axis=0))
+    l_u = l_u * tl.exp2(m_u - mu) + tl.sum(tl.exp2(u - mu), axis=0)
+    m_c, l_c = _lean_row_merge(m_c, l_c, xs, ar)
+    return mu, l_u, m_c, l_c
+
+
+@triton.jit
+def _lean_paper_chunk(x_base, roff, sxd, bp, d0, D, s, ie, k2, lp0_b, lp0_u, A_prev,
+                      A_cur, R_t, m_c, l_c, HAS_P0: tl.constexpr, MASK_N: tl.constexpr,
+                      MASK_D: tl.constexpr, BD: tl.constexpr):
+    """One feature chunk of the eq. (18) iteration: R_d and a_t final, the row LSE of
+    x s + a_{t-1} merged."""
+    od = d0 + tl.arange(0, BD)
+    xs = _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D) * s   # [BN, BD]
+    r = _lean_col_lse(xs, bp)                                                  # [BD] Rn_t
+    ap = _lean_vec(A_prev, od, D, float("-inf"), MASK_D)
+    if HAS_P0:
+        lp0 = _lean_vec(lp0_b, od, D, 0.0, MASK_D) * _LOG2E
+    else:
+        lp0 = lp0_u
+    a_new = k2 * (ap * ie + lp0 - ap - r)
+    if MASK_D:
+        dm = od < D
+        tl.store(R_t + od, r, mask=dm)
+        tl.store(A_cur + od, a_new, mask=dm)
+    else:
+        tl.store(R_t + od, r)
+        tl.store(A_cur + od, a_new)
+    return _lean_row_merge(m_c, l_c, xs, ap)
+
+
+@triton.jit
+def _lean_iteration(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u,
+                    A_prev, B_prev, A_cur, B_cur, R_t, C_t, HAS_P0: tl.constexpr,
+                    HAS_Q0: tl.constexpr, PAPER: tl.constexpr, MASK_N: tl.constexpr,
+                    BN: tl.constexpr, BD: tl.constexpr):
+    """One iteration (exact or paper) in one pass over x with all n_b <= BN rows in the tile:
+    the full feature chunks without any mask, the last partial chunk (if any) with one."""
+    on = tl.arange(0, BN)
+    nm = on < n_b
+    bp = _lean_vec(B_prev, on, n_b, float("-inf"), MASK_N)                     # [BN]
+    roff = _lean_row_offsets(on, n_b, sxn, MASK_N)                             # [BN]
+    m_c = tl.full([BN], NEG_INF, tl.float32)
+    l_c = tl.zeros([BN], tl.float32)
+    m_u = tl.max(tl.full([BD], NEG_INF, tl.float32), axis=0)
+    l_u = tl.sum(tl.zeros([BD], tl.float32), axis=0)
+    d_full = (D // BD) * BD
+    for d0 in range(0, d_full, BD):
+        if PAPER:
+            m_c, l_c = _lean_paper_chunk(x_base, roff, sxd, bp, d0, D, s, ie, k2, lp0_b,
+                                         lp0_u, A_prev, A_cur, R_t, m_c, l_c, HAS_P0, MASK_N,
+                                         False, BD)
+        else:
+            m_u, l_u, m_c, l_c = _lean_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2,
+                                                   lp0_b, lp0_u, A_cur, R_t, m_u, l_u, m_c, l_c,
+                                                   HAS_P0, MASK_N, False, BD)
+    if d_full < D:
+        if PAPER:
+            m_c, l_c = _lean_paper_chunk(x_base, roff, sxd, bp, d_full, D, s, ie, k2,
+                                         lp0_b, lp0_u, A_prev, A_cur, R_t, m_c, l_c, HAS_P0,
+                                         MASK_N, True, BD)
+        else:
+            m_u, l_u, m_c, l_c = _lean_exact_chunk(x_base, roff, sxd, bp, d_full, D, s,
+                                                   k2, lp0_b, lp0_u, A_cur, R_t, m_u, l_u, m_c,
+                                                   l_c, HAS_P0, MASK_N, True, BD)
+    lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
+    if PAPER:
+        c = m_c + tl.log2(l_c)                                                 # [BN] Cn_t
+        tl.store(C_t + on, c, mask=nm)
+        tl.store(B_cur + on, k3 * (bp * ie + lq0 - bp - c), mask=nm)
+        tl.debug_barrier()
+    else:
+        # b = lognorm(κ3 lq0 + (1-κ3) C) - C; a_d = (a_d + LSE(u)) - LSE(u)
+        lse_u = m_u + tl.log2(l_u)
+        c = tl.where(nm, m_c + tl.log2(l_c) - lse_u, 0.0)                      # [BN] C_n
+        tl.store(C_t + on, c, mask=nm)
+        v = tl.where(nm, k3 * lq0 + (1.0 - k3) * c, NEG_INF)
+        mv = tl.max(v, axis=0)
+        lse_v = mv + tl.log2(tl.sum(tl.exp2(v - mv), axis=0))
+        tl.store(B_cur + on, v - lse_v - c, mask=nm)
+        tl.debug_barrier()
+        for d0 in range(0, D, BD):
+            od = d0 + tl.arange(0, BD)
+            dm = od < D
+            tl.store(A_cur + od, tl.load(A_cur + od, mask=dm, other=0.0) - lse_u, mask=dm)
+        tl.debug_barrier()
+
+
+# Exact iterations need no running max for the row LSE, and from t = 1 on none for the column
+# LSE either: the previous iteration ended with the b-update, so its plan 2^(x s + a_{t-1} + b)
+# is <= 1 entrywise, i.e. x s + b <= -a_{t-1}: a fixed per-column shift for R = LSE_n(x s + b)
+# (t = 0 has no previous plan and takes the column max). After the a-update x s + b - R_d <= 0, so
+# x s + b + (u_d - R_d) <= u_d <= max_d u: the row sums of 2^(x s + b + a + LSE(u) - max u)
+# accumulate elementwise in a [BN, BD] register tile across chunks (one FFMA, rescaled by a
+# scalar when max u grows) and are reduced once per iteration. A shift is only an upper bound:
+# a column or row with almost no mass (< 2^-60, e.g. ε ≪ |x|) would lose precision, so the
+# rare chunk or set where that happens takes the exact max-based LSE instead.
+_TINY = tl.constexpr(2.0 ** -60)
+
+
+@triton.jit
+def _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_prev,
+                         A_cur, R_t, m_u, l_u, acc, HAS_P0: tl.constexpr, MASK_N: tl.constexpr,
+                         MASK_D: tl.constexpr, FIRST: tl.constexpr, BD: tl.constexpr):
+    """One feature chunk of an exact iteration with fixed shifts (see above); FIRST (t = 0, no
+    previous plan): the column LSE takes its max, the row sums still accumulate."""
+    od = d0 + tl.arange(0, BD)
+    xs = _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D) * s   # [BN, BD]
+    z = xs + bp[:, None]                                                       # [BN, BD]
+    if MASK_D:
+        dm = od < D
+    if FIRST:
+        r = _lean_col_lse(xs, bp)                                              # [BD] R_d
+    else:
+        sh = -_lean_vec(A_prev, od, D, 0.0, MASK_D)                            # [BD] >= max z
+        col = tl.sum(tl.exp2(z - sh[None, :]), axis=0)                         # [BD]
+        if MASK_D:
+            col = tl.where(dm, col, 1.0)
+        if tl.min(col, axis=0) < _TINY:
+            r = _lean_col_lse(xs, bp)
+        else:
+            r = sh + tl.log2(col)
+    if HAS_P0:
+        lp0 = _lean_vec(lp0_b, od, D, 0.0, MASK_D) * _LOG2E
+    else:
+        lp0 = lp0_u
+    u = k2 * lp0 + (1.0 - k2) * r
+    ar = u - r                                                                 # a_d + LSE(u)
+    if MASK_D:
+        u = tl.where(dm, u, NEG_INF)
+        ar = tl.where(dm, ar, NEG_INF)
+        tl.store(R_t + od, r, mask=dm)
+        tl.store(A_cur + od, ar, mask=dm)
+    else:
+        tl.store(R_t + od, r)
+        tl.store(A_cur + od, ar)
+    mu = tl.maximum(m_u, tl.max(u, axis=0))
+    sc = tl.exp2(m_u - mu)
+    l_u = l_u * sc + tl.sum(tl.exp2(u - mu), axis=0)
+    acc = acc * sc + tl.exp2(z + (ar - mu)[None, :])                           # [BN, BD]
+    return mu, l_u, acc
+
+
+@triton.jit
+def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u,
+                             A_prev, B_prev, A_cur, B_cur, R_t, C_t, HAS_P0: tl.constexpr,
+                             HAS_Q0: tl.constexpr, MASK_N: tl.constexpr, FIRST: tl.constexpr,
+                             BN: tl.constexpr, BD: tl.constexpr):
+    """An exact iteration in one pass over x, all n_b <= BN rows in the tile (FIRST: t = 0);
+    writes the same R_t, a_t, C_t, b_t as _lean_iteration."""
+    on = tl.arange(0, BN)
+    nm = on < n_b
+    bp = _lean_vec(B_prev, on, n_b, float("-inf"), MASK_N)                     # [BN]
+    roff = _lean_row_offsets(on, n_b, sxn, MASK_N)                             # [BN]
+    m_u = tl.max(tl.full([BD], NEG_INF, tl.float32), axis=0)
+    l_u = tl.sum(tl.zeros([BD], tl.float32), axis=0)
+    acc = tl.zeros([BN, BD], tl.float32)
+    d_full = (D // BD) * BD
+    for d0 in range(0, d_full, BD):
+        m_u, l_u, acc = _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b,
+                                             lp0_u, A_prev, A_cur, R_t, m_u, l_u, acc, HAS_P0,
+                                             MASK_N, False, FIRST, BD)
+    if d_full < D:
+        m_u, l_u, acc = _shifted_exact_chunk(x_base, roff, sxd, bp, d_full, D, s, k2,
+                                             lp0_b, lp0_u, A_prev, A_cur, R_t, m_u, l_u, acc,
+                                             HAS_P0, MASK_N, True, FIRST, BD)
+    lse_u = m_u + tl.log2(l_u)
+    rs = tl.sum(acc, axis=1)                                                   # [BN]
+    if tl.min(tl.where(nm, rs, 1.0), axis=0) < _TINY:
+        # a row with almost no mass: the exact row LSE in a second pass (rare)
+        tl.debug_barrier()
+        _lse_over_d(x_base, sxn, sxd, n_b, D, s, A_cur, C_t, BN, BD)
+        tl.debug_barrier()
+        c = tl.load(C_t + on, mask=nm, other=0.0) - lse_u
+    else:
+        c = tl.log2(rs) - bp + (m_u - lse_u)
+    c = tl.where(nm, c, 0.0)                                                   # [BN] C_n
+    tl.store(C_t + on, c, mask=nm)
+    lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
+    v = tl.where(nm, k3 * lq0 + (1.0 - k3) * c, NEG_INF)
+    mv = tl.max(v, axis=0)
+    lse_v = mv + tl.log2(tl.sum(tl.exp2(v - mv), axis=0))
+    tl.store(B_cur + on, v - lse_v - c, mask=nm)
+    tl.debug_barrier()
+    for d0 in range(0, D, BD):
+        od = d0 + tl.arange(0, BD)
+        dm = od < D
+        tl.store(A_cur + od, tl.load(A_cur + od, mask=dm, other=0.0) - lse_u, mask=dm)
+    tl.debug_barrier()
+
+
+# --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def rot_sinkhorn_fwd_kernel(
-    x_ptr, ptr_ptr, sxb, sxn, sxd, N, D, T, NR, lp0_u,
-    sc_ptr, ie_ptr, k2_ptr, k3_ptr, lp0_ptr, lq0_ptr,
+# sxn, sxd not specialised on 1: with n known contiguous (the NCHW view, W2) the compiler lays a
+# warp along n, and every per-column vector op of a chunk runs once per row-lane (66 SASS
+# instructions per element-iteration at W2); unspecialised, a warp spans features and holds
+# several rows of a column per thread (tests/ops/rot/sinkhorn_sass.py)
+@triton.jit(do_not_specialize=["sxn", "sxd"])
+def sinkhorn_fwd_kernel(
+    x_ptr, ptr_ptr, order_ptr, sxb, sxn, sxd, N, D, T, NR, lp0_u,
+    w_ptr, lp0_ptr, lq0_ptr,
     A_ptr, Rn_ptr, Bv_ptr, Cn_ptr, rfin_ptr, tot_ptr, y_ptr,
     plan_ptr, spb, spn, spd,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
     RETURN_PLAN: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    LEAN: tl.constexpr = False, MASK_N: tl.constexpr = True, ITERATE: tl.constexpr = True,
 ):
     """T Sinkhorn iterations, the pooled y and (optionally) the plan of one set per program.
 
     x: [B, N, D] (strides sxb, sxn, sxd) or ragged [N_total, D] with ptr [B + 1];
-    sc, ie, k2, k3: [T] (x-scale of iteration t, 1/ε_t, κ2_t, κ3_t); lp0: [B, D], lq0: [NR]
+    w: [6, T] weight table (ε, κ2, κ3 of iteration t derived on chip); lp0: [B, D], lq0: [NR]
     natural log priors; writes A, Rn, Bv, Cn (see the module docstring), rfin [B, D] (final
     LSE over n), tot [B] (log2 of the plan's mass), y [B, D] fp32, plan like x.
+    LEAN (with ONE_TILE_N): the v2 iteration ``_lean_iteration``; MASK_N: some set has fewer
+    than BN rows (dense: N < BN), so row loads need a mask.
     """
-    b = tl.program_id(0).to(tl.int64)
+    b = _set_of_program(order_ptr, RAGGED)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
     if n_b > 0:
         x_base = x_ptr + x_off
@@ -318,19 +645,36 @@ def rot_sinkhorn_fwd_kernel(
         lp0_b = lp0_ptr + b * D
         lq0_b = lq0_ptr + row0
         lq0_u = -tl.log2(n_b.to(tl.float32))
-        for t in range(T):
-            s = tl.load(sc_ptr + t)
-            k2 = tl.load(k2_ptr + t)
-            k3 = tl.load(k3_ptr + t)
+        if ITERATE:
+            t_end = T
+        else:  # the iterations ran in the split-set launches: pooling (and plan) only
+            t_end = 0
+        for t in range(t_end):
+            s = _x_scale(w_ptr, T, t, PAPER)
+            k2 = _kappa_at(w_ptr, T, t, _A2)
+            k3 = _kappa_at(w_ptr, T, t, _A3)
             A_prev = A_b + t * D
             A_cur = A_b + (t + 1) * D
             B_prev = Bv_ptr + t * NR + row0
             B_cur = Bv_ptr + (t + 1) * NR + row0
             R_t = Rn_b + t * D
             C_t = Cn_ptr + t * NR + row0
-            if ONE_TILE_N:
+            if ONE_TILE_N and LEAN and not PAPER:
+                if t == 0:
+                    _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
+                                             lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
+                                             C_t, HAS_P0, HAS_Q0, MASK_N, True, BN, BD)
+                else:
+                    _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
+                                             lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
+                                             C_t, HAS_P0, HAS_Q0, MASK_N, False, BN, BD)
+            elif ONE_TILE_N and LEAN:
+                _lean_iteration(x_base, sxn, sxd, n_b, D, s, _inv_eps(w_ptr, T, t), k2, k3,
+                                lp0_b, lp0_u, lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
+                                C_t, HAS_P0, HAS_Q0, PAPER, MASK_N, BN, BD)
+            elif ONE_TILE_N:
                 if PAPER:
-                    _paper_iteration_one_sweep(x_base, sxn, sxd, n_b, D, s, tl.load(ie_ptr + t),
+                    _paper_iteration_one_sweep(x_base, sxn, sxd, n_b, D, s, _inv_eps(w_ptr, T, t),
                                                k2, k3, lp0_b, lp0_u, lq0_b, lq0_u, A_prev,
                                                B_prev, A_cur, B_cur, R_t, C_t, HAS_P0, HAS_Q0,
                                                BN, BD)
@@ -341,7 +685,7 @@ def rot_sinkhorn_fwd_kernel(
             elif PAPER:
                 # eq. (18): both LSEs of the same z_{t-1}, then the Jacobi updates
                 # a_t = κ2 (a_{t-1}/ε_t + log p0 - r_t), r_t = a_{t-1} + Rn_t (b likewise).
-                ie = tl.load(ie_ptr + t)
+                ie = _inv_eps(w_ptr, T, t)
                 _lse_over_n(x_base, sxn, sxd, n_b, D, s, B_prev, R_t, BN, BD)
                 _lse_over_d(x_base, sxn, sxd, n_b, D, s, A_prev, C_t, BN, BD)
                 tl.debug_barrier()
@@ -371,7 +715,7 @@ def rot_sinkhorn_fwd_kernel(
                 _marginal_scaling(C_t, lq0_b, lq0_u, k3, B_cur, n_b, HAS_Q0, BN)
 
         # pooling, eq. (5): y_d = Σ_n softmax_n(log P)_nd x_nd; a_d cancels in the softmax over n
-        s_fin = tl.load(ie_ptr + T - 1) * _LOG2E
+        s_fin = _inv_eps(w_ptr, T, T - 1) * _LOG2E
         B_fin = Bv_ptr + T * NR + row0
         A_fin = A_b + T * D
         for d0 in range(0, D, BD):
@@ -418,7 +762,7 @@ def rot_sinkhorn_fwd_kernel(
                     od = d0 + tl.arange(0, BD)
                     x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)    # [BN, BD]
                     a = tl.load(A_fin + od, mask=od < D, other=0.0)
-                    p = tl.exp2(x * s_fin + a[None, :] + bb[:, None] - tot)
+                    p = _prob2(x * s_fin + a[None, :] + bb[:, None] - tot)
                     tl.store(p_base + on[:, None] * spn + od[None, :] * spd,
                              p.to(plan_ptr.dtype.element_ty), mask=msk)
 
@@ -445,12 +789,12 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, A_cur, R_t, C_t, Cbar_t, B
         xs = x * s
         ac = tl.load(A_cur + od, mask=dm, other=0.0)
         r = tl.load(R_t + od, mask=dm, other=0.0)
-        q = tl.exp2(tl.where(msk, xs + ac[None, :] - cn[:, None], NEG_INF))
+        q = _prob2(tl.where(msk, xs + ac[None, :] - cn[:, None], NEG_INF))
         ab = tl.sum(q * cb[:, None], axis=0)                                   # [BD] ā
         ab += tl.where(add_init != 0, tl.load(abar_b + od, mask=dm, other=0.0), 0.0)
         tl.store(abar_b + od, ab, mask=dm)
-        smu = tl.where(dm, tl.exp2(ac + r), 0.0)
-        sm = tl.exp2(tl.where(msk, xs + bp[:, None] - r[None, :], NEG_INF))
+        smu = tl.where(dm, _prob2(ac + r), 0.0)
+        sm = _prob2(tl.where(msk, xs + bp[:, None] - r[None, :], NEG_INF))
         acc1 += tl.sum(sm * (-k2 * ab)[None, :], axis=1)
         acc2 += tl.sum(sm * smu[None, :], axis=1)
     return acc1, acc2
@@ -474,10 +818,10 @@ def _paper_bwd_sweep(x_base, sxn, sxd, n_b, D, s, A_prev, B_prev, R_t, C_t, Rbar
         ap = tl.load(A_prev + od, mask=dm, other=0.0)
         r = tl.load(R_t + od, mask=dm, other=0.0)
         rb = tl.load(Rbar_t + od, mask=dm, other=0.0)
-        q = tl.exp2(tl.where(msk, xs + ap[None, :] - cn[:, None], NEG_INF))
+        q = _prob2(tl.where(msk, xs + ap[None, :] - cn[:, None], NEG_INF))
         old = tl.load(abar_b + od, mask=dm, other=0.0)
         tl.store(abar_b + od, old + tl.sum(q * cb[:, None], axis=0), mask=dm)
-        sm = tl.exp2(tl.where(msk, xs + bp[:, None] - r[None, :], NEG_INF))
+        sm = _prob2(tl.where(msk, xs + bp[:, None] - r[None, :], NEG_INF))
         acc += tl.sum(sm * rb[None, :], axis=1)
     tl.store(bbar_b + on, tl.load(bbar_b + on, mask=nm, other=0.0) + acc, mask=nm)
 
@@ -486,9 +830,9 @@ def _paper_bwd_sweep(x_base, sxn, sxd, n_b, D, s, A_prev, B_prev, R_t, C_t, Rbar
 # backward
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def rot_sinkhorn_bwd_kernel(
-    x_ptr, ptr_ptr, sxb, sxn, sxd, N, D, T, NR, lp0_u,
-    sc_ptr, ie_ptr, k2_ptr, k3_ptr, lp0_ptr, lq0_ptr,
+def sinkhorn_bwd_kernel(
+    x_ptr, ptr_ptr, order_ptr, sxb, sxn, sxd, N, D, T, NR, lp0_u,
+    w_ptr, lp0_ptr, lq0_ptr,
     A_ptr, Rn_ptr, Bv_ptr, Cn_ptr, rfin_ptr, tot_ptr, y_ptr,
     g_ptr, gp_ptr, sgb, sgn, sgd,
     dx_ptr, sdb, sdn, sdd,
@@ -506,7 +850,7 @@ def rot_sinkhorn_bwd_kernel(
     x-scale sc[t]), deps_fin [B] (the final log P, scale 1/ε_{T-1}).
     Scratch: Rbar [B, T, D], Cbar [T, NR] (the adjoints of the LSEs), abar [B, D], bbar [NR].
     """
-    b = tl.program_id(0).to(tl.int64)
+    b = _set_of_program(order_ptr, RAGGED)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
     if n_b > 0:
         x_base = x_ptr + x_off
@@ -519,7 +863,7 @@ def rot_sinkhorn_bwd_kernel(
         bbar_b = bbar_ptr + row0
         rfin_b = rfin_ptr + b * D
         lq0_u = -tl.log2(n_b.to(tl.float32))
-        ie_fin = tl.load(ie_ptr + T - 1)
+        ie_fin = _inv_eps(w_ptr, T, T - 1)
         s_fin = ie_fin * _LOG2E
         B_fin = Bv_ptr + T * NR + row0
         A_fin = A_b + T * D
@@ -544,7 +888,7 @@ def rot_sinkhorn_bwd_kernel(
                     a = tl.load(A_fin + od, mask=od < D, other=0.0)
                     gp = tl.load(gp_base + on[:, None] * sgn + od[None, :] * sgd, mask=msk,
                                  other=0.0).to(tl.float32)
-                    p = tl.exp2(tl.where(msk, x * s_fin + a[None, :] + bb[:, None] - tot, NEG_INF))
+                    p = _prob2(tl.where(msk, x * s_fin + a[None, :] + bb[:, None] - tot, NEG_INF))
                     pg += tl.sum(tl.sum(p * gp, axis=1), axis=0)
 
         # adjoint of the final log P: z̄ = g_d W (x - y_d) [+ P (G - <P,G>)], W = softmax_n;
@@ -561,13 +905,13 @@ def rot_sinkhorn_bwd_kernel(
                 rf = tl.load(rfin_b + od, mask=dm, other=0.0)
                 g = tl.load(g_ptr + b * D + od, mask=dm, other=0.0)
                 yd = tl.load(y_ptr + b * D + od, mask=dm, other=0.0)
-                w = tl.exp2(tl.where(msk, x * s_fin + bb[:, None] - rf[None, :], NEG_INF))
+                w = _prob2(tl.where(msk, x * s_fin + bb[:, None] - rf[None, :], NEG_INF))
                 zb = g[None, :] * w * (x - yd[None, :])
                 if HAS_GP:
                     a = tl.load(A_fin + od, mask=dm, other=0.0)
                     gp = tl.load(gp_base + on[:, None] * sgn + od[None, :] * sgd, mask=msk,
                                  other=0.0).to(tl.float32)
-                    p = tl.exp2(tl.where(msk, x * s_fin + a[None, :] + bb[:, None] - tot, NEG_INF))
+                    p = _prob2(tl.where(msk, x * s_fin + a[None, :] + bb[:, None] - tot, NEG_INF))
                     zb += p * (gp - pg)
                 acc += tl.sum(zb, axis=1)
             tl.store(bbar_b + on, acc, mask=nm)
@@ -583,7 +927,7 @@ def rot_sinkhorn_bwd_kernel(
                     x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)
                     gp = tl.load(gp_base + on[:, None] * sgn + od[None, :] * sgd, mask=msk,
                                  other=0.0).to(tl.float32)
-                    p = tl.exp2(tl.where(msk, x * s_fin + a[None, :] + bb[:, None] - tot, NEG_INF))
+                    p = _prob2(tl.where(msk, x * s_fin + a[None, :] + bb[:, None] - tot, NEG_INF))
                     acc += tl.sum(p * (gp - pg), axis=0)
             tl.store(abar_b + od, acc, mask=dm)
         tl.debug_barrier()
@@ -591,9 +935,9 @@ def rot_sinkhorn_bwd_kernel(
         # reverse sweep over the iterations: only vectors (adjoints of a, b, R, C) are carried
         for i in range(T):
             t = T - 1 - i
-            s = tl.load(sc_ptr + t)
-            k2 = tl.load(k2_ptr + t)
-            k3 = tl.load(k3_ptr + t)
+            s = _x_scale(w_ptr, T, t, PAPER)
+            k2 = _kappa_at(w_ptr, T, t, _A2)
+            k3 = _kappa_at(w_ptr, T, t, _A3)
             A_prev = A_b + t * D
             A_cur = A_b + (t + 1) * D
             B_prev = Bv_ptr + t * NR + row0
@@ -604,7 +948,7 @@ def rot_sinkhorn_bwd_kernel(
             Cbar_t = Cbar_ptr + t * NR + row0
             if PAPER:
                 # a_t = κ2 (a_{t-1}/ε_t + lp0 - a_{t-1} - Rn_t): r̄ = -κ2 ā, ā_{t-1} = κ2 ā/ε_t + ...
-                ie = tl.load(ie_ptr + t)
+                ie = _inv_eps(w_ptr, T, t)
                 dk2 = tl.sum(tl.zeros([BD], tl.float32), axis=0)
                 de = tl.sum(tl.zeros([BD], tl.float32), axis=0)
                 for d0 in range(0, D, BD):
@@ -665,7 +1009,7 @@ def rot_sinkhorn_bwd_kernel(
                     bc = tl.load(B_cur + on, mask=nm, other=0.0)
                     c = tl.load(C_t + on, mask=nm, other=0.0)
                     lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
-                    vb = tl.where(nm, bb - tl.exp2(bc + c) * sb, 0.0)          # v̄
+                    vb = tl.where(nm, bb - _prob2(bc + c) * sb, 0.0)          # v̄
                     tl.store(Cbar_t + on, -bb + (1.0 - k3) * vb, mask=nm)      # C̄
                     if HAS_Q0:
                         old = tl.load(dlq0_ptr + row0 + on, mask=nm, other=0.0)
@@ -692,7 +1036,7 @@ def rot_sinkhorn_bwd_kernel(
                     ac = tl.load(A_cur + od, mask=dm, other=0.0)
                     r = tl.load(R_t + od, mask=dm, other=0.0)
                     lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
-                    ub = tl.where(dm, ab - tl.exp2(ac + r) * sa, 0.0)          # ū
+                    ub = tl.where(dm, ab - _prob2(ac + r) * sa, 0.0)          # ū
                     tl.store(Rbar_t + od, -ab + (1.0 - k2) * ub, mask=dm)      # R̄
                     if HAS_P0:
                         old = tl.load(dlp0_ptr + b * D + od, mask=dm, other=0.0)
@@ -730,18 +1074,18 @@ def rot_sinkhorn_bwd_kernel(
                 rf = tl.load(rfin_b + od, mask=dm, other=0.0)
                 g = tl.load(g_ptr + b * D + od, mask=dm, other=0.0)
                 yd = tl.load(y_ptr + b * D + od, mask=dm, other=0.0)
-                w = tl.exp2(tl.where(msk, x * s_fin + bb[:, None] - rf[None, :], NEG_INF))
+                w = _prob2(tl.where(msk, x * s_fin + bb[:, None] - rf[None, :], NEG_INF))
                 zb = g[None, :] * w * (x - yd[None, :])
                 if HAS_GP:
                     a = tl.load(A_fin + od, mask=dm, other=0.0)
                     gp = tl.load(gp_base + on[:, None] * sgn + od[None, :] * sgd, mask=msk,
                                  other=0.0).to(tl.float32)
-                    p = tl.exp2(tl.where(msk, x * s_fin + a[None, :] + bb[:, None] - tot, NEG_INF))
+                    p = _prob2(tl.where(msk, x * s_fin + a[None, :] + bb[:, None] - tot, NEG_INF))
                     zb += p * (gp - pg)
                 dx = g[None, :] * w + zb * ie_fin                              # [BN, BD]
                 de_fin -= tl.sum(tl.sum(zb * x, axis=1), axis=0) * (ie_fin * ie_fin)
                 for t in range(T):
-                    s = tl.load(sc_ptr + t)
+                    s = _x_scale(w_ptr, T, t, PAPER)
                     e_inv = s * _LN2
                     bp = tl.load(Bv_ptr + t * NR + row0 + on, mask=nm, other=0.0)
                     cn = tl.load(Cn_ptr + t * NR + row0 + on, mask=nm, other=0.0)
@@ -750,8 +1094,8 @@ def rot_sinkhorn_bwd_kernel(
                     rb = tl.load(Rbar_b + t * D + od, mask=dm, other=0.0)
                     aq = tl.load(A_b + (t + QOFF) * D + od, mask=dm, other=0.0)
                     xs = x * s
-                    sm = tl.exp2(tl.where(msk, xs + bp[:, None] - r[None, :], NEG_INF))
-                    qm = tl.exp2(tl.where(msk, xs + aq[None, :] - cn[:, None], NEG_INF))
+                    sm = _prob2(tl.where(msk, xs + bp[:, None] - r[None, :], NEG_INF))
+                    qm = _prob2(tl.where(msk, xs + aq[None, :] - cn[:, None], NEG_INF))
                     term = sm * rb[None, :] + qm * cb[:, None]                 # ȳ_t
                     dx += term * e_inv
                     tx = tl.sum(tl.sum(term * x, axis=1), axis=0)
@@ -763,203 +1107,142 @@ def rot_sinkhorn_bwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# host launchers
+# weight-table gradient
 # --------------------------------------------------------------------------------------------
-def _next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
+@triton.jit
+def _dkappa(alpha, eps):
+    """(∂κ/∂α, ∂κ/∂ε) of κ(α, ε) = α/(α + ε); both 0 at α = +inf (κ ≡ 1 there)."""
+    inf = alpha == float("inf")
+    a = tl.where(inf, 0.0, alpha)
+    r = 1.0 / ((a + eps) * (a + eps))
+    return tl.where(inf, 0.0, eps * r), tl.where(inf, 0.0, -a * r)
 
 
-ONE_TILE_MAX_N = 512
+@triton.jit
+def sinkhorn_wgrad_kernel(w_ptr, dk2_ptr, dk3_ptr, deps_rec_ptr, deps_x_ptr, deps_fin_ptr,
+                          dw_ptr, B, T, PAPER: tl.constexpr, BT: tl.constexpr):
+    """dw [6, T] from the per-set partials of the backward (one program; the partials are B × T).
+
+    dk2, dk3 [B, T]: gradients w.r.t. κ2_t, κ3_t; deps_rec [B, T]: direct ε_t terms; deps_x
+    [B, T]: term t of the x-scale (paper: it belongs to ε_{max(t-1, 0)}); deps_fin [B]: the
+    final log P's ε_{T-1}. Rows other than A1..A3 are written as zeros."""
+    ot = tl.arange(0, BT)
+    tm = ot < T
+    g2 = tl.zeros([BT], tl.float32)
+    g3 = tl.zeros([BT], tl.float32)
+    ge = tl.zeros([BT], tl.float32)
+    for b in range(B):
+        row = b * T
+        g2 += tl.load(dk2_ptr + row + ot, mask=tm, other=0.0)
+        g3 += tl.load(dk3_ptr + row + ot, mask=tm, other=0.0)
+        ge += tl.load(deps_rec_ptr + row + ot, mask=tm, other=0.0)
+        if PAPER:
+            ge += tl.load(deps_x_ptr + row + ot + 1, mask=ot + 1 < T, other=0.0)
+            ge += tl.where(ot == 0, tl.load(deps_x_ptr + row), 0.0)
+        else:
+            ge += tl.load(deps_x_ptr + row + ot, mask=tm, other=0.0)
+        ge += tl.where(ot == T - 1, tl.load(deps_fin_ptr + b), 0.0)
+    eps = tl.load(w_ptr + _A1 * T + ot, mask=tm, other=1.0)
+    a2 = tl.load(w_ptr + _A2 * T + ot, mask=tm, other=1.0)
+    a3 = tl.load(w_ptr + _A3 * T + ot, mask=tm, other=1.0)
+    k2_a, k2_e = _dkappa(a2, eps)
+    k3_a, k3_e = _dkappa(a3, eps)
+    zero = tl.zeros([BT], tl.float32)
+    for r in tl.static_range(6):
+        if r == _A1:
+            v = ge + g2 * k2_e + g3 * k3_e
+        elif r == _A2:
+            v = g2 * k2_a
+        elif r == _A3:
+            v = g3 * k3_a
+        else:
+            v = zero
+        tl.store(dw_ptr + r * T + ot, v, mask=tm)
 
 
-# elements of x per thread in one [BN, BD] tile: the forward holds ~3 tiles live, the backward's
-# dx pass ~6; with these budgets ptxas stays below 255 registers without spills (AOT test).
-FWD_ELEMS_PER_THREAD = 16
-BWD_ELEMS_PER_THREAD = 8
+# --------------------------------------------------------------------------------------------
+# split sets: several programs per set, combined through separate launches
+# --------------------------------------------------------------------------------------------
+# A dense exact iteration over NB row blocks of BN rows per set, grid (B, NB) except the
+# a-update (B,): (1) per block, the column LSE over its rows; (2) per set, the column LSEs
+# combined over the blocks, R and the a-update; (3) per block, the row LSE C (all features are
+# in the block) and v = κ3 log q0 + (1 - κ3) C with the block's LSE of v; (4) per block, LSE(v)
+# combined over the blocks and the b-update. No program waits for another (PERF.md: the
+# interpreter runs programs one at a time); the state written is that of sinkhorn_fwd_kernel,
+# whose pooling pass (ITERATE=False) and the backward read it unchanged.
+@triton.jit(do_not_specialize=["t"])
+def sinkhorn_split_col_kernel(x_ptr, sxb, sxn, sxd, N, D, T, NR, t, w_ptr, Bv_ptr, Pr_ptr, NB,
+                              BN: tl.constexpr, BD: tl.constexpr):
+    """Pr[b, j, d] = LSE over the rows n of block j of x[b, n, d] s_t + b_{t-1}[n]."""
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    n0 = j * BN
+    n_rows = tl.minimum(N - n0, BN)
+    s = _x_scale(w_ptr, T, t, False)
+    _lse_over_n(x_ptr + b * sxb + n0 * sxn, sxn, sxd, n_rows, D, s,
+                Bv_ptr + t * NR + b * N + n0, Pr_ptr + (b * NB + j) * D, BN, BD)
 
 
-def _fwd_config(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
-    """(BN, BD, one_tile) of the forward: a dense batch with N <= 512 puts all of a set's rows in
-    one tile (one pass over x per iteration instead of two); otherwise streamed [BN, BD] tiles."""
-    tile = FWD_ELEMS_PER_THREAD * 32 * num_warps
-    if N is not None and N <= ONE_TILE_MAX_N:
-        BN = _next_pow2(max(N, 1))
-        BD = max(min(tile // BN, _next_pow2(D), 128), 1)
-        return BN, BD, True
-    BN, BD = _blocks(D, N, tile)
-    return BN, BD, False
+@triton.jit(do_not_specialize=["t"])
+def sinkhorn_split_a_kernel(Pr_ptr, NB, D, T, t, w_ptr, lp0_ptr, lp0_u, A_ptr, Rn_ptr,
+                            HAS_P0: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
+    """R_t[b, d] = LSE_j Pr[b, j, d]; a_t = lognorm(κ2 log p0 + (1 - κ2) R) - R."""
+    b = tl.program_id(0).to(tl.int64)
+    oj = tl.arange(0, BJ)
+    R_t = Rn_ptr + b * T * D + t * D
+    for d0 in range(0, D, BD):
+        od = d0 + tl.arange(0, BD)
+        dm = od < D
+        pr = tl.load(Pr_ptr + (b * NB + oj[:, None]) * D + od[None, :],
+                     mask=(oj[:, None] < NB) & dm[None, :], other=NEG_INF)       # [BJ, BD]
+        m = tl.max(pr, axis=0)
+        m = tl.where(m == NEG_INF, 0.0, m)
+        tl.store(R_t + od, m + tl.log2(tl.sum(tl.exp2(pr - m[None, :]), axis=0)), mask=dm)
+    tl.debug_barrier()
+    _marginal_scaling(R_t, lp0_ptr + b * D, lp0_u, _kappa_at(w_ptr, T, t, _A2),
+                      A_ptr + b * (T + 1) * D + (t + 1) * D, D, HAS_P0, BD)
 
 
-def _bwd_config(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
-    """(BN, BD, one_tile) of the backward (one pass per reverse iteration when one_tile)."""
-    tile = BWD_ELEMS_PER_THREAD * 32 * num_warps
-    if N is not None and N <= ONE_TILE_MAX_N:
-        BN = _next_pow2(max(N, 1))
-        return BN, max(min(tile // BN, _next_pow2(D), 128), 1), True
-    BN, BD = _blocks(D, N, tile)
-    return BN, BD, False
+@triton.jit(do_not_specialize=["t"])
+def sinkhorn_split_row_kernel(x_ptr, sxb, sxn, sxd, N, D, T, NR, t, w_ptr, A_ptr, Cn_ptr,
+                              Bv_ptr, lq0_ptr, Vr_ptr, NB, HAS_Q0: tl.constexpr,
+                              BN: tl.constexpr, BD: tl.constexpr):
+    """C_t of the rows of block j (all features), v = κ3 log q0 + (1 - κ3) C stored in the
+    b_t slot, and Vr[b, j] = LSE of v over the block."""
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    n0 = j * BN
+    n_rows = tl.minimum(N - n0, BN)
+    s = _x_scale(w_ptr, T, t, False)
+    C_blk = Cn_ptr + t * NR + b * N + n0
+    _lse_over_d(x_ptr + b * sxb + n0 * sxn, sxn, sxd, n_rows, D, s,
+                A_ptr + b * (T + 1) * D + (t + 1) * D, C_blk, BN, BD)
+    tl.debug_barrier()
+    on = tl.arange(0, BN)
+    nm = on < n_rows
+    c = tl.load(C_blk + on, mask=nm, other=0.0)
+    k3 = _kappa_at(w_ptr, T, t, _A3)
+    lq0 = _load_log_prior(lq0_ptr + b * N + n0, on, n_rows, -tl.log2(N.to(tl.float32)), HAS_Q0)
+    v = tl.where(nm, k3 * lq0 + (1.0 - k3) * c, NEG_INF)
+    tl.store(Bv_ptr + (t + 1) * NR + b * N + n0 + on, v, mask=nm)
+    mv = tl.max(v, axis=0)
+    tl.store(Vr_ptr + b * NB + j, mv + tl.log2(tl.sum(tl.exp2(v - mv), axis=0)))
 
 
-def _blocks(D: int, N: Optional[int], tile: int) -> tuple:
-    """[BN, BD] tile: BD covers D up to 128 features, BN fills the rest of a ``tile``-element
-    budget (capped by the set size when it is known, i.e. for dense batches)."""
-    BD = min(_next_pow2(D), 128)
-    BN = max(tile // BD, 1)
-    if N is not None:
-        BN = min(BN, _next_pow2(max(N, 1)))
-    return BN, BD
-
-
-_SM_COUNT = {}
-
-
-def _num_warps(x: Tensor, B: int) -> int:
-    """One program per set: with fewer sets than about two per SM (W1: 50, W5: 128 sets) each
-    program gets 8 warps to keep enough loads in flight; many small sets use 4."""
-    if not x.is_cuda:
-        return 4
-    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return 8 if B < 2 * _SM_COUNT[idx] else 4
-
-
-def _layout(x: Tensor, ptr: Optional[Tensor]):
-    """(B, N or None, D, NR, strides (b, n, d)) of a dense (B, N, D) or ragged (NR, D) batch."""
-    if ptr is None:
-        B, N, D = x.shape
-        return B, N, D, B * N, (x.stride(0), x.stride(1), x.stride(2))
-    NR, D = x.shape
-    return ptr.shape[0] - 1, None, D, NR, (0, x.stride(0), x.stride(1))
-
-
-def _direct(kernel):
-    return kernel
-
-
-def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], eps: Tensor, k2: Tensor, k3: Tensor,
-                     log_p0: Optional[Tensor], log_q0: Optional[Tensor], paper: bool,
-                     return_plan: bool, wrap=_direct):
-    """Launch the fused forward.
-
-    Args:
-        x: (B, N, D) dense with any strides, or (N_total, D) ragged with ``ptr`` (B + 1,) int64.
-        eps, k2, k3: (T,) fp32: ε_t = α1[t], κ2_t = κ(α2[t], ε_t), κ3_t = κ(α3[t], ε_t).
-        log_p0: (B, D) normalized natural-log prior over features, or None (uniform).
-        log_q0: like x[..., 0] ((B, N) or (N_total,)), normalized per set, or None (uniform).
-        paper: eq. (18) Jacobi updates instead of the exact Gauss-Seidel ones.
-        return_plan: also write each set's plan, normalized to mass 1, in x's layout.
-        wrap: ``torch.library.wrap_triton`` inside a triton_op, else the identity.
-
-    Returns:
-        y (B, D) fp32, plan (like x, or an empty tensor), and the saved state
-        A (B, T + 1, D), Rn (B, T, D), Bv (T + 1, NR), Cn (T, NR), rfin (B, D), tot (B,).
-    """
-    B, N, D, NR, (sxb, sxn, sxd) = _layout(x, ptr)
-    T = eps.shape[0]
-    dev = x.device
-    f32 = dict(device=dev, dtype=torch.float32)
-    sc, ie = _scales(eps, paper)
-    A = torch.zeros(B, T + 1, D, **f32)
-    Rn = torch.empty(B, T, D, **f32)
-    Bv = torch.zeros(T + 1, NR, **f32)
-    Cn = torch.empty(T, NR, **f32)
-    rfin = torch.empty(B, D, **f32)
-    tot = torch.zeros(B, **f32)
-    y = torch.zeros(B, D, **f32)
-    plan = torch.empty_like(x) if return_plan else x.new_empty(0)
-    if return_plan:
-        plan.zero_()  # empty sets have no rows; padding never exists, but keep it defined
-        spb, spn, spd = (plan.stride(0), plan.stride(1), plan.stride(2)) if ptr is None else \
-            (0, plan.stride(0), plan.stride(1))
-    else:
-        spb = spn = spd = 0
-    nw = _num_warps(x, B)
-    BN, BD, one_tile = _fwd_config(D, N, nw)
-    lp0 = log_p0.float().contiguous() if log_p0 is not None else y
-    lq0 = log_q0.float().contiguous() if log_q0 is not None else y
-    if B > 0 and D > 0:
-        wrap(rot_sinkhorn_fwd_kernel)[(B,)](
-            x, ptr if ptr is not None else y, sxb, sxn, sxd, N if N is not None else 0, D, T, NR,
-            -math.log2(D), sc, ie, k2.float().contiguous(), k3.float().contiguous(), lp0, lq0,
-            A, Rn, Bv, Cn, rfin, tot, y, plan, spb, spn, spd,
-            RAGGED=ptr is not None, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
-            PAPER=paper, RETURN_PLAN=return_plan, ONE_TILE_N=one_tile, BN=BN, BD=BD,
-            num_warps=nw)
-    return y, plan, A, Rn, Bv, Cn, rfin, tot
-
-
-def _scales(eps: Tensor, paper: bool):
-    """sc[t]: the x-scale log2(e)/ε of the softmaxes of iteration t (paper: those of z_{t-1},
-    built with ε_{t-1}, ε_{-1} = ε_0); ie[t] = 1/ε_t."""
-    e = eps.detach().float()
-    if paper:
-        e_s = torch.cat([e[:1], e[:-1]])
-    else:
-        e_s = e
-    return (LOG2E / e_s).contiguous(), (1.0 / e).contiguous()
-
-
-def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], eps: Tensor, k2: Tensor, k3: Tensor,
-                      log_p0: Optional[Tensor], log_q0: Optional[Tensor], paper: bool,
-                      y: Tensor, A: Tensor, Rn: Tensor, Bv: Tensor, Cn: Tensor, rfin: Tensor,
-                      tot: Tensor, grad_y: Tensor, grad_plan: Optional[Tensor], wrap=_direct):
-    """Launch the fused backward (arguments as :func:`sinkhorn_forward`, plus its outputs).
-
-    Args:
-        grad_y: (B, D) gradient of y. grad_plan: gradient of the plan (x's shape) or None.
-
-    Returns:
-        dx (like x, x's dtype), dlog_p0 (B, D) or None, dlog_q0 (like log_q0) or None,
-        dk2, dk3, deps (T,) fp32.
-    """
-    B, N, D, NR, (sxb, sxn, sxd) = _layout(x, ptr)
-    T = eps.shape[0]
-    dev = x.device
-    f32 = dict(device=dev, dtype=torch.float32)
-    sc, ie = _scales(eps, paper)
-    dx = torch.zeros_like(x)
-    dlp0 = torch.zeros(B, D, **f32)
-    dlq0 = torch.zeros(NR, **f32)
-    dk2 = torch.zeros(B, T, **f32)
-    dk3 = torch.zeros(B, T, **f32)
-    deps_rec = torch.zeros(B, T, **f32)
-    deps_x = torch.zeros(B, T, **f32)
-    deps_fin = torch.zeros(B, **f32)
-    Rbar = torch.empty(B, T, D, **f32)
-    Cbar = torch.empty(T, NR, **f32)
-    abar = torch.empty(B, D, **f32)
-    bbar = torch.empty(NR, **f32)
-    g = grad_y.float().contiguous()
-    has_gp = grad_plan is not None
-    gp = grad_plan if has_gp else g
-    if has_gp:
-        sgb, sgn, sgd = (gp.stride(0), gp.stride(1), gp.stride(2)) if ptr is None else \
-            (0, gp.stride(0), gp.stride(1))
-    else:
-        sgb = sgn = sgd = 0
-    sdb, sdn, sdd = (dx.stride(0), dx.stride(1), dx.stride(2)) if ptr is None else \
-        (0, dx.stride(0), dx.stride(1))
-    nw = _num_warps(x, B)
-    BN, BD, one_tile = _bwd_config(D, N, nw)
-    lp0 = log_p0.float().contiguous() if log_p0 is not None else g
-    lq0 = log_q0.float().contiguous() if log_q0 is not None else g
-    if B > 0 and D > 0:
-        wrap(rot_sinkhorn_bwd_kernel)[(B,)](
-            x, ptr if ptr is not None else g, sxb, sxn, sxd, N if N is not None else 0, D, T, NR,
-            -math.log2(D), sc, ie, k2.float().contiguous(), k3.float().contiguous(), lp0, lq0,
-            A, Rn, Bv, Cn, rfin, tot, y,
-            g, gp, sgb, sgn, sgd, dx, sdb, sdn, sdd,
-            dlp0, dlq0, dk2, dk3, deps_rec, deps_x, deps_fin, Rbar, Cbar, abar, bbar,
-            RAGGED=ptr is not None, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
-            PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one_tile, BN=BN, BD=BD, BT=_next_pow2(T),
-            num_warps=nw)
-    dx_eps = deps_x.sum(0)
-    if paper:  # term t of the x-scale belongs to ε_{max(t-1, 0)}
-        dx_eps = torch.cat([dx_eps[:1] + dx_eps[1:2], dx_eps[2:], dx_eps.new_zeros(1)]) \
-            if T > 1 else dx_eps
-    deps = deps_rec.sum(0) + dx_eps
-    deps = deps + torch.nn.functional.pad(deps_fin.sum().reshape(1), (T - 1, 0))
-    return (dx, dlp0 if log_p0 is not None else None,
-            dlq0.reshape(log_q0.shape) if log_q0 is not None else None,
-            dk2.sum(0), dk3.sum(0), deps)
+@triton.jit(do_not_specialize=["t"])
+def sinkhorn_split_b_kernel(N, T, NR, t, Cn_ptr, Bv_ptr, Vr_ptr, NB, BN: tl.constexpr,
+                            BJ: tl.constexpr):
+    """b_t = v - LSE(v) - C_t for the rows of block j, LSE(v) combined over the blocks."""
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    oj = tl.arange(0, BJ)
+    vr = tl.load(Vr_ptr + b * NB + oj, mask=oj < NB, other=NEG_INF)             # [BJ]
+    mv = tl.max(vr, axis=0)
+    lse_v = mv + tl.log2(tl.sum(tl.exp2(vr - mv), axis=0))
+    n0 = j * BN
+    on = tl.arange(0, BN)
+    nm = on < tl.minimum(N - n0, BN)
+    row = b * N + n0 + on
+    v = tl.load(Bv_ptr + (t + 1) * NR + row, mask=nm, other=0.0)
+    c = tl.load(Cn_ptr + t * NR + row, mask=nm, other=0.0)
+    tl.store(Bv_ptr + (t + 1) * NR + row, v - lse_v - c, mask=nm)

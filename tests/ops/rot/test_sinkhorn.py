@@ -1,4 +1,5 @@
-"""The fused Sinkhorn (α0 = 0) Triton kernels against the float64 reference oracle.
+"""The fused Sinkhorn (α0 = 0) Triton kernels (``ops/rot/triton/sinkhorn``) against the float64
+reference oracle.
 
 By default the kernels run under the Triton interpreter on CPU (conftest sets TRITON_INTERPRET);
 ``ROTP_TEST_DEVICE=cuda`` runs the same tests on the GPU and adds fp16/bf16. Every comparison is
@@ -102,6 +103,18 @@ def _compare(k, r, tol, names):
         assert e <= tol, f"grad {name}: {e:.3g}"
 
 
+@pytest.fixture(params=["v1", "v2", "split"])
+def forward_iteration(request, monkeypatch):
+    """Run the test with the v1 one-sweep forward iteration, the lean v2 one
+    (``launch.LEAN_FORWARD``) and the split-set launches with blocks of 2 rows (dense exact
+    batches; ``launch.SPLIT_ROWS``, so that the cross-program combine runs on small shapes):
+    all must give the reference's results."""
+    from rotp_triton.ops.rot.triton.sinkhorn import launch
+    monkeypatch.setattr(launch, "LEAN_FORWARD", request.param != "v1")
+    monkeypatch.setattr(launch, "SPLIT_ROWS", 2 if request.param == "split" else None)
+    return request.param
+
+
 def _ragged_ptr(sizes):
     ptr = torch.zeros(len(sizes) + 1, dtype=torch.int64)
     ptr[1:] = torch.cumsum(torch.tensor(sizes), 0)
@@ -112,6 +125,7 @@ def _ragged_ptr(sizes):
 # forward + gradients against the reference
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", ["exact", "paper"])
+@pytest.mark.usefixtures("forward_iteration")
 def test_dense_priors_plan_per_iteration_weights(variant):
     """Dense (B, N, D) = (2, 5, 3), T = 3 per-iteration weights (one a2 = inf), given p0, q0,
     a loss on y and on the plan: every gradient matches the reference."""
@@ -165,6 +179,7 @@ def test_ragged_priors_exact():
 
 
 @pytest.mark.parametrize("shape", [(3, 1, 4), (2, 6, 1), (1, 1, 1)])
+@pytest.mark.usefixtures("forward_iteration")
 def test_degenerate_shapes(shape):
     """N = 1, D = 1 and a 1 × 1 set: forward and gradients (exact, T = 2)."""
     gen = torch.Generator().manual_seed(4)
@@ -180,22 +195,23 @@ def test_degenerate_shapes(shape):
 
 @pytest.mark.parametrize("variant", ["exact", "paper"])
 @pytest.mark.parametrize("one_tile", [True, False])
+@pytest.mark.usefixtures("forward_iteration")
 def test_strided_image_view_multi_tile(variant, one_tile):
     """(B, C, H, W) pooled over H·W through the (B, HW, C) strided view, with the tiles forced
     small: both kernel paths (all rows of a set in one tile with several feature chunks - one
     pass per iteration - and streamed [2, 2] tiles with the online LSE over tiles), forward and
     backward; the gradient comes back in the view's strides."""
-    from rotp_triton.ops.rot import triton_sinkhorn as tk
+    from rotp_triton.ops.rot.triton.sinkhorn import launch as tk
     gen = torch.Generator().manual_seed(5)
     B, C, H, W = 2, 5, 3, 3
     T = 2
     img = torch.randn(B, C, H, W, generator=gen)
     a1, a2, a3 = _weights(T, gen)
     cy = torch.randn(B, C, generator=gen)
-    old_cfg = tk._fwd_config
-    tk._fwd_config = lambda D, N, nw=4: (16, 2, True) if one_tile else (2, 2, False)
-    old = tk._bwd_config
-    tk._bwd_config = lambda D, N, nw=4: (16, 2, True) if one_tile else (2, 2, False)
+    old_cfg = tk.fwd_config
+    tk.fwd_config = lambda D, N, nw=4: (16, 2, True) if one_tile else (2, 2, False)
+    old = tk.bwd_config
+    tk.bwd_config = lambda D, N, nw=4: (16, 2, True) if one_tile else (2, 2, False)
     try:
         imgk = img.to(DEVICE).requires_grad_()
         xv = imgk.flatten(2).transpose(1, 2)                                   # (B, HW, C)
@@ -205,13 +221,36 @@ def test_strided_image_view_multi_tile(variant, one_tile):
                         a3=a3.float().to(DEVICE), backend="triton")
         (gimg,) = torch.autograd.grad((y * cy.to(DEVICE)).sum(), [imgk])
     finally:
-        tk._bwd_config = old
-        tk._fwd_config = old_cfg
+        tk.bwd_config = old
+        tk.fwd_config = old_cfg
     x = img.flatten(2).transpose(1, 2)
     yr, _, (gx_ref, *_rest) = _run_reference(x, None, variant, T, a1, a2, a3, None, None, cy,
                                              None)
     assert rel_err(y.detach(), yr) <= RTOL[torch.float32]
     assert rel_err(gimg.flatten(2).transpose(1, 2), gx_ref) <= RTOL[torch.float32]
+
+
+@pytest.mark.parametrize("variant", ["exact", "paper"])
+@pytest.mark.parametrize("N,D,BN,BD", [(8, 8, 8, 4), (8, 6, 8, 4), (5, 8, 8, 4)],
+                         ids=["even", "edge_d", "edge_n"])
+def test_lean_tile_edges(variant, N, D, BN, BD, monkeypatch):
+    """The v2 iteration's mask-free path (N == BN, D % BD == 0) and its edge paths (padded rows
+    by a -inf bias, a last partial feature chunk) against the reference, forward and
+    gradients, with a plan and priors."""
+    from rotp_triton.ops.rot.triton.sinkhorn import launch
+    monkeypatch.setattr(launch, "LEAN_FORWARD", True)
+    monkeypatch.setattr(launch, "fwd_config", lambda D_, N_, nw=4: (BN, BD, True))
+    gen = torch.Generator().manual_seed(15)
+    B, T = 2, 3
+    x = torch.randn(B, N, D, generator=gen)
+    a1, a2, a3 = _weights(T, gen, inf_a2=True)
+    p0 = torch.rand(B, D, generator=gen) + 0.1
+    q0 = torch.rand(B, N, generator=gen) + 0.1
+    cy = torch.randn(B, D, generator=gen)
+    cp = torch.randn(B, N, D, generator=gen)
+    args = (x, None, variant, T, a1, a2, a3, p0, q0, cy, cp)
+    _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32],
+             ["x", "a1", "a2", "a3", "p0", "q0"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,6 +259,7 @@ def test_strided_image_view_multi_tile(variant, one_tile):
 @pytest.mark.parametrize("a1", [1e-5, 1e4])
 @pytest.mark.parametrize("a23", [1e-5, 1e4])
 @pytest.mark.parametrize("variant", ["exact", "paper"])
+@pytest.mark.usefixtures("forward_iteration")
 def test_fig7_extremes(variant, a1, a23):
     """α1, α2 = α3 ∈ {1e-5, 1e4}, T = 4: the exact variant is finite and matches; the paper
     variant is finite exactly where the reference is, and matches there."""
@@ -242,6 +282,7 @@ def test_fig7_extremes(variant, a1, a23):
 
 
 @pytest.mark.parametrize("a1,a23", [(1e-5, 1e-5), (1e-3, 1e4), (1e-1, 1e-5)])
+@pytest.mark.usefixtures("forward_iteration")
 def test_fig7_T16_paper_diverges_like_the_fp32_torch_path(a1, a23):
     """T = 16: eq. (18) with small α1 overflows float32 (defect 1 of DESIGN §3.3; the float64
     reference overflows later). The kernel is non-finite exactly where the float32 torch path
@@ -262,6 +303,7 @@ def test_fig7_T16_paper_diverges_like_the_fp32_torch_path(a1, a23):
     assert rel_err(ye, yre) <= (3e-3 if a1 < 1e-2 else RTOL[torch.float32])
 
 
+@pytest.mark.usefixtures("forward_iteration")
 def test_fig7_exact_gradients_small_eps():
     """Gradients stay finite at the small-ε corner of the grid (α1 = 1e-5, α2 = α3 = 1e4)."""
     x = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(7)).to(DEVICE)
@@ -271,6 +313,28 @@ def test_fig7_exact_gradients_small_eps():
                     backend="triton")
     gx, ga1 = torch.autograd.grad(y.sum(), [x, a1])
     assert bool(torch.isfinite(gx).all()) and bool(torch.isfinite(ga1).all())
+
+
+@pytest.mark.parametrize("variant", ["exact", "paper"])
+@pytest.mark.usefixtures("forward_iteration")
+def test_huge_x_over_eps_gradient_finite_like_torch_path(variant):
+    """|x|/α1 ≈ 1e10 (x = randn * 1e5, α1 = 1e-5): one fp32 ulp of x/ε is ≈ 1e3 in an exponent,
+    which once made every softmax recomputed in the backward overflow (all-NaN x.grad). The
+    gradient is finite wherever the torch path's is, and y agrees with the torch path."""
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(2, 8, 8, generator=gen) * 1e5
+    cy = torch.randn(2, 8, generator=gen)
+    out = []
+    for backend in ("triton", "torch"):
+        xl = (x.to(DEVICE) if backend == "triton" else x).clone().requires_grad_()
+        y = rt.rot_pool(xl, method="sinkhorn", variant=variant, num_iters=3, a1=1e-5,
+                        backend=backend)
+        (gx,) = torch.autograd.grad((y * cy.to(y.device)).sum(), [xl])
+        out.append((y.detach().cpu(), gx.cpu()))
+    (yk, gk), (yt, gt) = out
+    assert torch.equal(torch.isfinite(gk), torch.isfinite(gt))
+    assert bool(torch.isfinite(gt).all())
+    assert rel_err(yk, yt) <= RTOL[torch.float32]
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,49 +399,73 @@ def test_reduced_precision(dtype, variant):
     _compare(k, _run_reference(*args), RTOL[dtype], ["x", "a1", "a2", "a3"])
 
 
+def _table(a1, a2, a3):
+    """The (6, T) weight table of α0 = 0 Sinkhorn (rows of params.py)."""
+    z = torch.zeros_like(a1)
+    return torch.stack([z, a1, a2, a3, z, z]).contiguous()
+
+
 @pytest.mark.parametrize("variant", ["exact", "paper"])
 def test_autograd_function_fallback_matches_custom_op(variant):
     """The plain torch.autograd.Function (used where torch has no triton_op) gives the custom
-    op's y, plan and gradients."""
-    from rotp_triton.ops.rot import triton_set
+    op's y, plan and gradients (x, the weight table, log q0)."""
+    from rotp_triton.ops.rot.triton.sinkhorn import op
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(2, 4, 3, generator=gen).to(DEVICE)
-    eps = torch.tensor([0.8, 1.3], device=DEVICE)
-    k2 = torch.tensor([0.3, 0.7], device=DEVICE)
-    k3 = torch.tensor([0.6, 0.2], device=DEVICE)
+    w = _table(torch.tensor([0.8, 1.3]), torch.tensor([0.3, math.inf]),
+               torch.tensor([0.6, 0.2])).to(DEVICE)
     lq0 = torch.log_softmax(torch.randn(2, 4, generator=gen), -1).to(DEVICE)
     cp = torch.randn(2, 4, 3, generator=gen).to(DEVICE)
 
     def run(use_op):
-        leaves = [t.clone().requires_grad_() for t in (x, eps, k2, k3, lq0)]
-        args = (leaves[0], None, *leaves[1:4], None, leaves[4], variant == "paper", True)
+        leaves = [t.clone().requires_grad_() for t in (x, w, lq0)]
+        args = (leaves[0], None, leaves[1], None, leaves[2], variant == "paper", True)
         if use_op:
-            y, plan, *_ = triton_set.sinkhorn_fwd_op(*args)
+            y, plan, *_ = op.sinkhorn_fwd_op(*args)
         else:
-            y, plan = triton_set.RotSinkhornFunction.apply(*args)
+            y, plan = op.SinkhornFunction.apply(*args)
         loss = (y.float() * torch.arange(6.0, device=DEVICE).reshape(2, 3)).sum() + \
             (plan * cp).sum()
         return [y, plan] + list(torch.autograd.grad(loss, leaves))
 
-    if triton_set.sinkhorn_fwd_op is None:
+    if op.sinkhorn_fwd_op is None:
         pytest.skip("torch has no torch.library.triton_op")
     for a, b in zip(run(False), run(True)):
         assert rel_err(a.detach(), b.detach()) <= 1e-6
 
 
+def test_weight_table_gradient_rows():
+    """sinkhorn_pool's dw has the table's shape, zeros in the rows Sinkhorn does not read (α0,
+    ρ, τ), zero for an α2 = inf entry, and matches the reference's α1, α2, α3 gradients."""
+    from rotp_triton.ops.rot.params import A0, A1, A2, A3, RHO, TAU
+    from rotp_triton.ops.rot.triton.sinkhorn import sinkhorn_pool
+    gen = torch.Generator().manual_seed(13)
+    B, N, D, T = 2, 5, 3, 3
+    x = torch.randn(B, N, D, generator=gen)
+    a1, a2, a3 = _weights(T, gen, inf_a2=True)
+    cy = torch.randn(B, D, generator=gen)
+    w = _table(a1.float(), a2.float(), a3.float()).to(DEVICE).requires_grad_()
+    y, _ = sinkhorn_pool(x.to(DEVICE), None, w, None, None, variant="exact", return_plan=False)
+    (dw,) = torch.autograd.grad((y * cy.to(DEVICE)).sum(), [w])
+    assert dw.shape == (6, T)
+    assert float(dw[[A0, RHO, TAU]].abs().max()) == 0.0
+    assert float(dw[A2, 0]) == 0.0
+    _, _, (_, g1, g2, g3) = _run_reference(x, None, "exact", T, a1, a2, a3, None, None, cy, None)
+    for row, ref in ((A1, g1), (A2, g2), (A3, g3)):
+        assert rel_err(dw[row], ref) <= RTOL[torch.float32], row
+
+
 def test_opcheck_custom_op():
     """torch.library.opcheck of the forward op (schema, autograd registration, fake tensor)."""
-    from rotp_triton.ops.rot import triton_set
-    if triton_set.sinkhorn_fwd_op is None:
+    from rotp_triton.ops.rot.triton.sinkhorn import op
+    if op.sinkhorn_fwd_op is None:
         pytest.skip("torch has no torch.library.triton_op")
     gen = torch.Generator().manual_seed(10)
     x = torch.randn(2, 3, 4, generator=gen).to(DEVICE).requires_grad_()
-    eps = torch.tensor([0.9, 1.1], device=DEVICE, requires_grad=True)
-    k2 = torch.tensor([0.4, 0.6], device=DEVICE)
-    k3 = torch.tensor([0.5, 0.3], device=DEVICE)
+    w = _table(torch.tensor([0.9, 1.1]), torch.tensor([0.7, 1.5]),
+               torch.tensor([1.0, 0.4])).to(DEVICE).requires_grad_()
     lp0 = torch.log_softmax(torch.randn(2, 4, generator=gen), -1).to(DEVICE)
-    torch.library.opcheck(triton_set.sinkhorn_fwd_op, (x, None, eps, k2, k3, lp0, None, False,
-                                                       True),
+    torch.library.opcheck(op.sinkhorn_fwd_op, (x, None, w, lp0, None, False, True),
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))
 
@@ -388,8 +476,8 @@ def test_torch_compile_fullgraph(ragged):
     breaks and gives the eager y and gradients (x and a (T,) weight). Under the interpreter the
     compiled graph runs on the "eager" backend (wrap_triton returns the raw interpreted kernel,
     which AOT tracing cannot enter); on CUDA on inductor."""
-    from rotp_triton.ops.rot import triton_set
-    if triton_set.sinkhorn_fwd_op is None:
+    from rotp_triton.ops.rot.triton.sinkhorn import op
+    if op.sinkhorn_fwd_op is None:
         pytest.skip("torch has no torch.library.triton_op")
     gen = torch.Generator().manual_seed(11)
     if ragged:
@@ -421,84 +509,24 @@ def test_torch_compile_fullgraph(ragged):
 # --------------------------------------------------------------------------------------------
 # ahead-of-time compilation for sm_90 (no GPU needed)
 # --------------------------------------------------------------------------------------------
-_AOT = r'''
-import os, re, subprocess, sys, tempfile
-import triton
-from aot import compile_sm90
-from rotp_triton.ops.rot import triton_sinkhorn as k
-
-BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-common = dict(x_ptr="*{x}", ptr_ptr="*i64", sxb="i64", sxn="i64", sxd="i64", N="i32", D="i32",
-              T="i32", NR="i32", lp0_u="fp32", sc_ptr="*fp32", ie_ptr="*fp32", k2_ptr="*fp32",
-              k3_ptr="*fp32", lp0_ptr="*fp32", lq0_ptr="*fp32", A_ptr="*fp32", Rn_ptr="*fp32",
-              Bv_ptr="*fp32", Cn_ptr="*fp32", rfin_ptr="*fp32", tot_ptr="*fp32", y_ptr="*fp32")
-fwd = dict(common, plan_ptr="*{x}", spb="i64", spn="i64", spd="i64")
-bwd = dict(common, g_ptr="*fp32", gp_ptr="*{x}", sgb="i64", sgn="i64", sgd="i64",
-           dx_ptr="*{x}", sdb="i64", sdn="i64", sdd="i64", dlp0_ptr="*fp32", dlq0_ptr="*fp32",
-           dk2_ptr="*fp32", dk3_ptr="*fp32", deps_rec_ptr="*fp32", deps_x_ptr="*fp32",
-           deps_fin_ptr="*fp32", Rbar_ptr="*fp32", Cbar_ptr="*fp32", abar_ptr="*fp32",
-           bbar_ptr="*fp32")
-which, paper, xdt, nw = sys.argv[1], sys.argv[2] == "paper", sys.argv[3], int(sys.argv[4])
-BN_f, BD_f, _ = k._fwd_config(2048, None, nw)
-BN_b, BD_b, _ = k._bwd_config(2048, None, nw)
-if which == "fwd":  # streamed tiles (ragged)
-    ce = dict(RAGGED=True, HAS_P0=True, HAS_Q0=True, PAPER=paper, RETURN_PLAN=True,
-              ONE_TILE_N=False, BN=BN_f, BD=BD_f)
-    sig, kern = fwd, k.rot_sinkhorn_fwd_kernel
-elif which == "fwd1":  # all rows in one tile (dense W2: N = 49)
-    BN_1, BD_1, _ = k._fwd_config(2048, 49, nw)
-    ce = dict(RAGGED=False, HAS_P0=True, HAS_Q0=True, PAPER=paper, RETURN_PLAN=True,
-              ONE_TILE_N=True, BN=BN_1, BD=BD_1)
-    sig, kern = fwd, k.rot_sinkhorn_fwd_kernel
-elif which == "bwd":  # streamed tiles
-    ce = dict(RAGGED=True, HAS_P0=True, HAS_Q0=True, PAPER=paper, HAS_GP=True,
-              ONE_TILE_N=False, BN=BN_b, BD=BD_b, BT=16)
-    sig, kern = bwd, k.rot_sinkhorn_bwd_kernel
-else:  # all rows in one tile (dense W2: N = 49)
-    BN_1, BD_1, _ = k._bwd_config(2048, 49, nw)
-    ce = dict(RAGGED=False, HAS_P0=True, HAS_Q0=True, PAPER=paper, HAS_GP=True,
-              ONE_TILE_N=True, BN=BN_1, BD=BD_1, BT=16)
-    sig, kern = bwd, k.rot_sinkhorn_bwd_kernel
-sig = {n: v.format(x=xdt) for n, v in sig.items()}
-sig.update({n: "constexpr" for n in ce})
-c = compile_sm90(kern, sig, ce, num_warps=nw)
-with tempfile.TemporaryDirectory() as d:
-    p = os.path.join(d, "k.cubin")
-    open(p, "wb").write(c.asm["cubin"])
-    res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", p], capture_output=True,
-                         text=True).stdout
-m = re.search(r"REG:(\d+).*LOCAL:(\d+)", res)
-print("USAGE", which, sys.argv[2], xdt, nw, m.group(1), m.group(2))
-'''
-
-
-_AOT_CONFIGS = [("fwd", "exact", "bf16", 8), ("fwd", "paper", "fp32", 4),
-                ("fwd1", "exact", "fp32", 8), ("fwd1", "paper", "bf16", 4),
-                ("bwd", "exact", "fp32", 4), ("bwd", "paper", "fp16", 8),
-                ("bwd1", "exact", "bf16", 8), ("bwd1", "paper", "fp32", 4)]
-
-
 def test_aot_sm90_compiles_without_spills():
-    """Each kernel configuration the launchers use (forward streamed / one-tile, backward; both
-    variants; fp32/fp16/bf16 pointers; 4 and 8 warps) compiles for sm_90 with the tile sizes
-    picked for D = 2048, and ptxas reports no local-memory spills. The compilations run as
-    concurrent subprocesses without TRITON_INTERPRET."""
+    """Each kernel configuration the launchers use (``sinkhorn_sass.AOT_CONFIGS``: forward /
+    backward, streamed / one-tile, both variants, fp32/fp16/bf16 pointers, 4 and 8 warps)
+    compiles for sm_90 with the tile sizes picked for D = 2048, and ptxas reports no spills
+    (neither local memory nor stack). The compilations run as concurrent subprocesses without
+    TRITON_INTERPRET."""
     import os
     import subprocess
     import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from sinkhorn_sass import AOT_CONFIGS
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "tests"),
-                                         env.get("PYTHONPATH", "")])
-    procs = []
-    for which, variant, xdt, nw in _AOT_CONFIGS:
-        code = (_AOT.replace("sys.argv[1], sys.argv[2] == \"paper\", sys.argv[3], int(sys.argv[4])",
-                             f"{which!r}, {variant == 'paper'}, {xdt!r}, {nw}")
-                .replace("sys.argv[2]", repr(variant)))
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sinkhorn_sass.py")
+    procs = [subprocess.Popen([sys.executable, script, "usage", which, variant, xdt, str(nw)],
+                              env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for which, variant, xdt, nw in AOT_CONFIGS]
     failures = []
-    for cfg, p in zip(_AOT_CONFIGS, procs):
+    for cfg, p in zip(AOT_CONFIGS, procs):
         out, err = p.communicate(timeout=900)
         lines = [ln for ln in out.splitlines() if ln.startswith("USAGE")]
         if p.returncode != 0 or not lines:

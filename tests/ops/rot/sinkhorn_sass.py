@@ -1,0 +1,239 @@
+"""sm_90 compilation of the Sinkhorn set kernels with the launchers' real constexprs, register /
+spill usage, and the instruction mix of the innermost loop (PERF.md, "Measuring on the CPU" 2).
+
+Run WITHOUT ``TRITON_INTERPRET`` (``tests/ops/rot/test_sinkhorn.py`` runs it in a subprocess):
+
+    python tests/ops/rot/sinkhorn_sass.py usage fwd1 exact fp32 8     # REG / LOCAL of one config
+    python tests/ops/rot/sinkhorn_sass.py loop W1 exact v2            # innermost-loop counts
+
+Workloads: W1 = 50 × 500 × 100 dense contiguous fp32, W2 = x (256, 2048, 7, 7) viewed as
+(256, 49, 2048) (``.flatten(2).transpose(1, 2)``). The numbers are read from SASS, not timed.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(os.path.dirname(
+    os.path.dirname(HERE)))]  # tests/ (aot.py) and the repo root
+
+import triton  # noqa: E402
+
+from aot import HOPPER, compile_sm90  # noqa: E402
+from rotp_triton.ops.rot.triton.sinkhorn import kernels as K  # noqa: E402
+from rotp_triton.ops.rot.triton.sinkhorn import launch as L  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+_X_PTRS = ("x_ptr", "plan_ptr", "gp_ptr", "dx_ptr")
+_I64 = ("sxb", "sxn", "sxd", "spb", "spn", "spd", "sgb", "sgn", "sgd", "sdb", "sdn", "sdd")
+_F32 = ("lp0_u",)
+
+
+def signature(kernel, constexprs: dict, xdt: str) -> dict:
+    """Argument types by name: x-like pointers in ``xdt``, ``ptr_ptr`` int64, other pointers
+    fp32, strides int64, sizes int32."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in _X_PTRS:
+            sig[name] = f"*{xdt}"
+        elif name in ("ptr_ptr", "order_ptr"):
+            sig[name] = "*i64"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        elif name in _I64:
+            sig[name] = "i64"
+        elif name in _F32:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = False,
+           lean: bool = None) -> tuple:
+    """(kernel, constexprs) the launcher would use for this shape (``lean``: the v2 forward
+    iteration; default: what the launcher uses now)."""
+    paper = variant == "paper"
+    if which.startswith("fwd"):
+        BN, BD, one = L.fwd_config(D, N, num_warps)
+        ce = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, PAPER=paper, RETURN_PLAN=True,
+                  ONE_TILE_N=one, BN=BN, BD=BD,
+                  LEAN=L.LEAN_FORWARD if lean is None else lean, MASK_N=N is None or N != BN)
+        return K.sinkhorn_fwd_kernel, ce
+    BN, BD, one = L.bwd_config(D, N, num_warps)
+    ce = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, PAPER=paper, HAS_GP=True, ONE_TILE_N=one,
+              BN=BN, BD=BD, BT=16)
+    return K.sinkhorn_bwd_kernel, ce
+
+
+# the launcher configurations compiled by the AOT test: (which, variant, x dtype, warps)
+# fwd / bwd: streamed tiles (ragged, D = 2048); fwd1 / bwd1: one tile per set (dense N = 49);
+# split_*: the split-set launches at W1's shape
+AOT_CONFIGS = [("fwd", "exact", "bf16", 8), ("fwd", "paper", "fp32", 4),
+               ("fwd1", "exact", "fp32", 8), ("fwd1", "paper", "bf16", 4),
+               ("bwd", "exact", "fp32", 4), ("bwd", "paper", "fp16", 8),
+               ("bwd1", "exact", "bf16", 8), ("bwd1", "paper", "fp32", 4),
+               ("split_col", "exact", "bf16", 8), ("split_a", "exact", "fp32", 4),
+               ("split_row", "exact", "fp32", 8), ("split_b", "exact", "fp32", 1)]
+
+
+def split_config(which: str, N: int, D: int, num_warps: int) -> tuple:
+    """(kernel, constexprs) of a split-set launch (launch._split_iterations) for B = 50 sets
+    of N rows on 132 SMs."""
+    rows = L.next_pow2(L.cdiv(N, min(L.cdiv(132, 50), N // L.SPLIT_MIN_ROWS)))
+    NB = L.cdiv(N, rows)
+    BD = max(min(L.next_pow2(D), L.FWD_ELEMS_PER_THREAD * 32 * num_warps // rows, 128), 1)
+    return {"split_col": (K.sinkhorn_split_col_kernel, dict(BN=rows, BD=BD)),
+            "split_a": (K.sinkhorn_split_a_kernel,
+                        dict(HAS_P0=True, BJ=L.next_pow2(NB), BD=min(L.next_pow2(D), 1024))),
+            "split_row": (K.sinkhorn_split_row_kernel, dict(HAS_Q0=True, BN=rows, BD=BD)),
+            "split_b": (K.sinkhorn_split_b_kernel, dict(BN=rows, BJ=L.next_pow2(NB)))}[which]
+
+
+def compile_config(which, variant, xdt, nw):
+    if which.startswith("split"):  # W1's shape
+        kern, ce = split_config(which, 500, 100, nw)
+        return compile_sm90(kern, signature(kern, ce, xdt), ce, num_warps=nw)
+    ragged = which in ("fwd", "bwd")
+    kern, ce = config(which, variant, None if ragged else 49, 2048, nw, ragged=ragged)
+    return compile_sm90(kern, signature(kern, ce, xdt), ce, num_warps=nw)
+
+
+def usage(compiled) -> tuple:
+    """(registers, spill bytes) per thread from cuobjdump -res-usage; spills are LOCAL + STACK
+    (ptxas puts register spills of these kernels on the stack frame)."""
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "k.cubin")
+        open(p, "wb").write(compiled.asm["cubin"])
+        res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", p],
+                             capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+).*LOCAL:(\d+)", res)
+    return int(m.group(1)), int(m.group(2)) + int(m.group(3))
+
+
+def sass(compiled) -> str:
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "k.cubin")
+        open(p, "wb").write(compiled.asm["cubin"])
+        return subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", p], capture_output=True,
+                              text=True, check=True).stdout
+
+
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+
+
+# the kernels' rare-path guard (kernels._TINY = 2^-60 as printed by nvdisasm): the forward
+# branch that follows a comparison with it skips the exact-LSE fallback on the hot path
+_TINY_TEXT = "8.6736173798840354721e-19"
+
+
+def _hot_path(instrs: list, labels: dict, a: int, b: int) -> list:
+    """The instructions of instrs[a..b] that one trip of the loop executes when no fallback is
+    taken: a conditional forward branch right after a comparison with 2^-60 is followed."""
+    out, i = [], a
+    while i <= b:
+        ins = instrs[i]
+        out.append(ins)
+        m = re.search(r"^@!?P\d\s+BRA\b.*?(\.L_x_\d+)", ins)
+        if m and _TINY_TEXT in " ".join(instrs[max(a, i - 3):i]) and labels[m.group(1)] > i:
+            i = labels[m.group(1)]
+            continue
+        i += 1
+    return out
+
+
+def innermost_loops(text: str) -> list:
+    """Innermost loops (a backward branch whose body holds no other backward branch) as dicts:
+    instruction count, MUFU count, opcode histogram of one trip's hot path (``_hot_path``)."""
+    instrs, labels = [], {}
+    for line in text.splitlines():
+        m = _LABEL.match(line)
+        if m:
+            labels[m.group(1)] = len(instrs)
+            continue
+        m = _INSTR.search(line)
+        if m:
+            instrs.append(m.group(2).strip())
+    loops = []
+    for i, ins in enumerate(instrs):
+        m = re.search(r"\bBRA\b.*?(\.L_x_\d+)", ins)
+        if m and labels.get(m.group(1), i + 1) <= i:
+            loops.append((labels[m.group(1)], i))
+    inner = [(a, b) for a, b in loops
+             if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    out = []
+    for a, b in inner:
+        body = [s for s in _hot_path(instrs, labels, a, b) if not s.startswith("NOP")]
+        ops = {}
+        for s in body:
+            op = re.sub(r"^@!?U?P\w+\s+", "", s).split()[0].split(".")[0]
+            ops[op] = ops.get(op, 0) + 1
+        out.append(dict(start=a, n=len(body), mufu=ops.get("MUFU", 0), ops=ops))
+    return out
+
+
+# the int arguments of the launch (W1 contiguous: sxd = 1; W2 the NCHW view: sxn = 1), compiled
+# with the JIT's specialisations (compile_like_jit)
+WORKLOADS = {"W1": dict(B=50, N=500, D=100, xdt="fp32", unit_stride="sxd",
+                       ints=dict(sxb=50000, sxn=100, sxd=1, N=500, D=100, T=4, NR=25000)),
+             "W2": dict(B=256, N=49, D=2048, xdt="fp32", unit_stride="sxn",
+                       ints=dict(sxb=100352, sxn=1, sxd=49, N=49, D=2048, T=4, NR=12544))}
+
+
+def compile_like_jit(kernel, sig: dict, constexprs: dict, ints: dict, num_warps: int):
+    """compile_sm90 with the JIT's specialisation of the launch: an int argument is i32 when it
+    fits, one equal to 1 is a constant (unless ``do_not_specialize``), one divisible by 16 and every pointer (torch allocations) carry
+    ``tt.divisibility = 16``, which is what lets the compiler vectorise and hoist."""
+    fn = kernel
+    while not isinstance(fn, triton.runtime.jit.JITFunction):
+        fn = fn.fn
+    ce = dict(constexprs)
+    for name, v in ints.items():
+        if v == 1 and name not in fn.do_not_specialize:
+            ce[name] = 1
+            sig[name] = "constexpr"
+        elif name in sig and sig[name] != "constexpr":
+            sig[name] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"  # the JIT types ints by value
+    attrs = {}
+    for i, name in enumerate(fn.arg_names):
+        if sig[name].startswith("*") or (name in ints and ints[name] % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=ce, attrs=attrs)
+    return triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": 3})
+
+
+def loop_report(name: str, variant: str, lean: bool) -> str:
+    """The forward's innermost-loop counts per element-iteration for workload ``name``."""
+    wl = WORKLOADS[name]
+    nw = 8 if wl["B"] < 2 * 132 else 4  # launch.num_warps_for on an H100 (132 SMs)
+    kern, ce = config("fwd1", variant, wl["N"], wl["D"], nw, lean=lean)
+    c = compile_like_jit(kern, signature(kern, ce, wl["xdt"]), ce, wl["ints"], nw)
+    regs, local = usage(c)
+    loops = [lp for lp in innermost_loops(sass(c)) if lp["mufu"] > 0]
+    elems = ce["BN"] * ce["BD"] / (32 * nw)  # x elements per thread per trip of a tile loop
+    lines = [f"{name} {variant} {'v2' if lean else 'v1'}: BN={ce['BN']} BD={ce['BD']} warps={nw} regs={regs} "
+             f"spill bytes={local} elements/thread/trip={elems:g}"]
+    for lp in loops:
+        top = ", ".join(f"{k} {v}" for k, v in sorted(lp["ops"].items(), key=lambda kv: -kv[1])[:10])
+        lines.append(f"  loop@{lp['start']}: {lp['n']} instr, {lp['mufu']} MUFU per trip; "
+                     f"per element: {lp['n'] / elems:.1f} instr, {lp['mufu'] / elems:.2f} MUFU "
+                     f"[{top}]")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("run without TRITON_INTERPRET")
+    if sys.argv[1] == "usage":
+        which, variant, xdt, nw = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+        regs, local = usage(compile_config(which, variant, xdt, nw))
+        print("USAGE", which, variant, xdt, nw, regs, local)
+    else:
+        print(loop_report(sys.argv[2], sys.argv[3], sys.argv[4] == "v2"))
