@@ -294,7 +294,7 @@ import os, re, subprocess, tempfile
 import triton
 from aot import compile_sm90
 from rotp_triton.ops.rot.triton.structure import kernels as ts
-from rotp_triton.ops.rot.triton.structure.launch import PER_SET_WARPS, row_block
+from rotp_triton.ops.rot.triton.structure.launch import PER_SET_WARPS, mm_tile, row_block
 N, D = 500, 100          # W1
 BD = triton.next_power_of_2(D)
 BN = row_block(BD)
@@ -304,8 +304,7 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 def ck(kernel, sig, const, name):
     sig = dict(sig)
     sig.update({k: "constexpr" for k in const})
-    warps = 4 if kernel is ts.set_matmul_kernel else PER_SET_WARPS   # as the launchers
-    c = compile_sm90(kernel, sig, const, num_warps=warps)
+    c = compile_sm90(kernel, sig, const, num_warps=PER_SET_WARPS)   # as the launchers
     usage = "REG:? LOCAL:?"
     if os.path.exists(CUOBJDUMP):
         with tempfile.TemporaryDirectory() as d:
@@ -319,15 +318,18 @@ def ck(kernel, sig, const, name):
     print(f"RESULT {name} {usage}")
 ck(ts.structure_factors_kernel,
    dict(x_ptr="*fp16", row_start_ptr="*i64", len_ptr="*i64", x32_ptr=P, xc_ptr=P, xt_ptr=P,
-        s_xb=I, s_xn=I, s_xd=I, N_pad=I, D=I), dict(BN=BN, BD=BD), "factors")
-mm_sig = dict(a_ptr=P, b_ptr=P, c_ptr=P, len_ptr="*i64", D=I, M_alloc=I, N_alloc=I,
-              s_ab=I, s_am=I, s_ak=I, s_bb=I, s_bk=I, s_bn=I, s_cb=I, s_cm=I, s_cn=I)
-for (m, k, n, e, acc, prec) in [(False, True, False, True, False, "ieee"),
-                                (True, False, False, False, True, "tf32"),
-                                (True, True, True, True, False, "ieee")]:
-    ck(ts.set_matmul_kernel, mm_sig,
-       dict(M_IS_SET=m, K_IS_SET=k, N_IS_SET=n, EXP_B=e, ACCUMULATE=acc, ALPHA=1.0,
-            PRECISION=prec, BM=64, BN=64, BK=64), f"set_matmul[{m}/{k}/{n},exp={e},{prec}]")
+        gram_ptr=P, s_xb=I, s_xn=I, s_xd=I, N_pad=I, D=I, S=I),
+   dict(D_ORDER=True, PRECISION="ieee", BT=mm_tile(), BN=BN, BD=BD), "factors")
+for d_order, prec in ((True, "ieee"), (False, "ieee"), (True, "tf32")):
+    ck(ts.sigma_product_kernel,
+       dict(m_ptr=P, xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P, out_ptr=P, len_ptr="*i64",
+            N_pad=I, S=I, D=I), dict(D_ORDER=d_order, EXP_M=True, PRECISION=prec, BT=mm_tile()),
+       f"sigma_product[d_order={d_order},{prec}]")
+for d_order, prec in ((True, "ieee"), (False, "tf32")):
+    ck(ts.sigma_adjoint_kernel,
+       dict(m_ptr=P, g_ptr=P, xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P, dxc_ptr=P,
+            dxt_ptr=P, dm_ptr=P, len_ptr="*i64", N_pad=I, S=I, D=I),
+       dict(D_ORDER=d_order, PRECISION=prec, BT=mm_tile()), f"sigma_adjoint[d_order={d_order},{prec}]")
 for quad, paper in ((True, False), (False, True)):
     ck(ts.badmm_p_step_kernel,
        dict(x_ptr=P, log_s_ptr=P, z_ptr=P, sig_ptr=P, log_p_ptr=P, log_p0_ptr=P,
@@ -382,6 +384,6 @@ def test_aot_sm90():
     out = run_without_interpreter(_AOT, timeout=900)
     lines = [ln for ln in out.splitlines() if ln.startswith("RESULT")]
     print("\n".join(lines))
-    assert len(lines) == 17
+    assert len(lines) == 19
     for line in lines:
         assert "LOCAL:0" in line or "LOCAL:?" in line, line

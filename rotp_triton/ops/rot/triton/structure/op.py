@@ -93,7 +93,6 @@ class StructureROTFunction(torch.autograd.Function):
             grads[0] += gs[1]
             key = "log_s" if pb.method == "sinkhorn" else "log_p"
             g_state = {key: gs[0]}
-            gram = fac.gram
             if TRITON_BACKWARD:
                 with torch.no_grad():
                     reverse_iterations(pb, fac, ckpts, mask, g_state[key], grads)
@@ -104,7 +103,7 @@ class StructureROTFunction(torch.autograd.Function):
                           else ckpts[t_ck])
                     st_in = {k: v.detach().requires_grad_() for k, v in st.items()
                              if k != "log_p"}
-                    out = _replay_step(pb, st_in, xl, xc, xt, gram, mask, lp0, lq0, w, t)
+                    out = _replay_step(pb, st_in, xl, xc, xt, fac, mask, lp0, lq0, w, t)
                     ins = list(st_in.values()) + leaves
                     gs = pull(out, g_state, ins)
                     g_state = dict(zip(st_in.keys(), gs[:len(st_in)]))
