@@ -387,3 +387,58 @@ def test_aot_sm90():
     assert len(lines) == 19
     for line in lines:
         assert "LOCAL:0" in line or "LOCAL:?" in line, line
+
+
+# ============================================================================================
+# launches and saved memory (issue #13)
+# ============================================================================================
+def _expected_launches(method, Tn):
+    """The launch plan of docs/adjoints.md: forward = factors (+ Gram) · L per iteration ·
+    pool; backward = factors · one sweep to the √T checkpoints · the recompute inside each
+    segment · per iteration the re-run (L) and the adjoints (L, Σ adjoints fused)."""
+    L = 1 if method == "sinkhorn" else 2
+    k = math.ceil(math.sqrt(Tn))
+    sweep = k * ((Tn - 1) // k)
+    recompute = sum(t % k for t in range(Tn))
+    fwd = 1 + L * Tn + 1
+    bwd = 1 + L * (sweep + recompute) + 2 * L * Tn
+    return fwd, bwd
+
+
+@pytest.mark.parametrize("method,Tn", [(m, 4) for m in METHODS] + [("badmm-e", 16)],
+                         ids=lambda v: str(v))
+def test_launch_count(method, Tn):
+    """Launches per call, counted: at most 3 per iteration forward (B-ADMM 2: P-step and
+    S-step with their structure products fused; S 1), forward+backward at T = 4 at most 40
+    (it was 213 for B-ADMM), and the backward's recompute O(T^1.5), not O(T²)."""
+    from launch_counter import count_launches
+    x = torch.randn(2, 5, 3, device=DEVICE, requires_grad=True)
+    with count_launches() as fwd:
+        y = rt.rot_pool(x, method=method, num_iters=Tn, inner_iters=2, a0=0.5,
+                        backend="triton")
+    with count_launches() as bwd:
+        y.sum().backward()
+    assert (len(fwd), len(bwd)) == _expected_launches(method, Tn), (fwd, bwd)
+    assert len(fwd) <= 3 * Tn + 2
+    if Tn == 4:
+        assert len(fwd) + len(bwd) <= 40
+
+
+def test_saved_bytes_at_t16():
+    """What the forward keeps for the backward at T = 16 (saved-tensor hooks): x, log P_T (fp32,
+    the input's size) and the six (T,) weight vectors, nothing per iteration (the backward
+    rebuilds the states from the inputs, DESIGN §7): at most 3× the input's bytes once the
+    weights (6·T·4 bytes) are set aside."""
+    x = torch.randn(3, 7, 4, device=DEVICE, requires_grad=True)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = rt.rot_pool(x, method="badmm-e", num_iters=16, a0=0.5, backend="triton")
+    x_bytes = x.numel() * x.element_size()
+    weight_bytes = 6 * 16 * 4
+    assert 0 < sum(saved.values()) - weight_bytes <= 3 * x_bytes, (saved, x_bytes)
+    assert y.grad_fn is not None

@@ -546,6 +546,18 @@ def _initial_state_grads(g_state: dict, mask: Tensor, grads: list) -> None:
         grads[4] += g_state["log_eta"].masked_fill(~mask, 0.0)
 
 
+def _add_sqrt_checkpoints(pb: _Problem, fac: Factors, ckpts: dict) -> None:
+    """States entering iterations k, 2k, ... (k = ⌈√T⌉) from one forward sweep, so that the
+    reverse pass recomputes at most k - 1 iterations per step: T (sweep) + T(k - 1)/2
+    iterations in all instead of T(T - 1)/2, for ⌈√T⌉ - 1 transient states."""
+    k = math.ceil(math.sqrt(pb.T))
+    t_prev = max(ckpts)
+    for t1 in range(k, pb.T, k):
+        if t1 > t_prev:
+            ckpts[t1] = run_iterations(pb, fac, ckpts[t_prev], t_prev, t1)
+            t_prev = t1
+
+
 def reverse_iterations(pb: _Problem, fac: Factors, ckpts: dict, mask: Tensor, g_lp_T: Tensor,
                        grads: list) -> None:
     """The T iterations in reverse with the adjoint kernels (no torch autograd).
@@ -557,9 +569,16 @@ def reverse_iterations(pb: _Problem, fac: Factors, ckpts: dict, mask: Tensor, g_
     acc = {"x": grads[0], "xc": grads[1], "xt": grads[2], "lp0": grads[3], "lq0": grads[4]}
     acc.update({k: grads[5 + i] for i, k in enumerate(_WEIGHTS)})
 
+    ckpts = dict(ckpts)
+    if len(ckpts) == 1:
+        _add_sqrt_checkpoints(pb, fac, ckpts)
+
     def state_entering(t):
         t_ck = max(k for k in ckpts if k <= t)
-        return run_iterations(pb, fac, ckpts[t_ck], t_ck, t) if t > t_ck else ckpts[t_ck]
+        st = run_iterations(pb, fac, ckpts[t_ck], t_ck, t) if t > t_ck else ckpts[t_ck]
+        if t == t_ck and t > 0:
+            del ckpts[t_ck]       # its segment is done: free the state
+        return st
 
     if pb.method == "sinkhorn":
         g_lp = g_lp_T
