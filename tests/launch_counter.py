@@ -1,5 +1,6 @@
 """Count Triton kernel launches of a call: ``with count_launches() as launches: ...`` then
-``len(launches)`` (kernel names, in launch order).
+``len(launches)`` (kernel names, in launch order; ``launches.constexprs`` holds each launch's
+keyword arguments, e.g. to check which precision or block size a launcher chose).
 
 Patches the ``run`` method that ``kernel[grid](...)`` ends in: ``InterpretedFunction.run``
 under ``TRITON_INTERPRET=1``, ``JITFunction.run`` on a GPU. Launches through
@@ -29,16 +30,26 @@ def _kernel_name(fn) -> str:
     return getattr(inner, "__name__", type(fn).__name__)
 
 
+class Launches(list):
+    """Kernel names in launch order, plus ``constexprs``: the keyword arguments of each."""
+
+    def __init__(self):
+        super().__init__()
+        self.constexprs: List[dict] = []
+
+
 @contextlib.contextmanager
-def count_launches() -> Iterator[List[str]]:
+def count_launches() -> Iterator[Launches]:
     """Yields a list that receives one kernel name per launch while the block runs."""
-    launches: List[str] = []
+    launches = Launches()
     saved = []
     for cls in _run_classes():
         original = cls.run
 
         def run(self, *args, __original=original, **kwargs):
             launches.append(_kernel_name(self))
+            launches.constexprs.append({k: v for k, v in kwargs.items()
+                                        if isinstance(v, (bool, int, float, str))})
             return __original(self, *args, **kwargs)
 
         saved.append((cls, original))

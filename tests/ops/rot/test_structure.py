@@ -320,7 +320,7 @@ ck(ts.structure_factors_kernel,
    dict(x_ptr="*fp16", row_start_ptr="*i64", len_ptr="*i64", x32_ptr=P, xc_ptr=P, xt_ptr=P,
         gram_ptr=P, s_xb=I, s_xn=I, s_xd=I, N_pad=I, D=I, S=I),
    dict(D_ORDER=True, PRECISION="ieee", BT=mm_tile(), BN=BN, BD=BD), "factors")
-for d_order, prec in ((True, "ieee"), (False, "ieee"), (True, "tf32")):
+for d_order, prec in ((True, "ieee"), (False, "ieee"), (True, "tf32"), (False, "bf16")):
     ck(ts.sigma_product_kernel,
        dict(m_ptr=P, xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P, out_ptr=P, len_ptr="*i64",
             N_pad=I, S=I, D=I), dict(D_ORDER=d_order, EXP_M=True, PRECISION=prec, BT=mm_tile()),
@@ -384,7 +384,7 @@ def test_aot_sm90():
     out = run_without_interpreter(_AOT, timeout=900)
     lines = [ln for ln in out.splitlines() if ln.startswith("RESULT")]
     print("\n".join(lines))
-    assert len(lines) == 19
+    assert len(lines) == 20
     for line in lines:
         assert "LOCAL:0" in line or "LOCAL:?" in line, line
 
@@ -442,3 +442,50 @@ def test_saved_bytes_at_t16():
     weight_bytes = 6 * 16 * 4
     assert 0 < sum(saved.values()) - weight_bytes <= 3 * x_bytes, (saved, x_bytes)
     assert y.grad_fn is not None
+
+
+@pytest.mark.parametrize("setting,dtype,expect", [("ieee", torch.float32, "ieee"),
+                                                  ("tf32", torch.float32, "tf32"),
+                                                  ("tensor-core", torch.float32, "tf32"),
+                                                  ("tensor-core", torch.bfloat16, "bf16")],
+                         ids=["ieee", "tf32", "tensor-core-fp32", "tensor-core-bf16"])
+def test_dot_precision_option(monkeypatch, setting, dtype, expect):
+    """The tensor-core option reaches every launch that has a dot (fp32 "ieee" by default).
+    Its accuracy is a GPU matter (the interpreter computes every dot in fp32): see
+    test_tensor_core_accuracy; the sm_90 compile of tf32 / bf16 dots is in test_aot_sm90."""
+    from launch_counter import count_launches
+    from rotp_triton.ops.rot.triton.structure import launch
+    monkeypatch.setattr(launch, "DOT_PRECISION", setting)
+    assert launch.dot_precision(dtype) == expect
+    if dtype != torch.float32 and not ON_CUDA:
+        return   # the interpreter has no bf16
+    x = torch.randn(2, 5, 3, device=DEVICE, dtype=dtype, requires_grad=True)
+    with count_launches() as launches:
+        rt.rot_pool(x, method="badmm-e", num_iters=1, a0=0.5, backend="triton").sum().backward()
+    precisions = {c["PRECISION"] for c in launches.constexprs if "PRECISION" in c}
+    assert precisions == {expect}, launches.constexprs
+
+
+def test_dot_precision_rejects_unknown(monkeypatch):
+    from rotp_triton.ops.rot.triton.structure import launch
+    monkeypatch.setattr(launch, "DOT_PRECISION", "fp8")
+    with pytest.raises(ValueError, match="DOT_PRECISION"):
+        launch.dot_precision(torch.float32)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="tensor-core dots exist on the GPU only")
+@pytest.mark.parametrize("method", METHODS)
+def test_tensor_core_accuracy(monkeypatch, method):
+    """The stated accuracy of the tf32 option (docs/adjoints.md): y within 2e-3 relative of
+    the float64 reference at W1-like shapes (N > D and D > N)."""
+    from rotp_triton.ops.rot.triton.structure import launch
+    monkeypatch.setattr(launch, "DOT_PRECISION", "tf32")
+    for sizes, D in (([40, 33], 24), ([6, 9], 40)):
+        xs = _sets(sizes, D, seed=31)
+        ws = _weights(4)
+        y_ref, _ = ref.rot_pool_sets(xs, method=method, num_iters=4, inner_iters=3, **ws)
+        y = rt.rot_pool(torch.cat(xs).to(DEVICE, torch.float32),
+                        ptr=torch.tensor([0, sizes[0], sum(sizes)], device=DEVICE),
+                        method=method, num_iters=4, inner_iters=3, backend="triton",
+                        **{k: v.to(DEVICE, torch.float32) for k, v in ws.items()})
+        assert rel_err(y, y_ref) <= 2e-3, rel_err(y, y_ref)

@@ -32,6 +32,7 @@ def _program_mm(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, c_ptr, sc_m, sc_n, e_ptr, 
     Operands by strides (a transpose is a stride swap); EXP_A / EXP_B: the operand holds a log
     (loaded as exp, entries past K as exp(-inf) = 0). MODE 0: C = AB; 1: C += AB;
     2: C += exp(E) ⊙ AB (E has C's strides: the chain rule through m = exp(log m)).
+    PRECISION: "ieee" | "tf32" | "bf16" (operands rounded to bf16); fp32 accumulation.
     Writes only the logical M×N block.
     """
     for m0 in range(0, M, BT):
@@ -56,7 +57,10 @@ def _program_mm(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, c_ptr, sc_m, sc_n, e_ptr, 
                     bv = tl.exp(tl.load(b_ptr + b_off, mask=b_msk, other=float("-inf")))
                 else:
                     bv = tl.load(b_ptr + b_off, mask=b_msk, other=0.0)           # [BT, BT]
-                acc += tl.dot(a, bv, input_precision=PRECISION)
+                if PRECISION == "bf16":   # bf16 tensor cores (bf16 inputs), fp32 accumulate
+                    acc += tl.dot(a.to(tl.bfloat16), bv.to(tl.bfloat16))
+                else:                     # "ieee" (fp32 FMA) or "tf32" (tensor cores)
+                    acc += tl.dot(a, bv, input_precision=PRECISION)
             c_off = offs_m[:, None] * sc_m + offs_n[None, :] * sc_n
             c_msk = m_ok[:, None] & n_ok[None, :]
             if MODE == 1:

@@ -26,8 +26,22 @@ from .kernels import (badmm_p_step_bwd_kernel, badmm_p_step_kernel, badmm_s_step
                       sinkhorn_prox_step_bwd_kernel, sinkhorn_prox_step_kernel,
                       structure_factors_kernel)
 
-# fp32 tl.dot precision: "ieee" (exact fp32) or "tf32" (tensor cores, ~1e-3 relative error).
+# The structure product's dots: "ieee" (fp32 FMA, the default: kernels == reference to 1e-4),
+# "tf32" (tensor cores, 10-bit mantissa: expected ~1e-3 relative error of y, not yet measured
+# on a GPU) or "tensor-core" (tf32 for fp32/fp16 inputs, bf16 dots for bf16 inputs: expected
+# ~1e-2). Set here or with ROTP_STRUCTURE_DOT; docs/adjoints.md states the accuracy.
 DOT_PRECISION = os.environ.get("ROTP_STRUCTURE_DOT", "ieee")
+DOT_PRECISIONS = ("ieee", "tf32", "tensor-core")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The ``tl.dot`` precision constexpr for inputs of ``dtype`` under DOT_PRECISION."""
+    if DOT_PRECISION not in DOT_PRECISIONS:
+        raise ValueError(f"ROTP_STRUCTURE_DOT / DOT_PRECISION must be one of {DOT_PRECISIONS}, "
+                         f"got {DOT_PRECISION!r}")
+    if DOT_PRECISION == "tensor-core":
+        return "bf16" if dtype == torch.bfloat16 else "tf32"
+    return DOT_PRECISION
 
 # How kernels are launched: directly, or through torch.library.wrap_triton while the body of
 # one of the custom operators of op.py runs (so torch.compile can trace the launches).
@@ -66,8 +80,10 @@ class Factors:
     ``structure_factors_kernel`` in the same launch as the factors.
     """
 
-    def __init__(self, xc: Tensor, xt: Tensor, gram: Tensor, lens: Tensor):
+    def __init__(self, xc: Tensor, xt: Tensor, gram: Tensor, lens: Tensor,
+                 precision: str = "ieee"):
         self.xc, self.xt, self.gram, self.lens = xc, xt, gram, lens
+        self.precision = precision          # tl.dot precision, see dot_precision
         B, N, D = xc.shape
         self.D = D
         self.d_order = D <= N
@@ -82,7 +98,7 @@ class Factors:
         scratch = m.new_empty(B, 2, self.S, self.S)
         _wrap(sigma_product_kernel)[(B,)](
             m, self.xc, self.xt, self.gram, scratch, out, self.lens, N, self.S, D,
-            D_ORDER=self.d_order, EXP_M=exp, PRECISION=DOT_PRECISION, BT=mm_tile(),
+            D_ORDER=self.d_order, EXP_M=exp, PRECISION=self.precision, BT=mm_tile(),
             num_warps=PER_SET_WARPS)
         return out
 
@@ -99,7 +115,7 @@ class Factors:
 
     def meta(self) -> dict:
         """The constexprs of the in-program structure product."""
-        return dict(D_ORDER=self.d_order, PRECISION=DOT_PRECISION, BT=mm_tile())
+        return dict(D_ORDER=self.d_order, PRECISION=self.precision, BT=mm_tile())
 
     def adjoint(self, log_m: Tensor, g: Tensor, dxc: Tensor, dxt: Tensor, dm: Tensor) -> None:
         """Adjoint of out = Σ2 exp(log_m) Σ1 for the upstream gradient g (B, N_pad, D):
@@ -110,12 +126,12 @@ class Factors:
         scratch = log_m.new_empty(B, 5, self.S, self.S)
         _wrap(sigma_adjoint_kernel)[(B,)](
             log_m.contiguous(), g.contiguous(), self.xc, self.xt, self.gram, scratch, dxc, dxt,
-            dm, self.lens, N, self.S, D, D_ORDER=self.d_order, PRECISION=DOT_PRECISION,
+            dm, self.lens, N, self.S, D, D_ORDER=self.d_order, PRECISION=self.precision,
             BT=mm_tile(), num_warps=PER_SET_WARPS)
 
 
 def _launch_factors(x: Tensor, row_start: Tensor, lens: Tensor, B: int, N_pad: int, D: int,
-                    dense: bool):
+                    dense: bool, precision: str):
     """(x32, xc, xt, gram) in one launch; the Gram matrix's order as in :class:`Factors`."""
     x32 = x.new_zeros(B, N_pad, D, dtype=torch.float32)
     xc = torch.zeros_like(x32)
@@ -131,7 +147,7 @@ def _launch_factors(x: Tensor, row_start: Tensor, lens: Tensor, B: int, N_pad: i
     if B > 0:
         _wrap(structure_factors_kernel)[(B,)](
             x, row_start, lens, x32, xc, xt, gram, s_xb, s_xn, s_xd, N_pad, D, S,
-            D_ORDER=d_order, PRECISION=DOT_PRECISION, BT=mm_tile(), BN=row_block(BD), BD=BD,
+            D_ORDER=d_order, PRECISION=precision, BT=mm_tile(), BN=row_block(BD), BD=BD,
             num_warps=PER_SET_WARPS)
     return x32, xc, xt, gram
 
@@ -253,7 +269,7 @@ class SigmaProduct(torch.autograd.Function):
         dxc = torch.zeros_like(xc)
         dxt = torch.zeros_like(xt)
         dm = torch.zeros_like(log_m)
-        Factors(xc, xt, ctx.fac.gram, ctx.fac.lens).adjoint(log_m, g, dxc, dxt, dm)
+        Factors(xc, xt, ctx.fac.gram, ctx.fac.lens, ctx.fac.precision).adjoint(log_m, g, dxc, dxt, dm)
         return dm, dxc, dxt, None
 
 
@@ -691,7 +707,8 @@ def _forward_setup(x, log_p0, log_q0, weights, meta):
         row_start = ptr[:-1].contiguous()
     N_pad = max(meta["n_max"], 1)
     lens = real_lens.clamp_min(1)          # empty set: one zero dummy sample
-    x32, xc, xt, gram = _launch_factors(x, row_start, real_lens, B, N_pad, D, dense)
+    precision = dot_precision(x.dtype)
+    x32, xc, xt, gram = _launch_factors(x, row_start, real_lens, B, N_pad, D, dense, precision)
     mask = torch.arange(N_pad, device=dev)[None, :] < lens[:, None]
     if log_p0 is None:
         lp0 = torch.full((B, D), -math.log(max(D, 1)), device=dev, dtype=torch.float32)
@@ -705,5 +722,5 @@ def _forward_setup(x, log_p0, log_q0, weights, meta):
          for k, v in weights.items()}
     pb = _Problem(x32, lens, real_lens, lp0, lq0.contiguous(), w, meta["method"],
                   meta["variant"], meta["T"], meta["K"])
-    fac = Factors(xc, xt, gram, lens)
+    fac = Factors(xc, xt, gram, lens, precision)
     return pb, fac, row_start, dense, meta["return_plan"]
