@@ -301,8 +301,14 @@ BN = row_block(BD)
 P, I = "*fp32", "i32"
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                          "cuobjdump")
-def ck(kernel, sig, const, name):
+SIGMA = dict(xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P, S=I)          # Σ prologue
+SIGMA_ADJ = dict(xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P, dxc_ptr=P, dxt_ptr=P, S=I)
+SIGMA_CONST = dict(D_ORDER=True, PRECISION="ieee", BT=mm_tile())
+def ck(kernel, sig, const, name, sigma=None):
     sig = dict(sig)
+    if sigma is not None:     # a step kernel with the structure product fused in
+        sig.update(sigma)
+        const = dict(SIGMA_CONST, **const)
     sig.update({k: "constexpr" for k in const})
     c = compile_sm90(kernel, sig, const, num_warps=PER_SET_WARPS)   # as the launchers
     usage = "REG:? LOCAL:?"
@@ -336,33 +342,34 @@ for quad, paper in ((True, False), (False, True)):
             log_mu_ptr=P, r_out_ptr=P, mu_out_ptr=P, len_ptr="*i64", a0_ptr=P, a1_ptr=P,
             a2_ptr=P, rho_ptr=P, t=I, N_pad=I, D=I),
        dict(QUADRATIC=quad, PAPER=paper, SAVE=not paper, BN=BN, BD=BD),
-       f"p_step[quad={quad},paper={paper}]")
+       f"p_step[quad={quad},paper={paper}]", SIGMA)
     ck(ts.badmm_s_step_kernel,
        dict(log_p_ptr=P, z_ptr=P, sig_ptr=P, log_s_ptr=P, c_ptr=P, log_q0_ptr=P,
             log_eta_ptr=P, z2_ptr=P, log_p0_ptr=P, log_mu_ptr=P, z1_ptr=P, eta_out_ptr=P,
             len_ptr="*i64", a0_ptr=P, a1_ptr=P, a2_ptr=P, a3_ptr=P, rho_ptr=P, t=I, N_pad=I,
             D=I), dict(QUADRATIC=quad, PAPER=paper, SAVE=not paper, BN=BN, BD=BD),
-       f"s_step[quad={quad},paper={paper}]")
+       f"s_step[quad={quad},paper={paper}]", SIGMA)
 for quad, paper in ((False, True), (True, False)):
     ck(ts.badmm_s_step_bwd_kernel,
        dict(g_ls_ptr=P, g_z_ptr=P, log_p_ptr=P, z_ptr=P, sig_p_ptr=P, log_s_new_ptr=P, c_ptr=P,
             eta_ptr=P, log_q0_ptr=P, g_z_out_ptr=P, g_sig_ptr=P, g_lp_ptr=P, g_p_ptr=P,
             g_lq0_ptr=P, gvec_ptr=P, row_x_ptr=P, col_x_ptr=P, wpart_ptr=P, len_ptr="*i64",
             a0_ptr=P, a1_ptr=P, a3_ptr=P, rho_ptr=P, t=I, N_pad=I, D=I),
-       dict(QUADRATIC=quad, PAPER=paper, BN=BN, BD=BD), f"s_step_bwd[quad={quad},paper={paper}]")
+       dict(QUADRATIC=quad, PAPER=paper, BN=BN, BD=BD),
+       f"s_step_bwd[quad={quad},paper={paper}]", SIGMA_ADJ)
     ck(ts.badmm_p_step_bwd_kernel,
        dict(g_lp_ptr=P, g_p_ptr=P, log_p_ptr=P, log_s_ptr=P, z_ptr=P, x_ptr=P, sig_s_ptr=P,
             r_ptr=P, mu_ptr=P, log_p0_ptr=P, g_l_ptr=P, g_x_ptr=P, g_z_ptr=P, g_sig_ptr=P,
             g_lp0_ptr=P, wpart_ptr=P, len_ptr="*i64", a0_ptr=P, a1_ptr=P, a2_ptr=P, rho_ptr=P,
             t=I, N_pad=I, D=I), dict(QUADRATIC=quad, PAPER=paper, BN=BN, BD=BD),
-       f"p_step_bwd[quad={quad},paper={paper}]")
+       f"p_step_bwd[quad={quad},paper={paper}]", SIGMA_ADJ)
 for paper in (False, True):
     ck(ts.sinkhorn_prox_step_kernel,
        dict(x_ptr=P, log_p_ptr=P, sig_ptr=P, y0_ptr=P, bvec_ptr=P, c_ptr=P, log_p0_ptr=P,
             log_q0_ptr=P, hist_r_ptr=P, hist_a_ptr=P, hist_c_ptr=P, hist_b_ptr=P,
             len_ptr="*i64", a0_ptr=P, a1_ptr=P, a2_ptr=P, a3_ptr=P, tau_ptr=P,
             t=I, K=I, N_pad=I, D=I), dict(PAPER=paper, SAVE=not paper, BN=BN, BD=BD),
-       f"sinkhorn_prox[paper={paper}]")
+       f"sinkhorn_prox[paper={paper}]", SIGMA)
 for paper in (False, True):
     ck(ts.sinkhorn_prox_step_bwd_kernel,
        dict(g_out_ptr=P, x_ptr=P, log_p_ptr=P, sig_ptr=P, y0_ptr=P, gy0_ptr=P, hist_r_ptr=P,
@@ -370,7 +377,7 @@ for paper in (False, True):
             log_q0_ptr=P, g_lp_ptr=P, g_x_ptr=P, g_sig_ptr=P, g_lp0_ptr=P, g_lq0_ptr=P,
             wpart_ptr=P, len_ptr="*i64", a0_ptr=P, a1_ptr=P, a2_ptr=P, a3_ptr=P, tau_ptr=P, t=I,
             K=I, N_pad=I, D=I), dict(PAPER=paper, BN=BN, BD=BD),
-       f"sinkhorn_prox_bwd[paper={paper}]")
+       f"sinkhorn_prox_bwd[paper={paper}]", SIGMA_ADJ)
 ck(ts.pool_from_log_plan_kernel,
    dict(log_p_ptr=P, x_ptr=P, y_ptr="*bf16", plan_ptr="*bf16", len_ptr="*i64",
         real_len_ptr="*i64", row_start_ptr="*i64", N_pad=I, D=I, s_pn=I, s_pb=I),
