@@ -262,6 +262,23 @@ def test_opcheck_custom_op():
                                       "test_faketensor"))
 
 
+def test_opcheck_custom_op_ragged():
+    """opcheck of the forward op on a ragged batch with an empty set (ptr, the row -> set
+    index and position, and the padded size given explicitly, as the entry point passes them)."""
+    ts = _custom_op()
+    g = torch.Generator().manual_seed(24)
+    ptr = torch.tensor([0, 3, 3, 7], device=DEVICE)
+    lens = ptr[1:] - ptr[:-1]
+    index = torch.repeat_interleave(torch.arange(3, device=DEVICE), lens)
+    pos = torch.arange(7, device=DEVICE) - ptr[index]
+    x = torch.randn(7, 5, generator=g).to(DEVICE).requires_grad_()
+    ws = [v.float().to(DEVICE).requires_grad_() for v in _weights(T, seed=5).values()]
+    torch.library.opcheck(ts.structure_fwd_op,
+                          (x, ptr, index, pos, None, None, *ws, "badmm-e", "exact", K, 4, True),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+
 @pytest.mark.parametrize("a0_tensor", [False, True])
 def test_torch_compile_fullgraph(a0_tensor):
     """torch.compile(fullgraph=True) of rt.rot_pool(x, a0=0.3, backend="triton") on a dense

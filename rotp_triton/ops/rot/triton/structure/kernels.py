@@ -1,6 +1,8 @@
 """``@triton.jit`` kernels of ROT pooling with α0 > 0 (the structure term): the factors of
-Σ1, Σ2, the per-set batched GEMM of the factorized Σ1 M Σ2, the fused B-ADMM P-/S-steps, the
-proximal Sinkhorn step with its K inner iterations, their adjoints, and the final pooling.
+Σ1, Σ2 with the smaller Gram matrix, the factorized Σ1 M Σ2 and its adjoint as in-program
+GEMM sequences, the fused B-ADMM P-/S-steps and the proximal Sinkhorn step (each with its
+structure product as a prologue), their adjoints (the product's adjoint as an epilogue), and
+the final pooling.
 
 One program per set owns all D features of a [BN, BD] tile stream (the normalizations over d
 and over n need no second launch). What each kernel reads and writes is in its docstring;
@@ -340,7 +342,8 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
 @triton.jit
 def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr, log_eta_ptr,
                         z2_ptr, log_p0_ptr, log_mu_ptr, z1_ptr, eta_out_ptr, len_ptr,
-                        a0_ptr, a1_ptr, a2_ptr, a3_ptr, rho_ptr, t, N_pad, D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, S,
+                        a0_ptr, a1_ptr, a2_ptr, a3_ptr, rho_ptr, t, N_pad, D,
+                        xc_ptr, xt_ptr, gram_ptr, scratch_ptr, S,
                         D_ORDER: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
                         QUADRATIC: tl.constexpr, PAPER: tl.constexpr, SAVE: tl.constexpr,
                         BN: tl.constexpr, BD: tl.constexpr):
@@ -603,7 +606,8 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
 
     In: g_ls, g_z = ∂L/∂log S', ∂L/∂Z' (B, N_pad, D); the forward's log P, Z, Σ(P), log S',
     C (c) and log η (eta). Out: g_z_out = ∂L/∂Z through this step, g_sig = α0 ∂L/∂H (to be
-    pushed through Σ), g_lp = ∂L/∂log P and g_p = ∂L/∂P except the Σ(P) path, g_lq0
+    pushed through Σ by the epilogue, which adds the Σ(P) path to g_lp and the factors'
+    gradients to dxc, dxt), g_lp = ∂L/∂log P and g_p = ∂L/∂P, g_lq0
     (B, N_pad), and per-set partial sums wpart[b] = (∂/∂α0, ∂/∂α1, ∂/∂ρ direct, ∂/∂κ3, ∂/∂w).
     gvec: (B, N_pad) scratch.
     PAPER: log η is a state (no κ3 path): gvec returns ∂L/∂log η through log S'; the eq. (27)-(28)
@@ -722,8 +726,9 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
     """Adjoint of the exact P-step (badmm_p_step_kernel), one program per set.
 
     In: ∂L/∂log P = g_lp + P ⊙ g_p (all paths); the forward's log P, log S, Z, x, Σ(S), R and
-    log μ (r, mu (B, D)). Out: g_l = ∂L/∂log S except the Σ(S) path (written), g_x += and
-    g_z -= ∂L/∂G (in place), g_sig = α0 ∂L/∂G (to be pushed through Σ), g_lp0 (B, D), and
+    log μ (r, mu (B, D)). Out: g_l = ∂L/∂log S (written; the epilogue adds the Σ(S) path and
+    the factors' gradients to dxc, dxt), g_x += and g_z -= ∂L/∂G (in place), g_sig = α0
+    ∂L/∂G (pushed through Σ by the epilogue), g_lp0 (B, D), and
     per-set partials wpart[b] = (∂/∂α0, ∂/∂α1, ∂/∂ρ direct, ∂/∂κ2).
     PAPER: log μ is a state: g_lp0 returns ∂L/∂log μ (no κ2 path).
     """
@@ -809,15 +814,17 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
                                   a2_ptr, a3_ptr, tau_ptr, t, K, N_pad, D,
                                   xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr, S,
                                   D_ORDER: tl.constexpr, PRECISION: tl.constexpr,
-                                  BT: tl.constexpr, PAPER: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                                  BT: tl.constexpr, PAPER: tl.constexpr, BN: tl.constexpr,
+                                  BD: tl.constexpr):
     """Adjoint of one proximal S step (sinkhorn_prox_step_kernel, SAVE), one program per
     set: the K Gauss-Seidel (exact) or Jacobi (paper, eq. 18) iterations in reverse from their
     saved (R_k, a_k, C_k, b_k) and Y0.
 
     In: g_out = ∂L/∂log P_{t+1} (B, N_pad, D); log P_t, Σ(P_t), Y0 and the history. Out: g_lp =
-    ∂L/∂log P_t except the Σ(P_t) path, g_x += ∂L/∂x, g_sig = α0 ∂L/∂Y0/ε (to be pushed
-    through Σ), g_lp0 (B, D), g_lq0 (B, N_pad), wpart[b] = (∂/∂α0, ∂/∂τ direct, ∂/∂ε direct,
-    ∂/∂κ2, ∂/∂κ3). Scratch: gy0 (B, N_pad, D), gb, gc (B, N_pad).
+    ∂L/∂log P_t, g_x += ∂L/∂x, g_sig = α0 ∂L/∂Y0/ε (pushed through Σ by the epilogue, which
+    adds the Σ(P_t) path to g_lp and the factors' gradients to dxc, dxt), g_lp0 (B, D), g_lq0
+    (B, N_pad), wpart[b] = (∂/∂α0, ∂/∂τ direct, ∂/∂ε direct, ∂/∂κ2, ∂/∂κ3).
+    Scratch: gy0 (B, N_pad, D), gb, gc (B, N_pad); (B, 5, S, S) for the Σ adjoint.
     """
     b = tl.program_id(0)
     n_b = tl.load(len_ptr + b).to(tl.int32)

@@ -6,7 +6,8 @@ pieces (pooling / plan, factors -> x). Kernels: ``kernels.py``; autograd and cus
 
 Every per-row state is a zero-padded fp32 ``(B, N_max, D)`` tensor plus the set lengths; an
 empty set is solved on one zero dummy sample and its output zeroed, like the torch path.
-Launch counts per iteration: B-E/B-Q 3 Σ(S) + P-step + 3 Σ(P) + S-step; S 3 Σ(P) + 1.
+Launches per iteration (each step kernel computes its structure product in-program first):
+B-E/B-Q 2 (P-step, S-step), S 1; backward: ⌈√T⌉-spaced checkpoints, adjoints fused likewise.
 """
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ class Factors:
         self.S = gram.shape[-1]
 
     def apply(self, m: Tensor, *, exp: bool = False, out: Optional[Tensor] = None) -> Tensor:
-        """Σ2 m Σ1 (paper Σ1 M Σ2) for m (B, N_pad, D); with ``exp`` m holds log M. One launch."""
+        """Σ2 m Σ1 (paper Σ1 M Σ2) for m (B, N_pad, D); with ``exp`` m holds log M.
+        One launch."""
         out = torch.empty_like(m) if out is None else out
         B, N, D = m.shape
         if B == 0:
@@ -119,7 +121,8 @@ class Factors:
 
     def adjoint(self, log_m: Tensor, g: Tensor, dxc: Tensor, dxt: Tensor, dm: Tensor) -> None:
         """Adjoint of out = Σ2 exp(log_m) Σ1 for the upstream gradient g (B, N_pad, D):
-        dm += exp(log_m) ⊙ ∂L/∂M (= ∂L/∂log_m), dxc / dxt += ∂L/∂xc, ∂L/∂xt. One launch."""
+        dm += exp(log_m) ⊙ ∂L/∂M (= ∂L/∂log_m), dxc / dxt += ∂L/∂xc, ∂L/∂xt.
+        One launch."""
         B, N, D = log_m.shape
         if B == 0:
             return
@@ -269,7 +272,8 @@ class SigmaProduct(torch.autograd.Function):
         dxc = torch.zeros_like(xc)
         dxt = torch.zeros_like(xt)
         dm = torch.zeros_like(log_m)
-        Factors(xc, xt, ctx.fac.gram, ctx.fac.lens, ctx.fac.precision).adjoint(log_m, g, dxc, dxt, dm)
+        fac = Factors(xc, xt, ctx.fac.gram, ctx.fac.lens, ctx.fac.precision)
+        fac.adjoint(log_m, g, dxc, dxt, dm)
         return dm, dxc, dxt, None
 
 
