@@ -513,3 +513,32 @@ def test_tensor_core_accuracy(monkeypatch, method):
                         method=method, num_iters=4, inner_iters=3, backend="triton",
                         **{k: v.to(DEVICE, torch.float32) for k, v in ws.items()})
         assert rel_err(y, y_ref) <= 2e-3, rel_err(y, y_ref)
+
+
+@pytest.mark.parametrize("sizes,D", [([6, 2], 3), ([3, 1], 7)], ids=["d-order", "n-order"])
+def test_structure_product_kernels(sizes, D):
+    """sigma_product_kernel / sigma_adjoint_kernel (the in-program GEMM sequences that the step
+    kernels inline) against torch autograd of Σ2 exp(m) Σ1 per set, Σ1 = xcᵀxc, Σ2 = xt xtᵀ,
+    sets of different lengths in one padded batch (D-order: D <= N_max, N-order: D > N_max)."""
+    from rotp_triton.ops.rot.triton.structure.launch import Factors, _launch_factors
+    g = torch.Generator().manual_seed(41)
+    B, N = len(sizes), max(sizes)
+    lens = torch.tensor(sizes, device=DEVICE)
+    x = torch.randn(B, N, D, generator=g).to(DEVICE)
+    mask = (torch.arange(N, device=DEVICE)[None, :] < lens[:, None])[..., None]
+    x = x * mask
+    _, xc, xt, gram = _launch_factors(x, torch.zeros(B, dtype=torch.int64, device=DEVICE),
+                                      lens, B, N, D, True, "ieee")
+    fac = Factors(xc, xt, gram, lens)
+    log_m = torch.randn(B, N, D, generator=g).to(DEVICE)
+    up = torch.randn(B, N, D, generator=g).to(DEVICE) * mask
+    out = fac.apply(log_m, exp=True)
+    dxc, dxt, dm = torch.zeros_like(xc), torch.zeros_like(xt), torch.zeros_like(log_m)
+    fac.adjoint(log_m, up, dxc, dxt, dm)
+    lm, c, t = (v.double().requires_grad_() for v in (log_m, xc, xt))
+    m = torch.exp(lm) * mask
+    want = (t @ t.transpose(1, 2)) @ m @ (c.transpose(1, 2) @ c)
+    want.backward(up.double())
+    assert rel_err(out * mask, want * mask) <= RTOL[torch.float32]
+    for got, ref_g in ((dm, lm.grad * mask), (dxc, c.grad * mask), (dxt, t.grad * mask)):
+        assert rel_err(got * mask, ref_g) <= RTOL[torch.float32], rel_err(got * mask, ref_g)
