@@ -262,6 +262,23 @@ def test_opcheck_custom_op():
                                       "test_faketensor"))
 
 
+def test_opcheck_custom_op_ragged():
+    """opcheck of the forward op on a ragged batch with an empty set (ptr, the row -> set
+    index and position, and the padded size given explicitly, as the entry point passes them)."""
+    ts = _custom_op()
+    g = torch.Generator().manual_seed(24)
+    ptr = torch.tensor([0, 3, 3, 7], device=DEVICE)
+    lens = ptr[1:] - ptr[:-1]
+    index = torch.repeat_interleave(torch.arange(3, device=DEVICE), lens)
+    pos = torch.arange(7, device=DEVICE) - ptr[index]
+    x = torch.randn(7, 5, generator=g).to(DEVICE).requires_grad_()
+    ws = [v.float().to(DEVICE).requires_grad_() for v in _weights(T, seed=5).values()]
+    torch.library.opcheck(ts.structure_fwd_op,
+                          (x, ptr, index, pos, None, None, *ws, "badmm-e", "exact", K, 4, True),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+
 @pytest.mark.parametrize("a0_tensor", [False, True])
 def test_torch_compile_fullgraph(a0_tensor):
     """torch.compile(fullgraph=True) of rt.rot_pool(x, a0=0.3, backend="triton") on a dense
@@ -294,18 +311,23 @@ import os, re, subprocess, tempfile
 import triton
 from aot import compile_sm90
 from rotp_triton.ops.rot.triton.structure import kernels as ts
-from rotp_triton.ops.rot.triton.structure.launch import PER_SET_WARPS, row_block
+from rotp_triton.ops.rot.triton.structure.launch import PER_SET_WARPS, mm_tile, row_block
 N, D = 500, 100          # W1
 BD = triton.next_power_of_2(D)
 BN = row_block(BD)
 P, I = "*fp32", "i32"
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                          "cuobjdump")
-def ck(kernel, sig, const, name):
+SIGMA = dict(xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P, S=I)          # Σ prologue
+SIGMA_ADJ = dict(xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P, dxc_ptr=P, dxt_ptr=P, S=I)
+SIGMA_CONST = dict(D_ORDER=True, PRECISION="ieee", BT=mm_tile())
+def ck(kernel, sig, const, name, sigma=None):
     sig = dict(sig)
+    if sigma is not None:     # a step kernel with the structure product fused in
+        sig.update(sigma)
+        const = dict(SIGMA_CONST, **const)
     sig.update({k: "constexpr" for k in const})
-    warps = 4 if kernel is ts.set_matmul_kernel else PER_SET_WARPS   # as the launchers
-    c = compile_sm90(kernel, sig, const, num_warps=warps)
+    c = compile_sm90(kernel, sig, const, num_warps=PER_SET_WARPS)   # as the launchers
     usage = "REG:? LOCAL:?"
     if os.path.exists(CUOBJDUMP):
         with tempfile.TemporaryDirectory() as d:
@@ -319,48 +341,52 @@ def ck(kernel, sig, const, name):
     print(f"RESULT {name} {usage}")
 ck(ts.structure_factors_kernel,
    dict(x_ptr="*fp16", row_start_ptr="*i64", len_ptr="*i64", x32_ptr=P, xc_ptr=P, xt_ptr=P,
-        s_xb=I, s_xn=I, s_xd=I, N_pad=I, D=I), dict(BN=BN, BD=BD), "factors")
-mm_sig = dict(a_ptr=P, b_ptr=P, c_ptr=P, len_ptr="*i64", D=I, M_alloc=I, N_alloc=I,
-              s_ab=I, s_am=I, s_ak=I, s_bb=I, s_bk=I, s_bn=I, s_cb=I, s_cm=I, s_cn=I)
-for (m, k, n, e, acc, prec) in [(False, True, False, True, False, "ieee"),
-                                (True, False, False, False, True, "tf32"),
-                                (True, True, True, True, False, "ieee")]:
-    ck(ts.set_matmul_kernel, mm_sig,
-       dict(M_IS_SET=m, K_IS_SET=k, N_IS_SET=n, EXP_B=e, ACCUMULATE=acc, ALPHA=1.0,
-            PRECISION=prec, BM=64, BN=64, BK=64), f"set_matmul[{m}/{k}/{n},exp={e},{prec}]")
+        gram_ptr=P, s_xb=I, s_xn=I, s_xd=I, N_pad=I, D=I, S=I),
+   dict(D_ORDER=True, PRECISION="ieee", BT=mm_tile(), BN=BN, BD=BD), "factors")
+for d_order, prec in ((True, "ieee"), (False, "ieee"), (True, "tf32"), (False, "bf16")):
+    ck(ts.sigma_product_kernel,
+       dict(m_ptr=P, xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P, out_ptr=P, len_ptr="*i64",
+            N_pad=I, S=I, D=I), dict(D_ORDER=d_order, EXP_M=True, PRECISION=prec, BT=mm_tile()),
+       f"sigma_product[d_order={d_order},{prec}]")
+for d_order, prec in ((True, "ieee"), (False, "tf32")):
+    ck(ts.sigma_adjoint_kernel,
+       dict(m_ptr=P, g_ptr=P, xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P, dxc_ptr=P,
+            dxt_ptr=P, dm_ptr=P, len_ptr="*i64", N_pad=I, S=I, D=I),
+       dict(D_ORDER=d_order, PRECISION=prec, BT=mm_tile()), f"sigma_adjoint[d_order={d_order},{prec}]")
 for quad, paper in ((True, False), (False, True)):
     ck(ts.badmm_p_step_kernel,
        dict(x_ptr=P, log_s_ptr=P, z_ptr=P, sig_ptr=P, log_p_ptr=P, log_p0_ptr=P,
             log_mu_ptr=P, r_out_ptr=P, mu_out_ptr=P, len_ptr="*i64", a0_ptr=P, a1_ptr=P,
             a2_ptr=P, rho_ptr=P, t=I, N_pad=I, D=I),
        dict(QUADRATIC=quad, PAPER=paper, SAVE=not paper, BN=BN, BD=BD),
-       f"p_step[quad={quad},paper={paper}]")
+       f"p_step[quad={quad},paper={paper}]", SIGMA)
     ck(ts.badmm_s_step_kernel,
        dict(log_p_ptr=P, z_ptr=P, sig_ptr=P, log_s_ptr=P, c_ptr=P, log_q0_ptr=P,
             log_eta_ptr=P, z2_ptr=P, log_p0_ptr=P, log_mu_ptr=P, z1_ptr=P, eta_out_ptr=P,
             len_ptr="*i64", a0_ptr=P, a1_ptr=P, a2_ptr=P, a3_ptr=P, rho_ptr=P, t=I, N_pad=I,
             D=I), dict(QUADRATIC=quad, PAPER=paper, SAVE=not paper, BN=BN, BD=BD),
-       f"s_step[quad={quad},paper={paper}]")
+       f"s_step[quad={quad},paper={paper}]", SIGMA)
 for quad, paper in ((False, True), (True, False)):
     ck(ts.badmm_s_step_bwd_kernel,
        dict(g_ls_ptr=P, g_z_ptr=P, log_p_ptr=P, z_ptr=P, sig_p_ptr=P, log_s_new_ptr=P, c_ptr=P,
             eta_ptr=P, log_q0_ptr=P, g_z_out_ptr=P, g_sig_ptr=P, g_lp_ptr=P, g_p_ptr=P,
             g_lq0_ptr=P, gvec_ptr=P, row_x_ptr=P, col_x_ptr=P, wpart_ptr=P, len_ptr="*i64",
             a0_ptr=P, a1_ptr=P, a3_ptr=P, rho_ptr=P, t=I, N_pad=I, D=I),
-       dict(QUADRATIC=quad, PAPER=paper, BN=BN, BD=BD), f"s_step_bwd[quad={quad},paper={paper}]")
+       dict(QUADRATIC=quad, PAPER=paper, BN=BN, BD=BD),
+       f"s_step_bwd[quad={quad},paper={paper}]", SIGMA_ADJ)
     ck(ts.badmm_p_step_bwd_kernel,
        dict(g_lp_ptr=P, g_p_ptr=P, log_p_ptr=P, log_s_ptr=P, z_ptr=P, x_ptr=P, sig_s_ptr=P,
             r_ptr=P, mu_ptr=P, log_p0_ptr=P, g_l_ptr=P, g_x_ptr=P, g_z_ptr=P, g_sig_ptr=P,
             g_lp0_ptr=P, wpart_ptr=P, len_ptr="*i64", a0_ptr=P, a1_ptr=P, a2_ptr=P, rho_ptr=P,
             t=I, N_pad=I, D=I), dict(QUADRATIC=quad, PAPER=paper, BN=BN, BD=BD),
-       f"p_step_bwd[quad={quad},paper={paper}]")
+       f"p_step_bwd[quad={quad},paper={paper}]", SIGMA_ADJ)
 for paper in (False, True):
     ck(ts.sinkhorn_prox_step_kernel,
        dict(x_ptr=P, log_p_ptr=P, sig_ptr=P, y0_ptr=P, bvec_ptr=P, c_ptr=P, log_p0_ptr=P,
             log_q0_ptr=P, hist_r_ptr=P, hist_a_ptr=P, hist_c_ptr=P, hist_b_ptr=P,
             len_ptr="*i64", a0_ptr=P, a1_ptr=P, a2_ptr=P, a3_ptr=P, tau_ptr=P,
             t=I, K=I, N_pad=I, D=I), dict(PAPER=paper, SAVE=not paper, BN=BN, BD=BD),
-       f"sinkhorn_prox[paper={paper}]")
+       f"sinkhorn_prox[paper={paper}]", SIGMA)
 for paper in (False, True):
     ck(ts.sinkhorn_prox_step_bwd_kernel,
        dict(g_out_ptr=P, x_ptr=P, log_p_ptr=P, sig_ptr=P, y0_ptr=P, gy0_ptr=P, hist_r_ptr=P,
@@ -368,7 +394,7 @@ for paper in (False, True):
             log_q0_ptr=P, g_lp_ptr=P, g_x_ptr=P, g_sig_ptr=P, g_lp0_ptr=P, g_lq0_ptr=P,
             wpart_ptr=P, len_ptr="*i64", a0_ptr=P, a1_ptr=P, a2_ptr=P, a3_ptr=P, tau_ptr=P, t=I,
             K=I, N_pad=I, D=I), dict(PAPER=paper, BN=BN, BD=BD),
-       f"sinkhorn_prox_bwd[paper={paper}]")
+       f"sinkhorn_prox_bwd[paper={paper}]", SIGMA_ADJ)
 ck(ts.pool_from_log_plan_kernel,
    dict(log_p_ptr=P, x_ptr=P, y_ptr="*bf16", plan_ptr="*bf16", len_ptr="*i64",
         real_len_ptr="*i64", row_start_ptr="*i64", N_pad=I, D=I, s_pn=I, s_pb=I),
@@ -382,6 +408,137 @@ def test_aot_sm90():
     out = run_without_interpreter(_AOT, timeout=900)
     lines = [ln for ln in out.splitlines() if ln.startswith("RESULT")]
     print("\n".join(lines))
-    assert len(lines) == 17
+    assert len(lines) == 20
     for line in lines:
         assert "LOCAL:0" in line or "LOCAL:?" in line, line
+
+
+# ============================================================================================
+# launches and saved memory (issue #13)
+# ============================================================================================
+def _expected_launches(method, Tn):
+    """The launch plan of docs/adjoints.md: forward = factors (+ Gram) · L per iteration ·
+    pool; backward = factors · one sweep to the √T checkpoints · the recompute inside each
+    segment · per iteration the re-run (L) and the adjoints (L, Σ adjoints fused)."""
+    L = 1 if method == "sinkhorn" else 2
+    k = math.ceil(math.sqrt(Tn))
+    sweep = k * ((Tn - 1) // k)
+    recompute = sum(t % k for t in range(Tn))
+    fwd = 1 + L * Tn + 1
+    bwd = 1 + L * (sweep + recompute) + 2 * L * Tn
+    return fwd, bwd
+
+
+@pytest.mark.parametrize("method,Tn", [(m, 4) for m in METHODS] + [("badmm-e", 16)],
+                         ids=lambda v: str(v))
+def test_launch_count(method, Tn):
+    """Launches per call, counted: at most 3 per iteration forward (B-ADMM 2: P-step and
+    S-step with their structure products fused; S 1), forward+backward at T = 4 at most 40
+    (it was 213 for B-ADMM), and the backward's recompute O(T^1.5), not O(T²)."""
+    from launch_counter import count_launches
+    x = torch.randn(2, 5, 3, device=DEVICE, requires_grad=True)
+    with count_launches() as fwd:
+        y = rt.rot_pool(x, method=method, num_iters=Tn, inner_iters=2, a0=0.5,
+                        backend="triton")
+    with count_launches() as bwd:
+        y.sum().backward()
+    assert (len(fwd), len(bwd)) == _expected_launches(method, Tn), (fwd, bwd)
+    assert len(fwd) <= 3 * Tn + 2
+    if Tn == 4:
+        assert len(fwd) + len(bwd) <= 40
+
+
+def test_saved_bytes_at_t16():
+    """What the forward keeps for the backward at T = 16 (saved-tensor hooks): x, log P_T (fp32,
+    the input's size) and the six (T,) weight vectors, nothing per iteration (the backward
+    rebuilds the states from the inputs, DESIGN §7): at most 3× the input's bytes once the
+    weights (6·T·4 bytes) are set aside."""
+    x = torch.randn(3, 7, 4, device=DEVICE, requires_grad=True)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = rt.rot_pool(x, method="badmm-e", num_iters=16, a0=0.5, backend="triton")
+    x_bytes = x.numel() * x.element_size()
+    weight_bytes = 6 * 16 * 4
+    assert 0 < sum(saved.values()) - weight_bytes <= 3 * x_bytes, (saved, x_bytes)
+    assert y.grad_fn is not None
+
+
+@pytest.mark.parametrize("setting,dtype,expect", [("ieee", torch.float32, "ieee"),
+                                                  ("tf32", torch.float32, "tf32"),
+                                                  ("tensor-core", torch.float32, "tf32"),
+                                                  ("tensor-core", torch.bfloat16, "bf16")],
+                         ids=["ieee", "tf32", "tensor-core-fp32", "tensor-core-bf16"])
+def test_dot_precision_option(monkeypatch, setting, dtype, expect):
+    """The tensor-core option reaches every launch that has a dot (fp32 "ieee" by default).
+    Its accuracy is a GPU matter (the interpreter computes every dot in fp32): see
+    test_tensor_core_accuracy; the sm_90 compile of tf32 / bf16 dots is in test_aot_sm90."""
+    from launch_counter import count_launches
+    from rotp_triton.ops.rot.triton.structure import launch
+    monkeypatch.setattr(launch, "DOT_PRECISION", setting)
+    assert launch.dot_precision(dtype) == expect
+    if dtype != torch.float32 and not ON_CUDA:
+        return   # the interpreter has no bf16
+    x = torch.randn(2, 5, 3, device=DEVICE, dtype=dtype, requires_grad=True)
+    with count_launches() as launches:
+        rt.rot_pool(x, method="badmm-e", num_iters=1, a0=0.5, backend="triton").sum().backward()
+    precisions = {c["PRECISION"] for c in launches.constexprs if "PRECISION" in c}
+    assert precisions == {expect}, launches.constexprs
+
+
+def test_dot_precision_rejects_unknown(monkeypatch):
+    from rotp_triton.ops.rot.triton.structure import launch
+    monkeypatch.setattr(launch, "DOT_PRECISION", "fp8")
+    with pytest.raises(ValueError, match="DOT_PRECISION"):
+        launch.dot_precision(torch.float32)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="tensor-core dots exist on the GPU only")
+@pytest.mark.parametrize("method", METHODS)
+def test_tensor_core_accuracy(monkeypatch, method):
+    """The stated accuracy of the tf32 option (docs/adjoints.md): y within 2e-3 relative of
+    the float64 reference at W1-like shapes (N > D and D > N)."""
+    from rotp_triton.ops.rot.triton.structure import launch
+    monkeypatch.setattr(launch, "DOT_PRECISION", "tf32")
+    for sizes, D in (([40, 33], 24), ([6, 9], 40)):
+        xs = _sets(sizes, D, seed=31)
+        ws = _weights(4)
+        y_ref, _ = ref.rot_pool_sets(xs, method=method, num_iters=4, inner_iters=3, **ws)
+        y = rt.rot_pool(torch.cat(xs).to(DEVICE, torch.float32),
+                        ptr=torch.tensor([0, sizes[0], sum(sizes)], device=DEVICE),
+                        method=method, num_iters=4, inner_iters=3, backend="triton",
+                        **{k: v.to(DEVICE, torch.float32) for k, v in ws.items()})
+        assert rel_err(y, y_ref) <= 2e-3, rel_err(y, y_ref)
+
+
+@pytest.mark.parametrize("sizes,D", [([6, 2], 3), ([3, 1], 7)], ids=["d-order", "n-order"])
+def test_structure_product_kernels(sizes, D):
+    """sigma_product_kernel / sigma_adjoint_kernel (the in-program GEMM sequences that the step
+    kernels inline) against torch autograd of Σ2 exp(m) Σ1 per set, Σ1 = xcᵀxc, Σ2 = xt xtᵀ,
+    sets of different lengths in one padded batch (D-order: D <= N_max, N-order: D > N_max)."""
+    from rotp_triton.ops.rot.triton.structure.launch import Factors, _launch_factors
+    g = torch.Generator().manual_seed(41)
+    B, N = len(sizes), max(sizes)
+    lens = torch.tensor(sizes, device=DEVICE)
+    x = torch.randn(B, N, D, generator=g).to(DEVICE)
+    mask = (torch.arange(N, device=DEVICE)[None, :] < lens[:, None])[..., None]
+    x = x * mask
+    _, xc, xt, gram = _launch_factors(x, torch.zeros(B, dtype=torch.int64, device=DEVICE),
+                                      lens, B, N, D, True, "ieee")
+    fac = Factors(xc, xt, gram, lens)
+    log_m = torch.randn(B, N, D, generator=g).to(DEVICE)
+    up = torch.randn(B, N, D, generator=g).to(DEVICE) * mask
+    out = fac.apply(log_m, exp=True)
+    dxc, dxt, dm = torch.zeros_like(xc), torch.zeros_like(xt), torch.zeros_like(log_m)
+    fac.adjoint(log_m, up, dxc, dxt, dm)
+    lm, c, t = (v.double().requires_grad_() for v in (log_m, xc, xt))
+    m = torch.exp(lm) * mask
+    want = (t @ t.transpose(1, 2)) @ m @ (c.transpose(1, 2) @ c)
+    want.backward(up.double())
+    assert rel_err(out * mask, want * mask) <= RTOL[torch.float32]
+    for got, ref_g in ((dm, lm.grad * mask), (dxc, c.grad * mask), (dxt, t.grad * mask)):
+        assert rel_err(got * mask, ref_g) <= RTOL[torch.float32], rel_err(got * mask, ref_g)

@@ -1,6 +1,8 @@
 """``@triton.jit`` kernels of ROT pooling with α0 > 0 (the structure term): the factors of
-Σ1, Σ2, the per-set batched GEMM of the factorized Σ1 M Σ2, the fused B-ADMM P-/S-steps, the
-proximal Sinkhorn step with its K inner iterations, their adjoints, and the final pooling.
+Σ1, Σ2 with the smaller Gram matrix, the factorized Σ1 M Σ2 and its adjoint as in-program
+GEMM sequences, the fused B-ADMM P-/S-steps and the proximal Sinkhorn step (each with its
+structure product as a prologue), their adjoints (the product's adjoint as an epilogue), and
+the final pooling.
 
 One program per set owns all D features of a [BN, BD] tile stream (the normalizations over d
 and over n need no second launch). What each kernel reads and writes is in its docstring;
@@ -19,13 +21,195 @@ _NEG_BIG = tl.constexpr(-1.0e30)  # finite "-inf" for running maxima: no (-inf) 
 
 
 # ============================================================================================
-# kernels
+# the structure product Σ2 m Σ1 and its adjoint inside one program per set (issue #13): a
+# sequence of small GEMMs through per-set scratch, a barrier between dependent ones, so the
+# whole product is one launch (or a prologue / epilogue of a step kernel) instead of 3 + 9
 # ============================================================================================
 @triton.jit
+def _program_mm(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, c_ptr, sc_m, sc_n, e_ptr, M, N, K,
+                EXP_A: tl.constexpr, EXP_B: tl.constexpr, MODE: tl.constexpr,
+                PRECISION: tl.constexpr, BT: tl.constexpr):
+    """C (M×N) = A (M×K) @ B (K×N) by this program alone, [BT, BT] output tiles.
+
+    Operands by strides (a transpose is a stride swap); EXP_A / EXP_B: the operand holds a log
+    (loaded as exp, entries past K as exp(-inf) = 0). MODE 0: C = AB; 1: C += AB;
+    2: C += exp(E) ⊙ AB (E has C's strides: the chain rule through m = exp(log m)).
+    PRECISION: "ieee" | "tf32" | "bf16" (operands rounded to bf16); fp32 accumulation.
+    Writes only the logical M×N block.
+    """
+    for m0 in range(0, M, BT):
+        offs_m = m0 + tl.arange(0, BT)
+        m_ok = offs_m < M
+        for n0 in range(0, N, BT):
+            offs_n = n0 + tl.arange(0, BT)
+            n_ok = offs_n < N
+            acc = tl.zeros([BT, BT], dtype=tl.float32)
+            for k0 in range(0, K, BT):
+                offs_k = k0 + tl.arange(0, BT)
+                k_ok = offs_k < K
+                a_msk = m_ok[:, None] & k_ok[None, :]
+                a_off = offs_m[:, None] * sa_m + offs_k[None, :] * sa_k
+                if EXP_A:
+                    a = tl.exp(tl.load(a_ptr + a_off, mask=a_msk, other=float("-inf")))
+                else:
+                    a = tl.load(a_ptr + a_off, mask=a_msk, other=0.0)            # [BT, BT]
+                b_msk = k_ok[:, None] & n_ok[None, :]
+                b_off = offs_k[:, None] * sb_k + offs_n[None, :] * sb_n
+                if EXP_B:
+                    bv = tl.exp(tl.load(b_ptr + b_off, mask=b_msk, other=float("-inf")))
+                else:
+                    bv = tl.load(b_ptr + b_off, mask=b_msk, other=0.0)           # [BT, BT]
+                if PRECISION == "bf16":   # bf16 tensor cores (bf16 inputs), fp32 accumulate
+                    acc += tl.dot(a.to(tl.bfloat16), bv.to(tl.bfloat16))
+                else:                     # "ieee" (fp32 FMA) or "tf32" (tensor cores)
+                    acc += tl.dot(a, bv, input_precision=PRECISION)
+            c_off = offs_m[:, None] * sc_m + offs_n[None, :] * sc_n
+            c_msk = m_ok[:, None] & n_ok[None, :]
+            if MODE == 1:
+                acc += tl.load(c_ptr + c_off, mask=c_msk, other=0.0)
+            if MODE == 2:
+                e = tl.exp(tl.load(e_ptr + c_off, mask=c_msk, other=float("-inf")))
+                acc = tl.load(c_ptr + c_off, mask=c_msk, other=0.0) + e * acc
+            tl.store(c_ptr + c_off, acc, mask=c_msk)
+
+
+@triton.jit
+def _sigma_product(m_ptr, xc_ptr, xt_ptr, gram_ptr, w_ptr, v_ptr, out_ptr, n_b, S, D,
+                   D_ORDER: tl.constexpr, EXP_M: tl.constexpr, PRECISION: tl.constexpr,
+                   BT: tl.constexpr):
+    """out = Σ2 m Σ1 (paper Σ1 M Σ2) for one set; m, xc, xt, out: (n_b, D) rows of stride D
+    (m a log when EXP_M); gram, w, v: (S, S) row-major, S = D (D_ORDER: Σ1 = xcᵀxc given,
+    out = xt ((xtᵀ m) Σ1)) or N_pad (Σ2 = xt xtᵀ given, out = (Σ2 (m xcᵀ)) xc)."""
+    if D_ORDER:
+        _program_mm(xt_ptr, 1, D, m_ptr, D, 1, w_ptr, S, 1, w_ptr, D, D, n_b,
+                    False, EXP_M, 0, PRECISION, BT)                          # W = xtᵀ m
+        tl.debug_barrier()
+        _program_mm(w_ptr, S, 1, gram_ptr, S, 1, v_ptr, S, 1, v_ptr, D, D, D,
+                    False, False, 0, PRECISION, BT)                          # V = W Σ1
+        tl.debug_barrier()
+        _program_mm(xt_ptr, D, 1, v_ptr, S, 1, out_ptr, D, 1, out_ptr, n_b, D, D,
+                    False, False, 0, PRECISION, BT)                          # out = xt V
+    else:
+        _program_mm(m_ptr, D, 1, xc_ptr, 1, D, w_ptr, S, 1, w_ptr, n_b, n_b, D,
+                    EXP_M, False, 0, PRECISION, BT)                          # U = m xcᵀ
+        tl.debug_barrier()
+        _program_mm(gram_ptr, S, 1, w_ptr, S, 1, v_ptr, S, 1, v_ptr, n_b, n_b, n_b,
+                    False, False, 0, PRECISION, BT)                          # Q = Σ2 U
+        tl.debug_barrier()
+        _program_mm(v_ptr, S, 1, xc_ptr, D, 1, out_ptr, D, 1, out_ptr, n_b, D, n_b,
+                    False, False, 0, PRECISION, BT)                          # out = Q xc
+    tl.debug_barrier()   # out is read by other threads of this program next
+
+
+@triton.jit
+def _sigma_adjoint(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, dxc_ptr, dxt_ptr, dm_ptr,
+                   n_b, S, D, D_ORDER: tl.constexpr, PRECISION: tl.constexpr,
+                   BT: tl.constexpr):
+    """Adjoint of out = Σ2 exp(m) Σ1 (m a log) for one set and upstream g (n_b, D):
+    dm += exp(m) ⊙ Σ2 g Σ1 (Σ1, Σ2 symmetric), dxc += ∂/∂xc, dxt += ∂/∂xt (the Gram matrix
+    differentiated through its factor). s: 5 (S, S) scratch matrices at stride S·S.
+    Derivation: ../../../../../docs/adjoints.md ("structure product")."""
+    SS = S * S
+    if D_ORDER:
+        # out = xt V, V = W Σ1, W = xtᵀ M
+        w_ptr = s_ptr
+        v_ptr = s_ptr + SS
+        dv_ptr = s_ptr + 2 * SS
+        dw_ptr = s_ptr + 3 * SS
+        ds_ptr = s_ptr + 4 * SS
+        _program_mm(xt_ptr, 1, D, m_ptr, D, 1, w_ptr, S, 1, w_ptr, D, D, n_b,
+                    False, True, 0, PRECISION, BT)                           # W = xtᵀ M
+        _program_mm(xt_ptr, 1, D, g_ptr, D, 1, dv_ptr, S, 1, dv_ptr, D, D, n_b,
+                    False, False, 0, PRECISION, BT)                          # dV = xtᵀ g
+        tl.debug_barrier()
+        _program_mm(w_ptr, S, 1, gram_ptr, S, 1, v_ptr, S, 1, v_ptr, D, D, D,
+                    False, False, 0, PRECISION, BT)                          # V = W Σ1
+        _program_mm(dv_ptr, S, 1, gram_ptr, S, 1, dw_ptr, S, 1, dw_ptr, D, D, D,
+                    False, False, 0, PRECISION, BT)                          # dW = dV Σ1
+        _program_mm(w_ptr, 1, S, dv_ptr, S, 1, ds_ptr, S, 1, ds_ptr, D, D, D,
+                    False, False, 0, PRECISION, BT)                          # dΣ1 = Wᵀ dV
+        tl.debug_barrier()
+        _program_mm(g_ptr, D, 1, v_ptr, 1, S, dxt_ptr, D, 1, dxt_ptr, n_b, D, D,
+                    False, False, 1, PRECISION, BT)                          # dxt += g Vᵀ
+        _program_mm(xc_ptr, D, 1, ds_ptr, S, 1, dxc_ptr, D, 1, dxc_ptr, n_b, D, D,
+                    False, False, 1, PRECISION, BT)                          # dxc += xc dΣ1
+        _program_mm(xt_ptr, D, 1, dw_ptr, S, 1, dm_ptr, D, 1, m_ptr, n_b, D, D,
+                    False, False, 2, PRECISION, BT)                          # dm += M ⊙ xt dW
+        tl.debug_barrier()
+        _program_mm(m_ptr, D, 1, dw_ptr, 1, S, dxt_ptr, D, 1, dxt_ptr, n_b, D, D,
+                    True, False, 1, PRECISION, BT)                           # dxt += M dWᵀ
+        _program_mm(xc_ptr, D, 1, ds_ptr, 1, S, dxc_ptr, D, 1, dxc_ptr, n_b, D, D,
+                    False, False, 1, PRECISION, BT)                          # dxc += xc dΣ1ᵀ
+    else:
+        # out = Q xc, Q = Σ2 U, U = M xcᵀ
+        u_ptr = s_ptr
+        q_ptr = s_ptr + SS
+        dq_ptr = s_ptr + 2 * SS
+        du_ptr = s_ptr + 3 * SS
+        ds_ptr = s_ptr + 4 * SS
+        _program_mm(m_ptr, D, 1, xc_ptr, 1, D, u_ptr, S, 1, u_ptr, n_b, n_b, D,
+                    True, False, 0, PRECISION, BT)                           # U = M xcᵀ
+        _program_mm(g_ptr, D, 1, xc_ptr, 1, D, dq_ptr, S, 1, dq_ptr, n_b, n_b, D,
+                    False, False, 0, PRECISION, BT)                          # dQ = g xcᵀ
+        tl.debug_barrier()
+        _program_mm(gram_ptr, S, 1, u_ptr, S, 1, q_ptr, S, 1, q_ptr, n_b, n_b, n_b,
+                    False, False, 0, PRECISION, BT)                          # Q = Σ2 U
+        _program_mm(gram_ptr, S, 1, dq_ptr, S, 1, du_ptr, S, 1, du_ptr, n_b, n_b, n_b,
+                    False, False, 0, PRECISION, BT)                          # dU = Σ2 dQ
+        _program_mm(dq_ptr, S, 1, u_ptr, 1, S, ds_ptr, S, 1, ds_ptr, n_b, n_b, n_b,
+                    False, False, 0, PRECISION, BT)                          # dΣ2 = dQ Uᵀ
+        tl.debug_barrier()
+        _program_mm(q_ptr, 1, S, g_ptr, D, 1, dxc_ptr, D, 1, dxc_ptr, n_b, D, n_b,
+                    False, False, 1, PRECISION, BT)                          # dxc += Qᵀ g
+        _program_mm(ds_ptr, S, 1, xt_ptr, D, 1, dxt_ptr, D, 1, dxt_ptr, n_b, D, n_b,
+                    False, False, 1, PRECISION, BT)                          # dxt += dΣ2 xt
+        _program_mm(du_ptr, S, 1, xc_ptr, D, 1, dm_ptr, D, 1, m_ptr, n_b, D, n_b,
+                    False, False, 2, PRECISION, BT)                          # dm += M ⊙ dU xc
+        tl.debug_barrier()
+        _program_mm(du_ptr, 1, S, m_ptr, D, 1, dxc_ptr, D, 1, dxc_ptr, n_b, D, n_b,
+                    False, True, 1, PRECISION, BT)                           # dxc += dUᵀ M
+        _program_mm(ds_ptr, 1, S, xt_ptr, D, 1, dxt_ptr, D, 1, dxt_ptr, n_b, D, n_b,
+                    False, False, 1, PRECISION, BT)                          # dxt += dΣ2ᵀ xt
+    tl.debug_barrier()
+
+
+@triton.jit
+def sigma_product_kernel(m_ptr, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, out_ptr, len_ptr,
+                         N_pad, S, D, D_ORDER: tl.constexpr, EXP_M: tl.constexpr,
+                         PRECISION: tl.constexpr, BT: tl.constexpr):
+    """out = Σ2 m Σ1 for every set, one program per set (see _sigma_product).
+    m, xc, xt, out: (B, N_pad, D); gram: (B, S, S); scratch: (B, 2, S, S)."""
+    b = tl.program_id(0)
+    n_b = tl.load(len_ptr + b).to(tl.int32)
+    rows = b.to(tl.int64) * N_pad * D
+    sq = b.to(tl.int64) * S * S
+    _sigma_product(m_ptr + rows, xc_ptr + rows, xt_ptr + rows, gram_ptr + sq,
+                   scratch_ptr + 2 * sq, scratch_ptr + 2 * sq + S * S, out_ptr + rows,
+                   n_b, S, D, D_ORDER, EXP_M, PRECISION, BT)
+
+
+@triton.jit
+def sigma_adjoint_kernel(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr,
+                         dxt_ptr, dm_ptr, len_ptr, N_pad, S, D, D_ORDER: tl.constexpr,
+                         PRECISION: tl.constexpr, BT: tl.constexpr):
+    """The adjoint of Σ2 exp(m) Σ1 for every set, one program per set (see _sigma_adjoint).
+    m (log), g, xc, xt, dxc, dxt, dm: (B, N_pad, D); gram (B, S, S); scratch (B, 5, S, S)."""
+    b = tl.program_id(0)
+    n_b = tl.load(len_ptr + b).to(tl.int32)
+    rows = b.to(tl.int64) * N_pad * D
+    sq = b.to(tl.int64) * S * S
+    _sigma_adjoint(m_ptr + rows, g_ptr + rows, xc_ptr + rows, xt_ptr + rows, gram_ptr + sq,
+                   scratch_ptr + 5 * sq, dxc_ptr + rows, dxt_ptr + rows, dm_ptr + rows,
+                   n_b, S, D, D_ORDER, PRECISION, BT)
+
+
+@triton.jit
 def structure_factors_kernel(x_ptr, row_start_ptr, len_ptr, x32_ptr, xc_ptr, xt_ptr,
-                             s_xb, s_xn, s_xd, N_pad, D,
-                             BN: tl.constexpr, BD: tl.constexpr):
-    """One program per set: the fp32 padded copy of x and the normalized factors.
+                             gram_ptr, s_xb, s_xn, s_xd, N_pad, D, S,
+                             D_ORDER: tl.constexpr, PRECISION: tl.constexpr,
+                             BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """One program per set: the fp32 padded copy of x, the normalized factors and the smaller
+    Gram matrix (S, S): Σ1 = xcᵀxc (D_ORDER, S = D) or Σ2 = xt xtᵀ (S = N_pad).
 
     x: caller's tensor, element (b, n, d) at b*s_xb + (row_start[b] + n)*s_xn + d*s_xd.
     x32, xc, xt: (B, N_pad, D) fp32, written for n < len[b] (padding stays 0).
@@ -75,73 +259,23 @@ def structure_factors_kernel(x_ptr, row_start_ptr, len_ptr, x32_ptr, xc_ptr, xt_
         off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
         tl.store(xc_ptr + off, (xv - mu1[None, :]) * c1, mask=msk)
         tl.store(xt_ptr + off, (xv - mu2[:, None]) * c2, mask=msk)
-
-
-@triton.jit
-def set_matmul_kernel(a_ptr, b_ptr, c_ptr, len_ptr, D, M_alloc, N_alloc,
-                      s_ab, s_am, s_ak, s_bb, s_bk, s_bn, s_cb, s_cm, s_cn,
-                      M_IS_SET: tl.constexpr, K_IS_SET: tl.constexpr, N_IS_SET: tl.constexpr,
-                      EXP_B: tl.constexpr, ACCUMULATE: tl.constexpr, ALPHA: tl.constexpr,
-                      PRECISION: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """C[b] (+)= ALPHA · A[b] @ op(B[b]) per set, op = exp if EXP_B (B holds a log plan).
-
-    Each of the dims M, K, N is either the set's samples (length len[b], ``*_IS_SET``) or the
-    features (length D); operands are addressed by strides (transposes are free). Entries past
-    the logical size are loaded as 0 (exp: as exp(-inf) = 0), so rows/columns of C past a set's
-    end come out 0 and are written over the whole allocation (M_alloc, N_alloc).
-    """
-    b = tl.program_id(0)
-    pid = tl.program_id(1)
-    n_b = tl.load(len_ptr + b).to(tl.int32)
-    if M_IS_SET:
-        m_size = n_b
+    tl.debug_barrier()   # the Gram matrix reads factor rows written by other threads
+    rows0 = b.to(tl.int64) * N_pad * D
+    g_base = gram_ptr + b.to(tl.int64) * S * S
+    if D_ORDER:
+        _program_mm(xc_ptr + rows0, 1, D, xc_ptr + rows0, D, 1, g_base, S, 1, g_base, D, D,
+                    n_b, False, False, 0, PRECISION, BT)                      # Σ1 = xcᵀ xc
     else:
-        m_size = D
-    if K_IS_SET:
-        k_size = n_b
-    else:
-        k_size = D
-    if N_IS_SET:
-        n_size = n_b
-    else:
-        n_size = D
-    n_tiles = tl.cdiv(N_alloc, BN)
-    pm = pid // n_tiles
-    pn = pid % n_tiles
-    offs_m = pm * BM + tl.arange(0, BM)
-    offs_n = pn * BN + tl.arange(0, BN)
-    m_ok = offs_m < m_size
-    n_ok = offs_n < n_size
-    # a tile wholly past the set's end only writes zeros: skip its K loop
-    k_end = tl.where((pm * BM < m_size) & (pn * BN < n_size), k_size, 0)
-    a_base = a_ptr + b * s_ab + offs_m[:, None] * s_am
-    b_base = b_ptr + b * s_bb + offs_n[None, :] * s_bn
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, k_end, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        k_ok = offs_k < k_size
-        a = tl.load(a_base + offs_k[None, :] * s_ak, mask=m_ok[:, None] & k_ok[None, :],
-                    other=0.0)                                                  # [BM, BK]
-        if EXP_B:
-            bv = tl.exp(tl.load(b_base + offs_k[:, None] * s_bk,
-                                mask=k_ok[:, None] & n_ok[None, :], other=float("-inf")))
-        else:
-            bv = tl.load(b_base + offs_k[:, None] * s_bk, mask=k_ok[:, None] & n_ok[None, :],
-                         other=0.0)                                             # [BK, BN]
-        acc += tl.dot(a, bv, input_precision=PRECISION)
-    acc = acc * ALPHA
-    c_ptrs = c_ptr + b * s_cb + offs_m[:, None] * s_cm + offs_n[None, :] * s_cn
-    c_msk = (offs_m < M_alloc)[:, None] & (offs_n < N_alloc)[None, :]
-    if ACCUMULATE:
-        acc += tl.load(c_ptrs, mask=c_msk, other=0.0)
-    tl.store(c_ptrs, acc, mask=c_msk)
+        _program_mm(xt_ptr + rows0, D, 1, xt_ptr + rows0, 1, D, g_base, S, 1, g_base, n_b,
+                    n_b, D, False, False, 0, PRECISION, BT)                   # Σ2 = xt xtᵀ
 
 
 @triton.jit
 def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr, log_mu_ptr,
                         r_out_ptr, mu_out_ptr, len_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
-                        N_pad, D, QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
+                        N_pad, D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, S,
+                        D_ORDER: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
+                        QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
                         SAVE: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """P-step of B-E/B-Q, one program per set (all D features).
 
@@ -152,6 +286,12 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
     """
     b = tl.program_id(0)
     n_b = tl.load(len_ptr + b).to(tl.int32)
+    # the structure product of this iteration, Σ2 exp(log_s) Σ1 -> sig, in this program
+    sq = b.to(tl.int64) * S * S
+    rows0 = b.to(tl.int64) * N_pad * D
+    _sigma_product(log_s_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + sq,
+                   scratch_ptr + 2 * sq, scratch_ptr + 2 * sq + S * S, sig_ptr + rows0, n_b, S,
+                   D, D_ORDER, True, PRECISION, BT)
     a0 = tl.load(a0_ptr + t)
     a1 = tl.load(a1_ptr + t)
     rho = tl.load(rho_ptr + t)
@@ -203,6 +343,8 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
 def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr, log_eta_ptr,
                         z2_ptr, log_p0_ptr, log_mu_ptr, z1_ptr, eta_out_ptr, len_ptr,
                         a0_ptr, a1_ptr, a2_ptr, a3_ptr, rho_ptr, t, N_pad, D,
+                        xc_ptr, xt_ptr, gram_ptr, scratch_ptr, S,
+                        D_ORDER: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
                         QUADRATIC: tl.constexpr, PAPER: tl.constexpr, SAVE: tl.constexpr,
                         BN: tl.constexpr, BD: tl.constexpr):
     """S-step and dual update of B-E/B-Q, one program per set.
@@ -216,6 +358,12 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
     """
     b = tl.program_id(0)
     n_b = tl.load(len_ptr + b).to(tl.int32)
+    # the structure product of this iteration, Σ2 exp(log_p) Σ1 -> sig, in this program
+    sq = b.to(tl.int64) * S * S
+    rows0 = b.to(tl.int64) * N_pad * D
+    _sigma_product(log_p_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + sq,
+                   scratch_ptr + 2 * sq, scratch_ptr + 2 * sq + S * S, sig_ptr + rows0, n_b, S,
+                   D, D_ORDER, True, PRECISION, BT)
     a0 = tl.load(a0_ptr + t)
     a1 = tl.load(a1_ptr + t)
     rho = tl.load(rho_ptr + t)
@@ -309,7 +457,9 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
 def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr, log_p0_ptr,
                               log_q0_ptr, hist_r_ptr, hist_a_ptr, hist_c_ptr, hist_b_ptr,
                               len_ptr, a0_ptr, a1_ptr, a2_ptr, a3_ptr, tau_ptr, t,
-                              K, N_pad, D, PAPER: tl.constexpr, SAVE: tl.constexpr,
+                              K, N_pad, D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, S,
+                        D_ORDER: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
+                        PAPER: tl.constexpr, SAVE: tl.constexpr,
                               BN: tl.constexpr, BD: tl.constexpr):
     """One proximal (Alg. 1) outer step of S, all K inner iterations, one program per set.
 
@@ -322,6 +472,12 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
     """
     b = tl.program_id(0)
     n_b = tl.load(len_ptr + b).to(tl.int32)
+    # the structure product of this iteration, Σ2 exp(log_p) Σ1 -> sig, in this program
+    sq = b.to(tl.int64) * S * S
+    rows0 = b.to(tl.int64) * N_pad * D
+    _sigma_product(log_p_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + sq,
+                   scratch_ptr + 2 * sq, scratch_ptr + 2 * sq + S * S, sig_ptr + rows0, n_b, S,
+                   D, D_ORDER, True, PRECISION, BT)
     a0 = tl.load(a0_ptr + t)
     tau = tl.load(tau_ptr + t)
     eps = tl.load(a1_ptr + t) + tau
@@ -442,13 +598,16 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
                             eta_ptr, log_q0_ptr, g_z_out_ptr, g_sig_ptr, g_lp_ptr, g_p_ptr,
                             g_lq0_ptr, gvec_ptr, row_x_ptr, col_x_ptr, wpart_ptr, len_ptr,
                             a0_ptr, a1_ptr, a3_ptr, rho_ptr, t, N_pad, D,
+                            xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr, S,
+                            D_ORDER: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
                             QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
                             BN: tl.constexpr, BD: tl.constexpr):
     """Adjoint of the exact S-step and dual update (badmm_s_step_kernel), one program per set.
 
     In: g_ls, g_z = ∂L/∂log S', ∂L/∂Z' (B, N_pad, D); the forward's log P, Z, Σ(P), log S',
     C (c) and log η (eta). Out: g_z_out = ∂L/∂Z through this step, g_sig = α0 ∂L/∂H (to be
-    pushed through Σ), g_lp = ∂L/∂log P and g_p = ∂L/∂P except the Σ(P) path, g_lq0
+    pushed through Σ by the epilogue, which adds the Σ(P) path to g_lp and the factors'
+    gradients to dxc, dxt), g_lp = ∂L/∂log P and g_p = ∂L/∂P, g_lq0
     (B, N_pad), and per-set partial sums wpart[b] = (∂/∂α0, ∂/∂α1, ∂/∂ρ direct, ∂/∂κ3, ∂/∂w).
     gvec: (B, N_pad) scratch.
     PAPER: log η is a state (no κ3 path): gvec returns ∂L/∂log η through log S'; the eq. (27)-(28)
@@ -547,19 +706,29 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
     tl.store(wpart_ptr + b * 8 + 2, g_rho)
     tl.store(wpart_ptr + b * 8 + 3, g_k3)
     tl.store(wpart_ptr + b * 8 + 4, g_w)
+    # the structure product's adjoint: g_sig through Σ2 exp(log_p) Σ1 into g_lp, xc, xt
+    tl.debug_barrier()   # g_sig and g_lp rows were written by other threads of this program
+    sq = b.to(tl.int64) * S * S
+    rows0 = b.to(tl.int64) * N_pad * D
+    _sigma_adjoint(log_p_ptr + rows0, g_sig_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
+                   gram_ptr + sq, scratch_ptr + 5 * sq, dxc_ptr + rows0, dxt_ptr + rows0,
+                   g_lp_ptr + rows0, n_b, S, D, D_ORDER, PRECISION, BT)
 
 
 @triton.jit
 def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_ptr, sig_s_ptr,
                             r_ptr, mu_ptr, log_p0_ptr, g_l_ptr, g_x_ptr, g_z_ptr, g_sig_ptr,
                             g_lp0_ptr, wpart_ptr, len_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
-                            N_pad, D, QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
+                            N_pad, D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr, S,
+                        D_ORDER: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
+                        QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
                             BN: tl.constexpr, BD: tl.constexpr):
     """Adjoint of the exact P-step (badmm_p_step_kernel), one program per set.
 
     In: ∂L/∂log P = g_lp + P ⊙ g_p (all paths); the forward's log P, log S, Z, x, Σ(S), R and
-    log μ (r, mu (B, D)). Out: g_l = ∂L/∂log S except the Σ(S) path (written), g_x += and
-    g_z -= ∂L/∂G (in place), g_sig = α0 ∂L/∂G (to be pushed through Σ), g_lp0 (B, D), and
+    log μ (r, mu (B, D)). Out: g_l = ∂L/∂log S (written; the epilogue adds the Σ(S) path and
+    the factors' gradients to dxc, dxt), g_x += and g_z -= ∂L/∂G (in place), g_sig = α0
+    ∂L/∂G (pushed through Σ by the epilogue), g_lp0 (B, D), and
     per-set partials wpart[b] = (∂/∂α0, ∂/∂α1, ∂/∂ρ direct, ∂/∂κ2).
     PAPER: log μ is a state: g_lp0 returns ∂L/∂log μ (no κ2 path).
     """
@@ -628,6 +797,13 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
     tl.store(wpart_ptr + b * 8 + 1, g_a1)
     tl.store(wpart_ptr + b * 8 + 2, g_rho)
     tl.store(wpart_ptr + b * 8 + 3, g_k2)
+    # the structure product's adjoint: g_sig through Σ2 exp(log_s) Σ1 into g_l, xc, xt
+    tl.debug_barrier()   # g_sig and g_l rows were written by other threads of this program
+    sq = b.to(tl.int64) * S * S
+    rows0 = b.to(tl.int64) * N_pad * D
+    _sigma_adjoint(log_s_ptr + rows0, g_sig_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
+                   gram_ptr + sq, scratch_ptr + 5 * sq, dxc_ptr + rows0, dxt_ptr + rows0,
+                   g_l_ptr + rows0, n_b, S, D, D_ORDER, PRECISION, BT)
 
 
 @triton.jit
@@ -636,15 +812,19 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
                                   log_p0_ptr, log_q0_ptr, g_lp_ptr, g_x_ptr, g_sig_ptr,
                                   g_lp0_ptr, g_lq0_ptr, wpart_ptr, len_ptr, a0_ptr, a1_ptr,
                                   a2_ptr, a3_ptr, tau_ptr, t, K, N_pad, D,
-                                  PAPER: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                                  xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr, S,
+                                  D_ORDER: tl.constexpr, PRECISION: tl.constexpr,
+                                  BT: tl.constexpr, PAPER: tl.constexpr, BN: tl.constexpr,
+                                  BD: tl.constexpr):
     """Adjoint of one proximal S step (sinkhorn_prox_step_kernel, SAVE), one program per
     set: the K Gauss-Seidel (exact) or Jacobi (paper, eq. 18) iterations in reverse from their
     saved (R_k, a_k, C_k, b_k) and Y0.
 
     In: g_out = ∂L/∂log P_{t+1} (B, N_pad, D); log P_t, Σ(P_t), Y0 and the history. Out: g_lp =
-    ∂L/∂log P_t except the Σ(P_t) path, g_x += ∂L/∂x, g_sig = α0 ∂L/∂Y0/ε (to be pushed
-    through Σ), g_lp0 (B, D), g_lq0 (B, N_pad), wpart[b] = (∂/∂α0, ∂/∂τ direct, ∂/∂ε direct,
-    ∂/∂κ2, ∂/∂κ3). Scratch: gy0 (B, N_pad, D), gb, gc (B, N_pad).
+    ∂L/∂log P_t, g_x += ∂L/∂x, g_sig = α0 ∂L/∂Y0/ε (pushed through Σ by the epilogue, which
+    adds the Σ(P_t) path to g_lp and the factors' gradients to dxc, dxt), g_lp0 (B, D), g_lq0
+    (B, N_pad), wpart[b] = (∂/∂α0, ∂/∂τ direct, ∂/∂ε direct, ∂/∂κ2, ∂/∂κ3).
+    Scratch: gy0 (B, N_pad, D), gb, gc (B, N_pad); (B, 5, S, S) for the Σ adjoint.
     """
     b = tl.program_id(0)
     n_b = tl.load(len_ptr + b).to(tl.int32)
@@ -793,6 +973,13 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
     tl.store(wpart_ptr + b * 8 + 2, g_eps + g_eps_j)
     tl.store(wpart_ptr + b * 8 + 3, g_k2)
     tl.store(wpart_ptr + b * 8 + 4, g_k3)
+    # the structure product's adjoint: g_sig through Σ2 exp(log_p) Σ1 into g_lp, xc, xt
+    tl.debug_barrier()   # g_sig and g_lp rows were written by other threads of this program
+    sq = b.to(tl.int64) * S * S
+    rows0 = b.to(tl.int64) * N_pad * D
+    _sigma_adjoint(log_p_ptr + rows0, g_sig_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
+                   gram_ptr + sq, scratch_ptr + 5 * sq, dxc_ptr + rows0, dxt_ptr + rows0,
+                   g_lp_ptr + rows0, n_b, S, D, D_ORDER, PRECISION, BT)
 
 
 @triton.jit

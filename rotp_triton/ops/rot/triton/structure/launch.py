@@ -6,7 +6,8 @@ pieces (pooling / plan, factors -> x). Kernels: ``kernels.py``; autograd and cus
 
 Every per-row state is a zero-padded fp32 ``(B, N_max, D)`` tensor plus the set lengths; an
 empty set is solved on one zero dummy sample and its output zeroed, like the torch path.
-Launch counts per iteration: B-E/B-Q 3 Σ(S) + P-step + 3 Σ(P) + S-step; S 3 Σ(P) + 1.
+Launches per iteration (each step kernel computes its structure product in-program first):
+B-E/B-Q 2 (P-step, S-step), S 1; backward: ⌈√T⌉-spaced checkpoints, adjoints fused likewise.
 """
 from __future__ import annotations
 
@@ -21,12 +22,27 @@ from torch import Tensor
 from ...params import kappa
 from ..common import interpreter_enabled, launcher
 from .kernels import (badmm_p_step_bwd_kernel, badmm_p_step_kernel, badmm_s_step_bwd_kernel,
-                      badmm_s_step_kernel, pool_from_log_plan_kernel, set_matmul_kernel,
+                      badmm_s_step_kernel, pool_from_log_plan_kernel, sigma_adjoint_kernel,
+                      sigma_product_kernel,
                       sinkhorn_prox_step_bwd_kernel, sinkhorn_prox_step_kernel,
                       structure_factors_kernel)
 
-# fp32 tl.dot precision: "ieee" (exact fp32) or "tf32" (tensor cores, ~1e-3 relative error).
+# The structure product's dots: "ieee" (fp32 FMA, the default: kernels == reference to 1e-4),
+# "tf32" (tensor cores, 10-bit mantissa: expected ~1e-3 relative error of y, not yet measured
+# on a GPU) or "tensor-core" (tf32 for fp32/fp16 inputs, bf16 dots for bf16 inputs: expected
+# ~1e-2). Set here or with ROTP_STRUCTURE_DOT; docs/adjoints.md states the accuracy.
 DOT_PRECISION = os.environ.get("ROTP_STRUCTURE_DOT", "ieee")
+DOT_PRECISIONS = ("ieee", "tf32", "tensor-core")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The ``tl.dot`` precision constexpr for inputs of ``dtype`` under DOT_PRECISION."""
+    if DOT_PRECISION not in DOT_PRECISIONS:
+        raise ValueError(f"ROTP_STRUCTURE_DOT / DOT_PRECISION must be one of {DOT_PRECISIONS}, "
+                         f"got {DOT_PRECISION!r}")
+    if DOT_PRECISION == "tensor-core":
+        return "bf16" if dtype == torch.bfloat16 else "tf32"
+    return DOT_PRECISION
 
 # How kernels are launched: directly, or through torch.library.wrap_triton while the body of
 # one of the custom operators of op.py runs (so torch.compile can trace the launches).
@@ -50,101 +66,93 @@ def row_block(BD: int) -> int:
     return max(1, min(64, 4096 // BD))
 
 
-def _mm_blocks(M: int, N: int, K: int):
-    cap = 32 if interpreter_enabled() else 64
-    def blk(v):
-        return max(16, min(cap, triton.next_power_of_2(max(v, 1))))
-    return blk(M), blk(N), blk(K)
-
-
-def set_matmul(a: Tensor, b: Tensor, out: Tensor, lens: Tensor, D: int, *, m_set: bool,
-               k_set: bool, n_set: bool, exp_b: bool = False, accumulate: bool = False,
-               alpha: float = 1.0) -> Tensor:
-    """out[i] (+)= alpha · a[i] @ (exp(b[i]) if exp_b else b[i]) for every set i.
-
-    a: (B, M_alloc, K_alloc), b: (B, K_alloc, N_alloc), out: (B, M_alloc, N_alloc), any
-    strides (pass transposed views); a dim flagged ``*_set`` has the set's length lens[i],
-    the others D. Entries past the logical sizes are treated as 0.
-    """
-    B, M_alloc, N_alloc = out.shape
-    K_alloc = a.shape[2]
-    if B == 0 or M_alloc == 0 or N_alloc == 0:
-        return out
-    BM, BN, BK = _mm_blocks(M_alloc, N_alloc, K_alloc)
-    grid = (B, triton.cdiv(M_alloc, BM) * triton.cdiv(N_alloc, BN))
-    _wrap(set_matmul_kernel)[grid](
-        a, b, out, lens, D, M_alloc, N_alloc,
-        a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        M_IS_SET=m_set, K_IS_SET=k_set, N_IS_SET=n_set, EXP_B=exp_b, ACCUMULATE=accumulate,
-        ALPHA=float(alpha), PRECISION=DOT_PRECISION, BM=BM, BN=BN, BK=BK, num_warps=4)
-    return out
+def mm_tile() -> int:
+    """Output tile of the in-program GEMMs (``_program_mm``): 64 on a GPU (a [64, 64] fp32
+    accumulator over 8 warps), 16 under the interpreter (the smallest ``tl.dot`` tile: the test
+    shapes are a few rows)."""
+    return 16 if interpreter_enabled() else 64
 
 
 class Factors:
     """The per-set structure factors of a padded batch and the smaller Gram matrix.
 
     xc, xt: (B, N_pad, D) fp32 (DESIGN §2, scaled so Σ1 = xcᵀxc, Σ2 = xt xtᵀ);
-    gram: Σ1 (B, D, D) when ``d_small`` (D <= N_pad) else Σ2 (B, N_pad, N_pad).
+    gram: Σ1 (B, D, D) when ``d_order`` (D <= N_pad) else Σ2 (B, N_pad, N_pad), written by
+    ``structure_factors_kernel`` in the same launch as the factors.
     """
 
-    def __init__(self, xc: Tensor, xt: Tensor, lens: Tensor):
-        self.xc, self.xt, self.lens = xc, xt, lens
+    def __init__(self, xc: Tensor, xt: Tensor, gram: Tensor, lens: Tensor,
+                 precision: str = "ieee"):
+        self.xc, self.xt, self.gram, self.lens = xc, xt, gram, lens
+        self.precision = precision          # tl.dot precision, see dot_precision
         B, N, D = xc.shape
         self.D = D
-        self.d_small = D <= N
-        if self.d_small:
-            self.gram = xc.new_empty(B, D, D)
-            set_matmul(xc.transpose(1, 2), xc, self.gram, lens, D, m_set=False, k_set=True,
-                       n_set=False)
-        else:
-            self.gram = xc.new_empty(B, N, N)
-            set_matmul(xt, xt.transpose(1, 2), self.gram, lens, D, m_set=True, k_set=False,
-                       n_set=True)
+        self.d_order = D <= N
+        self.S = gram.shape[-1]
 
     def apply(self, m: Tensor, *, exp: bool = False, out: Optional[Tensor] = None) -> Tensor:
-        """Σ2 m Σ1 (paper Σ1 M Σ2) for m (B, N_pad, D); with ``exp`` m holds log M."""
-        return sigma_apply(m, self.xc, self.xt, self.gram, self.lens, exp=exp, out=out)
+        """Σ2 m Σ1 (paper Σ1 M Σ2) for m (B, N_pad, D); with ``exp`` m holds log M.
+        One launch."""
+        out = torch.empty_like(m) if out is None else out
+        B, N, D = m.shape
+        if B == 0:
+            return out
+        scratch = m.new_empty(B, 2, self.S, self.S)
+        _wrap(sigma_product_kernel)[(B,)](
+            m, self.xc, self.xt, self.gram, scratch, out, self.lens, N, self.S, D,
+            D_ORDER=self.d_order, EXP_M=exp, PRECISION=self.precision, BT=mm_tile(),
+            num_warps=PER_SET_WARPS)
+        return out
 
+    def step_args(self, B: int) -> tuple:
+        """The trailing tensor arguments of a step kernel whose prologue computes its
+        structure product in-program: (xc, xt, gram, scratch (B, 2, S, S), S)."""
+        return (self.xc, self.xt, self.gram, self.xc.new_empty(B, 2, self.S, self.S), self.S)
 
-def sigma_apply(m: Tensor, xc: Tensor, xt: Tensor, gram: Tensor, lens: Tensor, *,
-                exp: bool = False, out: Optional[Tensor] = None) -> Tensor:
-    """Σ2 m Σ1 through the factors, 3 launches; see the module docstring for the two orders."""
-    B, N, D = m.shape
-    out = torch.empty_like(m) if out is None else out
-    if D <= N:
-        w = m.new_empty(B, D, D)
-        set_matmul(xt.transpose(1, 2), m, w, lens, D, m_set=False, k_set=True, n_set=False,
-                   exp_b=exp)                                                  # xtᵀ m
-        v = m.new_empty(B, D, D)
-        set_matmul(w, gram, v, lens, D, m_set=False, k_set=False, n_set=False)  # (xtᵀ m) Σ1
-        set_matmul(xt, v, out, lens, D, m_set=True, k_set=False, n_set=False)   # xt V
-    else:
-        u = m.new_empty(B, N, N)
-        mt = m.transpose(1, 2)
-        # u = m xcᵀ computed as (xc mᵀ)ᵀ so that m (possibly exp'd) is the B operand
-        set_matmul(xc, mt, u.transpose(1, 2), lens, D, m_set=True, k_set=False, n_set=True,
-                   exp_b=exp)
-        q = m.new_empty(B, N, N)
-        set_matmul(gram, u, q, lens, D, m_set=True, k_set=True, n_set=True)     # Σ2 u
-        set_matmul(q, xc, out, lens, D, m_set=True, k_set=True, n_set=False)    # q xc
-    return out
+    def adjoint_args(self, B: int, dxc: Tensor, dxt: Tensor) -> tuple:
+        """Same for an adjoint kernel whose epilogue is the structure product's adjoint:
+        (xc, xt, gram, scratch (B, 5, S, S), dxc, dxt, S)."""
+        return (self.xc, self.xt, self.gram, self.xc.new_empty(B, 5, self.S, self.S), dxc, dxt,
+                self.S)
+
+    def meta(self) -> dict:
+        """The constexprs of the in-program structure product."""
+        return dict(D_ORDER=self.d_order, PRECISION=self.precision, BT=mm_tile())
+
+    def adjoint(self, log_m: Tensor, g: Tensor, dxc: Tensor, dxt: Tensor, dm: Tensor) -> None:
+        """Adjoint of out = Σ2 exp(log_m) Σ1 for the upstream gradient g (B, N_pad, D):
+        dm += exp(log_m) ⊙ ∂L/∂M (= ∂L/∂log_m), dxc / dxt += ∂L/∂xc, ∂L/∂xt.
+        One launch."""
+        B, N, D = log_m.shape
+        if B == 0:
+            return
+        scratch = log_m.new_empty(B, 5, self.S, self.S)
+        _wrap(sigma_adjoint_kernel)[(B,)](
+            log_m.contiguous(), g.contiguous(), self.xc, self.xt, self.gram, scratch, dxc, dxt,
+            dm, self.lens, N, self.S, D, D_ORDER=self.d_order, PRECISION=self.precision,
+            BT=mm_tile(), num_warps=PER_SET_WARPS)
 
 
 def _launch_factors(x: Tensor, row_start: Tensor, lens: Tensor, B: int, N_pad: int, D: int,
-                    dense: bool):
+                    dense: bool, precision: str):
+    """(x32, xc, xt, gram) in one launch; the Gram matrix's order as in :class:`Factors`."""
     x32 = x.new_zeros(B, N_pad, D, dtype=torch.float32)
     xc = torch.zeros_like(x32)
     xt = torch.zeros_like(x32)
+    d_order = D <= N_pad
+    S = D if d_order else N_pad
+    gram = x32.new_zeros(B, S, S)
     BD = triton.next_power_of_2(D)
     if dense:
         s_xb, s_xn, s_xd = x.stride()
     else:
         s_xb, (s_xn, s_xd) = 0, x.stride()
-    _wrap(structure_factors_kernel)[(B,)](x, row_start, lens, x32, xc, xt, s_xb, s_xn, s_xd, N_pad, D,
-                                   BN=row_block(BD), BD=BD,
-                                   num_warps=PER_SET_WARPS)
-    return x32, xc, xt
+    if B > 0:
+        _wrap(structure_factors_kernel)[(B,)](
+            x, row_start, lens, x32, xc, xt, gram, s_xb, s_xn, s_xd, N_pad, D, S,
+            D_ORDER=d_order, PRECISION=precision, BT=mm_tile(), BN=row_block(BD), BD=BD,
+            num_warps=PER_SET_WARPS)
+    return x32, xc, xt, gram
 
 
 class _Problem:
@@ -186,17 +194,18 @@ def run_iterations(pb: _Problem, fac: Factors, st: dict, t0: int, t1: int) -> di
     w = pb.w
     B, N, D = pb.B, pb.N, pb.D
     sig = torch.empty_like(pb.x32)
+    sigma = fac.step_args(B)      # each step kernel computes its Σ2 exp(·) Σ1 into sig first
     paper = pb.variant == "paper"
     if pb.method == "sinkhorn":
         y0 = torch.empty_like(pb.x32)
         bvec = torch.empty_like(pb.log_q0)
         cbuf = torch.empty_like(pb.log_q0)
         for t in range(t0, t1):
-            fac.apply(st["log_s"], exp=True, out=sig)
             _wrap(sinkhorn_prox_step_kernel)[(B,)](
                 pb.x32, st["log_s"], sig, y0, bvec, cbuf, pb.log_p0, pb.log_q0, bvec, bvec,
                 bvec, bvec, pb.lens, w["a0"], w["a1"], w["a2"], w["a3"], w["tau"], t, pb.K, N,
-                D, PAPER=paper, SAVE=False, BN=pb.BN, BD=pb.BD, num_warps=PER_SET_WARPS)
+                D, *sigma, PAPER=paper, SAVE=False, BN=pb.BN, BD=pb.BD,
+                num_warps=PER_SET_WARPS, **fac.meta())
         return st
     quad = pb.method == "badmm-q"
     log_p = st.get("log_p")
@@ -205,19 +214,17 @@ def run_iterations(pb: _Problem, fac: Factors, st: dict, t0: int, t1: int) -> di
     cbuf = torch.empty_like(pb.log_q0)
     dummy = pb.log_p0
     for t in range(t0, t1):
-        fac.apply(st["log_s"], exp=True, out=sig)
         _wrap(badmm_p_step_kernel)[(B,)](
             pb.x32, st["log_s"], st["z"], sig, log_p, pb.log_p0, st.get("log_mu", dummy),
-            dummy, dummy, pb.lens, w["a0"], w["a1"], w["a2"], w["rho"], t, N, D,
+            dummy, dummy, pb.lens, w["a0"], w["a1"], w["a2"], w["rho"], t, N, D, *sigma,
             QUADRATIC=quad, PAPER=paper, SAVE=False, BN=pb.BN, BD=pb.BD,
-            num_warps=PER_SET_WARPS)
-        fac.apply(log_p, exp=True, out=sig)
+            num_warps=PER_SET_WARPS, **fac.meta())
         _wrap(badmm_s_step_kernel)[(B,)](
             log_p, st["z"], sig, st["log_s"], cbuf, pb.log_q0, st.get("log_eta", dummy),
             st.get("z2", dummy), pb.log_p0, st.get("log_mu", dummy), st.get("z1", dummy),
-            dummy, pb.lens, w["a0"], w["a1"], w["a2"], w["a3"], w["rho"], t, N, D,
+            dummy, pb.lens, w["a0"], w["a1"], w["a2"], w["a3"], w["rho"], t, N, D, *sigma,
             QUADRATIC=quad, PAPER=paper, SAVE=False, BN=pb.BN, BD=pb.BD,
-            num_warps=PER_SET_WARPS)
+            num_warps=PER_SET_WARPS, **fac.meta())
     st["log_p"] = log_p
     return st
 
@@ -248,81 +255,26 @@ def pool_launch(pb: _Problem, log_p: Tensor, out_dtype, plan: Optional[Tensor],
 # ============================================================================================
 # backward: Triton structure product with its exact adjoint, torch replay of one iteration
 # ============================================================================================
-def sigma_apply_bwd(m: Tensor, g: Tensor, xc: Tensor, xt: Tensor, gram: Tensor, lens: Tensor,
-                    dxc: Tensor, dxt: Tensor) -> Tensor:
-    """Adjoint of out = Σ2 m Σ1 for the upstream gradient g (B, N_pad, D): returns ∂/∂m and
-    adds ∂/∂xc, ∂/∂xt into dxc, dxt (about 9 set_matmul launches, all tl.dot)."""
-    g = g.contiguous()
-    B, N, D = m.shape
-    dm = sigma_apply(g, xc, xt, gram, lens)             # Σ1, Σ2 symmetric: the adjoint is Σ
-    if D <= N:
-        # out = xt V, V = W Σ1, W = xtᵀ m
-        w = m.new_empty(B, D, D)
-        set_matmul(xt.transpose(1, 2), m, w, lens, D, m_set=False, k_set=True, n_set=False)
-        v = m.new_empty(B, D, D)
-        set_matmul(w, gram, v, lens, D, m_set=False, k_set=False, n_set=False)
-        set_matmul(g, v.transpose(1, 2), dxt, lens, D, m_set=True, k_set=False,
-                   n_set=False, accumulate=True)                             # += g Vᵀ
-        dv = m.new_empty(B, D, D)
-        set_matmul(xt.transpose(1, 2), g, dv, lens, D, m_set=False, k_set=True,
-                   n_set=False)                                              # dV = xtᵀ g
-        dw = m.new_empty(B, D, D)
-        set_matmul(dv, gram, dw, lens, D, m_set=False, k_set=False, n_set=False)  # dV Σ1
-        ds1 = m.new_empty(B, D, D)
-        set_matmul(w.transpose(1, 2), dv, ds1, lens, D, m_set=False, k_set=False,
-                   n_set=False)                                              # Wᵀ dV
-        set_matmul(m, dw.transpose(1, 2), dxt, lens, D, m_set=True, k_set=False,
-                   n_set=False, accumulate=True)                             # += m dWᵀ
-        ds1 = ds1 + ds1.transpose(1, 2)
-        set_matmul(xc, ds1, dxc, lens, D, m_set=True, k_set=False, n_set=False,
-                   accumulate=True)                                          # += xc (dΣ1 + dΣ1ᵀ)
-    else:
-        # out = Q xc, Q = Σ2 U, U = m xcᵀ
-        u = m.new_empty(B, N, N)
-        set_matmul(m, xc.transpose(1, 2), u, lens, D, m_set=True, k_set=False, n_set=True)
-        q = m.new_empty(B, N, N)
-        set_matmul(gram, u, q, lens, D, m_set=True, k_set=True, n_set=True)
-        set_matmul(q.transpose(1, 2), g, dxc, lens, D, m_set=True, k_set=True,
-                   n_set=False, accumulate=True)                             # += Qᵀ g
-        dq = m.new_empty(B, N, N)
-        set_matmul(g, xc.transpose(1, 2), dq, lens, D, m_set=True, k_set=False,
-                   n_set=True)                                               # dQ = g xcᵀ
-        du = m.new_empty(B, N, N)
-        set_matmul(gram, dq, du, lens, D, m_set=True, k_set=True, n_set=True)  # Σ2 dQ
-        ds2 = m.new_empty(B, N, N)
-        set_matmul(dq, u.transpose(1, 2), ds2, lens, D, m_set=True, k_set=True,
-                   n_set=True)                                               # dQ Uᵀ
-        set_matmul(du.transpose(1, 2), m, dxc, lens, D, m_set=True, k_set=True,
-                   n_set=False, accumulate=True)                             # += dUᵀ m
-        ds2 = ds2 + ds2.transpose(1, 2)
-        set_matmul(ds2, xt, dxt, lens, D, m_set=True, k_set=True, n_set=False,
-                   accumulate=True)                                          # += (dΣ2 + dΣ2ᵀ) xt
-    return dm
-
-
 class SigmaProduct(torch.autograd.Function):
-    """out = Σ2 m Σ1 with Σ1 = xcᵀxc, Σ2 = xt xtᵀ (per set), forward and backward in Triton.
-
-    ``gram`` is the precomputed smaller Gram matrix (not differentiated directly: its gradient
-    reaches xc / xt through the factor formulas of :func:`sigma_apply_bwd`).
-    """
+    """out = Σ2 exp(log_m) Σ1 with Σ1 = xcᵀxc, Σ2 = xt xtᵀ (per set), forward and backward
+    in Triton (the torch-replay backward's building block). The Gram matrix is not
+    differentiated directly: its gradient reaches xc / xt through the factor formulas."""
 
     @staticmethod
-    def forward(ctx, m, xc, xt, gram, lens):
-        ctx.save_for_backward(m, xc, xt, gram, lens)
-        return sigma_apply(m.contiguous(), xc, xt, gram, lens)
+    def forward(ctx, log_m, xc, xt, fac):
+        ctx.save_for_backward(log_m, xc, xt)
+        ctx.fac = fac
+        return fac.apply(log_m.contiguous(), exp=True)
 
     @staticmethod
     def backward(ctx, g):
-        m, xc, xt, gram, lens = ctx.saved_tensors
+        log_m, xc, xt = ctx.saved_tensors
         dxc = torch.zeros_like(xc)
         dxt = torch.zeros_like(xt)
-        dm = sigma_apply_bwd(m.contiguous(), g, xc, xt, gram, lens, dxc, dxt)
-        return dm, dxc, dxt, None, None
-
-
-def _masked_exp(log_m: Tensor, mask: Tensor) -> Tensor:
-    return torch.exp(log_m.masked_fill(~mask[..., None], float("-inf")))
+        dm = torch.zeros_like(log_m)
+        fac = Factors(xc, xt, ctx.fac.gram, ctx.fac.lens, ctx.fac.precision)
+        fac.adjoint(log_m, g, dxc, dxt, dm)
+        return dm, dxc, dxt, None
 
 
 def _dkappa(alpha: Tensor, w: Tensor):
@@ -347,17 +299,20 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tenso
     w = pb.w
     quad = pb.method == "badmm-q"
     paper = pb.variant == "paper"
-    kw = dict(QUADRATIC=quad, PAPER=paper, BN=pb.BN, BD=pb.BD, num_warps=PER_SET_WARPS)
+    kw = dict(QUADRATIC=quad, PAPER=paper, BN=pb.BN, BD=pb.BD, num_warps=PER_SET_WARPS,
+              **fac.meta())
     dummy = pb.log_p0
-    # re-run iteration t, keeping what the adjoint needs
-    sig_s = fac.apply(st["log_s"], exp=True)
+    sigma = fac.step_args(B)
+    adj = fac.adjoint_args(B, acc["xc"], acc["xt"])
+    # re-run iteration t, keeping what the adjoint needs (Σ(S), Σ(P) too)
+    sig_s = torch.empty_like(pb.x32)
     log_p = torch.zeros_like(pb.x32)
     r = torch.empty_like(pb.log_p0)
     mu = torch.empty_like(pb.log_p0)
     _wrap(badmm_p_step_kernel)[(B,)](pb.x32, st["log_s"], st["z"], sig_s, log_p, pb.log_p0,
                               st.get("log_mu", dummy), r, mu, pb.lens, w["a0"], w["a1"],
-                              w["a2"], w["rho"], t, N, D, SAVE=True, **kw)
-    sig_p = fac.apply(log_p, exp=True)
+                              w["a2"], w["rho"], t, N, D, *sigma, SAVE=True, **kw)
+    sig_p = torch.empty_like(pb.x32)
     ls_new = torch.zeros_like(pb.x32)
     z_new = st["z"].clone()
     new = {k: st[k].clone() for k in ("log_mu", "log_eta", "z1", "z2")} if paper else {}
@@ -366,8 +321,8 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tenso
     _wrap(badmm_s_step_kernel)[(B,)](log_p, z_new, sig_p, ls_new, cbuf, pb.log_q0,
                               new.get("log_eta", dummy), new.get("z2", dummy), pb.log_p0,
                               new.get("log_mu", dummy), new.get("z1", dummy), eta, pb.lens,
-                              w["a0"], w["a1"], w["a2"], w["a3"], w["rho"], t, N, D, SAVE=True,
-                              **kw)
+                              w["a0"], w["a1"], w["a2"], w["a3"], w["rho"], t, N, D, *sigma,
+                              SAVE=True, **kw)
     rho, a1 = w["rho"][t], w["a1"][t]
     wgt = rho if quad else a1 + rho
     k2_a, k2_w = _dkappa(w["a2"][t], rho)
@@ -410,9 +365,7 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tenso
     _wrap(badmm_s_step_bwd_kernel)[(B,)](g["log_s"].contiguous(), g["z"].contiguous(), log_p, st["z"],
                                   sig_p, ls_new, cbuf, eta, pb.log_q0, g_z_out, g_sig, g_lp, g_p,
                                   g_lq0, gvec, row_x, col_x, wp_s, pb.lens, w["a0"], w["a1"],
-                                  w["a3"], w["rho"], t, N, D, **kw)
-    g_p += sigma_apply_bwd(_masked_exp(log_p, mask), g_sig, fac.xc, fac.xt, fac.gram, pb.lens,
-                           acc["xc"], acc["xt"])
+                                  w["a3"], w["rho"], t, N, D, *adj, **kw)   # + the Σ(P) path
     if g_lp_ext is not None:
         g_lp += g_lp_ext
     # adjoint of the P-step
@@ -422,10 +375,8 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tenso
     wp_p = torch.zeros(B, 8, device=pb.x32.device, dtype=torch.float32)
     _wrap(badmm_p_step_bwd_kernel)[(B,)](g_lp, g_p, log_p, st["log_s"], st["z"], pb.x32, sig_s, r, mu,
                                   pb.log_p0, g_l, acc["x"], g_z_out, g_sig_s, g_lp0, wp_p,
-                                  pb.lens, w["a0"], w["a1"], w["a2"], w["rho"], t, N, D, **kw)
-    s = _masked_exp(st["log_s"], mask)
-    g_l += s * sigma_apply_bwd(s, g_sig_s, fac.xc, fac.xt, fac.gram, pb.lens, acc["xc"],
-                               acc["xt"])
+                                  pb.lens, w["a0"], w["a1"], w["a2"], w["rho"], t, N, D, *adj,
+                                  **kw)                                       # + the Σ(S) path
     # the scalar weights of iteration t from the per-set partial sums
     ps, pp = wp_s.sum(0), wp_p.sum(0)
     if paper:
@@ -449,7 +400,7 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tenso
     return g_out
 
 
-def _replay_step(pb: _Problem, st: dict, x: Tensor, xc: Tensor, xt: Tensor, gram: Tensor,
+def _replay_step(pb: _Problem, st: dict, x: Tensor, xc: Tensor, xt: Tensor, fac: Factors,
                  mask: Tensor, lp0: Tensor, lq0: Tensor, w: dict, t: int) -> dict:
     """One iteration t in differentiable torch ops (the math of solvers.py) on the padded
     layout, the structure products through :class:`SigmaProduct`."""
@@ -459,7 +410,7 @@ def _replay_step(pb: _Problem, st: dict, x: Tensor, xc: Tensor, xt: Tensor, gram
     lq0 = lq0[:, :, None]
 
     def sig(log_m):
-        return SigmaProduct.apply(torch.exp(log_m.masked_fill(~m3, neg)), xc, xt, gram, pb.lens)
+        return SigmaProduct.apply(log_m, xc, xt, fac)
 
     def lse_n(y):
         return torch.logsumexp(y.masked_fill(~m3, neg), dim=1, keepdim=True)
@@ -551,9 +502,9 @@ def sinkhorn_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Te
     """
     B, N, D, K = pb.B, pb.N, pb.D, pb.K
     w = pb.w
-    kw = dict(BN=pb.BN, BD=pb.BD, num_warps=PER_SET_WARPS)
+    kw = dict(BN=pb.BN, BD=pb.BD, num_warps=PER_SET_WARPS, **fac.meta())
     log_p = st["log_s"]
-    sig = fac.apply(log_p, exp=True)
+    sig = torch.empty_like(pb.x32)         # Σ(P_t), computed by the step kernel's prologue
     y0 = torch.zeros_like(pb.x32)
     bvec = torch.empty_like(pb.log_q0)
     cbuf = torch.empty_like(pb.log_q0)
@@ -564,8 +515,8 @@ def sinkhorn_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Te
     out = log_p.clone()
     _wrap(sinkhorn_prox_step_kernel)[(B,)](pb.x32, out, sig, y0, bvec, cbuf, pb.log_p0, pb.log_q0, h_r,
                                     h_a, h_c, h_b, pb.lens, w["a0"], w["a1"], w["a2"], w["a3"],
-                                    w["tau"], t, K, N, D, PAPER=pb.variant == "paper",
-                                    SAVE=True, **kw)
+                                    w["tau"], t, K, N, D, *fac.step_args(B),
+                                    PAPER=pb.variant == "paper", SAVE=True, **kw)
     gy0 = torch.zeros_like(pb.x32)
     gb = torch.zeros_like(pb.log_q0)
     gc = torch.zeros_like(pb.log_q0)
@@ -578,10 +529,8 @@ def sinkhorn_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Te
                                         h_c, h_b, gb, gc, pb.log_p0, pb.log_q0, g_lp, acc["x"],
                                         g_sig, g_lp0, g_lq0, wp, pb.lens, w["a0"], w["a1"],
                                         w["a2"], w["a3"], w["tau"], t, K, N, D,
-                                        PAPER=pb.variant == "paper", **kw)
-    p = _masked_exp(log_p, mask)
-    g_lp += p * sigma_apply_bwd(p, g_sig, fac.xc, fac.xt, fac.gram, pb.lens, acc["xc"],
-                                acc["xt"])
+                                        *fac.adjoint_args(B, acc["xc"], acc["xt"]),
+                                        PAPER=pb.variant == "paper", **kw)   # + the Σ path
     acc["lp0"] += g_lp0
     acc["lq0"] += g_lq0
     ps = wp.sum(0)
@@ -611,6 +560,18 @@ def _initial_state_grads(g_state: dict, mask: Tensor, grads: list) -> None:
         grads[4] += g_state["log_eta"].masked_fill(~mask, 0.0)
 
 
+def _add_sqrt_checkpoints(pb: _Problem, fac: Factors, ckpts: dict) -> None:
+    """States entering iterations k, 2k, ... (k = ⌈√T⌉) from one forward sweep, so that the
+    reverse pass recomputes at most k - 1 iterations per step: T (sweep) + T(k - 1)/2
+    iterations in all instead of T(T - 1)/2, for ⌈√T⌉ - 1 transient states."""
+    k = math.ceil(math.sqrt(pb.T))
+    t_prev = max(ckpts)
+    for t1 in range(k, pb.T, k):
+        if t1 > t_prev:
+            ckpts[t1] = run_iterations(pb, fac, ckpts[t_prev], t_prev, t1)
+            t_prev = t1
+
+
 def reverse_iterations(pb: _Problem, fac: Factors, ckpts: dict, mask: Tensor, g_lp_T: Tensor,
                        grads: list) -> None:
     """The T iterations in reverse with the adjoint kernels (no torch autograd).
@@ -622,9 +583,16 @@ def reverse_iterations(pb: _Problem, fac: Factors, ckpts: dict, mask: Tensor, g_
     acc = {"x": grads[0], "xc": grads[1], "xt": grads[2], "lp0": grads[3], "lq0": grads[4]}
     acc.update({k: grads[5 + i] for i, k in enumerate(_WEIGHTS)})
 
+    ckpts = dict(ckpts)
+    if len(ckpts) == 1:
+        _add_sqrt_checkpoints(pb, fac, ckpts)
+
     def state_entering(t):
         t_ck = max(k for k in ckpts if k <= t)
-        return run_iterations(pb, fac, ckpts[t_ck], t_ck, t) if t > t_ck else ckpts[t_ck]
+        st = run_iterations(pb, fac, ckpts[t_ck], t_ck, t) if t > t_ck else ckpts[t_ck]
+        if t == t_ck and t > 0:
+            del ckpts[t_ck]       # its segment is done: free the state
+        return st
 
     if pb.method == "sinkhorn":
         g_lp = g_lp_T
@@ -737,7 +705,8 @@ def _forward_setup(x, log_p0, log_q0, weights, meta):
         row_start = ptr[:-1].contiguous()
     N_pad = max(meta["n_max"], 1)
     lens = real_lens.clamp_min(1)          # empty set: one zero dummy sample
-    x32, xc, xt = _launch_factors(x, row_start, real_lens, B, N_pad, D, dense)
+    precision = dot_precision(x.dtype)
+    x32, xc, xt, gram = _launch_factors(x, row_start, real_lens, B, N_pad, D, dense, precision)
     mask = torch.arange(N_pad, device=dev)[None, :] < lens[:, None]
     if log_p0 is None:
         lp0 = torch.full((B, D), -math.log(max(D, 1)), device=dev, dtype=torch.float32)
@@ -751,5 +720,5 @@ def _forward_setup(x, log_p0, log_q0, weights, meta):
          for k, v in weights.items()}
     pb = _Problem(x32, lens, real_lens, lp0, lq0.contiguous(), w, meta["method"],
                   meta["variant"], meta["T"], meta["K"])
-    fac = Factors(xc, xt, lens)
+    fac = Factors(xc, xt, gram, lens, precision)
     return pb, fac, row_start, dense, meta["return_plan"]

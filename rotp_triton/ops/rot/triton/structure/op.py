@@ -5,7 +5,8 @@ launches through ``wrap_triton``, explicit fake kernels), and the family's entry
 
 The backward is the exact gradient of the T unrolled iterations (x through Σ1, Σ2 and their
 centring, every per-iteration weight, the prior logits), by recomputation from the initial
-state (memory independent of T, O(T²) recompute; ``CHECKPOINT_EVERY`` trades memory for time).
+state (saved memory independent of T; the backward keeps ⌈√T⌉-spaced checkpoints, O(T^1.5)
+recompute; ``CHECKPOINT_EVERY`` stores states in the forward instead).
 torch.compile(fullgraph=True) traces a dense call; a ragged one reads max(ptr diff) on the host
 to size the padding (one sync; the v2 kernels will drop it). Derivations and the launch plan:
 ../../../../../docs/adjoints.md; design: ../../../../../../shared/DESIGN.md §3, §7.
@@ -23,7 +24,7 @@ from .launch import (_LAUNCH_WRAP, _WEIGHTS, _forward_setup, _initial_state_grad
                      pool_plan_bwd, reverse_iterations, run_iterations, structure_factors_bwd)
 
 # States stored every CHECKPOINT_EVERY iterations in the forward for the backward's recompute;
-# None: store none (memory independent of T, O(T^2) recompute).
+# None: store none (the backward sweeps to ⌈√T⌉-spaced checkpoints itself, launch.py).
 CHECKPOINT_EVERY: Optional[int] = None
 # adjoint kernels in Triton (False: torch-autograd replay of each iteration, for cross-checks)
 TRITON_BACKWARD = True
@@ -93,7 +94,6 @@ class StructureROTFunction(torch.autograd.Function):
             grads[0] += gs[1]
             key = "log_s" if pb.method == "sinkhorn" else "log_p"
             g_state = {key: gs[0]}
-            gram = fac.gram
             if TRITON_BACKWARD:
                 with torch.no_grad():
                     reverse_iterations(pb, fac, ckpts, mask, g_state[key], grads)
@@ -104,7 +104,7 @@ class StructureROTFunction(torch.autograd.Function):
                           else ckpts[t_ck])
                     st_in = {k: v.detach().requires_grad_() for k, v in st.items()
                              if k != "log_p"}
-                    out = _replay_step(pb, st_in, xl, xc, xt, gram, mask, lp0, lq0, w, t)
+                    out = _replay_step(pb, st_in, xl, xc, xt, fac, mask, lp0, lq0, w, t)
                     ins = list(st_in.values()) + leaves
                     gs = pull(out, g_state, ins)
                     g_state = dict(zip(st_in.keys(), gs[:len(st_in)]))
