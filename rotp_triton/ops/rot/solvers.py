@@ -188,12 +188,15 @@ def badmm(x: Tensor, mask: Tensor, log_p0: Tensor, log_q0: Tensor,
         g = x - z
         if sf is not None:
             g = g + a0[t] * sf.apply(s)
+        # B-Q exact: step weight ρ + α1 (majorized linearisation, reference/rot.py
+        # _exact_badmm); the paper variant keeps ρ
+        wp = r_ + a1[t] if quadratic and variant == "exact" else r_
         if quadratic:
             g = g - a1[t] * s
-        y = log_s + g / r_
+        y = log_s + g / wp
         r = lse_n(y, mask)                                            # [B, 1, D]
         if variant == "exact":
-            k2 = kappa(a2[t], r_)
+            k2 = kappa(a2[t], wp)
             log_mu = lognorm_d(k2 * log_p0 + (1 - k2) * r)
         log_p = zero_pad(y + (log_mu - r), mask)
         p = masked_exp(log_p, mask)
@@ -202,8 +205,8 @@ def badmm(x: Tensor, mask: Tensor, log_p0: Tensor, log_q0: Tensor,
         if sf is not None:
             h = h + a0[t] * sf.apply(p)
         if quadratic:
-            y = log_p + (h - a1[t] * p) / r_
-            w = r_
+            w = wp
+            y = log_p + (h - a1[t] * p) / w
         else:
             w = a1[t] + r_
             y = (h + r_ * log_p) / w
