@@ -122,6 +122,11 @@ def _rot_pool_torch(x: Tensor, batch: SetBatch, *, method, variant, structure, w
     if N == 0:  # every set is empty: zeros, still connected to x for autograd
         y = (x.sum() * 0).expand(B, D).clone()
         return y, (x * 0 if return_plan else None)
+    if not structure:  # α0 = 0: no padding (segments), memory independent of T
+        from .ops.rot.torch_pool import rot_pool_unrolled
+        return rot_pool_unrolled(x, batch, method=method, variant=variant, weights=weights,
+                                 log_p0=log_p0, log_q0=log_q0, num_iters=num_iters, cdt=cdt,
+                                 return_plan=return_plan)
     xp = batch.pad_rows(x).to(cdt) if not batch.dense else x.to(cdt)
     # An empty set is solved on one dummy zero sample (finite everywhere, so no NaN reaches
     # shared weights in the backward) and its output is zeroed.

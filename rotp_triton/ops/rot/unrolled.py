@@ -1,0 +1,252 @@
+"""The α0 = 0 solvers of the torch path with forward+backward memory independent of T.
+
+The math is DESIGN §3 (and reference/rot.py, including the B-Q step weight ρ + α1 of the exact
+variant), written once against a layout (:mod:`.layouts`: padded or segments) as one function
+per unrolled iteration, ``step(t, state) -> (state', vectors)``.
+
+:class:`UnrolledRot` runs the T iterations without autograd and saves, besides x, priors and
+the (T,) weights, only small per-iteration vectors:
+
+* Sinkhorn: the state itself is a pair of vectors (a, b); it is saved before every iteration
+  and the backward differentiates one iteration at a time from it (O(T) time).
+* Bregman ADMM: the state (log S, Z) is x-sized, but for α0 = 0 every entry evolves elementwise
+  once the per-iteration LSE vectors (R over samples, C over features) are known. Those are
+  saved; the backward rebuilds the state before iteration t by replaying iterations 0..t-1 with
+  the saved vectors (elementwise only, no reductions), then differentiates iteration t.
+  O(T²) elementwise replays, O(1) x-sized tensors whatever T.
+
+Each differentiated iteration runs the same ops as the forward (the LSEs recomputed, not taken
+from the saved vectors), so the gradients are exactly those of autograd through the unrolled
+iterations (what the reference gives). Double backward is not supported.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+A1, A2, A3, RHO = range(4)
+
+
+def kappa(alpha: Tensor, w: Tensor) -> Tensor:
+    """κ(α, w) = α / (α + w), with κ = 1 at α = +inf (no inf/inf, no NaN in the backward)."""
+    inf = torch.isinf(alpha)
+    a = torch.where(inf, torch.ones_like(alpha), alpha)
+    return torch.where(inf, torch.ones_like(alpha), a / (a + w))
+
+
+def lognorm_feat(v: Tensor) -> Tensor:
+    """log-softmax over features of a per-set vector (last dimension in both layouts)."""
+    return v - torch.logsumexp(v, dim=-1, keepdim=True)
+
+
+# --------------------------------------------------------------------------------------------
+# one iteration of each solver; ``state`` is a tuple, ``given`` the saved LSE vectors (replay)
+# --------------------------------------------------------------------------------------------
+class SinkhornExact:
+    """Gauss-Seidel unbalanced Sinkhorn, iteration t uses ε_t = α1[t] (DESIGN §3.1)."""
+    replay = False                                     # the state is vectors: saved per iteration
+
+    def init(self, L, x, lp0, lq0):
+        return (lp0.new_zeros(lp0.shape), L.zero(lq0.new_zeros(lq0.shape)))
+
+    def step(self, L, t, x, lp0, lq0, w, state, given=None):
+        a, b = state
+        eps = w[A1][t]
+        k2, k3 = kappa(w[A2][t], eps), kappa(w[A3][t], eps)
+        y = x / eps
+        r = L.lse_rows(y + b)                                              # R_d per set
+        a = lognorm_feat(k2 * lp0 + (1 - k2) * r) - r
+        c = L.lse_feat(y + L.rows(a))                                      # C_n per row
+        b = L.zero(L.lognorm_rows(k3 * lq0 + (1 - k3) * c) - c)
+        return (a, b), None
+
+    def output(self, L, x, w, state):
+        a, b = state
+        return L.zero(x / w[A1][-1] + L.rows(a) + b)
+
+
+class SinkhornPaper(SinkhornExact):
+    """Eq. (18) as printed, τ = 0: Jacobi updates from one Y (DESIGN §3.2)."""
+
+    def step(self, L, t, x, lp0, lq0, w, state, given=None):
+        a, b = state
+        eps = w[A1][t]
+        k2, k3 = kappa(w[A2][t], eps), kappa(w[A3][t], eps)
+        y = x / w[A1][max(t - 1, 0)] + L.rows(a) + b                       # Y of the last update
+        r = L.lse_rows(y)
+        c = L.lse_feat(y)
+        a = k2 * (a / eps + lp0 - r)
+        b = L.zero(k3 * (b / eps + lq0 - c))
+        return (a, b), None
+
+
+class Badmm:
+    """Two-block Bregman ADMM, P = S with dual Z (DESIGN §3.1 exact / §3.2 paper Alg. 2).
+
+    State: (log S, Z, log P) and, for the paper variant, (log μ, log η, z1, z2).
+    """
+    replay = True
+
+    def __init__(self, quadratic: bool, variant: str, sf=None, a0: Optional[Tensor] = None):
+        self.quadratic = quadratic
+        self.paper = variant == "paper"
+        self.sf, self.a0 = sf, a0          # α0 > 0 (padded layout, checkpointed by solvers.py)
+
+    def init(self, L, x, lp0, lq0):
+        log_s = L.zero(L.rows(lp0) + lq0)                                 # log(p0 q0ᵀ)
+        z = torch.zeros_like(x)
+        state = (log_s, z, log_s)
+        if self.paper:
+            state += (lp0, lq0, torch.zeros_like(lp0), torch.zeros_like(lq0))
+        return state
+
+    def step(self, L, t, x, lp0, lq0, w, state, given=None):
+        log_s, z = state[0], state[1]
+        a1, rho = w[A1][t], w[RHO][t]
+        s = L.exp(log_s)
+        # P-step; B-Q exact: step weight ρ + α1 (majorized linearisation, reference/rot.py)
+        wp = rho + a1 if self.quadratic and not self.paper else rho
+        g = x - z
+        if self.sf is not None:
+            g = g + self.a0[t] * self.sf.apply(s)
+        if self.quadratic:
+            g = g - a1 * s
+        y = log_s + g / wp
+        r = L.lse_rows(y) if given is None else given[0]                  # [set, D]
+        if self.paper:
+            log_mu, log_eta, z1, z2 = state[3:]
+        else:
+            k2 = kappa(w[A2][t], wp)
+            log_mu = lognorm_feat(k2 * lp0 + (1 - k2) * r)
+        log_p = L.zero(y + L.rows(log_mu - r))
+        p = L.exp(log_p)
+        # S-step
+        h = z if self.sf is None else z + self.a0[t] * self.sf.apply(p)
+        if self.quadratic:
+            ws = wp
+            y = log_p + (h - a1 * p) / ws
+        else:
+            ws = a1 + rho
+            y = (h + rho * log_p) / ws
+        c = L.lse_feat(y) if given is None else given[1]                  # [row, 1]
+        if not self.paper:
+            k3 = kappa(w[A3][t], ws)
+            log_eta = L.lognorm_rows(k3 * lq0 + (1 - k3) * c)
+        log_s = L.zero(y + (log_eta - c))
+        s = L.exp(log_s)
+        z = z + rho * (p - s)
+        new = (log_s, z, log_p)
+        if self.paper:                                                     # eqs. (26)-(28)
+            k2 = kappa(w[A2][t], rho)
+            k3 = kappa(w[A3][t], rho)
+            log_mu = lognorm_feat((1 - k2) * (log_mu - z1 / rho) + k2 * lp0)
+            log_eta = L.lognorm_rows((1 - k3) * (log_eta - z2 / rho) + k3 * lq0)
+            z1 = z1 + rho * (torch.exp(log_mu) - L.sum_rows(p))
+            z2 = L.zero(z2 + rho * (torch.exp(log_eta) - s.sum(-1, keepdim=True)))
+            new += (log_mu, log_eta, z1, z2)
+        return new, (r, c)
+
+    def output(self, L, x, w, state):
+        return state[2]
+
+
+def make_solver(method: str, variant: str):
+    if method == "sinkhorn":
+        return SinkhornExact() if variant == "exact" else SinkhornPaper()
+    return Badmm(quadratic=method == "badmm-q", variant=variant)
+
+
+# --------------------------------------------------------------------------------------------
+# the autograd.Function
+# --------------------------------------------------------------------------------------------
+def _run(solver, L, x, lp0, lq0, w, T, keep):
+    """Iterations 0..T-1 from the initial state; ``keep`` collects what the backward needs."""
+    state = solver.init(L, x, lp0, lq0)
+    for t in range(T):
+        if keep is not None and not solver.replay:
+            keep.append(state)
+        state, vecs = solver.step(L, t, x, lp0, lq0, w, state)
+        if keep is not None and solver.replay:
+            keep.append(vecs)
+    return state
+
+
+class UnrolledRot(torch.autograd.Function):
+    """log P of T unrolled iterations; saves x and per-iteration vectors only (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, solver, L, T, x, lp0, lq0, a1, a2, a3, rho):
+        w = (a1, a2, a3, rho)
+        keep = []
+        state = _run(solver, L, x, lp0, lq0, w, T, keep)
+        ctx.solver, ctx.L, ctx.T, ctx.keep = solver, L, T, keep
+        ctx.final = state if not solver.replay else None
+        ctx.save_for_backward(x, lp0, lq0, a1, a2, a3, rho)
+        return solver.output(L, x, w, state)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_out):
+        solver, L, T, keep = ctx.solver, ctx.L, ctx.T, ctx.keep
+        saved = ctx.saved_tensors
+        leaves = [v.detach().requires_grad_() for v in saved]             # x, lp0, lq0, a1..rho
+        x, lp0, lq0 = leaves[:3]
+        w = tuple(leaves[3:])
+        acc: list = [None] * len(leaves)
+
+        def state_before(t: int):
+            """The state entering iteration t (detached)."""
+            if not solver.replay:
+                return ctx.final if t == T else keep[t]
+            with torch.no_grad():
+                st = solver.init(L, saved[0], saved[1], saved[2])
+                sw = tuple(saved[3:])
+                for s in range(t):
+                    st, _ = solver.step(L, s, saved[0], saved[1], saved[2], sw, st, given=keep[s])
+            return st
+
+        def backprop(outs, g_outs, state_leaves):
+            pairs = [(o, g) for o, g in zip(outs, g_outs)
+                     if g is not None and isinstance(o, Tensor) and o.requires_grad]
+            if not pairs:
+                return [None] * len(state_leaves)
+            gs = torch.autograd.grad([o for o, _ in pairs], leaves + state_leaves,
+                                     [g for _, g in pairs], allow_unused=True)
+            for i in range(len(leaves)):
+                if gs[i] is not None:
+                    acc[i] = gs[i] if acc[i] is None else acc[i] + gs[i]
+            return list(gs[len(leaves):])
+
+        with torch.enable_grad():
+            st = [v.detach().requires_grad_() for v in state_before(T)]
+            g_state = backprop([solver.output(L, x, w, tuple(st))], [g_out], st)
+            for t in reversed(range(T)):
+                if t == 0:  # the initial state depends on the priors: build it in the graph
+                    st0 = list(solver.init(L, x, lp0, lq0))
+                    new, _ = solver.step(L, 0, x, lp0, lq0, w, tuple(st0))
+                    backprop(list(new), g_state, [])
+                else:
+                    st = [v.detach().requires_grad_() for v in state_before(t)]
+                    new, _ = solver.step(L, t, x, lp0, lq0, w, tuple(st))
+                    g_state = backprop(list(new), g_state, st)
+                del new
+        grads = [g if need else None for g, need in zip(acc, ctx.needs_input_grad[3:])]
+        return (None, None, None, *grads)
+
+
+def unrolled_log_plan(L, x: Tensor, lp0: Tensor, lq0: Tensor, *, method: str, variant: str,
+                      a1: Tensor, a2: Tensor, a3: Tensor, rho: Tensor, T: int) -> Tensor:
+    """log P for α0 = 0 in layout ``L`` (lp0, lq0 already in the layout's vector shapes).
+
+    With autograd recording, runs :class:`UnrolledRot` (memory independent of T); otherwise (or
+    while torch.compile traces) the plain loop.
+    """
+    solver = make_solver(method, variant)
+    w = (a1, a2, a3, rho)
+    tensors = (x, lp0, lq0) + w
+    if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and not torch.compiler.is_compiling()):
+        return UnrolledRot.apply(solver, L, T, *tensors)
+    return solver.output(L, x, w, _run(solver, L, x, lp0, lq0, w, T, None))
