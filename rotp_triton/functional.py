@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ._batching import (SetBatch, as_weight, check_finite, check_priors, compute_dtype,
                         make_set_batch)
+from ._checks import check_rot_values
 from .ops.rot.solvers import (METHODS, VARIANTS, normalized_plan, pool_from_log_plan,
                               rot_log_plan, wants_structure)
 
@@ -92,6 +93,7 @@ def rot_pool(x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = 
         rho=as_weight(rho, "rho", T, allow_zero=False, **kw),
         tau=as_weight(tau, "tau", T, **kw),
     )
+    check_rot_values(x, w["a1"], w["rho"])
     structure = wants_structure(a0)
     uniform_p0 = p0 is None and log_p0 is None
     uniform_q0 = q0 is None and log_q0 is None

@@ -111,6 +111,9 @@ class SetFusionROTPool(nn.Module):
         if group_index is None and group_ptr is None:
             raise ValueError("a ragged x needs group_index or group_ptr (member -> group)")
         members = self.inner(x, index, ptr, dim_size)                     # [M, D]
+        if isinstance(group_index, Tensor) and group_index.numel() != members.shape[0]:
+            raise ValueError(f"group_index must have one entry per member set "
+                             f"({members.shape[0]}), got {group_index.numel()}")
         if self.g is not None:
             members = self.g(members)
         return self.outer(members, group_index, group_ptr, num_groups)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._batching import compute_dtype
+from .._checks import check_rot_values
 from ..functional import check_rot_options, rot_pool
 from ..ops.rot.solvers import pool_from_log_plan, rot_log_plan, wants_structure
 from .weights import ROTWeights
@@ -287,6 +288,7 @@ class AdaptiveROTPool2d(_ImageROTBase):
             y = rot_pool(x.flatten(2).transpose(1, 2), backend=self.backend,
                          **self._solver_kwargs(), **w)
             return y if self.flatten else y[:, :, None, None]
+        check_rot_values(x, w["a1"], w["rho"])
         if (H % oh == 0 and W % ow == 0
                 and _use_window_kernel(x, self.backend, self.weights, (H // oh, W // ow))):
             from ..ops.rot.triton_window import rot_pool2d_triton
@@ -365,6 +367,7 @@ class ROTPool2d(_ImageROTBase):
                              f"kernel_size={self.kernel_size}, padding={self.padding} "
                              f"(output {Ho}×{Wo})")
         w = self._weights_for(x)
+        check_rot_values(x, w["a1"], w["rho"])
         if _use_window_kernel(x, self.backend, self.weights, self.kernel_size):
             from ..ops.rot.triton_window import rot_pool2d_triton
             return rot_pool2d_triton(x, self.kernel_size, self.stride, self.padding,
