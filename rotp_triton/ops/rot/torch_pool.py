@@ -19,7 +19,7 @@ def rot_pool_unrolled(x: Tensor, batch, *, method: str, variant: str, weights: d
     ``batch`` is the caller's SetBatch; ``log_p0`` (B, D) and ``log_q0`` (B, N_max) as
     ``check_priors`` returns them (normalised per set, padding 0).
     """
-    xc = x.to(cdt)
+    xc = x.to(cdt).contiguous()   # the solvers run many elementwise passes over it
     w = {k: weights[k] for k in ("a1", "a2", "a3", "rho")}
     if batch.dense:
         L = Padded(None)

@@ -47,6 +47,7 @@ def lognorm_feat(v: Tensor) -> Tensor:
 class SinkhornExact:
     """Gauss-Seidel unbalanced Sinkhorn, iteration t uses ε_t = α1[t] (DESIGN §3.1)."""
     replay = False                                     # the state is vectors: saved per iteration
+    exact_vjp = True                                   # adjoint.py differentiates it by hand
 
     def init(self, L, x, lp0, lq0):
         return (lp0.new_zeros(lp0.shape), L.zero(lq0.new_zeros(lq0.shape)))
@@ -69,6 +70,7 @@ class SinkhornExact:
 
 class SinkhornPaper(SinkhornExact):
     """Eq. (18) as printed, τ = 0: Jacobi updates from one Y (DESIGN §3.2)."""
+    exact_vjp = False
 
     def step(self, L, t, x, lp0, lq0, w, state, given=None):
         a, b = state
@@ -93,6 +95,7 @@ class Badmm:
         self.quadratic = quadratic
         self.paper = variant == "paper"
         self.sf, self.a0 = sf, a0          # α0 > 0 (padded layout, checkpointed by solvers.py)
+        self.exact_vjp = not self.paper and sf is None
 
     def init(self, L, x, lp0, lq0):
         log_s = L.zero(L.rows(lp0) + lq0)                                 # log(p0 q0ᵀ)
@@ -103,6 +106,8 @@ class Badmm:
         return state
 
     def step(self, L, t, x, lp0, lq0, w, state, given=None):
+        if self.exact_vjp and not torch.is_grad_enabled():
+            return self._step_no_grad(L, t, x, lp0, lq0, w, state, given)
         log_s, z = state[0], state[1]
         a1, rho = w[A1][t], w[RHO][t]
         s = L.exp(log_s)
@@ -148,6 +153,32 @@ class Badmm:
             new += (log_mu, log_eta, z1, z2)
         return new, (r, c)
 
+    def _step_no_grad(self, L, t, x, lp0, lq0, w, state, given):
+        """The exact α0 = 0 step without autograd: the same ops, in place in few buffers."""
+        log_s, z = state[0], state[1]
+        a1, rho = w[A1][t], w[RHO][t]
+        wp = rho + a1 if self.quadratic else rho
+        ws = rho + a1
+        y = torch.sub(x, z)
+        if self.quadratic:
+            y.sub_(a1 * L.exp(log_s))
+        y.div_(wp).add_(log_s)
+        r = L.lse_rows(y) if given is None else given[0]
+        k2 = kappa(w[A2][t], wp)
+        log_mu = lognorm_feat(k2 * lp0 + (1 - k2) * r)
+        log_p = L.zero(y.add_(L.rows(log_mu - r)))                       # y's buffer
+        p = L.exp(log_p)
+        if self.quadratic:
+            y2 = torch.mul(p, a1).neg_().add_(z).div_(ws).add_(log_p)
+        else:
+            y2 = torch.mul(log_p, rho).add_(z).div_(ws)
+        c = L.lse_feat(y2) if given is None else given[1]
+        k3 = kappa(w[A3][t], ws)
+        log_eta = L.lognorm_rows(k3 * lq0 + (1 - k3) * c)
+        log_s = L.zero(y2.add_(log_eta - c))                              # y2's buffer
+        z = p.sub_(L.exp(log_s)).mul_(rho).add_(z)                        # p's buffer
+        return (log_s, z, log_p), (r, c)
+
     def output(self, L, x, w, state):
         return state[2]
 
@@ -191,6 +222,8 @@ class UnrolledRot(torch.autograd.Function):
     def backward(ctx, g_out):
         solver, L, T, keep = ctx.solver, ctx.L, ctx.T, ctx.keep
         saved = ctx.saved_tensors
+        if getattr(solver, "exact_vjp", False) and getattr(L, "mask", None) is None:
+            return (None, None, None, *_manual_backward(ctx, g_out))
         leaves = [v.detach().requires_grad_() for v in saved]             # x, lp0, lq0, a1..rho
         x, lp0, lq0 = leaves[:3]
         w = tuple(leaves[3:])
@@ -234,6 +267,46 @@ class UnrolledRot(torch.autograd.Function):
                 del new
         grads = [g if need else None for g, need in zip(acc, ctx.needs_input_grad[3:])]
         return (None, None, None, *grads)
+
+
+def _replayed_state(ctx, t: int):
+    """The (detached) state entering iteration t of a replay solver, rebuilt from x and the
+    saved LSE vectors."""
+    solver, L, keep = ctx.solver, ctx.L, ctx.keep
+    x, lp0, lq0, *w = ctx.saved_tensors
+    with torch.no_grad():
+        st = solver.init(L, x, lp0, lq0)
+        for s in range(t):
+            st, _ = solver.step(L, s, x, lp0, lq0, tuple(w), st, given=keep[s])
+    return st
+
+
+def _manual_backward(ctx, g_out):
+    """Backward of the exact solvers with the hand-written adjoints of adjoint.py."""
+    from . import adjoint
+    solver, L, T, keep = ctx.solver, ctx.L, ctx.T, ctx.keep
+    x, lp0, lq0, *w = ctx.saved_tensors
+    w = tuple(w)
+    need = ctx.needs_input_grad[3:]
+    acc = dict(x=torch.zeros_like(x), lp0=torch.zeros_like(lp0), lq0=torch.zeros_like(lq0),
+               w=[torch.zeros(T, dtype=wi.dtype, device=wi.device) if n else None
+                  for wi, n in zip(w, need[3:])])
+    with torch.no_grad():
+        if isinstance(solver, Badmm):
+            g_ls, g_z, g_lp = None, None, g_out
+            for t in reversed(range(T)):
+                g_ls, g_z = adjoint.badmm_exact_vjp(L, t, x, lp0, lq0, w, _replayed_state(ctx, t),
+                                                    g_ls, g_z, g_lp, acc,
+                                                    quadratic=solver.quadratic)
+                g_lp = None
+            adjoint.badmm_init_vjp(L, g_ls, acc)
+        else:
+            g_a, g_b = adjoint.sinkhorn_exact_output_vjp(L, x, w, g_out, acc)
+            for t in reversed(range(T)):
+                g_a, g_b = adjoint.sinkhorn_exact_vjp(L, t, x, lp0, lq0, w, keep[t], g_a, g_b,
+                                                      acc)
+    grads = [acc["x"], acc["lp0"], acc["lq0"], *acc["w"]]
+    return [g if n else None for g, n in zip(grads, need)]
 
 
 def unrolled_log_plan(L, x: Tensor, lp0: Tensor, lq0: Tensor, *, method: str, variant: str,
