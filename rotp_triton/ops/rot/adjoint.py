@@ -54,7 +54,7 @@ def _back_lognorm_feat(u: Tensor, g: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # Sinkhorn, exact
 # --------------------------------------------------------------------------------------------
-def sinkhorn_exact_vjp(L, t, x, lp0, lq0, w, state, g_a, g_b, acc):
+def sinkhorn_exact_vjp(L, t, x, lp0, lq0, w, state, g_a, g_b, acc, *, arena):
     """Reverse of SinkhornExact.step at iteration t from ``state`` = (a, b) entering it.
 
     ``g_a``, ``g_b``: gradients of the state leaving it. Returns the gradients of the state
@@ -63,13 +63,14 @@ def sinkhorn_exact_vjp(L, t, x, lp0, lq0, w, state, g_a, g_b, acc):
     _, b = state                        # the exact update does not read the incoming a
     eps = w[A1][t]
     k2, k3 = kappa(w[A2][t], eps), kappa(w[A3][t], eps)
-    y = x / eps                                                         # [rows, D]
-    yb = y + b
-    r = L.lse_rows(yb)                                                  # [set, D]
+    tmp = arena.take()
+    y = torch.div(x, eps, out=arena.take())                             # [rows, D]
+    yb = torch.add(y, b, out=arena.take())
+    r = L.lse_rows(yb, tmp)                                             # [set, D]
     u = k2 * lp0 + (1 - k2) * r
     a = lognorm_feat(u) - r
-    ya = y + L.rows(a)
-    c = L.lse_feat(ya)                                                  # [row, 1]
+    ya = torch.add(y, L.rows_out(a, tmp), out=arena.take())
+    c = L.lse_feat(ya, tmp)                                             # [row, 1]
     v = k3 * lq0 + (1 - k3) * c
     # b' = lognorm_rows(v) - c
     g_v = _back_lognorm_rows(L, v, g_b)
@@ -77,8 +78,7 @@ def sinkhorn_exact_vjp(L, t, x, lp0, lq0, w, state, g_a, g_b, acc):
     acc["lq0"] += k3 * g_v
     g_k3 = (g_v * (lq0 - c)).sum()
     # c = LSE_feat(y + a')
-    gy = torch.exp(ya.sub_(c)).mul_(g_c)                                # softmax_feat · g_c
-    del ya
+    gy = ya.sub_(c).exp_().mul_(g_c)                                    # softmax_feat · g_c
     g_a = g_a + L.sum_rows(gy)
     # a' = lognorm_feat(u) - r
     g_u = _back_lognorm_feat(u, g_a)
@@ -86,14 +86,13 @@ def sinkhorn_exact_vjp(L, t, x, lp0, lq0, w, state, g_a, g_b, acc):
     acc["lp0"] += k2 * g_u
     g_k2 = (g_u * (lp0 - r)).sum()
     # r = LSE_rows(y + b)
-    t_r = torch.exp(yb.sub_(L.rows(r))).mul_(L.rows(g_r))              # softmax_rows · g_r
-    del yb
+    t_r = yb.sub_(L.rows_out(r, tmp)).exp_().mul_(L.rows_out(g_r, tmp))  # softmax_rows · g_r
     g_b_in = t_r.sum(-1, keepdim=True)
     gy.add_(t_r)
-    del t_r
     # y = x / eps
     acc["x"].addcdiv_(gy, eps)
     g_eps = -_dot(gy, y) / eps
+    arena.give(y, yb, gy, tmp)
     _weight_grads(t, w, acc["w"], lambda a1, a2, a3, rho: (a1, kappa(a2, a1), kappa(a3, a1)),
                   (g_eps, g_k2, g_k3))
     return torch.zeros_like(g_a), g_b_in
@@ -117,7 +116,8 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
-def badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp, acc, *, quadratic: bool):
+def badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp, acc, *, quadratic: bool,
+                    arena):
     """Reverse of Badmm.step (exact variant, α0 = 0) at iteration t from ``state`` =
     (log S, Z, ·) entering it (owned: overwritten). ``g_ls``, ``g_z`` (owned, overwritten),
     ``g_lp`` (read only): gradients of the state leaving it, None = 0. Returns
@@ -130,40 +130,49 @@ def badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp, acc, *, quadra
     ws = rho + a1
     k2, k3 = kappa(w[A2][t], wp), kappa(w[A3][t], ws)
     # ---- recompute the forward of the iteration (the ops of Badmm.step)
-    G = torch.sub(x, z)                                   # X - Z [- α1 S]     [rows, D]
+    tmp = arena.take()
+    G = torch.sub(x, z, out=arena.take())                 # X - Z [- α1 S]     [rows, D]
     s_in = None
     if quadratic:
-        s_in = torch.exp(ls)
+        s_in = torch.exp(ls, out=arena.take())
         G.addcmul_(s_in, a1, value=-1)
-    y = torch.div(G, wp).add_(ls)
+    y = torch.div(G, wp, out=arena.take()).add_(ls)
+    arena.give(ls)
     del ls
-    r = L.lse_rows(y)                                                   # [set, D]
+    r = L.lse_rows(y, tmp)                                              # [set, D]
     u = k2 * lp0 + (1 - k2) * r
     lmu = lognorm_feat(u)
-    lp = torch.add(y, L.rows(lmu - r))
-    p = torch.exp(lp)
+    lp = torch.add(y, L.rows_out(lmu - r, tmp), out=arena.take())
+    p = torch.exp(lp, out=arena.take())
+    y2 = arena.take()
     if quadratic:
-        y2 = torch.mul(p, a1).neg_().add_(z).div_(ws).add_(lp)
+        torch.mul(p, a1, out=y2).neg_().add_(z).div_(ws).add_(lp)
     else:
-        y2 = torch.mul(lp, rho).add_(z).div_(ws)
+        torch.mul(lp, rho, out=y2).add_(z).div_(ws)
+    arena.give(z)
     del z
-    c = L.lse_feat(y2)                                                  # [row, 1]
+    c = L.lse_feat(y2, tmp)                                             # [row, 1]
     v = k3 * lq0 + (1 - k3) * c
     leta = L.lognorm_rows(v)
     d_rho = None
     d_a1 = None
     g_ws = g_k3 = None
     if g_ls is None and g_z is None:  # the last iteration: only log P is used
-        g_lp_tot = g_lp.clone()
+        g_lp_tot = arena.take().copy_(g_lp)
         g_z_in = None
+        arena.give(y2, lp, p)
         del y2, lp, p
     else:
         # ---- reverse. z' = z + ρ (p - s'), s' = exp(log S')
         if g_z is not None:
-            so = torch.add(y2, leta - c).exp_()
+            so = torch.add(y2, leta - c, out=arena.take()).exp_()
             d_rho = _dot(g_z, p) - _dot(g_z, so)
             so.mul_(g_z).mul_(rho)                                          # ρ g_z s'
-            g_ls = so.neg_() if g_ls is None else g_ls.sub_(so)
+            if g_ls is None:
+                g_ls = so.neg_()
+            else:
+                g_ls.sub_(so)
+                arena.give(so)
             del so
         # log S' = y2 + (log η - C)
         g_leta = g_ls.sum(-1, keepdim=True)
@@ -171,32 +180,36 @@ def badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp, acc, *, quadra
         g_c = (1 - k3) * g_v - g_leta
         acc["lq0"] += k3 * g_v
         g_k3 = (g_v * (lq0 - c)).sum()
-        pc = torch.sub(y2, c).exp_().mul_(g_c)                               # ∂C/∂y2 · g_c
+        pc = torch.sub(y2, c, out=arena.take()).exp_().mul_(g_c)            # ∂C/∂y2 · g_c
         if quadratic:
             y2.sub_(lp)                                                      # (Z - α1 P)/ws
             g_y2 = g_ls.add_(pc)
+            arena.give(pc)
             del pc
             g_ws = -_dot(g_y2, y2) / ws
             d_a1 = -_dot(g_y2, p) / ws
         else:
             g_ws = -(_dot(g_ls, y2) + _dot(pc, y2)) / ws
             g_y2 = g_ls.add_(pc)
+            arena.give(pc)
             del pc
             d_lp = _dot(g_y2, lp) / ws                                   # y2 = (Z + ρ log P)/ws
             d_rho = d_lp if d_rho is None else d_rho + d_lp
+        arena.give(y2, lp)
         del y2, lp
-        g_z_in = torch.div(g_y2, ws)
+        g_z_in = torch.div(g_y2, ws, out=arena.take())
         if g_z is not None:
             g_z_in.add_(g_z)
         # gradient of log P: the y2 path, ρ g_z P [- α1/ws g_y2 P] through P = exp(log P), g_lp
         g_lp_tot = g_y2 if quadratic else g_y2.mul_(rho / ws)
         if quadratic:
-            g_pp = torch.mul(g_y2, -a1 / ws) if g_z is None else g_z.mul_(rho).addcmul_(g_y2, a1 / ws,
-                                                                                        value=-1)
+            g_pp = (torch.mul(g_y2, -a1 / ws, out=arena.take()) if g_z is None
+                    else g_z.mul_(rho).addcmul_(g_y2, a1 / ws, value=-1))
         else:
             g_pp = None if g_z is None else g_z.mul_(rho)
         if g_pp is not None:
             g_lp_tot.addcmul_(g_pp, p)
+        arena.give(g_pp, p)
         del g_pp, p, g_z
         if g_lp is not None:
             g_lp_tot.add_(g_lp)
@@ -207,14 +220,16 @@ def badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp, acc, *, quadra
     acc["lp0"] += k2 * g_u
     g_k2 = (g_u * (lp0 - r)).sum()
     # R = LSE_rows(y)
-    g_y = g_lp_tot.add_(y.sub_(L.rows(r)).exp_().mul_(L.rows(g_r)))
+    g_y = g_lp_tot.add_(y.sub_(L.rows_out(r, tmp)).exp_().mul_(L.rows_out(g_r, tmp)))
+    arena.give(y)
     del y
     # y = log S + G / wp
     acc["x"].addcdiv_(g_y, wp)
     g_wp = -_dot(g_y, G) / (wp * wp)
+    arena.give(G)
     del G
     if g_z_in is None:
-        g_z_in = torch.div(g_y, wp).neg_()
+        g_z_in = torch.div(g_y, wp, out=arena.take()).neg_()
     else:
         g_z_in.addcdiv_(g_y, wp, value=-1)
     if quadratic:                                     # G holds -α1 S, S = exp(log S)
@@ -222,7 +237,9 @@ def badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp, acc, *, quadra
         d_s = -s_in.sum() / wp
         d_a1 = d_s if d_a1 is None else d_a1 + d_s
         g_y.addcmul_(s_in, a1 / wp, value=-1)
+        arena.give(s_in)
         del s_in
+    arena.give(tmp)
 
     def scalars(a1_, a2_, a3_, rho_):
         wp_ = rho_ + a1_ if quadratic else rho_

@@ -24,6 +24,13 @@ from torch import Tensor
 _NEG_INF = float("-inf")
 
 
+def lse_last(y: Tensor, tmp: Tensor) -> Tensor:
+    """LSE over the last dimension through the scratch buffer ``tmp`` (overwritten)."""
+    m = y.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return torch.sub(y, m, out=tmp).exp_().sum(-1, keepdim=True).log_().add_(m)
+
+
 class Padded:
     def __init__(self, mask: Optional[Tensor]):
         self.mask = mask                                                 # [B, N] or None
@@ -40,6 +47,10 @@ class Padded:
         """A per-set vector broadcast against rows (a no-op: it broadcasts)."""
         return v
 
+    def rows_out(self, v: Tensor, out: Tensor) -> Tensor:
+        """Like :meth:`rows`; a layout that must materialise it writes into ``out``."""
+        return v
+
     def zero(self, t: Tensor) -> Tensor:
         """Zero the padding rows (no-op without a mask)."""
         return t if self.mask is None else t.masked_fill(~self.mask[..., None], 0.0)
@@ -49,14 +60,21 @@ class Padded:
             return torch.exp(log_t)
         return torch.exp(log_t.masked_fill(~self.mask[..., None], _NEG_INF))
 
-    def lse_rows(self, y: Tensor) -> Tensor:
-        """LSE over each set's rows: (B, N, D) -> (B, 1, D)."""
+    def lse_rows(self, y: Tensor, tmp: Optional[Tensor] = None) -> Tensor:
+        """LSE over each set's rows: (B, N, D) -> (B, 1, D). ``tmp``: an x-sized scratch
+        buffer (no mask only), overwritten."""
+        if tmp is not None and self.mask is None:
+            m = y.amax(1, keepdim=True)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            return torch.sub(y, m, out=tmp).exp_().sum(1, keepdim=True).log_().add_(m)
         if self.mask is not None:
             y = y.masked_fill(~self.mask[..., None], _NEG_INF)
         return torch.logsumexp(y, dim=1, keepdim=True)
 
-    def lse_feat(self, y: Tensor) -> Tensor:
+    def lse_feat(self, y: Tensor, tmp: Optional[Tensor] = None) -> Tensor:
         """LSE over features: (B, N, D) -> (B, N, 1), padding 0."""
+        if tmp is not None:
+            return self.zero(lse_last(y, tmp))
         return self.zero(torch.logsumexp(y, dim=2, keepdim=True))
 
     def sum_rows(self, t: Tensor) -> Tensor:
@@ -96,6 +114,9 @@ class Segments:
     def rows(self, v: Tensor) -> Tensor:
         return v.index_select(0, self.index)                             # [N_total, D]
 
+    def rows_out(self, v: Tensor, out: Tensor) -> Tensor:
+        return torch.index_select(v, 0, self.index, out=out)
+
     def zero(self, t: Tensor) -> Tensor:
         return t
 
@@ -108,14 +129,21 @@ class Segments:
         # a shift only (it cancels exactly): no gradient through it; 0 for empty sets
         return torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
 
-    def lse_rows(self, y: Tensor) -> Tensor:
-        """LSE over each set's rows: (N_total, K) -> (B, K); 0 for an empty set."""
+    def lse_rows(self, y: Tensor, tmp: Optional[Tensor] = None) -> Tensor:
+        """LSE over each set's rows: (N_total, K) -> (B, K); 0 for an empty set. ``tmp``: an
+        x-sized scratch buffer, overwritten."""
         m = self._segment_max(y)                                         # [B, K]
-        e = torch.exp(y - m.index_select(0, self.index))                 # [N_total, K]
+        if tmp is not None:
+            e = torch.index_select(m, 0, self.index, out=tmp)
+            e = torch.sub(y, e, out=tmp).exp_()
+        else:
+            e = torch.exp(y - m.index_select(0, self.index))             # [N_total, K]
         s = y.new_zeros(self.B, y.shape[1]).index_add_(0, self.index, e)
         return torch.log(s + self.empty[:, None].to(y.dtype)) + m
 
-    def lse_feat(self, y: Tensor) -> Tensor:
+    def lse_feat(self, y: Tensor, tmp: Optional[Tensor] = None) -> Tensor:
+        if tmp is not None:
+            return lse_last(y, tmp)
         return torch.logsumexp(y, dim=1, keepdim=True)                   # [N_total, 1]
 
     def sum_rows(self, t: Tensor) -> Tensor:

@@ -26,6 +26,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .arena import Arena
+
 A1, A2, A3, RHO = range(4)
 
 
@@ -52,7 +54,9 @@ class SinkhornExact:
     def init(self, L, x, lp0, lq0):
         return (lp0.new_zeros(lp0.shape), L.zero(lq0.new_zeros(lq0.shape)))
 
-    def step(self, L, t, x, lp0, lq0, w, state, given=None):
+    def step(self, L, t, x, lp0, lq0, w, state, given=None, arena=None):
+        if arena is not None and not torch.is_grad_enabled():
+            return self._step_no_grad(L, t, x, lp0, lq0, w, state, arena)
         a, b = state
         eps = w[A1][t]
         k2, k3 = kappa(w[A2][t], eps), kappa(w[A3][t], eps)
@@ -61,6 +65,20 @@ class SinkhornExact:
         a = lognorm_feat(k2 * lp0 + (1 - k2) * r) - r
         c = L.lse_feat(y + L.rows(a))                                      # C_n per row
         b = L.zero(L.lognorm_rows(k3 * lq0 + (1 - k3) * c) - c)
+        return (a, b), None
+
+    def _step_no_grad(self, L, t, x, lp0, lq0, w, state, arena):
+        """The same ops through arena buffers (no mask)."""
+        _, b = state
+        eps = w[A1][t]
+        k2, k3 = kappa(w[A2][t], eps), kappa(w[A3][t], eps)
+        y, yb, tmp = arena.take(), arena.take(), arena.take()
+        torch.div(x, eps, out=y)
+        r = L.lse_rows(torch.add(y, b, out=yb), tmp)
+        a = lognorm_feat(k2 * lp0 + (1 - k2) * r) - r
+        c = L.lse_feat(torch.add(y, L.rows_out(a, tmp), out=yb), tmp)
+        b = L.lognorm_rows(k3 * lq0 + (1 - k3) * c) - c
+        arena.give(y, yb, tmp)
         return (a, b), None
 
     def output(self, L, x, w, state):
@@ -72,7 +90,7 @@ class SinkhornPaper(SinkhornExact):
     """Eq. (18) as printed, τ = 0: Jacobi updates from one Y (DESIGN §3.2)."""
     exact_vjp = False
 
-    def step(self, L, t, x, lp0, lq0, w, state, given=None):
+    def step(self, L, t, x, lp0, lq0, w, state, given=None, arena=None):
         a, b = state
         eps = w[A1][t]
         k2, k3 = kappa(w[A2][t], eps), kappa(w[A3][t], eps)
@@ -105,8 +123,10 @@ class Badmm:
             state += (lp0, lq0, torch.zeros_like(lp0), torch.zeros_like(lq0))
         return state
 
-    def step(self, L, t, x, lp0, lq0, w, state, given=None):
+    def step(self, L, t, x, lp0, lq0, w, state, given=None, arena=None):
         if self.exact_vjp and not torch.is_grad_enabled():
+            if arena is not None and getattr(L, "mask", None) is None:
+                return self._step_arena(L, t, x, lp0, lq0, w, state, given, arena)
             return self._step_no_grad(L, t, x, lp0, lq0, w, state, given)
         log_s, z = state[0], state[1]
         a1, rho = w[A1][t], w[RHO][t]
@@ -179,6 +199,34 @@ class Badmm:
         z = p.sub_(L.exp(log_s)).mul_(rho).add_(z)                        # p's buffer
         return (log_s, z, log_p), (r, c)
 
+    def _step_arena(self, L, t, x, lp0, lq0, w, state, given, arena):
+        """:meth:`_step_no_grad` through arena buffers (no mask); gives back the old state."""
+        log_s, z = state[0], state[1]
+        a1, rho = w[A1][t], w[RHO][t]
+        wp = rho + a1 if self.quadratic else rho
+        ws = rho + a1
+        y, tmp = torch.sub(x, z, out=arena.take()), arena.take()
+        if self.quadratic:
+            y.addcmul_(torch.exp(log_s, out=tmp), a1, value=-1)
+        y.div_(wp).add_(log_s)
+        r = L.lse_rows(y, tmp) if given is None else given[0]
+        k2 = kappa(w[A2][t], wp)
+        log_mu = lognorm_feat(k2 * lp0 + (1 - k2) * r)
+        log_p = y.add_(L.rows_out(log_mu - r, tmp))                      # y's buffer
+        p = torch.exp(log_p, out=arena.take())
+        y2 = arena.take()
+        if self.quadratic:
+            torch.mul(p, a1, out=y2).neg_().add_(z).div_(ws).add_(log_p)
+        else:
+            torch.mul(log_p, rho, out=y2).add_(z).div_(ws)
+        c = L.lse_feat(y2, tmp) if given is None else given[1]
+        k3 = kappa(w[A3][t], ws)
+        log_eta = L.lognorm_rows(k3 * lq0 + (1 - k3) * c)
+        log_s_new = y2.add_(log_eta - c)                                  # y2's buffer
+        z_new = p.sub_(torch.exp(log_s_new, out=tmp)).mul_(rho).add_(z)   # p's buffer
+        arena.give(tmp, *state[:3])
+        return (log_s_new, z_new, log_p), (r, c)
+
     def output(self, L, x, w, state):
         return state[2]
 
@@ -195,10 +243,11 @@ def make_solver(method: str, variant: str):
 def _run(solver, L, x, lp0, lq0, w, T, keep):
     """Iterations 0..T-1 from the initial state; ``keep`` collects what the backward needs."""
     state = solver.init(L, x, lp0, lq0)
+    arena = Arena(x) if not torch.is_grad_enabled() else None
     for t in range(T):
         if keep is not None and not solver.replay:
             keep.append(state)
-        state, vecs = solver.step(L, t, x, lp0, lq0, w, state)
+        state, vecs = solver.step(L, t, x, lp0, lq0, w, state, arena=arena)
         if keep is not None and solver.replay:
             keep.append(vecs)
     return state
@@ -269,7 +318,7 @@ class UnrolledRot(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-def _replayed_state(ctx, t: int):
+def _replayed_state(ctx, t: int, arena=None):
     """The (detached) state entering iteration t of a replay solver, rebuilt from x and the
     saved LSE vectors."""
     solver, L, keep = ctx.solver, ctx.L, ctx.keep
@@ -277,7 +326,7 @@ def _replayed_state(ctx, t: int):
     with torch.no_grad():
         st = solver.init(L, x, lp0, lq0)
         for s in range(t):
-            st, _ = solver.step(L, s, x, lp0, lq0, tuple(w), st, given=keep[s])
+            st, _ = solver.step(L, s, x, lp0, lq0, tuple(w), st, given=keep[s], arena=arena)
     return st
 
 
@@ -291,20 +340,22 @@ def _manual_backward(ctx, g_out):
     acc = dict(x=torch.zeros_like(x), lp0=torch.zeros_like(lp0), lq0=torch.zeros_like(lq0),
                w=[torch.zeros(T, dtype=wi.dtype, device=wi.device) if n else None
                   for wi, n in zip(w, need[3:])])
+    arena = Arena(x)
     with torch.no_grad():
         if isinstance(solver, Badmm):
             g_ls, g_z, g_lp = None, None, g_out
             for t in reversed(range(T)):
-                g_ls, g_z = adjoint.badmm_exact_vjp(L, t, x, lp0, lq0, w, _replayed_state(ctx, t),
-                                                    g_ls, g_z, g_lp, acc,
-                                                    quadratic=solver.quadratic)
+                state = _replayed_state(ctx, t, arena)
+                g_ls, g_z = adjoint.badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp,
+                                                    acc, quadratic=solver.quadratic, arena=arena)
+                del state
                 g_lp = None
             adjoint.badmm_init_vjp(L, g_ls, acc)
         else:
             g_a, g_b = adjoint.sinkhorn_exact_output_vjp(L, x, w, g_out, acc)
             for t in reversed(range(T)):
                 g_a, g_b = adjoint.sinkhorn_exact_vjp(L, t, x, lp0, lq0, w, keep[t], g_a, g_b,
-                                                      acc)
+                                                      acc, arena=arena)
     grads = [acc["x"], acc["lp0"], acc["lq0"], *acc["w"]]
     return [g if n else None for g, n in zip(grads, need)]
 
