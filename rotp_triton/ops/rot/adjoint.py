@@ -54,7 +54,7 @@ def _back_lognorm_feat(u: Tensor, g: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # Sinkhorn, exact
 # --------------------------------------------------------------------------------------------
-def sinkhorn_exact_vjp(L, t, x, lp0, lq0, w, state, g_a, g_b, acc, *, arena):
+def sinkhorn_exact_vjp(L, t, x, lp0, lq0, w, state, g_a, g_b, acc, *, arena, vecs):
     """Reverse of SinkhornExact.step at iteration t from ``state`` = (a, b) entering it.
 
     ``g_a``, ``g_b``: gradients of the state leaving it. Returns the gradients of the state
@@ -66,11 +66,10 @@ def sinkhorn_exact_vjp(L, t, x, lp0, lq0, w, state, g_a, g_b, acc, *, arena):
     tmp = arena.take()
     y = torch.div(x, eps, out=arena.take())                             # [rows, D]
     yb = torch.add(y, b, out=arena.take())
-    r = L.lse_rows(yb, tmp)                                             # [set, D]
+    r, c = vecs                          # R [set, D], C [row, 1] saved by the forward
     u = k2 * lp0 + (1 - k2) * r
     a = lognorm_feat(u) - r
     ya = torch.add(y, L.rows_out(a, tmp), out=arena.take())
-    c = L.lse_feat(ya, tmp)                                             # [row, 1]
     v = k3 * lq0 + (1 - k3) * c
     # b' = lognorm_rows(v) - c
     g_v = _back_lognorm_rows(L, v, g_b)
@@ -117,7 +116,7 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp, acc, *, quadratic: bool,
-                    arena):
+                    arena, vecs):
     """Reverse of Badmm.step (exact variant, α0 = 0) at iteration t from ``state`` =
     (log S, Z, ·) entering it (owned: overwritten). ``g_ls``, ``g_z`` (owned, overwritten),
     ``g_lp`` (read only): gradients of the state leaving it, None = 0. Returns
@@ -139,7 +138,7 @@ def badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp, acc, *, quadra
     y = torch.div(G, wp, out=arena.take()).add_(ls)
     arena.give(ls)
     del ls
-    r = L.lse_rows(y, tmp)                                              # [set, D]
+    r, c = vecs                          # R [set, D], C [row, 1] saved by the forward
     u = k2 * lp0 + (1 - k2) * r
     lmu = lognorm_feat(u)
     lp = torch.add(y, L.rows_out(lmu - r, tmp), out=arena.take())
@@ -151,7 +150,6 @@ def badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp, acc, *, quadra
         torch.mul(lp, rho, out=y2).add_(z).div_(ws)
     arena.give(z)
     del z
-    c = L.lse_feat(y2, tmp)                                             # [row, 1]
     v = k3 * lq0 + (1 - k3) * c
     leta = L.lognorm_rows(v)
     d_rho = None

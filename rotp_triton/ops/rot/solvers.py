@@ -1,5 +1,9 @@
 """Batched PyTorch solvers of the ROT problem (DESIGN §3): the CPU path and the fallback.
 
+α0 = 0 runs :mod:`.unrolled` (memory independent of T; dense and ragged batches without
+padding go through :mod:`.torch_pool`); this module keeps the padded-batch entry point and the
+α0 > 0 algorithms, one checkpointed module per outer iteration.
+
 Everything works on a padded batch in the code layout: x (B, N, D) (rows = samples), a boolean
 mask (B, N), and a log plan log P (B, N, D). Paper's "row d of P" is column d here: LSE over
 samples n is ``dim=1``, LSE over features d is ``dim=2``.
@@ -87,23 +91,15 @@ def wants_structure(a0) -> bool:
 # Sinkhorn (S)
 # --------------------------------------------------------------------------------------------
 def _sinkhorn_exact_inner(y0: Tensor, mask: Tensor, log_p0: Tensor, log_q0: Tensor,
-                          k2: Tensor, k3: Tensor, iters: int,
-                          eps_list: Optional[list] = None, x: Optional[Tensor] = None) -> Tensor:
-    """Gauss-Seidel unbalanced Sinkhorn (DESIGN §3.1) on the kernel y0 = -C/ε.
-
-    If ``eps_list`` is given, iteration t uses the kernel x / eps_list[t] (α0 = 0 with
-    per-iteration ε) and k2, k3 are (T,) vectors; otherwise y0 is fixed and k2, k3 scalars.
-    """
+                          k2: Tensor, k3: Tensor, iters: int) -> Tensor:
+    """Gauss-Seidel unbalanced Sinkhorn (DESIGN §3.1) on the fixed kernel y0 = -C/ε (the inner
+    loop of α0 > 0; α0 = 0 runs unrolled.SinkhornExact)."""
     B, N, D = y0.shape
     a = y0.new_zeros(B, 1, D)
     b = y0.new_zeros(B, N, 1)
     y = y0
+    kk2, kk3 = k2, k3
     for t in range(iters):
-        if eps_list is not None:
-            y = x / eps_list[t]
-            kk2, kk3 = k2[t], k3[t]
-        else:
-            kk2, kk3 = k2, k3
         r = lse_n(y + b, mask)                                        # [B, 1, D] R_d
         a = lognorm_d(kk2 * log_p0 + (1 - kk2) * r) - r
         c = zero_pad(lse_d(y + a), mask)                              # [B, N, 1] C_n
@@ -129,22 +125,6 @@ def _sinkhorn_paper_inner(y_of, mask: Tensor, log_p0: Tensor, log_q0: Tensor,
         b = zero_pad(k3(t) * (b / e + log_q0 - c), mask)
         y = y_of(t) + a + b
     return y
-
-
-def sinkhorn(x: Tensor, mask: Tensor, log_p0: Tensor, log_q0: Tensor, *, variant: str,
-             a1: Tensor, a2: Tensor, a3: Tensor, T: int) -> Tensor:
-    """S with α0 = 0: one module of T iterations; iteration t uses ε_t = a1[t]."""
-    if variant == "exact":
-        k2 = kappa(a2, a1)
-        k3 = kappa(a3, a1)
-        return _sinkhorn_exact_inner(x / a1[-1], mask, log_p0, log_q0, k2, k3, T,
-                                     eps_list=a1, x=x)
-    # paper, eq. (18) with τ = 0
-    k2 = kappa(a2, a1)
-    k3 = kappa(a3, a1)
-    return _sinkhorn_paper_inner(lambda t: x / a1[t], mask, log_p0, log_q0,
-                                 lambda t: k2[t], lambda t: k3[t], lambda t: a1[t], T,
-                                 y_init=x / a1[0])
 
 
 def sinkhorn_structure(x: Tensor, mask: Tensor, log_p0: Tensor, log_q0: Tensor,

@@ -79,7 +79,7 @@ class SinkhornExact:
         c = L.lse_feat(torch.add(y, L.rows_out(a, tmp), out=yb), tmp)
         b = L.lognorm_rows(k3 * lq0 + (1 - k3) * c) - c
         arena.give(y, yb, tmp)
-        return (a, b), None
+        return (a, b), (r, c)
 
     def output(self, L, x, w, state):
         a, b = state
@@ -240,8 +240,10 @@ def make_solver(method: str, variant: str):
 # --------------------------------------------------------------------------------------------
 # the autograd.Function
 # --------------------------------------------------------------------------------------------
-def _run(solver, L, x, lp0, lq0, w, T, keep):
-    """Iterations 0..T-1 from the initial state; ``keep`` collects what the backward needs."""
+def _run(solver, L, x, lp0, lq0, w, T, keep, vec_keep=None):
+    """Iterations 0..T-1 from the initial state; ``keep`` collects what the backward needs
+    (states of a vector-state solver, else the LSE vectors), ``vec_keep`` the LSE vectors of a
+    vector-state solver (its adjoint skips recomputing them)."""
     state = solver.init(L, x, lp0, lq0)
     arena = Arena(x) if not torch.is_grad_enabled() else None
     for t in range(T):
@@ -250,6 +252,8 @@ def _run(solver, L, x, lp0, lq0, w, T, keep):
         state, vecs = solver.step(L, t, x, lp0, lq0, w, state, arena=arena)
         if keep is not None and solver.replay:
             keep.append(vecs)
+        if vec_keep is not None and not solver.replay:
+            vec_keep.append(vecs)
     return state
 
 
@@ -259,9 +263,9 @@ class UnrolledRot(torch.autograd.Function):
     @staticmethod
     def forward(ctx, solver, L, T, x, lp0, lq0, a1, a2, a3, rho):
         w = (a1, a2, a3, rho)
-        keep = []
-        state = _run(solver, L, x, lp0, lq0, w, T, keep)
-        ctx.solver, ctx.L, ctx.T, ctx.keep = solver, L, T, keep
+        keep, vec_keep = [], []
+        state = _run(solver, L, x, lp0, lq0, w, T, keep, vec_keep)
+        ctx.solver, ctx.L, ctx.T, ctx.keep, ctx.vec_keep = solver, L, T, keep, vec_keep
         ctx.final = state if not solver.replay else None
         ctx.save_for_backward(x, lp0, lq0, a1, a2, a3, rho)
         return solver.output(L, x, w, state)
@@ -347,7 +351,8 @@ def _manual_backward(ctx, g_out):
             for t in reversed(range(T)):
                 state = _replayed_state(ctx, t, arena)
                 g_ls, g_z = adjoint.badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp,
-                                                    acc, quadratic=solver.quadratic, arena=arena)
+                                                    acc, quadratic=solver.quadratic, arena=arena,
+                                                    vecs=keep[t])
                 del state
                 g_lp = None
             adjoint.badmm_init_vjp(L, g_ls, acc)
@@ -355,7 +360,7 @@ def _manual_backward(ctx, g_out):
             g_a, g_b = adjoint.sinkhorn_exact_output_vjp(L, x, w, g_out, acc)
             for t in reversed(range(T)):
                 g_a, g_b = adjoint.sinkhorn_exact_vjp(L, t, x, lp0, lq0, w, keep[t], g_a, g_b,
-                                                      acc, arena=arena)
+                                                      acc, arena=arena, vecs=ctx.vec_keep[t])
     grads = [acc["x"], acc["lp0"], acc["lq0"], *acc["w"]]
     return [g if n else None for g, n in zip(grads, need)]
 
