@@ -13,6 +13,7 @@ the (T,) weights, only small per-iteration vectors:
   once the per-iteration LSE vectors (R over samples, C over features) are known. Those are
   saved; the backward rebuilds the state before iteration t by replaying iterations 0..t-1 with
   the saved vectors (elementwise only, no reductions), then differentiates iteration t.
+  The replays start from the beginning or from one snapshot of the state at T // 2:
   O(T²) elementwise replays, O(1) x-sized tensors whatever T.
 
 Each differentiated iteration runs the same ops as the forward (the LSEs recomputed, not taken
@@ -322,14 +323,20 @@ class UnrolledRot(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-def _replayed_state(ctx, t: int, arena=None):
+def _replayed_state(ctx, t: int, arena=None, snapshot=None):
     """The (detached) state entering iteration t of a replay solver, rebuilt from x and the
-    saved LSE vectors."""
+    saved LSE vectors, from ``snapshot`` = (t0, state) when t0 <= t (the snapshot is copied:
+    the arena step recycles its input buffers)."""
     solver, L, keep = ctx.solver, ctx.L, ctx.keep
     x, lp0, lq0, *w = ctx.saved_tensors
     with torch.no_grad():
-        st = solver.init(L, x, lp0, lq0)
-        for s in range(t):
+        if snapshot is not None and snapshot[0] <= t:
+            t0 = snapshot[0]
+            ls, z = (arena.take().copy_(v) for v in snapshot[1][:2])
+            st = (ls, z, ls)
+        else:
+            t0, st = 0, solver.init(L, x, lp0, lq0)
+        for s in range(t0, t):
             st, _ = solver.step(L, s, x, lp0, lq0, tuple(w), st, given=keep[s], arena=arena)
     return st
 
@@ -347,9 +354,15 @@ def _manual_backward(ctx, g_out):
     arena = Arena(x)
     with torch.no_grad():
         if isinstance(solver, Badmm):
+            # one snapshot (log S, Z) at T // 2: 2 x-sized tensors whatever T, and about a
+            # quarter of the O(T²) replay steps (none left at T <= 3)
+            snapshot = None
+            if T >= 3:
+                mid = _replayed_state(ctx, T // 2, Arena(x, max_free=0))
+                snapshot = (T // 2, mid[:2])
             g_ls, g_z, g_lp = None, None, g_out
             for t in reversed(range(T)):
-                state = _replayed_state(ctx, t, arena)
+                state = _replayed_state(ctx, t, arena, snapshot)
                 g_ls, g_z = adjoint.badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp,
                                                     acc, quadratic=solver.quadratic, arena=arena,
                                                     vecs=keep[t])
