@@ -3,8 +3,8 @@
     git worktree add /tmp/base 1f0e5b2
     python bench/cpu_path.py --base /tmp/base --out bench/results/cpu_$(date +%F).md
 
-Each measurement runs in a fresh subprocess with the tree under test first on sys.path, so both
-trees are timed on the same machine in the same run. Cases:
+Each tree runs in its own long-lived subprocess (the tree first on sys.path); the timed rounds
+alternate between the two, so both are timed under the same load of a shared machine. Cases:
 
 * W1 (50 × 500 × 100, fp32, dense), S / B-E / B-Q exact, α0 = 0: forward+backward time (min of
   rounds, loss y.sum(), x and every (T,) weight require grad) at T = 4, and peak memory above
@@ -30,9 +30,9 @@ import torch
 torch.set_num_threads(1)
 import rotp_triton as rt
 from test_bench_cpu import peak_bytes
-case, method, T, rounds = CASE, METHOD, TT, ROUNDS
 
-def inputs():
+
+def inputs(case, T):
     g = torch.Generator().manual_seed(0)
     if case == "W1":
         x = torch.randn(50, 500, 100, generator=g).requires_grad_()
@@ -44,30 +44,63 @@ def inputs():
     w = {k: torch.full((T,), 1.0).requires_grad_() for k in ("a1", "a2", "a3", "rho")}
     return x, w, extra
 
-def call():
-    x, w, extra = inputs()
+
+def call(case, method, T):
+    x, w, extra = inputs(case, T)
     y = rt.rot_pool(x, **extra, method=method, num_iters=T, backend="torch", **w)
     y.sum().backward()
 
-times = []
-if rounds:
-    call()
-    for _ in range(rounds):
-        t0 = time.perf_counter(); call(); times.append(time.perf_counter() - t0)
-peak = peak_bytes(call)
-print(json.dumps(dict(min_s=min(times) if times else None, peak=peak)))
+
+for line in sys.stdin:                      # "time|peak case method T", one answer per line
+    what, case, method, T = line.split()
+    T = int(T)
+    if what == "time":
+        t0 = time.perf_counter()
+        call(case, method, T)
+        print(time.perf_counter() - t0, flush=True)
+    else:
+        print(peak_bytes(lambda: call(case, method, T)), flush=True)
 '''
 
 
-def measure(root, case, method, T, rounds):
-    code = (CHILD.replace("ROOT", repr(root)).replace("CASE", repr(case))
-            .replace("METHOD", repr(method)).replace("TT", str(T)).replace("ROUNDS", str(rounds)))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=900)
-    if out.returncode != 0:
-        return dict(error=out.stderr.strip().splitlines()[-1][:120])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+class Child:
+    """A long-lived process with one tree on its path; rounds of the two trees alternate, so
+    both see the same load on a shared machine."""
+
+    def __init__(self, root):
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        self.p = subprocess.Popen([sys.executable, "-c", CHILD.replace("ROOT", repr(root))],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  env=env)
+
+    def ask(self, *words) -> float:
+        self.p.stdin.write(" ".join(map(str, words)) + "\n")
+        self.p.stdin.flush()
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError("benchmark child died")
+        return float(line)
+
+    def close(self):
+        self.p.stdin.close()
+        self.p.wait()
+
+
+def measure(children: dict, case, method, T, rounds):
+    """{name: dict(min_s, median_s, peak)}; rounds alternate between the children."""
+    times = {n: [] for n in children}
+    if rounds:
+        for c in children.values():
+            c.ask("time", case, method, T)                      # warm-up
+        for _ in range(rounds):
+            for n, c in children.items():
+                times[n].append(c.ask("time", case, method, T))
+    out = {}
+    for n, c in children.items():
+        ts = sorted(times[n])
+        out[n] = dict(min_s=ts[0] if ts else None, median_s=ts[len(ts) // 2] if ts else None,
+                      peak=int(c.ask("peak", case, method, T)))
+    return out
 
 
 def main():
@@ -81,22 +114,28 @@ def main():
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     x_w1 = 50 * 500 * 100 * 4
     rows = []
+    both = {"base": Child(args.base), "new": Child(here)}
     for method in ("sinkhorn", "badmm-e", "badmm-q"):
         for T in (4, 16):
-            r = {}
-            for name, root in (("base", args.base), ("new", here)):
-                r[name] = measure(root, "W1", method, T, args.rounds if T == 4 else 0)
-                print(method, T, name, r[name], flush=True)
+            r = measure(both, "W1", method, T, args.rounds if T == 4 else 0)
+            print(method, T, r, flush=True)
             rows.append(("W1", method, T, r))
-    r = {"new": measure(here, "skew", "badmm-e", 4, 1)}
-    print("skew new", r["new"], flush=True)
+    for c in both.values():
+        c.close()
+    new_only = {"new": Child(here)}
+    r = measure(new_only, "skew", "badmm-e", 4, 3)
+    new_only["new"].close()
     if not args.skip_base_skew:
-        r["base"] = measure(args.base, "skew", "badmm-e", 4, 0)
-        print("skew base", r["base"], flush=True)
+        base_only = {"base": Child(args.base)}
+        r.update(measure(base_only, "skew", "badmm-e", 4, 0))
+        base_only["base"].close()
+    print("skew", r, flush=True)
     rows.append(("skew", "badmm-e", 4, r))
 
     def fmt_t(m):
-        return "—" if m.get("min_s") is None else f"{m['min_s'] * 1e3:.0f} ms"
+        if m.get("min_s") is None:
+            return "—"
+        return f"{m['min_s'] * 1e3:.0f} ms (median {m['median_s'] * 1e3:.0f})"
 
     def fmt_m(m):
         return m["error"] if "error" in m else f"{m['peak'] / 2**20:.1f} MiB"
@@ -105,7 +144,9 @@ def main():
              f"`python bench/cpu_path.py --base <worktree of 1f0e5b2>`; {platform.machine()}, "
              f"{os.cpu_count()} CPUs (shared), torch {__import__('torch').__version__}, 1 thread, "
              f"fp32, exact variant, α0 = 0, fwd+bwd (loss y.sum(), x and (T,) weights require "
-             f"grad). Time: min of {args.rounds} rounds (T = 4 only). Peak: bytes of tensor storage "
+             f"grad). Time: min (median) of {args.rounds} rounds after a warm-up, T = 4 only; "
+             f"the rounds of the two trees alternate (one long-lived process each) so both see "
+             f"the same load; the ratio uses the minima. Peak: bytes of tensor storage "
              f"alive above the level before the call (profiler allocator events); W1's x is "
              f"{x_w1 / 2**20:.1f} MiB.", "",
              "| workload | method | T | base time | new time | new ÷ base | base peak | new peak "
