@@ -42,9 +42,11 @@ def test_fwd_bwd_memory_does_not_grow_with_T(method, variant):
             fwd_bwd(x.clone().requires_grad_(), T, method, variant)
         peaks[T] = peak_bytes(call)
     # only per-iteration vectors are kept: at most two (B, D) and two (B, N) per iteration
-    # (15 KiB here; S keeps a, b, R, C), where x-sized tensors (250 KiB each) were kept before
+    # (15 KiB here; S keeps a, b, R, C), where the old path kept ~2 x-sized tensors (500 KiB)
+    # per iteration; the scratch pool's fill at the moment of the peak varies by up to one x
     B, N, D = x.shape
-    assert peaks[16] - peaks[4] <= (16 - 4) * 2 * (B * D + B * N) * 4 + 4096, peaks  # + (T,) weights
+    vectors = (16 - 4) * 2 * (B * D + B * N) * 4 + 4096                  # + (T,) weights
+    assert peaks[16] - peaks[4] <= vectors + 1.5 * x.numel() * 4, peaks
 
 
 def test_skewed_ragged_batch_is_not_padded():

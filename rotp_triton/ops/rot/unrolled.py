@@ -358,7 +358,8 @@ def _manual_backward(ctx, g_out):
             # quarter of the O(T²) replay steps (none left at T <= 3)
             snapshot = None
             if T >= 3:
-                mid = _replayed_state(ctx, T // 2, Arena(x, max_free=0))
+                mid = _replayed_state(ctx, T // 2, arena)   # owned: never given back
+                arena.give(mid[2])
                 snapshot = (T // 2, mid[:2])
             g_ls, g_z, g_lp = None, None, g_out
             for t in reversed(range(T)):
