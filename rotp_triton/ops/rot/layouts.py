@@ -24,11 +24,13 @@ from torch import Tensor
 _NEG_INF = float("-inf")
 
 
-def lse_last(y: Tensor, tmp: Tensor) -> Tensor:
-    """LSE over the last dimension through the scratch buffer ``tmp`` (overwritten)."""
+def lse_last(y: Tensor, tmp: Tensor, with_shift: bool = False):
+    """LSE over the last dimension through the scratch buffer ``tmp``, which is left holding
+    exp(y - m) (m: the per-row max); returns the LSE, or (LSE, m) with ``with_shift``."""
     m = y.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return torch.sub(y, m, out=tmp).exp_().sum(-1, keepdim=True).log_().add_(m)
+    lse = torch.sub(y, m, out=tmp).exp_().sum(-1, keepdim=True).log_().add_(m)
+    return (lse, m) if with_shift else lse
 
 
 class Padded:
@@ -60,19 +62,22 @@ class Padded:
             return torch.exp(log_t)
         return torch.exp(log_t.masked_fill(~self.mask[..., None], _NEG_INF))
 
-    def lse_rows(self, y: Tensor, tmp: Optional[Tensor] = None) -> Tensor:
+    def lse_rows(self, y: Tensor, tmp: Optional[Tensor] = None, with_shift: bool = False):
         """LSE over each set's rows: (B, N, D) -> (B, 1, D). ``tmp``: an x-sized scratch
-        buffer (no mask only), overwritten."""
+        buffer (no mask only), left holding exp(y - rows(m)); ``with_shift`` also returns m."""
         if tmp is not None and self.mask is None:
             m = y.amax(1, keepdim=True)
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            return torch.sub(y, m, out=tmp).exp_().sum(1, keepdim=True).log_().add_(m)
+            lse = torch.sub(y, m, out=tmp).exp_().sum(1, keepdim=True).log_().add_(m)
+            return (lse, m) if with_shift else lse
         if self.mask is not None:
             y = y.masked_fill(~self.mask[..., None], _NEG_INF)
         return torch.logsumexp(y, dim=1, keepdim=True)
 
-    def lse_feat(self, y: Tensor, tmp: Optional[Tensor] = None) -> Tensor:
+    def lse_feat(self, y: Tensor, tmp: Optional[Tensor] = None, with_shift: bool = False):
         """LSE over features: (B, N, D) -> (B, N, 1), padding 0."""
+        if tmp is not None and self.mask is None:
+            return lse_last(y, tmp, with_shift)
         if tmp is not None:
             return self.zero(lse_last(y, tmp))
         return self.zero(torch.logsumexp(y, dim=2, keepdim=True))
@@ -129,9 +134,9 @@ class Segments:
         # a shift only (it cancels exactly): no gradient through it; 0 for empty sets
         return torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
 
-    def lse_rows(self, y: Tensor, tmp: Optional[Tensor] = None) -> Tensor:
+    def lse_rows(self, y: Tensor, tmp: Optional[Tensor] = None, with_shift: bool = False):
         """LSE over each set's rows: (N_total, K) -> (B, K); 0 for an empty set. ``tmp``: an
-        x-sized scratch buffer, overwritten."""
+        x-sized scratch buffer, left holding exp(y - rows(m)); ``with_shift`` also returns m."""
         m = self._segment_max(y)                                         # [B, K]
         if tmp is not None:
             e = torch.index_select(m, 0, self.index, out=tmp)
@@ -139,11 +144,12 @@ class Segments:
         else:
             e = torch.exp(y - m.index_select(0, self.index))             # [N_total, K]
         s = y.new_zeros(self.B, y.shape[1]).index_add_(0, self.index, e)
-        return torch.log(s + self.empty[:, None].to(y.dtype)) + m
+        lse = torch.log(s + self.empty[:, None].to(y.dtype)) + m
+        return (lse, m) if with_shift else lse
 
-    def lse_feat(self, y: Tensor, tmp: Optional[Tensor] = None) -> Tensor:
+    def lse_feat(self, y: Tensor, tmp: Optional[Tensor] = None, with_shift: bool = False):
         if tmp is not None:
-            return lse_last(y, tmp)
+            return lse_last(y, tmp, with_shift)
         return torch.logsumexp(y, dim=1, keepdim=True)                   # [N_total, 1]
 
     def sum_rows(self, t: Tensor) -> Tensor:

@@ -210,21 +210,37 @@ class Badmm:
         if self.quadratic:
             y.addcmul_(torch.exp(log_s, out=tmp), a1, value=-1)
         y.div_(wp).add_(log_s)
-        r = L.lse_rows(y, tmp) if given is None else given[0]
         k2 = kappa(w[A2][t], wp)
-        log_mu = lognorm_feat(k2 * lp0 + (1 - k2) * r)
-        log_p = y.add_(L.rows_out(log_mu - r, tmp))                      # y's buffer
-        p = torch.exp(log_p, out=arena.take())
+        k3 = kappa(w[A3][t], ws)
+        p = arena.take()
+        if given is None:
+            # P = exp(y - m) · exp(m - R + log μ): the LSE's exponentials, rescaled (no 2nd exp)
+            r, m = L.lse_rows(y, tmp, with_shift=True)                   # tmp = exp(y - m)
+            log_mu = lognorm_feat(k2 * lp0 + (1 - k2) * r)
+            log_p = y.add_(L.rows_out(log_mu - r, p))                    # y's buffer
+            torch.mul(tmp, L.rows_out(torch.exp(m - r + log_mu), p), out=p)
+        else:
+            r = given[0]
+            log_mu = lognorm_feat(k2 * lp0 + (1 - k2) * r)
+            log_p = y.add_(L.rows_out(log_mu - r, p))                    # y's buffer
+            torch.exp(log_p, out=p)
         y2 = arena.take()
         if self.quadratic:
             torch.mul(p, a1, out=y2).neg_().add_(z).div_(ws).add_(log_p)
         else:
             torch.mul(log_p, rho, out=y2).add_(z).div_(ws)
-        c = L.lse_feat(y2, tmp) if given is None else given[1]
-        k3 = kappa(w[A3][t], ws)
-        log_eta = L.lognorm_rows(k3 * lq0 + (1 - k3) * c)
+        if given is None:                                                # likewise S'
+            c, mc = L.lse_feat(y2, tmp, with_shift=True)                 # tmp = exp(y2 - mc)
+            log_eta = L.lognorm_rows(k3 * lq0 + (1 - k3) * c)
+            s_new = tmp.mul_(torch.exp(mc - c + log_eta))
+        else:
+            c = given[1]
+            log_eta = L.lognorm_rows(k3 * lq0 + (1 - k3) * c)
+            s_new = None
         log_s_new = y2.add_(log_eta - c)                                  # y2's buffer
-        z_new = p.sub_(torch.exp(log_s_new, out=tmp)).mul_(rho).add_(z)   # p's buffer
+        if s_new is None:
+            s_new = torch.exp(log_s_new, out=tmp)
+        z_new = p.sub_(s_new).mul_(rho).add_(z)                           # p's buffer
         arena.give(tmp, *state[:3])
         return (log_s_new, z_new, log_p), (r, c)
 
