@@ -141,8 +141,11 @@ def badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp, acc, *, quadra
     r, c = vecs                          # R [set, D], C [row, 1] saved by the forward
     u = k2 * lp0 + (1 - k2) * r
     lmu = lognorm_feat(u)
+    pr = torch.sub(y, L.rows_out(r, tmp), out=arena.take()).exp_()     # ∂R/∂y = exp(y - R)
     lp = torch.add(y, L.rows_out(lmu - r, tmp), out=arena.take())
-    p = torch.exp(lp, out=arena.take())
+    arena.give(y)
+    del y
+    p = torch.mul(pr, L.rows_out(torch.exp(lmu), tmp), out=arena.take())  # exp(log P)
     y2 = arena.take()
     if quadratic:
         torch.mul(p, a1, out=y2).neg_().add_(z).div_(ws).add_(lp)
@@ -161,9 +164,10 @@ def badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp, acc, *, quadra
         arena.give(y2, lp, p)
         del y2, lp, p
     else:
-        # ---- reverse. z' = z + ρ (p - s'), s' = exp(log S')
+        # ---- reverse. z' = z + ρ (p - s'), s' = exp(log S') = exp(y2 - C) η
+        e_c = torch.sub(y2, c, out=arena.take()).exp_()                 # ∂C/∂y2
         if g_z is not None:
-            so = torch.add(y2, leta - c, out=arena.take()).exp_()
+            so = torch.mul(e_c, torch.exp(leta), out=arena.take())
             d_rho = _dot(g_z, p) - _dot(g_z, so)
             so.mul_(g_z).mul_(rho)                                          # ρ g_z s'
             if g_ls is None:
@@ -178,7 +182,7 @@ def badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp, acc, *, quadra
         g_c = (1 - k3) * g_v - g_leta
         acc["lq0"] += k3 * g_v
         g_k3 = (g_v * (lq0 - c)).sum()
-        pc = torch.sub(y2, c, out=arena.take()).exp_().mul_(g_c)            # ∂C/∂y2 · g_c
+        pc = e_c.mul_(g_c)                                              # ∂C/∂y2 · g_c
         if quadratic:
             y2.sub_(lp)                                                      # (Z - α1 P)/ws
             g_y2 = g_ls.add_(pc)
@@ -218,9 +222,9 @@ def badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp, acc, *, quadra
     acc["lp0"] += k2 * g_u
     g_k2 = (g_u * (lp0 - r)).sum()
     # R = LSE_rows(y)
-    g_y = g_lp_tot.add_(y.sub_(L.rows_out(r, tmp)).exp_().mul_(L.rows_out(g_r, tmp)))
-    arena.give(y)
-    del y
+    g_y = g_lp_tot.addcmul_(pr, L.rows_out(g_r, tmp))
+    arena.give(pr)
+    del pr
     # y = log S + G / wp
     acc["x"].addcdiv_(g_y, wp)
     g_wp = -_dot(g_y, G) / (wp * wp)
