@@ -293,7 +293,7 @@ def check_priors(p0: Optional[Tensor], q0: Optional[Tensor], batch: SetBatch, D:
         t = t.expand(B, D)
         lp0 = t - torch.logsumexp(t, dim=-1, keepdim=True)
     if q0 is None and log_q0 is None:
-        lq0 = -torch.log(batch.lengths.clamp_min(1).to(dtype))[:, None].expand(B, N)
+        lq0 = (-torch.log(batch.lengths.clamp_min(1).to(dtype)))[:, None].expand(B, N)  # a view
     else:
         name = "q0" if q0 is not None else "log_q0"
         t = q0 if q0 is not None else log_q0

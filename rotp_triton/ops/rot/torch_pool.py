@@ -26,7 +26,11 @@ def rot_pool_unrolled(x: Tensor, batch, *, method: str, variant: str, weights: d
         lp0, lq0 = log_p0.unsqueeze(1), log_q0.unsqueeze(2)
     else:
         L = Segments(batch.index, batch.num_sets, batch.lengths)
-        lp0, lq0 = log_p0, batch.unpad_rows(log_q0).unsqueeze(1)
+        if log_q0.dim() == 2 and log_q0.stride(1) == 0:   # uniform: one value per set
+            lq0 = log_q0[:, 0].index_select(0, batch.index).unsqueeze(1)
+        else:
+            lq0 = batch.unpad_rows(log_q0).unsqueeze(1)
+        lp0 = log_p0
     log_p = unrolled_log_plan(L, xc, lp0, lq0, method=method, variant=variant, T=num_iters, **w)
     y = L.pool(log_p, xc).to(x.dtype)          # a ragged empty set has no rows: y = 0
     plan = L.normalized_plan(log_p).to(x.dtype) if return_plan else None
