@@ -259,7 +259,7 @@ def check_priors(p0: Optional[Tensor], q0: Optional[Tensor], batch: SetBatch, D:
     lp0 = normalized_log_p0(p0, log_p0, batch.num_sets, D, dtype, batch.device)
     B, N = batch.mask.shape
     if q0 is None and log_q0 is None:
-        lq0 = -torch.log(batch.lengths.clamp_min(1).to(dtype))[:, None].expand(B, N)
+        lq0 = (-torch.log(batch.lengths.clamp_min(1).to(dtype)))[:, None].expand(B, N)  # a view
     else:
         lq0 = normalized_log_q0(q0, log_q0, batch, dtype, padded=True)
     return lp0, lq0

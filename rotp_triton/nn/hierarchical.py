@@ -158,6 +158,9 @@ class SetFusionROTPool(nn.Module):
         inner_plan = None
         if return_plan:
             members, inner_plan = members
+        if isinstance(group_index, Tensor) and group_index.numel() != members.shape[0]:
+            raise ValueError(f"group_index must have one entry per member set "
+                             f"({members.shape[0]}), got {group_index.numel()}")
         if self.g is not None:
             members = self.g(members)
         out = self.outer(members, group_index, group_ptr, num_groups, return_plan=return_plan)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .._batching import compute_dtype
+from .._checks import check_rot_values
 from ..functional import check_rot_options, rot_pool
 from ..ops.rot import route
 # pool_output_size, adaptive_bounds, rot_pool2d_torch: re-exported (tests, legacy triton_window)
@@ -184,6 +185,7 @@ class AdaptiveROTPool2d(_ImageROTBase):
             y = rot_pool(x.flatten(2).transpose(1, 2), backend=self.backend,
                          **self._solver_kwargs(), **w)
             return y if self.flatten else y[:, :, None, None]
+        check_rot_values(x, w["a1"], w["rho"])
         return route.pool_adaptive(x, w, (oh, ow), **self._route_kwargs())
 
     def __repr__(self) -> str:
@@ -258,6 +260,7 @@ class ROTPool2d(_ImageROTBase):
                              f"kernel_size={self.kernel_size}, padding={self.padding} "
                              f"(output {Ho}×{Wo})")
         w = self._weights_for(x)
+        check_rot_values(x, w["a1"], w["rho"])
         return route.pool_windows(x, w, kernel_size=self.kernel_size,
                                   stride=self.stride, padding=self.padding,
                                   ceil_mode=self.ceil_mode, **self._route_kwargs())

@@ -17,12 +17,18 @@ MODULE_DEFAULTS = dict(a0=0.0, a1=100.0, a2=1.0, a3=1.0, rho=100.0, tau=1.0)
 LEARN_DEFAULTS = dict(a0=False, a1=True, a2=True, a3=True, rho=True, tau=False)
 # learn_a0=True with a0=0 starts from this value (softplus cannot reach 0)
 A0_LEARN_INIT = 0.1
+# A learnable weight never goes below FLOOR_REL × its initial value (nor below MIN_WEIGHT for
+# α1, ρ): Adam at a large learning rate otherwise drives softplus(raw) to subnormals, where
+# x/α1 overflows (issue #16). Fixed α1, ρ below MIN_WEIGHT are rejected.
+FLOOR_REL = 1e-6
+MIN_WEIGHT = 1e-12
 
 
 class ROTWeights(nn.Module):
     """Holds the solver weights of one ROT layer and returns them as ``(T,)`` tensors.
 
-    Each learnable weight is ``init * softplus(raw) / softplus(0)`` with ``raw`` starting at 0, of
+    Each learnable weight is ``floor + (init - floor) * softplus(raw) / softplus(0)`` with
+    ``floor = FLOOR_REL * init`` (at least ``MIN_WEIGHT`` for α1, ρ) and ``raw`` starting at 0, of
     shape ``(T,)`` when ``per_iter_params`` (one value per unrolled module, the official code's
     default) or ``(1,)``. The fixed scale makes learning move every weight by the same relative
     amount per step whatever its initial value: a layer that starts near mean pooling (α1 = ρ =
@@ -45,8 +51,8 @@ class ROTWeights(nn.Module):
             v = float(v)
             if math.isnan(v) or v < 0:
                 raise ValueError(f"{name} must be >= 0, got {v}")
-            if name in ("a1", "rho") and v == 0:
-                raise ValueError(f"{name} must be positive, got {v}")
+            if name in ("a1", "rho") and v < MIN_WEIGHT:
+                raise ValueError(f"{name} must be >= {MIN_WEIGHT:g}, got {v}")
             if math.isinf(v) and (learn or name not in ("a2", "a3")):
                 raise ValueError(f"{name} = inf is only allowed for a fixed (learn_{name}=False) a2 "
                                  f"or a3")
@@ -57,9 +63,12 @@ class ROTWeights(nn.Module):
             self.init[name], self.learn[name] = v, bool(learn)
             size = num_iters if per_iter_params else 1
             if learn:
+                floor = max(FLOOR_REL * v, MIN_WEIGHT if name in ("a1", "rho") else 0.0)
                 self.register_parameter(f"raw_{name}", nn.Parameter(torch.empty(size)))
-                self.register_buffer(f"scale_{name}", torch.tensor(v / math.log(2.0)),
+                # weight = scale * softplus(raw) + floor, = v at raw = 0
+                self.register_buffer(f"scale_{name}", torch.tensor((v - floor) / math.log(2.0)),
                                      persistent=False)
+                self.register_buffer(f"floor_{name}", torch.tensor(floor), persistent=False)
             elif name != "a0":  # a fixed α0 stays a Python number: see forward()
                 self.register_buffer(f"fixed_{name}", torch.full((size,), v), persistent=False)
         if kwargs:
@@ -83,7 +92,8 @@ class ROTWeights(nn.Module):
         out = {}
         for name in WEIGHT_NAMES:
             if self.learn[name]:
-                out[name] = getattr(self, f"scale_{name}") * F.softplus(getattr(self, f"raw_{name}"))
+                out[name] = (getattr(self, f"scale_{name}") * F.softplus(getattr(self, f"raw_{name}"))
+                             + getattr(self, f"floor_{name}"))
             elif name == "a0":
                 out[name] = self.init[name]
             else:

@@ -1,4 +1,5 @@
-"""``rot_pool`` on the torch path: a batch of sets padded to ``(B, N_max, D)`` with a mask,
+"""``rot_pool`` on the torch path. α0 = 0: ``unpadded.py`` (dense as it is, ragged on segments,
+memory independent of T). α0 > 0: a batch of sets padded to ``(B, N_max, D)`` with a mask,
 solved by ``sets.py``; the plan is put back into the caller's layout (DESIGN §1, §3).
 
 An empty set of a ragged batch is solved on one dummy zero sample (finite everywhere, so no NaN
@@ -14,6 +15,7 @@ from torch import Tensor
 from ...._batching import SetBatch, check_priors, compute_dtype
 from ..params import weight_rows
 from .sets import normalized_plan, pool_from_log_plan, rot_log_plan
+from .unpadded import rot_pool_unrolled
 
 
 def rot_pool_padded(x: Tensor, batch: SetBatch, table: Tensor, *, method: str, variant: str,
@@ -28,6 +30,10 @@ def rot_pool_padded(x: Tensor, batch: SetBatch, table: Tensor, *, method: str, v
     if N == 0:  # every set is empty: zeros, still connected to x for autograd
         y = (x.sum() * 0).expand(B, D).clone()
         return y, (x * 0 if return_plan else None)
+    if not structure:  # α0 = 0: no padding (segments), memory independent of T
+        return rot_pool_unrolled(x, batch, method=method, variant=variant,
+                                 weights=weight_rows(table), log_p0=log_p0, log_q0=log_q0,
+                                 num_iters=num_iters, cdt=cdt, return_plan=return_plan)
     xp = x.to(cdt) if batch.dense else batch.pad_rows(x).to(cdt)
     mask = batch.mask
     empty = None

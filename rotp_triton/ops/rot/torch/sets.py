@@ -1,5 +1,9 @@
 """Batched PyTorch solvers of the ROT problem (DESIGN §3): the CPU path and the fallback.
 
+α0 = 0 runs :mod:`.unrolled` (memory independent of T; dense and ragged batches without
+padding go through :mod:`.unpadded`); this module keeps the padded-batch entry point and the
+α0 > 0 algorithms, one checkpointed module per outer iteration.
+
 Everything works on a padded batch in the code layout: x (B, N, D) (rows = samples), a boolean
 mask (B, N), and a log plan log P (B, N, D). Paper's "row d of P" is column d here: LSE over
 samples n is ``dim=1``, LSE over features d is ``dim=2``.
@@ -18,7 +22,9 @@ import torch
 from torch import Tensor
 
 from ..params import kappa, wants_structure  # noqa: F401  (wants_structure: re-exported)
+from .layouts import Padded
 from .structure import StructureFactors, structure_factors
+from .unrolled import Badmm, unrolled_log_plan
 
 METHODS = ("sinkhorn", "badmm-e", "badmm-q")
 VARIANTS = ("exact", "paper")
@@ -63,23 +69,15 @@ def masked_exp(log_v: Tensor, mask: Tensor) -> Tensor:
 # Sinkhorn (S)
 # --------------------------------------------------------------------------------------------
 def _sinkhorn_exact_inner(y0: Tensor, mask: Tensor, log_p0: Tensor, log_q0: Tensor,
-                          k2: Tensor, k3: Tensor, iters: int,
-                          eps_list: Optional[list] = None, x: Optional[Tensor] = None) -> Tensor:
-    """Gauss-Seidel unbalanced Sinkhorn (DESIGN §3.1) on the kernel y0 = -C/ε.
-
-    If ``eps_list`` is given, iteration t uses the kernel x / eps_list[t] (α0 = 0 with
-    per-iteration ε) and k2, k3 are (T,) vectors; otherwise y0 is fixed and k2, k3 scalars.
-    """
+                          k2: Tensor, k3: Tensor, iters: int) -> Tensor:
+    """Gauss-Seidel unbalanced Sinkhorn (DESIGN §3.1) on the fixed kernel y0 = -C/ε (the inner
+    loop of α0 > 0; α0 = 0 runs unrolled.SinkhornExact)."""
     B, N, D = y0.shape
     a = y0.new_zeros(B, 1, D)
     b = y0.new_zeros(B, N, 1)
     y = y0
+    kk2, kk3 = k2, k3
     for t in range(iters):
-        if eps_list is not None:
-            y = x / eps_list[t]
-            kk2, kk3 = k2[t], k3[t]
-        else:
-            kk2, kk3 = k2, k3
         r = lse_n(y + b, mask)                                        # [B, 1, D] R_d
         a = lognorm_d(kk2 * log_p0 + (1 - kk2) * r) - r
         c = zero_pad(lse_d(y + a), mask)                              # [B, N, 1] C_n
@@ -107,42 +105,41 @@ def _sinkhorn_paper_inner(y_of, mask: Tensor, log_p0: Tensor, log_q0: Tensor,
     return y
 
 
-def sinkhorn(x: Tensor, mask: Tensor, log_p0: Tensor, log_q0: Tensor, *, variant: str,
-             a1: Tensor, a2: Tensor, a3: Tensor, T: int) -> Tensor:
-    """S with α0 = 0: one module of T iterations; iteration t uses ε_t = a1[t]."""
-    if variant == "exact":
-        k2 = kappa(a2, a1)
-        k3 = kappa(a3, a1)
-        return _sinkhorn_exact_inner(x / a1[-1], mask, log_p0, log_q0, k2, k3, T,
-                                     eps_list=a1, x=x)
-    # paper, eq. (18) with τ = 0
-    k2 = kappa(a2, a1)
-    k3 = kappa(a3, a1)
-    return _sinkhorn_paper_inner(lambda t: x / a1[t], mask, log_p0, log_q0,
-                                 lambda t: k2[t], lambda t: k3[t], lambda t: a1[t], T,
-                                 y_init=x / a1[0])
-
-
 def sinkhorn_structure(x: Tensor, mask: Tensor, log_p0: Tensor, log_q0: Tensor,
                        sf: StructureFactors, *, variant: str, a0: Tensor, a1: Tensor,
                        a2: Tensor, a3: Tensor, tau: Tensor, T: int, K: int) -> Tensor:
     """S with α0 > 0: proximal point (Alg. 1), T outer modules × K inner iterations."""
     log_p = zero_pad(log_p0 + log_q0, mask)                          # log P⁰ = log(p0 q0ᵀ)
     for t in range(T):
-        p = masked_exp(log_p, mask)
-        cost = -x - a0[t] * sf.apply(p) - tau[t] * log_p             # C_t
-        eps = a1[t] + tau[t]
-        k2 = kappa(a2[t], eps)
-        k3 = kappa(a3[t], eps)
-        y0 = zero_pad(-cost / eps, mask)
-        if variant == "exact":
-            log_p = _sinkhorn_exact_inner(y0, mask, log_p0, log_q0, k2, k3, K)
-        else:
-            log_p = _sinkhorn_paper_inner(lambda _t: y0, mask, log_p0, log_q0,
-                                          lambda _t: k2, lambda _t: k3, lambda _t: eps, K,
-                                          y_init=y0)
-        log_p = zero_pad(log_p, mask)
+        log_p = _checkpointed(_sinkhorn_structure_module, log_p, x, mask, log_p0, log_q0, sf,
+                              variant, a0, a1, a2, a3, tau, t, K)
     return log_p
+
+
+def _checkpointed(fn, *args):
+    """fn(*args), recomputed in the backward when autograd records (memory: one module's
+    activations plus the state between modules, instead of every module's activations)."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def _sinkhorn_structure_module(log_p, x, mask, log_p0, log_q0, sf, variant, a0, a1, a2, a3, tau,
+                               t, K):
+    """Outer module t of Alg. 1: the proximal cost at log P and K inner iterations."""
+    p = masked_exp(log_p, mask)
+    cost = -x - a0[t] * sf.apply(p) - tau[t] * log_p             # C_t
+    eps = a1[t] + tau[t]
+    k2 = kappa(a2[t], eps)
+    k3 = kappa(a3[t], eps)
+    y0 = zero_pad(-cost / eps, mask)
+    if variant == "exact":
+        log_p = _sinkhorn_exact_inner(y0, mask, log_p0, log_q0, k2, k3, K)
+    else:
+        log_p = _sinkhorn_paper_inner(lambda _t: y0, mask, log_p0, log_q0,
+                                      lambda _t: k2, lambda _t: k3, lambda _t: eps, K,
+                                      y_init=y0)
+    return zero_pad(log_p, mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,55 +148,19 @@ def sinkhorn_structure(x: Tensor, mask: Tensor, log_p0: Tensor, log_q0: Tensor,
 def badmm(x: Tensor, mask: Tensor, log_p0: Tensor, log_q0: Tensor,
           sf: Optional[StructureFactors], *, quadratic: bool, variant: str, a0: Optional[Tensor],
           a1: Tensor, a2: Tensor, a3: Tensor, rho: Tensor, T: int) -> Tensor:
-    """Two-block Bregman ADMM, P = S with dual Z (DESIGN §3.1, exact; §3.2, paper Alg. 2)."""
-    log_s = zero_pad(log_p0 + log_q0, mask)                          # log S = log(p0 q0ᵀ)
-    log_p = log_s
-    z = torch.zeros_like(x)
-    if variant == "paper":
-        log_mu, log_eta = log_p0, log_q0
-        z1 = torch.zeros_like(log_p0)
-        z2 = torch.zeros_like(log_q0)
+    """Two-block Bregman ADMM with α0 > 0 (DESIGN §3.1, exact; §3.2, paper Alg. 2), one
+    checkpointed module per iteration (the step is unrolled.Badmm's, with the structure term)."""
+    L = Padded(mask)
+    solver = Badmm(quadratic=quadratic, variant=variant, sf=sf, a0=a0)
+    w = (a1, a2, a3, rho)
+    state = solver.init(L, x, log_p0, log_q0)
+
+    def module(t, *state):
+        return solver.step(L, t, x, log_p0, log_q0, w, state)[0]
+
     for t in range(T):
-        r_ = rho[t]
-        s = masked_exp(log_s, mask)
-        # P-step: rows of P (per feature d) to μ
-        g = x - z
-        if sf is not None:
-            g = g + a0[t] * sf.apply(s)
-        if quadratic:
-            g = g - a1[t] * s
-        y = log_s + g / r_
-        r = lse_n(y, mask)                                            # [B, 1, D]
-        if variant == "exact":
-            k2 = kappa(a2[t], r_)
-            log_mu = lognorm_d(k2 * log_p0 + (1 - k2) * r)
-        log_p = zero_pad(y + (log_mu - r), mask)
-        p = masked_exp(log_p, mask)
-        # S-step: columns of S (per sample n) to η
-        h = z
-        if sf is not None:
-            h = h + a0[t] * sf.apply(p)
-        if quadratic:
-            y = log_p + (h - a1[t] * p) / r_
-            w = r_
-        else:
-            w = a1[t] + r_
-            y = (h + r_ * log_p) / w
-        c = zero_pad(lse_d(y), mask)                                  # [B, N, 1]
-        if variant == "exact":
-            k3 = kappa(a3[t], w)
-            log_eta = lognorm_n(k3 * log_q0 + (1 - k3) * c, mask)
-        log_s = zero_pad(y + (log_eta - c), mask)
-        s = masked_exp(log_s, mask)
-        z = z + r_ * (p - s)                                          # dual
-        if variant == "paper":                                         # eqs. (26)-(28)
-            k2 = kappa(a2[t], r_)
-            k3 = kappa(a3[t], r_)
-            log_mu = lognorm_d((1 - k2) * (log_mu - z1 / r_) + k2 * log_p0)
-            log_eta = lognorm_n((1 - k3) * (log_eta - z2 / r_) + k3 * log_q0, mask)
-            z1 = z1 + r_ * (torch.exp(log_mu) - p.sum(1, keepdim=True))
-            z2 = zero_pad(z2 + r_ * (torch.exp(log_eta) - s.sum(2, keepdim=True)), mask)
-    return log_p
+        state = _checkpointed(module, t, *state)
+    return state[2]
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,12 +182,15 @@ def rot_log_plan(x: Tensor, mask: Tensor, log_p0: Tensor, log_q0: Tensor, *, met
     log_q0 = log_q0.unsqueeze(2)                                     # [B, N, 1]
     T = num_iters
     sf = structure_factors(x, mask) if structure else None
+    if not structure:  # memory independent of T (unrolled.py)
+        # no padding (e.g. image windows): the mask-free layout has the hand-written adjoints
+        full = not torch.compiler.is_compiling() and bool(mask.all())
+        return unrolled_log_plan(Padded(None if full else mask), x, log_p0, log_q0,
+                                 method=method, variant=variant, a1=a1, a2=a2, a3=a3, rho=rho,
+                                 T=T)
     if method == "sinkhorn":
-        if structure:
-            return sinkhorn_structure(x, mask, log_p0, log_q0, sf, variant=variant, a0=a0, a1=a1,
-                                      a2=a2, a3=a3, tau=tau, T=T, K=inner_iters)
-        return zero_pad(sinkhorn(x, mask, log_p0, log_q0, variant=variant, a1=a1, a2=a2, a3=a3,
-                                 T=T), mask)
+        return sinkhorn_structure(x, mask, log_p0, log_q0, sf, variant=variant, a0=a0, a1=a1,
+                                  a2=a2, a3=a3, tau=tau, T=T, K=inner_iters)
     return badmm(x, mask, log_p0, log_q0, sf, quadratic=(method == "badmm-q"), variant=variant,
                  a0=a0, a1=a1, a2=a2, a3=a3, rho=rho, T=T)
 

@@ -1,0 +1,37 @@
+"""The torch path of ``rot_pool`` for α0 = 0 without padding: dense batches as they are,
+ragged batches on segments (:mod:`.layouts`), solvers from :mod:`.unrolled`.
+
+Memory is O(N_total × D) for a ragged batch whatever its skew (the padded view costs
+B × N_max × D), and does not grow with T (:class:`.unrolled.UnrolledRot`).
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from .layouts import Padded, Segments
+from .unrolled import unrolled_log_plan
+
+
+def rot_pool_unrolled(x: Tensor, batch, *, method: str, variant: str, weights: dict,
+                      log_p0: Tensor, log_q0: Tensor, num_iters: int, cdt, return_plan: bool):
+    """(y (B, D) in x's dtype, plan in x's layout or None) for α0 = 0.
+
+    ``batch`` is the caller's SetBatch; ``log_p0`` (B, D) and ``log_q0`` (B, N_max) as
+    ``check_priors`` returns them (normalised per set, padding 0).
+    """
+    xc = x.to(cdt).contiguous()   # the solvers run many elementwise passes over it
+    w = {k: weights[k] for k in ("a1", "a2", "a3", "rho")}
+    if batch.dense:
+        L = Padded(None)
+        lp0, lq0 = log_p0.unsqueeze(1), log_q0.unsqueeze(2)
+    else:
+        L = Segments(batch.index, batch.num_sets, batch.lengths)
+        if log_q0.dim() == 2 and log_q0.stride(1) == 0:   # uniform: one value per set
+            lq0 = log_q0[:, 0].index_select(0, batch.index).unsqueeze(1)
+        else:
+            lq0 = batch.unpad_rows(log_q0).unsqueeze(1)
+        lp0 = log_p0
+    log_p = unrolled_log_plan(L, xc, lp0, lq0, method=method, variant=variant, T=num_iters, **w)
+    y = L.pool(log_p, xc).to(x.dtype)          # a ragged empty set has no rows: y = 0
+    plan = L.normalized_plan(log_p).to(x.dtype) if return_plan else None
+    return y, plan

@@ -1,0 +1,411 @@
+"""The α0 = 0 solvers of the torch path with forward+backward memory independent of T.
+
+The math is DESIGN §3 (and reference/rot.py, including the B-Q step weight ρ + α1 of the exact
+variant), written once against a layout (:mod:`.layouts`: padded or segments) as one function
+per unrolled iteration, ``step(t, state) -> (state', vectors)``.
+
+:class:`UnrolledRot` runs the T iterations without autograd and saves, besides x, priors and
+the (T,) weights, only small per-iteration vectors:
+
+* Sinkhorn: the state itself is a pair of vectors (a, b); it is saved before every iteration
+  and the backward differentiates one iteration at a time from it (O(T) time).
+* Bregman ADMM: the state (log S, Z) is x-sized, but for α0 = 0 every entry evolves elementwise
+  once the per-iteration LSE vectors (R over samples, C over features) are known. Those are
+  saved; the backward rebuilds the state before iteration t by replaying iterations 0..t-1 with
+  the saved vectors (elementwise only, no reductions), then differentiates iteration t.
+  The replays start from the beginning or from one snapshot of the state at T // 2:
+  O(T²) elementwise replays, O(1) x-sized tensors whatever T.
+
+Each differentiated iteration runs the same ops as the forward (the LSEs recomputed, not taken
+from the saved vectors), so the gradients are exactly those of autograd through the unrolled
+iterations (what the reference gives). Double backward is not supported.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .arena import Arena
+
+A1, A2, A3, RHO = range(4)
+
+
+def kappa(alpha: Tensor, w: Tensor) -> Tensor:
+    """κ(α, w) = α / (α + w), with κ = 1 at α = +inf (no inf/inf, no NaN in the backward)."""
+    inf = torch.isinf(alpha)
+    a = torch.where(inf, torch.ones_like(alpha), alpha)
+    return torch.where(inf, torch.ones_like(alpha), a / (a + w))
+
+
+def lognorm_feat(v: Tensor) -> Tensor:
+    """log-softmax over features of a per-set vector (last dimension in both layouts)."""
+    return v - torch.logsumexp(v, dim=-1, keepdim=True)
+
+
+# --------------------------------------------------------------------------------------------
+# one iteration of each solver; ``state`` is a tuple, ``given`` the saved LSE vectors (replay)
+# --------------------------------------------------------------------------------------------
+class SinkhornExact:
+    """Gauss-Seidel unbalanced Sinkhorn, iteration t uses ε_t = α1[t] (DESIGN §3.1)."""
+    replay = False                                     # the state is vectors: saved per iteration
+    exact_vjp = True                                   # adjoint.py differentiates it by hand
+
+    def init(self, L, x, lp0, lq0):
+        return (lp0.new_zeros(lp0.shape), L.zero(lq0.new_zeros(lq0.shape)))
+
+    def step(self, L, t, x, lp0, lq0, w, state, given=None, arena=None):
+        if arena is not None and not torch.is_grad_enabled():
+            return self._step_no_grad(L, t, x, lp0, lq0, w, state, arena)
+        a, b = state
+        eps = w[A1][t]
+        k2, k3 = kappa(w[A2][t], eps), kappa(w[A3][t], eps)
+        y = x / eps
+        r = L.lse_rows(y + b)                                              # R_d per set
+        a = lognorm_feat(k2 * lp0 + (1 - k2) * r) - r
+        c = L.lse_feat(y + L.rows(a))                                      # C_n per row
+        b = L.zero(L.lognorm_rows(k3 * lq0 + (1 - k3) * c) - c)
+        return (a, b), None
+
+    def _step_no_grad(self, L, t, x, lp0, lq0, w, state, arena):
+        """The same ops through arena buffers (no mask)."""
+        _, b = state
+        eps = w[A1][t]
+        k2, k3 = kappa(w[A2][t], eps), kappa(w[A3][t], eps)
+        y, yb, tmp = arena.take(), arena.take(), arena.take()
+        torch.div(x, eps, out=y)
+        r = L.lse_rows(torch.add(y, b, out=yb), tmp)
+        a = lognorm_feat(k2 * lp0 + (1 - k2) * r) - r
+        c = L.lse_feat(torch.add(y, L.rows_out(a, tmp), out=yb), tmp)
+        b = L.lognorm_rows(k3 * lq0 + (1 - k3) * c) - c
+        arena.give(y, yb, tmp)
+        return (a, b), (r, c)
+
+    def output(self, L, x, w, state):
+        a, b = state
+        return L.zero(x / w[A1][-1] + L.rows(a) + b)
+
+
+class SinkhornPaper(SinkhornExact):
+    """Eq. (18) as printed, τ = 0: Jacobi updates from one Y (DESIGN §3.2)."""
+    exact_vjp = False
+
+    def step(self, L, t, x, lp0, lq0, w, state, given=None, arena=None):
+        a, b = state
+        eps = w[A1][t]
+        k2, k3 = kappa(w[A2][t], eps), kappa(w[A3][t], eps)
+        y = x / w[A1][max(t - 1, 0)] + L.rows(a) + b                       # Y of the last update
+        r = L.lse_rows(y)
+        c = L.lse_feat(y)
+        a = k2 * (a / eps + lp0 - r)
+        b = L.zero(k3 * (b / eps + lq0 - c))
+        return (a, b), None
+
+
+class Badmm:
+    """Two-block Bregman ADMM, P = S with dual Z (DESIGN §3.1 exact / §3.2 paper Alg. 2).
+
+    State: (log S, Z, log P) and, for the paper variant, (log μ, log η, z1, z2).
+    """
+    replay = True
+
+    def __init__(self, quadratic: bool, variant: str, sf=None, a0: Optional[Tensor] = None):
+        self.quadratic = quadratic
+        self.paper = variant == "paper"
+        self.sf, self.a0 = sf, a0          # α0 > 0 (padded layout, checkpointed by solvers.py)
+        self.exact_vjp = not self.paper and sf is None
+
+    def init(self, L, x, lp0, lq0):
+        log_s = L.zero(L.rows(lp0) + lq0)                                 # log(p0 q0ᵀ)
+        z = torch.zeros_like(x)
+        state = (log_s, z, log_s)
+        if self.paper:
+            state += (lp0, lq0, torch.zeros_like(lp0), torch.zeros_like(lq0))
+        return state
+
+    def step(self, L, t, x, lp0, lq0, w, state, given=None, arena=None):
+        if self.exact_vjp and not torch.is_grad_enabled():
+            if arena is not None and getattr(L, "mask", None) is None:
+                return self._step_arena(L, t, x, lp0, lq0, w, state, given, arena)
+            return self._step_no_grad(L, t, x, lp0, lq0, w, state, given)
+        log_s, z = state[0], state[1]
+        a1, rho = w[A1][t], w[RHO][t]
+        s = L.exp(log_s)
+        # P-step; B-Q exact: step weight ρ + α1 (majorized linearisation, reference/rot.py)
+        wp = rho + a1 if self.quadratic and not self.paper else rho
+        g = x - z
+        if self.sf is not None:
+            g = g + self.a0[t] * self.sf.apply(s)
+        if self.quadratic:
+            g = g - a1 * s
+        y = log_s + g / wp
+        r = L.lse_rows(y) if given is None else given[0]                  # [set, D]
+        if self.paper:
+            log_mu, log_eta, z1, z2 = state[3:]
+        else:
+            k2 = kappa(w[A2][t], wp)
+            log_mu = lognorm_feat(k2 * lp0 + (1 - k2) * r)
+        log_p = L.zero(y + L.rows(log_mu - r))
+        p = L.exp(log_p)
+        # S-step
+        h = z if self.sf is None else z + self.a0[t] * self.sf.apply(p)
+        if self.quadratic:
+            ws = wp
+            y = log_p + (h - a1 * p) / ws
+        else:
+            ws = a1 + rho
+            y = (h + rho * log_p) / ws
+        c = L.lse_feat(y) if given is None else given[1]                  # [row, 1]
+        if not self.paper:
+            k3 = kappa(w[A3][t], ws)
+            log_eta = L.lognorm_rows(k3 * lq0 + (1 - k3) * c)
+        log_s = L.zero(y + (log_eta - c))
+        s = L.exp(log_s)
+        z = z + rho * (p - s)
+        new = (log_s, z, log_p)
+        if self.paper:                                                     # eqs. (26)-(28)
+            k2 = kappa(w[A2][t], rho)
+            k3 = kappa(w[A3][t], rho)
+            log_mu = lognorm_feat((1 - k2) * (log_mu - z1 / rho) + k2 * lp0)
+            log_eta = L.lognorm_rows((1 - k3) * (log_eta - z2 / rho) + k3 * lq0)
+            z1 = z1 + rho * (torch.exp(log_mu) - L.sum_rows(p))
+            z2 = L.zero(z2 + rho * (torch.exp(log_eta) - s.sum(-1, keepdim=True)))
+            new += (log_mu, log_eta, z1, z2)
+        return new, (r, c)
+
+    def _step_no_grad(self, L, t, x, lp0, lq0, w, state, given):
+        """The exact α0 = 0 step without autograd: the same ops, in place in few buffers."""
+        log_s, z = state[0], state[1]
+        a1, rho = w[A1][t], w[RHO][t]
+        wp = rho + a1 if self.quadratic else rho
+        ws = rho + a1
+        y = torch.sub(x, z)
+        if self.quadratic:
+            y.sub_(a1 * L.exp(log_s))
+        y.div_(wp).add_(log_s)
+        r = L.lse_rows(y) if given is None else given[0]
+        k2 = kappa(w[A2][t], wp)
+        log_mu = lognorm_feat(k2 * lp0 + (1 - k2) * r)
+        log_p = L.zero(y.add_(L.rows(log_mu - r)))                       # y's buffer
+        p = L.exp(log_p)
+        if self.quadratic:
+            y2 = torch.mul(p, a1).neg_().add_(z).div_(ws).add_(log_p)
+        else:
+            y2 = torch.mul(log_p, rho).add_(z).div_(ws)
+        c = L.lse_feat(y2) if given is None else given[1]
+        k3 = kappa(w[A3][t], ws)
+        log_eta = L.lognorm_rows(k3 * lq0 + (1 - k3) * c)
+        log_s = L.zero(y2.add_(log_eta - c))                              # y2's buffer
+        z = p.sub_(L.exp(log_s)).mul_(rho).add_(z)                        # p's buffer
+        return (log_s, z, log_p), (r, c)
+
+    def _step_arena(self, L, t, x, lp0, lq0, w, state, given, arena):
+        """:meth:`_step_no_grad` through arena buffers (no mask); gives back the old state."""
+        log_s, z = state[0], state[1]
+        a1, rho = w[A1][t], w[RHO][t]
+        wp = rho + a1 if self.quadratic else rho
+        ws = rho + a1
+        y, tmp = torch.sub(x, z, out=arena.take()), arena.take()
+        if self.quadratic:
+            y.addcmul_(torch.exp(log_s, out=tmp), a1, value=-1)
+        y.div_(wp).add_(log_s)
+        k2 = kappa(w[A2][t], wp)
+        k3 = kappa(w[A3][t], ws)
+        p = arena.take()
+        if given is None:
+            # P = exp(y - m) · exp(m - R + log μ): the LSE's exponentials, rescaled (no 2nd exp)
+            r, m = L.lse_rows(y, tmp, with_shift=True)                   # tmp = exp(y - m)
+            log_mu = lognorm_feat(k2 * lp0 + (1 - k2) * r)
+            log_p = y.add_(L.rows_out(log_mu - r, p))                    # y's buffer
+            torch.mul(tmp, L.rows_out(torch.exp(m - r + log_mu), p), out=p)
+        else:
+            r = given[0]
+            log_mu = lognorm_feat(k2 * lp0 + (1 - k2) * r)
+            log_p = y.add_(L.rows_out(log_mu - r, p))                    # y's buffer
+            torch.exp(log_p, out=p)
+        y2 = arena.take()
+        if self.quadratic:
+            torch.mul(p, a1, out=y2).neg_().add_(z).div_(ws).add_(log_p)
+        else:
+            torch.mul(log_p, rho, out=y2).add_(z).div_(ws)
+        if given is None:                                                # likewise S'
+            c, mc = L.lse_feat(y2, tmp, with_shift=True)                 # tmp = exp(y2 - mc)
+            log_eta = L.lognorm_rows(k3 * lq0 + (1 - k3) * c)
+            s_new = tmp.mul_(torch.exp(mc - c + log_eta))
+        else:
+            c = given[1]
+            log_eta = L.lognorm_rows(k3 * lq0 + (1 - k3) * c)
+            s_new = None
+        log_s_new = y2.add_(log_eta - c)                                  # y2's buffer
+        if s_new is None:
+            s_new = torch.exp(log_s_new, out=tmp)
+        z_new = p.sub_(s_new).mul_(rho).add_(z)                           # p's buffer
+        arena.give(tmp, *state[:3])
+        return (log_s_new, z_new, log_p), (r, c)
+
+    def output(self, L, x, w, state):
+        return state[2]
+
+
+def make_solver(method: str, variant: str):
+    if method == "sinkhorn":
+        return SinkhornExact() if variant == "exact" else SinkhornPaper()
+    return Badmm(quadratic=method == "badmm-q", variant=variant)
+
+
+# --------------------------------------------------------------------------------------------
+# the autograd.Function
+# --------------------------------------------------------------------------------------------
+def _run(solver, L, x, lp0, lq0, w, T, keep, vec_keep=None):
+    """Iterations 0..T-1 from the initial state; ``keep`` collects what the backward needs
+    (states of a vector-state solver, else the LSE vectors), ``vec_keep`` the LSE vectors of a
+    vector-state solver (its adjoint skips recomputing them)."""
+    state = solver.init(L, x, lp0, lq0)
+    arena = Arena(x) if not torch.is_grad_enabled() else None
+    for t in range(T):
+        if keep is not None and not solver.replay:
+            keep.append(state)
+        state, vecs = solver.step(L, t, x, lp0, lq0, w, state, arena=arena)
+        if keep is not None and solver.replay:
+            keep.append(vecs)
+        if vec_keep is not None and not solver.replay:
+            vec_keep.append(vecs)
+    return state
+
+
+class UnrolledRot(torch.autograd.Function):
+    """log P of T unrolled iterations; saves x and per-iteration vectors only (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, solver, L, T, x, lp0, lq0, a1, a2, a3, rho):
+        w = (a1, a2, a3, rho)
+        keep, vec_keep = [], []
+        state = _run(solver, L, x, lp0, lq0, w, T, keep, vec_keep)
+        ctx.solver, ctx.L, ctx.T, ctx.keep, ctx.vec_keep = solver, L, T, keep, vec_keep
+        ctx.final = state if not solver.replay else None
+        ctx.save_for_backward(x, lp0, lq0, a1, a2, a3, rho)
+        return solver.output(L, x, w, state)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_out):
+        solver, L, T, keep = ctx.solver, ctx.L, ctx.T, ctx.keep
+        saved = ctx.saved_tensors
+        if getattr(solver, "exact_vjp", False) and getattr(L, "mask", None) is None:
+            return (None, None, None, *_manual_backward(ctx, g_out))
+        leaves = [v.detach().requires_grad_() for v in saved]             # x, lp0, lq0, a1..rho
+        x, lp0, lq0 = leaves[:3]
+        w = tuple(leaves[3:])
+        acc: list = [None] * len(leaves)
+
+        def state_before(t: int):
+            """The state entering iteration t (detached)."""
+            if not solver.replay:
+                return ctx.final if t == T else keep[t]
+            with torch.no_grad():
+                st = solver.init(L, saved[0], saved[1], saved[2])
+                sw = tuple(saved[3:])
+                for s in range(t):
+                    st, _ = solver.step(L, s, saved[0], saved[1], saved[2], sw, st, given=keep[s])
+            return st
+
+        def backprop(outs, g_outs, state_leaves):
+            pairs = [(o, g) for o, g in zip(outs, g_outs)
+                     if g is not None and isinstance(o, Tensor) and o.requires_grad]
+            if not pairs:
+                return [None] * len(state_leaves)
+            gs = torch.autograd.grad([o for o, _ in pairs], leaves + state_leaves,
+                                     [g for _, g in pairs], allow_unused=True)
+            for i in range(len(leaves)):
+                if gs[i] is not None:
+                    acc[i] = gs[i] if acc[i] is None else acc[i] + gs[i]
+            return list(gs[len(leaves):])
+
+        with torch.enable_grad():
+            st = [v.detach().requires_grad_() for v in state_before(T)]
+            g_state = backprop([solver.output(L, x, w, tuple(st))], [g_out], st)
+            for t in reversed(range(T)):
+                if t == 0:  # the initial state depends on the priors: build it in the graph
+                    st0 = list(solver.init(L, x, lp0, lq0))
+                    new, _ = solver.step(L, 0, x, lp0, lq0, w, tuple(st0))
+                    backprop(list(new), g_state, [])
+                else:
+                    st = [v.detach().requires_grad_() for v in state_before(t)]
+                    new, _ = solver.step(L, t, x, lp0, lq0, w, tuple(st))
+                    g_state = backprop(list(new), g_state, st)
+                del new
+        grads = [g if need else None for g, need in zip(acc, ctx.needs_input_grad[3:])]
+        return (None, None, None, *grads)
+
+
+def _replayed_state(ctx, t: int, arena=None, snapshot=None):
+    """The (detached) state entering iteration t of a replay solver, rebuilt from x and the
+    saved LSE vectors, from ``snapshot`` = (t0, state) when t0 <= t (the snapshot is copied:
+    the arena step recycles its input buffers)."""
+    solver, L, keep = ctx.solver, ctx.L, ctx.keep
+    x, lp0, lq0, *w = ctx.saved_tensors
+    with torch.no_grad():
+        if snapshot is not None and snapshot[0] <= t:
+            t0 = snapshot[0]
+            ls, z = (arena.take().copy_(v) for v in snapshot[1][:2])
+            st = (ls, z, ls)
+        else:
+            t0, st = 0, solver.init(L, x, lp0, lq0)
+        for s in range(t0, t):
+            st, _ = solver.step(L, s, x, lp0, lq0, tuple(w), st, given=keep[s], arena=arena)
+    return st
+
+
+def _manual_backward(ctx, g_out):
+    """Backward of the exact solvers with the hand-written adjoints of adjoint.py."""
+    from . import adjoint
+    solver, L, T, keep = ctx.solver, ctx.L, ctx.T, ctx.keep
+    x, lp0, lq0, *w = ctx.saved_tensors
+    w = tuple(w)
+    need = ctx.needs_input_grad[3:]
+    acc = dict(x=torch.zeros_like(x), lp0=torch.zeros_like(lp0), lq0=torch.zeros_like(lq0),
+               w=[torch.zeros(T, dtype=wi.dtype, device=wi.device) if n else None
+                  for wi, n in zip(w, need[3:])])
+    arena = Arena(x)
+    with torch.no_grad():
+        if isinstance(solver, Badmm):
+            # one snapshot (log S, Z) at T // 2: 2 x-sized tensors whatever T, and about a
+            # quarter of the O(T²) replay steps (none left at T <= 3)
+            snapshot = None
+            if T >= 3:
+                mid = _replayed_state(ctx, T // 2, arena)   # owned: never given back
+                arena.give(mid[2])
+                snapshot = (T // 2, mid[:2])
+            g_ls, g_z, g_lp = None, None, g_out
+            for t in reversed(range(T)):
+                state = _replayed_state(ctx, t, arena, snapshot)
+                g_ls, g_z = adjoint.badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp,
+                                                    acc, quadratic=solver.quadratic, arena=arena,
+                                                    vecs=keep[t])
+                del state
+                g_lp = None
+            adjoint.badmm_init_vjp(L, g_ls, acc)
+        else:
+            g_a, g_b = adjoint.sinkhorn_exact_output_vjp(L, x, w, g_out, acc)
+            for t in reversed(range(T)):
+                g_a, g_b = adjoint.sinkhorn_exact_vjp(L, t, x, lp0, lq0, w, keep[t], g_a, g_b,
+                                                      acc, arena=arena, vecs=ctx.vec_keep[t])
+    grads = [acc["x"], acc["lp0"], acc["lq0"], *acc["w"]]
+    return [g if n else None for g, n in zip(grads, need)]
+
+
+def unrolled_log_plan(L, x: Tensor, lp0: Tensor, lq0: Tensor, *, method: str, variant: str,
+                      a1: Tensor, a2: Tensor, a3: Tensor, rho: Tensor, T: int) -> Tensor:
+    """log P for α0 = 0 in layout ``L`` (lp0, lq0 already in the layout's vector shapes).
+
+    With autograd recording, runs :class:`UnrolledRot` (memory independent of T); otherwise (or
+    while torch.compile traces) the plain loop.
+    """
+    solver = make_solver(method, variant)
+    w = (a1, a2, a3, rho)
+    tensors = (x, lp0, lq0) + w
+    if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and not torch.compiler.is_compiling()):
+        return UnrolledRot.apply(solver, L, T, *tensors)
+    return solver.output(L, x, w, _run(solver, L, x, lp0, lq0, w, T, None))
