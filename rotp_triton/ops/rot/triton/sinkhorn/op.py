@@ -76,10 +76,13 @@ if HAS_TRITON_OP:
             ctx.save_for_backward(x, ptr, w, log_p0, log_q0, y, *state)
             ctx.paper = paper
             ctx.return_plan = return_plan
+            # the state outputs get no gradient: no zero tensors materialised for them
+            ctx.set_materialize_grads(False)
 
         def _backward(ctx, gy, gplan, *_state_grads):
             x, ptr, w, log_p0, log_q0, y, *state = ctx.saved_tensors
             gp = gplan.contiguous() if (ctx.return_plan and gplan is not None) else None
+            gy = torch.zeros_like(y) if gy is None else gy  # (not materialised: y unused)
             dx, dlp0, dlq0, dw = sinkhorn_bwd_op(x, ptr, w, log_p0, log_q0, ctx.paper, y,
                                                  *state, gy.contiguous(), gp)
             return (dx, None, dw, dlp0 if log_p0 is not None else None,
