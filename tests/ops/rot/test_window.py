@@ -41,13 +41,16 @@ def weight_table(w64, T):
                         w64["rho"], torch.ones(T, dtype=torch.float64)])
 
 
-def check_window(method, variant, case, dtype=torch.float32, T=3, inf_a2=False, atol=0.0):
+def check_window(method, variant, case, dtype=torch.float32, T=3, inf_a2=False, atol=0.0,
+                 weights=None, x_scale=1.0):
     """Forward and gradients vs the oracle: relative error ≤ RTOL[dtype] (2× for gradients in
     fp16/bf16); ``atol`` (absolute, weight gradients only) for sums of thousands of cancelling
-    fp32 terms."""
+    fp32 terms. ``weights``: float64 rows a1, a2, a3, rho of length T (default: random);
+    ``x_scale`` multiplies the input."""
     B, C, H, W, k, s, p, cm, layout = CASES[case]
-    x = make_input(B, C, H, W, layout, dtype, seed=len(case)).requires_grad_()
-    w64 = random_weights(T, torch.float64, seed=3, inf_a2=inf_a2)
+    x = (make_input(B, C, H, W, layout, dtype, seed=len(case)) * x_scale).requires_grad_()
+    w64 = weights if weights is not None else random_weights(T, torch.float64, seed=3,
+                                                             inf_a2=inf_a2)
     learn = [n for n in w64 if not (inf_a2 and n == "a2")]
     wt = weight_table(w64, T).float().to(DEVICE).requires_grad_()
     y = window_pool(x, wt, kernel_size=k, stride=s, padding=p, ceil_mode=cm, method=method,
@@ -60,12 +63,14 @@ def check_window(method, variant, case, dtype=torch.float32, T=3, inf_a2=False, 
     wr = {n: v.clone().requires_grad_(n in learn) for n, v in w64.items()}
     yr = reference_pool(x64, wins, (Ho, Wo), method=method, variant=variant, num_iters=T, **wr)
     tol = RTOL[dtype]
+    assert torch.isfinite(y).all()
     assert rel_err(y, yr) <= tol
     g = torch.randn(yr.shape, dtype=torch.float64)
     gx, gw = torch.autograd.grad((y * g.to(DEVICE, dtype)).sum(), [x, wt])
     gr = torch.autograd.grad((yr * g).sum(), [x64] + [wr[n] for n in learn], allow_unused=True,
                              materialize_grads=True)
     assert gw.shape == (6, T)
+    assert torch.isfinite(gx).all() and torch.isfinite(gw).all()
     assert gw[A0].abs().max() == 0 and gw[TAU].abs().max() == 0
     for name, a, b in zip(["x"] + learn, [gx] + [gw[WEIGHT_ROWS[n]] for n in learn], gr):
         assert a.shape == b.shape
@@ -108,6 +113,20 @@ def test_hard_marginal_and_single_iteration():
     check_window("badmm-q", "exact", "2x2-oddC", T=1)
 
 
+def test_badmm_q_large_a1_over_rho():
+    """B-Q exact at α1/ρ = 1e3, T = 8: with the old step weight ρ, log P <- log S - α1 S/ρ + ...
+    is expansive (derivative 1 - α1 S/ρ < -1; the old reference's ∂y/∂x reached 8e4 here); the
+    weight ρ + α1 of reference/rot.py is a non-expansion, and the kernel follows it (forward and
+    every gradient, all finite)."""
+    T = 8
+    f64 = dict(dtype=torch.float64)
+    w = dict(a1=torch.full((T,), 1e3, **f64), a2=torch.linspace(0.5, 1.5, T, **f64),
+             a3=torch.linspace(1.2, 0.6, T, **f64), rho=torch.ones(T, **f64))
+    # X enters the P-step as X/(ρ + α1): at |x| ~ 1 the plan barely leaves p0 q0ᵀ and the weight
+    # gradients (1e-9 … 1e-5) sit at fp32 rounding; |x| ~ 30 moves it (weight gradients ~1e-2)
+    check_window("badmm-q", "exact", "2x2-oddC", T=T, weights=w, x_scale=30.0)
+
+
 @pytest.mark.skipif(not ON_CUDA, reason="fp16/bf16 kernels run on CUDA only")
 @pytest.mark.parametrize("dtype", [d for d in KERNEL_DTYPES if d != torch.float32],
                          ids=lambda d: str(d).split(".")[-1])
@@ -120,7 +139,8 @@ def test_random_configs():
     """Random window geometries (k, stride > k, padding, ceil_mode, C = 1, H = 1, T = 1...),
     layouts, methods and variants: kernel (fp32) vs the float64 torch path (== reference, see
     test_image). Criterion ‖a − b‖ ≤ 1e-4 ‖b‖ + 1e-6: gradients that are exactly 0 in exact
-    arithmetic (α2 of the paper variants, α1 of B-Q at T = 1) come out at float32 rounding."""
+    arithmetic (α2 of the paper variants, α1 of paper B-Q at T = 1) come out at float32
+    rounding."""
     import random
 
     from rotp_triton.nn.image import pool_output_size, rot_pool2d_torch

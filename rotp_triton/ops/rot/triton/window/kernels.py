@@ -6,7 +6,7 @@ samples, the C channels the features. One program owns a ``[BW, BN, BC]`` regist
 windows × next_pow2(N) × next_pow2(C)), read from NCHW or channels_last by strides. The channel
 axis is the last: the lanes run over channels and a window's samples of a channel sit in one
 thread, so the LSE over samples is in-thread and the LSE over channels a warp (or CTA)
-reduction. The per-iteration scalars (1/ε, κ2, κ3 for Sinkhorn; ρ, 1/ρ, κ2, κ3, c1, c2 for
+reduction. The per-iteration scalars (1/ε, κ2, κ3 for Sinkhorn; ρ, 1/ω, κ2, κ3, c1, c2 for
 B-ADMM) are derived on chip from the (6, T) weight table (``params.py`` rows); the backward maps
 their cotangents back onto that table.
 
@@ -91,15 +91,21 @@ def sinkhorn_params_bwd(w_ptr, t, T: tl.constexpr, g_u, g_k2, g_k3):
 
 @triton.jit
 def admm_params(w_ptr, t, T: tl.constexpr, QUAD: tl.constexpr, PAPER: tl.constexpr):
-    """(ρ, 1/ρ, κ2, κ3, c1, c2) of iteration t: κ2 = κ(α2, ρ); κ3 = κ(α3, α1 + ρ) (B-E exact)
-    or κ(α3, ρ); c1 = 1/(α1 + ρ), c2 = ρ/(α1 + ρ) (B-E) or c1 = α1/ρ, c2 = 0 (B-Q)."""
+    """(ρ, 1/ω, κ2, κ3, c1, c2) of iteration t. ω is the step weight of the P-step and the B-Q
+    S-step: ρ + α1 for B-Q exact (reference/rot.py ``_exact_badmm``: a majorised linearisation,
+    non-expansive for every α1/ρ), ρ otherwise; the dual step Z += ρ (P - S) keeps ρ.
+    κ2 = κ(α2, ω); κ3 = κ(α3, α1 + ρ) (B-E exact) or κ(α3, ω); c1 = 1/(α1 + ρ),
+    c2 = ρ/(α1 + ρ) (B-E) or c1 = α1/ω, c2 = 0 (B-Q)."""
     a1 = _weight(w_ptr, _A1, t, T)
     a3 = _weight(w_ptr, _A3, t, T)
     rho = _weight(w_ptr, _RHO, t, T)
-    k2 = kappa(_weight(w_ptr, _A2, t, T), rho)
+    om = rho
+    if QUAD and not PAPER:
+        om = rho + a1
+    k2 = kappa(_weight(w_ptr, _A2, t, T), om)
     if QUAD:
-        k3 = kappa(a3, rho)
-        c1 = a1 / rho
+        k3 = kappa(a3, om)
+        c1 = a1 / om
         c2 = a1 * 0.0
     else:
         wq = a1 + rho
@@ -109,23 +115,30 @@ def admm_params(w_ptr, t, T: tl.constexpr, QUAD: tl.constexpr, PAPER: tl.constex
             k3 = kappa(a3, wq)
         c1 = 1.0 / wq
         c2 = rho / wq
-    return rho, 1.0 / rho, k2, k3, c1, c2
+    return rho, 1.0 / om, k2, k3, c1, c2
 
 
 @triton.jit
-def admm_params_bwd(w_ptr, t, T: tl.constexpr, g_rho, g_irho, g_k2, g_k3, g_c1, g_c2,
+def admm_params_bwd(w_ptr, t, T: tl.constexpr, g_rho, g_iom, g_k2, g_k3, g_c1, g_c2,
                     QUAD: tl.constexpr, PAPER: tl.constexpr):
-    """(∂/∂α1, ∂/∂α2, ∂/∂α3, ∂/∂ρ) of iteration t from the cotangents of admm_params."""
+    """(∂/∂α1, ∂/∂α2, ∂/∂α3, ∂/∂ρ) of iteration t from the cotangents of admm_params. For B-Q
+    exact the cotangent of ω = ρ + α1 goes to both α1 and ρ (∂ω/∂α1 = ∂ω/∂ρ = 1)."""
     a1 = _weight(w_ptr, _A1, t, T)
     a3 = _weight(w_ptr, _A3, t, T)
     rho = _weight(w_ptr, _RHO, t, T)
-    dk2_da2, dk2_drho = _kappa_grads(_weight(w_ptr, _A2, t, T), rho)
+    om = rho
+    if QUAD and not PAPER:
+        om = rho + a1
+    dk2_da2, dk2_dom = _kappa_grads(_weight(w_ptr, _A2, t, T), om)
+    # cotangent of ω from 1/ω and κ2 (both variants of both methods read them through ω)
+    g_om = -g_iom / (om * om) + g_k2 * dk2_dom
     g_a1 = g_c1 * 0.0
-    g_r = g_rho - g_irho / (rho * rho) + g_k2 * dk2_drho
+    g_r = g_rho
     if QUAD:
-        dk3_da3, dk3_dw = _kappa_grads(a3, rho)
-        g_r += g_k3 * dk3_dw - g_c1 * a1 / (rho * rho)
-        g_a1 += g_c1 / rho
+        dk3_da3, dk3_dom = _kappa_grads(a3, om)
+        # c1 = α1/ω
+        g_om += g_k3 * dk3_dom - g_c1 * a1 / (om * om)
+        g_a1 += g_c1 / om
     else:
         wq = a1 + rho
         iw2 = 1.0 / (wq * wq)
@@ -139,6 +152,9 @@ def admm_params_bwd(w_ptr, t, T: tl.constexpr, g_rho, g_irho, g_k2, g_k3, g_c1, 
         # c1 = 1/w, c2 = ρ/w with w = α1 + ρ
         g_a1 += -g_c1 * iw2 - g_c2 * rho * iw2
         g_r += -g_c1 * iw2 + g_c2 * a1 * iw2
+    g_r += g_om
+    if QUAD and not PAPER:
+        g_a1 += g_om
     return g_a1, g_k2 * dk2_da2, g_k3 * dk3_da3, g_r
 
 
@@ -270,11 +286,12 @@ def _sinkhorn_step_bwd(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, ga_new, gb_
 # --------------------------------------------------------------------------------------------
 # backward: Bregman ADMM, state log S, Z [BW, BN, BC]; log μ, z1 [BW, 1, BC]; log η, z2 [BW, BN, 1]
 # (the last four are the paper variant's marginal variables and stay put in the exact variant)
-# params: ρ, 1/ρ, κ2, κ3, c1, c2 with c1 = 1/(α1+ρ), c2 = ρ/(α1+ρ) (B-E) or c1 = α1/ρ (B-Q)
+# params: ρ, 1/ω, κ2, κ3, c1, c2 (admm_params; ω = ρ + α1 for B-Q exact, else ρ) with
+# c1 = 1/(α1+ρ), c2 = ρ/(α1+ρ) (B-E) or c1 = α1/ω (B-Q); "irho" below holds 1/ω
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _admm_p_logits(x, log_s, z, irho, c1, m, QUAD: tl.constexpr):
-    """Y of the P-step: log S + (X - Z)/ρ [- α1 S/ρ] (masked to 0)."""
+    """Y of the P-step: log S + (X - Z)/ω [- α1 S/ω] (masked to 0)."""
     y = log_s + (x - z) * irho
     if QUAD:
         y = y - c1 * tl.where(m, _exp(log_s), 0.0)
@@ -331,7 +348,7 @@ def _admm_step_bwd(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp
                    g_log_s_new, g_z_new, g_lmu_new, g_leta_new, g_z1_new, g_z2_new, g_y,
                    QUAD: tl.constexpr, PAPER: tl.constexpr):
     """VJP of _admm_step (g_y: cotangent of the returned Y). Returns gx, the state cotangents
-    and the (tile-summed) cotangents of ρ, 1/ρ, κ2, κ3, c1, c2."""
+    and the (tile-summed) cotangents of ρ, 1/ω, κ2, κ3, c1, c2."""
     m = sv & cv
     # ---- recompute the forward of this iteration
     s = tl.where(m, _exp(log_s), 0.0)
@@ -431,7 +448,7 @@ def _admm_step_bwd(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp
         g_k2 = _tsum(g_v * (lp0 - r))
     g_r = tl.where(cv, g_r, 0.0)
     g_yy = tl.where(m, g_logp + g_y + sm1 * g_r, 0.0)
-    # Y = log S + (X - Z)/ρ [- c1 S]
+    # Y = log S + (X - Z)/ω [- c1 S]
     g_x = irho * g_yy
     g_z += -irho * g_yy
     g_irho += _tsum((x - z) * g_yy)
@@ -607,7 +624,7 @@ def _admm_fwd(x, w_ptr, lp0, lq0, sv, cv, T: tl.constexpr, QUAD: tl.constexpr,
         rho, irho, k2, k3, c1, c2 = admm_params(w_ptr, t, T, QUAD, PAPER)
         irho2 = irho * LOG2E
         c1l = c1 * LOG2E
-        # P-step: Y = log S + (X - Z)/ρ [- α1 S/ρ];  log P = Y + log μ - LSE_n(Y)
+        # P-step: Y = log S + (X - Z)/ω [- α1 S/ω];  log P = Y + log μ - LSE_n(Y)
         y = ls + (x - z) * irho2
         if QUAD:
             y = y - c1l * s
