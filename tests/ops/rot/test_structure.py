@@ -61,14 +61,17 @@ def _leaf(t):
     return t.detach().clone().requires_grad_()
 
 
-def _check_case(sizes, D, method, variant, *, dense, grads, seed=0):
-    """Forward (y and plan) and, with ``grads``, every gradient against the reference."""
+def _check_case(sizes, D, method, variant, *, dense, grads, seed=0, Tn=T, overrides=None):
+    """Forward (y and plan) and, with ``grads``, every gradient against the reference.
+    ``overrides``: weight name -> value for all Tn modules (instead of the random draw)."""
     xs = _sets(sizes, D, seed)
     B = len(sizes)
     g = torch.Generator().manual_seed(seed + 1)
     lp0 = torch.randn(B, D, generator=g, dtype=torch.float64)
     lq_rows = torch.randn(sum(sizes), generator=g, dtype=torch.float64)
-    ws = _weights(T, seed)
+    ws = _weights(Tn, seed)
+    for k, v in (overrides or {}).items():
+        ws[k] = torch.full((Tn,), float(v), dtype=torch.float64)
     gy = torch.randn(B, D, generator=g, dtype=torch.float64)
     gplan = torch.randn(sum(sizes), D, generator=g, dtype=torch.float64)
 
@@ -77,7 +80,7 @@ def _check_case(sizes, D, method, variant, *, dense, grads, seed=0):
     r_lp0, r_lq = _leaf(lp0), _leaf(lq_rows)
     r_ws = {k: _leaf(v) for k, v in ws.items()}
     y_ref, plans_ref = _reference(r_xs, r_lp0, list(torch.split(r_lq, sizes)), r_ws, method,
-                                  variant)
+                                  variant, Tn=Tn)
     plan_ref = torch.cat(plans_ref, 0)
     # kernels, fp32
     if dense:
@@ -92,10 +95,11 @@ def _check_case(sizes, D, method, variant, *, dense, grads, seed=0):
     k_lp0 = _leaf(lp0.to(DEVICE, torch.float32))
     k_ws = {k: _leaf(v.to(DEVICE, torch.float32)) for k, v in ws.items()}
     y, plan = rt.rot_pool(k_x, ptr=None if ptr is None else ptr.to(DEVICE), method=method,
-                          variant=variant, num_iters=T, inner_iters=K, log_p0=k_lp0,
+                          variant=variant, num_iters=Tn, inner_iters=K, log_p0=k_lp0,
                           log_q0=k_lq, backend="triton", return_plan=True, **k_ws)
     tol = RTOL[torch.float32]
     assert y.dtype == torch.float32 and y.shape == (B, D)
+    assert torch.isfinite(y).all() and torch.isfinite(plan).all()
     assert rel_err(y, y_ref) <= tol, rel_err(y, y_ref)
     assert rel_err(plan.reshape(-1, D), plan_ref) <= tol
     if not grads:
@@ -107,7 +111,7 @@ def _check_case(sizes, D, method, variant, *, dense, grads, seed=0):
     pairs = [("x", k_x.grad.reshape(-1, D), gx_ref), ("log_p0", k_lp0.grad, r_lp0.grad),
              ("log_q0", k_lq.grad.reshape(-1), r_lq.grad)]
     for k in ws:
-        ref_g = r_ws[k].grad if r_ws[k].grad is not None else torch.zeros(T, dtype=torch.float64)
+        ref_g = r_ws[k].grad if r_ws[k].grad is not None else torch.zeros(Tn, dtype=torch.float64)
         pairs.append((k, k_ws[k].grad, ref_g))
     for name, got, want in pairs:
         assert got is not None, name
@@ -130,7 +134,8 @@ def test_forward_and_gradients_d_greater_than_n(method):
 
 
 @pytest.mark.parametrize("method,variant,switch", [("sinkhorn", "paper", "replay"),
-                                                   ("badmm-q", "paper", "checkpoint")])
+                                                   ("badmm-q", "paper", "checkpoint"),
+                                                   ("badmm-q", "exact", "replay")])
 def test_backward_alternatives(monkeypatch, method, variant, switch):
     """The torch-autograd replay backward (TRITON_BACKWARD = False) and the backward with
     stored checkpoints (CHECKPOINT_EVERY = 1, no recompute) give the reference gradients too."""
@@ -140,6 +145,16 @@ def test_backward_alternatives(monkeypatch, method, variant, switch):
     else:
         monkeypatch.setattr(ts, "CHECKPOINT_EVERY", 1)
     _check_case([5, 5], 3, method, variant, dense=True, grads=True, seed=17)
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "ragged"])
+def test_badmm_q_exact_large_a1(dense):
+    """B-Q exact at α1/ρ = 1e3 (T = 8), where the spec's step weight ρ made the P/S updates
+    chaotic (1 - α1 S/ρ < -1): the stable step weight ρ + α1 gives finite outputs and gradients
+    equal to the reference's."""
+    sizes, D = ([5, 5], 3) if dense else ([4, 6], 3)
+    _check_case(sizes, D, "badmm-q", "exact", dense=dense, grads=True, seed=5, Tn=8,
+                overrides=dict(a1=1e3, rho=1.0))
 
 
 @pytest.mark.parametrize("custom_op", [False, True])

@@ -271,6 +271,34 @@ def structure_factors_kernel(x_ptr, row_start_ptr, len_ptr, x32_ptr, xc_ptr, xt_
 
 
 @triton.jit
+def _p_step_weight(a1, rho, QUADRATIC: tl.constexpr, PAPER: tl.constexpr):
+    """Step weight w of the B-ADMM P-step (Y = log S + G/w): ρ, except B-Q exact: ρ + α1, the
+    majorized linearisation of reference/rot.py ``_exact_badmm`` (non-expansive for every α1/ρ)."""
+    if QUADRATIC:
+        if PAPER:
+            w = rho
+        else:
+            w = rho + a1
+    else:
+        w = rho
+    return w
+
+
+@triton.jit
+def _s_step_weight(a1, rho, QUADRATIC: tl.constexpr, PAPER: tl.constexpr):
+    """Step weight w of the B-ADMM S-step: α1 + ρ (B-E; B-Q exact, majorized as in the P-step),
+    ρ for B-Q paper (eq. (24) as printed)."""
+    if QUADRATIC:
+        if PAPER:
+            w = rho
+        else:
+            w = rho + a1
+    else:
+        w = a1 + rho
+    return w
+
+
+@triton.jit
 def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr, log_mu_ptr,
                         r_out_ptr, mu_out_ptr, len_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
                         N_pad, D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, S,
@@ -279,9 +307,10 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
                         SAVE: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """P-step of B-E/B-Q, one program per set (all D features).
 
-    G = x + α0 Σ(S) - Z [- α1 S];  Y = log S + G/ρ;  R = LSE_n Y;
-    exact: log μ = lognorm(κ2 log p0 + (1-κ2) R);  paper: log μ is the state;
-    log P = Y + (log μ - R).   sig = Σ(S) (B, N_pad, D); log_mu (B, D) (paper only).
+    G = x + α0 Σ(S) - Z [- α1 S];  Y = log S + G/w;  R = LSE_n Y;
+    exact: log μ = lognorm(κ2 log p0 + (1-κ2) R), κ2 = κ(α2, w);  paper: log μ is the state;
+    log P = Y + (log μ - R).  w = ρ, except B-Q exact: w = ρ + α1 (the stable majorized step,
+    reference/rot.py ``_exact_badmm``).   sig = Σ(S) (B, N_pad, D); log_mu (B, D) (paper only).
     SAVE: also write R and log μ to r_out, mu_out (B, D) for the backward.
     """
     b = tl.program_id(0)
@@ -294,7 +323,7 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
                    D, D_ORDER, True, PRECISION, BT)
     a0 = tl.load(a0_ptr + t)
     a1 = tl.load(a1_ptr + t)
-    rho = tl.load(rho_ptr + t)
+    w = _p_step_weight(a1, tl.load(rho_ptr + t), QUADRATIC, PAPER)
     offs_d = tl.arange(0, BD)
     d_ok = offs_d < D
     m = tl.full([BD], _NEG_BIG, dtype=tl.float32)
@@ -309,7 +338,7 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
         g += a0 * tl.load(sig_ptr + off, mask=msk, other=0.0)
         if QUADRATIC:
             g -= a1 * tl.exp(ls)
-        y = tl.where(msk, ls + g / rho, float("-inf"))                          # [BN, BD]
+        y = tl.where(msk, ls + g / w, float("-inf"))                            # [BN, BD]
         m_new = tl.maximum(m, tl.max(y, 0))
         l = l * tl.exp(m - m_new) + tl.sum(tl.exp(y - m_new[None, :]), 0)
         m = m_new
@@ -317,7 +346,7 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
     if PAPER:
         log_mu = tl.load(log_mu_ptr + b * D + offs_d, mask=d_ok, other=0.0)
     else:
-        k2 = _kappa(tl.load(a2_ptr + t), rho)
+        k2 = _kappa(tl.load(a2_ptr + t), w)
         v = k2 * tl.load(log_p0_ptr + b * D + offs_d, mask=d_ok, other=0.0) + (1 - k2) * r
         v = tl.where(d_ok, v, float("-inf"))
         vm = tl.max(v, 0)
@@ -336,7 +365,7 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
         g += a0 * tl.load(sig_ptr + off, mask=msk, other=0.0)
         if QUADRATIC:
             g -= a1 * tl.exp(ls)
-        tl.store(log_p_ptr + off, ls + g / rho + shift[None, :], mask=msk)
+        tl.store(log_p_ptr + off, ls + g / w + shift[None, :], mask=msk)
 
 
 @triton.jit
@@ -349,8 +378,10 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
                         BN: tl.constexpr, BD: tl.constexpr):
     """S-step and dual update of B-E/B-Q, one program per set.
 
-    H = Z + α0 Σ(P);  B-E: Y = (H + ρ log P)/(α1+ρ);  B-Q: Y = log P + (H - α1 P)/ρ;
-    C = LSE_d Y;  exact: log η = lognorm_n(κ3 log q0 + (1-κ3) C);  paper: log η is the state;
+    H = Z + α0 Σ(P);  B-E: Y = (H + ρ log P)/w;  B-Q: Y = log P + (H - α1 P)/w;  w = α1 + ρ
+    (B-Q paper: w = ρ);
+    C = LSE_d Y;  exact: log η = lognorm_n(κ3 log q0 + (1-κ3) C), κ3 = κ(α3, w);
+    paper: log η is the state;
     log S = Y + log η - C;  Z += ρ (P - S).
     Paper only, eqs. (26)-(28): log μ, log η, z1 (B, D), z2 (B, N_pad) updated in place.
     c: (B, N_pad) scratch for C.  Y is parked in log_s between the two passes.
@@ -367,10 +398,7 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
     a0 = tl.load(a0_ptr + t)
     a1 = tl.load(a1_ptr + t)
     rho = tl.load(rho_ptr + t)
-    if QUADRATIC:
-        w = rho
-    else:
-        w = a1 + rho
+    w = _s_step_weight(a1, rho, QUADRATIC, PAPER)
     if PAPER:
         k3 = _kappa(tl.load(a3_ptr + t), rho)
     else:
@@ -389,7 +417,7 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
         h = tl.load(z_ptr + off, mask=msk, other=0.0) + a0 * tl.load(sig_ptr + off, mask=msk,
                                                                      other=0.0)
         if QUADRATIC:
-            y = lp + (h - a1 * tl.exp(lp)) / rho
+            y = lp + (h - a1 * tl.exp(lp)) / w
         else:
             y = (h + rho * lp) / w
         y = tl.where(msk, y, float("-inf"))                                     # [BN, BD]
@@ -608,7 +636,8 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
     C (c) and log η (eta). Out: g_z_out = ∂L/∂Z through this step, g_sig = α0 ∂L/∂H (to be
     pushed through Σ by the epilogue, which adds the Σ(P) path to g_lp and the factors'
     gradients to dxc, dxt), g_lp = ∂L/∂log P and g_p = ∂L/∂P, g_lq0
-    (B, N_pad), and per-set partial sums wpart[b] = (∂/∂α0, ∂/∂α1, ∂/∂ρ direct, ∂/∂κ3, ∂/∂w).
+    (B, N_pad), and per-set partial sums wpart[b] = (∂/∂α0, ∂/∂α1 direct, ∂/∂ρ direct, ∂/∂κ3,
+    ∂/∂w) with w the step weight (``_s_step_weight``; ∂w/∂α1 = ∂w/∂ρ = 1 except B-Q paper's w = ρ).
     gvec: (B, N_pad) scratch.
     PAPER: log η is a state (no κ3 path): gvec returns ∂L/∂log η through log S'; the eq. (27)-(28)
     updates enter as row_x (B, N_pad) (∂L/∂S'_nd += row_x_n, from z2) and col_x (B, D)
@@ -619,11 +648,8 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
     a0 = tl.load(a0_ptr + t)
     a1 = tl.load(a1_ptr + t)
     rho = tl.load(rho_ptr + t)
-    if QUADRATIC:
-        w = rho
-    else:
-        w = a1 + rho
-    k3 = _kappa(tl.load(a3_ptr + t), w)
+    w = _s_step_weight(a1, rho, QUADRATIC, PAPER)
+    k3 = _kappa(tl.load(a3_ptr + t), w)   # exact only (paper: no κ3 path)
     offs_d = tl.arange(0, BD)
     d_ok = offs_d < D
     zero_n = tl.zeros([BN], dtype=tl.float32)
@@ -674,7 +700,7 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
         sig = tl.load(sig_p_ptr + off, mask=msk, other=0.0)
         h = tl.load(z_ptr + off, mask=msk, other=0.0) + a0 * sig
         if QUADRATIC:
-            y = lp + (h - a1 * p) / rho
+            y = lp + (h - a1 * p) / w
         else:
             y = (h + rho * lp) / w
         # C = LSE_d Y: ∂C/∂Y = exp(Y - C)
@@ -683,11 +709,11 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
         if PAPER:
             g_y += tl.load(row_x_ptr + b * N_pad + rows, mask=r_ok, other=0.0)[:, None] * s
         if QUADRATIC:
-            g_h = g_y / rho
+            g_h = g_y / w
             g_lp = g_y
             g_p = rho * gz - a1 * g_h
             g_a1 += tl.sum(tl.sum(-g_h * p, 1), 0)
-            g_rho += tl.sum(tl.sum(-g_h * (h - a1 * p), 1), 0) / rho
+            g_w += tl.sum(tl.sum(-g_h * (h - a1 * p), 1), 0) / w
         else:
             g_h = g_y / w
             g_lp = rho * g_h
@@ -729,15 +755,16 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
     log μ (r, mu (B, D)). Out: g_l = ∂L/∂log S (written; the epilogue adds the Σ(S) path and
     the factors' gradients to dxc, dxt), g_x += and g_z -= ∂L/∂G (in place), g_sig = α0
     ∂L/∂G (pushed through Σ by the epilogue), g_lp0 (B, D), and
-    per-set partials wpart[b] = (∂/∂α0, ∂/∂α1, ∂/∂ρ direct, ∂/∂κ2).
+    per-set partials wpart[b] = (∂/∂α0, ∂/∂α1 direct, ∂/∂w, ∂/∂κ2) with w the step weight
+    (``_p_step_weight``: ρ, or ρ + α1 for B-Q exact, so ∂/∂w counts for α1 there too).
     PAPER: log μ is a state: g_lp0 returns ∂L/∂log μ (no κ2 path).
     """
     b = tl.program_id(0)
     n_b = tl.load(len_ptr + b).to(tl.int32)
     a0 = tl.load(a0_ptr + t)
     a1 = tl.load(a1_ptr + t)
-    rho = tl.load(rho_ptr + t)
-    k2 = _kappa(tl.load(a2_ptr + t), rho)
+    w = _p_step_weight(a1, tl.load(rho_ptr + t), QUADRATIC, PAPER)
+    k2 = _kappa(tl.load(a2_ptr + t), w)
     offs_d = tl.arange(0, BD)
     d_ok = offs_d < D
     # pass 1: ∂L/∂log μ_d = Σ_n ∂L/∂log P_nd
@@ -764,7 +791,7 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
     zero_n = tl.zeros([BN], dtype=tl.float32)
     g_a0 = tl.sum(zero_n, 0)
     g_a1 = tl.sum(zero_n, 0)
-    g_rho = tl.sum(zero_n, 0)
+    g_w = tl.sum(zero_n, 0)
     for n0 in range(0, n_b, BN):
         rows = n0 + tl.arange(0, BN)
         msk = (rows < n_b)[:, None] & d_ok[None, :]
@@ -779,11 +806,11 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
         s = tl.where(msk, tl.exp(ls), 0.0)
         if QUADRATIC:
             g -= a1 * s
-        y = ls + g / rho
+        y = ls + g / w
         # R = LSE_n Y: ∂R/∂Y = exp(Y - R)
         g_y = glp + tl.where(msk, tl.exp(y - r[None, :]), 0.0) * g_r[None, :]   # [BN, BD]
-        g_g = g_y / rho
-        g_rho += tl.sum(tl.sum(-g_g * g, 1), 0) / rho
+        g_g = g_y / w
+        g_w += tl.sum(tl.sum(-g_g * g, 1), 0) / w
         g_a0 += tl.sum(tl.sum(g_g * sig, 1), 0)
         g_l = g_y
         if QUADRATIC:
@@ -795,7 +822,7 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
         tl.store(g_sig_ptr + off, a0 * g_g, mask=msk)
     tl.store(wpart_ptr + b * 8 + 0, g_a0)
     tl.store(wpart_ptr + b * 8 + 1, g_a1)
-    tl.store(wpart_ptr + b * 8 + 2, g_rho)
+    tl.store(wpart_ptr + b * 8 + 2, g_w)
     tl.store(wpart_ptr + b * 8 + 3, g_k2)
     # the structure product's adjoint: g_sig through Σ2 exp(log_s) Σ1 into g_l, xc, xt
     tl.debug_barrier()   # g_sig and g_l rows were written by other threads of this program

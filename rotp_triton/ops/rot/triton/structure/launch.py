@@ -324,8 +324,13 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tenso
                               w["a0"], w["a1"], w["a2"], w["a3"], w["rho"], t, N, D, *sigma,
                               SAVE=True, **kw)
     rho, a1 = w["rho"][t], w["a1"][t]
-    wgt = rho if quad else a1 + rho
-    k2_a, k2_w = _dkappa(w["a2"][t], rho)
+    # the steps' weights (kernels' _p_step_weight, _s_step_weight): B-Q exact divides both by
+    # ρ + α1 (stable majorized step), so ∂/∂w counts for α1 as well as ρ there
+    p_has_a1 = quad and not paper
+    s_has_a1 = not (quad and paper)
+    wgt_p = rho + a1 if p_has_a1 else rho
+    wgt = a1 + rho if s_has_a1 else rho
+    k2_a, k2_w = _dkappa(w["a2"][t], wgt_p)
     row_x = col_x = dummy
     if paper:
         # eqs. (26)-(28): log μ' = lognorm((1-κ2)(log μ - z1/ρ) + κ2 log p0),
@@ -379,6 +384,7 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tenso
                                   **kw)                                       # + the Σ(S) path
     # the scalar weights of iteration t from the per-set partial sums
     ps, pp = wp_s.sum(0), wp_p.sum(0)
+    g_wp = pp[2]                                  # ∂/∂(P-step weight)
     if paper:
         g_w = ps[4]
         g_out["log_mu"] = g_out["log_mu"] + g_lp0        # P-step: log P = Y + log μ - R
@@ -390,11 +396,11 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tenso
         acc["lq0"] += g_lq0
         acc["a3"][t] += ps[3] * k3_a
         acc["a2"][t] += pp[3] * k2_a
-        acc["rho"][t] += pp[3] * k2_w
+        g_wp = g_wp + pp[3] * k2_w
         g_out = {}
     acc["a0"][t] += ps[0] + pp[0]
-    acc["a1"][t] += ps[1] + pp[1] + (0 if quad else g_w)
-    acc["rho"][t] += ps[2] + pp[2] + g_w
+    acc["a1"][t] += ps[1] + pp[1] + (g_wp if p_has_a1 else 0) + (g_w if s_has_a1 else 0)
+    acc["rho"][t] += ps[2] + g_wp + g_w
     g_out["log_s"] = g_l
     g_out["z"] = g_z_out
     return g_out
@@ -454,12 +460,15 @@ def _replay_step(pb: _Problem, st: dict, x: Tensor, xc: Tensor, xt: Tensor, fac:
     log_s, z = st["log_s"], st["z"]
     s = torch.exp(log_s.masked_fill(~m3, neg))
     g = x - z + a0 * sig(log_s)
+    wgt_p = rho
     if quad:
         g = g - a1 * s
-    y = log_s + g / rho
+        if pb.variant == "exact":
+            wgt_p = rho + a1     # stable majorized B-Q step (reference/rot.py _exact_badmm)
+    y = log_s + g / wgt_p
     r = lse_n(y)
     if pb.variant == "exact":
-        k2 = kappa(a2, rho)
+        k2 = kappa(a2, wgt_p)
         log_mu = lognorm_d(k2 * lp0 + (1 - k2) * r)
     else:
         log_mu = st["log_mu"][:, None, :]
@@ -467,8 +476,8 @@ def _replay_step(pb: _Problem, st: dict, x: Tensor, xc: Tensor, xt: Tensor, fac:
     p = torch.exp(log_p.masked_fill(~m3, neg))
     h = z + a0 * sig(log_p)
     if quad:
-        y = log_p + (h - a1 * p) / rho
-        wgt = rho
+        wgt = rho + a1 if pb.variant == "exact" else rho
+        y = log_p + (h - a1 * p) / wgt
     else:
         wgt = a1 + rho
         y = (h + rho * log_p) / wgt
