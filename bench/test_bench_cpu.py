@@ -38,7 +38,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import rotp_triton as rt  # noqa: E402
-from rotp_triton.ops.rot.solvers import wants_structure  # noqa: E402
+from rotp_triton.ops.rot.params import wants_structure  # noqa: E402
 
 B, N, D, T = 50, 500, 100, 4
 if os.environ.get("ROTP_BENCH_THREADS"):
