@@ -9,10 +9,12 @@ tiny inputs under TRITON_INTERPRET=1: timings meaningless, nothing written).
 Workloads (fp32 unless said otherwise; layer defaults: B-E exact, T = 4, a1 = ρ = 100):
     W3  ROTPool2d(C, 2) on (64, 256, 56, 56) and (256, 64, 112, 112), NCHW and channels_last:
         forward and forward+backward (gradients for x and the learnable weights) of
-          triton         rot_pool2d_triton (the fused window kernels), best of a tile sweep
-          torch eager    the torch path (unfold + batched solver)
-          torch.compile  of the torch path
+          triton         ROTPool2d(C, 2, backend="triton") (the fused window kernels,
+                         rotp_triton/ops/rot/triton/window), best of a tile sweep
+          torch eager    ROTPool2d(C, 2, backend="torch") (unfold + batched solver)
+          torch.compile  of the torch layer
           nn.AvgPool2d(2), nn.MaxPool2d(2)
+        (the ROT layers with scale=None: the pooling itself, without the per-image rescale)
         median time (triton.testing.do_bench, return_mode="median"), peak memory above the
         pre-call allocation (torch.cuda.max_memory_allocated), and for triton the speed of light
         SoL = max(bytes / copy bandwidth, transcendentals / SFU rate) and the ratio to it
@@ -22,7 +24,8 @@ Workloads (fp32 unless said otherwise; layer defaults: B-E exact, T = 4, a1 = ρ
         device-to-device copy); the SFU rate is assumed, 16 exp2 / SM / clock × SMs × the
         sustained clock (1.75 GHz, not the maximum).
     W2  AdaptiveROTPool2d(2048) on a ResNet-50 head (256, 2048, 7, 7) (rot_pool on the strided
-        view, i.e. the set kernels of rotp_triton.ops.rot.triton_set when present), NCHW and
+        (B, HW, C) view: backend="triton" runs the set kernels of
+        rotp_triton/ops/rot/triton/sinkhorn|badmm, backend="torch" the torch path), NCHW and
         channels_last, against nn.AdaptiveAvgPool2d(1); forward and forward+backward.
     W4  torchvision ResNet-50 training step (batch 64, 224×224, SGD momentum 0.9, channels_last,
         bf16 autocast): AdaptiveAvgPool2d vs replace_avgpool (AdaptiveROTPool2d); step-time ratio.
@@ -73,7 +76,7 @@ def bench_w3(do_bench, bw, sfu_rate, args):
     from torch import nn
 
     from rotp_triton.nn.image import ROTPool2d
-    from rotp_triton.ops.rot.triton.window import launch as tw  # FWD_TILE, BWD_TILE
+    from rotp_triton.ops.rot.triton.window import launch as tw  # FWD_TILE, BWD_TILE (swept)
 
     shapes = [(64, 256, 56, 56), (256, 64, 112, 112)]
     if args.quick:
@@ -84,7 +87,9 @@ def bench_w3(do_bench, bw, sfu_rate, args):
     for shape in shapes:
         B, C, H, W = shape
         T = 4
-        layer = ROTPool2d(C, 2).to(DEVICE)
+        # backend="triton": the kernels or an error (never a silent fall-back to the torch path);
+        # under TRITON_INTERPRET=1 (smoke) they also run on CPU tensors
+        layer = ROTPool2d(C, 2, backend="triton", scale=None).to(DEVICE)
         params = list(layer.parameters())
         n_el = B * C * H * W
         in_bytes = n_el * 4
@@ -115,8 +120,8 @@ def bench_w3(do_bench, bw, sfu_rate, args):
                                                                       else (512,))]
                 for ft, bt in tiles:
                     tw.FWD_TILE, tw.BWD_TILE = ft, bt
-                    ms, peak, err = _safe(do_bench, _runner(
-                        lambda v: _triton_call(layer, v), x, params if bwd else [], bwd))
+                    ms, peak, err = _safe(do_bench, _runner(layer, x, params if bwd else [],
+                                                            bwd))
                     if err is None and (best is None or ms < best[0]):
                         best = (ms, peak, ft, bt)
                 tw.FWD_TILE, tw.BWD_TILE = saved
@@ -134,7 +139,7 @@ def bench_w3(do_bench, bw, sfu_rate, args):
                     row["ratio_to_sol"] = best[0] / sol
                 rows.append(row)
                 print(_fmt(row), flush=True)
-                torch_layer = ROTPool2d(C, 2, backend="torch").to(DEVICE)
+                torch_layer = ROTPool2d(C, 2, backend="torch", scale=None).to(DEVICE)
                 torch_params = list(torch_layer.parameters())
                 add("torch eager", torch_layer, ps=torch_params)
                 if not args.no_compile:
@@ -147,14 +152,6 @@ def bench_w3(do_bench, bw, sfu_rate, args):
     return rows
 
 
-def _triton_call(layer, x):
-    from rotp_triton.ops.rot.triton_window import rot_pool2d_triton
-    w = layer.weights()
-    return rot_pool2d_triton(x, layer.kernel_size, layer.stride, layer.padding, layer.ceil_mode,
-                             method=layer.method, variant=layer.variant, a1=w["a1"], a2=w["a2"],
-                             a3=w["a3"], rho=w["rho"], num_iters=layer.num_iters)
-
-
 def bench_w2(do_bench, args):
     from torch import nn
 
@@ -162,22 +159,19 @@ def bench_w2(do_bench, args):
     shape = (32, 2048, 7, 7) if args.quick else (256, 2048, 7, 7)
     if args.smoke_cpu:
         shape = (2, 16, 3, 3)
-    try:
-        from rotp_triton.ops.rot import triton_set  # noqa: F401
-        kern = "set kernels"
-    except ImportError:
-        kern = "torch path (no set kernels)"
     rows = []
     B, C, H, W = shape
-    layer = AdaptiveROTPool2d(C).to(DEVICE)
+    layers = [(f"AdaptiveROTPool2d ({label})", AdaptiveROTPool2d(C, backend=backend).to(DEVICE))
+              for label, backend in (("set kernels", "triton"), ("torch path", "torch"))]
     for layout in ("nchw", "channels_last"):
         x0 = torch.randn(shape, device=DEVICE)
         if layout == "channels_last":
             x0 = x0.contiguous(memory_format=torch.channels_last)
         for bwd in (False, True):
             x = x0.detach().requires_grad_(bwd)
-            for impl, fn, ps in ((f"AdaptiveROTPool2d ({kern})", layer, list(layer.parameters())),
-                                 ("nn.AdaptiveAvgPool2d(1)", nn.AdaptiveAvgPool2d(1), [])):
+            impls = [(impl, layer, list(layer.parameters())) for impl, layer in layers]
+            impls.append(("nn.AdaptiveAvgPool2d(1)", nn.AdaptiveAvgPool2d(1), []))
+            for impl, fn, ps in impls:
                 ms, peak, err = _safe(do_bench, _runner(fn, x, ps if bwd else [], bwd))
                 row = dict(workload=f"W2 {B}x{C}x{H}x{W} {layout}", impl=impl,
                            pass_="fwd+bwd" if bwd else "fwd", ms=ms, peak_bytes=peak,
@@ -296,10 +290,9 @@ def main(argv=None) -> int:
         return 0
     import triton
     if args.smoke_cpu:
+        # the interpreter runs the kernels on CPU tensors with backend="triton", which the W3 /
+        # W2 kernel rows set; W4's replace_avgpool layers ("auto") take the torch path on CPU
         do_bench = common.wall_clock_bench
-        # the interpreter runs the kernels on CPU tensors only with backend="triton"
-        from rotp_triton.nn import image
-        image._use_window_kernel = lambda x, backend, w, *_: backend != "torch"
     else:
         from triton.testing import do_bench
     dev_name, sms, clk, sfu_rate, bw = common.machine(do_bench, DEVICE,

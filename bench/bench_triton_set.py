@@ -10,8 +10,9 @@ Workloads (issue 3):
 For T = 4 and 16 and every method (variant "exact"), the median time (triton.testing.do_bench,
 return_mode="median") of the forward and of forward+backward (gradients for x and the (T,)
 weights a1, a2, a3), and the peak memory above what was allocated before the call
-(torch.cuda.max_memory_allocated), for: triton (rot_pool backend="triton"), eager torch
-(backend="torch"), torch.compile of the torch path, and mean pooling.
+(torch.cuda.max_memory_allocated), for: triton (rot_pool backend="triton": the kernels of
+rotp_triton/ops/rot/triton/sinkhorn and badmm, routed by ops/rot/route.py, or an error), eager
+torch (backend="torch"), torch.compile of the torch path, and mean pooling.
 
 Speed of light (bench/sol.py, PERF.md): max(problem bytes / measured copy bandwidth, the
 algorithm's minimal exp2 count / SFU rate) for every method: bytes = x read once + y written
@@ -91,13 +92,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller batches (a smoke run)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    p.add_argument("--T", type=int, nargs="+", default=[4, 16])
+    p.add_argument("--T", type=int, nargs="+", default=None,
+                   help="unrolled iterations (default 4 16; 2 with --smoke-cpu)")
     p.add_argument("--methods", nargs="+", default=["sinkhorn", "badmm-e", "badmm-q"])
     p.add_argument("--workloads", nargs="+", default=["W1", "W2", "W5"])
     p.add_argument("--smoke-cpu", action="store_true",
                    help="check the script on CPU under TRITON_INTERPRET=1 with tiny inputs "
                         "(timings meaningless, nothing written)")
     args = p.parse_args(argv)
+    if args.T is None:
+        args.T = [2] if args.smoke_cpu else [4, 16]
 
     global DEVICE
     DEVICE = common.select_device(args.smoke_cpu, "bench_triton_set")

@@ -11,10 +11,13 @@ Workloads (DESIGN §7 / issue 5):
 for B-E, B-Q and S (K = 5 inner iterations). Reported: median forward and forward+backward
 time (triton.testing.do_bench), peak memory of one forward+backward above the inputs, the
 FLOP count of the structure products of one forward (what the kernels compute: per set
-4·n·D² + 2·D³ per product when D <= N_max, else 4·n²·D + 2·n³), the achieved TFLOP/s of the
-product alone (one Σ M Σ application timed on its own) and of the whole forward (products'
-FLOPs / forward time, a lower bound). "triton √T-ckpt" is the Triton forward+backward with every
-ceil(sqrt(T))-th state stored (memory ~sqrt(T) states instead of none; less recompute).
+4·n·D² + 2·D³ per product when D <= N_max, else 4·n²·D + 2·n³; the Gram matrix Σ1 or Σ2 is
+computed once with the factors), the achieved TFLOP/s of the product alone (one Σ M Σ
+application, ``Factors.apply``: one launch, timed on its own) and of the whole forward
+(products' FLOPs / forward time, a lower bound). "triton √T-ckpt" is the Triton forward+backward with every
+ceil(sqrt(T))-th state stored in the forward (``op.CHECKPOINT_EVERY``; by default the backward
+builds ⌈√T⌉-spaced checkpoints itself). ``--dot`` sets ``launch.DOT_PRECISION`` (the
+structure product's tl.dot precision). Kernels: rotp_triton/ops/rot/triton/structure/.
 Results: bench/results/structure_<device>_<date>.md/.json.
 """
 from __future__ import annotations
@@ -35,7 +38,8 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rotp_triton as rt  # noqa: E402
 from bench import common  # noqa: E402
-from rotp_triton.ops.rot import triton_structure as ts  # noqa: E402
+from rotp_triton.ops.rot.triton.structure import launch as sl  # noqa: E402
+from rotp_triton.ops.rot.triton.structure import op as so  # noqa: E402
 
 METHODS = ("badmm-e", "badmm-q", "sinkhorn")
 
@@ -91,7 +95,8 @@ def product_flops(lens, D, n_max):
 
 
 def bench_product(x, ptr, device):
-    """ms of one structure product alone (3 set_matmul launches) on the workload."""
+    """ms of one structure product alone (``Factors.apply``: one launch) on the workload, at the
+    dot precision the forward uses for x's dtype."""
     dense = ptr is None
     if dense:
         B, N, D = x.shape
@@ -103,8 +108,10 @@ def bench_product(x, ptr, device):
         row_start = ptr[:-1].contiguous()
         n_max = int(lens.max())
         B, D = lens.numel(), x.shape[1]
-    x32, xc, xt = ts._launch_factors(x, row_start, lens, B, n_max, D, dense)
-    fac = ts.Factors(xc, xt, lens.clamp_min(1))
+    n_pad = max(n_max, 1)
+    precision = sl.dot_precision(x.dtype)
+    x32, xc, xt, gram = sl._launch_factors(x, row_start, lens, B, n_pad, D, dense, precision)
+    fac = sl.Factors(xc, xt, gram, lens.clamp_min(1), precision)
     m = torch.randn_like(x32)
     out = torch.empty_like(x32)
     ms = timer(lambda: fac.apply(m, exp=True, out=out), device)
@@ -118,11 +125,12 @@ def main():
     ap.add_argument("--checkpoint-every", type=int, default=None,
                     help="store every c-th state for the backward (default: none, memory "
                          "independent of T, O(T^2) recompute)")
-    ap.add_argument("--dot", choices=("ieee", "tf32"), default=None, help="fp32 tl.dot precision")
+    ap.add_argument("--dot", choices=sl.DOT_PRECISIONS, default=None,
+                    help="tl.dot precision of the structure product (launch.DOT_PRECISION)")
     args = ap.parse_args()
-    ts.CHECKPOINT_EVERY = args.checkpoint_every
+    so.CHECKPOINT_EVERY = args.checkpoint_every
     if args.dot:
-        ts.DOT_PRECISION = args.dot
+        sl.DOT_PRECISION = args.dot
     device = common.select_device(SMOKE, "bench_triton_structure", "Use --smoke to check the "
                                   "script on CPU under the Triton interpreter.")
     if device is None:
@@ -169,9 +177,9 @@ def main():
                     xg.grad = None
                     a0.grad = None
 
-                saved = ts.CHECKPOINT_EVERY
-                if label == "triton_ckpt":   # every ceil(sqrt(T))-th state kept for the backward
-                    ts.CHECKPOINT_EVERY = math.ceil(math.sqrt(T))
+                saved = so.CHECKPOINT_EVERY
+                if label == "triton_ckpt":   # every ceil(sqrt(T))-th state kept by the forward
+                    so.CHECKPOINT_EVERY = math.ceil(math.sqrt(T))
                 try:
                     fwd()
                     fwdbwd()                     # warm-up / compilation
@@ -184,7 +192,7 @@ def main():
                     if device == "cuda":
                         torch.cuda.empty_cache()
                 finally:
-                    ts.CHECKPOINT_EVERY = saved
+                    so.CHECKPOINT_EVERY = saved
             if "triton_fwd_ms" in res:
                 res["forward_tflops"] = flops_fwd / res["triton_fwd_ms"] / 1e9
             rows.append(res)
@@ -201,8 +209,8 @@ def write(rows, dev_name, device):
     date = datetime.date.today().isoformat()
     # smoke runs are not results
     out_dir = common.RESULTS_DIR if not SMOKE else os.environ.get("TMPDIR", "/tmp")
-    meta = dict(device=dev_name, **common.versions(), dot_precision=ts.DOT_PRECISION,
-                checkpoint_every=ts.CHECKPOINT_EVERY, date=date)
+    meta = dict(device=dev_name, **common.versions(), dot_precision=sl.DOT_PRECISION,
+                checkpoint_every=so.CHECKPOINT_EVERY, date=date)
     hdr = ("| workload | method | triton fwd ms | eager fwd ms | compile fwd ms | triton f+b ms | "
            "triton √T-ckpt f+b ms | eager f+b ms | compile f+b ms | f+b speedup vs eager | "
            "vs compile | peak MB triton/√T-ckpt/eager/compile | product GFLOP | "

@@ -183,7 +183,7 @@ def main():
 
 
 def eager_prediction(method: str, variant: str = "exact", scale_b: int = 64):
-    """Predicted eager time of the torch path (nn/image.rot_pool2d_torch) at W3, forward: run it
+    """Predicted eager time of the torch path (ops/rot/torch/windows.rot_pool2d_torch) at W3, forward: run it
     on the CPU at batch 1 under a dispatch mode that counts aten ops and the bytes each reads
     and writes (views excluded), scale the bytes to batch 64, and charge bytes / HBM plus ~5 µs
     per op launch (about a lower bound for eager: no op is faster than its traffic plus its
@@ -192,7 +192,7 @@ def eager_prediction(method: str, variant: str = "exact", scale_b: int = 64):
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
-    from rotp_triton.nn.image import rot_pool2d_torch
+    from rotp_triton.ops.rot.torch.windows import rot_pool2d_torch
 
     class Count(TorchDispatchMode):
         ops = 0
