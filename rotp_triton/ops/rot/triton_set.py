@@ -1,7 +1,7 @@
 """The Triton path of ``rot_pool`` for α0 = 0 (imported by ``dispatch.py``).
 
 ``rot_pool_triton`` routes Sinkhorn to the fused kernels of ``triton_sinkhorn`` and Bregman ADMM
-to ``triton_badmm``. The Sinkhorn kernels are wrapped as two custom operators
+to ``triton.badmm``. The Sinkhorn kernels are wrapped as two custom operators
 (``rotp_triton::sinkhorn_fwd`` / ``sinkhorn_bwd``, built with ``torch.library.triton_op`` where
 torch has it) with registered autograd and explicit fake kernels, so
 ``torch.compile(fullgraph=True)`` traces them without a graph break. They run the Triton kernels
@@ -179,15 +179,8 @@ def rot_pool_triton(x: Tensor, ptr: Optional[Tensor], *, method: str, variant: s
     if method == "sinkhorn":
         return rot_sinkhorn_triton(x, ptr, variant=variant, a1=a1, a2=a2, a3=a3, log_p0=log_p0,
                                    log_q0=log_q0, return_plan=return_plan)
-    try:
-        from .triton_badmm import rot_pool_badmm_triton
-    except ImportError:  # no B-E/B-Q kernels yet: the torch path (priors already normalized)
-        from ...functional import rot_pool
-        return rot_pool(x, ptr=ptr, method=method, variant=variant, num_iters=a1.shape[0],
-                        a1=a1, a2=a2, a3=a3, rho=rho, log_p0=log_p0, log_q0=log_q0,
-                        backend="torch", return_plan=True) if return_plan else \
-            (rot_pool(x, ptr=ptr, method=method, variant=variant, num_iters=a1.shape[0], a1=a1,
-                      a2=a2, a3=a3, rho=rho, log_p0=log_p0, log_q0=log_q0, backend="torch"),
-             None)
-    return rot_pool_badmm_triton(x, ptr, method=method, variant=variant, a1=a1, a2=a2, a3=a3,
-                                 rho=rho, log_p0=log_p0, log_q0=log_q0, return_plan=return_plan)
+    from .triton.badmm import badmm_pool
+    z = torch.zeros_like(a1, dtype=torch.float32)
+    w = torch.stack([z, a1.float(), a2.float(), a3.float(), rho.float(), z])   # (6, T) table
+    return badmm_pool(x, ptr, w, log_p0, log_q0, quadratic=method == "badmm-q", variant=variant,
+                      return_plan=return_plan)

@@ -1,4 +1,4 @@
-"""Triton kernels of ROTP Bregman ADMM (B-E entropic, B-Q quadratic) with α0 = 0.
+"""``@triton.jit`` code of the B-ADMM set kernels (B-E entropic, B-Q quadratic), α0 = 0.
 
 Computes exactly what :func:`rotp_triton.ops.rot.solvers.badmm` computes with ``sf=None``
 (DESIGN §3.1 ``variant="exact"``, §3.2 ``variant="paper"``), fused: one launch for the forward,
@@ -36,8 +36,9 @@ z1/z2 updates use exp(log μ_t) / exp(log η_t) for P·1 / Sᵀ·1 (equal in exa
 sums the torch path forms; they differ by rounding only).
 
 Backward: the exact reverse-mode gradient of the T unrolled iterations, for x, log p0, log q0
-and the per-iteration scalars (α1, ρ directly; α2, α3 through κ2, κ3, whose chain rule torch
-does on the host). Memory must not grow with T, so nothing per-iteration is saved: the
+and the per-iteration scalars (α1, ρ directly; α2, α3 through κ2, κ3, whose chain rule
+:func:`badmm_dw_kernel` applies on chip). Every per-iteration scalar (κ2, κ3, 1/ρ, 1/(α1 + ρ))
+is derived on chip from the (6, T) weight table (rows as ``params.py``). Memory must not grow with T, so nothing per-iteration is saved: the
 backward of iteration t first recomputes the state (log S_t, Z_t) by re-running the forward
 from the start (the "O(T²) recompute" schedule): T(T-1)/2 forward iterations plus T backward
 iterations (three streamed passes each, plus two to recompute the vectors of iteration t). In
@@ -67,25 +68,15 @@ vector state's adjoints). Every reduction is a streamed pass like the forward's.
 """
 from __future__ import annotations
 
-import functools
-import math
-from typing import Optional, Tuple
-
-import torch
-from torch import Tensor
-
 import triton
 import triton.language as tl
 
-from .solvers import kappa
-
-__all__ = ["rot_pool_badmm_triton"]
+from ..common import kappa
 
 # Vector scratch: 7 D-vectors per program (vd + j·D) - R, log μ, z1, τ (then R̄), log μ̄, z̄1,
 # log p̄0 - and 9 N-vectors per set (vn + j·ns) - C, log η, z2, σ (then C̄), log η̄, z̄2, log q̄0,
 # and the previous iteration's C and log η (the deferred S normalisation, _load_state).
 # Running maxima start at -1e30 (finite): exp2(m_old - m_new) never sees inf - inf.
-
 
 # --------------------------------------------------------------------------------------------
 # elementwise helpers
@@ -140,6 +131,21 @@ def _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp):
     L = tl.where(mask, tl.load(sl + o, mask=mask, other=0.0) + shift[:, None], 0.0)  # [BN, BD]
     Zt = tl.load(sz + o, mask=mask, other=0.0) - rp * _exp(L)
     return L, Zt
+
+
+@triton.jit
+def _iter_weights(w_ptr, T, t, QUAD: tl.constexpr, PAPER: tl.constexpr):
+    """(α1, ρ, κ2, κ3) of iteration t from the (6, T) table: κ2 = κ(α2, ρ), κ3 = κ(α3, w) with
+    w = α1 + ρ (B-E exact) or ρ (B-Q, paper), as ``solvers.badmm``."""
+    a1 = tl.load(w_ptr + 1 * T + t)
+    a2 = tl.load(w_ptr + 2 * T + t)
+    a3 = tl.load(w_ptr + 3 * T + t)
+    rho = tl.load(w_ptr + 4 * T + t)
+    if QUAD or PAPER:
+        k3 = kappa(a3, rho)
+    else:
+        k3 = kappa(a3, a1 + rho)
+    return a1, rho, kappa(a2, rho), k3
 
 
 @triton.jit
@@ -445,9 +451,9 @@ def _restart(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
 
 
 @triton.jit
-def badmm_forward_kernel(
+def badmm_fwd_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr,
-    a1_ptr, rho_ptr, k2_ptr, k3_ptr,
+    w_ptr,
     y_ptr, plan_ptr, sl_ptr, sz_ptr, vd_ptr, vn_ptr,
     B, N, D, NR, T, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
@@ -458,6 +464,7 @@ def badmm_forward_kernel(
     at a time (persistent grid)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    rho_ptr = w_ptr + 4 * T                                              # row RHO of the table
     vd = vd_ptr + pid.to(tl.int64) * 7 * D
     for it in range(0, tl.cdiv(B - pid, nprog)):
         b = pid + it * nprog                                   # a tensor, also in the interpreter
@@ -474,14 +481,13 @@ def badmm_forward_kernel(
             _restart(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
                      HAS_P0, HAS_Q0, PAPER, BN, BD, BV)
             for t in range(0, T - 1):
+                a1_t, rho_t, k2_t, k3_t = _iter_weights(w_ptr, T, t, QUAD, PAPER)
                 _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D,
-                                   u_p0, u_q0, tl.load(a1_ptr + t), tl.load(rho_ptr + t),
-                                   tl.load(k2_ptr + t), tl.load(k3_ptr + t),
+                                   u_p0, u_q0, a1_t, rho_t, k2_t, k3_t,
                                    _rho_prev(rho_ptr, t), HAS_P0, HAS_Q0, QUAD, PAPER, BN, BD,
                                    BV)
             # last iteration: its P-step only, pooling on the fly
-            a1 = tl.load(a1_ptr + T - 1)
-            rho = tl.load(rho_ptr + T - 1)
+            a1, rho, k2_last, _k3 = _iter_weights(w_ptr, T, T - 1, QUAD, PAPER)
             cp = vn + 7 * ns
             ep = vn + 8 * ns
             rp = _rho_prev(rho_ptr, T - 1)
@@ -490,7 +496,7 @@ def badmm_forward_kernel(
             if PLAN:
                 tl.debug_barrier()
                 if not PAPER:
-                    _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, vd, vd + D, tl.load(k2_ptr + T - 1),
+                    _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, vd, vd + D, k2_last,
                                      D, BV)
                     tl.debug_barrier()
                 _plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, vd, vd + D, plan_ptr + rs * D, n_b,
@@ -797,9 +803,9 @@ def _zero_pass(sl, sz, n_b, D, BN: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def badmm_backward_kernel(
+def badmm_bwd_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr,
-    a1_ptr, rho_ptr, k2_ptr, k3_ptr,
+    w_ptr,
     out_ptr, gy_ptr, gplan_ptr,
     gx_ptr, gp0_ptr, gq0_ptr, gw_ptr,
     sl_ptr, sz_ptr, slb_ptr, szb_ptr, vd_ptr, vn_ptr,
@@ -815,6 +821,7 @@ def badmm_backward_kernel(
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    rho_ptr = w_ptr + 4 * T                                              # row RHO of the table
     vd = vd_ptr + pid.to(tl.int64) * 7 * D
     for it in range(0, tl.cdiv(B - pid, nprog)):
         b = pid + it * nprog                                   # a tensor, also in the interpreter
@@ -843,18 +850,15 @@ def badmm_backward_kernel(
                 _restart(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
                          HAS_P0, HAS_Q0, PAPER, BN, BD, BV)
                 for t in range(0, tb):
+                    a1_t, rho_t, k2_t, k3_t = _iter_weights(w_ptr, T, t, QUAD, PAPER)
                     _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D,
-                                       u_p0, u_q0, tl.load(a1_ptr + t), tl.load(rho_ptr + t),
-                                       tl.load(k2_ptr + t), tl.load(k3_ptr + t),
+                                       u_p0, u_q0, a1_t, rho_t, k2_t, k3_t,
                                        _rho_prev(rho_ptr, t), HAS_P0, HAS_Q0, QUAD, PAPER, BN,
                                        BD, BV)
                 cp = vn + 7 * ns                      # the deferred normalisation of state tb
                 ep = vn + 8 * ns
                 rp = _rho_prev(rho_ptr, tb)
-                a1 = tl.load(a1_ptr + tb)
-                rho = tl.load(rho_ptr + tb)
-                k2 = tl.load(k2_ptr + tb)
-                k3 = tl.load(k3_ptr + tb)
+                a1, rho, k2, k3 = _iter_weights(w_ptr, T, tb, QUAD, PAPER)
                 gk2 = _vzero(BV)
                 gk3 = _vzero(BV)
                 ga1 = _vzero(BV)
@@ -936,342 +940,45 @@ def badmm_backward_kernel(
         tl.debug_barrier()
 
 
-# --------------------------------------------------------------------------------------------
-# host side
-# --------------------------------------------------------------------------------------------
-def _block_sizes(n_hint: int, D: int):
-    """(BN, BD, BV, num_warps): [BN, BD] tiles of <= 2048 fp32 (a few live tiles per thread at
-    8 warps), BV-wide chunks for the vector steps. ``n_hint``: the set size of a dense batch
-    (caps BN), 0 for a ragged one (not looked up: that would be a host sync).
-
-    BV >= 32 · num_warps: a 1-D block narrower than the CTA is replicated across warps, and the
-    vector steps update their vectors in place (load, then store the same lanes) - replicas in
-    different warps would race. With BV covering every thread once, each lane has one owner."""
-    BD = min(max(triton.next_power_of_2(D), 16), 128)
-    BN = max(16, 2048 // BD)
-    if n_hint > 0:
-        BN = min(BN, max(triton.next_power_of_2(n_hint), 16))
-    num_warps = 8 if BN * BD >= 2048 else 4
-    BV = min(max(triton.next_power_of_2(max(n_hint, D, 1)), 32 * num_warps), 1024)
-    return BN, BD, BV, num_warps
+@triton.jit
+def _dkappa(alpha, w):
+    """(∂κ/∂α, ∂κ/∂w) of κ = α/(α + w); both 0 for α = +inf (κ ≡ 1)."""
+    inf = alpha == float("inf")
+    s = tl.where(inf, 1.0, alpha + w)
+    return tl.where(inf, 0.0, w / (s * s)), tl.where(inf, 0.0, -alpha / (s * s))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_programs(B: int, device: torch.device) -> int:
-    """Persistent grid: one program per SM on a GPU (a dense batch's scratch is
-    O(programs · N · D)); a few under the interpreter, so that the loop over sets is exercised."""
-    if device.type == "cuda":
-        return max(1, min(B, _sm_count(device.index if device.index is not None
-                                       else torch.cuda.current_device())))
-    return max(1, min(B, 3))
-
-
-class _Geometry:
-    """Where each set lives: dense (B, N, D) with any strides, or ragged (rows, D) + ptr;
-    and the scratch sizes (dense: per program; ragged: per row)."""
-
-    def __init__(self, x: Tensor, ptr: Optional[Tensor]):
-        self.ragged = ptr is not None
-        self.D = x.shape[-1]
-        if self.ragged:
-            self.B = ptr.shape[0] - 1
-            self.N = 0
-            self.rows = x.shape[0]
-            self.sxb, (self.sxn, self.sxd) = 0, x.stride()
-            self.ptr = ptr
-        else:
-            self.B, self.N = x.shape[0], x.shape[1]
-            self.rows = self.B * self.N
-            self.sxb, self.sxn, self.sxd = x.stride()
-            self.ptr = None
-        self.blocks = _block_sizes(self.N, self.D)
-        self.grid = _num_programs(self.B, x.device)
-        self.mat_numel = max(self.rows if self.ragged else self.grid * self.N, 1) * self.D
-        self.nvec_numel = 9 * max(self.rows if self.ragged else self.grid * self.N, 1)
-
-
-def _direct(kernel):
-    return kernel
-
-
-def _f32(t: Tensor) -> Tensor:
-    return t.detach().to(torch.float32).contiguous()
-
-
-def _priors(x: Tensor, log_p0: Optional[Tensor], log_q0: Optional[Tensor]):
-    dummy = torch.zeros(1, device=x.device, dtype=torch.float32)
-    lp0 = dummy if log_p0 is None else _f32(log_p0)
-    lq0 = dummy if log_q0 is None else _f32(log_q0).reshape(-1)
-    return lp0, lq0
-
-
-def _scratch(geo: _Geometry, device, n_mats: int):
-    f32 = dict(device=device, dtype=torch.float32)
-    mats = [torch.empty(geo.mat_numel, **f32) for _ in range(n_mats)]
-    return mats, torch.empty(geo.grid * 7 * geo.D, **f32), torch.empty(geo.nvec_numel, **f32)
-
-
-def badmm_forward(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
-                  log_q0: Optional[Tensor], a1: Tensor, rho: Tensor, k2: Tensor, k3: Tensor, *,
-                  quadratic: bool, paper: bool, return_plan: bool, wrap=_direct):
-    """Launch the forward kernel (``wrap``: ``torch.library.wrap_triton`` inside a triton_op).
-    Returns (y (B, D) fp32, plan in x's layout and dtype or None).
-
-    x: (B, N, D) any strides, or (rows, D) with ptr (B + 1,); log_p0 (B, D) / None;
-    log_q0 (B, N) or (rows,) / None; a1, rho, k2, k3: (T,) (detached here).
-    """
-    geo = _Geometry(x, ptr)
-    B, D, T = geo.B, geo.D, a1.numel()
-    y = torch.zeros(B, D, device=x.device, dtype=torch.float32)
-    plan = torch.zeros(x.shape, device=x.device, dtype=x.dtype) if return_plan else None
-    if B == 0 or geo.rows == 0 or D == 0:
-        return y, plan
-    lp0, lq0 = _priors(x, log_p0, log_q0)
-    (sl, sz), vd, vn = _scratch(geo, x.device, 2)
-    BN, BD, BV, num_warps = geo.blocks
-    wrap(badmm_forward_kernel)[(geo.grid,)](
-        x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else y, lp0, lq0,
-        _f32(a1), _f32(rho), _f32(k2), _f32(k3),
-        y, plan if return_plan else y, sl, sz, vd, vn,
-        B, geo.N, D, geo.rows, T, -math.log(D),
-        RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
-        QUAD=quadratic, PAPER=paper, PLAN=return_plan, BN=BN, BD=BD, BV=BV,
-        num_warps=num_warps,
-    )
-    return y, plan
-
-
-def badmm_backward(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
-                   log_q0: Optional[Tensor], a1: Tensor, rho: Tensor, k2: Tensor, k3: Tensor,
-                   y32: Tensor, grad_y: Tensor, grad_plan: Optional[Tensor], *, quadratic: bool,
-                   paper: bool, wrap=_direct):
-    """Launch the backward kernel. Returns fp32 (grad_x in x's shape, grad_log_p0 (B, D),
-    grad_log_q0 like log_q0, grad_k2, grad_k3, grad_a1, grad_rho (T,) each)."""
-    geo = _Geometry(x, ptr)
-    B, D, T = geo.B, geo.D, a1.numel()
-    dev = x.device
-    gx = torch.zeros(geo.rows, D, device=dev, dtype=torch.float32)
-    gp0 = torch.zeros(B, D, device=dev, dtype=torch.float32)
-    gq0 = torch.zeros(geo.rows, device=dev, dtype=torch.float32)
-    gw = torch.zeros(B, T, 4, device=dev, dtype=torch.float32)
-    if B > 0 and geo.rows > 0 and D > 0:
-        lp0, lq0 = _priors(x, log_p0, log_q0)
-        (sl, sz, slb, szb), vd, vn = _scratch(geo, dev, 4)
-        gplan = _f32(grad_plan).reshape(geo.rows, D) if grad_plan is not None else gx
-        BN, BD, BV, num_warps = geo.blocks
-        wrap(badmm_backward_kernel)[(geo.grid,)](
-            x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else gx, lp0, lq0,
-            _f32(a1), _f32(rho), _f32(k2), _f32(k3),
-            y32, _f32(grad_y), gplan,
-            gx, gp0, gq0, gw,
-            sl, sz, slb, szb, vd, vn,
-            B, geo.N, D, geo.rows, T, -math.log(D),
-            RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
-            QUAD=quadratic, PAPER=paper, PLAN_GRAD=grad_plan is not None,
-            BN=BN, BD=BD, BV=BV, num_warps=num_warps,
-        )
-    g = gw.sum(0).t().contiguous()                                                 # [4, T]
-    gq0 = gq0.reshape(log_q0.shape) if log_q0 is not None else None
-    return gx.reshape(x.shape), gp0, gq0, g[0].clone(), g[1].clone(), g[2].clone(), g[3].clone()
-
-
-def badmm_cost_model(num_elements: int, T: int, *, x_bytes: int = 4, return_plan: bool = False,
-                     backward: bool = False) -> dict:
-    """Memory traffic and exponentials of these kernels as implemented (for a speed-of-light
-    estimate): ``num_elements`` = Σ_b N_b · D, x of ``x_bytes`` per element, fp32 scratch.
-
-    Per element: a full forward iteration streams pass A (reads x, log S, Z) and B (reads x,
-    log S, Z, writes log S, Z) = 2·x_bytes + 24 bytes, and 5 exp2 (S for the deferred Z in A
-    and B - doubling as B-Q's α1 S -, the LSE in A, P and the LSE in B); the forward is init
-    (8 bytes) + (T - 1) iterations + the last pass A (+ the plan pass). The backward adds, for
-    every t, the recompute (init + t iterations + passes A, B) and passes 1-3 over x, the
-    state, its adjoints and the fp32 x-gradient. Vector work (O(N + D) per set and pass) is
-    left out. Returns the totals {"bytes", "exp2"}; the same for B-E and B-Q.
-    """
-    bx = x_bytes
-    it_bytes, it_exp = 2 * bx + 24, 5
-
-    def forward_to(t):  # init + t full iterations
-        return 8 + t * it_bytes, t * it_exp
-
-    fb, fe = forward_to(T - 1)
-    fb, fe = fb + bx + 8, fe + 2                                    # last pass A (pooling)
-    if return_plan:
-        fb, fe = fb + 2 * bx + 8, fe + 2
-    if not backward:
-        return dict(bytes=fb * num_elements, exp2=fe * num_elements)
-    bb, be = 8 + 8, 0                                               # zero adjoints, final sums
-    for t in range(T):
-        rb, re = forward_to(t)
-        bb, be = bb + rb + bx + 8, be + re + 2                      # recompute + pass A
-        if t < T - 1:
-            bb, be = bb + bx + 8, be + 3                            # pass B (read only)
-            bb, be = bb + bx + 16, be + 3                           # pass 1: S, P, S'
-            bb, be = bb + bx + 24, be + 3                           # pass 2: S, P, S'
-        elif return_plan:
-            bb, be = bb + bx + 16, be + 2                           # plan adjoint
-        bb, be = bb + bx + 32, be + 2                               # pass 3: S, softmax
-    return dict(bytes=(fb + bb) * num_elements, exp2=(fe + be) * num_elements)
-
-
-class BadmmPoolFunction(torch.autograd.Function):
-    """y (B, D) [and the plan] of T B-ADMM iterations; differentiable in x, log p0, log q0,
-    α1, ρ (T,) and κ2, κ3 (T,) (the host computes κ from α2, α3 so torch does that chain)."""
-
-    @staticmethod
-    def forward(ctx, x, ptr, log_p0, log_q0, a1, rho, k2, k3, quadratic, paper, return_plan):
-        y32, plan = badmm_forward(x, ptr, log_p0, log_q0, a1, rho, k2, k3, quadratic=quadratic,
-                                  paper=paper, return_plan=return_plan)
-        ctx.save_for_backward(x, ptr, log_p0, log_q0, a1, rho, k2, k3, y32)
-        ctx.quadratic, ctx.paper, ctx.return_plan = quadratic, paper, return_plan
-        if plan is None:
-            plan = x.new_zeros(0)
-            ctx.mark_non_differentiable(plan)
-        return y32.to(x.dtype), plan
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_plan):
-        x, ptr, log_p0, log_q0, a1, rho, k2, k3, y32 = ctx.saved_tensors
-        if grad_y is None:
-            grad_y = torch.zeros_like(y32)
-        if not ctx.return_plan:
-            grad_plan = None
-        gx, gp0, gq0, gk2, gk3, ga1, grho = badmm_backward(
-            x, ptr, log_p0, log_q0, a1, rho, k2, k3, y32, grad_y, grad_plan,
-            quadratic=ctx.quadratic, paper=ctx.paper)
-
-        def cast(g, like):
-            return None if like is None else g.to(like.dtype)
-        return (gx.to(x.dtype), None, cast(gp0, log_p0), cast(gq0, log_q0), ga1.to(a1.dtype),
-                grho.to(rho.dtype), gk2.to(k2.dtype), gk3.to(k3.dtype), None, None, None)
-
-
-# --------------------------------------------------------------------------------------------
-# custom operators: torch.compile(fullgraph=True) sees one opaque node each (as triton_set's
-# Sinkhorn operators); without torch.library.triton_op the autograd Function above is used
-# --------------------------------------------------------------------------------------------
-_HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
-badmm_fwd_op = None
-badmm_bwd_op = None
-
-if _HAS_TRITON_OP:
-    try:
-        from torch.library import triton_op, wrap_triton
-
-        @triton_op("rotp_triton::badmm_fwd", mutates_args=())
-        def badmm_fwd_op(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
-                         log_q0: Optional[Tensor], a1: Tensor, rho: Tensor, k2: Tensor,
-                         k3: Tensor, quadratic: bool, paper: bool,
-                         return_plan: bool) -> Tuple[Tensor, Tensor]:
-            """(y (B, D) fp32, plan in x's layout or an empty tensor)."""
-            y, plan = badmm_forward(x, ptr, log_p0, log_q0, a1, rho, k2, k3,
-                                    quadratic=quadratic, paper=paper, return_plan=return_plan,
-                                    wrap=wrap_triton)
-            return y, (plan if plan is not None else x.new_empty(0))
-
-        @triton_op("rotp_triton::badmm_bwd", mutates_args=())
-        def badmm_bwd_op(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
-                         log_q0: Optional[Tensor], a1: Tensor, rho: Tensor, k2: Tensor,
-                         k3: Tensor, y32: Tensor, grad_y: Tensor, grad_plan: Optional[Tensor],
-                         quadratic: bool, paper: bool
-                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-            """(dx fp32 like x, dlog_p0 (B, D), dlog_q0 like log_q0 (empty when absent),
-            dκ2, dκ3, dα1, dρ (T,))."""
-            gx, gp0, gq0, gk2, gk3, ga1, grho = badmm_backward(
-                x, ptr, log_p0, log_q0, a1, rho, k2, k3, y32, grad_y, grad_plan,
-                quadratic=quadratic, paper=paper, wrap=wrap_triton)
-            if gq0 is None:
-                gq0 = x.new_empty(0, dtype=torch.float32)
-            return gx, gp0, gq0, gk2, gk3, ga1, grho
-
-        def _setup_context(ctx, inputs, output):
-            x, ptr, log_p0, log_q0, a1, rho, k2, k3, quadratic, paper, return_plan = inputs
-            ctx.save_for_backward(x, ptr, log_p0, log_q0, a1, rho, k2, k3, output[0])
-            ctx.quadratic, ctx.paper, ctx.return_plan = quadratic, paper, return_plan
-
-        def _backward(ctx, grad_y, grad_plan):
-            x, ptr, log_p0, log_q0, a1, rho, k2, k3, y32 = ctx.saved_tensors
-            gp = grad_plan.contiguous() if (ctx.return_plan and grad_plan is not None) else None
-            if grad_y is None:
-                grad_y = torch.zeros_like(y32)
-            gx, gp0, gq0, gk2, gk3, ga1, grho = badmm_bwd_op(
-                x, ptr, log_p0, log_q0, a1, rho, k2, k3, y32, grad_y.contiguous(), gp,
-                ctx.quadratic, ctx.paper)
-            return (gx.to(x.dtype), None,
-                    gp0.to(log_p0.dtype) if log_p0 is not None else None,
-                    gq0.to(log_q0.dtype) if log_q0 is not None else None,
-                    ga1.to(a1.dtype), grho.to(rho.dtype), gk2.to(k2.dtype), gk3.to(k3.dtype),
-                    None, None, None)
-
-        badmm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-        # Explicit fake kernels: under TRITON_INTERPRET=1 wrap_triton hands back the raw
-        # interpreted kernel, which cannot run on fake tensors, so tracing needs these.
-        @badmm_fwd_op.register_fake
-        def _badmm_fwd_fake(x, ptr, log_p0, log_q0, a1, rho, k2, k3, quadratic, paper,
-                            return_plan):
-            B = x.shape[0] if ptr is None else ptr.shape[0] - 1
-            plan = torch.empty_like(x, memory_format=torch.contiguous_format) if return_plan \
-                else x.new_empty(0)
-            return x.new_empty(B, x.shape[-1], dtype=torch.float32), plan
-
-        @badmm_bwd_op.register_fake
-        def _badmm_bwd_fake(x, ptr, log_p0, log_q0, a1, rho, k2, k3, y32, grad_y, grad_plan,
-                            quadratic, paper):
-            f = dict(dtype=torch.float32)
-            T = a1.shape[0]
-            return (x.new_empty(x.shape, **f), x.new_empty(y32.shape, **f),
-                    x.new_empty(log_q0.shape if log_q0 is not None else (0,), **f),
-                    x.new_empty(T, **f), x.new_empty(T, **f), x.new_empty(T, **f),
-                    x.new_empty(T, **f))
-    except Exception:  # pragma: no cover - a torch whose triton_op rejects these ops
-        _HAS_TRITON_OP = False
-        badmm_fwd_op = badmm_bwd_op = None
-
-
-def rot_pool_badmm_triton(x: Tensor, ptr: Optional[Tensor], *, method: str, variant: str,
-                          a1: Tensor, a2: Tensor, a3: Tensor, rho: Tensor,
-                          log_p0: Optional[Tensor], log_q0: Optional[Tensor],
-                          return_plan: bool):
-    """ROTP pooling by Bregman ADMM (α0 = 0) with the fused Triton kernels.
-
-    Args:
-        x: ``(B, N, D)`` dense batch with any strides, or ``(N_total, D)`` ragged batch whose
-            rows are grouped by set, with ``ptr``. fp32 / fp16 / bf16.
-        ptr: ``(B + 1,)`` int64 CSR offsets for a ragged ``x``; ``None`` for a dense one.
-        method: ``"badmm-e"`` (entropic) or ``"badmm-q"`` (quadratic).
-        variant: ``"exact"`` (DESIGN §3.1) or ``"paper"`` (Alg. 2, §3.2).
-        a1, a2, a3, rho: ``(T,)`` per-iteration weights (a2, a3 may be +inf); differentiable.
-        log_p0: ``(B, D)`` normalized log prior over features, or ``None`` (uniform).
-        log_q0: ``(B, N)`` / ``(N_total,)`` normalized log prior over each set's samples, or
-            ``None`` (uniform).
-        return_plan: also return each set's plan P (total mass 1) in x's layout and dtype.
-
-    Returns:
-        ``(y, plan_or_None)``: ``y`` ``(B, D)`` in x's dtype (0 for empty sets).
-    """
-    if method not in ("badmm-e", "badmm-q"):
-        raise ValueError(f"method must be 'badmm-e' or 'badmm-q', got {method!r}")
-    if variant not in ("exact", "paper"):
-        raise ValueError(f"variant must be 'exact' or 'paper', got {variant!r}")
-    if x.dim() == 3 and ptr is not None:
-        raise ValueError("ptr is only used with a 2-D ragged x")
-    if x.dim() == 2 and ptr is None:
-        raise ValueError("a 2-D (ragged) x needs ptr")
-    quadratic = method == "badmm-q"
-    paper = variant == "paper"
-    # κ2 = κ(α2, ρ); κ3 = κ(α3, w), w = α1 + ρ (B-E exact) or ρ (B-Q, paper): as solvers.badmm
-    k2 = kappa(a2, rho)
-    k3 = kappa(a3, rho if (quadratic or paper) else a1 + rho)
-    if badmm_fwd_op is not None:
-        y32, plan = badmm_fwd_op(x, ptr, log_p0, log_q0, a1, rho, k2, k3, quadratic, paper,
-                                 return_plan)
-        y = y32.to(x.dtype)
+@triton.jit
+def badmm_dw_kernel(w_ptr, gw_ptr, dw_ptr, B, T, QUAD: tl.constexpr, PAPER: tl.constexpr,
+                    BT: tl.constexpr):
+    """dw (6, T) from the per-set partials gw (B, T, 4) = ∂/∂(κ2, κ3, α1, ρ): sums over sets and
+    applies the chain rule of κ2 = κ(α2, ρ), κ3 = κ(α3, w) on chip. Rows A0 and TAU are 0."""
+    offs = tl.program_id(0) * BT + tl.arange(0, BT)                                      # [BT]
+    m = offs < T
+    g = tl.zeros([BT, 4], dtype=tl.float32)
+    cols = tl.arange(0, 4)
+    for b in range(0, B):
+        g += tl.load(gw_ptr + (b * T + offs[:, None]) * 4 + cols[None, :], mask=m[:, None],
+                     other=0.0)
+    gk2 = tl.sum(tl.where(cols[None, :] == 0, g, 0.0), axis=1)
+    gk3 = tl.sum(tl.where(cols[None, :] == 1, g, 0.0), axis=1)
+    ga1 = tl.sum(tl.where(cols[None, :] == 2, g, 0.0), axis=1)
+    grho = tl.sum(tl.where(cols[None, :] == 3, g, 0.0), axis=1)
+    a1 = tl.load(w_ptr + 1 * T + offs, mask=m, other=1.0)
+    a2 = tl.load(w_ptr + 2 * T + offs, mask=m, other=1.0)
+    a3 = tl.load(w_ptr + 3 * T + offs, mask=m, other=1.0)
+    rho = tl.load(w_ptr + 4 * T + offs, mask=m, other=1.0)
+    d2a, d2w = _dkappa(a2, rho)
+    if QUAD or PAPER:
+        d3a, d3w = _dkappa(a3, rho)
+        da1 = ga1
     else:
-        y, plan = BadmmPoolFunction.apply(x, ptr, log_p0, log_q0, a1, rho, k2, k3, quadratic,
-                                          paper, return_plan)
-    return y, (plan if return_plan else None)
+        d3a, d3w = _dkappa(a3, a1 + rho)
+        da1 = ga1 + gk3 * d3w
+    zero = tl.zeros([BT], dtype=tl.float32)
+    tl.store(dw_ptr + 0 * T + offs, zero, mask=m)
+    tl.store(dw_ptr + 1 * T + offs, da1, mask=m)
+    tl.store(dw_ptr + 2 * T + offs, gk2 * d2a, mask=m)
+    tl.store(dw_ptr + 3 * T + offs, gk3 * d3a, mask=m)
+    tl.store(dw_ptr + 4 * T + offs, grho + gk2 * d2w + gk3 * d3w, mask=m)
+    tl.store(dw_ptr + 5 * T + offs, zero, mask=m)

@@ -19,8 +19,8 @@ import torch
 import reference.rot as ref
 import rotp_triton as rt
 from kernel_utils import DEVICE, KERNEL_DTYPES, ON_CUDA, RTOL, run_without_interpreter
-from rotp_triton.ops.rot import triton_badmm
-from rotp_triton.ops.rot.triton_badmm import rot_pool_badmm_triton
+from rotp_triton.ops.rot.triton import badmm as badmm_pkg
+from rotp_triton.ops.rot.triton.badmm import launch, op
 
 GRAD_FLOOR = 1e-2
 WEIGHTS = ("a1", "a2", "a3", "rho")
@@ -35,6 +35,15 @@ def _weights(T, gen, inf_a2=False):
     if inf_a2:
         w["a2"][-1] = math.inf
     return w
+
+
+def rot_pool_badmm_triton(x, ptr, *, method, variant, a1, a2, a3, rho, log_p0, log_q0,
+                          return_plan):
+    """The entry point with (T,) weights: builds the (6, T) table as the router does."""
+    z = torch.zeros_like(a1)
+    w = torch.stack([z, a1, a2, a3, rho, z])
+    return badmm_pkg.badmm_pool(x, ptr, w, log_p0, log_q0, quadratic=method == "badmm-q",
+                                variant=variant, return_plan=return_plan)
 
 
 def _segments(ptr):
@@ -143,7 +152,7 @@ def _small_blocks(monkeypatch):
     """Force 16-wide tiles and vector chunks so that small shapes run several tiles (online
     LSE across tiles, partial tiles). Interpreter only: on a GPU BV must cover the CTA."""
     bv = 16 if not ON_CUDA else 128
-    monkeypatch.setattr(triton_badmm, "_block_sizes", lambda n, d: (16, 16, bv, 4))
+    monkeypatch.setattr(launch, "block_sizes", lambda n, d: (16, 16, bv, 4))
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,13 +225,13 @@ def test_strided_image_without_copy(channels_last, monkeypatch):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     seen, images = [], []
-    real = triton_badmm.badmm_forward
+    real = op.badmm_forward
 
     def spy(x, *args, **kw):  # the launcher hands x itself to the kernel
         seen.append(x)
         return real(x, *args, **kw)
 
-    monkeypatch.setattr(triton_badmm, "badmm_forward", spy)
+    monkeypatch.setattr(op, "badmm_forward", spy)
     w = _weights(T, gen)
     cy = torch.randn(B, C, generator=gen)
 
@@ -293,11 +302,11 @@ def test_saved_tensors_do_not_grow_with_T():
         return sizes
 
     s2, s16 = saved_numels(2), saved_numels(16)
-    big2 = sorted(n for n in s2 if n > 16)
-    big16 = sorted(n for n in s16 if n > 16)
+    big2 = sorted(n for n in s2 if n > 6 * 16)
+    big16 = sorted(n for n in s16 if n > 6 * 16)
     assert big2 == big16, (big2, big16)          # x itself and the (B, D) output, once each
     assert sum(big16) <= x.numel() + 2 * B * D
-    assert len(s16) == len(s2)                   # the weights: same count, (T,) each
+    assert len(s16) == len(s2)                   # the weights: same count, (6, T) / (T,) each
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="peak memory is measured on CUDA")
@@ -327,13 +336,13 @@ def test_rot_pool_routes_here(monkeypatch):
     """rt.rot_pool(..., backend="triton") with method badmm-q reaches this kernel and agrees
     with backend="torch"."""
     calls = []
-    real = triton_badmm.rot_pool_badmm_triton
+    real = badmm_pkg.badmm_pool
 
     def spy(*a, **kw):
-        calls.append(kw["method"])
+        calls.append("badmm-q" if kw["quadratic"] else "badmm-e")
         return real(*a, **kw)
 
-    monkeypatch.setattr(triton_badmm, "rot_pool_badmm_triton", spy)
+    monkeypatch.setattr(badmm_pkg, "badmm_pool", spy)
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(6, 4, generator=gen).to(DEVICE)
     ptr = torch.tensor([0, 2, 6], device=DEVICE)
@@ -378,7 +387,7 @@ AOT_CODE = r"""
 import os, subprocess, tempfile
 import triton
 from aot import compile_sm90
-from rotp_triton.ops.rot import triton_badmm as m
+from rotp_triton.ops.rot.triton.badmm import kernels as m, launch
 
 PTR = {"x_ptr": "*fp16", "ptr_ptr": "*i64"}
 
@@ -389,11 +398,11 @@ def signature(kernel, consts):
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                          "cuobjdump")
 for kernel, D, N, quad, paper, ragged, flag in [
-        (m.badmm_forward_kernel, 128, 500, False, False, False, "PLAN"),
-        (m.badmm_forward_kernel, 2048, 49, True, True, True, "PLAN"),
-        (m.badmm_backward_kernel, 128, 500, False, False, True, "PLAN_GRAD"),
-        (m.badmm_backward_kernel, 2048, 49, True, True, False, "PLAN_GRAD")]:
-    BN, BD, BV, num_warps = m._block_sizes(0 if ragged else N, D)
+        (m.badmm_fwd_kernel, 128, 500, False, False, False, "PLAN"),
+        (m.badmm_fwd_kernel, 2048, 49, True, True, True, "PLAN"),
+        (m.badmm_bwd_kernel, 128, 500, False, False, True, "PLAN_GRAD"),
+        (m.badmm_bwd_kernel, 2048, 49, True, True, False, "PLAN_GRAD")]:
+    BN, BD, BV, num_warps = launch.block_sizes(0 if ragged else N, D)
     consts = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=quad, PAPER=paper, BN=BN, BD=BD,
                   BV=BV, **{flag: True})
     c = compile_sm90(kernel, signature(kernel, consts), consts,
@@ -431,17 +440,14 @@ def test_aot_compile_sm90():
 # --------------------------------------------------------------------------------------------
 def test_opcheck_custom_op():
     """torch.library.opcheck of the forward op: schema, autograd registration, fake tensor."""
-    if triton_badmm.badmm_fwd_op is None:
+    if op.badmm_fwd_op is None:
         pytest.skip("torch has no torch.library.triton_op")
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(2, 3, 4, generator=gen).to(DEVICE).requires_grad_()
-    a1 = torch.tensor([0.9, 1.1], device=DEVICE, requires_grad=True)
-    rho = torch.tensor([1.0, 1.3], device=DEVICE, requires_grad=True)
-    k2 = torch.tensor([0.4, 0.6], device=DEVICE)
-    k3 = torch.tensor([0.5, 0.3], device=DEVICE)
+    w = torch.tensor([[0.0, 0.0], [0.9, 1.1], [2.0, math.inf], [0.5, 3.0], [1.0, 1.3],
+                      [0.0, 0.0]], device=DEVICE, requires_grad=True)
     lp0 = torch.log_softmax(torch.randn(2, 4, generator=gen), -1).to(DEVICE)
-    torch.library.opcheck(triton_badmm.badmm_fwd_op,
-                          (x, None, lp0, None, a1, rho, k2, k3, True, False, True),
+    torch.library.opcheck(op.badmm_fwd_op, (x, None, w, lp0, None, True, False, True),
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))
 
@@ -451,7 +457,7 @@ def test_torch_compile_fullgraph(ragged):
     """torch.compile(fullgraph=True) of rt.rot_pool(method="badmm-e", backend="triton")
     traces without graph breaks and reproduces the eager y and gradients (x, a (T,) ρ). Under
     the interpreter the graph runs on the "eager" backend, on CUDA on inductor."""
-    if triton_badmm.badmm_fwd_op is None:
+    if op.badmm_fwd_op is None:
         pytest.skip("torch has no torch.library.triton_op")
     gen = torch.Generator().manual_seed(12)
     if ragged:

@@ -1,0 +1,187 @@
+"""Host side of the B-ADMM set kernels: tile sizes, the persistent grid, scratch, launchers.
+
+Kernels and the algorithm: :mod:`.kernels`. Each launcher takes ``wrap`` (``None`` or
+``torch.library.wrap_triton`` inside a custom op) and launches through ``common.launcher``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import triton
+
+from ..common import launcher, next_pow2, sm_count
+from .kernels import badmm_bwd_kernel, badmm_dw_kernel, badmm_fwd_kernel
+
+__all__ = ["badmm_forward", "badmm_backward", "badmm_cost_model", "block_sizes"]
+
+
+def block_sizes(n_hint: int, D: int):
+    """(BN, BD, BV, num_warps): [BN, BD] tiles of <= 2048 fp32 (a few live tiles per thread at
+    8 warps), BV-wide chunks for the vector steps. ``n_hint``: the set size of a dense batch
+    (caps BN), 0 for a ragged one (not looked up: that would be a host sync).
+
+    BV >= 32 · num_warps: a 1-D block narrower than the CTA is replicated across warps, and the
+    vector steps update their vectors in place (load, then store the same lanes) - replicas in
+    different warps would race. With BV covering every thread once, each lane has one owner."""
+    BD = min(max(next_pow2(D), 16), 128)
+    BN = max(16, 2048 // BD)
+    if n_hint > 0:
+        BN = min(BN, max(next_pow2(n_hint), 16))
+    num_warps = 8 if BN * BD >= 2048 else 4
+    BV = min(max(next_pow2(max(n_hint, D, 1)), 32 * num_warps), 1024)
+    return BN, BD, BV, num_warps
+
+
+def _num_programs(B: int, device: torch.device) -> int:
+    """Persistent grid: one program per SM (a dense batch's scratch is O(programs · N · D));
+    a few under the interpreter, so that the loop over sets is exercised."""
+    return max(1, min(B, sm_count(device)))
+
+
+class _Geometry:
+    """Where each set lives: dense (B, N, D) with any strides, or ragged (rows, D) + ptr;
+    and the scratch sizes (dense: per program; ragged: per row)."""
+
+    def __init__(self, x: Tensor, ptr: Optional[Tensor]):
+        self.ragged = ptr is not None
+        self.D = x.shape[-1]
+        if self.ragged:
+            self.B = ptr.shape[0] - 1
+            self.N = 0
+            self.rows = x.shape[0]
+            self.sxb, (self.sxn, self.sxd) = 0, x.stride()
+            self.ptr = ptr
+        else:
+            self.B, self.N = x.shape[0], x.shape[1]
+            self.rows = self.B * self.N
+            self.sxb, self.sxn, self.sxd = x.stride()
+            self.ptr = None
+        self.blocks = block_sizes(self.N, self.D)
+        self.grid = _num_programs(self.B, x.device)
+        self.mat_numel = max(self.rows if self.ragged else self.grid * self.N, 1) * self.D
+        self.nvec_numel = 9 * max(self.rows if self.ragged else self.grid * self.N, 1)
+
+
+def _f32(t: Tensor) -> Tensor:
+    return t.detach().to(torch.float32).contiguous()
+
+
+def _priors(x: Tensor, log_p0: Optional[Tensor], log_q0: Optional[Tensor]):
+    dummy = torch.zeros(1, device=x.device, dtype=torch.float32)
+    lp0 = dummy if log_p0 is None else _f32(log_p0)
+    lq0 = dummy if log_q0 is None else _f32(log_q0).reshape(-1)
+    return lp0, lq0
+
+
+def _scratch(geo: _Geometry, device, n_mats: int):
+    f32 = dict(device=device, dtype=torch.float32)
+    mats = [torch.empty(geo.mat_numel, **f32) for _ in range(n_mats)]
+    return mats, torch.empty(geo.grid * 7 * geo.D, **f32), torch.empty(geo.nvec_numel, **f32)
+
+
+def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
+                  log_q0: Optional[Tensor], *, quadratic: bool, paper: bool, return_plan: bool,
+                  wrap=None):
+    """Pooled output and plan of T = w.shape[1] iterations. Returns (y (B, D) fp32, plan in
+    x's layout and dtype or None).
+
+    x: (B, N, D) any strides, or (rows, D) with ptr (B + 1,); w: fp32 (6, T) contiguous;
+    log_p0 (B, D) / None; log_q0 (B, N) or (rows,) / None.
+    """
+    geo = _Geometry(x, ptr)
+    B, D, T = geo.B, geo.D, w.shape[1]
+    y = torch.zeros(B, D, device=x.device, dtype=torch.float32)
+    plan = torch.zeros(x.shape, device=x.device, dtype=x.dtype) if return_plan else None
+    if B == 0 or geo.rows == 0 or D == 0:
+        return y, plan
+    lp0, lq0 = _priors(x, log_p0, log_q0)
+    (sl, sz), vd, vn = _scratch(geo, x.device, 2)
+    BN, BD, BV, num_warps = geo.blocks
+    launcher(badmm_fwd_kernel, wrap)[(geo.grid,)](
+        x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else y, lp0, lq0, _f32(w),
+        y, plan if return_plan else y, sl, sz, vd, vn,
+        B, geo.N, D, geo.rows, T, -math.log(D),
+        RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
+        QUAD=quadratic, PAPER=paper, PLAN=return_plan, BN=BN, BD=BD, BV=BV,
+        num_warps=num_warps,
+    )
+    return y, plan
+
+
+def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
+                   log_q0: Optional[Tensor], y32: Tensor, grad_y: Tensor,
+                   grad_plan: Optional[Tensor], *, quadratic: bool, paper: bool, wrap=None):
+    """Exact gradient of the T unrolled iterations. Returns fp32 (grad_x in x's shape,
+    grad_log_p0 (B, D), grad_log_q0 like log_q0 or None, dw (6, T))."""
+    geo = _Geometry(x, ptr)
+    B, D, T = geo.B, geo.D, w.shape[1]
+    dev = x.device
+    w32 = _f32(w)
+    gx = torch.zeros(geo.rows, D, device=dev, dtype=torch.float32)
+    gp0 = torch.zeros(B, D, device=dev, dtype=torch.float32)
+    gq0 = torch.zeros(geo.rows, device=dev, dtype=torch.float32)
+    gw = torch.zeros(max(B, 1), T, 4, device=dev, dtype=torch.float32)
+    if B > 0 and geo.rows > 0 and D > 0:
+        lp0, lq0 = _priors(x, log_p0, log_q0)
+        (sl, sz, slb, szb), vd, vn = _scratch(geo, dev, 4)
+        gplan = _f32(grad_plan).reshape(geo.rows, D) if grad_plan is not None else gx
+        BN, BD, BV, num_warps = geo.blocks
+        launcher(badmm_bwd_kernel, wrap)[(geo.grid,)](
+            x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else gx, lp0, lq0, w32,
+            y32, _f32(grad_y), gplan,
+            gx, gp0, gq0, gw,
+            sl, sz, slb, szb, vd, vn,
+            B, geo.N, D, geo.rows, T, -math.log(D),
+            RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
+            QUAD=quadratic, PAPER=paper, PLAN_GRAD=grad_plan is not None,
+            BN=BN, BD=BD, BV=BV, num_warps=num_warps,
+        )
+    dw = torch.empty(6, T, device=dev, dtype=torch.float32)
+    BT = min(next_pow2(T), 128)
+    launcher(badmm_dw_kernel, wrap)[(triton.cdiv(T, BT),)](
+        w32, gw, dw, B, T, QUAD=quadratic, PAPER=paper, BT=BT)
+    gq0 = gq0.reshape(log_q0.shape) if log_q0 is not None else None
+    return gx.reshape(x.shape), gp0, gq0, dw
+
+
+def badmm_cost_model(num_elements: int, T: int, *, x_bytes: int = 4, return_plan: bool = False,
+                     backward: bool = False) -> dict:
+    """Memory traffic and exponentials of these kernels as implemented (for a speed-of-light
+    estimate): ``num_elements`` = Σ_b N_b · D, x of ``x_bytes`` per element, fp32 scratch.
+
+    Per element: a full forward iteration streams pass A (reads x, log S, Z) and B (reads x,
+    log S, Z, writes log S, Z) = 2·x_bytes + 24 bytes, and 5 exp2 (S for the deferred Z in A
+    and B - doubling as B-Q's α1 S -, the LSE in A, P and the LSE in B); the forward is init
+    (8 bytes) + (T - 1) iterations + the last pass A (+ the plan pass). The backward adds, for
+    every t, the recompute (init + t iterations + passes A, B) and passes 1-3 over x, the
+    state, its adjoints and the fp32 x-gradient. Vector work (O(N + D) per set and pass) is
+    left out. Returns the totals {"bytes", "exp2"}; the same for B-E and B-Q.
+    """
+    bx = x_bytes
+    it_bytes, it_exp = 2 * bx + 24, 5
+
+    def forward_to(t):  # init + t full iterations
+        return 8 + t * it_bytes, t * it_exp
+
+    fb, fe = forward_to(T - 1)
+    fb, fe = fb + bx + 8, fe + 2                                    # last pass A (pooling)
+    if return_plan:
+        fb, fe = fb + 2 * bx + 8, fe + 2
+    if not backward:
+        return dict(bytes=fb * num_elements, exp2=fe * num_elements)
+    bb, be = 8 + 8, 0                                               # zero adjoints, final sums
+    for t in range(T):
+        rb, re = forward_to(t)
+        bb, be = bb + rb + bx + 8, be + re + 2                      # recompute + pass A
+        if t < T - 1:
+            bb, be = bb + bx + 8, be + 3                            # pass B (read only)
+            bb, be = bb + bx + 16, be + 3                           # pass 1: S, P, S'
+            bb, be = bb + bx + 24, be + 3                           # pass 2: S, P, S'
+        elif return_plan:
+            bb, be = bb + bx + 16, be + 2                           # plan adjoint
+        bb, be = bb + bx + 32, be + 2                               # pass 3: S, softmax
+    return dict(bytes=(fb + bb) * num_elements, exp2=(fe + be) * num_elements)
