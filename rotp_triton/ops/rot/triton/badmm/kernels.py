@@ -76,7 +76,8 @@ from ..common import kappa
 # Vector scratch: 7 D-vectors per program (vd + j·D) - R, log μ, z1, τ (then R̄), log μ̄, z̄1,
 # log p̄0 - and 9 N-vectors per set (vn + j·ns) - C, log η, z2, σ (then C̄), log η̄, z̄2, log q̄0,
 # and the previous iteration's C and log η (the deferred S normalisation, _load_state).
-# Running maxima start at -1e30 (finite): exp2(m_old - m_new) never sees inf - inf.
+# Running maxima start at -inf and every exponent subtracts _finite(max) (0 for -inf): with a
+# finite sentinel (-1e30) inputs ~1e30 gave LSE = log(0) (issue 17).
 
 # --------------------------------------------------------------------------------------------
 # elementwise helpers
@@ -89,6 +90,12 @@ def _exp(v):
 @triton.jit
 def _log(v):
     return tl.log2(v) * 0.6931471805599453
+
+
+@triton.jit
+def _finite(m):
+    """A running maximum usable as an exponent shift: 0 where it is still -inf."""
+    return tl.where(m == float("-inf"), 0.0, m)
 
 
 @triton.jit
@@ -203,7 +210,7 @@ def _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, out_ptr, n_b, D, a1, 
     for d0 in range(0, D, BD):
         offs_d = d0 + tl.arange(0, BD)
         dm = offs_d < D
-        m = tl.full([BD], -1.0e30, dtype=tl.float32)
+        m = tl.full([BD], float("-inf"), dtype=tl.float32)
         l = tl.zeros([BD], dtype=tl.float32)
         acc = tl.zeros([BD], dtype=tl.float32)
         for n0 in range(0, n_b, BN):
@@ -215,8 +222,9 @@ def _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, out_ptr, n_b, D, a1, 
             y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)                             # [BN, BD]
             y = tl.where(mask, y, float("-inf"))
             m_new = tl.maximum(m, tl.max(y, axis=0))
-            alpha = _exp(m - m_new)
-            e = _exp(y - m_new[None, :])
+            ms = _finite(m_new)
+            alpha = _exp(m - ms)
+            e = _exp(y - ms[None, :])
             l = l * alpha + tl.sum(e, axis=0)
             if POOL:
                 acc = acc * alpha + tl.sum(e * X, axis=0)
@@ -236,7 +244,7 @@ def _col_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, 
     for n0 in range(0, n_b, BN):
         offs_n = n0 + tl.arange(0, BN)
         nm = offs_n < n_b
-        m = tl.full([BN], -1.0e30, dtype=tl.float32)
+        m = tl.full([BN], float("-inf"), dtype=tl.float32)
         l = tl.zeros([BN], dtype=tl.float32)
         for d0 in range(0, D, BD):
             offs_d = d0 + tl.arange(0, BD)
@@ -253,7 +261,8 @@ def _col_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, 
             y2 = _s_step_y(lp, p, Zt, a1, rho, QUAD)
             y2m = tl.where(mask, y2, float("-inf"))
             m_new = tl.maximum(m, tl.max(y2m, axis=1))
-            l = l * _exp(m - m_new) + tl.sum(_exp(y2m - m_new[:, None]), axis=1)
+            ms = _finite(m_new)
+            l = l * _exp(m - ms) + tl.sum(_exp(y2m - ms[:, None]), axis=1)
             m = m_new
             if WRITE:
                 tl.store(sl + o, y2, mask=mask)
@@ -288,7 +297,7 @@ def _plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, plan_b, n_b, D,
 def _vec_lognorm_mix(prior_ptr, HAS: tl.constexpr, uval, src_ptr, dst_ptr, k, length,
                      BV: tl.constexpr):
     """dst = lognorm(κ log prior + (1 - κ) src) (exact variant's log μ from R, log η from C)."""
-    mv = tl.full([BV], -1.0e30, dtype=tl.float32)
+    mv = tl.full([BV], float("-inf"), dtype=tl.float32)
     lv = tl.zeros([BV], dtype=tl.float32)
     for i0 in range(0, length, BV):
         offs = i0 + tl.arange(0, BV)
@@ -297,10 +306,11 @@ def _vec_lognorm_mix(prior_ptr, HAS: tl.constexpr, uval, src_ptr, dst_ptr, k, le
             + (1 - k) * tl.load(src_ptr + offs, mask=msk, other=0.0)
         u = tl.where(msk, u, float("-inf"))
         m_new = tl.maximum(mv, u)
-        lv = lv * _exp(mv - m_new) + _exp(u - m_new)
+        ms = _finite(m_new)
+        lv = lv * _exp(mv - ms) + _exp(u - ms)
         mv = m_new
     mx = tl.max(mv, axis=0)
-    lse = mx + _log(tl.sum(lv * _exp(mv - mx), axis=0))
+    lse = mx + _log(tl.sum(lv * _exp(mv - _finite(mx)), axis=0))
     for i0 in range(0, length, BV):
         offs = i0 + tl.arange(0, BV)
         msk = offs < length
@@ -314,7 +324,7 @@ def _vec_paper_update(prior_ptr, HAS: tl.constexpr, uval, lmu_ptr, z1_ptr, k, rh
                       BV: tl.constexpr):
     """Eqs. (26)-(28) for one side: log μ' = lognorm((1-κ)(log μ - z1/ρ) + κ log p0),
     z1' = z1 + ρ(μ' - μ)   (μ = P·1 after the P-step)."""
-    mv = tl.full([BV], -1.0e30, dtype=tl.float32)
+    mv = tl.full([BV], float("-inf"), dtype=tl.float32)
     lv = tl.zeros([BV], dtype=tl.float32)
     for i0 in range(0, length, BV):
         offs = i0 + tl.arange(0, BV)
@@ -324,10 +334,11 @@ def _vec_paper_update(prior_ptr, HAS: tl.constexpr, uval, lmu_ptr, z1_ptr, k, rh
             + k * _load_prior(prior_ptr, offs, length, uval, HAS)
         u = tl.where(msk, u, float("-inf"))
         m_new = tl.maximum(mv, u)
-        lv = lv * _exp(mv - m_new) + _exp(u - m_new)
+        ms = _finite(m_new)
+        lv = lv * _exp(mv - ms) + _exp(u - ms)
         mv = m_new
     mx = tl.max(mv, axis=0)
-    lse = mx + _log(tl.sum(lv * _exp(mv - mx), axis=0))
+    lse = mx + _log(tl.sum(lv * _exp(mv - _finite(mx)), axis=0))
     for i0 in range(0, length, BV):
         offs = i0 + tl.arange(0, BV)
         msk = offs < length
@@ -706,7 +717,7 @@ def _vec_paper_update_bwd(prior_ptr, HAS: tl.constexpr, uval, lmu_ptr, z1_ptr, g
     """Adjoint of log μ' = lognorm(m), m = (1-κ)(log μ - z1/ρ) + κ log p0, z1' = z1 +
     ρ(μ' - μ): reads (log μ, z1) of iteration t and the adjoints of (log μ', z1'), overwrites
     them with the adjoints of (log μ, z1); returns (∂/∂κ, ∂/∂ρ)."""
-    mv = tl.full([BV], -1.0e30, dtype=tl.float32)
+    mv = tl.full([BV], float("-inf"), dtype=tl.float32)
     lv = tl.zeros([BV], dtype=tl.float32)
     for i0 in range(0, length, BV):
         offs = i0 + tl.arange(0, BV)
@@ -716,10 +727,11 @@ def _vec_paper_update_bwd(prior_ptr, HAS: tl.constexpr, uval, lmu_ptr, z1_ptr, g
             + k * _load_prior(prior_ptr, offs, length, uval, HAS)
         u = tl.where(msk, u, float("-inf"))
         m_new = tl.maximum(mv, u)
-        lv = lv * _exp(mv - m_new) + _exp(u - m_new)
+        ms = _finite(m_new)
+        lv = lv * _exp(mv - ms) + _exp(u - ms)
         mv = m_new
     mx = tl.max(mv, axis=0)
-    lse = mx + _log(tl.sum(lv * _exp(mv - mx), axis=0))
+    lse = mx + _log(tl.sum(lv * _exp(mv - _finite(mx)), axis=0))
     # A = adjoint of log μ' including z1' = ... + ρ μ'
     sv = tl.zeros([BV], dtype=tl.float32)
     for i0 in range(0, length, BV):
