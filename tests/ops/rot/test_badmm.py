@@ -301,32 +301,52 @@ def test_huge_inputs_stay_finite(method, variant):
 # --------------------------------------------------------------------------------------------
 # memory, routing, reduced precision, GPU compilation
 # --------------------------------------------------------------------------------------------
-def test_saved_tensors_do_not_grow_with_T():
-    """What autograd keeps for the backward does not depend on T beyond the (T,) weight
-    vectors: nothing per iteration is saved (the backward recomputes)."""
+@pytest.mark.parametrize("variant", ["exact", "paper"])
+def test_saved_bytes_are_x_plus_vectors(variant, monkeypatch):
+    """What autograd keeps for the backward at T = 16 is x, the (B, D) output, the (6, T)
+    table and the per-iteration vector history (R, log μ [, z1] per set and C, log η [, z2]
+    per row: O(T · (N + D)) per set) - nothing of size N × D per iteration; the x-sized part is
+    the same at T = 2 and T = 16. The scratch the launchers allocate (per-program state and
+    adjoint tiles, working vectors) does not depend on T at all."""
     gen = torch.Generator().manual_seed(7)
     B, N, D = 2, 9, 6
+    KV = 3 if variant == "paper" else 2
     x = torch.randn(B, N, D, generator=gen).to(DEVICE).requires_grad_()
+    scratch = []
+    real_scratch = launch._scratch
 
-    def saved_numels(T):
+    def spy(geo, device, n_mats):
+        out = real_scratch(geo, device, n_mats)
+        mats, vd, vn = out
+        scratch.append(sum(t.numel() * t.element_size() for t in mats + [vd, vn]))
+        return out
+
+    monkeypatch.setattr(launch, "_scratch", spy)
+
+    def saved_bytes(T):
         sizes = []
 
         def pack(t):
-            sizes.append(t.numel())
+            sizes.append(t.numel() * t.element_size())
             return t
 
         w = {k: v.to(DEVICE).requires_grad_() for k, v in _weights(T, gen).items()}
+        scratch.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y, _ = rot_pool_badmm_triton(x, None, method="badmm-e", variant="exact", **w,
+            y, _ = rot_pool_badmm_triton(x, None, method="badmm-e", variant=variant, **w,
                                          log_p0=None, log_q0=None, return_plan=False)
-        return sizes
+        y.sum().backward()
+        return sum(sizes), list(scratch)
 
-    s2, s16 = saved_numels(2), saved_numels(16)
-    big2 = sorted(n for n in s2 if n > 6 * 16)
-    big16 = sorted(n for n in s16 if n > 6 * 16)
-    assert big2 == big16, (big2, big16)          # x itself and the (B, D) output, once each
-    assert sum(big16) <= x.numel() + 2 * B * D
-    assert len(s16) == len(s2)                   # the weights: same count, (6, T) / (T,) each
+    def vectors(T):
+        return 4 * T * KV * (B * D + B * N)
+
+    (s2, sc2), (s16, sc16) = saved_bytes(2), saved_bytes(16)
+    x_bytes = x.numel() * x.element_size()
+    table = 4 * 6 * 16                          # the (6, T) weight table
+    assert s16 <= x_bytes + vectors(16) + 4 * B * D + table, (s16, x_bytes, vectors(16))
+    assert s16 - vectors(16) - table == s2 - vectors(2) - 4 * 6 * 2, (s2, s16)
+    assert sc2 == sc16 and len(sc16) == 2, (sc2, sc16)
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="peak memory is measured on CUDA")

@@ -38,22 +38,22 @@ sums the torch path forms; they differ by rounding only).
 Backward: the exact reverse-mode gradient of the T unrolled iterations, for x, log p0, log q0
 and the per-iteration scalars (α1, ρ directly; α2, α3 through κ2, κ3, whose chain rule
 :func:`badmm_dw_kernel` applies on chip). Every per-iteration scalar (κ2, κ3, 1/ρ, 1/(α1 + ρ))
-is derived on chip from the (6, T) weight table (rows as ``params.py``). Memory must not grow with T, so nothing per-iteration is saved: the
-backward of iteration t first recomputes the state (log S_t, Z_t) by re-running the forward
-from the start (the "O(T²) recompute" schedule): T(T-1)/2 forward iterations plus T backward
-iterations (three streamed passes each, plus two to recompute the vectors of iteration t). In
-streamed passes the forward is ~2T, the backward ~2·T(T-1)/2 + 6T, i.e. ~(T + 5)/2 forwards
-(T = 4: 4.5, T = 16: 10.5), and each backward pass recomputes more exponentials per element
-(exact byte and exp2 counts: :func:`badmm_cost_model`).
-In exchange, the only memory is the inputs, the (B, D) output, the fp32 x-gradient and the
-scratch (four matrices - log S, Z and their adjoints - of the size above, plus vectors),
-independent of T. Checkpointing every √T iterations would cut the recompute to O(T) at O(√T)
-state copies; we keep the memory flat instead.
+is derived on chip from the (6, T) weight table (rows as ``params.py``).
+
+Backward schedule (issue 17): for α0 = 0 every entry of (log S, Z) evolves on its own once the
+iteration's row and column shifts (log η - C)_n and (log μ - R)_d are known. The forward
+therefore records R, log μ [, z1] (per set, D each) and C, log η [, z2] (per row) of every
+iteration - O(T · (N + D)) per set, saved with x - and the backward's reverse step t rebuilds
+(log S_t, Z_t) of each tile from x and that history (:func:`_replay_state`: t elementwise
+iterations, two exp2 each, no HBM traffic beyond x and the vectors) instead of re-running the
+forward's passes from iteration 0. Per reverse step: passes 1-3 over x and the adjoints L̄, Z̄
+(fp32 scratch of the size above) - O(T) passes in all (was O(T²)); the elementwise replay
+costs O(t) arithmetic per element and pass (cost model: :func:`.launch.badmm_cost_model`).
 
 Launch shape and synchronisation: every pass that reads what another pass wrote is separated
 from it by ``tl.debug_barrier()`` (the passes use different thread mappings); in-place updates
 (load, then store the same lanes) only happen within one layout, with blocks that cover the CTA
-(no replicated lanes; see :func:`_block_sizes`).
+(no replicated lanes; see :func:`.launch.block_sizes`).
 
 Adjoint of one exact iteration (ā = adjoint of a; s' = exp(log S_{t+1})):
   L̄' ← L̄' - ρ Z̄' s'                       (Z' = Z + ρ(P - S'))
@@ -374,11 +374,86 @@ def _vec_fill(dst_ptr, value, length, BV: tl.constexpr):
 
 
 # --------------------------------------------------------------------------------------------
+# vector history: what the forward keeps for the backward (O(T · (N + D)) per set)
+# --------------------------------------------------------------------------------------------
+# hd (B, T, KV, D): R, log μ [, z1]; hn (T, KV, rows): C, log η [, z2] (KV = 2, paper 3), the
+# values iteration t used (paper: before its vector update). Given them, every entry of
+# (log S_t, Z_t) follows from x_nd, the priors and the weights alone (:func:`_replay_state`).
+@triton.jit
+def _record(vd, vn, ns, hd_t, hn_t, n_b, D, NR, rows, PAPER: tl.constexpr,
+            BV: tl.constexpr):
+    """Copy this iteration's vectors from the working slots into the history (``rows``: also
+    the N-vectors; the last iteration has no S-step)."""
+    _vec_copy(vd, hd_t, D, BV)
+    _vec_copy(vd + D, hd_t + D, D, BV)
+    if PAPER:
+        _vec_copy(vd + 2 * D, hd_t + 2 * D, D, BV)
+    if rows:
+        _vec_copy(vn, hn_t, n_b, BV)
+        _vec_copy(vn + ns, hn_t + NR, n_b, BV)
+        if PAPER:
+            _vec_copy(vn + 2 * ns, hn_t + 2 * NR, n_b, BV)
+
+
+@triton.jit
+def _restore(vd, vn, ns, hd_t, hn_t, n_b, D, NR, rows, PAPER: tl.constexpr,
+             BV: tl.constexpr):
+    """The inverse of :func:`_record`: iteration t's vectors back into the working slots."""
+    _vec_copy(hd_t, vd, D, BV)
+    _vec_copy(hd_t + D, vd + D, D, BV)
+    if PAPER:
+        _vec_copy(hd_t + 2 * D, vd + 2 * D, D, BV)
+    if rows:
+        _vec_copy(hn_t, vn, n_b, BV)
+        _vec_copy(hn_t + NR, vn + ns, n_b, BV)
+        if PAPER:
+            _vec_copy(hn_t + 2 * NR, vn + 2 * ns, n_b, BV)
+
+
+@triton.jit
+def _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0, hd_b, hn_b, NR,
+                  w_ptr, T, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
+                  KV: tl.constexpr):
+    """(log S_t, Z_t) of a [BN, BD] tile rebuilt from x and the vector history: for α0 = 0
+    each entry evolves on its own once the row shifts (log η - C)_s and column shifts
+    (log μ - R)_s are known,
+        log P = log S + (X - Z [- α1 S]) / ρ + (log μ - R)_d,  P = exp(log P),
+        log S' = Y2(log P, P, Z) + (log η - C)_n,  Z' = Z + ρ (P - S'),
+    two exp2 per element and replayed iteration, no HBM traffic beyond x and the vectors."""
+    nm = offs_n < n_b
+    dm = offs_d < D
+    lq = _load_prior(lq0_b, offs_n, n_b, u_q0, HAS_Q0)
+    lp = _load_prior(lp0_b, offs_d, D, u_p0, HAS_P0)
+    L = tl.where(mask, lq[:, None] + lp[None, :], 0.0)                                 # [BN, BD]
+    Zt = tl.zeros_like(L)
+    S = _exp(L)
+    for k in range(0, t):
+        a1 = tl.load(w_ptr + 1 * T + k)
+        rho = tl.load(w_ptr + 4 * T + k)
+        hd_k = hd_b + k * KV * D
+        hn_k = hn_b + k * KV * NR
+        col = tl.load(hd_k + D + offs_d, mask=dm, other=0.0) \
+            - tl.load(hd_k + offs_d, mask=dm, other=0.0)                             # log μ - R
+        row = tl.load(hn_k + NR + offs_n, mask=nm, other=0.0) \
+            - tl.load(hn_k + offs_n, mask=nm, other=0.0)                             # log η - C
+        if QUAD:
+            g = X - Zt - a1 * S
+        else:
+            g = X - Zt
+        lpk = L + g * (1.0 / rho) + col[None, :]
+        pk = _exp(lpk)
+        L = tl.where(mask, _s_step_y(lpk, pk, Zt, a1, rho, QUAD) + row[:, None], 0.0)
+        S = _exp(L)
+        Zt = Zt + rho * (pk - S)
+    return L, Zt
+
+
+# --------------------------------------------------------------------------------------------
 # one forward iteration and the forward kernel
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
-                       a1, rho, k2, k3, rp,
+                       a1, rho, k2, k3, rp, hd_t, hn_t, NR,
                        HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
                        PAPER: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                        BV: tl.constexpr):
@@ -406,6 +481,8 @@ def _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u
     # the S normalisation is deferred to the next read: keep this iteration's C and log η
     _vec_copy(c_ptr, cp, n_b, BV)
     _vec_copy(leta_ptr, ep, n_b, BV)
+    # the vectors of this iteration, for the backward's replay (before the paper updates)
+    _record(vd, vn, ns, hd_t, hn_t, n_b, D, NR, True, PAPER, BV)
     tl.debug_barrier()
     if PAPER:
         _vec_paper_update(lp0_b, HAS_P0, u_p0, lmu_ptr, vd + 2 * D, k2, rho, D, BV)
@@ -465,14 +542,15 @@ def _restart(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
 def badmm_fwd_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr,
     w_ptr,
-    y_ptr, plan_ptr, sl_ptr, sz_ptr, vd_ptr, vn_ptr,
+    y_ptr, plan_ptr, sl_ptr, sz_ptr, vd_ptr, vn_ptr, hd_ptr, hn_ptr,
     B, N, D, NR, T, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
     PAPER: tl.constexpr, PLAN: tl.constexpr,
     BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
 ):
     """Pooled output y (B, D) fp32 [and the plan] of T B-ADMM iterations, one set per program
-    at a time (persistent grid)."""
+    at a time (persistent grid); records every iteration's vectors in hd / hn (_record)."""
+    KV: tl.constexpr = 3 if PAPER else 2
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rho_ptr = w_ptr + 4 * T                                              # row RHO of the table
@@ -491,11 +569,14 @@ def badmm_fwd_kernel(
             u_q0 = -_log(n_b.to(tl.float32))
             _restart(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
                      HAS_P0, HAS_Q0, PAPER, BN, BD, BV)
+            hd_b = hd_ptr + b.to(tl.int64) * T * KV * D
+            hn_b = hn_ptr + rs
             for t in range(0, T - 1):
                 a1_t, rho_t, k2_t, k3_t = _iter_weights(w_ptr, T, t, QUAD, PAPER)
                 _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D,
                                    u_p0, u_q0, a1_t, rho_t, k2_t, k3_t,
-                                   _rho_prev(rho_ptr, t), HAS_P0, HAS_Q0, QUAD, PAPER, BN, BD,
+                                   _rho_prev(rho_ptr, t), hd_b + t * KV * D,
+                                   hn_b + t * KV * NR, NR, HAS_P0, HAS_Q0, QUAD, PAPER, BN, BD,
                                    BV)
             # last iteration: its P-step only, pooling on the fly
             a1, rho, k2_last, _k3 = _iter_weights(w_ptr, T, T - 1, QUAD, PAPER)
@@ -504,12 +585,12 @@ def badmm_fwd_kernel(
             rp = _rho_prev(rho_ptr, T - 1)
             _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, vd, y_ptr + b.to(tl.int64) * D, n_b,
                           D, a1, rho, QUAD, True, BN, BD)
-            if PLAN:
+            tl.debug_barrier()
+            if not PAPER:
+                _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, vd, vd + D, k2_last, D, BV)
                 tl.debug_barrier()
-                if not PAPER:
-                    _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, vd, vd + D, k2_last,
-                                     D, BV)
-                    tl.debug_barrier()
+            _record(vd, vn, ns, hd_b + (T - 1) * KV * D, hn_b, n_b, D, NR, False, PAPER, BV)
+            if PLAN:
                 _plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, vd, vd + D, plan_ptr + rs * D, n_b,
                            D, a1, rho, QUAD, BN, BD)
         tl.debug_barrier()
@@ -519,8 +600,10 @@ def badmm_fwd_kernel(
 # backward
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _adjoint_rowsum_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, vd, vn, ns, n_b, D, a1, rho,
-                         QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+def _adjoint_rowsum_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
+        slb, szb, vd, vn, ns, n_b, D, a1, rho,
+                         HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
+        QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Backward pass 1: σ_n = Σ_d (L̄' - ρ Z̄' S') (adjoint of C and of log η, before the
     lognorm), S' = exp(log S_{t+1}) recomputed from the state of iteration t."""
     for n0 in range(0, n_b, BN):
@@ -535,7 +618,8 @@ def _adjoint_rowsum_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, vd, vn, ns,
             mask = nm[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
+            L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
+                                  u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
             Lb = tl.load(slb + o, mask=mask, other=0.0)
             Zb = tl.load(szb + o, mask=mask, other=0.0)
             r = tl.load(vd + offs_d, mask=dm, other=0.0)
@@ -549,8 +633,10 @@ def _adjoint_rowsum_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, vd, vn, ns,
 
 
 @triton.jit
-def _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, vd, vn, ns, n_b, D, a1, rho,
-                         QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+def _adjoint_s_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
+        slb, szb, vd, vn, ns, n_b, D, a1, rho,
+                         HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
+        QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Backward pass 2: through log S' = Y2 + (log η - C), the S-step and the dual update, to
     log P̄ (written over L̄) and Z̄ (in place); τ_d = Σ_n log P̄ (into the TAU slot).
     Returns the scalar partials (∂/∂α1, ∂/∂ρ) of this iteration so far."""
@@ -573,7 +659,8 @@ def _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, vd, vn, ns,
             cb = tl.load(vn + 3 * ns + offs_n, mask=nm, other=0.0)
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
+            L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
+                                  u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
             Lb = tl.load(slb + o, mask=mask, other=0.0)
             Zb = tl.load(szb + o, mask=mask, other=0.0)
             y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
@@ -604,8 +691,10 @@ def _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, vd, vn, ns,
 
 
 @triton.jit
-def _adjoint_plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, vd, vn, ns, gplan_b, n_b, D, a1, rho,
-                       QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+def _adjoint_plan_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
+        slb, vd, vn, ns, gplan_b, n_b, D, a1, rho,
+                       HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
+        QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Last iteration with a plan gradient: log P̄ = P̄ ⊙ P (over L̄), τ_d = Σ_n log P̄."""
     for d0 in range(0, D, BD):
         offs_d = d0 + tl.arange(0, BD)
@@ -618,7 +707,8 @@ def _adjoint_plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, vd, vn, ns, gplan_
             mask = (offs_n < n_b)[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
+            L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
+                                  u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
             y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
             p = _exp(y + (lmu - r)[None, :])
             lpb = tl.where(mask, tl.load(gplan_b + o, mask=mask, other=0.0) * p, 0.0)
@@ -628,9 +718,11 @@ def _adjoint_plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, vd, vn, ns, gplan_
 
 
 @triton.jit
-def _adjoint_p_step_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, gx_b, vd, vn, ns, gy_b,
+def _adjoint_p_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
+        slb, szb, gx_b, vd, vn, ns, gy_b,
                          out_b, n_b, D,
-                         a1, rho, last, QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                         a1, rho, last, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
+        QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Backward pass 3: Ȳ = log P̄ + R̄ softmax_n(Y) [+ the pooling's adjoint: last = 1.0 in
     the last iteration, 0.0 before], then
     through Y = log S + G/ρ: L̄ ← Ȳ [- α1 S Ȳ/ρ], Z̄ ← Z̄ - Ȳ/ρ, X̄ += Ȳ/ρ.
@@ -650,7 +742,8 @@ def _adjoint_p_step_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, gx_b, vd, v
             mask = (offs_n < n_b)[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
+            L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
+                                  u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
             lpb = tl.load(slb + o, mask=mask, other=0.0)
             Zb = tl.load(szb + o, mask=mask, other=0.0)
             gx = tl.load(gx_b + o, mask=mask, other=0.0)
@@ -817,37 +910,39 @@ def _zero_pass(sl, sz, n_b, D, BN: tl.constexpr, BD: tl.constexpr):
 @triton.jit
 def badmm_bwd_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr,
-    w_ptr,
+    w_ptr, hd_ptr, hn_ptr,
     out_ptr, gy_ptr, gplan_ptr,
     gx_ptr, gp0_ptr, gq0_ptr, gw_ptr,
-    sl_ptr, sz_ptr, slb_ptr, szb_ptr, vd_ptr, vn_ptr,
+    slb_ptr, szb_ptr, vd_ptr, vn_ptr,
     B, N, D, NR, T, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
     PAPER: tl.constexpr, PLAN_GRAD: tl.constexpr,
     BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
 ):
-    """Exact gradient of the T unrolled iterations (O(T²) recompute, O(1) extra memory in T).
+    """Exact gradient of the T unrolled iterations: one reverse step per iteration, whose
+    passes rebuild the forward state of that iteration from x and the vector history hd / hn
+    (:func:`_replay_state`) - O(T) passes, no recomputation of the forward's reductions.
 
     Writes gx (rows, D) fp32 (in x's row order), gp0 (B, D), gq0 (rows,), and gw (B, T, 4):
-    per set and iteration the partials wrt (κ2, κ3, α1, ρ) (summed over sets on the host).
+    per set and iteration the partials wrt (κ2, κ3, α1, ρ) (finished by badmm_dw_kernel).
     """
+    KV: tl.constexpr = 3 if PAPER else 2
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    rho_ptr = w_ptr + 4 * T                                              # row RHO of the table
     vd = vd_ptr + pid.to(tl.int64) * 7 * D
     for it in range(0, tl.cdiv(B - pid, nprog)):
         b = pid + it * nprog                                   # a tensor, also in the interpreter
         rs, n_b, xoff = _set_bounds(b, ptr_ptr, N, sxb, sxn, RAGGED)
         sbase, vn, ns = _scratch_bases(pid, rs, N, D, NR, RAGGED)
-        sl = sl_ptr + sbase                                                          # [N_b, D]
-        sz = sz_ptr + sbase
-        slb = slb_ptr + sbase
+        slb = slb_ptr + sbase                                                        # [N_b, D]
         szb = szb_ptr + sbase
         vn = vn_ptr + vn
         if n_b > 0:
             xb = x_ptr + xoff
             lp0_b = lp0_ptr + b.to(tl.int64) * D
             lq0_b = lq0_ptr + rs
+            hd_b = hd_ptr + b.to(tl.int64) * T * KV * D
+            hn_b = hn_ptr + rs
             u_q0 = -_log(n_b.to(tl.float32))
             gx_b = gx_ptr + rs * D
             _zero_pass(slb, szb, n_b, D, BN, BD)
@@ -858,43 +953,24 @@ def badmm_bwd_kernel(
             tl.debug_barrier()
             for i in range(0, T):
                 tb = T - 1 - i
-                # state of iteration tb, recomputed from the start
-                _restart(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
-                         HAS_P0, HAS_Q0, PAPER, BN, BD, BV)
-                for t in range(0, tb):
-                    a1_t, rho_t, k2_t, k3_t = _iter_weights(w_ptr, T, t, QUAD, PAPER)
-                    _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D,
-                                       u_p0, u_q0, a1_t, rho_t, k2_t, k3_t,
-                                       _rho_prev(rho_ptr, t), HAS_P0, HAS_Q0, QUAD, PAPER, BN,
-                                       BD, BV)
-                cp = vn + 7 * ns                      # the deferred normalisation of state tb
-                ep = vn + 8 * ns
-                rp = _rho_prev(rho_ptr, tb)
                 a1, rho, k2, k3 = _iter_weights(w_ptr, T, tb, QUAD, PAPER)
                 gk2 = _vzero(BV)
                 gk3 = _vzero(BV)
                 ga1 = _vzero(BV)
                 grho = _vzero(BV)
-                # iteration tb's vectors R, log μ
-                _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, vd, vd, n_b, D, a1, rho, QUAD,
-                              False, BN, BD)
+                # iteration tb's vectors R, log μ [, z1] and C, log η [, z2] from the history
+                _restore(vd, vn, ns, hd_b + tb * KV * D, hn_b + tb * KV * NR, n_b, D, NR,
+                         tb < T - 1, PAPER, BV)
                 tl.debug_barrier()
-                if not PAPER:
-                    _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, vd, vd + D, k2, D, BV)
-                    tl.debug_barrier()
                 if tb == T - 1:
                     if PLAN_GRAD:
-                        _adjoint_plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, vd, vn, ns,
-                                           gplan_ptr + rs * D,
-                                           n_b, D, a1, rho, QUAD, BN, BD)
+                        _adjoint_plan_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
+                                           w_ptr, T, tb, slb, vd, vn, ns, gplan_ptr + rs * D,
+                                           n_b, D, a1, rho, HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
                     else:
                         _vec_fill(vd + 3 * D, 0.0, D, BV)
                     tl.debug_barrier()
                 else:
-                    # C, log η of iteration tb (state unchanged)
-                    _col_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, vd, vd + D, vn, n_b, D, a1,
-                                  rho, QUAD, False, BN, BD)
-                    tl.debug_barrier()
                     if PAPER:
                         dk, dr = _vec_paper_update_bwd(lp0_b, HAS_P0, u_p0, vd + D, vd + 2 * D,
                                                        vd + 4 * D, vd + 5 * D,
@@ -907,13 +983,10 @@ def badmm_bwd_kernel(
                                                        n_b, BV)
                         gk3 += dk
                         grho += dr
-                    else:
-                        _vec_lognorm_mix(lq0_b, HAS_Q0, u_q0, vn, vn + ns, k3,
-                                         n_b, BV)
-                    tl.debug_barrier()
-                    _adjoint_rowsum_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, vd, vn, ns,
-                                         n_b, D, a1,
-                                         rho, QUAD, BN, BD)
+                        tl.debug_barrier()
+                    _adjoint_rowsum_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
+                                         w_ptr, T, tb, slb, szb, vd, vn, ns, n_b, D, a1, rho,
+                                         HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
                     tl.debug_barrier()
                     if PAPER:
                         _vec_paper_absorb(vn + 3 * ns, vn + 4 * ns, n_b, BV)
@@ -922,9 +995,10 @@ def badmm_bwd_kernel(
                                                     vn + ns, vn + 3 * ns, vn + 6 * ns,
                                                     k3, n_b, BV)
                     tl.debug_barrier()
-                    da1, dr = _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, vd,
-                                                   vn, ns, n_b,
-                                                   D, a1, rho, QUAD, BN, BD)
+                    da1, dr = _adjoint_s_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b,
+                                                   hn_b, NR, w_ptr, T, tb, slb, szb, vd, vn, ns,
+                                                   n_b, D, a1, rho, HAS_P0, HAS_Q0, KV, QUAD,
+                                                   BN, BD)
                     ga1 += da1
                     grho += dr
                     tl.debug_barrier()
@@ -934,11 +1008,12 @@ def badmm_bwd_kernel(
                     gk2 += _vec_lognorm_mix_bwd(lp0_b, HAS_P0, u_p0, vd, vd + D, vd + 3 * D,
                                                 vd + 6 * D, k2, D, BV)
                 tl.debug_barrier()
-                da1, dr = _adjoint_p_step_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, gx_b, vd,
-                                               vn, ns,
+                da1, dr = _adjoint_p_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b,
+                                               NR, w_ptr, T, tb, slb, szb, gx_b, vd, vn, ns,
                                                gy_ptr + b.to(tl.int64) * D,
                                                out_ptr + b.to(tl.int64) * D, n_b, D, a1, rho,
-                                               tl.where(tb == T - 1, 1.0, 0.0), QUAD, BN, BD)
+                                               tl.where(tb == T - 1, 1.0, 0.0), HAS_P0, HAS_Q0,
+                                               KV, QUAD, BN, BD)
                 ga1 += da1
                 grho += dr
                 tl.debug_barrier()

@@ -16,7 +16,8 @@ import triton
 from ..common import launcher, next_pow2, sm_count
 from .kernels import badmm_bwd_kernel, badmm_dw_kernel, badmm_fwd_kernel
 
-__all__ = ["badmm_forward", "badmm_backward", "badmm_cost_model", "block_sizes"]
+__all__ = ["badmm_forward", "badmm_backward", "badmm_cost_model", "block_sizes",
+           "history_like"]
 
 
 def block_sizes(n_hint: int, D: int):
@@ -83,11 +84,24 @@ def _scratch(geo: _Geometry, device, n_mats: int):
     return mats, torch.empty(geo.grid * 7 * geo.D, **f32), torch.empty(geo.nvec_numel, **f32)
 
 
+def history_like(x: Tensor, ptr: Optional[Tensor], T: int, paper: bool):
+    """Empty fp32 vector history: hd (B, T, KV, D) - R, log μ [, z1] - and hn (T, KV, rows) -
+    C, log η [, z2] - of every iteration (KV = 3 for the paper variant, else 2). Sizes come
+    from shapes only (no host sync)."""
+    KV = 3 if paper else 2
+    D = x.shape[-1]
+    B = x.shape[0] if ptr is None else ptr.shape[0] - 1
+    rows = x.shape[0] * x.shape[1] if ptr is None else x.shape[0]
+    f32 = dict(device=x.device, dtype=torch.float32)
+    return x.new_empty(B, T, KV, D, **f32), x.new_empty(T, KV, rows, **f32)
+
+
 def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
                   log_q0: Optional[Tensor], *, quadratic: bool, paper: bool, return_plan: bool,
                   wrap=None):
     """Pooled output and plan of T = w.shape[1] iterations. Returns (y (B, D) fp32, plan in
-    x's layout and dtype or None).
+    x's layout and dtype or None, and the vector history hd, hn for the backward:
+    :func:`history_like`).
 
     x: (B, N, D) any strides, or (rows, D) with ptr (B + 1,); w: fp32 (6, T) contiguous;
     log_p0 (B, D) / None; log_q0 (B, N) or (rows,) / None.
@@ -96,24 +110,25 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
     B, D, T = geo.B, geo.D, w.shape[1]
     y = torch.zeros(B, D, device=x.device, dtype=torch.float32)
     plan = torch.zeros(x.shape, device=x.device, dtype=x.dtype) if return_plan else None
+    hd, hn = history_like(x, ptr, T, paper)
     if B == 0 or geo.rows == 0 or D == 0:
-        return y, plan
+        return y, plan, hd, hn
     lp0, lq0 = _priors(x, log_p0, log_q0)
     (sl, sz), vd, vn = _scratch(geo, x.device, 2)
     BN, BD, BV, num_warps = geo.blocks
     launcher(badmm_fwd_kernel, wrap)[(geo.grid,)](
         x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else y, lp0, lq0, _f32(w),
-        y, plan if return_plan else y, sl, sz, vd, vn,
+        y, plan if return_plan else y, sl, sz, vd, vn, hd, hn,
         B, geo.N, D, geo.rows, T, -math.log(D),
         RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
         QUAD=quadratic, PAPER=paper, PLAN=return_plan, BN=BN, BD=BD, BV=BV,
         num_warps=num_warps,
     )
-    return y, plan
+    return y, plan, hd, hn
 
 
 def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
-                   log_q0: Optional[Tensor], y32: Tensor, grad_y: Tensor,
+                   log_q0: Optional[Tensor], hd: Tensor, hn: Tensor, y32: Tensor, grad_y: Tensor,
                    grad_plan: Optional[Tensor], *, quadratic: bool, paper: bool, wrap=None):
     """Exact gradient of the T unrolled iterations. Returns fp32 (grad_x in x's shape,
     grad_log_p0 (B, D), grad_log_q0 like log_q0 or None, dw (6, T))."""
@@ -127,14 +142,14 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
     gw = torch.zeros(max(B, 1), T, 4, device=dev, dtype=torch.float32)
     if B > 0 and geo.rows > 0 and D > 0:
         lp0, lq0 = _priors(x, log_p0, log_q0)
-        (sl, sz, slb, szb), vd, vn = _scratch(geo, dev, 4)
+        (slb, szb), vd, vn = _scratch(geo, dev, 2)                   # adjoints of log S, Z
         gplan = _f32(grad_plan).reshape(geo.rows, D) if grad_plan is not None else gx
         BN, BD, BV, num_warps = geo.blocks
         launcher(badmm_bwd_kernel, wrap)[(geo.grid,)](
-            x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else gx, lp0, lq0, w32,
+            x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else gx, lp0, lq0, w32, hd, hn,
             y32, _f32(grad_y), gplan,
             gx, gp0, gq0, gw,
-            sl, sz, slb, szb, vd, vn,
+            slb, szb, vd, vn,
             B, geo.N, D, geo.rows, T, -math.log(D),
             RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
             QUAD=quadratic, PAPER=paper, PLAN_GRAD=grad_plan is not None,

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..common import HAS_TRITON_OP
-from .launch import badmm_backward, badmm_forward
+from .launch import badmm_backward, badmm_forward, history_like
 
 __all__ = ["badmm_pool", "BadmmFunction", "badmm_fwd_op", "badmm_bwd_op"]
 
@@ -27,22 +27,23 @@ class BadmmFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, ptr, w, log_p0, log_q0, quadratic, paper, return_plan):
-        y32, plan = badmm_forward(x, ptr, w, log_p0, log_q0, quadratic=quadratic, paper=paper,
-                                  return_plan=return_plan)
-        ctx.save_for_backward(x, ptr, w, log_p0, log_q0, y32)
+        y32, plan, hd, hn = badmm_forward(x, ptr, w, log_p0, log_q0, quadratic=quadratic,
+                                          paper=paper, return_plan=return_plan)
+        ctx.save_for_backward(x, ptr, w, log_p0, log_q0, hd, hn, y32)
         ctx.quadratic, ctx.paper, ctx.return_plan = quadratic, paper, return_plan
         if plan is None:
             plan = x.new_zeros(0)
             ctx.mark_non_differentiable(plan)
-        return y32.to(x.dtype), plan
+        ctx.mark_non_differentiable(hd, hn)
+        return y32.to(x.dtype), plan, hd, hn
 
     @staticmethod
-    def backward(ctx, grad_y, grad_plan):
-        x, ptr, w, log_p0, log_q0, y32 = ctx.saved_tensors
+    def backward(ctx, grad_y, grad_plan, grad_hd, grad_hn):
+        x, ptr, w, log_p0, log_q0, hd, hn, y32 = ctx.saved_tensors
         if grad_y is None:
             grad_y = torch.zeros_like(y32)
         gp = grad_plan if (ctx.return_plan and grad_plan is not None) else None
-        gx, gp0, gq0, dw = badmm_backward(x, ptr, w, log_p0, log_q0, y32, grad_y, gp,
+        gx, gp0, gq0, dw = badmm_backward(x, ptr, w, log_p0, log_q0, hd, hn, y32, grad_y, gp,
                                           quadratic=ctx.quadratic, paper=ctx.paper)
         return (gx.to(x.dtype), None, dw.to(w.dtype), _cast(gp0, log_p0), _cast(gq0, log_q0),
                 None, None, None)
@@ -58,37 +59,40 @@ if HAS_TRITON_OP:
         @triton_op("rotp_triton::badmm_fwd", mutates_args=())
         def badmm_fwd_op(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
                          log_q0: Optional[Tensor], quadratic: bool, paper: bool,
-                         return_plan: bool) -> Tuple[Tensor, Tensor]:
-            """(y (B, D) fp32, plan in x's layout or an empty tensor)."""
-            y, plan = badmm_forward(x, ptr, w, log_p0, log_q0, quadratic=quadratic, paper=paper,
-                                    return_plan=return_plan, wrap=wrap_triton)
-            return y, (plan if plan is not None else x.new_empty(0))
+                         return_plan: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+            """(y (B, D) fp32, plan in x's layout or an empty tensor, vector history hd, hn)."""
+            y, plan, hd, hn = badmm_forward(x, ptr, w, log_p0, log_q0, quadratic=quadratic,
+                                            paper=paper, return_plan=return_plan,
+                                            wrap=wrap_triton)
+            return y, (plan if plan is not None else x.new_empty(0)), hd, hn
 
         @triton_op("rotp_triton::badmm_bwd", mutates_args=())
         def badmm_bwd_op(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
-                         log_q0: Optional[Tensor], y32: Tensor, grad_y: Tensor,
-                         grad_plan: Optional[Tensor], quadratic: bool, paper: bool
+                         log_q0: Optional[Tensor], hd: Tensor, hn: Tensor, y32: Tensor,
+                         grad_y: Tensor, grad_plan: Optional[Tensor], quadratic: bool,
+                         paper: bool
                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
             """(dx fp32 like x, dlog_p0 (B, D), dlog_q0 like log_q0 (empty when absent),
             dw (6, T))."""
-            gx, gp0, gq0, dw = badmm_backward(x, ptr, w, log_p0, log_q0, y32, grad_y, grad_plan,
-                                              quadratic=quadratic, paper=paper, wrap=wrap_triton)
+            gx, gp0, gq0, dw = badmm_backward(x, ptr, w, log_p0, log_q0, hd, hn, y32, grad_y,
+                                              grad_plan, quadratic=quadratic, paper=paper,
+                                              wrap=wrap_triton)
             if gq0 is None:
                 gq0 = x.new_empty(0, dtype=torch.float32)
             return gx, gp0, gq0, dw
 
         def _setup_context(ctx, inputs, output):
             x, ptr, w, log_p0, log_q0, quadratic, paper, return_plan = inputs
-            ctx.save_for_backward(x, ptr, w, log_p0, log_q0, output[0])
+            ctx.save_for_backward(x, ptr, w, log_p0, log_q0, output[2], output[3], output[0])
             ctx.quadratic, ctx.paper, ctx.return_plan = quadratic, paper, return_plan
 
-        def _backward(ctx, grad_y, grad_plan):
-            x, ptr, w, log_p0, log_q0, y32 = ctx.saved_tensors
+        def _backward(ctx, grad_y, grad_plan, grad_hd, grad_hn):
+            x, ptr, w, log_p0, log_q0, hd, hn, y32 = ctx.saved_tensors
             gp = grad_plan.contiguous() if (ctx.return_plan and grad_plan is not None) else None
             if grad_y is None:
                 grad_y = torch.zeros_like(y32)
-            gx, gp0, gq0, dw = badmm_bwd_op(x, ptr, w, log_p0, log_q0, y32, grad_y.contiguous(),
-                                            gp, ctx.quadratic, ctx.paper)
+            gx, gp0, gq0, dw = badmm_bwd_op(x, ptr, w, log_p0, log_q0, hd, hn, y32,
+                                            grad_y.contiguous(), gp, ctx.quadratic, ctx.paper)
             return (gx.to(x.dtype), None, dw.to(w.dtype), _cast(gp0, log_p0),
                     _cast(gq0, log_q0), None, None, None)
 
@@ -101,11 +105,12 @@ if HAS_TRITON_OP:
             B = x.shape[0] if ptr is None else ptr.shape[0] - 1
             plan = torch.empty_like(x, memory_format=torch.contiguous_format) if return_plan \
                 else x.new_empty(0)
-            return x.new_empty(B, x.shape[-1], dtype=torch.float32), plan
+            hd, hn = history_like(x, ptr, w.shape[1], paper)
+            return x.new_empty(B, x.shape[-1], dtype=torch.float32), plan, hd, hn
 
         @badmm_bwd_op.register_fake
-        def _badmm_bwd_fake(x, ptr, w, log_p0, log_q0, y32, grad_y, grad_plan, quadratic,
-                            paper):
+        def _badmm_bwd_fake(x, ptr, w, log_p0, log_q0, hd, hn, y32, grad_y, grad_plan,
+                            quadratic, paper):
             f = dict(dtype=torch.float32)
             return (x.new_empty(x.shape, **f), x.new_empty(y32.shape, **f),
                     x.new_empty(log_q0.shape if log_q0 is not None else (0,), **f),
@@ -133,8 +138,10 @@ def badmm_pool(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Ten
     """
     paper = variant == "paper"
     if badmm_fwd_op is not None:
-        y32, plan = badmm_fwd_op(x, ptr, w, log_p0, log_q0, quadratic, paper, return_plan)
+        y32, plan, _, _ = badmm_fwd_op(x, ptr, w, log_p0, log_q0, quadratic, paper,
+                                       return_plan)
         y = y32.to(x.dtype)
     else:
-        y, plan = BadmmFunction.apply(x, ptr, w, log_p0, log_q0, quadratic, paper, return_plan)
+        y, plan, _, _ = BadmmFunction.apply(x, ptr, w, log_p0, log_q0, quadratic, paper,
+                                            return_plan)
     return y, (plan if return_plan else None)
