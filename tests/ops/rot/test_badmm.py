@@ -158,22 +158,35 @@ def _small_blocks(monkeypatch):
 # --------------------------------------------------------------------------------------------
 # forward and gradients against the reference
 # --------------------------------------------------------------------------------------------
+def _schedule(monkeypatch, schedule):
+    """Force the forward's state schedule: rebuilt from x and the vectors ("replay") or
+    streamed through the N × D scratch ("stream"); the launcher picks by T otherwise."""
+    monkeypatch.setattr(launch, "forward_replays", lambda T, xb: schedule == "replay")
+
+
+SCHEDULES = ["replay", "stream"]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("variant", ["exact", "paper"])
 @pytest.mark.parametrize("method", ["badmm-e", "badmm-q"])
-def test_matches_reference(method, variant):
+def test_matches_reference(method, variant, schedule, monkeypatch):
     """Dense batch, per-iteration weights (one α2 = ∞), given p0 and q0, y and plan
     cotangents: y, P and the gradients of x, the prior logits, α1, α2, α3, ρ (all (T,))."""
+    _schedule(monkeypatch, schedule)
     gen = torch.Generator().manual_seed(1)
     x, w, lp, lq, cy, cp = _case(3, 7, 5, 4, gen, inf_a2=True)
     args = (x, None, method, variant, w, lp, lq, cy, cp)
     _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32])
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("badmm-q", "paper")])
-def test_several_tiles(method, variant, monkeypatch):
+def test_several_tiles(method, variant, schedule, monkeypatch):
     """Sets larger than one [16, 16] tile and one 16-chunk of the vector loops, N and D not
     multiples of 16: the online LSEs and partial tiles."""
     _small_blocks(monkeypatch)
+    _schedule(monkeypatch, schedule)
     gen = torch.Generator().manual_seed(2)
     x, w, lp, lq, cy, cp = _case(2, 37, 19, 2, gen)
     args = (x, None, method, variant, w, lp, lq, cy, cp)
@@ -190,12 +203,14 @@ def test_awkward_shapes(method, N, D, T):
     _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32])
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("method,variant", [("badmm-q", "exact"), ("badmm-e", "paper")])
-def test_ragged_with_empty_sets(method, variant, monkeypatch):
+def test_ragged_with_empty_sets(method, variant, schedule, monkeypatch):
     """Ragged batch (ptr) with empty sets first, in the middle and last: those pool to 0 and
     every gradient is finite; the others match the reference. Small tiles so that a set spans
     several tiles and the persistent grid (3 programs on CPU) loops over sets."""
     _small_blocks(monkeypatch)
+    _schedule(monkeypatch, schedule)
     gen = torch.Generator().manual_seed(4)
     lengths = [0, 3, 0, 18, 1, 0]
     ptr = torch.tensor([0] + lengths).cumsum(0)
@@ -437,14 +452,20 @@ def signature(kernel, consts):
 
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                          "cuobjdump")
-for kernel, D, N, quad, paper, ragged, flag in [
-        (m.badmm_fwd_kernel, 128, 500, False, False, False, "PLAN"),
-        (m.badmm_fwd_kernel, 2048, 49, True, True, True, "PLAN"),
-        (m.badmm_bwd_kernel, 128, 500, False, False, True, "PLAN_GRAD"),
-        (m.badmm_bwd_kernel, 2048, 49, True, True, False, "PLAN_GRAD")]:
+for kernel, D, N, quad, paper, ragged, flag, replay in [
+        (m.badmm_fwd_kernel, 128, 500, False, False, False, "PLAN", True),
+        (m.badmm_fwd_kernel, 2048, 49, True, True, True, "PLAN", True),
+        (m.badmm_fwd_kernel, 2048, 49, False, False, False, "PLAN", False),
+        (m.badmm_fwd_kernel, 128, 500, True, False, True, "PLAN", False),
+        (m.badmm_bwd_kernel, 128, 500, False, False, True, "PLAN_GRAD", None),
+        (m.badmm_bwd_kernel, 2048, 49, True, True, False, "PLAN_GRAD", None),
+        (m.badmm_bwd_kernel, 2048, 49, False, False, False, "PLAN_GRAD", None),
+        (m.badmm_bwd_kernel, 128, 500, True, True, True, "PLAN_GRAD", None)]:
     BN, BD, BV, num_warps = launch.block_sizes(0 if ragged else N, D)
     consts = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=quad, PAPER=paper, BN=BN, BD=BD,
                   BV=BV, **{flag: True})
+    if flag == "PLAN":
+        consts["REPLAY"] = replay
     c = compile_sm90(kernel, signature(kernel, consts), consts,
                      num_warps=num_warps)
     assert ".target sm_90" in c.asm["ptx"]
@@ -457,19 +478,26 @@ for kernel, D, N, quad, paper, ragged, flag in [
         line = [l for l in out.splitlines() if "REG:" in l][0]
         regs = int(line.split("REG:")[1].split()[0])
         spill = int(line.split("LOCAL:")[1].split()[0])
-    print(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, D, N,
-          (BN, BD, BV), "regs", regs, "local", spill)
+    print(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, D, N, quad, paper,
+          replay, (BN, BD, BV), "regs", regs, "local", spill)
+for quad, paper in [(False, False), (True, True)]:
+    consts = dict(QUAD=quad, PAPER=paper, BT=16)
+    sig = {"w_ptr": "*fp32", "gw_ptr": "*fp32", "dw_ptr": "*fp32", "B": "i32", "T": "i32",
+           "QUAD": "constexpr", "PAPER": "constexpr", "BT": "constexpr"}
+    c = compile_sm90(m.badmm_dw_kernel, sig, consts, num_warps=4)
+    assert ".target sm_90" in c.asm["ptx"]
+    print("badmm_dw_kernel", quad, paper, "compiled")
 """
 
 
 def test_aot_compile_sm90():
     """Every kernel compiles for sm_90 (H100) with the GPU compiler at realistic sizes
-    (D = 128 and 2048, both methods/variants, dense and ragged); register use is printed and no
-    local memory (spills) is used."""
+    (D = 128 and 2048, both methods and variants, dense and ragged, both forward schedules);
+    register use is printed and no local memory (spills) is used."""
     out = run_without_interpreter(AOT_CODE, timeout=900)
     lines = [l for l in out.splitlines() if "regs" in l]
     print("\n".join(lines))
-    assert len(lines) == 4
+    assert len(lines) == 8
     for l in lines:
         if "local ?" not in l:
             assert l.endswith("local 0"), l

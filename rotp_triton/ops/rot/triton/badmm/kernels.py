@@ -204,6 +204,8 @@ def _init_state_pass(sl, sz, lp0_ptr, lq0_ptr, n_b, D, u_p0, u_q0,
 
 @triton.jit
 def _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, out_ptr, n_b, D, a1, rho,
+                  lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
+                  HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr, REPLAY: tl.constexpr,
                   QUAD: tl.constexpr, POOL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Pass A: R_d = LSE_n(Y_nd) by an online LSE over n tiles; with POOL also
     out_d = Σ_n softmax_n(Y)_nd X_nd (online-softmax weighted sum)."""
@@ -218,7 +220,12 @@ def _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, out_ptr, n_b, D, a1, 
             mask = (offs_n < n_b)[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
+            if REPLAY:                  # rebuilt from x and the vectors of iterations < t
+                L, Zt = _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0,
+                                      u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD,
+                                      KV)
+            else:                       # streamed from the scratch
+                L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
             y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)                             # [BN, BD]
             y = tl.where(mask, y, float("-inf"))
             m_new = tl.maximum(m, tl.max(y, axis=0))
@@ -237,10 +244,11 @@ def _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, out_ptr, n_b, D, a1, 
 
 @triton.jit
 def _col_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, D, a1, rho,
+                  lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
+                  HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr, REPLAY: tl.constexpr,
                   QUAD: tl.constexpr, WRITE: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Pass B: log P = Y + (log μ - R), P = exp(log P), the S-step input Y2 and
-    C_n = LSE_d(Y2_n·). WRITE: log S ← Y2 and Z ← Z + ρ P in place (the forward); without it
-    only C (the backward's recomputation of iteration t's vectors)."""
+    C_n = LSE_d(Y2_n·). WRITE (streamed forward): log S ← Y2 and Z ← Z + ρ P in place."""
     for n0 in range(0, n_b, BN):
         offs_n = n0 + tl.arange(0, BN)
         nm = offs_n < n_b
@@ -252,7 +260,12 @@ def _col_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, 
             mask = nm[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
+            if REPLAY:                  # rebuilt from x and the vectors of iterations < t
+                L, Zt = _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0,
+                                      u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD,
+                                      KV)
+            else:                       # streamed from the scratch
+                L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
             r = tl.load(r_ptr + offs_d, mask=dm, other=0.0)
             lmu = tl.load(lmu_ptr + offs_d, mask=dm, other=0.0)
             y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
@@ -264,7 +277,7 @@ def _col_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, 
             ms = _finite(m_new)
             l = l * _exp(m - ms) + tl.sum(_exp(y2m - ms[:, None]), axis=1)
             m = m_new
-            if WRITE:
+            if WRITE and not REPLAY:
                 tl.store(sl + o, y2, mask=mask)
                 tl.store(sz + o, Zt + rho * p, mask=mask)
         tl.store(c_ptr + offs_n, m + _log(tl.where(nm, l, 1.0)), mask=nm)
@@ -272,7 +285,9 @@ def _col_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, 
 
 @triton.jit
 def _plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, plan_b, n_b, D, a1, rho,
-               QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+               lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
+               HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr, REPLAY: tl.constexpr,
+                  QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """P = exp(Y + log μ - R) of the last iteration, written in the plan's (rows, D) layout."""
     for n0 in range(0, n_b, BN):
         offs_n = n0 + tl.arange(0, BN)
@@ -282,7 +297,12 @@ def _plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, plan_b, n_b, D,
             mask = (offs_n < n_b)[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
+            if REPLAY:                  # rebuilt from x and the vectors of iterations < t
+                L, Zt = _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0,
+                                      u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD,
+                                      KV)
+            else:                       # streamed from the scratch
+                L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
             r = tl.load(r_ptr + offs_d, mask=dm, other=0.0)
             lmu = tl.load(lmu_ptr + offs_d, mask=dm, other=0.0)
             y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
@@ -453,10 +473,10 @@ def _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0, 
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
-                       a1, rho, k2, k3, rp, hd_t, hn_t, NR,
+                       a1, rho, k2, k3, rp, hd_b, hn_b, NR, w_ptr, T, t,
                        HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
-                       PAPER: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                       BV: tl.constexpr):
+                       PAPER: tl.constexpr, REPLAY: tl.constexpr, BN: tl.constexpr,
+                       BD: tl.constexpr, BV: tl.constexpr):
     """One full B-ADMM iteration (P-step, S-step, dual[, paper vector updates]) in place; the
     state stays in the deferred form of :func:`_load_state` (``rp``: ρ of the previous
     iteration)."""
@@ -466,14 +486,17 @@ def _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u
     leta_ptr = vn + ns
     cp = vn + 7 * ns
     ep = vn + 8 * ns
-    _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, r_ptr, n_b, D, a1, rho, QUAD, False,
-                  BN, BD)
+    KV: tl.constexpr = 3 if PAPER else 2
+    _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, r_ptr, n_b, D, a1, rho,
+                  lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
+                  HAS_P0, HAS_Q0, KV, REPLAY, QUAD, False, BN, BD)
     tl.debug_barrier()
     if not PAPER:
         _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, r_ptr, lmu_ptr, k2, D, BV)
         tl.debug_barrier()
-    _col_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, D, a1, rho, QUAD,
-                  True, BN, BD)
+    _col_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, D, a1, rho,
+                  lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
+                  HAS_P0, HAS_Q0, KV, REPLAY, QUAD, True, BN, BD)
     tl.debug_barrier()
     if not PAPER:
         _vec_lognorm_mix(lq0_b, HAS_Q0, u_q0, c_ptr, leta_ptr, k3, n_b, BV)
@@ -482,7 +505,7 @@ def _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u
     _vec_copy(c_ptr, cp, n_b, BV)
     _vec_copy(leta_ptr, ep, n_b, BV)
     # the vectors of this iteration, for the backward's replay (before the paper updates)
-    _record(vd, vn, ns, hd_t, hn_t, n_b, D, NR, True, PAPER, BV)
+    _record(vd, vn, ns, hd_b + t * KV * D, hn_b + t * KV * NR, n_b, D, NR, True, PAPER, BV)
     tl.debug_barrier()
     if PAPER:
         _vec_paper_update(lp0_b, HAS_P0, u_p0, lmu_ptr, vd + 2 * D, k2, rho, D, BV)
@@ -523,11 +546,12 @@ def _scratch_bases(pid, rs, N, D, NR, RAGGED: tl.constexpr):
 
 @triton.jit
 def _restart(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
-             HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
+             HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr, REPLAY: tl.constexpr,
              BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
     """State of iteration 0: log S = log p0 q0ᵀ, Z = 0 (paper: log μ = log p0, log η = log q0,
     z1 = z2 = 0)."""
-    _init_state_pass(sl, sz, lp0_b, lq0_b, n_b, D, u_p0, u_q0, HAS_P0, HAS_Q0, BN, BD)
+    if not REPLAY:
+        _init_state_pass(sl, sz, lp0_b, lq0_b, n_b, D, u_p0, u_q0, HAS_P0, HAS_Q0, BN, BD)
     _vec_fill(vn + 7 * ns, 0.0, n_b, BV)
     _vec_fill(vn + 8 * ns, 0.0, n_b, BV)
     if PAPER:
@@ -545,11 +569,13 @@ def badmm_fwd_kernel(
     y_ptr, plan_ptr, sl_ptr, sz_ptr, vd_ptr, vn_ptr, hd_ptr, hn_ptr,
     B, N, D, NR, T, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
-    PAPER: tl.constexpr, PLAN: tl.constexpr,
+    PAPER: tl.constexpr, PLAN: tl.constexpr, REPLAY: tl.constexpr,
     BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
 ):
     """Pooled output y (B, D) fp32 [and the plan] of T B-ADMM iterations, one set per program
-    at a time (persistent grid); records every iteration's vectors in hd / hn (_record)."""
+    at a time (persistent grid); records every iteration's vectors in hd / hn (_record).
+    REPLAY: each pass rebuilds the state from x and the vectors recorded so far (no N × D
+    scratch, O(t) arithmetic per element); otherwise it is streamed through sl / sz."""
     KV: tl.constexpr = 3 if PAPER else 2
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -568,23 +594,23 @@ def badmm_fwd_kernel(
             lq0_b = lq0_ptr + rs
             u_q0 = -_log(n_b.to(tl.float32))
             _restart(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
-                     HAS_P0, HAS_Q0, PAPER, BN, BD, BV)
+                     HAS_P0, HAS_Q0, PAPER, REPLAY, BN, BD, BV)
             hd_b = hd_ptr + b.to(tl.int64) * T * KV * D
             hn_b = hn_ptr + rs
             for t in range(0, T - 1):
                 a1_t, rho_t, k2_t, k3_t = _iter_weights(w_ptr, T, t, QUAD, PAPER)
                 _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D,
                                    u_p0, u_q0, a1_t, rho_t, k2_t, k3_t,
-                                   _rho_prev(rho_ptr, t), hd_b + t * KV * D,
-                                   hn_b + t * KV * NR, NR, HAS_P0, HAS_Q0, QUAD, PAPER, BN, BD,
-                                   BV)
+                                   _rho_prev(rho_ptr, t), hd_b, hn_b, NR, w_ptr, T, t,
+                                   HAS_P0, HAS_Q0, QUAD, PAPER, REPLAY, BN, BD, BV)
             # last iteration: its P-step only, pooling on the fly
             a1, rho, k2_last, _k3 = _iter_weights(w_ptr, T, T - 1, QUAD, PAPER)
             cp = vn + 7 * ns
             ep = vn + 8 * ns
             rp = _rho_prev(rho_ptr, T - 1)
             _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, vd, y_ptr + b.to(tl.int64) * D, n_b,
-                          D, a1, rho, QUAD, True, BN, BD)
+                          D, a1, rho, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, T - 1,
+                          HAS_P0, HAS_Q0, KV, REPLAY, QUAD, True, BN, BD)
             tl.debug_barrier()
             if not PAPER:
                 _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, vd, vd + D, k2_last, D, BV)
@@ -592,7 +618,8 @@ def badmm_fwd_kernel(
             _record(vd, vn, ns, hd_b + (T - 1) * KV * D, hn_b, n_b, D, NR, False, PAPER, BV)
             if PLAN:
                 _plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, vd, vd + D, plan_ptr + rs * D, n_b,
-                           D, a1, rho, QUAD, BN, BD)
+                           D, a1, rho, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, T - 1,
+                           HAS_P0, HAS_Q0, KV, REPLAY, QUAD, BN, BD)
         tl.debug_barrier()
 
 

@@ -17,7 +17,7 @@ from ..common import launcher, next_pow2, sm_count
 from .kernels import badmm_bwd_kernel, badmm_dw_kernel, badmm_fwd_kernel
 
 __all__ = ["badmm_forward", "badmm_backward", "badmm_cost_model", "block_sizes",
-           "history_like"]
+           "history_like", "forward_replays"]
 
 
 def block_sizes(n_hint: int, D: int):
@@ -84,6 +84,16 @@ def _scratch(geo: _Geometry, device, n_mats: int):
     return mats, torch.empty(geo.grid * 7 * geo.D, **f32), torch.empty(geo.nvec_numel, **f32)
 
 
+def forward_replays(T: int, x_bytes: int) -> bool:
+    """Forward schedule: rebuild the state from x and the vectors in every pass (REPLAY: reads
+    x only, ~2t + 3 exp2 per element in the pass of iteration t) or stream log S, Z through
+    HBM scratch (2 x_bytes + 24 bytes and 5 exp2 per element-iteration). Predicted on H100
+    (3.0 TB/s, 3.7e12 exp2/s, i.e. ~1.2 exp2 per byte): replaying costs ~2T² exp2 against
+    (2 x_bytes + 24) T bytes streamed, so it wins up to T ≈ (x_bytes + 12) · 1.2 - about 16
+    for fp32 x, 14 for fp16/bf16 - and loses beyond (cost model: :func:`badmm_cost_model`)."""
+    return T <= int(1.2 * (x_bytes + 12))
+
+
 def history_like(x: Tensor, ptr: Optional[Tensor], T: int, paper: bool):
     """Empty fp32 vector history: hd (B, T, KV, D) - R, log μ [, z1] - and hn (T, KV, rows) -
     C, log η [, z2] - of every iteration (KV = 3 for the paper variant, else 2). Sizes come
@@ -114,14 +124,16 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
     if B == 0 or geo.rows == 0 or D == 0:
         return y, plan, hd, hn
     lp0, lq0 = _priors(x, log_p0, log_q0)
-    (sl, sz), vd, vn = _scratch(geo, x.device, 2)
+    replay = forward_replays(T, x.element_size())
+    mats, vd, vn = _scratch(geo, x.device, 0 if replay else 2)
+    sl, sz = mats if mats else (y, y)                     # unused when replaying
     BN, BD, BV, num_warps = geo.blocks
     launcher(badmm_fwd_kernel, wrap)[(geo.grid,)](
         x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else y, lp0, lq0, _f32(w),
         y, plan if return_plan else y, sl, sz, vd, vn, hd, hn,
         B, geo.N, D, geo.rows, T, -math.log(D),
         RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
-        QUAD=quadratic, PAPER=paper, PLAN=return_plan, BN=BN, BD=BD, BV=BV,
+        QUAD=quadratic, PAPER=paper, PLAN=return_plan, REPLAY=replay, BN=BN, BD=BD, BV=BV,
         num_warps=num_warps,
     )
     return y, plan, hd, hn
