@@ -316,13 +316,16 @@ def test_huge_inputs_stay_finite(method, variant):
 # --------------------------------------------------------------------------------------------
 # memory, routing, reduced precision, GPU compilation
 # --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("variant", ["exact", "paper"])
-def test_saved_bytes_are_x_plus_vectors(variant, monkeypatch):
+def test_saved_bytes_are_x_plus_vectors(variant, schedule, monkeypatch):
     """What autograd keeps for the backward at T = 16 is x, the (B, D) output, the (6, T)
     table and the per-iteration vector history (R, log μ [, z1] per set and C, log η [, z2]
     per row: O(T · (N + D)) per set) - nothing of size N × D per iteration; the x-sized part is
     the same at T = 2 and T = 16. The scratch the launchers allocate (per-program state and
-    adjoint tiles, working vectors) does not depend on T at all."""
+    adjoint tiles, working vectors) does not depend on T at all (for a given forward
+    schedule: replaying needs no state scratch, streaming an N × D pair per program)."""
+    _schedule(monkeypatch, schedule)
     gen = torch.Generator().manual_seed(7)
     B, N, D = 2, 9, 6
     KV = 3 if variant == "paper" else 2

@@ -1,5 +1,5 @@
 """B-ADMM (B-E, B-Q) set kernels, α0 = 0: entry point :func:`badmm_pool` (CONTRACT.md)."""
-from .launch import badmm_cost_model
+from .cost import badmm_cost_model
 from .op import badmm_pool
 
 __all__ = ["badmm_pool", "badmm_cost_model"]

@@ -46,8 +46,9 @@ therefore records R, log μ [, z1] (per set, D each) and C, log η [, z2] (per r
 iteration - O(T · (N + D)) per set, saved with x - and the backward's reverse step t rebuilds
 (log S_t, Z_t) of each tile from x and that history (:func:`_replay_state`: t elementwise
 iterations, two exp2 each, no HBM traffic beyond x and the vectors) instead of re-running the
-forward's passes from iteration 0. Per reverse step: passes 1-3 over x and the adjoints L̄, Z̄
-(fp32 scratch of the size above) - O(T) passes in all (was O(T²)); the elementwise replay
+forward's passes from iteration 0. Per reverse step: passes 2-3 over x and the adjoints L̄, Z̄
+(fp32 scratch of the size above; pass 1's row sums σ ride along with the previous step's pass
+3) - O(T) passes in all (was O(T²)); the elementwise replay
 costs O(t) arithmetic per element and pass (cost model: :func:`.launch.badmm_cost_model`).
 
 Launch shape and synchronisation: every pass that reads what another pass wrote is separated
@@ -627,39 +628,6 @@ def badmm_fwd_kernel(
 # backward
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _adjoint_rowsum_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
-        slb, szb, vd, vn, ns, n_b, D, a1, rho,
-                         HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
-        QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """Backward pass 1: σ_n = Σ_d (L̄' - ρ Z̄' S') (adjoint of C and of log η, before the
-    lognorm), S' = exp(log S_{t+1}) recomputed from the state of iteration t."""
-    for n0 in range(0, n_b, BN):
-        offs_n = n0 + tl.arange(0, BN)
-        nm = offs_n < n_b
-        c = tl.load(vn + offs_n, mask=nm, other=0.0)
-        leta = tl.load(vn + ns + offs_n, mask=nm, other=0.0)
-        acc = tl.zeros([BN], dtype=tl.float32)
-        for d0 in range(0, D, BD):
-            offs_d = d0 + tl.arange(0, BD)
-            dm = offs_d < D
-            mask = nm[:, None] & dm[None, :]
-            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
-            o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
-                                  u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
-            Lb = tl.load(slb + o, mask=mask, other=0.0)
-            Zb = tl.load(szb + o, mask=mask, other=0.0)
-            r = tl.load(vd + offs_d, mask=dm, other=0.0)
-            lmu = tl.load(vd + D + offs_d, mask=dm, other=0.0)
-            y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
-            lp = y + (lmu - r)[None, :]
-            y2 = _s_step_y(lp, _exp(lp), Zt, a1, rho, QUAD)
-            s_new = _exp(y2 + (leta - c)[:, None])
-            acc += tl.sum(tl.where(mask, Lb - rho * Zb * s_new, 0.0), axis=1)
-        tl.store(vn + 3 * ns + offs_n, acc, mask=nm)
-
-
-@triton.jit
 def _adjoint_s_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
         slb, szb, vd, vn, ns, n_b, D, a1, rho,
                          HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
@@ -746,27 +714,31 @@ def _adjoint_plan_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w
 
 @triton.jit
 def _adjoint_p_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
-        slb, szb, gx_b, vd, vn, ns, gy_b,
-                         out_b, n_b, D,
-                         a1, rho, last, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
-        QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                         slb, szb, gx_b, vd, vn, ns, gy_b, out_b, n_b, D, a1, rho, last,
+                         rho_prev, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr,
+                         KV: tl.constexpr, QUAD: tl.constexpr, BN: tl.constexpr,
+                         BD: tl.constexpr):
     """Backward pass 3: Ȳ = log P̄ + R̄ softmax_n(Y) [+ the pooling's adjoint: last = 1.0 in
-    the last iteration, 0.0 before], then
-    through Y = log S + G/ρ: L̄ ← Ȳ [- α1 S Ȳ/ρ], Z̄ ← Z̄ - Ȳ/ρ, X̄ += Ȳ/ρ.
+    the last iteration, 0.0 before], then through Y = log S + G/ρ: L̄ ← Ȳ [- α1 S Ȳ/ρ],
+    Z̄ ← Z̄ - Ȳ/ρ, X̄ += Ȳ/ρ. With tb > 0 it also forms the previous reverse step's row sums
+    σ_n = Σ_d (L̄ - ρ_{tb-1} Z̄ S) from the adjoints just written and this iteration's S
+    (the adjoint of C_{tb-1} and log η_{tb-1}; saves that step a pass), into the σ slot.
     Returns the scalar partials (∂/∂α1, ∂/∂ρ)."""
     acc_a1 = _vzero(BD)
     acc_rho = _vzero(BD)
     inv_rho = 1.0 / rho
-    for d0 in range(0, D, BD):
-        offs_d = d0 + tl.arange(0, BD)
-        dm = offs_d < D
-        r = tl.load(vd + offs_d, mask=dm, other=0.0)
-        rb = tl.load(vd + 3 * D + offs_d, mask=dm, other=0.0)
-        gy = tl.load(gy_b + offs_d, mask=dm, other=0.0) * last
-        out = tl.load(out_b + offs_d, mask=dm, other=0.0)
-        for n0 in range(0, n_b, BN):
-            offs_n = n0 + tl.arange(0, BN)
-            mask = (offs_n < n_b)[:, None] & dm[None, :]
+    for n0 in range(0, n_b, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        nm = offs_n < n_b
+        sigma = tl.zeros([BN], dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            offs_d = d0 + tl.arange(0, BD)
+            dm = offs_d < D
+            r = tl.load(vd + offs_d, mask=dm, other=0.0)
+            rb = tl.load(vd + 3 * D + offs_d, mask=dm, other=0.0)
+            gy = tl.load(gy_b + offs_d, mask=dm, other=0.0) * last
+            out = tl.load(out_b + offs_d, mask=dm, other=0.0)
+            mask = nm[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
@@ -787,9 +759,13 @@ def _adjoint_p_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
                 lb = yb - a1 * s * gb
                 acc_a1 += tl.sum(tl.sum(tl.where(mask, -gb * s, 0.0), axis=1), axis=0)
             acc_rho += tl.sum(tl.sum(tl.where(mask, -gb * g * inv_rho, 0.0), axis=1), axis=0)
+            zb_new = Zb - gb
+            sigma += tl.sum(tl.where(mask, lb - rho_prev * zb_new * s, 0.0), axis=1)
             tl.store(slb + o, lb, mask=mask)
-            tl.store(szb + o, Zb - gb, mask=mask)
+            tl.store(szb + o, zb_new, mask=mask)
             tl.store(gx_b + o, gx + gb, mask=mask)
+        if tb > 0:
+            tl.store(vn + 3 * ns + offs_n, sigma, mask=nm)
     return acc_a1, acc_rho
 
 
@@ -1011,10 +987,7 @@ def badmm_bwd_kernel(
                         gk3 += dk
                         grho += dr
                         tl.debug_barrier()
-                    _adjoint_rowsum_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
-                                         w_ptr, T, tb, slb, szb, vd, vn, ns, n_b, D, a1, rho,
-                                         HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
-                    tl.debug_barrier()
+                    # σ of this step: written by pass 3 of the step before (tb + 1)
                     if PAPER:
                         _vec_paper_absorb(vn + 3 * ns, vn + 4 * ns, n_b, BV)
                     else:
@@ -1039,7 +1012,8 @@ def badmm_bwd_kernel(
                                                NR, w_ptr, T, tb, slb, szb, gx_b, vd, vn, ns,
                                                gy_ptr + b.to(tl.int64) * D,
                                                out_ptr + b.to(tl.int64) * D, n_b, D, a1, rho,
-                                               tl.where(tb == T - 1, 1.0, 0.0), HAS_P0, HAS_Q0,
+                                               tl.where(tb == T - 1, 1.0, 0.0),
+                                               _rho_prev(w_ptr + 4 * T, tb), HAS_P0, HAS_Q0,
                                                KV, QUAD, BN, BD)
                 ga1 += da1
                 grho += dr

@@ -16,8 +16,8 @@ import triton
 from ..common import launcher, next_pow2, sm_count
 from .kernels import badmm_bwd_kernel, badmm_dw_kernel, badmm_fwd_kernel
 
-__all__ = ["badmm_forward", "badmm_backward", "badmm_cost_model", "block_sizes",
-           "history_like", "forward_replays"]
+__all__ = ["badmm_forward", "badmm_backward", "block_sizes", "history_like",
+           "forward_replays"]
 
 
 def block_sizes(n_hint: int, D: int):
@@ -86,12 +86,13 @@ def _scratch(geo: _Geometry, device, n_mats: int):
 
 def forward_replays(T: int, x_bytes: int) -> bool:
     """Forward schedule: rebuild the state from x and the vectors in every pass (REPLAY: reads
-    x only, ~2t + 3 exp2 per element in the pass of iteration t) or stream log S, Z through
-    HBM scratch (2 x_bytes + 24 bytes and 5 exp2 per element-iteration). Predicted on H100
-    (3.0 TB/s, 3.7e12 exp2/s, i.e. ~1.2 exp2 per byte): replaying costs ~2T² exp2 against
-    (2 x_bytes + 24) T bytes streamed, so it wins up to T ≈ (x_bytes + 12) · 1.2 - about 16
-    for fp32 x, 14 for fp16/bf16 - and loses beyond (cost model: :func:`badmm_cost_model`)."""
-    return T <= int(1.2 * (x_bytes + 12))
+    x only; the pass of iteration t replays t elementwise iterations, ~31 SASS instructions per
+    element each at sm_90) or stream log S, Z through HBM scratch (2 x_bytes + 24 bytes per
+    element-iteration). Predicted on H100 (3.0 TB/s; 2.96e13 lane-instructions/s; the SASS
+    counts of bench/results/badmm_v2_*.md): replaying costs ~(3.4 + 1.05 T) ps per
+    element-iteration, streaming (2 x_bytes + 24) / 3 ps, so replay wins up to T ≈ 6.9 for fp32
+    x and 5.6 for fp16/bf16 (cost model: :mod:`.cost`)."""
+    return T <= int(((2 * x_bytes + 24) / 3 - 3.4) / 1.05)
 
 
 def history_like(x: Tensor, ptr: Optional[Tensor], T: int, paper: bool):
@@ -173,42 +174,3 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
         w32, gw, dw, B, T, QUAD=quadratic, PAPER=paper, BT=BT)
     gq0 = gq0.reshape(log_q0.shape) if log_q0 is not None else None
     return gx.reshape(x.shape), gp0, gq0, dw
-
-
-def badmm_cost_model(num_elements: int, T: int, *, x_bytes: int = 4, return_plan: bool = False,
-                     backward: bool = False) -> dict:
-    """Memory traffic and exponentials of these kernels as implemented (for a speed-of-light
-    estimate): ``num_elements`` = Σ_b N_b · D, x of ``x_bytes`` per element, fp32 scratch.
-
-    Per element: a full forward iteration streams pass A (reads x, log S, Z) and B (reads x,
-    log S, Z, writes log S, Z) = 2·x_bytes + 24 bytes, and 5 exp2 (S for the deferred Z in A
-    and B - doubling as B-Q's α1 S -, the LSE in A, P and the LSE in B); the forward is init
-    (8 bytes) + (T - 1) iterations + the last pass A (+ the plan pass). The backward adds, for
-    every t, the recompute (init + t iterations + passes A, B) and passes 1-3 over x, the
-    state, its adjoints and the fp32 x-gradient. Vector work (O(N + D) per set and pass) is
-    left out. Returns the totals {"bytes", "exp2"}; the same for B-E and B-Q.
-    """
-    bx = x_bytes
-    it_bytes, it_exp = 2 * bx + 24, 5
-
-    def forward_to(t):  # init + t full iterations
-        return 8 + t * it_bytes, t * it_exp
-
-    fb, fe = forward_to(T - 1)
-    fb, fe = fb + bx + 8, fe + 2                                    # last pass A (pooling)
-    if return_plan:
-        fb, fe = fb + 2 * bx + 8, fe + 2
-    if not backward:
-        return dict(bytes=fb * num_elements, exp2=fe * num_elements)
-    bb, be = 8 + 8, 0                                               # zero adjoints, final sums
-    for t in range(T):
-        rb, re = forward_to(t)
-        bb, be = bb + rb + bx + 8, be + re + 2                      # recompute + pass A
-        if t < T - 1:
-            bb, be = bb + bx + 8, be + 3                            # pass B (read only)
-            bb, be = bb + bx + 16, be + 3                           # pass 1: S, P, S'
-            bb, be = bb + bx + 24, be + 3                           # pass 2: S, P, S'
-        elif return_plan:
-            bb, be = bb + bx + 16, be + 2                           # plan adjoint
-        bb, be = bb + bx + 32, be + 2                               # pass 3: S, softmax
-    return dict(bytes=(fb + bb) * num_elements, exp2=(fe + be) * num_elements)
