@@ -447,7 +447,7 @@ import triton
 from aot import compile_sm90
 from rotp_triton.ops.rot.triton.badmm import kernels as m, launch
 
-PTR = {"x_ptr": "*fp16", "ptr_ptr": "*i64"}
+PTR = {"x_ptr": "*fp16", "ptr_ptr": "*i64", "order_ptr": "*i64"}
 
 def signature(kernel, consts):
     return {n: "constexpr" if n in consts else PTR.get(n, "*fp32") if n.endswith("_ptr")

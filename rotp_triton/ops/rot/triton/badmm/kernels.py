@@ -515,6 +515,18 @@ def _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u
 
 
 @triton.jit
+def _set_of(order_ptr, j, RAGGED: tl.constexpr):
+    """The j-th set a persistent program takes: ragged sets largest first (``order``, set ids
+    by descending N_b, so the round-robin over programs balances like LPT scheduling), dense
+    sets in order (j is a tensor, also in the interpreter)."""
+    if RAGGED:
+        b = tl.load(order_ptr + j)
+    else:
+        b = j
+    return b
+
+
+@triton.jit
 def _set_bounds(b, ptr_ptr, N, sxb, sxn, RAGGED: tl.constexpr):
     """(first row in the (rows, ·) layouts, N_b, offset of the set in x)."""
     if RAGGED:
@@ -565,7 +577,7 @@ def _restart(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
 
 @triton.jit
 def badmm_fwd_kernel(
-    x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr,
+    x_ptr, sxb, sxn, sxd, ptr_ptr, order_ptr, lp0_ptr, lq0_ptr,
     w_ptr,
     y_ptr, plan_ptr, sl_ptr, sz_ptr, vd_ptr, vn_ptr, hd_ptr, hn_ptr,
     B, N, D, NR, T, u_p0,
@@ -583,7 +595,7 @@ def badmm_fwd_kernel(
     rho_ptr = w_ptr + 4 * T                                              # row RHO of the table
     vd = vd_ptr + pid.to(tl.int64) * 7 * D
     for it in range(0, tl.cdiv(B - pid, nprog)):
-        b = pid + it * nprog                                   # a tensor, also in the interpreter
+        b = _set_of(order_ptr, pid + it * nprog, RAGGED)
         rs, n_b, xoff = _set_bounds(b, ptr_ptr, N, sxb, sxn, RAGGED)
         sbase, vn, ns = _scratch_bases(pid, rs, N, D, NR, RAGGED)
         sl = sl_ptr + sbase                                                          # [N_b, D]
@@ -912,7 +924,7 @@ def _zero_pass(sl, sz, n_b, D, BN: tl.constexpr, BD: tl.constexpr):
 
 @triton.jit
 def badmm_bwd_kernel(
-    x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr,
+    x_ptr, sxb, sxn, sxd, ptr_ptr, order_ptr, lp0_ptr, lq0_ptr,
     w_ptr, hd_ptr, hn_ptr,
     out_ptr, gy_ptr, gplan_ptr,
     gx_ptr, gp0_ptr, gq0_ptr, gw_ptr,
@@ -934,7 +946,7 @@ def badmm_bwd_kernel(
     nprog = tl.num_programs(0)
     vd = vd_ptr + pid.to(tl.int64) * 7 * D
     for it in range(0, tl.cdiv(B - pid, nprog)):
-        b = pid + it * nprog                                   # a tensor, also in the interpreter
+        b = _set_of(order_ptr, pid + it * nprog, RAGGED)
         rs, n_b, xoff = _set_bounds(b, ptr_ptr, N, sxb, sxn, RAGGED)
         sbase, vn, ns = _scratch_bases(pid, rs, N, D, NR, RAGGED)
         slb = slb_ptr + sbase                                                        # [N_b, D]

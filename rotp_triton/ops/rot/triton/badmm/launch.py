@@ -66,6 +66,13 @@ class _Geometry:
         self.mat_numel = max(self.rows if self.ragged else self.grid * self.N, 1) * self.D
         self.nvec_numel = 9 * max(self.rows if self.ragged else self.grid * self.N, 1)
 
+    def order(self, dummy: Tensor) -> Tensor:
+        """Ragged: set ids by descending size (largest first, on the device - no host sync);
+        dense: ``dummy`` (unused)."""
+        if not self.ragged:
+            return dummy
+        return torch.argsort(self.ptr[1:] - self.ptr[:-1], descending=True)
+
 
 def _f32(t: Tensor) -> Tensor:
     return t.detach().to(torch.float32).contiguous()
@@ -130,7 +137,7 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
     sl, sz = mats if mats else (y, y)                     # unused when replaying
     BN, BD, BV, num_warps = geo.blocks
     launcher(badmm_fwd_kernel, wrap)[(geo.grid,)](
-        x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else y, lp0, lq0, _f32(w),
+        x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else y, geo.order(y), lp0, lq0, _f32(w),
         y, plan if return_plan else y, sl, sz, vd, vn, hd, hn,
         B, geo.N, D, geo.rows, T, -math.log(D),
         RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
@@ -159,7 +166,8 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
         gplan = _f32(grad_plan).reshape(geo.rows, D) if grad_plan is not None else gx
         BN, BD, BV, num_warps = geo.blocks
         launcher(badmm_bwd_kernel, wrap)[(geo.grid,)](
-            x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else gx, lp0, lq0, w32, hd, hn,
+            x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else gx, geo.order(gx), lp0, lq0, w32,
+            hd, hn,
             y32, _f32(grad_y), gplan,
             gx, gp0, gq0, gw,
             slb, szb, vd, vn,
