@@ -55,6 +55,7 @@ def analyse(kernel, D, N, quad, flag, replay):
     BN, BD, BV, nw = launch.block_sizes(N, D)
     consts = dict(RAGGED=False, HAS_P0=False, HAS_Q0=False, QUAD=quad, PAPER=False, BN=BN, BD=BD,
                   BV=BV, **{flag: False})
+    consts["KV"] = 2
     if replay is not None:
         consts["REPLAY"] = replay
     c = compile_sm90(kernel, sig(kernel, consts), consts, num_warps=nw)

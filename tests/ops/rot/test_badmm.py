@@ -467,6 +467,7 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
     BN, BD, BV, num_warps = launch.block_sizes(0 if ragged else N, D)
     consts = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=quad, PAPER=paper, BN=BN, BD=BD,
                   BV=BV, **{flag: True})
+    consts["KV"] = 3 if paper else 2
     if flag == "PLAN":
         consts["REPLAY"] = replay
     c = compile_sm90(kernel, signature(kernel, consts), consts,

@@ -206,8 +206,9 @@ def _init_state_pass(sl, sz, lp0_ptr, lq0_ptr, n_b, D, u_p0, u_q0,
 @triton.jit
 def _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, out_ptr, n_b, D, a1, rho,
                   lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
-                  HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr, REPLAY: tl.constexpr,
-                  QUAD: tl.constexpr, POOL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                  HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
+                  REPLAY: tl.constexpr, QUAD: tl.constexpr, POOL: tl.constexpr,
+                  BN: tl.constexpr, BD: tl.constexpr):
     """Pass A: R_d = LSE_n(Y_nd) by an online LSE over n tiles; with POOL also
     out_d = Σ_n softmax_n(Y)_nd X_nd (online-softmax weighted sum)."""
     for d0 in range(0, D, BD):
@@ -246,8 +247,9 @@ def _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, out_ptr, n_b, D, a1, 
 @triton.jit
 def _col_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, D, a1, rho,
                   lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
-                  HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr, REPLAY: tl.constexpr,
-                  QUAD: tl.constexpr, WRITE: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                  HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
+                  REPLAY: tl.constexpr, QUAD: tl.constexpr, WRITE: tl.constexpr,
+                  BN: tl.constexpr, BD: tl.constexpr):
     """Pass B: log P = Y + (log μ - R), P = exp(log P), the S-step input Y2 and
     C_n = LSE_d(Y2_n·). WRITE (streamed forward): log S ← Y2 and Z ← Z + ρ P in place."""
     for n0 in range(0, n_b, BN):
@@ -476,7 +478,8 @@ def _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0, 
 def _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
                        a1, rho, k2, k3, rp, hd_b, hn_b, NR, w_ptr, T, t,
                        HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
-                       PAPER: tl.constexpr, REPLAY: tl.constexpr, BN: tl.constexpr,
+                       PAPER: tl.constexpr, REPLAY: tl.constexpr, KV: tl.constexpr,
+                       BN: tl.constexpr,
                        BD: tl.constexpr, BV: tl.constexpr):
     """One full B-ADMM iteration (P-step, S-step, dual[, paper vector updates]) in place; the
     state stays in the deferred form of :func:`_load_state` (``rp``: ρ of the previous
@@ -487,7 +490,6 @@ def _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u
     leta_ptr = vn + ns
     cp = vn + 7 * ns
     ep = vn + 8 * ns
-    KV: tl.constexpr = 3 if PAPER else 2
     _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, r_ptr, n_b, D, a1, rho,
                   lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
                   HAS_P0, HAS_Q0, KV, REPLAY, QUAD, False, BN, BD)
@@ -582,14 +584,13 @@ def badmm_fwd_kernel(
     y_ptr, plan_ptr, sl_ptr, sz_ptr, vd_ptr, vn_ptr, hd_ptr, hn_ptr,
     B, N, D, NR, T, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
-    PAPER: tl.constexpr, PLAN: tl.constexpr, REPLAY: tl.constexpr,
+    PAPER: tl.constexpr, PLAN: tl.constexpr, REPLAY: tl.constexpr, KV: tl.constexpr,
     BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
 ):
     """Pooled output y (B, D) fp32 [and the plan] of T B-ADMM iterations, one set per program
     at a time (persistent grid); records every iteration's vectors in hd / hn (_record).
     REPLAY: each pass rebuilds the state from x and the vectors recorded so far (no N × D
     scratch, O(t) arithmetic per element); otherwise it is streamed through sl / sz."""
-    KV: tl.constexpr = 3 if PAPER else 2
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rho_ptr = w_ptr + 4 * T                                              # row RHO of the table
@@ -615,7 +616,7 @@ def badmm_fwd_kernel(
                 _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D,
                                    u_p0, u_q0, a1_t, rho_t, k2_t, k3_t,
                                    _rho_prev(rho_ptr, t), hd_b, hn_b, NR, w_ptr, T, t,
-                                   HAS_P0, HAS_Q0, QUAD, PAPER, REPLAY, BN, BD, BV)
+                                   HAS_P0, HAS_Q0, QUAD, PAPER, REPLAY, KV, BN, BD, BV)
             # last iteration: its P-step only, pooling on the fly
             a1, rho, k2_last, _k3 = _iter_weights(w_ptr, T, T - 1, QUAD, PAPER)
             cp = vn + 7 * ns
@@ -641,9 +642,9 @@ def badmm_fwd_kernel(
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _adjoint_s_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
-        slb, szb, vd, vn, ns, n_b, D, a1, rho,
+                         slb, szb, vd, vn, ns, n_b, D, a1, rho,
                          HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
-        QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                         QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Backward pass 2: through log S' = Y2 + (log η - C), the S-step and the dual update, to
     log P̄ (written over L̄) and Z̄ (in place); τ_d = Σ_n log P̄ (into the TAU slot).
     Returns the scalar partials (∂/∂α1, ∂/∂ρ) of this iteration so far."""
@@ -699,9 +700,9 @@ def _adjoint_s_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
 
 @triton.jit
 def _adjoint_plan_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
-        slb, vd, vn, ns, gplan_b, n_b, D, a1, rho,
+                       slb, vd, vn, ns, gplan_b, n_b, D, a1, rho,
                        HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
-        QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                       QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Last iteration with a plan gradient: log P̄ = P̄ ⊙ P (over L̄), τ_d = Σ_n log P̄."""
     for d0 in range(0, D, BD):
         offs_d = d0 + tl.arange(0, BD)
@@ -931,7 +932,7 @@ def badmm_bwd_kernel(
     slb_ptr, szb_ptr, vd_ptr, vn_ptr,
     B, N, D, NR, T, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
-    PAPER: tl.constexpr, PLAN_GRAD: tl.constexpr,
+    PAPER: tl.constexpr, PLAN_GRAD: tl.constexpr, KV: tl.constexpr,
     BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
 ):
     """Exact gradient of the T unrolled iterations: one reverse step per iteration, whose
@@ -941,7 +942,6 @@ def badmm_bwd_kernel(
     Writes gx (rows, D) fp32 (in x's row order), gp0 (B, D), gq0 (rows,), and gw (B, T, 4):
     per set and iteration the partials wrt (κ2, κ3, α1, ρ) (finished by badmm_dw_kernel).
     """
-    KV: tl.constexpr = 3 if PAPER else 2
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     vd = vd_ptr + pid.to(tl.int64) * 7 * D

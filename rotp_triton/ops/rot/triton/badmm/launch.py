@@ -141,7 +141,8 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
         y, plan if return_plan else y, sl, sz, vd, vn, hd, hn,
         B, geo.N, D, geo.rows, T, -math.log(D),
         RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
-        QUAD=quadratic, PAPER=paper, PLAN=return_plan, REPLAY=replay, BN=BN, BD=BD, BV=BV,
+        QUAD=quadratic, PAPER=paper, PLAN=return_plan, REPLAY=replay, KV=hd.shape[2],
+        BN=BN, BD=BD, BV=BV,
         num_warps=num_warps,
     )
     return y, plan, hd, hn
@@ -166,14 +167,14 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
         gplan = _f32(grad_plan).reshape(geo.rows, D) if grad_plan is not None else gx
         BN, BD, BV, num_warps = geo.blocks
         launcher(badmm_bwd_kernel, wrap)[(geo.grid,)](
-            x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else gx, geo.order(gx), lp0, lq0, w32,
-            hd, hn,
+            x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else gx, geo.order(gx), lp0, lq0,
+            w32, hd, hn,
             y32, _f32(grad_y), gplan,
             gx, gp0, gq0, gw,
             slb, szb, vd, vn,
             B, geo.N, D, geo.rows, T, -math.log(D),
             RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
-            QUAD=quadratic, PAPER=paper, PLAN_GRAD=grad_plan is not None,
+            QUAD=quadratic, PAPER=paper, PLAN_GRAD=grad_plan is not None, KV=hd.shape[2],
             BN=BN, BD=BD, BV=BV, num_warps=num_warps,
         )
     dw = torch.empty(6, T, device=dev, dtype=torch.float32)
