@@ -7,13 +7,17 @@ one for the backward.
 Layout and state. A set is ``x_b`` (N_b, D) (rows = samples), read in place through x's
 strides (a dense (B, N, D) batch with any strides, e.g. an NCHW image viewed as
 x.flatten(2).transpose(1, 2), or a ragged (rows, D) batch with ``ptr``). B-ADMM carries two
-full (N_b, D) matrices, log S and Z, from one iteration to the next, so unlike Sinkhorn its
-state cannot be reduced to vectors. Persistent grid: program ``pid`` handles sets
-``pid, pid + G, ...`` (G = #SMs), one at a time, keeping log S and Z in an fp32 scratch in
-global memory (L2-resident when it fits), streamed in [BN, BD] tiles with online LSEs. The
-scratch of a dense batch is per program, O(G · N · D), not O(B · N · D); that of a ragged batch
-is the set's own rows of a (rows, D) matrix (sizing a per-program scratch would need N_max, a
-host sync that torch.compile cannot trace). One iteration is two streamed passes:
+full (N_b, D) matrices, log S and Z, from one iteration to the next; but for α0 = 0 each of
+their entries evolves on its own once the iteration's row and column vectors are known, so
+the forward records those vectors (see "Backward schedule" below) and has two schedules
+(``REPLAY``, chosen by the launcher from T and x's dtype): rebuild the state of each tile from
+x and the vectors recorded so far in every pass (:func:`_replay_state`; no state scratch), or
+stream it. Persistent grid: program ``pid`` handles sets ``pid, pid + G, ...`` (G = #SMs; ragged
+sets largest first), one at a time; streaming keeps log S and Z in an fp32 scratch in global
+memory (L2-resident when it fits), in [BN, BD] tiles with online LSEs. The scratch of a dense
+batch is per program, O(G · N · D), not O(B · N · D); that of a ragged batch is the set's own
+rows of a (rows, D) matrix (sizing a per-program scratch would need N_max, a host sync that
+torch.compile cannot trace). One iteration is two passes:
 
   A  (column-wise) Y = log S + (X - Z [- α1 S]) / ρ,  R = LSE_n(Y)  (online LSE over n tiles)
      then the D-vector log μ = lognorm(κ2 log p0 + (1 - κ2) R)          (exact) / state (paper)
@@ -22,7 +26,7 @@ host sync that torch.compile cannot trace). One iteration is two streamed passes
      then the N-vector log η = lognorm(κ3 log q0 + (1 - κ3) C)         (exact) / state (paper)
   (paper: then the μ/η/z1/z2 vector updates, eqs. 26-28)
 The S-step's normalisation log S = Y2 + (log η - C) and the dual's Z -= ρ S are not a pass of
-their own: the scratch keeps (Y2, Z + ρ P) and every pass that reads the state applies them on
+their own: when streaming, the scratch keeps (Y2, Z + ρ P) and every pass that reads the state applies them on
 the fly from the kept vectors C, log η and the scalar ρ (:func:`_load_state`), which saves a
 read and a write of both matrices per iteration.
 
