@@ -193,6 +193,58 @@ def test_several_tiles(method, variant, schedule, monkeypatch):
     _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32])
 
 
+def _split(monkeypatch, NS, DS):
+    """Force the split forward (:mod:`badmm.split_kernels`) with NS row and DS column slices
+    per set (it replays the state: the REPLAY schedule)."""
+    monkeypatch.setattr(launch, "forward_replays", lambda T, xb: True)
+    monkeypatch.setattr(launch, "forward_splits", lambda B, N, D, BN, BD, dev: (NS, DS))
+    calls = []
+    real = launch._forward_split
+    monkeypatch.setattr(launch, "_forward_split", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("NS,DS", [(3, 2), (1, 2), (2, 1)], ids=["3x2", "1x2", "2x1"])
+@pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("badmm-q", "paper"),
+                                            ("badmm-q", "exact"), ("badmm-e", "paper")])
+def test_split_forward(method, variant, NS, DS, monkeypatch):
+    """Sets spread over NS x DS programs (partial LSEs combined by separate launches; N and D
+    not multiples of the 16-wide slices, 3 row slices of 37 rows = 32 + 5): y, plan, the
+    history the backward replays, hence the gradients, as the reference."""
+    _small_blocks(monkeypatch)
+    calls = _split(monkeypatch, NS, DS)
+    gen = torch.Generator().manual_seed(12)
+    x, w, lp, lq, cy, cp = _case(2, 37, 19, 3, gen, inf_a2=True)
+    args = (x, None, method, variant, w, lp, lq, cy, cp)
+    _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32])
+    assert calls, "the split forward did not run"
+
+
+@pytest.mark.parametrize("method", ["badmm-e", "badmm-q"])
+def test_split_forward_uniform_priors_strided(method, monkeypatch):
+    """The split forward with uniform priors, no plan, and x read through an NCHW view."""
+    _small_blocks(monkeypatch)
+    calls = _split(monkeypatch, 2, 2)
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 19, 5, 7, generator=gen)
+    w = _weights(2, gen)
+    cy = torch.randn(2, 19, generator=gen)
+    view = lambda t: t.flatten(2).transpose(1, 2)                    # (B, 35, 19), strided
+    args = (x, None, method, "exact", w, None, None, cy, None)
+    _compare(_run_kernel(*args, x_view=view), _run_reference(*args, x_view=view),
+             RTOL[torch.float32])
+    assert calls, "the split forward did not run"
+
+
+def test_split_heuristic():
+    """Few sets are split (never into more slices than tiles), many sets are not."""
+    cpu = torch.device("cpu")
+    assert launch.forward_splits(1, 500, 100, 16, 128, cpu) != (1, 1)
+    NS, DS = launch.forward_splits(1, 20, 20, 16, 16, cpu)
+    assert NS <= 2 and DS <= 2
+    assert launch.forward_splits(1000, 500, 100, 16, 128, cpu) == (1, 1)
+
+
 @pytest.mark.parametrize("N,D,T", [(1, 1, 2), (1, 6, 1), (5, 1, 2)])
 @pytest.mark.parametrize("method", ["badmm-e", "badmm-q"])
 def test_awkward_shapes(method, N, D, T):

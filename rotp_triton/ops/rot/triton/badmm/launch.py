@@ -13,11 +13,14 @@ from torch import Tensor
 
 import triton
 
-from ..common import launcher, next_pow2, sm_count
+from ..common import cdiv, launcher, next_pow2, sm_count
 from .kernels import badmm_bwd_kernel, badmm_dw_kernel, badmm_fwd_kernel
+from .split_kernels import (badmm_split_column_lse_kernel, badmm_split_column_step_kernel,
+                            badmm_split_plan_kernel, badmm_split_row_lse_kernel,
+                            badmm_split_row_step_kernel)
 
 __all__ = ["badmm_forward", "badmm_backward", "block_sizes", "history_like",
-           "forward_replays"]
+           "forward_replays", "forward_splits"]
 
 
 def block_sizes(n_hint: int, D: int):
@@ -102,6 +105,68 @@ def forward_replays(T: int, x_bytes: int) -> bool:
     return T <= int(((2 * x_bytes + 24) / 3 - 3.4) / 1.05)
 
 
+def forward_splits(B: int, N: int, D: int, BN: int, BD: int, device: torch.device):
+    """(NS, DS): row and column slices per set of the split forward (:mod:`.split_kernels`),
+    (1, 1) for one program per set. Split only when the sets fill less than two waves of the
+    GPU (W1: 50 sets on 132 SMs; W2: 256): aim at 4 programs per SM, columns first (a column
+    slice keeps whole columns for R, a row slice whole rows for C), never more slices than
+    tiles. Prediction, not measured: each split iteration is 4 launches instead of a loop
+    inside one (a CUDA graph hides them)."""
+    sms = sm_count(device)
+    if B >= 2 * sms:
+        return 1, 1
+    want = cdiv(4 * sms, max(B, 1))
+    DS = min(cdiv(D, BD), want)
+    NS = min(cdiv(N, BN), cdiv(want, DS))
+    return NS, DS
+
+
+def _slice(size: int, parts: int, block: int):
+    """(slice length, a multiple of ``block``; number of non-empty slices)."""
+    length = cdiv(cdiv(size, parts), block) * block
+    return length, cdiv(size, length)
+
+
+def _forward_split(x, geo, w32, lp0, lq0, y, plan, hd, hn, NS, DS, *, quadratic, paper,
+                   has_p0, has_q0, wrap):
+    """The forward of a dense batch over B × NS × DS programs: per iteration the four launches
+    of :mod:`.split_kernels` (partial LSEs, then per-set combine + vector step). Fills y, plan
+    and the history hd, hn exactly like the one-program-per-set kernel."""
+    B, N, D, T = geo.B, geo.N, geo.D, w32.shape[1]
+    BN, BD, BV, num_warps = geo.blocks
+    SN, NS = _slice(N, NS, BN)
+    SD, DS = _slice(D, DS, BD)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    pm, pl, pa = (torch.empty(B * NS * D, **f32) for _ in range(3))       # [B, NS, D]
+    qm, ql = (torch.empty(B * DS * N, **f32) for _ in range(2))           # [B, DS, N]
+    u_p0, u_q0 = -math.log(D), -math.log(N)
+    KV = hd.shape[2]
+    tiles = (B, NS, DS)
+    flags = dict(HAS_P0=has_p0, HAS_Q0=has_q0, QUAD=quadratic, KV=KV)
+    xargs = (x, geo.sxb, geo.sxn, geo.sxd, lp0, lq0, w32, hd, hn)
+    for t in range(T):
+        last = t == T - 1
+        launcher(badmm_split_column_lse_kernel, wrap)[tiles](
+            *xargs, pm, pl, pa, N, D, geo.rows, T, t, SN, SD, NS, u_p0, u_q0,
+            **flags, POOL=last, BN=BN, BD=BD, num_warps=num_warps)
+        launcher(badmm_split_column_step_kernel, wrap)[(B,)](
+            lp0, w32, hd, pm, pl, pa, y, D, T, t, NS, u_p0,
+            HAS_P0=has_p0, QUAD=quadratic, PAPER=paper, KV=KV, POOL=last, BV=BV,
+            num_warps=num_warps)
+        if last:
+            break
+        launcher(badmm_split_row_lse_kernel, wrap)[tiles](
+            *xargs, qm, ql, N, D, geo.rows, T, t, SN, SD, DS, u_p0, u_q0,
+            **flags, BN=BN, BD=BD, num_warps=num_warps)
+        launcher(badmm_split_row_step_kernel, wrap)[(B,)](
+            lq0, w32, hn, qm, ql, N, geo.rows, T, t, DS, u_q0,
+            HAS_Q0=has_q0, QUAD=quadratic, PAPER=paper, KV=KV, BV=BV, num_warps=num_warps)
+    if plan is not None:
+        launcher(badmm_split_plan_kernel, wrap)[tiles](
+            *xargs, plan, N, D, geo.rows, T, SN, SD, u_p0, u_q0,
+            **flags, BN=BN, BD=BD, num_warps=num_warps)
+
+
 def history_like(x: Tensor, ptr: Optional[Tensor], T: int, paper: bool):
     """Empty fp32 vector history: hd (B, T, KV, D) - R, log μ [, z1] - and hn (T, KV, rows) -
     C, log η [, z2] - of every iteration (KV = 3 for the paper variant, else 2). Sizes come
@@ -133,9 +198,16 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
         return y, plan, hd, hn
     lp0, lq0 = _priors(x, log_p0, log_q0)
     replay = forward_replays(T, x.element_size())
+    BN, BD, BV, num_warps = geo.blocks
+    splits = (1, 1) if geo.ragged or not replay else forward_splits(B, geo.N, D, BN, BD,
+                                                                     x.device)
+    if splits != (1, 1):
+        _forward_split(x, geo, _f32(w), lp0, lq0, y, plan, hd, hn, *splits,
+                       quadratic=quadratic, paper=paper, has_p0=log_p0 is not None,
+                       has_q0=log_q0 is not None, wrap=wrap)
+        return y, plan, hd, hn
     mats, vd, vn = _scratch(geo, x.device, 0 if replay else 2)
     sl, sz = mats if mats else (y, y)                     # unused when replaying
-    BN, BD, BV, num_warps = geo.blocks
     launcher(badmm_fwd_kernel, wrap)[(geo.grid,)](
         x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else y, geo.order(y), lp0, lq0, _f32(w),
         y, plan if return_plan else y, sl, sz, vd, vn, hd, hn,
