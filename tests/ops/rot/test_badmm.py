@@ -194,35 +194,40 @@ def test_several_tiles(method, variant, schedule, monkeypatch):
 
 
 def _split(monkeypatch, NS, DS):
-    """Force the split forward (:mod:`badmm.split_kernels`) with NS row and DS column slices
-    per set (it replays the state: the REPLAY schedule)."""
+    """Force the split forward and backward (:mod:`badmm.split_kernels`,
+    :mod:`badmm.split_backward_kernels`) with NS row and DS column slices per set (the forward
+    replays the state: the REPLAY schedule). Returns the list of split launchers called."""
     monkeypatch.setattr(launch, "forward_replays", lambda T, xb: True)
     monkeypatch.setattr(launch, "forward_splits", lambda B, N, D, BN, BD, dev: (NS, DS))
+    monkeypatch.setattr(launch, "backward_splits", lambda B, N, D, BN, BD, dev: (NS, DS))
     calls = []
-    real = launch._forward_split
-    monkeypatch.setattr(launch, "_forward_split", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("_forward_split", "_backward_split"):
+        real = getattr(launch, name)
+        monkeypatch.setattr(launch, name, lambda *a, _r=real, _n=name, **k:
+                            calls.append(_n) or _r(*a, **k))
     return calls
 
 
 @pytest.mark.parametrize("NS,DS", [(3, 2), (1, 2), (2, 1)], ids=["3x2", "1x2", "2x1"])
 @pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("badmm-q", "paper"),
                                             ("badmm-q", "exact"), ("badmm-e", "paper")])
-def test_split_forward(method, variant, NS, DS, monkeypatch):
-    """Sets spread over NS x DS programs (partial LSEs combined by separate launches; N and D
-    not multiples of the 16-wide slices, 3 row slices of 37 rows = 32 + 5): y, plan, the
-    history the backward replays, hence the gradients, as the reference."""
+def test_split_forward_backward(method, variant, NS, DS, monkeypatch):
+    """Sets spread over NS x DS programs in the forward and the backward (partials combined by
+    separate launches; N and D not multiples of the 16-wide slices, 3 row slices of 37 rows =
+    16 + 16 + 5): y, plan and the gradients as the reference."""
     _small_blocks(monkeypatch)
     calls = _split(monkeypatch, NS, DS)
     gen = torch.Generator().manual_seed(12)
     x, w, lp, lq, cy, cp = _case(2, 37, 19, 3, gen, inf_a2=True)
     args = (x, None, method, variant, w, lp, lq, cy, cp)
     _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32])
-    assert calls, "the split forward did not run"
+    assert set(calls) >= {"_forward_split", "_backward_split"}, calls
 
 
 @pytest.mark.parametrize("method", ["badmm-e", "badmm-q"])
-def test_split_forward_uniform_priors_strided(method, monkeypatch):
-    """The split forward with uniform priors, no plan, and x read through an NCHW view."""
+def test_split_uniform_priors_strided(method, monkeypatch):
+    """The split forward and backward with uniform priors, no plan, x read through an NCHW
+    view."""
     _small_blocks(monkeypatch)
     calls = _split(monkeypatch, 2, 2)
     gen = torch.Generator().manual_seed(13)
@@ -233,7 +238,7 @@ def test_split_forward_uniform_priors_strided(method, monkeypatch):
     args = (x, None, method, "exact", w, None, None, cy, None)
     _compare(_run_kernel(*args, x_view=view), _run_reference(*args, x_view=view),
              RTOL[torch.float32])
-    assert calls, "the split forward did not run"
+    assert set(calls) >= {"_forward_split", "_backward_split"}, calls
 
 
 def test_split_heuristic():
@@ -559,6 +564,75 @@ def test_aot_compile_sm90():
             assert l.endswith("local 0"), l
 
 
+SPLIT_AOT_CODE = r"""
+import os, subprocess, tempfile, collections, re
+import triton
+from aot import compile_sm90
+from rotp_triton.ops.rot.triton.badmm import split_kernels as s, launch
+from rotp_triton.ops.rot.triton.badmm import split_backward_kernels as sb
+
+FP32 = ("u_p0", "u_q0")
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+def signature(kernel, consts):
+    return {n: "constexpr" if n in consts else ("*fp16" if n == "x_ptr" else "*fp32")
+            if n.endswith("_ptr") else "fp32" if n in FP32 else "i32" for n in kernel.arg_names}
+
+for name, D, N, quad, paper in [("W1", 100, 500, False, False), ("W2", 2048, 49, True, True)]:
+    BN, BD, BV, num_warps = launch.block_sizes(N, D)
+    common = dict(HAS_P0=True, HAS_Q0=True, QUAD=quad, KV=3 if paper else 2)
+    for kernel, consts in [
+            (s.badmm_split_column_lse_kernel, dict(common, POOL=True, BN=BN, BD=BD)),
+            (s.badmm_split_column_step_kernel, dict(HAS_P0=True, QUAD=quad, PAPER=paper,
+                                                    KV=common["KV"], POOL=True, BV=BV)),
+            (s.badmm_split_row_lse_kernel, dict(common, BN=BN, BD=BD)),
+            (s.badmm_split_row_step_kernel, dict(HAS_Q0=True, QUAD=quad, PAPER=paper,
+                                                 KV=common["KV"], BV=BV)),
+            (s.badmm_split_plan_kernel, dict(common, BN=BN, BD=BD)),
+            (sb.badmm_split_bwd_rows_step_kernel, dict(common, PAPER=paper, BV=BV)),
+            (sb.badmm_split_bwd_cols_step_kernel, dict(HAS_P0=True, QUAD=quad, PAPER=paper,
+                                                       BV=BV)),
+            (sb.badmm_split_bwd_pass2_kernel, dict(common, PAPER=paper, PLAN=False, BN=BN,
+                                                   BD=BD)),
+            (sb.badmm_split_bwd_pass2_kernel, dict(common, PAPER=paper, PLAN=True, BN=BN,
+                                                   BD=BD)),
+            (sb.badmm_split_bwd_pass3_kernel, dict(common, PAPER=paper, BN=BN, BD=BD)),
+            (sb.badmm_split_bwd_init_kernel, dict(HAS_P0=True, HAS_Q0=True, PAPER=paper,
+                                                  BN=BN, BD=BD))]:
+        c = compile_sm90(kernel, signature(kernel, consts), consts, num_warps=num_warps)
+        assert ".target sm_90" in c.asm["ptx"]
+        regs = spill = nins = "?"
+        cuobjdump = os.path.join(BIN, "cuobjdump")
+        if os.path.exists(cuobjdump):
+            with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+                f.write(c.asm["cubin"])
+            out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name],
+                                 capture_output=True, text=True).stdout
+            line = [l for l in out.splitlines() if "REG:" in l][0]
+            regs = int(line.split("REG:")[1].split()[0])
+            spill = int(line.split("LOCAL:")[1].split()[0])
+            sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", f.name],
+                                  capture_output=True, text=True).stdout
+            nins = len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+[^;]*;", sass))
+        kname = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+        print("split", name, kname, consts.get("PLAN", ""), (BN, BD, BV, num_warps), "sass",
+              nins, "regs", regs, "local", spill)
+"""
+
+
+def test_aot_compile_split_sm90():
+    """The split forward's five and backward's six kernel configurations compile for sm_90 at
+    W1 (B-E exact, D = 100) and W2 (B-Q paper, D = 2048) block configurations, without spills;
+    SASS size and registers are printed (bench/results/badmm_v2_*.md)."""
+    out = run_without_interpreter(SPLIT_AOT_CODE, timeout=900)
+    lines = [l for l in out.splitlines() if l.startswith("split")]
+    print("\n".join(lines))
+    assert len(lines) == 22
+    for l in lines:
+        if "local ?" not in l:
+            assert l.endswith("local 0"), l
+
+
 # --------------------------------------------------------------------------------------------
 # custom operator and torch.compile
 # --------------------------------------------------------------------------------------------
@@ -576,8 +650,9 @@ def test_opcheck_custom_op():
                                       "test_faketensor"))
 
 
-@pytest.mark.parametrize("ragged", [False, True])
-def test_torch_compile_fullgraph(ragged):
+@pytest.mark.parametrize("ragged,split", [(False, False), (True, False), (False, True)],
+                         ids=["dense", "ragged", "dense-split"])
+def test_torch_compile_fullgraph(ragged, split, monkeypatch):
     """torch.compile(fullgraph=True) of rt.rot_pool(method="badmm-e", backend="triton")
     traces without graph breaks and reproduces the eager y and gradients (x, a (T,) ρ). Under
     the interpreter the graph runs on the "eager" backend, on CUDA on inductor."""
@@ -587,10 +662,13 @@ def test_torch_compile_fullgraph(ragged):
     if ragged:
         x = torch.randn(7, 3, generator=gen).to(DEVICE)
         ptr = torch.tensor([0, 3, 3, 7]).to(DEVICE)
-    else:
-        x = torch.randn(2, 4, 3, generator=gen).to(DEVICE)
+    else:  # the split case: 2 x 2 slices of [16, 16] tiles per set, in eager and compiled
+        x = torch.randn(2, *((20, 18) if split else (4, 3)), generator=gen).to(DEVICE)
         ptr = None
     rho = torch.tensor([0.7, 1.2], device=DEVICE)
+    if split:
+        calls = _split(monkeypatch, 2, 2)
+        _small_blocks(monkeypatch)
 
     def f(x, rho):
         return rt.rot_pool(x, ptr=ptr, method="badmm-e", num_iters=2, a1=0.8, a2=2.0,
@@ -607,3 +685,5 @@ def test_torch_compile_fullgraph(ragged):
     compiled = run(torch.compile(f, fullgraph=True, backend="inductor" if ON_CUDA else "eager"))
     for a, b in zip(compiled, eager):
         assert float((a - b).norm() / b.norm()) <= 1e-6
+    if split:
+        assert set(calls) >= {"_forward_split", "_backward_split"}, calls

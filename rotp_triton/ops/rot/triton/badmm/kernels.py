@@ -646,25 +646,26 @@ def badmm_fwd_kernel(
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _adjoint_s_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
-                         slb, szb, vd, vn, ns, n_b, D, a1, rho,
+                         slb, szb, vd, vn, ns, n_b, D, a1, rho, n_lo, n_hi, d_lo, d_hi, tau_ptr,
                          HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
                          QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Backward pass 2: through log S' = Y2 + (log η - C), the S-step and the dual update, to
-    log P̄ (written over L̄) and Z̄ (in place); τ_d = Σ_n log P̄ (into the TAU slot).
+    log P̄ (written over L̄) and Z̄ (in place); τ_d = Σ_n log P̄ over rows [n_lo, n_hi) into
+    ``tau_ptr`` (the TAU slot, or a split program's partial), columns [d_lo, d_hi).
     Returns the scalar partials (∂/∂α1, ∂/∂ρ) of this iteration so far."""
     acc_a1 = _vzero(BD)
     acc_rho = _vzero(BD)
     inv_rho = 1.0 / rho
     inv_w = 1.0 / (a1 + rho)
-    for d0 in range(0, D, BD):
+    for d0 in range(d_lo, d_hi, BD):
         offs_d = d0 + tl.arange(0, BD)
-        dm = offs_d < D
+        dm = offs_d < d_hi
         r = tl.load(vd + offs_d, mask=dm, other=0.0)
         lmu = tl.load(vd + D + offs_d, mask=dm, other=0.0)
         tau = tl.zeros([BD], dtype=tl.float32)
-        for n0 in range(0, n_b, BN):
+        for n0 in range(n_lo, n_hi, BN):
             offs_n = n0 + tl.arange(0, BN)
-            nm = offs_n < n_b
+            nm = offs_n < n_hi
             mask = nm[:, None] & dm[None, :]
             c = tl.load(vn + offs_n, mask=nm, other=0.0)
             leta = tl.load(vn + ns + offs_n, mask=nm, other=0.0)
@@ -698,25 +699,26 @@ def _adjoint_s_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
             tl.store(slb + o, lpb, mask=mask)
             tl.store(szb + o, zb_new, mask=mask)
             tau += tl.sum(lpb, axis=0)
-        tl.store(vd + 3 * D + offs_d, tau, mask=dm)
+        tl.store(tau_ptr + offs_d, tau, mask=dm)
     return acc_a1, acc_rho
 
 
 @triton.jit
 def _adjoint_plan_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
-                       slb, vd, vn, ns, gplan_b, n_b, D, a1, rho,
-                       HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
+                       slb, vd, vn, ns, gplan_b, n_b, D, a1, rho, n_lo, n_hi, d_lo, d_hi,
+                       tau_ptr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
                        QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """Last iteration with a plan gradient: log P̄ = P̄ ⊙ P (over L̄), τ_d = Σ_n log P̄."""
-    for d0 in range(0, D, BD):
+    """Last iteration with a plan gradient: log P̄ = P̄ ⊙ P (over L̄), τ_d = Σ_n log P̄ (rows
+    [n_lo, n_hi), into ``tau_ptr``), columns [d_lo, d_hi)."""
+    for d0 in range(d_lo, d_hi, BD):
         offs_d = d0 + tl.arange(0, BD)
-        dm = offs_d < D
+        dm = offs_d < d_hi
         r = tl.load(vd + offs_d, mask=dm, other=0.0)
         lmu = tl.load(vd + D + offs_d, mask=dm, other=0.0)
         tau = tl.zeros([BD], dtype=tl.float32)
-        for n0 in range(0, n_b, BN):
+        for n0 in range(n_lo, n_hi, BN):
             offs_n = n0 + tl.arange(0, BN)
-            mask = (offs_n < n_b)[:, None] & dm[None, :]
+            mask = (offs_n < n_hi)[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
@@ -726,31 +728,32 @@ def _adjoint_plan_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w
             lpb = tl.where(mask, tl.load(gplan_b + o, mask=mask, other=0.0) * p, 0.0)
             tl.store(slb + o, lpb, mask=mask)
             tau += tl.sum(lpb, axis=0)
-        tl.store(vd + 3 * D + offs_d, tau, mask=dm)
+        tl.store(tau_ptr + offs_d, tau, mask=dm)
 
 
 @triton.jit
 def _adjoint_p_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                          slb, szb, gx_b, vd, vn, ns, gy_b, out_b, n_b, D, a1, rho, last,
-                         rho_prev, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr,
+                         rho_prev, n_lo, n_hi, d_lo, d_hi, sigma_ptr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr,
                          KV: tl.constexpr, QUAD: tl.constexpr, BN: tl.constexpr,
                          BD: tl.constexpr):
     """Backward pass 3: Ȳ = log P̄ + R̄ softmax_n(Y) [+ the pooling's adjoint: last = 1.0 in
     the last iteration, 0.0 before], then through Y = log S + G/ρ: L̄ ← Ȳ [- α1 S Ȳ/ρ],
     Z̄ ← Z̄ - Ȳ/ρ, X̄ += Ȳ/ρ. With tb > 0 it also forms the previous reverse step's row sums
     σ_n = Σ_d (L̄ - ρ_{tb-1} Z̄ S) from the adjoints just written and this iteration's S
-    (the adjoint of C_{tb-1} and log η_{tb-1}; saves that step a pass), into the σ slot.
+    (the adjoint of C_{tb-1} and log η_{tb-1}; saves that step a pass), into ``sigma_ptr`` (the
+    σ slot, or a split program's partial over columns [d_lo, d_hi)); rows [n_lo, n_hi).
     Returns the scalar partials (∂/∂α1, ∂/∂ρ)."""
     acc_a1 = _vzero(BD)
     acc_rho = _vzero(BD)
     inv_rho = 1.0 / rho
-    for n0 in range(0, n_b, BN):
+    for n0 in range(n_lo, n_hi, BN):
         offs_n = n0 + tl.arange(0, BN)
-        nm = offs_n < n_b
+        nm = offs_n < n_hi
         sigma = tl.zeros([BN], dtype=tl.float32)
-        for d0 in range(0, D, BD):
+        for d0 in range(d_lo, d_hi, BD):
             offs_d = d0 + tl.arange(0, BD)
-            dm = offs_d < D
+            dm = offs_d < d_hi
             r = tl.load(vd + offs_d, mask=dm, other=0.0)
             rb = tl.load(vd + 3 * D + offs_d, mask=dm, other=0.0)
             gy = tl.load(gy_b + offs_d, mask=dm, other=0.0) * last
@@ -782,7 +785,7 @@ def _adjoint_p_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
             tl.store(szb + o, zb_new, mask=mask)
             tl.store(gx_b + o, gx + gb, mask=mask)
         if tb > 0:
-            tl.store(vn + 3 * ns + offs_n, sigma, mask=nm)
+            tl.store(sigma_ptr + offs_n, sigma, mask=nm)
     return acc_a1, acc_rho
 
 
@@ -985,7 +988,8 @@ def badmm_bwd_kernel(
                     if PLAN_GRAD:
                         _adjoint_plan_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
                                            w_ptr, T, tb, slb, vd, vn, ns, gplan_ptr + rs * D,
-                                           n_b, D, a1, rho, HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
+                                           n_b, D, a1, rho, 0, n_b, 0, D, vd + 3 * D,
+                                           HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
                     else:
                         _vec_fill(vd + 3 * D, 0.0, D, BV)
                     tl.debug_barrier()
@@ -1013,8 +1017,8 @@ def badmm_bwd_kernel(
                     tl.debug_barrier()
                     da1, dr = _adjoint_s_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b,
                                                    hn_b, NR, w_ptr, T, tb, slb, szb, vd, vn, ns,
-                                                   n_b, D, a1, rho, HAS_P0, HAS_Q0, KV, QUAD,
-                                                   BN, BD)
+                                                   n_b, D, a1, rho, 0, n_b, 0, D, vd + 3 * D,
+                                                   HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
                     ga1 += da1
                     grho += dr
                     tl.debug_barrier()
@@ -1029,8 +1033,8 @@ def badmm_bwd_kernel(
                                                gy_ptr + b.to(tl.int64) * D,
                                                out_ptr + b.to(tl.int64) * D, n_b, D, a1, rho,
                                                tl.where(tb == T - 1, 1.0, 0.0),
-                                               _rho_prev(w_ptr + 4 * T, tb), HAS_P0, HAS_Q0,
-                                               KV, QUAD, BN, BD)
+                                               _rho_prev(w_ptr + 4 * T, tb), 0, n_b, 0, D,
+                                               vn + 3 * ns, HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
                 ga1 += da1
                 grho += dr
                 tl.debug_barrier()

@@ -15,12 +15,16 @@ import triton
 
 from ..common import cdiv, launcher, next_pow2, sm_count
 from .kernels import badmm_bwd_kernel, badmm_dw_kernel, badmm_fwd_kernel
+from .split_backward_kernels import (badmm_split_bwd_cols_step_kernel,
+                                     badmm_split_bwd_init_kernel, badmm_split_bwd_pass2_kernel,
+                                     badmm_split_bwd_pass3_kernel,
+                                     badmm_split_bwd_rows_step_kernel)
 from .split_kernels import (badmm_split_column_lse_kernel, badmm_split_column_step_kernel,
                             badmm_split_plan_kernel, badmm_split_row_lse_kernel,
                             badmm_split_row_step_kernel)
 
 __all__ = ["badmm_forward", "badmm_backward", "block_sizes", "history_like",
-           "forward_replays", "forward_splits"]
+           "forward_replays", "forward_splits", "backward_splits"]
 
 
 def block_sizes(n_hint: int, D: int):
@@ -121,6 +125,15 @@ def forward_splits(B: int, N: int, D: int, BN: int, BD: int, device: torch.devic
     return NS, DS
 
 
+def backward_splits(B: int, N: int, D: int, BN: int, BD: int, device: torch.device):
+    """(NS, DS) of the split backward (:mod:`.split_backward_kernels`), (1, 1) for one program
+    per set. Its adjoint scratch is (B, N, D) where the one-program-per-set kernel's is
+    (min(B, #SMs), N, D): split only when B ≤ #SMs (no more memory), as the forward."""
+    if B > sm_count(device):
+        return 1, 1
+    return forward_splits(B, N, D, BN, BD, device)
+
+
 def _slice(size: int, parts: int, block: int):
     """(slice length, a multiple of ``block``; number of non-empty slices)."""
     length = cdiv(cdiv(size, parts), block) * block
@@ -165,6 +178,50 @@ def _forward_split(x, geo, w32, lp0, lq0, y, plan, hd, hn, NS, DS, *, quadratic,
         launcher(badmm_split_plan_kernel, wrap)[tiles](
             *xargs, plan, N, D, geo.rows, T, SN, SD, u_p0, u_q0,
             **flags, BN=BN, BD=BD, num_warps=num_warps)
+
+
+def _backward_split(x, geo, w32, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, NS, DS, *,
+                    quadratic, paper, has_p0, has_q0, wrap):
+    """The backward of a dense batch over B × NS × DS programs (:mod:`.split_backward_kernels`):
+    per reverse step a rows step, pass 2, a columns step and pass 3. Fills gx, gp0, gq0 and
+    returns gw (B, T, 4) like the one-program-per-set kernel."""
+    B, N, D, T = geo.B, geo.N, geo.D, w32.shape[1]
+    BN, BD, BV, num_warps = geo.blocks
+    SN, NS = _slice(N, NS, BN)
+    SD, DS = _slice(D, DS, BD)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    slb, szb = (torch.zeros(B * N * D, **f32) for _ in range(2))          # L̄, Z̄ [B, N, D]
+    vd = torch.empty(B * 7 * D, **f32)                                    # per-set slots
+    vn = torch.empty(7 * geo.rows, **f32)
+    tau = torch.empty(B * NS * D, **f32)                                  # [B, NS, D]
+    sig = torch.empty(B * DS * N, **f32)                                  # [B, DS, N]
+    gwv = torch.empty(B, T, 4, **f32)
+    gwt = torch.zeros(B, T, 2, NS * DS, 2, **f32)
+    u_p0, u_q0 = -math.log(D), -math.log(N)
+    KV = hd.shape[2]
+    tiles = (B, NS, DS)
+    flags = dict(HAS_P0=has_p0, HAS_Q0=has_q0, QUAD=quadratic, PAPER=paper, KV=KV)
+    xargs = (x, geo.sxb, geo.sxn, geo.sxd, lp0, lq0, w32, hd, hn, vd, vn, slb, szb)
+    for tb in range(T - 1, -1, -1):
+        launcher(badmm_split_bwd_rows_step_kernel, wrap)[(B,)](
+            lq0, lp0, w32, hd, hn, vd, vn, sig, gwv, N, D, geo.rows, T, tb, DS, u_p0, u_q0,
+            **flags, BV=BV, num_warps=num_warps)
+        plan_step = tb == T - 1
+        if not plan_step or gplan is not None:
+            launcher(badmm_split_bwd_pass2_kernel, wrap)[tiles](
+                *xargs, gplan if gplan is not None else gx, tau, gwt, N, D, geo.rows, T, tb,
+                SN, SD, NS, DS, u_p0, u_q0, **flags, PLAN=plan_step, BN=BN, BD=BD,
+                num_warps=num_warps)
+        launcher(badmm_split_bwd_cols_step_kernel, wrap)[(B,)](
+            lp0, w32, vd, tau, gwv, D, T, tb, NS, u_p0, int(not plan_step or gplan is not None),
+            HAS_P0=has_p0, QUAD=quadratic, PAPER=paper, BV=BV, num_warps=num_warps)
+        launcher(badmm_split_bwd_pass3_kernel, wrap)[tiles](
+            *xargs, gx, gy, y32, sig, gwt, N, D, geo.rows, T, tb, SN, SD, DS, NS * DS,
+            u_p0, u_q0, **flags, BN=BN, BD=BD, num_warps=num_warps)
+    launcher(badmm_split_bwd_init_kernel, wrap)[(B,)](
+        slb, vd, vn, gp0, gq0, N, D, geo.rows, HAS_P0=has_p0, HAS_Q0=has_q0, PAPER=paper,
+        BN=BN, BD=BD, num_warps=num_warps)
+    return gwv + torch.nn.functional.pad(gwt.sum((2, 3)), (2, 0))
 
 
 def history_like(x: Tensor, ptr: Optional[Tensor], T: int, paper: bool):
@@ -235,20 +292,28 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
     gw = torch.zeros(max(B, 1), T, 4, device=dev, dtype=torch.float32)
     if B > 0 and geo.rows > 0 and D > 0:
         lp0, lq0 = _priors(x, log_p0, log_q0)
-        (slb, szb), vd, vn = _scratch(geo, dev, 2)                   # adjoints of log S, Z
-        gplan = _f32(grad_plan).reshape(geo.rows, D) if grad_plan is not None else gx
         BN, BD, BV, num_warps = geo.blocks
-        launcher(badmm_bwd_kernel, wrap)[(geo.grid,)](
-            x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else gx, geo.order(gx), lp0, lq0,
-            w32, hd, hn,
-            y32, _f32(grad_y), gplan,
-            gx, gp0, gq0, gw,
-            slb, szb, vd, vn,
-            B, geo.N, D, geo.rows, T, -math.log(D),
-            RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
-            QUAD=quadratic, PAPER=paper, PLAN_GRAD=grad_plan is not None, KV=hd.shape[2],
-            BN=BN, BD=BD, BV=BV, num_warps=num_warps,
-        )
+        splits = (1, 1) if geo.ragged else backward_splits(B, geo.N, D, BN, BD, dev)
+        if splits != (1, 1):
+            gw = _backward_split(x, geo, w32, lp0, lq0, hd, hn, y32, _f32(grad_y),
+                                 _f32(grad_plan) if grad_plan is not None else None, gx, gp0,
+                                 gq0, *splits, quadratic=quadratic, paper=paper,
+                                 has_p0=log_p0 is not None, has_q0=log_q0 is not None,
+                                 wrap=wrap)
+        else:
+            (slb, szb), vd, vn = _scratch(geo, dev, 2)               # adjoints of log S, Z
+            gplan = _f32(grad_plan).reshape(geo.rows, D) if grad_plan is not None else gx
+            launcher(badmm_bwd_kernel, wrap)[(geo.grid,)](
+                x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else gx, geo.order(gx),
+                lp0, lq0, w32, hd, hn,
+                y32, _f32(grad_y), gplan,
+                gx, gp0, gq0, gw,
+                slb, szb, vd, vn,
+                B, geo.N, D, geo.rows, T, -math.log(D),
+                RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
+                QUAD=quadratic, PAPER=paper, PLAN_GRAD=grad_plan is not None, KV=hd.shape[2],
+                BN=BN, BD=BD, BV=BV, num_warps=num_warps,
+            )
     dw = torch.empty(6, T, device=dev, dtype=torch.float32)
     BT = min(next_pow2(T), 128)
     launcher(badmm_dw_kernel, wrap)[(triton.cdiv(T, BT),)](
