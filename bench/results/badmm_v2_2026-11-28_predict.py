@@ -120,7 +120,8 @@ def predict(name, B, N, D, quad):
     print()
 
 
-predict("W2", 256, 49, 2048, False)
-predict("W2", 256, 49, 2048, True)
-predict("W1", 50, 500, 100, False)
-predict("W1", 50, 500, 100, True)
+if __name__ == "__main__":
+    predict("W2", 256, 49, 2048, False)
+    predict("W2", 256, 49, 2048, True)
+    predict("W1", 50, 500, 100, False)
+    predict("W1", 50, 500, 100, True)
