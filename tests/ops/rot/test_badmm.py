@@ -193,11 +193,12 @@ def test_several_tiles(method, variant, schedule, monkeypatch):
     _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32])
 
 
-def _split(monkeypatch, NS, DS):
+def _split(monkeypatch, NS, DS, schedule="replay"):
     """Force the split forward and backward (:mod:`badmm.split_kernels`,
     :mod:`badmm.split_backward_kernels`) with NS row and DS column slices per set (the forward
-    replays the state: the REPLAY schedule). Returns the list of split launchers called."""
-    monkeypatch.setattr(launch, "forward_replays", lambda T, xb: True)
+    replays the state or streams it: ``schedule``). Returns the list of split launchers
+    called."""
+    _schedule(monkeypatch, schedule)
     monkeypatch.setattr(launch, "forward_splits", lambda B, N, D, BN, BD, dev: (NS, DS))
     monkeypatch.setattr(launch, "backward_splits", lambda B, N, D, BN, BD, dev: (NS, DS))
     calls = []
@@ -218,6 +219,21 @@ def test_split_forward_backward(method, variant, NS, DS, monkeypatch):
     _small_blocks(monkeypatch)
     calls = _split(monkeypatch, NS, DS)
     gen = torch.Generator().manual_seed(12)
+    x, w, lp, lq, cy, cp = _case(2, 37, 19, 3, gen, inf_a2=True)
+    args = (x, None, method, variant, w, lp, lq, cy, cp)
+    _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32])
+    assert set(calls) >= {"_forward_split", "_backward_split"}, calls
+
+
+@pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("badmm-q", "paper"),
+                                            ("badmm-q", "exact"), ("badmm-e", "paper")])
+def test_split_streamed_forward(method, variant, monkeypatch):
+    """The split forward streaming its state through the (B, N, D) scratch (3 x 2 slices; the
+    state written by one iteration's row launch is read, shifted by the history's C and log η,
+    by the next iteration's column launch) and the split backward, against the reference."""
+    _small_blocks(monkeypatch)
+    calls = _split(monkeypatch, 3, 2, schedule="stream")
+    gen = torch.Generator().manual_seed(14)
     x, w, lp, lq, cy, cp = _case(2, 37, 19, 3, gen, inf_a2=True)
     args = (x, None, method, variant, w, lp, lq, cy, cp)
     _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32])
@@ -582,13 +598,19 @@ for name, D, N, quad, paper in [("W1", 100, 500, False, False), ("W2", 2048, 49,
     BN, BD, BV, num_warps = launch.block_sizes(N, D)
     common = dict(HAS_P0=True, HAS_Q0=True, QUAD=quad, KV=3 if paper else 2)
     for kernel, consts in [
-            (s.badmm_split_column_lse_kernel, dict(common, POOL=True, BN=BN, BD=BD)),
+            (s.badmm_split_column_lse_kernel, dict(common, REPLAY=True, POOL=True, BN=BN,
+                                                   BD=BD)),
+            (s.badmm_split_column_lse_kernel, dict(common, REPLAY=False, POOL=False, BN=BN,
+                                                   BD=BD)),
+            (s.badmm_split_init_state_kernel, dict(HAS_P0=True, HAS_Q0=True, BN=BN, BD=BD)),
             (s.badmm_split_column_step_kernel, dict(HAS_P0=True, QUAD=quad, PAPER=paper,
                                                     KV=common["KV"], POOL=True, BV=BV)),
-            (s.badmm_split_row_lse_kernel, dict(common, BN=BN, BD=BD)),
+            (s.badmm_split_row_lse_kernel, dict(common, REPLAY=True, BN=BN, BD=BD)),
+            (s.badmm_split_row_lse_kernel, dict(common, REPLAY=False, BN=BN, BD=BD)),
             (s.badmm_split_row_step_kernel, dict(HAS_Q0=True, QUAD=quad, PAPER=paper,
                                                  KV=common["KV"], BV=BV)),
-            (s.badmm_split_plan_kernel, dict(common, BN=BN, BD=BD)),
+            (s.badmm_split_plan_kernel, dict(common, REPLAY=True, BN=BN, BD=BD)),
+            (s.badmm_split_plan_kernel, dict(common, REPLAY=False, BN=BN, BD=BD)),
             (sb.badmm_split_bwd_rows_step_kernel, dict(common, PAPER=paper, BV=BV)),
             (sb.badmm_split_bwd_cols_step_kernel, dict(HAS_P0=True, QUAD=quad, PAPER=paper,
                                                        BV=BV)),
@@ -615,19 +637,20 @@ for name, D, N, quad, paper in [("W1", 100, 500, False, False), ("W2", 2048, 49,
                                   capture_output=True, text=True).stdout
             nins = len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+[^;]*;", sass))
         kname = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-        print("split", name, kname, consts.get("PLAN", ""), (BN, BD, BV, num_warps), "sass",
+        print("split", name, kname, consts.get("PLAN", ""), consts.get("REPLAY", ""),
+              (BN, BD, BV, num_warps), "sass",
               nins, "regs", regs, "local", spill)
 """
 
 
 def test_aot_compile_split_sm90():
-    """The split forward's five and backward's six kernel configurations compile for sm_90 at
+    """The split forward's nine and backward's six kernel configurations compile for sm_90 at
     W1 (B-E exact, D = 100) and W2 (B-Q paper, D = 2048) block configurations, without spills;
     SASS size and registers are printed (bench/results/badmm_v2_*.md)."""
     out = run_without_interpreter(SPLIT_AOT_CODE, timeout=900)
     lines = [l for l in out.splitlines() if l.startswith("split")]
     print("\n".join(lines))
-    assert len(lines) == 22
+    assert len(lines) == 30
     for l in lines:
         if "local ?" not in l:
             assert l.endswith("local 0"), l

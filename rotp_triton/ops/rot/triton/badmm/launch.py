@@ -20,8 +20,8 @@ from .split_backward_kernels import (badmm_split_bwd_cols_step_kernel,
                                      badmm_split_bwd_pass3_kernel,
                                      badmm_split_bwd_rows_step_kernel)
 from .split_kernels import (badmm_split_column_lse_kernel, badmm_split_column_step_kernel,
-                            badmm_split_plan_kernel, badmm_split_row_lse_kernel,
-                            badmm_split_row_step_kernel)
+                            badmm_split_init_state_kernel, badmm_split_plan_kernel,
+                            badmm_split_row_lse_kernel, badmm_split_row_step_kernel)
 
 __all__ = ["badmm_forward", "badmm_backward", "block_sizes", "history_like",
            "forward_replays", "forward_splits", "backward_splits"]
@@ -140,10 +140,12 @@ def _slice(size: int, parts: int, block: int):
 
 
 def _forward_split(x, geo, w32, lp0, lq0, y, plan, hd, hn, NS, DS, *, quadratic, paper,
-                   has_p0, has_q0, wrap):
+                   has_p0, has_q0, replay, wrap):
     """The forward of a dense batch over B × NS × DS programs: per iteration the four launches
     of :mod:`.split_kernels` (partial LSEs, then per-set combine + vector step). Fills y, plan
-    and the history hd, hn exactly like the one-program-per-set kernel."""
+    and the history hd, hn exactly like the one-program-per-set kernel. ``replay``: rebuild
+    the state per tile; else stream it through a (B, N, D) fp32 pair - the fused kernel's
+    per-program pair has that size whenever the launcher splits (B < #SMs)."""
     B, N, D, T = geo.B, geo.N, geo.D, w32.shape[1]
     BN, BD, BV, num_warps = geo.blocks
     SN, NS = _slice(N, NS, BN)
@@ -154,8 +156,13 @@ def _forward_split(x, geo, w32, lp0, lq0, y, plan, hd, hn, NS, DS, *, quadratic,
     u_p0, u_q0 = -math.log(D), -math.log(N)
     KV = hd.shape[2]
     tiles = (B, NS, DS)
-    flags = dict(HAS_P0=has_p0, HAS_Q0=has_q0, QUAD=quadratic, KV=KV)
-    xargs = (x, geo.sxb, geo.sxn, geo.sxd, lp0, lq0, w32, hd, hn)
+    flags = dict(HAS_P0=has_p0, HAS_Q0=has_q0, QUAD=quadratic, KV=KV, REPLAY=replay)
+    sl, sz = (y, y) if replay else (torch.empty(B * N * D, **f32) for _ in range(2))
+    if not replay:
+        launcher(badmm_split_init_state_kernel, wrap)[tiles](
+            lp0, lq0, sl, sz, N, D, SN, SD, u_p0, u_q0, HAS_P0=has_p0, HAS_Q0=has_q0,
+            BN=BN, BD=BD, num_warps=num_warps)
+    xargs = (x, geo.sxb, geo.sxn, geo.sxd, lp0, lq0, w32, hd, hn, sl, sz)
     for t in range(T):
         last = t == T - 1
         launcher(badmm_split_column_lse_kernel, wrap)[tiles](
@@ -255,12 +262,11 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
     lp0, lq0 = _priors(x, log_p0, log_q0)
     replay = forward_replays(T, x.element_size())
     BN, BD, BV, num_warps = geo.blocks
-    splits = (1, 1) if geo.ragged or not replay else forward_splits(B, geo.N, D, BN, BD,
-                                                                     x.device)
+    splits = (1, 1) if geo.ragged else forward_splits(B, geo.N, D, BN, BD, x.device)
     if splits != (1, 1):
         _forward_split(x, geo, _f32(w), lp0, lq0, y, plan, hd, hn, *splits,
                        quadratic=quadratic, paper=paper, has_p0=log_p0 is not None,
-                       has_q0=log_q0 is not None, wrap=wrap)
+                       has_q0=log_q0 is not None, replay=replay, wrap=wrap)
         return y, plan, hd, hn
     mats, vd, vn = _scratch(geo, x.device, 0 if replay else 2)
     sl, sz = mats if mats else (y, y)                     # unused when replaying

@@ -3,8 +3,10 @@
 Same iterations, same vector history (hd, hn) as :func:`.kernels.badmm_fwd_kernel` (so the
 backward is unchanged), for dense batches whose sets are too few (W1: 50 sets of 500 × 100) or
 too wide to fill the GPU with one program per set. Program (b, i, j) owns rows
-[i·SN, (i+1)·SN) and columns [j·SD, (j+1)·SD) of set b and rebuilds the state of its tiles from
-x and the history (:func:`.kernels._replay_state`, the REPLAY schedule: no N × D scratch).
+[i·SN, (i+1)·SN) and columns [j·SD, (j+1)·SD) of set b and either rebuilds the state of its
+tiles from x and the history (``REPLAY``: :func:`.kernels._replay_state`, no N × D scratch) or
+streams it through a (B, N, D) fp32 pair (log S, Z) in the deferred form of
+:func:`.kernels._load_state`, whose row and column shifts are the history's C, log η of t - 1.
 
 No program waits for another (issue 17: the interpreter runs programs one at a time). A
 reduction that crosses programs is split in two launches: the tile programs write partial
@@ -12,9 +14,11 @@ online-LSE pairs (max, scaled sum) of their slice, and a per-set program combine
 runs the O(N + D) vector step. One iteration t < T - 1 is four launches:
 
   column LSE  (b, i, j): partial R over rows i·SN.. of Y_t          -> pm, pl [B, NS, D]
+                         (streaming: launched after a tile init of log p0 q0ᵀ, Z = 0)
   column step (b):       R_t = combine, log μ_t (exact: lognorm mix; paper: eqs. 26-28 of
                          t - 1)                                     -> hd[b, t]
   row LSE     (b, i, j): partial C over columns j·SD.. of Y2_t       -> qm, ql [B, DS, N]
+                         (streaming: and the state Y2, Z + ρ P in place)
   row step    (b):       C_t = combine, log η_t                      -> hn[t, :, rows of b]
 and the last iteration is its column LSE with pooling, the column step (writing y) and, with
 ``return_plan``, the plan launch. A CUDA graph (or torch.compile's) hides the launch count.
@@ -24,9 +28,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import (_exp, _finite, _iter_weights, _load_x, _log, _p_step_y, _replay_state,
-                      _s_step_y, _tile_ptrs, _vec_copy, _vec_copy_prior, _vec_fill,
-                      _vec_lognorm_mix, _vec_paper_update)
+from .kernels import (_exp, _finite, _iter_weights, _load_prior, _load_x, _log, _p_step_y,
+                      _replay_state, _rho_prev, _s_step_y, _tile_ptrs, _vec_copy,
+                      _vec_copy_prior, _vec_fill, _vec_lognorm_mix, _vec_paper_update)
 
 
 @triton.jit
@@ -45,11 +49,55 @@ def _tile_program(x_ptr, sxb, lp0_ptr, lq0_ptr, hd_ptr, hn_ptr, N, D, T, SN, SD,
 
 
 @triton.jit
+def _tile_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, N, D, u_p0, u_q0, hd_b, hn_b, NR,
+                w_ptr, T, sl, sz, o, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr,
+                QUAD: tl.constexpr, KV: tl.constexpr, REPLAY: tl.constexpr):
+    """(log S_t, Z_t) of a [BN, BD] tile: replayed from x and the history, or read from the
+    streamed scratch (Y2, Z + ρ P of iteration t - 1; log S = Y2 + (log η - C)_{t-1},
+    Z = (Z + ρ P) - ρ_{t-1} S; the initial state as is at t = 0)."""
+    if REPLAY:
+        L, Zt = _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, N, D, u_p0, u_q0,
+                              hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
+    else:
+        nm = offs_n < N
+        hn_p = hn_b + (t - 1 + (t == 0)) * KV * NR                      # iteration t - 1
+        shift = tl.load(hn_p + NR + offs_n, mask=nm, other=0.0) \
+            - tl.load(hn_p + offs_n, mask=nm, other=0.0)                 # log η - C
+        shift = tl.where(t > 0, shift, 0.0)      # (hn[0] is not written yet at t = 0)
+        L = tl.where(mask, tl.load(sl + o, mask=mask, other=0.0) + shift[:, None], 0.0)
+        Zt = tl.load(sz + o, mask=mask, other=0.0) - _rho_prev(w_ptr + 4 * T, t) * _exp(L)
+    return L, Zt
+
+
+@triton.jit
+def badmm_split_init_state_kernel(
+    lp0_ptr, lq0_ptr, sl_ptr, sz_ptr, N, D, SN, SD, u_p0, u_q0,
+    HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+):
+    """Streaming: log S_0 = log p0 + log q0, Z_0 = 0 on this program's tiles."""
+    b64 = tl.program_id(0).to(tl.int64)
+    n_lo = tl.program_id(1) * SN
+    d_lo = tl.program_id(2) * SD
+    sl = sl_ptr + b64 * N * D
+    sz = sz_ptr + b64 * N * D
+    for n0 in range(n_lo, tl.minimum(n_lo + SN, N), BN):
+        offs_n = n0 + tl.arange(0, BN)
+        lq = _load_prior(lq0_ptr + b64 * N, offs_n, N, u_q0, HAS_Q0)                 # [BN]
+        for d0 in range(d_lo, tl.minimum(d_lo + SD, D), BD):
+            offs_d = d0 + tl.arange(0, BD)
+            mask = (offs_n < N)[:, None] & (offs_d < D)[None, :]
+            lp = _load_prior(lp0_ptr + b64 * D, offs_d, D, u_p0, HAS_P0)             # [BD]
+            o = _tile_ptrs(offs_n, offs_d, D, 1)
+            tl.store(sl + o, lq[:, None] + lp[None, :], mask=mask)
+            tl.store(sz + o, tl.zeros([BN, BD], dtype=tl.float32), mask=mask)
+
+
+@triton.jit
 def badmm_split_column_lse_kernel(
-    x_ptr, sxb, sxn, sxd, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, pm_ptr, pl_ptr, pa_ptr,
-    N, D, NR, T, t, SN, SD, NS, u_p0, u_q0,
+    x_ptr, sxb, sxn, sxd, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, sl_ptr, sz_ptr,
+    pm_ptr, pl_ptr, pa_ptr, N, D, NR, T, t, SN, SD, NS, u_p0, u_q0,
     HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr, KV: tl.constexpr,
-    POOL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    REPLAY: tl.constexpr, POOL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
 ):
     """Partial R of iteration t over this program's rows: for each of its columns the online
     LSE pair (m, l) of Y_t = log S_t + G_t/ρ_t, and with POOL Σ_n exp(Y - m) X. Writes
@@ -57,6 +105,8 @@ def badmm_split_column_lse_kernel(
     b64, si, sj, xb, lp0_b, lq0_b, hd_b, hn_b, n_lo, n_hi, d_lo, d_hi = _tile_program(
         x_ptr, sxb, lp0_ptr, lq0_ptr, hd_ptr, hn_ptr, N, D, T, SN, SD, KV)
     a1, rho, _k2, _k3 = _iter_weights(w_ptr, T, t, QUAD, False)
+    sl = sl_ptr + b64 * N * D
+    sz = sz_ptr + b64 * N * D
     part = (b64 * NS + si) * D
     for d0 in range(d_lo, d_hi, BD):
         offs_d = d0 + tl.arange(0, BD)
@@ -68,8 +118,10 @@ def badmm_split_column_lse_kernel(
             offs_n = n0 + tl.arange(0, BN)
             mask = (offs_n < n_hi)[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)                          # [BN, BD]
-            L, Zt = _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, N, D, u_p0, u_q0,
-                                  hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
+            o = _tile_ptrs(offs_n, offs_d, D, 1)
+            L, Zt = _tile_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, N, D, u_p0, u_q0,
+                                hd_b, hn_b, NR, w_ptr, T, sl, sz, o, HAS_P0, HAS_Q0, QUAD, KV,
+                                REPLAY)
             y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
             y = tl.where(mask, y, float("-inf"))
             m_new = tl.maximum(m, tl.max(y, axis=0))
@@ -137,10 +189,10 @@ def badmm_split_column_step_kernel(
 
 @triton.jit
 def badmm_split_row_lse_kernel(
-    x_ptr, sxb, sxn, sxd, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, qm_ptr, ql_ptr,
-    N, D, NR, T, t, SN, SD, DS, u_p0, u_q0,
+    x_ptr, sxb, sxn, sxd, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, sl_ptr, sz_ptr,
+    qm_ptr, ql_ptr, N, D, NR, T, t, SN, SD, DS, u_p0, u_q0,
     HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr, KV: tl.constexpr,
-    BN: tl.constexpr, BD: tl.constexpr,
+    REPLAY: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
 ):
     """Partial C of iteration t over this program's columns: log P = Y + (log μ - R)_d, the
     S-step input Y2, and for each of its rows the online LSE pair over its columns. Writes
@@ -149,6 +201,8 @@ def badmm_split_row_lse_kernel(
         x_ptr, sxb, lp0_ptr, lq0_ptr, hd_ptr, hn_ptr, N, D, T, SN, SD, KV)
     a1, rho, _k2, _k3 = _iter_weights(w_ptr, T, t, QUAD, False)
     hd_t = hd_b + t * KV * D
+    sl = sl_ptr + b64 * N * D
+    sz = sz_ptr + b64 * N * D
     part = (b64 * DS + sj) * N
     for n0 in range(n_lo, n_hi, BN):
         offs_n = n0 + tl.arange(0, BN)
@@ -160,18 +214,24 @@ def badmm_split_row_lse_kernel(
             dm = offs_d < D
             mask = nm[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)                          # [BN, BD]
-            L, Zt = _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, N, D, u_p0, u_q0,
-                                  hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
+            o = _tile_ptrs(offs_n, offs_d, D, 1)
+            L, Zt = _tile_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, N, D, u_p0, u_q0,
+                                hd_b, hn_b, NR, w_ptr, T, sl, sz, o, HAS_P0, HAS_Q0, QUAD, KV,
+                                REPLAY)
             r = tl.load(hd_t + offs_d, mask=dm, other=0.0)
             lmu = tl.load(hd_t + D + offs_d, mask=dm, other=0.0)
             y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
             lp = y + (lmu - r)[None, :]                                              # log P
-            y2 = _s_step_y(lp, _exp(lp), Zt, a1, rho, QUAD)
+            p = _exp(lp)
+            y2 = _s_step_y(lp, p, Zt, a1, rho, QUAD)
             y2m = tl.where(mask, y2, float("-inf"))
             m_new = tl.maximum(m, tl.max(y2m, axis=1))
             ms = _finite(m_new)
             l = l * _exp(m - ms) + tl.sum(_exp(y2m - ms[:, None]), axis=1)
             m = m_new
+            if not REPLAY:      # the deferred state of iteration t + 1
+                tl.store(sl + o, y2, mask=mask)
+                tl.store(sz + o, Zt + rho * p, mask=mask)
         tl.store(qm_ptr + part + offs_n, m, mask=nm)
         tl.store(ql_ptr + part + offs_n, l, mask=nm)
 
@@ -222,10 +282,10 @@ def badmm_split_row_step_kernel(
 
 @triton.jit
 def badmm_split_plan_kernel(
-    x_ptr, sxb, sxn, sxd, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, plan_ptr,
+    x_ptr, sxb, sxn, sxd, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, sl_ptr, sz_ptr, plan_ptr,
     N, D, NR, T, SN, SD, u_p0, u_q0,
     HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr, KV: tl.constexpr,
-    BN: tl.constexpr, BD: tl.constexpr,
+    REPLAY: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
 ):
     """P = exp(Y + log μ - R) of the last iteration for this program's tiles, in the plan's
     contiguous (B, N, D) layout."""
@@ -235,6 +295,8 @@ def badmm_split_plan_kernel(
     a1, rho, _k2, _k3 = _iter_weights(w_ptr, T, t, QUAD, False)
     hd_t = hd_b + t * KV * D
     plan_b = plan_ptr + b64 * N * D
+    sl = sl_ptr + b64 * N * D
+    sz = sz_ptr + b64 * N * D
     for n0 in range(n_lo, n_hi, BN):
         offs_n = n0 + tl.arange(0, BN)
         nm = offs_n < n_hi
@@ -243,11 +305,12 @@ def badmm_split_plan_kernel(
             dm = offs_d < D
             mask = nm[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)                          # [BN, BD]
-            L, Zt = _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, N, D, u_p0, u_q0,
-                                  hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
+            o = _tile_ptrs(offs_n, offs_d, D, 1)
+            L, Zt = _tile_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, N, D, u_p0, u_q0,
+                                hd_b, hn_b, NR, w_ptr, T, sl, sz, o, HAS_P0, HAS_Q0, QUAD, KV,
+                                REPLAY)
             r = tl.load(hd_t + offs_d, mask=dm, other=0.0)
             lmu = tl.load(hd_t + D + offs_d, mask=dm, other=0.0)
             y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
             p = _exp(y + (lmu - r)[None, :])
-            tl.store(plan_b + _tile_ptrs(offs_n, offs_d, D, 1),
-                     p.to(plan_ptr.dtype.element_ty), mask=mask)
+            tl.store(plan_b + o, p.to(plan_ptr.dtype.element_ty), mask=mask)
