@@ -31,6 +31,8 @@ def body(kernel, consts, per_thread, eff, nw):
            and l["stg"] == 0]
     rep_L = {l["L"] for l in rep}
     bodies = [l for l in loops if l["inner"] and set(l["inner"]) <= rep_L and l["mufu"] >= 4]
+    if not rep:     # streamed: the innermost tile loop is the pass body
+        bodies = [l for l in loops if not l["inner"] and l["mufu"] >= 2]
     out = os.popen(f"{pred.BIN}/cuobjdump --dump-resource-usage /tmp/sass/k.cubin").read()
     regs = int([l for l in out.splitlines() if "REG:" in l][0].split("REG:")[1].split()[0])
     b = max(x["n"] for x in bodies) / per_thread / eff if bodies else 0.0
@@ -50,25 +52,36 @@ def run(name, B, N, D, quad, T=4, forced=None):
     per_thread = BN * BD / (32 * nw)
     eff = min(D, BD) / BD if D < BD else 1.0
     c = dict(HAS_P0=False, HAS_Q0=False, QUAD=quad, KV=2, BN=BN, BD=BD)
-    cA, rA, gA = body(s.badmm_split_column_lse_kernel, dict(c, POOL=False), per_thread, eff, nw)
-    cB, rB, gB = body(s.badmm_split_row_lse_kernel, c, per_thread, eff, nw)
+    cA, rA, gA = body(s.badmm_split_column_lse_kernel, dict(c, POOL=False, REPLAY=True),
+                      per_thread, eff, nw)
+    cB, rB, gB = body(s.badmm_split_row_lse_kernel, dict(c, REPLAY=True), per_thread, eff, nw)
     p2, r2, g2 = body(sb.badmm_split_bwd_pass2_kernel, dict(c, PAPER=False, PLAN=False),
                       per_thread, eff, nw)
     p3, r3, g3 = body(sb.badmm_split_bwd_pass3_kernel, dict(c, PAPER=False), per_thread, eff,
                       nw)
+    replay = launch.forward_replays(T, 4)
+    sA, _, gsA = body(s.badmm_split_column_lse_kernel, dict(c, POOL=False, REPLAY=False),
+                      per_thread, eff, nw)
+    sB, _, gsB = body(s.badmm_split_row_lse_kernel, dict(c, REPLAY=False), per_thread, eff, nw)
     NS, DS = forced or launch.forward_splits(B, N, D, BN, BD, torch.device("cpu"))
     NSb, DSb = forced or launch.backward_splits(B, N, D, BN, BD, torch.device("cpu"))
     P = B * NS * DS
-    cf = badmm_cost_model(n, T, schedule="replay")
-    cb = badmm_cost_model(n, T, schedule="replay", backward=True)
+    sched = "replay" if replay else "stream"
+    cf = badmm_cost_model(n, T, schedule=sched)
+    cb = badmm_cost_model(n, T, schedule=sched, backward=True)
     ri_f = cf["replay_iters"] / n
     ri_b = (cb["replay_iters"] - cf["replay_iters"]) / n
     # forward: (T-1) x (A + B) + last A, replay iterations split evenly between A and B
     fiA = T * cA + ri_f / 2 * rA
     fiB = (T - 1) * cB + ri_f / 2 * rB
-    tA = max(T * n * 4 / pred.BW, fiA * n / pred.ISSUE) / fill(P, gA)
-    tB = max((T - 1) * n * 4 / pred.BW, fiB * n / pred.ISSUE) / fill(P, gB)
-    tf = tA + tB + (4 * (T - 1) + 2) * LAUNCH
+    if replay:
+        tA = max(T * n * 4 / pred.BW, fiA * n / pred.ISSUE) / fill(P, gA)
+        tB = max((T - 1) * n * 4 / pred.BW, fiB * n / pred.ISSUE) / fill(P, gB)
+    else:       # streamed: A reads x + 2 state, B reads x + 2 state and writes 2 state
+        tA = max(T * n * 12 / pred.BW, T * sA * n / pred.ISSUE) / fill(P, gsA)
+        tB = max((T - 1) * n * 20 / pred.BW, (T - 1) * sB * n / pred.ISSUE) / fill(P, gsB)
+        rA, rB, cA, cB, gA, gB = 0.0, 0.0, sA, sB, gsA, gsB
+    tf = tA + tB + (4 * (T - 1) + 2 + (not replay)) * LAUNCH
     tf = max(tf, cf["exp2"] / pred.SFU)
     bi2 = (T - 1) * p2 + ri_b / 2 * r2
     bi3 = T * p3 + ri_b / 2 * r3
@@ -78,7 +91,7 @@ def run(name, B, N, D, quad, T=4, forced=None):
           + max(bbytes * 0.55 / pred.BW, bi3 * n / pred.ISSUE) / fill(Pb, g3)
           + (4 * T + 1) * LAUNCH * (Pb > B))
     sol = max((n * 4 + B * D * 4) / pred.BW, 4 * T * n / pred.SFU)
-    print(f"| {name} {'B-Q' if quad else 'B-E'}{' (forced)' if forced else ''} | {T} | fwd {NS}x{DS} ({P} programs), bwd "
+    print(f"| {name} {'B-Q' if quad else 'B-E'}{' (forced)' if forced else ''} | {T} {sched} | fwd {NS}x{DS} ({P} programs), bwd "
           f"{NSb}x{DSb} ({Pb}) | regs A {gA} B {gB} p2 {g2} p3 {g3} | bodies A {cA:.1f} B {cB:.1f}"
           f" p2 {p2:.1f} p3 {p3:.1f}; replay {rA:.1f}/{rB:.1f}/{r2:.1f}/{r3:.1f} | "
           f"{tf * 1e3:.3f} | {tb * 1e3:.3f} | {sol * 1e3:.3f} | {tf / sol:.1f}x |")
