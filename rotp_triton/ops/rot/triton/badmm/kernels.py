@@ -2,7 +2,9 @@
 
 Computes exactly what :func:`rotp_triton.ops.rot.solvers.badmm` computes with ``sf=None``
 (DESIGN §3.1 ``variant="exact"``, §3.2 ``variant="paper"``), fused: one launch for the forward,
-one for the backward.
+one for the backward, one program per set. Dense batches with fewer sets than SMs instead
+spread each set over several programs (:mod:`.split_kernels`, :mod:`.split_backward_kernels`,
+built from the helpers here).
 
 Layout and state. A set is ``x_b`` (N_b, D) (rows = samples), read in place through x's
 strides (a dense (B, N, D) batch with any strides, e.g. an NCHW image viewed as

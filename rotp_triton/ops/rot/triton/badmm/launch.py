@@ -1,6 +1,8 @@
-"""Host side of the B-ADMM set kernels: tile sizes, the persistent grid, scratch, launchers.
+"""Host side of the B-ADMM set kernels: tile sizes, the persistent grid, scratch, launchers,
+and the choice between one program per set and the split schedules (:func:`forward_splits`).
 
-Kernels and the algorithm: :mod:`.kernels`. Each launcher takes ``wrap`` (``None`` or
+Kernels and the algorithm: :mod:`.kernels` (split: :mod:`.split_kernels`,
+:mod:`.split_backward_kernels`). Each launcher takes ``wrap`` (``None`` or
 ``torch.library.wrap_triton`` inside a custom op) and launches through ``common.launcher``.
 """
 from __future__ import annotations
