@@ -240,6 +240,35 @@ def test_split_streamed_forward(method, variant, monkeypatch):
     assert set(calls) >= {"_forward_split", "_backward_split"}, calls
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("method,variant", [("badmm-q", "exact"), ("badmm-e", "paper"),
+                                            ("badmm-e", "exact"), ("badmm-q", "paper")])
+def test_split_ragged_with_empty_sets(method, variant, schedule, monkeypatch):
+    """A ragged batch split 3 x 2: each set's row slices are sized on the device from N_b
+    (37 rows: 16 + 16 + 5; 20 rows: 16 + 4 + an empty slice; 5 rows: one slice, two empty),
+    empty sets first, in the middle and last pool to 0 with finite gradients, the others
+    match the reference."""
+    _small_blocks(monkeypatch)
+    calls = _split(monkeypatch, 3, 2, schedule=schedule)
+    gen = torch.Generator().manual_seed(15)
+    lengths = [0, 37, 0, 5, 20, 0]
+    ptr = torch.tensor([0] + lengths).cumsum(0)
+    rows, D, T = int(ptr[-1]), 19, 3
+    x = torch.randn(rows, D, generator=gen)
+    w = _weights(T, gen, inf_a2=True)
+    lp = torch.randn(len(lengths), D, generator=gen)
+    lq = torch.randn(rows, generator=gen)
+    cy = torch.randn(len(lengths), D, generator=gen)
+    cp = torch.randn(rows, D, generator=gen)
+    args = (x, ptr, method, variant, w, lp, lq, cy, cp)
+    k = _run_kernel(*args)
+    empty = torch.tensor(lengths) == 0
+    assert bool((k["y"].cpu()[empty] == 0).all())
+    assert all(bool(torch.isfinite(v).all()) for v in k.values())
+    _compare(k, _run_reference(*args), RTOL[torch.float32])
+    assert set(calls) >= {"_forward_split", "_backward_split"}, calls
+
+
 @pytest.mark.parametrize("method", ["badmm-e", "badmm-q"])
 def test_split_uniform_priors_strided(method, monkeypatch):
     """The split forward and backward with uniform priors, no plan, x read through an NCHW
@@ -591,36 +620,40 @@ FP32 = ("u_p0", "u_q0")
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 def signature(kernel, consts):
-    return {n: "constexpr" if n in consts else ("*fp16" if n == "x_ptr" else "*fp32")
-            if n.endswith("_ptr") else "fp32" if n in FP32 else "i32" for n in kernel.arg_names}
+    ptrs = {"x_ptr": "*fp16", "ptr_ptr": "*i64"}
+    return {n: "constexpr" if n in consts else ptrs.get(n, "*fp32") if n.endswith("_ptr")
+            else "fp32" if n in FP32 else "i32" for n in kernel.arg_names}
 
-for name, D, N, quad, paper in [("W1", 100, 500, False, False), ("W2", 2048, 49, True, True)]:
+for name, D, N, quad, paper, ragged in [("W1", 100, 500, False, False, False),
+                                        ("W5", 128, 0, True, True, True)]:
     BN, BD, BV, num_warps = launch.block_sizes(N, D)
-    common = dict(HAS_P0=True, HAS_Q0=True, QUAD=quad, KV=3 if paper else 2)
+    common = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=quad, KV=3 if paper else 2)
     for kernel, consts in [
             (s.badmm_split_column_lse_kernel, dict(common, REPLAY=True, POOL=True, BN=BN,
                                                    BD=BD)),
             (s.badmm_split_column_lse_kernel, dict(common, REPLAY=False, POOL=False, BN=BN,
                                                    BD=BD)),
-            (s.badmm_split_init_state_kernel, dict(HAS_P0=True, HAS_Q0=True, BN=BN, BD=BD)),
-            (s.badmm_split_column_step_kernel, dict(HAS_P0=True, QUAD=quad, PAPER=paper,
-                                                    KV=common["KV"], POOL=True, BV=BV)),
+            (s.badmm_split_init_state_kernel, dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True,
+                                                   BN=BN, BD=BD)),
+            (s.badmm_split_column_step_kernel, dict(RAGGED=ragged, HAS_P0=True, QUAD=quad,
+                                                    PAPER=paper, KV=common["KV"], POOL=True,
+                                                    BV=BV)),
             (s.badmm_split_row_lse_kernel, dict(common, REPLAY=True, BN=BN, BD=BD)),
             (s.badmm_split_row_lse_kernel, dict(common, REPLAY=False, BN=BN, BD=BD)),
-            (s.badmm_split_row_step_kernel, dict(HAS_Q0=True, QUAD=quad, PAPER=paper,
-                                                 KV=common["KV"], BV=BV)),
+            (s.badmm_split_row_step_kernel, dict(RAGGED=ragged, HAS_Q0=True, QUAD=quad,
+                                                 PAPER=paper, KV=common["KV"], BV=BV)),
             (s.badmm_split_plan_kernel, dict(common, REPLAY=True, BN=BN, BD=BD)),
             (s.badmm_split_plan_kernel, dict(common, REPLAY=False, BN=BN, BD=BD)),
             (sb.badmm_split_bwd_rows_step_kernel, dict(common, PAPER=paper, BV=BV)),
-            (sb.badmm_split_bwd_cols_step_kernel, dict(HAS_P0=True, QUAD=quad, PAPER=paper,
-                                                       BV=BV)),
+            (sb.badmm_split_bwd_cols_step_kernel, dict(RAGGED=ragged, HAS_P0=True, QUAD=quad,
+                                                       PAPER=paper, BV=BV)),
             (sb.badmm_split_bwd_pass2_kernel, dict(common, PAPER=paper, PLAN=False, BN=BN,
                                                    BD=BD)),
             (sb.badmm_split_bwd_pass2_kernel, dict(common, PAPER=paper, PLAN=True, BN=BN,
                                                    BD=BD)),
             (sb.badmm_split_bwd_pass3_kernel, dict(common, PAPER=paper, BN=BN, BD=BD)),
-            (sb.badmm_split_bwd_init_kernel, dict(HAS_P0=True, HAS_Q0=True, PAPER=paper,
-                                                  BN=BN, BD=BD))]:
+            (sb.badmm_split_bwd_init_kernel, dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True,
+                                                  PAPER=paper, BN=BN, BD=BD))]:
         c = compile_sm90(kernel, signature(kernel, consts), consts, num_warps=num_warps)
         assert ".target sm_90" in c.asm["ptx"]
         regs = spill = nins = "?"
@@ -645,7 +678,7 @@ for name, D, N, quad, paper in [("W1", 100, 500, False, False), ("W2", 2048, 49,
 
 def test_aot_compile_split_sm90():
     """The split forward's nine and backward's six kernel configurations compile for sm_90 at
-    W1 (B-E exact, D = 100) and W2 (B-Q paper, D = 2048) block configurations, without spills;
+    W1 (dense B-E exact, D = 100) and W5 (ragged B-Q paper, D = 128) configurations, no spills;
     SASS size and registers are printed (bench/results/badmm_v2_*.md)."""
     out = run_without_interpreter(SPLIT_AOT_CODE, timeout=900)
     lines = [l for l in out.splitlines() if l.startswith("split")]

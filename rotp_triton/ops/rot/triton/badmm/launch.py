@@ -71,6 +71,8 @@ class _Geometry:
             self.sxb, self.sxn, self.sxd = x.stride()
             self.ptr = None
         self.blocks = block_sizes(self.N, self.D)
+        # a set's size for the split heuristics: N, or the mean of a ragged batch (from shapes)
+        self.set_size = self.N if not self.ragged else cdiv(self.rows, max(self.B, 1))
         self.grid = _num_programs(self.B, x.device)
         self.mat_numel = max(self.rows if self.ragged else self.grid * self.N, 1) * self.D
         self.nvec_numel = 9 * max(self.rows if self.ragged else self.grid * self.N, 1)
@@ -143,92 +145,99 @@ def _slice(size: int, parts: int, block: int):
 
 def _forward_split(x, geo, w32, lp0, lq0, y, plan, hd, hn, NS, DS, *, quadratic, paper,
                    has_p0, has_q0, replay, wrap):
-    """The forward of a dense batch over B × NS × DS programs: per iteration the four launches
-    of :mod:`.split_kernels` (partial LSEs, then per-set combine + vector step). Fills y, plan
-    and the history hd, hn exactly like the one-program-per-set kernel. ``replay``: rebuild
-    the state per tile; else stream it through a (B, N, D) fp32 pair - the fused kernel's
-    per-program pair has that size whenever the launcher splits (B < #SMs)."""
-    B, N, D, T = geo.B, geo.N, geo.D, w32.shape[1]
+    """The forward over B × NS × DS programs (dense or ragged): per iteration the four
+    launches of :mod:`.split_kernels` (partial LSEs, then per-set combine + vector step).
+    Fills y, plan and the history hd, hn exactly like the one-program-per-set kernel.
+    ``replay``: rebuild the state per tile; else stream it through a (rows, D) fp32 pair - the
+    fused kernel's per-program pair has that size whenever the launcher splits (B < #SMs).
+    The row slices of each set are sized on the device from N_b (no host sync)."""
+    B, D, T, rows = geo.B, geo.D, w32.shape[1], geo.rows
     BN, BD, BV, num_warps = geo.blocks
-    SN, NS = _slice(N, NS, BN)
+    if not geo.ragged:
+        NS = _slice(geo.N, NS, BN)[1]                 # no empty slices in a dense batch
     SD, DS = _slice(D, DS, BD)
     f32 = dict(device=x.device, dtype=torch.float32)
     pm, pl, pa = (torch.empty(B * NS * D, **f32) for _ in range(3))       # [B, NS, D]
-    qm, ql = (torch.empty(B * DS * N, **f32) for _ in range(2))           # [B, DS, N]
-    u_p0, u_q0 = -math.log(D), -math.log(N)
+    qm, ql = (torch.empty(DS * rows, **f32) for _ in range(2))            # [DS, rows]
+    u_p0 = -math.log(D)
     KV = hd.shape[2]
     tiles = (B, NS, DS)
-    flags = dict(HAS_P0=has_p0, HAS_Q0=has_q0, QUAD=quadratic, KV=KV, REPLAY=replay)
-    sl, sz = (y, y) if replay else (torch.empty(B * N * D, **f32) for _ in range(2))
+    ptr = geo.ptr if geo.ragged else y
+    sets = dict(RAGGED=geo.ragged)
+    flags = dict(sets, HAS_P0=has_p0, HAS_Q0=has_q0, QUAD=quadratic, KV=KV, REPLAY=replay)
+    sl, sz = (y, y) if replay else (torch.empty(rows * D, **f32) for _ in range(2))
     if not replay:
         launcher(badmm_split_init_state_kernel, wrap)[tiles](
-            lp0, lq0, sl, sz, N, D, SN, SD, u_p0, u_q0, HAS_P0=has_p0, HAS_Q0=has_q0,
-            BN=BN, BD=BD, num_warps=num_warps)
-    xargs = (x, geo.sxb, geo.sxn, geo.sxd, lp0, lq0, w32, hd, hn, sl, sz)
+            ptr, lp0, lq0, sl, sz, geo.N, D, NS, SD, u_p0, **sets, HAS_P0=has_p0,
+            HAS_Q0=has_q0, BN=BN, BD=BD, num_warps=num_warps)
+    xargs = (x, geo.sxb, geo.sxn, geo.sxd, ptr, lp0, lq0, w32, hd, hn, sl, sz)
     for t in range(T):
         last = t == T - 1
         launcher(badmm_split_column_lse_kernel, wrap)[tiles](
-            *xargs, pm, pl, pa, N, D, geo.rows, T, t, SN, SD, NS, u_p0, u_q0,
+            *xargs, pm, pl, pa, geo.N, D, rows, T, t, NS, SD, u_p0,
             **flags, POOL=last, BN=BN, BD=BD, num_warps=num_warps)
         launcher(badmm_split_column_step_kernel, wrap)[(B,)](
-            lp0, w32, hd, pm, pl, pa, y, D, T, t, NS, u_p0,
+            ptr, lp0, w32, hd, pm, pl, pa, y, geo.N, D, T, t, NS, u_p0, **sets,
             HAS_P0=has_p0, QUAD=quadratic, PAPER=paper, KV=KV, POOL=last, BV=BV,
             num_warps=num_warps)
         if last:
             break
         launcher(badmm_split_row_lse_kernel, wrap)[tiles](
-            *xargs, qm, ql, N, D, geo.rows, T, t, SN, SD, DS, u_p0, u_q0,
+            *xargs, qm, ql, geo.N, D, rows, T, t, NS, SD, u_p0,
             **flags, BN=BN, BD=BD, num_warps=num_warps)
         launcher(badmm_split_row_step_kernel, wrap)[(B,)](
-            lq0, w32, hn, qm, ql, N, geo.rows, T, t, DS, u_q0,
+            ptr, lq0, w32, hn, qm, ql, geo.N, rows, T, t, DS, **sets,
             HAS_Q0=has_q0, QUAD=quadratic, PAPER=paper, KV=KV, BV=BV, num_warps=num_warps)
     if plan is not None:
         launcher(badmm_split_plan_kernel, wrap)[tiles](
-            *xargs, plan, N, D, geo.rows, T, SN, SD, u_p0, u_q0,
+            *xargs, plan, geo.N, D, rows, T, NS, SD, u_p0,
             **flags, BN=BN, BD=BD, num_warps=num_warps)
 
 
 def _backward_split(x, geo, w32, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, NS, DS, *,
                     quadratic, paper, has_p0, has_q0, wrap):
-    """The backward of a dense batch over B × NS × DS programs (:mod:`.split_backward_kernels`):
+    """The backward over B × NS × DS programs, dense or ragged (:mod:`.split_backward_kernels`):
     per reverse step a rows step, pass 2, a columns step and pass 3. Fills gx, gp0, gq0 and
     returns gw (B, T, 4) like the one-program-per-set kernel."""
-    B, N, D, T = geo.B, geo.N, geo.D, w32.shape[1]
+    B, D, T, rows = geo.B, geo.D, w32.shape[1], geo.rows
     BN, BD, BV, num_warps = geo.blocks
-    SN, NS = _slice(N, NS, BN)
+    if not geo.ragged:
+        NS = _slice(geo.N, NS, BN)[1]                 # no empty slices in a dense batch
     SD, DS = _slice(D, DS, BD)
     f32 = dict(device=x.device, dtype=torch.float32)
-    slb, szb = (torch.zeros(B * N * D, **f32) for _ in range(2))          # L̄, Z̄ [B, N, D]
+    slb, szb = (torch.zeros(rows * D, **f32) for _ in range(2))           # L̄, Z̄ (rows, D)
     vd = torch.empty(B * 7 * D, **f32)                                    # per-set slots
-    vn = torch.empty(7 * geo.rows, **f32)
+    vn = torch.empty(7 * rows, **f32)
     tau = torch.empty(B * NS * D, **f32)                                  # [B, NS, D]
-    sig = torch.empty(B * DS * N, **f32)                                  # [B, DS, N]
+    sig = torch.empty(DS * rows, **f32)                                   # [DS, rows]
     gwv = torch.empty(B, T, 4, **f32)
     gwt = torch.zeros(B, T, 2, NS * DS, 2, **f32)
-    u_p0, u_q0 = -math.log(D), -math.log(N)
+    u_p0 = -math.log(D)
     KV = hd.shape[2]
     tiles = (B, NS, DS)
-    flags = dict(HAS_P0=has_p0, HAS_Q0=has_q0, QUAD=quadratic, PAPER=paper, KV=KV)
-    xargs = (x, geo.sxb, geo.sxn, geo.sxd, lp0, lq0, w32, hd, hn, vd, vn, slb, szb)
+    ptr = geo.ptr if geo.ragged else gx
+    sets = dict(RAGGED=geo.ragged)
+    flags = dict(sets, HAS_P0=has_p0, HAS_Q0=has_q0, QUAD=quadratic, PAPER=paper, KV=KV)
+    xargs = (x, geo.sxb, geo.sxn, geo.sxd, ptr, lp0, lq0, w32, hd, hn, vd, vn, slb, szb)
     for tb in range(T - 1, -1, -1):
         launcher(badmm_split_bwd_rows_step_kernel, wrap)[(B,)](
-            lq0, lp0, w32, hd, hn, vd, vn, sig, gwv, N, D, geo.rows, T, tb, DS, u_p0, u_q0,
+            ptr, lq0, lp0, w32, hd, hn, vd, vn, sig, gwv, geo.N, D, rows, T, tb, DS, u_p0,
             **flags, BV=BV, num_warps=num_warps)
-        plan_step = tb == T - 1
-        if not plan_step or gplan is not None:
+        has_tau = tb < T - 1 or gplan is not None
+        if has_tau:
             launcher(badmm_split_bwd_pass2_kernel, wrap)[tiles](
-                *xargs, gplan if gplan is not None else gx, tau, gwt, N, D, geo.rows, T, tb,
-                SN, SD, NS, DS, u_p0, u_q0, **flags, PLAN=plan_step, BN=BN, BD=BD,
+                *xargs, gplan if gplan is not None else gx, tau, gwt, geo.N, D, rows, T, tb,
+                NS, SD, DS, u_p0, **flags, PLAN=tb == T - 1, BN=BN, BD=BD,
                 num_warps=num_warps)
         launcher(badmm_split_bwd_cols_step_kernel, wrap)[(B,)](
-            lp0, w32, vd, tau, gwv, D, T, tb, NS, u_p0, int(not plan_step or gplan is not None),
+            ptr, lp0, w32, vd, tau, gwv, geo.N, D, T, tb, NS, u_p0, int(has_tau), **sets,
             HAS_P0=has_p0, QUAD=quadratic, PAPER=paper, BV=BV, num_warps=num_warps)
         launcher(badmm_split_bwd_pass3_kernel, wrap)[tiles](
-            *xargs, gx, gy, y32, sig, gwt, N, D, geo.rows, T, tb, SN, SD, DS, NS * DS,
-            u_p0, u_q0, **flags, BN=BN, BD=BD, num_warps=num_warps)
+            *xargs, gx, gy, y32, sig, gwt, geo.N, D, rows, T, tb, NS, SD, DS, u_p0,
+            **flags, BN=BN, BD=BD, num_warps=num_warps)
     launcher(badmm_split_bwd_init_kernel, wrap)[(B,)](
-        slb, vd, vn, gp0, gq0, N, D, geo.rows, HAS_P0=has_p0, HAS_Q0=has_q0, PAPER=paper,
-        BN=BN, BD=BD, num_warps=num_warps)
+        ptr, slb, vd, vn, gp0, gq0, geo.N, D, rows, **sets, HAS_P0=has_p0, HAS_Q0=has_q0,
+        PAPER=paper, BN=BN, BD=BD, num_warps=num_warps)
     return gwv + torch.nn.functional.pad(gwt.sum((2, 3)), (2, 0))
 
 
@@ -264,7 +273,7 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
     lp0, lq0 = _priors(x, log_p0, log_q0)
     replay = forward_replays(T, x.element_size())
     BN, BD, BV, num_warps = geo.blocks
-    splits = (1, 1) if geo.ragged else forward_splits(B, geo.N, D, BN, BD, x.device)
+    splits = forward_splits(B, geo.set_size, D, BN, BD, x.device)
     if splits != (1, 1):
         _forward_split(x, geo, _f32(w), lp0, lq0, y, plan, hd, hn, *splits,
                        quadratic=quadratic, paper=paper, has_p0=log_p0 is not None,
@@ -300,7 +309,7 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
     if B > 0 and geo.rows > 0 and D > 0:
         lp0, lq0 = _priors(x, log_p0, log_q0)
         BN, BD, BV, num_warps = geo.blocks
-        splits = (1, 1) if geo.ragged else backward_splits(B, geo.N, D, BN, BD, dev)
+        splits = backward_splits(B, geo.set_size, D, BN, BD, dev)
         if splits != (1, 1):
             gw = _backward_split(x, geo, w32, lp0, lq0, hd, hn, y32, _f32(grad_y),
                                  _f32(grad_plan) if grad_plan is not None else None, gx, gp0,
