@@ -51,7 +51,7 @@ def run(name, B, N, D, quad, T=4, forced=None):
     BN, BD, BV, nw = launch.block_sizes(N, D)
     per_thread = BN * BD / (32 * nw)
     eff = min(D, BD) / BD if D < BD else 1.0
-    c = dict(HAS_P0=False, HAS_Q0=False, QUAD=quad, KV=2, BN=BN, BD=BD)
+    c = dict(RAGGED=False, HAS_P0=False, HAS_Q0=False, QUAD=quad, KV=2, BN=BN, BD=BD)
     cA, rA, gA = body(s.badmm_split_column_lse_kernel, dict(c, POOL=False, REPLAY=True),
                       per_thread, eff, nw)
     cB, rB, gB = body(s.badmm_split_row_lse_kernel, dict(c, REPLAY=True), per_thread, eff, nw)
