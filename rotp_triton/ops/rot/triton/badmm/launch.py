@@ -117,10 +117,12 @@ def forward_splits(B: int, N: int, D: int, BN: int, BD: int, device: torch.devic
     """(NS, DS): row and column slices per set of the split forward (:mod:`.split_kernels`),
     (1, 1) for one program per set. Split only when there are fewer sets than SMs (W1: 50 sets
     of 500 × 100 on 132 SMs): aim at 4 programs per SM, columns first (a column slice keeps
-    whole columns for R, a row slice whole rows for C), never more slices than tiles. W2's 256
+    whole columns for R, a row slice whole rows for C), never more slices than tiles. ``N``:
+    the set size, for a ragged batch the mean (rows / B: from shapes, no host sync). W2's 256
     sets already fill the machine (one ~250-register CTA per SM): the SASS model of
-    bench/results/badmm_v2_2026-11-28.md predicts its 1 × 3 split 10 % slower (4 launches per
-    iteration instead of a loop inside one), so it is not split. Prediction, not measured."""
+    bench/results/badmm_v2_2026-11-28.md predicts its 1 × 3 split no faster (0.55 vs 0.54 ms:
+    4 launches per iteration instead of a loop inside one), so it is not split. Prediction,
+    not measured."""
     sms = sm_count(device)
     if B >= sms:
         return 1, 1
@@ -132,8 +134,9 @@ def forward_splits(B: int, N: int, D: int, BN: int, BD: int, device: torch.devic
 
 def backward_splits(B: int, N: int, D: int, BN: int, BD: int, device: torch.device):
     """(NS, DS) of the split backward (:mod:`.split_backward_kernels`), (1, 1) for one program
-    per set: as the forward (fewer sets than SMs). Its adjoint scratch is (B, N, D), which is
-    the one-program-per-set kernel's (min(B, #SMs), N, D) whenever it splits: no more memory."""
+    per set: as the forward (fewer sets than SMs). Its adjoint scratch is (rows, D), which is
+    the one-program-per-set kernel's (min(B, #SMs) · N, D) - ragged: (rows, D) - whenever it
+    splits: no more memory."""
     return forward_splits(B, N, D, BN, BD, device)
 
 
