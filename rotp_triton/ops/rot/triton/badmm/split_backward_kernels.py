@@ -12,9 +12,11 @@ combine the partials and run the lognorm / paper adjoints. Reverse step tb:
   pass 2    (b, i, j):  :func:`.kernels._adjoint_s_step_pass` (or the plan adjoint at T - 1)
   columns step (b):     τ = Σ_i partials, R̄ (or log μ̄)
   pass 3    (b, i, j):  :func:`.kernels._adjoint_p_step_pass`
-then :func:`.kernels._init_adjoint_pass` per set. The adjoints L̄, Z̄ live in a (B, N, D) fp32
-scratch - the same size as the one-program-per-set kernel's when B ≤ #SMs, where the launcher
-uses this schedule - and the per-set vector slots in (B, 7, D) / (9, rows).
+then :func:`.kernels._init_adjoint_pass` per set. Dense or ragged (row slices sized per set
+from N_b on the device, as :func:`.split_kernels._tile_program`; empty sets skipped). The
+adjoints L̄, Z̄ live in a (rows, D) fp32 scratch - the same size as the one-program-per-set
+kernel's when B < #SMs, where the launcher uses this schedule - and the per-set vector slots in
+(B, 7, D) / (7, rows).
 """
 from __future__ import annotations
 

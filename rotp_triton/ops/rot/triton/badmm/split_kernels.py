@@ -1,11 +1,12 @@
 """``@triton.jit`` code of the SPLIT B-ADMM forward: one set spread over NS × DS programs.
 
 Same iterations, same vector history (hd, hn) as :func:`.kernels.badmm_fwd_kernel` (so the
-backward is unchanged), for dense batches whose sets are too few (W1: 50 sets of 500 × 100) or
-too wide to fill the GPU with one program per set. Program (b, i, j) owns rows
-[i·SN, (i+1)·SN) and columns [j·SD, (j+1)·SD) of set b and either rebuilds the state of its
-tiles from x and the history (``REPLAY``: :func:`.kernels._replay_state`, no N × D scratch) or
-streams it through a (B, N, D) fp32 pair (log S, Z) in the deferred form of
+backward is unchanged), for batches whose sets are too few to fill the GPU with one program
+per set (W1: 50 sets of 500 × 100; W5: 128 ragged sets of 20-500 rows, where the largest set
+sets the time). Program (b, i, j) owns rows [i·SN_b, (i+1)·SN_b) (SN_b from N_b on the device:
+ragged sets need no host sync) and columns [j·SD, (j+1)·SD) of set b and either rebuilds the
+state of its tiles from x and the history (``REPLAY``: :func:`.kernels._replay_state`, no
+N × D scratch) or streams it through a (rows, D) fp32 pair (log S, Z) in the deferred form of
 :func:`.kernels._load_state`, whose row and column shifts are the history's C, log η of t - 1.
 
 No program waits for another (issue 17: the interpreter runs programs one at a time). A
