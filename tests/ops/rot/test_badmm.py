@@ -286,6 +286,58 @@ def test_split_uniform_priors_strided(method, monkeypatch):
     assert set(calls) >= {"_forward_split", "_backward_split"}, calls
 
 
+def test_split_saves_what_the_fused_kernel_saves(monkeypatch):
+    """The split schedules keep the same autograd state (x, y, the table, the vector history)
+    at T = 16, and the extra buffers they allocate are O(T) vectors plus T-independent
+    partials and scratch: none grows with T times N × D."""
+    _small_blocks(monkeypatch)
+    gen = torch.Generator().manual_seed(16)
+    B, N, D = 2, 37, 19
+    x = torch.randn(B, N, D, generator=gen).to(DEVICE).requires_grad_()
+    allocated = []
+    real_empty, real_zeros = launch.torch.empty, launch.torch.zeros
+
+    def counting(real):
+        def alloc(*shape, **kw):
+            t = real(*shape, **kw)
+            allocated.append(t.numel() * t.element_size())
+            return t
+        return alloc
+
+    def run(T, split):
+        if split:
+            _split(monkeypatch, 3, 2, schedule="stream")
+        else:
+            monkeypatch.setattr(launch, "forward_splits", lambda *a: (1, 1))
+            monkeypatch.setattr(launch, "backward_splits", lambda *a: (1, 1))
+            _schedule(monkeypatch, "stream")
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        w = {k: v.to(DEVICE).requires_grad_() for k, v in _weights(T, gen).items()}
+        allocated.clear()
+        monkeypatch.setattr(launch.torch, "empty", counting(real_empty))
+        monkeypatch.setattr(launch.torch, "zeros", counting(real_zeros))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y, _ = rot_pool_badmm_triton(x, None, method="badmm-e", variant="exact", **w,
+                                         log_p0=None, log_q0=None, return_plan=False)
+        y.sum().backward()
+        monkeypatch.setattr(launch.torch, "empty", real_empty)
+        monkeypatch.setattr(launch.torch, "zeros", real_zeros)
+        return sum(sizes), sum(allocated)
+
+    (f2, _), (f16, _) = run(2, False), run(16, False)
+    (s2, a2), (s16, a16) = run(2, True), run(16, True)
+    assert (s2, s16) == (f2, f16), (s2, s16, f2, f16)
+    # per extra iteration: the fp32 weight partials (B, T, 4) and (B, T, 2, NS·DS, 2) and the
+    # (6, T) weight gradient only
+    per_iter = 4 * (B * 4 + B * 2 * 3 * 2 * 2 + 6)
+    assert a16 - a2 == 14 * per_iter, (a2, a16)
+
+
 def test_split_heuristic():
     """Few sets are split (never into more slices than tiles), many sets are not."""
     cpu = torch.device("cpu")

@@ -308,7 +308,7 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
     gx = torch.zeros(geo.rows, D, device=dev, dtype=torch.float32)
     gp0 = torch.zeros(B, D, device=dev, dtype=torch.float32)
     gq0 = torch.zeros(geo.rows, device=dev, dtype=torch.float32)
-    gw = torch.zeros(max(B, 1), T, 4, device=dev, dtype=torch.float32)
+    gw = None                           # (B, T, 4) partials wrt (κ2, κ3, α1, ρ) per set
     if B > 0 and geo.rows > 0 and D > 0:
         lp0, lq0 = _priors(x, log_p0, log_q0)
         BN, BD, BV, num_warps = geo.blocks
@@ -320,6 +320,7 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
                                  has_p0=log_p0 is not None, has_q0=log_q0 is not None,
                                  wrap=wrap)
         else:
+            gw = torch.zeros(B, T, 4, device=dev, dtype=torch.float32)
             (slb, szb), vd, vn = _scratch(geo, dev, 2)               # adjoints of log S, Z
             gplan = _f32(grad_plan).reshape(geo.rows, D) if grad_plan is not None else gx
             launcher(badmm_bwd_kernel, wrap)[(geo.grid,)](
@@ -333,6 +334,8 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
                 QUAD=quadratic, PAPER=paper, PLAN_GRAD=grad_plan is not None, KV=hd.shape[2],
                 BN=BN, BD=BD, BV=BV, num_warps=num_warps,
             )
+    if gw is None:                      # nothing to differentiate: zero partials
+        gw = torch.zeros(max(B, 1), T, 4, device=dev, dtype=torch.float32)
     dw = torch.empty(6, T, device=dev, dtype=torch.float32)
     BT = min(next_pow2(T), 128)
     launcher(badmm_dw_kernel, wrap)[(triton.cdiv(T, BT),)](
