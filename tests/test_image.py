@@ -15,8 +15,9 @@ from torch import nn
 from kernel_utils import DEVICE, RTOL, rel_err
 from reference.window import pool_windows as reference_pool
 from reference.window import adaptive_positions, window_positions
-from rotp_triton.nn.image import (CLOSE_TO_MEAN, AdaptiveROTPool2d, ROTPool2d, adaptive_bounds,
-                                  rot_pool2d_torch)
+from rotp_triton.nn.image import CLOSE_TO_MEAN, AdaptiveROTPool2d, ROTPool2d
+from rotp_triton.ops.rot.torch.windows import rot_pool2d_torch
+from rotp_triton.ops.rot.window_geometry import adaptive_bounds
 
 METHODS = ("sinkhorn", "badmm-e", "badmm-q")
 VARIANTS = ("exact", "paper")

@@ -7,10 +7,6 @@ import os
 import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rotp_triton")
-# Kernel modules being replaced by the packages ops/rot/triton/<family>/ (their branches delete
-# them): the imports they make are not part of the layout. Drop an entry when its file goes.
-LEGACY = {"rotp_triton.ops.rot.triton_set", "rotp_triton.ops.rot.triton_sinkhorn",
-          "rotp_triton.ops.rot.triton_badmm", "rotp_triton.ops.rot.triton_window"}
 
 
 def _modules():
@@ -55,7 +51,7 @@ def _imports(name, path, mods):
 
 def _graph():
     mods = _modules()
-    return {n: set() if n in LEGACY else _imports(n, p, mods) for n, p in mods.items()}
+    return {n: _imports(n, p, mods) for n, p in mods.items()}
 
 
 def _find_cycle(graph):
@@ -98,4 +94,4 @@ def test_the_checker_finds_a_cycle():
 @pytest.mark.parametrize("module", ["rotp_triton.ops.rot.route", "rotp_triton.functional"])
 def test_route_does_not_import_legacy_routing(module):
     graph = _graph()
-    assert not graph[module] & (LEGACY | {"rotp_triton.ops.rot.dispatch"})
+    assert "rotp_triton.ops.rot.dispatch" not in graph[module]

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
-import torch
 from torch import Tensor, nn
 
 from .._batching import compute_dtype
 from .._checks import check_rot_values
 from ..functional import check_rot_options, rot_pool
 from ..ops.rot import route
-# pool_output_size, adaptive_bounds, rot_pool2d_torch: re-exported (tests, legacy triton_window)
-from ..ops.rot.torch.windows import rot_pool2d_torch  # noqa: F401
-from ..ops.rot.window_geometry import adaptive_bounds, pool_output_size  # noqa: F401
+from ..ops.rot.window_geometry import pool_output_size
 from .scale import check_scale, image_spread
 from .weight_use import describe_used, restrict_learning
 from .weights import ROTWeights
@@ -141,8 +138,8 @@ class AdaptiveROTPool2d(_ImageROTBase):
     Backend: ``output_size=1`` goes through :func:`rotp_triton.rot_pool` on the strided view
     ``x.flatten(2).transpose(1, 2)`` (no copy), i.e. the Triton set kernels for CUDA inputs.
     Adaptive windows that tile the image evenly (H % oh == 0 and W % ow == 0) use the local
-    window kernels of :func:`rotp_triton.ops.rot.triton_window.rot_pool2d_triton` on CUDA when
-    α0 = 0; other windows use the torch path.
+    window kernels (``rotp_triton.ops.rot.triton.window``, routed by ``ops/rot/route.py``) on
+    CUDA when α0 = 0; other windows use the torch path.
 
     Args:
         channels: C.
@@ -209,10 +206,10 @@ class ROTPool2d(_ImageROTBase):
     ``tests/test_image.py`` asserts RMS ≤ 0.015 / 0.03 / 0.06 and max ≤ 0.08 / 0.15 / 0.25).
 
     Backend: CUDA inputs with α0 = 0 (backend "auto" or "triton") use the fused Triton kernels of
-    :mod:`rotp_triton.ops.rot.triton_window` (NCHW or channels_last read by strides, all T
+    ``rotp_triton.ops.rot.triton.window`` (NCHW or channels_last read by strides, all T
     iterations in one launch, recomputing backward); "auto" only while one window's
-    next_pow2(kh·kw) × next_pow2(C) tile has at most 4096 elements (e.g. 2×2 windows up to
-    C = 1024), the kernels keeping it in registers. Otherwise the torch path (unfold).
+    next_pow2(kh·kw) × next_pow2(C) tile has at most ``route.MAX_WINDOW_TILE`` = 16384
+    elements (e.g. 2×2 windows up to C = 4096). Otherwise the torch path (unfold).
 
     Args:
         channels: C.

@@ -143,7 +143,8 @@ def test_random_configs():
     rounding."""
     import random
 
-    from rotp_triton.nn.image import pool_output_size, rot_pool2d_torch
+    from rotp_triton.ops.rot.torch.windows import rot_pool2d_torch
+    from rotp_triton.ops.rot.window_geometry import pool_output_size
     rng = random.Random(1)
     done = 0
     while done < 8:

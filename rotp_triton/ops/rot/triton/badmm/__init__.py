@@ -1,1 +1,5 @@
-"""TEMPORARY shim package (branch layout): replaced by the badmm kernel package."""
+"""B-ADMM (B-E, B-Q) set kernels, α0 = 0: entry point :func:`badmm_pool` (CONTRACT.md)."""
+from .cost import badmm_cost_model
+from .op import badmm_pool
+
+__all__ = ["badmm_pool", "badmm_cost_model"]

@@ -1,15 +1,147 @@
-"""TEMPORARY shim (branch layout): ``badmm_pool`` with the contract's signature over today's
-``triton_badmm.py`` (through ``triton_set.rot_pool_triton``, which tests patch). The κ rows
-are built there with torch ops; the real package computes them on chip. Replaced by the badmm
-package at integration."""
-from ...params import A1, A2, A3, RHO
+"""Autograd for the B-ADMM set kernels and the family's entry point :func:`badmm_pool`.
 
-IS_SHIM = True  # tests count this module's eager ops apart (they vanish with the real package)
+Where ``torch.library.triton_op`` exists the launchers are the custom operators
+``rotp_triton::badmm_fwd`` / ``rotp_triton::badmm_bwd`` (one opaque node each for
+torch.compile); otherwise :class:`BadmmFunction` calls them directly.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..common import HAS_TRITON_OP
+from .launch import badmm_backward, badmm_forward, history_like
+
+__all__ = ["badmm_pool", "BadmmFunction", "badmm_fwd_op", "badmm_bwd_op"]
 
 
-def badmm_pool(x, ptr, w, log_p0, log_q0, *, quadratic, variant, return_plan):
-    from ... import triton_set
-    return triton_set.rot_pool_triton(x, ptr, method="badmm-q" if quadratic else "badmm-e",
-                                      variant=variant, a1=w[A1], a2=w[A2], a3=w[A3],
-                                      rho=w[RHO], log_p0=log_p0, log_q0=log_q0,
-                                      return_plan=return_plan)
+def _cast(g: Optional[Tensor], like: Optional[Tensor]):
+    return None if like is None or g is None else g.to(like.dtype)
+
+
+class BadmmFunction(torch.autograd.Function):
+    """y (B, D) fp32-then-x.dtype [and the plan] of T B-ADMM iterations; differentiable in x,
+    the weight table w (6, T), log p0 and log q0."""
+
+    @staticmethod
+    def forward(ctx, x, ptr, w, log_p0, log_q0, quadratic, paper, return_plan):
+        y32, plan, hd, hn = badmm_forward(x, ptr, w, log_p0, log_q0, quadratic=quadratic,
+                                          paper=paper, return_plan=return_plan)
+        ctx.save_for_backward(x, ptr, w, log_p0, log_q0, hd, hn, y32)
+        ctx.quadratic, ctx.paper, ctx.return_plan = quadratic, paper, return_plan
+        if plan is None:
+            plan = x.new_zeros(0)
+            ctx.mark_non_differentiable(plan)
+        ctx.mark_non_differentiable(hd, hn)
+        return y32.to(x.dtype), plan, hd, hn
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_plan, grad_hd, grad_hn):
+        x, ptr, w, log_p0, log_q0, hd, hn, y32 = ctx.saved_tensors
+        if grad_y is None:
+            grad_y = torch.zeros_like(y32)
+        gp = grad_plan if (ctx.return_plan and grad_plan is not None) else None
+        gx, gp0, gq0, dw = badmm_backward(x, ptr, w, log_p0, log_q0, hd, hn, y32, grad_y, gp,
+                                          quadratic=ctx.quadratic, paper=ctx.paper)
+        return (gx.to(x.dtype), None, dw.to(w.dtype), _cast(gp0, log_p0), _cast(gq0, log_q0),
+                None, None, None)
+
+
+badmm_fwd_op = None
+badmm_bwd_op = None
+
+if HAS_TRITON_OP:
+    try:
+        from torch.library import triton_op, wrap_triton
+
+        @triton_op("rotp_triton::badmm_fwd", mutates_args=())
+        def badmm_fwd_op(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
+                         log_q0: Optional[Tensor], quadratic: bool, paper: bool,
+                         return_plan: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+            """(y (B, D) fp32, plan in x's layout or an empty tensor, vector history hd, hn)."""
+            y, plan, hd, hn = badmm_forward(x, ptr, w, log_p0, log_q0, quadratic=quadratic,
+                                            paper=paper, return_plan=return_plan,
+                                            wrap=wrap_triton)
+            return y, (plan if plan is not None else x.new_empty(0)), hd, hn
+
+        @triton_op("rotp_triton::badmm_bwd", mutates_args=())
+        def badmm_bwd_op(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
+                         log_q0: Optional[Tensor], hd: Tensor, hn: Tensor, y32: Tensor,
+                         grad_y: Tensor, grad_plan: Optional[Tensor], quadratic: bool,
+                         paper: bool
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+            """(dx fp32 like x, dlog_p0 (B, D), dlog_q0 like log_q0 (empty when absent),
+            dw (6, T))."""
+            gx, gp0, gq0, dw = badmm_backward(x, ptr, w, log_p0, log_q0, hd, hn, y32, grad_y,
+                                              grad_plan, quadratic=quadratic, paper=paper,
+                                              wrap=wrap_triton)
+            if gq0 is None:
+                gq0 = x.new_empty(0, dtype=torch.float32)
+            return gx, gp0, gq0, dw
+
+        def _setup_context(ctx, inputs, output):
+            x, ptr, w, log_p0, log_q0, quadratic, paper, return_plan = inputs
+            ctx.save_for_backward(x, ptr, w, log_p0, log_q0, output[2], output[3], output[0])
+            ctx.quadratic, ctx.paper, ctx.return_plan = quadratic, paper, return_plan
+
+        def _backward(ctx, grad_y, grad_plan, grad_hd, grad_hn):
+            x, ptr, w, log_p0, log_q0, hd, hn, y32 = ctx.saved_tensors
+            gp = grad_plan.contiguous() if (ctx.return_plan and grad_plan is not None) else None
+            if grad_y is None:
+                grad_y = torch.zeros_like(y32)
+            gx, gp0, gq0, dw = badmm_bwd_op(x, ptr, w, log_p0, log_q0, hd, hn, y32,
+                                            grad_y.contiguous(), gp, ctx.quadratic, ctx.paper)
+            return (gx.to(x.dtype), None, dw.to(w.dtype), _cast(gp0, log_p0),
+                    _cast(gq0, log_q0), None, None, None)
+
+        badmm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+        # Explicit fake kernels: under TRITON_INTERPRET=1 wrap_triton hands back the raw
+        # interpreted kernel, which cannot run on fake tensors, so tracing needs these.
+        @badmm_fwd_op.register_fake
+        def _badmm_fwd_fake(x, ptr, w, log_p0, log_q0, quadratic, paper, return_plan):
+            B = x.shape[0] if ptr is None else ptr.shape[0] - 1
+            plan = torch.empty_like(x, memory_format=torch.contiguous_format) if return_plan \
+                else x.new_empty(0)
+            hd, hn = history_like(x, ptr, w.shape[1], paper)
+            return x.new_empty(B, x.shape[-1], dtype=torch.float32), plan, hd, hn
+
+        @badmm_bwd_op.register_fake
+        def _badmm_bwd_fake(x, ptr, w, log_p0, log_q0, hd, hn, y32, grad_y, grad_plan,
+                            quadratic, paper):
+            f = dict(dtype=torch.float32)
+            return (x.new_empty(x.shape, **f), x.new_empty(y32.shape, **f),
+                    x.new_empty(log_q0.shape if log_q0 is not None else (0,), **f),
+                    x.new_empty(w.shape, **f))
+    except Exception:  # pragma: no cover - a torch whose triton_op rejects these ops
+        badmm_fwd_op = badmm_bwd_op = None
+
+
+def badmm_pool(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
+               log_q0: Optional[Tensor], *, quadratic: bool, variant: str, return_plan: bool):
+    """ROT pooling by Bregman ADMM (α0 = 0) on the Triton kernels (CONTRACT: kernel interface).
+
+    Args:
+        x: ``(B, N, D)`` dense batch with any strides, or ``(N_total, D)`` ragged batch whose
+            rows are grouped by set, with ``ptr`` ``(B + 1,)`` int64. fp32 / fp16 / bf16.
+        w: float32 ``(6, T)`` weight table (rows ``params.A0 … TAU``; a2, a3 may be +inf);
+            may require grad (row A0 must be 0 and TAU is unused: their gradients are 0).
+        log_p0: ``(B, D)`` normalised log prior over features, or ``None`` (uniform).
+        log_q0: like ``x[..., 0]``, normalised per set, or ``None`` (uniform).
+        quadratic: B-Q (True) or B-E (False). variant: ``"exact"`` or ``"paper"``.
+        return_plan: also return each set's plan P (total mass 1) in x's layout and dtype.
+
+    Returns:
+        ``(y (B, D) in x's dtype (0 for empty sets), plan or None)``.
+    """
+    paper = variant == "paper"
+    if badmm_fwd_op is not None:
+        y32, plan, _, _ = badmm_fwd_op(x, ptr, w, log_p0, log_q0, quadratic, paper,
+                                       return_plan)
+        y = y32.to(x.dtype)
+    else:
+        y, plan, _, _ = BadmmFunction.apply(x, ptr, w, log_p0, log_q0, quadratic, paper,
+                                            return_plan)
+    return y, (plan if return_plan else None)

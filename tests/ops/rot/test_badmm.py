@@ -19,8 +19,8 @@ import torch
 import reference.rot as ref
 import rotp_triton as rt
 from kernel_utils import DEVICE, KERNEL_DTYPES, ON_CUDA, RTOL, run_without_interpreter
-from rotp_triton.ops.rot import triton_badmm
-from rotp_triton.ops.rot.triton_badmm import rot_pool_badmm_triton
+from rotp_triton.ops.rot.triton import badmm as badmm_pkg
+from rotp_triton.ops.rot.triton.badmm import launch, op
 
 GRAD_FLOOR = 1e-2
 WEIGHTS = ("a1", "a2", "a3", "rho")
@@ -35,6 +35,15 @@ def _weights(T, gen, inf_a2=False):
     if inf_a2:
         w["a2"][-1] = math.inf
     return w
+
+
+def rot_pool_badmm_triton(x, ptr, *, method, variant, a1, a2, a3, rho, log_p0, log_q0,
+                          return_plan):
+    """The entry point with (T,) weights: builds the (6, T) table as the router does."""
+    z = torch.zeros_like(a1)
+    w = torch.stack([z, a1, a2, a3, rho, z])
+    return badmm_pkg.badmm_pool(x, ptr, w, log_p0, log_q0, quadratic=method == "badmm-q",
+                                variant=variant, return_plan=return_plan)
 
 
 def _segments(ptr):
@@ -143,32 +152,199 @@ def _small_blocks(monkeypatch):
     """Force 16-wide tiles and vector chunks so that small shapes run several tiles (online
     LSE across tiles, partial tiles). Interpreter only: on a GPU BV must cover the CTA."""
     bv = 16 if not ON_CUDA else 128
-    monkeypatch.setattr(triton_badmm, "_block_sizes", lambda n, d: (16, 16, bv, 4))
+    monkeypatch.setattr(launch, "block_sizes", lambda n, d: (16, 16, bv, 4))
 
 
 # --------------------------------------------------------------------------------------------
 # forward and gradients against the reference
 # --------------------------------------------------------------------------------------------
+def _schedule(monkeypatch, schedule):
+    """Force the forward's state schedule: rebuilt from x and the vectors ("replay") or
+    streamed through the N × D scratch ("stream"); the launcher picks by T otherwise."""
+    monkeypatch.setattr(launch, "forward_replays", lambda T, xb: schedule == "replay")
+
+
+SCHEDULES = ["replay", "stream"]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("variant", ["exact", "paper"])
 @pytest.mark.parametrize("method", ["badmm-e", "badmm-q"])
-def test_matches_reference(method, variant):
+def test_matches_reference(method, variant, schedule, monkeypatch):
     """Dense batch, per-iteration weights (one α2 = ∞), given p0 and q0, y and plan
     cotangents: y, P and the gradients of x, the prior logits, α1, α2, α3, ρ (all (T,))."""
+    _schedule(monkeypatch, schedule)
     gen = torch.Generator().manual_seed(1)
     x, w, lp, lq, cy, cp = _case(3, 7, 5, 4, gen, inf_a2=True)
     args = (x, None, method, variant, w, lp, lq, cy, cp)
     _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32])
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("badmm-q", "paper")])
-def test_several_tiles(method, variant, monkeypatch):
+def test_several_tiles(method, variant, schedule, monkeypatch):
     """Sets larger than one [16, 16] tile and one 16-chunk of the vector loops, N and D not
     multiples of 16: the online LSEs and partial tiles."""
     _small_blocks(monkeypatch)
+    _schedule(monkeypatch, schedule)
     gen = torch.Generator().manual_seed(2)
     x, w, lp, lq, cy, cp = _case(2, 37, 19, 2, gen)
     args = (x, None, method, variant, w, lp, lq, cy, cp)
     _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32])
+
+
+def _split(monkeypatch, NS, DS, schedule="replay"):
+    """Force the split forward and backward (:mod:`badmm.split_kernels`,
+    :mod:`badmm.split_backward_kernels`) with NS row and DS column slices per set (the forward
+    replays the state or streams it: ``schedule``). Returns the list of split launchers
+    called."""
+    _schedule(monkeypatch, schedule)
+    monkeypatch.setattr(launch, "forward_splits", lambda B, N, D, BN, BD, dev: (NS, DS))
+    monkeypatch.setattr(launch, "backward_splits", lambda B, N, D, BN, BD, dev: (NS, DS))
+    calls = []
+    for name in ("_forward_split", "_backward_split"):
+        real = getattr(launch, name)
+        monkeypatch.setattr(launch, name, lambda *a, _r=real, _n=name, **k:
+                            calls.append(_n) or _r(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("NS,DS", [(3, 2), (1, 2), (2, 1)], ids=["3x2", "1x2", "2x1"])
+@pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("badmm-q", "paper"),
+                                            ("badmm-q", "exact"), ("badmm-e", "paper")])
+def test_split_forward_backward(method, variant, NS, DS, monkeypatch):
+    """Sets spread over NS x DS programs in the forward and the backward (partials combined by
+    separate launches; N and D not multiples of the 16-wide slices, 3 row slices of 37 rows =
+    16 + 16 + 5): y, plan and the gradients as the reference."""
+    _small_blocks(monkeypatch)
+    calls = _split(monkeypatch, NS, DS)
+    gen = torch.Generator().manual_seed(12)
+    x, w, lp, lq, cy, cp = _case(2, 37, 19, 3, gen, inf_a2=True)
+    args = (x, None, method, variant, w, lp, lq, cy, cp)
+    _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32])
+    assert set(calls) >= {"_forward_split", "_backward_split"}, calls
+
+
+@pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("badmm-q", "paper"),
+                                            ("badmm-q", "exact"), ("badmm-e", "paper")])
+def test_split_streamed_forward(method, variant, monkeypatch):
+    """The split forward streaming its state through the (B, N, D) scratch (3 x 2 slices; the
+    state written by one iteration's row launch is read, shifted by the history's C and log η,
+    by the next iteration's column launch) and the split backward, against the reference."""
+    _small_blocks(monkeypatch)
+    calls = _split(monkeypatch, 3, 2, schedule="stream")
+    gen = torch.Generator().manual_seed(14)
+    x, w, lp, lq, cy, cp = _case(2, 37, 19, 3, gen, inf_a2=True)
+    args = (x, None, method, variant, w, lp, lq, cy, cp)
+    _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32])
+    assert set(calls) >= {"_forward_split", "_backward_split"}, calls
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("method,variant", [("badmm-q", "exact"), ("badmm-e", "paper"),
+                                            ("badmm-e", "exact"), ("badmm-q", "paper")])
+def test_split_ragged_with_empty_sets(method, variant, schedule, monkeypatch):
+    """A ragged batch split 3 x 2: each set's row slices are sized on the device from N_b
+    (37 rows: 16 + 16 + 5; 20 rows: 16 + 4 + an empty slice; 5 rows: one slice, two empty),
+    empty sets first, in the middle and last pool to 0 with finite gradients, the others
+    match the reference."""
+    _small_blocks(monkeypatch)
+    calls = _split(monkeypatch, 3, 2, schedule=schedule)
+    gen = torch.Generator().manual_seed(15)
+    lengths = [0, 37, 0, 5, 20, 0]
+    ptr = torch.tensor([0] + lengths).cumsum(0)
+    rows, D, T = int(ptr[-1]), 19, 3
+    x = torch.randn(rows, D, generator=gen)
+    w = _weights(T, gen, inf_a2=True)
+    lp = torch.randn(len(lengths), D, generator=gen)
+    lq = torch.randn(rows, generator=gen)
+    cy = torch.randn(len(lengths), D, generator=gen)
+    cp = torch.randn(rows, D, generator=gen)
+    args = (x, ptr, method, variant, w, lp, lq, cy, cp)
+    k = _run_kernel(*args)
+    empty = torch.tensor(lengths) == 0
+    assert bool((k["y"].cpu()[empty] == 0).all())
+    assert all(bool(torch.isfinite(v).all()) for v in k.values())
+    _compare(k, _run_reference(*args), RTOL[torch.float32])
+    assert set(calls) >= {"_forward_split", "_backward_split"}, calls
+
+
+@pytest.mark.parametrize("method", ["badmm-e", "badmm-q"])
+def test_split_uniform_priors_strided(method, monkeypatch):
+    """The split forward and backward with uniform priors, no plan, x read through an NCHW
+    view."""
+    _small_blocks(monkeypatch)
+    calls = _split(monkeypatch, 2, 2)
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 19, 5, 7, generator=gen)
+    w = _weights(2, gen)
+    cy = torch.randn(2, 19, generator=gen)
+    view = lambda t: t.flatten(2).transpose(1, 2)                    # (B, 35, 19), strided
+    args = (x, None, method, "exact", w, None, None, cy, None)
+    _compare(_run_kernel(*args, x_view=view), _run_reference(*args, x_view=view),
+             RTOL[torch.float32])
+    assert set(calls) >= {"_forward_split", "_backward_split"}, calls
+
+
+def test_split_saves_what_the_fused_kernel_saves(monkeypatch):
+    """The split schedules keep the same autograd state (x, y, the table, the vector history)
+    at T = 16, and the extra buffers they allocate are O(T) vectors plus T-independent
+    partials and scratch: none grows with T times N × D."""
+    _small_blocks(monkeypatch)
+    gen = torch.Generator().manual_seed(16)
+    B, N, D = 2, 37, 19
+    x = torch.randn(B, N, D, generator=gen).to(DEVICE).requires_grad_()
+    allocated = []
+    real_empty, real_zeros = launch.torch.empty, launch.torch.zeros
+
+    def counting(real):
+        def alloc(*shape, **kw):
+            t = real(*shape, **kw)
+            allocated.append(t.numel() * t.element_size())
+            return t
+        return alloc
+
+    def run(T, split):
+        if split:
+            _split(monkeypatch, 3, 2, schedule="stream")
+        else:
+            monkeypatch.setattr(launch, "forward_splits", lambda *a: (1, 1))
+            monkeypatch.setattr(launch, "backward_splits", lambda *a: (1, 1))
+            _schedule(monkeypatch, "stream")
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        w = {k: v.to(DEVICE).requires_grad_() for k, v in _weights(T, gen).items()}
+        allocated.clear()
+        monkeypatch.setattr(launch.torch, "empty", counting(real_empty))
+        monkeypatch.setattr(launch.torch, "zeros", counting(real_zeros))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y, _ = rot_pool_badmm_triton(x, None, method="badmm-e", variant="exact", **w,
+                                         log_p0=None, log_q0=None, return_plan=False)
+        y.sum().backward()
+        monkeypatch.setattr(launch.torch, "empty", real_empty)
+        monkeypatch.setattr(launch.torch, "zeros", real_zeros)
+        return sum(sizes), sum(allocated)
+
+    (f2, _), (f16, _) = run(2, False), run(16, False)
+    (s2, a2), (s16, a16) = run(2, True), run(16, True)
+    assert (s2, s16) == (f2, f16), (s2, s16, f2, f16)
+    # per extra iteration: the fp32 weight partials (B, T, 4) and (B, T, 2, NS·DS, 2) and the
+    # (6, T) weight gradient only
+    per_iter = 4 * (B * 4 + B * 2 * 3 * 2 * 2 + 6)
+    assert a16 - a2 == 14 * per_iter, (a2, a16)
+
+
+def test_split_heuristic():
+    """Few sets are split (never into more slices than tiles), many sets are not."""
+    cpu = torch.device("cpu")
+    assert launch.forward_splits(1, 500, 100, 16, 128, cpu) != (1, 1)
+    NS, DS = launch.forward_splits(1, 20, 20, 16, 16, cpu)
+    assert NS <= 2 and DS <= 2
+    assert launch.forward_splits(1000, 500, 100, 16, 128, cpu) == (1, 1)
 
 
 @pytest.mark.parametrize("N,D,T", [(1, 1, 2), (1, 6, 1), (5, 1, 2)])
@@ -181,12 +357,14 @@ def test_awkward_shapes(method, N, D, T):
     _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32])
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("method,variant", [("badmm-q", "exact"), ("badmm-e", "paper")])
-def test_ragged_with_empty_sets(method, variant, monkeypatch):
+def test_ragged_with_empty_sets(method, variant, schedule, monkeypatch):
     """Ragged batch (ptr) with empty sets first, in the middle and last: those pool to 0 and
     every gradient is finite; the others match the reference. Small tiles so that a set spans
     several tiles and the persistent grid (3 programs on CPU) loops over sets."""
     _small_blocks(monkeypatch)
+    _schedule(monkeypatch, schedule)
     gen = torch.Generator().manual_seed(4)
     lengths = [0, 3, 0, 18, 1, 0]
     ptr = torch.tensor([0] + lengths).cumsum(0)
@@ -216,13 +394,13 @@ def test_strided_image_without_copy(channels_last, monkeypatch):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     seen, images = [], []
-    real = triton_badmm.badmm_forward
+    real = op.badmm_forward
 
     def spy(x, *args, **kw):  # the launcher hands x itself to the kernel
         seen.append(x)
         return real(x, *args, **kw)
 
-    monkeypatch.setattr(triton_badmm, "badmm_forward", spy)
+    monkeypatch.setattr(op, "badmm_forward", spy)
     w = _weights(T, gen)
     cy = torch.randn(B, C, generator=gen)
 
@@ -269,35 +447,78 @@ def test_fig7_extremes(method, a1, a23):
         assert e_k <= max(RTOL[torch.float32], 25 * e_t), (key, e_k, e_t)
 
 
+@pytest.mark.parametrize("variant", ["exact", "paper"])
+@pytest.mark.parametrize("method", ["badmm-e", "badmm-q"])
+def test_huge_inputs_stay_finite(method, variant):
+    """x = randn(2, 8, 8) · 1e30 (issue 17: the B-E kernel returned NaN, the running maxima
+    started at a finite -1e30 sentinel): where the fp32 torch path gives a finite y and
+    x-gradient, so does the kernel, and y agrees with it."""
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(2, 8, 8, generator=gen) * 1e30
+    outs = []
+    for backend in ("torch", "triton"):
+        xl = x.to(DEVICE).requires_grad_()
+        y = rt.rot_pool(xl, method=method, variant=variant, num_iters=3, backend=backend)
+        (g,) = torch.autograd.grad(y.sum(), xl)
+        outs.append((y.detach().cpu(), g.cpu()))
+    (yt, gt), (yk, gk) = outs
+    assert bool(torch.isfinite(yt).all()) and bool(torch.isfinite(gt).all())
+    assert bool(torch.isfinite(yk).all()) and bool(torch.isfinite(gk).all())
+    assert float((yk - yt).norm() / yt.norm()) <= RTOL[torch.float32]
+
+
 # --------------------------------------------------------------------------------------------
 # memory, routing, reduced precision, GPU compilation
 # --------------------------------------------------------------------------------------------
-def test_saved_tensors_do_not_grow_with_T():
-    """What autograd keeps for the backward does not depend on T beyond the (T,) weight
-    vectors: nothing per iteration is saved (the backward recomputes)."""
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("variant", ["exact", "paper"])
+def test_saved_bytes_are_x_plus_vectors(variant, schedule, monkeypatch):
+    """What autograd keeps for the backward at T = 16 is x, the (B, D) output, the (6, T)
+    table and the per-iteration vector history (R, log μ [, z1] per set and C, log η [, z2]
+    per row: O(T · (N + D)) per set) - nothing of size N × D per iteration; the x-sized part is
+    the same at T = 2 and T = 16. The scratch the launchers allocate (per-program state and
+    adjoint tiles, working vectors) does not depend on T at all (for a given forward
+    schedule: replaying needs no state scratch, streaming an N × D pair per program)."""
+    _schedule(monkeypatch, schedule)
     gen = torch.Generator().manual_seed(7)
     B, N, D = 2, 9, 6
+    KV = 3 if variant == "paper" else 2
     x = torch.randn(B, N, D, generator=gen).to(DEVICE).requires_grad_()
+    scratch = []
+    real_scratch = launch._scratch
 
-    def saved_numels(T):
+    def spy(geo, device, n_mats):
+        out = real_scratch(geo, device, n_mats)
+        mats, vd, vn = out
+        scratch.append(sum(t.numel() * t.element_size() for t in mats + [vd, vn]))
+        return out
+
+    monkeypatch.setattr(launch, "_scratch", spy)
+
+    def saved_bytes(T):
         sizes = []
 
         def pack(t):
-            sizes.append(t.numel())
+            sizes.append(t.numel() * t.element_size())
             return t
 
         w = {k: v.to(DEVICE).requires_grad_() for k, v in _weights(T, gen).items()}
+        scratch.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y, _ = rot_pool_badmm_triton(x, None, method="badmm-e", variant="exact", **w,
+            y, _ = rot_pool_badmm_triton(x, None, method="badmm-e", variant=variant, **w,
                                          log_p0=None, log_q0=None, return_plan=False)
-        return sizes
+        y.sum().backward()
+        return sum(sizes), list(scratch)
 
-    s2, s16 = saved_numels(2), saved_numels(16)
-    big2 = sorted(n for n in s2 if n > 16)
-    big16 = sorted(n for n in s16 if n > 16)
-    assert big2 == big16, (big2, big16)          # x itself and the (B, D) output, once each
-    assert sum(big16) <= x.numel() + 2 * B * D
-    assert len(s16) == len(s2)                   # the weights: same count, (T,) each
+    def vectors(T):
+        return 4 * T * KV * (B * D + B * N)
+
+    (s2, sc2), (s16, sc16) = saved_bytes(2), saved_bytes(16)
+    x_bytes = x.numel() * x.element_size()
+    table = 4 * 6 * 16                          # the (6, T) weight table
+    assert s16 <= x_bytes + vectors(16) + 4 * B * D + table, (s16, x_bytes, vectors(16))
+    assert s16 - vectors(16) - table == s2 - vectors(2) - 4 * 6 * 2, (s2, s16)
+    assert sc2 == sc16 and len(sc16) == 2, (sc2, sc16)
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="peak memory is measured on CUDA")
@@ -327,13 +548,13 @@ def test_rot_pool_routes_here(monkeypatch):
     """rt.rot_pool(..., backend="triton") with method badmm-q reaches this kernel and agrees
     with backend="torch"."""
     calls = []
-    real = triton_badmm.rot_pool_badmm_triton
+    real = badmm_pkg.badmm_pool
 
     def spy(*a, **kw):
-        calls.append(kw["method"])
+        calls.append("badmm-q" if kw["quadratic"] else "badmm-e")
         return real(*a, **kw)
 
-    monkeypatch.setattr(triton_badmm, "rot_pool_badmm_triton", spy)
+    monkeypatch.setattr(badmm_pkg, "badmm_pool", spy)
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(6, 4, generator=gen).to(DEVICE)
     ptr = torch.tensor([0, 2, 6], device=DEVICE)
@@ -378,9 +599,9 @@ AOT_CODE = r"""
 import os, subprocess, tempfile
 import triton
 from aot import compile_sm90
-from rotp_triton.ops.rot import triton_badmm as m
+from rotp_triton.ops.rot.triton.badmm import kernels as m, launch
 
-PTR = {"x_ptr": "*fp16", "ptr_ptr": "*i64"}
+PTR = {"x_ptr": "*fp16", "ptr_ptr": "*i64", "order_ptr": "*i64"}
 
 def signature(kernel, consts):
     return {n: "constexpr" if n in consts else PTR.get(n, "*fp32") if n.endswith("_ptr")
@@ -388,14 +609,21 @@ def signature(kernel, consts):
 
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                          "cuobjdump")
-for kernel, D, N, quad, paper, ragged, flag in [
-        (m.badmm_forward_kernel, 128, 500, False, False, False, "PLAN"),
-        (m.badmm_forward_kernel, 2048, 49, True, True, True, "PLAN"),
-        (m.badmm_backward_kernel, 128, 500, False, False, True, "PLAN_GRAD"),
-        (m.badmm_backward_kernel, 2048, 49, True, True, False, "PLAN_GRAD")]:
-    BN, BD, BV, num_warps = m._block_sizes(0 if ragged else N, D)
+for kernel, D, N, quad, paper, ragged, flag, replay in [
+        (m.badmm_fwd_kernel, 128, 500, False, False, False, "PLAN", True),
+        (m.badmm_fwd_kernel, 2048, 49, True, True, True, "PLAN", True),
+        (m.badmm_fwd_kernel, 2048, 49, False, False, False, "PLAN", False),
+        (m.badmm_fwd_kernel, 128, 500, True, False, True, "PLAN", False),
+        (m.badmm_bwd_kernel, 128, 500, False, False, True, "PLAN_GRAD", None),
+        (m.badmm_bwd_kernel, 2048, 49, True, True, False, "PLAN_GRAD", None),
+        (m.badmm_bwd_kernel, 2048, 49, False, False, False, "PLAN_GRAD", None),
+        (m.badmm_bwd_kernel, 128, 500, True, True, True, "PLAN_GRAD", None)]:
+    BN, BD, BV, num_warps = launch.block_sizes(0 if ragged else N, D)
     consts = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=quad, PAPER=paper, BN=BN, BD=BD,
                   BV=BV, **{flag: True})
+    consts["KV"] = 3 if paper else 2
+    if flag == "PLAN":
+        consts["REPLAY"] = replay
     c = compile_sm90(kernel, signature(kernel, consts), consts,
                      num_warps=num_warps)
     assert ".target sm_90" in c.asm["ptx"]
@@ -408,19 +636,106 @@ for kernel, D, N, quad, paper, ragged, flag in [
         line = [l for l in out.splitlines() if "REG:" in l][0]
         regs = int(line.split("REG:")[1].split()[0])
         spill = int(line.split("LOCAL:")[1].split()[0])
-    print(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, D, N,
-          (BN, BD, BV), "regs", regs, "local", spill)
+    print(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, D, N, quad, paper,
+          replay, (BN, BD, BV), "regs", regs, "local", spill)
+for quad, paper in [(False, False), (True, True)]:
+    consts = dict(QUAD=quad, PAPER=paper, BT=16)
+    sig = {"w_ptr": "*fp32", "gw_ptr": "*fp32", "dw_ptr": "*fp32", "B": "i32", "T": "i32",
+           "QUAD": "constexpr", "PAPER": "constexpr", "BT": "constexpr"}
+    c = compile_sm90(m.badmm_dw_kernel, sig, consts, num_warps=4)
+    assert ".target sm_90" in c.asm["ptx"]
+    print("badmm_dw_kernel", quad, paper, "compiled")
 """
 
 
 def test_aot_compile_sm90():
     """Every kernel compiles for sm_90 (H100) with the GPU compiler at realistic sizes
-    (D = 128 and 2048, both methods/variants, dense and ragged); register use is printed and no
-    local memory (spills) is used."""
+    (D = 128 and 2048, both methods and variants, dense and ragged, both forward schedules);
+    register use is printed and no local memory (spills) is used."""
     out = run_without_interpreter(AOT_CODE, timeout=900)
     lines = [l for l in out.splitlines() if "regs" in l]
     print("\n".join(lines))
-    assert len(lines) == 4
+    assert len(lines) == 8
+    for l in lines:
+        if "local ?" not in l:
+            assert l.endswith("local 0"), l
+
+
+SPLIT_AOT_CODE = r"""
+import os, subprocess, tempfile, collections, re
+import triton
+from aot import compile_sm90
+from rotp_triton.ops.rot.triton.badmm import split_kernels as s, launch
+from rotp_triton.ops.rot.triton.badmm import split_backward_kernels as sb
+
+FP32 = ("u_p0", "u_q0")
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+def signature(kernel, consts):
+    ptrs = {"x_ptr": "*fp16", "ptr_ptr": "*i64"}
+    return {n: "constexpr" if n in consts else ptrs.get(n, "*fp32") if n.endswith("_ptr")
+            else "fp32" if n in FP32 else "i32" for n in kernel.arg_names}
+
+for name, D, N, quad, paper, ragged in [("W1", 100, 500, False, False, False),
+                                        ("W5", 128, 0, True, True, True)]:
+    BN, BD, BV, num_warps = launch.block_sizes(N, D)
+    common = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=quad, KV=3 if paper else 2)
+    for kernel, consts in [
+            (s.badmm_split_column_lse_kernel, dict(common, REPLAY=True, POOL=True, BN=BN,
+                                                   BD=BD)),
+            (s.badmm_split_column_lse_kernel, dict(common, REPLAY=False, POOL=False, BN=BN,
+                                                   BD=BD)),
+            (s.badmm_split_init_state_kernel, dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True,
+                                                   BN=BN, BD=BD)),
+            (s.badmm_split_column_step_kernel, dict(RAGGED=ragged, HAS_P0=True, QUAD=quad,
+                                                    PAPER=paper, KV=common["KV"], POOL=True,
+                                                    BV=BV)),
+            (s.badmm_split_row_lse_kernel, dict(common, REPLAY=True, BN=BN, BD=BD)),
+            (s.badmm_split_row_lse_kernel, dict(common, REPLAY=False, BN=BN, BD=BD)),
+            (s.badmm_split_row_step_kernel, dict(RAGGED=ragged, HAS_Q0=True, QUAD=quad,
+                                                 PAPER=paper, KV=common["KV"], BV=BV)),
+            (s.badmm_split_plan_kernel, dict(common, REPLAY=True, BN=BN, BD=BD)),
+            (s.badmm_split_plan_kernel, dict(common, REPLAY=False, BN=BN, BD=BD)),
+            (sb.badmm_split_bwd_rows_step_kernel, dict(common, PAPER=paper, BV=BV)),
+            (sb.badmm_split_bwd_cols_step_kernel, dict(RAGGED=ragged, HAS_P0=True, QUAD=quad,
+                                                       PAPER=paper, BV=BV)),
+            (sb.badmm_split_bwd_pass2_kernel, dict(common, PAPER=paper, PLAN=False, BN=BN,
+                                                   BD=BD)),
+            (sb.badmm_split_bwd_pass2_kernel, dict(common, PAPER=paper, PLAN=True, BN=BN,
+                                                   BD=BD)),
+            (sb.badmm_split_bwd_pass3_kernel, dict(common, PAPER=paper, BN=BN, BD=BD)),
+            (sb.badmm_split_bwd_init_kernel, dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True,
+                                                  PAPER=paper, BN=BN, BD=BD))]:
+        c = compile_sm90(kernel, signature(kernel, consts), consts, num_warps=num_warps)
+        assert ".target sm_90" in c.asm["ptx"]
+        regs = spill = nins = "?"
+        cuobjdump = os.path.join(BIN, "cuobjdump")
+        if os.path.exists(cuobjdump):
+            with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+                f.write(c.asm["cubin"])
+            out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name],
+                                 capture_output=True, text=True).stdout
+            line = [l for l in out.splitlines() if "REG:" in l][0]
+            regs = int(line.split("REG:")[1].split()[0])
+            spill = int(line.split("LOCAL:")[1].split()[0])
+            sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", f.name],
+                                  capture_output=True, text=True).stdout
+            nins = len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+[^;]*;", sass))
+        kname = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+        print("split", name, kname, consts.get("PLAN", ""), consts.get("REPLAY", ""),
+              (BN, BD, BV, num_warps), "sass",
+              nins, "regs", regs, "local", spill)
+"""
+
+
+def test_aot_compile_split_sm90():
+    """The split forward's nine and backward's six kernel configurations compile for sm_90 at
+    W1 (dense B-E exact, D = 100) and W5 (ragged B-Q paper, D = 128) configurations, no spills;
+    SASS size and registers are printed (bench/results/badmm_v2_*.md)."""
+    out = run_without_interpreter(SPLIT_AOT_CODE, timeout=900)
+    lines = [l for l in out.splitlines() if l.startswith("split")]
+    print("\n".join(lines))
+    assert len(lines) == 30
     for l in lines:
         if "local ?" not in l:
             assert l.endswith("local 0"), l
@@ -431,36 +746,37 @@ def test_aot_compile_sm90():
 # --------------------------------------------------------------------------------------------
 def test_opcheck_custom_op():
     """torch.library.opcheck of the forward op: schema, autograd registration, fake tensor."""
-    if triton_badmm.badmm_fwd_op is None:
+    if op.badmm_fwd_op is None:
         pytest.skip("torch has no torch.library.triton_op")
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(2, 3, 4, generator=gen).to(DEVICE).requires_grad_()
-    a1 = torch.tensor([0.9, 1.1], device=DEVICE, requires_grad=True)
-    rho = torch.tensor([1.0, 1.3], device=DEVICE, requires_grad=True)
-    k2 = torch.tensor([0.4, 0.6], device=DEVICE)
-    k3 = torch.tensor([0.5, 0.3], device=DEVICE)
+    w = torch.tensor([[0.0, 0.0], [0.9, 1.1], [2.0, math.inf], [0.5, 3.0], [1.0, 1.3],
+                      [0.0, 0.0]], device=DEVICE, requires_grad=True)
     lp0 = torch.log_softmax(torch.randn(2, 4, generator=gen), -1).to(DEVICE)
-    torch.library.opcheck(triton_badmm.badmm_fwd_op,
-                          (x, None, lp0, None, a1, rho, k2, k3, True, False, True),
+    torch.library.opcheck(op.badmm_fwd_op, (x, None, w, lp0, None, True, False, True),
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))
 
 
-@pytest.mark.parametrize("ragged", [False, True])
-def test_torch_compile_fullgraph(ragged):
+@pytest.mark.parametrize("ragged,split", [(False, False), (True, False), (False, True)],
+                         ids=["dense", "ragged", "dense-split"])
+def test_torch_compile_fullgraph(ragged, split, monkeypatch):
     """torch.compile(fullgraph=True) of rt.rot_pool(method="badmm-e", backend="triton")
     traces without graph breaks and reproduces the eager y and gradients (x, a (T,) ρ). Under
     the interpreter the graph runs on the "eager" backend, on CUDA on inductor."""
-    if triton_badmm.badmm_fwd_op is None:
+    if op.badmm_fwd_op is None:
         pytest.skip("torch has no torch.library.triton_op")
     gen = torch.Generator().manual_seed(12)
     if ragged:
         x = torch.randn(7, 3, generator=gen).to(DEVICE)
         ptr = torch.tensor([0, 3, 3, 7]).to(DEVICE)
-    else:
-        x = torch.randn(2, 4, 3, generator=gen).to(DEVICE)
+    else:  # the split case: 2 x 2 slices of [16, 16] tiles per set, in eager and compiled
+        x = torch.randn(2, *((20, 18) if split else (4, 3)), generator=gen).to(DEVICE)
         ptr = None
     rho = torch.tensor([0.7, 1.2], device=DEVICE)
+    if split:
+        calls = _split(monkeypatch, 2, 2)
+        _small_blocks(monkeypatch)
 
     def f(x, rho):
         return rt.rot_pool(x, ptr=ptr, method="badmm-e", num_iters=2, a1=0.8, a2=2.0,
@@ -477,3 +793,5 @@ def test_torch_compile_fullgraph(ragged):
     compiled = run(torch.compile(f, fullgraph=True, backend="inductor" if ON_CUDA else "eager"))
     for a, b in zip(compiled, eager):
         assert float((a - b).norm() / b.norm()) <= 1e-6
+    if split:
+        assert set(calls) >= {"_forward_split", "_backward_split"}, calls

@@ -1,19 +1,25 @@
-"""Triton kernels of ROTP Bregman ADMM (B-E entropic, B-Q quadratic) with α0 = 0.
+"""``@triton.jit`` code of the B-ADMM set kernels (B-E entropic, B-Q quadratic), α0 = 0.
 
 Computes exactly what :func:`rotp_triton.ops.rot.solvers.badmm` computes with ``sf=None``
 (DESIGN §3.1 ``variant="exact"``, §3.2 ``variant="paper"``), fused: one launch for the forward,
-one for the backward.
+one for the backward, one program per set. Dense batches with fewer sets than SMs instead
+spread each set over several programs (:mod:`.split_kernels`, :mod:`.split_backward_kernels`,
+built from the helpers here).
 
 Layout and state. A set is ``x_b`` (N_b, D) (rows = samples), read in place through x's
 strides (a dense (B, N, D) batch with any strides, e.g. an NCHW image viewed as
 x.flatten(2).transpose(1, 2), or a ragged (rows, D) batch with ``ptr``). B-ADMM carries two
-full (N_b, D) matrices, log S and Z, from one iteration to the next, so unlike Sinkhorn its
-state cannot be reduced to vectors. Persistent grid: program ``pid`` handles sets
-``pid, pid + G, ...`` (G = #SMs), one at a time, keeping log S and Z in an fp32 scratch in
-global memory (L2-resident when it fits), streamed in [BN, BD] tiles with online LSEs. The
-scratch of a dense batch is per program, O(G · N · D), not O(B · N · D); that of a ragged batch
-is the set's own rows of a (rows, D) matrix (sizing a per-program scratch would need N_max, a
-host sync that torch.compile cannot trace). One iteration is two streamed passes:
+full (N_b, D) matrices, log S and Z, from one iteration to the next; but for α0 = 0 each of
+their entries evolves on its own once the iteration's row and column vectors are known, so
+the forward records those vectors (see "Backward schedule" below) and has two schedules
+(``REPLAY``, chosen by the launcher from T and x's dtype): rebuild the state of each tile from
+x and the vectors recorded so far in every pass (:func:`_replay_state`; no state scratch), or
+stream it. Persistent grid: program ``pid`` handles sets ``pid, pid + G, ...`` (G = #SMs; ragged
+sets largest first), one at a time; streaming keeps log S and Z in an fp32 scratch in global
+memory (L2-resident when it fits), in [BN, BD] tiles with online LSEs. The scratch of a dense
+batch is per program, O(G · N · D), not O(B · N · D); that of a ragged batch is the set's own
+rows of a (rows, D) matrix (sizing a per-program scratch would need N_max, a host sync that
+torch.compile cannot trace). One iteration is two passes:
 
   A  (column-wise) Y = log S + (X - Z [- α1 S]) / ρ,  R = LSE_n(Y)  (online LSE over n tiles)
      then the D-vector log μ = lognorm(κ2 log p0 + (1 - κ2) R)          (exact) / state (paper)
@@ -22,7 +28,7 @@ host sync that torch.compile cannot trace). One iteration is two streamed passes
      then the N-vector log η = lognorm(κ3 log q0 + (1 - κ3) C)         (exact) / state (paper)
   (paper: then the μ/η/z1/z2 vector updates, eqs. 26-28)
 The S-step's normalisation log S = Y2 + (log η - C) and the dual's Z -= ρ S are not a pass of
-their own: the scratch keeps (Y2, Z + ρ P) and every pass that reads the state applies them on
+their own: when streaming, the scratch keeps (Y2, Z + ρ P) and every pass that reads the state applies them on
 the fly from the kept vectors C, log η and the scalar ρ (:func:`_load_state`), which saves a
 read and a write of both matrices per iteration.
 
@@ -36,23 +42,25 @@ z1/z2 updates use exp(log μ_t) / exp(log η_t) for P·1 / Sᵀ·1 (equal in exa
 sums the torch path forms; they differ by rounding only).
 
 Backward: the exact reverse-mode gradient of the T unrolled iterations, for x, log p0, log q0
-and the per-iteration scalars (α1, ρ directly; α2, α3 through κ2, κ3, whose chain rule torch
-does on the host). Memory must not grow with T, so nothing per-iteration is saved: the
-backward of iteration t first recomputes the state (log S_t, Z_t) by re-running the forward
-from the start (the "O(T²) recompute" schedule): T(T-1)/2 forward iterations plus T backward
-iterations (three streamed passes each, plus two to recompute the vectors of iteration t). In
-streamed passes the forward is ~2T, the backward ~2·T(T-1)/2 + 6T, i.e. ~(T + 5)/2 forwards
-(T = 4: 4.5, T = 16: 10.5), and each backward pass recomputes more exponentials per element
-(exact byte and exp2 counts: :func:`badmm_cost_model`).
-In exchange, the only memory is the inputs, the (B, D) output, the fp32 x-gradient and the
-scratch (four matrices - log S, Z and their adjoints - of the size above, plus vectors),
-independent of T. Checkpointing every √T iterations would cut the recompute to O(T) at O(√T)
-state copies; we keep the memory flat instead.
+and the per-iteration scalars (α1, ρ directly; α2, α3 through κ2, κ3, whose chain rule
+:func:`badmm_dw_kernel` applies on chip). Every per-iteration scalar (κ2, κ3, 1/ρ, 1/(α1 + ρ))
+is derived on chip from the (6, T) weight table (rows as ``params.py``).
+
+Backward schedule (issue 17): for α0 = 0 every entry of (log S, Z) evolves on its own once the
+iteration's row and column shifts (log η - C)_n and (log μ - R)_d are known. The forward
+therefore records R, log μ [, z1] (per set, D each) and C, log η [, z2] (per row) of every
+iteration - O(T · (N + D)) per set, saved with x - and the backward's reverse step t rebuilds
+(log S_t, Z_t) of each tile from x and that history (:func:`_replay_state`: t elementwise
+iterations, two exp2 each, no HBM traffic beyond x and the vectors) instead of re-running the
+forward's passes from iteration 0. Per reverse step: passes 2-3 over x and the adjoints L̄, Z̄
+(fp32 scratch of the size above; pass 1's row sums σ ride along with the previous step's pass
+3) - O(T) passes in all (was O(T²)); the elementwise replay
+costs O(t) arithmetic per element and pass (cost model: :func:`.launch.badmm_cost_model`).
 
 Launch shape and synchronisation: every pass that reads what another pass wrote is separated
 from it by ``tl.debug_barrier()`` (the passes use different thread mappings); in-place updates
 (load, then store the same lanes) only happen within one layout, with blocks that cover the CTA
-(no replicated lanes; see :func:`_block_sizes`).
+(no replicated lanes; see :func:`.launch.block_sizes`).
 
 Adjoint of one exact iteration (ā = adjoint of a; s' = exp(log S_{t+1})):
   L̄' ← L̄' - ρ Z̄' s'                       (Z' = Z + ρ(P - S'))
@@ -67,25 +75,16 @@ vector state's adjoints). Every reduction is a streamed pass like the forward's.
 """
 from __future__ import annotations
 
-import functools
-import math
-from typing import Optional, Tuple
-
-import torch
-from torch import Tensor
-
 import triton
 import triton.language as tl
 
-from .solvers import kappa
-
-__all__ = ["rot_pool_badmm_triton"]
+from ..common import kappa
 
 # Vector scratch: 7 D-vectors per program (vd + j·D) - R, log μ, z1, τ (then R̄), log μ̄, z̄1,
 # log p̄0 - and 9 N-vectors per set (vn + j·ns) - C, log η, z2, σ (then C̄), log η̄, z̄2, log q̄0,
 # and the previous iteration's C and log η (the deferred S normalisation, _load_state).
-# Running maxima start at -1e30 (finite): exp2(m_old - m_new) never sees inf - inf.
-
+# Running maxima start at -inf and every exponent subtracts _finite(max) (0 for -inf): with a
+# finite sentinel (-1e30) inputs ~1e30 gave LSE = log(0) (issue 17).
 
 # --------------------------------------------------------------------------------------------
 # elementwise helpers
@@ -98,6 +97,12 @@ def _exp(v):
 @triton.jit
 def _log(v):
     return tl.log2(v) * 0.6931471805599453
+
+
+@triton.jit
+def _finite(m):
+    """A running maximum usable as an exponent shift: 0 where it is still -inf."""
+    return tl.where(m == float("-inf"), 0.0, m)
 
 
 @triton.jit
@@ -140,6 +145,21 @@ def _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp):
     L = tl.where(mask, tl.load(sl + o, mask=mask, other=0.0) + shift[:, None], 0.0)  # [BN, BD]
     Zt = tl.load(sz + o, mask=mask, other=0.0) - rp * _exp(L)
     return L, Zt
+
+
+@triton.jit
+def _iter_weights(w_ptr, T, t, QUAD: tl.constexpr, PAPER: tl.constexpr):
+    """(α1, ρ, κ2, κ3) of iteration t from the (6, T) table: κ2 = κ(α2, ρ), κ3 = κ(α3, w) with
+    w = α1 + ρ (B-E exact) or ρ (B-Q, paper), as ``solvers.badmm``."""
+    a1 = tl.load(w_ptr + 1 * T + t)
+    a2 = tl.load(w_ptr + 2 * T + t)
+    a3 = tl.load(w_ptr + 3 * T + t)
+    rho = tl.load(w_ptr + 4 * T + t)
+    if QUAD or PAPER:
+        k3 = kappa(a3, rho)
+    else:
+        k3 = kappa(a3, a1 + rho)
+    return a1, rho, kappa(a2, rho), k3
 
 
 @triton.jit
@@ -191,13 +211,16 @@ def _init_state_pass(sl, sz, lp0_ptr, lq0_ptr, n_b, D, u_p0, u_q0,
 
 @triton.jit
 def _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, out_ptr, n_b, D, a1, rho,
-                  QUAD: tl.constexpr, POOL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                  lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
+                  HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
+                  REPLAY: tl.constexpr, QUAD: tl.constexpr, POOL: tl.constexpr,
+                  BN: tl.constexpr, BD: tl.constexpr):
     """Pass A: R_d = LSE_n(Y_nd) by an online LSE over n tiles; with POOL also
     out_d = Σ_n softmax_n(Y)_nd X_nd (online-softmax weighted sum)."""
     for d0 in range(0, D, BD):
         offs_d = d0 + tl.arange(0, BD)
         dm = offs_d < D
-        m = tl.full([BD], -1.0e30, dtype=tl.float32)
+        m = tl.full([BD], float("-inf"), dtype=tl.float32)
         l = tl.zeros([BD], dtype=tl.float32)
         acc = tl.zeros([BD], dtype=tl.float32)
         for n0 in range(0, n_b, BN):
@@ -205,12 +228,18 @@ def _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, out_ptr, n_b, D, a1, 
             mask = (offs_n < n_b)[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
+            if REPLAY:                  # rebuilt from x and the vectors of iterations < t
+                L, Zt = _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0,
+                                      u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD,
+                                      KV)
+            else:                       # streamed from the scratch
+                L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
             y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)                             # [BN, BD]
             y = tl.where(mask, y, float("-inf"))
             m_new = tl.maximum(m, tl.max(y, axis=0))
-            alpha = _exp(m - m_new)
-            e = _exp(y - m_new[None, :])
+            ms = _finite(m_new)
+            alpha = _exp(m - ms)
+            e = _exp(y - ms[None, :])
             l = l * alpha + tl.sum(e, axis=0)
             if POOL:
                 acc = acc * alpha + tl.sum(e * X, axis=0)
@@ -223,14 +252,16 @@ def _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, out_ptr, n_b, D, a1, 
 
 @triton.jit
 def _col_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, D, a1, rho,
-                  QUAD: tl.constexpr, WRITE: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                  lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
+                  HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
+                  REPLAY: tl.constexpr, QUAD: tl.constexpr, WRITE: tl.constexpr,
+                  BN: tl.constexpr, BD: tl.constexpr):
     """Pass B: log P = Y + (log μ - R), P = exp(log P), the S-step input Y2 and
-    C_n = LSE_d(Y2_n·). WRITE: log S ← Y2 and Z ← Z + ρ P in place (the forward); without it
-    only C (the backward's recomputation of iteration t's vectors)."""
+    C_n = LSE_d(Y2_n·). WRITE (streamed forward): log S ← Y2 and Z ← Z + ρ P in place."""
     for n0 in range(0, n_b, BN):
         offs_n = n0 + tl.arange(0, BN)
         nm = offs_n < n_b
-        m = tl.full([BN], -1.0e30, dtype=tl.float32)
+        m = tl.full([BN], float("-inf"), dtype=tl.float32)
         l = tl.zeros([BN], dtype=tl.float32)
         for d0 in range(0, D, BD):
             offs_d = d0 + tl.arange(0, BD)
@@ -238,7 +269,12 @@ def _col_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, 
             mask = nm[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
+            if REPLAY:                  # rebuilt from x and the vectors of iterations < t
+                L, Zt = _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0,
+                                      u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD,
+                                      KV)
+            else:                       # streamed from the scratch
+                L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
             r = tl.load(r_ptr + offs_d, mask=dm, other=0.0)
             lmu = tl.load(lmu_ptr + offs_d, mask=dm, other=0.0)
             y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
@@ -247,9 +283,10 @@ def _col_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, 
             y2 = _s_step_y(lp, p, Zt, a1, rho, QUAD)
             y2m = tl.where(mask, y2, float("-inf"))
             m_new = tl.maximum(m, tl.max(y2m, axis=1))
-            l = l * _exp(m - m_new) + tl.sum(_exp(y2m - m_new[:, None]), axis=1)
+            ms = _finite(m_new)
+            l = l * _exp(m - ms) + tl.sum(_exp(y2m - ms[:, None]), axis=1)
             m = m_new
-            if WRITE:
+            if WRITE and not REPLAY:
                 tl.store(sl + o, y2, mask=mask)
                 tl.store(sz + o, Zt + rho * p, mask=mask)
         tl.store(c_ptr + offs_n, m + _log(tl.where(nm, l, 1.0)), mask=nm)
@@ -257,7 +294,9 @@ def _col_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, 
 
 @triton.jit
 def _plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, plan_b, n_b, D, a1, rho,
-               QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+               lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
+               HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr, REPLAY: tl.constexpr,
+                  QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """P = exp(Y + log μ - R) of the last iteration, written in the plan's (rows, D) layout."""
     for n0 in range(0, n_b, BN):
         offs_n = n0 + tl.arange(0, BN)
@@ -267,7 +306,12 @@ def _plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, plan_b, n_b, D,
             mask = (offs_n < n_b)[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
+            if REPLAY:                  # rebuilt from x and the vectors of iterations < t
+                L, Zt = _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0,
+                                      u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD,
+                                      KV)
+            else:                       # streamed from the scratch
+                L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
             r = tl.load(r_ptr + offs_d, mask=dm, other=0.0)
             lmu = tl.load(lmu_ptr + offs_d, mask=dm, other=0.0)
             y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
@@ -282,7 +326,7 @@ def _plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, plan_b, n_b, D,
 def _vec_lognorm_mix(prior_ptr, HAS: tl.constexpr, uval, src_ptr, dst_ptr, k, length,
                      BV: tl.constexpr):
     """dst = lognorm(κ log prior + (1 - κ) src) (exact variant's log μ from R, log η from C)."""
-    mv = tl.full([BV], -1.0e30, dtype=tl.float32)
+    mv = tl.full([BV], float("-inf"), dtype=tl.float32)
     lv = tl.zeros([BV], dtype=tl.float32)
     for i0 in range(0, length, BV):
         offs = i0 + tl.arange(0, BV)
@@ -291,10 +335,11 @@ def _vec_lognorm_mix(prior_ptr, HAS: tl.constexpr, uval, src_ptr, dst_ptr, k, le
             + (1 - k) * tl.load(src_ptr + offs, mask=msk, other=0.0)
         u = tl.where(msk, u, float("-inf"))
         m_new = tl.maximum(mv, u)
-        lv = lv * _exp(mv - m_new) + _exp(u - m_new)
+        ms = _finite(m_new)
+        lv = lv * _exp(mv - ms) + _exp(u - ms)
         mv = m_new
     mx = tl.max(mv, axis=0)
-    lse = mx + _log(tl.sum(lv * _exp(mv - mx), axis=0))
+    lse = mx + _log(tl.sum(lv * _exp(mv - _finite(mx)), axis=0))
     for i0 in range(0, length, BV):
         offs = i0 + tl.arange(0, BV)
         msk = offs < length
@@ -308,7 +353,7 @@ def _vec_paper_update(prior_ptr, HAS: tl.constexpr, uval, lmu_ptr, z1_ptr, k, rh
                       BV: tl.constexpr):
     """Eqs. (26)-(28) for one side: log μ' = lognorm((1-κ)(log μ - z1/ρ) + κ log p0),
     z1' = z1 + ρ(μ' - μ)   (μ = P·1 after the P-step)."""
-    mv = tl.full([BV], -1.0e30, dtype=tl.float32)
+    mv = tl.full([BV], float("-inf"), dtype=tl.float32)
     lv = tl.zeros([BV], dtype=tl.float32)
     for i0 in range(0, length, BV):
         offs = i0 + tl.arange(0, BV)
@@ -318,10 +363,11 @@ def _vec_paper_update(prior_ptr, HAS: tl.constexpr, uval, lmu_ptr, z1_ptr, k, rh
             + k * _load_prior(prior_ptr, offs, length, uval, HAS)
         u = tl.where(msk, u, float("-inf"))
         m_new = tl.maximum(mv, u)
-        lv = lv * _exp(mv - m_new) + _exp(u - m_new)
+        ms = _finite(m_new)
+        lv = lv * _exp(mv - ms) + _exp(u - ms)
         mv = m_new
     mx = tl.max(mv, axis=0)
-    lse = mx + _log(tl.sum(lv * _exp(mv - mx), axis=0))
+    lse = mx + _log(tl.sum(lv * _exp(mv - _finite(mx)), axis=0))
     for i0 in range(0, length, BV):
         offs = i0 + tl.arange(0, BV)
         msk = offs < length
@@ -357,14 +403,90 @@ def _vec_fill(dst_ptr, value, length, BV: tl.constexpr):
 
 
 # --------------------------------------------------------------------------------------------
+# vector history: what the forward keeps for the backward (O(T · (N + D)) per set)
+# --------------------------------------------------------------------------------------------
+# hd (B, T, KV, D): R, log μ [, z1]; hn (T, KV, rows): C, log η [, z2] (KV = 2, paper 3), the
+# values iteration t used (paper: before its vector update). Given them, every entry of
+# (log S_t, Z_t) follows from x_nd, the priors and the weights alone (:func:`_replay_state`).
+@triton.jit
+def _record(vd, vn, ns, hd_t, hn_t, n_b, D, NR, rows, PAPER: tl.constexpr,
+            BV: tl.constexpr):
+    """Copy this iteration's vectors from the working slots into the history (``rows``: also
+    the N-vectors; the last iteration has no S-step)."""
+    _vec_copy(vd, hd_t, D, BV)
+    _vec_copy(vd + D, hd_t + D, D, BV)
+    if PAPER:
+        _vec_copy(vd + 2 * D, hd_t + 2 * D, D, BV)
+    if rows:
+        _vec_copy(vn, hn_t, n_b, BV)
+        _vec_copy(vn + ns, hn_t + NR, n_b, BV)
+        if PAPER:
+            _vec_copy(vn + 2 * ns, hn_t + 2 * NR, n_b, BV)
+
+
+@triton.jit
+def _restore(vd, vn, ns, hd_t, hn_t, n_b, D, NR, rows, PAPER: tl.constexpr,
+             BV: tl.constexpr):
+    """The inverse of :func:`_record`: iteration t's vectors back into the working slots."""
+    _vec_copy(hd_t, vd, D, BV)
+    _vec_copy(hd_t + D, vd + D, D, BV)
+    if PAPER:
+        _vec_copy(hd_t + 2 * D, vd + 2 * D, D, BV)
+    if rows:
+        _vec_copy(hn_t, vn, n_b, BV)
+        _vec_copy(hn_t + NR, vn + ns, n_b, BV)
+        if PAPER:
+            _vec_copy(hn_t + 2 * NR, vn + 2 * ns, n_b, BV)
+
+
+@triton.jit
+def _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0, hd_b, hn_b, NR,
+                  w_ptr, T, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
+                  KV: tl.constexpr):
+    """(log S_t, Z_t) of a [BN, BD] tile rebuilt from x and the vector history: for α0 = 0
+    each entry evolves on its own once the row shifts (log η - C)_s and column shifts
+    (log μ - R)_s are known,
+        log P = log S + (X - Z [- α1 S]) / ρ + (log μ - R)_d,  P = exp(log P),
+        log S' = Y2(log P, P, Z) + (log η - C)_n,  Z' = Z + ρ (P - S'),
+    two exp2 per element and replayed iteration, no HBM traffic beyond x and the vectors."""
+    nm = offs_n < n_b
+    dm = offs_d < D
+    lq = _load_prior(lq0_b, offs_n, n_b, u_q0, HAS_Q0)
+    lp = _load_prior(lp0_b, offs_d, D, u_p0, HAS_P0)
+    L = tl.where(mask, lq[:, None] + lp[None, :], 0.0)                                 # [BN, BD]
+    Zt = tl.zeros_like(L)
+    S = _exp(L)
+    for k in range(0, t):
+        a1 = tl.load(w_ptr + 1 * T + k)
+        rho = tl.load(w_ptr + 4 * T + k)
+        hd_k = hd_b + k * KV * D
+        hn_k = hn_b + k * KV * NR
+        col = tl.load(hd_k + D + offs_d, mask=dm, other=0.0) \
+            - tl.load(hd_k + offs_d, mask=dm, other=0.0)                             # log μ - R
+        row = tl.load(hn_k + NR + offs_n, mask=nm, other=0.0) \
+            - tl.load(hn_k + offs_n, mask=nm, other=0.0)                             # log η - C
+        if QUAD:
+            g = X - Zt - a1 * S
+        else:
+            g = X - Zt
+        lpk = L + g * (1.0 / rho) + col[None, :]
+        pk = _exp(lpk)
+        L = tl.where(mask, _s_step_y(lpk, pk, Zt, a1, rho, QUAD) + row[:, None], 0.0)
+        S = _exp(L)
+        Zt = Zt + rho * (pk - S)
+    return L, Zt
+
+
+# --------------------------------------------------------------------------------------------
 # one forward iteration and the forward kernel
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
-                       a1, rho, k2, k3, rp,
+                       a1, rho, k2, k3, rp, hd_b, hn_b, NR, w_ptr, T, t,
                        HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
-                       PAPER: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                       BV: tl.constexpr):
+                       PAPER: tl.constexpr, REPLAY: tl.constexpr, KV: tl.constexpr,
+                       BN: tl.constexpr,
+                       BD: tl.constexpr, BV: tl.constexpr):
     """One full B-ADMM iteration (P-step, S-step, dual[, paper vector updates]) in place; the
     state stays in the deferred form of :func:`_load_state` (``rp``: ρ of the previous
     iteration)."""
@@ -374,14 +496,16 @@ def _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u
     leta_ptr = vn + ns
     cp = vn + 7 * ns
     ep = vn + 8 * ns
-    _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, r_ptr, n_b, D, a1, rho, QUAD, False,
-                  BN, BD)
+    _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, r_ptr, n_b, D, a1, rho,
+                  lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
+                  HAS_P0, HAS_Q0, KV, REPLAY, QUAD, False, BN, BD)
     tl.debug_barrier()
     if not PAPER:
         _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, r_ptr, lmu_ptr, k2, D, BV)
         tl.debug_barrier()
-    _col_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, D, a1, rho, QUAD,
-                  True, BN, BD)
+    _col_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, D, a1, rho,
+                  lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
+                  HAS_P0, HAS_Q0, KV, REPLAY, QUAD, True, BN, BD)
     tl.debug_barrier()
     if not PAPER:
         _vec_lognorm_mix(lq0_b, HAS_Q0, u_q0, c_ptr, leta_ptr, k3, n_b, BV)
@@ -389,11 +513,25 @@ def _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u
     # the S normalisation is deferred to the next read: keep this iteration's C and log η
     _vec_copy(c_ptr, cp, n_b, BV)
     _vec_copy(leta_ptr, ep, n_b, BV)
+    # the vectors of this iteration, for the backward's replay (before the paper updates)
+    _record(vd, vn, ns, hd_b + t * KV * D, hn_b + t * KV * NR, n_b, D, NR, True, PAPER, BV)
     tl.debug_barrier()
     if PAPER:
         _vec_paper_update(lp0_b, HAS_P0, u_p0, lmu_ptr, vd + 2 * D, k2, rho, D, BV)
         _vec_paper_update(lq0_b, HAS_Q0, u_q0, leta_ptr, vn + 2 * ns, k3, rho, n_b, BV)
         tl.debug_barrier()
+
+
+@triton.jit
+def _set_of(order_ptr, j, RAGGED: tl.constexpr):
+    """The j-th set a persistent program takes: ragged sets largest first (``order``, set ids
+    by descending N_b, so the round-robin over programs balances like LPT scheduling), dense
+    sets in order (j is a tensor, also in the interpreter)."""
+    if RAGGED:
+        b = tl.load(order_ptr + j)
+    else:
+        b = j
+    return b
 
 
 @triton.jit
@@ -429,11 +567,12 @@ def _scratch_bases(pid, rs, N, D, NR, RAGGED: tl.constexpr):
 
 @triton.jit
 def _restart(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
-             HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
+             HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr, REPLAY: tl.constexpr,
              BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
     """State of iteration 0: log S = log p0 q0ᵀ, Z = 0 (paper: log μ = log p0, log η = log q0,
     z1 = z2 = 0)."""
-    _init_state_pass(sl, sz, lp0_b, lq0_b, n_b, D, u_p0, u_q0, HAS_P0, HAS_Q0, BN, BD)
+    if not REPLAY:
+        _init_state_pass(sl, sz, lp0_b, lq0_b, n_b, D, u_p0, u_q0, HAS_P0, HAS_Q0, BN, BD)
     _vec_fill(vn + 7 * ns, 0.0, n_b, BV)
     _vec_fill(vn + 8 * ns, 0.0, n_b, BV)
     if PAPER:
@@ -445,22 +584,25 @@ def _restart(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
 
 
 @triton.jit
-def badmm_forward_kernel(
-    x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr,
-    a1_ptr, rho_ptr, k2_ptr, k3_ptr,
-    y_ptr, plan_ptr, sl_ptr, sz_ptr, vd_ptr, vn_ptr,
+def badmm_fwd_kernel(
+    x_ptr, sxb, sxn, sxd, ptr_ptr, order_ptr, lp0_ptr, lq0_ptr,
+    w_ptr,
+    y_ptr, plan_ptr, sl_ptr, sz_ptr, vd_ptr, vn_ptr, hd_ptr, hn_ptr,
     B, N, D, NR, T, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
-    PAPER: tl.constexpr, PLAN: tl.constexpr,
+    PAPER: tl.constexpr, PLAN: tl.constexpr, REPLAY: tl.constexpr, KV: tl.constexpr,
     BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
 ):
     """Pooled output y (B, D) fp32 [and the plan] of T B-ADMM iterations, one set per program
-    at a time (persistent grid)."""
+    at a time (persistent grid); records every iteration's vectors in hd / hn (_record).
+    REPLAY: each pass rebuilds the state from x and the vectors recorded so far (no N × D
+    scratch, O(t) arithmetic per element); otherwise it is streamed through sl / sz."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    rho_ptr = w_ptr + 4 * T                                              # row RHO of the table
     vd = vd_ptr + pid.to(tl.int64) * 7 * D
     for it in range(0, tl.cdiv(B - pid, nprog)):
-        b = pid + it * nprog                                   # a tensor, also in the interpreter
+        b = _set_of(order_ptr, pid + it * nprog, RAGGED)
         rs, n_b, xoff = _set_bounds(b, ptr_ptr, N, sxb, sxn, RAGGED)
         sbase, vn, ns = _scratch_bases(pid, rs, N, D, NR, RAGGED)
         sl = sl_ptr + sbase                                                          # [N_b, D]
@@ -472,29 +614,32 @@ def badmm_forward_kernel(
             lq0_b = lq0_ptr + rs
             u_q0 = -_log(n_b.to(tl.float32))
             _restart(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
-                     HAS_P0, HAS_Q0, PAPER, BN, BD, BV)
+                     HAS_P0, HAS_Q0, PAPER, REPLAY, BN, BD, BV)
+            hd_b = hd_ptr + b.to(tl.int64) * T * KV * D
+            hn_b = hn_ptr + rs
             for t in range(0, T - 1):
+                a1_t, rho_t, k2_t, k3_t = _iter_weights(w_ptr, T, t, QUAD, PAPER)
                 _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D,
-                                   u_p0, u_q0, tl.load(a1_ptr + t), tl.load(rho_ptr + t),
-                                   tl.load(k2_ptr + t), tl.load(k3_ptr + t),
-                                   _rho_prev(rho_ptr, t), HAS_P0, HAS_Q0, QUAD, PAPER, BN, BD,
-                                   BV)
+                                   u_p0, u_q0, a1_t, rho_t, k2_t, k3_t,
+                                   _rho_prev(rho_ptr, t), hd_b, hn_b, NR, w_ptr, T, t,
+                                   HAS_P0, HAS_Q0, QUAD, PAPER, REPLAY, KV, BN, BD, BV)
             # last iteration: its P-step only, pooling on the fly
-            a1 = tl.load(a1_ptr + T - 1)
-            rho = tl.load(rho_ptr + T - 1)
+            a1, rho, k2_last, _k3 = _iter_weights(w_ptr, T, T - 1, QUAD, PAPER)
             cp = vn + 7 * ns
             ep = vn + 8 * ns
             rp = _rho_prev(rho_ptr, T - 1)
             _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, vd, y_ptr + b.to(tl.int64) * D, n_b,
-                          D, a1, rho, QUAD, True, BN, BD)
-            if PLAN:
+                          D, a1, rho, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, T - 1,
+                          HAS_P0, HAS_Q0, KV, REPLAY, QUAD, True, BN, BD)
+            tl.debug_barrier()
+            if not PAPER:
+                _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, vd, vd + D, k2_last, D, BV)
                 tl.debug_barrier()
-                if not PAPER:
-                    _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, vd, vd + D, tl.load(k2_ptr + T - 1),
-                                     D, BV)
-                    tl.debug_barrier()
+            _record(vd, vn, ns, hd_b + (T - 1) * KV * D, hn_b, n_b, D, NR, False, PAPER, BV)
+            if PLAN:
                 _plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, vd, vd + D, plan_ptr + rs * D, n_b,
-                           D, a1, rho, QUAD, BN, BD)
+                           D, a1, rho, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, T - 1,
+                           HAS_P0, HAS_Q0, KV, REPLAY, QUAD, BN, BD)
         tl.debug_barrier()
 
 
@@ -502,61 +647,35 @@ def badmm_forward_kernel(
 # backward
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _adjoint_rowsum_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, vd, vn, ns, n_b, D, a1, rho,
-                         QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """Backward pass 1: σ_n = Σ_d (L̄' - ρ Z̄' S') (adjoint of C and of log η, before the
-    lognorm), S' = exp(log S_{t+1}) recomputed from the state of iteration t."""
-    for n0 in range(0, n_b, BN):
-        offs_n = n0 + tl.arange(0, BN)
-        nm = offs_n < n_b
-        c = tl.load(vn + offs_n, mask=nm, other=0.0)
-        leta = tl.load(vn + ns + offs_n, mask=nm, other=0.0)
-        acc = tl.zeros([BN], dtype=tl.float32)
-        for d0 in range(0, D, BD):
-            offs_d = d0 + tl.arange(0, BD)
-            dm = offs_d < D
-            mask = nm[:, None] & dm[None, :]
-            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
-            o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
-            Lb = tl.load(slb + o, mask=mask, other=0.0)
-            Zb = tl.load(szb + o, mask=mask, other=0.0)
-            r = tl.load(vd + offs_d, mask=dm, other=0.0)
-            lmu = tl.load(vd + D + offs_d, mask=dm, other=0.0)
-            y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
-            lp = y + (lmu - r)[None, :]
-            y2 = _s_step_y(lp, _exp(lp), Zt, a1, rho, QUAD)
-            s_new = _exp(y2 + (leta - c)[:, None])
-            acc += tl.sum(tl.where(mask, Lb - rho * Zb * s_new, 0.0), axis=1)
-        tl.store(vn + 3 * ns + offs_n, acc, mask=nm)
-
-
-@triton.jit
-def _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, vd, vn, ns, n_b, D, a1, rho,
+def _adjoint_s_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
+                         slb, szb, vd, vn, ns, n_b, D, a1, rho, n_lo, n_hi, d_lo, d_hi, tau_ptr,
+                         HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
                          QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Backward pass 2: through log S' = Y2 + (log η - C), the S-step and the dual update, to
-    log P̄ (written over L̄) and Z̄ (in place); τ_d = Σ_n log P̄ (into the TAU slot).
+    log P̄ (written over L̄) and Z̄ (in place); τ_d = Σ_n log P̄ over rows [n_lo, n_hi) into
+    ``tau_ptr`` (the TAU slot, or a split program's partial), columns [d_lo, d_hi).
     Returns the scalar partials (∂/∂α1, ∂/∂ρ) of this iteration so far."""
     acc_a1 = _vzero(BD)
     acc_rho = _vzero(BD)
     inv_rho = 1.0 / rho
     inv_w = 1.0 / (a1 + rho)
-    for d0 in range(0, D, BD):
+    for d0 in range(d_lo, d_hi, BD):
         offs_d = d0 + tl.arange(0, BD)
-        dm = offs_d < D
+        dm = offs_d < d_hi
         r = tl.load(vd + offs_d, mask=dm, other=0.0)
         lmu = tl.load(vd + D + offs_d, mask=dm, other=0.0)
         tau = tl.zeros([BD], dtype=tl.float32)
-        for n0 in range(0, n_b, BN):
+        for n0 in range(n_lo, n_hi, BN):
             offs_n = n0 + tl.arange(0, BN)
-            nm = offs_n < n_b
+            nm = offs_n < n_hi
             mask = nm[:, None] & dm[None, :]
             c = tl.load(vn + offs_n, mask=nm, other=0.0)
             leta = tl.load(vn + ns + offs_n, mask=nm, other=0.0)
             cb = tl.load(vn + 3 * ns + offs_n, mask=nm, other=0.0)
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
+            L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
+                                  u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
             Lb = tl.load(slb + o, mask=mask, other=0.0)
             Zb = tl.load(szb + o, mask=mask, other=0.0)
             y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
@@ -582,58 +701,70 @@ def _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, vd, vn, ns,
             tl.store(slb + o, lpb, mask=mask)
             tl.store(szb + o, zb_new, mask=mask)
             tau += tl.sum(lpb, axis=0)
-        tl.store(vd + 3 * D + offs_d, tau, mask=dm)
+        tl.store(tau_ptr + offs_d, tau, mask=dm)
     return acc_a1, acc_rho
 
 
 @triton.jit
-def _adjoint_plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, vd, vn, ns, gplan_b, n_b, D, a1, rho,
+def _adjoint_plan_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
+                       slb, vd, vn, ns, gplan_b, n_b, D, a1, rho, n_lo, n_hi, d_lo, d_hi,
+                       tau_ptr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
                        QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """Last iteration with a plan gradient: log P̄ = P̄ ⊙ P (over L̄), τ_d = Σ_n log P̄."""
-    for d0 in range(0, D, BD):
+    """Last iteration with a plan gradient: log P̄ = P̄ ⊙ P (over L̄), τ_d = Σ_n log P̄ (rows
+    [n_lo, n_hi), into ``tau_ptr``), columns [d_lo, d_hi)."""
+    for d0 in range(d_lo, d_hi, BD):
         offs_d = d0 + tl.arange(0, BD)
-        dm = offs_d < D
+        dm = offs_d < d_hi
         r = tl.load(vd + offs_d, mask=dm, other=0.0)
         lmu = tl.load(vd + D + offs_d, mask=dm, other=0.0)
         tau = tl.zeros([BD], dtype=tl.float32)
-        for n0 in range(0, n_b, BN):
+        for n0 in range(n_lo, n_hi, BN):
             offs_n = n0 + tl.arange(0, BN)
-            mask = (offs_n < n_b)[:, None] & dm[None, :]
+            mask = (offs_n < n_hi)[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
+            L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
+                                  u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
             y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
             p = _exp(y + (lmu - r)[None, :])
             lpb = tl.where(mask, tl.load(gplan_b + o, mask=mask, other=0.0) * p, 0.0)
             tl.store(slb + o, lpb, mask=mask)
             tau += tl.sum(lpb, axis=0)
-        tl.store(vd + 3 * D + offs_d, tau, mask=dm)
+        tl.store(tau_ptr + offs_d, tau, mask=dm)
 
 
 @triton.jit
-def _adjoint_p_step_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, gx_b, vd, vn, ns, gy_b,
-                         out_b, n_b, D,
-                         a1, rho, last, QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+def _adjoint_p_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
+                         slb, szb, gx_b, vd, vn, ns, gy_b, out_b, n_b, D, a1, rho, last,
+                         rho_prev, n_lo, n_hi, d_lo, d_hi, sigma_ptr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr,
+                         KV: tl.constexpr, QUAD: tl.constexpr, BN: tl.constexpr,
+                         BD: tl.constexpr):
     """Backward pass 3: Ȳ = log P̄ + R̄ softmax_n(Y) [+ the pooling's adjoint: last = 1.0 in
-    the last iteration, 0.0 before], then
-    through Y = log S + G/ρ: L̄ ← Ȳ [- α1 S Ȳ/ρ], Z̄ ← Z̄ - Ȳ/ρ, X̄ += Ȳ/ρ.
+    the last iteration, 0.0 before], then through Y = log S + G/ρ: L̄ ← Ȳ [- α1 S Ȳ/ρ],
+    Z̄ ← Z̄ - Ȳ/ρ, X̄ += Ȳ/ρ. With tb > 0 it also forms the previous reverse step's row sums
+    σ_n = Σ_d (L̄ - ρ_{tb-1} Z̄ S) from the adjoints just written and this iteration's S
+    (the adjoint of C_{tb-1} and log η_{tb-1}; saves that step a pass), into ``sigma_ptr`` (the
+    σ slot, or a split program's partial over columns [d_lo, d_hi)); rows [n_lo, n_hi).
     Returns the scalar partials (∂/∂α1, ∂/∂ρ)."""
     acc_a1 = _vzero(BD)
     acc_rho = _vzero(BD)
     inv_rho = 1.0 / rho
-    for d0 in range(0, D, BD):
-        offs_d = d0 + tl.arange(0, BD)
-        dm = offs_d < D
-        r = tl.load(vd + offs_d, mask=dm, other=0.0)
-        rb = tl.load(vd + 3 * D + offs_d, mask=dm, other=0.0)
-        gy = tl.load(gy_b + offs_d, mask=dm, other=0.0) * last
-        out = tl.load(out_b + offs_d, mask=dm, other=0.0)
-        for n0 in range(0, n_b, BN):
-            offs_n = n0 + tl.arange(0, BN)
-            mask = (offs_n < n_b)[:, None] & dm[None, :]
+    for n0 in range(n_lo, n_hi, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        nm = offs_n < n_hi
+        sigma = tl.zeros([BN], dtype=tl.float32)
+        for d0 in range(d_lo, d_hi, BD):
+            offs_d = d0 + tl.arange(0, BD)
+            dm = offs_d < d_hi
+            r = tl.load(vd + offs_d, mask=dm, other=0.0)
+            rb = tl.load(vd + 3 * D + offs_d, mask=dm, other=0.0)
+            gy = tl.load(gy_b + offs_d, mask=dm, other=0.0) * last
+            out = tl.load(out_b + offs_d, mask=dm, other=0.0)
+            mask = nm[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L, Zt = _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp)
+            L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
+                                  u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
             lpb = tl.load(slb + o, mask=mask, other=0.0)
             Zb = tl.load(szb + o, mask=mask, other=0.0)
             gx = tl.load(gx_b + o, mask=mask, other=0.0)
@@ -650,9 +781,13 @@ def _adjoint_p_step_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, gx_b, vd, v
                 lb = yb - a1 * s * gb
                 acc_a1 += tl.sum(tl.sum(tl.where(mask, -gb * s, 0.0), axis=1), axis=0)
             acc_rho += tl.sum(tl.sum(tl.where(mask, -gb * g * inv_rho, 0.0), axis=1), axis=0)
+            zb_new = Zb - gb
+            sigma += tl.sum(tl.where(mask, lb - rho_prev * zb_new * s, 0.0), axis=1)
             tl.store(slb + o, lb, mask=mask)
-            tl.store(szb + o, Zb - gb, mask=mask)
+            tl.store(szb + o, zb_new, mask=mask)
             tl.store(gx_b + o, gx + gb, mask=mask)
+        if tb > 0:
+            tl.store(sigma_ptr + offs_n, sigma, mask=nm)
     return acc_a1, acc_rho
 
 
@@ -700,7 +835,7 @@ def _vec_paper_update_bwd(prior_ptr, HAS: tl.constexpr, uval, lmu_ptr, z1_ptr, g
     """Adjoint of log μ' = lognorm(m), m = (1-κ)(log μ - z1/ρ) + κ log p0, z1' = z1 +
     ρ(μ' - μ): reads (log μ, z1) of iteration t and the adjoints of (log μ', z1'), overwrites
     them with the adjoints of (log μ, z1); returns (∂/∂κ, ∂/∂ρ)."""
-    mv = tl.full([BV], -1.0e30, dtype=tl.float32)
+    mv = tl.full([BV], float("-inf"), dtype=tl.float32)
     lv = tl.zeros([BV], dtype=tl.float32)
     for i0 in range(0, length, BV):
         offs = i0 + tl.arange(0, BV)
@@ -710,10 +845,11 @@ def _vec_paper_update_bwd(prior_ptr, HAS: tl.constexpr, uval, lmu_ptr, z1_ptr, g
             + k * _load_prior(prior_ptr, offs, length, uval, HAS)
         u = tl.where(msk, u, float("-inf"))
         m_new = tl.maximum(mv, u)
-        lv = lv * _exp(mv - m_new) + _exp(u - m_new)
+        ms = _finite(m_new)
+        lv = lv * _exp(mv - ms) + _exp(u - ms)
         mv = m_new
     mx = tl.max(mv, axis=0)
-    lse = mx + _log(tl.sum(lv * _exp(mv - mx), axis=0))
+    lse = mx + _log(tl.sum(lv * _exp(mv - _finite(mx)), axis=0))
     # A = adjoint of log μ' including z1' = ... + ρ μ'
     sv = tl.zeros([BV], dtype=tl.float32)
     for i0 in range(0, length, BV):
@@ -797,38 +933,40 @@ def _zero_pass(sl, sz, n_b, D, BN: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def badmm_backward_kernel(
-    x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr,
-    a1_ptr, rho_ptr, k2_ptr, k3_ptr,
+def badmm_bwd_kernel(
+    x_ptr, sxb, sxn, sxd, ptr_ptr, order_ptr, lp0_ptr, lq0_ptr,
+    w_ptr, hd_ptr, hn_ptr,
     out_ptr, gy_ptr, gplan_ptr,
     gx_ptr, gp0_ptr, gq0_ptr, gw_ptr,
-    sl_ptr, sz_ptr, slb_ptr, szb_ptr, vd_ptr, vn_ptr,
+    slb_ptr, szb_ptr, vd_ptr, vn_ptr,
     B, N, D, NR, T, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
-    PAPER: tl.constexpr, PLAN_GRAD: tl.constexpr,
+    PAPER: tl.constexpr, PLAN_GRAD: tl.constexpr, KV: tl.constexpr,
     BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
 ):
-    """Exact gradient of the T unrolled iterations (O(T²) recompute, O(1) extra memory in T).
+    """Exact gradient of the T unrolled iterations: one reverse step per iteration, whose
+    passes rebuild the forward state of that iteration from x and the vector history hd / hn
+    (:func:`_replay_state`) - O(T) passes, no recomputation of the forward's reductions.
 
     Writes gx (rows, D) fp32 (in x's row order), gp0 (B, D), gq0 (rows,), and gw (B, T, 4):
-    per set and iteration the partials wrt (κ2, κ3, α1, ρ) (summed over sets on the host).
+    per set and iteration the partials wrt (κ2, κ3, α1, ρ) (finished by badmm_dw_kernel).
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     vd = vd_ptr + pid.to(tl.int64) * 7 * D
     for it in range(0, tl.cdiv(B - pid, nprog)):
-        b = pid + it * nprog                                   # a tensor, also in the interpreter
+        b = _set_of(order_ptr, pid + it * nprog, RAGGED)
         rs, n_b, xoff = _set_bounds(b, ptr_ptr, N, sxb, sxn, RAGGED)
         sbase, vn, ns = _scratch_bases(pid, rs, N, D, NR, RAGGED)
-        sl = sl_ptr + sbase                                                          # [N_b, D]
-        sz = sz_ptr + sbase
-        slb = slb_ptr + sbase
+        slb = slb_ptr + sbase                                                        # [N_b, D]
         szb = szb_ptr + sbase
         vn = vn_ptr + vn
         if n_b > 0:
             xb = x_ptr + xoff
             lp0_b = lp0_ptr + b.to(tl.int64) * D
             lq0_b = lq0_ptr + rs
+            hd_b = hd_ptr + b.to(tl.int64) * T * KV * D
+            hn_b = hn_ptr + rs
             u_q0 = -_log(n_b.to(tl.float32))
             gx_b = gx_ptr + rs * D
             _zero_pass(slb, szb, n_b, D, BN, BD)
@@ -839,46 +977,25 @@ def badmm_backward_kernel(
             tl.debug_barrier()
             for i in range(0, T):
                 tb = T - 1 - i
-                # state of iteration tb, recomputed from the start
-                _restart(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
-                         HAS_P0, HAS_Q0, PAPER, BN, BD, BV)
-                for t in range(0, tb):
-                    _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D,
-                                       u_p0, u_q0, tl.load(a1_ptr + t), tl.load(rho_ptr + t),
-                                       tl.load(k2_ptr + t), tl.load(k3_ptr + t),
-                                       _rho_prev(rho_ptr, t), HAS_P0, HAS_Q0, QUAD, PAPER, BN,
-                                       BD, BV)
-                cp = vn + 7 * ns                      # the deferred normalisation of state tb
-                ep = vn + 8 * ns
-                rp = _rho_prev(rho_ptr, tb)
-                a1 = tl.load(a1_ptr + tb)
-                rho = tl.load(rho_ptr + tb)
-                k2 = tl.load(k2_ptr + tb)
-                k3 = tl.load(k3_ptr + tb)
+                a1, rho, k2, k3 = _iter_weights(w_ptr, T, tb, QUAD, PAPER)
                 gk2 = _vzero(BV)
                 gk3 = _vzero(BV)
                 ga1 = _vzero(BV)
                 grho = _vzero(BV)
-                # iteration tb's vectors R, log μ
-                _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, vd, vd, n_b, D, a1, rho, QUAD,
-                              False, BN, BD)
+                # iteration tb's vectors R, log μ [, z1] and C, log η [, z2] from the history
+                _restore(vd, vn, ns, hd_b + tb * KV * D, hn_b + tb * KV * NR, n_b, D, NR,
+                         tb < T - 1, PAPER, BV)
                 tl.debug_barrier()
-                if not PAPER:
-                    _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, vd, vd + D, k2, D, BV)
-                    tl.debug_barrier()
                 if tb == T - 1:
                     if PLAN_GRAD:
-                        _adjoint_plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, vd, vn, ns,
-                                           gplan_ptr + rs * D,
-                                           n_b, D, a1, rho, QUAD, BN, BD)
+                        _adjoint_plan_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
+                                           w_ptr, T, tb, slb, vd, vn, ns, gplan_ptr + rs * D,
+                                           n_b, D, a1, rho, 0, n_b, 0, D, vd + 3 * D,
+                                           HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
                     else:
                         _vec_fill(vd + 3 * D, 0.0, D, BV)
                     tl.debug_barrier()
                 else:
-                    # C, log η of iteration tb (state unchanged)
-                    _col_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, vd, vd + D, vn, n_b, D, a1,
-                                  rho, QUAD, False, BN, BD)
-                    tl.debug_barrier()
                     if PAPER:
                         dk, dr = _vec_paper_update_bwd(lp0_b, HAS_P0, u_p0, vd + D, vd + 2 * D,
                                                        vd + 4 * D, vd + 5 * D,
@@ -891,14 +1008,8 @@ def badmm_backward_kernel(
                                                        n_b, BV)
                         gk3 += dk
                         grho += dr
-                    else:
-                        _vec_lognorm_mix(lq0_b, HAS_Q0, u_q0, vn, vn + ns, k3,
-                                         n_b, BV)
-                    tl.debug_barrier()
-                    _adjoint_rowsum_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, vd, vn, ns,
-                                         n_b, D, a1,
-                                         rho, QUAD, BN, BD)
-                    tl.debug_barrier()
+                        tl.debug_barrier()
+                    # σ of this step: written by pass 3 of the step before (tb + 1)
                     if PAPER:
                         _vec_paper_absorb(vn + 3 * ns, vn + 4 * ns, n_b, BV)
                     else:
@@ -906,9 +1017,10 @@ def badmm_backward_kernel(
                                                     vn + ns, vn + 3 * ns, vn + 6 * ns,
                                                     k3, n_b, BV)
                     tl.debug_barrier()
-                    da1, dr = _adjoint_s_step_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, vd,
-                                                   vn, ns, n_b,
-                                                   D, a1, rho, QUAD, BN, BD)
+                    da1, dr = _adjoint_s_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b,
+                                                   hn_b, NR, w_ptr, T, tb, slb, szb, vd, vn, ns,
+                                                   n_b, D, a1, rho, 0, n_b, 0, D, vd + 3 * D,
+                                                   HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
                     ga1 += da1
                     grho += dr
                     tl.debug_barrier()
@@ -918,11 +1030,13 @@ def badmm_backward_kernel(
                     gk2 += _vec_lognorm_mix_bwd(lp0_b, HAS_P0, u_p0, vd, vd + D, vd + 3 * D,
                                                 vd + 6 * D, k2, D, BV)
                 tl.debug_barrier()
-                da1, dr = _adjoint_p_step_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, slb, szb, gx_b, vd,
-                                               vn, ns,
+                da1, dr = _adjoint_p_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b,
+                                               NR, w_ptr, T, tb, slb, szb, gx_b, vd, vn, ns,
                                                gy_ptr + b.to(tl.int64) * D,
                                                out_ptr + b.to(tl.int64) * D, n_b, D, a1, rho,
-                                               tl.where(tb == T - 1, 1.0, 0.0), QUAD, BN, BD)
+                                               tl.where(tb == T - 1, 1.0, 0.0),
+                                               _rho_prev(w_ptr + 4 * T, tb), 0, n_b, 0, D,
+                                               vn + 3 * ns, HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
                 ga1 += da1
                 grho += dr
                 tl.debug_barrier()
@@ -936,342 +1050,45 @@ def badmm_backward_kernel(
         tl.debug_barrier()
 
 
-# --------------------------------------------------------------------------------------------
-# host side
-# --------------------------------------------------------------------------------------------
-def _block_sizes(n_hint: int, D: int):
-    """(BN, BD, BV, num_warps): [BN, BD] tiles of <= 2048 fp32 (a few live tiles per thread at
-    8 warps), BV-wide chunks for the vector steps. ``n_hint``: the set size of a dense batch
-    (caps BN), 0 for a ragged one (not looked up: that would be a host sync).
-
-    BV >= 32 · num_warps: a 1-D block narrower than the CTA is replicated across warps, and the
-    vector steps update their vectors in place (load, then store the same lanes) - replicas in
-    different warps would race. With BV covering every thread once, each lane has one owner."""
-    BD = min(max(triton.next_power_of_2(D), 16), 128)
-    BN = max(16, 2048 // BD)
-    if n_hint > 0:
-        BN = min(BN, max(triton.next_power_of_2(n_hint), 16))
-    num_warps = 8 if BN * BD >= 2048 else 4
-    BV = min(max(triton.next_power_of_2(max(n_hint, D, 1)), 32 * num_warps), 1024)
-    return BN, BD, BV, num_warps
+@triton.jit
+def _dkappa(alpha, w):
+    """(∂κ/∂α, ∂κ/∂w) of κ = α/(α + w); both 0 for α = +inf (κ ≡ 1)."""
+    inf = alpha == float("inf")
+    s = tl.where(inf, 1.0, alpha + w)
+    return tl.where(inf, 0.0, w / (s * s)), tl.where(inf, 0.0, -alpha / (s * s))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_programs(B: int, device: torch.device) -> int:
-    """Persistent grid: one program per SM on a GPU (a dense batch's scratch is
-    O(programs · N · D)); a few under the interpreter, so that the loop over sets is exercised."""
-    if device.type == "cuda":
-        return max(1, min(B, _sm_count(device.index if device.index is not None
-                                       else torch.cuda.current_device())))
-    return max(1, min(B, 3))
-
-
-class _Geometry:
-    """Where each set lives: dense (B, N, D) with any strides, or ragged (rows, D) + ptr;
-    and the scratch sizes (dense: per program; ragged: per row)."""
-
-    def __init__(self, x: Tensor, ptr: Optional[Tensor]):
-        self.ragged = ptr is not None
-        self.D = x.shape[-1]
-        if self.ragged:
-            self.B = ptr.shape[0] - 1
-            self.N = 0
-            self.rows = x.shape[0]
-            self.sxb, (self.sxn, self.sxd) = 0, x.stride()
-            self.ptr = ptr
-        else:
-            self.B, self.N = x.shape[0], x.shape[1]
-            self.rows = self.B * self.N
-            self.sxb, self.sxn, self.sxd = x.stride()
-            self.ptr = None
-        self.blocks = _block_sizes(self.N, self.D)
-        self.grid = _num_programs(self.B, x.device)
-        self.mat_numel = max(self.rows if self.ragged else self.grid * self.N, 1) * self.D
-        self.nvec_numel = 9 * max(self.rows if self.ragged else self.grid * self.N, 1)
-
-
-def _direct(kernel):
-    return kernel
-
-
-def _f32(t: Tensor) -> Tensor:
-    return t.detach().to(torch.float32).contiguous()
-
-
-def _priors(x: Tensor, log_p0: Optional[Tensor], log_q0: Optional[Tensor]):
-    dummy = torch.zeros(1, device=x.device, dtype=torch.float32)
-    lp0 = dummy if log_p0 is None else _f32(log_p0)
-    lq0 = dummy if log_q0 is None else _f32(log_q0).reshape(-1)
-    return lp0, lq0
-
-
-def _scratch(geo: _Geometry, device, n_mats: int):
-    f32 = dict(device=device, dtype=torch.float32)
-    mats = [torch.empty(geo.mat_numel, **f32) for _ in range(n_mats)]
-    return mats, torch.empty(geo.grid * 7 * geo.D, **f32), torch.empty(geo.nvec_numel, **f32)
-
-
-def badmm_forward(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
-                  log_q0: Optional[Tensor], a1: Tensor, rho: Tensor, k2: Tensor, k3: Tensor, *,
-                  quadratic: bool, paper: bool, return_plan: bool, wrap=_direct):
-    """Launch the forward kernel (``wrap``: ``torch.library.wrap_triton`` inside a triton_op).
-    Returns (y (B, D) fp32, plan in x's layout and dtype or None).
-
-    x: (B, N, D) any strides, or (rows, D) with ptr (B + 1,); log_p0 (B, D) / None;
-    log_q0 (B, N) or (rows,) / None; a1, rho, k2, k3: (T,) (detached here).
-    """
-    geo = _Geometry(x, ptr)
-    B, D, T = geo.B, geo.D, a1.numel()
-    y = torch.zeros(B, D, device=x.device, dtype=torch.float32)
-    plan = torch.zeros(x.shape, device=x.device, dtype=x.dtype) if return_plan else None
-    if B == 0 or geo.rows == 0 or D == 0:
-        return y, plan
-    lp0, lq0 = _priors(x, log_p0, log_q0)
-    (sl, sz), vd, vn = _scratch(geo, x.device, 2)
-    BN, BD, BV, num_warps = geo.blocks
-    wrap(badmm_forward_kernel)[(geo.grid,)](
-        x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else y, lp0, lq0,
-        _f32(a1), _f32(rho), _f32(k2), _f32(k3),
-        y, plan if return_plan else y, sl, sz, vd, vn,
-        B, geo.N, D, geo.rows, T, -math.log(D),
-        RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
-        QUAD=quadratic, PAPER=paper, PLAN=return_plan, BN=BN, BD=BD, BV=BV,
-        num_warps=num_warps,
-    )
-    return y, plan
-
-
-def badmm_backward(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
-                   log_q0: Optional[Tensor], a1: Tensor, rho: Tensor, k2: Tensor, k3: Tensor,
-                   y32: Tensor, grad_y: Tensor, grad_plan: Optional[Tensor], *, quadratic: bool,
-                   paper: bool, wrap=_direct):
-    """Launch the backward kernel. Returns fp32 (grad_x in x's shape, grad_log_p0 (B, D),
-    grad_log_q0 like log_q0, grad_k2, grad_k3, grad_a1, grad_rho (T,) each)."""
-    geo = _Geometry(x, ptr)
-    B, D, T = geo.B, geo.D, a1.numel()
-    dev = x.device
-    gx = torch.zeros(geo.rows, D, device=dev, dtype=torch.float32)
-    gp0 = torch.zeros(B, D, device=dev, dtype=torch.float32)
-    gq0 = torch.zeros(geo.rows, device=dev, dtype=torch.float32)
-    gw = torch.zeros(B, T, 4, device=dev, dtype=torch.float32)
-    if B > 0 and geo.rows > 0 and D > 0:
-        lp0, lq0 = _priors(x, log_p0, log_q0)
-        (sl, sz, slb, szb), vd, vn = _scratch(geo, dev, 4)
-        gplan = _f32(grad_plan).reshape(geo.rows, D) if grad_plan is not None else gx
-        BN, BD, BV, num_warps = geo.blocks
-        wrap(badmm_backward_kernel)[(geo.grid,)](
-            x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else gx, lp0, lq0,
-            _f32(a1), _f32(rho), _f32(k2), _f32(k3),
-            y32, _f32(grad_y), gplan,
-            gx, gp0, gq0, gw,
-            sl, sz, slb, szb, vd, vn,
-            B, geo.N, D, geo.rows, T, -math.log(D),
-            RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
-            QUAD=quadratic, PAPER=paper, PLAN_GRAD=grad_plan is not None,
-            BN=BN, BD=BD, BV=BV, num_warps=num_warps,
-        )
-    g = gw.sum(0).t().contiguous()                                                 # [4, T]
-    gq0 = gq0.reshape(log_q0.shape) if log_q0 is not None else None
-    return gx.reshape(x.shape), gp0, gq0, g[0].clone(), g[1].clone(), g[2].clone(), g[3].clone()
-
-
-def badmm_cost_model(num_elements: int, T: int, *, x_bytes: int = 4, return_plan: bool = False,
-                     backward: bool = False) -> dict:
-    """Memory traffic and exponentials of these kernels as implemented (for a speed-of-light
-    estimate): ``num_elements`` = Σ_b N_b · D, x of ``x_bytes`` per element, fp32 scratch.
-
-    Per element: a full forward iteration streams pass A (reads x, log S, Z) and B (reads x,
-    log S, Z, writes log S, Z) = 2·x_bytes + 24 bytes, and 5 exp2 (S for the deferred Z in A
-    and B - doubling as B-Q's α1 S -, the LSE in A, P and the LSE in B); the forward is init
-    (8 bytes) + (T - 1) iterations + the last pass A (+ the plan pass). The backward adds, for
-    every t, the recompute (init + t iterations + passes A, B) and passes 1-3 over x, the
-    state, its adjoints and the fp32 x-gradient. Vector work (O(N + D) per set and pass) is
-    left out. Returns the totals {"bytes", "exp2"}; the same for B-E and B-Q.
-    """
-    bx = x_bytes
-    it_bytes, it_exp = 2 * bx + 24, 5
-
-    def forward_to(t):  # init + t full iterations
-        return 8 + t * it_bytes, t * it_exp
-
-    fb, fe = forward_to(T - 1)
-    fb, fe = fb + bx + 8, fe + 2                                    # last pass A (pooling)
-    if return_plan:
-        fb, fe = fb + 2 * bx + 8, fe + 2
-    if not backward:
-        return dict(bytes=fb * num_elements, exp2=fe * num_elements)
-    bb, be = 8 + 8, 0                                               # zero adjoints, final sums
-    for t in range(T):
-        rb, re = forward_to(t)
-        bb, be = bb + rb + bx + 8, be + re + 2                      # recompute + pass A
-        if t < T - 1:
-            bb, be = bb + bx + 8, be + 3                            # pass B (read only)
-            bb, be = bb + bx + 16, be + 3                           # pass 1: S, P, S'
-            bb, be = bb + bx + 24, be + 3                           # pass 2: S, P, S'
-        elif return_plan:
-            bb, be = bb + bx + 16, be + 2                           # plan adjoint
-        bb, be = bb + bx + 32, be + 2                               # pass 3: S, softmax
-    return dict(bytes=(fb + bb) * num_elements, exp2=(fe + be) * num_elements)
-
-
-class BadmmPoolFunction(torch.autograd.Function):
-    """y (B, D) [and the plan] of T B-ADMM iterations; differentiable in x, log p0, log q0,
-    α1, ρ (T,) and κ2, κ3 (T,) (the host computes κ from α2, α3 so torch does that chain)."""
-
-    @staticmethod
-    def forward(ctx, x, ptr, log_p0, log_q0, a1, rho, k2, k3, quadratic, paper, return_plan):
-        y32, plan = badmm_forward(x, ptr, log_p0, log_q0, a1, rho, k2, k3, quadratic=quadratic,
-                                  paper=paper, return_plan=return_plan)
-        ctx.save_for_backward(x, ptr, log_p0, log_q0, a1, rho, k2, k3, y32)
-        ctx.quadratic, ctx.paper, ctx.return_plan = quadratic, paper, return_plan
-        if plan is None:
-            plan = x.new_zeros(0)
-            ctx.mark_non_differentiable(plan)
-        return y32.to(x.dtype), plan
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_plan):
-        x, ptr, log_p0, log_q0, a1, rho, k2, k3, y32 = ctx.saved_tensors
-        if grad_y is None:
-            grad_y = torch.zeros_like(y32)
-        if not ctx.return_plan:
-            grad_plan = None
-        gx, gp0, gq0, gk2, gk3, ga1, grho = badmm_backward(
-            x, ptr, log_p0, log_q0, a1, rho, k2, k3, y32, grad_y, grad_plan,
-            quadratic=ctx.quadratic, paper=ctx.paper)
-
-        def cast(g, like):
-            return None if like is None else g.to(like.dtype)
-        return (gx.to(x.dtype), None, cast(gp0, log_p0), cast(gq0, log_q0), ga1.to(a1.dtype),
-                grho.to(rho.dtype), gk2.to(k2.dtype), gk3.to(k3.dtype), None, None, None)
-
-
-# --------------------------------------------------------------------------------------------
-# custom operators: torch.compile(fullgraph=True) sees one opaque node each (as triton_set's
-# Sinkhorn operators); without torch.library.triton_op the autograd Function above is used
-# --------------------------------------------------------------------------------------------
-_HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
-badmm_fwd_op = None
-badmm_bwd_op = None
-
-if _HAS_TRITON_OP:
-    try:
-        from torch.library import triton_op, wrap_triton
-
-        @triton_op("rotp_triton::badmm_fwd", mutates_args=())
-        def badmm_fwd_op(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
-                         log_q0: Optional[Tensor], a1: Tensor, rho: Tensor, k2: Tensor,
-                         k3: Tensor, quadratic: bool, paper: bool,
-                         return_plan: bool) -> Tuple[Tensor, Tensor]:
-            """(y (B, D) fp32, plan in x's layout or an empty tensor)."""
-            y, plan = badmm_forward(x, ptr, log_p0, log_q0, a1, rho, k2, k3,
-                                    quadratic=quadratic, paper=paper, return_plan=return_plan,
-                                    wrap=wrap_triton)
-            return y, (plan if plan is not None else x.new_empty(0))
-
-        @triton_op("rotp_triton::badmm_bwd", mutates_args=())
-        def badmm_bwd_op(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
-                         log_q0: Optional[Tensor], a1: Tensor, rho: Tensor, k2: Tensor,
-                         k3: Tensor, y32: Tensor, grad_y: Tensor, grad_plan: Optional[Tensor],
-                         quadratic: bool, paper: bool
-                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-            """(dx fp32 like x, dlog_p0 (B, D), dlog_q0 like log_q0 (empty when absent),
-            dκ2, dκ3, dα1, dρ (T,))."""
-            gx, gp0, gq0, gk2, gk3, ga1, grho = badmm_backward(
-                x, ptr, log_p0, log_q0, a1, rho, k2, k3, y32, grad_y, grad_plan,
-                quadratic=quadratic, paper=paper, wrap=wrap_triton)
-            if gq0 is None:
-                gq0 = x.new_empty(0, dtype=torch.float32)
-            return gx, gp0, gq0, gk2, gk3, ga1, grho
-
-        def _setup_context(ctx, inputs, output):
-            x, ptr, log_p0, log_q0, a1, rho, k2, k3, quadratic, paper, return_plan = inputs
-            ctx.save_for_backward(x, ptr, log_p0, log_q0, a1, rho, k2, k3, output[0])
-            ctx.quadratic, ctx.paper, ctx.return_plan = quadratic, paper, return_plan
-
-        def _backward(ctx, grad_y, grad_plan):
-            x, ptr, log_p0, log_q0, a1, rho, k2, k3, y32 = ctx.saved_tensors
-            gp = grad_plan.contiguous() if (ctx.return_plan and grad_plan is not None) else None
-            if grad_y is None:
-                grad_y = torch.zeros_like(y32)
-            gx, gp0, gq0, gk2, gk3, ga1, grho = badmm_bwd_op(
-                x, ptr, log_p0, log_q0, a1, rho, k2, k3, y32, grad_y.contiguous(), gp,
-                ctx.quadratic, ctx.paper)
-            return (gx.to(x.dtype), None,
-                    gp0.to(log_p0.dtype) if log_p0 is not None else None,
-                    gq0.to(log_q0.dtype) if log_q0 is not None else None,
-                    ga1.to(a1.dtype), grho.to(rho.dtype), gk2.to(k2.dtype), gk3.to(k3.dtype),
-                    None, None, None)
-
-        badmm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-        # Explicit fake kernels: under TRITON_INTERPRET=1 wrap_triton hands back the raw
-        # interpreted kernel, which cannot run on fake tensors, so tracing needs these.
-        @badmm_fwd_op.register_fake
-        def _badmm_fwd_fake(x, ptr, log_p0, log_q0, a1, rho, k2, k3, quadratic, paper,
-                            return_plan):
-            B = x.shape[0] if ptr is None else ptr.shape[0] - 1
-            plan = torch.empty_like(x, memory_format=torch.contiguous_format) if return_plan \
-                else x.new_empty(0)
-            return x.new_empty(B, x.shape[-1], dtype=torch.float32), plan
-
-        @badmm_bwd_op.register_fake
-        def _badmm_bwd_fake(x, ptr, log_p0, log_q0, a1, rho, k2, k3, y32, grad_y, grad_plan,
-                            quadratic, paper):
-            f = dict(dtype=torch.float32)
-            T = a1.shape[0]
-            return (x.new_empty(x.shape, **f), x.new_empty(y32.shape, **f),
-                    x.new_empty(log_q0.shape if log_q0 is not None else (0,), **f),
-                    x.new_empty(T, **f), x.new_empty(T, **f), x.new_empty(T, **f),
-                    x.new_empty(T, **f))
-    except Exception:  # pragma: no cover - a torch whose triton_op rejects these ops
-        _HAS_TRITON_OP = False
-        badmm_fwd_op = badmm_bwd_op = None
-
-
-def rot_pool_badmm_triton(x: Tensor, ptr: Optional[Tensor], *, method: str, variant: str,
-                          a1: Tensor, a2: Tensor, a3: Tensor, rho: Tensor,
-                          log_p0: Optional[Tensor], log_q0: Optional[Tensor],
-                          return_plan: bool):
-    """ROTP pooling by Bregman ADMM (α0 = 0) with the fused Triton kernels.
-
-    Args:
-        x: ``(B, N, D)`` dense batch with any strides, or ``(N_total, D)`` ragged batch whose
-            rows are grouped by set, with ``ptr``. fp32 / fp16 / bf16.
-        ptr: ``(B + 1,)`` int64 CSR offsets for a ragged ``x``; ``None`` for a dense one.
-        method: ``"badmm-e"`` (entropic) or ``"badmm-q"`` (quadratic).
-        variant: ``"exact"`` (DESIGN §3.1) or ``"paper"`` (Alg. 2, §3.2).
-        a1, a2, a3, rho: ``(T,)`` per-iteration weights (a2, a3 may be +inf); differentiable.
-        log_p0: ``(B, D)`` normalized log prior over features, or ``None`` (uniform).
-        log_q0: ``(B, N)`` / ``(N_total,)`` normalized log prior over each set's samples, or
-            ``None`` (uniform).
-        return_plan: also return each set's plan P (total mass 1) in x's layout and dtype.
-
-    Returns:
-        ``(y, plan_or_None)``: ``y`` ``(B, D)`` in x's dtype (0 for empty sets).
-    """
-    if method not in ("badmm-e", "badmm-q"):
-        raise ValueError(f"method must be 'badmm-e' or 'badmm-q', got {method!r}")
-    if variant not in ("exact", "paper"):
-        raise ValueError(f"variant must be 'exact' or 'paper', got {variant!r}")
-    if x.dim() == 3 and ptr is not None:
-        raise ValueError("ptr is only used with a 2-D ragged x")
-    if x.dim() == 2 and ptr is None:
-        raise ValueError("a 2-D (ragged) x needs ptr")
-    quadratic = method == "badmm-q"
-    paper = variant == "paper"
-    # κ2 = κ(α2, ρ); κ3 = κ(α3, w), w = α1 + ρ (B-E exact) or ρ (B-Q, paper): as solvers.badmm
-    k2 = kappa(a2, rho)
-    k3 = kappa(a3, rho if (quadratic or paper) else a1 + rho)
-    if badmm_fwd_op is not None:
-        y32, plan = badmm_fwd_op(x, ptr, log_p0, log_q0, a1, rho, k2, k3, quadratic, paper,
-                                 return_plan)
-        y = y32.to(x.dtype)
+@triton.jit
+def badmm_dw_kernel(w_ptr, gw_ptr, dw_ptr, B, T, QUAD: tl.constexpr, PAPER: tl.constexpr,
+                    BT: tl.constexpr):
+    """dw (6, T) from the per-set partials gw (B, T, 4) = ∂/∂(κ2, κ3, α1, ρ): sums over sets and
+    applies the chain rule of κ2 = κ(α2, ρ), κ3 = κ(α3, w) on chip. Rows A0 and TAU are 0."""
+    offs = tl.program_id(0) * BT + tl.arange(0, BT)                                      # [BT]
+    m = offs < T
+    g = tl.zeros([BT, 4], dtype=tl.float32)
+    cols = tl.arange(0, 4)
+    for b in range(0, B):
+        g += tl.load(gw_ptr + (b * T + offs[:, None]) * 4 + cols[None, :], mask=m[:, None],
+                     other=0.0)
+    gk2 = tl.sum(tl.where(cols[None, :] == 0, g, 0.0), axis=1)
+    gk3 = tl.sum(tl.where(cols[None, :] == 1, g, 0.0), axis=1)
+    ga1 = tl.sum(tl.where(cols[None, :] == 2, g, 0.0), axis=1)
+    grho = tl.sum(tl.where(cols[None, :] == 3, g, 0.0), axis=1)
+    a1 = tl.load(w_ptr + 1 * T + offs, mask=m, other=1.0)
+    a2 = tl.load(w_ptr + 2 * T + offs, mask=m, other=1.0)
+    a3 = tl.load(w_ptr + 3 * T + offs, mask=m, other=1.0)
+    rho = tl.load(w_ptr + 4 * T + offs, mask=m, other=1.0)
+    d2a, d2w = _dkappa(a2, rho)
+    if QUAD or PAPER:
+        d3a, d3w = _dkappa(a3, rho)
+        da1 = ga1
     else:
-        y, plan = BadmmPoolFunction.apply(x, ptr, log_p0, log_q0, a1, rho, k2, k3, quadratic,
-                                          paper, return_plan)
-    return y, (plan if return_plan else None)
+        d3a, d3w = _dkappa(a3, a1 + rho)
+        da1 = ga1 + gk3 * d3w
+    zero = tl.zeros([BT], dtype=tl.float32)
+    tl.store(dw_ptr + 0 * T + offs, zero, mask=m)
+    tl.store(dw_ptr + 1 * T + offs, da1, mask=m)
+    tl.store(dw_ptr + 2 * T + offs, gk2 * d2a, mask=m)
+    tl.store(dw_ptr + 3 * T + offs, gk3 * d3a, mask=m)
+    tl.store(dw_ptr + 4 * T + offs, grho + gk2 * d2w + gk3 * d3w, mask=m)
+    tl.store(dw_ptr + 5 * T + offs, zero, mask=m)

@@ -1,0 +1,344 @@
+"""Host side of the B-ADMM set kernels: tile sizes, the persistent grid, scratch, launchers,
+and the choice between one program per set and the split schedules (:func:`forward_splits`).
+
+Kernels and the algorithm: :mod:`.kernels` (split: :mod:`.split_kernels`,
+:mod:`.split_backward_kernels`). Each launcher takes ``wrap`` (``None`` or
+``torch.library.wrap_triton`` inside a custom op) and launches through ``common.launcher``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import triton
+
+from ..common import cdiv, launcher, next_pow2, sm_count
+from .kernels import badmm_bwd_kernel, badmm_dw_kernel, badmm_fwd_kernel
+from .split_backward_kernels import (badmm_split_bwd_cols_step_kernel,
+                                     badmm_split_bwd_init_kernel, badmm_split_bwd_pass2_kernel,
+                                     badmm_split_bwd_pass3_kernel,
+                                     badmm_split_bwd_rows_step_kernel)
+from .split_kernels import (badmm_split_column_lse_kernel, badmm_split_column_step_kernel,
+                            badmm_split_init_state_kernel, badmm_split_plan_kernel,
+                            badmm_split_row_lse_kernel, badmm_split_row_step_kernel)
+
+__all__ = ["badmm_forward", "badmm_backward", "block_sizes", "history_like",
+           "forward_replays", "forward_splits", "backward_splits"]
+
+
+def block_sizes(n_hint: int, D: int):
+    """(BN, BD, BV, num_warps): [BN, BD] tiles of <= 2048 fp32 (a few live tiles per thread at
+    8 warps), BV-wide chunks for the vector steps. ``n_hint``: the set size of a dense batch
+    (caps BN), 0 for a ragged one (not looked up: that would be a host sync).
+
+    BV >= 32 · num_warps: a 1-D block narrower than the CTA is replicated across warps, and the
+    vector steps update their vectors in place (load, then store the same lanes) - replicas in
+    different warps would race. With BV covering every thread once, each lane has one owner."""
+    BD = min(max(next_pow2(D), 16), 128)
+    BN = max(16, 2048 // BD)
+    if n_hint > 0:
+        BN = min(BN, max(next_pow2(n_hint), 16))
+    num_warps = 8 if BN * BD >= 2048 else 4
+    BV = min(max(next_pow2(max(n_hint, D, 1)), 32 * num_warps), 1024)
+    return BN, BD, BV, num_warps
+
+
+def _num_programs(B: int, device: torch.device) -> int:
+    """Persistent grid: one program per SM (a dense batch's scratch is O(programs · N · D));
+    a few under the interpreter, so that the loop over sets is exercised."""
+    return max(1, min(B, sm_count(device)))
+
+
+class _Geometry:
+    """Where each set lives: dense (B, N, D) with any strides, or ragged (rows, D) + ptr;
+    and the scratch sizes (dense: per program; ragged: per row)."""
+
+    def __init__(self, x: Tensor, ptr: Optional[Tensor]):
+        self.ragged = ptr is not None
+        self.D = x.shape[-1]
+        if self.ragged:
+            self.B = ptr.shape[0] - 1
+            self.N = 0
+            self.rows = x.shape[0]
+            self.sxb, (self.sxn, self.sxd) = 0, x.stride()
+            self.ptr = ptr
+        else:
+            self.B, self.N = x.shape[0], x.shape[1]
+            self.rows = self.B * self.N
+            self.sxb, self.sxn, self.sxd = x.stride()
+            self.ptr = None
+        self.blocks = block_sizes(self.N, self.D)
+        # a set's size for the split heuristics: N, or the mean of a ragged batch (from shapes)
+        self.set_size = self.N if not self.ragged else cdiv(self.rows, max(self.B, 1))
+        self.grid = _num_programs(self.B, x.device)
+        self.mat_numel = max(self.rows if self.ragged else self.grid * self.N, 1) * self.D
+        self.nvec_numel = 9 * max(self.rows if self.ragged else self.grid * self.N, 1)
+
+    def order(self, dummy: Tensor) -> Tensor:
+        """Ragged: set ids by descending size (largest first, on the device - no host sync);
+        dense: ``dummy`` (unused)."""
+        if not self.ragged:
+            return dummy
+        return torch.argsort(self.ptr[1:] - self.ptr[:-1], descending=True)
+
+
+def _f32(t: Tensor) -> Tensor:
+    return t.detach().to(torch.float32).contiguous()
+
+
+def _priors(x: Tensor, log_p0: Optional[Tensor], log_q0: Optional[Tensor]):
+    dummy = torch.zeros(1, device=x.device, dtype=torch.float32)
+    lp0 = dummy if log_p0 is None else _f32(log_p0)
+    lq0 = dummy if log_q0 is None else _f32(log_q0).reshape(-1)
+    return lp0, lq0
+
+
+def _scratch(geo: _Geometry, device, n_mats: int):
+    f32 = dict(device=device, dtype=torch.float32)
+    mats = [torch.empty(geo.mat_numel, **f32) for _ in range(n_mats)]
+    return mats, torch.empty(geo.grid * 7 * geo.D, **f32), torch.empty(geo.nvec_numel, **f32)
+
+
+def forward_replays(T: int, x_bytes: int) -> bool:
+    """Forward schedule: rebuild the state from x and the vectors in every pass (REPLAY: reads
+    x only; the pass of iteration t replays t elementwise iterations, ~31 SASS instructions per
+    element each at sm_90) or stream log S, Z through HBM scratch (2 x_bytes + 24 bytes per
+    element-iteration). Predicted on H100 (3.0 TB/s; 2.96e13 lane-instructions/s; the SASS
+    counts of bench/results/badmm_v2_*.md): replaying costs ~(3.4 + 1.05 T) ps per
+    element-iteration, streaming (2 x_bytes + 24) / 3 ps, so replay wins up to T ≈ 6.9 for fp32
+    x and 5.6 for fp16/bf16 (cost model: :mod:`.cost`)."""
+    return T <= int(((2 * x_bytes + 24) / 3 - 3.4) / 1.05)
+
+
+def forward_splits(B: int, N: int, D: int, BN: int, BD: int, device: torch.device):
+    """(NS, DS): row and column slices per set of the split forward (:mod:`.split_kernels`),
+    (1, 1) for one program per set. Split only when there are fewer sets than SMs (W1: 50 sets
+    of 500 × 100 on 132 SMs): aim at 4 programs per SM, columns first (a column slice keeps
+    whole columns for R, a row slice whole rows for C), never more slices than tiles. ``N``:
+    the set size, for a ragged batch the mean (rows / B: from shapes, no host sync). W2's 256
+    sets already fill the machine (one ~250-register CTA per SM): the SASS model of
+    bench/results/badmm_v2_2026-11-28.md predicts its 1 × 3 split no faster (0.55 vs 0.54 ms:
+    4 launches per iteration instead of a loop inside one), so it is not split. Prediction,
+    not measured."""
+    sms = sm_count(device)
+    if B >= sms:
+        return 1, 1
+    want = cdiv(4 * sms, max(B, 1))
+    DS = min(cdiv(D, BD), want)
+    NS = min(cdiv(N, BN), cdiv(want, DS))
+    return NS, DS
+
+
+def backward_splits(B: int, N: int, D: int, BN: int, BD: int, device: torch.device):
+    """(NS, DS) of the split backward (:mod:`.split_backward_kernels`), (1, 1) for one program
+    per set: as the forward (fewer sets than SMs). Its adjoint scratch is (rows, D), which is
+    the one-program-per-set kernel's (min(B, #SMs) · N, D) - ragged: (rows, D) - whenever it
+    splits: no more memory."""
+    return forward_splits(B, N, D, BN, BD, device)
+
+
+def _slice(size: int, parts: int, block: int):
+    """(slice length, a multiple of ``block``; number of non-empty slices)."""
+    length = cdiv(cdiv(size, parts), block) * block
+    return length, cdiv(size, length)
+
+
+def _forward_split(x, geo, w32, lp0, lq0, y, plan, hd, hn, NS, DS, *, quadratic, paper,
+                   has_p0, has_q0, replay, wrap):
+    """The forward over B × NS × DS programs (dense or ragged): per iteration the four
+    launches of :mod:`.split_kernels` (partial LSEs, then per-set combine + vector step).
+    Fills y, plan and the history hd, hn exactly like the one-program-per-set kernel.
+    ``replay``: rebuild the state per tile; else stream it through a (rows, D) fp32 pair - the
+    fused kernel's per-program pair has that size whenever the launcher splits (B < #SMs).
+    The row slices of each set are sized on the device from N_b (no host sync)."""
+    B, D, T, rows = geo.B, geo.D, w32.shape[1], geo.rows
+    BN, BD, BV, num_warps = geo.blocks
+    if not geo.ragged:
+        NS = _slice(geo.N, NS, BN)[1]                 # no empty slices in a dense batch
+    SD, DS = _slice(D, DS, BD)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    pm, pl, pa = (torch.empty(B * NS * D, **f32) for _ in range(3))       # [B, NS, D]
+    qm, ql = (torch.empty(DS * rows, **f32) for _ in range(2))            # [DS, rows]
+    u_p0 = -math.log(D)
+    KV = hd.shape[2]
+    tiles = (B, NS, DS)
+    ptr = geo.ptr if geo.ragged else y
+    sets = dict(RAGGED=geo.ragged)
+    flags = dict(sets, HAS_P0=has_p0, HAS_Q0=has_q0, QUAD=quadratic, KV=KV, REPLAY=replay)
+    sl, sz = (y, y) if replay else (torch.empty(rows * D, **f32) for _ in range(2))
+    if not replay:
+        launcher(badmm_split_init_state_kernel, wrap)[tiles](
+            ptr, lp0, lq0, sl, sz, geo.N, D, NS, SD, u_p0, **sets, HAS_P0=has_p0,
+            HAS_Q0=has_q0, BN=BN, BD=BD, num_warps=num_warps)
+    xargs = (x, geo.sxb, geo.sxn, geo.sxd, ptr, lp0, lq0, w32, hd, hn, sl, sz)
+    for t in range(T):
+        last = t == T - 1
+        launcher(badmm_split_column_lse_kernel, wrap)[tiles](
+            *xargs, pm, pl, pa, geo.N, D, rows, T, t, NS, SD, u_p0,
+            **flags, POOL=last, BN=BN, BD=BD, num_warps=num_warps)
+        launcher(badmm_split_column_step_kernel, wrap)[(B,)](
+            ptr, lp0, w32, hd, pm, pl, pa, y, geo.N, D, T, t, NS, u_p0, **sets,
+            HAS_P0=has_p0, QUAD=quadratic, PAPER=paper, KV=KV, POOL=last, BV=BV,
+            num_warps=num_warps)
+        if last:
+            break
+        launcher(badmm_split_row_lse_kernel, wrap)[tiles](
+            *xargs, qm, ql, geo.N, D, rows, T, t, NS, SD, u_p0,
+            **flags, BN=BN, BD=BD, num_warps=num_warps)
+        launcher(badmm_split_row_step_kernel, wrap)[(B,)](
+            ptr, lq0, w32, hn, qm, ql, geo.N, rows, T, t, DS, **sets,
+            HAS_Q0=has_q0, QUAD=quadratic, PAPER=paper, KV=KV, BV=BV, num_warps=num_warps)
+    if plan is not None:
+        launcher(badmm_split_plan_kernel, wrap)[tiles](
+            *xargs, plan, geo.N, D, rows, T, NS, SD, u_p0,
+            **flags, BN=BN, BD=BD, num_warps=num_warps)
+
+
+def _backward_split(x, geo, w32, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, NS, DS, *,
+                    quadratic, paper, has_p0, has_q0, wrap):
+    """The backward over B × NS × DS programs, dense or ragged (:mod:`.split_backward_kernels`):
+    per reverse step a rows step, pass 2, a columns step and pass 3. Fills gx, gp0, gq0 and
+    returns gw (B, T, 4) like the one-program-per-set kernel."""
+    B, D, T, rows = geo.B, geo.D, w32.shape[1], geo.rows
+    BN, BD, BV, num_warps = geo.blocks
+    if not geo.ragged:
+        NS = _slice(geo.N, NS, BN)[1]                 # no empty slices in a dense batch
+    SD, DS = _slice(D, DS, BD)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    slb, szb = (torch.zeros(rows * D, **f32) for _ in range(2))           # L̄, Z̄ (rows, D)
+    vd = torch.empty(B * 7 * D, **f32)                                    # per-set slots
+    vn = torch.empty(7 * rows, **f32)
+    tau = torch.empty(B * NS * D, **f32)                                  # [B, NS, D]
+    sig = torch.empty(DS * rows, **f32)                                   # [DS, rows]
+    gwv = torch.empty(B, T, 4, **f32)
+    gwt = torch.zeros(B, T, 2, NS * DS, 2, **f32)
+    u_p0 = -math.log(D)
+    KV = hd.shape[2]
+    tiles = (B, NS, DS)
+    ptr = geo.ptr if geo.ragged else gx
+    sets = dict(RAGGED=geo.ragged)
+    flags = dict(sets, HAS_P0=has_p0, HAS_Q0=has_q0, QUAD=quadratic, PAPER=paper, KV=KV)
+    xargs = (x, geo.sxb, geo.sxn, geo.sxd, ptr, lp0, lq0, w32, hd, hn, vd, vn, slb, szb)
+    for tb in range(T - 1, -1, -1):
+        launcher(badmm_split_bwd_rows_step_kernel, wrap)[(B,)](
+            ptr, lq0, lp0, w32, hd, hn, vd, vn, sig, gwv, geo.N, D, rows, T, tb, DS, u_p0,
+            **flags, BV=BV, num_warps=num_warps)
+        has_tau = tb < T - 1 or gplan is not None
+        if has_tau:
+            launcher(badmm_split_bwd_pass2_kernel, wrap)[tiles](
+                *xargs, gplan if gplan is not None else gx, tau, gwt, geo.N, D, rows, T, tb,
+                NS, SD, DS, u_p0, **flags, PLAN=tb == T - 1, BN=BN, BD=BD,
+                num_warps=num_warps)
+        launcher(badmm_split_bwd_cols_step_kernel, wrap)[(B,)](
+            ptr, lp0, w32, vd, tau, gwv, geo.N, D, T, tb, NS, u_p0, int(has_tau), **sets,
+            HAS_P0=has_p0, QUAD=quadratic, PAPER=paper, BV=BV, num_warps=num_warps)
+        launcher(badmm_split_bwd_pass3_kernel, wrap)[tiles](
+            *xargs, gx, gy, y32, sig, gwt, geo.N, D, rows, T, tb, NS, SD, DS, u_p0,
+            **flags, BN=BN, BD=BD, num_warps=num_warps)
+    launcher(badmm_split_bwd_init_kernel, wrap)[(B,)](
+        ptr, slb, vd, vn, gp0, gq0, geo.N, D, rows, **sets, HAS_P0=has_p0, HAS_Q0=has_q0,
+        PAPER=paper, BN=BN, BD=BD, num_warps=num_warps)
+    return gwv + torch.nn.functional.pad(gwt.sum((2, 3)), (2, 0))
+
+
+def history_like(x: Tensor, ptr: Optional[Tensor], T: int, paper: bool):
+    """Empty fp32 vector history: hd (B, T, KV, D) - R, log μ [, z1] - and hn (T, KV, rows) -
+    C, log η [, z2] - of every iteration (KV = 3 for the paper variant, else 2). Sizes come
+    from shapes only (no host sync)."""
+    KV = 3 if paper else 2
+    D = x.shape[-1]
+    B = x.shape[0] if ptr is None else ptr.shape[0] - 1
+    rows = x.shape[0] * x.shape[1] if ptr is None else x.shape[0]
+    f32 = dict(device=x.device, dtype=torch.float32)
+    return x.new_empty(B, T, KV, D, **f32), x.new_empty(T, KV, rows, **f32)
+
+
+def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
+                  log_q0: Optional[Tensor], *, quadratic: bool, paper: bool, return_plan: bool,
+                  wrap=None):
+    """Pooled output and plan of T = w.shape[1] iterations. Returns (y (B, D) fp32, plan in
+    x's layout and dtype or None, and the vector history hd, hn for the backward:
+    :func:`history_like`).
+
+    x: (B, N, D) any strides, or (rows, D) with ptr (B + 1,); w: fp32 (6, T) contiguous;
+    log_p0 (B, D) / None; log_q0 (B, N) or (rows,) / None.
+    """
+    geo = _Geometry(x, ptr)
+    B, D, T = geo.B, geo.D, w.shape[1]
+    y = torch.zeros(B, D, device=x.device, dtype=torch.float32)
+    plan = torch.zeros(x.shape, device=x.device, dtype=x.dtype) if return_plan else None
+    hd, hn = history_like(x, ptr, T, paper)
+    if B == 0 or geo.rows == 0 or D == 0:
+        return y, plan, hd, hn
+    lp0, lq0 = _priors(x, log_p0, log_q0)
+    replay = forward_replays(T, x.element_size())
+    BN, BD, BV, num_warps = geo.blocks
+    splits = forward_splits(B, geo.set_size, D, BN, BD, x.device)
+    if splits != (1, 1):
+        _forward_split(x, geo, _f32(w), lp0, lq0, y, plan, hd, hn, *splits,
+                       quadratic=quadratic, paper=paper, has_p0=log_p0 is not None,
+                       has_q0=log_q0 is not None, replay=replay, wrap=wrap)
+        return y, plan, hd, hn
+    mats, vd, vn = _scratch(geo, x.device, 0 if replay else 2)
+    sl, sz = mats if mats else (y, y)                     # unused when replaying
+    launcher(badmm_fwd_kernel, wrap)[(geo.grid,)](
+        x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else y, geo.order(y), lp0, lq0, _f32(w),
+        y, plan if return_plan else y, sl, sz, vd, vn, hd, hn,
+        B, geo.N, D, geo.rows, T, -math.log(D),
+        RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
+        QUAD=quadratic, PAPER=paper, PLAN=return_plan, REPLAY=replay, KV=hd.shape[2],
+        BN=BN, BD=BD, BV=BV,
+        num_warps=num_warps,
+    )
+    return y, plan, hd, hn
+
+
+def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
+                   log_q0: Optional[Tensor], hd: Tensor, hn: Tensor, y32: Tensor, grad_y: Tensor,
+                   grad_plan: Optional[Tensor], *, quadratic: bool, paper: bool, wrap=None):
+    """Exact gradient of the T unrolled iterations. Returns fp32 (grad_x in x's shape,
+    grad_log_p0 (B, D), grad_log_q0 like log_q0 or None, dw (6, T))."""
+    geo = _Geometry(x, ptr)
+    B, D, T = geo.B, geo.D, w.shape[1]
+    dev = x.device
+    w32 = _f32(w)
+    gx = torch.zeros(geo.rows, D, device=dev, dtype=torch.float32)
+    gp0 = torch.zeros(B, D, device=dev, dtype=torch.float32)
+    gq0 = torch.zeros(geo.rows, device=dev, dtype=torch.float32)
+    gw = None                           # (B, T, 4) partials wrt (κ2, κ3, α1, ρ) per set
+    if B > 0 and geo.rows > 0 and D > 0:
+        lp0, lq0 = _priors(x, log_p0, log_q0)
+        BN, BD, BV, num_warps = geo.blocks
+        splits = backward_splits(B, geo.set_size, D, BN, BD, dev)
+        if splits != (1, 1):
+            gw = _backward_split(x, geo, w32, lp0, lq0, hd, hn, y32, _f32(grad_y),
+                                 _f32(grad_plan) if grad_plan is not None else None, gx, gp0,
+                                 gq0, *splits, quadratic=quadratic, paper=paper,
+                                 has_p0=log_p0 is not None, has_q0=log_q0 is not None,
+                                 wrap=wrap)
+        else:
+            gw = torch.zeros(B, T, 4, device=dev, dtype=torch.float32)
+            (slb, szb), vd, vn = _scratch(geo, dev, 2)               # adjoints of log S, Z
+            gplan = _f32(grad_plan).reshape(geo.rows, D) if grad_plan is not None else gx
+            launcher(badmm_bwd_kernel, wrap)[(geo.grid,)](
+                x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else gx, geo.order(gx),
+                lp0, lq0, w32, hd, hn,
+                y32, _f32(grad_y), gplan,
+                gx, gp0, gq0, gw,
+                slb, szb, vd, vn,
+                B, geo.N, D, geo.rows, T, -math.log(D),
+                RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
+                QUAD=quadratic, PAPER=paper, PLAN_GRAD=grad_plan is not None, KV=hd.shape[2],
+                BN=BN, BD=BD, BV=BV, num_warps=num_warps,
+            )
+    if gw is None:                      # nothing to differentiate: zero partials
+        gw = torch.zeros(max(B, 1), T, 4, device=dev, dtype=torch.float32)
+    dw = torch.empty(6, T, device=dev, dtype=torch.float32)
+    BT = min(next_pow2(T), 128)
+    launcher(badmm_dw_kernel, wrap)[(triton.cdiv(T, BT),)](
+        w32, gw, dw, B, T, QUAD=quadratic, PAPER=paper, BT=BT)
+    gq0 = gq0.reshape(log_q0.shape) if log_q0 is not None else None
+    return gx.reshape(x.shape), gp0, gq0, dw

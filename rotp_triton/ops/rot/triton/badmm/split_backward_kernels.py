@@ -1,0 +1,206 @@
+"""``@triton.jit`` code of the SPLIT B-ADMM backward: one set spread over NS × DS programs.
+
+The reverse steps of :func:`.kernels.badmm_bwd_kernel` with its tile passes run by B × NS × DS
+programs and its vector steps by one program per set, in separate launches (no program waits
+for another). Program (b, i, j) owns rows [i·SN, (i+1)·SN) and columns [j·SD, (j+1)·SD) of set
+b: pass 2 writes its partial τ (sum over its rows) [B, NS, D], pass 3 its partial σ (sum over
+its columns) [DS, rows], both their (∂α1, ∂ρ) partials [B, T, 2, NS·DS, 2]; the vector steps
+combine the partials and run the lognorm / paper adjoints. Reverse step tb:
+
+  rows step (b):        restore iteration tb's vectors; σ = Σ_j partials (written by pass 3 of
+                        step tb + 1), paper vector adjoints, C̄ (or log η̄)
+  pass 2    (b, i, j):  :func:`.kernels._adjoint_s_step_pass` (or the plan adjoint at T - 1)
+  columns step (b):     τ = Σ_i partials, R̄ (or log μ̄)
+  pass 3    (b, i, j):  :func:`.kernels._adjoint_p_step_pass`
+then :func:`.kernels._init_adjoint_pass` per set. Dense or ragged (row slices sized per set
+from N_b on the device, as :func:`.split_kernels._tile_program`; empty sets skipped). The
+adjoints L̄, Z̄ live in a (rows, D) fp32 scratch - the same size as the one-program-per-set
+kernel's when B < #SMs, where the launcher uses this schedule - and the per-set vector slots in
+(B, 7, D) / (7, rows).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .kernels import (_adjoint_p_step_pass, _adjoint_plan_pass, _adjoint_s_step_pass,
+                      _init_adjoint_pass, _iter_weights, _log, _restore, _rho_prev,
+                      _set_bounds, _vec_fill, _vec_lognorm_mix_bwd, _vec_paper_absorb,
+                      _vec_paper_update_bwd, _vzero)
+from .split_kernels import _tile_program
+
+
+@triton.jit
+def _sum_partials(part_ptr, stride, dst_ptr, parts, length, BV: tl.constexpr):
+    """dst[i] = Σ_s part[s · stride + i] (s < parts)."""
+    for i0 in range(0, length, BV):
+        offs = i0 + tl.arange(0, BV)
+        msk = offs < length
+        acc = tl.zeros([BV], dtype=tl.float32)
+        for s in range(0, parts):
+            acc += tl.load(part_ptr + s * stride + offs, mask=msk, other=0.0)
+        tl.store(dst_ptr + offs, acc, mask=msk)
+
+
+@triton.jit
+def badmm_split_bwd_rows_step_kernel(
+    ptr_ptr, lq0_ptr, lp0_ptr, w_ptr, hd_ptr, hn_ptr, vd_ptr, vn_ptr, sig_ptr, gwv_ptr,
+    N, D, NR, T, tb, DS, u_p0,
+    RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
+    PAPER: tl.constexpr, KV: tl.constexpr, BV: tl.constexpr,
+):
+    """Per set, before pass 2 of reverse step tb: iteration tb's vectors into the set's slots,
+    then (tb < T - 1) σ from the [DS, rows] partials, the paper vector adjoints, C̄ (σ slot)
+    and log q̄0 / log η̄. Writes gwv[b, tb] = (∂κ2, ∂κ3, 0, ∂ρ) of the vector steps so far
+    (zeros for an empty set)."""
+    b = tl.program_id(0)
+    b64 = b.to(tl.int64)
+    rs, n_b, _xoff = _set_bounds(b, ptr_ptr, N, 0, 0, RAGGED)
+    u_q0 = -_log(tl.maximum(n_b, 1).to(tl.float32))
+    vd = vd_ptr + b64 * 7 * D
+    vn = vn_ptr + rs
+    ns = NR
+    lp0_b = lp0_ptr + b64 * D
+    lq0_b = lq0_ptr + rs
+    a1, rho, k2, k3 = _iter_weights(w_ptr, T, tb, QUAD, PAPER)
+    gk2 = _vzero(BV)
+    gk3 = _vzero(BV)
+    grho = _vzero(BV)
+    if n_b > 0:
+        if tb == T - 1:           # first reverse step: zero the adjoint accumulators
+            for j in range(4, 7):
+                _vec_fill(vd + j * D, 0.0, D, BV)
+                _vec_fill(vn + j * ns, 0.0, n_b, BV)
+        _restore(vd, vn, ns, hd_ptr + (b64 * T + tb) * KV * D, hn_ptr + tb * KV * NR + rs,
+                 n_b, D, NR, tb < T - 1, PAPER, BV)
+        tl.debug_barrier()
+    if tl.where(tb < T - 1, n_b, 0) > 0:          # a non-empty set, not the last iteration
+        _sum_partials(sig_ptr + rs, NR, vn + 3 * ns, DS, n_b, BV)
+        if PAPER:
+            dk, dr = _vec_paper_update_bwd(lp0_b, HAS_P0, u_p0, vd + D, vd + 2 * D, vd + 4 * D,
+                                           vd + 5 * D, vd + 6 * D, k2, rho, D, BV)
+            gk2 += dk
+            grho += dr
+            dk, dr = _vec_paper_update_bwd(lq0_b, HAS_Q0, u_q0, vn + ns, vn + 2 * ns,
+                                           vn + 4 * ns, vn + 5 * ns, vn + 6 * ns, k3, rho, n_b,
+                                           BV)
+            gk3 += dk
+            grho += dr
+        tl.debug_barrier()
+        if PAPER:
+            _vec_paper_absorb(vn + 3 * ns, vn + 4 * ns, n_b, BV)
+        else:
+            gk3 += _vec_lognorm_mix_bwd(lq0_b, HAS_Q0, u_q0, vn, vn + ns, vn + 3 * ns,
+                                        vn + 6 * ns, k3, n_b, BV)
+    gwb = gwv_ptr + (b64 * T + tb) * 4
+    tl.store(gwb + 0, gk2)
+    tl.store(gwb + 1, gk3)
+    tl.store(gwb + 2, 0.0)
+    tl.store(gwb + 3, grho)
+
+
+@triton.jit
+def badmm_split_bwd_cols_step_kernel(
+    ptr_ptr, lp0_ptr, w_ptr, vd_ptr, tau_ptr, gwv_ptr, N, D, T, tb, NS, u_p0, HAS_TAU,
+    RAGGED: tl.constexpr, HAS_P0: tl.constexpr, QUAD: tl.constexpr, PAPER: tl.constexpr,
+    BV: tl.constexpr,
+):
+    """Per set, before pass 3 of reverse step tb: τ from the [NS, D] partials (0 when no pass
+    produced one: the last iteration without a plan gradient), then R̄ (τ slot) and log p̄0 /
+    log μ̄; adds ∂κ2 to gwv[b, tb, 0]."""
+    b = tl.program_id(0)
+    b64 = b.to(tl.int64)
+    rs, n_b, _xoff = _set_bounds(b, ptr_ptr, N, 0, 0, RAGGED)
+    vd = vd_ptr + b64 * 7 * D
+    if n_b > 0:
+        if HAS_TAU:
+            _sum_partials(tau_ptr + b64 * NS * D, D, vd + 3 * D, NS, D, BV)
+        else:
+            _vec_fill(vd + 3 * D, 0.0, D, BV)
+        tl.debug_barrier()
+        if PAPER:
+            _vec_paper_absorb(vd + 3 * D, vd + 4 * D, D, BV)
+        else:
+            a1, rho, k2, k3 = _iter_weights(w_ptr, T, tb, QUAD, PAPER)
+            gk2 = _vec_lognorm_mix_bwd(lp0_ptr + b64 * D, HAS_P0, u_p0, vd, vd + D, vd + 3 * D,
+                                       vd + 6 * D, k2, D, BV)
+            gwb = gwv_ptr + (b64 * T + tb) * 4
+            tl.store(gwb, tl.load(gwb) + gk2)
+
+
+@triton.jit
+def badmm_split_bwd_pass2_kernel(
+    x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, vd_ptr, vn_ptr,
+    slb_ptr, szb_ptr, gplan_ptr, tau_ptr, gwt_ptr, N, D, NR, T, tb, NS, SD, DS, u_p0,
+    RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
+    PAPER: tl.constexpr, KV: tl.constexpr, PLAN: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr,
+):
+    """Pass 2 of reverse step tb (PLAN: the plan adjoint of the last iteration instead) over
+    this program's tiles; partial τ into tau[b, i, :], (∂α1, ∂ρ) into gwt[b, tb, 0, i·DS + j]."""
+    b64, si, sj, rs, n_b, xb, lp0_b, lq0_b, hd_b, hn_b, n_lo, n_hi, d_lo, d_hi, u_q0 = \
+        _tile_program(x_ptr, sxb, sxn, ptr_ptr, lp0_ptr, lq0_ptr, hd_ptr, hn_ptr, N, D, T, NS,
+                      SD, KV, RAGGED, BN)
+    a1, rho, k2, k3 = _iter_weights(w_ptr, T, tb, QUAD, PAPER)
+    vd = vd_ptr + b64 * 7 * D
+    vn = vn_ptr + rs
+    slb = slb_ptr + rs * D
+    tau = tau_ptr + (b64 * NS + si) * D
+    gwt = gwt_ptr + ((b64 * T + tb) * 2 * NS * DS + si * DS + sj) * 2
+    if PLAN:
+        _adjoint_plan_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
+                           slb, vd, vn, NR, gplan_ptr + rs * D, n_b, D, a1, rho,
+                           n_lo, n_hi, d_lo, d_hi, tau, HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
+        tl.store(gwt + 0, 0.0)
+        tl.store(gwt + 1, 0.0)
+    else:
+        da1, dr = _adjoint_s_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
+                                       w_ptr, T, tb, slb, szb_ptr + rs * D, vd, vn, NR, n_b,
+                                       D, a1, rho, n_lo, n_hi, d_lo, d_hi, tau,
+                                       HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
+        tl.store(gwt + 0, da1)
+        tl.store(gwt + 1, dr)
+
+
+@triton.jit
+def badmm_split_bwd_pass3_kernel(
+    x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, vd_ptr, vn_ptr,
+    slb_ptr, szb_ptr, gx_ptr, gy_ptr, out_ptr, sig_ptr, gwt_ptr, N, D, NR, T, tb, NS, SD, DS,
+    u_p0,
+    RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
+    PAPER: tl.constexpr, KV: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+):
+    """Pass 3 of reverse step tb over this program's tiles (X̄, L̄, Z̄ in place); partial σ of
+    step tb - 1 into sig[j, rows of b], (∂α1, ∂ρ) into gwt[b, tb, 1, i·DS + j]."""
+    b64, si, sj, rs, n_b, xb, lp0_b, lq0_b, hd_b, hn_b, n_lo, n_hi, d_lo, d_hi, u_q0 = \
+        _tile_program(x_ptr, sxb, sxn, ptr_ptr, lp0_ptr, lq0_ptr, hd_ptr, hn_ptr, N, D, T, NS,
+                      SD, KV, RAGGED, BN)
+    a1, rho, k2, k3 = _iter_weights(w_ptr, T, tb, QUAD, PAPER)
+    NSD = NS * DS
+    gwt = gwt_ptr + ((b64 * T + tb) * 2 * NSD + NSD + si * DS + sj) * 2
+    da1, dr = _adjoint_p_step_pass(
+        xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
+        slb_ptr + rs * D, szb_ptr + rs * D, gx_ptr + rs * D,
+        vd_ptr + b64 * 7 * D, vn_ptr + rs, NR, gy_ptr + b64 * D, out_ptr + b64 * D, n_b, D,
+        a1, rho, tl.where(tb == T - 1, 1.0, 0.0), _rho_prev(w_ptr + 4 * T, tb),
+        n_lo, n_hi, d_lo, d_hi, sig_ptr + sj * NR + rs,
+        HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
+    tl.store(gwt + 0, da1)
+    tl.store(gwt + 1, dr)
+
+
+@triton.jit
+def badmm_split_bwd_init_kernel(
+    ptr_ptr, slb_ptr, vd_ptr, vn_ptr, gp0_ptr, gq0_ptr, N, D, NR,
+    RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr,
+):
+    """Per set: the adjoint of the initial state into log p̄0, log q̄0
+    (:func:`.kernels._init_adjoint_pass`)."""
+    b = tl.program_id(0)
+    b64 = b.to(tl.int64)
+    rs, n_b, _xoff = _set_bounds(b, ptr_ptr, N, 0, 0, RAGGED)
+    if n_b > 0:                     # an empty set keeps its zero gradients
+        _init_adjoint_pass(slb_ptr + rs * D, vd_ptr + b64 * 7 * D, vn_ptr + rs, NR,
+                           gp0_ptr + b64 * D, gq0_ptr + rs, n_b, D, HAS_P0, HAS_Q0, PAPER,
+                           BN, BD)

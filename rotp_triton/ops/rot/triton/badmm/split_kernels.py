@@ -1,0 +1,332 @@
+"""``@triton.jit`` code of the SPLIT B-ADMM forward: one set spread over NS × DS programs.
+
+Same iterations, same vector history (hd, hn) as :func:`.kernels.badmm_fwd_kernel` (so the
+backward is unchanged), for batches whose sets are too few to fill the GPU with one program
+per set (W1: 50 sets of 500 × 100; W5: 128 ragged sets of 20-500 rows, where the largest set
+sets the time). Program (b, i, j) owns rows [i·SN_b, (i+1)·SN_b) (SN_b from N_b on the device:
+ragged sets need no host sync) and columns [j·SD, (j+1)·SD) of set b and either rebuilds the
+state of its tiles from x and the history (``REPLAY``: :func:`.kernels._replay_state`, no
+N × D scratch) or streams it through a (rows, D) fp32 pair (log S, Z) in the deferred form of
+:func:`.kernels._load_state`, whose row and column shifts are the history's C, log η of t - 1.
+
+No program waits for another (issue 17: the interpreter runs programs one at a time). A
+reduction that crosses programs is split in two launches: the tile programs write partial
+online-LSE pairs (max, scaled sum) of their slice, and a per-set program combines them and
+runs the O(N + D) vector step. One iteration t < T - 1 is four launches:
+
+  column LSE  (b, i, j): partial R over rows i·SN.. of Y_t          -> pm, pl [B, NS, D]
+                         (streaming: launched after a tile init of log p0 q0ᵀ, Z = 0)
+  column step (b):       R_t = combine, log μ_t (exact: lognorm mix; paper: eqs. 26-28 of
+                         t - 1)                                     -> hd[b, t]
+  row LSE     (b, i, j): partial C over columns j·SD.. of Y2_t       -> qm, ql [DS, rows]
+                         (streaming: and the state Y2, Z + ρ P in place)
+  row step    (b):       C_t = combine, log η_t                      -> hn[t, :, rows of b]
+and the last iteration is its column LSE with pooling, the column step (writing y) and, with
+``return_plan``, the plan launch. A CUDA graph (or torch.compile's) hides the launch count.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .kernels import (_exp, _finite, _iter_weights, _load_prior, _load_x, _log, _p_step_y,
+                      _replay_state, _rho_prev, _s_step_y, _set_bounds, _tile_ptrs, _vec_copy,
+                      _vec_copy_prior, _vec_fill, _vec_lognorm_mix, _vec_paper_update)
+
+
+@triton.jit
+def _tile_program(x_ptr, sxb, sxn, ptr_ptr, lp0_ptr, lq0_ptr, hd_ptr, hn_ptr, N, D, T, NS, SD,
+                  KV: tl.constexpr, RAGGED: tl.constexpr, BN: tl.constexpr):
+    """(b, slice ids, first row rs in the (rows, ·) layouts, N_b, set pointers, row and column
+    ranges, uniform log q0) of this program. Row slices are NS per set of a multiple of BN rows
+    each (computed here from N_b: a ragged set's size is only known on the device); slices
+    past N_b are empty (their partials are neutral: max -inf, sum 0)."""
+    b = tl.program_id(0)
+    si = tl.program_id(1)
+    sj = tl.program_id(2)
+    b64 = b.to(tl.int64)
+    rs, n_b, xoff = _set_bounds(b, ptr_ptr, N, sxb, sxn, RAGGED)
+    SN = tl.cdiv(tl.cdiv(n_b, NS), BN) * BN
+    n_lo = si * SN
+    d_lo = sj * SD
+    return (b64, si, sj, rs, n_b, x_ptr + xoff, lp0_ptr + b64 * D, lq0_ptr + rs,
+            hd_ptr + b64 * T * KV * D, hn_ptr + rs,
+            n_lo, tl.minimum(n_lo + SN, n_b), d_lo, tl.minimum(d_lo + SD, D),
+            -_log(tl.maximum(n_b, 1).to(tl.float32)))
+
+
+@triton.jit
+def _tile_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0, hd_b, hn_b, NR,
+                w_ptr, T, sl, sz, o, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr,
+                QUAD: tl.constexpr, KV: tl.constexpr, REPLAY: tl.constexpr):
+    """(log S_t, Z_t) of a [BN, BD] tile: replayed from x and the history, or read from the
+    streamed scratch (Y2, Z + ρ P of iteration t - 1; log S = Y2 + (log η - C)_{t-1},
+    Z = (Z + ρ P) - ρ_{t-1} S; the initial state as is at t = 0)."""
+    if REPLAY:
+        L, Zt = _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
+                              hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
+    else:
+        nm = offs_n < n_b
+        hn_p = hn_b + (t - 1 + (t == 0)) * KV * NR                      # iteration t - 1
+        shift = tl.load(hn_p + NR + offs_n, mask=nm, other=0.0) \
+            - tl.load(hn_p + offs_n, mask=nm, other=0.0)                 # log η - C
+        shift = tl.where(t > 0, shift, 0.0)      # (hn[0] is not written yet at t = 0)
+        L = tl.where(mask, tl.load(sl + o, mask=mask, other=0.0) + shift[:, None], 0.0)
+        Zt = tl.load(sz + o, mask=mask, other=0.0) - _rho_prev(w_ptr + 4 * T, t) * _exp(L)
+    return L, Zt
+
+
+@triton.jit
+def badmm_split_init_state_kernel(
+    ptr_ptr, lp0_ptr, lq0_ptr, sl_ptr, sz_ptr, N, D, NS, SD, u_p0,
+    RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr,
+):
+    """Streaming: log S_0 = log p0 + log q0, Z_0 = 0 on this program's tiles."""
+    b64, si, sj, rs, n_b, xb, lp0_b, lq0_b, hd_b, hn_b, n_lo, n_hi, d_lo, d_hi, u_q0 = \
+        _tile_program(sl_ptr, 0, 0, ptr_ptr, lp0_ptr, lq0_ptr, sl_ptr, sl_ptr, N, D, 1, NS,
+                      SD, 1, RAGGED, BN)
+    sl = sl_ptr + rs * D
+    sz = sz_ptr + rs * D
+    for n0 in range(n_lo, n_hi, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        lq = _load_prior(lq0_b, offs_n, n_b, u_q0, HAS_Q0)                           # [BN]
+        for d0 in range(d_lo, d_hi, BD):
+            offs_d = d0 + tl.arange(0, BD)
+            mask = (offs_n < n_hi)[:, None] & (offs_d < D)[None, :]
+            lp = _load_prior(lp0_b, offs_d, D, u_p0, HAS_P0)                         # [BD]
+            o = _tile_ptrs(offs_n, offs_d, D, 1)
+            tl.store(sl + o, lq[:, None] + lp[None, :], mask=mask)
+            tl.store(sz + o, tl.zeros([BN, BD], dtype=tl.float32), mask=mask)
+
+
+@triton.jit
+def badmm_split_column_lse_kernel(
+    x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, sl_ptr, sz_ptr,
+    pm_ptr, pl_ptr, pa_ptr, N, D, NR, T, t, NS, SD, u_p0,
+    RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
+    KV: tl.constexpr, REPLAY: tl.constexpr, POOL: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr,
+):
+    """Partial R of iteration t over this program's rows: for each of its columns the online
+    LSE pair (m, l) of Y_t = log S_t + G_t/ρ_t, and with POOL Σ_n exp(Y - m) X. Writes
+    [B, NS, D] partials (SN, SD multiples of BN, BD: a tile never crosses a slice)."""
+    b64, si, sj, rs, n_b, xb, lp0_b, lq0_b, hd_b, hn_b, n_lo, n_hi, d_lo, d_hi, u_q0 = \
+        _tile_program(x_ptr, sxb, sxn, ptr_ptr, lp0_ptr, lq0_ptr, hd_ptr, hn_ptr, N, D, T, NS,
+                      SD, KV, RAGGED, BN)
+    a1, rho, _k2, _k3 = _iter_weights(w_ptr, T, t, QUAD, False)
+    sl = sl_ptr + rs * D
+    sz = sz_ptr + rs * D
+    part = (b64 * NS + si) * D
+    for d0 in range(d_lo, d_hi, BD):
+        offs_d = d0 + tl.arange(0, BD)
+        dm = offs_d < D
+        m = tl.full([BD], float("-inf"), dtype=tl.float32)
+        l = tl.zeros([BD], dtype=tl.float32)
+        acc = tl.zeros([BD], dtype=tl.float32)
+        for n0 in range(n_lo, n_hi, BN):
+            offs_n = n0 + tl.arange(0, BN)
+            mask = (offs_n < n_hi)[:, None] & dm[None, :]
+            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)                          # [BN, BD]
+            o = _tile_ptrs(offs_n, offs_d, D, 1)
+            L, Zt = _tile_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
+                                hd_b, hn_b, NR, w_ptr, T, sl, sz, o, HAS_P0, HAS_Q0, QUAD, KV,
+                                REPLAY)
+            y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
+            y = tl.where(mask, y, float("-inf"))
+            m_new = tl.maximum(m, tl.max(y, axis=0))
+            ms = _finite(m_new)
+            alpha = _exp(m - ms)
+            e = _exp(y - ms[None, :])
+            l = l * alpha + tl.sum(e, axis=0)
+            if POOL:
+                acc = acc * alpha + tl.sum(e * X, axis=0)
+            m = m_new
+        tl.store(pm_ptr + part + offs_d, m, mask=dm)
+        tl.store(pl_ptr + part + offs_d, l, mask=dm)
+        if POOL:
+            tl.store(pa_ptr + part + offs_d, acc, mask=dm)
+
+
+@triton.jit
+def badmm_split_column_step_kernel(
+    ptr_ptr, lp0_ptr, w_ptr, hd_ptr, pm_ptr, pl_ptr, pa_ptr, y_ptr, N, D, T, t, NS, u_p0,
+    RAGGED: tl.constexpr, HAS_P0: tl.constexpr, QUAD: tl.constexpr, PAPER: tl.constexpr,
+    KV: tl.constexpr, POOL: tl.constexpr, BV: tl.constexpr,
+):
+    """Per set b: R_t = LSE over the NS partials (and y = the pooled output with POOL) into
+    hd[b, t, 0]; then log μ_t into hd[b, t, 1] - exact: lognorm(κ2 log p0 + (1 - κ2) R_t);
+    paper: the vector state of eqs. 26-28 advanced from hd[b, t - 1] (log p0, z1 = 0 at t = 0)."""
+    b64 = tl.program_id(0).to(tl.int64)
+    rs, n_b, _xoff = _set_bounds(tl.program_id(0), ptr_ptr, N, 0, 0, RAGGED)
+    if n_b > 0:                             # an empty set keeps y = 0 and no history
+        hd_t = hd_ptr + (b64 * T + t) * KV * D
+        lp0_b = lp0_ptr + b64 * D
+        for i0 in range(0, D, BV):
+            offs = i0 + tl.arange(0, BV)
+            msk = offs < D
+            mx = tl.full([BV], float("-inf"), dtype=tl.float32)
+            for s in range(0, NS):
+                mx = tl.maximum(mx, tl.load(pm_ptr + (b64 * NS + s) * D + offs, mask=msk,
+                                            other=float("-inf")))
+            ms = _finite(mx)
+            l = tl.zeros([BV], dtype=tl.float32)
+            acc = tl.zeros([BV], dtype=tl.float32)
+            for s in range(0, NS):
+                o = (b64 * NS + s) * D + offs
+                sc = _exp(tl.load(pm_ptr + o, mask=msk, other=float("-inf")) - ms)
+                l += tl.load(pl_ptr + o, mask=msk, other=0.0) * sc
+                if POOL:
+                    acc += tl.load(pa_ptr + o, mask=msk, other=0.0) * sc
+            l = tl.where(msk, l, 1.0)
+            tl.store(hd_t + offs, mx + _log(l), mask=msk)
+            if POOL:
+                tl.store(y_ptr + b64 * D + offs, acc / l, mask=msk)
+        tl.debug_barrier()
+        if PAPER:
+            if t > 0:
+                hd_p = hd_t - KV * D
+                _vec_copy(hd_p + D, hd_t + D, D, BV)
+                _vec_copy(hd_p + 2 * D, hd_t + 2 * D, D, BV)
+                tl.debug_barrier()
+                _a1, rho_p, k2_p, _k3 = _iter_weights(w_ptr, T, t - 1, QUAD, PAPER)
+                _vec_paper_update(lp0_b, HAS_P0, u_p0, hd_t + D, hd_t + 2 * D, k2_p, rho_p, D, BV)
+            else:
+                _vec_copy_prior(lp0_b, HAS_P0, u_p0, hd_t + D, D, BV)
+                _vec_fill(hd_t + 2 * D, 0.0, D, BV)
+        else:
+            _a1, _rho, k2, _k3 = _iter_weights(w_ptr, T, t, QUAD, PAPER)
+            _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, hd_t, hd_t + D, k2, D, BV)
+
+
+@triton.jit
+def badmm_split_row_lse_kernel(
+    x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, sl_ptr, sz_ptr,
+    qm_ptr, ql_ptr, N, D, NR, T, t, NS, SD, u_p0,
+    RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
+    KV: tl.constexpr, REPLAY: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+):
+    """Partial C of iteration t over this program's columns: log P = Y + (log μ - R)_d, the
+    S-step input Y2, and for each of its rows the online LSE pair over its columns. Writes
+    [DS, rows] partials."""
+    b64, si, sj, rs, n_b, xb, lp0_b, lq0_b, hd_b, hn_b, n_lo, n_hi, d_lo, d_hi, u_q0 = \
+        _tile_program(x_ptr, sxb, sxn, ptr_ptr, lp0_ptr, lq0_ptr, hd_ptr, hn_ptr, N, D, T, NS,
+                      SD, KV, RAGGED, BN)
+    a1, rho, _k2, _k3 = _iter_weights(w_ptr, T, t, QUAD, False)
+    hd_t = hd_b + t * KV * D
+    sl = sl_ptr + rs * D
+    sz = sz_ptr + rs * D
+    part = sj * NR + rs                                          # [DS, rows] partials
+    for n0 in range(n_lo, n_hi, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        nm = offs_n < n_hi
+        m = tl.full([BN], float("-inf"), dtype=tl.float32)
+        l = tl.zeros([BN], dtype=tl.float32)
+        for d0 in range(d_lo, d_hi, BD):
+            offs_d = d0 + tl.arange(0, BD)
+            dm = offs_d < D
+            mask = nm[:, None] & dm[None, :]
+            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)                          # [BN, BD]
+            o = _tile_ptrs(offs_n, offs_d, D, 1)
+            L, Zt = _tile_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
+                                hd_b, hn_b, NR, w_ptr, T, sl, sz, o, HAS_P0, HAS_Q0, QUAD, KV,
+                                REPLAY)
+            r = tl.load(hd_t + offs_d, mask=dm, other=0.0)
+            lmu = tl.load(hd_t + D + offs_d, mask=dm, other=0.0)
+            y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
+            lp = y + (lmu - r)[None, :]                                              # log P
+            p = _exp(lp)
+            y2 = _s_step_y(lp, p, Zt, a1, rho, QUAD)
+            y2m = tl.where(mask, y2, float("-inf"))
+            m_new = tl.maximum(m, tl.max(y2m, axis=1))
+            ms = _finite(m_new)
+            l = l * _exp(m - ms) + tl.sum(_exp(y2m - ms[:, None]), axis=1)
+            m = m_new
+            if not REPLAY:      # the deferred state of iteration t + 1
+                tl.store(sl + o, y2, mask=mask)
+                tl.store(sz + o, Zt + rho * p, mask=mask)
+        tl.store(qm_ptr + part + offs_n, m, mask=nm)
+        tl.store(ql_ptr + part + offs_n, l, mask=nm)
+
+
+@triton.jit
+def badmm_split_row_step_kernel(
+    ptr_ptr, lq0_ptr, w_ptr, hn_ptr, qm_ptr, ql_ptr, N, NR, T, t, DS,
+    RAGGED: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr, PAPER: tl.constexpr,
+    KV: tl.constexpr, BV: tl.constexpr,
+):
+    """Per set b: C_t = LSE over the DS partials into hn[t, 0, rows of b]; then log η_t into
+    hn[t, 1] - exact: lognorm(κ3 log q0 + (1 - κ3) C_t); paper: the vector state advanced from
+    hn[t - 1] (log q0, z2 = 0 at t = 0)."""
+    rs, n_b, _xoff = _set_bounds(tl.program_id(0), ptr_ptr, N, 0, 0, RAGGED)
+    if n_b > 0:
+        u_q0 = -_log(n_b.to(tl.float32))
+        hn_t = hn_ptr + t * KV * NR + rs
+        lq0_b = lq0_ptr + rs
+        for i0 in range(0, n_b, BV):
+            offs = i0 + tl.arange(0, BV)
+            msk = offs < n_b
+            mx = tl.full([BV], float("-inf"), dtype=tl.float32)
+            for s in range(0, DS):
+                mx = tl.maximum(mx, tl.load(qm_ptr + s * NR + rs + offs, mask=msk,
+                                            other=float("-inf")))
+            ms = _finite(mx)
+            l = tl.zeros([BV], dtype=tl.float32)
+            for s in range(0, DS):
+                o = s * NR + rs + offs
+                l += tl.load(ql_ptr + o, mask=msk, other=0.0) \
+                    * _exp(tl.load(qm_ptr + o, mask=msk, other=float("-inf")) - ms)
+            tl.store(hn_t + offs, mx + _log(tl.where(msk, l, 1.0)), mask=msk)
+        tl.debug_barrier()
+        if PAPER:
+            if t > 0:
+                hn_p = hn_t - KV * NR
+                _vec_copy(hn_p + NR, hn_t + NR, n_b, BV)
+                _vec_copy(hn_p + 2 * NR, hn_t + 2 * NR, n_b, BV)
+                tl.debug_barrier()
+                _a1, rho_p, _k2, k3_p = _iter_weights(w_ptr, T, t - 1, QUAD, PAPER)
+                _vec_paper_update(lq0_b, HAS_Q0, u_q0, hn_t + NR, hn_t + 2 * NR, k3_p, rho_p, n_b,
+                                  BV)
+            else:
+                _vec_copy_prior(lq0_b, HAS_Q0, u_q0, hn_t + NR, n_b, BV)
+                _vec_fill(hn_t + 2 * NR, 0.0, n_b, BV)
+        else:
+            _a1, _rho, _k2, k3 = _iter_weights(w_ptr, T, t, QUAD, PAPER)
+            _vec_lognorm_mix(lq0_b, HAS_Q0, u_q0, hn_t, hn_t + NR, k3, n_b, BV)
+
+
+@triton.jit
+def badmm_split_plan_kernel(
+    x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, sl_ptr, sz_ptr,
+    plan_ptr, N, D, NR, T, NS, SD, u_p0,
+    RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
+    KV: tl.constexpr, REPLAY: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+):
+    """P = exp(Y + log μ - R) of the last iteration for this program's tiles, in the plan's
+    contiguous (rows, D) layout."""
+    b64, si, sj, rs, n_b, xb, lp0_b, lq0_b, hd_b, hn_b, n_lo, n_hi, d_lo, d_hi, u_q0 = \
+        _tile_program(x_ptr, sxb, sxn, ptr_ptr, lp0_ptr, lq0_ptr, hd_ptr, hn_ptr, N, D, T, NS,
+                      SD, KV, RAGGED, BN)
+    t = T - 1
+    a1, rho, _k2, _k3 = _iter_weights(w_ptr, T, t, QUAD, False)
+    hd_t = hd_b + t * KV * D
+    plan_b = plan_ptr + rs * D
+    sl = sl_ptr + rs * D
+    sz = sz_ptr + rs * D
+    for n0 in range(n_lo, n_hi, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        nm = offs_n < n_hi
+        for d0 in range(d_lo, d_hi, BD):
+            offs_d = d0 + tl.arange(0, BD)
+            dm = offs_d < D
+            mask = nm[:, None] & dm[None, :]
+            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)                          # [BN, BD]
+            o = _tile_ptrs(offs_n, offs_d, D, 1)
+            L, Zt = _tile_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
+                                hd_b, hn_b, NR, w_ptr, T, sl, sz, o, HAS_P0, HAS_Q0, QUAD, KV,
+                                REPLAY)
+            r = tl.load(hd_t + offs_d, mask=dm, other=0.0)
+            lmu = tl.load(hd_t + D + offs_d, mask=dm, other=0.0)
+            y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
+            p = _exp(y + (lmu - r)[None, :])
+            tl.store(plan_b + o, p.to(plan_ptr.dtype.element_ty), mask=mask)
