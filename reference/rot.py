@@ -206,12 +206,24 @@ def _exact_sinkhorn_rot(X, Sigma1, Sigma2, log_p0, log_q0, w, T, K):
 def _exact_badmm(X, Sigma1, Sigma2, log_p0, log_q0, w, T, quadratic):
     """Bregman ADMM (B-E entropic / B-Q quadratic), two blocks P = S with dual Z (DESIGN §3.1).
 
-    P-step: G = X + a0 S1 S S2 - Z [B-Q: - a1 S];  Y = log S + G/rho;  R = LSE_n(Y)
-            log mu = lognorm(k2 log p0 + (1 - k2) R), k2 = kappa(a2, rho);  log P = Y + (log mu - R) 1^T
+    P-step: G = X + a0 S1 S S2 - Z [B-Q: - a1 S];  Y = log S + G/wP;  R = LSE_n(Y)
+            log mu = lognorm(k2 log p0 + (1 - k2) R), k2 = kappa(a2, wP);  log P = Y + (log mu - R) 1^T
+            wP = rho (B-E), rho + a1 (B-Q, see below)
     S-step: H = Z + a0 S1 P S2
-            B-E: Y = (H + rho log P)/(a1 + rho), w = a1 + rho;   B-Q: Y = log P + (H - a1 P)/rho, w = rho
+            B-E: Y = (H + rho log P)/(a1 + rho), w = a1 + rho;   B-Q: Y = log P + (H - a1 P)/(rho + a1), w = rho + a1
             C = LSE_d(Y);  log eta = lognorm(k3 log q0 + (1 - k3) C), k3 = kappa(a3, w);  log S = Y + 1 (log eta - C)^T
     dual:   Z = Z + rho (P - S)
+
+    B-Q step (a deliberate change from DESIGN §3.1, which divides by rho): each block carries half
+    of the quadratic, (a1/2)||P||^2 and (a1/2)||S||^2, linearised at the other block (gradient
+    a1 S in the P-step, a1 P in the S-step).  Both blocks have total mass 1, so by Pinsker
+    (a1/2)||P - S||_2^2 <= (a1/2)||P - S||_1^2 <= a1 KL(P|S): adding a1 KL(P|S) to the linearisation
+    gives a majorizer of the block's subproblem, whose minimizer is the step above with weight
+    rho + a1.  Elementwise, log P <- log S - a1 S/(rho + a1) + ... has derivative
+    1 - a1 S/(rho + a1) in [rho/(rho + a1), 1] (S <= 1): a non-expansion for every a1/rho, where the
+    spec's 1 - a1 S/rho is < -1 (chaotic) once a1 S > 2 rho.  A fixed point (P = S) does not
+    depend on the step weight (the row/column corrections there equal a2 log(P1/p0), a3 log(P^T 1/q0)
+    up to constants whatever wP, w), so the optimum of DESIGN §2 is unchanged.
     """
     log_S = _row(log_p0) + _col(log_q0)  # log S = log(p0 q0^T)
     Z = torch.zeros_like(X)
@@ -221,18 +233,20 @@ def _exact_badmm(X, Sigma1, Sigma2, log_p0, log_q0, w, T, quadratic):
         S = torch.exp(log_S)
         # P-step
         G = X + a0 * _gw_term(Sigma1, S, Sigma2) - Z
+        wP = rho
         if quadratic:
             G = G - a1 * S
-        Y = log_S + G / rho
+            wP = rho + a1  # majorized linearisation (docstring)
+        Y = log_S + G / wP
         R = _lse_n(Y)
-        log_mu = lognorm(kappa(a2, rho) * log_p0 + (1 - kappa(a2, rho)) * R)
+        log_mu = lognorm(kappa(a2, wP) * log_p0 + (1 - kappa(a2, wP)) * R)
         log_P = Y + _row(log_mu - R)
         P = torch.exp(log_P)
         # S-step
         H = Z + a0 * _gw_term(Sigma1, P, Sigma2)
         if quadratic:
-            Y = log_P + (H - a1 * P) / rho
-            wS = rho
+            wS = rho + a1  # majorized linearisation (docstring)
+            Y = log_P + (H - a1 * P) / wS
         else:
             Y = (H + rho * log_P) / (a1 + rho)
             wS = a1 + rho
