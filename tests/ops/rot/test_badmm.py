@@ -447,6 +447,24 @@ def test_fig7_extremes(method, a1, a23):
         assert e_k <= max(RTOL[torch.float32], 25 * e_t), (key, e_k, e_t)
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_bq_exact_large_a1_over_rho(schedule, monkeypatch):
+    """B-Q exact at α1 = 1e3, ρ = 1, T = 8: the step divided by ρ alone (DESIGN §3.1) has
+    elementwise gain 1 - α1 S/ρ < -1 here (chaotic); the majorised step of reference/rot.py
+    (weight ρ + α1, issue 16) is a non-expansion. Kernel = float64 reference (y, plan and every
+    gradient, fp32 tolerance) and finite."""
+    _schedule(monkeypatch, schedule)
+    gen = torch.Generator().manual_seed(16)
+    B, N, D, T = 2, 6, 4, 8
+    x, _, lp, lq, cy, cp = _case(B, N, D, T, gen)
+    w = dict(a1=torch.full((T,), 1e3), a2=0.3 + 2 * torch.rand(T, generator=gen),
+             a3=0.3 + 2 * torch.rand(T, generator=gen), rho=torch.ones(T))
+    args = (x, None, "badmm-q", "exact", w, lp, lq, cy, cp)
+    k = _run_kernel(*args)
+    assert all(bool(torch.isfinite(v).all()) for v in k.values())
+    _compare(k, _run_reference(*args), RTOL[torch.float32])
+
+
 @pytest.mark.parametrize("variant", ["exact", "paper"])
 @pytest.mark.parametrize("method", ["badmm-e", "badmm-q"])
 def test_huge_inputs_stay_finite(method, variant):
@@ -619,8 +637,8 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
         (m.badmm_bwd_kernel, 2048, 49, False, False, False, "PLAN_GRAD", None),
         (m.badmm_bwd_kernel, 128, 500, True, True, True, "PLAN_GRAD", None)]:
     BN, BD, BV, num_warps = launch.block_sizes(0 if ragged else N, D)
-    consts = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=quad, PAPER=paper, BN=BN, BD=BD,
-                  BV=BV, **{flag: True})
+    consts = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=m.quad_flag(quad, paper),
+                  PAPER=paper, BN=BN, BD=BD, BV=BV, **{flag: True})
     consts["KV"] = 3 if paper else 2
     if flag == "PLAN":
         consts["REPLAY"] = replay
@@ -638,8 +656,8 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
         spill = int(line.split("LOCAL:")[1].split()[0])
     print(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, D, N, quad, paper,
           replay, (BN, BD, BV), "regs", regs, "local", spill)
-for quad, paper in [(False, False), (True, True)]:
-    consts = dict(QUAD=quad, PAPER=paper, BT=16)
+for quad, paper in [(False, False), (True, True), (True, False)]:
+    consts = dict(QUAD=m.quad_flag(quad, paper), PAPER=paper, BT=16)
     sig = {"w_ptr": "*fp32", "gw_ptr": "*fp32", "dw_ptr": "*fp32", "B": "i32", "T": "i32",
            "QUAD": "constexpr", "PAPER": "constexpr", "BT": "constexpr"}
     c = compile_sm90(m.badmm_dw_kernel, sig, consts, num_warps=4)

@@ -21,7 +21,7 @@ batch is per program, O(G · N · D), not O(B · N · D); that of a ragged batch
 rows of a (rows, D) matrix (sizing a per-program scratch would need N_max, a host sync that
 torch.compile cannot trace). One iteration is two passes:
 
-  A  (column-wise) Y = log S + (X - Z [- α1 S]) / ρ,  R = LSE_n(Y)  (online LSE over n tiles)
+  A  (column-wise) Y = log S + (X - Z [- α1 S]) / w_P,  R = LSE_n(Y)  (w_P = ρ; B-Q exact ρ + α1)
      then the D-vector log μ = lognorm(κ2 log p0 + (1 - κ2) R)          (exact) / state (paper)
   B  (row-wise)    log P = Y + (log μ - R), P-step done; S-step input Y2 (written over log S),
                    C = LSE_d(Y2), and Z += ρ P (written in place)
@@ -67,9 +67,9 @@ Adjoint of one exact iteration (ā = adjoint of a; s' = exp(log S_{t+1})):
   σ_n = Σ_d L̄';  v̄ = σ - η Σσ;  C̄ = -σ + (1-κ3) v̄ ;  κ̄3 += Σ v̄ (log q0 - C); log q̄0 += κ3 v̄
   Ȳ2 = L̄' + C̄ exp(Y2 - C)
   E: Z̄ = Z̄' + Ȳ2/w,  log P̄ = ρ Ȳ2/w + ρ Z̄' P     (w = α1 + ρ)
-  Q: Z̄ = Z̄' + Ȳ2/ρ,  log P̄ = Ȳ2 + P (ρ Z̄' - α1 Ȳ2/ρ)
+  Q: Z̄ = Z̄' + Ȳ2/w_P,  log P̄ = Ȳ2 + P (ρ Z̄' - α1 Ȳ2/w_P)   (w_P = ρ + α1 exact, ρ paper)
   τ_d = Σ_n log P̄;  ū = τ - μ Στ;  R̄ = -τ + (1-κ2) ū;  κ̄2 += Σ ū (log p0 - R); log p̄0 += κ2 ū
-  Ȳ = log P̄ + R̄ softmax_n(Y);  L̄ = Ȳ [- α1 S Ȳ/ρ];  Z̄ -= Ȳ/ρ;  X̄ += Ȳ/ρ
+  Ȳ = log P̄ + R̄ softmax_n(Y);  L̄ = Ȳ [- α1 S Ȳ/w_P];  Z̄ -= Ȳ/w_P;  X̄ += Ȳ/w_P  (E: w_P = ρ)
 (plus the scalar partials of α1 and ρ; the paper variant replaces the lognorm lines by its
 vector state's adjoints). Every reduction is a streamed pass like the forward's.
 """
@@ -149,17 +149,41 @@ def _load_state(sl, sz, o, mask, offs_n, n_b, cp, ep, rp):
 
 @triton.jit
 def _iter_weights(w_ptr, T, t, QUAD: tl.constexpr, PAPER: tl.constexpr):
-    """(α1, ρ, κ2, κ3) of iteration t from the (6, T) table: κ2 = κ(α2, ρ), κ3 = κ(α3, w) with
-    w = α1 + ρ (B-E exact) or ρ (B-Q, paper), as ``solvers.badmm``."""
+    """(α1, ρ, κ2, κ3) of iteration t from the (6, T) table: κ2 = κ(α2, w_P), κ3 = κ(α3, w) with
+    w_P = :func:`_step_weight` and w = α1 + ρ (B-E exact) or w_P (B-Q, paper), as
+    ``solvers.badmm``."""
     a1 = tl.load(w_ptr + 1 * T + t)
     a2 = tl.load(w_ptr + 2 * T + t)
     a3 = tl.load(w_ptr + 3 * T + t)
     rho = tl.load(w_ptr + 4 * T + t)
+    wp = _step_weight(a1, rho, QUAD)
     if QUAD or PAPER:
-        k3 = kappa(a3, rho)
+        k3 = kappa(a3, wp)
     else:
         k3 = kappa(a3, a1 + rho)
-    return a1, rho, kappa(a2, rho), k3
+    return a1, rho, kappa(a2, wp), k3
+
+
+# QUAD constexpr: 0 B-E, 1 B-Q paper, 2 B-Q exact (whose steps divide by ρ + α1, below)
+QUAD_EXACT = tl.constexpr(2)
+
+
+def quad_flag(quadratic: bool, paper: bool) -> int:
+    """The kernels' QUAD constexpr for (quadratic, paper): truthy for B-Q, QUAD_EXACT for the
+    exact variant's majorised step (so that kernels without PAPER still pick its weight)."""
+    return (1 if paper else QUAD_EXACT.value) if quadratic else 0
+
+
+@triton.jit
+def _step_weight(a1, rho, QUAD: tl.constexpr):
+    """Weight w_P of the P-step (and of the B-Q S-step): ρ, or ρ + α1 for B-Q exact - the
+    majorised linearisation of reference/rot.py ``_exact_badmm`` (non-expansive for every
+    α1/ρ, same fixed point). The dual update keeps ρ."""
+    if QUAD == QUAD_EXACT:
+        wp = rho + a1
+    else:
+        wp = rho
+    return wp
 
 
 @triton.jit
@@ -170,20 +194,20 @@ def _rho_prev(rho_ptr, t):
 
 @triton.jit
 def _p_step_y(X, L, Zt, a1, rho, QUAD: tl.constexpr):
-    """Y = log S + G/ρ, G = X - Z [- α1 S]; returns (Y, G, S)."""
+    """Y = log S + G/w_P, G = X - Z [- α1 S] (w_P: :func:`_step_weight`); returns (Y, G, S)."""
     s = _exp(L)
     if QUAD:
         g = X - Zt - a1 * s
     else:
         g = X - Zt
-    return L + g * (1.0 / rho), g, s                  # scalar reciprocal: no per-element divide
+    return L + g * (1.0 / _step_weight(a1, rho, QUAD)), g, s   # scalar reciprocal, no divides
 
 
 @triton.jit
 def _s_step_y(lp, p, Zt, a1, rho, QUAD: tl.constexpr):
-    """S-step input Y2: B-E (Z + ρ log P)/(α1 + ρ); B-Q log P + (Z - α1 P)/ρ."""
+    """S-step input Y2: B-E (Z + ρ log P)/(α1 + ρ); B-Q log P + (Z - α1 P)/w_P."""
     if QUAD:
-        y2 = lp + (Zt - a1 * p) * (1.0 / rho)
+        y2 = lp + (Zt - a1 * p) * (1.0 / _step_weight(a1, rho, QUAD))
     else:
         y2 = (Zt + rho * lp) * (1.0 / (a1 + rho))
     return y2
@@ -446,7 +470,7 @@ def _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0, 
     """(log S_t, Z_t) of a [BN, BD] tile rebuilt from x and the vector history: for α0 = 0
     each entry evolves on its own once the row shifts (log η - C)_s and column shifts
     (log μ - R)_s are known,
-        log P = log S + (X - Z [- α1 S]) / ρ + (log μ - R)_d,  P = exp(log P),
+        log P = log S + (X - Z [- α1 S]) / w_P + (log μ - R)_d,  P = exp(log P),
         log S' = Y2(log P, P, Z) + (log η - C)_n,  Z' = Z + ρ (P - S'),
     two exp2 per element and replayed iteration, no HBM traffic beyond x and the vectors."""
     nm = offs_n < n_b
@@ -469,7 +493,7 @@ def _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0, 
             g = X - Zt - a1 * S
         else:
             g = X - Zt
-        lpk = L + g * (1.0 / rho) + col[None, :]
+        lpk = L + g * (1.0 / _step_weight(a1, rho, QUAD)) + col[None, :]
         pk = _exp(lpk)
         L = tl.where(mask, _s_step_y(lpk, pk, Zt, a1, rho, QUAD) + row[:, None], 0.0)
         S = _exp(L)
@@ -657,7 +681,7 @@ def _adjoint_s_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
     Returns the scalar partials (∂/∂α1, ∂/∂ρ) of this iteration so far."""
     acc_a1 = _vzero(BD)
     acc_rho = _vzero(BD)
-    inv_rho = 1.0 / rho
+    inv_ws = 1.0 / _step_weight(a1, rho, QUAD)                # B-Q step weight
     inv_w = 1.0 / (a1 + rho)
     for d0 in range(d_lo, d_hi, BD):
         offs_d = d0 + tl.arange(0, BD)
@@ -686,10 +710,13 @@ def _adjoint_s_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
             s_new = e2 * _exp(leta)[:, None]
             y2b = Lb - rho * Zb * s_new + cb[:, None] * e2                           # Ȳ2
             if QUAD:
-                zb_new = Zb + y2b * inv_rho
-                lpb = y2b + p * (rho * Zb - a1 * inv_rho * y2b)
-                d_rho = Zb * (p - s_new) - y2b * (Zt - a1 * p) * (inv_rho * inv_rho)
-                d_a1 = -y2b * p * inv_rho
+                zb_new = Zb + y2b * inv_ws
+                lpb = y2b + p * (rho * Zb - a1 * inv_ws * y2b)
+                d_ws = -y2b * (Zt - a1 * p) * (inv_ws * inv_ws)                  # ∂/∂w_P
+                d_rho = Zb * (p - s_new) + d_ws
+                d_a1 = -y2b * p * inv_ws
+                if QUAD == QUAD_EXACT:                                          # w_P = ρ + α1
+                    d_a1 += d_ws
             else:
                 zb_new = Zb + y2b * inv_w
                 lpb = (rho * inv_w) * y2b + rho * Zb * p
@@ -740,15 +767,15 @@ def _adjoint_p_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
                          KV: tl.constexpr, QUAD: tl.constexpr, BN: tl.constexpr,
                          BD: tl.constexpr):
     """Backward pass 3: Ȳ = log P̄ + R̄ softmax_n(Y) [+ the pooling's adjoint: last = 1.0 in
-    the last iteration, 0.0 before], then through Y = log S + G/ρ: L̄ ← Ȳ [- α1 S Ȳ/ρ],
-    Z̄ ← Z̄ - Ȳ/ρ, X̄ += Ȳ/ρ. With tb > 0 it also forms the previous reverse step's row sums
+    the last iteration, 0.0 before], then through Y = log S + G/w_P: L̄ ← Ȳ [- α1 S Ȳ/w_P],
+    Z̄ ← Z̄ - Ȳ/w_P, X̄ += Ȳ/w_P. With tb > 0 it also forms the previous reverse step's row sums
     σ_n = Σ_d (L̄ - ρ_{tb-1} Z̄ S) from the adjoints just written and this iteration's S
     (the adjoint of C_{tb-1} and log η_{tb-1}; saves that step a pass), into ``sigma_ptr`` (the
     σ slot, or a split program's partial over columns [d_lo, d_hi)); rows [n_lo, n_hi).
     Returns the scalar partials (∂/∂α1, ∂/∂ρ)."""
     acc_a1 = _vzero(BD)
     acc_rho = _vzero(BD)
-    inv_rho = 1.0 / rho
+    inv_ws = 1.0 / _step_weight(a1, rho, QUAD)
     for n0 in range(n_lo, n_hi, BN):
         offs_n = n0 + tl.arange(0, BN)
         nm = offs_n < n_hi
@@ -775,12 +802,16 @@ def _adjoint_p_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
             yb += e * (X - out[None, :]) * gy[None, :]
             gx += e * gy[None, :]
             yb = tl.where(mask, yb, 0.0)
-            gb = yb * inv_rho
+            gb = yb * inv_ws
             lb = yb
+            # ∂/∂w_P
+            d_ws = tl.sum(tl.sum(tl.where(mask, -gb * g * inv_ws, 0.0), axis=1), axis=0)
             if QUAD:
                 lb = yb - a1 * s * gb
                 acc_a1 += tl.sum(tl.sum(tl.where(mask, -gb * s, 0.0), axis=1), axis=0)
-            acc_rho += tl.sum(tl.sum(tl.where(mask, -gb * g * inv_rho, 0.0), axis=1), axis=0)
+            if QUAD == QUAD_EXACT:                                              # w_P = ρ + α1
+                acc_a1 += d_ws
+            acc_rho += d_ws
             zb_new = Zb - gb
             sigma += tl.sum(tl.where(mask, lb - rho_prev * zb_new * s, 0.0), axis=1)
             tl.store(slb + o, lb, mask=mask)
@@ -1062,7 +1093,8 @@ def _dkappa(alpha, w):
 def badmm_dw_kernel(w_ptr, gw_ptr, dw_ptr, B, T, QUAD: tl.constexpr, PAPER: tl.constexpr,
                     BT: tl.constexpr):
     """dw (6, T) from the per-set partials gw (B, T, 4) = ∂/∂(κ2, κ3, α1, ρ): sums over sets and
-    applies the chain rule of κ2 = κ(α2, ρ), κ3 = κ(α3, w) on chip. Rows A0 and TAU are 0."""
+    applies the chain rule of κ2 = κ(α2, w_P), κ3 = κ(α3, w) on chip (:func:`_iter_weights`).
+    Rows A0 and TAU are 0."""
     offs = tl.program_id(0) * BT + tl.arange(0, BT)                                      # [BT]
     m = offs < T
     g = tl.zeros([BT, 4], dtype=tl.float32)
@@ -1078,13 +1110,15 @@ def badmm_dw_kernel(w_ptr, gw_ptr, dw_ptr, B, T, QUAD: tl.constexpr, PAPER: tl.c
     a2 = tl.load(w_ptr + 2 * T + offs, mask=m, other=1.0)
     a3 = tl.load(w_ptr + 3 * T + offs, mask=m, other=1.0)
     rho = tl.load(w_ptr + 4 * T + offs, mask=m, other=1.0)
-    d2a, d2w = _dkappa(a2, rho)
+    d2a, d2w = _dkappa(a2, _step_weight(a1, rho, QUAD))
     if QUAD or PAPER:
-        d3a, d3w = _dkappa(a3, rho)
+        d3a, d3w = _dkappa(a3, _step_weight(a1, rho, QUAD))
         da1 = ga1
     else:
         d3a, d3w = _dkappa(a3, a1 + rho)
         da1 = ga1 + gk3 * d3w
+    if QUAD == QUAD_EXACT:                        # κ2, κ3 of w_P = ρ + α1
+        da1 = ga1 + gk2 * d2w + gk3 * d3w
     zero = tl.zeros([BT], dtype=tl.float32)
     tl.store(dw_ptr + 0 * T + offs, zero, mask=m)
     tl.store(dw_ptr + 1 * T + offs, da1, mask=m)

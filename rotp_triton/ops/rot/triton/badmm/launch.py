@@ -16,7 +16,7 @@ from torch import Tensor
 import triton
 
 from ..common import cdiv, launcher, next_pow2, sm_count
-from .kernels import badmm_bwd_kernel, badmm_dw_kernel, badmm_fwd_kernel
+from .kernels import badmm_bwd_kernel, badmm_dw_kernel, badmm_fwd_kernel, quad_flag
 from .split_backward_kernels import (badmm_split_bwd_cols_step_kernel,
                                      badmm_split_bwd_init_kernel, badmm_split_bwd_pass2_kernel,
                                      badmm_split_bwd_pass3_kernel,
@@ -268,6 +268,7 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
     """
     geo = _Geometry(x, ptr)
     B, D, T = geo.B, geo.D, w.shape[1]
+    quadratic = quad_flag(quadratic, paper)              # the kernels' QUAD: B-Q exact is 2
     y = torch.zeros(B, D, device=x.device, dtype=torch.float32)
     plan = torch.zeros(x.shape, device=x.device, dtype=x.dtype) if return_plan else None
     hd, hn = history_like(x, ptr, T, paper)
@@ -303,6 +304,7 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
     grad_log_p0 (B, D), grad_log_q0 like log_q0 or None, dw (6, T))."""
     geo = _Geometry(x, ptr)
     B, D, T = geo.B, geo.D, w.shape[1]
+    quadratic = quad_flag(quadratic, paper)              # the kernels' QUAD: B-Q exact is 2
     dev = x.device
     w32 = _f32(w)
     gx = torch.zeros(geo.rows, D, device=dev, dtype=torch.float32)
