@@ -9,11 +9,6 @@ import torch
 
 import rotp_triton as rt
 
-# The torch path still reads tensors on the host (`bool(empty.any())` in
-# functional._rot_pool_torch, ptr checks); branch "layout" removes those syncs.
-HOST_SYNC = pytest.mark.xfail(strict=False, reason="host sync removed by the router issue")
-
-
 def _ragged():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(11, 8, generator=g)
@@ -39,10 +34,7 @@ CASES = {
 }
 
 
-# ROTPool2d captures already; the others read tensor values on the host in functional.py /
-# _batching.py (checked: with `bool(empty.any())` removed, ROTPool-dense and AdaptiveROTPool2d
-# pass; ROTPool-ptr then stops at N_max = lengths.max() in _batching.SetBatch.mask)
-NAMES = [pytest.param(n, marks=HOST_SYNC) if n != "ROTPool2d" else n for n in CASES]
+NAMES = list(CASES)
 
 
 def _eager(name):
