@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .unrolled import A1, A2, A3, RHO, kappa, lognorm_feat
+from .vectors import A1, A2, A3, RHO, kappa, lognorm_feat
 
 
 def _weight_grads(t, w, gw, fn, g_scalars, direct=None):

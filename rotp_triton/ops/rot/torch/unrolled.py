@@ -28,21 +28,7 @@ import torch
 from torch import Tensor
 
 from .arena import Arena
-
-A1, A2, A3, RHO = range(4)
-
-
-def kappa(alpha: Tensor, w: Tensor) -> Tensor:
-    """κ(α, w) = α / (α + w), with κ = 1 at α = +inf (no inf/inf, no NaN in the backward)."""
-    inf = torch.isinf(alpha)
-    a = torch.where(inf, torch.ones_like(alpha), alpha)
-    return torch.where(inf, torch.ones_like(alpha), a / (a + w))
-
-
-def lognorm_feat(v: Tensor) -> Tensor:
-    """log-softmax over features of a per-set vector (last dimension in both layouts)."""
-    return v - torch.logsumexp(v, dim=-1, keepdim=True)
-
+from .vectors import A1, A2, A3, RHO, kappa, lognorm_feat  # noqa: F401  (re-exported)
 
 # --------------------------------------------------------------------------------------------
 # one iteration of each solver; ``state`` is a tuple, ``given`` the saved LSE vectors (replay)
