@@ -109,3 +109,36 @@ def count_kernel_work(out: list | None = None):
         for n, f in saved.items():
             setattr(B, n, f)
         I.GridExecutor.__call__ = saved_call
+
+
+# full-size batch of each workload (PERF.md) and the reduced batch kernel_report interprets
+FULL_SETS = {"W1": 50, "W2": 256, "W3": 64, "W5": 128}
+H100_SMS = 132
+
+
+@contextlib.contextmanager
+def same_launch_plan(full_sets: int, reduced_sets: int):
+    """Make the launchers' grid heuristics choose for the reduced batch what they choose for the
+    full one on an H100. They compare the number of sets with ``sm_count`` (e.g. B-ADMM splits
+    a set over several programs only while B < #SMs), and the interpreter's stand-in of 4 SMs
+    would send a 1-set W2 batch down the split path that its 256 sets never take. So
+    ``sm_count`` answers 1 when the full batch fills the H100 (no split) and otherwise the SM
+    count scaled by reduced/full sets (about the same programs per set as at full size)."""
+    import importlib
+    import pkgutil
+
+    import rotp_triton.ops.rot.triton as fam
+
+    sms = 1 if full_sets >= H100_SMS else max(reduced_sets + 1,
+                                              round(H100_SMS * reduced_sets / full_sets))
+    patched = []
+    for m in pkgutil.walk_packages(fam.__path__, fam.__name__ + "."):
+        mod = importlib.import_module(m.name)
+        if hasattr(mod, "sm_count"):
+            patched.append((mod, mod.sm_count))
+            mod.sm_count = lambda device, _v=sms: _v
+    try:
+        yield sms
+    finally:
+        for mod, f in patched:
+            mod.sm_count = f

@@ -166,12 +166,15 @@ def _by_name(works) -> dict:
 
 
 def kernel_work(c: dict, T: int) -> dict:
-    from bench.interp_counter import count_kernel_work
-    fwd, leaves, _ = make_call(c, T, reduced=True, backend="triton")
-    with count_kernel_work() as wf:
-        y = fwd()
-    with count_kernel_work() as wb:
-        _grad(y, leaves)
+    from bench.interp_counter import FULL_SETS, count_kernel_work, same_launch_plan
+    fwd, leaves, x = make_call(c, T, reduced=True, backend="triton")
+    _, ptr, _ = workload_input(c["workload"], reduced=True)
+    reduced_sets = x.shape[0] if ptr is None else ptr.numel() - 1
+    with same_launch_plan(FULL_SETS[c["workload"]], reduced_sets):
+        with count_kernel_work() as wf:
+            y = fwd()
+        with count_kernel_work() as wb:
+            _grad(y, leaves)
     return dict(fwd=_by_name(wf), bwd=_by_name(wb))
 
 
