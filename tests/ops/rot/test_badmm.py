@@ -138,6 +138,27 @@ def _compare(k, r, tol):
     assert not bad, f"relative errors above {tol}: {bad} (all: {errs})"
 
 
+def _check_ragged_with_empty_sets(method, variant, lengths, *, D, T, seed, inf_a2=False):
+    """A ragged batch with empty sets (priors, plan, every weight): empty sets pool to 0,
+    everything is finite, and the kernel matches the reference (fp32)."""
+    gen = torch.Generator().manual_seed(seed)
+    ptr = torch.tensor([0] + lengths).cumsum(0)
+    rows = int(ptr[-1])
+    x = torch.randn(rows, D, generator=gen)
+    w = _weights(T, gen, inf_a2=inf_a2)
+    lp = torch.randn(len(lengths), D, generator=gen)
+    lq = torch.randn(rows, generator=gen)
+    cy = torch.randn(len(lengths), D, generator=gen)
+    cp = torch.randn(rows, D, generator=gen)
+    args = (x, ptr, method, variant, w, lp, lq, cy, cp)
+    k = _run_kernel(*args)
+    empty = torch.tensor(lengths) == 0
+    assert bool((k["y"].cpu()[empty] == 0).all())
+    assert all(bool(torch.isfinite(v).all()) for v in k.values())
+    _compare(k, _run_reference(*args), RTOL[torch.float32])
+
+
+
 def _case(B, N, D, T, gen, priors=True, inf_a2=False, plan=True):
     x = torch.randn(B, N, D, generator=gen)
     w = _weights(T, gen, inf_a2)
@@ -250,22 +271,8 @@ def test_split_ragged_with_empty_sets(method, variant, schedule, monkeypatch):
     match the reference."""
     _small_blocks(monkeypatch)
     calls = _split(monkeypatch, 3, 2, schedule=schedule)
-    gen = torch.Generator().manual_seed(15)
-    lengths = [0, 37, 0, 5, 20, 0]
-    ptr = torch.tensor([0] + lengths).cumsum(0)
-    rows, D, T = int(ptr[-1]), 19, 3
-    x = torch.randn(rows, D, generator=gen)
-    w = _weights(T, gen, inf_a2=True)
-    lp = torch.randn(len(lengths), D, generator=gen)
-    lq = torch.randn(rows, generator=gen)
-    cy = torch.randn(len(lengths), D, generator=gen)
-    cp = torch.randn(rows, D, generator=gen)
-    args = (x, ptr, method, variant, w, lp, lq, cy, cp)
-    k = _run_kernel(*args)
-    empty = torch.tensor(lengths) == 0
-    assert bool((k["y"].cpu()[empty] == 0).all())
-    assert all(bool(torch.isfinite(v).all()) for v in k.values())
-    _compare(k, _run_reference(*args), RTOL[torch.float32])
+    _check_ragged_with_empty_sets(method, variant, [0, 37, 0, 5, 20, 0], D=19, T=3, seed=15,
+                                  inf_a2=True)
     assert set(calls) >= {"_forward_split", "_backward_split"}, calls
 
 
@@ -365,22 +372,7 @@ def test_ragged_with_empty_sets(method, variant, schedule, monkeypatch):
     several tiles and the persistent grid (3 programs on CPU) loops over sets."""
     _small_blocks(monkeypatch)
     _schedule(monkeypatch, schedule)
-    gen = torch.Generator().manual_seed(4)
-    lengths = [0, 3, 0, 18, 1, 0]
-    ptr = torch.tensor([0] + lengths).cumsum(0)
-    rows, D, T = int(ptr[-1]), 5, 2
-    x = torch.randn(rows, D, generator=gen)
-    w = _weights(T, gen)
-    lp = torch.randn(len(lengths), D, generator=gen)
-    lq = torch.randn(rows, generator=gen)
-    cy = torch.randn(len(lengths), D, generator=gen)
-    cp = torch.randn(rows, D, generator=gen)
-    args = (x, ptr, method, variant, w, lp, lq, cy, cp)
-    k = _run_kernel(*args)
-    empty = torch.tensor(lengths) == 0
-    assert bool((k["y"].cpu()[empty] == 0).all())
-    assert all(bool(torch.isfinite(v).all()) for v in k.values())
-    _compare(k, _run_reference(*args), RTOL[torch.float32])
+    _check_ragged_with_empty_sets(method, variant, [0, 3, 0, 18, 1, 0], D=5, T=2, seed=4)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
