@@ -1,7 +1,7 @@
 """Value checks of ``rot_pool``'s inputs that every ROT layer runs (issue #16).
 
-One function, :func:`check_rot_values`, so that a global switch (``set_value_checks``, branch
-layout) can gate it in one place. It reads the data (host synchronisation), so it runs only
+One function, :func:`check_rot_values`, so that the global switch (``set_value_checks``,
+``ops/rot/params.py``) gates it in one place. It reads the data (host synchronisation), so it runs only
 when value checks are on for x (``rotp_triton.set_value_checks``: CPU tensors by default) and
 never while torch.compile traces.
 

@@ -1,8 +1,8 @@
 """Window kernels (``rotp_triton.ops.rot.triton.window``) == the window oracle, forward and
 gradients (x and the (6, T) weight table), and their sm_90 compilation.
 
-Oracle: reference/ ROT pooling of every window as its own set in float64 (``test_image``'s
-``reference_pool``; branch layout moves it to reference/window.py). Kernels run in fp32 under
+Oracle: ``reference/window.py``, ROT pooling of every window as its own set in float64.
+Kernels run in fp32 under
 TRITON_INTERPRET=1 on CPU (or on CUDA with ROTP_TEST_DEVICE=cuda, plus fp16/bf16); tolerance:
 relative error 1e-4 (fp32).
 """

@@ -1,4 +1,4 @@
-"""B-ADMM (B-E, B-Q) set kernels, α0 = 0: entry point :func:`badmm_pool` (CONTRACT.md)."""
+"""B-ADMM (B-E, B-Q) set kernels, α0 = 0: entry point :func:`badmm_pool` (interface: docs/kernels.md)."""
 from .cost import badmm_cost_model
 from .op import badmm_pool
 

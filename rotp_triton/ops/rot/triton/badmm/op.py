@@ -121,7 +121,7 @@ if HAS_TRITON_OP:
 
 def badmm_pool(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
                log_q0: Optional[Tensor], *, quadratic: bool, variant: str, return_plan: bool):
-    """ROT pooling by Bregman ADMM (α0 = 0) on the Triton kernels (CONTRACT: kernel interface).
+    """ROT pooling by Bregman ADMM (α0 = 0) on the Triton kernels (interface: docs/kernels.md).
 
     Args:
         x: ``(B, N, D)`` dense batch with any strides, or ``(N_total, D)`` ragged batch whose

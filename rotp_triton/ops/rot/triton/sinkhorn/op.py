@@ -1,5 +1,5 @@
 """Autograd and custom-op wrappers of the Sinkhorn set kernels, and the family's entry point
-:func:`sinkhorn_pool` (the kernel interface of /work/plan/CONTRACT.md, DESIGN §3.1-3.2, α0 = 0).
+:func:`sinkhorn_pool` (the kernel interface of docs/kernels.md, DESIGN §3.1-3.2, α0 = 0).
 
 ``rotp_triton::sinkhorn_fwd`` / ``sinkhorn_bwd`` are ``torch.library.triton_op`` s with
 registered autograd and explicit fake kernels, so ``torch.compile(fullgraph=True)`` traces them

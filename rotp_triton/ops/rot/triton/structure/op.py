@@ -1,7 +1,7 @@
 """α0 > 0 (the structure term) as an autograd op: ``StructureROTFunction`` and the custom
 operators ``rotp_triton::structure_fwd`` / ``structure_bwd`` (``torch.library.triton_op``,
 launches through ``wrap_triton``, explicit fake kernels), and the family's entry point
-``structure_pool`` (CONTRACT: the (6, T) weight table).
+``structure_pool`` (docs/kernels.md: the (6, T) weight table).
 
 The backward is the exact gradient of the T unrolled iterations (x through Σ1, Σ2 and their
 centring, every per-iteration weight, the prior logits), by recomputation from the initial
@@ -324,7 +324,7 @@ def rot_pool_structure_triton(x: Tensor, ptr: Optional[Tensor], *, method: str, 
 def structure_pool(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
                    log_q0: Optional[Tensor], *, method: str, variant: str, inner_iters: int,
                    return_plan: bool):
-    """The family's entry point (CONTRACT): the (6, T) weight table ``w`` instead of six
+    """The family's entry point (docs/kernels.md): the (6, T) weight table ``w`` instead of six
     vectors; otherwise as :func:`rot_pool_structure_triton`."""
     a0, a1, a2, a3, rho, tau = w.unbind(0)
     return rot_pool_structure_triton(x, ptr, method=method, variant=variant, a0=a0, a1=a1,

@@ -1,5 +1,5 @@
 """Autograd and custom-op plumbing of the window kernels, and the family's entry point
-:func:`window_pool` (contract: /work/plan/CONTRACT.md, "Kernel family interface").
+:func:`window_pool` (interface: docs/kernels.md).
 
 Where torch has ``torch.library.triton_op`` the forward and backward are the custom ops
 ``rotp_triton::window_fwd`` / ``window_bwd`` (one opaque node each for ``torch.compile``, with
