@@ -291,25 +291,14 @@ def normalized_log_p0(p0, log_p0, B: int, D: int, dtype, device) -> Tensor:
     """(B, D) log prior over features, each row normalised (uniform when both are None)."""
     if p0 is None and log_p0 is None:
         return torch.full((B, D), -math.log(max(D, 1)), device=device, dtype=dtype)
-    if p0 is not None:
-        _check_positive(p0, "p0")
-        t = torch.log(p0.to(dtype))
-    else:
-        check_finite(log_p0, "log_p0")
-        t = log_p0.to(dtype)
-    t = t.expand(B, D)
+    t = _log_prior(p0, log_p0, "p0", dtype).expand(B, D)
     return t - torch.logsumexp(t, dim=-1, keepdim=True)
 
 
 def normalized_log_q0(q0, log_q0, batch: SetBatch, dtype, *, padded: bool) -> Tensor:
     """Log prior over each set's samples, normalised per set: padded ``(B, N_max)`` (padding
     0) or in the caller's layout (``padded=False``: ``(B, N)`` dense, ``(N_total,)`` ragged)."""
-    if q0 is not None:
-        _check_positive(q0, "q0")
-        t = torch.log(q0.to(dtype))
-    else:
-        check_finite(log_q0, "log_q0")
-        t = log_q0.to(dtype)
+    t = _log_prior(q0, log_q0, "q0", dtype)
     if batch.dense:
         return t - torch.logsumexp(t, dim=1, keepdim=True)
     lq = batch.pad_rows(t, fill=0.0).masked_fill(~batch.mask, float("-inf"))
@@ -317,6 +306,16 @@ def normalized_log_q0(q0, log_q0, batch: SetBatch, dtype, *, padded: bool) -> Te
     lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # empty sets
     lq0 = (lq - lse).masked_fill(~batch.mask, 0.0)
     return lq0 if padded else batch.unpad_rows(lq0)
+
+
+def _log_prior(prob, logits, name: str, dtype) -> Tensor:
+    """log of a prior given as probabilities (``name``) or as logits (``log_<name>``), checked
+    (when value checks are on) and in ``dtype``; not yet normalised."""
+    if prob is not None:
+        _check_positive(prob, name)
+        return torch.log(prob.to(dtype))
+    check_finite(logits, f"log_{name}")
+    return logits.to(dtype)
 
 
 def _check_positive(t: Tensor, name: str) -> None:

@@ -12,8 +12,7 @@ from typing import Optional, Union
 from torch import Tensor
 
 from ._batching import compute_dtype, make_set_batch
-from .ops.rot.params import (A1, BACKENDS, RHO, check_finite, check_options, wants_structure,
-                             weight_table)
+from .ops.rot.params import A1, BACKENDS, RHO, check_options, wants_structure, weight_table
 from .ops.rot.route import pool_sets
 from ._checks import check_rot_values
 
@@ -74,10 +73,9 @@ def rot_pool(x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = 
     """
     check_options(method, variant, num_iters, inner_iters, backend)
     batch = make_set_batch(x, index, ptr, dim_size, pad=False)
-    check_finite(x, "x")
     table = weight_table(a0, a1, a2, a3, rho, tau, num_iters, x.device,
                          dtype=compute_dtype(x.dtype))
-    check_rot_values(x, table[A1], table[RHO])
+    check_rot_values(x, table[A1], table[RHO])  # x finite and not too large for α1, ρ: one pass
     y, plan = pool_sets(x, batch, table, method=method, variant=variant,
                         structure=wants_structure(a0), num_iters=num_iters,
                         inner_iters=inner_iters, p0=p0, q0=q0, log_p0=log_p0, log_q0=log_q0,
