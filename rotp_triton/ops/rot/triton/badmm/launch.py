@@ -146,6 +146,15 @@ def _slice(size: int, parts: int, block: int):
     return length, cdiv(size, length)
 
 
+def _split_slices(geo, NS: int, DS: int):
+    """(NS, SD, DS) of a split launch: row slices per set (a dense batch gets no empty one),
+    the column-slice length SD and the number of column slices."""
+    if not geo.ragged:
+        NS = _slice(geo.N, NS, geo.blocks[0])[1]
+    SD, DS = _slice(geo.D, DS, geo.blocks[1])
+    return NS, SD, DS
+
+
 def _forward_split(x, geo, w32, lp0, lq0, y, plan, hd, hn, NS, DS, *, quadratic, paper,
                    has_p0, has_q0, replay, wrap):
     """The forward over B × NS × DS programs (dense or ragged): per iteration the four
@@ -156,9 +165,7 @@ def _forward_split(x, geo, w32, lp0, lq0, y, plan, hd, hn, NS, DS, *, quadratic,
     The row slices of each set are sized on the device from N_b (no host sync)."""
     B, D, T, rows = geo.B, geo.D, w32.shape[1], geo.rows
     BN, BD, BV, num_warps = geo.blocks
-    if not geo.ragged:
-        NS = _slice(geo.N, NS, BN)[1]                 # no empty slices in a dense batch
-    SD, DS = _slice(D, DS, BD)
+    NS, SD, DS = _split_slices(geo, NS, DS)
     f32 = dict(device=x.device, dtype=torch.float32)
     pm, pl, pa = (torch.empty(B * NS * D, **f32) for _ in range(3))       # [B, NS, D]
     qm, ql = (torch.empty(DS * rows, **f32) for _ in range(2))            # [DS, rows]
@@ -204,9 +211,7 @@ def _backward_split(x, geo, w32, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0,
     returns gw (B, T, 4) like the one-program-per-set kernel."""
     B, D, T, rows = geo.B, geo.D, w32.shape[1], geo.rows
     BN, BD, BV, num_warps = geo.blocks
-    if not geo.ragged:
-        NS = _slice(geo.N, NS, BN)[1]                 # no empty slices in a dense batch
-    SD, DS = _slice(D, DS, BD)
+    NS, SD, DS = _split_slices(geo, NS, DS)
     f32 = dict(device=x.device, dtype=torch.float32)
     slb, szb = (torch.zeros(rows * D, **f32) for _ in range(2))           # L̄, Z̄ (rows, D)
     vd = torch.empty(B * 7 * D, **f32)                                    # per-set slots
