@@ -119,7 +119,8 @@ def badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp, acc, *, quadra
                     arena, vecs):
     """Reverse of Badmm.step (exact variant, α0 = 0) at iteration t from ``state`` =
     (log S, Z, ·) entering it (owned: overwritten). ``g_ls``, ``g_z`` (owned, overwritten),
-    ``g_lp`` (read only): gradients of the state leaving it, None = 0. Returns
+    ``g_lp`` (read only; at the last iteration also a function ``(log P, arena) -> owned
+    gradient``): gradients of the state leaving it, None = 0. Returns
     (g_ls_in, g_z_in). Every x-sized buffer is reused in place where the math allows: on the
     CPU a fresh large tensor costs its page faults, more than the arithmetic."""
     ls, z = state[0], state[1]
@@ -159,7 +160,7 @@ def badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp, acc, *, quadra
     d_a1 = None
     g_ws = g_k3 = None
     if g_ls is None and g_z is None:  # the last iteration: only log P is used
-        g_lp_tot = arena.take().copy_(g_lp)
+        g_lp_tot = g_lp(lp, arena) if callable(g_lp) else arena.take().copy_(g_lp)
         g_z_in = None
         arena.give(y2, lp, p)
         del y2, lp, p

@@ -243,12 +243,14 @@ def make_solver(method: str, variant: str):
 # --------------------------------------------------------------------------------------------
 # the autograd.Function
 # --------------------------------------------------------------------------------------------
-def _run(solver, L, x, lp0, lq0, w, T, keep, vec_keep=None):
+def _run(solver, L, x, lp0, lq0, w, T, keep, vec_keep=None, arena=None):
     """Iterations 0..T-1 from the initial state; ``keep`` collects what the backward needs
     (states of a vector-state solver, else the LSE vectors), ``vec_keep`` the LSE vectors of a
-    vector-state solver (its adjoint skips recomputing them)."""
+    vector-state solver (its adjoint skips recomputing them). ``arena``: x-sized scratch to
+    reuse (made here when autograd does not record and none is given)."""
     state = solver.init(L, x, lp0, lq0)
-    arena = Arena(x) if not torch.is_grad_enabled() else None
+    if arena is None and not torch.is_grad_enabled():
+        arena = Arena(x)
     for t in range(T):
         if keep is not None and not solver.replay:
             keep.append(state)
@@ -343,17 +345,23 @@ def _replayed_state(ctx, t: int, arena=None, snapshot=None):
     return st
 
 
-def _manual_backward(ctx, g_out):
-    """Backward of the exact solvers with the hand-written adjoints of adjoint.py."""
+def _manual_backward(ctx, g_out, gx: Optional[Tensor] = None, arena: Optional[Arena] = None):
+    """Backward of the exact solvers with the hand-written adjoints of adjoint.py.
+
+    ``ctx``: the UnrolledRot context or anything with its attributes (chunked.py's per-chunk
+    records). ``g_out``: the gradient of log P, or a function ``(log P, arena) -> gradient``
+    (an owned x-sized buffer), called once log P is rebuilt (chunked.py's pool adjoint).
+    ``gx``: a zeroed buffer to accumulate the gradient of x into (default: a new one)."""
     from . import adjoint
     solver, L, T, keep = ctx.solver, ctx.L, ctx.T, ctx.keep
     x, lp0, lq0, *w = ctx.saved_tensors
     w = tuple(w)
     need = ctx.needs_input_grad[3:]
-    acc = dict(x=torch.zeros_like(x), lp0=torch.zeros_like(lp0), lq0=torch.zeros_like(lq0),
+    acc = dict(x=torch.zeros_like(x) if gx is None else gx, lp0=torch.zeros_like(lp0),
+               lq0=torch.zeros_like(lq0),
                w=[torch.zeros(T, dtype=wi.dtype, device=wi.device) if n else None
                   for wi, n in zip(w, need[3:])])
-    arena = Arena(x)
+    arena = Arena(x) if arena is None else arena
     with torch.no_grad():
         if isinstance(solver, Badmm):
             # one snapshot (log S, Z) at T // 2: 2 x-sized tensors whatever T, and about a
@@ -373,6 +381,8 @@ def _manual_backward(ctx, g_out):
                 g_lp = None
             adjoint.badmm_init_vjp(L, g_ls, acc)
         else:
+            if callable(g_out):
+                g_out = g_out(solver.output(L, x, w, ctx.final), arena)
             g_a, g_b = adjoint.sinkhorn_exact_output_vjp(L, x, w, g_out, acc)
             for t in reversed(range(T)):
                 g_a, g_b = adjoint.sinkhorn_exact_vjp(L, t, x, lp0, lq0, w, keep[t], g_a, g_b,
