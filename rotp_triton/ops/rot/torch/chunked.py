@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import adjoint
 from .arena import Arena
 from .unrolled import _manual_backward, _run
 
@@ -23,8 +24,8 @@ from .unrolled import _manual_backward, _run
 class _ChunkRecord:
     """What the backward of one chunk needs (the attributes ``_manual_backward`` reads)."""
 
-    def __init__(self, solver, L, T, needs_input_grad):
-        self.solver, self.L, self.T = solver, L, T
+    def __init__(self, solver, L, T, needs_input_grad, wf):
+        self.solver, self.L, self.T, self.wf = solver, L, T, wf
         self.needs_input_grad = needs_input_grad
         self.keep, self.vec_keep = [], []
         self.final = None
@@ -56,8 +57,8 @@ def _pool_vjp(L, x: Tensor, lse: Tensor, y: Tensor, g_y: Tensor, gx: Tensor):
 
 
 def _solve_chunks(solver, chunks, B, T, x, lp0, lq0, w, records=None):
-    """y (B, D) (0 for sets in no chunk: empty); with ``records`` (a list), appends each
-    chunk's record."""
+    """y (B, D) (0 for sets in no chunk: empty); ``w``: the weights as lists of floats; with
+    ``records`` (a list), appends each chunk's record."""
     y = x.new_zeros(B, x.shape[-1])
     arena = None
     for ch in chunks:
@@ -67,7 +68,7 @@ def _solve_chunks(solver, chunks, B, T, x, lp0, lq0, w, records=None):
             arena = Arena(xc)
         rec = None
         if records is not None:
-            rec = _ChunkRecord(solver, ch.L, T, None)
+            rec = _ChunkRecord(solver, ch.L, T, None, w)
             records.append(rec)
         state = _run(solver, ch.L, xc, lp0c, lq0c, w, T, None if rec is None else rec.keep,
                      None if rec is None else rec.vec_keep, arena=arena)
@@ -87,7 +88,7 @@ class ChunkedRotPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, solver, chunks, B, T, x, lp0, lq0, a1, a2, a3, rho):
-        w = (a1, a2, a3, rho)
+        w = _floats((a1, a2, a3, rho))
         records = []
         with torch.no_grad():
             y = _solve_chunks(solver, chunks, B, T, x, lp0, lq0, w, records)
@@ -105,6 +106,7 @@ class ChunkedRotPool(torch.autograd.Function):
         g_lq0 = torch.zeros_like(lq0) if need[2] else None
         g_w = [torch.zeros_like(wi) if n else None for wi, n in zip(w, need[3:])]
         arena = None
+        pending: dict = {}                        # weight gradients, applied once at the end
         for ch, rec in zip(ctx.chunks, ctx.records):
             xc = ch.gather_rows(x)
             if arena is None or arena.like.shape != xc.shape:
@@ -115,17 +117,15 @@ class ChunkedRotPool(torch.autograd.Function):
                    else torch.zeros_like(xc))
             g_set = ch.L.set_vector(g_y[ch.sets])
             grads = _manual_backward(rec, _pool_vjp(ch.L, xc, rec.lse, rec.y, g_set, gxc),
-                                     gx=gxc, arena=arena)
+                                     gx=gxc, arena=arena, pending=pending)
             if gx is not None:
                 ch.scatter_rows(gx, gxc)
             if g_lp0 is not None:
                 g_lp0[ch.sets] = grads[1]
             if g_lq0 is not None:
                 ch.scatter_rows(g_lq0, grads[2])
-            for acc, g in zip(g_w, grads[3:]):
-                if acc is not None:
-                    acc += g
             rec.keep = rec.vec_keep = rec.final = rec.saved_tensors = None    # free as we go
+        adjoint.apply_weight_grads(pending, w, g_w)
         return (None, None, None, None, gx, g_lp0, g_lq0, *g_w)
 
 
@@ -136,4 +136,10 @@ def chunked_rot_pool(solver, chunks, B: int, T: int, x: Tensor, lp0: Tensor, lq0
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return ChunkedRotPool.apply(solver, chunks, B, T, *tensors)
     with torch.no_grad():
-        return _solve_chunks(solver, chunks, B, T, x, lp0, lq0, (a1, a2, a3, rho))
+        return _solve_chunks(solver, chunks, B, T, x, lp0, lq0, _floats((a1, a2, a3, rho)))
+
+
+def _floats(w) -> tuple:
+    """The (T,) weights as lists of Python floats (the CPU: no device sync), so that the
+    per-iteration weight formulas are host arithmetic, not 0-d tensor ops per chunk."""
+    return tuple(wi.detach().tolist() for wi in w)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .arena import Arena
-from .vectors import A1, A2, A3, RHO, kappa, lognorm_feat  # noqa: F401  (re-exported)
+from .vectors import A1, A2, A3, RHO, add_mul_, kappa, lognorm_feat  # noqa: F401
 
 # --------------------------------------------------------------------------------------------
 # one iteration of each solver; ``state`` is a tuple, ``given`` the saved LSE vectors (replay)
@@ -194,7 +194,7 @@ class Badmm:
         ws = rho + a1
         y, tmp = torch.sub(x, z, out=arena.take()), arena.take()
         if self.quadratic:
-            y.addcmul_(torch.exp(log_s, out=tmp), a1, value=-1)
+            add_mul_(y, torch.exp(log_s, out=tmp), -a1)
         y.div_(wp).add_(log_s)
         k2 = kappa(w[A2][t], wp)
         k3 = kappa(w[A3][t], ws)
@@ -333,6 +333,7 @@ def _replayed_state(ctx, t: int, arena=None, snapshot=None):
     the arena step recycles its input buffers)."""
     solver, L, keep = ctx.solver, ctx.L, ctx.keep
     x, lp0, lq0, *w = ctx.saved_tensors
+    w = getattr(ctx, "wf", None) or w
     with torch.no_grad():
         if snapshot is not None and snapshot[0] <= t:
             t0 = snapshot[0]
@@ -345,22 +346,27 @@ def _replayed_state(ctx, t: int, arena=None, snapshot=None):
     return st
 
 
-def _manual_backward(ctx, g_out, gx: Optional[Tensor] = None, arena: Optional[Arena] = None):
+def _manual_backward(ctx, g_out, gx: Optional[Tensor] = None, arena: Optional[Arena] = None,
+                     pending: Optional[dict] = None):
     """Backward of the exact solvers with the hand-written adjoints of adjoint.py.
 
     ``ctx``: the UnrolledRot context or anything with its attributes (chunked.py's per-chunk
     records). ``g_out``: the gradient of log P, or a function ``(log P, arena) -> gradient``
     (an owned x-sized buffer), called once log P is rebuilt (chunked.py's pool adjoint).
-    ``gx``: a zeroed buffer to accumulate the gradient of x into (default: a new one)."""
+    ``gx``: a zeroed buffer to accumulate the gradient of x into (default: a new one).
+    ``ctx.wf``, when present: the weights to compute with (Python floats, chunked.py).
+    ``pending``: a dict to record the weight gradients in (the caller applies them, once for
+    all chunks); default: applied here, and returned as the weights' gradients.)"""
     from . import adjoint
     solver, L, T, keep = ctx.solver, ctx.L, ctx.T, ctx.keep
-    x, lp0, lq0, *w = ctx.saved_tensors
-    w = tuple(w)
+    x, lp0, lq0, *w_tensors = ctx.saved_tensors
+    w = getattr(ctx, "wf", None) or tuple(w_tensors)
     need = ctx.needs_input_grad[3:]
     acc = dict(x=torch.zeros_like(x) if gx is None else gx, lp0=torch.zeros_like(lp0),
                lq0=torch.zeros_like(lq0),
                w=[torch.zeros(T, dtype=wi.dtype, device=wi.device) if n else None
-                  for wi, n in zip(w, need[3:])])
+                  for wi, n in zip(w_tensors, need[3:])],
+               w_pending={} if pending is None else pending)
     arena = Arena(x) if arena is None else arena
     with torch.no_grad():
         if isinstance(solver, Badmm):
@@ -387,6 +393,8 @@ def _manual_backward(ctx, g_out, gx: Optional[Tensor] = None, arena: Optional[Ar
             for t in reversed(range(T)):
                 g_a, g_b = adjoint.sinkhorn_exact_vjp(L, t, x, lp0, lq0, w, keep[t], g_a, g_b,
                                                       acc, arena=arena, vecs=ctx.vec_keep[t])
+    if pending is None:
+        adjoint.apply_weight_grads(acc["w_pending"], w_tensors, acc["w"])
     grads = [acc["x"], acc["lp0"], acc["lq0"], *acc["w"]]
     return [g if n else None for g, n in zip(grads, need)]
 

@@ -2,10 +2,12 @@
 share: the rows of their (4, T) weight stack and the per-set vector operations."""
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 import torch
 
-from ..params import kappa  # noqa: F401  (the one torch definition of κ, re-exported)
+from ..params import kappa as _kappa_tensor
 
 # rows of the (4, T) stack [α1, α2, α3, ρ] the unrolled solvers take (α0 = τ = 0 there)
 A1, A2, A3, RHO = range(4)
@@ -14,3 +16,23 @@ A1, A2, A3, RHO = range(4)
 def lognorm_feat(v: Tensor) -> Tensor:
     """log-softmax over features of a per-set vector (last dimension in both layouts)."""
     return v - torch.logsumexp(v, dim=-1, keepdim=True)
+
+
+# The chunked CPU path (chunked.py) runs the solvers with the weights as Python floats: every
+# weight formula is then host arithmetic instead of a few 0-d tensor ops per set-chunk and
+# iteration. Everything below takes either kind of scalar.
+def kappa(alpha, w):
+    """κ(α, w) = α / (α + w), 1 at α = +inf (params.kappa for tensors)."""
+    if isinstance(alpha, float):
+        return 1.0 if math.isinf(alpha) else alpha / (alpha + w)
+    return _kappa_tensor(alpha, w)
+
+
+def add_mul_(y: Tensor, t: Tensor, s) -> Tensor:
+    """y += s · t in place (s: a float or a 0-d tensor)."""
+    return y.add_(t, alpha=s) if isinstance(s, float) else y.addcmul_(t, s)
+
+
+def add_div_(y: Tensor, t: Tensor, s) -> Tensor:
+    """y += t / s in place (s: a float or a 0-d tensor)."""
+    return y.add_(t, alpha=1.0 / s) if isinstance(s, float) else y.addcdiv_(t, s)
