@@ -98,7 +98,7 @@ def sinkhorn_exact_vjp(L, t, x, lp0, lq0, w, state, g_a, g_b, acc, *, arena, vec
     _, b = state                        # the exact update does not read the incoming a
     eps = w[A1][t]
     k2, k3 = kappa(w[A2][t], eps), kappa(w[A3][t], eps)
-    tmp = arena.take()
+    tmp = arena.take() if L.row_buffer else None                      # rows_out scratch
     y = torch.div(x, eps, out=arena.take())                             # [rows, D]
     yb = torch.add(y, b, out=arena.take())
     r, c = vecs                          # R [set, D], C [row, 1] saved by the forward
@@ -158,17 +158,18 @@ def badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp, acc, *, quadra
     (g_ls_in, g_z_in). Every x-sized buffer is reused in place where the math allows: on the
     CPU a fresh large tensor costs its page faults, more than the arithmetic."""
     ls, z = state[0], state[1]
+    s_carried = state[3] if len(state) > 3 else None                  # S (B-Q replays)
     state = None
     a1, rho = w[A1][t], w[RHO][t]
     wp = rho + a1 if quadratic else rho
     ws = rho + a1
     k2, k3 = kappa(w[A2][t], wp), kappa(w[A3][t], ws)
     # ---- recompute the forward of the iteration (the ops of Badmm.step)
-    tmp = arena.take()
+    tmp = arena.take() if L.row_buffer else None                      # rows_out scratch
     G = torch.sub(x, z, out=arena.take())                 # X - Z [- α1 S]     [rows, D]
     s_in = None
-    if quadratic:
-        s_in = torch.exp(ls, out=arena.take())
+    if quadratic:                        # S = exp(log S), carried in the state when replayed
+        s_in = s_carried if s_carried is not None else torch.exp(ls, out=arena.take())
         add_mul_(G, s_in, -a1)
     y = torch.div(G, wp, out=arena.take()).add_(ls)
     arena.give(ls)

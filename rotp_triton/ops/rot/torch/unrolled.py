@@ -92,7 +92,8 @@ class SinkhornPaper(SinkhornExact):
 class Badmm:
     """Two-block Bregman ADMM, P = S with dual Z (DESIGN §3.1 exact / §3.2 paper Alg. 2).
 
-    State: (log S, Z, log P) and, for the paper variant, (log μ, log η, z1, z2).
+    State: (log S, Z, log P) and, for the paper variant, (log μ, log η, z1, z2); B-Q exact
+    without autograd (:meth:`_step_arena`) also carries S = exp(log S) as a 4th entry.
     """
     replay = True
 
@@ -193,8 +194,8 @@ class Badmm:
         wp = rho + a1 if self.quadratic else rho
         ws = rho + a1
         y, tmp = torch.sub(x, z, out=arena.take()), arena.take()
-        if self.quadratic:
-            add_mul_(y, torch.exp(log_s, out=tmp), -a1)
+        if self.quadratic:          # S = exp(log S): carried from the last step when it can be
+            add_mul_(y, state[3] if len(state) > 3 else torch.exp(log_s, out=tmp), -a1)
         y.div_(wp).add_(log_s)
         k2 = kappa(w[A2][t], wp)
         k3 = kappa(w[A3][t], ws)
@@ -227,7 +228,10 @@ class Badmm:
         if s_new is None:
             s_new = torch.exp(log_s_new, out=tmp)
         z_new = p.sub_(s_new).mul_(rho).add_(z)                           # p's buffer
-        arena.give(tmp, *state[:3])
+        if self.quadratic:                                   # keep S' (tmp) for the next step
+            arena.give(*state)
+            return (log_s_new, z_new, log_p, s_new), (r, c)
+        arena.give(tmp, *state)
         return (log_s_new, z_new, log_p), (r, c)
 
     def output(self, L, x, w, state):
@@ -375,7 +379,7 @@ def _manual_backward(ctx, g_out, gx: Optional[Tensor] = None, arena: Optional[Ar
             snapshot = None
             if T >= 3:
                 mid = _replayed_state(ctx, T // 2, arena)   # owned: never given back
-                arena.give(mid[2])
+                arena.give(*mid[2:])                         # log P (and S)
                 snapshot = (T // 2, mid[:2])
             g_ls, g_z, g_lp = None, None, g_out
             for t in reversed(range(T)):
