@@ -49,6 +49,23 @@ def test_fwd_bwd_memory_does_not_grow_with_T(method, variant):
     assert peaks[16] - peaks[4] <= vectors + 1.5 * x.numel() * 4, peaks
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_fwd_bwd_peak_at_T16_is_within_3x_input(monkeypatch, method):
+    # the chunked CPU path (ops/rot/torch/chunked.py): x and its gradient (2× x) plus a dozen
+    # chunk-sized buffers plus the per-iteration vectors. The chunk is shrunk so that this
+    # moderate x (3.2 MB) spans 32 chunks, as W1 (10 MB) spans 25 of the default size.
+    from rotp_triton.ops.rot.torch import chunks
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 100 * 1024)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 250, 100, generator=g)
+
+    def call():
+        fwd_bwd(x.clone().requires_grad_(), 16, method)    # x's copy counts (as the bench's x)
+
+    peak = peak_bytes(call)
+    assert peak <= 3 * x.numel() * 4, f"{peak / (x.numel() * 4):.2f}× x"
+
+
 @pytest.mark.parametrize("small", [199, 999])
 def test_skewed_ragged_batch_is_not_padded(small):
     # one 20,000-row set + 199 (999) one-row sets, D = 15 (x: 1.2 MB), B-E, T = 4: the padded

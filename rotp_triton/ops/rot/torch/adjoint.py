@@ -159,6 +159,8 @@ def badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp, acc, *, quadra
     CPU a fresh large tensor costs its page faults, more than the arithmetic."""
     ls, z = state[0], state[1]
     s_carried = state[3] if len(state) > 3 else None                  # S (B-Q replays)
+    if state[2] is not ls:
+        arena.give(state[2])             # the replayed log P: recomputed below, free it now
     state = None
     a1, rho = w[A1][t], w[RHO][t]
     wp = rho + a1 if quadratic else rho

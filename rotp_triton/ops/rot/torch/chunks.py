@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .layouts import Padded, Segments
 
-CHUNK_BYTES = 1 << 20   # x bytes per chunk (measured on W1: bench/results/cpu_2026-11-28_chunked.md)
+CHUNK_BYTES = 1 << 19   # x bytes per chunk (W1: 2 sets; bench/results/cpu_2026-11-28_chunked.md)
 
 
 class SetChunk:
