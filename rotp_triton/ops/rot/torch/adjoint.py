@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .vectors import A1, A2, A3, RHO, add_div_, add_mul_, kappa, lognorm_feat
+from .vectors import A1, A2, A3, RHO, add_div_, add_mul_, axpy, kappa, lognorm_feat
 
 
 def _weight_grads(t, acc, fn, g_scalars, direct=None):
@@ -99,12 +99,11 @@ def sinkhorn_exact_vjp(L, t, x, lp0, lq0, w, state, g_a, g_b, acc, *, arena, vec
     eps = w[A1][t]
     k2, k3 = kappa(w[A2][t], eps), kappa(w[A3][t], eps)
     tmp = arena.take() if L.row_buffer else None                      # rows_out scratch
-    y = torch.div(x, eps, out=arena.take())                             # [rows, D]
-    yb = torch.add(y, b, out=arena.take())
+    yb = axpy(b, x, 1 / eps, out=arena.take())                         # x/ε + b  [rows, D]
     r, c = vecs                          # R [set, D], C [row, 1] saved by the forward
     u = k2 * lp0 + (1 - k2) * r
     a = lognorm_feat(u) - r
-    ya = torch.add(y, L.rows_out(a, tmp), out=arena.take())
+    ya = axpy(L.rows_out(a, tmp), x, 1 / eps, out=arena.take())        # x/ε + a
     v = k3 * lq0 + (1 - k3) * c
     # b' = lognorm_rows(v) - c
     g_v = _back_lognorm_rows(L, v, g_b)
@@ -125,8 +124,8 @@ def sinkhorn_exact_vjp(L, t, x, lp0, lq0, w, state, g_a, g_b, acc, *, arena, vec
     gy.add_(t_r)
     # y = x / eps
     add_div_(acc["x"], gy, eps)
-    g_eps = -_dot(gy, y) / eps
-    arena.give(y, yb, gy, tmp)
+    g_eps = -_dot(gy, x) / (eps * eps)                                  # y = x/ε
+    arena.give(yb, gy, tmp)
     _weight_grads(t, acc, _sinkhorn_step_scalars, (g_eps, g_k2, g_k3))
     return torch.zeros_like(g_a), g_b_in
 

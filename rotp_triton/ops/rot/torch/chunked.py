@@ -72,13 +72,13 @@ def _solve_chunks(solver, chunks, B, T, x, lp0, lq0, w, records=None):
             records.append(rec)
         state = _run(solver, ch.L, xc, lp0c, lq0c, w, T, None if rec is None else rec.keep,
                      None if rec is None else rec.vec_keep, arena=arena)
-        log_p = solver.output(ch.L, xc, w, state)
+        log_p = solver.output(ch.L, xc, w, state, arena)
         yc, lse = _pool(ch.L, log_p, xc, arena)
         y[ch.sets] = yc.reshape(-1, x.shape[-1])
         if rec is not None:
             rec.final = state if not solver.replay else None
             rec.lse, rec.y = lse, yc
-        arena.give(*[s for s in state if s.shape == xc.shape])
+        arena.give(log_p, *[s for s in state if s.shape == xc.shape])
         del state, log_p
     return y
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .arena import Arena
-from .vectors import A1, A2, A3, RHO, add_mul_, kappa, lognorm_feat  # noqa: F401
+from .vectors import A1, A2, A3, RHO, add_mul_, axpy, kappa, lognorm_feat  # noqa: F401
 
 # --------------------------------------------------------------------------------------------
 # one iteration of each solver; ``state`` is a tuple, ``given`` the saved LSE vectors (replay)
@@ -38,7 +38,7 @@ class SinkhornExact:
     replay = False                                     # the state is vectors: saved per iteration
     exact_vjp = True                                   # adjoint.py differentiates it by hand
 
-    def init(self, L, x, lp0, lq0):
+    def init(self, L, x, lp0, lq0, arena=None):
         return (lp0.new_zeros(lp0.shape), L.zero(lq0.new_zeros(lq0.shape)))
 
     def step(self, L, t, x, lp0, lq0, w, state, given=None, arena=None):
@@ -59,17 +59,19 @@ class SinkhornExact:
         _, b = state
         eps = w[A1][t]
         k2, k3 = kappa(w[A2][t], eps), kappa(w[A3][t], eps)
-        y, yb, tmp = arena.take(), arena.take(), arena.take()
-        torch.div(x, eps, out=y)
-        r = L.lse_rows(torch.add(y, b, out=yb), tmp)
+        yb, tmp = arena.take(), arena.take()
+        r = L.lse_rows(axpy(b, x, 1 / eps, out=yb), tmp)                  # x/ε + b
         a = lognorm_feat(k2 * lp0 + (1 - k2) * r) - r
-        c = L.lse_feat(torch.add(y, L.rows_out(a, tmp), out=yb), tmp)
+        c = L.lse_feat(axpy(L.rows_out(a, tmp), x, 1 / eps, out=yb), tmp)   # x/ε + a
         b = L.lognorm_rows(k3 * lq0 + (1 - k3) * c) - c
-        arena.give(y, yb, tmp)
+        arena.give(yb, tmp)
         return (a, b), (r, c)
 
-    def output(self, L, x, w, state):
+    def output(self, L, x, w, state, arena=None):
         a, b = state
+        if arena is not None and not torch.is_grad_enabled():          # into a reused buffer
+            out = arena.take()
+            return add_mul_(torch.add(L.rows_out(a, out), b, out=out), x, 1 / w[A1][-1])
         return L.zero(x / w[A1][-1] + L.rows(a) + b)
 
 
@@ -103,7 +105,12 @@ class Badmm:
         self.sf, self.a0 = sf, a0          # α0 > 0 (padded layout, checkpointed by solvers.py)
         self.exact_vjp = not self.paper and sf is None
 
-    def init(self, L, x, lp0, lq0):
+    def init(self, L, x, lp0, lq0, arena=None):
+        if (arena is not None and self.exact_vjp and getattr(L, "mask", None) is None
+                and not torch.is_grad_enabled()):                # into reused buffers
+            log_s = arena.take()
+            torch.add(L.rows_out(lp0, log_s), lq0, out=log_s)
+            return (log_s, arena.take().zero_(), log_s)
         log_s = L.zero(L.rows(lp0) + lq0)                                 # log(p0 q0ᵀ)
         z = torch.zeros_like(x)
         state = (log_s, z, log_s)
@@ -188,15 +195,16 @@ class Badmm:
         return (log_s, z, log_p), (r, c)
 
     def _step_arena(self, L, t, x, lp0, lq0, w, state, given, arena):
-        """:meth:`_step_no_grad` through arena buffers (no mask); gives back the old state."""
+        """:meth:`_step_no_grad` through arena buffers (no mask), fewer passes (a + s·b in one
+        op); updates Z in place and gives back the rest of the old state (owned by the step)."""
         log_s, z = state[0], state[1]
         a1, rho = w[A1][t], w[RHO][t]
         wp = rho + a1 if self.quadratic else rho
         ws = rho + a1
-        y, tmp = torch.sub(x, z, out=arena.take()), arena.take()
+        tmp = arena.take()
+        y = add_mul_(axpy(log_s, x, 1 / wp, out=arena.take()), z, -1 / wp)   # log S + (X-Z)/wp
         if self.quadratic:          # S = exp(log S): carried from the last step when it can be
-            add_mul_(y, state[3] if len(state) > 3 else torch.exp(log_s, out=tmp), -a1)
-        y.div_(wp).add_(log_s)
+            add_mul_(y, state[3] if len(state) > 3 else torch.exp(log_s, out=tmp), -a1 / wp)
         k2 = kappa(w[A2][t], wp)
         k3 = kappa(w[A3][t], ws)
         p = arena.take()
@@ -212,10 +220,10 @@ class Badmm:
             log_p = y.add_(L.rows_out(log_mu - r, p))                    # y's buffer
             torch.exp(log_p, out=p)
         y2 = arena.take()
-        if self.quadratic:
-            torch.mul(p, a1, out=y2).neg_().add_(z).div_(ws).add_(log_p)
-        else:
-            torch.mul(log_p, rho, out=y2).add_(z).div_(ws)
+        if self.quadratic:                                               # log P + (Z - α1 P)/ws
+            add_mul_(axpy(log_p, z, 1 / ws, out=y2), p, -a1 / ws)
+        else:                                                            # (Z + ρ log P)/ws
+            add_mul_(torch.mul(z, 1 / ws, out=y2), log_p, rho / ws)
         if given is None:                                                # likewise S'
             c, mc = L.lse_feat(y2, tmp, with_shift=True)                 # tmp = exp(y2 - mc)
             log_eta = L.lognorm_rows(k3 * lq0 + (1 - k3) * c)
@@ -227,14 +235,15 @@ class Badmm:
         log_s_new = y2.add_(log_eta - c)                                  # y2's buffer
         if s_new is None:
             s_new = torch.exp(log_s_new, out=tmp)
-        z_new = p.sub_(s_new).mul_(rho).add_(z)                           # p's buffer
+        z_new = add_mul_(add_mul_(z, p, rho), s_new, -rho)          # Z + ρ(P - S'), in Z's buffer
+        old = [v for v in state if v is not z]
         if self.quadratic:                                   # keep S' (tmp) for the next step
-            arena.give(*state)
+            arena.give(p, *old)
             return (log_s_new, z_new, log_p, s_new), (r, c)
-        arena.give(tmp, *state)
+        arena.give(p, tmp, *old)
         return (log_s_new, z_new, log_p), (r, c)
 
-    def output(self, L, x, w, state):
+    def output(self, L, x, w, state, arena=None):
         return state[2]
 
 
@@ -252,9 +261,9 @@ def _run(solver, L, x, lp0, lq0, w, T, keep, vec_keep=None, arena=None):
     (states of a vector-state solver, else the LSE vectors), ``vec_keep`` the LSE vectors of a
     vector-state solver (its adjoint skips recomputing them). ``arena``: x-sized scratch to
     reuse (made here when autograd does not record and none is given)."""
-    state = solver.init(L, x, lp0, lq0)
     if arena is None and not torch.is_grad_enabled():
         arena = Arena(x)
+    state = solver.init(L, x, lp0, lq0, arena)
     for t in range(T):
         if keep is not None and not solver.replay:
             keep.append(state)
@@ -344,7 +353,7 @@ def _replayed_state(ctx, t: int, arena=None, snapshot=None):
             ls, z = (arena.take().copy_(v) for v in snapshot[1][:2])
             st = (ls, z, ls)
         else:
-            t0, st = 0, solver.init(L, x, lp0, lq0)
+            t0, st = 0, solver.init(L, x, lp0, lq0, arena)
         for s in range(t0, t):
             st, _ = solver.step(L, s, x, lp0, lq0, tuple(w), st, given=keep[s], arena=arena)
     return st
@@ -392,7 +401,7 @@ def _manual_backward(ctx, g_out, gx: Optional[Tensor] = None, arena: Optional[Ar
             adjoint.badmm_init_vjp(L, g_ls, acc)
         else:
             if callable(g_out):
-                g_out = g_out(solver.output(L, x, w, ctx.final), arena)
+                g_out = g_out(solver.output(L, x, w, ctx.final, arena), arena)
             g_a, g_b = adjoint.sinkhorn_exact_output_vjp(L, x, w, g_out, acc)
             for t in reversed(range(T)):
                 g_a, g_b = adjoint.sinkhorn_exact_vjp(L, t, x, lp0, lq0, w, keep[t], g_a, g_b,

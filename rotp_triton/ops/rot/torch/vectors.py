@@ -36,3 +36,10 @@ def add_mul_(y: Tensor, t: Tensor, s) -> Tensor:
 def add_div_(y: Tensor, t: Tensor, s) -> Tensor:
     """y += t / s in place (s: a float or a 0-d tensor)."""
     return y.add_(t, alpha=1.0 / s) if isinstance(s, float) else y.addcdiv_(t, s)
+
+
+def axpy(y: Tensor, t: Tensor, s, out: Tensor) -> Tensor:
+    """out = y + s · t in one pass (y broadcast against t; s: a float or a 0-d tensor)."""
+    if isinstance(s, float):
+        return torch.add(y, t, alpha=s, out=out)
+    return torch.addcmul(y, t, s, out=out)
