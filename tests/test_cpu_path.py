@@ -51,11 +51,12 @@ def test_fwd_bwd_memory_does_not_grow_with_T(method, variant):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_fwd_bwd_peak_at_T16_is_within_3x_input(monkeypatch, method):
-    # the chunked CPU path (ops/rot/torch/chunked.py): x and its gradient (2× x) plus a dozen
-    # chunk-sized buffers plus the per-iteration vectors. The chunk is shrunk so that this
-    # moderate x (3.2 MB) spans 32 chunks, as W1 (10 MB) spans 25 of the default size.
+    # the chunked CPU path (ops/rot/torch/chunked.py): x and its gradient (2× x) plus the
+    # solver's working set of chunk-sized buffers plus the per-iteration vectors. The working
+    # set is scaled down with x (3.2 MB here, W1 10 MB: 2 of the default 6 MiB) so that the
+    # ratio is W1's.
     from rotp_triton.ops.rot.torch import chunks
-    monkeypatch.setattr(chunks, "CHUNK_BYTES", 100 * 1024)
+    monkeypatch.setattr(chunks, "WORKING_SET_BYTES", 2 << 20)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(32, 250, 100, generator=g)
 

@@ -32,7 +32,7 @@ def _run(monkeypatch, chunk_bytes, method, x, kw, leaves, w, grad=True):
     """(y, grads of a random projection of y w.r.t. leaves) with the given chunk size
     (None: the unchunked path)."""
     monkeypatch.setattr(unpadded, "CHUNKED", chunk_bytes is not None)
-    monkeypatch.setattr(chunks, "CHUNK_BYTES", chunk_bytes or chunks.CHUNK_BYTES)
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", chunk_bytes)
     with torch.set_grad_enabled(grad):
         y = rt.rot_pool(x, method=method, num_iters=T, backend="torch", **kw, **w)
     if not grad:

@@ -172,7 +172,7 @@ def badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp, acc, *, quadra
     if quadratic:                        # S = exp(log S), carried in the state when replayed
         s_in = s_carried if s_carried is not None else torch.exp(ls, out=arena.take())
         add_mul_(G, s_in, -a1)
-    y = torch.div(G, wp, out=arena.take()).add_(ls)
+    y = axpy(ls, G, 1 / wp, out=arena.take())          # the ops of Badmm._step_arena
     arena.give(ls)
     del ls
     r, c = vecs                          # R [set, D], C [row, 1] saved by the forward
@@ -183,11 +183,11 @@ def badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp, acc, *, quadra
     arena.give(y)
     del y
     p = torch.mul(pr, L.rows_out(torch.exp(lmu), tmp), out=arena.take())  # exp(log P)
-    y2 = arena.take()
+    y2 = arena.take()                                   # the ops of Badmm._step_arena
     if quadratic:
-        torch.mul(p, a1, out=y2).neg_().add_(z).div_(ws).add_(lp)
+        add_mul_(axpy(lp, z, 1 / ws, out=y2), p, -a1 / ws)
     else:
-        torch.mul(lp, rho, out=y2).add_(z).div_(ws)
+        add_mul_(torch.mul(z, 1 / ws, out=y2), lp, rho / ws)
     arena.give(z)
     del z
     v = k3 * lq0 + (1 - k3) * c

@@ -1,7 +1,7 @@
 """How the CPU path splits a batch into chunks of whole sets (for :mod:`.chunked`).
 
 Sets are independent given the shared (T,) weights, so a batch can be solved a few sets at a
-time. A chunk holds about :data:`CHUNK_BYTES` of x: small enough that the solver's x-sized
+time. A chunk holds about :func:`chunk_bytes_for` bytes of x: small enough that the solver's x-sized
 temporaries (about ten) stay in the core's L2/L3 instead of DRAM, and that they cost chunk-sized
 memory instead of x-sized; large enough that the per-op overhead of eager torch (a few µs per
 op, ~40 ops per set-iteration) stays small against the arithmetic.
@@ -21,7 +21,16 @@ from torch import Tensor
 
 from .layouts import Padded, Segments
 
-CHUNK_BYTES = 1 << 19   # x bytes per chunk (W1: 2 sets; bench/results/cpu_2026-11-28_chunked.md)
+# The solvers' chunk-sized buffers in use at once (their backward's peak: measured on W1, S 6,
+# B-E 11, B-Q 12) times the chunk size: about 6 MiB, L3-resident, and at W1 (10 MB of x) the
+# peak memory stays under 3× x (bench/results/cpu_2026-11-28_chunked.md).
+WORKING_SET_BYTES = 6 << 20
+CHUNK_BYTES: Optional[int] = None    # fixed x bytes per chunk (tests), else from the solver
+
+
+def chunk_bytes_for(solver) -> int:
+    """x bytes per chunk for ``solver`` (which names its buffer count ``chunk_buffers``)."""
+    return CHUNK_BYTES or WORKING_SET_BYTES // solver.chunk_buffers
 
 
 class SetChunk:
@@ -44,23 +53,22 @@ class SetChunk:
             dst.index_copy_(0, self.rows, src)
 
 
-def dense_chunks(x: Tensor, chunk_bytes: Optional[int] = None) -> list:
+def dense_chunks(x: Tensor, chunk_bytes: int) -> list:
     """Chunks of a dense batch x (B, N, D): slices of sets (sizes from the shape)."""
     B, N, D = x.shape
     per_set = max(1, N * D * x.element_size())
-    k = max(1, (chunk_bytes or CHUNK_BYTES) // per_set)
+    k = max(1, chunk_bytes // per_set)
     return [SetChunk(slice(b, min(b + k, B)), slice(b, min(b + k, B)), Padded(None))
             for b in range(0, B, k)]
 
 
-def segment_chunks(x: Tensor, index: Tensor, lengths: Tensor,
-                   chunk_bytes: Optional[int] = None) -> list:
+def segment_chunks(x: Tensor, index: Tensor, lengths: Tensor, chunk_bytes: int) -> list:
     """Chunks of a ragged batch x (N_total, D) with set ids ``index`` and set sizes ``lengths``.
 
     Chunks holding only empty sets are left out (their output is 0 and nothing flows back)."""
     B = lengths.shape[0]
     row_bytes = max(1, x.shape[1] * x.element_size())
-    rows_per_chunk = max(1, (chunk_bytes or CHUNK_BYTES) // row_bytes)
+    rows_per_chunk = max(1, chunk_bytes // row_bytes)
     ends = torch.cumsum(lengths, 0)
     starts = ends - lengths
     # a set joins the chunk its first row falls in: every chunk starts at a set boundary

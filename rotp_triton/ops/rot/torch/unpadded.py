@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .chunked import chunked_rot_pool
-from .chunks import dense_chunks, segment_chunks
+from .chunks import chunk_bytes_for, dense_chunks, segment_chunks
 from .layouts import Padded, Segments
 from .unrolled import make_solver, unrolled_log_plan
 
@@ -45,10 +45,11 @@ def rot_pool_unrolled(x: Tensor, batch, *, method: str, variant: str, weights: d
             lq0 = batch.unpad_rows(log_q0).unsqueeze(1)
         lp0 = log_p0
     if _chunkable(xc, variant, return_plan):
-        chunks = (dense_chunks(xc) if batch.dense
-                  else segment_chunks(xc, batch.index, batch.lengths))
-        y = chunked_rot_pool(make_solver(method, variant), chunks, batch.num_sets, num_iters,
-                             xc, lp0, lq0, **w)
+        solver = make_solver(method, variant)
+        size = chunk_bytes_for(solver)
+        chunks = (dense_chunks(xc, size) if batch.dense
+                  else segment_chunks(xc, batch.index, batch.lengths, size))
+        y = chunked_rot_pool(solver, chunks, batch.num_sets, num_iters, xc, lp0, lq0, **w)
         return y.to(x.dtype), None
     log_p = unrolled_log_plan(L, xc, lp0, lq0, method=method, variant=variant, T=num_iters, **w)
     y = L.pool(log_p, xc).to(x.dtype)          # a ragged empty set has no rows: y = 0

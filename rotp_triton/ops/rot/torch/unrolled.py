@@ -37,6 +37,7 @@ class SinkhornExact:
     """Gauss-Seidel unbalanced Sinkhorn, iteration t uses ε_t = α1[t] (DESIGN §3.1)."""
     replay = False                                     # the state is vectors: saved per iteration
     exact_vjp = True                                   # adjoint.py differentiates it by hand
+    chunk_buffers = 6                                  # chunk-sized buffers in use at once (chunks.py)
 
     def init(self, L, x, lp0, lq0, arena=None):
         return (lp0.new_zeros(lp0.shape), L.zero(lq0.new_zeros(lq0.shape)))
@@ -104,6 +105,7 @@ class Badmm:
         self.paper = variant == "paper"
         self.sf, self.a0 = sf, a0          # α0 > 0 (padded layout, checkpointed by solvers.py)
         self.exact_vjp = not self.paper and sf is None
+        self.chunk_buffers = 12 if quadratic else 11       # in use at once (chunks.py)
 
     def init(self, L, x, lp0, lq0, arena=None):
         if (arena is not None and self.exact_vjp and getattr(L, "mask", None) is None
@@ -201,10 +203,12 @@ class Badmm:
         a1, rho = w[A1][t], w[RHO][t]
         wp = rho + a1 if self.quadratic else rho
         ws = rho + a1
-        tmp = arena.take()
-        y = add_mul_(axpy(log_s, x, 1 / wp, out=arena.take()), z, -1 / wp)   # log S + (X-Z)/wp
+        # y = log S + G/wp, G = X - Z [- α1 S]: the same ops as adjoint.badmm_exact_vjp's
+        # recompute, so that both see the same floats (exp of y - R at |x| = 1e30 / α = 1e-6)
+        G, tmp = torch.sub(x, z, out=arena.take()), arena.take()
         if self.quadratic:          # S = exp(log S): carried from the last step when it can be
-            add_mul_(y, state[3] if len(state) > 3 else torch.exp(log_s, out=tmp), -a1 / wp)
+            add_mul_(G, state[3] if len(state) > 3 else torch.exp(log_s, out=tmp), -a1)
+        y = axpy(log_s, G, 1 / wp, out=G)
         k2 = kappa(w[A2][t], wp)
         k3 = kappa(w[A3][t], ws)
         p = arena.take()
