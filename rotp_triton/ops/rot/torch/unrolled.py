@@ -344,17 +344,17 @@ class UnrolledRot(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-def _replayed_state(ctx, t: int, arena=None, snapshot=None):
+def _replayed_state(ctx, t: int, arena=None, snapshot=None, last_use: bool = False):
     """The (detached) state entering iteration t of a replay solver, rebuilt from x and the
     saved LSE vectors, from ``snapshot`` = (t0, state) when t0 <= t (the snapshot is copied:
-    the arena step recycles its input buffers)."""
+    the arena step recycles its input buffers; on its ``last_use`` it is handed over)."""
     solver, L, keep = ctx.solver, ctx.L, ctx.keep
     x, lp0, lq0, *w = ctx.saved_tensors
     w = getattr(ctx, "wf", None) or w
     with torch.no_grad():
         if snapshot is not None and snapshot[0] <= t:
             t0 = snapshot[0]
-            ls, z = (arena.take().copy_(v) for v in snapshot[1][:2])
+            ls, z = (v if last_use else arena.take().copy_(v) for v in snapshot[1][:2])
             st = (ls, z, ls)
         else:
             t0, st = 0, solver.init(L, x, lp0, lq0, arena)
@@ -396,7 +396,10 @@ def _manual_backward(ctx, g_out, gx: Optional[Tensor] = None, arena: Optional[Ar
                 snapshot = (T // 2, mid[:2])
             g_ls, g_z, g_lp = None, None, g_out
             for t in reversed(range(T)):
-                state = _replayed_state(ctx, t, arena, snapshot)
+                last_use = snapshot is not None and t == snapshot[0]
+                state = _replayed_state(ctx, t, arena, snapshot, last_use)
+                if last_use:
+                    snapshot = None
                 g_ls, g_z = adjoint.badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp,
                                                     acc, quadratic=solver.quadratic, arena=arena,
                                                     vecs=keep[t])
