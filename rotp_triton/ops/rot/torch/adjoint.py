@@ -7,9 +7,10 @@ temporary dies). They differentiate exactly the ops of :mod:`.unrolled` (tests/t
 compares with autograd through the reference to 1e-9 in float64). Only for layouts without
 padding (dense ``Padded(None)`` and ``Segments``): padded rows would need the mask everywhere.
 
-The (T,) weights enter an iteration through a few scalars (ε; ρ + α1; κ2, κ3; ρ, α1 directly):
-their gradients are sums over the batch, recorded per iteration and pushed through the weight
-formulas (κ at α = inf included) once, by autograd on 0-d tensors (:func:`apply_weight_grads`).
+The (T,) weights enter an iteration through a few scalars (ε; ρ + α1; κ2, κ3; ρ, α1 directly),
+as 0-d tensors or (the chunked CPU path) Python floats: their gradients are sums over the batch,
+recorded per iteration and pushed through the weight formulas (κ at α = inf included) once, by
+autograd on 0-d tensors (:func:`apply_weight_grads`).
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def apply_weight_grads(pending: dict, w, gw) -> None:
             outs = fn(*leaves)
             pairs = [(o, g) for o, g in zip(outs, g_scalars)
                      if g is not None and o.requires_grad]
-            gs = (torch.autograd.grad([o for o, _ in pairs], leaves, [torch.as_tensor(g, dtype=o.dtype) for o, g in pairs],
+            gs = (torch.autograd.grad([o for o, _ in pairs], leaves,
+                                      [torch.as_tensor(g, dtype=o.dtype) for o, g in pairs],
                                       allow_unused=True) if pairs else [None] * 4)
         for i in range(4):
             if gw[i] is None:

@@ -18,11 +18,11 @@ from torch import Tensor
 
 from . import adjoint
 from .arena import Arena
-from .unrolled import _manual_backward, _run
+from .unrolled import exact_backward, run_iterations
 
 
 class _ChunkRecord:
-    """What the backward of one chunk needs (the attributes ``_manual_backward`` reads)."""
+    """What the backward of one chunk needs (the attributes ``exact_backward`` reads)."""
 
     def __init__(self, solver, L, T, needs_input_grad, wf):
         self.solver, self.L, self.T, self.wf = solver, L, T, wf
@@ -70,8 +70,9 @@ def _solve_chunks(solver, chunks, B, T, x, lp0, lq0, w, records=None):
         if records is not None:
             rec = _ChunkRecord(solver, ch.L, T, None, w)
             records.append(rec)
-        state = _run(solver, ch.L, xc, lp0c, lq0c, w, T, None if rec is None else rec.keep,
-                     None if rec is None else rec.vec_keep, arena=arena)
+        state = run_iterations(solver, ch.L, xc, lp0c, lq0c, w, T,
+                               None if rec is None else rec.keep,
+                               None if rec is None else rec.vec_keep, arena=arena)
         log_p = solver.output(ch.L, xc, w, state, arena)
         yc, lse = _pool(ch.L, log_p, xc, arena)
         y[ch.sets] = yc.reshape(-1, x.shape[-1])
@@ -116,7 +117,7 @@ class ChunkedRotPool(torch.autograd.Function):
             gxc = (gx[ch.rows] if gx is not None and isinstance(ch.rows, slice)
                    else torch.zeros_like(xc))
             g_set = ch.L.set_vector(g_y[ch.sets])
-            grads = _manual_backward(rec, _pool_vjp(ch.L, xc, rec.lse, rec.y, g_set, gxc),
+            grads = exact_backward(rec, _pool_vjp(ch.L, xc, rec.lse, rec.y, g_set, gxc),
                                      gx=gxc, arena=arena, pending=pending)
             if gx is not None:
                 ch.scatter_rows(gx, gxc)

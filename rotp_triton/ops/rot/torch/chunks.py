@@ -66,7 +66,6 @@ def segment_chunks(x: Tensor, index: Tensor, lengths: Tensor, chunk_bytes: int) 
     """Chunks of a ragged batch x (N_total, D) with set ids ``index`` and set sizes ``lengths``.
 
     Chunks holding only empty sets are left out (their output is 0 and nothing flows back)."""
-    B = lengths.shape[0]
     row_bytes = max(1, x.shape[1] * x.element_size())
     rows_per_chunk = max(1, chunk_bytes // row_bytes)
     ends = torch.cumsum(lengths, 0)

@@ -19,6 +19,10 @@ the (T,) weights, only small per-iteration vectors:
 Each differentiated iteration runs the same ops as the forward (the LSEs recomputed, not taken
 from the saved vectors), so the gradients are exactly those of autograd through the unrolled
 iterations (what the reference gives). Double backward is not supported.
+
+On the CPU the exact variant runs these steps and the adjoints of :mod:`.adjoint` one chunk of
+sets at a time instead (:mod:`.chunked`, the weights as Python floats), through
+:func:`run_iterations` and :func:`exact_backward`.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ class SinkhornExact:
     """Gauss-Seidel unbalanced Sinkhorn, iteration t uses ε_t = α1[t] (DESIGN §3.1)."""
     replay = False                                     # the state is vectors: saved per iteration
     exact_vjp = True                                   # adjoint.py differentiates it by hand
-    chunk_buffers = 6                                  # chunk-sized buffers in use at once (chunks.py)
+    chunk_buffers = 6                                  # buffers in use at once (chunks.py)
 
     def init(self, L, x, lp0, lq0, arena=None):
         return (lp0.new_zeros(lp0.shape), L.zero(lq0.new_zeros(lq0.shape)))
@@ -260,7 +264,7 @@ def make_solver(method: str, variant: str):
 # --------------------------------------------------------------------------------------------
 # the autograd.Function
 # --------------------------------------------------------------------------------------------
-def _run(solver, L, x, lp0, lq0, w, T, keep, vec_keep=None, arena=None):
+def run_iterations(solver, L, x, lp0, lq0, w, T, keep, vec_keep=None, arena=None):
     """Iterations 0..T-1 from the initial state; ``keep`` collects what the backward needs
     (states of a vector-state solver, else the LSE vectors), ``vec_keep`` the LSE vectors of a
     vector-state solver (its adjoint skips recomputing them). ``arena``: x-sized scratch to
@@ -286,7 +290,7 @@ class UnrolledRot(torch.autograd.Function):
     def forward(ctx, solver, L, T, x, lp0, lq0, a1, a2, a3, rho):
         w = (a1, a2, a3, rho)
         keep, vec_keep = [], []
-        state = _run(solver, L, x, lp0, lq0, w, T, keep, vec_keep)
+        state = run_iterations(solver, L, x, lp0, lq0, w, T, keep, vec_keep)
         ctx.solver, ctx.L, ctx.T, ctx.keep, ctx.vec_keep = solver, L, T, keep, vec_keep
         ctx.final = state if not solver.replay else None
         ctx.save_for_backward(x, lp0, lq0, a1, a2, a3, rho)
@@ -298,7 +302,7 @@ class UnrolledRot(torch.autograd.Function):
         solver, L, T, keep = ctx.solver, ctx.L, ctx.T, ctx.keep
         saved = ctx.saved_tensors
         if getattr(solver, "exact_vjp", False) and getattr(L, "mask", None) is None:
-            return (None, None, None, *_manual_backward(ctx, g_out))
+            return (None, None, None, *exact_backward(ctx, g_out))
         leaves = [v.detach().requires_grad_() for v in saved]             # x, lp0, lq0, a1..rho
         x, lp0, lq0 = leaves[:3]
         w = tuple(leaves[3:])
@@ -363,7 +367,7 @@ def _replayed_state(ctx, t: int, arena=None, snapshot=None, last_use: bool = Fal
     return st
 
 
-def _manual_backward(ctx, g_out, gx: Optional[Tensor] = None, arena: Optional[Arena] = None,
+def exact_backward(ctx, g_out, gx: Optional[Tensor] = None, arena: Optional[Arena] = None,
                      pending: Optional[dict] = None):
     """Backward of the exact solvers with the hand-written adjoints of adjoint.py.
 
@@ -432,4 +436,4 @@ def unrolled_log_plan(L, x: Tensor, lp0: Tensor, lq0: Tensor, *, method: str, va
     if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
             and not torch.compiler.is_compiling()):
         return UnrolledRot.apply(solver, L, T, *tensors)
-    return solver.output(L, x, w, _run(solver, L, x, lp0, lq0, w, T, None))
+    return solver.output(L, x, w, run_iterations(solver, L, x, lp0, lq0, w, T, None))
