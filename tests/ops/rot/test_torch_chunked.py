@@ -44,6 +44,8 @@ def _run(monkeypatch, chunk_bytes, method, x, kw, leaves, w, grad=True):
 def _compare(monkeypatch, method, x, kw, leaves, w, chunk_bytes):
     y0, g0 = _run(monkeypatch, None, method, x, kw, leaves, w)
     y1, g1 = _run(monkeypatch, chunk_bytes, method, x, kw, leaves, w)
+    assert type(y1.grad_fn).__name__ == "ChunkedRotPoolBackward"      # the path under test
+    assert type(y0.grad_fn).__name__ != "ChunkedRotPoolBackward"
     assert rel_err(y1, y0) <= 1e-10
     for i, (a, b) in enumerate(zip(g1, g0)):
         assert torch.isfinite(a).all(), i
