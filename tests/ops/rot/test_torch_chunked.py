@@ -28,7 +28,7 @@ def _weights(seed):
             (("a1", 0.8, 1.6), ("a2", 0.5, 2.0), ("a3", 0.5, 2.0), ("rho", 0.8, 1.6))}
 
 
-def _run(monkeypatch, chunk_bytes, method, x, kw, leaves, w, grad=True):
+def _run(monkeypatch, chunk_bytes, method, x, kw, leaves, w, grad=True, T=T):
     """(y, grads of a random projection of y w.r.t. leaves) with the given chunk size
     (None: the unchunked path)."""
     monkeypatch.setattr(unpadded, "CHUNKED", chunk_bytes is not None)
@@ -41,9 +41,9 @@ def _run(monkeypatch, chunk_bytes, method, x, kw, leaves, w, grad=True):
     return y, torch.autograd.grad((y * proj).sum(), leaves)
 
 
-def _compare(monkeypatch, method, x, kw, leaves, w, chunk_bytes):
-    y0, g0 = _run(monkeypatch, None, method, x, kw, leaves, w)
-    y1, g1 = _run(monkeypatch, chunk_bytes, method, x, kw, leaves, w)
+def _compare(monkeypatch, method, x, kw, leaves, w, chunk_bytes, T=T):
+    y0, g0 = _run(monkeypatch, None, method, x, kw, leaves, w, T=T)
+    y1, g1 = _run(monkeypatch, chunk_bytes, method, x, kw, leaves, w, T=T)
     assert type(y1.grad_fn).__name__ == "ChunkedRotPoolBackward"      # the path under test
     assert type(y0.grad_fn).__name__ != "ChunkedRotPoolBackward"
     assert rel_err(y1, y0) <= 1e-10
@@ -51,7 +51,7 @@ def _compare(monkeypatch, method, x, kw, leaves, w, chunk_bytes):
         assert torch.isfinite(a).all(), i
         err = rel_err(a, b) if b.norm() > 1e-12 else float((a - b).abs().max())
         assert err <= 1e-10, f"grad {i}: {err}"
-    yn, _ = _run(monkeypatch, chunk_bytes, method, x, kw, leaves, w, grad=False)
+    yn, _ = _run(monkeypatch, chunk_bytes, method, x, kw, leaves, w, grad=False, T=T)
     assert rel_err(yn, y0) <= 1e-10
 
 
@@ -66,6 +66,19 @@ def test_dense_chunked_equals_unchunked(monkeypatch, method, sets_per_chunk):
     w = _weights(2)
     _compare(monkeypatch, method, x, dict(p0=p0, q0=q0), [x, p0, q0, *w.values()], w,
              sets_per_chunk * N * D * 8)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("T_", [1, 2, 5], ids=lambda t: f"T{t}")
+def test_dense_chunked_equals_unchunked_other_T_and_infinite_weights(monkeypatch, method, T_):
+    # T < 3: no snapshot in the B-ADMM backward, T = 5: snapshot at 2; α2 = α3 = inf (κ = 1)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 6, 5, generator=g, dtype=torch.float64).requires_grad_()
+    w = {k: (0.7 + torch.rand(T_, generator=g, dtype=torch.float64)).requires_grad_()
+         for k in ("a1", "rho")}
+    w.update(a2=float("inf"), a3=float("inf"))
+    leaves = [x, w["a1"], w["rho"]]
+    _compare(monkeypatch, method, x, {}, leaves, w, 6 * 5 * 8, T=T_)
 
 
 @pytest.mark.parametrize("method", METHODS)
