@@ -90,6 +90,8 @@ class Padded:
 
     def lognorm_rows(self, v: Tensor) -> Tensor:
         """log-softmax over each set's rows of a per-row vector (B, N, 1); padding 0."""
+        if self.mask is None:
+            return torch.log_softmax(v, dim=1)                           # one fused op
         return self.zero(v - self.lse_rows(v))
 
     def pool(self, log_p: Tensor, x: Tensor) -> Tensor:

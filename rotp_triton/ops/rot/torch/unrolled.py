@@ -13,8 +13,8 @@ the (T,) weights, only small per-iteration vectors:
   once the per-iteration LSE vectors (R over samples, C over features) are known. Those are
   saved; the backward rebuilds the state before iteration t by replaying iterations 0..t-1 with
   the saved vectors (elementwise only, no reductions), then differentiates iteration t.
-  The replays start from the beginning or from one snapshot of the state at T // 2:
-  O(T²) elementwise replays, O(1) x-sized tensors whatever T.
+  The replays start from the beginning or from one snapshot of the state at T // 2 (read,
+  not copied): O(T²) elementwise replays, O(1) x-sized tensors whatever T.
 
 Each differentiated iteration runs the same ops as the forward (the LSEs recomputed, not taken
 from the saved vectors), so the gradients are exactly those of autograd through the unrolled
@@ -124,10 +124,10 @@ class Badmm:
             state += (lp0, lq0, torch.zeros_like(lp0), torch.zeros_like(lq0))
         return state
 
-    def step(self, L, t, x, lp0, lq0, w, state, given=None, arena=None):
+    def step(self, L, t, x, lp0, lq0, w, state, given=None, arena=None, borrowed=False):
         if self.exact_vjp and not torch.is_grad_enabled():
             if arena is not None and getattr(L, "mask", None) is None:
-                return self._step_arena(L, t, x, lp0, lq0, w, state, given, arena)
+                return self._step_arena(L, t, x, lp0, lq0, w, state, given, arena, borrowed)
             return self._step_no_grad(L, t, x, lp0, lq0, w, state, given)
         log_s, z = state[0], state[1]
         a1, rho = w[A1][t], w[RHO][t]
@@ -200,9 +200,10 @@ class Badmm:
         z = p.sub_(L.exp(log_s)).mul_(rho).add_(z)                        # p's buffer
         return (log_s, z, log_p), (r, c)
 
-    def _step_arena(self, L, t, x, lp0, lq0, w, state, given, arena):
+    def _step_arena(self, L, t, x, lp0, lq0, w, state, given, arena, borrowed=False):
         """:meth:`_step_no_grad` through arena buffers (no mask), fewer passes (a + s·b in one
-        op); updates Z in place and gives back the rest of the old state (owned by the step)."""
+        op); updates Z in place and gives back the rest of the old state (owned by the step),
+        or, with ``borrowed`` (a snapshot the caller keeps), leaves the old state alone."""
         log_s, z = state[0], state[1]
         a1, rho = w[A1][t], w[RHO][t]
         wp = rho + a1 if self.quadratic else rho
@@ -243,12 +244,16 @@ class Badmm:
         log_s_new = y2.add_(log_eta - c)                                  # y2's buffer
         if s_new is None:
             s_new = torch.exp(log_s_new, out=tmp)
-        z_new = add_mul_(add_mul_(z, p, rho), s_new, -rho)          # Z + ρ(P - S'), in Z's buffer
-        old = [v for v in state if v is not z]
+        if borrowed:                                         # Z + ρ(P - S'), in P's buffer
+            z_new = add_mul_(axpy(z, p, rho, out=p), s_new, -rho)
+            spare = []
+        else:                                                # Z + ρ(P - S'), in Z's buffer
+            z_new = add_mul_(add_mul_(z, p, rho), s_new, -rho)
+            spare = [p] + [v for v in state if v is not z]
         if self.quadratic:                                   # keep S' (tmp) for the next step
-            arena.give(p, *old)
+            arena.give(*spare)
             return (log_s_new, z_new, log_p, s_new), (r, c)
-        arena.give(p, tmp, *old)
+        arena.give(tmp, *spare)
         return (log_s_new, z_new, log_p), (r, c)
 
     def output(self, L, x, w, state, arena=None):
@@ -348,22 +353,25 @@ class UnrolledRot(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-def _replayed_state(ctx, t: int, arena=None, snapshot=None, last_use: bool = False):
+def _replayed_state(ctx, t: int, arena=None, snapshot=None):
     """The (detached) state entering iteration t of a replay solver, rebuilt from x and the
-    saved LSE vectors, from ``snapshot`` = (t0, state) when t0 <= t (the snapshot is copied:
-    the arena step recycles its input buffers; on its ``last_use`` it is handed over)."""
+    saved LSE vectors, from ``snapshot`` = (t0, state) when t0 <= t: the first step from it
+    leaves it alone (``borrowed``); at t = t0 the snapshot itself is handed over (the caller
+    goes down in t: it is not used again)."""
     solver, L, keep = ctx.solver, ctx.L, ctx.keep
     x, lp0, lq0, *w = ctx.saved_tensors
     w = getattr(ctx, "wf", None) or w
     with torch.no_grad():
-        if snapshot is not None and snapshot[0] <= t:
+        borrowed = snapshot is not None and snapshot[0] <= t
+        if borrowed:
             t0 = snapshot[0]
-            ls, z = (v if last_use else arena.take().copy_(v) for v in snapshot[1][:2])
+            ls, z = snapshot[1][:2]
             st = (ls, z, ls)
         else:
             t0, st = 0, solver.init(L, x, lp0, lq0, arena)
         for s in range(t0, t):
-            st, _ = solver.step(L, s, x, lp0, lq0, tuple(w), st, given=keep[s], arena=arena)
+            st, _ = solver.step(L, s, x, lp0, lq0, tuple(w), st, given=keep[s], arena=arena,
+                                borrowed=borrowed and s == t0)
     return st
 
 
@@ -395,15 +403,14 @@ def exact_backward(ctx, g_out, gx: Optional[Tensor] = None, arena: Optional[Aren
             # quarter of the O(T²) replay steps (none left at T <= 3)
             snapshot = None
             if T >= 3:
-                mid = _replayed_state(ctx, T // 2, arena)   # owned: never given back
+                mid = _replayed_state(ctx, T // 2, arena)   # kept until t = T // 2
                 arena.give(*mid[2:])                         # log P (and S)
                 snapshot = (T // 2, mid[:2])
             g_ls, g_z, g_lp = None, None, g_out
             for t in reversed(range(T)):
-                last_use = snapshot is not None and t == snapshot[0]
-                state = _replayed_state(ctx, t, arena, snapshot, last_use)
-                if last_use:
-                    snapshot = None
+                state = _replayed_state(ctx, t, arena, snapshot)
+                if snapshot is not None and t == snapshot[0]:
+                    snapshot = mid = None                # handed over with the state
                 g_ls, g_z = adjoint.badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp,
                                                     acc, quadratic=solver.quadratic, arena=arena,
                                                     vecs=keep[t])
