@@ -111,3 +111,16 @@ def test_chunks_are_runs_of_whole_sets():
     assert [(c.sets.start, c.sets.stop) for c in cs] == [(0, 2), (2, 5), (5, 6)]
     assert [(c.rows.start, c.rows.stop) for c in cs] == [(0, 6), (6, 9), (9, 13)]
     assert [c.L.B for c in cs] == [2, 3, 1]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_backward_twice_with_retained_graph(monkeypatch, method):
+    # gradcheck and create_graph-free double calls run the backward of one graph again
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 2 * 4 * 3 * 8)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 4, 3, generator=g, dtype=torch.float64).requires_grad_()
+    y = rt.rot_pool(x, method=method, num_iters=T, backend="torch")
+    assert type(y.grad_fn).__name__ == "ChunkedRotPoolBackward"
+    (g1,) = torch.autograd.grad(y.sum(), x, retain_graph=True)
+    (g2,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(g1, g2)

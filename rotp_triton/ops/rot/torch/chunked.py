@@ -125,7 +125,8 @@ class ChunkedRotPool(torch.autograd.Function):
                 g_lp0[ch.sets] = grads[1]
             if g_lq0 is not None:
                 ch.scatter_rows(g_lq0, grads[2])
-            rec.keep = rec.vec_keep = rec.final = rec.saved_tensors = None    # free as we go
+            rec.saved_tensors = None       # the chunk's (gathered) x; keep the vectors: a
+                                           # retained graph may run backward again
         adjoint.apply_weight_grads(pending, w, g_w)
         return (None, None, None, None, gx, g_lp0, g_lq0, *g_w)
 
