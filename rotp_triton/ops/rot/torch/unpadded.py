@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .chunked import chunked_rot_pool
 from .chunks import chunk_bytes_for, dense_chunks, segment_chunks
@@ -20,9 +21,11 @@ CHUNKED = True   # the chunked CPU path (tests compare it with the unchunked one
 
 
 def _chunkable(x: Tensor, variant: str, return_plan: bool) -> bool:
-    """Chunks pay off on the CPU (cache) and need host-side set sizes (no compile, no CUDA)."""
+    """Chunks pay off on the CPU (cache) and read set sizes and weights on the host: not under
+    torch.compile, nor under a Python dispatch mode (fake tensors have no values; op recorders
+    such as bench/kernel_report.py's eager model want the device-independent op stream)."""
     return (CHUNKED and x.device.type == "cpu" and variant == "exact" and not return_plan
-            and not torch.compiler.is_compiling())
+            and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None)
 
 
 def rot_pool_unrolled(x: Tensor, batch, *, method: str, variant: str, weights: dict,
