@@ -1,7 +1,7 @@
 """CPU torch path of ``rot_pool`` against a baseline checkout, same run, 1 thread (issue #16).
 
     git worktree add /tmp/base 1f0e5b2
-    python bench/cpu_path.py --base /tmp/base --out bench/results/cpu_$(date +%F).md
+    python bench/cpu_path.py --base /tmp/base --out bench/results/cpu_$(date +%F).md [--rounds 5]
 
 Each tree runs in its own long-lived subprocess (the tree first on sys.path); the timed rounds
 alternate between the two, so both are timed under the same load of a shared machine. Cases:
@@ -54,10 +54,10 @@ def call(case, method, T):
 for line in sys.stdin:                      # "time|peak case method T", one answer per line
     what, case, method, T = line.split()
     T = int(T)
-    if what == "time":
-        t0 = time.perf_counter()
+    if what == "time":                      # wall and CPU seconds of this process
+        t0, c0 = time.perf_counter(), time.process_time()
         call(case, method, T)
-        print(time.perf_counter() - t0, flush=True)
+        print(time.perf_counter() - t0, time.process_time() - c0, flush=True)
     else:
         print(peak_bytes(lambda: call(case, method, T)), flush=True)
 '''
@@ -73,13 +73,13 @@ class Child:
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                   env=env)
 
-    def ask(self, *words) -> float:
+    def ask(self, *words) -> list:
         self.p.stdin.write(" ".join(map(str, words)) + "\n")
         self.p.stdin.flush()
         line = self.p.stdout.readline()
         if not line:
             raise RuntimeError("benchmark child died")
-        return float(line)
+        return [float(v) for v in line.split()]
 
     def close(self):
         self.p.stdin.close()
@@ -87,19 +87,25 @@ class Child:
 
 
 def measure(children: dict, case, method, T, rounds):
-    """{name: dict(min_s, median_s, peak)}; rounds alternate between the children."""
+    """{name: dict(min_s, median_s, cpu_min_s, peak)}; rounds alternate between the children.
+    CPU seconds (of the child process) are less sensitive than wall time to other load on a
+    shared machine (waiting for a core is not counted; cache and memory contention still is)."""
     times = {n: [] for n in children}
+    cpus = {n: [] for n in children}
     if rounds:
         for c in children.values():
             c.ask("time", case, method, T)                      # warm-up
         for _ in range(rounds):
             for n, c in children.items():
-                times[n].append(c.ask("time", case, method, T))
+                wall, cpu = c.ask("time", case, method, T)
+                times[n].append(wall)
+                cpus[n].append(cpu)
     out = {}
     for n, c in children.items():
         ts = sorted(times[n])
         out[n] = dict(min_s=ts[0] if ts else None, median_s=ts[len(ts) // 2] if ts else None,
-                      peak=int(c.ask("peak", case, method, T)))
+                      cpu_min_s=min(cpus[n]) if cpus[n] else None,
+                      peak=int(c.ask("peak", case, method, T)[0]))
     return out
 
 
@@ -110,7 +116,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-base-skew", action="store_true",
                     help="the baseline needs ~7 GB and ~45 s on the skewed batch")
+    ap.add_argument("--no-skew", action="store_true", help="W1 only")
     args = ap.parse_args()
+    load_before = os.getloadavg()
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     x_w1 = 50 * 500 * 100 * 4
     rows = []
@@ -122,15 +130,17 @@ def main():
             rows.append(("W1", method, T, r))
     for c in both.values():
         c.close()
-    new_only = {"new": Child(here)}
-    r = measure(new_only, "skew", "badmm-e", 4, 3)
-    new_only["new"].close()
-    if not args.skip_base_skew:
-        base_only = {"base": Child(args.base)}
-        r.update(measure(base_only, "skew", "badmm-e", 4, 0))
-        base_only["base"].close()
-    print("skew", r, flush=True)
-    rows.append(("skew", "badmm-e", 4, r))
+    if not args.no_skew:
+        new_only = {"new": Child(here)}
+        r = measure(new_only, "skew", "badmm-e", 4, 3)
+        new_only["new"].close()
+        if not args.skip_base_skew:
+            base_only = {"base": Child(args.base)}
+            r.update(measure(base_only, "skew", "badmm-e", 4, 0))
+            base_only["base"].close()
+        print("skew", r, flush=True)
+        rows.append(("skew", "badmm-e", 4, r))
+    load_after = os.getloadavg()
 
     def fmt_t(m):
         if m.get("min_s") is None:
@@ -148,16 +158,22 @@ def main():
              f"the rounds of the two trees alternate (one long-lived process each) so both see "
              f"the same load; the ratio uses the minima. Peak: bytes of tensor storage "
              f"alive above the level before the call (profiler allocator events); W1's x is "
-             f"{x_w1 / 2**20:.1f} MiB.", "",
-             "| workload | method | T | base time | new time | new ÷ base | base peak | new peak "
-             "| new peak ÷ x |", "|---|---|---|---|---|---|---|---|---|"]
+             f"{x_w1 / 2**20:.1f} MiB. CPU ÷: the same ratio of the minimum CPU seconds of "
+             f"each child (waiting for a core not counted). Load average (1, 5, 15 min) before: "
+             f"{', '.join(f'{v:.1f}' for v in load_before)}; after: "
+             f"{', '.join(f'{v:.1f}' for v in load_after)}.", "",
+             "| workload | method | T | base time | new time | new ÷ base | CPU ÷ | base peak "
+             "| new peak | new peak ÷ x |", "|---|---|---|---|---|---|---|---|---|---|"]
     for case, method, T, r in rows:
         b, n = r.get("base", {}), r["new"]
         ratio = (f"{n['min_s'] / b['min_s']:.2f}" if b.get("min_s") and n.get("min_s") else "—")
+        cpu = (f"{n['cpu_min_s'] / b['cpu_min_s']:.2f}" if b.get("cpu_min_s")
+               and n.get("cpu_min_s") else "—")
         xb = x_w1 if case == "W1" else 20199 * 15 * 4
         per_x = f"{n['peak'] / xb:.1f}×" if "peak" in n else "—"
         lines.append(f"| {case} | {method} | {T} | {fmt_t(b) if b else 'not run'} | {fmt_t(n)} "
-                     f"| {ratio} | {fmt_m(b) if b else 'not run'} | {fmt_m(n)} | {per_x} |")
+                     f"| {ratio} | {cpu} | {fmt_m(b) if b else 'not run'} | {fmt_m(n)} "
+                     f"| {per_x} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

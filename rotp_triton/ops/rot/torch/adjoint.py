@@ -7,33 +7,70 @@ temporary dies). They differentiate exactly the ops of :mod:`.unrolled` (tests/t
 compares with autograd through the reference to 1e-9 in float64). Only for layouts without
 padding (dense ``Padded(None)`` and ``Segments``): padded rows would need the mask everywhere.
 
-The (T,) weights enter an iteration through a few scalars (ε; ρ + α1; κ2, κ3; ρ, α1 directly):
-their gradients are sums over the batch, pushed through the weight formulas (κ at α = inf
-included) by autograd on 0-d tensors (:func:`_weight_grads`).
+The (T,) weights enter an iteration through a few scalars (ε; ρ + α1; κ2, κ3; ρ, α1 directly),
+as 0-d tensors or (the chunked CPU path) Python floats: their gradients are sums over the batch,
+recorded per iteration and pushed through the weight formulas (κ at α = inf included) once, by
+autograd on 0-d tensors (:func:`apply_weight_grads`).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .vectors import A1, A2, A3, RHO, kappa, lognorm_feat
+from .vectors import A1, A2, A3, RHO, add_div_, add_mul_, axpy, kappa, lognorm_feat
 
 
-def _weight_grads(t, w, gw, fn, g_scalars, direct=None):
-    """gw[i][t] += d/dw_i of Σ_k g_scalars[k] · fn(a1, a2, a3, rho)[k]  (+ direct[i])."""
-    with torch.enable_grad():
-        leaves = [w[i][t].detach().requires_grad_() for i in range(4)]
-        outs = fn(*leaves)
-        pairs = [(o, g) for o, g in zip(outs, g_scalars) if g is not None and o.requires_grad]
-        gs = (torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs],
-                                  allow_unused=True) if pairs else [None] * 4)
-    for i in range(4):
-        if gw[i] is None:
-            continue
-        if gs[i] is not None:
-            gw[i][t] += gs[i]
-        if direct and direct.get(i) is not None:
-            gw[i][t] += direct[i]
+def _weight_grads(t, acc, fn, g_scalars, direct=None):
+    """Record, for iteration t, the gradient of Σ_k g_scalars[k] · fn(a1, a2, a3, ρ)[k] (plus
+    ``direct[i]`` on weight i) in ``acc["w_pending"]``; :func:`apply_weight_grads` pushes the
+    sums through ``fn`` once per (t, fn), however many chunks of sets added to them."""
+    if all(g is None for g in acc["w"]):
+        return
+    rec = acc["w_pending"].setdefault((t, fn), [[None] * len(g_scalars), {}])
+    rec[0] = [_add(a, b) for a, b in zip(rec[0], g_scalars)]
+    for i, d in (direct or {}).items():
+        rec[1][i] = _add(rec[1].get(i), d)
+
+
+def _add(a, b):
+    return b if a is None else a if b is None else a + b
+
+
+def apply_weight_grads(pending: dict, w, gw) -> None:
+    """gw[i][t] += the recorded weight gradients, through the weight formulas (κ at α = inf
+    included) by autograd on the 0-d tensors w[i][t]."""
+    for (t, fn), (g_scalars, direct) in pending.items():
+        with torch.enable_grad():
+            leaves = [w[i][t].detach().requires_grad_() for i in range(4)]
+            outs = fn(*leaves)
+            pairs = [(o, g) for o, g in zip(outs, g_scalars)
+                     if g is not None and o.requires_grad]
+            gs = (torch.autograd.grad([o for o, _ in pairs], leaves,
+                                      [torch.as_tensor(g, dtype=o.dtype) for o, g in pairs],
+                                      allow_unused=True) if pairs else [None] * 4)
+        for i in range(4):
+            if gw[i] is None:
+                continue
+            if gs[i] is not None:
+                gw[i][t] += gs[i]
+            if direct.get(i) is not None:
+                gw[i][t] += direct[i]
+
+
+def _sinkhorn_step_scalars(a1, a2, a3, rho):
+    return a1, kappa(a2, a1), kappa(a3, a1)
+
+
+def _sinkhorn_output_scalars(a1, a2, a3, rho):
+    return (a1,)
+
+
+def _badmm_scalars_e(a1, a2, a3, rho):
+    return rho, rho + a1, kappa(a2, rho), kappa(a3, rho + a1)           # wp, ws, κ2, κ3
+
+
+def _badmm_scalars_q(a1, a2, a3, rho):
+    return rho + a1, rho + a1, kappa(a2, rho + a1), kappa(a3, rho + a1)
 
 
 def _softmax_rows(L, v: Tensor) -> Tensor:
@@ -63,13 +100,12 @@ def sinkhorn_exact_vjp(L, t, x, lp0, lq0, w, state, g_a, g_b, acc, *, arena, vec
     _, b = state                        # the exact update does not read the incoming a
     eps = w[A1][t]
     k2, k3 = kappa(w[A2][t], eps), kappa(w[A3][t], eps)
-    tmp = arena.take()
-    y = torch.div(x, eps, out=arena.take())                             # [rows, D]
-    yb = torch.add(y, b, out=arena.take())
+    tmp = arena.take() if L.row_buffer else None                      # rows_out scratch
+    yb = axpy(b, x, 1 / eps, out=arena.take())                         # x/ε + b  [rows, D]
     r, c = vecs                          # R [set, D], C [row, 1] saved by the forward
     u = k2 * lp0 + (1 - k2) * r
     a = lognorm_feat(u) - r
-    ya = torch.add(y, L.rows_out(a, tmp), out=arena.take())
+    ya = axpy(L.rows_out(a, tmp), x, 1 / eps, out=arena.take())        # x/ε + a
     v = k3 * lq0 + (1 - k3) * c
     # b' = lognorm_rows(v) - c
     g_v = _back_lognorm_rows(L, v, g_b)
@@ -89,21 +125,20 @@ def sinkhorn_exact_vjp(L, t, x, lp0, lq0, w, state, g_a, g_b, acc, *, arena, vec
     g_b_in = t_r.sum(-1, keepdim=True)
     gy.add_(t_r)
     # y = x / eps
-    acc["x"].addcdiv_(gy, eps)
-    g_eps = -_dot(gy, y) / eps
-    arena.give(y, yb, gy, tmp)
-    _weight_grads(t, w, acc["w"], lambda a1, a2, a3, rho: (a1, kappa(a2, a1), kappa(a3, a1)),
-                  (g_eps, g_k2, g_k3))
+    add_div_(acc["x"], gy, eps)
+    g_eps = -_dot(gy, x) / (eps * eps)                                  # y = x/ε
+    arena.give(yb, gy, tmp)
+    _weight_grads(t, acc, _sinkhorn_step_scalars, (g_eps, g_k2, g_k3))
     return torch.zeros_like(g_a), g_b_in
 
 
 def sinkhorn_exact_output_vjp(L, x, w, g_out, acc):
     """Reverse of log P = x/ε_T + a 1ᵀ + 1 bᵀ; returns (g_a, g_b) of the final state."""
     eps = w[A1][-1]
-    acc["x"].addcdiv_(g_out, eps)
+    add_div_(acc["x"], g_out, eps)
     g_eps = -_dot(g_out, x) / (eps * eps)
-    T = w[A1].shape[0]
-    _weight_grads(T - 1, w, acc["w"], lambda a1, a2, a3, rho: (a1,), (g_eps,))
+    T = len(w[A1])
+    _weight_grads(T - 1, acc, _sinkhorn_output_scalars, (g_eps,))
     return L.sum_rows(g_out), g_out.sum(-1, keepdim=True)
 
 
@@ -119,23 +154,27 @@ def badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp, acc, *, quadra
                     arena, vecs):
     """Reverse of Badmm.step (exact variant, α0 = 0) at iteration t from ``state`` =
     (log S, Z, ·) entering it (owned: overwritten). ``g_ls``, ``g_z`` (owned, overwritten),
-    ``g_lp`` (read only): gradients of the state leaving it, None = 0. Returns
+    ``g_lp`` (read only; at the last iteration also a function ``(log P, arena) -> owned
+    gradient``): gradients of the state leaving it, None = 0. Returns
     (g_ls_in, g_z_in). Every x-sized buffer is reused in place where the math allows: on the
     CPU a fresh large tensor costs its page faults, more than the arithmetic."""
     ls, z = state[0], state[1]
+    s_carried = state[3] if len(state) > 3 else None                  # S (B-Q replays)
+    if state[2] is not ls:
+        arena.give(state[2])             # the replayed log P: recomputed below, free it now
     state = None
     a1, rho = w[A1][t], w[RHO][t]
     wp = rho + a1 if quadratic else rho
     ws = rho + a1
     k2, k3 = kappa(w[A2][t], wp), kappa(w[A3][t], ws)
     # ---- recompute the forward of the iteration (the ops of Badmm.step)
-    tmp = arena.take()
+    tmp = arena.take() if L.row_buffer else None                      # rows_out scratch
     G = torch.sub(x, z, out=arena.take())                 # X - Z [- α1 S]     [rows, D]
     s_in = None
-    if quadratic:
-        s_in = torch.exp(ls, out=arena.take())
-        G.addcmul_(s_in, a1, value=-1)
-    y = torch.div(G, wp, out=arena.take()).add_(ls)
+    if quadratic:                        # S = exp(log S), carried in the state when replayed
+        s_in = s_carried if s_carried is not None else torch.exp(ls, out=arena.take())
+        add_mul_(G, s_in, -a1)
+    y = axpy(ls, G, 1 / wp, out=arena.take())          # the ops of Badmm._step_arena
     arena.give(ls)
     del ls
     r, c = vecs                          # R [set, D], C [row, 1] saved by the forward
@@ -146,11 +185,11 @@ def badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp, acc, *, quadra
     arena.give(y)
     del y
     p = torch.mul(pr, L.rows_out(torch.exp(lmu), tmp), out=arena.take())  # exp(log P)
-    y2 = arena.take()
+    y2 = arena.take()                                   # the ops of Badmm._step_arena
     if quadratic:
-        torch.mul(p, a1, out=y2).neg_().add_(z).div_(ws).add_(lp)
+        add_mul_(axpy(lp, z, 1 / ws, out=y2), p, -a1 / ws)
     else:
-        torch.mul(lp, rho, out=y2).add_(z).div_(ws)
+        add_mul_(torch.mul(z, 1 / ws, out=y2), lp, rho / ws)
     arena.give(z)
     del z
     v = k3 * lq0 + (1 - k3) * c
@@ -159,7 +198,7 @@ def badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp, acc, *, quadra
     d_a1 = None
     g_ws = g_k3 = None
     if g_ls is None and g_z is None:  # the last iteration: only log P is used
-        g_lp_tot = arena.take().copy_(g_lp)
+        g_lp_tot = g_lp(lp, arena) if callable(g_lp) else arena.take().copy_(g_lp)
         g_z_in = None
         arena.give(y2, lp, p)
         del y2, lp, p
@@ -206,7 +245,7 @@ def badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp, acc, *, quadra
         g_lp_tot = g_y2 if quadratic else g_y2.mul_(rho / ws)
         if quadratic:
             g_pp = (torch.mul(g_y2, -a1 / ws, out=arena.take()) if g_z is None
-                    else g_z.mul_(rho).addcmul_(g_y2, a1 / ws, value=-1))
+                    else add_mul_(g_z.mul_(rho), g_y2, -a1 / ws))
         else:
             g_pp = None if g_z is None else g_z.mul_(rho)
         if g_pp is not None:
@@ -226,30 +265,25 @@ def badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp, acc, *, quadra
     arena.give(pr)
     del pr
     # y = log S + G / wp
-    acc["x"].addcdiv_(g_y, wp)
+    add_div_(acc["x"], g_y, wp)
     g_wp = -_dot(g_y, G) / (wp * wp)
     arena.give(G)
     del G
     if g_z_in is None:
         g_z_in = torch.div(g_y, wp, out=arena.take()).neg_()
     else:
-        g_z_in.addcdiv_(g_y, wp, value=-1)
+        add_div_(g_z_in, g_y, -wp)
     if quadratic:                                     # G holds -α1 S, S = exp(log S)
         s_in.mul_(g_y)
         d_s = -s_in.sum() / wp
         d_a1 = d_s if d_a1 is None else d_a1 + d_s
-        g_y.addcmul_(s_in, a1 / wp, value=-1)
+        add_mul_(g_y, s_in, -a1 / wp)
         arena.give(s_in)
         del s_in
     arena.give(tmp)
 
-    def scalars(a1_, a2_, a3_, rho_):
-        wp_ = rho_ + a1_ if quadratic else rho_
-        ws_ = rho_ + a1_
-        return wp_, ws_, kappa(a2_, wp_), kappa(a3_, ws_)
-
-    _weight_grads(t, w, acc["w"], scalars, (g_wp, g_ws, g_k2, g_k3),
-                  direct={A1: d_a1, RHO: d_rho})
+    _weight_grads(t, acc, _badmm_scalars_q if quadratic else _badmm_scalars_e,
+                  (g_wp, g_ws, g_k2, g_k3), direct={A1: d_a1, RHO: d_rho})
     return g_y, g_z_in
 
 

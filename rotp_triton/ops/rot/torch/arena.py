@@ -13,9 +13,12 @@ import torch
 
 
 class Arena:
-    def __init__(self, like: Tensor, max_free: int = 6):
+    def __init__(self, like: Tensor, max_free: int = 16):
         self.like = like
-        self.max_free = max_free          # more than one iteration needs: the rest is released
+        # Buffers are only made when none is free, so the arena's footprint (in use + free)
+        # never exceeds the most buffers in use at once, whatever max_free: a generous bound
+        # costs no peak memory and spares re-allocating (page faults) between iterations.
+        self.max_free = max_free
         self.free: list = []
 
     def take(self) -> Tensor:

@@ -34,6 +34,8 @@ def lse_last(y: Tensor, tmp: Tensor, with_shift: bool = False):
 
 
 class Padded:
+    row_buffer = False            # rows()/rows_out() broadcast: no scratch buffer needed
+
     def __init__(self, mask: Optional[Tensor]):
         self.mask = mask                                                 # [B, N] or None
 
@@ -88,6 +90,8 @@ class Padded:
 
     def lognorm_rows(self, v: Tensor) -> Tensor:
         """log-softmax over each set's rows of a per-row vector (B, N, 1); padding 0."""
+        if self.mask is None:
+            return torch.log_softmax(v, dim=1)                           # one fused op
         return self.zero(v - self.lse_rows(v))
 
     def pool(self, log_p: Tensor, x: Tensor) -> Tensor:
@@ -104,6 +108,8 @@ class Padded:
 
 
 class Segments:
+    row_buffer = True             # rows_out() materialises a per-set vector into a buffer
+
     def __init__(self, index: Tensor, num_sets: int, lengths: Tensor):
         self.index = index                                               # [N_total] int64
         self.B = num_sets

@@ -13,12 +13,16 @@ the (T,) weights, only small per-iteration vectors:
   once the per-iteration LSE vectors (R over samples, C over features) are known. Those are
   saved; the backward rebuilds the state before iteration t by replaying iterations 0..t-1 with
   the saved vectors (elementwise only, no reductions), then differentiates iteration t.
-  The replays start from the beginning or from one snapshot of the state at T // 2:
-  O(T²) elementwise replays, O(1) x-sized tensors whatever T.
+  The replays start from the beginning or from one snapshot of the state at T // 2 (read,
+  not copied): O(T²) elementwise replays, O(1) x-sized tensors whatever T.
 
 Each differentiated iteration runs the same ops as the forward (the LSEs recomputed, not taken
 from the saved vectors), so the gradients are exactly those of autograd through the unrolled
 iterations (what the reference gives). Double backward is not supported.
+
+On the CPU the exact variant runs these steps and the adjoints of :mod:`.adjoint` one chunk of
+sets at a time instead (:mod:`.chunked`, the weights as Python floats), through
+:func:`run_iterations` and :func:`exact_backward`.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .arena import Arena
-from .vectors import A1, A2, A3, RHO, kappa, lognorm_feat  # noqa: F401  (re-exported)
+from .vectors import A1, A2, A3, RHO, add_mul_, axpy, kappa, lognorm_feat  # noqa: F401
 
 # --------------------------------------------------------------------------------------------
 # one iteration of each solver; ``state`` is a tuple, ``given`` the saved LSE vectors (replay)
@@ -37,8 +41,9 @@ class SinkhornExact:
     """Gauss-Seidel unbalanced Sinkhorn, iteration t uses ε_t = α1[t] (DESIGN §3.1)."""
     replay = False                                     # the state is vectors: saved per iteration
     exact_vjp = True                                   # adjoint.py differentiates it by hand
+    chunk_buffers = 6                                  # buffers in use at once (chunks.py)
 
-    def init(self, L, x, lp0, lq0):
+    def init(self, L, x, lp0, lq0, arena=None):
         return (lp0.new_zeros(lp0.shape), L.zero(lq0.new_zeros(lq0.shape)))
 
     def step(self, L, t, x, lp0, lq0, w, state, given=None, arena=None):
@@ -59,17 +64,19 @@ class SinkhornExact:
         _, b = state
         eps = w[A1][t]
         k2, k3 = kappa(w[A2][t], eps), kappa(w[A3][t], eps)
-        y, yb, tmp = arena.take(), arena.take(), arena.take()
-        torch.div(x, eps, out=y)
-        r = L.lse_rows(torch.add(y, b, out=yb), tmp)
+        yb, tmp = arena.take(), arena.take()
+        r = L.lse_rows(axpy(b, x, 1 / eps, out=yb), tmp)                  # x/ε + b
         a = lognorm_feat(k2 * lp0 + (1 - k2) * r) - r
-        c = L.lse_feat(torch.add(y, L.rows_out(a, tmp), out=yb), tmp)
+        c = L.lse_feat(axpy(L.rows_out(a, tmp), x, 1 / eps, out=yb), tmp)   # x/ε + a
         b = L.lognorm_rows(k3 * lq0 + (1 - k3) * c) - c
-        arena.give(y, yb, tmp)
+        arena.give(yb, tmp)
         return (a, b), (r, c)
 
-    def output(self, L, x, w, state):
+    def output(self, L, x, w, state, arena=None):
         a, b = state
+        if arena is not None and not torch.is_grad_enabled():          # into a reused buffer
+            out = arena.take()
+            return add_mul_(torch.add(L.rows_out(a, out), b, out=out), x, 1 / w[A1][-1])
         return L.zero(x / w[A1][-1] + L.rows(a) + b)
 
 
@@ -92,7 +99,8 @@ class SinkhornPaper(SinkhornExact):
 class Badmm:
     """Two-block Bregman ADMM, P = S with dual Z (DESIGN §3.1 exact / §3.2 paper Alg. 2).
 
-    State: (log S, Z, log P) and, for the paper variant, (log μ, log η, z1, z2).
+    State: (log S, Z, log P) and, for the paper variant, (log μ, log η, z1, z2); B-Q exact
+    without autograd (:meth:`_step_arena`) also carries S = exp(log S) as a 4th entry.
     """
     replay = True
 
@@ -101,8 +109,14 @@ class Badmm:
         self.paper = variant == "paper"
         self.sf, self.a0 = sf, a0          # α0 > 0 (padded layout, checkpointed by solvers.py)
         self.exact_vjp = not self.paper and sf is None
+        self.chunk_buffers = 12 if quadratic else 11       # in use at once (chunks.py)
 
-    def init(self, L, x, lp0, lq0):
+    def init(self, L, x, lp0, lq0, arena=None):
+        if (arena is not None and self.exact_vjp and getattr(L, "mask", None) is None
+                and not torch.is_grad_enabled()):                # into reused buffers
+            log_s = arena.take()
+            torch.add(L.rows_out(lp0, log_s), lq0, out=log_s)
+            return (log_s, arena.take().zero_(), log_s)
         log_s = L.zero(L.rows(lp0) + lq0)                                 # log(p0 q0ᵀ)
         z = torch.zeros_like(x)
         state = (log_s, z, log_s)
@@ -110,10 +124,10 @@ class Badmm:
             state += (lp0, lq0, torch.zeros_like(lp0), torch.zeros_like(lq0))
         return state
 
-    def step(self, L, t, x, lp0, lq0, w, state, given=None, arena=None):
+    def step(self, L, t, x, lp0, lq0, w, state, given=None, arena=None, borrowed=False):
         if self.exact_vjp and not torch.is_grad_enabled():
             if arena is not None and getattr(L, "mask", None) is None:
-                return self._step_arena(L, t, x, lp0, lq0, w, state, given, arena)
+                return self._step_arena(L, t, x, lp0, lq0, w, state, given, arena, borrowed)
             return self._step_no_grad(L, t, x, lp0, lq0, w, state, given)
         log_s, z = state[0], state[1]
         a1, rho = w[A1][t], w[RHO][t]
@@ -186,16 +200,20 @@ class Badmm:
         z = p.sub_(L.exp(log_s)).mul_(rho).add_(z)                        # p's buffer
         return (log_s, z, log_p), (r, c)
 
-    def _step_arena(self, L, t, x, lp0, lq0, w, state, given, arena):
-        """:meth:`_step_no_grad` through arena buffers (no mask); gives back the old state."""
+    def _step_arena(self, L, t, x, lp0, lq0, w, state, given, arena, borrowed=False):
+        """:meth:`_step_no_grad` through arena buffers (no mask), fewer passes (a + s·b in one
+        op); updates Z in place and gives back the rest of the old state (owned by the step),
+        or, with ``borrowed`` (a snapshot the caller keeps), leaves the old state alone."""
         log_s, z = state[0], state[1]
         a1, rho = w[A1][t], w[RHO][t]
         wp = rho + a1 if self.quadratic else rho
         ws = rho + a1
-        y, tmp = torch.sub(x, z, out=arena.take()), arena.take()
-        if self.quadratic:
-            y.addcmul_(torch.exp(log_s, out=tmp), a1, value=-1)
-        y.div_(wp).add_(log_s)
+        # y = log S + G/wp, G = X - Z [- α1 S]: the same ops as adjoint.badmm_exact_vjp's
+        # recompute, so that both see the same floats (exp of y - R at |x| = 1e30 / α = 1e-6)
+        G, tmp = torch.sub(x, z, out=arena.take()), arena.take()
+        if self.quadratic:          # S = exp(log S): carried from the last step when it can be
+            add_mul_(G, state[3] if len(state) > 3 else torch.exp(log_s, out=tmp), -a1)
+        y = axpy(log_s, G, 1 / wp, out=G)
         k2 = kappa(w[A2][t], wp)
         k3 = kappa(w[A3][t], ws)
         p = arena.take()
@@ -211,10 +229,10 @@ class Badmm:
             log_p = y.add_(L.rows_out(log_mu - r, p))                    # y's buffer
             torch.exp(log_p, out=p)
         y2 = arena.take()
-        if self.quadratic:
-            torch.mul(p, a1, out=y2).neg_().add_(z).div_(ws).add_(log_p)
-        else:
-            torch.mul(log_p, rho, out=y2).add_(z).div_(ws)
+        if self.quadratic:                                               # log P + (Z - α1 P)/ws
+            add_mul_(axpy(log_p, z, 1 / ws, out=y2), p, -a1 / ws)
+        else:                                                            # (Z + ρ log P)/ws
+            add_mul_(torch.mul(z, 1 / ws, out=y2), log_p, rho / ws)
         if given is None:                                                # likewise S'
             c, mc = L.lse_feat(y2, tmp, with_shift=True)                 # tmp = exp(y2 - mc)
             log_eta = L.lognorm_rows(k3 * lq0 + (1 - k3) * c)
@@ -226,11 +244,19 @@ class Badmm:
         log_s_new = y2.add_(log_eta - c)                                  # y2's buffer
         if s_new is None:
             s_new = torch.exp(log_s_new, out=tmp)
-        z_new = p.sub_(s_new).mul_(rho).add_(z)                           # p's buffer
-        arena.give(tmp, *state[:3])
+        if borrowed:                                         # Z + ρ(P - S'), in P's buffer
+            z_new = add_mul_(axpy(z, p, rho, out=p), s_new, -rho)
+            spare = []
+        else:                                                # Z + ρ(P - S'), in Z's buffer
+            z_new = add_mul_(add_mul_(z, p, rho), s_new, -rho)
+            spare = [p] + [v for v in state if v is not z]
+        if self.quadratic:                                   # keep S' (tmp) for the next step
+            arena.give(*spare)
+            return (log_s_new, z_new, log_p, s_new), (r, c)
+        arena.give(tmp, *spare)
         return (log_s_new, z_new, log_p), (r, c)
 
-    def output(self, L, x, w, state):
+    def output(self, L, x, w, state, arena=None):
         return state[2]
 
 
@@ -243,12 +269,14 @@ def make_solver(method: str, variant: str):
 # --------------------------------------------------------------------------------------------
 # the autograd.Function
 # --------------------------------------------------------------------------------------------
-def _run(solver, L, x, lp0, lq0, w, T, keep, vec_keep=None):
+def run_iterations(solver, L, x, lp0, lq0, w, T, keep, vec_keep=None, arena=None):
     """Iterations 0..T-1 from the initial state; ``keep`` collects what the backward needs
     (states of a vector-state solver, else the LSE vectors), ``vec_keep`` the LSE vectors of a
-    vector-state solver (its adjoint skips recomputing them)."""
-    state = solver.init(L, x, lp0, lq0)
-    arena = Arena(x) if not torch.is_grad_enabled() else None
+    vector-state solver (its adjoint skips recomputing them). ``arena``: x-sized scratch to
+    reuse (made here when autograd does not record and none is given)."""
+    if arena is None and not torch.is_grad_enabled():
+        arena = Arena(x)
+    state = solver.init(L, x, lp0, lq0, arena)
     for t in range(T):
         if keep is not None and not solver.replay:
             keep.append(state)
@@ -267,7 +295,7 @@ class UnrolledRot(torch.autograd.Function):
     def forward(ctx, solver, L, T, x, lp0, lq0, a1, a2, a3, rho):
         w = (a1, a2, a3, rho)
         keep, vec_keep = [], []
-        state = _run(solver, L, x, lp0, lq0, w, T, keep, vec_keep)
+        state = run_iterations(solver, L, x, lp0, lq0, w, T, keep, vec_keep)
         ctx.solver, ctx.L, ctx.T, ctx.keep, ctx.vec_keep = solver, L, T, keep, vec_keep
         ctx.final = state if not solver.replay else None
         ctx.save_for_backward(x, lp0, lq0, a1, a2, a3, rho)
@@ -279,7 +307,7 @@ class UnrolledRot(torch.autograd.Function):
         solver, L, T, keep = ctx.solver, ctx.L, ctx.T, ctx.keep
         saved = ctx.saved_tensors
         if getattr(solver, "exact_vjp", False) and getattr(L, "mask", None) is None:
-            return (None, None, None, *_manual_backward(ctx, g_out))
+            return (None, None, None, *exact_backward(ctx, g_out))
         leaves = [v.detach().requires_grad_() for v in saved]             # x, lp0, lq0, a1..rho
         x, lp0, lq0 = leaves[:3]
         w = tuple(leaves[3:])
@@ -327,45 +355,62 @@ class UnrolledRot(torch.autograd.Function):
 
 def _replayed_state(ctx, t: int, arena=None, snapshot=None):
     """The (detached) state entering iteration t of a replay solver, rebuilt from x and the
-    saved LSE vectors, from ``snapshot`` = (t0, state) when t0 <= t (the snapshot is copied:
-    the arena step recycles its input buffers)."""
+    saved LSE vectors, from ``snapshot`` = (t0, state) when t0 <= t: the first step from it
+    leaves it alone (``borrowed``); at t = t0 the snapshot itself is handed over (the caller
+    goes down in t: it is not used again)."""
     solver, L, keep = ctx.solver, ctx.L, ctx.keep
     x, lp0, lq0, *w = ctx.saved_tensors
+    w = getattr(ctx, "wf", None) or w
     with torch.no_grad():
-        if snapshot is not None and snapshot[0] <= t:
+        borrowed = snapshot is not None and snapshot[0] <= t
+        if borrowed:
             t0 = snapshot[0]
-            ls, z = (arena.take().copy_(v) for v in snapshot[1][:2])
+            ls, z = snapshot[1][:2]
             st = (ls, z, ls)
         else:
-            t0, st = 0, solver.init(L, x, lp0, lq0)
+            t0, st = 0, solver.init(L, x, lp0, lq0, arena)
         for s in range(t0, t):
-            st, _ = solver.step(L, s, x, lp0, lq0, tuple(w), st, given=keep[s], arena=arena)
+            st, _ = solver.step(L, s, x, lp0, lq0, tuple(w), st, given=keep[s], arena=arena,
+                                borrowed=borrowed and s == t0)
     return st
 
 
-def _manual_backward(ctx, g_out):
-    """Backward of the exact solvers with the hand-written adjoints of adjoint.py."""
+def exact_backward(ctx, g_out, gx: Optional[Tensor] = None, arena: Optional[Arena] = None,
+                     pending: Optional[dict] = None):
+    """Backward of the exact solvers with the hand-written adjoints of adjoint.py.
+
+    ``ctx``: the UnrolledRot context or anything with its attributes (chunked.py's per-chunk
+    records). ``g_out``: the gradient of log P, or a function ``(log P, arena) -> gradient``
+    (an owned x-sized buffer), called once log P is rebuilt (chunked.py's pool adjoint).
+    ``gx``: a zeroed buffer to accumulate the gradient of x into (default: a new one).
+    ``ctx.wf``, when present: the weights to compute with (Python floats, chunked.py).
+    ``pending``: a dict to record the weight gradients in (the caller applies them, once for
+    all chunks); default: applied here, and returned as the weights' gradients.)"""
     from . import adjoint
     solver, L, T, keep = ctx.solver, ctx.L, ctx.T, ctx.keep
-    x, lp0, lq0, *w = ctx.saved_tensors
-    w = tuple(w)
+    x, lp0, lq0, *w_tensors = ctx.saved_tensors
+    w = getattr(ctx, "wf", None) or tuple(w_tensors)
     need = ctx.needs_input_grad[3:]
-    acc = dict(x=torch.zeros_like(x), lp0=torch.zeros_like(lp0), lq0=torch.zeros_like(lq0),
+    acc = dict(x=torch.zeros_like(x) if gx is None else gx, lp0=torch.zeros_like(lp0),
+               lq0=torch.zeros_like(lq0),
                w=[torch.zeros(T, dtype=wi.dtype, device=wi.device) if n else None
-                  for wi, n in zip(w, need[3:])])
-    arena = Arena(x)
+                  for wi, n in zip(w_tensors, need[3:])],
+               w_pending={} if pending is None else pending)
+    arena = Arena(x) if arena is None else arena
     with torch.no_grad():
         if isinstance(solver, Badmm):
             # one snapshot (log S, Z) at T // 2: 2 x-sized tensors whatever T, and about a
             # quarter of the O(T²) replay steps (none left at T <= 3)
             snapshot = None
             if T >= 3:
-                mid = _replayed_state(ctx, T // 2, arena)   # owned: never given back
-                arena.give(mid[2])
+                mid = _replayed_state(ctx, T // 2, arena)   # kept until t = T // 2
+                arena.give(*mid[2:])                         # log P (and S)
                 snapshot = (T // 2, mid[:2])
             g_ls, g_z, g_lp = None, None, g_out
             for t in reversed(range(T)):
                 state = _replayed_state(ctx, t, arena, snapshot)
+                if snapshot is not None and t == snapshot[0]:
+                    snapshot = mid = None                # handed over with the state
                 g_ls, g_z = adjoint.badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp,
                                                     acc, quadratic=solver.quadratic, arena=arena,
                                                     vecs=keep[t])
@@ -373,10 +418,14 @@ def _manual_backward(ctx, g_out):
                 g_lp = None
             adjoint.badmm_init_vjp(L, g_ls, acc)
         else:
+            if callable(g_out):
+                g_out = g_out(solver.output(L, x, w, ctx.final, arena), arena)
             g_a, g_b = adjoint.sinkhorn_exact_output_vjp(L, x, w, g_out, acc)
             for t in reversed(range(T)):
                 g_a, g_b = adjoint.sinkhorn_exact_vjp(L, t, x, lp0, lq0, w, keep[t], g_a, g_b,
                                                       acc, arena=arena, vecs=ctx.vec_keep[t])
+    if pending is None:
+        adjoint.apply_weight_grads(acc["w_pending"], w_tensors, acc["w"])
     grads = [acc["x"], acc["lp0"], acc["lq0"], *acc["w"]]
     return [g if n else None for g, n in zip(grads, need)]
 
@@ -394,4 +443,4 @@ def unrolled_log_plan(L, x: Tensor, lp0: Tensor, lq0: Tensor, *, method: str, va
     if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
             and not torch.compiler.is_compiling()):
         return UnrolledRot.apply(solver, L, T, *tensors)
-    return solver.output(L, x, w, _run(solver, L, x, lp0, lq0, w, T, None))
+    return solver.output(L, x, w, run_iterations(solver, L, x, lp0, lq0, w, T, None))
