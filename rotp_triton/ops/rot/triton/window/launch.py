@@ -26,6 +26,10 @@ FWD_PER_THREAD = 32
 BWD_TILE = 512
 BWD_PER_THREAD = 8
 MAX_WARPS = 16
+# iterations whose states the backward keeps in registers at once (its segment length L): the
+# Sinkhorn state is two vectors per window, the B-ADMM state two tiles (log S, Z). T ≤ L runs
+# O(T); beyond, each further segment first replays the iterations before it.
+BWD_SEGMENT = {"sinkhorn": 16, "badmm-e": 4, "badmm-q": 4}
 # programs per SM of the backward's persistent grid
 BWD_PROGRAMS_PER_SM = 8
 
@@ -90,23 +94,31 @@ def max_registers(num_warps: int) -> int:
     return min(255, 65536 // (32 * num_warps)) // 8 * 8
 
 
-def fwd_config(g: Geometry) -> dict:
-    """Block sizes and the mask flags of the forward kernel: MASKED when some window loses
-    samples (padding, border, ceil_mode, k² not a power of 2) or C < next_pow2(C); TAIL when
-    the last tile is partial (then only its loads and stores are masked)."""
-    BW, BN, BC = block_sizes(g.kh * g.kw, g.C, FWD_TILE)
+def masked(g: Geometry, BN: int, BC: int) -> bool:
+    """Some window loses samples (padding, border, ceil_mode, k² not a power of 2) or
+    C < next_pow2(C): the kernels mask their reductions."""
     full = (g.ph == 0 and g.pw == 0 and g.kh * g.kw == BN and (g.Ho - 1) * g.sh + g.kh <= g.H
             and (g.Wo - 1) * g.sw + g.kw <= g.W)
+    return not full or g.C != BC
+
+
+def fwd_config(g: Geometry) -> dict:
+    """Block sizes and the mask flags of the forward kernel: MASKED (``masked``); TAIL when
+    the last tile is partial (then only its loads and stores are masked)."""
+    BW, BN, BC = block_sizes(g.kh * g.kw, g.C, FWD_TILE)
     warps = num_warps_for(BW * BN * BC, FWD_PER_THREAD)
-    return dict(BW=BW, BN=BN, BC=BC, MASKED=not full or g.C != BC,
+    return dict(BW=BW, BN=BN, BC=BC, MASKED=masked(g, BN, BC),
                 TAIL=g.n_windows % BW != 0, FAST=not interpreter_enabled(), num_warps=warps,
                 maxnreg=max_registers(warps))
 
 
-def bwd_config(g: Geometry) -> dict:
+def bwd_config(g: Geometry, T: int, method: str) -> dict:
+    """Block sizes, segment length L (``BWD_SEGMENT``) and mask flag of the backward."""
     BW, BN, BC = block_sizes(g.kh * g.kw, g.C, BWD_TILE)
     warps = num_warps_for(BW * BN * BC, BWD_PER_THREAD)
-    return dict(BW=BW, BN=BN, BC=BC, num_warps=warps, maxnreg=max_registers(warps))
+    return dict(BW=BW, BN=BN, BC=BC, L=max(1, min(T, BWD_SEGMENT[method])),
+                MASKED=masked(g, BN, BC), FAST=not interpreter_enabled(), num_warps=warps,
+                maxnreg=max_registers(warps))
 
 
 def is_channels_last(x: Tensor) -> bool:
@@ -143,7 +155,7 @@ def window_backward(x: Tensor, w: Tensor, gy: Tensor, g: Geometry, method: str, 
     gx = empty_like_layout(x, x.shape, torch.float32 if g.overlap else x.dtype)
     if g.overlap or not g.tiles_image:
         gx.zero_()
-    cfg = bwd_config(g)
+    cfg = bwd_config(g, T, method)
     TP = next_pow2(T * params.NUM_WEIGHTS)
     n_tiles = max(1, -(-g.n_windows // cfg["BW"]))
     n_prog = max(1, min(n_tiles, BWD_PROGRAMS_PER_SM * sm_count(x.device)))
