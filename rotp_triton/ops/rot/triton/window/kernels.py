@@ -18,9 +18,12 @@ last tile's loads/stores (``TAIL``). B-ADMM peels the last iteration's S-step (t
 the last P-step's logits only); B-Q carries S instead of recomputing exp(log S).
 
 Backward (``window_bwd_kernel``): the exact gradient of the T unrolled iterations, in natural
-logs, recomputed in registers: for each t = T-1 … 0 the program reruns the forward from x to
-the state at the start of iteration t (O(T²) iterations, T is small) and back-propagates
-through iteration t; nothing per iteration is saved, so memory does not grow with T.
+logs, in segments of L iterations (``launch.bwd_config``), the last segment first: the program
+replays the segment once from its starting state, keeping each iteration's state in registers
+(a tuple ``tape``, unrolled at compile time), then back-propagates through it in reverse. With
+T ≤ L (W3: Sinkhorn L = 16, B-ADMM 4) that is O(T); the starting state of every further
+segment is recomputed from iteration 0. Nothing per iteration reaches global memory, so memory
+does not grow with T. Same masking and MUFU rules as the forward.
 
 Per-window updates (LSE_n: over the window's valid samples, LSE_d: over the C channels; the
 pooled output is y_d = Σ_n softmax_n(L)_nd x_nd, and every per-channel shift of L cancels):
@@ -744,21 +747,23 @@ def _output_bwd(x, logits, gy, m, sv, MASKED: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
-def _sinkhorn_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, T: tl.constexpr,
+def _sinkhorn_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T: tl.constexpr,
                   L: tl.constexpr, PAPER: tl.constexpr, MASKED: tl.constexpr,
                   FAST: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
     """(gx, acc + ∂y/∂w ᵀ gy) of a Sinkhorn tile. The T iterations in segments of L (last
     segment first): the segment's states are replayed once and kept in registers (``tape``),
     then back-propagated in reverse; the state at a segment's start is recomputed from
-    iteration 0 (only when T > L)."""
+    iteration 0 (only when T > L). ``n_seg`` = ⌈T / L⌉ arrives as a runtime value on purpose:
+    the compiler then cannot fold the segment loop and merge the replay with the backward's
+    own recomputation of each step, which would keep every step's [BW, BN, BC] intermediates
+    alive (sm_90: 660 B of spills for B-E at T = L = 4, 200 fewer instructions / tile without)."""
     m = sv & cv
-    NSEG: tl.constexpr = (T + L - 1) // L
     gx = tl.zeros([BW, BN, BC], dtype=tl.float32)
     ga = tl.zeros([BW, 1, BC], dtype=tl.float32)
     gb = tl.zeros([BW, BN, 1], dtype=tl.float32)
     g_u_carry = tl.sum(gb, axis=None) * 0.0  # cotangent of 1/ε_t from iteration t + 1 / output
-    for seg in range(NSEG):
-        t0 = (NSEG - 1 - seg) * L
+    for seg in range(n_seg):
+        t0 = (n_seg - 1 - seg) * L
         a, b, u_prev = _sinkhorn_run(x, w_ptr, t0, T, lp0, lq0, sv, cv, PAPER, MASKED, FAST,
                                      BW, BN, BC)
         tape = ()
@@ -795,13 +800,13 @@ def _sinkhorn_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, T: tl.constexpr,
 
 
 @triton.jit
-def _admm_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, T: tl.constexpr, L: tl.constexpr,
+def _admm_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T: tl.constexpr,
+              L: tl.constexpr,
               QUAD: tl.constexpr, PAPER: tl.constexpr, MASKED: tl.constexpr,
               FAST: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
     """(gx, acc + ∂y/∂w ᵀ gy) of a B-ADMM tile, in segments of L iterations as _sinkhorn_bwd
     (the tape holds the states log S, Z [+ paper: log μ, log η, z1, z2])."""
     m = sv & cv
-    NSEG: tl.constexpr = (T + L - 1) // L
     g_ls = tl.zeros([BW, BN, BC], dtype=tl.float32)
     g_z = tl.zeros([BW, BN, BC], dtype=tl.float32)
     g_lmu = tl.zeros([BW, 1, BC], dtype=tl.float32)
@@ -809,8 +814,8 @@ def _admm_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, T: tl.constexpr, L: t
     g_z1 = tl.zeros([BW, 1, BC], dtype=tl.float32)
     g_z2 = tl.zeros([BW, BN, 1], dtype=tl.float32)
     gx = tl.zeros([BW, BN, BC], dtype=tl.float32)
-    for seg in range(NSEG):
-        t0 = (NSEG - 1 - seg) * L
+    for seg in range(n_seg):
+        t0 = (n_seg - 1 - seg) * L
         log_s, z, lmu, leta, z1, z2 = _admm_run(x, w_ptr, t0, T, lp0, lq0, sv, cv, QUAD, PAPER,
                                                 MASKED, FAST, BW, BN, BC)
         tape = ()
@@ -851,7 +856,7 @@ def _admm_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, T: tl.constexpr, L: t
 @triton.jit
 def _window_bwd_tile(
     tile, acc, offs_p, x_ptr, gy_ptr, w_ptr, gx_ptr,
-    C, H, W, Ho, Wo, n_windows, lp0,
+    C, H, W, Ho, Wo, n_windows, n_seg, lp0,
     sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw,
     T: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
@@ -879,10 +884,10 @@ def _window_bwd_tile(
     else:
         lq0 = -tl.log2(KH * KW * 1.0) * LN2
     if METHOD == 0:
-        gx, acc = _sinkhorn_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, T, L, PAPER,
+        gx, acc = _sinkhorn_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T, L, PAPER,
                                 MASKED, FAST, BW, BN, BC)
     else:
-        gx, acc = _admm_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, T, L, METHOD == 2,
+        gx, acc = _admm_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T, L, METHOD == 2,
                             PAPER, MASKED, FAST, BW, BN, BC)
     gptrs = (gx_ptr + b64 * sdb + offs_c[None, None, :] * sdc + hh[:, :, None] * sdh
              + ww[:, :, None] * sdw)
@@ -893,10 +898,10 @@ def _window_bwd_tile(
     return acc
 
 
-@triton.jit(do_not_specialize=["sxh", "sxw", "sdh", "sdw"])
+@triton.jit(do_not_specialize=["n_seg", "sxh", "sxw", "sdh", "sdw"])
 def window_bwd_kernel(
     x_ptr, gy_ptr, w_ptr, gx_ptr, gw_ptr,
-    C, H, W, Ho, Wo, n_windows, n_tiles, lp0,
+    C, H, W, Ho, Wo, n_windows, n_tiles, n_seg, lp0,
     sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw,
     T: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
@@ -911,7 +916,8 @@ def window_bwd_kernel(
     acc = tl.zeros([TP], dtype=tl.float32)
     for tile in range(pid, n_tiles, tl.num_programs(0)):
         acc = _window_bwd_tile(
-            tile, acc, offs_p, x_ptr, gy_ptr, w_ptr, gx_ptr, C, H, W, Ho, Wo, n_windows, lp0,
+            tile, acc, offs_p, x_ptr, gy_ptr, w_ptr, gx_ptr, C, H, W, Ho, Wo, n_windows, n_seg,
+            lp0,
             sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw, T, KH, KW, SH, SW, PH,
             PW, BW, BN, BC, L, METHOD, PAPER, OVERLAP, MASKED, FAST)
     tl.store(gw_ptr + pid * TP + offs_p, acc)
