@@ -286,7 +286,8 @@ for C, k, s, method, paper, kind, dt, T in CASES:
         names, kern, cfg = FWD, K.window_fwd_kernel, L.fwd_config(g)
         cfg["FAST"] = True
     else:
-        names, kern, cfg = BWD, K.window_bwd_kernel, L.bwd_config(g, T, NAMES[method], "paper" if paper else "exact")
+        variant = "paper" if paper else "exact"
+        names, kern, cfg = BWD, K.window_bwd_kernel, L.bwd_config(g, T, NAMES[method], variant)
         cfg.update(OVERLAP=g.overlap, TP=L.next_pow2(6 * T))
     warps, maxnreg = cfg.pop("num_warps"), cfg.pop("maxnreg")
     ce = dict(T=T, METHOD=method, PAPER=paper, **cfg, **g.constexprs())

@@ -226,16 +226,16 @@ def _sinkhorn_step(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, PAPER: tl.const
     Jacobi step reads (ε_{t-1}, ε_0 at t = 0)."""
     if PAPER:
         y = x * u_prev + a + b                                         # [BW, BN, BC]
-        r = _lse(y, sv, AX_N, MASKED, FAST)                                             # [BW, 1, BC]
-        c = _keep(_lse(y, cv, AX_C, MASKED, FAST), sv, MASKED)                          # [BW, BN, 1]
+        r = _lse(y, sv, AX_N, MASKED, FAST)  # [BW, 1, BC]
+        c = _keep(_lse(y, cv, AX_C, MASKED, FAST), sv, MASKED)  # [BW, BN, 1]
         a_new = _keep(k2 * (a * u + lp0 - r), cv, MASKED)
         b_new = _keep(k3 * (b * u + lq0 - c), sv, MASKED)
     else:
         xu = x * u
-        r = _lse(xu + b, sv, AX_N, MASKED, FAST)                                        # [BW, 1, BC] R_d
+        r = _lse(xu + b, sv, AX_N, MASKED, FAST)  # [BW, 1, BC] R_d
         v = k2 * lp0 + (1 - k2) * r
         a_new = _keep(v - _lse(v, cv, AX_C, MASKED, FAST) - r, cv, MASKED)
-        c = _keep(_lse(xu + a_new, cv, AX_C, MASKED, FAST), sv, MASKED)                 # [BW, BN, 1] C_n
+        c = _keep(_lse(xu + a_new, cv, AX_C, MASKED, FAST), sv, MASKED)  # [BW, BN, 1] C_n
         q = k3 * lq0 + (1 - k3) * c
         b_new = _keep(q - _lse(q, sv, AX_N, MASKED, FAST) - c, sv, MASKED)
     return a_new, b_new
@@ -257,7 +257,8 @@ def _sinkhorn_step_bwd(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, ga_new, gb_
         gu = (tl.sum(tl.sum(tl.sum(k2 * ga_new * a, 2), 1), 0)
               + tl.sum(tl.sum(tl.sum(k3 * gb_new * b, 2), 1), 0))
         # y feeds R (softmax over n) and C (softmax over d)
-        gy = (_softmax(y, sv, AX_N, MASKED, FAST) * (-k2 * ga_new) + _softmax(y, cv, AX_C, MASKED, FAST) * (-k3 * gb_new))
+        gy = (_softmax(y, sv, AX_N, MASKED, FAST) * (-k2 * ga_new)
+              + _softmax(y, cv, AX_C, MASKED, FAST) * (-k3 * gb_new))
         gy = _keep(gy, sv & cv, MASKED)
         gx = u_prev * gy
         gu_prev = tl.sum(tl.sum(tl.sum(x * gy, 2), 1), 0)
@@ -266,17 +267,18 @@ def _sinkhorn_step_bwd(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, ga_new, gb_
     else:
         xu = x * u
         y1 = xu + b
-        r = _lse(y1, sv, AX_N, MASKED, FAST)                                            # [BW, 1, BC]
+        r = _lse(y1, sv, AX_N, MASKED, FAST)  # [BW, 1, BC]
         v = k2 * lp0 + (1 - k2) * r
         a_new = _keep(v - _lse(v, cv, AX_C, MASKED, FAST) - r, cv, MASKED)
         y2 = xu + a_new
-        c = _keep(_lse(y2, cv, AX_C, MASKED, FAST), sv, MASKED)                         # [BW, BN, 1]
+        c = _keep(_lse(y2, cv, AX_C, MASKED, FAST), sv, MASKED)  # [BW, BN, 1]
         q = k3 * lq0 + (1 - k3) * c
         # b' = lognorm_n(q) - C
-        gq = _lognorm_bwd(gb_new, _softmax(q, sv, AX_N, MASKED, FAST), sv, AX_N, MASKED)           # [BW, BN, 1]
+        gq = _lognorm_bwd(gb_new, _softmax(q, sv, AX_N, MASKED, FAST), sv, AX_N,
+                          MASKED)  # [BW, BN, 1]
         gc = _keep(-gb_new + (1 - k3) * gq, sv, MASKED)
         gk3 = tl.sum(tl.sum(tl.sum(gq * (lq0 - c), 2), 1), 0)
-        gy2 = _keep(_softmax(y2, cv, AX_C, MASKED, FAST) * gc, sv & cv, MASKED)         # [BW, BN, BC]
+        gy2 = _keep(_softmax(y2, cv, AX_C, MASKED, FAST) * gc, sv & cv, MASKED)  # [BW, BN, BC]
         ga = _keep(ga_new + _sum(gy2, AX_N), cv, MASKED)                  # [BW, 1, BC]
         # a' = lognorm_d(v) - R
         gv = _lognorm_bwd(ga, _softmax(v, cv, AX_C, MASKED, FAST), cv, AX_C, MASKED)
@@ -313,7 +315,7 @@ def _admm_step(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp0, l
     """One B-ADMM iteration; returns the new state and Y (the P-step logits of this iteration)."""
     m = sv & cv
     y = _admm_p_logits(x, log_s, z, irho, c1, m, QUAD, MASKED)                 # [BW, BN, BC]
-    r, sm1 = _lse_softmax(y, sv, AX_N, MASKED, FAST)                                    # [BW, 1, BC] R
+    r, sm1 = _lse_softmax(y, sv, AX_N, MASKED, FAST)  # [BW, 1, BC] R
     if PAPER:
         log_mu = lmu
     else:
@@ -325,7 +327,7 @@ def _admm_step(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp0, l
         y2 = log_p + z * irho - c1 * p
     else:
         y2 = z * c1 + log_p * c2
-    c, sm2 = _lse_softmax(y2, cv, AX_C, MASKED, FAST)                                   # [BW, BN, 1] C
+    c, sm2 = _lse_softmax(y2, cv, AX_C, MASKED, FAST)  # [BW, BN, 1] C
     c = _keep(c, sv, MASKED)
     if PAPER:
         log_eta = leta
