@@ -107,6 +107,18 @@ def test_wide_channels(method):
     check_window(method, "exact", "2x2-wideC", T=2, atol=1e-6)
 
 
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("method,variant", [(m, v) for m in METHODS for v in VARIANTS],
+                         ids=[f"{m}-{v}" for m in METHODS for v in VARIANTS])
+def test_backward_segments(method, variant, T, monkeypatch):
+    """The backward keeps L iterations' states in registers; with T > L it runs segments, the
+    last first, each replaying the iterations before it (T = 5, L = 2: segments 4, 2–3, 0–1,
+    the first one partial); T = 1: one segment of one iteration."""
+    from rotp_triton.ops.rot.triton.window import launch
+    monkeypatch.setitem(launch.BWD_SEGMENT, method, 2)
+    check_window(method, variant, "2x2-oddC", T=T)
+
+
 def test_hard_marginal_and_single_iteration():
     check_window("sinkhorn", "exact", "2x2-oddC", inf_a2=True)
     check_window("badmm-e", "exact", "2x2-oddC", inf_a2=True, T=2)
@@ -265,18 +277,20 @@ from rotp_triton.ops.rot.triton.window import kernels as K, launch as L
 FWD = ["x_ptr", "y_ptr", "w_ptr", "C", "H", "W", "Ho", "Wo", "n_windows", "lp0",
        "sxb", "sxc", "sxh", "sxw", "syb", "syc", "syh", "syw"]
 BWD = ["x_ptr", "gy_ptr", "w_ptr", "gx_ptr", "gw_ptr", "C", "H", "W", "Ho", "Wo",
-       "n_windows", "n_tiles", "lp0", "sxb", "sxc", "sxh", "sxw", "sgb", "sgc", "sgh", "sgw",
-       "sdb", "sdc", "sdh", "sdw"]
-for C, k, s, method, paper, kind, dt in CASES:
+       "n_windows", "n_tiles", "n_seg", "lp0", "sxb", "sxc", "sxh", "sxw", "sgb", "sgc", "sgh",
+       "sgw", "sdb", "sdc", "sdh", "sdw"]
+NAMES = ("sinkhorn", "badmm-e", "badmm-q")
+for C, k, s, method, paper, kind, dt, T in CASES:
     g = L.geometry((64, C, 56, 56), (k, k), (s, s), (0, 0), False)
     if kind == "fwd":
         names, kern, cfg = FWD, K.window_fwd_kernel, L.fwd_config(g)
         cfg["FAST"] = True
     else:
-        names, kern, cfg = BWD, K.window_bwd_kernel, L.bwd_config(g)
-        cfg.update(OVERLAP=g.overlap, TP=32)
+        variant = "paper" if paper else "exact"
+        names, kern, cfg = BWD, K.window_bwd_kernel, L.bwd_config(g, T, NAMES[method], variant)
+        cfg.update(OVERLAP=g.overlap, TP=L.next_pow2(6 * T))
     warps, maxnreg = cfg.pop("num_warps"), cfg.pop("maxnreg")
-    ce = dict(T=4, METHOD=method, PAPER=paper, **cfg, **g.constexprs())
+    ce = dict(T=T, METHOD=method, PAPER=paper, **cfg, **g.constexprs())
     # x, y, gy in the input dtype; the weight table and gx (accumulated) in fp32
     low = ("x_ptr", "y_ptr", "gy_ptr")
     sig = {n: (f"*{dt}" if n in low else "*fp32" if n.endswith("_ptr") else
@@ -287,24 +301,26 @@ for C, k, s, method, paper, kind, dt in CASES:
     u = ptxas_usage(c)
     usage = f"REG:{u['registers']} SPILL:{u['spill_bytes']}"
     flags = "".join(f for f in ("MASKED", "TAIL") if cfg.get(f))
-    print(f"RESULT C={C} k={k} s={s} method={method} paper={paper} {kind} {dt} "
+    print(f"RESULT C={C} k={k} s={s} method={method} paper={paper} {kind} {dt} T={T} "
           f"tile={cfg['BW']}x{cfg['BN']}x{cfg['BC']} warps={warps} {flags} {usage}", flush=True)
 """
 
-# (C, k, stride, method id, paper, fwd/bwd, dtype): every method × variant × direction at W3
-# (C = 256, 2×2, T = 4, full windows: the unmasked forward), plus masked / overlapping / 3×3,
-# fp16/bf16, and the tiles beyond 4,096 elements (C = 1100: forward 8,192 elements)
-AOT_CASES = ([(256, 2, 2, m, pa, kind, "fp32") for m in range(3) for pa in (False, True)
-              for kind in ("fwd", "bwd")]
-             + [(100, 2, 2, 1, False, "fwd", "fp32"), (64, 3, 3, 1, False, "fwd", "fp32"),
-                (64, 3, 2, 0, True, "bwd", "fp32"), (256, 2, 2, 1, False, "fwd", "bf16"),
-                (64, 2, 1, 2, False, "bwd", "fp16"), (1100, 2, 2, 0, False, "fwd", "fp32"),
-                (1100, 2, 2, 1, False, "fwd", "fp32"), (512, 2, 2, 1, False, "bwd", "fp32")])
-# Known limit: a backward tile beyond 8 warps × 32 × BWD_PER_THREAD = 2,048 elements (2×2
-# windows with C > 512) needs 16 warps, whose 128-register cap makes the B-ADMM backward spill
-# (0.2 KB at C = 1024, 1.6 KB at C = 1100); it compiles and is correct (test_wide_channels),
-# only slower. Printed, not asserted.
-AOT_SPILLING = [(1024, 2, 2, 1, False, "bwd", "fp32"), (1100, 2, 2, 1, False, "bwd", "fp32")]
+# (C, k, stride, method id, paper, fwd/bwd, dtype, T): every method × variant × direction at W3
+# (C = 256, 2×2, full windows: the unmasked kernels; the backward at T = 4, one segment, and
+# T = 16, its own segment length), plus masked / overlapping / 3×3, fp16/bf16, and the tiles
+# beyond 4,096 elements (C = 1100: forward 8,192 elements)
+AOT_CASES = ([(256, 2, 2, m, pa, "fwd", "fp32", 4) for m in range(3) for pa in (False, True)]
+             + [(256, 2, 2, m, pa, "bwd", "fp32", T) for m in range(3) for pa in (False, True)
+                for T in (4, 16)]
+             + [(100, 2, 2, 1, False, "fwd", "fp32", 4), (64, 3, 3, 1, False, "fwd", "fp32", 4),
+                (64, 3, 2, 0, True, "bwd", "fp32", 4), (256, 2, 2, 1, False, "fwd", "bf16", 4),
+                (64, 2, 1, 2, False, "bwd", "fp16", 4), (1100, 2, 2, 0, False, "fwd", "fp32", 4),
+                (1100, 2, 2, 1, False, "fwd", "fp32", 4), (512, 2, 2, 1, False, "bwd", "fp32", 4)])
+# Known limit: a B-ADMM backward tile beyond 8 warps × 32 × 8 = 2,048 elements (2×2
+# windows with C > 512) needs 16 warps, whose 128-register cap makes the B-ADMM backward spill;
+# it compiles and is correct (test_wide_channels), only slower. Printed, not asserted.
+AOT_SPILLING = [(1024, 2, 2, 1, False, "bwd", "fp32", 4),
+                (1100, 2, 2, 1, False, "bwd", "fp32", 4)]
 
 
 def test_aot_compile_sm90_without_spills():

@@ -18,9 +18,12 @@ last tile's loads/stores (``TAIL``). B-ADMM peels the last iteration's S-step (t
 the last P-step's logits only); B-Q carries S instead of recomputing exp(log S).
 
 Backward (``window_bwd_kernel``): the exact gradient of the T unrolled iterations, in natural
-logs, recomputed in registers: for each t = T-1 … 0 the program reruns the forward from x to
-the state at the start of iteration t (O(T²) iterations, T is small) and back-propagates
-through iteration t; nothing per iteration is saved, so memory does not grow with T.
+logs, in segments of L iterations (``launch.bwd_config``), the last segment first: the program
+replays the segment once from its starting state, keeping each iteration's state in registers
+(a tuple ``tape``, unrolled at compile time), then back-propagates through it in reverse. With
+T ≤ L (W3: Sinkhorn L = 16, B-ADMM 4) that is O(T); the starting state of every further
+segment is recomputed from iteration 0. Nothing per iteration reaches global memory, so memory
+does not grow with T. Same masking and MUFU rules as the forward.
 
 Per-window updates (LSE_n: over the window's valid samples, LSE_d: over the C channels; the
 pooled output is y_d = Σ_n softmax_n(L)_nd x_nd, and every per-channel shift of L cancels):
@@ -159,8 +162,9 @@ def admm_params_bwd(w_ptr, t, T: tl.constexpr, g_rho, g_iom, g_k2, g_k3, g_c1, g
 
 
 # --------------------------------------------------------------------------------------------
-# backward and its recomputation of the state (natural logs): masked reductions (every
-# reduced row holds at least one valid entry)
+# backward (natural logs): reductions over the valid entries (every reduced row holds at least
+# one), masks only in MASKED launches, exp2 of one FFMA per element, lg2/rcp only on the reduced
+# vectors (MUFU with FAST)
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _exp(v):
@@ -168,89 +172,94 @@ def _exp(v):
 
 
 @triton.jit
-def _lse(y, valid, AXIS: tl.constexpr):
+def _exp_parts(y, valid, AXIS: tl.constexpr, MASKED: tl.constexpr):
+    """(max m, e^(y - m), Σ e^(y - m)) along AXIS over the valid entries (kept dims)."""
+    if MASKED:
+        y = tl.where(valid, y, float("-inf"))
+    m = tl.max(y, axis=AXIS, keep_dims=True)
+    e = tl.exp2(y * LOG2E - m * LOG2E)
+    return m, e, tl.sum(e, axis=AXIS, keep_dims=True)
+
+
+@triton.jit
+def _lse(y, valid, AXIS: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr):
     """LogSumExp of y along AXIS over the valid entries, keeping the reduced axis (size 1)."""
-    yv = tl.where(valid, y, float("-inf"))
-    m = tl.expand_dims(tl.max(yv, axis=AXIS), AXIS)
-    s = tl.expand_dims(tl.sum(tl.exp2((yv - m) * LOG2E), axis=AXIS), AXIS)
-    return m + tl.log2(s) * LN2
+    m, e, s = _exp_parts(y, valid, AXIS, MASKED)
+    return m + _log2(s, FAST) * LN2
 
 
 @triton.jit
-def _softmax(y, valid, AXIS: tl.constexpr):
+def _softmax(y, valid, AXIS: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr):
     """softmax of y along AXIS over the valid entries (0 elsewhere)."""
-    yv = tl.where(valid, y, float("-inf"))
-    m = tl.expand_dims(tl.max(yv, axis=AXIS), AXIS)
-    e = tl.exp2((yv - m) * LOG2E)
-    return e * (1.0 / tl.expand_dims(tl.sum(e, axis=AXIS), AXIS))
+    m, e, s = _exp_parts(y, valid, AXIS, MASKED)
+    return e * _rcp(s, FAST)
 
 
 @triton.jit
-def _lse_softmax(y, valid, AXIS: tl.constexpr):
+def _lse_softmax(y, valid, AXIS: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr):
     """(LogSumExp, softmax) of y along AXIS over the valid entries from one pass of exps: the
     B-ADMM plans are softmax · marginal (P = softmax_n(Y) μ, S = softmax_d(Y2) η), which saves
     two exps per element and iteration over exp(log P), exp(log S)."""
-    yv = tl.where(valid, y, float("-inf"))
-    m = tl.expand_dims(tl.max(yv, axis=AXIS), AXIS)
-    e = tl.exp2((yv - m) * LOG2E)
-    s = tl.expand_dims(tl.sum(e, axis=AXIS), AXIS)
-    return m + tl.log2(s) * LN2, e * (1.0 / s)
+    m, e, s = _exp_parts(y, valid, AXIS, MASKED)
+    return m + _log2(s, FAST) * LN2, e * _rcp(s, FAST)
 
 
 @triton.jit
 def _sum(v, AXIS: tl.constexpr):
-    return tl.expand_dims(tl.sum(v, axis=AXIS), AXIS)
+    return tl.sum(v, axis=AXIS, keep_dims=True)
 
 
 @triton.jit
-def _lognorm_bwd(g, sm, valid, AXIS: tl.constexpr):
+def _lognorm_bwd(g, sm, valid, AXIS: tl.constexpr, MASKED: tl.constexpr):
     """VJP of v -> v - LSE(v) along AXIS: g - softmax(v) Σ g (sm = softmax(v))."""
-    g = tl.where(valid, g, 0.0)
-    return tl.where(valid, g - sm * _sum(g, AXIS), 0.0)
+    g = _keep(g, valid, MASKED)
+    return _keep(g - sm * _sum(g, AXIS), valid, MASKED)
 
 
 # --------------------------------------------------------------------------------------------
 # backward: Sinkhorn, state a [BW, 1, BC], b [BW, BN, 1]
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _sinkhorn_step(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, PAPER: tl.constexpr):
+def _sinkhorn_step(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, PAPER: tl.constexpr,
+                   MASKED: tl.constexpr, FAST: tl.constexpr):
     """One iteration: (a, b) -> (a', b'). ``u`` = 1/ε_t; ``u_prev`` = 1/ε of the Y the paper's
     Jacobi step reads (ε_{t-1}, ε_0 at t = 0)."""
     if PAPER:
         y = x * u_prev + a + b                                         # [BW, BN, BC]
-        r = _lse(y, sv, AX_N)                                             # [BW, 1, BC]
-        c = tl.where(sv, _lse(y, cv, AX_C), 0.0)                          # [BW, BN, 1]
-        a_new = tl.where(cv, k2 * (a * u + lp0 - r), 0.0)
-        b_new = tl.where(sv, k3 * (b * u + lq0 - c), 0.0)
+        r = _lse(y, sv, AX_N, MASKED, FAST)  # [BW, 1, BC]
+        c = _keep(_lse(y, cv, AX_C, MASKED, FAST), sv, MASKED)  # [BW, BN, 1]
+        a_new = _keep(k2 * (a * u + lp0 - r), cv, MASKED)
+        b_new = _keep(k3 * (b * u + lq0 - c), sv, MASKED)
     else:
         xu = x * u
-        r = _lse(xu + b, sv, AX_N)                                        # [BW, 1, BC] R_d
+        r = _lse(xu + b, sv, AX_N, MASKED, FAST)  # [BW, 1, BC] R_d
         v = k2 * lp0 + (1 - k2) * r
-        a_new = tl.where(cv, v - _lse(v, cv, AX_C) - r, 0.0)
-        c = tl.where(sv, _lse(xu + a_new, cv, AX_C), 0.0)                 # [BW, BN, 1] C_n
+        a_new = _keep(v - _lse(v, cv, AX_C, MASKED, FAST) - r, cv, MASKED)
+        c = _keep(_lse(xu + a_new, cv, AX_C, MASKED, FAST), sv, MASKED)  # [BW, BN, 1] C_n
         q = k3 * lq0 + (1 - k3) * c
-        b_new = tl.where(sv, q - _lse(q, sv, AX_N) - c, 0.0)
+        b_new = _keep(q - _lse(q, sv, AX_N, MASKED, FAST) - c, sv, MASKED)
     return a_new, b_new
 
 
 @triton.jit
 def _sinkhorn_step_bwd(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, ga_new, gb_new,
-                       PAPER: tl.constexpr):
+                       PAPER: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr):
     """VJP of _sinkhorn_step: returns (gx, ga, gb, gu_prev, gu, gk2, gk3); the scalar grads are
     summed over the tile."""
     if PAPER:
         y = x * u_prev + a + b
-        r = _lse(y, sv, AX_N)
-        c = tl.where(sv, _lse(y, cv, AX_C), 0.0)
-        ga_new = tl.where(cv, ga_new, 0.0)
-        gb_new = tl.where(sv, gb_new, 0.0)
+        r = _lse(y, sv, AX_N, MASKED, FAST)
+        c = _keep(_lse(y, cv, AX_C, MASKED, FAST), sv, MASKED)
+        ga_new = _keep(ga_new, cv, MASKED)
+        gb_new = _keep(gb_new, sv, MASKED)
         gk2 = tl.sum(tl.sum(tl.sum(ga_new * (a * u + lp0 - r), 2), 1), 0)
         gk3 = tl.sum(tl.sum(tl.sum(gb_new * (b * u + lq0 - c), 2), 1), 0)
         gu = (tl.sum(tl.sum(tl.sum(k2 * ga_new * a, 2), 1), 0)
               + tl.sum(tl.sum(tl.sum(k3 * gb_new * b, 2), 1), 0))
         # y feeds R (softmax over n) and C (softmax over d)
-        gy = (_softmax(y, sv, AX_N) * (-k2 * ga_new) + _softmax(y, cv, AX_C) * (-k3 * gb_new))
-        gy = tl.where(sv & cv, gy, 0.0)
+        gy = (_softmax(y, sv, AX_N, MASKED, FAST) * (-k2 * ga_new)
+              + _softmax(y, cv, AX_C, MASKED, FAST) * (-k3 * gb_new))
+        gy = _keep(gy, sv & cv, MASKED)
         gx = u_prev * gy
         gu_prev = tl.sum(tl.sum(tl.sum(x * gy, 2), 1), 0)
         ga = k2 * u * ga_new + _sum(gy, AX_N)
@@ -258,23 +267,24 @@ def _sinkhorn_step_bwd(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, ga_new, gb_
     else:
         xu = x * u
         y1 = xu + b
-        r = _lse(y1, sv, AX_N)                                            # [BW, 1, BC]
+        r = _lse(y1, sv, AX_N, MASKED, FAST)  # [BW, 1, BC]
         v = k2 * lp0 + (1 - k2) * r
-        a_new = tl.where(cv, v - _lse(v, cv, AX_C) - r, 0.0)
+        a_new = _keep(v - _lse(v, cv, AX_C, MASKED, FAST) - r, cv, MASKED)
         y2 = xu + a_new
-        c = tl.where(sv, _lse(y2, cv, AX_C), 0.0)                         # [BW, BN, 1]
+        c = _keep(_lse(y2, cv, AX_C, MASKED, FAST), sv, MASKED)  # [BW, BN, 1]
         q = k3 * lq0 + (1 - k3) * c
         # b' = lognorm_n(q) - C
-        gq = _lognorm_bwd(gb_new, _softmax(q, sv, AX_N), sv, AX_N)           # [BW, BN, 1]
-        gc = tl.where(sv, -gb_new + (1 - k3) * gq, 0.0)
+        gq = _lognorm_bwd(gb_new, _softmax(q, sv, AX_N, MASKED, FAST), sv, AX_N,
+                          MASKED)  # [BW, BN, 1]
+        gc = _keep(-gb_new + (1 - k3) * gq, sv, MASKED)
         gk3 = tl.sum(tl.sum(tl.sum(gq * (lq0 - c), 2), 1), 0)
-        gy2 = tl.where(sv & cv, _softmax(y2, cv, AX_C) * gc, 0.0)         # [BW, BN, BC]
-        ga = tl.where(cv, ga_new + _sum(gy2, AX_N), 0.0)                  # [BW, 1, BC]
+        gy2 = _keep(_softmax(y2, cv, AX_C, MASKED, FAST) * gc, sv & cv, MASKED)  # [BW, BN, BC]
+        ga = _keep(ga_new + _sum(gy2, AX_N), cv, MASKED)                  # [BW, 1, BC]
         # a' = lognorm_d(v) - R
-        gv = _lognorm_bwd(ga, _softmax(v, cv, AX_C), cv, AX_C)
-        gr = tl.where(cv, -ga + (1 - k2) * gv, 0.0)
+        gv = _lognorm_bwd(ga, _softmax(v, cv, AX_C, MASKED, FAST), cv, AX_C, MASKED)
+        gr = _keep(-ga + (1 - k2) * gv, cv, MASKED)
         gk2 = tl.sum(tl.sum(tl.sum(gv * (lp0 - r), 2), 1), 0)
-        gy1 = tl.where(sv & cv, _softmax(y1, sv, AX_N) * gr, 0.0)
+        gy1 = _keep(_softmax(y1, sv, AX_N, MASKED, FAST) * gr, sv & cv, MASKED)
         gx = u * (gy1 + gy2)
         gu = tl.sum(tl.sum(tl.sum(x * (gy1 + gy2), 2), 1), 0)
         gu_prev = gu * 0.0
@@ -290,49 +300,50 @@ def _sinkhorn_step_bwd(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, ga_new, gb_
 # c1 = 1/(α1+ρ), c2 = ρ/(α1+ρ) (B-E) or c1 = α1/ω (B-Q); "irho" below holds 1/ω
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _admm_p_logits(x, log_s, z, irho, c1, m, QUAD: tl.constexpr):
+def _admm_p_logits(x, log_s, z, irho, c1, m, QUAD: tl.constexpr, MASKED: tl.constexpr):
     """Y of the P-step: log S + (X - Z)/ω [- α1 S/ω] (masked to 0)."""
     y = log_s + (x - z) * irho
     if QUAD:
-        y = y - c1 * tl.where(m, _exp(log_s), 0.0)
-    return tl.where(m, y, 0.0)
+        y = y - c1 * _keep(_exp(log_s), m, MASKED)
+    return _keep(y, m, MASKED)
 
 
 @triton.jit
 def _admm_step(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp0, lq0, sv, cv,
-               QUAD: tl.constexpr, PAPER: tl.constexpr):
+               QUAD: tl.constexpr, PAPER: tl.constexpr, MASKED: tl.constexpr,
+               FAST: tl.constexpr):
     """One B-ADMM iteration; returns the new state and Y (the P-step logits of this iteration)."""
     m = sv & cv
-    y = _admm_p_logits(x, log_s, z, irho, c1, m, QUAD)                 # [BW, BN, BC]
-    r, sm1 = _lse_softmax(y, sv, AX_N)                                    # [BW, 1, BC] R
+    y = _admm_p_logits(x, log_s, z, irho, c1, m, QUAD, MASKED)                 # [BW, BN, BC]
+    r, sm1 = _lse_softmax(y, sv, AX_N, MASKED, FAST)  # [BW, 1, BC] R
     if PAPER:
         log_mu = lmu
     else:
         v = k2 * lp0 + (1 - k2) * r
-        log_mu = v - _lse(v, cv, AX_C)
-    log_p = tl.where(m, y + log_mu - r, 0.0)
-    p = tl.where(m, sm1 * _exp(log_mu), 0.0)                           # exp(log P)
+        log_mu = v - _lse(v, cv, AX_C, MASKED, FAST)
+    log_p = _keep(y + log_mu - r, m, MASKED)
+    p = _keep(sm1 * _exp(log_mu), m, MASKED)                           # exp(log P)
     if QUAD:
         y2 = log_p + z * irho - c1 * p
     else:
         y2 = z * c1 + log_p * c2
-    c, sm2 = _lse_softmax(y2, cv, AX_C)                                   # [BW, BN, 1] C
-    c = tl.where(sv, c, 0.0)
+    c, sm2 = _lse_softmax(y2, cv, AX_C, MASKED, FAST)  # [BW, BN, 1] C
+    c = _keep(c, sv, MASKED)
     if PAPER:
         log_eta = leta
     else:
         q = k3 * lq0 + (1 - k3) * c
-        log_eta = q - _lse(q, sv, AX_N)
-    log_s_new = tl.where(m, y2 + log_eta - c, 0.0)
-    s_new = tl.where(m, sm2 * _exp(log_eta), 0.0)                      # exp(log S')
+        log_eta = q - _lse(q, sv, AX_N, MASKED, FAST)
+    log_s_new = _keep(y2 + log_eta - c, m, MASKED)
+    s_new = _keep(sm2 * _exp(log_eta), m, MASKED)                      # exp(log S')
     z_new = z + rho * (p - s_new)
     if PAPER:
         t1 = (1 - k2) * (lmu - z1 * irho) + k2 * lp0
-        lmu_new = tl.where(cv, t1 - _lse(t1, cv, AX_C), 0.0)
+        lmu_new = _keep(t1 - _lse(t1, cv, AX_C, MASKED, FAST), cv, MASKED)
         t2 = (1 - k3) * (leta - z2 * irho) + k3 * lq0
-        leta_new = tl.where(sv, t2 - _lse(t2, sv, AX_N), 0.0)
-        z1_new = tl.where(cv, z1 + rho * (_exp(lmu_new) - _sum(p, AX_N)), 0.0)
-        z2_new = tl.where(sv, z2 + rho * (_exp(leta_new) - _sum(s_new, AX_C)), 0.0)
+        leta_new = _keep(t2 - _lse(t2, sv, AX_N, MASKED, FAST), sv, MASKED)
+        z1_new = _keep(z1 + rho * (_exp(lmu_new) - _sum(p, AX_N)), cv, MASKED)
+        z2_new = _keep(z2 + rho * (_exp(leta_new) - _sum(s_new, AX_C)), sv, MASKED)
     else:
         lmu_new, leta_new, z1_new, z2_new = lmu, leta, z1, z2
     return log_s_new, z_new, lmu_new, leta_new, z1_new, z2_new, y
@@ -346,36 +357,37 @@ def _tsum(v):
 @triton.jit
 def _admm_step_bwd(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp0, lq0, sv, cv,
                    g_log_s_new, g_z_new, g_lmu_new, g_leta_new, g_z1_new, g_z2_new, g_y,
-                   QUAD: tl.constexpr, PAPER: tl.constexpr):
+                   QUAD: tl.constexpr, PAPER: tl.constexpr, MASKED: tl.constexpr,
+                   FAST: tl.constexpr):
     """VJP of _admm_step (g_y: cotangent of the returned Y). Returns gx, the state cotangents
     and the (tile-summed) cotangents of ρ, 1/ω, κ2, κ3, c1, c2."""
     m = sv & cv
     # ---- recompute the forward of this iteration
-    s = tl.where(m, _exp(log_s), 0.0)
-    y = _admm_p_logits(x, log_s, z, irho, c1, m, QUAD)
-    r, sm1 = _lse_softmax(y, sv, AX_N)
+    s = _keep(_exp(log_s), m, MASKED)
+    y = _admm_p_logits(x, log_s, z, irho, c1, m, QUAD, MASKED)
+    r, sm1 = _lse_softmax(y, sv, AX_N, MASKED, FAST)
     if PAPER:
         log_mu = lmu
     else:
         v = k2 * lp0 + (1 - k2) * r
-        log_mu = v - _lse(v, cv, AX_C)
-    log_p = tl.where(m, y + log_mu - r, 0.0)
-    p = tl.where(m, sm1 * _exp(log_mu), 0.0)
+        log_mu = v - _lse(v, cv, AX_C, MASKED, FAST)
+    log_p = _keep(y + log_mu - r, m, MASKED)
+    p = _keep(sm1 * _exp(log_mu), m, MASKED)
     if QUAD:
         y2 = log_p + z * irho - c1 * p
     else:
         y2 = z * c1 + log_p * c2
-    c, sm2 = _lse_softmax(y2, cv, AX_C)
-    c = tl.where(sv, c, 0.0)
+    c, sm2 = _lse_softmax(y2, cv, AX_C, MASKED, FAST)
+    c = _keep(c, sv, MASKED)
     if PAPER:
         log_eta = leta
     else:
         q = k3 * lq0 + (1 - k3) * c
-        log_eta = q - _lse(q, sv, AX_N)
-    s_new = tl.where(m, sm2 * _exp(log_eta), 0.0)
+        log_eta = q - _lse(q, sv, AX_N, MASKED, FAST)
+    s_new = _keep(sm2 * _exp(log_eta), m, MASKED)
 
     # ---- backward
-    g_z = tl.where(m, g_z_new, 0.0)
+    g_z = _keep(g_z_new, m, MASKED)
     g_rho = _tsum(g_z * (p - s_new))
     g_p = rho * g_z
     g_s_new = -rho * g_z
@@ -389,12 +401,12 @@ def _admm_step_bwd(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp
     if PAPER:
         lmu_t1 = lmu - z1 * irho
         t1 = (1 - k2) * lmu_t1 + k2 * lp0
-        lmu_new = tl.where(cv, t1 - _lse(t1, cv, AX_C), 0.0)
+        lmu_new = _keep(t1 - _lse(t1, cv, AX_C, MASKED, FAST), cv, MASKED)
         leta_t2 = leta - z2 * irho
         t2 = (1 - k3) * leta_t2 + k3 * lq0
-        leta_new = tl.where(sv, t2 - _lse(t2, sv, AX_N), 0.0)
-        g_z1n = tl.where(cv, g_z1_new, 0.0)
-        g_z2n = tl.where(sv, g_z2_new, 0.0)
+        leta_new = _keep(t2 - _lse(t2, sv, AX_N, MASKED, FAST), sv, MASKED)
+        g_z1n = _keep(g_z1_new, cv, MASKED)
+        g_z2n = _keep(g_z2_new, sv, MASKED)
         g_rho += _tsum(g_z1n * (_exp(lmu_new) - _sum(p, AX_N)))
         g_rho += _tsum(g_z2n * (_exp(leta_new) - _sum(s_new, AX_C)))
         g_z1 = g_z1n
@@ -403,27 +415,27 @@ def _admm_step_bwd(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp
         g_s_new += -rho * g_z2n
         g_lmu_n = g_lmu_new + rho * _exp(lmu_new) * g_z1n
         g_leta_n = g_leta_new + rho * _exp(leta_new) * g_z2n
-        g_t1 = _lognorm_bwd(g_lmu_n, _softmax(t1, cv, AX_C), cv, AX_C)
+        g_t1 = _lognorm_bwd(g_lmu_n, _softmax(t1, cv, AX_C, MASKED, FAST), cv, AX_C, MASKED)
         g_k2 = _tsum(g_t1 * (lp0 - lmu_t1))
         g_lmu = (1 - k2) * g_t1
         g_z1 += -(1 - k2) * irho * g_t1
         g_irho += -_tsum((1 - k2) * z1 * g_t1)
-        g_t2 = _lognorm_bwd(g_leta_n, _softmax(t2, sv, AX_N), sv, AX_N)
+        g_t2 = _lognorm_bwd(g_leta_n, _softmax(t2, sv, AX_N, MASKED, FAST), sv, AX_N, MASKED)
         g_k3 = _tsum(g_t2 * (lq0 - leta_t2))
         g_leta = (1 - k3) * g_t2
         g_z2 += -(1 - k3) * irho * g_t2
         g_irho += -_tsum((1 - k3) * z2 * g_t2)
     # log S' = Y2 + log η - LSE_d(Y2)
-    g_ls = tl.where(m, g_log_s_new + s_new * g_s_new, 0.0)
+    g_ls = _keep(g_log_s_new + s_new * g_s_new, m, MASKED)
     g_c = -_sum(g_ls, AX_C)                                               # [BW, BN, 1]
     if PAPER:
         g_leta += _sum(g_ls, AX_C)
     else:
-        g_q = _lognorm_bwd(_sum(g_ls, AX_C), _softmax(q, sv, AX_N), sv, AX_N)
+        g_q = _lognorm_bwd(_sum(g_ls, AX_C), _softmax(q, sv, AX_N, MASKED, FAST), sv, AX_N, MASKED)
         g_c += (1 - k3) * g_q
         g_k3 = _tsum(g_q * (lq0 - c))
-    g_c = tl.where(sv, g_c, 0.0)
-    g_y2 = tl.where(m, g_ls + sm2 * g_c, 0.0)
+    g_c = _keep(g_c, sv, MASKED)
+    g_y2 = _keep(g_ls + sm2 * g_c, m, MASKED)
     if QUAD:
         g_logp = g_y2
         g_z += irho * g_y2
@@ -436,18 +448,18 @@ def _admm_step_bwd(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp
         g_z += c1 * g_y2
         g_c1 = _tsum(z * g_y2)
         g_c2 = _tsum(log_p * g_y2)
-    g_logp = tl.where(m, g_logp + p * g_p, 0.0)
+    g_logp = _keep(g_logp + p * g_p, m, MASKED)
     # log P = Y + log μ - LSE_n(Y)
     g_lmu_sum = _sum(g_logp, AX_N)                                        # [BW, 1, BC]
     g_r = -g_lmu_sum
     if PAPER:
         g_lmu += g_lmu_sum
     else:
-        g_v = _lognorm_bwd(g_lmu_sum, _softmax(v, cv, AX_C), cv, AX_C)
+        g_v = _lognorm_bwd(g_lmu_sum, _softmax(v, cv, AX_C, MASKED, FAST), cv, AX_C, MASKED)
         g_r += (1 - k2) * g_v
         g_k2 = _tsum(g_v * (lp0 - r))
-    g_r = tl.where(cv, g_r, 0.0)
-    g_yy = tl.where(m, g_logp + g_y + sm1 * g_r, 0.0)
+    g_r = _keep(g_r, cv, MASKED)
+    g_yy = _keep(g_logp + g_y + sm1 * g_r, m, MASKED)
     # Y = log S + (X - Z)/ω [- c1 S]
     g_x = irho * g_yy
     g_z += -irho * g_yy
@@ -456,7 +468,7 @@ def _admm_step_bwd(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp
     if QUAD:
         g_c1 += -_tsum(s * g_yy)
         g_log_s += -c1 * s * g_yy
-    g_log_s = tl.where(m, g_log_s, 0.0)
+    g_log_s = _keep(g_log_s, m, MASKED)
     return (g_x, g_log_s, g_z, g_lmu, g_leta, g_z1, g_z2,
             g_rho, g_irho, g_k2, g_k3, g_c1, g_c2)
 
@@ -466,38 +478,39 @@ def _admm_step_bwd(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _sinkhorn_run(x, w_ptr, n_steps, T: tl.constexpr, lp0, lq0, sv, cv, PAPER: tl.constexpr,
-                  BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
-    """(a, b, 1/ε) after the first ``n_steps`` Sinkhorn iterations from a = b = 0 (the forward,
-    and the backward's recomputation of the state at the start of an iteration)."""
+                  MASKED: tl.constexpr, FAST: tl.constexpr, BW: tl.constexpr,
+                  BN: tl.constexpr, BC: tl.constexpr):
+    """(a, b, 1/ε of the last step) after the first ``n_steps`` Sinkhorn iterations from
+    a = b = 0: the backward's state at the start of a segment."""
     a = tl.zeros([BW, 1, BC], dtype=tl.float32)
     b = tl.zeros([BW, BN, 1], dtype=tl.float32)
     u_prev, _k2, _k3 = sinkhorn_params(w_ptr, 0, T)
     for t in range(n_steps):
         u, k2, k3 = sinkhorn_params(w_ptr, t, T)
-        a, b = _sinkhorn_step(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, PAPER)
+        a, b = _sinkhorn_step(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, PAPER, MASKED, FAST)
         u_prev = u
     return a, b, u_prev
 
 
 @triton.jit
-def _admm_run(x, w_ptr, n_steps, T: tl.constexpr, lp0, lq0, sv, cv, QUAD: tl.constexpr, PAPER: tl.constexpr,
+def _admm_run(x, w_ptr, n_steps, T: tl.constexpr, lp0, lq0, sv, cv, QUAD: tl.constexpr,
+              PAPER: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr,
               BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
-    """The B-ADMM state (log S, Z, log μ, log η, z1, z2) and the last P-step's logits after the
-    first ``n_steps`` iterations from log S = log(p0 q0ᵀ), Z = 0."""
+    """The B-ADMM state (log S, Z, log μ, log η, z1, z2) after the first ``n_steps`` iterations
+    from log S = log(p0 q0ᵀ), Z = 0: the backward's state at the start of a segment."""
     m = sv & cv
-    log_s = tl.where(m, lp0 + lq0 + tl.zeros([BW, BN, BC], dtype=tl.float32), 0.0)
+    log_s = _keep(lp0 + lq0 + tl.zeros([BW, BN, BC], dtype=tl.float32), m, MASKED)
     z = tl.zeros([BW, BN, BC], dtype=tl.float32)
-    lmu = tl.where(cv, lp0 + tl.zeros([BW, 1, BC], dtype=tl.float32), 0.0)
-    leta = lq0
+    lmu = _keep(lp0 + tl.zeros([BW, 1, BC], dtype=tl.float32), cv, MASKED)
+    leta = lq0 + tl.zeros([BW, BN, 1], dtype=tl.float32)
     z1 = tl.zeros([BW, 1, BC], dtype=tl.float32)
     z2 = tl.zeros([BW, BN, 1], dtype=tl.float32)
-    logits = z
     for t in range(n_steps):
         rho, irho, k2, k3, c1, c2 = admm_params(w_ptr, t, T, QUAD, PAPER)
-        log_s, z, lmu, leta, z1, z2, logits = _admm_step(
+        log_s, z, lmu, leta, z1, z2, _y = _admm_step(
             x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp0, lq0, sv, cv, QUAD,
-            PAPER)
-    return log_s, z, lmu, leta, z1, z2, logits
+            PAPER, MASKED, FAST)
+    return log_s, z, lmu, leta, z1, z2
 
 
 @triton.jit
@@ -728,22 +741,137 @@ def _acc(acc, offs_p, k, v):
 
 
 @triton.jit
+def _output_bwd(x, logits, gy, m, sv, MASKED: tl.constexpr, FAST: tl.constexpr):
+    """VJP of y_d = Σ_n softmax_n(L)_nd x_nd: (∂/∂x through the weights' x, ∂/∂L)."""
+    w = _softmax(logits, sv, AX_N, MASKED, FAST)
+    yv = _sum(w * x, AX_N)
+    return _keep(w * gy, m, MASKED), _keep(w * (x - yv) * gy, m, MASKED)
+
+
+@triton.jit
+def _sinkhorn_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T: tl.constexpr,
+                  L: tl.constexpr, PAPER: tl.constexpr, MASKED: tl.constexpr,
+                  FAST: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+    """(gx, acc + ∂y/∂w ᵀ gy) of a Sinkhorn tile. The T iterations in segments of L (last
+    segment first): the segment's states are replayed once and kept in registers (``tape``),
+    then back-propagated in reverse; the state at a segment's start is recomputed from
+    iteration 0 (only when T > L). ``n_seg`` = ⌈T / L⌉ arrives as a runtime value on purpose:
+    the compiler then cannot fold the segment loop and merge the replay with the backward's
+    own recomputation of each step, which would keep every step's [BW, BN, BC] intermediates
+    alive (sm_90: 660 B of spills for B-E at T = L = 4, 200 fewer instructions / tile without)."""
+    m = sv & cv
+    gx = tl.zeros([BW, BN, BC], dtype=tl.float32)
+    ga = tl.zeros([BW, 1, BC], dtype=tl.float32)
+    gb = tl.zeros([BW, BN, 1], dtype=tl.float32)
+    g_u_carry = tl.sum(gb, axis=None) * 0.0  # cotangent of 1/ε_t from iteration t + 1 / output
+    for seg in range(n_seg):
+        t0 = (n_seg - 1 - seg) * L
+        a, b, u_prev = _sinkhorn_run(x, w_ptr, t0, T, lp0, lq0, sv, cv, PAPER, MASKED, FAST,
+                                     BW, BN, BC)
+        tape = ()
+        for i in tl.static_range(L):  # forward: states at the start of t0 … t0 + L - 1
+            tape = tape + ((a, b, u_prev),)
+            if t0 + i < T:
+                u, k2, k3 = sinkhorn_params(w_ptr, t0 + i, T)
+                a, b = _sinkhorn_step(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, PAPER,
+                                      MASKED, FAST)
+                u_prev = u
+        if seg == 0:  # (a, b) = (a_T, b_T): the output's logits are x/ε_T + b_T
+            gx_o, g_l = _output_bwd(x, x * u_prev + b, gy, m, sv, MASKED, FAST)
+            gx = gx_o + u_prev * g_l
+            g_u_carry = tl.sum(x * g_l, axis=None)
+            gb = _sum(g_l, AX_C)
+        for j in tl.static_range(L):  # backward: t0 + L - 1 … t0
+            t = t0 + L - 1 - j
+            if t < T:
+                ta, tb, tu_prev = tape[L - 1 - j]
+                u, k2, k3 = sinkhorn_params(w_ptr, t, T)
+                gx_t, ga, gb, g_up, g_u, g_k2, g_k3 = _sinkhorn_step_bwd(
+                    x, ta, tb, tu_prev, u, k2, k3, lp0, lq0, sv, cv, ga, gb, PAPER, MASKED,
+                    FAST)
+                gx += gx_t
+                # 1/ε_t: its use in step t, in step t+1's Y (paper) or the output (carry), and
+                # the paper's initial Y = x/ε_0 (g_up of step 0)
+                ga1, ga2, ga3 = sinkhorn_params_bwd(
+                    w_ptr, t, T, g_u + g_u_carry + tl.where(t == 0, g_up, 0.0), g_k2, g_k3)
+                acc = _acc(acc, offs_p, _A1 * T + t, ga1)
+                acc = _acc(acc, offs_p, _A2 * T + t, ga2)
+                acc = _acc(acc, offs_p, _A3 * T + t, ga3)
+                g_u_carry = g_up
+    return gx, acc
+
+
+@triton.jit
+def _admm_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T: tl.constexpr,
+              L: tl.constexpr,
+              QUAD: tl.constexpr, PAPER: tl.constexpr, MASKED: tl.constexpr,
+              FAST: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+    """(gx, acc + ∂y/∂w ᵀ gy) of a B-ADMM tile, in segments of L iterations as _sinkhorn_bwd
+    (the tape holds the states log S, Z [+ paper: log μ, log η, z1, z2])."""
+    m = sv & cv
+    g_ls = tl.zeros([BW, BN, BC], dtype=tl.float32)
+    g_z = tl.zeros([BW, BN, BC], dtype=tl.float32)
+    g_lmu = tl.zeros([BW, 1, BC], dtype=tl.float32)
+    g_leta = tl.zeros([BW, BN, 1], dtype=tl.float32)
+    g_z1 = tl.zeros([BW, 1, BC], dtype=tl.float32)
+    g_z2 = tl.zeros([BW, BN, 1], dtype=tl.float32)
+    gx = tl.zeros([BW, BN, BC], dtype=tl.float32)
+    for seg in range(n_seg):
+        t0 = (n_seg - 1 - seg) * L
+        log_s, z, lmu, leta, z1, z2 = _admm_run(x, w_ptr, t0, T, lp0, lq0, sv, cv, QUAD, PAPER,
+                                                MASKED, FAST, BW, BN, BC)
+        tape = ()
+        for i in tl.static_range(L):  # forward: states at the start of t0 … t0 + L - 1
+            tape = tape + ((log_s, z, lmu, leta, z1, z2),)
+            if i < L - 1:
+                if t0 + i < T:
+                    rho, irho, k2, k3, c1, c2 = admm_params(w_ptr, t0 + i, T, QUAD, PAPER)
+                    log_s, z, lmu, leta, z1, z2, _y = _admm_step(
+                        x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp0, lq0,
+                        sv, cv, QUAD, PAPER, MASKED, FAST)
+        for j in tl.static_range(L):  # backward: t0 + L - 1 … t0
+            t = t0 + L - 1 - j
+            if t < T:
+                ls_t, z_t, lmu_t, leta_t, z1_t, z2_t = tape[L - 1 - j]
+                rho, irho, k2, k3, c1, c2 = admm_params(w_ptr, t, T, QUAD, PAPER)
+                g_y = tl.zeros([BW, BN, BC], dtype=tl.float32)
+                if t == T - 1:  # the output reads Y of the last P-step only
+                    gx_o, g_y = _output_bwd(
+                        x, _admm_p_logits(x, ls_t, z_t, irho, c1, m, QUAD, MASKED), gy, m, sv,
+                        MASKED, FAST)
+                    gx += gx_o
+                (gx_t, g_ls, g_z, g_lmu, g_leta, g_z1, g_z2,
+                 g_rho, g_irho, g_k2, g_k3, g_c1, g_c2) = _admm_step_bwd(
+                    x, ls_t, z_t, lmu_t, leta_t, z1_t, z2_t, rho, irho, k2, k3, c1, c2, lp0,
+                    lq0, sv, cv, g_ls, g_z, g_lmu, g_leta, g_z1, g_z2, g_y, QUAD, PAPER,
+                    MASKED, FAST)
+                gx += gx_t
+                ga1, ga2, ga3, grho = admm_params_bwd(w_ptr, t, T, g_rho, g_irho, g_k2, g_k3,
+                                                      g_c1, g_c2, QUAD, PAPER)
+                acc = _acc(acc, offs_p, _A1 * T + t, ga1)
+                acc = _acc(acc, offs_p, _A2 * T + t, ga2)
+                acc = _acc(acc, offs_p, _A3 * T + t, ga3)
+                acc = _acc(acc, offs_p, _RHO * T + t, grho)
+    return gx, acc
+
+
+@triton.jit
 def _window_bwd_tile(
     tile, acc, offs_p, x_ptr, gy_ptr, w_ptr, gx_ptr,
-    C, H, W, Ho, Wo, n_windows, lp0,
+    C, H, W, Ho, Wo, n_windows, n_seg, lp0,
     sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw,
     T: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
-    METHOD: tl.constexpr, PAPER: tl.constexpr, OVERLAP: tl.constexpr,
+    L: tl.constexpr, METHOD: tl.constexpr, PAPER: tl.constexpr, OVERLAP: tl.constexpr,
+    MASKED: tl.constexpr, FAST: tl.constexpr,
 ):
     """Backward of one tile of BW windows: gx += ∂y/∂x ᵀ gy (atomically into fp32 when windows
-    overlap, else stored in x's dtype); returns acc plus
-    the tile's ∂y/∂w ᵀ gy ((6, T) flattened). Recomputes the forward from x for every t."""
+    overlap, else stored in x's dtype); returns acc plus the tile's ∂y/∂w ᵀ gy ((6, T)
+    flattened). MASKED as in the forward; loads and stores are always masked."""
     offs_w, w_ok, ow, oh, bi, hh, ww, inside, sv2, offs_c, c_ok = _window_tile(
         tile, C, H, W, Ho, Wo, n_windows, KH, KW, SH, SW, PH, PW, BW, BN, BC)
     sv = sv2[:, :, None]                                               # [BW, BN, 1]
-    cv = c_ok[None, None, :]                                           # [1, BC, 1]
-    m = sv & cv
+    cv = c_ok[None, None, :]                                           # [1, 1, BC]
     b64 = bi.to(tl.int64)[:, None, None]
     lmask = inside[:, :, None] & cv
     x = tl.load(x_ptr + b64 * sxb + offs_c[None, None, :] * sxc + hh[:, :, None] * sxh
@@ -752,69 +880,17 @@ def _window_bwd_tile(
            + oh[:, None] * sgh + ow[:, None] * sgw)
     gy = tl.load(gyp, mask=w_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
     gy = gy[:, None, :]                                                # [BW, 1, BC]
-    count = tl.sum(sv2.to(tl.float32), axis=1)
-    lq0 = tl.where(sv, -tl.log2(count)[:, None, None] * LN2, 0.0)
-
-    if METHOD == 0:
-        # ---- final state (a_T, b_T) and the output's cotangent of b_T
-        a, b, u_prev = _sinkhorn_run(x, w_ptr, T, T, lp0, lq0, sv, cv, PAPER, BW, BN, BC)
-        logits = x * u_prev + b
-        w = _softmax(logits, sv, AX_N)
-        yv = _sum(w * x, AX_N)
-        g_l = tl.where(m, w * (x - yv) * gy, 0.0)                      # [BW, BN, BC]
-        gx = tl.where(m, w * gy, 0.0) + u_prev * g_l
-        g_u_last = _tsum(x * g_l)
-        ga = tl.zeros([BW, 1, BC], dtype=tl.float32)
-        gb = _sum(g_l, AX_C)
-        g_u_carry = g_u_last          # cotangent of 1/ε_t carried into iteration t's record
-        for tt in range(T):
-            t = T - 1 - tt
-            # recompute the state at the start of iteration t
-            a, b, u_prev = _sinkhorn_run(x, w_ptr, t, T, lp0, lq0, sv, cv, PAPER, BW, BN, BC)
-            u, k2, k3 = sinkhorn_params(w_ptr, t, T)
-            gx_t, ga, gb, g_up, g_u, g_k2, g_k3 = _sinkhorn_step_bwd(
-                x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, ga, gb, PAPER)
-            gx += gx_t
-            # 1/ε_t: its use in step t, in step t+1's Y (paper) or the output (carry), and the
-            # paper's initial Y = x/ε_0 (g_up of step 0)
-            ga1, ga2, ga3 = sinkhorn_params_bwd(
-                w_ptr, t, T, g_u + g_u_carry + tl.where(t == 0, g_up, 0.0), g_k2, g_k3)
-            acc = _acc(acc, offs_p, _A1 * T + t, ga1)
-            acc = _acc(acc, offs_p, _A2 * T + t, ga2)
-            acc = _acc(acc, offs_p, _A3 * T + t, ga3)
-            g_u_carry = g_up
+    if MASKED:
+        count = tl.sum(sv2.to(tl.float32), axis=1)
+        lq0 = tl.where(sv, -tl.log2(count)[:, None, None] * LN2, 0.0)  # [BW, BN, 1] log q0
     else:
-        g_ls = tl.zeros([BW, BN, BC], dtype=tl.float32)
-        g_z = tl.zeros([BW, BN, BC], dtype=tl.float32)
-        g_lmu = tl.zeros([BW, 1, BC], dtype=tl.float32)
-        g_leta = tl.zeros([BW, BN, 1], dtype=tl.float32)
-        g_z1 = tl.zeros([BW, 1, BC], dtype=tl.float32)
-        g_z2 = tl.zeros([BW, BN, 1], dtype=tl.float32)
-        gx = tl.zeros([BW, BN, BC], dtype=tl.float32)
-        for tt in range(T):
-            t = T - 1 - tt
-            log_s, z, lmu, leta, z1, z2, _y = _admm_run(x, w_ptr, t, T, lp0, lq0, sv, cv,
-                                                        METHOD == 2, PAPER, BW, BN, BC)
-            rho, irho, k2, k3, c1, c2 = admm_params(w_ptr, t, T, METHOD == 2, PAPER)
-            # the output reads Y of the last P-step only
-            g_y = tl.zeros([BW, BN, BC], dtype=tl.float32)
-            if t == T - 1:  # the output reads Y of the last P-step only (a scalar branch)
-                y_last = _admm_p_logits(x, log_s, z, irho, c1, m, METHOD == 2)
-                w = _softmax(y_last, sv, AX_N)
-                yv = _sum(w * x, AX_N)
-                g_y = tl.where(m, w * (x - yv) * gy, 0.0)
-                gx += tl.where(m, w * gy, 0.0)
-            (gx_t, g_ls, g_z, g_lmu, g_leta, g_z1, g_z2,
-             g_rho, g_irho, g_k2, g_k3, g_c1, g_c2) = _admm_step_bwd(
-                x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp0, lq0, sv, cv,
-                g_ls, g_z, g_lmu, g_leta, g_z1, g_z2, g_y, METHOD == 2, PAPER)
-            gx += gx_t
-            ga1, ga2, ga3, grho = admm_params_bwd(w_ptr, t, T, g_rho, g_irho, g_k2, g_k3, g_c1,
-                                                  g_c2, METHOD == 2, PAPER)
-            acc = _acc(acc, offs_p, _A1 * T + t, ga1)
-            acc = _acc(acc, offs_p, _A2 * T + t, ga2)
-            acc = _acc(acc, offs_p, _A3 * T + t, ga3)
-            acc = _acc(acc, offs_p, _RHO * T + t, grho)
+        lq0 = -tl.log2(KH * KW * 1.0) * LN2
+    if METHOD == 0:
+        gx, acc = _sinkhorn_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T, L, PAPER,
+                                MASKED, FAST, BW, BN, BC)
+    else:
+        gx, acc = _admm_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T, L, METHOD == 2,
+                            PAPER, MASKED, FAST, BW, BN, BC)
     gptrs = (gx_ptr + b64 * sdb + offs_c[None, None, :] * sdc + hh[:, :, None] * sdh
              + ww[:, :, None] * sdw)
     if OVERLAP:  # fp32 accumulation across windows
@@ -824,14 +900,15 @@ def _window_bwd_tile(
     return acc
 
 
-@triton.jit(do_not_specialize=["sxh", "sxw", "sdh", "sdw"])
+@triton.jit(do_not_specialize=["n_seg", "sxh", "sxw", "sdh", "sdw"])
 def window_bwd_kernel(
     x_ptr, gy_ptr, w_ptr, gx_ptr, gw_ptr,
-    C, H, W, Ho, Wo, n_windows, n_tiles, lp0,
+    C, H, W, Ho, Wo, n_windows, n_tiles, n_seg, lp0,
     sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw,
     T: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
-    TP: tl.constexpr, METHOD: tl.constexpr, PAPER: tl.constexpr, OVERLAP: tl.constexpr,
+    L: tl.constexpr, TP: tl.constexpr, METHOD: tl.constexpr, PAPER: tl.constexpr,
+    OVERLAP: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr,
 ):
     """Backward of local ROT pooling. A grid of a few programs per SM strides over the tiles of
     windows, so the per-program weight cotangents gw (grid × TP, TP = next_pow2(6T), the (6, T)
@@ -841,9 +918,8 @@ def window_bwd_kernel(
     acc = tl.zeros([TP], dtype=tl.float32)
     for tile in range(pid, n_tiles, tl.num_programs(0)):
         acc = _window_bwd_tile(
-            tile, acc, offs_p, x_ptr, gy_ptr, w_ptr, gx_ptr, C, H, W, Ho, Wo, n_windows, lp0,
+            tile, acc, offs_p, x_ptr, gy_ptr, w_ptr, gx_ptr, C, H, W, Ho, Wo, n_windows, n_seg,
+            lp0,
             sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw, T, KH, KW, SH, SW, PH,
-            PW, BW, BN, BC, METHOD, PAPER, OVERLAP)
+            PW, BW, BN, BC, L, METHOD, PAPER, OVERLAP, MASKED, FAST)
     tl.store(gw_ptr + pid * TP + offs_p, acc)
-
-

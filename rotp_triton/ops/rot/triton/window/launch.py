@@ -24,8 +24,17 @@ METHOD_IDS = {"sinkhorn": 0, "badmm-e": 1, "badmm-q": 2}
 FWD_TILE = 1024
 FWD_PER_THREAD = 32
 BWD_TILE = 512
-BWD_PER_THREAD = 8
+# the backward keeps L iterations' states per thread: the Sinkhorn state is two vectors per
+# window (8 elements per thread would leave half the registers idle), B-ADMM two tiles
+BWD_PER_THREAD = {"sinkhorn": 16, "badmm-e": 8, "badmm-q": 8}
 MAX_WARPS = 16
+# The backward's segment length L: the iterations whose states it keeps in registers at once,
+# at most BWD_SEGMENT and BWD_TAPE_REGISTERS per thread at the full register cap, fewer under a
+# lower cap (``tape_registers``). T ≤ L runs in O(T); beyond, each further segment first
+# replays the iterations before it. Calibrated on sm_90 AOT register counts at W3
+# (tests/ops/rot/test_window.py: no spills).
+BWD_SEGMENT = {"sinkhorn": 16, "badmm-e": 4, "badmm-q": 4}
+BWD_TAPE_REGISTERS = 64
 # programs per SM of the backward's persistent grid
 BWD_PROGRAMS_PER_SM = 8
 
@@ -90,23 +99,45 @@ def max_registers(num_warps: int) -> int:
     return min(255, 65536 // (32 * num_warps)) // 8 * 8
 
 
-def fwd_config(g: Geometry) -> dict:
-    """Block sizes and the mask flags of the forward kernel: MASKED when some window loses
-    samples (padding, border, ceil_mode, k² not a power of 2) or C < next_pow2(C); TAIL when
-    the last tile is partial (then only its loads and stores are masked)."""
-    BW, BN, BC = block_sizes(g.kh * g.kw, g.C, FWD_TILE)
+def masked(g: Geometry, BN: int, BC: int) -> bool:
+    """Some window loses samples (padding, border, ceil_mode, k² not a power of 2) or
+    C < next_pow2(C): the kernels mask their reductions."""
     full = (g.ph == 0 and g.pw == 0 and g.kh * g.kw == BN and (g.Ho - 1) * g.sh + g.kh <= g.H
             and (g.Wo - 1) * g.sw + g.kw <= g.W)
+    return not full or g.C != BC
+
+
+def fwd_config(g: Geometry) -> dict:
+    """Block sizes and the mask flags of the forward kernel: MASKED (``masked``); TAIL when
+    the last tile is partial (then only its loads and stores are masked)."""
+    BW, BN, BC = block_sizes(g.kh * g.kw, g.C, FWD_TILE)
     warps = num_warps_for(BW * BN * BC, FWD_PER_THREAD)
-    return dict(BW=BW, BN=BN, BC=BC, MASKED=not full or g.C != BC,
+    return dict(BW=BW, BN=BN, BC=BC, MASKED=masked(g, BN, BC),
                 TAIL=g.n_windows % BW != 0, FAST=not interpreter_enabled(), num_warps=warps,
                 maxnreg=max_registers(warps))
 
 
-def bwd_config(g: Geometry) -> dict:
+def tape_registers(method: str, paper: bool, BN: int, per_thread: int) -> int:
+    """Registers per thread that one iteration's state takes in the backward's tape: a
+    window's samples of a channel sit in one thread, so an N-vector (b, log η, z2) costs BN,
+    a C-vector (a, log μ, z1) per_thread / BN, a tile (log S, Z) per_thread."""
+    c_vec = max(1, per_thread // BN)
+    if method == "sinkhorn":
+        return BN + (c_vec if paper else 0)
+    return 2 * per_thread + (2 * BN + 2 * c_vec if paper else 0)
+
+
+def bwd_config(g: Geometry, T: int, method: str, variant: str) -> dict:
+    """Block sizes, segment length L and mask flag of the backward."""
     BW, BN, BC = block_sizes(g.kh * g.kw, g.C, BWD_TILE)
-    warps = num_warps_for(BW * BN * BC, BWD_PER_THREAD)
-    return dict(BW=BW, BN=BN, BC=BC, num_warps=warps, maxnreg=max_registers(warps))
+    warps = num_warps_for(BW * BN * BC, BWD_PER_THREAD[method])
+    per_thread = max(1, BW * BN * BC // (32 * warps))
+    regs = max_registers(warps)  # the tape's budget shrinks with the register cap
+    fit = (BWD_TAPE_REGISTERS * regs // 248) // tape_registers(method, variant == "paper", BN,
+                                                               per_thread)
+    return dict(BW=BW, BN=BN, BC=BC, L=max(1, min(T, BWD_SEGMENT[method], fit)),
+                MASKED=masked(g, BN, BC), FAST=not interpreter_enabled(), num_warps=warps,
+                maxnreg=regs)
 
 
 def is_channels_last(x: Tensor) -> bool:
@@ -143,7 +174,7 @@ def window_backward(x: Tensor, w: Tensor, gy: Tensor, g: Geometry, method: str, 
     gx = empty_like_layout(x, x.shape, torch.float32 if g.overlap else x.dtype)
     if g.overlap or not g.tiles_image:
         gx.zero_()
-    cfg = bwd_config(g)
+    cfg = bwd_config(g, T, method, variant)
     TP = next_pow2(T * params.NUM_WEIGHTS)
     n_tiles = max(1, -(-g.n_windows // cfg["BW"]))
     n_prog = max(1, min(n_tiles, BWD_PROGRAMS_PER_SM * sm_count(x.device)))
@@ -151,8 +182,8 @@ def window_backward(x: Tensor, w: Tensor, gy: Tensor, g: Geometry, method: str, 
     if g.n_windows > 0 and g.C > 0:
         launcher(window_bwd_kernel, wrap)[(n_prog,)](
             x, gy, w, gx, gw, g.C, g.H, g.W, g.Ho, g.Wo, g.n_windows, n_tiles,
-            -math.log(g.C), *x.stride(), *gy.stride(), *gx.stride(), T=T, TP=TP,
-            METHOD=METHOD_IDS[method], PAPER=variant == "paper", OVERLAP=g.overlap, **cfg,
+            -(-T // cfg["L"]), -math.log(g.C), *x.stride(), *gy.stride(), *gx.stride(), T=T,
+            TP=TP, METHOD=METHOD_IDS[method], PAPER=variant == "paper", OVERLAP=g.overlap, **cfg,
             **g.constexprs())
     gw = gw.sum(0)[:T * params.NUM_WEIGHTS].view(params.NUM_WEIGHTS, T)
     return gx.to(x.dtype), gw
