@@ -103,14 +103,12 @@ def _compare(k, r, tol, names):
         assert e <= tol, f"grad {name}: {e:.3g}"
 
 
-@pytest.fixture(params=["v1", "v2", "split"])
+@pytest.fixture(params=["one_program", "split"])
 def forward_iteration(request, monkeypatch):
-    """Run the test with the v1 one-sweep forward iteration, the lean v2 one
-    (``launch.LEAN_FORWARD``) and the split-set launches with blocks of 2 rows (dense exact
-    batches; ``launch.SPLIT_ROWS``, so that the cross-program combine runs on small shapes):
-    all must give the reference's results."""
+    """Run the test with one program per set and with the split-set launches with blocks of 2
+    rows (dense exact batches; ``launch.SPLIT_ROWS``, so that the cross-program combine runs on
+    small shapes): both must give the reference's results."""
     from rotp_triton.ops.rot.triton.sinkhorn import launch
-    monkeypatch.setattr(launch, "LEAN_FORWARD", request.param != "v1")
     monkeypatch.setattr(launch, "SPLIT_ROWS", 2 if request.param == "split" else None)
     return request.param
 
@@ -234,11 +232,10 @@ def test_strided_image_view_multi_tile(variant, one_tile):
 @pytest.mark.parametrize("N,D,BN,BD", [(8, 8, 8, 4), (8, 6, 8, 4), (5, 8, 8, 4)],
                          ids=["even", "edge_d", "edge_n"])
 def test_lean_tile_edges(variant, N, D, BN, BD, monkeypatch):
-    """The v2 iteration's mask-free path (N == BN, D % BD == 0) and its edge paths (padded rows
+    """The one-tile iteration's mask-free path (N == BN, D % BD == 0) and its edge paths (padded rows
     by a -inf bias, a last partial feature chunk) against the reference, forward and
     gradients, with a plan and priors."""
     from rotp_triton.ops.rot.triton.sinkhorn import launch
-    monkeypatch.setattr(launch, "LEAN_FORWARD", True)
     monkeypatch.setattr(launch, "fwd_config", lambda D_, N_, nw=4: (BN, BD, True))
     gen = torch.Generator().manual_seed(15)
     B, T = 2, 3

@@ -7,10 +7,9 @@ first); the backward is a second launch and a one-program launch folds the per-s
 gradients into the (6, T) table gradient. Tilings of the forward:
 
 - one tile over n (dense, N <= 512): all rows of a set in a [BN, BD] tile, feature chunks
-  streamed, one pass over x per iteration. v2 (``LEAN``, the default): ``_shifted_exact_iteration``
-  (exact: fixed shifts from the previous plan, row sums accumulated in registers) and
-  ``_lean_iteration`` (paper), both without per-element masks or selects; v1: the
-  ``*_one_sweep`` iterations (kept for comparison, ``launch.LEAN_FORWARD = False``);
+  streamed, one pass over x per iteration without per-element masks or selects:
+  ``_shifted_exact_iteration`` (exact: fixed shifts from the previous plan, row sums accumulated
+  in registers) and ``_lean_paper_iteration`` (paper);
 - streamed [BN, BD] tiles with an online LogSumExp (ragged batches, long sets; two passes);
 - split sets (``sinkhorn_split_*``, dense exact, ``launch.SPLIT_SETS``): row blocks of a set in
   separate programs, combined through separate launches; the forward kernel then only pools.
@@ -194,6 +193,14 @@ def _vec_sum(v_ptr, n, BV: tl.constexpr):
 
 
 @triton.jit
+def _fill(v_ptr, n, value, BV: tl.constexpr):
+    """v[i] = value for i < n (the launchers allocate without initialising)."""
+    for i0 in range(0, n, BV):
+        oi = i0 + tl.arange(0, BV)
+        tl.store(v_ptr + oi, tl.zeros([BV], tl.float32) + value, mask=oi < n)
+
+
+@triton.jit
 def _load_log_prior(p_ptr, o, n, uniform_value, HAS: tl.constexpr):
     """A normalized log prior (natural log in memory) as base 2; ``uniform_value`` if absent."""
     if HAS:
@@ -255,94 +262,12 @@ def _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED: tl.constexpr):
     return row0, n_b, x_off
 
 
-@triton.jit
-def _exact_iteration_one_sweep(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u,
-                               B_prev, A_cur, B_cur, R_t, C_t, HAS_P0: tl.constexpr,
-                               HAS_Q0: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """One exact iteration in ONE pass over x when all n_b rows fit in a tile (BN >= n_b).
-
-    Each [BN, BD] chunk holds every sample of its features, so R_d is final inside the chunk;
-    a_d = u_d - LSE(u) - R_d waits only for the scalar LSE(u), which shifts every row LSE by the
-    same amount: C_n = LSE_d(x s + u_d - R_d) - LSE(u) is accumulated in the same sweep."""
-    on = tl.arange(0, BN)
-    nm = on < n_b
-    bp = tl.load(B_prev + on, mask=nm, other=0.0)                              # [BN]
-    m_c = tl.full([BN], NEG_INF, tl.float32)
-    l_c = tl.zeros([BN], tl.float32)
-    m_u = tl.max(tl.full([BD], NEG_INF, tl.float32), axis=0)
-    l_u = tl.sum(tl.zeros([BD], tl.float32), axis=0)
-    for d0 in range(0, D, BD):
-        od = d0 + tl.arange(0, BD)
-        dm = od < D
-        x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)                # [BN, BD]
-        xs = x * s
-        z = tl.where(msk, xs + bp[:, None], NEG_INF)
-        mz = tl.max(z, axis=0)
-        mz = tl.where(mz == NEG_INF, 0.0, mz)
-        r = mz + tl.log2(tl.sum(tl.exp2(z - mz[None, :]), axis=0))             # [BD] R_d
-        tl.store(R_t + od, r, mask=dm)
-        lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
-        u = k2 * lp0 + (1.0 - k2) * r
-        m_u, l_u = _online_lse_merge(m_u, l_u, tl.where(dm, u, NEG_INF))
-        ar = tl.where(dm, u - r, 0.0)                                          # a_d + LSE(u)
-        tl.store(A_cur + od, ar, mask=dm)
-        m_c, l_c = _online_lse_merge(m_c, l_c, tl.trans(tl.where(msk, xs + ar[None, :],
-                                                                 NEG_INF)))
-    lse_u = m_u + tl.log2(l_u)
-    c = tl.where(nm, m_c + tl.log2(l_c) - lse_u, 0.0)                          # [BN] C_n
-    tl.store(C_t + on, c, mask=nm)
-    lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
-    v = tl.where(nm, k3 * lq0 + (1.0 - k3) * c, NEG_INF)
-    mv = tl.max(v, axis=0)
-    lse_v = mv + tl.log2(tl.sum(tl.exp2(v - mv), axis=0))
-    tl.store(B_cur + on, v - lse_v - c, mask=nm)
-    tl.debug_barrier()
-    for d0 in range(0, D, BD):
-        od = d0 + tl.arange(0, BD)
-        dm = od < D
-        tl.store(A_cur + od, tl.load(A_cur + od, mask=dm, other=0.0) - lse_u, mask=dm)
-    tl.debug_barrier()
-
-
-@triton.jit
-def _paper_iteration_one_sweep(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, lp0_u, lq0_b,
-                               lq0_u, A_prev, B_prev, A_cur, B_cur, R_t, C_t,
-                               HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, BN: tl.constexpr,
-                               BD: tl.constexpr):
-    """One eq. (18) iteration in ONE pass over x when BN >= n_b: the column LSEs (and a_t)
-    are final per chunk, the row LSEs accumulate over the chunks."""
-    on = tl.arange(0, BN)
-    nm = on < n_b
-    bp = tl.load(B_prev + on, mask=nm, other=0.0)                              # [BN]
-    m_c = tl.full([BN], NEG_INF, tl.float32)
-    l_c = tl.zeros([BN], tl.float32)
-    for d0 in range(0, D, BD):
-        od = d0 + tl.arange(0, BD)
-        dm = od < D
-        x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)                # [BN, BD]
-        xs = x * s
-        ap = tl.load(A_prev + od, mask=dm, other=0.0)
-        z = tl.where(msk, xs + bp[:, None], NEG_INF)
-        mz = tl.max(z, axis=0)
-        mz = tl.where(mz == NEG_INF, 0.0, mz)
-        r = mz + tl.log2(tl.sum(tl.exp2(z - mz[None, :]), axis=0))             # [BD] Rn_t
-        tl.store(R_t + od, r, mask=dm)
-        lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
-        tl.store(A_cur + od, k2 * (ap * ie + lp0 - ap - r), mask=dm)
-        m_c, l_c = _online_lse_merge(m_c, l_c, tl.trans(tl.where(msk, xs + ap[None, :],
-                                                                 NEG_INF)))
-    c = tl.where(nm, m_c + tl.log2(l_c), 0.0)                                  # [BN] Cn_t
-    tl.store(C_t + on, c, mask=nm)
-    lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
-    tl.store(B_cur + on, k3 * (bp * ie + lq0 - bp - c), mask=nm)
-    tl.debug_barrier()
-
-
 # --------------------------------------------------------------------------------------------
 # lean one-tile iteration (v2): every row of the set in the tile, feature chunks streamed
 # --------------------------------------------------------------------------------------------
 # Per element and iteration: x·s + b (FFMA), the column max, x·s + b - max (FADD), exp2, the
-# column sum; x·s + a (FFMA), the row max, exp2, the row sum - no select, no log, no division.
+# column sum; x·s + a (FFMA), the row max, exp2, the row sum - no select, no log, no division
+# (paper; the exact iteration drops the maxes, see _shifted_exact_iteration).
 # Padding costs nothing per element: a padded row gets the bias b = -inf (so it drops out of
 # every column LSE), a padded column a = -inf (so it drops out of every row LSE), and the loads
 # carry no mask at all: padded rows / features read a clamped (real) index (MASK_N: n_b < BN;
@@ -396,36 +321,6 @@ def _lean_row_merge(m, l, xs, bias):
 
 
 @triton.jit
-def _lean_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_cur, R_t,
-                      m_u, l_u, m_c, l_c, HAS_P0: tl.constexpr, MASK_N: tl.constexpr,
-                      MASK_D: tl.constexpr, BD: tl.constexpr):
-    """One feature chunk of the exact iteration: R_d final, a_d + LSE(u) stored, the row LSE of
-    x s + a + LSE(u) and the scalar LSE(u) merged (see _exact_iteration_one_sweep)."""
-    od = d0 + tl.arange(0, BD)
-    xs = _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D) * s   # [BN, BD]
-    r = _lean_col_lse(xs, bp)                                                  # [BD] R_d
-    if HAS_P0:
-        lp0 = _lean_vec(lp0_b, od, D, 0.0, MASK_D) * _LOG2E
-    else:
-        lp0 = lp0_u
-    u = k2 * lp0 + (1.0 - k2) * r
-    ar = u - r                                                                 # a_d + LSE(u)
-    if MASK_D:
-        dm = od < D
-        u = tl.where(dm, u, NEG_INF)
-        ar = tl.where(dm, ar, NEG_INF)
-        tl.store(R_t + od, r, mask=dm)
-        tl.store(A_cur + od, ar, mask=dm)
-    else:
-        tl.store(R_t + od, r)
-        tl.store(A_cur + od, ar)
-    mu = tl.maximum(m_u, tl.max(u, axis=0))
-    l_u = l_u * tl.exp2(m_u - mu) + tl.sum(tl.exp2(u - mu), axis=0)
-    m_c, l_c = _lean_row_merge(m_c, l_c, xs, ar)
-    return mu, l_u, m_c, l_c
-
-
-@triton.jit
 def _lean_paper_chunk(x_base, roff, sxd, bp, d0, D, s, ie, k2, lp0_b, lp0_u, A_prev,
                       A_cur, R_t, m_c, l_c, HAS_P0: tl.constexpr, MASK_N: tl.constexpr,
                       MASK_D: tl.constexpr, BD: tl.constexpr):
@@ -451,60 +346,31 @@ def _lean_paper_chunk(x_base, roff, sxd, bp, d0, D, s, ie, k2, lp0_b, lp0_u, A_p
 
 
 @triton.jit
-def _lean_iteration(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u,
-                    A_prev, B_prev, A_cur, B_cur, R_t, C_t, HAS_P0: tl.constexpr,
-                    HAS_Q0: tl.constexpr, PAPER: tl.constexpr, MASK_N: tl.constexpr,
-                    BN: tl.constexpr, BD: tl.constexpr):
-    """One iteration (exact or paper) in one pass over x with all n_b <= BN rows in the tile:
-    the full feature chunks without any mask, the last partial chunk (if any) with one."""
+def _lean_paper_iteration(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u,
+                          A_prev, B_prev, A_cur, B_cur, R_t, C_t, HAS_P0: tl.constexpr,
+                          HAS_Q0: tl.constexpr, MASK_N: tl.constexpr, BN: tl.constexpr,
+                          BD: tl.constexpr):
+    """One eq. (18) iteration in one pass over x with all n_b <= BN rows in the tile: the full
+    feature chunks without any mask, the last partial chunk (if any) with one."""
     on = tl.arange(0, BN)
     nm = on < n_b
     bp = _lean_vec(B_prev, on, n_b, float("-inf"), MASK_N)                     # [BN]
     roff = _lean_row_offsets(on, n_b, sxn, MASK_N)                             # [BN]
     m_c = tl.full([BN], NEG_INF, tl.float32)
     l_c = tl.zeros([BN], tl.float32)
-    m_u = tl.max(tl.full([BD], NEG_INF, tl.float32), axis=0)
-    l_u = tl.sum(tl.zeros([BD], tl.float32), axis=0)
     d_full = (D // BD) * BD
     for d0 in range(0, d_full, BD):
-        if PAPER:
-            m_c, l_c = _lean_paper_chunk(x_base, roff, sxd, bp, d0, D, s, ie, k2, lp0_b,
-                                         lp0_u, A_prev, A_cur, R_t, m_c, l_c, HAS_P0, MASK_N,
-                                         False, BD)
-        else:
-            m_u, l_u, m_c, l_c = _lean_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2,
-                                                   lp0_b, lp0_u, A_cur, R_t, m_u, l_u, m_c, l_c,
-                                                   HAS_P0, MASK_N, False, BD)
+        m_c, l_c = _lean_paper_chunk(x_base, roff, sxd, bp, d0, D, s, ie, k2, lp0_b, lp0_u,
+                                     A_prev, A_cur, R_t, m_c, l_c, HAS_P0, MASK_N, False, BD)
     if d_full < D:
-        if PAPER:
-            m_c, l_c = _lean_paper_chunk(x_base, roff, sxd, bp, d_full, D, s, ie, k2,
-                                         lp0_b, lp0_u, A_prev, A_cur, R_t, m_c, l_c, HAS_P0,
-                                         MASK_N, True, BD)
-        else:
-            m_u, l_u, m_c, l_c = _lean_exact_chunk(x_base, roff, sxd, bp, d_full, D, s,
-                                                   k2, lp0_b, lp0_u, A_cur, R_t, m_u, l_u, m_c,
-                                                   l_c, HAS_P0, MASK_N, True, BD)
+        m_c, l_c = _lean_paper_chunk(x_base, roff, sxd, bp, d_full, D, s, ie, k2, lp0_b,
+                                     lp0_u, A_prev, A_cur, R_t, m_c, l_c, HAS_P0, MASK_N, True,
+                                     BD)
     lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
-    if PAPER:
-        c = m_c + tl.log2(l_c)                                                 # [BN] Cn_t
-        tl.store(C_t + on, c, mask=nm)
-        tl.store(B_cur + on, k3 * (bp * ie + lq0 - bp - c), mask=nm)
-        tl.debug_barrier()
-    else:
-        # b = lognorm(κ3 lq0 + (1-κ3) C) - C; a_d = (a_d + LSE(u)) - LSE(u)
-        lse_u = m_u + tl.log2(l_u)
-        c = tl.where(nm, m_c + tl.log2(l_c) - lse_u, 0.0)                      # [BN] C_n
-        tl.store(C_t + on, c, mask=nm)
-        v = tl.where(nm, k3 * lq0 + (1.0 - k3) * c, NEG_INF)
-        mv = tl.max(v, axis=0)
-        lse_v = mv + tl.log2(tl.sum(tl.exp2(v - mv), axis=0))
-        tl.store(B_cur + on, v - lse_v - c, mask=nm)
-        tl.debug_barrier()
-        for d0 in range(0, D, BD):
-            od = d0 + tl.arange(0, BD)
-            dm = od < D
-            tl.store(A_cur + od, tl.load(A_cur + od, mask=dm, other=0.0) - lse_u, mask=dm)
-        tl.debug_barrier()
+    c = m_c + tl.log2(l_c)                                                     # [BN] Cn_t
+    tl.store(C_t + on, c, mask=nm)
+    tl.store(B_cur + on, k3 * (bp * ie + lq0 - bp - c), mask=nm)
+    tl.debug_barrier()
 
 
 # Exact iterations need no running max for the row LSE, and from t = 1 on none for the column
@@ -568,7 +434,7 @@ def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, 
                              HAS_Q0: tl.constexpr, MASK_N: tl.constexpr, FIRST: tl.constexpr,
                              BN: tl.constexpr, BD: tl.constexpr):
     """An exact iteration in one pass over x, all n_b <= BN rows in the tile (FIRST: t = 0);
-    writes the same R_t, a_t, C_t, b_t as _lean_iteration."""
+    writes R_t, a_t, C_t, b_t."""
     on = tl.arange(0, BN)
     nm = on < n_b
     bp = _lean_vec(B_prev, on, n_b, float("-inf"), MASK_N)                     # [BN]
@@ -625,7 +491,7 @@ def sinkhorn_fwd_kernel(
     plan_ptr, spb, spn, spd,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
     RETURN_PLAN: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    LEAN: tl.constexpr = False, MASK_N: tl.constexpr = True, ITERATE: tl.constexpr = True,
+    MASK_N: tl.constexpr = True, ITERATE: tl.constexpr = True,
 ):
     """T Sinkhorn iterations, the pooled y and (optionally) the plan of one set per program.
 
@@ -633,18 +499,26 @@ def sinkhorn_fwd_kernel(
     w: [6, T] weight table (ε, κ2, κ3 of iteration t derived on chip); lp0: [B, D], lq0: [NR]
     natural log priors; writes A, Rn, Bv, Cn (see the module docstring), rfin [B, D] (final
     LSE over n), tot [B] (log2 of the plan's mass), y [B, D] fp32, plan like x.
-    LEAN (with ONE_TILE_N): the v2 iteration ``_lean_iteration``; MASK_N: some set has fewer
-    than BN rows (dense: N < BN), so row loads need a mask.
+    MASK_N: some set has fewer than BN rows (dense: N < BN), so row loads need a mask. The
+    buffers come uninitialised: slot 0 of A and Bv (the zero initial state) and, for an empty
+    set, y and rfin are written here.
     """
     b = _set_of_program(order_ptr, RAGGED)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
-    if n_b > 0:
+    if n_b == 0:
+        _fill(y_ptr + b * D, D, 0.0, BD)
+        _fill(rfin_ptr + b * D, D, 0.0, BD)
+        tl.store(tot_ptr + b, 0.0)
+    else:
         x_base = x_ptr + x_off
         A_b = A_ptr + b * (T + 1) * D
         Rn_b = Rn_ptr + b * T * D
         lp0_b = lp0_ptr + b * D
         lq0_b = lq0_ptr + row0
         lq0_u = -tl.log2(n_b.to(tl.float32))
+        _fill(A_b, D, 0.0, BD)                                                 # a_{-1} = 0
+        _fill(Bv_ptr + row0, n_b, 0.0, BN)                                     # b_{-1} = 0
+        tl.debug_barrier()
         if ITERATE:
             t_end = T
         else:  # the iterations ran in the split-set launches: pooling (and plan) only
@@ -659,7 +533,7 @@ def sinkhorn_fwd_kernel(
             B_cur = Bv_ptr + (t + 1) * NR + row0
             R_t = Rn_b + t * D
             C_t = Cn_ptr + t * NR + row0
-            if ONE_TILE_N and LEAN and not PAPER:
+            if ONE_TILE_N and not PAPER:
                 if t == 0:
                     _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
                                              lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
@@ -668,20 +542,10 @@ def sinkhorn_fwd_kernel(
                     _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
                                              lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
                                              C_t, HAS_P0, HAS_Q0, MASK_N, False, BN, BD)
-            elif ONE_TILE_N and LEAN:
-                _lean_iteration(x_base, sxn, sxd, n_b, D, s, _inv_eps(w_ptr, T, t), k2, k3,
-                                lp0_b, lp0_u, lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
-                                C_t, HAS_P0, HAS_Q0, PAPER, MASK_N, BN, BD)
             elif ONE_TILE_N:
-                if PAPER:
-                    _paper_iteration_one_sweep(x_base, sxn, sxd, n_b, D, s, _inv_eps(w_ptr, T, t),
-                                               k2, k3, lp0_b, lp0_u, lq0_b, lq0_u, A_prev,
-                                               B_prev, A_cur, B_cur, R_t, C_t, HAS_P0, HAS_Q0,
-                                               BN, BD)
-                else:
-                    _exact_iteration_one_sweep(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
-                                               lq0_b, lq0_u, B_prev, A_cur, B_cur, R_t, C_t,
-                                               HAS_P0, HAS_Q0, BN, BD)
+                _lean_paper_iteration(x_base, sxn, sxd, n_b, D, s, _inv_eps(w_ptr, T, t), k2,
+                                      k3, lp0_b, lp0_u, lq0_b, lq0_u, A_prev, B_prev, A_cur,
+                                      B_cur, R_t, C_t, HAS_P0, HAS_Q0, MASK_N, BN, BD)
             elif PAPER:
                 # eq. (18): both LSEs of the same z_{t-1}, then the Jacobi updates
                 # a_t = κ2 (a_{t-1}/ε_t + log p0 - r_t), r_t = a_{t-1} + Rn_t (b likewise).
@@ -849,10 +713,27 @@ def sinkhorn_bwd_kernel(
     direct ε gradients: deps_rec [B, T] (paper's a/ε_t terms), deps_x [B, T] (term t of the
     x-scale sc[t]), deps_fin [B] (the final log P, scale 1/ε_{T-1}).
     Scratch: Rbar [B, T, D], Cbar [T, NR] (the adjoints of the LSEs), abar [B, D], bbar [NR].
+    Every output comes uninitialised: the zeros (prior gradients, an empty set's partials, the
+    exact variant's deps_rec) are written here.
     """
     b = _set_of_program(order_ptr, RAGGED)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
-    if n_b > 0:
+    if HAS_P0:
+        _fill(dlp0_ptr + b * D, D, 0.0, BD)
+    if HAS_Q0:
+        _fill(dlq0_ptr + row0, n_b, 0.0, BN)
+    if PAPER:
+        if n_b == 0:
+            _fill(deps_rec_ptr + b * T, T, 0.0, BT)
+    else:
+        _fill(deps_rec_ptr + b * T, T, 0.0, BT)
+    if n_b == 0:
+        _fill(dk2_ptr + b * T, T, 0.0, BT)
+        _fill(dk3_ptr + b * T, T, 0.0, BT)
+        _fill(deps_x_ptr + b * T, T, 0.0, BT)
+        tl.store(deps_fin_ptr + b, 0.0)
+    else:
+        tl.debug_barrier()
         x_base = x_ptr + x_off
         A_b = A_ptr + b * (T + 1) * D
         Rn_b = Rn_ptr + b * T * D

@@ -19,11 +19,6 @@ from .kernels import (sinkhorn_bwd_kernel, sinkhorn_fwd_kernel, sinkhorn_split_a
 # a dense set with at most this many rows is held in one [BN, BD] tile (one pass per iteration)
 ONE_TILE_MAX_N = 512
 
-# the v2 forward iterations (kernels._lean_iteration, _shifted_exact_iteration) for sets held in
-# one tile; False: the v1 one-sweep iteration. A module flag so that tests and the SASS report
-# can compare both.
-LEAN_FORWARD = True
-
 # split sets (dense, exact): when there are fewer sets than SMs, each set's rows are split into
 # blocks, one program each, combined through separate launches (kernels.sinkhorn_split_*).
 # Off by default: the split kernels still use the v1 streamed loops (not yet SASS-tuned).
@@ -133,6 +128,45 @@ def _strides3(t: Tensor, ragged: bool) -> tuple:
     return (0, t.stride(0), t.stride(1)) if ragged else (t.stride(0), t.stride(1), t.stride(2))
 
 
+def state_numel(B: int, T: int, D: int, NR: int) -> int:
+    """Size of the forward's saved state, one fp32 buffer (one allocation: each host op costs
+    ~5 µs on the GPU, PERF.md): A, Rn, Bv, Cn, rfin, tot (see :func:`state_views`)."""
+    return B * (T + 1) * D + B * T * D + (T + 1) * NR + T * NR + B * D + B
+
+
+def _carve(buf: Tensor, shapes) -> list:
+    """Consecutive views of the flat ``buf`` with the given shapes (no host op: views only)."""
+    out, o = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        out.append(buf[o:o + n].view(shape))
+        o += n
+    return out
+
+
+def state_views(state: Tensor, B: int, T: int, D: int, NR: int) -> list:
+    """A (B, T + 1, D), Rn (B, T, D), Bv (T + 1, NR), Cn (T, NR), rfin (B, D), tot (B,)."""
+    return _carve(state, [(B, T + 1, D), (B, T, D), (T + 1, NR), (T, NR), (B, D), (B,)])
+
+
+def param_grads_numel(B: int, T: int, D: int, NR: int, has_p0: bool, has_q0: bool) -> int:
+    """Size of the backward's flat parameter-gradient output: dw (6, T), dlog_p0 (B, D) if
+    has_p0, dlog_q0 (NR,) if has_q0."""
+    return 6 * T + (B * D if has_p0 else 0) + (NR if has_q0 else 0)
+
+
+def param_grad_views(dparams: Tensor, B: int, T: int, D: int, NR: int, has_p0: bool,
+                     has_q0: bool) -> tuple:
+    """(dw (6, T), dlog_p0 (B, D) or None, dlog_q0 (NR,) or None) as views of ``dparams``."""
+    dw, rest = _carve(dparams, [(6, T), (dparams.numel() - 6 * T,)])
+    dlp0, dlq0 = _carve(rest, [(B * D if has_p0 else 0,), (NR if has_q0 else 0,)])
+    return dw, (dlp0.view(B, D) if has_p0 else None), (dlq0 if has_q0 else None)
+
+
+def _strides3(t: Tensor, ragged: bool) -> tuple:
+    return (0, t.stride(0), t.stride(1)) if ragged else (t.stride(0), t.stride(1), t.stride(2))
+
+
 def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
                      log_q0: Optional[Tensor], paper: bool, return_plan: bool, wrap=None):
     """Launch the fused forward.
@@ -147,21 +181,19 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
         wrap: ``torch.library.wrap_triton`` inside a triton_op, else None.
 
     Returns:
-        y (B, D) fp32, plan (like x, or an empty tensor), and the saved state
-        A (B, T + 1, D), Rn (B, T, D), Bv (T + 1, NR), Cn (T, NR), rfin (B, D), tot (B,).
+        y (B, D) fp32, plan (like x, or an empty tensor), and the saved state: one flat fp32
+        buffer, see :func:`state_views` (A (B, T + 1, D), Rn (B, T, D), Bv (T + 1, NR),
+        Cn (T, NR), rfin (B, D), tot (B,)). Three allocations, none initialised on the host:
+        the kernel writes every entry that is read later.
     """
     B, N, D, NR, (sxb, sxn, sxd) = layout(x, ptr)
     T = w.shape[1]
-    f32 = dict(device=x.device, dtype=torch.float32)
-    A = torch.zeros(B, T + 1, D, **f32)
-    Rn = torch.empty(B, T, D, **f32)
-    Bv = torch.zeros(T + 1, NR, **f32)
-    Cn = torch.empty(T, NR, **f32)
-    rfin = torch.empty(B, D, **f32)
-    tot = torch.zeros(B, **f32)
-    y = torch.zeros(B, D, **f32)
+    state = torch.empty(state_numel(B, T, D, NR), device=x.device, dtype=torch.float32)
+    A, Rn, Bv, Cn, rfin, tot = state_views(state, B, T, D, NR)
+    y = torch.empty(B, D, device=x.device, dtype=torch.float32)
     if return_plan:
-        plan = torch.zeros_like(x)  # rows of empty sets do not exist; keep it defined anyway
+        # rows of empty sets do not exist; a dense batch has none: every entry is written
+        plan = torch.empty_like(x)
         spb, spn, spd = _strides3(plan, ptr is not None)
     else:
         plan = x.new_empty(0)
@@ -173,6 +205,7 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
     rows = split_rows(x, B, N, paper)
     if B > 0 and D > 0:
         if rows:
+            Bv[0].zero_()  # b_{-1} = 0 (the forward kernel writes it only after the split launches)
             _split_iterations(x, B, N, D, NR, (sxb, sxn, sxd), w, lp0, lq0, log_p0 is not None,
                               log_q0 is not None, A, Rn, Bv, Cn, rows, nw, wrap)
         launcher(sinkhorn_fwd_kernel, wrap)[(B,)](
@@ -180,14 +213,13 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
             -math.log2(D), w, lp0, lq0, A, Rn, Bv, Cn, rfin, tot, y, plan, spb, spn, spd,
             RAGGED=ptr is not None, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
             PAPER=paper, RETURN_PLAN=return_plan, ONE_TILE_N=one_tile, BN=BN, BD=BD,
-            LEAN=LEAN_FORWARD, MASK_N=N is None or N != BN, ITERATE=not rows, num_warps=nw)
-    return y, plan, A, Rn, Bv, Cn, rfin, tot
+            MASK_N=N is None or N != BN, ITERATE=not rows, num_warps=nw)
+    return y, plan, state
 
 
 def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
-                      log_q0: Optional[Tensor], paper: bool, y: Tensor, A: Tensor, Rn: Tensor,
-                      Bv: Tensor, Cn: Tensor, rfin: Tensor, tot: Tensor, grad_y: Tensor,
-                      grad_plan: Optional[Tensor], wrap=None):
+                      log_q0: Optional[Tensor], paper: bool, y: Tensor, state: Tensor,
+                      grad_y: Tensor, grad_plan: Optional[Tensor], wrap=None):
     """Launch the fused backward and the weight-table gradient (arguments as
     :func:`sinkhorn_forward`, plus its outputs).
 
@@ -195,23 +227,25 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
         grad_y: (B, D) gradient of y. grad_plan: gradient of the plan (x's shape) or None.
 
     Returns:
-        dx (like x, x's dtype), dlog_p0 (B, D) or None, dlog_q0 (like log_q0) or None,
-        dw (6, T) fp32 (zeros in the rows Sinkhorn does not read).
+        dx (like x, x's dtype) and dparams: one flat fp32 tensor holding dw (6, T) (zeros in the
+        rows Sinkhorn does not read), dlog_p0 and dlog_q0 where the priors are given; split it
+        with :func:`param_grad_views`. Three allocations (dx, dparams, scratch), none
+        initialised on the host.
     """
     B, N, D, NR, (sxb, sxn, sxd) = layout(x, ptr)
     T = w.shape[1]
-    f32 = dict(device=x.device, dtype=torch.float32)
-    dx = torch.zeros_like(x)
-    dlp0 = torch.zeros(B, D, **f32)
-    dlq0 = torch.zeros(NR, **f32)
-    # per-set partials of the weight gradient, folded by sinkhorn_wgrad_kernel
-    part = torch.zeros(4, B, T, **f32)
-    deps_fin = torch.zeros(B, **f32)
-    dw = torch.empty(6, T, **f32)
-    Rbar = torch.empty(B, T, D, **f32)
-    Cbar = torch.empty(T, NR, **f32)
-    abar = torch.empty(B, D, **f32)
-    bbar = torch.empty(NR, **f32)
+    A, Rn, Bv, Cn, rfin, tot = state_views(state, B, T, D, NR)
+    has_p0, has_q0 = log_p0 is not None, log_q0 is not None
+    dx = torch.empty_like(x)
+    dparams = torch.empty(param_grads_numel(B, T, D, NR, has_p0, has_q0), device=x.device,
+                          dtype=torch.float32)
+    dw, dlp0, dlq0 = param_grad_views(dparams, B, T, D, NR, has_p0, has_q0)
+    # per-set partials of the weight gradient (dk2, dk3, deps_rec, deps_x; deps_fin), folded
+    # by sinkhorn_wgrad_kernel, and the adjoints Rbar, Cbar, abar, bbar
+    scratch = torch.empty(4 * B * T + B + B * T * D + T * NR + B * D + NR, device=x.device,
+                          dtype=torch.float32)
+    part, deps_fin, Rbar, Cbar, abar, bbar = _carve(
+        scratch, [(4, B, T), (B,), (B, T, D), (T, NR), (B, D), (NR,)])
     g = grad_y.float().contiguous()
     has_gp = grad_plan is not None
     gp = grad_plan if has_gp else g
@@ -219,19 +253,21 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     sdb, sdn, sdd = _strides3(dx, ptr is not None)
     nw = num_warps_for(x, B)
     BN, BD, one_tile = bwd_config(D, N, nw)
-    lp0 = log_p0.float().contiguous() if log_p0 is not None else g
-    lq0 = log_q0.float().contiguous() if log_q0 is not None else g
+    lp0 = log_p0.float().contiguous() if has_p0 else g
+    lq0 = log_q0.float().contiguous() if has_q0 else g
     if B > 0 and D > 0:
         launcher(sinkhorn_bwd_kernel, wrap)[(B,)](
-            x, ptr if ptr is not None else g, _largest_first(ptr, g), sxb, sxn, sxd, N if N is not None else 0, D, T, NR,
-            -math.log2(D), w, lp0, lq0, A, Rn, Bv, Cn, rfin, tot, y,
-            g, gp, sgb, sgn, sgd, dx, sdb, sdn, sdd,
-            dlp0, dlq0, part[0], part[1], part[2], part[3], deps_fin, Rbar, Cbar, abar, bbar,
-            RAGGED=ptr is not None, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
+            x, ptr if ptr is not None else g, _largest_first(ptr, g), sxb, sxn, sxd,
+            N if N is not None else 0, D, T, NR, -math.log2(D), w, lp0, lq0, A, Rn, Bv, Cn, rfin,
+            tot, y, g, gp, sgb, sgn, sgd, dx, sdb, sdn, sdd,
+            dlp0 if has_p0 else g, dlq0 if has_q0 else g, part[0], part[1], part[2], part[3],
+            deps_fin, Rbar, Cbar, abar, bbar,
+            RAGGED=ptr is not None, HAS_P0=has_p0, HAS_Q0=has_q0,
             PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one_tile, BN=BN, BD=BD, BT=next_pow2(T),
             num_warps=nw)
+    elif has_q0:
+        dlq0.zero_()  # no kernel ran (D = 0): y does not depend on q0
     launcher(sinkhorn_wgrad_kernel, wrap)[(1,)](
-        w, part[0], part[1], part[2], part[3], deps_fin, dw, B, T, PAPER=paper,
+        w, part[0], part[1], part[2], part[3], deps_fin, dw, B if D > 0 else 0, T, PAPER=paper,
         BT=next_pow2(T), num_warps=1)
-    return (dx, dlp0 if log_p0 is not None else None,
-            dlq0.reshape(log_q0.shape) if log_q0 is not None else None, dw)
+    return dx, dparams
