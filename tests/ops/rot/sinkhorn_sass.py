@@ -64,8 +64,9 @@ def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = F
                   ONE_TILE_N=one, BN=BN, BD=BD, MASK_N=N is None or N != BN)
         return K.sinkhorn_fwd_kernel, ce
     BN, BD, one = L.bwd_config(D, N, num_warps)
+    BNX, BDX = L.dx_tile(D, N, num_warps)
     ce = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, PAPER=paper, HAS_GP=True, ONE_TILE_N=one,
-              BN=BN, BD=BD, BT=16)
+              BN=BN, BD=BD, BT=16, BNX=BNX, BDX=BDX)
     return K.sinkhorn_bwd_kernel, ce
 
 

@@ -272,6 +272,8 @@ def _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED: tl.constexpr):
 # every column LSE), a padded column a = -inf (so it drops out of every row LSE), and the loads
 # carry no mask at all: padded rows / features read a clamped (real) index (MASK_N: n_b < BN;
 # MASK_D: the last chunk when D % BD != 0). Logs are taken of the reduced [BD] / [BN] vectors.
+# (A row predicate instead of the clamp costs ~2 SASS instructions per element-iteration and
+# saves no HBM traffic: the clamped reads hit the cache lines of the last real row.)
 @triton.jit
 def _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D: tl.constexpr):
     """x[rows, od] as fp32 [BN, BD] without a mask: ``roff`` are the row offsets with padded
@@ -327,7 +329,7 @@ def _lean_paper_chunk(x_base, roff, sxd, bp, d0, D, s, ie, k2, lp0_b, lp0_u, A_p
     """One feature chunk of the eq. (18) iteration: R_d and a_t final, the row LSE of
     x s + a_{t-1} merged."""
     od = d0 + tl.arange(0, BD)
-    xs = _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D) * s   # [BN, BD]
+    xs = _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D) * s                # [BN, BD]
     r = _lean_col_lse(xs, bp)                                                  # [BD] Rn_t
     ap = _lean_vec(A_prev, od, D, float("-inf"), MASK_D)
     if HAS_P0:
@@ -392,7 +394,7 @@ def _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_pr
     """One feature chunk of an exact iteration with fixed shifts (see above); FIRST (t = 0, no
     previous plan): the column LSE takes its max, the row sums still accumulate."""
     od = d0 + tl.arange(0, BD)
-    xs = _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D) * s   # [BN, BD]
+    xs = _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D) * s                # [BN, BD]
     z = xs + bp[:, None]                                                       # [BN, BD]
     if MASK_D:
         dm = od < D
@@ -632,36 +634,50 @@ def sinkhorn_fwd_kernel(
 
 
 @triton.jit
-def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, A_cur, R_t, C_t, Cbar_t, B_prev, abar_b,
-                     add_init, BN: tl.constexpr, BD: tl.constexpr):
-    """Both matrix-vector products of one exact reverse iteration in ONE pass (BN >= n_b).
+def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
+                     abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b,
+                     HAS_P0: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """One exact reverse iteration after C̄ in ONE pass over x (BN >= n_b); returns dκ2 and
+    Σ ȳ_t ⊙ x (the x-scale's ε term, ȳ_t = S R̄ + Q C̄ elementwise: dx's term of iteration t).
 
-    ā_d = Σ_n Q[n, d] C̄_n is final per chunk; R̄_d = -κ2 ā_d - (1-κ2) softmax(u)_d Σā needs the
-    scalar Σā only, so b̄_n = Σ_d S[n, d] R̄_d = acc1_n - (1-κ2) Σā acc2_n with
-    acc1 = S (-κ2 ā), acc2 = S softmax(u) accumulated in the same sweep. Writes ā to abar."""
+    ā_d = Σ_n Q[n, d] C̄_n (+ the plan's ā when add_init) is final per chunk, and so is
+    R̄_d = -κ2 ā_d - (1-κ2) softmax(u)_d Σā, because Σā = ``sa`` is known before the pass
+    (Σ_d Q[n, d] = 1). Per chunk: R̄, the prior gradient and dκ2's terms; b̄_{t-1} = S R̄
+    (stored when need_b, t > 0) and Σ ȳ_t x accumulated elementwise in [BN, BD] register
+    tiles, reduced once (so the dx pass needs no reduction per tile and iteration).
+    No per-element mask: padded rows read a clamped real row and get C = +inf, b = -inf and
+    C̄ = 0; padded features a = -inf (so Q = softmax(u) = 0 there and ā = R̄ = 0)."""
     on = tl.arange(0, BN)
     nm = on < n_b
+    roff = _lean_row_offsets(on, n_b, sxn, True)                               # [BN]
     cb = tl.load(Cbar_t + on, mask=nm, other=0.0)                              # [BN]
-    cn = tl.load(C_t + on, mask=nm, other=0.0)
-    bp = tl.load(B_prev + on, mask=nm, other=0.0)
-    acc1 = tl.zeros([BN], tl.float32)
-    acc2 = tl.zeros([BN], tl.float32)
+    ncn = -tl.load(C_t + on, mask=nm, other=float("inf"))
+    bp = tl.load(B_prev + on, mask=nm, other=NEG_INF)
+    acc = tl.zeros([BN, BD], tl.float32)
+    acc_x = tl.zeros([BN, BD], tl.float32)
+    dk2 = tl.sum(tl.zeros([BD], tl.float32), axis=0)
     for d0 in range(0, D, BD):
         od = d0 + tl.arange(0, BD)
         dm = od < D
-        x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)                # [BN, BD]
+        x = _lean_load_chunk(x_base, roff, sxd, od, D, True)                  # [BN, BD]
         xs = x * s
-        ac = tl.load(A_cur + od, mask=dm, other=0.0)
+        ac = tl.load(A_cur + od, mask=dm, other=NEG_INF)                       # [BD]
         r = tl.load(R_t + od, mask=dm, other=0.0)
-        q = _prob2(tl.where(msk, xs + ac[None, :] - cn[:, None], NEG_INF))
+        q = _prob2(xs + ac[None, :] + ncn[:, None])
         ab = tl.sum(q * cb[:, None], axis=0)                                   # [BD] ā
         ab += tl.where(add_init != 0, tl.load(abar_b + od, mask=dm, other=0.0), 0.0)
-        tl.store(abar_b + od, ab, mask=dm)
-        smu = tl.where(dm, _prob2(ac + r), 0.0)
-        sm = _prob2(tl.where(msk, xs + bp[:, None] - r[None, :], NEG_INF))
-        acc1 += tl.sum(sm * (-k2 * ab)[None, :], axis=1)
-        acc2 += tl.sum(sm * smu[None, :], axis=1)
-    return acc1, acc2
+        ub = ab - _prob2(ac + r) * sa                                          # ū
+        rbar = -ab + (1.0 - k2) * ub                                           # R̄
+        tl.store(Rbar_t + od, rbar, mask=dm)
+        lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
+        if HAS_P0:
+            tl.store(dlp0_b + od, tl.load(dlp0_b + od, mask=dm, other=0.0) + k2 * ub, mask=dm)
+        dk2 += tl.sum(ub * (lp0 - r), axis=0)
+        sr = _prob2(xs + bp[:, None] - r[None, :]) * rbar[None, :]             # S R̄
+        acc += sr
+        acc_x += (sr + q * cb[:, None]) * x
+    tl.store(bbar_b + on, tl.sum(acc, axis=1), mask=on < n_b * need_b)
+    return dk2 * _LN2, tl.sum(tl.sum(acc_x, axis=1), axis=0)
 
 
 @triton.jit
@@ -704,7 +720,7 @@ def sinkhorn_bwd_kernel(
     Rbar_ptr, Cbar_ptr, abar_ptr, bbar_ptr,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
     HAS_GP: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    BT: tl.constexpr,
+    BT: tl.constexpr, BNX: tl.constexpr, BDX: tl.constexpr,
 ):
     """Exact gradient of the T unrolled iterations + pooling (+ plan) of one set per program.
 
@@ -883,6 +899,7 @@ def sinkhorn_bwd_kernel(
                 # b_t = v - LSE(v) - C_t, v = κ3 lq0 + (1-κ3) C_t; softmax(v) = 2^(b_t + C_t)
                 sb = _vec_sum(bbar_b, n_b, BN)
                 dk3 = tl.sum(tl.zeros([BN], tl.float32), axis=0)
+                scb = tl.sum(tl.zeros([BN], tl.float32), axis=0)
                 for n0 in range(0, n_b, BN):
                     on = n0 + tl.arange(0, BN)
                     nm = on < n_b
@@ -891,99 +908,118 @@ def sinkhorn_bwd_kernel(
                     c = tl.load(C_t + on, mask=nm, other=0.0)
                     lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
                     vb = tl.where(nm, bb - _prob2(bc + c) * sb, 0.0)          # v̄
-                    tl.store(Cbar_t + on, -bb + (1.0 - k3) * vb, mask=nm)      # C̄
+                    cbar = -bb + (1.0 - k3) * vb                               # C̄ (0 if padded)
+                    tl.store(Cbar_t + on, cbar, mask=nm)
+                    scb += tl.sum(cbar, axis=0)
                     if HAS_Q0:
                         old = tl.load(dlq0_ptr + row0 + on, mask=nm, other=0.0)
                         tl.store(dlq0_ptr + row0 + on, old + k3 * vb, mask=nm)
                     dk3 += tl.sum(vb * (lq0 - c), axis=0) * _LN2
                 tl.store(dk3_ptr + b * T + t, dk3)
                 tl.debug_barrier()
-                # C_t = LSE_d(x/ε_t + a_t): ā_t = Q_tᵀ C̄ (+ the plan's ā at t = T - 1)
-                if ONE_TILE_N:  # ... and the S-product terms of b̄_{t-1} in the same pass
-                    acc1, acc2 = _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, A_cur, R_t,
-                                                  C_t, Cbar_t, B_prev, abar_b,
-                                                  (t == T - 1).to(tl.int32), BN, BD)
+                if ONE_TILE_N:
+                    # C_t = LSE_d(x/ε_t + a_t): ā_t = Q_tᵀ C̄ (+ the plan's ā at t = T - 1), whose
+                    # sum is known now: Σ_d ā_d = Σ_n C̄_n (rows of Q sum to 1) [+ Σ plan's ā]
+                    sa = scb
+                    if t == T - 1:
+                        sa += _vec_sum(abar_b, D, BD)
+                    dk2, tx = _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t,
+                                               C_t, Cbar_t, B_prev, abar_b,
+                                               (t == T - 1).to(tl.int32), Rbar_t, bbar_b,
+                                               (t > 0).to(tl.int32), lp0_b, lp0_u,
+                                               dlp0_ptr + b * D, HAS_P0, BN, BD)
+                    e_inv = s * _LN2
+                    tl.store(deps_x_ptr + b * T + t, -tx * e_inv * e_inv)
+                    tl.store(dk2_ptr + b * T + t, dk2)
+                    tl.debug_barrier()
                 else:
                     _matvec_over_n(x_base, sxn, sxd, n_b, D, s, A_cur, C_t, Cbar_t, abar_b,
                                    (t == T - 1).to(tl.int32), BN, BD)
-                tl.debug_barrier()
-                # a_t = u - LSE(u) - R_t, u = κ2 lp0 + (1-κ2) R_t; softmax(u) = 2^(a_t + R_t)
-                sa = _vec_sum(abar_b, D, BD)
-                dk2 = tl.sum(tl.zeros([BD], tl.float32), axis=0)
-                for d0 in range(0, D, BD):
-                    od = d0 + tl.arange(0, BD)
-                    dm = od < D
-                    ab = tl.load(abar_b + od, mask=dm, other=0.0)
-                    ac = tl.load(A_cur + od, mask=dm, other=0.0)
-                    r = tl.load(R_t + od, mask=dm, other=0.0)
-                    lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
-                    ub = tl.where(dm, ab - _prob2(ac + r) * sa, 0.0)          # ū
-                    tl.store(Rbar_t + od, -ab + (1.0 - k2) * ub, mask=dm)      # R̄
-                    if HAS_P0:
-                        old = tl.load(dlp0_ptr + b * D + od, mask=dm, other=0.0)
-                        tl.store(dlp0_ptr + b * D + od, old + k2 * ub, mask=dm)
-                    dk2 += tl.sum(ub * (lp0 - r), axis=0) * _LN2
-                tl.store(dk2_ptr + b * T + t, dk2)
-                tl.debug_barrier()
-                if t > 0:
-                    # R_t = LSE_n(x/ε_t + b_{t-1}): b̄_{t-1} = S_t R̄
-                    if ONE_TILE_N:
-                        on = tl.arange(0, BN)
-                        tl.store(bbar_b + on, acc1 - (1.0 - k2) * sa * acc2, mask=on < n_b)
-                    else:
+                    tl.debug_barrier()
+                    # a_t = u - LSE(u) - R_t, u = κ2 lp0 + (1-κ2) R_t; softmax(u) = 2^(a_t + R_t)
+                    sa = _vec_sum(abar_b, D, BD)
+                    dk2 = tl.sum(tl.zeros([BD], tl.float32), axis=0)
+                    for d0 in range(0, D, BD):
+                        od = d0 + tl.arange(0, BD)
+                        dm = od < D
+                        ab = tl.load(abar_b + od, mask=dm, other=0.0)
+                        ac = tl.load(A_cur + od, mask=dm, other=0.0)
+                        r = tl.load(R_t + od, mask=dm, other=0.0)
+                        lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
+                        ub = tl.where(dm, ab - _prob2(ac + r) * sa, 0.0)      # ū
+                        tl.store(Rbar_t + od, -ab + (1.0 - k2) * ub, mask=dm)  # R̄
+                        if HAS_P0:
+                            old = tl.load(dlp0_ptr + b * D + od, mask=dm, other=0.0)
+                            tl.store(dlp0_ptr + b * D + od, old + k2 * ub, mask=dm)
+                        dk2 += tl.sum(ub * (lp0 - r), axis=0) * _LN2
+                    tl.store(dk2_ptr + b * T + t, dk2)
+                    tl.debug_barrier()
+                    if t > 0:
+                        # R_t = LSE_n(x/ε_t + b_{t-1}): b̄_{t-1} = S_t R̄
                         _matvec_over_d(x_base, sxn, sxd, n_b, D, s, B_prev, R_t, Rbar_t, bbar_b,
                                        0, BN, BD)
-                    tl.debug_barrier()
+                        tl.debug_barrier()
 
         # dx = Σ_t (S_t R̄_t + Q_t C̄_t)/ε(t) + g_d W (1 + (x - y_d)/ε_{T-1}) [+ plan term],
         # every softmax recomputed from x and the saved vectors; one write of dx per element.
+        # Its own [BNX, BDX] tile (launch.dx_tile): the pass is elementwise, and a square-ish
+        # tile loads far fewer per-row / per-column vectors per element for each t than the
+        # iterations' all-rows tile. No per-element mask: padded rows / features read a clamped
+        # real x and get -inf exponents through their vectors (b, -C: -inf; -R, a: -inf), and
+        # zero adjoints; only the store is masked.
         if PAPER:
             QOFF = 0
         else:
             QOFF = 1
+        # the exact one-tile reverse sweep already summed ȳ_t ⊙ x (deps_x)
+        TX_IN_SWEEP: tl.constexpr = ONE_TILE_N and not PAPER
         ot = tl.arange(0, BT)
         de_x = tl.zeros([BT], tl.float32)
-        de_fin = tl.sum(tl.zeros([BD], tl.float32), axis=0)
-        for n0 in range(0, n_b, BN):
-            on = n0 + tl.arange(0, BN)
+        de_fin = tl.sum(tl.zeros([BDX], tl.float32), axis=0)
+        for n0 in range(0, n_b, BNX):
+            on = n0 + tl.arange(0, BNX)
             nm = on < n_b
-            bb = tl.load(B_fin + on, mask=nm, other=0.0)
-            for d0 in range(0, D, BD):
-                od = d0 + tl.arange(0, BD)
+            roff = _lean_row_offsets(on, n_b, sxn, True)                       # [BNX]
+            bb = tl.load(B_fin + on, mask=nm, other=NEG_INF)
+            for d0 in range(0, D, BDX):
+                od = d0 + tl.arange(0, BDX)
                 dm = od < D
-                x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)        # [BN, BD]
-                rf = tl.load(rfin_b + od, mask=dm, other=0.0)
+                x = _lean_load_chunk(x_base, roff, sxd, od, D, True)          # [BNX, BDX]
+                rf = tl.load(rfin_b + od, mask=dm, other=float("inf"))
                 g = tl.load(g_ptr + b * D + od, mask=dm, other=0.0)
                 yd = tl.load(y_ptr + b * D + od, mask=dm, other=0.0)
-                w = _prob2(tl.where(msk, x * s_fin + bb[:, None] - rf[None, :], NEG_INF))
+                w = _prob2(x * s_fin + bb[:, None] - rf[None, :])
                 zb = g[None, :] * w * (x - yd[None, :])
                 if HAS_GP:
-                    a = tl.load(A_fin + od, mask=dm, other=0.0)
+                    msk = nm[:, None] & dm[None, :]
+                    a = tl.load(A_fin + od, mask=dm, other=NEG_INF)
                     gp = tl.load(gp_base + on[:, None] * sgn + od[None, :] * sgd, mask=msk,
                                  other=0.0).to(tl.float32)
-                    p = _prob2(tl.where(msk, x * s_fin + a[None, :] + bb[:, None] - tot, NEG_INF))
+                    p = _prob2(x * s_fin + a[None, :] + bb[:, None] - tot)
                     zb += p * (gp - pg)
-                dx = g[None, :] * w + zb * ie_fin                              # [BN, BD]
+                dx = g[None, :] * w + zb * ie_fin                              # [BNX, BDX]
                 de_fin -= tl.sum(tl.sum(zb * x, axis=1), axis=0) * (ie_fin * ie_fin)
                 for t in range(T):
                     s = _x_scale(w_ptr, T, t, PAPER)
                     e_inv = s * _LN2
-                    bp = tl.load(Bv_ptr + t * NR + row0 + on, mask=nm, other=0.0)
-                    cn = tl.load(Cn_ptr + t * NR + row0 + on, mask=nm, other=0.0)
+                    bp = tl.load(Bv_ptr + t * NR + row0 + on, mask=nm, other=NEG_INF)
+                    ncn = -tl.load(Cn_ptr + t * NR + row0 + on, mask=nm, other=float("inf"))
                     cb = tl.load(Cbar_ptr + t * NR + row0 + on, mask=nm, other=0.0)
-                    r = tl.load(Rn_b + t * D + od, mask=dm, other=0.0)
+                    nr = -tl.load(Rn_b + t * D + od, mask=dm, other=float("inf"))
                     rb = tl.load(Rbar_b + t * D + od, mask=dm, other=0.0)
-                    aq = tl.load(A_b + (t + QOFF) * D + od, mask=dm, other=0.0)
+                    aq = tl.load(A_b + (t + QOFF) * D + od, mask=dm, other=NEG_INF)
                     xs = x * s
-                    sm = _prob2(tl.where(msk, xs + bp[:, None] - r[None, :], NEG_INF))
-                    qm = _prob2(tl.where(msk, xs + aq[None, :] - cn[:, None], NEG_INF))
+                    sm = _prob2(xs + bp[:, None] + nr[None, :])
+                    qm = _prob2(xs + aq[None, :] + ncn[:, None])
                     term = sm * rb[None, :] + qm * cb[:, None]                 # ȳ_t
                     dx += term * e_inv
-                    tx = tl.sum(tl.sum(term * x, axis=1), axis=0)
-                    de_x += tl.where(ot == t, -tx * e_inv * e_inv, 0.0)
+                    if not TX_IN_SWEEP:
+                        tx = tl.sum(tl.sum(term * x, axis=1), axis=0)
+                        de_x += tl.where(ot == t, -tx * e_inv * e_inv, 0.0)
                 tl.store(dx_base + on[:, None] * sdn + od[None, :] * sdd,
-                         dx.to(dx_ptr.dtype.element_ty), mask=msk)
-        tl.store(deps_x_ptr + b * T + ot, de_x, mask=ot < T)
+                         dx.to(dx_ptr.dtype.element_ty), mask=nm[:, None] & dm[None, :])
+        if not TX_IN_SWEEP:
+            tl.store(deps_x_ptr + b * T + ot, de_x, mask=ot < T)
         tl.store(deps_fin_ptr + b, de_fin)
 
 

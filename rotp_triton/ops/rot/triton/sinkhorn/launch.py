@@ -64,6 +64,25 @@ def bwd_config(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
     return _config(D, N, BWD_ELEMS_PER_THREAD, num_warps)
 
 
+def dx_tile(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
+    """(BNX, BDX) of the backward's dx pass: the tile that minimises, per element of x, the
+    padded elements plus the per-row and per-column vectors it loads for every iteration t
+    (3 of each: b, C, C̄ and R, R̄, a), i.e. (padded N · padded D) · (1 + 3/BDX + 3/BNX); for a
+    ragged batch (N unknown) rows are taken as unpadded."""
+    tile = BWD_ELEMS_PER_THREAD * 32 * num_warps
+    best = None
+    for k in range(0, 8):
+        BDX = min(2 ** k, next_pow2(D))
+        BNX = max(tile // BDX, 1)
+        if N is not None:
+            BNX = min(BNX, next_pow2(max(N, 1)))
+        rows = cdiv(N, BNX) * BNX if N is not None else BNX
+        cost = rows * cdiv(D, BDX) * BDX * (1 + 3 / BDX + 3 / BNX)
+        if best is None or cost < best[0]:
+            best = (cost, BNX, BDX)
+    return best[1], best[2]
+
+
 def num_warps_for(x: Tensor, B: int) -> int:
     """One program per set: with fewer sets than about two per SM (W1: 50, W5: 128 sets) each
     program gets 8 warps to keep enough loads in flight; many small sets use 4."""
@@ -253,6 +272,7 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     sdb, sdn, sdd = _strides3(dx, ptr is not None)
     nw = num_warps_for(x, B)
     BN, BD, one_tile = bwd_config(D, N, nw)
+    BNX, BDX = dx_tile(D, N, nw)
     lp0 = log_p0.float().contiguous() if has_p0 else g
     lq0 = log_q0.float().contiguous() if has_q0 else g
     if B > 0 and D > 0:
@@ -264,7 +284,7 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
             deps_fin, Rbar, Cbar, abar, bbar,
             RAGGED=ptr is not None, HAS_P0=has_p0, HAS_Q0=has_q0,
             PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one_tile, BN=BN, BD=BD, BT=next_pow2(T),
-            num_warps=nw)
+            BNX=BNX, BDX=BDX, num_warps=nw)
     elif has_q0:
         dlq0.zero_()  # no kernel ran (D = 0): y does not depend on q0
     launcher(sinkhorn_wgrad_kernel, wrap)[(1,)](
