@@ -3,8 +3,8 @@ eq. 18); launchers in ``launch.py``.
 
 One program owns one set x_b (n_b samples × D features, rows = samples) and runs all T
 iterations, the pooling and (on request) the plan in one launch (ragged batches: largest set
-first); the backward is a second launch and a one-program launch folds the per-set weight
-gradients into the (6, T) table gradient. Tilings of the forward:
+first); the backward is a second launch, whose programs add their set's share of the (6, T)
+table gradient atomically. Tilings of the forward:
 
 - one tile over n (dense, N <= 512): all rows of a set in a [BN, BD] tile, feature chunks
   streamed, one pass over x per iteration without per-element masks or selects:
@@ -716,7 +716,7 @@ def sinkhorn_bwd_kernel(
     A_ptr, Rn_ptr, Bv_ptr, Cn_ptr, rfin_ptr, tot_ptr, y_ptr,
     g_ptr, gp_ptr, sgb, sgn, sgd,
     dx_ptr, sdb, sdn, sdd,
-    dlp0_ptr, dlq0_ptr, dk2_ptr, dk3_ptr, deps_rec_ptr, deps_x_ptr, deps_fin_ptr,
+    dlp0_ptr, dlq0_ptr, dw_ptr, dk2_ptr, dk3_ptr, deps_rec_ptr, deps_x_ptr,
     Rbar_ptr, Cbar_ptr, abar_ptr, bbar_ptr,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
     HAS_GP: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
@@ -725,31 +725,15 @@ def sinkhorn_bwd_kernel(
     """Exact gradient of the T unrolled iterations + pooling (+ plan) of one set per program.
 
     g: [B, D] fp32 gradient of y; gp: gradient of the plan (layout of the plan, HAS_GP).
-    Writes dx (x's layout), dlp0 [B, D], dlq0 [NR], dk2, dk3 [B, T] (natural units) and the
-    direct ε gradients: deps_rec [B, T] (paper's a/ε_t terms), deps_x [B, T] (term t of the
-    x-scale sc[t]), deps_fin [B] (the final log P, scale 1/ε_{T-1}).
-    Scratch: Rbar [B, T, D], Cbar [T, NR] (the adjoints of the LSEs), abar [B, D], bbar [NR].
-    Every output comes uninitialised: the zeros (prior gradients, an empty set's partials, the
-    exact variant's deps_rec) are written here.
+    Writes dx (x's layout; uninitialised before) and adds to dlp0 [B, D], dlq0 [NR] and the
+    weight-table gradient dw [6, T] (all zero before; dw by atomic adds, _add_weight_grad).
+    Scratch: the set's partials dk2, dk3 [B, T] (natural units) and direct ε gradients deps_rec
+    [B, T] (paper's a/ε_t terms), deps_x [B, T] (term t of the x-scale sc[t]); Rbar [B, T, D],
+    Cbar [T, NR] (the adjoints of the LSEs), abar [B, D], bbar [NR].
     """
     b = _set_of_program(order_ptr, RAGGED)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
-    if HAS_P0:
-        _fill(dlp0_ptr + b * D, D, 0.0, BD)
-    if HAS_Q0:
-        _fill(dlq0_ptr + row0, n_b, 0.0, BN)
-    if PAPER:
-        if n_b == 0:
-            _fill(deps_rec_ptr + b * T, T, 0.0, BT)
-    else:
-        _fill(deps_rec_ptr + b * T, T, 0.0, BT)
-    if n_b == 0:
-        _fill(dk2_ptr + b * T, T, 0.0, BT)
-        _fill(dk3_ptr + b * T, T, 0.0, BT)
-        _fill(deps_x_ptr + b * T, T, 0.0, BT)
-        tl.store(deps_fin_ptr + b, 0.0)
-    else:
-        tl.debug_barrier()
+    if n_b > 0:
         x_base = x_ptr + x_off
         A_b = A_ptr + b * (T + 1) * D
         Rn_b = Rn_ptr + b * T * D
@@ -1020,7 +1004,9 @@ def sinkhorn_bwd_kernel(
                          dx.to(dx_ptr.dtype.element_ty), mask=nm[:, None] & dm[None, :])
         if not TX_IN_SWEEP:
             tl.store(deps_x_ptr + b * T + ot, de_x, mask=ot < T)
-        tl.store(deps_fin_ptr + b, de_fin)
+        tl.debug_barrier()
+        _add_weight_grad(w_ptr, dw_ptr, T, dk2_ptr + b * T, dk3_ptr + b * T, deps_rec_ptr + b * T,
+                         deps_x_ptr + b * T, de_fin, PAPER, BT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1036,45 +1022,30 @@ def _dkappa(alpha, eps):
 
 
 @triton.jit
-def sinkhorn_wgrad_kernel(w_ptr, dk2_ptr, dk3_ptr, deps_rec_ptr, deps_x_ptr, deps_fin_ptr,
-                          dw_ptr, B, T, PAPER: tl.constexpr, BT: tl.constexpr):
-    """dw [6, T] from the per-set partials of the backward (one program; the partials are B × T).
-
-    dk2, dk3 [B, T]: gradients w.r.t. κ2_t, κ3_t; deps_rec [B, T]: direct ε_t terms; deps_x
-    [B, T]: term t of the x-scale (paper: it belongs to ε_{max(t-1, 0)}); deps_fin [B]: the
-    final log P's ε_{T-1}. Rows other than A1..A3 are written as zeros."""
+def _add_weight_grad(w_ptr, dw_ptr, T, dk2_b, dk3_b, deps_rec_b, deps_x_b, deps_fin,
+                     PAPER: tl.constexpr, BT: tl.constexpr):
+    """dw [6, T] += this set's share, by atomic adds (non-waiting: the programs of the launch
+    never wait on each other). dk2, dk3 [T]: gradients w.r.t. κ2_t, κ3_t; deps_rec [T]: the
+    paper's direct ε_t terms; deps_x [T]: term t of the x-scale (paper: it belongs to
+    ε_{max(t-1, 0)}); deps_fin: the final log P's ε_{T-1}. dw starts at zero, so the rows
+    Sinkhorn does not read stay zero."""
     ot = tl.arange(0, BT)
     tm = ot < T
-    g2 = tl.zeros([BT], tl.float32)
-    g3 = tl.zeros([BT], tl.float32)
-    ge = tl.zeros([BT], tl.float32)
-    for b in range(B):
-        row = b * T
-        g2 += tl.load(dk2_ptr + row + ot, mask=tm, other=0.0)
-        g3 += tl.load(dk3_ptr + row + ot, mask=tm, other=0.0)
-        ge += tl.load(deps_rec_ptr + row + ot, mask=tm, other=0.0)
-        if PAPER:
-            ge += tl.load(deps_x_ptr + row + ot + 1, mask=ot + 1 < T, other=0.0)
-            ge += tl.where(ot == 0, tl.load(deps_x_ptr + row), 0.0)
-        else:
-            ge += tl.load(deps_x_ptr + row + ot, mask=tm, other=0.0)
-        ge += tl.where(ot == T - 1, tl.load(deps_fin_ptr + b), 0.0)
+    g2 = tl.load(dk2_b + ot, mask=tm, other=0.0)
+    g3 = tl.load(dk3_b + ot, mask=tm, other=0.0)
+    if PAPER:
+        ge = tl.load(deps_rec_b + ot, mask=tm, other=0.0)
+        ge += tl.load(deps_x_b + ot + 1, mask=ot + 1 < T, other=0.0)
+        ge += tl.where(ot == 0, tl.load(deps_x_b), 0.0)
+    else:
+        ge = tl.load(deps_x_b + ot, mask=tm, other=0.0)
+    ge += tl.where(ot == T - 1, deps_fin, 0.0)
     eps = tl.load(w_ptr + _A1 * T + ot, mask=tm, other=1.0)
-    a2 = tl.load(w_ptr + _A2 * T + ot, mask=tm, other=1.0)
-    a3 = tl.load(w_ptr + _A3 * T + ot, mask=tm, other=1.0)
-    k2_a, k2_e = _dkappa(a2, eps)
-    k3_a, k3_e = _dkappa(a3, eps)
-    zero = tl.zeros([BT], tl.float32)
-    for r in tl.static_range(6):
-        if r == _A1:
-            v = ge + g2 * k2_e + g3 * k3_e
-        elif r == _A2:
-            v = g2 * k2_a
-        elif r == _A3:
-            v = g3 * k3_a
-        else:
-            v = zero
-        tl.store(dw_ptr + r * T + ot, v, mask=tm)
+    k2_a, k2_e = _dkappa(tl.load(w_ptr + _A2 * T + ot, mask=tm, other=1.0), eps)
+    k3_a, k3_e = _dkappa(tl.load(w_ptr + _A3 * T + ot, mask=tm, other=1.0), eps)
+    tl.atomic_add(dw_ptr + _A1 * T + ot, ge + g2 * k2_e + g3 * k3_e, mask=tm)
+    tl.atomic_add(dw_ptr + _A2 * T + ot, g2 * k2_a, mask=tm)
+    tl.atomic_add(dw_ptr + _A3 * T + ot, g3 * k3_a, mask=tm)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from torch import Tensor
 from ..common import cdiv, launcher, next_pow2, sm_count
 from .kernels import (sinkhorn_bwd_kernel, sinkhorn_fwd_kernel, sinkhorn_split_a_kernel,
                       sinkhorn_split_b_kernel, sinkhorn_split_col_kernel,
-                      sinkhorn_split_row_kernel, sinkhorn_wgrad_kernel)
+                      sinkhorn_split_row_kernel)
 
 # a dense set with at most this many rows is held in one [BN, BD] tile (one pass per iteration)
 ONE_TILE_MAX_N = 512
@@ -239,8 +239,7 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
 def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
                       log_q0: Optional[Tensor], paper: bool, y: Tensor, state: Tensor,
                       grad_y: Tensor, grad_plan: Optional[Tensor], wrap=None):
-    """Launch the fused backward and the weight-table gradient (arguments as
-    :func:`sinkhorn_forward`, plus its outputs).
+    """Launch the fused backward (arguments as :func:`sinkhorn_forward`, plus its outputs).
 
     Args:
         grad_y: (B, D) gradient of y. grad_plan: gradient of the plan (x's shape) or None.
@@ -248,23 +247,22 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     Returns:
         dx (like x, x's dtype) and dparams: one flat fp32 tensor holding dw (6, T) (zeros in the
         rows Sinkhorn does not read), dlog_p0 and dlog_q0 where the priors are given; split it
-        with :func:`param_grad_views`. Three allocations (dx, dparams, scratch), none
-        initialised on the host.
+        with :func:`param_grad_views`. Three allocations (dx, dparams zeroed: the kernel adds
+        each set's share; scratch) and one launch.
     """
     B, N, D, NR, (sxb, sxn, sxd) = layout(x, ptr)
     T = w.shape[1]
     A, Rn, Bv, Cn, rfin, tot = state_views(state, B, T, D, NR)
     has_p0, has_q0 = log_p0 is not None, log_q0 is not None
     dx = torch.empty_like(x)
-    dparams = torch.empty(param_grads_numel(B, T, D, NR, has_p0, has_q0), device=x.device,
+    dparams = torch.zeros(param_grads_numel(B, T, D, NR, has_p0, has_q0), device=x.device,
                           dtype=torch.float32)
     dw, dlp0, dlq0 = param_grad_views(dparams, B, T, D, NR, has_p0, has_q0)
-    # per-set partials of the weight gradient (dk2, dk3, deps_rec, deps_x; deps_fin), folded
-    # by sinkhorn_wgrad_kernel, and the adjoints Rbar, Cbar, abar, bbar
-    scratch = torch.empty(4 * B * T + B + B * T * D + T * NR + B * D + NR, device=x.device,
+    # per-set partials of the weight gradient (dk2, dk3, deps_rec, deps_x) and the adjoints
+    # Rbar, Cbar, abar, bbar
+    scratch = torch.empty(4 * B * T + B * T * D + T * NR + B * D + NR, device=x.device,
                           dtype=torch.float32)
-    part, deps_fin, Rbar, Cbar, abar, bbar = _carve(
-        scratch, [(4, B, T), (B,), (B, T, D), (T, NR), (B, D), (NR,)])
+    part, Rbar, Cbar, abar, bbar = _carve(scratch, [(4, B, T), (B, T, D), (T, NR), (B, D), (NR,)])
     g = grad_y.float().contiguous()
     has_gp = grad_plan is not None
     gp = grad_plan if has_gp else g
@@ -280,14 +278,9 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
             x, ptr if ptr is not None else g, _largest_first(ptr, g), sxb, sxn, sxd,
             N if N is not None else 0, D, T, NR, -math.log2(D), w, lp0, lq0, A, Rn, Bv, Cn, rfin,
             tot, y, g, gp, sgb, sgn, sgd, dx, sdb, sdn, sdd,
-            dlp0 if has_p0 else g, dlq0 if has_q0 else g, part[0], part[1], part[2], part[3],
-            deps_fin, Rbar, Cbar, abar, bbar,
+            dlp0 if has_p0 else g, dlq0 if has_q0 else g, dw, part[0], part[1], part[2],
+            part[3], Rbar, Cbar, abar, bbar,
             RAGGED=ptr is not None, HAS_P0=has_p0, HAS_Q0=has_q0,
             PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one_tile, BN=BN, BD=BD, BT=next_pow2(T),
             BNX=BNX, BDX=BDX, num_warps=nw)
-    elif has_q0:
-        dlq0.zero_()  # no kernel ran (D = 0): y does not depend on q0
-    launcher(sinkhorn_wgrad_kernel, wrap)[(1,)](
-        w, part[0], part[1], part[2], part[3], deps_fin, dw, B if D > 0 else 0, T, PAPER=paper,
-        BT=next_pow2(T), num_warps=1)
     return dx, dparams
