@@ -176,6 +176,40 @@ def test_ragged_priors_exact():
              ["x", "a1", "a2", "a3", "p0", "q0"])
 
 
+@pytest.mark.parametrize("variant", ["exact", "paper"])
+@pytest.mark.parametrize("ragged", [False, True], ids=["dense", "ragged_with_empty"])
+def test_backward_dx_tiles_with_edges(variant, ragged, monkeypatch):
+    """The backward's dx pass on forced [2, 4] tiles (``launch.dx_tile``): several row blocks
+    and feature chunks per set, a partial last block of each, no per-element mask (clamped
+    reads, -inf exponents); with priors and a plan. Ragged: sizes 3, 0, 5, so the empty set's
+    prior gradient must come out zero (the parameter gradients start at zero, nothing is added
+    for it)."""
+    from rotp_triton.ops.rot.triton.sinkhorn import launch
+    monkeypatch.setattr(launch, "dx_tile", lambda D_, N_, nw=4: (2, 4))
+    gen = torch.Generator().manual_seed(16)
+    D, T = 6, 3
+    a1, a2, a3 = _weights(T, gen, inf_a2=True)
+    if ragged:
+        sizes = [3, 0, 5]
+        ptr = _ragged_ptr(sizes)
+        x = torch.randn(sum(sizes), D, generator=gen)
+        q0 = torch.rand(sum(sizes), generator=gen) + 0.1
+        B = len(sizes)
+    else:
+        ptr = None
+        B, N = 2, 5
+        x = torch.randn(B, N, D, generator=gen)
+        q0 = torch.rand(B, N, generator=gen) + 0.1
+    p0 = torch.rand(B, D, generator=gen) + 0.1
+    cy = torch.randn(B, D, generator=gen)
+    cp = torch.randn(x.shape, generator=gen)
+    args = (x, ptr, variant, T, a1, a2, a3, p0, q0, cy, cp)
+    k = _run_kernel(*args)
+    _compare(k, _run_reference(*args), RTOL[torch.float32], ["x", "a1", "a2", "a3", "p0", "q0"])
+    if ragged:
+        assert float(k[2][4][1].abs().max()) == 0.0  # dp0 of the empty set
+
+
 @pytest.mark.parametrize("shape", [(3, 1, 4), (2, 6, 1), (1, 1, 1)])
 @pytest.mark.usefixtures("forward_iteration")
 def test_degenerate_shapes(shape):
