@@ -634,11 +634,71 @@ def sinkhorn_fwd_kernel(
 
 
 @triton.jit
+def _dx_pool_term(x, on, nm, od, dm, B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base,
+                  sgn, sgd, tot, pg, HAS_GP: tl.constexpr):
+    """dx's term of the pooling (and plan) adjoint on one [BN, BD] tile of x, and z̄ ⊙ x (the
+    final log P's ε term): z̄ = g_d W (x - y_d) [+ P (G - <P,G>)], W = softmax_n, dx = g_d W +
+    z̄/ε_{T-1}. No mask: padded rows / features get -inf exponents (b, -rfin, a) and g = 0."""
+    bb = tl.load(B_fin + on, mask=nm, other=NEG_INF)                           # [BN]
+    rf = tl.load(rfin_b + od, mask=dm, other=float("inf"))                     # [BD]
+    g = tl.load(g_b + od, mask=dm, other=0.0)
+    yd = tl.load(y_b + od, mask=dm, other=0.0)
+    w = _prob2(x * s_fin + bb[:, None] - rf[None, :])
+    zb = g[None, :] * w * (x - yd[None, :])
+    if HAS_GP:
+        a = tl.load(A_fin + od, mask=dm, other=NEG_INF)
+        gp = tl.load(gp_base + on[:, None] * sgn + od[None, :] * sgd,
+                     mask=nm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+        p = _prob2(x * s_fin + a[None, :] + bb[:, None] - tot)
+        zb += p * (gp - pg)
+    return g[None, :] * w + zb * ie_fin, zb * x
+
+
+@triton.jit
+def _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, t_lo, T, NR, row0, D, w_ptr, Bv_ptr,
+                        Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, PAPER: tl.constexpr,
+                        TX: tl.constexpr, BT: tl.constexpr):
+    """dx += Σ_{t_lo <= t < T} ȳ_t/ε(t), ȳ_t = S_t R̄_t + Q_t C̄_t, on one tile of x (softmaxes
+    recomputed from the saved vectors); TX: de_x [BT] -= Σ ȳ_t ⊙ x/ε(t)² per t. Padded rows /
+    features: -inf exponents (b, -C; -R, a) and zero adjoints."""
+    if PAPER:
+        QOFF = 0
+    else:
+        QOFF = 1
+    ot = tl.arange(0, BT)
+    for t in range(t_lo, T):
+        s = _x_scale(w_ptr, T, t, PAPER)
+        e_inv = s * _LN2
+        bp = tl.load(Bv_ptr + t * NR + row0 + on, mask=nm, other=NEG_INF)
+        ncn = -tl.load(Cn_ptr + t * NR + row0 + on, mask=nm, other=float("inf"))
+        cb = tl.load(Cbar_ptr + t * NR + row0 + on, mask=nm, other=0.0)
+        nr = -tl.load(Rn_b + t * D + od, mask=dm, other=float("inf"))
+        rb = tl.load(Rbar_b + t * D + od, mask=dm, other=0.0)
+        aq = tl.load(A_b + (t + QOFF) * D + od, mask=dm, other=NEG_INF)
+        xs = x * s
+        sm = _prob2(xs + bp[:, None] + nr[None, :])
+        qm = _prob2(xs + aq[None, :] + ncn[:, None])
+        term = sm * rb[None, :] + qm * cb[:, None]                             # ȳ_t
+        dx += term * e_inv
+        if TX:
+            tx = tl.sum(tl.sum(term * x, axis=1), axis=0)
+            de_x += tl.where(ot == t, -tx * e_inv * e_inv, 0.0)
+    return dx, de_x
+
+
+@triton.jit
 def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
                      abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b,
-                     HAS_P0: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """One exact reverse iteration after C̄ in ONE pass over x (BN >= n_b); returns dκ2 and
-    Σ ȳ_t ⊙ x (the x-scale's ε term, ȳ_t = S R̄ + Q C̄ elementwise: dx's term of iteration t).
+                     dxa, HAS_P0: tl.constexpr, HAS_GP: tl.constexpr, DX: tl.constexpr,
+                     BN: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+    """One exact reverse iteration after C̄ in ONE pass over x (BN >= n_b); returns dκ2,
+    Σ ȳ_t ⊙ x (the x-scale's ε term, ȳ_t = S R̄ + Q C̄ elementwise: dx's term of iteration t)
+    and, with DX (t = 0), the final log P's ε term.
+
+    DX: this last sweep (t = 0) also writes dx, tile by tile, instead of a separate pass over x
+    (launch.fuse_dx: when the tile is wide enough that the per-row / per-column vectors of the
+    iterations t >= 1 cost less than re-reading x); its ȳ_0 is the one computed here. ``dxa``
+    is the tuple of what the dx terms read (see sinkhorn_bwd_kernel).
 
     ā_d = Σ_n Q[n, d] C̄_n (+ the plan's ā when add_init) is final per chunk, and so is
     R̄_d = -κ2 ā_d - (1-κ2) softmax(u)_d Σā, because Σā = ``sa`` is known before the pass
@@ -655,7 +715,10 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
     bp = tl.load(B_prev + on, mask=nm, other=NEG_INF)
     acc = tl.zeros([BN, BD], tl.float32)
     acc_x = tl.zeros([BN, BD], tl.float32)
+    acc_fin = tl.zeros([BN, BD], tl.float32)
     dk2 = tl.sum(tl.zeros([BD], tl.float32), axis=0)
+    (B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base, sgn, sgd, tot, pg, T, NR, row0,
+     w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd) = dxa
     for d0 in range(0, D, BD):
         od = d0 + tl.arange(0, BD)
         dm = od < D
@@ -675,9 +738,24 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
         dk2 += tl.sum(ub * (lp0 - r), axis=0)
         sr = _prob2(xs + bp[:, None] - r[None, :]) * rbar[None, :]             # S R̄
         acc += sr
-        acc_x += (sr + q * cb[:, None]) * x
+        y_t = sr + q * cb[:, None]                                             # ȳ_t
+        acc_x += y_t * x
+        if DX:
+            dx, zbx = _dx_pool_term(x, on, nm, od, dm, B_fin, rfin_b, g_b, y_b, s_fin, ie_fin,
+                                    A_fin, gp_base, sgn, sgd, tot, pg, HAS_GP)
+            acc_fin += zbx
+            dx += y_t * (s * _LN2)
+            dx, _ = _dx_iteration_terms(x, dx, tl.zeros([BT], tl.float32), on, nm, od, dm, 1,
+                                        T, NR, row0, D, w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b,
+                                        Rbar_b, A_b, False, False, BT)
+            tl.store(dx_base + on[:, None] * sdn + od[None, :] * sdd,
+                     dx.to(dx_base.dtype.element_ty), mask=nm[:, None] & dm[None, :])
     tl.store(bbar_b + on, tl.sum(acc, axis=1), mask=on < n_b * need_b)
-    return dk2 * _LN2, tl.sum(tl.sum(acc_x, axis=1), axis=0)
+    if DX:
+        de_fin = -tl.sum(tl.sum(acc_fin, axis=1), axis=0) * (ie_fin * ie_fin)
+    else:
+        de_fin = tl.sum(tl.sum(acc_fin, axis=1), axis=0)
+    return dk2 * _LN2, tl.sum(tl.sum(acc_x, axis=1), axis=0), de_fin
 
 
 @triton.jit
@@ -720,7 +798,7 @@ def sinkhorn_bwd_kernel(
     Rbar_ptr, Cbar_ptr, abar_ptr, bbar_ptr,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
     HAS_GP: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    BT: tl.constexpr, BNX: tl.constexpr, BDX: tl.constexpr,
+    BT: tl.constexpr, BNX: tl.constexpr, BDX: tl.constexpr, FUSE_DX: tl.constexpr = False,
 ):
     """Exact gradient of the T unrolled iterations + pooling (+ plan) of one set per program.
 
@@ -812,6 +890,15 @@ def sinkhorn_bwd_kernel(
                     acc += tl.sum(p * (gp - pg), axis=0)
             tl.store(abar_b + od, acc, mask=dm)
         tl.debug_barrier()
+
+        # the exact one-tile reverse sweep sums ȳ_t ⊙ x itself (deps_x); FUSED_DX: its last
+        # pass (t = 0) writes dx too (dxa: what the dx terms read)
+        TX_IN_SWEEP: tl.constexpr = ONE_TILE_N and not PAPER
+        FUSED_DX: tl.constexpr = FUSE_DX and ONE_TILE_N and not PAPER
+        dxa = (B_fin, rfin_b, g_ptr + b * D, y_ptr + b * D, s_fin, ie_fin, A_fin, gp_base, sgn,
+               sgd, tot, pg, T, NR, row0, w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b,
+               dx_base, sdn, sdd)
+        de_fin = tl.sum(tl.zeros([BD], tl.float32), axis=0)
 
         # reverse sweep over the iterations: only vectors (adjoints of a, b, R, C) are carried
         for i in range(T):
@@ -907,11 +994,17 @@ def sinkhorn_bwd_kernel(
                     sa = scb
                     if t == T - 1:
                         sa += _vec_sum(abar_b, D, BD)
-                    dk2, tx = _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t,
-                                               C_t, Cbar_t, B_prev, abar_b,
-                                               (t == T - 1).to(tl.int32), Rbar_t, bbar_b,
-                                               (t > 0).to(tl.int32), lp0_b, lp0_u,
-                                               dlp0_ptr + b * D, HAS_P0, BN, BD)
+                    last = (t == T - 1).to(tl.int32)
+                    if t > 0:
+                        dk2, tx, _ = _exact_bwd_sweep(
+                            x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
+                            abar_b, last, Rbar_t, bbar_b, 1, lp0_b, lp0_u,
+                            dlp0_ptr + b * D, dxa, HAS_P0, HAS_GP, False, BN, BD, BT)
+                    else:
+                        dk2, tx, de_fin = _exact_bwd_sweep(
+                            x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
+                            abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
+                            dlp0_ptr + b * D, dxa, HAS_P0, HAS_GP, FUSED_DX, BN, BD, BT)
                     e_inv = s * _LN2
                     tl.store(deps_x_ptr + b * T + t, -tx * e_inv * e_inv)
                     tl.store(dk2_ptr + b * T + t, dk2)
@@ -945,65 +1038,33 @@ def sinkhorn_bwd_kernel(
                         tl.debug_barrier()
 
         # dx = Σ_t (S_t R̄_t + Q_t C̄_t)/ε(t) + g_d W (1 + (x - y_d)/ε_{T-1}) [+ plan term],
-        # every softmax recomputed from x and the saved vectors; one write of dx per element.
-        # Its own [BNX, BDX] tile (launch.dx_tile): the pass is elementwise, and a square-ish
-        # tile loads far fewer per-row / per-column vectors per element for each t than the
-        # iterations' all-rows tile. No per-element mask: padded rows / features read a clamped
-        # real x and get -inf exponents through their vectors (b, -C: -inf; -R, a: -inf), and
-        # zero adjoints; only the store is masked.
-        if PAPER:
-            QOFF = 0
-        else:
-            QOFF = 1
-        # the exact one-tile reverse sweep already summed ȳ_t ⊙ x (deps_x)
-        TX_IN_SWEEP: tl.constexpr = ONE_TILE_N and not PAPER
-        ot = tl.arange(0, BT)
-        de_x = tl.zeros([BT], tl.float32)
-        de_fin = tl.sum(tl.zeros([BDX], tl.float32), axis=0)
-        for n0 in range(0, n_b, BNX):
-            on = n0 + tl.arange(0, BNX)
-            nm = on < n_b
-            roff = _lean_row_offsets(on, n_b, sxn, True)                       # [BNX]
-            bb = tl.load(B_fin + on, mask=nm, other=NEG_INF)
-            for d0 in range(0, D, BDX):
-                od = d0 + tl.arange(0, BDX)
-                dm = od < D
-                x = _lean_load_chunk(x_base, roff, sxd, od, D, True)          # [BNX, BDX]
-                rf = tl.load(rfin_b + od, mask=dm, other=float("inf"))
-                g = tl.load(g_ptr + b * D + od, mask=dm, other=0.0)
-                yd = tl.load(y_ptr + b * D + od, mask=dm, other=0.0)
-                w = _prob2(x * s_fin + bb[:, None] - rf[None, :])
-                zb = g[None, :] * w * (x - yd[None, :])
-                if HAS_GP:
-                    msk = nm[:, None] & dm[None, :]
-                    a = tl.load(A_fin + od, mask=dm, other=NEG_INF)
-                    gp = tl.load(gp_base + on[:, None] * sgn + od[None, :] * sgd, mask=msk,
-                                 other=0.0).to(tl.float32)
-                    p = _prob2(x * s_fin + a[None, :] + bb[:, None] - tot)
-                    zb += p * (gp - pg)
-                dx = g[None, :] * w + zb * ie_fin                              # [BNX, BDX]
-                de_fin -= tl.sum(tl.sum(zb * x, axis=1), axis=0) * (ie_fin * ie_fin)
-                for t in range(T):
-                    s = _x_scale(w_ptr, T, t, PAPER)
-                    e_inv = s * _LN2
-                    bp = tl.load(Bv_ptr + t * NR + row0 + on, mask=nm, other=NEG_INF)
-                    ncn = -tl.load(Cn_ptr + t * NR + row0 + on, mask=nm, other=float("inf"))
-                    cb = tl.load(Cbar_ptr + t * NR + row0 + on, mask=nm, other=0.0)
-                    nr = -tl.load(Rn_b + t * D + od, mask=dm, other=float("inf"))
-                    rb = tl.load(Rbar_b + t * D + od, mask=dm, other=0.0)
-                    aq = tl.load(A_b + (t + QOFF) * D + od, mask=dm, other=NEG_INF)
-                    xs = x * s
-                    sm = _prob2(xs + bp[:, None] + nr[None, :])
-                    qm = _prob2(xs + aq[None, :] + ncn[:, None])
-                    term = sm * rb[None, :] + qm * cb[:, None]                 # ȳ_t
-                    dx += term * e_inv
-                    if not TX_IN_SWEEP:
-                        tx = tl.sum(tl.sum(term * x, axis=1), axis=0)
-                        de_x += tl.where(ot == t, -tx * e_inv * e_inv, 0.0)
-                tl.store(dx_base + on[:, None] * sdn + od[None, :] * sdd,
-                         dx.to(dx_ptr.dtype.element_ty), mask=nm[:, None] & dm[None, :])
-        if not TX_IN_SWEEP:
-            tl.store(deps_x_ptr + b * T + ot, de_x, mask=ot < T)
+        # every softmax recomputed from x and the saved vectors; one write of dx per element
+        # (FUSED_DX: written by the t = 0 sweep). Its own [BNX, BDX] tile (launch.dx_tile):
+        # the pass is elementwise, and a square-ish tile loads far fewer per-row / per-column
+        # vectors per element for each t than the iterations' all-rows tile.
+        if not FUSED_DX:
+            ot = tl.arange(0, BT)
+            de_x = tl.zeros([BT], tl.float32)
+            for n0 in range(0, n_b, BNX):
+                on = n0 + tl.arange(0, BNX)
+                nm = on < n_b
+                roff = _lean_row_offsets(on, n_b, sxn, True)                   # [BNX]
+                for d0 in range(0, D, BDX):
+                    od = d0 + tl.arange(0, BDX)
+                    dm = od < D
+                    x = _lean_load_chunk(x_base, roff, sxd, od, D, True)      # [BNX, BDX]
+                    dx, zbx = _dx_pool_term(x, on, nm, od, dm, B_fin, rfin_b, g_ptr + b * D,
+                                            y_ptr + b * D, s_fin, ie_fin, A_fin, gp_base, sgn,
+                                            sgd, tot, pg, HAS_GP)
+                    de_fin -= tl.sum(tl.sum(zbx, axis=1), axis=0) * (ie_fin * ie_fin)
+                    # (the exact one-tile reverse sweep already summed ȳ_t ⊙ x: deps_x)
+                    dx, de_x = _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, 0, T, NR, row0,
+                                                   D, w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b,
+                                                   Rbar_b, A_b, PAPER, not TX_IN_SWEEP, BT)
+                    tl.store(dx_base + on[:, None] * sdn + od[None, :] * sdd,
+                             dx.to(dx_ptr.dtype.element_ty), mask=nm[:, None] & dm[None, :])
+            if not TX_IN_SWEEP:
+                tl.store(deps_x_ptr + b * T + ot, de_x, mask=ot < T)
         tl.debug_barrier()
         _add_weight_grad(w_ptr, dw_ptr, T, dk2_ptr + b * T, dk3_ptr + b * T, deps_rec_ptr + b * T,
                          deps_x_ptr + b * T, de_fin, PAPER, BT)

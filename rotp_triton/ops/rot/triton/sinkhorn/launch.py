@@ -83,6 +83,17 @@ def dx_tile(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
     return best[1], best[2]
 
 
+def fuse_dx(T: int, BN: int, BD: int, BNX: int, BDX: int, one_tile: bool, paper: bool) -> bool:
+    """Write dx in the last reverse sweep (exact, one tile per set) instead of a separate pass:
+    it saves one read of x (1 float per element) and recomputing ȳ_0, but the sweep's [BN, BD]
+    tile loads the per-row / per-column vectors of the iterations t >= 1 (3 of each) - a win
+    when (T - 1)(3/BD + 3/BN) < 1 + T (3/BDX + 3/BNX) floats per element (W2's wide tiles:
+    yes; W1's 512 × 4: no)."""
+    if not one_tile or paper:
+        return False
+    return (T - 1) * (3 / BD + 3 / BN) < 1 + T * (3 / BDX + 3 / BNX)
+
+
 def num_warps_for(x: Tensor, B: int) -> int:
     """One program per set: with fewer sets than about two per SM (W1: 50, W5: 128 sets) each
     program gets 8 warps to keep enough loads in flight; many small sets use 4."""
@@ -271,6 +282,7 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     nw = num_warps_for(x, B)
     BN, BD, one_tile = bwd_config(D, N, nw)
     BNX, BDX = dx_tile(D, N, nw)
+    fused = fuse_dx(T, BN, BD, BNX, BDX, one_tile, paper)
     lp0 = log_p0.float().contiguous() if has_p0 else g
     lq0 = log_q0.float().contiguous() if has_q0 else g
     if B > 0 and D > 0:
@@ -282,5 +294,5 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
             part[3], Rbar, Cbar, abar, bbar,
             RAGGED=ptr is not None, HAS_P0=has_p0, HAS_Q0=has_q0,
             PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one_tile, BN=BN, BD=BD, BT=next_pow2(T),
-            BNX=BNX, BDX=BDX, num_warps=nw)
+            BNX=BNX, BDX=BDX, FUSE_DX=fused, num_warps=nw)
     return dx, dparams
