@@ -67,7 +67,7 @@ def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = F
     BNX, BDX = L.dx_tile(D, N, num_warps)
     ce = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, PAPER=paper, HAS_GP=True, ONE_TILE_N=one,
               BN=BN, BD=BD, BT=16, BNX=BNX, BDX=BDX,
-              FUSE_DX=L.fuse_dx(16, BN, BD, BNX, BDX, one, paper))
+              FUSE_DX=L.fuse_dx(BN, BD, BNX, BDX, one, paper))
     return K.sinkhorn_bwd_kernel, ce
 
 

@@ -83,15 +83,15 @@ def dx_tile(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
     return best[1], best[2]
 
 
-def fuse_dx(T: int, BN: int, BD: int, BNX: int, BDX: int, one_tile: bool, paper: bool) -> bool:
+def fuse_dx(BN: int, BD: int, BNX: int, BDX: int, one_tile: bool, paper: bool) -> bool:
     """Write dx in the last reverse sweep (exact, one tile per set) instead of a separate pass:
-    it saves one read of x (1 float per element) and recomputing ȳ_0, but the sweep's [BN, BD]
-    tile loads the per-row / per-column vectors of the iterations t >= 1 (3 of each) - a win
-    when (T - 1)(3/BD + 3/BN) < 1 + T (3/BDX + 3/BNX) floats per element (W2's wide tiles:
-    yes; W1's 512 × 4: no)."""
+    that saves one read of x and recomputing ȳ_0, and costs nothing more when the sweep's
+    [BN, BD] tile loads no more per-row / per-column vectors per element for each iteration
+    (3 of each) than the dx pass's [BNX, BDX] tile: 3/BD + 3/BN <= 3/BDX + 3/BNX (W2's 64 × 32:
+    yes; W1's 512 × 4: no). Independent of T, so that every T takes the same path."""
     if not one_tile or paper:
         return False
-    return (T - 1) * (3 / BD + 3 / BN) < 1 + T * (3 / BDX + 3 / BNX)
+    return 3 / BD + 3 / BN <= 3 / BDX + 3 / BNX
 
 
 def num_warps_for(x: Tensor, B: int) -> int:
@@ -282,7 +282,7 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     nw = num_warps_for(x, B)
     BN, BD, one_tile = bwd_config(D, N, nw)
     BNX, BDX = dx_tile(D, N, nw)
-    fused = fuse_dx(T, BN, BD, BNX, BDX, one_tile, paper)
+    fused = fuse_dx(BN, BD, BNX, BDX, one_tile, paper)
     lp0 = log_p0.float().contiguous() if has_p0 else g
     lq0 = log_q0.float().contiguous() if has_q0 else g
     if B > 0 and D > 0:
