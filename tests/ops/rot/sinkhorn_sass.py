@@ -73,13 +73,14 @@ def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = F
 
 # the launcher configurations compiled by the AOT test: (which, variant, x dtype, warps)
 # fwd / bwd: streamed tiles (ragged, D = 2048); fwd1 / bwd1: one tile per set (dense N = 49);
-# split_*: the split-set launches at W1's shape
+# split_*: the split-set launches at W1's shape; dx: the row-block dx launch at W1's shape
 AOT_CONFIGS = [("fwd", "exact", "bf16", 8), ("fwd", "paper", "fp32", 4),
                ("fwd1", "exact", "fp32", 8), ("fwd1", "paper", "bf16", 4),
                ("bwd", "exact", "fp32", 4), ("bwd", "paper", "fp16", 8),
                ("bwd1", "exact", "bf16", 8), ("bwd1", "paper", "fp32", 4),
                ("split_col", "exact", "bf16", 8), ("split_a", "exact", "fp32", 4),
-               ("split_row", "exact", "fp32", 8), ("split_b", "exact", "fp32", 1)]
+               ("split_row", "exact", "fp32", 8), ("split_b", "exact", "fp32", 1),
+               ("dx", "exact", "bf16", 8), ("dx", "paper", "fp32", 4)]
 
 
 def split_config(which: str, N: int, D: int, num_warps: int) -> tuple:
@@ -95,7 +96,19 @@ def split_config(which: str, N: int, D: int, num_warps: int) -> tuple:
             "split_b": (K.sinkhorn_split_b_kernel, dict(BN=rows, BJ=L.next_pow2(NB)))}[which]
 
 
+def dx_config(variant: str, N: int, D: int, num_warps: int) -> tuple:
+    """(kernel, constexprs) of the row-block dx launch (launch.split_dx) for N rows, D features."""
+    BNX, BDX = L.dx_tile(D, N, num_warps)
+    one = L.bwd_config(D, N, num_warps)[2]
+    return K.sinkhorn_dx_kernel, dict(PAPER=variant == "paper", HAS_GP=True,
+                                      TX=not (one and variant == "exact"), BNX=BNX, BDX=BDX,
+                                      BT=16)
+
+
 def compile_config(which, variant, xdt, nw):
+    if which == "dx":  # W1's shape
+        kern, ce = dx_config(variant, 500, 100, nw)
+        return compile_sm90(kern, signature(kern, ce, xdt), ce, num_warps=nw)
     if which.startswith("split"):  # W1's shape
         kern, ce = split_config(which, 500, 100, nw)
         return compile_sm90(kern, signature(kern, ce, xdt), ce, num_warps=nw)

@@ -178,19 +178,23 @@ def test_ragged_priors_exact():
 
 @pytest.mark.parametrize("variant", ["exact", "paper"])
 @pytest.mark.parametrize("ragged", [False, True], ids=["dense", "ragged_with_empty"])
-@pytest.mark.parametrize("fused", [False, True], ids=["dx_pass", "dx_in_sweep"])
-def test_backward_dx_tiles_with_edges(variant, ragged, fused, monkeypatch):
-    """The backward's dx pass on forced [2, 4] tiles (``launch.dx_tile``): several row blocks
-    and feature chunks per set, a partial last block of each, no per-element mask (clamped
-    reads, -inf exponents); or (``fused``, dense exact only: ``launch.fuse_dx``) dx written by
-    the last reverse sweep. With priors and a plan. Ragged: sizes 3, 0, 5, so the empty set's
-    prior gradient must come out zero (the parameter gradients start at zero, nothing is added
-    for it)."""
+@pytest.mark.parametrize("dx_by", ["pass", "split", "sweep"])
+def test_backward_dx_tiles_with_edges(variant, ragged, dx_by, monkeypatch):
+    """The backward's dx on forced [2, 4] tiles (``launch.dx_tile``): several row blocks and
+    feature chunks per set, a partial last block of each, no per-element mask (clamped reads,
+    -inf exponents), written by the backward kernel's own pass, by the row-block launch
+    (``split``, dense only: ``launch.split_dx``, ε terms by atomic adds) or by the last reverse
+    sweep (``sweep``, dense exact only: ``launch.fuse_dx``). With priors and a plan. Ragged:
+    sizes 3, 0, 5, so the empty set's prior gradient must come out zero (the parameter
+    gradients start at zero, nothing is added for it)."""
     from rotp_triton.ops.rot.triton.sinkhorn import launch
-    if fused and (ragged or variant == "paper"):
+    if dx_by == "sweep" and (ragged or variant == "paper"):
         pytest.skip("dx is written by the reverse sweep only for dense exact batches")
+    if dx_by == "split" and ragged:
+        pytest.skip("the row-block dx launch is for dense batches")
     monkeypatch.setattr(launch, "dx_tile", lambda D_, N_, nw=4: (2, 4))
-    monkeypatch.setattr(launch, "fuse_dx", lambda *args: fused)
+    monkeypatch.setattr(launch, "fuse_dx", lambda *args: dx_by == "sweep")
+    monkeypatch.setattr(launch, "split_dx", lambda *args: dx_by == "split")
     gen = torch.Generator().manual_seed(16)
     D, T = 6, 3
     a1, a2, a3 = _weights(T, gen, inf_a2=True)

@@ -687,6 +687,31 @@ def _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, t_lo, T, NR, row0, D, w_ptr
 
 
 @triton.jit
+def _dx_rows(x_base, sxn, sxd, on, nm, n_b, D, dxa, de_x, PAPER: tl.constexpr,
+             HAS_GP: tl.constexpr, TX: tl.constexpr, BDX: tl.constexpr, BT: tl.constexpr):
+    """dx of the rows ``on`` (a [BNX] block, ``nm`` the real ones) of one set, feature chunk by
+    chunk; returns this block's share of the final log P's ε term and de_x (TX: the per-t ε
+    terms added). ``dxa``: what the dx terms read (see sinkhorn_bwd_kernel)."""
+    (B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base, sgn, sgd, tot, pg, T, NR, row0,
+     w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd) = dxa
+    roff = _lean_row_offsets(on, n_b, sxn, True)                               # [BNX]
+    de_fin = tl.sum(tl.zeros([BDX], tl.float32), axis=0)
+    for d0 in range(0, D, BDX):
+        od = d0 + tl.arange(0, BDX)
+        dm = od < D
+        x = _lean_load_chunk(x_base, roff, sxd, od, D, True)                  # [BNX, BDX]
+        dx, zbx = _dx_pool_term(x, on, nm, od, dm, B_fin, rfin_b, g_b, y_b, s_fin, ie_fin,
+                                A_fin, gp_base, sgn, sgd, tot, pg, HAS_GP)
+        de_fin -= tl.sum(tl.sum(zbx, axis=1), axis=0) * (ie_fin * ie_fin)
+        dx, de_x = _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, 0, T, NR, row0, D, w_ptr,
+                                       Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, PAPER, TX,
+                                       BT)
+        tl.store(dx_base + on[:, None] * sdn + od[None, :] * sdd,
+                 dx.to(dx_base.dtype.element_ty), mask=nm[:, None] & dm[None, :])
+    return de_fin, de_x
+
+
+@triton.jit
 def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
                      abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b,
                      dxa, HAS_P0: tl.constexpr, HAS_GP: tl.constexpr, DX: tl.constexpr,
@@ -795,10 +820,11 @@ def sinkhorn_bwd_kernel(
     g_ptr, gp_ptr, sgb, sgn, sgd,
     dx_ptr, sdb, sdn, sdd,
     dlp0_ptr, dlq0_ptr, dw_ptr, dk2_ptr, dk3_ptr, deps_rec_ptr, deps_x_ptr,
-    Rbar_ptr, Cbar_ptr, abar_ptr, bbar_ptr,
+    Rbar_ptr, Cbar_ptr, abar_ptr, bbar_ptr, pg_ptr,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
     HAS_GP: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     BT: tl.constexpr, BNX: tl.constexpr, BDX: tl.constexpr, FUSE_DX: tl.constexpr = False,
+    SPLIT_DX: tl.constexpr = False,
 ):
     """Exact gradient of the T unrolled iterations + pooling (+ plan) of one set per program.
 
@@ -894,7 +920,7 @@ def sinkhorn_bwd_kernel(
         # the exact one-tile reverse sweep sums ȳ_t ⊙ x itself (deps_x); FUSED_DX: its last
         # pass (t = 0) writes dx too (dxa: what the dx terms read)
         TX_IN_SWEEP: tl.constexpr = ONE_TILE_N and not PAPER
-        FUSED_DX: tl.constexpr = FUSE_DX and ONE_TILE_N and not PAPER
+        FUSED_DX: tl.constexpr = FUSE_DX and ONE_TILE_N and not PAPER and not SPLIT_DX
         dxa = (B_fin, rfin_b, g_ptr + b * D, y_ptr + b * D, s_fin, ie_fin, A_fin, gp_base, sgn,
                sgd, tot, pg, T, NR, row0, w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b,
                dx_base, sdn, sdd)
@@ -1042,32 +1068,68 @@ def sinkhorn_bwd_kernel(
         # (FUSED_DX: written by the t = 0 sweep). Its own [BNX, BDX] tile (launch.dx_tile):
         # the pass is elementwise, and a square-ish tile loads far fewer per-row / per-column
         # vectors per element for each t than the iterations' all-rows tile.
-        if not FUSED_DX:
-            ot = tl.arange(0, BT)
+        ot = tl.arange(0, BT)
+        if SPLIT_DX:
+            # dx by sinkhorn_dx_kernel (row blocks over all SMs), which adds its ε terms to dw
+            # itself; pg for its plan term
+            tl.store(pg_ptr + b, pg)
+            if not TX_IN_SWEEP:
+                tl.store(deps_x_ptr + b * T + ot, tl.zeros([BT], tl.float32), mask=ot < T)
+        elif not FUSED_DX:
             de_x = tl.zeros([BT], tl.float32)
             for n0 in range(0, n_b, BNX):
                 on = n0 + tl.arange(0, BNX)
-                nm = on < n_b
-                roff = _lean_row_offsets(on, n_b, sxn, True)                   # [BNX]
-                for d0 in range(0, D, BDX):
-                    od = d0 + tl.arange(0, BDX)
-                    dm = od < D
-                    x = _lean_load_chunk(x_base, roff, sxd, od, D, True)      # [BNX, BDX]
-                    dx, zbx = _dx_pool_term(x, on, nm, od, dm, B_fin, rfin_b, g_ptr + b * D,
-                                            y_ptr + b * D, s_fin, ie_fin, A_fin, gp_base, sgn,
-                                            sgd, tot, pg, HAS_GP)
-                    de_fin -= tl.sum(tl.sum(zbx, axis=1), axis=0) * (ie_fin * ie_fin)
-                    # (the exact one-tile reverse sweep already summed ȳ_t ⊙ x: deps_x)
-                    dx, de_x = _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, 0, T, NR, row0,
-                                                   D, w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b,
-                                                   Rbar_b, A_b, PAPER, not TX_IN_SWEEP, BT)
-                    tl.store(dx_base + on[:, None] * sdn + od[None, :] * sdd,
-                             dx.to(dx_ptr.dtype.element_ty), mask=nm[:, None] & dm[None, :])
+                # (the exact one-tile reverse sweep already summed ȳ_t ⊙ x: deps_x)
+                dfp, de_x = _dx_rows(x_base, sxn, sxd, on, on < n_b, n_b, D, dxa, de_x, PAPER,
+                                     HAS_GP, not TX_IN_SWEEP, BDX, BT)
+                de_fin += dfp
             if not TX_IN_SWEEP:
                 tl.store(deps_x_ptr + b * T + ot, de_x, mask=ot < T)
         tl.debug_barrier()
         _add_weight_grad(w_ptr, dw_ptr, T, dk2_ptr + b * T, dk3_ptr + b * T, deps_rec_ptr + b * T,
                          deps_x_ptr + b * T, de_fin, PAPER, BT)
+
+
+# --------------------------------------------------------------------------------------------
+# dx of a dense batch over row blocks (launch.split_dx)
+# --------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["sxn", "sxd"])
+def sinkhorn_dx_kernel(
+    x_ptr, sxb, sxn, sxd, N, D, T, NR,
+    w_ptr, A_ptr, Rn_ptr, Bv_ptr, Cn_ptr, rfin_ptr, tot_ptr, y_ptr,
+    g_ptr, gp_ptr, sgb, sgn, sgd, dx_ptr, sdb, sdn, sdd,
+    Rbar_ptr, Cbar_ptr, pg_ptr, dw_ptr,
+    PAPER: tl.constexpr, HAS_GP: tl.constexpr, TX: tl.constexpr, BNX: tl.constexpr,
+    BDX: tl.constexpr, BT: tl.constexpr,
+):
+    """dx of rows [j BNX, (j + 1) BNX) of set b (grid (B, cdiv(N, BNX))), from the vectors the
+    backward kernel saved (it ran first, with SPLIT_DX): the dx pass spread over every SM where
+    one program per set leaves most idle (W1: 50 sets). Adds its ε terms to dw [6, T] by atomic
+    adds (the final log P's to ε_{T-1}; TX: ȳ_t ⊙ x's to ε_t, paper ε_{max(t-1, 0)})."""
+    b = tl.program_id(0).to(tl.int64)
+    on = tl.program_id(1) * BNX + tl.arange(0, BNX)
+    row0 = b * N
+    ie_fin = _inv_eps(w_ptr, T, T - 1)
+    if HAS_GP:
+        tot = tl.load(tot_ptr + b)
+        pg = tl.load(pg_ptr + b)
+    else:
+        tot = 0.0
+        pg = 0.0
+    dxa = (Bv_ptr + T * NR + row0, rfin_ptr + b * D, g_ptr + b * D, y_ptr + b * D,
+           ie_fin * _LOG2E, ie_fin, A_ptr + b * (T + 1) * D + T * D, gp_ptr + b * sgb, sgn, sgd,
+           tot, pg, T, NR, row0, w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_ptr + b * T * D,
+           Rbar_ptr + b * T * D, A_ptr + b * (T + 1) * D, dx_ptr + b * sdb, sdn, sdd)
+    de_fin, de_x = _dx_rows(x_ptr + b * sxb, sxn, sxd, on, on < N, N, D, dxa,
+                            tl.zeros([BT], tl.float32), PAPER, HAS_GP, TX, BDX, BT)
+    tl.atomic_add(dw_ptr + _A1 * T + T - 1, de_fin)
+    if TX:
+        ot = tl.arange(0, BT)
+        if PAPER:  # (one address per lane: term 0 goes to ε_0 in a second add)
+            tl.atomic_add(dw_ptr + _A1 * T + ot - 1, de_x, mask=(ot >= 1) & (ot < T))
+            tl.atomic_add(dw_ptr + _A1 * T, tl.sum(tl.where(ot == 0, de_x, 0.0), axis=0))
+        else:
+            tl.atomic_add(dw_ptr + _A1 * T + ot, de_x, mask=ot < T)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from ..common import cdiv, launcher, next_pow2, sm_count
-from .kernels import (sinkhorn_bwd_kernel, sinkhorn_fwd_kernel, sinkhorn_split_a_kernel,
+from .kernels import (sinkhorn_bwd_kernel, sinkhorn_dx_kernel, sinkhorn_fwd_kernel,
+                      sinkhorn_split_a_kernel,
                       sinkhorn_split_b_kernel, sinkhorn_split_col_kernel,
                       sinkhorn_split_row_kernel)
 
@@ -92,6 +93,14 @@ def fuse_dx(BN: int, BD: int, BNX: int, BDX: int, one_tile: bool, paper: bool) -
     if not one_tile or paper:
         return False
     return 3 / BD + 3 / BN <= 3 / BDX + 3 / BNX
+
+
+def split_dx(x: Tensor, B: int, N: Optional[int], fused: bool) -> bool:
+    """dx of a dense batch by its own launch over row blocks (kernels.sinkhorn_dx_kernel) when
+    there are fewer sets than SMs: the one-program-per-set backward leaves SMs idle, and the dx
+    pass is elementwise. Not when the last reverse sweep writes dx (``fused``) or for ragged
+    batches (row blocks per set would need the largest set's size on the host)."""
+    return N is not None and not fused and B < sm_count(x.device)
 
 
 def num_warps_for(x: Tensor, B: int) -> int:
@@ -271,9 +280,10 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     dw, dlp0, dlq0 = param_grad_views(dparams, B, T, D, NR, has_p0, has_q0)
     # per-set partials of the weight gradient (dk2, dk3, deps_rec, deps_x) and the adjoints
     # Rbar, Cbar, abar, bbar
-    scratch = torch.empty(4 * B * T + B * T * D + T * NR + B * D + NR, device=x.device,
+    scratch = torch.empty(4 * B * T + B * T * D + T * NR + B * D + NR + B, device=x.device,
                           dtype=torch.float32)
-    part, Rbar, Cbar, abar, bbar = _carve(scratch, [(4, B, T), (B, T, D), (T, NR), (B, D), (NR,)])
+    part, Rbar, Cbar, abar, bbar, pg = _carve(
+        scratch, [(4, B, T), (B, T, D), (T, NR), (B, D), (NR,), (B,)])
     g = grad_y.float().contiguous()
     has_gp = grad_plan is not None
     gp = grad_plan if has_gp else g
@@ -283,6 +293,7 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     BN, BD, one_tile = bwd_config(D, N, nw)
     BNX, BDX = dx_tile(D, N, nw)
     fused = fuse_dx(BN, BD, BNX, BDX, one_tile, paper)
+    split = split_dx(x, B, N, fused)
     lp0 = log_p0.float().contiguous() if has_p0 else g
     lq0 = log_q0.float().contiguous() if has_q0 else g
     if B > 0 and D > 0:
@@ -291,8 +302,14 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
             N if N is not None else 0, D, T, NR, -math.log2(D), w, lp0, lq0, A, Rn, Bv, Cn, rfin,
             tot, y, g, gp, sgb, sgn, sgd, dx, sdb, sdn, sdd,
             dlp0 if has_p0 else g, dlq0 if has_q0 else g, dw, part[0], part[1], part[2],
-            part[3], Rbar, Cbar, abar, bbar,
+            part[3], Rbar, Cbar, abar, bbar, pg,
             RAGGED=ptr is not None, HAS_P0=has_p0, HAS_Q0=has_q0,
             PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one_tile, BN=BN, BD=BD, BT=next_pow2(T),
-            BNX=BNX, BDX=BDX, FUSE_DX=fused, num_warps=nw)
+            BNX=BNX, BDX=BDX, FUSE_DX=fused, SPLIT_DX=split, num_warps=nw)
+        if split:
+            launcher(sinkhorn_dx_kernel, wrap)[(B, cdiv(N, BNX))](
+                x, sxb, sxn, sxd, N, D, T, NR, w, A, Rn, Bv, Cn, rfin, tot, y, g, gp, sgb, sgn,
+                sgd, dx, sdb, sdn, sdd, Rbar, Cbar, pg, dw, PAPER=paper, HAS_GP=has_gp,
+                TX=not (one_tile and not paper), BNX=BNX, BDX=BDX, BT=next_pow2(T),
+                num_warps=nw)
     return dx, dparams
