@@ -68,6 +68,8 @@ def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = F
     ce = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, PAPER=paper, HAS_GP=True, ONE_TILE_N=one,
               BN=BN, BD=BD, BT=16, BNX=BNX, BDX=BDX,
               FUSE_DX=L.fuse_dx(BN, BD, BNX, BDX, one, paper))
+    # dense with dx not in the sweep: the few-sets case (dx by its own launch) is compiled
+    ce["SPLIT_DX"] = not ragged and not ce["FUSE_DX"]
     return K.sinkhorn_bwd_kernel, ce
 
 
