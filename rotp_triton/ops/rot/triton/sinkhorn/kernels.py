@@ -4,7 +4,9 @@ eq. 18); launchers in ``launch.py``.
 One program owns one set x_b (n_b samples × D features, rows = samples) and runs all T
 iterations, the pooling and (on request) the plan in one launch (ragged batches: largest set
 first); the backward is a second launch, whose programs add their set's share of the (6, T)
-table gradient atomically. Tilings of the forward:
+table gradient atomically, and for a dense batch with fewer sets than SMs a third one writes dx
+over row blocks (``sinkhorn_dx_kernel``; otherwise the backward's own pass or, for wide tiles,
+its last reverse sweep writes it). Tilings of the forward:
 
 - one tile over n (dense, N <= 512): all rows of a set in a [BN, BD] tile, feature chunks
   streamed, one pass over x per iteration without per-element masks or selects:

@@ -86,13 +86,14 @@ def dx_tile(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
 
 def fuse_dx(BN: int, BD: int, BNX: int, BDX: int, one_tile: bool, paper: bool) -> bool:
     """Write dx in the last reverse sweep (exact, one tile per set) instead of a separate pass:
-    that saves one read of x and recomputing ȳ_0, and costs nothing more when the sweep's
-    [BN, BD] tile loads no more per-row / per-column vectors per element for each iteration
-    (3 of each) than the dx pass's [BNX, BDX] tile: 3/BD + 3/BN <= 3/BDX + 3/BNX (W2's 64 × 32:
-    yes; W1's 512 × 4: no). Independent of T, so that every T takes the same path."""
+    that saves one read of x and recomputing ȳ_0 (2 exp2 per element), and costs the extra
+    per-row / per-column vectors (3 of each per iteration) that the sweep's [BN, BD] tile loads
+    per element beyond the dx pass's [BNX, BDX] tile: fused while 3/BD + 3/BN is at most 1.5×
+    3/BDX + 3/BNX (W2's 64 × 32 (8 warps) or 64 × 16 (4): yes; W1's 512 × 4: 3.6×, no).
+    Independent of T, so that every T takes the same path."""
     if not one_tile or paper:
         return False
-    return 3 / BD + 3 / BN <= 3 / BDX + 3 / BNX
+    return 3 / BD + 3 / BN <= 1.5 * (3 / BDX + 3 / BNX)
 
 
 def split_dx(x: Tensor, B: int, N: Optional[int], fused: bool) -> bool:
