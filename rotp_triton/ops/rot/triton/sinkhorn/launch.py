@@ -249,7 +249,8 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
             _split_iterations(x, B, N, D, NR, (sxb, sxn, sxd), w, lp0, lq0, log_p0 is not None,
                               log_q0 is not None, A, Rn, Bv, Cn, rows, nw, wrap)
         launcher(sinkhorn_fwd_kernel, wrap)[(B,)](
-            x, ptr if ptr is not None else y, _largest_first(ptr, y), sxb, sxn, sxd, N if N is not None else 0, D, T, NR,
+            x, ptr if ptr is not None else y, _largest_first(ptr, y), sxb, sxn, sxd,
+            N if N is not None else 0, D, T, NR,
             -math.log2(D), w, lp0, lq0, A, Rn, Bv, Cn, rfin, tot, y, plan, spb, spn, spd,
             RAGGED=ptr is not None, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
             PAPER=paper, RETURN_PLAN=return_plan, ONE_TILE_N=one_tile, BN=BN, BD=BD,
