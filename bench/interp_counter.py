@@ -71,9 +71,15 @@ def count_kernel_work(out: list | None = None):
         return f
 
     def atomic(name):
-        def f(self, ptr, *a, **k):
-            v = saved[name](self, ptr, *a, **k)
-            n = int(np.size(ptr.data))
+        def f(self, *a, **k):
+            v = saved[name](self, *a, **k)
+            # create_atomic_rmw(op, ptr, val, mask, ...), create_atomic_cas(ptr, cmp, val, ...)
+            if name == "create_atomic_rmw":
+                ptr, mask = a[1], a[3]
+                n = int(np.count_nonzero(mask.data))
+            else:
+                ptr = a[0]
+                n = int(np.size(ptr.data))
             cur().load_bytes += nbytes(ptr.get_element_ty(), n)
             cur().store_bytes += nbytes(ptr.get_element_ty(), n)
             return v

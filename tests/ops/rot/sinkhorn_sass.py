@@ -4,7 +4,7 @@ spill usage, and the instruction mix of the innermost loop (PERF.md, "Measuring 
 Run WITHOUT ``TRITON_INTERPRET`` (``tests/ops/rot/test_sinkhorn.py`` runs it in a subprocess):
 
     python tests/ops/rot/sinkhorn_sass.py usage fwd1 exact fp32 8     # REG / LOCAL of one config
-    python tests/ops/rot/sinkhorn_sass.py loop W1 exact v2            # innermost-loop counts
+    python tests/ops/rot/sinkhorn_sass.py loop W1 exact               # innermost-loop counts
 
 Workloads: W1 = 50 × 500 × 100 dense contiguous fp32, W2 = x (256, 2048, 7, 7) viewed as
 (256, 49, 2048) (``.flatten(2).transpose(1, 2)``). The numbers are read from SASS, not timed.
@@ -55,32 +55,34 @@ def signature(kernel, constexprs: dict, xdt: str) -> dict:
     return sig
 
 
-def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = False,
-           lean: bool = None) -> tuple:
-    """(kernel, constexprs) the launcher would use for this shape (``lean``: the v2 forward
-    iteration; default: what the launcher uses now)."""
+def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = False) -> tuple:
+    """(kernel, constexprs) the launcher would use for this shape."""
     paper = variant == "paper"
     if which.startswith("fwd"):
         BN, BD, one = L.fwd_config(D, N, num_warps)
         ce = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, PAPER=paper, RETURN_PLAN=True,
-                  ONE_TILE_N=one, BN=BN, BD=BD,
-                  LEAN=L.LEAN_FORWARD if lean is None else lean, MASK_N=N is None or N != BN)
+                  ONE_TILE_N=one, BN=BN, BD=BD, MASK_N=N is None or N != BN)
         return K.sinkhorn_fwd_kernel, ce
     BN, BD, one = L.bwd_config(D, N, num_warps)
+    BNX, BDX = L.dx_tile(D, N, num_warps)
     ce = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, PAPER=paper, HAS_GP=True, ONE_TILE_N=one,
-              BN=BN, BD=BD, BT=16)
+              BN=BN, BD=BD, BT=16, BNX=BNX, BDX=BDX,
+              FUSE_DX=L.fuse_dx(BN, BD, BNX, BDX, one, paper))
+    # dense with dx not in the sweep: the few-sets case (dx by its own launch) is compiled
+    ce["SPLIT_DX"] = not ragged and not ce["FUSE_DX"]
     return K.sinkhorn_bwd_kernel, ce
 
 
 # the launcher configurations compiled by the AOT test: (which, variant, x dtype, warps)
 # fwd / bwd: streamed tiles (ragged, D = 2048); fwd1 / bwd1: one tile per set (dense N = 49);
-# split_*: the split-set launches at W1's shape
+# split_*: the split-set launches at W1's shape; dx: the row-block dx launch at W1's shape
 AOT_CONFIGS = [("fwd", "exact", "bf16", 8), ("fwd", "paper", "fp32", 4),
                ("fwd1", "exact", "fp32", 8), ("fwd1", "paper", "bf16", 4),
                ("bwd", "exact", "fp32", 4), ("bwd", "paper", "fp16", 8),
                ("bwd1", "exact", "bf16", 8), ("bwd1", "paper", "fp32", 4),
                ("split_col", "exact", "bf16", 8), ("split_a", "exact", "fp32", 4),
-               ("split_row", "exact", "fp32", 8), ("split_b", "exact", "fp32", 1)]
+               ("split_row", "exact", "fp32", 8), ("split_b", "exact", "fp32", 1),
+               ("dx", "exact", "bf16", 8), ("dx", "paper", "fp32", 4)]
 
 
 def split_config(which: str, N: int, D: int, num_warps: int) -> tuple:
@@ -96,7 +98,19 @@ def split_config(which: str, N: int, D: int, num_warps: int) -> tuple:
             "split_b": (K.sinkhorn_split_b_kernel, dict(BN=rows, BJ=L.next_pow2(NB)))}[which]
 
 
+def dx_config(variant: str, N: int, D: int, num_warps: int) -> tuple:
+    """(kernel, constexprs) of the row-block dx launch (launch.split_dx) for N rows, D features."""
+    BNX, BDX = L.dx_tile(D, N, num_warps)
+    one = L.bwd_config(D, N, num_warps)[2]
+    return K.sinkhorn_dx_kernel, dict(PAPER=variant == "paper", HAS_GP=True,
+                                      TX=not (one and variant == "exact"), BNX=BNX, BDX=BDX,
+                                      BT=16)
+
+
 def compile_config(which, variant, xdt, nw):
+    if which == "dx":  # W1's shape
+        kern, ce = dx_config(variant, 500, 100, nw)
+        return compile_sm90(kern, signature(kern, ce, xdt), ce, num_warps=nw)
     if which.startswith("split"):  # W1's shape
         kern, ce = split_config(which, 500, 100, nw)
         return compile_sm90(kern, signature(kern, ce, xdt), ce, num_warps=nw)
@@ -209,16 +223,16 @@ def compile_like_jit(kernel, sig: dict, constexprs: dict, ints: dict, num_warps:
     return triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": 3})
 
 
-def loop_report(name: str, variant: str, lean: bool) -> str:
+def loop_report(name: str, variant: str) -> str:
     """The forward's innermost-loop counts per element-iteration for workload ``name``."""
     wl = WORKLOADS[name]
     nw = 8 if wl["B"] < 2 * 132 else 4  # launch.num_warps_for on an H100 (132 SMs)
-    kern, ce = config("fwd1", variant, wl["N"], wl["D"], nw, lean=lean)
+    kern, ce = config("fwd1", variant, wl["N"], wl["D"], nw)
     c = compile_like_jit(kern, signature(kern, ce, wl["xdt"]), ce, wl["ints"], nw)
     regs, local = usage(c)
     loops = [lp for lp in innermost_loops(sass(c)) if lp["mufu"] > 0]
     elems = ce["BN"] * ce["BD"] / (32 * nw)  # x elements per thread per trip of a tile loop
-    lines = [f"{name} {variant} {'v2' if lean else 'v1'}: BN={ce['BN']} BD={ce['BD']} warps={nw} regs={regs} "
+    lines = [f"{name} {variant}: BN={ce['BN']} BD={ce['BD']} warps={nw} regs={regs} "
              f"spill bytes={local} elements/thread/trip={elems:g}"]
     for lp in loops:
         top = ", ".join(f"{k} {v}" for k, v in sorted(lp["ops"].items(), key=lambda kv: -kv[1])[:10])
@@ -236,4 +250,4 @@ if __name__ == "__main__":
         regs, local = usage(compile_config(which, variant, xdt, nw))
         print("USAGE", which, variant, xdt, nw, regs, local)
     else:
-        print(loop_report(sys.argv[2], sys.argv[3], sys.argv[4] == "v2"))
+        print(loop_report(sys.argv[2], sys.argv[3]))

@@ -103,14 +103,12 @@ def _compare(k, r, tol, names):
         assert e <= tol, f"grad {name}: {e:.3g}"
 
 
-@pytest.fixture(params=["v1", "v2", "split"])
+@pytest.fixture(params=["one_program", "split"])
 def forward_iteration(request, monkeypatch):
-    """Run the test with the v1 one-sweep forward iteration, the lean v2 one
-    (``launch.LEAN_FORWARD``) and the split-set launches with blocks of 2 rows (dense exact
-    batches; ``launch.SPLIT_ROWS``, so that the cross-program combine runs on small shapes):
-    all must give the reference's results."""
+    """Run the test with one program per set and with the split-set launches with blocks of 2
+    rows (dense exact batches; ``launch.SPLIT_ROWS``, so that the cross-program combine runs on
+    small shapes): both must give the reference's results."""
     from rotp_triton.ops.rot.triton.sinkhorn import launch
-    monkeypatch.setattr(launch, "LEAN_FORWARD", request.param != "v1")
     monkeypatch.setattr(launch, "SPLIT_ROWS", 2 if request.param == "split" else None)
     return request.param
 
@@ -178,6 +176,49 @@ def test_ragged_priors_exact():
              ["x", "a1", "a2", "a3", "p0", "q0"])
 
 
+@pytest.mark.parametrize("variant", ["exact", "paper"])
+@pytest.mark.parametrize("ragged", [False, True], ids=["dense", "ragged_with_empty"])
+@pytest.mark.parametrize("dx_by", ["pass", "split", "sweep"])
+def test_backward_dx_tiles_with_edges(variant, ragged, dx_by, monkeypatch):
+    """The backward's dx on forced [2, 4] tiles (``launch.dx_tile``): several row blocks and
+    feature chunks per set, a partial last block of each, no per-element mask (clamped reads,
+    -inf exponents), written by the backward kernel's own pass, by the row-block launch
+    (``split``, dense only: ``launch.split_dx``, ε terms by atomic adds) or by the last reverse
+    sweep (``sweep``, dense exact only: ``launch.fuse_dx``). With priors and a plan. Ragged:
+    sizes 3, 0, 5, so the empty set's prior gradient must come out zero (the parameter
+    gradients start at zero, nothing is added for it)."""
+    from rotp_triton.ops.rot.triton.sinkhorn import launch
+    if dx_by == "sweep" and (ragged or variant == "paper"):
+        pytest.skip("dx is written by the reverse sweep only for dense exact batches")
+    if dx_by == "split" and ragged:
+        pytest.skip("the row-block dx launch is for dense batches")
+    monkeypatch.setattr(launch, "dx_tile", lambda D_, N_, nw=4: (2, 4))
+    monkeypatch.setattr(launch, "fuse_dx", lambda *args: dx_by == "sweep")
+    monkeypatch.setattr(launch, "split_dx", lambda *args: dx_by == "split")
+    gen = torch.Generator().manual_seed(16)
+    D, T = 6, 3
+    a1, a2, a3 = _weights(T, gen, inf_a2=True)
+    if ragged:
+        sizes = [3, 0, 5]
+        ptr = _ragged_ptr(sizes)
+        x = torch.randn(sum(sizes), D, generator=gen)
+        q0 = torch.rand(sum(sizes), generator=gen) + 0.1
+        B = len(sizes)
+    else:
+        ptr = None
+        B, N = 2, 5
+        x = torch.randn(B, N, D, generator=gen)
+        q0 = torch.rand(B, N, generator=gen) + 0.1
+    p0 = torch.rand(B, D, generator=gen) + 0.1
+    cy = torch.randn(B, D, generator=gen)
+    cp = torch.randn(x.shape, generator=gen)
+    args = (x, ptr, variant, T, a1, a2, a3, p0, q0, cy, cp)
+    k = _run_kernel(*args)
+    _compare(k, _run_reference(*args), RTOL[torch.float32], ["x", "a1", "a2", "a3", "p0", "q0"])
+    if ragged:
+        assert float(k[2][4][1].abs().max()) == 0.0  # dp0 of the empty set
+
+
 @pytest.mark.parametrize("shape", [(3, 1, 4), (2, 6, 1), (1, 1, 1)])
 @pytest.mark.usefixtures("forward_iteration")
 def test_degenerate_shapes(shape):
@@ -234,11 +275,10 @@ def test_strided_image_view_multi_tile(variant, one_tile):
 @pytest.mark.parametrize("N,D,BN,BD", [(8, 8, 8, 4), (8, 6, 8, 4), (5, 8, 8, 4)],
                          ids=["even", "edge_d", "edge_n"])
 def test_lean_tile_edges(variant, N, D, BN, BD, monkeypatch):
-    """The v2 iteration's mask-free path (N == BN, D % BD == 0) and its edge paths (padded rows
+    """The one-tile iteration's mask-free path (N == BN, D % BD == 0) and its edge paths (padded rows
     by a -inf bias, a last partial feature chunk) against the reference, forward and
     gradients, with a plan and priors."""
     from rotp_triton.ops.rot.triton.sinkhorn import launch
-    monkeypatch.setattr(launch, "LEAN_FORWARD", True)
     monkeypatch.setattr(launch, "fwd_config", lambda D_, N_, nw=4: (BN, BD, True))
     gen = torch.Generator().manual_seed(15)
     B, T = 2, 3

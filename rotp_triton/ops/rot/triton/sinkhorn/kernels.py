@@ -3,14 +3,15 @@ eq. 18); launchers in ``launch.py``.
 
 One program owns one set x_b (n_b samples × D features, rows = samples) and runs all T
 iterations, the pooling and (on request) the plan in one launch (ragged batches: largest set
-first); the backward is a second launch and a one-program launch folds the per-set weight
-gradients into the (6, T) table gradient. Tilings of the forward:
+first); the backward is a second launch, whose programs add their set's share of the (6, T)
+table gradient atomically, and for a dense batch with fewer sets than SMs a third one writes dx
+over row blocks (``sinkhorn_dx_kernel``; otherwise the backward's own pass or, for wide tiles,
+its last reverse sweep writes it). Tilings of the forward:
 
 - one tile over n (dense, N <= 512): all rows of a set in a [BN, BD] tile, feature chunks
-  streamed, one pass over x per iteration. v2 (``LEAN``, the default): ``_shifted_exact_iteration``
-  (exact: fixed shifts from the previous plan, row sums accumulated in registers) and
-  ``_lean_iteration`` (paper), both without per-element masks or selects; v1: the
-  ``*_one_sweep`` iterations (kept for comparison, ``launch.LEAN_FORWARD = False``);
+  streamed, one pass over x per iteration without per-element masks or selects:
+  ``_shifted_exact_iteration`` (exact: fixed shifts from the previous plan, row sums accumulated
+  in registers) and ``_lean_paper_iteration`` (paper);
 - streamed [BN, BD] tiles with an online LogSumExp (ragged batches, long sets; two passes);
 - split sets (``sinkhorn_split_*``, dense exact, ``launch.SPLIT_SETS``): row blocks of a set in
   separate programs, combined through separate launches; the forward kernel then only pools.
@@ -194,6 +195,14 @@ def _vec_sum(v_ptr, n, BV: tl.constexpr):
 
 
 @triton.jit
+def _fill(v_ptr, n, value, BV: tl.constexpr):
+    """v[i] = value for i < n (the launchers allocate without initialising)."""
+    for i0 in range(0, n, BV):
+        oi = i0 + tl.arange(0, BV)
+        tl.store(v_ptr + oi, tl.zeros([BV], tl.float32) + value, mask=oi < n)
+
+
+@triton.jit
 def _load_log_prior(p_ptr, o, n, uniform_value, HAS: tl.constexpr):
     """A normalized log prior (natural log in memory) as base 2; ``uniform_value`` if absent."""
     if HAS:
@@ -255,98 +264,18 @@ def _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED: tl.constexpr):
     return row0, n_b, x_off
 
 
-@triton.jit
-def _exact_iteration_one_sweep(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u,
-                               B_prev, A_cur, B_cur, R_t, C_t, HAS_P0: tl.constexpr,
-                               HAS_Q0: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """One exact iteration in ONE pass over x when all n_b rows fit in a tile (BN >= n_b).
-
-    Each [BN, BD] chunk holds every sample of its features, so R_d is final inside the chunk;
-    a_d = u_d - LSE(u) - R_d waits only for the scalar LSE(u), which shifts every row LSE by the
-    same amount: C_n = LSE_d(x s + u_d - R_d) - LSE(u) is accumulated in the same sweep."""
-    on = tl.arange(0, BN)
-    nm = on < n_b
-    bp = tl.load(B_prev + on, mask=nm, other=0.0)                              # [BN]
-    m_c = tl.full([BN], NEG_INF, tl.float32)
-    l_c = tl.zeros([BN], tl.float32)
-    m_u = tl.max(tl.full([BD], NEG_INF, tl.float32), axis=0)
-    l_u = tl.sum(tl.zeros([BD], tl.float32), axis=0)
-    for d0 in range(0, D, BD):
-        od = d0 + tl.arange(0, BD)
-        dm = od < D
-        x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)                # [BN, BD]
-        xs = x * s
-        z = tl.where(msk, xs + bp[:, None], NEG_INF)
-        mz = tl.max(z, axis=0)
-        mz = tl.where(mz == NEG_INF, 0.0, mz)
-        r = mz + tl.log2(tl.sum(tl.exp2(z - mz[None, :]), axis=0))             # [BD] R_d
-        tl.store(R_t + od, r, mask=dm)
-        lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
-        u = k2 * lp0 + (1.0 - k2) * r
-        m_u, l_u = _online_lse_merge(m_u, l_u, tl.where(dm, u, NEG_INF))
-        ar = tl.where(dm, u - r, 0.0)                                          # a_d + LSE(u)
-        tl.store(A_cur + od, ar, mask=dm)
-        m_c, l_c = _online_lse_merge(m_c, l_c, tl.trans(tl.where(msk, xs + ar[None, :],
-                                                                 NEG_INF)))
-    lse_u = m_u + tl.log2(l_u)
-    c = tl.where(nm, m_c + tl.log2(l_c) - lse_u, 0.0)                          # [BN] C_n
-    tl.store(C_t + on, c, mask=nm)
-    lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
-    v = tl.where(nm, k3 * lq0 + (1.0 - k3) * c, NEG_INF)
-    mv = tl.max(v, axis=0)
-    lse_v = mv + tl.log2(tl.sum(tl.exp2(v - mv), axis=0))
-    tl.store(B_cur + on, v - lse_v - c, mask=nm)
-    tl.debug_barrier()
-    for d0 in range(0, D, BD):
-        od = d0 + tl.arange(0, BD)
-        dm = od < D
-        tl.store(A_cur + od, tl.load(A_cur + od, mask=dm, other=0.0) - lse_u, mask=dm)
-    tl.debug_barrier()
-
-
-@triton.jit
-def _paper_iteration_one_sweep(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, lp0_u, lq0_b,
-                               lq0_u, A_prev, B_prev, A_cur, B_cur, R_t, C_t,
-                               HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, BN: tl.constexpr,
-                               BD: tl.constexpr):
-    """One eq. (18) iteration in ONE pass over x when BN >= n_b: the column LSEs (and a_t)
-    are final per chunk, the row LSEs accumulate over the chunks."""
-    on = tl.arange(0, BN)
-    nm = on < n_b
-    bp = tl.load(B_prev + on, mask=nm, other=0.0)                              # [BN]
-    m_c = tl.full([BN], NEG_INF, tl.float32)
-    l_c = tl.zeros([BN], tl.float32)
-    for d0 in range(0, D, BD):
-        od = d0 + tl.arange(0, BD)
-        dm = od < D
-        x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)                # [BN, BD]
-        xs = x * s
-        ap = tl.load(A_prev + od, mask=dm, other=0.0)
-        z = tl.where(msk, xs + bp[:, None], NEG_INF)
-        mz = tl.max(z, axis=0)
-        mz = tl.where(mz == NEG_INF, 0.0, mz)
-        r = mz + tl.log2(tl.sum(tl.exp2(z - mz[None, :]), axis=0))             # [BD] Rn_t
-        tl.store(R_t + od, r, mask=dm)
-        lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
-        tl.store(A_cur + od, k2 * (ap * ie + lp0 - ap - r), mask=dm)
-        m_c, l_c = _online_lse_merge(m_c, l_c, tl.trans(tl.where(msk, xs + ap[None, :],
-                                                                 NEG_INF)))
-    c = tl.where(nm, m_c + tl.log2(l_c), 0.0)                                  # [BN] Cn_t
-    tl.store(C_t + on, c, mask=nm)
-    lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
-    tl.store(B_cur + on, k3 * (bp * ie + lq0 - bp - c), mask=nm)
-    tl.debug_barrier()
-
-
 # --------------------------------------------------------------------------------------------
 # lean one-tile iteration (v2): every row of the set in the tile, feature chunks streamed
 # --------------------------------------------------------------------------------------------
 # Per element and iteration: x·s + b (FFMA), the column max, x·s + b - max (FADD), exp2, the
-# column sum; x·s + a (FFMA), the row max, exp2, the row sum - no select, no log, no division.
+# column sum; x·s + a (FFMA), the row max, exp2, the row sum - no select, no log, no division
+# (paper; the exact iteration drops the maxes, see _shifted_exact_iteration).
 # Padding costs nothing per element: a padded row gets the bias b = -inf (so it drops out of
 # every column LSE), a padded column a = -inf (so it drops out of every row LSE), and the loads
 # carry no mask at all: padded rows / features read a clamped (real) index (MASK_N: n_b < BN;
 # MASK_D: the last chunk when D % BD != 0). Logs are taken of the reduced [BD] / [BN] vectors.
+# (A row predicate instead of the clamp costs ~2 SASS instructions per element-iteration and
+# saves no HBM traffic: the clamped reads hit the cache lines of the last real row.)
 @triton.jit
 def _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D: tl.constexpr):
     """x[rows, od] as fp32 [BN, BD] without a mask: ``roff`` are the row offsets with padded
@@ -396,43 +325,13 @@ def _lean_row_merge(m, l, xs, bias):
 
 
 @triton.jit
-def _lean_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_cur, R_t,
-                      m_u, l_u, m_c, l_c, HAS_P0: tl.constexpr, MASK_N: tl.constexpr,
-                      MASK_D: tl.constexpr, BD: tl.constexpr):
-    """One feature chunk of the exact iteration: R_d final, a_d + LSE(u) stored, the row LSE of
-    x s + a + LSE(u) and the scalar LSE(u) merged (see _exact_iteration_one_sweep)."""
-    od = d0 + tl.arange(0, BD)
-    xs = _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D) * s   # [BN, BD]
-    r = _lean_col_lse(xs, bp)                                                  # [BD] R_d
-    if HAS_P0:
-        lp0 = _lean_vec(lp0_b, od, D, 0.0, MASK_D) * _LOG2E
-    else:
-        lp0 = lp0_u
-    u = k2 * lp0 + (1.0 - k2) * r
-    ar = u - r                                                                 # a_d + LSE(u)
-    if MASK_D:
-        dm = od < D
-        u = tl.where(dm, u, NEG_INF)
-        ar = tl.where(dm, ar, NEG_INF)
-        tl.store(R_t + od, r, mask=dm)
-        tl.store(A_cur + od, ar, mask=dm)
-    else:
-        tl.store(R_t + od, r)
-        tl.store(A_cur + od, ar)
-    mu = tl.maximum(m_u, tl.max(u, axis=0))
-    l_u = l_u * tl.exp2(m_u - mu) + tl.sum(tl.exp2(u - mu), axis=0)
-    m_c, l_c = _lean_row_merge(m_c, l_c, xs, ar)
-    return mu, l_u, m_c, l_c
-
-
-@triton.jit
 def _lean_paper_chunk(x_base, roff, sxd, bp, d0, D, s, ie, k2, lp0_b, lp0_u, A_prev,
                       A_cur, R_t, m_c, l_c, HAS_P0: tl.constexpr, MASK_N: tl.constexpr,
                       MASK_D: tl.constexpr, BD: tl.constexpr):
     """One feature chunk of the eq. (18) iteration: R_d and a_t final, the row LSE of
     x s + a_{t-1} merged."""
     od = d0 + tl.arange(0, BD)
-    xs = _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D) * s   # [BN, BD]
+    xs = _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D) * s                # [BN, BD]
     r = _lean_col_lse(xs, bp)                                                  # [BD] Rn_t
     ap = _lean_vec(A_prev, od, D, float("-inf"), MASK_D)
     if HAS_P0:
@@ -451,60 +350,31 @@ def _lean_paper_chunk(x_base, roff, sxd, bp, d0, D, s, ie, k2, lp0_b, lp0_u, A_p
 
 
 @triton.jit
-def _lean_iteration(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u,
-                    A_prev, B_prev, A_cur, B_cur, R_t, C_t, HAS_P0: tl.constexpr,
-                    HAS_Q0: tl.constexpr, PAPER: tl.constexpr, MASK_N: tl.constexpr,
-                    BN: tl.constexpr, BD: tl.constexpr):
-    """One iteration (exact or paper) in one pass over x with all n_b <= BN rows in the tile:
-    the full feature chunks without any mask, the last partial chunk (if any) with one."""
+def _lean_paper_iteration(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u,
+                          A_prev, B_prev, A_cur, B_cur, R_t, C_t, HAS_P0: tl.constexpr,
+                          HAS_Q0: tl.constexpr, MASK_N: tl.constexpr, BN: tl.constexpr,
+                          BD: tl.constexpr):
+    """One eq. (18) iteration in one pass over x with all n_b <= BN rows in the tile: the full
+    feature chunks without any mask, the last partial chunk (if any) with one."""
     on = tl.arange(0, BN)
     nm = on < n_b
     bp = _lean_vec(B_prev, on, n_b, float("-inf"), MASK_N)                     # [BN]
     roff = _lean_row_offsets(on, n_b, sxn, MASK_N)                             # [BN]
     m_c = tl.full([BN], NEG_INF, tl.float32)
     l_c = tl.zeros([BN], tl.float32)
-    m_u = tl.max(tl.full([BD], NEG_INF, tl.float32), axis=0)
-    l_u = tl.sum(tl.zeros([BD], tl.float32), axis=0)
     d_full = (D // BD) * BD
     for d0 in range(0, d_full, BD):
-        if PAPER:
-            m_c, l_c = _lean_paper_chunk(x_base, roff, sxd, bp, d0, D, s, ie, k2, lp0_b,
-                                         lp0_u, A_prev, A_cur, R_t, m_c, l_c, HAS_P0, MASK_N,
-                                         False, BD)
-        else:
-            m_u, l_u, m_c, l_c = _lean_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2,
-                                                   lp0_b, lp0_u, A_cur, R_t, m_u, l_u, m_c, l_c,
-                                                   HAS_P0, MASK_N, False, BD)
+        m_c, l_c = _lean_paper_chunk(x_base, roff, sxd, bp, d0, D, s, ie, k2, lp0_b, lp0_u,
+                                     A_prev, A_cur, R_t, m_c, l_c, HAS_P0, MASK_N, False, BD)
     if d_full < D:
-        if PAPER:
-            m_c, l_c = _lean_paper_chunk(x_base, roff, sxd, bp, d_full, D, s, ie, k2,
-                                         lp0_b, lp0_u, A_prev, A_cur, R_t, m_c, l_c, HAS_P0,
-                                         MASK_N, True, BD)
-        else:
-            m_u, l_u, m_c, l_c = _lean_exact_chunk(x_base, roff, sxd, bp, d_full, D, s,
-                                                   k2, lp0_b, lp0_u, A_cur, R_t, m_u, l_u, m_c,
-                                                   l_c, HAS_P0, MASK_N, True, BD)
+        m_c, l_c = _lean_paper_chunk(x_base, roff, sxd, bp, d_full, D, s, ie, k2, lp0_b,
+                                     lp0_u, A_prev, A_cur, R_t, m_c, l_c, HAS_P0, MASK_N, True,
+                                     BD)
     lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
-    if PAPER:
-        c = m_c + tl.log2(l_c)                                                 # [BN] Cn_t
-        tl.store(C_t + on, c, mask=nm)
-        tl.store(B_cur + on, k3 * (bp * ie + lq0 - bp - c), mask=nm)
-        tl.debug_barrier()
-    else:
-        # b = lognorm(κ3 lq0 + (1-κ3) C) - C; a_d = (a_d + LSE(u)) - LSE(u)
-        lse_u = m_u + tl.log2(l_u)
-        c = tl.where(nm, m_c + tl.log2(l_c) - lse_u, 0.0)                      # [BN] C_n
-        tl.store(C_t + on, c, mask=nm)
-        v = tl.where(nm, k3 * lq0 + (1.0 - k3) * c, NEG_INF)
-        mv = tl.max(v, axis=0)
-        lse_v = mv + tl.log2(tl.sum(tl.exp2(v - mv), axis=0))
-        tl.store(B_cur + on, v - lse_v - c, mask=nm)
-        tl.debug_barrier()
-        for d0 in range(0, D, BD):
-            od = d0 + tl.arange(0, BD)
-            dm = od < D
-            tl.store(A_cur + od, tl.load(A_cur + od, mask=dm, other=0.0) - lse_u, mask=dm)
-        tl.debug_barrier()
+    c = m_c + tl.log2(l_c)                                                     # [BN] Cn_t
+    tl.store(C_t + on, c, mask=nm)
+    tl.store(B_cur + on, k3 * (bp * ie + lq0 - bp - c), mask=nm)
+    tl.debug_barrier()
 
 
 # Exact iterations need no running max for the row LSE, and from t = 1 on none for the column
@@ -526,7 +396,7 @@ def _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_pr
     """One feature chunk of an exact iteration with fixed shifts (see above); FIRST (t = 0, no
     previous plan): the column LSE takes its max, the row sums still accumulate."""
     od = d0 + tl.arange(0, BD)
-    xs = _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D) * s   # [BN, BD]
+    xs = _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D) * s                # [BN, BD]
     z = xs + bp[:, None]                                                       # [BN, BD]
     if MASK_D:
         dm = od < D
@@ -568,7 +438,7 @@ def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, 
                              HAS_Q0: tl.constexpr, MASK_N: tl.constexpr, FIRST: tl.constexpr,
                              BN: tl.constexpr, BD: tl.constexpr):
     """An exact iteration in one pass over x, all n_b <= BN rows in the tile (FIRST: t = 0);
-    writes the same R_t, a_t, C_t, b_t as _lean_iteration."""
+    writes R_t, a_t, C_t, b_t."""
     on = tl.arange(0, BN)
     nm = on < n_b
     bp = _lean_vec(B_prev, on, n_b, float("-inf"), MASK_N)                     # [BN]
@@ -625,7 +495,7 @@ def sinkhorn_fwd_kernel(
     plan_ptr, spb, spn, spd,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
     RETURN_PLAN: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    LEAN: tl.constexpr = False, MASK_N: tl.constexpr = True, ITERATE: tl.constexpr = True,
+    MASK_N: tl.constexpr = True, ITERATE: tl.constexpr = True,
 ):
     """T Sinkhorn iterations, the pooled y and (optionally) the plan of one set per program.
 
@@ -633,18 +503,26 @@ def sinkhorn_fwd_kernel(
     w: [6, T] weight table (ε, κ2, κ3 of iteration t derived on chip); lp0: [B, D], lq0: [NR]
     natural log priors; writes A, Rn, Bv, Cn (see the module docstring), rfin [B, D] (final
     LSE over n), tot [B] (log2 of the plan's mass), y [B, D] fp32, plan like x.
-    LEAN (with ONE_TILE_N): the v2 iteration ``_lean_iteration``; MASK_N: some set has fewer
-    than BN rows (dense: N < BN), so row loads need a mask.
+    MASK_N: some set has fewer than BN rows (dense: N < BN), so row loads need a mask. The
+    buffers come uninitialised: slot 0 of A and Bv (the zero initial state) and, for an empty
+    set, y and rfin are written here.
     """
     b = _set_of_program(order_ptr, RAGGED)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
-    if n_b > 0:
+    if n_b == 0:
+        _fill(y_ptr + b * D, D, 0.0, BD)
+        _fill(rfin_ptr + b * D, D, 0.0, BD)
+        tl.store(tot_ptr + b, 0.0)
+    else:
         x_base = x_ptr + x_off
         A_b = A_ptr + b * (T + 1) * D
         Rn_b = Rn_ptr + b * T * D
         lp0_b = lp0_ptr + b * D
         lq0_b = lq0_ptr + row0
         lq0_u = -tl.log2(n_b.to(tl.float32))
+        _fill(A_b, D, 0.0, BD)                                                 # a_{-1} = 0
+        _fill(Bv_ptr + row0, n_b, 0.0, BN)                                     # b_{-1} = 0
+        tl.debug_barrier()
         if ITERATE:
             t_end = T
         else:  # the iterations ran in the split-set launches: pooling (and plan) only
@@ -659,7 +537,7 @@ def sinkhorn_fwd_kernel(
             B_cur = Bv_ptr + (t + 1) * NR + row0
             R_t = Rn_b + t * D
             C_t = Cn_ptr + t * NR + row0
-            if ONE_TILE_N and LEAN and not PAPER:
+            if ONE_TILE_N and not PAPER:
                 if t == 0:
                     _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
                                              lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
@@ -668,20 +546,10 @@ def sinkhorn_fwd_kernel(
                     _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
                                              lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
                                              C_t, HAS_P0, HAS_Q0, MASK_N, False, BN, BD)
-            elif ONE_TILE_N and LEAN:
-                _lean_iteration(x_base, sxn, sxd, n_b, D, s, _inv_eps(w_ptr, T, t), k2, k3,
-                                lp0_b, lp0_u, lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
-                                C_t, HAS_P0, HAS_Q0, PAPER, MASK_N, BN, BD)
             elif ONE_TILE_N:
-                if PAPER:
-                    _paper_iteration_one_sweep(x_base, sxn, sxd, n_b, D, s, _inv_eps(w_ptr, T, t),
-                                               k2, k3, lp0_b, lp0_u, lq0_b, lq0_u, A_prev,
-                                               B_prev, A_cur, B_cur, R_t, C_t, HAS_P0, HAS_Q0,
-                                               BN, BD)
-                else:
-                    _exact_iteration_one_sweep(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
-                                               lq0_b, lq0_u, B_prev, A_cur, B_cur, R_t, C_t,
-                                               HAS_P0, HAS_Q0, BN, BD)
+                _lean_paper_iteration(x_base, sxn, sxd, n_b, D, s, _inv_eps(w_ptr, T, t), k2,
+                                      k3, lp0_b, lp0_u, lq0_b, lq0_u, A_prev, B_prev, A_cur,
+                                      B_cur, R_t, C_t, HAS_P0, HAS_Q0, MASK_N, BN, BD)
             elif PAPER:
                 # eq. (18): both LSEs of the same z_{t-1}, then the Jacobi updates
                 # a_t = κ2 (a_{t-1}/ε_t + log p0 - r_t), r_t = a_{t-1} + Rn_t (b likewise).
@@ -768,36 +636,153 @@ def sinkhorn_fwd_kernel(
 
 
 @triton.jit
-def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, A_cur, R_t, C_t, Cbar_t, B_prev, abar_b,
-                     add_init, BN: tl.constexpr, BD: tl.constexpr):
-    """Both matrix-vector products of one exact reverse iteration in ONE pass (BN >= n_b).
+def _dx_pool_term(x, on, nm, od, dm, B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base,
+                  sgn, sgd, tot, pg, HAS_GP: tl.constexpr):
+    """dx's term of the pooling (and plan) adjoint on one [BN, BD] tile of x, and z̄ ⊙ x (the
+    final log P's ε term): z̄ = g_d W (x - y_d) [+ P (G - <P,G>)], W = softmax_n, dx = g_d W +
+    z̄/ε_{T-1}. No mask: padded rows / features get -inf exponents (b, -rfin, a) and g = 0."""
+    bb = tl.load(B_fin + on, mask=nm, other=NEG_INF)                           # [BN]
+    rf = tl.load(rfin_b + od, mask=dm, other=float("inf"))                     # [BD]
+    g = tl.load(g_b + od, mask=dm, other=0.0)
+    yd = tl.load(y_b + od, mask=dm, other=0.0)
+    w = _prob2(x * s_fin + bb[:, None] - rf[None, :])
+    zb = g[None, :] * w * (x - yd[None, :])
+    if HAS_GP:
+        a = tl.load(A_fin + od, mask=dm, other=NEG_INF)
+        gp = tl.load(gp_base + on[:, None] * sgn + od[None, :] * sgd,
+                     mask=nm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+        p = _prob2(x * s_fin + a[None, :] + bb[:, None] - tot)
+        zb += p * (gp - pg)
+    return g[None, :] * w + zb * ie_fin, zb * x
 
-    ā_d = Σ_n Q[n, d] C̄_n is final per chunk; R̄_d = -κ2 ā_d - (1-κ2) softmax(u)_d Σā needs the
-    scalar Σā only, so b̄_n = Σ_d S[n, d] R̄_d = acc1_n - (1-κ2) Σā acc2_n with
-    acc1 = S (-κ2 ā), acc2 = S softmax(u) accumulated in the same sweep. Writes ā to abar."""
+
+@triton.jit
+def _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, t_lo, T, NR, row0, D, w_ptr, Bv_ptr,
+                        Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, PAPER: tl.constexpr,
+                        TX: tl.constexpr, BT: tl.constexpr):
+    """dx += Σ_{t_lo <= t < T} ȳ_t/ε(t), ȳ_t = S_t R̄_t + Q_t C̄_t, on one tile of x (softmaxes
+    recomputed from the saved vectors); TX: de_x [BT] -= Σ ȳ_t ⊙ x/ε(t)² per t. Padded rows /
+    features: -inf exponents (b, -C; -R, a) and zero adjoints."""
+    if PAPER:
+        QOFF = 0
+    else:
+        QOFF = 1
+    ot = tl.arange(0, BT)
+    for t in range(t_lo, T):
+        s = _x_scale(w_ptr, T, t, PAPER)
+        e_inv = s * _LN2
+        bp = tl.load(Bv_ptr + t * NR + row0 + on, mask=nm, other=NEG_INF)
+        ncn = -tl.load(Cn_ptr + t * NR + row0 + on, mask=nm, other=float("inf"))
+        cb = tl.load(Cbar_ptr + t * NR + row0 + on, mask=nm, other=0.0)
+        nr = -tl.load(Rn_b + t * D + od, mask=dm, other=float("inf"))
+        rb = tl.load(Rbar_b + t * D + od, mask=dm, other=0.0)
+        aq = tl.load(A_b + (t + QOFF) * D + od, mask=dm, other=NEG_INF)
+        xs = x * s
+        sm = _prob2(xs + bp[:, None] + nr[None, :])
+        qm = _prob2(xs + aq[None, :] + ncn[:, None])
+        term = sm * rb[None, :] + qm * cb[:, None]                             # ȳ_t
+        dx += term * e_inv
+        if TX:
+            tx = tl.sum(tl.sum(term * x, axis=1), axis=0)
+            de_x += tl.where(ot == t, -tx * e_inv * e_inv, 0.0)
+    return dx, de_x
+
+
+@triton.jit
+def _dx_rows(x_base, sxn, sxd, on, nm, n_b, D, dxa, de_x, PAPER: tl.constexpr,
+             HAS_GP: tl.constexpr, TX: tl.constexpr, BDX: tl.constexpr, BT: tl.constexpr):
+    """dx of the rows ``on`` (a [BNX] block, ``nm`` the real ones) of one set, feature chunk by
+    chunk; returns this block's share of the final log P's ε term and de_x (TX: the per-t ε
+    terms added). ``dxa``: what the dx terms read (see sinkhorn_bwd_kernel)."""
+    (B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base, sgn, sgd, tot, pg, T, NR, row0,
+     w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd) = dxa
+    roff = _lean_row_offsets(on, n_b, sxn, True)                               # [BNX]
+    de_fin = tl.sum(tl.zeros([BDX], tl.float32), axis=0)
+    for d0 in range(0, D, BDX):
+        od = d0 + tl.arange(0, BDX)
+        dm = od < D
+        x = _lean_load_chunk(x_base, roff, sxd, od, D, True)                  # [BNX, BDX]
+        dx, zbx = _dx_pool_term(x, on, nm, od, dm, B_fin, rfin_b, g_b, y_b, s_fin, ie_fin,
+                                A_fin, gp_base, sgn, sgd, tot, pg, HAS_GP)
+        de_fin -= tl.sum(tl.sum(zbx, axis=1), axis=0) * (ie_fin * ie_fin)
+        dx, de_x = _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, 0, T, NR, row0, D, w_ptr,
+                                       Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, PAPER, TX,
+                                       BT)
+        tl.store(dx_base + on[:, None] * sdn + od[None, :] * sdd,
+                 dx.to(dx_base.dtype.element_ty), mask=nm[:, None] & dm[None, :])
+    return de_fin, de_x
+
+
+@triton.jit
+def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
+                     abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b,
+                     dxa, HAS_P0: tl.constexpr, HAS_GP: tl.constexpr, DX: tl.constexpr,
+                     BN: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+    """One exact reverse iteration after C̄ in ONE pass over x (BN >= n_b); returns dκ2,
+    Σ ȳ_t ⊙ x (the x-scale's ε term, ȳ_t = S R̄ + Q C̄ elementwise: dx's term of iteration t)
+    and, with DX (t = 0), the final log P's ε term.
+
+    DX: this last sweep (t = 0) also writes dx, tile by tile, instead of a separate pass over x
+    (launch.fuse_dx: when the tile is wide enough that the per-row / per-column vectors of the
+    iterations t >= 1 cost less than re-reading x); its ȳ_0 is the one computed here. ``dxa``
+    is the tuple of what the dx terms read (see sinkhorn_bwd_kernel).
+
+    ā_d = Σ_n Q[n, d] C̄_n (+ the plan's ā when add_init) is final per chunk, and so is
+    R̄_d = -κ2 ā_d - (1-κ2) softmax(u)_d Σā, because Σā = ``sa`` is known before the pass
+    (Σ_d Q[n, d] = 1). Per chunk: R̄, the prior gradient and dκ2's terms; b̄_{t-1} = S R̄
+    (stored when need_b, t > 0) and Σ ȳ_t x accumulated elementwise in [BN, BD] register
+    tiles, reduced once (so the dx pass needs no reduction per tile and iteration).
+    No per-element mask: padded rows read a clamped real row and get C = +inf, b = -inf and
+    C̄ = 0; padded features a = -inf (so Q = softmax(u) = 0 there and ā = R̄ = 0)."""
     on = tl.arange(0, BN)
     nm = on < n_b
+    roff = _lean_row_offsets(on, n_b, sxn, True)                               # [BN]
     cb = tl.load(Cbar_t + on, mask=nm, other=0.0)                              # [BN]
-    cn = tl.load(C_t + on, mask=nm, other=0.0)
-    bp = tl.load(B_prev + on, mask=nm, other=0.0)
-    acc1 = tl.zeros([BN], tl.float32)
-    acc2 = tl.zeros([BN], tl.float32)
+    ncn = -tl.load(C_t + on, mask=nm, other=float("inf"))
+    bp = tl.load(B_prev + on, mask=nm, other=NEG_INF)
+    acc = tl.zeros([BN, BD], tl.float32)
+    acc_x = tl.zeros([BN, BD], tl.float32)
+    acc_fin = tl.zeros([BN, BD], tl.float32)
+    dk2 = tl.sum(tl.zeros([BD], tl.float32), axis=0)
+    (B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base, sgn, sgd, tot, pg, T, NR, row0,
+     w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd) = dxa
     for d0 in range(0, D, BD):
         od = d0 + tl.arange(0, BD)
         dm = od < D
-        x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)                # [BN, BD]
+        x = _lean_load_chunk(x_base, roff, sxd, od, D, True)                  # [BN, BD]
         xs = x * s
-        ac = tl.load(A_cur + od, mask=dm, other=0.0)
+        ac = tl.load(A_cur + od, mask=dm, other=NEG_INF)                       # [BD]
         r = tl.load(R_t + od, mask=dm, other=0.0)
-        q = _prob2(tl.where(msk, xs + ac[None, :] - cn[:, None], NEG_INF))
+        q = _prob2(xs + ac[None, :] + ncn[:, None])
         ab = tl.sum(q * cb[:, None], axis=0)                                   # [BD] ā
         ab += tl.where(add_init != 0, tl.load(abar_b + od, mask=dm, other=0.0), 0.0)
-        tl.store(abar_b + od, ab, mask=dm)
-        smu = tl.where(dm, _prob2(ac + r), 0.0)
-        sm = _prob2(tl.where(msk, xs + bp[:, None] - r[None, :], NEG_INF))
-        acc1 += tl.sum(sm * (-k2 * ab)[None, :], axis=1)
-        acc2 += tl.sum(sm * smu[None, :], axis=1)
-    return acc1, acc2
+        ub = ab - _prob2(ac + r) * sa                                          # ū
+        rbar = -ab + (1.0 - k2) * ub                                           # R̄
+        tl.store(Rbar_t + od, rbar, mask=dm)
+        lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
+        if HAS_P0:
+            tl.store(dlp0_b + od, tl.load(dlp0_b + od, mask=dm, other=0.0) + k2 * ub, mask=dm)
+        dk2 += tl.sum(ub * (lp0 - r), axis=0)
+        sr = _prob2(xs + bp[:, None] - r[None, :]) * rbar[None, :]             # S R̄
+        acc += sr
+        y_t = sr + q * cb[:, None]                                             # ȳ_t
+        acc_x += y_t * x
+        if DX:
+            dx, zbx = _dx_pool_term(x, on, nm, od, dm, B_fin, rfin_b, g_b, y_b, s_fin, ie_fin,
+                                    A_fin, gp_base, sgn, sgd, tot, pg, HAS_GP)
+            acc_fin += zbx
+            dx += y_t * (s * _LN2)
+            dx, _ = _dx_iteration_terms(x, dx, tl.zeros([BT], tl.float32), on, nm, od, dm, 1,
+                                        T, NR, row0, D, w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b,
+                                        Rbar_b, A_b, False, False, BT)
+            tl.store(dx_base + on[:, None] * sdn + od[None, :] * sdd,
+                     dx.to(dx_base.dtype.element_ty), mask=nm[:, None] & dm[None, :])
+    tl.store(bbar_b + on, tl.sum(acc, axis=1), mask=on < n_b * need_b)
+    if DX:
+        de_fin = -tl.sum(tl.sum(acc_fin, axis=1), axis=0) * (ie_fin * ie_fin)
+    else:
+        de_fin = tl.sum(tl.sum(acc_fin, axis=1), axis=0)
+    return dk2 * _LN2, tl.sum(tl.sum(acc_x, axis=1), axis=0), de_fin
 
 
 @triton.jit
@@ -836,19 +821,21 @@ def sinkhorn_bwd_kernel(
     A_ptr, Rn_ptr, Bv_ptr, Cn_ptr, rfin_ptr, tot_ptr, y_ptr,
     g_ptr, gp_ptr, sgb, sgn, sgd,
     dx_ptr, sdb, sdn, sdd,
-    dlp0_ptr, dlq0_ptr, dk2_ptr, dk3_ptr, deps_rec_ptr, deps_x_ptr, deps_fin_ptr,
-    Rbar_ptr, Cbar_ptr, abar_ptr, bbar_ptr,
+    dlp0_ptr, dlq0_ptr, dw_ptr, dk2_ptr, dk3_ptr, deps_rec_ptr, deps_x_ptr,
+    Rbar_ptr, Cbar_ptr, abar_ptr, bbar_ptr, pg_ptr,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
     HAS_GP: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    BT: tl.constexpr,
+    BT: tl.constexpr, BNX: tl.constexpr, BDX: tl.constexpr, FUSE_DX: tl.constexpr = False,
+    SPLIT_DX: tl.constexpr = False,
 ):
     """Exact gradient of the T unrolled iterations + pooling (+ plan) of one set per program.
 
     g: [B, D] fp32 gradient of y; gp: gradient of the plan (layout of the plan, HAS_GP).
-    Writes dx (x's layout), dlp0 [B, D], dlq0 [NR], dk2, dk3 [B, T] (natural units) and the
-    direct ε gradients: deps_rec [B, T] (paper's a/ε_t terms), deps_x [B, T] (term t of the
-    x-scale sc[t]), deps_fin [B] (the final log P, scale 1/ε_{T-1}).
-    Scratch: Rbar [B, T, D], Cbar [T, NR] (the adjoints of the LSEs), abar [B, D], bbar [NR].
+    Writes dx (x's layout; uninitialised before) and adds to dlp0 [B, D], dlq0 [NR] and the
+    weight-table gradient dw [6, T] (all zero before; dw by atomic adds, _add_weight_grad).
+    Scratch: the set's partials dk2, dk3 [B, T] (natural units) and direct ε gradients deps_rec
+    [B, T] (paper's a/ε_t terms), deps_x [B, T] (term t of the x-scale sc[t]); Rbar [B, T, D],
+    Cbar [T, NR] (the adjoints of the LSEs), abar [B, D], bbar [NR].
     """
     b = _set_of_program(order_ptr, RAGGED)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
@@ -932,6 +919,15 @@ def sinkhorn_bwd_kernel(
             tl.store(abar_b + od, acc, mask=dm)
         tl.debug_barrier()
 
+        # the exact one-tile reverse sweep sums ȳ_t ⊙ x itself (deps_x); FUSED_DX: its last
+        # pass (t = 0) writes dx too (dxa: what the dx terms read)
+        TX_IN_SWEEP: tl.constexpr = ONE_TILE_N and not PAPER
+        FUSED_DX: tl.constexpr = FUSE_DX and ONE_TILE_N and not PAPER and not SPLIT_DX
+        dxa = (B_fin, rfin_b, g_ptr + b * D, y_ptr + b * D, s_fin, ie_fin, A_fin, gp_base, sgn,
+               sgd, tot, pg, T, NR, row0, w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b,
+               dx_base, sdn, sdd)
+        de_fin = tl.sum(tl.zeros([BD], tl.float32), axis=0)
+
         # reverse sweep over the iterations: only vectors (adjoints of a, b, R, C) are carried
         for i in range(T):
             t = T - 1 - i
@@ -1002,6 +998,7 @@ def sinkhorn_bwd_kernel(
                 # b_t = v - LSE(v) - C_t, v = κ3 lq0 + (1-κ3) C_t; softmax(v) = 2^(b_t + C_t)
                 sb = _vec_sum(bbar_b, n_b, BN)
                 dk3 = tl.sum(tl.zeros([BN], tl.float32), axis=0)
+                scb = tl.sum(tl.zeros([BN], tl.float32), axis=0)
                 for n0 in range(0, n_b, BN):
                     on = n0 + tl.arange(0, BN)
                     nm = on < n_b
@@ -1010,100 +1007,131 @@ def sinkhorn_bwd_kernel(
                     c = tl.load(C_t + on, mask=nm, other=0.0)
                     lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
                     vb = tl.where(nm, bb - _prob2(bc + c) * sb, 0.0)          # v̄
-                    tl.store(Cbar_t + on, -bb + (1.0 - k3) * vb, mask=nm)      # C̄
+                    cbar = -bb + (1.0 - k3) * vb                               # C̄ (0 if padded)
+                    tl.store(Cbar_t + on, cbar, mask=nm)
+                    scb += tl.sum(cbar, axis=0)
                     if HAS_Q0:
                         old = tl.load(dlq0_ptr + row0 + on, mask=nm, other=0.0)
                         tl.store(dlq0_ptr + row0 + on, old + k3 * vb, mask=nm)
                     dk3 += tl.sum(vb * (lq0 - c), axis=0) * _LN2
                 tl.store(dk3_ptr + b * T + t, dk3)
                 tl.debug_barrier()
-                # C_t = LSE_d(x/ε_t + a_t): ā_t = Q_tᵀ C̄ (+ the plan's ā at t = T - 1)
-                if ONE_TILE_N:  # ... and the S-product terms of b̄_{t-1} in the same pass
-                    acc1, acc2 = _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, A_cur, R_t,
-                                                  C_t, Cbar_t, B_prev, abar_b,
-                                                  (t == T - 1).to(tl.int32), BN, BD)
+                if ONE_TILE_N:
+                    # C_t = LSE_d(x/ε_t + a_t): ā_t = Q_tᵀ C̄ (+ the plan's ā at t = T - 1), whose
+                    # sum is known now: Σ_d ā_d = Σ_n C̄_n (rows of Q sum to 1) [+ Σ plan's ā]
+                    sa = scb
+                    if t == T - 1:
+                        sa += _vec_sum(abar_b, D, BD)
+                    last = (t == T - 1).to(tl.int32)
+                    if t > 0:
+                        dk2, tx, _ = _exact_bwd_sweep(
+                            x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
+                            abar_b, last, Rbar_t, bbar_b, 1, lp0_b, lp0_u,
+                            dlp0_ptr + b * D, dxa, HAS_P0, HAS_GP, False, BN, BD, BT)
+                    else:
+                        dk2, tx, de_fin = _exact_bwd_sweep(
+                            x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
+                            abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
+                            dlp0_ptr + b * D, dxa, HAS_P0, HAS_GP, FUSED_DX, BN, BD, BT)
+                    e_inv = s * _LN2
+                    tl.store(deps_x_ptr + b * T + t, -tx * e_inv * e_inv)
+                    tl.store(dk2_ptr + b * T + t, dk2)
+                    tl.debug_barrier()
                 else:
                     _matvec_over_n(x_base, sxn, sxd, n_b, D, s, A_cur, C_t, Cbar_t, abar_b,
                                    (t == T - 1).to(tl.int32), BN, BD)
-                tl.debug_barrier()
-                # a_t = u - LSE(u) - R_t, u = κ2 lp0 + (1-κ2) R_t; softmax(u) = 2^(a_t + R_t)
-                sa = _vec_sum(abar_b, D, BD)
-                dk2 = tl.sum(tl.zeros([BD], tl.float32), axis=0)
-                for d0 in range(0, D, BD):
-                    od = d0 + tl.arange(0, BD)
-                    dm = od < D
-                    ab = tl.load(abar_b + od, mask=dm, other=0.0)
-                    ac = tl.load(A_cur + od, mask=dm, other=0.0)
-                    r = tl.load(R_t + od, mask=dm, other=0.0)
-                    lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
-                    ub = tl.where(dm, ab - _prob2(ac + r) * sa, 0.0)          # ū
-                    tl.store(Rbar_t + od, -ab + (1.0 - k2) * ub, mask=dm)      # R̄
-                    if HAS_P0:
-                        old = tl.load(dlp0_ptr + b * D + od, mask=dm, other=0.0)
-                        tl.store(dlp0_ptr + b * D + od, old + k2 * ub, mask=dm)
-                    dk2 += tl.sum(ub * (lp0 - r), axis=0) * _LN2
-                tl.store(dk2_ptr + b * T + t, dk2)
-                tl.debug_barrier()
-                if t > 0:
-                    # R_t = LSE_n(x/ε_t + b_{t-1}): b̄_{t-1} = S_t R̄
-                    if ONE_TILE_N:
-                        on = tl.arange(0, BN)
-                        tl.store(bbar_b + on, acc1 - (1.0 - k2) * sa * acc2, mask=on < n_b)
-                    else:
+                    tl.debug_barrier()
+                    # a_t = u - LSE(u) - R_t, u = κ2 lp0 + (1-κ2) R_t; softmax(u) = 2^(a_t + R_t)
+                    sa = _vec_sum(abar_b, D, BD)
+                    dk2 = tl.sum(tl.zeros([BD], tl.float32), axis=0)
+                    for d0 in range(0, D, BD):
+                        od = d0 + tl.arange(0, BD)
+                        dm = od < D
+                        ab = tl.load(abar_b + od, mask=dm, other=0.0)
+                        ac = tl.load(A_cur + od, mask=dm, other=0.0)
+                        r = tl.load(R_t + od, mask=dm, other=0.0)
+                        lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
+                        ub = tl.where(dm, ab - _prob2(ac + r) * sa, 0.0)      # ū
+                        tl.store(Rbar_t + od, -ab + (1.0 - k2) * ub, mask=dm)  # R̄
+                        if HAS_P0:
+                            old = tl.load(dlp0_ptr + b * D + od, mask=dm, other=0.0)
+                            tl.store(dlp0_ptr + b * D + od, old + k2 * ub, mask=dm)
+                        dk2 += tl.sum(ub * (lp0 - r), axis=0) * _LN2
+                    tl.store(dk2_ptr + b * T + t, dk2)
+                    tl.debug_barrier()
+                    if t > 0:
+                        # R_t = LSE_n(x/ε_t + b_{t-1}): b̄_{t-1} = S_t R̄
                         _matvec_over_d(x_base, sxn, sxd, n_b, D, s, B_prev, R_t, Rbar_t, bbar_b,
                                        0, BN, BD)
-                    tl.debug_barrier()
+                        tl.debug_barrier()
 
         # dx = Σ_t (S_t R̄_t + Q_t C̄_t)/ε(t) + g_d W (1 + (x - y_d)/ε_{T-1}) [+ plan term],
-        # every softmax recomputed from x and the saved vectors; one write of dx per element.
-        if PAPER:
-            QOFF = 0
-        else:
-            QOFF = 1
+        # every softmax recomputed from x and the saved vectors; one write of dx per element
+        # (FUSED_DX: written by the t = 0 sweep). Its own [BNX, BDX] tile (launch.dx_tile):
+        # the pass is elementwise, and a square-ish tile loads far fewer per-row / per-column
+        # vectors per element for each t than the iterations' all-rows tile.
         ot = tl.arange(0, BT)
-        de_x = tl.zeros([BT], tl.float32)
-        de_fin = tl.sum(tl.zeros([BD], tl.float32), axis=0)
-        for n0 in range(0, n_b, BN):
-            on = n0 + tl.arange(0, BN)
-            nm = on < n_b
-            bb = tl.load(B_fin + on, mask=nm, other=0.0)
-            for d0 in range(0, D, BD):
-                od = d0 + tl.arange(0, BD)
-                dm = od < D
-                x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)        # [BN, BD]
-                rf = tl.load(rfin_b + od, mask=dm, other=0.0)
-                g = tl.load(g_ptr + b * D + od, mask=dm, other=0.0)
-                yd = tl.load(y_ptr + b * D + od, mask=dm, other=0.0)
-                w = _prob2(tl.where(msk, x * s_fin + bb[:, None] - rf[None, :], NEG_INF))
-                zb = g[None, :] * w * (x - yd[None, :])
-                if HAS_GP:
-                    a = tl.load(A_fin + od, mask=dm, other=0.0)
-                    gp = tl.load(gp_base + on[:, None] * sgn + od[None, :] * sgd, mask=msk,
-                                 other=0.0).to(tl.float32)
-                    p = _prob2(tl.where(msk, x * s_fin + a[None, :] + bb[:, None] - tot, NEG_INF))
-                    zb += p * (gp - pg)
-                dx = g[None, :] * w + zb * ie_fin                              # [BN, BD]
-                de_fin -= tl.sum(tl.sum(zb * x, axis=1), axis=0) * (ie_fin * ie_fin)
-                for t in range(T):
-                    s = _x_scale(w_ptr, T, t, PAPER)
-                    e_inv = s * _LN2
-                    bp = tl.load(Bv_ptr + t * NR + row0 + on, mask=nm, other=0.0)
-                    cn = tl.load(Cn_ptr + t * NR + row0 + on, mask=nm, other=0.0)
-                    cb = tl.load(Cbar_ptr + t * NR + row0 + on, mask=nm, other=0.0)
-                    r = tl.load(Rn_b + t * D + od, mask=dm, other=0.0)
-                    rb = tl.load(Rbar_b + t * D + od, mask=dm, other=0.0)
-                    aq = tl.load(A_b + (t + QOFF) * D + od, mask=dm, other=0.0)
-                    xs = x * s
-                    sm = _prob2(tl.where(msk, xs + bp[:, None] - r[None, :], NEG_INF))
-                    qm = _prob2(tl.where(msk, xs + aq[None, :] - cn[:, None], NEG_INF))
-                    term = sm * rb[None, :] + qm * cb[:, None]                 # ȳ_t
-                    dx += term * e_inv
-                    tx = tl.sum(tl.sum(term * x, axis=1), axis=0)
-                    de_x += tl.where(ot == t, -tx * e_inv * e_inv, 0.0)
-                tl.store(dx_base + on[:, None] * sdn + od[None, :] * sdd,
-                         dx.to(dx_ptr.dtype.element_ty), mask=msk)
-        tl.store(deps_x_ptr + b * T + ot, de_x, mask=ot < T)
-        tl.store(deps_fin_ptr + b, de_fin)
+        if SPLIT_DX:
+            # dx by sinkhorn_dx_kernel (row blocks over all SMs), which adds its ε terms to dw
+            # itself; pg for its plan term
+            tl.store(pg_ptr + b, pg)
+            if not TX_IN_SWEEP:
+                tl.store(deps_x_ptr + b * T + ot, tl.zeros([BT], tl.float32), mask=ot < T)
+        elif not FUSED_DX:
+            de_x = tl.zeros([BT], tl.float32)
+            for n0 in range(0, n_b, BNX):
+                on = n0 + tl.arange(0, BNX)
+                # (the exact one-tile reverse sweep already summed ȳ_t ⊙ x: deps_x)
+                dfp, de_x = _dx_rows(x_base, sxn, sxd, on, on < n_b, n_b, D, dxa, de_x, PAPER,
+                                     HAS_GP, not TX_IN_SWEEP, BDX, BT)
+                de_fin += dfp
+            if not TX_IN_SWEEP:
+                tl.store(deps_x_ptr + b * T + ot, de_x, mask=ot < T)
+        tl.debug_barrier()
+        _add_weight_grad(w_ptr, dw_ptr, T, dk2_ptr + b * T, dk3_ptr + b * T, deps_rec_ptr + b * T,
+                         deps_x_ptr + b * T, de_fin, PAPER, BT)
+
+
+# --------------------------------------------------------------------------------------------
+# dx of a dense batch over row blocks (launch.split_dx)
+# --------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["sxn", "sxd"])
+def sinkhorn_dx_kernel(
+    x_ptr, sxb, sxn, sxd, N, D, T, NR,
+    w_ptr, A_ptr, Rn_ptr, Bv_ptr, Cn_ptr, rfin_ptr, tot_ptr, y_ptr,
+    g_ptr, gp_ptr, sgb, sgn, sgd, dx_ptr, sdb, sdn, sdd,
+    Rbar_ptr, Cbar_ptr, pg_ptr, dw_ptr,
+    PAPER: tl.constexpr, HAS_GP: tl.constexpr, TX: tl.constexpr, BNX: tl.constexpr,
+    BDX: tl.constexpr, BT: tl.constexpr,
+):
+    """dx of rows [j BNX, (j + 1) BNX) of set b (grid (B, cdiv(N, BNX))), from the vectors the
+    backward kernel saved (it ran first, with SPLIT_DX): the dx pass spread over every SM where
+    one program per set leaves most idle (W1: 50 sets). Adds its ε terms to dw [6, T] by atomic
+    adds (the final log P's to ε_{T-1}; TX: ȳ_t ⊙ x's to ε_t, paper ε_{max(t-1, 0)})."""
+    b = tl.program_id(0).to(tl.int64)
+    on = tl.program_id(1) * BNX + tl.arange(0, BNX)
+    row0 = b * N
+    ie_fin = _inv_eps(w_ptr, T, T - 1)
+    if HAS_GP:
+        tot = tl.load(tot_ptr + b)
+        pg = tl.load(pg_ptr + b)
+    else:
+        tot = 0.0
+        pg = 0.0
+    dxa = (Bv_ptr + T * NR + row0, rfin_ptr + b * D, g_ptr + b * D, y_ptr + b * D,
+           ie_fin * _LOG2E, ie_fin, A_ptr + b * (T + 1) * D + T * D, gp_ptr + b * sgb, sgn, sgd,
+           tot, pg, T, NR, row0, w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_ptr + b * T * D,
+           Rbar_ptr + b * T * D, A_ptr + b * (T + 1) * D, dx_ptr + b * sdb, sdn, sdd)
+    de_fin, de_x = _dx_rows(x_ptr + b * sxb, sxn, sxd, on, on < N, N, D, dxa,
+                            tl.zeros([BT], tl.float32), PAPER, HAS_GP, TX, BDX, BT)
+    tl.atomic_add(dw_ptr + _A1 * T + T - 1, de_fin)
+    if TX:
+        ot = tl.arange(0, BT)
+        if PAPER:  # (one address per lane: term 0 goes to ε_0 in a second add)
+            tl.atomic_add(dw_ptr + _A1 * T + ot - 1, de_x, mask=(ot >= 1) & (ot < T))
+            tl.atomic_add(dw_ptr + _A1 * T, tl.sum(tl.where(ot == 0, de_x, 0.0), axis=0))
+        else:
+            tl.atomic_add(dw_ptr + _A1 * T + ot, de_x, mask=ot < T)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1119,45 +1147,30 @@ def _dkappa(alpha, eps):
 
 
 @triton.jit
-def sinkhorn_wgrad_kernel(w_ptr, dk2_ptr, dk3_ptr, deps_rec_ptr, deps_x_ptr, deps_fin_ptr,
-                          dw_ptr, B, T, PAPER: tl.constexpr, BT: tl.constexpr):
-    """dw [6, T] from the per-set partials of the backward (one program; the partials are B × T).
-
-    dk2, dk3 [B, T]: gradients w.r.t. κ2_t, κ3_t; deps_rec [B, T]: direct ε_t terms; deps_x
-    [B, T]: term t of the x-scale (paper: it belongs to ε_{max(t-1, 0)}); deps_fin [B]: the
-    final log P's ε_{T-1}. Rows other than A1..A3 are written as zeros."""
+def _add_weight_grad(w_ptr, dw_ptr, T, dk2_b, dk3_b, deps_rec_b, deps_x_b, deps_fin,
+                     PAPER: tl.constexpr, BT: tl.constexpr):
+    """dw [6, T] += this set's share, by atomic adds (non-waiting: the programs of the launch
+    never wait on each other). dk2, dk3 [T]: gradients w.r.t. κ2_t, κ3_t; deps_rec [T]: the
+    paper's direct ε_t terms; deps_x [T]: term t of the x-scale (paper: it belongs to
+    ε_{max(t-1, 0)}); deps_fin: the final log P's ε_{T-1}. dw starts at zero, so the rows
+    Sinkhorn does not read stay zero."""
     ot = tl.arange(0, BT)
     tm = ot < T
-    g2 = tl.zeros([BT], tl.float32)
-    g3 = tl.zeros([BT], tl.float32)
-    ge = tl.zeros([BT], tl.float32)
-    for b in range(B):
-        row = b * T
-        g2 += tl.load(dk2_ptr + row + ot, mask=tm, other=0.0)
-        g3 += tl.load(dk3_ptr + row + ot, mask=tm, other=0.0)
-        ge += tl.load(deps_rec_ptr + row + ot, mask=tm, other=0.0)
-        if PAPER:
-            ge += tl.load(deps_x_ptr + row + ot + 1, mask=ot + 1 < T, other=0.0)
-            ge += tl.where(ot == 0, tl.load(deps_x_ptr + row), 0.0)
-        else:
-            ge += tl.load(deps_x_ptr + row + ot, mask=tm, other=0.0)
-        ge += tl.where(ot == T - 1, tl.load(deps_fin_ptr + b), 0.0)
+    g2 = tl.load(dk2_b + ot, mask=tm, other=0.0)
+    g3 = tl.load(dk3_b + ot, mask=tm, other=0.0)
+    if PAPER:
+        ge = tl.load(deps_rec_b + ot, mask=tm, other=0.0)
+        ge += tl.load(deps_x_b + ot + 1, mask=ot + 1 < T, other=0.0)
+        ge += tl.where(ot == 0, tl.load(deps_x_b), 0.0)
+    else:
+        ge = tl.load(deps_x_b + ot, mask=tm, other=0.0)
+    ge += tl.where(ot == T - 1, deps_fin, 0.0)
     eps = tl.load(w_ptr + _A1 * T + ot, mask=tm, other=1.0)
-    a2 = tl.load(w_ptr + _A2 * T + ot, mask=tm, other=1.0)
-    a3 = tl.load(w_ptr + _A3 * T + ot, mask=tm, other=1.0)
-    k2_a, k2_e = _dkappa(a2, eps)
-    k3_a, k3_e = _dkappa(a3, eps)
-    zero = tl.zeros([BT], tl.float32)
-    for r in tl.static_range(6):
-        if r == _A1:
-            v = ge + g2 * k2_e + g3 * k3_e
-        elif r == _A2:
-            v = g2 * k2_a
-        elif r == _A3:
-            v = g3 * k3_a
-        else:
-            v = zero
-        tl.store(dw_ptr + r * T + ot, v, mask=tm)
+    k2_a, k2_e = _dkappa(tl.load(w_ptr + _A2 * T + ot, mask=tm, other=1.0), eps)
+    k3_a, k3_e = _dkappa(tl.load(w_ptr + _A3 * T + ot, mask=tm, other=1.0), eps)
+    tl.atomic_add(dw_ptr + _A1 * T + ot, ge + g2 * k2_e + g3 * k3_e, mask=tm)
+    tl.atomic_add(dw_ptr + _A2 * T + ot, g2 * k2_a, mask=tm)
+    tl.atomic_add(dw_ptr + _A3 * T + ot, g3 * k3_a, mask=tm)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,17 +12,13 @@ import torch
 from torch import Tensor
 
 from ..common import cdiv, launcher, next_pow2, sm_count
-from .kernels import (sinkhorn_bwd_kernel, sinkhorn_fwd_kernel, sinkhorn_split_a_kernel,
+from .kernels import (sinkhorn_bwd_kernel, sinkhorn_dx_kernel, sinkhorn_fwd_kernel,
+                      sinkhorn_split_a_kernel,
                       sinkhorn_split_b_kernel, sinkhorn_split_col_kernel,
-                      sinkhorn_split_row_kernel, sinkhorn_wgrad_kernel)
+                      sinkhorn_split_row_kernel)
 
 # a dense set with at most this many rows is held in one [BN, BD] tile (one pass per iteration)
 ONE_TILE_MAX_N = 512
-
-# the v2 forward iterations (kernels._lean_iteration, _shifted_exact_iteration) for sets held in
-# one tile; False: the v1 one-sweep iteration. A module flag so that tests and the SASS report
-# can compare both.
-LEAN_FORWARD = True
 
 # split sets (dense, exact): when there are fewer sets than SMs, each set's rows are split into
 # blocks, one program each, combined through separate launches (kernels.sinkhorn_split_*).
@@ -67,6 +63,45 @@ def fwd_config(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
 def bwd_config(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
     """(BN, BD, one_tile) of the backward (one pass per reverse iteration when one_tile)."""
     return _config(D, N, BWD_ELEMS_PER_THREAD, num_warps)
+
+
+def dx_tile(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
+    """(BNX, BDX) of the backward's dx pass: the tile that minimises, per element of x, the
+    padded elements plus the per-row and per-column vectors it loads for every iteration t
+    (3 of each: b, C, C̄ and R, R̄, a), i.e. (padded N · padded D) · (1 + 3/BDX + 3/BNX); for a
+    ragged batch (N unknown) rows are taken as unpadded."""
+    tile = BWD_ELEMS_PER_THREAD * 32 * num_warps
+    best = None
+    for k in range(0, 8):
+        BDX = min(2 ** k, next_pow2(D))
+        BNX = max(tile // BDX, 1)
+        if N is not None:
+            BNX = min(BNX, next_pow2(max(N, 1)))
+        rows = cdiv(N, BNX) * BNX if N is not None else BNX
+        cost = rows * cdiv(D, BDX) * BDX * (1 + 3 / BDX + 3 / BNX)
+        if best is None or cost < best[0]:
+            best = (cost, BNX, BDX)
+    return best[1], best[2]
+
+
+def fuse_dx(BN: int, BD: int, BNX: int, BDX: int, one_tile: bool, paper: bool) -> bool:
+    """Write dx in the last reverse sweep (exact, one tile per set) instead of a separate pass:
+    that saves one read of x and recomputing ȳ_0 (2 exp2 per element), and costs the extra
+    per-row / per-column vectors (3 of each per iteration) that the sweep's [BN, BD] tile loads
+    per element beyond the dx pass's [BNX, BDX] tile: fused while 3/BD + 3/BN is at most 1.5×
+    3/BDX + 3/BNX (W2's 64 × 32 (8 warps) or 64 × 16 (4): yes; W1's 512 × 4: 3.6×, no).
+    Independent of T, so that every T takes the same path."""
+    if not one_tile or paper:
+        return False
+    return 3 / BD + 3 / BN <= 1.5 * (3 / BDX + 3 / BNX)
+
+
+def split_dx(x: Tensor, B: int, N: Optional[int], fused: bool) -> bool:
+    """dx of a dense batch by its own launch over row blocks (kernels.sinkhorn_dx_kernel) when
+    there are fewer sets than SMs: the one-program-per-set backward leaves SMs idle, and the dx
+    pass is elementwise. Not when the last reverse sweep writes dx (``fused``) or for ragged
+    batches (row blocks per set would need the largest set's size on the host)."""
+    return N is not None and not fused and B < sm_count(x.device)
 
 
 def num_warps_for(x: Tensor, B: int) -> int:
@@ -133,6 +168,45 @@ def _strides3(t: Tensor, ragged: bool) -> tuple:
     return (0, t.stride(0), t.stride(1)) if ragged else (t.stride(0), t.stride(1), t.stride(2))
 
 
+def state_numel(B: int, T: int, D: int, NR: int) -> int:
+    """Size of the forward's saved state, one fp32 buffer (one allocation: each host op costs
+    ~5 µs on the GPU, PERF.md): A, Rn, Bv, Cn, rfin, tot (see :func:`state_views`)."""
+    return B * (T + 1) * D + B * T * D + (T + 1) * NR + T * NR + B * D + B
+
+
+def _carve(buf: Tensor, shapes) -> list:
+    """Consecutive views of the flat ``buf`` with the given shapes (no host op: views only)."""
+    out, o = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        out.append(buf[o:o + n].view(shape))
+        o += n
+    return out
+
+
+def state_views(state: Tensor, B: int, T: int, D: int, NR: int) -> list:
+    """A (B, T + 1, D), Rn (B, T, D), Bv (T + 1, NR), Cn (T, NR), rfin (B, D), tot (B,)."""
+    return _carve(state, [(B, T + 1, D), (B, T, D), (T + 1, NR), (T, NR), (B, D), (B,)])
+
+
+def param_grads_numel(B: int, T: int, D: int, NR: int, has_p0: bool, has_q0: bool) -> int:
+    """Size of the backward's flat parameter-gradient output: dw (6, T), dlog_p0 (B, D) if
+    has_p0, dlog_q0 (NR,) if has_q0."""
+    return 6 * T + (B * D if has_p0 else 0) + (NR if has_q0 else 0)
+
+
+def param_grad_views(dparams: Tensor, B: int, T: int, D: int, NR: int, has_p0: bool,
+                     has_q0: bool) -> tuple:
+    """(dw (6, T), dlog_p0 (B, D) or None, dlog_q0 (NR,) or None) as views of ``dparams``."""
+    dw, rest = _carve(dparams, [(6, T), (dparams.numel() - 6 * T,)])
+    dlp0, dlq0 = _carve(rest, [(B * D if has_p0 else 0,), (NR if has_q0 else 0,)])
+    return dw, (dlp0.view(B, D) if has_p0 else None), (dlq0 if has_q0 else None)
+
+
+def _strides3(t: Tensor, ragged: bool) -> tuple:
+    return (0, t.stride(0), t.stride(1)) if ragged else (t.stride(0), t.stride(1), t.stride(2))
+
+
 def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
                      log_q0: Optional[Tensor], paper: bool, return_plan: bool, wrap=None):
     """Launch the fused forward.
@@ -147,21 +221,19 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
         wrap: ``torch.library.wrap_triton`` inside a triton_op, else None.
 
     Returns:
-        y (B, D) fp32, plan (like x, or an empty tensor), and the saved state
-        A (B, T + 1, D), Rn (B, T, D), Bv (T + 1, NR), Cn (T, NR), rfin (B, D), tot (B,).
+        y (B, D) fp32, plan (like x, or an empty tensor), and the saved state: one flat fp32
+        buffer, see :func:`state_views` (A (B, T + 1, D), Rn (B, T, D), Bv (T + 1, NR),
+        Cn (T, NR), rfin (B, D), tot (B,)). Three allocations, none initialised on the host:
+        the kernel writes every entry that is read later.
     """
     B, N, D, NR, (sxb, sxn, sxd) = layout(x, ptr)
     T = w.shape[1]
-    f32 = dict(device=x.device, dtype=torch.float32)
-    A = torch.zeros(B, T + 1, D, **f32)
-    Rn = torch.empty(B, T, D, **f32)
-    Bv = torch.zeros(T + 1, NR, **f32)
-    Cn = torch.empty(T, NR, **f32)
-    rfin = torch.empty(B, D, **f32)
-    tot = torch.zeros(B, **f32)
-    y = torch.zeros(B, D, **f32)
+    state = torch.empty(state_numel(B, T, D, NR), device=x.device, dtype=torch.float32)
+    A, Rn, Bv, Cn, rfin, tot = state_views(state, B, T, D, NR)
+    y = torch.empty(B, D, device=x.device, dtype=torch.float32)
     if return_plan:
-        plan = torch.zeros_like(x)  # rows of empty sets do not exist; keep it defined anyway
+        # rows of empty sets do not exist; a dense batch has none: every entry is written
+        plan = torch.empty_like(x)
         spb, spn, spd = _strides3(plan, ptr is not None)
     else:
         plan = x.new_empty(0)
@@ -173,45 +245,47 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
     rows = split_rows(x, B, N, paper)
     if B > 0 and D > 0:
         if rows:
+            Bv[0].zero_()  # b_{-1} = 0 (the forward kernel writes it only after the split launches)
             _split_iterations(x, B, N, D, NR, (sxb, sxn, sxd), w, lp0, lq0, log_p0 is not None,
                               log_q0 is not None, A, Rn, Bv, Cn, rows, nw, wrap)
         launcher(sinkhorn_fwd_kernel, wrap)[(B,)](
-            x, ptr if ptr is not None else y, _largest_first(ptr, y), sxb, sxn, sxd, N if N is not None else 0, D, T, NR,
+            x, ptr if ptr is not None else y, _largest_first(ptr, y), sxb, sxn, sxd,
+            N if N is not None else 0, D, T, NR,
             -math.log2(D), w, lp0, lq0, A, Rn, Bv, Cn, rfin, tot, y, plan, spb, spn, spd,
             RAGGED=ptr is not None, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
             PAPER=paper, RETURN_PLAN=return_plan, ONE_TILE_N=one_tile, BN=BN, BD=BD,
-            LEAN=LEAN_FORWARD, MASK_N=N is None or N != BN, ITERATE=not rows, num_warps=nw)
-    return y, plan, A, Rn, Bv, Cn, rfin, tot
+            MASK_N=N is None or N != BN, ITERATE=not rows, num_warps=nw)
+    return y, plan, state
 
 
 def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
-                      log_q0: Optional[Tensor], paper: bool, y: Tensor, A: Tensor, Rn: Tensor,
-                      Bv: Tensor, Cn: Tensor, rfin: Tensor, tot: Tensor, grad_y: Tensor,
-                      grad_plan: Optional[Tensor], wrap=None):
-    """Launch the fused backward and the weight-table gradient (arguments as
-    :func:`sinkhorn_forward`, plus its outputs).
+                      log_q0: Optional[Tensor], paper: bool, y: Tensor, state: Tensor,
+                      grad_y: Tensor, grad_plan: Optional[Tensor], wrap=None):
+    """Launch the fused backward (arguments as :func:`sinkhorn_forward`, plus its outputs).
 
     Args:
         grad_y: (B, D) gradient of y. grad_plan: gradient of the plan (x's shape) or None.
 
     Returns:
-        dx (like x, x's dtype), dlog_p0 (B, D) or None, dlog_q0 (like log_q0) or None,
-        dw (6, T) fp32 (zeros in the rows Sinkhorn does not read).
+        dx (like x, x's dtype) and dparams: one flat fp32 tensor holding dw (6, T) (zeros in the
+        rows Sinkhorn does not read), dlog_p0 and dlog_q0 where the priors are given; split it
+        with :func:`param_grad_views`. Three allocations (dx, dparams zeroed: the kernel adds
+        each set's share; scratch) and one launch.
     """
     B, N, D, NR, (sxb, sxn, sxd) = layout(x, ptr)
     T = w.shape[1]
-    f32 = dict(device=x.device, dtype=torch.float32)
-    dx = torch.zeros_like(x)
-    dlp0 = torch.zeros(B, D, **f32)
-    dlq0 = torch.zeros(NR, **f32)
-    # per-set partials of the weight gradient, folded by sinkhorn_wgrad_kernel
-    part = torch.zeros(4, B, T, **f32)
-    deps_fin = torch.zeros(B, **f32)
-    dw = torch.empty(6, T, **f32)
-    Rbar = torch.empty(B, T, D, **f32)
-    Cbar = torch.empty(T, NR, **f32)
-    abar = torch.empty(B, D, **f32)
-    bbar = torch.empty(NR, **f32)
+    A, Rn, Bv, Cn, rfin, tot = state_views(state, B, T, D, NR)
+    has_p0, has_q0 = log_p0 is not None, log_q0 is not None
+    dx = torch.empty_like(x)
+    dparams = torch.zeros(param_grads_numel(B, T, D, NR, has_p0, has_q0), device=x.device,
+                          dtype=torch.float32)
+    dw, dlp0, dlq0 = param_grad_views(dparams, B, T, D, NR, has_p0, has_q0)
+    # per-set partials of the weight gradient (dk2, dk3, deps_rec, deps_x) and the adjoints
+    # Rbar, Cbar, abar, bbar
+    scratch = torch.empty(4 * B * T + B * T * D + T * NR + B * D + NR + B, device=x.device,
+                          dtype=torch.float32)
+    part, Rbar, Cbar, abar, bbar, pg = _carve(
+        scratch, [(4, B, T), (B, T, D), (T, NR), (B, D), (NR,), (B,)])
     g = grad_y.float().contiguous()
     has_gp = grad_plan is not None
     gp = grad_plan if has_gp else g
@@ -219,19 +293,25 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     sdb, sdn, sdd = _strides3(dx, ptr is not None)
     nw = num_warps_for(x, B)
     BN, BD, one_tile = bwd_config(D, N, nw)
-    lp0 = log_p0.float().contiguous() if log_p0 is not None else g
-    lq0 = log_q0.float().contiguous() if log_q0 is not None else g
+    BNX, BDX = dx_tile(D, N, nw)
+    fused = fuse_dx(BN, BD, BNX, BDX, one_tile, paper)
+    split = split_dx(x, B, N, fused)
+    lp0 = log_p0.float().contiguous() if has_p0 else g
+    lq0 = log_q0.float().contiguous() if has_q0 else g
     if B > 0 and D > 0:
         launcher(sinkhorn_bwd_kernel, wrap)[(B,)](
-            x, ptr if ptr is not None else g, _largest_first(ptr, g), sxb, sxn, sxd, N if N is not None else 0, D, T, NR,
-            -math.log2(D), w, lp0, lq0, A, Rn, Bv, Cn, rfin, tot, y,
-            g, gp, sgb, sgn, sgd, dx, sdb, sdn, sdd,
-            dlp0, dlq0, part[0], part[1], part[2], part[3], deps_fin, Rbar, Cbar, abar, bbar,
-            RAGGED=ptr is not None, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
+            x, ptr if ptr is not None else g, _largest_first(ptr, g), sxb, sxn, sxd,
+            N if N is not None else 0, D, T, NR, -math.log2(D), w, lp0, lq0, A, Rn, Bv, Cn, rfin,
+            tot, y, g, gp, sgb, sgn, sgd, dx, sdb, sdn, sdd,
+            dlp0 if has_p0 else g, dlq0 if has_q0 else g, dw, part[0], part[1], part[2],
+            part[3], Rbar, Cbar, abar, bbar, pg,
+            RAGGED=ptr is not None, HAS_P0=has_p0, HAS_Q0=has_q0,
             PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one_tile, BN=BN, BD=BD, BT=next_pow2(T),
-            num_warps=nw)
-    launcher(sinkhorn_wgrad_kernel, wrap)[(1,)](
-        w, part[0], part[1], part[2], part[3], deps_fin, dw, B, T, PAPER=paper,
-        BT=next_pow2(T), num_warps=1)
-    return (dx, dlp0 if log_p0 is not None else None,
-            dlq0.reshape(log_q0.shape) if log_q0 is not None else None, dw)
+            BNX=BNX, BDX=BDX, FUSE_DX=fused, SPLIT_DX=split, num_warps=nw)
+        if split:
+            launcher(sinkhorn_dx_kernel, wrap)[(B, cdiv(N, BNX))](
+                x, sxb, sxn, sxd, N, D, T, NR, w, A, Rn, Bv, Cn, rfin, tot, y, g, gp, sgb, sgn,
+                sgd, dx, sdb, sdn, sdd, Rbar, Cbar, pg, dw, PAPER=paper, HAS_GP=has_gp,
+                TX=not (one_tile and not paper), BNX=BNX, BDX=BDX, BT=next_pow2(T),
+                num_warps=nw)
+    return dx, dparams

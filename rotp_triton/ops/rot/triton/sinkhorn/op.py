@@ -4,7 +4,9 @@
 ``rotp_triton::sinkhorn_fwd`` / ``sinkhorn_bwd`` are ``torch.library.triton_op`` s with
 registered autograd and explicit fake kernels, so ``torch.compile(fullgraph=True)`` traces them
 as one node each; without ``triton_op`` a plain ``torch.autograd.Function`` is used. The forward
-saves x (no copy) and O(T·(N + D)) vectors per set; the backward recomputes every softmax.
+saves x (no copy) and O(T·(N + D)) vectors per set (one flat state tensor); the backward
+recomputes every softmax. Each op allocates its outputs once per kind (flat state, flat
+parameter gradients: every host op costs ~5 µs on the GPU, PERF.md).
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import torch
 from torch import Tensor
 
 from ..common import HAS_TRITON_OP
-from .launch import layout, sinkhorn_backward, sinkhorn_forward
+from .launch import (layout, param_grad_views, param_grads_numel, sinkhorn_backward,
+                     sinkhorn_forward, state_numel)
 
 _OP_NS = "rotp_triton"
 
@@ -24,19 +27,28 @@ class SinkhornFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, ptr, w, log_p0, log_q0, paper, return_plan):
-        y, plan, *state = sinkhorn_forward(x, ptr, w, log_p0, log_q0, paper, return_plan)
-        ctx.save_for_backward(x, ptr, w, log_p0, log_q0, y, *state)
+        y, plan, state = sinkhorn_forward(x, ptr, w, log_p0, log_q0, paper, return_plan)
+        ctx.save_for_backward(x, ptr, w, log_p0, log_q0, y, state)
         ctx.paper = paper
         ctx.return_plan = return_plan
         return y, plan
 
     @staticmethod
     def backward(ctx, gy, gplan):
-        x, ptr, w, log_p0, log_q0, y, *state = ctx.saved_tensors
+        x, ptr, w, log_p0, log_q0, y, state = ctx.saved_tensors
         gp = gplan if (ctx.return_plan and gplan is not None) else None
-        dx, dlp0, dlq0, dw = sinkhorn_backward(x, ptr, w, log_p0, log_q0, ctx.paper, y, *state,
-                                               gy.contiguous(), gp)
+        dx, dparams = sinkhorn_backward(x, ptr, w, log_p0, log_q0, ctx.paper, y, state,
+                                        gy.contiguous(), gp)
+        dw, dlp0, dlq0 = _param_grads(dparams, x, ptr, w, log_p0, log_q0)
         return dx, None, dw, dlp0, dlq0, None, None
+
+
+def _param_grads(dparams, x, ptr, w, log_p0, log_q0):
+    """(dw, dlog_p0 or None, dlog_q0 shaped like log_q0 or None): views of the flat dparams."""
+    B, _, D, NR, _ = layout(x, ptr)
+    dw, dlp0, dlq0 = param_grad_views(dparams, B, w.shape[1], D, NR, log_p0 is not None,
+                                      log_q0 is not None)
+    return dw, dlp0, (dlq0.view(log_q0.shape) if log_q0 is not None else None)
 
 
 sinkhorn_fwd_op = None
@@ -49,44 +61,37 @@ if HAS_TRITON_OP:
         @triton_op(f"{_OP_NS}::sinkhorn_fwd", mutates_args=())
         def sinkhorn_fwd_op(x: Tensor, ptr: Optional[Tensor], w: Tensor,
                             log_p0: Optional[Tensor], log_q0: Optional[Tensor], paper: bool,
-                            return_plan: bool
-                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                       Tensor]:
-            """(y fp32, plan, A, Rn, Bv, Cn, rfin, tot); see launch.sinkhorn_forward."""
+                            return_plan: bool) -> Tuple[Tensor, Tensor, Tensor]:
+            """(y fp32, plan, flat state); see launch.sinkhorn_forward."""
             return sinkhorn_forward(x, ptr, w, log_p0, log_q0, paper, return_plan,
                                     wrap=wrap_triton)
 
         @triton_op(f"{_OP_NS}::sinkhorn_bwd", mutates_args=())
         def sinkhorn_bwd_op(x: Tensor, ptr: Optional[Tensor], w: Tensor,
                             log_p0: Optional[Tensor], log_q0: Optional[Tensor], paper: bool,
-                            y: Tensor, A: Tensor, Rn: Tensor, Bv: Tensor, Cn: Tensor,
-                            rfin: Tensor, tot: Tensor, grad_y: Tensor,
-                            grad_plan: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-            """(dx, dlog_p0, dlog_q0, dw (6, T)); absent priors give empty gradients."""
-            dx, dlp0, dlq0, dw = sinkhorn_backward(x, ptr, w, log_p0, log_q0, paper, y, A, Rn,
-                                                   Bv, Cn, rfin, tot, grad_y, grad_plan,
-                                                   wrap=wrap_triton)
-            # absent priors: distinct empty tensors (custom-op outputs may not alias)
-            return (dx, dlp0 if dlp0 is not None else x.new_empty(0, dtype=torch.float32),
-                    dlq0 if dlq0 is not None else x.new_empty(0, dtype=torch.float32), dw)
+                            y: Tensor, state: Tensor, grad_y: Tensor,
+                            grad_plan: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+            """(dx, flat dparams: dw (6, T), then dlog_p0, dlog_q0 where given)."""
+            return sinkhorn_backward(x, ptr, w, log_p0, log_q0, paper, y, state, grad_y,
+                                     grad_plan, wrap=wrap_triton)
 
         def _setup_context(ctx, inputs, output):
             x, ptr, w, log_p0, log_q0, paper, return_plan = inputs
-            y, plan, *state = output
-            ctx.save_for_backward(x, ptr, w, log_p0, log_q0, y, *state)
+            y, plan, state = output
+            ctx.save_for_backward(x, ptr, w, log_p0, log_q0, y, state)
             ctx.paper = paper
             ctx.return_plan = return_plan
-            # the state outputs get no gradient: no zero tensors materialised for them
+            # the state output gets no gradient: no zero tensor materialised for it
             ctx.set_materialize_grads(False)
 
-        def _backward(ctx, gy, gplan, *_state_grads):
-            x, ptr, w, log_p0, log_q0, y, *state = ctx.saved_tensors
+        def _backward(ctx, gy, gplan, _state_grad):
+            x, ptr, w, log_p0, log_q0, y, state = ctx.saved_tensors
             gp = gplan.contiguous() if (ctx.return_plan and gplan is not None) else None
             gy = torch.zeros_like(y) if gy is None else gy  # (not materialised: y unused)
-            dx, dlp0, dlq0, dw = sinkhorn_bwd_op(x, ptr, w, log_p0, log_q0, ctx.paper, y,
-                                                 *state, gy.contiguous(), gp)
-            return (dx, None, dw, dlp0 if log_p0 is not None else None,
-                    dlq0 if log_q0 is not None else None, None, None)
+            dx, dparams = sinkhorn_bwd_op(x, ptr, w, log_p0, log_q0, ctx.paper, y, state,
+                                          gy.contiguous(), gp)
+            dw, dlp0, dlq0 = _param_grads(dparams, x, ptr, w, log_p0, log_q0)
+            return dx, None, dw, dlp0, dlq0, None, None
 
         sinkhorn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
@@ -95,22 +100,16 @@ if HAS_TRITON_OP:
         @sinkhorn_fwd_op.register_fake
         def _sinkhorn_fwd_fake(x, ptr, w, log_p0, log_q0, paper, return_plan):
             B, _, D, NR, _ = layout(x, ptr)
-            T = w.shape[1]
             f = dict(device=x.device, dtype=torch.float32)
             plan = torch.empty_like(x) if return_plan else x.new_empty(0)
-            return (x.new_empty(B, D, **f), plan, x.new_empty(B, T + 1, D, **f),
-                    x.new_empty(B, T, D, **f), x.new_empty(T + 1, NR, **f),
-                    x.new_empty(T, NR, **f), x.new_empty(B, D, **f), x.new_empty(B, **f))
+            return (x.new_empty(B, D, **f), plan,
+                    x.new_empty(state_numel(B, w.shape[1], D, NR), **f))
 
         @sinkhorn_bwd_op.register_fake
-        def _sinkhorn_bwd_fake(x, ptr, w, log_p0, log_q0, paper, y, A, Rn, Bv, Cn, rfin, tot,
-                               grad_y, grad_plan):
-            B, _, D, _, _ = layout(x, ptr)
-            f = dict(device=x.device, dtype=torch.float32)
-            return (torch.empty_like(x),
-                    x.new_empty(B, D, **f) if log_p0 is not None else x.new_empty(0, **f),
-                    x.new_empty(log_q0.shape, **f) if log_q0 is not None else x.new_empty(0, **f),
-                    x.new_empty(w.shape, **f))
+        def _sinkhorn_bwd_fake(x, ptr, w, log_p0, log_q0, paper, y, state, grad_y, grad_plan):
+            B, _, D, NR, _ = layout(x, ptr)
+            n = param_grads_numel(B, w.shape[1], D, NR, log_p0 is not None, log_q0 is not None)
+            return torch.empty_like(x), x.new_empty(n, device=x.device, dtype=torch.float32)
     except Exception:  # pragma: no cover - a torch whose triton_op rejects this op
         sinkhorn_fwd_op = sinkhorn_bwd_op = None
 
@@ -131,7 +130,7 @@ def sinkhorn_pool(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
     """
     paper = variant == "paper"
     if sinkhorn_fwd_op is not None:
-        y, plan, *_ = sinkhorn_fwd_op(x, ptr, w, log_p0, log_q0, paper, return_plan)
+        y, plan, _ = sinkhorn_fwd_op(x, ptr, w, log_p0, log_q0, paper, return_plan)
     else:
         y, plan = SinkhornFunction.apply(x, ptr, w, log_p0, log_q0, paper, return_plan)
     return y.to(x.dtype), (plan if return_plan else None)
