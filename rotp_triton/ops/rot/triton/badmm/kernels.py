@@ -78,7 +78,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common import kappa
+from ..common import LOG2E, kappa
+
+_LOG2E = tl.constexpr(LOG2E)   # jit code reads module constants as constexprs
 
 # Vector scratch: 7 D-vectors per program (vd + j·D) - R, log μ, z1, τ (then R̄), log μ̄, z̄1,
 # log p̄0 - and 9 N-vectors per set (vn + j·ns) - C, log η, z2, σ (then C̄), log η̄, z̄2, log q̄0,
@@ -91,7 +93,7 @@ from ..common import kappa
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _exp(v):
-    return tl.exp2(v * 1.4426950408889634)
+    return tl.exp2(v * _LOG2E)
 
 
 @triton.jit
@@ -472,33 +474,69 @@ def _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0, 
     (log μ - R)_s are known,
         log P = log S + (X - Z [- α1 S]) / w_P + (log μ - R)_d,  P = exp(log P),
         log S' = Y2(log P, P, Z) + (log η - C)_n,  Z' = Z + ρ (P - S'),
-    two exp2 per element and replayed iteration, no HBM traffic beyond x and the vectors."""
+    two exp2 per element and replayed iteration, no HBM traffic beyond x and the vectors.
+
+    The hot loop of the forward and the backward (issue 17), so an element costs FMAs and two
+    MUFU.EX2: the weights' reciprocals come from the launcher's table (rows :data:`INV_WP`,
+    :data:`INV_W`, formed once per call by :func:`badmm_coef_kernel`, no division here), and
+    lanes outside the set start at log S = -inf, which the update keeps (P = S = 0, Z = 0): no
+    select per iteration, one at the end restores the contract (0 outside the set).
+    Y = log S + G/w_P is formed exactly as the passes form it (:func:`_p_step_y`, the same
+    reciprocal), so that log P = Y + (log μ - R) cancels to the last bit like theirs: at
+    |x| ~ 1e30 any other rounding of Y leaves log P ~ ±1e23 (issue 17's NaN)."""
     nm = offs_n < n_b
     dm = offs_d < D
     lq = _load_prior(lq0_b, offs_n, n_b, u_q0, HAS_Q0)
     lp = _load_prior(lp0_b, offs_d, D, u_p0, HAS_P0)
-    L = tl.where(mask, lq[:, None] + lp[None, :], 0.0)                                 # [BN, BD]
+    L = tl.where(mask, lq[:, None] + lp[None, :], float("-inf"))                     # [BN, BD]
     Zt = tl.zeros_like(L)
-    S = _exp(L)
+    if QUAD:
+        S = _exp(L)
+    col_ptr = hd_b + offs_d                          # [BD] R_k; log μ_k at + D
+    row_ptr = hn_b + offs_n                          # [BN] C_k; log η_k at + NR
     for k in range(0, t):
         a1 = tl.load(w_ptr + 1 * T + k)
         rho = tl.load(w_ptr + 4 * T + k)
-        hd_k = hd_b + k * KV * D
-        hn_k = hn_b + k * KV * NR
-        col = tl.load(hd_k + D + offs_d, mask=dm, other=0.0) \
-            - tl.load(hd_k + offs_d, mask=dm, other=0.0)                             # log μ - R
-        row = tl.load(hn_k + NR + offs_n, mask=nm, other=0.0) \
-            - tl.load(hn_k + offs_n, mask=nm, other=0.0)                             # log η - C
+        col = tl.load(col_ptr + D, mask=dm, other=0.0) - tl.load(col_ptr, mask=dm, other=0.0)
+        row = tl.load(row_ptr + NR, mask=nm, other=0.0) - tl.load(row_ptr, mask=nm, other=0.0)
+        col_ptr += KV * D
+        row_ptr += KV * NR
         if QUAD:
             g = X - Zt - a1 * S
         else:
             g = X - Zt
-        lpk = L + g * (1.0 / _step_weight(a1, rho, QUAD)) + col[None, :]
+        lpk = (L + g * tl.load(w_ptr + INV_WP * T + k)) + col[None, :]                 # log P
         pk = _exp(lpk)
-        L = tl.where(mask, _s_step_y(lpk, pk, Zt, a1, rho, QUAD) + row[:, None], 0.0)
+        if QUAD:       # Y2 = log P + (Z - α1 P)/w_P
+            y2 = lpk + (Zt - a1 * pk) * tl.load(w_ptr + INV_WP * T + k)
+        else:          # Y2 = (Z + ρ log P)/(α1 + ρ)
+            y2 = (Zt + rho * lpk) * tl.load(w_ptr + INV_W * T + k)
+        L = y2 + row[:, None]
         S = _exp(L)
         Zt = Zt + rho * (pk - S)
-    return L, Zt
+    return tl.where(mask, L, 0.0), Zt
+
+
+# Rows the launcher appends to the (6, T) weight table (:func:`badmm_coef_kernel`, once per
+# call): reciprocals of the step weights, so that the replay's hot loop does not divide.
+INV_WP = tl.constexpr(6)     # 1 / w_P
+INV_W = tl.constexpr(7)      # 1 / (α1 + ρ)
+WEIGHT_ROWS = 8
+
+
+@triton.jit
+def badmm_coef_kernel(w_ptr, wc_ptr, T, QUAD: tl.constexpr, BT: tl.constexpr):
+    """wc (WEIGHT_ROWS, T): the (6, T) table w, then the rows INV_WP and INV_W, divided as the
+    passes divide (:func:`_p_step_y`, :func:`_s_step_y`: the same value to the last bit)."""
+    offs = tl.program_id(0) * BT + tl.arange(0, BT)                                      # [BT]
+    m = offs < T
+    for r in tl.static_range(6):
+        tl.store(wc_ptr + r * T + offs, tl.load(w_ptr + r * T + offs, mask=m, other=0.0),
+                 mask=m)
+    a1 = tl.load(w_ptr + 1 * T + offs, mask=m, other=1.0)
+    rho = tl.load(w_ptr + 4 * T + offs, mask=m, other=1.0)
+    tl.store(wc_ptr + INV_WP * T + offs, 1.0 / _step_weight(a1, rho, QUAD), mask=m)
+    tl.store(wc_ptr + INV_W * T + offs, 1.0 / (a1 + rho), mask=m)
 
 
 # --------------------------------------------------------------------------------------------
