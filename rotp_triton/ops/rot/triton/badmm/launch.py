@@ -16,8 +16,8 @@ from torch import Tensor
 import triton
 
 from ..common import cdiv, launcher, next_pow2, sm_count
-from .kernels import (WEIGHT_ROWS, badmm_bwd_kernel, badmm_coef_kernel, badmm_dw_kernel,
-                      badmm_fwd_kernel, quad_flag)
+from .kernels import (ADJ_FIRST, ADJ_S_STEP, WEIGHT_ROWS, badmm_bwd_kernel, badmm_coef_kernel,
+                      badmm_dw_kernel, badmm_fwd_kernel, quad_flag)
 from .split_backward_kernels import (badmm_split_bwd_cols_step_kernel,
                                      badmm_split_bwd_init_kernel, badmm_split_bwd_pass2_kernel,
                                      badmm_split_bwd_pass3_kernel,
@@ -224,7 +224,7 @@ def _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, 
     BN, BD, BV, num_warps = geo.blocks
     NS, SD, DS = _split_slices(geo, NS, DS)
     f32 = dict(device=x.device, dtype=torch.float32)
-    slb, szb = (torch.zeros(rows * D, **f32) for _ in range(2))           # L̄, Z̄ (rows, D)
+    slb, szb = (torch.empty(rows * D, **f32) for _ in range(2))           # L̄, Z̄ (rows, D)
     vd = torch.empty(B * 7 * D, **f32)                                    # per-set slots
     vn = torch.empty(7 * rows, **f32)
     tau = torch.empty(B * NS * D, **f32)                                  # [B, NS, D]
@@ -253,7 +253,8 @@ def _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, 
             HAS_P0=has_p0, QUAD=quadratic, PAPER=paper, BV=BV, num_warps=num_warps)
         launcher(badmm_split_bwd_pass3_kernel, wrap)[tiles](
             *xargs, gx, gy, y32, sig, gwt, geo.N, D, rows, T, tb, NS, SD, DS, u_p0,
-            **flags, BN=BN, BD=BD, num_warps=num_warps)
+            **flags, ADJ=(ADJ_FIRST if tb == T - 1 else ADJ_S_STEP).value, PLAN=gplan is not None,
+            BN=BN, BD=BD, num_warps=num_warps)
     launcher(badmm_split_bwd_init_kernel, wrap)[(B,)](
         ptr, slb, vd, vn, gp0, gq0, geo.N, D, rows, **sets, HAS_P0=has_p0, HAS_Q0=has_q0,
         PAPER=paper, BN=BN, BD=BD, num_warps=num_warps)
@@ -261,10 +262,11 @@ def _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, 
 
 
 def history_like(x: Tensor, ptr: Optional[Tensor], T: int, paper: bool):
-    """Empty fp32 vector history: hd (B, T, KV, D) - R, log μ [, z1] - and hn (T, KV, rows) -
-    C, log η [, z2] - of every iteration (KV = 3 for the paper variant, else 2). Sizes come
-    from shapes only (no host sync)."""
-    KV = 3 if paper else 2
+    """Empty fp32 vector history: hd (B, T, KV, D) - R, log μ [, z1], log μ - R - and
+    hn (T, KV, rows) - C, log η [, z2], log η - C - of every iteration (KV = 4 for the paper
+    variant, else 3; the last slot is the replay's shift). Sizes come from shapes only (no
+    host sync)."""
+    KV = 4 if paper else 3
     D = x.shape[-1]
     B = x.shape[0] if ptr is None else ptr.shape[0] - 1
     rows = x.shape[0] * x.shape[1] if ptr is None else x.shape[0]

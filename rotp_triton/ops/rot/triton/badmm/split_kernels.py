@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .kernels import (_exp, _finite, _iter_weights, _load_prior, _load_x, _log, _p_step_y,
                       _replay_state, _rho_prev, _s_step_y, _set_bounds, _tile_ptrs, _vec_copy,
-                      _vec_copy_prior, _vec_fill, _vec_lognorm_mix, _vec_paper_update)
+                      _vec_copy_prior, _vec_fill, _vec_lognorm_mix, _vec_paper_update, _vec_sub)
 
 
 @triton.jit
@@ -155,7 +155,7 @@ def badmm_split_column_step_kernel(
     KV: tl.constexpr, POOL: tl.constexpr, BV: tl.constexpr,
 ):
     """Per set b: R_t = LSE over the NS partials (and y = the pooled output with POOL) into
-    hd[b, t, 0]; then log μ_t into hd[b, t, 1] - exact: lognorm(κ2 log p0 + (1 - κ2) R_t);
+    hd[b, t, 0]; then log μ_t into hd[b, t, 1] (and log μ_t - R_t into the shift slot) - exact: lognorm(κ2 log p0 + (1 - κ2) R_t);
     paper: the vector state of eqs. 26-28 advanced from hd[b, t - 1] (log p0, z1 = 0 at t = 0)."""
     b64 = tl.program_id(0).to(tl.int64)
     rs, n_b, _xoff = _set_bounds(tl.program_id(0), ptr_ptr, N, 0, 0, RAGGED)
@@ -197,6 +197,8 @@ def badmm_split_column_step_kernel(
         else:
             _a1, _rho, k2, _k3 = _iter_weights(w_ptr, T, t, QUAD, PAPER)
             _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, hd_t, hd_t + D, k2, D, BV)
+        tl.debug_barrier()
+        _vec_sub(hd_t + D, hd_t, hd_t + (KV - 1) * D, D, BV)              # the replay's shift
 
 
 @triton.jit
@@ -293,6 +295,8 @@ def badmm_split_row_step_kernel(
         else:
             _a1, _rho, _k2, k3 = _iter_weights(w_ptr, T, t, QUAD, PAPER)
             _vec_lognorm_mix(lq0_b, HAS_Q0, u_q0, hn_t, hn_t + NR, k3, n_b, BV)
+        tl.debug_barrier()
+        _vec_sub(hn_t + NR, hn_t, hn_t + (KV - 1) * NR, n_b, BV)          # the replay's shift
 
 
 @triton.jit
