@@ -115,13 +115,14 @@ def _scratch(geo: _Geometry, device, n_mats: int):
 
 def forward_replays(T: int, x_bytes: int) -> bool:
     """Forward schedule: rebuild the state from x and the vectors in every pass (REPLAY: reads
-    x only; the pass of iteration t replays t elementwise iterations, ~31 SASS instructions per
-    element each at sm_90) or stream log S, Z through HBM scratch (2 x_bytes + 24 bytes per
-    element-iteration). Predicted on H100 (3.0 TB/s; 2.96e13 lane-instructions/s; the SASS
-    counts of bench/results/badmm_v2_*.md): replaying costs ~(3.4 + 1.05 T) ps per
-    element-iteration, streaming (2 x_bytes + 24) / 3 ps, so replay wins up to T ≈ 6.9 for fp32
-    x and 5.6 for fp16/bf16 (cost model: :mod:`.cost`)."""
-    return T <= int(((2 * x_bytes + 24) / 3 - 3.4) / 1.05)
+    x only; the pass of iteration t replays t elementwise iterations, ~19.4 SASS instructions
+    per element each at sm_90 since the hot loop lost its divisions, selects and second vector
+    loads - 155 per 8 elements in the W2 build, bench/results/badmm_2026-11-28_v3.md) or stream
+    log S, Z through HBM scratch (2 x_bytes + 24 bytes per element-iteration). Predicted on
+    H100 (3.0 TB/s; 2.96e13 lane-instructions/s): replaying costs ~(3.4 + 0.66 T) ps per
+    element-iteration, streaming (2 x_bytes + 24) / 3 ps, so replay wins up to T ≈ 11 for fp32
+    x and 9 for fp16/bf16 (was 6 / 5 at 31 instructions). Prediction, not measured."""
+    return T <= int(((2 * x_bytes + 24) / 3 - 3.4) / 0.655)
 
 
 def forward_splits(B: int, N: int, D: int, BN: int, BD: int, device: torch.device):

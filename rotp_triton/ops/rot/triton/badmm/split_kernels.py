@@ -149,6 +149,30 @@ def badmm_split_column_lse_kernel(
 
 
 @triton.jit
+def _history_step(h_t, S, length, prior_ptr, HAS: tl.constexpr, uval, k, k_p, rho_p, t,
+                  PAPER: tl.constexpr, KV: tl.constexpr, BV: tl.constexpr):
+    """The vector step of one side, after the combine wrote its LSE (R_t or C_t) into slot 0 of
+    the history h_t (slot stride S, ``length`` entries): slot 1 gets the iteration's marginal -
+    exact: lognorm(κ log prior + (1 - κ) LSE); paper: the vector state of eqs. 26-28 advanced
+    from iteration t - 1 (κ_p, ρ_p; the prior and z = 0 at t = 0) - and slot KV - 1 the
+    replay's shift (slot 1 - slot 0)."""
+    if PAPER:
+        if t > 0:
+            h_p = h_t - KV * S
+            _vec_copy(h_p + S, h_t + S, length, BV)
+            _vec_copy(h_p + 2 * S, h_t + 2 * S, length, BV)
+            tl.debug_barrier()
+            _vec_paper_update(prior_ptr, HAS, uval, h_t + S, h_t + 2 * S, k_p, rho_p, length, BV)
+        else:
+            _vec_copy_prior(prior_ptr, HAS, uval, h_t + S, length, BV)
+            _vec_fill(h_t + 2 * S, 0.0, length, BV)
+    else:
+        _vec_lognorm_mix(prior_ptr, HAS, uval, h_t, h_t + S, k, length, BV)
+    tl.debug_barrier()
+    _vec_sub(h_t + S, h_t, h_t + (KV - 1) * S, length, BV)
+
+
+@triton.jit
 def badmm_split_column_step_kernel(
     ptr_ptr, lp0_ptr, w_ptr, hd_ptr, pm_ptr, pl_ptr, pa_ptr, y_ptr, N, D, T, t, NS, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, QUAD: tl.constexpr, PAPER: tl.constexpr,
@@ -183,22 +207,9 @@ def badmm_split_column_step_kernel(
             if POOL:
                 tl.store(y_ptr + b64 * D + offs, acc / l, mask=msk)
         tl.debug_barrier()
-        if PAPER:
-            if t > 0:
-                hd_p = hd_t - KV * D
-                _vec_copy(hd_p + D, hd_t + D, D, BV)
-                _vec_copy(hd_p + 2 * D, hd_t + 2 * D, D, BV)
-                tl.debug_barrier()
-                _a1, rho_p, k2_p, _k3 = _iter_weights(w_ptr, T, t - 1, QUAD, PAPER)
-                _vec_paper_update(lp0_b, HAS_P0, u_p0, hd_t + D, hd_t + 2 * D, k2_p, rho_p, D, BV)
-            else:
-                _vec_copy_prior(lp0_b, HAS_P0, u_p0, hd_t + D, D, BV)
-                _vec_fill(hd_t + 2 * D, 0.0, D, BV)
-        else:
-            _a1, _rho, k2, _k3 = _iter_weights(w_ptr, T, t, QUAD, PAPER)
-            _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, hd_t, hd_t + D, k2, D, BV)
-        tl.debug_barrier()
-        _vec_sub(hd_t + D, hd_t, hd_t + (KV - 1) * D, D, BV)              # the replay's shift
+        _a1, _rho, k2, _k3 = _iter_weights(w_ptr, T, t, QUAD, PAPER)
+        _a1, rho_p, k2_p, _k3 = _iter_weights(w_ptr, T, tl.maximum(t - 1, 0), QUAD, PAPER)
+        _history_step(hd_t, D, D, lp0_b, HAS_P0, u_p0, k2, k2_p, rho_p, t, PAPER, KV, BV)
 
 
 @triton.jit
@@ -280,23 +291,9 @@ def badmm_split_row_step_kernel(
                     * _exp(tl.load(qm_ptr + o, mask=msk, other=float("-inf")) - ms)
             tl.store(hn_t + offs, mx + _log(tl.where(msk, l, 1.0)), mask=msk)
         tl.debug_barrier()
-        if PAPER:
-            if t > 0:
-                hn_p = hn_t - KV * NR
-                _vec_copy(hn_p + NR, hn_t + NR, n_b, BV)
-                _vec_copy(hn_p + 2 * NR, hn_t + 2 * NR, n_b, BV)
-                tl.debug_barrier()
-                _a1, rho_p, _k2, k3_p = _iter_weights(w_ptr, T, t - 1, QUAD, PAPER)
-                _vec_paper_update(lq0_b, HAS_Q0, u_q0, hn_t + NR, hn_t + 2 * NR, k3_p, rho_p, n_b,
-                                  BV)
-            else:
-                _vec_copy_prior(lq0_b, HAS_Q0, u_q0, hn_t + NR, n_b, BV)
-                _vec_fill(hn_t + 2 * NR, 0.0, n_b, BV)
-        else:
-            _a1, _rho, _k2, k3 = _iter_weights(w_ptr, T, t, QUAD, PAPER)
-            _vec_lognorm_mix(lq0_b, HAS_Q0, u_q0, hn_t, hn_t + NR, k3, n_b, BV)
-        tl.debug_barrier()
-        _vec_sub(hn_t + NR, hn_t, hn_t + (KV - 1) * NR, n_b, BV)          # the replay's shift
+        _a1, _rho, _k2, k3 = _iter_weights(w_ptr, T, t, QUAD, PAPER)
+        _a1, rho_p, _k2, k3_p = _iter_weights(w_ptr, T, tl.maximum(t - 1, 0), QUAD, PAPER)
+        _history_step(hn_t, NR, n_b, lq0_b, HAS_Q0, u_q0, k3, k3_p, rho_p, t, PAPER, KV, BV)
 
 
 @triton.jit
