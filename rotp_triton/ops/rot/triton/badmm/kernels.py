@@ -845,6 +845,7 @@ def _adjoint_p_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
     acc_a1 = _vzero(BD)
     acc_rho = _vzero(BD)
     inv_ws = 1.0 / _step_weight(a1, rho, QUAD)
+    n_kept = tl.where(tb > 0, n_hi, n_lo)            # rows whose L̄, Z̄ a later pass reads
     for n0 in range(n_lo, n_hi, BN):
         offs_n = n0 + tl.arange(0, BN)
         nm = offs_n < n_hi
@@ -897,8 +898,13 @@ def _adjoint_p_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
             acc_rho += d_ws
             zb_new = Zb - gb
             sigma += tl.sum(tl.where(mask, lb - rho_prev * zb_new * s, 0.0), axis=1)
-            tl.store(slb + o, lb, mask=mask)
-            tl.store(szb + o, zb_new, mask=mask)
+            # the first iteration's L̄ only feeds the priors' gradients, its Z̄ nothing (Z_0 = 0)
+            kept = mask & (offs_n < n_kept)[:, None]
+            if HAS_P0 or HAS_Q0:
+                tl.store(slb + o, lb, mask=mask)
+            else:
+                tl.store(slb + o, lb, mask=kept)
+            tl.store(szb + o, zb_new, mask=kept)
             tl.store(gx_b + o, gx + gb, mask=mask)
         if tb > 0:
             tl.store(sigma_ptr + offs_n, sigma, mask=nm)
