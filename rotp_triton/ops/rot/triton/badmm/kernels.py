@@ -48,13 +48,14 @@ is derived on chip from the (6, T) weight table (rows as ``params.py``).
 
 Backward schedule (issue 17): for α0 = 0 every entry of (log S, Z) evolves on its own once the
 iteration's row and column shifts (log η - C)_n and (log μ - R)_d are known. The forward
-therefore records R, log μ [, z1] (per set, D each) and C, log η [, z2] (per row) of every
-iteration - O(T · (N + D)) per set, saved with x - and the backward's reverse step t rebuilds
+therefore records R, log μ [, z1], log μ - R (per set, D each) and C, log η [, z2],
+log η - C (per row) of every iteration - O(T · (N + D)) per set, saved with x - and the backward's reverse step t rebuilds
 (log S_t, Z_t) of each tile from x and that history (:func:`_replay_state`: t elementwise
 iterations, two exp2 each, no HBM traffic beyond x and the vectors) instead of re-running the
 forward's passes from iteration 0. Per reverse step: passes 2-3 over x and the adjoints L̄, Z̄
-(fp32 scratch of the size above; pass 1's row sums σ ride along with the previous step's pass
-3) - O(T) passes in all (was O(T²)); the elementwise replay
+(fp32 scratch of the size above; pass 2 only reduces, pass 3 recomputes its tile and writes
+L̄, Z̄, X̄; pass 1's row sums σ ride along with the previous step's pass 3) - O(T) passes in
+all (was O(T²)); the elementwise replay
 costs O(t) arithmetic per element and pass (cost model: :func:`.launch.badmm_cost_model`).
 
 Launch shape and synchronisation: every pass that reads what another pass wrote is separated
@@ -84,7 +85,8 @@ _LOG2E = tl.constexpr(LOG2E)   # jit code reads module constants as constexprs
 
 # Vector scratch: 7 D-vectors per program (vd + j·D) - R, log μ, z1, τ (then R̄), log μ̄, z̄1,
 # log p̄0 - and 9 N-vectors per set (vn + j·ns) - C, log η, z2, σ (then C̄), log η̄, z̄2, log q̄0,
-# and the previous iteration's C and log η (the deferred S normalisation, _load_state).
+# and the previous iteration's C and log η (forward: the deferred S normalisation, _load_state;
+# backward: slot 7 takes pass 3's σ while it still reads C̄ from slot 3).
 # Running maxima start at -inf and every exponent subtracts _finite(max) (0 for -inf): with a
 # finite sentinel (-1e30) inputs ~1e30 gave LSE = log(0) (issue 17).
 
