@@ -339,9 +339,9 @@ def test_split_saves_what_the_fused_kernel_saves(monkeypatch):
     (f2, _), (f16, _) = run(2, False), run(16, False)
     (s2, a2), (s16, a16) = run(2, True), run(16, True)
     assert (s2, s16) == (f2, f16), (s2, s16, f2, f16)
-    # per extra iteration: the fp32 weight partials (B, T, 4) and (B, T, 2, NS·DS, 2) and the
-    # (6, T) weight gradient only
-    per_iter = 4 * (B * 4 + B * 2 * 3 * 2 * 2 + 6)
+    # per extra iteration: the fp32 weight partials (B, T, 4) and (B, T, 2, NS·DS, 2), the
+    # (6, T) weight gradient and the forward's and backward's (WEIGHT_ROWS, T) tables only
+    per_iter = 4 * (B * 4 + B * 2 * 3 * 2 * 2 + 6 + 2 * launch.WEIGHT_ROWS)
     assert a16 - a2 == 14 * per_iter, (a2, a16)
 
 
@@ -484,15 +484,15 @@ def test_huge_inputs_stay_finite(method, variant):
 @pytest.mark.parametrize("variant", ["exact", "paper"])
 def test_saved_bytes_are_x_plus_vectors(variant, schedule, monkeypatch):
     """What autograd keeps for the backward at T = 16 is x, the (B, D) output, the (6, T)
-    table and the per-iteration vector history (R, log μ [, z1] per set and C, log η [, z2]
-    per row: O(T · (N + D)) per set) - nothing of size N × D per iteration; the x-sized part is
+    table and the per-iteration vector history (R, log μ [, z1], log μ - R per set and C, log η
+    [, z2], log η - C per row: O(T · (N + D)) per set) - nothing of size N × D per iteration; the x-sized part is
     the same at T = 2 and T = 16. The scratch the launchers allocate (per-program state and
     adjoint tiles, working vectors) does not depend on T at all (for a given forward
     schedule: replaying needs no state scratch, streaming an N × D pair per program)."""
     _schedule(monkeypatch, schedule)
     gen = torch.Generator().manual_seed(7)
     B, N, D = 2, 9, 6
-    KV = 3 if variant == "paper" else 2
+    KV = 4 if variant == "paper" else 3     # + the replay's shift slot
     x = torch.randn(B, N, D, generator=gen).to(DEVICE).requires_grad_()
     scratch = []
     real_scratch = launch._scratch
@@ -631,7 +631,7 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
     BN, BD, BV, num_warps = launch.block_sizes(0 if ragged else N, D)
     consts = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=m.quad_flag(quad, paper),
                   PAPER=paper, BN=BN, BD=BD, BV=BV, **{flag: True})
-    consts["KV"] = 3 if paper else 2
+    consts["KV"] = 4 if paper else 3
     if flag == "PLAN":
         consts["REPLAY"] = replay
     c = compile_sm90(kernel, signature(kernel, consts), consts,
@@ -689,7 +689,7 @@ def signature(kernel, consts):
 for name, D, N, quad, paper, ragged in [("W1", 100, 500, False, False, False),
                                         ("W5", 128, 0, True, True, True)]:
     BN, BD, BV, num_warps = launch.block_sizes(N, D)
-    common = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=quad, KV=3 if paper else 2)
+    common = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=quad, KV=4 if paper else 3)
     for kernel, consts in [
             (s.badmm_split_column_lse_kernel, dict(common, REPLAY=True, POOL=True, BN=BN,
                                                    BD=BD)),
@@ -713,7 +713,10 @@ for name, D, N, quad, paper, ragged in [("W1", 100, 500, False, False, False),
                                                    BD=BD)),
             (sb.badmm_split_bwd_pass2_kernel, dict(common, PAPER=paper, PLAN=True, BN=BN,
                                                    BD=BD)),
-            (sb.badmm_split_bwd_pass3_kernel, dict(common, PAPER=paper, BN=BN, BD=BD)),
+            (sb.badmm_split_bwd_pass3_kernel, dict(common, PAPER=paper, ADJ=1, PLAN=False,
+                                                   BN=BN, BD=BD)),
+            (sb.badmm_split_bwd_pass3_kernel, dict(common, PAPER=paper, ADJ=0, PLAN=True,
+                                                   BN=BN, BD=BD)),
             (sb.badmm_split_bwd_init_kernel, dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True,
                                                   PAPER=paper, BN=BN, BD=BD))]:
         c = compile_sm90(kernel, signature(kernel, consts), consts, num_warps=num_warps)
@@ -739,13 +742,13 @@ for name, D, N, quad, paper, ragged in [("W1", 100, 500, False, False, False),
 
 
 def test_aot_compile_split_sm90():
-    """The split forward's nine and backward's six kernel configurations compile for sm_90 at
+    """The split forward's nine and backward's seven kernel configurations compile for sm_90 at
     W1 (dense B-E exact, D = 100) and W5 (ragged B-Q paper, D = 128) configurations, no spills;
     SASS size and registers are printed (bench/results/badmm_v2_*.md)."""
     out = run_without_interpreter(SPLIT_AOT_CODE, timeout=900)
     lines = [l for l in out.splitlines() if l.startswith("split")]
     print("\n".join(lines))
-    assert len(lines) == 30
+    assert len(lines) == 32
     for l in lines:
         if "local ?" not in l:
             assert l.endswith("local 0"), l

@@ -48,13 +48,14 @@ is derived on chip from the (6, T) weight table (rows as ``params.py``).
 
 Backward schedule (issue 17): for α0 = 0 every entry of (log S, Z) evolves on its own once the
 iteration's row and column shifts (log η - C)_n and (log μ - R)_d are known. The forward
-therefore records R, log μ [, z1] (per set, D each) and C, log η [, z2] (per row) of every
-iteration - O(T · (N + D)) per set, saved with x - and the backward's reverse step t rebuilds
+therefore records R, log μ [, z1], log μ - R (per set, D each) and C, log η [, z2],
+log η - C (per row) of every iteration - O(T · (N + D)) per set, saved with x - and the backward's reverse step t rebuilds
 (log S_t, Z_t) of each tile from x and that history (:func:`_replay_state`: t elementwise
 iterations, two exp2 each, no HBM traffic beyond x and the vectors) instead of re-running the
 forward's passes from iteration 0. Per reverse step: passes 2-3 over x and the adjoints L̄, Z̄
-(fp32 scratch of the size above; pass 1's row sums σ ride along with the previous step's pass
-3) - O(T) passes in all (was O(T²)); the elementwise replay
+(fp32 scratch of the size above; pass 2 only reduces, pass 3 recomputes its tile and writes
+L̄, Z̄, X̄; pass 1's row sums σ ride along with the previous step's pass 3) - O(T) passes in
+all (was O(T²)); the elementwise replay
 costs O(t) arithmetic per element and pass (cost model: :func:`.launch.badmm_cost_model`).
 
 Launch shape and synchronisation: every pass that reads what another pass wrote is separated
@@ -78,11 +79,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common import kappa
+from ..common import LOG2E, kappa
+
+_LOG2E = tl.constexpr(LOG2E)   # jit code reads module constants as constexprs
 
 # Vector scratch: 7 D-vectors per program (vd + j·D) - R, log μ, z1, τ (then R̄), log μ̄, z̄1,
 # log p̄0 - and 9 N-vectors per set (vn + j·ns) - C, log η, z2, σ (then C̄), log η̄, z̄2, log q̄0,
-# and the previous iteration's C and log η (the deferred S normalisation, _load_state).
+# and the previous iteration's C and log η (forward: the deferred S normalisation, _load_state;
+# backward: slot 7 takes pass 3's σ while it still reads C̄ from slot 3).
 # Running maxima start at -inf and every exponent subtracts _finite(max) (0 for -inf): with a
 # finite sentinel (-1e30) inputs ~1e30 gave LSE = log(0) (issue 17).
 
@@ -91,7 +95,7 @@ from ..common import kappa
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _exp(v):
-    return tl.exp2(v * 1.4426950408889634)
+    return tl.exp2(v * _LOG2E)
 
 
 @triton.jit
@@ -420,6 +424,16 @@ def _vec_copy(src_ptr, dst_ptr, length, BV: tl.constexpr):
 
 
 @triton.jit
+def _vec_sub(a_ptr, b_ptr, dst_ptr, length, BV: tl.constexpr):
+    """dst = a - b (the history's shift slots: log μ - R, log η - C)."""
+    for i0 in range(0, length, BV):
+        offs = i0 + tl.arange(0, BV)
+        msk = offs < length
+        tl.store(dst_ptr + offs, tl.load(a_ptr + offs, mask=msk, other=0.0)
+                 - tl.load(b_ptr + offs, mask=msk, other=0.0), mask=msk)
+
+
+@triton.jit
 def _vec_fill(dst_ptr, value, length, BV: tl.constexpr):
     for i0 in range(0, length, BV):
         offs = i0 + tl.arange(0, BV)
@@ -429,21 +443,24 @@ def _vec_fill(dst_ptr, value, length, BV: tl.constexpr):
 # --------------------------------------------------------------------------------------------
 # vector history: what the forward keeps for the backward (O(T · (N + D)) per set)
 # --------------------------------------------------------------------------------------------
-# hd (B, T, KV, D): R, log μ [, z1]; hn (T, KV, rows): C, log η [, z2] (KV = 2, paper 3), the
-# values iteration t used (paper: before its vector update). Given them, every entry of
+# hd (B, T, KV, D): R, log μ [, z1], log μ - R; hn (T, KV, rows): C, log η [, z2], log η - C
+# (KV = 3, paper 4), the values iteration t used (paper: before its vector update); the last
+# slot is the shift the replay applies, stored so that its hot loop loads one vector per side. Given them, every entry of
 # (log S_t, Z_t) follows from x_nd, the priors and the weights alone (:func:`_replay_state`).
 @triton.jit
-def _record(vd, vn, ns, hd_t, hn_t, n_b, D, NR, rows, PAPER: tl.constexpr,
+def _record(vd, vn, ns, hd_t, hn_t, n_b, D, NR, rows, PAPER: tl.constexpr, KV: tl.constexpr,
             BV: tl.constexpr):
-    """Copy this iteration's vectors from the working slots into the history (``rows``: also
-    the N-vectors; the last iteration has no S-step)."""
+    """Copy this iteration's vectors from the working slots into the history, with the shifts
+    the replay applies (``rows``: also the N-vectors; the last iteration has no S-step)."""
     _vec_copy(vd, hd_t, D, BV)
     _vec_copy(vd + D, hd_t + D, D, BV)
+    _vec_sub(vd + D, vd, hd_t + (KV - 1) * D, D, BV)
     if PAPER:
         _vec_copy(vd + 2 * D, hd_t + 2 * D, D, BV)
     if rows:
         _vec_copy(vn, hn_t, n_b, BV)
         _vec_copy(vn + ns, hn_t + NR, n_b, BV)
+        _vec_sub(vn + ns, vn, hn_t + (KV - 1) * NR, n_b, BV)
         if PAPER:
             _vec_copy(vn + 2 * ns, hn_t + 2 * NR, n_b, BV)
 
@@ -472,33 +489,66 @@ def _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0, 
     (log μ - R)_s are known,
         log P = log S + (X - Z [- α1 S]) / w_P + (log μ - R)_d,  P = exp(log P),
         log S' = Y2(log P, P, Z) + (log η - C)_n,  Z' = Z + ρ (P - S'),
-    two exp2 per element and replayed iteration, no HBM traffic beyond x and the vectors."""
+    two exp2 per element and replayed iteration, no HBM traffic beyond x and the vectors.
+
+    The hot loop of the forward and the backward (issue 17), so an element costs FMAs and two
+    MUFU.EX2: the weights' reciprocals come from the launcher's table (rows :data:`INV_WP`,
+    :data:`INV_W`, formed once per call by :func:`badmm_coef_kernel`, no division here), and
+    lanes outside the set start at log S = -inf, which the update keeps (P = S = 0, Z = 0): no
+    select per iteration, one at the end restores the contract (0 outside the set).
+    Y = log S + G/w_P is formed exactly as the passes form it (:func:`_p_step_y`, the same
+    reciprocal), so that log P = Y + (log μ - R) cancels to the last bit like theirs: at
+    |x| ~ 1e30 any other rounding of Y leaves log P ~ ±1e23 (issue 17's NaN)."""
     nm = offs_n < n_b
     dm = offs_d < D
     lq = _load_prior(lq0_b, offs_n, n_b, u_q0, HAS_Q0)
     lp = _load_prior(lp0_b, offs_d, D, u_p0, HAS_P0)
-    L = tl.where(mask, lq[:, None] + lp[None, :], 0.0)                                 # [BN, BD]
+    L = tl.where(mask, lq[:, None] + lp[None, :], float("-inf"))                     # [BN, BD]
     Zt = tl.zeros_like(L)
-    S = _exp(L)
+    if QUAD:
+        S = _exp(L)
     for k in range(0, t):
         a1 = tl.load(w_ptr + 1 * T + k)
         rho = tl.load(w_ptr + 4 * T + k)
-        hd_k = hd_b + k * KV * D
-        hn_k = hn_b + k * KV * NR
-        col = tl.load(hd_k + D + offs_d, mask=dm, other=0.0) \
-            - tl.load(hd_k + offs_d, mask=dm, other=0.0)                             # log μ - R
-        row = tl.load(hn_k + NR + offs_n, mask=nm, other=0.0) \
-            - tl.load(hn_k + offs_n, mask=nm, other=0.0)                             # log η - C
+        # the history's shifts (log μ - R)_k and (log η - C)_k
+        col = tl.load(hd_b + (k * KV + KV - 1) * D + offs_d, mask=dm, other=0.0)      # [BD]
+        row = tl.load(hn_b + (k * KV + KV - 1) * NR + offs_n, mask=nm, other=0.0)     # [BN]
         if QUAD:
             g = X - Zt - a1 * S
         else:
             g = X - Zt
-        lpk = L + g * (1.0 / _step_weight(a1, rho, QUAD)) + col[None, :]
+        lpk = (L + g * tl.load(w_ptr + INV_WP * T + k)) + col[None, :]                 # log P
         pk = _exp(lpk)
-        L = tl.where(mask, _s_step_y(lpk, pk, Zt, a1, rho, QUAD) + row[:, None], 0.0)
+        if QUAD:       # Y2 = log P + (Z - α1 P)/w_P
+            y2 = lpk + (Zt - a1 * pk) * tl.load(w_ptr + INV_WP * T + k)
+        else:          # Y2 = (Z + ρ log P)/(α1 + ρ)
+            y2 = (Zt + rho * lpk) * tl.load(w_ptr + INV_W * T + k)
+        L = y2 + row[:, None]
         S = _exp(L)
         Zt = Zt + rho * (pk - S)
-    return L, Zt
+    return tl.where(mask, L, 0.0), Zt
+
+
+# Rows the launcher appends to the (6, T) weight table (:func:`badmm_coef_kernel`, once per
+# call): reciprocals of the step weights, so that the replay's hot loop does not divide.
+INV_WP = tl.constexpr(6)     # 1 / w_P
+INV_W = tl.constexpr(7)      # 1 / (α1 + ρ)
+WEIGHT_ROWS = 8
+
+
+@triton.jit
+def badmm_coef_kernel(w_ptr, wc_ptr, T, QUAD: tl.constexpr, BT: tl.constexpr):
+    """wc (WEIGHT_ROWS, T): the (6, T) table w, then the rows INV_WP and INV_W, divided as the
+    passes divide (:func:`_p_step_y`, :func:`_s_step_y`: the same value to the last bit)."""
+    offs = tl.program_id(0) * BT + tl.arange(0, BT)                                      # [BT]
+    m = offs < T
+    for r in tl.static_range(6):
+        tl.store(wc_ptr + r * T + offs, tl.load(w_ptr + r * T + offs, mask=m, other=0.0),
+                 mask=m)
+    a1 = tl.load(w_ptr + 1 * T + offs, mask=m, other=1.0)
+    rho = tl.load(w_ptr + 4 * T + offs, mask=m, other=1.0)
+    tl.store(wc_ptr + INV_WP * T + offs, 1.0 / _step_weight(a1, rho, QUAD), mask=m)
+    tl.store(wc_ptr + INV_W * T + offs, 1.0 / (a1 + rho), mask=m)
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,7 +588,8 @@ def _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u
     _vec_copy(c_ptr, cp, n_b, BV)
     _vec_copy(leta_ptr, ep, n_b, BV)
     # the vectors of this iteration, for the backward's replay (before the paper updates)
-    _record(vd, vn, ns, hd_b + t * KV * D, hn_b + t * KV * NR, n_b, D, NR, True, PAPER, BV)
+    _record(vd, vn, ns, hd_b + t * KV * D, hn_b + t * KV * NR, n_b, D, NR, True, PAPER, KV,
+            BV)
     tl.debug_barrier()
     if PAPER:
         _vec_paper_update(lp0_b, HAS_P0, u_p0, lmu_ptr, vd + 2 * D, k2, rho, D, BV)
@@ -659,7 +710,7 @@ def badmm_fwd_kernel(
             if not PAPER:
                 _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, vd, vd + D, k2_last, D, BV)
                 tl.debug_barrier()
-            _record(vd, vn, ns, hd_b + (T - 1) * KV * D, hn_b, n_b, D, NR, False, PAPER, BV)
+            _record(vd, vn, ns, hd_b + (T - 1) * KV * D, hn_b, n_b, D, NR, False, PAPER, KV, BV)
             if PLAN:
                 _plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, vd, vd + D, plan_ptr + rs * D, n_b,
                            D, a1, rho, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, T - 1,
@@ -671,18 +722,49 @@ def badmm_fwd_kernel(
 # backward
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _s_step_adjoint(X, L, Zt, Lb, Zb, r, lmu, c, leta, cb, a1, rho, QUAD: tl.constexpr):
+    """Adjoint of one iteration's S-step and dual update for a [BN, BD] tile, from the state
+    (L, Zt), the adjoints (L̄', Z̄') of log S', Z' and the vectors R, log μ (columns), C,
+    log η, C̄ (rows): returns (Y, G, S, log P̄, Z̄, ∂/∂α1, ∂/∂ρ) (elementwise partials).
+    Shared by pass 2, which reduces τ and the partials, and pass 3, which recomputes log P̄, Z̄
+    instead of reading them back (pass 2 stores no N × D tile: 8 bytes per element and
+    reverse step less HBM traffic)."""
+    y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
+    lp = y + (lmu - r)[None, :]
+    p = _exp(lp)
+    y2 = _s_step_y(lp, p, Zt, a1, rho, QUAD)
+    e2 = _exp(y2 - c[:, None])                                                   # softmax_d(Y2)
+    s_new = e2 * _exp(leta)[:, None]
+    y2b = Lb - rho * Zb * s_new + cb[:, None] * e2                               # Ȳ2
+    if QUAD:
+        inv_ws = 1.0 / _step_weight(a1, rho, QUAD)                               # B-Q step weight
+        zb_new = Zb + y2b * inv_ws
+        lpb = y2b + p * (rho * Zb - a1 * inv_ws * y2b)
+        d_ws = -y2b * (Zt - a1 * p) * (inv_ws * inv_ws)                      # ∂/∂w_P
+        d_rho = Zb * (p - s_new) + d_ws
+        d_a1 = -y2b * p * inv_ws
+        if QUAD == QUAD_EXACT:                                              # w_P = ρ + α1
+            d_a1 += d_ws
+    else:
+        inv_w = 1.0 / (a1 + rho)
+        zb_new = Zb + y2b * inv_w
+        lpb = (rho * inv_w) * y2b + rho * Zb * p
+        d_rho = Zb * (p - s_new) + y2b * (lp - y2) * inv_w
+        d_a1 = -y2b * y2 * inv_w
+    return y, g, s, lpb, zb_new, d_a1, d_rho
+
+
+@triton.jit
 def _adjoint_s_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                          slb, szb, vd, vn, ns, n_b, D, a1, rho, n_lo, n_hi, d_lo, d_hi, tau_ptr,
                          HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
                          QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """Backward pass 2: through log S' = Y2 + (log η - C), the S-step and the dual update, to
-    log P̄ (written over L̄) and Z̄ (in place); τ_d = Σ_n log P̄ over rows [n_lo, n_hi) into
-    ``tau_ptr`` (the TAU slot, or a split program's partial), columns [d_lo, d_hi).
-    Returns the scalar partials (∂/∂α1, ∂/∂ρ) of this iteration so far."""
+    """Backward pass 2: through log S' = Y2 + (log η - C), the S-step and the dual update
+    (:func:`_s_step_adjoint`), reading L̄', Z̄' and writing nothing N × D; τ_d = Σ_n log P̄ over
+    rows [n_lo, n_hi) into ``tau_ptr`` (the TAU slot, or a split program's partial), columns
+    [d_lo, d_hi). Returns the scalar partials (∂/∂α1, ∂/∂ρ) of this iteration so far."""
     acc_a1 = _vzero(BD)
     acc_rho = _vzero(BD)
-    inv_ws = 1.0 / _step_weight(a1, rho, QUAD)                # B-Q step weight
-    inv_w = 1.0 / (a1 + rho)
     for d0 in range(d_lo, d_hi, BD):
         offs_d = d0 + tl.arange(0, BD)
         dm = offs_d < d_hi
@@ -702,31 +784,11 @@ def _adjoint_s_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
                                   u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
             Lb = tl.load(slb + o, mask=mask, other=0.0)
             Zb = tl.load(szb + o, mask=mask, other=0.0)
-            y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
-            lp = y + (lmu - r)[None, :]
-            p = _exp(lp)
-            y2 = _s_step_y(lp, p, Zt, a1, rho, QUAD)
-            e2 = _exp(y2 - c[:, None])                                               # softmax_d(Y2)
-            s_new = e2 * _exp(leta)[:, None]
-            y2b = Lb - rho * Zb * s_new + cb[:, None] * e2                           # Ȳ2
-            if QUAD:
-                zb_new = Zb + y2b * inv_ws
-                lpb = y2b + p * (rho * Zb - a1 * inv_ws * y2b)
-                d_ws = -y2b * (Zt - a1 * p) * (inv_ws * inv_ws)                  # ∂/∂w_P
-                d_rho = Zb * (p - s_new) + d_ws
-                d_a1 = -y2b * p * inv_ws
-                if QUAD == QUAD_EXACT:                                          # w_P = ρ + α1
-                    d_a1 += d_ws
-            else:
-                zb_new = Zb + y2b * inv_w
-                lpb = (rho * inv_w) * y2b + rho * Zb * p
-                d_rho = Zb * (p - s_new) + y2b * (lp - y2) * inv_w
-                d_a1 = -y2b * y2 * inv_w
+            _y, _g, _s, lpb, _zb, d_a1, d_rho = _s_step_adjoint(X, L, Zt, Lb, Zb, r, lmu, c,
+                                                                leta, cb, a1, rho, QUAD)
             lpb = tl.where(mask, lpb, 0.0)
             acc_rho += tl.sum(tl.sum(tl.where(mask, d_rho, 0.0), axis=1), axis=0)
             acc_a1 += tl.sum(tl.sum(tl.where(mask, d_a1, 0.0), axis=1), axis=0)
-            tl.store(slb + o, lpb, mask=mask)
-            tl.store(szb + o, zb_new, mask=mask)
             tau += tl.sum(lpb, axis=0)
         tl.store(tau_ptr + offs_d, tau, mask=dm)
     return acc_a1, acc_rho
@@ -760,26 +822,40 @@ def _adjoint_plan_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w
         tl.store(tau_ptr + offs_d, tau, mask=dm)
 
 
+# where pass 3 takes the adjoints of its iteration's outputs from (ADJ constexpr)
+ADJ_FIRST = tl.constexpr(0)   # first reverse step: Z̄ = X̄ = 0 and log P̄ from the plan pass
+#                               (PLAN) or 0 - nothing zeroed beforehand, nothing read back
+ADJ_S_STEP = tl.constexpr(1)  # later steps: log P̄, Z̄ recomputed from L̄', Z̄' (pass 2's math)
+
+
 @triton.jit
 def _adjoint_p_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
-                         slb, szb, gx_b, vd, vn, ns, gy_b, out_b, n_b, D, a1, rho, last,
-                         rho_prev, n_lo, n_hi, d_lo, d_hi, sigma_ptr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr,
-                         KV: tl.constexpr, QUAD: tl.constexpr, BN: tl.constexpr,
+                         slb, szb, gx_b, vd, vn, ns, cb_ptr, gy_b, out_b, n_b, D, a1, rho, last,
+                         rho_prev, n_lo, n_hi, d_lo, d_hi, sigma_ptr, HAS_P0: tl.constexpr,
+                         HAS_Q0: tl.constexpr, KV: tl.constexpr, QUAD: tl.constexpr,
+                         ADJ: tl.constexpr, PLAN: tl.constexpr, BN: tl.constexpr,
                          BD: tl.constexpr):
-    """Backward pass 3: Ȳ = log P̄ + R̄ softmax_n(Y) [+ the pooling's adjoint: last = 1.0 in
-    the last iteration, 0.0 before], then through Y = log S + G/w_P: L̄ ← Ȳ [- α1 S Ȳ/w_P],
-    Z̄ ← Z̄ - Ȳ/w_P, X̄ += Ȳ/w_P. With tb > 0 it also forms the previous reverse step's row sums
-    σ_n = Σ_d (L̄ - ρ_{tb-1} Z̄ S) from the adjoints just written and this iteration's S
-    (the adjoint of C_{tb-1} and log η_{tb-1}; saves that step a pass), into ``sigma_ptr`` (the
-    σ slot, or a split program's partial over columns [d_lo, d_hi)); rows [n_lo, n_hi).
-    Returns the scalar partials (∂/∂α1, ∂/∂ρ)."""
+    """Backward pass 3: log P̄ and Z̄ as ``ADJ`` says (ADJ_S_STEP: :func:`_s_step_adjoint` of
+    L̄', Z̄' with C̄ from ``cb_ptr``, as pass 2 formed them), then Ȳ = log P̄ + R̄ softmax_n(Y)
+    [+ the pooling's adjoint: last = 1.0 in the last iteration, 0.0 before], then through
+    Y = log S + G/w_P: L̄ ← Ȳ [- α1 S Ȳ/w_P], Z̄ ← Z̄ - Ȳ/w_P, X̄ += Ȳ/w_P (all three written
+    in place). With tb > 0 it also forms the previous reverse step's row sums
+    σ_n = Σ_d (L̄ - ρ_{tb-1} Z̄ S) from the adjoints just formed and this iteration's S
+    (the adjoint of C_{tb-1} and log η_{tb-1}; saves that step a pass), into ``sigma_ptr`` (a
+    slot apart from C̄'s, or a split program's partial over columns [d_lo, d_hi)); rows
+    [n_lo, n_hi). Returns the scalar partials (∂/∂α1, ∂/∂ρ)."""
     acc_a1 = _vzero(BD)
     acc_rho = _vzero(BD)
     inv_ws = 1.0 / _step_weight(a1, rho, QUAD)
+    n_kept = tl.where(tb > 0, n_hi, n_lo)            # rows whose L̄, Z̄ a later pass reads
     for n0 in range(n_lo, n_hi, BN):
         offs_n = n0 + tl.arange(0, BN)
         nm = offs_n < n_hi
         sigma = tl.zeros([BN], dtype=tl.float32)
+        if ADJ == ADJ_S_STEP:
+            c = tl.load(vn + offs_n, mask=nm, other=0.0)
+            leta = tl.load(vn + ns + offs_n, mask=nm, other=0.0)
+            cb = tl.load(cb_ptr + offs_n, mask=nm, other=0.0)
         for d0 in range(d_lo, d_hi, BD):
             offs_d = d0 + tl.arange(0, BD)
             dm = offs_d < d_hi
@@ -792,10 +868,20 @@ def _adjoint_p_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
                                   u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
-            lpb = tl.load(slb + o, mask=mask, other=0.0)
-            Zb = tl.load(szb + o, mask=mask, other=0.0)
-            gx = tl.load(gx_b + o, mask=mask, other=0.0)
-            y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
+            if ADJ == ADJ_S_STEP:
+                lmu = tl.load(vd + D + offs_d, mask=dm, other=0.0)
+                y, g, s, lpb, Zb, _da1, _drho = _s_step_adjoint(
+                    X, L, Zt, tl.load(slb + o, mask=mask, other=0.0),
+                    tl.load(szb + o, mask=mask, other=0.0), r, lmu, c, leta, cb, a1, rho, QUAD)
+                gx = tl.load(gx_b + o, mask=mask, other=0.0)
+            else:
+                y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
+                if PLAN:
+                    lpb = tl.load(slb + o, mask=mask, other=0.0)
+                else:
+                    lpb = tl.zeros_like(X)
+                Zb = tl.zeros_like(X)
+                gx = tl.zeros_like(X)
             e = _exp(y - r[None, :])                                                 # softmax_n(Y)
             yb = lpb + rb[None, :] * e
             # y_d = Σ_n e_nd X_nd: Ȳ += e (X - y_d) ȳ_d, X̄ += e ȳ_d (ȳ = 0 unless last)
@@ -814,8 +900,13 @@ def _adjoint_p_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
             acc_rho += d_ws
             zb_new = Zb - gb
             sigma += tl.sum(tl.where(mask, lb - rho_prev * zb_new * s, 0.0), axis=1)
-            tl.store(slb + o, lb, mask=mask)
-            tl.store(szb + o, zb_new, mask=mask)
+            # the first iteration's L̄ only feeds the priors' gradients, its Z̄ nothing (Z_0 = 0)
+            kept = mask & (offs_n < n_kept)[:, None]
+            if HAS_P0 or HAS_Q0:
+                tl.store(slb + o, lb, mask=mask)
+            else:
+                tl.store(slb + o, lb, mask=kept)
+            tl.store(szb + o, zb_new, mask=kept)
             tl.store(gx_b + o, gx + gb, mask=mask)
         if tb > 0:
             tl.store(sigma_ptr + offs_n, sigma, mask=nm)
@@ -952,18 +1043,6 @@ def _init_adjoint_pass(slb, vd, vn, ns, gp0_b, gq0_b, n_b, D,
 
 
 @triton.jit
-def _zero_pass(sl, sz, n_b, D, BN: tl.constexpr, BD: tl.constexpr):
-    for n0 in range(0, n_b, BN):
-        offs_n = n0 + tl.arange(0, BN)
-        for d0 in range(0, D, BD):
-            offs_d = d0 + tl.arange(0, BD)
-            mask = (offs_n < n_b)[:, None] & (offs_d < D)[None, :]
-            o = _tile_ptrs(offs_n, offs_d, D, 1)
-            tl.store(sl + o, tl.zeros([BN, BD], dtype=tl.float32), mask=mask)
-            tl.store(sz + o, tl.zeros([BN, BD], dtype=tl.float32), mask=mask)
-
-
-@triton.jit
 def badmm_bwd_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, order_ptr, lp0_ptr, lq0_ptr,
     w_ptr, hd_ptr, hn_ptr,
@@ -1000,8 +1079,7 @@ def badmm_bwd_kernel(
             hn_b = hn_ptr + rs
             u_q0 = -_log(n_b.to(tl.float32))
             gx_b = gx_ptr + rs * D
-            _zero_pass(slb, szb, n_b, D, BN, BD)
-            # adjoint accumulators: log μ̄, z̄1, log p̄0 and log η̄, z̄2, log q̄0
+            # adjoint accumulators (L̄, Z̄ and X̄ need no zeroing: see ADJ_FIRST): log μ̄, z̄1, log p̄0 and log η̄, z̄2, log q̄0
             for j in range(4, 7):
                 _vec_fill(vd + j * D, 0.0, D, BV)
                 _vec_fill(vn + j * ns, 0.0, n_b, BV)
@@ -1040,7 +1118,10 @@ def badmm_bwd_kernel(
                         gk3 += dk
                         grho += dr
                         tl.debug_barrier()
-                    # σ of this step: written by pass 3 of the step before (tb + 1)
+                    # σ of this step: written by pass 3 of the step before (tb + 1) into
+                    # slot 7 (slot 3 held that step's C̄, which its pass 3 read)
+                    _vec_copy(vn + 7 * ns, vn + 3 * ns, n_b, BV)
+                    tl.debug_barrier()
                     if PAPER:
                         _vec_paper_absorb(vn + 3 * ns, vn + 4 * ns, n_b, BV)
                     else:
@@ -1061,13 +1142,21 @@ def badmm_bwd_kernel(
                     gk2 += _vec_lognorm_mix_bwd(lp0_b, HAS_P0, u_p0, vd, vd + D, vd + 3 * D,
                                                 vd + 6 * D, k2, D, BV)
                 tl.debug_barrier()
-                da1, dr = _adjoint_p_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b,
-                                               NR, w_ptr, T, tb, slb, szb, gx_b, vd, vn, ns,
-                                               gy_ptr + b.to(tl.int64) * D,
-                                               out_ptr + b.to(tl.int64) * D, n_b, D, a1, rho,
-                                               tl.where(tb == T - 1, 1.0, 0.0),
-                                               _rho_prev(w_ptr + 4 * T, tb), 0, n_b, 0, D,
-                                               vn + 3 * ns, HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
+                gy_b = gy_ptr + b.to(tl.int64) * D
+                out_b = out_ptr + b.to(tl.int64) * D
+                rho_p = _rho_prev(w_ptr + 4 * T, tb)
+                if tb == T - 1:
+                    da1, dr = _adjoint_p_step_pass(
+                        xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
+                        slb, szb, gx_b, vd, vn, ns, vn + 3 * ns, gy_b, out_b, n_b, D, a1, rho,
+                        1.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, HAS_P0, HAS_Q0, KV, QUAD,
+                        ADJ_FIRST, PLAN_GRAD, BN, BD)
+                else:
+                    da1, dr = _adjoint_p_step_pass(
+                        xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
+                        slb, szb, gx_b, vd, vn, ns, vn + 3 * ns, gy_b, out_b, n_b, D, a1, rho,
+                        0.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, HAS_P0, HAS_Q0, KV, QUAD,
+                        ADJ_S_STEP, PLAN_GRAD, BN, BD)
                 ga1 += da1
                 grho += dr
                 tl.debug_barrier()

@@ -16,7 +16,8 @@ from torch import Tensor
 import triton
 
 from ..common import cdiv, launcher, next_pow2, sm_count
-from .kernels import badmm_bwd_kernel, badmm_dw_kernel, badmm_fwd_kernel, quad_flag
+from .kernels import (ADJ_FIRST, ADJ_S_STEP, WEIGHT_ROWS, badmm_bwd_kernel, badmm_coef_kernel,
+                      badmm_dw_kernel, badmm_fwd_kernel, quad_flag)
 from .split_backward_kernels import (badmm_split_bwd_cols_step_kernel,
                                      badmm_split_bwd_init_kernel, badmm_split_bwd_pass2_kernel,
                                      badmm_split_bwd_pass3_kernel,
@@ -89,6 +90,16 @@ def _f32(t: Tensor) -> Tensor:
     return t.detach().to(torch.float32).contiguous()
 
 
+def _weight_table(w: Tensor, quad: int, wrap) -> Tensor:
+    """The kernels' weight table: w (6, T) followed by the replay's per-iteration coefficient
+    rows (:func:`.kernels.badmm_coef_kernel`; one launch, no host op beyond the allocation)."""
+    T = w.shape[1]
+    wc = torch.empty(WEIGHT_ROWS, T, device=w.device, dtype=torch.float32)
+    BT = min(next_pow2(T), 128)
+    launcher(badmm_coef_kernel, wrap)[(triton.cdiv(T, BT),)](_f32(w), wc, T, QUAD=quad, BT=BT)
+    return wc
+
+
 def _priors(x: Tensor, log_p0: Optional[Tensor], log_q0: Optional[Tensor]):
     dummy = torch.zeros(1, device=x.device, dtype=torch.float32)
     lp0 = dummy if log_p0 is None else _f32(log_p0)
@@ -104,13 +115,14 @@ def _scratch(geo: _Geometry, device, n_mats: int):
 
 def forward_replays(T: int, x_bytes: int) -> bool:
     """Forward schedule: rebuild the state from x and the vectors in every pass (REPLAY: reads
-    x only; the pass of iteration t replays t elementwise iterations, ~31 SASS instructions per
-    element each at sm_90) or stream log S, Z through HBM scratch (2 x_bytes + 24 bytes per
-    element-iteration). Predicted on H100 (3.0 TB/s; 2.96e13 lane-instructions/s; the SASS
-    counts of bench/results/badmm_v2_*.md): replaying costs ~(3.4 + 1.05 T) ps per
-    element-iteration, streaming (2 x_bytes + 24) / 3 ps, so replay wins up to T ≈ 6.9 for fp32
-    x and 5.6 for fp16/bf16 (cost model: :mod:`.cost`)."""
-    return T <= int(((2 * x_bytes + 24) / 3 - 3.4) / 1.05)
+    x only; the pass of iteration t replays t elementwise iterations, ~19.4 SASS instructions
+    per element each at sm_90 since the hot loop lost its divisions, selects and second vector
+    loads - 155 per 8 elements in the W2 build, bench/results/badmm_2026-11-28_v3.md) or stream
+    log S, Z through HBM scratch (2 x_bytes + 24 bytes per element-iteration). Predicted on
+    H100 (3.0 TB/s; 2.96e13 lane-instructions/s): replaying costs ~(3.4 + 0.66 T) ps per
+    element-iteration, streaming (2 x_bytes + 24) / 3 ps, so replay wins up to T ≈ 11 for fp32
+    x and 9 for fp16/bf16 (was 6 / 5 at 31 instructions). Prediction, not measured."""
+    return T <= int(((2 * x_bytes + 24) / 3 - 3.4) / 0.655)
 
 
 def forward_splits(B: int, N: int, D: int, BN: int, BD: int, device: torch.device):
@@ -155,7 +167,7 @@ def _split_slices(geo, NS: int, DS: int):
     return NS, SD, DS
 
 
-def _forward_split(x, geo, w32, lp0, lq0, y, plan, hd, hn, NS, DS, *, quadratic, paper,
+def _forward_split(x, geo, wc, lp0, lq0, y, plan, hd, hn, NS, DS, *, quadratic, paper,
                    has_p0, has_q0, replay, wrap):
     """The forward over B × NS × DS programs (dense or ragged): per iteration the four
     launches of :mod:`.split_kernels` (partial LSEs, then per-set combine + vector step).
@@ -163,7 +175,7 @@ def _forward_split(x, geo, w32, lp0, lq0, y, plan, hd, hn, NS, DS, *, quadratic,
     ``replay``: rebuild the state per tile; else stream it through a (rows, D) fp32 pair - the
     fused kernel's per-program pair has that size whenever the launcher splits (B < #SMs).
     The row slices of each set are sized on the device from N_b (no host sync)."""
-    B, D, T, rows = geo.B, geo.D, w32.shape[1], geo.rows
+    B, D, T, rows = geo.B, geo.D, wc.shape[1], geo.rows
     BN, BD, BV, num_warps = geo.blocks
     NS, SD, DS = _split_slices(geo, NS, DS)
     f32 = dict(device=x.device, dtype=torch.float32)
@@ -180,14 +192,14 @@ def _forward_split(x, geo, w32, lp0, lq0, y, plan, hd, hn, NS, DS, *, quadratic,
         launcher(badmm_split_init_state_kernel, wrap)[tiles](
             ptr, lp0, lq0, sl, sz, geo.N, D, NS, SD, u_p0, **sets, HAS_P0=has_p0,
             HAS_Q0=has_q0, BN=BN, BD=BD, num_warps=num_warps)
-    xargs = (x, geo.sxb, geo.sxn, geo.sxd, ptr, lp0, lq0, w32, hd, hn, sl, sz)
+    xargs = (x, geo.sxb, geo.sxn, geo.sxd, ptr, lp0, lq0, wc, hd, hn, sl, sz)
     for t in range(T):
         last = t == T - 1
         launcher(badmm_split_column_lse_kernel, wrap)[tiles](
             *xargs, pm, pl, pa, geo.N, D, rows, T, t, NS, SD, u_p0,
             **flags, POOL=last, BN=BN, BD=BD, num_warps=num_warps)
         launcher(badmm_split_column_step_kernel, wrap)[(B,)](
-            ptr, lp0, w32, hd, pm, pl, pa, y, geo.N, D, T, t, NS, u_p0, **sets,
+            ptr, lp0, wc, hd, pm, pl, pa, y, geo.N, D, T, t, NS, u_p0, **sets,
             HAS_P0=has_p0, QUAD=quadratic, PAPER=paper, KV=KV, POOL=last, BV=BV,
             num_warps=num_warps)
         if last:
@@ -196,7 +208,7 @@ def _forward_split(x, geo, w32, lp0, lq0, y, plan, hd, hn, NS, DS, *, quadratic,
             *xargs, qm, ql, geo.N, D, rows, T, t, NS, SD, u_p0,
             **flags, BN=BN, BD=BD, num_warps=num_warps)
         launcher(badmm_split_row_step_kernel, wrap)[(B,)](
-            ptr, lq0, w32, hn, qm, ql, geo.N, rows, T, t, DS, **sets,
+            ptr, lq0, wc, hn, qm, ql, geo.N, rows, T, t, DS, **sets,
             HAS_Q0=has_q0, QUAD=quadratic, PAPER=paper, KV=KV, BV=BV, num_warps=num_warps)
     if plan is not None:
         launcher(badmm_split_plan_kernel, wrap)[tiles](
@@ -204,16 +216,16 @@ def _forward_split(x, geo, w32, lp0, lq0, y, plan, hd, hn, NS, DS, *, quadratic,
             **flags, BN=BN, BD=BD, num_warps=num_warps)
 
 
-def _backward_split(x, geo, w32, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, NS, DS, *,
+def _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, NS, DS, *,
                     quadratic, paper, has_p0, has_q0, wrap):
     """The backward over B × NS × DS programs, dense or ragged (:mod:`.split_backward_kernels`):
     per reverse step a rows step, pass 2, a columns step and pass 3. Fills gx, gp0, gq0 and
     returns gw (B, T, 4) like the one-program-per-set kernel."""
-    B, D, T, rows = geo.B, geo.D, w32.shape[1], geo.rows
+    B, D, T, rows = geo.B, geo.D, wc.shape[1], geo.rows
     BN, BD, BV, num_warps = geo.blocks
     NS, SD, DS = _split_slices(geo, NS, DS)
     f32 = dict(device=x.device, dtype=torch.float32)
-    slb, szb = (torch.zeros(rows * D, **f32) for _ in range(2))           # L̄, Z̄ (rows, D)
+    slb, szb = (torch.empty(rows * D, **f32) for _ in range(2))           # L̄, Z̄ (rows, D)
     vd = torch.empty(B * 7 * D, **f32)                                    # per-set slots
     vn = torch.empty(7 * rows, **f32)
     tau = torch.empty(B * NS * D, **f32)                                  # [B, NS, D]
@@ -226,10 +238,10 @@ def _backward_split(x, geo, w32, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0,
     ptr = geo.ptr if geo.ragged else gx
     sets = dict(RAGGED=geo.ragged)
     flags = dict(sets, HAS_P0=has_p0, HAS_Q0=has_q0, QUAD=quadratic, PAPER=paper, KV=KV)
-    xargs = (x, geo.sxb, geo.sxn, geo.sxd, ptr, lp0, lq0, w32, hd, hn, vd, vn, slb, szb)
+    xargs = (x, geo.sxb, geo.sxn, geo.sxd, ptr, lp0, lq0, wc, hd, hn, vd, vn, slb, szb)
     for tb in range(T - 1, -1, -1):
         launcher(badmm_split_bwd_rows_step_kernel, wrap)[(B,)](
-            ptr, lq0, lp0, w32, hd, hn, vd, vn, sig, gwv, geo.N, D, rows, T, tb, DS, u_p0,
+            ptr, lq0, lp0, wc, hd, hn, vd, vn, sig, gwv, geo.N, D, rows, T, tb, DS, u_p0,
             **flags, BV=BV, num_warps=num_warps)
         has_tau = tb < T - 1 or gplan is not None
         if has_tau:
@@ -238,11 +250,12 @@ def _backward_split(x, geo, w32, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0,
                 NS, SD, DS, u_p0, **flags, PLAN=tb == T - 1, BN=BN, BD=BD,
                 num_warps=num_warps)
         launcher(badmm_split_bwd_cols_step_kernel, wrap)[(B,)](
-            ptr, lp0, w32, vd, tau, gwv, geo.N, D, T, tb, NS, u_p0, int(has_tau), **sets,
+            ptr, lp0, wc, vd, tau, gwv, geo.N, D, T, tb, NS, u_p0, int(has_tau), **sets,
             HAS_P0=has_p0, QUAD=quadratic, PAPER=paper, BV=BV, num_warps=num_warps)
         launcher(badmm_split_bwd_pass3_kernel, wrap)[tiles](
             *xargs, gx, gy, y32, sig, gwt, geo.N, D, rows, T, tb, NS, SD, DS, u_p0,
-            **flags, BN=BN, BD=BD, num_warps=num_warps)
+            **flags, ADJ=(ADJ_FIRST if tb == T - 1 else ADJ_S_STEP).value, PLAN=gplan is not None,
+            BN=BN, BD=BD, num_warps=num_warps)
     launcher(badmm_split_bwd_init_kernel, wrap)[(B,)](
         ptr, slb, vd, vn, gp0, gq0, geo.N, D, rows, **sets, HAS_P0=has_p0, HAS_Q0=has_q0,
         PAPER=paper, BN=BN, BD=BD, num_warps=num_warps)
@@ -250,10 +263,11 @@ def _backward_split(x, geo, w32, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0,
 
 
 def history_like(x: Tensor, ptr: Optional[Tensor], T: int, paper: bool):
-    """Empty fp32 vector history: hd (B, T, KV, D) - R, log μ [, z1] - and hn (T, KV, rows) -
-    C, log η [, z2] - of every iteration (KV = 3 for the paper variant, else 2). Sizes come
-    from shapes only (no host sync)."""
-    KV = 3 if paper else 2
+    """Empty fp32 vector history: hd (B, T, KV, D) - R, log μ [, z1], log μ - R - and
+    hn (T, KV, rows) - C, log η [, z2], log η - C - of every iteration (KV = 4 for the paper
+    variant, else 3; the last slot is the replay's shift). Sizes come from shapes only (no
+    host sync)."""
+    KV = 4 if paper else 3
     D = x.shape[-1]
     B = x.shape[0] if ptr is None else ptr.shape[0] - 1
     rows = x.shape[0] * x.shape[1] if ptr is None else x.shape[0]
@@ -283,15 +297,16 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
     replay = forward_replays(T, x.element_size())
     BN, BD, BV, num_warps = geo.blocks
     splits = forward_splits(B, geo.set_size, D, BN, BD, x.device)
+    wc = _weight_table(w, quadratic, wrap)
     if splits != (1, 1):
-        _forward_split(x, geo, _f32(w), lp0, lq0, y, plan, hd, hn, *splits,
+        _forward_split(x, geo, wc, lp0, lq0, y, plan, hd, hn, *splits,
                        quadratic=quadratic, paper=paper, has_p0=log_p0 is not None,
                        has_q0=log_q0 is not None, replay=replay, wrap=wrap)
         return y, plan, hd, hn
     mats, vd, vn = _scratch(geo, x.device, 0 if replay else 2)
     sl, sz = mats if mats else (y, y)                     # unused when replaying
     launcher(badmm_fwd_kernel, wrap)[(geo.grid,)](
-        x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else y, geo.order(y), lp0, lq0, _f32(w),
+        x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else y, geo.order(y), lp0, lq0, wc,
         y, plan if return_plan else y, sl, sz, vd, vn, hd, hn,
         B, geo.N, D, geo.rows, T, -math.log(D),
         RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
@@ -320,8 +335,9 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
         lp0, lq0 = _priors(x, log_p0, log_q0)
         BN, BD, BV, num_warps = geo.blocks
         splits = backward_splits(B, geo.set_size, D, BN, BD, dev)
+        wc = _weight_table(w32, quadratic, wrap)
         if splits != (1, 1):
-            gw = _backward_split(x, geo, w32, lp0, lq0, hd, hn, y32, _f32(grad_y),
+            gw = _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, _f32(grad_y),
                                  _f32(grad_plan) if grad_plan is not None else None, gx, gp0,
                                  gq0, *splits, quadratic=quadratic, paper=paper,
                                  has_p0=log_p0 is not None, has_q0=log_q0 is not None,
@@ -332,7 +348,7 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
             gplan = _f32(grad_plan).reshape(geo.rows, D) if grad_plan is not None else gx
             launcher(badmm_bwd_kernel, wrap)[(geo.grid,)](
                 x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else gx, geo.order(gx),
-                lp0, lq0, w32, hd, hn,
+                lp0, lq0, wc, hd, hn,
                 y32, _f32(grad_y), gplan,
                 gx, gp0, gq0, gw,
                 slb, szb, vd, vn,

@@ -14,7 +14,8 @@ combine the partials and run the lognorm / paper adjoints. Reverse step tb:
   pass 3    (b, i, j):  :func:`.kernels._adjoint_p_step_pass`
 then :func:`.kernels._init_adjoint_pass` per set. Dense or ragged (row slices sized per set
 from N_b on the device, as :func:`.split_kernels._tile_program`; empty sets skipped). The
-adjoints L̄, Z̄ live in a (rows, D) fp32 scratch - the same size as the one-program-per-set
+adjoints L̄, Z̄ live in a (rows, D) fp32 scratch (not zeroed: pass 3 of the first step writes
+them, :data:`.kernels.ADJ_FIRST`) - the same size as the one-program-per-set
 kernel's when B < #SMs, where the launcher uses this schedule - and the per-set vector slots in
 (B, 7, D) / (7, rows).
 """
@@ -168,10 +169,12 @@ def badmm_split_bwd_pass3_kernel(
     slb_ptr, szb_ptr, gx_ptr, gy_ptr, out_ptr, sig_ptr, gwt_ptr, N, D, NR, T, tb, NS, SD, DS,
     u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
-    PAPER: tl.constexpr, KV: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    PAPER: tl.constexpr, KV: tl.constexpr, ADJ: tl.constexpr, PLAN: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr,
 ):
-    """Pass 3 of reverse step tb over this program's tiles (X̄, L̄, Z̄ in place); partial σ of
-    step tb - 1 into sig[j, rows of b], (∂α1, ∂ρ) into gwt[b, tb, 1, i·DS + j]."""
+    """Pass 3 of reverse step tb over this program's tiles (X̄, L̄, Z̄ in place; ``ADJ``,
+    ``PLAN``: :func:`.kernels._adjoint_p_step_pass`); partial σ of step tb - 1 into
+    sig[j, rows of b], (∂α1, ∂ρ) into gwt[b, tb, 1, i·DS + j]."""
     b64, si, sj, rs, n_b, xb, lp0_b, lq0_b, hd_b, hn_b, n_lo, n_hi, d_lo, d_hi, u_q0 = \
         _tile_program(x_ptr, sxb, sxn, ptr_ptr, lp0_ptr, lq0_ptr, hd_ptr, hn_ptr, N, D, T, NS,
                       SD, KV, RAGGED, BN)
@@ -181,10 +184,10 @@ def badmm_split_bwd_pass3_kernel(
     da1, dr = _adjoint_p_step_pass(
         xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
         slb_ptr + rs * D, szb_ptr + rs * D, gx_ptr + rs * D,
-        vd_ptr + b64 * 7 * D, vn_ptr + rs, NR, gy_ptr + b64 * D, out_ptr + b64 * D, n_b, D,
-        a1, rho, tl.where(tb == T - 1, 1.0, 0.0), _rho_prev(w_ptr + 4 * T, tb),
-        n_lo, n_hi, d_lo, d_hi, sig_ptr + sj * NR + rs,
-        HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
+        vd_ptr + b64 * 7 * D, vn_ptr + rs, NR, vn_ptr + 3 * NR + rs, gy_ptr + b64 * D,
+        out_ptr + b64 * D, n_b, D, a1, rho, tl.where(tb == T - 1, 1.0, 0.0),
+        _rho_prev(w_ptr + 4 * T, tb), n_lo, n_hi, d_lo, d_hi, sig_ptr + sj * NR + rs,
+        HAS_P0, HAS_Q0, KV, QUAD, ADJ, PLAN, BN, BD)
     tl.store(gwt + 0, da1)
     tl.store(gwt + 1, dr)
 

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .kernels import (_exp, _finite, _iter_weights, _load_prior, _load_x, _log, _p_step_y,
                       _replay_state, _rho_prev, _s_step_y, _set_bounds, _tile_ptrs, _vec_copy,
-                      _vec_copy_prior, _vec_fill, _vec_lognorm_mix, _vec_paper_update)
+                      _vec_copy_prior, _vec_fill, _vec_lognorm_mix, _vec_paper_update, _vec_sub)
 
 
 @triton.jit
@@ -149,13 +149,37 @@ def badmm_split_column_lse_kernel(
 
 
 @triton.jit
+def _history_step(h_t, S, length, prior_ptr, HAS: tl.constexpr, uval, k, k_p, rho_p, t,
+                  PAPER: tl.constexpr, KV: tl.constexpr, BV: tl.constexpr):
+    """The vector step of one side, after the combine wrote its LSE (R_t or C_t) into slot 0 of
+    the history h_t (slot stride S, ``length`` entries): slot 1 gets the iteration's marginal -
+    exact: lognorm(κ log prior + (1 - κ) LSE); paper: the vector state of eqs. 26-28 advanced
+    from iteration t - 1 (κ_p, ρ_p; the prior and z = 0 at t = 0) - and slot KV - 1 the
+    replay's shift (slot 1 - slot 0)."""
+    if PAPER:
+        if t > 0:
+            h_p = h_t - KV * S
+            _vec_copy(h_p + S, h_t + S, length, BV)
+            _vec_copy(h_p + 2 * S, h_t + 2 * S, length, BV)
+            tl.debug_barrier()
+            _vec_paper_update(prior_ptr, HAS, uval, h_t + S, h_t + 2 * S, k_p, rho_p, length, BV)
+        else:
+            _vec_copy_prior(prior_ptr, HAS, uval, h_t + S, length, BV)
+            _vec_fill(h_t + 2 * S, 0.0, length, BV)
+    else:
+        _vec_lognorm_mix(prior_ptr, HAS, uval, h_t, h_t + S, k, length, BV)
+    tl.debug_barrier()
+    _vec_sub(h_t + S, h_t, h_t + (KV - 1) * S, length, BV)
+
+
+@triton.jit
 def badmm_split_column_step_kernel(
     ptr_ptr, lp0_ptr, w_ptr, hd_ptr, pm_ptr, pl_ptr, pa_ptr, y_ptr, N, D, T, t, NS, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, QUAD: tl.constexpr, PAPER: tl.constexpr,
     KV: tl.constexpr, POOL: tl.constexpr, BV: tl.constexpr,
 ):
     """Per set b: R_t = LSE over the NS partials (and y = the pooled output with POOL) into
-    hd[b, t, 0]; then log μ_t into hd[b, t, 1] - exact: lognorm(κ2 log p0 + (1 - κ2) R_t);
+    hd[b, t, 0]; then log μ_t into hd[b, t, 1] (and log μ_t - R_t into the shift slot) - exact: lognorm(κ2 log p0 + (1 - κ2) R_t);
     paper: the vector state of eqs. 26-28 advanced from hd[b, t - 1] (log p0, z1 = 0 at t = 0)."""
     b64 = tl.program_id(0).to(tl.int64)
     rs, n_b, _xoff = _set_bounds(tl.program_id(0), ptr_ptr, N, 0, 0, RAGGED)
@@ -183,20 +207,9 @@ def badmm_split_column_step_kernel(
             if POOL:
                 tl.store(y_ptr + b64 * D + offs, acc / l, mask=msk)
         tl.debug_barrier()
-        if PAPER:
-            if t > 0:
-                hd_p = hd_t - KV * D
-                _vec_copy(hd_p + D, hd_t + D, D, BV)
-                _vec_copy(hd_p + 2 * D, hd_t + 2 * D, D, BV)
-                tl.debug_barrier()
-                _a1, rho_p, k2_p, _k3 = _iter_weights(w_ptr, T, t - 1, QUAD, PAPER)
-                _vec_paper_update(lp0_b, HAS_P0, u_p0, hd_t + D, hd_t + 2 * D, k2_p, rho_p, D, BV)
-            else:
-                _vec_copy_prior(lp0_b, HAS_P0, u_p0, hd_t + D, D, BV)
-                _vec_fill(hd_t + 2 * D, 0.0, D, BV)
-        else:
-            _a1, _rho, k2, _k3 = _iter_weights(w_ptr, T, t, QUAD, PAPER)
-            _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, hd_t, hd_t + D, k2, D, BV)
+        _a1, _rho, k2, _k3 = _iter_weights(w_ptr, T, t, QUAD, PAPER)
+        _a1, rho_p, k2_p, _k3 = _iter_weights(w_ptr, T, tl.maximum(t - 1, 0), QUAD, PAPER)
+        _history_step(hd_t, D, D, lp0_b, HAS_P0, u_p0, k2, k2_p, rho_p, t, PAPER, KV, BV)
 
 
 @triton.jit
@@ -278,21 +291,9 @@ def badmm_split_row_step_kernel(
                     * _exp(tl.load(qm_ptr + o, mask=msk, other=float("-inf")) - ms)
             tl.store(hn_t + offs, mx + _log(tl.where(msk, l, 1.0)), mask=msk)
         tl.debug_barrier()
-        if PAPER:
-            if t > 0:
-                hn_p = hn_t - KV * NR
-                _vec_copy(hn_p + NR, hn_t + NR, n_b, BV)
-                _vec_copy(hn_p + 2 * NR, hn_t + 2 * NR, n_b, BV)
-                tl.debug_barrier()
-                _a1, rho_p, _k2, k3_p = _iter_weights(w_ptr, T, t - 1, QUAD, PAPER)
-                _vec_paper_update(lq0_b, HAS_Q0, u_q0, hn_t + NR, hn_t + 2 * NR, k3_p, rho_p, n_b,
-                                  BV)
-            else:
-                _vec_copy_prior(lq0_b, HAS_Q0, u_q0, hn_t + NR, n_b, BV)
-                _vec_fill(hn_t + 2 * NR, 0.0, n_b, BV)
-        else:
-            _a1, _rho, _k2, k3 = _iter_weights(w_ptr, T, t, QUAD, PAPER)
-            _vec_lognorm_mix(lq0_b, HAS_Q0, u_q0, hn_t, hn_t + NR, k3, n_b, BV)
+        _a1, _rho, _k2, k3 = _iter_weights(w_ptr, T, t, QUAD, PAPER)
+        _a1, rho_p, _k2, k3_p = _iter_weights(w_ptr, T, tl.maximum(t - 1, 0), QUAD, PAPER)
+        _history_step(hn_t, NR, n_b, lq0_b, HAS_Q0, u_q0, k3, k3_p, rho_p, t, PAPER, KV, BV)
 
 
 @triton.jit
