@@ -28,6 +28,15 @@ def _chunkable(x: Tensor, variant: str, return_plan: bool) -> bool:
             and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None)
 
 
+def _in_domain(w: dict) -> bool:
+    """The chunked path does its weight formulas in Python floats, where 1/0 raises: weights
+    the value checks would reject (they may be off) take the tensor path, which gives what
+    IEEE arithmetic gives, as the caller asked."""
+    pos = [w["a1"], w["rho"], w["a2"], w["a3"]]
+    return all(bool((t > 0).all()) for t in pos) and all(
+        bool(torch.isfinite(w[k]).all()) for k in ("a1", "rho"))
+
+
 def rot_pool_unrolled(x: Tensor, batch, *, method: str, variant: str, weights: dict,
                       log_p0: Tensor, log_q0: Tensor, num_iters: int, cdt, return_plan: bool):
     """(y (B, D) in x's dtype, plan in x's layout or None) for α0 = 0.
@@ -47,7 +56,7 @@ def rot_pool_unrolled(x: Tensor, batch, *, method: str, variant: str, weights: d
         else:
             lq0 = batch.unpad_rows(log_q0).unsqueeze(1)
         lp0 = log_p0
-    if _chunkable(xc, variant, return_plan):
+    if _chunkable(xc, variant, return_plan) and _in_domain(w):
         solver = make_solver(method, variant)
         size = chunk_bytes_for(solver)
         chunks = (dense_chunks(xc, size) if batch.dense
