@@ -1,11 +1,14 @@
 """Host side of the α0 > 0 kernels: block sizes, the launches of one forward iteration
 (``run_iterations``), the pooling launch, the reverse steps of the backward (recompute the
-state entering iteration t, then its adjoint kernels) and the explicit adjoints of the torch
-pieces (pooling / plan, factors -> x). Kernels: ``kernels.py``; autograd and custom ops:
-``op.py``; derivations and the memory/recompute scheme: ../../../../../docs/adjoints.md.
+state entering iteration t, then its adjoint kernels) and the whole forward / backward
+(``structure_forward`` / ``structure_backward``, wrapped as custom operators in ``op.py``).
+Kernels: ``kernels.py``; derivations and the memory/recompute scheme:
+../../../../../docs/adjoints.md.
 
-Every per-row state is a zero-padded fp32 ``(B, N_max, D)`` tensor plus the set lengths; an
-empty set is solved on one zero dummy sample and its output zeroed, like the torch path.
+Every per-row tensor is in the caller's row layout, (R, D) fp32 with R = B·N (dense) or the
+ragged row count: no padding. Each kernel finds set b's rows on the device from ``bounds``
+(ptr for a ragged batch, N·arange(B + 1) for a dense one); sizes and scratch come from shapes
+only (the host never reads ptr). An empty set has no rows: it pools to 0.
 Launches per iteration (each step kernel computes its structure product in-program first):
 B-E/B-Q 2 (P-step, S-step), S 1; backward: ⌈√T⌉-spaced checkpoints, adjoints fused likewise.
 """
@@ -22,8 +25,8 @@ from torch import Tensor
 from ...params import kappa
 from ..common import interpreter_enabled, launcher
 from .kernels import (badmm_p_step_bwd_kernel, badmm_p_step_kernel, badmm_s_step_bwd_kernel,
-                      badmm_s_step_kernel, pool_from_log_plan_kernel, sigma_adjoint_kernel,
-                      sigma_product_kernel,
+                      badmm_s_step_kernel, pool_from_log_plan_bwd_kernel,
+                      pool_from_log_plan_kernel, sigma_adjoint_kernel, sigma_product_kernel,
                       sinkhorn_prox_step_bwd_kernel, sinkhorn_prox_step_kernel,
                       structure_factors_kernel)
 
@@ -74,108 +77,136 @@ def mm_tile() -> int:
 
 
 class Factors:
-    """The per-set structure factors of a padded batch and the smaller Gram matrix.
+    """The per-set structure factors and the smaller Gram matrix of a batch, row layout.
 
-    xc, xt: (B, N_pad, D) fp32 (DESIGN §2, scaled so Σ1 = xcᵀxc, Σ2 = xt xtᵀ);
-    gram: Σ1 (B, D, D) when ``d_order`` (D <= N_pad) else Σ2 (B, N_pad, N_pad), written by
-    ``structure_factors_kernel`` in the same launch as the factors.
+    xc, xt: (R, D) fp32 (DESIGN §2, scaled so Σ1 = xcᵀxc, Σ2 = xt xtᵀ); gram: (R·D,), set b's
+    (S, S) matrix, S = min(n_b, D) (Σ1 when n_b >= D, else Σ2), at bounds[b]·D. Scratch of the
+    in-program products is laid out the same way (S² <= n_b·D), so it is sized from shapes.
     """
 
-    def __init__(self, xc: Tensor, xt: Tensor, gram: Tensor, lens: Tensor,
+    def __init__(self, xc: Tensor, xt: Tensor, gram: Tensor, bounds: Tensor,
                  precision: str = "ieee"):
-        self.xc, self.xt, self.gram, self.lens = xc, xt, gram, lens
+        self.xc, self.xt, self.gram, self.bounds = xc, xt, gram, bounds
         self.precision = precision          # tl.dot precision, see dot_precision
-        B, N, D = xc.shape
-        self.D = D
-        self.d_order = D <= N
-        self.S = gram.shape[-1]
+        self.B = bounds.shape[0] - 1
+        self.D = xc.shape[1]
+        self._scratch = {}
+
+    def scratch(self, k: int) -> Tensor:
+        """k (S, S) matrices per set, (k·R·D,) fp32, allocated once per Factors."""
+        if k not in self._scratch:
+            self._scratch[k] = self.xc.new_empty(k * self.xc.numel())
+        return self._scratch[k]
 
     def apply(self, m: Tensor, *, exp: bool = False, out: Optional[Tensor] = None) -> Tensor:
-        """Σ2 m Σ1 (paper Σ1 M Σ2) for m (B, N_pad, D); with ``exp`` m holds log M.
+        """Σ2 m Σ1 (paper Σ1 M Σ2) per set for m (R, D); with ``exp`` m holds log M.
         One launch."""
         out = torch.empty_like(m) if out is None else out
-        B, N, D = m.shape
-        if B == 0:
-            return out
-        scratch = m.new_empty(B, 2, self.S, self.S)
-        _wrap(sigma_product_kernel)[(B,)](
-            m, self.xc, self.xt, self.gram, scratch, out, self.lens, N, self.S, D,
-            D_ORDER=self.d_order, EXP_M=exp, PRECISION=self.precision, BT=mm_tile(),
-            num_warps=PER_SET_WARPS)
+        if self.B > 0:
+            _wrap(sigma_product_kernel)[(self.B,)](
+                m, self.xc, self.xt, self.gram, self.scratch(2), out, self.bounds, self.D,
+                EXP_M=exp, PRECISION=self.precision, BT=mm_tile(), num_warps=PER_SET_WARPS)
         return out
 
-    def step_args(self, B: int) -> tuple:
-        """The trailing tensor arguments of a step kernel whose prologue computes its
-        structure product in-program: (xc, xt, gram, scratch (B, 2, S, S), S)."""
-        return (self.xc, self.xt, self.gram, self.xc.new_empty(B, 2, self.S, self.S), self.S)
+    def adjoint(self, log_m: Tensor, g: Tensor, dxc: Tensor, dxt: Tensor, dm: Tensor) -> None:
+        """Adjoint of out = Σ2 exp(log_m) Σ1 for the upstream gradient g (R, D):
+        dm += exp(log_m) ⊙ ∂L/∂M (= ∂L/∂log_m), dxc / dxt += ∂L/∂xc, ∂L/∂xt. One launch."""
+        if self.B > 0:
+            _wrap(sigma_adjoint_kernel)[(self.B,)](
+                log_m, g, self.xc, self.xt, self.gram, self.scratch(5), dxc, dxt, dm,
+                self.bounds, self.D, PRECISION=self.precision, BT=mm_tile(),
+                num_warps=PER_SET_WARPS)
 
-    def adjoint_args(self, B: int, dxc: Tensor, dxt: Tensor) -> tuple:
+    def step_args(self) -> tuple:
+        """The trailing tensor arguments of a step kernel whose prologue computes its
+        structure product in-program: (xc, xt, gram, scratch)."""
+        return (self.xc, self.xt, self.gram, self.scratch(2))
+
+    def adjoint_args(self, dxc: Tensor, dxt: Tensor) -> tuple:
         """Same for an adjoint kernel whose epilogue is the structure product's adjoint:
-        (xc, xt, gram, scratch (B, 5, S, S), dxc, dxt, S)."""
-        return (self.xc, self.xt, self.gram, self.xc.new_empty(B, 5, self.S, self.S), dxc, dxt,
-                self.S)
+        (xc, xt, gram, scratch, dxc, dxt)."""
+        return (self.xc, self.xt, self.gram, self.scratch(5), dxc, dxt)
 
     def meta(self) -> dict:
         """The constexprs of the in-program structure product."""
-        return dict(D_ORDER=self.d_order, PRECISION=self.precision, BT=mm_tile())
-
-    def adjoint(self, log_m: Tensor, g: Tensor, dxc: Tensor, dxt: Tensor, dm: Tensor) -> None:
-        """Adjoint of out = Σ2 exp(log_m) Σ1 for the upstream gradient g (B, N_pad, D):
-        dm += exp(log_m) ⊙ ∂L/∂M (= ∂L/∂log_m), dxc / dxt += ∂L/∂xc, ∂L/∂xt.
-        One launch."""
-        B, N, D = log_m.shape
-        if B == 0:
-            return
-        scratch = log_m.new_empty(B, 5, self.S, self.S)
-        _wrap(sigma_adjoint_kernel)[(B,)](
-            log_m.contiguous(), g.contiguous(), self.xc, self.xt, self.gram, scratch, dxc, dxt,
-            dm, self.lens, N, self.S, D, D_ORDER=self.d_order, PRECISION=self.precision,
-            BT=mm_tile(), num_warps=PER_SET_WARPS)
-
-
-def _launch_factors(x: Tensor, row_start: Tensor, lens: Tensor, B: int, N_pad: int, D: int,
-                    dense: bool, precision: str):
-    """(x32, xc, xt, gram) in one launch; the Gram matrix's order as in :class:`Factors`."""
-    x32 = x.new_zeros(B, N_pad, D, dtype=torch.float32)
-    xc = torch.zeros_like(x32)
-    xt = torch.zeros_like(x32)
-    d_order = D <= N_pad
-    S = D if d_order else N_pad
-    gram = x32.new_zeros(B, S, S)
-    BD = triton.next_power_of_2(D)
-    if dense:
-        s_xb, s_xn, s_xd = x.stride()
-    else:
-        s_xb, (s_xn, s_xd) = 0, x.stride()
-    if B > 0:
-        _wrap(structure_factors_kernel)[(B,)](
-            x, row_start, lens, x32, xc, xt, gram, s_xb, s_xn, s_xd, N_pad, D, S,
-            D_ORDER=d_order, PRECISION=precision, BT=mm_tile(), BN=row_block(BD), BD=BD,
-            num_warps=PER_SET_WARPS)
-    return x32, xc, xt, gram
+        return dict(PRECISION=self.precision, BT=mm_tile())
 
 
 class _Problem:
-    """Everything a forward needs, on the padded fp32 layout."""
+    """Everything a forward needs, in the row layout (module docstring)."""
 
-    def __init__(self, x32, lens, real_lens, log_p0, log_q0, w, method, variant, T, K):
-        self.x32, self.lens, self.real_lens = x32, lens, real_lens
-        self.log_p0, self.log_q0 = log_p0, log_q0
+    def __init__(self, x32, bounds, log_p0, log_q0, log_s0, w, method, variant, T, K):
+        self.x32, self.bounds = x32, bounds
+        self.log_p0, self.log_q0, self.log_s0 = log_p0, log_q0, log_s0
         self.w = w                                  # dict of contiguous fp32 (T,) tensors
         self.method, self.variant, self.T, self.K = method, variant, T, K
-        B, N, D = x32.shape
-        self.B, self.N, self.D = B, N, D
-        self.BD = triton.next_power_of_2(D)
+        self.R, self.D = x32.shape
+        self.B = bounds.shape[0] - 1
+        self.BD = triton.next_power_of_2(self.D)
         self.BN = row_block(self.BD)
+        self._set_of_row = None
+
+    @property
+    def set_of_row(self) -> Tensor:
+        """(R,) int64: the set of each row, for the torch segment sums of the backward."""
+        if self._set_of_row is None:
+            rows = torch.arange(self.R, device=self.x32.device)
+            self._set_of_row = torch.searchsorted(self.bounds[1:].contiguous(), rows,
+                                                  right=True)
+        return self._set_of_row
+
+    def set_sum(self, v: Tensor) -> Tensor:
+        """Σ over each set's rows of v (R, ...) -> (B, ...)."""
+        out = v.new_zeros((self.B,) + tuple(v.shape[1:]))
+        return out.index_add_(0, self.set_of_row, v)
+
+    def set_lengths(self) -> Tensor:
+        return self.bounds[1:] - self.bounds[:-1]
+
+
+def setup(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
+          log_q0: Optional[Tensor], weights: dict, method: str, variant: str, K: int):
+    """(problem, factors): one launch computes x's fp32 copy, the factors, the Gram matrices,
+    log q0 and the initial state log(p0 q0ᵀ) (structure_factors_kernel)."""
+    dense = x.dim() == 3
+    dev = x.device
+    D = x.shape[-1]
+    if dense:
+        B, N = x.shape[0], x.shape[1]
+        bounds = torch.arange(B + 1, device=dev, dtype=torch.int64) * N
+        s_xb, s_xn, s_xd = x.stride()
+    else:
+        bounds = ptr.to(device=dev, dtype=torch.int64).contiguous()
+        B = bounds.shape[0] - 1
+        s_xb, (s_xn, s_xd) = 0, x.stride()
+    R = x.shape[0] * x.shape[1] if dense else x.shape[0]
+    precision = dot_precision(x.dtype)
+    f32 = dict(device=dev, dtype=torch.float32)
+    if log_p0 is None:
+        lp0 = torch.full((B, D), -math.log(max(D, 1)), **f32)
+    else:
+        lp0 = log_p0.detach().to(torch.float32).contiguous()
+    q_in = None if log_q0 is None else log_q0.detach().reshape(R).contiguous()
+    x32 = torch.empty(R, D, **f32)
+    xc, xt, gram, log_s0 = (torch.empty_like(x32) for _ in range(4))
+    lq0 = torch.empty(R, **f32)
+    if B > 0:
+        BD = triton.next_power_of_2(D)
+        _wrap(structure_factors_kernel)[(B,)](
+            x, bounds, lp0, q_in if q_in is not None else lq0, x32, xc, xt, gram, lq0, log_s0,
+            s_xb, s_xn, s_xd, D, DENSE_X=dense, HAS_Q0=q_in is not None, PRECISION=precision,
+            BT=mm_tile(), BN=row_block(BD), BD=BD, num_warps=PER_SET_WARPS)
+    w = {k: v.detach().to(device=dev, dtype=torch.float32).contiguous()
+         for k, v in weights.items()}
+    pb = _Problem(x32, bounds, lp0, lq0, log_s0, w, method, variant, int(w["a1"].shape[0]), K)
+    return pb, Factors(xc, xt, gram.view(-1), bounds, precision)
 
 
 def init_state(pb: _Problem) -> dict:
-    """State before iteration 0: log S = log P = log(p0 q0ᵀ) (padding 0), Z = 0 (+ paper duals)."""
-    mask = torch.arange(pb.N, device=pb.x32.device)[None, :] < pb.lens[:, None]
-    log_s = ((pb.log_p0[:, None, :] + pb.log_q0[:, :, None]) * mask[..., None]).contiguous()
-    st = {"log_s": log_s}
+    """State before iteration 0: log S = log P = log(p0 q0ᵀ), Z = 0 (+ the paper's duals)."""
+    st = {"log_s": pb.log_s0}
     if pb.method != "sinkhorn":
-        st["z"] = torch.zeros_like(log_s)
+        st["z"] = torch.zeros_like(pb.log_s0)
         if pb.variant == "paper":
             st["log_mu"] = pb.log_p0.clone()
             st["log_eta"] = pb.log_q0.clone()
@@ -192,9 +223,9 @@ def run_iterations(pb: _Problem, fac: Factors, st: dict, t0: int, t1: int) -> di
     """
     st = {k: v.clone() for k, v in st.items()}
     w = pb.w
-    B, N, D = pb.B, pb.N, pb.D
+    B, R, D = pb.B, pb.R, pb.D
     sig = torch.empty_like(pb.x32)
-    sigma = fac.step_args(B)      # each step kernel computes its Σ2 exp(·) Σ1 into sig first
+    sigma = fac.step_args()       # each step kernel computes its Σ2 exp(·) Σ1 into sig first
     paper = pb.variant == "paper"
     if pb.method == "sinkhorn":
         y0 = torch.empty_like(pb.x32)
@@ -203,26 +234,26 @@ def run_iterations(pb: _Problem, fac: Factors, st: dict, t0: int, t1: int) -> di
         for t in range(t0, t1):
             _wrap(sinkhorn_prox_step_kernel)[(B,)](
                 pb.x32, st["log_s"], sig, y0, bvec, cbuf, pb.log_p0, pb.log_q0, bvec, bvec,
-                bvec, bvec, pb.lens, w["a0"], w["a1"], w["a2"], w["a3"], w["tau"], t, pb.K, N,
-                D, *sigma, PAPER=paper, SAVE=False, BN=pb.BN, BD=pb.BD,
+                bvec, bvec, pb.bounds, w["a0"], w["a1"], w["a2"], w["a3"], w["tau"], t, pb.K,
+                R, D, *sigma, PAPER=paper, SAVE=False, BN=pb.BN, BD=pb.BD,
                 num_warps=PER_SET_WARPS, **fac.meta())
         return st
     quad = pb.method == "badmm-q"
     log_p = st.get("log_p")
     if log_p is None:
-        log_p = torch.zeros_like(pb.x32)
+        log_p = torch.empty_like(pb.x32)
     cbuf = torch.empty_like(pb.log_q0)
     dummy = pb.log_p0
     for t in range(t0, t1):
         _wrap(badmm_p_step_kernel)[(B,)](
             pb.x32, st["log_s"], st["z"], sig, log_p, pb.log_p0, st.get("log_mu", dummy),
-            dummy, dummy, pb.lens, w["a0"], w["a1"], w["a2"], w["rho"], t, N, D, *sigma,
+            dummy, dummy, pb.bounds, w["a0"], w["a1"], w["a2"], w["rho"], t, D, *sigma,
             QUADRATIC=quad, PAPER=paper, SAVE=False, BN=pb.BN, BD=pb.BD,
             num_warps=PER_SET_WARPS, **fac.meta())
         _wrap(badmm_s_step_kernel)[(B,)](
             log_p, st["z"], sig, st["log_s"], cbuf, pb.log_q0, st.get("log_eta", dummy),
             st.get("z2", dummy), pb.log_p0, st.get("log_mu", dummy), st.get("z1", dummy),
-            dummy, pb.lens, w["a0"], w["a1"], w["a2"], w["a3"], w["rho"], t, N, D, *sigma,
+            dummy, pb.bounds, w["a0"], w["a1"], w["a2"], w["a3"], w["rho"], t, D, *sigma,
             QUADRATIC=quad, PAPER=paper, SAVE=False, BN=pb.BN, BD=pb.BD,
             num_warps=PER_SET_WARPS, **fac.meta())
     st["log_p"] = log_p
@@ -233,50 +264,32 @@ def final_log_p(pb: _Problem, st: dict) -> Tensor:
     return st["log_s"] if pb.method == "sinkhorn" else st["log_p"]
 
 
-def pool_launch(pb: _Problem, log_p: Tensor, out_dtype, plan: Optional[Tensor],
-                row_start: Tensor, dense: bool) -> Tensor:
+def pool_launch(pb: _Problem, log_p: Tensor, out_dtype, plan: Optional[Tensor]) -> Tensor:
+    """y (B, D) in out_dtype; with ``plan`` (R, D contiguous) also the normalized plan."""
     y = torch.empty(pb.B, pb.D, device=log_p.device, dtype=out_dtype)
-    if pb.B == 0:
-        return y
-    if plan is not None:
-        if dense:
-            s_pb, s_pn = plan.stride(0), plan.stride(1)
-        else:
-            s_pb, s_pn = 0, plan.stride(0)
-    else:
-        s_pb = s_pn = 0
-    _wrap(pool_from_log_plan_kernel)[(pb.B,)](
-        log_p, pb.x32, y, plan if plan is not None else y, pb.lens, pb.real_lens, row_start,
-        pb.N, pb.D, s_pn, s_pb, WRITE_PLAN=plan is not None, BN=pb.BN, BD=pb.BD,
-        num_warps=PER_SET_WARPS)
+    if pb.B > 0:
+        _wrap(pool_from_log_plan_kernel)[(pb.B,)](
+            log_p, pb.x32, y, plan if plan is not None else y, pb.bounds, pb.D,
+            WRITE_PLAN=plan is not None, BN=pb.BN, BD=pb.BD, num_warps=PER_SET_WARPS)
     return y
 
 
+def pool_bwd_launch(pb: _Problem, log_p: Tensor, gy: Tensor, gplan: Optional[Tensor],
+                    g_x: Tensor) -> Tensor:
+    """∂L/∂log P_T (R, D) from gy (B, D) and gplan (R, D) or None; adds ∂L/∂x to g_x."""
+    g_lp = torch.empty_like(pb.x32)
+    if pb.B > 0:
+        gy = gy.to(torch.float32).contiguous()
+        _wrap(pool_from_log_plan_bwd_kernel)[(pb.B,)](
+            log_p, pb.x32, gy, gplan.contiguous() if gplan is not None else gy, g_lp, g_x,
+            pb.bounds, pb.D, HAS_GPLAN=gplan is not None, BN=pb.BN, BD=pb.BD,
+            num_warps=PER_SET_WARPS)
+    return g_lp
+
+
 # ============================================================================================
-# backward: Triton structure product with its exact adjoint, torch replay of one iteration
+# backward: re-run an iteration saving what its adjoint needs, then the adjoint kernels
 # ============================================================================================
-class SigmaProduct(torch.autograd.Function):
-    """out = Σ2 exp(log_m) Σ1 with Σ1 = xcᵀxc, Σ2 = xt xtᵀ (per set), forward and backward
-    in Triton (the torch-replay backward's building block). The Gram matrix is not
-    differentiated directly: its gradient reaches xc / xt through the factor formulas."""
-
-    @staticmethod
-    def forward(ctx, log_m, xc, xt, fac):
-        ctx.save_for_backward(log_m, xc, xt)
-        ctx.fac = fac
-        return fac.apply(log_m.contiguous(), exp=True)
-
-    @staticmethod
-    def backward(ctx, g):
-        log_m, xc, xt = ctx.saved_tensors
-        dxc = torch.zeros_like(xc)
-        dxt = torch.zeros_like(xt)
-        dm = torch.zeros_like(log_m)
-        fac = Factors(xc, xt, ctx.fac.gram, ctx.fac.lens, ctx.fac.precision)
-        fac.adjoint(log_m, g, dxc, dxt, dm)
-        return dm, dxc, dxt, None
-
-
 def _dkappa(alpha: Tensor, w: Tensor):
     """(∂κ/∂α, ∂κ/∂w) of κ(α, w) = α/(α + w); both 0 at α = +inf."""
     inf = torch.isinf(alpha)
@@ -286,7 +299,7 @@ def _dkappa(alpha: Tensor, w: Tensor):
             torch.where(inf, torch.zeros_like(alpha), -a / den))
 
 
-def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tensor, g: dict,
+def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, g: dict,
                        g_lp_ext: Optional[Tensor], acc: dict) -> dict:
     """Pull the gradient of the state after B-E/B-Q iteration t (``g``: log_s, z and, paper,
     log_mu, log_eta, z1, z2) and ∂L/∂log P_{t+1} (``g_lp_ext``, last iteration only) back to the
@@ -295,23 +308,23 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tenso
     eq. (26)-(28) updates are O(N + D) vectors, differentiated here with torch.
     Accumulates into acc["x"], acc["xc"], acc["xt"], acc["lp0"], acc["lq0"], acc[weight][t].
     """
-    B, N, D = pb.B, pb.N, pb.D
+    B, D = pb.B, pb.D
     w = pb.w
     quad = pb.method == "badmm-q"
     paper = pb.variant == "paper"
     kw = dict(QUADRATIC=quad, PAPER=paper, BN=pb.BN, BD=pb.BD, num_warps=PER_SET_WARPS,
               **fac.meta())
     dummy = pb.log_p0
-    sigma = fac.step_args(B)
-    adj = fac.adjoint_args(B, acc["xc"], acc["xt"])
+    sigma = fac.step_args()
+    adj = fac.adjoint_args(acc["xc"], acc["xt"])
     # re-run iteration t, keeping what the adjoint needs (Σ(S), Σ(P) too)
     sig_s = torch.empty_like(pb.x32)
     log_p = torch.zeros_like(pb.x32)
     r = torch.empty_like(pb.log_p0)
     mu = torch.empty_like(pb.log_p0)
     _wrap(badmm_p_step_kernel)[(B,)](pb.x32, st["log_s"], st["z"], sig_s, log_p, pb.log_p0,
-                              st.get("log_mu", dummy), r, mu, pb.lens, w["a0"], w["a1"],
-                              w["a2"], w["rho"], t, N, D, *sigma, SAVE=True, **kw)
+                              st.get("log_mu", dummy), r, mu, pb.bounds, w["a0"], w["a1"],
+                              w["a2"], w["rho"], t, D, *sigma, SAVE=True, **kw)
     sig_p = torch.empty_like(pb.x32)
     ls_new = torch.zeros_like(pb.x32)
     z_new = st["z"].clone()
@@ -320,8 +333,8 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tenso
     eta = torch.empty_like(pb.log_q0)
     _wrap(badmm_s_step_kernel)[(B,)](log_p, z_new, sig_p, ls_new, cbuf, pb.log_q0,
                               new.get("log_eta", dummy), new.get("z2", dummy), pb.log_p0,
-                              new.get("log_mu", dummy), new.get("z1", dummy), eta, pb.lens,
-                              w["a0"], w["a1"], w["a2"], w["a3"], w["rho"], t, N, D, *sigma,
+                              new.get("log_mu", dummy), new.get("z1", dummy), eta, pb.bounds,
+                              w["a0"], w["a1"], w["a2"], w["a3"], w["rho"], t, D, *sigma,
                               SAVE=True, **kw)
     rho, a1 = w["rho"][t], w["a1"][t]
     # the steps' weights (kernels' _p_step_weight, _s_step_weight): B-Q exact divides both by
@@ -338,14 +351,13 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tenso
         k2 = kappa(w["a2"][t], rho)
         k3 = kappa(w["a3"][t], rho)
         k3_a, k3_w = _dkappa(w["a3"][t], rho)
-        m2 = mask.to(torch.float32)
-        mu_n, eta_n = torch.exp(new["log_mu"]), torch.exp(new["log_eta"]) * m2
-        g_mu_tot = g["log_mu"] + rho * g["z1"] * mu_n
+        mu_n, eta_n = torch.exp(new["log_mu"]), torch.exp(new["log_eta"])
+        g_mu_tot = g["log_mu"] + rho * g["z1"] * mu_n                         # [B, D]
         g_u = g_mu_tot - mu_n * g_mu_tot.sum(1, keepdim=True)
-        g_eta_tot = (g["log_eta"] + rho * g["z2"] * eta_n) * m2
-        g_v = (g_eta_tot - eta_n * g_eta_tot.sum(1, keepdim=True)) * m2
-        g_rho = ((g["z1"] * (new["z1"] - st["z1"])).sum() + (g["z2"] * (new["z2"] - st["z2"])
-                                                              * m2).sum()) / rho
+        g_eta_tot = g["log_eta"] + rho * g["z2"] * eta_n                      # [R]
+        g_v = g_eta_tot - eta_n * pb.set_sum(g_eta_tot)[pb.set_of_row]
+        g_rho = ((g["z1"] * (new["z1"] - st["z1"])).sum()
+                 + (g["z2"] * (new["z2"] - st["z2"])).sum()) / rho
         g_rho = g_rho + ((1 - k2) * g_u * st["z1"]).sum() / rho ** 2 \
             + ((1 - k3) * g_v * st["z2"]).sum() / rho ** 2
         g_k2 = (g_u * (pb.log_p0 - (st["log_mu"] - st["z1"] / rho))).sum()
@@ -353,11 +365,11 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tenso
         acc["lp0"] += k2 * g_u
         acc["lq0"] += k3 * g_v
         g_out = {"log_mu": (1 - k2) * g_u, "log_eta": (1 - k3) * g_v,
-                 "z1": g["z1"] - (1 - k2) * g_u / rho, "z2": (g["z2"] - (1 - k3) * g_v / rho) * m2}
+                 "z1": g["z1"] - (1 - k2) * g_u / rho, "z2": g["z2"] - (1 - k3) * g_v / rho}
         acc["rho"][t] += g_rho + g_k2 * k2_w + g_k3 * k3_w
         acc["a2"][t] += g_k2 * k2_a
         acc["a3"][t] += g_k3 * k3_a
-        row_x = (-rho * g["z2"] * m2).contiguous()     # ∂/∂S'_nd of z2' = ... - ρ Σ_d S'_nd
+        row_x = (-rho * g["z2"]).contiguous()          # ∂/∂S'_nd of z2' = ... - ρ Σ_d S'_nd
         col_x = (-rho * g["z1"]).contiguous()          # ∂/∂P_nd of z1' = ... - ρ Σ_n P_nd
     # adjoint of the S-step and the dual update
     g_z_out = torch.zeros_like(pb.x32)
@@ -369,8 +381,8 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tenso
     wp_s = torch.zeros(B, 8, device=pb.x32.device, dtype=torch.float32)
     _wrap(badmm_s_step_bwd_kernel)[(B,)](g["log_s"].contiguous(), g["z"].contiguous(), log_p, st["z"],
                                   sig_p, ls_new, cbuf, eta, pb.log_q0, g_z_out, g_sig, g_lp, g_p,
-                                  g_lq0, gvec, row_x, col_x, wp_s, pb.lens, w["a0"], w["a1"],
-                                  w["a3"], w["rho"], t, N, D, *adj, **kw)   # + the Σ(P) path
+                                  g_lq0, gvec, row_x, col_x, wp_s, pb.bounds, w["a0"], w["a1"],
+                                  w["a3"], w["rho"], t, D, *adj, **kw)   # + the Σ(P) path
     if g_lp_ext is not None:
         g_lp += g_lp_ext
     # adjoint of the P-step
@@ -380,7 +392,7 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tenso
     wp_p = torch.zeros(B, 8, device=pb.x32.device, dtype=torch.float32)
     _wrap(badmm_p_step_bwd_kernel)[(B,)](g_lp, g_p, log_p, st["log_s"], st["z"], pb.x32, sig_s, r, mu,
                                   pb.log_p0, g_l, acc["x"], g_z_out, g_sig_s, g_lp0, wp_p,
-                                  pb.lens, w["a0"], w["a1"], w["a2"], w["rho"], t, N, D, *adj,
+                                  pb.bounds, w["a0"], w["a1"], w["a2"], w["rho"], t, D, *adj,
                                   **kw)                                       # + the Σ(S) path
     # the scalar weights of iteration t from the per-set partial sums
     ps, pp = wp_s.sum(0), wp_p.sum(0)
@@ -406,110 +418,13 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tenso
     return g_out
 
 
-def _replay_step(pb: _Problem, st: dict, x: Tensor, xc: Tensor, xt: Tensor, fac: Factors,
-                 mask: Tensor, lp0: Tensor, lq0: Tensor, w: dict, t: int) -> dict:
-    """One iteration t in differentiable torch ops (the math of solvers.py) on the padded
-    layout, the structure products through :class:`SigmaProduct`."""
-    neg = float("-inf")
-    m3 = mask[..., None]
-    lp0 = lp0[:, None, :]
-    lq0 = lq0[:, :, None]
-
-    def sig(log_m):
-        return SigmaProduct.apply(log_m, xc, xt, fac)
-
-    def lse_n(y):
-        return torch.logsumexp(y.masked_fill(~m3, neg), dim=1, keepdim=True)
-
-    def lognorm_d(v):
-        return v - torch.logsumexp(v, dim=2, keepdim=True)
-
-    def lognorm_n(v):
-        return (v - torch.logsumexp(v.masked_fill(~m3, neg), dim=1, keepdim=True)).masked_fill(
-            ~m3, 0.0)
-
-    def zp(v):
-        return v.masked_fill(~m3, 0.0)
-
-    a0, a1, a2, a3 = w["a0"][t], w["a1"][t], w["a2"][t], w["a3"][t]
-    if pb.method == "sinkhorn":
-        log_p = st["log_s"]
-        tau = w["tau"][t]
-        eps = a1 + tau
-        k2, k3 = kappa(a2, eps), kappa(a3, eps)
-        y0 = zp((x + a0 * sig(log_p) + tau * log_p) / eps)
-        a = torch.zeros_like(lp0)
-        b = torch.zeros_like(lq0)
-        if pb.variant == "exact":
-            for _ in range(pb.K):
-                r = lse_n(y0 + b)
-                a = lognorm_d(k2 * lp0 + (1 - k2) * r) - r
-                c = zp(torch.logsumexp(y0 + a, dim=2, keepdim=True))
-                b = zp(lognorm_n(k3 * lq0 + (1 - k3) * c) - c)
-            return {"log_s": zp(y0 + a + b)}
-        y = y0
-        for _ in range(pb.K):
-            r = lse_n(y)
-            c = zp(torch.logsumexp(y, dim=2, keepdim=True))
-            a = k2 * (a / eps + lp0 - r)
-            b = zp(k3 * (b / eps + lq0 - c))
-            y = y0 + a + b
-        return {"log_s": zp(y)}
-    rho = w["rho"][t]
-    quad = pb.method == "badmm-q"
-    log_s, z = st["log_s"], st["z"]
-    s = torch.exp(log_s.masked_fill(~m3, neg))
-    g = x - z + a0 * sig(log_s)
-    wgt_p = rho
-    if quad:
-        g = g - a1 * s
-        if pb.variant == "exact":
-            wgt_p = rho + a1     # stable majorized B-Q step (reference/rot.py _exact_badmm)
-    y = log_s + g / wgt_p
-    r = lse_n(y)
-    if pb.variant == "exact":
-        k2 = kappa(a2, wgt_p)
-        log_mu = lognorm_d(k2 * lp0 + (1 - k2) * r)
-    else:
-        log_mu = st["log_mu"][:, None, :]
-    log_p = zp(y + (log_mu - r))
-    p = torch.exp(log_p.masked_fill(~m3, neg))
-    h = z + a0 * sig(log_p)
-    if quad:
-        wgt = rho + a1 if pb.variant == "exact" else rho
-        y = log_p + (h - a1 * p) / wgt
-    else:
-        wgt = a1 + rho
-        y = (h + rho * log_p) / wgt
-    c = zp(torch.logsumexp(y, dim=2, keepdim=True))
-    if pb.variant == "exact":
-        k3 = kappa(a3, wgt)
-        log_eta = lognorm_n(k3 * lq0 + (1 - k3) * c)
-    else:
-        log_eta = st["log_eta"][:, :, None]
-    log_s = zp(y + (log_eta - c))
-    s = torch.exp(log_s.masked_fill(~m3, neg))
-    out = {"log_s": log_s, "z": zp(z + rho * (p - s)), "log_p": log_p}
-    if pb.variant == "paper":
-        k2 = kappa(a2, rho)
-        k3 = kappa(a3, rho)
-        lmu = lognorm_d((1 - k2) * (log_mu - st["z1"][:, None, :] / rho) + k2 * lp0)
-        leta = lognorm_n((1 - k3) * (log_eta - st["z2"][:, :, None] / rho) + k3 * lq0)
-        out["z1"] = (st["z1"][:, None, :] + rho * (torch.exp(lmu) - p.sum(1, keepdim=True)))[:, 0]
-        out["z2"] = zp(st["z2"][:, :, None] + rho * (torch.exp(leta) - s.sum(2, keepdim=True)))[
-            ..., 0]
-        out["log_mu"] = lmu[:, 0]
-        out["log_eta"] = leta[..., 0]
-    return out
-
-
-def sinkhorn_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Tensor,
-                                g_out: Tensor, acc: dict) -> Tensor:
+def sinkhorn_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int,
+                          g_out: Tensor, acc: dict) -> Tensor:
     """Pull ∂L/∂log P_{t+1} back through the proximal S step t (K inner iterations), in
     Triton: re-run step t saving Y0 and the inner history, then the adjoint kernel and the
     structure-product adjoint. Returns ∂L/∂log P_t; accumulates like badmm_exact_reverse_step.
     """
-    B, N, D, K = pb.B, pb.N, pb.D, pb.K
+    B, R, D, K = pb.B, pb.R, pb.D, pb.K
     w = pb.w
     kw = dict(BN=pb.BN, BD=pb.BD, num_warps=PER_SET_WARPS, **fac.meta())
     log_p = st["log_s"]
@@ -519,12 +434,12 @@ def sinkhorn_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Te
     cbuf = torch.empty_like(pb.log_q0)
     h_r = torch.zeros(B, K, D, device=pb.x32.device, dtype=torch.float32)
     h_a = torch.zeros_like(h_r)
-    h_c = torch.zeros(B, K, N, device=pb.x32.device, dtype=torch.float32)
+    h_c = torch.zeros(K, R, device=pb.x32.device, dtype=torch.float32)
     h_b = torch.zeros_like(h_c)
     out = log_p.clone()
     _wrap(sinkhorn_prox_step_kernel)[(B,)](pb.x32, out, sig, y0, bvec, cbuf, pb.log_p0, pb.log_q0, h_r,
-                                    h_a, h_c, h_b, pb.lens, w["a0"], w["a1"], w["a2"], w["a3"],
-                                    w["tau"], t, K, N, D, *fac.step_args(B),
+                                    h_a, h_c, h_b, pb.bounds, w["a0"], w["a1"], w["a2"], w["a3"],
+                                    w["tau"], t, K, R, D, *fac.step_args(),
                                     PAPER=pb.variant == "paper", SAVE=True, **kw)
     gy0 = torch.zeros_like(pb.x32)
     gb = torch.zeros_like(pb.log_q0)
@@ -536,9 +451,9 @@ def sinkhorn_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Te
     wp = torch.zeros(B, 8, device=pb.x32.device, dtype=torch.float32)
     _wrap(sinkhorn_prox_step_bwd_kernel)[(B,)](g_out.contiguous(), pb.x32, log_p, sig, y0, gy0, h_r, h_a,
                                         h_c, h_b, gb, gc, pb.log_p0, pb.log_q0, g_lp, acc["x"],
-                                        g_sig, g_lp0, g_lq0, wp, pb.lens, w["a0"], w["a1"],
-                                        w["a2"], w["a3"], w["tau"], t, K, N, D,
-                                        *fac.adjoint_args(B, acc["xc"], acc["xt"]),
+                                        g_sig, g_lp0, g_lq0, wp, pb.bounds, w["a0"], w["a1"],
+                                        w["a2"], w["a3"], w["tau"], t, K, R, D,
+                                        *fac.adjoint_args(acc["xc"], acc["xt"]),
                                         PAPER=pb.variant == "paper", **kw)   # + the Σ path
     acc["lp0"] += g_lp0
     acc["lq0"] += g_lq0
@@ -558,15 +473,15 @@ def sinkhorn_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, mask: Te
 _WEIGHTS = ("a0", "a1", "a2", "a3", "rho", "tau")
 
 
-def _initial_state_grads(g_state: dict, mask: Tensor, grads: list) -> None:
-    """Pull the gradient of the initial state to the priors: log S⁰ = log p0 + log q0
-    (padding 0); paper B-ADMM also starts from log μ⁰ = log p0, log η⁰ = log q0."""
-    g0 = g_state["log_s"].masked_fill(~mask[..., None], 0.0)
-    grads[3] += g0.sum(1)
-    grads[4] += g0.sum(2)
+def _initial_state_grads(pb: _Problem, g_state: dict, grads: list) -> None:
+    """Pull the gradient of the initial state to the priors: log S⁰ = log p0 + log q0;
+    paper B-ADMM also starts from log μ⁰ = log p0, log η⁰ = log q0."""
+    g0 = g_state["log_s"]
+    grads[3] += pb.set_sum(g0)
+    grads[4] += g0.sum(1)
     if "log_mu" in g_state:
         grads[3] += g_state["log_mu"]
-        grads[4] += g_state["log_eta"].masked_fill(~mask, 0.0)
+        grads[4] += g_state["log_eta"]
 
 
 def _add_sqrt_checkpoints(pb: _Problem, fac: Factors, ckpts: dict) -> None:
@@ -581,20 +496,18 @@ def _add_sqrt_checkpoints(pb: _Problem, fac: Factors, ckpts: dict) -> None:
             t_prev = t1
 
 
-def reverse_iterations(pb: _Problem, fac: Factors, ckpts: dict, mask: Tensor, g_lp_T: Tensor,
-                       grads: list) -> None:
-    """The T iterations in reverse with the adjoint kernels (no torch autograd).
+def reverse_iterations(pb: _Problem, fac: Factors, g_lp_T: Tensor, grads: list) -> None:
+    """The T iterations in reverse with the adjoint kernels (no torch autograd), from the
+    initial state and ⌈√T⌉-spaced checkpoints made here.
 
-    g_lp_T: ∂L/∂log P_T (B, N_pad, D). Accumulates into ``grads`` = [x (B, N_pad, D),
-    xc, xt (B, N_pad, D), log p0 (B, D), log q0 (B, N_pad), a0, a1, a2, a3, rho, tau (T,)]
-    (x: the direct dependence only; xc, xt: the factors, chained to x by the caller).
+    g_lp_T: ∂L/∂log P_T (R, D). Accumulates into ``grads`` = [x, xc, xt (R, D), log p0 (B, D),
+    log q0 (R,), a0, a1, a2, a3, rho, tau (T,)] (x: the direct dependence only; xc, xt: the
+    factors, chained to x by structure_factors_bwd).
     """
     acc = {"x": grads[0], "xc": grads[1], "xt": grads[2], "lp0": grads[3], "lq0": grads[4]}
     acc.update({k: grads[5 + i] for i, k in enumerate(_WEIGHTS)})
-
-    ckpts = dict(ckpts)
-    if len(ckpts) == 1:
-        _add_sqrt_checkpoints(pb, fac, ckpts)
+    ckpts = {0: init_state(pb)}
+    _add_sqrt_checkpoints(pb, fac, ckpts)
 
     def state_entering(t):
         t_ck = max(k for k in ckpts if k <= t)
@@ -606,128 +519,82 @@ def reverse_iterations(pb: _Problem, fac: Factors, ckpts: dict, mask: Tensor, g_
     if pb.method == "sinkhorn":
         g_lp = g_lp_T
         for t in reversed(range(pb.T)):
-            g_lp = sinkhorn_reverse_step(pb, fac, state_entering(t), t, mask, g_lp, acc)
+            g_lp = sinkhorn_reverse_step(pb, fac, state_entering(t), t, g_lp, acc)
         g_state = {"log_s": g_lp}
     else:
         g_state = {k: torch.zeros_like(v) for k, v in ckpts[0].items()}
         for t in reversed(range(pb.T)):
-            g_state = badmm_reverse_step(pb, fac, state_entering(t), t, mask, g_state,
+            g_state = badmm_reverse_step(pb, fac, state_entering(t), t, g_state,
                                          g_lp_T if t == pb.T - 1 else None, acc)
-    _initial_state_grads(g_state, mask, grads)
+    _initial_state_grads(pb, g_state, grads)
 
 
 # ============================================================================================
-# explicit adjoints of the torch pieces (the custom-op backward may not call torch autograd)
+# the adjoint of the factors (centring + normalization) -> x, torch segment sums
 # ============================================================================================
-def pool_plan_bwd(log_p: Tensor, x32: Tensor, mask: Tensor, empty: Tensor, gy: Tensor,
-                  gplan: Optional[Tensor]):
-    """Adjoint of y = pool_from_log_plan(log P, x) (zeroed for empty sets) and of
-    plan = normalized_plan(log P).
-
-    log_p, x32: (B, N_pad, D); mask: (B, N_pad); empty: (B, 1); gy: (B, D);
-    gplan: (B, N_pad, D) or None. Returns (∂L/∂log P, ∂L/∂x), both (B, N_pad, D).
-    """
-    m3 = mask[..., None]
-    lp = log_p.masked_fill(~m3, float("-inf"))
-    w = torch.softmax(lp, dim=1)                                   # [B, N, D] column softmax
-    gyw = w * gy.to(torch.float32).masked_fill(empty, 0.0)[:, None, :]
-    y = (w * x32).sum(1, keepdim=True)
-    g_lp = gyw * (x32 - y)                                         # softmax adjoint
-    if gplan is not None:
-        plan = torch.exp(lp - torch.logsumexp(lp.flatten(1), dim=1)[:, None, None])
-        g_lp = g_lp + plan * (gplan - (plan * gplan).sum((1, 2), keepdim=True))
-    return g_lp, gyw
+def _amax_onehot(v: Tensor, vmax: Tensor, count: Tensor) -> Tensor:
+    """∂ amax / ∂v as torch defines it: the gradient split evenly between ties."""
+    return (v == vmax).to(v.dtype) / count
 
 
-def _amax_onehot(v: Tensor, dim: int) -> Tensor:
-    """∂ amax(v, dim) / ∂v as torch defines it: the gradient split evenly between ties."""
-    hit = (v == v.amax(dim, keepdim=True)).to(v.dtype)
-    return hit / hit.sum(dim, keepdim=True)
+def structure_factors_bwd(pb: _Problem, g_xc: Tensor, g_xt: Tensor) -> Tensor:
+    """Adjoint of structure.structure_factors per set (rows of pb.x32): ∂L/∂x (R, D) from
+    ∂L/∂xc, ∂L/∂xt (R, D)."""
+    x32, D, seg = pb.x32, pb.D, pb.set_of_row
+    n = pb.set_lengths().clamp_min(1).to(torch.float32)[:, None]          # [B, 1]
+    tiny = torch.finfo(torch.float32).tiny
+    # xc = xc0 / sqrt(n s1), xc0 = x - μ1, s1 = max_d Σ_n xc0² / n
+    xc0 = x32 - (pb.set_sum(x32) / n)[seg]
+    diag1 = pb.set_sum(xc0 * xc0) / n                                       # [B, D]
+    s1r = diag1.amax(-1, keepdim=True)
+    s1 = s1r.clamp_min(tiny)
+    c1 = 1.0 / torch.sqrt(n * s1)                                           # [B, 1]
+    g_c1 = pb.set_sum((g_xc * xc0).sum(1, keepdim=True))
+    g_s1 = (g_c1 * (-0.5) * c1 / s1) * (s1r >= tiny)
+    hit1 = (diag1 == s1r).to(torch.float32)
+    g_d1 = g_s1 * hit1 / hit1.sum(-1, keepdim=True)                         # [B, D]
+    g0 = g_xc * c1[seg] + (g_d1 * 2.0 / n)[seg] * xc0
+    gx = g0 - (pb.set_sum(g0) / n)[seg]
+    # xt = xt0 / sqrt(D s2), xt0 = x - μ2, s2 = max_n Σ_d xt0² / D
+    xt0 = x32 - x32.mean(-1, keepdim=True)
+    diag2 = (xt0 * xt0).sum(-1) / D                                         # [R]
+    s2r = diag2.new_zeros(pb.B).scatter_reduce_(0, seg, diag2, "amax")[:, None]
+    s2 = s2r.clamp_min(tiny)
+    c2 = 1.0 / torch.sqrt(D * s2)                                           # [B, 1]
+    g_c2 = pb.set_sum((g_xt * xt0).sum(1, keepdim=True))
+    g_s2 = (g_c2 * (-0.5) * c2 / s2) * (s2r >= tiny)
+    hit2 = (diag2[:, None] == s2r[seg]).to(torch.float32)                   # [R, 1]
+    g_d2 = g_s2[seg] * hit2 / pb.set_sum(hit2)[seg]
+    g0 = g_xt * c2[seg] + g_d2 * 2.0 * xt0 / D
+    return gx + g0 - g0.mean(-1, keepdim=True)
 
 
-def structure_factors_bwd(x32: Tensor, mask: Tensor, g_xc: Tensor, g_xt: Tensor) -> Tensor:
-    """Adjoint of structure.structure_factors (centring + normalization) for a padded batch.
-
-    x32, g_xc, g_xt: (B, N_pad, D); mask: (B, N_pad). Returns ∂L/∂x (B, N_pad, D).
-    """
-    m = mask.unsqueeze(-1).to(x32.dtype)                          # [B, N, 1]
-    n = mask.sum(1).clamp_min(1).to(x32.dtype)[:, None, None]     # [B, 1, 1]
-    D = x32.shape[-1]
-    tiny = torch.finfo(x32.dtype).tiny
-    # xc = xc0 / sqrt(n s1), xc0 = (x - μ1) m, s1 = max_d Σ_n xc0² / n
-    xc0 = (x32 - (x32 * m).sum(1, keepdim=True) / n) * m
-    diag1 = (xc0 * xc0).sum(1) / n[:, 0]                           # [B, D]
-    s1r = diag1.amax(-1)
-    s1 = s1r.clamp_min(tiny)[:, None, None]
-    c1 = 1.0 / torch.sqrt(n * s1)
-    g_c1 = (g_xc * xc0).sum((1, 2), keepdim=True)
-    g_s1 = (g_c1 * (-0.5) * c1 / s1) * (s1r >= tiny)[:, None, None]
-    g_d1 = g_s1[:, 0] * _amax_onehot(diag1, -1)                     # [B, D]
-    g0 = g_xc * c1 + g_d1[:, None, :] * 2.0 * xc0 / n
-    g0 = g0 * m
-    gx = g0 - m * g0.sum(1, keepdim=True) / n
-    # xt = xt0 / sqrt(D s2), xt0 = (x - μ2) m, s2 = max_n Σ_d xt0² / D
-    xt0 = (x32 - x32.mean(-1, keepdim=True)) * m
-    diag2 = (xt0 * xt0).sum(-1) / D                                # [B, N]
-    s2r = diag2.amax(-1)
-    s2 = s2r.clamp_min(tiny)[:, None, None]
-    c2 = 1.0 / torch.sqrt(D * s2)
-    g_c2 = (g_xt * xt0).sum((1, 2), keepdim=True)
-    g_s2 = (g_c2 * (-0.5) * c2 / s2) * (s2r >= tiny)[:, None, None]
-    g_d2 = g_s2[:, 0] * _amax_onehot(diag2, -1)                     # [B, N]
-    g0 = g_xt * c2 + g_d2[..., None] * 2.0 * xt0 / D
-    g0 = g0 * m
-    return gx + g0 - g0.sum(-1, keepdim=True) / D
+# ============================================================================================
+# the whole forward and backward (the bodies of op.py's custom operators)
+# ============================================================================================
+def structure_forward(x: Tensor, ptr: Optional[Tensor], log_p0, log_q0, weights: dict,
+                      method: str, variant: str, K: int, return_plan: bool):
+    """(y (B, D) in x's dtype, plan in x's shape and dtype or None, log P_T (R, D) fp32)."""
+    pb, fac = setup(x, ptr, log_p0, log_q0, weights, method, variant, K)
+    log_p = final_log_p(pb, run_iterations(pb, fac, init_state(pb), 0, pb.T))
+    plan = torch.empty(x.shape, device=x.device, dtype=x.dtype) if return_plan else None
+    y = pool_launch(pb, log_p, x.dtype, plan)
+    return y, plan, log_p
 
 
-def _pad_rows(v: Tensor, B: int, N_pad: int, meta: dict, dense: bool) -> Tensor:
-    """Caller-layout per-row tensor -> padded (B, N_pad, ...)."""
-    if dense:
-        return v
-    index, pos = meta["index"], meta["pos"]
-    out = v.new_zeros((B, N_pad) + tuple(v.shape[1:]))
-    return out.index_put((index, pos), v)
-
-
-def _unpad_rows(v: Tensor, pb: _Problem, meta: dict, dense: bool) -> Tensor:
-    if dense:
-        return v
-    return v[meta["index"], meta["pos"]]
-
-
-def _unpad_q(v: Tensor, pb: _Problem, meta: dict, dense: bool) -> Tensor:
-    return _unpad_rows(v, pb, meta, dense)
-
-
-def _forward_setup(x, log_p0, log_q0, weights, meta):
-    dense = x.dim() == 3
-    dev = x.device
-    D = x.shape[-1]
-    if dense:
-        B, N = x.shape[0], x.shape[1]
-        real_lens = torch.full((B,), N, dtype=torch.int64, device=dev)
-        row_start = torch.zeros(B, dtype=torch.int64, device=dev)
-    else:
-        ptr = meta["ptr"]
-        B = ptr.numel() - 1
-        real_lens = ptr[1:] - ptr[:-1]
-        row_start = ptr[:-1].contiguous()
-    N_pad = max(meta["n_max"], 1)
-    lens = real_lens.clamp_min(1)          # empty set: one zero dummy sample
-    precision = dot_precision(x.dtype)
-    x32, xc, xt, gram = _launch_factors(x, row_start, real_lens, B, N_pad, D, dense, precision)
-    mask = torch.arange(N_pad, device=dev)[None, :] < lens[:, None]
-    if log_p0 is None:
-        lp0 = torch.full((B, D), -math.log(max(D, 1)), device=dev, dtype=torch.float32)
-    else:
-        lp0 = log_p0.detach().to(torch.float32).contiguous()
-    if log_q0 is None:
-        lq0 = (-torch.log(lens.to(torch.float32)))[:, None] * mask
-    else:
-        lq0 = _pad_rows(log_q0.detach().to(torch.float32), B, N_pad, meta, dense) * mask
-    w = {k: v.detach().to(device=dev, dtype=torch.float32).contiguous()
-         for k, v in weights.items()}
-    pb = _Problem(x32, lens, real_lens, lp0, lq0.contiguous(), w, meta["method"],
-                  meta["variant"], meta["T"], meta["K"])
-    fac = Factors(xc, xt, gram, lens, precision)
-    return pb, fac, row_start, dense, meta["return_plan"]
+def structure_backward(x: Tensor, ptr: Optional[Tensor], log_p0, log_q0, weights: dict,
+                       log_p_T: Tensor, gy: Optional[Tensor], gplan: Optional[Tensor],
+                       method: str, variant: str, K: int):
+    """Gradients of structure_forward's y and plan: (∂L/∂x in x's shape and dtype, ∂L/∂log p0
+    (B, D) fp32, ∂L/∂log q0 (R,) fp32, ∂L/∂weights (6, T) fp32 in _WEIGHTS order)."""
+    pb, fac = setup(x, ptr, log_p0, log_q0, weights, method, variant, K)
+    grads = [torch.zeros_like(pb.x32) for _ in range(3)]
+    grads += [torch.zeros_like(pb.log_p0), torch.zeros_like(pb.log_q0)]
+    grads += [torch.zeros_like(pb.w[k]) for k in _WEIGHTS]
+    if gy is None:
+        gy = pb.x32.new_zeros(pb.B, pb.D)
+    gp = None if gplan is None else gplan.reshape(pb.R, pb.D)
+    g_lp = pool_bwd_launch(pb, log_p_T, gy, gp, grads[0])
+    reverse_iterations(pb, fac, g_lp, grads)
+    gx = structure_factors_bwd(pb, grads[1], grads[2]) + grads[0]
+    return gx.view(x.shape).to(x.dtype), grads[3], grads[4], torch.stack(grads[5:])
