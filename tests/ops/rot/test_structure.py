@@ -332,7 +332,7 @@ import os, re, subprocess, tempfile
 import triton
 from aot import compile_sm90
 from rotp_triton.ops.rot.triton.structure import kernels as ts
-from rotp_triton.ops.rot.triton.structure.launch import PER_SET_WARPS, mm_tile, row_block
+from rotp_triton.ops.rot.triton.structure.launch import PER_SET_WARPS, mm_meta, row_block
 N, D = 500, 100          # W1
 BD = triton.next_power_of_2(D)
 BN = row_block(BD)
@@ -341,7 +341,7 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
                          "cuobjdump")
 SIGMA = dict(xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P)              # Σ prologue
 SIGMA_ADJ = dict(xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P, dxc_ptr=P, dxt_ptr=P)
-SIGMA_CONST = dict(PRECISION="ieee", BT=mm_tile())
+SIGMA_CONST = dict(PRECISION="ieee", **mm_meta(D))
 B64 = "*i64"
 def ck(kernel, sig, const, name, sigma=None):
     sig = dict(sig)
@@ -365,17 +365,17 @@ for dense, dtype in ((True, "*fp16"), (False, "*fp32")):
     ck(ts.structure_factors_kernel,
        dict(x_ptr=dtype, bounds_ptr=B64, log_p0_ptr=P, log_q0_ptr=dtype, x32_ptr=P, xc_ptr=P,
             xt_ptr=P, gram_ptr=P, lq0_ptr=P, log_s0_ptr=P, s_xb=I, s_xn=I, s_xd=I, D=I),
-       dict(DENSE_X=dense, HAS_Q0=not dense, PRECISION="ieee", BT=mm_tile(), BN=BN, BD=BD),
+       dict(DENSE_X=dense, HAS_Q0=not dense, PRECISION="ieee", **mm_meta(D), BN=BN, BD=BD),
        f"factors[dense={dense}]")
 for prec in ("ieee", "tf32", "bf16"):
     ck(ts.sigma_product_kernel,
        dict(m_ptr=P, xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P, out_ptr=P, bounds_ptr=B64,
-            D=I), dict(EXP_M=True, PRECISION=prec, BT=mm_tile()), f"sigma_product[{prec}]")
+            D=I), dict(EXP_M=True, PRECISION=prec, **mm_meta(D)), f"sigma_product[{prec}]")
 for prec in ("ieee", "tf32"):
     ck(ts.sigma_adjoint_kernel,
        dict(m_ptr=P, g_ptr=P, xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P, dxc_ptr=P,
             dxt_ptr=P, dm_ptr=P, bounds_ptr=B64, D=I),
-       dict(PRECISION=prec, BT=mm_tile()), f"sigma_adjoint[{prec}]")
+       dict(PRECISION=prec, **mm_meta(D)), f"sigma_adjoint[{prec}]")
 for quad, paper in ((True, False), (False, True)):
     ck(ts.badmm_p_step_kernel,
        dict(x_ptr=P, log_s_ptr=P, z_ptr=P, sig_ptr=P, log_p_ptr=P, log_p0_ptr=P,
@@ -541,12 +541,13 @@ def test_tensor_core_accuracy(monkeypatch, method):
         assert rel_err(y, y_ref) <= 2e-3, rel_err(y, y_ref)
 
 
-@pytest.mark.parametrize("sizes,D", [([6, 2, 0, 3], 3), ([3, 1], 7)],
-                         ids=["mixed-orders", "n-order"])
+@pytest.mark.parametrize("sizes,D", [([6, 2, 0, 3], 3), ([3, 1], 7), ([70, 5, 0], 66)],
+                         ids=["mixed-orders", "n-order", "wide-tiles"])
 def test_structure_product_kernels(sizes, D):
     """sigma_product_kernel / sigma_adjoint_kernel (the in-program GEMM sequences that the step
     kernels inline) against torch autograd of Σ2 exp(m) Σ1 per set, Σ1 = xcᵀxc, Σ2 = xt xtᵀ,
-    sets of different lengths in one ragged batch (n_b >= D: Σ1 materialized, n_b < D: Σ2)."""
+    sets of different lengths in one ragged batch (n_b >= D: Σ1 materialized, n_b < D: Σ2;
+    D = 66: [64, 128] tiles, the wide side BW != BT)."""
     from rotp_triton.ops.rot.triton.structure.launch import setup
     g = torch.Generator().manual_seed(41)
     ptr = torch.tensor([0] + sizes, device=DEVICE).cumsum(0)

@@ -28,8 +28,11 @@ _NEG_BIG = tl.constexpr(-1.0e30)  # finite "-inf" for running maxima: no (-inf) 
 @triton.jit
 def _program_mm(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, c_ptr, sc_m, sc_n, e_ptr, M, N, K,
                 EXP_A: tl.constexpr, EXP_B: tl.constexpr, MODE: tl.constexpr,
-                PRECISION: tl.constexpr, BT: tl.constexpr):
-    """C (M×N) = A (M×K) @ B (K×N) by this program alone, [BT, BT] output tiles.
+                PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                BK: tl.constexpr):
+    """C (M×N) = A (M×K) @ B (K×N) by this program alone, [BM, BN] output tiles, K in BK steps.
+    A is read ⌈N/BN⌉ times, B ⌈M/BM⌉ times: the callers make the tile wide (BW, up to 128)
+    along the small side so that an (n_b, D) operand, and its exp, is read once.
 
     Operands by strides (a transpose is a stride swap); EXP_A / EXP_B: the operand holds a log
     (loaded as exp, entries past K as exp(-inf) = 0). MODE 0: C = AB; 1: C += AB;
@@ -37,28 +40,28 @@ def _program_mm(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, c_ptr, sc_m, sc_n, e_ptr, 
     PRECISION: "ieee" | "tf32" | "bf16" (operands rounded to bf16); fp32 accumulation.
     Writes only the logical M×N block.
     """
-    for m0 in range(0, M, BT):
-        offs_m = m0 + tl.arange(0, BT)
+    for m0 in range(0, M, BM):
+        offs_m = m0 + tl.arange(0, BM)
         m_ok = offs_m < M
-        for n0 in range(0, N, BT):
-            offs_n = n0 + tl.arange(0, BT)
+        for n0 in range(0, N, BN):
+            offs_n = n0 + tl.arange(0, BN)
             n_ok = offs_n < N
-            acc = tl.zeros([BT, BT], dtype=tl.float32)
-            for k0 in range(0, K, BT):
-                offs_k = k0 + tl.arange(0, BT)
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                offs_k = k0 + tl.arange(0, BK)
                 k_ok = offs_k < K
                 a_msk = m_ok[:, None] & k_ok[None, :]
                 a_off = offs_m[:, None] * sa_m + offs_k[None, :] * sa_k
                 if EXP_A:
                     a = tl.exp(tl.load(a_ptr + a_off, mask=a_msk, other=float("-inf")))
                 else:
-                    a = tl.load(a_ptr + a_off, mask=a_msk, other=0.0)            # [BT, BT]
+                    a = tl.load(a_ptr + a_off, mask=a_msk, other=0.0)            # [BM, BK]
                 b_msk = k_ok[:, None] & n_ok[None, :]
                 b_off = offs_k[:, None] * sb_k + offs_n[None, :] * sb_n
                 if EXP_B:
                     bv = tl.exp(tl.load(b_ptr + b_off, mask=b_msk, other=float("-inf")))
                 else:
-                    bv = tl.load(b_ptr + b_off, mask=b_msk, other=0.0)           # [BT, BT]
+                    bv = tl.load(b_ptr + b_off, mask=b_msk, other=0.0)           # [BK, BN]
                 if PRECISION == "bf16":   # bf16 tensor cores (bf16 inputs), fp32 accumulate
                     acc += tl.dot(a.to(tl.bfloat16), bv.to(tl.bfloat16))
                 else:                     # "ieee" (fp32 FMA) or "tf32" (tensor cores)
@@ -85,7 +88,8 @@ def _set_rows(bounds_ptr, b):
 
 @triton.jit
 def _sigma_product(m_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, out_ptr, n_b, D,
-                   EXP_M: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr):
+                   EXP_M: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
+                   BW: tl.constexpr):
     """out = Σ2 m Σ1 (paper Σ1 M Σ2) for one set; m, xc, xt, out: (n_b, D) rows of stride D
     (m a log when EXP_M). The Gram matrix's order is chosen per set from its length, S =
     min(n_b, D): Σ1 = xcᵀxc given when n_b >= D (out = xt ((xtᵀ m) Σ1)), else Σ2 = xt xtᵀ
@@ -95,28 +99,28 @@ def _sigma_product(m_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, out_ptr, n_b, D,
     v_ptr = s_ptr + S * S
     if n_b >= D:
         _program_mm(xt_ptr, 1, D, m_ptr, D, 1, w_ptr, S, 1, w_ptr, D, D, n_b,
-                    False, EXP_M, 0, PRECISION, BT)                          # W = xtᵀ m
+                    False, EXP_M, 0, PRECISION, BW, BT, BT)                          # W = xtᵀ m
         tl.debug_barrier()
         _program_mm(w_ptr, S, 1, gram_ptr, S, 1, v_ptr, S, 1, v_ptr, D, D, D,
-                    False, False, 0, PRECISION, BT)                          # V = W Σ1
+                    False, False, 0, PRECISION, BT, BT, BT)                          # V = W Σ1
         tl.debug_barrier()
         _program_mm(xt_ptr, D, 1, v_ptr, S, 1, out_ptr, D, 1, out_ptr, n_b, D, D,
-                    False, False, 0, PRECISION, BT)                          # out = xt V
+                    False, False, 0, PRECISION, BT, BW, BT)                          # out = xt V
     else:
         _program_mm(m_ptr, D, 1, xc_ptr, 1, D, w_ptr, S, 1, w_ptr, n_b, n_b, D,
-                    EXP_M, False, 0, PRECISION, BT)                          # U = m xcᵀ
+                    EXP_M, False, 0, PRECISION, BT, BW, BT)                          # U = m xcᵀ
         tl.debug_barrier()
         _program_mm(gram_ptr, S, 1, w_ptr, S, 1, v_ptr, S, 1, v_ptr, n_b, n_b, n_b,
-                    False, False, 0, PRECISION, BT)                          # Q = Σ2 U
+                    False, False, 0, PRECISION, BT, BT, BT)                          # Q = Σ2 U
         tl.debug_barrier()
         _program_mm(v_ptr, S, 1, xc_ptr, D, 1, out_ptr, D, 1, out_ptr, n_b, D, n_b,
-                    False, False, 0, PRECISION, BT)                          # out = Q xc
+                    False, False, 0, PRECISION, BW, BT, BT)                          # out = Q xc
     tl.debug_barrier()   # out is read by other threads of this program next
 
 
 @triton.jit
 def _sigma_adjoint(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, dxc_ptr, dxt_ptr, dm_ptr,
-                   n_b, D, PRECISION: tl.constexpr, BT: tl.constexpr):
+                   n_b, D, PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr):
     """Adjoint of out = Σ2 exp(m) Σ1 (m a log) for one set and upstream g (n_b, D):
     dm += exp(m) ⊙ Σ2 g Σ1 (Σ1, Σ2 symmetric), dxc += ∂/∂xc, dxt += ∂/∂xt (the Gram matrix
     differentiated through its factor). The order as in _sigma_product (S = min(n_b, D));
@@ -132,28 +136,28 @@ def _sigma_adjoint(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, dxc_ptr, dxt_p
         dw_ptr = s_ptr + 3 * SS
         ds_ptr = s_ptr + 4 * SS
         _program_mm(xt_ptr, 1, D, m_ptr, D, 1, w_ptr, S, 1, w_ptr, D, D, n_b,
-                    False, True, 0, PRECISION, BT)                           # W = xtᵀ M
+                    False, True, 0, PRECISION, BW, BT, BT)                           # W = xtᵀ M
         _program_mm(xt_ptr, 1, D, g_ptr, D, 1, dv_ptr, S, 1, dv_ptr, D, D, n_b,
-                    False, False, 0, PRECISION, BT)                          # dV = xtᵀ g
+                    False, False, 0, PRECISION, BW, BT, BT)                          # dV = xtᵀ g
         tl.debug_barrier()
         _program_mm(w_ptr, S, 1, gram_ptr, S, 1, v_ptr, S, 1, v_ptr, D, D, D,
-                    False, False, 0, PRECISION, BT)                          # V = W Σ1
+                    False, False, 0, PRECISION, BT, BT, BT)                          # V = W Σ1
         _program_mm(dv_ptr, S, 1, gram_ptr, S, 1, dw_ptr, S, 1, dw_ptr, D, D, D,
-                    False, False, 0, PRECISION, BT)                          # dW = dV Σ1
+                    False, False, 0, PRECISION, BT, BT, BT)                          # dW = dV Σ1
         _program_mm(w_ptr, 1, S, dv_ptr, S, 1, ds_ptr, S, 1, ds_ptr, D, D, D,
-                    False, False, 0, PRECISION, BT)                          # dΣ1 = Wᵀ dV
+                    False, False, 0, PRECISION, BT, BT, BT)                          # dΣ1 = Wᵀ dV
         tl.debug_barrier()
         _program_mm(g_ptr, D, 1, v_ptr, 1, S, dxt_ptr, D, 1, dxt_ptr, n_b, D, D,
-                    False, False, 1, PRECISION, BT)                          # dxt += g Vᵀ
+                    False, False, 1, PRECISION, BT, BW, BT)                          # dxt += g Vᵀ
         _program_mm(xc_ptr, D, 1, ds_ptr, S, 1, dxc_ptr, D, 1, dxc_ptr, n_b, D, D,
-                    False, False, 1, PRECISION, BT)                          # dxc += xc dΣ1
+                    False, False, 1, PRECISION, BT, BW, BT)                          # dxc += xc dΣ1
         _program_mm(xt_ptr, D, 1, dw_ptr, S, 1, dm_ptr, D, 1, m_ptr, n_b, D, D,
-                    False, False, 2, PRECISION, BT)                          # dm += M ⊙ xt dW
+                    False, False, 2, PRECISION, BT, BW, BT)                          # dm += M ⊙ xt dW
         tl.debug_barrier()
         _program_mm(m_ptr, D, 1, dw_ptr, 1, S, dxt_ptr, D, 1, dxt_ptr, n_b, D, D,
-                    True, False, 1, PRECISION, BT)                           # dxt += M dWᵀ
+                    True, False, 1, PRECISION, BT, BW, BT)                           # dxt += M dWᵀ
         _program_mm(xc_ptr, D, 1, ds_ptr, 1, S, dxc_ptr, D, 1, dxc_ptr, n_b, D, D,
-                    False, False, 1, PRECISION, BT)                          # dxc += xc dΣ1ᵀ
+                    False, False, 1, PRECISION, BT, BW, BT)                          # dxc += xc dΣ1ᵀ
     else:
         # out = Q xc, Q = Σ2 U, U = M xcᵀ
         u_ptr = s_ptr
@@ -162,34 +166,35 @@ def _sigma_adjoint(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, dxc_ptr, dxt_p
         du_ptr = s_ptr + 3 * SS
         ds_ptr = s_ptr + 4 * SS
         _program_mm(m_ptr, D, 1, xc_ptr, 1, D, u_ptr, S, 1, u_ptr, n_b, n_b, D,
-                    True, False, 0, PRECISION, BT)                           # U = M xcᵀ
+                    True, False, 0, PRECISION, BT, BW, BT)                           # U = M xcᵀ
         _program_mm(g_ptr, D, 1, xc_ptr, 1, D, dq_ptr, S, 1, dq_ptr, n_b, n_b, D,
-                    False, False, 0, PRECISION, BT)                          # dQ = g xcᵀ
+                    False, False, 0, PRECISION, BT, BW, BT)                          # dQ = g xcᵀ
         tl.debug_barrier()
         _program_mm(gram_ptr, S, 1, u_ptr, S, 1, q_ptr, S, 1, q_ptr, n_b, n_b, n_b,
-                    False, False, 0, PRECISION, BT)                          # Q = Σ2 U
+                    False, False, 0, PRECISION, BT, BT, BT)                          # Q = Σ2 U
         _program_mm(gram_ptr, S, 1, dq_ptr, S, 1, du_ptr, S, 1, du_ptr, n_b, n_b, n_b,
-                    False, False, 0, PRECISION, BT)                          # dU = Σ2 dQ
+                    False, False, 0, PRECISION, BT, BT, BT)                          # dU = Σ2 dQ
         _program_mm(dq_ptr, S, 1, u_ptr, 1, S, ds_ptr, S, 1, ds_ptr, n_b, n_b, n_b,
-                    False, False, 0, PRECISION, BT)                          # dΣ2 = dQ Uᵀ
+                    False, False, 0, PRECISION, BT, BT, BT)                          # dΣ2 = dQ Uᵀ
         tl.debug_barrier()
         _program_mm(q_ptr, 1, S, g_ptr, D, 1, dxc_ptr, D, 1, dxc_ptr, n_b, D, n_b,
-                    False, False, 1, PRECISION, BT)                          # dxc += Qᵀ g
+                    False, False, 1, PRECISION, BW, BT, BT)                          # dxc += Qᵀ g
         _program_mm(ds_ptr, S, 1, xt_ptr, D, 1, dxt_ptr, D, 1, dxt_ptr, n_b, D, n_b,
-                    False, False, 1, PRECISION, BT)                          # dxt += dΣ2 xt
+                    False, False, 1, PRECISION, BW, BT, BT)                          # dxt += dΣ2 xt
         _program_mm(du_ptr, S, 1, xc_ptr, D, 1, dm_ptr, D, 1, m_ptr, n_b, D, n_b,
-                    False, False, 2, PRECISION, BT)                          # dm += M ⊙ dU xc
+                    False, False, 2, PRECISION, BW, BT, BT)                          # dm += M ⊙ dU xc
         tl.debug_barrier()
         _program_mm(du_ptr, 1, S, m_ptr, D, 1, dxc_ptr, D, 1, dxc_ptr, n_b, D, n_b,
-                    False, True, 1, PRECISION, BT)                           # dxc += dUᵀ M
+                    False, True, 1, PRECISION, BW, BT, BT)                           # dxc += dUᵀ M
         _program_mm(ds_ptr, 1, S, xt_ptr, D, 1, dxt_ptr, D, 1, dxt_ptr, n_b, D, n_b,
-                    False, False, 1, PRECISION, BT)                          # dxt += dΣ2ᵀ xt
+                    False, False, 1, PRECISION, BW, BT, BT)                          # dxt += dΣ2ᵀ xt
     tl.debug_barrier()
 
 
 @triton.jit
 def sigma_product_kernel(m_ptr, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, out_ptr, bounds_ptr, D,
-                         EXP_M: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr):
+                         EXP_M: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
+                   BW: tl.constexpr):
     """out = Σ2 m Σ1 for every set, one program per set (see _sigma_product).
     m, xc, xt, out: (R, D) rows; gram: (R·D,) and scratch (2·R·D,): set b's block at row
     bounds[b]·D (resp. 2·bounds[b]·D), room for its (S, S) matrices as S² <= n_b·D."""
@@ -197,13 +202,13 @@ def sigma_product_kernel(m_ptr, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, out_ptr, 
     row0, n_b = _set_rows(bounds_ptr, b)
     rows0 = row0 * D
     _sigma_product(m_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + rows0,
-                   scratch_ptr + 2 * rows0, out_ptr + rows0, n_b, D, EXP_M, PRECISION, BT)
+                   scratch_ptr + 2 * rows0, out_ptr + rows0, n_b, D, EXP_M, PRECISION, BT, BW)
 
 
 @triton.jit
 def sigma_adjoint_kernel(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr,
                          dxt_ptr, dm_ptr, bounds_ptr, D, PRECISION: tl.constexpr,
-                         BT: tl.constexpr):
+                         BT: tl.constexpr, BW: tl.constexpr):
     """The adjoint of Σ2 exp(m) Σ1 for every set, one program per set (see _sigma_adjoint).
     m (log), g, xc, xt, dxc, dxt, dm: (R, D) rows; gram (R·D,); scratch (5·R·D,)."""
     b = tl.program_id(0)
@@ -211,14 +216,15 @@ def sigma_adjoint_kernel(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dx
     rows0 = row0 * D
     _sigma_adjoint(m_ptr + rows0, g_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
                    gram_ptr + rows0, scratch_ptr + 5 * rows0, dxc_ptr + rows0,
-                   dxt_ptr + rows0, dm_ptr + rows0, n_b, D, PRECISION, BT)
+                   dxt_ptr + rows0, dm_ptr + rows0, n_b, D, PRECISION, BT, BW)
 
 
 @triton.jit
 def structure_factors_kernel(x_ptr, bounds_ptr, log_p0_ptr, log_q0_ptr, x32_ptr, xc_ptr,
                              xt_ptr, gram_ptr, lq0_ptr, log_s0_ptr, s_xb, s_xn, s_xd, D,
                              DENSE_X: tl.constexpr, HAS_Q0: tl.constexpr,
-                             PRECISION: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
+                             PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+                             BN: tl.constexpr,
                              BD: tl.constexpr):
     """One program per set: the fp32 copy of x, the normalized factors, the smaller Gram
     matrix (order as in _sigma_product) and the initial state, all in the row layout.
@@ -289,10 +295,10 @@ def structure_factors_kernel(x_ptr, bounds_ptr, log_p0_ptr, log_q0_ptr, x32_ptr,
     S = tl.minimum(n_b, D)
     if n_b >= D:
         _program_mm(xc_ptr + rows0, 1, D, xc_ptr + rows0, D, 1, gram_ptr + rows0, S, 1,
-                    gram_ptr + rows0, D, D, n_b, False, False, 0, PRECISION, BT)  # Σ1 = xcᵀ xc
+                    gram_ptr + rows0, D, D, n_b, False, False, 0, PRECISION, BW, BT, BT)  # Σ1 = xcᵀ xc
     else:
         _program_mm(xt_ptr + rows0, D, 1, xt_ptr + rows0, 1, D, gram_ptr + rows0, S, 1,
-                    gram_ptr + rows0, n_b, n_b, D, False, False, 0, PRECISION, BT)  # Σ2 = xt xtᵀ
+                    gram_ptr + rows0, n_b, n_b, D, False, False, 0, PRECISION, BT, BW, BT)  # Σ2 = xt xtᵀ
 
 
 @triton.jit
@@ -327,7 +333,7 @@ def _s_step_weight(a1, rho, QUADRATIC: tl.constexpr, PAPER: tl.constexpr):
 def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr, log_mu_ptr,
                         r_out_ptr, mu_out_ptr, bounds_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
                         D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr,
-                        PRECISION: tl.constexpr, BT: tl.constexpr,
+                        PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
                         QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
                         SAVE: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """P-step of B-E/B-Q, one program per set (all D features).
@@ -344,10 +350,11 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
     rows0 = row0 * D
     _sigma_product(log_s_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + rows0,
                    scratch_ptr + 2 * rows0, sig_ptr + rows0, n_b, D, True,
-                   PRECISION, BT)
+                   PRECISION, BT, BW)
     a0 = tl.load(a0_ptr + t)
     a1 = tl.load(a1_ptr + t)
     w = _p_step_weight(a1, tl.load(rho_ptr + t), QUADRATIC, PAPER)
+    inv_w = 1.0 / w
     offs_d = tl.arange(0, BD)
     d_ok = offs_d < D
     m = tl.full([BD], _NEG_BIG, dtype=tl.float32)
@@ -362,7 +369,8 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
         g += a0 * tl.load(sig_ptr + off, mask=msk, other=0.0)
         if QUADRATIC:
             g -= a1 * tl.exp(ls)
-        y = tl.where(msk, ls + g / w, float("-inf"))                            # [BN, BD]
+        y = tl.where(msk, ls + g * inv_w, float("-inf"))                        # [BN, BD]
+        tl.store(log_p_ptr + off, y, mask=msk)      # Y parked in log P for pass 2
         m_new = tl.maximum(m, tl.max(y, 0))
         l = l * tl.exp(m - m_new) + tl.sum(tl.exp(y - m_new[None, :]), 0)
         m = m_new
@@ -381,16 +389,13 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
         tl.store(r_out_ptr + b * D + offs_d, r, mask=d_ok)
         tl.store(mu_out_ptr + b * D + offs_d, log_mu, mask=d_ok)
     # pass 2: log P = Y + log μ - R
+    tl.debug_barrier()   # Y rows were parked by other threads of this program
     for n0 in range(0, n_b, BN):
         rows = n0 + tl.arange(0, BN)
         msk = (rows < n_b)[:, None] & d_ok[None, :]
         off = (row0 + rows)[:, None] * D + offs_d[None, :]
-        ls = tl.load(log_s_ptr + off, mask=msk, other=0.0)
-        g = tl.load(x_ptr + off, mask=msk, other=0.0) - tl.load(z_ptr + off, mask=msk, other=0.0)
-        g += a0 * tl.load(sig_ptr + off, mask=msk, other=0.0)
-        if QUADRATIC:
-            g -= a1 * tl.exp(ls)
-        tl.store(log_p_ptr + off, ls + g / w + shift[None, :], mask=msk)
+        y = tl.load(log_p_ptr + off, mask=msk, other=0.0)
+        tl.store(log_p_ptr + off, y + shift[None, :], mask=msk)
 
 
 @triton.jit
@@ -398,7 +403,7 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
                         z2_ptr, log_p0_ptr, log_mu_ptr, z1_ptr, eta_out_ptr, bounds_ptr,
                         a0_ptr, a1_ptr, a2_ptr, a3_ptr, rho_ptr, t, D,
                         xc_ptr, xt_ptr, gram_ptr, scratch_ptr,
-                        PRECISION: tl.constexpr, BT: tl.constexpr,
+                        PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
                         QUADRATIC: tl.constexpr, PAPER: tl.constexpr, SAVE: tl.constexpr,
                         BN: tl.constexpr, BD: tl.constexpr):
     """S-step and dual update of B-E/B-Q, one program per set.
@@ -418,11 +423,12 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
     rows0 = row0 * D
     _sigma_product(log_p_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + rows0,
                    scratch_ptr + 2 * rows0, sig_ptr + rows0, n_b, D, True,
-                   PRECISION, BT)
+                   PRECISION, BT, BW)
     a0 = tl.load(a0_ptr + t)
     a1 = tl.load(a1_ptr + t)
     rho = tl.load(rho_ptr + t)
     w = _s_step_weight(a1, rho, QUADRATIC, PAPER)
+    inv_w = 1.0 / w
     if PAPER:
         k3 = _kappa(tl.load(a3_ptr + t), rho)
     else:
@@ -441,9 +447,9 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
         h = tl.load(z_ptr + off, mask=msk, other=0.0) + a0 * tl.load(sig_ptr + off, mask=msk,
                                                                      other=0.0)
         if QUADRATIC:
-            y = lp + (h - a1 * tl.exp(lp)) / w
+            y = lp + (h - a1 * tl.exp(lp)) * inv_w
         else:
-            y = (h + rho * lp) / w
+            y = (h + rho * lp) * inv_w
         y = tl.where(msk, y, float("-inf"))                                     # [BN, BD]
         ym = tl.max(y, 1)
         c = ym + tl.log(tl.sum(tl.exp(y - ym[:, None]), 1))                     # [BN]
@@ -510,7 +516,7 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
                               log_q0_ptr, hist_r_ptr, hist_a_ptr, hist_c_ptr, hist_b_ptr,
                               bounds_ptr, a0_ptr, a1_ptr, a2_ptr, a3_ptr, tau_ptr, t,
                               K, n_rows, D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr,
-                        PRECISION: tl.constexpr, BT: tl.constexpr,
+                        PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
                         PAPER: tl.constexpr, SAVE: tl.constexpr,
                               BN: tl.constexpr, BD: tl.constexpr):
     """One proximal (Alg. 1) outer step of S, all K inner iterations, one program per set.
@@ -528,7 +534,7 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
     rows0 = row0 * D
     _sigma_product(log_p_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + rows0,
                    scratch_ptr + 2 * rows0, sig_ptr + rows0, n_b, D, True,
-                   PRECISION, BT)
+                   PRECISION, BT, BW)
     a0 = tl.load(a0_ptr + t)
     tau = tl.load(tau_ptr + t)
     eps = tl.load(a1_ptr + t) + tau
@@ -650,7 +656,7 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
                             g_lq0_ptr, gvec_ptr, row_x_ptr, col_x_ptr, wpart_ptr, bounds_ptr,
                             a0_ptr, a1_ptr, a3_ptr, rho_ptr, t, D,
                             xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr,
-                            PRECISION: tl.constexpr, BT: tl.constexpr,
+                            PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
                             QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
                             BN: tl.constexpr, BD: tl.constexpr):
     """Adjoint of the exact S-step and dual update (badmm_s_step_kernel), one program per set.
@@ -760,7 +766,7 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
     rows0 = row0 * D
     _sigma_adjoint(log_p_ptr + rows0, g_sig_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
                    gram_ptr + rows0, scratch_ptr + 5 * rows0, dxc_ptr + rows0, dxt_ptr + rows0,
-                   g_lp_ptr + rows0, n_b, D, PRECISION, BT)
+                   g_lp_ptr + rows0, n_b, D, PRECISION, BT, BW)
 
 
 @triton.jit
@@ -768,7 +774,7 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
                             r_ptr, mu_ptr, log_p0_ptr, g_l_ptr, g_x_ptr, g_z_ptr, g_sig_ptr,
                             g_lp0_ptr, wpart_ptr, bounds_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
                             D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr,
-                        PRECISION: tl.constexpr, BT: tl.constexpr,
+                        PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
                         QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
                             BN: tl.constexpr, BD: tl.constexpr):
     """Adjoint of the exact P-step (badmm_p_step_kernel), one program per set.
@@ -851,7 +857,7 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
     rows0 = row0 * D
     _sigma_adjoint(log_s_ptr + rows0, g_sig_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
                    gram_ptr + rows0, scratch_ptr + 5 * rows0, dxc_ptr + rows0, dxt_ptr + rows0,
-                   g_l_ptr + rows0, n_b, D, PRECISION, BT)
+                   g_l_ptr + rows0, n_b, D, PRECISION, BT, BW)
 
 
 @triton.jit
@@ -862,7 +868,8 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
                                   a2_ptr, a3_ptr, tau_ptr, t, K, n_rows, D,
                                   xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr,
                                   PRECISION: tl.constexpr,
-                                  BT: tl.constexpr, PAPER: tl.constexpr, BN: tl.constexpr,
+                                  BT: tl.constexpr, BW: tl.constexpr, PAPER: tl.constexpr,
+                                  BN: tl.constexpr,
                                   BD: tl.constexpr):
     """Adjoint of one proximal S step (sinkhorn_prox_step_kernel, SAVE), one program per
     set: the K Gauss-Seidel (exact) or Jacobi (paper, eq. 18) iterations in reverse from their
@@ -1026,7 +1033,7 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
     rows0 = row0 * D
     _sigma_adjoint(log_p_ptr + rows0, g_sig_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
                    gram_ptr + rows0, scratch_ptr + 5 * rows0, dxc_ptr + rows0, dxt_ptr + rows0,
-                   g_lp_ptr + rows0, n_b, D, PRECISION, BT)
+                   g_lp_ptr + rows0, n_b, D, PRECISION, BT, BW)
 
 
 @triton.jit

@@ -23,7 +23,7 @@ import triton
 from torch import Tensor
 
 from ...params import kappa
-from ..common import interpreter_enabled, launcher
+from ..common import launcher
 from .kernels import (badmm_p_step_bwd_kernel, badmm_p_step_kernel, badmm_s_step_bwd_kernel,
                       badmm_s_step_kernel, pool_from_log_plan_bwd_kernel,
                       pool_from_log_plan_kernel, sigma_adjoint_kernel, sigma_product_kernel,
@@ -69,11 +69,23 @@ def row_block(BD: int) -> int:
     return max(1, min(64, 4096 // BD))
 
 
-def mm_tile() -> int:
-    """Output tile of the in-program GEMMs (``_program_mm``): 64 on a GPU (a [64, 64] fp32
-    accumulator over 8 warps), 16 under the interpreter (the smallest ``tl.dot`` tile: the test
-    shapes are a few rows)."""
-    return 16 if interpreter_enabled() else 64
+def mm_tile(D: int) -> int:
+    """Output tile of the in-program GEMMs (``_program_mm``), from the feature count only:
+    next_power_of_2(D) within [16, 64] (16: the smallest ``tl.dot`` tile; 64: a [64, 64] fp32
+    accumulator over 8 warps). The same under the interpreter as on a GPU, so the interpreter's
+    traffic counts are the GPU binary's."""
+    return max(16, min(64, triton.next_power_of_2(D)))
+
+
+def mm_wide(D: int) -> int:
+    """The wide side of a GEMM tile (BW): next_power_of_2(D) up to 128, so that a GEMM whose
+    output has D (or n_b < D) rows or columns reads its (n_b, D) operand once, not D/64 times."""
+    return max(mm_tile(D), min(128, triton.next_power_of_2(D)))
+
+
+def mm_meta(D: int) -> dict:
+    """The tile constexprs of the in-program GEMMs (BT, BW) for D features."""
+    return dict(BT=mm_tile(D), BW=mm_wide(D))
 
 
 class Factors:
@@ -105,7 +117,8 @@ class Factors:
         if self.B > 0:
             _wrap(sigma_product_kernel)[(self.B,)](
                 m, self.xc, self.xt, self.gram, self.scratch(2), out, self.bounds, self.D,
-                EXP_M=exp, PRECISION=self.precision, BT=mm_tile(), num_warps=PER_SET_WARPS)
+                EXP_M=exp, PRECISION=self.precision, **mm_meta(self.D),
+                num_warps=PER_SET_WARPS)
         return out
 
     def adjoint(self, log_m: Tensor, g: Tensor, dxc: Tensor, dxt: Tensor, dm: Tensor) -> None:
@@ -114,7 +127,7 @@ class Factors:
         if self.B > 0:
             _wrap(sigma_adjoint_kernel)[(self.B,)](
                 log_m, g, self.xc, self.xt, self.gram, self.scratch(5), dxc, dxt, dm,
-                self.bounds, self.D, PRECISION=self.precision, BT=mm_tile(),
+                self.bounds, self.D, PRECISION=self.precision, **mm_meta(self.D),
                 num_warps=PER_SET_WARPS)
 
     def step_args(self) -> tuple:
@@ -129,7 +142,7 @@ class Factors:
 
     def meta(self) -> dict:
         """The constexprs of the in-program structure product."""
-        return dict(PRECISION=self.precision, BT=mm_tile())
+        return dict(PRECISION=self.precision, **mm_meta(self.D))
 
 
 class _Problem:
@@ -195,7 +208,7 @@ def setup(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
         _wrap(structure_factors_kernel)[(B,)](
             x, bounds, lp0, q_in if q_in is not None else lq0, x32, xc, xt, gram, lq0, log_s0,
             s_xb, s_xn, s_xd, D, DENSE_X=dense, HAS_Q0=q_in is not None, PRECISION=precision,
-            BT=mm_tile(), BN=row_block(BD), BD=BD, num_warps=PER_SET_WARPS)
+            **mm_meta(D), BN=row_block(BD), BD=BD, num_warps=PER_SET_WARPS)
     w = {k: v.detach().to(device=dev, dtype=torch.float32).contiguous()
          for k, v in weights.items()}
     pb = _Problem(x32, bounds, lp0, lq0, log_s0, w, method, variant, int(w["a1"].shape[0]), K)
