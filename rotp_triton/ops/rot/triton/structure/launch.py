@@ -312,14 +312,39 @@ def _dkappa(alpha: Tensor, w: Tensor):
             torch.where(inf, torch.zeros_like(alpha), -a / den))
 
 
+class _Buffers:
+    """Scratch of the reverse pass, allocated once per backward and reused by every reverse
+    step (each kernel overwrites every row of what it writes: the row layout has no padding),
+    so a step issues launches, not allocations. ``get(name, like)``: an uninitialised tensor
+    shaped like ``like``; ``zeros(name, like)``: one that stays zero (never written)."""
+
+    def __init__(self):
+        self._d = {}
+
+    def get(self, name: str, like: Tensor, shape: Optional[tuple] = None) -> Tensor:
+        """(``shape``: that shape instead of like's, like's dtype and device.)"""
+        if name not in self._d:
+            self._d[name] = (torch.empty_like(like) if shape is None
+                             else like.new_empty(shape))
+        return self._d[name]
+
+    def zeros(self, name: str, like: Tensor) -> Tensor:
+        if name not in self._d:
+            self._d[name] = torch.zeros_like(like)
+        return self._d[name]
+
+
 def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, g: dict,
-                       g_lp_ext: Optional[Tensor], acc: dict) -> dict:
+                       g_lp_ext: Optional[Tensor], acc: dict, bufs: _Buffers,
+                       wp_s: Tensor, wp_p: Tensor) -> dict:
     """Pull the gradient of the state after B-E/B-Q iteration t (``g``: log_s, z and, paper,
     log_mu, log_eta, z1, z2) and ∂L/∂log P_{t+1} (``g_lp_ext``, last iteration only) back to the
     state entering t, in Triton: re-run iteration t saving R, log μ, C, log η, Σ(S), Σ(P), then
     the two adjoint kernels and the two structure-product adjoints. The paper variant's
     eq. (26)-(28) updates are O(N + D) vectors, differentiated here with torch.
-    Accumulates into acc["x"], acc["xc"], acc["xt"], acc["lp0"], acc["lq0"], acc[weight][t].
+    Accumulates into acc["x"], acc["xc"], acc["xt"], acc["lp0"], acc["lq0"] (and, paper, the
+    weights of those updates); the adjoint kernels' per-set partial sums of the weights go to
+    wp_s, wp_p ((B, 8) each), reduced for all t at once by ``_badmm_weight_grads``.
     """
     B, D = pb.B, pb.D
     w = pb.w
@@ -330,39 +355,32 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, g: dict,
     dummy = pb.log_p0
     sigma = fac.step_args()
     adj = fac.adjoint_args(acc["xc"], acc["xt"])
+    rows, vec_d, vec_n = pb.x32, pb.log_p0, pb.log_q0
     # re-run iteration t, keeping what the adjoint needs (Σ(S), Σ(P) too)
-    sig_s = torch.empty_like(pb.x32)
-    log_p = torch.zeros_like(pb.x32)
-    r = torch.empty_like(pb.log_p0)
-    mu = torch.empty_like(pb.log_p0)
+    sig_s, log_p, sig_p, ls_new = (bufs.get(k, rows) for k in ("sig_s", "log_p", "sig_p",
+                                                               "ls_new"))
+    r, mu = bufs.get("r", vec_d), bufs.get("mu", vec_d)
+    cbuf, eta = bufs.get("c", vec_n), bufs.get("eta", vec_n)
     _wrap(badmm_p_step_kernel)[(B,)](pb.x32, st["log_s"], st["z"], sig_s, log_p, pb.log_p0,
-                              st.get("log_mu", dummy), r, mu, pb.bounds, w["a0"], w["a1"],
-                              w["a2"], w["rho"], t, D, *sigma, SAVE=True, **kw)
-    sig_p = torch.empty_like(pb.x32)
-    ls_new = torch.zeros_like(pb.x32)
-    z_new = st["z"].clone()
+                                     st.get("log_mu", dummy), r, mu, pb.bounds, w["a0"],
+                                     w["a1"], w["a2"], w["rho"], t, D, *sigma, SAVE=True, **kw)
+    z_new = bufs.get("z_new", rows)
+    z_new.copy_(st["z"])
     new = {k: st[k].clone() for k in ("log_mu", "log_eta", "z1", "z2")} if paper else {}
-    cbuf = torch.empty_like(pb.log_q0)
-    eta = torch.empty_like(pb.log_q0)
     _wrap(badmm_s_step_kernel)[(B,)](log_p, z_new, sig_p, ls_new, cbuf, pb.log_q0,
-                              new.get("log_eta", dummy), new.get("z2", dummy), pb.log_p0,
-                              new.get("log_mu", dummy), new.get("z1", dummy), eta, pb.bounds,
-                              w["a0"], w["a1"], w["a2"], w["a3"], w["rho"], t, D, *sigma,
-                              SAVE=True, **kw)
-    rho, a1 = w["rho"][t], w["a1"][t]
-    # the steps' weights (kernels' _p_step_weight, _s_step_weight): B-Q exact divides both by
-    # ρ + α1 (stable majorized step), so ∂/∂w counts for α1 as well as ρ there
-    p_has_a1 = quad and not paper
-    s_has_a1 = not (quad and paper)
-    wgt_p = rho + a1 if p_has_a1 else rho
-    wgt = a1 + rho if s_has_a1 else rho
-    k2_a, k2_w = _dkappa(w["a2"][t], wgt_p)
+                                     new.get("log_eta", dummy), new.get("z2", dummy),
+                                     pb.log_p0, new.get("log_mu", dummy), new.get("z1", dummy),
+                                     eta, pb.bounds, w["a0"], w["a1"], w["a2"], w["a3"],
+                                     w["rho"], t, D, *sigma, SAVE=True, **kw)
     row_x = col_x = dummy
+    g_out = {}
     if paper:
         # eqs. (26)-(28): log μ' = lognorm((1-κ2)(log μ - z1/ρ) + κ2 log p0),
         # z1' = z1 + ρ(μ' - Σ_n P), and the same over n for log η', z2' with S'
+        rho = w["rho"][t]
         k2 = kappa(w["a2"][t], rho)
         k3 = kappa(w["a3"][t], rho)
+        k2_a, k2_w = _dkappa(w["a2"][t], rho)
         k3_a, k3_w = _dkappa(w["a3"][t], rho)
         mu_n, eta_n = torch.exp(new["log_mu"]), torch.exp(new["log_eta"])
         g_mu_tot = g["log_mu"] + rho * g["z1"] * mu_n                         # [B, D]
@@ -384,103 +402,117 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, g: dict,
         acc["a3"][t] += g_k3 * k3_a
         row_x = (-rho * g["z2"]).contiguous()          # ∂/∂S'_nd of z2' = ... - ρ Σ_d S'_nd
         col_x = (-rho * g["z1"]).contiguous()          # ∂/∂P_nd of z1' = ... - ρ Σ_n P_nd
-    # adjoint of the S-step and the dual update
-    g_z_out = torch.zeros_like(pb.x32)
-    g_sig = torch.zeros_like(pb.x32)
-    g_lp = torch.zeros_like(pb.x32)
-    g_p = torch.zeros_like(pb.x32)
-    g_lq0 = torch.zeros_like(pb.log_q0)
-    gvec = torch.zeros_like(pb.log_q0)
-    wp_s = torch.zeros(B, 8, device=pb.x32.device, dtype=torch.float32)
-    _wrap(badmm_s_step_bwd_kernel)[(B,)](g["log_s"].contiguous(), g["z"].contiguous(), log_p, st["z"],
-                                  sig_p, ls_new, cbuf, eta, pb.log_q0, g_z_out, g_sig, g_lp, g_p,
-                                  g_lq0, gvec, row_x, col_x, wp_s, pb.bounds, w["a0"], w["a1"],
-                                  w["a3"], w["rho"], t, D, *adj, **kw)   # + the Σ(P) path
+    # adjoint of the S-step and the dual update; g_z_out and g_l alternate between two
+    # buffers (the next step reads this step's while writing its own)
+    par = t % 2
+    g_z_out, g_l = bufs.get(f"g_z_par{par}", rows), bufs.get(f"g_l_par{par}", rows)
+    g_sig, g_lp, g_p = (bufs.get(k, rows) for k in ("g_sig", "g_lp", "g_p"))
+    g_lq0 = bufs.zeros("g_lq0_paper", vec_n) if paper else bufs.get("g_lq0", vec_n)
+    gvec = bufs.get("gvec", vec_n)
+    _wrap(badmm_s_step_bwd_kernel)[(B,)](g["log_s"], g["z"], log_p, st["z"], sig_p, ls_new,
+                                         cbuf, eta, pb.log_q0, g_z_out, g_sig, g_lp, g_p,
+                                         g_lq0, gvec, row_x, col_x, wp_s, pb.bounds, w["a0"],
+                                         w["a1"], w["a3"], w["rho"], t, D, *adj,
+                                         **kw)                         # + the Σ(P) path
     if g_lp_ext is not None:
         g_lp += g_lp_ext
     # adjoint of the P-step
-    g_l = torch.zeros_like(pb.x32)
-    g_sig_s = torch.zeros_like(pb.x32)
-    g_lp0 = torch.zeros_like(pb.log_p0)
-    wp_p = torch.zeros(B, 8, device=pb.x32.device, dtype=torch.float32)
-    _wrap(badmm_p_step_bwd_kernel)[(B,)](g_lp, g_p, log_p, st["log_s"], st["z"], pb.x32, sig_s, r, mu,
-                                  pb.log_p0, g_l, acc["x"], g_z_out, g_sig_s, g_lp0, wp_p,
-                                  pb.bounds, w["a0"], w["a1"], w["a2"], w["rho"], t, D, *adj,
-                                  **kw)                                       # + the Σ(S) path
-    # the scalar weights of iteration t from the per-set partial sums
-    ps, pp = wp_s.sum(0), wp_p.sum(0)
-    g_wp = pp[2]                                  # ∂/∂(P-step weight)
+    g_lp0 = bufs.get("g_lp0", vec_d)
+    _wrap(badmm_p_step_bwd_kernel)[(B,)](g_lp, g_p, log_p, st["log_s"], st["z"], pb.x32, sig_s,
+                                         r, mu, pb.log_p0, g_l, acc["x"], g_z_out, bufs.get(
+                                             "g_sig_s", rows), g_lp0, wp_p, pb.bounds,
+                                         w["a0"], w["a1"], w["a2"], w["rho"], t, D, *adj,
+                                         **kw)                         # + the Σ(S) path
     if paper:
-        g_w = ps[4]
         g_out["log_mu"] = g_out["log_mu"] + g_lp0        # P-step: log P = Y + log μ - R
         g_out["log_eta"] = g_out["log_eta"] + gvec       # S-step: log S' = Y' + log η - C
     else:
-        k3_a, k3_w = _dkappa(w["a3"][t], wgt)
-        g_w = ps[4] + ps[3] * k3_w
         acc["lp0"] += g_lp0
         acc["lq0"] += g_lq0
-        acc["a3"][t] += ps[3] * k3_a
-        acc["a2"][t] += pp[3] * k2_a
-        g_wp = g_wp + pp[3] * k2_w
-        g_out = {}
-    acc["a0"][t] += ps[0] + pp[0]
-    acc["a1"][t] += ps[1] + pp[1] + (g_wp if p_has_a1 else 0) + (g_w if s_has_a1 else 0)
-    acc["rho"][t] += ps[2] + g_wp + g_w
     g_out["log_s"] = g_l
     g_out["z"] = g_z_out
     return g_out
 
 
-def sinkhorn_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int,
-                          g_out: Tensor, acc: dict) -> Tensor:
+def _badmm_weight_grads(pb: _Problem, wp_s: Tensor, wp_p: Tensor, acc: dict) -> None:
+    """The (T,) weight gradients from the adjoint kernels' per-set partial sums of every
+    iteration, wp_s / wp_p (T, B, 8): s-step (∂/∂α0, ∂/∂α1 direct, ∂/∂ρ direct, ∂/∂κ3, ∂/∂w),
+    p-step (∂/∂α0, ∂/∂α1 direct, ∂/∂w_P, ∂/∂κ2), with the κ derivatives, for all t at once."""
+    w = pb.w
+    quad = pb.method == "badmm-q"
+    paper = pb.variant == "paper"
+    ps, pp = wp_s.sum(1).unbind(1), wp_p.sum(1).unbind(1)        # [T] each
+    rho, a1 = w["rho"], w["a1"]
+    # the steps' weights (kernels' _p_step_weight, _s_step_weight): B-Q exact divides both by
+    # ρ + α1 (stable majorized step), so ∂/∂w counts for α1 as well as ρ there
+    p_has_a1 = quad and not paper
+    s_has_a1 = not (quad and paper)
+    g_wp, g_w = pp[2], ps[4]
+    if not paper:   # κ2 = κ(α2, w_P), κ3 = κ(α3, w) (paper: log μ, log η are states)
+        k2_a, k2_w = _dkappa(w["a2"], rho + a1 if p_has_a1 else rho)
+        k3_a, k3_w = _dkappa(w["a3"], a1 + rho if s_has_a1 else rho)
+        g_w = g_w + ps[3] * k3_w
+        g_wp = g_wp + pp[3] * k2_w
+        acc["a2"] += pp[3] * k2_a
+        acc["a3"] += ps[3] * k3_a
+    acc["a0"] += ps[0] + pp[0]
+    acc["a1"] += ps[1] + pp[1] + (g_wp if p_has_a1 else 0) + (g_w if s_has_a1 else 0)
+    acc["rho"] += ps[2] + g_wp + g_w
+
+
+def sinkhorn_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, g_out: Tensor,
+                          acc: dict, bufs: _Buffers, wp: Tensor) -> Tensor:
     """Pull ∂L/∂log P_{t+1} back through the proximal S step t (K inner iterations), in
     Triton: re-run step t saving Y0 and the inner history, then the adjoint kernel and the
-    structure-product adjoint. Returns ∂L/∂log P_t; accumulates like badmm_exact_reverse_step.
+    structure-product adjoint. Returns ∂L/∂log P_t; accumulates like badmm_reverse_step (the
+    weights' per-set partial sums into wp (B, 8), reduced by ``_sinkhorn_weight_grads``).
     """
     B, R, D, K = pb.B, pb.R, pb.D, pb.K
     w = pb.w
     kw = dict(BN=pb.BN, BD=pb.BD, num_warps=PER_SET_WARPS, **fac.meta())
+    rows, vec_d, vec_n = pb.x32, pb.log_p0, pb.log_q0
     log_p = st["log_s"]
-    sig = torch.empty_like(pb.x32)         # Σ(P_t), computed by the step kernel's prologue
-    y0 = torch.zeros_like(pb.x32)
-    bvec = torch.empty_like(pb.log_q0)
-    cbuf = torch.empty_like(pb.log_q0)
-    h_r = torch.zeros(B, K, D, device=pb.x32.device, dtype=torch.float32)
-    h_a = torch.zeros_like(h_r)
-    h_c = torch.zeros(K, R, device=pb.x32.device, dtype=torch.float32)
-    h_b = torch.zeros_like(h_c)
-    out = log_p.clone()
-    _wrap(sinkhorn_prox_step_kernel)[(B,)](pb.x32, out, sig, y0, bvec, cbuf, pb.log_p0, pb.log_q0, h_r,
-                                    h_a, h_c, h_b, pb.bounds, w["a0"], w["a1"], w["a2"], w["a3"],
-                                    w["tau"], t, K, R, D, *fac.step_args(),
-                                    PAPER=pb.variant == "paper", SAVE=True, **kw)
-    gy0 = torch.zeros_like(pb.x32)
-    gb = torch.zeros_like(pb.log_q0)
-    gc = torch.zeros_like(pb.log_q0)
-    g_lp = torch.zeros_like(pb.x32)
-    g_sig = torch.zeros_like(pb.x32)
-    g_lp0 = torch.zeros_like(pb.log_p0)
-    g_lq0 = torch.zeros_like(pb.log_q0)
-    wp = torch.zeros(B, 8, device=pb.x32.device, dtype=torch.float32)
-    _wrap(sinkhorn_prox_step_bwd_kernel)[(B,)](g_out.contiguous(), pb.x32, log_p, sig, y0, gy0, h_r, h_a,
-                                        h_c, h_b, gb, gc, pb.log_p0, pb.log_q0, g_lp, acc["x"],
-                                        g_sig, g_lp0, g_lq0, wp, pb.bounds, w["a0"], w["a1"],
-                                        w["a2"], w["a3"], w["tau"], t, K, R, D,
-                                        *fac.adjoint_args(acc["xc"], acc["xt"]),
-                                        PAPER=pb.variant == "paper", **kw)   # + the Σ path
+    sig, y0 = bufs.get("sig", rows), bufs.get("y0", rows)  # Σ(P_t) from the step's prologue
+    bvec, cbuf = bufs.get("bvec", vec_n), bufs.get("c", vec_n)
+    h_r, h_a = (bufs.get(k, rows, (B, K, D)) for k in ("h_r", "h_a"))   # R_k, a_k per set
+    h_c, h_b = (bufs.get(k, rows, (K, R)) for k in ("h_c", "h_b"))      # C_k, b_k per row
+    out = bufs.get("log_p_next", rows)
+    out.copy_(log_p)
+    _wrap(sinkhorn_prox_step_kernel)[(B,)](pb.x32, out, sig, y0, bvec, cbuf, pb.log_p0,
+                                           pb.log_q0, h_r, h_a, h_c, h_b, pb.bounds, w["a0"],
+                                           w["a1"], w["a2"], w["a3"], w["tau"], t, K, R, D,
+                                           *fac.step_args(), PAPER=pb.variant == "paper",
+                                           SAVE=True, **kw)
+    g_lp = bufs.get(f"g_lp_par{t % 2}", rows)   # read by the next step while it writes its own
+    g_lp0, g_lq0 = bufs.get("g_lp0", vec_d), bufs.get("g_lq0", vec_n)
+    _wrap(sinkhorn_prox_step_bwd_kernel)[(B,)](g_out, pb.x32, log_p, sig, y0,
+                                               bufs.get("gy0", rows), h_r, h_a, h_c, h_b,
+                                               bufs.get("gb", vec_n), bufs.get("gc", vec_n),
+                                               pb.log_p0, pb.log_q0, g_lp, acc["x"],
+                                               bufs.get("g_sig", rows), g_lp0, g_lq0, wp,
+                                               pb.bounds, w["a0"], w["a1"], w["a2"], w["a3"],
+                                               w["tau"], t, K, R, D,
+                                               *fac.adjoint_args(acc["xc"], acc["xt"]),
+                                               PAPER=pb.variant == "paper", **kw)  # + Σ path
     acc["lp0"] += g_lp0
     acc["lq0"] += g_lq0
-    ps = wp.sum(0)
-    eps = w["a1"][t] + w["tau"][t]
-    k2_a, k2_w = _dkappa(w["a2"][t], eps)
-    k3_a, k3_w = _dkappa(w["a3"][t], eps)
-    g_eps = ps[2] + ps[3] * k2_w + ps[4] * k3_w
-    acc["a0"][t] += ps[0]
-    acc["tau"][t] += ps[1] + g_eps
-    acc["a1"][t] += g_eps
-    acc["a2"][t] += ps[3] * k2_a
-    acc["a3"][t] += ps[4] * k3_a
     return g_lp
+
+
+def _sinkhorn_weight_grads(pb: _Problem, wp: Tensor, acc: dict) -> None:
+    """The (T,) weight gradients of S from the per-set partial sums wp (T, B, 8) = (∂/∂α0,
+    ∂/∂τ direct, ∂/∂ε direct, ∂/∂κ2, ∂/∂κ3) of every step, ε = α1 + τ, for all t at once."""
+    w = pb.w
+    ps = wp.sum(1).unbind(1)
+    eps = w["a1"] + w["tau"]
+    k2_a, k2_w = _dkappa(w["a2"], eps)
+    k3_a, k3_w = _dkappa(w["a3"], eps)
+    g_eps = ps[2] + ps[3] * k2_w + ps[4] * k3_w
+    acc["a0"] += ps[0]
+    acc["tau"] += ps[1] + g_eps
+    acc["a1"] += g_eps
+    acc["a2"] += ps[3] * k2_a
+    acc["a3"] += ps[4] * k3_a
 
 
 _WEIGHTS = ("a0", "a1", "a2", "a3", "rho", "tau")
@@ -529,16 +561,22 @@ def reverse_iterations(pb: _Problem, fac: Factors, g_lp_T: Tensor, grads: list) 
             del ckpts[t_ck]       # its segment is done: free the state
         return st
 
+    bufs = _Buffers()
+    wp = pb.x32.new_zeros(2, pb.T, pb.B, 8)    # the adjoint kernels' per-set weight partials
     if pb.method == "sinkhorn":
         g_lp = g_lp_T
         for t in reversed(range(pb.T)):
-            g_lp = sinkhorn_reverse_step(pb, fac, state_entering(t), t, g_lp, acc)
+            g_lp = sinkhorn_reverse_step(pb, fac, state_entering(t), t, g_lp, acc, bufs,
+                                         wp[0, t])
         g_state = {"log_s": g_lp}
+        _sinkhorn_weight_grads(pb, wp[0], acc)
     else:
         g_state = {k: torch.zeros_like(v) for k, v in ckpts[0].items()}
         for t in reversed(range(pb.T)):
             g_state = badmm_reverse_step(pb, fac, state_entering(t), t, g_state,
-                                         g_lp_T if t == pb.T - 1 else None, acc)
+                                         g_lp_T if t == pb.T - 1 else None, acc, bufs,
+                                         wp[0, t], wp[1, t])
+        _badmm_weight_grads(pb, wp[0], wp[1], acc)
     _initial_state_grads(pb, g_state, grads)
 
 
