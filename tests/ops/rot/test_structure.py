@@ -434,7 +434,7 @@ def test_aot_sm90():
     out = run_without_interpreter(_AOT, timeout=900)
     lines = [ln for ln in out.splitlines() if ln.startswith("RESULT")]
     print("\n".join(lines))
-    assert len(lines) == 21
+    assert len(lines) == 22
     for line in lines:
         assert "LOCAL:0" in line or "LOCAL:?" in line, line
 
@@ -444,14 +444,14 @@ def test_aot_sm90():
 # ============================================================================================
 def _expected_launches(method, Tn):
     """The launch plan of docs/adjoints.md: forward = factors (+ Gram) · L per iteration ·
-    pool; backward = factors · the pooling adjoint · one sweep to the √T checkpoints · the recompute inside each
+    pool; backward = factors · the pooling adjoint · the factors' adjoint · one sweep to the √T checkpoints · the recompute inside each
     segment · per iteration the re-run (L) and the adjoints (L, Σ adjoints fused)."""
     L = 1 if method == "sinkhorn" else 2
     k = math.ceil(math.sqrt(Tn))
     sweep = k * ((Tn - 1) // k)
     recompute = sum(t % k for t in range(Tn))
     fwd = 1 + L * Tn + 1
-    bwd = 1 + 1 + L * (sweep + recompute) + 2 * L * Tn     # factors, pooling adjoint, ...
+    bwd = 3 + L * (sweep + recompute) + 2 * L * Tn   # factors, their adjoint, pooling's adjoint
     return fwd, bwd
 
 

@@ -302,6 +302,87 @@ def structure_factors_kernel(x_ptr, bounds_ptr, log_p0_ptr, log_q0_ptr, x32_ptr,
 
 
 @triton.jit
+def structure_factors_bwd_kernel(x32_ptr, g_xc_ptr, g_xt_ptr, g_x_ptr, bounds_ptr, D,
+                                 BN: tl.constexpr, BD: tl.constexpr):
+    """Adjoint of structure_factors_kernel's factors, one program per set: g_x += ∂L/∂x from
+    g_xc = ∂L/∂xc, g_xt = ∂L/∂xt (all (R, D)), through the centring and the normalization by
+    the largest diagonal entry (its gradient split evenly between ties, as torch's amax).
+    xc = xc0 c1, xc0 = x - μ1, c1 = (n s1)^-1/2, s1 = max(max_d Σ_n xc0²/n, tiny); xt likewise
+    over d with D. Four passes over the set's rows."""
+    b = tl.program_id(0)
+    row0, n_b = _set_rows(bounds_ptr, b)
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    nf = tl.maximum(n_b, 1).to(tl.float32)
+    zero_n = tl.zeros([BN], dtype=tl.float32)
+    # pass 1: μ1
+    col = tl.zeros([BD], dtype=tl.float32)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        msk = (rows < n_b)[:, None] & d_ok[None, :]
+        col += tl.sum(tl.load(x32_ptr + (row0 + rows)[:, None] * D + offs_d[None, :],
+                              mask=msk, other=0.0), 0)
+    mu1 = col / nf
+    # pass 2: diag Σ1 (per feature), max diag Σ2, and ∂L/∂c1, ∂L/∂c2 (up to the factor)
+    var1 = tl.zeros([BD], dtype=tl.float32)
+    max2 = tl.sum(zero_n, 0)
+    g_c1 = tl.sum(zero_n, 0)
+    g_c2 = tl.sum(zero_n, 0)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        off = (row0 + rows)[:, None] * D + offs_d[None, :]
+        xv = tl.load(x32_ptr + off, mask=msk, other=0.0)
+        xc0 = tl.where(msk, xv - mu1[None, :], 0.0)                             # [BN, BD]
+        xt0 = tl.where(msk, xv - (tl.sum(xv, 1) / D)[:, None], 0.0)
+        var1 += tl.sum(xc0 * xc0, 0)
+        max2 = tl.maximum(max2, tl.max(tl.where(r_ok, tl.sum(xt0 * xt0, 1) / D, 0.0), 0))
+        g_c1 += tl.sum(tl.sum(tl.load(g_xc_ptr + off, mask=msk, other=0.0) * xc0, 1), 0)
+        g_c2 += tl.sum(tl.sum(tl.load(g_xt_ptr + off, mask=msk, other=0.0) * xt0, 1), 0)
+    diag1 = tl.where(d_ok, var1 / nf, 0.0)
+    s1r = tl.max(diag1, 0)
+    s1 = tl.maximum(s1r, _TINY)
+    c1 = 1.0 / tl.sqrt(nf * s1)
+    g_s1 = tl.where(s1r >= _TINY, g_c1 * -0.5 * c1 / s1, 0.0)
+    hit1 = tl.where(d_ok & (diag1 == s1r), 1.0, 0.0)
+    g_d1 = g_s1 * hit1 / tl.sum(hit1, 0)                                       # [BD]
+    s2 = tl.maximum(max2, _TINY)
+    c2 = 1.0 / tl.sqrt(D * s2)
+    g_s2 = tl.where(max2 >= _TINY, g_c2 * -0.5 * c2 / s2, 0.0)
+    # pass 3: the ties of max diag Σ2 and Σ_n ∂L/∂xc0 (the centring's adjoint)
+    n_hit2 = tl.sum(zero_n, 0)
+    g0_col = tl.zeros([BD], dtype=tl.float32)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        off = (row0 + rows)[:, None] * D + offs_d[None, :]
+        xv = tl.load(x32_ptr + off, mask=msk, other=0.0)
+        xc0 = tl.where(msk, xv - mu1[None, :], 0.0)
+        xt0 = tl.where(msk, xv - (tl.sum(xv, 1) / D)[:, None], 0.0)
+        n_hit2 += tl.sum(tl.where(r_ok & (tl.sum(xt0 * xt0, 1) / D == max2), 1.0, 0.0), 0)
+        g0 = tl.load(g_xc_ptr + off, mask=msk, other=0.0) * c1 + g_d1[None, :] * 2.0 * xc0 / nf
+        g0_col += tl.sum(g0, 0)
+    # pass 4: g_x += g0 - mean_n g0 + h0 - mean_d h0 (h0: the xt branch)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        off = (row0 + rows)[:, None] * D + offs_d[None, :]
+        xv = tl.load(x32_ptr + off, mask=msk, other=0.0)
+        xc0 = tl.where(msk, xv - mu1[None, :], 0.0)
+        xt0 = tl.where(msk, xv - (tl.sum(xv, 1) / D)[:, None], 0.0)
+        g0 = tl.load(g_xc_ptr + off, mask=msk, other=0.0) * c1 + g_d1[None, :] * 2.0 * xc0 / nf
+        hit2 = tl.where(r_ok & (tl.sum(xt0 * xt0, 1) / D == max2), 1.0, 0.0)   # [BN]
+        h0 = tl.load(g_xt_ptr + off, mask=msk, other=0.0) * c2 \
+            + (g_s2 * hit2 / n_hit2)[:, None] * 2.0 * xt0 / D
+        h0 = tl.where(msk, h0, 0.0)
+        gx = g0 - g0_col[None, :] / nf + h0 - (tl.sum(h0, 1) / D)[:, None]
+        tl.store(g_x_ptr + off, tl.load(g_x_ptr + off, mask=msk, other=0.0) + gx, mask=msk)
+
+
+@triton.jit
 def _p_step_weight(a1, rho, QUADRATIC: tl.constexpr, PAPER: tl.constexpr):
     """Step weight w of the B-ADMM P-step (Y = log S + G/w): ρ, except B-Q exact: ρ + α1, the
     majorized linearisation of reference/rot.py ``_exact_badmm`` (non-expansive for every α1/ρ)."""

@@ -28,7 +28,7 @@ from .kernels import (badmm_p_step_bwd_kernel, badmm_p_step_kernel, badmm_s_step
                       badmm_s_step_kernel, pool_from_log_plan_bwd_kernel,
                       pool_from_log_plan_kernel, sigma_adjoint_kernel, sigma_product_kernel,
                       sinkhorn_prox_step_bwd_kernel, sinkhorn_prox_step_kernel,
-                      structure_factors_kernel)
+                      structure_factors_bwd_kernel, structure_factors_kernel)
 
 # The structure product's dots: "ieee" (fp32 FMA, the default: kernels == reference to 1e-4),
 # "tf32" (tensor cores, 10-bit mantissa: expected ~1e-3 relative error of y, not yet measured
@@ -172,9 +172,6 @@ class _Problem:
         """Σ over each set's rows of v (R, ...) -> (B, ...)."""
         out = v.new_zeros((self.B,) + tuple(v.shape[1:]))
         return out.index_add_(0, self.set_of_row, v)
-
-    def set_lengths(self) -> Tensor:
-        return self.bounds[1:] - self.bounds[:-1]
 
 
 def setup(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
@@ -547,7 +544,7 @@ def reverse_iterations(pb: _Problem, fac: Factors, g_lp_T: Tensor, grads: list) 
 
     g_lp_T: ∂L/∂log P_T (R, D). Accumulates into ``grads`` = [x, xc, xt (R, D), log p0 (B, D),
     log q0 (R,), a0, a1, a2, a3, rho, tau (T,)] (x: the direct dependence only; xc, xt: the
-    factors, chained to x by structure_factors_bwd).
+    factors, chained to x by structure_factors_bwd_kernel).
     """
     acc = {"x": grads[0], "xc": grads[1], "xt": grads[2], "lp0": grads[3], "lq0": grads[4]}
     acc.update({k: grads[5 + i] for i, k in enumerate(_WEIGHTS)})
@@ -581,46 +578,6 @@ def reverse_iterations(pb: _Problem, fac: Factors, g_lp_T: Tensor, grads: list) 
 
 
 # ============================================================================================
-# the adjoint of the factors (centring + normalization) -> x, torch segment sums
-# ============================================================================================
-def _amax_onehot(v: Tensor, vmax: Tensor, count: Tensor) -> Tensor:
-    """∂ amax / ∂v as torch defines it: the gradient split evenly between ties."""
-    return (v == vmax).to(v.dtype) / count
-
-
-def structure_factors_bwd(pb: _Problem, g_xc: Tensor, g_xt: Tensor) -> Tensor:
-    """Adjoint of structure.structure_factors per set (rows of pb.x32): ∂L/∂x (R, D) from
-    ∂L/∂xc, ∂L/∂xt (R, D)."""
-    x32, D, seg = pb.x32, pb.D, pb.set_of_row
-    n = pb.set_lengths().clamp_min(1).to(torch.float32)[:, None]          # [B, 1]
-    tiny = torch.finfo(torch.float32).tiny
-    # xc = xc0 / sqrt(n s1), xc0 = x - μ1, s1 = max_d Σ_n xc0² / n
-    xc0 = x32 - (pb.set_sum(x32) / n)[seg]
-    diag1 = pb.set_sum(xc0 * xc0) / n                                       # [B, D]
-    s1r = diag1.amax(-1, keepdim=True)
-    s1 = s1r.clamp_min(tiny)
-    c1 = 1.0 / torch.sqrt(n * s1)                                           # [B, 1]
-    g_c1 = pb.set_sum((g_xc * xc0).sum(1, keepdim=True))
-    g_s1 = (g_c1 * (-0.5) * c1 / s1) * (s1r >= tiny)
-    hit1 = (diag1 == s1r).to(torch.float32)
-    g_d1 = g_s1 * hit1 / hit1.sum(-1, keepdim=True)                         # [B, D]
-    g0 = g_xc * c1[seg] + (g_d1 * 2.0 / n)[seg] * xc0
-    gx = g0 - (pb.set_sum(g0) / n)[seg]
-    # xt = xt0 / sqrt(D s2), xt0 = x - μ2, s2 = max_n Σ_d xt0² / D
-    xt0 = x32 - x32.mean(-1, keepdim=True)
-    diag2 = (xt0 * xt0).sum(-1) / D                                         # [R]
-    s2r = diag2.new_zeros(pb.B).scatter_reduce_(0, seg, diag2, "amax")[:, None]
-    s2 = s2r.clamp_min(tiny)
-    c2 = 1.0 / torch.sqrt(D * s2)                                           # [B, 1]
-    g_c2 = pb.set_sum((g_xt * xt0).sum(1, keepdim=True))
-    g_s2 = (g_c2 * (-0.5) * c2 / s2) * (s2r >= tiny)
-    hit2 = (diag2[:, None] == s2r[seg]).to(torch.float32)                   # [R, 1]
-    g_d2 = g_s2[seg] * hit2 / pb.set_sum(hit2)[seg]
-    g0 = g_xt * c2[seg] + g_d2 * 2.0 * xt0 / D
-    return gx + g0 - g0.mean(-1, keepdim=True)
-
-
-# ============================================================================================
 # the whole forward and backward (the bodies of op.py's custom operators)
 # ============================================================================================
 def structure_forward(x: Tensor, ptr: Optional[Tensor], log_p0, log_q0, weights: dict,
@@ -639,13 +596,17 @@ def structure_backward(x: Tensor, ptr: Optional[Tensor], log_p0, log_q0, weights
     """Gradients of structure_forward's y and plan: (∂L/∂x in x's shape and dtype, ∂L/∂log p0
     (B, D) fp32, ∂L/∂log q0 (R,) fp32, ∂L/∂weights (6, T) fp32 in _WEIGHTS order)."""
     pb, fac = setup(x, ptr, log_p0, log_q0, weights, method, variant, K)
-    grads = [torch.zeros_like(pb.x32) for _ in range(3)]
-    grads += [torch.zeros_like(pb.log_p0), torch.zeros_like(pb.log_q0)]
-    grads += [torch.zeros_like(pb.w[k]) for k in _WEIGHTS]
+    g_rows = pb.x32.new_zeros(3, pb.R, pb.D)      # x (direct), xc, xt
+    g_w = pb.x32.new_zeros(len(_WEIGHTS), pb.T)
+    grads = [*g_rows.unbind(0), torch.zeros_like(pb.log_p0), torch.zeros_like(pb.log_q0),
+             *g_w.unbind(0)]
     if gy is None:
         gy = pb.x32.new_zeros(pb.B, pb.D)
     gp = None if gplan is None else gplan.reshape(pb.R, pb.D)
     g_lp = pool_bwd_launch(pb, log_p_T, gy, gp, grads[0])
     reverse_iterations(pb, fac, g_lp, grads)
-    gx = structure_factors_bwd(pb, grads[1], grads[2]) + grads[0]
-    return gx.view(x.shape).to(x.dtype), grads[3], grads[4], torch.stack(grads[5:])
+    if pb.B > 0:   # the factors' gradients through the centring and normalization, into x's
+        _wrap(structure_factors_bwd_kernel)[(pb.B,)](pb.x32, grads[1], grads[2], grads[0],
+                                                     pb.bounds, pb.D, BN=pb.BN, BD=pb.BD,
+                                                     num_warps=PER_SET_WARPS)
+    return grads[0].view(x.shape).to(x.dtype), grads[3], grads[4], g_w
