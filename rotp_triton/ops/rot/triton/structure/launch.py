@@ -174,6 +174,14 @@ class _Problem:
         return out.index_add_(0, self.set_of_row, v)
 
 
+def _fp32(v: Tensor, device) -> Tensor:
+    """v detached as contiguous fp32 on ``device``; no op when it already is."""
+    v = v.detach()
+    if v.dtype == torch.float32 and v.device == device and v.is_contiguous():
+        return v
+    return v.to(device=device, dtype=torch.float32).contiguous()
+
+
 def setup(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
           log_q0: Optional[Tensor], weights: dict, method: str, variant: str, K: int):
     """(problem, factors): one launch computes x's fp32 copy, the factors, the Gram matrices,
@@ -195,10 +203,10 @@ def setup(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
     if log_p0 is None:
         lp0 = torch.full((B, D), -math.log(max(D, 1)), **f32)
     else:
-        lp0 = log_p0.detach().to(torch.float32).contiguous()
+        lp0 = _fp32(log_p0, dev)
     q_in = None if log_q0 is None else log_q0.detach().reshape(R).contiguous()
-    x32 = torch.empty(R, D, **f32)
-    xc, xt, gram, log_s0 = (torch.empty_like(x32) for _ in range(4))
+    # x's fp32 copy, the factors, the Gram matrices and the initial state: one allocation
+    x32, xc, xt, gram, log_s0 = torch.empty(5, R, D, **f32).unbind(0)
     lq0 = torch.empty(R, **f32)
     if B > 0:
         BD = triton.next_power_of_2(D)
@@ -206,8 +214,7 @@ def setup(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
             x, bounds, lp0, q_in if q_in is not None else lq0, x32, xc, xt, gram, lq0, log_s0,
             s_xb, s_xn, s_xd, D, DENSE_X=dense, HAS_Q0=q_in is not None, PRECISION=precision,
             **mm_meta(D), BN=row_block(BD), BD=BD, num_warps=PER_SET_WARPS)
-    w = {k: v.detach().to(device=dev, dtype=torch.float32).contiguous()
-         for k, v in weights.items()}
+    w = {k: _fp32(v, dev) for k, v in weights.items()}
     pb = _Problem(x32, bounds, lp0, lq0, log_s0, w, method, variant, int(w["a1"].shape[0]), K)
     return pb, Factors(xc, xt, gram.view(-1), bounds, precision)
 
@@ -225,13 +232,15 @@ def init_state(pb: _Problem) -> dict:
     return st
 
 
-def run_iterations(pb: _Problem, fac: Factors, st: dict, t0: int, t1: int) -> dict:
-    """Iterations t0..t1-1 with the Triton kernels, in place on (a copy of) ``st``.
+def run_iterations(pb: _Problem, fac: Factors, st: dict, t0: int, t1: int,
+                   inplace: bool = False) -> dict:
+    """Iterations t0..t1-1 with the Triton kernels, on a copy of ``st`` (on ``st`` itself with
+    ``inplace``: the forward, whose initial state nobody needs afterwards).
 
     For B-E/B-Q the key ``log_p`` holds the P of the last iteration run; for S ``log_s``
     holds log P (the proximal state).
     """
-    st = {k: v.clone() for k, v in st.items()}
+    st = dict(st) if inplace else {k: v.clone() for k, v in st.items()}
     w = pb.w
     B, R, D = pb.B, pb.R, pb.D
     sig = torch.empty_like(pb.x32)
@@ -584,7 +593,7 @@ def structure_forward(x: Tensor, ptr: Optional[Tensor], log_p0, log_q0, weights:
                       method: str, variant: str, K: int, return_plan: bool):
     """(y (B, D) in x's dtype, plan in x's shape and dtype or None, log P_T (R, D) fp32)."""
     pb, fac = setup(x, ptr, log_p0, log_q0, weights, method, variant, K)
-    log_p = final_log_p(pb, run_iterations(pb, fac, init_state(pb), 0, pb.T))
+    log_p = final_log_p(pb, run_iterations(pb, fac, init_state(pb), 0, pb.T, inplace=True))
     plan = torch.empty(x.shape, device=x.device, dtype=x.dtype) if return_plan else None
     y = pool_launch(pb, log_p, x.dtype, plan)
     return y, plan, log_p
