@@ -205,8 +205,10 @@ def setup(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
     else:
         lp0 = _fp32(log_p0, dev)
     q_in = None if log_q0 is None else log_q0.detach().reshape(R).contiguous()
-    # x's fp32 copy, the factors, the Gram matrices and the initial state: one allocation
-    x32, xc, xt, gram, log_s0 = torch.empty(5, R, D, **f32).unbind(0)
+    # x's fp32 copy, the factors and the Gram matrices: one allocation; the initial state its
+    # own (S's forward runs in it and returns it as log P_T, which the backward keeps)
+    x32, xc, xt, gram = torch.empty(4, R, D, **f32).unbind(0)
+    log_s0 = torch.empty(R, D, **f32)
     lq0 = torch.empty(R, **f32)
     if B > 0:
         BD = triton.next_power_of_2(D)
@@ -605,10 +607,10 @@ def structure_backward(x: Tensor, ptr: Optional[Tensor], log_p0, log_q0, weights
     """Gradients of structure_forward's y and plan: (∂L/∂x in x's shape and dtype, ∂L/∂log p0
     (B, D) fp32, ∂L/∂log q0 (R,) fp32, ∂L/∂weights (6, T) fp32 in _WEIGHTS order)."""
     pb, fac = setup(x, ptr, log_p0, log_q0, weights, method, variant, K)
-    g_rows = pb.x32.new_zeros(3, pb.R, pb.D)      # x (direct), xc, xt
+    g_fac = pb.x32.new_zeros(2, pb.R, pb.D)       # xc, xt (x's own: it becomes x.grad)
     g_w = pb.x32.new_zeros(len(_WEIGHTS), pb.T)
-    grads = [*g_rows.unbind(0), torch.zeros_like(pb.log_p0), torch.zeros_like(pb.log_q0),
-             *g_w.unbind(0)]
+    grads = [torch.zeros_like(pb.x32), *g_fac.unbind(0), torch.zeros_like(pb.log_p0),
+             torch.zeros_like(pb.log_q0), *g_w.unbind(0)]
     if gy is None:
         gy = pb.x32.new_zeros(pb.B, pb.D)
     gp = None if gplan is None else gplan.reshape(pb.R, pb.D)
