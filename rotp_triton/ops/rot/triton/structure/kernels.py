@@ -1118,13 +1118,9 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
 
 
 @triton.jit
-def pool_from_log_plan_kernel(log_p_ptr, x_ptr, y_ptr, plan_ptr, bounds_ptr, D,
-                              WRITE_PLAN: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """y_d = Σ_n softmax_n(log P[:, d]) x_nd (one online pass), 0 for empty sets; optionally
-    the plan exp(log P - LSE_{n,d} log P) (R, D) in the plan's dtype. log P, x: (R, D) fp32.
-    """
-    b = tl.program_id(0)
-    row0, n_b = _set_rows(bounds_ptr, b)
+def _column_softmax(log_p_ptr, x_ptr, row0, n_b, D, BN: tl.constexpr, BD: tl.constexpr):
+    """Per feature d of one set, in one online pass over its rows: c_d = LSE_n log P[:, d] and
+    y_d = Σ_n softmax_n(log P[:, d]) x_nd; both 0 on padding lanes and for an empty set."""
     offs_d = tl.arange(0, BD)
     d_ok = offs_d < D
     m = tl.full([BD], _NEG_BIG, dtype=tl.float32)
@@ -1135,19 +1131,38 @@ def pool_from_log_plan_kernel(log_p_ptr, x_ptr, y_ptr, plan_ptr, bounds_ptr, D,
         msk = (rows < n_b)[:, None] & d_ok[None, :]
         off = (row0 + rows)[:, None] * D + offs_d[None, :]
         lp = tl.where(msk, tl.load(log_p_ptr + off, mask=msk, other=0.0), float("-inf"))
-        xv = tl.load(x_ptr + off, mask=msk, other=0.0)
         m_new = tl.maximum(m, tl.max(lp, 0))
         scale = tl.exp(m - m_new)
         e = tl.exp(lp - m_new[None, :])                                        # [BN, BD]
         l = l * scale + tl.sum(e, 0)
-        acc = acc * scale + tl.sum(e * xv, 0)
+        acc = acc * scale + tl.sum(e * tl.load(x_ptr + off, mask=msk, other=0.0), 0)
         m = m_new
-    y = tl.where(n_b > 0, acc / tl.maximum(l, 1e-30), 0.0)
+    l = tl.maximum(l, 1e-30)
+    ok = d_ok & (n_b > 0)
+    return tl.where(ok, m + tl.log(l), 0.0), tl.where(ok, acc / l, 0.0)
+
+
+@triton.jit
+def _plan_lse(col, d_ok):
+    """LSE over the features of the column LSEs: log of the set's total plan mass."""
+    cm = tl.max(tl.where(d_ok, col, float("-inf")), 0)
+    return cm + tl.log(tl.sum(tl.where(d_ok, tl.exp(col - cm), 0.0), 0))
+
+
+@triton.jit
+def pool_from_log_plan_kernel(log_p_ptr, x_ptr, y_ptr, plan_ptr, bounds_ptr, D,
+                              WRITE_PLAN: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """y_d = Σ_n softmax_n(log P[:, d]) x_nd (one online pass), 0 for empty sets; optionally
+    the plan exp(log P - LSE_{n,d} log P) (R, D) in the plan's dtype. log P, x: (R, D) fp32.
+    """
+    b = tl.program_id(0)
+    row0, n_b = _set_rows(bounds_ptr, b)
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    col, y = _column_softmax(log_p_ptr, x_ptr, row0, n_b, D, BN, BD)
     tl.store(y_ptr + b * D + offs_d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
     if WRITE_PLAN:
-        col = tl.where(d_ok, m + tl.log(l), float("-inf"))
-        cm = tl.max(col, 0)
-        total = cm + tl.log(tl.sum(tl.exp(col - cm), 0))
+        total = _plan_lse(col, d_ok)
         for n0 in range(0, n_b, BN):
             rows = n0 + tl.arange(0, BN)
             msk = (rows < n_b)[:, None] & d_ok[None, :]
@@ -1168,28 +1183,10 @@ def pool_from_log_plan_bwd_kernel(log_p_ptr, x_ptr, gy_ptr, gplan_ptr, g_lp_ptr,
     row0, n_b = _set_rows(bounds_ptr, b)
     offs_d = tl.arange(0, BD)
     d_ok = offs_d < D
-    # pass 1: the column LSE of log P and y, online as the forward
-    m = tl.full([BD], _NEG_BIG, dtype=tl.float32)
-    l = tl.zeros([BD], dtype=tl.float32)
-    acc = tl.zeros([BD], dtype=tl.float32)
-    for n0 in range(0, n_b, BN):
-        rows = n0 + tl.arange(0, BN)
-        msk = (rows < n_b)[:, None] & d_ok[None, :]
-        off = (row0 + rows)[:, None] * D + offs_d[None, :]
-        lp = tl.where(msk, tl.load(log_p_ptr + off, mask=msk, other=0.0), float("-inf"))
-        m_new = tl.maximum(m, tl.max(lp, 0))
-        scale = tl.exp(m - m_new)
-        e = tl.exp(lp - m_new[None, :])                                        # [BN, BD]
-        l = l * scale + tl.sum(e, 0)
-        acc = acc * scale + tl.sum(e * tl.load(x_ptr + off, mask=msk, other=0.0), 0)
-        m = m_new
-    l = tl.maximum(l, 1e-30)
-    y = acc / l
-    col = tl.where(d_ok, m + tl.log(l), 0.0)                                   # [BD]
+    col, y = _column_softmax(log_p_ptr, x_ptr, row0, n_b, D, BN, BD)          # pass 1
     gy = tl.load(gy_ptr + b * D + offs_d, mask=d_ok, other=0.0)
     if HAS_GPLAN:
-        cm = tl.max(tl.where(d_ok, col, float("-inf")), 0)
-        total = cm + tl.log(tl.sum(tl.where(d_ok, tl.exp(col - cm), 0.0), 0))
+        total = _plan_lse(col, d_ok)
         # pass 2: Σ plan ⊙ gplan (the normalization's adjoint)
         pg = tl.zeros([BD], dtype=tl.float32)
         for n0 in range(0, n_b, BN):
