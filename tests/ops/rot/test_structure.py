@@ -560,12 +560,14 @@ def test_tensor_core_accuracy(monkeypatch, method):
 
 @pytest.mark.parametrize("sizes,D", [([6, 2, 0, 3], 3), ([3, 1], 7), ([70, 5, 0], 66)],
                          ids=["mixed-orders", "n-order", "wide-tiles"])
-def test_structure_product_kernels(sizes, D):
+def test_structure_product_kernels(monkeypatch, sizes, D):
     """sigma_product_kernel / sigma_adjoint_kernel (the in-program GEMM sequences that the step
     kernels inline) against torch autograd of Σ2 exp(m) Σ1 per set, Σ1 = xcᵀxc, Σ2 = xt xtᵀ,
     sets of different lengths in one ragged batch (n_b >= D: Σ1 materialized, n_b < D: Σ2;
     D = 66: [64, 128] tiles, the wide side BW != BT)."""
-    from rotp_triton.ops.rot.triton.structure.launch import setup
+    from rotp_triton.ops.rot.triton.structure import launch
+    monkeypatch.setattr(launch, "WIDE_GEMM_TILES", True)   # the off-by-default wide tiles too
+    setup = launch.setup
     g = torch.Generator().manual_seed(41)
     ptr = torch.tensor([0] + sizes, device=DEVICE).cumsum(0)
     R = sum(sizes)

@@ -77,9 +77,19 @@ def mm_tile(D: int) -> int:
     return max(16, min(64, triton.next_power_of_2(D)))
 
 
+# Wide GEMM tiles (BW up to 128): each (n, D) operand of a product, and its exp, read once
+# instead of ⌈D/64⌉ times (W1: 2.6x fewer predicted bytes with the tile fix below), but ptxas
+# spills 3x more to the stack at D = 100 (sigma_adjoint: 3,184 B stack, 7,376 LDL+STL vs 984 B,
+# 2,200 at BW = BT), so off until the register pressure is fixed.
+WIDE_GEMM_TILES = os.environ.get("ROTP_STRUCTURE_WIDE_TILES", "0") == "1"
+
+
 def mm_wide(D: int) -> int:
-    """The wide side of a GEMM tile (BW): next_power_of_2(D) up to 128, so that a GEMM whose
-    output has D (or n_b < D) rows or columns reads its (n_b, D) operand once, not D/64 times."""
+    """The wide side of a GEMM tile (BW): with WIDE_GEMM_TILES next_power_of_2(D) up to 128, so
+    that a GEMM whose output has D (or n_b < D) rows or columns reads its (n_b, D) operand once;
+    otherwise BT (square tiles)."""
+    if not WIDE_GEMM_TILES:
+        return mm_tile(D)
     return max(mm_tile(D), min(128, triton.next_power_of_2(D)))
 
 
