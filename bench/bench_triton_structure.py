@@ -14,9 +14,8 @@ FLOP count of the structure products of one forward (what the kernels compute: p
 4·n·D² + 2·D³ per product when D <= N_max, else 4·n²·D + 2·n³; the Gram matrix Σ1 or Σ2 is
 computed once with the factors), the achieved TFLOP/s of the product alone (one Σ M Σ
 application, ``Factors.apply``: one launch, timed on its own) and of the whole forward
-(products' FLOPs / forward time, a lower bound). "triton √T-ckpt" is the Triton forward+backward with every
-ceil(sqrt(T))-th state stored in the forward (``op.CHECKPOINT_EVERY``; by default the backward
-builds ⌈√T⌉-spaced checkpoints itself). ``--dot`` sets ``launch.DOT_PRECISION`` (the
+(products' FLOPs / forward time, a lower bound). The backward builds ⌈√T⌉-spaced
+checkpoints itself (the forward stores no state). ``--dot`` sets ``launch.DOT_PRECISION`` (the
 structure product's tl.dot precision). Kernels: rotp_triton/ops/rot/triton/structure/.
 Results: bench/results/structure_<device>_<date>.md/.json.
 """
@@ -39,7 +38,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rotp_triton as rt  # noqa: E402
 from bench import common  # noqa: E402
 from rotp_triton.ops.rot.triton.structure import launch as sl  # noqa: E402
-from rotp_triton.ops.rot.triton.structure import op as so  # noqa: E402
 
 METHODS = ("badmm-e", "badmm-q", "sinkhorn")
 
@@ -97,21 +95,16 @@ def product_flops(lens, D, n_max):
 def bench_product(x, ptr, device):
     """ms of one structure product alone (``Factors.apply``: one launch) on the workload, at the
     dot precision the forward uses for x's dtype."""
-    dense = ptr is None
-    if dense:
+    if ptr is None:
         B, N, D = x.shape
         lens = torch.full((B,), N, dtype=torch.int64, device=x.device)
-        row_start = torch.zeros(B, dtype=torch.int64, device=x.device)
-        n_max = N
     else:
         lens = ptr[1:] - ptr[:-1]
-        row_start = ptr[:-1].contiguous()
-        n_max = int(lens.max())
-        B, D = lens.numel(), x.shape[1]
-    n_pad = max(n_max, 1)
-    precision = sl.dot_precision(x.dtype)
-    x32, xc, xt, gram = sl._launch_factors(x, row_start, lens, B, n_pad, D, dense, precision)
-    fac = sl.Factors(xc, xt, gram, lens.clamp_min(1), precision)
+        D = x.shape[1]
+    n_max = int(lens.max()) if lens.numel() else 0
+    ws = {k: torch.ones(1, device=x.device) for k in ("a0", "a1", "a2", "a3", "rho", "tau")}
+    pb, fac = sl.setup(x, ptr, None, None, ws, "badmm-e", "exact", 1)
+    x32 = pb.x32
     m = torch.randn_like(x32)
     out = torch.empty_like(x32)
     ms = timer(lambda: fac.apply(m, exp=True, out=out), device)
@@ -122,13 +115,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    ap.add_argument("--checkpoint-every", type=int, default=None,
-                    help="store every c-th state for the backward (default: none, memory "
-                         "independent of T, O(T^2) recompute)")
     ap.add_argument("--dot", choices=sl.DOT_PRECISIONS, default=None,
                     help="tl.dot precision of the structure product (launch.DOT_PRECISION)")
     args = ap.parse_args()
-    so.CHECKPOINT_EVERY = args.checkpoint_every
     if args.dot:
         sl.DOT_PRECISION = args.dot
     device = common.select_device(SMOKE, "bench_triton_structure", "Use --smoke to check the "
@@ -160,8 +149,7 @@ def main():
                     compiled = torch.compile(rt.rot_pool, dynamic=False)
                 except Exception as e:  # pragma: no cover
                     res["compile_error"] = repr(e)[:200]
-            impls = [("triton", "triton", None), ("triton_ckpt", "triton", None),
-                     ("eager", "torch", None)]
+            impls = [("triton", "triton", None), ("eager", "torch", None)]
             if compiled is not None:
                 impls.append(("compile", "torch", compiled))
             for label, backend, fn in impls:
@@ -177,22 +165,16 @@ def main():
                     xg.grad = None
                     a0.grad = None
 
-                saved = so.CHECKPOINT_EVERY
-                if label == "triton_ckpt":   # every ceil(sqrt(T))-th state kept by the forward
-                    so.CHECKPOINT_EVERY = math.ceil(math.sqrt(T))
                 try:
                     fwd()
                     fwdbwd()                     # warm-up / compilation
-                    if label != "triton_ckpt":   # same forward as "triton"
-                        res[f"{label}_fwd_ms"] = timer(fwd, device)
+                    res[f"{label}_fwd_ms"] = timer(fwd, device)
                     res[f"{label}_fwdbwd_ms"] = timer(fwdbwd, device)
                     res[f"{label}_peak_mb"] = peak_mb(fwdbwd, device)
                 except Exception as e:  # record and go on (e.g. out of memory in eager)
                     res[f"{label}_error"] = repr(e)[:200]
                     if device == "cuda":
                         torch.cuda.empty_cache()
-                finally:
-                    so.CHECKPOINT_EVERY = saved
             if "triton_fwd_ms" in res:
                 res["forward_tflops"] = flops_fwd / res["triton_fwd_ms"] / 1e9
             rows.append(res)
@@ -210,7 +192,7 @@ def write(rows, dev_name, device):
     # smoke runs are not results
     out_dir = common.RESULTS_DIR if not SMOKE else os.environ.get("TMPDIR", "/tmp")
     meta = dict(device=dev_name, **common.versions(), dot_precision=sl.DOT_PRECISION,
-                checkpoint_every=so.CHECKPOINT_EVERY, date=date)
+                date=date)
     hdr = ("| workload | method | triton fwd ms | eager fwd ms | compile fwd ms | triton f+b ms | "
            "triton √T-ckpt f+b ms | eager f+b ms | compile f+b ms | f+b speedup vs eager | "
            "vs compile | peak MB triton/√T-ckpt/eager/compile | product GFLOP | "

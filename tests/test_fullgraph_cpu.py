@@ -53,3 +53,12 @@ def test_image_layers_torch_path(layer):
 def test_rotpool_triton_path(method, layout):
     x, kw = _set_inputs(layout)
     _check(rt.ROTPool(4, method=method, num_iters=2, backend="triton"), x, kw, "eager")
+
+
+@pytest.mark.parametrize("layout", ["dense", "ptr"])
+def test_rotpool_triton_structure_path(layout):
+    """α0 > 0 (learn_a0: the structure kernels) on a ragged batch with an empty set as well as
+    a dense one: the kernels read ptr on the device only, so nothing breaks the graph."""
+    x, kw = _set_inputs(layout)
+    _check(rt.ROTPool(4, method="badmm-e", num_iters=2, learn_a0=True, backend="triton"), x, kw,
+           "eager")

@@ -28,8 +28,11 @@ _NEG_BIG = tl.constexpr(-1.0e30)  # finite "-inf" for running maxima: no (-inf) 
 @triton.jit
 def _program_mm(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, c_ptr, sc_m, sc_n, e_ptr, M, N, K,
                 EXP_A: tl.constexpr, EXP_B: tl.constexpr, MODE: tl.constexpr,
-                PRECISION: tl.constexpr, BT: tl.constexpr):
-    """C (M×N) = A (M×K) @ B (K×N) by this program alone, [BT, BT] output tiles.
+                PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                BK: tl.constexpr):
+    """C (M×N) = A (M×K) @ B (K×N) by this program alone, [BM, BN] output tiles, K in BK steps.
+    A is read ⌈N/BN⌉ times, B ⌈M/BM⌉ times: the callers make the tile wide (BW, up to 128)
+    along the small side so that an (n_b, D) operand, and its exp, is read once.
 
     Operands by strides (a transpose is a stride swap); EXP_A / EXP_B: the operand holds a log
     (loaded as exp, entries past K as exp(-inf) = 0). MODE 0: C = AB; 1: C += AB;
@@ -37,28 +40,28 @@ def _program_mm(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, c_ptr, sc_m, sc_n, e_ptr, 
     PRECISION: "ieee" | "tf32" | "bf16" (operands rounded to bf16); fp32 accumulation.
     Writes only the logical M×N block.
     """
-    for m0 in range(0, M, BT):
-        offs_m = m0 + tl.arange(0, BT)
+    for m0 in range(0, M, BM):
+        offs_m = m0 + tl.arange(0, BM)
         m_ok = offs_m < M
-        for n0 in range(0, N, BT):
-            offs_n = n0 + tl.arange(0, BT)
+        for n0 in range(0, N, BN):
+            offs_n = n0 + tl.arange(0, BN)
             n_ok = offs_n < N
-            acc = tl.zeros([BT, BT], dtype=tl.float32)
-            for k0 in range(0, K, BT):
-                offs_k = k0 + tl.arange(0, BT)
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                offs_k = k0 + tl.arange(0, BK)
                 k_ok = offs_k < K
                 a_msk = m_ok[:, None] & k_ok[None, :]
                 a_off = offs_m[:, None] * sa_m + offs_k[None, :] * sa_k
                 if EXP_A:
                     a = tl.exp(tl.load(a_ptr + a_off, mask=a_msk, other=float("-inf")))
                 else:
-                    a = tl.load(a_ptr + a_off, mask=a_msk, other=0.0)            # [BT, BT]
+                    a = tl.load(a_ptr + a_off, mask=a_msk, other=0.0)            # [BM, BK]
                 b_msk = k_ok[:, None] & n_ok[None, :]
                 b_off = offs_k[:, None] * sb_k + offs_n[None, :] * sb_n
                 if EXP_B:
                     bv = tl.exp(tl.load(b_ptr + b_off, mask=b_msk, other=float("-inf")))
                 else:
-                    bv = tl.load(b_ptr + b_off, mask=b_msk, other=0.0)           # [BT, BT]
+                    bv = tl.load(b_ptr + b_off, mask=b_msk, other=0.0)           # [BK, BN]
                 if PRECISION == "bf16":   # bf16 tensor cores (bf16 inputs), fp32 accumulate
                     acc += tl.dot(a.to(tl.bfloat16), bv.to(tl.bfloat16))
                 else:                     # "ieee" (fp32 FMA) or "tf32" (tensor cores)
@@ -74,43 +77,58 @@ def _program_mm(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, c_ptr, sc_m, sc_n, e_ptr, 
 
 
 @triton.jit
-def _sigma_product(m_ptr, xc_ptr, xt_ptr, gram_ptr, w_ptr, v_ptr, out_ptr, n_b, S, D,
-                   D_ORDER: tl.constexpr, EXP_M: tl.constexpr, PRECISION: tl.constexpr,
-                   BT: tl.constexpr):
+def _set_rows(bounds_ptr, b):
+    """(first row, number of rows) of set b: rows bounds[b] .. bounds[b+1] - 1 of the caller's
+    row layout (ragged: bounds = ptr; dense (B, N, D): bounds = N·arange(B + 1)). Loaded on
+    the device: the host never reads a set's length."""
+    row0 = tl.load(bounds_ptr + b)
+    n_b = (tl.load(bounds_ptr + b + 1) - row0).to(tl.int32)
+    return row0, n_b
+
+
+@triton.jit
+def _sigma_product(m_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, out_ptr, n_b, D,
+                   EXP_M: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
+                   BW: tl.constexpr):
     """out = Σ2 m Σ1 (paper Σ1 M Σ2) for one set; m, xc, xt, out: (n_b, D) rows of stride D
-    (m a log when EXP_M); gram, w, v: (S, S) row-major, S = D (D_ORDER: Σ1 = xcᵀxc given,
-    out = xt ((xtᵀ m) Σ1)) or N_pad (Σ2 = xt xtᵀ given, out = (Σ2 (m xcᵀ)) xc)."""
-    if D_ORDER:
+    (m a log when EXP_M). The Gram matrix's order is chosen per set from its length, S =
+    min(n_b, D): Σ1 = xcᵀxc given when n_b >= D (out = xt ((xtᵀ m) Σ1)), else Σ2 = xt xtᵀ
+    (out = (Σ2 (m xcᵀ)) xc). gram, and the two scratch matrices at s: (S, S) row-major."""
+    S = tl.minimum(n_b, D)
+    w_ptr = s_ptr
+    v_ptr = s_ptr + S * S
+    if n_b >= D:
         _program_mm(xt_ptr, 1, D, m_ptr, D, 1, w_ptr, S, 1, w_ptr, D, D, n_b,
-                    False, EXP_M, 0, PRECISION, BT)                          # W = xtᵀ m
+                    False, EXP_M, 0, PRECISION, BW, BT, BT)                          # W = xtᵀ m
         tl.debug_barrier()
         _program_mm(w_ptr, S, 1, gram_ptr, S, 1, v_ptr, S, 1, v_ptr, D, D, D,
-                    False, False, 0, PRECISION, BT)                          # V = W Σ1
+                    False, False, 0, PRECISION, BT, BT, BT)                          # V = W Σ1
         tl.debug_barrier()
         _program_mm(xt_ptr, D, 1, v_ptr, S, 1, out_ptr, D, 1, out_ptr, n_b, D, D,
-                    False, False, 0, PRECISION, BT)                          # out = xt V
+                    False, False, 0, PRECISION, BT, BW, BT)                          # out = xt V
     else:
         _program_mm(m_ptr, D, 1, xc_ptr, 1, D, w_ptr, S, 1, w_ptr, n_b, n_b, D,
-                    EXP_M, False, 0, PRECISION, BT)                          # U = m xcᵀ
+                    EXP_M, False, 0, PRECISION, BT, BW, BT)                          # U = m xcᵀ
         tl.debug_barrier()
         _program_mm(gram_ptr, S, 1, w_ptr, S, 1, v_ptr, S, 1, v_ptr, n_b, n_b, n_b,
-                    False, False, 0, PRECISION, BT)                          # Q = Σ2 U
+                    False, False, 0, PRECISION, BT, BT, BT)                          # Q = Σ2 U
         tl.debug_barrier()
         _program_mm(v_ptr, S, 1, xc_ptr, D, 1, out_ptr, D, 1, out_ptr, n_b, D, n_b,
-                    False, False, 0, PRECISION, BT)                          # out = Q xc
+                    False, False, 0, PRECISION, BW, BT, BT)                          # out = Q xc
     tl.debug_barrier()   # out is read by other threads of this program next
 
 
 @triton.jit
 def _sigma_adjoint(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, dxc_ptr, dxt_ptr, dm_ptr,
-                   n_b, S, D, D_ORDER: tl.constexpr, PRECISION: tl.constexpr,
-                   BT: tl.constexpr):
+                   n_b, D, PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr):
     """Adjoint of out = Σ2 exp(m) Σ1 (m a log) for one set and upstream g (n_b, D):
     dm += exp(m) ⊙ Σ2 g Σ1 (Σ1, Σ2 symmetric), dxc += ∂/∂xc, dxt += ∂/∂xt (the Gram matrix
-    differentiated through its factor). s: 5 (S, S) scratch matrices at stride S·S.
+    differentiated through its factor). The order as in _sigma_product (S = min(n_b, D));
+    s: 5 (S, S) scratch matrices at stride S·S.
     Derivation: ../../../../../docs/adjoints.md ("structure product")."""
+    S = tl.minimum(n_b, D)
     SS = S * S
-    if D_ORDER:
+    if n_b >= D:
         # out = xt V, V = W Σ1, W = xtᵀ M
         w_ptr = s_ptr
         v_ptr = s_ptr + SS
@@ -118,28 +136,28 @@ def _sigma_adjoint(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, dxc_ptr, dxt_p
         dw_ptr = s_ptr + 3 * SS
         ds_ptr = s_ptr + 4 * SS
         _program_mm(xt_ptr, 1, D, m_ptr, D, 1, w_ptr, S, 1, w_ptr, D, D, n_b,
-                    False, True, 0, PRECISION, BT)                           # W = xtᵀ M
+                    False, True, 0, PRECISION, BW, BT, BT)                           # W = xtᵀ M
         _program_mm(xt_ptr, 1, D, g_ptr, D, 1, dv_ptr, S, 1, dv_ptr, D, D, n_b,
-                    False, False, 0, PRECISION, BT)                          # dV = xtᵀ g
+                    False, False, 0, PRECISION, BW, BT, BT)                          # dV = xtᵀ g
         tl.debug_barrier()
         _program_mm(w_ptr, S, 1, gram_ptr, S, 1, v_ptr, S, 1, v_ptr, D, D, D,
-                    False, False, 0, PRECISION, BT)                          # V = W Σ1
+                    False, False, 0, PRECISION, BT, BT, BT)                          # V = W Σ1
         _program_mm(dv_ptr, S, 1, gram_ptr, S, 1, dw_ptr, S, 1, dw_ptr, D, D, D,
-                    False, False, 0, PRECISION, BT)                          # dW = dV Σ1
+                    False, False, 0, PRECISION, BT, BT, BT)                          # dW = dV Σ1
         _program_mm(w_ptr, 1, S, dv_ptr, S, 1, ds_ptr, S, 1, ds_ptr, D, D, D,
-                    False, False, 0, PRECISION, BT)                          # dΣ1 = Wᵀ dV
+                    False, False, 0, PRECISION, BT, BT, BT)                          # dΣ1 = Wᵀ dV
         tl.debug_barrier()
         _program_mm(g_ptr, D, 1, v_ptr, 1, S, dxt_ptr, D, 1, dxt_ptr, n_b, D, D,
-                    False, False, 1, PRECISION, BT)                          # dxt += g Vᵀ
+                    False, False, 1, PRECISION, BT, BW, BT)                          # dxt += g Vᵀ
         _program_mm(xc_ptr, D, 1, ds_ptr, S, 1, dxc_ptr, D, 1, dxc_ptr, n_b, D, D,
-                    False, False, 1, PRECISION, BT)                          # dxc += xc dΣ1
+                    False, False, 1, PRECISION, BT, BW, BT)                          # dxc += xc dΣ1
         _program_mm(xt_ptr, D, 1, dw_ptr, S, 1, dm_ptr, D, 1, m_ptr, n_b, D, D,
-                    False, False, 2, PRECISION, BT)                          # dm += M ⊙ xt dW
+                    False, False, 2, PRECISION, BT, BW, BT)                          # dm += M ⊙ xt dW
         tl.debug_barrier()
         _program_mm(m_ptr, D, 1, dw_ptr, 1, S, dxt_ptr, D, 1, dxt_ptr, n_b, D, D,
-                    True, False, 1, PRECISION, BT)                           # dxt += M dWᵀ
+                    True, False, 1, PRECISION, BT, BW, BT)                           # dxt += M dWᵀ
         _program_mm(xc_ptr, D, 1, ds_ptr, 1, S, dxc_ptr, D, 1, dxc_ptr, n_b, D, D,
-                    False, False, 1, PRECISION, BT)                          # dxc += xc dΣ1ᵀ
+                    False, False, 1, PRECISION, BT, BW, BT)                          # dxc += xc dΣ1ᵀ
     else:
         # out = Q xc, Q = Σ2 U, U = M xcᵀ
         u_ptr = s_ptr
@@ -148,76 +166,81 @@ def _sigma_adjoint(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, dxc_ptr, dxt_p
         du_ptr = s_ptr + 3 * SS
         ds_ptr = s_ptr + 4 * SS
         _program_mm(m_ptr, D, 1, xc_ptr, 1, D, u_ptr, S, 1, u_ptr, n_b, n_b, D,
-                    True, False, 0, PRECISION, BT)                           # U = M xcᵀ
+                    True, False, 0, PRECISION, BT, BW, BT)                           # U = M xcᵀ
         _program_mm(g_ptr, D, 1, xc_ptr, 1, D, dq_ptr, S, 1, dq_ptr, n_b, n_b, D,
-                    False, False, 0, PRECISION, BT)                          # dQ = g xcᵀ
+                    False, False, 0, PRECISION, BT, BW, BT)                          # dQ = g xcᵀ
         tl.debug_barrier()
         _program_mm(gram_ptr, S, 1, u_ptr, S, 1, q_ptr, S, 1, q_ptr, n_b, n_b, n_b,
-                    False, False, 0, PRECISION, BT)                          # Q = Σ2 U
+                    False, False, 0, PRECISION, BT, BT, BT)                          # Q = Σ2 U
         _program_mm(gram_ptr, S, 1, dq_ptr, S, 1, du_ptr, S, 1, du_ptr, n_b, n_b, n_b,
-                    False, False, 0, PRECISION, BT)                          # dU = Σ2 dQ
+                    False, False, 0, PRECISION, BT, BT, BT)                          # dU = Σ2 dQ
         _program_mm(dq_ptr, S, 1, u_ptr, 1, S, ds_ptr, S, 1, ds_ptr, n_b, n_b, n_b,
-                    False, False, 0, PRECISION, BT)                          # dΣ2 = dQ Uᵀ
+                    False, False, 0, PRECISION, BT, BT, BT)                          # dΣ2 = dQ Uᵀ
         tl.debug_barrier()
         _program_mm(q_ptr, 1, S, g_ptr, D, 1, dxc_ptr, D, 1, dxc_ptr, n_b, D, n_b,
-                    False, False, 1, PRECISION, BT)                          # dxc += Qᵀ g
+                    False, False, 1, PRECISION, BW, BT, BT)                          # dxc += Qᵀ g
         _program_mm(ds_ptr, S, 1, xt_ptr, D, 1, dxt_ptr, D, 1, dxt_ptr, n_b, D, n_b,
-                    False, False, 1, PRECISION, BT)                          # dxt += dΣ2 xt
+                    False, False, 1, PRECISION, BW, BT, BT)                          # dxt += dΣ2 xt
         _program_mm(du_ptr, S, 1, xc_ptr, D, 1, dm_ptr, D, 1, m_ptr, n_b, D, n_b,
-                    False, False, 2, PRECISION, BT)                          # dm += M ⊙ dU xc
+                    False, False, 2, PRECISION, BW, BT, BT)                          # dm += M ⊙ dU xc
         tl.debug_barrier()
         _program_mm(du_ptr, 1, S, m_ptr, D, 1, dxc_ptr, D, 1, dxc_ptr, n_b, D, n_b,
-                    False, True, 1, PRECISION, BT)                           # dxc += dUᵀ M
+                    False, True, 1, PRECISION, BW, BT, BT)                           # dxc += dUᵀ M
         _program_mm(ds_ptr, 1, S, xt_ptr, D, 1, dxt_ptr, D, 1, dxt_ptr, n_b, D, n_b,
-                    False, False, 1, PRECISION, BT)                          # dxt += dΣ2ᵀ xt
+                    False, False, 1, PRECISION, BW, BT, BT)                          # dxt += dΣ2ᵀ xt
     tl.debug_barrier()
 
 
 @triton.jit
-def sigma_product_kernel(m_ptr, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, out_ptr, len_ptr,
-                         N_pad, S, D, D_ORDER: tl.constexpr, EXP_M: tl.constexpr,
-                         PRECISION: tl.constexpr, BT: tl.constexpr):
+def sigma_product_kernel(m_ptr, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, out_ptr, bounds_ptr, D,
+                         EXP_M: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
+                   BW: tl.constexpr):
     """out = Σ2 m Σ1 for every set, one program per set (see _sigma_product).
-    m, xc, xt, out: (B, N_pad, D); gram: (B, S, S); scratch: (B, 2, S, S)."""
+    m, xc, xt, out: (R, D) rows; gram: (R·D,) and scratch (2·R·D,): set b's block at row
+    bounds[b]·D (resp. 2·bounds[b]·D), room for its (S, S) matrices as S² <= n_b·D."""
     b = tl.program_id(0)
-    n_b = tl.load(len_ptr + b).to(tl.int32)
-    rows = b.to(tl.int64) * N_pad * D
-    sq = b.to(tl.int64) * S * S
-    _sigma_product(m_ptr + rows, xc_ptr + rows, xt_ptr + rows, gram_ptr + sq,
-                   scratch_ptr + 2 * sq, scratch_ptr + 2 * sq + S * S, out_ptr + rows,
-                   n_b, S, D, D_ORDER, EXP_M, PRECISION, BT)
+    row0, n_b = _set_rows(bounds_ptr, b)
+    rows0 = row0 * D
+    _sigma_product(m_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + rows0,
+                   scratch_ptr + 2 * rows0, out_ptr + rows0, n_b, D, EXP_M, PRECISION, BT, BW)
 
 
 @triton.jit
 def sigma_adjoint_kernel(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr,
-                         dxt_ptr, dm_ptr, len_ptr, N_pad, S, D, D_ORDER: tl.constexpr,
-                         PRECISION: tl.constexpr, BT: tl.constexpr):
+                         dxt_ptr, dm_ptr, bounds_ptr, D, PRECISION: tl.constexpr,
+                         BT: tl.constexpr, BW: tl.constexpr):
     """The adjoint of Σ2 exp(m) Σ1 for every set, one program per set (see _sigma_adjoint).
-    m (log), g, xc, xt, dxc, dxt, dm: (B, N_pad, D); gram (B, S, S); scratch (B, 5, S, S)."""
+    m (log), g, xc, xt, dxc, dxt, dm: (R, D) rows; gram (R·D,); scratch (5·R·D,)."""
     b = tl.program_id(0)
-    n_b = tl.load(len_ptr + b).to(tl.int32)
-    rows = b.to(tl.int64) * N_pad * D
-    sq = b.to(tl.int64) * S * S
-    _sigma_adjoint(m_ptr + rows, g_ptr + rows, xc_ptr + rows, xt_ptr + rows, gram_ptr + sq,
-                   scratch_ptr + 5 * sq, dxc_ptr + rows, dxt_ptr + rows, dm_ptr + rows,
-                   n_b, S, D, D_ORDER, PRECISION, BT)
+    row0, n_b = _set_rows(bounds_ptr, b)
+    rows0 = row0 * D
+    _sigma_adjoint(m_ptr + rows0, g_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
+                   gram_ptr + rows0, scratch_ptr + 5 * rows0, dxc_ptr + rows0,
+                   dxt_ptr + rows0, dm_ptr + rows0, n_b, D, PRECISION, BT, BW)
 
 
 @triton.jit
-def structure_factors_kernel(x_ptr, row_start_ptr, len_ptr, x32_ptr, xc_ptr, xt_ptr,
-                             gram_ptr, s_xb, s_xn, s_xd, N_pad, D, S,
-                             D_ORDER: tl.constexpr, PRECISION: tl.constexpr,
-                             BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """One program per set: the fp32 padded copy of x, the normalized factors and the smaller
-    Gram matrix (S, S): Σ1 = xcᵀxc (D_ORDER, S = D) or Σ2 = xt xtᵀ (S = N_pad).
+def structure_factors_kernel(x_ptr, bounds_ptr, log_p0_ptr, log_q0_ptr, x32_ptr, xc_ptr,
+                             xt_ptr, gram_ptr, lq0_ptr, log_s0_ptr, s_xb, s_xn, s_xd, D,
+                             DENSE_X: tl.constexpr, HAS_Q0: tl.constexpr,
+                             PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+                             BN: tl.constexpr,
+                             BD: tl.constexpr):
+    """One program per set: the fp32 copy of x, the normalized factors, the smaller Gram
+    matrix (order as in _sigma_product) and the initial state, all in the row layout.
 
-    x: caller's tensor, element (b, n, d) at b*s_xb + (row_start[b] + n)*s_xn + d*s_xd.
-    x32, xc, xt: (B, N_pad, D) fp32, written for n < len[b] (padding stays 0).
-    xc = (x - μ1) / sqrt(n_b · max diag Σ1), xt = (x - μ2) / sqrt(D · max diag Σ2).
+    x: caller's tensor, row n of set b at b*s_xb + n*s_xn (DENSE_X) or (bounds[b] + n)*s_xn,
+    feature d at d*s_xd. x32, xc, xt, log_s0: (R, D) fp32; gram: set b's (S, S) at
+    bounds[b]·D. xc = (x - μ1) / sqrt(n_b · max diag Σ1), xt = (x - μ2) / sqrt(D · max diag Σ2).
+    lq0 (R,): log q0 as fp32 (HAS_Q0: read from log_q0 (R,); else uniform, -log n_b);
+    log_s0 = log p0 (B, D) + log q0: log(p0 q0ᵀ), the state before iteration 0.
     """
     b = tl.program_id(0)
-    n_b = tl.load(len_ptr + b).to(tl.int32)
-    row0 = tl.load(row_start_ptr + b)
+    row0, n_b = _set_rows(bounds_ptr, b)
+    if DENSE_X:
+        x_set = x_ptr + b.to(tl.int64) * s_xb
+    else:
+        x_set = x_ptr + row0 * s_xn
     offs_d = tl.arange(0, BD)
     d_ok = offs_d < D
     nf = tl.maximum(n_b, 1).to(tl.float32)
@@ -226,7 +249,7 @@ def structure_factors_kernel(x_ptr, row_start_ptr, len_ptr, x32_ptr, xc_ptr, xt_
     for n0 in range(0, n_b, BN):
         rows = n0 + tl.arange(0, BN)
         msk = (rows < n_b)[:, None] & d_ok[None, :]
-        xv = tl.load(x_ptr + b * s_xb + (row0 + rows)[:, None] * s_xn + offs_d[None, :] * s_xd,
+        xv = tl.load(x_set + rows[:, None] * s_xn + offs_d[None, :] * s_xd,
                      mask=msk, other=0.0).to(tl.float32)                      # [BN, BD]
         col += tl.sum(xv, 0)
     mu1 = col / nf
@@ -237,9 +260,9 @@ def structure_factors_kernel(x_ptr, row_start_ptr, len_ptr, x32_ptr, xc_ptr, xt_
         rows = n0 + tl.arange(0, BN)
         r_ok = rows < n_b
         msk = r_ok[:, None] & d_ok[None, :]
-        xv = tl.load(x_ptr + b * s_xb + (row0 + rows)[:, None] * s_xn + offs_d[None, :] * s_xd,
+        xv = tl.load(x_set + rows[:, None] * s_xn + offs_d[None, :] * s_xd,
                      mask=msk, other=0.0).to(tl.float32)
-        tl.store(x32_ptr + (b * N_pad + rows)[:, None] * D + offs_d[None, :], xv, mask=msk)
+        tl.store(x32_ptr + (row0 + rows)[:, None] * D + offs_d[None, :], xv, mask=msk)
         xc = tl.where(msk, xv - mu1[None, :], 0.0)
         var1 += tl.sum(xc * xc, 0)
         mu2 = tl.sum(xv, 1) / D                                                # [BN]
@@ -249,25 +272,114 @@ def structure_factors_kernel(x_ptr, row_start_ptr, len_ptr, x32_ptr, xc_ptr, xt_
     s2 = tl.maximum(tl.max(max2, 0), _TINY)
     c1 = 1.0 / tl.sqrt(nf * s1)
     c2 = 1.0 / tl.sqrt(D * s2)
-    # pass 3: the factors
+    lp0 = tl.load(log_p0_ptr + b * D + offs_d, mask=d_ok, other=0.0)
+    # pass 3: the factors and the initial state
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        xv = tl.load(x_set + rows[:, None] * s_xn + offs_d[None, :] * s_xd,
+                     mask=msk, other=0.0).to(tl.float32)
+        mu2 = tl.sum(xv, 1) / D
+        off = (row0 + rows)[:, None] * D + offs_d[None, :]
+        tl.store(xc_ptr + off, (xv - mu1[None, :]) * c1, mask=msk)
+        tl.store(xt_ptr + off, (xv - mu2[:, None]) * c2, mask=msk)
+        if HAS_Q0:
+            lq0 = tl.load(log_q0_ptr + row0 + rows, mask=r_ok, other=0.0).to(tl.float32)
+        else:
+            lq0 = tl.zeros([BN], dtype=tl.float32) - tl.log(nf)
+        tl.store(lq0_ptr + row0 + rows, lq0, mask=r_ok)
+        tl.store(log_s0_ptr + off, lq0[:, None] + lp0[None, :], mask=msk)
+    tl.debug_barrier()   # the Gram matrix reads factor rows written by other threads
+    rows0 = row0 * D
+    S = tl.minimum(n_b, D)
+    if n_b >= D:
+        _program_mm(xc_ptr + rows0, 1, D, xc_ptr + rows0, D, 1, gram_ptr + rows0, S, 1,
+                    gram_ptr + rows0, D, D, n_b, False, False, 0, PRECISION, BW, BT, BT)  # Σ1 = xcᵀ xc
+    else:
+        _program_mm(xt_ptr + rows0, D, 1, xt_ptr + rows0, 1, D, gram_ptr + rows0, S, 1,
+                    gram_ptr + rows0, n_b, n_b, D, False, False, 0, PRECISION, BT, BW, BT)  # Σ2 = xt xtᵀ
+
+
+@triton.jit
+def structure_factors_bwd_kernel(x32_ptr, g_xc_ptr, g_xt_ptr, g_x_ptr, bounds_ptr, D,
+                                 BN: tl.constexpr, BD: tl.constexpr):
+    """Adjoint of structure_factors_kernel's factors, one program per set: g_x += ∂L/∂x from
+    g_xc = ∂L/∂xc, g_xt = ∂L/∂xt (all (R, D)), through the centring and the normalization by
+    the largest diagonal entry (its gradient split evenly between ties, as torch's amax).
+    xc = xc0 c1, xc0 = x - μ1, c1 = (n s1)^-1/2, s1 = max(max_d Σ_n xc0²/n, tiny); xt likewise
+    over d with D. Four passes over the set's rows."""
+    b = tl.program_id(0)
+    row0, n_b = _set_rows(bounds_ptr, b)
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    nf = tl.maximum(n_b, 1).to(tl.float32)
+    zero_n = tl.zeros([BN], dtype=tl.float32)
+    # pass 1: μ1
+    col = tl.zeros([BD], dtype=tl.float32)
     for n0 in range(0, n_b, BN):
         rows = n0 + tl.arange(0, BN)
         msk = (rows < n_b)[:, None] & d_ok[None, :]
-        xv = tl.load(x_ptr + b * s_xb + (row0 + rows)[:, None] * s_xn + offs_d[None, :] * s_xd,
-                     mask=msk, other=0.0).to(tl.float32)
-        mu2 = tl.sum(xv, 1) / D
-        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
-        tl.store(xc_ptr + off, (xv - mu1[None, :]) * c1, mask=msk)
-        tl.store(xt_ptr + off, (xv - mu2[:, None]) * c2, mask=msk)
-    tl.debug_barrier()   # the Gram matrix reads factor rows written by other threads
-    rows0 = b.to(tl.int64) * N_pad * D
-    g_base = gram_ptr + b.to(tl.int64) * S * S
-    if D_ORDER:
-        _program_mm(xc_ptr + rows0, 1, D, xc_ptr + rows0, D, 1, g_base, S, 1, g_base, D, D,
-                    n_b, False, False, 0, PRECISION, BT)                      # Σ1 = xcᵀ xc
-    else:
-        _program_mm(xt_ptr + rows0, D, 1, xt_ptr + rows0, 1, D, g_base, S, 1, g_base, n_b,
-                    n_b, D, False, False, 0, PRECISION, BT)                   # Σ2 = xt xtᵀ
+        col += tl.sum(tl.load(x32_ptr + (row0 + rows)[:, None] * D + offs_d[None, :],
+                              mask=msk, other=0.0), 0)
+    mu1 = col / nf
+    # pass 2: diag Σ1 (per feature), max diag Σ2, and ∂L/∂c1, ∂L/∂c2 (up to the factor)
+    var1 = tl.zeros([BD], dtype=tl.float32)
+    max2 = tl.sum(zero_n, 0)
+    g_c1 = tl.sum(zero_n, 0)
+    g_c2 = tl.sum(zero_n, 0)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        off = (row0 + rows)[:, None] * D + offs_d[None, :]
+        xv = tl.load(x32_ptr + off, mask=msk, other=0.0)
+        xc0 = tl.where(msk, xv - mu1[None, :], 0.0)                             # [BN, BD]
+        xt0 = tl.where(msk, xv - (tl.sum(xv, 1) / D)[:, None], 0.0)
+        var1 += tl.sum(xc0 * xc0, 0)
+        max2 = tl.maximum(max2, tl.max(tl.where(r_ok, tl.sum(xt0 * xt0, 1) / D, 0.0), 0))
+        g_c1 += tl.sum(tl.sum(tl.load(g_xc_ptr + off, mask=msk, other=0.0) * xc0, 1), 0)
+        g_c2 += tl.sum(tl.sum(tl.load(g_xt_ptr + off, mask=msk, other=0.0) * xt0, 1), 0)
+    diag1 = tl.where(d_ok, var1 / nf, 0.0)
+    s1r = tl.max(diag1, 0)
+    s1 = tl.maximum(s1r, _TINY)
+    c1 = 1.0 / tl.sqrt(nf * s1)
+    g_s1 = tl.where(s1r >= _TINY, g_c1 * -0.5 * c1 / s1, 0.0)
+    hit1 = tl.where(d_ok & (diag1 == s1r), 1.0, 0.0)
+    g_d1 = g_s1 * hit1 / tl.sum(hit1, 0)                                       # [BD]
+    s2 = tl.maximum(max2, _TINY)
+    c2 = 1.0 / tl.sqrt(D * s2)
+    g_s2 = tl.where(max2 >= _TINY, g_c2 * -0.5 * c2 / s2, 0.0)
+    # pass 3: the ties of max diag Σ2 and Σ_n ∂L/∂xc0 (the centring's adjoint)
+    n_hit2 = tl.sum(zero_n, 0)
+    g0_col = tl.zeros([BD], dtype=tl.float32)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        off = (row0 + rows)[:, None] * D + offs_d[None, :]
+        xv = tl.load(x32_ptr + off, mask=msk, other=0.0)
+        xc0 = tl.where(msk, xv - mu1[None, :], 0.0)
+        xt0 = tl.where(msk, xv - (tl.sum(xv, 1) / D)[:, None], 0.0)
+        n_hit2 += tl.sum(tl.where(r_ok & (tl.sum(xt0 * xt0, 1) / D == max2), 1.0, 0.0), 0)
+        g0 = tl.load(g_xc_ptr + off, mask=msk, other=0.0) * c1 + g_d1[None, :] * 2.0 * xc0 / nf
+        g0_col += tl.sum(g0, 0)
+    # pass 4: g_x += g0 - mean_n g0 + h0 - mean_d h0 (h0: the xt branch)
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        r_ok = rows < n_b
+        msk = r_ok[:, None] & d_ok[None, :]
+        off = (row0 + rows)[:, None] * D + offs_d[None, :]
+        xv = tl.load(x32_ptr + off, mask=msk, other=0.0)
+        xc0 = tl.where(msk, xv - mu1[None, :], 0.0)
+        xt0 = tl.where(msk, xv - (tl.sum(xv, 1) / D)[:, None], 0.0)
+        g0 = tl.load(g_xc_ptr + off, mask=msk, other=0.0) * c1 + g_d1[None, :] * 2.0 * xc0 / nf
+        hit2 = tl.where(r_ok & (tl.sum(xt0 * xt0, 1) / D == max2), 1.0, 0.0)   # [BN]
+        h0 = tl.load(g_xt_ptr + off, mask=msk, other=0.0) * c2 \
+            + (g_s2 * hit2 / n_hit2)[:, None] * 2.0 * xt0 / D
+        h0 = tl.where(msk, h0, 0.0)
+        gx = g0 - g0_col[None, :] / nf + h0 - (tl.sum(h0, 1) / D)[:, None]
+        tl.store(g_x_ptr + off, tl.load(g_x_ptr + off, mask=msk, other=0.0) + gx, mask=msk)
 
 
 @triton.jit
@@ -300,9 +412,9 @@ def _s_step_weight(a1, rho, QUADRATIC: tl.constexpr, PAPER: tl.constexpr):
 
 @triton.jit
 def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr, log_mu_ptr,
-                        r_out_ptr, mu_out_ptr, len_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
-                        N_pad, D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, S,
-                        D_ORDER: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
+                        r_out_ptr, mu_out_ptr, bounds_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
+                        D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr,
+                        PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
                         QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
                         SAVE: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """P-step of B-E/B-Q, one program per set (all D features).
@@ -310,20 +422,20 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
     G = x + α0 Σ(S) - Z [- α1 S];  Y = log S + G/w;  R = LSE_n Y;
     exact: log μ = lognorm(κ2 log p0 + (1-κ2) R), κ2 = κ(α2, w);  paper: log μ is the state;
     log P = Y + (log μ - R).  w = ρ, except B-Q exact: w = ρ + α1 (the stable majorized step,
-    reference/rot.py ``_exact_badmm``).   sig = Σ(S) (B, N_pad, D); log_mu (B, D) (paper only).
+    reference/rot.py ``_exact_badmm``).   sig = Σ(S) (R, D); log_mu (B, D) (paper only).
     SAVE: also write R and log μ to r_out, mu_out (B, D) for the backward.
     """
     b = tl.program_id(0)
-    n_b = tl.load(len_ptr + b).to(tl.int32)
+    row0, n_b = _set_rows(bounds_ptr, b)
     # the structure product of this iteration, Σ2 exp(log_s) Σ1 -> sig, in this program
-    sq = b.to(tl.int64) * S * S
-    rows0 = b.to(tl.int64) * N_pad * D
-    _sigma_product(log_s_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + sq,
-                   scratch_ptr + 2 * sq, scratch_ptr + 2 * sq + S * S, sig_ptr + rows0, n_b, S,
-                   D, D_ORDER, True, PRECISION, BT)
+    rows0 = row0 * D
+    _sigma_product(log_s_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + rows0,
+                   scratch_ptr + 2 * rows0, sig_ptr + rows0, n_b, D, True,
+                   PRECISION, BT, BW)
     a0 = tl.load(a0_ptr + t)
     a1 = tl.load(a1_ptr + t)
     w = _p_step_weight(a1, tl.load(rho_ptr + t), QUADRATIC, PAPER)
+    inv_w = 1.0 / w
     offs_d = tl.arange(0, BD)
     d_ok = offs_d < D
     m = tl.full([BD], _NEG_BIG, dtype=tl.float32)
@@ -332,17 +444,19 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
     for n0 in range(0, n_b, BN):
         rows = n0 + tl.arange(0, BN)
         msk = (rows < n_b)[:, None] & d_ok[None, :]
-        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        off = (row0 + rows)[:, None] * D + offs_d[None, :]
         ls = tl.load(log_s_ptr + off, mask=msk, other=0.0)
         g = tl.load(x_ptr + off, mask=msk, other=0.0) - tl.load(z_ptr + off, mask=msk, other=0.0)
         g += a0 * tl.load(sig_ptr + off, mask=msk, other=0.0)
         if QUADRATIC:
             g -= a1 * tl.exp(ls)
-        y = tl.where(msk, ls + g / w, float("-inf"))                            # [BN, BD]
+        y = tl.where(msk, ls + g * inv_w, float("-inf"))                        # [BN, BD]
+        tl.store(log_p_ptr + off, y, mask=msk)      # Y parked in log P for pass 2
         m_new = tl.maximum(m, tl.max(y, 0))
         l = l * tl.exp(m - m_new) + tl.sum(tl.exp(y - m_new[None, :]), 0)
         m = m_new
-    r = m + tl.log(l)                                                          # [BD]
+    # [BD]; an empty set has no samples: R = 0 keeps its per-set vectors finite
+    r = tl.where(n_b > 0, m + tl.log(l), 0.0)
     if PAPER:
         log_mu = tl.load(log_mu_ptr + b * D + offs_d, mask=d_ok, other=0.0)
     else:
@@ -356,24 +470,21 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
         tl.store(r_out_ptr + b * D + offs_d, r, mask=d_ok)
         tl.store(mu_out_ptr + b * D + offs_d, log_mu, mask=d_ok)
     # pass 2: log P = Y + log μ - R
+    tl.debug_barrier()   # Y rows were parked by other threads of this program
     for n0 in range(0, n_b, BN):
         rows = n0 + tl.arange(0, BN)
         msk = (rows < n_b)[:, None] & d_ok[None, :]
-        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
-        ls = tl.load(log_s_ptr + off, mask=msk, other=0.0)
-        g = tl.load(x_ptr + off, mask=msk, other=0.0) - tl.load(z_ptr + off, mask=msk, other=0.0)
-        g += a0 * tl.load(sig_ptr + off, mask=msk, other=0.0)
-        if QUADRATIC:
-            g -= a1 * tl.exp(ls)
-        tl.store(log_p_ptr + off, ls + g / w + shift[None, :], mask=msk)
+        off = (row0 + rows)[:, None] * D + offs_d[None, :]
+        y = tl.load(log_p_ptr + off, mask=msk, other=0.0)
+        tl.store(log_p_ptr + off, y + shift[None, :], mask=msk)
 
 
 @triton.jit
 def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr, log_eta_ptr,
-                        z2_ptr, log_p0_ptr, log_mu_ptr, z1_ptr, eta_out_ptr, len_ptr,
-                        a0_ptr, a1_ptr, a2_ptr, a3_ptr, rho_ptr, t, N_pad, D,
-                        xc_ptr, xt_ptr, gram_ptr, scratch_ptr, S,
-                        D_ORDER: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
+                        z2_ptr, log_p0_ptr, log_mu_ptr, z1_ptr, eta_out_ptr, bounds_ptr,
+                        a0_ptr, a1_ptr, a2_ptr, a3_ptr, rho_ptr, t, D,
+                        xc_ptr, xt_ptr, gram_ptr, scratch_ptr,
+                        PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
                         QUADRATIC: tl.constexpr, PAPER: tl.constexpr, SAVE: tl.constexpr,
                         BN: tl.constexpr, BD: tl.constexpr):
     """S-step and dual update of B-E/B-Q, one program per set.
@@ -383,22 +494,22 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
     C = LSE_d Y;  exact: log η = lognorm_n(κ3 log q0 + (1-κ3) C), κ3 = κ(α3, w);
     paper: log η is the state;
     log S = Y + log η - C;  Z += ρ (P - S).
-    Paper only, eqs. (26)-(28): log μ, log η, z1 (B, D), z2 (B, N_pad) updated in place.
-    c: (B, N_pad) scratch for C.  Y is parked in log_s between the two passes.
-    SAVE: also write log η to eta_out (B, N_pad) for the backward (C stays in c).
+    Paper only, eqs. (26)-(28): log μ, log η, z1 (B, D), z2 (R,) updated in place.
+    c: (R,) scratch for C.  Y is parked in log_s between the two passes.
+    SAVE: also write log η to eta_out (R,) for the backward (C stays in c).
     """
     b = tl.program_id(0)
-    n_b = tl.load(len_ptr + b).to(tl.int32)
+    row0, n_b = _set_rows(bounds_ptr, b)
     # the structure product of this iteration, Σ2 exp(log_p) Σ1 -> sig, in this program
-    sq = b.to(tl.int64) * S * S
-    rows0 = b.to(tl.int64) * N_pad * D
-    _sigma_product(log_p_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + sq,
-                   scratch_ptr + 2 * sq, scratch_ptr + 2 * sq + S * S, sig_ptr + rows0, n_b, S,
-                   D, D_ORDER, True, PRECISION, BT)
+    rows0 = row0 * D
+    _sigma_product(log_p_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + rows0,
+                   scratch_ptr + 2 * rows0, sig_ptr + rows0, n_b, D, True,
+                   PRECISION, BT, BW)
     a0 = tl.load(a0_ptr + t)
     a1 = tl.load(a1_ptr + t)
     rho = tl.load(rho_ptr + t)
     w = _s_step_weight(a1, rho, QUADRATIC, PAPER)
+    inv_w = 1.0 / w
     if PAPER:
         k3 = _kappa(tl.load(a3_ptr + t), rho)
     else:
@@ -412,23 +523,23 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
         rows = n0 + tl.arange(0, BN)
         r_ok = rows < n_b
         msk = r_ok[:, None] & d_ok[None, :]
-        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        off = (row0 + rows)[:, None] * D + offs_d[None, :]
         lp = tl.load(log_p_ptr + off, mask=msk, other=0.0)
         h = tl.load(z_ptr + off, mask=msk, other=0.0) + a0 * tl.load(sig_ptr + off, mask=msk,
                                                                      other=0.0)
         if QUADRATIC:
-            y = lp + (h - a1 * tl.exp(lp)) / w
+            y = lp + (h - a1 * tl.exp(lp)) * inv_w
         else:
-            y = (h + rho * lp) / w
+            y = (h + rho * lp) * inv_w
         y = tl.where(msk, y, float("-inf"))                                     # [BN, BD]
         ym = tl.max(y, 1)
         c = ym + tl.log(tl.sum(tl.exp(y - ym[:, None]), 1))                     # [BN]
         tl.store(log_s_ptr + off, y, mask=msk)
-        tl.store(c_ptr + b * N_pad + rows, c, mask=r_ok)
-        lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+        tl.store(c_ptr + row0 + rows, c, mask=r_ok)
+        lq0 = tl.load(log_q0_ptr + row0 + rows, mask=r_ok, other=0.0)
         if PAPER:   # logits of the new log η, eq. (27), from the state before this update
-            le = tl.load(log_eta_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
-            z2 = tl.load(z2_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+            le = tl.load(log_eta_ptr + row0 + rows, mask=r_ok, other=0.0)
+            z2 = tl.load(z2_ptr + row0 + rows, mask=r_ok, other=0.0)
             v = (1 - k3) * (le - z2 / rho) + k3 * lq0
         else:
             v = k3 * lq0 + (1 - k3) * c
@@ -443,12 +554,12 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
         rows = n0 + tl.arange(0, BN)
         r_ok = rows < n_b
         msk = r_ok[:, None] & d_ok[None, :]
-        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        off = (row0 + rows)[:, None] * D + offs_d[None, :]
         y = tl.load(log_s_ptr + off, mask=msk, other=0.0)
-        c = tl.load(c_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
-        lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+        c = tl.load(c_ptr + row0 + rows, mask=r_ok, other=0.0)
+        lq0 = tl.load(log_q0_ptr + row0 + rows, mask=r_ok, other=0.0)
         if PAPER:
-            le = tl.load(log_eta_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+            le = tl.load(log_eta_ptr + row0 + rows, mask=r_ok, other=0.0)
         else:
             le = k3 * lq0 + (1 - k3) * c - v_lse
         ls = y + (le - c)[:, None]
@@ -457,15 +568,15 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
         zz = tl.load(z_ptr + off, mask=msk, other=0.0) + rho * (p - s)
         tl.store(log_s_ptr + off, ls, mask=msk)
         if SAVE:
-            tl.store(eta_out_ptr + b * N_pad + rows, le, mask=r_ok)
+            tl.store(eta_out_ptr + row0 + rows, le, mask=r_ok)
         tl.store(z_ptr + off, zz, mask=msk)
         if PAPER:
-            z2 = tl.load(z2_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+            z2 = tl.load(z2_ptr + row0 + rows, mask=r_ok, other=0.0)
             le_new = (1 - k3) * (le - z2 / rho) + k3 * lq0 - v_lse
             z2 = z2 + rho * (tl.exp(le_new) - tl.sum(s, 1))
             tl.debug_barrier()   # every warp has read this chunk's old log η, z2
-            tl.store(log_eta_ptr + b * N_pad + rows, le_new, mask=r_ok)
-            tl.store(z2_ptr + b * N_pad + rows, z2, mask=r_ok)
+            tl.store(log_eta_ptr + row0 + rows, le_new, mask=r_ok)
+            tl.store(z2_ptr + row0 + rows, z2, mask=r_ok)
             colsum_p += tl.sum(p, 0)
     if PAPER:   # eq. (26) and the z1 update
         k2 = _kappa(tl.load(a2_ptr + t), rho)
@@ -484,9 +595,9 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
 @triton.jit
 def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr, log_p0_ptr,
                               log_q0_ptr, hist_r_ptr, hist_a_ptr, hist_c_ptr, hist_b_ptr,
-                              len_ptr, a0_ptr, a1_ptr, a2_ptr, a3_ptr, tau_ptr, t,
-                              K, N_pad, D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, S,
-                        D_ORDER: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
+                              bounds_ptr, a0_ptr, a1_ptr, a2_ptr, a3_ptr, tau_ptr, t,
+                              K, n_rows, D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr,
+                        PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
                         PAPER: tl.constexpr, SAVE: tl.constexpr,
                               BN: tl.constexpr, BD: tl.constexpr):
     """One proximal (Alg. 1) outer step of S, all K inner iterations, one program per set.
@@ -494,18 +605,17 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
     Y0 = (x + α0 Σ(P) + τ log P)/ε, ε = α1 + τ (= -C_t/ε). Exact: K Gauss-Seidel iterations
     a = lognorm(κ2 log p0 + (1-κ2) LSE_n(Y0 + b)) - LSE_n(..), b likewise over d; paper: K
     Jacobi iterations of eq. (18) with the a/ε factor. log P ← Y0 + a + b (in place).
-    y0: (B, N_pad, D) scratch; bvec, c: (B, N_pad) scratch.
-    SAVE: the inner history for the adjoint, R_k, a_k (B, K, D) and C_k, b_k (B, K, N_pad):
+    y0: (R, D) scratch; bvec, c: (R,) scratch.
+    SAVE: the inner history for the adjoint, R_k, a_k (B, K, D) and C_k, b_k (K, R):
     exact, a_k and b_k after iteration k; paper, a and b entering iteration k.
     """
     b = tl.program_id(0)
-    n_b = tl.load(len_ptr + b).to(tl.int32)
+    row0, n_b = _set_rows(bounds_ptr, b)
     # the structure product of this iteration, Σ2 exp(log_p) Σ1 -> sig, in this program
-    sq = b.to(tl.int64) * S * S
-    rows0 = b.to(tl.int64) * N_pad * D
-    _sigma_product(log_p_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + sq,
-                   scratch_ptr + 2 * sq, scratch_ptr + 2 * sq + S * S, sig_ptr + rows0, n_b, S,
-                   D, D_ORDER, True, PRECISION, BT)
+    rows0 = row0 * D
+    _sigma_product(log_p_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + rows0,
+                   scratch_ptr + 2 * rows0, sig_ptr + rows0, n_b, D, True,
+                   PRECISION, BT, BW)
     a0 = tl.load(a0_ptr + t)
     tau = tl.load(tau_ptr + t)
     eps = tl.load(a1_ptr + t) + tau
@@ -519,12 +629,12 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
         rows = n0 + tl.arange(0, BN)
         r_ok = rows < n_b
         msk = r_ok[:, None] & d_ok[None, :]
-        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        off = (row0 + rows)[:, None] * D + offs_d[None, :]
         y0 = (tl.load(x_ptr + off, mask=msk, other=0.0)
               + a0 * tl.load(sig_ptr + off, mask=msk, other=0.0)
               + tau * tl.load(log_p_ptr + off, mask=msk, other=0.0)) / eps
         tl.store(y0_ptr + off, y0, mask=msk)
-        tl.store(bvec_ptr + b * N_pad + rows, tl.zeros([BN], dtype=tl.float32), mask=r_ok)
+        tl.store(bvec_ptr + row0 + rows, tl.zeros([BN], dtype=tl.float32), mask=r_ok)
     a = tl.zeros([BD], dtype=tl.float32)
     tl.debug_barrier()
     for _k in range(0, K):
@@ -536,8 +646,8 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
                 rows = n0 + tl.arange(0, BN)
                 r_ok = rows < n_b
                 msk = r_ok[:, None] & d_ok[None, :]
-                off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
-                bv = tl.load(bvec_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                off = (row0 + rows)[:, None] * D + offs_d[None, :]
+                bv = tl.load(bvec_ptr + row0 + rows, mask=r_ok, other=0.0)
                 y = tl.load(y0_ptr + off, mask=msk, other=0.0) + a[None, :] + bv[:, None]
                 y = tl.where(msk, y, float("-inf"))
                 m_new = tl.maximum(m, tl.max(y, 0))
@@ -545,14 +655,14 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
                 m = m_new
                 ym = tl.max(y, 1)
                 c = ym + tl.log(tl.sum(tl.exp(y - ym[:, None]), 1))
-                lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                lq0 = tl.load(log_q0_ptr + row0 + rows, mask=r_ok, other=0.0)
                 # bv is replicated across warps: all must have read it before it is replaced
                 tl.debug_barrier()
-                tl.store(bvec_ptr + b * N_pad + rows, k3 * (bv / eps + lq0 - c), mask=r_ok)
+                tl.store(bvec_ptr + row0 + rows, k3 * (bv / eps + lq0 - c), mask=r_ok)
                 if SAVE:   # the state entering iteration k and its C
-                    tl.store(hist_b_ptr + (b * K + _k) * N_pad + rows, bv, mask=r_ok)
-                    tl.store(hist_c_ptr + (b * K + _k) * N_pad + rows, c, mask=r_ok)
-            r = m + tl.log(l)
+                    tl.store(hist_b_ptr + _k * n_rows + row0 + rows, bv, mask=r_ok)
+                    tl.store(hist_c_ptr + _k * n_rows + row0 + rows, c, mask=r_ok)
+            r = tl.where(n_b > 0, m + tl.log(l), 0.0)   # 0 for an empty set
             if SAVE:
                 tl.store(hist_r_ptr + (b * K + _k) * D + offs_d, r, mask=d_ok)
                 tl.store(hist_a_ptr + (b * K + _k) * D + offs_d, a, mask=d_ok)
@@ -565,14 +675,14 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
                 rows = n0 + tl.arange(0, BN)
                 r_ok = rows < n_b
                 msk = r_ok[:, None] & d_ok[None, :]
-                off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
-                bv = tl.load(bvec_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                off = (row0 + rows)[:, None] * D + offs_d[None, :]
+                bv = tl.load(bvec_ptr + row0 + rows, mask=r_ok, other=0.0)
                 y = tl.load(y0_ptr + off, mask=msk, other=0.0) + bv[:, None]
                 y = tl.where(msk, y, float("-inf"))
                 m_new = tl.maximum(m, tl.max(y, 0))
                 l = l * tl.exp(m - m_new) + tl.sum(tl.exp(y - m_new[None, :]), 0)
                 m = m_new
-            r = m + tl.log(l)
+            r = tl.where(n_b > 0, m + tl.log(l), 0.0)   # 0 for an empty set
             v = tl.where(d_ok, k2 * lp0 + (1 - k2) * r, float("-inf"))
             vmax = tl.max(v, 0)
             a = tl.where(d_ok, v - (vmax + tl.log(tl.sum(tl.exp(v - vmax), 0))) - r, 0.0)
@@ -586,13 +696,13 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
                 rows = n0 + tl.arange(0, BN)
                 r_ok = rows < n_b
                 msk = r_ok[:, None] & d_ok[None, :]
-                off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+                off = (row0 + rows)[:, None] * D + offs_d[None, :]
                 y = tl.load(y0_ptr + off, mask=msk, other=0.0) + a[None, :]
                 y = tl.where(msk, y, float("-inf"))
                 ym = tl.max(y, 1)
                 c = ym + tl.log(tl.sum(tl.exp(y - ym[:, None]), 1))
-                tl.store(c_ptr + b * N_pad + rows, c, mask=r_ok)
-                lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                tl.store(c_ptr + row0 + rows, c, mask=r_ok)
+                lq0 = tl.load(log_q0_ptr + row0 + rows, mask=r_ok, other=0.0)
                 vn = tl.where(r_ok, k3 * lq0 + (1 - k3) * c, float("-inf"))
                 vm_new = tl.maximum(vm, tl.max(vn, 0))
                 vl = vl * tl.exp(vm - vm_new) + tl.sum(tl.exp(vn - vm_new), 0)
@@ -602,21 +712,21 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
             for n0 in range(0, n_b, BN):
                 rows = n0 + tl.arange(0, BN)
                 r_ok = rows < n_b
-                c = tl.load(c_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
-                lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                c = tl.load(c_ptr + row0 + rows, mask=r_ok, other=0.0)
+                lq0 = tl.load(log_q0_ptr + row0 + rows, mask=r_ok, other=0.0)
                 bn = k3 * lq0 + (1 - k3) * c - v_lse - c
-                tl.store(bvec_ptr + b * N_pad + rows, bn, mask=r_ok)
+                tl.store(bvec_ptr + row0 + rows, bn, mask=r_ok)
                 if SAVE:
-                    tl.store(hist_c_ptr + (b * K + _k) * N_pad + rows, c, mask=r_ok)
-                    tl.store(hist_b_ptr + (b * K + _k) * N_pad + rows, bn, mask=r_ok)
+                    tl.store(hist_c_ptr + _k * n_rows + row0 + rows, c, mask=r_ok)
+                    tl.store(hist_b_ptr + _k * n_rows + row0 + rows, bn, mask=r_ok)
         tl.debug_barrier()
     # log P = Y0 + a + b
     for n0 in range(0, n_b, BN):
         rows = n0 + tl.arange(0, BN)
         r_ok = rows < n_b
         msk = r_ok[:, None] & d_ok[None, :]
-        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
-        bv = tl.load(bvec_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+        off = (row0 + rows)[:, None] * D + offs_d[None, :]
+        bv = tl.load(bvec_ptr + row0 + rows, mask=r_ok, other=0.0)
         y = tl.load(y0_ptr + off, mask=msk, other=0.0) + a[None, :] + bv[:, None]
         tl.store(log_p_ptr + off, y, mask=msk)
 
@@ -624,27 +734,27 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
 @triton.jit
 def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_s_new_ptr, c_ptr,
                             eta_ptr, log_q0_ptr, g_z_out_ptr, g_sig_ptr, g_lp_ptr, g_p_ptr,
-                            g_lq0_ptr, gvec_ptr, row_x_ptr, col_x_ptr, wpart_ptr, len_ptr,
-                            a0_ptr, a1_ptr, a3_ptr, rho_ptr, t, N_pad, D,
-                            xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr, S,
-                            D_ORDER: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
+                            g_lq0_ptr, gvec_ptr, row_x_ptr, col_x_ptr, wpart_ptr, bounds_ptr,
+                            a0_ptr, a1_ptr, a3_ptr, rho_ptr, t, D,
+                            xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr,
+                            PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
                             QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
                             BN: tl.constexpr, BD: tl.constexpr):
     """Adjoint of the exact S-step and dual update (badmm_s_step_kernel), one program per set.
 
-    In: g_ls, g_z = ∂L/∂log S', ∂L/∂Z' (B, N_pad, D); the forward's log P, Z, Σ(P), log S',
+    In: g_ls, g_z = ∂L/∂log S', ∂L/∂Z' (R, D); the forward's log P, Z, Σ(P), log S',
     C (c) and log η (eta). Out: g_z_out = ∂L/∂Z through this step, g_sig = α0 ∂L/∂H (to be
     pushed through Σ by the epilogue, which adds the Σ(P) path to g_lp and the factors'
     gradients to dxc, dxt), g_lp = ∂L/∂log P and g_p = ∂L/∂P, g_lq0
-    (B, N_pad), and per-set partial sums wpart[b] = (∂/∂α0, ∂/∂α1 direct, ∂/∂ρ direct, ∂/∂κ3,
+    (R,), and per-set partial sums wpart[b] = (∂/∂α0, ∂/∂α1 direct, ∂/∂ρ direct, ∂/∂κ3,
     ∂/∂w) with w the step weight (``_s_step_weight``; ∂w/∂α1 = ∂w/∂ρ = 1 except B-Q paper's w = ρ).
-    gvec: (B, N_pad) scratch.
+    gvec: (R,) scratch.
     PAPER: log η is a state (no κ3 path): gvec returns ∂L/∂log η through log S'; the eq. (27)-(28)
-    updates enter as row_x (B, N_pad) (∂L/∂S'_nd += row_x_n, from z2) and col_x (B, D)
+    updates enter as row_x (R,) (∂L/∂S'_nd += row_x_n, from z2) and col_x (B, D)
     (∂L/∂P_nd += col_x_d, from z1).
     """
     b = tl.program_id(0)
-    n_b = tl.load(len_ptr + b).to(tl.int32)
+    row0, n_b = _set_rows(bounds_ptr, b)
     a0 = tl.load(a0_ptr + t)
     a1 = tl.load(a1_ptr + t)
     rho = tl.load(rho_ptr + t)
@@ -660,16 +770,16 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
         rows = n0 + tl.arange(0, BN)
         r_ok = rows < n_b
         msk = r_ok[:, None] & d_ok[None, :]
-        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        off = (row0 + rows)[:, None] * D + offs_d[None, :]
         gz = tl.load(g_z_ptr + off, mask=msk, other=0.0)
         p = tl.where(msk, tl.exp(tl.load(log_p_ptr + off, mask=msk, other=0.0)), 0.0)
         s = tl.where(msk, tl.exp(tl.load(log_s_new_ptr + off, mask=msk, other=0.0)), 0.0)
         glt = tl.load(g_ls_ptr + off, mask=msk, other=0.0) - rho * gz * s      # [BN, BD]
         if PAPER:
-            glt += tl.load(row_x_ptr + b * N_pad + rows, mask=r_ok, other=0.0)[:, None] * s
+            glt += tl.load(row_x_ptr + row0 + rows, mask=r_ok, other=0.0)[:, None] * s
         g_rho += tl.sum(tl.sum(gz * (p - s), 1), 0)
         g_eta = tl.sum(glt, 1)                                                  # [BN]
-        tl.store(gvec_ptr + b * N_pad + rows, g_eta, mask=r_ok)
+        tl.store(gvec_ptr + row0 + rows, g_eta, mask=r_ok)
         g_eta_sum += tl.sum(g_eta, 0)
     tl.debug_barrier()
     g_a0 = tl.sum(zero_n, 0)
@@ -680,18 +790,18 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
         rows = n0 + tl.arange(0, BN)
         r_ok = rows < n_b
         msk = r_ok[:, None] & d_ok[None, :]
-        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        off = (row0 + rows)[:, None] * D + offs_d[None, :]
         # log η = lognorm_n(v), v = κ3 log q0 + (1-κ3) C: softmax(v) = η
-        g_eta = tl.load(gvec_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
-        le = tl.load(eta_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
-        c = tl.load(c_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
-        lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+        g_eta = tl.load(gvec_ptr + row0 + rows, mask=r_ok, other=0.0)
+        le = tl.load(eta_ptr + row0 + rows, mask=r_ok, other=0.0)
+        c = tl.load(c_ptr + row0 + rows, mask=r_ok, other=0.0)
+        lq0 = tl.load(log_q0_ptr + row0 + rows, mask=r_ok, other=0.0)
         if PAPER:
             g_c = -g_eta
         else:
             g_v = tl.where(r_ok, g_eta - tl.exp(le) * g_eta_sum, 0.0)
             g_c = -g_eta + (1 - k3) * g_v
-            tl.store(g_lq0_ptr + b * N_pad + rows, k3 * g_v, mask=r_ok)
+            tl.store(g_lq0_ptr + row0 + rows, k3 * g_v, mask=r_ok)
             g_k3 += tl.sum(g_v * (lq0 - c), 0)
         gz = tl.load(g_z_ptr + off, mask=msk, other=0.0)
         lp = tl.load(log_p_ptr + off, mask=msk, other=0.0)
@@ -707,7 +817,7 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
         g_y = tl.load(g_ls_ptr + off, mask=msk, other=0.0) - rho * gz * s \
             + tl.where(msk, tl.exp(y - c[:, None]), 0.0) * g_c[:, None]          # [BN, BD]
         if PAPER:
-            g_y += tl.load(row_x_ptr + b * N_pad + rows, mask=r_ok, other=0.0)[:, None] * s
+            g_y += tl.load(row_x_ptr + row0 + rows, mask=r_ok, other=0.0)[:, None] * s
         if QUADRATIC:
             g_h = g_y / w
             g_lp = g_y
@@ -734,19 +844,18 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
     tl.store(wpart_ptr + b * 8 + 4, g_w)
     # the structure product's adjoint: g_sig through Σ2 exp(log_p) Σ1 into g_lp, xc, xt
     tl.debug_barrier()   # g_sig and g_lp rows were written by other threads of this program
-    sq = b.to(tl.int64) * S * S
-    rows0 = b.to(tl.int64) * N_pad * D
+    rows0 = row0 * D
     _sigma_adjoint(log_p_ptr + rows0, g_sig_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
-                   gram_ptr + sq, scratch_ptr + 5 * sq, dxc_ptr + rows0, dxt_ptr + rows0,
-                   g_lp_ptr + rows0, n_b, S, D, D_ORDER, PRECISION, BT)
+                   gram_ptr + rows0, scratch_ptr + 5 * rows0, dxc_ptr + rows0, dxt_ptr + rows0,
+                   g_lp_ptr + rows0, n_b, D, PRECISION, BT, BW)
 
 
 @triton.jit
 def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_ptr, sig_s_ptr,
                             r_ptr, mu_ptr, log_p0_ptr, g_l_ptr, g_x_ptr, g_z_ptr, g_sig_ptr,
-                            g_lp0_ptr, wpart_ptr, len_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
-                            N_pad, D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr, S,
-                        D_ORDER: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
+                            g_lp0_ptr, wpart_ptr, bounds_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
+                            D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr,
+                        PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
                         QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
                             BN: tl.constexpr, BD: tl.constexpr):
     """Adjoint of the exact P-step (badmm_p_step_kernel), one program per set.
@@ -760,7 +869,7 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
     PAPER: log μ is a state: g_lp0 returns ∂L/∂log μ (no κ2 path).
     """
     b = tl.program_id(0)
-    n_b = tl.load(len_ptr + b).to(tl.int32)
+    row0, n_b = _set_rows(bounds_ptr, b)
     a0 = tl.load(a0_ptr + t)
     a1 = tl.load(a1_ptr + t)
     w = _p_step_weight(a1, tl.load(rho_ptr + t), QUADRATIC, PAPER)
@@ -772,7 +881,7 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
     for n0 in range(0, n_b, BN):
         rows = n0 + tl.arange(0, BN)
         msk = (rows < n_b)[:, None] & d_ok[None, :]
-        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        off = (row0 + rows)[:, None] * D + offs_d[None, :]
         p = tl.where(msk, tl.exp(tl.load(log_p_ptr + off, mask=msk, other=0.0)), 0.0)
         g_mu += tl.sum(tl.load(g_lp_ptr + off, mask=msk, other=0.0)
                        + p * tl.load(g_p_ptr + off, mask=msk, other=0.0), 0)
@@ -795,7 +904,7 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
     for n0 in range(0, n_b, BN):
         rows = n0 + tl.arange(0, BN)
         msk = (rows < n_b)[:, None] & d_ok[None, :]
-        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        off = (row0 + rows)[:, None] * D + offs_d[None, :]
         p = tl.where(msk, tl.exp(tl.load(log_p_ptr + off, mask=msk, other=0.0)), 0.0)
         glp = tl.load(g_lp_ptr + off, mask=msk, other=0.0) \
             + p * tl.load(g_p_ptr + off, mask=msk, other=0.0)
@@ -826,35 +935,35 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
     tl.store(wpart_ptr + b * 8 + 3, g_k2)
     # the structure product's adjoint: g_sig through Σ2 exp(log_s) Σ1 into g_l, xc, xt
     tl.debug_barrier()   # g_sig and g_l rows were written by other threads of this program
-    sq = b.to(tl.int64) * S * S
-    rows0 = b.to(tl.int64) * N_pad * D
+    rows0 = row0 * D
     _sigma_adjoint(log_s_ptr + rows0, g_sig_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
-                   gram_ptr + sq, scratch_ptr + 5 * sq, dxc_ptr + rows0, dxt_ptr + rows0,
-                   g_l_ptr + rows0, n_b, S, D, D_ORDER, PRECISION, BT)
+                   gram_ptr + rows0, scratch_ptr + 5 * rows0, dxc_ptr + rows0, dxt_ptr + rows0,
+                   g_l_ptr + rows0, n_b, D, PRECISION, BT, BW)
 
 
 @triton.jit
 def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, gy0_ptr,
                                   hist_r_ptr, hist_a_ptr, hist_c_ptr, hist_b_ptr, gb_ptr, gc_ptr,
                                   log_p0_ptr, log_q0_ptr, g_lp_ptr, g_x_ptr, g_sig_ptr,
-                                  g_lp0_ptr, g_lq0_ptr, wpart_ptr, len_ptr, a0_ptr, a1_ptr,
-                                  a2_ptr, a3_ptr, tau_ptr, t, K, N_pad, D,
-                                  xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr, S,
-                                  D_ORDER: tl.constexpr, PRECISION: tl.constexpr,
-                                  BT: tl.constexpr, PAPER: tl.constexpr, BN: tl.constexpr,
+                                  g_lp0_ptr, g_lq0_ptr, wpart_ptr, bounds_ptr, a0_ptr, a1_ptr,
+                                  a2_ptr, a3_ptr, tau_ptr, t, K, n_rows, D,
+                                  xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr,
+                                  PRECISION: tl.constexpr,
+                                  BT: tl.constexpr, BW: tl.constexpr, PAPER: tl.constexpr,
+                                  BN: tl.constexpr,
                                   BD: tl.constexpr):
     """Adjoint of one proximal S step (sinkhorn_prox_step_kernel, SAVE), one program per
     set: the K Gauss-Seidel (exact) or Jacobi (paper, eq. 18) iterations in reverse from their
     saved (R_k, a_k, C_k, b_k) and Y0.
 
-    In: g_out = ∂L/∂log P_{t+1} (B, N_pad, D); log P_t, Σ(P_t), Y0 and the history. Out: g_lp =
+    In: g_out = ∂L/∂log P_{t+1} (R, D); log P_t, Σ(P_t), Y0 and the history. Out: g_lp =
     ∂L/∂log P_t, g_x += ∂L/∂x, g_sig = α0 ∂L/∂Y0/ε (pushed through Σ by the epilogue, which
     adds the Σ(P_t) path to g_lp and the factors' gradients to dxc, dxt), g_lp0 (B, D), g_lq0
-    (B, N_pad), wpart[b] = (∂/∂α0, ∂/∂τ direct, ∂/∂ε direct, ∂/∂κ2, ∂/∂κ3).
-    Scratch: gy0 (B, N_pad, D), gb, gc (B, N_pad); (B, 5, S, S) for the Σ adjoint.
+    (R,), wpart[b] = (∂/∂α0, ∂/∂τ direct, ∂/∂ε direct, ∂/∂κ2, ∂/∂κ3).
+    Scratch: gy0 (R, D), gb, gc (R,); (B, 5, S, S) for the Σ adjoint.
     """
     b = tl.program_id(0)
-    n_b = tl.load(len_ptr + b).to(tl.int32)
+    row0, n_b = _set_rows(bounds_ptr, b)
     a0 = tl.load(a0_ptr + t)
     tau = tl.load(tau_ptr + t)
     eps = tl.load(a1_ptr + t) + tau
@@ -870,12 +979,12 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
         rows = n0 + tl.arange(0, BN)
         r_ok = rows < n_b
         msk = r_ok[:, None] & d_ok[None, :]
-        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        off = (row0 + rows)[:, None] * D + offs_d[None, :]
         g = tl.load(g_out_ptr + off, mask=msk, other=0.0)
         tl.store(gy0_ptr + off, g, mask=msk)
         g_a_out += tl.sum(g, 0)
-        tl.store(gb_ptr + b * N_pad + rows, tl.sum(g, 1), mask=r_ok)
-        tl.store(g_lq0_ptr + b * N_pad + rows, zero_n, mask=r_ok)
+        tl.store(gb_ptr + row0 + rows, tl.sum(g, 1), mask=r_ok)
+        tl.store(g_lq0_ptr + row0 + rows, zero_n, mask=r_ok)
     g_lp0 = tl.zeros([BD], dtype=tl.float32)
     g_k2 = tl.sum(zero_n, 0)
     g_k3 = tl.sum(zero_n, 0)
@@ -897,11 +1006,11 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
                 rows = n0 + tl.arange(0, BN)
                 r_ok = rows < n_b
                 msk = r_ok[:, None] & d_ok[None, :]
-                off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
-                gbv = tl.load(gb_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
-                b_old = tl.load(hist_b_ptr + (b * K + k) * N_pad + rows, mask=r_ok, other=0.0)
-                c = tl.load(hist_c_ptr + (b * K + k) * N_pad + rows, mask=r_ok, other=0.0)
-                lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                off = (row0 + rows)[:, None] * D + offs_d[None, :]
+                gbv = tl.load(gb_ptr + row0 + rows, mask=r_ok, other=0.0)
+                b_old = tl.load(hist_b_ptr + k * n_rows + row0 + rows, mask=r_ok, other=0.0)
+                c = tl.load(hist_c_ptr + k * n_rows + row0 + rows, mask=r_ok, other=0.0)
+                lq0 = tl.load(log_q0_ptr + row0 + rows, mask=r_ok, other=0.0)
                 g_c = -k3 * gbv
                 g_k3 += tl.sum(gbv * (b_old / eps + lq0 - c), 0)
                 g_eps_j += tl.sum(-gbv * k3 * b_old, 0) / (eps * eps)
@@ -911,10 +1020,10 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
                 tl.store(gy0_ptr + off, tl.load(gy0_ptr + off, mask=msk, other=0.0) + gy,
                          mask=msk)
                 g_a_new += tl.sum(gy, 0)
-                old_q = tl.load(g_lq0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                old_q = tl.load(g_lq0_ptr + row0 + rows, mask=r_ok, other=0.0)
                 tl.debug_barrier()   # every warp read gb, g_lq0 of these rows before the update
-                tl.store(gb_ptr + b * N_pad + rows, k3 / eps * gbv + tl.sum(gy, 1), mask=r_ok)
-                tl.store(g_lq0_ptr + b * N_pad + rows, old_q + k3 * gbv, mask=r_ok)
+                tl.store(gb_ptr + row0 + rows, k3 / eps * gbv + tl.sum(gy, 1), mask=r_ok)
+                tl.store(g_lq0_ptr + row0 + rows, old_q + k3 * gbv, mask=r_ok)
             g_a = g_a_new
             tl.debug_barrier()
     else:
@@ -924,21 +1033,21 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
             gb_sum = tl.sum(zero_n, 0)
             for n0 in range(0, n_b, BN):
                 rows = n0 + tl.arange(0, BN)
-                gb_sum += tl.sum(tl.load(gb_ptr + b * N_pad + rows, mask=rows < n_b,
+                gb_sum += tl.sum(tl.load(gb_ptr + row0 + rows, mask=rows < n_b,
                                          other=0.0), 0)
             for n0 in range(0, n_b, BN):
                 rows = n0 + tl.arange(0, BN)
                 r_ok = rows < n_b
-                gbv = tl.load(gb_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
-                c = tl.load(hist_c_ptr + (b * K + k) * N_pad + rows, mask=r_ok, other=0.0)
-                bk = tl.load(hist_b_ptr + (b * K + k) * N_pad + rows, mask=r_ok, other=0.0)
-                lq0 = tl.load(log_q0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                gbv = tl.load(gb_ptr + row0 + rows, mask=r_ok, other=0.0)
+                c = tl.load(hist_c_ptr + k * n_rows + row0 + rows, mask=r_ok, other=0.0)
+                bk = tl.load(hist_b_ptr + k * n_rows + row0 + rows, mask=r_ok, other=0.0)
+                lq0 = tl.load(log_q0_ptr + row0 + rows, mask=r_ok, other=0.0)
                 g_v = tl.where(r_ok, gbv - tl.exp(bk + c) * gb_sum, 0.0)
-                tl.store(gc_ptr + b * N_pad + rows, -gbv + (1 - k3) * g_v, mask=r_ok)
+                tl.store(gc_ptr + row0 + rows, -gbv + (1 - k3) * g_v, mask=r_ok)
                 g_k3 += tl.sum(g_v * (lq0 - c), 0)
-                old = tl.load(g_lq0_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                old = tl.load(g_lq0_ptr + row0 + rows, mask=r_ok, other=0.0)
                 tl.debug_barrier()   # every warp read the old value before it is replaced
-                tl.store(g_lq0_ptr + b * N_pad + rows, old + k3 * g_v, mask=r_ok)
+                tl.store(g_lq0_ptr + row0 + rows, old + k3 * g_v, mask=r_ok)
             tl.debug_barrier()
             # C_k = LSE_d(Y0 + a_k)
             ak = tl.load(hist_a_ptr + (b * K + k) * D + offs_d, mask=d_ok, other=0.0)
@@ -947,9 +1056,9 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
                 rows = n0 + tl.arange(0, BN)
                 r_ok = rows < n_b
                 msk = r_ok[:, None] & d_ok[None, :]
-                off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
-                c = tl.load(hist_c_ptr + (b * K + k) * N_pad + rows, mask=r_ok, other=0.0)
-                gc = tl.load(gc_ptr + b * N_pad + rows, mask=r_ok, other=0.0)
+                off = (row0 + rows)[:, None] * D + offs_d[None, :]
+                c = tl.load(hist_c_ptr + k * n_rows + row0 + rows, mask=r_ok, other=0.0)
+                gc = tl.load(gc_ptr + row0 + rows, mask=r_ok, other=0.0)
                 e = tl.where(msk, tl.exp(tl.load(y0_ptr + off, mask=msk, other=0.0)
                                          + ak[None, :] - c[:, None]), 0.0) * gc[:, None]
                 tl.store(gy0_ptr + off, tl.load(gy0_ptr + off, mask=msk, other=0.0) + e,
@@ -966,15 +1075,15 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
                 rows = n0 + tl.arange(0, BN)
                 r_ok = rows < n_b
                 msk = r_ok[:, None] & d_ok[None, :]
-                off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
-                bprev = tl.load(hist_b_ptr + (b * K + tl.maximum(k - 1, 0)) * N_pad + rows,
+                off = (row0 + rows)[:, None] * D + offs_d[None, :]
+                bprev = tl.load(hist_b_ptr + tl.maximum(k - 1, 0) * n_rows + row0 + rows,
                                 mask=r_ok, other=0.0)
                 bprev = tl.where(k > 0, bprev, 0.0)
                 e = tl.where(msk, tl.exp(tl.load(y0_ptr + off, mask=msk, other=0.0)
                                          + bprev[:, None] - rk[None, :]), 0.0) * g_r[None, :]
                 tl.store(gy0_ptr + off, tl.load(gy0_ptr + off, mask=msk, other=0.0) + e,
                          mask=msk)
-                tl.store(gb_ptr + b * N_pad + rows, tl.sum(e, 1), mask=r_ok)
+                tl.store(gb_ptr + row0 + rows, tl.sum(e, 1), mask=r_ok)
             tl.debug_barrier()
     # Y0 = (x + α0 Σ(P) + τ log P) / ε
     g_a0 = tl.sum(zero_n, 0)
@@ -984,7 +1093,7 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
         rows = n0 + tl.arange(0, BN)
         r_ok = rows < n_b
         msk = r_ok[:, None] & d_ok[None, :]
-        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        off = (row0 + rows)[:, None] * D + offs_d[None, :]
         gy = tl.load(gy0_ptr + off, mask=msk, other=0.0) / eps
         sig = tl.load(sig_ptr + off, mask=msk, other=0.0)
         lp = tl.load(log_p_ptr + off, mask=msk, other=0.0)
@@ -1002,23 +1111,16 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
     tl.store(wpart_ptr + b * 8 + 4, g_k3)
     # the structure product's adjoint: g_sig through Σ2 exp(log_p) Σ1 into g_lp, xc, xt
     tl.debug_barrier()   # g_sig and g_lp rows were written by other threads of this program
-    sq = b.to(tl.int64) * S * S
-    rows0 = b.to(tl.int64) * N_pad * D
+    rows0 = row0 * D
     _sigma_adjoint(log_p_ptr + rows0, g_sig_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
-                   gram_ptr + sq, scratch_ptr + 5 * sq, dxc_ptr + rows0, dxt_ptr + rows0,
-                   g_lp_ptr + rows0, n_b, S, D, D_ORDER, PRECISION, BT)
+                   gram_ptr + rows0, scratch_ptr + 5 * rows0, dxc_ptr + rows0, dxt_ptr + rows0,
+                   g_lp_ptr + rows0, n_b, D, PRECISION, BT, BW)
 
 
 @triton.jit
-def pool_from_log_plan_kernel(log_p_ptr, x_ptr, y_ptr, plan_ptr, len_ptr, real_len_ptr,
-                              row_start_ptr, N_pad, D, s_pn, s_pb,
-                              WRITE_PLAN: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """y_d = Σ_n softmax_n(log P[:, d]) x_nd (one online pass), 0 for empty sets; optionally
-    the plan exp(log P - LSE_{n,d} log P) in the caller's row layout (row b*s_pb +
-    (row_start[b] + n)*s_pn, contiguous features) and dtype.
-    """
-    b = tl.program_id(0)
-    n_b = tl.load(len_ptr + b).to(tl.int32)
+def _column_softmax(log_p_ptr, x_ptr, row0, n_b, D, BN: tl.constexpr, BD: tl.constexpr):
+    """Per feature d of one set, in one online pass over its rows: c_d = LSE_n log P[:, d] and
+    y_d = Σ_n softmax_n(log P[:, d]) x_nd; both 0 on padding lanes and for an empty set."""
     offs_d = tl.arange(0, BD)
     d_ok = offs_d < D
     m = tl.full([BD], _NEG_BIG, dtype=tl.float32)
@@ -1027,28 +1129,86 @@ def pool_from_log_plan_kernel(log_p_ptr, x_ptr, y_ptr, plan_ptr, len_ptr, real_l
     for n0 in range(0, n_b, BN):
         rows = n0 + tl.arange(0, BN)
         msk = (rows < n_b)[:, None] & d_ok[None, :]
-        off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+        off = (row0 + rows)[:, None] * D + offs_d[None, :]
         lp = tl.where(msk, tl.load(log_p_ptr + off, mask=msk, other=0.0), float("-inf"))
-        xv = tl.load(x_ptr + off, mask=msk, other=0.0)
         m_new = tl.maximum(m, tl.max(lp, 0))
         scale = tl.exp(m - m_new)
         e = tl.exp(lp - m_new[None, :])                                        # [BN, BD]
         l = l * scale + tl.sum(e, 0)
-        acc = acc * scale + tl.sum(e * xv, 0)
+        acc = acc * scale + tl.sum(e * tl.load(x_ptr + off, mask=msk, other=0.0), 0)
         m = m_new
-    real = tl.load(real_len_ptr + b)
-    y = tl.where(real > 0, acc / tl.maximum(l, 1e-30), 0.0)
+    l = tl.maximum(l, 1e-30)
+    ok = d_ok & (n_b > 0)
+    return tl.where(ok, m + tl.log(l), 0.0), tl.where(ok, acc / l, 0.0)
+
+
+@triton.jit
+def _plan_lse(col, d_ok):
+    """LSE over the features of the column LSEs: log of the set's total plan mass."""
+    cm = tl.max(tl.where(d_ok, col, float("-inf")), 0)
+    return cm + tl.log(tl.sum(tl.where(d_ok, tl.exp(col - cm), 0.0), 0))
+
+
+@triton.jit
+def pool_from_log_plan_kernel(log_p_ptr, x_ptr, y_ptr, plan_ptr, bounds_ptr, D,
+                              WRITE_PLAN: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """y_d = Σ_n softmax_n(log P[:, d]) x_nd (one online pass), 0 for empty sets; optionally
+    the plan exp(log P - LSE_{n,d} log P) (R, D) in the plan's dtype. log P, x: (R, D) fp32.
+    """
+    b = tl.program_id(0)
+    row0, n_b = _set_rows(bounds_ptr, b)
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    col, y = _column_softmax(log_p_ptr, x_ptr, row0, n_b, D, BN, BD)
     tl.store(y_ptr + b * D + offs_d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
     if WRITE_PLAN:
-        col = tl.where(d_ok, m + tl.log(l), float("-inf"))
-        cm = tl.max(col, 0)
-        total = cm + tl.log(tl.sum(tl.exp(col - cm), 0))
-        row0 = tl.load(row_start_ptr + b)
-        n_real = real.to(tl.int32)
-        for n0 in range(0, n_real, BN):
+        total = _plan_lse(col, d_ok)
+        for n0 in range(0, n_b, BN):
             rows = n0 + tl.arange(0, BN)
-            msk = (rows < n_real)[:, None] & d_ok[None, :]
-            off = (b * N_pad + rows)[:, None] * D + offs_d[None, :]
+            msk = (rows < n_b)[:, None] & d_ok[None, :]
+            off = (row0 + rows)[:, None] * D + offs_d[None, :]
             lp = tl.load(log_p_ptr + off, mask=msk, other=0.0)
-            tl.store(plan_ptr + b * s_pb + (row0 + rows)[:, None] * s_pn + offs_d[None, :],
-                     tl.exp(lp - total).to(plan_ptr.dtype.element_ty), mask=msk)
+            tl.store(plan_ptr + off, tl.exp(lp - total).to(plan_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def pool_from_log_plan_bwd_kernel(log_p_ptr, x_ptr, gy_ptr, gplan_ptr, g_lp_ptr, g_x_ptr,
+                                  bounds_ptr, D, HAS_GPLAN: tl.constexpr, BN: tl.constexpr,
+                                  BD: tl.constexpr):
+    """Adjoint of pool_from_log_plan_kernel, one program per set: with W = softmax_n(log P)
+    (per feature) and y = Σ_n W x, g_lp = W ⊙ gy (x - y) (+ plan ⊙ (gplan - Σ plan ⊙ gplan)
+    with HAS_GPLAN) is written and g_x += W ⊙ gy. log P, x, g_lp, g_x, gplan: (R, D); gy (B, D).
+    """
+    b = tl.program_id(0)
+    row0, n_b = _set_rows(bounds_ptr, b)
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    col, y = _column_softmax(log_p_ptr, x_ptr, row0, n_b, D, BN, BD)          # pass 1
+    gy = tl.load(gy_ptr + b * D + offs_d, mask=d_ok, other=0.0)
+    if HAS_GPLAN:
+        total = _plan_lse(col, d_ok)
+        # pass 2: Σ plan ⊙ gplan (the normalization's adjoint)
+        pg = tl.zeros([BD], dtype=tl.float32)
+        for n0 in range(0, n_b, BN):
+            rows = n0 + tl.arange(0, BN)
+            msk = (rows < n_b)[:, None] & d_ok[None, :]
+            off = (row0 + rows)[:, None] * D + offs_d[None, :]
+            plan = tl.where(msk, tl.exp(tl.load(log_p_ptr + off, mask=msk, other=0.0) - total),
+                            0.0)
+            pg += tl.sum(plan * tl.load(gplan_ptr + off, mask=msk, other=0.0).to(tl.float32), 0)
+        pg_sum = tl.sum(pg, 0)
+    # pass 3: the gradients
+    for n0 in range(0, n_b, BN):
+        rows = n0 + tl.arange(0, BN)
+        msk = (rows < n_b)[:, None] & d_ok[None, :]
+        off = (row0 + rows)[:, None] * D + offs_d[None, :]
+        lp = tl.load(log_p_ptr + off, mask=msk, other=0.0)
+        xv = tl.load(x_ptr + off, mask=msk, other=0.0)
+        gyw = tl.where(msk, tl.exp(lp - col[None, :]), 0.0) * gy[None, :]      # [BN, BD]
+        g_lp = gyw * (xv - y[None, :])
+        if HAS_GPLAN:
+            plan = tl.where(msk, tl.exp(lp - total), 0.0)
+            g_lp += plan * (tl.load(gplan_ptr + off, mask=msk, other=0.0).to(tl.float32)
+                            - pg_sum)
+        tl.store(g_lp_ptr + off, g_lp, mask=msk)
+        tl.store(g_x_ptr + off, tl.load(g_x_ptr + off, mask=msk, other=0.0) + gyw, mask=msk)
