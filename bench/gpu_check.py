@@ -635,7 +635,10 @@ def main(argv=None) -> int:
         base = write(out_dir, info, rows, sections)
     bad = [r for r in rows if r.get("section") == "smoke" and not r.get("ok")]
     log(f"wrote {base}.md and .json; smoke failures: {len(bad)}; total {time.time() - T0:.0f} s")
-    return 0
+    # a mismatch or a section that raised fails the run (CI runs --smoke-cpu); the results
+    # files are written either way
+    errored = any(sec["status"].startswith("error") for sec in sections)
+    return 1 if bad or errored else 0
 
 
 if __name__ == "__main__":

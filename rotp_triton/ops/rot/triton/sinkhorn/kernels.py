@@ -744,6 +744,11 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
     acc_x = tl.zeros([BN, BD], tl.float32)
     acc_fin = tl.zeros([BN, BD], tl.float32)
     dk2 = tl.sum(tl.zeros([BD], tl.float32), axis=0)
+    # Σū = Σā - Σ softmax(u)·sa is 0 only up to how far Q's fp32 rows miss summing to 1; dκ2
+    # is corrected for that residue after the pass (it matters where dκ2 is a cancellation,
+    # e.g. κ2 ≈ 1): δ = Σū and Σ softmax(u)·(lp0 - R) are accumulated alongside
+    su = tl.sum(tl.zeros([BD], tl.float32), axis=0)
+    sq = tl.sum(tl.zeros([BD], tl.float32), axis=0)
     (B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base, sgn, sgd, tot, pg, T, NR, row0,
      w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd) = dxa
     for d0 in range(0, D, BD):
@@ -756,13 +761,16 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
         q = _prob2(xs + ac[None, :] + ncn[:, None])
         ab = tl.sum(q * cb[:, None], axis=0)                                   # [BD] ā
         ab += tl.where(add_init != 0, tl.load(abar_b + od, mask=dm, other=0.0), 0.0)
-        ub = ab - _prob2(ac + r) * sa                                          # ū
+        qu = _prob2(ac + r)                                                    # softmax(u)
+        ub = ab - qu * sa                                                      # ū
         rbar = -ab + (1.0 - k2) * ub                                           # R̄
         tl.store(Rbar_t + od, rbar, mask=dm)
         lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
         if HAS_P0:
             tl.store(dlp0_b + od, tl.load(dlp0_b + od, mask=dm, other=0.0) + k2 * ub, mask=dm)
         dk2 += tl.sum(ub * (lp0 - r), axis=0)
+        su += tl.sum(ub, axis=0)
+        sq += tl.sum(tl.where(dm, qu * (lp0 - r), 0.0), axis=0)
         sr = _prob2(xs + bp[:, None] - r[None, :]) * rbar[None, :]             # S R̄
         acc += sr
         y_t = sr + q * cb[:, None]                                             # ȳ_t
@@ -782,7 +790,7 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
         de_fin = -tl.sum(tl.sum(acc_fin, axis=1), axis=0) * (ie_fin * ie_fin)
     else:
         de_fin = tl.sum(tl.sum(acc_fin, axis=1), axis=0)
-    return dk2 * _LN2, tl.sum(tl.sum(acc_x, axis=1), axis=0), de_fin
+    return (dk2 - su * sq) * _LN2, tl.sum(tl.sum(acc_x, axis=1), axis=0), de_fin
 
 
 @triton.jit
