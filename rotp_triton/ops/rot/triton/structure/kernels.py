@@ -77,6 +77,15 @@ def _program_mm(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, c_ptr, sc_m, sc_n, e_ptr, 
 
 
 @triton.jit
+def _row_tile(n0, n_b, row0, D, offs_d, d_ok, BN: tl.constexpr):
+    """The rows n0 .. n0 + BN of a set in the row layout: (rows [BN], row mask [BN], tile mask
+    [BN, BD], element offsets [BN, BD] of the set's (n_b, D) rows starting at row0)."""
+    rows = n0 + tl.arange(0, BN)
+    r_ok = rows < n_b
+    return rows, r_ok, r_ok[:, None] & d_ok[None, :], (row0 + rows)[:, None] * D + offs_d[None, :]
+
+
+@triton.jit
 def _set_rows(bounds_ptr, b):
     """(first row, number of rows) of set b: rows bounds[b] .. bounds[b+1] - 1 of the caller's
     row layout (ragged: bounds = ptr; dense (B, N, D): bounds = N·arange(B + 1)). Loaded on
@@ -329,10 +338,7 @@ def structure_factors_bwd_kernel(x32_ptr, g_xc_ptr, g_xt_ptr, g_x_ptr, bounds_pt
     g_c1 = tl.sum(zero_n, 0)
     g_c2 = tl.sum(zero_n, 0)
     for n0 in range(0, n_b, BN):
-        rows = n0 + tl.arange(0, BN)
-        r_ok = rows < n_b
-        msk = r_ok[:, None] & d_ok[None, :]
-        off = (row0 + rows)[:, None] * D + offs_d[None, :]
+        rows, r_ok, msk, off = _row_tile(n0, n_b, row0, D, offs_d, d_ok, BN)
         xv = tl.load(x32_ptr + off, mask=msk, other=0.0)
         xc0 = tl.where(msk, xv - mu1[None, :], 0.0)                             # [BN, BD]
         xt0 = tl.where(msk, xv - (tl.sum(xv, 1) / D)[:, None], 0.0)
@@ -354,10 +360,7 @@ def structure_factors_bwd_kernel(x32_ptr, g_xc_ptr, g_xt_ptr, g_x_ptr, bounds_pt
     n_hit2 = tl.sum(zero_n, 0)
     g0_col = tl.zeros([BD], dtype=tl.float32)
     for n0 in range(0, n_b, BN):
-        rows = n0 + tl.arange(0, BN)
-        r_ok = rows < n_b
-        msk = r_ok[:, None] & d_ok[None, :]
-        off = (row0 + rows)[:, None] * D + offs_d[None, :]
+        rows, r_ok, msk, off = _row_tile(n0, n_b, row0, D, offs_d, d_ok, BN)
         xv = tl.load(x32_ptr + off, mask=msk, other=0.0)
         xc0 = tl.where(msk, xv - mu1[None, :], 0.0)
         xt0 = tl.where(msk, xv - (tl.sum(xv, 1) / D)[:, None], 0.0)
@@ -366,10 +369,7 @@ def structure_factors_bwd_kernel(x32_ptr, g_xc_ptr, g_xt_ptr, g_x_ptr, bounds_pt
         g0_col += tl.sum(g0, 0)
     # pass 4: g_x += g0 - mean_n g0 + h0 - mean_d h0 (h0: the xt branch)
     for n0 in range(0, n_b, BN):
-        rows = n0 + tl.arange(0, BN)
-        r_ok = rows < n_b
-        msk = r_ok[:, None] & d_ok[None, :]
-        off = (row0 + rows)[:, None] * D + offs_d[None, :]
+        rows, r_ok, msk, off = _row_tile(n0, n_b, row0, D, offs_d, d_ok, BN)
         xv = tl.load(x32_ptr + off, mask=msk, other=0.0)
         xc0 = tl.where(msk, xv - mu1[None, :], 0.0)
         xt0 = tl.where(msk, xv - (tl.sum(xv, 1) / D)[:, None], 0.0)
@@ -520,10 +520,7 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
     vm = tl.max(tl.full([BN], _NEG_BIG, dtype=tl.float32), 0)
     vl = tl.sum(tl.zeros([BN], dtype=tl.float32), 0)
     for n0 in range(0, n_b, BN):
-        rows = n0 + tl.arange(0, BN)
-        r_ok = rows < n_b
-        msk = r_ok[:, None] & d_ok[None, :]
-        off = (row0 + rows)[:, None] * D + offs_d[None, :]
+        rows, r_ok, msk, off = _row_tile(n0, n_b, row0, D, offs_d, d_ok, BN)
         lp = tl.load(log_p_ptr + off, mask=msk, other=0.0)
         h = tl.load(z_ptr + off, mask=msk, other=0.0) + a0 * tl.load(sig_ptr + off, mask=msk,
                                                                      other=0.0)
@@ -551,10 +548,7 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
     tl.debug_barrier()   # pass 2 reads what other threads of this program wrote in pass 1
     colsum_p = tl.zeros([BD], dtype=tl.float32)
     for n0 in range(0, n_b, BN):
-        rows = n0 + tl.arange(0, BN)
-        r_ok = rows < n_b
-        msk = r_ok[:, None] & d_ok[None, :]
-        off = (row0 + rows)[:, None] * D + offs_d[None, :]
+        rows, r_ok, msk, off = _row_tile(n0, n_b, row0, D, offs_d, d_ok, BN)
         y = tl.load(log_s_ptr + off, mask=msk, other=0.0)
         c = tl.load(c_ptr + row0 + rows, mask=r_ok, other=0.0)
         lq0 = tl.load(log_q0_ptr + row0 + rows, mask=r_ok, other=0.0)
@@ -626,10 +620,7 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
     lp0 = tl.load(log_p0_ptr + b * D + offs_d, mask=d_ok, other=0.0)
     # Y0 and b = 0
     for n0 in range(0, n_b, BN):
-        rows = n0 + tl.arange(0, BN)
-        r_ok = rows < n_b
-        msk = r_ok[:, None] & d_ok[None, :]
-        off = (row0 + rows)[:, None] * D + offs_d[None, :]
+        rows, r_ok, msk, off = _row_tile(n0, n_b, row0, D, offs_d, d_ok, BN)
         y0 = (tl.load(x_ptr + off, mask=msk, other=0.0)
               + a0 * tl.load(sig_ptr + off, mask=msk, other=0.0)
               + tau * tl.load(log_p_ptr + off, mask=msk, other=0.0)) / eps
@@ -643,10 +634,7 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
             m = tl.full([BD], _NEG_BIG, dtype=tl.float32)
             l = tl.zeros([BD], dtype=tl.float32)
             for n0 in range(0, n_b, BN):
-                rows = n0 + tl.arange(0, BN)
-                r_ok = rows < n_b
-                msk = r_ok[:, None] & d_ok[None, :]
-                off = (row0 + rows)[:, None] * D + offs_d[None, :]
+                rows, r_ok, msk, off = _row_tile(n0, n_b, row0, D, offs_d, d_ok, BN)
                 bv = tl.load(bvec_ptr + row0 + rows, mask=r_ok, other=0.0)
                 y = tl.load(y0_ptr + off, mask=msk, other=0.0) + a[None, :] + bv[:, None]
                 y = tl.where(msk, y, float("-inf"))
@@ -672,10 +660,7 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
             m = tl.full([BD], _NEG_BIG, dtype=tl.float32)
             l = tl.zeros([BD], dtype=tl.float32)
             for n0 in range(0, n_b, BN):
-                rows = n0 + tl.arange(0, BN)
-                r_ok = rows < n_b
-                msk = r_ok[:, None] & d_ok[None, :]
-                off = (row0 + rows)[:, None] * D + offs_d[None, :]
+                rows, r_ok, msk, off = _row_tile(n0, n_b, row0, D, offs_d, d_ok, BN)
                 bv = tl.load(bvec_ptr + row0 + rows, mask=r_ok, other=0.0)
                 y = tl.load(y0_ptr + off, mask=msk, other=0.0) + bv[:, None]
                 y = tl.where(msk, y, float("-inf"))
@@ -693,10 +678,7 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
             vm = tl.max(tl.full([BN], _NEG_BIG, dtype=tl.float32), 0)
             vl = tl.sum(tl.zeros([BN], dtype=tl.float32), 0)
             for n0 in range(0, n_b, BN):
-                rows = n0 + tl.arange(0, BN)
-                r_ok = rows < n_b
-                msk = r_ok[:, None] & d_ok[None, :]
-                off = (row0 + rows)[:, None] * D + offs_d[None, :]
+                rows, r_ok, msk, off = _row_tile(n0, n_b, row0, D, offs_d, d_ok, BN)
                 y = tl.load(y0_ptr + off, mask=msk, other=0.0) + a[None, :]
                 y = tl.where(msk, y, float("-inf"))
                 ym = tl.max(y, 1)
@@ -722,10 +704,7 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
         tl.debug_barrier()
     # log P = Y0 + a + b
     for n0 in range(0, n_b, BN):
-        rows = n0 + tl.arange(0, BN)
-        r_ok = rows < n_b
-        msk = r_ok[:, None] & d_ok[None, :]
-        off = (row0 + rows)[:, None] * D + offs_d[None, :]
+        rows, r_ok, msk, off = _row_tile(n0, n_b, row0, D, offs_d, d_ok, BN)
         bv = tl.load(bvec_ptr + row0 + rows, mask=r_ok, other=0.0)
         y = tl.load(y0_ptr + off, mask=msk, other=0.0) + a[None, :] + bv[:, None]
         tl.store(log_p_ptr + off, y, mask=msk)
@@ -767,10 +746,7 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
     g_rho = tl.sum(zero_n, 0)
     g_eta_sum = tl.sum(zero_n, 0)
     for n0 in range(0, n_b, BN):
-        rows = n0 + tl.arange(0, BN)
-        r_ok = rows < n_b
-        msk = r_ok[:, None] & d_ok[None, :]
-        off = (row0 + rows)[:, None] * D + offs_d[None, :]
+        rows, r_ok, msk, off = _row_tile(n0, n_b, row0, D, offs_d, d_ok, BN)
         gz = tl.load(g_z_ptr + off, mask=msk, other=0.0)
         p = tl.where(msk, tl.exp(tl.load(log_p_ptr + off, mask=msk, other=0.0)), 0.0)
         s = tl.where(msk, tl.exp(tl.load(log_s_new_ptr + off, mask=msk, other=0.0)), 0.0)
@@ -787,10 +763,7 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
     g_w = tl.sum(zero_n, 0)
     g_k3 = tl.sum(zero_n, 0)
     for n0 in range(0, n_b, BN):
-        rows = n0 + tl.arange(0, BN)
-        r_ok = rows < n_b
-        msk = r_ok[:, None] & d_ok[None, :]
-        off = (row0 + rows)[:, None] * D + offs_d[None, :]
+        rows, r_ok, msk, off = _row_tile(n0, n_b, row0, D, offs_d, d_ok, BN)
         # log η = lognorm_n(v), v = κ3 log q0 + (1-κ3) C: softmax(v) = η
         g_eta = tl.load(gvec_ptr + row0 + rows, mask=r_ok, other=0.0)
         le = tl.load(eta_ptr + row0 + rows, mask=r_ok, other=0.0)
@@ -976,10 +949,7 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
     # log P_{t+1} = Y0 + a_K + b_K
     g_a_out = tl.zeros([BD], dtype=tl.float32)
     for n0 in range(0, n_b, BN):
-        rows = n0 + tl.arange(0, BN)
-        r_ok = rows < n_b
-        msk = r_ok[:, None] & d_ok[None, :]
-        off = (row0 + rows)[:, None] * D + offs_d[None, :]
+        rows, r_ok, msk, off = _row_tile(n0, n_b, row0, D, offs_d, d_ok, BN)
         g = tl.load(g_out_ptr + off, mask=msk, other=0.0)
         tl.store(gy0_ptr + off, g, mask=msk)
         g_a_out += tl.sum(g, 0)
@@ -1003,10 +973,7 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
             g_eps_j += tl.sum(tl.where(d_ok, -g_a * k2 * a_old, 0.0), 0) / (eps * eps)
             g_a_new = k2 / eps * g_a
             for n0 in range(0, n_b, BN):
-                rows = n0 + tl.arange(0, BN)
-                r_ok = rows < n_b
-                msk = r_ok[:, None] & d_ok[None, :]
-                off = (row0 + rows)[:, None] * D + offs_d[None, :]
+                rows, r_ok, msk, off = _row_tile(n0, n_b, row0, D, offs_d, d_ok, BN)
                 gbv = tl.load(gb_ptr + row0 + rows, mask=r_ok, other=0.0)
                 b_old = tl.load(hist_b_ptr + k * n_rows + row0 + rows, mask=r_ok, other=0.0)
                 c = tl.load(hist_c_ptr + k * n_rows + row0 + rows, mask=r_ok, other=0.0)
@@ -1053,10 +1020,7 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
             ak = tl.load(hist_a_ptr + (b * K + k) * D + offs_d, mask=d_ok, other=0.0)
             g_a = tl.where(k == K - 1, g_a_out, 0.0)   # a_k feeds C_k and, last, the output
             for n0 in range(0, n_b, BN):
-                rows = n0 + tl.arange(0, BN)
-                r_ok = rows < n_b
-                msk = r_ok[:, None] & d_ok[None, :]
-                off = (row0 + rows)[:, None] * D + offs_d[None, :]
+                rows, r_ok, msk, off = _row_tile(n0, n_b, row0, D, offs_d, d_ok, BN)
                 c = tl.load(hist_c_ptr + k * n_rows + row0 + rows, mask=r_ok, other=0.0)
                 gc = tl.load(gc_ptr + row0 + rows, mask=r_ok, other=0.0)
                 e = tl.where(msk, tl.exp(tl.load(y0_ptr + off, mask=msk, other=0.0)
@@ -1072,10 +1036,7 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
             g_k2 += tl.sum(tl.where(d_ok, g_u * (lp0 - rk), 0.0), 0)
             # R_k = LSE_n(Y0 + b_{k-1}), b_{-1} = 0
             for n0 in range(0, n_b, BN):
-                rows = n0 + tl.arange(0, BN)
-                r_ok = rows < n_b
-                msk = r_ok[:, None] & d_ok[None, :]
-                off = (row0 + rows)[:, None] * D + offs_d[None, :]
+                rows, r_ok, msk, off = _row_tile(n0, n_b, row0, D, offs_d, d_ok, BN)
                 bprev = tl.load(hist_b_ptr + tl.maximum(k - 1, 0) * n_rows + row0 + rows,
                                 mask=r_ok, other=0.0)
                 bprev = tl.where(k > 0, bprev, 0.0)
@@ -1090,10 +1051,7 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
     g_tau = tl.sum(zero_n, 0)
     g_eps = tl.sum(zero_n, 0)
     for n0 in range(0, n_b, BN):
-        rows = n0 + tl.arange(0, BN)
-        r_ok = rows < n_b
-        msk = r_ok[:, None] & d_ok[None, :]
-        off = (row0 + rows)[:, None] * D + offs_d[None, :]
+        rows, r_ok, msk, off = _row_tile(n0, n_b, row0, D, offs_d, d_ok, BN)
         gy = tl.load(gy0_ptr + off, mask=msk, other=0.0) / eps
         sig = tl.load(sig_ptr + off, mask=msk, other=0.0)
         lp = tl.load(log_p_ptr + off, mask=msk, other=0.0)
