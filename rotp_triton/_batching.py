@@ -161,8 +161,8 @@ class SetBatch:
     @property
     def index(self) -> Optional[Tensor]:
         if self._index is None and self.ptr is not None:
-            self._index = torch.repeat_interleave(torch.arange(self.num_sets, device=self.device),
-                                                  self.lengths, output_size=self.n_rows)
+            # repeat_interleave of the counts alone is [0]*len_0 + [1]*len_1 + ...: one op
+            self._index = torch.repeat_interleave(self.lengths, output_size=self.n_rows)
         return self._index
 
     @property

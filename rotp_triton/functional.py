@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 from torch import Tensor
 
-from ._batching import compute_dtype, make_set_batch
+from ._batching import SetBatch, compute_dtype, make_set_batch
 from .ops.rot.params import A1, BACKENDS, RHO, check_options, wants_structure, weight_table
 from .ops.rot.route import pool_sets
 from ._checks import check_rot_values
@@ -19,7 +19,7 @@ from ._checks import check_rot_values
 Weight = Union[float, Tensor]
 check_rot_options = check_options  # the layers' name for it
 
-__all__ = ["rot_pool", "check_rot_options", "BACKENDS"]
+__all__ = ["rot_pool", "rot_pool_table", "check_rot_options", "BACKENDS"]
 
 
 def rot_pool(x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = None,
@@ -75,9 +75,21 @@ def rot_pool(x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = 
     batch = make_set_batch(x, index, ptr, dim_size, pad=False)
     table = weight_table(a0, a1, a2, a3, rho, tau, num_iters, x.device,
                          dtype=compute_dtype(x.dtype))
+    return rot_pool_table(x, batch, table, structure=wants_structure(a0),
+                          method=method, variant=variant, num_iters=num_iters,
+                          inner_iters=inner_iters, p0=p0, q0=q0, backend=backend,
+                          return_plan=return_plan, log_p0=log_p0, log_q0=log_q0)
+
+
+def rot_pool_table(x: Tensor, batch: SetBatch, table: Tensor, *, structure: bool, method: str,
+                   variant: str, num_iters: int, inner_iters: int, p0=None, q0=None,
+                   backend: str = "auto", return_plan: bool = False, log_p0=None, log_q0=None):
+    """:func:`rot_pool` of ``x`` and its ``batch`` (``make_set_batch(..., pad=False)``) with
+    the weights already the (6, T) table in x's compute dtype (``ops/rot/params.py``) and
+    ``structure`` decided: what the layers call with ``ROTWeights.table`` (options checked
+    when the layer was built; a layer may share the batch with its scale statistic)."""
     check_rot_values(x, table[A1], table[RHO])  # x finite and not too large for α1, ρ: one pass
-    y, plan = pool_sets(x, batch, table, method=method, variant=variant,
-                        structure=wants_structure(a0), num_iters=num_iters,
-                        inner_iters=inner_iters, p0=p0, q0=q0, log_p0=log_p0, log_q0=log_q0,
-                        backend=backend, return_plan=return_plan)
+    y, plan = pool_sets(x, batch, table, method=method, variant=variant, structure=structure,
+                        num_iters=num_iters, inner_iters=inner_iters, p0=p0, q0=q0,
+                        log_p0=log_p0, log_q0=log_q0, backend=backend, return_plan=return_plan)
     return (y, plan) if return_plan else y

@@ -12,14 +12,15 @@ from typing import Optional, Tuple, Union
 
 from torch import Tensor, nn
 
-from .._batching import compute_dtype
+from .._batching import compute_dtype, make_set_batch
 from .._checks import check_rot_values
-from ..functional import check_rot_options, rot_pool
+from ..functional import check_rot_options, rot_pool_table
 from ..ops.rot import route
+from ..ops.rot.params import A1, RHO
 from ..ops.rot.window_geometry import pool_output_size
-from .scale import check_scale, image_spread
+from .scale import check_scale, normalize_by_spread
 from .weight_use import describe_used, restrict_learning
-from .weights import ROTWeights
+from .weights import ROTWeights, kernels_may_run
 
 IntPair = Union[int, Tuple[int, int]]
 
@@ -83,21 +84,17 @@ class _ImageROTBase(nn.Module):
         weights = restrict_learning(method, weights, variant, num_iters)
         self.weights = ROTWeights(num_iters, per_iter_params, **weights)
 
-    def _spread(self, x: Tensor):
-        """``(B, 1, 1, 1)`` feature unit of each image, or None (scale=None)."""
-        if self.scale is None:
-            return None
-        if self.scale == "auto":
-            return image_spread(x.to(compute_dtype(x.dtype)))[:, None, None, None]
-        return self.scale
-
     def forward(self, x: Tensor) -> Tensor:
         _check_image(x, self.channels)
-        s = self._spread(x)
-        if s is None:
+        if self.scale is None:
             return self._forward(x)
-        y = self._forward((x / s).to(x.dtype))
-        return (y * (s if y.dim() == 4 else s[:, :, 0, 0])).to(x.dtype)
+        if self.scale == "auto":  # s (B, 1, 1, 1): each image's feature unit
+            xs, s = normalize_by_spread(x.to(compute_dtype(x.dtype)), (2, 3), x.dtype)
+        else:
+            xs, s = (x / self.scale).to(x.dtype), self.scale
+        y = self._forward(xs)
+        return (y * (s if y.dim() == 4 or not isinstance(s, Tensor) else s[:, :, 0, 0])
+                ).to(x.dtype)
 
     def reset_parameters(self) -> None:
         self.weights.reset_parameters()
@@ -106,9 +103,10 @@ class _ImageROTBase(nn.Module):
         return dict(method=self.method, variant=self.variant, num_iters=self.num_iters,
                     inner_iters=self.inner_iters)
 
-    def _weights_for(self, x: Tensor) -> dict:
-        return {k: v.to(x.device) if isinstance(v, Tensor) else v
-                for k, v in self.weights().items()}
+    def _table(self, x: Tensor) -> Tensor:
+        """The (6, T) weight table on x's device in x's compute dtype (ROTWeights.table)."""
+        return self.weights.table(x.device, compute_dtype(x.dtype),
+                                  kernels=kernels_may_run(x, self.backend))
 
     def _route_kwargs(self) -> dict:
         return dict(self._solver_kwargs(), structure=self.weights.structure,
@@ -177,13 +175,15 @@ class AdaptiveROTPool2d(_ImageROTBase):
         ow = W if self._out[1] is None else self._out[1]
         if H == 0 or W == 0:
             raise ValueError(f"x must have H, W >= 1, got shape {tuple(x.shape)}")
-        w = self._weights_for(x)
+        table = self._table(x)
         if (oh, ow) == (1, 1):
-            y = rot_pool(x.flatten(2).transpose(1, 2), backend=self.backend,
-                         **self._solver_kwargs(), **w)
+            sets = x.flatten(2).transpose(1, 2)                            # [B, HW, C] a view
+            y = rot_pool_table(sets, make_set_batch(sets, pad=False), table,
+                               structure=self.weights.structure, backend=self.backend,
+                               **self._solver_kwargs())
             return y if self.flatten else y[:, :, None, None]
-        check_rot_values(x, w["a1"], w["rho"])
-        return route.pool_adaptive(x, w, (oh, ow), **self._route_kwargs())
+        check_rot_values(x, table[A1], table[RHO])
+        return route.pool_adaptive(x, table, (oh, ow), **self._route_kwargs())
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.channels}, output_size={self.output_size!r}, "
@@ -256,9 +256,9 @@ class ROTPool2d(_ImageROTBase):
             raise ValueError(f"input of spatial size {tuple(x.shape[2:])} is too small for "
                              f"kernel_size={self.kernel_size}, padding={self.padding} "
                              f"(output {Ho}×{Wo})")
-        w = self._weights_for(x)
-        check_rot_values(x, w["a1"], w["rho"])
-        return route.pool_windows(x, w, kernel_size=self.kernel_size,
+        table = self._table(x)
+        check_rot_values(x, table[A1], table[RHO])
+        return route.pool_windows(x, table, kernel_size=self.kernel_size,
                                   stride=self.stride, padding=self.padding,
                                   ceil_mode=self.ceil_mode, **self._route_kwargs())
 

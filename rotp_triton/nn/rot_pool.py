@@ -7,11 +7,11 @@ import torch
 from torch import Tensor, nn
 
 from .._batching import check_tensor, compute_dtype, make_set_batch
-from ..functional import check_rot_options, rot_pool
+from ..functional import check_rot_options, rot_pool_table
 from .aggregation import SetAggregation, pool_sets
-from .scale import check_scale, dense_spread, ragged_spread
+from .scale import check_scale, normalize_by_spread, normalize_ragged_by_spread
 from .weight_use import describe_used, restrict_learning
-from .weights import ROTWeights
+from .weights import ROTWeights, kernels_may_run
 
 PRIORS = ("uniform", "attention")
 
@@ -127,28 +127,33 @@ class ROTPool(SetAggregation):
             raise ValueError(f"x must have 2 (ragged) or 3 (dense) dimensions, got shape "
                              f"{tuple(x.shape)}")
         check_tensor(x, "x")  # floating point (before the scale turns an int x into floats)
+        batch = make_set_batch(x, index, ptr, dim_size, pad=False)  # shared by scale and pool
         log_p0, log_q0 = self.prior_logits(x, index, ptr, dim_size)
-        kw = dict(method=self.method, variant=self.variant, num_iters=self.num_iters,
-                  inner_iters=self.inner_iters, log_p0=log_p0, log_q0=log_q0,
-                  backend=self.backend, return_plan=return_plan, **self.weights())
+        table = self.weights.table(x.device, compute_dtype(x.dtype),
+                                   kernels=kernels_may_run(x, self.backend))
+        kw = dict(structure=self.weights.structure, method=self.method, variant=self.variant,
+                  num_iters=self.num_iters, inner_iters=self.inner_iters, log_p0=log_p0,
+                  log_q0=log_q0, backend=self.backend, return_plan=return_plan)
 
         def run(xs):
-            out = rot_pool(xs, index, ptr, dim_size, **kw)
+            out = rot_pool_table(xs, batch, table, **kw)
             return out if return_plan else (out, None)
 
         if self.scale is None:
             return run(x)
         if self.scale == "auto":
             cdt = compute_dtype(x.dtype)
-            if x.dim() == 3:
-                s = dense_spread(x.to(cdt))
-                s_rows = s[:, None, None]
+            if x.dim() == 3 and x.shape[1] > 0:
+                xs, s = normalize_by_spread(x.to(cdt), (1,), x.dtype)     # s [B, 1, 1]
+                s = s[:, 0]
+            elif x.dim() == 3:  # empty sets: spread 1
+                xs, s = x, x.new_ones(x.shape[0], 1, dtype=cdt)
             else:
-                batch = make_set_batch(x, index, ptr, dim_size, pad=False)
-                s = ragged_spread(x.to(cdt), batch.index, batch.num_sets)
-                s_rows = s[batch.index][:, None]
-            y, plan = run((x / s_rows).to(x.dtype))
-            return (y * s[:, None]).to(x.dtype), plan
+                xs, s = normalize_ragged_by_spread(x.to(cdt), batch.index, batch.lengths,
+                                                   batch.num_sets, x.dtype)
+                s = s[:, None]
+            y, plan = run(xs)
+            return (y * s).to(x.dtype), plan
         y, plan = run(x / self.scale)
         return y * self.scale, plan
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.rot.params import check_weight_values, value_checks_enabled
+
 WEIGHT_NAMES = ("a0", "a1", "a2", "a3", "rho", "tau")
 
 # Defaults of the modules (not of the functional rot_pool): large smoothness and ADMM penalty make
@@ -22,6 +24,25 @@ A0_LEARN_INIT = 0.1
 # x/α1 overflows (issue #16). Fixed α1, ρ below MIN_WEIGHT are rejected.
 FLOOR_REL = 1e-6
 MIN_WEIGHT = 1e-12
+
+
+def kernels_may_run(x: Tensor, backend: str) -> bool:
+    """Whether a layer's call on ``x`` may run the Triton kernels (CUDA x, or backend="triton"
+    under the interpreter): then its weight table is built by one launch too."""
+    if x.is_cuda:
+        return True
+    if backend != "triton":
+        return False
+    from ..ops.rot.triton.common import interpreter_enabled
+    return interpreter_enabled()
+
+
+def _launchable_on(device: torch.device) -> bool:
+    """Whether a Triton kernel can take tensors on ``device``."""
+    if device.type == "cuda":
+        return True
+    from ..ops.rot.triton.common import interpreter_enabled
+    return device.type == "cpu" and interpreter_enabled()
 
 
 class ROTWeights(nn.Module):
@@ -73,6 +94,16 @@ class ROTWeights(nn.Module):
                 self.register_buffer(f"fixed_{name}", torch.full((size,), v), persistent=False)
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        # The (6, T) table in one op (``table``): the fixed weights' values and the learned
+        # ones' floors (base), the learned ones' softplus scales. They depend on the
+        # configuration only, never on the parameters' values.
+        base = [[self.init[n] if not self.learn[n] else float(getattr(self, f"floor_{n}"))]
+                * num_iters for n in WEIGHT_NAMES]
+        scale = [float(getattr(self, f"scale_{n}")) if self.learn[n] else 0.0
+                 for n in WEIGHT_NAMES]
+        self.register_buffer("table_base", torch.tensor(base), persistent=False)
+        self.register_buffer("table_scale", torch.tensor(scale), persistent=False)
+        self.learned_rows = tuple(i for i, n in enumerate(WEIGHT_NAMES) if self.learn[n])
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -99,6 +130,32 @@ class ROTWeights(nn.Module):
             else:
                 out[name] = getattr(self, f"fixed_{name}")
         return out
+
+    def table(self, device, dtype, *, kernels: bool = False) -> Tensor:
+        """The (6, T) weight table (rows ``a0 … tau``, ops/rot/params.py) on ``device`` in
+        ``dtype``, differentiable in the raw parameters: the values of :meth:`forward`.
+
+        ``kernels``: the caller runs the Triton kernels (CUDA, or the interpreter), so one
+        Triton launch builds it (and one its gradient) where it can; otherwise (CPU, float64,
+        torch.compile tracing: inductor fuses them) the torch ops of :meth:`forward` and a
+        ``stack``."""
+        raws = [getattr(self, f"raw_{WEIGHT_NAMES[i]}") for i in self.learned_rows]
+        base = self.table_base
+        if (kernels and not torch.compiler.is_compiling() and base.dtype == torch.float32
+                and _launchable_on(base.device)
+                and all(r.dtype == torch.float32 and r.device == base.device for r in raws)):
+            from ..ops.rot.triton.weights import softplus_table
+            table = softplus_table(base, self.table_scale, self.learned_rows, raws,
+                                   not self.per_iter_params)
+        else:
+            w = self()
+            rows = [w[n].expand(self.num_iters) if self.learn[n] else base[i]
+                    for i, n in enumerate(WEIGHT_NAMES)]
+            table = torch.stack(rows)
+        table = table.to(device=device, dtype=dtype)
+        if raws and value_checks_enabled(table):  # a diverged training: NaN weights
+            check_weight_values(table)
+        return table
 
     def extra_repr(self) -> str:
         parts = [f"num_iters={self.num_iters}", f"per_iter_params={self.per_iter_params}"]

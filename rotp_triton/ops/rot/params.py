@@ -161,8 +161,8 @@ def weight_table(a0: Weight, a1: Weight, a2: Weight, a3: Weight, rho: Weight, ta
 
     Each weight is a Python number (checked here, free) or a tensor of shape ``()``, ``(1,)``
     (shared by the T modules) or ``(T,)``. Python numbers only: a cached constant (no op per
-    call). With tensors: one ``stack`` (numbers become constant rows); their values are
-    range-checked when value checks are on (:func:`value_checks_enabled`).
+    call). With tensors: one ``stack`` (numbers are rows of a cached constant table); their
+    values are range-checked when value checks are on (:func:`value_checks_enabled`).
     """
     values = (a0, a1, a2, a3, rho, tau)
     tensors = False
@@ -176,8 +176,11 @@ def weight_table(a0: Weight, a1: Weight, a2: Weight, a3: Weight, rho: Weight, ta
             _check_float_weight(name, float(v))
     if not tensors:
         return _constant_table(tuple(float(v) for v in values), T, torch.device(device), dtype)
+    # the number rows: views of the cached constant table (no op per call; tensor slots 0)
+    numbers = _constant_table(tuple(0.0 if isinstance(v, Tensor) else float(v) for v in values),
+                              T, torch.device(device), dtype)
     rows = [v.reshape(-1).to(device=device, dtype=dtype).expand(T) if isinstance(v, Tensor)
-            else torch.full((T,), float(v), dtype=dtype, device=device) for v in values]
+            else numbers[i] for i, v in enumerate(values)]
     table = torch.stack(rows)
     if value_checks_enabled(table):
         check_weight_values(table)

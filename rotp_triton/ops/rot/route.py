@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..._batching import SetBatch, check_prior_args, normalized_log_p0, normalized_log_q0
-from .params import WEIGHT_NAMES, weight_table
+from .params import weight_rows
 from .torch.pool import rot_pool_padded
 from .torch.windows import adaptive_rot_pool2d_torch, rot_pool2d_torch
 from .triton.common import interpreter_enabled, next_pow2
@@ -124,25 +124,32 @@ def _window_tile(kernel_size, channels: int) -> int:
     return next_pow2(kernel_size[0] * kernel_size[1]) * next_pow2(channels)
 
 
-def pool_windows(x: Tensor, weights: dict, *, kernel_size, stride, padding, ceil_mode: bool,
+def _torch_weights(table: Tensor, structure: bool) -> dict:
+    """The torch window path's weights from the table: (T,) rows, α0 the number 0 when the
+    α0 = 0 algorithm runs (static for torch.compile, as a layer's fixed α0)."""
+    w = weight_rows(table)
+    if not structure:
+        w["a0"] = 0.0
+    return w
+
+
+def pool_windows(x: Tensor, table: Tensor, *, kernel_size, stride, padding, ceil_mode: bool,
                  method: str, variant: str, structure: bool, num_iters: int, inner_iters: int,
                  backend: str) -> Tensor:
     """Local ROT pooling of the k×k windows of ``x`` (B, C, H, W) -> (B, C, Ho, Wo).
 
-    ``weights``: the layer's weights ``a0 … tau`` (floats or (1,) / (T,) tensors); the kernels
-    get them as the (6, T) fp32 table."""
+    ``table``: the layer's (6, T) weights in x's compute dtype (``ROTWeights.table``)."""
     if use_kernels(x, backend, structure=structure,
                    window_tile=_window_tile(kernel_size, x.shape[1])):
         from .triton.window.op import window_pool
-        table = weight_table(*(weights[k] for k in WEIGHT_NAMES), num_iters, x.device)
         return window_pool(x, table, kernel_size=kernel_size, stride=stride, padding=padding,
                            ceil_mode=ceil_mode, method=method, variant=variant)
     return rot_pool2d_torch(x, kernel_size, stride, padding, ceil_mode, method=method,
                             variant=variant, num_iters=num_iters, inner_iters=inner_iters,
-                            weights=weights)
+                            weights=_torch_weights(table, structure))
 
 
-def pool_adaptive(x: Tensor, weights: dict, output_size: Tuple[int, int], *,
+def pool_adaptive(x: Tensor, table: Tensor, output_size: Tuple[int, int], *,
                   method: str, variant: str, structure: bool, num_iters: int,
                   inner_iters: int, backend: str) -> Tensor:
     """Adaptive ROT pooling (nn.AdaptiveAvgPool2d's windows), output size other than 1×1:
@@ -152,10 +159,10 @@ def pool_adaptive(x: Tensor, weights: dict, output_size: Tuple[int, int], *,
     oh, ow = output_size
     if H % oh == 0 and W % ow == 0:
         k = (H // oh, W // ow)
-        return pool_windows(x, weights, kernel_size=k, stride=k, padding=(0, 0),
+        return pool_windows(x, table, kernel_size=k, stride=k, padding=(0, 0),
                             ceil_mode=False, method=method, variant=variant,
                             structure=structure, num_iters=num_iters, inner_iters=inner_iters,
                             backend=backend)
     return adaptive_rot_pool2d_torch(x, output_size, method=method, variant=variant,
                                      num_iters=num_iters, inner_iters=inner_iters,
-                                     weights=weights)
+                                     weights=_torch_weights(table, structure))
