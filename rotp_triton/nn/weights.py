@@ -94,17 +94,23 @@ class ROTWeights(nn.Module):
                 self.register_buffer(f"fixed_{name}", torch.full((size,), v), persistent=False)
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
-        # The (6, T) table in one op (``table``): the fixed weights' values and the learned
-        # ones' floors (base), the learned ones' softplus scales. They depend on the
-        # configuration only, never on the parameters' values.
+        self._register_table_constants()
+        self.reset_parameters()
+
+    def _register_table_constants(self) -> None:
+        """The constants of the (6, T) table in one op (``table``): the fixed weights' values
+        and the learned ones' floors (``table_base``), the learned ones' softplus scales
+        (``table_scale``). They depend on the configuration only, never on the parameters'
+        values; non-persistent buffers, so they follow ``.to()`` and stay out of state dicts."""
+        ref = next(iter(self.buffers()), None)
+        kw = {} if ref is None else dict(device=ref.device, dtype=ref.dtype)
         base = [[self.init[n] if not self.learn[n] else float(getattr(self, f"floor_{n}"))]
-                * num_iters for n in WEIGHT_NAMES]
+                * self.num_iters for n in WEIGHT_NAMES]
         scale = [float(getattr(self, f"scale_{n}")) if self.learn[n] else 0.0
                  for n in WEIGHT_NAMES]
-        self.register_buffer("table_base", torch.tensor(base), persistent=False)
-        self.register_buffer("table_scale", torch.tensor(scale), persistent=False)
+        self.register_buffer("table_base", torch.tensor(base, **kw), persistent=False)
+        self.register_buffer("table_scale", torch.tensor(scale, **kw), persistent=False)
         self.learned_rows = tuple(i for i, n in enumerate(WEIGHT_NAMES) if self.learn[n])
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -139,6 +145,8 @@ class ROTWeights(nn.Module):
         Triton launch builds it (and one its gradient) where it can; otherwise (CPU, float64,
         torch.compile tracing: inductor fuses them) the torch ops of :meth:`forward` and a
         ``stack``."""
+        if "table_base" not in self._buffers:  # a layer pickled before the table constants
+            self._register_table_constants()
         raws = [getattr(self, f"raw_{WEIGHT_NAMES[i]}") for i in self.learned_rows]
         base = self.table_base
         if (kernels and not torch.compiler.is_compiling() and base.dtype == torch.float32
