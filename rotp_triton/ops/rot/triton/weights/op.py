@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .launch import table_backward, table_forward
 
@@ -21,6 +22,7 @@ class SoftplusTableFunction(torch.autograd.Function):
         return table_forward(base, scale, rows, raws, shared)
 
     @staticmethod
+    @once_differentiable  # (the kernels' own backward is first order too)
     def backward(ctx, g):
         scale, *raws = ctx.saved_tensors
         graw = table_backward(g, scale, ctx.rows, raws, ctx.shared)       # [n_learned, T]
