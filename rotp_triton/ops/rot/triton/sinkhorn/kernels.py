@@ -425,10 +425,13 @@ def _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_pr
     else:
         tl.store(R_t + od, r)
         tl.store(A_cur + od, ar)
-    mu = tl.maximum(m_u, tl.max(u, axis=0))
+    # the online LSE of u runs per feature lane (m_u, l_u [BD]; a lane padded in every chunk
+    # stays at -inf and is re-based to 0): no cross-thread reduction per chunk
+    mu = tl.maximum(m_u, u)                                                    # [BD]
+    mu = tl.where(mu == NEG_INF, 0.0, mu)
     sc = tl.exp2(m_u - mu)
-    l_u = l_u * sc + tl.sum(tl.exp2(u - mu), axis=0)
-    acc = acc * sc + tl.exp2(z + (ar - mu)[None, :])                           # [BN, BD]
+    l_u = l_u * sc + tl.exp2(u - mu)
+    acc = acc * sc[None, :] + tl.exp2(z + (ar - mu)[None, :])                  # [BN, BD]
     return mu, l_u, acc
 
 
@@ -443,8 +446,8 @@ def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, 
     nm = on < n_b
     bp = _lean_vec(B_prev, on, n_b, float("-inf"), MASK_N)                     # [BN]
     roff = _lean_row_offsets(on, n_b, sxn, MASK_N)                             # [BN]
-    m_u = tl.max(tl.full([BD], NEG_INF, tl.float32), axis=0)
-    l_u = tl.sum(tl.zeros([BD], tl.float32), axis=0)
+    m_u = tl.full([BD], NEG_INF, tl.float32)
+    l_u = tl.zeros([BD], tl.float32)
     acc = tl.zeros([BN, BD], tl.float32)
     d_full = (D // BD) * BD
     for d0 in range(0, d_full, BD):
@@ -455,8 +458,11 @@ def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, 
         m_u, l_u, acc = _shifted_exact_chunk(x_base, roff, sxd, bp, d_full, D, s, k2,
                                              lp0_b, lp0_u, A_prev, A_cur, R_t, m_u, l_u, acc,
                                              HAS_P0, MASK_N, True, FIRST, BD)
-    lse_u = m_u + tl.log2(l_u)
-    rs = tl.sum(acc, axis=1)                                                   # [BN]
+    # lanes to the common shift max u (once per iteration: one multiply per tile element)
+    m_all = tl.max(m_u, axis=0)
+    f = tl.exp2(m_u - m_all)                                                   # [BD]
+    lse_u = m_all + tl.log2(tl.sum(l_u * f, axis=0))
+    rs = tl.sum(acc * f[None, :], axis=1)                                      # [BN]
     if tl.min(tl.where(nm, rs, 1.0), axis=0) < _TINY:
         # a row with almost no mass: the exact row LSE in a second pass (rare)
         tl.debug_barrier()
@@ -464,7 +470,7 @@ def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, 
         tl.debug_barrier()
         c = tl.load(C_t + on, mask=nm, other=0.0) - lse_u
     else:
-        c = tl.log2(rs) - bp + (m_u - lse_u)
+        c = tl.log2(rs) - bp + (m_all - lse_u)
     c = tl.where(nm, c, 0.0)                                                   # [BN] C_n
     tl.store(C_t + on, c, mask=nm)
     lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
@@ -743,12 +749,14 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
     acc = tl.zeros([BN, BD], tl.float32)
     acc_x = tl.zeros([BN, BD], tl.float32)
     acc_fin = tl.zeros([BN, BD], tl.float32)
-    dk2 = tl.sum(tl.zeros([BD], tl.float32), axis=0)
     # Σū = Σā - Σ softmax(u)·sa is 0 only up to how far Q's fp32 rows miss summing to 1; dκ2
     # is corrected for that residue after the pass (it matters where dκ2 is a cancellation,
-    # e.g. κ2 ≈ 1): δ = Σū and Σ softmax(u)·(lp0 - R) are accumulated alongside
-    su = tl.sum(tl.zeros([BD], tl.float32), axis=0)
-    sq = tl.sum(tl.zeros([BD], tl.float32), axis=0)
+    # e.g. κ2 ≈ 1): δ = Σū and Σ softmax(u)·(lp0 - R) are accumulated alongside. All three
+    # sums accumulate per feature lane ([BD]) and are reduced once after the pass: a reduction
+    # per chunk costs a shuffle tree and a barrier each (~30 SASS instructions per chunk).
+    dk2 = tl.zeros([BD], tl.float32)
+    su = tl.zeros([BD], tl.float32)
+    sq = tl.zeros([BD], tl.float32)
     (B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base, sgn, sgd, tot, pg, T, NR, row0,
      w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd) = dxa
     for d0 in range(0, D, BD):
@@ -768,9 +776,9 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
         lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
         if HAS_P0:
             tl.store(dlp0_b + od, tl.load(dlp0_b + od, mask=dm, other=0.0) + k2 * ub, mask=dm)
-        dk2 += tl.sum(ub * (lp0 - r), axis=0)
-        su += tl.sum(ub, axis=0)
-        sq += tl.sum(tl.where(dm, qu * (lp0 - r), 0.0), axis=0)
+        dk2 += ub * (lp0 - r)
+        su += ub
+        sq += tl.where(dm, qu * (lp0 - r), 0.0)
         sr = _prob2(xs + bp[:, None] - r[None, :]) * rbar[None, :]             # S R̄
         acc += sr
         y_t = sr + q * cb[:, None]                                             # ȳ_t
@@ -790,7 +798,8 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
         de_fin = -tl.sum(tl.sum(acc_fin, axis=1), axis=0) * (ie_fin * ie_fin)
     else:
         de_fin = tl.sum(tl.sum(acc_fin, axis=1), axis=0)
-    return (dk2 - su * sq) * _LN2, tl.sum(tl.sum(acc_x, axis=1), axis=0), de_fin
+    dk2_s = tl.sum(dk2, axis=0) - tl.sum(su, axis=0) * tl.sum(sq, axis=0)
+    return dk2_s * _LN2, tl.sum(tl.sum(acc_x, axis=1), axis=0), de_fin
 
 
 @triton.jit
