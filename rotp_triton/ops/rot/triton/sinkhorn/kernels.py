@@ -381,20 +381,25 @@ def _lean_paper_iteration(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, lp0_u,
 # LSE either: the previous iteration ended with the b-update, so its plan 2^(x s + a_{t-1} + b)
 # is <= 1 entrywise, i.e. x s + b <= -a_{t-1}: a fixed per-column shift for R = LSE_n(x s + b)
 # (t = 0 has no previous plan and takes the column max). After the a-update x s + b - R_d <= 0, so
-# x s + b + (u_d - R_d) <= u_d <= max_d u: the row sums of 2^(x s + b + a + LSE(u) - max u)
-# accumulate elementwise in a [BN, BD] register tile across chunks (one FFMA, rescaled by a
-# scalar when max u grows) and are reduced once per iteration. A shift is only an upper bound:
-# a column or row with almost no mass (< 2^-60, e.g. ε ≪ |x|) would lose precision, so the
-# rare chunk or set where that happens takes the exact max-based LSE instead.
+# x s + b + (u_d - R_d) <= u_d <= max u: the row sums of 2^(x s + b + a + LSE(u) - max u)
+# accumulate elementwise in a [BN, BD] register tile across chunks (one FFMA; the max of u is
+# kept per feature lane, so the rescale is a per-lane factor and no chunk needs a cross-thread
+# reduction) and are reduced once per iteration. A shift is only an upper bound: a column or row
+# with almost no mass (< 2^-60, e.g. ε ≪ |x|) would lose precision, so the rare iteration where
+# a column has that little (checked once after the pass) redoes the pass with the exact
+# max-based column LSE, and a row the same takes the exact row LSE in a second pass.
 _TINY = tl.constexpr(2.0 ** -60)
 
 
 @triton.jit
 def _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_prev,
-                         A_cur, R_t, m_u, l_u, acc, HAS_P0: tl.constexpr, MASK_N: tl.constexpr,
-                         MASK_D: tl.constexpr, FIRST: tl.constexpr, BD: tl.constexpr):
-    """One feature chunk of an exact iteration with fixed shifts (see above); FIRST (t = 0, no
-    previous plan): the column LSE takes its max, the row sums still accumulate."""
+                         A_cur, R_t, m_u, l_u, acc, cmin, HAS_P0: tl.constexpr,
+                         MASK_N: tl.constexpr, MASK_D: tl.constexpr, FIRST: tl.constexpr,
+                         BD: tl.constexpr):
+    """One feature chunk of an exact iteration; FIRST (t = 0, no previous plan, or the redo of
+    an iteration where a column had almost no mass): the column LSE takes its max; otherwise
+    the fixed shift (see above), and ``cmin`` [BD] keeps the smallest shifted column sum per
+    lane, checked once after the pass (a check per chunk costs a block-wide reduction)."""
     od = d0 + tl.arange(0, BD)
     xs = _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D) * s                # [BN, BD]
     z = xs + bp[:, None]                                                       # [BN, BD]
@@ -407,10 +412,8 @@ def _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_pr
         col = tl.sum(tl.exp2(z - sh[None, :]), axis=0)                         # [BD]
         if MASK_D:
             col = tl.where(dm, col, 1.0)
-        if tl.min(col, axis=0) < _TINY:
-            r = _lean_col_lse(xs, bp)
-        else:
-            r = sh + tl.log2(col)
+        cmin = tl.minimum(cmin, col)
+        r = sh + tl.log2(col)
     if HAS_P0:
         lp0 = _lean_vec(lp0_b, od, D, 0.0, MASK_D) * _LOG2E
     else:
@@ -432,7 +435,30 @@ def _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_pr
     sc = tl.exp2(m_u - mu)
     l_u = l_u * sc + tl.exp2(u - mu)
     acc = acc * sc[None, :] + tl.exp2(z + (ar - mu)[None, :])                  # [BN, BD]
-    return mu, l_u, acc
+    return mu, l_u, acc, cmin
+
+
+@triton.jit
+def _shifted_exact_pass(x_base, roff, sxd, bp, D, s, k2, lp0_b, lp0_u, A_prev, A_cur, R_t,
+                        HAS_P0: tl.constexpr, MASK_N: tl.constexpr, FIRST: tl.constexpr,
+                        BN: tl.constexpr, BD: tl.constexpr):
+    """The feature chunks of one exact iteration (full chunks unmasked, then the partial one):
+    R_t and a_t + LSE(u) stored; returns the per-lane LSE state of u (max, sum [BD]), the row
+    sums' [BN, BD] accumulator and the smallest shifted column sum per lane (1 if FIRST)."""
+    m_u = tl.full([BD], NEG_INF, tl.float32)
+    l_u = tl.zeros([BD], tl.float32)
+    acc = tl.zeros([BN, BD], tl.float32)
+    cmin = tl.full([BD], 1.0, tl.float32)
+    d_full = (D // BD) * BD
+    for d0 in range(0, d_full, BD):
+        m_u, l_u, acc, cmin = _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b,
+                                                   lp0_u, A_prev, A_cur, R_t, m_u, l_u, acc,
+                                                   cmin, HAS_P0, MASK_N, False, FIRST, BD)
+    if d_full < D:
+        m_u, l_u, acc, cmin = _shifted_exact_chunk(x_base, roff, sxd, bp, d_full, D, s, k2,
+                                                   lp0_b, lp0_u, A_prev, A_cur, R_t, m_u, l_u,
+                                                   acc, cmin, HAS_P0, MASK_N, True, FIRST, BD)
+    return m_u, l_u, acc, cmin
 
 
 @triton.jit
@@ -446,18 +472,17 @@ def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, 
     nm = on < n_b
     bp = _lean_vec(B_prev, on, n_b, float("-inf"), MASK_N)                     # [BN]
     roff = _lean_row_offsets(on, n_b, sxn, MASK_N)                             # [BN]
-    m_u = tl.full([BD], NEG_INF, tl.float32)
-    l_u = tl.zeros([BD], tl.float32)
-    acc = tl.zeros([BN, BD], tl.float32)
-    d_full = (D // BD) * BD
-    for d0 in range(0, d_full, BD):
-        m_u, l_u, acc = _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b,
-                                             lp0_u, A_prev, A_cur, R_t, m_u, l_u, acc, HAS_P0,
-                                             MASK_N, False, FIRST, BD)
-    if d_full < D:
-        m_u, l_u, acc = _shifted_exact_chunk(x_base, roff, sxd, bp, d_full, D, s, k2,
-                                             lp0_b, lp0_u, A_prev, A_cur, R_t, m_u, l_u, acc,
-                                             HAS_P0, MASK_N, True, FIRST, BD)
+    m_u, l_u, acc, cmin = _shifted_exact_pass(x_base, roff, sxd, bp, D, s, k2, lp0_b, lp0_u,
+                                              A_prev, A_cur, R_t, HAS_P0, MASK_N, FIRST, BN,
+                                              BD)
+    if not FIRST:
+        if tl.min(cmin, axis=0) < _TINY:
+            # a column with almost no mass under its fixed shift: the pass again with the exact
+            # max-based column LSE (rare; it rewrites R_t and a_t)
+            tl.debug_barrier()
+            m_u, l_u, acc, cmin = _shifted_exact_pass(x_base, roff, sxd, bp, D, s, k2, lp0_b,
+                                                      lp0_u, A_prev, A_cur, R_t, HAS_P0, MASK_N,
+                                                      True, BN, BD)
     # lanes to the common shift max u (once per iteration: one multiply per tile element)
     m_all = tl.max(m_u, axis=0)
     f = tl.exp2(m_u - m_all)                                                   # [BD]
