@@ -70,7 +70,10 @@ def _x_scale(w_ptr, T, t, PAPER: tl.constexpr):
         te = tl.maximum(t - 1, 0)
     else:
         te = t
-    return _LOG2E / tl.load(w_ptr + _A1 * T + te)
+    eps = tl.load(w_ptr + _A1 * T + te)
+    # (a tensor numerator: a constexpr one gives a value tl.store cannot take in the
+    # interpreter; the same fp32 division)
+    return tl.full([], _LOG2E, tl.float32) / eps
 
 
 @triton.jit
@@ -688,19 +691,21 @@ def _dx_pool_term(x, on, nm, od, dm, B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_f
 
 
 @triton.jit
-def _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, t_lo, T, NR, row0, D, w_ptr, Bv_ptr,
+def _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, t_lo, T, NR, row0, D, xs_b, Bv_ptr,
                         Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, PAPER: tl.constexpr,
                         TX: tl.constexpr, BT: tl.constexpr):
     """dx += Σ_{t_lo <= t < T} ȳ_t/ε(t), ȳ_t = S_t R̄_t + Q_t C̄_t, on one tile of x (softmaxes
     recomputed from the saved vectors); TX: de_x [BT] -= Σ ȳ_t ⊙ x/ε(t)² per t. Padded rows /
-    features: -inf exponents (b, -C; -R, a) and zero adjoints."""
+    features: -inf exponents (b, -C; -R, a) and zero adjoints. xs_b [T]: the x-scale s_t of
+    every iteration (written once per set by sinkhorn_bwd_kernel: a load instead of a division
+    per iteration and tile)."""
     if PAPER:
         QOFF = 0
     else:
         QOFF = 1
     ot = tl.arange(0, BT)
     for t in range(t_lo, T):
-        s = _x_scale(w_ptr, T, t, PAPER)
+        s = tl.load(xs_b + t)
         e_inv = s * _LN2
         bp = tl.load(Bv_ptr + t * NR + row0 + on, mask=nm, other=NEG_INF)
         ncn = -tl.load(Cn_ptr + t * NR + row0 + on, mask=nm, other=float("inf"))
@@ -726,7 +731,7 @@ def _dx_rows(x_base, sxn, sxd, on, nm, n_b, D, dxa, de_x, PAPER: tl.constexpr,
     chunk; returns this block's share of the final log P's ε term and de_x (TX: the per-t ε
     terms added). ``dxa``: what the dx terms read (see sinkhorn_bwd_kernel)."""
     (B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base, sgn, sgd, tot, pg, T, NR, row0,
-     w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd) = dxa
+     xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd) = dxa
     roff = _lean_row_offsets(on, n_b, sxn, True)                               # [BNX]
     de_fin = tl.sum(tl.zeros([BDX], tl.float32), axis=0)
     for d0 in range(0, D, BDX):
@@ -736,7 +741,7 @@ def _dx_rows(x_base, sxn, sxd, on, nm, n_b, D, dxa, de_x, PAPER: tl.constexpr,
         dx, zbx = _dx_pool_term(x, on, nm, od, dm, B_fin, rfin_b, g_b, y_b, s_fin, ie_fin,
                                 A_fin, gp_base, sgn, sgd, tot, pg, HAS_GP)
         de_fin -= tl.sum(tl.sum(zbx, axis=1), axis=0) * (ie_fin * ie_fin)
-        dx, de_x = _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, 0, T, NR, row0, D, w_ptr,
+        dx, de_x = _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, 0, T, NR, row0, D, xs_b,
                                        Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, PAPER, TX,
                                        BT)
         tl.store(dx_base + on[:, None] * sdn + od[None, :] * sdd,
@@ -783,7 +788,7 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
     su = tl.zeros([BD], tl.float32)
     sq = tl.zeros([BD], tl.float32)
     (B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base, sgn, sgd, tot, pg, T, NR, row0,
-     w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd) = dxa
+     xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd) = dxa
     for d0 in range(0, D, BD):
         od = d0 + tl.arange(0, BD)
         dm = od < D
@@ -814,7 +819,7 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
             acc_fin += zbx
             dx += y_t * (s * _LN2)
             dx, _ = _dx_iteration_terms(x, dx, tl.zeros([BT], tl.float32), on, nm, od, dm, 1,
-                                        T, NR, row0, D, w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b,
+                                        T, NR, row0, D, xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b,
                                         Rbar_b, A_b, False, False, BT)
             tl.store(dx_base + on[:, None] * sdn + od[None, :] * sdd,
                      dx.to(dx_base.dtype.element_ty), mask=nm[:, None] & dm[None, :])
@@ -863,7 +868,7 @@ def sinkhorn_bwd_kernel(
     A_ptr, Rn_ptr, Bv_ptr, Cn_ptr, rfin_ptr, tot_ptr, y_ptr,
     g_ptr, gp_ptr, sgb, sgn, sgd,
     dx_ptr, sdb, sdn, sdd,
-    dlp0_ptr, dlq0_ptr, dw_ptr, dk2_ptr, dk3_ptr, deps_rec_ptr, deps_x_ptr,
+    dlp0_ptr, dlq0_ptr, dw_ptr, dk2_ptr, dk3_ptr, deps_rec_ptr, deps_x_ptr, xs_ptr,
     Rbar_ptr, Cbar_ptr, abar_ptr, bbar_ptr, pg_ptr,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
     HAS_GP: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
@@ -877,7 +882,9 @@ def sinkhorn_bwd_kernel(
     weight-table gradient dw [6, T] (all zero before; dw by atomic adds, _add_weight_grad).
     Scratch: the set's partials dk2, dk3 [B, T] (natural units) and direct ε gradients deps_rec
     [B, T] (paper's a/ε_t terms), deps_x [B, T] (term t of the x-scale sc[t]); Rbar [B, T, D],
-    Cbar [T, NR] (the adjoints of the LSEs), abar [B, D], bbar [NR].
+    Cbar [T, NR] (the adjoints of the LSEs), abar [B, D], bbar [NR]; xs [B, T]: the x-scale
+    s_t of every iteration, written by the reverse sweep (the dx terms, here or in
+    sinkhorn_dx_kernel, load it instead of dividing by ε_t per iteration and tile).
     """
     b = _set_of_program(order_ptr, RAGGED)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
@@ -891,6 +898,7 @@ def sinkhorn_bwd_kernel(
         abar_b = abar_ptr + b * D
         bbar_b = bbar_ptr + row0
         rfin_b = rfin_ptr + b * D
+        xs_b = xs_ptr + b * T
         lq0_u = -tl.log2(n_b.to(tl.float32))
         ie_fin = _inv_eps(w_ptr, T, T - 1)
         s_fin = ie_fin * _LOG2E
@@ -966,7 +974,7 @@ def sinkhorn_bwd_kernel(
         TX_IN_SWEEP: tl.constexpr = ONE_TILE_N and not PAPER
         FUSED_DX: tl.constexpr = FUSE_DX and ONE_TILE_N and not PAPER and not SPLIT_DX
         dxa = (B_fin, rfin_b, g_ptr + b * D, y_ptr + b * D, s_fin, ie_fin, A_fin, gp_base, sgn,
-               sgd, tot, pg, T, NR, row0, w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b,
+               sgd, tot, pg, T, NR, row0, xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b,
                dx_base, sdn, sdd)
         de_fin = tl.sum(tl.zeros([BD], tl.float32), axis=0)
 
@@ -974,6 +982,7 @@ def sinkhorn_bwd_kernel(
         for i in range(T):
             t = T - 1 - i
             s = _x_scale(w_ptr, T, t, PAPER)
+            tl.store(xs_b + t, s)  # (read by the dx terms of iteration t, after this sweep)
             k2 = _kappa_at(w_ptr, T, t, _A2)
             k3 = _kappa_at(w_ptr, T, t, _A3)
             A_prev = A_b + t * D
@@ -1142,7 +1151,7 @@ def sinkhorn_dx_kernel(
     x_ptr, sxb, sxn, sxd, N, D, T, NR,
     w_ptr, A_ptr, Rn_ptr, Bv_ptr, Cn_ptr, rfin_ptr, tot_ptr, y_ptr,
     g_ptr, gp_ptr, sgb, sgn, sgd, dx_ptr, sdb, sdn, sdd,
-    Rbar_ptr, Cbar_ptr, pg_ptr, dw_ptr,
+    Rbar_ptr, Cbar_ptr, pg_ptr, dw_ptr, xs_ptr,
     PAPER: tl.constexpr, HAS_GP: tl.constexpr, TX: tl.constexpr, BNX: tl.constexpr,
     BDX: tl.constexpr, BT: tl.constexpr,
 ):
@@ -1162,7 +1171,7 @@ def sinkhorn_dx_kernel(
         pg = 0.0
     dxa = (Bv_ptr + T * NR + row0, rfin_ptr + b * D, g_ptr + b * D, y_ptr + b * D,
            ie_fin * _LOG2E, ie_fin, A_ptr + b * (T + 1) * D + T * D, gp_ptr + b * sgb, sgn, sgd,
-           tot, pg, T, NR, row0, w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_ptr + b * T * D,
+           tot, pg, T, NR, row0, xs_ptr + b * T, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_ptr + b * T * D,
            Rbar_ptr + b * T * D, A_ptr + b * (T + 1) * D, dx_ptr + b * sdb, sdn, sdd)
     de_fin, de_x = _dx_rows(x_ptr + b * sxb, sxn, sxd, on, on < N, N, D, dxa,
                             tl.zeros([BT], tl.float32), PAPER, HAS_GP, TX, BDX, BT)

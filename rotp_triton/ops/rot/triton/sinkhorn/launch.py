@@ -280,12 +280,12 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     dparams = torch.zeros(param_grads_numel(B, T, D, NR, has_p0, has_q0), device=x.device,
                           dtype=torch.float32)
     dw, dlp0, dlq0 = param_grad_views(dparams, B, T, D, NR, has_p0, has_q0)
-    # per-set partials of the weight gradient (dk2, dk3, deps_rec, deps_x) and the adjoints
-    # Rbar, Cbar, abar, bbar
-    scratch = torch.empty(4 * B * T + B * T * D + T * NR + B * D + NR + B, device=x.device,
+    # per-set partials of the weight gradient (dk2, dk3, deps_rec, deps_x), the per-set table
+    # of x-scales s_t (xs), and the adjoints Rbar, Cbar, abar, bbar
+    scratch = torch.empty(5 * B * T + B * T * D + T * NR + B * D + NR + B, device=x.device,
                           dtype=torch.float32)
     part, Rbar, Cbar, abar, bbar, pg = _carve(
-        scratch, [(4, B, T), (B, T, D), (T, NR), (B, D), (NR,), (B,)])
+        scratch, [(5, B, T), (B, T, D), (T, NR), (B, D), (NR,), (B,)])
     g = grad_y.float().contiguous()
     has_gp = grad_plan is not None
     gp = grad_plan if has_gp else g
@@ -304,14 +304,14 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
             N if N is not None else 0, D, T, NR, -math.log2(D), w, lp0, lq0, A, Rn, Bv, Cn, rfin,
             tot, y, g, gp, sgb, sgn, sgd, dx, sdb, sdn, sdd,
             dlp0 if has_p0 else g, dlq0 if has_q0 else g, dw, part[0], part[1], part[2],
-            part[3], Rbar, Cbar, abar, bbar, pg,
+            part[3], part[4], Rbar, Cbar, abar, bbar, pg,
             RAGGED=ptr is not None, HAS_P0=has_p0, HAS_Q0=has_q0,
             PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one_tile, BN=BN, BD=BD, BT=next_pow2(T),
             BNX=BNX, BDX=BDX, FUSE_DX=fused, SPLIT_DX=split, num_warps=nw)
         if split:
             launcher(sinkhorn_dx_kernel, wrap)[(B, cdiv(N, BNX))](
                 x, sxb, sxn, sxd, N, D, T, NR, w, A, Rn, Bv, Cn, rfin, tot, y, g, gp, sgb, sgn,
-                sgd, dx, sdb, sdn, sdd, Rbar, Cbar, pg, dw, PAPER=paper, HAS_GP=has_gp,
+                sgd, dx, sdb, sdn, sdd, Rbar, Cbar, pg, dw, part[4], PAPER=paper, HAS_GP=has_gp,
                 TX=not (one_tile and not paper), BNX=BNX, BDX=BDX, BT=next_pow2(T),
                 num_warps=nw)
     return dx, dparams
