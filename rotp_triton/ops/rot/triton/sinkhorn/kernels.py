@@ -873,7 +873,7 @@ def sinkhorn_bwd_kernel(
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
     HAS_GP: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     BT: tl.constexpr, BNX: tl.constexpr, BDX: tl.constexpr, FUSE_DX: tl.constexpr = False,
-    SPLIT_DX: tl.constexpr = False,
+    SPLIT_DX: tl.constexpr = False, BDF: tl.constexpr = 0,
 ):
     """Exact gradient of the T unrolled iterations + pooling (+ plan) of one set per program.
 
@@ -1079,11 +1079,18 @@ def sinkhorn_bwd_kernel(
                             x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
                             abar_b, last, Rbar_t, bbar_b, 1, lp0_b, lp0_u,
                             dlp0_ptr + b * D, dxa, HAS_P0, HAS_GP, False, BN, BD, BT)
+                    elif FUSED_DX:
+                        # the sweep that also writes dx holds ~2x the live tiles: BDF features
+                        # per chunk (launch.fused_sweep_bd; fuse_dx decides with that width)
+                        dk2, tx, de_fin = _exact_bwd_sweep(
+                            x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
+                            abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
+                            dlp0_ptr + b * D, dxa, HAS_P0, HAS_GP, True, BN, BDF, BT)
                     else:
                         dk2, tx, de_fin = _exact_bwd_sweep(
                             x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
                             abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
-                            dlp0_ptr + b * D, dxa, HAS_P0, HAS_GP, FUSED_DX, BN, BD, BT)
+                            dlp0_ptr + b * D, dxa, HAS_P0, HAS_GP, False, BN, BD, BT)
                     e_inv = s * _LN2
                     tl.store(deps_x_ptr + b * T + t, -tx * e_inv * e_inv)
                     tl.store(dk2_ptr + b * T + t, dk2)
