@@ -76,7 +76,9 @@ def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = F
 
 # the launcher configurations compiled by the AOT test: (which, variant, x dtype, warps)
 # fwd / bwd: streamed tiles (ragged, D = 2048); fwd1 / bwd1: one tile per set (dense N = 49);
-# split_*: the split-set launches at W1's shape; dx: the row-block dx launch at W1's shape
+# bwd / bwd1 with a plan gradient, bwdnogp / bwd1nogp without (the launcher then picks wider
+# sweep tiles, launch.bwd_config); split_*: the split-set launches at W1's shape; dx: the
+# row-block dx launch at W1's shape
 AOT_CONFIGS = [("fwd", "exact", "bf16", 8), ("fwd", "paper", "fp32", 4),
                ("fwd1", "exact", "fp32", 8), ("fwd1", "paper", "bf16", 4),
                ("bwd", "exact", "fp32", 4), ("bwd", "paper", "fp16", 8),
