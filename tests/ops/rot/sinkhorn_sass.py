@@ -63,11 +63,12 @@ def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = F
         ce = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, PAPER=paper, RETURN_PLAN=True,
                   ONE_TILE_N=one, BN=BN, BD=BD, MASK_N=N is None or N != BN)
         return K.sinkhorn_fwd_kernel, ce
-    BN, BD, one = L.bwd_config(D, N, num_warps)
+    has_gp = not which.endswith("nogp")  # bwd*nogp: no plan gradient (wider sweep tiles)
+    BN, BD, one = L.bwd_config(D, N, num_warps, has_gp)
     BNX, BDX = L.dx_tile(D, N, num_warps)
-    ce = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, PAPER=paper, HAS_GP=True, ONE_TILE_N=one,
-              BN=BN, BD=BD, BT=16, BNX=BNX, BDX=BDX,
-              FUSE_DX=L.fuse_dx(BN, BD, BNX, BDX, one, paper))
+    ce = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one,
+              BN=BN, BD=BD, BT=16, BNX=BNX, BDX=BDX, BDF=L.fused_sweep_bd(BD, has_gp),
+              FUSE_DX=L.fuse_dx(BN, L.fused_sweep_bd(BD, has_gp), BNX, BDX, one, paper))
     # dense with dx not in the sweep: the few-sets case (dx by its own launch) is compiled
     ce["SPLIT_DX"] = not ragged and not ce["FUSE_DX"]
     return K.sinkhorn_bwd_kernel, ce
@@ -75,11 +76,15 @@ def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = F
 
 # the launcher configurations compiled by the AOT test: (which, variant, x dtype, warps)
 # fwd / bwd: streamed tiles (ragged, D = 2048); fwd1 / bwd1: one tile per set (dense N = 49);
-# split_*: the split-set launches at W1's shape; dx: the row-block dx launch at W1's shape
+# bwd / bwd1 with a plan gradient, bwdnogp / bwd1nogp without (the launcher then picks wider
+# sweep tiles, launch.bwd_config); split_*: the split-set launches at W1's shape; dx: the
+# row-block dx launch at W1's shape
 AOT_CONFIGS = [("fwd", "exact", "bf16", 8), ("fwd", "paper", "fp32", 4),
                ("fwd1", "exact", "fp32", 8), ("fwd1", "paper", "bf16", 4),
                ("bwd", "exact", "fp32", 4), ("bwd", "paper", "fp16", 8),
                ("bwd1", "exact", "bf16", 8), ("bwd1", "paper", "fp32", 4),
+               ("bwdnogp", "exact", "fp32", 4), ("bwd1nogp", "exact", "bf16", 8),
+               ("bwd1nogp", "exact", "fp32", 4), ("bwd1nogp", "paper", "fp32", 8),
                ("split_col", "exact", "bf16", 8), ("split_a", "exact", "fp32", 4),
                ("split_row", "exact", "fp32", 8), ("split_b", "exact", "fp32", 1),
                ("dx", "exact", "bf16", 8), ("dx", "paper", "fp32", 4)]
@@ -114,7 +119,7 @@ def compile_config(which, variant, xdt, nw):
     if which.startswith("split"):  # W1's shape
         kern, ce = split_config(which, 500, 100, nw)
         return compile_sm90(kern, signature(kern, ce, xdt), ce, num_warps=nw)
-    ragged = which in ("fwd", "bwd")
+    ragged = which in ("fwd", "bwd", "bwdnogp")
     kern, ce = config(which, variant, None if ragged else 49, 2048, nw, ragged=ragged)
     return compile_sm90(kern, signature(kern, ce, xdt), ce, num_warps=nw)
 

@@ -252,7 +252,7 @@ def test_strided_image_view_multi_tile(variant, one_tile):
     old_cfg = tk.fwd_config
     tk.fwd_config = lambda D, N, nw=4: (16, 2, True) if one_tile else (2, 2, False)
     old = tk.bwd_config
-    tk.bwd_config = lambda D, N, nw=4: (16, 2, True) if one_tile else (2, 2, False)
+    tk.bwd_config = lambda D, N, nw=4, has_gp=False: (16, 2, True) if one_tile else (2, 2, False)
     try:
         imgk = img.to(DEVICE).requires_grad_()
         xv = imgk.flatten(2).transpose(1, 2)                                   # (B, HW, C)

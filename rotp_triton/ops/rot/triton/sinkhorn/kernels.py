@@ -70,7 +70,10 @@ def _x_scale(w_ptr, T, t, PAPER: tl.constexpr):
         te = tl.maximum(t - 1, 0)
     else:
         te = t
-    return _LOG2E / tl.load(w_ptr + _A1 * T + te)
+    eps = tl.load(w_ptr + _A1 * T + te)
+    # (a tensor numerator: a constexpr one gives a value tl.store cannot take in the
+    # interpreter; the same fp32 division)
+    return tl.full([], _LOG2E, tl.float32) / eps
 
 
 @triton.jit
@@ -381,20 +384,25 @@ def _lean_paper_iteration(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, lp0_u,
 # LSE either: the previous iteration ended with the b-update, so its plan 2^(x s + a_{t-1} + b)
 # is <= 1 entrywise, i.e. x s + b <= -a_{t-1}: a fixed per-column shift for R = LSE_n(x s + b)
 # (t = 0 has no previous plan and takes the column max). After the a-update x s + b - R_d <= 0, so
-# x s + b + (u_d - R_d) <= u_d <= max_d u: the row sums of 2^(x s + b + a + LSE(u) - max u)
-# accumulate elementwise in a [BN, BD] register tile across chunks (one FFMA, rescaled by a
-# scalar when max u grows) and are reduced once per iteration. A shift is only an upper bound:
-# a column or row with almost no mass (< 2^-60, e.g. ε ≪ |x|) would lose precision, so the
-# rare chunk or set where that happens takes the exact max-based LSE instead.
+# x s + b + (u_d - R_d) <= u_d <= max u: the row sums of 2^(x s + b + a + LSE(u) - max u)
+# accumulate elementwise in a [BN, BD] register tile across chunks (one FFMA; the max of u is
+# kept per feature lane, so the rescale is a per-lane factor and no chunk needs a cross-thread
+# reduction) and are reduced once per iteration. A shift is only an upper bound: a column or row
+# with almost no mass (< 2^-60, e.g. ε ≪ |x|) would lose precision, so the rare iteration where
+# a column has that little (checked once after the pass) redoes the pass with the exact
+# max-based column LSE, and a row the same takes the exact row LSE in a second pass.
 _TINY = tl.constexpr(2.0 ** -60)
 
 
 @triton.jit
 def _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_prev,
-                         A_cur, R_t, m_u, l_u, acc, HAS_P0: tl.constexpr, MASK_N: tl.constexpr,
-                         MASK_D: tl.constexpr, FIRST: tl.constexpr, BD: tl.constexpr):
-    """One feature chunk of an exact iteration with fixed shifts (see above); FIRST (t = 0, no
-    previous plan): the column LSE takes its max, the row sums still accumulate."""
+                         A_cur, R_t, m_u, l_u, acc, cmin, HAS_P0: tl.constexpr,
+                         MASK_N: tl.constexpr, MASK_D: tl.constexpr, FIRST: tl.constexpr,
+                         BD: tl.constexpr):
+    """One feature chunk of an exact iteration; FIRST (t = 0, no previous plan, or the redo of
+    an iteration where a column had almost no mass): the column LSE takes its max; otherwise
+    the fixed shift (see above), and ``cmin`` [BD] keeps the smallest shifted column sum per
+    lane, checked once after the pass (a check per chunk costs a block-wide reduction)."""
     od = d0 + tl.arange(0, BD)
     xs = _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D) * s                # [BN, BD]
     z = xs + bp[:, None]                                                       # [BN, BD]
@@ -407,10 +415,8 @@ def _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_pr
         col = tl.sum(tl.exp2(z - sh[None, :]), axis=0)                         # [BD]
         if MASK_D:
             col = tl.where(dm, col, 1.0)
-        if tl.min(col, axis=0) < _TINY:
-            r = _lean_col_lse(xs, bp)
-        else:
-            r = sh + tl.log2(col)
+        cmin = tl.minimum(cmin, col)
+        r = sh + tl.log2(col)
     if HAS_P0:
         lp0 = _lean_vec(lp0_b, od, D, 0.0, MASK_D) * _LOG2E
     else:
@@ -425,11 +431,37 @@ def _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_pr
     else:
         tl.store(R_t + od, r)
         tl.store(A_cur + od, ar)
-    mu = tl.maximum(m_u, tl.max(u, axis=0))
+    # the online LSE of u runs per feature lane (m_u, l_u [BD]; a lane padded in every chunk
+    # stays at -inf and is re-based to 0): no cross-thread reduction per chunk
+    mu = tl.maximum(m_u, u)                                                    # [BD]
+    mu = tl.where(mu == NEG_INF, 0.0, mu)
     sc = tl.exp2(m_u - mu)
-    l_u = l_u * sc + tl.sum(tl.exp2(u - mu), axis=0)
-    acc = acc * sc + tl.exp2(z + (ar - mu)[None, :])                           # [BN, BD]
-    return mu, l_u, acc
+    l_u = l_u * sc + tl.exp2(u - mu)
+    acc = acc * sc[None, :] + tl.exp2(z + (ar - mu)[None, :])                  # [BN, BD]
+    return mu, l_u, acc, cmin
+
+
+@triton.jit
+def _shifted_exact_pass(x_base, roff, sxd, bp, D, s, k2, lp0_b, lp0_u, A_prev, A_cur, R_t,
+                        HAS_P0: tl.constexpr, MASK_N: tl.constexpr, FIRST: tl.constexpr,
+                        BN: tl.constexpr, BD: tl.constexpr):
+    """The feature chunks of one exact iteration (full chunks unmasked, then the partial one):
+    R_t and a_t + LSE(u) stored; returns the per-lane LSE state of u (max, sum [BD]), the row
+    sums' [BN, BD] accumulator and the smallest shifted column sum per lane (1 if FIRST)."""
+    m_u = tl.full([BD], NEG_INF, tl.float32)
+    l_u = tl.zeros([BD], tl.float32)
+    acc = tl.zeros([BN, BD], tl.float32)
+    cmin = tl.full([BD], 1.0, tl.float32)
+    d_full = (D // BD) * BD
+    for d0 in range(0, d_full, BD):
+        m_u, l_u, acc, cmin = _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b,
+                                                   lp0_u, A_prev, A_cur, R_t, m_u, l_u, acc,
+                                                   cmin, HAS_P0, MASK_N, False, FIRST, BD)
+    if d_full < D:
+        m_u, l_u, acc, cmin = _shifted_exact_chunk(x_base, roff, sxd, bp, d_full, D, s, k2,
+                                                   lp0_b, lp0_u, A_prev, A_cur, R_t, m_u, l_u,
+                                                   acc, cmin, HAS_P0, MASK_N, True, FIRST, BD)
+    return m_u, l_u, acc, cmin
 
 
 @triton.jit
@@ -443,20 +475,22 @@ def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, 
     nm = on < n_b
     bp = _lean_vec(B_prev, on, n_b, float("-inf"), MASK_N)                     # [BN]
     roff = _lean_row_offsets(on, n_b, sxn, MASK_N)                             # [BN]
-    m_u = tl.max(tl.full([BD], NEG_INF, tl.float32), axis=0)
-    l_u = tl.sum(tl.zeros([BD], tl.float32), axis=0)
-    acc = tl.zeros([BN, BD], tl.float32)
-    d_full = (D // BD) * BD
-    for d0 in range(0, d_full, BD):
-        m_u, l_u, acc = _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b,
-                                             lp0_u, A_prev, A_cur, R_t, m_u, l_u, acc, HAS_P0,
-                                             MASK_N, False, FIRST, BD)
-    if d_full < D:
-        m_u, l_u, acc = _shifted_exact_chunk(x_base, roff, sxd, bp, d_full, D, s, k2,
-                                             lp0_b, lp0_u, A_prev, A_cur, R_t, m_u, l_u, acc,
-                                             HAS_P0, MASK_N, True, FIRST, BD)
-    lse_u = m_u + tl.log2(l_u)
-    rs = tl.sum(acc, axis=1)                                                   # [BN]
+    m_u, l_u, acc, cmin = _shifted_exact_pass(x_base, roff, sxd, bp, D, s, k2, lp0_b, lp0_u,
+                                              A_prev, A_cur, R_t, HAS_P0, MASK_N, FIRST, BN,
+                                              BD)
+    if not FIRST:
+        if tl.min(cmin, axis=0) < _TINY:
+            # a column with almost no mass under its fixed shift: the pass again with the exact
+            # max-based column LSE (rare; it rewrites R_t and a_t)
+            tl.debug_barrier()
+            m_u, l_u, acc, cmin = _shifted_exact_pass(x_base, roff, sxd, bp, D, s, k2, lp0_b,
+                                                      lp0_u, A_prev, A_cur, R_t, HAS_P0, MASK_N,
+                                                      True, BN, BD)
+    # lanes to the common shift max u (once per iteration: one multiply per tile element)
+    m_all = tl.max(m_u, axis=0)
+    f = tl.exp2(m_u - m_all)                                                   # [BD]
+    lse_u = m_all + tl.log2(tl.sum(l_u * f, axis=0))
+    rs = tl.sum(acc * f[None, :], axis=1)                                      # [BN]
     if tl.min(tl.where(nm, rs, 1.0), axis=0) < _TINY:
         # a row with almost no mass: the exact row LSE in a second pass (rare)
         tl.debug_barrier()
@@ -464,7 +498,7 @@ def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, 
         tl.debug_barrier()
         c = tl.load(C_t + on, mask=nm, other=0.0) - lse_u
     else:
-        c = tl.log2(rs) - bp + (m_u - lse_u)
+        c = tl.log2(rs) - bp + (m_all - lse_u)
     c = tl.where(nm, c, 0.0)                                                   # [BN] C_n
     tl.store(C_t + on, c, mask=nm)
     lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
@@ -657,19 +691,21 @@ def _dx_pool_term(x, on, nm, od, dm, B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_f
 
 
 @triton.jit
-def _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, t_lo, T, NR, row0, D, w_ptr, Bv_ptr,
+def _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, t_lo, T, NR, row0, D, xs_b, Bv_ptr,
                         Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, PAPER: tl.constexpr,
                         TX: tl.constexpr, BT: tl.constexpr):
     """dx += Σ_{t_lo <= t < T} ȳ_t/ε(t), ȳ_t = S_t R̄_t + Q_t C̄_t, on one tile of x (softmaxes
     recomputed from the saved vectors); TX: de_x [BT] -= Σ ȳ_t ⊙ x/ε(t)² per t. Padded rows /
-    features: -inf exponents (b, -C; -R, a) and zero adjoints."""
+    features: -inf exponents (b, -C; -R, a) and zero adjoints. xs_b [T]: the x-scale s_t of
+    every iteration (written once per set by sinkhorn_bwd_kernel: a load instead of a division
+    per iteration and tile)."""
     if PAPER:
         QOFF = 0
     else:
         QOFF = 1
     ot = tl.arange(0, BT)
     for t in range(t_lo, T):
-        s = _x_scale(w_ptr, T, t, PAPER)
+        s = tl.load(xs_b + t)
         e_inv = s * _LN2
         bp = tl.load(Bv_ptr + t * NR + row0 + on, mask=nm, other=NEG_INF)
         ncn = -tl.load(Cn_ptr + t * NR + row0 + on, mask=nm, other=float("inf"))
@@ -695,7 +731,7 @@ def _dx_rows(x_base, sxn, sxd, on, nm, n_b, D, dxa, de_x, PAPER: tl.constexpr,
     chunk; returns this block's share of the final log P's ε term and de_x (TX: the per-t ε
     terms added). ``dxa``: what the dx terms read (see sinkhorn_bwd_kernel)."""
     (B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base, sgn, sgd, tot, pg, T, NR, row0,
-     w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd) = dxa
+     xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd) = dxa
     roff = _lean_row_offsets(on, n_b, sxn, True)                               # [BNX]
     de_fin = tl.sum(tl.zeros([BDX], tl.float32), axis=0)
     for d0 in range(0, D, BDX):
@@ -705,7 +741,7 @@ def _dx_rows(x_base, sxn, sxd, on, nm, n_b, D, dxa, de_x, PAPER: tl.constexpr,
         dx, zbx = _dx_pool_term(x, on, nm, od, dm, B_fin, rfin_b, g_b, y_b, s_fin, ie_fin,
                                 A_fin, gp_base, sgn, sgd, tot, pg, HAS_GP)
         de_fin -= tl.sum(tl.sum(zbx, axis=1), axis=0) * (ie_fin * ie_fin)
-        dx, de_x = _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, 0, T, NR, row0, D, w_ptr,
+        dx, de_x = _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, 0, T, NR, row0, D, xs_b,
                                        Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, PAPER, TX,
                                        BT)
         tl.store(dx_base + on[:, None] * sdn + od[None, :] * sdd,
@@ -743,14 +779,16 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
     acc = tl.zeros([BN, BD], tl.float32)
     acc_x = tl.zeros([BN, BD], tl.float32)
     acc_fin = tl.zeros([BN, BD], tl.float32)
-    dk2 = tl.sum(tl.zeros([BD], tl.float32), axis=0)
     # Σū = Σā - Σ softmax(u)·sa is 0 only up to how far Q's fp32 rows miss summing to 1; dκ2
     # is corrected for that residue after the pass (it matters where dκ2 is a cancellation,
-    # e.g. κ2 ≈ 1): δ = Σū and Σ softmax(u)·(lp0 - R) are accumulated alongside
-    su = tl.sum(tl.zeros([BD], tl.float32), axis=0)
-    sq = tl.sum(tl.zeros([BD], tl.float32), axis=0)
+    # e.g. κ2 ≈ 1): δ = Σū and Σ softmax(u)·(lp0 - R) are accumulated alongside. All three
+    # sums accumulate per feature lane ([BD]) and are reduced once after the pass: a reduction
+    # per chunk costs a shuffle tree and a barrier each (~30 SASS instructions per chunk).
+    dk2 = tl.zeros([BD], tl.float32)
+    su = tl.zeros([BD], tl.float32)
+    sq = tl.zeros([BD], tl.float32)
     (B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base, sgn, sgd, tot, pg, T, NR, row0,
-     w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd) = dxa
+     xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd) = dxa
     for d0 in range(0, D, BD):
         od = d0 + tl.arange(0, BD)
         dm = od < D
@@ -768,9 +806,9 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
         lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
         if HAS_P0:
             tl.store(dlp0_b + od, tl.load(dlp0_b + od, mask=dm, other=0.0) + k2 * ub, mask=dm)
-        dk2 += tl.sum(ub * (lp0 - r), axis=0)
-        su += tl.sum(ub, axis=0)
-        sq += tl.sum(tl.where(dm, qu * (lp0 - r), 0.0), axis=0)
+        dk2 += ub * (lp0 - r)
+        su += ub
+        sq += tl.where(dm, qu * (lp0 - r), 0.0)
         sr = _prob2(xs + bp[:, None] - r[None, :]) * rbar[None, :]             # S R̄
         acc += sr
         y_t = sr + q * cb[:, None]                                             # ȳ_t
@@ -781,7 +819,7 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
             acc_fin += zbx
             dx += y_t * (s * _LN2)
             dx, _ = _dx_iteration_terms(x, dx, tl.zeros([BT], tl.float32), on, nm, od, dm, 1,
-                                        T, NR, row0, D, w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b,
+                                        T, NR, row0, D, xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b,
                                         Rbar_b, A_b, False, False, BT)
             tl.store(dx_base + on[:, None] * sdn + od[None, :] * sdd,
                      dx.to(dx_base.dtype.element_ty), mask=nm[:, None] & dm[None, :])
@@ -790,7 +828,8 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
         de_fin = -tl.sum(tl.sum(acc_fin, axis=1), axis=0) * (ie_fin * ie_fin)
     else:
         de_fin = tl.sum(tl.sum(acc_fin, axis=1), axis=0)
-    return (dk2 - su * sq) * _LN2, tl.sum(tl.sum(acc_x, axis=1), axis=0), de_fin
+    dk2_s = tl.sum(dk2, axis=0) - tl.sum(su, axis=0) * tl.sum(sq, axis=0)
+    return dk2_s * _LN2, tl.sum(tl.sum(acc_x, axis=1), axis=0), de_fin
 
 
 @triton.jit
@@ -829,12 +868,12 @@ def sinkhorn_bwd_kernel(
     A_ptr, Rn_ptr, Bv_ptr, Cn_ptr, rfin_ptr, tot_ptr, y_ptr,
     g_ptr, gp_ptr, sgb, sgn, sgd,
     dx_ptr, sdb, sdn, sdd,
-    dlp0_ptr, dlq0_ptr, dw_ptr, dk2_ptr, dk3_ptr, deps_rec_ptr, deps_x_ptr,
+    dlp0_ptr, dlq0_ptr, dw_ptr, dk2_ptr, dk3_ptr, deps_rec_ptr, deps_x_ptr, xs_ptr,
     Rbar_ptr, Cbar_ptr, abar_ptr, bbar_ptr, pg_ptr,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
     HAS_GP: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     BT: tl.constexpr, BNX: tl.constexpr, BDX: tl.constexpr, FUSE_DX: tl.constexpr = False,
-    SPLIT_DX: tl.constexpr = False,
+    SPLIT_DX: tl.constexpr = False, BDF: tl.constexpr = 0,
 ):
     """Exact gradient of the T unrolled iterations + pooling (+ plan) of one set per program.
 
@@ -843,7 +882,9 @@ def sinkhorn_bwd_kernel(
     weight-table gradient dw [6, T] (all zero before; dw by atomic adds, _add_weight_grad).
     Scratch: the set's partials dk2, dk3 [B, T] (natural units) and direct ε gradients deps_rec
     [B, T] (paper's a/ε_t terms), deps_x [B, T] (term t of the x-scale sc[t]); Rbar [B, T, D],
-    Cbar [T, NR] (the adjoints of the LSEs), abar [B, D], bbar [NR].
+    Cbar [T, NR] (the adjoints of the LSEs), abar [B, D], bbar [NR]; xs [B, T]: the x-scale
+    s_t of every iteration, written by the reverse sweep (the dx terms, here or in
+    sinkhorn_dx_kernel, load it instead of dividing by ε_t per iteration and tile).
     """
     b = _set_of_program(order_ptr, RAGGED)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
@@ -857,6 +898,7 @@ def sinkhorn_bwd_kernel(
         abar_b = abar_ptr + b * D
         bbar_b = bbar_ptr + row0
         rfin_b = rfin_ptr + b * D
+        xs_b = xs_ptr + b * T
         lq0_u = -tl.log2(n_b.to(tl.float32))
         ie_fin = _inv_eps(w_ptr, T, T - 1)
         s_fin = ie_fin * _LOG2E
@@ -932,7 +974,7 @@ def sinkhorn_bwd_kernel(
         TX_IN_SWEEP: tl.constexpr = ONE_TILE_N and not PAPER
         FUSED_DX: tl.constexpr = FUSE_DX and ONE_TILE_N and not PAPER and not SPLIT_DX
         dxa = (B_fin, rfin_b, g_ptr + b * D, y_ptr + b * D, s_fin, ie_fin, A_fin, gp_base, sgn,
-               sgd, tot, pg, T, NR, row0, w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b,
+               sgd, tot, pg, T, NR, row0, xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b,
                dx_base, sdn, sdd)
         de_fin = tl.sum(tl.zeros([BD], tl.float32), axis=0)
 
@@ -940,6 +982,7 @@ def sinkhorn_bwd_kernel(
         for i in range(T):
             t = T - 1 - i
             s = _x_scale(w_ptr, T, t, PAPER)
+            tl.store(xs_b + t, s)  # (read by the dx terms of iteration t, after this sweep)
             k2 = _kappa_at(w_ptr, T, t, _A2)
             k3 = _kappa_at(w_ptr, T, t, _A3)
             A_prev = A_b + t * D
@@ -1036,11 +1079,18 @@ def sinkhorn_bwd_kernel(
                             x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
                             abar_b, last, Rbar_t, bbar_b, 1, lp0_b, lp0_u,
                             dlp0_ptr + b * D, dxa, HAS_P0, HAS_GP, False, BN, BD, BT)
+                    elif FUSED_DX:
+                        # the sweep that also writes dx holds ~2x the live tiles: BDF features
+                        # per chunk (launch.fused_sweep_bd; fuse_dx decides with that width)
+                        dk2, tx, de_fin = _exact_bwd_sweep(
+                            x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
+                            abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
+                            dlp0_ptr + b * D, dxa, HAS_P0, HAS_GP, True, BN, BDF, BT)
                     else:
                         dk2, tx, de_fin = _exact_bwd_sweep(
                             x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
                             abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
-                            dlp0_ptr + b * D, dxa, HAS_P0, HAS_GP, FUSED_DX, BN, BD, BT)
+                            dlp0_ptr + b * D, dxa, HAS_P0, HAS_GP, False, BN, BD, BT)
                     e_inv = s * _LN2
                     tl.store(deps_x_ptr + b * T + t, -tx * e_inv * e_inv)
                     tl.store(dk2_ptr + b * T + t, dk2)
@@ -1108,7 +1158,7 @@ def sinkhorn_dx_kernel(
     x_ptr, sxb, sxn, sxd, N, D, T, NR,
     w_ptr, A_ptr, Rn_ptr, Bv_ptr, Cn_ptr, rfin_ptr, tot_ptr, y_ptr,
     g_ptr, gp_ptr, sgb, sgn, sgd, dx_ptr, sdb, sdn, sdd,
-    Rbar_ptr, Cbar_ptr, pg_ptr, dw_ptr,
+    Rbar_ptr, Cbar_ptr, pg_ptr, dw_ptr, xs_ptr,
     PAPER: tl.constexpr, HAS_GP: tl.constexpr, TX: tl.constexpr, BNX: tl.constexpr,
     BDX: tl.constexpr, BT: tl.constexpr,
 ):
@@ -1128,7 +1178,7 @@ def sinkhorn_dx_kernel(
         pg = 0.0
     dxa = (Bv_ptr + T * NR + row0, rfin_ptr + b * D, g_ptr + b * D, y_ptr + b * D,
            ie_fin * _LOG2E, ie_fin, A_ptr + b * (T + 1) * D + T * D, gp_ptr + b * sgb, sgn, sgd,
-           tot, pg, T, NR, row0, w_ptr, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_ptr + b * T * D,
+           tot, pg, T, NR, row0, xs_ptr + b * T, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_ptr + b * T * D,
            Rbar_ptr + b * T * D, A_ptr + b * (T + 1) * D, dx_ptr + b * sdb, sdn, sdd)
     de_fin, de_x = _dx_rows(x_ptr + b * sxb, sxn, sxd, on, on < N, N, D, dxa,
                             tl.zeros([BT], tl.float32), PAPER, HAS_GP, TX, BDX, BT)

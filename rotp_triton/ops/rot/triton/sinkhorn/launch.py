@@ -28,10 +28,13 @@ SPLIT_SETS = False
 SPLIT_ROWS: Optional[int] = None
 SPLIT_MIN_ROWS = 32
 
-# elements of x per thread in one [BN, BD] tile: the forward holds ~3 tiles live, the backward's
-# dx pass ~6; with these budgets ptxas stays below 255 registers without spills (AOT test; 32
-# per thread in the v2 forward would halve its per-chunk vector work but spills to the stack).
+# elements of x per thread in one [BN, BD] tile: the forward and the backward's reverse sweeps
+# hold ~3 tiles live, the dx pass (and the last sweep when it writes dx: it runs at BD / 2)
+# ~6; with these budgets ptxas stays below 255 registers without spills (AOT test; 32 per
+# thread in the v2 forward would halve its per-chunk vector work but spills to the stack;
+# 8 in the sweeps paid the per-chunk column work and reductions over half as many elements).
 FWD_ELEMS_PER_THREAD = 16
+SWEEP_ELEMS_PER_THREAD = 16
 BWD_ELEMS_PER_THREAD = 8
 
 
@@ -60,9 +63,16 @@ def fwd_config(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
     return _config(D, N, FWD_ELEMS_PER_THREAD, num_warps)
 
 
-def bwd_config(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
-    """(BN, BD, one_tile) of the backward (one pass per reverse iteration when one_tile)."""
-    return _config(D, N, BWD_ELEMS_PER_THREAD, num_warps)
+def bwd_config(D: int, N: Optional[int], num_warps: int = 4, has_gp: bool = False) -> tuple:
+    """(BN, BD, one_tile) of the backward (one pass per reverse iteration when one_tile). With
+    a plan gradient (has_gp) the sweeps hold its tile too: 8 elements per thread then."""
+    return _config(D, N, BWD_ELEMS_PER_THREAD if has_gp else SWEEP_ELEMS_PER_THREAD, num_warps)
+
+
+def fused_sweep_bd(BD: int, has_gp: bool) -> int:
+    """Features per chunk of the last reverse sweep when it also writes dx (~2x the live
+    tiles of a sweep): 8 elements per thread, i.e. BD / 2 of the 16-element sweeps."""
+    return BD if has_gp else max(BD // 2, 1)
 
 
 def dx_tile(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
@@ -88,8 +98,9 @@ def fuse_dx(BN: int, BD: int, BNX: int, BDX: int, one_tile: bool, paper: bool) -
     """Write dx in the last reverse sweep (exact, one tile per set) instead of a separate pass:
     that saves one read of x and recomputing ȳ_0 (2 exp2 per element), and costs the extra
     per-row / per-column vectors (3 of each per iteration) that the sweep's [BN, BD] tile loads
-    per element beyond the dx pass's [BNX, BDX] tile: fused while 3/BD + 3/BN is at most 1.5×
-    3/BDX + 3/BNX (W2's 64 × 32 (8 warps) or 64 × 16 (4): yes; W1's 512 × 4: 3.6×, no).
+    per element beyond the dx pass's [BNX, BDX] tile (BD: that sweep's chunk width,
+    :func:`fused_sweep_bd`): fused while 3/BD + 3/BN is at most 1.5× 3/BDX + 3/BNX (W2's
+    64 × 32 (8 warps) or 64 × 16 (4): yes; W1's 512 × 4: 3.6×, no).
     Independent of T, so that every T takes the same path."""
     if not one_tile or paper:
         return False
@@ -280,21 +291,22 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     dparams = torch.zeros(param_grads_numel(B, T, D, NR, has_p0, has_q0), device=x.device,
                           dtype=torch.float32)
     dw, dlp0, dlq0 = param_grad_views(dparams, B, T, D, NR, has_p0, has_q0)
-    # per-set partials of the weight gradient (dk2, dk3, deps_rec, deps_x) and the adjoints
-    # Rbar, Cbar, abar, bbar
-    scratch = torch.empty(4 * B * T + B * T * D + T * NR + B * D + NR + B, device=x.device,
+    # per-set partials of the weight gradient (dk2, dk3, deps_rec, deps_x), the per-set table
+    # of x-scales s_t (xs), and the adjoints Rbar, Cbar, abar, bbar
+    scratch = torch.empty(5 * B * T + B * T * D + T * NR + B * D + NR + B, device=x.device,
                           dtype=torch.float32)
     part, Rbar, Cbar, abar, bbar, pg = _carve(
-        scratch, [(4, B, T), (B, T, D), (T, NR), (B, D), (NR,), (B,)])
+        scratch, [(5, B, T), (B, T, D), (T, NR), (B, D), (NR,), (B,)])
     g = grad_y.float().contiguous()
     has_gp = grad_plan is not None
     gp = grad_plan if has_gp else g
     sgb, sgn, sgd = _strides3(gp, ptr is not None) if has_gp else (0, 0, 0)
     sdb, sdn, sdd = _strides3(dx, ptr is not None)
     nw = num_warps_for(x, B)
-    BN, BD, one_tile = bwd_config(D, N, nw)
+    BN, BD, one_tile = bwd_config(D, N, nw, has_gp)
     BNX, BDX = dx_tile(D, N, nw)
-    fused = fuse_dx(BN, BD, BNX, BDX, one_tile, paper)
+    BDF = fused_sweep_bd(BD, has_gp)
+    fused = fuse_dx(BN, BDF, BNX, BDX, one_tile, paper)
     split = split_dx(x, B, N, fused)
     lp0 = log_p0.float().contiguous() if has_p0 else g
     lq0 = log_q0.float().contiguous() if has_q0 else g
@@ -304,14 +316,14 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
             N if N is not None else 0, D, T, NR, -math.log2(D), w, lp0, lq0, A, Rn, Bv, Cn, rfin,
             tot, y, g, gp, sgb, sgn, sgd, dx, sdb, sdn, sdd,
             dlp0 if has_p0 else g, dlq0 if has_q0 else g, dw, part[0], part[1], part[2],
-            part[3], Rbar, Cbar, abar, bbar, pg,
+            part[3], part[4], Rbar, Cbar, abar, bbar, pg,
             RAGGED=ptr is not None, HAS_P0=has_p0, HAS_Q0=has_q0,
             PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one_tile, BN=BN, BD=BD, BT=next_pow2(T),
-            BNX=BNX, BDX=BDX, FUSE_DX=fused, SPLIT_DX=split, num_warps=nw)
+            BNX=BNX, BDX=BDX, FUSE_DX=fused, SPLIT_DX=split, BDF=BDF, num_warps=nw)
         if split:
             launcher(sinkhorn_dx_kernel, wrap)[(B, cdiv(N, BNX))](
                 x, sxb, sxn, sxd, N, D, T, NR, w, A, Rn, Bv, Cn, rfin, tot, y, g, gp, sgb, sgn,
-                sgd, dx, sdb, sdn, sdd, Rbar, Cbar, pg, dw, PAPER=paper, HAS_GP=has_gp,
+                sgd, dx, sdb, sdn, sdd, Rbar, Cbar, pg, dw, part[4], PAPER=paper, HAS_GP=has_gp,
                 TX=not (one_tile and not paper), BNX=BNX, BDX=BDX, BT=next_pow2(T),
                 num_warps=nw)
     return dx, dparams
