@@ -21,10 +21,11 @@ once; α0 > 0 for B-E W1 T = 4), forward and forward+backward, through the PUBLI
    for fp32 x and streams it above, bench/results/badmm_2026-11-28_v3.md), so work measured at
    other T prices another schedule - the former fit through T = 1, 2, 3 priced W2 T = 16's
    streamed forward as a T² replay (7.8 ms instead of the streamed kernel's time) and paired
-   that count with the streamed kernel's SASS. A reduced problem is ~1e5 elements, so T = 16
-   costs seconds to a minute of interpreter time per case. These counts are cached in
-   ~/.cache/rotp_triton_bench/<hash of rotp_triton's sources>/ (the interpreter dominates the
-   report's time); ROTP_BENCH_NO_CACHE=1 turns the cache off.
+   that count with the streamed kernel's SASS, and it priced kernels that T = 1 never launches
+   (the split B-ADMM row pass and backward pass 2 at W1) at zero work. A reduced problem is
+   ~1e5 elements, so T = 16 costs seconds to a minute of interpreter time per case. These
+   counts are cached in ~/.cache/rotp_triton_bench/<hash of rotp_triton's sources>/ (the
+   interpreter dominates the report's time); ROTP_BENCH_NO_CACHE=1 turns the cache off.
 4. Dynamic instructions: the interpreter's exp2+log2 count × the hot loop's instructions per
    MUFU.EX2/LG2 (the hot loop: the innermost SASS loop with the most MUFU). Per
    element-iteration = that / (elements × T). Kernels whose loops have no EX2/LG2 get none
