@@ -16,9 +16,14 @@ once; α0 > 0 for B-E W1 T = 4), forward and forward+backward, through the PUBLI
 3. Work (``bench/interp_counter.py``, in a subprocess under ``TRITON_INTERPRET=1``): global
    bytes loaded + stored and exp2/log2 evaluations of each kernel, on the same call with FEWER
    SETS (same per-set shape: 1 set for W1/W2, the first 3 sets for W5, one 8×8 image for W3),
-   scaled by the element ratio; run at T = 1, 2, 3 and extrapolated to T by the quadratic
-   through them (exact for work polynomial of degree ≤ 2 in T: forward O(T), a backward that
-   recomputes O(T²)). ``--quick`` also runs T = 4 directly and prints the fit's error. These
+   scaled by the element ratio, run at the case's OWN T. Nothing is extrapolated in T: the
+   launchers choose their schedule from T (the B-ADMM forward replays the state up to T = 11
+   for fp32 x and streams it above, bench/results/badmm_2026-11-28_v3.md), so work measured at
+   other T prices another schedule - the former fit through T = 1, 2, 3 priced W2 T = 16's
+   streamed forward as a T² replay (7.8 ms instead of the streamed kernel's time) and paired
+   that count with the streamed kernel's SASS, and it priced kernels that T = 1 never launches
+   (the split B-ADMM row pass and backward pass 2 at W1) at zero work. A reduced problem is
+   ~1e5 elements, so T = 16 costs seconds to a minute of interpreter time per case. These
    counts are cached in ~/.cache/rotp_triton_bench/<hash of rotp_triton's sources>/ (the
    interpreter dominates the report's time); ROTP_BENCH_NO_CACHE=1 turns the cache off.
 4. Dynamic instructions: the interpreter's exp2+log2 count × the hot loop's instructions per
@@ -59,7 +64,6 @@ from bench import sol  # noqa: E402
 
 METHODS = ("sinkhorn", "badmm-e", "badmm-q")
 SHORT = {"sinkhorn": "S", "badmm-e": "B-E", "badmm-q": "B-Q"}
-FIT_TS = (1, 2, 3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,7 +156,7 @@ def _grad(y, leaves):
 
 
 # --------------------------------------------------------------------------------------------
-# worker (TRITON_INTERPRET=1): kernel work at T = 1, 2, 3 and torch-path op records
+# worker (TRITON_INTERPRET=1): kernel work at the case's T and torch-path op records
 # --------------------------------------------------------------------------------------------
 def _by_name(works) -> dict:
     agg = collections.defaultdict(lambda: dict(launches=0, load_bytes=0, store_bytes=0, exp2=0,
@@ -236,42 +240,36 @@ def _source_hash() -> str:
 _SRC_HASH = None
 
 
-def _work_cache_path(fit_key, check_t4: bool) -> str | None:
-    """Where the interpreter's counts of one (workload, method, variant, α0) are cached (the
+def _work_cache_path(work_key) -> str | None:
+    """Where the interpreter's counts of one (workload, method, variant, α0, T) are cached (the
     interpreter dominates the report's time), or None with ROTP_BENCH_NO_CACHE=1."""
     global _SRC_HASH
     if os.environ.get("ROTP_BENCH_NO_CACHE"):
         return None
     if _SRC_HASH is None:
         _SRC_HASH = _source_hash()
-    name = "_".join(str(k) for k in fit_key) + ("_t4" if check_t4 else "")
+    name = "_".join(str(k) for k in work_key)
     return os.path.join(os.path.expanduser("~/.cache/rotp_triton_bench"), _SRC_HASH,
-                        f"work_{name}.json")
+                        f"work_T_{name}.json")
 
 
-def worker(spec_path: str, out_path: str, check_t4: bool) -> int:
+def worker(spec_path: str, out_path: str) -> int:
     torch.set_num_threads(1)
     spec = json.load(open(spec_path))
     res = {}
-    done_fits = {}
     for c in spec:
         cid = case_id(c)
-        fit_key = (c["workload"], c["method"], c["variant"], c["a0"])
+        work_key = (c["workload"], c["method"], c["variant"], c["a0"], c["T"])
         t0 = time.time()
-        if fit_key not in done_fits:
-            path = _work_cache_path(fit_key, check_t4)
-            if path and os.path.exists(path):
-                fits = {int(k): v for k, v in json.load(open(path)).items()}
-            else:
-                fits = {T: kernel_work(c, T) for T in FIT_TS}
-                if check_t4:
-                    fits[4] = kernel_work(c, 4)
-                if path:
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                    json.dump(fits, open(path, "w"))
-            done_fits[fit_key] = fits
-        res[cid] = dict(fits={str(k): v for k, v in done_fits[fit_key].items()},
-                        torch=torch_ops(c))
+        path = _work_cache_path(work_key)
+        if path and os.path.exists(path):
+            work = json.load(open(path))
+        else:
+            work = kernel_work(c, c["T"])        # at the case's own T: its own schedule
+            if path:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                json.dump(work, open(path, "w"))
+        res[cid] = dict(work=work, torch=torch_ops(c))
         print(f"  [worker] {cid}: {time.time() - t0:.1f} s", flush=True)
     json.dump(res, open(out_path, "w"))
     return 0
@@ -280,15 +278,6 @@ def worker(spec_path: str, out_path: str, check_t4: bool) -> int:
 # --------------------------------------------------------------------------------------------
 # main process: record launches, compile, read SASS, predict
 # --------------------------------------------------------------------------------------------
-def quad_extrapolate(ys: dict, T: int) -> float:
-    """The quadratic through (1, y1), (2, y2), (3, y3) evaluated at T."""
-    y1, y2, y3 = ys[1], ys[2], ys[3]
-    c2 = (y3 - 2 * y2 + y1) / 2
-    c1 = y2 - y1 - 3 * c2
-    c0 = y1 - c1 - c2
-    return max(0.0, c0 + c1 * T + c2 * T * T)
-
-
 def record_case(c: dict):
     """Full-size launches (fwd, bwd) and host ops (fwd, fwd+bwd) of the Triton path."""
     from bench.frontend_report import VIEW_OPS as views, count_host_ops
@@ -338,7 +327,7 @@ def predict_torch(rows, scale: float) -> tuple[float, float, int, int]:
     return eager, comp, ops, syncs
 
 
-def analyse(c, rec, work, scale, sass_cache, quick_check):
+def analyse(c, rec, work, scale, sass_cache):
     from bench import sass
     T = c["T"]
     el = rec["x_elements"]
@@ -360,20 +349,13 @@ def analyse(c, rec, work, scale, sass_cache, quick_check):
                         sass_cache[k] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
                 ks.append(sass_cache[k])
             a = ks[0]
-            fits = {T_: work["fits"][str(T_)][pass_].get(name) for T_ in FIT_TS}
-            if any(f is None for f in fits.values()):
+            got = work["work"][pass_].get(name)
+            if got is None:
                 w = dict(load_bytes=0, store_bytes=0, exp2=0, log2=0)
                 note = "not seen under the interpreter"
             else:
-                w = {k: quad_extrapolate({t: f[k] for t, f in fits.items()}, T) * scale
-                     for k in ("load_bytes", "store_bytes", "exp2", "log2")}
+                w = {k: got[k] * scale for k in ("load_bytes", "store_bytes", "exp2", "log2")}
                 note = ""
-            if quick_check and "4" in work["fits"] and T == 4:
-                d = work["fits"]["4"][pass_].get(name)
-                if d:
-                    got = d["load_bytes"] + d["store_bytes"]
-                    fit = (w["load_bytes"] + w["store_bytes"]) / scale
-                    note = f"fit vs T=4 run: bytes {fit / max(got, 1):.3f}x"
             hot = a.get("hot") or {}
             hmix = hot.get("mix", {})
             ex = hmix.get("EX2LG2", 0)
@@ -445,10 +427,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     p.add_argument("--only", default="", help="substring filter on case ids")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
-    p.add_argument("--check-t4", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        return worker(*args.worker, check_t4=args.check_t4)
+        return worker(*args.worker)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("kernel_report: run WITHOUT TRITON_INTERPRET (kernels are compiled for sm_90)")
         return 2
@@ -464,8 +445,6 @@ def main(argv=None) -> int:
     json.dump(cs, open(spec, "w"))
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", spec, wout]
-    if args.quick:
-        cmd.append("--check-t4")
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT)  # runs while this process compiles
     torch.set_num_threads(1)
     recs, sass_cache = {}, {}
@@ -493,7 +472,7 @@ def main(argv=None) -> int:
         x_red, ptr_red, _ = workload_input(c["workload"], reduced=True)
         scale = x_full.numel() / x_red.numel()
         rec = recs[cid]
-        res = analyse(c, rec, work[cid], scale, sass_cache, args.quick)
+        res = analyse(c, rec, work[cid], scale, sass_cache)
         res["workload_desc"] = desc
         res["scale"] = scale
         res["summary"] = summarise(c, rec, res, work[cid]["torch"], scale, x_full.numel(),
@@ -544,8 +523,9 @@ def markdown(meta, rows) -> str:
          f"exp2/s, issue 128 lanes x {m['sms']} SMs x {m['clock_hz'] / 1e9:.2f} GHz, "
          f"{m['launch_s'] * 1e6:.0f} µs/launch, {m['aten_op_s'] * 1e6:.0f} µs/host aten op, "
          f"{m['sync_s'] * 1e6:.0f} µs/sync. HBM bytes and MUFU counts come from the interpreter "
-         "on fewer sets (same per-set shape) scaled by the element ratio, at T = 1, 2, 3 "
-         "extrapolated to T; bytes are global loads + stores (L2 hits not modelled: an upper "
+         "on fewer sets (same per-set shape) scaled by the element ratio, at the case's own T "
+         "(the schedule the launcher picks for it; nothing extrapolated); bytes are global "
+         "loads + stores (L2 hits not modelled: an upper "
          "bound on HBM traffic: W1 (10 MB) and a W5 set fit in the 50 MB L2, so their "
          "'memory' bounds are pessimistic). Not modelled: load imbalance across programs (W5's "
          "largest set), overlap of the host front end with kernels (added serially), "

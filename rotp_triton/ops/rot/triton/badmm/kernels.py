@@ -499,20 +499,24 @@ def _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0, 
     Y = log S + G/w_P is formed exactly as the passes form it (:func:`_p_step_y`, the same
     reciprocal), so that log P = Y + (log μ - R) cancels to the last bit like theirs: at
     |x| ~ 1e30 any other rounding of Y leaves log P ~ ±1e23 (issue 17's NaN)."""
-    nm = offs_n < n_b
-    dm = offs_d < D
     lq = _load_prior(lq0_b, offs_n, n_b, u_q0, HAS_Q0)
     lp = _load_prior(lp0_b, offs_d, D, u_p0, HAS_P0)
     L = tl.where(mask, lq[:, None] + lp[None, :], float("-inf"))                     # [BN, BD]
     Zt = tl.zeros_like(L)
     if QUAD:
         S = _exp(L)
+    # lanes past the set read the shifts of its last row / column instead of a masked load
+    # (no predicate or zero fill per load in the hot loop): finite values, and those lanes
+    # stay at log S = -inf, P = S = Z = 0 whatever shift they add (row 0 of an empty set
+    # is in the history's bounds: k < t <= T - 1 leaves a later slot after it)
+    hd_col = hd_b + (KV - 1) * D + tl.minimum(offs_d, D - 1)                          # [BD]
+    hn_row = hn_b + (KV - 1) * NR + tl.maximum(tl.minimum(offs_n, n_b - 1), 0)        # [BN]
     for k in range(0, t):
         a1 = tl.load(w_ptr + 1 * T + k)
         rho = tl.load(w_ptr + 4 * T + k)
         # the history's shifts (log μ - R)_k and (log η - C)_k
-        col = tl.load(hd_b + (k * KV + KV - 1) * D + offs_d, mask=dm, other=0.0)      # [BD]
-        row = tl.load(hn_b + (k * KV + KV - 1) * NR + offs_n, mask=nm, other=0.0)     # [BN]
+        col = tl.load(hd_col + k * KV * D)                                            # [BD]
+        row = tl.load(hn_row + k * KV * NR)                                           # [BN]
         if QUAD:
             g = X - Zt - a1 * S
         else:

@@ -121,7 +121,11 @@ def forward_replays(T: int, x_bytes: int) -> bool:
     log S, Z through HBM scratch (2 x_bytes + 24 bytes per element-iteration). Predicted on
     H100 (3.0 TB/s; 2.96e13 lane-instructions/s): replaying costs ~(3.4 + 0.66 T) ps per
     element-iteration, streaming (2 x_bytes + 24) / 3 ps, so replay wins up to T ≈ 11 for fp32
-    x and 9 for fp16/bf16 (was 6 / 5 at 31 instructions). Prediction, not measured."""
+    x and 9 for fp16/bf16 (was 6 / 5 at 31 instructions). Since the history's shifts are loaded
+    without masks the hot loop is ~16.3 instructions per element (130 per 8); the threshold
+    keeps the 19.4 estimate (T = 12, 13 not re-measured; at W2 T = 16 kernel_report prices
+    the stream at 4.5 ms, the replay at ~6.6 ms: its T = 1..3 fit x 130/155). Prediction, not
+    measured."""
     return T <= int(((2 * x_bytes + 24) / 3 - 3.4) / 0.655)
 
 
