@@ -98,7 +98,7 @@ def _set_rows(bounds_ptr, b):
 @triton.jit
 def _sigma_product(m_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, out_ptr, n_b, D,
                    EXP_M: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
-                   BW: tl.constexpr):
+                   BW: tl.constexpr, BK: tl.constexpr):
     """out = Σ2 m Σ1 (paper Σ1 M Σ2) for one set; m, xc, xt, out: (n_b, D) rows of stride D
     (m a log when EXP_M). The Gram matrix's order is chosen per set from its length, S =
     min(n_b, D): Σ1 = xcᵀxc given when n_b >= D (out = xt ((xtᵀ m) Σ1)), else Σ2 = xt xtᵀ
@@ -108,28 +108,28 @@ def _sigma_product(m_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, out_ptr, n_b, D,
     v_ptr = s_ptr + S * S
     if n_b >= D:
         _program_mm(xt_ptr, 1, D, m_ptr, D, 1, w_ptr, S, 1, w_ptr, D, D, n_b,
-                    False, EXP_M, 0, PRECISION, BW, BT, BT)                          # W = xtᵀ m
+                    False, EXP_M, 0, PRECISION, BW, BT, BK)                          # W = xtᵀ m
         tl.debug_barrier()
         _program_mm(w_ptr, S, 1, gram_ptr, S, 1, v_ptr, S, 1, v_ptr, D, D, D,
-                    False, False, 0, PRECISION, BT, BT, BT)                          # V = W Σ1
+                    False, False, 0, PRECISION, BT, BT, BK)                          # V = W Σ1
         tl.debug_barrier()
         _program_mm(xt_ptr, D, 1, v_ptr, S, 1, out_ptr, D, 1, out_ptr, n_b, D, D,
-                    False, False, 0, PRECISION, BT, BW, BT)                          # out = xt V
+                    False, False, 0, PRECISION, BT, BW, BK)                          # out = xt V
     else:
         _program_mm(m_ptr, D, 1, xc_ptr, 1, D, w_ptr, S, 1, w_ptr, n_b, n_b, D,
-                    EXP_M, False, 0, PRECISION, BT, BW, BT)                          # U = m xcᵀ
+                    EXP_M, False, 0, PRECISION, BT, BW, BK)                          # U = m xcᵀ
         tl.debug_barrier()
         _program_mm(gram_ptr, S, 1, w_ptr, S, 1, v_ptr, S, 1, v_ptr, n_b, n_b, n_b,
-                    False, False, 0, PRECISION, BT, BT, BT)                          # Q = Σ2 U
+                    False, False, 0, PRECISION, BT, BT, BK)                          # Q = Σ2 U
         tl.debug_barrier()
         _program_mm(v_ptr, S, 1, xc_ptr, D, 1, out_ptr, D, 1, out_ptr, n_b, D, n_b,
-                    False, False, 0, PRECISION, BW, BT, BT)                          # out = Q xc
+                    False, False, 0, PRECISION, BW, BT, BK)                          # out = Q xc
     tl.debug_barrier()   # out is read by other threads of this program next
 
 
 @triton.jit
 def _sigma_adjoint(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, dxc_ptr, dxt_ptr, dm_ptr,
-                   n_b, D, PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr):
+                   n_b, D, PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr):
     """Adjoint of out = Σ2 exp(m) Σ1 (m a log) for one set and upstream g (n_b, D):
     dm += exp(m) ⊙ Σ2 g Σ1 (Σ1, Σ2 symmetric), dxc += ∂/∂xc, dxt += ∂/∂xt (the Gram matrix
     differentiated through its factor). The order as in _sigma_product (S = min(n_b, D));
@@ -145,28 +145,28 @@ def _sigma_adjoint(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, dxc_ptr, dxt_p
         dw_ptr = s_ptr + 3 * SS
         ds_ptr = s_ptr + 4 * SS
         _program_mm(xt_ptr, 1, D, m_ptr, D, 1, w_ptr, S, 1, w_ptr, D, D, n_b,
-                    False, True, 0, PRECISION, BW, BT, BT)                           # W = xtᵀ M
+                    False, True, 0, PRECISION, BW, BT, BK)                           # W = xtᵀ M
         _program_mm(xt_ptr, 1, D, g_ptr, D, 1, dv_ptr, S, 1, dv_ptr, D, D, n_b,
-                    False, False, 0, PRECISION, BW, BT, BT)                          # dV = xtᵀ g
+                    False, False, 0, PRECISION, BW, BT, BK)                          # dV = xtᵀ g
         tl.debug_barrier()
         _program_mm(w_ptr, S, 1, gram_ptr, S, 1, v_ptr, S, 1, v_ptr, D, D, D,
-                    False, False, 0, PRECISION, BT, BT, BT)                          # V = W Σ1
+                    False, False, 0, PRECISION, BT, BT, BK)                          # V = W Σ1
         _program_mm(dv_ptr, S, 1, gram_ptr, S, 1, dw_ptr, S, 1, dw_ptr, D, D, D,
-                    False, False, 0, PRECISION, BT, BT, BT)                          # dW = dV Σ1
+                    False, False, 0, PRECISION, BT, BT, BK)                          # dW = dV Σ1
         _program_mm(w_ptr, 1, S, dv_ptr, S, 1, ds_ptr, S, 1, ds_ptr, D, D, D,
-                    False, False, 0, PRECISION, BT, BT, BT)                          # dΣ1 = Wᵀ dV
+                    False, False, 0, PRECISION, BT, BT, BK)                          # dΣ1 = Wᵀ dV
         tl.debug_barrier()
         _program_mm(g_ptr, D, 1, v_ptr, 1, S, dxt_ptr, D, 1, dxt_ptr, n_b, D, D,
-                    False, False, 1, PRECISION, BT, BW, BT)                          # dxt += g Vᵀ
+                    False, False, 1, PRECISION, BT, BW, BK)                          # dxt += g Vᵀ
         _program_mm(xc_ptr, D, 1, ds_ptr, S, 1, dxc_ptr, D, 1, dxc_ptr, n_b, D, D,
-                    False, False, 1, PRECISION, BT, BW, BT)                          # dxc += xc dΣ1
+                    False, False, 1, PRECISION, BT, BW, BK)                          # dxc += xc dΣ1
         _program_mm(xt_ptr, D, 1, dw_ptr, S, 1, dm_ptr, D, 1, m_ptr, n_b, D, D,
-                    False, False, 2, PRECISION, BT, BW, BT)                          # dm += M ⊙ xt dW
+                    False, False, 2, PRECISION, BT, BW, BK)                          # dm += M ⊙ xt dW
         tl.debug_barrier()
         _program_mm(m_ptr, D, 1, dw_ptr, 1, S, dxt_ptr, D, 1, dxt_ptr, n_b, D, D,
-                    True, False, 1, PRECISION, BT, BW, BT)                           # dxt += M dWᵀ
+                    True, False, 1, PRECISION, BT, BW, BK)                           # dxt += M dWᵀ
         _program_mm(xc_ptr, D, 1, ds_ptr, 1, S, dxc_ptr, D, 1, dxc_ptr, n_b, D, D,
-                    False, False, 1, PRECISION, BT, BW, BT)                          # dxc += xc dΣ1ᵀ
+                    False, False, 1, PRECISION, BT, BW, BK)                          # dxc += xc dΣ1ᵀ
     else:
         # out = Q xc, Q = Σ2 U, U = M xcᵀ
         u_ptr = s_ptr
@@ -175,35 +175,35 @@ def _sigma_adjoint(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, dxc_ptr, dxt_p
         du_ptr = s_ptr + 3 * SS
         ds_ptr = s_ptr + 4 * SS
         _program_mm(m_ptr, D, 1, xc_ptr, 1, D, u_ptr, S, 1, u_ptr, n_b, n_b, D,
-                    True, False, 0, PRECISION, BT, BW, BT)                           # U = M xcᵀ
+                    True, False, 0, PRECISION, BT, BW, BK)                           # U = M xcᵀ
         _program_mm(g_ptr, D, 1, xc_ptr, 1, D, dq_ptr, S, 1, dq_ptr, n_b, n_b, D,
-                    False, False, 0, PRECISION, BT, BW, BT)                          # dQ = g xcᵀ
+                    False, False, 0, PRECISION, BT, BW, BK)                          # dQ = g xcᵀ
         tl.debug_barrier()
         _program_mm(gram_ptr, S, 1, u_ptr, S, 1, q_ptr, S, 1, q_ptr, n_b, n_b, n_b,
-                    False, False, 0, PRECISION, BT, BT, BT)                          # Q = Σ2 U
+                    False, False, 0, PRECISION, BT, BT, BK)                          # Q = Σ2 U
         _program_mm(gram_ptr, S, 1, dq_ptr, S, 1, du_ptr, S, 1, du_ptr, n_b, n_b, n_b,
-                    False, False, 0, PRECISION, BT, BT, BT)                          # dU = Σ2 dQ
+                    False, False, 0, PRECISION, BT, BT, BK)                          # dU = Σ2 dQ
         _program_mm(dq_ptr, S, 1, u_ptr, 1, S, ds_ptr, S, 1, ds_ptr, n_b, n_b, n_b,
-                    False, False, 0, PRECISION, BT, BT, BT)                          # dΣ2 = dQ Uᵀ
+                    False, False, 0, PRECISION, BT, BT, BK)                          # dΣ2 = dQ Uᵀ
         tl.debug_barrier()
         _program_mm(q_ptr, 1, S, g_ptr, D, 1, dxc_ptr, D, 1, dxc_ptr, n_b, D, n_b,
-                    False, False, 1, PRECISION, BW, BT, BT)                          # dxc += Qᵀ g
+                    False, False, 1, PRECISION, BW, BT, BK)                          # dxc += Qᵀ g
         _program_mm(ds_ptr, S, 1, xt_ptr, D, 1, dxt_ptr, D, 1, dxt_ptr, n_b, D, n_b,
-                    False, False, 1, PRECISION, BW, BT, BT)                          # dxt += dΣ2 xt
+                    False, False, 1, PRECISION, BW, BT, BK)                          # dxt += dΣ2 xt
         _program_mm(du_ptr, S, 1, xc_ptr, D, 1, dm_ptr, D, 1, m_ptr, n_b, D, n_b,
-                    False, False, 2, PRECISION, BW, BT, BT)                          # dm += M ⊙ dU xc
+                    False, False, 2, PRECISION, BW, BT, BK)                          # dm += M ⊙ dU xc
         tl.debug_barrier()
         _program_mm(du_ptr, 1, S, m_ptr, D, 1, dxc_ptr, D, 1, dxc_ptr, n_b, D, n_b,
-                    False, True, 1, PRECISION, BW, BT, BT)                           # dxc += dUᵀ M
+                    False, True, 1, PRECISION, BW, BT, BK)                           # dxc += dUᵀ M
         _program_mm(ds_ptr, 1, S, xt_ptr, D, 1, dxt_ptr, D, 1, dxt_ptr, n_b, D, n_b,
-                    False, False, 1, PRECISION, BW, BT, BT)                          # dxt += dΣ2ᵀ xt
+                    False, False, 1, PRECISION, BW, BT, BK)                          # dxt += dΣ2ᵀ xt
     tl.debug_barrier()
 
 
 @triton.jit
 def sigma_product_kernel(m_ptr, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, out_ptr, bounds_ptr, D,
                          EXP_M: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
-                   BW: tl.constexpr):
+                   BW: tl.constexpr, BK: tl.constexpr):
     """out = Σ2 m Σ1 for every set, one program per set (see _sigma_product).
     m, xc, xt, out: (R, D) rows; gram: (R·D,) and scratch (2·R·D,): set b's block at row
     bounds[b]·D (resp. 2·bounds[b]·D), room for its (S, S) matrices as S² <= n_b·D."""
@@ -211,13 +211,13 @@ def sigma_product_kernel(m_ptr, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, out_ptr, 
     row0, n_b = _set_rows(bounds_ptr, b)
     rows0 = row0 * D
     _sigma_product(m_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + rows0,
-                   scratch_ptr + 2 * rows0, out_ptr + rows0, n_b, D, EXP_M, PRECISION, BT, BW)
+                   scratch_ptr + 2 * rows0, out_ptr + rows0, n_b, D, EXP_M, PRECISION, BT, BW, BK)
 
 
 @triton.jit
 def sigma_adjoint_kernel(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr,
                          dxt_ptr, dm_ptr, bounds_ptr, D, PRECISION: tl.constexpr,
-                         BT: tl.constexpr, BW: tl.constexpr):
+                         BT: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr):
     """The adjoint of Σ2 exp(m) Σ1 for every set, one program per set (see _sigma_adjoint).
     m (log), g, xc, xt, dxc, dxt, dm: (R, D) rows; gram (R·D,); scratch (5·R·D,)."""
     b = tl.program_id(0)
@@ -225,14 +225,14 @@ def sigma_adjoint_kernel(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dx
     rows0 = row0 * D
     _sigma_adjoint(m_ptr + rows0, g_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
                    gram_ptr + rows0, scratch_ptr + 5 * rows0, dxc_ptr + rows0,
-                   dxt_ptr + rows0, dm_ptr + rows0, n_b, D, PRECISION, BT, BW)
+                   dxt_ptr + rows0, dm_ptr + rows0, n_b, D, PRECISION, BT, BW, BK)
 
 
 @triton.jit
 def structure_factors_kernel(x_ptr, bounds_ptr, log_p0_ptr, log_q0_ptr, x32_ptr, xc_ptr,
                              xt_ptr, gram_ptr, lq0_ptr, log_s0_ptr, s_xb, s_xn, s_xd, D,
                              DENSE_X: tl.constexpr, HAS_Q0: tl.constexpr,
-                             PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+                             PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr,
                              BN: tl.constexpr,
                              BD: tl.constexpr):
     """One program per set: the fp32 copy of x, the normalized factors, the smaller Gram
@@ -304,10 +304,10 @@ def structure_factors_kernel(x_ptr, bounds_ptr, log_p0_ptr, log_q0_ptr, x32_ptr,
     S = tl.minimum(n_b, D)
     if n_b >= D:
         _program_mm(xc_ptr + rows0, 1, D, xc_ptr + rows0, D, 1, gram_ptr + rows0, S, 1,
-                    gram_ptr + rows0, D, D, n_b, False, False, 0, PRECISION, BW, BT, BT)  # Σ1 = xcᵀ xc
+                    gram_ptr + rows0, D, D, n_b, False, False, 0, PRECISION, BW, BT, BK)  # Σ1 = xcᵀ xc
     else:
         _program_mm(xt_ptr + rows0, D, 1, xt_ptr + rows0, 1, D, gram_ptr + rows0, S, 1,
-                    gram_ptr + rows0, n_b, n_b, D, False, False, 0, PRECISION, BT, BW, BT)  # Σ2 = xt xtᵀ
+                    gram_ptr + rows0, n_b, n_b, D, False, False, 0, PRECISION, BT, BW, BK)  # Σ2 = xt xtᵀ
 
 
 @triton.jit
@@ -414,7 +414,7 @@ def _s_step_weight(a1, rho, QUADRATIC: tl.constexpr, PAPER: tl.constexpr):
 def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr, log_mu_ptr,
                         r_out_ptr, mu_out_ptr, bounds_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
                         D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr,
-                        PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+                        PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr,
                         QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
                         SAVE: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """P-step of B-E/B-Q, one program per set (all D features).
@@ -431,7 +431,7 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
     rows0 = row0 * D
     _sigma_product(log_s_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + rows0,
                    scratch_ptr + 2 * rows0, sig_ptr + rows0, n_b, D, True,
-                   PRECISION, BT, BW)
+                   PRECISION, BT, BW, BK)
     a0 = tl.load(a0_ptr + t)
     a1 = tl.load(a1_ptr + t)
     w = _p_step_weight(a1, tl.load(rho_ptr + t), QUADRATIC, PAPER)
@@ -484,7 +484,7 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
                         z2_ptr, log_p0_ptr, log_mu_ptr, z1_ptr, eta_out_ptr, bounds_ptr,
                         a0_ptr, a1_ptr, a2_ptr, a3_ptr, rho_ptr, t, D,
                         xc_ptr, xt_ptr, gram_ptr, scratch_ptr,
-                        PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+                        PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr,
                         QUADRATIC: tl.constexpr, PAPER: tl.constexpr, SAVE: tl.constexpr,
                         BN: tl.constexpr, BD: tl.constexpr):
     """S-step and dual update of B-E/B-Q, one program per set.
@@ -504,7 +504,7 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
     rows0 = row0 * D
     _sigma_product(log_p_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + rows0,
                    scratch_ptr + 2 * rows0, sig_ptr + rows0, n_b, D, True,
-                   PRECISION, BT, BW)
+                   PRECISION, BT, BW, BK)
     a0 = tl.load(a0_ptr + t)
     a1 = tl.load(a1_ptr + t)
     rho = tl.load(rho_ptr + t)
@@ -591,7 +591,7 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
                               log_q0_ptr, hist_r_ptr, hist_a_ptr, hist_c_ptr, hist_b_ptr,
                               bounds_ptr, a0_ptr, a1_ptr, a2_ptr, a3_ptr, tau_ptr, t,
                               K, n_rows, D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr,
-                        PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+                        PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr,
                         PAPER: tl.constexpr, SAVE: tl.constexpr,
                               BN: tl.constexpr, BD: tl.constexpr):
     """One proximal (Alg. 1) outer step of S, all K inner iterations, one program per set.
@@ -609,7 +609,7 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
     rows0 = row0 * D
     _sigma_product(log_p_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + rows0,
                    scratch_ptr + 2 * rows0, sig_ptr + rows0, n_b, D, True,
-                   PRECISION, BT, BW)
+                   PRECISION, BT, BW, BK)
     a0 = tl.load(a0_ptr + t)
     tau = tl.load(tau_ptr + t)
     eps = tl.load(a1_ptr + t) + tau
@@ -716,7 +716,7 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
                             g_lq0_ptr, gvec_ptr, row_x_ptr, col_x_ptr, wpart_ptr, bounds_ptr,
                             a0_ptr, a1_ptr, a3_ptr, rho_ptr, t, D,
                             xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr,
-                            PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+                            PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr,
                             QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
                             BN: tl.constexpr, BD: tl.constexpr):
     """Adjoint of the exact S-step and dual update (badmm_s_step_kernel), one program per set.
@@ -820,7 +820,7 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
     rows0 = row0 * D
     _sigma_adjoint(log_p_ptr + rows0, g_sig_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
                    gram_ptr + rows0, scratch_ptr + 5 * rows0, dxc_ptr + rows0, dxt_ptr + rows0,
-                   g_lp_ptr + rows0, n_b, D, PRECISION, BT, BW)
+                   g_lp_ptr + rows0, n_b, D, PRECISION, BT, BW, BK)
 
 
 @triton.jit
@@ -828,7 +828,7 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
                             r_ptr, mu_ptr, log_p0_ptr, g_l_ptr, g_x_ptr, g_z_ptr, g_sig_ptr,
                             g_lp0_ptr, wpart_ptr, bounds_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
                             D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr,
-                        PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+                        PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr,
                         QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
                             BN: tl.constexpr, BD: tl.constexpr):
     """Adjoint of the exact P-step (badmm_p_step_kernel), one program per set.
@@ -911,7 +911,7 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
     rows0 = row0 * D
     _sigma_adjoint(log_s_ptr + rows0, g_sig_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
                    gram_ptr + rows0, scratch_ptr + 5 * rows0, dxc_ptr + rows0, dxt_ptr + rows0,
-                   g_l_ptr + rows0, n_b, D, PRECISION, BT, BW)
+                   g_l_ptr + rows0, n_b, D, PRECISION, BT, BW, BK)
 
 
 @triton.jit
@@ -922,7 +922,7 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
                                   a2_ptr, a3_ptr, tau_ptr, t, K, n_rows, D,
                                   xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr,
                                   PRECISION: tl.constexpr,
-                                  BT: tl.constexpr, BW: tl.constexpr, PAPER: tl.constexpr,
+                                  BT: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr, PAPER: tl.constexpr,
                                   BN: tl.constexpr,
                                   BD: tl.constexpr):
     """Adjoint of one proximal S step (sinkhorn_prox_step_kernel, SAVE), one program per
@@ -1072,7 +1072,7 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
     rows0 = row0 * D
     _sigma_adjoint(log_p_ptr + rows0, g_sig_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
                    gram_ptr + rows0, scratch_ptr + 5 * rows0, dxc_ptr + rows0, dxt_ptr + rows0,
-                   g_lp_ptr + rows0, n_b, D, PRECISION, BT, BW)
+                   g_lp_ptr + rows0, n_b, D, PRECISION, BT, BW, BK)
 
 
 @triton.jit

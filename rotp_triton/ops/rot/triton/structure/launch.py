@@ -77,25 +77,35 @@ def mm_tile(D: int) -> int:
     return max(16, min(64, triton.next_power_of_2(D)))
 
 
-# Wide GEMM tiles (BW up to 128): each (n, D) operand of a product, and its exp, read once
-# instead of ⌈D/64⌉ times (W1: 2.6x fewer predicted bytes with the tile fix below), but ptxas
-# spills 3x more to the stack at D = 100 (sigma_adjoint: 3,184 B stack, 7,376 LDL+STL vs 984 B,
-# 2,200 at BW = BT), so off until the register pressure is fixed.
-WIDE_GEMM_TILES = os.environ.get("ROTP_STRUCTURE_WIDE_TILES", "0") == "1"
+# Wide GEMM tiles (BW up to 128): a GEMM whose output has D (or n_b < D) rows or columns reads
+# its (n_b, D) operand, and its exp, once instead of ⌈D/64⌉ times (W1: x's and the state's
+# re-reads halved). With the K step of the FMA dots at 8 (mm_k_step) ptxas fits them: the W1
+# step kernels compile with no spills, the adjoints with < 0.5 KiB (they spilled 9.5 KiB at
+# BK = BT = 64). ROTP_STRUCTURE_WIDE_TILES=0 turns them off (square BT tiles).
+WIDE_GEMM_TILES = os.environ.get("ROTP_STRUCTURE_WIDE_TILES", "1") == "1"
 
 
-def mm_wide(D: int) -> int:
+def mm_wide(D: int, precision: str = "ieee") -> int:
     """The wide side of a GEMM tile (BW): with WIDE_GEMM_TILES next_power_of_2(D) up to 128, so
     that a GEMM whose output has D (or n_b < D) rows or columns reads its (n_b, D) operand once;
-    otherwise BT (square tiles)."""
-    if not WIDE_GEMM_TILES:
+    otherwise BT (square tiles). Tensor-core dots keep square tiles (wide, the tf32 adjoint
+    spilled 1.4 KiB; square, none)."""
+    if not WIDE_GEMM_TILES or precision != "ieee":
         return mm_tile(D)
     return max(mm_tile(D), min(128, triton.next_power_of_2(D)))
 
 
-def mm_meta(D: int) -> dict:
-    """The tile constexprs of the in-program GEMMs (BT, BW) for D features."""
-    return dict(BT=mm_tile(D), BW=mm_wide(D))
+def mm_k_step(D: int, precision: str) -> int:
+    """The K step (BK) of the in-program GEMMs. fp32 FMA dots ("ieee") hold a [BM, BK] and a
+    [BK, BN] operand slice per thread besides the accumulator: BK = 8 (tl.dot's smallest K)
+    keeps a [128, 64] tile in registers (BK = 64 spilled 9.5 KiB per adjoint kernel at W1).
+    Tensor-core dots need K >= 16: BK = 16 (BK = 64 spilled 7.5 KiB in the tf32 adjoint)."""
+    return 8 if precision == "ieee" else 16
+
+
+def mm_meta(D: int, precision: str = "ieee") -> dict:
+    """The tile constexprs of the in-program GEMMs (BT, BW, BK) for D features."""
+    return dict(BT=mm_tile(D), BW=mm_wide(D, precision), BK=mm_k_step(D, precision))
 
 
 class Factors:
@@ -127,7 +137,7 @@ class Factors:
         if self.B > 0:
             _wrap(sigma_product_kernel)[(self.B,)](
                 m, self.xc, self.xt, self.gram, self.scratch(2), out, self.bounds, self.D,
-                EXP_M=exp, PRECISION=self.precision, **mm_meta(self.D),
+                EXP_M=exp, **self.meta(),
                 num_warps=PER_SET_WARPS)
         return out
 
@@ -137,7 +147,7 @@ class Factors:
         if self.B > 0:
             _wrap(sigma_adjoint_kernel)[(self.B,)](
                 log_m, g, self.xc, self.xt, self.gram, self.scratch(5), dxc, dxt, dm,
-                self.bounds, self.D, PRECISION=self.precision, **mm_meta(self.D),
+                self.bounds, self.D, **self.meta(),
                 num_warps=PER_SET_WARPS)
 
     def step_args(self) -> tuple:
@@ -152,7 +162,7 @@ class Factors:
 
     def meta(self) -> dict:
         """The constexprs of the in-program structure product."""
-        return dict(PRECISION=self.precision, **mm_meta(self.D))
+        return dict(PRECISION=self.precision, **mm_meta(self.D, self.precision))
 
 
 class _Problem:
@@ -225,7 +235,7 @@ def setup(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
         _wrap(structure_factors_kernel)[(B,)](
             x, bounds, lp0, q_in if q_in is not None else lq0, x32, xc, xt, gram, lq0, log_s0,
             s_xb, s_xn, s_xd, D, DENSE_X=dense, HAS_Q0=q_in is not None, PRECISION=precision,
-            **mm_meta(D), BN=row_block(BD), BD=BD, num_warps=PER_SET_WARPS)
+            **mm_meta(D, precision), BN=row_block(BD), BD=BD, num_warps=PER_SET_WARPS)
     w = {k: _fp32(v, dev) for k, v in weights.items()}
     pb = _Problem(x32, bounds, lp0, lq0, log_s0, w, method, variant, int(w["a1"].shape[0]), K)
     return pb, Factors(xc, xt, gram.view(-1), bounds, precision)
