@@ -150,6 +150,15 @@ def test_autograd_function_fallback(monkeypatch):
     _check_case([4, 0, 2], 3, "badmm-q", "paper", dense=False, grads=True, seed=17)
 
 
+@pytest.mark.parametrize("method,variant", [("badmm-e", "paper"), ("badmm-e", "exact"),
+                                            ("sinkhorn", "exact")])
+def test_gradients_checkpoint_segments(method, variant):
+    """T = 5 (checkpoints every ⌈√5⌉ = 3 iterations): the backward's re-runs from a checkpoint
+    with plain iterations before the kept pair (segment [0, 3): iteration 0 run, then 1 and 2
+    kept) and a segment of two (B-ADMM keeps both re-runs for two reverse steps)."""
+    _check_case([4, 0, 3], 3, method, variant, dense=False, grads=True, seed=23, Tn=5)
+
+
 @pytest.mark.parametrize("dense", [True, False], ids=["dense", "ragged"])
 def test_badmm_q_exact_large_a1(dense):
     """B-Q exact at α1/ρ = 1e3 (T = 8), where the spec's step weight ρ made the P/S updates
@@ -457,14 +466,23 @@ ADJOINT_SPILL_BYTES = 512
 # ============================================================================================
 def _expected_launches(method, Tn):
     """The launch plan of docs/adjoints.md: forward = factors (+ Gram) · L per iteration ·
-    pool; backward = factors · the pooling adjoint · the factors' adjoint · one sweep to the √T checkpoints · the recompute inside each
-    segment · per iteration the re-run (L) and the adjoints (L, Σ adjoints fused)."""
+    pool; backward = factors · the pooling adjoint · the factors' adjoint · one sweep to the
+    √T checkpoints · the re-runs inside each segment · per iteration the adjoints (L, Σ
+    adjoints fused). S re-runs each iteration t from its checkpoint (t - ck + 1 runs); B-ADMM
+    re-runs two iterations at a time, keeping both (j + 1 runs for the pair ending at the
+    segment's j-th iteration, j = m - 1, m - 3, ...)."""
     L = 1 if method == "sinkhorn" else 2
     k = math.ceil(math.sqrt(Tn))
     sweep = k * ((Tn - 1) // k)
-    recompute = sum(t % k for t in range(Tn))
+    rerun = 0
+    for a in range(0, Tn, k):
+        m = min(k, Tn - a)
+        if method == "sinkhorn":
+            rerun += sum(j + 1 for j in range(m))
+        else:
+            rerun += sum(j + 1 for j in range(m - 1, -1, -2))
     fwd = 1 + L * Tn + 1
-    bwd = 3 + L * (sweep + recompute) + 2 * L * Tn   # factors, their adjoint, pooling's adjoint
+    bwd = 3 + L * (sweep + rerun) + L * Tn   # factors, their adjoint, pooling's adjoint
     return fwd, bwd
 
 
