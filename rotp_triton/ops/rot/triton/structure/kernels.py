@@ -26,6 +26,28 @@ _NEG_BIG = tl.constexpr(-1.0e30)  # finite "-inf" for running maxima: no (-inf) 
 # whole product is one launch (or a prologue / epilogue of a step kernel) instead of 3 + 9
 # ============================================================================================
 @triton.jit
+def _load_operand(ptr, offs_r, s_r, r_ok, offs_c, s_c, c_ok, EXP: tl.constexpr):
+    """A [len(offs_r), len(offs_c)] GEMM operand tile by strides; EXP: the operand holds a log
+    (loaded as exp, entries outside as exp(-inf) = 0)."""
+    msk = r_ok[:, None] & c_ok[None, :]
+    off = offs_r[:, None] * s_r + offs_c[None, :] * s_c
+    if EXP:
+        v = tl.exp(tl.load(ptr + off, mask=msk, other=float("-inf")))
+    else:
+        v = tl.load(ptr + off, mask=msk, other=0.0)
+    return v
+
+
+@triton.jit
+def _tile_dot(a, b, acc, PRECISION: tl.constexpr):
+    if PRECISION == "bf16":   # bf16 tensor cores (bf16 inputs), fp32 accumulate
+        acc += tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:                     # "ieee" (fp32 FMA) or "tf32" (tensor cores)
+        acc += tl.dot(a, b, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _program_mm(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, c_ptr, sc_m, sc_n, e_ptr, M, N, K,
                 EXP_A: tl.constexpr, EXP_B: tl.constexpr, MODE: tl.constexpr,
                 PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -40,6 +62,22 @@ def _program_mm(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, c_ptr, sc_m, sc_n, e_ptr, 
     PRECISION: "ieee" | "tf32" | "bf16" (operands rounded to bf16); fp32 accumulation.
     Writes only the logical M×N block.
     """
+    _program_mm2(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n,
+                 c_ptr, sc_m, sc_n, e_ptr, M, N, K, EXP_A, EXP_B, False, False, False, False,
+                 False, MODE, PRECISION, BM, BN, BK)
+
+
+@triton.jit
+def _program_mm2(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, a2_ptr, sa2_m, sa2_k, b2_ptr, sb2_k,
+                 sb2_n, c_ptr, sc_m, sc_n, e_ptr, M, N, K, EXP_A: tl.constexpr,
+                 EXP_B: tl.constexpr, EXP_A2: tl.constexpr, EXP_B2: tl.constexpr,
+                 HAS2: tl.constexpr, SYM_A: tl.constexpr, SYM_B: tl.constexpr,
+                 MODE: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr):
+    """_program_mm with, when HAS2, a second product of the same shape in the same output
+    tiles: C (+)= A B + A2 B2; SYM_A / SYM_B: A (resp. B) square, used as A + Aᵀ (B + Bᵀ).
+    The adjoints' two contributions to one (n_b, D) gradient then read and write it once
+    instead of twice."""
     for m0 in range(0, M, BM):
         offs_m = m0 + tl.arange(0, BM)
         m_ok = offs_m < M
@@ -50,22 +88,22 @@ def _program_mm(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, c_ptr, sc_m, sc_n, e_ptr, 
             for k0 in range(0, K, BK):
                 offs_k = k0 + tl.arange(0, BK)
                 k_ok = offs_k < K
-                a_msk = m_ok[:, None] & k_ok[None, :]
-                a_off = offs_m[:, None] * sa_m + offs_k[None, :] * sa_k
-                if EXP_A:
-                    a = tl.exp(tl.load(a_ptr + a_off, mask=a_msk, other=float("-inf")))
-                else:
-                    a = tl.load(a_ptr + a_off, mask=a_msk, other=0.0)            # [BM, BK]
-                b_msk = k_ok[:, None] & n_ok[None, :]
-                b_off = offs_k[:, None] * sb_k + offs_n[None, :] * sb_n
-                if EXP_B:
-                    bv = tl.exp(tl.load(b_ptr + b_off, mask=b_msk, other=float("-inf")))
-                else:
-                    bv = tl.load(b_ptr + b_off, mask=b_msk, other=0.0)           # [BK, BN]
-                if PRECISION == "bf16":   # bf16 tensor cores (bf16 inputs), fp32 accumulate
-                    acc += tl.dot(a.to(tl.bfloat16), bv.to(tl.bfloat16))
-                else:                     # "ieee" (fp32 FMA) or "tf32" (tensor cores)
-                    acc += tl.dot(a, bv, input_precision=PRECISION)
+                a = _load_operand(a_ptr, offs_m, sa_m, m_ok, offs_k, sa_k, k_ok, EXP_A)
+                if SYM_A:
+                    a += _load_operand(a_ptr, offs_m, sa_k, m_ok, offs_k, sa_m, k_ok, EXP_A)
+                bv = _load_operand(b_ptr, offs_k, sb_k, k_ok, offs_n, sb_n, n_ok, EXP_B)
+                if SYM_B:
+                    bv += _load_operand(b_ptr, offs_k, sb_n, k_ok, offs_n, sb_k, n_ok, EXP_B)
+                acc = _tile_dot(a, bv, acc, PRECISION)                        # [BM, BN]
+            if HAS2:   # its own K loop: one pair of operand tiles live at a time
+                for k0 in range(0, K, BK):
+                    offs_k = k0 + tl.arange(0, BK)
+                    k_ok = offs_k < K
+                    a2 = _load_operand(a2_ptr, offs_m, sa2_m, m_ok, offs_k, sa2_k, k_ok,
+                                       EXP_A2)
+                    b2 = _load_operand(b2_ptr, offs_k, sb2_k, k_ok, offs_n, sb2_n, n_ok,
+                                       EXP_B2)
+                    acc = _tile_dot(a2, b2, acc, PRECISION)
             c_off = offs_m[:, None] * sc_m + offs_n[None, :] * sc_n
             c_msk = m_ok[:, None] & n_ok[None, :]
             if MODE == 1:
@@ -156,17 +194,14 @@ def _sigma_adjoint(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, dxc_ptr, dxt_p
         _program_mm(w_ptr, 1, S, dv_ptr, S, 1, ds_ptr, S, 1, ds_ptr, D, D, D,
                     False, False, 0, PRECISION, BT, BT, BK)                          # dΣ1 = Wᵀ dV
         tl.debug_barrier()
-        _program_mm(g_ptr, D, 1, v_ptr, 1, S, dxt_ptr, D, 1, dxt_ptr, n_b, D, D,
-                    False, False, 1, PRECISION, BT, BW, BK)                          # dxt += g Vᵀ
-        _program_mm(xc_ptr, D, 1, ds_ptr, S, 1, dxc_ptr, D, 1, dxc_ptr, n_b, D, D,
-                    False, False, 1, PRECISION, BT, BW, BK)                          # dxc += xc dΣ1
+        _program_mm2(g_ptr, D, 1, v_ptr, 1, S, m_ptr, D, 1, dw_ptr, 1, S, dxt_ptr, D, 1,
+                     dxt_ptr, n_b, D, D, False, False, True, False, True, False, False, 1,
+                     PRECISION, BT, BW, BK)                           # dxt += g Vᵀ + M dWᵀ
+        _program_mm2(xc_ptr, D, 1, ds_ptr, S, 1, xc_ptr, D, 1, ds_ptr, S, 1, dxc_ptr, D, 1,
+                     dxc_ptr, n_b, D, D, False, False, False, False, False, False, True, 1,
+                     PRECISION, BT, BW, BK)                           # dxc += xc (dΣ1 + dΣ1ᵀ)
         _program_mm(xt_ptr, D, 1, dw_ptr, S, 1, dm_ptr, D, 1, m_ptr, n_b, D, D,
                     False, False, 2, PRECISION, BT, BW, BK)                          # dm += M ⊙ xt dW
-        tl.debug_barrier()
-        _program_mm(m_ptr, D, 1, dw_ptr, 1, S, dxt_ptr, D, 1, dxt_ptr, n_b, D, D,
-                    True, False, 1, PRECISION, BT, BW, BK)                           # dxt += M dWᵀ
-        _program_mm(xc_ptr, D, 1, ds_ptr, 1, S, dxc_ptr, D, 1, dxc_ptr, n_b, D, D,
-                    False, False, 1, PRECISION, BT, BW, BK)                          # dxc += xc dΣ1ᵀ
     else:
         # out = Q xc, Q = Σ2 U, U = M xcᵀ
         u_ptr = s_ptr
@@ -186,17 +221,14 @@ def _sigma_adjoint(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, dxc_ptr, dxt_p
         _program_mm(dq_ptr, S, 1, u_ptr, 1, S, ds_ptr, S, 1, ds_ptr, n_b, n_b, n_b,
                     False, False, 0, PRECISION, BT, BT, BK)                          # dΣ2 = dQ Uᵀ
         tl.debug_barrier()
-        _program_mm(q_ptr, 1, S, g_ptr, D, 1, dxc_ptr, D, 1, dxc_ptr, n_b, D, n_b,
-                    False, False, 1, PRECISION, BW, BT, BK)                          # dxc += Qᵀ g
-        _program_mm(ds_ptr, S, 1, xt_ptr, D, 1, dxt_ptr, D, 1, dxt_ptr, n_b, D, n_b,
-                    False, False, 1, PRECISION, BW, BT, BK)                          # dxt += dΣ2 xt
+        _program_mm2(q_ptr, 1, S, g_ptr, D, 1, du_ptr, 1, S, m_ptr, D, 1, dxc_ptr, D, 1,
+                     dxc_ptr, n_b, D, n_b, False, False, False, True, True, False, False, 1,
+                     PRECISION, BW, BT, BK)                           # dxc += Qᵀ g + dUᵀ M
+        _program_mm2(ds_ptr, S, 1, xt_ptr, D, 1, ds_ptr, S, 1, xt_ptr, D, 1, dxt_ptr, D, 1,
+                     dxt_ptr, n_b, D, n_b, False, False, False, False, False, True, False, 1,
+                     PRECISION, BW, BT, BK)                           # dxt += (dΣ2 + dΣ2ᵀ) xt
         _program_mm(du_ptr, S, 1, xc_ptr, D, 1, dm_ptr, D, 1, m_ptr, n_b, D, n_b,
                     False, False, 2, PRECISION, BW, BT, BK)                          # dm += M ⊙ dU xc
-        tl.debug_barrier()
-        _program_mm(du_ptr, 1, S, m_ptr, D, 1, dxc_ptr, D, 1, dxc_ptr, n_b, D, n_b,
-                    False, True, 1, PRECISION, BW, BT, BK)                           # dxc += dUᵀ M
-        _program_mm(ds_ptr, 1, S, xt_ptr, D, 1, dxt_ptr, D, 1, dxt_ptr, n_b, D, n_b,
-                    False, False, 1, PRECISION, BW, BT, BK)                          # dxt += dΣ2ᵀ xt
     tl.debug_barrier()
 
 
