@@ -167,7 +167,8 @@ def _sigma_product(m_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, out_ptr, n_b, D,
 
 @triton.jit
 def _sigma_adjoint(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, dxc_ptr, dxt_ptr, dm_ptr,
-                   n_b, D, PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr):
+                   n_b, D, PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+                   BK: tl.constexpr):
     """Adjoint of out = Σ2 exp(m) Σ1 (m a log) for one set and upstream g (n_b, D):
     dm += exp(m) ⊙ Σ2 g Σ1 (Σ1, Σ2 symmetric), dxc += ∂/∂xc, dxt += ∂/∂xt (the Gram matrix
     differentiated through its factor). The order as in _sigma_product (S = min(n_b, D));
@@ -264,7 +265,8 @@ def sigma_adjoint_kernel(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dx
 def structure_factors_kernel(x_ptr, bounds_ptr, log_p0_ptr, log_q0_ptr, x32_ptr, xc_ptr,
                              xt_ptr, gram_ptr, lq0_ptr, log_s0_ptr, s_xb, s_xn, s_xd, D,
                              DENSE_X: tl.constexpr, HAS_Q0: tl.constexpr,
-                             PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr,
+                             PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+                             BK: tl.constexpr,
                              BN: tl.constexpr,
                              BD: tl.constexpr):
     """One program per set: the fp32 copy of x, the normalized factors, the smaller Gram
@@ -446,7 +448,8 @@ def _s_step_weight(a1, rho, QUADRATIC: tl.constexpr, PAPER: tl.constexpr):
 def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr, log_mu_ptr,
                         r_out_ptr, mu_out_ptr, bounds_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
                         D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr,
-                        PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr,
+                        PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+                        BK: tl.constexpr,
                         QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
                         SAVE: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """P-step of B-E/B-Q, one program per set (all D features).
@@ -516,7 +519,8 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
                         z2_ptr, log_p0_ptr, log_mu_ptr, z1_ptr, eta_out_ptr, bounds_ptr,
                         a0_ptr, a1_ptr, a2_ptr, a3_ptr, rho_ptr, t, D,
                         xc_ptr, xt_ptr, gram_ptr, scratch_ptr,
-                        PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr,
+                        PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+                        BK: tl.constexpr,
                         QUADRATIC: tl.constexpr, PAPER: tl.constexpr, SAVE: tl.constexpr,
                         BN: tl.constexpr, BD: tl.constexpr):
     """S-step and dual update of B-E/B-Q, one program per set.
@@ -623,7 +627,8 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
                               log_q0_ptr, hist_r_ptr, hist_a_ptr, hist_c_ptr, hist_b_ptr,
                               bounds_ptr, a0_ptr, a1_ptr, a2_ptr, a3_ptr, tau_ptr, t,
                               K, n_rows, D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr,
-                        PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr,
+                        PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+                        BK: tl.constexpr,
                         PAPER: tl.constexpr, SAVE: tl.constexpr,
                               BN: tl.constexpr, BD: tl.constexpr):
     """One proximal (Alg. 1) outer step of S, all K inner iterations, one program per set.
@@ -748,7 +753,8 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
                             g_lq0_ptr, gvec_ptr, row_x_ptr, col_x_ptr, wpart_ptr, bounds_ptr,
                             a0_ptr, a1_ptr, a3_ptr, rho_ptr, t, D,
                             xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr,
-                            PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr,
+                            PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+                            BK: tl.constexpr,
                             QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
                             BN: tl.constexpr, BD: tl.constexpr):
     """Adjoint of the exact S-step and dual update (badmm_s_step_kernel), one program per set.
@@ -860,7 +866,8 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
                             r_ptr, mu_ptr, log_p0_ptr, g_l_ptr, g_x_ptr, g_z_ptr, g_sig_ptr,
                             g_lp0_ptr, wpart_ptr, bounds_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
                             D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr,
-                        PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr,
+                        PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+                        BK: tl.constexpr,
                         QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
                             BN: tl.constexpr, BD: tl.constexpr):
     """Adjoint of the exact P-step (badmm_p_step_kernel), one program per set.
@@ -954,7 +961,8 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
                                   a2_ptr, a3_ptr, tau_ptr, t, K, n_rows, D,
                                   xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr,
                                   PRECISION: tl.constexpr,
-                                  BT: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr, PAPER: tl.constexpr,
+                                  BT: tl.constexpr, BW: tl.constexpr,
+                                  BK: tl.constexpr, PAPER: tl.constexpr,
                                   BN: tl.constexpr,
                                   BD: tl.constexpr):
     """Adjoint of one proximal S step (sinkhorn_prox_step_kernel, SAVE), one program per
