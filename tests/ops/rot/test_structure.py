@@ -150,6 +150,15 @@ def test_autograd_function_fallback(monkeypatch):
     _check_case([4, 0, 2], 3, "badmm-q", "paper", dense=False, grads=True, seed=17)
 
 
+@pytest.mark.parametrize("method,variant", [("badmm-e", "paper"), ("badmm-e", "exact"),
+                                            ("sinkhorn", "exact")])
+def test_gradients_checkpoint_segments(method, variant):
+    """T = 5 (checkpoints every ⌈√5⌉ = 3 iterations): the backward's re-runs from a checkpoint
+    with plain iterations before the kept pair (segment [0, 3): iteration 0 run, then 1 and 2
+    kept) and a segment of two (B-ADMM keeps both re-runs for two reverse steps)."""
+    _check_case([4, 0, 3], 3, method, variant, dense=False, grads=True, seed=23, Tn=5)
+
+
 @pytest.mark.parametrize("dense", [True, False], ids=["dense", "ragged"])
 def test_badmm_q_exact_large_a1(dense):
     """B-Q exact at α1/ρ = 1e3 (T = 8), where the spec's step weight ρ made the P/S updates
@@ -328,17 +337,14 @@ def test_torch_compile_fullgraph(a0_tensor, layout):
 
 
 _AOT = r"""
-import os, re, subprocess, tempfile
 import triton
-from aot import compile_sm90
+from aot import compile_sm90, ptxas_usage
 from rotp_triton.ops.rot.triton.structure import kernels as ts
 from rotp_triton.ops.rot.triton.structure.launch import PER_SET_WARPS, mm_meta, row_block
 N, D = 500, 100          # W1
 BD = triton.next_power_of_2(D)
 BN = row_block(BD)
 P, I = "*fp32", "i32"
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                         "cuobjdump")
 SIGMA = dict(xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P)              # Σ prologue
 SIGMA_ADJ = dict(xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P, dxc_ptr=P, dxt_ptr=P)
 SIGMA_CONST = dict(PRECISION="ieee", **mm_meta(D))
@@ -350,17 +356,8 @@ def ck(kernel, sig, const, name, sigma=None):
         const = dict(SIGMA_CONST, **const)
     sig.update({k: "constexpr" for k in const})
     c = compile_sm90(kernel, sig, const, num_warps=PER_SET_WARPS)   # as the launchers
-    usage = "REG:? LOCAL:?"
-    if os.path.exists(CUOBJDUMP):
-        with tempfile.TemporaryDirectory() as d:
-            f = os.path.join(d, "k.cubin")
-            open(f, "wb").write(c.asm["cubin"])
-            out = subprocess.run([CUOBJDUMP, "-res-usage", f], capture_output=True,
-                                 text=True).stdout
-        m = re.search(r"REG:(\d+).*LOCAL:(\d+)", out)
-        if m:
-            usage = f"REG:{m.group(1)} LOCAL:{m.group(2)}"
-    print(f"RESULT {name} {usage}")
+    u = ptxas_usage(c)   # ptxas -v: cuobjdump's LOCAL stays 0 when registers spill
+    print(f"RESULT {name} REG:{u['registers']} SPILL:{u['spill_bytes']}")
 """
 
 # the kernels in four groups, one subprocess each (each fits the timeout on a loaded machine)
@@ -375,12 +372,13 @@ for dense, dtype in ((True, "*fp16"), (False, "*fp32")):
 for prec in ("ieee", "tf32", "bf16"):
     ck(ts.sigma_product_kernel,
        dict(m_ptr=P, xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P, out_ptr=P, bounds_ptr=B64,
-            D=I), dict(EXP_M=True, PRECISION=prec, **mm_meta(D)), f"sigma_product[{prec}]")
+            D=I), dict(EXP_M=True, PRECISION=prec, **mm_meta(D, prec)),
+       f"sigma_product[{prec}]")
 for prec in ("ieee", "tf32"):
     ck(ts.sigma_adjoint_kernel,
        dict(m_ptr=P, g_ptr=P, xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P, dxc_ptr=P,
             dxt_ptr=P, dm_ptr=P, bounds_ptr=B64, D=I),
-       dict(PRECISION=prec, **mm_meta(D)), f"sigma_adjoint[{prec}]")
+       dict(PRECISION=prec, **mm_meta(D, prec)), f"sigma_adjoint[{prec}]")
 """,
     "badmm-steps": r"""
 for quad, paper in ((True, False), (False, True)):
@@ -447,13 +445,20 @@ ck(ts.structure_factors_bwd_kernel,
 def test_aot_sm90(group, n_kernels):
     """Every kernel (each constexpr branch at least once; both Gram orders are in every binary,
     chosen per set at run time) compiles for sm_90 at the W1 sizes (N = 500, D = 100), and
-    ptxas reports no local-memory spills."""
+    ptxas -v reports no register spills, except the adjoint kernels (many live [BN, BD] tiles
+    in their passes): at most ADJOINT_SPILL_BYTES each (9.5 KiB with BK = 64; 0.2-0.6 KiB now,
+    whose LDL/STL sit in the passes' loops, ~2 % of their instructions, none in the GEMMs')."""
     out = run_without_interpreter(_AOT + _AOT_GROUPS[group], timeout=1200)
     lines = [ln for ln in out.splitlines() if ln.startswith("RESULT")]
     print("\n".join(lines))
     assert len(lines) == n_kernels
     for line in lines:
-        assert "LOCAL:0" in line or "LOCAL:?" in line, line
+        name, spill = line.split()[1], int(line.rsplit("SPILL:", 1)[1])
+        adjoint = "bwd" in name or "adjoint" in name
+        assert spill <= (ADJOINT_SPILL_BYTES if adjoint else 0), line
+
+
+ADJOINT_SPILL_BYTES = 640
 
 
 # ============================================================================================
@@ -461,14 +466,23 @@ def test_aot_sm90(group, n_kernels):
 # ============================================================================================
 def _expected_launches(method, Tn):
     """The launch plan of docs/adjoints.md: forward = factors (+ Gram) · L per iteration ·
-    pool; backward = factors · the pooling adjoint · the factors' adjoint · one sweep to the √T checkpoints · the recompute inside each
-    segment · per iteration the re-run (L) and the adjoints (L, Σ adjoints fused)."""
+    pool; backward = factors · the pooling adjoint · the factors' adjoint · one sweep to the
+    √T checkpoints · the re-runs inside each segment · per iteration the adjoints (L, Σ
+    adjoints fused). S re-runs each iteration t from its checkpoint (t - ck + 1 runs); B-ADMM
+    re-runs two iterations at a time, keeping both (j + 1 runs for the pair ending at the
+    segment's j-th iteration, j = m - 1, m - 3, ...)."""
     L = 1 if method == "sinkhorn" else 2
     k = math.ceil(math.sqrt(Tn))
     sweep = k * ((Tn - 1) // k)
-    recompute = sum(t % k for t in range(Tn))
+    rerun = 0
+    for a in range(0, Tn, k):
+        m = min(k, Tn - a)
+        if method == "sinkhorn":
+            rerun += sum(j + 1 for j in range(m))
+        else:
+            rerun += sum(j + 1 for j in range(m - 1, -1, -2))
     fwd = 1 + L * Tn + 1
-    bwd = 3 + L * (sweep + recompute) + 2 * L * Tn   # factors, their adjoint, pooling's adjoint
+    bwd = 3 + L * (sweep + rerun) + L * Tn   # factors, their adjoint, pooling's adjoint
     return fwd, bwd
 
 
@@ -558,15 +572,16 @@ def test_tensor_core_accuracy(monkeypatch, method):
         assert rel_err(y, y_ref) <= 2e-3, rel_err(y, y_ref)
 
 
+@pytest.mark.parametrize("wide", [True, False], ids=["wide", "square"])
 @pytest.mark.parametrize("sizes,D", [([6, 2, 0, 3], 3), ([3, 1], 7), ([70, 5, 0], 66)],
                          ids=["mixed-orders", "n-order", "wide-tiles"])
-def test_structure_product_kernels(monkeypatch, sizes, D):
+def test_structure_product_kernels(monkeypatch, sizes, D, wide):
     """sigma_product_kernel / sigma_adjoint_kernel (the in-program GEMM sequences that the step
     kernels inline) against torch autograd of Σ2 exp(m) Σ1 per set, Σ1 = xcᵀxc, Σ2 = xt xtᵀ,
     sets of different lengths in one ragged batch (n_b >= D: Σ1 materialized, n_b < D: Σ2;
-    D = 66: [64, 128] tiles, the wide side BW != BT)."""
+    D = 66: [64, 128] tiles, the wide side BW != BT), with the default wide tiles and without."""
     from rotp_triton.ops.rot.triton.structure import launch
-    monkeypatch.setattr(launch, "WIDE_GEMM_TILES", True)   # the off-by-default wide tiles too
+    monkeypatch.setattr(launch, "WIDE_GEMM_TILES", wide)
     setup = launch.setup
     g = torch.Generator().manual_seed(41)
     ptr = torch.tensor([0] + sizes, device=DEVICE).cumsum(0)

@@ -26,6 +26,28 @@ _NEG_BIG = tl.constexpr(-1.0e30)  # finite "-inf" for running maxima: no (-inf) 
 # whole product is one launch (or a prologue / epilogue of a step kernel) instead of 3 + 9
 # ============================================================================================
 @triton.jit
+def _load_operand(ptr, offs_r, s_r, r_ok, offs_c, s_c, c_ok, EXP: tl.constexpr):
+    """A [len(offs_r), len(offs_c)] GEMM operand tile by strides; EXP: the operand holds a log
+    (loaded as exp, entries outside as exp(-inf) = 0)."""
+    msk = r_ok[:, None] & c_ok[None, :]
+    off = offs_r[:, None] * s_r + offs_c[None, :] * s_c
+    if EXP:
+        v = tl.exp(tl.load(ptr + off, mask=msk, other=float("-inf")))
+    else:
+        v = tl.load(ptr + off, mask=msk, other=0.0)
+    return v
+
+
+@triton.jit
+def _tile_dot(a, b, acc, PRECISION: tl.constexpr):
+    if PRECISION == "bf16":   # bf16 tensor cores (bf16 inputs), fp32 accumulate
+        acc += tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:                     # "ieee" (fp32 FMA) or "tf32" (tensor cores)
+        acc += tl.dot(a, b, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _program_mm(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, c_ptr, sc_m, sc_n, e_ptr, M, N, K,
                 EXP_A: tl.constexpr, EXP_B: tl.constexpr, MODE: tl.constexpr,
                 PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -40,6 +62,22 @@ def _program_mm(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, c_ptr, sc_m, sc_n, e_ptr, 
     PRECISION: "ieee" | "tf32" | "bf16" (operands rounded to bf16); fp32 accumulation.
     Writes only the logical M×N block.
     """
+    _program_mm2(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n,
+                 c_ptr, sc_m, sc_n, e_ptr, M, N, K, EXP_A, EXP_B, False, False, False, False,
+                 False, MODE, PRECISION, BM, BN, BK)
+
+
+@triton.jit
+def _program_mm2(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, a2_ptr, sa2_m, sa2_k, b2_ptr, sb2_k,
+                 sb2_n, c_ptr, sc_m, sc_n, e_ptr, M, N, K, EXP_A: tl.constexpr,
+                 EXP_B: tl.constexpr, EXP_A2: tl.constexpr, EXP_B2: tl.constexpr,
+                 HAS2: tl.constexpr, SYM_A: tl.constexpr, SYM_B: tl.constexpr,
+                 MODE: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr):
+    """_program_mm with, when HAS2, a second product of the same shape in the same output
+    tiles: C (+)= A B + A2 B2; SYM_A / SYM_B: A (resp. B) square, used as A + Aᵀ (B + Bᵀ).
+    The adjoints' two contributions to one (n_b, D) gradient then read and write it once
+    instead of twice."""
     for m0 in range(0, M, BM):
         offs_m = m0 + tl.arange(0, BM)
         m_ok = offs_m < M
@@ -50,22 +88,22 @@ def _program_mm(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, c_ptr, sc_m, sc_n, e_ptr, 
             for k0 in range(0, K, BK):
                 offs_k = k0 + tl.arange(0, BK)
                 k_ok = offs_k < K
-                a_msk = m_ok[:, None] & k_ok[None, :]
-                a_off = offs_m[:, None] * sa_m + offs_k[None, :] * sa_k
-                if EXP_A:
-                    a = tl.exp(tl.load(a_ptr + a_off, mask=a_msk, other=float("-inf")))
-                else:
-                    a = tl.load(a_ptr + a_off, mask=a_msk, other=0.0)            # [BM, BK]
-                b_msk = k_ok[:, None] & n_ok[None, :]
-                b_off = offs_k[:, None] * sb_k + offs_n[None, :] * sb_n
-                if EXP_B:
-                    bv = tl.exp(tl.load(b_ptr + b_off, mask=b_msk, other=float("-inf")))
-                else:
-                    bv = tl.load(b_ptr + b_off, mask=b_msk, other=0.0)           # [BK, BN]
-                if PRECISION == "bf16":   # bf16 tensor cores (bf16 inputs), fp32 accumulate
-                    acc += tl.dot(a.to(tl.bfloat16), bv.to(tl.bfloat16))
-                else:                     # "ieee" (fp32 FMA) or "tf32" (tensor cores)
-                    acc += tl.dot(a, bv, input_precision=PRECISION)
+                a = _load_operand(a_ptr, offs_m, sa_m, m_ok, offs_k, sa_k, k_ok, EXP_A)
+                if SYM_A:
+                    a += _load_operand(a_ptr, offs_m, sa_k, m_ok, offs_k, sa_m, k_ok, EXP_A)
+                bv = _load_operand(b_ptr, offs_k, sb_k, k_ok, offs_n, sb_n, n_ok, EXP_B)
+                if SYM_B:
+                    bv += _load_operand(b_ptr, offs_k, sb_n, k_ok, offs_n, sb_k, n_ok, EXP_B)
+                acc = _tile_dot(a, bv, acc, PRECISION)                        # [BM, BN]
+            if HAS2:   # its own K loop: one pair of operand tiles live at a time
+                for k0 in range(0, K, BK):
+                    offs_k = k0 + tl.arange(0, BK)
+                    k_ok = offs_k < K
+                    a2 = _load_operand(a2_ptr, offs_m, sa2_m, m_ok, offs_k, sa2_k, k_ok,
+                                       EXP_A2)
+                    b2 = _load_operand(b2_ptr, offs_k, sb2_k, k_ok, offs_n, sb2_n, n_ok,
+                                       EXP_B2)
+                    acc = _tile_dot(a2, b2, acc, PRECISION)
             c_off = offs_m[:, None] * sc_m + offs_n[None, :] * sc_n
             c_msk = m_ok[:, None] & n_ok[None, :]
             if MODE == 1:
@@ -98,7 +136,7 @@ def _set_rows(bounds_ptr, b):
 @triton.jit
 def _sigma_product(m_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, out_ptr, n_b, D,
                    EXP_M: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
-                   BW: tl.constexpr):
+                   BW: tl.constexpr, BK: tl.constexpr):
     """out = Σ2 m Σ1 (paper Σ1 M Σ2) for one set; m, xc, xt, out: (n_b, D) rows of stride D
     (m a log when EXP_M). The Gram matrix's order is chosen per set from its length, S =
     min(n_b, D): Σ1 = xcᵀxc given when n_b >= D (out = xt ((xtᵀ m) Σ1)), else Σ2 = xt xtᵀ
@@ -108,28 +146,29 @@ def _sigma_product(m_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, out_ptr, n_b, D,
     v_ptr = s_ptr + S * S
     if n_b >= D:
         _program_mm(xt_ptr, 1, D, m_ptr, D, 1, w_ptr, S, 1, w_ptr, D, D, n_b,
-                    False, EXP_M, 0, PRECISION, BW, BT, BT)                          # W = xtᵀ m
+                    False, EXP_M, 0, PRECISION, BW, BT, BK)                          # W = xtᵀ m
         tl.debug_barrier()
         _program_mm(w_ptr, S, 1, gram_ptr, S, 1, v_ptr, S, 1, v_ptr, D, D, D,
-                    False, False, 0, PRECISION, BT, BT, BT)                          # V = W Σ1
+                    False, False, 0, PRECISION, BT, BT, BK)                          # V = W Σ1
         tl.debug_barrier()
         _program_mm(xt_ptr, D, 1, v_ptr, S, 1, out_ptr, D, 1, out_ptr, n_b, D, D,
-                    False, False, 0, PRECISION, BT, BW, BT)                          # out = xt V
+                    False, False, 0, PRECISION, BT, BW, BK)                          # out = xt V
     else:
         _program_mm(m_ptr, D, 1, xc_ptr, 1, D, w_ptr, S, 1, w_ptr, n_b, n_b, D,
-                    EXP_M, False, 0, PRECISION, BT, BW, BT)                          # U = m xcᵀ
+                    EXP_M, False, 0, PRECISION, BT, BW, BK)                          # U = m xcᵀ
         tl.debug_barrier()
         _program_mm(gram_ptr, S, 1, w_ptr, S, 1, v_ptr, S, 1, v_ptr, n_b, n_b, n_b,
-                    False, False, 0, PRECISION, BT, BT, BT)                          # Q = Σ2 U
+                    False, False, 0, PRECISION, BT, BT, BK)                          # Q = Σ2 U
         tl.debug_barrier()
         _program_mm(v_ptr, S, 1, xc_ptr, D, 1, out_ptr, D, 1, out_ptr, n_b, D, n_b,
-                    False, False, 0, PRECISION, BW, BT, BT)                          # out = Q xc
+                    False, False, 0, PRECISION, BW, BT, BK)                          # out = Q xc
     tl.debug_barrier()   # out is read by other threads of this program next
 
 
 @triton.jit
 def _sigma_adjoint(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, dxc_ptr, dxt_ptr, dm_ptr,
-                   n_b, D, PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr):
+                   n_b, D, PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+                   BK: tl.constexpr):
     """Adjoint of out = Σ2 exp(m) Σ1 (m a log) for one set and upstream g (n_b, D):
     dm += exp(m) ⊙ Σ2 g Σ1 (Σ1, Σ2 symmetric), dxc += ∂/∂xc, dxt += ∂/∂xt (the Gram matrix
     differentiated through its factor). The order as in _sigma_product (S = min(n_b, D));
@@ -145,28 +184,25 @@ def _sigma_adjoint(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, dxc_ptr, dxt_p
         dw_ptr = s_ptr + 3 * SS
         ds_ptr = s_ptr + 4 * SS
         _program_mm(xt_ptr, 1, D, m_ptr, D, 1, w_ptr, S, 1, w_ptr, D, D, n_b,
-                    False, True, 0, PRECISION, BW, BT, BT)                           # W = xtᵀ M
+                    False, True, 0, PRECISION, BW, BT, BK)                           # W = xtᵀ M
         _program_mm(xt_ptr, 1, D, g_ptr, D, 1, dv_ptr, S, 1, dv_ptr, D, D, n_b,
-                    False, False, 0, PRECISION, BW, BT, BT)                          # dV = xtᵀ g
+                    False, False, 0, PRECISION, BW, BT, BK)                          # dV = xtᵀ g
         tl.debug_barrier()
         _program_mm(w_ptr, S, 1, gram_ptr, S, 1, v_ptr, S, 1, v_ptr, D, D, D,
-                    False, False, 0, PRECISION, BT, BT, BT)                          # V = W Σ1
+                    False, False, 0, PRECISION, BT, BT, BK)                          # V = W Σ1
         _program_mm(dv_ptr, S, 1, gram_ptr, S, 1, dw_ptr, S, 1, dw_ptr, D, D, D,
-                    False, False, 0, PRECISION, BT, BT, BT)                          # dW = dV Σ1
+                    False, False, 0, PRECISION, BT, BT, BK)                          # dW = dV Σ1
         _program_mm(w_ptr, 1, S, dv_ptr, S, 1, ds_ptr, S, 1, ds_ptr, D, D, D,
-                    False, False, 0, PRECISION, BT, BT, BT)                          # dΣ1 = Wᵀ dV
+                    False, False, 0, PRECISION, BT, BT, BK)                          # dΣ1 = Wᵀ dV
         tl.debug_barrier()
-        _program_mm(g_ptr, D, 1, v_ptr, 1, S, dxt_ptr, D, 1, dxt_ptr, n_b, D, D,
-                    False, False, 1, PRECISION, BT, BW, BT)                          # dxt += g Vᵀ
-        _program_mm(xc_ptr, D, 1, ds_ptr, S, 1, dxc_ptr, D, 1, dxc_ptr, n_b, D, D,
-                    False, False, 1, PRECISION, BT, BW, BT)                          # dxc += xc dΣ1
+        _program_mm2(g_ptr, D, 1, v_ptr, 1, S, m_ptr, D, 1, dw_ptr, 1, S, dxt_ptr, D, 1,
+                     dxt_ptr, n_b, D, D, False, False, True, False, True, False, False, 1,
+                     PRECISION, BT, BW, BK)                           # dxt += g Vᵀ + M dWᵀ
+        _program_mm2(xc_ptr, D, 1, ds_ptr, S, 1, xc_ptr, D, 1, ds_ptr, S, 1, dxc_ptr, D, 1,
+                     dxc_ptr, n_b, D, D, False, False, False, False, False, False, True, 1,
+                     PRECISION, BT, BW, BK)                           # dxc += xc (dΣ1 + dΣ1ᵀ)
         _program_mm(xt_ptr, D, 1, dw_ptr, S, 1, dm_ptr, D, 1, m_ptr, n_b, D, D,
-                    False, False, 2, PRECISION, BT, BW, BT)                          # dm += M ⊙ xt dW
-        tl.debug_barrier()
-        _program_mm(m_ptr, D, 1, dw_ptr, 1, S, dxt_ptr, D, 1, dxt_ptr, n_b, D, D,
-                    True, False, 1, PRECISION, BT, BW, BT)                           # dxt += M dWᵀ
-        _program_mm(xc_ptr, D, 1, ds_ptr, 1, S, dxc_ptr, D, 1, dxc_ptr, n_b, D, D,
-                    False, False, 1, PRECISION, BT, BW, BT)                          # dxc += xc dΣ1ᵀ
+                    False, False, 2, PRECISION, BT, BW, BK)                          # dm += M ⊙ xt dW
     else:
         # out = Q xc, Q = Σ2 U, U = M xcᵀ
         u_ptr = s_ptr
@@ -175,35 +211,32 @@ def _sigma_adjoint(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, dxc_ptr, dxt_p
         du_ptr = s_ptr + 3 * SS
         ds_ptr = s_ptr + 4 * SS
         _program_mm(m_ptr, D, 1, xc_ptr, 1, D, u_ptr, S, 1, u_ptr, n_b, n_b, D,
-                    True, False, 0, PRECISION, BT, BW, BT)                           # U = M xcᵀ
+                    True, False, 0, PRECISION, BT, BW, BK)                           # U = M xcᵀ
         _program_mm(g_ptr, D, 1, xc_ptr, 1, D, dq_ptr, S, 1, dq_ptr, n_b, n_b, D,
-                    False, False, 0, PRECISION, BT, BW, BT)                          # dQ = g xcᵀ
+                    False, False, 0, PRECISION, BT, BW, BK)                          # dQ = g xcᵀ
         tl.debug_barrier()
         _program_mm(gram_ptr, S, 1, u_ptr, S, 1, q_ptr, S, 1, q_ptr, n_b, n_b, n_b,
-                    False, False, 0, PRECISION, BT, BT, BT)                          # Q = Σ2 U
+                    False, False, 0, PRECISION, BT, BT, BK)                          # Q = Σ2 U
         _program_mm(gram_ptr, S, 1, dq_ptr, S, 1, du_ptr, S, 1, du_ptr, n_b, n_b, n_b,
-                    False, False, 0, PRECISION, BT, BT, BT)                          # dU = Σ2 dQ
+                    False, False, 0, PRECISION, BT, BT, BK)                          # dU = Σ2 dQ
         _program_mm(dq_ptr, S, 1, u_ptr, 1, S, ds_ptr, S, 1, ds_ptr, n_b, n_b, n_b,
-                    False, False, 0, PRECISION, BT, BT, BT)                          # dΣ2 = dQ Uᵀ
+                    False, False, 0, PRECISION, BT, BT, BK)                          # dΣ2 = dQ Uᵀ
         tl.debug_barrier()
-        _program_mm(q_ptr, 1, S, g_ptr, D, 1, dxc_ptr, D, 1, dxc_ptr, n_b, D, n_b,
-                    False, False, 1, PRECISION, BW, BT, BT)                          # dxc += Qᵀ g
-        _program_mm(ds_ptr, S, 1, xt_ptr, D, 1, dxt_ptr, D, 1, dxt_ptr, n_b, D, n_b,
-                    False, False, 1, PRECISION, BW, BT, BT)                          # dxt += dΣ2 xt
+        _program_mm2(q_ptr, 1, S, g_ptr, D, 1, du_ptr, 1, S, m_ptr, D, 1, dxc_ptr, D, 1,
+                     dxc_ptr, n_b, D, n_b, False, False, False, True, True, False, False, 1,
+                     PRECISION, BW, BT, BK)                           # dxc += Qᵀ g + dUᵀ M
+        _program_mm2(ds_ptr, S, 1, xt_ptr, D, 1, ds_ptr, S, 1, xt_ptr, D, 1, dxt_ptr, D, 1,
+                     dxt_ptr, n_b, D, n_b, False, False, False, False, False, True, False, 1,
+                     PRECISION, BW, BT, BK)                           # dxt += (dΣ2 + dΣ2ᵀ) xt
         _program_mm(du_ptr, S, 1, xc_ptr, D, 1, dm_ptr, D, 1, m_ptr, n_b, D, n_b,
-                    False, False, 2, PRECISION, BW, BT, BT)                          # dm += M ⊙ dU xc
-        tl.debug_barrier()
-        _program_mm(du_ptr, 1, S, m_ptr, D, 1, dxc_ptr, D, 1, dxc_ptr, n_b, D, n_b,
-                    False, True, 1, PRECISION, BW, BT, BT)                           # dxc += dUᵀ M
-        _program_mm(ds_ptr, 1, S, xt_ptr, D, 1, dxt_ptr, D, 1, dxt_ptr, n_b, D, n_b,
-                    False, False, 1, PRECISION, BW, BT, BT)                          # dxt += dΣ2ᵀ xt
+                    False, False, 2, PRECISION, BW, BT, BK)                          # dm += M ⊙ dU xc
     tl.debug_barrier()
 
 
 @triton.jit
 def sigma_product_kernel(m_ptr, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, out_ptr, bounds_ptr, D,
                          EXP_M: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
-                   BW: tl.constexpr):
+                   BW: tl.constexpr, BK: tl.constexpr):
     """out = Σ2 m Σ1 for every set, one program per set (see _sigma_product).
     m, xc, xt, out: (R, D) rows; gram: (R·D,) and scratch (2·R·D,): set b's block at row
     bounds[b]·D (resp. 2·bounds[b]·D), room for its (S, S) matrices as S² <= n_b·D."""
@@ -211,13 +244,13 @@ def sigma_product_kernel(m_ptr, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, out_ptr, 
     row0, n_b = _set_rows(bounds_ptr, b)
     rows0 = row0 * D
     _sigma_product(m_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + rows0,
-                   scratch_ptr + 2 * rows0, out_ptr + rows0, n_b, D, EXP_M, PRECISION, BT, BW)
+                   scratch_ptr + 2 * rows0, out_ptr + rows0, n_b, D, EXP_M, PRECISION, BT, BW, BK)
 
 
 @triton.jit
 def sigma_adjoint_kernel(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr,
                          dxt_ptr, dm_ptr, bounds_ptr, D, PRECISION: tl.constexpr,
-                         BT: tl.constexpr, BW: tl.constexpr):
+                         BT: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr):
     """The adjoint of Σ2 exp(m) Σ1 for every set, one program per set (see _sigma_adjoint).
     m (log), g, xc, xt, dxc, dxt, dm: (R, D) rows; gram (R·D,); scratch (5·R·D,)."""
     b = tl.program_id(0)
@@ -225,7 +258,7 @@ def sigma_adjoint_kernel(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dx
     rows0 = row0 * D
     _sigma_adjoint(m_ptr + rows0, g_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
                    gram_ptr + rows0, scratch_ptr + 5 * rows0, dxc_ptr + rows0,
-                   dxt_ptr + rows0, dm_ptr + rows0, n_b, D, PRECISION, BT, BW)
+                   dxt_ptr + rows0, dm_ptr + rows0, n_b, D, PRECISION, BT, BW, BK)
 
 
 @triton.jit
@@ -233,6 +266,7 @@ def structure_factors_kernel(x_ptr, bounds_ptr, log_p0_ptr, log_q0_ptr, x32_ptr,
                              xt_ptr, gram_ptr, lq0_ptr, log_s0_ptr, s_xb, s_xn, s_xd, D,
                              DENSE_X: tl.constexpr, HAS_Q0: tl.constexpr,
                              PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+                             BK: tl.constexpr,
                              BN: tl.constexpr,
                              BD: tl.constexpr):
     """One program per set: the fp32 copy of x, the normalized factors, the smaller Gram
@@ -304,10 +338,10 @@ def structure_factors_kernel(x_ptr, bounds_ptr, log_p0_ptr, log_q0_ptr, x32_ptr,
     S = tl.minimum(n_b, D)
     if n_b >= D:
         _program_mm(xc_ptr + rows0, 1, D, xc_ptr + rows0, D, 1, gram_ptr + rows0, S, 1,
-                    gram_ptr + rows0, D, D, n_b, False, False, 0, PRECISION, BW, BT, BT)  # Σ1 = xcᵀ xc
+                    gram_ptr + rows0, D, D, n_b, False, False, 0, PRECISION, BW, BT, BK)  # Σ1 = xcᵀ xc
     else:
         _program_mm(xt_ptr + rows0, D, 1, xt_ptr + rows0, 1, D, gram_ptr + rows0, S, 1,
-                    gram_ptr + rows0, n_b, n_b, D, False, False, 0, PRECISION, BT, BW, BT)  # Σ2 = xt xtᵀ
+                    gram_ptr + rows0, n_b, n_b, D, False, False, 0, PRECISION, BT, BW, BK)  # Σ2 = xt xtᵀ
 
 
 @triton.jit
@@ -415,6 +449,7 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
                         r_out_ptr, mu_out_ptr, bounds_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
                         D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr,
                         PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+                        BK: tl.constexpr,
                         QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
                         SAVE: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """P-step of B-E/B-Q, one program per set (all D features).
@@ -431,7 +466,7 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
     rows0 = row0 * D
     _sigma_product(log_s_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + rows0,
                    scratch_ptr + 2 * rows0, sig_ptr + rows0, n_b, D, True,
-                   PRECISION, BT, BW)
+                   PRECISION, BT, BW, BK)
     a0 = tl.load(a0_ptr + t)
     a1 = tl.load(a1_ptr + t)
     w = _p_step_weight(a1, tl.load(rho_ptr + t), QUADRATIC, PAPER)
@@ -485,6 +520,7 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
                         a0_ptr, a1_ptr, a2_ptr, a3_ptr, rho_ptr, t, D,
                         xc_ptr, xt_ptr, gram_ptr, scratch_ptr,
                         PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+                        BK: tl.constexpr,
                         QUADRATIC: tl.constexpr, PAPER: tl.constexpr, SAVE: tl.constexpr,
                         BN: tl.constexpr, BD: tl.constexpr):
     """S-step and dual update of B-E/B-Q, one program per set.
@@ -504,7 +540,7 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
     rows0 = row0 * D
     _sigma_product(log_p_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + rows0,
                    scratch_ptr + 2 * rows0, sig_ptr + rows0, n_b, D, True,
-                   PRECISION, BT, BW)
+                   PRECISION, BT, BW, BK)
     a0 = tl.load(a0_ptr + t)
     a1 = tl.load(a1_ptr + t)
     rho = tl.load(rho_ptr + t)
@@ -592,6 +628,7 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
                               bounds_ptr, a0_ptr, a1_ptr, a2_ptr, a3_ptr, tau_ptr, t,
                               K, n_rows, D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr,
                         PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+                        BK: tl.constexpr,
                         PAPER: tl.constexpr, SAVE: tl.constexpr,
                               BN: tl.constexpr, BD: tl.constexpr):
     """One proximal (Alg. 1) outer step of S, all K inner iterations, one program per set.
@@ -609,7 +646,7 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
     rows0 = row0 * D
     _sigma_product(log_p_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + rows0,
                    scratch_ptr + 2 * rows0, sig_ptr + rows0, n_b, D, True,
-                   PRECISION, BT, BW)
+                   PRECISION, BT, BW, BK)
     a0 = tl.load(a0_ptr + t)
     tau = tl.load(tau_ptr + t)
     eps = tl.load(a1_ptr + t) + tau
@@ -717,6 +754,7 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
                             a0_ptr, a1_ptr, a3_ptr, rho_ptr, t, D,
                             xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr,
                             PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+                            BK: tl.constexpr,
                             QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
                             BN: tl.constexpr, BD: tl.constexpr):
     """Adjoint of the exact S-step and dual update (badmm_s_step_kernel), one program per set.
@@ -820,7 +858,7 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
     rows0 = row0 * D
     _sigma_adjoint(log_p_ptr + rows0, g_sig_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
                    gram_ptr + rows0, scratch_ptr + 5 * rows0, dxc_ptr + rows0, dxt_ptr + rows0,
-                   g_lp_ptr + rows0, n_b, D, PRECISION, BT, BW)
+                   g_lp_ptr + rows0, n_b, D, PRECISION, BT, BW, BK)
 
 
 @triton.jit
@@ -829,6 +867,7 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
                             g_lp0_ptr, wpart_ptr, bounds_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
                             D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr,
                         PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+                        BK: tl.constexpr,
                         QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
                             BN: tl.constexpr, BD: tl.constexpr):
     """Adjoint of the exact P-step (badmm_p_step_kernel), one program per set.
@@ -911,7 +950,7 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
     rows0 = row0 * D
     _sigma_adjoint(log_s_ptr + rows0, g_sig_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
                    gram_ptr + rows0, scratch_ptr + 5 * rows0, dxc_ptr + rows0, dxt_ptr + rows0,
-                   g_l_ptr + rows0, n_b, D, PRECISION, BT, BW)
+                   g_l_ptr + rows0, n_b, D, PRECISION, BT, BW, BK)
 
 
 @triton.jit
@@ -922,7 +961,8 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
                                   a2_ptr, a3_ptr, tau_ptr, t, K, n_rows, D,
                                   xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr,
                                   PRECISION: tl.constexpr,
-                                  BT: tl.constexpr, BW: tl.constexpr, PAPER: tl.constexpr,
+                                  BT: tl.constexpr, BW: tl.constexpr,
+                                  BK: tl.constexpr, PAPER: tl.constexpr,
                                   BN: tl.constexpr,
                                   BD: tl.constexpr):
     """Adjoint of one proximal S step (sinkhorn_prox_step_kernel, SAVE), one program per
@@ -1072,7 +1112,7 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
     rows0 = row0 * D
     _sigma_adjoint(log_p_ptr + rows0, g_sig_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
                    gram_ptr + rows0, scratch_ptr + 5 * rows0, dxc_ptr + rows0, dxt_ptr + rows0,
-                   g_lp_ptr + rows0, n_b, D, PRECISION, BT, BW)
+                   g_lp_ptr + rows0, n_b, D, PRECISION, BT, BW, BK)
 
 
 @triton.jit

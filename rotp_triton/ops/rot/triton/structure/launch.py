@@ -77,25 +77,35 @@ def mm_tile(D: int) -> int:
     return max(16, min(64, triton.next_power_of_2(D)))
 
 
-# Wide GEMM tiles (BW up to 128): each (n, D) operand of a product, and its exp, read once
-# instead of ⌈D/64⌉ times (W1: 2.6x fewer predicted bytes with the tile fix below), but ptxas
-# spills 3x more to the stack at D = 100 (sigma_adjoint: 3,184 B stack, 7,376 LDL+STL vs 984 B,
-# 2,200 at BW = BT), so off until the register pressure is fixed.
-WIDE_GEMM_TILES = os.environ.get("ROTP_STRUCTURE_WIDE_TILES", "0") == "1"
+# Wide GEMM tiles (BW up to 128): a GEMM whose output has D (or n_b < D) rows or columns reads
+# its (n_b, D) operand, and its exp, once instead of ⌈D/64⌉ times (W1: x's and the state's
+# re-reads halved). With the K step of the FMA dots at 8 (mm_k_step) ptxas fits them: the W1
+# step kernels compile with no spills, the adjoints with < 0.5 KiB (they spilled 9.5 KiB at
+# BK = BT = 64). ROTP_STRUCTURE_WIDE_TILES=0 turns them off (square BT tiles).
+WIDE_GEMM_TILES = os.environ.get("ROTP_STRUCTURE_WIDE_TILES", "1") == "1"
 
 
-def mm_wide(D: int) -> int:
+def mm_wide(D: int, precision: str = "ieee") -> int:
     """The wide side of a GEMM tile (BW): with WIDE_GEMM_TILES next_power_of_2(D) up to 128, so
     that a GEMM whose output has D (or n_b < D) rows or columns reads its (n_b, D) operand once;
-    otherwise BT (square tiles)."""
-    if not WIDE_GEMM_TILES:
+    otherwise BT (square tiles). Tensor-core dots keep square tiles (wide, the tf32 adjoint
+    spilled 1.4 KiB; square, none)."""
+    if not WIDE_GEMM_TILES or precision != "ieee":
         return mm_tile(D)
     return max(mm_tile(D), min(128, triton.next_power_of_2(D)))
 
 
-def mm_meta(D: int) -> dict:
-    """The tile constexprs of the in-program GEMMs (BT, BW) for D features."""
-    return dict(BT=mm_tile(D), BW=mm_wide(D))
+def mm_k_step(D: int, precision: str) -> int:
+    """The K step (BK) of the in-program GEMMs. fp32 FMA dots ("ieee") hold a [BM, BK] and a
+    [BK, BN] operand slice per thread besides the accumulator: BK = 8 (tl.dot's smallest K)
+    keeps a [128, 64] tile in registers (BK = 64 spilled 9.5 KiB per adjoint kernel at W1).
+    Tensor-core dots need K >= 16: BK = 16 (BK = 64 spilled 7.5 KiB in the tf32 adjoint)."""
+    return 8 if precision == "ieee" else 16
+
+
+def mm_meta(D: int, precision: str = "ieee") -> dict:
+    """The tile constexprs of the in-program GEMMs (BT, BW, BK) for D features."""
+    return dict(BT=mm_tile(D), BW=mm_wide(D, precision), BK=mm_k_step(D, precision))
 
 
 class Factors:
@@ -127,7 +137,7 @@ class Factors:
         if self.B > 0:
             _wrap(sigma_product_kernel)[(self.B,)](
                 m, self.xc, self.xt, self.gram, self.scratch(2), out, self.bounds, self.D,
-                EXP_M=exp, PRECISION=self.precision, **mm_meta(self.D),
+                EXP_M=exp, **self.meta(),
                 num_warps=PER_SET_WARPS)
         return out
 
@@ -137,7 +147,7 @@ class Factors:
         if self.B > 0:
             _wrap(sigma_adjoint_kernel)[(self.B,)](
                 log_m, g, self.xc, self.xt, self.gram, self.scratch(5), dxc, dxt, dm,
-                self.bounds, self.D, PRECISION=self.precision, **mm_meta(self.D),
+                self.bounds, self.D, **self.meta(),
                 num_warps=PER_SET_WARPS)
 
     def step_args(self) -> tuple:
@@ -152,7 +162,7 @@ class Factors:
 
     def meta(self) -> dict:
         """The constexprs of the in-program structure product."""
-        return dict(PRECISION=self.precision, **mm_meta(self.D))
+        return dict(PRECISION=self.precision, **mm_meta(self.D, self.precision))
 
 
 class _Problem:
@@ -225,7 +235,7 @@ def setup(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
         _wrap(structure_factors_kernel)[(B,)](
             x, bounds, lp0, q_in if q_in is not None else lq0, x32, xc, xt, gram, lq0, log_s0,
             s_xb, s_xn, s_xd, D, DENSE_X=dense, HAS_Q0=q_in is not None, PRECISION=precision,
-            **mm_meta(D), BN=row_block(BD), BD=BD, num_warps=PER_SET_WARPS)
+            **mm_meta(D, precision), BN=row_block(BD), BD=BD, num_warps=PER_SET_WARPS)
     w = {k: _fp32(v, dev) for k, v in weights.items()}
     pb = _Problem(x32, bounds, lp0, lq0, log_s0, w, method, variant, int(w["a1"].shape[0]), K)
     return pb, Factors(xc, xt, gram.view(-1), bounds, precision)
@@ -352,13 +362,48 @@ class _Buffers:
         return self._d[name]
 
 
-def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, g: dict,
+def badmm_rerun(pb: _Problem, fac: Factors, st: dict, t: int, bufs: _Buffers,
+                slot: int) -> dict:
+    """Re-run B-E/B-Q iteration t from ``st`` (the state entering t, not modified), keeping
+    what its adjoint needs: R, log μ, C, log η, Σ(S), Σ(P), log P and the new state, in the
+    buffers of ``slot`` (0 or 1: two consecutive iterations can be kept at once). Returns them
+    with ``st`` and ``next`` (the state entering t + 1, which a re-run of t + 1 starts from)."""
+    B, D = pb.B, pb.D
+    w = pb.w
+    paper = pb.variant == "paper"
+    kw = dict(QUADRATIC=pb.method == "badmm-q", PAPER=paper, BN=pb.BN, BD=pb.BD,
+              num_warps=PER_SET_WARPS, **fac.meta())
+    dummy = pb.log_p0
+    sigma = fac.step_args()
+    rows, vec_d, vec_n = pb.x32, pb.log_p0, pb.log_q0
+    sv = {k: bufs.get(f"{k}{slot}", rows) for k in ("sig_s", "log_p", "sig_p", "ls_new",
+                                                     "z_new")}
+    sv.update({k: bufs.get(f"{k}{slot}", vec_d) for k in ("r", "mu")})
+    sv.update({k: bufs.get(f"{k}{slot}", vec_n) for k in ("c", "eta")})
+    _wrap(badmm_p_step_kernel)[(B,)](pb.x32, st["log_s"], st["z"], sv["sig_s"], sv["log_p"],
+                                     pb.log_p0, st.get("log_mu", dummy), sv["r"], sv["mu"],
+                                     pb.bounds, w["a0"], w["a1"], w["a2"], w["rho"], t, D,
+                                     *sigma, SAVE=True, **kw)
+    sv["z_new"].copy_(st["z"])
+    new = {k: st[k].clone() for k in ("log_mu", "log_eta", "z1", "z2")} if paper else {}
+    _wrap(badmm_s_step_kernel)[(B,)](sv["log_p"], sv["z_new"], sv["sig_p"], sv["ls_new"],
+                                     sv["c"], pb.log_q0, new.get("log_eta", dummy),
+                                     new.get("z2", dummy), pb.log_p0, new.get("log_mu", dummy),
+                                     new.get("z1", dummy), sv["eta"], pb.bounds, w["a0"],
+                                     w["a1"], w["a2"], w["a3"], w["rho"], t, D, *sigma,
+                                     SAVE=True, **kw)
+    sv["st"], sv["new"] = st, new
+    sv["next"] = {"log_s": sv["ls_new"], "z": sv["z_new"], **new}
+    return sv
+
+
+def badmm_reverse_step(pb: _Problem, fac: Factors, sv: dict, t: int, g: dict,
                        g_lp_ext: Optional[Tensor], acc: dict, bufs: _Buffers,
                        wp_s: Tensor, wp_p: Tensor) -> dict:
     """Pull the gradient of the state after B-E/B-Q iteration t (``g``: log_s, z and, paper,
     log_mu, log_eta, z1, z2) and ∂L/∂log P_{t+1} (``g_lp_ext``, last iteration only) back to the
-    state entering t, in Triton: re-run iteration t saving R, log μ, C, log η, Σ(S), Σ(P), then
-    the two adjoint kernels and the two structure-product adjoints. The paper variant's
+    state entering t, in Triton, from what ``badmm_rerun`` kept of iteration t (``sv``): the
+    two adjoint kernels and the two structure-product adjoints. The paper variant's
     eq. (26)-(28) updates are O(N + D) vectors, differentiated here with torch.
     Accumulates into acc["x"], acc["xc"], acc["xt"], acc["lp0"], acc["lq0"] (and, paper, the
     weights of those updates); the adjoint kernels' per-set partial sums of the weights go to
@@ -371,25 +416,11 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, g: dict,
     kw = dict(QUADRATIC=quad, PAPER=paper, BN=pb.BN, BD=pb.BD, num_warps=PER_SET_WARPS,
               **fac.meta())
     dummy = pb.log_p0
-    sigma = fac.step_args()
     adj = fac.adjoint_args(acc["xc"], acc["xt"])
     rows, vec_d, vec_n = pb.x32, pb.log_p0, pb.log_q0
-    # re-run iteration t, keeping what the adjoint needs (Σ(S), Σ(P) too)
-    sig_s, log_p, sig_p, ls_new = (bufs.get(k, rows) for k in ("sig_s", "log_p", "sig_p",
-                                                               "ls_new"))
-    r, mu = bufs.get("r", vec_d), bufs.get("mu", vec_d)
-    cbuf, eta = bufs.get("c", vec_n), bufs.get("eta", vec_n)
-    _wrap(badmm_p_step_kernel)[(B,)](pb.x32, st["log_s"], st["z"], sig_s, log_p, pb.log_p0,
-                                     st.get("log_mu", dummy), r, mu, pb.bounds, w["a0"],
-                                     w["a1"], w["a2"], w["rho"], t, D, *sigma, SAVE=True, **kw)
-    z_new = bufs.get("z_new", rows)
-    z_new.copy_(st["z"])
-    new = {k: st[k].clone() for k in ("log_mu", "log_eta", "z1", "z2")} if paper else {}
-    _wrap(badmm_s_step_kernel)[(B,)](log_p, z_new, sig_p, ls_new, cbuf, pb.log_q0,
-                                     new.get("log_eta", dummy), new.get("z2", dummy),
-                                     pb.log_p0, new.get("log_mu", dummy), new.get("z1", dummy),
-                                     eta, pb.bounds, w["a0"], w["a1"], w["a2"], w["a3"],
-                                     w["rho"], t, D, *sigma, SAVE=True, **kw)
+    st, new = sv["st"], sv["new"]
+    sig_s, log_p, sig_p, ls_new = sv["sig_s"], sv["log_p"], sv["sig_p"], sv["ls_new"]
+    r, mu, cbuf, eta = sv["r"], sv["mu"], sv["c"], sv["eta"]
     row_x = col_x = dummy
     g_out = {}
     if paper:
@@ -559,6 +590,25 @@ def _add_sqrt_checkpoints(pb: _Problem, fac: Factors, ckpts: dict) -> None:
             t_prev = t1
 
 
+def _badmm_rerun_pair(pb: _Problem, fac: Factors, ckpts: dict, t: int,
+                      bufs: _Buffers) -> dict:
+    """{t - 1: kept, t: kept} (just {t: kept} when t starts its checkpoint segment): re-run
+    iterations t - 1 and t with ``badmm_rerun`` from the state entering t - 1 (rebuilt from the
+    segment's checkpoint), so that the reverse pass recomputes the state entering t - 1 once
+    for two reverse steps: (m + 1)²/4 iterations per segment of m instead of m(m + 1)/2, for
+    one more slot of kept buffers (5 (R, D))."""
+    t_ck = max(k for k in ckpts if k <= t)
+    t0 = max(t - 1, t_ck)
+    st = run_iterations(pb, fac, ckpts[t_ck], t_ck, t0) if t0 > t_ck else ckpts[t_ck]
+    if t0 == t_ck and t0 > 0:
+        del ckpts[t_ck]       # its segment is done after these: free the state
+    kept = {}
+    for slot, tt in enumerate(range(t0, t + 1)):
+        kept[tt] = badmm_rerun(pb, fac, st, tt, bufs, slot)
+        st = kept[tt]["next"]
+    return kept
+
+
 def reverse_iterations(pb: _Problem, fac: Factors, g_lp_T: Tensor, grads: list) -> None:
     """The T iterations in reverse with the adjoint kernels (no torch autograd), from the
     initial state and ⌈√T⌉-spaced checkpoints made here.
@@ -590,8 +640,11 @@ def reverse_iterations(pb: _Problem, fac: Factors, g_lp_T: Tensor, grads: list) 
         _sinkhorn_weight_grads(pb, wp[0], acc)
     else:
         g_state = {k: torch.zeros_like(v) for k, v in ckpts[0].items()}
+        kept = {}
         for t in reversed(range(pb.T)):
-            g_state = badmm_reverse_step(pb, fac, state_entering(t), t, g_state,
+            if t not in kept:
+                kept = _badmm_rerun_pair(pb, fac, ckpts, t, bufs)
+            g_state = badmm_reverse_step(pb, fac, kept.pop(t), t, g_state,
                                          g_lp_T if t == pb.T - 1 else None, acc, bufs,
                                          wp[0, t], wp[1, t])
         _badmm_weight_grads(pb, wp[0], wp[1], acc)
