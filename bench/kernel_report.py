@@ -16,7 +16,8 @@ once; α0 > 0 for B-E W1 T = 4), forward and forward+backward, through the PUBLI
 3. Work (``bench/interp_counter.py``, in a subprocess under ``TRITON_INTERPRET=1``): global
    bytes loaded + stored and exp2/log2 evaluations of each kernel, on the same call with FEWER
    SETS (same per-set shape: 1 set for W1/W2, the first 3 sets for W5, one 8×8 image for W3),
-   scaled by the element ratio, run at the case's OWN T. Nothing is extrapolated in T: the
+   scaled by the element ratio (not a kernel whose grid is the same at both sizes: the weight
+   table, per-call coefficients), run at the case's OWN T. Nothing is extrapolated in T: the
    launchers choose their schedule from T (the B-ADMM forward replays the state up to T = 11
    for fp32 x and streams it above, bench/results/badmm_2026-11-28_v3.md), so work measured at
    other T prices another schedule - the former fit through T = 1, 2, 3 priced W2 T = 16's
@@ -159,11 +160,12 @@ def _grad(y, leaves):
 # worker (TRITON_INTERPRET=1): kernel work at the case's T and torch-path op records
 # --------------------------------------------------------------------------------------------
 def _by_name(works) -> dict:
-    agg = collections.defaultdict(lambda: dict(launches=0, load_bytes=0, store_bytes=0, exp2=0,
-                                               log2=0))
+    agg = collections.defaultdict(lambda: dict(launches=0, programs=0, load_bytes=0,
+                                               store_bytes=0, exp2=0, log2=0))
     for w in works:
         a = agg[w.name]
         a["launches"] += 1
+        a["programs"] = max(a["programs"], w.programs)
         for k in ("load_bytes", "store_bytes", "exp2", "log2"):
             a[k] += getattr(w, k)
     return dict(agg)
@@ -354,8 +356,13 @@ def analyse(c, rec, work, scale, sass_cache):
                 w = dict(load_bytes=0, store_bytes=0, exp2=0, log2=0)
                 note = "not seen under the interpreter"
             else:
-                w = {k: got[k] * scale for k in ("load_bytes", "store_bytes", "exp2", "log2")}
-                note = ""
+                # A kernel whose grid is the same at the reduced and the full batch (the weight
+                # table, per-call coefficients) does the same work at both: not scaled.
+                same_grid = (got.get("programs") == max(L.programs for L in Ls)
+                             and got["launches"] == len(Ls))
+                k_scale = 1.0 if same_grid else scale
+                w = {k: got[k] * k_scale for k in ("load_bytes", "store_bytes", "exp2", "log2")}
+                note = "grid independent of the batch: not scaled" if same_grid else ""
             hot = a.get("hot") or {}
             hmix = hot.get("mix", {})
             ex = hmix.get("EX2LG2", 0)
