@@ -26,23 +26,18 @@ FLOOR_REL = 1e-6
 MIN_WEIGHT = 1e-12
 
 
-def kernels_may_run(x: Tensor, backend: str) -> bool:
-    """Whether a layer's call on ``x`` may run the Triton kernels (CUDA x, or backend="triton"
-    under the interpreter): then its weight table is built by one launch too."""
-    if x.is_cuda:
-        return True
-    if backend != "triton":
-        return False
-    from ..ops.rot.triton.common import interpreter_enabled
-    return interpreter_enabled()
-
-
 def _launchable_on(device: torch.device) -> bool:
     """Whether a Triton kernel can take tensors on ``device``."""
     if device.type == "cuda":
         return True
     from ..ops.rot.triton.common import interpreter_enabled
     return device.type == "cpu" and interpreter_enabled()
+
+
+def kernels_may_run(x: Tensor, backend: str) -> bool:
+    """Whether a layer's call on ``x`` may run the Triton kernels (CUDA x, or backend="triton"
+    under the interpreter): then its weight table is built by one launch too."""
+    return x.is_cuda or (backend == "triton" and _launchable_on(x.device))
 
 
 class ROTWeights(nn.Module):
