@@ -608,7 +608,7 @@ def test_cuda_realistic_size(method):
 AOT_CODE = r"""
 import os, subprocess, tempfile
 import triton
-from aot import compile_sm90
+from aot import compile_sm90, ptxas_usage
 from rotp_triton.ops.rot.triton.badmm import kernels as m, launch
 
 PTR = {"x_ptr": "*fp16", "ptr_ptr": "*i64", "order_ptr": "*i64"}
@@ -628,7 +628,8 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
         (m.badmm_bwd_kernel, 2048, 49, True, True, False, "PLAN_GRAD", None),
         (m.badmm_bwd_kernel, 2048, 49, False, False, False, "PLAN_GRAD", None),
         (m.badmm_bwd_kernel, 128, 500, True, True, True, "PLAN_GRAD", None)]:
-    BN, BD, BV, num_warps = launch.block_sizes(0 if ragged else N, D)
+    sizes = launch.backward_block_sizes if kernel is m.badmm_bwd_kernel else launch.block_sizes
+    BN, BD, BV, num_warps = sizes(0 if ragged else N, D)
     consts = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=m.quad_flag(quad, paper),
                   PAPER=paper, BN=BN, BD=BD, BV=BV, **{flag: True})
     consts["KV"] = 4 if paper else 3
@@ -646,8 +647,10 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
         line = [l for l in out.splitlines() if "REG:" in l][0]
         regs = int(line.split("REG:")[1].split()[0])
         spill = int(line.split("LOCAL:")[1].split()[0])
+    # cuobjdump's LOCAL misses spills to the stack; ptxas -v counts both
+    stack = ptxas_usage(c)["spill_bytes"]
     print(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, D, N, quad, paper,
-          replay, (BN, BD, BV), "regs", regs, "local", spill)
+          replay, (BN, BD, BV), "spill", stack, "regs", regs, "local", spill)
 for quad, paper in [(False, False), (True, True), (True, False)]:
     consts = dict(QUAD=m.quad_flag(quad, paper), PAPER=paper, BT=16)
     sig = {"w_ptr": "*fp32", "gw_ptr": "*fp32", "dw_ptr": "*fp32", "B": "i32", "T": "i32",
@@ -669,6 +672,8 @@ def test_aot_compile_sm90():
     for l in lines:
         if "local ?" not in l:
             assert l.endswith("local 0"), l
+        if l.startswith("badmm_bwd_kernel"):      # ptxas -v: no spills, stack included
+            assert " spill 0 " in l, l
 
 
 SPLIT_AOT_CODE = r"""

@@ -83,8 +83,10 @@ from ..common import LOG2E, kappa
 
 _LOG2E = tl.constexpr(LOG2E)   # jit code reads module constants as constexprs
 
-# Vector scratch: 7 D-vectors per program (vd + j·D) - R, log μ, z1, τ (then R̄), log μ̄, z̄1,
-# log p̄0 - and 9 N-vectors per set (vn + j·ns) - C, log η, z2, σ (then C̄), log η̄, z̄2, log q̄0,
+# Vector scratch: 8 D-vectors per program (vd + j·D) - R, log μ, z1, τ (then R̄), log μ̄, z̄1,
+# log p̄0, and the backward's τ of the next reverse step as far as its pass 3 forms it (slot 7,
+# :func:`_adjoint_p_step_tiles` FUSE; the forward uses 7) - and 9 N-vectors per set (vn + j·ns)
+# - C, log η, z2, σ (then C̄), log η̄, z̄2, log q̄0,
 # and the previous iteration's C and log η (forward: the deferred S normalisation, _load_state;
 # backward: slot 7 takes pass 3's σ while it still reads C̄ from slot 3).
 # Running maxima start at -inf and every exponent subtracts _finite(max) (0 for -inf): with a
@@ -489,20 +491,40 @@ def _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0, 
     (log μ - R)_s are known,
         log P = log S + (X - Z [- α1 S]) / w_P + (log μ - R)_d,  P = exp(log P),
         log S' = Y2(log P, P, Z) + (log η - C)_n,  Z' = Z + ρ (P - S'),
-    two exp2 per element and replayed iteration, no HBM traffic beyond x and the vectors.
+    two exp2 per element and replayed iteration, no HBM traffic beyond x and the vectors
+    (:func:`_replay_start`, then :func:`_replay_iterations` over k < t)."""
+    L, Zt = _replay_start(offs_n, offs_d, mask, lp0_b, lq0_b, n_b, D, u_p0, u_q0, HAS_P0,
+                          HAS_Q0)
+    L, Zt = _replay_iterations(X, L, Zt, offs_n, offs_d, 0, t, n_b, D, hd_b, hn_b, NR, w_ptr,
+                               T, QUAD, KV)
+    return tl.where(mask, L, 0.0), Zt
+
+
+@triton.jit
+def _replay_start(offs_n, offs_d, mask, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
+                  HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr):
+    """The replay's state before iteration 0 in its raw form: log S_0 = log p0 + log q0 on the
+    set and -inf outside it (which every replayed iteration keeps: P = S = 0, Z = 0), Z_0 = 0."""
+    lq = _load_prior(lq0_b, offs_n, n_b, u_q0, HAS_Q0)
+    lp = _load_prior(lp0_b, offs_d, D, u_p0, HAS_P0)
+    L = tl.where(mask, lq[:, None] + lp[None, :], float("-inf"))                     # [BN, BD]
+    return L, tl.zeros_like(L)
+
+
+@triton.jit
+def _replay_iterations(X, L, Zt, offs_n, offs_d, k0, k1, n_b, D, hd_b, hn_b, NR, w_ptr, T,
+                       QUAD: tl.constexpr, KV: tl.constexpr):
+    """Iterations k0 <= k < k1 of the replay on a raw state (log S = -inf outside the set; the
+    caller applies ``tl.where(mask, L, 0.0)`` once at the end).
 
     The hot loop of the forward and the backward (issue 17), so an element costs FMAs and two
     MUFU.EX2: the weights' reciprocals come from the launcher's table (rows :data:`INV_WP`,
     :data:`INV_W`, formed once per call by :func:`badmm_coef_kernel`, no division here), and
-    lanes outside the set start at log S = -inf, which the update keeps (P = S = 0, Z = 0): no
-    select per iteration, one at the end restores the contract (0 outside the set).
+    lanes outside the set stay at log S = -inf (P = S = 0, Z = 0): no select per iteration.
     Y = log S + G/w_P is formed exactly as the passes form it (:func:`_p_step_y`, the same
     reciprocal), so that log P = Y + (log μ - R) cancels to the last bit like theirs: at
-    |x| ~ 1e30 any other rounding of Y leaves log P ~ ±1e23 (issue 17's NaN)."""
-    lq = _load_prior(lq0_b, offs_n, n_b, u_q0, HAS_Q0)
-    lp = _load_prior(lp0_b, offs_d, D, u_p0, HAS_P0)
-    L = tl.where(mask, lq[:, None] + lp[None, :], float("-inf"))                     # [BN, BD]
-    Zt = tl.zeros_like(L)
+    |x| ~ 1e30 any other rounding of Y leaves log P ~ ±1e23 (issue 17's NaN). Splitting a
+    replay into two calls gives the same bits as one (S = exp(log S) is recomputed the same way)."""
     if QUAD:
         S = _exp(L)
     # lanes past the set read the shifts of its last row / column instead of a masked load
@@ -511,7 +533,7 @@ def _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0, 
     # is in the history's bounds: k < t <= T - 1 leaves a later slot after it)
     hd_col = hd_b + (KV - 1) * D + tl.minimum(offs_d, D - 1)                          # [BD]
     hn_row = hn_b + (KV - 1) * NR + tl.maximum(tl.minimum(offs_n, n_b - 1), 0)        # [BN]
-    for k in range(0, t):
+    for k in range(k0, k1):
         a1 = tl.load(w_ptr + 1 * T + k)
         rho = tl.load(w_ptr + 4 * T + k)
         # the history's shifts (log μ - R)_k and (log η - C)_k
@@ -530,7 +552,7 @@ def _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0, 
         L = y2 + row[:, None]
         S = _exp(L)
         Zt = Zt + rho * (pk - S)
-    return tl.where(mask, L, 0.0), Zt
+    return L, Zt
 
 
 # Rows the launcher appends to the (6, T) weight table (:func:`badmm_coef_kernel`, once per
@@ -767,6 +789,22 @@ def _adjoint_s_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
     (:func:`_s_step_adjoint`), reading L̄', Z̄' and writing nothing N × D; τ_d = Σ_n log P̄ over
     rows [n_lo, n_hi) into ``tau_ptr`` (the TAU slot, or a split program's partial), columns
     [d_lo, d_hi). Returns the scalar partials (∂/∂α1, ∂/∂ρ) of this iteration so far."""
+    return _adjoint_s_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr,
+                                 T, tb, slb, szb, vd, vn, ns, n_b, D, a1, rho, n_lo, n_hi, d_lo,
+                                 d_hi, tau_ptr, tau_ptr, HAS_P0, HAS_Q0, KV, QUAD, False, BN, BD)
+
+
+@triton.jit
+def _adjoint_s_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
+                          slb, szb, vd, vn, ns, n_b, D, a1, rho, n_lo, n_hi, d_lo, d_hi, tau_ptr,
+                          tau0_ptr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr,
+                          KV: tl.constexpr, QUAD: tl.constexpr, CB_ONLY: tl.constexpr,
+                          BN: tl.constexpr, BD: tl.constexpr):
+    """Pass 2 (:func:`_adjoint_s_step_pass`), or with CB_ONLY its C̄ part alone: the sweep of
+    the fused kernel, where pass 3 of the step before already summed the part of τ and of the
+    partials that comes from L̄', Z̄' (:func:`_adjoint_p_step_tiles` ``FUSE``; everything here
+    is linear in (L̄', Z̄', C̄)), so this sweep reads x only (L̄' = Z̄' = 0) and adds the part
+    of C̄ to the τ in ``tau0_ptr``."""
     acc_a1 = _vzero(BD)
     acc_rho = _vzero(BD)
     for d0 in range(d_lo, d_hi, BD):
@@ -774,7 +812,10 @@ def _adjoint_s_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
         dm = offs_d < d_hi
         r = tl.load(vd + offs_d, mask=dm, other=0.0)
         lmu = tl.load(vd + D + offs_d, mask=dm, other=0.0)
-        tau = tl.zeros([BD], dtype=tl.float32)
+        if CB_ONLY:
+            tau = tl.load(tau0_ptr + offs_d, mask=dm, other=0.0)
+        else:
+            tau = tl.zeros([BD], dtype=tl.float32)
         for n0 in range(n_lo, n_hi, BN):
             offs_n = n0 + tl.arange(0, BN)
             nm = offs_n < n_hi
@@ -786,8 +827,12 @@ def _adjoint_s_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
                                   u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
-            Lb = tl.load(slb + o, mask=mask, other=0.0)
-            Zb = tl.load(szb + o, mask=mask, other=0.0)
+            if CB_ONLY:
+                Lb = tl.zeros_like(X)
+                Zb = tl.zeros_like(X)
+            else:
+                Lb = tl.load(slb + o, mask=mask, other=0.0)
+                Zb = tl.load(szb + o, mask=mask, other=0.0)
             _y, _g, _s, lpb, _zb, d_a1, d_rho = _s_step_adjoint(X, L, Zt, Lb, Zb, r, lmu, c,
                                                                 leta, cb, a1, rho, QUAD)
             lpb = tl.where(mask, lpb, 0.0)
@@ -848,6 +893,37 @@ def _adjoint_p_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
     (the adjoint of C_{tb-1} and log η_{tb-1}; saves that step a pass), into ``sigma_ptr`` (a
     slot apart from C̄'s, or a split program's partial over columns [d_lo, d_hi)); rows
     [n_lo, n_hi). Returns the scalar partials (∂/∂α1, ∂/∂ρ)."""
+    da1, dr, _da1u, _dru = _adjoint_p_step_tiles(
+        xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb, slb, szb, gx_b,
+        vd, vn, ns, cb_ptr, gy_b, out_b, n_b, D, a1, rho, last, rho_prev, n_lo, n_hi, d_lo,
+        d_hi, sigma_ptr, sigma_ptr, HAS_P0, HAS_Q0, KV, QUAD, ADJ, PLAN, False, BN, BD)
+    return da1, dr
+
+
+@triton.jit
+def _adjoint_p_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
+                          slb, szb, gx_b, vd, vn, ns, cb_ptr, gy_b, out_b, n_b, D, a1, rho,
+                          last, rho_prev, n_lo, n_hi, d_lo, d_hi, sigma_ptr, tau0_ptr,
+                          HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
+                          QUAD: tl.constexpr, ADJ: tl.constexpr, PLAN: tl.constexpr,
+                          FUSE: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """Pass 3 (:func:`_adjoint_p_step_pass`); with FUSE (tb > 0; the fused kernel, one program
+    per set) it also does the part of the NEXT reverse step's pass 2 that the adjoints just
+    formed determine: pass 2 of iteration u = tb - 1 is linear in (L̄', Z̄', C̄_u), and L̄', Z̄'
+    are this pass's outputs, still in registers, so it sums τ_u and the partials (∂/∂α1_u,
+    ∂/∂ρ_u) of :func:`_s_step_adjoint` with C̄_u = 0 here (τ_u's part into ``tau0_ptr``, rows
+    [n_lo, n_hi) accumulated over the row blocks) and the next step only adds the part of C̄_u
+    in a sweep over x (:func:`_adjoint_s_step_tiles` ``CB_ONLY``) - no second read of L̄', Z̄'.
+    The state of iteration u comes free: the replay stops at u, then runs iteration u.
+    Returns (∂/∂α1, ∂/∂ρ) of iteration tb and (FUSE) the parts of iteration u's."""
+    acc_a1u = _vzero(BD)
+    acc_rhou = _vzero(BD)
+    if FUSE:       # iteration u = tb - 1 (u = 0 at tb = 0, whose results are not kept)
+        tu = tl.maximum(tb - 1, 0)
+        a1_u = tl.load(w_ptr + 1 * T + tu)
+        rho_u = tl.load(w_ptr + 4 * T + tu)
+        hd_u = hd_b + tu.to(tl.int64) * KV * D
+        hn_u = hn_b + tu.to(tl.int64) * KV * NR
     acc_a1 = _vzero(BD)
     acc_rho = _vzero(BD)
     inv_ws = 1.0 / _step_weight(a1, rho, QUAD)
@@ -860,18 +936,35 @@ def _adjoint_p_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
             c = tl.load(vn + offs_n, mask=nm, other=0.0)
             leta = tl.load(vn + ns + offs_n, mask=nm, other=0.0)
             cb = tl.load(cb_ptr + offs_n, mask=nm, other=0.0)
+        if FUSE:
+            c_u = tl.load(hn_u + offs_n, mask=nm, other=0.0)
+            leta_u = tl.load(hn_u + NR + offs_n, mask=nm, other=0.0)
         for d0 in range(d_lo, d_hi, BD):
             offs_d = d0 + tl.arange(0, BD)
             dm = offs_d < d_hi
             r = tl.load(vd + offs_d, mask=dm, other=0.0)
             rb = tl.load(vd + 3 * D + offs_d, mask=dm, other=0.0)
+            if FUSE:
+                r_u = tl.load(hd_u + offs_d, mask=dm, other=0.0)
+                lmu_u = tl.load(hd_u + D + offs_d, mask=dm, other=0.0)
             gy = tl.load(gy_b + offs_d, mask=dm, other=0.0) * last
             out = tl.load(out_b + offs_d, mask=dm, other=0.0)
             mask = nm[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
-                                  u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
+            if FUSE:   # the state of iteration u on the way to iteration tb's
+                L, Zt = _replay_start(offs_n, offs_d, mask, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
+                                      HAS_P0, HAS_Q0)
+                L, Zt = _replay_iterations(X, L, Zt, offs_n, offs_d, 0, tu, n_b, D, hd_b, hn_b,
+                                           NR, w_ptr, T, QUAD, KV)
+                L_u = tl.where(mask, L, 0.0)
+                Z_u = Zt
+                L, Zt = _replay_iterations(X, L, Zt, offs_n, offs_d, tu, tb, n_b, D, hd_b,
+                                           hn_b, NR, w_ptr, T, QUAD, KV)
+                L = tl.where(mask, L, 0.0)
+            else:
+                L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
+                                      u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
             if ADJ == ADJ_S_STEP:
                 lmu = tl.load(vd + D + offs_d, mask=dm, other=0.0)
                 y, g, s, lpb, Zb, _da1, _drho = _s_step_adjoint(
@@ -912,9 +1005,24 @@ def _adjoint_p_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
                 tl.store(slb + o, lb, mask=kept)
             tl.store(szb + o, zb_new, mask=kept)
             tl.store(gx_b + o, gx + gb, mask=mask)
+            if FUSE:   # iteration u's pass 2 with C̄_u = 0, from the L̄, Z̄ just formed
+                _y, _g, _s, lpb_u, _zb, d_a1u, d_rhou = _s_step_adjoint(
+                    X, L_u, Z_u, lb, zb_new, r_u, lmu_u, c_u, leta_u,
+                    tl.zeros([BN], dtype=tl.float32), a1_u, rho_u, QUAD)
+                live = mask & ((offs_n * 0 + tb) > 0)[:, None]
+                acc_a1u += tl.sum(tl.sum(tl.where(live, d_a1u, 0.0), axis=1), axis=0)
+                acc_rhou += tl.sum(tl.sum(tl.where(live, d_rhou, 0.0), axis=1), axis=0)
+                tau_u = tl.sum(tl.where(live, lpb_u, 0.0), axis=0)                   # [BD]
+                # τ_u accumulates over the row blocks; the [BD] vector is replicated over the
+                # rows' threads, so every replica loads before any stores (the barrier), and
+                # all store the same sum (a replica's next load sees its own store)
+                tau_old = tl.load(tau0_ptr + offs_d, mask=dm & ((offs_d * 0 + n0) > n_lo),
+                                  other=0.0)
+                tl.debug_barrier()
+                tl.store(tau0_ptr + offs_d, tau_old + tau_u, mask=dm & ((offs_d * 0 + tb) > 0))
         if tb > 0:
             tl.store(sigma_ptr + offs_n, sigma, mask=nm)
-    return acc_a1, acc_rho
+    return acc_a1, acc_rho, acc_a1u, acc_rhou
 
 
 @triton.jit
@@ -1067,7 +1175,7 @@ def badmm_bwd_kernel(
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    vd = vd_ptr + pid.to(tl.int64) * 7 * D
+    vd = vd_ptr + pid.to(tl.int64) * 8 * D
     for it in range(0, tl.cdiv(B - pid, nprog)):
         b = _set_of(order_ptr, pid + it * nprog, RAGGED)
         rs, n_b, xoff = _set_bounds(b, ptr_ptr, N, sxb, sxn, RAGGED)
@@ -1088,13 +1196,16 @@ def badmm_bwd_kernel(
                 _vec_fill(vd + j * D, 0.0, D, BV)
                 _vec_fill(vn + j * ns, 0.0, n_b, BV)
             tl.debug_barrier()
+            # the parts of the next step's (∂/∂α1, ∂/∂ρ) that pass 3 sums (FUSE)
+            ga1_next = _vzero(BV)
+            grho_next = _vzero(BV)
             for i in range(0, T):
                 tb = T - 1 - i
                 a1, rho, k2, k3 = _iter_weights(w_ptr, T, tb, QUAD, PAPER)
                 gk2 = _vzero(BV)
                 gk3 = _vzero(BV)
-                ga1 = _vzero(BV)
-                grho = _vzero(BV)
+                ga1 = ga1_next
+                grho = grho_next
                 # iteration tb's vectors R, log μ [, z1] and C, log η [, z2] from the history
                 _restore(vd, vn, ns, hd_b + tb * KV * D, hn_b + tb * KV * NR, n_b, D, NR,
                          tb < T - 1, PAPER, BV)
@@ -1133,10 +1244,12 @@ def badmm_bwd_kernel(
                                                     vn + ns, vn + 3 * ns, vn + 6 * ns,
                                                     k3, n_b, BV)
                     tl.debug_barrier()
-                    da1, dr = _adjoint_s_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b,
-                                                   hn_b, NR, w_ptr, T, tb, slb, szb, vd, vn, ns,
-                                                   n_b, D, a1, rho, 0, n_b, 0, D, vd + 3 * D,
-                                                   HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
+                    # pass 2's part of C̄ (pass 3 of step tb + 1 summed the rest into TAU0)
+                    da1, dr = _adjoint_s_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b,
+                                                    hn_b, NR, w_ptr, T, tb, slb, szb, vd, vn, ns,
+                                                    n_b, D, a1, rho, 0, n_b, 0, D, vd + 3 * D,
+                                                    vd + 7 * D, HAS_P0, HAS_Q0, KV, QUAD, True,
+                                                    BN, BD)
                     ga1 += da1
                     grho += dr
                     tl.debug_barrier()
@@ -1150,17 +1263,17 @@ def badmm_bwd_kernel(
                 out_b = out_ptr + b.to(tl.int64) * D
                 rho_p = _rho_prev(w_ptr + 4 * T, tb)
                 if tb == T - 1:
-                    da1, dr = _adjoint_p_step_pass(
+                    da1, dr, ga1_next, grho_next = _adjoint_p_step_tiles(
                         xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                         slb, szb, gx_b, vd, vn, ns, vn + 3 * ns, gy_b, out_b, n_b, D, a1, rho,
-                        1.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, HAS_P0, HAS_Q0, KV, QUAD,
-                        ADJ_FIRST, PLAN_GRAD, BN, BD)
+                        1.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, HAS_P0, HAS_Q0, KV,
+                        QUAD, ADJ_FIRST, PLAN_GRAD, True, BN, BD)
                 else:
-                    da1, dr = _adjoint_p_step_pass(
+                    da1, dr, ga1_next, grho_next = _adjoint_p_step_tiles(
                         xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                         slb, szb, gx_b, vd, vn, ns, vn + 3 * ns, gy_b, out_b, n_b, D, a1, rho,
-                        0.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, HAS_P0, HAS_Q0, KV, QUAD,
-                        ADJ_S_STEP, PLAN_GRAD, BN, BD)
+                        0.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, HAS_P0, HAS_Q0, KV,
+                        QUAD, ADJ_S_STEP, PLAN_GRAD, True, BN, BD)
                 ga1 += da1
                 grho += dr
                 tl.debug_barrier()

@@ -26,7 +26,7 @@ from .split_kernels import (badmm_split_column_lse_kernel, badmm_split_column_st
                             badmm_split_init_state_kernel, badmm_split_plan_kernel,
                             badmm_split_row_lse_kernel, badmm_split_row_step_kernel)
 
-__all__ = ["badmm_forward", "badmm_backward", "block_sizes", "history_like",
+__all__ = ["badmm_forward", "badmm_backward", "block_sizes", "backward_block_sizes", "history_like",
            "forward_replays", "forward_splits", "backward_splits"]
 
 
@@ -44,6 +44,22 @@ def block_sizes(n_hint: int, D: int):
         BN = min(BN, max(next_pow2(n_hint), 16))
     num_warps = 8 if BN * BD >= 2048 else 4
     BV = min(max(next_pow2(max(n_hint, D, 1)), 32 * num_warps), 1024)
+    return BN, BD, BV, num_warps
+
+
+def backward_block_sizes(n_hint: int, D: int):
+    """(BN, BD, BV, num_warps) of the fused backward kernel: :func:`block_sizes`, with an
+    8-warp tile halved (BD first, as long as it stays >= 32; else BN) to 4 fp32 per thread. Its
+    pass 3 holds the state of two iterations, the adjoints of one and x per element (the next
+    step's pass 2 rides along, :func:`.kernels._adjoint_p_step_tiles`): with 8 per thread that
+    is ~770 bytes of stack spills at sm_90 (W2), with 4 none. Halving BD keeps the [BD]-vector
+    loads per element the same (4 · vectors / BN bytes); smaller tiles keep their lanes."""
+    BN, BD, BV, num_warps = block_sizes(n_hint, D)
+    if num_warps == 8 and BN * BD >= 2048:
+        if BD >= 32:
+            BD //= 2
+        else:
+            BN //= 2
     return BN, BD, BV, num_warps
 
 
@@ -110,7 +126,8 @@ def _priors(x: Tensor, log_p0: Optional[Tensor], log_q0: Optional[Tensor]):
 def _scratch(geo: _Geometry, device, n_mats: int):
     f32 = dict(device=device, dtype=torch.float32)
     mats = [torch.empty(geo.mat_numel, **f32) for _ in range(n_mats)]
-    return mats, torch.empty(geo.grid * 7 * geo.D, **f32), torch.empty(geo.nvec_numel, **f32)
+    # 8 D-vector slots per program (the forward uses the first 7: kernels.py, vector scratch)
+    return mats, torch.empty(geo.grid * 8 * geo.D, **f32), torch.empty(geo.nvec_numel, **f32)
 
 
 def forward_replays(T: int, x_bytes: int) -> bool:
@@ -349,6 +366,7 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
         else:
             gw = torch.zeros(B, T, 4, device=dev, dtype=torch.float32)
             (slb, szb), vd, vn = _scratch(geo, dev, 2)               # adjoints of log S, Z
+            BN, BD, BV, num_warps = backward_block_sizes(geo.N, D)
             gplan = _f32(grad_plan).reshape(geo.rows, D) if grad_plan is not None else gx
             launcher(badmm_bwd_kernel, wrap)[(geo.grid,)](
                 x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else gx, geo.order(gx),
