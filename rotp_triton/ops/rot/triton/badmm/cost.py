@@ -5,7 +5,8 @@ structure (launch.py / kernels.py) - the inputs of a speed-of-light prediction (
 ``schedule``: "v1" - the kernels before issue 17 (state streamed through HBM scratch, backward
 recomputing the forward from iteration 0 for every reverse step); "stream" / "replay" - the v2
 forward schedules (:func:`.launch.forward_replays` picks), both with the v2 backward (state
-rebuilt per tile from x and the vector history, passes 2-3 per reverse step).
+rebuilt per tile from x and the vector history, passes 2-3 per reverse step; pass 3 also runs
+the L̄', Z̄' part of the next step's pass 2, which then reads x only).
 """
 from __future__ import annotations
 
@@ -60,9 +61,11 @@ def _v2(T: int, bx: int, return_plan: bool, backward: bool, replay: bool):
     for t in range(T):
         if t == T - 1 and return_plan:
             bb, be, ri = bb + bx + 8, be + _replay(t) + 1, ri + t          # plan adjoint
-        if t < T - 1:
-            bb, be, ri = bb + bx + 16, be + _replay(t) + 4, ri + t         # pass 2: S-step
+        if t < T - 1:   # pass 2: the S-step adjoint's part of C̄ (reads x only)
+            bb, be, ri = bb + bx, be + _replay(t) + 4, ri + t
         bb, be, ri = bb + bx + 24, be + _replay(t) + 2, ri + t             # pass 3 (+ σ)
+        if t > 0:       # pass 3 also runs pass 2 of t - 1 on the L̄, Z̄ it forms (P, e2)
+            be += 2
     if bx != 4:
         bb += 4 + bx                                  # fp32 x-gradient cast to x's dtype
     return fb + bb, fe + be, ri

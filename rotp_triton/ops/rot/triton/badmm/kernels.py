@@ -49,14 +49,27 @@ is derived on chip from the (6, T) weight table (rows as ``params.py``).
 Backward schedule (issue 17): for α0 = 0 every entry of (log S, Z) evolves on its own once the
 iteration's row and column shifts (log η - C)_n and (log μ - R)_d are known. The forward
 therefore records R, log μ [, z1], log μ - R (per set, D each) and C, log η [, z2],
-log η - C (per row) of every iteration - O(T · (N + D)) per set, saved with x - and the backward's reverse step t rebuilds
-(log S_t, Z_t) of each tile from x and that history (:func:`_replay_state`: t elementwise
-iterations, two exp2 each, no HBM traffic beyond x and the vectors) instead of re-running the
-forward's passes from iteration 0. Per reverse step: passes 2-3 over x and the adjoints L̄, Z̄
-(fp32 scratch of the size above; pass 2 only reduces, pass 3 recomputes its tile and writes
-L̄, Z̄, X̄; pass 1's row sums σ ride along with the previous step's pass 3) - O(T) passes in
-all (was O(T²)); the elementwise replay
-costs O(t) arithmetic per element and pass (cost model: :func:`.launch.badmm_cost_model`).
+log η - C (per row) of every iteration - O(T · (N + D)) per set, saved with x - and the
+backward's reverse step t rebuilds (log S_t, Z_t) of each tile from x and that history
+(:func:`_replay_state`: t elementwise iterations, two exp2 each, no HBM traffic beyond x and
+the vectors) instead of re-running the forward's passes from iteration 0. The adjoints L̄, Z̄
+live in an fp32 scratch of the size above. Each reverse step needs two reductions in
+sequence, τ = Σ_n log P̄ (for R̄) and then σ = Σ_d (L̄ - ρ Z̄ S) (for the next step's C̄), so two
+sweeps per step, of which only one touches L̄, Z̄:
+  pass 2 (a sweep over x, :func:`_adjoint_s_step_tiles` CB_ONLY): the part of τ_t and of the
+         S-step's scalar partials that comes from C̄_t, added to the rest, which pass 3 of
+         step t + 1 summed (TAU0 slot)
+  pass 3 (:func:`_adjoint_p_step_tiles`, column blocks outside): reads L̄', Z̄', X̄, writes
+         L̄, Z̄, X̄ (in place) and σ_{t-1} (accumulated over the column blocks), and - FUSE -
+         runs pass 2 of iteration t - 1 with C̄_{t-1} = 0 on the L̄, Z̄ it just formed: pass 2
+         is linear in (L̄', Z̄', C̄), so its L̄', Z̄' part needs no second read of them. The
+         state of t - 1 comes free on the way to t's (the replay stops one iteration early).
+Per element and reverse step 4 + 28 bytes (x; x, L̄', Z̄', X̄ read, L̄, Z̄, X̄ written), was 12 +
+28 when pass 2 read L̄', Z̄'; O(T) passes in all. The elementwise replay costs O(t) arithmetic
+per element and pass (cost model: :func:`.cost.badmm_cost_model`); pass 3 holds two
+iterations' states, the adjoints and x per element, so the launcher halves its 8-warp tiles
+(:func:`.launch.backward_block_sizes`: no spills at sm_90). The split backward
+(:mod:`.split_backward_kernels`) keeps the unfused pass 2 (reads L̄', Z̄'), across launches.
 
 Launch shape and synchronisation: every pass that reads what another pass wrote is separated
 from it by ``tl.debug_barrier()`` (the passes use different thread mappings); in-place updates
@@ -928,27 +941,24 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR
     acc_rho = _vzero(BD)
     inv_ws = 1.0 / _step_weight(a1, rho, QUAD)
     n_kept = tl.where(tb > 0, n_hi, n_lo)            # rows whose L̄, Z̄ a later pass reads
-    for n0 in range(n_lo, n_hi, BN):
-        offs_n = n0 + tl.arange(0, BN)
-        nm = offs_n < n_hi
-        sigma = tl.zeros([BN], dtype=tl.float32)
+    # column blocks outside, rows inside: the column vectors load once per column block and
+    # τ_u sums in registers; σ (a row sum) accumulates over the column blocks in place
+    for d0 in range(d_lo, d_hi, BD):
+        offs_d = d0 + tl.arange(0, BD)
+        dm = offs_d < d_hi
+        r = tl.load(vd + offs_d, mask=dm, other=0.0)
+        rb = tl.load(vd + 3 * D + offs_d, mask=dm, other=0.0)
         if ADJ == ADJ_S_STEP:
-            c = tl.load(vn + offs_n, mask=nm, other=0.0)
-            leta = tl.load(vn + ns + offs_n, mask=nm, other=0.0)
-            cb = tl.load(cb_ptr + offs_n, mask=nm, other=0.0)
-        if FUSE:
-            c_u = tl.load(hn_u + offs_n, mask=nm, other=0.0)
-            leta_u = tl.load(hn_u + NR + offs_n, mask=nm, other=0.0)
-        for d0 in range(d_lo, d_hi, BD):
-            offs_d = d0 + tl.arange(0, BD)
-            dm = offs_d < d_hi
-            r = tl.load(vd + offs_d, mask=dm, other=0.0)
-            rb = tl.load(vd + 3 * D + offs_d, mask=dm, other=0.0)
-            if FUSE:
-                r_u = tl.load(hd_u + offs_d, mask=dm, other=0.0)
-                lmu_u = tl.load(hd_u + D + offs_d, mask=dm, other=0.0)
+            lmu = tl.load(vd + D + offs_d, mask=dm, other=0.0)
+        else:          # the pooling's adjoint: only the last iteration pools (last = 1.0)
             gy = tl.load(gy_b + offs_d, mask=dm, other=0.0) * last
             out = tl.load(out_b + offs_d, mask=dm, other=0.0)
+        if FUSE:       # iteration u's log μ - R (R and log μ enter only as the difference)
+            shift_u = tl.load(hd_u + (KV - 1) * D + offs_d, mask=dm, other=0.0)
+            tau_u = tl.zeros([BD], dtype=tl.float32)
+        for n0 in range(n_lo, n_hi, BN):
+            offs_n = n0 + tl.arange(0, BN)
+            nm = offs_n < n_hi
             mask = nm[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
@@ -966,7 +976,9 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR
                 L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
                                       u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
             if ADJ == ADJ_S_STEP:
-                lmu = tl.load(vd + D + offs_d, mask=dm, other=0.0)
+                c = tl.load(vn + offs_n, mask=nm, other=0.0)
+                leta = tl.load(vn + ns + offs_n, mask=nm, other=0.0)
+                cb = tl.load(cb_ptr + offs_n, mask=nm, other=0.0)
                 y, g, s, lpb, Zb, _da1, _drho = _s_step_adjoint(
                     X, L, Zt, tl.load(slb + o, mask=mask, other=0.0),
                     tl.load(szb + o, mask=mask, other=0.0), r, lmu, c, leta, cb, a1, rho, QUAD)
@@ -981,9 +993,10 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR
                 gx = tl.zeros_like(X)
             e = _exp(y - r[None, :])                                                 # softmax_n(Y)
             yb = lpb + rb[None, :] * e
-            # y_d = Σ_n e_nd X_nd: Ȳ += e (X - y_d) ȳ_d, X̄ += e ȳ_d (ȳ = 0 unless last)
-            yb += e * (X - out[None, :]) * gy[None, :]
-            gx += e * gy[None, :]
+            if ADJ == ADJ_FIRST:
+                # y_d = Σ_n e_nd X_nd: Ȳ += e (X - y_d) ȳ_d, X̄ += e ȳ_d
+                yb += e * (X - out[None, :]) * gy[None, :]
+                gx += e * gy[None, :]
             yb = tl.where(mask, yb, 0.0)
             gb = yb * inv_ws
             lb = yb
@@ -996,7 +1009,6 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR
                 acc_a1 += d_ws
             acc_rho += d_ws
             zb_new = Zb - gb
-            sigma += tl.sum(tl.where(mask, lb - rho_prev * zb_new * s, 0.0), axis=1)
             # the first iteration's L̄ only feeds the priors' gradients, its Z̄ nothing (Z_0 = 0)
             kept = mask & (offs_n < n_kept)[:, None]
             if HAS_P0 or HAS_Q0:
@@ -1005,23 +1017,26 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR
                 tl.store(slb + o, lb, mask=kept)
             tl.store(szb + o, zb_new, mask=kept)
             tl.store(gx_b + o, gx + gb, mask=mask)
+            # σ accumulates over the column blocks; the [BN] vector is replicated over the
+            # columns' threads, so every replica loads before any stores (the barrier), and
+            # all store the same sum (a replica's next load sees its own store)
+            sigma = tl.sum(tl.where(mask, lb - rho_prev * zb_new * s, 0.0), axis=1)  # [BN]
+            sig_old = tl.load(sigma_ptr + offs_n, mask=nm & ((offs_n * 0 + d0) > d_lo),
+                              other=0.0)
+            tl.debug_barrier()
+            tl.store(sigma_ptr + offs_n, sig_old + sigma, mask=nm & ((offs_n * 0 + tb) > 0))
             if FUSE:   # iteration u's pass 2 with C̄_u = 0, from the L̄, Z̄ just formed
+                c_u = tl.load(hn_u + offs_n, mask=nm, other=0.0)
+                leta_u = tl.load(hn_u + NR + offs_n, mask=nm, other=0.0)
                 _y, _g, _s, lpb_u, _zb, d_a1u, d_rhou = _s_step_adjoint(
-                    X, L_u, Z_u, lb, zb_new, r_u, lmu_u, c_u, leta_u,
-                    tl.zeros([BN], dtype=tl.float32), a1_u, rho_u, QUAD)
+                    X, L_u, Z_u, lb, zb_new, tl.zeros([BD], dtype=tl.float32), shift_u, c_u,
+                    leta_u, tl.zeros([BN], dtype=tl.float32), a1_u, rho_u, QUAD)
                 live = mask & ((offs_n * 0 + tb) > 0)[:, None]
                 acc_a1u += tl.sum(tl.sum(tl.where(live, d_a1u, 0.0), axis=1), axis=0)
                 acc_rhou += tl.sum(tl.sum(tl.where(live, d_rhou, 0.0), axis=1), axis=0)
-                tau_u = tl.sum(tl.where(live, lpb_u, 0.0), axis=0)                   # [BD]
-                # τ_u accumulates over the row blocks; the [BD] vector is replicated over the
-                # rows' threads, so every replica loads before any stores (the barrier), and
-                # all store the same sum (a replica's next load sees its own store)
-                tau_old = tl.load(tau0_ptr + offs_d, mask=dm & ((offs_d * 0 + n0) > n_lo),
-                                  other=0.0)
-                tl.debug_barrier()
-                tl.store(tau0_ptr + offs_d, tau_old + tau_u, mask=dm & ((offs_d * 0 + tb) > 0))
-        if tb > 0:
-            tl.store(sigma_ptr + offs_n, sigma, mask=nm)
+                tau_u += tl.sum(tl.where(live, lpb_u, 0.0), axis=0)                  # [BD]
+        if FUSE:
+            tl.store(tau0_ptr + offs_d, tau_u, mask=dm & ((offs_d * 0 + tb) > 0))
     return acc_a1, acc_rho, acc_a1u, acc_rhou
 
 
