@@ -214,6 +214,23 @@ def test_several_tiles(method, variant, schedule, monkeypatch):
     _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32])
 
 
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("badmm-q", "paper"),
+                                            ("badmm-q", "exact"), ("badmm-e", "paper")])
+def test_backward_schedules(method, variant, fuse, monkeypatch):
+    """Both backward schedules of the one-program-per-set kernel (launch.backward_fuses picks
+    by T): pass 3 also summing the next step's pass 2 from the adjoints it forms, whose pass 2
+    then reads x only ("fused"), or pass 2 reading L̄', Z̄' ("unfused"); several [16, 16] tiles
+    in both directions (τ over row blocks, σ over column blocks), with and without priors."""
+    _small_blocks(monkeypatch)
+    monkeypatch.setattr(launch, "backward_fuses", lambda T, xb: fuse)
+    gen = torch.Generator().manual_seed(21)
+    x, w, lp, lq, cy, cp = _case(2, 37, 19, 3, gen, inf_a2=True)
+    for priors in ((lp, lq), (None, None)):
+        args = (x, None, method, variant, w, *priors, cy, cp)
+        _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32])
+
+
 def _split(monkeypatch, NS, DS, schedule="replay"):
     """Force the split forward and backward (:mod:`badmm.split_kernels`,
     :mod:`badmm.split_backward_kernels`) with NS row and DS column slices per set (the forward
@@ -624,17 +641,23 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
         (m.badmm_fwd_kernel, 2048, 49, True, True, True, "PLAN", True),
         (m.badmm_fwd_kernel, 2048, 49, False, False, False, "PLAN", False),
         (m.badmm_fwd_kernel, 128, 500, True, False, True, "PLAN", False),
-        (m.badmm_bwd_kernel, 128, 500, False, False, True, "PLAN_GRAD", None),
-        (m.badmm_bwd_kernel, 2048, 49, True, True, False, "PLAN_GRAD", None),
-        (m.badmm_bwd_kernel, 2048, 49, False, False, False, "PLAN_GRAD", None),
-        (m.badmm_bwd_kernel, 128, 500, True, True, True, "PLAN_GRAD", None)]:
-    sizes = launch.backward_block_sizes if kernel is m.badmm_bwd_kernel else launch.block_sizes
+        (m.badmm_bwd_kernel, 128, 500, False, False, True, "PLAN_GRAD", True),
+        (m.badmm_bwd_kernel, 2048, 49, True, True, False, "PLAN_GRAD", True),
+        (m.badmm_bwd_kernel, 2048, 49, False, False, False, "PLAN_GRAD", True),
+        (m.badmm_bwd_kernel, 128, 500, True, True, True, "PLAN_GRAD", True),
+        (m.badmm_bwd_kernel, 2048, 49, False, False, False, "PLAN_GRAD", False),
+        (m.badmm_bwd_kernel, 2048, 49, True, False, False, "PLAN_GRAD", False)]:
+    # the backward's last field: FUSE (its half tiles: launch.backward_block_sizes)
+    fused = kernel is m.badmm_bwd_kernel and replay
+    sizes = launch.backward_block_sizes if fused else launch.block_sizes
     BN, BD, BV, num_warps = sizes(0 if ragged else N, D)
     consts = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=m.quad_flag(quad, paper),
                   PAPER=paper, BN=BN, BD=BD, BV=BV, **{flag: True})
     consts["KV"] = 4 if paper else 3
     if flag == "PLAN":
         consts["REPLAY"] = replay
+    else:
+        consts["FUSE"] = replay
     c = compile_sm90(kernel, signature(kernel, consts), consts,
                      num_warps=num_warps)
     assert ".target sm_90" in c.asm["ptx"]
@@ -663,12 +686,13 @@ for quad, paper in [(False, False), (True, True), (True, False)]:
 
 def test_aot_compile_sm90():
     """Every kernel compiles for sm_90 (H100) with the GPU compiler at realistic sizes
-    (D = 128 and 2048, both methods and variants, dense and ragged, both forward schedules);
+    (D = 128 and 2048, both methods and variants, dense and ragged, both forward and both
+    backward schedules);
     register use is printed and no local memory (spills) is used."""
     out = run_without_interpreter(AOT_CODE, timeout=900)
     lines = [l for l in out.splitlines() if "regs" in l]
     print("\n".join(lines))
-    assert len(lines) == 8
+    assert len(lines) == 10
     for l in lines:
         if "local ?" not in l:
             assert l.endswith("local 0"), l

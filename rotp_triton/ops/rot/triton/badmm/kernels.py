@@ -68,8 +68,12 @@ Per element and reverse step 4 + 28 bytes (x; x, L̄', Z̄', X̄ read, L̄, Z̄,
 28 when pass 2 read L̄', Z̄'; O(T) passes in all. The elementwise replay costs O(t) arithmetic
 per element and pass (cost model: :func:`.cost.badmm_cost_model`); pass 3 holds two
 iterations' states, the adjoints and x per element, so the launcher halves its 8-warp tiles
-(:func:`.launch.backward_block_sizes`: no spills at sm_90). The split backward
-(:mod:`.split_backward_kernels`) keeps the unfused pass 2 (reads L̄', Z̄'), across launches.
+(:func:`.launch.backward_block_sizes`: no spills at sm_90). That costs instructions: the
+smaller tiles amortise the replay's per-iteration loads over half the elements and pass 3 runs
+two more exp2 per element, so from T = 15 on (fp32 x; the replay grows as T², the bytes as T)
+the launcher keeps the unfused schedule (``FUSE`` off: pass 2 reads L̄', Z̄', 12 + 28 bytes,
+8-warp tiles; :func:`.launch.backward_fuses`). The split backward (:mod:`.split_backward_kernels`)
+always runs the unfused pass 2, across launches.
 
 Launch shape and synchronisation: every pass that reads what another pass wrote is separated
 from it by ``tl.debug_barrier()`` (the passes use different thread mappings); in-place updates
@@ -1178,7 +1182,7 @@ def badmm_bwd_kernel(
     slb_ptr, szb_ptr, vd_ptr, vn_ptr,
     B, N, D, NR, T, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
-    PAPER: tl.constexpr, PLAN_GRAD: tl.constexpr, KV: tl.constexpr,
+    PAPER: tl.constexpr, PLAN_GRAD: tl.constexpr, KV: tl.constexpr, FUSE: tl.constexpr,
     BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
 ):
     """Exact gradient of the T unrolled iterations: one reverse step per iteration, whose
@@ -1187,6 +1191,9 @@ def badmm_bwd_kernel(
 
     Writes gx (rows, D) fp32 (in x's row order), gp0 (B, D), gq0 (rows,), and gw (B, T, 4):
     per set and iteration the partials wrt (κ2, κ3, α1, ρ) (finished by badmm_dw_kernel).
+    FUSE: pass 3 also sums the L̄', Z̄' part of the next step's pass 2, which then reads x only
+    (module docstring, "Backward schedule"); without it pass 2 reads L̄', Z̄' (the launcher
+    picks by T: :func:`.launch.backward_fuses`).
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -1263,7 +1270,7 @@ def badmm_bwd_kernel(
                     da1, dr = _adjoint_s_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b,
                                                     hn_b, NR, w_ptr, T, tb, slb, szb, vd, vn, ns,
                                                     n_b, D, a1, rho, 0, n_b, 0, D, vd + 3 * D,
-                                                    vd + 7 * D, HAS_P0, HAS_Q0, KV, QUAD, True,
+                                                    vd + 7 * D, HAS_P0, HAS_Q0, KV, QUAD, FUSE,
                                                     BN, BD)
                     ga1 += da1
                     grho += dr
@@ -1282,13 +1289,13 @@ def badmm_bwd_kernel(
                         xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                         slb, szb, gx_b, vd, vn, ns, vn + 3 * ns, gy_b, out_b, n_b, D, a1, rho,
                         1.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, HAS_P0, HAS_Q0, KV,
-                        QUAD, ADJ_FIRST, PLAN_GRAD, True, BN, BD)
+                        QUAD, ADJ_FIRST, PLAN_GRAD, FUSE, BN, BD)
                 else:
                     da1, dr, ga1_next, grho_next = _adjoint_p_step_tiles(
                         xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                         slb, szb, gx_b, vd, vn, ns, vn + 3 * ns, gy_b, out_b, n_b, D, a1, rho,
                         0.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, HAS_P0, HAS_Q0, KV,
-                        QUAD, ADJ_S_STEP, PLAN_GRAD, True, BN, BD)
+                        QUAD, ADJ_S_STEP, PLAN_GRAD, FUSE, BN, BD)
                 ga1 += da1
                 grho += dr
                 tl.debug_barrier()

@@ -26,8 +26,8 @@ from .split_kernels import (badmm_split_column_lse_kernel, badmm_split_column_st
                             badmm_split_init_state_kernel, badmm_split_plan_kernel,
                             badmm_split_row_lse_kernel, badmm_split_row_step_kernel)
 
-__all__ = ["badmm_forward", "badmm_backward", "block_sizes", "backward_block_sizes", "history_like",
-           "forward_replays", "forward_splits", "backward_splits"]
+__all__ = ["badmm_forward", "badmm_backward", "block_sizes", "backward_block_sizes",
+           "history_like", "forward_replays", "backward_fuses", "forward_splits", "backward_splits"]
 
 
 def block_sizes(n_hint: int, D: int):
@@ -144,6 +144,19 @@ def forward_replays(T: int, x_bytes: int) -> bool:
     the stream at 4.5 ms, the replay at ~6.6 ms: its T = 1..3 fit x 130/155). Prediction, not
     measured."""
     return T <= int(((2 * x_bytes + 24) / 3 - 3.4) / 0.655)
+
+
+def backward_fuses(T: int, x_bytes: int) -> bool:
+    """Backward schedule of the fused kernel: pass 3 also runs the L̄', Z̄' part of the next
+    step's pass 2, which then reads x only (``FUSE``, with :func:`backward_block_sizes`' half
+    tiles), or pass 2 reads L̄', Z̄' (8-warp tiles). Fitted to kernel_report's W2 predictions
+    (H100; per element, fp32 x): fused (42 T - 51) bytes and (25.7 T² + 64 T) instructions,
+    unfused (50 T - 56) bytes and (21.9 T² + 22 T) instructions (at T = 4 and 16: 117 / 669 and
+    620 / 7,616 fused, 143 / 440 and 739 / 5,963 unfused); with 3.0 TB/s and 2.96e13
+    lane-instructions/s the fused kernel is memory-bound and faster up to T = 14 (T = 4:
+    1.00 vs 1.23 ms), the unfused one from T = 15 (T = 16: 6.3 vs 6.6 ms). fp16/bf16 x saves
+    2 bytes per element and pass in both, so the same threshold. Prediction, not measured."""
+    return T <= 14
 
 
 def forward_splits(B: int, N: int, D: int, BN: int, BD: int, device: torch.device):
@@ -366,7 +379,9 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
         else:
             gw = torch.zeros(B, T, 4, device=dev, dtype=torch.float32)
             (slb, szb), vd, vn = _scratch(geo, dev, 2)               # adjoints of log S, Z
-            BN, BD, BV, num_warps = backward_block_sizes(geo.N, D)
+            fuse = backward_fuses(T, x.element_size())
+            if fuse:
+                BN, BD, BV, num_warps = backward_block_sizes(geo.N, D)
             gplan = _f32(grad_plan).reshape(geo.rows, D) if grad_plan is not None else gx
             launcher(badmm_bwd_kernel, wrap)[(geo.grid,)](
                 x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else gx, geo.order(gx),
@@ -377,6 +392,7 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
                 B, geo.N, D, geo.rows, T, -math.log(D),
                 RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
                 QUAD=quadratic, PAPER=paper, PLAN_GRAD=grad_plan is not None, KV=hd.shape[2],
+                FUSE=fuse,
                 BN=BN, BD=BD, BV=BV, num_warps=num_warps,
             )
     if gw is None:                      # nothing to differentiate: zero partials
