@@ -224,11 +224,19 @@ def test_backward_schedules(method, variant, fuse, monkeypatch):
     in both directions (τ over row blocks, σ over column blocks), with and without priors."""
     _small_blocks(monkeypatch)
     monkeypatch.setattr(launch, "backward_fuses", lambda T, xb: fuse)
+    # one program per set (B < the interpreter's 4 'SMs' would pick the split backward)
+    monkeypatch.setattr(launch, "backward_splits", lambda *a: (1, 1))
+    calls = []
+    real = launch._backward_split
+    monkeypatch.setattr(launch, "_backward_split", lambda *a, **k: calls.append(1) or real(*a, **k))
     gen = torch.Generator().manual_seed(21)
     x, w, lp, lq, cy, cp = _case(2, 37, 19, 3, gen, inf_a2=True)
     for priors in ((lp, lq), (None, None)):
         args = (x, None, method, variant, w, *priors, cy, cp)
         _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32])
+    # ragged, empty sets included, sets spanning several row blocks
+    _check_ragged_with_empty_sets(method, variant, [0, 3, 0, 35, 1, 0], D=19, T=3, seed=22)
+    assert not calls
 
 
 def _split(monkeypatch, NS, DS, schedule="replay"):
