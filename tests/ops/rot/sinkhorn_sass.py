@@ -29,7 +29,7 @@ from rotp_triton.ops.rot.triton.sinkhorn import launch as L  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 _X_PTRS = ("x_ptr", "plan_ptr", "gp_ptr", "dx_ptr")
-_I64 = ("sxb", "sxn", "sxd", "spb", "spn", "spd", "sgb", "sgn", "sgd", "sdb", "sdn", "sdd")
+_I64 = ("sxb", "sxn", "sxd", "sxn_u", "spb", "spn", "spd", "sgb", "sgn", "sgd", "sdb", "sdn", "sdd")
 _F32 = ("lp0_u",)
 
 
@@ -60,27 +60,39 @@ def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = F
     paper = variant == "paper"
     if which.startswith("fwd"):
         BN, BD, one = L.fwd_config(D, N, num_warps)
+        P0, P1, P2 = L.row_pieces(N, BN, one, paper)
+        if P0:  # the row-pieces forward (always launched with L.PIECES_NUM_WARPS)
+            BD = L.pieces_config(D, (P0, P1, P2), BD)[0]
         ce = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, PAPER=paper, RETURN_PLAN=True,
-                  ONE_TILE_N=one, BN=BN, BD=BD, MASK_N=N is None or N != BN)
+                  ONE_TILE_N=one, BN=BN, BD=BD, MASK_N=N is None or N != BN, P0=P0, P1=P1,
+                  P2=P2, MASK_P=N is not None and P0 + P1 + P2 != N)
         return K.sinkhorn_fwd_kernel, ce
     has_gp = not which.endswith("nogp")  # bwd*nogp: no plan gradient (wider sweep tiles)
     BN, BD, one = L.bwd_config(D, N, num_warps, has_gp)
+    P0, P1, P2 = L.row_pieces(N, BN, one, paper)
+    if P0:  # the row-pieces reverse sweeps (launched with the launcher's warps)
+        BD = L.pieces_config(D, (P0, P1, P2), BD, num_warps, L.BWD_ELEMS_PER_THREAD if has_gp
+                             else L.SWEEP_ELEMS_PER_THREAD)[0]
     BNX, BDX = L.dx_tile(D, N, num_warps)
     ce = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one,
               BN=BN, BD=BD, BT=16, BNX=BNX, BDX=BDX, BDF=L.fused_sweep_bd(BD, has_gp),
-              FUSE_DX=L.fuse_dx(BN, L.fused_sweep_bd(BD, has_gp), BNX, BDX, one, paper))
+              FUSE_DX=L.fuse_dx(P0 + P1 + P2 if P0 else BN, L.fused_sweep_bd(BD, has_gp), BNX,
+                                BDX, one, paper),
+              P0=P0, P1=P1, P2=P2, MASK_P=N is not None and P0 + P1 + P2 != N)
     # dense with dx not in the sweep: the few-sets case (dx by its own launch) is compiled
     ce["SPLIT_DX"] = not ragged and not ce["FUSE_DX"]
     return K.sinkhorn_bwd_kernel, ce
 
 
 # the launcher configurations compiled by the AOT test: (which, variant, x dtype, warps)
-# fwd / bwd: streamed tiles (ragged, D = 2048); fwd1 / bwd1: one tile per set (dense N = 49);
+# fwd / bwd: streamed tiles (ragged, D = 2048); fwd1 / bwd1: one tile per set (dense N = 49;
+# the exact forward then holds the rows in three pieces, launched with 4 warps);
 # bwd / bwd1 with a plan gradient, bwdnogp / bwd1nogp without (the launcher then picks wider
 # sweep tiles, launch.bwd_config); split_*: the split-set launches at W1's shape; dx: the
 # row-block dx launch at W1's shape
 AOT_CONFIGS = [("fwd", "exact", "bf16", 8), ("fwd", "paper", "fp32", 4),
-               ("fwd1", "exact", "fp32", 8), ("fwd1", "paper", "bf16", 4),
+               ("fwd1", "exact", "fp32", 4), ("fwd1", "exact", "bf16", 4),
+               ("fwd1", "paper", "bf16", 4),
                ("bwd", "exact", "fp32", 4), ("bwd", "paper", "fp16", 8),
                ("bwd1", "exact", "bf16", 8), ("bwd1", "paper", "fp32", 4),
                ("bwdnogp", "exact", "fp32", 4), ("bwd1nogp", "exact", "bf16", 8),
@@ -203,7 +215,8 @@ def innermost_loops(text: str) -> list:
 WORKLOADS = {"W1": dict(B=50, N=500, D=100, xdt="fp32", unit_stride="sxd",
                        ints=dict(sxb=50000, sxn=100, sxd=1, N=500, D=100, T=4, NR=25000)),
              "W2": dict(B=256, N=49, D=2048, xdt="fp32", unit_stride="sxn",
-                       ints=dict(sxb=100352, sxn=1, sxd=49, N=49, D=2048, T=4, NR=12544))}
+                       ints=dict(sxb=100352, sxn=1, sxd=49, sxn_u=1, N=49, D=2048, T=4,
+                                 NR=12544))}
 
 
 def compile_like_jit(kernel, sig: dict, constexprs: dict, ints: dict, num_warps: int):
@@ -233,11 +246,14 @@ def loop_report(name: str, variant: str) -> str:
     wl = WORKLOADS[name]
     nw = 8 if wl["B"] < 2 * 132 else 4  # launch.num_warps_for on an H100 (132 SMs)
     kern, ce = config("fwd1", variant, wl["N"], wl["D"], nw)
+    if ce["P0"]:
+        nw = L.PIECES_NUM_WARPS
     c = compile_like_jit(kern, signature(kern, ce, wl["xdt"]), ce, wl["ints"], nw)
     regs, local = usage(c)
     loops = [lp for lp in innermost_loops(sass(c)) if lp["mufu"] > 0]
-    elems = ce["BN"] * ce["BD"] / (32 * nw)  # x elements per thread per trip of a tile loop
-    lines = [f"{name} {variant}: BN={ce['BN']} BD={ce['BD']} warps={nw} regs={regs} "
+    rows = ce["P0"] + ce["P1"] + ce["P2"] if ce["P0"] else ce["BN"]
+    elems = rows * ce["BD"] / (32 * nw)  # x elements per thread per trip of a tile loop
+    lines = [f"{name} {variant}: rows={rows} BD={ce['BD']} warps={nw} regs={regs} "
              f"spill bytes={local} elements/thread/trip={elems:g}"]
     for lp in loops:
         top = ", ".join(f"{k} {v}" for k, v in sorted(lp["ops"].items(), key=lambda kv: -kv[1])[:10])

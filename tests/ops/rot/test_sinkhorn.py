@@ -280,6 +280,7 @@ def test_lean_tile_edges(variant, N, D, BN, BD, monkeypatch):
     gradients, with a plan and priors."""
     from rotp_triton.ops.rot.triton.sinkhorn import launch
     monkeypatch.setattr(launch, "fwd_config", lambda D_, N_, nw=4: (BN, BD, True))
+    monkeypatch.setattr(launch, "ROW_PIECES", False)  # the padded tile (row pieces: below)
     gen = torch.Generator().manual_seed(15)
     B, T = 2, 3
     x = torch.randn(B, N, D, generator=gen)
@@ -291,6 +292,52 @@ def test_lean_tile_edges(variant, N, D, BN, BD, monkeypatch):
     args = (x, None, variant, T, a1, a2, a3, p0, q0, cy, cp)
     _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32],
              ["x", "a1", "a2", "a3", "p0", "q0"])
+
+
+@pytest.mark.parametrize("N,D,BD,pieces", [(7, 8, 4, (4, 2, 1)), (23, 6, 4, (16, 4, 4)),
+                                           (13, 5, 2, (8, 4, 1))],
+                         ids=["exact_rows", "padded_piece", "edge_d"])
+@pytest.mark.parametrize("layout", ["contiguous", "nchw_view"])
+@pytest.mark.parametrize("dx_by", ["pass", "sweep"])
+def test_row_pieces(N, D, BD, pieces, layout, dx_by, monkeypatch):
+    """The exact forward and reverse sweeps with a set's rows in three power-of-two pieces
+    (launch.row_pieces, W2's 49 = 32 + 16 + 1): pieces that cover N exactly, a last piece with
+    padded rows, a last partial feature chunk; contiguous and the strided NCHW view; dx by the
+    backward's own pass or by the last reverse sweep; forward and gradients against the
+    reference, with a plan and priors."""
+    from rotp_triton.ops.rot.triton.sinkhorn import launch
+    BN = launch.next_pow2(N)
+    monkeypatch.setattr(launch, "fwd_config", lambda D_, N_, nw=4: (BN, BD, True))
+    monkeypatch.setattr(launch, "bwd_config",
+                        lambda D_, N_, nw=4, has_gp=False: (BN, 2 * BD, True))
+    monkeypatch.setattr(launch, "fuse_dx", lambda *args: dx_by == "sweep")
+    monkeypatch.setattr(launch, "split_dx", lambda *args: False)
+    assert launch.row_pieces(N, BN, True, False) == pieces
+    gen = torch.Generator().manual_seed(16)
+    B, T = 2, 3
+    if layout == "nchw_view":
+        x = torch.randn(B, D, N, 1, generator=gen).flatten(2).transpose(1, 2)  # (B, N, D)
+    else:
+        x = torch.randn(B, N, D, generator=gen)
+    a1, a2, a3 = _weights(T, gen)
+    p0 = torch.rand(B, D, generator=gen) + 0.1
+    q0 = torch.rand(B, N, generator=gen) + 0.1
+    cy = torch.randn(B, D, generator=gen)
+    cp = torch.randn(B, N, D, generator=gen)
+    args = (x, None, "exact", T, a1, a2, a3, p0, q0, cy, cp)
+    _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32],
+             ["x", "a1", "a2", "a3", "p0", "q0"])
+
+
+def test_row_pieces_choice():
+    """W2's 49 rows take three pieces without padding, W1's 500 keep the padded tile (pieces
+    would pad to 512 as well), a power of two and the paper variant never take pieces."""
+    from rotp_triton.ops.rot.triton.sinkhorn import launch
+    assert launch.row_pieces(49, 64, True, False) == (32, 16, 1)
+    assert launch.row_pieces(500, 512, True, False) == (0, 0, 0)
+    assert launch.row_pieces(64, 64, True, False) == (0, 0, 0)
+    assert launch.row_pieces(49, 64, True, True) == (0, 0, 0)
+    assert launch.row_pieces(None, 64, False, False) == (0, 0, 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,13 +431,15 @@ def test_fig7_exact_gradients_small_eps():
 
 
 @pytest.mark.parametrize("variant", ["exact", "paper"])
+@pytest.mark.parametrize("N", [8, 7], ids=["one_tile", "row_pieces"])
 @pytest.mark.usefixtures("forward_iteration")
-def test_huge_x_over_eps_gradient_finite_like_torch_path(variant):
+def test_huge_x_over_eps_gradient_finite_like_torch_path(variant, N):
     """|x|/α1 ≈ 1e10 (x = randn * 1e5, α1 = 1e-5): one fp32 ulp of x/ε is ≈ 1e3 in an exponent,
     which once made every softmax recomputed in the backward overflow (all-NaN x.grad). The
-    gradient is finite wherever the torch path's is, and y agrees with the torch path."""
+    gradient is finite wherever the torch path's is, and y agrees with the torch path (N = 7:
+    the exact variant's rows in pieces 4 + 2 + 1, launch.row_pieces)."""
     gen = torch.Generator().manual_seed(14)
-    x = torch.randn(2, 8, 8, generator=gen) * 1e5
+    x = torch.randn(2, N, 8, generator=gen) * 1e5
     cy = torch.randn(2, 8, generator=gen)
     out = []
     for backend in ("triton", "torch"):

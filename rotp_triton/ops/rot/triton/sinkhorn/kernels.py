@@ -12,6 +12,10 @@ its last reverse sweep writes it). Tilings of the forward:
   streamed, one pass over x per iteration without per-element masks or selects:
   ``_shifted_exact_iteration`` (exact: fixed shifts from the previous plan, row sums accumulated
   in registers) and ``_lean_paper_iteration`` (paper);
+- row pieces (dense exact, a set size far from a power of two, ``launch.row_pieces``): the
+  same one-pass exact iteration and the pooling with the rows in three power-of-two tiles
+  (W2: 49 = 32 + 16 + 1) instead of one tile padded to 64 rows (``_pieces_exact_iteration``,
+  ``_pieces_pool``);
 - streamed [BN, BD] tiles with an online LogSumExp (ragged batches, long sets; two passes);
 - split sets (``sinkhorn_split_*``, dense exact, ``launch.SPLIT_SETS``): row blocks of a set in
   separate programs, combined through separate launches; the forward kernel then only pools.
@@ -515,6 +519,225 @@ def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, 
 
 
 # --------------------------------------------------------------------------------------------
+# row pieces (v3): a small dense set's rows as three power-of-two tiles, no padding to BN
+# --------------------------------------------------------------------------------------------
+# A set of N rows in one [next_pow2(N), BD] tile evaluates every exp2 on the padded rows too
+# (W2: N = 49 in 64 rows, 64/49 ≈ 1.3× the MUFU work, and the clamped loads of the padded rows
+# are loads all the same). With PIECES = (P0, P1, P2), powers of two with P0 + P1 + P2 >= N
+# (launch.row_pieces; 49 = 32 + 16 + 1) the rows are held in three tiles [P0, BD], [P1, BD],
+# [P2, BD] at row offsets 0, P0, P0 + P1: per-column vectors are shared (a column sum is the
+# sum of the three tiles' column sums), per-row vectors are per piece. Only the last piece can
+# have padded rows (MASK2), handled like the one-tile path's (clamped row, bias -inf).
+@triton.jit
+def _piece_rows(o0, P: tl.constexpr, n_b, sxn, MASK: tl.constexpr):
+    """(rows [P], row offsets int64 [P]) of the piece that starts at row o0."""
+    on = o0 + tl.arange(0, P)
+    return on, _lean_row_offsets(on, n_b, sxn, MASK)
+
+
+@triton.jit
+def _piece_shifted_colsum(z, sh):
+    """Σ_n 2^(z - sh[d]) per column of one piece: [P, BD] -> [BD]."""
+    return tl.sum(tl.exp2(z - sh[None, :]), axis=0)
+
+
+@triton.jit
+def _pieces_exact_chunk(x_base, ro0, ro1, ro2, sxd, bp0, bp1, bp2, d0, D, s, k2, lp0_b, lp0_u,
+                        A_prev, A_cur, R_t, m_u, l_u, acc0, acc1, acc2, cmin,
+                        HAS_P0: tl.constexpr, MASK_D: tl.constexpr, FIRST: tl.constexpr,
+                        BD: tl.constexpr):
+    """_shifted_exact_chunk on the three row pieces: the column LSE sums the pieces' column
+    sums (FIRST: under the max of all three), each piece keeps its own row-sum accumulator."""
+    od = d0 + tl.arange(0, BD)
+    # z = x s + b: one FFMA per element, shared by the column sum and the row-sum term
+    z0 = _lean_load_chunk(x_base, ro0, sxd, od, D, MASK_D) * s + bp0[:, None]  # [P0, BD]
+    z1 = _lean_load_chunk(x_base, ro1, sxd, od, D, MASK_D) * s + bp1[:, None]  # [P1, BD]
+    z2 = _lean_load_chunk(x_base, ro2, sxd, od, D, MASK_D) * s + bp2[:, None]  # [P2, BD]
+    if MASK_D:
+        dm = od < D
+    if FIRST:
+        mz = tl.maximum(tl.maximum(tl.max(z0, axis=0), tl.max(z1, axis=0)),
+                        tl.max(z2, axis=0))                                    # [BD]
+        sh = tl.where(mz == NEG_INF, 0.0, mz)
+    else:
+        sh = -_lean_vec(A_prev, od, D, 0.0, MASK_D)                            # [BD] >= max z
+    col = (_piece_shifted_colsum(z0, sh) + _piece_shifted_colsum(z1, sh)
+           + _piece_shifted_colsum(z2, sh))                                    # [BD]
+    if not FIRST:
+        if MASK_D:
+            col = tl.where(dm, col, 1.0)
+        cmin = tl.minimum(cmin, col)
+    r = sh + tl.log2(col)                                                      # [BD] R_d
+    if HAS_P0:
+        lp0 = _lean_vec(lp0_b, od, D, 0.0, MASK_D) * _LOG2E
+    else:
+        lp0 = lp0_u
+    u = k2 * lp0 + (1.0 - k2) * r
+    ar = u - r                                                                 # a_d + LSE(u)
+    if MASK_D:
+        u = tl.where(dm, u, NEG_INF)
+        ar = tl.where(dm, ar, NEG_INF)
+        tl.store(R_t + od, r, mask=dm)
+        tl.store(A_cur + od, ar, mask=dm)
+    else:
+        tl.store(R_t + od, r)
+        tl.store(A_cur + od, ar)
+    mu = tl.maximum(m_u, u)                                                    # [BD]
+    mu = tl.where(mu == NEG_INF, 0.0, mu)
+    sc = tl.exp2(m_u - mu)
+    l_u = l_u * sc + tl.exp2(u - mu)
+    cr = ar - mu                                                               # [BD]
+    acc0 = acc0 * sc[None, :] + tl.exp2(z0 + cr[None, :])                      # [P0, BD]
+    acc1 = acc1 * sc[None, :] + tl.exp2(z1 + cr[None, :])                      # [P1, BD]
+    acc2 = acc2 * sc[None, :] + tl.exp2(z2 + cr[None, :])                      # [P2, BD]
+    return mu, l_u, acc0, acc1, acc2, cmin
+
+
+@triton.jit
+def _pieces_exact_pass(x_base, ro0, ro1, ro2, sxd, bp0, bp1, bp2, D, s, k2, lp0_b, lp0_u,
+                       A_prev, A_cur, R_t, HAS_P0: tl.constexpr, FIRST: tl.constexpr,
+                       P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BD: tl.constexpr):
+    """_shifted_exact_pass on the three row pieces."""
+    m_u = tl.full([BD], NEG_INF, tl.float32)
+    l_u = tl.zeros([BD], tl.float32)
+    acc0 = tl.zeros([P0, BD], tl.float32)
+    acc1 = tl.zeros([P1, BD], tl.float32)
+    acc2 = tl.zeros([P2, BD], tl.float32)
+    cmin = tl.full([BD], 1.0, tl.float32)
+    d_full = (D // BD) * BD
+    for d0 in range(0, d_full, BD):
+        m_u, l_u, acc0, acc1, acc2, cmin = _pieces_exact_chunk(
+            x_base, ro0, ro1, ro2, sxd, bp0, bp1, bp2, d0, D, s, k2, lp0_b, lp0_u, A_prev,
+            A_cur, R_t, m_u, l_u, acc0, acc1, acc2, cmin, HAS_P0, False, FIRST, BD)
+    if d_full < D:
+        m_u, l_u, acc0, acc1, acc2, cmin = _pieces_exact_chunk(
+            x_base, ro0, ro1, ro2, sxd, bp0, bp1, bp2, d_full, D, s, k2, lp0_b, lp0_u, A_prev,
+            A_cur, R_t, m_u, l_u, acc0, acc1, acc2, cmin, HAS_P0, True, FIRST, BD)
+    return m_u, l_u, acc0, acc1, acc2, cmin
+
+
+@triton.jit
+def _piece_row_lse(acc, f, bp, shift, on, nm):
+    """(row sums of one piece under the common shift, the row LSE c) - see
+    _shifted_exact_iteration; padded rows give c = 0."""
+    rs = tl.sum(acc * f[None, :], axis=1)                                      # [P]
+    return tl.where(nm, rs, 1.0), tl.where(nm, tl.log2(rs) - bp + shift, 0.0)
+
+
+@triton.jit
+def _piece_scaling(lq0_b, lq0_u, on, nm, n_b, c, k3, HAS_Q0: tl.constexpr):
+    """v = κ3 lq0 + (1 - κ3) c of one piece (-inf on padded rows)."""
+    lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
+    return tl.where(nm, k3 * lq0 + (1.0 - k3) * c, NEG_INF)
+
+
+@triton.jit
+def _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u,
+                            A_prev, B_prev, A_cur, B_cur, R_t, C_t, HAS_P0: tl.constexpr,
+                            HAS_Q0: tl.constexpr, FIRST: tl.constexpr, P0: tl.constexpr,
+                            P1: tl.constexpr, P2: tl.constexpr, MASK2: tl.constexpr,
+                            BN: tl.constexpr, BD: tl.constexpr):
+    """_shifted_exact_iteration with the set's rows in three pieces (rows [0, P0), [P0, P0 +
+    P1), [P0 + P1, P0 + P1 + P2); only the last may hold padded rows, MASK2)."""
+    on0, ro0 = _piece_rows(0, P0, n_b, sxn, False)
+    on1, ro1 = _piece_rows(P0, P1, n_b, sxn, False)
+    on2, ro2 = _piece_rows(P0 + P1, P2, n_b, sxn, MASK2)
+    nm0 = on0 < n_b
+    nm1 = on1 < n_b
+    nm2 = on2 < n_b
+    bp0 = _lean_vec(B_prev, on0, n_b, float("-inf"), False)                    # [P0]
+    bp1 = _lean_vec(B_prev, on1, n_b, float("-inf"), False)                    # [P1]
+    bp2 = _lean_vec(B_prev, on2, n_b, float("-inf"), MASK2)                    # [P2]
+    m_u, l_u, acc0, acc1, acc2, cmin = _pieces_exact_pass(
+        x_base, ro0, ro1, ro2, sxd, bp0, bp1, bp2, D, s, k2, lp0_b, lp0_u, A_prev, A_cur, R_t,
+        HAS_P0, FIRST, P0, P1, P2, BD)
+    if not FIRST:
+        if tl.min(cmin, axis=0) < _TINY:
+            # a column with almost no mass under its fixed shift: the pass again with the exact
+            # max-based column LSE (rare; it rewrites R_t and a_t)
+            tl.debug_barrier()
+            m_u, l_u, acc0, acc1, acc2, cmin = _pieces_exact_pass(
+                x_base, ro0, ro1, ro2, sxd, bp0, bp1, bp2, D, s, k2, lp0_b, lp0_u, A_prev,
+                A_cur, R_t, HAS_P0, True, P0, P1, P2, BD)
+    m_all = tl.max(m_u, axis=0)
+    f = tl.exp2(m_u - m_all)                                                   # [BD]
+    lse_u = m_all + tl.log2(tl.sum(l_u * f, axis=0))
+    shift = m_all - lse_u
+    rs0, c0 = _piece_row_lse(acc0, f, bp0, shift, on0, nm0)
+    rs1, c1 = _piece_row_lse(acc1, f, bp1, shift, on1, nm1)
+    rs2, c2 = _piece_row_lse(acc2, f, bp2, shift, on2, nm2)
+    rmin = tl.minimum(tl.minimum(tl.min(rs0, axis=0), tl.min(rs1, axis=0)), tl.min(rs2, axis=0))
+    if rmin < _TINY:
+        # a row with almost no mass: the exact row LSE in a second pass (rare; in [P0, BD]
+        # tiles, so that its loop is not the one with the most exp2 per trip)
+        tl.debug_barrier()
+        _lse_over_d(x_base, sxn, sxd, n_b, D, s, A_cur, C_t, P0, BD)
+        tl.debug_barrier()
+        c0 = tl.load(C_t + on0, mask=nm0, other=0.0) - lse_u
+        c1 = tl.load(C_t + on1, mask=nm1, other=0.0) - lse_u
+        c2 = tl.load(C_t + on2, mask=nm2, other=0.0) - lse_u
+        tl.debug_barrier()
+    tl.store(C_t + on0, c0, mask=nm0)
+    tl.store(C_t + on1, c1, mask=nm1)
+    tl.store(C_t + on2, c2, mask=nm2)
+    v0 = _piece_scaling(lq0_b, lq0_u, on0, nm0, n_b, c0, k3, HAS_Q0)
+    v1 = _piece_scaling(lq0_b, lq0_u, on1, nm1, n_b, c1, k3, HAS_Q0)
+    v2 = _piece_scaling(lq0_b, lq0_u, on2, nm2, n_b, c2, k3, HAS_Q0)
+    mv = tl.maximum(tl.maximum(tl.max(v0, axis=0), tl.max(v1, axis=0)), tl.max(v2, axis=0))
+    lse_v = mv + tl.log2(tl.sum(tl.exp2(v0 - mv), axis=0) + tl.sum(tl.exp2(v1 - mv), axis=0)
+                         + tl.sum(tl.exp2(v2 - mv), axis=0))
+    tl.store(B_cur + on0, v0 - lse_v - c0, mask=nm0)
+    tl.store(B_cur + on1, v1 - lse_v - c1, mask=nm1)
+    tl.store(B_cur + on2, v2 - lse_v - c2, mask=nm2)
+    tl.debug_barrier()
+    for d0 in range(0, D, BD):
+        od = d0 + tl.arange(0, BD)
+        dm = od < D
+        tl.store(A_cur + od, tl.load(A_cur + od, mask=dm, other=0.0) - lse_u, mask=dm)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _piece_pool_terms(x, z, ms):
+    """(Σ_n p, Σ_n p x) per column of one piece, p = 2^(z - ms), z = x s + b: [P, BD] -> 2 ×
+    [BD]. (z - ms, not x s + (b - ms): with |x|/ε ~ 1e10 the latter rounds above 0 at the
+    column's max and 2^(+1000) = inf.)"""
+    p = tl.exp2(z - ms[None, :])
+    return tl.sum(p, axis=0), tl.sum(p * x, axis=0)
+
+
+@triton.jit
+def _pieces_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_b, y_b, P0: tl.constexpr,
+                 P1: tl.constexpr, P2: tl.constexpr, MASK2: tl.constexpr, BD: tl.constexpr):
+    """The pooling (eq. 5) on the three row pieces, one pass: all rows of a chunk are in
+    registers, so the column max is taken once (no online rescale); padded rows have b = -inf."""
+    on0, ro0 = _piece_rows(0, P0, n_b, sxn, False)
+    on1, ro1 = _piece_rows(P0, P1, n_b, sxn, False)
+    on2, ro2 = _piece_rows(P0 + P1, P2, n_b, sxn, MASK2)
+    bb0 = _lean_vec(B_fin, on0, n_b, float("-inf"), False)
+    bb1 = _lean_vec(B_fin, on1, n_b, float("-inf"), False)
+    bb2 = _lean_vec(B_fin, on2, n_b, float("-inf"), MASK2)
+    for d0 in range(0, D, BD):
+        od = d0 + tl.arange(0, BD)
+        dm = od < D
+        x0 = _lean_load_chunk(x_base, ro0, sxd, od, D, True)                  # [P0, BD]
+        x1 = _lean_load_chunk(x_base, ro1, sxd, od, D, True)                  # [P1, BD]
+        x2 = _lean_load_chunk(x_base, ro2, sxd, od, D, True)                  # [P2, BD]
+        z0 = x0 * s_fin + bb0[:, None]                                         # [P0, BD]
+        z1 = x1 * s_fin + bb1[:, None]                                         # [P1, BD]
+        z2 = x2 * s_fin + bb2[:, None]                                         # [P2, BD]
+        m = tl.maximum(tl.maximum(tl.max(z0, axis=0), tl.max(z1, axis=0)),
+                       tl.max(z2, axis=0))                                     # [BD]
+        ms = tl.where(m == NEG_INF, 0.0, m)
+        l0, w0 = _piece_pool_terms(x0, z0, ms)
+        l1, w1 = _piece_pool_terms(x1, z1, ms)
+        l2, w2 = _piece_pool_terms(x2, z2, ms)
+        l = l0 + l1 + l2
+        tl.store(rfin_b + od, m + tl.log2(l), mask=dm)
+        tl.store(y_b + od, (w0 + w1 + w2) / l, mask=dm)
+
+
+# --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
 # sxn, sxd not specialised on 1: with n known contiguous (the NCHW view, W2) the compiler lays a
@@ -529,7 +752,8 @@ def sinkhorn_fwd_kernel(
     plan_ptr, spb, spn, spd,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
     RETURN_PLAN: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    MASK_N: tl.constexpr = True, ITERATE: tl.constexpr = True,
+    MASK_N: tl.constexpr = True, ITERATE: tl.constexpr = True, P0: tl.constexpr = 0,
+    P1: tl.constexpr = 0, P2: tl.constexpr = 0, MASK_P: tl.constexpr = False,
 ):
     """T Sinkhorn iterations, the pooled y and (optionally) the plan of one set per program.
 
@@ -537,6 +761,9 @@ def sinkhorn_fwd_kernel(
     w: [6, T] weight table (ε, κ2, κ3 of iteration t derived on chip); lp0: [B, D], lq0: [NR]
     natural log priors; writes A, Rn, Bv, Cn (see the module docstring), rfin [B, D] (final
     LSE over n), tot [B] (log2 of the plan's mass), y [B, D] fp32, plan like x.
+    P0, P1, P2 > 0 (dense exact, launch.row_pieces): the one-tile iterations and the pooling
+    hold the rows in three pieces instead of one padded [BN, BD] tile; MASK_P: the last piece
+    has padded rows.
     MASK_N: some set has fewer than BN rows (dense: N < BN), so row loads need a mask. The
     buffers come uninitialised: slot 0 of A and Bv (the zero initial state) and, for an empty
     set, y and rfin are written here.
@@ -571,7 +798,18 @@ def sinkhorn_fwd_kernel(
             B_cur = Bv_ptr + (t + 1) * NR + row0
             R_t = Rn_b + t * D
             C_t = Cn_ptr + t * NR + row0
-            if ONE_TILE_N and not PAPER:
+            if P0 > 0:
+                if t == 0:
+                    _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
+                                            lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
+                                            C_t, HAS_P0, HAS_Q0, True, P0, P1, P2, MASK_P, BN,
+                                            BD)
+                else:
+                    _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
+                                            lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
+                                            C_t, HAS_P0, HAS_Q0, False, P0, P1, P2, MASK_P, BN,
+                                            BD)
+            elif ONE_TILE_N and not PAPER:
                 if t == 0:
                     _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
                                              lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
@@ -620,26 +858,30 @@ def sinkhorn_fwd_kernel(
         s_fin = _inv_eps(w_ptr, T, T - 1) * _LOG2E
         B_fin = Bv_ptr + T * NR + row0
         A_fin = A_b + T * D
-        for d0 in range(0, D, BD):
-            od = d0 + tl.arange(0, BD)
-            dm = od < D
-            m = tl.full([BD], NEG_INF, tl.float32)
-            l = tl.zeros([BD], tl.float32)
-            acc = tl.zeros([BD], tl.float32)
-            for n0 in range(0, n_b, BN):
-                on = n0 + tl.arange(0, BN)
-                x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)        # [BN, BD]
-                bb = tl.load(B_fin + on, mask=on < n_b, other=0.0)
-                z = tl.where(msk, x * s_fin + bb[:, None], NEG_INF)
-                mn = tl.maximum(m, tl.max(z, axis=0))
-                ms = tl.where(mn == NEG_INF, 0.0, mn)
-                alpha = tl.exp2(m - ms)
-                p = tl.exp2(z - ms[None, :])
-                l = l * alpha + tl.sum(p, axis=0)
-                acc = acc * alpha + tl.sum(p * x, axis=0)
-                m = mn
-            tl.store(rfin_ptr + b * D + od, m + tl.log2(l), mask=dm)
-            tl.store(y_ptr + b * D + od, acc / l, mask=dm)
+        if P0 > 0:
+            _pieces_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_ptr + b * D, y_ptr + b * D,
+                         P0, P1, P2, MASK_P, BD)
+        else:
+            for d0 in range(0, D, BD):
+                od = d0 + tl.arange(0, BD)
+                dm = od < D
+                m = tl.full([BD], NEG_INF, tl.float32)
+                l = tl.zeros([BD], tl.float32)
+                acc = tl.zeros([BD], tl.float32)
+                for n0 in range(0, n_b, BN):
+                    on = n0 + tl.arange(0, BN)
+                    x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)        # [BN, BD]
+                    bb = tl.load(B_fin + on, mask=on < n_b, other=0.0)
+                    z = tl.where(msk, x * s_fin + bb[:, None], NEG_INF)
+                    mn = tl.maximum(m, tl.max(z, axis=0))
+                    ms = tl.where(mn == NEG_INF, 0.0, mn)
+                    alpha = tl.exp2(m - ms)
+                    p = tl.exp2(z - ms[None, :])
+                    l = l * alpha + tl.sum(p, axis=0)
+                    acc = acc * alpha + tl.sum(p * x, axis=0)
+                    m = mn
+                tl.store(rfin_ptr + b * D + od, m + tl.log2(l), mask=dm)
+                tl.store(y_ptr + b * D + od, acc / l, mask=dm)
         if RETURN_PLAN:
             tl.debug_barrier()
             # log2 of the mass of P = 2^(x s + a + b): LSE_d(a_d + rfin_d)
@@ -832,6 +1074,177 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
     return dk2_s * _LN2, tl.sum(tl.sum(acc_x, axis=1), axis=0), de_fin
 
 
+# row pieces (launch.row_pieces, see _pieces_exact_iteration) in the exact one-tile reverse sweep
+@triton.jit
+def _piece_bwd_q(x_base, ro, sxd, od, D, s, ac, ncn):
+    """(x, x s, Q = softmax_d(x/ε + a_t)) of one piece's chunk, each [P, BD]."""
+    x = _lean_load_chunk(x_base, ro, sxd, od, D, True)
+    xs = x * s
+    return x, xs, _prob2(xs + ac[None, :] + ncn[:, None])
+
+
+@triton.jit
+def _piece_bwd_rows(x, xs, q, bp, cb, r, rbar, acc, acc_x):
+    """The per-row side of _exact_bwd_sweep's chunk on one piece: S R̄ into the b̄ row sums,
+    ȳ_t ⊙ x into acc_x; returns them and ȳ_t."""
+    sr = _prob2(xs + bp[:, None] - r[None, :]) * rbar[None, :]                 # S R̄
+    y_t = sr + q * cb[:, None]                                                 # ȳ_t
+    return acc + sr, acc_x + y_t * x, y_t
+
+
+@triton.jit
+def _piece_pool_dx(x, on, nm, B_fin, s_fin, ie_fin, rf, g, yd, a, gp_base, sgn, sgd, od, dm,
+                   tot, pg, HAS_GP: tl.constexpr):
+    """_dx_pool_term of one piece with the per-column vectors (rfin, g, y, a_fin) given."""
+    bb = tl.load(B_fin + on, mask=nm, other=NEG_INF)                           # [P]
+    w = _prob2(x * s_fin + bb[:, None] - rf[None, :])
+    zb = g[None, :] * w * (x - yd[None, :])
+    if HAS_GP:
+        gp = tl.load(gp_base + on[:, None] * sgn + od[None, :] * sgd,
+                     mask=nm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+        p = _prob2(x * s_fin + a[None, :] + bb[:, None] - tot)
+        zb += p * (gp - pg)
+    return g[None, :] * w + zb * ie_fin, zb * x
+
+
+@triton.jit
+def _piece_iter_dx(x, dx, on, nm, Bv_t, Cn_t, Cbar_t, s, e_inv, nr, rb, aq):
+    """dx += ȳ_t/ε(t) of iteration t on one piece (per-column vectors of t given)."""
+    bp = tl.load(Bv_t + on, mask=nm, other=NEG_INF)
+    ncn = -tl.load(Cn_t + on, mask=nm, other=float("inf"))
+    cb = tl.load(Cbar_t + on, mask=nm, other=0.0)
+    xs = x * s
+    sm = _prob2(xs + bp[:, None] + nr[None, :])
+    qm = _prob2(xs + aq[None, :] + ncn[:, None])
+    return dx + (sm * rb[None, :] + qm * cb[:, None]) * e_inv
+
+
+@triton.jit
+def _pieces_dx_chunk(x0, x1, x2, yt0, yt1, yt2, on0, on1, on2, nm0, nm1, nm2, od, dm, D, s,
+                     dxa, HAS_GP: tl.constexpr):
+    """dx of one feature chunk of all three pieces in the exact sweep that writes dx (t = 0;
+    ȳ_0 = yt given): the pooling term and the iterations t >= 1, each per-column vector
+    loaded once for the three pieces; stored; returns the pieces' z̄ ⊙ x summed to [BD]."""
+    (B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base, sgn, sgd, tot, pg, T, NR, row0,
+     xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd) = dxa
+    rf = tl.load(rfin_b + od, mask=dm, other=float("inf"))                     # [BD]
+    g = tl.load(g_b + od, mask=dm, other=0.0)
+    yd = tl.load(y_b + od, mask=dm, other=0.0)
+    if HAS_GP:
+        a = tl.load(A_fin + od, mask=dm, other=NEG_INF)
+    else:
+        a = rf
+    dx0, zx0 = _piece_pool_dx(x0, on0, nm0, B_fin, s_fin, ie_fin, rf, g, yd, a, gp_base, sgn,
+                              sgd, od, dm, tot, pg, HAS_GP)
+    dx1, zx1 = _piece_pool_dx(x1, on1, nm1, B_fin, s_fin, ie_fin, rf, g, yd, a, gp_base, sgn,
+                              sgd, od, dm, tot, pg, HAS_GP)
+    dx2, zx2 = _piece_pool_dx(x2, on2, nm2, B_fin, s_fin, ie_fin, rf, g, yd, a, gp_base, sgn,
+                              sgd, od, dm, tot, pg, HAS_GP)
+    e0 = s * _LN2
+    dx0 += yt0 * e0
+    dx1 += yt1 * e0
+    dx2 += yt2 * e0
+    for t in range(1, T):
+        st = tl.load(xs_b + t)
+        e_inv = st * _LN2
+        nr = -tl.load(Rn_b + t * D + od, mask=dm, other=float("inf"))          # [BD]
+        rb = tl.load(Rbar_b + t * D + od, mask=dm, other=0.0)
+        aq = tl.load(A_b + (t + 1) * D + od, mask=dm, other=NEG_INF)
+        Bv_t = Bv_ptr + t * NR + row0
+        Cn_t = Cn_ptr + t * NR + row0
+        Cb_t = Cbar_ptr + t * NR + row0
+        dx0 = _piece_iter_dx(x0, dx0, on0, nm0, Bv_t, Cn_t, Cb_t, st, e_inv, nr, rb, aq)
+        dx1 = _piece_iter_dx(x1, dx1, on1, nm1, Bv_t, Cn_t, Cb_t, st, e_inv, nr, rb, aq)
+        dx2 = _piece_iter_dx(x2, dx2, on2, nm2, Bv_t, Cn_t, Cb_t, st, e_inv, nr, rb, aq)
+    tl.store(dx_base + on0[:, None] * sdn + od[None, :] * sdd,
+             dx0.to(dx_base.dtype.element_ty), mask=nm0[:, None] & dm[None, :])
+    tl.store(dx_base + on1[:, None] * sdn + od[None, :] * sdd,
+             dx1.to(dx_base.dtype.element_ty), mask=nm1[:, None] & dm[None, :])
+    tl.store(dx_base + on2[:, None] * sdn + od[None, :] * sdd,
+             dx2.to(dx_base.dtype.element_ty), mask=nm2[:, None] & dm[None, :])
+    return tl.sum(zx0, axis=0) + tl.sum(zx1, axis=0) + tl.sum(zx2, axis=0)
+
+
+@triton.jit
+def _piece_bwd_vectors(C_t, Cbar_t, B_prev, on, nm):
+    """(C̄, -C, b_{t-1}) of one piece's rows (padded rows: 0, -inf, -inf)."""
+    cb = tl.load(Cbar_t + on, mask=nm, other=0.0)
+    ncn = -tl.load(C_t + on, mask=nm, other=float("inf"))
+    bp = tl.load(B_prev + on, mask=nm, other=NEG_INF)
+    return cb, ncn, bp
+
+
+@triton.jit
+def _pieces_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
+                      abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b,
+                      dxa, HAS_P0: tl.constexpr, HAS_GP: tl.constexpr, DX: tl.constexpr,
+                      P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                      MASK2: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+    """_exact_bwd_sweep with the set's rows in three pieces (same returns): ā sums the
+    pieces' column sums, every per-row quantity is per piece."""
+    on0, ro0 = _piece_rows(0, P0, n_b, sxn, False)
+    on1, ro1 = _piece_rows(P0, P1, n_b, sxn, False)
+    on2, ro2 = _piece_rows(P0 + P1, P2, n_b, sxn, MASK2)
+    nm0 = on0 < n_b
+    nm1 = on1 < n_b
+    nm2 = on2 < n_b
+    cb0, ncn0, bp0 = _piece_bwd_vectors(C_t, Cbar_t, B_prev, on0, nm0)         # [P0]
+    cb1, ncn1, bp1 = _piece_bwd_vectors(C_t, Cbar_t, B_prev, on1, nm1)         # [P1]
+    cb2, ncn2, bp2 = _piece_bwd_vectors(C_t, Cbar_t, B_prev, on2, nm2)         # [P2]
+    acc0 = tl.zeros([P0, BD], tl.float32)
+    acc1 = tl.zeros([P1, BD], tl.float32)
+    acc2 = tl.zeros([P2, BD], tl.float32)
+    ax0 = tl.zeros([P0, BD], tl.float32)
+    ax1 = tl.zeros([P1, BD], tl.float32)
+    ax2 = tl.zeros([P2, BD], tl.float32)
+    af = tl.zeros([BD], tl.float32)
+    dk2 = tl.zeros([BD], tl.float32)
+    su = tl.zeros([BD], tl.float32)
+    sq = tl.zeros([BD], tl.float32)
+    for d0 in range(0, D, BD):
+        od = d0 + tl.arange(0, BD)
+        dm = od < D
+        ac = tl.load(A_cur + od, mask=dm, other=NEG_INF)                       # [BD]
+        r = tl.load(R_t + od, mask=dm, other=0.0)
+        x0, xs0, q0 = _piece_bwd_q(x_base, ro0, sxd, od, D, s, ac, ncn0)       # [P0, BD]
+        x1, xs1, q1 = _piece_bwd_q(x_base, ro1, sxd, od, D, s, ac, ncn1)       # [P1, BD]
+        x2, xs2, q2 = _piece_bwd_q(x_base, ro2, sxd, od, D, s, ac, ncn2)       # [P2, BD]
+        ab = (tl.sum(q0 * cb0[:, None], axis=0) + tl.sum(q1 * cb1[:, None], axis=0)
+              + tl.sum(q2 * cb2[:, None], axis=0))                             # [BD] ā
+        ab += tl.where(add_init != 0, tl.load(abar_b + od, mask=dm, other=0.0), 0.0)
+        qu = _prob2(ac + r)                                                    # softmax(u)
+        ub = ab - qu * sa                                                      # ū
+        rbar = -ab + (1.0 - k2) * ub                                           # R̄
+        tl.store(Rbar_t + od, rbar, mask=dm)
+        lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
+        if HAS_P0:
+            tl.store(dlp0_b + od, tl.load(dlp0_b + od, mask=dm, other=0.0) + k2 * ub, mask=dm)
+        dk2 += ub * (lp0 - r)
+        su += ub
+        sq += tl.where(dm, qu * (lp0 - r), 0.0)
+        acc0, ax0, yt0 = _piece_bwd_rows(x0, xs0, q0, bp0, cb0, r, rbar, acc0, ax0)
+        acc1, ax1, yt1 = _piece_bwd_rows(x1, xs1, q1, bp1, cb1, r, rbar, acc1, ax1)
+        acc2, ax2, yt2 = _piece_bwd_rows(x2, xs2, q2, bp2, cb2, r, rbar, acc2, ax2)
+        if DX:
+            af += _pieces_dx_chunk(x0, x1, x2, yt0, yt1, yt2, on0, on1, on2, nm0, nm1, nm2, od,
+                                   dm, D, s, dxa, HAS_GP)
+    need = n_b * need_b
+    tl.store(bbar_b + on0, tl.sum(acc0, axis=1), mask=on0 < need)
+    tl.store(bbar_b + on1, tl.sum(acc1, axis=1), mask=on1 < need)
+    tl.store(bbar_b + on2, tl.sum(acc2, axis=1), mask=on2 < need)
+    fin = tl.sum(af, axis=0)
+    if DX:
+        (_bf, _rf, _g, _y, _sf, ie_fin, _af, _gp, _sgn, _sgd, _tot, _pg, _T, _NR, _row0, _xs,
+         _bv, _cn, _cbar, _rn, _rbar, _ab, _dx, _sdn, _sdd) = dxa
+        de_fin = -fin * (ie_fin * ie_fin)
+    else:
+        de_fin = fin
+    tx = (tl.sum(tl.sum(ax0, axis=1), axis=0) + tl.sum(tl.sum(ax1, axis=1), axis=0)
+          + tl.sum(tl.sum(ax2, axis=1), axis=0))
+    dk2_s = tl.sum(dk2, axis=0) - tl.sum(su, axis=0) * tl.sum(sq, axis=0)
+    return dk2_s * _LN2, tx, de_fin
+
+
 @triton.jit
 def _paper_bwd_sweep(x_base, sxn, sxd, n_b, D, s, A_prev, B_prev, R_t, C_t, Rbar_t, Cbar_t,
                      abar_b, bbar_b, BN: tl.constexpr, BD: tl.constexpr):
@@ -861,9 +1274,13 @@ def _paper_bwd_sweep(x_base, sxn, sxd, n_b, D, s, A_prev, B_prev, R_t, C_t, Rbar
 # --------------------------------------------------------------------------------------------
 # backward
 # --------------------------------------------------------------------------------------------
-@triton.jit
+# sxn_u: sxn again, not specialised, for the row-pieces sweeps: with W2's sxn = 1 known, the
+# compiler lays each piece's loads along n in a layout of its own ([32, BD] and [16, BD] differ)
+# and converts every tile through shared memory (436 vs 258 SASS instructions per trip); the
+# other paths keep the specialised sxn (W5's sxn = 128: divisibility, vectorised loads)
+@triton.jit(do_not_specialize=["sxn_u"])
 def sinkhorn_bwd_kernel(
-    x_ptr, ptr_ptr, order_ptr, sxb, sxn, sxd, N, D, T, NR, lp0_u,
+    x_ptr, ptr_ptr, order_ptr, sxb, sxn, sxd, sxn_u, N, D, T, NR, lp0_u,
     w_ptr, lp0_ptr, lq0_ptr,
     A_ptr, Rn_ptr, Bv_ptr, Cn_ptr, rfin_ptr, tot_ptr, y_ptr,
     g_ptr, gp_ptr, sgb, sgn, sgd,
@@ -873,7 +1290,8 @@ def sinkhorn_bwd_kernel(
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
     HAS_GP: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     BT: tl.constexpr, BNX: tl.constexpr, BDX: tl.constexpr, FUSE_DX: tl.constexpr = False,
-    SPLIT_DX: tl.constexpr = False, BDF: tl.constexpr = 0,
+    SPLIT_DX: tl.constexpr = False, BDF: tl.constexpr = 0, P0: tl.constexpr = 0,
+    P1: tl.constexpr = 0, P2: tl.constexpr = 0, MASK_P: tl.constexpr = False,
 ):
     """Exact gradient of the T unrolled iterations + pooling (+ plan) of one set per program.
 
@@ -885,6 +1303,8 @@ def sinkhorn_bwd_kernel(
     Cbar [T, NR] (the adjoints of the LSEs), abar [B, D], bbar [NR]; xs [B, T]: the x-scale
     s_t of every iteration, written by the reverse sweep (the dx terms, here or in
     sinkhorn_dx_kernel, load it instead of dividing by ε_t per iteration and tile).
+    P0, P1, P2 > 0: the exact one-tile reverse sweeps hold the rows in three pieces
+    (_pieces_bwd_sweep, launch.row_pieces); MASK_P: the last piece has padded rows.
     """
     b = _set_of_program(order_ptr, RAGGED)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
@@ -1074,7 +1494,26 @@ def sinkhorn_bwd_kernel(
                     if t == T - 1:
                         sa += _vec_sum(abar_b, D, BD)
                     last = (t == T - 1).to(tl.int32)
-                    if t > 0:
+                    if P0 > 0:
+                        if t > 0:
+                            dk2, tx, _ = _pieces_bwd_sweep(
+                                x_base, sxn_u, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t,
+                                B_prev, abar_b, last, Rbar_t, bbar_b, 1, lp0_b, lp0_u,
+                                dlp0_ptr + b * D, dxa, HAS_P0, HAS_GP, False, P0, P1, P2,
+                                MASK_P, BD, BT)
+                        elif FUSED_DX:
+                            dk2, tx, de_fin = _pieces_bwd_sweep(
+                                x_base, sxn_u, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t,
+                                B_prev, abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
+                                dlp0_ptr + b * D, dxa, HAS_P0, HAS_GP, True, P0, P1, P2,
+                                MASK_P, BDF, BT)
+                        else:
+                            dk2, tx, de_fin = _pieces_bwd_sweep(
+                                x_base, sxn_u, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t,
+                                B_prev, abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
+                                dlp0_ptr + b * D, dxa, HAS_P0, HAS_GP, False, P0, P1, P2,
+                                MASK_P, BD, BT)
+                    elif t > 0:
                         dk2, tx, _ = _exact_bwd_sweep(
                             x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
                             abar_b, last, Rbar_t, bbar_b, 1, lp0_b, lp0_u,

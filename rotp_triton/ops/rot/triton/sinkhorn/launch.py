@@ -63,6 +63,46 @@ def fwd_config(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
     return _config(D, N, FWD_ELEMS_PER_THREAD, num_warps)
 
 
+# dense exact sets held in three power-of-two row pieces instead of one padded tile (see
+# row_pieces; False: always the padded [BN, BD] tile)
+ROW_PIECES = True
+
+
+def row_pieces(N: Optional[int], BN: int, one_tile: bool, paper: bool) -> tuple:
+    """(P0, P1, P2): the rows of a dense exact one-tile set as three power-of-two pieces
+    P0 >= P1 >= P2 >= 1 covering N with the fewest rows (49 = 32 + 16 + 1), or (0, 0, 0) for
+    the single [BN, BD] tile. Taken when it evaluates at most 7/8 of the padded tile's rows
+    (W2: 49 of 64; W1's 500 = 256 + 128 + 116 pads to 512 like the tile: no)."""
+    if not ROW_PIECES or N is None or not one_tile or paper or N < 3:
+        return 0, 0, 0
+    pows = [2 ** k for k in range(BN.bit_length()) if 2 ** k <= BN]
+    best = None
+    for p0 in pows:
+        for p1 in (p for p in pows if p <= p0):
+            for p2 in (p for p in pows if p <= p1):
+                key = (p0 + p1 + p2, -p0, -p1)
+                if p0 + p1 + p2 >= N and (best is None or key < best[0]):
+                    best = (key, (p0, p1, p2))
+    if best is None or 8 * sum(best[1]) > 7 * BN:
+        return 0, 0, 0
+    return best[1]
+
+
+PIECES_NUM_WARPS = 4
+
+
+def pieces_config(D: int, pieces: tuple, BD: int, nw: int = PIECES_NUM_WARPS,
+                  elems_per_thread: int = FWD_ELEMS_PER_THREAD) -> tuple:
+    """(BD, num_warps) of the row-pieces kernels: the widest feature chunk (at most the tile's
+    BD) that keeps ``elems_per_thread`` elements per thread with ``nw`` warps. The forward
+    takes 4 warps (W2: 49 × 32): with 8 the chunk is twice as wide at the same elements per
+    thread, but ptxas spills. The backward keeps the launcher's warps (W2: 8, 49 × 64 and
+    49 × 32 in the sweep that writes dx): the same instructions per element as 4 warps, half
+    the per-column vector loads per element in the dx terms."""
+    budget = elems_per_thread * 32 * nw // sum(pieces)
+    return max(min(BD, next_pow2(budget + 1) // 2, next_pow2(D)), 1), nw
+
+
 def bwd_config(D: int, N: Optional[int], num_warps: int = 4, has_gp: bool = False) -> tuple:
     """(BN, BD, one_tile) of the backward (one pass per reverse iteration when one_tile). With
     a plan gradient (has_gp) the sweeps hold its tile too: 8 elements per thread then."""
@@ -251,6 +291,9 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
         spb = spn = spd = 0
     nw = num_warps_for(x, B)
     BN, BD, one_tile = fwd_config(D, N, nw)
+    P0, P1, P2 = row_pieces(N, BN, one_tile, paper)
+    if P0:
+        BD, nw = pieces_config(D, (P0, P1, P2), BD)
     lp0 = log_p0.float().contiguous() if log_p0 is not None else y
     lq0 = log_q0.float().contiguous() if log_q0 is not None else y
     rows = split_rows(x, B, N, paper)
@@ -265,7 +308,8 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
             -math.log2(D), w, lp0, lq0, A, Rn, Bv, Cn, rfin, tot, y, plan, spb, spn, spd,
             RAGGED=ptr is not None, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
             PAPER=paper, RETURN_PLAN=return_plan, ONE_TILE_N=one_tile, BN=BN, BD=BD,
-            MASK_N=N is None or N != BN, ITERATE=not rows, num_warps=nw)
+            MASK_N=N is None or N != BN, ITERATE=not rows, P0=P0, P1=P1, P2=P2,
+            MASK_P=P0 + P1 + P2 != N, num_warps=nw)
     return y, plan, state
 
 
@@ -304,22 +348,27 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     sdb, sdn, sdd = _strides3(dx, ptr is not None)
     nw = num_warps_for(x, B)
     BN, BD, one_tile = bwd_config(D, N, nw, has_gp)
+    P0, P1, P2 = row_pieces(N, BN, one_tile, paper)
+    if P0:
+        BD, nw = pieces_config(D, (P0, P1, P2), BD, nw, BWD_ELEMS_PER_THREAD if has_gp
+                               else SWEEP_ELEMS_PER_THREAD)
     BNX, BDX = dx_tile(D, N, nw)
     BDF = fused_sweep_bd(BD, has_gp)
-    fused = fuse_dx(BN, BDF, BNX, BDX, one_tile, paper)
+    fused = fuse_dx(P0 + P1 + P2 if P0 else BN, BDF, BNX, BDX, one_tile, paper)
     split = split_dx(x, B, N, fused)
     lp0 = log_p0.float().contiguous() if has_p0 else g
     lq0 = log_q0.float().contiguous() if has_q0 else g
     if B > 0 and D > 0:
         launcher(sinkhorn_bwd_kernel, wrap)[(B,)](
-            x, ptr if ptr is not None else g, _largest_first(ptr, g), sxb, sxn, sxd,
+            x, ptr if ptr is not None else g, _largest_first(ptr, g), sxb, sxn, sxd, sxn,
             N if N is not None else 0, D, T, NR, -math.log2(D), w, lp0, lq0, A, Rn, Bv, Cn, rfin,
             tot, y, g, gp, sgb, sgn, sgd, dx, sdb, sdn, sdd,
             dlp0 if has_p0 else g, dlq0 if has_q0 else g, dw, part[0], part[1], part[2],
             part[3], part[4], Rbar, Cbar, abar, bbar, pg,
             RAGGED=ptr is not None, HAS_P0=has_p0, HAS_Q0=has_q0,
             PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one_tile, BN=BN, BD=BD, BT=next_pow2(T),
-            BNX=BNX, BDX=BDX, FUSE_DX=fused, SPLIT_DX=split, BDF=BDF, num_warps=nw)
+            BNX=BNX, BDX=BDX, FUSE_DX=fused, SPLIT_DX=split, BDF=BDF, P0=P0, P1=P1, P2=P2,
+            MASK_P=P0 + P1 + P2 != N, num_warps=nw)
         if split:
             launcher(sinkhorn_dx_kernel, wrap)[(B, cdiv(N, BNX))](
                 x, sxb, sxn, sxd, N, D, T, NR, w, A, Rn, Bv, Cn, rfin, tot, y, g, gp, sgb, sgn,
