@@ -399,6 +399,36 @@ _TINY = tl.constexpr(2.0 ** -60)
 
 
 @triton.jit
+def _column_marginal_step(r, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u, l_u,
+                          HAS_P0: tl.constexpr, MASK_D: tl.constexpr):
+    """From a chunk's column LSE ``r`` [BD]: u = κ2 log p0 + (1 - κ2) R, stores R_d and
+    a_d + LSE(u), and advances the online LSE of u. Returns (a + LSE(u), the new running max,
+    the rescale of the row-sum accumulators, the new running sum), all [BD]."""
+    if HAS_P0:
+        lp0 = _lean_vec(lp0_b, od, D, 0.0, MASK_D) * _LOG2E
+    else:
+        lp0 = lp0_u
+    u = k2 * lp0 + (1.0 - k2) * r
+    ar = u - r                                                                 # a_d + LSE(u)
+    if MASK_D:
+        dm = od < D
+        u = tl.where(dm, u, NEG_INF)
+        ar = tl.where(dm, ar, NEG_INF)
+        tl.store(R_t + od, r, mask=dm)
+        tl.store(A_cur + od, ar, mask=dm)
+    else:
+        tl.store(R_t + od, r)
+        tl.store(A_cur + od, ar)
+    # the online LSE of u runs per feature lane (m_u, l_u [BD]; a lane padded in every chunk
+    # stays at -inf and is re-based to 0): no cross-thread reduction per chunk
+    mu = tl.maximum(m_u, u)                                                    # [BD]
+    mu = tl.where(mu == NEG_INF, 0.0, mu)
+    sc = tl.exp2(m_u - mu)
+    l_u = l_u * sc + tl.exp2(u - mu)
+    return ar, mu, sc, l_u
+
+
+@triton.jit
 def _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_prev,
                          A_cur, R_t, m_u, l_u, acc, cmin, HAS_P0: tl.constexpr,
                          MASK_N: tl.constexpr, MASK_D: tl.constexpr, FIRST: tl.constexpr,
@@ -421,26 +451,8 @@ def _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_pr
             col = tl.where(dm, col, 1.0)
         cmin = tl.minimum(cmin, col)
         r = sh + tl.log2(col)
-    if HAS_P0:
-        lp0 = _lean_vec(lp0_b, od, D, 0.0, MASK_D) * _LOG2E
-    else:
-        lp0 = lp0_u
-    u = k2 * lp0 + (1.0 - k2) * r
-    ar = u - r                                                                 # a_d + LSE(u)
-    if MASK_D:
-        u = tl.where(dm, u, NEG_INF)
-        ar = tl.where(dm, ar, NEG_INF)
-        tl.store(R_t + od, r, mask=dm)
-        tl.store(A_cur + od, ar, mask=dm)
-    else:
-        tl.store(R_t + od, r)
-        tl.store(A_cur + od, ar)
-    # the online LSE of u runs per feature lane (m_u, l_u [BD]; a lane padded in every chunk
-    # stays at -inf and is re-based to 0): no cross-thread reduction per chunk
-    mu = tl.maximum(m_u, u)                                                    # [BD]
-    mu = tl.where(mu == NEG_INF, 0.0, mu)
-    sc = tl.exp2(m_u - mu)
-    l_u = l_u * sc + tl.exp2(u - mu)
+    ar, mu, sc, l_u = _column_marginal_step(r, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u, l_u,
+                                            HAS_P0, MASK_D)
     acc = acc * sc[None, :] + tl.exp2(z + (ar - mu)[None, :])                  # [BN, BD]
     return mu, l_u, acc, cmin
 
@@ -466,6 +478,16 @@ def _shifted_exact_pass(x_base, roff, sxd, bp, D, s, k2, lp0_b, lp0_u, A_prev, A
                                                    lp0_b, lp0_u, A_prev, A_cur, R_t, m_u, l_u,
                                                    acc, cmin, HAS_P0, MASK_N, True, FIRST, BD)
     return m_u, l_u, acc, cmin
+
+
+@triton.jit
+def _subtract_from_vector(v_ptr, n, value, BV: tl.constexpr):
+    """v[:n] -= value in place, then a barrier (other threads read v next)."""
+    for i0 in range(0, n, BV):
+        o = i0 + tl.arange(0, BV)
+        m = o < n
+        tl.store(v_ptr + o, tl.load(v_ptr + o, mask=m, other=0.0) - value, mask=m)
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -511,11 +533,7 @@ def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, 
     lse_v = mv + tl.log2(tl.sum(tl.exp2(v - mv), axis=0))
     tl.store(B_cur + on, v - lse_v - c, mask=nm)
     tl.debug_barrier()
-    for d0 in range(0, D, BD):
-        od = d0 + tl.arange(0, BD)
-        dm = od < D
-        tl.store(A_cur + od, tl.load(A_cur + od, mask=dm, other=0.0) - lse_u, mask=dm)
-    tl.debug_barrier()
+    _subtract_from_vector(A_cur, D, lse_u, BD)
 
 
 # --------------------------------------------------------------------------------------------
@@ -533,6 +551,19 @@ def _piece_rows(o0, P: tl.constexpr, n_b, sxn, MASK: tl.constexpr):
     """(rows [P], row offsets int64 [P]) of the piece that starts at row o0."""
     on = o0 + tl.arange(0, P)
     return on, _lean_row_offsets(on, n_b, sxn, MASK)
+
+
+@triton.jit
+def _piece_layout(n_b, sxn, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                  MASK2: tl.constexpr):
+    """(rows, row offsets, row mask) of each of the three pieces."""
+    on0, ro0 = _piece_rows(0, P0, n_b, sxn, False)
+    on1, ro1 = _piece_rows(P0, P1, n_b, sxn, False)
+    on2, ro2 = _piece_rows(P0 + P1, P2, n_b, sxn, MASK2)
+    nm0 = on0 < n_b
+    nm1 = on1 < n_b
+    nm2 = on2 < n_b
+    return on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2
 
 
 @triton.jit
@@ -568,24 +599,8 @@ def _pieces_exact_chunk(x_base, ro0, ro1, ro2, sxd, bp0, bp1, bp2, d0, D, s, k2,
             col = tl.where(dm, col, 1.0)
         cmin = tl.minimum(cmin, col)
     r = sh + tl.log2(col)                                                      # [BD] R_d
-    if HAS_P0:
-        lp0 = _lean_vec(lp0_b, od, D, 0.0, MASK_D) * _LOG2E
-    else:
-        lp0 = lp0_u
-    u = k2 * lp0 + (1.0 - k2) * r
-    ar = u - r                                                                 # a_d + LSE(u)
-    if MASK_D:
-        u = tl.where(dm, u, NEG_INF)
-        ar = tl.where(dm, ar, NEG_INF)
-        tl.store(R_t + od, r, mask=dm)
-        tl.store(A_cur + od, ar, mask=dm)
-    else:
-        tl.store(R_t + od, r)
-        tl.store(A_cur + od, ar)
-    mu = tl.maximum(m_u, u)                                                    # [BD]
-    mu = tl.where(mu == NEG_INF, 0.0, mu)
-    sc = tl.exp2(m_u - mu)
-    l_u = l_u * sc + tl.exp2(u - mu)
+    ar, mu, sc, l_u = _column_marginal_step(r, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u, l_u,
+                                            HAS_P0, MASK_D)
     cr = ar - mu                                                               # [BD]
     acc0 = acc0 * sc[None, :] + tl.exp2(z0 + cr[None, :])                      # [P0, BD]
     acc1 = acc1 * sc[None, :] + tl.exp2(z1 + cr[None, :])                      # [P1, BD]
@@ -639,12 +654,7 @@ def _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, l
                             BN: tl.constexpr, BD: tl.constexpr):
     """_shifted_exact_iteration with the set's rows in three pieces (rows [0, P0), [P0, P0 +
     P1), [P0 + P1, P0 + P1 + P2); only the last may hold padded rows, MASK2)."""
-    on0, ro0 = _piece_rows(0, P0, n_b, sxn, False)
-    on1, ro1 = _piece_rows(P0, P1, n_b, sxn, False)
-    on2, ro2 = _piece_rows(P0 + P1, P2, n_b, sxn, MASK2)
-    nm0 = on0 < n_b
-    nm1 = on1 < n_b
-    nm2 = on2 < n_b
+    on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _piece_layout(n_b, sxn, P0, P1, P2, MASK2)
     bp0 = _lean_vec(B_prev, on0, n_b, float("-inf"), False)                    # [P0]
     bp1 = _lean_vec(B_prev, on1, n_b, float("-inf"), False)                    # [P1]
     bp2 = _lean_vec(B_prev, on2, n_b, float("-inf"), MASK2)                    # [P2]
@@ -690,11 +700,7 @@ def _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, l
     tl.store(B_cur + on1, v1 - lse_v - c1, mask=nm1)
     tl.store(B_cur + on2, v2 - lse_v - c2, mask=nm2)
     tl.debug_barrier()
-    for d0 in range(0, D, BD):
-        od = d0 + tl.arange(0, BD)
-        dm = od < D
-        tl.store(A_cur + od, tl.load(A_cur + od, mask=dm, other=0.0) - lse_u, mask=dm)
-    tl.debug_barrier()
+    _subtract_from_vector(A_cur, D, lse_u, BD)
 
 
 @triton.jit
@@ -912,24 +918,28 @@ def sinkhorn_fwd_kernel(
 
 
 @triton.jit
+def _pool_column_vectors(rfin_b, g_b, y_b, A_fin, od, dm, HAS_GP: tl.constexpr):
+    """Per-column vectors of the pooling adjoint: (final R, ḡ, y, final a; a only with a plan
+    gradient, HAS_GP)."""
+    rf = tl.load(rfin_b + od, mask=dm, other=float("inf"))                     # [BD]
+    g = tl.load(g_b + od, mask=dm, other=0.0)
+    yd = tl.load(y_b + od, mask=dm, other=0.0)
+    if HAS_GP:
+        a = tl.load(A_fin + od, mask=dm, other=NEG_INF)
+    else:
+        a = rf                                                                 # unused
+    return rf, g, yd, a
+
+
+@triton.jit
 def _dx_pool_term(x, on, nm, od, dm, B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base,
                   sgn, sgd, tot, pg, HAS_GP: tl.constexpr):
     """dx's term of the pooling (and plan) adjoint on one [BN, BD] tile of x, and z̄ ⊙ x (the
     final log P's ε term): z̄ = g_d W (x - y_d) [+ P (G - <P,G>)], W = softmax_n, dx = g_d W +
     z̄/ε_{T-1}. No mask: padded rows / features get -inf exponents (b, -rfin, a) and g = 0."""
-    bb = tl.load(B_fin + on, mask=nm, other=NEG_INF)                           # [BN]
-    rf = tl.load(rfin_b + od, mask=dm, other=float("inf"))                     # [BD]
-    g = tl.load(g_b + od, mask=dm, other=0.0)
-    yd = tl.load(y_b + od, mask=dm, other=0.0)
-    w = _prob2(x * s_fin + bb[:, None] - rf[None, :])
-    zb = g[None, :] * w * (x - yd[None, :])
-    if HAS_GP:
-        a = tl.load(A_fin + od, mask=dm, other=NEG_INF)
-        gp = tl.load(gp_base + on[:, None] * sgn + od[None, :] * sgd,
-                     mask=nm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-        p = _prob2(x * s_fin + a[None, :] + bb[:, None] - tot)
-        zb += p * (gp - pg)
-    return g[None, :] * w + zb * ie_fin, zb * x
+    rf, g, yd, a = _pool_column_vectors(rfin_b, g_b, y_b, A_fin, od, dm, HAS_GP)      # [BD] each
+    return _piece_pool_dx(x, on, nm, B_fin, s_fin, ie_fin, rf, g, yd, a, gp_base, sgn, sgd, od,
+                          dm, tot, pg, HAS_GP)
 
 
 @triton.jit
@@ -992,6 +1002,26 @@ def _dx_rows(x_base, sxn, sxd, on, nm, n_b, D, dxa, de_x, PAPER: tl.constexpr,
 
 
 @triton.jit
+def _column_adjoint(ab, od, D, ac, r, sa, k2, add_init, abar_b, lp0_b, lp0_u, dlp0_b, Rbar_t,
+                    dk2, su, sq, HAS_P0: tl.constexpr):
+    """A chunk's column adjoints from its ā [BD]: stores R̄_d, adds κ2 ū to d log p0 (with
+    priors), and advances the sums behind dκ2 and the marginal terms. Returns (R̄, dk2, su, sq)."""
+    dm = od < D
+    ab += tl.where(add_init != 0, tl.load(abar_b + od, mask=dm, other=0.0), 0.0)
+    qu = _prob2(ac + r)                                                    # softmax(u)
+    ub = ab - qu * sa                                                      # ū
+    rbar = -ab + (1.0 - k2) * ub                                           # R̄
+    tl.store(Rbar_t + od, rbar, mask=dm)
+    lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
+    if HAS_P0:
+        tl.store(dlp0_b + od, tl.load(dlp0_b + od, mask=dm, other=0.0) + k2 * ub, mask=dm)
+    dk2 += ub * (lp0 - r)
+    su += ub
+    sq += tl.where(dm, qu * (lp0 - r), 0.0)
+    return rbar, dk2, su, sq
+
+
+@triton.jit
 def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
                      abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b,
                      dxa, HAS_P0: tl.constexpr, HAS_GP: tl.constexpr, DX: tl.constexpr,
@@ -1040,17 +1070,8 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
         r = tl.load(R_t + od, mask=dm, other=0.0)
         q = _prob2(xs + ac[None, :] + ncn[:, None])
         ab = tl.sum(q * cb[:, None], axis=0)                                   # [BD] ā
-        ab += tl.where(add_init != 0, tl.load(abar_b + od, mask=dm, other=0.0), 0.0)
-        qu = _prob2(ac + r)                                                    # softmax(u)
-        ub = ab - qu * sa                                                      # ū
-        rbar = -ab + (1.0 - k2) * ub                                           # R̄
-        tl.store(Rbar_t + od, rbar, mask=dm)
-        lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
-        if HAS_P0:
-            tl.store(dlp0_b + od, tl.load(dlp0_b + od, mask=dm, other=0.0) + k2 * ub, mask=dm)
-        dk2 += ub * (lp0 - r)
-        su += ub
-        sq += tl.where(dm, qu * (lp0 - r), 0.0)
+        rbar, dk2, su, sq = _column_adjoint(ab, od, D, ac, r, sa, k2, add_init, abar_b, lp0_b,
+                                            lp0_u, dlp0_b, Rbar_t, dk2, su, sq, HAS_P0)
         sr = _prob2(xs + bp[:, None] - r[None, :]) * rbar[None, :]             # S R̄
         acc += sr
         y_t = sr + q * cb[:, None]                                             # ȳ_t
@@ -1095,7 +1116,8 @@ def _piece_bwd_rows(x, xs, q, bp, cb, r, rbar, acc, acc_x):
 @triton.jit
 def _piece_pool_dx(x, on, nm, B_fin, s_fin, ie_fin, rf, g, yd, a, gp_base, sgn, sgd, od, dm,
                    tot, pg, HAS_GP: tl.constexpr):
-    """_dx_pool_term of one piece with the per-column vectors (rfin, g, y, a_fin) given."""
+    """_dx_pool_term with the per-column vectors (rfin, g, y, a_fin) given (a piece shares
+    them with the other two)."""
     bb = tl.load(B_fin + on, mask=nm, other=NEG_INF)                           # [P]
     w = _prob2(x * s_fin + bb[:, None] - rf[None, :])
     zb = g[None, :] * w * (x - yd[None, :])
@@ -1127,13 +1149,7 @@ def _pieces_dx_chunk(x0, x1, x2, yt0, yt1, yt2, on0, on1, on2, nm0, nm1, nm2, od
     loaded once for the three pieces; stored; returns the pieces' z̄ ⊙ x summed to [BD]."""
     (B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base, sgn, sgd, tot, pg, T, NR, row0,
      xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd) = dxa
-    rf = tl.load(rfin_b + od, mask=dm, other=float("inf"))                     # [BD]
-    g = tl.load(g_b + od, mask=dm, other=0.0)
-    yd = tl.load(y_b + od, mask=dm, other=0.0)
-    if HAS_GP:
-        a = tl.load(A_fin + od, mask=dm, other=NEG_INF)
-    else:
-        a = rf
+    rf, g, yd, a = _pool_column_vectors(rfin_b, g_b, y_b, A_fin, od, dm, HAS_GP)      # [BD] each
     dx0, zx0 = _piece_pool_dx(x0, on0, nm0, B_fin, s_fin, ie_fin, rf, g, yd, a, gp_base, sgn,
                               sgd, od, dm, tot, pg, HAS_GP)
     dx1, zx1 = _piece_pool_dx(x1, on1, nm1, B_fin, s_fin, ie_fin, rf, g, yd, a, gp_base, sgn,
@@ -1182,12 +1198,7 @@ def _pieces_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar
                       MASK2: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
     """_exact_bwd_sweep with the set's rows in three pieces (same returns): ā sums the
     pieces' column sums, every per-row quantity is per piece."""
-    on0, ro0 = _piece_rows(0, P0, n_b, sxn, False)
-    on1, ro1 = _piece_rows(P0, P1, n_b, sxn, False)
-    on2, ro2 = _piece_rows(P0 + P1, P2, n_b, sxn, MASK2)
-    nm0 = on0 < n_b
-    nm1 = on1 < n_b
-    nm2 = on2 < n_b
+    on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _piece_layout(n_b, sxn, P0, P1, P2, MASK2)
     cb0, ncn0, bp0 = _piece_bwd_vectors(C_t, Cbar_t, B_prev, on0, nm0)         # [P0]
     cb1, ncn1, bp1 = _piece_bwd_vectors(C_t, Cbar_t, B_prev, on1, nm1)         # [P1]
     cb2, ncn2, bp2 = _piece_bwd_vectors(C_t, Cbar_t, B_prev, on2, nm2)         # [P2]
@@ -1211,17 +1222,8 @@ def _pieces_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar
         x2, xs2, q2 = _piece_bwd_q(x_base, ro2, sxd, od, D, s, ac, ncn2)       # [P2, BD]
         ab = (tl.sum(q0 * cb0[:, None], axis=0) + tl.sum(q1 * cb1[:, None], axis=0)
               + tl.sum(q2 * cb2[:, None], axis=0))                             # [BD] ā
-        ab += tl.where(add_init != 0, tl.load(abar_b + od, mask=dm, other=0.0), 0.0)
-        qu = _prob2(ac + r)                                                    # softmax(u)
-        ub = ab - qu * sa                                                      # ū
-        rbar = -ab + (1.0 - k2) * ub                                           # R̄
-        tl.store(Rbar_t + od, rbar, mask=dm)
-        lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
-        if HAS_P0:
-            tl.store(dlp0_b + od, tl.load(dlp0_b + od, mask=dm, other=0.0) + k2 * ub, mask=dm)
-        dk2 += ub * (lp0 - r)
-        su += ub
-        sq += tl.where(dm, qu * (lp0 - r), 0.0)
+        rbar, dk2, su, sq = _column_adjoint(ab, od, D, ac, r, sa, k2, add_init, abar_b, lp0_b,
+                                            lp0_u, dlp0_b, Rbar_t, dk2, su, sq, HAS_P0)
         acc0, ax0, yt0 = _piece_bwd_rows(x0, xs0, q0, bp0, cb0, r, rbar, acc0, ax0)
         acc1, ax1, yt1 = _piece_bwd_rows(x1, xs1, q1, bp1, cb1, r, rbar, acc1, ax1)
         acc2, ax2, yt2 = _piece_bwd_rows(x2, xs2, q2, bp2, cb2, r, rbar, acc2, ax2)
