@@ -143,6 +143,20 @@ def test_forward_and_gradients_ragged_mixed_orders(method, variant):
     _check_case([5, 0, 2, 3], 3, method, variant, dense=False, grads=True, seed=19)
 
 
+@pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("badmm-q", "paper"),
+                                            ("sinkhorn", "exact"), ("sinkhorn", "paper")])
+def test_forward_and_gradients_split_adjoint_rows(monkeypatch, method, variant):
+    """The Σ adjoint's (n_b, D) stage on J programs per set (sigma_adjoint_rows_kernel, the
+    W1 path: fewer sets than SMs), forced at small shapes: sets of 1-3 row tiles (D = 3: 16-row
+    tiles) and an empty one with J = 2 (every other tile), then n_b < D sets with J = 3
+    (programs with no tile): every gradient against the reference."""
+    from rotp_triton.ops.rot.triton.structure import launch
+    monkeypatch.setattr(launch, "ADJOINT_ROW_PROGRAMS", 2)
+    _check_case([40, 0, 20, 5], 3, method, variant, dense=False, grads=True, seed=29)
+    monkeypatch.setattr(launch, "ADJOINT_ROW_PROGRAMS", 3)
+    _check_case([3, 0, 4], 7, method, variant, dense=False, grads=True, seed=31)
+
+
 def test_autograd_function_fallback(monkeypatch):
     """The autograd.Function used where torch has no triton_op gives the reference gradients."""
     from rotp_triton.ops.rot.triton.structure import op as ts
@@ -366,9 +380,11 @@ _AOT_GROUPS = {
 for dense, dtype in ((True, "*fp16"), (False, "*fp32")):
     ck(ts.structure_factors_kernel,
        dict(x_ptr=dtype, bounds_ptr=B64, log_p0_ptr=P, log_q0_ptr=dtype, x32_ptr=P, xc_ptr=P,
-            xt_ptr=P, gram_ptr=P, lq0_ptr=P, log_s0_ptr=P, s_xb=I, s_xn=I, s_xd=I, D=I),
-       dict(DENSE_X=dense, HAS_Q0=not dense, PRECISION="ieee", **mm_meta(D), BN=BN, BD=BD),
-       f"factors[dense={dense}]")
+            xt_ptr=P, gram_ptr=P, lq0_ptr=P, log_s0_ptr=P, s_xb=I, s_xn=I, s_xd=I, D=I,
+            log_p_T_ptr=P, gy_ptr=P, gplan_ptr=dtype, g_lp_T_ptr=P, g_x_ptr=P),
+       dict(DENSE_X=dense, HAS_Q0=not dense, PRECISION="ieee", **mm_meta(D), BN=BN, BD=BD,
+            POOL_BWD=not dense, HAS_GPLAN=not dense),
+       f"factors[dense={dense},with_pool_grad={not dense}]")
 for prec in ("ieee", "tf32", "bf16"):
     ck(ts.sigma_product_kernel,
        dict(m_ptr=P, xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P, out_ptr=P, bounds_ptr=B64,
@@ -378,7 +394,10 @@ for prec in ("ieee", "tf32"):
     ck(ts.sigma_adjoint_kernel,
        dict(m_ptr=P, g_ptr=P, xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P, dxc_ptr=P,
             dxt_ptr=P, dm_ptr=P, bounds_ptr=B64, D=I),
-       dict(PRECISION=prec, **mm_meta(D, prec)), f"sigma_adjoint[{prec}]")
+       dict(PRECISION=prec, **mm_meta(D, prec), ROWS_HERE=True), f"sigma_adjoint[{prec}]")
+ck(ts.sigma_adjoint_rows_kernel,
+   dict(m_ptr=P, g_ptr=P, xc_ptr=P, xt_ptr=P, scratch_ptr=P, dxc_ptr=P, dxt_ptr=P, dm_ptr=P,
+        bounds_ptr=B64, D=I), dict(PRECISION="ieee", **mm_meta(D)), "sigma_adjoint_rows")
 """,
     "badmm-steps": r"""
 for quad, paper in ((True, False), (False, True)):
@@ -402,14 +421,15 @@ for quad, paper in ((False, True), (True, False)):
             eta_ptr=P, log_q0_ptr=P, g_z_out_ptr=P, g_sig_ptr=P, g_lp_ptr=P, g_p_ptr=P,
             g_lq0_ptr=P, gvec_ptr=P, row_x_ptr=P, col_x_ptr=P, wpart_ptr=P, bounds_ptr=B64,
             a0_ptr=P, a1_ptr=P, a3_ptr=P, rho_ptr=P, t=I, D=I),
-       dict(QUADRATIC=quad, PAPER=paper, BN=BN, BD=BD),
-       f"s_step_bwd[quad={quad},paper={paper}]", SIGMA_ADJ)
+       dict(QUADRATIC=quad, PAPER=paper, BN=BN, BD=BD, ROWS_HERE=paper),
+       f"s_step_bwd[quad={quad},paper={paper},rows_here={paper}]", SIGMA_ADJ)
     ck(ts.badmm_p_step_bwd_kernel,
        dict(g_lp_ptr=P, g_p_ptr=P, log_p_ptr=P, log_s_ptr=P, z_ptr=P, x_ptr=P, sig_s_ptr=P,
             r_ptr=P, mu_ptr=P, log_p0_ptr=P, g_l_ptr=P, g_x_ptr=P, g_z_ptr=P, g_sig_ptr=P,
             g_lp0_ptr=P, wpart_ptr=P, bounds_ptr=B64, a0_ptr=P, a1_ptr=P, a2_ptr=P,
-            rho_ptr=P, t=I, D=I), dict(QUADRATIC=quad, PAPER=paper, BN=BN, BD=BD),
-       f"p_step_bwd[quad={quad},paper={paper}]", SIGMA_ADJ)
+            rho_ptr=P, t=I, D=I), dict(QUADRATIC=quad, PAPER=paper, BN=BN, BD=BD,
+                                       ROWS_HERE=quad),
+       f"p_step_bwd[quad={quad},paper={paper},rows_here={quad}]", SIGMA_ADJ)
 """,
     "sinkhorn-and-pooling": r"""
 for paper in (False, True):
@@ -425,14 +445,11 @@ for paper in (False, True):
             hist_a_ptr=P, hist_c_ptr=P, hist_b_ptr=P, gb_ptr=P, gc_ptr=P, log_p0_ptr=P,
             log_q0_ptr=P, g_lp_ptr=P, g_x_ptr=P, g_sig_ptr=P, g_lp0_ptr=P, g_lq0_ptr=P,
             wpart_ptr=P, bounds_ptr=B64, a0_ptr=P, a1_ptr=P, a2_ptr=P, a3_ptr=P, tau_ptr=P, t=I,
-            K=I, n_rows=I, D=I), dict(PAPER=paper, BN=BN, BD=BD),
-       f"sinkhorn_prox_bwd[paper={paper}]", SIGMA_ADJ)
+            K=I, n_rows=I, D=I), dict(PAPER=paper, BN=BN, BD=BD, ROWS_HERE=paper),
+       f"sinkhorn_prox_bwd[paper={paper},rows_here={paper}]", SIGMA_ADJ)
 ck(ts.pool_from_log_plan_kernel,
    dict(log_p_ptr=P, x_ptr=P, y_ptr="*bf16", plan_ptr="*bf16", bounds_ptr=B64, D=I),
    dict(WRITE_PLAN=True, BN=BN, BD=BD), "pool")
-ck(ts.pool_from_log_plan_bwd_kernel,
-   dict(log_p_ptr=P, x_ptr=P, gy_ptr=P, gplan_ptr="*bf16", g_lp_ptr=P, g_x_ptr=P,
-        bounds_ptr=B64, D=I), dict(HAS_GPLAN=True, BN=BN, BD=BD), "pool_bwd")
 ck(ts.structure_factors_bwd_kernel,
    dict(x32_ptr=P, g_xc_ptr=P, g_xt_ptr=P, g_x_ptr=P, bounds_ptr=B64, D=I),
    dict(BN=BN, BD=BD), "factors_bwd")
@@ -440,8 +457,8 @@ ck(ts.structure_factors_bwd_kernel,
 }
 
 
-@pytest.mark.parametrize("group,n_kernels", [("factors-and-products", 7), ("badmm-steps", 4),
-                                             ("badmm-adjoints", 4), ("sinkhorn-and-pooling", 7)])
+@pytest.mark.parametrize("group,n_kernels", [("factors-and-products", 8), ("badmm-steps", 4),
+                                             ("badmm-adjoints", 4), ("sinkhorn-and-pooling", 6)])
 def test_aot_sm90(group, n_kernels):
     """Every kernel (each constexpr branch at least once; both Gram orders are in every binary,
     chosen per set at run time) compiles for sm_90 at the W1 sizes (N = 500, D = 100), and
@@ -464,13 +481,14 @@ ADJOINT_SPILL_BYTES = 640
 # ============================================================================================
 # launches and saved memory (issue #13)
 # ============================================================================================
-def _expected_launches(method, Tn):
+def _expected_launches(method, Tn, split_rows=False):
     """The launch plan of docs/adjoints.md: forward = factors (+ Gram) · L per iteration ·
-    pool; backward = factors · the pooling adjoint · the factors' adjoint · one sweep to the
+    pool; backward = factors with the pooling adjoint · the factors' adjoint · one sweep to the
     √T checkpoints · the re-runs inside each segment · per iteration the adjoints (L, Σ
-    adjoints fused). S re-runs each iteration t from its checkpoint (t - ck + 1 runs); B-ADMM
-    re-runs two iterations at a time, keeping both (j + 1 runs for the pair ending at the
-    segment's j-th iteration, j = m - 1, m - 3, ...)."""
+    adjoints fused; with ``split_rows`` each followed by the Σ adjoint's (n_b, D) stage on
+    several programs per set). S re-runs each iteration t from its checkpoint (t - ck + 1
+    runs); B-ADMM re-runs two iterations at a time, keeping both (j + 1 runs for the pair
+    ending at the segment's j-th iteration, j = m - 1, m - 3, ...)."""
     L = 1 if method == "sinkhorn" else 2
     k = math.ceil(math.sqrt(Tn))
     sweep = k * ((Tn - 1) // k)
@@ -482,24 +500,28 @@ def _expected_launches(method, Tn):
         else:
             rerun += sum(j + 1 for j in range(m - 1, -1, -2))
     fwd = 1 + L * Tn + 1
-    bwd = 3 + L * (sweep + rerun) + L * Tn   # factors, their adjoint, pooling's adjoint
+    bwd = 2 + L * (sweep + rerun) + L * Tn * (2 if split_rows else 1)   # 2: factors, adjoint
     return fwd, bwd
 
 
+@pytest.mark.parametrize("split_rows", [False, True], ids=["rows-in-step", "rows-split"])
 @pytest.mark.parametrize("method,Tn", [(m, 4) for m in METHODS] + [("badmm-e", 16)],
                          ids=lambda v: str(v))
-def test_launch_count(method, Tn):
+def test_launch_count(monkeypatch, method, Tn, split_rows):
     """Launches per call, counted: at most 3 per iteration forward (B-ADMM 2: P-step and
     S-step with their structure products fused; S 1), forward+backward at T = 4 at most 40
-    (it was 213 for B-ADMM), and the backward's recompute O(T^1.5), not O(T²)."""
+    (it was 213 for B-ADMM) also with the Σ adjoint's (n_b, D) stage in its own launch (W1:
+    fewer sets than SMs), and the backward's recompute O(T^1.5), not O(T²)."""
     from launch_counter import count_launches
+    from rotp_triton.ops.rot.triton.structure import launch
+    monkeypatch.setattr(launch, "ADJOINT_ROW_PROGRAMS", 2 if split_rows else 1)
     x = torch.randn(2, 5, 3, device=DEVICE, requires_grad=True)
     with count_launches() as fwd:
         y = rt.rot_pool(x, method=method, num_iters=Tn, inner_iters=2, a0=0.5,
                         backend="triton")
     with count_launches() as bwd:
         y.sum().backward()
-    assert (len(fwd), len(bwd)) == _expected_launches(method, Tn), (fwd, bwd)
+    assert (len(fwd), len(bwd)) == _expected_launches(method, Tn, split_rows), (fwd, bwd)
     assert len(fwd) <= 3 * Tn + 2
     if Tn == 4:
         assert len(fwd) + len(bwd) <= 40
@@ -572,16 +594,21 @@ def test_tensor_core_accuracy(monkeypatch, method):
         assert rel_err(y, y_ref) <= 2e-3, rel_err(y, y_ref)
 
 
+@pytest.mark.parametrize("row_programs", [1, 3], ids=["rows-in-program", "rows-split"])
 @pytest.mark.parametrize("wide", [True, False], ids=["wide", "square"])
-@pytest.mark.parametrize("sizes,D", [([6, 2, 0, 3], 3), ([3, 1], 7), ([70, 5, 0], 66)],
-                         ids=["mixed-orders", "n-order", "wide-tiles"])
-def test_structure_product_kernels(monkeypatch, sizes, D, wide):
+@pytest.mark.parametrize("sizes,D", [([6, 2, 0, 3], 3), ([3, 1], 7), ([70, 5, 0], 66),
+                                     ([40, 0, 17, 33], 3)],
+                         ids=["mixed-orders", "n-order", "wide-tiles", "row-tiles"])
+def test_structure_product_kernels(monkeypatch, sizes, D, wide, row_programs):
     """sigma_product_kernel / sigma_adjoint_kernel (the in-program GEMM sequences that the step
     kernels inline) against torch autograd of Σ2 exp(m) Σ1 per set, Σ1 = xcᵀxc, Σ2 = xt xtᵀ,
     sets of different lengths in one ragged batch (n_b >= D: Σ1 materialized, n_b < D: Σ2;
-    D = 66: [64, 128] tiles, the wide side BW != BT), with the default wide tiles and without."""
+    D = 66: [64, 128] tiles, the wide side BW != BT), with the default wide tiles and without;
+    the adjoint's (n_b, D) stage in the same program or on 3 programs per set
+    (sigma_adjoint_rows_kernel: D = 3, BT = 16, sets of 1-3 row tiles, programs with none)."""
     from rotp_triton.ops.rot.triton.structure import launch
     monkeypatch.setattr(launch, "WIDE_GEMM_TILES", wide)
+    monkeypatch.setattr(launch, "ADJOINT_ROW_PROGRAMS", row_programs)
     setup = launch.setup
     g = torch.Generator().manual_seed(41)
     ptr = torch.tensor([0] + sizes, device=DEVICE).cumsum(0)

@@ -5,7 +5,10 @@ structure product as a prologue), their adjoints (the product's adjoint as an ep
 the final pooling.
 
 One program per set owns all D features of a [BN, BD] tile stream (the normalizations over d
-and over n need no second launch). What each kernel reads and writes is in its docstring;
+and over n need no second launch). The one exception: with fewer sets than SMs the (n_b, D)
+stage of the structure product's adjoint (independent row tiles) runs on several programs
+per set, sigma_adjoint_rows_kernel, after the step adjoint kernel (ROWS_HERE=False) left the
+(S, S) matrices in scratch. What each kernel reads and writes is in its docstring;
 launchers: ``launch.py``; the adjoints' derivations: ../../../../../docs/adjoints.md.
 Design: ../../../../../../shared/DESIGN.md §2, §3, §7.
 """
@@ -64,7 +67,7 @@ def _program_mm(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, c_ptr, sc_m, sc_n, e_ptr, 
     """
     _program_mm2(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n,
                  c_ptr, sc_m, sc_n, e_ptr, M, N, K, EXP_A, EXP_B, False, False, False, False,
-                 False, MODE, PRECISION, BM, BN, BK)
+                 False, MODE, PRECISION, BM, BN, BK, 0, 1)
 
 
 @triton.jit
@@ -73,12 +76,14 @@ def _program_mm2(a_ptr, sa_m, sa_k, b_ptr, sb_k, sb_n, a2_ptr, sa2_m, sa2_k, b2_
                  EXP_B: tl.constexpr, EXP_A2: tl.constexpr, EXP_B2: tl.constexpr,
                  HAS2: tl.constexpr, SYM_A: tl.constexpr, SYM_B: tl.constexpr,
                  MODE: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr,
-                 BN: tl.constexpr, BK: tl.constexpr):
+                 BN: tl.constexpr, BK: tl.constexpr, M_LO, M_STEP):
     """_program_mm with, when HAS2, a second product of the same shape in the same output
     tiles: C (+)= A B + A2 B2; SYM_A / SYM_B: A (resp. B) square, used as A + Aᵀ (B + Bᵀ).
     The adjoints' two contributions to one (n_b, D) gradient then read and write it once
-    instead of twice."""
-    for m0 in range(0, M, BM):
+    instead of twice. M_LO, M_STEP: this program computes the output row tiles M_LO,
+    M_LO + M_STEP, ... (in tiles of BM rows) only: the other programs of a set do the rest
+    (sigma_adjoint_rows_kernel); 0, 1: every tile."""
+    for m0 in range(M_LO * BM, M, M_STEP * BM):
         offs_m = m0 + tl.arange(0, BM)
         m_ok = offs_m < M
         for n0 in range(0, N, BN):
@@ -168,12 +173,30 @@ def _sigma_product(m_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, out_ptr, n_b, D,
 @triton.jit
 def _sigma_adjoint(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, dxc_ptr, dxt_ptr, dm_ptr,
                    n_b, D, PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
-                   BK: tl.constexpr):
+                   BK: tl.constexpr, ROWS_HERE: tl.constexpr):
     """Adjoint of out = Σ2 exp(m) Σ1 (m a log) for one set and upstream g (n_b, D):
     dm += exp(m) ⊙ Σ2 g Σ1 (Σ1, Σ2 symmetric), dxc += ∂/∂xc, dxt += ∂/∂xt (the Gram matrix
     differentiated through its factor). The order as in _sigma_product (S = min(n_b, D));
-    s: 5 (S, S) scratch matrices at stride S·S.
+    s: 5 (S, S) scratch matrices at stride S·S. Two stages: the (S, S) products
+    (_sigma_adjoint_small, reductions over the whole set) and the (n_b, D) outputs
+    (_sigma_adjoint_rows, independent row tiles); ROWS_HERE: both in this program, else the
+    second is left to sigma_adjoint_rows_kernel (several programs per set, its own launch).
     Derivation: ../../../../../docs/adjoints.md ("structure product")."""
+    _sigma_adjoint_small(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, n_b, D, PRECISION,
+                         BT, BW, BK)
+    if ROWS_HERE:
+        _sigma_adjoint_rows(m_ptr, g_ptr, xc_ptr, xt_ptr, s_ptr, dxc_ptr, dxt_ptr, dm_ptr,
+                            n_b, D, 0, 1, PRECISION, BT, BW, BK)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _sigma_adjoint_small(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, n_b, D,
+                         PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+                         BK: tl.constexpr):
+    """The (S, S) stage of _sigma_adjoint: n_b >= D: W = xtᵀ M, dV = xtᵀ g, V = W Σ1,
+    dW = dV Σ1, dΣ1 = Wᵀ dV; else U = M xcᵀ, dQ = g xcᵀ, Q = Σ2 U, dU = Σ2 dQ, dΣ2 = dQ Uᵀ;
+    into the scratch s (slots 0..4, stride S·S), which _sigma_adjoint_rows reads."""
     S = tl.minimum(n_b, D)
     SS = S * S
     if n_b >= D:
@@ -194,15 +217,6 @@ def _sigma_adjoint(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, dxc_ptr, dxt_p
                     False, False, 0, PRECISION, BT, BT, BK)                          # dW = dV Σ1
         _program_mm(w_ptr, 1, S, dv_ptr, S, 1, ds_ptr, S, 1, ds_ptr, D, D, D,
                     False, False, 0, PRECISION, BT, BT, BK)                          # dΣ1 = Wᵀ dV
-        tl.debug_barrier()
-        _program_mm2(g_ptr, D, 1, v_ptr, 1, S, m_ptr, D, 1, dw_ptr, 1, S, dxt_ptr, D, 1,
-                     dxt_ptr, n_b, D, D, False, False, True, False, True, False, False, 1,
-                     PRECISION, BT, BW, BK)                           # dxt += g Vᵀ + M dWᵀ
-        _program_mm2(xc_ptr, D, 1, ds_ptr, S, 1, xc_ptr, D, 1, ds_ptr, S, 1, dxc_ptr, D, 1,
-                     dxc_ptr, n_b, D, D, False, False, False, False, False, False, True, 1,
-                     PRECISION, BT, BW, BK)                           # dxc += xc (dΣ1 + dΣ1ᵀ)
-        _program_mm(xt_ptr, D, 1, dw_ptr, S, 1, dm_ptr, D, 1, m_ptr, n_b, D, D,
-                    False, False, 2, PRECISION, BT, BW, BK)                          # dm += M ⊙ xt dW
     else:
         # out = Q xc, Q = Σ2 U, U = M xcᵀ
         u_ptr = s_ptr
@@ -221,16 +235,45 @@ def _sigma_adjoint(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, dxc_ptr, dxt_p
                     False, False, 0, PRECISION, BT, BT, BK)                          # dU = Σ2 dQ
         _program_mm(dq_ptr, S, 1, u_ptr, 1, S, ds_ptr, S, 1, ds_ptr, n_b, n_b, n_b,
                     False, False, 0, PRECISION, BT, BT, BK)                          # dΣ2 = dQ Uᵀ
-        tl.debug_barrier()
+    tl.debug_barrier()   # the rows stage reads these (S, S) matrices from every thread
+
+
+@triton.jit
+def _sigma_adjoint_rows(m_ptr, g_ptr, xc_ptr, xt_ptr, s_ptr, dxc_ptr, dxt_ptr, dm_ptr, n_b, D,
+                        j, J, PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+                        BK: tl.constexpr):
+    """The (n_b, D) stage of _sigma_adjoint, from the (S, S) matrices of _sigma_adjoint_small
+    in s: dxt, dxc, dm += their terms, output row tiles j, j + J, ... only (each tile reads
+    the (S, S) matrices and its own rows of g, M, xc, xt; the tiles of one set are
+    independent, so J programs share a set with no combine)."""
+    S = tl.minimum(n_b, D)
+    SS = S * S
+    if n_b >= D:
+        v_ptr = s_ptr + SS
+        dw_ptr = s_ptr + 3 * SS
+        ds_ptr = s_ptr + 4 * SS
+        _program_mm2(g_ptr, D, 1, v_ptr, 1, S, m_ptr, D, 1, dw_ptr, 1, S, dxt_ptr, D, 1,
+                     dxt_ptr, n_b, D, D, False, False, True, False, True, False, False, 1,
+                     PRECISION, BT, BW, BK, j, J)                     # dxt += g Vᵀ + M dWᵀ
+        _program_mm2(xc_ptr, D, 1, ds_ptr, S, 1, xc_ptr, D, 1, ds_ptr, S, 1, dxc_ptr, D, 1,
+                     dxc_ptr, n_b, D, D, False, False, False, False, False, False, True, 1,
+                     PRECISION, BT, BW, BK, j, J)                     # dxc += xc (dΣ1 + dΣ1ᵀ)
+        _program_mm2(xt_ptr, D, 1, dw_ptr, S, 1, xt_ptr, D, 1, dw_ptr, S, 1, dm_ptr, D, 1,
+                     m_ptr, n_b, D, D, False, False, False, False, False, False, False, 2,
+                     PRECISION, BT, BW, BK, j, J)                     # dm += M ⊙ xt dW
+    else:
+        q_ptr = s_ptr + SS
+        du_ptr = s_ptr + 3 * SS
+        ds_ptr = s_ptr + 4 * SS
         _program_mm2(q_ptr, 1, S, g_ptr, D, 1, du_ptr, 1, S, m_ptr, D, 1, dxc_ptr, D, 1,
                      dxc_ptr, n_b, D, n_b, False, False, False, True, True, False, False, 1,
-                     PRECISION, BW, BT, BK)                           # dxc += Qᵀ g + dUᵀ M
+                     PRECISION, BW, BT, BK, j, J)                     # dxc += Qᵀ g + dUᵀ M
         _program_mm2(ds_ptr, S, 1, xt_ptr, D, 1, ds_ptr, S, 1, xt_ptr, D, 1, dxt_ptr, D, 1,
                      dxt_ptr, n_b, D, n_b, False, False, False, False, False, True, False, 1,
-                     PRECISION, BW, BT, BK)                           # dxt += (dΣ2 + dΣ2ᵀ) xt
-        _program_mm(du_ptr, S, 1, xc_ptr, D, 1, dm_ptr, D, 1, m_ptr, n_b, D, n_b,
-                    False, False, 2, PRECISION, BW, BT, BK)                          # dm += M ⊙ dU xc
-    tl.debug_barrier()
+                     PRECISION, BW, BT, BK, j, J)                     # dxt += (dΣ2 + dΣ2ᵀ) xt
+        _program_mm2(du_ptr, S, 1, xc_ptr, D, 1, du_ptr, S, 1, xc_ptr, D, 1, dm_ptr, D, 1,
+                     m_ptr, n_b, D, n_b, False, False, False, False, False, False, False, 2,
+                     PRECISION, BW, BT, BK, j, J)                     # dm += M ⊙ dU xc
 
 
 @triton.jit
@@ -250,27 +293,54 @@ def sigma_product_kernel(m_ptr, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, out_ptr, 
 @triton.jit
 def sigma_adjoint_kernel(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr,
                          dxt_ptr, dm_ptr, bounds_ptr, D, PRECISION: tl.constexpr,
-                         BT: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr):
-    """The adjoint of Σ2 exp(m) Σ1 for every set, one program per set (see _sigma_adjoint).
+                         BT: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr,
+                         ROWS_HERE: tl.constexpr):
+    """The adjoint of Σ2 exp(m) Σ1 for every set, one program per set (see _sigma_adjoint;
+    ROWS_HERE=False: its (n_b, D) stage left to sigma_adjoint_rows_kernel).
     m (log), g, xc, xt, dxc, dxt, dm: (R, D) rows; gram (R·D,); scratch (5·R·D,)."""
     b = tl.program_id(0)
     row0, n_b = _set_rows(bounds_ptr, b)
     rows0 = row0 * D
     _sigma_adjoint(m_ptr + rows0, g_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
                    gram_ptr + rows0, scratch_ptr + 5 * rows0, dxc_ptr + rows0,
-                   dxt_ptr + rows0, dm_ptr + rows0, n_b, D, PRECISION, BT, BW, BK)
+                   dxt_ptr + rows0, dm_ptr + rows0, n_b, D, PRECISION, BT, BW, BK,
+                   ROWS_HERE)
+
+
+@triton.jit
+def sigma_adjoint_rows_kernel(m_ptr, g_ptr, xc_ptr, xt_ptr, scratch_ptr, dxc_ptr, dxt_ptr,
+                              dm_ptr, bounds_ptr, D, PRECISION: tl.constexpr, BT: tl.constexpr,
+                              BW: tl.constexpr, BK: tl.constexpr):
+    """The (n_b, D) stage of the structure product's adjoint (_sigma_adjoint_rows) after a
+    step adjoint kernel launched with ROWS_HERE=False left its (S, S) matrices in scratch
+    (5·R·D,): grid (B, J), program (b, j) adds the output row tiles j, j + J, ... of set b to
+    dxt, dxc and dm (all (R, D) rows). J programs per set where one per set would leave SMs
+    idle (W1: 50 sets, 132 SMs); no program waits for another."""
+    b = tl.program_id(0)
+    j = tl.program_id(1)
+    J = tl.num_programs(1)
+    row0, n_b = _set_rows(bounds_ptr, b)
+    rows0 = row0 * D
+    _sigma_adjoint_rows(m_ptr + rows0, g_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
+                        scratch_ptr + 5 * rows0, dxc_ptr + rows0, dxt_ptr + rows0,
+                        dm_ptr + rows0, n_b, D, j, J, PRECISION, BT, BW, BK)
 
 
 @triton.jit
 def structure_factors_kernel(x_ptr, bounds_ptr, log_p0_ptr, log_q0_ptr, x32_ptr, xc_ptr,
                              xt_ptr, gram_ptr, lq0_ptr, log_s0_ptr, s_xb, s_xn, s_xd, D,
+                             log_p_T_ptr, gy_ptr, gplan_ptr, g_lp_T_ptr, g_x_ptr,
                              DENSE_X: tl.constexpr, HAS_Q0: tl.constexpr,
                              PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
                              BK: tl.constexpr,
                              BN: tl.constexpr,
-                             BD: tl.constexpr):
+                             BD: tl.constexpr, POOL_BWD: tl.constexpr,
+                             HAS_GPLAN: tl.constexpr):
     """One program per set: the fp32 copy of x, the normalized factors, the smaller Gram
     matrix (order as in _sigma_product) and the initial state, all in the row layout.
+    POOL_BWD (the backward's call): then the pooling's adjoint from x32 (_pool_bwd_set):
+    g_lp_T = ∂L/∂log P_T, g_x += the pooling's ∂L/∂x, from log_p_T, gy (B, D) and gplan
+    (HAS_GPLAN) (all (R, D) but gy).
 
     x: caller's tensor, row n of set b at b*s_xb + n*s_xn (DENSE_X) or (bounds[b] + n)*s_xn,
     feature d at d*s_xd. x32, xc, xt, log_s0: (R, D) fp32; gram: set b's (S, S) at
@@ -342,6 +412,9 @@ def structure_factors_kernel(x_ptr, bounds_ptr, log_p0_ptr, log_q0_ptr, x32_ptr,
     else:
         _program_mm(xt_ptr + rows0, D, 1, xt_ptr + rows0, 1, D, gram_ptr + rows0, S, 1,
                     gram_ptr + rows0, n_b, n_b, D, False, False, 0, PRECISION, BT, BW, BK)  # Σ2 = xt xtᵀ
+    if POOL_BWD:   # x32's rows are visible to every thread since the barrier above
+        _pool_bwd_set(log_p_T_ptr, x32_ptr, gy_ptr, gplan_ptr, g_lp_T_ptr, g_x_ptr, b, row0,
+                      n_b, D, HAS_GPLAN, BN, BD)
 
 
 @triton.jit
@@ -756,7 +829,7 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
                             PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
                             BK: tl.constexpr,
                             QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
-                            BN: tl.constexpr, BD: tl.constexpr):
+                            BN: tl.constexpr, BD: tl.constexpr, ROWS_HERE: tl.constexpr):
     """Adjoint of the exact S-step and dual update (badmm_s_step_kernel), one program per set.
 
     In: g_ls, g_z = ∂L/∂log S', ∂L/∂Z' (R, D); the forward's log P, Z, Σ(P), log S',
@@ -769,6 +842,7 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
     PAPER: log η is a state (no κ3 path): gvec returns ∂L/∂log η through log S'; the eq. (27)-(28)
     updates enter as row_x (R,) (∂L/∂S'_nd += row_x_n, from z2) and col_x (B, D)
     (∂L/∂P_nd += col_x_d, from z1).
+    ROWS_HERE: the epilogue's (n_b, D) stage too; else sigma_adjoint_rows_kernel does it next.
     """
     b = tl.program_id(0)
     row0, n_b = _set_rows(bounds_ptr, b)
@@ -858,7 +932,7 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
     rows0 = row0 * D
     _sigma_adjoint(log_p_ptr + rows0, g_sig_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
                    gram_ptr + rows0, scratch_ptr + 5 * rows0, dxc_ptr + rows0, dxt_ptr + rows0,
-                   g_lp_ptr + rows0, n_b, D, PRECISION, BT, BW, BK)
+                   g_lp_ptr + rows0, n_b, D, PRECISION, BT, BW, BK, ROWS_HERE)
 
 
 @triton.jit
@@ -869,7 +943,7 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
                         PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
                         BK: tl.constexpr,
                         QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
-                            BN: tl.constexpr, BD: tl.constexpr):
+                            BN: tl.constexpr, BD: tl.constexpr, ROWS_HERE: tl.constexpr):
     """Adjoint of the exact P-step (badmm_p_step_kernel), one program per set.
 
     In: ∂L/∂log P = g_lp + P ⊙ g_p (all paths); the forward's log P, log S, Z, x, Σ(S), R and
@@ -879,6 +953,7 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
     per-set partials wpart[b] = (∂/∂α0, ∂/∂α1 direct, ∂/∂w, ∂/∂κ2) with w the step weight
     (``_p_step_weight``: ρ, or ρ + α1 for B-Q exact, so ∂/∂w counts for α1 there too).
     PAPER: log μ is a state: g_lp0 returns ∂L/∂log μ (no κ2 path).
+    ROWS_HERE: the epilogue's (n_b, D) stage too; else sigma_adjoint_rows_kernel does it next.
     """
     b = tl.program_id(0)
     row0, n_b = _set_rows(bounds_ptr, b)
@@ -950,7 +1025,7 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
     rows0 = row0 * D
     _sigma_adjoint(log_s_ptr + rows0, g_sig_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
                    gram_ptr + rows0, scratch_ptr + 5 * rows0, dxc_ptr + rows0, dxt_ptr + rows0,
-                   g_l_ptr + rows0, n_b, D, PRECISION, BT, BW, BK)
+                   g_l_ptr + rows0, n_b, D, PRECISION, BT, BW, BK, ROWS_HERE)
 
 
 @triton.jit
@@ -964,7 +1039,7 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
                                   BT: tl.constexpr, BW: tl.constexpr,
                                   BK: tl.constexpr, PAPER: tl.constexpr,
                                   BN: tl.constexpr,
-                                  BD: tl.constexpr):
+                                  BD: tl.constexpr, ROWS_HERE: tl.constexpr):
     """Adjoint of one proximal S step (sinkhorn_prox_step_kernel, SAVE), one program per
     set: the K Gauss-Seidel (exact) or Jacobi (paper, eq. 18) iterations in reverse from their
     saved (R_k, a_k, C_k, b_k) and Y0.
@@ -974,6 +1049,7 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
     adds the Σ(P_t) path to g_lp and the factors' gradients to dxc, dxt), g_lp0 (B, D), g_lq0
     (R,), wpart[b] = (∂/∂α0, ∂/∂τ direct, ∂/∂ε direct, ∂/∂κ2, ∂/∂κ3).
     Scratch: gy0 (R, D), gb, gc (R,); (B, 5, S, S) for the Σ adjoint.
+    ROWS_HERE: the epilogue's (n_b, D) stage too; else sigma_adjoint_rows_kernel does it next.
     """
     b = tl.program_id(0)
     row0, n_b = _set_rows(bounds_ptr, b)
@@ -1112,7 +1188,7 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
     rows0 = row0 * D
     _sigma_adjoint(log_p_ptr + rows0, g_sig_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
                    gram_ptr + rows0, scratch_ptr + 5 * rows0, dxc_ptr + rows0, dxt_ptr + rows0,
-                   g_lp_ptr + rows0, n_b, D, PRECISION, BT, BW, BK)
+                   g_lp_ptr + rows0, n_b, D, PRECISION, BT, BW, BK, ROWS_HERE)
 
 
 @triton.jit
@@ -1170,15 +1246,13 @@ def pool_from_log_plan_kernel(log_p_ptr, x_ptr, y_ptr, plan_ptr, bounds_ptr, D,
 
 
 @triton.jit
-def pool_from_log_plan_bwd_kernel(log_p_ptr, x_ptr, gy_ptr, gplan_ptr, g_lp_ptr, g_x_ptr,
-                                  bounds_ptr, D, HAS_GPLAN: tl.constexpr, BN: tl.constexpr,
-                                  BD: tl.constexpr):
-    """Adjoint of pool_from_log_plan_kernel, one program per set: with W = softmax_n(log P)
-    (per feature) and y = Σ_n W x, g_lp = W ⊙ gy (x - y) (+ plan ⊙ (gplan - Σ plan ⊙ gplan)
-    with HAS_GPLAN) is written and g_x += W ⊙ gy. log P, x, g_lp, g_x, gplan: (R, D); gy (B, D).
-    """
-    b = tl.program_id(0)
-    row0, n_b = _set_rows(bounds_ptr, b)
+def _pool_bwd_set(log_p_ptr, x_ptr, gy_ptr, gplan_ptr, g_lp_ptr, g_x_ptr, b, row0, n_b, D,
+                  HAS_GPLAN: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """Adjoint of pool_from_log_plan_kernel for set b (rows row0 .. row0 + n_b): with
+    W = softmax_n(log P) (per feature) and y = Σ_n W x, g_lp = W ⊙ gy (x - y) (+ plan ⊙
+    (gplan - Σ plan ⊙ gplan) with HAS_GPLAN) is written and g_x += W ⊙ gy. log P, x, g_lp,
+    g_x, gplan: (R, D); gy (B, D). The backward runs it as structure_factors_kernel's
+    epilogue (POOL_BWD): one launch less."""
     offs_d = tl.arange(0, BD)
     d_ok = offs_d < D
     col, y = _column_softmax(log_p_ptr, x_ptr, row0, n_b, D, BN, BD)          # pass 1

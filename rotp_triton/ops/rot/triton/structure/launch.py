@@ -10,7 +10,10 @@ ragged row count: no padding. Each kernel finds set b's rows on the device from 
 (ptr for a ragged batch, N·arange(B + 1) for a dense one); sizes and scratch come from shapes
 only (the host never reads ptr). An empty set has no rows: it pools to 0.
 Launches per iteration (each step kernel computes its structure product in-program first):
-B-E/B-Q 2 (P-step, S-step), S 1; backward: ⌈√T⌉-spaced checkpoints, adjoints fused likewise.
+B-E/B-Q 2 (P-step, S-step), S 1; backward: ⌈√T⌉-spaced checkpoints, adjoints fused likewise,
+except that with fewer sets than SMs each adjoint kernel is followed by the (n_b, D) stage of
+its structure product's adjoint on J programs per set (``adjoint_row_programs``); the
+pooling's adjoint runs in the backward's factors launch.
 """
 from __future__ import annotations
 
@@ -23,10 +26,10 @@ import triton
 from torch import Tensor
 
 from ...params import kappa
-from ..common import launcher
+from ..common import cdiv, launcher, sm_count
 from .kernels import (badmm_p_step_bwd_kernel, badmm_p_step_kernel, badmm_s_step_bwd_kernel,
-                      badmm_s_step_kernel, pool_from_log_plan_bwd_kernel,
-                      pool_from_log_plan_kernel, sigma_adjoint_kernel, sigma_product_kernel,
+                      badmm_s_step_kernel, pool_from_log_plan_kernel, sigma_adjoint_kernel,
+                      sigma_adjoint_rows_kernel, sigma_product_kernel,
                       sinkhorn_prox_step_bwd_kernel, sinkhorn_prox_step_kernel,
                       structure_factors_bwd_kernel, structure_factors_kernel)
 
@@ -103,6 +106,26 @@ def mm_k_step(D: int, precision: str) -> int:
     return 8 if precision == "ieee" else 16
 
 
+# Programs per set of the structure adjoint's (n_b, D) stage (sigma_adjoint_rows_kernel); None:
+# adjoint_row_programs decides (tests set an int to force the split on small shapes).
+ADJOINT_ROW_PROGRAMS: Optional[int] = None
+
+
+def adjoint_row_programs(B: int, R: int, D: int, device: torch.device) -> int:
+    """J, the programs per set of the adjoint's (n_b, D) stage: 1 keeps it inside the step
+    adjoint kernel (one program per set); J > 1 gives it its own (B, J) launch, whose programs
+    take every J-th output row tile of a set. Only with fewer sets than SMs (W1: 50 sets, 132
+    SMs): J = ⌊#SMs / B⌋, one wave of ~250-register CTAs (one per SM: ⌈#SMs / B⌉ would start a
+    second wave for a few programs), at most the set's row tiles (mean set size R / B: from
+    shapes, no host read of ptr)."""
+    if ADJOINT_ROW_PROGRAMS is not None:
+        return max(1, int(ADJOINT_ROW_PROGRAMS))
+    sms = sm_count(device)
+    if B == 0 or B >= sms:
+        return 1
+    return max(1, min(sms // B, cdiv(cdiv(R, B), mm_tile(D))))
+
+
 def mm_meta(D: int, precision: str = "ieee") -> dict:
     """The tile constexprs of the in-program GEMMs (BT, BW, BK) for D features."""
     return dict(BT=mm_tile(D), BW=mm_wide(D, precision), BK=mm_k_step(D, precision))
@@ -123,6 +146,8 @@ class Factors:
         self.B = bounds.shape[0] - 1
         self.D = xc.shape[1]
         self._scratch = {}
+        # programs per set of the adjoint's (n_b, D) stage (1: inside the step adjoint kernel)
+        self.row_programs = adjoint_row_programs(self.B, xc.shape[0], self.D, xc.device)
 
     def scratch(self, k: int) -> Tensor:
         """k (S, S) matrices per set, (k·R·D,) fp32, allocated once per Factors."""
@@ -143,12 +168,29 @@ class Factors:
 
     def adjoint(self, log_m: Tensor, g: Tensor, dxc: Tensor, dxt: Tensor, dm: Tensor) -> None:
         """Adjoint of out = Σ2 exp(log_m) Σ1 for the upstream gradient g (R, D):
-        dm += exp(log_m) ⊙ ∂L/∂M (= ∂L/∂log_m), dxc / dxt += ∂L/∂xc, ∂L/∂xt. One launch."""
+        dm += exp(log_m) ⊙ ∂L/∂M (= ∂L/∂log_m), dxc / dxt += ∂L/∂xc, ∂L/∂xt. One launch
+        (two with the split (n_b, D) stage, adjoint_rows)."""
         if self.B > 0:
             _wrap(sigma_adjoint_kernel)[(self.B,)](
                 log_m, g, self.xc, self.xt, self.gram, self.scratch(5), dxc, dxt, dm,
-                self.bounds, self.D, **self.meta(),
+                self.bounds, self.D, **self.meta(), ROWS_HERE=self.rows_here,
                 num_warps=PER_SET_WARPS)
+            self.adjoint_rows(log_m, g, dxc, dxt, dm)
+
+    @property
+    def rows_here(self) -> bool:
+        """ROWS_HERE of the step adjoint kernels: their epilogue does the whole adjoint."""
+        return self.row_programs == 1
+
+    def adjoint_rows(self, log_m: Tensor, g: Tensor, dxc: Tensor, dxt: Tensor,
+                     dm: Tensor) -> None:
+        """After a step adjoint kernel launched with ROWS_HERE=False: the (n_b, D) stage of its
+        structure product's adjoint (same log_m, g, dm as its epilogue's), on B × J programs.
+        One launch; none when rows_here."""
+        if self.B > 0 and not self.rows_here:
+            _wrap(sigma_adjoint_rows_kernel)[(self.B, self.row_programs)](
+                log_m, g, self.xc, self.xt, self.scratch(5), dxc, dxt, dm, self.bounds,
+                self.D, **self.meta(), num_warps=PER_SET_WARPS)
 
     def step_args(self) -> tuple:
         """The trailing tensor arguments of a step kernel whose prologue computes its
@@ -203,9 +245,15 @@ def _fp32(v: Tensor, device) -> Tensor:
 
 
 def setup(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
-          log_q0: Optional[Tensor], weights: dict, method: str, variant: str, K: int):
+          log_q0: Optional[Tensor], weights: dict, method: str, variant: str, K: int,
+          pool_grad: Optional[tuple] = None):
     """(problem, factors): one launch computes x's fp32 copy, the factors, the Gram matrices,
-    log q0 and the initial state log(p0 q0ᵀ) (structure_factors_kernel)."""
+    log q0 and the initial state log(p0 q0ᵀ) (structure_factors_kernel).
+
+    pool_grad (the backward's setup): (log P_T (R, D) fp32, gy (B, D) or None, gplan (x's
+    shape) or None); the same launch then also pulls the pooling's gradient back (its
+    POOL_BWD epilogue): problem.g_lp_T = ∂L/∂log P_T and problem.g_x = the pooling's ∂L/∂x
+    (R, D) fp32, which the backward accumulates x's other direct terms into."""
     dense = x.dim() == 3
     dev = x.device
     D = x.shape[-1]
@@ -230,14 +278,26 @@ def setup(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
     x32, xc, xt, gram = torch.empty(4, R, D, **f32).unbind(0)
     log_s0 = torch.empty(R, D, **f32)
     lq0 = torch.empty(R, **f32)
+    pool = dict(log_p_T=x32, gy=x32, gplan=x32, g_lp_T=x32, g_x=x32)   # unused without POOL_BWD
+    if pool_grad is not None:
+        log_p_T, gy, gplan = pool_grad
+        pool = dict(log_p_T=log_p_T,
+                    gy=(torch.zeros(B, D, **f32) if gy is None
+                        else gy.to(torch.float32).contiguous()),
+                    gplan=x32 if gplan is None else gplan.reshape(R, D).contiguous(),
+                    g_lp_T=torch.empty(R, D, **f32), g_x=torch.zeros(R, D, **f32))
     if B > 0:
         BD = triton.next_power_of_2(D)
         _wrap(structure_factors_kernel)[(B,)](
             x, bounds, lp0, q_in if q_in is not None else lq0, x32, xc, xt, gram, lq0, log_s0,
-            s_xb, s_xn, s_xd, D, DENSE_X=dense, HAS_Q0=q_in is not None, PRECISION=precision,
-            **mm_meta(D, precision), BN=row_block(BD), BD=BD, num_warps=PER_SET_WARPS)
+            s_xb, s_xn, s_xd, D, *pool.values(), DENSE_X=dense, HAS_Q0=q_in is not None,
+            PRECISION=precision, **mm_meta(D, precision), BN=row_block(BD), BD=BD,
+            POOL_BWD=pool_grad is not None,
+            HAS_GPLAN=pool_grad is not None and pool_grad[2] is not None,
+            num_warps=PER_SET_WARPS)
     w = {k: _fp32(v, dev) for k, v in weights.items()}
     pb = _Problem(x32, bounds, lp0, lq0, log_s0, w, method, variant, int(w["a1"].shape[0]), K)
+    pb.g_lp_T, pb.g_x = pool["g_lp_T"], pool["g_x"]
     return pb, Factors(xc, xt, gram.view(-1), bounds, precision)
 
 
@@ -313,19 +373,6 @@ def pool_launch(pb: _Problem, log_p: Tensor, out_dtype, plan: Optional[Tensor]) 
             log_p, pb.x32, y, plan if plan is not None else y, pb.bounds, pb.D,
             WRITE_PLAN=plan is not None, BN=pb.BN, BD=pb.BD, num_warps=PER_SET_WARPS)
     return y
-
-
-def pool_bwd_launch(pb: _Problem, log_p: Tensor, gy: Tensor, gplan: Optional[Tensor],
-                    g_x: Tensor) -> Tensor:
-    """∂L/∂log P_T (R, D) from gy (B, D) and gplan (R, D) or None; adds ∂L/∂x to g_x."""
-    g_lp = torch.empty_like(pb.x32)
-    if pb.B > 0:
-        gy = gy.to(torch.float32).contiguous()
-        _wrap(pool_from_log_plan_bwd_kernel)[(pb.B,)](
-            log_p, pb.x32, gy, gplan.contiguous() if gplan is not None else gy, g_lp, g_x,
-            pb.bounds, pb.D, HAS_GPLAN=gplan is not None, BN=pb.BN, BD=pb.BD,
-            num_warps=PER_SET_WARPS)
-    return g_lp
 
 
 # ============================================================================================
@@ -462,16 +509,19 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, sv: dict, t: int, g: dict,
                                          cbuf, eta, pb.log_q0, g_z_out, g_sig, g_lp, g_p,
                                          g_lq0, gvec, row_x, col_x, wp_s, pb.bounds, w["a0"],
                                          w["a1"], w["a3"], w["rho"], t, D, *adj,
-                                         **kw)                         # + the Σ(P) path
+                                         ROWS_HERE=fac.rows_here, **kw)   # + the Σ(P) path
+    fac.adjoint_rows(log_p, g_sig, acc["xc"], acc["xt"], g_lp)
     if g_lp_ext is not None:
         g_lp += g_lp_ext
     # adjoint of the P-step
     g_lp0 = bufs.get("g_lp0", vec_d)
+    g_sig_s = bufs.get("g_sig_s", rows)
     _wrap(badmm_p_step_bwd_kernel)[(B,)](g_lp, g_p, log_p, st["log_s"], st["z"], pb.x32, sig_s,
-                                         r, mu, pb.log_p0, g_l, acc["x"], g_z_out, bufs.get(
-                                             "g_sig_s", rows), g_lp0, wp_p, pb.bounds,
+                                         r, mu, pb.log_p0, g_l, acc["x"], g_z_out, g_sig_s,
+                                         g_lp0, wp_p, pb.bounds,
                                          w["a0"], w["a1"], w["a2"], w["rho"], t, D, *adj,
-                                         **kw)                         # + the Σ(S) path
+                                         ROWS_HERE=fac.rows_here, **kw)   # + the Σ(S) path
+    fac.adjoint_rows(st["log_s"], g_sig_s, acc["xc"], acc["xt"], g_l)
     if paper:
         g_out["log_mu"] = g_out["log_mu"] + g_lp0        # P-step: log P = Y + log μ - R
         g_out["log_eta"] = g_out["log_eta"] + gvec       # S-step: log S' = Y' + log η - C
@@ -534,15 +584,18 @@ def sinkhorn_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, g_out: T
                                            SAVE=True, **kw)
     g_lp = bufs.get(f"g_lp_par{t % 2}", rows)   # read by the next step while it writes its own
     g_lp0, g_lq0 = bufs.get("g_lp0", vec_d), bufs.get("g_lq0", vec_n)
+    g_sig = bufs.get("g_sig", rows)
     _wrap(sinkhorn_prox_step_bwd_kernel)[(B,)](g_out, pb.x32, log_p, sig, y0,
                                                bufs.get("gy0", rows), h_r, h_a, h_c, h_b,
                                                bufs.get("gb", vec_n), bufs.get("gc", vec_n),
                                                pb.log_p0, pb.log_q0, g_lp, acc["x"],
-                                               bufs.get("g_sig", rows), g_lp0, g_lq0, wp,
+                                               g_sig, g_lp0, g_lq0, wp,
                                                pb.bounds, w["a0"], w["a1"], w["a2"], w["a3"],
                                                w["tau"], t, K, R, D,
                                                *fac.adjoint_args(acc["xc"], acc["xt"]),
-                                               PAPER=pb.variant == "paper", **kw)  # + Σ path
+                                               PAPER=pb.variant == "paper",
+                                               ROWS_HERE=fac.rows_here, **kw)  # + Σ path
+    fac.adjoint_rows(log_p, g_sig, acc["xc"], acc["xt"], g_lp)
     acc["lp0"] += g_lp0
     acc["lq0"] += g_lq0
     return g_lp
@@ -669,16 +722,14 @@ def structure_backward(x: Tensor, ptr: Optional[Tensor], log_p0, log_q0, weights
                        method: str, variant: str, K: int):
     """Gradients of structure_forward's y and plan: (∂L/∂x in x's shape and dtype, ∂L/∂log p0
     (B, D) fp32, ∂L/∂log q0 (R,) fp32, ∂L/∂weights (6, T) fp32 in _WEIGHTS order)."""
-    pb, fac = setup(x, ptr, log_p0, log_q0, weights, method, variant, K)
+    # the pooling's adjoint runs in the factors' launch (g_lp_T, and x's direct gradient g_x)
+    pb, fac = setup(x, ptr, log_p0, log_q0, weights, method, variant, K,
+                    pool_grad=(log_p_T, gy, gplan))
     g_fac = pb.x32.new_zeros(2, pb.R, pb.D)       # xc, xt (x's own: it becomes x.grad)
     g_w = pb.x32.new_zeros(len(_WEIGHTS), pb.T)
-    grads = [torch.zeros_like(pb.x32), *g_fac.unbind(0), torch.zeros_like(pb.log_p0),
+    grads = [pb.g_x, *g_fac.unbind(0), torch.zeros_like(pb.log_p0),
              torch.zeros_like(pb.log_q0), *g_w.unbind(0)]
-    if gy is None:
-        gy = pb.x32.new_zeros(pb.B, pb.D)
-    gp = None if gplan is None else gplan.reshape(pb.R, pb.D)
-    g_lp = pool_bwd_launch(pb, log_p_T, gy, gp, grads[0])
-    reverse_iterations(pb, fac, g_lp, grads)
+    reverse_iterations(pb, fac, pb.g_lp_T, grads)
     if pb.B > 0:   # the factors' gradients through the centring and normalization, into x's
         _wrap(structure_factors_bwd_kernel)[(pb.B,)](pb.x32, grads[1], grads[2], grads[0],
                                                      pb.bounds, pb.D, BN=pb.BN, BD=pb.BD,
