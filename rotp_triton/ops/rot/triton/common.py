@@ -8,6 +8,7 @@ vectors (PERF.md, "speed of light").
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -53,6 +54,41 @@ HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "
 def launcher(kernel, wrap=None):
     """``kernel`` itself, or ``wrap(kernel)`` (``torch.library.wrap_triton`` inside a custom op)."""
     return kernel if wrap is None else wrap(kernel)
+
+
+# Each host op costs a few µs of CPU per call on a GPU (PERF.md, front end): a launcher carves
+# its scratch out of one allocation instead of one allocation per buffer.
+_SCRATCH_ALIGN = 32  # fp32 elements: every view starts on a 128-byte boundary (Triton
+#                      specialises pointers on 16-byte alignment; an unaligned view would
+#                      compile a second, slower variant of the kernel)
+
+
+def fp32_scratch(device, zeroed=(), empty=()):
+    """Views of one fp32 allocation: ``(zeroed views, empty views)`` with the given shapes
+    (ints or tuples). The ``zeroed`` ones lie first and are cleared by one fill; the rest are
+    uninitialised. Two host ops (one with no ``zeroed``) however many buffers; never for
+    tensors that leave the launcher (outputs, saved tensors): a view keeps the whole
+    allocation alive."""
+    shapes = [(s,) if isinstance(s, int) else tuple(s) for s in (*zeroed, *empty)]
+    sizes = [math.prod(s) for s in shapes]
+    offsets, o = [], 0
+    for n in sizes:
+        offsets.append(o)
+        o += cdiv(n, _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+    buf = torch.empty(max(o, 1), device=device, dtype=torch.float32)
+    views = [buf[a:a + n].view(s) for a, n, s in zip(offsets, sizes, shapes)]
+    nz = len(zeroed)
+    if nz:
+        buf[:offsets[nz - 1] + sizes[nz - 1]].zero_()
+    return views[:nz], views[nz:]
+
+
+def as_f32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as contiguous fp32, without a host op when it already is one (``.to`` and
+    ``.contiguous`` dispatch even when they return ``t``)."""
+    if t.dtype == torch.float32 and t.is_contiguous():
+        return t.detach() if t.requires_grad else t
+    return t.detach().to(torch.float32).contiguous()
 
 
 # --------------------------------------------------------------------------------------------
