@@ -328,13 +328,26 @@ def test_split_saves_what_the_fused_kernel_saves(monkeypatch):
     x = torch.randn(B, N, D, generator=gen).to(DEVICE).requires_grad_()
     allocated = []
     real_empty, real_zeros = launch.torch.empty, launch.torch.zeros
+    real_scratch = launch.fp32_scratch
+
+    inside_scratch = []
 
     def counting(real):
         def alloc(*shape, **kw):
             t = real(*shape, **kw)
-            allocated.append(t.numel() * t.element_size())
+            if not inside_scratch:
+                allocated.append(t.numel() * t.element_size())
             return t
         return alloc
+
+    def counting_scratch(device, zeroed=(), empty=()):  # the buffers asked for (no padding)
+        inside_scratch.append(True)
+        try:
+            zs, es = real_scratch(device, zeroed=zeroed, empty=empty)
+        finally:
+            inside_scratch.pop()
+        allocated.extend(t.numel() * t.element_size() for t in (*zs, *es))
+        return zs, es
 
     def run(T, split):
         if split:
@@ -353,20 +366,22 @@ def test_split_saves_what_the_fused_kernel_saves(monkeypatch):
         allocated.clear()
         monkeypatch.setattr(launch.torch, "empty", counting(real_empty))
         monkeypatch.setattr(launch.torch, "zeros", counting(real_zeros))
+        monkeypatch.setattr(launch, "fp32_scratch", counting_scratch)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y, _ = rot_pool_badmm_triton(x, None, method="badmm-e", variant="exact", **w,
                                          log_p0=None, log_q0=None, return_plan=False)
         y.sum().backward()
         monkeypatch.setattr(launch.torch, "empty", real_empty)
         monkeypatch.setattr(launch.torch, "zeros", real_zeros)
+        monkeypatch.setattr(launch, "fp32_scratch", real_scratch)
         return sum(sizes), sum(allocated)
 
     (f2, _), (f16, _) = run(2, False), run(16, False)
     (s2, a2), (s16, a16) = run(2, True), run(16, True)
     assert (s2, s16) == (f2, f16), (s2, s16, f2, f16)
-    # per extra iteration: the fp32 weight partials (B, T, 4) and (B, T, 2, NS·DS, 2), the
-    # (6, T) weight gradient and the forward's and backward's (WEIGHT_ROWS, T) tables only
-    per_iter = 4 * (B * 4 + B * 2 * 3 * 2 * 2 + 6 + 2 * launch.WEIGHT_ROWS)
+    # per extra iteration: the fp32 weight partials (B, T, 4) and (B, T, 2, NS·DS, 2) and the
+    # (6, T) weight gradient only (the (WEIGHT_ROWS, T) table is part of the saved history)
+    per_iter = 4 * (B * 4 + B * 2 * 3 * 2 * 2 + 6)
     assert a16 - a2 == 14 * per_iter, (a2, a16)
 
 
@@ -509,26 +524,27 @@ def test_huge_inputs_stay_finite(method, variant):
 @pytest.mark.parametrize("variant", ["exact", "paper"])
 def test_saved_bytes_are_x_plus_vectors(variant, schedule, monkeypatch):
     """What autograd keeps for the backward at T = 16 is x, the (B, D) output, the (6, T)
-    table and the per-iteration vector history (R, log μ [, z1], log μ - R per set and C, log η
-    [, z2], log η - C per row: O(T · (N + D)) per set) - nothing of size N × D per iteration; the x-sized part is
-    the same at T = 2 and T = 16. The scratch the launchers allocate (per-program state and
-    adjoint tiles, working vectors) does not depend on T at all (for a given forward
-    schedule: replaying needs no state scratch, streaming an N × D pair per program)."""
+    weights and one flat history: the kernels' (WEIGHT_ROWS, T) table and the per-iteration
+    vectors (R, log μ [, z1], log μ - R per set and C, log η [, z2], log η - C per row:
+    O(T · (N + D)) per set), each segment padded to 128 bytes - nothing of size N × D per
+    iteration. The scratch the launchers allocate (per-program state and adjoint tiles,
+    working vectors) does not depend on T (for a given forward schedule: replaying needs no
+    state scratch, streaming an N × D pair per program), except the backward's zeroed (B, T, 4)
+    weight partials."""
     _schedule(monkeypatch, schedule)
     gen = torch.Generator().manual_seed(7)
     B, N, D = 2, 9, 6
     KV = 4 if variant == "paper" else 3     # + the replay's shift slot
     x = torch.randn(B, N, D, generator=gen).to(DEVICE).requires_grad_()
     scratch = []
-    real_scratch = launch._scratch
+    real_scratch = launch.fp32_scratch
 
-    def spy(geo, device, n_mats):
-        out = real_scratch(geo, device, n_mats)
-        mats, vd, vn = out
-        scratch.append(sum(t.numel() * t.element_size() for t in mats + [vd, vn]))
-        return out
+    def spy(device, zeroed=(), empty=()):
+        zs, es = real_scratch(device, zeroed=zeroed, empty=empty)
+        scratch.append((sum(t.numel() * 4 for t in zs), sum(t.numel() * 4 for t in es)))
+        return zs, es
 
-    monkeypatch.setattr(launch, "_scratch", spy)
+    monkeypatch.setattr(launch, "fp32_scratch", spy)
 
     def saved_bytes(T):
         sizes = []
@@ -545,15 +561,19 @@ def test_saved_bytes_are_x_plus_vectors(variant, schedule, monkeypatch):
         y.sum().backward()
         return sum(sizes), list(scratch)
 
-    def vectors(T):
-        return 4 * T * KV * (B * D + B * N)
+    def history(T):                             # table + vectors, then the 128-byte padding
+        table, hd, hn = launch.WEIGHT_ROWS * T, T * KV * B * D, T * KV * B * N
+        padded = sum(-(-n // 32) * 32 for n in (table, hd, hn))
+        assert padded - (table + hd + hn) < 3 * 32
+        return 4 * padded
 
     (s2, sc2), (s16, sc16) = saved_bytes(2), saved_bytes(16)
     x_bytes = x.numel() * x.element_size()
-    table = 4 * 6 * 16                          # the (6, T) weight table
-    assert s16 <= x_bytes + vectors(16) + 4 * B * D + table, (s16, x_bytes, vectors(16))
-    assert s16 - vectors(16) - table == s2 - vectors(2) - 4 * 6 * 2, (s2, s16)
-    assert sc2 == sc16 and len(sc16) == 2, (sc2, sc16)
+    for T, saved in ((2, s2), (16, s16)):
+        assert saved == x_bytes + 4 * B * D + 4 * 6 * T + history(T), (T, saved)
+    assert len(sc2) == len(sc16) == 2, (sc2, sc16)      # one scratch in each direction
+    assert [e for _, e in sc2] == [e for _, e in sc16], (sc2, sc16)
+    assert [z for z, _ in sc16] == [0, 4 * B * 16 * 4], sc16
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="peak memory is measured on CUDA")
@@ -684,7 +704,8 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
           replay, (BN, BD, BV), "spill", stack, "regs", regs, "local", spill)
 for quad, paper in [(False, False), (True, True), (True, False)]:
     consts = dict(QUAD=m.quad_flag(quad, paper), PAPER=paper, BT=16)
-    sig = {"w_ptr": "*fp32", "gw_ptr": "*fp32", "dw_ptr": "*fp32", "B": "i32", "T": "i32",
+    sig = {"w_ptr": "*fp32", "gw_ptr": "*fp32", "gwt_ptr": "*fp32", "dw_ptr": "*fp32",
+           "B": "i32", "T": "i32", "NPART": "i32",
            "QUAD": "constexpr", "PAPER": "constexpr", "BT": "constexpr"}
     c = compile_sm90(m.badmm_dw_kernel, sig, consts, num_warps=4)
     assert ".target sm_90" in c.asm["ptx"]

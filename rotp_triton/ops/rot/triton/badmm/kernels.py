@@ -1318,18 +1318,24 @@ def _dkappa(alpha, w):
 
 
 @triton.jit
-def badmm_dw_kernel(w_ptr, gw_ptr, dw_ptr, B, T, QUAD: tl.constexpr, PAPER: tl.constexpr,
-                    BT: tl.constexpr):
-    """dw (6, T) from the per-set partials gw (B, T, 4) = ∂/∂(κ2, κ3, α1, ρ): sums over sets and
-    applies the chain rule of κ2 = κ(α2, w_P), κ3 = κ(α3, w) on chip (:func:`_iter_weights`).
-    Rows A0 and TAU are 0."""
+def badmm_dw_kernel(w_ptr, gw_ptr, gwt_ptr, dw_ptr, B, T, NPART, QUAD: tl.constexpr,
+                    PAPER: tl.constexpr, BT: tl.constexpr):
+    """dw (6, T) from the per-set partials gw (B, T, 4) = ∂/∂(κ2, κ3, α1, ρ) - plus, from the
+    split backward, NPART more partials of (α1, ρ) per set and iteration, gwt (B, T, NPART, 2)
+    (its passes' per-program sums; NPART = 0: none) -: sums over sets and applies the chain
+    rule of κ2 = κ(α2, w_P), κ3 = κ(α3, w) on chip (:func:`_iter_weights`). Rows A0 and TAU
+    are 0."""
     offs = tl.program_id(0) * BT + tl.arange(0, BT)                                      # [BT]
     m = offs < T
     g = tl.zeros([BT, 4], dtype=tl.float32)
     cols = tl.arange(0, 4)
+    m_part = m[:, None] & (cols[None, :] >= 2)                  # gwt holds columns α1, ρ
     for b in range(0, B):
         g += tl.load(gw_ptr + (b * T + offs[:, None]) * 4 + cols[None, :], mask=m[:, None],
                      other=0.0)
+        for j in range(0, NPART):
+            g += tl.load(gwt_ptr + ((b * T + offs[:, None]) * NPART + j) * 2 + cols[None, :] - 2,
+                         mask=m_part, other=0.0)
     gk2 = tl.sum(tl.where(cols[None, :] == 0, g, 0.0), axis=1)
     gk3 = tl.sum(tl.where(cols[None, :] == 1, g, 0.0), axis=1)
     ga1 = tl.sum(tl.where(cols[None, :] == 2, g, 0.0), axis=1)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 import triton
 
-from ..common import cdiv, launcher, next_pow2, sm_count
+from ..common import as_f32, cdiv, fp32_scratch, launcher, next_pow2, sm_count
 from .kernels import (ADJ_FIRST, ADJ_S_STEP, WEIGHT_ROWS, badmm_bwd_kernel, badmm_coef_kernel,
                       badmm_dw_kernel, badmm_fwd_kernel, quad_flag)
 from .split_backward_kernels import (badmm_split_bwd_cols_step_kernel,
@@ -27,7 +27,8 @@ from .split_kernels import (badmm_split_column_lse_kernel, badmm_split_column_st
                             badmm_split_row_lse_kernel, badmm_split_row_step_kernel)
 
 __all__ = ["badmm_forward", "badmm_backward", "block_sizes", "backward_block_sizes",
-           "history_like", "forward_replays", "backward_fuses", "forward_splits", "backward_splits"]
+           "history_like", "history_views", "param_grads_numel", "param_grad_views",
+           "forward_replays", "backward_fuses", "forward_splits", "backward_splits"]
 
 
 def block_sizes(n_hint: int, D: int):
@@ -102,32 +103,28 @@ class _Geometry:
         return torch.argsort(self.ptr[1:] - self.ptr[:-1], descending=True)
 
 
-def _f32(t: Tensor) -> Tensor:
-    return t.detach().to(torch.float32).contiguous()
-
-
-def _weight_table(w: Tensor, quad: int, wrap) -> Tensor:
-    """The kernels' weight table: w (6, T) followed by the replay's per-iteration coefficient
-    rows (:func:`.kernels.badmm_coef_kernel`; one launch, no host op beyond the allocation)."""
+def _fill_weight_table(w: Tensor, wc: Tensor, quad: int, wrap) -> Tensor:
+    """Fill ``wc`` (WEIGHT_ROWS, T), a view of the saved history, with the kernels' weight
+    table: w (6, T) followed by the replay's per-iteration coefficient rows
+    (:func:`.kernels.badmm_coef_kernel`; one launch in the forward, none in the backward)."""
     T = w.shape[1]
-    wc = torch.empty(WEIGHT_ROWS, T, device=w.device, dtype=torch.float32)
     BT = min(next_pow2(T), 128)
-    launcher(badmm_coef_kernel, wrap)[(triton.cdiv(T, BT),)](_f32(w), wc, T, QUAD=quad, BT=BT)
+    launcher(badmm_coef_kernel, wrap)[(triton.cdiv(T, BT),)](as_f32(w), wc, T, QUAD=quad, BT=BT)
     return wc
 
 
-def _priors(x: Tensor, log_p0: Optional[Tensor], log_q0: Optional[Tensor]):
-    dummy = torch.zeros(1, device=x.device, dtype=torch.float32)
-    lp0 = dummy if log_p0 is None else _f32(log_p0)
-    lq0 = dummy if log_q0 is None else _f32(log_q0).reshape(-1)
+def _priors(dummy: Tensor, log_p0: Optional[Tensor], log_q0: Optional[Tensor]):
+    """fp32 priors for the kernels; ``dummy`` (any fp32 tensor, never read) where absent."""
+    lp0 = dummy if log_p0 is None else as_f32(log_p0)
+    lq0 = dummy if log_q0 is None else as_f32(log_q0).reshape(-1)
     return lp0, lq0
 
 
-def _scratch(geo: _Geometry, device, n_mats: int):
-    f32 = dict(device=device, dtype=torch.float32)
-    mats = [torch.empty(geo.mat_numel, **f32) for _ in range(n_mats)]
-    # 8 D-vector slots per program (the forward uses the first 7: kernels.py, vector scratch)
-    return mats, torch.empty(geo.grid * 8 * geo.D, **f32), torch.empty(geo.nvec_numel, **f32)
+def _scratch_shapes(geo: _Geometry, n_mats: int) -> list:
+    """The fused kernels' scratch: n_mats (programs · N, D) state / adjoint matrices, 8
+    D-vector slots per program (the forward uses the first 7: kernels.py, vector scratch) and
+    9 N-vector slots."""
+    return [geo.mat_numel] * n_mats + [geo.grid * 8 * geo.D, geo.nvec_numel]
 
 
 def forward_replays(T: int, x_bytes: int) -> bool:
@@ -201,8 +198,16 @@ def _split_slices(geo, NS: int, DS: int):
     return NS, SD, DS
 
 
-def _forward_split(x, geo, wc, lp0, lq0, y, plan, hd, hn, NS, DS, *, quadratic, paper,
-                   has_p0, has_q0, replay, wrap):
+def _forward_split_shapes(geo, NS: int, DS: int, replay: bool) -> list:
+    """Scratch of :func:`_forward_split`: column partials pm, pl, pa [B, NS, D], row partials
+    qm, ql [DS, rows] and, when streaming, the state pair (rows, D)."""
+    B, D, rows = geo.B, geo.D, geo.rows
+    NS, _, DS = _split_slices(geo, NS, DS)
+    return [B * NS * D] * 3 + [DS * rows] * 2 + ([] if replay else [rows * D] * 2)
+
+
+def _forward_split(x, geo, wc, lp0, lq0, y, plan, hd, hn, NS, DS, scratch, *, quadratic,
+                   paper, has_p0, has_q0, replay, wrap):
     """The forward over B × NS × DS programs (dense or ragged): per iteration the four
     launches of :mod:`.split_kernels` (partial LSEs, then per-set combine + vector step).
     Fills y, plan and the history hd, hn exactly like the one-program-per-set kernel.
@@ -212,16 +217,14 @@ def _forward_split(x, geo, wc, lp0, lq0, y, plan, hd, hn, NS, DS, *, quadratic, 
     B, D, T, rows = geo.B, geo.D, wc.shape[1], geo.rows
     BN, BD, BV, num_warps = geo.blocks
     NS, SD, DS = _split_slices(geo, NS, DS)
-    f32 = dict(device=x.device, dtype=torch.float32)
-    pm, pl, pa = (torch.empty(B * NS * D, **f32) for _ in range(3))       # [B, NS, D]
-    qm, ql = (torch.empty(DS * rows, **f32) for _ in range(2))            # [DS, rows]
+    pm, pl, pa, qm, ql = scratch[:5]                    # [B, NS, D] x 3, [DS, rows] x 2
     u_p0 = -math.log(D)
     KV = hd.shape[2]
     tiles = (B, NS, DS)
     ptr = geo.ptr if geo.ragged else y
     sets = dict(RAGGED=geo.ragged)
     flags = dict(sets, HAS_P0=has_p0, HAS_Q0=has_q0, QUAD=quadratic, KV=KV, REPLAY=replay)
-    sl, sz = (y, y) if replay else (torch.empty(rows * D, **f32) for _ in range(2))
+    sl, sz = (y, y) if replay else scratch[5:7]
     if not replay:
         launcher(badmm_split_init_state_kernel, wrap)[tiles](
             ptr, lp0, lq0, sl, sz, geo.N, D, NS, SD, u_p0, **sets, HAS_P0=has_p0,
@@ -250,22 +253,25 @@ def _forward_split(x, geo, wc, lp0, lq0, y, plan, hd, hn, NS, DS, *, quadratic, 
             **flags, BN=BN, BD=BD, num_warps=num_warps)
 
 
-def _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, NS, DS, *,
-                    quadratic, paper, has_p0, has_q0, wrap):
+def _backward_split_shapes(geo, NS: int, DS: int, T: int):
+    """(zeroed, empty) scratch of :func:`_backward_split`: the pass partials gwt
+    (B, T, 2, NS · DS, 2); L̄, Z̄ (rows, D), per-set D-vector slots (B, 7, D), N-vector slots
+    (7, rows), τ [B, NS, D], σ [DS, rows], the step kernels' partials gwv (B, T, 4)."""
+    B, D, rows = geo.B, geo.D, geo.rows
+    NS, _, DS = _split_slices(geo, NS, DS)
+    return ([(B, T, 2, NS * DS, 2)],
+            [rows * D, rows * D, B * 7 * D, 7 * rows, B * NS * D, DS * rows, (B, T, 4)])
+
+
+def _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, NS, DS,
+                    scratch, *, quadratic, paper, has_p0, has_q0, wrap):
     """The backward over B × NS × DS programs, dense or ragged (:mod:`.split_backward_kernels`):
     per reverse step a rows step, pass 2, a columns step and pass 3. Fills gx, gp0, gq0 and
     returns gw (B, T, 4) like the one-program-per-set kernel."""
     B, D, T, rows = geo.B, geo.D, wc.shape[1], geo.rows
     BN, BD, BV, num_warps = geo.blocks
     NS, SD, DS = _split_slices(geo, NS, DS)
-    f32 = dict(device=x.device, dtype=torch.float32)
-    slb, szb = (torch.empty(rows * D, **f32) for _ in range(2))           # L̄, Z̄ (rows, D)
-    vd = torch.empty(B * 7 * D, **f32)                                    # per-set slots
-    vn = torch.empty(7 * rows, **f32)
-    tau = torch.empty(B * NS * D, **f32)                                  # [B, NS, D]
-    sig = torch.empty(DS * rows, **f32)                                   # [DS, rows]
-    gwv = torch.empty(B, T, 4, **f32)
-    gwt = torch.zeros(B, T, 2, NS * DS, 2, **f32)
+    (gwt,), (slb, szb, vd, vn, tau, sig, gwv) = scratch      # shapes: _backward_split_shapes
     u_p0 = -math.log(D)
     KV = hd.shape[2]
     tiles = (B, NS, DS)
@@ -293,27 +299,45 @@ def _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, 
     launcher(badmm_split_bwd_init_kernel, wrap)[(B,)](
         ptr, slb, vd, vn, gp0, gq0, geo.N, D, rows, **sets, HAS_P0=has_p0, HAS_Q0=has_q0,
         PAPER=paper, BN=BN, BD=BD, num_warps=num_warps)
-    return gwv + torch.nn.functional.pad(gwt.sum((2, 3)), (2, 0))
+    return gwv, gwt                     # badmm_dw_kernel adds gwt's partials into gwv's
 
 
-def history_like(x: Tensor, ptr: Optional[Tensor], T: int, paper: bool):
-    """Empty fp32 vector history: hd (B, T, KV, D) - R, log μ [, z1], log μ - R - and
-    hn (T, KV, rows) - C, log η [, z2], log η - C - of every iteration (KV = 4 for the paper
-    variant, else 3; the last slot is the replay's shift). Sizes come from shapes only (no
-    host sync)."""
+def _history_layout(x: Tensor, ptr: Optional[Tensor], T: int, paper: bool):
+    """[(offset, shape)] of the weight table, hd and hn in the flat history, each segment
+    starting on a 128-byte boundary (as separate allocations would: Triton specialises
+    pointers on 16-byte alignment), and the total size."""
     KV = 4 if paper else 3
     D = x.shape[-1]
     B = x.shape[0] if ptr is None else ptr.shape[0] - 1
     rows = x.shape[0] * x.shape[1] if ptr is None else x.shape[0]
-    f32 = dict(device=x.device, dtype=torch.float32)
-    return x.new_empty(B, T, KV, D, **f32), x.new_empty(T, KV, rows, **f32)
+    out, o = [], 0
+    for shape in ((WEIGHT_ROWS, T), (B, T, KV, D), (T, KV, rows)):
+        out.append((o, shape))
+        o += cdiv(math.prod(shape), 32) * 32
+    return out, o
+
+
+def history_like(x: Tensor, ptr: Optional[Tensor], T: int, paper: bool) -> Tensor:
+    """Empty flat fp32 history saved for the backward (one allocation; :func:`history_views`
+    splits it): the kernels' weight table (WEIGHT_ROWS, T) (:func:`_fill_weight_table`: the
+    backward reuses it), and the vectors of every iteration, hd (B, T, KV, D) - R, log μ
+    [, z1], log μ - R - and hn (T, KV, rows) - C, log η [, z2], log η - C - (KV = 4 for the
+    paper variant, else 3; the last slot is the replay's shift). Sizes come from shapes only
+    (no host sync)."""
+    return x.new_empty(_history_layout(x, ptr, T, paper)[1], dtype=torch.float32)
+
+
+def history_views(h: Tensor, x: Tensor, ptr: Optional[Tensor], T: int, paper: bool):
+    """(wc, hd, hn): views of the flat history ``h`` (:func:`history_like`)."""
+    return [h[o:o + math.prod(shape)].view(shape)
+            for o, shape in _history_layout(x, ptr, T, paper)[0]]
 
 
 def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
                   log_q0: Optional[Tensor], *, quadratic: bool, paper: bool, return_plan: bool,
                   wrap=None):
     """Pooled output and plan of T = w.shape[1] iterations. Returns (y (B, D) fp32, plan in
-    x's layout and dtype or None, and the vector history hd, hn for the backward:
+    x's layout and dtype or None, and the flat vector history for the backward:
     :func:`history_like`).
 
     x: (B, N, D) any strides, or (rows, D) with ptr (B + 1,); w: fp32 (6, T) contiguous;
@@ -324,20 +348,23 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
     quadratic = quad_flag(quadratic, paper)              # the kernels' QUAD: B-Q exact is 2
     y = torch.zeros(B, D, device=x.device, dtype=torch.float32)
     plan = torch.zeros(x.shape, device=x.device, dtype=x.dtype) if return_plan else None
-    hd, hn = history_like(x, ptr, T, paper)
+    h = history_like(x, ptr, T, paper)
+    wc, hd, hn = history_views(h, x, ptr, T, paper)
     if B == 0 or geo.rows == 0 or D == 0:
-        return y, plan, hd, hn
-    lp0, lq0 = _priors(x, log_p0, log_q0)
+        return y, plan, h
+    lp0, lq0 = _priors(y, log_p0, log_q0)
     replay = forward_replays(T, x.element_size())
     BN, BD, BV, num_warps = geo.blocks
     splits = forward_splits(B, geo.set_size, D, BN, BD, x.device)
-    wc = _weight_table(w, quadratic, wrap)
+    _fill_weight_table(w, wc, quadratic, wrap)
     if splits != (1, 1):
-        _forward_split(x, geo, wc, lp0, lq0, y, plan, hd, hn, *splits,
+        _, scratch = fp32_scratch(x.device, empty=_forward_split_shapes(geo, *splits, replay))
+        _forward_split(x, geo, wc, lp0, lq0, y, plan, hd, hn, *splits, scratch,
                        quadratic=quadratic, paper=paper, has_p0=log_p0 is not None,
                        has_q0=log_q0 is not None, replay=replay, wrap=wrap)
-        return y, plan, hd, hn
-    mats, vd, vn = _scratch(geo, x.device, 0 if replay else 2)
+        return y, plan, h
+    _, (*mats, vd, vn) = fp32_scratch(x.device,
+                                      empty=_scratch_shapes(geo, 0 if replay else 2))
     sl, sz = mats if mats else (y, y)                     # unused when replaying
     launcher(badmm_fwd_kernel, wrap)[(geo.grid,)](
         x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else y, geo.order(y), lp0, lq0, wc,
@@ -348,45 +375,64 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
         BN=BN, BD=BD, BV=BV,
         num_warps=num_warps,
     )
-    return y, plan, hd, hn
+    return y, plan, h
+
+
+def param_grads_numel(B: int, T: int, D: int, rows: int) -> int:
+    """Size of the backward's flat parameter gradient: dw (6, T), dlog_p0 (B, D), dlog_q0
+    (rows,)."""
+    return 6 * T + B * D + rows
+
+
+def param_grad_views(dparams: Tensor, B: int, T: int, D: int, rows: int):
+    """(dw (6, T), dlog_p0 (B, D), dlog_q0 (rows,)): views of the flat ``dparams``."""
+    n_w, n_p = 6 * T, B * D
+    return (dparams[:n_w].view(6, T), dparams[n_w:n_w + n_p].view(B, D),
+            dparams[n_w + n_p:n_w + n_p + rows])
 
 
 def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
-                   log_q0: Optional[Tensor], hd: Tensor, hn: Tensor, y32: Tensor, grad_y: Tensor,
+                   log_q0: Optional[Tensor], h: Tensor, y32: Tensor, grad_y: Tensor,
                    grad_plan: Optional[Tensor], *, quadratic: bool, paper: bool, wrap=None):
-    """Exact gradient of the T unrolled iterations. Returns fp32 (grad_x in x's shape,
-    grad_log_p0 (B, D), grad_log_q0 like log_q0 or None, dw (6, T))."""
+    """Exact gradient of the T unrolled iterations. Returns fp32 (grad_x in x's shape, and one
+    flat tensor of the parameter gradients, split by :func:`param_grad_views`: dw (6, T),
+    grad_log_p0 (B, D), grad_log_q0 (rows,), zeros where the prior is absent). Host ops: the two
+    outputs and one scratch allocation (with its fill)."""
     geo = _Geometry(x, ptr)
     B, D, T = geo.B, geo.D, w.shape[1]
     quadratic = quad_flag(quadratic, paper)              # the kernels' QUAD: B-Q exact is 2
     dev = x.device
-    w32 = _f32(w)
+    w32 = as_f32(w)
     gx = torch.zeros(geo.rows, D, device=dev, dtype=torch.float32)
-    gp0 = torch.zeros(B, D, device=dev, dtype=torch.float32)
-    gq0 = torch.zeros(geo.rows, device=dev, dtype=torch.float32)
-    gw = None                           # (B, T, 4) partials wrt (κ2, κ3, α1, ρ) per set
+    dparams = torch.zeros(param_grads_numel(B, T, D, geo.rows), device=dev,
+                          dtype=torch.float32)
+    dw, gp0, gq0 = param_grad_views(dparams, B, T, D, geo.rows)
+    wc, hd, hn = history_views(h, x, ptr, T, paper)   # the forward's weight table too
+    gwt, npart = dw, 0                  # the split backward's pass partials (none: unread)
     if B > 0 and geo.rows > 0 and D > 0:
-        lp0, lq0 = _priors(x, log_p0, log_q0)
+        lp0, lq0 = _priors(gx, log_p0, log_q0)
         BN, BD, BV, num_warps = geo.blocks
         splits = backward_splits(B, geo.set_size, D, BN, BD, dev)
-        wc = _weight_table(w32, quadratic, wrap)
+        gplan = as_f32(grad_plan).reshape(geo.rows, D) if grad_plan is not None else None
         if splits != (1, 1):
-            gw = _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, _f32(grad_y),
-                                 _f32(grad_plan) if grad_plan is not None else None, gx, gp0,
-                                 gq0, *splits, quadratic=quadratic, paper=paper,
-                                 has_p0=log_p0 is not None, has_q0=log_q0 is not None,
-                                 wrap=wrap)
+            zeroed, empty = _backward_split_shapes(geo, *splits, T)
+            zs, es = fp32_scratch(dev, zeroed=zeroed, empty=empty)
+            gw, gwt = _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, as_f32(grad_y), gplan,
+                                      gx, gp0, gq0, *splits, (zs, es), quadratic=quadratic,
+                                      paper=paper, has_p0=log_p0 is not None,
+                                      has_q0=log_q0 is not None, wrap=wrap)
+            npart = gwt.shape[2] * gwt.shape[3]
         else:
-            gw = torch.zeros(B, T, 4, device=dev, dtype=torch.float32)
-            (slb, szb), vd, vn = _scratch(geo, dev, 2)               # adjoints of log S, Z
+            # gw (B, T, 4): per-set partials wrt (κ2, κ3, α1, ρ); adjoints of log S, Z
+            (gw,), (slb, szb, vd, vn) = fp32_scratch(dev, zeroed=[(B, T, 4)],
+                                                     empty=_scratch_shapes(geo, 2))
             fuse = backward_fuses(T, x.element_size())
             if fuse:
                 BN, BD, BV, num_warps = backward_block_sizes(geo.N, D)
-            gplan = _f32(grad_plan).reshape(geo.rows, D) if grad_plan is not None else gx
             launcher(badmm_bwd_kernel, wrap)[(geo.grid,)](
                 x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else gx, geo.order(gx),
                 lp0, lq0, wc, hd, hn,
-                y32, _f32(grad_y), gplan,
+                y32, as_f32(grad_y), gplan if gplan is not None else gx,
                 gx, gp0, gq0, gw,
                 slb, szb, vd, vn,
                 B, geo.N, D, geo.rows, T, -math.log(D),
@@ -395,11 +441,9 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
                 FUSE=fuse,
                 BN=BN, BD=BD, BV=BV, num_warps=num_warps,
             )
-    if gw is None:                      # nothing to differentiate: zero partials
-        gw = torch.zeros(max(B, 1), T, 4, device=dev, dtype=torch.float32)
-    dw = torch.empty(6, T, device=dev, dtype=torch.float32)
+    else:                               # nothing to differentiate: no set contributes
+        gw, B = dw, 0
     BT = min(next_pow2(T), 128)
     launcher(badmm_dw_kernel, wrap)[(triton.cdiv(T, BT),)](
-        w32, gw, dw, B, T, QUAD=quadratic, PAPER=paper, BT=BT)
-    gq0 = gq0.reshape(log_q0.shape) if log_q0 is not None else None
-    return gx.reshape(x.shape), gp0, gq0, dw
+        w32, gw, gwt, dw, B, T, npart, QUAD=quadratic, PAPER=paper, BT=BT)
+    return gx.reshape(x.shape), dparams

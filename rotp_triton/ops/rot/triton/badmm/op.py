@@ -12,13 +12,28 @@ import torch
 from torch import Tensor
 
 from ..common import HAS_TRITON_OP
-from .launch import badmm_backward, badmm_forward, history_like
+from .launch import (badmm_backward, badmm_forward, history_like, param_grad_views,
+                     param_grads_numel)
 
 __all__ = ["badmm_pool", "BadmmFunction", "badmm_fwd_op", "badmm_bwd_op"]
 
 
-def _cast(g: Optional[Tensor], like: Optional[Tensor]):
-    return None if like is None or g is None else g.to(like.dtype)
+def _cast(g: Tensor, like: Optional[Tensor]):
+    """``g`` in ``like``'s dtype and shape (no host op when they match), None without ``like``."""
+    if like is None:
+        return None
+    g = g if g.shape == like.shape else g.view(like.shape)
+    return g if g.dtype == like.dtype else g.to(like.dtype)
+
+
+def _input_grads(x, w, log_p0, log_q0, y32, gx, dparams):
+    """The backward's result: (dx, None, dw, dlog_p0, dlog_q0, None, None, None), each in its
+    input's dtype, from gx and the flat fp32 parameter gradients (views, no copies)."""
+    B, D = y32.shape
+    rows = x.numel() // D if D else 0
+    dw, gp0, gq0 = param_grad_views(dparams, B, w.shape[1], D, rows)
+    return (_cast(gx, x), None, _cast(dw, w), _cast(gp0, log_p0), _cast(gq0, log_q0),
+            None, None, None)
 
 
 class BadmmFunction(torch.autograd.Function):
@@ -27,26 +42,25 @@ class BadmmFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, ptr, w, log_p0, log_q0, quadratic, paper, return_plan):
-        y32, plan, hd, hn = badmm_forward(x, ptr, w, log_p0, log_q0, quadratic=quadratic,
+        y32, plan, h = badmm_forward(x, ptr, w, log_p0, log_q0, quadratic=quadratic,
                                           paper=paper, return_plan=return_plan)
-        ctx.save_for_backward(x, ptr, w, log_p0, log_q0, hd, hn, y32)
+        ctx.save_for_backward(x, ptr, w, log_p0, log_q0, h, y32)
         ctx.quadratic, ctx.paper, ctx.return_plan = quadratic, paper, return_plan
         if plan is None:
             plan = x.new_zeros(0)
             ctx.mark_non_differentiable(plan)
-        ctx.mark_non_differentiable(hd, hn)
-        return y32.to(x.dtype), plan, hd, hn
+        ctx.mark_non_differentiable(h)
+        return y32.to(x.dtype), plan, h
 
     @staticmethod
-    def backward(ctx, grad_y, grad_plan, grad_hd, grad_hn):
-        x, ptr, w, log_p0, log_q0, hd, hn, y32 = ctx.saved_tensors
+    def backward(ctx, grad_y, grad_plan, grad_h):
+        x, ptr, w, log_p0, log_q0, h, y32 = ctx.saved_tensors
         if grad_y is None:
             grad_y = torch.zeros_like(y32)
         gp = grad_plan if (ctx.return_plan and grad_plan is not None) else None
-        gx, gp0, gq0, dw = badmm_backward(x, ptr, w, log_p0, log_q0, hd, hn, y32, grad_y, gp,
-                                          quadratic=ctx.quadratic, paper=ctx.paper)
-        return (gx.to(x.dtype), None, dw.to(w.dtype), _cast(gp0, log_p0), _cast(gq0, log_q0),
-                None, None, None)
+        gx, dparams = badmm_backward(x, ptr, w, log_p0, log_q0, h, y32, grad_y, gp,
+                                     quadratic=ctx.quadratic, paper=ctx.paper)
+        return _input_grads(x, w, log_p0, log_q0, y32, gx, dparams)
 
 
 badmm_fwd_op = None
@@ -59,42 +73,36 @@ if HAS_TRITON_OP:
         @triton_op("rotp_triton::badmm_fwd", mutates_args=())
         def badmm_fwd_op(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
                          log_q0: Optional[Tensor], quadratic: bool, paper: bool,
-                         return_plan: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-            """(y (B, D) fp32, plan in x's layout or an empty tensor, vector history hd, hn)."""
-            y, plan, hd, hn = badmm_forward(x, ptr, w, log_p0, log_q0, quadratic=quadratic,
-                                            paper=paper, return_plan=return_plan,
-                                            wrap=wrap_triton)
-            return y, (plan if plan is not None else x.new_empty(0)), hd, hn
+                         return_plan: bool) -> Tuple[Tensor, Tensor, Tensor]:
+            """(y (B, D) fp32, plan in x's layout or an empty tensor, flat vector history)."""
+            y, plan, h = badmm_forward(x, ptr, w, log_p0, log_q0, quadratic=quadratic,
+                                       paper=paper, return_plan=return_plan, wrap=wrap_triton)
+            return y, (plan if plan is not None else x.new_empty(0)), h
 
         @triton_op("rotp_triton::badmm_bwd", mutates_args=())
         def badmm_bwd_op(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
-                         log_q0: Optional[Tensor], hd: Tensor, hn: Tensor, y32: Tensor,
+                         log_q0: Optional[Tensor], h: Tensor, y32: Tensor,
                          grad_y: Tensor, grad_plan: Optional[Tensor], quadratic: bool,
-                         paper: bool
-                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-            """(dx fp32 like x, dlog_p0 (B, D), dlog_q0 like log_q0 (empty when absent),
-            dw (6, T))."""
-            gx, gp0, gq0, dw = badmm_backward(x, ptr, w, log_p0, log_q0, hd, hn, y32, grad_y,
-                                              grad_plan, quadratic=quadratic, paper=paper,
-                                              wrap=wrap_triton)
-            if gq0 is None:
-                gq0 = x.new_empty(0, dtype=torch.float32)
-            return gx, gp0, gq0, dw
+                         paper: bool) -> Tuple[Tensor, Tensor]:
+            """(dx fp32 like x, the flat fp32 parameter gradients: launch.param_grad_views)."""
+            return badmm_backward(x, ptr, w, log_p0, log_q0, h, y32, grad_y, grad_plan,
+                                  quadratic=quadratic, paper=paper, wrap=wrap_triton)
 
         def _setup_context(ctx, inputs, output):
             x, ptr, w, log_p0, log_q0, quadratic, paper, return_plan = inputs
-            ctx.save_for_backward(x, ptr, w, log_p0, log_q0, output[2], output[3], output[0])
+            ctx.save_for_backward(x, ptr, w, log_p0, log_q0, output[2], output[0])
             ctx.quadratic, ctx.paper, ctx.return_plan = quadratic, paper, return_plan
+            # plan (unless used) and the history get no gradient: no zeros materialised
+            ctx.set_materialize_grads(False)
 
-        def _backward(ctx, grad_y, grad_plan, grad_hd, grad_hn):
-            x, ptr, w, log_p0, log_q0, hd, hn, y32 = ctx.saved_tensors
+        def _backward(ctx, grad_y, grad_plan, grad_h):
+            x, ptr, w, log_p0, log_q0, h, y32 = ctx.saved_tensors
             gp = grad_plan.contiguous() if (ctx.return_plan and grad_plan is not None) else None
             if grad_y is None:
                 grad_y = torch.zeros_like(y32)
-            gx, gp0, gq0, dw = badmm_bwd_op(x, ptr, w, log_p0, log_q0, hd, hn, y32,
-                                            grad_y.contiguous(), gp, ctx.quadratic, ctx.paper)
-            return (gx.to(x.dtype), None, dw.to(w.dtype), _cast(gp0, log_p0),
-                    _cast(gq0, log_q0), None, None, None)
+            gx, dparams = badmm_bwd_op(x, ptr, w, log_p0, log_q0, h, y32,
+                                       grad_y.contiguous(), gp, ctx.quadratic, ctx.paper)
+            return _input_grads(x, w, log_p0, log_q0, y32, gx, dparams)
 
         badmm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
@@ -105,16 +113,17 @@ if HAS_TRITON_OP:
             B = x.shape[0] if ptr is None else ptr.shape[0] - 1
             plan = torch.empty_like(x, memory_format=torch.contiguous_format) if return_plan \
                 else x.new_empty(0)
-            hd, hn = history_like(x, ptr, w.shape[1], paper)
-            return x.new_empty(B, x.shape[-1], dtype=torch.float32), plan, hd, hn
+            h = history_like(x, ptr, w.shape[1], paper)
+            return x.new_empty(B, x.shape[-1], dtype=torch.float32), plan, h
 
         @badmm_bwd_op.register_fake
-        def _badmm_bwd_fake(x, ptr, w, log_p0, log_q0, hd, hn, y32, grad_y, grad_plan,
+        def _badmm_bwd_fake(x, ptr, w, log_p0, log_q0, h, y32, grad_y, grad_plan,
                             quadratic, paper):
             f = dict(dtype=torch.float32)
-            return (x.new_empty(x.shape, **f), x.new_empty(y32.shape, **f),
-                    x.new_empty(log_q0.shape if log_q0 is not None else (0,), **f),
-                    x.new_empty(w.shape, **f))
+            B, D = y32.shape
+            rows = x.numel() // D if D else 0
+            return (x.new_empty(x.shape, **f),
+                    x.new_empty(param_grads_numel(B, w.shape[1], D, rows), **f))
     except Exception:  # pragma: no cover - a torch whose triton_op rejects these ops
         badmm_fwd_op = badmm_bwd_op = None
 
@@ -138,10 +147,10 @@ def badmm_pool(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Ten
     """
     paper = variant == "paper"
     if badmm_fwd_op is not None:
-        y32, plan, _, _ = badmm_fwd_op(x, ptr, w, log_p0, log_q0, quadratic, paper,
+        y32, plan, _ = badmm_fwd_op(x, ptr, w, log_p0, log_q0, quadratic, paper,
                                        return_plan)
         y = y32.to(x.dtype)
     else:
-        y, plan, _, _ = BadmmFunction.apply(x, ptr, w, log_p0, log_q0, quadratic, paper,
+        y, plan, _ = BadmmFunction.apply(x, ptr, w, log_p0, log_q0, quadratic, paper,
                                             return_plan)
     return y, (plan if return_plan else None)

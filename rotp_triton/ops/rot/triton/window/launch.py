@@ -186,4 +186,4 @@ def window_backward(x: Tensor, w: Tensor, gy: Tensor, g: Geometry, method: str, 
             TP=TP, METHOD=METHOD_IDS[method], PAPER=variant == "paper", OVERLAP=g.overlap, **cfg,
             **g.constexprs())
     gw = gw.sum(0)[:T * params.NUM_WEIGHTS].view(params.NUM_WEIGHTS, T)
-    return gx.to(x.dtype), gw
+    return (gx if gx.dtype == x.dtype else gx.to(x.dtype)), gw   # no host op when equal
