@@ -63,27 +63,40 @@ def ragged_spread(x: Tensor, index: Tensor, num_sets: int) -> Tensor:
 
 class _SpreadNormalize(torch.autograd.Function):
     """(x / s, s) with s the spread of each batch entry (``normalize_by_spread``), its
-    backward written out: ~10 ops instead of the ~20 of autograd through var, mean, where,
-    sqrt and the division (each a ~5 µs launch on a GPU, PERF.md "Host front end")."""
+    backward written out: 8 ops (9 when x / s is returned in a narrower dtype) instead of the
+    ~20 of autograd through var, mean, where, sqrt and the division (each a ~5 µs launch on a
+    GPU, PERF.md "Host front end").
+
+    The forward takes the root before the floor, s = threshold(sqrt(v), 0, 1) (the same values
+    as sqrt(where(v > 0, v, 1)): sqrt(v) > 0 exactly when v > 0), so that the backward gets
+    the mask of the sets with v > 0 as sqrt(v) / s (exactly 1 or 0) without an op of its own;
+    and it reuses the output x / s (saved, no copy) for the gradient through the division."""
 
     @staticmethod
     def forward(ctx, x, sample_dims, feature_dim, out_dtype):
         var, mean = torch.var_mean(x, dim=sample_dims, correction=0, keepdim=True)
-        v = var.mean(feature_dim, keepdim=True)                            # [B, 1, ...]
-        s = torch.sqrt(F.threshold(v, 0.0, 1.0))                          # spread 0 -> 1
-        ctx.save_for_backward(x, mean, v, s)
-        return (x / s).to(out_dtype), s
+        root = torch.sqrt(var.mean(feature_dim, keepdim=True))             # [B, 1, ...]
+        s = F.threshold(root, 0.0, 1.0)                                    # spread 0 -> 1
+        xn = x / s
+        out = xn.to(out_dtype)
+        # x / s itself when it is the output (no copy); else the output is rounded: use x
+        ctx.save_for_backward(x, mean, root, s, out if out is xn else None)
+        return out, s
 
     @staticmethod
     def backward(ctx, g_xn, g_s):
-        x, mean, v, s = ctx.saved_tensors
+        x, mean, root, s, xn = ctx.saved_tensors
         dims = tuple(range(1, x.dim()))
         n = max(math.prod(x.shape[1:]), 1)  # v = Σ (x - mean)² / n over one batch entry
         # total ds: the direct gradient and the one through x / s (= -Σ g·x / s²)
-        ds = torch.addcdiv(g_s, (g_xn * x).sum(dims, keepdim=True), s * s, value=-1.0)
-        # ds/dx = (x - mean) / (n s) where v > 0; 0 where s is the constant 1
-        coef = (ds / s) * (v > 0)
-        return torch.addcmul(g_xn / s, coef, x - mean, value=1.0 / n), None, None, None
+        if xn is not None:
+            ds = torch.addcdiv(g_s, (g_xn * xn).sum(dims, keepdim=True), s, value=-1.0)
+        else:
+            ds = torch.addcdiv(g_s, (g_xn * x).sum(dims, keepdim=True), s * s, value=-1.0)
+        # ds/dx = (x - mean) / (n s) where v > 0; 0 where s is the constant 1 (root / s: the
+        # mask, exactly 1 or 0); gx = (g + ds·mask·(x - mean) / n) / s
+        dsm = ds * (root / s)
+        return (torch.addcmul(g_xn, dsm, x - mean, value=1.0 / n) / s), None, None, None
 
 
 def normalize_by_spread(x: Tensor, sample_dims: Tuple[int, ...],
@@ -98,8 +111,9 @@ def normalize_by_spread(x: Tensor, sample_dims: Tuple[int, ...],
 
 class _RaggedSpreadNormalize(torch.autograd.Function):
     """(x / s[index], s) for the rows of a ragged batch, with s the spread of each set
-    (``ragged_spread``'s values, two passes), and the backward written out (~13 ops instead
-    of autograd's ~26)."""
+    (``ragged_spread``'s values, two passes), and the backward written out (~11 ops instead
+    of autograd's ~26; the root before the floor and the saved output as in
+    ``_SpreadNormalize``)."""
 
     @staticmethod
     def forward(ctx, x, index, lengths, num_sets, out_dtype):
@@ -107,22 +121,30 @@ class _RaggedSpreadNormalize(torch.autograd.Function):
         mean = x.new_zeros(num_sets, x.shape[1]).index_add_(0, index, x) / count
         dev = x - mean[index]                                              # [N, D]
         var = x.new_zeros(num_sets, x.shape[1]).index_add_(0, index, dev * dev) / count
-        v = var.mean(-1)                                                   # [B]
-        s = torch.sqrt(F.threshold(v, 0.0, 1.0))                          # spread 0 -> 1
+        root = torch.sqrt(var.mean(-1))                                    # [B]
+        s = F.threshold(root, 0.0, 1.0)                                    # spread 0 -> 1
         s_rows = s[index][:, None]                                         # [N, 1]
-        ctx.save_for_backward(x, index, count, dev, v, s, s_rows)
+        xn = x / s_rows
+        out = xn.to(out_dtype)
+        ctx.save_for_backward(x, index, count, dev, root, s, s_rows,
+                              out if out is xn else None)
         ctx.num_sets = num_sets
-        return (x / s_rows).to(out_dtype), s
+        return out, s
 
     @staticmethod
     def backward(ctx, g_xn, g_s):
-        x, index, count, dev, v, s, s_rows = ctx.saved_tensors
+        x, index, count, dev, root, s, s_rows, xn = ctx.saved_tensors
         # total ds: the direct gradient and the one through x / s (= -Σ g·x / s² per set)
-        t = x.new_zeros(ctx.num_sets).index_add_(0, index, (g_xn * x).sum(-1))
-        ds = torch.addcdiv(g_s, t, s * s, value=-1.0)
-        # ds/dx = dev / (D · count · s) where v > 0; 0 where s is the constant 1
-        coef = (ds / s) * (v > 0) / count[:, 0]                            # [B]
-        gx = torch.addcmul(g_xn / s_rows, coef[index][:, None], dev, value=1.0 / x.shape[1])
+        if xn is not None:
+            t = x.new_zeros(ctx.num_sets).index_add_(0, index, (g_xn * xn).sum(-1))
+            ds = torch.addcdiv(g_s, t, s, value=-1.0)
+        else:
+            t = x.new_zeros(ctx.num_sets).index_add_(0, index, (g_xn * x).sum(-1))
+            ds = torch.addcdiv(g_s, t, s * s, value=-1.0)
+        # ds/dx = dev / (D · count · s) where v > 0 (root / s: the mask, exactly 1 or 0); 0
+        # where s is the constant 1; gx = (g + ds·mask·dev / (D · count)) / s
+        coef = ds * (root / s) / count[:, 0]                               # [B]
+        gx = torch.addcmul(g_xn, coef[index][:, None], dev, value=1.0 / x.shape[1]) / s_rows
         return gx, None, None, None, None
 
 

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..common import cdiv, launcher, next_pow2, sm_count
+from ..common import as_f32, cdiv, launcher, next_pow2, sm_count
 from .kernels import (sinkhorn_bwd_kernel, sinkhorn_dx_kernel, sinkhorn_fwd_kernel,
                       sinkhorn_split_a_kernel,
                       sinkhorn_split_b_kernel, sinkhorn_split_col_kernel,
@@ -294,8 +294,8 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
     P0, P1, P2 = row_pieces(N, BN, one_tile, paper)
     if P0:
         BD, nw = pieces_config(D, (P0, P1, P2), BD)
-    lp0 = log_p0.float().contiguous() if log_p0 is not None else y
-    lq0 = log_q0.float().contiguous() if log_q0 is not None else y
+    lp0 = as_f32(log_p0) if log_p0 is not None else y
+    lq0 = as_f32(log_q0) if log_q0 is not None else y
     rows = split_rows(x, B, N, paper)
     if B > 0 and D > 0:
         if rows:
@@ -341,7 +341,7 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
                           dtype=torch.float32)
     part, Rbar, Cbar, abar, bbar, pg = _carve(
         scratch, [(5, B, T), (B, T, D), (T, NR), (B, D), (NR,), (B,)])
-    g = grad_y.float().contiguous()
+    g = as_f32(grad_y)  # (no host op when it already is contiguous fp32)
     has_gp = grad_plan is not None
     gp = grad_plan if has_gp else g
     sgb, sgn, sgd = _strides3(gp, ptr is not None) if has_gp else (0, 0, 0)
@@ -356,8 +356,8 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     BDF = fused_sweep_bd(BD, has_gp)
     fused = fuse_dx(P0 + P1 + P2 if P0 else BN, BDF, BNX, BDX, one_tile, paper)
     split = split_dx(x, B, N, fused)
-    lp0 = log_p0.float().contiguous() if has_p0 else g
-    lq0 = log_q0.float().contiguous() if has_q0 else g
+    lp0 = as_f32(log_p0) if has_p0 else g
+    lq0 = as_f32(log_q0) if has_q0 else g
     if B > 0 and D > 0:
         launcher(sinkhorn_bwd_kernel, wrap)[(B,)](
             x, ptr if ptr is not None else g, _largest_first(ptr, g), sxb, sxn, sxd, sxn,
