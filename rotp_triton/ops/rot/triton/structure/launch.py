@@ -26,7 +26,7 @@ import triton
 from torch import Tensor
 
 from ...params import kappa
-from ..common import cdiv, launcher, sm_count
+from ..common import as_f32, cdiv, fp32_scratch, launcher, sm_count
 from .kernels import (badmm_p_step_bwd_kernel, badmm_p_step_kernel, badmm_s_step_bwd_kernel,
                       badmm_s_step_kernel, pool_from_log_plan_kernel, sigma_adjoint_kernel,
                       sigma_adjoint_rows_kernel, sigma_product_kernel,
@@ -140,12 +140,12 @@ class Factors:
     """
 
     def __init__(self, xc: Tensor, xt: Tensor, gram: Tensor, bounds: Tensor,
-                 precision: str = "ieee"):
+                 precision: str = "ieee", scratch: Optional[dict] = None):
         self.xc, self.xt, self.gram, self.bounds = xc, xt, gram, bounds
         self.precision = precision          # tl.dot precision, see dot_precision
         self.B = bounds.shape[0] - 1
         self.D = xc.shape[1]
-        self._scratch = {}
+        self._scratch = dict(scratch or {})     # k -> (k·R·D,) views carved by setup
         # programs per set of the adjoint's (n_b, D) stage (1: inside the step adjoint kernel)
         self.row_programs = adjoint_row_programs(self.B, xc.shape[0], self.D, xc.device)
 
@@ -210,8 +210,11 @@ class Factors:
 class _Problem:
     """Everything a forward needs, in the row layout (module docstring)."""
 
-    def __init__(self, x32, bounds, log_p0, log_q0, log_s0, w, method, variant, T, K):
+    def __init__(self, x32, bounds, log_p0, log_q0, log_s0, w, method, variant, T, K,
+                 scratch: Optional[dict] = None, N: Optional[int] = None):
         self.x32, self.bounds = x32, bounds
+        self.scratch = scratch if scratch is not None else {}   # setup's carved views by name
+        self.N = N                                  # rows per set of a dense batch, else None
         self.log_p0, self.log_q0, self.log_s0 = log_p0, log_q0, log_s0
         self.w = w                                  # dict of contiguous fp32 (T,) tensors
         self.method, self.variant, self.T, self.K = method, variant, T, K
@@ -230,9 +233,12 @@ class _Problem:
                                                   right=True)
         return self._set_of_row
 
-    def set_sum(self, v: Tensor) -> Tensor:
-        """Σ over each set's rows of v (R, ...) -> (B, ...)."""
-        out = v.new_zeros((self.B,) + tuple(v.shape[1:]))
+    def set_sum(self, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """Σ over each set's rows of v (R, ...) -> (B, ...); ``out``: a zeroed (B, ...) tensor
+        to write it to. One host op for a dense batch (a sum over its N axis)."""
+        if self.N is not None:
+            return torch.sum(v.view(self.B, self.N, *v.shape[1:]), 1, out=out)
+        out = v.new_zeros((self.B,) + tuple(v.shape[1:])) if out is None else out
         return out.index_add_(0, self.set_of_row, v)
 
 
@@ -244,6 +250,69 @@ def _fp32(v: Tensor, device) -> Tensor:
     return v.to(device=device, dtype=torch.float32).contiguous()
 
 
+def _scratch_layout(R: int, D: int, B: int, T: int, K: int, method: str, variant: str,
+                    backward: bool, p0: bool, gy: bool) -> tuple:
+    """(zeroed, empty): name -> shape of everything a forward (``backward`` False) or a
+    backward allocates for itself, carved by setup from one fp32 allocation
+    (common.fp32_scratch: two host ops). Not here, as they leave the launcher: the forward's
+    log P_T (B-E/B-Q: run_iterations' log_p; S: log_s0), y, the plan; the backward's outputs.
+    ``p0``: log p0 is uniform (carved, then filled); ``gy``: gy is None (a zero (B, D)).
+    Names without "_" are the reverse pass's _Buffers (any not here is allocated when asked)."""
+    rd, vd, vn = (R, D), (B, D), (R,)
+    sink, paper = method == "sinkhorn", variant == "paper"
+    zeroed, empty = {}, {}
+    empty.update(_x32=rd, _xc=rd, _xt=rd, _gram=(R * D,), _lq0=vn, _fac2=(2 * R * D,),
+                 _run_sig=rd, _run_cbuf=vn)
+    if p0:
+        empty["_lp0"] = vd
+    if sink:
+        empty.update(_run_y0=rd, _run_bvec=vn)
+        if backward:
+            empty["_log_s0"] = rd           # the forward's is its log P_T: an output
+    else:
+        empty["_log_s0"] = rd
+        zeroed["_z0"] = rd
+        if paper:
+            zeroed.update(_z1_0=vd, _z2_0=vn)
+    if not backward:
+        return zeroed, empty
+    empty.update(_g_lp_T=rd, _fac5=(5 * R * D,))
+    if gy:
+        zeroed["_gy"] = vd
+    # ∂L/∂xc, ∂L/∂xt; the adjoint kernels' per-set weight partials; ∂L/∂log p0, ∂L/∂log q0
+    # per iteration (row t: iteration t's, row T: the initial state's), summed at the end
+    zeroed.update(_g_xc=rd, _g_xt=rd, _wp=(T, B, 8) if sink else (2, T, B, 8),
+                  _acc_lp0=(T + 1, B, D), _acc_lq0=(T + 1, R))
+    if sink:
+        empty.update(sig=rd, y0=rd, log_p_next=rd, g_lp_par0=rd, g_lp_par1=rd, g_sig=rd,
+                     gy0=rd, bvec=vn, c=vn, gb=vn, gc=vn, h_r=(B, K, D), h_a=(B, K, D),
+                     h_c=(K, R), h_b=(K, R))
+        return zeroed, empty
+    zeroed.update(_g_log_s=rd, _g_z=rd)
+    # log S, log P of the states run_iterations makes: the checkpoints (_add_sqrt_checkpoints)
+    # and, with segments longer than 2, _badmm_rerun_pair's transient one
+    k = math.ceil(math.sqrt(T))
+    for slot in [f"ck{i}" for i in range(len(range(k, T, k)))] + (["tr"] if k > 2 else []):
+        empty.update({f"_{slot}_log_s": rd, f"_{slot}_log_p": rd})
+    if paper:
+        zeroed.update(_g_log_mu=vd, _g_log_eta=vn, _g_z1=vd, _g_z2=vn, g_lq0_paper=vn)
+        empty["g_lp0"] = vd
+    for slot in range(min(T, 2)):
+        empty.update({f"{k}{slot}": rd for k in ("sig_s", "log_p", "sig_p", "ls_new", "z_new")})
+        empty.update({f"{k}{slot}": vd for k in ("r", "mu")})
+        empty.update({f"{k}{slot}": vn for k in ("c", "eta")})
+    empty.update({k: rd for k in ("g_z_par0", "g_z_par1", "g_l_par0", "g_l_par1", "g_sig",
+                                  "g_lp", "g_p", "g_sig_s")})
+    empty["gvec"] = vn
+    return zeroed, empty
+
+
+def _carve(device, zeroed: dict, empty: dict) -> dict:
+    """name -> view of one fp32 allocation (fp32_scratch), the ``zeroed`` ones cleared."""
+    z, e = fp32_scratch(device, zeroed=list(zeroed.values()), empty=list(empty.values()))
+    return dict(zip([*zeroed, *empty], [*z, *e]))
+
+
 def setup(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
           log_q0: Optional[Tensor], weights: dict, method: str, variant: str, K: int,
           pool_grad: Optional[tuple] = None):
@@ -253,85 +322,112 @@ def setup(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
     pool_grad (the backward's setup): (log P_T (R, D) fp32, gy (B, D) or None, gplan (x's
     shape) or None); the same launch then also pulls the pooling's gradient back (its
     POOL_BWD epilogue): problem.g_lp_T = ∂L/∂log P_T and problem.g_x = the pooling's ∂L/∂x
-    (R, D) fp32, which the backward accumulates x's other direct terms into."""
+    (R, D) fp32, which the backward accumulates x's other direct terms into.
+
+    Everything the forward or backward needs for itself is carved from one allocation
+    (_scratch_layout), kept by name in problem.scratch."""
     dense = x.dim() == 3
     dev = x.device
     D = x.shape[-1]
+    N = None
     if dense:
         B, N = x.shape[0], x.shape[1]
-        bounds = torch.arange(B + 1, device=dev, dtype=torch.int64) * N
+        bounds = (torch.arange(0, (B + 1) * N, N, device=dev, dtype=torch.int64) if N > 0
+                  else torch.zeros(B + 1, device=dev, dtype=torch.int64))
         s_xb, s_xn, s_xd = x.stride()
     else:
-        bounds = ptr.to(device=dev, dtype=torch.int64).contiguous()
+        bounds = ptr if ptr.dtype == torch.int64 and ptr.device == dev and ptr.is_contiguous() \
+            else ptr.to(device=dev, dtype=torch.int64).contiguous()
         B = bounds.shape[0] - 1
         s_xb, (s_xn, s_xd) = 0, x.stride()
     R = x.shape[0] * x.shape[1] if dense else x.shape[0]
     precision = dot_precision(x.dtype)
     f32 = dict(device=dev, dtype=torch.float32)
+    w = {k: _fp32(v, dev) for k, v in weights.items()}
+    T = int(w["a1"].shape[0])
+    backward = pool_grad is not None
+    sc = _carve(dev, *_scratch_layout(R, D, B, T, K, method, variant, backward,
+                                       log_p0 is None, backward and pool_grad[1] is None))
     if log_p0 is None:
-        lp0 = torch.full((B, D), -math.log(max(D, 1)), **f32)
+        lp0 = sc["_lp0"].fill_(-math.log(max(D, 1)))
     else:
         lp0 = _fp32(log_p0, dev)
     q_in = None if log_q0 is None else log_q0.detach().reshape(R).contiguous()
-    # x's fp32 copy, the factors and the Gram matrices: one allocation; the initial state its
-    # own (S's forward runs in it and returns it as log P_T, which the backward keeps)
-    x32, xc, xt, gram = torch.empty(4, R, D, **f32).unbind(0)
-    log_s0 = torch.empty(R, D, **f32)
-    lq0 = torch.empty(R, **f32)
+    # x's fp32 copy, the factors and the Gram matrices; the initial state (S's forward runs
+    # in it and returns it as log P_T, which the backward keeps: its own allocation there)
+    x32, xc, xt, gram, lq0 = sc["_x32"], sc["_xc"], sc["_xt"], sc["_gram"], sc["_lq0"]
+    log_s0 = sc["_log_s0"] if "_log_s0" in sc else torch.empty(R, D, **f32)
     pool = dict(log_p_T=x32, gy=x32, gplan=x32, g_lp_T=x32, g_x=x32)   # unused without POOL_BWD
-    if pool_grad is not None:
+    if backward:
         log_p_T, gy, gplan = pool_grad
-        pool = dict(log_p_T=log_p_T,
-                    gy=(torch.zeros(B, D, **f32) if gy is None
-                        else gy.to(torch.float32).contiguous()),
+        if gy is None:
+            gy = sc["_gy"]
+        elif gy.dtype == torch.float32:      # one host op at most (as_f32 issues two)
+            gy = gy.detach().contiguous()
+        else:
+            gy = as_f32(gy)
+        pool = dict(log_p_T=log_p_T, gy=gy,
                     gplan=x32 if gplan is None else gplan.reshape(R, D).contiguous(),
-                    g_lp_T=torch.empty(R, D, **f32), g_x=torch.zeros(R, D, **f32))
+                    g_lp_T=sc["_g_lp_T"], g_x=torch.zeros(R, D, **f32))
     if B > 0:
         BD = triton.next_power_of_2(D)
         _wrap(structure_factors_kernel)[(B,)](
             x, bounds, lp0, q_in if q_in is not None else lq0, x32, xc, xt, gram, lq0, log_s0,
             s_xb, s_xn, s_xd, D, *pool.values(), DENSE_X=dense, HAS_Q0=q_in is not None,
             PRECISION=precision, **mm_meta(D, precision), BN=row_block(BD), BD=BD,
-            POOL_BWD=pool_grad is not None,
-            HAS_GPLAN=pool_grad is not None and pool_grad[2] is not None,
+            POOL_BWD=backward,
+            HAS_GPLAN=backward and pool_grad[2] is not None,
             num_warps=PER_SET_WARPS)
-    w = {k: _fp32(v, dev) for k, v in weights.items()}
-    pb = _Problem(x32, bounds, lp0, lq0, log_s0, w, method, variant, int(w["a1"].shape[0]), K)
+    pb = _Problem(x32, bounds, lp0, lq0, log_s0, w, method, variant, T, K, scratch=sc, N=N)
     pb.g_lp_T, pb.g_x = pool["g_lp_T"], pool["g_x"]
-    return pb, Factors(xc, xt, gram.view(-1), bounds, precision)
+    fac_scratch = {k: sc[f"_fac{k}"] for k in (2, 5) if f"_fac{k}" in sc}
+    return pb, Factors(xc, xt, gram, bounds, precision, fac_scratch)
 
 
 def init_state(pb: _Problem) -> dict:
     """State before iteration 0: log S = log P = log(p0 q0ᵀ), Z = 0 (+ the paper's duals)."""
     st = {"log_s": pb.log_s0}
     if pb.method != "sinkhorn":
-        st["z"] = torch.zeros_like(pb.log_s0)
+        sc = pb.scratch     # setup's zeroed views (one launcher calls init_state once)
+        st["z"] = sc["_z0"] if "_z0" in sc else torch.zeros_like(pb.log_s0)
         if pb.variant == "paper":
             st["log_mu"] = pb.log_p0.clone()
             st["log_eta"] = pb.log_q0.clone()
-            st["z1"] = torch.zeros_like(pb.log_p0)
-            st["z2"] = torch.zeros_like(pb.log_q0)
+            st["z1"] = sc["_z1_0"] if "_z1_0" in sc else torch.zeros_like(pb.log_p0)
+            st["z2"] = sc["_z2_0"] if "_z2_0" in sc else torch.zeros_like(pb.log_q0)
     return st
 
 
 def run_iterations(pb: _Problem, fac: Factors, st: dict, t0: int, t1: int,
-                   inplace: bool = False) -> dict:
+                   inplace: bool = False, slot: Optional[str] = None) -> dict:
     """Iterations t0..t1-1 with the Triton kernels, on a copy of ``st`` (on ``st`` itself with
     ``inplace``: the forward, whose initial state nobody needs afterwards).
 
     For B-E/B-Q the key ``log_p`` holds the P of the last iteration run; for S ``log_s``
     holds log P (the proximal state).
+
+    ``slot`` (B-E/B-Q, not inplace): the new state's log S and log P are setup's views
+    ``_{slot}_log_s``, ``_{slot}_log_p`` (_scratch_layout) instead of copies: the first P-step
+    reads ``st``'s log S, the S-steps write log S before reading it.
     """
-    st = dict(st) if inplace else {k: v.clone() for k, v in st.items()}
+    log_s_in = st["log_s"]
+    if inplace:
+        st = dict(st)
+    elif slot is not None and t1 > t0 and f"_{slot}_log_s" in pb.scratch:
+        st = {k: v.clone() for k, v in st.items() if k not in ("log_s", "log_p")}
+        st["log_s"], st["log_p"] = pb.scratch[f"_{slot}_log_s"], pb.scratch[f"_{slot}_log_p"]
+    else:
+        st = {k: v.clone() for k, v in st.items()}
+        log_s_in = st["log_s"]
     w = pb.w
     B, R, D = pb.B, pb.R, pb.D
-    sig = torch.empty_like(pb.x32)
+    sig = _scratch(pb, "_run_sig", pb.x32)     # internal to this call: setup's views
     sigma = fac.step_args()       # each step kernel computes its Σ2 exp(·) Σ1 into sig first
     paper = pb.variant == "paper"
     if pb.method == "sinkhorn":
-        y0 = torch.empty_like(pb.x32)
-        bvec = torch.empty_like(pb.log_q0)
-        cbuf = torch.empty_like(pb.log_q0)
+        y0 = _scratch(pb, "_run_y0", pb.x32)
+        bvec = _scratch(pb, "_run_bvec", pb.log_q0)
+        cbuf = _scratch(pb, "_run_cbuf", pb.log_q0)
         for t in range(t0, t1):
             _wrap(sinkhorn_prox_step_kernel)[(B,)](
                 pb.x32, st["log_s"], sig, y0, bvec, cbuf, pb.log_p0, pb.log_q0, bvec, bvec,
@@ -342,13 +438,14 @@ def run_iterations(pb: _Problem, fac: Factors, st: dict, t0: int, t1: int,
     quad = pb.method == "badmm-q"
     log_p = st.get("log_p")
     if log_p is None:
-        log_p = torch.empty_like(pb.x32)
-    cbuf = torch.empty_like(pb.log_q0)
+        log_p = torch.empty_like(pb.x32)    # the forward's log P_T, or a state's: its own
+    cbuf = _scratch(pb, "_run_cbuf", pb.log_q0)
     dummy = pb.log_p0
     for t in range(t0, t1):
         _wrap(badmm_p_step_kernel)[(B,)](
-            pb.x32, st["log_s"], st["z"], sig, log_p, pb.log_p0, st.get("log_mu", dummy),
-            dummy, dummy, pb.bounds, w["a0"], w["a1"], w["a2"], w["rho"], t, D, *sigma,
+            pb.x32, log_s_in if t == t0 else st["log_s"], st["z"], sig, log_p, pb.log_p0,
+            st.get("log_mu", dummy), dummy, dummy, pb.bounds, w["a0"], w["a1"], w["a2"],
+            w["rho"], t, D, *sigma,
             QUADRATIC=quad, PAPER=paper, SAVE=False, BN=pb.BN, BD=pb.BD,
             num_warps=PER_SET_WARPS, **fac.meta())
         _wrap(badmm_s_step_kernel)[(B,)](
@@ -359,6 +456,12 @@ def run_iterations(pb: _Problem, fac: Factors, st: dict, t0: int, t1: int,
             num_warps=PER_SET_WARPS, **fac.meta())
     st["log_p"] = log_p
     return st
+
+
+def _scratch(pb: _Problem, name: str, like: Tensor) -> Tensor:
+    """setup's carved view ``name``, or a new tensor like ``like`` where setup made none."""
+    v = pb.scratch.get(name)
+    return torch.empty_like(like) if v is None else v
 
 
 def final_log_p(pb: _Problem, st: dict) -> Tensor:
@@ -378,13 +481,22 @@ def pool_launch(pb: _Problem, log_p: Tensor, out_dtype, plan: Optional[Tensor]) 
 # ============================================================================================
 # backward: re-run an iteration saving what its adjoint needs, then the adjoint kernels
 # ============================================================================================
+_FLT_MAX = torch.finfo(torch.float32).max
+
+
+def _dkappa_parts(alpha: Tensor, w: Tensor):
+    """(∂κ/∂α, -∂κ/∂w) = (w, α) / (α + w)² of κ(α, w) = α/(α + w), both 0 at α = +inf (α is
+    clamped to the largest float: (α + w)² = inf, w/inf = α/inf = 0; a finite α's values are
+    unchanged). Five host ops for any shape (α2, α3 stacked: both at once)."""
+    a = alpha.clamp(max=_FLT_MAX)
+    den = (a + w) ** 2
+    return w / den, a / den
+
+
 def _dkappa(alpha: Tensor, w: Tensor):
     """(∂κ/∂α, ∂κ/∂w) of κ(α, w) = α/(α + w); both 0 at α = +inf."""
-    inf = torch.isinf(alpha)
-    a = torch.where(inf, torch.zeros_like(alpha), alpha)
-    den = (a + w) ** 2
-    return (torch.where(inf, torch.zeros_like(alpha), w / den),
-            torch.where(inf, torch.zeros_like(alpha), -a / den))
+    k_a, nk_w = _dkappa_parts(alpha, w)
+    return k_a, -nk_w
 
 
 class _Buffers:
@@ -393,8 +505,9 @@ class _Buffers:
     so a step issues launches, not allocations. ``get(name, like)``: an uninitialised tensor
     shaped like ``like``; ``zeros(name, like)``: one that stays zero (never written)."""
 
-    def __init__(self):
-        self._d = {}
+    def __init__(self, carved: Optional[dict] = None):
+        # setup's views (_scratch_layout: the names without "_"); others allocated when asked
+        self._d = {k: v for k, v in (carved or {}).items() if not k.startswith("_")}
 
     def get(self, name: str, like: Tensor, shape: Optional[tuple] = None) -> Tensor:
         """(``shape``: that shape instead of like's, like's dtype and device.)"""
@@ -489,8 +602,8 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, sv: dict, t: int, g: dict,
             + ((1 - k3) * g_v * st["z2"]).sum() / rho ** 2
         g_k2 = (g_u * (pb.log_p0 - (st["log_mu"] - st["z1"] / rho))).sum()
         g_k3 = (g_v * (pb.log_q0 - (st["log_eta"] - st["z2"] / rho))).sum()
-        acc["lp0"] += k2 * g_u
-        acc["lq0"] += k3 * g_v
+        acc["lp0"][t].add_(k2 * g_u)
+        acc["lq0"][t].add_(k3 * g_v)
         g_out = {"log_mu": (1 - k2) * g_u, "log_eta": (1 - k3) * g_v,
                  "z1": g["z1"] - (1 - k2) * g_u / rho, "z2": g["z2"] - (1 - k3) * g_v / rho}
         acc["rho"][t] += g_rho + g_k2 * k2_w + g_k3 * k3_w
@@ -503,7 +616,8 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, sv: dict, t: int, g: dict,
     par = t % 2
     g_z_out, g_l = bufs.get(f"g_z_par{par}", rows), bufs.get(f"g_l_par{par}", rows)
     g_sig, g_lp, g_p = (bufs.get(k, rows) for k in ("g_sig", "g_lp", "g_p"))
-    g_lq0 = bufs.zeros("g_lq0_paper", vec_n) if paper else bufs.get("g_lq0", vec_n)
+    # (not paper: the kernels write ∂L/∂log p0, ∂L/∂log q0 of iteration t to row t of acc's)
+    g_lq0 = bufs.zeros("g_lq0_paper", vec_n) if paper else acc["lq0"][t]
     gvec = bufs.get("gvec", vec_n)
     _wrap(badmm_s_step_bwd_kernel)[(B,)](g["log_s"], g["z"], log_p, st["z"], sig_p, ls_new,
                                          cbuf, eta, pb.log_q0, g_z_out, g_sig, g_lp, g_p,
@@ -514,7 +628,7 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, sv: dict, t: int, g: dict,
     if g_lp_ext is not None:
         g_lp += g_lp_ext
     # adjoint of the P-step
-    g_lp0 = bufs.get("g_lp0", vec_d)
+    g_lp0 = bufs.get("g_lp0", vec_d) if paper else acc["lp0"][t]
     g_sig_s = bufs.get("g_sig_s", rows)
     _wrap(badmm_p_step_bwd_kernel)[(B,)](g_lp, g_p, log_p, st["log_s"], st["z"], pb.x32, sig_s,
                                          r, mu, pb.log_p0, g_l, acc["x"], g_z_out, g_sig_s,
@@ -525,38 +639,42 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, sv: dict, t: int, g: dict,
     if paper:
         g_out["log_mu"] = g_out["log_mu"] + g_lp0        # P-step: log P = Y + log μ - R
         g_out["log_eta"] = g_out["log_eta"] + gvec       # S-step: log S' = Y' + log η - C
-    else:
-        acc["lp0"] += g_lp0
-        acc["lq0"] += g_lq0
     g_out["log_s"] = g_l
     g_out["z"] = g_z_out
     return g_out
 
 
-def _badmm_weight_grads(pb: _Problem, wp_s: Tensor, wp_p: Tensor, acc: dict) -> None:
+def _badmm_weight_grads(pb: _Problem, wp: Tensor, acc: dict) -> None:
     """The (T,) weight gradients from the adjoint kernels' per-set partial sums of every
-    iteration, wp_s / wp_p (T, B, 8): s-step (∂/∂α0, ∂/∂α1 direct, ∂/∂ρ direct, ∂/∂κ3, ∂/∂w),
-    p-step (∂/∂α0, ∂/∂α1 direct, ∂/∂w_P, ∂/∂κ2), with the κ derivatives, for all t at once."""
+    iteration, wp (2, T, B, 8): [0] p-step (∂/∂α0, ∂/∂α1 direct, ∂/∂w_P, ∂/∂κ2), [1] s-step
+    (∂/∂α0, ∂/∂α1 direct, ∂/∂ρ direct, ∂/∂κ3, ∂/∂w), with the κ derivatives, for all t at once
+    and both κ together (acc["table"]: the (6, T) gradient whose rows acc[name] are)."""
     w = pb.w
     quad = pb.method == "badmm-q"
     paper = pb.variant == "paper"
-    ps, pp = wp_s.sum(1).unbind(1), wp_p.sum(1).unbind(1)        # [T] each
+    s = wp.sum(2)                                                 # [2, T, 8]
+    pp, ps = s[0].unbind(1), s[1].unbind(1)                       # [T] each
     rho, a1 = w["rho"], w["a1"]
+    table = acc["table"]
     # the steps' weights (kernels' _p_step_weight, _s_step_weight): B-Q exact divides both by
     # ρ + α1 (stable majorized step), so ∂/∂w counts for α1 as well as ρ there
     p_has_a1 = quad and not paper
     s_has_a1 = not (quad and paper)
+    table[0:2].add_(s[:, :, 0:2].sum(0).t())                         # α0, α1 direct: both steps
     g_wp, g_w = pp[2], ps[4]
     if not paper:   # κ2 = κ(α2, w_P), κ3 = κ(α3, w) (paper: log μ, log η are states)
-        k2_a, k2_w = _dkappa(w["a2"], rho + a1 if p_has_a1 else rho)
-        k3_a, k3_w = _dkappa(w["a3"], a1 + rho if s_has_a1 else rho)
-        g_w = g_w + ps[3] * k3_w
-        g_wp = g_wp + pp[3] * k2_w
-        acc["a2"] += pp[3] * k2_a
-        acc["a3"] += ps[3] * k3_a
-    acc["a0"] += ps[0] + pp[0]
-    acc["a1"] += ps[1] + pp[1] + (g_wp if p_has_a1 else 0) + (g_w if s_has_a1 else 0)
-    acc["rho"] += ps[2] + g_wp + g_w
+        w_p = rho + a1 if p_has_a1 else rho
+        w_s = (w_p if p_has_a1 else a1 + rho) if s_has_a1 else rho
+        k_a, nk_w = _dkappa_parts(torch.stack((w["a2"], w["a3"])),
+                                  w_p if w_p is w_s else torch.stack((w_p, w_s)))
+        table[2:4].addcmul_(s[:, :, 3], k_a)                     # α2 (κ2: p), α3 (κ3: s)
+        g_wp = torch.addcmul(g_wp, pp[3], nk_w[0], value=-1)
+        g_w = torch.addcmul(g_w, ps[3], nk_w[1], value=-1)
+    if p_has_a1:
+        acc["a1"] += g_wp
+    if s_has_a1:
+        acc["a1"] += g_w
+    acc["rho"].add_(ps[2]).add_(g_wp).add_(g_w)
 
 
 def sinkhorn_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, g_out: Tensor,
@@ -583,7 +701,7 @@ def sinkhorn_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, g_out: T
                                            *fac.step_args(), PAPER=pb.variant == "paper",
                                            SAVE=True, **kw)
     g_lp = bufs.get(f"g_lp_par{t % 2}", rows)   # read by the next step while it writes its own
-    g_lp0, g_lq0 = bufs.get("g_lp0", vec_d), bufs.get("g_lq0", vec_n)
+    g_lp0, g_lq0 = acc["lp0"][t], acc["lq0"][t]     # rows t of the per-iteration sums
     g_sig = bufs.get("g_sig", rows)
     _wrap(sinkhorn_prox_step_bwd_kernel)[(B,)](g_out, pb.x32, log_p, sig, y0,
                                                bufs.get("gy0", rows), h_r, h_a, h_c, h_b,
@@ -596,25 +714,23 @@ def sinkhorn_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, g_out: T
                                                PAPER=pb.variant == "paper",
                                                ROWS_HERE=fac.rows_here, **kw)  # + Σ path
     fac.adjoint_rows(log_p, g_sig, acc["xc"], acc["xt"], g_lp)
-    acc["lp0"] += g_lp0
-    acc["lq0"] += g_lq0
     return g_lp
 
 
 def _sinkhorn_weight_grads(pb: _Problem, wp: Tensor, acc: dict) -> None:
     """The (T,) weight gradients of S from the per-set partial sums wp (T, B, 8) = (∂/∂α0,
-    ∂/∂τ direct, ∂/∂ε direct, ∂/∂κ2, ∂/∂κ3) of every step, ε = α1 + τ, for all t at once."""
+    ∂/∂τ direct, ∂/∂ε direct, ∂/∂κ2, ∂/∂κ3) of every step, ε = α1 + τ, for all t at once
+    (both κ together; acc["table"]: the (6, T) gradient whose rows acc[name] are)."""
     w = pb.w
-    ps = wp.sum(1).unbind(1)
+    s = wp.sum(1)                                                 # [T, 8]
+    ps = s.unbind(1)
     eps = w["a1"] + w["tau"]
-    k2_a, k2_w = _dkappa(w["a2"], eps)
-    k3_a, k3_w = _dkappa(w["a3"], eps)
-    g_eps = ps[2] + ps[3] * k2_w + ps[4] * k3_w
+    k_a, nk_w = _dkappa_parts(torch.stack((w["a2"], w["a3"])), eps)
+    g_eps = torch.addcmul(ps[2], ps[3], nk_w[0], value=-1).addcmul_(ps[4], nk_w[1], value=-1)
     acc["a0"] += ps[0]
-    acc["tau"] += ps[1] + g_eps
+    acc["tau"].add_(ps[1]).add_(g_eps)
     acc["a1"] += g_eps
-    acc["a2"] += ps[3] * k2_a
-    acc["a3"] += ps[4] * k3_a
+    acc["table"][2:4].addcmul_(s[:, 3:5].t(), k_a)                 # α2 (κ2), α3 (κ3)
 
 
 _WEIGHTS = ("a0", "a1", "a2", "a3", "rho", "tau")
@@ -622,13 +738,15 @@ _WEIGHTS = ("a0", "a1", "a2", "a3", "rho", "tau")
 
 def _initial_state_grads(pb: _Problem, g_state: dict, grads: list) -> None:
     """Pull the gradient of the initial state to the priors: log S⁰ = log p0 + log q0;
-    paper B-ADMM also starts from log μ⁰ = log p0, log η⁰ = log q0."""
+    paper B-ADMM also starts from log μ⁰ = log p0, log η⁰ = log q0. Into row T of grads[3],
+    grads[4] (zeroed, (T + 1, B, D) and (T + 1, R): one row per iteration, then this)."""
     g0 = g_state["log_s"]
-    grads[3] += pb.set_sum(g0)
-    grads[4] += g0.sum(1)
+    g_lp0, g_lq0 = grads[3][pb.T], grads[4][pb.T]
+    pb.set_sum(g0, out=g_lp0)
+    torch.sum(g0, 1, out=g_lq0)
     if "log_mu" in g_state:
-        grads[3] += g_state["log_mu"]
-        grads[4] += g_state["log_eta"]
+        g_lp0 += g_state["log_mu"]
+        g_lq0 += g_state["log_eta"]
 
 
 def _add_sqrt_checkpoints(pb: _Problem, fac: Factors, ckpts: dict) -> None:
@@ -637,9 +755,9 @@ def _add_sqrt_checkpoints(pb: _Problem, fac: Factors, ckpts: dict) -> None:
     iterations in all instead of T(T - 1)/2, for ⌈√T⌉ - 1 transient states."""
     k = math.ceil(math.sqrt(pb.T))
     t_prev = max(ckpts)
-    for t1 in range(k, pb.T, k):
+    for i, t1 in enumerate(range(k, pb.T, k)):
         if t1 > t_prev:
-            ckpts[t1] = run_iterations(pb, fac, ckpts[t_prev], t_prev, t1)
+            ckpts[t1] = run_iterations(pb, fac, ckpts[t_prev], t_prev, t1, slot=f"ck{i}")
             t_prev = t1
 
 
@@ -652,7 +770,8 @@ def _badmm_rerun_pair(pb: _Problem, fac: Factors, ckpts: dict, t: int,
     one more slot of kept buffers (5 (R, D))."""
     t_ck = max(k for k in ckpts if k <= t)
     t0 = max(t - 1, t_ck)
-    st = run_iterations(pb, fac, ckpts[t_ck], t_ck, t0) if t0 > t_ck else ckpts[t_ck]
+    # (slot "tr": the previous pair's transient state is no longer needed)
+    st = run_iterations(pb, fac, ckpts[t_ck], t_ck, t0, slot="tr") if t0 > t_ck else ckpts[t_ck]
     if t0 == t_ck and t0 > 0:
         del ckpts[t_ck]       # its segment is done after these: free the state
     kept = {}
@@ -662,15 +781,19 @@ def _badmm_rerun_pair(pb: _Problem, fac: Factors, ckpts: dict, t: int,
     return kept
 
 
-def reverse_iterations(pb: _Problem, fac: Factors, g_lp_T: Tensor, grads: list) -> None:
+def reverse_iterations(pb: _Problem, fac: Factors, g_lp_T: Tensor, grads: list,
+                       table: Tensor) -> None:
     """The T iterations in reverse with the adjoint kernels (no torch autograd), from the
     initial state and ⌈√T⌉-spaced checkpoints made here.
 
-    g_lp_T: ∂L/∂log P_T (R, D). Accumulates into ``grads`` = [x, xc, xt (R, D), log p0 (B, D),
-    log q0 (R,), a0, a1, a2, a3, rho, tau (T,)] (x: the direct dependence only; xc, xt: the
-    factors, chained to x by structure_factors_bwd_kernel).
+    g_lp_T: ∂L/∂log P_T (R, D). Accumulates into ``grads`` = [x, xc, xt (R, D), log p0
+    (T + 1, B, D), log q0 (T + 1, R), a0, a1, a2, a3, rho, tau (T,)] (x: the direct dependence
+    only; xc, xt: the factors, chained to x by structure_factors_bwd_kernel; log p0, log q0:
+    row t iteration t's gradient, row T the initial state's, all zeroed, summed by the
+    caller; the weights: the rows of ``table`` (6, T)).
     """
-    acc = {"x": grads[0], "xc": grads[1], "xt": grads[2], "lp0": grads[3], "lq0": grads[4]}
+    acc = {"x": grads[0], "xc": grads[1], "xt": grads[2], "lp0": grads[3], "lq0": grads[4],
+           "table": table}
     acc.update({k: grads[5 + i] for i, k in enumerate(_WEIGHTS)})
     ckpts = {0: init_state(pb)}
     _add_sqrt_checkpoints(pb, fac, ckpts)
@@ -682,25 +805,31 @@ def reverse_iterations(pb: _Problem, fac: Factors, g_lp_T: Tensor, grads: list) 
             del ckpts[t_ck]       # its segment is done: free the state
         return st
 
-    bufs = _Buffers()
-    wp = pb.x32.new_zeros(2, pb.T, pb.B, 8)    # the adjoint kernels' per-set weight partials
+    bufs = _Buffers(pb.scratch)
+    # the adjoint kernels' per-set weight partials: (T, B, 8) for S; (2, T, B, 8) for
+    # B-E/B-Q, [0] the p-step's, [1] the s-step's
+    wp = pb.scratch.get("_wp")
     if pb.method == "sinkhorn":
+        if wp is None:
+            wp = pb.x32.new_zeros(pb.T, pb.B, 8)
         g_lp = g_lp_T
         for t in reversed(range(pb.T)):
             g_lp = sinkhorn_reverse_step(pb, fac, state_entering(t), t, g_lp, acc, bufs,
-                                         wp[0, t])
+                                         wp[t])
         g_state = {"log_s": g_lp}
-        _sinkhorn_weight_grads(pb, wp[0], acc)
+        _sinkhorn_weight_grads(pb, wp, acc)
     else:
-        g_state = {k: torch.zeros_like(v) for k, v in ckpts[0].items()}
+        if wp is None:
+            wp = pb.x32.new_zeros(2, pb.T, pb.B, 8)
+        g_state = {k: _scratch(pb, f"_g_{k}", v) for k, v in ckpts[0].items()}   # zeroed
         kept = {}
         for t in reversed(range(pb.T)):
             if t not in kept:
                 kept = _badmm_rerun_pair(pb, fac, ckpts, t, bufs)
             g_state = badmm_reverse_step(pb, fac, kept.pop(t), t, g_state,
                                          g_lp_T if t == pb.T - 1 else None, acc, bufs,
-                                         wp[0, t], wp[1, t])
-        _badmm_weight_grads(pb, wp[0], wp[1], acc)
+                                         wp[1, t], wp[0, t])
+        _badmm_weight_grads(pb, wp, acc)
     _initial_state_grads(pb, g_state, grads)
 
 
@@ -725,13 +854,17 @@ def structure_backward(x: Tensor, ptr: Optional[Tensor], log_p0, log_q0, weights
     # the pooling's adjoint runs in the factors' launch (g_lp_T, and x's direct gradient g_x)
     pb, fac = setup(x, ptr, log_p0, log_q0, weights, method, variant, K,
                     pool_grad=(log_p_T, gy, gplan))
-    g_fac = pb.x32.new_zeros(2, pb.R, pb.D)       # xc, xt (x's own: it becomes x.grad)
+    # setup's zeroed views: ∂L/∂xc, ∂L/∂xt, the per-iteration ∂L/∂log p0, ∂L/∂log q0
+    # (x's own is pb.g_x: it becomes x.grad)
+    sc = pb.scratch
     g_w = pb.x32.new_zeros(len(_WEIGHTS), pb.T)
-    grads = [pb.g_x, *g_fac.unbind(0), torch.zeros_like(pb.log_p0),
-             torch.zeros_like(pb.log_q0), *g_w.unbind(0)]
-    reverse_iterations(pb, fac, pb.g_lp_T, grads)
+    grads = [pb.g_x, sc["_g_xc"], sc["_g_xt"], sc["_acc_lp0"], sc["_acc_lq0"], *g_w.unbind(0)]
+    reverse_iterations(pb, fac, pb.g_lp_T, grads, g_w)
     if pb.B > 0:   # the factors' gradients through the centring and normalization, into x's
         _wrap(structure_factors_bwd_kernel)[(pb.B,)](pb.x32, grads[1], grads[2], grads[0],
                                                      pb.bounds, pb.D, BN=pb.BN, BD=pb.BD,
                                                      num_warps=PER_SET_WARPS)
-    return grads[0].view(x.shape).to(x.dtype), grads[3], grads[4], g_w
+    gx = grads[0].view(x.shape)
+    if gx.dtype != x.dtype:
+        gx = gx.to(x.dtype)
+    return gx, grads[3].sum(0), grads[4].sum(0), g_w

@@ -175,7 +175,7 @@ def rot_pool_structure_triton(x: Tensor, ptr: Optional[Tensor], *, method: str, 
         ptr = None
     elif ptr is None:
         raise ValueError("a ragged x needs ptr")
-    else:
+    elif ptr.dtype != torch.int64 or ptr.device != x.device:
         ptr = ptr.to(device=x.device, dtype=torch.int64)
     K, return_plan = int(inner_iters), bool(return_plan)
     if USE_CUSTOM_OP and structure_fwd_op is not None:
