@@ -24,7 +24,7 @@ from .split_backward_kernels import (badmm_split_bwd_cols_step_kernel,
                                      badmm_split_bwd_rows_step_kernel)
 from .split_kernels import (badmm_split_column_lse_kernel, badmm_split_column_step_kernel,
                             badmm_split_init_state_kernel, badmm_split_plan_kernel,
-                            badmm_split_row_lse_kernel, badmm_split_row_step_kernel)
+                            badmm_split_row_lse_kernel)
 
 __all__ = ["badmm_forward", "badmm_backward", "block_sizes", "backward_block_sizes",
            "history_like", "history_views", "param_grads_numel", "param_grad_views",
@@ -208,8 +208,9 @@ def _forward_split_shapes(geo, NS: int, DS: int, replay: bool) -> list:
 
 def _forward_split(x, geo, wc, lp0, lq0, y, plan, hd, hn, NS, DS, scratch, *, quadratic,
                    paper, has_p0, has_q0, replay, wrap):
-    """The forward over B × NS × DS programs (dense or ragged): per iteration the four
-    launches of :mod:`.split_kernels` (partial LSEs, then per-set combine + vector step).
+    """The forward over B × NS × DS programs (dense or ragged): per iteration the two
+    launches of :mod:`.split_kernels` (partial LSEs, each preceded by the other side's
+    combine + vector step), then the last column step.
     Fills y, plan and the history hd, hn exactly like the one-program-per-set kernel.
     ``replay``: rebuild the state per tile; else stream it through a (rows, D) fp32 pair - the
     fused kernel's per-program pair has that size whenever the launcher splits (B < #SMs).
@@ -231,22 +232,19 @@ def _forward_split(x, geo, wc, lp0, lq0, y, plan, hd, hn, NS, DS, scratch, *, qu
             HAS_Q0=has_q0, BN=BN, BD=BD, num_warps=num_warps)
     xargs = (x, geo.sxb, geo.sxn, geo.sxd, ptr, lp0, lq0, wc, hd, hn, sl, sz)
     for t in range(T):
-        last = t == T - 1
+        # the vector steps run inside the next tile launch (:mod:`.split_kernels`)
         launcher(badmm_split_column_lse_kernel, wrap)[tiles](
-            *xargs, pm, pl, pa, geo.N, D, rows, T, t, NS, SD, u_p0,
-            **flags, POOL=last, BN=BN, BD=BD, num_warps=num_warps)
-        launcher(badmm_split_column_step_kernel, wrap)[(B,)](
-            ptr, lp0, wc, hd, pm, pl, pa, y, geo.N, D, T, t, NS, u_p0, **sets,
-            HAS_P0=has_p0, QUAD=quadratic, PAPER=paper, KV=KV, POOL=last, BV=BV,
-            num_warps=num_warps)
-        if last:
+            *xargs, qm, ql, pm, pl, pa, geo.N, D, rows, T, t, NS, SD, DS, u_p0,
+            **flags, PAPER=paper, POOL=t == T - 1, BN=BN, BD=BD, num_warps=num_warps)
+        if t == T - 1:
             break
         launcher(badmm_split_row_lse_kernel, wrap)[tiles](
-            *xargs, qm, ql, geo.N, D, rows, T, t, NS, SD, u_p0,
-            **flags, BN=BN, BD=BD, num_warps=num_warps)
-        launcher(badmm_split_row_step_kernel, wrap)[(B,)](
-            ptr, lq0, wc, hn, qm, ql, geo.N, rows, T, t, DS, **sets,
-            HAS_Q0=has_q0, QUAD=quadratic, PAPER=paper, KV=KV, BV=BV, num_warps=num_warps)
+            *xargs, pm, pl, qm, ql, geo.N, D, rows, T, t, NS, SD, u_p0,
+            **flags, PAPER=paper, BN=BN, BD=BD, num_warps=num_warps)
+    launcher(badmm_split_column_step_kernel, wrap)[(B,)](
+        ptr, lp0, wc, hd, pm, pl, pa, y, geo.N, D, T, T - 1, NS, u_p0, **sets,
+        HAS_P0=has_p0, QUAD=quadratic, PAPER=paper, KV=KV, POOL=True, BV=BV,
+        num_warps=num_warps)
     if plan is not None:
         launcher(badmm_split_plan_kernel, wrap)[tiles](
             *xargs, plan, geo.N, D, rows, T, NS, SD, u_p0,

@@ -11,18 +11,25 @@ N × D scratch) or streams it through a (rows, D) fp32 pair (log S, Z) in the de
 
 No program waits for another (issue 17: the interpreter runs programs one at a time). A
 reduction that crosses programs is split in two launches: the tile programs write partial
-online-LSE pairs (max, scaled sum) of their slice, and a per-set program combines them and
-runs the O(N + D) vector step. One iteration t < T - 1 is four launches:
+online-LSE pairs (max, scaled sum) of their slice, and the NEXT launch's programs each combine
+the partials of their set and run the O(N + D) vector step themselves before their tiles
+(:func:`_vector_step`): each needs the normaliser of the whole vector but writes the history
+only for its own rows or columns, each slot once, from partials and slots of t - 1 (no in-place
+update), so programs that share rows write identical values. One iteration t < T - 1 is two
+launches:
 
-  column LSE  (b, i, j): partial R over rows i·SN.. of Y_t          -> pm, pl [B, NS, D]
-                         (streaming: launched after a tile init of log p0 q0ᵀ, Z = 0)
-  column step (b):       R_t = combine, log μ_t (exact: lognorm mix; paper: eqs. 26-28 of
-                         t - 1)                                     -> hd[b, t]
-  row LSE     (b, i, j): partial C over columns j·SD.. of Y2_t       -> qm, ql [DS, rows]
-                         (streaming: and the state Y2, Z + ρ P in place)
-  row step    (b):       C_t = combine, log η_t                      -> hn[t, :, rows of b]
-and the last iteration is its column LSE with pooling, the column step (writing y) and, with
-``return_plan``, the plan launch. A CUDA graph (or torch.compile's) hides the launch count.
+  column LSE (b, i, j): (t > 0) row step of t - 1: C, log η -> hn[t - 1];
+                        partial R over rows i·SN.. of Y_t               -> pm, pl [B, NS, D]
+                        (streaming: launched after a tile init of log p0 q0ᵀ, Z = 0)
+  row LSE    (b, i, j): column step of t: R_t, log μ_t (exact: lognorm mix; paper: eqs. 26-28
+                        of t - 1) -> hd[b, t];
+                        partial C over columns j·SD.. of Y2_t            -> qm, ql [DS, rows]
+                        (streaming: and the state Y2, Z + ρ P in place)
+and the last iteration is its column LSE with pooling, the column step of T - 1 as a launch of
+its own (one program per set, writing y) and, with ``return_plan``, the plan launch: W1 at
+T = 4 takes 9 launches with the weight table's, 15 when the vector steps had launches of their
+own. The redundant vector step costs each program O(NS·D + DS·N_b) loads of L2-resident
+partials. A CUDA graph (or torch.compile's) hides the launch count.
 """
 from __future__ import annotations
 
@@ -30,8 +37,7 @@ import triton
 import triton.language as tl
 
 from .kernels import (_exp, _finite, _iter_weights, _load_prior, _load_x, _log, _p_step_y,
-                      _replay_state, _rho_prev, _s_step_y, _set_bounds, _tile_ptrs, _vec_copy,
-                      _vec_copy_prior, _vec_fill, _vec_lognorm_mix, _vec_paper_update, _vec_sub)
+                      _replay_state, _rho_prev, _s_step_y, _set_bounds, _tile_ptrs)
 
 
 @triton.jit
@@ -103,17 +109,22 @@ def badmm_split_init_state_kernel(
 @triton.jit
 def badmm_split_column_lse_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, sl_ptr, sz_ptr,
-    pm_ptr, pl_ptr, pa_ptr, N, D, NR, T, t, NS, SD, u_p0,
+    qm_ptr, ql_ptr, pm_ptr, pl_ptr, pa_ptr, N, D, NR, T, t, NS, SD, DS, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
-    KV: tl.constexpr, REPLAY: tl.constexpr, POOL: tl.constexpr, BN: tl.constexpr,
-    BD: tl.constexpr,
+    PAPER: tl.constexpr, KV: tl.constexpr, REPLAY: tl.constexpr, POOL: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr,
 ):
     """Partial R of iteration t over this program's rows: for each of its columns the online
     LSE pair (m, l) of Y_t = log S_t + G_t/ρ_t, and with POOL Σ_n exp(Y - m) X. Writes
-    [B, NS, D] partials (SN, SD multiples of BN, BD: a tile never crosses a slice)."""
+    [B, NS, D] partials (SN, SD multiples of BN, BD: a tile never crosses a slice). For t > 0
+    it first runs the row step of t - 1 (:func:`_row_step`, from the [DS, rows] partials)."""
     b64, si, sj, rs, n_b, xb, lp0_b, lq0_b, hd_b, hn_b, n_lo, n_hi, d_lo, d_hi, u_q0 = \
         _tile_program(x_ptr, sxb, sxn, ptr_ptr, lp0_ptr, lq0_ptr, hd_ptr, hn_ptr, N, D, T, NS,
                       SD, KV, RAGGED, BN)
+    if t > 0:
+        if n_lo < n_hi:                     # (an empty slice or set has no rows to write)
+            _row_step(rs, n_b, lq0_ptr, w_ptr, hn_ptr, qm_ptr, ql_ptr, NR, T, t - 1, DS,
+                      n_lo, n_hi, HAS_Q0, QUAD, PAPER, KV, BD)
     a1, rho, _k2, _k3 = _iter_weights(w_ptr, T, t, QUAD, False)
     sl = sl_ptr + rs * D
     sz = sz_ptr + rs * D
@@ -149,27 +160,136 @@ def badmm_split_column_lse_kernel(
 
 
 @triton.jit
-def _history_step(h_t, S, length, prior_ptr, HAS: tl.constexpr, uval, k, k_p, rho_p, t,
-                  PAPER: tl.constexpr, KV: tl.constexpr, BV: tl.constexpr):
-    """The vector step of one side, after the combine wrote its LSE (R_t or C_t) into slot 0 of
-    the history h_t (slot stride S, ``length`` entries): slot 1 gets the iteration's marginal -
+def _combine(pm_b, pl_b, pa_b, pstride, P, offs, msk, POOL: tl.constexpr, BV: tl.constexpr):
+    """LSE of P partial online-LSE pairs (m, l) at pm_b/pl_b + s·pstride + offs, in one pass
+    (and with POOL the pooled value Σ_s acc_s e^(m_s - M) / L)."""
+    m = tl.full([BV], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BV], dtype=tl.float32)
+    acc = tl.zeros([BV], dtype=tl.float32)
+    for s in range(0, P):
+        mv = tl.load(pm_b + s * pstride + offs, mask=msk, other=float("-inf"))
+        m_new = tl.maximum(m, mv)
+        ms = _finite(m_new)
+        a = _exp(m - ms)
+        c = _exp(mv - ms)
+        l = l * a + tl.load(pl_b + s * pstride + offs, mask=msk, other=0.0) * c
+        if POOL:
+            acc = acc * a + tl.load(pa_b + s * pstride + offs, mask=msk, other=0.0) * c
+        m = m_new
+    l = tl.where(msk, l, 1.0)
+    return m + _log(l), acc / l
+
+
+@triton.jit
+def _vector_step(pm_b, pl_b, pa_b, pstride, P, h_t, S, length, lo, hi, prior_ptr,
+                 HAS: tl.constexpr, uval, k, k_p, rho_p, t, y_b, PAPER: tl.constexpr,
+                 KV: tl.constexpr, POOL: tl.constexpr, BV: tl.constexpr):
+    """One side's vector step of iteration t, for the entries [lo, hi) of a vector of
+    ``length``: slot 0 of the history h_t (slot stride S) gets the LSE combined from the P
+    partials (R_t or C_t; with POOL y gets the pooled output), slot 1 the iteration's marginal -
     exact: lognorm(κ log prior + (1 - κ) LSE); paper: the vector state of eqs. 26-28 advanced
     from iteration t - 1 (κ_p, ρ_p; the prior and z = 0 at t = 0) - and slot KV - 1 the
-    replay's shift (slot 1 - slot 0)."""
+    replay's shift (slot 1 - slot 0). The normaliser needs the whole vector (a first pass over
+    ``length``), the writes only [lo, hi): the tile programs of a set each run this for their own
+    rows or columns, concurrently, so every slot is written once, from partials and slots of
+    t - 1 only (no in-place update), and the values of [lo, hi) are identical whichever
+    program writes them."""
+    lse = 0.0
     if PAPER:
+        h_p = h_t - KV * S
         if t > 0:
-            h_p = h_t - KV * S
-            _vec_copy(h_p + S, h_t + S, length, BV)
-            _vec_copy(h_p + 2 * S, h_t + 2 * S, length, BV)
-            tl.debug_barrier()
-            _vec_paper_update(prior_ptr, HAS, uval, h_t + S, h_t + 2 * S, k_p, rho_p, length, BV)
-        else:
-            _vec_copy_prior(prior_ptr, HAS, uval, h_t + S, length, BV)
-            _vec_fill(h_t + 2 * S, 0.0, length, BV)
+            mv = tl.full([BV], float("-inf"), dtype=tl.float32)
+            lv = tl.zeros([BV], dtype=tl.float32)
+            for i0 in range(0, length, BV):
+                offs = i0 + tl.arange(0, BV)
+                msk = offs < length
+                u = (1 - k_p) * (tl.load(h_p + S + offs, mask=msk, other=0.0)
+                                 - tl.load(h_p + 2 * S + offs, mask=msk, other=0.0) / rho_p) \
+                    + k_p * _load_prior(prior_ptr, offs, length, uval, HAS)
+                u = tl.where(msk, u, float("-inf"))
+                m_new = tl.maximum(mv, u)
+                ms = _finite(m_new)
+                lv = lv * _exp(mv - ms) + _exp(u - ms)
+                mv = m_new
+            mx = tl.max(mv, axis=0)
+            lse = mx + _log(tl.sum(lv * _exp(mv - _finite(mx)), axis=0))
+        for i0 in range(lo, hi, BV):
+            offs = i0 + tl.arange(0, BV)
+            msk = offs < hi
+            r, pooled = _combine(pm_b, pl_b, pa_b, pstride, P, offs, msk, POOL, BV)
+            prior = _load_prior(prior_ptr, offs, length, uval, HAS)
+            if t > 0:
+                lmu = tl.load(h_p + S + offs, mask=msk, other=0.0)
+                z1 = tl.load(h_p + 2 * S + offs, mask=msk, other=0.0)
+                lmu_new = (1 - k_p) * (lmu - z1 / rho_p) + k_p * prior - lse
+                z1_new = z1 + rho_p * (_exp(lmu_new) - _exp(lmu))
+            else:
+                lmu_new = prior
+                z1_new = tl.zeros([BV], dtype=tl.float32)
+            tl.store(h_t + offs, r, mask=msk)
+            tl.store(h_t + S + offs, lmu_new, mask=msk)
+            tl.store(h_t + 2 * S + offs, z1_new, mask=msk)
+            tl.store(h_t + (KV - 1) * S + offs, lmu_new - r, mask=msk)
+            if POOL:
+                tl.store(y_b + offs, pooled, mask=msk)
     else:
-        _vec_lognorm_mix(prior_ptr, HAS, uval, h_t, h_t + S, k, length, BV)
+        mv = tl.full([BV], float("-inf"), dtype=tl.float32)
+        lv = tl.zeros([BV], dtype=tl.float32)
+        for i0 in range(0, length, BV):
+            offs = i0 + tl.arange(0, BV)
+            msk = offs < length
+            r, pooled = _combine(pm_b, pl_b, pa_b, pstride, P, offs, msk, POOL, BV)
+            own = msk & (offs >= lo) & (offs < hi)
+            tl.store(h_t + offs, r, mask=own)       # read back below, by the same thread
+            if POOL:
+                tl.store(y_b + offs, pooled, mask=own)
+            u = k * _load_prior(prior_ptr, offs, length, uval, HAS) + (1 - k) * r
+            u = tl.where(msk, u, float("-inf"))
+            m_new = tl.maximum(mv, u)
+            ms = _finite(m_new)
+            lv = lv * _exp(mv - ms) + _exp(u - ms)
+            mv = m_new
+        mx = tl.max(mv, axis=0)
+        lse = mx + _log(tl.sum(lv * _exp(mv - _finite(mx)), axis=0))
+        tl.debug_barrier()
+        for i0 in range(lo, hi, BV):
+            offs = i0 + tl.arange(0, BV)
+            msk = offs < hi
+            r = tl.load(h_t + offs, mask=msk, other=0.0)
+            lmu = k * _load_prior(prior_ptr, offs, length, uval, HAS) + (1 - k) * r - lse
+            tl.store(h_t + S + offs, lmu, mask=msk)
+            tl.store(h_t + (KV - 1) * S + offs, lmu - r, mask=msk)
     tl.debug_barrier()
-    _vec_sub(h_t + S, h_t, h_t + (KV - 1) * S, length, BV)
+
+
+@triton.jit
+def _column_step(b64, lp0_ptr, w_ptr, hd_ptr, pm_ptr, pl_ptr, pa_ptr, y_ptr, D, T, t, NS,
+                 d_lo, d_hi, u_p0, HAS_P0: tl.constexpr, QUAD: tl.constexpr,
+                 PAPER: tl.constexpr, KV: tl.constexpr, POOL: tl.constexpr, BV: tl.constexpr):
+    """Set b, iteration t, columns [d_lo, d_hi): R_t from the NS column partials [B, NS, D]
+    (and y with POOL) into hd[b, t, 0], log μ_t into hd[b, t, 1] (:func:`_vector_step`; exact:
+    lognorm(κ2 log p0 + (1 - κ2) R_t), paper: eqs. 26-28 advanced from hd[b, t - 1])."""
+    _a1, _rho, k2, _k3 = _iter_weights(w_ptr, T, t, QUAD, PAPER)
+    _a1, rho_p, k2_p, _k3 = _iter_weights(w_ptr, T, tl.maximum(t - 1, 0), QUAD, PAPER)
+    part = b64 * NS * D
+    _vector_step(pm_ptr + part, pl_ptr + part, pa_ptr + part, D, NS,
+                 hd_ptr + (b64 * T + t) * KV * D, D, D, d_lo, d_hi, lp0_ptr + b64 * D, HAS_P0,
+                 u_p0, k2, k2_p, rho_p, t, y_ptr + b64 * D, PAPER, KV, POOL, BV)
+
+
+@triton.jit
+def _row_step(rs, n_b, lq0_ptr, w_ptr, hn_ptr, qm_ptr, ql_ptr, NR, T, t, DS, n_lo, n_hi,
+              HAS_Q0: tl.constexpr, QUAD: tl.constexpr, PAPER: tl.constexpr, KV: tl.constexpr,
+              BV: tl.constexpr):
+    """Set b (rows rs.. of the (·, rows) layouts), iteration t, its rows [n_lo, n_hi): C_t from
+    the DS row partials [DS, rows] into hn[t, 0], log η_t into hn[t, 1]
+    (:func:`_vector_step`; exact: lognorm(κ3 log q0 + (1 - κ3) C_t), paper: advanced from
+    hn[t - 1])."""
+    _a1, _rho, _k2, k3 = _iter_weights(w_ptr, T, t, QUAD, PAPER)
+    _a1, rho_p, _k2, k3_p = _iter_weights(w_ptr, T, tl.maximum(t - 1, 0), QUAD, PAPER)
+    _vector_step(qm_ptr + rs, ql_ptr + rs, ql_ptr + rs, NR, DS, hn_ptr + t * KV * NR + rs, NR,
+                 n_b, n_lo, n_hi, lq0_ptr + rs, HAS_Q0, -_log(tl.maximum(n_b, 1).to(tl.float32)),
+                 k3, k3_p, rho_p, t, ql_ptr, PAPER, KV, False, BV)
 
 
 @triton.jit
@@ -178,53 +298,32 @@ def badmm_split_column_step_kernel(
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, QUAD: tl.constexpr, PAPER: tl.constexpr,
     KV: tl.constexpr, POOL: tl.constexpr, BV: tl.constexpr,
 ):
-    """Per set b: R_t = LSE over the NS partials (and y = the pooled output with POOL) into
-    hd[b, t, 0]; then log μ_t into hd[b, t, 1] (and log μ_t - R_t into the shift slot) - exact: lognorm(κ2 log p0 + (1 - κ2) R_t);
-    paper: the vector state of eqs. 26-28 advanced from hd[b, t - 1] (log p0, z1 = 0 at t = 0)."""
-    b64 = tl.program_id(0).to(tl.int64)
+    """Per set b: :func:`_column_step` of the last iteration (with POOL: y) - the one vector
+    step that no later tile launch absorbs."""
     rs, n_b, _xoff = _set_bounds(tl.program_id(0), ptr_ptr, N, 0, 0, RAGGED)
     if n_b > 0:                             # an empty set keeps y = 0 and no history
-        hd_t = hd_ptr + (b64 * T + t) * KV * D
-        lp0_b = lp0_ptr + b64 * D
-        for i0 in range(0, D, BV):
-            offs = i0 + tl.arange(0, BV)
-            msk = offs < D
-            mx = tl.full([BV], float("-inf"), dtype=tl.float32)
-            for s in range(0, NS):
-                mx = tl.maximum(mx, tl.load(pm_ptr + (b64 * NS + s) * D + offs, mask=msk,
-                                            other=float("-inf")))
-            ms = _finite(mx)
-            l = tl.zeros([BV], dtype=tl.float32)
-            acc = tl.zeros([BV], dtype=tl.float32)
-            for s in range(0, NS):
-                o = (b64 * NS + s) * D + offs
-                sc = _exp(tl.load(pm_ptr + o, mask=msk, other=float("-inf")) - ms)
-                l += tl.load(pl_ptr + o, mask=msk, other=0.0) * sc
-                if POOL:
-                    acc += tl.load(pa_ptr + o, mask=msk, other=0.0) * sc
-            l = tl.where(msk, l, 1.0)
-            tl.store(hd_t + offs, mx + _log(l), mask=msk)
-            if POOL:
-                tl.store(y_ptr + b64 * D + offs, acc / l, mask=msk)
-        tl.debug_barrier()
-        _a1, _rho, k2, _k3 = _iter_weights(w_ptr, T, t, QUAD, PAPER)
-        _a1, rho_p, k2_p, _k3 = _iter_weights(w_ptr, T, tl.maximum(t - 1, 0), QUAD, PAPER)
-        _history_step(hd_t, D, D, lp0_b, HAS_P0, u_p0, k2, k2_p, rho_p, t, PAPER, KV, BV)
+        _column_step(tl.program_id(0).to(tl.int64), lp0_ptr, w_ptr, hd_ptr, pm_ptr, pl_ptr,
+                     pa_ptr, y_ptr, D, T, t, NS, 0, D, u_p0, HAS_P0, QUAD, PAPER, KV, POOL, BV)
 
 
 @triton.jit
 def badmm_split_row_lse_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, sl_ptr, sz_ptr,
-    qm_ptr, ql_ptr, N, D, NR, T, t, NS, SD, u_p0,
+    pm_ptr, pl_ptr, qm_ptr, ql_ptr, N, D, NR, T, t, NS, SD, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
-    KV: tl.constexpr, REPLAY: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    PAPER: tl.constexpr, KV: tl.constexpr, REPLAY: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr,
 ):
-    """Partial C of iteration t over this program's columns: log P = Y + (log μ - R)_d, the
+    """Partial C of iteration t over this program's columns: first the column step of t
+    (:func:`_column_step`, from the [B, NS, D] partials), then log P = Y + (log μ - R)_d, the
     S-step input Y2, and for each of its rows the online LSE pair over its columns. Writes
     [DS, rows] partials."""
     b64, si, sj, rs, n_b, xb, lp0_b, lq0_b, hd_b, hn_b, n_lo, n_hi, d_lo, d_hi, u_q0 = \
         _tile_program(x_ptr, sxb, sxn, ptr_ptr, lp0_ptr, lq0_ptr, hd_ptr, hn_ptr, N, D, T, NS,
                       SD, KV, RAGGED, BN)
+    if n_lo < n_hi:
+        _column_step(b64, lp0_ptr, w_ptr, hd_ptr, pm_ptr, pl_ptr, pl_ptr, pl_ptr, D, T, t, NS,
+                     d_lo, d_hi, u_p0, HAS_P0, QUAD, PAPER, KV, False, BD)
     a1, rho, _k2, _k3 = _iter_weights(w_ptr, T, t, QUAD, False)
     hd_t = hd_b + t * KV * D
     sl = sl_ptr + rs * D
@@ -260,40 +359,6 @@ def badmm_split_row_lse_kernel(
                 tl.store(sz + o, Zt + rho * p, mask=mask)
         tl.store(qm_ptr + part + offs_n, m, mask=nm)
         tl.store(ql_ptr + part + offs_n, l, mask=nm)
-
-
-@triton.jit
-def badmm_split_row_step_kernel(
-    ptr_ptr, lq0_ptr, w_ptr, hn_ptr, qm_ptr, ql_ptr, N, NR, T, t, DS,
-    RAGGED: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr, PAPER: tl.constexpr,
-    KV: tl.constexpr, BV: tl.constexpr,
-):
-    """Per set b: C_t = LSE over the DS partials into hn[t, 0, rows of b]; then log η_t into
-    hn[t, 1] - exact: lognorm(κ3 log q0 + (1 - κ3) C_t); paper: the vector state advanced from
-    hn[t - 1] (log q0, z2 = 0 at t = 0)."""
-    rs, n_b, _xoff = _set_bounds(tl.program_id(0), ptr_ptr, N, 0, 0, RAGGED)
-    if n_b > 0:
-        u_q0 = -_log(n_b.to(tl.float32))
-        hn_t = hn_ptr + t * KV * NR + rs
-        lq0_b = lq0_ptr + rs
-        for i0 in range(0, n_b, BV):
-            offs = i0 + tl.arange(0, BV)
-            msk = offs < n_b
-            mx = tl.full([BV], float("-inf"), dtype=tl.float32)
-            for s in range(0, DS):
-                mx = tl.maximum(mx, tl.load(qm_ptr + s * NR + rs + offs, mask=msk,
-                                            other=float("-inf")))
-            ms = _finite(mx)
-            l = tl.zeros([BV], dtype=tl.float32)
-            for s in range(0, DS):
-                o = s * NR + rs + offs
-                l += tl.load(ql_ptr + o, mask=msk, other=0.0) \
-                    * _exp(tl.load(qm_ptr + o, mask=msk, other=float("-inf")) - ms)
-            tl.store(hn_t + offs, mx + _log(tl.where(msk, l, 1.0)), mask=msk)
-        tl.debug_barrier()
-        _a1, _rho, _k2, k3 = _iter_weights(w_ptr, T, t, QUAD, PAPER)
-        _a1, rho_p, _k2, k3_p = _iter_weights(w_ptr, T, tl.maximum(t - 1, 0), QUAD, PAPER)
-        _history_step(hn_t, NR, n_b, lq0_b, HAS_Q0, u_q0, k3, k3_p, rho_p, t, PAPER, KV, BV)
 
 
 @triton.jit
