@@ -370,6 +370,21 @@ def _plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, plan_b, n_b, D,
 # vector steps (length D or N_b), BV-wide chunks
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _lse_add(mv, lv, u):
+    """One step of a lane-wise online LSE: (max, scaled sum) after adding the values u."""
+    m_new = tl.maximum(mv, u)
+    ms = _finite(m_new)
+    return m_new, lv * _exp(mv - ms) + _exp(u - ms)
+
+
+@triton.jit
+def _lse_total(mv, lv):
+    """LSE of everything the lanes of an online LSE (:func:`_lse_add`) have seen."""
+    mx = tl.max(mv, axis=0)
+    return mx + _log(tl.sum(lv * _exp(mv - _finite(mx)), axis=0))
+
+
+@triton.jit
 def _vec_lognorm_mix(prior_ptr, HAS: tl.constexpr, uval, src_ptr, dst_ptr, k, length,
                      BV: tl.constexpr):
     """dst = lognorm(κ log prior + (1 - κ) src) (exact variant's log μ from R, log η from C)."""
@@ -380,13 +395,8 @@ def _vec_lognorm_mix(prior_ptr, HAS: tl.constexpr, uval, src_ptr, dst_ptr, k, le
         msk = offs < length
         u = k * _load_prior(prior_ptr, offs, length, uval, HAS) \
             + (1 - k) * tl.load(src_ptr + offs, mask=msk, other=0.0)
-        u = tl.where(msk, u, float("-inf"))
-        m_new = tl.maximum(mv, u)
-        ms = _finite(m_new)
-        lv = lv * _exp(mv - ms) + _exp(u - ms)
-        mv = m_new
-    mx = tl.max(mv, axis=0)
-    lse = mx + _log(tl.sum(lv * _exp(mv - _finite(mx)), axis=0))
+        mv, lv = _lse_add(mv, lv, tl.where(msk, u, float("-inf")))
+    lse = _lse_total(mv, lv)
     for i0 in range(0, length, BV):
         offs = i0 + tl.arange(0, BV)
         msk = offs < length
@@ -408,13 +418,8 @@ def _vec_paper_update(prior_ptr, HAS: tl.constexpr, uval, lmu_ptr, z1_ptr, k, rh
         u = (1 - k) * (tl.load(lmu_ptr + offs, mask=msk, other=0.0)
                        - tl.load(z1_ptr + offs, mask=msk, other=0.0) / rho) \
             + k * _load_prior(prior_ptr, offs, length, uval, HAS)
-        u = tl.where(msk, u, float("-inf"))
-        m_new = tl.maximum(mv, u)
-        ms = _finite(m_new)
-        lv = lv * _exp(mv - ms) + _exp(u - ms)
-        mv = m_new
-    mx = tl.max(mv, axis=0)
-    lse = mx + _log(tl.sum(lv * _exp(mv - _finite(mx)), axis=0))
+        mv, lv = _lse_add(mv, lv, tl.where(msk, u, float("-inf")))
+    lse = _lse_total(mv, lv)
     for i0 in range(0, length, BV):
         offs = i0 + tl.arange(0, BV)
         msk = offs < length
@@ -1096,13 +1101,8 @@ def _vec_paper_update_bwd(prior_ptr, HAS: tl.constexpr, uval, lmu_ptr, z1_ptr, g
         u = (1 - k) * (tl.load(lmu_ptr + offs, mask=msk, other=0.0)
                        - tl.load(z1_ptr + offs, mask=msk, other=0.0) / rho) \
             + k * _load_prior(prior_ptr, offs, length, uval, HAS)
-        u = tl.where(msk, u, float("-inf"))
-        m_new = tl.maximum(mv, u)
-        ms = _finite(m_new)
-        lv = lv * _exp(mv - ms) + _exp(u - ms)
-        mv = m_new
-    mx = tl.max(mv, axis=0)
-    lse = mx + _log(tl.sum(lv * _exp(mv - _finite(mx)), axis=0))
+        mv, lv = _lse_add(mv, lv, tl.where(msk, u, float("-inf")))
+    lse = _lse_total(mv, lv)
     # A = adjoint of log μ' including z1' = ... + ρ μ'
     sv = tl.zeros([BV], dtype=tl.float32)
     for i0 in range(0, length, BV):

@@ -36,8 +36,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import (_exp, _finite, _iter_weights, _load_prior, _load_x, _log, _p_step_y,
-                      _replay_state, _rho_prev, _s_step_y, _set_bounds, _tile_ptrs)
+from .kernels import (_exp, _finite, _iter_weights, _load_prior, _load_x, _log, _lse_add,
+                      _lse_total, _p_step_y, _replay_state, _rho_prev, _s_step_y, _set_bounds,
+                      _tile_ptrs)
 
 
 @triton.jit
@@ -206,13 +207,8 @@ def _vector_step(pm_b, pl_b, pa_b, pstride, P, h_t, S, length, lo, hi, prior_ptr
                 u = (1 - k_p) * (tl.load(h_p + S + offs, mask=msk, other=0.0)
                                  - tl.load(h_p + 2 * S + offs, mask=msk, other=0.0) / rho_p) \
                     + k_p * _load_prior(prior_ptr, offs, length, uval, HAS)
-                u = tl.where(msk, u, float("-inf"))
-                m_new = tl.maximum(mv, u)
-                ms = _finite(m_new)
-                lv = lv * _exp(mv - ms) + _exp(u - ms)
-                mv = m_new
-            mx = tl.max(mv, axis=0)
-            lse = mx + _log(tl.sum(lv * _exp(mv - _finite(mx)), axis=0))
+                mv, lv = _lse_add(mv, lv, tl.where(msk, u, float("-inf")))
+            lse = _lse_total(mv, lv)
         for i0 in range(lo, hi, BV):
             offs = i0 + tl.arange(0, BV)
             msk = offs < hi
@@ -244,13 +240,8 @@ def _vector_step(pm_b, pl_b, pa_b, pstride, P, h_t, S, length, lo, hi, prior_ptr
             if POOL:
                 tl.store(y_b + offs, pooled, mask=own)
             u = k * _load_prior(prior_ptr, offs, length, uval, HAS) + (1 - k) * r
-            u = tl.where(msk, u, float("-inf"))
-            m_new = tl.maximum(mv, u)
-            ms = _finite(m_new)
-            lv = lv * _exp(mv - ms) + _exp(u - ms)
-            mv = m_new
-        mx = tl.max(mv, axis=0)
-        lse = mx + _log(tl.sum(lv * _exp(mv - _finite(mx)), axis=0))
+            mv, lv = _lse_add(mv, lv, tl.where(msk, u, float("-inf")))
+        lse = _lse_total(mv, lv)
         tl.debug_barrier()
         for i0 in range(lo, hi, BV):
             offs = i0 + tl.arange(0, BV)
