@@ -138,9 +138,11 @@ def _compare(k, r, tol):
     assert not bad, f"relative errors above {tol}: {bad} (all: {errs})"
 
 
-def _check_ragged_with_empty_sets(method, variant, lengths, *, D, T, seed, inf_a2=False):
-    """A ragged batch with empty sets (priors, plan, every weight): empty sets pool to 0,
-    everything is finite, and the kernel matches the reference (fp32)."""
+def _check_ragged_with_empty_sets(method, variant, lengths, *, D, T, seed, inf_a2=False,
+                                  plan=True):
+    """A ragged batch with empty sets (priors, every weight, the plan unless ``plan`` is
+    False): empty sets pool to 0, everything is finite, and the kernel matches the reference
+    (fp32)."""
     gen = torch.Generator().manual_seed(seed)
     ptr = torch.tensor([0] + lengths).cumsum(0)
     rows = int(ptr[-1])
@@ -149,7 +151,7 @@ def _check_ragged_with_empty_sets(method, variant, lengths, *, D, T, seed, inf_a
     lp = torch.randn(len(lengths), D, generator=gen)
     lq = torch.randn(rows, generator=gen)
     cy = torch.randn(len(lengths), D, generator=gen)
-    cp = torch.randn(rows, D, generator=gen)
+    cp = torch.randn(rows, D, generator=gen) if plan else None
     args = (x, ptr, method, variant, w, lp, lq, cy, cp)
     k = _run_kernel(*args)
     empty = torch.tensor(lengths) == 0
@@ -221,9 +223,16 @@ def test_backward_schedules(method, variant, fuse, monkeypatch):
     """Both backward schedules of the one-program-per-set kernel (launch.backward_fuses picks
     by T): pass 3 also summing the next step's pass 2 from the adjoints it forms, whose pass 2
     then reads x only ("fused"), or pass 2 reading L̄', Z̄' ("unfused"); several [16, 16] tiles
-    in both directions (τ over row blocks, σ over column blocks), with and without priors."""
+    in both directions (τ over row blocks, σ over column blocks), with and without priors.
+    Without a plan cotangent the fused schedule also defers the first reverse step's adjoints
+    to the second (launch.backward_defers): T = 3 (dense) and T = 2 (ragged: the second step
+    is the last)."""
     _small_blocks(monkeypatch)
     monkeypatch.setattr(launch, "backward_fuses", lambda T, xb: fuse)
+    defers = []
+    real_defers = launch.backward_defers
+    monkeypatch.setattr(launch, "backward_defers",
+                        lambda *a: defers.append(real_defers(*a)) or defers[-1])
     # one program per set (B < the interpreter's 4 'SMs' would pick the split backward)
     monkeypatch.setattr(launch, "backward_splits", lambda *a: (1, 1))
     calls = []
@@ -231,12 +240,14 @@ def test_backward_schedules(method, variant, fuse, monkeypatch):
     monkeypatch.setattr(launch, "_backward_split", lambda *a, **k: calls.append(1) or real(*a, **k))
     gen = torch.Generator().manual_seed(21)
     x, w, lp, lq, cy, cp = _case(2, 37, 19, 3, gen, inf_a2=True)
-    for priors in ((lp, lq), (None, None)):
-        args = (x, None, method, variant, w, *priors, cy, cp)
+    for priors, plan in (((lp, lq), cp), ((None, None), None)):
+        args = (x, None, method, variant, w, *priors, cy, plan)
         _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32])
     # ragged, empty sets included, sets spanning several row blocks
-    _check_ragged_with_empty_sets(method, variant, [0, 3, 0, 35, 1, 0], D=19, T=3, seed=22)
+    _check_ragged_with_empty_sets(method, variant, [0, 3, 0, 35, 1, 0], D=19,
+                                  T=2 if fuse else 3, seed=22, plan=not fuse)
     assert not calls
+    assert defers == ([False, True, True] if fuse else [False] * 3)
 
 
 def _split(monkeypatch, NS, DS, schedule="replay"):
@@ -670,12 +681,13 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
         (m.badmm_fwd_kernel, 2048, 49, False, False, False, "PLAN", False),
         (m.badmm_fwd_kernel, 128, 500, True, False, True, "PLAN", False),
         (m.badmm_bwd_kernel, 128, 500, False, False, True, "PLAN_GRAD", True),
-        (m.badmm_bwd_kernel, 2048, 49, True, True, False, "PLAN_GRAD", True),
-        (m.badmm_bwd_kernel, 2048, 49, False, False, False, "PLAN_GRAD", True),
+        (m.badmm_bwd_kernel, 2048, 49, True, True, False, "DEFER", True),
+        (m.badmm_bwd_kernel, 2048, 49, False, False, False, "DEFER", True),
         (m.badmm_bwd_kernel, 128, 500, True, True, True, "PLAN_GRAD", True),
         (m.badmm_bwd_kernel, 2048, 49, False, False, False, "PLAN_GRAD", False),
         (m.badmm_bwd_kernel, 2048, 49, True, False, False, "PLAN_GRAD", False)]:
-    # the backward's last field: FUSE (its half tiles: launch.backward_block_sizes)
+    # the backward's flag: PLAN_GRAD or DEFER (W2 has no plan gradient), last field: FUSE
+    # (its half tiles: launch.backward_block_sizes)
     fused = kernel is m.badmm_bwd_kernel and replay
     sizes = launch.backward_block_sizes if fused else launch.block_sizes
     BN, BD, BV, num_warps = sizes(0 if ragged else N, D)
@@ -686,6 +698,8 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
         consts["REPLAY"] = replay
     else:
         consts["FUSE"] = replay
+        consts.setdefault("PLAN_GRAD", False)
+        consts.setdefault("DEFER", False)
     c = compile_sm90(kernel, signature(kernel, consts), consts,
                      num_warps=num_warps)
     assert ".target sm_90" in c.asm["ptx"]
@@ -716,7 +730,7 @@ for quad, paper in [(False, False), (True, True), (True, False)]:
 def test_aot_compile_sm90():
     """Every kernel compiles for sm_90 (H100) with the GPU compiler at realistic sizes
     (D = 128 and 2048, both methods and variants, dense and ragged, both forward and both
-    backward schedules);
+    backward schedules, the fused one with a plan gradient and deferring without);
     register use is printed and no local memory (spills) is used."""
     out = run_without_interpreter(AOT_CODE, timeout=900)
     lines = [l for l in out.splitlines() if "regs" in l]

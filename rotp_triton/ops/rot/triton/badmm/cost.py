@@ -6,7 +6,8 @@ structure (launch.py / kernels.py) - the inputs of a speed-of-light prediction (
 recomputing the forward from iteration 0 for every reverse step); "stream" / "replay" - the v2
 forward schedules (:func:`.launch.forward_replays` picks), both with the v2 backward (state
 rebuilt per tile from x and the vector history, passes 2-3 per reverse step; pass 3 also runs
-the L̄', Z̄' part of the next step's pass 2, which then reads x only).
+the L̄', Z̄' part of the next step's pass 2, which then reads x only; without a plan the first
+step's adjoints are recomputed by the second, DEFER).
 """
 from __future__ import annotations
 
@@ -66,6 +67,10 @@ def _v2(T: int, bx: int, return_plan: bool, backward: bool, replay: bool):
         bb, be, ri = bb + bx + 24, be + _replay(t) + 2, ri + t             # pass 3 (+ σ)
         if t > 0:       # pass 3 also runs pass 2 of t - 1 on the L̄, Z̄ it forms (P, e2)
             be += 2
+    if T >= 2 and not return_plan:
+        # DEFER: the first reverse step stores no L̄, Z̄, X̄ (12 bytes), the second reads none
+        # (12) but replays iteration T - 1 again and forms its pooling adjoint (P, S', e)
+        bb, be, ri = bb - 24, be + 3, ri + 1
     if bx != 4:
         bb += 4 + bx                                  # fp32 x-gradient cast to x's dtype
     return fb + bb, fe + be, ri

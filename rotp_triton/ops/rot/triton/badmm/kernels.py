@@ -72,8 +72,12 @@ iterations' states, the adjoints and x per element, so the launcher halves its 8
 smaller tiles amortise the replay's per-iteration loads over half the elements and pass 3 runs
 two more exp2 per element, so from T = 15 on (fp32 x; the replay grows as T², the bytes as T)
 the launcher keeps the unfused schedule (``FUSE`` off: pass 2 reads L̄', Z̄', 12 + 28 bytes,
-8-warp tiles; :func:`.launch.backward_fuses`). The split backward (:mod:`.split_backward_kernels`)
-always runs the unfused pass 2, across launches.
+8-warp tiles; :func:`.launch.backward_fuses`). With FUSE and no plan gradient the first
+reverse step stores no L̄, Z̄, X̄ either (``DEFER``, :func:`.launch.backward_defers`): they
+depend only on iteration T - 1's state, R, y and ȳ (log P̄ = 0 there, so R̄ = 0), and the
+second step's pass 3 recomputes them (:func:`_last_step_adjoints`) - 24 bytes per element
+less. The split backward (:mod:`.split_backward_kernels`) always runs the unfused pass 2,
+across launches.
 
 Launch shape and synchronisation: every pass that reads what another pass wrote is separated
 from it by ``tl.debug_barrier()`` (the passes use different thread mappings); in-place updates
@@ -900,6 +904,41 @@ ADJ_S_STEP = tl.constexpr(1)  # later steps: log P̄, Z̄ recomputed from L̄', 
 
 
 @triton.jit
+def _pooled_y_adjoint(X, y, r, rb, lpb, gy, out):
+    """Ȳ of the last iteration, the one that pools: log P̄ + R̄ softmax_n(Y) plus the pooling's
+    adjoint (y_d = Σ_n e_nd X_nd: Ȳ += e (X - y_d) ȳ_d), and its direct X̄ = e ȳ."""
+    e = _exp(y - r[None, :])                                                     # softmax_n(Y)
+    yb = lpb + rb[None, :] * e
+    yb += e * (X - out[None, :]) * gy[None, :]
+    return yb, e * gy[None, :]
+
+
+@triton.jit
+def _through_p_step_y(yb, s, Zb, gx, a1, inv_ws, mask, QUAD: tl.constexpr):
+    """Ȳ through Y = log S + G/w_P (G = X - Z [- α1 S]): (L̄, Z̄ - Ȳ/w_P, X̄ + Ȳ/w_P, Ȳ/w_P)."""
+    yb = tl.where(mask, yb, 0.0)
+    gb = yb * inv_ws
+    lb = yb
+    if QUAD:
+        lb = yb - a1 * s * gb
+    return lb, Zb - gb, gx + gb, gb
+
+
+@triton.jit
+def _last_step_adjoints(X, L1, Z1, mask, r1, gy, out, a1_1, rho_1, QUAD: tl.constexpr):
+    """(L̄, Z̄, X̄) that the first reverse step (iteration T - 1) forms from that iteration's
+    state (L1, Z1) when there is no plan gradient - log P̄ = 0, hence τ = 0 and R̄ = 0 (the
+    kernel's R̄ slot holds exactly 0 then) - by the same expressions as pass 3's ADJ_FIRST, so
+    the same values: the second reverse step of a DEFER backward recomputes them."""
+    y1, _g1, s1 = _p_step_y(X, L1, Z1, a1_1, rho_1, QUAD)
+    zero = tl.zeros_like(X)
+    yb1, gx1 = _pooled_y_adjoint(X, y1, r1, tl.zeros_like(r1), zero, gy, out)
+    lb1, zb1, gx1, _gb1 = _through_p_step_y(yb1, s1, zero, gx1, a1_1,
+                                            1.0 / _step_weight(a1_1, rho_1, QUAD), mask, QUAD)
+    return lb1, zb1, gx1
+
+
+@triton.jit
 def _adjoint_p_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                          slb, szb, gx_b, vd, vn, ns, cb_ptr, gy_b, out_b, n_b, D, a1, rho, last,
                          rho_prev, n_lo, n_hi, d_lo, d_hi, sigma_ptr, HAS_P0: tl.constexpr,
@@ -918,7 +957,7 @@ def _adjoint_p_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
     da1, dr, _da1u, _dru = _adjoint_p_step_tiles(
         xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb, slb, szb, gx_b,
         vd, vn, ns, cb_ptr, gy_b, out_b, n_b, D, a1, rho, last, rho_prev, n_lo, n_hi, d_lo,
-        d_hi, sigma_ptr, sigma_ptr, HAS_P0, HAS_Q0, KV, QUAD, ADJ, PLAN, False, BN, BD)
+        d_hi, sigma_ptr, sigma_ptr, HAS_P0, HAS_Q0, KV, QUAD, ADJ, PLAN, False, False, BN, BD)
     return da1, dr
 
 
@@ -928,7 +967,8 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR
                           last, rho_prev, n_lo, n_hi, d_lo, d_hi, sigma_ptr, tau0_ptr,
                           HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
                           QUAD: tl.constexpr, ADJ: tl.constexpr, PLAN: tl.constexpr,
-                          FUSE: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                          FUSE: tl.constexpr, DEFER: tl.constexpr, BN: tl.constexpr,
+                          BD: tl.constexpr):
     """Pass 3 (:func:`_adjoint_p_step_pass`); with FUSE (tb > 0; the fused kernel, one program
     per set) it also does the part of the NEXT reverse step's pass 2 that the adjoints just
     formed determine: pass 2 of iteration u = tb - 1 is linear in (L̄', Z̄', C̄_u), and L̄', Z̄'
@@ -937,7 +977,13 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR
     [n_lo, n_hi) accumulated over the row blocks) and the next step only adds the part of C̄_u
     in a sweep over x (:func:`_adjoint_s_step_tiles` ``CB_ONLY``) - no second read of L̄', Z̄'.
     The state of iteration u comes free: the replay stops at u, then runs iteration u.
+    DEFER (with FUSE, T >= 2, no plan gradient): the first reverse step (ADJ_FIRST, tb = T - 1)
+    stores no L̄, Z̄, X̄ - it still forms them in registers for σ and iteration u's partials -
+    and the second (tb = T - 2) recomputes them (:func:`_last_step_adjoints`) from the state of
+    iteration T - 1 (one more replayed iteration), R_{T-1} (the history), ȳ and y instead of
+    reading them: 24 bytes per element less.
     Returns (∂/∂α1, ∂/∂ρ) of iteration tb and (FUSE) the parts of iteration u's."""
+    tl.static_assert(FUSE or not DEFER)
     acc_a1u = _vzero(BD)
     acc_rhou = _vzero(BD)
     if FUSE:       # iteration u = tb - 1 (u = 0 at tb = 0, whose results are not kept)
@@ -950,6 +996,12 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR
     acc_rho = _vzero(BD)
     inv_ws = 1.0 / _step_weight(a1, rho, QUAD)
     n_kept = tl.where(tb > 0, n_hi, n_lo)            # rows whose L̄, Z̄ a later pass reads
+    if DEFER:      # the first reverse step's weights and R (iteration T - 1)
+        a1_1 = tl.load(w_ptr + 1 * T + T - 1)
+        rho_1 = tl.load(w_ptr + 4 * T + T - 1)
+        hd_1 = hd_b + (T - 1).to(tl.int64) * KV * D
+        # one more replayed iteration (T - 1's state) only where it is used: tb = T - 2
+        k_1 = tl.where(tb == T - 2, tb + 1, tb)
     # column blocks outside, rows inside: the column vectors load once per column block and
     # τ_u sums in registers; σ (a row sum) accumulates over the column blocks in place
     for d0 in range(d_lo, d_hi, BD):
@@ -962,6 +1014,11 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR
         else:          # the pooling's adjoint: only the last iteration pools (last = 1.0)
             gy = tl.load(gy_b + offs_d, mask=dm, other=0.0) * last
             out = tl.load(out_b + offs_d, mask=dm, other=0.0)
+        if DEFER:
+            if ADJ == ADJ_S_STEP:   # what the first reverse step's adjoints are formed from
+                r_1 = tl.load(hd_1 + offs_d, mask=dm, other=0.0)
+                gy_1 = tl.load(gy_b + offs_d, mask=dm, other=0.0)
+                out_1 = tl.load(out_b + offs_d, mask=dm, other=0.0)
         if FUSE:       # iteration u's log μ - R (R and log μ enter only as the difference)
             shift_u = tl.load(hd_u + (KV - 1) * D + offs_d, mask=dm, other=0.0)
             tau_u = tl.zeros([BD], dtype=tl.float32)
@@ -980,6 +1037,10 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR
                 Z_u = Zt
                 L, Zt = _replay_iterations(X, L, Zt, offs_n, offs_d, tu, tb, n_b, D, hd_b,
                                            hn_b, NR, w_ptr, T, QUAD, KV)
+                if DEFER:
+                    if ADJ == ADJ_S_STEP:  # iteration T - 1's state (tb = T - 2; else L, Zt)
+                        L_1, Z_1 = _replay_iterations(X, L, Zt, offs_n, offs_d, tb, k_1, n_b, D,
+                                                      hd_b, hn_b, NR, w_ptr, T, QUAD, KV)
                 L = tl.where(mask, L, 0.0)
             else:
                 L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
@@ -988,10 +1049,21 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR
                 c = tl.load(vn + offs_n, mask=nm, other=0.0)
                 leta = tl.load(vn + ns + offs_n, mask=nm, other=0.0)
                 cb = tl.load(cb_ptr + offs_n, mask=nm, other=0.0)
-                y, g, s, lpb, Zb, _da1, _drho = _s_step_adjoint(
-                    X, L, Zt, tl.load(slb + o, mask=mask, other=0.0),
-                    tl.load(szb + o, mask=mask, other=0.0), r, lmu, c, leta, cb, a1, rho, QUAD)
-                gx = tl.load(gx_b + o, mask=mask, other=0.0)
+                if DEFER:
+                    if tb == T - 2:    # the first step's L̄, Z̄, X̄, recomputed (not stored)
+                        Lb, Zb, gx = _last_step_adjoints(X, tl.where(mask, L_1, 0.0), Z_1, mask,
+                                                         r_1, gy_1, out_1, a1_1, rho_1, QUAD)
+                    else:
+                        Lb = tl.load(slb + o, mask=mask, other=0.0)
+                        Zb = tl.load(szb + o, mask=mask, other=0.0)
+                        gx = tl.load(gx_b + o, mask=mask, other=0.0)
+                else:
+                    Lb = tl.load(slb + o, mask=mask, other=0.0)
+                    Zb = tl.load(szb + o, mask=mask, other=0.0)
+                    gx = tl.load(gx_b + o, mask=mask, other=0.0)
+                y, g, s, lpb, Zb, _da1, _drho = _s_step_adjoint(X, L, Zt, Lb, Zb, r, lmu, c,
+                                                                leta, cb, a1, rho, QUAD)
+                yb = lpb + rb[None, :] * _exp(y - r[None, :])              # + R̄ softmax_n(Y)
             else:
                 y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
                 if PLAN:
@@ -999,33 +1071,24 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR
                 else:
                     lpb = tl.zeros_like(X)
                 Zb = tl.zeros_like(X)
-                gx = tl.zeros_like(X)
-            e = _exp(y - r[None, :])                                                 # softmax_n(Y)
-            yb = lpb + rb[None, :] * e
-            if ADJ == ADJ_FIRST:
-                # y_d = Σ_n e_nd X_nd: Ȳ += e (X - y_d) ȳ_d, X̄ += e ȳ_d
-                yb += e * (X - out[None, :]) * gy[None, :]
-                gx += e * gy[None, :]
-            yb = tl.where(mask, yb, 0.0)
-            gb = yb * inv_ws
-            lb = yb
+                yb, gx = _pooled_y_adjoint(X, y, r, rb, lpb, gy, out)
+            lb, zb_new, gx, gb = _through_p_step_y(yb, s, Zb, gx, a1, inv_ws, mask, QUAD)
             # ∂/∂w_P
             d_ws = tl.sum(tl.sum(tl.where(mask, -gb * g * inv_ws, 0.0), axis=1), axis=0)
             if QUAD:
-                lb = yb - a1 * s * gb
                 acc_a1 += tl.sum(tl.sum(tl.where(mask, -gb * s, 0.0), axis=1), axis=0)
             if QUAD == QUAD_EXACT:                                              # w_P = ρ + α1
                 acc_a1 += d_ws
             acc_rho += d_ws
-            zb_new = Zb - gb
             # the first iteration's L̄ only feeds the priors' gradients, its Z̄ nothing (Z_0 = 0)
             kept = mask & (offs_n < n_kept)[:, None]
-            if HAS_P0 or HAS_Q0:
-                tl.store(slb + o, lb, mask=mask)
-            else:
-                tl.store(slb + o, lb, mask=kept)
-            tl.store(szb + o, zb_new, mask=kept)
-            tl.store(gx_b + o, gx + gb, mask=mask)
+            if ADJ != ADJ_FIRST or not DEFER:  # DEFER: the next step recomputes them
+                if HAS_P0 or HAS_Q0:
+                    tl.store(slb + o, lb, mask=mask)
+                else:
+                    tl.store(slb + o, lb, mask=kept)
+                tl.store(szb + o, zb_new, mask=kept)
+                tl.store(gx_b + o, gx, mask=mask)
             # σ accumulates over the column blocks; the [BN] vector is replicated over the
             # columns' threads, so every replica loads before any stores (the barrier), and
             # all store the same sum (a replica's next load sees its own store)
@@ -1183,7 +1246,7 @@ def badmm_bwd_kernel(
     B, N, D, NR, T, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
     PAPER: tl.constexpr, PLAN_GRAD: tl.constexpr, KV: tl.constexpr, FUSE: tl.constexpr,
-    BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    DEFER: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
 ):
     """Exact gradient of the T unrolled iterations: one reverse step per iteration, whose
     passes rebuild the forward state of that iteration from x and the vector history hd / hn
@@ -1193,7 +1256,9 @@ def badmm_bwd_kernel(
     per set and iteration the partials wrt (κ2, κ3, α1, ρ) (finished by badmm_dw_kernel).
     FUSE: pass 3 also sums the L̄', Z̄' part of the next step's pass 2, which then reads x only
     (module docstring, "Backward schedule"); without it pass 2 reads L̄', Z̄' (the launcher
-    picks by T: :func:`.launch.backward_fuses`).
+    picks by T: :func:`.launch.backward_fuses`). DEFER (FUSE, T >= 2, no plan gradient): the
+    first reverse step stores no L̄, Z̄, X̄, the second recomputes them
+    (:func:`_adjoint_p_step_tiles`).
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -1288,14 +1353,14 @@ def badmm_bwd_kernel(
                     da1, dr, ga1_next, grho_next = _adjoint_p_step_tiles(
                         xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                         slb, szb, gx_b, vd, vn, ns, vn + 3 * ns, gy_b, out_b, n_b, D, a1, rho,
-                        1.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, HAS_P0, HAS_Q0, KV,
-                        QUAD, ADJ_FIRST, PLAN_GRAD, FUSE, BN, BD)
+                        1.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, HAS_P0,
+                        HAS_Q0, KV, QUAD, ADJ_FIRST, PLAN_GRAD, FUSE, DEFER, BN, BD)
                 else:
                     da1, dr, ga1_next, grho_next = _adjoint_p_step_tiles(
                         xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                         slb, szb, gx_b, vd, vn, ns, vn + 3 * ns, gy_b, out_b, n_b, D, a1, rho,
-                        0.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, HAS_P0, HAS_Q0, KV,
-                        QUAD, ADJ_S_STEP, PLAN_GRAD, FUSE, BN, BD)
+                        0.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, HAS_P0,
+                        HAS_Q0, KV, QUAD, ADJ_S_STEP, PLAN_GRAD, FUSE, DEFER, BN, BD)
                 ga1 += da1
                 grho += dr
                 tl.debug_barrier()

@@ -156,6 +156,16 @@ def backward_fuses(T: int, x_bytes: int) -> bool:
     return T <= 14
 
 
+def backward_defers(fuse: bool, T: int, plan_grad: bool) -> bool:
+    """Whether the fused backward's first reverse step leaves its L̄, Z̄, X̄ to the second to
+    recompute (``DEFER``, :func:`.kernels._adjoint_p_step_tiles`): with FUSE (the second step's
+    pass 2 then reads x only), T >= 2 and no plan gradient (whose log P̄ the first step reads
+    from L̄'s scratch). Saves the first step's 12 bytes per element of writes and the
+    second's 12 of reads (W2 T = 4: ~117 -> ~93) for one replayed iteration and the first
+    step's adjoint math again in the second."""
+    return fuse and T >= 2 and not plan_grad
+
+
 def forward_splits(B: int, N: int, D: int, BN: int, BD: int, device: torch.device):
     """(NS, DS): row and column slices per set of the split forward (:mod:`.split_kernels`),
     (1, 1) for one program per set. Split only when there are fewer sets than SMs (W1: 50 sets
@@ -436,7 +446,7 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
                 B, geo.N, D, geo.rows, T, -math.log(D),
                 RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
                 QUAD=quadratic, PAPER=paper, PLAN_GRAD=grad_plan is not None, KV=hd.shape[2],
-                FUSE=fuse,
+                FUSE=fuse, DEFER=backward_defers(fuse, T, grad_plan is not None),
                 BN=BN, BD=BD, BV=BV, num_warps=num_warps,
             )
     else:                               # nothing to differentiate: no set contributes
