@@ -27,6 +27,7 @@ if __name__ == "__main__":  # the interpreter must be on before triton is import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch
+import torch.utils._pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,12 +49,26 @@ def _op_name(func) -> str:
     return func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else str(func)
 
 
+# allocations: no memory traffic of their own (priced as one op, no bytes)
+ALLOC_OPS = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
+
+
+def op_bytes(name: str, args, kwargs, out) -> int:
+    """Bytes an aten op moves, as the kernel report prices every eager op: its tensor inputs
+    plus its tensor outputs (0 for views and allocations)."""
+    if name in VIEW_OPS or name in ALLOC_OPS:
+        return 0
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs, out))
+    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+
+
 class _HostOpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops = collections.Counter()
         self.in_launch = collections.Counter()
         self.custom = collections.Counter()
+        self.op_bytes = []              # (name, bytes) of every host op, in issue order
         self.launch_depth = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -64,7 +79,10 @@ class _HostOpCounter(TorchDispatchMode):
             with self:
                 return impl(*args, **(kwargs or {}))
         (self.in_launch if self.launch_depth else self.ops)[name] += 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if not self.launch_depth:
+            self.op_bytes.append((name, op_bytes(name, args, kwargs, out)))
+        return out
 
 
 def _custom_op_python_impl(func):
@@ -117,13 +135,16 @@ def count_host_ops(fn, *args, **kwargs):
     issued outside kernel launches (by overload-packet name) and the number of them that are
     host syncs (``SYNC_OPS``). The Counter's ``in_launch`` attribute holds the ops seen inside
     launches (the interpreter's argument copies), ``custom`` the Python custom ops
-    (``triton_op``) whose inner ops were counted in their place."""
+    (``triton_op``) whose inner ops were counted in their place, ``op_bytes`` the (name, bytes
+    moved) of every host op in issue order (:func:`op_bytes`: what the kernel report prices
+    them by)."""
     counter = _HostOpCounter()
     with _bracket_launches(counter), counter:
         fn(*args, **kwargs)
     ops = counter.ops
     ops.in_launch = counter.in_launch
     ops.custom = counter.custom
+    ops.op_bytes = counter.op_bytes
     return ops, sum(n for k, n in ops.items() if k in SYNC_OPS)
 
 

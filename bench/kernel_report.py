@@ -33,8 +33,10 @@ once; α0 > 0 for B-E W1 T = 4), forward and forward+backward, through the PUBLI
    (their time is then bounded by bytes only, and the table says "n/a").
 5. Predicted kernel time, per kernel (its launches summed) = max(bytes / 3.0 TB/s, MUFU / 3.7e12
    /s, instructions / (128 · 132 · 1.75 GHz)) ÷ min(1, programs / 132) + 4 µs per launch; the
-   front end adds 5 µs per non-view host aten op and 10 µs per sync (serially: a conservative
-   model). SoL: ``bench/sol.py`` (problem bytes, minimal exp2 count).
+   front end adds, per non-view host aten op, what an eager op costs, max(5 µs, the bytes it
+   moves / 3.0 TB/s) (the layer's full-size host ops - the feature scale's statistics and x / s
+   and their gradient - move as many bytes as a kernel; they were priced at 5 µs flat until
+   2026-11-29), and 10 µs per sync (serially: a conservative model). SoL: ``bench/sol.py`` (problem bytes, minimal exp2 count).
 6. Eager torch path (backend="torch", reduced batch, bytes scaled like 3.): Σ over non-view aten
    ops of max(5 µs, op bytes (inputs + outputs) / 3.0 TB/s) + 10 µs per sync.
    torch.compile model: one fused kernel per reduction (an op whose output is smaller than its
@@ -62,6 +64,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from bench import sol  # noqa: E402
+from bench.frontend_report import ALLOC_OPS  # noqa: E402
 
 METHODS = ("sinkhorn", "badmm-e", "badmm-q")
 SHORT = {"sinkhorn": "S", "badmm-e": "B-E", "badmm-q": "B-Q"}
@@ -300,11 +303,22 @@ def record_case(c: dict):
     n_f = len(lf)
     out["launches_fwd"] = lf
     out["launches_bwd"] = lb[n_f:]  # fb re-runs the forward first
+    nb = lambda ops: [b for n, b in ops.op_bytes if n not in views]  # noqa: E731
     out["host"] = dict(fwd_ops=nv(ops_f), fwd_syncs=syncs_f, fwd_bwd_ops=nv(ops_fb),
-                       fwd_bwd_syncs=syncs_fb)
+                       fwd_bwd_syncs=syncs_fb, fwd_op_bytes=nb(ops_f),
+                       fwd_bwd_op_bytes=nb(ops_fb))
     out["x_elements"] = x.numel()
     out["x_bytes"] = x.element_size()
     return out
+
+
+def front_end_seconds(op_bytes, syncs: int) -> float:
+    """The Triton path's host front end: each non-view host aten op priced as an eager op,
+    max(5 µs, bytes it moves / HBM bandwidth) - the layer's own full-size ops (the feature
+    scale's statistics and x / s, the gradient's casts) move as many bytes as a kernel - plus
+    10 µs per sync."""
+    return sum(max(sol.ATEN_OP_S, b / sol.HBM_BYTES_PER_S) for b in op_bytes) + \
+        syncs * sol.SYNC_S
 
 
 def predict_torch(rows, scale: float) -> tuple[float, float, int, int]:
@@ -320,6 +334,8 @@ def predict_torch(rows, scale: float) -> tuple[float, float, int, int]:
         if is_view or is_sync:
             continue
         ops += 1
+        if name in ALLOC_OPS:           # an allocation moves no bytes (as front_end_seconds)
+            b_in = b_out = 0
         eager += max(sol.ATEN_OP_S, (b_in + b_out) * scale / sol.HBM_BYTES_PER_S)
         if is_red:
             comp += max(sol.LAUNCH_S, (big_in + b_out) * scale / sol.HBM_BYTES_PER_S)
@@ -403,9 +419,9 @@ def summarise(c, rec, res, torch_rows, scale, x_el_full, y_el_full, x_bytes):
         bwd = pass_ != "fwd"
         kernel_s = sum(k["predicted_s"] for k in ks)
         h = rec["host"]
-        ops, syncs = (h["fwd_ops"], h["fwd_syncs"]) if not bwd else \
-            (h["fwd_bwd_ops"], h["fwd_bwd_syncs"])
-        front = ops * sol.ATEN_OP_S + syncs * sol.SYNC_S
+        ops, syncs, op_bytes = (h["fwd_ops"], h["fwd_syncs"], h["fwd_op_bytes"]) if not bwd \
+            else (h["fwd_bwd_ops"], h["fwd_bwd_syncs"], h["fwd_bwd_op_bytes"])
+        front = front_end_seconds(op_bytes, syncs)
         pb = sol.problem_bytes(x_el_full, x_bytes, y_el_full, x_bytes, backward=bwd)
         ex = sol.min_transcendentals(x_el_full, T, backward=bwd, structure=structure)
         sol_s, sol_bound = sol.sol_seconds(pb, ex)
@@ -528,7 +544,8 @@ def markdown(meta, rows) -> str:
          "How each number is made: `bench/kernel_report.py` docstring and `bench/README.md`. "
          f"Model: HBM {m['hbm_bytes_per_s'] / 1e12:.1f} TB/s, SFU {m['sfu_per_s'] / 1e12:.2f}e12 "
          f"exp2/s, issue 128 lanes x {m['sms']} SMs x {m['clock_hz'] / 1e9:.2f} GHz, "
-         f"{m['launch_s'] * 1e6:.0f} µs/launch, {m['aten_op_s'] * 1e6:.0f} µs/host aten op, "
+         f"{m['launch_s'] * 1e6:.0f} µs/launch, max({m['aten_op_s'] * 1e6:.0f} µs, bytes / HBM) "
+         "per host aten op, "
          f"{m['sync_s'] * 1e6:.0f} µs/sync. HBM bytes and MUFU counts come from the interpreter "
          "on fewer sets (same per-set shape) scaled by the element ratio, at the case's own T "
          "(the schedule the launcher picks for it; nothing extrapolated); bytes are global "

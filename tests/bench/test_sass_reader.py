@@ -113,3 +113,28 @@ def test_count_host_ops_counts_syncs():
     ops, syncs = count_host_ops(fn)
     assert syncs == 1
     assert ops["mul"] == 1 and ops["add"] == 1 and ops["_local_scalar_dense"] == 1
+
+
+def test_host_ops_are_priced_by_the_bytes_they_move():
+    """The kernel report prices every host op of the Triton path like an eager op,
+    max(5 µs, bytes / HBM): a full-size op on the layer's input costs what its traffic costs,
+    an allocation or a view moves nothing."""
+    from bench import sol
+    from bench.frontend_report import count_host_ops
+    from bench.kernel_report import front_end_seconds
+    big = torch.ones(10_000_000)                                    # 40 MB
+
+    def fn():
+        torch.empty(10)
+        return (big * 2).view(-1)[:5].sum()
+
+    ops, syncs = count_host_ops(fn)
+    moved = dict(ops.op_bytes)
+    assert moved["empty"] == 0
+    assert moved["mul"] == 80_000_000                               # read 40 MB, write 40 MB
+    assert moved["sum"] == 5 * 4 + 4                                # a 5-element slice in
+    assert "view" not in moved or moved["view"] == 0
+    bytes_ = [b for n, b in ops.op_bytes if n in ("empty", "mul", "sum")]
+    assert front_end_seconds(bytes_, syncs) == pytest.approx(      # 5 + 5 + 26.7 µs
+        2 * sol.ATEN_OP_S + 8e7 / sol.HBM_BYTES_PER_S)
+    assert front_end_seconds([3e9], 1) == pytest.approx(3e9 / sol.HBM_BYTES_PER_S + sol.SYNC_S)
