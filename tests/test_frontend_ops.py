@@ -186,13 +186,14 @@ def _layer_case(kind, method):
 # 22 / 54, window S 20 / 52, set-ptr S 41 / 84; before the feature scale's 8-op backward and
 # the Sinkhorn launcher's as_f32: adaptive S 10 / 30, window S 8 / 28, set-ptr S 24 / 49,
 # set-dense S 10 / 31; before the B-ADMM launchers' single scratch allocation: adaptive B-E
-# 16 / 50, window 8 / 28, set-ptr B-E 30 / 69, set-dense B-E 16 / 51); kernel launchers' own
-# allocations included
+# 16 / 50, window 8 / 28, set-ptr B-E 30 / 69, set-dense B-E 16 / 51; before the feature
+# scale's kernels, ops/rot/triton/spread: adaptive S 10 / 27, B-E 11 / 29, window 8 / 25,
+# set-dense S 10 / 28, B-E 11 / 30); kernel launchers' own allocations included
 OP_BOUNDS = {
-    ("adaptive", "sinkhorn"): (10, 27), ("adaptive", "badmm-e"): (11, 29),
-    ("window", "sinkhorn"): (8, 25), ("window", "badmm-e"): (8, 25),
+    ("adaptive", "sinkhorn"): (7, 18), ("adaptive", "badmm-e"): (8, 20),
+    ("window", "sinkhorn"): (5, 16), ("window", "badmm-e"): (5, 16),
     ("set-ptr", "sinkhorn"): (24, 46), ("set-ptr", "badmm-e"): (25, 48),
-    ("set-dense", "sinkhorn"): (10, 28), ("set-dense", "badmm-e"): (11, 30),
+    ("set-dense", "sinkhorn"): (7, 19), ("set-dense", "badmm-e"): (8, 21),
 }
 
 

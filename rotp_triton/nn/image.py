@@ -89,7 +89,8 @@ class _ImageROTBase(nn.Module):
         if self.scale is None:
             return self._forward(x)
         if self.scale == "auto":  # s (B, 1, 1, 1): each image's feature unit
-            xs, s = normalize_by_spread(x.to(compute_dtype(x.dtype)), (2, 3), x.dtype)
+            xs, s = normalize_by_spread(x, (2, 3), x.dtype,
+                                        kernels=kernels_may_run(x, self.backend))
         else:
             xs, s = (x / self.scale).to(x.dtype), self.scale
         y = self._forward(xs)

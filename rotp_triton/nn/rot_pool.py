@@ -144,7 +144,8 @@ class ROTPool(SetAggregation):
         if self.scale == "auto":
             cdt = compute_dtype(x.dtype)
             if x.dim() == 3 and x.shape[1] > 0:
-                xs, s = normalize_by_spread(x.to(cdt), (1,), x.dtype)     # s [B, 1, 1]
+                xs, s = normalize_by_spread(x, (1,), x.dtype,             # s [B, 1, 1]
+                                            kernels=kernels_may_run(x, self.backend))
                 s = s[:, 0]
             elif x.dim() == 3:  # empty sets: spread 1
                 xs, s = x, x.new_ones(x.shape[0], 1, dtype=cdt)

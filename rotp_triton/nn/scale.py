@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._batching import compute_dtype
+
 Scale = Union[None, str, float]
 
 
@@ -99,14 +101,24 @@ class _SpreadNormalize(torch.autograd.Function):
         return (torch.addcmul(g_xn, dsm, x - mean, value=1.0 / n) / s), None, None, None
 
 
-def normalize_by_spread(x: Tensor, sample_dims: Tuple[int, ...],
-                        out_dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """``(x / s in out_dtype, s)`` for x (B, ...) in the compute dtype: s (B, 1, ...) (x's rank,
-    for broadcasting) is the spread of each batch entry, its samples along ``sample_dims``
+def normalize_by_spread(x: Tensor, sample_dims: Tuple[int, ...], out_dtype: torch.dtype,
+                        kernels: bool = False) -> Tuple[Tensor, Tensor]:
+    """``(x / s in out_dtype, s)`` for x (B, ...): s (B, 1, ...) (x's rank, for broadcasting,
+    in x's compute dtype) is the spread of each batch entry, its samples along ``sample_dims``
     and features along dim 1 (images (B, C, H, W): dims (2, 3)) or 2 (sets (B, N, D): dim 1).
-    Same values as ``image_spread`` / ``dense_spread``, in one op forward and one backward."""
+    Same values as ``image_spread`` / ``dense_spread``. ``kernels``: the caller runs the Triton
+    kernels (CUDA, or the interpreter; ``weights.kernels_may_run``), so two launches each way
+    do it where they apply (``ops/rot/triton/spread``: x read in its own dtype, ~3 x-sized
+    passes forward and 5 backward instead of ~4 and ~12); otherwise (CPU, float64,
+    torch.compile tracing: inductor fuses them) the torch ops of ``_SpreadNormalize``."""
+    if kernels and not torch.compiler.is_compiling():
+        from ..ops.rot.triton.spread import spread_normalize
+        out = spread_normalize(x, tuple(sample_dims), out_dtype)
+        if out is not None:
+            return out
     feature_dim = 1 if 1 not in sample_dims else 2
-    return _SpreadNormalize.apply(x, tuple(sample_dims), feature_dim, out_dtype)
+    return _SpreadNormalize.apply(x.to(compute_dtype(x.dtype)), tuple(sample_dims),
+                                  feature_dim, out_dtype)
 
 
 class _RaggedSpreadNormalize(torch.autograd.Function):

@@ -1,0 +1,132 @@
+"""``@triton.jit`` code of the feature-scale normalisation (``nn/scale.py``: s = the root mean
+square over features of each feature's standard deviation over the samples, 1 where that is
+0; the layer pools x / s).
+
+x is read in place as (B, F, S) through its strides - features F (an image's channels, a set's
+feature dimension), samples S (an image's pixels, a set's rows) - in [BS, BF] tiles; program
+(b, j) owns batch entry b's features [j·BF, (j + 1)·BF) and loops over all S samples, so the
+per-feature statistics need no cross-program combine. The spread needs the sum over all F
+features: each program writes its block's part, and the next launch adds the NFB parts
+(NFB = F / BF floats, read by every program of the entry) - two launches each way, no program
+waits for another (the interpreter rule).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile(ptr, b, sb, sf, ss, offs_s, offs_f, mask):
+    """The [BS, BF] tile of batch entry b at samples offs_s, features offs_f, as fp32."""
+    p = ptr + b.to(tl.int64) * sb + offs_s[:, None].to(tl.int64) * ss \
+        + offs_f[None, :].to(tl.int64) * sf
+    return tl.load(p, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _spread(part_ptr, b, F, NFB, BP: tl.constexpr):
+    """(s, root) of batch entry b from its NFB per-block sums of the features' variances:
+    root = sqrt(Σ_f var_f / F), s = root where root > 0, else 1 (nn/scale.py)."""
+    offs = tl.arange(0, BP)
+    parts = tl.load(part_ptr + b.to(tl.int64) * NFB + offs, mask=offs < NFB, other=0.0)
+    root = tl.sqrt(tl.sum(parts, axis=0) / F)
+    return tl.where(root > 0, root, 1.0), root
+
+
+@triton.jit
+def spread_stats_kernel(x_ptr, sb, sf, ss, mean_ptr, part_ptr, F, S, NFB,
+                        BS: tl.constexpr, BF: tl.constexpr):
+    """Per feature of block (b, j): mean_f and var_f over the S samples (population variance,
+    tiles merged with Chan et al.'s pairwise update: no cancellation for features far from 0,
+    one read of x); writes mean (B, F) and Σ_{f in the block} var_f into part (B, NFB)."""
+    b = tl.program_id(0)
+    j = tl.program_id(1)
+    offs_f = j * BF + tl.arange(0, BF)
+    fm = offs_f < F
+    mean = tl.zeros([BF], dtype=tl.float32)
+    m2 = tl.zeros([BF], dtype=tl.float32)
+    for s0 in range(0, S, BS):
+        offs_s = s0 + tl.arange(0, BS)
+        mask = (offs_s < S)[:, None] & fm[None, :]
+        X = _tile(x_ptr, b, sb, sf, ss, offs_s, offs_f, mask)                     # [BS, BF]
+        cnt = tl.minimum(S - s0, BS).to(tl.float32)      # samples in this tile; s0 before it
+        tmean = tl.sum(X, axis=0) / cnt                                               # [BF]
+        dev = tl.where(mask, X - tmean[None, :], 0.0)
+        tot = s0 + cnt
+        delta = tmean - mean
+        mean += delta * (cnt / tot)
+        m2 += tl.sum(dev * dev, axis=0) + delta * delta * (s0 * cnt / tot)
+    tl.store(mean_ptr + b.to(tl.int64) * F + offs_f, mean, mask=fm)
+    tl.store(part_ptr + b.to(tl.int64) * NFB + j, tl.sum(tl.where(fm, m2 / S, 0.0), axis=0))
+
+
+@triton.jit
+def spread_normalize_kernel(x_ptr, sb, sf, ss, out_ptr, ob, of, os, part_ptr, s_ptr, root_ptr,
+                            F, S, NFB, BS: tl.constexpr, BF: tl.constexpr, BP: tl.constexpr):
+    """x / s for block (b, j), written in out's dtype through out's strides; program (b, 0)
+    also writes s_b and root_b."""
+    b = tl.program_id(0)
+    j = tl.program_id(1)
+    s, root = _spread(part_ptr, b, F, NFB, BP)
+    if j == 0:
+        tl.store(s_ptr + b, s)
+        tl.store(root_ptr + b, root)
+    offs_f = j * BF + tl.arange(0, BF)
+    fm = offs_f < F
+    for s0 in range(0, S, BS):
+        offs_s = s0 + tl.arange(0, BS)
+        mask = (offs_s < S)[:, None] & fm[None, :]
+        X = _tile(x_ptr, b, sb, sf, ss, offs_s, offs_f, mask)
+        p = out_ptr + b.to(tl.int64) * ob + offs_s[:, None].to(tl.int64) * os \
+            + offs_f[None, :].to(tl.int64) * of
+        tl.store(p, (X / s).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def spread_grad_dot_kernel(g_ptr, gb, gf, gs, x_ptr, sb, sf, ss, part_ptr, F, S, NFB,
+                           BS: tl.constexpr, BF: tl.constexpr):
+    """Σ_{f in block (b, j), all samples} ḡ·x into part (B, NFB): the gradient through x / s
+    reaches s as -Σ ḡ·x / s²."""
+    b = tl.program_id(0)
+    j = tl.program_id(1)
+    offs_f = j * BF + tl.arange(0, BF)
+    fm = offs_f < F
+    acc = tl.zeros([BF], dtype=tl.float32)
+    for s0 in range(0, S, BS):
+        offs_s = s0 + tl.arange(0, BS)
+        mask = (offs_s < S)[:, None] & fm[None, :]
+        G = _tile(g_ptr, b, gb, gf, gs, offs_s, offs_f, mask)
+        X = _tile(x_ptr, b, sb, sf, ss, offs_s, offs_f, mask)
+        acc += tl.sum(G * X, axis=0)
+    tl.store(part_ptr + b.to(tl.int64) * NFB + j, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def spread_grad_kernel(g_ptr, gb, gf, gs, x_ptr, sb, sf, ss, gx_ptr, xb, xf, xs, mean_ptr,
+                       s_ptr, root_ptr, gsc_ptr, part_ptr, F, S, NFB,
+                       BS: tl.constexpr, BF: tl.constexpr, BP: tl.constexpr):
+    """x̄ = (ḡ + ds·[root > 0]·(x - mean_f) / (F·S)) / s for block (b, j), with
+    ds = s̄ - Σ ḡ·x / s² (the direct gradient of s plus the one through x / s; s is the
+    constant 1 where root = 0), written in x̄'s dtype through its strides."""
+    b = tl.program_id(0)
+    j = tl.program_id(1)
+    offs = tl.arange(0, BP)
+    dot = tl.sum(tl.load(part_ptr + b.to(tl.int64) * NFB + offs, mask=offs < NFB, other=0.0),
+                 axis=0)
+    s = tl.load(s_ptr + b)
+    root = tl.load(root_ptr + b)
+    ds = tl.load(gsc_ptr + b) - dot / (s * s)
+    k = tl.where(root > 0, ds, 0.0) / F / S       # (F, S may be specialised constants)
+    offs_f = j * BF + tl.arange(0, BF)
+    fm = offs_f < F
+    mean = tl.load(mean_ptr + b.to(tl.int64) * F + offs_f, mask=fm, other=0.0)
+    for s0 in range(0, S, BS):
+        offs_s = s0 + tl.arange(0, BS)
+        mask = (offs_s < S)[:, None] & fm[None, :]
+        G = _tile(g_ptr, b, gb, gf, gs, offs_s, offs_f, mask)
+        X = _tile(x_ptr, b, sb, sf, ss, offs_s, offs_f, mask)
+        p = gx_ptr + b.to(tl.int64) * xb + offs_s[:, None].to(tl.int64) * xs \
+            + offs_f[None, :].to(tl.int64) * xf
+        tl.store(p, ((G + k * (X - mean[None, :])) / s).to(gx_ptr.dtype.element_ty),
+                 mask=mask)

@@ -1,0 +1,93 @@
+"""Host launchers of the feature-scale kernels (``kernels.py``): two launches and one allocation
+each way, nothing read on the host."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..common import cdiv, launcher, next_pow2
+from .kernels import (spread_grad_dot_kernel, spread_grad_kernel, spread_normalize_kernel,
+                      spread_stats_kernel)
+
+
+def bfs_strides(t: Tensor, sample_dims: Tuple[int, ...]) -> Optional[Tuple[int, int, int]]:
+    """(batch, feature, sample) strides of ``t`` (B, ...) read as (B, F, S): images (B, C, H, W)
+    with ``sample_dims`` (2, 3), sets (B, N, D) with (1,); None when the sample dims do not
+    collapse into one stride (then the caller copies or uses the torch path)."""
+    if sample_dims == (1,) and t.dim() == 3:
+        return t.stride(0), t.stride(2), t.stride(1)
+    if sample_dims == (2, 3) and t.dim() == 4:
+        H, W = t.shape[2], t.shape[3]
+        sh, sw = t.stride(2), t.stride(3)
+        if W == 1:
+            ss = sh
+        elif H == 1 or sh == W * sw:
+            ss = sw
+        else:
+            return None
+        return t.stride(0), t.stride(1), ss
+    return None
+
+
+def sizes(x: Tensor, sample_dims: Tuple[int, ...]) -> Tuple[int, int, int]:
+    """(B, F, S) of x (B, ...) with samples along ``sample_dims``."""
+    F = x.shape[1] if 1 not in sample_dims else x.shape[2]
+    S = x.numel() // max(x.shape[0] * F, 1)
+    return x.shape[0], F, S
+
+
+def block_sizes(F: int, S: int) -> Tuple[int, int, int]:
+    """(BS, BF, num_warps): ~4K-element tiles, samples up to 64 per tile (an image head's 7 × 7
+    pixels: 64), features filling the rest."""
+    BS = min(next_pow2(S), 64)
+    BF = max(16, min(next_pow2(F), 4096 // BS))
+    return BS, BF, 4
+
+
+def spread_forward(x: Tensor, sample_dims: Tuple[int, ...], out_dtype: torch.dtype,
+                   wrap=None):
+    """(x / s in ``out_dtype`` and x's memory format, saved (B, 2 + F) fp32: s, root, then the
+    features' means). x: (B, F, S) through :func:`bfs_strides` (checked by the caller), any
+    float dtype, B, F, S >= 1."""
+    B, F, S = sizes(x, sample_dims)
+    BS, BF, num_warps = block_sizes(F, S)
+    NFB = cdiv(F, BF)
+    out = torch.empty_like(x, dtype=out_dtype)
+    # one allocation: what the backward keeps (s, root, mean) and the blocks' variance sums
+    buf = torch.empty(B * (2 + F + NFB), device=x.device, dtype=torch.float32)
+    saved = buf[:B * (2 + F)]
+    s, root, mean = saved[:B], saved[B:2 * B], saved[2 * B:]
+    part = buf[B * (2 + F):]
+    grid = (B, NFB)
+    launcher(spread_stats_kernel, wrap)[grid](x, *bfs_strides(x, sample_dims), mean, part, F,
+                                              S, NFB, BS=BS, BF=BF, num_warps=num_warps)
+    launcher(spread_normalize_kernel, wrap)[grid](
+        x, *bfs_strides(x, sample_dims), out, *bfs_strides(out, sample_dims), part, s, root, F,
+        S, NFB, BS=BS, BF=BF, BP=next_pow2(NFB), num_warps=num_warps)
+    return out, saved
+
+
+def spread_backward(x: Tensor, sample_dims: Tuple[int, ...], saved: Tensor, g: Tensor,
+                    g_s: Tensor, wrap=None) -> Tensor:
+    """x̄ (x's dtype and memory format) from ḡ = d loss / d(x / s) (any strides: copied when
+    its sample dims do not collapse) and s̄ (B,) fp32."""
+    B, F, S = sizes(x, sample_dims)
+    BS, BF, num_warps = block_sizes(F, S)
+    NFB = cdiv(F, BF)
+    s, root, mean = saved[:B], saved[B:2 * B], saved[2 * B:]
+    gst = bfs_strides(g, sample_dims)
+    if gst is None:
+        g = g.contiguous()
+        gst = bfs_strides(g, sample_dims)
+    gx = torch.empty_like(x)
+    part = torch.empty(B * NFB, device=x.device, dtype=torch.float32)
+    grid = (B, NFB)
+    xst = bfs_strides(x, sample_dims)
+    launcher(spread_grad_dot_kernel, wrap)[grid](g, *gst, x, *xst, part, F, S, NFB, BS=BS,
+                                                 BF=BF, num_warps=num_warps)
+    launcher(spread_grad_kernel, wrap)[grid](
+        g, *gst, x, *xst, gx, *bfs_strides(gx, sample_dims), mean, s, root, g_s, part, F, S,
+        NFB, BS=BS, BF=BF, BP=next_pow2(NFB), num_warps=num_warps)
+    return gx

@@ -1,0 +1,53 @@
+"""Autograd of the feature-scale kernels and the family's entry point
+:func:`spread_normalize`."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ..common import as_f32
+from .launch import bfs_strides, spread_backward, spread_forward
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class SpreadNormalizeFunction(torch.autograd.Function):
+    """(x / s, s): ``nn.scale._SpreadNormalize``'s values, in two launches each way."""
+
+    @staticmethod
+    def forward(ctx, x, sample_dims, out_dtype):
+        out, saved = spread_forward(x, sample_dims, out_dtype)
+        ctx.save_for_backward(x, saved)
+        ctx.sample_dims = sample_dims
+        B = x.shape[0]
+        return out, saved[:B].view((B,) + (1,) * (x.dim() - 1))
+
+    @staticmethod
+    @once_differentiable  # (the torch path is differentiable twice; the kernels once)
+    def backward(ctx, g_xn, g_s):
+        x, saved = ctx.saved_tensors
+        B = x.shape[0]
+        g_s = as_f32(g_s.reshape(B)) if g_s is not None else saved.new_zeros(B)
+        if g_xn is None:
+            g_xn = torch.zeros_like(x)
+        return spread_backward(x, ctx.sample_dims, saved, g_xn, g_s), None, None
+
+
+def spread_normalize(x: Tensor, sample_dims: Tuple[int, ...],
+                     out_dtype: torch.dtype) -> Optional[Tuple[Tensor, Tensor]]:
+    """``(x / s in out_dtype, s (B, 1, ...) fp32)`` by the kernels, or None when they do not
+    apply (the caller then runs the torch ops of ``nn/scale.py``): x must be fp32, fp16 or
+    bf16 (it is read in its own dtype and the statistics taken in fp32), non-empty, with the
+    sample dims collapsing into one stride (any image layout; any set strides).
+
+    Args:
+        x: (B, C, H, W) with ``sample_dims`` (2, 3) (an image's pixels are its samples), or
+            (B, N, D) with (1,) (a set's rows).
+        out_dtype: dtype of x / s (the layer's input dtype).
+    """
+    if x.dtype not in KERNEL_DTYPES or x.numel() == 0 or bfs_strides(x, sample_dims) is None:
+        return None
+    return SpreadNormalizeFunction.apply(x, tuple(sample_dims), out_dtype)

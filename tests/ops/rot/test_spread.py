@@ -1,0 +1,149 @@
+"""The feature-scale kernels (``ops/rot/triton/spread``) against the plain float64 formulas of
+``nn/scale.py`` (``image_spread`` / ``dense_spread``, then x / s), forward and gradients.
+
+Runs under TRITON_INTERPRET=1 on CPU by default and on CUDA with ROTP_TEST_DEVICE=cuda (fp16 /
+bf16 there). Comparisons: ``harness.assert_close`` (relative L2 error ≤ RTOL[dtype], fp32 1e-4,
+against float64 evaluated on the rounded input).
+"""
+import pytest
+import torch
+
+import rotp_triton as rt
+from harness import DEVICE, KERNEL_DTYPES, assert_close, dtype_id
+from rotp_triton.nn.scale import dense_spread, image_spread, normalize_by_spread
+from rotp_triton.ops.rot.triton.spread import launch, op, spread_normalize
+
+pytest.importorskip("triton")
+
+
+def _reference(x64, dims, gxn, gs):
+    """(x / s, s, d loss / dx) in float64 by autograd through the plain spread formulas."""
+    x64 = x64.detach().clone().requires_grad_()
+    s = (image_spread(x64) if dims == (2, 3) else dense_spread(x64))
+    s = s.view((-1,) + (1,) * (x64.dim() - 1))
+    xn = x64 / s
+    (g,) = torch.autograd.grad((xn * gxn).sum() + (s.flatten() * gs).sum(), x64)
+    return xn.detach(), s.detach(), g
+
+
+def _check(x, dims, dtype=torch.float32, seed=0, view=None):
+    """The kernels on x (float64 CPU master copy; ``view`` makes the strided tensor they read)
+    against :func:`_reference` on the same rounded values: x / s, s and the gradient of x under
+    random cotangents of both outputs."""
+    g = torch.Generator().manual_seed(seed)
+    xd = x.to(DEVICE, dtype)
+    xk = (view(xd) if view else xd).detach().requires_grad_()
+    gxn = torch.randn(xk.shape, generator=g, dtype=torch.float64)
+    gs = torch.randn(xk.shape[0], generator=g, dtype=torch.float64)
+    out = spread_normalize(xk, dims, dtype)
+    assert out is not None, "the kernels should apply to this layout"
+    xn, s = out
+    assert xn.dtype == dtype and s.dtype == torch.float32 and xn.shape == xk.shape
+    assert s.shape == (xk.shape[0],) + (1,) * (xk.dim() - 1)
+    (gx,) = torch.autograd.grad((xn.double() * gxn.to(DEVICE)).sum()
+                                + (s.flatten().double() * gs.to(DEVICE)).sum(), xk)
+    assert gx.dtype == dtype and gx.shape == xk.shape
+    rxn, rs, rgx = _reference(xk.detach().double().cpu(), dims, gxn, gs)
+    assert_close(s, rs, dtype, name="s")
+    assert_close(xn, rxn, dtype, name="x / s")
+    assert_close(gx, rgx, dtype, name="grad x")
+    return s, gx, gxn
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_image_matches_formula(layout, dtype):
+    """Images (pixels are the samples), both memory formats read in place; one constant image
+    (spread 0: s = 1, and s passes no gradient to x there) and features far from 0 (the
+    statistics merge tiles without cancellation)."""
+    g = torch.Generator().manual_seed(1)
+    x = 2.0 * torch.randn(3, 5, 6, 7, generator=g, dtype=torch.float64) + 300.0
+    x[1] = 0.5
+    view = (lambda t: t.contiguous(memory_format=torch.channels_last)) \
+        if layout == "channels_last" else None
+    s, gx, gxn = _check(x, (2, 3), dtype, view=view)
+    assert float(s[1].detach()) == 1.0
+    torch.testing.assert_close(gx[1].double().cpu(), gxn[1], rtol=1e-6, atol=1e-6)
+
+
+def test_sets_strided_and_several_blocks(monkeypatch):
+    """Sets (rows are the samples) read through a transposed view, with 16 × 16 tiles forced so
+    that the samples span several tiles and the features several blocks (the next launch adds
+    the blocks' parts); one single-row set (spread 0)."""
+    monkeypatch.setattr(launch, "block_sizes", lambda F, S: (16, 16, 4))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 37, 41, generator=g, dtype=torch.float64)      # (B, D, N) in memory
+    _check(x, (1,), view=lambda t: t.transpose(1, 2))
+    s, _, _ = _check(x[:, :1].clone(), (1,))                           # N = 1: s = 1
+    assert bool((s == 1).all())
+
+
+def test_one_pixel_and_layouts_it_cannot_read():
+    """A 1 × 1 image has spread 0 (s = 1); a layout whose pixels do not collapse into one stride
+    (a strided crop) or float64 is left to the torch path (None)."""
+    g = torch.Generator().manual_seed(3)
+    s, _, _ = _check(torch.randn(2, 4, 1, 1, generator=g, dtype=torch.float64), (2, 3))
+    assert bool((s == 1).all())
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
+    assert spread_normalize(x[:, :, 1:5, 2:6], (2, 3), x.dtype) is None
+    assert spread_normalize(x.double(), (2, 3), torch.float64) is None
+    # the layer's entry falls back to the torch ops there, with the same values
+    xn, s = normalize_by_spread(x[:, :, 1:5, 2:6], (2, 3), x.dtype, kernels=True)
+    ref = image_spread(x[:, :, 1:5, 2:6].double()).view(-1, 1, 1, 1)
+    assert_close(s, ref, name="s (torch path)")
+
+
+def test_layer_uses_the_kernels_and_matches_the_torch_backend(monkeypatch):
+    """AdaptiveROTPool2d with backend='triton' normalises through the kernels (counted) and
+    gives the torch backend's output and input gradient."""
+    calls = []
+    real = launch.spread_forward
+    monkeypatch.setattr(launch, "spread_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(op, "spread_forward", launch.spread_forward)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 6, 3, 4, generator=g)
+    outs = {}
+    for backend in ("triton", "torch"):
+        torch.manual_seed(0)
+        m = rt.AdaptiveROTPool2d(6, method="sinkhorn", backend=backend).to(DEVICE)
+        xb = x.to(DEVICE).requires_grad_()
+        y = m(xb)
+        (gx,) = torch.autograd.grad((y * torch.arange(6.0, device=DEVICE)).sum(), xb)
+        outs[backend] = (y, gx)
+    assert calls == [1]
+    assert_close(outs["triton"][0], outs["torch"][0], name="y")
+    assert_close(outs["triton"][1], outs["torch"][1], name="grad x")
+
+
+AOT_CODE = r"""
+from aot import compile_sm90, ptxas_usage
+from rotp_triton.ops.rot.triton.spread import kernels as k, launch
+
+def signature(kernel, consts, xt):
+    return {n: "constexpr" if n in consts else
+            (xt if n in ("x_ptr", "out_ptr", "gx_ptr") else "*fp32") if n.endswith("_ptr")
+            else "i32" for n in kernel.arg_names}
+
+for F, S, xt in [(2048, 49, "*fp32"), (256, 3136, "*bf16"), (100, 500, "*fp16")]:
+    BS, BF, num_warps = launch.block_sizes(F, S)
+    for kernel, consts in [(k.spread_stats_kernel, dict(BS=BS, BF=BF)),
+                           (k.spread_normalize_kernel, dict(BS=BS, BF=BF, BP=32)),
+                           (k.spread_grad_dot_kernel, dict(BS=BS, BF=BF)),
+                           (k.spread_grad_kernel, dict(BS=BS, BF=BF, BP=32))]:
+        c = compile_sm90(kernel, signature(kernel, consts, xt), consts, num_warps=num_warps)
+        assert ".target sm_90" in c.asm["ptx"]
+        u = ptxas_usage(c)
+        print("spread", kernel.fn.__name__, F, S, xt, "regs", u["registers"], "spill",
+              u["spill_bytes"])
+"""
+
+
+def test_aot_compile_sm90():
+    """The four kernels compile for sm_90 at the head-pool (F = 2048, S = 49, fp32), window
+    (256 channels, 56 × 56 pixels, bf16) and set (fp16) sizes, without spills."""
+    from harness import run_without_interpreter
+    out = run_without_interpreter(AOT_CODE, timeout=600)
+    lines = [l for l in out.splitlines() if l.startswith("spread")]
+    print("\n".join(lines))
+    assert len(lines) == 12
+    assert all(l.endswith("spill 0") for l in lines), lines
