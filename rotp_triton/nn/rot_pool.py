@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from .._batching import check_tensor, compute_dtype, make_set_batch
 from ..functional import check_rot_options, rot_pool_table
 from .aggregation import SetAggregation, pool_sets
-from .scale import check_scale, normalize_by_spread, normalize_ragged_by_spread
+from .scale import check_scale, normalize_by_spread, normalize_set_rows_by_spread
 from .weight_use import describe_used, restrict_learning
 from .weights import ROTWeights, kernels_may_run
 
@@ -150,8 +150,8 @@ class ROTPool(SetAggregation):
             elif x.dim() == 3:  # empty sets: spread 1
                 xs, s = x, x.new_ones(x.shape[0], 1, dtype=cdt)
             else:
-                xs, s = normalize_ragged_by_spread(x.to(cdt), batch.index, batch.lengths,
-                                                   batch.num_sets, x.dtype)
+                xs, s = normalize_set_rows_by_spread(x, batch, x.dtype,
+                                                     kernels=kernels_may_run(x, self.backend))
                 s = s[:, None]
             y, plan = run(xs)
             return (y * s).to(x.dtype), plan

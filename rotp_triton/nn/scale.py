@@ -165,3 +165,18 @@ def normalize_ragged_by_spread(x: Tensor, index: Tensor, lengths: Tensor, num_se
     """``(x / s[index] in out_dtype, s (num_sets,))`` for the rows ``x (N_total, D)`` (compute
     dtype) of sets ``index`` with ``lengths`` rows each: ``ragged_spread``'s values."""
     return _RaggedSpreadNormalize.apply(x, index, lengths, num_sets, out_dtype)
+
+
+def normalize_set_rows_by_spread(x: Tensor, batch, out_dtype: torch.dtype,
+                                 kernels: bool = False) -> Tuple[Tensor, Tensor]:
+    """:func:`normalize_ragged_by_spread` for the rows ``x (N_total, D)`` (any float dtype) of a
+    ragged ``SetBatch``: with ``kernels`` and rows grouped by set (``batch.ptr``) two launches
+    each way (``ops/rot/triton/spread``; the set ids and lengths are then never built), else
+    the torch ops."""
+    if kernels and batch.ptr is not None and not torch.compiler.is_compiling():
+        from ..ops.rot.triton.spread import spread_normalize_ragged
+        out = spread_normalize_ragged(x, batch.ptr, out_dtype)
+        if out is not None:
+            return out
+    return normalize_ragged_by_spread(x.to(compute_dtype(x.dtype)), batch.index, batch.lengths,
+                                      batch.num_sets, out_dtype)

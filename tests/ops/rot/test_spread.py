@@ -10,8 +10,9 @@ import torch
 
 import rotp_triton as rt
 from harness import DEVICE, KERNEL_DTYPES, assert_close, dtype_id
-from rotp_triton.nn.scale import dense_spread, image_spread, normalize_by_spread
-from rotp_triton.ops.rot.triton.spread import launch, op, spread_normalize
+from rotp_triton.nn.scale import dense_spread, image_spread, normalize_by_spread, ragged_spread
+from rotp_triton.ops.rot.triton.spread import (launch, op, spread_normalize,
+                                               spread_normalize_ragged)
 
 pytest.importorskip("triton")
 
@@ -93,6 +94,64 @@ def test_one_pixel_and_layouts_it_cannot_read():
     assert_close(s, ref, name="s (torch path)")
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=dtype_id)
+def test_ragged_rows_match_formula(dtype, monkeypatch):
+    """The rows of a ragged batch (sets grouped by ptr, read through transposed strides), with
+    empty sets (s = 1), a one-row set (spread 0: s = 1, no gradient through s) and a set
+    spanning several 16-row tiles, against ``ragged_spread`` in float64."""
+    monkeypatch.setattr(launch, "block_sizes", lambda F, S: (16, 16, 4))
+    g = torch.Generator().manual_seed(5)
+    lengths = [0, 3, 0, 37, 1, 0]
+    ptr = torch.tensor([0] + lengths).cumsum(0)
+    rows, D = int(ptr[-1]), 19
+    x = torch.randn(D, rows, generator=g, dtype=torch.float64).t() + 50.0    # (rows, D)
+    index = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    gxn = torch.randn(rows, D, generator=g, dtype=torch.float64)
+    gs = torch.randn(len(lengths), generator=g, dtype=torch.float64)
+    xk = x.to(DEVICE, dtype).detach().requires_grad_()
+    out = spread_normalize_ragged(xk, ptr.to(DEVICE), dtype)
+    assert out is not None
+    xn, s = out
+    assert xn.dtype == dtype and s.shape == (len(lengths),)
+    (gx,) = torch.autograd.grad((xn.double() * gxn.to(DEVICE)).sum()
+                                + (s.double() * gs.to(DEVICE)).sum(), xk)
+    x64 = xk.detach().double().cpu().requires_grad_()
+    rs = ragged_spread(x64, index, len(lengths))
+    rxn = x64 / rs[index][:, None]
+    (rgx,) = torch.autograd.grad((rxn * gxn).sum() + (rs * gs).sum(), x64)
+    assert_close(s, rs, dtype, name="s")
+    assert_close(xn, rxn, dtype, name="x / s")
+    assert_close(gx, rgx, dtype, name="grad x")
+    assert bool((s.detach().cpu()[[0, 2, 4, 5]] == 1).all())
+    torch.testing.assert_close(gx[40].double().cpu(), gxn[40], rtol=1e-6, atol=1e-6)  # set 4
+
+
+def test_ragged_layer_uses_the_kernels_with_ptr(monkeypatch):
+    """ROTPool on ragged rows with ``ptr`` normalises through the kernels, with ``index`` only
+    through the torch ops; both give the torch backend's output and gradient."""
+    calls = []
+    real = launch.spread_forward
+    monkeypatch.setattr(launch, "spread_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(op, "spread_forward", launch.spread_forward)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(9, 5, generator=g)
+    ptr = torch.tensor([0, 2, 2, 9])
+    index = torch.tensor([0, 0, 2, 2, 2, 2, 2, 2, 2])
+    outs = {}
+    for backend, kw in (("triton", dict(ptr=ptr)), ("triton", dict(index=index)),
+                        ("torch", dict(ptr=ptr))):
+        torch.manual_seed(0)
+        m = rt.ROTPool(5, method="badmm-e", backend=backend).to(DEVICE)
+        xb = x.to(DEVICE).requires_grad_()
+        y = m(xb, **{k: v.to(DEVICE) for k, v in kw.items()})
+        (gx,) = torch.autograd.grad((y * torch.arange(5.0, device=DEVICE)).sum(), xb)
+        outs[backend, next(iter(kw))] = (y, gx)
+    assert calls == [1]
+    for key in (("triton", "ptr"), ("triton", "index")):
+        assert_close(outs[key][0], outs["torch", "ptr"][0], name=f"y {key}")
+        assert_close(outs[key][1], outs["torch", "ptr"][1], name=f"grad x {key}")
+
+
 def test_layer_uses_the_kernels_and_matches_the_torch_backend(monkeypatch):
     """AdaptiveROTPool2d with backend='triton' normalises through the kernels (counted) and
     gives the torch backend's output and input gradient."""
@@ -120,27 +179,30 @@ from aot import compile_sm90, ptxas_usage
 from rotp_triton.ops.rot.triton.spread import kernels as k, launch
 
 def signature(kernel, consts, xt):
-    return {n: "constexpr" if n in consts else
+    return {n: "constexpr" if n in consts else "*i64" if n == "ptr_ptr" else
             (xt if n in ("x_ptr", "out_ptr", "gx_ptr") else "*fp32") if n.endswith("_ptr")
             else "i32" for n in kernel.arg_names}
 
-for F, S, xt in [(2048, 49, "*fp32"), (256, 3136, "*bf16"), (100, 500, "*fp16")]:
+for F, S, xt, ragged in [(2048, 49, "*fp32", False), (256, 3136, "*bf16", False),
+                         (128, 0, "*fp16", True)]:
     BS, BF, num_warps = launch.block_sizes(F, S)
-    for kernel, consts in [(k.spread_stats_kernel, dict(BS=BS, BF=BF)),
-                           (k.spread_normalize_kernel, dict(BS=BS, BF=BF, BP=32)),
-                           (k.spread_grad_dot_kernel, dict(BS=BS, BF=BF)),
-                           (k.spread_grad_kernel, dict(BS=BS, BF=BF, BP=32))]:
+    tiles = dict(RAGGED=ragged, BS=BS, BF=BF)
+    for kernel, consts in [(k.spread_stats_kernel, tiles),
+                           (k.spread_normalize_kernel, dict(tiles, BP=32)),
+                           (k.spread_grad_dot_kernel, tiles),
+                           (k.spread_grad_kernel, dict(tiles, BP=32))]:
         c = compile_sm90(kernel, signature(kernel, consts, xt), consts, num_warps=num_warps)
         assert ".target sm_90" in c.asm["ptx"]
         u = ptxas_usage(c)
-        print("spread", kernel.fn.__name__, F, S, xt, "regs", u["registers"], "spill",
+        print("spread", kernel.fn.__name__, F, S, xt, ragged, "regs", u["registers"], "spill",
               u["spill_bytes"])
 """
 
 
 def test_aot_compile_sm90():
     """The four kernels compile for sm_90 at the head-pool (F = 2048, S = 49, fp32), window
-    (256 channels, 56 × 56 pixels, bf16) and set (fp16) sizes, without spills."""
+    (256 channels, 56 × 56 pixels, bf16) and ragged-rows (D = 128, fp16) sizes, without
+    spills."""
     from harness import run_without_interpreter
     out = run_without_interpreter(AOT_CODE, timeout=600)
     lines = [l for l in out.splitlines() if l.startswith("spread")]

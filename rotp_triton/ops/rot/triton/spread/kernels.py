@@ -3,9 +3,11 @@ square over features of each feature's standard deviation over the samples, 1 wh
 0; the layer pools x / s).
 
 x is read in place as (B, F, S) through its strides - features F (an image's channels, a set's
-feature dimension), samples S (an image's pixels, a set's rows) - in [BS, BF] tiles; program
-(b, j) owns batch entry b's features [j·BF, (j + 1)·BF) and loops over all S samples, so the
-per-feature statistics need no cross-program combine. The spread needs the sum over all F
+feature dimension), samples S (an image's pixels, a set's rows) - in [BS, BF] tiles, or
+(RAGGED) as the rows (rows, F) of sets grouped by ``ptr`` (set b: rows ptr[b] … ptr[b+1] - 1,
+its own S; an empty set has mean 0, variance 0, hence s = 1); program (b, j) owns batch entry
+b's features [j·BF, (j + 1)·BF) and loops over all its samples, so the per-feature statistics
+need no cross-program combine. The spread needs the sum over all F
 features: each program writes its block's part, and the next launch adds the NFB parts
 (NFB = F / BF floats, read by every program of the entry) - two launches each way, no program
 waits for another (the interpreter rule).
@@ -17,11 +19,28 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile(ptr, b, sb, sf, ss, offs_s, offs_f, mask):
-    """The [BS, BF] tile of batch entry b at samples offs_s, features offs_f, as fp32."""
-    p = ptr + b.to(tl.int64) * sb + offs_s[:, None].to(tl.int64) * ss \
-        + offs_f[None, :].to(tl.int64) * sf
-    return tl.load(p, mask=mask, other=0.0).to(tl.float32)
+def _entry(ptr_ptr, b, sb, ss, S, RAGGED: tl.constexpr):
+    """(offset of batch entry b's first sample in a tensor of batch stride sb and sample
+    stride ss, its number of samples): dense b · sb and S; ragged ptr[b] · ss and its rows."""
+    if RAGGED:
+        row0 = tl.load(ptr_ptr + b)
+        base = row0 * ss
+        n_b = (tl.load(ptr_ptr + b + 1) - row0).to(tl.int32)
+    else:
+        base = b.to(tl.int64) * sb
+        n_b = S
+    return base, n_b
+
+
+@triton.jit
+def _ptrs(ptr, base, sf, ss, offs_s, offs_f):
+    return ptr + base + offs_s[:, None].to(tl.int64) * ss + offs_f[None, :].to(tl.int64) * sf
+
+
+@triton.jit
+def _tile(ptr, base, sf, ss, offs_s, offs_f, mask):
+    """The [BS, BF] tile at samples offs_s, features offs_f of the entry at ``base``, as fp32."""
+    return tl.load(_ptrs(ptr, base, sf, ss, offs_s, offs_f), mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -35,22 +54,23 @@ def _spread(part_ptr, b, F, NFB, BP: tl.constexpr):
 
 
 @triton.jit
-def spread_stats_kernel(x_ptr, sb, sf, ss, mean_ptr, part_ptr, F, S, NFB,
-                        BS: tl.constexpr, BF: tl.constexpr):
+def spread_stats_kernel(x_ptr, sb, sf, ss, ptr_ptr, mean_ptr, part_ptr, F, S, NFB,
+                        RAGGED: tl.constexpr, BS: tl.constexpr, BF: tl.constexpr):
     """Per feature of block (b, j): mean_f and var_f over the S samples (population variance,
     tiles merged with Chan et al.'s pairwise update: no cancellation for features far from 0,
     one read of x); writes mean (B, F) and Σ_{f in the block} var_f into part (B, NFB)."""
     b = tl.program_id(0)
     j = tl.program_id(1)
+    base, n_b = _entry(ptr_ptr, b, sb, ss, S, RAGGED)
     offs_f = j * BF + tl.arange(0, BF)
     fm = offs_f < F
     mean = tl.zeros([BF], dtype=tl.float32)
     m2 = tl.zeros([BF], dtype=tl.float32)
-    for s0 in range(0, S, BS):
+    for s0 in range(0, n_b, BS):
         offs_s = s0 + tl.arange(0, BS)
-        mask = (offs_s < S)[:, None] & fm[None, :]
-        X = _tile(x_ptr, b, sb, sf, ss, offs_s, offs_f, mask)                     # [BS, BF]
-        cnt = tl.minimum(S - s0, BS).to(tl.float32)      # samples in this tile; s0 before it
+        mask = (offs_s < n_b)[:, None] & fm[None, :]
+        X = _tile(x_ptr, base, sf, ss, offs_s, offs_f, mask)                      # [BS, BF]
+        cnt = tl.minimum(n_b - s0, BS).to(tl.float32)    # samples in this tile; s0 before it
         tmean = tl.sum(X, axis=0) / cnt                                               # [BF]
         dev = tl.where(mask, X - tmean[None, :], 0.0)
         tot = s0 + cnt
@@ -58,12 +78,14 @@ def spread_stats_kernel(x_ptr, sb, sf, ss, mean_ptr, part_ptr, F, S, NFB,
         mean += delta * (cnt / tot)
         m2 += tl.sum(dev * dev, axis=0) + delta * delta * (s0 * cnt / tot)
     tl.store(mean_ptr + b.to(tl.int64) * F + offs_f, mean, mask=fm)
-    tl.store(part_ptr + b.to(tl.int64) * NFB + j, tl.sum(tl.where(fm, m2 / S, 0.0), axis=0))
+    var = m2 / tl.maximum(n_b, 1)                        # an empty set: 0
+    tl.store(part_ptr + b.to(tl.int64) * NFB + j, tl.sum(tl.where(fm, var, 0.0), axis=0))
 
 
 @triton.jit
-def spread_normalize_kernel(x_ptr, sb, sf, ss, out_ptr, ob, of, os, part_ptr, s_ptr, root_ptr,
-                            F, S, NFB, BS: tl.constexpr, BF: tl.constexpr, BP: tl.constexpr):
+def spread_normalize_kernel(x_ptr, sb, sf, ss, out_ptr, ob, of, os, ptr_ptr, part_ptr, s_ptr,
+                            root_ptr, F, S, NFB, RAGGED: tl.constexpr, BS: tl.constexpr,
+                            BF: tl.constexpr, BP: tl.constexpr):
     """x / s for block (b, j), written in out's dtype through out's strides; program (b, 0)
     also writes s_b and root_b."""
     b = tl.program_id(0)
@@ -72,41 +94,45 @@ def spread_normalize_kernel(x_ptr, sb, sf, ss, out_ptr, ob, of, os, part_ptr, s_
     if j == 0:
         tl.store(s_ptr + b, s)
         tl.store(root_ptr + b, root)
+    base, n_b = _entry(ptr_ptr, b, sb, ss, S, RAGGED)
+    obase, _n = _entry(ptr_ptr, b, ob, os, S, RAGGED)
     offs_f = j * BF + tl.arange(0, BF)
     fm = offs_f < F
-    for s0 in range(0, S, BS):
+    for s0 in range(0, n_b, BS):
         offs_s = s0 + tl.arange(0, BS)
-        mask = (offs_s < S)[:, None] & fm[None, :]
-        X = _tile(x_ptr, b, sb, sf, ss, offs_s, offs_f, mask)
-        p = out_ptr + b.to(tl.int64) * ob + offs_s[:, None].to(tl.int64) * os \
-            + offs_f[None, :].to(tl.int64) * of
-        tl.store(p, (X / s).to(out_ptr.dtype.element_ty), mask=mask)
+        mask = (offs_s < n_b)[:, None] & fm[None, :]
+        X = _tile(x_ptr, base, sf, ss, offs_s, offs_f, mask)
+        tl.store(_ptrs(out_ptr, obase, of, os, offs_s, offs_f),
+                 (X / s).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def spread_grad_dot_kernel(g_ptr, gb, gf, gs, x_ptr, sb, sf, ss, part_ptr, F, S, NFB,
-                           BS: tl.constexpr, BF: tl.constexpr):
+def spread_grad_dot_kernel(g_ptr, gb, gf, gs, x_ptr, sb, sf, ss, ptr_ptr, part_ptr, F, S, NFB,
+                           RAGGED: tl.constexpr, BS: tl.constexpr, BF: tl.constexpr):
     """Σ_{f in block (b, j), all samples} ḡ·x into part (B, NFB): the gradient through x / s
     reaches s as -Σ ḡ·x / s²."""
     b = tl.program_id(0)
     j = tl.program_id(1)
+    base, n_b = _entry(ptr_ptr, b, sb, ss, S, RAGGED)
+    gbase, _n = _entry(ptr_ptr, b, gb, gs, S, RAGGED)
     offs_f = j * BF + tl.arange(0, BF)
     fm = offs_f < F
     acc = tl.zeros([BF], dtype=tl.float32)
-    for s0 in range(0, S, BS):
+    for s0 in range(0, n_b, BS):
         offs_s = s0 + tl.arange(0, BS)
-        mask = (offs_s < S)[:, None] & fm[None, :]
-        G = _tile(g_ptr, b, gb, gf, gs, offs_s, offs_f, mask)
-        X = _tile(x_ptr, b, sb, sf, ss, offs_s, offs_f, mask)
+        mask = (offs_s < n_b)[:, None] & fm[None, :]
+        G = _tile(g_ptr, gbase, gf, gs, offs_s, offs_f, mask)
+        X = _tile(x_ptr, base, sf, ss, offs_s, offs_f, mask)
         acc += tl.sum(G * X, axis=0)
     tl.store(part_ptr + b.to(tl.int64) * NFB + j, tl.sum(acc, axis=0))
 
 
 @triton.jit
-def spread_grad_kernel(g_ptr, gb, gf, gs, x_ptr, sb, sf, ss, gx_ptr, xb, xf, xs, mean_ptr,
-                       s_ptr, root_ptr, gsc_ptr, part_ptr, F, S, NFB,
-                       BS: tl.constexpr, BF: tl.constexpr, BP: tl.constexpr):
-    """x̄ = (ḡ + ds·[root > 0]·(x - mean_f) / (F·S)) / s for block (b, j), with
+def spread_grad_kernel(g_ptr, gb, gf, gs, x_ptr, sb, sf, ss, gx_ptr, xb, xf, xs, ptr_ptr,
+                       mean_ptr, s_ptr, root_ptr, gsc_ptr, part_ptr, F, S, NFB,
+                       RAGGED: tl.constexpr, BS: tl.constexpr, BF: tl.constexpr,
+                       BP: tl.constexpr):
+    """x̄ = (ḡ + ds·[root > 0]·(x - mean_f) / (F·S_b)) / s for block (b, j), with
     ds = s̄ - Σ ḡ·x / s² (the direct gradient of s plus the one through x / s; s is the
     constant 1 where root = 0), written in x̄'s dtype through its strides."""
     b = tl.program_id(0)
@@ -117,16 +143,17 @@ def spread_grad_kernel(g_ptr, gb, gf, gs, x_ptr, sb, sf, ss, gx_ptr, xb, xf, xs,
     s = tl.load(s_ptr + b)
     root = tl.load(root_ptr + b)
     ds = tl.load(gsc_ptr + b) - dot / (s * s)
-    k = tl.where(root > 0, ds, 0.0) / F / S       # (F, S may be specialised constants)
+    base, n_b = _entry(ptr_ptr, b, sb, ss, S, RAGGED)
+    gbase, _n = _entry(ptr_ptr, b, gb, gs, S, RAGGED)
+    xbase, _n = _entry(ptr_ptr, b, xb, xs, S, RAGGED)
+    k = tl.where(root > 0, ds, 0.0) / F / tl.maximum(n_b, 1)
     offs_f = j * BF + tl.arange(0, BF)
     fm = offs_f < F
     mean = tl.load(mean_ptr + b.to(tl.int64) * F + offs_f, mask=fm, other=0.0)
-    for s0 in range(0, S, BS):
+    for s0 in range(0, n_b, BS):
         offs_s = s0 + tl.arange(0, BS)
-        mask = (offs_s < S)[:, None] & fm[None, :]
-        G = _tile(g_ptr, b, gb, gf, gs, offs_s, offs_f, mask)
-        X = _tile(x_ptr, b, sb, sf, ss, offs_s, offs_f, mask)
-        p = gx_ptr + b.to(tl.int64) * xb + offs_s[:, None].to(tl.int64) * xs \
-            + offs_f[None, :].to(tl.int64) * xf
-        tl.store(p, ((G + k * (X - mean[None, :])) / s).to(gx_ptr.dtype.element_ty),
-                 mask=mask)
+        mask = (offs_s < n_b)[:, None] & fm[None, :]
+        G = _tile(g_ptr, gbase, gf, gs, offs_s, offs_f, mask)
+        X = _tile(x_ptr, base, sf, ss, offs_s, offs_f, mask)
+        tl.store(_ptrs(gx_ptr, xbase, xf, xs, offs_s, offs_f),
+                 ((G + k * (X - mean[None, :])) / s).to(gx_ptr.dtype.element_ty), mask=mask)

@@ -14,8 +14,11 @@ from .kernels import (spread_grad_dot_kernel, spread_grad_kernel, spread_normali
 
 def bfs_strides(t: Tensor, sample_dims: Tuple[int, ...]) -> Optional[Tuple[int, int, int]]:
     """(batch, feature, sample) strides of ``t`` (B, ...) read as (B, F, S): images (B, C, H, W)
-    with ``sample_dims`` (2, 3), sets (B, N, D) with (1,); None when the sample dims do not
+    with ``sample_dims`` (2, 3), sets (B, N, D) with (1,), the rows (rows, D) of a ragged batch
+    with (0,) (batch stride 0: ``ptr`` locates the sets); None when the sample dims do not
     collapse into one stride (then the caller copies or uses the torch path)."""
+    if sample_dims == (0,) and t.dim() == 2:
+        return 0, t.stride(1), t.stride(0)
     if sample_dims == (1,) and t.dim() == 3:
         return t.stride(0), t.stride(2), t.stride(1)
     if sample_dims == (2, 3) and t.dim() == 4:
@@ -31,8 +34,11 @@ def bfs_strides(t: Tensor, sample_dims: Tuple[int, ...]) -> Optional[Tuple[int, 
     return None
 
 
-def sizes(x: Tensor, sample_dims: Tuple[int, ...]) -> Tuple[int, int, int]:
-    """(B, F, S) of x (B, ...) with samples along ``sample_dims``."""
+def sizes(x: Tensor, sample_dims: Tuple[int, ...],
+          ptr: Optional[Tensor] = None) -> Tuple[int, int, int]:
+    """(B, F, S) of x (B, ...) with samples along ``sample_dims``; ragged: (sets, D, 0)."""
+    if ptr is not None:
+        return ptr.shape[0] - 1, x.shape[1], 0
     F = x.shape[1] if 1 not in sample_dims else x.shape[2]
     S = x.numel() // max(x.shape[0] * F, 1)
     return x.shape[0], F, S
@@ -40,18 +46,19 @@ def sizes(x: Tensor, sample_dims: Tuple[int, ...]) -> Tuple[int, int, int]:
 
 def block_sizes(F: int, S: int) -> Tuple[int, int, int]:
     """(BS, BF, num_warps): ~4K-element tiles, samples up to 64 per tile (an image head's 7 × 7
-    pixels: 64), features filling the rest."""
-    BS = min(next_pow2(S), 64)
+    pixels: 64; ragged sets, S = 0 here: 64), features filling the rest."""
+    BS = 64 if S == 0 else min(next_pow2(S), 64)
     BF = max(16, min(next_pow2(F), 4096 // BS))
     return BS, BF, 4
 
 
 def spread_forward(x: Tensor, sample_dims: Tuple[int, ...], out_dtype: torch.dtype,
-                   wrap=None):
+                   ptr: Optional[Tensor] = None, wrap=None):
     """(x / s in ``out_dtype`` and x's memory format, saved (B, 2 + F) fp32: s, root, then the
     features' means). x: (B, F, S) through :func:`bfs_strides` (checked by the caller), any
-    float dtype, B, F, S >= 1."""
-    B, F, S = sizes(x, sample_dims)
+    float dtype, B, F, S >= 1; or the rows (rows, D) of ``ptr``'s sets (``sample_dims`` (0,),
+    B >= 1, D >= 1, sets may be empty)."""
+    B, F, S = sizes(x, sample_dims, ptr)
     BS, BF, num_warps = block_sizes(F, S)
     NFB = cdiv(F, BF)
     out = torch.empty_like(x, dtype=out_dtype)
@@ -61,19 +68,22 @@ def spread_forward(x: Tensor, sample_dims: Tuple[int, ...], out_dtype: torch.dty
     s, root, mean = saved[:B], saved[B:2 * B], saved[2 * B:]
     part = buf[B * (2 + F):]
     grid = (B, NFB)
-    launcher(spread_stats_kernel, wrap)[grid](x, *bfs_strides(x, sample_dims), mean, part, F,
-                                              S, NFB, BS=BS, BF=BF, num_warps=num_warps)
+    rag = dict(RAGGED=ptr is not None)
+    ptr = ptr if ptr is not None else buf                 # unread when dense
+    launcher(spread_stats_kernel, wrap)[grid](x, *bfs_strides(x, sample_dims), ptr, mean, part,
+                                              F, S, NFB, **rag, BS=BS, BF=BF,
+                                              num_warps=num_warps)
     launcher(spread_normalize_kernel, wrap)[grid](
-        x, *bfs_strides(x, sample_dims), out, *bfs_strides(out, sample_dims), part, s, root, F,
-        S, NFB, BS=BS, BF=BF, BP=next_pow2(NFB), num_warps=num_warps)
+        x, *bfs_strides(x, sample_dims), out, *bfs_strides(out, sample_dims), ptr, part, s, root,
+        F, S, NFB, **rag, BS=BS, BF=BF, BP=next_pow2(NFB), num_warps=num_warps)
     return out, saved
 
 
 def spread_backward(x: Tensor, sample_dims: Tuple[int, ...], saved: Tensor, g: Tensor,
-                    g_s: Tensor, wrap=None) -> Tensor:
+                    g_s: Tensor, ptr: Optional[Tensor] = None, wrap=None) -> Tensor:
     """x̄ (x's dtype and memory format) from ḡ = d loss / d(x / s) (any strides: copied when
     its sample dims do not collapse) and s̄ (B,) fp32."""
-    B, F, S = sizes(x, sample_dims)
+    B, F, S = sizes(x, sample_dims, ptr)
     BS, BF, num_warps = block_sizes(F, S)
     NFB = cdiv(F, BF)
     s, root, mean = saved[:B], saved[B:2 * B], saved[2 * B:]
@@ -85,9 +95,11 @@ def spread_backward(x: Tensor, sample_dims: Tuple[int, ...], saved: Tensor, g: T
     part = torch.empty(B * NFB, device=x.device, dtype=torch.float32)
     grid = (B, NFB)
     xst = bfs_strides(x, sample_dims)
-    launcher(spread_grad_dot_kernel, wrap)[grid](g, *gst, x, *xst, part, F, S, NFB, BS=BS,
-                                                 BF=BF, num_warps=num_warps)
+    rag = dict(RAGGED=ptr is not None)
+    ptr = ptr if ptr is not None else part                # unread when dense
+    launcher(spread_grad_dot_kernel, wrap)[grid](g, *gst, x, *xst, ptr, part, F, S, NFB, **rag,
+                                                 BS=BS, BF=BF, num_warps=num_warps)
     launcher(spread_grad_kernel, wrap)[grid](
-        g, *gst, x, *xst, gx, *bfs_strides(gx, sample_dims), mean, s, root, g_s, part, F, S,
-        NFB, BS=BS, BF=BF, BP=next_pow2(NFB), num_warps=num_warps)
+        g, *gst, x, *xst, gx, *bfs_strides(gx, sample_dims), ptr, mean, s, root, g_s, part, F,
+        S, NFB, **rag, BS=BS, BF=BF, BP=next_pow2(NFB), num_warps=num_warps)
     return gx

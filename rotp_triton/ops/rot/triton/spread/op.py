@@ -15,25 +15,28 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class SpreadNormalizeFunction(torch.autograd.Function):
-    """(x / s, s): ``nn.scale._SpreadNormalize``'s values, in two launches each way."""
+    """(x / s, s): ``nn.scale._SpreadNormalize``'s (ragged: ``_RaggedSpreadNormalize``'s)
+    values, in two launches each way."""
 
     @staticmethod
-    def forward(ctx, x, sample_dims, out_dtype):
-        out, saved = spread_forward(x, sample_dims, out_dtype)
-        ctx.save_for_backward(x, saved)
+    def forward(ctx, x, sample_dims, out_dtype, ptr):
+        out, saved = spread_forward(x, sample_dims, out_dtype, ptr)
+        ctx.save_for_backward(x, saved, ptr)
         ctx.sample_dims = sample_dims
+        if ptr is not None:
+            return out, saved[:ptr.shape[0] - 1]
         B = x.shape[0]
         return out, saved[:B].view((B,) + (1,) * (x.dim() - 1))
 
     @staticmethod
     @once_differentiable  # (the torch path is differentiable twice; the kernels once)
     def backward(ctx, g_xn, g_s):
-        x, saved = ctx.saved_tensors
-        B = x.shape[0]
+        x, saved, ptr = ctx.saved_tensors
+        B = x.shape[0] if ptr is None else ptr.shape[0] - 1
         g_s = as_f32(g_s.reshape(B)) if g_s is not None else saved.new_zeros(B)
         if g_xn is None:
             g_xn = torch.zeros_like(x)
-        return spread_backward(x, ctx.sample_dims, saved, g_xn, g_s), None, None
+        return spread_backward(x, ctx.sample_dims, saved, g_xn, g_s, ptr), None, None, None
 
 
 def spread_normalize(x: Tensor, sample_dims: Tuple[int, ...],
@@ -50,4 +53,19 @@ def spread_normalize(x: Tensor, sample_dims: Tuple[int, ...],
     """
     if x.dtype not in KERNEL_DTYPES or x.numel() == 0 or bfs_strides(x, sample_dims) is None:
         return None
-    return SpreadNormalizeFunction.apply(x, tuple(sample_dims), out_dtype)
+    return SpreadNormalizeFunction.apply(x, tuple(sample_dims), out_dtype, None)
+
+
+def spread_normalize_ragged(x: Tensor, ptr: Tensor,
+                            out_dtype: torch.dtype) -> Optional[Tuple[Tensor, Tensor]]:
+    """``(x / s[set of each row] in out_dtype, s (B,) fp32)`` for the rows of a ragged batch by
+    the kernels, or None where they do not apply (fp64, no rows or features, no sets).
+
+    Args:
+        x: (rows, D), rows grouped by set (any strides).
+        ptr: (B + 1,) int64 CSR offsets of the sets (empty sets allowed: s = 1).
+        out_dtype: dtype of x / s.
+    """
+    if x.dtype not in KERNEL_DTYPES or x.numel() == 0 or ptr.shape[0] < 2:
+        return None
+    return SpreadNormalizeFunction.apply(x, (0,), out_dtype, ptr)
