@@ -250,6 +250,41 @@ def test_backward_schedules(method, variant, fuse, monkeypatch):
     assert defers == ([False, True, True] if fuse else [False] * 3)
 
 
+@pytest.mark.parametrize("case", ["fused-plan", "fused-defer", "ragged", "split"])
+def test_no_kernel_reads_memory_it_did_not_write(case, monkeypatch):
+    """Every torch.empty the launchers take (outputs such as x̄, the scratch, the history) is
+    NaN-filled for the kernel's forward and backward: a kernel that read an element nobody wrote
+    (or an output left unwritten) would give NaN or a wrong gradient."""
+    _small_blocks(monkeypatch)
+    if case == "split":
+        _split(monkeypatch, 3, 2)
+    else:
+        monkeypatch.setattr(launch, "backward_splits", lambda *a: (1, 1))
+        monkeypatch.setattr(launch, "forward_splits", lambda *a: (1, 1))
+    real_empty = torch.empty
+
+    def nan_empty(*a, **k):
+        t = real_empty(*a, **k)
+        return t.fill_(math.nan) if t.is_floating_point() else t
+    gen = torch.Generator().manual_seed(31)
+    if case == "ragged":
+        lengths = [0, 3, 0, 35, 1]
+        ptr = torch.tensor([0] + lengths).cumsum(0)
+        x = torch.randn(int(ptr[-1]), 19, generator=gen)
+        w = _weights(3, gen)
+        lq = torch.randn(x.shape[0], generator=gen)
+        args = (x, ptr, "badmm-e", "exact", w, torch.randn(5, 19, generator=gen), lq,
+                torch.randn(5, 19, generator=gen), None)
+    else:
+        x, w, lp, lq, cy, cp = _case(2, 37, 19, 3, gen, plan=case != "fused-defer")
+        args = (x, None, "badmm-q" if case == "split" else "badmm-e", "exact", w, lp, lq, cy,
+                cp)
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    k = _run_kernel(*args)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    _compare(k, _run_reference(*args), RTOL[torch.float32])
+
+
 def _split(monkeypatch, NS, DS, schedule="replay"):
     """Force the split forward and backward (:mod:`badmm.split_kernels`,
     :mod:`badmm.split_backward_kernels`) with NS row and DS column slices per set (the forward

@@ -405,13 +405,16 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
     """Exact gradient of the T unrolled iterations. Returns fp32 (grad_x in x's shape, and one
     flat tensor of the parameter gradients, split by :func:`param_grad_views`: dw (6, T),
     grad_log_p0 (B, D), grad_log_q0 (rows,), zeros where the prior is absent). Host ops: the two
-    outputs and one scratch allocation (with its fill)."""
+    outputs (the parameter gradients zeroed) and one scratch allocation (with its fill)."""
     geo = _Geometry(x, ptr)
     B, D, T = geo.B, geo.D, w.shape[1]
     quadratic = quad_flag(quadratic, paper)              # the kernels' QUAD: B-Q exact is 2
     dev = x.device
     w32 = as_f32(w)
-    gx = torch.zeros(geo.rows, D, device=dev, dtype=torch.float32)
+    # every element is written by the kernels (the first reverse step's pass 3 - DEFER: the
+    # second's - covers every row of every set; no kernel runs only when gx is empty), so no
+    # fill: one full-size write less (tests: NaN-filled allocations)
+    gx = torch.empty(geo.rows, D, device=dev, dtype=torch.float32)
     dparams = torch.zeros(param_grads_numel(B, T, D, geo.rows), device=dev,
                           dtype=torch.float32)
     dw, gp0, gq0 = param_grad_views(dparams, B, T, D, geo.rows)

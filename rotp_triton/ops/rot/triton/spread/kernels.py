@@ -23,7 +23,7 @@ def _entry(ptr_ptr, b, sb, ss, S, RAGGED: tl.constexpr):
     """(offset of batch entry b's first sample in a tensor of batch stride sb and sample
     stride ss, its number of samples): dense b · sb and S; ragged ptr[b] · ss and its rows."""
     if RAGGED:
-        row0 = tl.load(ptr_ptr + b)
+        row0 = tl.load(ptr_ptr + b).to(tl.int64)                  # (an int32 ptr too)
         base = row0 * ss
         n_b = (tl.load(ptr_ptr + b + 1) - row0).to(tl.int32)
     else:
