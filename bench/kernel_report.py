@@ -36,7 +36,8 @@ once; α0 > 0 for B-E W1 T = 4), forward and forward+backward, through the PUBLI
    front end adds, per non-view host aten op, what an eager op costs, max(5 µs, the bytes it
    moves / 3.0 TB/s) (the layer's full-size host ops - the feature scale's statistics and x / s
    and their gradient - move as many bytes as a kernel; they were priced at 5 µs flat until
-   2026-11-29), and 10 µs per sync (serially: a conservative model). SoL: ``bench/sol.py`` (problem bytes, minimal exp2 count).
+   2026-11-29), and 10 µs per sync (serially: a conservative model). SoL: ``bench/sol.py``
+   (problem bytes, minimal exp2 count).
 6. Eager torch path (backend="torch", reduced batch, bytes scaled like 3.): Σ over non-view aten
    ops of max(5 µs, op bytes (inputs + outputs) / 3.0 TB/s) + 10 µs per sync.
    torch.compile model: one fused kernel per reduction (an op whose output is smaller than its

@@ -925,6 +925,13 @@ def _through_p_step_y(yb, s, Zb, gx, a1, inv_ws, mask, QUAD: tl.constexpr):
 
 
 @triton.jit
+def _load_adjoints(slb, szb, gx_b, o, mask):
+    """(L̄', Z̄', X̄) of a tile as the previous reverse step's pass 3 stored them."""
+    return (tl.load(slb + o, mask=mask, other=0.0), tl.load(szb + o, mask=mask, other=0.0),
+            tl.load(gx_b + o, mask=mask, other=0.0))
+
+
+@triton.jit
 def _last_step_adjoints(X, L1, Z1, mask, r1, gy, out, a1_1, rho_1, QUAD: tl.constexpr):
     """(L̄, Z̄, X̄) that the first reverse step (iteration T - 1) forms from that iteration's
     state (L1, Z1) when there is no plan gradient - log P̄ = 0, hence τ = 0 and R̄ = 0 (the
@@ -1054,13 +1061,9 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR
                         Lb, Zb, gx = _last_step_adjoints(X, tl.where(mask, L_1, 0.0), Z_1, mask,
                                                          r_1, gy_1, out_1, a1_1, rho_1, QUAD)
                     else:
-                        Lb = tl.load(slb + o, mask=mask, other=0.0)
-                        Zb = tl.load(szb + o, mask=mask, other=0.0)
-                        gx = tl.load(gx_b + o, mask=mask, other=0.0)
+                        Lb, Zb, gx = _load_adjoints(slb, szb, gx_b, o, mask)
                 else:
-                    Lb = tl.load(slb + o, mask=mask, other=0.0)
-                    Zb = tl.load(szb + o, mask=mask, other=0.0)
-                    gx = tl.load(gx_b + o, mask=mask, other=0.0)
+                    Lb, Zb, gx = _load_adjoints(slb, szb, gx_b, o, mask)
                 y, g, s, lpb, Zb, _da1, _drho = _s_step_adjoint(X, L, Zt, Lb, Zb, r, lmu, c,
                                                                 leta, cb, a1, rho, QUAD)
                 yb = lpb + rb[None, :] * _exp(y - r[None, :])              # + R̄ softmax_n(Y)
