@@ -1,5 +1,5 @@
 """scale="auto" (the modules' default): the near-mean start holds whatever the features' scale
-(issue 15; rotp_triton/nn/scale.py)."""
+(issue 15; rotp_triton/ops/rot/spread.py)."""
 import pytest
 import torch
 

@@ -1,6 +1,6 @@
 """The layers' host front end on the Triton path (issue 12): the weight table in one launch
 each way (``ROTWeights.table``, ``ops/rot/triton/weights``), the feature scale in one autograd
-node (``nn/scale.py``), and the number of non-view aten ops a layer call issues outside the
+node (``ops/rot/spread.py``), and the number of non-view aten ops a layer call issues outside the
 kernels (counted with ``bench/frontend_report.count_host_ops``, not timed: each is a ~5 µs
 launch on a GPU, PERF.md "Host front end"). The bounds are the counts of this tree; a change
 that adds host ops to a layer's call fails here and has to say why.
@@ -13,7 +13,7 @@ import torch
 
 import rotp_triton as rt
 from harness import DEVICE, ON_CUDA
-from rotp_triton.nn.scale import (dense_spread, image_spread, normalize_by_spread,
+from rotp_triton.ops.rot.spread import (dense_spread, image_spread, normalize_by_spread,
                                   normalize_ragged_by_spread, ragged_spread)
 from rotp_triton.ops.rot.triton.common import interpreter_enabled
 

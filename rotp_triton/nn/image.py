@@ -17,8 +17,9 @@ from .._checks import check_rot_values
 from ..functional import check_rot_options, rot_pool_table
 from ..ops.rot import route
 from ..ops.rot.params import A1, RHO
+from ..ops.rot.spread import normalize_by_spread
 from ..ops.rot.window_geometry import pool_output_size
-from .scale import check_scale, normalize_by_spread
+from .scale import check_scale
 from .weight_use import describe_used, restrict_learning
 from .weights import ROTWeights, kernels_may_run
 
@@ -80,7 +81,7 @@ class _ImageROTBase(nn.Module):
         check_rot_options(method, variant, num_iters, inner_iters, backend)
         self.channels, self.method, self.variant = channels, method, variant
         self.num_iters, self.inner_iters, self.backend = num_iters, inner_iters, backend
-        self.scale = check_scale(scale)  # per image: rotp_triton/nn/scale.py
+        self.scale = check_scale(scale)  # per image: rotp_triton/ops/rot/spread.py
         weights = restrict_learning(method, weights, variant, num_iters)
         self.weights = ROTWeights(num_iters, per_iter_params, **weights)
 
@@ -88,14 +89,9 @@ class _ImageROTBase(nn.Module):
         _check_image(x, self.channels)
         if self.scale is None:
             return self._forward(x)
-        if self.scale == "auto":  # s (B, 1, 1, 1): each image's feature unit
-            xs, s = normalize_by_spread(x, (2, 3), x.dtype,
-                                        kernels=kernels_may_run(x, self.backend))
-        else:
-            xs, s = (x / self.scale).to(x.dtype), self.scale
-        y = self._forward(xs)
-        return (y * (s if y.dim() == 4 or not isinstance(s, Tensor) else s[:, :, 0, 0])
-                ).to(x.dtype)
+        if self.scale == "auto":  # y = s · pool(x / s), s each image's feature unit
+            return self._forward(x, spread=True)
+        return (self._forward((x / self.scale).to(x.dtype)) * self.scale).to(x.dtype)
 
     def reset_parameters(self) -> None:
         self.weights.reset_parameters()
@@ -148,7 +144,7 @@ class AdaptiveROTPool2d(_ImageROTBase):
         method, variant, num_iters, inner_iters, per_iter_params, backend, a0, a1, a2, a3, rho,
             tau, learn_*: as in :class:`rotp_triton.ROTPool`.
         scale: ``"auto"`` (default): the weights are relative to each image's feature spread
-            (RMS over channels of the spatial standard deviation; :mod:`rotp_triton.nn.scale`),
+            (RMS over channels of the spatial standard deviation; :mod:`rotp_triton.ops.rot.spread`),
             so the near-mean start holds at any feature scale; ``None``: as given. "auto"
             costs a reduction and one elementwise pass over x (the kernels then read x / s).
 
@@ -170,7 +166,7 @@ class AdaptiveROTPool2d(_ImageROTBase):
             raise ValueError(f"flatten=True needs output_size=1, got {output_size!r}")
         self.flatten = flatten
 
-    def _forward(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor, spread: bool = False) -> Tensor:
         B, C, H, W = x.shape
         oh = H if self._out[0] is None else self._out[0]
         ow = W if self._out[1] is None else self._out[1]
@@ -178,13 +174,17 @@ class AdaptiveROTPool2d(_ImageROTBase):
             raise ValueError(f"x must have H, W >= 1, got shape {tuple(x.shape)}")
         table = self._table(x)
         if (oh, ow) == (1, 1):
-            sets = x.flatten(2).transpose(1, 2)                            # [B, HW, C] a view
+            xs, s = (normalize_by_spread(x, (2, 3), x.dtype,
+                                         kernels=kernels_may_run(x, self.backend))
+                     if spread else (x, None))                             # s [B, 1, 1, 1]
+            sets = xs.flatten(2).transpose(1, 2)                           # [B, HW, C] a view
             y = rot_pool_table(sets, make_set_batch(sets, pad=False), table,
                                structure=self.weights.structure, backend=self.backend,
                                **self._solver_kwargs())
+            y = y if s is None else (y * s.view(-1, 1)).to(x.dtype)
             return y if self.flatten else y[:, :, None, None]
         check_rot_values(x, table[A1], table[RHO])
-        return route.pool_adaptive(x, table, (oh, ow), **self._route_kwargs())
+        return route.pool_adaptive(x, table, (oh, ow), spread=spread, **self._route_kwargs())
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.channels}, output_size={self.output_size!r}, "
@@ -221,7 +221,7 @@ class ROTPool2d(_ImageROTBase):
         method, variant, num_iters, inner_iters, per_iter_params, backend, a0, a1, a2, a3, rho,
             tau, learn_*: as in :class:`rotp_triton.ROTPool`.
         scale: ``"auto"`` (default): the weights are relative to each image's feature spread
-            (RMS over channels of the spatial standard deviation; :mod:`rotp_triton.nn.scale`),
+            (RMS over channels of the spatial standard deviation; :mod:`rotp_triton.ops.rot.spread`),
             so the near-mean start holds at any feature scale; ``None``: as given. "auto"
             costs a reduction and one elementwise pass over x (the kernels then read x / s).
 
@@ -251,7 +251,7 @@ class ROTPool2d(_ImageROTBase):
         return (pool_output_size(H, kh, sh, ph, self.ceil_mode),
                 pool_output_size(W, kw, sw, pw, self.ceil_mode))
 
-    def _forward(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor, spread: bool = False) -> Tensor:
         Ho, Wo = self.output_shape(x.shape[2], x.shape[3])
         if Ho < 1 or Wo < 1:
             raise ValueError(f"input of spatial size {tuple(x.shape[2:])} is too small for "
@@ -261,7 +261,8 @@ class ROTPool2d(_ImageROTBase):
         check_rot_values(x, table[A1], table[RHO])
         return route.pool_windows(x, table, kernel_size=self.kernel_size,
                                   stride=self.stride, padding=self.padding,
-                                  ceil_mode=self.ceil_mode, **self._route_kwargs())
+                                  ceil_mode=self.ceil_mode, spread=spread,
+                                  **self._route_kwargs())
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.channels}, kernel_size={self.kernel_size}, "

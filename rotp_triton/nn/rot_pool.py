@@ -8,8 +8,9 @@ from torch import Tensor, nn
 
 from .._batching import check_tensor, compute_dtype, make_set_batch
 from ..functional import check_rot_options, rot_pool_table
+from ..ops.rot.spread import normalize_by_spread, normalize_set_rows_by_spread
 from .aggregation import SetAggregation, pool_sets
-from .scale import check_scale, normalize_by_spread, normalize_set_rows_by_spread
+from .scale import check_scale
 from .weight_use import describe_used, restrict_learning
 from .weights import ROTWeights, kernels_may_run
 
@@ -39,7 +40,7 @@ class ROTPool(SetAggregation):
     (``tests/test_modules.py``, ``tests/test_feature_scale.py``), so the layer can replace
     average pooling in a trained network. Pass smaller ``a1`` / ``rho`` for a layer that starts
     further from the mean. The weights are relative to each set's feature spread
-    (``scale="auto"``, :mod:`rotp_triton.nn.scale`); ``scale=None`` uses them as given.
+    (``scale="auto"``, :mod:`rotp_triton.ops.rot.spread`); ``scale=None`` uses them as given.
 
     The layer owns a learnable parameter only for the weights its method reads (Sinkhorn: no ρ,
     τ only with α0 > 0; Bregman ADMM: no τ), so DDP needs no ``find_unused_parameters``.

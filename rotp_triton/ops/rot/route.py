@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..._batching import SetBatch, check_prior_args, normalized_log_p0, normalized_log_q0
 from .params import weight_rows
+from .spread import normalize_by_spread
 from .torch.pool import rot_pool_padded
 from .torch.windows import adaptive_rot_pool2d_torch, rot_pool2d_torch
 from .triton.common import interpreter_enabled, next_pow2
@@ -135,26 +136,39 @@ def _torch_weights(table: Tensor, structure: bool) -> dict:
 
 def pool_windows(x: Tensor, table: Tensor, *, kernel_size, stride, padding, ceil_mode: bool,
                  method: str, variant: str, structure: bool, num_iters: int, inner_iters: int,
-                 backend: str) -> Tensor:
+                 backend: str, spread: bool = False) -> Tensor:
     """Local ROT pooling of the k×k windows of ``x`` (B, C, H, W) -> (B, C, Ho, Wo).
 
-    ``table``: the layer's (6, T) weights in x's compute dtype (``ROTWeights.table``)."""
-    if use_kernels(x, backend, structure=structure,
-                   window_tile=_window_tile(kernel_size, x.shape[1])):
+    ``table``: the layer's (6, T) weights in x's compute dtype (``ROTWeights.table``).
+    ``spread``: pool x / s and return s · y in x's dtype, s each image's feature spread
+    (``spread.py``, the layers' ``scale="auto"``): folded into the window kernels where they
+    run eagerly; otherwise the separate ops (spread kernels on CUDA, torch ops under
+    ``torch.compile`` or on CPU)."""
+    kernels = use_kernels(x, backend, structure=structure,
+                          window_tile=_window_tile(kernel_size, x.shape[1]))
+    if kernels:
         from .triton.window.op import window_pool
-        return window_pool(x, table, kernel_size=kernel_size, stride=stride, padding=padding,
-                           ceil_mode=ceil_mode, method=method, variant=variant)
-    return rot_pool2d_torch(x, kernel_size, stride, padding, ceil_mode, method=method,
-                            variant=variant, num_iters=num_iters, inner_iters=inner_iters,
-                            weights=_torch_weights(table, structure))
+        if spread and not torch.compiler.is_compiling():
+            return window_pool(x, table, kernel_size=kernel_size, stride=stride,
+                               padding=padding, ceil_mode=ceil_mode, method=method,
+                               variant=variant, spread=True)
+    xs, s = normalize_by_spread(x, (2, 3), x.dtype, kernels=x.is_cuda) if spread else (x, None)
+    if kernels:
+        y = window_pool(xs, table, kernel_size=kernel_size, stride=stride, padding=padding,
+                        ceil_mode=ceil_mode, method=method, variant=variant)
+    else:
+        y = rot_pool2d_torch(xs, kernel_size, stride, padding, ceil_mode, method=method,
+                             variant=variant, num_iters=num_iters, inner_iters=inner_iters,
+                             weights=_torch_weights(table, structure))
+    return y if s is None else (y * s).to(x.dtype)
 
 
 def pool_adaptive(x: Tensor, table: Tensor, output_size: Tuple[int, int], *,
                   method: str, variant: str, structure: bool, num_iters: int,
-                  inner_iters: int, backend: str) -> Tensor:
+                  inner_iters: int, backend: str, spread: bool = False) -> Tensor:
     """Adaptive ROT pooling (nn.AdaptiveAvgPool2d's windows), output size other than 1×1:
     windows that tile the image evenly are local windows (kernels where they apply), others
-    run on the torch path (also with backend="triton")."""
+    run on the torch path (also with backend="triton"). ``spread``: as in ``pool_windows``."""
     B, C, H, W = x.shape
     oh, ow = output_size
     if H % oh == 0 and W % ow == 0:
@@ -162,7 +176,9 @@ def pool_adaptive(x: Tensor, table: Tensor, output_size: Tuple[int, int], *,
         return pool_windows(x, table, kernel_size=k, stride=k, padding=(0, 0),
                             ceil_mode=False, method=method, variant=variant,
                             structure=structure, num_iters=num_iters, inner_iters=inner_iters,
-                            backend=backend)
-    return adaptive_rot_pool2d_torch(x, output_size, method=method, variant=variant,
-                                     num_iters=num_iters, inner_iters=inner_iters,
-                                     weights=_torch_weights(table, structure))
+                            backend=backend, spread=spread)
+    xs, s = normalize_by_spread(x, (2, 3), x.dtype, kernels=x.is_cuda) if spread else (x, None)
+    y = adaptive_rot_pool2d_torch(xs, output_size, method=method, variant=variant,
+                                  num_iters=num_iters, inner_iters=inner_iters,
+                                  weights=_torch_weights(table, structure))
+    return y if s is None else (y * s).to(x.dtype)

@@ -1,5 +1,5 @@
 """The feature-scale kernels (``ops/rot/triton/spread``) against the plain float64 formulas of
-``nn/scale.py`` (``image_spread`` / ``dense_spread``, then x / s), forward and gradients.
+``ops/rot/spread.py`` (``image_spread`` / ``dense_spread``, then x / s), forward and gradients.
 
 Runs under TRITON_INTERPRET=1 on CPU by default and on CUDA with ROTP_TEST_DEVICE=cuda (fp16 /
 bf16 there). Comparisons: ``harness.assert_close`` (relative L2 error ≤ RTOL[dtype], fp32 1e-4,
@@ -10,7 +10,8 @@ import torch
 
 import rotp_triton as rt
 from harness import DEVICE, KERNEL_DTYPES, assert_close, dtype_id
-from rotp_triton.nn.scale import dense_spread, image_spread, normalize_by_spread, ragged_spread
+from rotp_triton.ops.rot.spread import (dense_spread, image_spread, normalize_by_spread,
+                                        ragged_spread)
 from rotp_triton.ops.rot.triton.spread import (launch, op, spread_normalize,
                                                spread_normalize_ragged)
 

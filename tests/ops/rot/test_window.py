@@ -139,6 +139,53 @@ def test_badmm_q_large_a1_over_rho():
     check_window("badmm-q", "exact", "2x2-oddC", T=T, weights=w, x_scale=30.0)
 
 
+@pytest.mark.parametrize("case,method,variant", [
+    ("2x2-even", "sinkhorn", "exact"), ("2x2-even-tail-cl", "badmm-e", "exact"),
+    ("3x3-pad-ceil-overlap-cl", "badmm-q", "paper"), ("2x3-noncontig", "sinkhorn", "paper"),
+    ("2x2-oddC", "badmm-e", "paper")])
+def test_feature_scale_folded_in(case, method, variant):
+    """``spread=True`` (the layers' scale="auto"): y = s · pool(x / s) with s each image's
+    spread, 1 / s folded into the window kernels' loads and s into the store; the backward's
+    window kernel forms ∂/∂(x / s) and ds, one spread pass the rest. == the oracle on x / s
+    times s in float64, autograd through ``image_spread`` (forward, x and weight gradients);
+    an image with every pixel equal (s = 1, no gradient through s) included. Launches: 3
+    forward (statistics, s, windows), 2 backward (windows, x̄): no x / s and no dot pass."""
+    from launch_counter import count_launches
+    from rotp_triton.ops.rot.spread import image_spread
+    B, C, H, W, k, st, p, cm, layout = CASES[case]
+    T = 3
+    x = make_input(B, C, H, W, layout, torch.float32, seed=7).mul_(3).add_(5)  # layout kept
+    if B > 1:  # a constant image: spread 0 -> s = 1
+        x[1] = 2.5
+    x.requires_grad_()
+    w64 = random_weights(T, torch.float64, seed=5)
+    wt = weight_table(w64, T).float().to(DEVICE).requires_grad_()
+    with count_launches() as fwd:
+        y = window_pool(x, wt, kernel_size=k, stride=st, padding=p, ceil_mode=cm, method=method,
+                        variant=variant, spread=True)
+    assert fwd == ["spread_stats_kernel", "spread_normalize_kernel", "window_fwd_kernel"]
+    assert not fwd.constexprs[1]["NORMALIZE"]
+    Ho, Wo, wins = window_positions(H, W, k, st, p, cm)
+    x64 = x.detach().double().cpu().requires_grad_()
+    wr = {n: v.clone().requires_grad_() for n, v in w64.items()}
+    s64 = image_spread(x64).view(B, 1, 1, 1)
+    yr = reference_pool(x64 / s64, wins, (Ho, Wo), method=method, variant=variant, num_iters=T,
+                        **wr) * s64
+    assert rel_err(y, yr) <= RTOL[torch.float32]
+    g = torch.randn(yr.shape, dtype=torch.float64)
+    with count_launches() as bwd:
+        gx, gw = torch.autograd.grad((y * g.to(DEVICE, torch.float32)).sum(), [x, wt])
+    assert bwd == ["window_bwd_kernel", "spread_grad_kernel"]
+    gr = torch.autograd.grad((yr * g).sum(), [x64] + list(wr.values()), allow_unused=True,
+                             materialize_grads=True)
+    for name, a, b in zip(["x"] + list(wr), [gx] + [gw[WEIGHT_ROWS[n]] for n in wr], gr):
+        a = a.detach().double().cpu()
+        if b.abs().max() <= 1e-12:  # α2, α3 of the paper B-ADMM (defect 2): no effect
+            assert a.abs().max() <= 1e-6, name
+        else:
+            assert (a - b).norm() <= RTOL[torch.float32] * b.norm(), name
+
+
 @pytest.mark.skipif(not ON_CUDA, reason="fp16/bf16 kernels run on CUDA only")
 @pytest.mark.parametrize("dtype", [d for d in KERNEL_DTYPES if d != torch.float32],
                          ids=lambda d: str(d).split(".")[-1])
@@ -274,13 +321,13 @@ AOT_CODE = r"""
 from aot import compile_sm90, ptxas_usage
 from rotp_triton.ops.rot.triton.window import kernels as K, launch as L
 
-FWD = ["x_ptr", "y_ptr", "w_ptr", "C", "H", "W", "Ho", "Wo", "n_windows", "lp0",
+FWD = ["x_ptr", "y_ptr", "w_ptr", "s_ptr", "C", "H", "W", "Ho", "Wo", "n_windows", "lp0",
        "sxb", "sxc", "sxh", "sxw", "syb", "syc", "syh", "syw"]
-BWD = ["x_ptr", "gy_ptr", "w_ptr", "gx_ptr", "gw_ptr", "C", "H", "W", "Ho", "Wo",
+BWD = ["x_ptr", "gy_ptr", "w_ptr", "gx_ptr", "gw_ptr", "s_ptr", "ds_ptr", "C", "H", "W", "Ho", "Wo",
        "n_windows", "n_tiles", "n_seg", "lp0", "sxb", "sxc", "sxh", "sxw", "sgb", "sgc", "sgh",
        "sgw", "sdb", "sdc", "sdh", "sdw"]
 NAMES = ("sinkhorn", "badmm-e", "badmm-q")
-for C, k, s, method, paper, kind, dt, T in CASES:
+for C, k, s, method, paper, kind, dt, T, *scaled in CASES:
     g = L.geometry((64, C, 56, 56), (k, k), (s, s), (0, 0), False)
     if kind == "fwd":
         names, kern, cfg = FWD, K.window_fwd_kernel, L.fwd_config(g)
@@ -290,7 +337,7 @@ for C, k, s, method, paper, kind, dt, T in CASES:
         names, kern, cfg = BWD, K.window_bwd_kernel, L.bwd_config(g, T, NAMES[method], variant)
         cfg.update(OVERLAP=g.overlap, TP=L.next_pow2(6 * T))
     warps, maxnreg = cfg.pop("num_warps"), cfg.pop("maxnreg")
-    ce = dict(T=T, METHOD=method, PAPER=paper, **cfg, **g.constexprs())
+    ce = dict(T=T, METHOD=method, PAPER=paper, SCALED=bool(scaled), **cfg, **g.constexprs())
     # x, y, gy in the input dtype; the weight table and gx (accumulated) in fp32
     low = ("x_ptr", "y_ptr", "gy_ptr")
     sig = {n: (f"*{dt}" if n in low else "*fp32" if n.endswith("_ptr") else
@@ -300,7 +347,7 @@ for C, k, s, method, paper, kind, dt, T in CASES:
     assert "cubin" in c.asm
     u = ptxas_usage(c)
     usage = f"REG:{u['registers']} SPILL:{u['spill_bytes']}"
-    flags = "".join(f for f in ("MASKED", "TAIL") if cfg.get(f))
+    flags = "".join(f for f in ("MASKED", "TAIL", "SCALED") if ce.get(f))
     print(f"RESULT C={C} k={k} s={s} method={method} paper={paper} {kind} {dt} T={T} "
           f"tile={cfg['BW']}x{cfg['BN']}x{cfg['BC']} warps={warps} {flags} {usage}", flush=True)
 """
@@ -308,14 +355,17 @@ for C, k, s, method, paper, kind, dt, T in CASES:
 # (C, k, stride, method id, paper, fwd/bwd, dtype, T): every method × variant × direction at W3
 # (C = 256, 2×2, full windows: the unmasked kernels; the backward at T = 4, one segment, and
 # T = 16, its own segment length), plus masked / overlapping / 3×3, fp16/bf16, and the tiles
-# beyond 4,096 elements (C = 1100: forward 8,192 elements)
+# beyond 4,096 elements (C = 1100: forward 8,192 elements); a 9th entry: SCALED
 AOT_CASES = ([(256, 2, 2, m, pa, "fwd", "fp32", 4) for m in range(3) for pa in (False, True)]
              + [(256, 2, 2, m, pa, "bwd", "fp32", T) for m in range(3) for pa in (False, True)
                 for T in (4, 16)]
              + [(100, 2, 2, 1, False, "fwd", "fp32", 4), (64, 3, 3, 1, False, "fwd", "fp32", 4),
                 (64, 3, 2, 0, True, "bwd", "fp32", 4), (256, 2, 2, 1, False, "fwd", "bf16", 4),
                 (64, 2, 1, 2, False, "bwd", "fp16", 4), (1100, 2, 2, 0, False, "fwd", "fp32", 4),
-                (1100, 2, 2, 1, False, "fwd", "fp32", 4), (512, 2, 2, 1, False, "bwd", "fp32", 4)])
+                (1100, 2, 2, 1, False, "fwd", "fp32", 4), (512, 2, 2, 1, False, "bwd", "fp32", 4)]
+             # the layers' feature scale folded in (scale="auto", W3 in bf16)
+             + [(256, 2, 2, m, False, kind, "bf16", 4, "SCALED") for m in (0, 1)
+                for kind in ("fwd", "bwd")])
 # Known limit: a B-ADMM backward tile beyond 8 warps × 32 × 8 = 2,048 elements (2×2
 # windows with C > 512) needs 16 warps, whose 128-register cap makes the B-ADMM backward spill;
 # it compiles and is correct (test_wide_channels), only slower. Printed, not asserted.

@@ -1,4 +1,4 @@
-"""``@triton.jit`` code of the feature-scale normalisation (``nn/scale.py``: s = the root mean
+"""``@triton.jit`` code of the feature-scale normalisation (``ops/rot/spread.py``: s = the root mean
 square over features of each feature's standard deviation over the samples, 1 where that is
 0; the layer pools x / s).
 
@@ -46,7 +46,7 @@ def _tile(ptr, base, sf, ss, offs_s, offs_f, mask):
 @triton.jit
 def _spread(part_ptr, b, F, NFB, BP: tl.constexpr):
     """(s, root) of batch entry b from its NFB per-block sums of the features' variances:
-    root = sqrt(Σ_f var_f / F), s = root where root > 0, else 1 (nn/scale.py)."""
+    root = sqrt(Σ_f var_f / F), s = root where root > 0, else 1 (ops/rot/spread.py)."""
     offs = tl.arange(0, BP)
     parts = tl.load(part_ptr + b.to(tl.int64) * NFB + offs, mask=offs < NFB, other=0.0)
     root = tl.sqrt(tl.sum(parts, axis=0) / F)
@@ -85,25 +85,27 @@ def spread_stats_kernel(x_ptr, sb, sf, ss, ptr_ptr, mean_ptr, part_ptr, F, S, NF
 @triton.jit
 def spread_normalize_kernel(x_ptr, sb, sf, ss, out_ptr, ob, of, os, ptr_ptr, part_ptr, s_ptr,
                             root_ptr, F, S, NFB, RAGGED: tl.constexpr, BS: tl.constexpr,
-                            BF: tl.constexpr, BP: tl.constexpr):
+                            BF: tl.constexpr, BP: tl.constexpr, NORMALIZE: tl.constexpr):
     """x / s for block (b, j), written in out's dtype through out's strides; program (b, 0)
-    also writes s_b and root_b."""
+    also writes s_b and root_b. Without NORMALIZE (grid (B, 1)) only s and root: a pooling
+    kernel that folds 1 / s into its loads reads x itself."""
     b = tl.program_id(0)
     j = tl.program_id(1)
     s, root = _spread(part_ptr, b, F, NFB, BP)
     if j == 0:
         tl.store(s_ptr + b, s)
         tl.store(root_ptr + b, root)
-    base, n_b = _entry(ptr_ptr, b, sb, ss, S, RAGGED)
-    obase, _n = _entry(ptr_ptr, b, ob, os, S, RAGGED)
-    offs_f = j * BF + tl.arange(0, BF)
-    fm = offs_f < F
-    for s0 in range(0, n_b, BS):
-        offs_s = s0 + tl.arange(0, BS)
-        mask = (offs_s < n_b)[:, None] & fm[None, :]
-        X = _tile(x_ptr, base, sf, ss, offs_s, offs_f, mask)
-        tl.store(_ptrs(out_ptr, obase, of, os, offs_s, offs_f),
-                 (X / s).to(out_ptr.dtype.element_ty), mask=mask)
+    if NORMALIZE:
+        base, n_b = _entry(ptr_ptr, b, sb, ss, S, RAGGED)
+        obase, _n = _entry(ptr_ptr, b, ob, os, S, RAGGED)
+        offs_f = j * BF + tl.arange(0, BF)
+        fm = offs_f < F
+        for s0 in range(0, n_b, BS):
+            offs_s = s0 + tl.arange(0, BS)
+            mask = (offs_s < n_b)[:, None] & fm[None, :]
+            X = _tile(x_ptr, base, sf, ss, offs_s, offs_f, mask)
+            tl.store(_ptrs(out_ptr, obase, of, os, offs_s, offs_f),
+                     (X / s).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -131,18 +133,22 @@ def spread_grad_dot_kernel(g_ptr, gb, gf, gs, x_ptr, sb, sf, ss, ptr_ptr, part_p
 def spread_grad_kernel(g_ptr, gb, gf, gs, x_ptr, sb, sf, ss, gx_ptr, xb, xf, xs, ptr_ptr,
                        mean_ptr, s_ptr, root_ptr, gsc_ptr, part_ptr, F, S, NFB,
                        RAGGED: tl.constexpr, BS: tl.constexpr, BF: tl.constexpr,
-                       BP: tl.constexpr):
+                       BP: tl.constexpr, DOT: tl.constexpr):
     """x̄ = (ḡ + ds·[root > 0]·(x - mean_f) / (F·S_b)) / s for block (b, j), with
-    ds = s̄ - Σ ḡ·x / s² (the direct gradient of s plus the one through x / s; s is the
-    constant 1 where root = 0), written in x̄'s dtype through its strides."""
+    ds = s̄ - Σ ḡ·x / s² (the direct gradient of s plus the one through x / s, DOT: its sum
+    from spread_grad_dot_kernel's parts; without DOT s̄ is already the total, from a pooling
+    kernel that folded 1 / s in; s is the constant 1 where root = 0), written in x̄'s dtype
+    through its strides."""
     b = tl.program_id(0)
     j = tl.program_id(1)
-    offs = tl.arange(0, BP)
-    dot = tl.sum(tl.load(part_ptr + b.to(tl.int64) * NFB + offs, mask=offs < NFB, other=0.0),
-                 axis=0)
     s = tl.load(s_ptr + b)
     root = tl.load(root_ptr + b)
-    ds = tl.load(gsc_ptr + b) - dot / (s * s)
+    ds = tl.load(gsc_ptr + b)
+    if DOT:
+        offs = tl.arange(0, BP)
+        dot = tl.sum(tl.load(part_ptr + b.to(tl.int64) * NFB + offs, mask=offs < NFB,
+                             other=0.0), axis=0)
+        ds = ds - dot / (s * s)
     base, n_b = _entry(ptr_ptr, b, sb, ss, S, RAGGED)
     gbase, _n = _entry(ptr_ptr, b, gb, gs, S, RAGGED)
     xbase, _n = _entry(ptr_ptr, b, xb, xs, S, RAGGED)

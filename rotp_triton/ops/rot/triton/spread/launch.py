@@ -52,16 +52,18 @@ def block_sizes(F: int, S: int) -> Tuple[int, int, int]:
     return BS, BF, 4
 
 
-def spread_forward(x: Tensor, sample_dims: Tuple[int, ...], out_dtype: torch.dtype,
+def spread_forward(x: Tensor, sample_dims: Tuple[int, ...], out_dtype: Optional[torch.dtype],
                    ptr: Optional[Tensor] = None, wrap=None):
     """(x / s in ``out_dtype`` and x's memory format, saved (B, 2 + F) fp32: s, root, then the
     features' means). x: (B, F, S) through :func:`bfs_strides` (checked by the caller), any
     float dtype, B, F, S >= 1; or the rows (rows, D) of ``ptr``'s sets (``sample_dims`` (0,),
-    B >= 1, D >= 1, sets may be empty)."""
+    B >= 1, D >= 1, sets may be empty). ``out_dtype`` None: no x / s (None returned in its
+    place; the second launch only forms s): for a pooling kernel that folds 1 / s in."""
     B, F, S = sizes(x, sample_dims, ptr)
     BS, BF, num_warps = block_sizes(F, S)
     NFB = cdiv(F, BF)
-    out = torch.empty_like(x, dtype=out_dtype)
+    normalize = out_dtype is not None
+    out = torch.empty_like(x, dtype=out_dtype) if normalize else None
     # one allocation: what the backward keeps (s, root, mean) and the blocks' variance sums
     buf = torch.empty(B * (2 + F + NFB), device=x.device, dtype=torch.float32)
     saved = buf[:B * (2 + F)]
@@ -70,19 +72,23 @@ def spread_forward(x: Tensor, sample_dims: Tuple[int, ...], out_dtype: torch.dty
     grid = (B, NFB)
     rag = dict(RAGGED=ptr is not None)
     ptr = ptr if ptr is not None else buf                 # unread when dense
-    launcher(spread_stats_kernel, wrap)[grid](x, *bfs_strides(x, sample_dims), ptr, mean, part,
-                                              F, S, NFB, **rag, BS=BS, BF=BF,
-                                              num_warps=num_warps)
-    launcher(spread_normalize_kernel, wrap)[grid](
-        x, *bfs_strides(x, sample_dims), out, *bfs_strides(out, sample_dims), ptr, part, s, root,
-        F, S, NFB, **rag, BS=BS, BF=BF, BP=next_pow2(NFB), num_warps=num_warps)
+    xst = bfs_strides(x, sample_dims)
+    launcher(spread_stats_kernel, wrap)[grid](x, *xst, ptr, mean, part, F, S, NFB, **rag, BS=BS,
+                                              BF=BF, num_warps=num_warps)
+    launcher(spread_normalize_kernel, wrap)[grid if normalize else (B, 1)](
+        x, *xst, out if normalize else x, *(bfs_strides(out, sample_dims) if normalize else xst),
+        ptr, part, s, root, F, S, NFB, **rag, BS=BS, BF=BF, BP=next_pow2(NFB),
+        NORMALIZE=normalize, num_warps=num_warps)
     return out, saved
 
 
 def spread_backward(x: Tensor, sample_dims: Tuple[int, ...], saved: Tensor, g: Tensor,
-                    g_s: Tensor, ptr: Optional[Tensor] = None, wrap=None) -> Tensor:
+                    g_s: Tensor, ptr: Optional[Tensor] = None, wrap=None,
+                    g_s_total: bool = False) -> Tensor:
     """x̄ (x's dtype and memory format) from ḡ = d loss / d(x / s) (any strides: copied when
-    its sample dims do not collapse) and s̄ (B,) fp32."""
+    its sample dims do not collapse) and s̄ (B,) fp32: the direct gradient of s, or with
+    ``g_s_total`` all of it (the path through x / s included: a pooling kernel that folded
+    1 / s in formed it; then one launch, no dot pass)."""
     B, F, S = sizes(x, sample_dims, ptr)
     BS, BF, num_warps = block_sizes(F, S)
     NFB = cdiv(F, BF)
@@ -92,14 +98,15 @@ def spread_backward(x: Tensor, sample_dims: Tuple[int, ...], saved: Tensor, g: T
         g = g.contiguous()
         gst = bfs_strides(g, sample_dims)
     gx = torch.empty_like(x)
-    part = torch.empty(B * NFB, device=x.device, dtype=torch.float32)
+    part = s if g_s_total else torch.empty(B * NFB, device=x.device, dtype=torch.float32)
     grid = (B, NFB)
     xst = bfs_strides(x, sample_dims)
     rag = dict(RAGGED=ptr is not None)
     ptr = ptr if ptr is not None else part                # unread when dense
-    launcher(spread_grad_dot_kernel, wrap)[grid](g, *gst, x, *xst, ptr, part, F, S, NFB, **rag,
-                                                 BS=BS, BF=BF, num_warps=num_warps)
+    if not g_s_total:
+        launcher(spread_grad_dot_kernel, wrap)[grid](g, *gst, x, *xst, ptr, part, F, S, NFB,
+                                                     **rag, BS=BS, BF=BF, num_warps=num_warps)
     launcher(spread_grad_kernel, wrap)[grid](
         g, *gst, x, *xst, gx, *bfs_strides(gx, sample_dims), ptr, mean, s, root, g_s, part, F,
-        S, NFB, **rag, BS=BS, BF=BF, BP=next_pow2(NFB), num_warps=num_warps)
+        S, NFB, **rag, BS=BS, BF=BF, BP=next_pow2(NFB), DOT=not g_s_total, num_warps=num_warps)
     return gx

@@ -15,7 +15,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class SpreadNormalizeFunction(torch.autograd.Function):
-    """(x / s, s): ``nn.scale._SpreadNormalize``'s (ragged: ``_RaggedSpreadNormalize``'s)
+    """(x / s, s): ``spread._SpreadNormalize``'s (ragged: ``_RaggedSpreadNormalize``'s)
     values, in two launches each way."""
 
     @staticmethod
@@ -42,7 +42,7 @@ class SpreadNormalizeFunction(torch.autograd.Function):
 def spread_normalize(x: Tensor, sample_dims: Tuple[int, ...],
                      out_dtype: torch.dtype) -> Optional[Tuple[Tensor, Tensor]]:
     """``(x / s in out_dtype, s (B, 1, ...) fp32)`` by the kernels, or None when they do not
-    apply (the caller then runs the torch ops of ``nn/scale.py``): x must be fp32, fp16 or
+    apply (the caller then runs the torch ops of ``ops/rot/spread.py``): x must be fp32, fp16 or
     bf16 (it is read in its own dtype and the statistics taken in fp32), non-empty, with the
     sample dims collapsing into one stride (any image layout; any set strides).
 

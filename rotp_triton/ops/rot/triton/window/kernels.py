@@ -686,18 +686,20 @@ def _admm_fwd(x, w_ptr, lp0, lq0, sv, cv, T: tl.constexpr, QUAD: tl.constexpr,
 
 @triton.jit(do_not_specialize=["sxh", "sxw"])
 def window_fwd_kernel(
-    x_ptr, y_ptr, w_ptr,
+    x_ptr, y_ptr, w_ptr, s_ptr,
     C, H, W, Ho, Wo, n_windows, lp0,
     sxb, sxc, sxh, sxw, syb, syc, syh, syw,
     T: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
     METHOD: tl.constexpr, PAPER: tl.constexpr, MASKED: tl.constexpr, TAIL: tl.constexpr,
-    FAST: tl.constexpr,
+    SCALED: tl.constexpr, FAST: tl.constexpr,
 ):
     """y[b, :, oh, ow] = ROT pooling of window (oh, ow) of image b, all T iterations fused, for
     a [BW, BN, BC] tile: a window's samples of a channel in one thread (or a few lanes), the
     channel reductions across lanes. MASKED: some windows lose samples to padding / the border
-    or C < BC; TAIL: the last tile has fewer than BW windows (masks its loads/stores only)."""
+    or C < BC; TAIL: the last tile has fewer than BW windows (masks its loads/stores only).
+    SCALED: the layer's feature scale folded in, y = s_b · pool(x / s_b) with s (B,) fp32 (the
+    image's spread, ``spread`` family): no x / s pass and no output multiply on the host."""
     pid = tl.program_id(0)
     offs_w, w_ok, ow, oh, bi, hh, ww, inside, sv2, offs_c, c_ok = _window_tile(
         pid, C, H, W, Ho, Wo, n_windows, KH, KW, SH, SW, PH, PW, BW, BN, BC)
@@ -717,6 +719,9 @@ def window_fwd_kernel(
     else:
         x = tl.load(ptrs).to(tl.float32)                               # [BW, BN, BC]
         lq0 = -tl.log2(KH * KW * 1.0)
+    if SCALED:
+        sc = tl.load(s_ptr + bi, mask=w_ok, other=1.0)                 # [BW]
+        x = x * (1.0 / sc)[:, None, None]
     lp02 = lp0 * LOG2E
     if METHOD == 0:
         logits = _sinkhorn_fwd(x, w_ptr, lp02, lq0, sv, cv, T, PAPER, MASKED, FAST, BW, BN, BC)
@@ -726,6 +731,8 @@ def window_fwd_kernel(
     # eq. (5): y_d = Σ_n softmax_n(L)_nd x_nd
     mo, e, so = _exp2_parts(logits, sv, AX_N, MASKED)
     y = tl.sum(e * x, axis=AX_N) * _rcp(tl.sum(e, axis=AX_N), FAST)   # [BW, BC]
+    if SCALED:
+        y = y * sc[:, None]
     if MASKED:
         tl.store(yptrs, y.to(y_ptr.dtype.element_ty), mask=w_ok[:, None] & c_ok[None, :])
     elif TAIL:
@@ -741,6 +748,12 @@ def _acc(acc, offs_p, k, v):
 
 
 @triton.jit
+def _window_sum(v):
+    """[BW, BN, BC] -> [BW]: the sum over each window."""
+    return tl.sum(tl.sum(v, axis=2), axis=1)
+
+
+@triton.jit
 def _output_bwd(x, logits, gy, m, sv, MASKED: tl.constexpr, FAST: tl.constexpr):
     """VJP of y_d = Σ_n softmax_n(L)_nd x_nd: (∂/∂x through the weights' x, ∂/∂L)."""
     w = _softmax(logits, sv, AX_N, MASKED, FAST)
@@ -752,7 +765,7 @@ def _output_bwd(x, logits, gy, m, sv, MASKED: tl.constexpr, FAST: tl.constexpr):
 def _sinkhorn_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T: tl.constexpr,
                   L: tl.constexpr, PAPER: tl.constexpr, MASKED: tl.constexpr,
                   FAST: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
-    """(gx, acc + ∂y/∂w ᵀ gy) of a Sinkhorn tile. The T iterations in segments of L (last
+    """(gx, acc + ∂y/∂w ᵀ gy, Σ gy·y per window [BW]) of a Sinkhorn tile. The T iterations in segments of L (last
     segment first): the segment's states are replayed once and kept in registers (``tape``),
     then back-propagated in reverse; the state at a segment's start is recomputed from
     iteration 0 (only when T > L). ``n_seg`` = ⌈T / L⌉ arrives as a runtime value on purpose:
@@ -764,6 +777,7 @@ def _sinkhorn_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T: tl.cons
     ga = tl.zeros([BW, 1, BC], dtype=tl.float32)
     gb = tl.zeros([BW, BN, 1], dtype=tl.float32)
     g_u_carry = tl.sum(gb, axis=None) * 0.0  # cotangent of 1/ε_t from iteration t + 1 / output
+    gyy = tl.zeros([BW], dtype=tl.float32)
     for seg in range(n_seg):
         t0 = (n_seg - 1 - seg) * L
         a, b, u_prev = _sinkhorn_run(x, w_ptr, t0, T, lp0, lq0, sv, cv, PAPER, MASKED, FAST,
@@ -778,6 +792,7 @@ def _sinkhorn_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T: tl.cons
                 u_prev = u
         if seg == 0:  # (a, b) = (a_T, b_T): the output's logits are x/ε_T + b_T
             gx_o, g_l = _output_bwd(x, x * u_prev + b, gy, m, sv, MASKED, FAST)
+            gyy = _window_sum(gx_o * x)        # gx_o = softmax · gy: Σ_c gy_c y_c
             gx = gx_o + u_prev * g_l
             g_u_carry = tl.sum(x * g_l, axis=None)
             gb = _sum(g_l, AX_C)
@@ -798,7 +813,7 @@ def _sinkhorn_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T: tl.cons
                 acc = _acc(acc, offs_p, _A2 * T + t, ga2)
                 acc = _acc(acc, offs_p, _A3 * T + t, ga3)
                 g_u_carry = g_up
-    return gx, acc
+    return gx, acc, gyy
 
 
 @triton.jit
@@ -806,8 +821,9 @@ def _admm_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T: tl.constexp
               L: tl.constexpr,
               QUAD: tl.constexpr, PAPER: tl.constexpr, MASKED: tl.constexpr,
               FAST: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
-    """(gx, acc + ∂y/∂w ᵀ gy) of a B-ADMM tile, in segments of L iterations as _sinkhorn_bwd
-    (the tape holds the states log S, Z [+ paper: log μ, log η, z1, z2])."""
+    """(gx, acc + ∂y/∂w ᵀ gy, Σ gy·y per window) of a B-ADMM tile, in segments of L
+    iterations as _sinkhorn_bwd (the tape holds the states log S, Z [+ paper: log μ, log η, z1,
+    z2])."""
     m = sv & cv
     g_ls = tl.zeros([BW, BN, BC], dtype=tl.float32)
     g_z = tl.zeros([BW, BN, BC], dtype=tl.float32)
@@ -816,6 +832,7 @@ def _admm_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T: tl.constexp
     g_z1 = tl.zeros([BW, 1, BC], dtype=tl.float32)
     g_z2 = tl.zeros([BW, BN, 1], dtype=tl.float32)
     gx = tl.zeros([BW, BN, BC], dtype=tl.float32)
+    gyy = tl.zeros([BW], dtype=tl.float32)
     for seg in range(n_seg):
         t0 = (n_seg - 1 - seg) * L
         log_s, z, lmu, leta, z1, z2 = _admm_run(x, w_ptr, t0, T, lp0, lq0, sv, cv, QUAD, PAPER,
@@ -839,6 +856,7 @@ def _admm_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T: tl.constexp
                     gx_o, g_y = _output_bwd(
                         x, _admm_p_logits(x, ls_t, z_t, irho, c1, m, QUAD, MASKED), gy, m, sv,
                         MASKED, FAST)
+                    gyy = _window_sum(gx_o * x)
                     gx += gx_o
                 (gx_t, g_ls, g_z, g_lmu, g_leta, g_z1, g_z2,
                  g_rho, g_irho, g_k2, g_k3, g_c1, g_c2) = _admm_step_bwd(
@@ -852,22 +870,24 @@ def _admm_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T: tl.constexp
                 acc = _acc(acc, offs_p, _A2 * T + t, ga2)
                 acc = _acc(acc, offs_p, _A3 * T + t, ga3)
                 acc = _acc(acc, offs_p, _RHO * T + t, grho)
-    return gx, acc
+    return gx, acc, gyy
 
 
 @triton.jit
 def _window_bwd_tile(
-    tile, acc, offs_p, x_ptr, gy_ptr, w_ptr, gx_ptr,
+    tile, acc, offs_p, x_ptr, gy_ptr, w_ptr, gx_ptr, s_ptr, ds_ptr,
     C, H, W, Ho, Wo, n_windows, n_seg, lp0,
     sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw,
     T: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
     L: tl.constexpr, METHOD: tl.constexpr, PAPER: tl.constexpr, OVERLAP: tl.constexpr,
-    MASKED: tl.constexpr, FAST: tl.constexpr,
+    MASKED: tl.constexpr, SCALED: tl.constexpr, FAST: tl.constexpr,
 ):
     """Backward of one tile of BW windows: gx += ∂y/∂x ᵀ gy (atomically into fp32 when windows
     overlap, else stored in x's dtype); returns acc plus the tile's ∂y/∂w ᵀ gy ((6, T)
-    flattened). MASKED as in the forward; loads and stores are always masked."""
+    flattened). MASKED as in the forward; loads and stores are always masked. SCALED
+    (y = s · f(x / s)): gx is the cotangent of x / s, ∂f ᵀ (s·gy), and each window's share of
+    ∂y/∂s ᵀ gy = Σ gy·f - Σ gx·(x / s) / s goes to ds (n_windows,)."""
     offs_w, w_ok, ow, oh, bi, hh, ww, inside, sv2, offs_c, c_ok = _window_tile(
         tile, C, H, W, Ho, Wo, n_windows, KH, KW, SH, SW, PH, PW, BW, BN, BC)
     sv = sv2[:, :, None]                                               # [BW, BN, 1]
@@ -879,6 +899,10 @@ def _window_bwd_tile(
     gyp = (gy_ptr + bi.to(tl.int64)[:, None] * sgb + offs_c[None, :] * sgc
            + oh[:, None] * sgh + ow[:, None] * sgw)
     gy = tl.load(gyp, mask=w_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+    if SCALED:
+        sc = tl.load(s_ptr + bi, mask=w_ok, other=1.0)                 # [BW]
+        x = x * (1.0 / sc)[:, None, None]
+        gy = gy * sc[:, None]
     gy = gy[:, None, :]                                                # [BW, 1, BC]
     if MASKED:
         count = tl.sum(sv2.to(tl.float32), axis=1)
@@ -886,11 +910,13 @@ def _window_bwd_tile(
     else:
         lq0 = -tl.log2(KH * KW * 1.0) * LN2
     if METHOD == 0:
-        gx, acc = _sinkhorn_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T, L, PAPER,
-                                MASKED, FAST, BW, BN, BC)
+        gx, acc, gyy = _sinkhorn_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T, L,
+                                     PAPER, MASKED, FAST, BW, BN, BC)
     else:
-        gx, acc = _admm_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T, L, METHOD == 2,
-                            PAPER, MASKED, FAST, BW, BN, BC)
+        gx, acc, gyy = _admm_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T, L,
+                                 METHOD == 2, PAPER, MASKED, FAST, BW, BN, BC)
+    if SCALED:  # gy and gyy carry the factor s
+        tl.store(ds_ptr + offs_w, (gyy - _window_sum(gx * x)) / sc, mask=w_ok)
     gptrs = (gx_ptr + b64 * sdb + offs_c[None, None, :] * sdc + hh[:, :, None] * sdh
              + ww[:, :, None] * sdw)
     if OVERLAP:  # fp32 accumulation across windows
@@ -902,24 +928,25 @@ def _window_bwd_tile(
 
 @triton.jit(do_not_specialize=["n_seg", "sxh", "sxw", "sdh", "sdw"])
 def window_bwd_kernel(
-    x_ptr, gy_ptr, w_ptr, gx_ptr, gw_ptr,
+    x_ptr, gy_ptr, w_ptr, gx_ptr, gw_ptr, s_ptr, ds_ptr,
     C, H, W, Ho, Wo, n_windows, n_tiles, n_seg, lp0,
     sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw,
     T: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
     L: tl.constexpr, TP: tl.constexpr, METHOD: tl.constexpr, PAPER: tl.constexpr,
-    OVERLAP: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr,
+    OVERLAP: tl.constexpr, MASKED: tl.constexpr, SCALED: tl.constexpr, FAST: tl.constexpr,
 ):
     """Backward of local ROT pooling. A grid of a few programs per SM strides over the tiles of
     windows, so the per-program weight cotangents gw (grid × TP, TP = next_pow2(6T), the (6, T)
-    table flattened) stay small and their sum on the host is deterministic."""
+    table flattened) stay small and their sum on the host is deterministic. SCALED: see
+    ``_window_bwd_tile``."""
     pid = tl.program_id(0)
     offs_p = tl.arange(0, TP)
     acc = tl.zeros([TP], dtype=tl.float32)
     for tile in range(pid, n_tiles, tl.num_programs(0)):
         acc = _window_bwd_tile(
-            tile, acc, offs_p, x_ptr, gy_ptr, w_ptr, gx_ptr, C, H, W, Ho, Wo, n_windows, n_seg,
-            lp0,
+            tile, acc, offs_p, x_ptr, gy_ptr, w_ptr, gx_ptr, s_ptr, ds_ptr, C, H, W, Ho, Wo,
+            n_windows, n_seg, lp0,
             sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw, T, KH, KW, SH, SW, PH,
-            PW, BW, BN, BC, L, METHOD, PAPER, OVERLAP, MASKED, FAST)
+            PW, BW, BN, BC, L, METHOD, PAPER, OVERLAP, MASKED, SCALED, FAST)
     tl.store(gw_ptr + pid * TP + offs_p, acc)

@@ -7,7 +7,7 @@ table directly. The backward's weight cotangent comes back as per-program partia
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -151,23 +151,26 @@ def empty_like_layout(x: Tensor, shape, dtype) -> Tensor:
 
 
 def window_forward(x: Tensor, w: Tensor, g: Geometry, method: str, variant: str,
-                   wrap=None) -> Tensor:
-    """y (B, C, Ho, Wo) in x's dtype and memory format."""
+                   wrap=None, scale: Optional[Tensor] = None) -> Tensor:
+    """y (B, C, Ho, Wo) in x's dtype and memory format; with ``scale`` (B,) fp32 (each image's
+    feature scale s) y = s · pool(x / s), folded into the kernel's load and store."""
     y = empty_like_layout(x, (g.B, g.C, g.Ho, g.Wo), x.dtype)
     if g.n_windows == 0 or g.C == 0:
         return y
     cfg = fwd_config(g)
     grid = (-(-g.n_windows // cfg["BW"]),)
     launcher(window_fwd_kernel, wrap)[grid](
-        x, y, w, g.C, g.H, g.W, g.Ho, g.Wo, g.n_windows, -math.log(g.C),
-        *x.stride(), *y.stride(), T=w.shape[1], METHOD=METHOD_IDS[method],
-        PAPER=variant == "paper", **cfg, **g.constexprs())
+        x, y, w, w if scale is None else scale, g.C, g.H, g.W, g.Ho, g.Wo, g.n_windows,
+        -math.log(g.C), *x.stride(), *y.stride(), T=w.shape[1], METHOD=METHOD_IDS[method],
+        PAPER=variant == "paper", SCALED=scale is not None, **cfg, **g.constexprs())
     return y
 
 
 def window_backward(x: Tensor, w: Tensor, gy: Tensor, g: Geometry, method: str, variant: str,
-                    wrap=None) -> Tuple[Tensor, Tensor]:
-    """(dx in x's dtype and memory format, dw (6, T) float32)."""
+                    wrap=None, scale: Optional[Tensor] = None):
+    """(dx in x's dtype and memory format, dw (6, T) float32). With ``scale`` (the forward's
+    y = s · f(x / s)): (d(x / s), dw, ds (B,) fp32) - the cotangent of x / s, not yet of x
+    (the spread's backward adds the path through s and divides by s)."""
     T = w.shape[1]
     # overlapping windows accumulate dx atomically in fp32; otherwise every pixel is written
     # once (by its window, in x's dtype) or belongs to no window (then zeros are needed)
@@ -179,11 +182,17 @@ def window_backward(x: Tensor, w: Tensor, gy: Tensor, g: Geometry, method: str, 
     n_tiles = max(1, -(-g.n_windows // cfg["BW"]))
     n_prog = max(1, min(n_tiles, BWD_PROGRAMS_PER_SM * sm_count(x.device)))
     gw = torch.zeros(n_prog, TP, dtype=torch.float32, device=x.device)
+    # SCALED: each window's share of ds, summed per image below (deterministic)
+    ds = (torch.empty(g.B, g.Ho * g.Wo, dtype=torch.float32, device=x.device)
+          if scale is not None else None)
     if g.n_windows > 0 and g.C > 0:
         launcher(window_bwd_kernel, wrap)[(n_prog,)](
-            x, gy, w, gx, gw, g.C, g.H, g.W, g.Ho, g.Wo, g.n_windows, n_tiles,
-            -(-T // cfg["L"]), -math.log(g.C), *x.stride(), *gy.stride(), *gx.stride(), T=T,
-            TP=TP, METHOD=METHOD_IDS[method], PAPER=variant == "paper", OVERLAP=g.overlap, **cfg,
+            x, gy, w, gx, gw, w if scale is None else scale, gw if ds is None else ds, g.C,
+            g.H, g.W, g.Ho, g.Wo, g.n_windows, n_tiles, -(-T // cfg["L"]), -math.log(g.C),
+            *x.stride(), *gy.stride(), *gx.stride(), T=T, TP=TP, METHOD=METHOD_IDS[method],
+            PAPER=variant == "paper", OVERLAP=g.overlap, SCALED=scale is not None, **cfg,
             **g.constexprs())
     gw = gw.sum(0)[:T * params.NUM_WEIGHTS].view(params.NUM_WEIGHTS, T)
+    if scale is not None:  # the fp32 x̄ of overlapping windows stays fp32 for the spread pass
+        return gx, gw, ds.sum(1) if g.n_windows > 0 and g.C > 0 else ds.new_zeros(g.B)
     return (gx if gx.dtype == x.dtype else gx.to(x.dtype)), gw   # no host op when equal

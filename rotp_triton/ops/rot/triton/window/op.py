@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..common import HAS_TRITON_OP
+from ..spread.launch import bfs_strides, spread_backward, spread_forward
 from .launch import empty_like_layout, geometry, window_backward, window_forward
 
 
@@ -33,6 +34,34 @@ class WindowPoolFunction(torch.autograd.Function):
         gx, gw = window_backward(x, w, gy, *ctx.args)
         return (gx if ctx.needs_input_grad[0] else None,
                 gw if ctx.needs_input_grad[1] else None, None, None, None, None, None, None)
+
+
+class SpreadWindowPoolFunction(torch.autograd.Function):
+    """y = s · (local ROT pooling of x / s) with s (B,) each image's feature spread
+    (``ops/rot/spread.py``, ``scale="auto"``), the scale folded into the window kernels: forward
+    one statistics pass over x and the window kernel reading x (no x / s pass, no output
+    multiply); backward the window kernel (the cotangent of x / s and each window's share of
+    ds) and one spread pass (x̄ = ḡ / s + ds·∂s/∂x: no dot pass). Saves x, the table and
+    (B, 2 + C) statistics."""
+
+    @staticmethod
+    def forward(ctx, x, w, kernel_size, stride, padding, ceil_mode, method, variant):
+        g = geometry(x.shape, kernel_size, stride, padding, ceil_mode)
+        _none, saved = spread_forward(x, (2, 3), None)
+        y = window_forward(x, w, g, method, variant, scale=saved[:g.B])
+        ctx.save_for_backward(x, w, saved)
+        ctx.args = (g, method, variant)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w, saved = ctx.saved_tensors
+        g = ctx.args[0]
+        g_xs, gw, ds = window_backward(x, w, gy, *ctx.args, scale=saved[:g.B])
+        gx = (spread_backward(x, (2, 3), saved, g_xs, ds, g_s_total=True)
+              if ctx.needs_input_grad[0] else None)
+        return (gx, gw if ctx.needs_input_grad[1] else None, None, None, None, None, None,
+                None)
 
 
 window_fwd_op = None
@@ -84,12 +113,20 @@ if HAS_TRITON_OP:
 
 
 def window_pool(x: Tensor, w: Tensor, *, kernel_size, stride, padding, ceil_mode: bool,
-                method: str, variant: str) -> Tensor:
+                method: str, variant: str, spread: bool = False) -> Tensor:
     """Local ROT pooling (α0 = 0) of every window of ``x (B, C, H, W)`` (any strides) with the
     (6, T) float32 weight table ``w`` (rows of ``params.py``; may require grad). ``kernel_size``,
     ``stride``, ``padding``: validated (int, int) pairs. Returns (B, C, Ho, Wo) in x's dtype and
-    memory format; the backward gives dx and dw (6, T) (zeros in the unused rows a0, τ)."""
+    memory format; the backward gives dx and dw (6, T) (zeros in the unused rows a0, τ).
+    ``spread``: pool x / s and return s · y, s each image's feature spread (the layers'
+    ``scale="auto"``), folded into the kernels (eager only: ``torch.compile`` traces the
+    separate ops)."""
     k, s, p = list(kernel_size), list(stride), list(padding)
+    if spread and x.numel() > 0:
+        if bfs_strides(x, (2, 3)) is None:  # pixels not on one stride: the statistics need it
+            x = x.contiguous()
+        return SpreadWindowPoolFunction.apply(x, w, tuple(k), tuple(s), tuple(p),
+                                              bool(ceil_mode), method, variant)
     if window_fwd_op is not None:
         return window_fwd_op(x, w, k, s, p, bool(ceil_mode), method, variant)
     return WindowPoolFunction.apply(x, w, tuple(k), tuple(s), tuple(p), bool(ceil_mode), method,
