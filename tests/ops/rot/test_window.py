@@ -186,6 +186,37 @@ def test_feature_scale_folded_in(case, method, variant):
             assert (a - b).norm() <= RTOL[torch.float32] * b.norm(), name
 
 
+@pytest.mark.parametrize("case", ["2x2-even", "3x3-pad-ceil-overlap-cl"])
+def test_feature_scale_memory(case):
+    """The folded scale saves x itself, the (6, T) table and B·(2 + C) statistics (no x / s),
+    and its backward allocates one x-sized buffer: x̄ is written over d(x / s) (fp32 x:
+    also where overlapping windows accumulate d(x / s) in fp32)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    B, C, H, W, k, st, p, cm, layout = CASES[case]
+    x = make_input(B, C, H, W, layout, torch.float32, seed=3).requires_grad_()
+    wt = weight_table(random_weights(2, torch.float64, seed=1), 2).float().to(DEVICE)
+    wt.requires_grad_()
+    y = window_pool(x, wt, kernel_size=k, stride=st, padding=p, ceil_mode=cm,
+                    method="badmm-e", variant="exact", spread=True)
+    saved = y.grad_fn.saved_tensors
+    assert saved[0].data_ptr() == x.data_ptr() and saved[1].shape == (6, 2)
+    assert saved[2].numel() == B * (2 + C)
+    allocs = []
+
+    class Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.empty, torch.ops.aten.empty_like,
+                                       torch.ops.aten.empty_strided, torch.ops.aten.zeros,
+                                       torch.ops.aten.zeros_like, torch.ops.aten.new_zeros):
+                allocs.append(out.numel())
+            return out
+    with Allocations():
+        gx, _gw = torch.autograd.grad(y.sum(), [x, wt])
+    assert sum(n >= x.numel() for n in allocs) == 1, allocs
+    assert gx.shape == x.shape and torch.isfinite(gx).all()
+
+
 @pytest.mark.skipif(not ON_CUDA, reason="fp16/bf16 kernels run on CUDA only")
 @pytest.mark.parametrize("dtype", [d for d in KERNEL_DTYPES if d != torch.float32],
                          ids=lambda d: str(d).split(".")[-1])
@@ -296,17 +327,19 @@ def test_peak_memory_independent_of_T():
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="peak memory is measured on CUDA")
+@pytest.mark.parametrize("spread", [False, True], ids=["plain", "scaled"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_peak_memory_within_one_and_a_half_inputs(layout):
+def test_peak_memory_within_one_and_a_half_inputs(layout, spread):
     """Issue 12 (W3 at batch 8): forward + backward allocate at most 1.5× the input above what
-    exists before the call: y (0.25×), dx (1×, written in place) and small partial sums."""
+    exists before the call: y (0.25×), dx (1×, written in place) and small partial sums; with
+    the feature scale folded in (the layers' default) also (x̄ written over d(x / s))."""
     x = make_input(8, 256, 56, 56, layout, torch.float32, seed=0).requires_grad_()
     w = torch.ones(6, 4, device="cuda", requires_grad=True)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     y = window_pool(x, w, kernel_size=(2, 2), stride=(2, 2), padding=(0, 0), ceil_mode=False,
-                    method="badmm-e", variant="exact")
+                    method="badmm-e", variant="exact", spread=spread)
     torch.autograd.grad(y.sum(), [x, w])
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base

@@ -84,11 +84,13 @@ def spread_forward(x: Tensor, sample_dims: Tuple[int, ...], out_dtype: Optional[
 
 def spread_backward(x: Tensor, sample_dims: Tuple[int, ...], saved: Tensor, g: Tensor,
                     g_s: Tensor, ptr: Optional[Tensor] = None, wrap=None,
-                    g_s_total: bool = False) -> Tensor:
+                    g_s_total: bool = False, out: Optional[Tensor] = None) -> Tensor:
     """x̄ (x's dtype and memory format) from ḡ = d loss / d(x / s) (any strides: copied when
     its sample dims do not collapse) and s̄ (B,) fp32: the direct gradient of s, or with
     ``g_s_total`` all of it (the path through x / s included: a pooling kernel that folded
-    1 / s in formed it; then one launch, no dot pass)."""
+    1 / s in formed it; then one launch, no dot pass). ``out``: where x̄ goes (like x), may be
+    ḡ itself (each program reads its tile of ḡ before it writes x̄ there): no x-sized
+    allocation."""
     B, F, S = sizes(x, sample_dims, ptr)
     BS, BF, num_warps = block_sizes(F, S)
     NFB = cdiv(F, BF)
@@ -97,7 +99,7 @@ def spread_backward(x: Tensor, sample_dims: Tuple[int, ...], saved: Tensor, g: T
     if gst is None:
         g = g.contiguous()
         gst = bfs_strides(g, sample_dims)
-    gx = torch.empty_like(x)
+    gx = torch.empty_like(x) if out is None else out
     part = s if g_s_total else torch.empty(B * NFB, device=x.device, dtype=torch.float32)
     grid = (B, NFB)
     xst = bfs_strides(x, sample_dims)

@@ -41,8 +41,8 @@ class SpreadWindowPoolFunction(torch.autograd.Function):
     (``ops/rot/spread.py``, ``scale="auto"``), the scale folded into the window kernels: forward
     one statistics pass over x and the window kernel reading x (no x / s pass, no output
     multiply); backward the window kernel (the cotangent of x / s and each window's share of
-    ds) and one spread pass (x̄ = ḡ / s + ds·∂s/∂x: no dot pass). Saves x, the table and
-    (B, 2 + C) statistics."""
+    ds) and one spread pass (x̄ = ḡ / s + ds·∂s/∂x: no dot pass, written over ḡ). Saves x, the
+    table and (B, 2 + C) statistics."""
 
     @staticmethod
     def forward(ctx, x, w, kernel_size, stride, padding, ceil_mode, method, variant):
@@ -58,7 +58,11 @@ class SpreadWindowPoolFunction(torch.autograd.Function):
         x, w, saved = ctx.saved_tensors
         g = ctx.args[0]
         g_xs, gw, ds = window_backward(x, w, gy, *ctx.args, scale=saved[:g.B])
-        gx = (spread_backward(x, (2, 3), saved, g_xs, ds, g_s_total=True)
+        # x̄ overwrites d(x / s) where the two match (x's dtype and strides): one x-sized
+        # buffer in the backward
+        same = g_xs.dtype == x.dtype and g_xs.stride() == x.stride()
+        gx = (spread_backward(x, (2, 3), saved, g_xs, ds, g_s_total=True,
+                              out=g_xs if same else None)
               if ctx.needs_input_grad[0] else None)
         return (gx, gw if ctx.needs_input_grad[1] else None, None, None, None, None, None,
                 None)
