@@ -83,13 +83,16 @@ def rot_pool(x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = 
 
 def rot_pool_table(x: Tensor, batch: SetBatch, table: Tensor, *, structure: bool, method: str,
                    variant: str, num_iters: int, inner_iters: int, p0=None, q0=None,
-                   backend: str = "auto", return_plan: bool = False, log_p0=None, log_q0=None):
+                   backend: str = "auto", return_plan: bool = False, log_p0=None, log_q0=None,
+                   spread: bool = False):
     """:func:`rot_pool` of ``x`` and its ``batch`` (``make_set_batch(..., pad=False)``) with
     the weights already the (6, T) table in x's compute dtype (``ops/rot/params.py``) and
     ``structure`` decided: what the layers call with ``ROTWeights.table`` (options checked
-    when the layer was built; a layer may share the batch with its scale statistic)."""
+    when the layer was built; a layer may share the batch with its scale statistic).
+    ``spread``: the layers' ``scale="auto"`` (``route.pool_sets``)."""
     check_rot_values(x, table[A1], table[RHO])  # x finite and not too large for α1, ρ: one pass
     y, plan = pool_sets(x, batch, table, method=method, variant=variant, structure=structure,
                         num_iters=num_iters, inner_iters=inner_iters, p0=p0, q0=q0,
-                        log_p0=log_p0, log_q0=log_q0, backend=backend, return_plan=return_plan)
+                        log_p0=log_p0, log_q0=log_q0, backend=backend, return_plan=return_plan,
+                        spread=spread)
     return (y, plan) if return_plan else y

@@ -17,7 +17,6 @@ from .._checks import check_rot_values
 from ..functional import check_rot_options, rot_pool_table
 from ..ops.rot import route
 from ..ops.rot.params import A1, RHO
-from ..ops.rot.spread import normalize_by_spread
 from ..ops.rot.window_geometry import pool_output_size
 from .scale import check_scale
 from .weight_use import describe_used, restrict_learning
@@ -173,15 +172,11 @@ class AdaptiveROTPool2d(_ImageROTBase):
         if H == 0 or W == 0:
             raise ValueError(f"x must have H, W >= 1, got shape {tuple(x.shape)}")
         table = self._table(x)
-        if (oh, ow) == (1, 1):
-            xs, s = (normalize_by_spread(x, (2, 3), x.dtype,
-                                         kernels=kernels_may_run(x, self.backend))
-                     if spread else (x, None))                             # s [B, 1, 1, 1]
-            sets = xs.flatten(2).transpose(1, 2)                           # [B, HW, C] a view
+        if (oh, ow) == (1, 1):  # each image one set (its spread: that of the set)
+            sets = x.flatten(2).transpose(1, 2)                            # [B, HW, C] a view
             y = rot_pool_table(sets, make_set_batch(sets, pad=False), table,
                                structure=self.weights.structure, backend=self.backend,
-                               **self._solver_kwargs())
-            y = y if s is None else (y * s.view(-1, 1)).to(x.dtype)
+                               spread=spread, **self._solver_kwargs())
             return y if self.flatten else y[:, :, None, None]
         check_rot_values(x, table[A1], table[RHO])
         return route.pool_adaptive(x, table, (oh, ow), spread=spread, **self._route_kwargs())

@@ -8,7 +8,6 @@ from torch import Tensor, nn
 
 from .._batching import check_tensor, compute_dtype, make_set_batch
 from ..functional import check_rot_options, rot_pool_table
-from ..ops.rot.spread import normalize_by_spread, normalize_set_rows_by_spread
 from .aggregation import SetAggregation, pool_sets
 from .scale import check_scale
 from .weight_use import describe_used, restrict_learning
@@ -136,26 +135,14 @@ class ROTPool(SetAggregation):
                   num_iters=self.num_iters, inner_iters=self.inner_iters, log_p0=log_p0,
                   log_q0=log_q0, backend=self.backend, return_plan=return_plan)
 
-        def run(xs):
-            out = rot_pool_table(xs, batch, table, **kw)
+        def run(xs, spread=False):
+            out = rot_pool_table(xs, batch, table, spread=spread, **kw)
             return out if return_plan else (out, None)
 
         if self.scale is None:
             return run(x)
-        if self.scale == "auto":
-            cdt = compute_dtype(x.dtype)
-            if x.dim() == 3 and x.shape[1] > 0:
-                xs, s = normalize_by_spread(x, (1,), x.dtype,             # s [B, 1, 1]
-                                            kernels=kernels_may_run(x, self.backend))
-                s = s[:, 0]
-            elif x.dim() == 3:  # empty sets: spread 1
-                xs, s = x, x.new_ones(x.shape[0], 1, dtype=cdt)
-            else:
-                xs, s = normalize_set_rows_by_spread(x, batch, x.dtype,
-                                                     kernels=kernels_may_run(x, self.backend))
-                s = s[:, None]
-            y, plan = run(xs)
-            return (y * s).to(x.dtype), plan
+        if self.scale == "auto":  # each set's feature spread (route.pool_sets)
+            return run(x, spread=True)
         y, plan = run(x / self.scale)
         return y * self.scale, plan
 

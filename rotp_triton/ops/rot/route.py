@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..._batching import SetBatch, check_prior_args, normalized_log_p0, normalized_log_q0
 from .params import weight_rows
-from .spread import normalize_by_spread
+from .spread import normalize_by_spread, normalize_sets_by_spread
 from .torch.pool import rot_pool_padded
 from .torch.windows import adaptive_rot_pool2d_torch, rot_pool2d_torch
 from .triton.common import interpreter_enabled, next_pow2
@@ -77,16 +77,42 @@ def use_kernels(x: Tensor, backend: str, *, structure: bool = False,
 # --------------------------------------------------------------------------------------------
 # sets
 # --------------------------------------------------------------------------------------------
+def _spread_kernels(x: Tensor, backend: str) -> bool:
+    """Whether the feature scale's own kernels may run (``spread.normalize_by_spread``)."""
+    return x.is_cuda or (backend == "triton" and interpreter_enabled())
+
+
 def pool_sets(x: Tensor, batch: SetBatch, table: Tensor, *, method: str, variant: str,
               structure: bool, num_iters: int, inner_iters: int, p0=None, q0=None,
-              log_p0=None, log_q0=None, backend: str = "auto",
-              return_plan: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+              log_p0=None, log_q0=None, backend: str = "auto", return_plan: bool = False,
+              spread: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
     """ROT pooling of a batch of sets: ``(y (B, D) in x's dtype, plan in x's layout or None)``.
 
-    ``table``: (6, T) weights in x's compute dtype; priors as given to ``rot_pool``."""
+    ``table``: (6, T) weights in x's compute dtype; priors as given to ``rot_pool``.
+    ``spread``: pool x / s and return s · y, s each set's feature spread (``spread.py``, the
+    layers' ``scale="auto"``): folded into the Sinkhorn kernels where they run eagerly without
+    priors or plan; otherwise x / s first (spread kernels or torch ops)."""
     D = x.shape[-1]
     check_prior_args(p0, q0, batch, D, log_p0, log_q0)
-    if not use_kernels(x, backend, structure=structure):
+    kernels = use_kernels(x, backend, structure=structure)
+    if spread:
+        if not (kernels and method == "sinkhorn" and not structure and x.numel() > 0
+                and not return_plan and p0 is None and q0 is None and log_p0 is None
+                and log_q0 is None and not torch.compiler.is_compiling()):
+            xs, s = normalize_sets_by_spread(x, batch, kernels=_spread_kernels(x, backend))
+            y, plan = pool_sets(xs, batch, table, method=method, variant=variant,
+                                structure=structure, num_iters=num_iters,
+                                inner_iters=inner_iters, p0=p0, q0=q0, log_p0=log_p0,
+                                log_q0=log_q0, backend=backend, return_plan=return_plan)
+            return (y * s).to(x.dtype), plan
+        from .triton.sinkhorn.op import sinkhorn_pool
+        xk, ptr = x, batch.ptr
+        if not batch.dense and ptr is None:  # unsorted index: rows grouped by set (y per set)
+            order, ptr = batch.set_order()
+            xk = x[order]
+        return sinkhorn_pool(xk, ptr, table, None, None, variant=variant, return_plan=False,
+                             spread=True)
+    if not kernels:
         return rot_pool_padded(x, batch, table, method=method, variant=variant,
                                structure=structure, num_iters=num_iters,
                                inner_iters=inner_iters, p0=p0, q0=q0, log_p0=log_p0,

@@ -169,3 +169,15 @@ def normalize_set_rows_by_spread(x: Tensor, batch, out_dtype: torch.dtype,
             return out
     return normalize_ragged_by_spread(x.to(compute_dtype(x.dtype)), batch.index, batch.lengths,
                                       batch.num_sets, out_dtype)
+
+
+def normalize_sets_by_spread(x: Tensor, batch, kernels: bool = False) -> Tuple[Tensor, Tensor]:
+    """``(x / s in x's dtype, s (B, 1))`` for a batch of sets: dense ``x (B, N, D)`` (sets with
+    no rows: s = 1) or the rows ``x (N_total, D)`` of the ragged ``SetBatch`` ``batch``."""
+    if x.dim() == 3 and x.shape[1] > 0:
+        xs, s = normalize_by_spread(x, (1,), x.dtype, kernels=kernels)             # s [B, 1, 1]
+        return xs, s.view(-1, 1)  # (a view: its backward is one too, unlike s[:, 0])
+    if x.dim() == 3:
+        return x, x.new_ones(x.shape[0], 1, dtype=compute_dtype(x.dtype))
+    xs, s = normalize_set_rows_by_spread(x, batch, x.dtype, kernels=kernels)
+    return xs, s[:, None]

@@ -99,7 +99,11 @@ AOT_CONFIGS = [("fwd", "exact", "bf16", 8), ("fwd", "paper", "fp32", 4),
                ("bwd1nogp", "exact", "fp32", 4), ("bwd1nogp", "paper", "fp32", 8),
                ("split_col", "exact", "bf16", 8), ("split_a", "exact", "fp32", 4),
                ("split_row", "exact", "fp32", 8), ("split_b", "exact", "fp32", 1),
-               ("dx", "exact", "bf16", 8), ("dx", "paper", "fp32", 4)]
+               ("dx", "exact", "bf16", 8), ("dx", "paper", "fp32", 4),
+               # "+s": the layers' feature scale folded in (SCALED; W2: one tile, no plan)
+               ("fwd1+s", "exact", "fp32", 4), ("bwd1nogp+s", "exact", "fp32", 8),
+               ("bwd1nogp+s", "paper", "fp32", 4), ("dx+s", "paper", "fp32", 4),
+               ("split_row+s", "exact", "fp32", 8)]
 
 
 def split_config(which: str, N: int, D: int, num_warps: int) -> tuple:
@@ -125,14 +129,17 @@ def dx_config(variant: str, N: int, D: int, num_warps: int) -> tuple:
 
 
 def compile_config(which, variant, xdt, nw):
+    scaled = which.endswith("+s")
+    which = which.removesuffix("+s")
     if which == "dx":  # W1's shape
         kern, ce = dx_config(variant, 500, 100, nw)
-        return compile_sm90(kern, signature(kern, ce, xdt), ce, num_warps=nw)
-    if which.startswith("split"):  # W1's shape
+    elif which.startswith("split"):  # W1's shape
         kern, ce = split_config(which, 500, 100, nw)
-        return compile_sm90(kern, signature(kern, ce, xdt), ce, num_warps=nw)
-    ragged = which in ("fwd", "bwd", "bwdnogp")
-    kern, ce = config(which, variant, None if ragged else 49, 2048, nw, ragged=ragged)
+    else:
+        ragged = which in ("fwd", "bwd", "bwdnogp")
+        kern, ce = config(which, variant, None if ragged else 49, 2048, nw, ragged=ragged)
+    if scaled:
+        ce["SCALED"] = True
     return compile_sm90(kern, signature(kern, ce, xdt), ce, num_warps=nw)
 
 

@@ -654,3 +654,71 @@ def test_aot_sm90_compiles_without_spills():
         if regs > 255 or local != 0:
             failures.append(f"{cfg}: {lines[0]}")
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("path", ["sweep", "pass", "split-dx", "split-rows", "ragged"])
+@pytest.mark.parametrize("variant_", ["exact", "paper"])
+def test_feature_scale_folded_in(variant_, path, monkeypatch):
+    """``spread=True`` (the layers' scale="auto"): y = σ · pool(x / σ) with σ each set's
+    spread, 1/σ folded into the kernels' x-scales (forward and backward; the paper's own 1/ε
+    of the state untouched), ∂/∂σ from the x-scale terms of the ε cotangents; one spread
+    pass adds the path through σ. == the oracle on x / σ times σ in float64, autograd through
+    ``dense_spread`` / ``ragged_spread`` (x and the (T,) weights), on every dx path (the last
+    reverse sweep, the backward's own pass, the row-block launch with its atomic ε and σ
+    terms), the split-set forward and ragged sets with an empty one and a constant one
+    (σ = 1). Launches: no x / σ pass, no dot pass."""
+    from launch_counter import count_launches
+    from rotp_triton.ops.rot.params import A1, A2, A3
+    from rotp_triton.ops.rot.spread import dense_spread, ragged_spread
+    from rotp_triton.ops.rot.triton.sinkhorn import launch
+    from rotp_triton.ops.rot.triton.sinkhorn.op import sinkhorn_pool
+    if variant_ == "paper" and path in ("sweep", "split-rows"):
+        pytest.skip("the fused dx sweep and the split-set forward are exact-only")
+    monkeypatch.setattr(launch, "fuse_dx", lambda *args: path == "sweep")
+    monkeypatch.setattr(launch, "split_dx", lambda *args: path == "split-dx")
+    monkeypatch.setattr(launch, "SPLIT_ROWS", 2 if path == "split-rows" else None)
+    gen = torch.Generator().manual_seed(41)
+    T = 3
+    a1, a2, a3 = _weights(T, gen)
+    if path == "ragged":
+        ptr = _ragged_ptr([3, 0, 5, 2])
+        x = torch.randn(10, 4, generator=gen, dtype=torch.float64) * 3 + 2
+        x[8:] = 1.5                                    # a constant set: spread 0 -> σ = 1
+        index = torch.repeat_interleave(torch.arange(4), ptr.diff())
+    else:
+        ptr = None
+        x = torch.randn(3, 7, 5, generator=gen, dtype=torch.float64) * 3 + 2
+    table = torch.zeros(6, T)
+    table[A1], table[A2], table[A3] = a1.float(), a2.float(), a3.float()
+    table = table.to(DEVICE).requires_grad_()
+    xk = x.float().to(DEVICE).requires_grad_()
+    with count_launches() as fwd:
+        y, plan = sinkhorn_pool(xk, None if ptr is None else ptr.to(DEVICE), table, None, None,
+                                variant=variant_, return_plan=False, spread=True)
+    assert plan is None and y.dtype == torch.float32
+    assert fwd[:2] == ["spread_stats_kernel", "spread_normalize_kernel"]
+    assert not fwd.constexprs[1]["NORMALIZE"] and fwd[-1] == "sinkhorn_fwd_kernel"
+    cy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    with count_launches() as bwd:
+        gx, gw = torch.autograd.grad((y * cy.to(DEVICE, torch.float32)).sum(), [xk, table])
+    assert bwd[-1] == "spread_grad_kernel" and "spread_grad_dot_kernel" not in bwd
+    assert ("sinkhorn_dx_kernel" in bwd) == (path == "split-dx")
+    x64 = x.clone().requires_grad_()
+    w64 = [a.clone().requires_grad_() for a in (a1, a2, a3)]
+    if ptr is None:
+        s = dense_spread(x64)
+        sets = list(x64 / s[:, None, None])
+    else:
+        s = ragged_spread(x64, index, 4)
+        xn = x64 / s[index][:, None]
+        sets = [xn[ptr[i]:ptr[i + 1]] for i in range(4)]
+    yr, _plans = rot_pool_sets(sets, method="sinkhorn", variant=variant_, num_iters=T,
+                               a1=w64[0], a2=w64[1], a3=w64[2])
+    yr = yr * s[:, None]
+    assert rel_err(y, yr) <= RTOL[torch.float32]
+    gr = torch.autograd.grad((yr * cy).sum(), [x64] + w64)
+    # weight gradients: + 1e-6 absolute for sums of cancelling fp32 terms (the paper's α2
+    # gradient here is ~2e-3 and the unfolded path, x / σ first, misses it by the same 3e-7)
+    for name, a, b in zip(["x", "a1", "a2", "a3"], [gx, gw[A1], gw[A2], gw[A3]], gr):
+        a = a.detach().double().cpu()
+        assert (a - b).norm() <= RTOL[torch.float32] * b.norm() + (name != "x") * 1e-6, name

@@ -153,24 +153,27 @@ def test_ragged_layer_uses_the_kernels_with_ptr(monkeypatch):
         assert_close(outs[key][1], outs["torch", "ptr"][1], name=f"grad x {key}")
 
 
-def test_layer_uses_the_kernels_and_matches_the_torch_backend(monkeypatch):
-    """AdaptiveROTPool2d with backend='triton' normalises through the kernels (counted) and
-    gives the torch backend's output and input gradient."""
-    calls = []
-    real = launch.spread_forward
-    monkeypatch.setattr(launch, "spread_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(op, "spread_forward", launch.spread_forward)
+@pytest.mark.parametrize("method", ["sinkhorn", "badmm-e"])
+def test_layer_uses_the_kernels_and_matches_the_torch_backend(method):
+    """AdaptiveROTPool2d with backend='triton' takes its scale from the kernels (counted:
+    Sinkhorn folds 1/s into the set kernel, the s launch writing no x / s; B-ADMM pools the
+    spread kernel's x / s) and gives the torch backend's output and input gradient."""
+    from launch_counter import count_launches
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 6, 3, 4, generator=g)
     outs = {}
     for backend in ("triton", "torch"):
         torch.manual_seed(0)
-        m = rt.AdaptiveROTPool2d(6, method="sinkhorn", backend=backend).to(DEVICE)
+        m = rt.AdaptiveROTPool2d(6, method=method, backend=backend).to(DEVICE)
         xb = x.to(DEVICE).requires_grad_()
-        y = m(xb)
+        with count_launches() as launches:
+            y = m(xb)
         (gx,) = torch.autograd.grad((y * torch.arange(6.0, device=DEVICE)).sum(), xb)
         outs[backend] = (y, gx)
-    assert calls == [1]
+        if backend == "triton":
+            i = launches.index("spread_normalize_kernel")
+            assert launches[i - 1] == "spread_stats_kernel"
+            assert launches.constexprs[i]["NORMALIZE"] == (method != "sinkhorn")
     assert_close(outs["triton"][0], outs["torch"][0], name="y")
     assert_close(outs["triton"][1], outs["torch"][1], name="grad x")
 

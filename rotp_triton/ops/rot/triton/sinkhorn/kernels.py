@@ -81,6 +81,19 @@ def _x_scale(w_ptr, T, t, PAPER: tl.constexpr):
 
 
 @triton.jit
+def _set_inv_scale(sc_ptr, b, SCALED: tl.constexpr):
+    """1/σ_b with σ (B,) the sets' feature scale (the layers' scale="auto", ops/rot/spread.py)
+    folded into the kernels (SCALED), else 1. The kernels then pool x / σ_b with the given
+    weights: every factor that multiplies x (the x-scales s_t, s_fin, ε_fin⁻¹ of the output)
+    carries 1/σ_b, the state's own 1/ε_t (paper) does not, and y = Σ softmax · x with x itself
+    is σ_b · pool(x / σ_b) as it stands."""
+    if SCALED:
+        return 1.0 / tl.load(sc_ptr + b)
+    else:
+        return 1.0
+
+
+@triton.jit
 def _kappa_at(w_ptr, T, t, ROW: tl.constexpr):
     """κ(w[ROW, t], ε_t) (ROW = A2 or A3)."""
     return kappa(tl.load(w_ptr + ROW * T + t), tl.load(w_ptr + _A1 * T + t))
@@ -755,11 +768,12 @@ def sinkhorn_fwd_kernel(
     x_ptr, ptr_ptr, order_ptr, sxb, sxn, sxd, N, D, T, NR, lp0_u,
     w_ptr, lp0_ptr, lq0_ptr,
     A_ptr, Rn_ptr, Bv_ptr, Cn_ptr, rfin_ptr, tot_ptr, y_ptr,
-    plan_ptr, spb, spn, spd,
+    plan_ptr, spb, spn, spd, sc_ptr,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
     RETURN_PLAN: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     MASK_N: tl.constexpr = True, ITERATE: tl.constexpr = True, P0: tl.constexpr = 0,
     P1: tl.constexpr = 0, P2: tl.constexpr = 0, MASK_P: tl.constexpr = False,
+    SCALED: tl.constexpr = False,
 ):
     """T Sinkhorn iterations, the pooled y and (optionally) the plan of one set per program.
 
@@ -772,9 +786,11 @@ def sinkhorn_fwd_kernel(
     has padded rows.
     MASK_N: some set has fewer than BN rows (dense: N < BN), so row loads need a mask. The
     buffers come uninitialised: slot 0 of A and Bv (the zero initial state) and, for an empty
-    set, y and rfin are written here.
+    set, y and rfin are written here. SCALED: the sets' feature scale σ (sc [B]) folded in
+    (``_set_inv_scale``).
     """
     b = _set_of_program(order_ptr, RAGGED)
+    isig = _set_inv_scale(sc_ptr, b, SCALED)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
     if n_b == 0:
         _fill(y_ptr + b * D, D, 0.0, BD)
@@ -795,7 +811,7 @@ def sinkhorn_fwd_kernel(
         else:  # the iterations ran in the split-set launches: pooling (and plan) only
             t_end = 0
         for t in range(t_end):
-            s = _x_scale(w_ptr, T, t, PAPER)
+            s = _x_scale(w_ptr, T, t, PAPER) * isig
             k2 = _kappa_at(w_ptr, T, t, _A2)
             k3 = _kappa_at(w_ptr, T, t, _A3)
             A_prev = A_b + t * D
@@ -861,7 +877,7 @@ def sinkhorn_fwd_kernel(
                 _marginal_scaling(C_t, lq0_b, lq0_u, k3, B_cur, n_b, HAS_Q0, BN)
 
         # pooling, eq. (5): y_d = Σ_n softmax_n(log P)_nd x_nd; a_d cancels in the softmax over n
-        s_fin = _inv_eps(w_ptr, T, T - 1) * _LOG2E
+        s_fin = _inv_eps(w_ptr, T, T - 1) * (_LOG2E * isig)
         B_fin = Bv_ptr + T * NR + row0
         A_fin = A_b + T * D
         if P0 > 0:
@@ -1288,12 +1304,13 @@ def sinkhorn_bwd_kernel(
     g_ptr, gp_ptr, sgb, sgn, sgd,
     dx_ptr, sdb, sdn, sdd,
     dlp0_ptr, dlq0_ptr, dw_ptr, dk2_ptr, dk3_ptr, deps_rec_ptr, deps_x_ptr, xs_ptr,
-    Rbar_ptr, Cbar_ptr, abar_ptr, bbar_ptr, pg_ptr,
+    Rbar_ptr, Cbar_ptr, abar_ptr, bbar_ptr, pg_ptr, sc_ptr, ds_ptr,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
     HAS_GP: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     BT: tl.constexpr, BNX: tl.constexpr, BDX: tl.constexpr, FUSE_DX: tl.constexpr = False,
     SPLIT_DX: tl.constexpr = False, BDF: tl.constexpr = 0, P0: tl.constexpr = 0,
     P1: tl.constexpr = 0, P2: tl.constexpr = 0, MASK_P: tl.constexpr = False,
+    SCALED: tl.constexpr = False,
 ):
     """Exact gradient of the T unrolled iterations + pooling (+ plan) of one set per program.
 
@@ -1307,8 +1324,11 @@ def sinkhorn_bwd_kernel(
     sinkhorn_dx_kernel, load it instead of dividing by ε_t per iteration and tile).
     P0, P1, P2 > 0: the exact one-tile reverse sweeps hold the rows in three pieces
     (_pieces_bwd_sweep, launch.row_pieces); MASK_P: the last piece has padded rows.
+    SCALED: as in the forward; dx is then ∂/∂x at fixed σ and ds [B] (zero before) gets
+    ∂/∂σ_b by atomic adds (``_add_weight_grad``).
     """
     b = _set_of_program(order_ptr, RAGGED)
+    isig = _set_inv_scale(sc_ptr, b, SCALED)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
     if n_b > 0:
         x_base = x_ptr + x_off
@@ -1322,7 +1342,7 @@ def sinkhorn_bwd_kernel(
         rfin_b = rfin_ptr + b * D
         xs_b = xs_ptr + b * T
         lq0_u = -tl.log2(n_b.to(tl.float32))
-        ie_fin = _inv_eps(w_ptr, T, T - 1)
+        ie_fin = _inv_eps(w_ptr, T, T - 1) * isig   # (it multiplies x: the output's x-scale)
         s_fin = ie_fin * _LOG2E
         B_fin = Bv_ptr + T * NR + row0
         A_fin = A_b + T * D
@@ -1403,7 +1423,7 @@ def sinkhorn_bwd_kernel(
         # reverse sweep over the iterations: only vectors (adjoints of a, b, R, C) are carried
         for i in range(T):
             t = T - 1 - i
-            s = _x_scale(w_ptr, T, t, PAPER)
+            s = _x_scale(w_ptr, T, t, PAPER) * isig
             tl.store(xs_b + t, s)  # (read by the dx terms of iteration t, after this sweep)
             k2 = _kappa_at(w_ptr, T, t, _A2)
             k3 = _kappa_at(w_ptr, T, t, _A3)
@@ -1588,7 +1608,7 @@ def sinkhorn_bwd_kernel(
                 tl.store(deps_x_ptr + b * T + ot, de_x, mask=ot < T)
         tl.debug_barrier()
         _add_weight_grad(w_ptr, dw_ptr, T, dk2_ptr + b * T, dk3_ptr + b * T, deps_rec_ptr + b * T,
-                         deps_x_ptr + b * T, de_fin, PAPER, BT)
+                         deps_x_ptr + b * T, de_fin, isig, ds_ptr + b, PAPER, SCALED, BT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1599,18 +1619,20 @@ def sinkhorn_dx_kernel(
     x_ptr, sxb, sxn, sxd, N, D, T, NR,
     w_ptr, A_ptr, Rn_ptr, Bv_ptr, Cn_ptr, rfin_ptr, tot_ptr, y_ptr,
     g_ptr, gp_ptr, sgb, sgn, sgd, dx_ptr, sdb, sdn, sdd,
-    Rbar_ptr, Cbar_ptr, pg_ptr, dw_ptr, xs_ptr,
+    Rbar_ptr, Cbar_ptr, pg_ptr, dw_ptr, xs_ptr, sc_ptr, ds_ptr,
     PAPER: tl.constexpr, HAS_GP: tl.constexpr, TX: tl.constexpr, BNX: tl.constexpr,
-    BDX: tl.constexpr, BT: tl.constexpr,
+    BDX: tl.constexpr, BT: tl.constexpr, SCALED: tl.constexpr = False,
 ):
     """dx of rows [j BNX, (j + 1) BNX) of set b (grid (B, cdiv(N, BNX))), from the vectors the
     backward kernel saved (it ran first, with SPLIT_DX): the dx pass spread over every SM where
     one program per set leaves most idle (W1: 50 sets). Adds its ε terms to dw [6, T] by atomic
-    adds (the final log P's to ε_{T-1}; TX: ȳ_t ⊙ x's to ε_t, paper ε_{max(t-1, 0)})."""
+    adds (the final log P's to ε_{T-1}; TX: ȳ_t ⊙ x's to ε_t, paper ε_{max(t-1, 0)});
+    SCALED: those terms' share of ds [B] too (``_add_weight_grad``)."""
     b = tl.program_id(0).to(tl.int64)
     on = tl.program_id(1) * BNX + tl.arange(0, BNX)
     row0 = b * N
-    ie_fin = _inv_eps(w_ptr, T, T - 1)
+    isig = _set_inv_scale(sc_ptr, b, SCALED)
+    ie_fin = _inv_eps(w_ptr, T, T - 1) * isig
     if HAS_GP:
         tot = tl.load(tot_ptr + b)
         pg = tl.load(pg_ptr + b)
@@ -1623,14 +1645,24 @@ def sinkhorn_dx_kernel(
            Rbar_ptr + b * T * D, A_ptr + b * (T + 1) * D, dx_ptr + b * sdb, sdn, sdd)
     de_fin, de_x = _dx_rows(x_ptr + b * sxb, sxn, sxd, on, on < N, N, D, dxa,
                             tl.zeros([BT], tl.float32), PAPER, HAS_GP, TX, BDX, BT)
-    tl.atomic_add(dw_ptr + _A1 * T + T - 1, de_fin)
+    # SCALED: these x-scale terms come out multiplied by 1/σ (see _add_weight_grad)
+    sig = 1.0 / isig
+    tl.atomic_add(dw_ptr + _A1 * T + T - 1, de_fin * sig)
+    dsv = de_fin * tl.load(w_ptr + _A1 * T + T - 1)   # (dropped by the compiler unless SCALED)
     if TX:
         ot = tl.arange(0, BT)
         if PAPER:  # (one address per lane: term 0 goes to ε_0 in a second add)
-            tl.atomic_add(dw_ptr + _A1 * T + ot - 1, de_x, mask=(ot >= 1) & (ot < T))
-            tl.atomic_add(dw_ptr + _A1 * T, tl.sum(tl.where(ot == 0, de_x, 0.0), axis=0))
+            tl.atomic_add(dw_ptr + _A1 * T + ot - 1, de_x * sig, mask=(ot >= 1) & (ot < T))
+            tl.atomic_add(dw_ptr + _A1 * T,
+                          tl.sum(tl.where(ot == 0, de_x, 0.0), axis=0) * sig)
+            te = tl.maximum(ot - 1, 0)
         else:
-            tl.atomic_add(dw_ptr + _A1 * T + ot, de_x, mask=ot < T)
+            tl.atomic_add(dw_ptr + _A1 * T + ot, de_x * sig, mask=ot < T)
+            te = ot
+        eps = tl.load(w_ptr + _A1 * T + te, mask=ot < T, other=0.0)
+        dsv += tl.sum(tl.where(ot < T, de_x * eps, 0.0), axis=0)
+    if SCALED:
+        tl.atomic_add(ds_ptr + b, dsv)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1646,25 +1678,31 @@ def _dkappa(alpha, eps):
 
 
 @triton.jit
-def _add_weight_grad(w_ptr, dw_ptr, T, dk2_b, dk3_b, deps_rec_b, deps_x_b, deps_fin,
-                     PAPER: tl.constexpr, BT: tl.constexpr):
+def _add_weight_grad(w_ptr, dw_ptr, T, dk2_b, dk3_b, deps_rec_b, deps_x_b, deps_fin, isig,
+                     ds_b, PAPER: tl.constexpr, SCALED: tl.constexpr, BT: tl.constexpr):
     """dw [6, T] += this set's share, by atomic adds (non-waiting: the programs of the launch
     never wait on each other). dk2, dk3 [T]: gradients w.r.t. κ2_t, κ3_t; deps_rec [T]: the
     paper's direct ε_t terms; deps_x [T]: term t of the x-scale (paper: it belongs to
     ε_{max(t-1, 0)}); deps_fin: the final log P's ε_{T-1}. dw starts at zero, so the rows
-    Sinkhorn does not read stay zero."""
+    Sinkhorn does not read stay zero. SCALED (x-scale s_t = 1/(σ ε_t)): the x-scale terms as
+    formed, -Σ(...)·s_t² in natural units, are ∂/∂ε_t divided by σ, and
+    ∂/∂σ = Σ_t ε_t · (those terms as formed); the latter is added to ds_b."""
     ot = tl.arange(0, BT)
     tm = ot < T
     g2 = tl.load(dk2_b + ot, mask=tm, other=0.0)
     g3 = tl.load(dk3_b + ot, mask=tm, other=0.0)
     if PAPER:
-        ge = tl.load(deps_rec_b + ot, mask=tm, other=0.0)
-        ge += tl.load(deps_x_b + ot + 1, mask=ot + 1 < T, other=0.0)
-        ge += tl.where(ot == 0, tl.load(deps_x_b), 0.0)
+        gx = tl.load(deps_x_b + ot + 1, mask=ot + 1 < T, other=0.0)
+        gx += tl.where(ot == 0, tl.load(deps_x_b), 0.0)
     else:
-        ge = tl.load(deps_x_b + ot, mask=tm, other=0.0)
-    ge += tl.where(ot == T - 1, deps_fin, 0.0)
+        gx = tl.load(deps_x_b + ot, mask=tm, other=0.0)
+    gx += tl.where(ot == T - 1, deps_fin, 0.0)                                # x-scale terms
     eps = tl.load(w_ptr + _A1 * T + ot, mask=tm, other=1.0)
+    if SCALED:
+        tl.atomic_add(ds_b, tl.sum(tl.where(tm, gx * eps, 0.0), axis=0))
+    ge = gx * (1.0 / isig)
+    if PAPER:
+        ge += tl.load(deps_rec_b + ot, mask=tm, other=0.0)
     k2_a, k2_e = _dkappa(tl.load(w_ptr + _A2 * T + ot, mask=tm, other=1.0), eps)
     k3_a, k3_e = _dkappa(tl.load(w_ptr + _A3 * T + ot, mask=tm, other=1.0), eps)
     tl.atomic_add(dw_ptr + _A1 * T + ot, ge + g2 * k2_e + g3 * k3_e, mask=tm)
@@ -1684,13 +1722,14 @@ def _add_weight_grad(w_ptr, dw_ptr, T, dk2_b, dk3_b, deps_rec_b, deps_x_b, deps_
 # whose pooling pass (ITERATE=False) and the backward read it unchanged.
 @triton.jit(do_not_specialize=["t"])
 def sinkhorn_split_col_kernel(x_ptr, sxb, sxn, sxd, N, D, T, NR, t, w_ptr, Bv_ptr, Pr_ptr, NB,
-                              BN: tl.constexpr, BD: tl.constexpr):
+                              sc_ptr, BN: tl.constexpr, BD: tl.constexpr,
+                              SCALED: tl.constexpr = False):
     """Pr[b, j, d] = LSE over the rows n of block j of x[b, n, d] s_t + b_{t-1}[n]."""
     b = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     n0 = j * BN
     n_rows = tl.minimum(N - n0, BN)
-    s = _x_scale(w_ptr, T, t, False)
+    s = _x_scale(w_ptr, T, t, False) * _set_inv_scale(sc_ptr, b, SCALED)
     _lse_over_n(x_ptr + b * sxb + n0 * sxn, sxn, sxd, n_rows, D, s,
                 Bv_ptr + t * NR + b * N + n0, Pr_ptr + (b * NB + j) * D, BN, BD)
 
@@ -1717,15 +1756,15 @@ def sinkhorn_split_a_kernel(Pr_ptr, NB, D, T, t, w_ptr, lp0_ptr, lp0_u, A_ptr, R
 
 @triton.jit(do_not_specialize=["t"])
 def sinkhorn_split_row_kernel(x_ptr, sxb, sxn, sxd, N, D, T, NR, t, w_ptr, A_ptr, Cn_ptr,
-                              Bv_ptr, lq0_ptr, Vr_ptr, NB, HAS_Q0: tl.constexpr,
-                              BN: tl.constexpr, BD: tl.constexpr):
+                              Bv_ptr, lq0_ptr, Vr_ptr, NB, sc_ptr, HAS_Q0: tl.constexpr,
+                              BN: tl.constexpr, BD: tl.constexpr, SCALED: tl.constexpr = False):
     """C_t of the rows of block j (all features), v = κ3 log q0 + (1 - κ3) C stored in the
     b_t slot, and Vr[b, j] = LSE of v over the block."""
     b = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     n0 = j * BN
     n_rows = tl.minimum(N - n0, BN)
-    s = _x_scale(w_ptr, T, t, False)
+    s = _x_scale(w_ptr, T, t, False) * _set_inv_scale(sc_ptr, b, SCALED)
     C_blk = Cn_ptr + t * NR + b * N + n0
     _lse_over_d(x_ptr + b * sxb + n0 * sxn, sxn, sxd, n_rows, D, s,
                 A_ptr + b * (T + 1) * D + (t + 1) * D, C_blk, BN, BD)

@@ -175,7 +175,7 @@ def split_rows(x: Tensor, B: int, N: Optional[int], paper: bool) -> int:
     return next_pow2(cdiv(N, blocks)) if blocks >= 2 else 0
 
 
-def _split_iterations(x, B, N, D, NR, strides, w, lp0, lq0, has_p0, has_q0, A, Rn, Bv, Cn,
+def _split_iterations(x, B, N, D, NR, strides, w, lp0, lq0, has_p0, has_q0, A, Rn, Bv, Cn, sc,
                       rows, nw, wrap):
     """All T exact iterations of a dense batch with each set split into blocks of ``rows``."""
     sxb, sxn, sxd = strides
@@ -187,13 +187,15 @@ def _split_iterations(x, B, N, D, NR, strides, w, lp0, lq0, has_p0, has_q0, A, R
     Vr = torch.empty(B, NB, device=x.device, dtype=torch.float32)
     for t in range(T):
         launcher(sinkhorn_split_col_kernel, wrap)[(B, NB)](
-            x, sxb, sxn, sxd, N, D, T, NR, t, w, Bv, Pr, NB, BN=rows, BD=BD, num_warps=nw)
+            x, sxb, sxn, sxd, N, D, T, NR, t, w, Bv, Pr, NB, w if sc is None else sc, BN=rows,
+            BD=BD, SCALED=sc is not None, num_warps=nw)
         launcher(sinkhorn_split_a_kernel, wrap)[(B,)](
             Pr, NB, D, T, t, w, lp0, -math.log2(D), A, Rn, HAS_P0=has_p0, BJ=BJ,
             BD=min(next_pow2(D), 1024), num_warps=4)
         launcher(sinkhorn_split_row_kernel, wrap)[(B, NB)](
-            x, sxb, sxn, sxd, N, D, T, NR, t, w, A, Cn, Bv, lq0, Vr, NB, HAS_Q0=has_q0,
-            BN=rows, BD=BD, num_warps=nw)
+            x, sxb, sxn, sxd, N, D, T, NR, t, w, A, Cn, Bv, lq0, Vr, NB,
+            w if sc is None else sc, HAS_Q0=has_q0, BN=rows, BD=BD, SCALED=sc is not None,
+            num_warps=nw)
         launcher(sinkhorn_split_b_kernel, wrap)[(B, NB)](
             N, T, NR, t, Cn, Bv, Vr, NB, BN=rows, BJ=BJ, num_warps=1)
 
@@ -259,7 +261,8 @@ def _strides3(t: Tensor, ragged: bool) -> tuple:
 
 
 def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
-                     log_q0: Optional[Tensor], paper: bool, return_plan: bool, wrap=None):
+                     log_q0: Optional[Tensor], paper: bool, return_plan: bool, wrap=None,
+                     scale: Optional[Tensor] = None):
     """Launch the fused forward.
 
     Args:
@@ -270,6 +273,8 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
         paper: eq. (18) Jacobi updates instead of the exact Gauss-Seidel ones.
         return_plan: also write each set's plan, normalized to mass 1, in x's layout.
         wrap: ``torch.library.wrap_triton`` inside a triton_op, else None.
+        scale: (B,) fp32 feature scale σ of each set, or None: the sets are pooled as x / σ
+            and y = σ · pool(x / σ) (folded into the x-scales, ``kernels._set_inv_scale``).
 
     Returns:
         y (B, D) fp32, plan (like x, or an empty tensor), and the saved state: one flat fp32
@@ -301,21 +306,23 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
         if rows:
             Bv[0].zero_()  # b_{-1} = 0 (the forward kernel writes it only after the split launches)
             _split_iterations(x, B, N, D, NR, (sxb, sxn, sxd), w, lp0, lq0, log_p0 is not None,
-                              log_q0 is not None, A, Rn, Bv, Cn, rows, nw, wrap)
+                              log_q0 is not None, A, Rn, Bv, Cn, scale, rows, nw, wrap)
         launcher(sinkhorn_fwd_kernel, wrap)[(B,)](
             x, ptr if ptr is not None else y, _largest_first(ptr, y), sxb, sxn, sxd,
             N if N is not None else 0, D, T, NR,
             -math.log2(D), w, lp0, lq0, A, Rn, Bv, Cn, rfin, tot, y, plan, spb, spn, spd,
+            y if scale is None else scale,
             RAGGED=ptr is not None, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
             PAPER=paper, RETURN_PLAN=return_plan, ONE_TILE_N=one_tile, BN=BN, BD=BD,
             MASK_N=N is None or N != BN, ITERATE=not rows, P0=P0, P1=P1, P2=P2,
-            MASK_P=P0 + P1 + P2 != N, num_warps=nw)
+            MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None, num_warps=nw)
     return y, plan, state
 
 
 def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
                       log_q0: Optional[Tensor], paper: bool, y: Tensor, state: Tensor,
-                      grad_y: Tensor, grad_plan: Optional[Tensor], wrap=None):
+                      grad_y: Tensor, grad_plan: Optional[Tensor], wrap=None,
+                      scale: Optional[Tensor] = None):
     """Launch the fused backward (arguments as :func:`sinkhorn_forward`, plus its outputs).
 
     Args:
@@ -325,7 +332,8 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
         dx (like x, x's dtype) and dparams: one flat fp32 tensor holding dw (6, T) (zeros in the
         rows Sinkhorn does not read), dlog_p0 and dlog_q0 where the priors are given; split it
         with :func:`param_grad_views`. Three allocations (dx, dparams zeroed: the kernel adds
-        each set's share; scratch) and one launch.
+        each set's share; scratch) and one launch. With ``scale`` (the forward's σ): dx at
+        fixed σ, and a third output ds (B,) fp32, ∂/∂σ (one more zeroed allocation).
     """
     B, N, D, NR, (sxb, sxn, sxd) = layout(x, ptr)
     T = w.shape[1]
@@ -358,21 +366,25 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     split = split_dx(x, B, N, fused)
     lp0 = as_f32(log_p0) if has_p0 else g
     lq0 = as_f32(log_q0) if has_q0 else g
+    sc = (scale, torch.zeros(B, device=x.device, dtype=torch.float32)) if scale is not None \
+        else (g, g)
     if B > 0 and D > 0:
         launcher(sinkhorn_bwd_kernel, wrap)[(B,)](
             x, ptr if ptr is not None else g, _largest_first(ptr, g), sxb, sxn, sxd, sxn,
             N if N is not None else 0, D, T, NR, -math.log2(D), w, lp0, lq0, A, Rn, Bv, Cn, rfin,
             tot, y, g, gp, sgb, sgn, sgd, dx, sdb, sdn, sdd,
             dlp0 if has_p0 else g, dlq0 if has_q0 else g, dw, part[0], part[1], part[2],
-            part[3], part[4], Rbar, Cbar, abar, bbar, pg,
+            part[3], part[4], Rbar, Cbar, abar, bbar, pg, *sc,
             RAGGED=ptr is not None, HAS_P0=has_p0, HAS_Q0=has_q0,
             PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one_tile, BN=BN, BD=BD, BT=next_pow2(T),
             BNX=BNX, BDX=BDX, FUSE_DX=fused, SPLIT_DX=split, BDF=BDF, P0=P0, P1=P1, P2=P2,
-            MASK_P=P0 + P1 + P2 != N, num_warps=nw)
+            MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None, num_warps=nw)
         if split:
             launcher(sinkhorn_dx_kernel, wrap)[(B, cdiv(N, BNX))](
                 x, sxb, sxn, sxd, N, D, T, NR, w, A, Rn, Bv, Cn, rfin, tot, y, g, gp, sgb, sgn,
-                sgd, dx, sdb, sdn, sdd, Rbar, Cbar, pg, dw, part[4], PAPER=paper, HAS_GP=has_gp,
-                TX=not (one_tile and not paper), BNX=BNX, BDX=BDX, BT=next_pow2(T),
-                num_warps=nw)
+                sgd, dx, sdb, sdn, sdd, Rbar, Cbar, pg, dw, part[4], *sc, PAPER=paper,
+                HAS_GP=has_gp, TX=not (one_tile and not paper), BNX=BNX, BDX=BDX,
+                BT=next_pow2(T), SCALED=scale is not None, num_warps=nw)
+    if scale is not None:
+        return dx, dparams, sc[1]
     return dx, dparams

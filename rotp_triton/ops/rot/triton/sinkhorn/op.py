@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..common import HAS_TRITON_OP
+from ..spread.launch import spread_backward, spread_forward
 from .launch import (layout, param_grad_views, param_grads_numel, sinkhorn_backward,
                      sinkhorn_forward, state_numel)
 
@@ -49,6 +50,36 @@ def _param_grads(dparams, x, ptr, w, log_p0, log_q0):
     dw, dlp0, dlq0 = param_grad_views(dparams, B, w.shape[1], D, NR, log_p0 is not None,
                                       log_q0 is not None)
     return dw, dlp0, (dlq0.view(log_q0.shape) if log_q0 is not None else None)
+
+
+class SpreadSinkhornFunction(torch.autograd.Function):
+    """y = σ · (Sinkhorn pooling of x / σ) with σ (B,) each set's feature spread
+    (``ops/rot/spread.py``, the layers' ``scale="auto"``), 1/σ folded into the kernels'
+    x-scales: forward one statistics pass over x, then the kernel reading x (no x / σ pass, no
+    output multiply); backward the kernel (∂/∂x at fixed σ and ds) and one spread pass (x̄ +=
+    ds·∂σ/∂x, written over the kernel's x̄). No priors, no plan. Saves x, the table, the
+    kernel's O(T·(N + D)) state and (B, 2 + D) statistics."""
+
+    @staticmethod
+    def forward(ctx, x, ptr, w, paper, sample_dims):
+        _none, saved = spread_forward(x, sample_dims, None, ptr)
+        B = saved.shape[0] // (2 + x.shape[-1])
+        y, _plan, state = sinkhorn_forward(x, ptr, w, None, None, paper, False,
+                                           scale=saved[:B])
+        ctx.save_for_backward(x, ptr, w, y, state, saved)
+        ctx.args = (paper, sample_dims, B)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, ptr, w, y, state, saved = ctx.saved_tensors
+        paper, sample_dims, B = ctx.args
+        dx, dparams, ds = sinkhorn_backward(x, ptr, w, None, None, paper, y, state,
+                                            gy.contiguous(), None, scale=saved[:B])
+        dw, _dlp0, _dlq0 = _param_grads(dparams, x, ptr, w, None, None)
+        gx = (spread_backward(x, sample_dims, saved, dx, ds, ptr, g_s_total=True, out=dx,
+                              g_over_s=False) if ctx.needs_input_grad[0] else None)
+        return gx, None, dw, None, None
 
 
 sinkhorn_fwd_op = None
@@ -115,7 +146,8 @@ if HAS_TRITON_OP:
 
 
 def sinkhorn_pool(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
-                  log_q0: Optional[Tensor], *, variant: str, return_plan: bool):
+                  log_q0: Optional[Tensor], *, variant: str, return_plan: bool,
+                  spread: bool = False):
     """Sinkhorn ROT pooling (α0 = 0) of every set on the fused kernels.
 
     Args:
@@ -124,11 +156,17 @@ def sinkhorn_pool(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
             read ε = α1, κ2 = κ(α2, ε), κ3 = κ(α3, ε) from it on chip.
         log_p0: (B, D) normalised log prior or None; log_q0: like x[..., 0] or None.
         variant: "exact" | "paper". return_plan: also return each set's plan (mass 1).
+        spread: pool x / σ and return σ · y, σ each set's feature spread (the layers'
+            ``scale="auto"``), folded into the kernels (eager, no priors, no plan; the caller
+            checks): ``SpreadSinkhornFunction``.
 
     Returns:
         (y (B, D) in x.dtype, plan in x's layout and dtype, or None).
     """
     paper = variant == "paper"
+    if spread:
+        y = SpreadSinkhornFunction.apply(x, ptr, w, paper, (1,) if ptr is None else (0,))
+        return y.to(x.dtype), None
     if sinkhorn_fwd_op is not None:
         y, plan, _ = sinkhorn_fwd_op(x, ptr, w, log_p0, log_q0, paper, return_plan)
     else:

@@ -133,12 +133,13 @@ def spread_grad_dot_kernel(g_ptr, gb, gf, gs, x_ptr, sb, sf, ss, ptr_ptr, part_p
 def spread_grad_kernel(g_ptr, gb, gf, gs, x_ptr, sb, sf, ss, gx_ptr, xb, xf, xs, ptr_ptr,
                        mean_ptr, s_ptr, root_ptr, gsc_ptr, part_ptr, F, S, NFB,
                        RAGGED: tl.constexpr, BS: tl.constexpr, BF: tl.constexpr,
-                       BP: tl.constexpr, DOT: tl.constexpr):
+                       BP: tl.constexpr, DOT: tl.constexpr, G_OVER_S: tl.constexpr = True):
     """x̄ = (ḡ + ds·[root > 0]·(x - mean_f) / (F·S_b)) / s for block (b, j), with
     ds = s̄ - Σ ḡ·x / s² (the direct gradient of s plus the one through x / s, DOT: its sum
     from spread_grad_dot_kernel's parts; without DOT s̄ is already the total, from a pooling
     kernel that folded 1 / s in; s is the constant 1 where root = 0), written in x̄'s dtype
-    through its strides."""
+    through its strides. Without G_OVER_S ḡ is already ∂/∂x at fixed s (a set kernel that
+    folded 1 / s into its x-scales): x̄ = ḡ + ds·[root > 0]·(x - mean_f) / (F·S_b·s)."""
     b = tl.program_id(0)
     j = tl.program_id(1)
     s = tl.load(s_ptr + b)
@@ -161,5 +162,9 @@ def spread_grad_kernel(g_ptr, gb, gf, gs, x_ptr, sb, sf, ss, gx_ptr, xb, xf, xs,
         mask = (offs_s < n_b)[:, None] & fm[None, :]
         G = _tile(g_ptr, gbase, gf, gs, offs_s, offs_f, mask)
         X = _tile(x_ptr, base, sf, ss, offs_s, offs_f, mask)
+        if G_OVER_S:
+            v = (G + k * (X - mean[None, :])) / s
+        else:
+            v = G + (k / s) * (X - mean[None, :])
         tl.store(_ptrs(gx_ptr, xbase, xf, xs, offs_s, offs_f),
-                 ((G + k * (X - mean[None, :])) / s).to(gx_ptr.dtype.element_ty), mask=mask)
+                 v.to(gx_ptr.dtype.element_ty), mask=mask)

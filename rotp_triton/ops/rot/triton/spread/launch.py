@@ -84,13 +84,14 @@ def spread_forward(x: Tensor, sample_dims: Tuple[int, ...], out_dtype: Optional[
 
 def spread_backward(x: Tensor, sample_dims: Tuple[int, ...], saved: Tensor, g: Tensor,
                     g_s: Tensor, ptr: Optional[Tensor] = None, wrap=None,
-                    g_s_total: bool = False, out: Optional[Tensor] = None) -> Tensor:
+                    g_s_total: bool = False, out: Optional[Tensor] = None,
+                    g_over_s: bool = True) -> Tensor:
     """x̄ (x's dtype and memory format) from ḡ = d loss / d(x / s) (any strides: copied when
     its sample dims do not collapse) and s̄ (B,) fp32: the direct gradient of s, or with
     ``g_s_total`` all of it (the path through x / s included: a pooling kernel that folded
     1 / s in formed it; then one launch, no dot pass). ``out``: where x̄ goes (like x), may be
     ḡ itself (each program reads its tile of ḡ before it writes x̄ there): no x-sized
-    allocation."""
+    allocation. ``g_over_s`` False: ḡ is ∂/∂x at fixed s already (not ∂/∂(x / s))."""
     B, F, S = sizes(x, sample_dims, ptr)
     BS, BF, num_warps = block_sizes(F, S)
     NFB = cdiv(F, BF)
@@ -110,5 +111,6 @@ def spread_backward(x: Tensor, sample_dims: Tuple[int, ...], saved: Tensor, g: T
                                                      **rag, BS=BS, BF=BF, num_warps=num_warps)
     launcher(spread_grad_kernel, wrap)[grid](
         g, *gst, x, *xst, gx, *bfs_strides(gx, sample_dims), ptr, mean, s, root, g_s, part, F,
-        S, NFB, **rag, BS=BS, BF=BF, BP=next_pow2(NFB), DOT=not g_s_total, num_warps=num_warps)
+        S, NFB, **rag, BS=BS, BF=BF, BP=next_pow2(NFB), DOT=not g_s_total, G_OVER_S=g_over_s,
+        num_warps=num_warps)
     return gx
