@@ -143,9 +143,10 @@ class AdaptiveROTPool2d(_ImageROTBase):
         method, variant, num_iters, inner_iters, per_iter_params, backend, a0, a1, a2, a3, rho,
             tau, learn_*: as in :class:`rotp_triton.ROTPool`.
         scale: ``"auto"`` (default): the weights are relative to each image's feature spread
-            (RMS over channels of the spatial standard deviation; :mod:`rotp_triton.ops.rot.spread`),
-            so the near-mean start holds at any feature scale; ``None``: as given. "auto"
-            costs a reduction and one elementwise pass over x (the kernels then read x / s).
+            (RMS over channels of the spatial standard deviation;
+            :mod:`rotp_triton.ops.rot.spread`), so the near-mean start holds at any feature
+            scale; ``None``: as given. "auto" costs one statistics pass over x (the window and
+            Sinkhorn kernels fold 1/s into their loads; B-ADMM on the 1×1 set reads x / s).
 
     Shapes:
         (B, C, H, W) -> (B, C, oh, ow), or (B, C) with ``flatten=True``; output in x's dtype.
@@ -216,9 +217,10 @@ class ROTPool2d(_ImageROTBase):
         method, variant, num_iters, inner_iters, per_iter_params, backend, a0, a1, a2, a3, rho,
             tau, learn_*: as in :class:`rotp_triton.ROTPool`.
         scale: ``"auto"`` (default): the weights are relative to each image's feature spread
-            (RMS over channels of the spatial standard deviation; :mod:`rotp_triton.ops.rot.spread`),
-            so the near-mean start holds at any feature scale; ``None``: as given. "auto"
-            costs a reduction and one elementwise pass over x (the kernels then read x / s).
+            (RMS over channels of the spatial standard deviation;
+            :mod:`rotp_triton.ops.rot.spread`), so the near-mean start holds at any feature
+            scale; ``None``: as given. "auto" costs one statistics pass over x (the window and
+            Sinkhorn kernels fold 1/s into their loads; B-ADMM on the 1×1 set reads x / s).
 
     Shapes:
         (B, C, H, W) -> (B, C, Ho, Wo), Ho = floor((H + 2ph − kh)/sh) + 1 (ceil with

@@ -178,7 +178,8 @@ def pool_windows(x: Tensor, table: Tensor, *, kernel_size, stride, padding, ceil
             return window_pool(x, table, kernel_size=kernel_size, stride=stride,
                                padding=padding, ceil_mode=ceil_mode, method=method,
                                variant=variant, spread=True)
-    xs, s = normalize_by_spread(x, (2, 3), x.dtype, kernels=x.is_cuda) if spread else (x, None)
+    xs, s = (normalize_by_spread(x, (2, 3), x.dtype, kernels=_spread_kernels(x, backend))
+             if spread else (x, None))
     if kernels:
         y = window_pool(xs, table, kernel_size=kernel_size, stride=stride, padding=padding,
                         ceil_mode=ceil_mode, method=method, variant=variant)
@@ -203,7 +204,8 @@ def pool_adaptive(x: Tensor, table: Tensor, output_size: Tuple[int, int], *,
                             ceil_mode=False, method=method, variant=variant,
                             structure=structure, num_iters=num_iters, inner_iters=inner_iters,
                             backend=backend, spread=spread)
-    xs, s = normalize_by_spread(x, (2, 3), x.dtype, kernels=x.is_cuda) if spread else (x, None)
+    xs, s = (normalize_by_spread(x, (2, 3), x.dtype, kernels=_spread_kernels(x, backend))
+             if spread else (x, None))
     y = adaptive_rot_pool2d_torch(xs, output_size, method=method, variant=variant,
                                   num_iters=num_iters, inner_iters=inner_iters,
                                   weights=_torch_weights(table, structure))

@@ -765,10 +765,10 @@ def _output_bwd(x, logits, gy, m, sv, MASKED: tl.constexpr, FAST: tl.constexpr):
 def _sinkhorn_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T: tl.constexpr,
                   L: tl.constexpr, PAPER: tl.constexpr, MASKED: tl.constexpr,
                   FAST: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
-    """(gx, acc + ∂y/∂w ᵀ gy, Σ gy·y per window [BW]) of a Sinkhorn tile. The T iterations in segments of L (last
-    segment first): the segment's states are replayed once and kept in registers (``tape``),
-    then back-propagated in reverse; the state at a segment's start is recomputed from
-    iteration 0 (only when T > L). ``n_seg`` = ⌈T / L⌉ arrives as a runtime value on purpose:
+    """(gx, acc + ∂y/∂w ᵀ gy, Σ gy·y per window [BW]) of a Sinkhorn tile. The T iterations
+    in segments of L (last segment first): the segment's states are replayed once and kept in
+    registers (``tape``), then back-propagated in reverse; the state at a segment's start is
+    recomputed from iteration 0 (only when T > L). ``n_seg`` = ⌈T / L⌉ arrives as a runtime value on purpose:
     the compiler then cannot fold the segment loop and merge the replay with the backward's
     own recomputation of each step, which would keep every step's [BW, BN, BC] intermediates
     alive (sm_90: 660 B of spills for B-E at T = L = 4, 200 fewer instructions / tile without)."""
