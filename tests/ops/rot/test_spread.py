@@ -187,29 +187,37 @@ def signature(kernel, consts, xt):
             (xt if n in ("x_ptr", "out_ptr", "gx_ptr") else "*fp32") if n.endswith("_ptr")
             else "i32" for n in kernel.arg_names}
 
-for F, S, xt, ragged in [(2048, 49, "*fp32", False), (256, 3136, "*bf16", False),
-                         (128, 0, "*fp16", True)]:
+# the strides the JIT specialises to 1: the samples' where pixels are contiguous (NCHW images,
+# a head's (B, HW, C) view), the features' for (B, N, D) sets and ragged rows
+UNIT = {"samples": ("ss", "gs", "xs", "os"), "features": ("sf", "gf", "xf", "of")}
+for F, S, xt, ragged, unit in [(2048, 49, "*fp32", False, "samples"),
+                               (256, 3136, "*bf16", False, "samples"),
+                               (2048, 49, "*fp32", False, "features"),
+                               (128, 0, "*fp16", True, "features")]:
     BS, BF, num_warps = launch.block_sizes(F, S)
-    tiles = dict(RAGGED=ragged, BS=BS, BF=BF)
-    for kernel, consts in [(k.spread_stats_kernel, tiles),
-                           (k.spread_normalize_kernel, dict(tiles, BP=32)),
-                           (k.spread_grad_dot_kernel, tiles),
-                           (k.spread_grad_kernel, dict(tiles, BP=32))]:
+    NFB = (F + BF - 1) // BF
+    for kernel, extra in [(k.spread_stats_kernel, {}),
+                          (k.spread_normalize_kernel, dict(BP=NFB, NORMALIZE=True)),
+                          (k.spread_grad_dot_kernel, {}),
+                          (k.spread_grad_kernel, dict(BP=NFB, DOT=True))]:
+        consts = dict(RAGGED=ragged, BS=BS, BF=BF, **extra,
+                      **{n: 1 for n in UNIT[unit] if n in kernel.arg_names})
         c = compile_sm90(kernel, signature(kernel, consts, xt), consts, num_warps=num_warps)
         assert ".target sm_90" in c.asm["ptx"]
         u = ptxas_usage(c)
-        print("spread", kernel.fn.__name__, F, S, xt, ragged, "regs", u["registers"], "spill",
-              u["spill_bytes"])
+        print("spread", kernel.fn.__name__, F, S, xt, ragged, unit, "regs", u["registers"],
+              "spill", u["spill_bytes"])
 """
 
 
 def test_aot_compile_sm90():
     """The four kernels compile for sm_90 at the head-pool (F = 2048, S = 49, fp32), window
-    (256 channels, 56 × 56 pixels, bf16) and ragged-rows (D = 128, fp16) sizes, without
-    spills."""
+    (256 channels, 56 × 56 pixels, bf16) and ragged-rows (D = 128, fp16) sizes, with the unit
+    strides the JIT specialises (contiguous pixels or contiguous features), without spills
+    (4,096-element tiles spilled up to 10 KB with contiguous pixels)."""
     from harness import run_without_interpreter
     out = run_without_interpreter(AOT_CODE, timeout=600)
     lines = [l for l in out.splitlines() if l.startswith("spread")]
     print("\n".join(lines))
-    assert len(lines) == 12
+    assert len(lines) == 16
     assert all(l.endswith("spill 0") for l in lines), lines

@@ -45,10 +45,14 @@ def sizes(x: Tensor, sample_dims: Tuple[int, ...],
 
 
 def block_sizes(F: int, S: int) -> Tuple[int, int, int]:
-    """(BS, BF, num_warps): ~4K-element tiles, samples up to 64 per tile (an image head's 7 × 7
-    pixels: 64; ragged sets, S = 0 here: 64), features filling the rest."""
+    """(BS, BF, num_warps): 1,024-element tiles at 4 warps, samples up to 64 per tile (an image
+    head's 7 × 7 pixels: 64; ragged sets, S = 0 here: 64), features filling the rest. Not
+    larger: where the pixels are contiguous (NCHW images, a head's (B, HW, C) view) the JIT
+    specialises the sample stride to 1 and 4,096-element tiles then spill at sm_90 (grad kernel
+    32 registers + 10 KB of spills, the others up to 352 B; 1,024: at most 128 registers and
+    none, tests/ops/rot/test_spread.py::test_aot_compile_sm90)."""
     BS = 64 if S == 0 else min(next_pow2(S), 64)
-    BF = max(16, min(next_pow2(F), 4096 // BS))
+    BF = max(16, min(next_pow2(F), 1024 // BS))
     return BS, BF, 4
 
 
