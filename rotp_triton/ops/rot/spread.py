@@ -9,7 +9,8 @@ deviation over the set's samples (over an image's pixels for the image layers). 
 thus relative to the features' spread, and the near-mean start (α1 = ρ = 100) holds whatever
 the scale (tests/test_feature_scale.py). A set whose spread is 0 (one sample, constant
 features) uses s = 1. ``s`` keeps its autograd graph: the gradient is that of the function
-computed.
+computed. Where the window or Sinkhorn kernels run, ``route`` folds 1/s into them instead
+(``docs/kernels.md``); the functions here are the separate path.
 """
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ def normalize_by_spread(x: Tensor, sample_dims: Tuple[int, ...], out_dtype: torc
     in x's compute dtype) is the spread of each batch entry, its samples along ``sample_dims``
     and features along dim 1 (images (B, C, H, W): dims (2, 3)) or 2 (sets (B, N, D): dim 1).
     Same values as ``image_spread`` / ``dense_spread``. ``kernels``: the caller runs the Triton
-    kernels (CUDA, or the interpreter; ``weights.kernels_may_run``), so two launches each way
+    kernels (CUDA, or the interpreter; ``route._spread_kernels``), so two launches each way
     do it where they apply (``ops/rot/triton/spread``: x read in its own dtype, ~3 x-sized
     passes forward and 5 backward instead of ~4 and ~12); otherwise (CPU, float64,
     torch.compile tracing: inductor fuses them) the torch ops of ``_SpreadNormalize``."""
