@@ -90,13 +90,13 @@ def pool_sets(x: Tensor, batch: SetBatch, table: Tensor, *, method: str, variant
 
     ``table``: (6, T) weights in x's compute dtype; priors as given to ``rot_pool``.
     ``spread``: pool x / s and return s · y, s each set's feature spread (``spread.py``, the
-    layers' ``scale="auto"``): folded into the Sinkhorn kernels where they run eagerly without
-    priors or plan; otherwise x / s first (spread kernels or torch ops)."""
+    layers' ``scale="auto"``): folded into the Sinkhorn and B-ADMM kernels where they run
+    eagerly without priors or plan; otherwise x / s first (spread kernels or torch ops)."""
     D = x.shape[-1]
     check_prior_args(p0, q0, batch, D, log_p0, log_q0)
     kernels = use_kernels(x, backend, structure=structure)
     if spread:
-        if not (kernels and method == "sinkhorn" and not structure and x.numel() > 0
+        if not (kernels and not structure and x.numel() > 0
                 and not return_plan and p0 is None and q0 is None and log_p0 is None
                 and log_q0 is None and not torch.compiler.is_compiling()):
             xs, s = normalize_sets_by_spread(x, batch, kernels=_spread_kernels(x, backend))
@@ -105,13 +105,17 @@ def pool_sets(x: Tensor, batch: SetBatch, table: Tensor, *, method: str, variant
                                 inner_iters=inner_iters, p0=p0, q0=q0, log_p0=log_p0,
                                 log_q0=log_q0, backend=backend, return_plan=return_plan)
             return (y * s).to(x.dtype), plan
-        from .triton.sinkhorn.op import sinkhorn_pool
         xk, ptr = x, batch.ptr
         if not batch.dense and ptr is None:  # unsorted index: rows grouped by set (y per set)
             order, ptr = batch.set_order()
             xk = x[order]
-        return sinkhorn_pool(xk, ptr, table, None, None, variant=variant, return_plan=False,
-                             spread=True)
+        if method == "sinkhorn":
+            from .triton.sinkhorn.op import sinkhorn_pool
+            return sinkhorn_pool(xk, ptr, table, None, None, variant=variant,
+                                 return_plan=False, spread=True)
+        from .triton.badmm.op import badmm_pool
+        return badmm_pool(xk, ptr, table, None, None, quadratic=method == "badmm-q",
+                          variant=variant, return_plan=False, spread=True)
     if not kernels:
         return rot_pool_padded(x, batch, table, method=method, variant=variant,
                                structure=structure, num_iters=num_iters,

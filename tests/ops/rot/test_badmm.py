@@ -18,7 +18,7 @@ import torch
 
 import reference.rot as ref
 import rotp_triton as rt
-from kernel_utils import DEVICE, KERNEL_DTYPES, ON_CUDA, RTOL, run_without_interpreter
+from kernel_utils import DEVICE, KERNEL_DTYPES, ON_CUDA, RTOL, rel_err, run_without_interpreter
 from rotp_triton.ops.rot.triton import badmm as badmm_pkg
 from rotp_triton.ops.rot.triton.badmm import launch, op
 
@@ -565,6 +565,84 @@ def test_huge_inputs_stay_finite(method, variant):
     assert float((yk - yt).norm() / yt.norm()) <= RTOL[torch.float32]
 
 
+FOLD_PATHS = {   # path: (forward split (NS, DS), forward replays, backward fuses, ragged)
+    "fused": ((1, 1), True, True, False), "unfused": ((1, 1), True, False, False),
+    "stream": ((1, 1), False, True, False), "split": ((2, 2), True, True, False),
+    "ragged": ((1, 1), True, True, True), "split-ragged": ((2, 2), False, True, True)}
+
+
+@pytest.mark.parametrize("path", list(FOLD_PATHS))
+@pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("badmm-q", "paper"),
+                                            ("badmm-q", "exact"), ("badmm-e", "paper")])
+def test_feature_scale_folded_in(method, variant, path, monkeypatch):
+    """``spread=True`` (the layers' scale="auto"): y = σ · pool(x / σ) with σ each set's
+    spread, 1/σ folded into the kernels' reads of x and σ into the stored output; backward
+    d loss / d(x / σ) and ∂/∂σ from the last reverse step (Σ X̄ · x / σ, per program in the
+    split backward), then one spread pass. == the oracle on x / σ times σ in float64, autograd
+    through ``dense_spread`` / ``ragged_spread`` (x and the (T,) weights), on both backward
+    schedules, the streamed forward, the split forward and backward, and ragged sets with an
+    empty one and a constant one (σ = 1). Launches: no x / σ pass, no dot pass."""
+    from launch_counter import count_launches
+    from rotp_triton.ops.rot.params import A1, A2, A3, RHO
+    from rotp_triton.ops.rot.spread import dense_spread, ragged_spread
+    splits, replays, fuses, ragged = FOLD_PATHS[path]
+    _small_blocks(monkeypatch)
+    _schedule(monkeypatch, "replay" if replays else "stream")
+    monkeypatch.setattr(launch, "forward_splits", lambda *a: splits)
+    monkeypatch.setattr(launch, "backward_splits", lambda *a: splits)
+    monkeypatch.setattr(launch, "backward_fuses", lambda T, xb: fuses)
+    gen = torch.Generator().manual_seed(43)
+    T = 3
+    w = _weights(T, gen)
+    if ragged:
+        lengths = [3, 0, 20, 2]
+        ptr = torch.tensor([0] + lengths).cumsum(0)
+        x = torch.randn(int(ptr[-1]), 19, generator=gen, dtype=torch.float64) * 3 + 2
+        x[-2:] = 1.5                                    # a constant set: spread 0 -> σ = 1
+        index = torch.repeat_interleave(torch.arange(len(lengths)), ptr.diff())
+    else:
+        ptr = None
+        x = torch.randn(2, 21, 19, generator=gen, dtype=torch.float64) * 3 + 2
+    B = len(lengths) if ragged else x.shape[0]
+    table = torch.zeros(6, T)
+    table[A1], table[A2], table[A3], table[RHO] = w["a1"], w["a2"], w["a3"], w["rho"]
+    table = table.to(DEVICE).requires_grad_()
+    xk = x.float().to(DEVICE).requires_grad_()
+    with count_launches() as fwd:
+        y, plan = badmm_pkg.badmm_pool(xk, None if ptr is None else ptr.to(DEVICE), table,
+                                       None, None, quadratic=method == "badmm-q",
+                                       variant=variant, return_plan=False, spread=True)
+    assert plan is None and y.dtype == torch.float32
+    assert fwd[:2] == ["spread_stats_kernel", "spread_normalize_kernel"]
+    assert not fwd.constexprs[1]["NORMALIZE"]
+    assert ("badmm_fwd_kernel" in fwd) == (splits == (1, 1))
+    cy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    with count_launches() as bwd:
+        gx, gw = torch.autograd.grad((y * cy.to(DEVICE, torch.float32)).sum(), [xk, table])
+    assert bwd[-1] == "spread_grad_kernel" and "spread_grad_dot_kernel" not in bwd
+    assert ("badmm_bwd_kernel" in bwd) == (splits == (1, 1))
+    x64 = x.clone().requires_grad_()
+    w64 = {k: v.double().requires_grad_() for k, v in w.items()}
+    if ragged:
+        s = ragged_spread(x64, index, B)
+        xn = x64 / s[index][:, None]
+        sets = [xn[ptr[i]:ptr[i + 1]] for i in range(B)]
+    else:
+        s = dense_spread(x64)
+        sets = list(x64 / s[:, None, None])
+    yr, _plans = ref.rot_pool_sets(sets, method=method, variant=variant, num_iters=T, **w64)
+    yr = yr * s[:, None]
+    assert rel_err(y, yr) <= RTOL[torch.float32]
+    if ragged:
+        assert bool((y[1] == 0).all())
+    gr = torch.autograd.grad((yr * cy).sum(), [x64] + [w64[k] for k in WEIGHTS])
+    rows = [A1, A2, A3, RHO]
+    for name, a, b in zip(["x"] + list(WEIGHTS), [gx] + [gw[r] for r in rows], gr):
+        a = a.detach().double().cpu()
+        assert bool(torch.isfinite(a).all()), name
+        assert (a - b).norm() <= RTOL[torch.float32] * b.norm() + (name != "x") * 1e-6, name
+
+
 # --------------------------------------------------------------------------------------------
 # memory, routing, reduced precision, GPU compilation
 # --------------------------------------------------------------------------------------------
@@ -717,26 +795,33 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
         (m.badmm_fwd_kernel, 2048, 49, True, True, True, "PLAN", True),
         (m.badmm_fwd_kernel, 2048, 49, False, False, False, "PLAN", False),
         (m.badmm_fwd_kernel, 128, 500, True, False, True, "PLAN", False),
+        (m.badmm_fwd_kernel, 2048, 49, False, False, False, "SCALED", True),
+        (m.badmm_fwd_kernel, 2048, 49, True, False, False, "SCALED", True),
         (m.badmm_bwd_kernel, 128, 500, False, False, True, "PLAN_GRAD", True),
         (m.badmm_bwd_kernel, 2048, 49, True, True, False, "DEFER", True),
         (m.badmm_bwd_kernel, 2048, 49, False, False, False, "DEFER", True),
         (m.badmm_bwd_kernel, 128, 500, True, True, True, "PLAN_GRAD", True),
         (m.badmm_bwd_kernel, 2048, 49, False, False, False, "PLAN_GRAD", False),
-        (m.badmm_bwd_kernel, 2048, 49, True, False, False, "PLAN_GRAD", False)]:
-    # the backward's flag: PLAN_GRAD or DEFER (W2 has no plan gradient), last field: FUSE
-    # (its half tiles: launch.backward_block_sizes)
+        (m.badmm_bwd_kernel, 2048, 49, True, False, False, "PLAN_GRAD", False),
+        (m.badmm_bwd_kernel, 2048, 49, False, False, False, "SCALED", True),
+        (m.badmm_bwd_kernel, 2048, 49, True, False, False, "SCALED", True)]:
+    # the backward's flag: PLAN_GRAD, DEFER (W2 has no plan gradient) or SCALED (W2 under
+    # the layers' scale="auto": with DEFER), last field: FUSE (its half tiles:
+    # launch.backward_block_sizes); the forward's: PLAN or SCALED
     fused = kernel is m.badmm_bwd_kernel and replay
     sizes = launch.backward_block_sizes if fused else launch.block_sizes
     BN, BD, BV, num_warps = sizes(0 if ragged else N, D)
     consts = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=m.quad_flag(quad, paper),
                   PAPER=paper, BN=BN, BD=BD, BV=BV, **{flag: True})
     consts["KV"] = 4 if paper else 3
-    if flag == "PLAN":
+    consts.setdefault("SCALED", False)
+    if kernel is m.badmm_fwd_kernel:
         consts["REPLAY"] = replay
+        consts.setdefault("PLAN", False)
     else:
         consts["FUSE"] = replay
         consts.setdefault("PLAN_GRAD", False)
-        consts.setdefault("DEFER", False)
+        consts.setdefault("DEFER", flag == "SCALED")
     c = compile_sm90(kernel, signature(kernel, consts), consts,
                      num_warps=num_warps)
     assert ".target sm_90" in c.asm["ptx"]
@@ -752,7 +837,7 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
     # cuobjdump's LOCAL misses spills to the stack; ptxas -v counts both
     stack = ptxas_usage(c)["spill_bytes"]
     print(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, D, N, quad, paper,
-          replay, (BN, BD, BV), "spill", stack, "regs", regs, "local", spill)
+          replay, flag, (BN, BD, BV), "spill", stack, "regs", regs, "local", spill)
 for quad, paper in [(False, False), (True, True), (True, False)]:
     consts = dict(QUAD=m.quad_flag(quad, paper), PAPER=paper, BT=16)
     sig = {"w_ptr": "*fp32", "gw_ptr": "*fp32", "gwt_ptr": "*fp32", "dw_ptr": "*fp32",
@@ -767,12 +852,13 @@ for quad, paper in [(False, False), (True, True), (True, False)]:
 def test_aot_compile_sm90():
     """Every kernel compiles for sm_90 (H100) with the GPU compiler at realistic sizes
     (D = 128 and 2048, both methods and variants, dense and ragged, both forward and both
-    backward schedules, the fused one with a plan gradient and deferring without);
-    register use is printed and no local memory (spills) is used."""
+    backward schedules, the fused one with a plan gradient and deferring without, and W2 with
+    the layers' feature scale folded in: SCALED); register use is printed and no local memory
+    (spills) is used."""
     out = run_without_interpreter(AOT_CODE, timeout=900)
     lines = [l for l in out.splitlines() if "regs" in l]
     print("\n".join(lines))
-    assert len(lines) == 10
+    assert len(lines) == 14
     for l in lines:
         if "local ?" not in l:
             assert l.endswith("local 0"), l
@@ -798,7 +884,8 @@ def signature(kernel, consts):
 for name, D, N, quad, paper, ragged in [("W1", 100, 500, False, False, False),
                                         ("W5", 128, 0, True, True, True)]:
     BN, BD, BV, num_warps = launch.block_sizes(N, D)
-    common = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=quad, KV=4 if paper else 3)
+    common = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=quad, KV=4 if paper else 3,
+                  SCALED=ragged)     # W5 with the layers' feature scale folded in
     for kernel, consts in [
             (s.badmm_split_column_lse_kernel, dict(common, PAPER=paper, REPLAY=True,
                                                    POOL=True, BN=BN, BD=BD)),
@@ -808,14 +895,16 @@ for name, D, N, quad, paper, ragged in [("W1", 100, 500, False, False, False),
                                                    BN=BN, BD=BD)),
             (s.badmm_split_column_step_kernel, dict(RAGGED=ragged, HAS_P0=True, QUAD=quad,
                                                     PAPER=paper, KV=common["KV"], POOL=True,
-                                                    BV=BV)),
+                                                    SCALED=ragged, BV=BV)),
             (s.badmm_split_row_lse_kernel, dict(common, PAPER=paper, REPLAY=True, BN=BN,
                                                 BD=BD)),
             (s.badmm_split_row_lse_kernel, dict(common, PAPER=paper, REPLAY=False, BN=BN,
                                                 BD=BD)),
             (s.badmm_split_plan_kernel, dict(common, REPLAY=True, BN=BN, BD=BD)),
             (s.badmm_split_plan_kernel, dict(common, REPLAY=False, BN=BN, BD=BD)),
-            (sb.badmm_split_bwd_rows_step_kernel, dict(common, PAPER=paper, BV=BV)),
+            (sb.badmm_split_bwd_rows_step_kernel, dict(RAGGED=ragged, HAS_P0=True,
+                                                       HAS_Q0=True, QUAD=quad, KV=common["KV"],
+                                                       PAPER=paper, BV=BV)),
             (sb.badmm_split_bwd_cols_step_kernel, dict(RAGGED=ragged, HAS_P0=True, QUAD=quad,
                                                        PAPER=paper, BV=BV)),
             (sb.badmm_split_bwd_pass2_kernel, dict(common, PAPER=paper, PLAN=False, BN=BN,
@@ -827,7 +916,8 @@ for name, D, N, quad, paper, ragged in [("W1", 100, 500, False, False, False),
             (sb.badmm_split_bwd_pass3_kernel, dict(common, PAPER=paper, ADJ=0, PLAN=True,
                                                    BN=BN, BD=BD)),
             (sb.badmm_split_bwd_init_kernel, dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True,
-                                                  PAPER=paper, BN=BN, BD=BD))]:
+                                                  PAPER=paper, SCALED=ragged, BN=BN, BD=BD,
+                                                  BV=BV))]:
         c = compile_sm90(kernel, signature(kernel, consts), consts, num_warps=num_warps)
         assert ".target sm_90" in c.asm["ptx"]
         regs = spill = nins = "?"
@@ -852,8 +942,9 @@ for name, D, N, quad, paper, ragged in [("W1", 100, 500, False, False, False),
 
 def test_aot_compile_split_sm90():
     """The split forward's eight and backward's seven kernel configurations compile for sm_90 at
-    W1 (dense B-E exact, D = 100) and W5 (ragged B-Q paper, D = 128) configurations, no spills;
-    SASS size and registers are printed (bench/results/badmm_v2_*.md)."""
+    W1 (dense B-E exact, D = 100) and W5 (ragged B-Q paper, D = 128, with the feature scale
+    folded in: SCALED) configurations, no spills; SASS size and registers are printed
+    (bench/results/badmm_v2_*.md)."""
     out = run_without_interpreter(SPLIT_AOT_CODE, timeout=900)
     lines = [l for l in out.splitlines() if l.startswith("split")]
     print("\n".join(lines))

@@ -128,8 +128,9 @@ def test_ragged_rows_match_formula(dtype, monkeypatch):
 
 
 def test_ragged_layer_uses_the_kernels_with_ptr(monkeypatch):
-    """ROTPool on ragged rows with ``ptr`` normalises through the kernels, with ``index`` only
-    through the torch ops; both give the torch backend's output and gradient."""
+    """ROTPool on ragged rows where the scale is not folded into the set kernels (an attention
+    prior q0) normalises through the kernels with ``ptr``, with ``index`` only through the
+    torch ops; both give the torch backend's output and gradient."""
     calls = []
     real = launch.spread_forward
     monkeypatch.setattr(launch, "spread_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -142,7 +143,7 @@ def test_ragged_layer_uses_the_kernels_with_ptr(monkeypatch):
     for backend, kw in (("triton", dict(ptr=ptr)), ("triton", dict(index=index)),
                         ("torch", dict(ptr=ptr))):
         torch.manual_seed(0)
-        m = rt.ROTPool(5, method="badmm-e", backend=backend).to(DEVICE)
+        m = rt.ROTPool(5, method="badmm-e", backend=backend, q0="attention").to(DEVICE)
         xb = x.to(DEVICE).requires_grad_()
         y = m(xb, **{k: v.to(DEVICE) for k, v in kw.items()})
         (gx,) = torch.autograd.grad((y * torch.arange(5.0, device=DEVICE)).sum(), xb)
@@ -153,11 +154,11 @@ def test_ragged_layer_uses_the_kernels_with_ptr(monkeypatch):
         assert_close(outs[key][1], outs["torch", "ptr"][1], name=f"grad x {key}")
 
 
-@pytest.mark.parametrize("method", ["sinkhorn", "badmm-e"])
+@pytest.mark.parametrize("method", ["sinkhorn", "badmm-e", "badmm-q"])
 def test_layer_uses_the_kernels_and_matches_the_torch_backend(method):
     """AdaptiveROTPool2d with backend='triton' takes its scale from the kernels (counted:
-    Sinkhorn folds 1/s into the set kernel, the s launch writing no x / s; B-ADMM pools the
-    spread kernel's x / s) and gives the torch backend's output and input gradient."""
+    the set kernel folds 1/s in, the s launch writes no x / s, the backward has no dot pass)
+    and gives the torch backend's output and input gradient."""
     from launch_counter import count_launches
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 6, 3, 4, generator=g)
@@ -168,12 +169,14 @@ def test_layer_uses_the_kernels_and_matches_the_torch_backend(method):
         xb = x.to(DEVICE).requires_grad_()
         with count_launches() as launches:
             y = m(xb)
-        (gx,) = torch.autograd.grad((y * torch.arange(6.0, device=DEVICE)).sum(), xb)
+        with count_launches() as bwd:
+            (gx,) = torch.autograd.grad((y * torch.arange(6.0, device=DEVICE)).sum(), xb)
         outs[backend] = (y, gx)
         if backend == "triton":
             i = launches.index("spread_normalize_kernel")
             assert launches[i - 1] == "spread_stats_kernel"
-            assert launches.constexprs[i]["NORMALIZE"] == (method != "sinkhorn")
+            assert not launches.constexprs[i]["NORMALIZE"]
+            assert "spread_grad_dot_kernel" not in bwd and bwd[-1] == "spread_grad_kernel"
     assert_close(outs["triton"][0], outs["torch"][0], name="y")
     assert_close(outs["triton"][1], outs["torch"][1], name="grad x")
 

@@ -110,3 +110,14 @@ def lse2_combine(m1, s1, m2, s2):
 
 __all__ = ["LOG2E", "LN2", "interpreter_enabled", "sm_count", "next_pow2", "cdiv",
            "HAS_TRITON_OP", "launcher", "kappa", "lse2_combine"]
+
+
+@triton.jit
+def set_inv_scale(sc_ptr, b, SCALED: tl.constexpr):
+    """1/σ_b, σ (B,) fp32 the sets' feature scale (the layers' ``scale="auto"``,
+    ``ops/rot/spread.py``) where a kernel folds it in (SCALED), else the constant 1 (a multiply
+    by it folds away at compile time)."""
+    if SCALED:
+        return 1.0 / tl.load(sc_ptr + b)
+    else:
+        return 1.0

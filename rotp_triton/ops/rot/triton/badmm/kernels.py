@@ -100,7 +100,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common import LOG2E, kappa
+from ..common import LOG2E, kappa, set_inv_scale
 
 _LOG2E = tl.constexpr(LOG2E)   # jit code reads module constants as constexprs
 
@@ -155,9 +155,11 @@ def _tile_ptrs(offs_n, offs_d, stride_n, stride_d):
 
 
 @triton.jit
-def _load_x(xb, offs_n, offs_d, sxn, sxd, mask):
-    """A [BN, BD] tile of the set, through x's own strides, in fp32."""
-    return tl.load(xb + _tile_ptrs(offs_n, offs_d, sxn, sxd), mask=mask, other=0.0).to(tl.float32)
+def _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig):
+    """A [BN, BD] tile of the set, through x's own strides, in fp32, times ``isig``: 1/σ_b of
+    a folded feature scale (SCALED, :func:`..common.set_inv_scale`), else the constant 1."""
+    X = tl.load(xb + _tile_ptrs(offs_n, offs_d, sxn, sxd), mask=mask, other=0.0)
+    return X.to(tl.float32) * isig
 
 
 @triton.jit
@@ -261,13 +263,13 @@ def _init_state_pass(sl, sz, lp0_ptr, lq0_ptr, n_b, D, u_p0, u_q0,
 
 
 @triton.jit
-def _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, out_ptr, n_b, D, a1, rho,
+def _row_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, r_ptr, out_ptr, n_b, D, a1, rho,
                   lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
                   HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
                   REPLAY: tl.constexpr, QUAD: tl.constexpr, POOL: tl.constexpr,
                   BN: tl.constexpr, BD: tl.constexpr):
     """Pass A: R_d = LSE_n(Y_nd) by an online LSE over n tiles; with POOL also
-    out_d = Σ_n softmax_n(Y)_nd X_nd (online-softmax weighted sum)."""
+    out_d = Σ_n softmax_n(Y)_nd X_nd (online-softmax weighted sum), / isig."""
     for d0 in range(0, D, BD):
         offs_d = d0 + tl.arange(0, BD)
         dm = offs_d < D
@@ -277,7 +279,7 @@ def _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, out_ptr, n_b, D, a1, 
         for n0 in range(0, n_b, BN):
             offs_n = n0 + tl.arange(0, BN)
             mask = (offs_n < n_b)[:, None] & dm[None, :]
-            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
+            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             if REPLAY:                  # rebuilt from x and the vectors of iterations < t
                 L, Zt = _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0,
@@ -297,12 +299,12 @@ def _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, out_ptr, n_b, D, a1, 
             m = m_new
         l = tl.where(dm, l, 1.0)                        # columns past D: keep them finite
         tl.store(r_ptr + offs_d, m + _log(l), mask=dm)
-        if POOL:
-            tl.store(out_ptr + offs_d, acc / l, mask=dm)
+        if POOL:       # σ_b · pool(x / σ_b) where a feature scale is folded in
+            tl.store(out_ptr + offs_d, acc / l / isig, mask=dm)
 
 
 @triton.jit
-def _col_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, D, a1, rho,
+def _col_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, D, a1, rho,
                   lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
                   HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
                   REPLAY: tl.constexpr, QUAD: tl.constexpr, WRITE: tl.constexpr,
@@ -318,7 +320,7 @@ def _col_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, 
             offs_d = d0 + tl.arange(0, BD)
             dm = offs_d < D
             mask = nm[:, None] & dm[None, :]
-            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
+            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             if REPLAY:                  # rebuilt from x and the vectors of iterations < t
                 L, Zt = _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0,
@@ -344,7 +346,7 @@ def _col_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, 
 
 
 @triton.jit
-def _plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, plan_b, n_b, D, a1, rho,
+def _plan_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, plan_b, n_b, D, a1, rho,
                lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
                HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr, REPLAY: tl.constexpr,
                   QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
@@ -355,7 +357,7 @@ def _plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, plan_b, n_b, D,
             offs_d = d0 + tl.arange(0, BD)
             dm = offs_d < D
             mask = (offs_n < n_b)[:, None] & dm[None, :]
-            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
+            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             if REPLAY:                  # rebuilt from x and the vectors of iterations < t
                 L, Zt = _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0,
@@ -459,6 +461,18 @@ def _vec_sub(a_ptr, b_ptr, dst_ptr, length, BV: tl.constexpr):
         msk = offs < length
         tl.store(dst_ptr + offs, tl.load(a_ptr + offs, mask=msk, other=0.0)
                  - tl.load(b_ptr + offs, mask=msk, other=0.0), mask=msk)
+
+
+@triton.jit
+def _vec_dot(a_ptr, b_ptr, length, BV: tl.constexpr):
+    """Σ_i a_i b_i over ``length`` entries."""
+    acc = tl.zeros([BV], dtype=tl.float32)
+    for i0 in range(0, length, BV):
+        offs = i0 + tl.arange(0, BV)
+        msk = offs < length
+        acc += tl.load(a_ptr + offs, mask=msk, other=0.0) * tl.load(b_ptr + offs, mask=msk,
+                                                                     other=0.0)
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
@@ -607,7 +621,7 @@ def badmm_coef_kernel(w_ptr, wc_ptr, T, QUAD: tl.constexpr, BT: tl.constexpr):
 # one forward iteration and the forward kernel
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
+def _forward_iteration(xb, sxn, sxd, isig, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
                        a1, rho, k2, k3, rp, hd_b, hn_b, NR, w_ptr, T, t,
                        HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
                        PAPER: tl.constexpr, REPLAY: tl.constexpr, KV: tl.constexpr,
@@ -622,14 +636,14 @@ def _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u
     leta_ptr = vn + ns
     cp = vn + 7 * ns
     ep = vn + 8 * ns
-    _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, r_ptr, n_b, D, a1, rho,
+    _row_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, r_ptr, r_ptr, n_b, D, a1, rho,
                   lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
                   HAS_P0, HAS_Q0, KV, REPLAY, QUAD, False, BN, BD)
     tl.debug_barrier()
     if not PAPER:
         _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, r_ptr, lmu_ptr, k2, D, BV)
         tl.debug_barrier()
-    _col_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, D, a1, rho,
+    _col_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, D, a1, rho,
                   lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
                   HAS_P0, HAS_Q0, KV, REPLAY, QUAD, True, BN, BD)
     tl.debug_barrier()
@@ -713,17 +727,20 @@ def _restart(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
 @triton.jit
 def badmm_fwd_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, order_ptr, lp0_ptr, lq0_ptr,
-    w_ptr,
+    w_ptr, sc_ptr,
     y_ptr, plan_ptr, sl_ptr, sz_ptr, vd_ptr, vn_ptr, hd_ptr, hn_ptr,
     B, N, D, NR, T, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
     PAPER: tl.constexpr, PLAN: tl.constexpr, REPLAY: tl.constexpr, KV: tl.constexpr,
-    BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    SCALED: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
 ):
     """Pooled output y (B, D) fp32 [and the plan] of T B-ADMM iterations, one set per program
     at a time (persistent grid); records every iteration's vectors in hd / hn (_record).
     REPLAY: each pass rebuilds the state from x and the vectors recorded so far (no N × D
-    scratch, O(t) arithmetic per element); otherwise it is streamed through sl / sz."""
+    scratch, O(t) arithmetic per element); otherwise it is streamed through sl / sz.
+    SCALED: the sets' feature scale σ (sc (B,) fp32) folded in, y = σ_b · pool(x / σ_b): every
+    tile of x is read as x · (1/σ_b) (:func:`_load_x`; x enters the iterations only there) and
+    the pooled output is stored times σ_b. The history then is that of x / σ_b."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rho_ptr = w_ptr + 4 * T                                              # row RHO of the table
@@ -737,6 +754,7 @@ def badmm_fwd_kernel(
         vn = vn_ptr + vn
         if n_b > 0:
             xb = x_ptr + xoff
+            isig = set_inv_scale(sc_ptr, b, SCALED)
             lp0_b = lp0_ptr + b.to(tl.int64) * D
             lq0_b = lq0_ptr + rs
             u_q0 = -_log(n_b.to(tl.float32))
@@ -746,7 +764,7 @@ def badmm_fwd_kernel(
             hn_b = hn_ptr + rs
             for t in range(0, T - 1):
                 a1_t, rho_t, k2_t, k3_t = _iter_weights(w_ptr, T, t, QUAD, PAPER)
-                _forward_iteration(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D,
+                _forward_iteration(xb, sxn, sxd, isig, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D,
                                    u_p0, u_q0, a1_t, rho_t, k2_t, k3_t,
                                    _rho_prev(rho_ptr, t), hd_b, hn_b, NR, w_ptr, T, t,
                                    HAS_P0, HAS_Q0, QUAD, PAPER, REPLAY, KV, BN, BD, BV)
@@ -755,7 +773,7 @@ def badmm_fwd_kernel(
             cp = vn + 7 * ns
             ep = vn + 8 * ns
             rp = _rho_prev(rho_ptr, T - 1)
-            _row_lse_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, vd, y_ptr + b.to(tl.int64) * D, n_b,
+            _row_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, vd, y_ptr + b.to(tl.int64) * D, n_b,
                           D, a1, rho, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, T - 1,
                           HAS_P0, HAS_Q0, KV, REPLAY, QUAD, True, BN, BD)
             tl.debug_barrier()
@@ -764,7 +782,7 @@ def badmm_fwd_kernel(
                 tl.debug_barrier()
             _record(vd, vn, ns, hd_b + (T - 1) * KV * D, hn_b, n_b, D, NR, False, PAPER, KV, BV)
             if PLAN:
-                _plan_pass(xb, sxn, sxd, sl, sz, cp, ep, rp, vd, vd + D, plan_ptr + rs * D, n_b,
+                _plan_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, vd, vd + D, plan_ptr + rs * D, n_b,
                            D, a1, rho, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, T - 1,
                            HAS_P0, HAS_Q0, KV, REPLAY, QUAD, BN, BD)
         tl.debug_barrier()
@@ -807,7 +825,7 @@ def _s_step_adjoint(X, L, Zt, Lb, Zb, r, lmu, c, leta, cb, a1, rho, QUAD: tl.con
 
 
 @triton.jit
-def _adjoint_s_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
+def _adjoint_s_step_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                          slb, szb, vd, vn, ns, n_b, D, a1, rho, n_lo, n_hi, d_lo, d_hi, tau_ptr,
                          HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
                          QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
@@ -815,13 +833,13 @@ def _adjoint_s_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
     (:func:`_s_step_adjoint`), reading L̄', Z̄' and writing nothing N × D; τ_d = Σ_n log P̄ over
     rows [n_lo, n_hi) into ``tau_ptr`` (the TAU slot, or a split program's partial), columns
     [d_lo, d_hi). Returns the scalar partials (∂/∂α1, ∂/∂ρ) of this iteration so far."""
-    return _adjoint_s_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr,
+    return _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr,
                                  T, tb, slb, szb, vd, vn, ns, n_b, D, a1, rho, n_lo, n_hi, d_lo,
                                  d_hi, tau_ptr, tau_ptr, HAS_P0, HAS_Q0, KV, QUAD, False, BN, BD)
 
 
 @triton.jit
-def _adjoint_s_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
+def _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                           slb, szb, vd, vn, ns, n_b, D, a1, rho, n_lo, n_hi, d_lo, d_hi, tau_ptr,
                           tau0_ptr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr,
                           KV: tl.constexpr, QUAD: tl.constexpr, CB_ONLY: tl.constexpr,
@@ -849,7 +867,7 @@ def _adjoint_s_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR
             c = tl.load(vn + offs_n, mask=nm, other=0.0)
             leta = tl.load(vn + ns + offs_n, mask=nm, other=0.0)
             cb = tl.load(vn + 3 * ns + offs_n, mask=nm, other=0.0)
-            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
+            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
                                   u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
@@ -870,7 +888,7 @@ def _adjoint_s_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR
 
 
 @triton.jit
-def _adjoint_plan_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
+def _adjoint_plan_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                        slb, vd, vn, ns, gplan_b, n_b, D, a1, rho, n_lo, n_hi, d_lo, d_hi,
                        tau_ptr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
                        QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
@@ -885,7 +903,7 @@ def _adjoint_plan_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w
         for n0 in range(n_lo, n_hi, BN):
             offs_n = n0 + tl.arange(0, BN)
             mask = (offs_n < n_hi)[:, None] & dm[None, :]
-            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
+            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
                                   u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
@@ -946,12 +964,12 @@ def _last_step_adjoints(X, L1, Z1, mask, r1, gy, out, a1_1, rho_1, QUAD: tl.cons
 
 
 @triton.jit
-def _adjoint_p_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
+def _adjoint_p_step_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                          slb, szb, gx_b, vd, vn, ns, cb_ptr, gy_b, out_b, n_b, D, a1, rho, last,
                          rho_prev, n_lo, n_hi, d_lo, d_hi, sigma_ptr, HAS_P0: tl.constexpr,
                          HAS_Q0: tl.constexpr, KV: tl.constexpr, QUAD: tl.constexpr,
-                         ADJ: tl.constexpr, PLAN: tl.constexpr, BN: tl.constexpr,
-                         BD: tl.constexpr):
+                         ADJ: tl.constexpr, PLAN: tl.constexpr, SCALED: tl.constexpr,
+                         BN: tl.constexpr, BD: tl.constexpr):
     """Backward pass 3: log P̄ and Z̄ as ``ADJ`` says (ADJ_S_STEP: :func:`_s_step_adjoint` of
     L̄', Z̄' with C̄ from ``cb_ptr``, as pass 2 formed them), then Ȳ = log P̄ + R̄ softmax_n(Y)
     [+ the pooling's adjoint: last = 1.0 in the last iteration, 0.0 before], then through
@@ -960,22 +978,24 @@ def _adjoint_p_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
     σ_n = Σ_d (L̄ - ρ_{tb-1} Z̄ S) from the adjoints just formed and this iteration's S
     (the adjoint of C_{tb-1} and log η_{tb-1}; saves that step a pass), into ``sigma_ptr`` (a
     slot apart from C̄'s, or a split program's partial over columns [d_lo, d_hi)); rows
-    [n_lo, n_hi). Returns the scalar partials (∂/∂α1, ∂/∂ρ)."""
-    da1, dr, _da1u, _dru = _adjoint_p_step_tiles(
-        xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb, slb, szb, gx_b,
+    [n_lo, n_hi). Returns the scalar partials (∂/∂α1, ∂/∂ρ) and (SCALED) Σ X̄ · x / σ_b over
+    the tiles."""
+    da1, dr, _da1u, _dru, gxx = _adjoint_p_step_tiles(
+        xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb, slb, szb, gx_b,
         vd, vn, ns, cb_ptr, gy_b, out_b, n_b, D, a1, rho, last, rho_prev, n_lo, n_hi, d_lo,
-        d_hi, sigma_ptr, sigma_ptr, HAS_P0, HAS_Q0, KV, QUAD, ADJ, PLAN, False, False, BN, BD)
-    return da1, dr
+        d_hi, sigma_ptr, sigma_ptr, HAS_P0, HAS_Q0, KV, QUAD, ADJ, PLAN, False, False, SCALED,
+        BN, BD)
+    return da1, dr, gxx
 
 
 @triton.jit
-def _adjoint_p_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
+def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                           slb, szb, gx_b, vd, vn, ns, cb_ptr, gy_b, out_b, n_b, D, a1, rho,
                           last, rho_prev, n_lo, n_hi, d_lo, d_hi, sigma_ptr, tau0_ptr,
                           HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
                           QUAD: tl.constexpr, ADJ: tl.constexpr, PLAN: tl.constexpr,
-                          FUSE: tl.constexpr, DEFER: tl.constexpr, BN: tl.constexpr,
-                          BD: tl.constexpr):
+                          FUSE: tl.constexpr, DEFER: tl.constexpr, SCALED: tl.constexpr,
+                          BN: tl.constexpr, BD: tl.constexpr):
     """Pass 3 (:func:`_adjoint_p_step_pass`); with FUSE (tb > 0; the fused kernel, one program
     per set) it also does the part of the NEXT reverse step's pass 2 that the adjoints just
     formed determine: pass 2 of iteration u = tb - 1 is linear in (L̄', Z̄', C̄_u), and L̄', Z̄'
@@ -989,8 +1009,13 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR
     and the second (tb = T - 2) recomputes them (:func:`_last_step_adjoints`) from the state of
     iteration T - 1 (one more replayed iteration), R_{T-1} (the history), ȳ and y instead of
     reading them: 24 bytes per element less.
-    Returns (∂/∂α1, ∂/∂ρ) of iteration tb and (FUSE) the parts of iteration u's."""
+    SCALED (a feature scale folded in, :func:`badmm_fwd_kernel`): X is x / σ_b, the pooled
+    output and ȳ in HBM are σ_b · pool(x / σ_b) and d loss / dy, so y loads times 1/σ_b and ȳ
+    times σ_b, and X̄ is d loss / d(x / σ_b); the last reverse step's Σ X̄ · X gives ∂/∂σ_b.
+    Returns (∂/∂α1, ∂/∂ρ) of iteration tb, (FUSE) the parts of iteration u's, and (SCALED)
+    Σ X̄ · X over the tiles (0 otherwise)."""
     tl.static_assert(FUSE or not DEFER)
+    acc_gxx = _vzero(BD)
     acc_a1u = _vzero(BD)
     acc_rhou = _vzero(BD)
     if FUSE:       # iteration u = tb - 1 (u = 0 at tb = 0, whose results are not kept)
@@ -1019,13 +1044,13 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR
         if ADJ == ADJ_S_STEP:
             lmu = tl.load(vd + D + offs_d, mask=dm, other=0.0)
         else:          # the pooling's adjoint: only the last iteration pools (last = 1.0)
-            gy = tl.load(gy_b + offs_d, mask=dm, other=0.0) * last
-            out = tl.load(out_b + offs_d, mask=dm, other=0.0)
+            gy = tl.load(gy_b + offs_d, mask=dm, other=0.0) * (last / isig)
+            out = tl.load(out_b + offs_d, mask=dm, other=0.0) * isig
         if DEFER:
             if ADJ == ADJ_S_STEP:   # what the first reverse step's adjoints are formed from
                 r_1 = tl.load(hd_1 + offs_d, mask=dm, other=0.0)
-                gy_1 = tl.load(gy_b + offs_d, mask=dm, other=0.0)
-                out_1 = tl.load(out_b + offs_d, mask=dm, other=0.0)
+                gy_1 = tl.load(gy_b + offs_d, mask=dm, other=0.0) / isig
+                out_1 = tl.load(out_b + offs_d, mask=dm, other=0.0) * isig
         if FUSE:       # iteration u's log μ - R (R and log μ enter only as the difference)
             shift_u = tl.load(hd_u + (KV - 1) * D + offs_d, mask=dm, other=0.0)
             tau_u = tl.zeros([BD], dtype=tl.float32)
@@ -1033,7 +1058,7 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR
             offs_n = n0 + tl.arange(0, BN)
             nm = offs_n < n_hi
             mask = nm[:, None] & dm[None, :]
-            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)
+            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             if FUSE:   # the state of iteration u on the way to iteration tb's
                 L, Zt = _replay_start(offs_n, offs_d, mask, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
@@ -1092,6 +1117,8 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR
                     tl.store(slb + o, lb, mask=kept)
                 tl.store(szb + o, zb_new, mask=kept)
                 tl.store(gx_b + o, gx, mask=mask)
+            if SCALED:     # (used from the last reverse step, where X̄ is complete)
+                acc_gxx += tl.sum(tl.sum(tl.where(mask, gx * X, 0.0), axis=1), axis=0)
             # σ accumulates over the column blocks; the [BN] vector is replicated over the
             # columns' threads, so every replica loads before any stores (the barrier), and
             # all store the same sum (a replica's next load sees its own store)
@@ -1112,7 +1139,7 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR
                 tau_u += tl.sum(tl.where(live, lpb_u, 0.0), axis=0)                  # [BD]
         if FUSE:
             tl.store(tau0_ptr + offs_d, tau_u, mask=dm & ((offs_d * 0 + tb) > 0))
-    return acc_a1, acc_rho, acc_a1u, acc_rhou
+    return acc_a1, acc_rho, acc_a1u, acc_rhou, acc_gxx
 
 
 @triton.jit
@@ -1242,14 +1269,15 @@ def _init_adjoint_pass(slb, vd, vn, ns, gp0_b, gq0_b, n_b, D,
 @triton.jit
 def badmm_bwd_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, order_ptr, lp0_ptr, lq0_ptr,
-    w_ptr, hd_ptr, hn_ptr,
+    w_ptr, hd_ptr, hn_ptr, sc_ptr,
     out_ptr, gy_ptr, gplan_ptr,
-    gx_ptr, gp0_ptr, gq0_ptr, gw_ptr,
+    gx_ptr, gp0_ptr, gq0_ptr, gw_ptr, ds_ptr,
     slb_ptr, szb_ptr, vd_ptr, vn_ptr,
     B, N, D, NR, T, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
     PAPER: tl.constexpr, PLAN_GRAD: tl.constexpr, KV: tl.constexpr, FUSE: tl.constexpr,
-    DEFER: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    DEFER: tl.constexpr, SCALED: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    BV: tl.constexpr,
 ):
     """Exact gradient of the T unrolled iterations: one reverse step per iteration, whose
     passes rebuild the forward state of that iteration from x and the vector history hd / hn
@@ -1262,6 +1290,9 @@ def badmm_bwd_kernel(
     picks by T: :func:`.launch.backward_fuses`). DEFER (FUSE, T >= 2, no plan gradient): the
     first reverse step stores no L̄, Z̄, X̄, the second recomputes them
     (:func:`_adjoint_p_step_tiles`).
+    SCALED (the forward's feature scale σ, sc (B,)): gx is d loss / d(x / σ) and ds (B,) gets
+    ∂ loss/∂σ_b = (Σ_d ȳ_d y_d - Σ X̄ · x / σ_b) / σ_b: y = σ_b · pool(x / σ_b) is linear in
+    σ_b at fixed x / σ_b, and x / σ_b moves by -(x / σ_b) / σ_b.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -1275,6 +1306,7 @@ def badmm_bwd_kernel(
         vn = vn_ptr + vn
         if n_b > 0:
             xb = x_ptr + xoff
+            isig = set_inv_scale(sc_ptr, b, SCALED)
             lp0_b = lp0_ptr + b.to(tl.int64) * D
             lq0_b = lq0_ptr + rs
             hd_b = hd_ptr + b.to(tl.int64) * T * KV * D
@@ -1289,6 +1321,7 @@ def badmm_bwd_kernel(
             # the parts of the next step's (∂/∂α1, ∂/∂ρ) that pass 3 sums (FUSE)
             ga1_next = _vzero(BV)
             grho_next = _vzero(BV)
+            gxx = _vzero(BV)                # SCALED: Σ X̄ · x / σ_b (the last step's pass 3)
             for i in range(0, T):
                 tb = T - 1 - i
                 a1, rho, k2, k3 = _iter_weights(w_ptr, T, tb, QUAD, PAPER)
@@ -1302,7 +1335,7 @@ def badmm_bwd_kernel(
                 tl.debug_barrier()
                 if tb == T - 1:
                     if PLAN_GRAD:
-                        _adjoint_plan_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
+                        _adjoint_plan_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
                                            w_ptr, T, tb, slb, vd, vn, ns, gplan_ptr + rs * D,
                                            n_b, D, a1, rho, 0, n_b, 0, D, vd + 3 * D,
                                            HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
@@ -1335,7 +1368,7 @@ def badmm_bwd_kernel(
                                                     k3, n_b, BV)
                     tl.debug_barrier()
                     # pass 2's part of C̄ (pass 3 of step tb + 1 summed the rest into TAU0)
-                    da1, dr = _adjoint_s_step_tiles(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b,
+                    da1, dr = _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b,
                                                     hn_b, NR, w_ptr, T, tb, slb, szb, vd, vn, ns,
                                                     n_b, D, a1, rho, 0, n_b, 0, D, vd + 3 * D,
                                                     vd + 7 * D, HAS_P0, HAS_Q0, KV, QUAD, FUSE,
@@ -1353,17 +1386,17 @@ def badmm_bwd_kernel(
                 out_b = out_ptr + b.to(tl.int64) * D
                 rho_p = _rho_prev(w_ptr + 4 * T, tb)
                 if tb == T - 1:
-                    da1, dr, ga1_next, grho_next = _adjoint_p_step_tiles(
-                        xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
+                    da1, dr, ga1_next, grho_next, gxx = _adjoint_p_step_tiles(
+                        xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                         slb, szb, gx_b, vd, vn, ns, vn + 3 * ns, gy_b, out_b, n_b, D, a1, rho,
                         1.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, HAS_P0,
-                        HAS_Q0, KV, QUAD, ADJ_FIRST, PLAN_GRAD, FUSE, DEFER, BN, BD)
+                        HAS_Q0, KV, QUAD, ADJ_FIRST, PLAN_GRAD, FUSE, DEFER, SCALED, BN, BD)
                 else:
-                    da1, dr, ga1_next, grho_next = _adjoint_p_step_tiles(
-                        xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
+                    da1, dr, ga1_next, grho_next, gxx = _adjoint_p_step_tiles(
+                        xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                         slb, szb, gx_b, vd, vn, ns, vn + 3 * ns, gy_b, out_b, n_b, D, a1, rho,
                         0.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, HAS_P0,
-                        HAS_Q0, KV, QUAD, ADJ_S_STEP, PLAN_GRAD, FUSE, DEFER, BN, BD)
+                        HAS_Q0, KV, QUAD, ADJ_S_STEP, PLAN_GRAD, FUSE, DEFER, SCALED, BN, BD)
                 ga1 += da1
                 grho += dr
                 tl.debug_barrier()
@@ -1374,6 +1407,9 @@ def badmm_bwd_kernel(
                 tl.store(gwb + 3, grho)
             _init_adjoint_pass(slb, vd, vn, ns, gp0_ptr + b.to(tl.int64) * D, gq0_ptr + rs,
                                n_b, D, HAS_P0, HAS_Q0, PAPER, BN, BD)
+            if SCALED:
+                gyy = _vec_dot(gy_ptr + b.to(tl.int64) * D, out_ptr + b.to(tl.int64) * D, D, BV)
+                tl.store(ds_ptr + b, (gyy - gxx) * isig)
         tl.debug_barrier()
 
 

@@ -217,14 +217,15 @@ def _forward_split_shapes(geo, NS: int, DS: int, replay: bool) -> list:
 
 
 def _forward_split(x, geo, wc, lp0, lq0, y, plan, hd, hn, NS, DS, scratch, *, quadratic,
-                   paper, has_p0, has_q0, replay, wrap):
+                   paper, has_p0, has_q0, replay, wrap, scale=None):
     """The forward over B × NS × DS programs (dense or ragged): per iteration the two
     launches of :mod:`.split_kernels` (partial LSEs, each preceded by the other side's
     combine + vector step), then the last column step.
     Fills y, plan and the history hd, hn exactly like the one-program-per-set kernel.
     ``replay``: rebuild the state per tile; else stream it through a (rows, D) fp32 pair - the
     fused kernel's per-program pair has that size whenever the launcher splits (B < #SMs).
-    The row slices of each set are sized on the device from N_b (no host sync)."""
+    The row slices of each set are sized on the device from N_b (no host sync). ``scale``:
+    as :func:`badmm_forward`'s."""
     B, D, T, rows = geo.B, geo.D, wc.shape[1], geo.rows
     BN, BD, BV, num_warps = geo.blocks
     NS, SD, DS = _split_slices(geo, NS, DS)
@@ -234,13 +235,15 @@ def _forward_split(x, geo, wc, lp0, lq0, y, plan, hd, hn, NS, DS, scratch, *, qu
     tiles = (B, NS, DS)
     ptr = geo.ptr if geo.ragged else y
     sets = dict(RAGGED=geo.ragged)
-    flags = dict(sets, HAS_P0=has_p0, HAS_Q0=has_q0, QUAD=quadratic, KV=KV, REPLAY=replay)
+    flags = dict(sets, HAS_P0=has_p0, HAS_Q0=has_q0, QUAD=quadratic, KV=KV, REPLAY=replay,
+                 SCALED=scale is not None)
+    sc = y if scale is None else scale                  # unread without a scale
     sl, sz = (y, y) if replay else scratch[5:7]
     if not replay:
         launcher(badmm_split_init_state_kernel, wrap)[tiles](
             ptr, lp0, lq0, sl, sz, geo.N, D, NS, SD, u_p0, **sets, HAS_P0=has_p0,
             HAS_Q0=has_q0, BN=BN, BD=BD, num_warps=num_warps)
-    xargs = (x, geo.sxb, geo.sxn, geo.sxd, ptr, lp0, lq0, wc, hd, hn, sl, sz)
+    xargs = (x, geo.sxb, geo.sxn, geo.sxd, ptr, lp0, lq0, wc, hd, hn, sl, sz, sc)
     for t in range(T):
         # the vector steps run inside the next tile launch (:mod:`.split_kernels`)
         launcher(badmm_split_column_lse_kernel, wrap)[tiles](
@@ -252,9 +255,9 @@ def _forward_split(x, geo, wc, lp0, lq0, y, plan, hd, hn, NS, DS, scratch, *, qu
             *xargs, pm, pl, qm, ql, geo.N, D, rows, T, t, NS, SD, u_p0,
             **flags, PAPER=paper, BN=BN, BD=BD, num_warps=num_warps)
     launcher(badmm_split_column_step_kernel, wrap)[(B,)](
-        ptr, lp0, wc, hd, pm, pl, pa, y, geo.N, D, T, T - 1, NS, u_p0, **sets,
-        HAS_P0=has_p0, QUAD=quadratic, PAPER=paper, KV=KV, POOL=True, BV=BV,
-        num_warps=num_warps)
+        ptr, lp0, wc, hd, pm, pl, pa, sc, y, geo.N, D, T, T - 1, NS, u_p0, **sets,
+        HAS_P0=has_p0, QUAD=quadratic, PAPER=paper, KV=KV, POOL=True,
+        SCALED=scale is not None, BV=BV, num_warps=num_warps)
     if plan is not None:
         launcher(badmm_split_plan_kernel, wrap)[tiles](
             *xargs, plan, geo.N, D, rows, T, NS, SD, u_p0,
@@ -264,28 +267,33 @@ def _forward_split(x, geo, wc, lp0, lq0, y, plan, hd, hn, NS, DS, scratch, *, qu
 def _backward_split_shapes(geo, NS: int, DS: int, T: int):
     """(zeroed, empty) scratch of :func:`_backward_split`: the pass partials gwt
     (B, T, 2, NS · DS, 2); L̄, Z̄ (rows, D), per-set D-vector slots (B, 7, D), N-vector slots
-    (7, rows), τ [B, NS, D], σ [DS, rows], the step kernels' partials gwv (B, T, 4)."""
+    (7, rows), τ [B, NS, D], σ [DS, rows], the step kernels' partials gwv (B, T, 4), and
+    pass 3's partials of ∂/∂σ [B, NS · DS] (read only with a feature scale)."""
     B, D, rows = geo.B, geo.D, geo.rows
     NS, _, DS = _split_slices(geo, NS, DS)
     return ([(B, T, 2, NS * DS, 2)],
-            [rows * D, rows * D, B * 7 * D, 7 * rows, B * NS * D, DS * rows, (B, T, 4)])
+            [rows * D, rows * D, B * 7 * D, 7 * rows, B * NS * D, DS * rows, (B, T, 4),
+             B * NS * DS])
 
 
 def _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, NS, DS,
-                    scratch, *, quadratic, paper, has_p0, has_q0, wrap):
+                    scratch, *, quadratic, paper, has_p0, has_q0, wrap, scale=None, ds=None):
     """The backward over B × NS × DS programs, dense or ragged (:mod:`.split_backward_kernels`):
-    per reverse step a rows step, pass 2, a columns step and pass 3. Fills gx, gp0, gq0 and
-    returns gw (B, T, 4) like the one-program-per-set kernel."""
+    per reverse step a rows step, pass 2, a columns step and pass 3. Fills gx, gp0, gq0 (and
+    with ``scale`` ds, as :func:`badmm_backward`) and returns gw (B, T, 4) like the
+    one-program-per-set kernel."""
     B, D, T, rows = geo.B, geo.D, wc.shape[1], geo.rows
     BN, BD, BV, num_warps = geo.blocks
     NS, SD, DS = _split_slices(geo, NS, DS)
-    (gwt,), (slb, szb, vd, vn, tau, sig, gwv) = scratch      # shapes: _backward_split_shapes
+    (gwt,), (slb, szb, vd, vn, tau, sig, gwv, dsp) = scratch  # _backward_split_shapes
     u_p0 = -math.log(D)
     KV = hd.shape[2]
     tiles = (B, NS, DS)
     ptr = geo.ptr if geo.ragged else gx
     sets = dict(RAGGED=geo.ragged)
     flags = dict(sets, HAS_P0=has_p0, HAS_Q0=has_q0, QUAD=quadratic, PAPER=paper, KV=KV)
+    scaled = dict(SCALED=scale is not None)
+    sc, ds = (gx, gx) if scale is None else (scale, ds)   # unread without a scale
     xargs = (x, geo.sxb, geo.sxn, geo.sxd, ptr, lp0, lq0, wc, hd, hn, vd, vn, slb, szb)
     for tb in range(T - 1, -1, -1):
         launcher(badmm_split_bwd_rows_step_kernel, wrap)[(B,)](
@@ -294,19 +302,20 @@ def _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, 
         has_tau = tb < T - 1 or gplan is not None
         if has_tau:
             launcher(badmm_split_bwd_pass2_kernel, wrap)[tiles](
-                *xargs, gplan if gplan is not None else gx, tau, gwt, geo.N, D, rows, T, tb,
-                NS, SD, DS, u_p0, **flags, PLAN=tb == T - 1, BN=BN, BD=BD,
+                *xargs, sc, gplan if gplan is not None else gx, tau, gwt, geo.N, D, rows, T,
+                tb, NS, SD, DS, u_p0, **flags, PLAN=tb == T - 1, **scaled, BN=BN, BD=BD,
                 num_warps=num_warps)
         launcher(badmm_split_bwd_cols_step_kernel, wrap)[(B,)](
             ptr, lp0, wc, vd, tau, gwv, geo.N, D, T, tb, NS, u_p0, int(has_tau), **sets,
             HAS_P0=has_p0, QUAD=quadratic, PAPER=paper, BV=BV, num_warps=num_warps)
         launcher(badmm_split_bwd_pass3_kernel, wrap)[tiles](
-            *xargs, gx, gy, y32, sig, gwt, geo.N, D, rows, T, tb, NS, SD, DS, u_p0,
+            *xargs, gx, gy, y32, sig, gwt, sc, dsp, geo.N, D, rows, T, tb, NS, SD, DS, u_p0,
             **flags, ADJ=(ADJ_FIRST if tb == T - 1 else ADJ_S_STEP).value, PLAN=gplan is not None,
-            BN=BN, BD=BD, num_warps=num_warps)
+            **scaled, BN=BN, BD=BD, num_warps=num_warps)
     launcher(badmm_split_bwd_init_kernel, wrap)[(B,)](
-        ptr, slb, vd, vn, gp0, gq0, geo.N, D, rows, **sets, HAS_P0=has_p0, HAS_Q0=has_q0,
-        PAPER=paper, BN=BN, BD=BD, num_warps=num_warps)
+        ptr, slb, vd, vn, gp0, gq0, sc, dsp, gy, y32, ds, geo.N, D, rows, NS * DS, **sets,
+        HAS_P0=has_p0, HAS_Q0=has_q0, PAPER=paper, **scaled, BN=BN, BD=BD, BV=BV,
+        num_warps=num_warps)
     return gwv, gwt                     # badmm_dw_kernel adds gwt's partials into gwv's
 
 
@@ -343,13 +352,16 @@ def history_views(h: Tensor, x: Tensor, ptr: Optional[Tensor], T: int, paper: bo
 
 def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
                   log_q0: Optional[Tensor], *, quadratic: bool, paper: bool, return_plan: bool,
-                  wrap=None):
+                  wrap=None, scale: Optional[Tensor] = None):
     """Pooled output and plan of T = w.shape[1] iterations. Returns (y (B, D) fp32, plan in
     x's layout and dtype or None, and the flat vector history for the backward:
     :func:`history_like`).
 
     x: (B, N, D) any strides, or (rows, D) with ptr (B + 1,); w: fp32 (6, T) contiguous;
-    log_p0 (B, D) / None; log_q0 (B, N) or (rows,) / None.
+    log_p0 (B, D) / None; log_q0 (B, N) or (rows,) / None. scale: (B,) fp32 feature scale σ
+    of each set, or None: the sets are pooled as x / σ and y = σ · pool(x / σ) (the kernels
+    read x times 1/σ_b: :func:`.kernels.badmm_fwd_kernel` SCALED); the history is that of
+    x / σ.
     """
     geo = _Geometry(x, ptr)
     B, D, T = geo.B, geo.D, w.shape[1]
@@ -369,18 +381,19 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
         _, scratch = fp32_scratch(x.device, empty=_forward_split_shapes(geo, *splits, replay))
         _forward_split(x, geo, wc, lp0, lq0, y, plan, hd, hn, *splits, scratch,
                        quadratic=quadratic, paper=paper, has_p0=log_p0 is not None,
-                       has_q0=log_q0 is not None, replay=replay, wrap=wrap)
+                       has_q0=log_q0 is not None, replay=replay, wrap=wrap, scale=scale)
         return y, plan, h
     _, (*mats, vd, vn) = fp32_scratch(x.device,
                                       empty=_scratch_shapes(geo, 0 if replay else 2))
     sl, sz = mats if mats else (y, y)                     # unused when replaying
     launcher(badmm_fwd_kernel, wrap)[(geo.grid,)](
         x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else y, geo.order(y), lp0, lq0, wc,
+        y if scale is None else scale,
         y, plan if return_plan else y, sl, sz, vd, vn, hd, hn,
         B, geo.N, D, geo.rows, T, -math.log(D),
         RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
         QUAD=quadratic, PAPER=paper, PLAN=return_plan, REPLAY=replay, KV=hd.shape[2],
-        BN=BN, BD=BD, BV=BV,
+        SCALED=scale is not None, BN=BN, BD=BD, BV=BV,
         num_warps=num_warps,
     )
     return y, plan, h
@@ -401,11 +414,15 @@ def param_grad_views(dparams: Tensor, B: int, T: int, D: int, rows: int):
 
 def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
                    log_q0: Optional[Tensor], h: Tensor, y32: Tensor, grad_y: Tensor,
-                   grad_plan: Optional[Tensor], *, quadratic: bool, paper: bool, wrap=None):
+                   grad_plan: Optional[Tensor], *, quadratic: bool, paper: bool, wrap=None,
+                   scale: Optional[Tensor] = None):
     """Exact gradient of the T unrolled iterations. Returns fp32 (grad_x in x's shape, and one
     flat tensor of the parameter gradients, split by :func:`param_grad_views`: dw (6, T),
     grad_log_p0 (B, D), grad_log_q0 (rows,), zeros where the prior is absent). Host ops: the two
-    outputs (the parameter gradients zeroed) and one scratch allocation (with its fill)."""
+    outputs (the parameter gradients zeroed) and one scratch allocation (with its fill).
+    ``scale``: the forward's (B,) feature scale σ (y = σ · pool(x / σ), y32 that output): then
+    grad_x is d loss / d(x / σ) and a third result ds (B,) fp32 is ∂ loss / ∂σ, the path
+    through x / σ included (:func:`.kernels.badmm_bwd_kernel` SCALED)."""
     geo = _Geometry(x, ptr)
     B, D, T = geo.B, geo.D, w.shape[1]
     quadratic = quad_flag(quadratic, paper)              # the kernels' QUAD: B-Q exact is 2
@@ -420,6 +437,8 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
     dw, gp0, gq0 = param_grad_views(dparams, B, T, D, geo.rows)
     wc, hd, hn = history_views(h, x, ptr, T, paper)   # the forward's weight table too
     gwt, npart = dw, 0                  # the split backward's pass partials (none: unread)
+    # ∂/∂σ per set (zero for an empty set): an output, so not a view of the scratch
+    ds = None if scale is None else torch.zeros(B, device=dev, dtype=torch.float32)
     if B > 0 and geo.rows > 0 and D > 0:
         lp0, lq0 = _priors(gx, log_p0, log_q0)
         BN, BD, BV, num_warps = geo.blocks
@@ -431,7 +450,8 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
             gw, gwt = _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, as_f32(grad_y), gplan,
                                       gx, gp0, gq0, *splits, (zs, es), quadratic=quadratic,
                                       paper=paper, has_p0=log_p0 is not None,
-                                      has_q0=log_q0 is not None, wrap=wrap)
+                                      has_q0=log_q0 is not None, wrap=wrap, scale=scale,
+                                      ds=ds)
             npart = gwt.shape[2] * gwt.shape[3]
         else:
             # gw (B, T, 4): per-set partials wrt (κ2, κ3, α1, ρ); adjoints of log S, Z
@@ -442,19 +462,21 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
                 BN, BD, BV, num_warps = backward_block_sizes(geo.N, D)
             launcher(badmm_bwd_kernel, wrap)[(geo.grid,)](
                 x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else gx, geo.order(gx),
-                lp0, lq0, wc, hd, hn,
+                lp0, lq0, wc, hd, hn, gx if scale is None else scale,
                 y32, as_f32(grad_y), gplan if gplan is not None else gx,
-                gx, gp0, gq0, gw,
+                gx, gp0, gq0, gw, gx if ds is None else ds,
                 slb, szb, vd, vn,
                 B, geo.N, D, geo.rows, T, -math.log(D),
                 RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
                 QUAD=quadratic, PAPER=paper, PLAN_GRAD=grad_plan is not None, KV=hd.shape[2],
                 FUSE=fuse, DEFER=backward_defers(fuse, T, grad_plan is not None),
-                BN=BN, BD=BD, BV=BV, num_warps=num_warps,
+                SCALED=scale is not None, BN=BN, BD=BD, BV=BV, num_warps=num_warps,
             )
     else:                               # nothing to differentiate: no set contributes
         gw, B = dw, 0
     BT = min(next_pow2(T), 128)
     launcher(badmm_dw_kernel, wrap)[(triton.cdiv(T, BT),)](
         w32, gw, gwt, dw, B, T, npart, QUAD=quadratic, PAPER=paper, BT=BT)
+    if scale is not None:
+        return gx.reshape(x.shape), dparams, ds
     return gx.reshape(x.shape), dparams

@@ -12,10 +12,12 @@ import torch
 from torch import Tensor
 
 from ..common import HAS_TRITON_OP
+from ..spread.launch import spread_backward, spread_forward
 from .launch import (badmm_backward, badmm_forward, history_like, param_grad_views,
                      param_grads_numel)
 
-__all__ = ["badmm_pool", "BadmmFunction", "badmm_fwd_op", "badmm_bwd_op"]
+__all__ = ["badmm_pool", "BadmmFunction", "SpreadBadmmFunction", "badmm_fwd_op",
+           "badmm_bwd_op"]
 
 
 def _cast(g: Tensor, like: Optional[Tensor]):
@@ -61,6 +63,41 @@ class BadmmFunction(torch.autograd.Function):
         gx, dparams = badmm_backward(x, ptr, w, log_p0, log_q0, h, y32, grad_y, gp,
                                      quadratic=ctx.quadratic, paper=ctx.paper)
         return _input_grads(x, w, log_p0, log_q0, y32, gx, dparams)
+
+
+class SpreadBadmmFunction(torch.autograd.Function):
+    """y = σ · (B-ADMM pooling of x / σ) with σ (B,) each set's feature spread
+    (``ops/rot/spread.py``, the layers' ``scale="auto"``), 1/σ folded into the kernels' reads of
+    x: forward one statistics pass over x, then the kernel reading x (no x / σ pass, no output
+    multiply); backward the kernel (d loss / d(x / σ) and ds) and one spread pass (x̄ = ḡ / σ +
+    ds·∂σ/∂x, no dot pass). No priors, no plan. Saves x, the table, the kernel's vector history
+    and (B, 2 + D) statistics."""
+
+    @staticmethod
+    def forward(ctx, x, ptr, w, quadratic, paper, sample_dims):
+        _none, saved = spread_forward(x, sample_dims, None, ptr)
+        B = saved.shape[0] // (2 + x.shape[-1])
+        y, _plan, h = badmm_forward(x, ptr, w, None, None, quadratic=quadratic, paper=paper,
+                                    return_plan=False, scale=saved[:B])
+        ctx.save_for_backward(x, ptr, w, h, y, saved)
+        ctx.args = (quadratic, paper, sample_dims, B)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, ptr, w, h, y, saved = ctx.saved_tensors
+        quadratic, paper, sample_dims, B = ctx.args
+        g_xs, dparams, ds = badmm_backward(x, ptr, w, None, None, h, y, gy, None,
+                                           quadratic=quadratic, paper=paper, scale=saved[:B])
+        D = x.shape[-1]
+        dw = param_grad_views(dparams, B, w.shape[1], D, x.numel() // D if D else 0)[0]
+        gx = None
+        if ctx.needs_input_grad[0]:
+            # x̄ overwrites d(x / σ) where the two match (x's dtype and strides)
+            same = g_xs.dtype == x.dtype and g_xs.stride() == x.stride()
+            gx = spread_backward(x, sample_dims, saved, g_xs, ds, ptr, g_s_total=True,
+                                 out=g_xs if same else None)
+        return gx, None, _cast(dw, w), None, None, None
 
 
 badmm_fwd_op = None
@@ -129,7 +166,8 @@ if HAS_TRITON_OP:
 
 
 def badmm_pool(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
-               log_q0: Optional[Tensor], *, quadratic: bool, variant: str, return_plan: bool):
+               log_q0: Optional[Tensor], *, quadratic: bool, variant: str, return_plan: bool,
+               spread: bool = False):
     """ROT pooling by Bregman ADMM (α0 = 0) on the Triton kernels (interface: docs/kernels.md).
 
     Args:
@@ -141,11 +179,18 @@ def badmm_pool(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Ten
         log_q0: like ``x[..., 0]``, normalised per set, or ``None`` (uniform).
         quadratic: B-Q (True) or B-E (False). variant: ``"exact"`` or ``"paper"``.
         return_plan: also return each set's plan P (total mass 1) in x's layout and dtype.
+        spread: pool x / σ and return σ · y, σ each set's feature spread (the layers'
+            ``scale="auto"``), folded into the kernels (eager, no priors, no plan; the caller
+            checks): :class:`SpreadBadmmFunction`.
 
     Returns:
         ``(y (B, D) in x's dtype (0 for empty sets), plan or None)``.
     """
     paper = variant == "paper"
+    if spread:
+        y = SpreadBadmmFunction.apply(x, ptr, w, quadratic, paper,
+                                      (1,) if ptr is None else (0,))
+        return y.to(x.dtype), None
     if badmm_fwd_op is not None:
         y32, plan, _ = badmm_fwd_op(x, ptr, w, log_p0, log_q0, quadratic, paper,
                                        return_plan)

@@ -24,10 +24,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..common import set_inv_scale
 from .kernels import (_adjoint_p_step_pass, _adjoint_plan_pass, _adjoint_s_step_pass,
                       _init_adjoint_pass, _iter_weights, _log, _restore, _rho_prev,
-                      _set_bounds, _vec_fill, _vec_lognorm_mix_bwd, _vec_paper_absorb,
-                      _vec_paper_update_bwd, _vzero)
+                      _set_bounds, _vec_dot, _vec_fill, _vec_lognorm_mix_bwd,
+                      _vec_paper_absorb, _vec_paper_update_bwd, _vzero)
 from .split_kernels import _tile_program
 
 
@@ -132,10 +133,10 @@ def badmm_split_bwd_cols_step_kernel(
 @triton.jit
 def badmm_split_bwd_pass2_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, vd_ptr, vn_ptr,
-    slb_ptr, szb_ptr, gplan_ptr, tau_ptr, gwt_ptr, N, D, NR, T, tb, NS, SD, DS, u_p0,
+    slb_ptr, szb_ptr, sc_ptr, gplan_ptr, tau_ptr, gwt_ptr, N, D, NR, T, tb, NS, SD, DS, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
-    PAPER: tl.constexpr, KV: tl.constexpr, PLAN: tl.constexpr, BN: tl.constexpr,
-    BD: tl.constexpr,
+    PAPER: tl.constexpr, KV: tl.constexpr, PLAN: tl.constexpr, SCALED: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr,
 ):
     """Pass 2 of reverse step tb (PLAN: the plan adjoint of the last iteration instead) over
     this program's tiles; partial τ into tau[b, i, :], (∂α1, ∂ρ) into gwt[b, tb, 0, i·DS + j]."""
@@ -143,19 +144,20 @@ def badmm_split_bwd_pass2_kernel(
         _tile_program(x_ptr, sxb, sxn, ptr_ptr, lp0_ptr, lq0_ptr, hd_ptr, hn_ptr, N, D, T, NS,
                       SD, KV, RAGGED, BN)
     a1, rho, k2, k3 = _iter_weights(w_ptr, T, tb, QUAD, PAPER)
+    isig = set_inv_scale(sc_ptr, b64, SCALED)
     vd = vd_ptr + b64 * 7 * D
     vn = vn_ptr + rs
     slb = slb_ptr + rs * D
     tau = tau_ptr + (b64 * NS + si) * D
     gwt = gwt_ptr + ((b64 * T + tb) * 2 * NS * DS + si * DS + sj) * 2
     if PLAN:
-        _adjoint_plan_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
+        _adjoint_plan_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                            slb, vd, vn, NR, gplan_ptr + rs * D, n_b, D, a1, rho,
                            n_lo, n_hi, d_lo, d_hi, tau, HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
         tl.store(gwt + 0, 0.0)
         tl.store(gwt + 1, 0.0)
     else:
-        da1, dr = _adjoint_s_step_pass(xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
+        da1, dr = _adjoint_s_step_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
                                        w_ptr, T, tb, slb, szb_ptr + rs * D, vd, vn, NR, n_b,
                                        D, a1, rho, n_lo, n_hi, d_lo, d_hi, tau,
                                        HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
@@ -166,40 +168,47 @@ def badmm_split_bwd_pass2_kernel(
 @triton.jit
 def badmm_split_bwd_pass3_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, vd_ptr, vn_ptr,
-    slb_ptr, szb_ptr, gx_ptr, gy_ptr, out_ptr, sig_ptr, gwt_ptr, N, D, NR, T, tb, NS, SD, DS,
-    u_p0,
+    slb_ptr, szb_ptr, gx_ptr, gy_ptr, out_ptr, sig_ptr, gwt_ptr, sc_ptr, dsp_ptr, N, D, NR, T,
+    tb, NS, SD, DS, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
     PAPER: tl.constexpr, KV: tl.constexpr, ADJ: tl.constexpr, PLAN: tl.constexpr,
-    BN: tl.constexpr, BD: tl.constexpr,
+    SCALED: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
 ):
     """Pass 3 of reverse step tb over this program's tiles (X̄, L̄, Z̄ in place; ``ADJ``,
-    ``PLAN``: :func:`.kernels._adjoint_p_step_pass`); partial σ of step tb - 1 into
-    sig[j, rows of b], (∂α1, ∂ρ) into gwt[b, tb, 1, i·DS + j]."""
+    ``PLAN``, ``SCALED``: :func:`.kernels._adjoint_p_step_pass`); partial σ of step tb - 1 into
+    sig[j, rows of b], (∂α1, ∂ρ) into gwt[b, tb, 1, i·DS + j]; SCALED, last step (tb = 0):
+    the partial Σ X̄ · x / σ_b into dsp[b, i·DS + j]."""
     b64, si, sj, rs, n_b, xb, lp0_b, lq0_b, hd_b, hn_b, n_lo, n_hi, d_lo, d_hi, u_q0 = \
         _tile_program(x_ptr, sxb, sxn, ptr_ptr, lp0_ptr, lq0_ptr, hd_ptr, hn_ptr, N, D, T, NS,
                       SD, KV, RAGGED, BN)
     a1, rho, k2, k3 = _iter_weights(w_ptr, T, tb, QUAD, PAPER)
+    isig = set_inv_scale(sc_ptr, b64, SCALED)
     NSD = NS * DS
     gwt = gwt_ptr + ((b64 * T + tb) * 2 * NSD + NSD + si * DS + sj) * 2
-    da1, dr = _adjoint_p_step_pass(
-        xb, sxn, sxd, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
+    da1, dr, gxx = _adjoint_p_step_pass(
+        xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
         slb_ptr + rs * D, szb_ptr + rs * D, gx_ptr + rs * D,
         vd_ptr + b64 * 7 * D, vn_ptr + rs, NR, vn_ptr + 3 * NR + rs, gy_ptr + b64 * D,
         out_ptr + b64 * D, n_b, D, a1, rho, tl.where(tb == T - 1, 1.0, 0.0),
         _rho_prev(w_ptr + 4 * T, tb), n_lo, n_hi, d_lo, d_hi, sig_ptr + sj * NR + rs,
-        HAS_P0, HAS_Q0, KV, QUAD, ADJ, PLAN, BN, BD)
+        HAS_P0, HAS_Q0, KV, QUAD, ADJ, PLAN, SCALED, BN, BD)
     tl.store(gwt + 0, da1)
     tl.store(gwt + 1, dr)
+    if SCALED:
+        if tb == 0:
+            tl.store(dsp_ptr + b64 * NSD + si * DS + sj, gxx)
 
 
 @triton.jit
 def badmm_split_bwd_init_kernel(
-    ptr_ptr, slb_ptr, vd_ptr, vn_ptr, gp0_ptr, gq0_ptr, N, D, NR,
+    ptr_ptr, slb_ptr, vd_ptr, vn_ptr, gp0_ptr, gq0_ptr, sc_ptr, dsp_ptr, gy_ptr, out_ptr,
+    ds_ptr, N, D, NR, NSD,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
-    BN: tl.constexpr, BD: tl.constexpr,
+    SCALED: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
 ):
     """Per set: the adjoint of the initial state into log p̄0, log q̄0
-    (:func:`.kernels._init_adjoint_pass`)."""
+    (:func:`.kernels._init_adjoint_pass`); SCALED: ds_b = (Σ_d ȳ_d y_d - Σ X̄ · x / σ_b) / σ_b
+    from pass 3's NSD partials (:func:`.kernels.badmm_bwd_kernel`)."""
     b = tl.program_id(0)
     b64 = b.to(tl.int64)
     rs, n_b, _xoff = _set_bounds(b, ptr_ptr, N, 0, 0, RAGGED)
@@ -207,3 +216,11 @@ def badmm_split_bwd_init_kernel(
         _init_adjoint_pass(slb_ptr + rs * D, vd_ptr + b64 * 7 * D, vn_ptr + rs, NR,
                            gp0_ptr + b64 * D, gq0_ptr + rs, n_b, D, HAS_P0, HAS_Q0, PAPER,
                            BN, BD)
+        if SCALED:
+            acc = tl.zeros([BV], dtype=tl.float32)
+            for j0 in range(0, NSD, BV):
+                offs = j0 + tl.arange(0, BV)
+                acc += tl.load(dsp_ptr + b64 * NSD + offs, mask=offs < NSD, other=0.0)
+            gxx = tl.sum(acc, axis=0)
+            gyy = _vec_dot(gy_ptr + b64 * D, out_ptr + b64 * D, D, BV)
+            tl.store(ds_ptr + b, (gyy - gxx) * set_inv_scale(sc_ptr, b64, SCALED))

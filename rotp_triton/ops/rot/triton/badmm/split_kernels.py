@@ -36,6 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..common import set_inv_scale
 from .kernels import (_exp, _finite, _iter_weights, _load_prior, _load_x, _log, _lse_add,
                       _lse_total, _p_step_y, _replay_state, _rho_prev, _s_step_y, _set_bounds,
                       _tile_ptrs)
@@ -110,18 +111,21 @@ def badmm_split_init_state_kernel(
 @triton.jit
 def badmm_split_column_lse_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, sl_ptr, sz_ptr,
-    qm_ptr, ql_ptr, pm_ptr, pl_ptr, pa_ptr, N, D, NR, T, t, NS, SD, DS, u_p0,
+    sc_ptr, qm_ptr, ql_ptr, pm_ptr, pl_ptr, pa_ptr, N, D, NR, T, t, NS, SD, DS, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
     PAPER: tl.constexpr, KV: tl.constexpr, REPLAY: tl.constexpr, POOL: tl.constexpr,
-    BN: tl.constexpr, BD: tl.constexpr,
+    SCALED: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
 ):
     """Partial R of iteration t over this program's rows: for each of its columns the online
     LSE pair (m, l) of Y_t = log S_t + G_t/ρ_t, and with POOL Σ_n exp(Y - m) X. Writes
     [B, NS, D] partials (SN, SD multiples of BN, BD: a tile never crosses a slice). For t > 0
-    it first runs the row step of t - 1 (:func:`_row_step`, from the [DS, rows] partials)."""
+    it first runs the row step of t - 1 (:func:`_row_step`, from the [DS, rows] partials).
+    SCALED: x read as x / σ_b (:func:`.kernels.badmm_fwd_kernel`), as in every tile kernel
+    here; the pooled partials are those of x / σ_b."""
     b64, si, sj, rs, n_b, xb, lp0_b, lq0_b, hd_b, hn_b, n_lo, n_hi, d_lo, d_hi, u_q0 = \
         _tile_program(x_ptr, sxb, sxn, ptr_ptr, lp0_ptr, lq0_ptr, hd_ptr, hn_ptr, N, D, T, NS,
                       SD, KV, RAGGED, BN)
+    isig = set_inv_scale(sc_ptr, b64, SCALED)
     if t > 0:
         if n_lo < n_hi:                     # (an empty slice or set has no rows to write)
             _row_step(rs, n_b, lq0_ptr, w_ptr, hn_ptr, qm_ptr, ql_ptr, NR, T, t - 1, DS,
@@ -139,7 +143,7 @@ def badmm_split_column_lse_kernel(
         for n0 in range(n_lo, n_hi, BN):
             offs_n = n0 + tl.arange(0, BN)
             mask = (offs_n < n_hi)[:, None] & dm[None, :]
-            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)                          # [BN, BD]
+            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig)                          # [BN, BD]
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             L, Zt = _tile_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
                                 hd_b, hn_b, NR, w_ptr, T, sl, sz, o, HAS_P0, HAS_Q0, QUAD, KV,
@@ -183,11 +187,11 @@ def _combine(pm_b, pl_b, pa_b, pstride, P, offs, msk, POOL: tl.constexpr, BV: tl
 
 @triton.jit
 def _vector_step(pm_b, pl_b, pa_b, pstride, P, h_t, S, length, lo, hi, prior_ptr,
-                 HAS: tl.constexpr, uval, k, k_p, rho_p, t, y_b, PAPER: tl.constexpr,
+                 HAS: tl.constexpr, uval, k, k_p, rho_p, t, y_b, ysig, PAPER: tl.constexpr,
                  KV: tl.constexpr, POOL: tl.constexpr, BV: tl.constexpr):
     """One side's vector step of iteration t, for the entries [lo, hi) of a vector of
     ``length``: slot 0 of the history h_t (slot stride S) gets the LSE combined from the P
-    partials (R_t or C_t; with POOL y gets the pooled output), slot 1 the iteration's marginal -
+    partials (R_t or C_t; with POOL y gets the pooled output times ``ysig``), slot 1 the iteration's marginal -
     exact: lognorm(κ log prior + (1 - κ) LSE); paper: the vector state of eqs. 26-28 advanced
     from iteration t - 1 (κ_p, ρ_p; the prior and z = 0 at t = 0) - and slot KV - 1 the
     replay's shift (slot 1 - slot 0). The normaliser needs the whole vector (a first pass over
@@ -227,7 +231,7 @@ def _vector_step(pm_b, pl_b, pa_b, pstride, P, h_t, S, length, lo, hi, prior_ptr
             tl.store(h_t + 2 * S + offs, z1_new, mask=msk)
             tl.store(h_t + (KV - 1) * S + offs, lmu_new - r, mask=msk)
             if POOL:
-                tl.store(y_b + offs, pooled, mask=msk)
+                tl.store(y_b + offs, pooled * ysig, mask=msk)
     else:
         mv = tl.full([BV], float("-inf"), dtype=tl.float32)
         lv = tl.zeros([BV], dtype=tl.float32)
@@ -238,7 +242,7 @@ def _vector_step(pm_b, pl_b, pa_b, pstride, P, h_t, S, length, lo, hi, prior_ptr
             own = msk & (offs >= lo) & (offs < hi)
             tl.store(h_t + offs, r, mask=own)       # read back below, by the same thread
             if POOL:
-                tl.store(y_b + offs, pooled, mask=own)
+                tl.store(y_b + offs, pooled * ysig, mask=own)
             u = k * _load_prior(prior_ptr, offs, length, uval, HAS) + (1 - k) * r
             mv, lv = _lse_add(mv, lv, tl.where(msk, u, float("-inf")))
         lse = _lse_total(mv, lv)
@@ -254,18 +258,18 @@ def _vector_step(pm_b, pl_b, pa_b, pstride, P, h_t, S, length, lo, hi, prior_ptr
 
 
 @triton.jit
-def _column_step(b64, lp0_ptr, w_ptr, hd_ptr, pm_ptr, pl_ptr, pa_ptr, y_ptr, D, T, t, NS,
-                 d_lo, d_hi, u_p0, HAS_P0: tl.constexpr, QUAD: tl.constexpr,
+def _column_step(b64, lp0_ptr, w_ptr, hd_ptr, pm_ptr, pl_ptr, pa_ptr, y_ptr, ysig, D, T, t,
+                 NS, d_lo, d_hi, u_p0, HAS_P0: tl.constexpr, QUAD: tl.constexpr,
                  PAPER: tl.constexpr, KV: tl.constexpr, POOL: tl.constexpr, BV: tl.constexpr):
     """Set b, iteration t, columns [d_lo, d_hi): R_t from the NS column partials [B, NS, D]
-    (and y with POOL) into hd[b, t, 0], log μ_t into hd[b, t, 1] (:func:`_vector_step`; exact:
+    (and y times ``ysig`` with POOL) into hd[b, t, 0], log μ_t into hd[b, t, 1] (:func:`_vector_step`; exact:
     lognorm(κ2 log p0 + (1 - κ2) R_t), paper: eqs. 26-28 advanced from hd[b, t - 1])."""
     _a1, _rho, k2, _k3 = _iter_weights(w_ptr, T, t, QUAD, PAPER)
     _a1, rho_p, k2_p, _k3 = _iter_weights(w_ptr, T, tl.maximum(t - 1, 0), QUAD, PAPER)
     part = b64 * NS * D
     _vector_step(pm_ptr + part, pl_ptr + part, pa_ptr + part, D, NS,
                  hd_ptr + (b64 * T + t) * KV * D, D, D, d_lo, d_hi, lp0_ptr + b64 * D, HAS_P0,
-                 u_p0, k2, k2_p, rho_p, t, y_ptr + b64 * D, PAPER, KV, POOL, BV)
+                 u_p0, k2, k2_p, rho_p, t, y_ptr + b64 * D, ysig, PAPER, KV, POOL, BV)
 
 
 @triton.jit
@@ -280,30 +284,33 @@ def _row_step(rs, n_b, lq0_ptr, w_ptr, hn_ptr, qm_ptr, ql_ptr, NR, T, t, DS, n_l
     _a1, rho_p, _k2, k3_p = _iter_weights(w_ptr, T, tl.maximum(t - 1, 0), QUAD, PAPER)
     _vector_step(qm_ptr + rs, ql_ptr + rs, ql_ptr + rs, NR, DS, hn_ptr + t * KV * NR + rs, NR,
                  n_b, n_lo, n_hi, lq0_ptr + rs, HAS_Q0, -_log(tl.maximum(n_b, 1).to(tl.float32)),
-                 k3, k3_p, rho_p, t, ql_ptr, PAPER, KV, False, BV)
+                 k3, k3_p, rho_p, t, ql_ptr, 1.0, PAPER, KV, False, BV)
 
 
 @triton.jit
 def badmm_split_column_step_kernel(
-    ptr_ptr, lp0_ptr, w_ptr, hd_ptr, pm_ptr, pl_ptr, pa_ptr, y_ptr, N, D, T, t, NS, u_p0,
+    ptr_ptr, lp0_ptr, w_ptr, hd_ptr, pm_ptr, pl_ptr, pa_ptr, sc_ptr, y_ptr, N, D, T, t, NS,
+    u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, QUAD: tl.constexpr, PAPER: tl.constexpr,
-    KV: tl.constexpr, POOL: tl.constexpr, BV: tl.constexpr,
+    KV: tl.constexpr, POOL: tl.constexpr, SCALED: tl.constexpr, BV: tl.constexpr,
 ):
-    """Per set b: :func:`_column_step` of the last iteration (with POOL: y) - the one vector
-    step that no later tile launch absorbs."""
+    """Per set b: :func:`_column_step` of the last iteration (with POOL: y; SCALED: σ_b times
+    the pool of x / σ_b) - the one vector step that no later tile launch absorbs."""
+    b64 = tl.program_id(0).to(tl.int64)
     rs, n_b, _xoff = _set_bounds(tl.program_id(0), ptr_ptr, N, 0, 0, RAGGED)
     if n_b > 0:                             # an empty set keeps y = 0 and no history
-        _column_step(tl.program_id(0).to(tl.int64), lp0_ptr, w_ptr, hd_ptr, pm_ptr, pl_ptr,
-                     pa_ptr, y_ptr, D, T, t, NS, 0, D, u_p0, HAS_P0, QUAD, PAPER, KV, POOL, BV)
+        _column_step(b64, lp0_ptr, w_ptr, hd_ptr, pm_ptr, pl_ptr, pa_ptr, y_ptr,
+                     1.0 / set_inv_scale(sc_ptr, b64, SCALED), D, T, t, NS, 0, D, u_p0, HAS_P0,
+                     QUAD, PAPER, KV, POOL, BV)
 
 
 @triton.jit
 def badmm_split_row_lse_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, sl_ptr, sz_ptr,
-    pm_ptr, pl_ptr, qm_ptr, ql_ptr, N, D, NR, T, t, NS, SD, u_p0,
+    sc_ptr, pm_ptr, pl_ptr, qm_ptr, ql_ptr, N, D, NR, T, t, NS, SD, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
-    PAPER: tl.constexpr, KV: tl.constexpr, REPLAY: tl.constexpr, BN: tl.constexpr,
-    BD: tl.constexpr,
+    PAPER: tl.constexpr, KV: tl.constexpr, REPLAY: tl.constexpr, SCALED: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr,
 ):
     """Partial C of iteration t over this program's columns: first the column step of t
     (:func:`_column_step`, from the [B, NS, D] partials), then log P = Y + (log μ - R)_d, the
@@ -312,9 +319,10 @@ def badmm_split_row_lse_kernel(
     b64, si, sj, rs, n_b, xb, lp0_b, lq0_b, hd_b, hn_b, n_lo, n_hi, d_lo, d_hi, u_q0 = \
         _tile_program(x_ptr, sxb, sxn, ptr_ptr, lp0_ptr, lq0_ptr, hd_ptr, hn_ptr, N, D, T, NS,
                       SD, KV, RAGGED, BN)
+    isig = set_inv_scale(sc_ptr, b64, SCALED)
     if n_lo < n_hi:
-        _column_step(b64, lp0_ptr, w_ptr, hd_ptr, pm_ptr, pl_ptr, pl_ptr, pl_ptr, D, T, t, NS,
-                     d_lo, d_hi, u_p0, HAS_P0, QUAD, PAPER, KV, False, BD)
+        _column_step(b64, lp0_ptr, w_ptr, hd_ptr, pm_ptr, pl_ptr, pl_ptr, pl_ptr, 1.0, D, T, t,
+                     NS, d_lo, d_hi, u_p0, HAS_P0, QUAD, PAPER, KV, False, BD)
     a1, rho, _k2, _k3 = _iter_weights(w_ptr, T, t, QUAD, False)
     hd_t = hd_b + t * KV * D
     sl = sl_ptr + rs * D
@@ -329,7 +337,7 @@ def badmm_split_row_lse_kernel(
             offs_d = d0 + tl.arange(0, BD)
             dm = offs_d < D
             mask = nm[:, None] & dm[None, :]
-            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)                          # [BN, BD]
+            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig)                          # [BN, BD]
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             L, Zt = _tile_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
                                 hd_b, hn_b, NR, w_ptr, T, sl, sz, o, HAS_P0, HAS_Q0, QUAD, KV,
@@ -355,15 +363,17 @@ def badmm_split_row_lse_kernel(
 @triton.jit
 def badmm_split_plan_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, sl_ptr, sz_ptr,
-    plan_ptr, N, D, NR, T, NS, SD, u_p0,
+    sc_ptr, plan_ptr, N, D, NR, T, NS, SD, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
-    KV: tl.constexpr, REPLAY: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    KV: tl.constexpr, REPLAY: tl.constexpr, SCALED: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr,
 ):
     """P = exp(Y + log μ - R) of the last iteration for this program's tiles, in the plan's
     contiguous (rows, D) layout."""
     b64, si, sj, rs, n_b, xb, lp0_b, lq0_b, hd_b, hn_b, n_lo, n_hi, d_lo, d_hi, u_q0 = \
         _tile_program(x_ptr, sxb, sxn, ptr_ptr, lp0_ptr, lq0_ptr, hd_ptr, hn_ptr, N, D, T, NS,
                       SD, KV, RAGGED, BN)
+    isig = set_inv_scale(sc_ptr, b64, SCALED)
     t = T - 1
     a1, rho, _k2, _k3 = _iter_weights(w_ptr, T, t, QUAD, False)
     hd_t = hd_b + t * KV * D
@@ -377,7 +387,7 @@ def badmm_split_plan_kernel(
             offs_d = d0 + tl.arange(0, BD)
             dm = offs_d < D
             mask = nm[:, None] & dm[None, :]
-            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask)                          # [BN, BD]
+            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig)                          # [BN, BD]
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             L, Zt = _tile_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
                                 hd_b, hn_b, NR, w_ptr, T, sl, sz, o, HAS_P0, HAS_Q0, QUAD, KV,

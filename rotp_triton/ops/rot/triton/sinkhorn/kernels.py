@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from ...params import A1, A2, A3
-from ..common import LN2, LOG2E, kappa
+from ..common import LN2, LOG2E, kappa, set_inv_scale
 
 NEG_INF = tl.constexpr(float("-inf"))
 _LOG2E = tl.constexpr(LOG2E)
@@ -80,17 +80,6 @@ def _x_scale(w_ptr, T, t, PAPER: tl.constexpr):
     return tl.full([], _LOG2E, tl.float32) / eps
 
 
-@triton.jit
-def _set_inv_scale(sc_ptr, b, SCALED: tl.constexpr):
-    """1/σ_b with σ (B,) the sets' feature scale (the layers' scale="auto", ops/rot/spread.py)
-    folded into the kernels (SCALED), else 1. The kernels then pool x / σ_b with the given
-    weights: every factor that multiplies x (the x-scales s_t, s_fin, ε_fin⁻¹ of the output)
-    carries 1/σ_b, the state's own 1/ε_t (paper) does not, and y = Σ softmax · x with x itself
-    is σ_b · pool(x / σ_b) as it stands."""
-    if SCALED:
-        return 1.0 / tl.load(sc_ptr + b)
-    else:
-        return 1.0
 
 
 @triton.jit
@@ -787,10 +776,12 @@ def sinkhorn_fwd_kernel(
     MASK_N: some set has fewer than BN rows (dense: N < BN), so row loads need a mask. The
     buffers come uninitialised: slot 0 of A and Bv (the zero initial state) and, for an empty
     set, y and rfin are written here. SCALED: the sets' feature scale σ (sc [B]) folded in
-    (``_set_inv_scale``).
+    (``set_inv_scale``: every factor that multiplies x - the x-scales s_t, s_fin, ε_fin⁻¹ of
+    the output - carries 1/σ_b, the paper state's own 1/ε_t does not, and y = Σ softmax · x
+    with x itself is σ_b · pool(x / σ_b) as it stands).
     """
     b = _set_of_program(order_ptr, RAGGED)
-    isig = _set_inv_scale(sc_ptr, b, SCALED)
+    isig = set_inv_scale(sc_ptr, b, SCALED)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
     if n_b == 0:
         _fill(y_ptr + b * D, D, 0.0, BD)
@@ -1328,7 +1319,7 @@ def sinkhorn_bwd_kernel(
     ∂/∂σ_b by atomic adds (``_add_weight_grad``).
     """
     b = _set_of_program(order_ptr, RAGGED)
-    isig = _set_inv_scale(sc_ptr, b, SCALED)
+    isig = set_inv_scale(sc_ptr, b, SCALED)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
     if n_b > 0:
         x_base = x_ptr + x_off
@@ -1631,7 +1622,7 @@ def sinkhorn_dx_kernel(
     b = tl.program_id(0).to(tl.int64)
     on = tl.program_id(1) * BNX + tl.arange(0, BNX)
     row0 = b * N
-    isig = _set_inv_scale(sc_ptr, b, SCALED)
+    isig = set_inv_scale(sc_ptr, b, SCALED)
     ie_fin = _inv_eps(w_ptr, T, T - 1) * isig
     if HAS_GP:
         tot = tl.load(tot_ptr + b)
@@ -1729,7 +1720,7 @@ def sinkhorn_split_col_kernel(x_ptr, sxb, sxn, sxd, N, D, T, NR, t, w_ptr, Bv_pt
     j = tl.program_id(1)
     n0 = j * BN
     n_rows = tl.minimum(N - n0, BN)
-    s = _x_scale(w_ptr, T, t, False) * _set_inv_scale(sc_ptr, b, SCALED)
+    s = _x_scale(w_ptr, T, t, False) * set_inv_scale(sc_ptr, b, SCALED)
     _lse_over_n(x_ptr + b * sxb + n0 * sxn, sxn, sxd, n_rows, D, s,
                 Bv_ptr + t * NR + b * N + n0, Pr_ptr + (b * NB + j) * D, BN, BD)
 
@@ -1764,7 +1755,7 @@ def sinkhorn_split_row_kernel(x_ptr, sxb, sxn, sxd, N, D, T, NR, t, w_ptr, A_ptr
     j = tl.program_id(1)
     n0 = j * BN
     n_rows = tl.minimum(N - n0, BN)
-    s = _x_scale(w_ptr, T, t, False) * _set_inv_scale(sc_ptr, b, SCALED)
+    s = _x_scale(w_ptr, T, t, False) * set_inv_scale(sc_ptr, b, SCALED)
     C_blk = Cn_ptr + t * NR + b * N + n0
     _lse_over_d(x_ptr + b * sxb + n0 * sxn, sxn, sxd, n_rows, D, s,
                 A_ptr + b * (T + 1) * D + (t + 1) * D, C_blk, BN, BD)

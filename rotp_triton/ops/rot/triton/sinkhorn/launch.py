@@ -274,7 +274,7 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
         return_plan: also write each set's plan, normalized to mass 1, in x's layout.
         wrap: ``torch.library.wrap_triton`` inside a triton_op, else None.
         scale: (B,) fp32 feature scale σ of each set, or None: the sets are pooled as x / σ
-            and y = σ · pool(x / σ) (folded into the x-scales, ``kernels._set_inv_scale``).
+            and y = σ · pool(x / σ) (folded into the x-scales, ``common.set_inv_scale``).
 
     Returns:
         y (B, D) fp32, plan (like x, or an empty tensor), and the saved state: one flat fp32
