@@ -571,10 +571,11 @@ FOLD_PATHS = {   # path: (forward split (NS, DS), forward replays, backward fuse
     "ragged": ((1, 1), True, True, True), "split-ragged": ((2, 2), False, True, True)}
 
 
-@pytest.mark.parametrize("path", list(FOLD_PATHS))
-@pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("badmm-q", "paper"),
-                                            ("badmm-q", "exact"), ("badmm-e", "paper")])
-def test_feature_scale_folded_in(method, variant, path, monkeypatch):
+@pytest.mark.parametrize("path,method,variant", [
+    (path, *mv) for path in FOLD_PATHS for mv in (("badmm-e", "exact"), ("badmm-q", "paper"))
+] + [(path, *mv) for path in ("fused", "split")
+     for mv in (("badmm-q", "exact"), ("badmm-e", "paper"))])
+def test_feature_scale_folded_in(path, method, variant, monkeypatch):
     """``spread=True`` (the layers' scale="auto"): y = σ · pool(x / σ) with σ each set's
     spread, 1/σ folded into the kernels' reads of x and σ into the stored output; backward
     d loss / d(x / σ) and ∂/∂σ from the last reverse step (Σ X̄ · x / σ, per program in the
