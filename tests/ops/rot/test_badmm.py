@@ -703,6 +703,47 @@ def test_saved_bytes_are_x_plus_vectors(variant, schedule, monkeypatch):
     assert [z for z, _ in sc16] == [0, 4 * B * 16 * 4], sc16
 
 
+def test_feature_scale_memory(monkeypatch):
+    """The folded scale (``spread=True``) saves x itself, the table, the vector history, y and
+    B·(2 + D) statistics (no x / σ); with the replayed forward no x-sized buffer is allocated
+    in the forward, and the backward allocates two: the adjoint scratch (one program per set
+    here: B ≤ the grid) and d loss / d(x / σ), over which x̄ is written (no third for x̄)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    _schedule(monkeypatch, "replay")
+    monkeypatch.setattr(launch, "forward_splits", lambda *a: (1, 1))
+    monkeypatch.setattr(launch, "backward_splits", lambda *a: (1, 1))
+    gen = torch.Generator().manual_seed(44)
+    B, N, D, T = 2, 40, 32, 3                  # N·D above the O(T·(N + D)) vectors
+    x = (torch.randn(B, N, D, generator=gen) * 2 + 1).to(DEVICE).requires_grad_()
+    table = torch.zeros(6, T)
+    for row, v in zip((1, 2, 3, 4), _weights(T, gen).values()):
+        table[row] = v
+    table = table.to(DEVICE).requires_grad_()
+    allocs = []
+
+    class Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.empty, torch.ops.aten.empty_like,
+                                       torch.ops.aten.empty_strided, torch.ops.aten.zeros,
+                                       torch.ops.aten.zeros_like, torch.ops.aten.new_zeros,
+                                       torch.ops.aten.new_empty):
+                allocs.append(out.numel())
+            return out
+    with Allocations():
+        y, _ = badmm_pkg.badmm_pool(x, None, table, None, None, quadratic=False,
+                                    variant="exact", return_plan=False, spread=True)
+    assert sum(n >= x.numel() for n in allocs) == 0, [n for n in allocs if n > 0]
+    x_ptr, _ptr, w, h, y32, stats = y.grad_fn.saved_tensors
+    assert x_ptr.data_ptr() == x.data_ptr() and w.shape == (6, T) and y32.shape == (B, D)
+    assert stats.numel() == B * (2 + D) and h.numel() < x.numel()
+    allocs.clear()
+    with Allocations():
+        gx, gw = torch.autograd.grad((y * torch.arange(D, device=DEVICE)).sum(), [x, table])
+    assert sum(n >= x.numel() for n in allocs) == 2, allocs
+    assert gx.shape == x.shape and bool(torch.isfinite(gx).all()) and bool(gx.abs().sum() > 0)
+
+
 @pytest.mark.skipif(not ON_CUDA, reason="peak memory is measured on CUDA")
 def test_cuda_peak_memory_independent_of_T():
     """Peak CUDA memory of forward + backward is the same at T = 2 and T = 8 (within 5 % +
