@@ -1284,7 +1284,8 @@ def badmm_bwd_kernel(
     (:func:`_replay_state`) - O(T) passes, no recomputation of the forward's reductions.
 
     Writes gx (rows, D) fp32 (in x's row order), gp0 (B, D), gq0 (rows,), and gw (B, T, 4):
-    per set and iteration the partials wrt (κ2, κ3, α1, ρ) (finished by badmm_dw_kernel).
+    per set and iteration the partials wrt (κ2, κ3, α1, ρ) (finished by badmm_dw_kernel;
+    every entry written, zeros for an empty set).
     FUSE: pass 3 also sums the L̄', Z̄' part of the next step's pass 2, which then reads x only
     (module docstring, "Backward schedule"); without it pass 2 reads L̄', Z̄' (the launcher
     picks by T: :func:`.launch.backward_fuses`). DEFER (FUSE, T >= 2, no plan gradient): the
@@ -1410,6 +1411,8 @@ def badmm_bwd_kernel(
             if SCALED:
                 gyy = _vec_dot(gy_ptr + b.to(tl.int64) * D, out_ptr + b.to(tl.int64) * D, D, BV)
                 tl.store(ds_ptr + b, (gyy - gxx) * isig)
+        else:          # an empty set's partials are 0 (gw comes unzeroed: no fill launch)
+            _vec_fill(gw_ptr + b.to(tl.int64) * T * 4, 0.0, T * 4, BV)
         tl.debug_barrier()
 
 

@@ -419,7 +419,8 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
     """Exact gradient of the T unrolled iterations. Returns fp32 (grad_x in x's shape, and one
     flat tensor of the parameter gradients, split by :func:`param_grad_views`: dw (6, T),
     grad_log_p0 (B, D), grad_log_q0 (rows,), zeros where the prior is absent). Host ops: the two
-    outputs (the parameter gradients zeroed) and one scratch allocation (with its fill).
+    outputs (the parameter gradients zeroed) and one scratch allocation (the split backward's
+    with a fill: its pass partials).
     ``scale``: the forward's (B,) feature scale σ (y = σ · pool(x / σ), y32 that output): then
     grad_x is d loss / d(x / σ) and a third result ds (B,) fp32 is ∂ loss / ∂σ, the path
     through x / σ included (:func:`.kernels.badmm_bwd_kernel` SCALED)."""
@@ -432,13 +433,14 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
     # second's - covers every row of every set; no kernel runs only when gx is empty), so no
     # fill: one full-size write less (tests: NaN-filled allocations)
     gx = torch.empty(geo.rows, D, device=dev, dtype=torch.float32)
-    dparams = torch.zeros(param_grads_numel(B, T, D, geo.rows), device=dev,
+    # (with a scale, ∂/∂σ (B,) after them: zero for an empty set, one allocation for both)
+    n_params = param_grads_numel(B, T, D, geo.rows)
+    dparams = torch.zeros(n_params + (B if scale is not None else 0), device=dev,
                           dtype=torch.float32)
     dw, gp0, gq0 = param_grad_views(dparams, B, T, D, geo.rows)
+    ds = None if scale is None else dparams[n_params:]
     wc, hd, hn = history_views(h, x, ptr, T, paper)   # the forward's weight table too
     gwt, npart = dw, 0                  # the split backward's pass partials (none: unread)
-    # ∂/∂σ per set (zero for an empty set): an output, so not a view of the scratch
-    ds = None if scale is None else torch.zeros(B, device=dev, dtype=torch.float32)
     if B > 0 and geo.rows > 0 and D > 0:
         lp0, lq0 = _priors(gx, log_p0, log_q0)
         BN, BD, BV, num_warps = geo.blocks
@@ -454,9 +456,10 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
                                       ds=ds)
             npart = gwt.shape[2] * gwt.shape[3]
         else:
-            # gw (B, T, 4): per-set partials wrt (κ2, κ3, α1, ρ); adjoints of log S, Z
-            (gw,), (slb, szb, vd, vn) = fp32_scratch(dev, zeroed=[(B, T, 4)],
-                                                     empty=_scratch_shapes(geo, 2))
+            # gw (B, T, 4): per-set partials wrt (κ2, κ3, α1, ρ), every entry written by the
+            # kernel; adjoints of log S, Z
+            _, (gw, slb, szb, vd, vn) = fp32_scratch(
+                dev, empty=[(B, T, 4)] + _scratch_shapes(geo, 2))
             fuse = backward_fuses(T, x.element_size())
             if fuse:
                 BN, BD, BV, num_warps = backward_block_sizes(geo.N, D)
