@@ -145,8 +145,8 @@ class AdaptiveROTPool2d(_ImageROTBase):
         scale: ``"auto"`` (default): the weights are relative to each image's feature spread
             (RMS over channels of the spatial standard deviation;
             :mod:`rotp_triton.ops.rot.spread`), so the near-mean start holds at any feature
-            scale; ``None``: as given. "auto" costs one statistics pass over x (the window and
-            Sinkhorn kernels fold 1/s into their loads; B-ADMM on the 1×1 set reads x / s).
+            scale; ``None``: as given. "auto" costs one statistics pass over x (the window,
+            Sinkhorn and B-ADMM kernels fold 1/s into their loads).
 
     Shapes:
         (B, C, H, W) -> (B, C, oh, ow), or (B, C) with ``flatten=True``; output in x's dtype.
@@ -219,8 +219,8 @@ class ROTPool2d(_ImageROTBase):
         scale: ``"auto"`` (default): the weights are relative to each image's feature spread
             (RMS over channels of the spatial standard deviation;
             :mod:`rotp_triton.ops.rot.spread`), so the near-mean start holds at any feature
-            scale; ``None``: as given. "auto" costs one statistics pass over x (the window and
-            Sinkhorn kernels fold 1/s into their loads; B-ADMM on the 1×1 set reads x / s).
+            scale; ``None``: as given. "auto" costs one statistics pass over x (the window,
+            Sinkhorn and B-ADMM kernels fold 1/s into their loads).
 
     Shapes:
         (B, C, H, W) -> (B, C, Ho, Wo), Ho = floor((H + 2ph − kh)/sh) + 1 (ceil with
