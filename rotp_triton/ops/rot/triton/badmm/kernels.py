@@ -773,18 +773,18 @@ def badmm_fwd_kernel(
             cp = vn + 7 * ns
             ep = vn + 8 * ns
             rp = _rho_prev(rho_ptr, T - 1)
-            _row_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, vd, y_ptr + b.to(tl.int64) * D, n_b,
-                          D, a1, rho, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, T - 1,
-                          HAS_P0, HAS_Q0, KV, REPLAY, QUAD, True, BN, BD)
+            _row_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, vd, y_ptr + b.to(tl.int64) * D,
+                          n_b, D, a1, rho, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T,
+                          T - 1, HAS_P0, HAS_Q0, KV, REPLAY, QUAD, True, BN, BD)
             tl.debug_barrier()
             if not PAPER:
                 _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, vd, vd + D, k2_last, D, BV)
                 tl.debug_barrier()
             _record(vd, vn, ns, hd_b + (T - 1) * KV * D, hn_b, n_b, D, NR, False, PAPER, KV, BV)
             if PLAN:
-                _plan_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, vd, vd + D, plan_ptr + rs * D, n_b,
-                           D, a1, rho, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, T - 1,
-                           HAS_P0, HAS_Q0, KV, REPLAY, QUAD, BN, BD)
+                _plan_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, vd, vd + D, plan_ptr + rs * D,
+                           n_b, D, a1, rho, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T,
+                           T - 1, HAS_P0, HAS_Q0, KV, REPLAY, QUAD, BN, BD)
         tl.debug_barrier()
 
 
@@ -833,15 +833,16 @@ def _adjoint_s_step_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_
     (:func:`_s_step_adjoint`), reading L̄', Z̄' and writing nothing N × D; τ_d = Σ_n log P̄ over
     rows [n_lo, n_hi) into ``tau_ptr`` (the TAU slot, or a split program's partial), columns
     [d_lo, d_hi). Returns the scalar partials (∂/∂α1, ∂/∂ρ) of this iteration so far."""
-    return _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr,
-                                 T, tb, slb, szb, vd, vn, ns, n_b, D, a1, rho, n_lo, n_hi, d_lo,
-                                 d_hi, tau_ptr, tau_ptr, HAS_P0, HAS_Q0, KV, QUAD, False, BN, BD)
+    return _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
+                                 w_ptr, T, tb, slb, szb, vd, vn, ns, n_b, D, a1, rho, n_lo, n_hi,
+                                 d_lo, d_hi, tau_ptr, tau_ptr, HAS_P0, HAS_Q0, KV, QUAD, False, BN,
+                                 BD)
 
 
 @triton.jit
-def _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
-                          slb, szb, vd, vn, ns, n_b, D, a1, rho, n_lo, n_hi, d_lo, d_hi, tau_ptr,
-                          tau0_ptr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr,
+def _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T,
+                          tb, slb, szb, vd, vn, ns, n_b, D, a1, rho, n_lo, n_hi, d_lo, d_hi,
+                          tau_ptr, tau0_ptr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr,
                           KV: tl.constexpr, QUAD: tl.constexpr, CB_ONLY: tl.constexpr,
                           BN: tl.constexpr, BD: tl.constexpr):
     """Pass 2 (:func:`_adjoint_s_step_pass`), or with CB_ONLY its C̄ part alone: the sweep of
@@ -989,8 +990,8 @@ def _adjoint_p_step_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_
 
 
 @triton.jit
-def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
-                          slb, szb, gx_b, vd, vn, ns, cb_ptr, gy_b, out_b, n_b, D, a1, rho,
+def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T,
+                          tb, slb, szb, gx_b, vd, vn, ns, cb_ptr, gy_b, out_b, n_b, D, a1, rho,
                           last, rho_prev, n_lo, n_hi, d_lo, d_hi, sigma_ptr, tau0_ptr,
                           HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
                           QUAD: tl.constexpr, ADJ: tl.constexpr, PLAN: tl.constexpr,
@@ -1336,10 +1337,10 @@ def badmm_bwd_kernel(
                 tl.debug_barrier()
                 if tb == T - 1:
                     if PLAN_GRAD:
-                        _adjoint_plan_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
-                                           w_ptr, T, tb, slb, vd, vn, ns, gplan_ptr + rs * D,
-                                           n_b, D, a1, rho, 0, n_b, 0, D, vd + 3 * D,
-                                           HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
+                        _adjoint_plan_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b,
+                                           NR, w_ptr, T, tb, slb, vd, vn, ns, gplan_ptr + rs * D,
+                                           n_b, D, a1, rho, 0, n_b, 0, D, vd + 3 * D, HAS_P0,
+                                           HAS_Q0, KV, QUAD, BN, BD)
                     else:
                         _vec_fill(vd + 3 * D, 0.0, D, BV)
                     tl.debug_barrier()
@@ -1369,11 +1370,11 @@ def badmm_bwd_kernel(
                                                     k3, n_b, BV)
                     tl.debug_barrier()
                     # pass 2's part of C̄ (pass 3 of step tb + 1 summed the rest into TAU0)
-                    da1, dr = _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b,
-                                                    hn_b, NR, w_ptr, T, tb, slb, szb, vd, vn, ns,
-                                                    n_b, D, a1, rho, 0, n_b, 0, D, vd + 3 * D,
-                                                    vd + 7 * D, HAS_P0, HAS_Q0, KV, QUAD, FUSE,
-                                                    BN, BD)
+                    da1, dr = _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0,
+                                                    hd_b, hn_b, NR, w_ptr, T, tb, slb, szb, vd, vn,
+                                                    ns, n_b, D, a1, rho, 0, n_b, 0, D, vd + 3 * D,
+                                                    vd + 7 * D, HAS_P0, HAS_Q0, KV, QUAD, FUSE, BN,
+                                                    BD)
                     ga1 += da1
                     grho += dr
                     tl.debug_barrier()

@@ -151,9 +151,9 @@ def badmm_split_bwd_pass2_kernel(
     tau = tau_ptr + (b64 * NS + si) * D
     gwt = gwt_ptr + ((b64 * T + tb) * 2 * NS * DS + si * DS + sj) * 2
     if PLAN:
-        _adjoint_plan_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
-                           slb, vd, vn, NR, gplan_ptr + rs * D, n_b, D, a1, rho,
-                           n_lo, n_hi, d_lo, d_hi, tau, HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
+        _adjoint_plan_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T,
+                           tb, slb, vd, vn, NR, gplan_ptr + rs * D, n_b, D, a1, rho, n_lo, n_hi,
+                           d_lo, d_hi, tau, HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
         tl.store(gwt + 0, 0.0)
         tl.store(gwt + 1, 0.0)
     else:

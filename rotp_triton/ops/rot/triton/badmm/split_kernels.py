@@ -143,7 +143,7 @@ def badmm_split_column_lse_kernel(
         for n0 in range(n_lo, n_hi, BN):
             offs_n = n0 + tl.arange(0, BN)
             mask = (offs_n < n_hi)[:, None] & dm[None, :]
-            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig)                          # [BN, BD]
+            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig)                    # [BN, BD]
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             L, Zt = _tile_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
                                 hd_b, hn_b, NR, w_ptr, T, sl, sz, o, HAS_P0, HAS_Q0, QUAD, KV,
@@ -191,14 +191,14 @@ def _vector_step(pm_b, pl_b, pa_b, pstride, P, h_t, S, length, lo, hi, prior_ptr
                  KV: tl.constexpr, POOL: tl.constexpr, BV: tl.constexpr):
     """One side's vector step of iteration t, for the entries [lo, hi) of a vector of
     ``length``: slot 0 of the history h_t (slot stride S) gets the LSE combined from the P
-    partials (R_t or C_t; with POOL y gets the pooled output times ``ysig``), slot 1 the iteration's marginal -
-    exact: lognorm(κ log prior + (1 - κ) LSE); paper: the vector state of eqs. 26-28 advanced
-    from iteration t - 1 (κ_p, ρ_p; the prior and z = 0 at t = 0) - and slot KV - 1 the
-    replay's shift (slot 1 - slot 0). The normaliser needs the whole vector (a first pass over
-    ``length``), the writes only [lo, hi): the tile programs of a set each run this for their own
-    rows or columns, concurrently, so every slot is written once, from partials and slots of
-    t - 1 only (no in-place update), and the values of [lo, hi) are identical whichever
-    program writes them."""
+    partials (R_t or C_t; with POOL y gets the pooled output times ``ysig``), slot 1 the
+    iteration's marginal - exact: lognorm(κ log prior + (1 - κ) LSE); paper: the vector state
+    of eqs. 26-28 advanced from iteration t - 1 (κ_p, ρ_p; the prior and z = 0 at t = 0) -
+    and slot KV - 1 the replay's shift (slot 1 - slot 0). The normaliser needs the whole vector
+    (a first pass over ``length``), the writes only [lo, hi): the tile programs of a set each
+    run this for their own rows or columns, concurrently, so every slot is written once, from
+    partials and slots of t - 1 only (no in-place update), and the values of [lo, hi) are
+    identical whichever program writes them."""
     lse = 0.0
     if PAPER:
         h_p = h_t - KV * S
@@ -262,8 +262,9 @@ def _column_step(b64, lp0_ptr, w_ptr, hd_ptr, pm_ptr, pl_ptr, pa_ptr, y_ptr, ysi
                  NS, d_lo, d_hi, u_p0, HAS_P0: tl.constexpr, QUAD: tl.constexpr,
                  PAPER: tl.constexpr, KV: tl.constexpr, POOL: tl.constexpr, BV: tl.constexpr):
     """Set b, iteration t, columns [d_lo, d_hi): R_t from the NS column partials [B, NS, D]
-    (and y times ``ysig`` with POOL) into hd[b, t, 0], log μ_t into hd[b, t, 1] (:func:`_vector_step`; exact:
-    lognorm(κ2 log p0 + (1 - κ2) R_t), paper: eqs. 26-28 advanced from hd[b, t - 1])."""
+    (and y times ``ysig`` with POOL) into hd[b, t, 0], log μ_t into hd[b, t, 1]
+    (:func:`_vector_step`; exact: lognorm(κ2 log p0 + (1 - κ2) R_t), paper: eqs. 26-28 advanced
+    from hd[b, t - 1])."""
     _a1, _rho, k2, _k3 = _iter_weights(w_ptr, T, t, QUAD, PAPER)
     _a1, rho_p, k2_p, _k3 = _iter_weights(w_ptr, T, tl.maximum(t - 1, 0), QUAD, PAPER)
     part = b64 * NS * D
@@ -337,7 +338,7 @@ def badmm_split_row_lse_kernel(
             offs_d = d0 + tl.arange(0, BD)
             dm = offs_d < D
             mask = nm[:, None] & dm[None, :]
-            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig)                          # [BN, BD]
+            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig)                    # [BN, BD]
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             L, Zt = _tile_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
                                 hd_b, hn_b, NR, w_ptr, T, sl, sz, o, HAS_P0, HAS_Q0, QUAD, KV,
@@ -387,7 +388,7 @@ def badmm_split_plan_kernel(
             offs_d = d0 + tl.arange(0, BD)
             dm = offs_d < D
             mask = nm[:, None] & dm[None, :]
-            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig)                          # [BN, BD]
+            X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig)                    # [BN, BD]
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             L, Zt = _tile_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
                                 hd_b, hn_b, NR, w_ptr, T, sl, sz, o, HAS_P0, HAS_Q0, QUAD, KV,
