@@ -67,3 +67,43 @@ def test_scale_argument_checks_and_fixed_unit():
     a = rt.ROTPool(4, scale=10.0, num_iters=2).double()
     assert torch.allclose(a(x * 10.0), 10.0 * rt.ROTPool(4, scale=None, num_iters=2).double()(x),
                           rtol=1e-10)
+
+
+def _layer_cases():
+    """The three folded kernel families (window; Sinkhorn and B-ADMM sets, dense and ragged)."""
+    g = torch.Generator().manual_seed(5)
+    img = torch.randn(2, 6, 3, 4, generator=g) + 0.5
+    sets = torch.randn(11, 6, generator=g) - 0.5
+    ptr = torch.tensor([0, 4, 4, 11])
+    for method in METHODS:
+        yield f"AdaptiveROTPool2d {method}", (lambda m=method, **k: rt.AdaptiveROTPool2d(
+            6, method=m, num_iters=2, **k)), img, {}
+    yield "ROTPool ptr badmm-e", (lambda **k: rt.ROTPool(6, num_iters=2, **k)), sets, \
+        {"ptr": ptr}
+    yield "ROTPool2d badmm-e", (lambda **k: rt.ROTPool2d(6, 2, num_iters=2, **k)), img, {}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("c", [1e30, 1e-30], ids=["x1e30", "x1e-30"])
+def test_auto_scale_at_extreme_magnitudes(c, backend):
+    """fp32 features near the ends of the format (|x| ~ 1e30: squares overflow from ~1.8e19;
+    ~1e-30: squares underflow): the spread is formed without squaring x itself (scaled sums of
+    squares: ops/rot/spread.py, the spread kernels), and no kernel forms x² where the scale is
+    folded in, so y(c·x) = c·y(x) and ∂/∂x at c·x = ∂/∂x at x (scale equivariance) hold
+    there too, finite, on the kernels and the torch path alike."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    for name, make, x, kw in _layer_cases():
+        outs = []
+        for xc in (x, c * x):
+            torch.manual_seed(0)
+            layer = make(backend=backend)
+            xl = xc.clone().requires_grad_()
+            y = layer(xl, **kw)
+            w = torch.linspace(-1, 1, y.numel()).view(y.shape)
+            (gx,) = torch.autograd.grad((y * w).sum(), xl)
+            assert bool(torch.isfinite(y).all() and torch.isfinite(gx).all()), (name, c)
+            outs.append((y.double(), gx.double()))
+        (y1, g1), (yc, gc) = outs
+        assert (yc / c - y1).norm() <= 1e-4 * y1.norm(), (name, c)
+        assert (gc - g1).norm() <= 1e-4 * g1.norm() + 1e-6, (name, c)

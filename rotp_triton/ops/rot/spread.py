@@ -30,6 +30,14 @@ def _safe_sqrt(v: Tensor) -> Tensor:
     return torch.sqrt(torch.where(pos, v, torch.ones_like(v)))
 
 
+def _pow2_scale(amax: Tensor) -> Tensor:
+    """2^floor(log2(amax)) (1 where amax is 0): dividing by it is exact, and brings the largest
+    |value| into [1, 2), so squares cannot overflow (fp32 squares overflow from 1.8e19); the
+    statistics of x / c times c (c² for the variance, c after the root) are those of x bit for
+    bit wherever nothing overflowed before."""
+    return torch.exp2(torch.floor(torch.log2(F.threshold(amax, 0.0, 1.0))))
+
+
 def dense_spread(x: Tensor) -> Tensor:
     """``x (B, N, D)`` -> ``(B,)`` spread of each set."""
     if x.shape[1] == 0:
@@ -66,8 +74,11 @@ class _SpreadNormalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, sample_dims, feature_dim, out_dtype):
-        var, mean = torch.var_mean(x, dim=sample_dims, correction=0, keepdim=True)
-        root = torch.sqrt(var.mean(feature_dim, keepdim=True))             # [B, 1, ...]
+        dims = tuple(range(1, x.dim()))
+        c = _pow2_scale(x.abs().amax(dims, keepdim=True))                  # [B, 1, ...]
+        var, mean = torch.var_mean(x / c, dim=sample_dims, correction=0, keepdim=True)
+        root = torch.sqrt(var.mean(feature_dim, keepdim=True)) * c         # [B, 1, ...]
+        mean = mean * c
         s = F.threshold(root, 0.0, 1.0)                                    # spread 0 -> 1
         xn = x / s
         out = xn.to(out_dtype)
@@ -122,8 +133,12 @@ class _RaggedSpreadNormalize(torch.autograd.Function):
         count = lengths.clamp_min(1)[:, None]                             # [B, 1] int
         mean = x.new_zeros(num_sets, x.shape[1]).index_add_(0, index, x) / count
         dev = x - mean[index]                                              # [N, D]
-        var = x.new_zeros(num_sets, x.shape[1]).index_add_(0, index, dev * dev) / count
-        root = torch.sqrt(var.mean(-1))                                    # [B]
+        # squares of dev / c, c a power of 2 per set (_pow2_scale): no overflow
+        c = _pow2_scale(x.new_zeros(num_sets).scatter_reduce_(
+            0, index, dev.abs().amax(-1), "amax", include_self=True))         # [B]
+        devc = dev / c[index][:, None]
+        var = x.new_zeros(num_sets, x.shape[1]).index_add_(0, index, devc * devc) / count
+        root = torch.sqrt(var.mean(-1)) * c                                # [B]
         s = F.threshold(root, 0.0, 1.0)                                    # spread 0 -> 1
         s_rows = s[index][:, None]                                         # [N, 1]
         xn = x / s_rows

@@ -978,8 +978,8 @@ def _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, t_lo, T, NR, row0, D, xs_b,
         term = sm * rb[None, :] + qm * cb[:, None]                             # ȳ_t
         dx += term * e_inv
         if TX:
-            tx = tl.sum(tl.sum(term * x, axis=1), axis=0)
-            de_x += tl.where(ot == t, -tx * e_inv * e_inv, 0.0)
+            tx = tl.sum(tl.sum(term * xs, axis=1), axis=0)      # (x·s_t: no x² overflow)
+            de_x += tl.where(ot == t, -tx * e_inv * _LN2, 0.0)
     return dx, de_x
 
 
@@ -999,7 +999,7 @@ def _dx_rows(x_base, sxn, sxd, on, nm, n_b, D, dxa, de_x, PAPER: tl.constexpr,
         x = _lean_load_chunk(x_base, roff, sxd, od, D, True)                  # [BNX, BDX]
         dx, zbx = _dx_pool_term(x, on, nm, od, dm, B_fin, rfin_b, g_b, y_b, s_fin, ie_fin,
                                 A_fin, gp_base, sgn, sgd, tot, pg, HAS_GP)
-        de_fin -= tl.sum(tl.sum(zbx, axis=1), axis=0) * (ie_fin * ie_fin)
+        de_fin -= tl.sum(tl.sum(zbx, axis=1), axis=0) * ie_fin
         dx, de_x = _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, 0, T, NR, row0, D, xs_b,
                                        Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, PAPER, TX,
                                        BT)
@@ -1082,7 +1082,7 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
         sr = _prob2(xs + bp[:, None] - r[None, :]) * rbar[None, :]             # S R̄
         acc += sr
         y_t = sr + q * cb[:, None]                                             # ȳ_t
-        acc_x += y_t * x
+        acc_x += y_t * xs              # ȳ_t ⊙ x·s_t: ȳ_t ⊙ x (~x²) overflows from |x| ~ 1e19
         if DX:
             dx, zbx = _dx_pool_term(x, on, nm, od, dm, B_fin, rfin_b, g_b, y_b, s_fin, ie_fin,
                                     A_fin, gp_base, sgn, sgd, tot, pg, HAS_GP)
@@ -1095,7 +1095,7 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
                      dx.to(dx_base.dtype.element_ty), mask=nm[:, None] & dm[None, :])
     tl.store(bbar_b + on, tl.sum(acc, axis=1), mask=on < n_b * need_b)
     if DX:
-        de_fin = -tl.sum(tl.sum(acc_fin, axis=1), axis=0) * (ie_fin * ie_fin)
+        de_fin = -tl.sum(tl.sum(acc_fin, axis=1), axis=0) * ie_fin
     else:
         de_fin = tl.sum(tl.sum(acc_fin, axis=1), axis=0)
     dk2_s = tl.sum(dk2, axis=0) - tl.sum(su, axis=0) * tl.sum(sq, axis=0)
@@ -1114,10 +1114,10 @@ def _piece_bwd_q(x_base, ro, sxd, od, D, s, ac, ncn):
 @triton.jit
 def _piece_bwd_rows(x, xs, q, bp, cb, r, rbar, acc, acc_x):
     """The per-row side of _exact_bwd_sweep's chunk on one piece: S R̄ into the b̄ row sums,
-    ȳ_t ⊙ x into acc_x; returns them and ȳ_t."""
+    ȳ_t ⊙ x·s_t (xs) into acc_x; returns them and ȳ_t."""
     sr = _prob2(xs + bp[:, None] - r[None, :]) * rbar[None, :]                 # S R̄
     y_t = sr + q * cb[:, None]                                                 # ȳ_t
-    return acc + sr, acc_x + y_t * x, y_t
+    return acc + sr, acc_x + y_t * xs, y_t
 
 
 @triton.jit
@@ -1133,7 +1133,9 @@ def _piece_pool_dx(x, on, nm, B_fin, s_fin, ie_fin, rf, g, yd, a, gp_base, sgn, 
                      mask=nm[:, None] & dm[None, :], other=0.0).to(tl.float32)
         p = _prob2(x * s_fin + a[None, :] + bb[:, None] - tot)
         zb += p * (gp - pg)
-    return g[None, :] * w + zb * ie_fin, zb * x
+    # z̄ ⊙ x / ε_{T-1} (ie_fin carries 1/σ where a scale is folded in): x ~ 1e20 would
+    # overflow z̄ ⊙ x in fp32 (~x²) before the two factors 1/ε could bring it back
+    return g[None, :] * w + zb * ie_fin, zb * (x * ie_fin)
 
 
 @triton.jit
@@ -1153,7 +1155,8 @@ def _pieces_dx_chunk(x0, x1, x2, yt0, yt1, yt2, on0, on1, on2, nm0, nm1, nm2, od
                      dxa, HAS_GP: tl.constexpr):
     """dx of one feature chunk of all three pieces in the exact sweep that writes dx (t = 0;
     ȳ_0 = yt given): the pooling term and the iterations t >= 1, each per-column vector
-    loaded once for the three pieces; stored; returns the pieces' z̄ ⊙ x summed to [BD]."""
+    loaded once for the three pieces; stored; returns the pieces' z̄ ⊙ x / ε_{T-1} summed to
+    [BD]."""
     (B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base, sgn, sgd, tot, pg, T, NR, row0,
      xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd) = dxa
     rf, g, yd, a = _pool_column_vectors(rfin_b, g_b, y_b, A_fin, od, dm, HAS_GP)      # [BD] each
@@ -1245,7 +1248,7 @@ def _pieces_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar
     if DX:
         (_bf, _rf, _g, _y, _sf, ie_fin, _af, _gp, _sgn, _sgd, _tot, _pg, _T, _NR, _row0, _xs,
          _bv, _cn, _cbar, _rn, _rbar, _ab, _dx, _sdn, _sdd) = dxa
-        de_fin = -fin * (ie_fin * ie_fin)
+        de_fin = -fin * ie_fin
     else:
         de_fin = fin
     tx = (tl.sum(tl.sum(ax0, axis=1), axis=0) + tl.sum(tl.sum(ax1, axis=1), axis=0)
@@ -1544,7 +1547,8 @@ def sinkhorn_bwd_kernel(
                             abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
                             dlp0_ptr + b * D, dxa, HAS_P0, HAS_GP, False, BN, BD, BT)
                     e_inv = s * _LN2
-                    tl.store(deps_x_ptr + b * T + t, -tx * e_inv * e_inv)
+                    # tx = Σ ȳ_t ⊙ x·s_t: the term -Σ ȳ_t ⊙ x / ε(t)² is -tx·e_inv·ln 2
+                    tl.store(deps_x_ptr + b * T + t, -tx * e_inv * _LN2)
                     tl.store(dk2_ptr + b * T + t, dk2)
                     tl.debug_barrier()
                 else:

@@ -44,28 +44,39 @@ def _tile(ptr, base, sf, ss, offs_s, offs_f, mask):
 
 
 @triton.jit
-def _spread(part_ptr, b, F, NFB, BP: tl.constexpr):
-    """(s, root) of batch entry b from its NFB per-block sums of the features' variances:
-    root = sqrt(Σ_f var_f / F), s = root where root > 0, else 1 (ops/rot/spread.py)."""
+def _spread(part_ptr, pc_ptr, b, F, NFB, BP: tl.constexpr):
+    """(s, root) of batch entry b from its NFB per-block sums of the features' variances, each
+    kept as (scale c_j, Σ_{f in block j} var_f / c_j²) (no fp32 overflow for |x| up to the
+    format's range: var_f alone overflows from |x - mean| ≈ 1.8e19):
+    root = C·sqrt(Σ_j part_j (c_j / C)² / F), C = max_j c_j; s = root where root > 0, else 1
+    (ops/rot/spread.py)."""
     offs = tl.arange(0, BP)
-    parts = tl.load(part_ptr + b.to(tl.int64) * NFB + offs, mask=offs < NFB, other=0.0)
-    root = tl.sqrt(tl.sum(parts, axis=0) / F)
+    o = b.to(tl.int64) * NFB + offs
+    parts = tl.load(part_ptr + o, mask=offs < NFB, other=0.0)
+    cs = tl.load(pc_ptr + o, mask=offs < NFB, other=0.0)
+    C = tl.max(cs, axis=0)
+    r = cs / tl.where(C > 0, C, 1.0)
+    root = C * tl.sqrt(tl.sum(parts * r * r, axis=0) / F)
     return tl.where(root > 0, root, 1.0), root
 
 
 @triton.jit
-def spread_stats_kernel(x_ptr, sb, sf, ss, ptr_ptr, mean_ptr, part_ptr, F, S, NFB,
+def spread_stats_kernel(x_ptr, sb, sf, ss, ptr_ptr, mean_ptr, part_ptr, pc_ptr, F, S, NFB,
                         RAGGED: tl.constexpr, BS: tl.constexpr, BF: tl.constexpr):
     """Per feature of block (b, j): mean_f and var_f over the S samples (population variance,
     tiles merged with Chan et al.'s pairwise update: no cancellation for features far from 0,
-    one read of x); writes mean (B, F) and Σ_{f in the block} var_f into part (B, NFB)."""
+    one read of x); writes mean (B, F), and Σ_{f in the block} var_f as a scale c_j (pc) and
+    the sum divided by c_j² (part), both (B, NFB). The sum of squares is kept divided by a
+    running per-feature scale c_f (the largest deviation merged so far), so nothing squared
+    exceeds 1: no overflow where |x - mean| > 1.8e19 (var_f itself is never formed)."""
     b = tl.program_id(0)
     j = tl.program_id(1)
     base, n_b = _entry(ptr_ptr, b, sb, ss, S, RAGGED)
     offs_f = j * BF + tl.arange(0, BF)
     fm = offs_f < F
     mean = tl.zeros([BF], dtype=tl.float32)
-    m2 = tl.zeros([BF], dtype=tl.float32)
+    m2 = tl.zeros([BF], dtype=tl.float32)        # Σ (x - mean)² / c²
+    c = tl.zeros([BF], dtype=tl.float32)         # the running scale c_f
     for s0 in range(0, n_b, BS):
         offs_s = s0 + tl.arange(0, BS)
         mask = (offs_s < n_b)[:, None] & fm[None, :]
@@ -76,22 +87,33 @@ def spread_stats_kernel(x_ptr, sb, sf, ss, ptr_ptr, mean_ptr, part_ptr, F, S, NF
         tot = s0 + cnt
         delta = tmean - mean
         mean += delta * (cnt / tot)
-        m2 += tl.sum(dev * dev, axis=0) + delta * delta * (s0 * cnt / tot)
+        dw = delta * tl.sqrt(s0 * cnt / tot)             # the merge term is dw²
+        c_new = tl.maximum(tl.maximum(c, tl.max(tl.abs(dev), axis=0)), tl.abs(dw))     # [BF]
+        inv = 1.0 / tl.where(c_new > 0, c_new, 1.0)
+        r = c * inv
+        devs = dev * inv[None, :]
+        dws = dw * inv
+        m2 = m2 * (r * r) + tl.sum(devs * devs, axis=0) + dws * dws
+        c = c_new
     tl.store(mean_ptr + b.to(tl.int64) * F + offs_f, mean, mask=fm)
-    var = m2 / tl.maximum(n_b, 1)                        # an empty set: 0
+    # the block's Σ_f var_f = Σ_f m2_f c_f² / n as (C, Σ_f m2_f (c_f / C)² / n), C = max_f c_f
+    C = tl.max(tl.where(fm, c, 0.0), axis=0)
+    rc = c / tl.where(C > 0, C, 1.0)
+    var = m2 * rc * rc / tl.maximum(n_b, 1)              # an empty set: 0
     tl.store(part_ptr + b.to(tl.int64) * NFB + j, tl.sum(tl.where(fm, var, 0.0), axis=0))
+    tl.store(pc_ptr + b.to(tl.int64) * NFB + j, C)
 
 
 @triton.jit
-def spread_normalize_kernel(x_ptr, sb, sf, ss, out_ptr, ob, of, os, ptr_ptr, part_ptr, s_ptr,
-                            root_ptr, F, S, NFB, RAGGED: tl.constexpr, BS: tl.constexpr,
+def spread_normalize_kernel(x_ptr, sb, sf, ss, out_ptr, ob, of, os, ptr_ptr, part_ptr, pc_ptr,
+                            s_ptr, root_ptr, F, S, NFB, RAGGED: tl.constexpr, BS: tl.constexpr,
                             BF: tl.constexpr, BP: tl.constexpr, NORMALIZE: tl.constexpr):
     """x / s for block (b, j), written in out's dtype through out's strides; program (b, 0)
     also writes s_b and root_b. Without NORMALIZE (grid (B, 1)) only s and root: a pooling
     kernel that folds 1 / s into its loads reads x itself."""
     b = tl.program_id(0)
     j = tl.program_id(1)
-    s, root = _spread(part_ptr, b, F, NFB, BP)
+    s, root = _spread(part_ptr, pc_ptr, b, F, NFB, BP)
     if j == 0:
         tl.store(s_ptr + b, s)
         tl.store(root_ptr + b, root)

@@ -69,19 +69,20 @@ def spread_forward(x: Tensor, sample_dims: Tuple[int, ...], out_dtype: Optional[
     normalize = out_dtype is not None
     out = torch.empty_like(x, dtype=out_dtype) if normalize else None
     # one allocation: what the backward keeps (s, root, mean) and the blocks' variance sums
-    buf = torch.empty(B * (2 + F + NFB), device=x.device, dtype=torch.float32)
+    # (each as a scale and the sum over its square: kernels.spread_stats_kernel)
+    buf = torch.empty(B * (2 + F + 2 * NFB), device=x.device, dtype=torch.float32)
     saved = buf[:B * (2 + F)]
     s, root, mean = saved[:B], saved[B:2 * B], saved[2 * B:]
-    part = buf[B * (2 + F):]
+    part, pc = buf[B * (2 + F):B * (2 + F + NFB)], buf[B * (2 + F + NFB):]
     grid = (B, NFB)
     rag = dict(RAGGED=ptr is not None)
     ptr = ptr if ptr is not None else buf                 # unread when dense
     xst = bfs_strides(x, sample_dims)
-    launcher(spread_stats_kernel, wrap)[grid](x, *xst, ptr, mean, part, F, S, NFB, **rag, BS=BS,
-                                              BF=BF, num_warps=num_warps)
+    launcher(spread_stats_kernel, wrap)[grid](x, *xst, ptr, mean, part, pc, F, S, NFB, **rag,
+                                              BS=BS, BF=BF, num_warps=num_warps)
     launcher(spread_normalize_kernel, wrap)[grid if normalize else (B, 1)](
         x, *xst, out if normalize else x, *(bfs_strides(out, sample_dims) if normalize else xst),
-        ptr, part, s, root, F, S, NFB, **rag, BS=BS, BF=BF, BP=next_pow2(NFB),
+        ptr, part, pc, s, root, F, S, NFB, **rag, BS=BS, BF=BF, BP=next_pow2(NFB),
         NORMALIZE=normalize, num_warps=num_warps)
     return out, saved
 
