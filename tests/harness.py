@@ -106,3 +106,26 @@ def run_without_interpreter(code: str, timeout: int = 600) -> str:
     if r.returncode != 0:
         pytest.fail(f"subprocess failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
     return r.stdout
+
+
+def allocation_counter():
+    """A ``TorchDispatchMode`` recording the numel of every tensor allocation (empty, zeros and
+    their _like / new_ / _strided forms) made while it is active, in ``.sizes``: ``with
+    allocation_counter() as a: ...`` then e.g. ``sum(n >= x.numel() for n in a.sizes)``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    aten = torch.ops.aten
+    kinds = (aten.empty, aten.empty_like, aten.empty_strided, aten.zeros, aten.zeros_like,
+             aten.new_zeros, aten.new_empty)
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in kinds:
+                self.sizes.append(out.numel())
+            return out
+
+    return Allocations()

@@ -191,7 +191,7 @@ def test_feature_scale_memory(case):
     """The folded scale saves x itself, the (6, T) table and B·(2 + C) statistics (no x / s),
     and its backward allocates one x-sized buffer: x̄ is written over d(x / s) (fp32 x:
     also where overlapping windows accumulate d(x / s) in fp32)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from harness import allocation_counter
     B, C, H, W, k, st, p, cm, layout = CASES[case]
     x = make_input(B, C, H, W, layout, torch.float32, seed=3).requires_grad_()
     wt = weight_table(random_weights(2, torch.float64, seed=1), 2).float().to(DEVICE)
@@ -201,19 +201,9 @@ def test_feature_scale_memory(case):
     saved = y.grad_fn.saved_tensors
     assert saved[0].data_ptr() == x.data_ptr() and saved[1].shape == (6, 2)
     assert saved[2].numel() == B * (2 + C)
-    allocs = []
-
-    class Allocations(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func.overloadpacket in (torch.ops.aten.empty, torch.ops.aten.empty_like,
-                                       torch.ops.aten.empty_strided, torch.ops.aten.zeros,
-                                       torch.ops.aten.zeros_like, torch.ops.aten.new_zeros):
-                allocs.append(out.numel())
-            return out
-    with Allocations():
+    with allocation_counter() as allocs:
         gx, _gw = torch.autograd.grad(y.sum(), [x, wt])
-    assert sum(n >= x.numel() for n in allocs) == 1, allocs
+    assert sum(n >= x.numel() for n in allocs.sizes) == 1, allocs.sizes
     assert gx.shape == x.shape and torch.isfinite(gx).all()
 
 
