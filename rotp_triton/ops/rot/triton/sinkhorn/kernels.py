@@ -80,8 +80,6 @@ def _x_scale(w_ptr, T, t, PAPER: tl.constexpr):
     return tl.full([], _LOG2E, tl.float32) / eps
 
 
-
-
 @triton.jit
 def _kappa_at(w_ptr, T, t, ROW: tl.constexpr):
     """κ(w[ROW, t], ε_t) (ROW = A2 or A3)."""
