@@ -1110,7 +1110,7 @@ def _piece_bwd_q(x_base, ro, sxd, od, D, s, ac, ncn):
 
 
 @triton.jit
-def _piece_bwd_rows(x, xs, q, bp, cb, r, rbar, acc, acc_x):
+def _piece_bwd_rows(xs, q, bp, cb, r, rbar, acc, acc_x):
     """The per-row side of _exact_bwd_sweep's chunk on one piece: S R̄ into the b̄ row sums,
     ȳ_t ⊙ x·s_t (xs) into acc_x; returns them and ȳ_t."""
     sr = _prob2(xs + bp[:, None] - r[None, :]) * rbar[None, :]                 # S R̄
@@ -1232,9 +1232,9 @@ def _pieces_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar
               + tl.sum(q2 * cb2[:, None], axis=0))                             # [BD] ā
         rbar, dk2, su, sq = _column_adjoint(ab, od, D, ac, r, sa, k2, add_init, abar_b, lp0_b,
                                             lp0_u, dlp0_b, Rbar_t, dk2, su, sq, HAS_P0)
-        acc0, ax0, yt0 = _piece_bwd_rows(x0, xs0, q0, bp0, cb0, r, rbar, acc0, ax0)
-        acc1, ax1, yt1 = _piece_bwd_rows(x1, xs1, q1, bp1, cb1, r, rbar, acc1, ax1)
-        acc2, ax2, yt2 = _piece_bwd_rows(x2, xs2, q2, bp2, cb2, r, rbar, acc2, ax2)
+        acc0, ax0, yt0 = _piece_bwd_rows(xs0, q0, bp0, cb0, r, rbar, acc0, ax0)
+        acc1, ax1, yt1 = _piece_bwd_rows(xs1, q1, bp1, cb1, r, rbar, acc1, ax1)
+        acc2, ax2, yt2 = _piece_bwd_rows(xs2, q2, bp2, cb2, r, rbar, acc2, ax2)
         if DX:
             af += _pieces_dx_chunk(x0, x1, x2, yt0, yt1, yt2, on0, on1, on2, nm0, nm1, nm2, od,
                                    dm, D, s, dxa, HAS_GP)
