@@ -11,6 +11,7 @@ Workloads: W1 = 50 × 500 × 100 dense contiguous fp32, W2 = x (256, 2048, 7, 7)
 """
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -35,7 +36,11 @@ _F32 = ("lp0_u",)
 
 def signature(kernel, constexprs: dict, xdt: str) -> dict:
     """Argument types by name: x-like pointers in ``xdt``, ``ptr_ptr`` int64, other pointers
-    fp32, strides int64, sizes int32."""
+    fp32, strides int64, sizes int32. A constexpr parameter not in ``constexprs`` takes its
+    default there (as a launch that omits it; else it would compile as a runtime int)."""
+    for p in kernel.params:
+        if p.is_constexpr and p.name not in constexprs and p.default is not inspect._empty:
+            constexprs[p.name] = p.default
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -100,10 +105,13 @@ AOT_CONFIGS = [("fwd", "exact", "bf16", 8), ("fwd", "paper", "fp32", 4),
                ("split_col", "exact", "bf16", 8), ("split_a", "exact", "fp32", 4),
                ("split_row", "exact", "fp32", 8), ("split_b", "exact", "fp32", 1),
                ("dx", "exact", "bf16", 8), ("dx", "paper", "fp32", 4),
-               # "+s": the layers' feature scale folded in (SCALED; W2: one tile, no plan)
+               # "+s": the layers' feature scale folded in (SCALED; W2: one tile, no plan;
+               # exact one-tile backward and dx: SPREAD too, σ's x̄ term in the dx pass, the
+               # backward's own pass at W2's 256 sets)
                ("fwd1+s", "exact", "fp32", 4), ("bwd1nogp+s", "exact", "fp32", 8),
+               ("bwd1nogp+s", "exact", "bf16", 4),
                ("bwd1nogp+s", "paper", "fp32", 4), ("dx+s", "paper", "fp32", 4),
-               ("split_row+s", "exact", "fp32", 8)]
+               ("dx+s", "exact", "bf16", 8), ("split_row+s", "exact", "fp32", 8)]
 
 
 def split_config(which: str, N: int, D: int, num_warps: int) -> tuple:
@@ -140,6 +148,12 @@ def compile_config(which, variant, xdt, nw):
         kern, ce = config(which, variant, None if ragged else 49, 2048, nw, ragged=ragged)
     if scaled:
         ce["SCALED"] = True
+        if variant == "exact" and (which == "dx" or which.startswith("bwd")
+                                   and ce["ONE_TILE_N"]):
+            ce["SPREAD"] = True         # (launch.sinkhorn_backward's fold)
+            if which != "dx":
+                ce["FUSE_DX"] = False
+                ce["SPLIT_DX"] = False
     return compile_sm90(kern, signature(kern, ce, xdt), ce, num_warps=nw)
 
 

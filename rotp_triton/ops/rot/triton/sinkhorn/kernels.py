@@ -983,10 +983,13 @@ def _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, t_lo, T, NR, row0, D, xs_b,
 
 @triton.jit
 def _dx_rows(x_base, sxn, sxd, on, nm, n_b, D, dxa, de_x, PAPER: tl.constexpr,
-             HAS_GP: tl.constexpr, TX: tl.constexpr, BDX: tl.constexpr, BT: tl.constexpr):
+             HAS_GP: tl.constexpr, TX: tl.constexpr, BDX: tl.constexpr, BT: tl.constexpr,
+             kk, mean_b, SPREAD: tl.constexpr):
     """dx of the rows ``on`` (a [BNX] block, ``nm`` the real ones) of one set, feature chunk by
     chunk; returns this block's share of the final log P's ε term and de_x (TX: the per-t ε
-    terms added). ``dxa``: what the dx terms read (see sinkhorn_bwd_kernel)."""
+    terms added). ``dxa``: what the dx terms read (see sinkhorn_bwd_kernel). SPREAD: dx also
+    gets the path through the set's spread σ, kk·(x - mean_f) (mean_b [D]: the set's feature
+    means; kk = ds·[root > 0] / (D·n_b·σ), ``_spread_coefficient``)."""
     (B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base, sgn, sgd, tot, pg, T, NR, row0,
      xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd) = dxa
     roff = _lean_row_offsets(on, n_b, sxn, True)                               # [BNX]
@@ -1001,6 +1004,9 @@ def _dx_rows(x_base, sxn, sxd, on, nm, n_b, D, dxa, de_x, PAPER: tl.constexpr,
         dx, de_x = _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, 0, T, NR, row0, D, xs_b,
                                        Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, PAPER, TX,
                                        BT)
+        if SPREAD:
+            mean = tl.load(mean_b + od, mask=dm, other=0.0)                    # [BDX]
+            dx += kk * (x - mean[None, :])
         tl.store(dx_base + on[:, None] * sdn + od[None, :] * sdd,
                  dx.to(dx_base.dtype.element_ty), mask=nm[:, None] & dm[None, :])
     return de_fin, de_x
@@ -1296,13 +1302,13 @@ def sinkhorn_bwd_kernel(
     g_ptr, gp_ptr, sgb, sgn, sgd,
     dx_ptr, sdb, sdn, sdd,
     dlp0_ptr, dlq0_ptr, dw_ptr, dk2_ptr, dk3_ptr, deps_rec_ptr, deps_x_ptr, xs_ptr,
-    Rbar_ptr, Cbar_ptr, abar_ptr, bbar_ptr, pg_ptr, sc_ptr, ds_ptr,
+    Rbar_ptr, Cbar_ptr, abar_ptr, bbar_ptr, pg_ptr, sc_ptr, ds_ptr, root_ptr, mean_ptr,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
     HAS_GP: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     BT: tl.constexpr, BNX: tl.constexpr, BDX: tl.constexpr, FUSE_DX: tl.constexpr = False,
     SPLIT_DX: tl.constexpr = False, BDF: tl.constexpr = 0, P0: tl.constexpr = 0,
     P1: tl.constexpr = 0, P2: tl.constexpr = 0, MASK_P: tl.constexpr = False,
-    SCALED: tl.constexpr = False,
+    SCALED: tl.constexpr = False, SPREAD: tl.constexpr = False,
 ):
     """Exact gradient of the T unrolled iterations + pooling (+ plan) of one set per program.
 
@@ -1318,6 +1324,11 @@ def sinkhorn_bwd_kernel(
     (_pieces_bwd_sweep, launch.row_pieces); MASK_P: the last piece has padded rows.
     SCALED: as in the forward; dx is then ∂/∂x at fixed σ and ds [B] (zero before) gets
     ∂/∂σ_b by atomic adds (``_add_weight_grad``).
+    SPREAD (with SCALED; exact, one tile per set, dx not fused into the last sweep): σ is the
+    set's spread (``spread_stats_kernel``: root [B], the feature means mean [B, D]) and dx is
+    the whole x̄ - the path through σ included (what ``spread_grad_kernel`` would add). Every
+    ε term is known before the dx pass: the reverse sweeps sum ȳ_t ⊙ x, and the final log
+    P's term, z̄ ⊙ x, is summed in the pass that forms z̄ (b̄), so ds comes first.
     """
     b = _set_of_program(order_ptr, RAGGED)
     isig = set_inv_scale(sc_ptr, b, SCALED)
@@ -1364,6 +1375,7 @@ def sinkhorn_bwd_kernel(
 
         # adjoint of the final log P: z̄ = g_d W (x - y_d) [+ P (G - <P,G>)], W = softmax_n;
         # b̄ = Σ_d z̄ (row sums); the column sums are 0 for the pooling, ā = Σ_n of the plan term.
+        de_pool = tl.sum(tl.zeros([BD], tl.float32), axis=0)
         for n0 in range(0, n_b, BN):
             on = n0 + tl.arange(0, BN)
             nm = on < n_b
@@ -1385,6 +1397,8 @@ def sinkhorn_bwd_kernel(
                     p = _prob2(tl.where(msk, x * s_fin + a[None, :] + bb[:, None] - tot, NEG_INF))
                     zb += p * (gp - pg)
                 acc += tl.sum(zb, axis=1)
+                if SPREAD:     # the final log P's ε term, as _dx_rows forms it
+                    de_pool -= tl.sum(tl.sum(zb * (x * ie_fin), axis=1), axis=0) * ie_fin
             tl.store(bbar_b + on, acc, mask=nm)
         for d0 in range(0, D, BD):
             od = d0 + tl.arange(0, BD)
@@ -1589,14 +1603,23 @@ def sinkhorn_bwd_kernel(
             tl.store(pg_ptr + b, pg)
             if not TX_IN_SWEEP:
                 tl.store(deps_x_ptr + b * T + ot, tl.zeros([BT], tl.float32), mask=ot < T)
+            if SPREAD:     # (ds complete here: the dx launch reads it, adds no ε term)
+                de_fin = de_pool
         elif not FUSED_DX:
             de_x = tl.zeros([BT], tl.float32)
+            kk = 0.0
+            if SPREAD:
+                de_fin = de_pool
+                kk = _spread_coefficient(w_ptr, T, deps_x_ptr + b * T, de_pool, root_ptr + b,
+                                         isig, D, n_b, BT)
             for n0 in range(0, n_b, BNX):
                 on = n0 + tl.arange(0, BNX)
                 # (the exact one-tile reverse sweep already summed ȳ_t ⊙ x: deps_x)
                 dfp, de_x = _dx_rows(x_base, sxn, sxd, on, on < n_b, n_b, D, dxa, de_x, PAPER,
-                                     HAS_GP, not TX_IN_SWEEP, BDX, BT)
-                de_fin += dfp
+                                     HAS_GP, not TX_IN_SWEEP, BDX, BT, kk, mean_ptr + b * D,
+                                     SPREAD)
+                if not SPREAD:
+                    de_fin += dfp
             if not TX_IN_SWEEP:
                 tl.store(deps_x_ptr + b * T + ot, de_x, mask=ot < T)
         tl.debug_barrier()
@@ -1612,15 +1635,18 @@ def sinkhorn_dx_kernel(
     x_ptr, sxb, sxn, sxd, N, D, T, NR,
     w_ptr, A_ptr, Rn_ptr, Bv_ptr, Cn_ptr, rfin_ptr, tot_ptr, y_ptr,
     g_ptr, gp_ptr, sgb, sgn, sgd, dx_ptr, sdb, sdn, sdd,
-    Rbar_ptr, Cbar_ptr, pg_ptr, dw_ptr, xs_ptr, sc_ptr, ds_ptr,
+    Rbar_ptr, Cbar_ptr, pg_ptr, dw_ptr, xs_ptr, sc_ptr, ds_ptr, root_ptr, mean_ptr,
     PAPER: tl.constexpr, HAS_GP: tl.constexpr, TX: tl.constexpr, BNX: tl.constexpr,
     BDX: tl.constexpr, BT: tl.constexpr, SCALED: tl.constexpr = False,
+    SPREAD: tl.constexpr = False,
 ):
     """dx of rows [j BNX, (j + 1) BNX) of set b (grid (B, cdiv(N, BNX))), from the vectors the
     backward kernel saved (it ran first, with SPLIT_DX): the dx pass spread over every SM where
     one program per set leaves most idle (W1: 50 sets). Adds its ε terms to dw [6, T] by atomic
     adds (the final log P's to ε_{T-1}; TX: ȳ_t ⊙ x's to ε_t, paper ε_{max(t-1, 0)});
-    SCALED: those terms' share of ds [B] too (``_add_weight_grad``)."""
+    SCALED: those terms' share of ds [B] too (``_add_weight_grad``). SPREAD (sinkhorn_bwd_kernel's
+    SPREAD): ds [B] is complete (that kernel summed every ε term), no ε term is added here, and
+    dx gets the path through σ, kk·(x - mean_f) (``_spread_coefficient``)."""
     b = tl.program_id(0).to(tl.int64)
     on = tl.program_id(1) * BNX + tl.arange(0, BNX)
     row0 = b * N
@@ -1636,26 +1662,32 @@ def sinkhorn_dx_kernel(
            ie_fin * _LOG2E, ie_fin, A_ptr + b * (T + 1) * D + T * D, gp_ptr + b * sgb, sgn, sgd,
            tot, pg, T, NR, row0, xs_ptr + b * T, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_ptr + b * T * D,
            Rbar_ptr + b * T * D, A_ptr + b * (T + 1) * D, dx_ptr + b * sdb, sdn, sdd)
+    kk = 0.0
+    if SPREAD:
+        ds = tl.load(ds_ptr + b)
+        kk = tl.where(tl.load(root_ptr + b) > 0, ds, 0.0) * isig / (D * tl.maximum(N, 1))
     de_fin, de_x = _dx_rows(x_ptr + b * sxb, sxn, sxd, on, on < N, N, D, dxa,
-                            tl.zeros([BT], tl.float32), PAPER, HAS_GP, TX, BDX, BT)
-    # SCALED: these x-scale terms come out multiplied by 1/σ (see _add_weight_grad)
-    sig = 1.0 / isig
-    tl.atomic_add(dw_ptr + _A1 * T + T - 1, de_fin * sig)
-    dsv = de_fin * tl.load(w_ptr + _A1 * T + T - 1)   # (dropped by the compiler unless SCALED)
-    if TX:
-        ot = tl.arange(0, BT)
-        if PAPER:  # (one address per lane: term 0 goes to ε_0 in a second add)
-            tl.atomic_add(dw_ptr + _A1 * T + ot - 1, de_x * sig, mask=(ot >= 1) & (ot < T))
-            tl.atomic_add(dw_ptr + _A1 * T,
-                          tl.sum(tl.where(ot == 0, de_x, 0.0), axis=0) * sig)
-            te = tl.maximum(ot - 1, 0)
-        else:
-            tl.atomic_add(dw_ptr + _A1 * T + ot, de_x * sig, mask=ot < T)
-            te = ot
-        eps = tl.load(w_ptr + _A1 * T + te, mask=ot < T, other=0.0)
-        dsv += tl.sum(tl.where(ot < T, de_x * eps, 0.0), axis=0)
-    if SCALED:
-        tl.atomic_add(ds_ptr + b, dsv)
+                            tl.zeros([BT], tl.float32), PAPER, HAS_GP, TX, BDX, BT, kk,
+                            mean_ptr + b * D, SPREAD)
+    if not SPREAD:
+        # SCALED: these x-scale terms come out multiplied by 1/σ (see _add_weight_grad)
+        sig = 1.0 / isig
+        tl.atomic_add(dw_ptr + _A1 * T + T - 1, de_fin * sig)
+        dsv = de_fin * tl.load(w_ptr + _A1 * T + T - 1)   # (dropped by the compiler unless SCALED)
+        if TX:
+            ot = tl.arange(0, BT)
+            if PAPER:  # (one address per lane: term 0 goes to ε_0 in a second add)
+                tl.atomic_add(dw_ptr + _A1 * T + ot - 1, de_x * sig, mask=(ot >= 1) & (ot < T))
+                tl.atomic_add(dw_ptr + _A1 * T,
+                              tl.sum(tl.where(ot == 0, de_x, 0.0), axis=0) * sig)
+                te = tl.maximum(ot - 1, 0)
+            else:
+                tl.atomic_add(dw_ptr + _A1 * T + ot, de_x * sig, mask=ot < T)
+                te = ot
+            eps = tl.load(w_ptr + _A1 * T + te, mask=ot < T, other=0.0)
+            dsv += tl.sum(tl.where(ot < T, de_x * eps, 0.0), axis=0)
+        if SCALED:
+            tl.atomic_add(ds_ptr + b, dsv)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1668,6 +1700,20 @@ def _dkappa(alpha, eps):
     a = tl.where(inf, 0.0, alpha)
     r = 1.0 / ((a + eps) * (a + eps))
     return tl.where(inf, 0.0, eps * r), tl.where(inf, 0.0, -a * r)
+
+
+@triton.jit
+def _spread_coefficient(w_ptr, T, deps_x_b, deps_fin, root_b, isig, D, n_b, BT: tl.constexpr):
+    """kk = ds·[root > 0] / (D·n_b·σ) of x̄'s spread term kk·(x - mean_f) (spread_grad_kernel
+    without G_OVER_S), ds = ∂/∂σ_b formed as ``_add_weight_grad`` does (exact variant): from
+    the x-scale terms deps_x [T] and the final log P's deps_fin."""
+    ot = tl.arange(0, BT)
+    tm = ot < T
+    gx = tl.load(deps_x_b + ot, mask=tm, other=0.0)
+    gx += tl.where(ot == T - 1, deps_fin, 0.0)
+    eps = tl.load(w_ptr + _A1 * T + ot, mask=tm, other=1.0)
+    ds = tl.sum(tl.where(tm, gx * eps, 0.0), axis=0)
+    return tl.where(tl.load(root_b) > 0, ds, 0.0) * isig / (D * tl.maximum(n_b, 1))
 
 
 @triton.jit

@@ -322,7 +322,7 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
 def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
                       log_q0: Optional[Tensor], paper: bool, y: Tensor, state: Tensor,
                       grad_y: Tensor, grad_plan: Optional[Tensor], wrap=None,
-                      scale: Optional[Tensor] = None):
+                      scale: Optional[Tensor] = None, spread: Optional[Tensor] = None):
     """Launch the fused backward (arguments as :func:`sinkhorn_forward`, plus its outputs).
 
     Args:
@@ -334,6 +334,10 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
         with :func:`param_grad_views`. Three allocations (dx, dparams zeroed: the kernel adds
         each set's share; scratch) and one launch. With ``scale`` (the forward's σ): dx at
         fixed σ, and a third output ds (B,) fp32, ∂/∂σ (one more zeroed allocation).
+        With ``spread`` too (σ the sets' spread: the (B, 2 + D) statistics of
+        ``spread_forward``, ``scale`` = its first B): on the exact one-tile path dx is the
+        whole x̄, the path through σ included (kernels.sinkhorn_bwd_kernel SPREAD; its dx
+        pass is then never fused into the last sweep), and ds is None; elsewhere as without.
     """
     B, N, D, NR, (sxb, sxn, sxd) = layout(x, ptr)
     T = w.shape[1]
@@ -362,29 +366,33 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
                                else SWEEP_ELEMS_PER_THREAD)
     BNX, BDX = dx_tile(D, N, nw)
     BDF = fused_sweep_bd(BD, has_gp)
-    fused = fuse_dx(P0 + P1 + P2 if P0 else BN, BDF, BNX, BDX, one_tile, paper)
+    # the spread's x̄ term needs ds before dx is written: never in the last sweep then (that
+    # saves one read of x; the spread pass it avoids reads and writes x̄ and reads x)
+    fold = spread is not None and one_tile and not paper
+    fused = not fold and fuse_dx(P0 + P1 + P2 if P0 else BN, BDF, BNX, BDX, one_tile, paper)
     split = split_dx(x, B, N, fused)
     lp0 = as_f32(log_p0) if has_p0 else g
     lq0 = as_f32(log_q0) if has_q0 else g
     sc = (scale, torch.zeros(B, device=x.device, dtype=torch.float32)) if scale is not None \
         else (g, g)
+    st = (spread[B:2 * B], spread[2 * B:]) if fold else (g, g)     # root, mean (B, D)
     if B > 0 and D > 0:
         launcher(sinkhorn_bwd_kernel, wrap)[(B,)](
             x, ptr if ptr is not None else g, _largest_first(ptr, g), sxb, sxn, sxd, sxn,
             N if N is not None else 0, D, T, NR, -math.log2(D), w, lp0, lq0, A, Rn, Bv, Cn, rfin,
             tot, y, g, gp, sgb, sgn, sgd, dx, sdb, sdn, sdd,
             dlp0 if has_p0 else g, dlq0 if has_q0 else g, dw, part[0], part[1], part[2],
-            part[3], part[4], Rbar, Cbar, abar, bbar, pg, *sc,
+            part[3], part[4], Rbar, Cbar, abar, bbar, pg, *sc, *st,
             RAGGED=ptr is not None, HAS_P0=has_p0, HAS_Q0=has_q0,
             PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one_tile, BN=BN, BD=BD, BT=next_pow2(T),
             BNX=BNX, BDX=BDX, FUSE_DX=fused, SPLIT_DX=split, BDF=BDF, P0=P0, P1=P1, P2=P2,
-            MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None, num_warps=nw)
+            MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None, SPREAD=fold, num_warps=nw)
         if split:
             launcher(sinkhorn_dx_kernel, wrap)[(B, cdiv(N, BNX))](
                 x, sxb, sxn, sxd, N, D, T, NR, w, A, Rn, Bv, Cn, rfin, tot, y, g, gp, sgb, sgn,
-                sgd, dx, sdb, sdn, sdd, Rbar, Cbar, pg, dw, part[4], *sc, PAPER=paper,
+                sgd, dx, sdb, sdn, sdd, Rbar, Cbar, pg, dw, part[4], *sc, *st, PAPER=paper,
                 HAS_GP=has_gp, TX=not (one_tile and not paper), BNX=BNX, BDX=BDX,
-                BT=next_pow2(T), SCALED=scale is not None, num_warps=nw)
+                BT=next_pow2(T), SCALED=scale is not None, SPREAD=fold, num_warps=nw)
     if scale is not None:
-        return dx, dparams, sc[1]
+        return dx, dparams, None if fold else sc[1]
     return dx, dparams

@@ -56,7 +56,8 @@ class SpreadSinkhornFunction(torch.autograd.Function):
     """y = σ · (Sinkhorn pooling of x / σ) with σ (B,) each set's feature spread
     (``ops/rot/spread.py``, the layers' ``scale="auto"``), 1/σ folded into the kernels'
     x-scales: forward one statistics pass over x, then the kernel reading x (no x / σ pass, no
-    output multiply); backward the kernel (∂/∂x at fixed σ and ds) and one spread pass (x̄ +=
+    output multiply); backward the kernel, which on the exact one-tile path writes the whole x̄
+    (ds·∂σ/∂x included), elsewhere ∂/∂x at fixed σ and ds, then one spread pass (x̄ +=
     ds·∂σ/∂x, written over the kernel's x̄). No priors, no plan. Saves x, the table, the
     kernel's O(T·(N + D)) state and (B, 2 + D) statistics."""
 
@@ -75,10 +76,16 @@ class SpreadSinkhornFunction(torch.autograd.Function):
         x, ptr, w, y, state, saved = ctx.saved_tensors
         paper, sample_dims, B = ctx.args
         dx, dparams, ds = sinkhorn_backward(x, ptr, w, None, None, paper, y, state,
-                                            gy.contiguous(), None, scale=saved[:B])
+                                            gy.contiguous(), None, scale=saved[:B],
+                                            spread=saved)
         dw, _dlp0, _dlq0 = _param_grads(dparams, x, ptr, w, None, None)
-        gx = (spread_backward(x, sample_dims, saved, dx, ds, ptr, g_s_total=True, out=dx,
-                              g_over_s=False) if ctx.needs_input_grad[0] else None)
+        if not ctx.needs_input_grad[0]:
+            gx = None
+        elif ds is None:                   # the kernel added the path through σ itself
+            gx = dx
+        else:
+            gx = spread_backward(x, sample_dims, saved, dx, ds, ptr, g_s_total=True, out=dx,
+                                 g_over_s=False)
         return gx, None, dw, None, None
 
 
