@@ -75,7 +75,8 @@ class _SpreadNormalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, sample_dims, feature_dim, out_dtype):
         dims = tuple(range(1, x.dim()))
-        c = _pow2_scale(x.abs().amax(dims, keepdim=True))                  # [B, 1, ...]
+        # (max |x| as the inf-norm: one reduction, no x-sized |x| temporary)
+        c = _pow2_scale(torch.linalg.vector_norm(x, math.inf, dims, keepdim=True))  # [B, 1, ...]
         var, mean = torch.var_mean(x / c, dim=sample_dims, correction=0, keepdim=True)
         root = torch.sqrt(var.mean(feature_dim, keepdim=True)) * c         # [B, 1, ...]
         mean = mean * c
@@ -135,7 +136,8 @@ class _RaggedSpreadNormalize(torch.autograd.Function):
         dev = x - mean[index]                                              # [N, D]
         # squares of dev / c, c a power of 2 per set (_pow2_scale): no overflow
         c = _pow2_scale(x.new_zeros(num_sets).scatter_reduce_(
-            0, index, dev.abs().amax(-1), "amax", include_self=True))         # [B]
+            0, index, torch.linalg.vector_norm(dev, math.inf, -1), "amax",
+            include_self=True))                                                # [B]
         devc = dev / c[index][:, None]
         var = x.new_zeros(num_sets, x.shape[1]).index_add_(0, index, devc * devc) / count
         root = torch.sqrt(var.mean(-1)) * c                                # [B]
