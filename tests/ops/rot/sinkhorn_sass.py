@@ -249,6 +249,8 @@ def compile_like_jit(kernel, sig: dict, constexprs: dict, ints: dict, num_warps:
         fn = fn.fn
     ce = dict(constexprs)
     for name, v in ints.items():
+        if name not in fn.arg_names:     # (the workload's ints cover both kernels)
+            continue
         if v == 1 and name not in fn.do_not_specialize:
             ce[name] = 1
             sig[name] = "constexpr"
