@@ -577,7 +577,8 @@ FOLD_PATHS = {   # path: (forward split (NS, DS), forward replays, backward fuse
      for mv in (("badmm-q", "exact"), ("badmm-e", "paper"))])
 def test_feature_scale_folded_in(path, method, variant, monkeypatch):
     """``spread=True`` (the layers' scale="auto"): y = σ · pool(x / σ) with σ each set's
-    spread, 1/σ folded into the kernels' reads of x and σ into the stored output; backward
+    spread (formed by the one-program-per-set kernel itself), 1/σ folded into the kernels'
+    reads of x and σ into the stored output; backward
     d loss / d(x / σ) and ∂/∂σ from the last reverse step (Σ X̄ · x / σ, per program in the
     split backward), then one spread pass. == the oracle on x / σ times σ in float64, autograd
     through ``dense_spread`` / ``ragged_spread`` (x and the (T,) weights), on both backward
@@ -614,9 +615,14 @@ def test_feature_scale_folded_in(path, method, variant, monkeypatch):
                                        None, None, quadratic=method == "badmm-q",
                                        variant=variant, return_plan=False, spread=True)
     assert plan is None and y.dtype == torch.float32
-    assert fwd[:2] == ["spread_stats_kernel", "spread_normalize_kernel"]
-    assert not fwd.constexprs[1]["NORMALIZE"]
+    # σ: formed by the one-program-per-set kernel itself (STATS), else by the spread launches
     assert ("badmm_fwd_kernel" in fwd) == (splits == (1, 1))
+    if splits == (1, 1):
+        assert "spread_stats_kernel" not in fwd and "spread_normalize_kernel" not in fwd
+        assert fwd.constexprs[fwd.index("badmm_fwd_kernel")]["STATS"]
+    else:
+        assert fwd[:2] == ["spread_stats_kernel", "spread_normalize_kernel"]
+        assert not fwd.constexprs[1]["NORMALIZE"]
     cy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
     with count_launches() as bwd:
         gx, gw = torch.autograd.grad((y * cy.to(DEVICE, torch.float32)).sum(), [xk, table])
@@ -850,6 +856,7 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
     if kernel is m.badmm_fwd_kernel:
         consts["REPLAY"] = replay
         consts.setdefault("PLAN", False)
+        consts["STATS"] = consts["SCALED"]   # (W2: one program per set forms σ itself)
     else:
         consts["FUSE"] = replay
         consts.setdefault("PLAN_GRAD", False)

@@ -121,3 +121,43 @@ def set_inv_scale(sc_ptr, b, SCALED: tl.constexpr):
         return 1.0 / tl.load(sc_ptr + b)
     else:
         return 1.0
+
+
+@triton.jit
+def feature_block_stats(x_ptr, sf, ss, n_b, offs_f, fm, BS: tl.constexpr, BF: tl.constexpr):
+    """Statistics of the features ``offs_f`` (mask ``fm``) of one set over its n_b samples, x
+    at ``x_ptr`` with feature stride sf and sample stride ss, in [BS, BF] tiles: (mean [BF],
+    C, part) with Σ_{f in the block} var_f = part·C² (population variances). Tiles merge with
+    Chan et al.'s pairwise update (no cancellation for features far from 0, one read of x);
+    the sum of squares is kept divided by a running per-feature scale c_f (the largest
+    deviation merged so far), so nothing squared exceeds 1 - no overflow where |x - mean| >
+    1.8e19 (var_f itself is never formed) - and C = max_f c_f. An empty set: mean 0, part 0.
+    (``ops/rot/spread.py``; the spread kernels and the B-ADMM set kernel's own statistics.)"""
+    mean = tl.zeros([BF], dtype=tl.float32)
+    m2 = tl.zeros([BF], dtype=tl.float32)        # Σ (x - mean)² / c²
+    c = tl.zeros([BF], dtype=tl.float32)         # the running scale c_f
+    for s0 in range(0, n_b, BS):
+        offs_s = s0 + tl.arange(0, BS)
+        mask = (offs_s < n_b)[:, None] & fm[None, :]
+        X = tl.load(x_ptr + offs_s[:, None].to(tl.int64) * ss + offs_f[None, :].to(tl.int64) * sf,
+                    mask=mask, other=0.0).to(tl.float32)                              # [BS, BF]
+        cnt = tl.minimum(n_b - s0, BS).to(tl.float32)    # samples in this tile; s0 before it
+        tmean = tl.sum(X, axis=0) / cnt                                               # [BF]
+        dev = tl.where(mask, X - tmean[None, :], 0.0)
+        tot = s0 + cnt
+        delta = tmean - mean
+        mean += delta * (cnt / tot)
+        dw = delta * tl.sqrt(s0 * cnt / tot)             # the merge term is dw²
+        c_new = tl.maximum(tl.maximum(c, tl.max(tl.abs(dev), axis=0)), tl.abs(dw))     # [BF]
+        inv = 1.0 / tl.where(c_new > 0, c_new, 1.0)
+        r = c * inv
+        devs = dev * inv[None, :]
+        dws = dw * inv
+        m2 = m2 * (r * r) + tl.sum(devs * devs, axis=0) + dws * dws
+        c = c_new
+    # the block's Σ_f var_f = Σ_f m2_f c_f² / n as (C, Σ_f m2_f (c_f / C)² / n), C = max_f c_f
+    C = tl.max(tl.where(fm, c, 0.0), axis=0)
+    rc = c / tl.where(C > 0, C, 1.0)
+    var = m2 * rc * rc / tl.maximum(n_b, 1)              # an empty set: 0
+    return mean, C, tl.sum(tl.where(fm, var, 0.0), axis=0)
+

@@ -100,7 +100,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common import LOG2E, kappa, set_inv_scale
+from ..common import LOG2E, feature_block_stats, kappa, set_inv_scale
 
 _LOG2E = tl.constexpr(LOG2E)   # jit code reads module constants as constexprs
 
@@ -725,14 +725,42 @@ def _restart(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
 
 
 @triton.jit
+def _set_spread(xb, sxn, sxd, n_b, D, s_b, root_b, mean_b, BN: tl.constexpr, BD: tl.constexpr):
+    """The set's feature spread σ (``ops/rot/spread.py``) in one read of x, what
+    spread_stats_kernel and spread_normalize_kernel form in two launches: the feature means
+    into mean_b [D], σ (1 where the spread is 0) into s_b and the spread itself into root_b
+    (what the backward's spread pass reads); returns 1/σ. The feature blocks' variance sums
+    (scale C, part: :func:`..common.feature_block_stats`) merge under a running max scale."""
+    cm = _vzero(BD)                 # the largest block scale so far
+    acc = _vzero(BD)                # Σ_blocks part·(C / cm)²
+    for d0 in range(0, D, BD):
+        offs_d = d0 + tl.arange(0, BD)
+        dm = offs_d < D
+        mean, c, part = feature_block_stats(xb, sxd, sxn, n_b, offs_d, dm, BN, BD)
+        tl.store(mean_b + offs_d, mean, mask=dm)
+        c_new = tl.maximum(cm, c)
+        inv = 1.0 / tl.where(c_new > 0, c_new, 1.0)
+        r_old = cm * inv
+        r_new = c * inv
+        acc = acc * r_old * r_old + part * r_new * r_new
+        cm = c_new
+    root = cm * tl.sqrt(acc / D)
+    sig = tl.where(root > 0, root, 1.0)
+    tl.store(s_b, sig)
+    tl.store(root_b, root)
+    return 1.0 / sig
+
+
+@triton.jit
 def badmm_fwd_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, order_ptr, lp0_ptr, lq0_ptr,
-    w_ptr, sc_ptr,
+    w_ptr, sc_ptr, root_ptr, mean_ptr,
     y_ptr, plan_ptr, sl_ptr, sz_ptr, vd_ptr, vn_ptr, hd_ptr, hn_ptr,
     B, N, D, NR, T, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
     PAPER: tl.constexpr, PLAN: tl.constexpr, REPLAY: tl.constexpr, KV: tl.constexpr,
-    SCALED: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    SCALED: tl.constexpr, STATS: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    BV: tl.constexpr,
 ):
     """Pooled output y (B, D) fp32 [and the plan] of T B-ADMM iterations, one set per program
     at a time (persistent grid); records every iteration's vectors in hd / hn (_record).
@@ -740,7 +768,10 @@ def badmm_fwd_kernel(
     scratch, O(t) arithmetic per element); otherwise it is streamed through sl / sz.
     SCALED: the sets' feature scale σ (sc (B,) fp32) folded in, y = σ_b · pool(x / σ_b): every
     tile of x is read as x · (1/σ_b) (:func:`_load_x`; x enters the iterations only there) and
-    the pooled output is stored times σ_b. The history then is that of x / σ_b."""
+    the pooled output is stored times σ_b. The history then is that of x / σ_b.
+    STATS (with SCALED): σ_b is the set's feature spread, formed here first (:func:`_set_spread`,
+    one more read of x; sc, root (B,) and the feature means mean (B, D) written for the
+    backward) instead of by the two spread launches."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rho_ptr = w_ptr + 4 * T                                              # row RHO of the table
@@ -752,9 +783,13 @@ def badmm_fwd_kernel(
         sl = sl_ptr + sbase                                                          # [N_b, D]
         sz = sz_ptr + sbase
         vn = vn_ptr + vn
-        if n_b > 0:
-            xb = x_ptr + xoff
+        xb = x_ptr + xoff
+        if STATS:      # (an empty set too: mean 0, σ = 1)
+            isig = _set_spread(xb, sxn, sxd, n_b, D, sc_ptr + b, root_ptr + b,
+                               mean_ptr + b.to(tl.int64) * D, BN, BD)
+        else:
             isig = set_inv_scale(sc_ptr, b, SCALED)
+        if n_b > 0:
             lp0_b = lp0_ptr + b.to(tl.int64) * D
             lq0_b = lq0_ptr + rs
             u_q0 = -_log(n_b.to(tl.float32))

@@ -16,6 +16,7 @@ from torch import Tensor
 import triton
 
 from ..common import as_f32, cdiv, fp32_scratch, launcher, next_pow2, sm_count
+from ..spread.launch import spread_forward
 from .kernels import (ADJ_FIRST, ADJ_S_STEP, WEIGHT_ROWS, badmm_bwd_kernel, badmm_coef_kernel,
                       badmm_dw_kernel, badmm_fwd_kernel, quad_flag)
 from .split_backward_kernels import (badmm_split_bwd_cols_step_kernel,
@@ -352,51 +353,65 @@ def history_views(h: Tensor, x: Tensor, ptr: Optional[Tensor], T: int, paper: bo
 
 def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
                   log_q0: Optional[Tensor], *, quadratic: bool, paper: bool, return_plan: bool,
-                  wrap=None, scale: Optional[Tensor] = None):
+                  wrap=None, scale: Optional[Tensor] = None, spread: bool = False):
     """Pooled output and plan of T = w.shape[1] iterations. Returns (y (B, D) fp32, plan in
     x's layout and dtype or None, and the flat vector history for the backward:
-    :func:`history_like`).
+    :func:`history_like`) [, with ``spread`` the (B, 2 + D) statistics].
 
     x: (B, N, D) any strides, or (rows, D) with ptr (B + 1,); w: fp32 (6, T) contiguous;
     log_p0 (B, D) / None; log_q0 (B, N) or (rows,) / None. scale: (B,) fp32 feature scale σ
     of each set, or None: the sets are pooled as x / σ and y = σ · pool(x / σ) (the kernels
     read x times 1/σ_b: :func:`.kernels.badmm_fwd_kernel` SCALED); the history is that of
-    x / σ.
+    x / σ. spread (scale None): σ is each set's feature spread (the layers' scale="auto"),
+    formed here: by the one-program-per-set kernel itself (STATS: one read of x, no launch of
+    its own), or, for the split forward, by :func:`..spread.launch.spread_forward`; a fourth
+    result is then its (B, 2 + D) fp32 statistics (σ, root, the feature means), which the
+    backward's spread pass reads.
     """
     geo = _Geometry(x, ptr)
     B, D, T = geo.B, geo.D, w.shape[1]
     quadratic = quad_flag(quadratic, paper)              # the kernels' QUAD: B-Q exact is 2
+    BN, BD, BV, num_warps = geo.blocks
+    splits = forward_splits(B, geo.set_size, D, BN, BD, x.device)
+    stats = spread and splits == (1, 1) and B > 0 and D > 0 and geo.rows > 0
+    saved = None
+    if spread and not stats:
+        _none, saved = spread_forward(x, (1,) if ptr is None else (0,), None, ptr, wrap=wrap)
+    elif stats:
+        saved = torch.empty(B * (2 + D), device=x.device, dtype=torch.float32)
+    if saved is not None:
+        scale = saved[:B]
     y = torch.zeros(B, D, device=x.device, dtype=torch.float32)
     plan = torch.zeros(x.shape, device=x.device, dtype=x.dtype) if return_plan else None
     h = history_like(x, ptr, T, paper)
     wc, hd, hn = history_views(h, x, ptr, T, paper)
+    out = (y, plan, h) if not spread else (y, plan, h, saved)
     if B == 0 or geo.rows == 0 or D == 0:
-        return y, plan, h
+        return out
     lp0, lq0 = _priors(y, log_p0, log_q0)
     replay = forward_replays(T, x.element_size())
-    BN, BD, BV, num_warps = geo.blocks
-    splits = forward_splits(B, geo.set_size, D, BN, BD, x.device)
     _fill_weight_table(w, wc, quadratic, wrap)
     if splits != (1, 1):
         _, scratch = fp32_scratch(x.device, empty=_forward_split_shapes(geo, *splits, replay))
         _forward_split(x, geo, wc, lp0, lq0, y, plan, hd, hn, *splits, scratch,
                        quadratic=quadratic, paper=paper, has_p0=log_p0 is not None,
                        has_q0=log_q0 is not None, replay=replay, wrap=wrap, scale=scale)
-        return y, plan, h
+        return out
     _, (*mats, vd, vn) = fp32_scratch(x.device,
                                       empty=_scratch_shapes(geo, 0 if replay else 2))
     sl, sz = mats if mats else (y, y)                     # unused when replaying
     launcher(badmm_fwd_kernel, wrap)[(geo.grid,)](
         x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else y, geo.order(y), lp0, lq0, wc,
-        y if scale is None else scale,
+        y if scale is None else scale, saved[B:2 * B] if stats else y,
+        saved[2 * B:] if stats else y,
         y, plan if return_plan else y, sl, sz, vd, vn, hd, hn,
         B, geo.N, D, geo.rows, T, -math.log(D),
         RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
         QUAD=quadratic, PAPER=paper, PLAN=return_plan, REPLAY=replay, KV=hd.shape[2],
-        SCALED=scale is not None, BN=BN, BD=BD, BV=BV,
+        SCALED=scale is not None, STATS=stats, BN=BN, BD=BD, BV=BV,
         num_warps=num_warps,
     )
-    return y, plan, h
+    return out
 
 
 def param_grads_numel(B: int, T: int, D: int, rows: int) -> int:

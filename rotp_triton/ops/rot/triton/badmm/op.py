@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..common import HAS_TRITON_OP
-from ..spread.launch import spread_backward, spread_forward
+from ..spread.launch import spread_backward
 from .launch import (badmm_backward, badmm_forward, history_like, param_grad_views,
                      param_grads_numel)
 
@@ -67,18 +67,18 @@ class BadmmFunction(torch.autograd.Function):
 
 class SpreadBadmmFunction(torch.autograd.Function):
     """y = σ · (B-ADMM pooling of x / σ) with σ (B,) each set's feature spread
-    (``ops/rot/spread.py``, the layers' ``scale="auto"``), 1/σ folded into the kernels' reads of
-    x: forward one statistics pass over x, then the kernel reading x (no x / σ pass, no output
-    multiply); backward the kernel (d loss / d(x / σ) and ds) and one spread pass (x̄ = ḡ / σ +
-    ds·∂σ/∂x, no dot pass). No priors, no plan. Saves x, the table, the kernel's vector history
-    and (B, 2 + D) statistics."""
+    (``ops/rot/spread.py``, the layers' ``scale="auto"``), 1/σ folded into the kernels'
+    reads of x: forward the kernel reading x (no x / σ pass, no output multiply), σ formed
+    by the one-program-per-set kernel itself in one more read of x (the split forward: by
+    the statistics launches); backward the kernel (d loss / d(x / σ) and ds) and one spread
+    pass (x̄ = ḡ / σ + ds·∂σ/∂x, no dot pass). No priors, no plan. Saves x, the table, the
+    kernel's vector history and (B, 2 + D) statistics."""
 
     @staticmethod
     def forward(ctx, x, ptr, w, quadratic, paper, sample_dims):
-        _none, saved = spread_forward(x, sample_dims, None, ptr)
-        B = saved.shape[0] // (2 + x.shape[-1])
-        y, _plan, h = badmm_forward(x, ptr, w, None, None, quadratic=quadratic, paper=paper,
-                                    return_plan=False, scale=saved[:B])
+        y, _plan, h, saved = badmm_forward(x, ptr, w, None, None, quadratic=quadratic,
+                                           paper=paper, return_plan=False, spread=True)
+        B = y.shape[0]
         ctx.save_for_backward(x, ptr, w, h, y, saved)
         ctx.args = (quadratic, paper, sample_dims, B)
         return y

@@ -17,6 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..common import feature_block_stats
+
 
 @triton.jit
 def _entry(ptr_ptr, b, sb, ss, S, RAGGED: tl.constexpr):
@@ -63,44 +65,18 @@ def _spread(part_ptr, pc_ptr, b, F, NFB, BP: tl.constexpr):
 @triton.jit
 def spread_stats_kernel(x_ptr, sb, sf, ss, ptr_ptr, mean_ptr, part_ptr, pc_ptr, F, S, NFB,
                         RAGGED: tl.constexpr, BS: tl.constexpr, BF: tl.constexpr):
-    """Per feature of block (b, j): mean_f and var_f over the S samples (population variance,
-    tiles merged with Chan et al.'s pairwise update: no cancellation for features far from 0,
-    one read of x); writes mean (B, F), and Σ_{f in the block} var_f as a scale c_j (pc) and
-    the sum divided by c_j² (part), both (B, NFB). The sum of squares is kept divided by a
-    running per-feature scale c_f (the largest deviation merged so far), so nothing squared
-    exceeds 1: no overflow where |x - mean| > 1.8e19 (var_f itself is never formed)."""
+    """Per feature of block (b, j): mean_f and var_f over the S samples
+    (:func:`..common.feature_block_stats`: one read of x, no overflow); writes mean (B, F), and
+    Σ_{f in the block} var_f as a scale c_j (pc) and the sum divided by c_j² (part), both
+    (B, NFB)."""
     b = tl.program_id(0)
     j = tl.program_id(1)
     base, n_b = _entry(ptr_ptr, b, sb, ss, S, RAGGED)
     offs_f = j * BF + tl.arange(0, BF)
     fm = offs_f < F
-    mean = tl.zeros([BF], dtype=tl.float32)
-    m2 = tl.zeros([BF], dtype=tl.float32)        # Σ (x - mean)² / c²
-    c = tl.zeros([BF], dtype=tl.float32)         # the running scale c_f
-    for s0 in range(0, n_b, BS):
-        offs_s = s0 + tl.arange(0, BS)
-        mask = (offs_s < n_b)[:, None] & fm[None, :]
-        X = _tile(x_ptr, base, sf, ss, offs_s, offs_f, mask)                      # [BS, BF]
-        cnt = tl.minimum(n_b - s0, BS).to(tl.float32)    # samples in this tile; s0 before it
-        tmean = tl.sum(X, axis=0) / cnt                                               # [BF]
-        dev = tl.where(mask, X - tmean[None, :], 0.0)
-        tot = s0 + cnt
-        delta = tmean - mean
-        mean += delta * (cnt / tot)
-        dw = delta * tl.sqrt(s0 * cnt / tot)             # the merge term is dw²
-        c_new = tl.maximum(tl.maximum(c, tl.max(tl.abs(dev), axis=0)), tl.abs(dw))     # [BF]
-        inv = 1.0 / tl.where(c_new > 0, c_new, 1.0)
-        r = c * inv
-        devs = dev * inv[None, :]
-        dws = dw * inv
-        m2 = m2 * (r * r) + tl.sum(devs * devs, axis=0) + dws * dws
-        c = c_new
+    mean, C, part = feature_block_stats(x_ptr + base, sf, ss, n_b, offs_f, fm, BS, BF)
     tl.store(mean_ptr + b.to(tl.int64) * F + offs_f, mean, mask=fm)
-    # the block's Σ_f var_f = Σ_f m2_f c_f² / n as (C, Σ_f m2_f (c_f / C)² / n), C = max_f c_f
-    C = tl.max(tl.where(fm, c, 0.0), axis=0)
-    rc = c / tl.where(C > 0, C, 1.0)
-    var = m2 * rc * rc / tl.maximum(n_b, 1)              # an empty set: 0
-    tl.store(part_ptr + b.to(tl.int64) * NFB + j, tl.sum(tl.where(fm, var, 0.0), axis=0))
+    tl.store(part_ptr + b.to(tl.int64) * NFB + j, part)
     tl.store(pc_ptr + b.to(tl.int64) * NFB + j, C)
 
 
