@@ -148,6 +148,8 @@ def compile_config(which, variant, xdt, nw):
         kern, ce = config(which, variant, None if ragged else 49, 2048, nw, ragged=ragged)
     if scaled:
         ce["SCALED"] = True
+        if which == "fwd1":
+            ce["STATS"] = True          # (the one-program-per-set forward forms σ itself)
         if variant == "exact" and (which == "dx" or which.startswith("bwd")
                                    and ce["ONE_TILE_N"]):
             ce["SPREAD"] = True         # (launch.sinkhorn_backward's fold)

@@ -157,8 +157,8 @@ def test_ragged_layer_uses_the_kernels_with_ptr(monkeypatch):
 @pytest.mark.parametrize("method", ["sinkhorn", "badmm-e", "badmm-q"])
 def test_layer_uses_the_kernels_and_matches_the_torch_backend(method):
     """AdaptiveROTPool2d with backend='triton' takes its scale from the kernels (counted:
-    the set kernel folds 1/s in, the s launch writes no x / s - B-ADMM's kernel forms s
-    itself -, the backward has no dot pass; Sinkhorn's no spread pass at all)
+    the set kernel folds 1/s in and forms s itself, the backward has no dot pass -
+    Sinkhorn's no spread pass at all)
     and gives the torch backend's output and input gradient."""
     from launch_counter import count_launches
     g = torch.Generator().manual_seed(4)
@@ -174,13 +174,10 @@ def test_layer_uses_the_kernels_and_matches_the_torch_backend(method):
             (gx,) = torch.autograd.grad((y * torch.arange(6.0, device=DEVICE)).sum(), xb)
         outs[backend] = (y, gx)
         if backend == "triton":
-            if method == "sinkhorn":
-                i = launches.index("spread_normalize_kernel")
-                assert launches[i - 1] == "spread_stats_kernel"
-                assert not launches.constexprs[i]["NORMALIZE"]
-            else:      # the one-program-per-set B-ADMM kernel forms s itself (STATS)
-                assert "spread_stats_kernel" not in launches
-                assert launches.constexprs[launches.index("badmm_fwd_kernel")]["STATS"]
+            # the one-program-per-set kernel forms s itself (STATS)
+            kernel = "sinkhorn_fwd_kernel" if method == "sinkhorn" else "badmm_fwd_kernel"
+            assert "spread_stats_kernel" not in launches
+            assert launches.constexprs[launches.index(kernel)]["STATS"]
             assert "spread_grad_dot_kernel" not in bwd
             # Sinkhorn (exact, one tile per set) writes the whole x̄ itself (its SPREAD)
             fold = method == "sinkhorn" and bwd.constexprs[0]["ONE_TILE_N"]

@@ -161,3 +161,31 @@ def feature_block_stats(x_ptr, sf, ss, n_b, offs_f, fm, BS: tl.constexpr, BF: tl
     var = m2 * rc * rc / tl.maximum(n_b, 1)              # an empty set: 0
     return mean, C, tl.sum(tl.where(fm, var, 0.0), axis=0)
 
+
+@triton.jit
+def set_spread(x_ptr, sn, sf, n_b, F, s_b, root_b, mean_b, BN: tl.constexpr, BF: tl.constexpr):
+    """A set kernel's own feature spread σ of its set (x at ``x_ptr``: n_b samples of stride
+    sn, F features of stride sf; ``ops/rot/spread.py``) in one read of x - what
+    spread_stats_kernel and spread_normalize_kernel form in two launches: writes the feature
+    means to mean_b [F], σ (1 where the spread is 0) to s_b and the spread itself to root_b
+    (what the backward's spread pass reads); returns 1/σ. The feature blocks' variance sums
+    (scale C, part: :func:`feature_block_stats`) merge under a running max scale."""
+    cm = tl.sum(tl.zeros([BF], dtype=tl.float32), axis=0)   # the largest block scale so far
+    acc = tl.sum(tl.zeros([BF], dtype=tl.float32), axis=0)  # Σ_blocks part·(C / cm)²
+    for f0 in range(0, F, BF):
+        offs_f = f0 + tl.arange(0, BF)
+        fm = offs_f < F
+        mean, c, part = feature_block_stats(x_ptr, sf, sn, n_b, offs_f, fm, BN, BF)
+        tl.store(mean_b + offs_f, mean, mask=fm)
+        c_new = tl.maximum(cm, c)
+        inv = 1.0 / tl.where(c_new > 0, c_new, 1.0)
+        r_old = cm * inv
+        r_new = c * inv
+        acc = acc * r_old * r_old + part * r_new * r_new
+        cm = c_new
+    root = cm * tl.sqrt(acc / F)
+    sig = tl.where(root > 0, root, 1.0)
+    tl.store(s_b, sig)
+    tl.store(root_b, root)
+    return 1.0 / sig
+

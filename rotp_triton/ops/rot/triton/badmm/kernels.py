@@ -100,7 +100,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common import LOG2E, feature_block_stats, kappa, set_inv_scale
+from ..common import LOG2E, kappa, set_inv_scale, set_spread
 
 _LOG2E = tl.constexpr(LOG2E)   # jit code reads module constants as constexprs
 
@@ -725,33 +725,6 @@ def _restart(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
 
 
 @triton.jit
-def _set_spread(xb, sxn, sxd, n_b, D, s_b, root_b, mean_b, BN: tl.constexpr, BD: tl.constexpr):
-    """The set's feature spread σ (``ops/rot/spread.py``) in one read of x, what
-    spread_stats_kernel and spread_normalize_kernel form in two launches: the feature means
-    into mean_b [D], σ (1 where the spread is 0) into s_b and the spread itself into root_b
-    (what the backward's spread pass reads); returns 1/σ. The feature blocks' variance sums
-    (scale C, part: :func:`..common.feature_block_stats`) merge under a running max scale."""
-    cm = _vzero(BD)                 # the largest block scale so far
-    acc = _vzero(BD)                # Σ_blocks part·(C / cm)²
-    for d0 in range(0, D, BD):
-        offs_d = d0 + tl.arange(0, BD)
-        dm = offs_d < D
-        mean, c, part = feature_block_stats(xb, sxd, sxn, n_b, offs_d, dm, BN, BD)
-        tl.store(mean_b + offs_d, mean, mask=dm)
-        c_new = tl.maximum(cm, c)
-        inv = 1.0 / tl.where(c_new > 0, c_new, 1.0)
-        r_old = cm * inv
-        r_new = c * inv
-        acc = acc * r_old * r_old + part * r_new * r_new
-        cm = c_new
-    root = cm * tl.sqrt(acc / D)
-    sig = tl.where(root > 0, root, 1.0)
-    tl.store(s_b, sig)
-    tl.store(root_b, root)
-    return 1.0 / sig
-
-
-@triton.jit
 def badmm_fwd_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, order_ptr, lp0_ptr, lq0_ptr,
     w_ptr, sc_ptr, root_ptr, mean_ptr,
@@ -769,9 +742,9 @@ def badmm_fwd_kernel(
     SCALED: the sets' feature scale σ (sc (B,) fp32) folded in, y = σ_b · pool(x / σ_b): every
     tile of x is read as x · (1/σ_b) (:func:`_load_x`; x enters the iterations only there) and
     the pooled output is stored times σ_b. The history then is that of x / σ_b.
-    STATS (with SCALED): σ_b is the set's feature spread, formed here first (:func:`_set_spread`,
-    one more read of x; sc, root (B,) and the feature means mean (B, D) written for the
-    backward) instead of by the two spread launches."""
+    STATS (with SCALED): σ_b is the set's feature spread, formed here first
+    (:func:`..common.set_spread`, one more read of x; sc, root (B,) and the feature means mean
+    (B, D) written for the backward) instead of by the two spread launches."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rho_ptr = w_ptr + 4 * T                                              # row RHO of the table
@@ -785,8 +758,8 @@ def badmm_fwd_kernel(
         vn = vn_ptr + vn
         xb = x_ptr + xoff
         if STATS:      # (an empty set too: mean 0, σ = 1)
-            isig = _set_spread(xb, sxn, sxd, n_b, D, sc_ptr + b, root_ptr + b,
-                               mean_ptr + b.to(tl.int64) * D, BN, BD)
+            isig = set_spread(xb, sxn, sxd, n_b, D, sc_ptr + b, root_ptr + b,
+                              mean_ptr + b.to(tl.int64) * D, BN, BD)
         else:
             isig = set_inv_scale(sc_ptr, b, SCALED)
         if n_b > 0:

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from ...params import A1, A2, A3
-from ..common import LN2, LOG2E, kappa, set_inv_scale
+from ..common import LN2, LOG2E, kappa, set_inv_scale, set_spread
 
 NEG_INF = tl.constexpr(float("-inf"))
 _LOG2E = tl.constexpr(LOG2E)
@@ -755,12 +755,12 @@ def sinkhorn_fwd_kernel(
     x_ptr, ptr_ptr, order_ptr, sxb, sxn, sxd, N, D, T, NR, lp0_u,
     w_ptr, lp0_ptr, lq0_ptr,
     A_ptr, Rn_ptr, Bv_ptr, Cn_ptr, rfin_ptr, tot_ptr, y_ptr,
-    plan_ptr, spb, spn, spd, sc_ptr,
+    plan_ptr, spb, spn, spd, sc_ptr, root_ptr, mean_ptr,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
     RETURN_PLAN: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     MASK_N: tl.constexpr = True, ITERATE: tl.constexpr = True, P0: tl.constexpr = 0,
     P1: tl.constexpr = 0, P2: tl.constexpr = 0, MASK_P: tl.constexpr = False,
-    SCALED: tl.constexpr = False,
+    SCALED: tl.constexpr = False, STATS: tl.constexpr = False,
 ):
     """T Sinkhorn iterations, the pooled y and (optionally) the plan of one set per program.
 
@@ -776,11 +776,18 @@ def sinkhorn_fwd_kernel(
     set, y and rfin are written here. SCALED: the sets' feature scale σ (sc [B]) folded in
     (``set_inv_scale``: every factor that multiplies x - the x-scales s_t, s_fin, ε_fin⁻¹ of
     the output - carries 1/σ_b, the paper state's own 1/ε_t does not, and y = Σ softmax · x
-    with x itself is σ_b · pool(x / σ_b) as it stands).
+    with x itself is σ_b · pool(x / σ_b) as it stands). STATS (with SCALED): σ_b is the set's
+    feature spread, formed here first (``common.set_spread``: one more read of x; sc, root [B]
+    and the feature means mean [B, D] written for the backward) instead of by the spread
+    launches.
     """
     b = _set_of_program(order_ptr, RAGGED)
-    isig = set_inv_scale(sc_ptr, b, SCALED)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
+    if STATS:      # (an empty set too: mean 0, σ = 1)
+        isig = set_spread(x_ptr + x_off, sxn, sxd, n_b, D, sc_ptr + b, root_ptr + b,
+                          mean_ptr + b * D, BN, BD)
+    else:
+        isig = set_inv_scale(sc_ptr, b, SCALED)
     if n_b == 0:
         _fill(y_ptr + b * D, D, 0.0, BD)
         _fill(rfin_ptr + b * D, D, 0.0, BD)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..common import as_f32, cdiv, launcher, next_pow2, sm_count
+from ..spread.launch import spread_forward
 from .kernels import (sinkhorn_bwd_kernel, sinkhorn_dx_kernel, sinkhorn_fwd_kernel,
                       sinkhorn_split_a_kernel,
                       sinkhorn_split_b_kernel, sinkhorn_split_col_kernel,
@@ -256,13 +257,9 @@ def param_grad_views(dparams: Tensor, B: int, T: int, D: int, NR: int, has_p0: b
     return dw, (dlp0.view(B, D) if has_p0 else None), (dlq0 if has_q0 else None)
 
 
-def _strides3(t: Tensor, ragged: bool) -> tuple:
-    return (0, t.stride(0), t.stride(1)) if ragged else (t.stride(0), t.stride(1), t.stride(2))
-
-
 def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
                      log_q0: Optional[Tensor], paper: bool, return_plan: bool, wrap=None,
-                     scale: Optional[Tensor] = None):
+                     scale: Optional[Tensor] = None, spread: bool = False):
     """Launch the fused forward.
 
     Args:
@@ -275,12 +272,16 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
         wrap: ``torch.library.wrap_triton`` inside a triton_op, else None.
         scale: (B,) fp32 feature scale σ of each set, or None: the sets are pooled as x / σ
             and y = σ · pool(x / σ) (folded into the x-scales, ``common.set_inv_scale``).
+        spread: (scale None) σ is each set's feature spread (the layers' scale="auto"), formed
+            by the kernel itself (STATS, one more read of x), or by
+            :func:`..spread.launch.spread_forward` where split launches run the iterations.
 
     Returns:
         y (B, D) fp32, plan (like x, or an empty tensor), and the saved state: one flat fp32
         buffer, see :func:`state_views` (A (B, T + 1, D), Rn (B, T, D), Bv (T + 1, NR),
         Cn (T, NR), rfin (B, D), tot (B,)). Three allocations, none initialised on the host:
-        the kernel writes every entry that is read later.
+        the kernel writes every entry that is read later. With ``spread`` a fourth result:
+        the (B, 2 + D) fp32 statistics (σ, root, feature means) the backward reads.
     """
     B, N, D, NR, (sxb, sxn, sxd) = layout(x, ptr)
     T = w.shape[1]
@@ -302,6 +303,14 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
     lp0 = as_f32(log_p0) if log_p0 is not None else y
     lq0 = as_f32(log_q0) if log_q0 is not None else y
     rows = split_rows(x, B, N, paper)
+    stats = spread and not rows and B > 0 and D > 0
+    saved = None
+    if spread and not stats:
+        _none, saved = spread_forward(x, (1,) if ptr is None else (0,), None, ptr, wrap=wrap)
+    elif stats:
+        saved = torch.empty(B * (2 + D), device=x.device, dtype=torch.float32)
+    if saved is not None:
+        scale = saved[:B]
     if B > 0 and D > 0:
         if rows:
             Bv[0].zero_()  # b_{-1} = 0 (the forward kernel writes it only after the split launches)
@@ -311,11 +320,14 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
             x, ptr if ptr is not None else y, _largest_first(ptr, y), sxb, sxn, sxd,
             N if N is not None else 0, D, T, NR,
             -math.log2(D), w, lp0, lq0, A, Rn, Bv, Cn, rfin, tot, y, plan, spb, spn, spd,
-            y if scale is None else scale,
+            y if scale is None else scale, saved[B:2 * B] if stats else y,
+            saved[2 * B:] if stats else y,
             RAGGED=ptr is not None, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
             PAPER=paper, RETURN_PLAN=return_plan, ONE_TILE_N=one_tile, BN=BN, BD=BD,
             MASK_N=N is None or N != BN, ITERATE=not rows, P0=P0, P1=P1, P2=P2,
-            MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None, num_warps=nw)
+            MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None, STATS=stats, num_warps=nw)
+    if spread:
+        return y, plan, state, saved
     return y, plan, state
 
 

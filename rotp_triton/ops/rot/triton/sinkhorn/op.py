@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..common import HAS_TRITON_OP
-from ..spread.launch import spread_backward, spread_forward
+from ..spread.launch import spread_backward
 from .launch import (layout, param_grad_views, param_grads_numel, sinkhorn_backward,
                      sinkhorn_forward, state_numel)
 
@@ -55,18 +55,18 @@ def _param_grads(dparams, x, ptr, w, log_p0, log_q0):
 class SpreadSinkhornFunction(torch.autograd.Function):
     """y = σ · (Sinkhorn pooling of x / σ) with σ (B,) each set's feature spread
     (``ops/rot/spread.py``, the layers' ``scale="auto"``), 1/σ folded into the kernels'
-    x-scales: forward one statistics pass over x, then the kernel reading x (no x / σ pass, no
-    output multiply); backward the kernel, which on the exact one-tile path writes the whole x̄
-    (ds·∂σ/∂x included), elsewhere ∂/∂x at fixed σ and ds, then one spread pass (x̄ +=
-    ds·∂σ/∂x, written over the kernel's x̄). No priors, no plan. Saves x, the table, the
-    kernel's O(T·(N + D)) state and (B, 2 + D) statistics."""
+    x-scales: forward the kernel reading x (no x / σ pass, no output multiply), σ formed by
+    the kernel itself in one more read of x (by the statistics launches where split launches
+    run the iterations); backward the kernel, which on the exact one-tile path writes the
+    whole x̄ (ds·∂σ/∂x included), elsewhere ∂/∂x at fixed σ and ds, then one spread pass
+    (x̄ += ds·∂σ/∂x, written over the kernel's x̄). No priors, no plan. Saves x, the table,
+    the kernel's O(T·(N + D)) state and (B, 2 + D) statistics."""
 
     @staticmethod
     def forward(ctx, x, ptr, w, paper, sample_dims):
-        _none, saved = spread_forward(x, sample_dims, None, ptr)
-        B = saved.shape[0] // (2 + x.shape[-1])
-        y, _plan, state = sinkhorn_forward(x, ptr, w, None, None, paper, False,
-                                           scale=saved[:B])
+        y, _plan, state, saved = sinkhorn_forward(x, ptr, w, None, None, paper, False,
+                                                  spread=True)
+        B = y.shape[0]
         ctx.save_for_backward(x, ptr, w, y, state, saved)
         ctx.args = (paper, sample_dims, B)
         return y
