@@ -16,7 +16,7 @@ from torch import Tensor
 import triton
 
 from ..common import as_f32, cdiv, fp32_scratch, launcher, next_pow2, sm_count
-from ..spread.launch import spread_forward
+from ..spread.launch import set_statistics
 from .kernels import (ADJ_FIRST, ADJ_S_STEP, WEIGHT_ROWS, badmm_bwd_kernel, badmm_coef_kernel,
                       badmm_dw_kernel, badmm_fwd_kernel, quad_flag)
 from .split_backward_kernels import (badmm_split_bwd_cols_step_kernel,
@@ -374,11 +374,7 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
     BN, BD, BV, num_warps = geo.blocks
     splits = forward_splits(B, geo.set_size, D, BN, BD, x.device)
     stats = spread and splits == (1, 1) and B > 0 and D > 0 and geo.rows > 0
-    saved = None
-    if spread and not stats:
-        _none, saved = spread_forward(x, (1,) if ptr is None else (0,), None, ptr, wrap=wrap)
-    elif stats:
-        saved = torch.empty(B * (2 + D), device=x.device, dtype=torch.float32)
+    saved = set_statistics(x, ptr, B, D, stats, wrap) if spread else None
     if saved is not None:
         scale = saved[:B]
     y = torch.zeros(B, D, device=x.device, dtype=torch.float32)

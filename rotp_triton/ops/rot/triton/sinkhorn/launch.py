@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..common import as_f32, cdiv, launcher, next_pow2, sm_count
-from ..spread.launch import spread_forward
+from ..spread.launch import set_statistics
 from .kernels import (sinkhorn_bwd_kernel, sinkhorn_dx_kernel, sinkhorn_fwd_kernel,
                       sinkhorn_split_a_kernel,
                       sinkhorn_split_b_kernel, sinkhorn_split_col_kernel,
@@ -304,11 +304,7 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
     lq0 = as_f32(log_q0) if log_q0 is not None else y
     rows = split_rows(x, B, N, paper)
     stats = spread and not rows and B > 0 and D > 0
-    saved = None
-    if spread and not stats:
-        _none, saved = spread_forward(x, (1,) if ptr is None else (0,), None, ptr, wrap=wrap)
-    elif stats:
-        saved = torch.empty(B * (2 + D), device=x.device, dtype=torch.float32)
+    saved = set_statistics(x, ptr, B, D, stats, wrap) if spread else None
     if saved is not None:
         scale = saved[:B]
     if B > 0 and D > 0:
