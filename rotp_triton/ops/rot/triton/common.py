@@ -132,7 +132,7 @@ def feature_block_stats(x_ptr, sf, ss, n_b, offs_f, fm, BS: tl.constexpr, BF: tl
     the sum of squares is kept divided by a running per-feature scale c_f (the largest
     deviation merged so far), so nothing squared exceeds 1 - no overflow where |x - mean| >
     1.8e19 (var_f itself is never formed) - and C = max_f c_f. An empty set: mean 0, part 0.
-    (``ops/rot/spread.py``; the spread kernels and the B-ADMM set kernel's own statistics.)"""
+    (``ops/rot/spread.py``; spread_stats_kernel, and the set kernels' :func:`set_spread`.)"""
     mean = tl.zeros([BF], dtype=tl.float32)
     m2 = tl.zeros([BF], dtype=tl.float32)        # Σ (x - mean)² / c²
     c = tl.zeros([BF], dtype=tl.float32)         # the running scale c_f

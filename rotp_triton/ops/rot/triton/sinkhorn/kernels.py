@@ -1332,7 +1332,7 @@ def sinkhorn_bwd_kernel(
     SCALED: as in the forward; dx is then ∂/∂x at fixed σ and ds [B] (zero before) gets
     ∂/∂σ_b by atomic adds (``_add_weight_grad``).
     SPREAD (with SCALED; exact, one tile per set, dx not fused into the last sweep): σ is the
-    set's spread (``spread_stats_kernel``: root [B], the feature means mean [B, D]) and dx is
+    set's spread (the forward's statistics: root [B], the feature means mean [B, D]) and dx is
     the whole x̄ - the path through σ included (what ``spread_grad_kernel`` would add). Every
     ε term is known before the dx pass: the reverse sweeps sum ȳ_t ⊙ x, and the final log
     P's term, z̄ ⊙ x, is summed in the pass that forms z̄ (b̄), so ds comes first.
@@ -1617,8 +1617,8 @@ def sinkhorn_bwd_kernel(
             kk = 0.0
             if SPREAD:
                 de_fin = de_pool
-                kk = _spread_coefficient(w_ptr, T, deps_x_ptr + b * T, de_pool, root_ptr + b,
-                                         isig, D, n_b, BT)
+                ds = _scale_grad(w_ptr, T, deps_x_ptr + b * T, de_pool, BT)
+                kk = _spread_coefficient(ds, root_ptr + b, isig, D, n_b)
             for n0 in range(0, n_b, BNX):
                 on = n0 + tl.arange(0, BNX)
                 # (the exact one-tile reverse sweep already summed ȳ_t ⊙ x: deps_x)
@@ -1671,8 +1671,7 @@ def sinkhorn_dx_kernel(
            Rbar_ptr + b * T * D, A_ptr + b * (T + 1) * D, dx_ptr + b * sdb, sdn, sdd)
     kk = 0.0
     if SPREAD:
-        ds = tl.load(ds_ptr + b)
-        kk = tl.where(tl.load(root_ptr + b) > 0, ds, 0.0) * isig / (D * tl.maximum(N, 1))
+        kk = _spread_coefficient(tl.load(ds_ptr + b), root_ptr + b, isig, D, N)
     de_fin, de_x = _dx_rows(x_ptr + b * sxb, sxn, sxd, on, on < N, N, D, dxa,
                             tl.zeros([BT], tl.float32), PAPER, HAS_GP, TX, BDX, BT, kk,
                             mean_ptr + b * D, SPREAD)
@@ -1710,16 +1709,22 @@ def _dkappa(alpha, eps):
 
 
 @triton.jit
-def _spread_coefficient(w_ptr, T, deps_x_b, deps_fin, root_b, isig, D, n_b, BT: tl.constexpr):
-    """kk = ds·[root > 0] / (D·n_b·σ) of x̄'s spread term kk·(x - mean_f) (spread_grad_kernel
-    without G_OVER_S), ds = ∂/∂σ_b formed as ``_add_weight_grad`` does (exact variant): from
-    the x-scale terms deps_x [T] and the final log P's deps_fin."""
+def _scale_grad(w_ptr, T, deps_x_b, deps_fin, BT: tl.constexpr):
+    """ds = ∂/∂σ_b as ``_add_weight_grad`` forms it (exact variant) from the x-scale terms
+    deps_x [T] and the final log P's deps_fin."""
     ot = tl.arange(0, BT)
     tm = ot < T
     gx = tl.load(deps_x_b + ot, mask=tm, other=0.0)
     gx += tl.where(ot == T - 1, deps_fin, 0.0)
     eps = tl.load(w_ptr + _A1 * T + ot, mask=tm, other=1.0)
-    ds = tl.sum(tl.where(tm, gx * eps, 0.0), axis=0)
+    return tl.sum(tl.where(tm, gx * eps, 0.0), axis=0)
+
+
+@triton.jit
+def _spread_coefficient(ds, root_b, isig, D, n_b):
+    """kk = ds·[root > 0] / (D·n_b·σ) of x̄'s spread term kk·(x - mean_f) (spread_grad_kernel
+    without G_OVER_S): σ's gradient through the spread of the set's D features over its n_b
+    samples (0 where the spread is 0 and σ the constant 1)."""
     return tl.where(tl.load(root_b) > 0, ds, 0.0) * isig / (D * tl.maximum(n_b, 1))
 
 

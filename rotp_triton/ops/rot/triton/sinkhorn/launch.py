@@ -342,10 +342,11 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
         with :func:`param_grad_views`. Three allocations (dx, dparams zeroed: the kernel adds
         each set's share; scratch) and one launch. With ``scale`` (the forward's σ): dx at
         fixed σ, and a third output ds (B,) fp32, ∂/∂σ (one more zeroed allocation).
-        With ``spread`` too (σ the sets' spread: the (B, 2 + D) statistics of
-        ``spread_forward``, ``scale`` = its first B): on the exact one-tile path dx is the
-        whole x̄, the path through σ included (kernels.sinkhorn_bwd_kernel SPREAD; its dx
-        pass is then never fused into the last sweep), and ds is None; elsewhere as without.
+        With ``spread`` too (σ the sets' spread: the (B, 2 + D) statistics that
+        :func:`sinkhorn_forward` returned with ``spread``, ``scale`` = its first B): on the
+        exact one-tile path dx is the whole x̄, the path through σ included
+        (kernels.sinkhorn_bwd_kernel SPREAD; its dx pass is then never fused into the last
+        sweep), and ds is None; elsewhere as without.
     """
     B, N, D, NR, (sxb, sxn, sxd) = layout(x, ptr)
     T = w.shape[1]
