@@ -216,6 +216,37 @@ def test_several_tiles(method, variant, schedule, monkeypatch):
     _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32])
 
 
+@pytest.mark.parametrize("scale", [1.0, 300.0], ids=["one-pass", "pass-B-again"])
+@pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("badmm-e", "paper"),
+                                            ("badmm-q", "paper"), ("badmm-q", "exact")])
+def test_one_pass_iterations(method, variant, scale, monkeypatch):
+    """A dense set whose rows fit one tile runs each forward iteration as one sweep
+    (launch.forward_one_pass, kernels._one_pass_iteration) for B-E and the paper variant, not
+    for the exact B-Q: x (2, 13, 40) in 16 × 16 tiles, so three column blocks (the online Λ
+    and C), priors, a plan and every gradient against the reference. x · 300 takes |R| past
+    FUSED_MAGNITUDE, where the exact variant forms C again by pass B: there the weight and
+    prior gradients of the fp32 kernels are off the float64 reference by up to 3.6 (relative;
+    ρ, B-E exact) whichever the schedule, so the comparison is with the two-pass kernel."""
+    _small_blocks(monkeypatch)
+    _schedule(monkeypatch, "replay")
+    monkeypatch.setattr(launch, "forward_splits", lambda *a: (1, 1))
+    chosen = []
+    real = launch.forward_one_pass
+    monkeypatch.setattr(launch, "forward_one_pass",
+                        lambda *a: chosen.append(real(*a)) or chosen[-1])
+    gen = torch.Generator().manual_seed(31)
+    x, w, lp, lq, cy, cp = _case(2, 13, 40, 4, gen)
+    args = (x * scale, None, method, variant, w, lp, lq, cy, cp)
+    if scale == 1.0:
+        _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32])
+    else:
+        k = _run_kernel(*args)
+        monkeypatch.setattr(launch, "forward_one_pass", lambda *a: None)
+        _compare(k, _run_kernel(*args), RTOL[torch.float32])
+    one_pass = method == "badmm-e" or variant == "paper"
+    assert chosen == [(16, 16, 16 if not ON_CUDA else 128, 4) if one_pass else None]
+
+
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("badmm-q", "paper"),
                                             ("badmm-q", "exact"), ("badmm-e", "paper")])
@@ -545,12 +576,17 @@ def test_bq_exact_large_a1_over_rho(schedule, monkeypatch):
     _compare(k, _run_reference(*args), RTOL[torch.float32])
 
 
+@pytest.mark.parametrize("one_program", [False, True], ids=["launcher's-pick", "one-program"])
 @pytest.mark.parametrize("variant", ["exact", "paper"])
 @pytest.mark.parametrize("method", ["badmm-e", "badmm-q"])
-def test_huge_inputs_stay_finite(method, variant):
+def test_huge_inputs_stay_finite(method, variant, one_program, monkeypatch):
     """x = randn(2, 8, 8) · 1e30 (issue 17: the B-E kernel returned NaN, the running maxima
     started at a finite -1e30 sentinel): where the fp32 torch path gives a finite y and
-    x-gradient, so does the kernel, and y agrees with it."""
+    x-gradient, so does the kernel, and y agrees with it. ``one_program``: the
+    one-program-per-set forward (the interpreter's few 'SMs' pick the split one for 2 sets),
+    whose B-E iterations run as one sweep (launch.forward_one_pass) up to FUSED_MAGNITUDE."""
+    if one_program:
+        monkeypatch.setattr(launch, "forward_splits", lambda *a: (1, 1))
     gen = torch.Generator().manual_seed(14)
     x = torch.randn(2, 8, 8, generator=gen) * 1e30
     outs = []
@@ -815,7 +851,7 @@ def test_cuda_realistic_size(method):
 
 
 AOT_CODE = r"""
-import os, subprocess, tempfile
+import os, subprocess, tempfile, types
 import triton
 from aot import compile_sm90, ptxas_usage
 from rotp_triton.ops.rot.triton.badmm import kernels as m, launch
@@ -835,6 +871,7 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
         (m.badmm_fwd_kernel, 128, 500, True, False, True, "PLAN", False),
         (m.badmm_fwd_kernel, 2048, 49, False, False, False, "SCALED", True),
         (m.badmm_fwd_kernel, 2048, 49, True, False, False, "SCALED", True),
+        (m.badmm_fwd_kernel, 2048, 49, True, True, False, "PLAN", True),
         (m.badmm_bwd_kernel, 128, 500, False, False, True, "PLAN_GRAD", True),
         (m.badmm_bwd_kernel, 2048, 49, True, True, False, "DEFER", True),
         (m.badmm_bwd_kernel, 2048, 49, False, False, False, "DEFER", True),
@@ -845,10 +882,17 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
         (m.badmm_bwd_kernel, 2048, 49, True, False, False, "SCALED", True)]:
     # the backward's flag: PLAN_GRAD, DEFER (W2 has no plan gradient) or SCALED (W2 under
     # the layers' scale="auto": with DEFER), last field: FUSE (its half tiles:
-    # launch.backward_block_sizes); the forward's: PLAN or SCALED
+    # launch.backward_block_sizes); the forward's: PLAN or SCALED, last field REPLAY (with
+    # one sweep per iteration where launch.forward_one_pass allows: W2 B-E, W2 B-Q paper)
     fused = kernel is m.badmm_bwd_kernel and replay
     sizes = launch.backward_block_sizes if fused else launch.block_sizes
     BN, BD, BV, num_warps = sizes(0 if ragged else N, D)
+    one_pass = None
+    if kernel is m.badmm_fwd_kernel:
+        geo = types.SimpleNamespace(ragged=ragged, N=0 if ragged else N, D=D,
+                                    blocks=(BN, BD, BV, num_warps))
+        one_pass = launch.forward_one_pass(geo, replay, m.quad_flag(quad, paper), paper)
+        BN, BD, BV, num_warps = one_pass or (BN, BD, BV, num_warps)
     consts = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=m.quad_flag(quad, paper),
                   PAPER=paper, BN=BN, BD=BD, BV=BV, **{flag: True})
     consts["KV"] = 4 if paper else 3
@@ -857,6 +901,7 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
         consts["REPLAY"] = replay
         consts.setdefault("PLAN", False)
         consts["STATS"] = consts["SCALED"]   # (W2: one program per set forms σ itself)
+        consts["ONE_PASS"] = one_pass is not None
     else:
         consts["FUSE"] = replay
         consts.setdefault("PLAN_GRAD", False)
@@ -876,7 +921,8 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
     # cuobjdump's LOCAL misses spills to the stack; ptxas -v counts both
     stack = ptxas_usage(c)["spill_bytes"]
     print(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, D, N, quad, paper,
-          replay, flag, (BN, BD, BV), "spill", stack, "regs", regs, "local", spill)
+          replay, flag, "one-pass" if one_pass else "", (BN, BD, BV), "spill", stack, "regs",
+          regs, "local", spill)
 for quad, paper in [(False, False), (True, True), (True, False)]:
     consts = dict(QUAD=m.quad_flag(quad, paper), PAPER=paper, BT=16)
     sig = {"w_ptr": "*fp32", "gw_ptr": "*fp32", "gwt_ptr": "*fp32", "dw_ptr": "*fp32",
@@ -897,7 +943,8 @@ def test_aot_compile_sm90():
     out = run_without_interpreter(AOT_CODE, timeout=900)
     lines = [l for l in out.splitlines() if "regs" in l]
     print("\n".join(lines))
-    assert len(lines) == 14
+    assert len(lines) == 15
+    assert sum("one-pass" in l for l in lines) == 2
     for l in lines:
         if "local ?" not in l:
             assert l.endswith("local 0"), l

@@ -27,6 +27,10 @@ torch.compile cannot trace). One iteration is two passes:
                    C = LSE_d(Y2), and Z += ρ P (written in place)
      then the N-vector log η = lognorm(κ3 log q0 + (1 - κ3) C)         (exact) / state (paper)
   (paper: then the μ/η/z1/z2 vector updates, eqs. 26-28)
+When a set's rows fit one tile (dense, replay, B-E or paper: ``ONE_PASS``), A's R is complete
+within each column block, and A and B run as one sweep (:func:`_one_pass_iteration`; the
+exact variant's log μ needs Λ = LSE_d of its mix, known only at the end: the sweep shifts by
+the mix and corrects log μ and C after it).
 The S-step's normalisation log S = Y2 + (log η - C) and the dual's Z -= ρ S are not a pass of
 their own: when streaming, the scratch keeps (Y2, Z + ρ P) and every pass that reads the state applies them on
 the fly from the kept vectors C, log η and the scalar ρ (:func:`_load_state`), which saves a
@@ -345,6 +349,74 @@ def _col_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr,
         tl.store(c_ptr + offs_n, m + _log(tl.where(nm, l, 1.0)), mask=nm)
 
 
+# |R|, |κ2 log p0 + (1 - κ2) R| and |Λ| up to which the one-pass iteration's log C (formed
+# before Λ is known) is used: it matches the replay's Y2 to a few ulp of them (≤ ~5e-5 at
+# 256); beyond, pass B re-forms C from the final log μ, bit-consistent with the replay
+FUSED_MAGNITUDE = tl.constexpr(256.0)
+
+
+@triton.jit
+def _one_pass_iteration(xb, sxn, sxd, isig, vd, c_ptr, n_b, D, a1, rho, k2, lp0_b, lq0_b, u_p0,
+                        u_q0, hd_b, hn_b, NR, w_ptr, T, t, HAS_P0: tl.constexpr,
+                        HAS_Q0: tl.constexpr, QUAD: tl.constexpr, PAPER: tl.constexpr,
+                        KV: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """Passes A and B of iteration t in one sweep over x, for a set whose rows fit one tile
+    (n_b <= BN; the replay forward, ``ONE_PASS``): R_d = LSE_n(Y) is then complete within each
+    column block, so the block goes on to log P, the S-step input Y2 and the row LSE C at
+    once. Paper: log μ is the vector state, known before the sweep: everything is formed as
+    passes A and B form it. Exact (B-E only: its Y2 = (Z + ρ log P)/(α1 + ρ) does not involve
+    P): log μ = m - Λ with m = κ2 log p0 + (1 - κ2) R and Λ = LSE_d(m), which needs every
+    column, so the sweep uses m - R as the shift and returns Λ: its Y2 is Y2 + ρΛ/(α1 + ρ),
+    a constant, and so its C (the caller subtracts it). Writes R (vd), m (exact) into the
+    log μ slot (vd + D) and that C into ``c_ptr``. Returns (Λ, the largest of |R|, |m|),
+    0 and 0 for the paper variant."""
+    offs_n = tl.arange(0, BN)
+    nm = offs_n < n_b
+    m_c = tl.full([BN], float("-inf"), dtype=tl.float32)          # the rows' online LSE of Y2
+    l_c = tl.zeros([BN], dtype=tl.float32)
+    m_l = tl.full([BD], float("-inf"), dtype=tl.float32)          # Λ's, lane-wise (exact)
+    l_l = tl.zeros([BD], dtype=tl.float32)
+    mag = tl.zeros([BD], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        offs_d = d0 + tl.arange(0, BD)
+        dm = offs_d < D
+        mask = nm[:, None] & dm[None, :]
+        X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig)                        # [BN, BD]
+        L, Zt = _replay_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
+                              hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
+        y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
+        ym = tl.where(mask, y, float("-inf"))
+        mx = tl.max(ym, axis=0)                                                          # [BD]
+        ms = _finite(mx)
+        r = tl.where(dm, mx + _log(tl.where(dm, tl.sum(_exp(ym - ms[None, :]), axis=0), 1.0)),
+                     0.0)
+        tl.store(vd + offs_d, r, mask=dm)
+        if PAPER:
+            shift = tl.load(vd + D + offs_d, mask=dm, other=0.0) - r        # log μ - R
+        else:
+            u = k2 * _load_prior(lp0_b, offs_d, D, u_p0, HAS_P0) + (1 - k2) * r
+            tl.store(vd + D + offs_d, u, mask=dm)
+            m_l, l_l = _lse_add(m_l, l_l, tl.where(dm, u, float("-inf")))
+            mag = tl.maximum(mag, tl.where(dm, tl.maximum(tl.abs(r), tl.abs(u)), 0.0))
+            shift = u - r
+        lp = y + shift[None, :]                                       # log P (exact: + Λ)
+        p = _exp(lp)                                                  # (B-Q paper only)
+        y2 = _s_step_y(lp, p, Zt, a1, rho, QUAD)
+        y2m = tl.where(mask, y2, float("-inf"))
+        m_new = tl.maximum(m_c, tl.max(y2m, axis=1))
+        msc = _finite(m_new)
+        l_c = l_c * _exp(m_c - msc) + tl.sum(_exp(y2m - msc[:, None]), axis=1)
+        m_c = m_new
+    tl.store(c_ptr + offs_n, m_c + _log(tl.where(nm, l_c, 1.0)), mask=nm)
+    if PAPER:
+        lam = 0.0
+        big = 0.0
+    else:
+        lam = _lse_total(m_l, l_l)
+        big = tl.max(mag, axis=0)
+    return lam, big
+
+
 @triton.jit
 def _plan_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, plan_b, n_b, D, a1, rho,
                lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
@@ -473,6 +545,15 @@ def _vec_dot(a_ptr, b_ptr, length, BV: tl.constexpr):
         acc += tl.load(a_ptr + offs, mask=msk, other=0.0) * tl.load(b_ptr + offs, mask=msk,
                                                                      other=0.0)
     return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _vec_add(dst_ptr, value, length, BV: tl.constexpr):
+    """dst += value (a scalar), in place."""
+    for i0 in range(0, length, BV):
+        offs = i0 + tl.arange(0, BV)
+        msk = offs < length
+        tl.store(dst_ptr + offs, tl.load(dst_ptr + offs, mask=msk, other=0.0) + value, mask=msk)
 
 
 @triton.jit
@@ -625,28 +706,46 @@ def _forward_iteration(xb, sxn, sxd, isig, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b
                        a1, rho, k2, k3, rp, hd_b, hn_b, NR, w_ptr, T, t,
                        HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
                        PAPER: tl.constexpr, REPLAY: tl.constexpr, KV: tl.constexpr,
-                       BN: tl.constexpr,
+                       ONE_PASS: tl.constexpr, BN: tl.constexpr,
                        BD: tl.constexpr, BV: tl.constexpr):
     """One full B-ADMM iteration (P-step, S-step, dual[, paper vector updates]) in place; the
     state stays in the deferred form of :func:`_load_state` (``rp``: ρ of the previous
-    iteration)."""
+    iteration). ONE_PASS (replay, the set's rows in one tile, B-E or paper): passes A and B
+    in one sweep (:func:`_one_pass_iteration`); the exact variant then shifts its log μ and C
+    by Λ, or, where |R|, |m| or |Λ| exceed :data:`FUSED_MAGNITUDE`, re-forms C by pass B."""
     r_ptr = vd
     lmu_ptr = vd + D
     c_ptr = vn
     leta_ptr = vn + ns
     cp = vn + 7 * ns
     ep = vn + 8 * ns
-    _row_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, r_ptr, r_ptr, n_b, D, a1, rho,
-                  lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
-                  HAS_P0, HAS_Q0, KV, REPLAY, QUAD, False, BN, BD)
-    tl.debug_barrier()
-    if not PAPER:
-        _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, r_ptr, lmu_ptr, k2, D, BV)
+    if ONE_PASS:
+        lam, big = _one_pass_iteration(xb, sxn, sxd, isig, vd, c_ptr, n_b, D, a1, rho, k2,
+                                       lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
+                                       HAS_P0, HAS_Q0, QUAD, PAPER, KV, BN, BD)
         tl.debug_barrier()
-    _col_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, D, a1, rho,
-                  lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
-                  HAS_P0, HAS_Q0, KV, REPLAY, QUAD, True, BN, BD)
-    tl.debug_barrier()
+        if not PAPER:
+            _vec_add(lmu_ptr, -lam, D, BV)                         # log μ = m - Λ
+            tl.debug_barrier()
+            if tl.maximum(big, tl.abs(lam)) <= FUSED_MAGNITUDE:
+                _vec_add(c_ptr, -rho * lam * (1.0 / (a1 + rho)), n_b, BV)
+            else:
+                _col_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr,
+                              n_b, D, a1, rho, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr,
+                              T, t, HAS_P0, HAS_Q0, KV, REPLAY, QUAD, False, BN, BD)
+            tl.debug_barrier()
+    else:
+        _row_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, r_ptr, r_ptr, n_b, D, a1, rho,
+                      lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
+                      HAS_P0, HAS_Q0, KV, REPLAY, QUAD, False, BN, BD)
+        tl.debug_barrier()
+        if not PAPER:
+            _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, r_ptr, lmu_ptr, k2, D, BV)
+            tl.debug_barrier()
+        _col_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, D, a1,
+                      rho, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
+                      HAS_P0, HAS_Q0, KV, REPLAY, QUAD, True, BN, BD)
+        tl.debug_barrier()
     if not PAPER:
         _vec_lognorm_mix(lq0_b, HAS_Q0, u_q0, c_ptr, leta_ptr, k3, n_b, BV)
         tl.debug_barrier()
@@ -732,8 +831,8 @@ def badmm_fwd_kernel(
     B, N, D, NR, T, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
     PAPER: tl.constexpr, PLAN: tl.constexpr, REPLAY: tl.constexpr, KV: tl.constexpr,
-    SCALED: tl.constexpr, STATS: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    BV: tl.constexpr,
+    SCALED: tl.constexpr, STATS: tl.constexpr, ONE_PASS: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr, BV: tl.constexpr,
 ):
     """Pooled output y (B, D) fp32 [and the plan] of T B-ADMM iterations, one set per program
     at a time (persistent grid); records every iteration's vectors in hd / hn (_record).
@@ -744,7 +843,10 @@ def badmm_fwd_kernel(
     the pooled output is stored times σ_b. The history then is that of x / σ_b.
     STATS (with SCALED): σ_b is the set's feature spread, formed here first
     (:func:`..common.set_spread`, one more read of x; sc, root (B,) and the feature means mean
-    (B, D) written for the backward) instead of by the two spread launches."""
+    (B, D) written for the backward) instead of by the two spread launches.
+    ONE_PASS (REPLAY, dense, N <= BN, B-E or paper): one sweep per iteration instead of two
+    (:func:`_forward_iteration`)."""
+    tl.static_assert(not ONE_PASS or (REPLAY and not RAGGED and (PAPER or not QUAD)))
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rho_ptr = w_ptr + 4 * T                                              # row RHO of the table
@@ -775,7 +877,8 @@ def badmm_fwd_kernel(
                 _forward_iteration(xb, sxn, sxd, isig, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D,
                                    u_p0, u_q0, a1_t, rho_t, k2_t, k3_t,
                                    _rho_prev(rho_ptr, t), hd_b, hn_b, NR, w_ptr, T, t,
-                                   HAS_P0, HAS_Q0, QUAD, PAPER, REPLAY, KV, BN, BD, BV)
+                                   HAS_P0, HAS_Q0, QUAD, PAPER, REPLAY, KV, ONE_PASS, BN, BD,
+                                   BV)
             # last iteration: its P-step only, pooling on the fly
             a1, rho, k2_last, _k3 = _iter_weights(w_ptr, T, T - 1, QUAD, PAPER)
             cp = vn + 7 * ns

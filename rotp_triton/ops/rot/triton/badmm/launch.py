@@ -29,7 +29,8 @@ from .split_kernels import (badmm_split_column_lse_kernel, badmm_split_column_st
 
 __all__ = ["badmm_forward", "badmm_backward", "block_sizes", "backward_block_sizes",
            "history_like", "history_views", "param_grads_numel", "param_grad_views",
-           "forward_replays", "backward_fuses", "forward_splits", "backward_splits"]
+           "forward_replays", "forward_one_pass", "backward_fuses", "forward_splits",
+           "backward_splits"]
 
 
 def block_sizes(n_hint: int, D: int):
@@ -142,6 +143,24 @@ def forward_replays(T: int, x_bytes: int) -> bool:
     the stream at 4.5 ms, the replay at ~6.6 ms: its T = 1..3 fit x 130/155). Prediction, not
     measured."""
     return T <= int(((2 * x_bytes + 24) / 3 - 3.4) / 0.655)
+
+
+def forward_one_pass(geo, replay: bool, quad: int, paper: bool):
+    """Blocks (BN, BD, BV, num_warps) of the one-program-per-set forward when it runs each
+    iteration as one sweep over x (``ONE_PASS``: :func:`.kernels._one_pass_iteration`), else
+    None. It needs every row of a set in one tile of the usual size (:func:`block_sizes`: BN
+    = N rounded up, BD the rest, at least 16) - so a dense batch - the replay schedule, and
+    B-E or the paper variant (the exact B-Q S-step needs P, hence Λ, inside the sweep). It
+    saves one read of x and one replay of the state per iteration (W2: 49 rows, 64 × 32
+    tiles where the two passes use 16 × 128)."""
+    if not replay or geo.ragged or (quad and not paper):
+        return None
+    BN0, BD0, BV, num_warps = geo.blocks
+    BN = max(next_pow2(geo.N), 16)
+    BD = min(BN0 * BD0 // BN, max(next_pow2(geo.D), 16))
+    if BD < 16:
+        return None
+    return BN, BD, BV, num_warps if BN * BD >= BN0 * BD0 else min(num_warps, 4)
 
 
 def backward_fuses(T: int, x_bytes: int) -> bool:
@@ -396,6 +415,9 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
     _, (*mats, vd, vn) = fp32_scratch(x.device,
                                       empty=_scratch_shapes(geo, 0 if replay else 2))
     sl, sz = mats if mats else (y, y)                     # unused when replaying
+    one_pass = forward_one_pass(geo, replay, quadratic, paper)
+    if one_pass:
+        BN, BD, BV, num_warps = one_pass
     launcher(badmm_fwd_kernel, wrap)[(geo.grid,)](
         x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else y, geo.order(y), lp0, lq0, wc,
         y if scale is None else scale, saved[B:2 * B] if stats else y,
@@ -404,7 +426,7 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
         B, geo.N, D, geo.rows, T, -math.log(D),
         RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
         QUAD=quadratic, PAPER=paper, PLAN=return_plan, REPLAY=replay, KV=hd.shape[2],
-        SCALED=scale is not None, STATS=stats, BN=BN, BD=BD, BV=BV,
+        SCALED=scale is not None, STATS=stats, ONE_PASS=bool(one_pass), BN=BN, BD=BD, BV=BV,
         num_warps=num_warps,
     )
     return out
