@@ -12,6 +12,7 @@ sums of N·D O(1) terms (up to ~1e-6 absolute) while float64 gives ~1e-17: a pur
 error would compare noise with noise. A non-zero gradient must still match to 1e-6 absolute.
 """
 import math
+import types
 
 import pytest
 import torch
@@ -184,7 +185,8 @@ def _small_blocks(monkeypatch):
 def _schedule(monkeypatch, schedule):
     """Force the forward's state schedule: rebuilt from x and the vectors ("replay") or
     streamed through the N × D scratch ("stream"); the launcher picks by T otherwise."""
-    monkeypatch.setattr(launch, "forward_replays", lambda T, xb: schedule == "replay")
+    monkeypatch.setattr(launch, "forward_replays",
+                        lambda T, xb, one_pass=False: schedule == "replay")
 
 
 SCHEDULES = ["replay", "stream"]
@@ -471,6 +473,25 @@ def test_split_heuristic():
     NS, DS = launch.forward_splits(1, 20, 20, 16, 16, cpu)
     assert NS <= 2 and DS <= 2
     assert launch.forward_splits(1000, 500, 100, 16, 128, cpu) == (1, 1)
+
+
+def test_one_pass_heuristic():
+    """One sweep per iteration for dense sets whose rows fit a tile of the usual size, with the
+    replay, for B-E and the paper variant; with it the replay is kept to larger T (W2 at
+    T = 16: replayed with one sweep, streamed with two)."""
+    def geo(N, D, ragged=False):
+        return types.SimpleNamespace(N=N, D=D, ragged=ragged, blocks=launch.block_sizes(N, D))
+
+    e, q, q_paper = launch.quad_flag(False, False), launch.quad_flag(True, False), \
+        launch.quad_flag(True, True)
+    assert launch.forward_one_pass(geo(49, 2048), e, False) == (64, 32, 1024, 8)
+    assert launch.forward_one_pass(geo(49, 2048), q_paper, True) == (64, 32, 1024, 8)
+    assert launch.forward_one_pass(geo(49, 2048), q, False) is None            # B-Q exact
+    assert launch.forward_one_pass(geo(0, 2048, ragged=True), e, False) is None
+    assert launch.forward_one_pass(geo(500, 100), e, False) is None            # W1's rows
+    assert launch.forward_one_pass(geo(7, 5), e, False) == (16, 16, 128, 4)
+    assert not launch.forward_replays(16, 4) and launch.forward_replays(16, 4, one_pass=True)
+    assert launch.forward_replays(11, 4) and not launch.forward_replays(40, 4, one_pass=True)
 
 
 @pytest.mark.parametrize("N,D,T", [(1, 1, 2), (1, 6, 1), (5, 1, 2)])
@@ -891,7 +912,8 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
     if kernel is m.badmm_fwd_kernel:
         geo = types.SimpleNamespace(ragged=ragged, N=0 if ragged else N, D=D,
                                     blocks=(BN, BD, BV, num_warps))
-        one_pass = launch.forward_one_pass(geo, replay, m.quad_flag(quad, paper), paper)
+        one_pass = launch.forward_one_pass(geo, m.quad_flag(quad, paper), paper) if replay \
+            else None
         BN, BD, BV, num_warps = one_pass or (BN, BD, BV, num_warps)
     consts = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=m.quad_flag(quad, paper),
                   PAPER=paper, BN=BN, BD=BD, BV=BV, **{flag: True})

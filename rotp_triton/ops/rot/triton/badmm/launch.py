@@ -129,7 +129,7 @@ def _scratch_shapes(geo: _Geometry, n_mats: int) -> list:
     return [geo.mat_numel] * n_mats + [geo.grid * 8 * geo.D, geo.nvec_numel]
 
 
-def forward_replays(T: int, x_bytes: int) -> bool:
+def forward_replays(T: int, x_bytes: int, one_pass: bool = False) -> bool:
     """Forward schedule: rebuild the state from x and the vectors in every pass (REPLAY: reads
     x only; the pass of iteration t replays t elementwise iterations, ~19.4 SASS instructions
     per element each at sm_90 since the hot loop lost its divisions, selects and second vector
@@ -141,19 +141,27 @@ def forward_replays(T: int, x_bytes: int) -> bool:
     without masks the hot loop is ~16.3 instructions per element (130 per 8); the threshold
     keeps the 19.4 estimate (T = 12, 13 not re-measured; at W2 T = 16 kernel_report prices
     the stream at 4.5 ms, the replay at ~6.6 ms: its T = 1..3 fit x 130/155). Prediction, not
-    measured."""
+    measured.
+    ``one_pass``: the set kernel would run each replayed iteration as one sweep
+    (:func:`forward_one_pass`: half the replays and one read of x per iteration); kernel_report
+    prices its W2 B-E kernel (fp32) at 2.40 ps per element-iteration at T = 4 and 6.82 at
+    T = 16, i.e. ~(0.93 + 0.368 T) ps, so it replays up to T = 26 for fp32 x and 22 for
+    fp16/bf16 (W2 T = 16: 2.8 ms against the stream's 4.6 ms). Prediction, not measured."""
+    if one_pass:
+        return T <= int(((2 * x_bytes + 24) / 3 - 0.93) / 0.368)
     return T <= int(((2 * x_bytes + 24) / 3 - 3.4) / 0.655)
 
 
-def forward_one_pass(geo, replay: bool, quad: int, paper: bool):
-    """Blocks (BN, BD, BV, num_warps) of the one-program-per-set forward when it runs each
-    iteration as one sweep over x (``ONE_PASS``: :func:`.kernels._one_pass_iteration`), else
-    None. It needs every row of a set in one tile of the usual size (:func:`block_sizes`: BN
-    = N rounded up, BD the rest, at least 16) - so a dense batch - the replay schedule, and
-    B-E or the paper variant (the exact B-Q S-step needs P, hence Λ, inside the sweep). It
-    saves one read of x and one replay of the state per iteration (W2: 49 rows, 64 × 32
-    tiles where the two passes use 16 × 128)."""
-    if not replay or geo.ragged or (quad and not paper):
+def forward_one_pass(geo, quad: int, paper: bool):
+    """Blocks (BN, BD, BV, num_warps) of the one-program-per-set forward if it can run each
+    replayed iteration as one sweep over x (``ONE_PASS``: :func:`.kernels._one_pass_iteration`),
+    else None. It needs every row of a set in one tile of the usual size (:func:`block_sizes`:
+    BN = N rounded up, BD the rest, at least 16) - so a dense batch - and B-E or the paper
+    variant (the exact B-Q S-step needs P, hence Λ, inside the sweep); the launcher uses it
+    with the replay schedule (:func:`forward_replays`). It saves one read of x and one replay
+    of the state per iteration (W2: 49 rows, 64 × 32 tiles where the two passes use
+    16 × 128)."""
+    if geo.ragged or (quad and not paper):
         return None
     BN0, BD0, BV, num_warps = geo.blocks
     BN = max(next_pow2(geo.N), 16)
@@ -404,9 +412,11 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
     if B == 0 or geo.rows == 0 or D == 0:
         return out
     lp0, lq0 = _priors(y, log_p0, log_q0)
-    replay = forward_replays(T, x.element_size())
+    one_program = splits == (1, 1)
+    fits = forward_one_pass(geo, quadratic, paper) if one_program else None
+    replay = forward_replays(T, x.element_size(), fits is not None)
     _fill_weight_table(w, wc, quadratic, wrap)
-    if splits != (1, 1):
+    if not one_program:
         _, scratch = fp32_scratch(x.device, empty=_forward_split_shapes(geo, *splits, replay))
         _forward_split(x, geo, wc, lp0, lq0, y, plan, hd, hn, *splits, scratch,
                        quadratic=quadratic, paper=paper, has_p0=log_p0 is not None,
@@ -415,7 +425,7 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
     _, (*mats, vd, vn) = fp32_scratch(x.device,
                                       empty=_scratch_shapes(geo, 0 if replay else 2))
     sl, sz = mats if mats else (y, y)                     # unused when replaying
-    one_pass = forward_one_pass(geo, replay, quadratic, paper)
+    one_pass = fits if replay else None
     if one_pass:
         BN, BD, BV, num_warps = one_pass
     launcher(badmm_fwd_kernel, wrap)[(geo.grid,)](
