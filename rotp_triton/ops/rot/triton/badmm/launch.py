@@ -362,14 +362,16 @@ def _history_layout(x: Tensor, ptr: Optional[Tensor], T: int, paper: bool):
     return out, o
 
 
-def history_like(x: Tensor, ptr: Optional[Tensor], T: int, paper: bool) -> Tensor:
+def history_like(x: Tensor, ptr: Optional[Tensor], T: int, paper: bool,
+                 extra: int = 0) -> Tensor:
     """Empty flat fp32 history saved for the backward (one allocation; :func:`history_views`
     splits it): the kernels' weight table (WEIGHT_ROWS, T) (:func:`_fill_weight_table`: the
     backward reuses it), and the vectors of every iteration, hd (B, T, KV, D) - R, log μ
     [, z1], log μ - R - and hn (T, KV, rows) - C, log η [, z2], log η - C - (KV = 4 for the
     paper variant, else 3; the last slot is the replay's shift). Sizes come from shapes only
-    (no host sync)."""
-    return x.new_empty(_history_layout(x, ptr, T, paper)[1], dtype=torch.float32)
+    (no host sync). ``extra``: that many more elements at the end (the launcher's spread
+    statistics, which are saved with it)."""
+    return x.new_empty(_history_layout(x, ptr, T, paper)[1] + extra, dtype=torch.float32)
 
 
 def history_views(h: Tensor, x: Tensor, ptr: Optional[Tensor], T: int, paper: bool):
@@ -401,13 +403,16 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
     BN, BD, BV, num_warps = geo.blocks
     splits = forward_splits(B, geo.set_size, D, BN, BD, x.device)
     stats = spread and splits == (1, 1) and B > 0 and D > 0 and geo.rows > 0
-    saved = set_statistics(x, ptr, B, D, stats, wrap) if spread else None
+    # the statistics the kernel forms (STATS) after the history, in its allocation: both are
+    # saved for the backward
+    h = history_like(x, ptr, T, paper, B * (2 + D) if stats else 0)
+    wc, hd, hn = history_views(h, x, ptr, T, paper)
+    saved = set_statistics(x, ptr, B, D, stats, wrap,
+                           out=h[h.numel() - B * (2 + D):]) if spread else None
     if saved is not None:
         scale = saved[:B]
     y = torch.zeros(B, D, device=x.device, dtype=torch.float32)
     plan = torch.zeros(x.shape, device=x.device, dtype=x.dtype) if return_plan else None
-    h = history_like(x, ptr, T, paper)
-    wc, hd, hn = history_views(h, x, ptr, T, paper)
     out = (y, plan, h) if not spread else (y, plan, h, saved)
     if B == 0 or geo.rows == 0 or D == 0:
         return out

@@ -281,11 +281,18 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
         buffer, see :func:`state_views` (A (B, T + 1, D), Rn (B, T, D), Bv (T + 1, NR),
         Cn (T, NR), rfin (B, D), tot (B,)). Three allocations, none initialised on the host:
         the kernel writes every entry that is read later. With ``spread`` a fourth result:
-        the (B, 2 + D) fp32 statistics (σ, root, feature means) the backward reads.
+        the (B, 2 + D) fp32 statistics (σ, root, feature means) the backward reads - where
+        the kernel forms them, a view of the state's allocation (after it, 128-byte aligned).
     """
     B, N, D, NR, (sxb, sxn, sxd) = layout(x, ptr)
     T = w.shape[1]
-    state = torch.empty(state_numel(B, T, D, NR), device=x.device, dtype=torch.float32)
+    rows = split_rows(x, B, N, paper)
+    stats = spread and not rows and B > 0 and D > 0
+    # the statistics the kernel forms (STATS) after the state, in the same allocation: both
+    # are saved for the backward
+    n_state = state_numel(B, T, D, NR)
+    n_stats = cdiv(n_state, 32) * 32 - n_state + B * (2 + D) if stats else 0
+    state = torch.empty(n_state + n_stats, device=x.device, dtype=torch.float32)
     A, Rn, Bv, Cn, rfin, tot = state_views(state, B, T, D, NR)
     y = torch.empty(B, D, device=x.device, dtype=torch.float32)
     if return_plan:
@@ -302,9 +309,8 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
         BD, nw = pieces_config(D, (P0, P1, P2), BD)
     lp0 = as_f32(log_p0) if log_p0 is not None else y
     lq0 = as_f32(log_q0) if log_q0 is not None else y
-    rows = split_rows(x, B, N, paper)
-    stats = spread and not rows and B > 0 and D > 0
-    saved = set_statistics(x, ptr, B, D, stats, wrap) if spread else None
+    saved = set_statistics(x, ptr, B, D, stats, wrap,
+                           out=state[n_state + n_stats - B * (2 + D):]) if spread else None
     if saved is not None:
         scale = saved[:B]
     if B > 0 and D > 0:
@@ -341,7 +347,8 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
         rows Sinkhorn does not read), dlog_p0 and dlog_q0 where the priors are given; split it
         with :func:`param_grad_views`. Three allocations (dx, dparams zeroed: the kernel adds
         each set's share; scratch) and one launch. With ``scale`` (the forward's σ): dx at
-        fixed σ, and a third output ds (B,) fp32, ∂/∂σ (one more zeroed allocation).
+        fixed σ, and a third output ds (B,) fp32, ∂/∂σ (zeroed with dparams, one
+        allocation).
         With ``spread`` too (σ the sets' spread: the (B, 2 + D) statistics that
         :func:`sinkhorn_forward` returned with ``spread``, ``scale`` = its first B): on the
         exact one-tile path dx is the whole x̄, the path through σ included
@@ -353,9 +360,11 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     A, Rn, Bv, Cn, rfin, tot = state_views(state, B, T, D, NR)
     has_p0, has_q0 = log_p0 is not None, log_q0 is not None
     dx = torch.empty_like(x)
-    dparams = torch.zeros(param_grads_numel(B, T, D, NR, has_p0, has_q0), device=x.device,
+    # (with a scale, ds (B,) after them: zero for an empty set, one allocation for both)
+    n_params = param_grads_numel(B, T, D, NR, has_p0, has_q0)
+    dparams = torch.zeros(n_params + (B if scale is not None else 0), device=x.device,
                           dtype=torch.float32)
-    dw, dlp0, dlq0 = param_grad_views(dparams, B, T, D, NR, has_p0, has_q0)
+    dw, dlp0, dlq0 = param_grad_views(dparams[:n_params], B, T, D, NR, has_p0, has_q0)
     # per-set partials of the weight gradient (dk2, dk3, deps_rec, deps_x), the per-set table
     # of x-scales s_t (xs), and the adjoints Rbar, Cbar, abar, bbar
     scratch = torch.empty(5 * B * T + B * T * D + T * NR + B * D + NR + B, device=x.device,
@@ -382,8 +391,7 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     split = split_dx(x, B, N, fused)
     lp0 = as_f32(log_p0) if has_p0 else g
     lq0 = as_f32(log_q0) if has_q0 else g
-    sc = (scale, torch.zeros(B, device=x.device, dtype=torch.float32)) if scale is not None \
-        else (g, g)
+    sc = (scale, dparams[n_params:]) if scale is not None else (g, g)
     st = (spread[B:2 * B], spread[2 * B:]) if fold else (g, g)     # root, mean (B, D)
     if B > 0 and D > 0:
         launcher(sinkhorn_bwd_kernel, wrap)[(B,)](
@@ -403,5 +411,5 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
                 HAS_GP=has_gp, TX=not (one_tile and not paper), BNX=BNX, BDX=BDX,
                 BT=next_pow2(T), SCALED=scale is not None, SPREAD=fold, num_warps=nw)
     if scale is not None:
-        return dx, dparams, None if fold else sc[1]
+        return dx, dparams[:n_params], None if fold else sc[1]
     return dx, dparams

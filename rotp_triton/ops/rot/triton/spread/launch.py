@@ -88,13 +88,16 @@ def spread_forward(x: Tensor, sample_dims: Tuple[int, ...], out_dtype: Optional[
 
 
 def set_statistics(x: Tensor, ptr: Optional[Tensor], B: int, D: int, in_kernel: bool,
-                   wrap=None) -> Tensor:
+                   wrap=None, out: Optional[Tensor] = None) -> Tensor:
     """The (B, 2 + D) fp32 statistics of the sets' spread (σ, root, the feature means, as
     :func:`spread_forward` saves them) for a set kernel that folds 1 / σ in: an empty buffer
-    that the kernel fills itself (``in_kernel``: its STATS, ``common.set_spread``), else
+    that the kernel fills itself (``in_kernel``: its STATS, ``common.set_spread``; ``out``,
+    if given, is that buffer: a view of an allocation the launcher makes anyway), else
     formed by the two launches of :func:`spread_forward` (x (B, N, D), or ragged rows with
     ``ptr``)."""
     if in_kernel:
+        if out is not None:
+            return out
         return torch.empty(B * (2 + D), device=x.device, dtype=torch.float32)
     return spread_forward(x, (1,) if ptr is None else (0,), None, ptr, wrap=wrap)[1]
 
