@@ -338,18 +338,14 @@ def _col_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr,
             lp = y + (lmu - r)[None, :]                                              # log P
             p = _exp(lp)
             y2 = _s_step_y(lp, p, Zt, a1, rho, QUAD)
-            y2m = tl.where(mask, y2, float("-inf"))
-            m_new = tl.maximum(m, tl.max(y2m, axis=1))
-            ms = _finite(m_new)
-            l = l * _exp(m - ms) + tl.sum(_exp(y2m - ms[:, None]), axis=1)
-            m = m_new
+            m, l = _row_lse_add(m, l, tl.where(mask, y2, float("-inf")))
             if WRITE and not REPLAY:
                 tl.store(sl + o, y2, mask=mask)
                 tl.store(sz + o, Zt + rho * p, mask=mask)
         tl.store(c_ptr + offs_n, m + _log(tl.where(nm, l, 1.0)), mask=nm)
 
 
-# |R|, |κ2 log p0 + (1 - κ2) R| and |Λ| up to which the one-pass iteration's log C (formed
+# |R|, |κ2 log p0 + (1 - κ2) R| and |Λ| up to which the one-pass iteration's C (formed
 # before Λ is known) is used: it matches the replay's Y2 to a few ulp of them (≤ ~5e-5 at
 # 256); beyond, pass B re-forms C from the final log μ, bit-consistent with the replay
 FUSED_MAGNITUDE = tl.constexpr(256.0)
@@ -402,11 +398,7 @@ def _one_pass_iteration(xb, sxn, sxd, isig, vd, c_ptr, n_b, D, a1, rho, k2, lp0_
         lp = y + shift[None, :]                                       # log P (exact: + Λ)
         p = _exp(lp)                                                  # (B-Q paper only)
         y2 = _s_step_y(lp, p, Zt, a1, rho, QUAD)
-        y2m = tl.where(mask, y2, float("-inf"))
-        m_new = tl.maximum(m_c, tl.max(y2m, axis=1))
-        msc = _finite(m_new)
-        l_c = l_c * _exp(m_c - msc) + tl.sum(_exp(y2m - msc[:, None]), axis=1)
-        m_c = m_new
+        m_c, l_c = _row_lse_add(m_c, l_c, tl.where(mask, y2, float("-inf")))
     tl.store(c_ptr + offs_n, m_c + _log(tl.where(nm, l_c, 1.0)), mask=nm)
     if PAPER:
         lam = 0.0
@@ -460,6 +452,15 @@ def _lse_total(mv, lv):
     """LSE of everything the lanes of an online LSE (:func:`_lse_add`) have seen."""
     mx = tl.max(mv, axis=0)
     return mx + _log(tl.sum(lv * _exp(mv - _finite(mx)), axis=0))
+
+
+@triton.jit
+def _row_lse_add(m, l, v):
+    """One column block of the rows' online LSE: (max, scaled sum) [BN] after the [BN, BD]
+    values v (-inf where masked)."""
+    m_new = tl.maximum(m, tl.max(v, axis=1))
+    ms = _finite(m_new)
+    return m_new, l * _exp(m - ms) + tl.sum(_exp(v - ms[:, None]), axis=1)
 
 
 @triton.jit

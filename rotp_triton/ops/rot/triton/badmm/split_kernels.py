@@ -38,8 +38,8 @@ import triton.language as tl
 
 from ..common import set_inv_scale
 from .kernels import (_exp, _finite, _iter_weights, _load_prior, _load_x, _log, _lse_add,
-                      _lse_total, _p_step_y, _replay_state, _rho_prev, _s_step_y, _set_bounds,
-                      _tile_ptrs)
+                      _lse_total, _p_step_y, _replay_state, _rho_prev, _row_lse_add, _s_step_y,
+                      _set_bounds, _tile_ptrs)
 
 
 @triton.jit
@@ -349,11 +349,7 @@ def badmm_split_row_lse_kernel(
             lp = y + (lmu - r)[None, :]                                              # log P
             p = _exp(lp)
             y2 = _s_step_y(lp, p, Zt, a1, rho, QUAD)
-            y2m = tl.where(mask, y2, float("-inf"))
-            m_new = tl.maximum(m, tl.max(y2m, axis=1))
-            ms = _finite(m_new)
-            l = l * _exp(m - ms) + tl.sum(_exp(y2m - ms[:, None]), axis=1)
-            m = m_new
+            m, l = _row_lse_add(m, l, tl.where(mask, y2, float("-inf")))
             if not REPLAY:      # the deferred state of iteration t + 1
                 tl.store(sl + o, y2, mask=mask)
                 tl.store(sz + o, Zt + rho * p, mask=mask)
