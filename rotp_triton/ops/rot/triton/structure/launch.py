@@ -92,18 +92,36 @@ def mm_wide(D: int, precision: str = "ieee") -> int:
     """The wide side of a GEMM tile (BW): with WIDE_GEMM_TILES next_power_of_2(D) up to 128, so
     that a GEMM whose output has D (or n_b < D) rows or columns reads its (n_b, D) operand once;
     otherwise BT (square tiles). Tensor-core dots keep square tiles (wide, the tf32 adjoint
-    spilled 1.4 KiB; square, none)."""
-    if not WIDE_GEMM_TILES or precision != "ieee":
+    spilled 1.4 KiB; square, none), and so do FMA dots where the K step is 16 (triton 3.6:
+    wide, up to 2.3 KiB spilled in the step adjoints)."""
+    if not WIDE_GEMM_TILES or precision != "ieee" or mm_k_step(D, precision) > 8:
         return mm_tile(D)
     return max(mm_tile(D), min(128, triton.next_power_of_2(D)))
 
 
+def _min_fp32_dot_k() -> int:
+    """The smallest K that the installed triton's NVIDIA backend accepts in a tl.dot of fp32
+    operands: 8 in triton 3.9, 16 in 3.6 (whose compiler rejects K = 8: the H200 run of
+    2026-11-29, bench/results/gpu_nvidia-h200_2026-11-29.log)."""
+    try:
+        import triton.language as tl
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.compiler import min_dot_size
+        return int(min_dot_size(GPUTarget("cuda", 90, 32))(tl.float32, tl.float32)[2])
+    except Exception:  # pragma: no cover - another backend layout: the common minimum
+        return 16
+
+
+MIN_FP32_DOT_K = _min_fp32_dot_k()
+
+
 def mm_k_step(D: int, precision: str) -> int:
     """The K step (BK) of the in-program GEMMs. fp32 FMA dots ("ieee") hold a [BM, BK] and a
-    [BK, BN] operand slice per thread besides the accumulator: BK = 8 (tl.dot's smallest K)
-    keeps a [128, 64] tile in registers (BK = 64 spilled 9.5 KiB per adjoint kernel at W1).
-    Tensor-core dots need K >= 16: BK = 16 (BK = 64 spilled 7.5 KiB in the tf32 adjoint)."""
-    return 8 if precision == "ieee" else 16
+    [BK, BN] operand slice per thread besides the accumulator: BK = 8 (tl.dot's smallest K
+    from triton 3.9; 16 where the installed triton needs it) keeps a [128, 64] tile in
+    registers (BK = 64 spilled 9.5 KiB per adjoint kernel at W1). Tensor-core dots need
+    K >= 16: BK = 16 (BK = 64 spilled 7.5 KiB in the tf32 adjoint)."""
+    return max(8, MIN_FP32_DOT_K) if precision == "ieee" else 16
 
 
 # Programs per set of the structure adjoint's (n_b, D) stage (sigma_adjoint_rows_kernel); None:
