@@ -798,11 +798,16 @@ def test_feature_scale_memory(monkeypatch):
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="peak memory is measured on CUDA")
-def test_cuda_peak_memory_independent_of_T():
-    """Peak CUDA memory of forward + backward is the same at T = 2 and T = 8 (within 5 % +
-    64 KiB): the backward recomputes instead of storing per-iteration states."""
+def test_cuda_peak_memory_grows_only_by_the_vectors():
+    """Peak CUDA memory of forward + backward grows from T = 2 to T = 8 by no more than the
+    O(T·(N + D)) vector history and the backward's (B, T, 4) weight partials of the six extra
+    iterations (+ 64 KiB of allocator rounding): the backward rebuilds the states instead of
+    storing one (N, D) state per iteration, which would add 6 · 3.2 MB here. (The earlier
+    bound, peak(8) ≤ 1.05 peak(2) + 64 KiB, failed on the H200 of 2026-11-29: the history
+    alone grows by 1.4 MB.)"""
     gen = torch.Generator().manual_seed(13)
-    x = torch.randn(64, 49, 256, generator=gen).to(DEVICE).requires_grad_()
+    B, N, D = 64, 49, 256
+    x = torch.randn(B, N, D, generator=gen).to(DEVICE).requires_grad_()
 
     def peak(T):
         w = {k: v.to(DEVICE).requires_grad_() for k, v in _weights(T, gen).items()}
@@ -816,8 +821,11 @@ def test_cuda_peak_memory_independent_of_T():
         x.grad = None
         return torch.cuda.max_memory_allocated() - base
 
+    def vectors(T):                  # the flat history and the backward's (B, T, 4) partials
+        return 4 * launch._history_layout(x, None, T, False)[1] + 4 * B * T * 4
+
     p2, p8 = peak(2), peak(8)
-    assert p8 <= 1.05 * p2 + 65536, (p2, p8)
+    assert p8 - p2 <= vectors(8) - vectors(2) + 65536, (p2, p8, vectors(2), vectors(8))
 
 
 def test_rot_pool_routes_here(monkeypatch):
