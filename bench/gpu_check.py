@@ -16,8 +16,13 @@ finished):
    (bench/sol.py, with the copy bandwidth measured in this run).
 3. the same at T = 16.  4. α0 > 0 (B-E, W1, T = 4).  5. W4: a ResNet-50 training step (batch
    64, 224²) with the head pool replaced vs average pooling (needs torchvision; skipped if absent).
-Writes bench/results/gpu_<device>_<date>.{md,json} after every section (device, torch/triton
-versions, clocks, date). Only the public API is used (rot_pool, the modules).
+6. kernel profile (W2, W1 at T = 4, fwd+bwd, torch.profiler): each kernel's device time per call
+   and the wall time, so that a gap to bench/kernel_report.py's prediction can be placed in the
+   kernels or between them (host work, launch gaps).
+Writes bench/results/gpu_<device>_<date>[_<tag>].{md,json} after every section (device,
+torch/triton versions, clocks, date). Only the public API is used (rot_pool, the modules).
+``--only 1,4,6`` runs those sections; ``--cases a0=,paper`` keeps the smoke cases whose name
+contains one of the strings (a follow-up run within a short lease).
 """
 from __future__ import annotations
 
@@ -307,14 +312,16 @@ def run_smoke_case(env, case, dtype):
                     memory_format=torch.channels_last)))
 
 
-def section_smoke(env, out, budget):
+def section_smoke(env, out, budget, only_cases=None):
     dtypes = [torch.float32] + ([] if env.smoke else [torch.bfloat16])
     cases = smoke_cases(env)
+    if only_cases:
+        cases = [c for c in cases if any(k in c[0] for k in only_cases)]
     if env.smoke:  # the interpreter is slow: one case per family and layout
         keep = ("rot_pool dense sinkhorn", "rot_pool ptr badmm-e", "rot_pool index badmm-q",
                 "ROTPool2d channels_last badmm-e", "AdaptiveROTPool2d sinkhorn",
                 "rot_pool dense badmm-e paper", "rot_pool dense badmm-e a0=0.1")
-        cases = [c for c in cases if c[0] in keep]
+        cases = [c for c in cases if c[0] in keep] or cases[:1]
     with deadline(budget):
         for case in cases:
             for dt in dtypes:
@@ -474,6 +481,62 @@ def _fmt(r) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# section 6: kernel profile
+# --------------------------------------------------------------------------------------------
+def section_profile(env, out, budget, T: int, workloads, methods, reps: int = 5):
+    """Per workload and method, forward+backward through the public API under torch.profiler:
+    the device time of each kernel per call (summed over its launches), their total, and the
+    wall time per call; kernels / wall is how much of the call the GPU spends in kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([] if env.smoke else [ProfilerActivity.CUDA])
+    with deadline(budget):
+        for wl in workloads:
+            x0, ptr, kind, desc = workload(wl, env)
+            x0 = x0.to(env.device)
+            ptr = ptr.to(env.device) if ptr is not None else None
+            for method in methods:
+                fn, params = pool_fn(kind, x0, ptr, method, T, "triton", env)
+                x = x0.detach().clone().requires_grad_()
+                leaves = [x] + [p for p in params if p.requires_grad]
+
+                def run():
+                    torch.autograd.grad(fn(x).float().sum(), leaves, allow_unused=True)
+                run()
+                run()
+                env.sync()
+                with profile(activities=acts) as prof:
+                    t = time.perf_counter()
+                    for _ in range(reps):
+                        run()
+                    env.sync()
+                    wall = (time.perf_counter() - t) / reps
+                kernels: dict = {}
+                for e in prof.events():
+                    if str(getattr(e, "device_type", "")).endswith("CUDA"):
+                        us = e.time_range.elapsed_us()
+                        n, tot = kernels.get(e.name, (0, 0.0))
+                        kernels[e.name] = (n + 1, tot + us)
+                top = sorted(kernels.items(), key=lambda kv: -kv[1][1])
+                per_call = [(k, n / reps, tot / reps) for k, (n, tot) in top]
+                busy_us = sum(t for _, _, t in per_call)
+                # cross-check: the operators' self device time (the same kernels, as the
+                # profiler's own table counts them)
+                self_dev = sum(getattr(e, "self_device_time_total", 0.0) or 0.0
+                               for e in prof.key_averages()) / reps
+                row = dict(section="profile", workload=wl, T=T, method=method,
+                           wall_ms=wall * 1e3, kernel_ms=busy_us / 1e3,
+                           launches=sum(n for _, n, _ in per_call),
+                           self_device_ms=self_dev / 1e3,
+                           kernels=[dict(name=k[:90], per_call=n, us=round(t, 1))
+                                    for k, n, t in per_call[:12]])
+                out.append(row)
+                log(f"profile {wl} T={T} {method}: wall {row['wall_ms']:.3f} ms, kernels "
+                    f"{row['kernel_ms']:.3f} ms in {row['launches']:.0f} launches (self "
+                    f"device {row['self_device_ms']:.3f} ms); top: "
+                    + "; ".join(f"{k[:40]} {t:.0f} us" for k, _, t in per_call[:4]))
+
+
+# --------------------------------------------------------------------------------------------
 # section 5: W4
 # --------------------------------------------------------------------------------------------
 def section_w4(env, out, budget):
@@ -527,7 +590,8 @@ def write(out_dir, info, rows, sections) -> str:
     slug = "".join(ch if ch.isalnum() else "-" for ch in info["device"].lower()).strip("-")
     while "--" in slug:
         slug = slug.replace("--", "-")
-    base = os.path.join(out_dir, f"gpu_{slug}_{info['date'][:10]}")
+    tag = f"_{info['tag']}" if info.get("tag") else ""
+    base = os.path.join(out_dir, f"gpu_{slug}_{info['date'][:10]}{tag}")
     with open(base + ".json", "w") as f:
         json.dump(dict(meta=info, sections=sections, rows=rows), f, indent=1, default=str)
     L = [f"# GPU check - {info['device']}, {info['date']}", "",
@@ -551,7 +615,7 @@ def write(out_dir, info, rows, sections) -> str:
           "× SoL | × faster than eager | × faster than compile | status |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r.get("section") in ("smoke", "W4"):
+        if r.get("section") in ("smoke", "W4", "profile"):
             continue
         f = lambda k, fmt: format(r[k], fmt) if isinstance(r.get(k), float) else ""  # noqa
         pk = r.get("peak_bytes")
@@ -569,6 +633,16 @@ def write(out_dir, info, rows, sections) -> str:
         for r in w4:
             L.append(f"| {r.get('impl', '')} | {r.get('ms', '')} | "
                      f"{r.get('ratio_to_avgpool', '')} | {r.get('status', '')} |")
+    prof = [r for r in rows if r.get("section") == "profile"]
+    if prof:
+        L += ["", "## Kernel profile (fwd+bwd, torch.profiler; device time per call)", "",
+              "| workload | T | method | wall ms | kernels ms | launches | kernels (us per call) |",
+              "|---|---|---|---|---|---|---|"]
+        for r in prof:
+            ks = "; ".join(f"{k['name'][:48]} x{k['per_call']:g}: {k['us']:.0f}"
+                           for k in r["kernels"][:6])
+            L.append(f"| {r['workload']} | {r['T']} | {r['method']} | {r['wall_ms']:.3f} | "
+                     f"{r['kernel_ms']:.3f} | {r['launches']:g} | {ks} |")
     with open(base + ".md", "w") as f:
         f.write("\n".join(L) + "\n")
     return base
@@ -582,6 +656,11 @@ def main(argv=None) -> int:
                    "a temporary folder with --smoke-cpu)")
     p.add_argument("--budget-scale", type=float, default=1.0,
                    help="multiply every section deadline (e.g. 0.5 for a shorter run)")
+    p.add_argument("--only", default=None,
+                   help="comma-separated section numbers to run (default: all), e.g. 1,4,6")
+    p.add_argument("--cases", default=None,
+                   help="comma-separated substrings: the smoke cases to keep (default: all)")
+    p.add_argument("--tag", default="", help="suffix of the results files' names")
     args = p.parse_args(argv)
     if not args.smoke_cpu and not torch.cuda.is_available():
         print("gpu_check: no CUDA device (use --smoke-cpu to check the script on CPU); exit 0")
@@ -591,6 +670,7 @@ def main(argv=None) -> int:
     env = Env(args.smoke_cpu)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     info = machine_info(env)
+    info["tag"] = args.tag
     bw = env.copy_bandwidth()
     info["copy_bandwidth_bytes_per_s"] = bw
     log(f"{info['device']}: torch {info['torch']}, triton {info['triton']}, copy bandwidth "
@@ -602,9 +682,11 @@ def main(argv=None) -> int:
     # the point is that every code path of the script runs)
     T4, T16 = (2, 3) if env.smoke else (4, 16)
     m4, m16 = (("sinkhorn",), ("badmm-e",)) if env.smoke else (methods, methods)
-    budgets = (50, 45, 30, 20, 15) if env.smoke else (85, 165, 95, 40, 50)
+    budgets = (50, 45, 30, 20, 15, 20) if env.smoke else (85, 165, 95, 40, 50, 60)
+    only_cases = args.cases.split(",") if args.cases else None
     plan = [
-        ("1 smoke (fp32 + bf16 vs torch)", budgets[0], lambda o, b: section_smoke(env, o, b)),
+        ("1 smoke (fp32 + bf16 vs torch)", budgets[0],
+         lambda o, b: section_smoke(env, o, b, only_cases)),
         (f"2 W2, W1, W3, W5 at T={T4}", budgets[1], lambda o, b: section_timings(
             env, o, b, T4, wls, m4, bw, section=f"T={T4}")),
         (f"3 T={T16}", budgets[2], lambda o, b: section_timings(
@@ -612,7 +694,12 @@ def main(argv=None) -> int:
         (f"4 a0 > 0 (B-E W1 T={T4})", budgets[3], lambda o, b: section_timings(
             env, o, b, T4, ("W1",), ("badmm-e",), bw, a0=0.1, section="a0=0.1")),
         ("5 W4 ResNet-50 step", budgets[4], lambda o, b: section_w4(env, o, b)),
+        (f"6 kernel profile (W2, W1 at T={T4})", budgets[5], lambda o, b: section_profile(
+            env, o, b, T4, ("W2", "W1"), m4)),
     ]
+    if args.only:
+        keep = {int(k) for k in args.only.split(",")}
+        plan = [sec for sec in plan if int(sec[0].split()[0]) in keep]
     rows, sections = [], []
     for name, budget, fn in plan:
         t = time.time()
