@@ -7,21 +7,22 @@ compilation included, every section under its own deadline.
 Sections, in order of value (a section that runs out of time is reported as such, with what it
 finished):
 1. smoke: every kernel family through the public API, forward and gradients (x and weights) vs
-   backend="torch", fp32 and bf16: rot_pool dense / ragged ptr / unsorted index for S, B-E,
-   B-Q, B-E paper, α0 > 0; ROTPool2d 2×2 NCHW and channels_last; AdaptiveROTPool2d.
+   backend="torch", every case in fp32, then in bf16: rot_pool dense / ragged ptr / unsorted
+   index for S, B-E, B-Q, B-E paper, α0 > 0; ROTPool2d 2×2 NCHW and channels_last;
+   AdaptiveROTPool2d.
 2. W2, W1, W3, W5 at T = 4: median time (triton.testing.do_bench) and peak memory above the
    pre-call level (torch.cuda.max_memory_allocated) of forward and forward+backward for triton,
-   the eager torch path, torch.compile of the torch path (only when a compile on a tiny shape
-   shows it fits in what is left of the section) and mean/avg pooling; the ratio to the SoL
-   (bench/sol.py, with the copy bandwidth measured in this run).
-3. the same at T = 16.  4. α0 > 0 (B-E, W1, T = 4).  5. W4: a ResNet-50 training step (batch
-   64, 224²) with the head pool replaced vs average pooling (needs torchvision; skipped if absent).
-6. kernel profile (W2, W1 at T = 4, fwd+bwd, torch.profiler): each kernel's device time per call
+   the eager torch path and mean/avg pooling; the ratio to the SoL (bench/sol.py, with the copy
+   bandwidth measured in this run).
+3. kernel profile (W2, W1 at T = 4, fwd+bwd, torch.profiler): each kernel's device time per call
    and the wall time, so that a gap to bench/kernel_report.py's prediction can be placed in the
    kernels or between them (host work, launch gaps).
+4. torch.compile of the torch path at T = 4, W2 then W1, compiled at the real shape.
+5. the timings of 2 at T = 16.  6. α0 > 0 (B-E, W1, T = 4).  7. W4: a ResNet-50 training step
+   (batch 64, 224²) with the head pool replaced vs average pooling (needs torchvision).
 Writes bench/results/gpu_<device>_<date>[_<tag>].{md,json} after every section (device,
 torch/triton versions, clocks, date). Only the public API is used (rot_pool, the modules).
-``--only 1,4,6`` runs those sections; ``--cases a0=,paper`` keeps the smoke cases whose name
+``--only 1,3,6`` runs those sections; ``--cases a0=,paper`` keeps the smoke cases whose name
 contains one of the strings (a follow-up run within a short lease).
 """
 from __future__ import annotations
@@ -259,10 +260,12 @@ def smoke_cases(env: Env):
             ("rot_pool dense sinkhorn a0=0.1", "set", dense, None, None, "sinkhorn", "exact",
              0.1)]
     # every family once first (in case the deadline cuts the section), then the variations
-    first = ("rot_pool dense sinkhorn", "rot_pool dense badmm-e", "rot_pool dense badmm-q",
-             "ROTPool2d badmm-e", "rot_pool dense badmm-e a0=0.1", "rot_pool ptr sinkhorn",
-             "rot_pool index badmm-e", "ROTPool2d channels_last sinkhorn",
-             "AdaptiveROTPool2d badmm-e", "rot_pool dense badmm-e paper")
+    # (the H200 run of 2026-11-29 checked dense S / B-E / B-Q, ROTPool2d B-E, ptr S, index
+    # B-E and α0 > 0: the families and layouts it did not reach come first)
+    first = ("ROTPool2d channels_last sinkhorn", "AdaptiveROTPool2d badmm-e",
+             "rot_pool dense badmm-e paper", "rot_pool ptr badmm-q", "ROTPool2d sinkhorn",
+             "rot_pool dense sinkhorn paper", "rot_pool index badmm-q",
+             "AdaptiveROTPool2d sinkhorn", "rot_pool dense sinkhorn", "rot_pool dense badmm-e")
     return sorted(out, key=lambda c: first.index(c[0]) if c[0] in first else len(first))
 
 
@@ -323,24 +326,23 @@ def section_smoke(env, out, budget, only_cases=None):
                 "rot_pool dense badmm-e paper", "rot_pool dense badmm-e a0=0.1")
         cases = [c for c in cases if c[0] in keep] or cases[:1]
     with deadline(budget):
-        for case in cases:
-            for dt in dtypes:
-                row = dict(section="smoke", case=case[0], dtype=str(dt).replace("torch.", ""))
-                try:
-                    row.update(run_smoke_case(env, case, dt))
-                except Exception as e:
-                    if is_timeout(e):
-                        raise SectionTimeout() from e
-                    row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:200]}")
-                out.append(row)
-                log(f"smoke {row['case']} {row['dtype']}: "
-                    + ("OK" if row.get("ok") else "FAIL")
-                    + (f" y {row['y']:.1e} dx {row['dx']:.1e} dw {row['dw']:.1e}"
-                       if "y" in row else f" {row.get('error')}"))
+        for dt, case in [(dt, c) for dt in dtypes for c in cases]:   # fp32 first
+            row = dict(section="smoke", case=case[0], dtype=str(dt).replace("torch.", ""))
+            try:
+                row.update(run_smoke_case(env, case, dt))
+            except Exception as e:
+                if is_timeout(e):
+                    raise SectionTimeout() from e
+                row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:200]}")
+            out.append(row)
+            log(f"smoke {row['case']} {row['dtype']}: "
+                + ("OK" if row.get("ok") else "FAIL")
+                + (f" y {row['y']:.1e} dx {row['dx']:.1e} dw {row['dw']:.1e}"
+                   if "y" in row else f" {row.get('error')}"))
 
 
 # --------------------------------------------------------------------------------------------
-# sections 2-4: timings
+# sections 2, 4, 5, 6: timings (torch.compile: section 4)
 # --------------------------------------------------------------------------------------------
 def _time_impl(env, fn, x0, params, backward: bool):
     x = x0.detach().clone().requires_grad_(backward)
@@ -356,8 +358,8 @@ def _time_impl(env, fn, x0, params, backward: bool):
 
 def section_timings(env, out, budget, T: int, workloads, methods, bw: float,
                     a0: float = 0.0, section: str = ""):
-    """Phase A: per workload mean pooling, then triton and eager for every method. Phase B
-    (what time is left): torch.compile, where a tiny-shape compile shows it fits."""
+    """Per workload mean pooling, then triton and eager for every method (torch.compile has
+    its own section: :func:`section_compile`)."""
     end = time.time() + budget
     data = {}
     for wl in workloads:
@@ -373,29 +375,6 @@ def section_timings(env, out, budget, T: int, workloads, methods, bw: float,
                                      "triton" if impl == "triton" else "torch", env, a0=a0)
                 _measure_rows(env, out, end, section, wl, T, method, impl, fn, params, x0, desc,
                               (kind, ptr, a0) if impl == "triton" else None, bw)
-    compile_cost: dict = {}
-    for wl in workloads:
-        x0, ptr, kind, desc = data[wl]
-        for method in methods:
-            key = (kind, method)
-            if time.time() > end:
-                out.append(dict(section=section, workload=wl, T=T, method=method,
-                                impl="compile", status="out of time"))
-                continue
-            if key not in compile_cost:  # compile time on a tiny shape first
-                compile_cost[key] = _tiny_compile_seconds(env, kind, method, T, a0, end)
-            est = compile_cost[key]
-            if est is None or 3 * est > end - time.time():
-                out.append(dict(section=section, workload=wl, T=T, method=method,
-                                impl="compile", status="skipped: tiny-shape compile "
-                                f"{'did not finish' if est is None else f'took {est:.0f} s'}"
-                                f", {max(0, end - time.time()):.0f} s left"))
-                log(f"{section} {wl} {method} compile: {out[-1]['status']}")
-                continue
-            fn, params = pool_fn(kind, x0, ptr, method, T, "torch", env, a0=a0)
-            torch._dynamo.reset()
-            _measure_rows(env, out, end, section, wl, T, method, "compile",
-                          torch.compile(fn, backend=COMPILE_BACKEND), params, x0, desc, None)
     _ratios(out)
 
 
@@ -430,32 +409,25 @@ def _measure_rows(env, out, end, section, wl, T, method, impl, fn, params, x0, d
         log(_fmt(row))
 
 
-def _tiny_compile_seconds(env, kind, method, T, a0, end) -> float | None:
-    """Seconds to compile (and run once) the torch path on a tiny shape of the same kind, or
-    None if it does not finish in a third of what is left."""
-    tiny = dict(set=(torch.randn(2, 6, 4), None), ragged=(torch.randn(7, 4),
-                                                          torch.tensor([0, 3, 7])),
-                global_=(torch.randn(2, 4, 3, 3), None), window=(torch.randn(1, 4, 4, 4), None))
-    x, ptr = tiny["global_" if kind == "global" else kind]
-    x = x.to(env.device)
-    ptr = ptr.to(env.device) if ptr is not None else None
-    fn, params = pool_fn(kind, x, ptr, method, T, "torch", env, a0=a0)
+def section_compile(env, out, budget, T: int, workloads, methods, a0: float = 0.0,
+                    section: str = ""):
+    """torch.compile (inductor; aot_eager under --smoke-cpu) of the torch path at the
+    workload's own shape, forward then forward+backward (two compiles), each under what is left
+    of the section's deadline, in the order given (most valuable first). The first H200 run
+    estimated each compile on a tiny shape first and spent its whole compile time on the
+    estimates (every row skipped): here the real compile is the measurement."""
+    end = time.time() + budget
+    for wl in workloads:
+        x0, ptr, kind, desc = workload(wl, env)
+        x0 = x0.to(env.device)
+        ptr = ptr.to(env.device) if ptr is not None else None
+        for method in methods:
+            fn, params = pool_fn(kind, x0, ptr, method, T, "torch", env, a0=a0)
+            torch._dynamo.reset()
+            _measure_rows(env, out, end, section, wl, T, method, "compile",
+                          torch.compile(fn, backend=COMPILE_BACKEND), params, x0, desc, None)
     torch._dynamo.reset()
-    t = time.time()
-    allowed = (end - time.time()) / 3
-    try:
-        with deadline(allowed):
-            c = torch.compile(fn, backend=COMPILE_BACKEND)
-            xx = x.clone().requires_grad_()
-            torch.autograd.grad(c(xx).sum(), [xx], allow_unused=True)
-        took = time.time() - t
-        return took if took <= allowed else None  # a swallowed alarm
-    except Exception as e:
-        if not is_timeout(e):
-            log(f"tiny compile failed: {type(e).__name__}: {str(e)[:200]}")
-        return None
-    finally:
-        torch._dynamo.reset()
+    _ratios(out)
 
 
 def _ratios(rows):
@@ -481,7 +453,7 @@ def _fmt(r) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# section 6: kernel profile
+# section 3: kernel profile
 # --------------------------------------------------------------------------------------------
 def section_profile(env, out, budget, T: int, workloads, methods, reps: int = 5):
     """Per workload and method, forward+backward through the public API under torch.profiler:
@@ -537,7 +509,7 @@ def section_profile(env, out, budget, T: int, workloads, methods, reps: int = 5)
 
 
 # --------------------------------------------------------------------------------------------
-# section 5: W4
+# section 7: W4
 # --------------------------------------------------------------------------------------------
 def section_w4(env, out, budget):
     import rotp_triton as rt
@@ -682,20 +654,25 @@ def main(argv=None) -> int:
     # the point is that every code path of the script runs)
     T4, T16 = (2, 3) if env.smoke else (4, 16)
     m4, m16 = (("sinkhorn",), ("badmm-e",)) if env.smoke else (methods, methods)
-    budgets = (50, 45, 30, 20, 15, 20) if env.smoke else (85, 165, 95, 40, 50, 60)
+    # seconds per section: the first H200 run (2026-11-29, 403 s in all) spent 85 on 7 of the
+    # smoke's 22 cases, 110 on the T = 4 triton and eager rows, 95 on T = 16 without reaching
+    # W5, and its compile estimates produced nothing; ~480 s in all with start-up
+    budgets = (50, 45, 20, 20, 30, 20, 15) if env.smoke else (70, 110, 40, 100, 85, 40, 25)
     only_cases = args.cases.split(",") if args.cases else None
     plan = [
         ("1 smoke (fp32 + bf16 vs torch)", budgets[0],
          lambda o, b: section_smoke(env, o, b, only_cases)),
         (f"2 W2, W1, W3, W5 at T={T4}", budgets[1], lambda o, b: section_timings(
             env, o, b, T4, wls, m4, bw, section=f"T={T4}")),
-        (f"3 T={T16}", budgets[2], lambda o, b: section_timings(
-            env, o, b, T16, wls, m16, bw, section=f"T={T16}")),
-        (f"4 a0 > 0 (B-E W1 T={T4})", budgets[3], lambda o, b: section_timings(
-            env, o, b, T4, ("W1",), ("badmm-e",), bw, a0=0.1, section="a0=0.1")),
-        ("5 W4 ResNet-50 step", budgets[4], lambda o, b: section_w4(env, o, b)),
-        (f"6 kernel profile (W2, W1 at T={T4})", budgets[5], lambda o, b: section_profile(
+        (f"3 kernel profile (W2, W1 at T={T4})", budgets[2], lambda o, b: section_profile(
             env, o, b, T4, ("W2", "W1"), m4)),
+        (f"4 torch.compile at T={T4} (W2, W1)", budgets[3], lambda o, b: section_compile(
+            env, o, b, T4, ("W2", "W1"), m4, section=f"T={T4}")),
+        (f"5 T={T16}", budgets[4], lambda o, b: section_timings(
+            env, o, b, T16, wls, m16, bw, section=f"T={T16}")),
+        (f"6 a0 > 0 (B-E W1 T={T4})", budgets[5], lambda o, b: section_timings(
+            env, o, b, T4, ("W1",), ("badmm-e",), bw, a0=0.1, section="a0=0.1")),
+        ("7 W4 ResNet-50 step", budgets[6], lambda o, b: section_w4(env, o, b)),
     ]
     if args.only:
         keep = {int(k) for k in args.only.split(",")}
