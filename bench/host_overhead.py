@@ -125,8 +125,9 @@ def main(argv=None) -> int:
         rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True).stdout.strip()
         lines = [f"# Host front end, MEASURED on the CPU (kernel launches stubbed), commit {rev}",
-                 "", f"torch {torch.__version__}, triton {triton.__version__}; median of "
-                 f"{args.reps} calls, 1 thread; `bench/host_overhead.py`.", "",
+                 "", f"torch {torch.__version__}, triton {triton.__version__}; the smallest of 5 "
+                 f"interleaved rounds' medians, {args.reps} calls in all, 1 thread; "
+                 "`bench/host_overhead.py`.", "",
                  "| case | fwd µs | fwd+bwd µs | launches per fwd+bwd |", "|---|---|---|---|"]
         lines += [f"| {r['case']} | {r['fwd_us']:.0f} | {r['fwd_bwd_us']:.0f} | "
                   f"{r['launches']} |" for r in rows]
