@@ -468,6 +468,11 @@ def main(argv=None) -> int:
     spec, wout = os.path.join(tmp, "spec.json"), os.path.join(tmp, "work.json")
     json.dump(cs, open(spec, "w"))
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # ROTP_REPORT_WORKER_PYTHONPATH: the interpreter worker's own PYTHONPATH, so that this
+    # process can compile with another triton (e.g. a GPU image's 3.6, put first on PYTHONPATH)
+    # while the traffic is counted under the installed one (3.6's interpreter fails here)
+    if "ROTP_REPORT_WORKER_PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["ROTP_REPORT_WORKER_PYTHONPATH"]
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", spec, wout]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT)  # runs while this process compiles
     torch.set_num_threads(1)
@@ -573,11 +578,12 @@ def markdown(meta, rows) -> str:
          "occupancy beyond programs ÷ 132. The torch.compile column is a crude fusion model.",
          "",
          "**Checked on a GPU** (H200, torch 2.11, triton 3.6, 2026-11-29: "
-         "`bench/results/gpu_vs_prediction_2026-11-29.md`): bytes and instructions are counted "
-         "right, but kernels with few resident warps per SM (column 'warps / SM' below; ~8 for "
+         "`bench/results/gpu_vs_prediction_2026-11-29.md`): kernels with few resident warps "
+         "per SM (column 'warps / SM' below; ~8 for "
          "the one-program-per-set kernels) ran 2-7× slower than predicted - latency is not "
-         "modelled, and that device's triton 3.6 emitted ~2× the SASS of the build read here "
-         "- while a kernel with ~24 ran on its prediction; the host front end cost ~1.5 ms per "
+         "modelled (reading that device's triton 3.6 SASS predicts the same times) - while "
+         "a kernel with ~24 ran on its prediction (so the bytes and instructions look counted "
+         "right); the host front end cost ~1.5 ms per "
          "W1 fwd+bwd where the model prices ~50 µs. Read every µs below as a lower bound.",
          "",
          "## Summary (every time a PREDICTION)", "",
