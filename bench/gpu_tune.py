@@ -1,5 +1,6 @@
 """Launch-configuration sweep for the next GPU lease (issues 12, 17): MEASURED times of the W2
-Sinkhorn and B-E kernels under alternative tilings, each checked against the torch path.
+Sinkhorn and B-E kernels under alternative tilings, and of W1 B-E with and without its split
+over several programs per set, each checked against the torch path.
 
 The H200 run of 2026-11-29 measured the one-program-per-set kernels 2-7× over the kernel
 report's prediction, with ~8 resident warps per SM (200-255 registers per thread; see
@@ -49,33 +50,39 @@ def _halve_tile(sizes):
 
 
 def variants():
-    """(method, name, {module: {attribute: replacement}}): replacements built from the
-    originals, so that each variant differs from the shipped launcher in one decision."""
+    """(workload, method, name, {module: {attribute: replacement}}): replacements built from
+    the originals, so that each variant differs from the shipped launcher in one decision."""
     S, B = sinkhorn_launch, badmm_launch
     pieces = S.pieces_config
     blocks, bwd_blocks = B.block_sizes, B.backward_block_sizes
     return [
-        ("sinkhorn", "shipped", {}),
-        ("sinkhorn", "row-piece tiles: half the elements per thread", {S: dict(
+        ("W2", "sinkhorn", "shipped", {}),
+        ("W2", "sinkhorn", "row-piece tiles: half the elements per thread", {S: dict(
             pieces_config=lambda D, p, BD, nw=S.PIECES_NUM_WARPS, e=S.FWD_ELEMS_PER_THREAD:
             pieces(D, p, BD, nw, max(e // 2, 1)))}),
-        ("sinkhorn", "row-piece forward: 8 warps", {S: dict(
+        ("W2", "sinkhorn", "row-piece forward: 8 warps", {S: dict(
             pieces_config=lambda D, p, BD, nw=S.PIECES_NUM_WARPS, e=S.FWD_ELEMS_PER_THREAD:
             pieces(D, p, BD, 8, e))}),
-        ("sinkhorn", "no row pieces (padded tile)", {S: dict(ROW_PIECES=False)}),
-        ("sinkhorn", "4 warps everywhere", {S: dict(num_warps_for=lambda x, B_: 4)}),
-        ("badmm-e", "shipped", {}),
+        ("W2", "sinkhorn", "no row pieces (padded tile)", {S: dict(ROW_PIECES=False)}),
+        ("W2", "sinkhorn", "4 warps everywhere", {S: dict(num_warps_for=lambda x, B_: 4)}),
+        ("W2", "badmm-e", "shipped", {}),
         # (backward_block_sizes derives from block_sizes and halves only tiles of 2,048: the
         # backward keeps its shipped 1,024 here)
-        ("badmm-e", "forward tile 1,024", {B: dict(
+        ("W2", "badmm-e", "forward tile 1,024", {B: dict(
             block_sizes=lambda n, D: _halve_tile(blocks(n, D)))}),
-        ("badmm-e", "backward tile 512", {B: dict(
+        ("W2", "badmm-e", "backward tile 512", {B: dict(
             backward_block_sizes=lambda n, D: _halve_tile(bwd_blocks(n, D)))}),
-        ("badmm-e", "two passes per forward iteration", {B: dict(
+        ("W2", "badmm-e", "two passes per forward iteration", {B: dict(
             forward_one_pass=lambda *a: None)}),
         # (16 warps: the backward keeps the 2,048 tile, 4 per thread as the shipped 8 warps)
-        ("badmm-e", "16 warps, tiles of 2,048", {B: dict(
+        ("W2", "badmm-e", "16 warps, tiles of 2,048", {B: dict(
             block_sizes=lambda n, D: blocks(n, D)[:3] + (16,))}),
+        # W1 (50 sets < 132 SMs) is split over several programs per set: 33 launches per
+        # fwd+bwd, chosen when a launch was priced at 4 µs; the H200 spent tens of µs of host
+        # time per launch (W1 B-E: 0.66 ms of kernels in a 3.0 ms call)
+        ("W1", "badmm-e", "shipped", {}),
+        ("W1", "badmm-e", "one program per set (no split)", {B: dict(
+            forward_splits=lambda *a: (1, 1), backward_splits=lambda *a: (1, 1))}),
     ]
 
 
@@ -131,30 +138,30 @@ def main(argv=None) -> int:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     slug = "".join(ch if ch.isalnum() else "-" for ch in dev.lower()).strip("-")
     base = os.path.join(out_dir, f"gpu_tune_{slug}_{date[:10]}")
-    T, wl = (2 if env.smoke else 4), "W2"
+    T = 2 if env.smoke else 4
     keep = [m for m in args.only.split(",") if m]
     rows, refs, end = [], {}, time.time() + args.budget
-    for method, name, patches in variants():
+    for wl, method, name, patches in variants():
         if keep and method not in keep:
             continue
         row = dict(workload=wl, T=T, method=method, variant=name)
         try:
             with deadline(end - time.time()):
-                if method not in refs:  # the torch path once per method: the check's reference
+                if (wl, method) not in refs:  # the torch path once: the check's reference
                     x0, ptr, kind, desc = workload(wl, env)
                     x0 = x0.to(env.device)
                     fn, params = pool_fn(kind, x0, ptr, method, T, "torch", env)
                     x = x0.clone().requires_grad_()
                     y = fn(x)
                     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(y)
-                    refs[method] = dict(data=(x0, ptr, kind, desc), gy=gy, out=(
+                    refs[wl, method] = dict(data=(x0, ptr, kind, desc), gy=gy, out=(
                         y.detach(), torch.autograd.grad(y, [x] + params, gy)))
-                row.update(run_variant(env, wl, method, T, patches, refs[method]))
+                row.update(run_variant(env, wl, method, T, patches, refs[wl, method]))
         except Exception as e:
             row["status"] = "out of time" if is_timeout(e) else \
                 f"error {type(e).__name__}: {str(e)[:200]}"
         rows.append(row)
-        log(f"{method} | {name}: " + (f"fwd {row['fwd_ms']:.3f} ms, fwd+bwd "
+        log(f"{wl} {method} | {name}: " + (f"fwd {row['fwd_ms']:.3f} ms, fwd+bwd "
                                       f"{row['fwd_bwd_ms']:.3f} ms, y {row['err_y']:.1e}, dx "
                                       f"{row['err_dx']:.1e} {'OK' if row['ok'] else 'FAIL'}"
                                       if "fwd_ms" in row else row.get("status", "")))
@@ -162,14 +169,15 @@ def main(argv=None) -> int:
         with open(base + ".json", "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
         L = [f"# Launch-configuration sweep - {dev}, {date} (MEASURED)", "",
-             f"torch {meta['torch']}, triton {meta['triton']}; {wl}, T = {T}, fp32; medians of "
+             f"torch {meta['torch']}, triton {meta['triton']}; T = {T}, fp32; medians of "
              "triton.testing.do_bench; errors: relative L2 against backend='torch' (≤ 2e-3).",
-             "", "| method | variant | fwd ms | fwd+bwd ms | err y | err dx | ok / status |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| workload | method | variant | fwd ms | fwd+bwd ms | err y | err dx | "
+             "ok / status |", "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             f_ = lambda k: f"{r[k]:.3f}" if k in r else ""  # noqa: E731
             e_ = lambda k: f"{r[k]:.1e}" if k in r else ""  # noqa: E731
-            L.append(f"| {r['method']} | {r['variant']} | {f_('fwd_ms')} | {f_('fwd_bwd_ms')} | "
+            L.append(f"| {r['workload']} | {r['method']} | {r['variant']} | {f_('fwd_ms')} | "
+                     f"{f_('fwd_bwd_ms')} | "
                      f"{e_('err_y')} | {e_('err_dx')} | "
                      f"{('OK' if r.get('ok') else 'FAIL') if 'ok' in r else r.get('status')} |")
         with open(base + ".md", "w") as f:
