@@ -26,17 +26,14 @@ import os
 import sys
 import time
 
-SMOKE = "--smoke-cpu" in sys.argv
-if SMOKE:  # before triton is imported
-    os.environ["TRITON_INTERPRET"] = "1"
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+# first: gpu_check switches the interpreter on under --smoke-cpu before torch / triton load
+from bench.gpu_check import Env, deadline, is_timeout, log, pool_fn, rel, workload  # noqa: E402,I001
 
-from bench.gpu_check import Env, deadline, is_timeout, log, pool_fn, rel, workload  # noqa: E402
+import torch  # noqa: E402
 from rotp_triton.ops.rot.triton.badmm import launch as badmm_launch  # noqa: E402
 from rotp_triton.ops.rot.triton.sinkhorn import launch as sinkhorn_launch  # noqa: E402
 
