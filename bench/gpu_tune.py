@@ -31,7 +31,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 # first: gpu_check switches the interpreter on under --smoke-cpu before torch / triton load
-from bench.gpu_check import Env, deadline, is_timeout, log, pool_fn, rel, workload  # noqa: E402,I001
+from bench.gpu_check import (Env, deadline, is_timeout, log, pool_fn,  # noqa: E402
+                              rel, workload)
 
 import torch  # noqa: E402
 from rotp_triton.ops.rot.triton.badmm import launch as badmm_launch  # noqa: E402

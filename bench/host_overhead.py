@@ -11,8 +11,8 @@ triton's own launch path (on the device: tens of µs per launch more) and not th
     python bench/host_overhead.py [--reps 200] [--out bench/results/host_overhead.md]
 
 Prints, per case, forward and forward+backward µs (the smallest of 5 interleaved rounds'
-medians, ``--reps`` calls in all) and the launches per fwd+bwd. Machine noise is large on a shared CPU: compare
-two versions in the same run, or runs taken back to back.
+medians, ``--reps`` calls in all) and the launches per fwd+bwd. Machine noise is large on a
+shared CPU: compare two versions in the same run, or runs taken back to back.
 """
 from __future__ import annotations
 
