@@ -246,3 +246,69 @@ def test_triton_route_matches_reference(method, a0, layout, dtype):
         return y, torch.cat(plans)
 
     check_against_reference(kernel, reference, inputs, dtype=dtype)
+
+
+def _spy_recorded_paths(monkeypatch):
+    """Count calls of every family's recorded forward (custom operator or autograd.Function):
+    what a forward goes through when it builds an autograd graph."""
+    from rotp_triton.ops.rot.triton.badmm import op as badmm_op
+    from rotp_triton.ops.rot.triton.sinkhorn import op as sinkhorn_op
+    from rotp_triton.ops.rot.triton.window import op as window_op
+    calls = []
+
+    def spy(fn, name):
+        def wrapped(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return wrapped
+    for mod, op_name, functions in (
+            (sinkhorn_op, "sinkhorn_fwd_op", ("SinkhornFunction", "SpreadSinkhornFunction")),
+            (badmm_op, "badmm_fwd_op", ("BadmmFunction", "SpreadBadmmFunction")),
+            (window_op, "window_fwd_op", ("WindowPoolFunction", "SpreadWindowPoolFunction"))):
+        if getattr(mod, op_name) is not None:
+            monkeypatch.setattr(mod, op_name, spy(getattr(mod, op_name), op_name))
+        for f in functions:
+            cls = getattr(mod, f)
+            monkeypatch.setattr(cls, "apply", staticmethod(spy(cls.apply, f)))
+    return calls
+
+
+@pytest.mark.parametrize("case", ["rot_pool-sinkhorn", "rot_pool-ptr-badmm-e",
+                                  "AdaptiveROTPool2d-badmm-q", "ROTPool2d-sinkhorn",
+                                  "ROTPool2d-badmm-e-unscaled"])
+def test_forward_without_a_graph_calls_the_launchers_directly(monkeypatch, case):
+    """A forward that records no autograd graph (torch.no_grad, or no input requiring grad)
+    skips the custom operator / autograd.Function and calls the family's launcher itself
+    (common.direct_launch: their dispatch is ~100 µs of host time per call) and returns
+    exactly what the recorded forward returns; with an input requiring grad it records."""
+    gen = torch.Generator().manual_seed(5)
+    kw = dict(backend="triton", num_iters=2)
+    if case.startswith("rot_pool"):
+        method = case.split("-")[-1] if case.count("-") == 1 else "badmm-e"
+        x = torch.randn(9, 4, generator=gen).to(DEVICE)
+        extra = dict(ptr=torch.tensor([0, 2, 2, 9], device=DEVICE)) if "ptr" in case else {}
+        if not extra:
+            x = x[:8].view(2, 4, 4)
+
+        def run(inp):
+            return rt.rot_pool(inp, method=method, **extra, **kw)
+    else:
+        method = "-".join(case.split("-")[1:3]) if "badmm" in case else "sinkhorn"
+        x = torch.randn(2, 4, 4, 4, generator=gen).to(DEVICE)
+        scale = dict(scale=None) if case.endswith("unscaled") else {}
+        m = (rt.AdaptiveROTPool2d(4, method=method, **kw, **scale) if "Adaptive" in case else
+             rt.ROTPool2d(4, 2, method=method, **kw, **scale)).to(DEVICE)
+        run = m
+    calls = _spy_recorded_paths(monkeypatch)
+    xg = x.clone().requires_grad_()
+    recorded = run(xg)
+    assert len(calls) == 1, calls                                # the graph path, once
+    calls.clear()
+    with torch.no_grad():
+        y_no_grad = run(xg)
+    if case.startswith("rot_pool"):                              # no input requires grad
+        y_plain = run(x)
+    else:
+        y_plain = y_no_grad
+    assert calls == [], calls
+    assert torch.equal(y_no_grad, recorded.detach()) and torch.equal(y_plain, y_no_grad)

@@ -51,6 +51,24 @@ def cdiv(a: int, b: int) -> int:
 HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
 
 
+def direct_launch(*tensors) -> bool:
+    """Whether a family's forward may call its launcher itself instead of the custom operator
+    or autograd.Function: in eager mode (not while torch.compile / export traces), on plain
+    tensors (no FakeTensor, FunctionalTensor or other subclass: those need the operator's fake
+    kernel), when no autograd graph is recorded (grad disabled, or no input requires grad).
+    The same launcher and kernels run either way; the operator's dispatch costs ~100 µs of
+    host time per call (bench/host_overhead.py), most of a small inference call."""
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor or (grad and t.requires_grad):
+            return False
+    return True
+
+
 def launcher(kernel, wrap=None):
     """``kernel`` itself, or ``wrap(kernel)`` (``torch.library.wrap_triton`` inside a custom op)."""
     return kernel if wrap is None else wrap(kernel)
@@ -109,7 +127,7 @@ def lse2_combine(m1, s1, m2, s2):
 
 
 __all__ = ["LOG2E", "LN2", "interpreter_enabled", "sm_count", "next_pow2", "cdiv",
-           "HAS_TRITON_OP", "launcher", "kappa", "lse2_combine"]
+           "HAS_TRITON_OP", "direct_launch", "launcher", "kappa", "lse2_combine"]
 
 
 @triton.jit

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..common import HAS_TRITON_OP
+from ..common import HAS_TRITON_OP, direct_launch
 from ..spread.launch import spread_backward
 from .launch import (badmm_backward, badmm_forward, history_like, param_grad_views,
                      param_grads_numel)
@@ -187,6 +187,13 @@ def badmm_pool(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Ten
         ``(y (B, D) in x's dtype (0 for empty sets), plan or None)``.
     """
     paper = variant == "paper"
+    if direct_launch(x, ptr, w, log_p0, log_q0):   # nothing to record: the launcher itself
+        if spread:
+            return badmm_forward(x, ptr, w, None, None, quadratic=quadratic, paper=paper,
+                                 return_plan=False, spread=True)[0].to(x.dtype), None
+        y32, plan, _ = badmm_forward(x, ptr, w, log_p0, log_q0, quadratic=quadratic,
+                                     paper=paper, return_plan=return_plan)
+        return y32.to(x.dtype), (plan if return_plan else None)
     if spread:
         y = SpreadBadmmFunction.apply(x, ptr, w, quadratic, paper,
                                       (1,) if ptr is None else (0,))

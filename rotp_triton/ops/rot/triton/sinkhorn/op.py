@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..common import HAS_TRITON_OP
+from ..common import HAS_TRITON_OP, direct_launch
 from ..spread.launch import spread_backward
 from .launch import (layout, param_grad_views, param_grads_numel, sinkhorn_backward,
                      sinkhorn_forward, state_numel)
@@ -171,6 +171,12 @@ def sinkhorn_pool(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
         (y (B, D) in x.dtype, plan in x's layout and dtype, or None).
     """
     paper = variant == "paper"
+    if direct_launch(x, ptr, w, log_p0, log_q0):   # nothing to record: the launcher itself
+        if spread:
+            return sinkhorn_forward(x, ptr, w, None, None, paper, False, spread=True)[0].to(
+                x.dtype), None
+        y, plan, _ = sinkhorn_forward(x, ptr, w, log_p0, log_q0, paper, return_plan)
+        return y.to(x.dtype), (plan if return_plan else None)
     if spread:
         y = SpreadSinkhornFunction.apply(x, ptr, w, paper, (1,) if ptr is None else (0,))
         return y.to(x.dtype), None

@@ -13,7 +13,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor
 
-from ..common import HAS_TRITON_OP
+from ..common import HAS_TRITON_OP, direct_launch
 from ..spread.launch import bfs_strides, spread_backward, spread_forward
 from .launch import empty_like_layout, geometry, window_backward, window_forward
 
@@ -126,9 +126,14 @@ def window_pool(x: Tensor, w: Tensor, *, kernel_size, stride, padding, ceil_mode
     ``scale="auto"``), folded into the kernels (eager only: ``torch.compile`` traces the
     separate ops)."""
     k, s, p = list(kernel_size), list(stride), list(padding)
-    if spread and x.numel() > 0:
-        if bfs_strides(x, (2, 3)) is None:  # pixels not on one stride: the statistics need it
-            x = x.contiguous()
+    spread = spread and x.numel() > 0
+    if spread and bfs_strides(x, (2, 3)) is None:  # pixels not on one stride: the statistics
+        x = x.contiguous()                          # need it
+    if direct_launch(x, w):                         # nothing to record: the launchers themselves
+        g = geometry(x.shape, k, s, p, bool(ceil_mode))
+        scale = spread_forward(x, (2, 3), None)[1][:g.B] if spread else None
+        return window_forward(x, w, g, method, variant, scale=scale)
+    if spread:
         return SpreadWindowPoolFunction.apply(x, w, tuple(k), tuple(s), tuple(p),
                                               bool(ceil_mode), method, variant)
     if window_fwd_op is not None:
