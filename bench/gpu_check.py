@@ -156,8 +156,13 @@ def machine_info(env: Env) -> dict:
 # --------------------------------------------------------------------------------------------
 # shapes
 # --------------------------------------------------------------------------------------------
-def workload(name: str, env: Env, dtype=torch.float32):
+def workload(name: str, env: Env):
     """(x, ptr or None, kind, description) on env.device; tiny under --smoke-cpu."""
+    x, ptr, kind, desc = _workload_cpu(name, env)
+    return x.to(env.device), (ptr.to(env.device) if ptr is not None else None), kind, desc
+
+
+def _workload_cpu(name: str, env: Env):
     g = torch.Generator().manual_seed(0)
     s = env.smoke
     if name == "W1":
@@ -361,12 +366,8 @@ def section_timings(env, out, budget, T: int, workloads, methods, bw: float,
     """Per workload mean pooling, then triton and eager for every method (torch.compile has
     its own section: :func:`section_compile`)."""
     end = time.time() + budget
-    data = {}
     for wl in workloads:
         x0, ptr, kind, desc = workload(wl, env)
-        x0 = x0.to(env.device)
-        ptr = ptr.to(env.device) if ptr is not None else None
-        data[wl] = (x0, ptr, kind, desc)
         _measure_rows(env, out, end, section, wl, "-", "mean", "mean", mean_fn(kind, ptr), [],
                       x0, desc, None)
         for method in methods:
@@ -419,8 +420,6 @@ def section_compile(env, out, budget, T: int, workloads, methods, a0: float = 0.
     end = time.time() + budget
     for wl in workloads:
         x0, ptr, kind, desc = workload(wl, env)
-        x0 = x0.to(env.device)
-        ptr = ptr.to(env.device) if ptr is not None else None
         for method in methods:
             fn, params = pool_fn(kind, x0, ptr, method, T, "torch", env, a0=a0)
             torch._dynamo.reset()
@@ -464,8 +463,6 @@ def section_profile(env, out, budget, T: int, workloads, methods, reps: int = 5)
     with deadline(budget):
         for wl in workloads:
             x0, ptr, kind, desc = workload(wl, env)
-            x0 = x0.to(env.device)
-            ptr = ptr.to(env.device) if ptr is not None else None
             for method in methods:
                 fn, params = pool_fn(kind, x0, ptr, method, T, "triton", env)
                 x = x0.detach().clone().requires_grad_()

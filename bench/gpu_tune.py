@@ -147,7 +147,6 @@ def main(argv=None) -> int:
             with deadline(end - time.time()):
                 if (wl, method) not in refs:  # the torch path once: the check's reference
                     x0, ptr, kind, desc = workload(wl, env)
-                    x0 = x0.to(env.device)
                     fn, params = pool_fn(kind, x0, ptr, method, T, "torch", env)
                     x = x0.clone().requires_grad_()
                     y = fn(x)
