@@ -118,6 +118,34 @@ def peak_bytes(run, device: str) -> float:
     return cuda("max_memory_allocated", device) - base
 
 
+def cpu_peak_bytes(run, largest: int = 0):
+    """Peak bytes of CPU tensor storage alive during ``run()`` above the level at its start,
+    from the c10 allocator's events (``torch.profiler`` with ``profile_memory``; ``tracemalloc``
+    sees only Python's allocator). With ``largest``: also the sizes of that many of the largest
+    allocations alive at the peak (a free is matched to the latest live allocation of its
+    size: the events carry no address)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+                     and e.device_type() == torch._C._autograd.DeviceType.CPU),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    alive, at_peak = [], []
+    for e in events:
+        n = e.nbytes()
+        live += n
+        if largest:
+            if n > 0:
+                alive.append(n)
+            elif -n in alive:
+                del alive[len(alive) - 1 - alive[::-1].index(-n)]
+        if live > peak:
+            peak, at_peak = live, sorted(alive, reverse=True)[:largest]
+    return (peak, at_peak) if largest else peak
+
+
 def measure(do_bench, run, device: str):
     """(median ms, peak bytes above the pre-call allocation) of run(), after a warm-up call
     (compilation, autotuning)."""

@@ -24,11 +24,9 @@ Environment: ``ROTP_BENCH_THREADS`` sets torch's CPU threads (default: torch's d
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import sys
-import tempfile
 
 import pytest
 import torch
@@ -38,6 +36,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import rotp_triton as rt  # noqa: E402
+from bench import common  # noqa: E402
 from rotp_triton.ops.rot.params import wants_structure  # noqa: E402
 
 B, N, D, T = 50, 500, 100, 4
@@ -96,23 +95,7 @@ def forward_backward_call(method, a0):
 
 def peak_bytes(fn) -> int:
     """Peak bytes of CPU tensor storage alive during ``fn()`` above the level at its start."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    mem = sorted((e for e in events if e.get("name") == "[memory]"
-                  and int(e["args"].get("Device Type", 0)) == 0), key=lambda e: e["ts"])
-    if not mem:
-        return 0
-    # "Total Allocated" is the running total of the bytes allocated while profiling and not yet
-    # freed, after this event; the level before the first event is its total minus its bytes.
-    start = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
-    return max(e["args"]["Total Allocated"] for e in mem) - start
+    return common.cpu_peak_bytes(fn)
 
 
 @pytest.mark.parametrize("label,method,a0", CASES, ids=IDS)
