@@ -724,7 +724,7 @@ def test_saved_bytes_are_x_plus_vectors(variant, schedule, monkeypatch):
     _schedule(monkeypatch, schedule)
     gen = torch.Generator().manual_seed(7)
     B, N, D = 2, 9, 6
-    KV = 3 if variant == "paper" else 2     # R, log μ [, z1] per iteration (C, log η [, z2])
+    KV = 4 if variant == "paper" else 3     # + the replay's shift slot
     x = torch.randn(B, N, D, generator=gen).to(DEVICE).requires_grad_()
     scratch = []
     real_scratch = launch.fp32_scratch
@@ -925,7 +925,7 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
         BN, BD, BV, num_warps = one_pass or (BN, BD, BV, num_warps)
     consts = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=m.quad_flag(quad, paper),
                   PAPER=paper, BN=BN, BD=BD, BV=BV, **{flag: True})
-    consts["KV"] = 3 if paper else 2
+    consts["KV"] = 4 if paper else 3
     consts.setdefault("SCALED", False)
     if kernel is m.badmm_fwd_kernel:
         consts["REPLAY"] = replay
@@ -1000,7 +1000,7 @@ def signature(kernel, consts):
 for name, D, N, quad, paper, ragged in [("W1", 100, 500, False, False, False),
                                         ("W5", 128, 0, True, True, True)]:
     BN, BD, BV, num_warps = launch.block_sizes(N, D)
-    common = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=quad, KV=3 if paper else 2,
+    common = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=quad, KV=4 if paper else 3,
                   SCALED=ragged)     # W5 with the layers' feature scale folded in
     for kernel, consts in [
             (s.badmm_split_column_lse_kernel, dict(common, PAPER=paper, REPLAY=True,

@@ -52,8 +52,8 @@ is derived on chip from the (6, T) weight table (rows as ``params.py``).
 
 Backward schedule (issue 17): for α0 = 0 every entry of (log S, Z) evolves on its own once the
 iteration's row and column shifts (log η - C)_n and (log μ - R)_d are known. The forward
-therefore records R, log μ [, z1] (per set, D each) and C, log η [, z2] (per row) of every
-iteration - O(T · (N + D)) per set, saved with x - and the
+therefore records R, log μ [, z1], log μ - R (per set, D each) and C, log η [, z2],
+log η - C (per row) of every iteration - O(T · (N + D)) per set, saved with x - and the
 backward's reverse step t rebuilds (log S_t, Z_t) of each tile from x and that history
 (:func:`_replay_state`: t elementwise iterations, two exp2 each, no HBM traffic beyond x and
 the vectors) instead of re-running the forward's passes from iteration 0. The adjoints L̄, Z̄
@@ -527,6 +527,16 @@ def _vec_copy(src_ptr, dst_ptr, length, BV: tl.constexpr):
 
 
 @triton.jit
+def _vec_sub(a_ptr, b_ptr, dst_ptr, length, BV: tl.constexpr):
+    """dst = a - b (the history's shift slots: log μ - R, log η - C)."""
+    for i0 in range(0, length, BV):
+        offs = i0 + tl.arange(0, BV)
+        msk = offs < length
+        tl.store(dst_ptr + offs, tl.load(a_ptr + offs, mask=msk, other=0.0)
+                 - tl.load(b_ptr + offs, mask=msk, other=0.0), mask=msk)
+
+
+@triton.jit
 def _vec_dot(a_ptr, b_ptr, length, BV: tl.constexpr):
     """Σ_i a_i b_i over ``length`` entries."""
     acc = tl.zeros([BV], dtype=tl.float32)
@@ -557,24 +567,24 @@ def _vec_fill(dst_ptr, value, length, BV: tl.constexpr):
 # --------------------------------------------------------------------------------------------
 # vector history: what the forward keeps for the backward (O(T · (N + D)) per set)
 # --------------------------------------------------------------------------------------------
-# hd (B, T, KV, D): R, log μ [, z1]; hn (T, KV, rows): C, log η [, z2] (KV = 2, paper 3), the
-# values iteration t used (paper: before its vector update). Given them, every entry of
+# hd (B, T, KV, D): R, log μ [, z1], log μ - R; hn (T, KV, rows): C, log η [, z2], log η - C
+# (KV = 3, paper 4), the values iteration t used (paper: before its vector update); the last
+# slot is the shift the replay applies, stored so that its hot loop loads one vector per side. Given them, every entry of
 # (log S_t, Z_t) follows from x_nd, the priors and the weights alone (:func:`_replay_state`).
-# The replay's shifts log μ - R, log η - C are formed from the two slots where they are used,
-# as the same fp32 subtraction of the same values (bit for bit what storing them gave): a third
-# slot cost a third more saved memory (W2 T = 16: 33 MiB, bench/results/peak_memory_*).
 @triton.jit
 def _record(vd, vn, ns, hd_t, hn_t, n_b, D, NR, rows, PAPER: tl.constexpr, KV: tl.constexpr,
             BV: tl.constexpr):
-    """Copy this iteration's vectors from the working slots into the history (``rows``: also
-    the N-vectors; the last iteration has no S-step)."""
+    """Copy this iteration's vectors from the working slots into the history, with the shifts
+    the replay applies (``rows``: also the N-vectors; the last iteration has no S-step)."""
     _vec_copy(vd, hd_t, D, BV)
     _vec_copy(vd + D, hd_t + D, D, BV)
+    _vec_sub(vd + D, vd, hd_t + (KV - 1) * D, D, BV)
     if PAPER:
         _vec_copy(vd + 2 * D, hd_t + 2 * D, D, BV)
     if rows:
         _vec_copy(vn, hn_t, n_b, BV)
         _vec_copy(vn + ns, hn_t + NR, n_b, BV)
+        _vec_sub(vn + ns, vn, hn_t + (KV - 1) * NR, n_b, BV)
         if PAPER:
             _vec_copy(vn + 2 * ns, hn_t + 2 * NR, n_b, BV)
 
@@ -639,23 +649,18 @@ def _replay_iterations(X, L, Zt, offs_n, offs_d, k0, k1, n_b, D, hd_b, hn_b, NR,
     replay into two calls gives the same bits as one (S = exp(log S) is recomputed the same way)."""
     if QUAD:
         S = _exp(L)
-    # masked vector loads (lanes past the set add a shift of 0 and stay at log S = -inf,
-    # P = S = Z = 0): unlike clamped indices they keep the columns contiguous, so each slot is
-    # one vector load per thread - reading two slots per side with clamped per-lane addresses
-    # spilled registers in the backward at sm_90 (8-44 bytes), with masks it uses fewer
-    # registers than the one stored shift slot did (W2 unfused backward 240 vs 248-255)
-    dm = offs_d < D                                                                   # [BD]
-    nm = offs_n < n_b                                                                 # [BN]
+    # lanes past the set read the shifts of its last row / column instead of a masked load
+    # (no predicate or zero fill per load in the hot loop): finite values, and those lanes
+    # stay at log S = -inf, P = S = Z = 0 whatever shift they add (row 0 of an empty set
+    # is in the history's bounds: k < t <= T - 1 leaves a later slot after it)
+    hd_col = hd_b + (KV - 1) * D + tl.minimum(offs_d, D - 1)                          # [BD]
+    hn_row = hn_b + (KV - 1) * NR + tl.maximum(tl.minimum(offs_n, n_b - 1), 0)        # [BN]
     for k in range(k0, k1):
         a1 = tl.load(w_ptr + 1 * T + k)
         rho = tl.load(w_ptr + 4 * T + k)
-        # the shifts (log μ - R)_k and (log η - C)_k from the history's two slots
-        hd_k = hd_b + k * KV * D
-        hn_k = hn_b + k * KV * NR
-        col = tl.load(hd_k + D + offs_d, mask=dm, other=0.0) \
-            - tl.load(hd_k + offs_d, mask=dm, other=0.0)                               # [BD]
-        row = tl.load(hn_k + NR + offs_n, mask=nm, other=0.0) \
-            - tl.load(hn_k + offs_n, mask=nm, other=0.0)                              # [BN]
+        # the history's shifts (log μ - R)_k and (log η - C)_k
+        col = tl.load(hd_col + k * KV * D)                                            # [BD]
+        row = tl.load(hn_row + k * KV * NR)                                           # [BN]
         if QUAD:
             g = X - Zt - a1 * S
         else:
@@ -1160,8 +1165,7 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
                 gy_1 = tl.load(gy_b + offs_d, mask=dm, other=0.0) / isig
                 out_1 = tl.load(out_b + offs_d, mask=dm, other=0.0) * isig
         if FUSE:       # iteration u's log μ - R (R and log μ enter only as the difference)
-            shift_u = tl.load(hd_u + D + offs_d, mask=dm, other=0.0) \
-                - tl.load(hd_u + offs_d, mask=dm, other=0.0)
+            shift_u = tl.load(hd_u + (KV - 1) * D + offs_d, mask=dm, other=0.0)
             tau_u = tl.zeros([BD], dtype=tl.float32)
         for n0 in range(n_lo, n_hi, BN):
             offs_n = n0 + tl.arange(0, BN)

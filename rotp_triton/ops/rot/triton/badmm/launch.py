@@ -351,7 +351,7 @@ def _history_layout(x: Tensor, ptr: Optional[Tensor], T: int, paper: bool):
     """[(offset, shape)] of the weight table, hd and hn in the flat history, each segment
     starting on a 128-byte boundary (as separate allocations would: Triton specialises
     pointers on 16-byte alignment), and the total size."""
-    KV = 3 if paper else 2
+    KV = 4 if paper else 3
     D = x.shape[-1]
     B = x.shape[0] if ptr is None else ptr.shape[0] - 1
     rows = x.shape[0] * x.shape[1] if ptr is None else x.shape[0]
@@ -367,8 +367,8 @@ def history_like(x: Tensor, ptr: Optional[Tensor], T: int, paper: bool,
     """Empty flat fp32 history saved for the backward (one allocation; :func:`history_views`
     splits it): the kernels' weight table (WEIGHT_ROWS, T) (:func:`_fill_weight_table`: the
     backward reuses it), and the vectors of every iteration, hd (B, T, KV, D) - R, log μ
-    [, z1] - and hn (T, KV, rows) - C, log η [, z2] - (KV = 3 for the paper variant, else 2;
-    the replay forms its shifts log μ - R, log η - C from them). Sizes come from shapes only
+    [, z1], log μ - R - and hn (T, KV, rows) - C, log η [, z2], log η - C - (KV = 4 for the
+    paper variant, else 3; the last slot is the replay's shift). Sizes come from shapes only
     (no host sync). ``extra``: that many more elements at the end (the launcher's spread
     statistics, which are saved with it)."""
     return x.new_empty(_history_layout(x, ptr, T, paper)[1] + extra, dtype=torch.float32)

@@ -194,7 +194,7 @@ def _vector_step(pm_b, pl_b, pa_b, pstride, P, h_t, S, length, lo, hi, prior_ptr
     partials (R_t or C_t; with POOL y gets the pooled output times ``ysig``), slot 1 the
     iteration's marginal - exact: lognorm(κ log prior + (1 - κ) LSE); paper: the vector state
     of eqs. 26-28 advanced from iteration t - 1 (κ_p, ρ_p; the prior and z = 0 at t = 0) -
-    [and slot 2 the paper's z]. The normaliser needs the whole vector
+    and slot KV - 1 the replay's shift (slot 1 - slot 0). The normaliser needs the whole vector
     (a first pass over ``length``), the writes only [lo, hi): the tile programs of a set each
     run this for their own rows or columns, concurrently, so every slot is written once, from
     partials and slots of t - 1 only (no in-place update), and the values of [lo, hi) are
@@ -229,6 +229,7 @@ def _vector_step(pm_b, pl_b, pa_b, pstride, P, h_t, S, length, lo, hi, prior_ptr
             tl.store(h_t + offs, r, mask=msk)
             tl.store(h_t + S + offs, lmu_new, mask=msk)
             tl.store(h_t + 2 * S + offs, z1_new, mask=msk)
+            tl.store(h_t + (KV - 1) * S + offs, lmu_new - r, mask=msk)
             if POOL:
                 tl.store(y_b + offs, pooled * ysig, mask=msk)
     else:
@@ -252,6 +253,7 @@ def _vector_step(pm_b, pl_b, pa_b, pstride, P, h_t, S, length, lo, hi, prior_ptr
             r = tl.load(h_t + offs, mask=msk, other=0.0)
             lmu = k * _load_prior(prior_ptr, offs, length, uval, HAS) + (1 - k) * r - lse
             tl.store(h_t + S + offs, lmu, mask=msk)
+            tl.store(h_t + (KV - 1) * S + offs, lmu - r, mask=msk)
     tl.debug_barrier()
 
 
