@@ -25,18 +25,38 @@ def compile_sm90(kernel, signature: dict, constexprs: dict, num_warps: int = 4,
     options = {"num_warps": num_warps, "num_stages": num_stages}
     if maxnreg is not None:  # the launcher's register cap (a launch option like num_warps)
         options["maxnreg"] = maxnreg
-    return triton.compile(src, target=HOPPER, options=options)
+    # keep the log of triton's own ptxas -v run (it prints it with dump_ptxas_log) so that
+    # ptxas_usage need not run ptxas a second time (a sixth of an AOT test's time)
+    nv = getattr(getattr(triton, "knobs", None), "nvidia", None)
+    if nv is None or not hasattr(nv, "dump_ptxas_log"):
+        return triton.compile(src, target=HOPPER, options=options)
+    import contextlib
+    import io
+    old, out = nv.dump_ptxas_log, io.StringIO()
+    nv.dump_ptxas_log = True
+    try:
+        with contextlib.redirect_stdout(out):
+            compiled = triton.compile(src, target=HOPPER, options=options)
+    finally:
+        nv.dump_ptxas_log = old
+    if "Used " in out.getvalue():   # empty when triton's cache had the kernel: no ptxas ran
+        compiled.ptxas_log = out.getvalue()
+    return compiled
 
 
 def ptxas_usage(compiled) -> dict:
-    """Registers and spill bytes of a compiled kernel from ``ptxas -v`` on its PTX, with the
-    ptxas that triton itself uses for the target. (``cuobjdump -res-usage`` prints LOCAL:0 even
-    when registers spill: spills land in STACK, which also counts call frames.)"""
+    """Registers and spill bytes of a compiled kernel from ``ptxas -v``: the log of triton's own
+    ptxas run where :func:`compile_sm90` kept it, else ptxas run again on the PTX with the
+    options triton passes. (``cuobjdump -res-usage`` prints LOCAL:0 even when registers spill:
+    spills land in STACK, which also counts call frames.)"""
     import os
     import re
     import subprocess
     import tempfile
 
+    log = getattr(compiled, "ptxas_log", None)
+    if log is not None:
+        return _usage_from_log(log)
     from triton.backends.nvidia.compiler import get_ptxas
     try:
         ptxas = get_ptxas(HOPPER.arch).path
@@ -52,7 +72,11 @@ def ptxas_usage(compiled) -> dict:
         err = subprocess.run([ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2",
                               f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.cubin")],
                              capture_output=True, text=True)
-    out = err.stdout + err.stderr
+    return _usage_from_log(err.stdout + err.stderr)
+
+
+def _usage_from_log(out: str) -> dict:
+    import re
     regs = re.search(r"Used (\d+) registers", out)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
     if regs is None or spill is None:

@@ -3,7 +3,7 @@ spill usage, and the instruction mix of the innermost loop (PERF.md, "Measuring 
 
 Run WITHOUT ``TRITON_INTERPRET`` (``tests/ops/rot/test_sinkhorn.py`` runs it in a subprocess):
 
-    python tests/ops/rot/sinkhorn_sass.py usage fwd1 exact fp32 8     # REG / LOCAL of one config
+    python tests/ops/rot/sinkhorn_sass.py usage fwd1 exact fp32 8 [...]  # REG / LOCAL per config
     python tests/ops/rot/sinkhorn_sass.py loop W1 exact               # innermost-loop counts
 
 Workloads: W1 = 50 × 500 × 100 dense contiguous fp32, W2 = x (256, 2048, 7, 7) viewed as
@@ -291,9 +291,11 @@ def loop_report(name: str, variant: str) -> str:
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run without TRITON_INTERPRET")
-    if sys.argv[1] == "usage":
-        which, variant, xdt, nw = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-        regs, local = usage(compile_config(which, variant, xdt, nw))
-        print("USAGE", which, variant, xdt, nw, regs, local)
+    if sys.argv[1] == "usage":       # one or more configs: which variant xdt warps, ...
+        args = sys.argv[2:]
+        for i in range(0, len(args), 4):
+            which, variant, xdt, nw = args[i], args[i + 1], args[i + 2], int(args[i + 3])
+            regs, local = usage(compile_config(which, variant, xdt, nw))
+            print("USAGE", which, variant, xdt, nw, regs, local, flush=True)
     else:
         print(loop_report(sys.argv[2], sys.argv[3]))
