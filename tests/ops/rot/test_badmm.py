@@ -954,10 +954,10 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
           replay, flag, "one-pass" if one_pass else "", (BN, BD, BV), "spill", stack, "regs",
           regs, "local", spill)
 for quad, paper in [(False, False), (True, True), (True, False)]:
-    consts = dict(QUAD=m.quad_flag(quad, paper), PAPER=paper, BT=16)
+    consts = dict(QUAD=m.quad_flag(quad, paper), PAPER=paper, BT=16, BI=128)
     sig = {"w_ptr": "*fp32", "gw_ptr": "*fp32", "gwt_ptr": "*fp32", "dw_ptr": "*fp32",
            "B": "i32", "T": "i32", "NPART": "i32",
-           "QUAD": "constexpr", "PAPER": "constexpr", "BT": "constexpr"}
+           "QUAD": "constexpr", "PAPER": "constexpr", "BT": "constexpr", "BI": "constexpr"}
     c = compile_sm90(m.badmm_dw_kernel, sig, consts, num_warps=4)
     assert ".target sm_90" in c.asm["ptx"]
     print("badmm_dw_kernel", quad, paper, "compiled")

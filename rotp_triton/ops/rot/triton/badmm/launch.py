@@ -527,7 +527,8 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
         gw, B = dw, 0
     BT = min(next_pow2(T), 128)
     launcher(badmm_dw_kernel, wrap)[(triton.cdiv(T, BT),)](
-        w32, gw, gwt, dw, B, T, npart, QUAD=quadratic, PAPER=paper, BT=BT)
+        w32, gw, gwt, dw, B, T, npart, QUAD=quadratic, PAPER=paper, BT=BT,
+        BI=min(128, max(8, 2048 // BT)))
     if scale is not None:
         return gx.reshape(x.shape), dparams, ds
     return gx.reshape(x.shape), dparams
