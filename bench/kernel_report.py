@@ -64,7 +64,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from bench import sol  # noqa: E402
+from bench import latency_model, sol  # noqa: E402
 from bench.frontend_report import ALLOC_OPS  # noqa: E402
 
 METHODS = ("sinkhorn", "badmm-e", "badmm-q")
@@ -411,6 +411,28 @@ def analyse(c, rec, work, scale, sass_cache):
     return res
 
 
+def add_calibrated(row: dict) -> None:
+    """The calibrated model's times (``bench/latency_model.py``, fitted to the H200) beside the
+    first model's, in place: per kernel ``calibrated_s`` and per pass ``kernel_cal_s``,
+    ``predicted_cal_s`` (+ the same front end), its ratios to SoL, eager and torch.compile.
+    Needs only what a report JSON stores, so an old report can be repriced (``--reprice``)."""
+    for k in row["kernels"].values():
+        k["calibrated_s"] = None if k.get("error") else latency_model.calibrated_seconds(k)
+    for pass_, s in row["summary"].items():
+        passes = ("fwd",) if pass_ == "fwd" else ("fwd", "bwd")
+        ks = [k for k in row["kernels"].values() if k["pass_"] in passes]
+        cal = [k["calibrated_s"] for k in ks]
+        if any(c is None for c in cal):
+            s.update(kernel_cal_s=None, predicted_cal_s=None, kernel_cal_ratio_to_sol=None,
+                     speedup_vs_eager_cal=None, speedup_vs_compile_cal=None)
+            continue
+        total = sum(cal) + s["front_end_s"]
+        s.update(kernel_cal_s=sum(cal), predicted_cal_s=total,
+                 kernel_cal_ratio_to_sol=sum(cal) / s["sol_s"],
+                 speedup_vs_eager_cal=s["eager_s"] / total,
+                 speedup_vs_compile_cal=s["compile_s"] / total)
+
+
 def summarise(c, rec, res, torch_rows, scale, x_el_full, y_el_full, x_bytes):
     T = c["T"]
     structure = bool(c["a0"])
@@ -450,10 +472,14 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="one workload (W1, T=4, S and B-E)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     p.add_argument("--only", default="", help="substring filter on case ids")
+    p.add_argument("--reprice", metavar="JSON", help="add the calibrated model's columns to a "
+                   "stored report (written to --out under the same name; nothing compiled)")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker(*args.worker)
+    if args.reprice:
+        return reprice(args.reprice, args.out)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("kernel_report: run WITHOUT TRITON_INTERPRET (kernels are compiled for sm_90)")
         return 2
@@ -507,6 +533,7 @@ def main(argv=None) -> int:
         res["summary"] = summarise(c, rec, res, work[cid]["torch"], scale, x_full.numel(),
                                    output_elements(c["workload"], x_full, ptr_full),
                                    x_full.element_size())
+        add_calibrated(res)
         rows.append(res)
     meta = dict(torch=torch.__version__, triton=__import__("triton").__version__,
                 date=time.strftime("%Y-%m-%d"), quick=args.quick,
@@ -514,15 +541,38 @@ def main(argv=None) -> int:
                 model=dict(hbm_bytes_per_s=sol.HBM_BYTES_PER_S, sfu_per_s=sol.sfu_rate(),
                            issue_per_s=sol.issue_rate(), sms=sol.H100_SMS,
                            clock_hz=sol.SUSTAINED_SM_CLOCK_HZ, launch_s=sol.LAUNCH_S,
-                           aten_op_s=sol.ATEN_OP_S, sync_s=sol.SYNC_S))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "kernel_report.json"), "w") as f:
+                           aten_op_s=sol.ATEN_OP_S, sync_s=sol.SYNC_S,
+                           **_calibration_meta()))
+    write(args.out, meta, rows, "kernel_report")
+    print(f"wrote {args.out}/kernel_report.{{md,json}} in {time.time() - t_start:.0f} s")
+    return 0
+
+
+def _calibration_meta() -> dict:
+    return dict(bytes_per_s_per_warp=latency_model.BYTES_PER_S_PER_WARP,
+                lane_instr_per_s_per_warp=latency_model.LANE_INSTR_PER_S_PER_WARP)
+
+
+def write(out_dir: str, meta: dict, rows: list, stem: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, stem + ".json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1, default=str)
     md = markdown(meta, rows)
-    with open(os.path.join(args.out, "kernel_report.md"), "w") as f:
+    with open(os.path.join(out_dir, stem + ".md"), "w") as f:
         f.write(md)
     print(md)
-    print(f"wrote {args.out}/kernel_report.{{md,json}} in {time.time() - t_start:.0f} s")
+
+
+def reprice(path: str, out_dir: str) -> int:
+    """Re-render a stored report (JSON) with the calibrated model's columns: no compile, no
+    interpreter; the first model's numbers are kept as they were."""
+    with open(path) as f:
+        rep = json.load(f)
+    for r in rep["rows"]:
+        add_calibrated(r)
+    rep["meta"]["model"].update(_calibration_meta())
+    rep["meta"]["repriced"] = f"{time.strftime('%Y-%m-%d')} at {_git_rev()}"
+    write(out_dir, rep["meta"], rep["rows"], os.path.splitext(os.path.basename(path))[0])
     return 0
 
 
@@ -543,26 +593,18 @@ def _x(v) -> str:
 
 
 def resident_warps(k: dict) -> int:
-    """Warps of this kernel resident on one SM of an H100/H200: CTAs per SM limited by
-    registers (allocated per warp in units of 256), shared memory (228 KiB), 64 warps and 32
-    CTAs, and by the grid itself (⌈programs / 132⌉ CTAs per SM at most), times warps per CTA.
-    The H200 run of 2026-11-29 (results/gpu_vs_prediction_2026-11-29.md) measured the kernels
-    at ~8 resident warps 2-7× slower than predicted and one at ~24 on its prediction: the
-    model does not charge for latency, so few warps mean an optimistic prediction."""
-    warps = int(k["num_warps"])
-    per_warp = -(-int(k["regs"]) * 32 // 256) * 256
-    ctas = min(65536 // max(per_warp * warps, 1), 64 // warps, 32)
-    if k.get("shared_bytes"):
-        ctas = min(ctas, 228 * 1024 // int(k["shared_bytes"]))
-    ctas = min(ctas, -(-int(k["programs"]) // sol.H100_SMS))
-    return max(ctas, 0) * warps
+    """Warps of this kernel resident on one SM (``latency_model.machine_warps`` over the SMs it
+    occupies): few warps mean latency is not hidden (the calibrated model's premise)."""
+    return round(latency_model.machine_warps(k) / max(min(sol.H100_SMS, int(k["programs"])), 1))
 
 
 def markdown(meta, rows) -> str:
     m = meta["model"]
     L = ["# Kernel report - PREDICTIONS for one H100 (computed on a CPU, nothing measured)", "",
          f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['git']}, {meta['date']}"
-         f"{' (--quick)' if meta['quick'] else ''}; {meta['seconds']} s to produce.", "",
+         f"{' (--quick)' if meta['quick'] else ''}; {meta['seconds']} s to produce"
+         + (f"; calibrated columns added {meta['repriced']} (`--reprice`: same counts)"
+            if meta.get("repriced") else "") + ".", "",
          "How each number is made: `bench/kernel_report.py` docstring and `bench/README.md`. "
          f"Model: HBM {m['hbm_bytes_per_s'] / 1e12:.1f} TB/s, SFU {m['sfu_per_s'] / 1e12:.2f}e12 "
          f"exp2/s, issue 128 lanes x {m['sms']} SMs x {m['clock_hz'] / 1e9:.2f} GHz, "
@@ -584,13 +626,18 @@ def markdown(meta, rows) -> str:
          "modelled (reading that device's triton 3.6 SASS predicts the same times) - while "
          "a kernel with ~24 ran on its prediction (so the bytes and instructions look counted "
          "right); the host front end cost ~1.5 ms per "
-         "W1 fwd+bwd where the model prices ~50 µs. Read every µs below as a lower bound.",
+         "W1 fwd+bwd where the model prices ~50 µs. Read the first model's µs as a lower "
+         "bound. The **calibrated** columns price the kernels by occupancy instead "
+         "(`bench/latency_model.py`, fitted to that run's kernel profile): on the run's "
+         "kernel-bound calls outside the fit (W2 and W3 at T = 16, W3 at T = 4) measured ÷ "
+         "calibrated was 0.51-1.29 where measured ÷ first model was 1.6-4.2 "
+         "(`bench/results/latency_model_fit_2026-11-30.md`).",
          "",
          "## Summary (every time a PREDICTION)", "",
          "| case | pass | launches | host ops / syncs | kernel µs | front end µs | predicted µs "
          "| SoL µs (bound) | ÷ SoL | kernel ÷ SoL | × eager | × compile | HBM bytes ÷ problem "
-         "| MUFU / el-it (min) |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         "| MUFU / el-it (min) | calibrated: kernel µs | kernel ÷ SoL | × eager | × compile |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for pass_, s in r["summary"].items():
             el_it = s["mufu_per_element_iteration"]
@@ -602,21 +649,30 @@ def markdown(meta, rows) -> str:
                 f"{_x(s['ratio_to_sol'])} | {_x(s['kernel_ratio_to_sol'])} | "
                 f"{_x(s['speedup_vs_eager'])} | {_x(s['speedup_vs_compile'])} | "
                 f"{_x(s['hbm_bytes'] / s['problem_bytes'])} | {el_it:.2f} "
-                f"({'n/a' if min_el_it is None else f'{min_el_it:.2f}'}) |")
+                f"({'n/a' if min_el_it is None else f'{min_el_it:.2f}'}) | "
+                f"{_us(s.get('kernel_cal_s'))} | {_x(s.get('kernel_cal_ratio_to_sol'))} | "
+                f"{_x(s.get('speedup_vs_eager_cal'))} | {_x(s.get('speedup_vs_compile_cal'))} |")
     L += ["", "× eager / × compile: predicted eager (torch.compile) time ÷ predicted Triton time "
           "(> 1: the Triton path is faster). ÷ SoL includes the front end; kernel ÷ SoL does "
           "not. MUFU / el-it: dynamic exp2+log2 per element-iteration (N·D·T), with the "
-          "algorithm's minimum in brackets.", "",
+          "algorithm's minimum in brackets. Calibrated: the kernels priced by "
+          "`bench/latency_model.py` instead (a resident warp sustains "
+          f"{m.get('bytes_per_s_per_warp', latency_model.BYTES_PER_S_PER_WARP):.3g} B/s and "
+          f"{m.get('lane_instr_per_s_per_warp', latency_model.LANE_INSTR_PER_S_PER_WARP):.3g} "
+          "thread instructions/s, memory and issue not overlapped; fitted to 14 kernels "
+          "measured on the H200, × 1.33 rms, leave-one-out 0.48-1.79), the same front end "
+          "(which the H200 measured far slower at W1: see above) - also a PREDICTION.", "",
           "## Kernels (per case; SASS of the sm_90 build of the recorded launch)", "",
           "| case | kernel | launches | grid | programs ÷ 132 | warps / stages | regs | "
           "warps / SM | spill (local B, LDL+STL) | smem B | hot loop: instr / MUFU / FP32 / SHFL "
-          "/ BAR / LDG+STG | per el-it: instr / MUFU / FP32 / SHFL | GB | bound | µs | note |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "/ BAR / LDG+STG | per el-it: instr / MUFU / FP32 / SHFL | GB | bound | µs | "
+          "calibrated µs | note |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for k in r["kernels"].values():
             if k.get("error"):
                 L.append(f"| {r['case']} | {k['pass_']}:{k['name']} | {k['launches']} | "
-                         f"compile error: {k['error'][:120]} ||||||||||||")
+                         f"compile error: {k['error'][:120]} |||||||||||||")
                 continue
             h = k["hot_loop_mix"]
             pe = k["per_element_iteration"]
@@ -631,7 +687,7 @@ def markdown(meta, rows) -> str:
                 f"{k['num_stages']} | {k['regs']} | {resident_warps(k)} | "
                 f"{k['local_bytes']}, {k['spill_ldl_stl']} | "
                 f"{k['shared_bytes']} | {hot} | {per} | {k['bytes'] / 1e9:.3f} | {k['bound']} | "
-                f"{_us(k['predicted_s'])} | {k['note']} |")
+                f"{_us(k['predicted_s'])} | {_us(k.get('calibrated_s'))} | {k['note']} |")
     return "\n".join(L) + "\n"
 
 

@@ -1,0 +1,84 @@
+"""The kernel report's calibrated model (bench/latency_model.py): its constants are the fit of
+the data it names, it behaves as its docstring says, and ``--reprice`` adds its columns."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+from bench import kernel_report, latency_model, sol  # noqa: E402
+
+
+def _kernel(**kw):
+    k = dict(name="k", pass_="fwd", bytes=1e9, instructions=1e10, mufu=0.0, num_warps=8,
+             regs=128, shared_bytes=0, programs=10_000, launches=1, predicted_s=0.0)
+    k.update(kw)
+    return k
+
+
+def test_shipped_rates_are_the_fit_of_the_measured_kernels():
+    data = latency_model.measured_kernels()
+    assert len(data) == len(latency_model.MEASURED) == 14
+    b, i = latency_model.fit(data)
+    assert b == pytest.approx(latency_model.BYTES_PER_S_PER_WARP, rel=0.05)
+    assert i == pytest.approx(latency_model.LANE_INSTR_PER_S_PER_WARP, rel=0.05)
+    # every fitted kernel within 2x of its measurement (the fit's claim in the report)
+    for k, s, label in data:
+        assert 0.5 < latency_model.calibrated_seconds(k) / s < 2.0, label
+
+
+def test_more_resident_warps_are_faster_until_the_machine_is_full():
+    few = _kernel(programs=132, num_warps=4)    # one CTA per SM: 4 resident warps
+    many = _kernel(programs=132, num_warps=8)   # 8: below both caps, twice the rate
+    assert latency_model.ctas_per_sm(255, 8) == 1 and latency_model.ctas_per_sm(64, 8) == 4
+    t_few, t_many = (latency_model.calibrated_seconds(k) - sol.LAUNCH_S for k in (few, many))
+    assert t_few == pytest.approx(2 * t_many, rel=1e-9)
+    # a full machine (64 warps per SM) moves its bytes at the HBM rate
+    full = _kernel(regs=32, num_warps=16, instructions=0)
+    assert latency_model.calibrated_seconds(full) - sol.LAUNCH_S == pytest.approx(
+        full["bytes"] / sol.HBM_BYTES_PER_S)
+    # never faster than the peak rates: HBM for the bytes, 128 lanes/SM/clock for the issue
+    for k in (few, many, _kernel(regs=32, num_warps=32)):
+        floor = k["bytes"] / sol.HBM_BYTES_PER_S + k["instructions"] / sol.issue_rate()
+        assert latency_model.calibrated_seconds(k) >= floor
+    # a grid of fewer programs than SMs: only those SMs' warps work
+    assert latency_model.machine_warps(_kernel(programs=50)) == 50 * 8
+
+
+def test_reprice_adds_the_calibrated_columns(tmp_path):
+    src = os.path.join(latency_model.RESULTS, "kernel_report_w2_t4_after_01bcbb6.json")
+    with open(src) as f:
+        rep = json.load(f)
+    rep["rows"] = rep["rows"][:1]
+    path = tmp_path / "small_report.json"
+    path.write_text(json.dumps(rep))
+    out = tmp_path / "out"
+    assert kernel_report.reprice(str(path), str(out)) == 0
+    got = json.loads((out / "small_report.json").read_text())
+    row = got["rows"][0]
+    fwd = [k for k in row["kernels"].values() if k["pass_"] == "fwd"]
+    want = sum(latency_model.calibrated_seconds(k) for k in fwd)
+    assert row["summary"]["fwd"]["kernel_cal_s"] == pytest.approx(want)
+    assert row["summary"]["fwd"]["predicted_s"] == rep["rows"][0]["summary"]["fwd"][
+        "predicted_s"]                           # the first model's numbers are kept
+    md = (out / "small_report.md").read_text()
+    assert "calibrated: kernel µs" in md and "calibrated columns added" in md
+    assert f"{want * 1e6:,.0f}" in md
+
+
+def test_out_of_sample_calls_are_within_the_stated_band():
+    """The report's header states measured ÷ calibrated 0.51-1.29 on the kernel-bound calls
+    outside the fit: the numbers it is computed from."""
+    fitted = {case for _f, case, _n, _us in latency_model.MEASURED}
+    ratios = [ms / cal for case, _p, ms, _first, cal, kb in latency_model.validation_rows()
+              if kb and case not in fitted]
+    assert len(ratios) == 18
+    assert min(ratios) == pytest.approx(0.51, abs=0.005)
+    assert max(ratios) == pytest.approx(1.29, abs=0.005)
+    assert all(math.isfinite(r) for r in ratios)
