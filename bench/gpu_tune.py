@@ -61,6 +61,17 @@ def variants():
         ("W2", "sinkhorn", "row-piece forward: 8 warps", {S: dict(
             pieces_config=lambda D, p, BD, nw=S.PIECES_NUM_WARPS, e=S.FWD_ELEMS_PER_THREAD:
             pieces(D, p, BD, 8, e))}),
+        # the forward calls pieces_config(D, pieces, BD), the backward with its warps and
+        # elements per thread too: a patch can tell them apart
+        ("W2", "sinkhorn", "row-piece forward: 8 warps, same tile", {S: dict(
+            pieces_config=lambda D, p, BD, *a: pieces(D, p, BD, *a) if a else
+            pieces(D, p, BD, 8, max(S.FWD_ELEMS_PER_THREAD // 2, 1)))}),
+        ("W2", "sinkhorn", "row-piece backward: half the elements per thread", {S: dict(
+            pieces_config=lambda D, p, BD, *a: pieces(D, p, BD, a[0], max(a[1] // 2, 1)) if a
+            else pieces(D, p, BD))}),
+        ("W2", "sinkhorn", "row pieces: forward 8 warps same tile, backward half the elements",
+         {S: dict(pieces_config=lambda D, p, BD, *a: pieces(D, p, BD, a[0], max(a[1] // 2, 1))
+                  if a else pieces(D, p, BD, 8, max(S.FWD_ELEMS_PER_THREAD // 2, 1)))}),
         ("W2", "sinkhorn", "no row pieces (padded tile)", {S: dict(ROW_PIECES=False)}),
         ("W2", "sinkhorn", "4 warps everywhere", {S: dict(num_warps_for=lambda x, B_: 4)}),
         ("W2", "badmm-e", "shipped", {}),
@@ -75,6 +86,8 @@ def variants():
         # (16 warps: the backward keeps the 2,048 tile, 4 per thread as the shipped 8 warps)
         ("W2", "badmm-e", "16 warps, tiles of 2,048", {B: dict(
             block_sizes=lambda n, D: blocks(n, D)[:3] + (16,))}),
+        ("W2", "badmm-e", "32 warps, tiles of 2,048", {B: dict(
+            block_sizes=lambda n, D: blocks(n, D)[:2] + (max(blocks(n, D)[2], 1024), 32))}),
         # W1 (50 sets < 132 SMs) is split over several programs per set: 33 launches per
         # fwd+bwd, chosen when a launch was priced at 4 µs; the H200 spent tens of µs of host
         # time per launch (W1 B-E: 0.66 ms of kernels in a 3.0 ms call)

@@ -265,13 +265,15 @@ def worker(spec_path: str, out_path: str) -> int:
     res = {}
     for c in spec:
         cid = case_id(c)
-        work_key = (c["workload"], c["method"], c["variant"], c["a0"], c["T"])
+        work_key = (c["workload"], c["method"], c["variant"], c["a0"], c["T"]) + (
+            (c["tune"],) if c.get("tune") else ())
         t0 = time.time()
         path = _work_cache_path(work_key)
         if path and os.path.exists(path):
             work = json.load(open(path))
         else:
-            work = kernel_work(c, c["T"])        # at the case's own T: its own schedule
+            with tuned(c):
+                work = kernel_work(c, c["T"])    # at the case's own T: its own schedule
             if path:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 json.dump(work, open(path, "w"))
@@ -279,6 +281,19 @@ def worker(spec_path: str, out_path: str) -> int:
         print(f"  [worker] {cid}: {time.time() - t0:.1f} s", flush=True)
     json.dump(res, open(out_path, "w"))
     return 0
+
+
+def tuned(c: dict):
+    """The launch-configuration variant of ``bench/gpu_tune.py`` that case ``c`` names
+    (``--variant``), patched into the launchers; a no-op context otherwise."""
+    import contextlib
+    if not c.get("tune"):
+        return contextlib.nullcontext()
+    from bench import gpu_tune
+    for wl, method, name, patches in gpu_tune.variants():
+        if (wl, method, name) == (c["workload"], c["method"], c["tune"]):
+            return gpu_tune.patched(patches)
+    raise ValueError(f"no gpu_tune variant {c['tune']!r} for {c['workload']} {c['method']}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,7 +304,7 @@ def record_case(c: dict):
     from bench.frontend_report import VIEW_OPS as views, count_host_ops
     from bench.launch_recorder import h100_host, record_launches
     out = {}
-    with h100_host():
+    with h100_host(), tuned(c):
         fwd, leaves, x = make_call(c, c["T"], reduced=False, backend="triton")
         with record_launches() as lf:
             ops_f, syncs_f = count_host_ops(fwd)
@@ -472,6 +487,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="one workload (W1, T=4, S and B-E)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     p.add_argument("--only", default="", help="substring filter on case ids")
+    p.add_argument("--variant", default="", help="price a launch-configuration variant of "
+                   "bench/gpu_tune.py (its name, e.g. 'row-piece forward: 8 warps') for the "
+                   "cases of its workload and method")
     p.add_argument("--reprice", metavar="JSON", help="add the calibrated model's columns to a "
                    "stored report (written to --out under the same name; nothing compiled)")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
@@ -490,6 +508,14 @@ def main(argv=None) -> int:
         return 2
     t_start = time.time()
     cs = [c for c in cases(args.quick) if args.only in case_id(c)]
+    if args.variant:
+        from bench import gpu_tune
+        which = {(wl, m) for wl, m, name, _ in gpu_tune.variants() if name == args.variant}
+        if not which:
+            print(f"kernel_report: no gpu_tune variant named {args.variant!r}")
+            return 2
+        cs = [dict(c, tune=args.variant) for c in cs if (c["workload"], c["method"]) in which
+              and c["variant"] == "exact" and not c["a0"]]
     tmp = tempfile.mkdtemp(prefix="kernel_report_")
     spec, wout = os.path.join(tmp, "spec.json"), os.path.join(tmp, "work.json")
     json.dump(cs, open(spec, "w"))
@@ -536,7 +562,7 @@ def main(argv=None) -> int:
         add_calibrated(res)
         rows.append(res)
     meta = dict(torch=torch.__version__, triton=__import__("triton").__version__,
-                date=time.strftime("%Y-%m-%d"), quick=args.quick,
+                date=time.strftime("%Y-%m-%d"), quick=args.quick, tune=args.variant,
                 git=_git_rev(), seconds=round(time.time() - t_start, 1),
                 model=dict(hbm_bytes_per_s=sol.HBM_BYTES_PER_S, sfu_per_s=sol.sfu_rate(),
                            issue_per_s=sol.issue_rate(), sms=sol.H100_SMS,
@@ -602,7 +628,9 @@ def markdown(meta, rows) -> str:
     m = meta["model"]
     L = ["# Kernel report - PREDICTIONS for one H100 (computed on a CPU, nothing measured)", "",
          f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['git']}, {meta['date']}"
-         f"{' (--quick)' if meta['quick'] else ''}; {meta['seconds']} s to produce"
+         f"{' (--quick)' if meta['quick'] else ''}"
+         + (f"; launch-configuration variant '{meta['tune']}' of bench/gpu_tune.py"
+            if meta.get("tune") else "") + f"; {meta['seconds']} s to produce"
          + (f"; calibrated columns added {meta['repriced']} (`--reprice`: same counts)"
             if meta.get("repriced") else "") + ".", "",
          "How each number is made: `bench/kernel_report.py` docstring and `bench/README.md`. "
