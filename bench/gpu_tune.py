@@ -1,13 +1,15 @@
 """Launch-configuration sweep for the next GPU lease (issues 12, 17): MEASURED times of the W2
-Sinkhorn and B-E kernels under alternative tilings, and of W1 B-E with and without its split
-over several programs per set, each checked against the torch path.
+Sinkhorn and B-E kernels under the shipped and alternative layouts (the ones measured on
+2026-11-29 among them), and of W1 B-E with and without its split over several programs per
+set, each checked against the torch path.
 
 The H200 run of 2026-11-29 measured the one-program-per-set kernels 2-7× over the kernel
 report's prediction, with ~8 resident warps per SM (200-255 registers per thread; see
 `bench/results/gpu_vs_prediction_2026-11-29.md`). The usual cure is more resident warps: fewer
-elements (so registers) per thread, or more warps per CTA. The report cannot rank such
-variants (it does not model latency), so this times them: each variant patches the launchers'
-tiling functions (the ones tests patch too), compiles, checks y and the gradients against
+elements (so registers) per thread, or more warps per CTA. The kernel report's calibrated
+model (bench/latency_model.py) ranks such variants now (``kernel_report.py --variant NAME``)
+but was fitted on 8-24 resident warps per SM, so this times them: each variant patches the
+launchers' tiling functions or constants, compiles, checks y and the gradients against
 backend="torch" (relative L2 ≤ 2e-3, as gpu_check's smoke) and times forward and
 forward+backward (median of triton.testing.do_bench). Nothing here changes the package.
 
@@ -39,55 +41,49 @@ from rotp_triton.ops.rot.triton.badmm import launch as badmm_launch  # noqa: E40
 from rotp_triton.ops.rot.triton.sinkhorn import launch as sinkhorn_launch  # noqa: E402
 
 
-def _halve_tile(sizes):
-    """A (BN, BD, BV, num_warps) tiling with half the tile elements (BD first while >= 32)."""
+def _sixteen_warps(sizes):
+    """An 8-warp (BN, BD, BV, num_warps) at 16 warps on half the tile (BD first while >= 32)."""
     BN, BD, BV, nw = sizes
-    if BD >= 32:
-        return BN, BD // 2, BV, nw
-    return max(BN // 2, 1), BD, BV, nw
+    if nw != 8:
+        return sizes
+    BN, BD = (BN, BD // 2) if BD >= 32 else (BN // 2, BD)
+    return BN, BD, min(max(BV, 512), 1024), 16
 
 
 def variants():
-    """(workload, method, name, {module: {attribute: replacement}}): replacements built from
-    the originals, so that each variant differs from the shipped launcher in one decision."""
+    """(workload, method, name, {module: {attribute: replacement}}): each differs from the
+    shipped launchers in one decision. The shipped B-ADMM forward at W2 runs 16 warps a CTA
+    (one CTA per SM), chosen by the kernel report's calibrated model (bench/latency_model.py),
+    which was fitted on 8-24 resident warps per SM; the layout measured on the H200 on
+    2026-11-29 (8 warps) is here to time it against, 32 warps to test the model beyond its
+    range. The Sinkhorn row-pieces variants give 16 resident warps per SM at a cost the model
+    prices (forward at 8 warps: 72 bytes of stack spills with 8 fp32 per thread, or twice the
+    instructions with 4; bench/results/occupancy_2026-11-30.md)."""
     S, B = sinkhorn_launch, badmm_launch
-    pieces = S.pieces_config
-    blocks, bwd_blocks = B.block_sizes, B.backward_block_sizes
+    pieces, bwd_blocks = S.pieces_config, B.backward_block_sizes
     return [
         ("W2", "sinkhorn", "shipped", {}),
-        ("W2", "sinkhorn", "row-piece tiles: half the elements per thread", {S: dict(
-            pieces_config=lambda D, p, BD, nw=S.PIECES_NUM_WARPS, e=S.FWD_ELEMS_PER_THREAD:
-            pieces(D, p, BD, nw, max(e // 2, 1)))}),
-        ("W2", "sinkhorn", "row-piece forward: 8 warps", {S: dict(
-            pieces_config=lambda D, p, BD, nw=S.PIECES_NUM_WARPS, e=S.FWD_ELEMS_PER_THREAD:
-            pieces(D, p, BD, 8, e))}),
         # the forward calls pieces_config(D, pieces, BD), the backward with its warps and
         # elements per thread too: a patch can tell them apart
-        ("W2", "sinkhorn", "row-piece forward: 8 warps, same tile", {S: dict(
+        ("W2", "sinkhorn", "row-piece forward: 8 warps, 8 fp32 per thread (same tile)",
+         {S: dict(pieces_config=lambda D, p, BD, *a: pieces(D, p, BD, *a) if a else
+                  pieces(D, p, BD, 8, 8))}),
+        ("W2", "sinkhorn", "row-piece forward: 8 warps, 4 fp32 per thread", {S: dict(
             pieces_config=lambda D, p, BD, *a: pieces(D, p, BD, *a) if a else
-            pieces(D, p, BD, 8, max(S.FWD_ELEMS_PER_THREAD // 2, 1)))}),
+            pieces(D, p, BD, 8, 4))}),
         ("W2", "sinkhorn", "row-piece backward: half the elements per thread", {S: dict(
             pieces_config=lambda D, p, BD, *a: pieces(D, p, BD, a[0], max(a[1] // 2, 1)) if a
             else pieces(D, p, BD))}),
-        ("W2", "sinkhorn", "row pieces: forward 8 warps same tile, backward half the elements",
-         {S: dict(pieces_config=lambda D, p, BD, *a: pieces(D, p, BD, a[0], max(a[1] // 2, 1))
-                  if a else pieces(D, p, BD, 8, max(S.FWD_ELEMS_PER_THREAD // 2, 1)))}),
         ("W2", "sinkhorn", "no row pieces (padded tile)", {S: dict(ROW_PIECES=False)}),
         ("W2", "sinkhorn", "4 warps everywhere", {S: dict(num_warps_for=lambda x, B_: 4)}),
         ("W2", "badmm-e", "shipped", {}),
-        # (backward_block_sizes derives from block_sizes and halves only tiles of 2,048: the
-        # backward keeps its shipped 1,024 here)
-        ("W2", "badmm-e", "forward tile 1,024", {B: dict(
-            block_sizes=lambda n, D: _halve_tile(blocks(n, D)))}),
-        ("W2", "badmm-e", "backward tile 512", {B: dict(
-            backward_block_sizes=lambda n, D: _halve_tile(bwd_blocks(n, D)))}),
+        ("W2", "badmm-e", "forward at 8 warps, as measured 2026-11-29", {B: dict(
+            FORWARD_WARPS=8)}),
+        ("W2", "badmm-e", "forward at 32 warps", {B: dict(FORWARD_WARPS=32)}),
+        ("W2", "badmm-e", "fused backward at 16 warps, 2 fp32 per thread", {B: dict(
+            backward_block_sizes=lambda n, D: _sixteen_warps(bwd_blocks(n, D)))}),
         ("W2", "badmm-e", "two passes per forward iteration", {B: dict(
             forward_one_pass=lambda *a: None)}),
-        # (16 warps: the backward keeps the 2,048 tile, 4 per thread as the shipped 8 warps)
-        ("W2", "badmm-e", "16 warps, tiles of 2,048", {B: dict(
-            block_sizes=lambda n, D: blocks(n, D)[:3] + (16,))}),
-        ("W2", "badmm-e", "32 warps, tiles of 2,048", {B: dict(
-            block_sizes=lambda n, D: blocks(n, D)[:2] + (max(blocks(n, D)[2], 1024), 32))}),
         # W1 (50 sets < 132 SMs) is split over several programs per set: 33 launches per
         # fwd+bwd, chosen when a launch was priced at 4 µs; the H200 spent tens of µs of host
         # time per launch (W1 B-E: 0.66 ms of kernels in a 3.0 ms call)

@@ -418,6 +418,7 @@ def analyse(c, rec, work, scale, sass_cache):
                     {L.key() for L in Ls}), grid=list(Ls[0].grid), programs=programs,
                 num_warps=Ls[0].num_warps, num_stages=Ls[0].num_stages,
                 regs=a.get("regs"), local_bytes=a.get("local_bytes"),
+                stack_bytes=a.get("stack_bytes"),
                 spill_ldl_stl=a.get("spill_ldl_stl"), shared_bytes=a.get("shared_bytes"),
                 loops=a.get("loops"), hot_loop_mix=hmix, per_element_iteration=per_ei,
                 bytes=nbytes, mufu=mufu_dyn, instructions=instr, predicted_s=t, bound=bound,
@@ -692,7 +693,8 @@ def markdown(meta, rows) -> str:
           "(which the H200 measured far slower at W1: see above) - also a PREDICTION.", "",
           "## Kernels (per case; SASS of the sm_90 build of the recorded launch)", "",
           "| case | kernel | launches | grid | programs ÷ 132 | warps / stages | regs | "
-          "warps / SM | spill (local B, LDL+STL) | smem B | hot loop: instr / MUFU / FP32 / SHFL "
+          "warps / SM | spill (stack + local B, LDL+STL) | smem B | hot loop: instr / MUFU / "
+          "FP32 / SHFL "
           "/ BAR / LDG+STG | per el-it: instr / MUFU / FP32 / SHFL | GB | bound | µs | "
           "calibrated µs | note |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -713,7 +715,8 @@ def markdown(meta, rows) -> str:
                 f"| {r['case']} | {k['pass_']}:{k['name']} | {k['launches']} | "
                 f"{tuple(k['grid'])} | {k['programs'] / sol.H100_SMS:.2f} | {k['num_warps']} / "
                 f"{k['num_stages']} | {k['regs']} | {resident_warps(k)} | "
-                f"{k['local_bytes']}, {k['spill_ldl_stl']} | "
+                f"{(k.get('stack_bytes') or 0) + (k['local_bytes'] or 0)}, "
+                f"{k['spill_ldl_stl']} | "
                 f"{k['shared_bytes']} | {hot} | {per} | {k['bytes'] / 1e9:.3f} | {k['bound']} | "
                 f"{_us(k['predicted_s'])} | {_us(k.get('calibrated_s'))} | {k['note']} |")
     return "\n".join(L) + "\n"

@@ -484,8 +484,8 @@ def test_one_pass_heuristic():
 
     e, q, q_paper = launch.quad_flag(False, False), launch.quad_flag(True, False), \
         launch.quad_flag(True, True)
-    assert launch.forward_one_pass(geo(49, 2048), e, False) == (64, 32, 1024, 8)
-    assert launch.forward_one_pass(geo(49, 2048), q_paper, True) == (64, 32, 1024, 8)
+    assert launch.forward_one_pass(geo(49, 2048), e, False) == (64, 32, 1024, 16)
+    assert launch.forward_one_pass(geo(49, 2048), q_paper, True) == (64, 32, 1024, 16)
     assert launch.forward_one_pass(geo(49, 2048), q, False) is None            # B-Q exact
     assert launch.forward_one_pass(geo(0, 2048, ragged=True), e, False) is None
     assert launch.forward_one_pass(geo(500, 100), e, False) is None            # W1's rows
@@ -915,6 +915,8 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
     # one sweep per iteration where launch.forward_one_pass allows: W2 B-E, W2 B-Q paper)
     fused = kernel is m.badmm_bwd_kernel and replay
     sizes = launch.backward_block_sizes if fused else launch.block_sizes
+    if kernel is m.badmm_fwd_kernel:
+        sizes = launch.forward_block_sizes          # (16 warps on a 2,048 tile)
     BN, BD, BV, num_warps = sizes(0 if ragged else N, D)
     one_pass = None
     if kernel is m.badmm_fwd_kernel:
@@ -951,7 +953,8 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
     # cuobjdump's LOCAL misses spills to the stack; ptxas -v counts both
     stack = ptxas_usage(c)["spill_bytes"]
     print(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, D, N, quad, paper,
-          replay, flag, "one-pass" if one_pass else "", (BN, BD, BV), "spill", stack, "regs",
+          replay, flag, "one-pass" if one_pass else "", (BN, BD, BV, num_warps), "spill", stack,
+          "regs",
           regs, "local", spill)
 for quad, paper in [(False, False), (True, True), (True, False)]:
     consts = dict(QUAD=m.quad_flag(quad, paper), PAPER=paper, BT=16, BI=128)
@@ -968,8 +971,9 @@ def test_aot_compile_sm90():
     """Every kernel compiles for sm_90 (H100) with the GPU compiler at realistic sizes
     (D = 128 and 2048, both methods and variants, dense and ragged, both forward and both
     backward schedules, the fused one with a plan gradient and deferring without, and W2 with
-    the layers' feature scale folded in: SCALED); register use is printed and no local memory
-    (spills) is used."""
+    the layers' feature scale folded in: SCALED; the forward at 16 warps on 2,048 tiles,
+    launch.forward_block_sizes); register use is printed and nothing spills (ptxas -v, stack
+    included)."""
     out = run_without_interpreter(AOT_CODE, timeout=900)
     lines = [l for l in out.splitlines() if "regs" in l]
     print("\n".join(lines))
@@ -978,8 +982,8 @@ def test_aot_compile_sm90():
     for l in lines:
         if "local ?" not in l:
             assert l.endswith("local 0"), l
-        if l.startswith("badmm_bwd_kernel"):      # ptxas -v: no spills, stack included
-            assert " spill 0 " in l, l
+        assert " spill 0 " in l, l                # ptxas -v: no spills, stack included
+    assert sum(l.startswith("badmm_fwd_kernel") and ", 16) spill" in l for l in lines) == 7
 
 
 SPLIT_AOT_CODE = r"""

@@ -27,7 +27,8 @@ from .split_kernels import (badmm_split_column_lse_kernel, badmm_split_column_st
                             badmm_split_init_state_kernel, badmm_split_plan_kernel,
                             badmm_split_row_lse_kernel)
 
-__all__ = ["badmm_forward", "badmm_backward", "block_sizes", "backward_block_sizes",
+__all__ = ["badmm_forward", "badmm_backward", "block_sizes", "forward_block_sizes",
+           "backward_block_sizes",
            "history_like", "history_views", "param_grads_numel", "param_grad_views",
            "forward_replays", "forward_one_pass", "backward_fuses", "forward_splits",
            "backward_splits"]
@@ -63,6 +64,31 @@ def backward_block_sizes(n_hint: int, D: int):
             BD //= 2
         else:
             BN //= 2
+    return BN, BD, BV, num_warps
+
+
+# Warps per CTA of the one-program-per-set forward on a tile of 2,048 fp32: see
+# :func:`forward_block_sizes`.
+FORWARD_WARPS = 16
+
+
+def forward_block_sizes(n_hint: int, D: int):
+    """(BN, BD, BV, num_warps) of the one-program-per-set forward
+    (:func:`.kernels.badmm_fwd_kernel`, both schedules): :func:`block_sizes`' tile, with a
+    2,048-element tile at :data:`FORWARD_WARPS` = 16 warps (4 fp32 per thread) instead of 8.
+    Its grid is one CTA per SM, so the warps per CTA are all the SM has in flight: the H200
+    measured it at 8 warps (232 registers) 7.3× slower than the peak rates allow, the latency
+    of its loads and dependent chains not hidden
+    (``bench/results/gpu_vs_prediction_2026-11-29.md``). At 16 warps ptxas fits every
+    configuration in 88-128 registers without spills (AOT test), and the calibrated model
+    (``bench/latency_model.py``) predicts W2 B-E forward 1,464 -> 929 µs at T = 4 and
+    14,531 -> 9,125 µs at T = 16 (a PREDICTION, within the 8-24 warps per SM the model was
+    checked on; ``bench/gpu_tune.py`` times 8 and 32 beside it). The backward stays at 8
+    warps: at 16 (128 registers at most) its passes spill 216-1,684 bytes."""
+    BN, BD, BV, num_warps = block_sizes(n_hint, D)
+    if num_warps == 8 and BN * BD >= 2048 and FORWARD_WARPS != num_warps:
+        num_warps = FORWARD_WARPS
+        BV = min(max(BV, 32 * num_warps), 1024)       # BV >= 32 · num_warps: one owner a lane
     return BN, BD, BV, num_warps
 
 
@@ -155,15 +181,16 @@ def forward_replays(T: int, x_bytes: int, one_pass: bool = False) -> bool:
 def forward_one_pass(geo, quad: int, paper: bool):
     """Blocks (BN, BD, BV, num_warps) of the one-program-per-set forward if it can run each
     replayed iteration as one sweep over x (``ONE_PASS``: :func:`.kernels._one_pass_iteration`),
-    else None. It needs every row of a set in one tile of the usual size (:func:`block_sizes`:
-    BN = N rounded up, BD the rest, at least 16) - so a dense batch - and B-E or the paper
+    else None. It needs every row of a set in one tile of the usual size
+    (:func:`forward_block_sizes`: BN = N rounded up, BD the rest, at least 16) - so a dense
+    batch - and B-E or the paper
     variant (the exact B-Q S-step needs P, hence Λ, inside the sweep); the launcher uses it
     with the replay schedule (:func:`forward_replays`). It saves one read of x and one replay
     of the state per iteration (W2: 49 rows, 64 × 32 tiles where the two passes use
     16 × 128)."""
     if geo.ragged or (quad and not paper):
         return None
-    BN0, BD0, BV, num_warps = geo.blocks
+    BN0, BD0, BV, num_warps = forward_block_sizes(geo.N, geo.D)
     BN = max(next_pow2(geo.N), 16)
     BD = min(BN0 * BD0 // BN, max(next_pow2(geo.D), 16))
     if BD < 16:
@@ -431,8 +458,7 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
                                       empty=_scratch_shapes(geo, 0 if replay else 2))
     sl, sz = mats if mats else (y, y)                     # unused when replaying
     one_pass = fits if replay else None
-    if one_pass:
-        BN, BD, BV, num_warps = one_pass
+    BN, BD, BV, num_warps = one_pass or forward_block_sizes(geo.N, D)
     launcher(badmm_fwd_kernel, wrap)[(geo.grid,)](
         x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else y, geo.order(y), lp0, lq0, wc,
         y if scale is None else scale, saved[B:2 * B] if stats else y,
