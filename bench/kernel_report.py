@@ -430,7 +430,8 @@ def analyse(c, rec, work, scale, sass_cache):
 def add_calibrated(row: dict) -> None:
     """The calibrated model's times (``bench/latency_model.py``, fitted to the H200) beside the
     first model's, in place: per kernel ``calibrated_s`` and per pass ``kernel_cal_s``,
-    ``predicted_cal_s`` (+ the same front end), its ratios to SoL, eager and torch.compile.
+    ``host_cal_s`` (the fitted host front end) and ``predicted_cal_s`` (the larger of the two),
+    its ratios to SoL, eager and torch.compile.
     Needs only what a report JSON stores, so an old report can be repriced (``--reprice``)."""
     for k in row["kernels"].values():
         k["calibrated_s"] = None if k.get("error") else latency_model.calibrated_seconds(k)
@@ -439,11 +440,13 @@ def add_calibrated(row: dict) -> None:
         ks = [k for k in row["kernels"].values() if k["pass_"] in passes]
         cal = [k["calibrated_s"] for k in ks]
         if any(c is None for c in cal):
-            s.update(kernel_cal_s=None, predicted_cal_s=None, kernel_cal_ratio_to_sol=None,
+            s.update(kernel_cal_s=None, predicted_cal_s=None, host_cal_s=None,
+                     kernel_cal_ratio_to_sol=None,
                      speedup_vs_eager_cal=None, speedup_vs_compile_cal=None)
             continue
-        total = sum(cal) + s["front_end_s"]
+        total = latency_model.call_seconds(pass_, s["launches"], sum(cal))
         s.update(kernel_cal_s=sum(cal), predicted_cal_s=total,
+                 host_cal_s=latency_model.host_seconds(pass_, s["launches"]),
                  kernel_cal_ratio_to_sol=sum(cal) / s["sol_s"],
                  speedup_vs_eager_cal=s["eager_s"] / total,
                  speedup_vs_compile_cal=s["compile_s"] / total)
@@ -659,14 +662,15 @@ def markdown(meta, rows) -> str:
          "bound. The **calibrated** columns price the kernels by occupancy instead "
          "(`bench/latency_model.py`, fitted to that run's kernel profile): on the run's "
          "kernel-bound calls outside the fit (W2 and W3 at T = 16, W3 at T = 4) measured ÷ "
-         "calibrated was 0.51-1.29 where measured ÷ first model was 1.6-4.2 "
+         "calibrated was 0.52-1.31 where measured ÷ first model was 1.6-4.2 "
          "(`bench/results/latency_model_fit_2026-11-30.md`).",
          "",
          "## Summary (every time a PREDICTION)", "",
          "| case | pass | launches | host ops / syncs | kernel µs | front end µs | predicted µs "
          "| SoL µs (bound) | ÷ SoL | kernel ÷ SoL | × eager | × compile | HBM bytes ÷ problem "
-         "| MUFU / el-it (min) | calibrated: kernel µs | kernel ÷ SoL | × eager | × compile |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         "| MUFU / el-it (min) | calibrated: kernel µs | host µs | call µs | kernel ÷ SoL | "
+         "× eager | × compile |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for pass_, s in r["summary"].items():
             el_it = s["mufu_per_element_iteration"]
@@ -679,7 +683,8 @@ def markdown(meta, rows) -> str:
                 f"{_x(s['speedup_vs_eager'])} | {_x(s['speedup_vs_compile'])} | "
                 f"{_x(s['hbm_bytes'] / s['problem_bytes'])} | {el_it:.2f} "
                 f"({'n/a' if min_el_it is None else f'{min_el_it:.2f}'}) | "
-                f"{_us(s.get('kernel_cal_s'))} | {_x(s.get('kernel_cal_ratio_to_sol'))} | "
+                f"{_us(s.get('kernel_cal_s'))} | {_us(s.get('host_cal_s'))} | "
+                f"{_us(s.get('predicted_cal_s'))} | {_x(s.get('kernel_cal_ratio_to_sol'))} | "
                 f"{_x(s.get('speedup_vs_eager_cal'))} | {_x(s.get('speedup_vs_compile_cal'))} |")
     L += ["", "× eager / × compile: predicted eager (torch.compile) time ÷ predicted Triton time "
           "(> 1: the Triton path is faster). ÷ SoL includes the front end; kernel ÷ SoL does "
@@ -689,8 +694,13 @@ def markdown(meta, rows) -> str:
           f"{m.get('bytes_per_s_per_warp', latency_model.BYTES_PER_S_PER_WARP):.3g} B/s and "
           f"{m.get('lane_instr_per_s_per_warp', latency_model.LANE_INSTR_PER_S_PER_WARP):.3g} "
           "thread instructions/s, memory and issue not overlapped; fitted to 14 kernels "
-          "measured on the H200, × 1.33 rms, leave-one-out 0.48-1.79), the same front end "
-          "(which the H200 measured far slower at W1: see above) - also a PREDICTION.", "",
+          "measured on the H200, × 1.33 rms, leave-one-out 0.48-1.79); host: the front end "
+          "fitted to that run's host-bound calls (W1, W5: "
+          f"{latency_model.HOST_CALL_S['fwd'] * 1e6:.0f} / "
+          f"{latency_model.HOST_CALL_S['fwd+bwd'] * 1e6:.0f} µs per forward / forward+backward "
+          f"call + {latency_model.HOST_PER_LAUNCH_S * 1e6:.0f} µs per launch, × 1.17 rms); "
+          "call: the larger of the two (the host enqueues while the GPU runs) - also a "
+          "PREDICTION.", "",
           "## Kernels (per case; SASS of the sm_90 build of the recorded launch)", "",
           "| case | kernel | launches | grid | programs ÷ 132 | warps / stages | regs | "
           "warps / SM | spill (stack + local B, LDL+STL) | smem B | hot loop: instr / MUFU / "
