@@ -82,6 +82,16 @@ def variants():
         ("W2", "badmm-e", "forward at 32 warps", {B: dict(FORWARD_WARPS=32)}),
         ("W2", "badmm-e", "fused backward at 16 warps, 2 fp32 per thread", {B: dict(
             backward_block_sizes=lambda n, D: _sixteen_warps(bwd_blocks(n, D)))}),
+        # the schedules chosen by T from the first model's predictions (launch.forward_replays,
+        # launch.backward_fuses), each forced
+        ("W2", "badmm-e", "forward replays at every T", {B: dict(
+            forward_replays=lambda T, x_bytes, one_pass=False: True)}),
+        ("W2", "badmm-e", "forward streams at every T", {B: dict(
+            forward_replays=lambda T, x_bytes, one_pass=False: False)}),
+        ("W2", "badmm-e", "fused backward at every T", {B: dict(
+            backward_fuses=lambda T, x_bytes: True)}),
+        ("W2", "badmm-e", "unfused backward at every T", {B: dict(
+            backward_fuses=lambda T, x_bytes: False)}),
         ("W2", "badmm-e", "two passes per forward iteration", {B: dict(
             forward_one_pass=lambda *a: None)}),
         # W1 (50 sets < 132 SMs) is split over several programs per set: 33 launches per

@@ -74,14 +74,14 @@ per element and pass (cost model: :func:`.cost.badmm_cost_model`); pass 3 holds 
 iterations' states, the adjoints and x per element, so the launcher halves its 8-warp tiles
 (:func:`.launch.backward_block_sizes`: no spills at sm_90). That costs instructions: the
 smaller tiles amortise the replay's per-iteration loads over half the elements and pass 3 runs
-two more exp2 per element, so from T = 15 on (fp32 x; the replay grows as T², the bytes as T)
-the launcher keeps the unfused schedule (``FUSE`` off: pass 2 reads L̄', Z̄', 12 + 28 bytes,
-8-warp tiles; :func:`.launch.backward_fuses`). With FUSE and no plan gradient the first
-reverse step stores no L̄, Z̄, X̄ either (``DEFER``, :func:`.launch.backward_defers`): they
-depend only on iteration T - 1's state, R, y and ȳ (log P̄ = 0 there, so R̄ = 0), and the
-second step's pass 3 recomputes them (:func:`_last_step_adjoints`) - 24 bytes per element
-less. The split backward (:mod:`.split_backward_kernels`) always runs the unfused pass 2,
-across launches.
+two more exp2 per element; the calibrated model prices those instructions above the bytes
+they save at every T, so the launcher runs the unfused schedule (``FUSE`` off: pass 2 reads
+L̄', Z̄', 12 + 28 bytes, 8-warp tiles; :func:`.launch.backward_fuses`). With FUSE and no plan
+gradient the first reverse step stores no L̄, Z̄, X̄ either (``DEFER``,
+:func:`.launch.backward_defers`): they depend only on iteration T - 1's state, R, y and ȳ
+(log P̄ = 0 there, so R̄ = 0), and the second step's pass 3 recomputes them
+(:func:`_last_step_adjoints`) - 24 bytes per element less. The split backward
+(:mod:`.split_backward_kernels`) always runs the unfused pass 2, across launches.
 
 Launch shape and synchronisation: every pass that reads what another pass wrote is separated
 from it by ``tl.debug_barrier()`` (the passes use different thread mappings); in-place updates

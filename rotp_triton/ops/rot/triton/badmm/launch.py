@@ -169,12 +169,16 @@ def forward_replays(T: int, x_bytes: int, one_pass: bool = False) -> bool:
     the stream at 4.5 ms, the replay at ~6.6 ms: its T = 1..3 fit x 130/155). Prediction, not
     measured.
     ``one_pass``: the set kernel would run each replayed iteration as one sweep
-    (:func:`forward_one_pass`: half the replays and one read of x per iteration); kernel_report
-    prices its W2 B-E kernel (fp32) at 2.40 ps per element-iteration at T = 4 and 6.82 at
-    T = 16, i.e. ~(0.93 + 0.368 T) ps, so it replays up to T = 26 for fp32 x and 22 for
-    fp16/bf16 (W2 T = 16: 2.8 ms against the stream's 4.6 ms). Prediction, not measured."""
+    (:func:`forward_one_pass`: half the replays and one read of x per iteration). The first
+    model priced it at ~(0.93 + 0.368 T) ps per element-iteration and replayed up to T = 26;
+    the calibrated model (``bench/latency_model.py``, which prices instructions at the ~0.11
+    per clock per warp the H200 ran these kernels at) prices W2 B-E's forward kernel (16
+    warps, fp32) at 937 µs replayed / 1,748 streamed at T = 4 and 9,125 / 7,497 at T = 16,
+    i.e. ~(122 T + 28 T²) against ~479 T µs: the replay wins up to T = 12 (fp32 x; 10 for
+    fp16/bf16, the first model's ratio). ``kernel_report.py --variant "forward streams at every
+    T"``; a PREDICTION, not measured."""
     if one_pass:
-        return T <= int(((2 * x_bytes + 24) / 3 - 0.93) / 0.368)
+        return T <= (12 if x_bytes >= 4 else 10)
     return T <= int(((2 * x_bytes + 24) / 3 - 3.4) / 0.655)
 
 
@@ -206,9 +210,16 @@ def backward_fuses(T: int, x_bytes: int) -> bool:
     unfused (50 T - 56) bytes and (21.9 T² + 22 T) instructions (at T = 4 and 16: 117 / 669 and
     620 / 7,616 fused, 143 / 440 and 739 / 5,963 unfused); with 3.0 TB/s and 2.96e13
     lane-instructions/s the fused kernel is memory-bound and faster up to T = 14 (T = 4:
-    1.00 vs 1.23 ms), the unfused one from T = 15 (T = 16: 6.3 vs 6.6 ms). fp16/bf16 x saves
-    2 bytes per element and pass in both, so the same threshold. Prediction, not measured."""
-    return T <= 14
+    1.00 vs 1.23 ms), the unfused one from T = 15 (T = 16: 6.3 vs 6.6 ms). That was the first
+    model, which the H200 found 5.7× optimistic for this kernel. The calibrated model
+    (``bench/latency_model.py``: at the same 8 resident warps, time ∝ bytes / 1.9e9 +
+    instructions / 6.0e9 per warp) prices fused - unfused at 0.63 T² + 2.8 T + 2.6 > 0 per
+    element with the fits above: the unfused schedule is faster at every T (W2 B-E fwd+bwd
+    predicted 5,176 -> 4,608 µs at T = 4; at T = 16 48,035 fused vs 42,637 unfused;
+    ``kernel_report.py --variant "fused backward at every T"``). So FUSE is off; the fused
+    schedule stays tested (``test_backward_schedules`` forces both) and compiled (AOT) for the
+    GPU run that measures both (``bench/gpu_tune.py``). A PREDICTION, not measured."""
+    return False
 
 
 def backward_defers(fuse: bool, T: int, plan_grad: bool) -> bool:
