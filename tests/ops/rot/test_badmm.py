@@ -477,8 +477,8 @@ def test_split_heuristic():
 
 def test_one_pass_heuristic():
     """One sweep per iteration for dense sets whose rows fit a tile of the usual size, with the
-    replay, for B-E and the paper variant; with it the replay is kept to T = 12 (fp32; two
-    passes: 11)."""
+    replay, for B-E and the paper variant; with it the replay is kept to larger T (W2 at
+    T = 16: replayed with one sweep, streamed with two)."""
     def geo(N, D, ragged=False):
         return types.SimpleNamespace(N=N, D=D, ragged=ragged, blocks=launch.block_sizes(N, D))
 
@@ -490,9 +490,8 @@ def test_one_pass_heuristic():
     assert launch.forward_one_pass(geo(0, 2048, ragged=True), e, False) is None
     assert launch.forward_one_pass(geo(500, 100), e, False) is None            # W1's rows
     assert launch.forward_one_pass(geo(7, 5), e, False) == (16, 16, 128, 4)
-    assert not launch.forward_replays(16, 4) and not launch.forward_replays(16, 4, one_pass=True)
-    assert launch.forward_replays(11, 4) and launch.forward_replays(12, 4, one_pass=True)
-    assert not launch.forward_replays(13, 4, one_pass=True)
+    assert not launch.forward_replays(16, 4) and launch.forward_replays(16, 4, one_pass=True)
+    assert launch.forward_replays(11, 4) and not launch.forward_replays(40, 4, one_pass=True)
 
 
 @pytest.mark.parametrize("N,D,T", [(1, 1, 2), (1, 6, 1), (5, 1, 2)])

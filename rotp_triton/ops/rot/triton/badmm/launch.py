@@ -169,16 +169,16 @@ def forward_replays(T: int, x_bytes: int, one_pass: bool = False) -> bool:
     the stream at 4.5 ms, the replay at ~6.6 ms: its T = 1..3 fit x 130/155). Prediction, not
     measured.
     ``one_pass``: the set kernel would run each replayed iteration as one sweep
-    (:func:`forward_one_pass`: half the replays and one read of x per iteration). The first
-    model priced it at ~(0.93 + 0.368 T) ps per element-iteration and replayed up to T = 26;
-    the calibrated model (``bench/latency_model.py``, which prices instructions at the ~0.11
-    per clock per warp the H200 ran these kernels at) prices W2 B-E's forward kernel (16
-    warps, fp32) at 937 µs replayed / 1,748 streamed at T = 4 and 9,125 / 7,497 at T = 16,
-    i.e. ~(122 T + 28 T²) against ~479 T µs: the replay wins up to T = 12 (fp32 x; 10 for
-    fp16/bf16, the first model's ratio). ``kernel_report.py --variant "forward streams at every
-    T"``; a PREDICTION, not measured."""
+    (:func:`forward_one_pass`: half the replays and one read of x per iteration); kernel_report
+    prices its W2 B-E kernel (fp32) at 2.40 ps per element-iteration at T = 4 and 6.82 at
+    T = 16, i.e. ~(0.93 + 0.368 T) ps, so it replays up to T = 26 for fp32 x and 22 for
+    fp16/bf16 (W2 T = 16: 2.8 ms against the stream's 4.6 ms). Prediction, not measured. The
+    calibrated model (``bench/latency_model.py``) would stream from T = 13 (W2 B-E forward at
+    T = 16: 9.1 ms replayed, 7.5 ms streamed, but 13.6 GB of HBM traffic instead of 2.9 and
+    twice the forward's peak memory, for 4 % of the forward+backward): kept until a GPU run
+    measures both (``bench/gpu_tune.py``, "forward streams at every T")."""
     if one_pass:
-        return T <= (12 if x_bytes >= 4 else 10)
+        return T <= int(((2 * x_bytes + 24) / 3 - 0.93) / 0.368)
     return T <= int(((2 * x_bytes + 24) / 3 - 3.4) / 0.655)
 
 
