@@ -215,10 +215,10 @@ def backward_fuses(T: int, x_bytes: int) -> bool:
     (``bench/latency_model.py``: at the same 8 resident warps, time ∝ bytes / 1.9e9 +
     instructions / 6.0e9 per warp) prices fused - unfused at 0.63 T² + 2.8 T + 2.6 > 0 per
     element with the fits above: the unfused schedule is faster at every T (W2 B-E fwd+bwd
-    predicted 5,176 -> 4,608 µs at T = 4; at T = 16 48,035 fused vs 42,637 unfused;
-    ``kernel_report.py --variant "fused backward at every T"``). So FUSE is off; the fused
-    schedule stays tested (``test_backward_schedules`` forces both) and compiled (AOT) for the
-    GPU run that measures both (``bench/gpu_tune.py``). A PREDICTION, not measured."""
+    predicted 5,176 -> 4,608 µs at T = 4; at T = 16 48,035 fused vs 42,637 unfused; the
+    fused variant of ``bench/gpu_tune.py`` priced by ``kernel_report.py --variant``). So FUSE
+    is off; the fused schedule stays tested (``test_backward_schedules`` forces both) and
+    compiled (AOT) for the GPU run that measures both. A PREDICTION, not measured."""
     return False
 
 
