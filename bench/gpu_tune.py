@@ -1,7 +1,8 @@
-"""Launch-configuration sweep for the next GPU lease (issues 12, 17): MEASURED times of the W2
-Sinkhorn and B-E kernels under the shipped and alternative layouts (the ones measured on
-2026-11-29 among them), and of W1 B-E with and without its split over several programs per
-set, each checked against the torch path.
+"""Launch-configuration sweep for the next GPU lease (issues 12, 13, 17): MEASURED times of the
+W2 Sinkhorn and B-E kernels under the shipped and alternative layouts (the ones measured on
+2026-11-29 among them), of W1 B-E with and without its split over several programs per set,
+and of the W1 structure path (α0 = 0.1) at 16 and 8 warps, each checked against the torch
+path.
 
 The H200 run of 2026-11-29 measured the one-program-per-set kernels 2-7× over the kernel
 report's prediction, with ~8 resident warps per SM (200-255 registers per thread; see
@@ -39,6 +40,7 @@ from bench.gpu_check import (Env, deadline, is_timeout, log, pool_fn,  # noqa: E
 import torch  # noqa: E402
 from rotp_triton.ops.rot.triton.badmm import launch as badmm_launch  # noqa: E402
 from rotp_triton.ops.rot.triton.sinkhorn import launch as sinkhorn_launch  # noqa: E402
+from rotp_triton.ops.rot.triton.structure import launch as structure_launch  # noqa: E402
 
 
 def _sixteen_warps(sizes):
@@ -59,7 +61,7 @@ def variants():
     range. The Sinkhorn row-pieces variants give 16 resident warps per SM at a cost the model
     prices (forward at 8 warps: 72 bytes of stack spills with 8 fp32 per thread, or twice the
     instructions with 4; bench/results/occupancy_2026-11-30.md)."""
-    S, B = sinkhorn_launch, badmm_launch
+    S, B, St = sinkhorn_launch, badmm_launch, structure_launch
     pieces, bwd_blocks = S.pieces_config, B.backward_block_sizes
     return [
         # most valuable first (the sweep has a time budget): the two launcher choices the
@@ -70,6 +72,13 @@ def variants():
         ("W2", "badmm-e", "fused backward (shipped up to T = 14 until 2026-11-30)", {B: dict(
             backward_fuses=lambda T, x_bytes: True)}),
         ("W2", "badmm-e", "forward at 32 warps", {B: dict(FORWARD_WARPS=32)}),
+        # the structure path (α0 > 0) runs one CTA per set: 16 warps, square GEMM tiles and
+        # 2,048-element row tiles since 2026-11-30 (calibrated model: 18.0 -> 10.3 ms
+        # fwd+bwd), against the 8-warp layout it replaced
+        ("W1 a0=0.1", "badmm-e", "shipped", {}),
+        ("W1 a0=0.1", "badmm-e", "structure at 8 warps, wide GEMM tiles (until 2026-11-30)",
+         {St: dict(PER_SET_WARPS=8, WIDE_GEMM_TILES=True,
+                   row_block=lambda BD: max(1, min(64, 4096 // BD)))}),
         ("W2", "sinkhorn", "shipped", {}),
         # the forward calls pieces_config(D, pieces, BD), the backward with its warps and
         # elements per thread too: a patch can tell them apart
@@ -113,11 +122,17 @@ def patched(patches):
             setattr(m, a, v)
 
 
+def _workload_a0(wl: str):
+    """("W1", 0.1) from "W1 a0=0.1"; (wl, 0.0) without an α0."""
+    name, _, a0 = wl.partition(" a0=")
+    return name, float(a0) if a0 else 0.0
+
+
 def run_variant(env, wl, method, T, patches, reference):
     x0, ptr, kind, desc = reference["data"]
     row = {}
     with patched(patches):
-        fn, params = pool_fn(kind, x0, ptr, method, T, "triton", env)
+        fn, params = pool_fn(kind, x0, ptr, method, T, "triton", env, a0=_workload_a0(wl)[1])
         x = x0.detach().clone().requires_grad_()
         y = fn(x)
         grads = torch.autograd.grad(y, [x] + params, reference["gy"], allow_unused=True)
@@ -162,8 +177,9 @@ def main(argv=None) -> int:
         try:
             with deadline(end - time.time()):
                 if (wl, method) not in refs:  # the torch path once: the check's reference
-                    x0, ptr, kind, desc = workload(wl, env)
-                    fn, params = pool_fn(kind, x0, ptr, method, T, "torch", env)
+                    name_, a0 = _workload_a0(wl)
+                    x0, ptr, kind, desc = workload(name_, env)
+                    fn, params = pool_fn(kind, x0, ptr, method, T, "torch", env, a0=a0)
                     x = x0.clone().requires_grad_()
                     y = fn(x)
                     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(y)

@@ -463,8 +463,8 @@ def test_aot_sm90(group, n_kernels):
     """Every kernel (each constexpr branch at least once; both Gram orders are in every binary,
     chosen per set at run time) compiles for sm_90 at the W1 sizes (N = 500, D = 100), and
     ptxas -v reports no register spills, except the adjoint kernels (many live [BN, BD] tiles
-    in their passes): at most ADJOINT_SPILL_BYTES each (9.5 KiB with BK = 64; 0.2-0.6 KiB now,
-    whose LDL/STL sit in the passes' loops, ~2 % of their instructions, none in the GEMMs')."""
+    in their passes): at most ADJOINT_SPILL_BYTES each (9.5 KiB with BK = 64 at 8 warps; at
+    PER_SET_WARPS = 16 with square GEMM tiles one adjoint spills 32 B, the rest none)."""
     out = run_without_interpreter(_AOT + _AOT_GROUPS[group], timeout=1200)
     lines = [ln for ln in out.splitlines() if ln.startswith("RESULT")]
     print("\n".join(lines))

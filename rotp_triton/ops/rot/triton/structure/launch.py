@@ -62,30 +62,39 @@ def _wrap(kernel):
 # ============================================================================================
 # host launchers
 # ============================================================================================
-# one program per set streams [BN, BD] tiles with several live fp32 tensors: 8 warps keep it
-# under 255 registers per thread at BN·BD = 4096 (ptxas, W1 sizes; see test_aot_sm90)
-PER_SET_WARPS = 8
+# Warps of the one-program-per-set kernels. Their grid is one CTA per set (W1: 50 CTAs on 50
+# SMs), so a CTA's warps are all its SM has in flight; the calibrated model
+# (bench/latency_model.py: a resident warp sustains a fitted rate of traffic and instructions)
+# prices the W1 α0 = 0.1 T = 4 B-E forward+backward at 18.0 ms with 8 warps and 10.3 ms with 16
+# (square GEMM tiles, 2048-element row tiles; a PREDICTION, not measured). At 16 warps a thread
+# has 128 registers: ptxas fits every kernel with no spills but one adjoint's 32 B (W1 sizes,
+# test_aot_sm90), where wide GEMM tiles spill 8-252 B and 4096-element row tiles 8-168 B.
+PER_SET_WARPS = 16
 
 
 def row_block(BD: int) -> int:
-    """Rows per chunk of the per-set kernels: about 4096 fp32 values per [BN, BD] tile."""
-    return max(1, min(64, 4096 // BD))
+    """Rows per chunk of the per-set kernels: about 2048 fp32 values per [BN, BD] tile (4 per
+    thread at :data:`PER_SET_WARPS`)."""
+    return max(1, min(64, 2048 // BD))
 
 
 def mm_tile(D: int) -> int:
     """Output tile of the in-program GEMMs (``_program_mm``), from the feature count only:
     next_power_of_2(D) within [16, 64] (16: the smallest ``tl.dot`` tile; 64: a [64, 64] fp32
-    accumulator over 8 warps). The same under the interpreter as on a GPU, so the interpreter's
+    accumulator over the CTA's warps). The same under the interpreter as on a GPU, so the interpreter's
     traffic counts are the GPU binary's."""
     return max(16, min(64, triton.next_power_of_2(D)))
 
 
 # Wide GEMM tiles (BW up to 128): a GEMM whose output has D (or n_b < D) rows or columns reads
 # its (n_b, D) operand, and its exp, once instead of ⌈D/64⌉ times (W1: x's and the state's
-# re-reads halved). With the K step of the FMA dots at 8 (mm_k_step) ptxas fits them: the W1
-# step kernels compile with no spills, the adjoints with < 0.5 KiB (they spilled 9.5 KiB at
-# BK = BT = 64). ROTP_STRUCTURE_WIDE_TILES=0 turns them off (square BT tiles).
-WIDE_GEMM_TILES = os.environ.get("ROTP_STRUCTURE_WIDE_TILES", "1") == "1"
+# re-reads halved). At 8 warps, with the K step of the FMA dots at 8 (mm_k_step), ptxas fit
+# them (the adjoints spilled < 0.5 KiB); at PER_SET_WARPS = 16 they spill 16-252 B in the
+# products and 8-528 B in the step kernels and adjoints, so they are off by default
+# (ROTP_STRUCTURE_WIDE_TILES=1 turns them on). Square tiles read the operands twice at W1 (the
+# step kernels' bytes +13 %) for twice the warps: W1 α0 = 0.1 T = 4 forward+backward predicted
+# 18.0 -> 10.3 ms (calibrated), where 16 warps with wide tiles would be 9.1 ms with spills.
+WIDE_GEMM_TILES = os.environ.get("ROTP_STRUCTURE_WIDE_TILES", "0") == "1"
 
 
 def mm_wide(D: int, precision: str = "ieee") -> int:
@@ -705,7 +714,7 @@ def sinkhorn_reverse_step(pb: _Problem, fac: Factors, st: dict, t: int, g_out: T
     B, R, D, K = pb.B, pb.R, pb.D, pb.K
     w = pb.w
     kw = dict(BN=pb.BN, BD=pb.BD, num_warps=PER_SET_WARPS, **fac.meta())
-    rows, vec_d, vec_n = pb.x32, pb.log_p0, pb.log_q0
+    rows, vec_n = pb.x32, pb.log_q0
     log_p = st["log_s"]
     sig, y0 = bufs.get("sig", rows), bufs.get("y0", rows)  # Σ(P_t) from the step's prologue
     bvec, cbuf = bufs.get("bvec", vec_n), bufs.get("c", vec_n)
