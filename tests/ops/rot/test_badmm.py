@@ -715,7 +715,7 @@ def test_feature_scale_folded_in(path, method, variant, monkeypatch):
 def test_saved_bytes_are_x_plus_vectors(variant, schedule, monkeypatch):
     """What autograd keeps for the backward at T = 16 is x, the (B, D) output, the (6, T)
     weights and one flat history: the kernels' (WEIGHT_ROWS, T) table and the per-iteration
-    vectors (R, log μ [, z1], log μ - R per set and C, log η [, z2], log η - C per row:
+    vectors (R, log μ [, z1, unused] per set and C, log η [, z2, unused] per row:
     O(T · (N + D)) per set), each segment padded to 128 bytes - nothing of size N × D per
     iteration. The scratch the launchers allocate (per-program state and adjoint tiles,
     working vectors) does not depend on T (for a given forward schedule: replaying needs no
@@ -724,7 +724,7 @@ def test_saved_bytes_are_x_plus_vectors(variant, schedule, monkeypatch):
     _schedule(monkeypatch, schedule)
     gen = torch.Generator().manual_seed(7)
     B, N, D = 2, 9, 6
-    KV = 4 if variant == "paper" else 3     # + the replay's shift slot
+    KV = 4 if variant == "paper" else 2     # (the replay's shifts come from R, log μ pairs)
     x = torch.randn(B, N, D, generator=gen).to(DEVICE).requires_grad_()
     scratch = []
     real_scratch = launch.fp32_scratch
@@ -908,13 +908,17 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
         (m.badmm_bwd_kernel, 2048, 49, False, False, False, "PLAN_GRAD", False),
         (m.badmm_bwd_kernel, 2048, 49, True, False, False, "PLAN_GRAD", False),
         (m.badmm_bwd_kernel, 2048, 49, False, False, False, "SCALED", True),
-        (m.badmm_bwd_kernel, 2048, 49, True, False, False, "SCALED", True)]:
+        (m.badmm_bwd_kernel, 2048, 49, True, False, False, "SCALED", True),
+        # the shipped W2 backward (launch.backward_fuses: unfused, 8 fp32 per thread)
+        (m.badmm_bwd_kernel, 2048, 49, False, False, False, "SCALED", False),
+        (m.badmm_bwd_kernel, 2048, 49, True, False, False, "SCALED", False)]:
     # the backward's flag: PLAN_GRAD, DEFER (W2 has no plan gradient) or SCALED (W2 under
     # the layers' scale="auto": with DEFER), last field: FUSE (its half tiles:
     # launch.backward_block_sizes); the forward's: PLAN or SCALED, last field REPLAY (with
     # one sweep per iteration where launch.forward_one_pass allows: W2 B-E, W2 B-Q paper)
     fused = kernel is m.badmm_bwd_kernel and replay
-    sizes = launch.backward_block_sizes if fused else launch.block_sizes
+    half = fused or (kernel is m.badmm_bwd_kernel and flag == "PLAN_GRAD")   # as the launcher
+    sizes = launch.backward_block_sizes if half else launch.block_sizes
     if kernel is m.badmm_fwd_kernel:
         sizes = launch.forward_block_sizes          # (16 warps on a 2,048 tile)
     BN, BD, BV, num_warps = sizes(0 if ragged else N, D)
@@ -927,7 +931,7 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
         BN, BD, BV, num_warps = one_pass or (BN, BD, BV, num_warps)
     consts = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=m.quad_flag(quad, paper),
                   PAPER=paper, BN=BN, BD=BD, BV=BV, **{flag: True})
-    consts["KV"] = 4 if paper else 3
+    consts["KV"] = 4 if paper else 2
     consts.setdefault("SCALED", False)
     if kernel is m.badmm_fwd_kernel:
         consts["REPLAY"] = replay
@@ -937,7 +941,7 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
     else:
         consts["FUSE"] = replay
         consts.setdefault("PLAN_GRAD", False)
-        consts.setdefault("DEFER", flag == "SCALED")
+        consts.setdefault("DEFER", flag == "SCALED" and replay)
     c = compile_sm90(kernel, signature(kernel, consts), consts,
                      num_warps=num_warps)
     assert ".target sm_90" in c.asm["ptx"]
@@ -977,7 +981,7 @@ def test_aot_compile_sm90():
     out = run_without_interpreter(AOT_CODE, timeout=900)
     lines = [l for l in out.splitlines() if "regs" in l]
     print("\n".join(lines))
-    assert len(lines) == 15
+    assert len(lines) == 17
     assert sum("one-pass" in l for l in lines) == 2
     for l in lines:
         if "local ?" not in l:
@@ -1004,7 +1008,7 @@ def signature(kernel, consts):
 for name, D, N, quad, paper, ragged in [("W1", 100, 500, False, False, False),
                                         ("W5", 128, 0, True, True, True)]:
     BN, BD, BV, num_warps = launch.block_sizes(N, D)
-    common = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=quad, KV=4 if paper else 3,
+    common = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=quad, KV=4 if paper else 2,
                   SCALED=ragged)     # W5 with the layers' feature scale folded in
     for kernel, consts in [
             (s.badmm_split_column_lse_kernel, dict(common, PAPER=paper, REPLAY=True,

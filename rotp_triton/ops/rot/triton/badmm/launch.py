@@ -57,7 +57,10 @@ def backward_block_sizes(n_hint: int, D: int):
     pass 3 holds the state of two iterations, the adjoints of one and x per element (the next
     step's pass 2 rides along, :func:`.kernels._adjoint_p_step_tiles`): with 8 per thread that
     is ~770 bytes of stack spills at sm_90 (W2), with 4 none. Halving BD keeps the [BD]-vector
-    loads per element the same (4 · vectors / BN bytes); smaller tiles keep their lanes."""
+    loads per element the same (4 · vectors / BN bytes); smaller tiles keep their lanes. The
+    unfused kernel takes these tiles too when it returns the plan's gradient (its first step
+    reads log P̄): at 8 fp32 per thread that configuration sits at 255 registers and spilled
+    16 bytes once the replay loaded its shifts as (R, log μ) pairs (W2, B-E)."""
     BN, BD, BV, num_warps = block_sizes(n_hint, D)
     if num_warps == 8 and BN * BD >= 2048:
         if BD >= 32:
@@ -297,7 +300,7 @@ def _forward_split(x, geo, wc, lp0, lq0, y, plan, hd, hn, NS, DS, scratch, *, qu
     NS, SD, DS = _split_slices(geo, NS, DS)
     pm, pl, pa, qm, ql = scratch[:5]                    # [B, NS, D] x 3, [DS, rows] x 2
     u_p0 = -math.log(D)
-    KV = hd.shape[2]
+    KV = hd.shape[-1]
     tiles = (B, NS, DS)
     ptr = geo.ptr if geo.ragged else y
     sets = dict(RAGGED=geo.ragged)
@@ -353,7 +356,7 @@ def _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, 
     NS, SD, DS = _split_slices(geo, NS, DS)
     (gwt,), (slb, szb, vd, vn, tau, sig, gwv, dsp) = scratch  # _backward_split_shapes
     u_p0 = -math.log(D)
-    KV = hd.shape[2]
+    KV = hd.shape[-1]
     tiles = (B, NS, DS)
     ptr = geo.ptr if geo.ragged else gx
     sets = dict(RAGGED=geo.ragged)
@@ -389,12 +392,12 @@ def _history_layout(x: Tensor, ptr: Optional[Tensor], T: int, paper: bool):
     """[(offset, shape)] of the weight table, hd and hn in the flat history, each segment
     starting on a 128-byte boundary (as separate allocations would: Triton specialises
     pointers on 16-byte alignment), and the total size."""
-    KV = 4 if paper else 3
+    KV = 4 if paper else 2
     D = x.shape[-1]
     B = x.shape[0] if ptr is None else ptr.shape[0] - 1
     rows = x.shape[0] * x.shape[1] if ptr is None else x.shape[0]
     out, o = [], 0
-    for shape in ((WEIGHT_ROWS, T), (B, T, KV, D), (T, KV, rows)):
+    for shape in ((WEIGHT_ROWS, T), (B, T, D, KV), (T, rows, KV)):
         out.append((o, shape))
         o += cdiv(math.prod(shape), 32) * 32
     return out, o
@@ -404,10 +407,11 @@ def history_like(x: Tensor, ptr: Optional[Tensor], T: int, paper: bool,
                  extra: int = 0) -> Tensor:
     """Empty flat fp32 history saved for the backward (one allocation; :func:`history_views`
     splits it): the kernels' weight table (WEIGHT_ROWS, T) (:func:`_fill_weight_table`: the
-    backward reuses it), and the vectors of every iteration, hd (B, T, KV, D) - R, log μ
-    [, z1], log μ - R - and hn (T, KV, rows) - C, log η [, z2], log η - C - (KV = 4 for the
-    paper variant, else 3; the last slot is the replay's shift). Sizes come from shapes only
-    (no host sync). ``extra``: that many more elements at the end (the launcher's spread
+    backward reuses it), and the vectors of every iteration, hd (B, T, D, KV) - R, log μ
+    [, z1, unused] - and hn (T, rows, KV) - C, log η [, z2, unused] - (KV = 4 for the paper
+    variant, else 2; an entry's slots adjacent, so that the replay loads R and log μ as one
+    64-bit pair and forms its shift log μ - R: :func:`.kernels._hist_shift`). Sizes come from
+    shapes only (no host sync). ``extra``: that many more elements at the end (the launcher's spread
     statistics, which are saved with it)."""
     return x.new_empty(_history_layout(x, ptr, T, paper)[1] + extra, dtype=torch.float32)
 
@@ -477,7 +481,7 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
         y, plan if return_plan else y, sl, sz, vd, vn, hd, hn,
         B, geo.N, D, geo.rows, T, -math.log(D),
         RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
-        QUAD=quadratic, PAPER=paper, PLAN=return_plan, REPLAY=replay, KV=hd.shape[2],
+        QUAD=quadratic, PAPER=paper, PLAN=return_plan, REPLAY=replay, KV=hd.shape[-1],
         SCALED=scale is not None, STATS=stats, ONE_PASS=bool(one_pass), BN=BN, BD=BD, BV=BV,
         num_warps=num_warps,
     )
@@ -546,7 +550,7 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
             _, (gw, slb, szb, vd, vn) = fp32_scratch(
                 dev, empty=[(B, T, 4)] + _scratch_shapes(geo, 2))
             fuse = backward_fuses(T, x.element_size())
-            if fuse:
+            if fuse or gplan is not None:
                 BN, BD, BV, num_warps = backward_block_sizes(geo.N, D)
             launcher(badmm_bwd_kernel, wrap)[(geo.grid,)](
                 x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else gx, geo.order(gx),
@@ -556,7 +560,7 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
                 slb, szb, vd, vn,
                 B, geo.N, D, geo.rows, T, -math.log(D),
                 RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
-                QUAD=quadratic, PAPER=paper, PLAN_GRAD=grad_plan is not None, KV=hd.shape[2],
+                QUAD=quadratic, PAPER=paper, PLAN_GRAD=grad_plan is not None, KV=hd.shape[-1],
                 FUSE=fuse, DEFER=backward_defers(fuse, T, grad_plan is not None),
                 SCALED=scale is not None, BN=BN, BD=BD, BV=BV, num_warps=num_warps,
             )

@@ -73,8 +73,8 @@ def badmm_split_bwd_rows_step_kernel(
             for j in range(4, 7):
                 _vec_fill(vd + j * D, 0.0, D, BV)
                 _vec_fill(vn + j * ns, 0.0, n_b, BV)
-        _restore(vd, vn, ns, hd_ptr + (b64 * T + tb) * KV * D, hn_ptr + tb * KV * NR + rs,
-                 n_b, D, NR, tb < T - 1, PAPER, BV)
+        _restore(vd, vn, ns, hd_ptr + (b64 * T + tb) * KV * D, hn_ptr + tb * KV * NR + rs * KV,
+                 n_b, D, NR, tb < T - 1, PAPER, KV, BV)
         tl.debug_barrier()
     if tl.where(tb < T - 1, n_b, 0) > 0:          # a non-empty set, not the last iteration
         _sum_partials(sig_ptr + rs, NR, vn + 3 * ns, DS, n_b, BV)

@@ -39,7 +39,7 @@ import triton.language as tl
 from ..common import set_inv_scale
 from .kernels import (_exp, _finite, _iter_weights, _load_prior, _load_x, _log, _lse_add,
                       _lse_total, _p_step_y, _replay_state, _rho_prev, _row_lse_add, _s_step_y,
-                      _set_bounds, _tile_ptrs)
+                      _hist_shift, _set_bounds, _tile_ptrs)
 
 
 @triton.jit
@@ -58,7 +58,7 @@ def _tile_program(x_ptr, sxb, sxn, ptr_ptr, lp0_ptr, lq0_ptr, hd_ptr, hn_ptr, N,
     n_lo = si * SN
     d_lo = sj * SD
     return (b64, si, sj, rs, n_b, x_ptr + xoff, lp0_ptr + b64 * D, lq0_ptr + rs,
-            hd_ptr + b64 * T * KV * D, hn_ptr + rs,
+            hd_ptr + b64 * T * KV * D, hn_ptr + rs * KV,
             n_lo, tl.minimum(n_lo + SN, n_b), d_lo, tl.minimum(d_lo + SD, D),
             -_log(tl.maximum(n_b, 1).to(tl.float32)))
 
@@ -76,8 +76,7 @@ def _tile_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0, hd
     else:
         nm = offs_n < n_b
         hn_p = hn_b + (t - 1 + (t == 0)) * KV * NR                      # iteration t - 1
-        shift = tl.load(hn_p + NR + offs_n, mask=nm, other=0.0) \
-            - tl.load(hn_p + offs_n, mask=nm, other=0.0)                 # log η - C
+        shift = _hist_shift(hn_p, offs_n, nm, KV)                        # log η - C
         shift = tl.where(t > 0, shift, 0.0)      # (hn[0] is not written yet at t = 0)
         L = tl.where(mask, tl.load(sl + o, mask=mask, other=0.0) + shift[:, None], 0.0)
         Zt = tl.load(sz + o, mask=mask, other=0.0) - _rho_prev(w_ptr + 4 * T, t) * _exp(L)
@@ -190,12 +189,13 @@ def _vector_step(pm_b, pl_b, pa_b, pstride, P, h_t, S, length, lo, hi, prior_ptr
                  HAS: tl.constexpr, uval, k, k_p, rho_p, t, y_b, ysig, PAPER: tl.constexpr,
                  KV: tl.constexpr, POOL: tl.constexpr, BV: tl.constexpr):
     """One side's vector step of iteration t, for the entries [lo, hi) of a vector of
-    ``length``: slot 0 of the history h_t (slot stride S) gets the LSE combined from the P
-    partials (R_t or C_t; with POOL y gets the pooled output times ``ysig``), slot 1 the
-    iteration's marginal - exact: lognorm(κ log prior + (1 - κ) LSE); paper: the vector state
-    of eqs. 26-28 advanced from iteration t - 1 (κ_p, ρ_p; the prior and z = 0 at t = 0) -
-    and slot KV - 1 the replay's shift (slot 1 - slot 0). The normaliser needs the whole vector
-    (a first pass over ``length``), the writes only [lo, hi): the tile programs of a set each
+    ``length``: slot 0 of the history block h_t (S entries of KV slots each, entry i's at
+    h_t + i·KV) gets the LSE combined from the P partials (R_t or C_t; with POOL y gets the
+    pooled output times ``ysig``), slot 1 the iteration's marginal - exact: lognorm(κ log
+    prior + (1 - κ) LSE); paper: the vector state of eqs. 26-28 advanced from iteration t - 1
+    (κ_p, ρ_p; the prior and z = 0 at t = 0) - and (paper) slot 2 its z. The normaliser
+    needs the whole vector (a first pass over ``length``), the writes only [lo, hi): the tile
+    programs of a set each
     run this for their own rows or columns, concurrently, so every slot is written once, from
     partials and slots of t - 1 only (no in-place update), and the values of [lo, hi) are
     identical whichever program writes them."""
@@ -208,8 +208,8 @@ def _vector_step(pm_b, pl_b, pa_b, pstride, P, h_t, S, length, lo, hi, prior_ptr
             for i0 in range(0, length, BV):
                 offs = i0 + tl.arange(0, BV)
                 msk = offs < length
-                u = (1 - k_p) * (tl.load(h_p + S + offs, mask=msk, other=0.0)
-                                 - tl.load(h_p + 2 * S + offs, mask=msk, other=0.0) / rho_p) \
+                u = (1 - k_p) * (tl.load(h_p + offs * KV + 1, mask=msk, other=0.0)
+                                 - tl.load(h_p + offs * KV + 2, mask=msk, other=0.0) / rho_p) \
                     + k_p * _load_prior(prior_ptr, offs, length, uval, HAS)
                 mv, lv = _lse_add(mv, lv, tl.where(msk, u, float("-inf")))
             lse = _lse_total(mv, lv)
@@ -219,17 +219,16 @@ def _vector_step(pm_b, pl_b, pa_b, pstride, P, h_t, S, length, lo, hi, prior_ptr
             r, pooled = _combine(pm_b, pl_b, pa_b, pstride, P, offs, msk, POOL, BV)
             prior = _load_prior(prior_ptr, offs, length, uval, HAS)
             if t > 0:
-                lmu = tl.load(h_p + S + offs, mask=msk, other=0.0)
-                z1 = tl.load(h_p + 2 * S + offs, mask=msk, other=0.0)
+                lmu = tl.load(h_p + offs * KV + 1, mask=msk, other=0.0)
+                z1 = tl.load(h_p + offs * KV + 2, mask=msk, other=0.0)
                 lmu_new = (1 - k_p) * (lmu - z1 / rho_p) + k_p * prior - lse
                 z1_new = z1 + rho_p * (_exp(lmu_new) - _exp(lmu))
             else:
                 lmu_new = prior
                 z1_new = tl.zeros([BV], dtype=tl.float32)
-            tl.store(h_t + offs, r, mask=msk)
-            tl.store(h_t + S + offs, lmu_new, mask=msk)
-            tl.store(h_t + 2 * S + offs, z1_new, mask=msk)
-            tl.store(h_t + (KV - 1) * S + offs, lmu_new - r, mask=msk)
+            tl.store(h_t + offs * KV, r, mask=msk)
+            tl.store(h_t + offs * KV + 1, lmu_new, mask=msk)
+            tl.store(h_t + offs * KV + 2, z1_new, mask=msk)
             if POOL:
                 tl.store(y_b + offs, pooled * ysig, mask=msk)
     else:
@@ -240,7 +239,7 @@ def _vector_step(pm_b, pl_b, pa_b, pstride, P, h_t, S, length, lo, hi, prior_ptr
             msk = offs < length
             r, pooled = _combine(pm_b, pl_b, pa_b, pstride, P, offs, msk, POOL, BV)
             own = msk & (offs >= lo) & (offs < hi)
-            tl.store(h_t + offs, r, mask=own)       # read back below, by the same thread
+            tl.store(h_t + offs * KV, r, mask=own)  # read back below, by the same thread
             if POOL:
                 tl.store(y_b + offs, pooled * ysig, mask=own)
             u = k * _load_prior(prior_ptr, offs, length, uval, HAS) + (1 - k) * r
@@ -250,10 +249,9 @@ def _vector_step(pm_b, pl_b, pa_b, pstride, P, h_t, S, length, lo, hi, prior_ptr
         for i0 in range(lo, hi, BV):
             offs = i0 + tl.arange(0, BV)
             msk = offs < hi
-            r = tl.load(h_t + offs, mask=msk, other=0.0)
+            r = tl.load(h_t + offs * KV, mask=msk, other=0.0)
             lmu = k * _load_prior(prior_ptr, offs, length, uval, HAS) + (1 - k) * r - lse
-            tl.store(h_t + S + offs, lmu, mask=msk)
-            tl.store(h_t + (KV - 1) * S + offs, lmu - r, mask=msk)
+            tl.store(h_t + offs * KV + 1, lmu, mask=msk)
     tl.debug_barrier()
 
 
@@ -283,7 +281,7 @@ def _row_step(rs, n_b, lq0_ptr, w_ptr, hn_ptr, qm_ptr, ql_ptr, NR, T, t, DS, n_l
     hn[t - 1])."""
     _a1, _rho, _k2, k3 = _iter_weights(w_ptr, T, t, QUAD, PAPER)
     _a1, rho_p, _k2, k3_p = _iter_weights(w_ptr, T, tl.maximum(t - 1, 0), QUAD, PAPER)
-    _vector_step(qm_ptr + rs, ql_ptr + rs, ql_ptr + rs, NR, DS, hn_ptr + t * KV * NR + rs, NR,
+    _vector_step(qm_ptr + rs, ql_ptr + rs, ql_ptr + rs, NR, DS, hn_ptr + (t * NR + rs) * KV, NR,
                  n_b, n_lo, n_hi, lq0_ptr + rs, HAS_Q0, -_log(tl.maximum(n_b, 1).to(tl.float32)),
                  k3, k3_p, rho_p, t, ql_ptr, 1.0, PAPER, KV, False, BV)
 
@@ -343,8 +341,8 @@ def badmm_split_row_lse_kernel(
             L, Zt = _tile_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
                                 hd_b, hn_b, NR, w_ptr, T, sl, sz, o, HAS_P0, HAS_Q0, QUAD, KV,
                                 REPLAY)
-            r = tl.load(hd_t + offs_d, mask=dm, other=0.0)
-            lmu = tl.load(hd_t + D + offs_d, mask=dm, other=0.0)
+            r = tl.load(hd_t + offs_d * KV, mask=dm, other=0.0)
+            lmu = tl.load(hd_t + offs_d * KV + 1, mask=dm, other=0.0)
             y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
             lp = y + (lmu - r)[None, :]                                              # log P
             p = _exp(lp)
@@ -389,8 +387,8 @@ def badmm_split_plan_kernel(
             L, Zt = _tile_state(X, offs_n, offs_d, mask, t, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
                                 hd_b, hn_b, NR, w_ptr, T, sl, sz, o, HAS_P0, HAS_Q0, QUAD, KV,
                                 REPLAY)
-            r = tl.load(hd_t + offs_d, mask=dm, other=0.0)
-            lmu = tl.load(hd_t + D + offs_d, mask=dm, other=0.0)
+            r = tl.load(hd_t + offs_d * KV, mask=dm, other=0.0)
+            lmu = tl.load(hd_t + offs_d * KV + 1, mask=dm, other=0.0)
             y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
             p = _exp(y + (lmu - r)[None, :])
             tl.store(plan_b + o, p.to(plan_ptr.dtype.element_ty), mask=mask)
