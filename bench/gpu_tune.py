@@ -72,6 +72,8 @@ def variants():
         ("W2", "badmm-e", "fused backward (shipped up to T = 14 until 2026-11-30)", {B: dict(
             backward_fuses=lambda T, x_bytes: True)}),
         ("W2", "badmm-e", "forward at 32 warps", {B: dict(FORWARD_WARPS=32)}),
+        ("W2", "badmm-e", "unfused backward on half tiles (4 fp32 per thread)", {B: dict(
+            backward_halves=lambda fuse, plan_grad: True)}),
         # the structure path (α0 > 0) runs one CTA per set: 16 warps, square GEMM tiles and
         # 2,048-element row tiles since 2026-11-30 (calibrated model: 18.0 -> 10.3 ms
         # fwd+bwd), against the 8-warp layout it replaced

@@ -30,7 +30,8 @@ from .split_kernels import (badmm_split_column_lse_kernel, badmm_split_column_st
 __all__ = ["badmm_forward", "badmm_backward", "block_sizes", "forward_block_sizes",
            "backward_block_sizes",
            "history_like", "history_views", "param_grads_numel", "param_grad_views",
-           "forward_replays", "forward_one_pass", "backward_fuses", "forward_splits",
+           "forward_replays", "forward_one_pass", "backward_fuses", "backward_halves",
+           "forward_splits",
            "backward_splits"]
 
 
@@ -223,6 +224,13 @@ def backward_fuses(T: int, x_bytes: int) -> bool:
     is off; the fused schedule stays tested (``test_backward_schedules`` forces both) and
     compiled (AOT) for the GPU run that measures both. A PREDICTION, not measured."""
     return False
+
+
+def backward_halves(fuse: bool, plan_grad: bool) -> bool:
+    """Whether the one-program-per-set backward runs :func:`backward_block_sizes`' half tiles:
+    fused, or returning the plan's gradient (whose 8 fp32 a thread sat at 255 registers and
+    spilled). ``bench/gpu_tune.py`` times the unfused backward on them as well."""
+    return fuse or plan_grad
 
 
 def backward_defers(fuse: bool, T: int, plan_grad: bool) -> bool:
@@ -550,7 +558,7 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
             _, (gw, slb, szb, vd, vn) = fp32_scratch(
                 dev, empty=[(B, T, 4)] + _scratch_shapes(geo, 2))
             fuse = backward_fuses(T, x.element_size())
-            if fuse or gplan is not None:
+            if backward_halves(fuse, gplan is not None):
                 BN, BD, BV, num_warps = backward_block_sizes(geo.N, D)
             launcher(badmm_bwd_kernel, wrap)[(geo.grid,)](
                 x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else gx, geo.order(gx),
