@@ -41,7 +41,7 @@ from bench.launch_recorder import h100_host  # noqa: E402
 METHODS = ("sinkhorn", "badmm-e", "badmm-q")
 
 
-def measure(workloads, Ts, methods=METHODS, breakdown: int = 0):
+def measure(workloads, Ts, methods=METHODS, breakdown: int = 0, a0: float = 0.0):
     env = Env(smoke=False)
     env.device = "cpu"
     real = triton.runtime.jit.JITFunction.run
@@ -53,8 +53,9 @@ def measure(workloads, Ts, methods=METHODS, breakdown: int = 0):
                 x0, ptr, kind, desc = _workload_cpu(wl, env)
                 for T in Ts:
                     for method in methods:
-                        fn, params = pool_fn(kind, x0, ptr, method, T, "triton", env)
-                        row = dict(workload=wl, T=T, method=method, desc=desc,
+                        fn, params = pool_fn(kind, x0, ptr, method, T, "triton", env, a0=a0)
+                        row = dict(workload=wl, T=T, method=method + (f" a0={a0:g}" if a0 else ""),
+                                   desc=desc,
                                    input_bytes=x0.numel() * x0.element_size())
                         for bwd in (False, True):
                             x = x0.detach().clone().requires_grad_(bwd)
@@ -71,7 +72,7 @@ def measure(workloads, Ts, methods=METHODS, breakdown: int = 0):
                             else:
                                 row["fwd+bwd" if bwd else "fwd"] = cpu_peak_bytes(run)
                         rows.append(row)
-                        print(f"{wl} T={T:2d} {method:9s} fwd {row['fwd'] / 2**20:7.1f} MiB "
+                        print(f"{wl} T={T:2d} {row['method']:9s} fwd {row['fwd'] / 2**20:7.1f} MiB "
                               f"({row['fwd'] / row['input_bytes']:.3f}x)  fwd+bwd "
                               f"{row['fwd+bwd'] / 2**20:7.1f} MiB "
                               f"({row['fwd+bwd'] / row['input_bytes']:.3f}x)", flush=True)
@@ -101,13 +102,15 @@ def main(argv=None) -> int:
     p.add_argument("--T", type=int, nargs="+", default=[4, 16])
     p.add_argument("--workloads", nargs="+", default=["W1", "W2", "W5", "W3"])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--a0", type=float, default=0.0,
+                   help="α0 > 0: the structure path (dense set workloads: W1, W2)")
     p.add_argument("--breakdown", type=int, default=0,
                    help="list this many of the largest allocations live at the fwd+bwd peak")
     p.add_argument("--compare", default=None, help="a gpu_check JSON with device peaks")
     p.add_argument("--out", default=None, help="also write a Markdown table here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    rows = measure(args.workloads, args.T, args.methods, args.breakdown)
+    rows = measure(args.workloads, args.T, args.methods, args.breakdown, args.a0)
     dev = device_peaks(args.compare) if args.compare else {}
     if args.out:
         import subprocess
