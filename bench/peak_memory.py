@@ -51,6 +51,9 @@ def measure(workloads, Ts, methods=METHODS, breakdown: int = 0, a0: float = 0.0)
         with h100_host():
             for wl in workloads:
                 x0, ptr, kind, desc = _workload_cpu(wl, env)
+                if a0 and kind in ("global", "window"):
+                    print(f"{wl}: a layer workload, no α0 - skipped", flush=True)
+                    continue
                 for T in Ts:
                     for method in methods:
                         fn, params = pool_fn(kind, x0, ptr, method, T, "triton", env, a0=a0)
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
     p.add_argument("--workloads", nargs="+", default=["W1", "W2", "W5", "W3"])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--a0", type=float, default=0.0,
-                   help="α0 > 0: the structure path (dense set workloads: W1, W2)")
+                   help="α0 > 0: the structure path (rot_pool workloads: W1, W5)")
     p.add_argument("--breakdown", type=int, default=0,
                    help="list this many of the largest allocations live at the fwd+bwd peak")
     p.add_argument("--compare", default=None, help="a gpu_check JSON with device peaks")
