@@ -81,8 +81,8 @@ def row_block(BD: int) -> int:
 def mm_tile(D: int) -> int:
     """Output tile of the in-program GEMMs (``_program_mm``), from the feature count only:
     next_power_of_2(D) within [16, 64] (16: the smallest ``tl.dot`` tile; 64: a [64, 64] fp32
-    accumulator over the CTA's warps). The same under the interpreter as on a GPU, so the interpreter's
-    traffic counts are the GPU binary's."""
+    accumulator over the CTA's warps). The same under the interpreter as on a GPU, so the
+    interpreter's traffic counts are the GPU binary's."""
     return max(16, min(64, triton.next_power_of_2(D)))
 
 
