@@ -359,8 +359,9 @@ N, D = 500, 100          # W1
 BD = triton.next_power_of_2(D)
 BN = row_block(BD)
 P, I = "*fp32", "i32"
-SIGMA = dict(xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P)              # Σ prologue
-SIGMA_ADJ = dict(xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P, dxc_ptr=P, dxt_ptr=P)
+SIGMA = dict(xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P, gram_slot=I)   # Σ prologue
+SIGMA_ADJ = dict(xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P, gram_slot=I, dxc_ptr=P,
+                 dxt_ptr=P)
 SIGMA_CONST = dict(PRECISION="ieee", **mm_meta(D))
 B64 = "*i64"
 def ck(kernel, sig, const, name, sigma=None):
@@ -380,24 +381,25 @@ _AOT_GROUPS = {
 for dense, dtype in ((True, "*fp16"), (False, "*fp32")):
     ck(ts.structure_factors_kernel,
        dict(x_ptr=dtype, bounds_ptr=B64, log_p0_ptr=P, log_q0_ptr=dtype, x32_ptr=P, xc_ptr=P,
-            xt_ptr=P, gram_ptr=P, lq0_ptr=P, log_s0_ptr=P, s_xb=I, s_xn=I, s_xd=I, D=I,
+            xt_ptr=P, gram_ptr=P, gram_slot=I, lq0_ptr=P, log_s0_ptr=P, s_xb=I, s_xn=I,
+            s_xd=I, D=I,
             log_p_T_ptr=P, gy_ptr=P, gplan_ptr=dtype, g_lp_T_ptr=P, g_x_ptr=P),
        dict(DENSE_X=dense, HAS_Q0=not dense, PRECISION="ieee", **mm_meta(D), BN=BN, BD=BD,
             POOL_BWD=not dense, HAS_GPLAN=not dense),
        f"factors[dense={dense},with_pool_grad={not dense}]")
 for prec in ("ieee", "tf32", "bf16"):
     ck(ts.sigma_product_kernel,
-       dict(m_ptr=P, xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P, out_ptr=P, bounds_ptr=B64,
-            D=I), dict(EXP_M=True, PRECISION=prec, **mm_meta(D, prec)),
+       dict(m_ptr=P, xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P, gram_slot=I, out_ptr=P,
+            bounds_ptr=B64, D=I), dict(EXP_M=True, PRECISION=prec, **mm_meta(D, prec)),
        f"sigma_product[{prec}]")
 for prec in ("ieee", "tf32"):
     ck(ts.sigma_adjoint_kernel,
-       dict(m_ptr=P, g_ptr=P, xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P, dxc_ptr=P,
-            dxt_ptr=P, dm_ptr=P, bounds_ptr=B64, D=I),
+       dict(m_ptr=P, g_ptr=P, xc_ptr=P, xt_ptr=P, gram_ptr=P, scratch_ptr=P, gram_slot=I,
+            dxc_ptr=P, dxt_ptr=P, dm_ptr=P, bounds_ptr=B64, D=I),
        dict(PRECISION=prec, **mm_meta(D, prec), ROWS_HERE=True), f"sigma_adjoint[{prec}]")
 ck(ts.sigma_adjoint_rows_kernel,
-   dict(m_ptr=P, g_ptr=P, xc_ptr=P, xt_ptr=P, scratch_ptr=P, dxc_ptr=P, dxt_ptr=P, dm_ptr=P,
-        bounds_ptr=B64, D=I), dict(PRECISION="ieee", **mm_meta(D)), "sigma_adjoint_rows")
+   dict(m_ptr=P, g_ptr=P, xc_ptr=P, xt_ptr=P, scratch_ptr=P, gram_slot=I, dxc_ptr=P, dxt_ptr=P,
+        dm_ptr=P, bounds_ptr=B64, D=I), dict(PRECISION="ieee", **mm_meta(D)), "sigma_adjoint_rows")
 """,
     "badmm-steps": r"""
 for quad, paper in ((True, False), (False, True)):

@@ -139,6 +139,19 @@ def _set_rows(bounds_ptr, b):
 
 
 @triton.jit
+def _gram_block(b, rows0, gram_slot):
+    """Offset of set b's (S, S) matrices in gram (one) and in a scratch of k of them (times k):
+    b·gram_slot when the launcher gives every set a slot of gram_slot >= S² elements
+    (launch.gram_slot: a dense batch's S², or D² for a ragged one where that is smaller), else
+    its first row's offset rows0 = bounds[b]·D (room for S² <= n_b·D)."""
+    if gram_slot > 0:
+        g0 = b.to(tl.int64) * gram_slot
+    else:
+        g0 = rows0.to(tl.int64)
+    return g0
+
+
+@triton.jit
 def _sigma_product(m_ptr, xc_ptr, xt_ptr, gram_ptr, s_ptr, out_ptr, n_b, D,
                    EXP_M: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
                    BW: tl.constexpr, BK: tl.constexpr):
@@ -277,59 +290,64 @@ def _sigma_adjoint_rows(m_ptr, g_ptr, xc_ptr, xt_ptr, s_ptr, dxc_ptr, dxt_ptr, d
 
 
 @triton.jit
-def sigma_product_kernel(m_ptr, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, out_ptr, bounds_ptr, D,
+def sigma_product_kernel(m_ptr, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, gram_slot, out_ptr,
+                         bounds_ptr, D,
                          EXP_M: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
                    BW: tl.constexpr, BK: tl.constexpr):
     """out = Σ2 m Σ1 for every set, one program per set (see _sigma_product).
-    m, xc, xt, out: (R, D) rows; gram: (R·D,) and scratch (2·R·D,): set b's block at row
-    bounds[b]·D (resp. 2·bounds[b]·D), room for its (S, S) matrices as S² <= n_b·D."""
+    m, xc, xt, out: (R, D) rows; gram: one (S, S) matrix per set and scratch two, set b's at
+    _gram_block (resp. twice it)."""
     b = tl.program_id(0)
     row0, n_b = _set_rows(bounds_ptr, b)
     rows0 = row0 * D
-    _sigma_product(m_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + rows0,
-                   scratch_ptr + 2 * rows0, out_ptr + rows0, n_b, D, EXP_M, PRECISION, BT, BW, BK)
+    g0 = _gram_block(b, rows0, gram_slot)
+    _sigma_product(m_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + g0,
+                   scratch_ptr + 2 * g0, out_ptr + rows0, n_b, D, EXP_M, PRECISION, BT, BW, BK)
 
 
 @triton.jit
-def sigma_adjoint_kernel(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr,
-                         dxt_ptr, dm_ptr, bounds_ptr, D, PRECISION: tl.constexpr,
+def sigma_adjoint_kernel(m_ptr, g_ptr, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, gram_slot,
+                         dxc_ptr, dxt_ptr, dm_ptr, bounds_ptr, D, PRECISION: tl.constexpr,
                          BT: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr,
                          ROWS_HERE: tl.constexpr):
     """The adjoint of Σ2 exp(m) Σ1 for every set, one program per set (see _sigma_adjoint;
     ROWS_HERE=False: its (n_b, D) stage left to sigma_adjoint_rows_kernel).
-    m (log), g, xc, xt, dxc, dxt, dm: (R, D) rows; gram (R·D,); scratch (5·R·D,)."""
+    m (log), g, xc, xt, dxc, dxt, dm: (R, D) rows; gram, scratch: 1 and 5 (S, S) matrices per
+    set (_gram_block)."""
     b = tl.program_id(0)
     row0, n_b = _set_rows(bounds_ptr, b)
     rows0 = row0 * D
+    g0 = _gram_block(b, rows0, gram_slot)
     _sigma_adjoint(m_ptr + rows0, g_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
-                   gram_ptr + rows0, scratch_ptr + 5 * rows0, dxc_ptr + rows0,
+                   gram_ptr + g0, scratch_ptr + 5 * g0, dxc_ptr + rows0,
                    dxt_ptr + rows0, dm_ptr + rows0, n_b, D, PRECISION, BT, BW, BK,
                    ROWS_HERE)
 
 
 @triton.jit
-def sigma_adjoint_rows_kernel(m_ptr, g_ptr, xc_ptr, xt_ptr, scratch_ptr, dxc_ptr, dxt_ptr,
-                              dm_ptr, bounds_ptr, D, PRECISION: tl.constexpr, BT: tl.constexpr,
-                              BW: tl.constexpr, BK: tl.constexpr):
+def sigma_adjoint_rows_kernel(m_ptr, g_ptr, xc_ptr, xt_ptr, scratch_ptr, gram_slot, dxc_ptr,
+                              dxt_ptr, dm_ptr, bounds_ptr, D, PRECISION: tl.constexpr,
+                              BT: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr):
     """The (n_b, D) stage of the structure product's adjoint (_sigma_adjoint_rows) after a
     step adjoint kernel launched with ROWS_HERE=False left its (S, S) matrices in scratch
-    (5·R·D,): grid (B, J), program (b, j) adds the output row tiles j, j + J, ... of set b to
-    dxt, dxc and dm (all (R, D) rows). J programs per set where one per set would leave SMs
-    idle (W1: 50 sets, 132 SMs); no program waits for another."""
+    (5 per set, _gram_block): grid (B, J), program (b, j) adds the output row tiles j, j + J,
+    ... of set b to dxt, dxc and dm (all (R, D) rows). J programs per set where one per set
+    would leave SMs idle (W1: 50 sets, 132 SMs); no program waits for another."""
     b = tl.program_id(0)
     j = tl.program_id(1)
     J = tl.num_programs(1)
     row0, n_b = _set_rows(bounds_ptr, b)
     rows0 = row0 * D
+    g0 = _gram_block(b, rows0, gram_slot)
     _sigma_adjoint_rows(m_ptr + rows0, g_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
-                        scratch_ptr + 5 * rows0, dxc_ptr + rows0, dxt_ptr + rows0,
+                        scratch_ptr + 5 * g0, dxc_ptr + rows0, dxt_ptr + rows0,
                         dm_ptr + rows0, n_b, D, j, J, PRECISION, BT, BW, BK)
 
 
 @triton.jit
 def structure_factors_kernel(x_ptr, bounds_ptr, log_p0_ptr, log_q0_ptr, x32_ptr, xc_ptr,
-                             xt_ptr, gram_ptr, lq0_ptr, log_s0_ptr, s_xb, s_xn, s_xd, D,
-                             log_p_T_ptr, gy_ptr, gplan_ptr, g_lp_T_ptr, g_x_ptr,
+                             xt_ptr, gram_ptr, gram_slot, lq0_ptr, log_s0_ptr, s_xb, s_xn, s_xd,
+                             D, log_p_T_ptr, gy_ptr, gplan_ptr, g_lp_T_ptr, g_x_ptr,
                              DENSE_X: tl.constexpr, HAS_Q0: tl.constexpr,
                              PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
                              BK: tl.constexpr,
@@ -344,7 +362,8 @@ def structure_factors_kernel(x_ptr, bounds_ptr, log_p0_ptr, log_q0_ptr, x32_ptr,
 
     x: caller's tensor, row n of set b at b*s_xb + n*s_xn (DENSE_X) or (bounds[b] + n)*s_xn,
     feature d at d*s_xd. x32, xc, xt, log_s0: (R, D) fp32; gram: set b's (S, S) at
-    bounds[b]·D. xc = (x - μ1) / sqrt(n_b · max diag Σ1), xt = (x - μ2) / sqrt(D · max diag Σ2).
+    _gram_block. xc = (x - μ1) / sqrt(n_b · max diag Σ1),
+    xt = (x - μ2) / sqrt(D · max diag Σ2).
     lq0 (R,): log q0 as fp32 (HAS_Q0: read from log_q0 (R,); else uniform, -log n_b);
     log_s0 = log p0 (B, D) + log q0: log(p0 q0ᵀ), the state before iteration 0.
     """
@@ -405,13 +424,14 @@ def structure_factors_kernel(x_ptr, bounds_ptr, log_p0_ptr, log_q0_ptr, x32_ptr,
         tl.store(log_s0_ptr + off, lq0[:, None] + lp0[None, :], mask=msk)
     tl.debug_barrier()   # the Gram matrix reads factor rows written by other threads
     rows0 = row0 * D
+    g0 = _gram_block(b, rows0, gram_slot)
     S = tl.minimum(n_b, D)
-    if n_b >= D:
-        _program_mm(xc_ptr + rows0, 1, D, xc_ptr + rows0, D, 1, gram_ptr + rows0, S, 1,
-                    gram_ptr + rows0, D, D, n_b, False, False, 0, PRECISION, BW, BT, BK)  # Σ1 = xcᵀ xc
-    else:
-        _program_mm(xt_ptr + rows0, D, 1, xt_ptr + rows0, 1, D, gram_ptr + rows0, S, 1,
-                    gram_ptr + rows0, n_b, n_b, D, False, False, 0, PRECISION, BT, BW, BK)  # Σ2 = xt xtᵀ
+    if n_b >= D:   # Σ1 = xcᵀ xc
+        _program_mm(xc_ptr + rows0, 1, D, xc_ptr + rows0, D, 1, gram_ptr + g0, S, 1,
+                    gram_ptr + g0, D, D, n_b, False, False, 0, PRECISION, BW, BT, BK)
+    else:          # Σ2 = xt xtᵀ
+        _program_mm(xt_ptr + rows0, D, 1, xt_ptr + rows0, 1, D, gram_ptr + g0, S, 1,
+                    gram_ptr + g0, n_b, n_b, D, False, False, 0, PRECISION, BT, BW, BK)
     if POOL_BWD:   # x32's rows are visible to every thread since the barrier above
         _pool_bwd_set(log_p_T_ptr, x32_ptr, gy_ptr, gplan_ptr, g_lp_T_ptr, g_x_ptr, b, row0,
                       n_b, D, HAS_GPLAN, BN, BD)
@@ -520,7 +540,7 @@ def _s_step_weight(a1, rho, QUADRATIC: tl.constexpr, PAPER: tl.constexpr):
 @triton.jit
 def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr, log_mu_ptr,
                         r_out_ptr, mu_out_ptr, bounds_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
-                        D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr,
+                        D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, gram_slot,
                         PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
                         BK: tl.constexpr,
                         QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
@@ -537,8 +557,9 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
     row0, n_b = _set_rows(bounds_ptr, b)
     # the structure product of this iteration, Σ2 exp(log_s) Σ1 -> sig, in this program
     rows0 = row0 * D
-    _sigma_product(log_s_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + rows0,
-                   scratch_ptr + 2 * rows0, sig_ptr + rows0, n_b, D, True,
+    g0 = _gram_block(b, rows0, gram_slot)
+    _sigma_product(log_s_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + g0,
+                   scratch_ptr + 2 * g0, sig_ptr + rows0, n_b, D, True,
                    PRECISION, BT, BW, BK)
     a0 = tl.load(a0_ptr + t)
     a1 = tl.load(a1_ptr + t)
@@ -591,7 +612,7 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
 def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr, log_eta_ptr,
                         z2_ptr, log_p0_ptr, log_mu_ptr, z1_ptr, eta_out_ptr, bounds_ptr,
                         a0_ptr, a1_ptr, a2_ptr, a3_ptr, rho_ptr, t, D,
-                        xc_ptr, xt_ptr, gram_ptr, scratch_ptr,
+                        xc_ptr, xt_ptr, gram_ptr, scratch_ptr, gram_slot,
                         PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
                         BK: tl.constexpr,
                         QUADRATIC: tl.constexpr, PAPER: tl.constexpr, SAVE: tl.constexpr,
@@ -611,8 +632,9 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
     row0, n_b = _set_rows(bounds_ptr, b)
     # the structure product of this iteration, Σ2 exp(log_p) Σ1 -> sig, in this program
     rows0 = row0 * D
-    _sigma_product(log_p_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + rows0,
-                   scratch_ptr + 2 * rows0, sig_ptr + rows0, n_b, D, True,
+    g0 = _gram_block(b, rows0, gram_slot)
+    _sigma_product(log_p_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + g0,
+                   scratch_ptr + 2 * g0, sig_ptr + rows0, n_b, D, True,
                    PRECISION, BT, BW, BK)
     a0 = tl.load(a0_ptr + t)
     a1 = tl.load(a1_ptr + t)
@@ -699,7 +721,7 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
 def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr, log_p0_ptr,
                               log_q0_ptr, hist_r_ptr, hist_a_ptr, hist_c_ptr, hist_b_ptr,
                               bounds_ptr, a0_ptr, a1_ptr, a2_ptr, a3_ptr, tau_ptr, t,
-                              K, n_rows, D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr,
+                              K, n_rows, D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, gram_slot,
                         PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
                         BK: tl.constexpr,
                         PAPER: tl.constexpr, SAVE: tl.constexpr,
@@ -717,8 +739,9 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
     row0, n_b = _set_rows(bounds_ptr, b)
     # the structure product of this iteration, Σ2 exp(log_p) Σ1 -> sig, in this program
     rows0 = row0 * D
-    _sigma_product(log_p_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + rows0,
-                   scratch_ptr + 2 * rows0, sig_ptr + rows0, n_b, D, True,
+    g0 = _gram_block(b, rows0, gram_slot)
+    _sigma_product(log_p_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0, gram_ptr + g0,
+                   scratch_ptr + 2 * g0, sig_ptr + rows0, n_b, D, True,
                    PRECISION, BT, BW, BK)
     a0 = tl.load(a0_ptr + t)
     tau = tl.load(tau_ptr + t)
@@ -825,7 +848,8 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
                             eta_ptr, log_q0_ptr, g_z_out_ptr, g_sig_ptr, g_lp_ptr, g_p_ptr,
                             g_lq0_ptr, gvec_ptr, row_x_ptr, col_x_ptr, wpart_ptr, bounds_ptr,
                             a0_ptr, a1_ptr, a3_ptr, rho_ptr, t, D,
-                            xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr,
+                            xc_ptr, xt_ptr, gram_ptr, scratch_ptr, gram_slot, dxc_ptr,
+                            dxt_ptr,
                             PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
                             BK: tl.constexpr,
                             QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
@@ -930,8 +954,9 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
     # the structure product's adjoint: g_sig through Σ2 exp(log_p) Σ1 into g_lp, xc, xt
     tl.debug_barrier()   # g_sig and g_lp rows were written by other threads of this program
     rows0 = row0 * D
+    g0 = _gram_block(b, rows0, gram_slot)
     _sigma_adjoint(log_p_ptr + rows0, g_sig_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
-                   gram_ptr + rows0, scratch_ptr + 5 * rows0, dxc_ptr + rows0, dxt_ptr + rows0,
+                   gram_ptr + g0, scratch_ptr + 5 * g0, dxc_ptr + rows0, dxt_ptr + rows0,
                    g_lp_ptr + rows0, n_b, D, PRECISION, BT, BW, BK, ROWS_HERE)
 
 
@@ -939,7 +964,8 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
 def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_ptr, sig_s_ptr,
                             r_ptr, mu_ptr, log_p0_ptr, g_l_ptr, g_x_ptr, g_z_ptr, g_sig_ptr,
                             g_lp0_ptr, wpart_ptr, bounds_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
-                            D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr,
+                            D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, gram_slot, dxc_ptr,
+                            dxt_ptr,
                         PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
                         BK: tl.constexpr,
                         QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
@@ -1023,8 +1049,9 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
     # the structure product's adjoint: g_sig through Σ2 exp(log_s) Σ1 into g_l, xc, xt
     tl.debug_barrier()   # g_sig and g_l rows were written by other threads of this program
     rows0 = row0 * D
+    g0 = _gram_block(b, rows0, gram_slot)
     _sigma_adjoint(log_s_ptr + rows0, g_sig_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
-                   gram_ptr + rows0, scratch_ptr + 5 * rows0, dxc_ptr + rows0, dxt_ptr + rows0,
+                   gram_ptr + g0, scratch_ptr + 5 * g0, dxc_ptr + rows0, dxt_ptr + rows0,
                    g_l_ptr + rows0, n_b, D, PRECISION, BT, BW, BK, ROWS_HERE)
 
 
@@ -1034,7 +1061,8 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
                                   log_p0_ptr, log_q0_ptr, g_lp_ptr, g_x_ptr, g_sig_ptr,
                                   g_lp0_ptr, g_lq0_ptr, wpart_ptr, bounds_ptr, a0_ptr, a1_ptr,
                                   a2_ptr, a3_ptr, tau_ptr, t, K, n_rows, D,
-                                  xc_ptr, xt_ptr, gram_ptr, scratch_ptr, dxc_ptr, dxt_ptr,
+                                  xc_ptr, xt_ptr, gram_ptr, scratch_ptr, gram_slot, dxc_ptr,
+                                  dxt_ptr,
                                   PRECISION: tl.constexpr,
                                   BT: tl.constexpr, BW: tl.constexpr,
                                   BK: tl.constexpr, PAPER: tl.constexpr,
@@ -1186,8 +1214,9 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
     # the structure product's adjoint: g_sig through Σ2 exp(log_p) Σ1 into g_lp, xc, xt
     tl.debug_barrier()   # g_sig and g_lp rows were written by other threads of this program
     rows0 = row0 * D
+    g0 = _gram_block(b, rows0, gram_slot)
     _sigma_adjoint(log_p_ptr + rows0, g_sig_ptr + rows0, xc_ptr + rows0, xt_ptr + rows0,
-                   gram_ptr + rows0, scratch_ptr + 5 * rows0, dxc_ptr + rows0, dxt_ptr + rows0,
+                   gram_ptr + g0, scratch_ptr + 5 * g0, dxc_ptr + rows0, dxt_ptr + rows0,
                    g_lp_ptr + rows0, n_b, D, PRECISION, BT, BW, BK, ROWS_HERE)
 
 

@@ -153,6 +153,21 @@ def adjoint_row_programs(B: int, R: int, D: int, device: torch.device) -> int:
     return max(1, min(sms // B, cdiv(cdiv(R, B), mm_tile(D))))
 
 
+def gram_slot(B: int, R: int, D: int, N: Optional[int]) -> int:
+    """Elements per set of the Gram matrix and of each (S, S) product scratch
+    (kernels._gram_block), S = min(n_b, D): a dense batch's S² (W1: 100² against the 500·100 of
+    a row-layout block, 5× less), a ragged batch's D² where B·D² < R·D; 0 otherwise, i.e. the
+    row layout (set b's block at bounds[b]·D, S² <= n_b·D). From shapes only."""
+    if N is not None:
+        return min(N, D) ** 2
+    return D * D if B * D * D < R * D else 0
+
+
+def gram_elems(B: int, R: int, D: int, slot: int) -> int:
+    """Elements of one (S, S) matrix per set in the layout of ``slot`` (gram_slot)."""
+    return B * slot if slot > 0 else R * D
+
+
 def mm_meta(D: int, precision: str = "ieee") -> dict:
     """The tile constexprs of the in-program GEMMs (BT, BW, BK) for D features."""
     return dict(BT=mm_tile(D), BW=mm_wide(D, precision), BK=mm_k_step(D, precision))
@@ -161,25 +176,27 @@ def mm_meta(D: int, precision: str = "ieee") -> dict:
 class Factors:
     """The per-set structure factors and the smaller Gram matrix of a batch, row layout.
 
-    xc, xt: (R, D) fp32 (DESIGN §2, scaled so Σ1 = xcᵀxc, Σ2 = xt xtᵀ); gram: (R·D,), set b's
-    (S, S) matrix, S = min(n_b, D) (Σ1 when n_b >= D, else Σ2), at bounds[b]·D. Scratch of the
-    in-program products is laid out the same way (S² <= n_b·D), so it is sized from shapes.
+    xc, xt: (R, D) fp32 (DESIGN §2, scaled so Σ1 = xcᵀxc, Σ2 = xt xtᵀ); gram: set b's (S, S)
+    matrix, S = min(n_b, D) (Σ1 when n_b >= D, else Σ2), in slots of ``slot`` elements per set
+    (gram_slot; 0: at bounds[b]·D). Scratch of the in-program products is laid out the same
+    way, k matrices per set, so it is sized from shapes.
     """
 
-    def __init__(self, xc: Tensor, xt: Tensor, gram: Tensor, bounds: Tensor,
+    def __init__(self, xc: Tensor, xt: Tensor, gram: Tensor, bounds: Tensor, slot: int,
                  precision: str = "ieee", scratch: Optional[dict] = None):
         self.xc, self.xt, self.gram, self.bounds = xc, xt, gram, bounds
+        self.slot = slot
         self.precision = precision          # tl.dot precision, see dot_precision
         self.B = bounds.shape[0] - 1
         self.D = xc.shape[1]
-        self._scratch = dict(scratch or {})     # k -> (k·R·D,) views carved by setup
+        self._scratch = dict(scratch or {})     # k -> k (S, S) per set: views carved by setup
         # programs per set of the adjoint's (n_b, D) stage (1: inside the step adjoint kernel)
         self.row_programs = adjoint_row_programs(self.B, xc.shape[0], self.D, xc.device)
 
     def scratch(self, k: int) -> Tensor:
-        """k (S, S) matrices per set, (k·R·D,) fp32, allocated once per Factors."""
+        """k (S, S) matrices per set, fp32, allocated once per Factors."""
         if k not in self._scratch:
-            self._scratch[k] = self.xc.new_empty(k * self.xc.numel())
+            self._scratch[k] = self.xc.new_empty(k * self.gram.numel())
         return self._scratch[k]
 
     def apply(self, m: Tensor, *, exp: bool = False, out: Optional[Tensor] = None) -> Tensor:
@@ -188,7 +205,8 @@ class Factors:
         out = torch.empty_like(m) if out is None else out
         if self.B > 0:
             _wrap(sigma_product_kernel)[(self.B,)](
-                m, self.xc, self.xt, self.gram, self.scratch(2), out, self.bounds, self.D,
+                m, self.xc, self.xt, self.gram, self.scratch(2), self.slot, out, self.bounds,
+                self.D,
                 EXP_M=exp, **self.meta(),
                 num_warps=PER_SET_WARPS)
         return out
@@ -199,7 +217,7 @@ class Factors:
         (two with the split (n_b, D) stage, adjoint_rows)."""
         if self.B > 0:
             _wrap(sigma_adjoint_kernel)[(self.B,)](
-                log_m, g, self.xc, self.xt, self.gram, self.scratch(5), dxc, dxt, dm,
+                log_m, g, self.xc, self.xt, self.gram, self.scratch(5), self.slot, dxc, dxt, dm,
                 self.bounds, self.D, **self.meta(), ROWS_HERE=self.rows_here,
                 num_warps=PER_SET_WARPS)
             self.adjoint_rows(log_m, g, dxc, dxt, dm)
@@ -216,18 +234,18 @@ class Factors:
         One launch; none when rows_here."""
         if self.B > 0 and not self.rows_here:
             _wrap(sigma_adjoint_rows_kernel)[(self.B, self.row_programs)](
-                log_m, g, self.xc, self.xt, self.scratch(5), dxc, dxt, dm, self.bounds,
+                log_m, g, self.xc, self.xt, self.scratch(5), self.slot, dxc, dxt, dm, self.bounds,
                 self.D, **self.meta(), num_warps=PER_SET_WARPS)
 
     def step_args(self) -> tuple:
         """The trailing tensor arguments of a step kernel whose prologue computes its
-        structure product in-program: (xc, xt, gram, scratch)."""
-        return (self.xc, self.xt, self.gram, self.scratch(2))
+        structure product in-program: (xc, xt, gram, scratch, slot)."""
+        return (self.xc, self.xt, self.gram, self.scratch(2), self.slot)
 
     def adjoint_args(self, dxc: Tensor, dxt: Tensor) -> tuple:
         """Same for an adjoint kernel whose epilogue is the structure product's adjoint:
-        (xc, xt, gram, scratch, dxc, dxt)."""
-        return (self.xc, self.xt, self.gram, self.scratch(5), dxc, dxt)
+        (xc, xt, gram, scratch, slot, dxc, dxt)."""
+        return (self.xc, self.xt, self.gram, self.scratch(5), self.slot, dxc, dxt)
 
     def meta(self) -> dict:
         """The constexprs of the in-program structure product."""
@@ -277,18 +295,19 @@ def _fp32(v: Tensor, device) -> Tensor:
     return v.to(device=device, dtype=torch.float32).contiguous()
 
 
-def _scratch_layout(R: int, D: int, B: int, T: int, K: int, method: str, variant: str,
-                    backward: bool, p0: bool, gy: bool) -> tuple:
+def _scratch_layout(R: int, D: int, B: int, G: int, T: int, K: int, method: str,
+                    variant: str, backward: bool, p0: bool, gy: bool) -> tuple:
     """(zeroed, empty): name -> shape of everything a forward (``backward`` False) or a
     backward allocates for itself, carved by setup from one fp32 allocation
     (common.fp32_scratch: two host ops). Not here, as they leave the launcher: the forward's
     log P_T (B-E/B-Q: run_iterations' log_p; S: log_s0), y, the plan; the backward's outputs.
-    ``p0``: log p0 is uniform (carved, then filled); ``gy``: gy is None (a zero (B, D)).
+    ``G``: elements of one (S, S) matrix per set (gram_elems). ``p0``: log p0 is uniform
+    (carved, then filled); ``gy``: gy is None (a zero (B, D)).
     Names without "_" are the reverse pass's _Buffers (any not here is allocated when asked)."""
     rd, vd, vn = (R, D), (B, D), (R,)
     sink, paper = method == "sinkhorn", variant == "paper"
     zeroed, empty = {}, {}
-    empty.update(_x32=rd, _xc=rd, _xt=rd, _gram=(R * D,), _lq0=vn, _fac2=(2 * R * D,),
+    empty.update(_x32=rd, _xc=rd, _xt=rd, _gram=(G,), _lq0=vn, _fac2=(2 * G,),
                  _run_sig=rd, _run_cbuf=vn)
     if p0:
         empty["_lp0"] = vd
@@ -303,7 +322,7 @@ def _scratch_layout(R: int, D: int, B: int, T: int, K: int, method: str, variant
             zeroed.update(_z1_0=vd, _z2_0=vn)
     if not backward:
         return zeroed, empty
-    empty.update(_g_lp_T=rd, _fac5=(5 * R * D,))
+    empty.update(_g_lp_T=rd, _fac5=(5 * G,))
     if gy:
         zeroed["_gy"] = vd
     # ∂L/∂xc, ∂L/∂xt; the adjoint kernels' per-set weight partials; ∂L/∂log p0, ∂L/∂log q0
@@ -373,8 +392,10 @@ def setup(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
     w = {k: _fp32(v, dev) for k, v in weights.items()}
     T = int(w["a1"].shape[0])
     backward = pool_grad is not None
-    sc = _carve(dev, *_scratch_layout(R, D, B, T, K, method, variant, backward,
-                                       log_p0 is None, backward and pool_grad[1] is None))
+    slot = gram_slot(B, R, D, N)
+    sc = _carve(dev, *_scratch_layout(R, D, B, gram_elems(B, R, D, slot), T, K, method,
+                                       variant, backward, log_p0 is None,
+                                       backward and pool_grad[1] is None))
     if log_p0 is None:
         lp0 = sc["_lp0"].fill_(-math.log(max(D, 1)))
     else:
@@ -399,8 +420,8 @@ def setup(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
     if B > 0:
         BD = triton.next_power_of_2(D)
         _wrap(structure_factors_kernel)[(B,)](
-            x, bounds, lp0, q_in if q_in is not None else lq0, x32, xc, xt, gram, lq0, log_s0,
-            s_xb, s_xn, s_xd, D, *pool.values(), DENSE_X=dense, HAS_Q0=q_in is not None,
+            x, bounds, lp0, q_in if q_in is not None else lq0, x32, xc, xt, gram, slot, lq0,
+            log_s0, s_xb, s_xn, s_xd, D, *pool.values(), DENSE_X=dense, HAS_Q0=q_in is not None,
             PRECISION=precision, **mm_meta(D, precision), BN=row_block(BD), BD=BD,
             POOL_BWD=backward,
             HAS_GPLAN=backward and pool_grad[2] is not None,
@@ -408,7 +429,7 @@ def setup(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
     pb = _Problem(x32, bounds, lp0, lq0, log_s0, w, method, variant, T, K, scratch=sc, N=N)
     pb.g_lp_T, pb.g_x = pool["g_lp_T"], pool["g_x"]
     fac_scratch = {k: sc[f"_fac{k}"] for k in (2, 5) if f"_fac{k}" in sc}
-    return pb, Factors(xc, xt, gram, bounds, precision, fac_scratch)
+    return pb, Factors(xc, xt, gram, bounds, slot, precision, fac_scratch)
 
 
 def init_state(pb: _Problem) -> dict:
