@@ -143,6 +143,19 @@ def test_forward_and_gradients_ragged_mixed_orders(method, variant):
     _check_case([5, 0, 2, 3], 3, method, variant, dense=False, grads=True, seed=19)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_forward_and_gradients_ragged_gram_slots(method):
+    """A ragged batch whose sets average more rows than D keeps each set's Gram matrix and
+    product scratch in a slot of D² elements (launch.gram_slot; the batches above use the row
+    layout, bounds[b]·D), with sets of both orders (n_b < D: Σ2 in part of its slot) and an
+    empty one (x is fp32 and contiguous: the kernels read it in place, no row copy)."""
+    from rotp_triton.ops.rot.triton.structure.launch import gram_slot
+    sizes, D = [30, 2, 0, 25], 4
+    assert gram_slot(len(sizes), sum(sizes), D, None) == D * D
+    assert gram_slot(4, 10, 3, None) == 0          # test_..._ragged_mixed_orders' batch
+    _check_case(sizes, D, method, "exact", dense=False, grads=True, seed=37)
+
+
 @pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("badmm-q", "paper"),
                                             ("sinkhorn", "exact"), ("sinkhorn", "paper")])
 def test_forward_and_gradients_split_adjoint_rows(monkeypatch, method, variant):
@@ -382,10 +395,9 @@ for dense, dtype in ((True, "*fp16"), (False, "*fp32")):
     ck(ts.structure_factors_kernel,
        dict(x_ptr=dtype, bounds_ptr=B64, log_p0_ptr=P, log_q0_ptr=dtype, x32_ptr=P, xc_ptr=P,
             xt_ptr=P, gram_ptr=P, gram_slot=I, lq0_ptr=P, log_s0_ptr=P, s_xb=I, s_xn=I,
-            s_xd=I, D=I,
-            log_p_T_ptr=P, gy_ptr=P, gplan_ptr=dtype, g_lp_T_ptr=P, g_x_ptr=P),
-       dict(DENSE_X=dense, HAS_Q0=not dense, PRECISION="ieee", **mm_meta(D), BN=BN, BD=BD,
-            POOL_BWD=not dense, HAS_GPLAN=not dense),
+            s_xd=I, D=I, log_p_T_ptr=P, gy_ptr=P, gplan_ptr=dtype, g_lp_T_ptr=P, g_x_ptr=P),
+       dict(DENSE_X=dense, WRITE_X32=dense, HAS_Q0=not dense, PRECISION="ieee", **mm_meta(D),
+            BN=BN, BD=BD, POOL_BWD=not dense, HAS_GPLAN=not dense),
        f"factors[dense={dense},with_pool_grad={not dense}]")
 for prec in ("ieee", "tf32", "bf16"):
     ck(ts.sigma_product_kernel,

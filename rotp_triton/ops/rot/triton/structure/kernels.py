@@ -348,14 +348,16 @@ def sigma_adjoint_rows_kernel(m_ptr, g_ptr, xc_ptr, xt_ptr, scratch_ptr, gram_sl
 def structure_factors_kernel(x_ptr, bounds_ptr, log_p0_ptr, log_q0_ptr, x32_ptr, xc_ptr,
                              xt_ptr, gram_ptr, gram_slot, lq0_ptr, log_s0_ptr, s_xb, s_xn, s_xd,
                              D, log_p_T_ptr, gy_ptr, gplan_ptr, g_lp_T_ptr, g_x_ptr,
-                             DENSE_X: tl.constexpr, HAS_Q0: tl.constexpr,
+                             DENSE_X: tl.constexpr, WRITE_X32: tl.constexpr,
+                             HAS_Q0: tl.constexpr,
                              PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
                              BK: tl.constexpr,
                              BN: tl.constexpr,
                              BD: tl.constexpr, POOL_BWD: tl.constexpr,
                              HAS_GPLAN: tl.constexpr):
-    """One program per set: the fp32 copy of x, the normalized factors, the smaller Gram
-    matrix (order as in _sigma_product) and the initial state, all in the row layout.
+    """One program per set: the fp32 copy of x (WRITE_X32; else x32 is x itself, fp32 and
+    contiguous), the normalized factors, the smaller Gram matrix (order as in _sigma_product)
+    and the initial state, all in the row layout.
     POOL_BWD (the backward's call): then the pooling's adjoint from x32 (_pool_bwd_set):
     g_lp_T = ∂L/∂log P_T, g_x += the pooling's ∂L/∂x, from log_p_T, gy (B, D) and gplan
     (HAS_GPLAN) (all (R, D) but gy).
@@ -394,7 +396,8 @@ def structure_factors_kernel(x_ptr, bounds_ptr, log_p0_ptr, log_q0_ptr, x32_ptr,
         msk = r_ok[:, None] & d_ok[None, :]
         xv = tl.load(x_set + rows[:, None] * s_xn + offs_d[None, :] * s_xd,
                      mask=msk, other=0.0).to(tl.float32)
-        tl.store(x32_ptr + (row0 + rows)[:, None] * D + offs_d[None, :], xv, mask=msk)
+        if WRITE_X32:
+            tl.store(x32_ptr + (row0 + rows)[:, None] * D + offs_d[None, :], xv, mask=msk)
         xc = tl.where(msk, xv - mu1[None, :], 0.0)
         var1 += tl.sum(xc * xc, 0)
         mu2 = tl.sum(xv, 1) / D                                                # [BN]

@@ -296,19 +296,22 @@ def _fp32(v: Tensor, device) -> Tensor:
 
 
 def _scratch_layout(R: int, D: int, B: int, G: int, T: int, K: int, method: str,
-                    variant: str, backward: bool, p0: bool, gy: bool) -> tuple:
+                    variant: str, backward: bool, p0: bool, gy: bool, x32: bool) -> tuple:
     """(zeroed, empty): name -> shape of everything a forward (``backward`` False) or a
     backward allocates for itself, carved by setup from one fp32 allocation
     (common.fp32_scratch: two host ops). Not here, as they leave the launcher: the forward's
     log P_T (B-E/B-Q: run_iterations' log_p; S: log_s0), y, the plan; the backward's outputs.
     ``G``: elements of one (S, S) matrix per set (gram_elems). ``p0``: log p0 is uniform
-    (carved, then filled); ``gy``: gy is None (a zero (B, D)).
+    (carved, then filled); ``gy``: gy is None (a zero (B, D)); ``x32``: x needs an fp32 row
+    copy (else the kernels read x itself: it is fp32 and contiguous).
     Names without "_" are the reverse pass's _Buffers (any not here is allocated when asked)."""
     rd, vd, vn = (R, D), (B, D), (R,)
     sink, paper = method == "sinkhorn", variant == "paper"
     zeroed, empty = {}, {}
-    empty.update(_x32=rd, _xc=rd, _xt=rd, _gram=(G,), _lq0=vn, _fac2=(2 * G,),
-                 _run_sig=rd, _run_cbuf=vn)
+    empty.update(_xc=rd, _xt=rd, _gram=(G,), _lq0=vn, _fac2=(2 * G,), _run_sig=rd,
+                 _run_cbuf=vn)
+    if x32:
+        empty["_x32"] = rd
     if p0:
         empty["_lp0"] = vd
     if sink:
@@ -393,9 +396,11 @@ def setup(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
     T = int(w["a1"].shape[0])
     backward = pool_grad is not None
     slot = gram_slot(B, R, D, N)
+    # x itself is the kernels' row layout when it is fp32 and contiguous: no copy
+    copy_x = not (x.dtype == torch.float32 and x.is_contiguous())
     sc = _carve(dev, *_scratch_layout(R, D, B, gram_elems(B, R, D, slot), T, K, method,
                                        variant, backward, log_p0 is None,
-                                       backward and pool_grad[1] is None))
+                                       backward and pool_grad[1] is None, copy_x))
     if log_p0 is None:
         lp0 = sc["_lp0"].fill_(-math.log(max(D, 1)))
     else:
@@ -403,7 +408,8 @@ def setup(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
     q_in = None if log_q0 is None else log_q0.detach().reshape(R).contiguous()
     # x's fp32 copy, the factors and the Gram matrices; the initial state (S's forward runs
     # in it and returns it as log P_T, which the backward keeps: its own allocation there)
-    x32, xc, xt, gram, lq0 = sc["_x32"], sc["_xc"], sc["_xt"], sc["_gram"], sc["_lq0"]
+    x32 = sc["_x32"] if copy_x else x.detach().view(R, D)
+    xc, xt, gram, lq0 = sc["_xc"], sc["_xt"], sc["_gram"], sc["_lq0"]
     log_s0 = sc["_log_s0"] if "_log_s0" in sc else torch.empty(R, D, **f32)
     pool = dict(log_p_T=x32, gy=x32, gplan=x32, g_lp_T=x32, g_x=x32)   # unused without POOL_BWD
     if backward:
@@ -421,7 +427,8 @@ def setup(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
         BD = triton.next_power_of_2(D)
         _wrap(structure_factors_kernel)[(B,)](
             x, bounds, lp0, q_in if q_in is not None else lq0, x32, xc, xt, gram, slot, lq0,
-            log_s0, s_xb, s_xn, s_xd, D, *pool.values(), DENSE_X=dense, HAS_Q0=q_in is not None,
+            log_s0, s_xb, s_xn, s_xd, D, *pool.values(), DENSE_X=dense, WRITE_X32=copy_x,
+            HAS_Q0=q_in is not None,
             PRECISION=precision, **mm_meta(D, precision), BN=row_block(BD), BD=BD,
             POOL_BWD=backward,
             HAS_GPLAN=backward and pool_grad[2] is not None,
