@@ -297,9 +297,10 @@ def _fp32(v: Tensor, device) -> Tensor:
 
 def _scratch_layout(R: int, D: int, B: int, G: int, T: int, K: int, method: str,
                     variant: str, backward: bool, p0: bool, gy: bool, x32: bool) -> tuple:
-    """(zeroed, empty): name -> shape of everything a forward (``backward`` False) or a
-    backward allocates for itself, carved by setup from one fp32 allocation
-    (common.fp32_scratch: two host ops). Not here, as they leave the launcher: the forward's
+    """(zeroed, empty, shared): name -> shape of everything a forward (``backward`` False)
+    or a backward allocates for itself, carved by setup from one fp32 allocation
+    (common.fp32_scratch: two host ops); ``shared``: name -> the name whose storage it reuses
+    (never live at the same time). Not here, as they leave the launcher: the forward's
     log P_T (B-E/B-Q: run_iterations' log_p; S: log_s0), y, the plan; the backward's outputs.
     ``G``: elements of one (S, S) matrix per set (gram_elems). ``p0``: log p0 is uniform
     (carved, then filled); ``gy``: gy is None (a zero (B, D)); ``x32``: x needs an fp32 row
@@ -324,7 +325,7 @@ def _scratch_layout(R: int, D: int, B: int, G: int, T: int, K: int, method: str,
         if paper:
             zeroed.update(_z1_0=vd, _z2_0=vn)
     if not backward:
-        return zeroed, empty
+        return zeroed, empty, {}
     empty.update(_g_lp_T=rd, _fac5=(5 * G,))
     if gy:
         zeroed["_gy"] = vd
@@ -336,30 +337,41 @@ def _scratch_layout(R: int, D: int, B: int, G: int, T: int, K: int, method: str,
         empty.update(sig=rd, y0=rd, log_p_next=rd, g_lp_par0=rd, g_lp_par1=rd, g_sig=rd,
                      gy0=rd, bvec=vn, c=vn, gb=vn, gc=vn, h_r=(B, K, D), h_a=(B, K, D),
                      h_c=(K, R), h_b=(K, R))
-        return zeroed, empty
+        return zeroed, empty, {}
     zeroed.update(_g_log_s=rd, _g_z=rd)
-    # log S, log P of the states run_iterations makes: the checkpoints (_add_sqrt_checkpoints)
+    # log S, Z of the states run_iterations makes: the checkpoints (_add_sqrt_checkpoints)
     # and, with segments longer than 2, _badmm_rerun_pair's transient one
     k = math.ceil(math.sqrt(T))
     for slot in [f"ck{i}" for i in range(len(range(k, T, k)))] + (["tr"] if k > 2 else []):
-        empty.update({f"_{slot}_log_s": rd, f"_{slot}_log_p": rd})
+        empty.update({f"_{slot}_log_s": rd, f"_{slot}_z": rd})
     if paper:
         zeroed.update(_g_log_mu=vd, _g_log_eta=vn, _g_z1=vd, _g_z2=vn, g_lq0_paper=vn)
         empty["g_lp0"] = vd
+    # what badmm_rerun keeps of two consecutive iterations (slots 0, 1); the Z after the later
+    # one is never read (its reverse step starts from the earlier one's): badmm_rerun writes
+    # it to g_sig, as it does the Z after a lone re-run in slot 0
     for slot in range(min(T, 2)):
-        empty.update({f"{k}{slot}": rd for k in ("sig_s", "log_p", "sig_p", "ls_new", "z_new")})
+        empty.update({f"{k}{slot}": rd for k in ("sig_s", "log_p", "sig_p", "ls_new")})
         empty.update({f"{k}{slot}": vd for k in ("r", "mu")})
         empty.update({f"{k}{slot}": vn for k in ("c", "eta")})
+    empty["z_new0"] = rd
+    # the reverse step's gradients (badmm_reverse_step): g_z_par*, g_l_par* alternate between
+    # steps; g_sig, g_lp, g_p are its transients (the P-step adjoint's ∂L/∂Σ(S) reuses g_sig)
     empty.update({k: rd for k in ("g_z_par0", "g_z_par1", "g_l_par0", "g_l_par1", "g_sig",
-                                  "g_lp", "g_p", "g_sig_s")})
+                                  "g_lp", "g_p")})
     empty["gvec"] = vn
-    return zeroed, empty
+    # the log P that run_iterations writes and no one reads in a backward (checkpoint and
+    # transient runs happen before a pair's re-runs, when no reverse step is under way)
+    return zeroed, empty, {"_run_lp": "g_p"}
 
 
-def _carve(device, zeroed: dict, empty: dict) -> dict:
-    """name -> view of one fp32 allocation (fp32_scratch), the ``zeroed`` ones cleared."""
+def _carve(device, zeroed: dict, empty: dict, shared: dict) -> dict:
+    """name -> view of one fp32 allocation (fp32_scratch), the ``zeroed`` ones cleared;
+    each name of ``shared`` is the view of the name it maps to."""
     z, e = fp32_scratch(device, zeroed=list(zeroed.values()), empty=list(empty.values()))
-    return dict(zip([*zeroed, *empty], [*z, *e]))
+    views = dict(zip([*zeroed, *empty], [*z, *e]))
+    views.update({k: views[v] for k, v in shared.items()})
+    return views
 
 
 def setup(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
@@ -461,16 +473,21 @@ def run_iterations(pb: _Problem, fac: Factors, st: dict, t0: int, t1: int,
     For B-E/B-Q the key ``log_p`` holds the P of the last iteration run; for S ``log_s``
     holds log P (the proximal state).
 
-    ``slot`` (B-E/B-Q, not inplace): the new state's log S and log P are setup's views
-    ``_{slot}_log_s``, ``_{slot}_log_p`` (_scratch_layout) instead of copies: the first P-step
-    reads ``st``'s log S, the S-steps write log S before reading it.
+    ``slot`` (B-E/B-Q, not inplace; the backward's runs): the new state's log S and Z are
+    setup's views ``_{slot}_log_s``, ``_{slot}_z`` (_scratch_layout) instead of copies (the
+    first P-step reads ``st``'s log S, the S-steps write log S before reading it), and the
+    returned state has no log P (written to the transient ``_run_lp``).
     """
     log_s_in = st["log_s"]
+    transient_lp = None
     if inplace:
         st = dict(st)
     elif slot is not None and t1 > t0 and f"_{slot}_log_s" in pb.scratch:
-        st = {k: v.clone() for k, v in st.items() if k not in ("log_s", "log_p")}
-        st["log_s"], st["log_p"] = pb.scratch[f"_{slot}_log_s"], pb.scratch[f"_{slot}_log_p"]
+        sc = pb.scratch
+        new = {k: v.clone() for k, v in st.items() if k not in ("log_s", "log_p", "z")}
+        new["log_s"] = sc[f"_{slot}_log_s"]
+        new["z"] = sc[f"_{slot}_z"].copy_(st["z"])
+        st, transient_lp = new, sc["_run_lp"]
     else:
         st = {k: v.clone() for k, v in st.items()}
         log_s_in = st["log_s"]
@@ -491,7 +508,7 @@ def run_iterations(pb: _Problem, fac: Factors, st: dict, t0: int, t1: int,
                 num_warps=PER_SET_WARPS, **fac.meta())
         return st
     quad = pb.method == "badmm-q"
-    log_p = st.get("log_p")
+    log_p = st.get("log_p") if transient_lp is None else transient_lp
     if log_p is None:
         log_p = torch.empty_like(pb.x32)    # the forward's log P_T, or a state's: its own
     cbuf = _scratch(pb, "_run_cbuf", pb.log_q0)
@@ -509,7 +526,8 @@ def run_iterations(pb: _Problem, fac: Factors, st: dict, t0: int, t1: int,
             dummy, pb.bounds, w["a0"], w["a1"], w["a2"], w["a3"], w["rho"], t, D, *sigma,
             QUADRATIC=quad, PAPER=paper, SAVE=False, BN=pb.BN, BD=pb.BD,
             num_warps=PER_SET_WARPS, **fac.meta())
-    st["log_p"] = log_p
+    if transient_lp is None:
+        st["log_p"] = log_p
     return st
 
 
@@ -578,11 +596,13 @@ class _Buffers:
 
 
 def badmm_rerun(pb: _Problem, fac: Factors, st: dict, t: int, bufs: _Buffers,
-                slot: int) -> dict:
+                slot: int, last: bool) -> dict:
     """Re-run B-E/B-Q iteration t from ``st`` (the state entering t, not modified), keeping
     what its adjoint needs: R, log μ, C, log η, Σ(S), Σ(P), log P and the new state, in the
     buffers of ``slot`` (0 or 1: two consecutive iterations can be kept at once). Returns them
-    with ``st`` and ``next`` (the state entering t + 1, which a re-run of t + 1 starts from)."""
+    with ``st`` and ``next`` (the state entering t + 1, which a re-run of t + 1 starts from).
+    ``last``: no re-run starts from this one's state, whose Z no adjoint reads: it goes to the
+    transient g_sig (dead until the reverse step's S-step adjoint writes it)."""
     B, D = pb.B, pb.D
     w = pb.w
     paper = pb.variant == "paper"
@@ -591,8 +611,8 @@ def badmm_rerun(pb: _Problem, fac: Factors, st: dict, t: int, bufs: _Buffers,
     dummy = pb.log_p0
     sigma = fac.step_args()
     rows, vec_d, vec_n = pb.x32, pb.log_p0, pb.log_q0
-    sv = {k: bufs.get(f"{k}{slot}", rows) for k in ("sig_s", "log_p", "sig_p", "ls_new",
-                                                     "z_new")}
+    sv = {k: bufs.get(f"{k}{slot}", rows) for k in ("sig_s", "log_p", "sig_p", "ls_new")}
+    sv["z_new"] = bufs.get("g_sig" if last else f"z_new{slot}", rows)
     sv.update({k: bufs.get(f"{k}{slot}", vec_d) for k in ("r", "mu")})
     sv.update({k: bufs.get(f"{k}{slot}", vec_n) for k in ("c", "eta")})
     _wrap(badmm_p_step_kernel)[(B,)](pb.x32, st["log_s"], st["z"], sv["sig_s"], sv["log_p"],
@@ -684,7 +704,7 @@ def badmm_reverse_step(pb: _Problem, fac: Factors, sv: dict, t: int, g: dict,
         g_lp += g_lp_ext
     # adjoint of the P-step
     g_lp0 = bufs.get("g_lp0", vec_d) if paper else acc["lp0"][t]
-    g_sig_s = bufs.get("g_sig_s", rows)
+    g_sig_s = g_sig      # the S-step adjoint's ∂L/∂Σ(P) is consumed: its buffer is free
     _wrap(badmm_p_step_bwd_kernel)[(B,)](g_lp, g_p, log_p, st["log_s"], st["z"], pb.x32, sig_s,
                                          r, mu, pb.log_p0, g_l, acc["x"], g_z_out, g_sig_s,
                                          g_lp0, wp_p, pb.bounds,
@@ -831,7 +851,7 @@ def _badmm_rerun_pair(pb: _Problem, fac: Factors, ckpts: dict, t: int,
         del ckpts[t_ck]       # its segment is done after these: free the state
     kept = {}
     for slot, tt in enumerate(range(t0, t + 1)):
-        kept[tt] = badmm_rerun(pb, fac, st, tt, bufs, slot)
+        kept[tt] = badmm_rerun(pb, fac, st, tt, bufs, slot, last=tt == t)
         st = kept[tt]["next"]
     return kept
 
