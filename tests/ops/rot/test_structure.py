@@ -186,6 +186,16 @@ def test_gradients_checkpoint_segments(method, variant):
     _check_case([4, 0, 3], 3, method, variant, dense=False, grads=True, seed=23, Tn=5)
 
 
+@pytest.mark.parametrize("Tn", [1, 3])
+@pytest.mark.parametrize("method", ["badmm-e", "sinkhorn"])
+def test_gradients_odd_t(method, Tn):
+    """T = 1 (one re-run, no checkpoint) and T = 3 (a checkpoint at 2, a lone re-run last):
+    every gradient against the reference with the reverse pass's buffers shared as
+    launch._scratch_layout plans them (∂L/∂log P_T and the zero gradient of the final state
+    wait in gradient buffers that later reverse steps overwrite)."""
+    _check_case([4, 0, 3], 3, method, "exact", dense=False, grads=True, seed=41, Tn=Tn)
+
+
 @pytest.mark.parametrize("dense", [True, False], ids=["dense", "ragged"])
 def test_badmm_q_exact_large_a1(dense):
     """B-Q exact at α1/ρ = 1e3 (T = 8), where the spec's step weight ρ made the P/S updates

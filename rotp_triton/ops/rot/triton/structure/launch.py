@@ -326,19 +326,29 @@ def _scratch_layout(R: int, D: int, B: int, G: int, T: int, K: int, method: str,
             zeroed.update(_z1_0=vd, _z2_0=vn)
     if not backward:
         return zeroed, empty, {}
-    empty.update(_g_lp_T=rd, _fac5=(5 * G,))
+    # the structure products' scratch: the step kernels' two (S, S) per set (_fac2) are the
+    # first two of the adjoint kernels' five (launches on one stream never overlap; setup)
+    del empty["_fac2"]
+    empty["_fac5"] = (5 * G,)
     if gy:
         zeroed["_gy"] = vd
     # ∂L/∂xc, ∂L/∂xt; the adjoint kernels' per-set weight partials; ∂L/∂log p0, ∂L/∂log q0
     # per iteration (row t: iteration t's, row T: the initial state's), summed at the end
     zeroed.update(_g_xc=rd, _g_xt=rd, _wp=(T, B, 8) if sink else (2, T, B, 8),
                   _acc_lp0=(T + 1, B, D), _acc_lq0=(T + 1, R))
+    # Reverse step t writes its gradients to the buffers of parity t % 2 and reads step
+    # t + 1's, so a buffer of parity T % 2 is free until step T - 2 writes it: ∂L/∂log P_T
+    # (setup's _g_lp_T, read by step T - 1 only) waits there (B-E/B-Q: in step T - 1's own
+    # g_l, which it writes last) and so does the zero gradient of the final state (B-E/B-Q).
+    # What run_iterations uses (_run_*: the checkpoint and transient runs) is dead whenever it
+    # runs, before the re-runs or the reverse step it serves; so is the log P it writes.
+    now, nxt = T % 2, (T - 1) % 2
     if sink:
         empty.update(sig=rd, y0=rd, log_p_next=rd, g_lp_par0=rd, g_lp_par1=rd, g_sig=rd,
                      gy0=rd, bvec=vn, c=vn, gb=vn, gc=vn, h_r=(B, K, D), h_a=(B, K, D),
                      h_c=(K, R), h_b=(K, R))
-        return zeroed, empty, {}
-    zeroed.update(_g_log_s=rd, _g_z=rd)
+        del empty["_run_sig"], empty["_run_y0"]
+        return zeroed, empty, {"_g_lp_T": f"g_lp_par{now}", "_run_sig": "sig", "_run_y0": "y0"}
     # log S, Z of the states run_iterations makes: the checkpoints (_add_sqrt_checkpoints)
     # and, with segments longer than 2, _badmm_rerun_pair's transient one
     k = math.ceil(math.sqrt(T))
@@ -355,14 +365,15 @@ def _scratch_layout(R: int, D: int, B: int, G: int, T: int, K: int, method: str,
         empty.update({f"{k}{slot}": vd for k in ("r", "mu")})
         empty.update({f"{k}{slot}": vn for k in ("c", "eta")})
     empty["z_new0"] = rd
-    # the reverse step's gradients (badmm_reverse_step): g_z_par*, g_l_par* alternate between
-    # steps; g_sig, g_lp, g_p are its transients (the P-step adjoint's ∂L/∂Σ(S) reuses g_sig)
-    empty.update({k: rd for k in ("g_z_par0", "g_z_par1", "g_l_par0", "g_l_par1", "g_sig",
-                                  "g_lp", "g_p")})
+    # the reverse step's gradients (badmm_reverse_step): g_z_par*, g_l_par* by parity;
+    # g_sig, g_lp, g_p are a step's transients (the P-step adjoint's ∂L/∂Σ(S) reuses g_sig)
+    zeroed.update({f"g_z_par{now}": rd, f"g_l_par{now}": rd})
+    empty.update({f"g_z_par{nxt}": rd, f"g_l_par{nxt}": rd, "g_sig": rd, "g_lp": rd,
+                  "g_p": rd})
     empty["gvec"] = vn
-    # the log P that run_iterations writes and no one reads in a backward (checkpoint and
-    # transient runs happen before a pair's re-runs, when no reverse step is under way)
-    return zeroed, empty, {"_run_lp": "g_p"}
+    del empty["_run_sig"]
+    return zeroed, empty, {"_g_log_s": f"g_l_par{now}", "_g_z": f"g_z_par{now}",
+                           "_g_lp_T": f"g_l_par{nxt}", "_run_lp": "g_p", "_run_sig": "sig_p0"}
 
 
 def _carve(device, zeroed: dict, empty: dict, shared: dict) -> dict:
@@ -448,6 +459,8 @@ def setup(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
     pb = _Problem(x32, bounds, lp0, lq0, log_s0, w, method, variant, T, K, scratch=sc, N=N)
     pb.g_lp_T, pb.g_x = pool["g_lp_T"], pool["g_x"]
     fac_scratch = {k: sc[f"_fac{k}"] for k in (2, 5) if f"_fac{k}" in sc}
+    if 5 in fac_scratch:
+        fac_scratch[2] = fac_scratch[5][:2 * gram.numel()]
     return pb, Factors(xc, xt, gram, bounds, slot, precision, fac_scratch)
 
 
