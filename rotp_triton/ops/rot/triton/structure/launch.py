@@ -342,13 +342,22 @@ def _scratch_layout(R: int, D: int, B: int, G: int, T: int, K: int, method: str,
     # g_l, which it writes last) and so does the zero gradient of the final state (B-E/B-Q).
     # What run_iterations uses (_run_*: the checkpoint and transient runs) is dead whenever it
     # runs, before the re-runs or the reverse step it serves; so is the log P it writes.
+    # The initial state (setup's _log_s0, _z0), which the checkpoints are run from, waits in
+    # buffers that the reverse pass reuses and is rebuilt for the last segment
+    # (_rebuild_initial_state) where _initial_state_reused says so.
     now, nxt = T % 2, (T - 1) % 2
     if sink:
-        empty.update(sig=rd, y0=rd, log_p_next=rd, g_lp_par0=rd, g_lp_par1=rd, g_sig=rd,
-                     gy0=rd, bvec=vn, c=vn, gb=vn, gc=vn, h_r=(B, K, D), h_a=(B, K, D),
-                     h_c=(K, R), h_b=(K, R))
+        # sinkhorn_reverse_step's log P after step t is written and never read: into gy0,
+        # which its adjoint kernel writes next
+        empty.update(sig=rd, y0=rd, g_lp_par0=rd, g_lp_par1=rd, g_sig=rd, gy0=rd, bvec=vn,
+                     c=vn, gb=vn, gc=vn, h_r=(B, K, D), h_a=(B, K, D), h_c=(K, R), h_b=(K, R))
         del empty["_run_sig"], empty["_run_y0"]
-        return zeroed, empty, {"_g_lp_T": f"g_lp_par{now}", "_run_sig": "sig", "_run_y0": "y0"}
+        shared = {"_g_lp_T": f"g_lp_par{now}", "_run_sig": "sig", "_run_y0": "y0",
+                  "log_p_next": "gy0"}
+        if _initial_state_reused(method, T):
+            del empty["_log_s0"]
+            shared["_log_s0"] = "g_sig"        # until reverse step T - 1 writes it
+        return zeroed, empty, shared
     # log S, Z of the states run_iterations makes: the checkpoints (_add_sqrt_checkpoints)
     # and, with segments longer than 2, _badmm_rerun_pair's transient one
     k = math.ceil(math.sqrt(T))
@@ -372,8 +381,22 @@ def _scratch_layout(R: int, D: int, B: int, G: int, T: int, K: int, method: str,
                   "g_p": rd})
     empty["gvec"] = vn
     del empty["_run_sig"]
-    return zeroed, empty, {"_g_log_s": f"g_l_par{now}", "_g_z": f"g_z_par{now}",
-                           "_g_lp_T": f"g_l_par{nxt}", "_run_lp": "g_p", "_run_sig": "sig_p0"}
+    shared = {"_g_log_s": f"g_l_par{now}", "_g_z": f"g_z_par{now}", "_g_lp_T": f"g_l_par{nxt}",
+              "_run_lp": "g_p", "_run_sig": "sig_p0"}
+    if _initial_state_reused(method, T):
+        # in re-run slot 1 (the checkpoint runs do not touch it), Z zeroed there
+        del empty["_log_s0"], zeroed["_z0"]
+        zeroed["sig_s1"] = empty.pop("sig_s1")
+        shared.update(_log_s0="ls_new1", _z0="sig_s1")
+    return zeroed, empty, shared
+
+
+def _initial_state_reused(method: str, T: int) -> bool:
+    """Whether the backward keeps the initial state in buffers that the reverse pass reuses
+    (_scratch_layout) and rebuilds it for the last segment (_rebuild_initial_state): S from
+    T = 2 (at T = 1 the one reverse step reads log P⁰ while it writes g_sig, where it waits),
+    B-E/B-Q where there is a checkpoint (T >= 3) whose buffers, free by then, take it."""
+    return T >= 2 if method == "sinkhorn" else T > math.ceil(math.sqrt(T))
 
 
 def _carve(device, zeroed: dict, empty: dict, shared: dict) -> dict:
@@ -837,6 +860,27 @@ def _initial_state_grads(pb: _Problem, g_state: dict, grads: list) -> None:
         g_lq0 += g_state["log_eta"]
 
 
+def _rebuild_initial_state(pb: _Problem, st0: dict) -> dict:
+    """The state before iteration 0 (init_state's ``st0``) again, for the reverse pass's
+    last segment where _initial_state_reused: log S⁰ = log p0 + log q0 (the same fp32 sum as
+    structure_factors_kernel's) into the first checkpoint's buffers (B-E/B-Q, free once its
+    segment is done; Z = 0 there) or a new tensor (S: the freed checkpoints' memory). The
+    paper variant's vectors were never overwritten."""
+    sc, st = pb.scratch, dict(st0)
+    if pb.method == "sinkhorn":
+        log_s = torch.empty_like(pb.x32)
+    else:
+        log_s = sc["_ck0_log_s"]
+        st["z"] = sc["_ck0_z"].zero_()
+    if pb.N is not None:
+        torch.add(pb.log_p0.view(pb.B, 1, pb.D), pb.log_q0.view(pb.B, pb.N, 1),
+                  out=log_s.view(pb.B, pb.N, pb.D))
+    else:
+        torch.index_select(pb.log_p0, 0, pb.set_of_row, out=log_s).add_(pb.log_q0[:, None])
+    st["log_s"] = log_s
+    return st
+
+
 def _add_sqrt_checkpoints(pb: _Problem, fac: Factors, ckpts: dict) -> None:
     """States entering iterations k, 2k, ... (k = ⌈√T⌉) from one forward sweep, so that the
     reverse pass recomputes at most k - 1 iterations per step: T (sweep) + T(k - 1)/2
@@ -886,7 +930,18 @@ def reverse_iterations(pb: _Problem, fac: Factors, g_lp_T: Tensor, grads: list,
     ckpts = {0: init_state(pb)}
     _add_sqrt_checkpoints(pb, fac, ckpts)
 
+    k = math.ceil(math.sqrt(pb.T))
+    rebuild = [_initial_state_reused(pb.method, pb.T)]
+
+    def enter(t):
+        """Before the states of reverse step t are made: in the last segment (t < k), once a
+        reverse step has run, the initial state again where its buffers were reused."""
+        if rebuild[0] and t < k and t < pb.T - 1:
+            ckpts[0] = _rebuild_initial_state(pb, ckpts[0])
+            rebuild[0] = False
+
     def state_entering(t):
+        enter(t)
         t_ck = max(k for k in ckpts if k <= t)
         st = run_iterations(pb, fac, ckpts[t_ck], t_ck, t) if t > t_ck else ckpts[t_ck]
         if t == t_ck and t > 0:
@@ -913,6 +968,7 @@ def reverse_iterations(pb: _Problem, fac: Factors, g_lp_T: Tensor, grads: list,
         kept = {}
         for t in reversed(range(pb.T)):
             if t not in kept:
+                enter(t)
                 kept = _badmm_rerun_pair(pb, fac, ckpts, t, bufs)
             g_state = badmm_reverse_step(pb, fac, kept.pop(t), t, g_state,
                                          g_lp_T if t == pb.T - 1 else None, acc, bufs,
