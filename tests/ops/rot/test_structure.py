@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import rotp_triton as rt
+from rotp_triton.ops.rot.triton import common
 from harness import DEVICE, KERNEL_DTYPES, ON_CUDA, RTOL, rel_err, run_without_interpreter
 from reference import rot as ref
 
@@ -214,6 +215,7 @@ def test_saved_state_does_not_grow_with_t(monkeypatch, custom_op):
     if custom_op and ts.structure_fwd_op is None:
         pytest.skip("torch has no torch.library.triton_op")
     monkeypatch.setattr(ts, "USE_CUSTOM_OP", custom_op)
+    monkeypatch.setattr(common, "EAGER_FUNCTION", not custom_op)   # the operator in eager mode
     x = torch.randn(2, 6, 3, device=DEVICE, requires_grad=True)
     kept = []
     for Tn in (1, 3):
@@ -292,6 +294,7 @@ def test_custom_op_matches_autograd_function(monkeypatch):
 
     def run(use_op):
         monkeypatch.setattr(ts, "USE_CUSTOM_OP", use_op)
+        monkeypatch.setattr(common, "EAGER_FUNCTION", not use_op)
         x, q = _leaf(x0), _leaf(lq)
         w = {k: _leaf(v) for k, v in ws.items()}
         y, plan = rt.rot_pool(x, ptr=ptr, method="badmm-q", num_iters=T, log_q0=q,

@@ -10,8 +10,9 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from ..common import HAS_TRITON_OP, direct_launch
+from ..common import HAS_TRITON_OP, direct_launch, eager_function
 from ..spread.launch import spread_backward
 from .launch import (badmm_backward, badmm_forward, history_like, param_grad_views,
                      param_grads_numel)
@@ -52,14 +53,16 @@ class BadmmFunction(torch.autograd.Function):
             plan = x.new_zeros(0)
             ctx.mark_non_differentiable(plan)
         ctx.mark_non_differentiable(h)
+        ctx.set_materialize_grads(False)    # the history (and an unused plan): no zero gradient
         return y32.to(x.dtype), plan, h
 
     @staticmethod
+    @once_differentiable  # (the kernels' backward is first order)
     def backward(ctx, grad_y, grad_plan, grad_h):
         x, ptr, w, log_p0, log_q0, h, y32 = ctx.saved_tensors
         if grad_y is None:
             grad_y = torch.zeros_like(y32)
-        gp = grad_plan if (ctx.return_plan and grad_plan is not None) else None
+        gp = grad_plan.contiguous() if (ctx.return_plan and grad_plan is not None) else None
         gx, dparams = badmm_backward(x, ptr, w, log_p0, log_q0, h, y32, grad_y, gp,
                                      quadratic=ctx.quadratic, paper=ctx.paper)
         return _input_grads(x, w, log_p0, log_q0, y32, gx, dparams)
@@ -84,6 +87,7 @@ class SpreadBadmmFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy):
         x, ptr, w, h, y, saved = ctx.saved_tensors
         quadratic, paper, sample_dims, B = ctx.args
@@ -198,7 +202,7 @@ def badmm_pool(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Ten
         y = SpreadBadmmFunction.apply(x, ptr, w, quadratic, paper,
                                       (1,) if ptr is None else (0,))
         return y.to(x.dtype), None
-    if badmm_fwd_op is not None:
+    if badmm_fwd_op is not None and not eager_function(x, ptr, w, log_p0, log_q0):
         y32, plan, _ = badmm_fwd_op(x, ptr, w, log_p0, log_q0, quadratic, paper,
                                        return_plan)
         y = y32.to(x.dtype)

@@ -14,8 +14,9 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from ..common import HAS_TRITON_OP, direct_launch
+from ..common import HAS_TRITON_OP, direct_launch, eager_function
 from ..spread.launch import spread_backward
 from .launch import (layout, param_grad_views, param_grads_numel, sinkhorn_backward,
                      sinkhorn_forward, state_numel)
@@ -32,12 +33,15 @@ class SinkhornFunction(torch.autograd.Function):
         ctx.save_for_backward(x, ptr, w, log_p0, log_q0, y, state)
         ctx.paper = paper
         ctx.return_plan = return_plan
+        ctx.set_materialize_grads(False)    # an unused plan gets no zero gradient
         return y, plan
 
     @staticmethod
+    @once_differentiable  # (the kernels' backward is first order)
     def backward(ctx, gy, gplan):
         x, ptr, w, log_p0, log_q0, y, state = ctx.saved_tensors
-        gp = gplan if (ctx.return_plan and gplan is not None) else None
+        gp = gplan.contiguous() if (ctx.return_plan and gplan is not None) else None
+        gy = torch.zeros_like(y) if gy is None else gy
         dx, dparams = sinkhorn_backward(x, ptr, w, log_p0, log_q0, ctx.paper, y, state,
                                         gy.contiguous(), gp)
         dw, dlp0, dlq0 = _param_grads(dparams, x, ptr, w, log_p0, log_q0)
@@ -72,6 +76,7 @@ class SpreadSinkhornFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy):
         x, ptr, w, y, state, saved = ctx.saved_tensors
         paper, sample_dims, B = ctx.args
@@ -180,7 +185,7 @@ def sinkhorn_pool(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
     if spread:
         y = SpreadSinkhornFunction.apply(x, ptr, w, paper, (1,) if ptr is None else (0,))
         return y.to(x.dtype), None
-    if sinkhorn_fwd_op is not None:
+    if sinkhorn_fwd_op is not None and not eager_function(x, ptr, w, log_p0, log_q0):
         y, plan, _ = sinkhorn_fwd_op(x, ptr, w, log_p0, log_q0, paper, return_plan)
     else:
         y, plan = SinkhornFunction.apply(x, ptr, w, log_p0, log_q0, paper, return_plan)

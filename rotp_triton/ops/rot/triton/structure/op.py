@@ -18,7 +18,9 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
+from ..common import eager_function
 from .launch import _LAUNCH_WRAP, _WEIGHTS, structure_backward, structure_forward
 
 # the custom operators when torch has triton_op (False: StructureROTFunction, for cross-checks)
@@ -71,6 +73,7 @@ class StructureROTFunction(torch.autograd.Function):
         return y, plan
 
     @staticmethod
+    @once_differentiable  # (the kernels' backward is first order)
     def backward(ctx, gy, gplan):
         x, ptr, log_p0, log_q0, *ws, log_p_T = ctx.saved_tensors
         m = ctx.meta
@@ -178,7 +181,8 @@ def rot_pool_structure_triton(x: Tensor, ptr: Optional[Tensor], *, method: str, 
     elif ptr.dtype != torch.int64 or ptr.device != x.device:
         ptr = ptr.to(device=x.device, dtype=torch.int64)
     K, return_plan = int(inner_iters), bool(return_plan)
-    if USE_CUSTOM_OP and structure_fwd_op is not None:
+    if (USE_CUSTOM_OP and structure_fwd_op is not None
+            and not eager_function(x, ptr, log_p0, log_q0, a0, a1, a2, a3, rho, tau)):
         y, plan, _ = structure_fwd_op(x, ptr, log_p0, log_q0, a0, a1, a2, a3, rho, tau,
                                       method, variant, K, return_plan)
         return y, (plan if return_plan else None)

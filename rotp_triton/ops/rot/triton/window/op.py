@@ -12,8 +12,9 @@ from typing import List, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from ..common import HAS_TRITON_OP, direct_launch
+from ..common import HAS_TRITON_OP, direct_launch, eager_function
 from ..spread.launch import bfs_strides, spread_backward, spread_forward
 from .launch import empty_like_layout, geometry, window_backward, window_forward
 
@@ -29,6 +30,7 @@ class WindowPoolFunction(torch.autograd.Function):
         return window_forward(x, w, g, method, variant)
 
     @staticmethod
+    @once_differentiable  # (the kernels' backward is first order)
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
         gx, gw = window_backward(x, w, gy, *ctx.args)
@@ -54,6 +56,7 @@ class SpreadWindowPoolFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy):
         x, w, saved = ctx.saved_tensors
         g = ctx.args[0]
@@ -136,7 +139,7 @@ def window_pool(x: Tensor, w: Tensor, *, kernel_size, stride, padding, ceil_mode
     if spread:
         return SpreadWindowPoolFunction.apply(x, w, tuple(k), tuple(s), tuple(p),
                                               bool(ceil_mode), method, variant)
-    if window_fwd_op is not None:
+    if window_fwd_op is not None and not eager_function(x, w):
         return window_fwd_op(x, w, k, s, p, bool(ceil_mode), method, variant)
     return WindowPoolFunction.apply(x, w, tuple(k), tuple(s), tuple(p), bool(ceil_mode), method,
                                     variant)
