@@ -5,6 +5,7 @@ no host synchronisation; sizes come from shapes only.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -74,7 +75,14 @@ def row_pieces(N: Optional[int], BN: int, one_tile: bool, paper: bool) -> tuple:
     P0 >= P1 >= P2 >= 1 covering N with the fewest rows (49 = 32 + 16 + 1), or (0, 0, 0) for
     the single [BN, BD] tile. Taken when it evaluates at most 7/8 of the padded tile's rows
     (W2: 49 of 64; W1's 500 = 256 + 128 + 116 pads to 512 like the tile: no)."""
-    if not ROW_PIECES or N is None or not one_tile or paper or N < 3:
+    return _row_pieces(N, BN, one_tile, paper, ROW_PIECES)
+
+
+# The block choices are pure functions of shapes and of the module's settings (part of the
+# key): cached, as each call's host front end runs them again (~10 µs each in Python).
+@functools.lru_cache(maxsize=1024)
+def _row_pieces(N: Optional[int], BN: int, one_tile: bool, paper: bool, enabled: bool) -> tuple:
+    if not enabled or N is None or not one_tile or paper or N < 3:
         return 0, 0, 0
     pows = [2 ** k for k in range(BN.bit_length()) if 2 ** k <= BN]
     best = None
@@ -121,7 +129,12 @@ def dx_tile(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
     padded elements plus the per-row and per-column vectors it loads for every iteration t
     (3 of each: b, C, C̄ and R, R̄, a), i.e. (padded N · padded D) · (1 + 3/BDX + 3/BNX); for a
     ragged batch (N unknown) rows are taken as unpadded."""
-    tile = BWD_ELEMS_PER_THREAD * 32 * num_warps
+    return _dx_tile(D, N, num_warps, BWD_ELEMS_PER_THREAD)
+
+
+@functools.lru_cache(maxsize=1024)
+def _dx_tile(D: int, N: Optional[int], num_warps: int, elems_per_thread: int) -> tuple:
+    tile = elems_per_thread * 32 * num_warps
     best = None
     for k in range(0, 8):
         BDX = min(2 ** k, next_pow2(D))
