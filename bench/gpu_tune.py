@@ -38,6 +38,7 @@ from bench.gpu_check import (Env, deadline, is_timeout, log, pool_fn,  # noqa: E
                               rel, workload)
 
 import torch  # noqa: E402
+from rotp_triton.ops.rot.triton import common as triton_common  # noqa: E402
 from rotp_triton.ops.rot.triton.badmm import launch as badmm_launch  # noqa: E402
 from rotp_triton.ops.rot.triton.sinkhorn import launch as sinkhorn_launch  # noqa: E402
 from rotp_triton.ops.rot.triton.structure import launch as structure_launch  # noqa: E402
@@ -108,6 +109,11 @@ def variants():
         ("W1", "badmm-e", "shipped", {}),
         ("W1", "badmm-e", "one program per set (no split)", {B: dict(
             forward_splits=lambda *a: (1, 1), backward_splits=lambda *a: (1, 1))}),
+        # the recorded forward in eager mode through the custom operator, as until
+        # 2026-11-30 (now the autograd.Function: 24-28 % less host time on the CPU,
+        # bench/results/host_overhead_eager_function.md): the host-bound W1 call measures it
+        ("W1", "badmm-e", "custom operator in eager mode (until 2026-11-30)",
+         {triton_common: dict(EAGER_FUNCTION=False)}),
     ]
 
 
