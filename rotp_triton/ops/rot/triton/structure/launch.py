@@ -17,6 +17,7 @@ pooling's adjoint runs in the backward's factors launch.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional
@@ -26,7 +27,7 @@ import triton
 from torch import Tensor
 
 from ...params import kappa
-from ..common import as_f32, cdiv, fp32_scratch, launcher, sm_count
+from ..common import as_f32, cdiv, fp32_scratch, launcher, next_pow2, sm_count
 from .kernels import (badmm_p_step_bwd_kernel, badmm_p_step_kernel, badmm_s_step_bwd_kernel,
                       badmm_s_step_kernel, pool_from_log_plan_kernel, sigma_adjoint_kernel,
                       sigma_adjoint_rows_kernel, sigma_product_kernel,
@@ -83,7 +84,7 @@ def mm_tile(D: int) -> int:
     next_power_of_2(D) within [16, 64] (16: the smallest ``tl.dot`` tile; 64: a [64, 64] fp32
     accumulator over the CTA's warps). The same under the interpreter as on a GPU, so the
     interpreter's traffic counts are the GPU binary's."""
-    return max(16, min(64, triton.next_power_of_2(D)))
+    return max(16, min(64, next_pow2(D)))
 
 
 # Wide GEMM tiles (BW up to 128): a GEMM whose output has D (or n_b < D) rows or columns reads
@@ -105,7 +106,7 @@ def mm_wide(D: int, precision: str = "ieee") -> int:
     wide, up to 2.3 KiB spilled in the step adjoints)."""
     if not WIDE_GEMM_TILES or precision != "ieee" or mm_k_step(D, precision) > 8:
         return mm_tile(D)
-    return max(mm_tile(D), min(128, triton.next_power_of_2(D)))
+    return max(mm_tile(D), min(128, next_pow2(D)))
 
 
 def _min_fp32_dot_k() -> int:
@@ -170,7 +171,14 @@ def gram_elems(B: int, R: int, D: int, slot: int) -> int:
 
 def mm_meta(D: int, precision: str = "ieee") -> dict:
     """The tile constexprs of the in-program GEMMs (BT, BW, BK) for D features."""
-    return dict(BT=mm_tile(D), BW=mm_wide(D, precision), BK=mm_k_step(D, precision))
+    return dict(zip(("BT", "BW", "BK"), _mm_meta(D, precision, WIDE_GEMM_TILES)))
+
+
+# every launch of a call asks for them (~20 per B-ADMM forward+backward): cached, the module's
+# setting in the key
+@functools.lru_cache(maxsize=256)
+def _mm_meta(D: int, precision: str, wide: bool) -> tuple:
+    return mm_tile(D), mm_wide(D, precision), mm_k_step(D, precision)
 
 
 class Factors:
