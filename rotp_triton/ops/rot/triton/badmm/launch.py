@@ -13,7 +13,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-import triton
 
 from ..common import as_f32, cdiv, fp32_scratch, launcher, next_pow2, sm_count
 from ..spread.launch import set_statistics
@@ -141,7 +140,7 @@ def _fill_weight_table(w: Tensor, wc: Tensor, quad: int, wrap) -> Tensor:
     (:func:`.kernels.badmm_coef_kernel`; one launch in the forward, none in the backward)."""
     T = w.shape[1]
     BT = min(next_pow2(T), 128)
-    launcher(badmm_coef_kernel, wrap)[(triton.cdiv(T, BT),)](as_f32(w), wc, T, QUAD=quad, BT=BT)
+    launcher(badmm_coef_kernel, wrap)[(cdiv(T, BT),)](as_f32(w), wc, T, QUAD=quad, BT=BT)
     return wc
 
 
@@ -575,7 +574,7 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
     else:                               # nothing to differentiate: no set contributes
         gw, B = dw, 0
     BT = min(next_pow2(T), 128)
-    launcher(badmm_dw_kernel, wrap)[(triton.cdiv(T, BT),)](
+    launcher(badmm_dw_kernel, wrap)[(cdiv(T, BT),)](
         w32, gw, gwt, dw, B, T, npart, QUAD=quadratic, PAPER=paper, BT=BT,
         BI=min(128, max(8, 2048 // BT)))
     if scale is not None:

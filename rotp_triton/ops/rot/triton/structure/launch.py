@@ -23,7 +23,6 @@ import os
 from typing import Optional
 
 import torch
-import triton
 from torch import Tensor
 
 from ...params import kappa
@@ -273,7 +272,7 @@ class _Problem:
         self.method, self.variant, self.T, self.K = method, variant, T, K
         self.R, self.D = x32.shape
         self.B = bounds.shape[0] - 1
-        self.BD = triton.next_power_of_2(self.D)
+        self.BD = next_pow2(self.D)
         self.BN = row_block(self.BD)
         self._set_of_row = None
 
@@ -478,7 +477,7 @@ def setup(x: Tensor, ptr: Optional[Tensor], log_p0: Optional[Tensor],
                     gplan=x32 if gplan is None else gplan.reshape(R, D).contiguous(),
                     g_lp_T=sc["_g_lp_T"], g_x=torch.zeros(R, D, **f32))
     if B > 0:
-        BD = triton.next_power_of_2(D)
+        BD = next_pow2(D)
         _wrap(structure_factors_kernel)[(B,)](
             x, bounds, lp0, q_in if q_in is not None else lq0, x32, xc, xt, gram, slot, lq0,
             log_s0, s_xb, s_xn, s_xd, D, *pool.values(), DENSE_X=dense, WRITE_X32=copy_x,
