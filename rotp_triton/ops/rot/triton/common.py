@@ -53,12 +53,12 @@ HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "
 
 def direct_launch(*tensors) -> bool:
     """Whether a family's forward may call its launcher itself instead of the custom operator
-    or autograd.Function: in eager mode (not while torch.compile / export traces), on plain
-    tensors (no FakeTensor, FunctionalTensor or other subclass: those need the operator's fake
+    or autograd.Function: in eager mode (not while torch.compile, export or torch.jit.trace
+    trace), on plain tensors (no FakeTensor, FunctionalTensor or other subclass: those need the operator's fake
     kernel), when no autograd graph is recorded (grad disabled, or no input requires grad).
     The same launcher and kernels run either way; the operator's dispatch costs ~100 µs of
     host time per call (bench/host_overhead.py), most of a small inference call."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
@@ -79,10 +79,10 @@ EAGER_FUNCTION = True
 
 def eager_function(*tensors) -> bool:
     """Whether a recorded forward may take its family's torch.autograd.Function instead of the
-    custom operator: in eager mode (not while torch.compile / export traces: they need the
-    operator's schema and fake kernel), on plain tensors (no FakeTensor, FunctionalTensor or
+    custom operator: in eager mode (not while torch.compile, export or torch.jit.trace trace:
+    they need the operator, to which a Function's launches are invisible), on plain tensors (no FakeTensor, FunctionalTensor or
     other subclass)."""
-    if not EAGER_FUNCTION or torch.compiler.is_compiling():
+    if not EAGER_FUNCTION or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     return all(t is None or type(t) is torch.Tensor for t in tensors)
 
