@@ -332,9 +332,13 @@ def test_forward_without_a_graph_calls_the_launchers_directly(monkeypatch, case)
     assert torch.equal(y_no_grad, recorded.detach()) and torch.equal(y_plain, y_no_grad)
 
 
-@pytest.mark.parametrize("case", ["rot_pool-sinkhorn", "rot_pool-ptr-badmm-q-plan",
-                                  "ROTPool2d-badmm-e-unscaled", "rot_pool-ptr-badmm-e-a0"])
-def test_recorded_forward_takes_the_function_in_eager_mode(monkeypatch, case):
+@pytest.mark.parametrize("layer,method,ragged,plan,a0", [
+    ("rot_pool", "sinkhorn", False, False, 0.0), ("rot_pool", "badmm-q", True, True, 0.0),
+    ("ROTPool2d", "badmm-e", False, False, 0.0), ("rot_pool", "badmm-e", True, False, 0.3)],
+    ids=["rot_pool-sinkhorn", "rot_pool-ptr-badmm-q-plan", "ROTPool2d-badmm-e-unscaled",
+         "rot_pool-ptr-badmm-e-a0"])
+def test_recorded_forward_takes_the_function_in_eager_mode(monkeypatch, layer, method, ragged,
+                                                           plan, a0):
     """In eager mode a forward that records a graph goes through its family's
     autograd.Function, not the custom operator (common.eager_function: ~25 % less host time
     per fwd+bwd, bench/results/host_overhead_eager_function.md), with exactly the operator's
@@ -344,22 +348,19 @@ def test_recorded_forward_takes_the_function_in_eager_mode(monkeypatch, case):
     from rotp_triton.ops.rot.triton import common
     gen = torch.Generator().manual_seed(11)
     kw = dict(backend="triton", num_iters=2)
-    if case.startswith("ROTPool2d"):
-        m = rt.ROTPool2d(4, 2, method="badmm-e", scale=None, **kw).to(DEVICE)
+    if layer == "ROTPool2d":
+        m = rt.ROTPool2d(4, 2, method=method, scale=None, **kw).to(DEVICE)
         x = torch.randn(2, 4, 4, 4, generator=gen).to(DEVICE)
 
         def run(inp):
             return m(inp), None
     else:
-        method = "sinkhorn" if case.endswith("sinkhorn") else case.split("-")[2] + "-" + \
-            case.split("-")[3]
-        extra = dict(ptr=torch.tensor([0, 2, 2, 9], device=DEVICE)) if "ptr" in case else {}
-        if "a0" in case:
-            extra["a0"] = 0.3
-        plan = case.endswith("plan")
         x = torch.randn(9, 4, generator=gen).to(DEVICE)
-        if not extra:
+        extra = dict(ptr=torch.tensor([0, 2, 2, 9], device=DEVICE)) if ragged else {}
+        if not ragged:
             x = x[:8].view(2, 4, 4)
+        if a0:
+            extra["a0"] = a0
 
         def run(inp):
             out = rt.rot_pool(inp, method=method, return_plan=plan, **extra, **kw)
