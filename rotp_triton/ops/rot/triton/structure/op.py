@@ -23,8 +23,6 @@ from torch.autograd.function import once_differentiable
 from ..common import eager_function
 from .launch import _LAUNCH_WRAP, _WEIGHTS, structure_backward, structure_forward
 
-# the custom operators when torch has triton_op (False: StructureROTFunction, for cross-checks)
-USE_CUSTOM_OP = True
 _HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
 structure_fwd_op = None
 structure_bwd_op = None
@@ -181,8 +179,8 @@ def rot_pool_structure_triton(x: Tensor, ptr: Optional[Tensor], *, method: str, 
     elif ptr.dtype != torch.int64 or ptr.device != x.device:
         ptr = ptr.to(device=x.device, dtype=torch.int64)
     K, return_plan = int(inner_iters), bool(return_plan)
-    if (USE_CUSTOM_OP and structure_fwd_op is not None
-            and not eager_function(x, ptr, log_p0, log_q0, a0, a1, a2, a3, rho, tau)):
+    if structure_fwd_op is not None and not eager_function(x, ptr, log_p0, log_q0, a0, a1, a2,
+                                                           a3, rho, tau):
         y, plan, _ = structure_fwd_op(x, ptr, log_p0, log_q0, a0, a1, a2, a3, rho, tau,
                                       method, variant, K, return_plan)
         return y, (plan if return_plan else None)
