@@ -136,6 +136,39 @@ def kappa(alpha, w):
     return tl.where(alpha == float("inf"), 1.0, alpha / (alpha + w))
 
 
+# On the GPU ``tl.log2`` is a ~29-instruction polynomial (libdevice's precise log2f) and a
+# division ~10; on a reduced vector that every thread of a tile layout holds replicated, that is
+# a third of a Sinkhorn chunk's instructions (sm_90 SASS, bench/results). The approximate PTX
+# forms are one MUFU op each (lg2.approx: |error| < 2^-22 in the log, subnormals handled;
+# rcp.approx.ftz). The interpreter has no inline PTX: there the precise forms run. Decided at
+# import, as triton itself decides at ``@triton.jit`` time whether a function is interpreted.
+FAST_MATH = tl.constexpr(not interpreter_enabled())
+
+
+@triton.jit
+def lg2_approx(v):
+    """log2(v) as one MUFU.LG2 (GPU only: inline PTX)."""
+    return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [v],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def rcp_approx(v):
+    """1/v as one MUFU.RCP (GPU only: inline PTX; subnormal v flush to 0, 1/v to inf)."""
+    return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [v],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def log2_reduced(v):
+    """log2 of a reduced vector (a column or row sum): ``lg2_approx`` on the GPU, ``tl.log2``
+    under the interpreter."""
+    if FAST_MATH:
+        return lg2_approx(v)
+    else:
+        return tl.log2(v)
+
+
 @triton.jit
 def lse2_combine(m1, s1, m2, s2):
     """Merge two partial base-2 log-sum-exps kept as (max m, sum s of 2^(v - m))."""
@@ -145,7 +178,8 @@ def lse2_combine(m1, s1, m2, s2):
 
 
 __all__ = ["LOG2E", "LN2", "interpreter_enabled", "sm_count", "next_pow2", "cdiv",
-           "HAS_TRITON_OP", "direct_launch", "eager_function", "launcher", "kappa", "lse2_combine"]
+           "HAS_TRITON_OP", "direct_launch", "eager_function", "launcher", "kappa", "lse2_combine",
+           "FAST_MATH", "lg2_approx", "rcp_approx", "log2_reduced"]
 
 
 @triton.jit

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from ...params import A1, A2, A3
-from ..common import LN2, LOG2E, kappa, set_inv_scale, set_spread
+from ..common import LN2, LOG2E, kappa, log2_reduced, set_inv_scale, set_spread
 
 NEG_INF = tl.constexpr(float("-inf"))
 _LOG2E = tl.constexpr(LOG2E)
@@ -131,7 +131,7 @@ def _lse_over_n(x_base, sxn, sxd, n_b, D, s, radd_ptr, out_ptr, BN: tl.constexpr
             x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)            # [BN, BD]
             r = tl.load(radd_ptr + on, mask=on < n_b, other=0.0)               # [BN]
             m, l = _online_lse_merge(m, l, tl.where(msk, x * s + r[:, None], NEG_INF))
-        tl.store(out_ptr + od, m + tl.log2(l), mask=od < D)
+        tl.store(out_ptr + od, m + log2_reduced(l), mask=od < D)
 
 
 @triton.jit
@@ -148,7 +148,7 @@ def _lse_over_d(x_base, sxn, sxd, n_b, D, s, cadd_ptr, out_ptr, BN: tl.constexpr
             c = tl.load(cadd_ptr + od, mask=od < D, other=0.0)                 # [BD]
             z = tl.where(msk, x * s + c[None, :], NEG_INF)
             m, l = _online_lse_merge(m, l, tl.trans(z))
-        tl.store(out_ptr + on, m + tl.log2(l), mask=on < n_b)
+        tl.store(out_ptr + on, m + log2_reduced(l), mask=on < n_b)
 
 
 @triton.jit
@@ -235,7 +235,7 @@ def _marginal_scaling(r_ptr, lp_ptr, lp_uniform, k, out_ptr, n, HAS_PRIOR: tl.co
         u = k * lp + (1.0 - k) * r                                             # [BV]
         tl.store(out_ptr + o, u, mask=om)
         m, l = _online_lse_merge(m, l, tl.where(om, u, NEG_INF))
-    lse_u = m + tl.log2(l)
+    lse_u = m + log2_reduced(l)
     tl.debug_barrier()
     for i0 in range(0, n, BV):
         o = i0 + tl.arange(0, BV)
@@ -318,7 +318,7 @@ def _lean_col_lse(xs, bias):
     z = xs + bias[:, None]
     mz = tl.max(z, axis=0)
     mz = tl.where(mz == NEG_INF, 0.0, mz)
-    return mz + tl.log2(tl.sum(tl.exp2(z - mz[None, :]), axis=0))
+    return mz + log2_reduced(tl.sum(tl.exp2(z - mz[None, :]), axis=0))
 
 
 @triton.jit
@@ -378,7 +378,7 @@ def _lean_paper_iteration(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, lp0_u,
                                      lp0_u, A_prev, A_cur, R_t, m_c, l_c, HAS_P0, MASK_N, True,
                                      BD)
     lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
-    c = m_c + tl.log2(l_c)                                                     # [BN] Cn_t
+    c = m_c + log2_reduced(l_c)                                                # [BN] Cn_t
     tl.store(C_t + on, c, mask=nm)
     tl.store(B_cur + on, k3 * (bp * ie + lq0 - bp - c), mask=nm)
     tl.debug_barrier()
@@ -450,7 +450,7 @@ def _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_pr
         if MASK_D:
             col = tl.where(dm, col, 1.0)
         cmin = tl.minimum(cmin, col)
-        r = sh + tl.log2(col)
+        r = sh + log2_reduced(col)
     ar, mu, sc, l_u = _column_marginal_step(r, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u, l_u,
                                             HAS_P0, MASK_D)
     acc = acc * sc[None, :] + tl.exp2(z + (ar - mu)[None, :])                  # [BN, BD]
@@ -515,7 +515,7 @@ def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, 
     # lanes to the common shift max u (once per iteration: one multiply per tile element)
     m_all = tl.max(m_u, axis=0)
     f = tl.exp2(m_u - m_all)                                                   # [BD]
-    lse_u = m_all + tl.log2(tl.sum(l_u * f, axis=0))
+    lse_u = m_all + log2_reduced(tl.sum(l_u * f, axis=0))
     rs = tl.sum(acc * f[None, :], axis=1)                                      # [BN]
     if tl.min(tl.where(nm, rs, 1.0), axis=0) < _TINY:
         # a row with almost no mass: the exact row LSE in a second pass (rare)
@@ -524,13 +524,13 @@ def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, 
         tl.debug_barrier()
         c = tl.load(C_t + on, mask=nm, other=0.0) - lse_u
     else:
-        c = tl.log2(rs) - bp + (m_all - lse_u)
+        c = log2_reduced(rs) - bp + (m_all - lse_u)
     c = tl.where(nm, c, 0.0)                                                   # [BN] C_n
     tl.store(C_t + on, c, mask=nm)
     lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
     v = tl.where(nm, k3 * lq0 + (1.0 - k3) * c, NEG_INF)
     mv = tl.max(v, axis=0)
-    lse_v = mv + tl.log2(tl.sum(tl.exp2(v - mv), axis=0))
+    lse_v = mv + log2_reduced(tl.sum(tl.exp2(v - mv), axis=0))
     tl.store(B_cur + on, v - lse_v - c, mask=nm)
     tl.debug_barrier()
     _subtract_from_vector(A_cur, D, lse_u, BD)
@@ -598,7 +598,7 @@ def _pieces_exact_chunk(x_base, ro0, ro1, ro2, sxd, bp0, bp1, bp2, d0, D, s, k2,
         if MASK_D:
             col = tl.where(dm, col, 1.0)
         cmin = tl.minimum(cmin, col)
-    r = sh + tl.log2(col)                                                      # [BD] R_d
+    r = sh + log2_reduced(col)                                                 # [BD] R_d
     ar, mu, sc, l_u = _column_marginal_step(r, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u, l_u,
                                             HAS_P0, MASK_D)
     cr = ar - mu                                                               # [BD]
@@ -636,7 +636,7 @@ def _piece_row_lse(acc, f, bp, shift, on, nm):
     """(row sums of one piece under the common shift, the row LSE c) - see
     _shifted_exact_iteration; padded rows give c = 0."""
     rs = tl.sum(acc * f[None, :], axis=1)                                      # [P]
-    return tl.where(nm, rs, 1.0), tl.where(nm, tl.log2(rs) - bp + shift, 0.0)
+    return tl.where(nm, rs, 1.0), tl.where(nm, log2_reduced(rs) - bp + shift, 0.0)
 
 
 @triton.jit
@@ -671,7 +671,7 @@ def _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, l
                 A_cur, R_t, HAS_P0, True, P0, P1, P2, BD)
     m_all = tl.max(m_u, axis=0)
     f = tl.exp2(m_u - m_all)                                                   # [BD]
-    lse_u = m_all + tl.log2(tl.sum(l_u * f, axis=0))
+    lse_u = m_all + log2_reduced(tl.sum(l_u * f, axis=0))
     shift = m_all - lse_u
     rs0, c0 = _piece_row_lse(acc0, f, bp0, shift, on0, nm0)
     rs1, c1 = _piece_row_lse(acc1, f, bp1, shift, on1, nm1)
@@ -694,8 +694,8 @@ def _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, l
     v1 = _piece_scaling(lq0_b, lq0_u, on1, nm1, n_b, c1, k3, HAS_Q0)
     v2 = _piece_scaling(lq0_b, lq0_u, on2, nm2, n_b, c2, k3, HAS_Q0)
     mv = tl.maximum(tl.maximum(tl.max(v0, axis=0), tl.max(v1, axis=0)), tl.max(v2, axis=0))
-    lse_v = mv + tl.log2(tl.sum(tl.exp2(v0 - mv), axis=0) + tl.sum(tl.exp2(v1 - mv), axis=0)
-                         + tl.sum(tl.exp2(v2 - mv), axis=0))
+    lse_v = mv + log2_reduced(tl.sum(tl.exp2(v0 - mv), axis=0) + tl.sum(tl.exp2(v1 - mv), axis=0)
+                              + tl.sum(tl.exp2(v2 - mv), axis=0))
     tl.store(B_cur + on0, v0 - lse_v - c0, mask=nm0)
     tl.store(B_cur + on1, v1 - lse_v - c1, mask=nm1)
     tl.store(B_cur + on2, v2 - lse_v - c2, mask=nm2)
@@ -739,8 +739,43 @@ def _pieces_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_b, y_b, P0: tl.con
         l1, w1 = _piece_pool_terms(x1, z1, ms)
         l2, w2 = _piece_pool_terms(x2, z2, ms)
         l = l0 + l1 + l2
-        tl.store(rfin_b + od, m + tl.log2(l), mask=dm)
+        tl.store(rfin_b + od, m + log2_reduced(l), mask=dm)
         tl.store(y_b + od, (w0 + w1 + w2) / l, mask=dm)
+
+
+@triton.jit
+def _one_tile_pool_chunk(x_base, roff, sxd, bb, d0, D, s_fin, rfin_b, y_b,
+                         MASK_D: tl.constexpr, BD: tl.constexpr):
+    """One feature chunk of the one-tile pooling: the column max taken once over all rows in
+    the tile (no online rescale); padded rows have b = -inf and clamped (real) loads."""
+    od = d0 + tl.arange(0, BD)
+    x = _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D)                     # [BN, BD]
+    z = x * s_fin + bb[:, None]                                                # [BN, BD]
+    m = tl.max(z, axis=0)                                                      # [BD]
+    ms = tl.where(m == NEG_INF, 0.0, m)
+    l, w = _piece_pool_terms(x, z, ms)                                         # [BD], [BD]
+    if MASK_D:
+        dm = od < D
+        tl.store(rfin_b + od, m + log2_reduced(l), mask=dm)
+        tl.store(y_b + od, w / l, mask=dm)
+    else:
+        tl.store(rfin_b + od, m + log2_reduced(l))
+        tl.store(y_b + od, w / l)
+
+
+@triton.jit
+def _one_tile_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_b, y_b, MASK_N: tl.constexpr,
+                   BN: tl.constexpr, BD: tl.constexpr):
+    """The pooling (eq. 5) with all n_b <= BN rows of the set in the tile: full feature chunks
+    without any mask, the last partial one (if any) with a store mask."""
+    on = tl.arange(0, BN)
+    bb = _lean_vec(B_fin, on, n_b, float("-inf"), MASK_N)                      # [BN]
+    roff = _lean_row_offsets(on, n_b, sxn, MASK_N)                             # [BN]
+    d_full = (D // BD) * BD
+    for d0 in range(0, d_full, BD):
+        _one_tile_pool_chunk(x_base, roff, sxd, bb, d0, D, s_fin, rfin_b, y_b, False, BD)
+    if d_full < D:
+        _one_tile_pool_chunk(x_base, roff, sxd, bb, d_full, D, s_fin, rfin_b, y_b, True, BD)
 
 
 # --------------------------------------------------------------------------------------------
@@ -879,6 +914,9 @@ def sinkhorn_fwd_kernel(
         if P0 > 0:
             _pieces_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_ptr + b * D, y_ptr + b * D,
                          P0, P1, P2, MASK_P, BD)
+        elif ONE_TILE_N:
+            _one_tile_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_ptr + b * D,
+                           y_ptr + b * D, MASK_N, BN, BD)
         else:
             for d0 in range(0, D, BD):
                 od = d0 + tl.arange(0, BD)
@@ -898,7 +936,7 @@ def sinkhorn_fwd_kernel(
                     l = l * alpha + tl.sum(p, axis=0)
                     acc = acc * alpha + tl.sum(p * x, axis=0)
                     m = mn
-                tl.store(rfin_ptr + b * D + od, m + tl.log2(l), mask=dm)
+                tl.store(rfin_ptr + b * D + od, m + log2_reduced(l), mask=dm)
                 tl.store(y_ptr + b * D + od, acc / l, mask=dm)
         if RETURN_PLAN:
             tl.debug_barrier()
@@ -911,7 +949,7 @@ def sinkhorn_fwd_kernel(
                 a = tl.load(A_fin + od, mask=dm, other=0.0)
                 rf = tl.load(rfin_ptr + b * D + od, mask=dm, other=0.0)
                 m, l = _online_lse_merge(m, l, tl.where(dm, a + rf, NEG_INF))
-            tot = m + tl.log2(l)
+            tot = m + log2_reduced(l)
             tl.store(tot_ptr + b, tot)
             if RAGGED:
                 p_base = plan_ptr + row0 * spn
@@ -1799,7 +1837,7 @@ def sinkhorn_split_a_kernel(Pr_ptr, NB, D, T, t, w_ptr, lp0_ptr, lp0_u, A_ptr, R
                      mask=(oj[:, None] < NB) & dm[None, :], other=NEG_INF)       # [BJ, BD]
         m = tl.max(pr, axis=0)
         m = tl.where(m == NEG_INF, 0.0, m)
-        tl.store(R_t + od, m + tl.log2(tl.sum(tl.exp2(pr - m[None, :]), axis=0)), mask=dm)
+        tl.store(R_t + od, m + log2_reduced(tl.sum(tl.exp2(pr - m[None, :]), axis=0)), mask=dm)
     tl.debug_barrier()
     _marginal_scaling(R_t, lp0_ptr + b * D, lp0_u, _kappa_at(w_ptr, T, t, _A2),
                       A_ptr + b * (T + 1) * D + (t + 1) * D, D, HAS_P0, BD)
@@ -1828,7 +1866,7 @@ def sinkhorn_split_row_kernel(x_ptr, sxb, sxn, sxd, N, D, T, NR, t, w_ptr, A_ptr
     v = tl.where(nm, k3 * lq0 + (1.0 - k3) * c, NEG_INF)
     tl.store(Bv_ptr + (t + 1) * NR + b * N + n0 + on, v, mask=nm)
     mv = tl.max(v, axis=0)
-    tl.store(Vr_ptr + b * NB + j, mv + tl.log2(tl.sum(tl.exp2(v - mv), axis=0)))
+    tl.store(Vr_ptr + b * NB + j, mv + log2_reduced(tl.sum(tl.exp2(v - mv), axis=0)))
 
 
 @triton.jit(do_not_specialize=["t"])
@@ -1840,7 +1878,7 @@ def sinkhorn_split_b_kernel(N, T, NR, t, Cn_ptr, Bv_ptr, Vr_ptr, NB, BN: tl.cons
     oj = tl.arange(0, BJ)
     vr = tl.load(Vr_ptr + b * NB + oj, mask=oj < NB, other=NEG_INF)             # [BJ]
     mv = tl.max(vr, axis=0)
-    lse_v = mv + tl.log2(tl.sum(tl.exp2(vr - mv), axis=0))
+    lse_v = mv + log2_reduced(tl.sum(tl.exp2(vr - mv), axis=0))
     n0 = j * BN
     on = tl.arange(0, BN)
     nm = on < tl.minimum(N - n0, BN)

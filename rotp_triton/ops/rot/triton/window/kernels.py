@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .. import common
-from ..common import kappa
+from ..common import kappa, lg2_approx, rcp_approx
 from ... import params
 
 LOG2E = tl.constexpr(common.LOG2E)
@@ -547,8 +547,7 @@ def _log2(v, FAST: tl.constexpr):
     """log2 of a reduced vector: one MUFU.LG2 on the GPU (tl.log2 is a ~20-instruction
     polynomial there); the interpreter has no inline PTX."""
     if FAST:
-        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [v],
-                                         dtype=tl.float32, is_pure=True, pack=1)
+        return lg2_approx(v)
     else:
         return tl.log2(v)
 
@@ -557,8 +556,7 @@ def _log2(v, FAST: tl.constexpr):
 def _rcp(v, FAST: tl.constexpr):
     """1/v of a reduced vector (MUFU.RCP on the GPU instead of a precise division)."""
     if FAST:
-        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [v],
-                                         dtype=tl.float32, is_pure=True, pack=1)
+        return rcp_approx(v)
     else:
         return 1.0 / v
 
