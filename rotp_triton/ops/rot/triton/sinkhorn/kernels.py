@@ -391,19 +391,28 @@ def _lean_paper_iteration(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, lp0_u,
 # x s + b + (u_d - R_d) <= u_d <= max u: the row sums of 2^(x s + b + a + LSE(u) - max u)
 # accumulate elementwise in a [BN, BD] register tile across chunks (one FFMA; the max of u is
 # kept per feature lane, so the rescale is a per-lane factor and no chunk needs a cross-thread
-# reduction) and are reduced once per iteration. A shift is only an upper bound: a column or row
-# with almost no mass (< 2^-60, e.g. ε ≪ |x|) would lose precision, so the rare iteration where
-# a column has that little (checked once after the pass) redoes the pass with the exact
-# max-based column LSE, and a row the same takes the exact row LSE in a second pass.
+# reduction) and are reduced once per iteration. The row-sum term needs no exp2 of its own: with
+# z = x s + b and e = 2^(z - sh) the column sum's terms, 2^(z + a + LSE(u) - max u) =
+# e · 2^(u - max u - log2 Σ_n e) (a factor per column, then one multiply-add per element: one
+# exp2 per element and iteration). A shift is
+# only an upper bound: a column or row with almost no mass (e.g. ε ≪ |x|) would lose precision,
+# so the rare iteration where a column sum under its shift is < 2^-30 (checked once after the
+# pass) redoes the pass with the exact max-based column LSE (column sums >= 1), and a row with
+# < 2^-60 takes the exact row LSE in a second pass. (2^-30: a column's factor is then < 2^30, so
+# an e that underflows (< 2^-126) stood for a term < 2^-96, against row sums >= 2^-60.)
 _TINY = tl.constexpr(2.0 ** -60)
+_COL_TINY = tl.constexpr(2.0 ** -30)
 
 
 @triton.jit
-def _column_marginal_step(r, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u, l_u,
+def _column_marginal_step(sh, col, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u, l_u,
                           HAS_P0: tl.constexpr, MASK_D: tl.constexpr):
-    """From a chunk's column LSE ``r`` [BD]: u = κ2 log p0 + (1 - κ2) R, stores R_d and
-    a_d + LSE(u), and advances the online LSE of u. Returns (a + LSE(u), the new running max,
-    the rescale of the row-sum accumulators, the new running sum), all [BD]."""
+    """From a chunk's column sums ``col`` of 2^(z - sh) [BD]: R = sh + log2 col,
+    u = κ2 log p0 + (1 - κ2) R; stores R_d and a_d + LSE(u) and advances the online LSE of u.
+    Returns (the row-sum factor 2^(u - max u - log2 col) of the columns' terms, the new running
+    max, the rescale of the row-sum accumulators, the new running sum), all [BD]."""
+    lc = log2_reduced(col)
+    r = sh + lc
     if HAS_P0:
         lp0 = _lean_vec(lp0_b, od, D, 0.0, MASK_D) * _LOG2E
     else:
@@ -425,7 +434,8 @@ def _column_marginal_step(r, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u, l_u,
     mu = tl.where(mu == NEG_INF, 0.0, mu)
     sc = tl.exp2(m_u - mu)
     l_u = l_u * sc + tl.exp2(u - mu)
-    return ar, mu, sc, l_u
+    g = tl.exp2(u - mu - lc)
+    return g, mu, sc, l_u
 
 
 @triton.jit
@@ -438,22 +448,22 @@ def _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_pr
     the fixed shift (see above), and ``cmin`` [BD] keeps the smallest shifted column sum per
     lane, checked once after the pass (a check per chunk costs a block-wide reduction)."""
     od = d0 + tl.arange(0, BD)
-    xs = _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D) * s                # [BN, BD]
-    z = xs + bp[:, None]                                                       # [BN, BD]
-    if MASK_D:
-        dm = od < D
+    z = _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D) * s + bp[:, None]   # [BN, BD]
     if FIRST:
-        r = _lean_col_lse(xs, bp)                                              # [BD] R_d
+        mz = tl.max(z, axis=0)                                                 # [BD]
+        sh = tl.where(mz == NEG_INF, 0.0, mz)
     else:
-        sh = -_lean_vec(A_prev, od, D, 0.0, MASK_D)                            # [BD] >= max z
-        col = tl.sum(tl.exp2(z - sh[None, :]), axis=0)                         # [BD]
+        # (padded lanes: sh = +inf, so e = 0 there and e · g never meets inf · 0)
+        sh = -_lean_vec(A_prev, od, D, float("-inf"), MASK_D)                  # [BD] >= max z
+    e = tl.exp2(z - sh[None, :])                                               # [BN, BD]
+    col = tl.sum(e, axis=0)                                                    # [BD]
+    if not FIRST:
         if MASK_D:
-            col = tl.where(dm, col, 1.0)
+            col = tl.where(od < D, col, 1.0)
         cmin = tl.minimum(cmin, col)
-        r = sh + log2_reduced(col)
-    ar, mu, sc, l_u = _column_marginal_step(r, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u, l_u,
-                                            HAS_P0, MASK_D)
-    acc = acc * sc[None, :] + tl.exp2(z + (ar - mu)[None, :])                  # [BN, BD]
+    g, mu, sc, l_u = _column_marginal_step(sh, col, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u,
+                                           l_u, HAS_P0, MASK_D)
+    acc = acc * sc[None, :] + e * g[None, :]                                   # [BN, BD]
     return mu, l_u, acc, cmin
 
 
@@ -505,7 +515,7 @@ def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, 
                                               A_prev, A_cur, R_t, HAS_P0, MASK_N, FIRST, BN,
                                               BD)
     if not FIRST:
-        if tl.min(cmin, axis=0) < _TINY:
+        if tl.min(cmin, axis=0) < _COL_TINY:
             # a column with almost no mass under its fixed shift: the pass again with the exact
             # max-based column LSE (rare; it rewrites R_t and a_t)
             tl.debug_barrier()
@@ -567,9 +577,10 @@ def _piece_layout(n_b, sxn, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr
 
 
 @triton.jit
-def _piece_shifted_colsum(z, sh):
-    """Σ_n 2^(z - sh[d]) per column of one piece: [P, BD] -> [BD]."""
-    return tl.sum(tl.exp2(z - sh[None, :]), axis=0)
+def _piece_shifted_terms(z, sh):
+    """The terms 2^(z - sh[d]) of one piece and their column sums: [P, BD] -> ([P, BD], [BD])."""
+    e = tl.exp2(z - sh[None, :])
+    return e, tl.sum(e, axis=0)
 
 
 @triton.jit
@@ -591,20 +602,21 @@ def _pieces_exact_chunk(x_base, ro0, ro1, ro2, sxd, bp0, bp1, bp2, d0, D, s, k2,
                         tl.max(z2, axis=0))                                    # [BD]
         sh = tl.where(mz == NEG_INF, 0.0, mz)
     else:
-        sh = -_lean_vec(A_prev, od, D, 0.0, MASK_D)                            # [BD] >= max z
-    col = (_piece_shifted_colsum(z0, sh) + _piece_shifted_colsum(z1, sh)
-           + _piece_shifted_colsum(z2, sh))                                    # [BD]
+        # (padded lanes: sh = +inf, so e = 0 there and e · g never meets inf · 0)
+        sh = -_lean_vec(A_prev, od, D, float("-inf"), MASK_D)                  # [BD] >= max z
+    e0, c0 = _piece_shifted_terms(z0, sh)                                      # [P0, BD]
+    e1, c1 = _piece_shifted_terms(z1, sh)                                      # [P1, BD]
+    e2, c2 = _piece_shifted_terms(z2, sh)                                      # [P2, BD]
+    col = c0 + c1 + c2                                                         # [BD]
     if not FIRST:
         if MASK_D:
             col = tl.where(dm, col, 1.0)
         cmin = tl.minimum(cmin, col)
-    r = sh + log2_reduced(col)                                                 # [BD] R_d
-    ar, mu, sc, l_u = _column_marginal_step(r, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u, l_u,
-                                            HAS_P0, MASK_D)
-    cr = ar - mu                                                               # [BD]
-    acc0 = acc0 * sc[None, :] + tl.exp2(z0 + cr[None, :])                      # [P0, BD]
-    acc1 = acc1 * sc[None, :] + tl.exp2(z1 + cr[None, :])                      # [P1, BD]
-    acc2 = acc2 * sc[None, :] + tl.exp2(z2 + cr[None, :])                      # [P2, BD]
+    g, mu, sc, l_u = _column_marginal_step(sh, col, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u,
+                                           l_u, HAS_P0, MASK_D)
+    acc0 = acc0 * sc[None, :] + e0 * g[None, :]                                # [P0, BD]
+    acc1 = acc1 * sc[None, :] + e1 * g[None, :]                                # [P1, BD]
+    acc2 = acc2 * sc[None, :] + e2 * g[None, :]                                # [P2, BD]
     return mu, l_u, acc0, acc1, acc2, cmin
 
 
@@ -662,7 +674,7 @@ def _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, l
         x_base, ro0, ro1, ro2, sxd, bp0, bp1, bp2, D, s, k2, lp0_b, lp0_u, A_prev, A_cur, R_t,
         HAS_P0, FIRST, P0, P1, P2, BD)
     if not FIRST:
-        if tl.min(cmin, axis=0) < _TINY:
+        if tl.min(cmin, axis=0) < _COL_TINY:
             # a column with almost no mass under its fixed shift: the pass again with the exact
             # max-based column LSE (rare; it rewrites R_t and a_t)
             tl.debug_barrier()
