@@ -6,12 +6,19 @@ load or store (``tl.load`` / ``tl.store``, atomics) adds its element size to the
 and every element of ``exp2`` / ``exp`` / ``log2`` / ``log`` adds one transcendental (masked-off
 lanes included, as on a GPU, where the whole tile is evaluated). One :class:`KernelWork` per
 launch, in launch order. These are global-memory bytes: on a GPU some of them hit L2, so they
-bound the HBM traffic from above. Requires ``TRITON_INTERPRET=1`` before triton is imported.
+bound the HBM traffic from above. ``sites`` counts how often each source statement ran that
+made builder ops (every ``create_*``: loads, stores, arithmetic, reductions, transcendentals;
+consecutive ops of one statement once), keyed by its source call chain (:func:`site_key`, the
+chain the sm_90 SASS line info gives each instruction: ``sass.dynamic_instructions`` weighs the
+kernel's loops by these counts). Requires ``TRITON_INTERPRET=1`` before triton is imported.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import os
+import sys
 
 
 @dataclasses.dataclass
@@ -22,17 +29,47 @@ class KernelWork:
     store_bytes: int = 0
     exp2: int = 0   # exp2 + exp element evaluations
     log2: int = 0   # log2 + log element evaluations
+    sites: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    site_elems: dict = dataclasses.field(default_factory=dict)  # largest tile an op of it made
 
     @property
     def bytes(self) -> int:
         return self.load_bytes + self.store_bytes
 
 
+def site_key(chain) -> str:
+    """The key of a source call chain: (file, line) pairs, innermost first, as
+    "file:line<file:line<..." (files by their real path)."""
+    return "<".join(f"{os.path.realpath(f)}:{n}" for f, n in chain)
+
+
+def _call_chain(kernel, skip_dirs) -> str | None:
+    """The calling op's source chain, from the innermost frame outside triton (and outside this
+    file) out to the kernel function's frame; None outside a launch."""
+    if kernel is None:
+        return None
+    name, fname = kernel
+    chain = []
+    f = sys._getframe(1)
+    while f is not None:
+        co = f.f_code
+        if not co.co_filename.startswith(skip_dirs):
+            chain.append((co.co_filename, f.f_lineno))
+            if co.co_name == name and os.path.realpath(co.co_filename) == fname:
+                return site_key(chain)
+        f = f.f_back
+    return None
+
+
 @contextlib.contextmanager
 def count_kernel_work(out: list | None = None):
     """Yield a list that receives a :class:`KernelWork` per interpreted launch."""
     import numpy as np
+    import triton
     from triton.runtime import interpreter as I
+
+    skip = (os.path.dirname(os.path.abspath(triton.__file__)), os.path.abspath(__file__),
+            os.path.dirname(os.path.abspath(np.__file__)))
 
     out = [] if out is None else out
     B = I.InterpreterBuilder
@@ -42,6 +79,15 @@ def count_kernel_work(out: list | None = None):
                                          "set_grid_dim") if n in B.__dict__}
     saved_call = I.GridExecutor.__call__
     current = [None]
+    kernel = [None]          # (function name, real path of its file) of the running launch
+
+    last = [None]            # the site of the previous op: a line's several ops count once
+
+    def site():
+        k = _call_chain(kernel[0], skip)
+        if k is not None and k != last[0]:
+            cur().sites[k] += 1
+        last[0] = k
 
     def cur():
         if current[0] is None:  # an op outside a launch we bracketed: still counted
@@ -92,10 +138,14 @@ def count_kernel_work(out: list | None = None):
     def call(self, *args, **kwargs):
         current[0] = KernelWork(getattr(self.fn, "__name__", "?"))
         out.append(current[0])
+        code = getattr(self.fn, "__code__", None)
+        kernel[0] = None if code is None else (code.co_name, os.path.realpath(code.co_filename))
+        last[0] = None
         try:
             return saved_call(self, *args, **kwargs)
         finally:
             current[0] = None
+            kernel[0] = None
 
     B.create_masked_load = masked_load
     B.create_masked_store = masked_store
@@ -108,6 +158,32 @@ def count_kernel_work(out: list | None = None):
             setattr(B, name, atomic(name))
     if "set_grid_dim" in saved:
         B.set_grid_dim = grid_dim
+    # every builder op counts at its source site once (an op that calls another op of the
+    # builder, e.g. create_load -> create_masked_load, counts as the outer one only)
+    depth = [0]
+
+    def counted(fn):
+        def f(self, *a, **k):
+            outer = depth[0] == 0
+            if outer:
+                site()
+            depth[0] += 1
+            try:
+                v = fn(self, *a, **k)
+            finally:
+                depth[0] -= 1
+            if outer and last[0] is not None:     # the largest tile among operands and result
+                n = max([int(np.size(t.data)) for t in (v, *a) if hasattr(t, "data")],
+                        default=1)
+                w = cur().site_elems
+                w[last[0]] = max(w.get(last[0], 1), n)
+            return v
+        return f
+
+    for name in [n for n in dir(B) if n.startswith("create_")]:
+        if name not in saved:
+            saved[name] = B.__dict__.get(name, getattr(B, name))
+        setattr(B, name, counted(getattr(B, name)))
     I.GridExecutor.__call__ = call
     try:
         yield out
@@ -141,10 +217,24 @@ def same_launch_plan(full_sets: int, reduced_sets: int):
     for m in pkgutil.walk_packages(fam.__path__, fam.__name__ + "."):
         mod = importlib.import_module(m.name)
         if hasattr(mod, "sm_count"):
-            patched.append((mod, mod.sm_count))
+            patched.append((mod, "sm_count", mod.sm_count))
             mod.sm_count = lambda device, _v=sms: _v
+        if hasattr(mod, "num_warps_for"):
+            # the warps (and so the tile) a CUDA tensor gets, not the interpreter's default:
+            # the SASS that kernel_report weighs by these counts is that launch's
+            patched.append((mod, "num_warps_for", mod.num_warps_for))
+            mod.num_warps_for = lambda x, *a, _f=mod.num_warps_for: _f(
+                _AsCuda(x) if hasattr(x, "is_cuda") else x, *a)
     try:
         yield sms
     finally:
-        for mod, f in patched:
-            mod.sm_count = f
+        for mod, name, f in patched:
+            setattr(mod, name, f)
+
+
+class _AsCuda:
+    """A tensor's stand-in that reports ``is_cuda`` (launchers' warp choices)."""
+    is_cuda = True
+
+    def __init__(self, x):
+        self.device = x.device

@@ -9,6 +9,11 @@ innermost loop. A loop is the address range [target, branch] of a backward ``BRA
 loop contains no other loop; the *hot* loop is the innermost loop with the most MUFU
 instructions (then the most instructions).
 
+``dynamic_instructions`` weighs every instruction by how often its loop runs: the line info of
+the cubin (``nvdisasm -gi``: each instruction's source call chain, inlined calls included) is
+matched with the interpreter's count of the same source sites (``interp_counter``), so a loop
+that a fallback branch holds but no input takes counts 0, not as the "hot" loop.
+
 Must run WITHOUT ``TRITON_INTERPRET`` (interpreted functions are not compiled).
 """
 from __future__ import annotations
@@ -64,6 +69,7 @@ class Instr:
     pred: str
     opcode: str
     operands: str
+    chain: str = ""      # source call chain (interp_counter.site_key form), with line info
 
     @property
     def base(self) -> str:
@@ -73,18 +79,36 @@ class Instr:
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 _TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+_SOURCE = re.compile(r'^\s*//## File "([^"]+)", line (\d+)')
 
 
-def disassemble(cubin: bytes) -> tuple[list[Instr], dict]:
-    """(instructions in address order, label -> address) of the cubin's first kernel."""
+def _triton_dir() -> str:
+    import triton
+    return os.path.dirname(os.path.realpath(triton.__file__))
+
+
+def disassemble(cubin: bytes, line_info: bool = False) -> tuple[list[Instr], dict]:
+    """(instructions in address order, label -> address) of the cubin's first kernel; with
+    ``line_info`` each instruction carries its source call chain (``Instr.chain``)."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        out = subprocess.run([tool("nvdisasm"), "-c", path], capture_output=True, text=True,
+        flags = ["-c", "-gi"] if line_info else ["-c"]
+        out = subprocess.run([tool("nvdisasm"), *flags, path], capture_output=True, text=True,
                              check=True).stdout
     instrs, labels, pending = [], {}, []
+    block, chain = [], ""   # the comment lines of a location, innermost call first
+    lib = _triton_dir()
     for line in out.splitlines():
+        m = _SOURCE.match(line)
+        if m:
+            f = os.path.realpath(m.group(1))
+            if not f.startswith(lib):    # triton's own helpers (tl.sum's combine...): as
+                block.append(f"{f}:{m.group(2)}")   # the interpreter's chains, without them
+            continue
+        if block:
+            chain, block = "<".join(block), []
         m = _LABEL.match(line)
         if m:
             pending.append(m.group(1))
@@ -95,7 +119,8 @@ def disassemble(cubin: bytes) -> tuple[list[Instr], dict]:
             for lab in pending:
                 labels[lab] = addr
             pending = []
-            instrs.append(Instr(addr, (m.group(2) or "").strip(), m.group(3), m.group(4).strip()))
+            instrs.append(Instr(addr, (m.group(2) or "").strip(), m.group(3), m.group(4).strip(),
+                                chain))
     for lab in pending:  # a label after the last instruction
         labels[lab] = instrs[-1].addr + 16 if instrs else 0
     return instrs, labels
@@ -175,6 +200,83 @@ def analyse_cubin(cubin: bytes) -> dict:
                 shared_bytes_static=res["shared"], spill_ldl_stl=kernel_mix["LDL"] +
                 kernel_mix["STL"], kernel_mix=kernel_mix, loops=len(ranges),
                 innermost_loops=inner, hot=hot)
+
+
+def _unroll(ins, sites, elems, threads) -> int:
+    """How many source trips one trip of a loop body holds (ptxas unrolls small loops, 4× at
+    most here): the loads, stores and MUFU ops of each counted statement, against what one
+    execution of it gives a thread (its tile's elements ÷ the threads, at least 1)."""
+    per = collections.Counter((i.base, i.opcode.startswith("MUFU"), i.chain) for i in ins
+                              if i.chain in sites and i.base in ("LDG", "STG", "MUFU"))
+    ratios = sorted(n / max(1.0, elems.get(c, 1) / threads) for (_, _, c), n in per.items())
+    if not ratios:
+        return 1
+    return max(1, int(round(ratios[len(ratios) // 2])))
+
+
+def dynamic_instructions(cubin: bytes, sites: dict, programs: int, site_elems=None,
+                         threads: int = 0) -> dict:
+    """Instructions one thread executes, summed over ``programs`` programs.
+
+    An instruction whose source call chain is a site the interpreter counted (``sites``: that
+    statement's executions over all programs, ``interp_counter``) runs that often, at most as
+    often as its loop; an instruction without a site as often as its loop, or never where the
+    call it was inlined from never ran (a fallback pass). A loop runs as often as most of its
+    own matched instructions say (their most common count: a pipelined copy of a load or a
+    branch not taken inside it aside), divided among the copies the compiler made of it and
+    by the source trips one trip of an unrolled body holds (``_unroll``: from the sites' tile
+    sizes ``site_elems`` and the program's ``threads``); a loop without any site as often as
+    the loop around it; code outside loops once per program (the remainder copies of an
+    unrolled loop too: an upper bound). Returns the instructions, their MUFU.EX2/LG2 (to set
+    against the interpreter's exp2/log2 count, replicated lanes aside), how many instructions
+    matched a site or lay in calls that never ran, the static count, and per loop its
+    instructions, runs and executed instructions."""
+    instrs, labels = disassemble(cubin, line_info=True)
+    ranges = loops(instrs, labels)
+
+    def inner(addr, among):
+        c = [r for r in among if r[0] <= addr <= r[1]]
+        return min(c, key=lambda r: r[1] - r[0]) if c else None
+
+    own = collections.defaultdict(list)                 # loop -> its instructions (not nested)
+    for i in instrs:
+        own[inner(i.addr, ranges)].append(i)
+    # a loop the compiler duplicated (the same source sites, e.g. a tail after a rarely taken
+    # branch copied into both paths): the copies share its runs
+    copies = collections.Counter(frozenset(i.chain for i in own[r] if i.chain) for r in ranges)
+    runs = {None: float(programs)}
+    for r in sorted(ranges, key=lambda r: r[1] - r[0], reverse=True):  # outer loops first
+        seen = collections.Counter(sites[i.chain] for i in own[r] if i.chain in sites)
+        if seen:
+            runs[r] = float(seen.most_common(1)[0][0])
+            runs[r] /= copies[frozenset(i.chain for i in own[r] if i.chain)]
+            if site_elems is not None and threads:
+                runs[r] /= _unroll(own[r], sites, site_elems, threads)
+        else:
+            runs[r] = runs[inner(r[0], [o for o in ranges if o != r and o[0] <= r[0]
+                                        and r[1] <= o[1]])]
+    # the call contexts that ran: every outer part of an executed site's chain
+    ran = {c.split("<", k)[-1] for c in sites for k in range(1, c.count("<") + 1)}
+    total = matched = dead = mufu = 0.0
+    breakdown = []
+    for r, ins in own.items():
+        before = total
+        for i in ins:
+            if i.chain in sites:
+                matched += 1
+                n = min(float(sites[i.chain]), runs[r])
+            elif "<" in i.chain and i.chain.split("<", 1)[1] not in ran:
+                dead += 1         # inside a call (a helper's inlined body) that never ran
+                n = 0.0
+            else:
+                n = runs[r]
+            total += n
+            if i.opcode.startswith(("MUFU.EX2", "MUFU.LG2")):
+                mufu += n
+        breakdown.append(dict(loop=r and [hex(r[0]), hex(r[1])], static=len(ins),
+                              runs=runs[r], instructions=total - before))
+    return dict(instructions=total, mufu=mufu, matched=int(matched), dead=int(dead),
+                static=len(instrs), loops=breakdown)
 
 
 def analyse_launch(launch) -> dict:

@@ -19,3 +19,24 @@ def block_sum_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
     """y[0] = sum of a BLOCK tile: a cross-warp reduction (SHFL within warps, BAR across)."""
     offs = tl.arange(0, BLOCK)                                      # [BLOCK]
     tl.store(y_ptr, tl.sum(tl.load(x_ptr + offs), axis=0))
+
+
+@triton.jit
+def _scaled_exp2_sum(x_ptr, n, s, BLOCK: tl.constexpr):
+    """Σ 2^(x s) over n elements in BLOCK-sized tiles."""
+    offs = tl.arange(0, BLOCK)                                      # [BLOCK]
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n, BLOCK):
+        m = start + offs < n
+        acc += tl.where(m, tl.exp2(tl.load(x_ptr + start + offs, mask=m, other=0.0) * s), 0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def fallback_sum_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    """y[0] = Σ 2^x over n elements; where that is below 2^-100 (never for finite x of moderate
+    size), the sum again with x halved: the same tile loop twice, once in a branch not taken."""
+    total = _scaled_exp2_sum(x_ptr, n, 1.0, BLOCK)
+    if total < 2.0 ** -100:
+        total = _scaled_exp2_sum(x_ptr, n, 0.5, BLOCK)
+    tl.store(y_ptr, total)

@@ -88,6 +88,45 @@ print(json.dumps(dict(n=len(L), programs=L[0].programs, warps=L[0].num_warps,
     assert r["shape"] == [3, 24]
 
 
+@needs_nvdisasm
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="the site counts come from the interpreter")
+def test_dynamic_instructions_weigh_each_loop_by_its_runs():
+    """``fallback_sum_kernel`` holds the same tile loop twice: one runs 8 trips, the other sits
+    in a branch that is not taken. Weighed by the interpreter's site counts, the first loop
+    executes 8 MUFU.EX2 per thread (whatever ptxas's unroll factor), the fallback copy none;
+    the whole kernel at most 3 more (the straight-line remainder of an unrolled loop)."""
+    import probe_kernels as pk
+    from bench.interp_counter import count_kernel_work
+    trips, block = 8, 128
+    n = (trips - 1) * block + 5
+    x = torch.zeros(n)
+    y = torch.empty(1)
+    with count_kernel_work() as W:
+        pk.fallback_sum_kernel[(1,)](x, y, n, BLOCK=block, num_warps=4)
+    counts = json.dumps(dict(sites=W[0].sites, elems=W[0].site_elems))
+    out = run_without_interpreter(_PRELUDE + f"""
+import probe_kernels as pk
+c = json.loads({counts!r})
+x = torch.zeros({n}); y = torch.empty(1)
+with record_launches() as L:
+    pk.fallback_sum_kernel[(1,)](x, y, {n}, BLOCK={block}, num_warps=4)
+cubin = sass.compile_launch(L[0]).asm["cubin"]
+d = sass.dynamic_instructions(cubin, c["sites"], 1, c["elems"], 128)
+ins, labels = sass.disassemble(cubin)
+body = {{f"{{a:#x}}": sum(1 for i in ins if a <= i.addr <= b and i.opcode.startswith("MUFU.EX2"))
+        for a, b in sass.loops(ins, labels)}}
+print(json.dumps(dict(mufu=d["mufu"], loops=d["loops"], body=body)))
+""")
+    r = json.loads(out.strip().splitlines()[-1])
+    loops = [b for b in r["loops"] if b["loop"]]
+    assert len(loops) == 2, r
+    live = [b for b in loops if b["instructions"] > 0]
+    assert len(live) == 1, r                    # the fallback copy counts 0
+    assert live[0]["runs"] * r["body"][live[0]["loop"][0]] == trips, r
+    assert trips <= r["mufu"] <= trips + 3, r
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                     reason="the work counter runs under the interpreter")
 def test_interp_counter_counts_bytes_and_exp2():
