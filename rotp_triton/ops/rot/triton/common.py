@@ -233,6 +233,27 @@ def feature_block_stats(x_ptr, sf, ss, n_b, offs_f, fm, BS: tl.constexpr, BF: tl
 
 
 @triton.jit
+def _merge_block_spread(cm, acc, c, part):
+    """Fold a feature block's (scale c, part) into the running (largest scale cm,
+    Σ_blocks part·(c / cm)²)."""
+    c_new = tl.maximum(cm, c)
+    inv = 1.0 / tl.where(c_new > 0, c_new, 1.0)
+    r_old = cm * inv
+    r_new = c * inv
+    return c_new, acc * r_old * r_old + part * r_new * r_new
+
+
+@triton.jit
+def _store_spread(cm, acc, F, s_b, root_b):
+    """The spread root = cm·sqrt(acc / F) and σ (1 where it is 0) stored; returns 1/σ."""
+    root = cm * tl.sqrt(acc / F)
+    sig = tl.where(root > 0, root, 1.0)
+    tl.store(s_b, sig)
+    tl.store(root_b, root)
+    return 1.0 / sig
+
+
+@triton.jit
 def set_spread(x_ptr, sn, sf, n_b, F, s_b, root_b, mean_b, BN: tl.constexpr, BF: tl.constexpr):
     """A set kernel's own feature spread σ of its set (x at ``x_ptr``: n_b samples of stride
     sn, F features of stride sf; ``ops/rot/spread.py``) in one read of x - what
@@ -247,15 +268,47 @@ def set_spread(x_ptr, sn, sf, n_b, F, s_b, root_b, mean_b, BN: tl.constexpr, BF:
         fm = offs_f < F
         mean, c, part = feature_block_stats(x_ptr, sf, sn, n_b, offs_f, fm, BN, BF)
         tl.store(mean_b + offs_f, mean, mask=fm)
-        c_new = tl.maximum(cm, c)
-        inv = 1.0 / tl.where(c_new > 0, c_new, 1.0)
-        r_old = cm * inv
-        r_new = c * inv
-        acc = acc * r_old * r_old + part * r_new * r_new
-        cm = c_new
-    root = cm * tl.sqrt(acc / F)
-    sig = tl.where(root > 0, root, 1.0)
-    tl.store(s_b, sig)
-    tl.store(root_b, root)
-    return 1.0 / sig
+        cm, acc = _merge_block_spread(cm, acc, c, part)
+    return _store_spread(cm, acc, F, s_b, root_b)
+
+
+@triton.jit
+def set_spread_tile(x_ptr, sn, sf, n_b, F, s_b, root_b, mean_b, MASK_N: tl.constexpr,
+                    BN: tl.constexpr, BF: tl.constexpr):
+    """:func:`set_spread` of a set whose n_b <= BN samples all fit one [BN, BF] tile (the dense
+    one-tile set kernels): per feature block one pass - the mean, then the deviations scaled
+    by their largest magnitude c_f - with no pairwise merge across sample tiles and loads
+    without a per-element mask (padded rows read the last real row and are zeroed where
+    MASK_N; a partial feature block reads the last feature, its results are not stored)."""
+    cm = tl.sum(tl.zeros([BF], dtype=tl.float32), axis=0)
+    acc = tl.sum(tl.zeros([BF], dtype=tl.float32), axis=0)
+    if n_b > 0:
+        on = tl.arange(0, BN)
+        rows = on < n_b                                                         # [BN]
+        roff = tl.minimum(on, n_b - 1).to(tl.int64) * sn                        # [BN]
+        inv_n = 1.0 / n_b.to(tl.float32)
+        for f0 in range(0, F, BF):
+            offs_f = f0 + tl.arange(0, BF)
+            fm = offs_f < F
+            fo = tl.minimum(offs_f, F - 1).to(tl.int64) * sf                    # [BF]
+            X = tl.load(x_ptr + roff[:, None] + fo[None, :]).to(tl.float32)     # [BN, BF]
+            if MASK_N:
+                X = tl.where(rows[:, None], X, 0.0)
+            mean = tl.sum(X, axis=0) * inv_n                                    # [BF]
+            dev = X - mean[None, :]
+            if MASK_N:
+                dev = tl.where(rows[:, None], dev, 0.0)
+            c = tl.where(fm, tl.max(tl.abs(dev), axis=0), 0.0)                  # [BF] c_f
+            devs = dev * (1.0 / tl.where(c > 0, c, 1.0))[None, :]
+            m2 = tl.sum(devs * devs, axis=0)                                    # Σ (dev / c_f)²
+            tl.store(mean_b + offs_f, mean, mask=fm)
+            # the block's Σ_f var_f = C² · Σ_f m2_f (c_f / C)² / n, C = max_f c_f
+            C = tl.max(c, axis=0)
+            rc = c / tl.where(C > 0, C, 1.0)
+            cm, acc = _merge_block_spread(cm, acc, C, tl.sum(m2 * rc * rc, axis=0) * inv_n)
+    else:          # an empty set: means 0, σ = 1
+        for f0 in range(0, F, BF):
+            offs_f = f0 + tl.arange(0, BF)
+            tl.store(mean_b + offs_f, tl.zeros([BF], tl.float32), mask=offs_f < F)
+    return _store_spread(cm, acc, F, s_b, root_b)
 

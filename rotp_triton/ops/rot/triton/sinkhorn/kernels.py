@@ -47,7 +47,8 @@ import triton
 import triton.language as tl
 
 from ...params import A1, A2, A3
-from ..common import LN2, LOG2E, kappa, log2_reduced, set_inv_scale, set_spread
+from ..common import (LN2, LOG2E, kappa, log2_reduced, set_inv_scale, set_spread,
+                      set_spread_tile)
 
 NEG_INF = tl.constexpr(float("-inf"))
 _LOG2E = tl.constexpr(LOG2E)
@@ -837,7 +838,10 @@ def sinkhorn_fwd_kernel(
     """
     b = _set_of_program(order_ptr, RAGGED)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
-    if STATS:      # (an empty set too: mean 0, σ = 1)
+    if STATS and ONE_TILE_N:
+        isig = set_spread_tile(x_ptr + x_off, sxn, sxd, n_b, D, sc_ptr + b, root_ptr + b,
+                               mean_ptr + b * D, MASK_N, BN, BD)
+    elif STATS:      # (an empty set too: mean 0, σ = 1)
         isig = set_spread(x_ptr + x_off, sxn, sxd, n_b, D, sc_ptr + b, root_ptr + b,
                           mean_ptr + b * D, BN, BD)
     else:
