@@ -937,7 +937,9 @@ def sinkhorn_fwd_kernel(
         if P0 > 0:
             _pieces_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_ptr + b * D, y_ptr + b * D,
                          P0, P1, P2, MASK_P, BD)
-        elif ONE_TILE_N:
+        elif ONE_TILE_N and not PAPER:
+            # (the paper variant keeps the streamed pooling: with the one-tile one, its bf16
+            # build spilled 8 B under triton 3.6)
             _one_tile_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_ptr + b * D,
                            y_ptr + b * D, MASK_N, BN, BD)
         else:
