@@ -39,8 +39,9 @@ class KernelWork:
 
 def site_key(chain) -> str:
     """The key of a source call chain: (file, line) pairs, innermost first, as
-    "file:line<file:line<..." (files by their real path)."""
-    return "<".join(f"{os.path.realpath(f)}:{n}" for f, n in chain)
+    "file:line<file:line<..." (files as ``sass.source_name`` names them)."""
+    from bench.sass import source_name
+    return "<".join(f"{source_name(os.path.realpath(f))}:{n}" for f, n in chain)
 
 
 def _call_chain(kernel, skip_dirs) -> str | None:

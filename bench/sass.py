@@ -82,6 +82,16 @@ _TARGET = re.compile(r"`\((\.L_x_\d+)\)")
 _SOURCE = re.compile(r'^\s*//## File "([^"]+)", line (\d+)')
 
 
+def source_name(path: str) -> str:
+    """A source file as the chains name it: from ``rotp_triton/`` on (else its base name), so
+    that a cubin from triton's cache, compiled from another checkout of the same sources,
+    still matches."""
+    path = path.replace(os.sep, "/")
+    if "/rotp_triton/" in path:
+        return "rotp_triton/" + path.rsplit("/rotp_triton/", 1)[1]
+    return path.rsplit("/", 1)[-1]
+
+
 def _triton_dir() -> str:
     import triton
     return os.path.dirname(os.path.realpath(triton.__file__))
@@ -105,7 +115,7 @@ def disassemble(cubin: bytes, line_info: bool = False) -> tuple[list[Instr], dic
         if m:
             f = os.path.realpath(m.group(1))
             if not f.startswith(lib):    # triton's own helpers (tl.sum's combine...): as
-                block.append(f"{f}:{m.group(2)}")   # the interpreter's chains, without them
+                block.append(f"{source_name(f)}:{m.group(2)}")  # the interpreter's, without
             continue
         if block:
             chain, block = "<".join(block), []
