@@ -290,7 +290,9 @@ def set_spread_tile(x_ptr, sn, sf, n_b, F, s_b, root_b, mean_b, MASK_N: tl.const
         for f0 in range(0, F, BF):
             offs_f = f0 + tl.arange(0, BF)
             fm = offs_f < F
-            fo = tl.minimum(offs_f, F - 1).to(tl.int64) * sf                    # [BF]
+            # (an int32 feature offset: one IMAD.WIDE per element off the rows' int64 bases,
+            # where an int64 one costs a 64-bit add)
+            fo = tl.minimum(offs_f, F - 1) * sf                                 # [BF]
             X = tl.load(x_ptr + roff[:, None] + fo[None, :]).to(tl.float32)     # [BN, BF]
             if MASK_N:
                 X = tl.where(rows[:, None], X, 0.0)
