@@ -265,8 +265,8 @@ def dynamic_instructions(cubin: bytes, sites: dict, programs: int, site_elems=No
         else:
             runs[r] = runs[inner(r[0], [o for o in ranges if o != r and o[0] <= r[0]
                                         and r[1] <= o[1]])]
-    # the call contexts that ran: every outer part of an executed site's chain
-    ran = {c.split("<", k)[-1] for c in sites for k in range(1, c.count("<") + 1)}
+    # the call contexts that ran: every executed site's chain and each outer part of it
+    ran = set(sites) | {c.split("<", k)[-1] for c in sites for k in range(1, c.count("<") + 1)}
     total = matched = dead = mufu = 0.0
     breakdown = []
     for r, ins in own.items():

@@ -162,11 +162,9 @@ def rcp_approx(v):
 @triton.jit
 def log2_reduced(v):
     """log2 of a reduced vector (a column or row sum): ``lg2_approx`` on the GPU, ``tl.log2``
-    under the interpreter."""
-    if FAST_MATH:
-        return lg2_approx(v)
-    else:
-        return tl.log2(v)
+    under the interpreter (one line, so that bench/sass.py finds the GPU's instructions at the
+    source line the interpreter counts)."""
+    return lg2_approx(v) if FAST_MATH else tl.log2(v)
 
 
 @triton.jit
