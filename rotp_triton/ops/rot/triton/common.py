@@ -298,9 +298,13 @@ def set_spread_tile(x_ptr, sn, sf, n_b, F, s_b, root_b, mean_b, MASK_N: tl.const
             dev = X - mean[None, :]
             if MASK_N:
                 dev = tl.where(rows[:, None], dev, 0.0)
-            c = tl.where(fm, tl.max(tl.abs(dev), axis=0), 0.0)                  # [BF] c_f
-            devs = dev * (1.0 / tl.where(c > 0, c, 1.0))[None, :]
+            cf = tl.max(tl.abs(dev), axis=0)                                    # [BF] c_f
+            # (every lane scaled by its own c_f, a padded one too: a padded lane's m2 then
+            # stays <= n_b, where dividing by 1 would square |x| ~ 1e30 to inf and inf · 0
+            # below would be NaN)
+            devs = dev * (1.0 / tl.where(cf > 0, cf, 1.0))[None, :]
             m2 = tl.sum(devs * devs, axis=0)                                    # Σ (dev / c_f)²
+            c = tl.where(fm, cf, 0.0)
             tl.store(mean_b + offs_f, mean, mask=fm)
             # the block's Σ_f var_f = C² · Σ_f m2_f (c_f / C)² / n, C = max_f c_f
             C = tl.max(c, axis=0)
