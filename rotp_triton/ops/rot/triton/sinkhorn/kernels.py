@@ -395,12 +395,12 @@ def _lean_paper_iteration(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, lp0_u,
 # reduction) and are reduced once per iteration. The row-sum term needs no exp2 of its own: with
 # z = x s + b and e = 2^(z - sh) the column sum's terms, 2^(z + a + LSE(u) - max u) =
 # e · 2^(u - max u - log2 Σ_n e) (a factor per column, then one multiply-add per element: one
-# exp2 per element and iteration). A shift is
-# only an upper bound: a column or row with almost no mass (e.g. ε ≪ |x|) would lose precision,
-# so the rare iteration where a column sum under its shift is < 2^-30 (checked once after the
-# pass) redoes the pass with the exact max-based column LSE (column sums >= 1), and a row with
-# < 2^-60 takes the exact row LSE in a second pass. (2^-30: a column's factor is then < 2^30, so
-# an e that underflows (< 2^-126) stood for a term < 2^-96, against row sums >= 2^-60.)
+# exp2 per element and iteration). A shift is only an upper bound: a column or row with almost
+# no mass (e.g. ε ≪ |x|) would lose precision, so the rare iteration where a column sum under
+# its shift is < 2^-30 (checked once after the pass) redoes the pass with the exact max-based
+# column LSE (column sums >= 1), and a row with < 2^-60 takes the exact row LSE in a second
+# pass. (2^-30: a column's factor is then < 2^30, so an e that underflows (< 2^-126) stood for
+# a term < 2^-96, against row sums >= 2^-60.)
 _TINY = tl.constexpr(2.0 ** -60)
 _COL_TINY = tl.constexpr(2.0 ** -30)
 
