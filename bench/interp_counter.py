@@ -66,11 +66,15 @@ def _call_chain(kernel, skip_dirs) -> str | None:
 def count_kernel_work(out: list | None = None):
     """Yield a list that receives a :class:`KernelWork` per interpreted launch."""
     import numpy as np
-    import triton
     from triton.runtime import interpreter as I
 
-    skip = (os.path.dirname(os.path.abspath(triton.__file__)), os.path.abspath(__file__),
-            os.path.dirname(os.path.abspath(np.__file__)))
+    from bench.sass import triton_dir
+    import triton
+    # frames of triton, numpy and this file are not kernel source (their paths as the frames
+    # give them, and resolved, in case a symlink is in between)
+    skip = tuple({triton_dir(), os.path.dirname(os.path.abspath(triton.__file__)),
+                  os.path.abspath(__file__), os.path.realpath(__file__),
+                  os.path.dirname(os.path.abspath(np.__file__))})
 
     out = [] if out is None else out
     B = I.InterpreterBuilder

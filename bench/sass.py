@@ -92,7 +92,8 @@ def source_name(path: str) -> str:
     return path.rsplit("/", 1)[-1]
 
 
-def _triton_dir() -> str:
+def triton_dir() -> str:
+    """triton's package directory (its own helpers are left out of the source chains)."""
     import triton
     return os.path.dirname(os.path.realpath(triton.__file__))
 
@@ -109,7 +110,7 @@ def disassemble(cubin: bytes, line_info: bool = False) -> tuple[list[Instr], dic
                              check=True).stdout
     instrs, labels, pending = [], {}, []
     block, chain = [], ""   # the comment lines of a location, innermost call first
-    lib = _triton_dir()
+    lib = triton_dir()
     for line in out.splitlines():
         m = _SOURCE.match(line)
         if m:
@@ -216,9 +217,9 @@ def _unroll(ins, sites, elems, threads) -> int:
     """How many source trips one trip of a loop body holds (ptxas unrolls small loops, 4× at
     most here): the loads, stores and MUFU ops of each counted statement, against what one
     execution of it gives a thread (its tile's elements ÷ the threads, at least 1)."""
-    per = collections.Counter((i.base, i.opcode.startswith("MUFU"), i.chain) for i in ins
+    per = collections.Counter((i.base, i.chain) for i in ins
                               if i.chain in sites and i.base in ("LDG", "STG", "MUFU"))
-    ratios = sorted(n / max(1.0, elems.get(c, 1) / threads) for (_, _, c), n in per.items())
+    ratios = sorted(n / max(1.0, elems.get(c, 1) / threads) for (_, c), n in per.items())
     if not ratios:
         return 1
     return max(1, int(round(ratios[len(ratios) // 2])))
