@@ -113,6 +113,17 @@ def forward_iteration(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["one_exp2", "two_exp2"])
+def reverse_form(request, monkeypatch):
+    """Run the test with the exact reverse iterations in their one-exp2 form wherever its bound
+    allows (the default, ``launch.ONE_EXP2_MAX_SHIFT``) and with the two-exp2 form forced in
+    every iteration: both must give the reference's results."""
+    from rotp_triton.ops.rot.triton.sinkhorn import launch
+    if request.param == "two_exp2":
+        monkeypatch.setattr(launch, "ONE_EXP2_MAX_SHIFT", -1.0)
+    return request.param
+
+
 def _ragged_ptr(sizes):
     ptr = torch.zeros(len(sizes) + 1, dtype=torch.int64)
     ptr[1:] = torch.cumsum(torch.tensor(sizes), 0)
@@ -179,15 +190,18 @@ def test_ragged_priors_exact():
 @pytest.mark.parametrize("variant", ["exact", "paper"])
 @pytest.mark.parametrize("ragged", [False, True], ids=["dense", "ragged_with_empty"])
 @pytest.mark.parametrize("dx_by", ["pass", "split", "sweep"])
-def test_backward_dx_tiles_with_edges(variant, ragged, dx_by, monkeypatch):
+def test_backward_dx_tiles_with_edges(variant, ragged, dx_by, reverse_form, monkeypatch):
     """The backward's dx on forced [2, 4] tiles (``launch.dx_tile``): several row blocks and
     feature chunks per set, a partial last block of each, no per-element mask (clamped reads,
     -inf exponents), written by the backward kernel's own pass, by the row-block launch
     (``split``, dense only: ``launch.split_dx``, ε terms by atomic adds) or by the last reverse
     sweep (``sweep``, dense exact only: ``launch.fuse_dx``). With priors and a plan. Ragged:
     sizes 3, 0, 5, so the empty set's prior gradient must come out zero (the parameter
-    gradients start at zero, nothing is added for it)."""
+    gradients start at zero, nothing is added for it). Exact: in the one-exp2 and the forced
+    two-exp2 form (``reverse_form``)."""
     from rotp_triton.ops.rot.triton.sinkhorn import launch
+    if variant == "paper" and reverse_form == "two_exp2":
+        pytest.skip("the paper variant has only the two-exp2 form")
     if dx_by == "sweep" and (ragged or variant == "paper"):
         pytest.skip("dx is written by the reverse sweep only for dense exact batches")
     if dx_by == "split" and ragged:
@@ -299,12 +313,12 @@ def test_lean_tile_edges(variant, N, D, BN, BD, monkeypatch):
                          ids=["exact_rows", "padded_piece", "edge_d"])
 @pytest.mark.parametrize("layout", ["contiguous", "nchw_view"])
 @pytest.mark.parametrize("dx_by", ["pass", "sweep"])
-def test_row_pieces(N, D, BD, pieces, layout, dx_by, monkeypatch):
+def test_row_pieces(N, D, BD, pieces, layout, dx_by, reverse_form, monkeypatch):
     """The exact forward and reverse sweeps with a set's rows in three power-of-two pieces
     (launch.row_pieces, W2's 49 = 32 + 16 + 1): pieces that cover N exactly, a last piece with
     padded rows, a last partial feature chunk; contiguous and the strided NCHW view; dx by the
     backward's own pass or by the last reverse sweep; forward and gradients against the
-    reference, with a plan and priors."""
+    reference, with a plan and priors; the reverse iterations in both forms (``reverse_form``)."""
     from rotp_triton.ops.rot.triton.sinkhorn import launch
     BN = launch.next_pow2(N)
     monkeypatch.setattr(launch, "fwd_config", lambda D_, N_, nw=4: (BN, BD, True))

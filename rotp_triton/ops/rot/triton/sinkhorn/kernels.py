@@ -1017,15 +1017,44 @@ def _dx_pool_term(x, on, nm, od, dm, B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_f
                           dm, tot, pg, HAS_GP)
 
 
+# One exp2 per element in the exact reverse iterations. With e = 2^(x s_t - C_t[n] - R_t[d]):
+#     S_t = e ρ_n,  ρ_n = 2^(b_{t-1}[n] + C_t[n]);     Q_t = e α_d,  α_d = 2^(a_t[d] + R_t[d])
+# (α = softmax(u), see the sweep). Both factors are <= 1: α is a softmax, and as Q's rows sum
+# to 1, ρ_n = Σ_d S[n, d] α_d <= max_d S[n, d]. So S, Q <= e (where e underflows, both are
+# below fp32's range too) and e <= min(1/ρ_n, 1/α_d): e is finite while either side's bound,
+# max_n -log2 ρ_n or max_d -log2 α_d, is at most ONE_EXP2_MAX_SHIFT (a kernel argument, the
+# launcher's constant). The reverse iteration stores ρ [T, NR] and that bound per set and
+# iteration (``_alpha_bound``); past it the two-exp2 form runs. Products are formed as
+# e · (ρ R̄) and e · (α C̄): no intermediate exceeds the terms S R̄, Q C̄ themselves.
+@triton.jit
+def _alpha_bound(A_cur, R_t, D, BD: tl.constexpr):
+    """max_d -log2 α_d = max_d -(a_t[d] + R_t[d]) over a set's features (vectors only)."""
+    m = tl.full([BD], float("-inf"), tl.float32)
+    for d0 in range(0, D, BD):
+        od = d0 + tl.arange(0, BD)
+        dm = od < D
+        g = tl.load(A_cur + od, mask=dm, other=0.0) + tl.load(R_t + od, mask=dm, other=0.0)
+        m = tl.maximum(m, tl.where(dm, -g, NEG_INF))
+    return tl.max(m, axis=0)
+
+
+@triton.jit
+def _one_exp2_ok(eb_b, t, lim):
+    """Whether iteration t of this set takes the one-exp2 form (its stored bound <= lim; a NaN
+    bound never does)."""
+    return tl.load(eb_b + t) <= lim
+
+
 @triton.jit
 def _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, t_lo, T, NR, row0, D, xs_b, Bv_ptr,
-                        Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, PAPER: tl.constexpr,
-                        TX: tl.constexpr, BT: tl.constexpr):
+                        Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, Rho_ptr, eb_b, lim,
+                        PAPER: tl.constexpr, TX: tl.constexpr, BT: tl.constexpr):
     """dx += Σ_{t_lo <= t < T} ȳ_t/ε(t), ȳ_t = S_t R̄_t + Q_t C̄_t, on one tile of x (softmaxes
-    recomputed from the saved vectors); TX: de_x [BT] -= Σ ȳ_t ⊙ x/ε(t)² per t. Padded rows /
-    features: -inf exponents (b, -C; -R, a) and zero adjoints. xs_b [T]: the x-scale s_t of
-    every iteration (written once per set by sinkhorn_bwd_kernel: a load instead of a division
-    per iteration and tile)."""
+    recomputed from the saved vectors; exact: one exp2 per element where the iteration's bound
+    allows, ρ from Rho_ptr [T, NR]); TX: de_x [BT] -= Σ ȳ_t ⊙ x/ε(t)² per t. Padded rows /
+    features: -inf exponents (b, -C; -R, a) and zero adjoints (and ρ = α = 0). xs_b [T]: the
+    x-scale s_t of every iteration (written once per set by sinkhorn_bwd_kernel: a load
+    instead of a division per iteration and tile)."""
     if PAPER:
         QOFF = 0
     else:
@@ -1034,20 +1063,29 @@ def _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, t_lo, T, NR, row0, D, xs_b,
     for t in range(t_lo, T):
         s = tl.load(xs_b + t)
         e_inv = s * _LN2
-        bp = tl.load(Bv_ptr + t * NR + row0 + on, mask=nm, other=NEG_INF)
         ncn = -tl.load(Cn_ptr + t * NR + row0 + on, mask=nm, other=float("inf"))
         cb = tl.load(Cbar_ptr + t * NR + row0 + on, mask=nm, other=0.0)
         nr = -tl.load(Rn_b + t * D + od, mask=dm, other=float("inf"))
         rb = tl.load(Rbar_b + t * D + od, mask=dm, other=0.0)
         aq = tl.load(A_b + (t + QOFF) * D + od, mask=dm, other=NEG_INF)
-        xs = x * s
-        sm = _prob2(xs + bp[:, None] + nr[None, :])
-        qm = _prob2(xs + aq[None, :] + ncn[:, None])
-        term = sm * rb[None, :] + qm * cb[:, None]                             # ȳ_t
-        dx += term * e_inv
+        fast = False
+        if not PAPER:
+            fast = _one_exp2_ok(eb_b, t, lim)
+        if fast:
+            rho = tl.load(Rho_ptr + t * NR + row0 + on, mask=nm, other=0.0)     # [BNX]
+            al = tl.where(dm, tl.exp2(tl.minimum(aq - nr, 0.0)), 0.0) * e_inv   # [BDX] α/ε
+            e = tl.exp2(x * s + ncn[:, None] + nr[None, :])
+            term = e * (rho[:, None] * (rb * e_inv)[None, :] + al[None, :] * cb[:, None])
+        else:
+            bp = tl.load(Bv_ptr + t * NR + row0 + on, mask=nm, other=NEG_INF)
+            xs = x * s
+            sm = _prob2(xs + bp[:, None] + nr[None, :])
+            qm = _prob2(xs + aq[None, :] + ncn[:, None])
+            term = (sm * rb[None, :] + qm * cb[:, None]) * e_inv               # ȳ_t/ε(t)
+        dx += term
         if TX:
-            tx = tl.sum(tl.sum(term * xs, axis=1), axis=0)      # (x·s_t: no x² overflow)
-            de_x += tl.where(ot == t, -tx * e_inv * _LN2, 0.0)
+            tx = tl.sum(tl.sum(term * (x * s), axis=1), axis=0)  # (x·s_t: no x² overflow)
+            de_x += tl.where(ot == t, -tx * _LN2, 0.0)
     return dx, de_x
 
 
@@ -1061,7 +1099,8 @@ def _dx_rows(x_base, sxn, sxd, on, nm, n_b, D, dxa, de_x, PAPER: tl.constexpr,
     gets the path through the set's spread σ, kk·(x - mean_f) (mean_b [D]: the set's feature
     means; kk = ds·[root > 0] / (D·n_b·σ), ``_spread_coefficient``)."""
     (B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base, sgn, sgd, tot, pg, T, NR, row0,
-     xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd) = dxa
+     xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd, Rho_ptr, eb_b,
+     lim) = dxa
     roff = _lean_row_offsets(on, n_b, sxn, True)                               # [BNX]
     de_fin = tl.sum(tl.zeros([BDX], tl.float32), axis=0)
     for d0 in range(0, D, BDX):
@@ -1072,8 +1111,8 @@ def _dx_rows(x_base, sxn, sxd, on, nm, n_b, D, dxa, de_x, PAPER: tl.constexpr,
                                 A_fin, gp_base, sgn, sgd, tot, pg, HAS_GP)
         de_fin -= tl.sum(tl.sum(zbx, axis=1), axis=0) * ie_fin
         dx, de_x = _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, 0, T, NR, row0, D, xs_b,
-                                       Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, PAPER, TX,
-                                       BT)
+                                       Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, Rho_ptr,
+                                       eb_b, lim, PAPER, TX, BT)
         if SPREAD:
             mean = tl.load(mean_b + od, mask=dm, other=0.0)                    # [BDX]
             dx += kk * (x - mean[None, :])
@@ -1083,13 +1122,13 @@ def _dx_rows(x_base, sxn, sxd, on, nm, n_b, D, dxa, de_x, PAPER: tl.constexpr,
 
 
 @triton.jit
-def _column_adjoint(ab, od, D, ac, r, sa, k2, add_init, abar_b, lp0_b, lp0_u, dlp0_b, Rbar_t,
+def _column_adjoint(ab, od, D, qu, r, sa, k2, add_init, abar_b, lp0_b, lp0_u, dlp0_b, Rbar_t,
                     dk2, su, sq, HAS_P0: tl.constexpr):
-    """A chunk's column adjoints from its ā [BD]: stores R̄_d, adds κ2 ū to d log p0 (with
-    priors), and advances the sums behind dκ2 and the marginal terms. Returns (R̄, dk2, su, sq)."""
+    """A chunk's column adjoints from its ā [BD] (qu: α = softmax(u) = 2^(a_t + R_t), 0 on
+    padded features): stores R̄_d, adds κ2 ū to d log p0 (with priors), and advances the sums
+    behind dκ2 and the marginal terms. Returns (R̄, dk2, su, sq)."""
     dm = od < D
     ab += tl.where(add_init != 0, tl.load(abar_b + od, mask=dm, other=0.0), 0.0)
-    qu = _prob2(ac + r)                                                    # softmax(u)
     ub = ab - qu * sa                                                      # ū
     rbar = -ab + (1.0 - k2) * ub                                           # R̄
     tl.store(Rbar_t + od, rbar, mask=dm)
@@ -1103,8 +1142,33 @@ def _column_adjoint(ab, od, D, ac, r, sa, k2, add_init, abar_b, lp0_b, lp0_u, dl
 
 
 @triton.jit
+def _sweep_q_terms(xs, ac, r, dm, ncn, qu, cb, fast):
+    """(e, Q C̄) on a reverse sweep's [P, BD] chunk (xs = x s_t; row vectors -C_t, C̄ [P],
+    column vectors a_t, R_t, α [BD]): with ``fast`` the one-exp2 form, e = 2^(x s - C - R) and
+    Q = e α (e stays finite: _alpha_bound); otherwise Q = 2^(x s + a_t - C) and e = Q."""
+    if fast:
+        e = tl.exp2(xs + ncn[:, None] - tl.where(dm, r, float("inf"))[None, :])
+        qc = e * (qu[None, :] * cb[:, None])
+    else:
+        e = _prob2(xs + ac[None, :] + ncn[:, None])
+        qc = e * cb[:, None]
+    return e, qc
+
+
+@triton.jit
+def _sweep_s_terms(xs, e, r, bp, rho, rbar, fast):
+    """S R̄ on the same chunk (e from _sweep_q_terms): e (ρ R̄) with ``fast``, otherwise
+    2^(x s + b_{t-1} - R_t) R̄."""
+    if fast:
+        sr = e * (rho[:, None] * rbar[None, :])
+    else:
+        sr = _prob2(xs + bp[:, None] - r[None, :]) * rbar[None, :]
+    return sr
+
+
+@triton.jit
 def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
-                     abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b,
+                     abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b, Rho_t, fast,
                      dxa, HAS_P0: tl.constexpr, HAS_GP: tl.constexpr, DX: tl.constexpr,
                      BN: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
     """One exact reverse iteration after C̄ in ONE pass over x (BN >= n_b); returns dκ2,
@@ -1122,13 +1186,15 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
     (stored when need_b, t > 0) and Σ ȳ_t x accumulated elementwise in [BN, BD] register
     tiles, reduced once (so the dx pass needs no reduction per tile and iteration).
     No per-element mask: padded rows read a clamped real row and get C = +inf, b = -inf and
-    C̄ = 0; padded features a = -inf (so Q = softmax(u) = 0 there and ā = R̄ = 0)."""
+    C̄ = 0; padded features a = -inf (so Q = softmax(u) = 0 there and ā = R̄ = 0).
+    fast: this iteration takes the one-exp2 form (see _alpha_bound; Rho_t: its ρ [n_b])."""
     on = tl.arange(0, BN)
     nm = on < n_b
     roff = _lean_row_offsets(on, n_b, sxn, True)                               # [BN]
     cb = tl.load(Cbar_t + on, mask=nm, other=0.0)                              # [BN]
     ncn = -tl.load(C_t + on, mask=nm, other=float("inf"))
     bp = tl.load(B_prev + on, mask=nm, other=NEG_INF)
+    rho = tl.load(Rho_t + on, mask=nm, other=0.0)
     acc = tl.zeros([BN, BD], tl.float32)
     acc_x = tl.zeros([BN, BD], tl.float32)
     acc_fin = tl.zeros([BN, BD], tl.float32)
@@ -1141,7 +1207,8 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
     su = tl.zeros([BD], tl.float32)
     sq = tl.zeros([BD], tl.float32)
     (B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base, sgn, sgd, tot, pg, T, NR, row0,
-     xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd) = dxa
+     xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd, Rho_ptr, eb_b,
+     lim) = dxa
     for d0 in range(0, D, BD):
         od = d0 + tl.arange(0, BD)
         dm = od < D
@@ -1149,13 +1216,14 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
         xs = x * s
         ac = tl.load(A_cur + od, mask=dm, other=NEG_INF)                       # [BD]
         r = tl.load(R_t + od, mask=dm, other=0.0)
-        q = _prob2(xs + ac[None, :] + ncn[:, None])
-        ab = tl.sum(q * cb[:, None], axis=0)                                   # [BD] ā
-        rbar, dk2, su, sq = _column_adjoint(ab, od, D, ac, r, sa, k2, add_init, abar_b, lp0_b,
+        qu = _prob2(ac + r)                                        # α = softmax(u), 0 if padded
+        e, qc = _sweep_q_terms(xs, ac, r, dm, ncn, qu, cb, fast)               # [BN, BD]
+        ab = tl.sum(qc, axis=0)                                                # [BD] ā
+        rbar, dk2, su, sq = _column_adjoint(ab, od, D, qu, r, sa, k2, add_init, abar_b, lp0_b,
                                             lp0_u, dlp0_b, Rbar_t, dk2, su, sq, HAS_P0)
-        sr = _prob2(xs + bp[:, None] - r[None, :]) * rbar[None, :]             # S R̄
+        sr = _sweep_s_terms(xs, e, r, bp, rho, rbar, fast)                     # S R̄
         acc += sr
-        y_t = sr + q * cb[:, None]                                             # ȳ_t
+        y_t = sr + qc                                                          # ȳ_t
         acc_x += y_t * xs              # ȳ_t ⊙ x·s_t: ȳ_t ⊙ x (~x²) overflows from |x| ~ 1e19
         if DX:
             dx, zbx = _dx_pool_term(x, on, nm, od, dm, B_fin, rfin_b, g_b, y_b, s_fin, ie_fin,
@@ -1164,7 +1232,7 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
             dx += y_t * (s * _LN2)
             dx, _ = _dx_iteration_terms(x, dx, tl.zeros([BT], tl.float32), on, nm, od, dm, 1,
                                         T, NR, row0, D, xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b,
-                                        Rbar_b, A_b, False, False, BT)
+                                        Rbar_b, A_b, Rho_ptr, eb_b, lim, False, False, BT)
             tl.store(dx_base + on[:, None] * sdn + od[None, :] * sdd,
                      dx.to(dx_base.dtype.element_ty), mask=nm[:, None] & dm[None, :])
     tl.store(bbar_b + on, tl.sum(acc, axis=1), mask=on < n_b * need_b)
@@ -1178,19 +1246,20 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
 
 # row pieces (launch.row_pieces, see _pieces_exact_iteration) in the exact one-tile reverse sweep
 @triton.jit
-def _piece_bwd_q(x_base, ro, sxd, od, D, s, ac, ncn):
-    """(x, x s, Q = softmax_d(x/ε + a_t)) of one piece's chunk, each [P, BD]."""
+def _piece_bwd_q(x_base, ro, sxd, od, D, s, ac, r, dm, ncn, qu, cb, fast):
+    """(x, x s, e, Q C̄) of one piece's chunk, each [P, BD] (_sweep_q_terms)."""
     x = _lean_load_chunk(x_base, ro, sxd, od, D, True)
     xs = x * s
-    return x, xs, _prob2(xs + ac[None, :] + ncn[:, None])
+    e, qc = _sweep_q_terms(xs, ac, r, dm, ncn, qu, cb, fast)
+    return x, xs, e, qc
 
 
 @triton.jit
-def _piece_bwd_rows(xs, q, bp, cb, r, rbar, acc, acc_x):
+def _piece_bwd_rows(xs, e, qc, bp, rho, r, rbar, acc, acc_x, fast):
     """The per-row side of _exact_bwd_sweep's chunk on one piece: S R̄ into the b̄ row sums,
     ȳ_t ⊙ x·s_t (xs) into acc_x; returns them and ȳ_t."""
-    sr = _prob2(xs + bp[:, None] - r[None, :]) * rbar[None, :]                 # S R̄
-    y_t = sr + q * cb[:, None]                                                 # ȳ_t
+    sr = _sweep_s_terms(xs, e, r, bp, rho, rbar, fast)                         # S R̄
+    y_t = sr + qc                                                              # ȳ_t
     return acc + sr, acc_x + y_t * xs, y_t
 
 
@@ -1213,11 +1282,22 @@ def _piece_pool_dx(x, on, nm, B_fin, s_fin, ie_fin, rf, g, yd, a, gp_base, sgn, 
 
 
 @triton.jit
-def _piece_iter_dx(x, dx, on, nm, Bv_t, Cn_t, Cbar_t, s, e_inv, nr, rb, aq):
-    """dx += ȳ_t/ε(t) of iteration t on one piece (per-column vectors of t given)."""
-    bp = tl.load(Bv_t + on, mask=nm, other=NEG_INF)
+def _piece_iter_dx_one(x, dx, on, nm, Cn_t, Cbar_t, Rho_t, s, nr, rb, al):
+    """dx += ȳ_t/ε(t) of iteration t on one piece in the one-exp2 form (per-column vectors
+    of t given: -R, rb = R̄/ε(t), al = α/ε(t); ρ from Rho_t)."""
     ncn = -tl.load(Cn_t + on, mask=nm, other=float("inf"))
     cb = tl.load(Cbar_t + on, mask=nm, other=0.0)
+    rho = tl.load(Rho_t + on, mask=nm, other=0.0)
+    e = tl.exp2(x * s + ncn[:, None] + nr[None, :])
+    return dx + e * (rho[:, None] * rb[None, :] + al[None, :] * cb[:, None])
+
+
+@triton.jit
+def _piece_iter_dx_two(x, dx, on, nm, Bv_t, Cn_t, Cbar_t, s, e_inv, nr, rb, aq):
+    """The same in the two-exp2 form (rb = R̄, aq = a_t)."""
+    ncn = -tl.load(Cn_t + on, mask=nm, other=float("inf"))
+    cb = tl.load(Cbar_t + on, mask=nm, other=0.0)
+    bp = tl.load(Bv_t + on, mask=nm, other=NEG_INF)
     xs = x * s
     sm = _prob2(xs + bp[:, None] + nr[None, :])
     qm = _prob2(xs + aq[None, :] + ncn[:, None])
@@ -1232,7 +1312,8 @@ def _pieces_dx_chunk(x0, x1, x2, yt0, yt1, yt2, on0, on1, on2, nm0, nm1, nm2, od
     loaded once for the three pieces; stored; returns the pieces' z̄ ⊙ x / ε_{T-1} summed to
     [BD]."""
     (B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base, sgn, sgd, tot, pg, T, NR, row0,
-     xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd) = dxa
+     xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd, Rho_ptr, eb_b,
+     lim) = dxa
     rf, g, yd, a = _pool_column_vectors(rfin_b, g_b, y_b, A_fin, od, dm, HAS_GP)      # [BD] each
     dx0, zx0 = _piece_pool_dx(x0, on0, nm0, B_fin, s_fin, ie_fin, rf, g, yd, a, gp_base, sgn,
                               sgd, od, dm, tot, pg, HAS_GP)
@@ -1253,9 +1334,17 @@ def _pieces_dx_chunk(x0, x1, x2, yt0, yt1, yt2, on0, on1, on2, nm0, nm1, nm2, od
         Bv_t = Bv_ptr + t * NR + row0
         Cn_t = Cn_ptr + t * NR + row0
         Cb_t = Cbar_ptr + t * NR + row0
-        dx0 = _piece_iter_dx(x0, dx0, on0, nm0, Bv_t, Cn_t, Cb_t, st, e_inv, nr, rb, aq)
-        dx1 = _piece_iter_dx(x1, dx1, on1, nm1, Bv_t, Cn_t, Cb_t, st, e_inv, nr, rb, aq)
-        dx2 = _piece_iter_dx(x2, dx2, on2, nm2, Bv_t, Cn_t, Cb_t, st, e_inv, nr, rb, aq)
+        if _one_exp2_ok(eb_b, t, lim):
+            Rho_t = Rho_ptr + t * NR + row0
+            al = tl.where(dm, tl.exp2(tl.minimum(aq - nr, 0.0)), 0.0) * e_inv      # α/ε(t)
+            rb = rb * e_inv
+            dx0 = _piece_iter_dx_one(x0, dx0, on0, nm0, Cn_t, Cb_t, Rho_t, st, nr, rb, al)
+            dx1 = _piece_iter_dx_one(x1, dx1, on1, nm1, Cn_t, Cb_t, Rho_t, st, nr, rb, al)
+            dx2 = _piece_iter_dx_one(x2, dx2, on2, nm2, Cn_t, Cb_t, Rho_t, st, nr, rb, al)
+        else:
+            dx0 = _piece_iter_dx_two(x0, dx0, on0, nm0, Bv_t, Cn_t, Cb_t, st, e_inv, nr, rb, aq)
+            dx1 = _piece_iter_dx_two(x1, dx1, on1, nm1, Bv_t, Cn_t, Cb_t, st, e_inv, nr, rb, aq)
+            dx2 = _piece_iter_dx_two(x2, dx2, on2, nm2, Bv_t, Cn_t, Cb_t, st, e_inv, nr, rb, aq)
     tl.store(dx_base + on0[:, None] * sdn + od[None, :] * sdd,
              dx0.to(dx_base.dtype.element_ty), mask=nm0[:, None] & dm[None, :])
     tl.store(dx_base + on1[:, None] * sdn + od[None, :] * sdd,
@@ -1266,26 +1355,27 @@ def _pieces_dx_chunk(x0, x1, x2, yt0, yt1, yt2, on0, on1, on2, nm0, nm1, nm2, od
 
 
 @triton.jit
-def _piece_bwd_vectors(C_t, Cbar_t, B_prev, on, nm):
-    """(C̄, -C, b_{t-1}) of one piece's rows (padded rows: 0, -inf, -inf)."""
+def _piece_bwd_vectors(C_t, Cbar_t, B_prev, Rho_t, on, nm):
+    """(C̄, -C, b_{t-1}, ρ) of one piece's rows (padded rows: 0, -inf, -inf, 0)."""
     cb = tl.load(Cbar_t + on, mask=nm, other=0.0)
     ncn = -tl.load(C_t + on, mask=nm, other=float("inf"))
     bp = tl.load(B_prev + on, mask=nm, other=NEG_INF)
-    return cb, ncn, bp
+    rho = tl.load(Rho_t + on, mask=nm, other=0.0)
+    return cb, ncn, bp, rho
 
 
 @triton.jit
 def _pieces_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
-                      abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b,
-                      dxa, HAS_P0: tl.constexpr, HAS_GP: tl.constexpr, DX: tl.constexpr,
+                      abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b, Rho_t,
+                      fast, dxa, HAS_P0: tl.constexpr, HAS_GP: tl.constexpr, DX: tl.constexpr,
                       P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                       MASK2: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
     """_exact_bwd_sweep with the set's rows in three pieces (same returns): ā sums the
     pieces' column sums, every per-row quantity is per piece."""
     on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _piece_layout(n_b, sxn, P0, P1, P2, MASK2)
-    cb0, ncn0, bp0 = _piece_bwd_vectors(C_t, Cbar_t, B_prev, on0, nm0)         # [P0]
-    cb1, ncn1, bp1 = _piece_bwd_vectors(C_t, Cbar_t, B_prev, on1, nm1)         # [P1]
-    cb2, ncn2, bp2 = _piece_bwd_vectors(C_t, Cbar_t, B_prev, on2, nm2)         # [P2]
+    cb0, ncn0, bp0, rho0 = _piece_bwd_vectors(C_t, Cbar_t, B_prev, Rho_t, on0, nm0)  # [P0]
+    cb1, ncn1, bp1, rho1 = _piece_bwd_vectors(C_t, Cbar_t, B_prev, Rho_t, on1, nm1)  # [P1]
+    cb2, ncn2, bp2, rho2 = _piece_bwd_vectors(C_t, Cbar_t, B_prev, Rho_t, on2, nm2)  # [P2]
     acc0 = tl.zeros([P0, BD], tl.float32)
     acc1 = tl.zeros([P1, BD], tl.float32)
     acc2 = tl.zeros([P2, BD], tl.float32)
@@ -1301,16 +1391,19 @@ def _pieces_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar
         dm = od < D
         ac = tl.load(A_cur + od, mask=dm, other=NEG_INF)                       # [BD]
         r = tl.load(R_t + od, mask=dm, other=0.0)
-        x0, xs0, q0 = _piece_bwd_q(x_base, ro0, sxd, od, D, s, ac, ncn0)       # [P0, BD]
-        x1, xs1, q1 = _piece_bwd_q(x_base, ro1, sxd, od, D, s, ac, ncn1)       # [P1, BD]
-        x2, xs2, q2 = _piece_bwd_q(x_base, ro2, sxd, od, D, s, ac, ncn2)       # [P2, BD]
-        ab = (tl.sum(q0 * cb0[:, None], axis=0) + tl.sum(q1 * cb1[:, None], axis=0)
-              + tl.sum(q2 * cb2[:, None], axis=0))                             # [BD] ā
-        rbar, dk2, su, sq = _column_adjoint(ab, od, D, ac, r, sa, k2, add_init, abar_b, lp0_b,
+        qu = _prob2(ac + r)                                        # α = softmax(u), 0 if padded
+        x0, xs0, e0, qc0 = _piece_bwd_q(x_base, ro0, sxd, od, D, s, ac, r, dm, ncn0, qu, cb0,
+                                        fast)                                  # [P0, BD]
+        x1, xs1, e1, qc1 = _piece_bwd_q(x_base, ro1, sxd, od, D, s, ac, r, dm, ncn1, qu, cb1,
+                                        fast)                                  # [P1, BD]
+        x2, xs2, e2, qc2 = _piece_bwd_q(x_base, ro2, sxd, od, D, s, ac, r, dm, ncn2, qu, cb2,
+                                        fast)                                  # [P2, BD]
+        ab = tl.sum(qc0, axis=0) + tl.sum(qc1, axis=0) + tl.sum(qc2, axis=0)   # [BD] ā
+        rbar, dk2, su, sq = _column_adjoint(ab, od, D, qu, r, sa, k2, add_init, abar_b, lp0_b,
                                             lp0_u, dlp0_b, Rbar_t, dk2, su, sq, HAS_P0)
-        acc0, ax0, yt0 = _piece_bwd_rows(xs0, q0, bp0, cb0, r, rbar, acc0, ax0)
-        acc1, ax1, yt1 = _piece_bwd_rows(xs1, q1, bp1, cb1, r, rbar, acc1, ax1)
-        acc2, ax2, yt2 = _piece_bwd_rows(xs2, q2, bp2, cb2, r, rbar, acc2, ax2)
+        acc0, ax0, yt0 = _piece_bwd_rows(xs0, e0, qc0, bp0, rho0, r, rbar, acc0, ax0, fast)
+        acc1, ax1, yt1 = _piece_bwd_rows(xs1, e1, qc1, bp1, rho1, r, rbar, acc1, ax1, fast)
+        acc2, ax2, yt2 = _piece_bwd_rows(xs2, e2, qc2, bp2, rho2, r, rbar, acc2, ax2, fast)
         if DX:
             af += _pieces_dx_chunk(x0, x1, x2, yt0, yt1, yt2, on0, on1, on2, nm0, nm1, nm2, od,
                                    dm, D, s, dxa, HAS_GP)
@@ -1321,7 +1414,7 @@ def _pieces_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar
     fin = tl.sum(af, axis=0)
     if DX:
         (_bf, _rf, _g, _y, _sf, ie_fin, _af, _gp, _sgn, _sgd, _tot, _pg, _T, _NR, _row0, _xs,
-         _bv, _cn, _cbar, _rn, _rbar, _ab, _dx, _sdn, _sdd) = dxa
+         _bv, _cn, _cbar, _rn, _rbar, _ab, _dx, _sdn, _sdd, _rho, _eb, _lim) = dxa
         de_fin = -fin * ie_fin
     else:
         de_fin = fin
@@ -1373,6 +1466,7 @@ def sinkhorn_bwd_kernel(
     dx_ptr, sdb, sdn, sdd,
     dlp0_ptr, dlq0_ptr, dw_ptr, dk2_ptr, dk3_ptr, deps_rec_ptr, deps_x_ptr, xs_ptr,
     Rbar_ptr, Cbar_ptr, abar_ptr, bbar_ptr, pg_ptr, sc_ptr, ds_ptr, root_ptr, mean_ptr,
+    Rho_ptr, eb_ptr, one_exp2_max,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
     HAS_GP: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     BT: tl.constexpr, BNX: tl.constexpr, BDX: tl.constexpr, FUSE_DX: tl.constexpr = False,
@@ -1390,6 +1484,9 @@ def sinkhorn_bwd_kernel(
     Cbar [T, NR] (the adjoints of the LSEs), abar [B, D], bbar [NR]; xs [B, T]: the x-scale
     s_t of every iteration, written by the reverse sweep (the dx terms, here or in
     sinkhorn_dx_kernel, load it instead of dividing by ε_t per iteration and tile).
+    Exact: Rho [T, NR] (ρ of the one-exp2 form, see _alpha_bound) and eb [B, T] (its bound),
+    written by each reverse iteration for its sweep and the dx terms; iterations whose bound
+    exceeds ``one_exp2_max`` take the two-exp2 form.
     P0, P1, P2 > 0: the exact one-tile reverse sweeps hold the rows in three pieces
     (_pieces_bwd_sweep, launch.row_pieces); MASK_P: the last piece has padded rows.
     SCALED: as in the forward; dx is then ∂/∂x at fixed σ and ds [B] (zero before) gets
@@ -1491,9 +1588,10 @@ def sinkhorn_bwd_kernel(
         # pass (t = 0) writes dx too (dxa: what the dx terms read)
         TX_IN_SWEEP: tl.constexpr = ONE_TILE_N and not PAPER
         FUSED_DX: tl.constexpr = FUSE_DX and ONE_TILE_N and not PAPER and not SPLIT_DX
+        eb_b = eb_ptr + b * T
         dxa = (B_fin, rfin_b, g_ptr + b * D, y_ptr + b * D, s_fin, ie_fin, A_fin, gp_base, sgn,
                sgd, tot, pg, T, NR, row0, xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b,
-               dx_base, sdn, sdd)
+               dx_base, sdn, sdd, Rho_ptr, eb_b, one_exp2_max)
         de_fin = tl.sum(tl.zeros([BD], tl.float32), axis=0)
 
         # reverse sweep over the iterations: only vectors (adjoints of a, b, R, C) are carried
@@ -1568,6 +1666,8 @@ def sinkhorn_bwd_kernel(
                 sb = _vec_sum(bbar_b, n_b, BN)
                 dk3 = tl.sum(tl.zeros([BN], tl.float32), axis=0)
                 scb = tl.sum(tl.zeros([BN], tl.float32), axis=0)
+                Rho_t = Rho_ptr + t * NR + row0
+                beta = tl.full([BN], float("-inf"), tl.float32)
                 for n0 in range(0, n_b, BN):
                     on = n0 + tl.arange(0, BN)
                     nm = on < n_b
@@ -1583,8 +1683,15 @@ def sinkhorn_bwd_kernel(
                         old = tl.load(dlq0_ptr + row0 + on, mask=nm, other=0.0)
                         tl.store(dlq0_ptr + row0 + on, old + k3 * vb, mask=nm)
                     dk3 += tl.sum(vb * (lq0 - c), axis=0) * _LN2
+                    # ρ = 2^(b_{t-1} + C_t) of the one-exp2 form and its bound -log2 ρ
+                    lr = tl.load(B_prev + on, mask=nm, other=0.0) + c
+                    tl.store(Rho_t + on, _prob2(lr), mask=nm)
+                    beta = tl.maximum(beta, tl.where(nm, -lr, NEG_INF))
                 tl.store(dk3_ptr + b * T + t, dk3)
+                tl.store(eb_b + t, tl.minimum(tl.max(beta, axis=0),
+                                              _alpha_bound(A_cur, R_t, D, BD)))
                 tl.debug_barrier()
+                fast = _one_exp2_ok(eb_b, t, one_exp2_max)
                 if ONE_TILE_N:
                     # C_t = LSE_d(x/ε_t + a_t): ā_t = Q_tᵀ C̄ (+ the plan's ā at t = T - 1), whose
                     # sum is known now: Σ_d ā_d = Σ_n C̄_n (rows of Q sum to 1) [+ Σ plan's ā]
@@ -1597,37 +1704,37 @@ def sinkhorn_bwd_kernel(
                             dk2, tx, _ = _pieces_bwd_sweep(
                                 x_base, sxn_u, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t,
                                 B_prev, abar_b, last, Rbar_t, bbar_b, 1, lp0_b, lp0_u,
-                                dlp0_ptr + b * D, dxa, HAS_P0, HAS_GP, False, P0, P1, P2,
-                                MASK_P, BD, BT)
+                                dlp0_ptr + b * D, Rho_t, fast, dxa, HAS_P0, HAS_GP, False, P0, P1,
+                                P2, MASK_P, BD, BT)
                         elif FUSED_DX:
                             dk2, tx, de_fin = _pieces_bwd_sweep(
                                 x_base, sxn_u, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t,
                                 B_prev, abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
-                                dlp0_ptr + b * D, dxa, HAS_P0, HAS_GP, True, P0, P1, P2,
-                                MASK_P, BDF, BT)
+                                dlp0_ptr + b * D, Rho_t, fast, dxa, HAS_P0, HAS_GP, True, P0, P1,
+                                P2, MASK_P, BDF, BT)
                         else:
                             dk2, tx, de_fin = _pieces_bwd_sweep(
                                 x_base, sxn_u, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t,
                                 B_prev, abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
-                                dlp0_ptr + b * D, dxa, HAS_P0, HAS_GP, False, P0, P1, P2,
-                                MASK_P, BD, BT)
+                                dlp0_ptr + b * D, Rho_t, fast, dxa, HAS_P0, HAS_GP, False, P0, P1,
+                                P2, MASK_P, BD, BT)
                     elif t > 0:
                         dk2, tx, _ = _exact_bwd_sweep(
                             x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
                             abar_b, last, Rbar_t, bbar_b, 1, lp0_b, lp0_u,
-                            dlp0_ptr + b * D, dxa, HAS_P0, HAS_GP, False, BN, BD, BT)
+                            dlp0_ptr + b * D, Rho_t, fast, dxa, HAS_P0, HAS_GP, False, BN, BD, BT)
                     elif FUSED_DX:
                         # the sweep that also writes dx holds ~2x the live tiles: BDF features
                         # per chunk (launch.fused_sweep_bd; fuse_dx decides with that width)
                         dk2, tx, de_fin = _exact_bwd_sweep(
                             x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
                             abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
-                            dlp0_ptr + b * D, dxa, HAS_P0, HAS_GP, True, BN, BDF, BT)
+                            dlp0_ptr + b * D, Rho_t, fast, dxa, HAS_P0, HAS_GP, True, BN, BDF, BT)
                     else:
                         dk2, tx, de_fin = _exact_bwd_sweep(
                             x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
                             abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
-                            dlp0_ptr + b * D, dxa, HAS_P0, HAS_GP, False, BN, BD, BT)
+                            dlp0_ptr + b * D, Rho_t, fast, dxa, HAS_P0, HAS_GP, False, BN, BD, BT)
                     e_inv = s * _LN2
                     # tx = Σ ȳ_t ⊙ x·s_t: the term -Σ ȳ_t ⊙ x / ε(t)² is -tx·e_inv·ln 2
                     tl.store(deps_x_ptr + b * T + t, -tx * e_inv * _LN2)
@@ -1706,13 +1813,15 @@ def sinkhorn_dx_kernel(
     w_ptr, A_ptr, Rn_ptr, Bv_ptr, Cn_ptr, rfin_ptr, tot_ptr, y_ptr,
     g_ptr, gp_ptr, sgb, sgn, sgd, dx_ptr, sdb, sdn, sdd,
     Rbar_ptr, Cbar_ptr, pg_ptr, dw_ptr, xs_ptr, sc_ptr, ds_ptr, root_ptr, mean_ptr,
+    Rho_ptr, eb_ptr, one_exp2_max,
     PAPER: tl.constexpr, HAS_GP: tl.constexpr, TX: tl.constexpr, BNX: tl.constexpr,
     BDX: tl.constexpr, BT: tl.constexpr, SCALED: tl.constexpr = False,
     SPREAD: tl.constexpr = False,
 ):
     """dx of rows [j BNX, (j + 1) BNX) of set b (grid (B, cdiv(N, BNX))), from the vectors the
     backward kernel saved (it ran first, with SPLIT_DX): the dx pass spread over every SM where
-    one program per set leaves most idle (W1: 50 sets). Adds its ε terms to dw [6, T] by atomic
+    one program per set leaves most idle (W1: 50 sets); Rho, eb: the one-exp2 form's ρ and
+    bounds (sinkhorn_bwd_kernel). Adds its ε terms to dw [6, T] by atomic
     adds (the final log P's to ε_{T-1}; TX: ȳ_t ⊙ x's to ε_t, paper ε_{max(t-1, 0)});
     SCALED: those terms' share of ds [B] too (``_add_weight_grad``). SPREAD (sinkhorn_bwd_kernel's
     SPREAD): ds [B] is complete (that kernel summed every ε term), no ε term is added here, and
@@ -1731,7 +1840,8 @@ def sinkhorn_dx_kernel(
     dxa = (Bv_ptr + T * NR + row0, rfin_ptr + b * D, g_ptr + b * D, y_ptr + b * D,
            ie_fin * _LOG2E, ie_fin, A_ptr + b * (T + 1) * D + T * D, gp_ptr + b * sgb, sgn, sgd,
            tot, pg, T, NR, row0, xs_ptr + b * T, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_ptr + b * T * D,
-           Rbar_ptr + b * T * D, A_ptr + b * (T + 1) * D, dx_ptr + b * sdb, sdn, sdd)
+           Rbar_ptr + b * T * D, A_ptr + b * (T + 1) * D, dx_ptr + b * sdb, sdn, sdd, Rho_ptr,
+           eb_ptr + b * T, one_exp2_max)
     kk = 0.0
     if SPREAD:
         kk = _spread_coefficient(tl.load(ds_ptr + b), root_ptr + b, isig, D, N)

@@ -30,6 +30,11 @@ SPLIT_SETS = False
 SPLIT_ROWS: Optional[int] = None
 SPLIT_MIN_ROWS = 32
 
+# the exact reverse iterations form S and Q from one exp2 per element while the exponent
+# e = 2^(x s - C - R) is bounded by 2^ONE_EXP2_MAX_SHIFT (kernels._alpha_bound; tests set it
+# below 0 to run the two-exp2 form everywhere)
+ONE_EXP2_MAX_SHIFT = 64.0
+
 # elements of x per thread in one [BN, BD] tile: the forward and the backward's reverse sweeps
 # hold ~3 tiles live, the dx pass (and the last sweep when it writes dx: it runs at BD / 2)
 # ~6; with these budgets ptxas stays below 255 registers without spills (AOT test; 32 per
@@ -379,11 +384,12 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
                           dtype=torch.float32)
     dw, dlp0, dlq0 = param_grad_views(dparams[:n_params], B, T, D, NR, has_p0, has_q0)
     # per-set partials of the weight gradient (dk2, dk3, deps_rec, deps_x), the per-set table
-    # of x-scales s_t (xs), and the adjoints Rbar, Cbar, abar, bbar
-    scratch = torch.empty(5 * B * T + B * T * D + T * NR + B * D + NR + B, device=x.device,
-                          dtype=torch.float32)
-    part, Rbar, Cbar, abar, bbar, pg = _carve(
-        scratch, [(5, B, T), (B, T, D), (T, NR), (B, D), (NR,), (B,)])
+    # of x-scales s_t (xs), the one-exp2 bounds (eb), the adjoints Rbar, Cbar, abar, bbar and
+    # the one-exp2 row factors Rho (kernels._alpha_bound)
+    scratch = torch.empty(6 * B * T + B * T * D + 2 * T * NR + B * D + NR + B,
+                          device=x.device, dtype=torch.float32)
+    part, Rbar, Cbar, abar, bbar, pg, rho = _carve(
+        scratch, [(6, B, T), (B, T, D), (T, NR), (B, D), (NR,), (B,), (T, NR)])
     g = as_f32(grad_y)  # (no host op when it already is contiguous fp32)
     has_gp = grad_plan is not None
     gp = grad_plan if has_gp else g
@@ -412,15 +418,16 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
             N if N is not None else 0, D, T, NR, -math.log2(D), w, lp0, lq0, A, Rn, Bv, Cn, rfin,
             tot, y, g, gp, sgb, sgn, sgd, dx, sdb, sdn, sdd,
             dlp0 if has_p0 else g, dlq0 if has_q0 else g, dw, part[0], part[1], part[2],
-            part[3], part[4], Rbar, Cbar, abar, bbar, pg, *sc, *st,
-            RAGGED=ptr is not None, HAS_P0=has_p0, HAS_Q0=has_q0,
+            part[3], part[4], Rbar, Cbar, abar, bbar, pg, *sc, *st, rho, part[5],
+            ONE_EXP2_MAX_SHIFT, RAGGED=ptr is not None, HAS_P0=has_p0, HAS_Q0=has_q0,
             PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one_tile, BN=BN, BD=BD, BT=next_pow2(T),
             BNX=BNX, BDX=BDX, FUSE_DX=fused, SPLIT_DX=split, BDF=BDF, P0=P0, P1=P1, P2=P2,
             MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None, SPREAD=fold, num_warps=nw)
         if split:
             launcher(sinkhorn_dx_kernel, wrap)[(B, cdiv(N, BNX))](
                 x, sxb, sxn, sxd, N, D, T, NR, w, A, Rn, Bv, Cn, rfin, tot, y, g, gp, sgb, sgn,
-                sgd, dx, sdb, sdn, sdd, Rbar, Cbar, pg, dw, part[4], *sc, *st, PAPER=paper,
+                sgd, dx, sdb, sdn, sdd, Rbar, Cbar, pg, dw, part[4], *sc, *st, rho, part[5],
+                ONE_EXP2_MAX_SHIFT, PAPER=paper,
                 HAS_GP=has_gp, TX=not (one_tile and not paper), BNX=BNX, BDX=BDX,
                 BT=next_pow2(T), SCALED=scale is not None, SPREAD=fold, num_warps=nw)
     if scale is not None:
