@@ -18,8 +18,10 @@ Must run WITHOUT ``TRITON_INTERPRET`` (interpreted functions are not compiled).
 """
 from __future__ import annotations
 
+import ast
 import collections
 import dataclasses
+import functools
 import os
 import re
 import subprocess
@@ -225,6 +227,43 @@ def _unroll(ins, sites, elems, threads) -> int:
     return max(1, int(round(ratios[len(ratios) // 2])))
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@functools.lru_cache(maxsize=None)
+def _branch_bodies(name: str) -> tuple:
+    """(first, last) source lines of every ``if`` / ``else`` body in a source file as the
+    chains name it (``source_name``; () when it is not found under the repository)."""
+    path = os.path.join(ROOT, name)
+    if not os.path.isfile(path):
+        return ()
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    spans = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If):
+            for body in (node.body, node.orelse):
+                if body:
+                    spans.append((body[0].lineno, max(b.end_lineno for b in body)))
+    return tuple(spans)
+
+
+def _untaken_branch(chain: str, lines_by_context: dict) -> bool:
+    """Whether an instruction's statement lies in an ``if`` / ``else`` body of which no
+    statement ran in the same call context (a runtime branch the input never took: a fallback
+    form inline in a loop). The innermost body that holds the line decides."""
+    head, _, ctx = chain.partition("<")
+    name, _, line = head.rpartition(":")
+    if not line.isdigit():
+        return False
+    n = int(line)
+    spans = [sp for sp in _branch_bodies(name) if sp[0] <= n <= sp[1]]
+    if not spans:
+        return False
+    lo, hi = min(spans, key=lambda sp: sp[1] - sp[0])
+    return not any(lo <= m <= hi for m in lines_by_context.get((name, ctx), ()))
+
+
 def dynamic_instructions(cubin: bytes, sites: dict, programs: int, site_elems=None,
                          threads: int = 0) -> dict:
     """Instructions one thread executes, summed over ``programs`` programs.
@@ -232,7 +271,9 @@ def dynamic_instructions(cubin: bytes, sites: dict, programs: int, site_elems=No
     An instruction whose source call chain is a site the interpreter counted (``sites``: that
     statement's executions over all programs, ``interp_counter``) runs that often, at most as
     often as its loop; an instruction without a site as often as its loop, or never where the
-    call it was inlined from never ran (a fallback pass). A loop runs as often as most of its
+    call it was inlined from never ran (a fallback pass) or where it lies in an ``if`` /
+    ``else`` body none of whose statements ran in that context (``_untaken_branch``: an inline
+    fallback form). A loop runs as often as most of its
     own matched instructions say (their most common count: a pipelined copy of a load or a
     branch not taken inside it aside), divided among the copies the compiler made of it and
     by the source trips one trip of an unrolled body holds (``_unroll``: from the sites' tile
@@ -240,7 +281,7 @@ def dynamic_instructions(cubin: bytes, sites: dict, programs: int, site_elems=No
     the loop around it; code outside loops once per program (the remainder copies of an
     unrolled loop too: an upper bound). Returns the instructions, their MUFU.EX2/LG2 (to set
     against the interpreter's exp2/log2 count, replicated lanes aside), how many instructions
-    matched a site or lay in calls that never ran, the static count, and per loop its
+    matched a site or lay in calls or branches that never ran, the static count, and per loop its
     instructions, runs and executed instructions."""
     instrs, labels = disassemble(cubin, line_info=True)
     ranges = loops(instrs, labels)
@@ -268,6 +309,12 @@ def dynamic_instructions(cubin: bytes, sites: dict, programs: int, site_elems=No
                                         and r[1] <= o[1]])]
     # the call contexts that ran: every executed site's chain and each outer part of it
     ran = set(sites) | {c.split("<", k)[-1] for c in sites for k in range(1, c.count("<") + 1)}
+    by_context = collections.defaultdict(set)        # (file, call context) -> lines that ran
+    for c in sites:
+        head, _, ctx = c.partition("<")
+        name, _, line = head.rpartition(":")
+        if line.isdigit():
+            by_context[(name, ctx)].add(int(line))
     total = matched = dead = mufu = 0.0
     breakdown = []
     for r, ins in own.items():
@@ -278,6 +325,9 @@ def dynamic_instructions(cubin: bytes, sites: dict, programs: int, site_elems=No
                 n = min(float(sites[i.chain]), runs[r])
             elif "<" in i.chain and i.chain.split("<", 1)[1] not in ran:
                 dead += 1         # inside a call (a helper's inlined body) that never ran
+                n = 0.0
+            elif i.chain and _untaken_branch(i.chain, by_context):
+                dead += 1         # in a branch body none of whose statements ran
                 n = 0.0
             else:
                 n = runs[r]

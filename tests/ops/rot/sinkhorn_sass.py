@@ -86,6 +86,8 @@ def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = F
               P0=P0, P1=P1, P2=P2, MASK_P=N is not None and P0 + P1 + P2 != N)
     # dense with dx not in the sweep: the few-sets case (dx by its own launch) is compiled
     ce["SPLIT_DX"] = not ragged and not ce["FUSE_DX"]
+    # dense exact at W2's layout (the NCHW view, samples contiguous): packed dx row vectors
+    ce["PACK"] = not ragged and L.packed_rows(N, BNX, P0 + P1 + P2, paper, 1) > 0
     return K.sinkhorn_bwd_kernel, ce
 
 

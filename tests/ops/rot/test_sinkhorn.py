@@ -190,7 +190,8 @@ def test_ragged_priors_exact():
 @pytest.mark.parametrize("variant", ["exact", "paper"])
 @pytest.mark.parametrize("ragged", [False, True], ids=["dense", "ragged_with_empty"])
 @pytest.mark.parametrize("dx_by", ["pass", "split", "sweep"])
-def test_backward_dx_tiles_with_edges(variant, ragged, dx_by, reverse_form, monkeypatch):
+@pytest.mark.parametrize("layout", ["contiguous", "nchw_view"])
+def test_backward_dx_tiles_with_edges(variant, ragged, dx_by, layout, reverse_form, monkeypatch):
     """The backward's dx on forced [2, 4] tiles (``launch.dx_tile``): several row blocks and
     feature chunks per set, a partial last block of each, no per-element mask (clamped reads,
     -inf exponents), written by the backward kernel's own pass, by the row-block launch
@@ -198,10 +199,13 @@ def test_backward_dx_tiles_with_edges(variant, ragged, dx_by, reverse_form, monk
     sweep (``sweep``, dense exact only: ``launch.fuse_dx``). With priors and a plan. Ragged:
     sizes 3, 0, 5, so the empty set's prior gradient must come out zero (the parameter
     gradients start at zero, nothing is added for it). Exact: in the one-exp2 and the forced
-    two-exp2 form (``reverse_form``)."""
+    two-exp2 form (``reverse_form``). Dense: x contiguous and as the (B, HW, C) view of an
+    NCHW map, whose exact backward packs the dx terms' row vectors (``launch.packed_rows``)."""
     from rotp_triton.ops.rot.triton.sinkhorn import launch
     if variant == "paper" and reverse_form == "two_exp2":
         pytest.skip("the paper variant has only the two-exp2 form")
+    if ragged and layout == "nchw_view":
+        pytest.skip("a ragged batch has no NCHW view")
     if dx_by == "sweep" and (ragged or variant == "paper"):
         pytest.skip("dx is written by the reverse sweep only for dense exact batches")
     if dx_by == "split" and ragged:
@@ -221,7 +225,12 @@ def test_backward_dx_tiles_with_edges(variant, ragged, dx_by, reverse_form, monk
     else:
         ptr = None
         B, N = 2, 5
-        x = torch.randn(B, N, D, generator=gen)
+        if layout == "nchw_view":
+            x = torch.randn(B, D, N, 1, generator=gen).flatten(2).transpose(1, 2)
+            assert launch.packed_rows(N, 2, 0, variant == "paper", x.stride(1)) == 16 * (
+                variant == "exact")
+        else:
+            x = torch.randn(B, N, D, generator=gen)
         q0 = torch.rand(B, N, generator=gen) + 0.1
     p0 = torch.rand(B, D, generator=gen) + 0.1
     cy = torch.randn(B, D, generator=gen)

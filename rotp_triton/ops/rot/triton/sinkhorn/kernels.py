@@ -1046,15 +1046,45 @@ def _one_exp2_ok(eb_b, t, lim):
 
 
 @triton.jit
+def _pack_row_vectors(RV_t, C_t, Cbar_t, Rho_t, B_prev, n_b, NPAD, BN: tl.constexpr):
+    """Copy iteration t's row vectors of a set (C_t, C̄_t, ρ_t, b_{t-1}) into RV_t [4, NPAD],
+    the padded rows as the dx terms' masked loads would give them (+inf, 0, 0, -inf): the
+    dx terms then load whole aligned vectors without masks (``_dx_row_vector``)."""
+    for n0 in range(0, NPAD, BN):
+        on = n0 + tl.arange(0, BN)
+        nm = on < n_b
+        pm = on < NPAD
+        tl.store(RV_t + on, tl.load(C_t + on, mask=nm, other=float("inf")), mask=pm)
+        tl.store(RV_t + NPAD + on, tl.load(Cbar_t + on, mask=nm, other=0.0), mask=pm)
+        tl.store(RV_t + 2 * NPAD + on, tl.load(Rho_t + on, mask=nm, other=0.0), mask=pm)
+        tl.store(RV_t + 3 * NPAD + on, tl.load(B_prev + on, mask=nm, other=NEG_INF), mask=pm)
+
+
+@triton.jit
+def _dx_row_vector(k: tl.constexpr, src_ptr, other, t, on, nm, NR, row0, RV_b, NPAD,
+                   PACK: tl.constexpr):
+    """Row vector k of iteration t for the rows ``on`` (0: C_t, 1: C̄_t, 2: ρ_t, 3: b_{t-1}):
+    PACK (dense exact): from the packed copy RV_b [T, 4, NPAD] (``_pack_row_vectors``), whole
+    aligned vectors; otherwise from its [T(+1), NR] buffer ``src_ptr``, masked (``other``)."""
+    if PACK:
+        v = tl.load(RV_b + (t * 4 + k) * NPAD + on)
+    else:
+        v = tl.load(src_ptr + t * NR + row0 + on, mask=nm, other=other)
+    return v
+
+
+@triton.jit
 def _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, t_lo, T, NR, row0, D, xs_b, Bv_ptr,
-                        Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, Rho_ptr, eb_b, lim,
-                        PAPER: tl.constexpr, TX: tl.constexpr, BT: tl.constexpr):
+                        Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, Rho_ptr, eb_b, lim, RV_b, NPAD,
+                        PAPER: tl.constexpr, TX: tl.constexpr, BT: tl.constexpr,
+                        PACK: tl.constexpr):
     """dx += Σ_{t_lo <= t < T} ȳ_t/ε(t), ȳ_t = S_t R̄_t + Q_t C̄_t, on one tile of x (softmaxes
     recomputed from the saved vectors; exact: one exp2 per element where the iteration's bound
-    allows, ρ from Rho_ptr [T, NR]); TX: de_x [BT] -= Σ ȳ_t ⊙ x/ε(t)² per t. Padded rows /
-    features: -inf exponents (b, -C; -R, a) and zero adjoints (and ρ = α = 0). xs_b [T]: the
-    x-scale s_t of every iteration (written once per set by sinkhorn_bwd_kernel: a load
-    instead of a division per iteration and tile)."""
+    allows, ρ from Rho_ptr [T, NR]; PACK: the row vectors from RV_b, ``_dx_row_vector``); TX:
+    de_x [BT] -= Σ ȳ_t ⊙ x/ε(t)² per t. Padded rows / features: -inf exponents (b, -C; -R, a)
+    and zero adjoints (and ρ = α = 0). xs_b [T]: the x-scale s_t of every iteration (written
+    once per set by sinkhorn_bwd_kernel: a load instead of a division per iteration and
+    tile)."""
     if PAPER:
         QOFF = 0
     else:
@@ -1063,8 +1093,8 @@ def _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, t_lo, T, NR, row0, D, xs_b,
     for t in range(t_lo, T):
         s = tl.load(xs_b + t)
         e_inv = s * _LN2
-        ncn = -tl.load(Cn_ptr + t * NR + row0 + on, mask=nm, other=float("inf"))
-        cb = tl.load(Cbar_ptr + t * NR + row0 + on, mask=nm, other=0.0)
+        ncn = -_dx_row_vector(0, Cn_ptr, float("inf"), t, on, nm, NR, row0, RV_b, NPAD, PACK)
+        cb = _dx_row_vector(1, Cbar_ptr, 0.0, t, on, nm, NR, row0, RV_b, NPAD, PACK)
         nr = -tl.load(Rn_b + t * D + od, mask=dm, other=float("inf"))
         rb = tl.load(Rbar_b + t * D + od, mask=dm, other=0.0)
         aq = tl.load(A_b + (t + QOFF) * D + od, mask=dm, other=NEG_INF)
@@ -1072,17 +1102,18 @@ def _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, t_lo, T, NR, row0, D, xs_b,
         if not PAPER:
             fast = _one_exp2_ok(eb_b, t, lim)
         if fast:
-            rho = tl.load(Rho_ptr + t * NR + row0 + on, mask=nm, other=0.0)     # [BNX]
+            rho = _dx_row_vector(2, Rho_ptr, 0.0, t, on, nm, NR, row0, RV_b, NPAD, PACK)
             al = tl.where(dm, tl.exp2(tl.minimum(aq - nr, 0.0)), 0.0) * e_inv   # [BDX] α/ε
             e = tl.exp2(x * s + ncn[:, None] + nr[None, :])
             term = e * (rho[:, None] * (rb * e_inv)[None, :] + al[None, :] * cb[:, None])
+            dx += term          # (in each branch: one FMA, not a product and an add)
         else:
-            bp = tl.load(Bv_ptr + t * NR + row0 + on, mask=nm, other=NEG_INF)
+            bp = _dx_row_vector(3, Bv_ptr, NEG_INF, t, on, nm, NR, row0, RV_b, NPAD, PACK)
             xs = x * s
             sm = _prob2(xs + bp[:, None] + nr[None, :])
             qm = _prob2(xs + aq[None, :] + ncn[:, None])
             term = (sm * rb[None, :] + qm * cb[:, None]) * e_inv               # ȳ_t/ε(t)
-        dx += term
+            dx += term
         if TX:
             tx = tl.sum(tl.sum(term * (x * s), axis=1), axis=0)  # (x·s_t: no x² overflow)
             de_x += tl.where(ot == t, -tx * _LN2, 0.0)
@@ -1092,7 +1123,7 @@ def _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, t_lo, T, NR, row0, D, xs_b,
 @triton.jit
 def _dx_rows(x_base, sxn, sxd, on, nm, n_b, D, dxa, de_x, PAPER: tl.constexpr,
              HAS_GP: tl.constexpr, TX: tl.constexpr, BDX: tl.constexpr, BT: tl.constexpr,
-             kk, mean_b, SPREAD: tl.constexpr):
+             kk, mean_b, SPREAD: tl.constexpr, PACK: tl.constexpr):
     """dx of the rows ``on`` (a [BNX] block, ``nm`` the real ones) of one set, feature chunk by
     chunk; returns this block's share of the final log P's ε term and de_x (TX: the per-t ε
     terms added). ``dxa``: what the dx terms read (see sinkhorn_bwd_kernel). SPREAD: dx also
@@ -1100,7 +1131,7 @@ def _dx_rows(x_base, sxn, sxd, on, nm, n_b, D, dxa, de_x, PAPER: tl.constexpr,
     means; kk = ds·[root > 0] / (D·n_b·σ), ``_spread_coefficient``)."""
     (B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base, sgn, sgd, tot, pg, T, NR, row0,
      xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd, Rho_ptr, eb_b,
-     lim) = dxa
+     lim, RV_b, NPAD) = dxa
     roff = _lean_row_offsets(on, n_b, sxn, True)                               # [BNX]
     de_fin = tl.sum(tl.zeros([BDX], tl.float32), axis=0)
     for d0 in range(0, D, BDX):
@@ -1112,7 +1143,7 @@ def _dx_rows(x_base, sxn, sxd, on, nm, n_b, D, dxa, de_x, PAPER: tl.constexpr,
         de_fin -= tl.sum(tl.sum(zbx, axis=1), axis=0) * ie_fin
         dx, de_x = _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, 0, T, NR, row0, D, xs_b,
                                        Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, Rho_ptr,
-                                       eb_b, lim, PAPER, TX, BT)
+                                       eb_b, lim, RV_b, NPAD, PAPER, TX, BT, PACK)
         if SPREAD:
             mean = tl.load(mean_b + od, mask=dm, other=0.0)                    # [BDX]
             dx += kk * (x - mean[None, :])
@@ -1170,7 +1201,8 @@ def _sweep_s_terms(xs, e, r, bp, rho, rbar, fast):
 def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
                      abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b, Rho_t, fast,
                      dxa, HAS_P0: tl.constexpr, HAS_GP: tl.constexpr, DX: tl.constexpr,
-                     BN: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+                     BN: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
+                     PACK: tl.constexpr = False):
     """One exact reverse iteration after C̄ in ONE pass over x (BN >= n_b); returns dκ2,
     Σ ȳ_t ⊙ x (the x-scale's ε term, ȳ_t = S R̄ + Q C̄ elementwise: dx's term of iteration t)
     and, with DX (t = 0), the final log P's ε term.
@@ -1208,7 +1240,7 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
     sq = tl.zeros([BD], tl.float32)
     (B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base, sgn, sgd, tot, pg, T, NR, row0,
      xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd, Rho_ptr, eb_b,
-     lim) = dxa
+     lim, RV_b, NPAD) = dxa
     for d0 in range(0, D, BD):
         od = d0 + tl.arange(0, BD)
         dm = od < D
@@ -1232,7 +1264,8 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
             dx += y_t * (s * _LN2)
             dx, _ = _dx_iteration_terms(x, dx, tl.zeros([BT], tl.float32), on, nm, od, dm, 1,
                                         T, NR, row0, D, xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b,
-                                        Rbar_b, A_b, Rho_ptr, eb_b, lim, False, False, BT)
+                                        Rbar_b, A_b, Rho_ptr, eb_b, lim, RV_b, NPAD, False,
+                                        False, BT, PACK)
             tl.store(dx_base + on[:, None] * sdn + od[None, :] * sdd,
                      dx.to(dx_base.dtype.element_ty), mask=nm[:, None] & dm[None, :])
     tl.store(bbar_b + on, tl.sum(acc, axis=1), mask=on < n_b * need_b)
@@ -1282,22 +1315,16 @@ def _piece_pool_dx(x, on, nm, B_fin, s_fin, ie_fin, rf, g, yd, a, gp_base, sgn, 
 
 
 @triton.jit
-def _piece_iter_dx_one(x, dx, on, nm, Cn_t, Cbar_t, Rho_t, s, nr, rb, al):
-    """dx += ȳ_t/ε(t) of iteration t on one piece in the one-exp2 form (per-column vectors
-    of t given: -R, rb = R̄/ε(t), al = α/ε(t); ρ from Rho_t)."""
-    ncn = -tl.load(Cn_t + on, mask=nm, other=float("inf"))
-    cb = tl.load(Cbar_t + on, mask=nm, other=0.0)
-    rho = tl.load(Rho_t + on, mask=nm, other=0.0)
+def _piece_iter_dx_one(x, dx, ncn, cb, rho, s, nr, rb, al):
+    """dx += ȳ_t/ε(t) of iteration t on one piece in the one-exp2 form (its row vectors -C, C̄,
+    ρ; the per-column vectors of t: -R, rb = R̄/ε(t), al = α/ε(t))."""
     e = tl.exp2(x * s + ncn[:, None] + nr[None, :])
     return dx + e * (rho[:, None] * rb[None, :] + al[None, :] * cb[:, None])
 
 
 @triton.jit
-def _piece_iter_dx_two(x, dx, on, nm, Bv_t, Cn_t, Cbar_t, s, e_inv, nr, rb, aq):
-    """The same in the two-exp2 form (rb = R̄, aq = a_t)."""
-    ncn = -tl.load(Cn_t + on, mask=nm, other=float("inf"))
-    cb = tl.load(Cbar_t + on, mask=nm, other=0.0)
-    bp = tl.load(Bv_t + on, mask=nm, other=NEG_INF)
+def _piece_iter_dx_two(x, dx, ncn, cb, bp, s, e_inv, nr, rb, aq):
+    """The same in the two-exp2 form (row vectors -C, C̄, b_{t-1}; rb = R̄, aq = a_t)."""
     xs = x * s
     sm = _prob2(xs + bp[:, None] + nr[None, :])
     qm = _prob2(xs + aq[None, :] + ncn[:, None])
@@ -1305,15 +1332,24 @@ def _piece_iter_dx_two(x, dx, on, nm, Bv_t, Cn_t, Cbar_t, s, e_inv, nr, rb, aq):
 
 
 @triton.jit
+def _piece_row_vectors(k: tl.constexpr, src_ptr, other, t, on0, nm0, on1, nm1, on2, nm2, NR,
+                       row0, RV_b, NPAD, PACK: tl.constexpr):
+    """Row vector k of iteration t (``_dx_row_vector``) for each of the three pieces."""
+    return (_dx_row_vector(k, src_ptr, other, t, on0, nm0, NR, row0, RV_b, NPAD, PACK),
+            _dx_row_vector(k, src_ptr, other, t, on1, nm1, NR, row0, RV_b, NPAD, PACK),
+            _dx_row_vector(k, src_ptr, other, t, on2, nm2, NR, row0, RV_b, NPAD, PACK))
+
+
+@triton.jit
 def _pieces_dx_chunk(x0, x1, x2, yt0, yt1, yt2, on0, on1, on2, nm0, nm1, nm2, od, dm, D, s,
-                     dxa, HAS_GP: tl.constexpr):
+                     dxa, HAS_GP: tl.constexpr, PACK: tl.constexpr):
     """dx of one feature chunk of all three pieces in the exact sweep that writes dx (t = 0;
     ȳ_0 = yt given): the pooling term and the iterations t >= 1, each per-column vector
     loaded once for the three pieces; stored; returns the pieces' z̄ ⊙ x / ε_{T-1} summed to
     [BD]."""
     (B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base, sgn, sgd, tot, pg, T, NR, row0,
      xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd, Rho_ptr, eb_b,
-     lim) = dxa
+     lim, RV_b, NPAD) = dxa
     rf, g, yd, a = _pool_column_vectors(rfin_b, g_b, y_b, A_fin, od, dm, HAS_GP)      # [BD] each
     dx0, zx0 = _piece_pool_dx(x0, on0, nm0, B_fin, s_fin, ie_fin, rf, g, yd, a, gp_base, sgn,
                               sgd, od, dm, tot, pg, HAS_GP)
@@ -1331,20 +1367,24 @@ def _pieces_dx_chunk(x0, x1, x2, yt0, yt1, yt2, on0, on1, on2, nm0, nm1, nm2, od
         nr = -tl.load(Rn_b + t * D + od, mask=dm, other=float("inf"))          # [BD]
         rb = tl.load(Rbar_b + t * D + od, mask=dm, other=0.0)
         aq = tl.load(A_b + (t + 1) * D + od, mask=dm, other=NEG_INF)
-        Bv_t = Bv_ptr + t * NR + row0
-        Cn_t = Cn_ptr + t * NR + row0
-        Cb_t = Cbar_ptr + t * NR + row0
+        c0, c1, c2 = _piece_row_vectors(0, Cn_ptr, float("inf"), t, on0, nm0, on1, nm1, on2,
+                                        nm2, NR, row0, RV_b, NPAD, PACK)
+        cb0, cb1, cb2 = _piece_row_vectors(1, Cbar_ptr, 0.0, t, on0, nm0, on1, nm1, on2, nm2,
+                                           NR, row0, RV_b, NPAD, PACK)
         if _one_exp2_ok(eb_b, t, lim):
-            Rho_t = Rho_ptr + t * NR + row0
+            r0, r1, r2 = _piece_row_vectors(2, Rho_ptr, 0.0, t, on0, nm0, on1, nm1, on2, nm2,
+                                            NR, row0, RV_b, NPAD, PACK)
             al = tl.where(dm, tl.exp2(tl.minimum(aq - nr, 0.0)), 0.0) * e_inv      # α/ε(t)
             rb = rb * e_inv
-            dx0 = _piece_iter_dx_one(x0, dx0, on0, nm0, Cn_t, Cb_t, Rho_t, st, nr, rb, al)
-            dx1 = _piece_iter_dx_one(x1, dx1, on1, nm1, Cn_t, Cb_t, Rho_t, st, nr, rb, al)
-            dx2 = _piece_iter_dx_one(x2, dx2, on2, nm2, Cn_t, Cb_t, Rho_t, st, nr, rb, al)
+            dx0 = _piece_iter_dx_one(x0, dx0, -c0, cb0, r0, st, nr, rb, al)
+            dx1 = _piece_iter_dx_one(x1, dx1, -c1, cb1, r1, st, nr, rb, al)
+            dx2 = _piece_iter_dx_one(x2, dx2, -c2, cb2, r2, st, nr, rb, al)
         else:
-            dx0 = _piece_iter_dx_two(x0, dx0, on0, nm0, Bv_t, Cn_t, Cb_t, st, e_inv, nr, rb, aq)
-            dx1 = _piece_iter_dx_two(x1, dx1, on1, nm1, Bv_t, Cn_t, Cb_t, st, e_inv, nr, rb, aq)
-            dx2 = _piece_iter_dx_two(x2, dx2, on2, nm2, Bv_t, Cn_t, Cb_t, st, e_inv, nr, rb, aq)
+            b0, b1, b2 = _piece_row_vectors(3, Bv_ptr, NEG_INF, t, on0, nm0, on1, nm1, on2, nm2,
+                                            NR, row0, RV_b, NPAD, PACK)
+            dx0 = _piece_iter_dx_two(x0, dx0, -c0, cb0, b0, st, e_inv, nr, rb, aq)
+            dx1 = _piece_iter_dx_two(x1, dx1, -c1, cb1, b1, st, e_inv, nr, rb, aq)
+            dx2 = _piece_iter_dx_two(x2, dx2, -c2, cb2, b2, st, e_inv, nr, rb, aq)
     tl.store(dx_base + on0[:, None] * sdn + od[None, :] * sdd,
              dx0.to(dx_base.dtype.element_ty), mask=nm0[:, None] & dm[None, :])
     tl.store(dx_base + on1[:, None] * sdn + od[None, :] * sdd,
@@ -1369,7 +1409,8 @@ def _pieces_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar
                       abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b, Rho_t,
                       fast, dxa, HAS_P0: tl.constexpr, HAS_GP: tl.constexpr, DX: tl.constexpr,
                       P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-                      MASK2: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+                      MASK2: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
+                      PACK: tl.constexpr = False):
     """_exact_bwd_sweep with the set's rows in three pieces (same returns): ā sums the
     pieces' column sums, every per-row quantity is per piece."""
     on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _piece_layout(n_b, sxn, P0, P1, P2, MASK2)
@@ -1406,7 +1447,7 @@ def _pieces_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar
         acc2, ax2, yt2 = _piece_bwd_rows(xs2, e2, qc2, bp2, rho2, r, rbar, acc2, ax2, fast)
         if DX:
             af += _pieces_dx_chunk(x0, x1, x2, yt0, yt1, yt2, on0, on1, on2, nm0, nm1, nm2, od,
-                                   dm, D, s, dxa, HAS_GP)
+                                   dm, D, s, dxa, HAS_GP, PACK)
     need = n_b * need_b
     tl.store(bbar_b + on0, tl.sum(acc0, axis=1), mask=on0 < need)
     tl.store(bbar_b + on1, tl.sum(acc1, axis=1), mask=on1 < need)
@@ -1414,7 +1455,7 @@ def _pieces_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar
     fin = tl.sum(af, axis=0)
     if DX:
         (_bf, _rf, _g, _y, _sf, ie_fin, _af, _gp, _sgn, _sgd, _tot, _pg, _T, _NR, _row0, _xs,
-         _bv, _cn, _cbar, _rn, _rbar, _ab, _dx, _sdn, _sdd, _rho, _eb, _lim) = dxa
+         _bv, _cn, _cbar, _rn, _rbar, _ab, _dx, _sdn, _sdd, _rho, _eb, _lim, _rv, _np) = dxa
         de_fin = -fin * ie_fin
     else:
         de_fin = fin
@@ -1466,13 +1507,13 @@ def sinkhorn_bwd_kernel(
     dx_ptr, sdb, sdn, sdd,
     dlp0_ptr, dlq0_ptr, dw_ptr, dk2_ptr, dk3_ptr, deps_rec_ptr, deps_x_ptr, xs_ptr,
     Rbar_ptr, Cbar_ptr, abar_ptr, bbar_ptr, pg_ptr, sc_ptr, ds_ptr, root_ptr, mean_ptr,
-    Rho_ptr, eb_ptr, one_exp2_max,
+    Rho_ptr, eb_ptr, one_exp2_max, RV_ptr, NPAD,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
     HAS_GP: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     BT: tl.constexpr, BNX: tl.constexpr, BDX: tl.constexpr, FUSE_DX: tl.constexpr = False,
     SPLIT_DX: tl.constexpr = False, BDF: tl.constexpr = 0, P0: tl.constexpr = 0,
     P1: tl.constexpr = 0, P2: tl.constexpr = 0, MASK_P: tl.constexpr = False,
-    SCALED: tl.constexpr = False, SPREAD: tl.constexpr = False,
+    SCALED: tl.constexpr = False, SPREAD: tl.constexpr = False, PACK: tl.constexpr = False,
 ):
     """Exact gradient of the T unrolled iterations + pooling (+ plan) of one set per program.
 
@@ -1486,7 +1527,9 @@ def sinkhorn_bwd_kernel(
     sinkhorn_dx_kernel, load it instead of dividing by ε_t per iteration and tile).
     Exact: Rho [T, NR] (ρ of the one-exp2 form, see _alpha_bound) and eb [B, T] (its bound),
     written by each reverse iteration for its sweep and the dx terms; iterations whose bound
-    exceeds ``one_exp2_max`` take the two-exp2 form.
+    exceeds ``one_exp2_max`` take the two-exp2 form. PACK (dense exact): each reverse iteration
+    also copies its row vectors into RV [B, T, 4, NPAD] for the dx terms
+    (``_pack_row_vectors``; NPAD covers every row tile of the dx pass and the row pieces).
     P0, P1, P2 > 0: the exact one-tile reverse sweeps hold the rows in three pieces
     (_pieces_bwd_sweep, launch.row_pieces); MASK_P: the last piece has padded rows.
     SCALED: as in the forward; dx is then ∂/∂x at fixed σ and ds [B] (zero before) gets
@@ -1591,7 +1634,7 @@ def sinkhorn_bwd_kernel(
         eb_b = eb_ptr + b * T
         dxa = (B_fin, rfin_b, g_ptr + b * D, y_ptr + b * D, s_fin, ie_fin, A_fin, gp_base, sgn,
                sgd, tot, pg, T, NR, row0, xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b,
-               dx_base, sdn, sdd, Rho_ptr, eb_b, one_exp2_max)
+               dx_base, sdn, sdd, Rho_ptr, eb_b, one_exp2_max, RV_ptr + b * T * 4 * NPAD, NPAD)
         de_fin = tl.sum(tl.zeros([BD], tl.float32), axis=0)
 
         # reverse sweep over the iterations: only vectors (adjoints of a, b, R, C) are carried
@@ -1692,6 +1735,9 @@ def sinkhorn_bwd_kernel(
                                               _alpha_bound(A_cur, R_t, D, BD)))
                 tl.debug_barrier()
                 fast = _one_exp2_ok(eb_b, t, one_exp2_max)
+                if PACK:        # (read after this set's reverse sweeps: no barrier needed here)
+                    _pack_row_vectors(RV_ptr + (b * T + t) * 4 * NPAD, C_t, Cbar_t, Rho_t,
+                                      B_prev, n_b, NPAD, BN)
                 if ONE_TILE_N:
                     # C_t = LSE_d(x/ε_t + a_t): ā_t = Q_tᵀ C̄ (+ the plan's ā at t = T - 1), whose
                     # sum is known now: Σ_d ā_d = Σ_n C̄_n (rows of Q sum to 1) [+ Σ plan's ā]
@@ -1705,36 +1751,39 @@ def sinkhorn_bwd_kernel(
                                 x_base, sxn_u, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t,
                                 B_prev, abar_b, last, Rbar_t, bbar_b, 1, lp0_b, lp0_u,
                                 dlp0_ptr + b * D, Rho_t, fast, dxa, HAS_P0, HAS_GP, False, P0, P1,
-                                P2, MASK_P, BD, BT)
+                                P2, MASK_P, BD, BT, PACK)
                         elif FUSED_DX:
                             dk2, tx, de_fin = _pieces_bwd_sweep(
                                 x_base, sxn_u, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t,
                                 B_prev, abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
                                 dlp0_ptr + b * D, Rho_t, fast, dxa, HAS_P0, HAS_GP, True, P0, P1,
-                                P2, MASK_P, BDF, BT)
+                                P2, MASK_P, BDF, BT, PACK)
                         else:
                             dk2, tx, de_fin = _pieces_bwd_sweep(
                                 x_base, sxn_u, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t,
                                 B_prev, abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
                                 dlp0_ptr + b * D, Rho_t, fast, dxa, HAS_P0, HAS_GP, False, P0, P1,
-                                P2, MASK_P, BD, BT)
+                                P2, MASK_P, BD, BT, PACK)
                     elif t > 0:
                         dk2, tx, _ = _exact_bwd_sweep(
                             x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
                             abar_b, last, Rbar_t, bbar_b, 1, lp0_b, lp0_u,
-                            dlp0_ptr + b * D, Rho_t, fast, dxa, HAS_P0, HAS_GP, False, BN, BD, BT)
+                            dlp0_ptr + b * D, Rho_t, fast, dxa, HAS_P0, HAS_GP, False, BN, BD, BT,
+                            PACK)
                     elif FUSED_DX:
                         # the sweep that also writes dx holds ~2x the live tiles: BDF features
                         # per chunk (launch.fused_sweep_bd; fuse_dx decides with that width)
                         dk2, tx, de_fin = _exact_bwd_sweep(
                             x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
                             abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
-                            dlp0_ptr + b * D, Rho_t, fast, dxa, HAS_P0, HAS_GP, True, BN, BDF, BT)
+                            dlp0_ptr + b * D, Rho_t, fast, dxa, HAS_P0, HAS_GP, True, BN, BDF, BT,
+                            PACK)
                     else:
                         dk2, tx, de_fin = _exact_bwd_sweep(
                             x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
                             abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
-                            dlp0_ptr + b * D, Rho_t, fast, dxa, HAS_P0, HAS_GP, False, BN, BD, BT)
+                            dlp0_ptr + b * D, Rho_t, fast, dxa, HAS_P0, HAS_GP, False, BN, BD, BT,
+                            PACK)
                     e_inv = s * _LN2
                     # tx = Σ ȳ_t ⊙ x·s_t: the term -Σ ȳ_t ⊙ x / ε(t)² is -tx·e_inv·ln 2
                     tl.store(deps_x_ptr + b * T + t, -tx * e_inv * _LN2)
@@ -1794,7 +1843,7 @@ def sinkhorn_bwd_kernel(
                 # (the exact one-tile reverse sweep already summed ȳ_t ⊙ x: deps_x)
                 dfp, de_x = _dx_rows(x_base, sxn, sxd, on, on < n_b, n_b, D, dxa, de_x, PAPER,
                                      HAS_GP, not TX_IN_SWEEP, BDX, BT, kk, mean_ptr + b * D,
-                                     SPREAD)
+                                     SPREAD, PACK)
                 if not SPREAD:
                     de_fin += dfp
             if not TX_IN_SWEEP:
@@ -1813,16 +1862,17 @@ def sinkhorn_dx_kernel(
     w_ptr, A_ptr, Rn_ptr, Bv_ptr, Cn_ptr, rfin_ptr, tot_ptr, y_ptr,
     g_ptr, gp_ptr, sgb, sgn, sgd, dx_ptr, sdb, sdn, sdd,
     Rbar_ptr, Cbar_ptr, pg_ptr, dw_ptr, xs_ptr, sc_ptr, ds_ptr, root_ptr, mean_ptr,
-    Rho_ptr, eb_ptr, one_exp2_max,
+    Rho_ptr, eb_ptr, one_exp2_max, RV_ptr, NPAD,
     PAPER: tl.constexpr, HAS_GP: tl.constexpr, TX: tl.constexpr, BNX: tl.constexpr,
     BDX: tl.constexpr, BT: tl.constexpr, SCALED: tl.constexpr = False,
-    SPREAD: tl.constexpr = False,
+    SPREAD: tl.constexpr = False, PACK: tl.constexpr = False,
 ):
     """dx of rows [j BNX, (j + 1) BNX) of set b (grid (B, cdiv(N, BNX))), from the vectors the
     backward kernel saved (it ran first, with SPLIT_DX): the dx pass spread over every SM where
     one program per set leaves most idle (W1: 50 sets); Rho, eb: the one-exp2 form's ρ and
-    bounds (sinkhorn_bwd_kernel). Adds its ε terms to dw [6, T] by atomic
-    adds (the final log P's to ε_{T-1}; TX: ȳ_t ⊙ x's to ε_t, paper ε_{max(t-1, 0)});
+    bounds, RV [B, T, 4, NPAD] the packed row vectors with PACK (sinkhorn_bwd_kernel). Adds
+    its ε terms to dw [6, T] by atomic adds (the final log P's to ε_{T-1}; TX: ȳ_t ⊙ x's to
+    ε_t, paper ε_{max(t-1, 0)});
     SCALED: those terms' share of ds [B] too (``_add_weight_grad``). SPREAD (sinkhorn_bwd_kernel's
     SPREAD): ds [B] is complete (that kernel summed every ε term), no ε term is added here, and
     dx gets the path through σ, kk·(x - mean_f) (``_spread_coefficient``)."""
@@ -1841,13 +1891,13 @@ def sinkhorn_dx_kernel(
            ie_fin * _LOG2E, ie_fin, A_ptr + b * (T + 1) * D + T * D, gp_ptr + b * sgb, sgn, sgd,
            tot, pg, T, NR, row0, xs_ptr + b * T, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_ptr + b * T * D,
            Rbar_ptr + b * T * D, A_ptr + b * (T + 1) * D, dx_ptr + b * sdb, sdn, sdd, Rho_ptr,
-           eb_ptr + b * T, one_exp2_max)
+           eb_ptr + b * T, one_exp2_max, RV_ptr + b * T * 4 * NPAD, NPAD)
     kk = 0.0
     if SPREAD:
         kk = _spread_coefficient(tl.load(ds_ptr + b), root_ptr + b, isig, D, N)
     de_fin, de_x = _dx_rows(x_ptr + b * sxb, sxn, sxd, on, on < N, N, D, dxa,
                             tl.zeros([BT], tl.float32), PAPER, HAS_GP, TX, BDX, BT, kk,
-                            mean_ptr + b * D, SPREAD)
+                            mean_ptr + b * D, SPREAD, PACK)
     if not SPREAD:
         # SCALED: these x-scale terms come out multiplied by 1/σ (see _add_weight_grad)
         sig = 1.0 / isig

@@ -148,7 +148,7 @@ def _dx_tile(D: int, N: Optional[int], num_warps: int, elems_per_thread: int) ->
             BNX = min(BNX, next_pow2(max(N, 1)))
         rows = cdiv(N, BNX) * BNX if N is not None else BNX
         cost = rows * cdiv(D, BDX) * BDX * (1 + 3 / BDX + 3 / BNX)
-        if best is None or cost < best[0]:
+        if best is None or cost <= best[0]:
             best = (cost, BNX, BDX)
     return best[1], best[2]
 
@@ -172,6 +172,18 @@ def split_dx(x: Tensor, B: int, N: Optional[int], fused: bool) -> bool:
     pass is elementwise. Not when the last reverse sweep writes dx (``fused``) or for ragged
     batches (row blocks per set would need the largest set's size on the host)."""
     return N is not None and not fused and B < sm_count(x.device)
+
+
+def packed_rows(N: Optional[int], BNX: int, piece_rows: int, paper: bool, sxn: int) -> int:
+    """Rows per set of the dx terms' packed row vectors (kernels._pack_row_vectors), or 0 (not
+    packed). Packed: dense exact sets whose samples are contiguous in x (sxn = 1, e.g. an NCHW
+    map viewed as (B, HW, C)): the dx tile then holds several consecutive rows per thread, and
+    their per-row vectors, masked loads one by one, cost more than the element math (W2: 8 rows
+    per thread, ~10 instructions per element and iteration). Padded to a multiple of 16 that
+    covers the dx tiles' rows and the row pieces, they load as whole aligned vectors."""
+    if N is None or paper or sxn != 1:
+        return 0
+    return cdiv(max(cdiv(N, BNX) * BNX, piece_rows), 16) * 16
 
 
 def num_warps_for(x: Tensor, B: int) -> int:
@@ -383,13 +395,6 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     dparams = torch.zeros(n_params + (B if scale is not None else 0), device=x.device,
                           dtype=torch.float32)
     dw, dlp0, dlq0 = param_grad_views(dparams[:n_params], B, T, D, NR, has_p0, has_q0)
-    # per-set partials of the weight gradient (dk2, dk3, deps_rec, deps_x), the per-set table
-    # of x-scales s_t (xs), the one-exp2 bounds (eb), the adjoints Rbar, Cbar, abar, bbar and
-    # the one-exp2 row factors Rho (kernels._alpha_bound)
-    scratch = torch.empty(6 * B * T + B * T * D + 2 * T * NR + B * D + NR + B,
-                          device=x.device, dtype=torch.float32)
-    part, Rbar, Cbar, abar, bbar, pg, rho = _carve(
-        scratch, [(6, B, T), (B, T, D), (T, NR), (B, D), (NR,), (B,), (T, NR)])
     g = as_f32(grad_y)  # (no host op when it already is contiguous fp32)
     has_gp = grad_plan is not None
     gp = grad_plan if has_gp else g
@@ -408,6 +413,15 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     fold = spread is not None and one_tile and not paper
     fused = not fold and fuse_dx(P0 + P1 + P2 if P0 else BN, BDF, BNX, BDX, one_tile, paper)
     split = split_dx(x, B, N, fused)
+    # per-set partials of the weight gradient (dk2, dk3, deps_rec, deps_x), the per-set table
+    # of x-scales s_t (xs), the one-exp2 bounds (eb), the adjoints Rbar, Cbar, abar, bbar,
+    # the one-exp2 row factors Rho (kernels._alpha_bound) and the dx terms' packed row vectors
+    # RV (packed_rows)
+    npad = packed_rows(N, BNX, P0 + P1 + P2, paper, sxn)
+    scratch = torch.empty(6 * B * T + B * T * D + 2 * T * NR + B * D + NR + B + B * T * 4 * npad,
+                          device=x.device, dtype=torch.float32)
+    part, Rbar, Cbar, abar, bbar, pg, rho, rv = _carve(
+        scratch, [(6, B, T), (B, T, D), (T, NR), (B, D), (NR,), (B,), (T, NR), (B, T, 4, npad)])
     lp0 = as_f32(log_p0) if has_p0 else g
     lq0 = as_f32(log_q0) if has_q0 else g
     sc = (scale, dparams[n_params:]) if scale is not None else (g, g)
@@ -419,17 +433,19 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
             tot, y, g, gp, sgb, sgn, sgd, dx, sdb, sdn, sdd,
             dlp0 if has_p0 else g, dlq0 if has_q0 else g, dw, part[0], part[1], part[2],
             part[3], part[4], Rbar, Cbar, abar, bbar, pg, *sc, *st, rho, part[5],
-            ONE_EXP2_MAX_SHIFT, RAGGED=ptr is not None, HAS_P0=has_p0, HAS_Q0=has_q0,
+            ONE_EXP2_MAX_SHIFT, rv, npad, RAGGED=ptr is not None, HAS_P0=has_p0, HAS_Q0=has_q0,
             PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one_tile, BN=BN, BD=BD, BT=next_pow2(T),
             BNX=BNX, BDX=BDX, FUSE_DX=fused, SPLIT_DX=split, BDF=BDF, P0=P0, P1=P1, P2=P2,
-            MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None, SPREAD=fold, num_warps=nw)
+            MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None, SPREAD=fold, PACK=npad > 0,
+            num_warps=nw)
         if split:
             launcher(sinkhorn_dx_kernel, wrap)[(B, cdiv(N, BNX))](
                 x, sxb, sxn, sxd, N, D, T, NR, w, A, Rn, Bv, Cn, rfin, tot, y, g, gp, sgb, sgn,
                 sgd, dx, sdb, sdn, sdd, Rbar, Cbar, pg, dw, part[4], *sc, *st, rho, part[5],
-                ONE_EXP2_MAX_SHIFT, PAPER=paper,
+                ONE_EXP2_MAX_SHIFT, rv, npad, PAPER=paper,
                 HAS_GP=has_gp, TX=not (one_tile and not paper), BNX=BNX, BDX=BDX,
-                BT=next_pow2(T), SCALED=scale is not None, SPREAD=fold, num_warps=nw)
+                BT=next_pow2(T), SCALED=scale is not None, SPREAD=fold, PACK=npad > 0,
+                num_warps=nw)
     if scale is not None:
         return dx, dparams[:n_params], None if fold else sc[1]
     return dx, dparams
