@@ -205,6 +205,14 @@ def _lse_softmax(y, valid, AXIS: tl.constexpr, MASKED: tl.constexpr, FAST: tl.co
 
 
 @triton.jit
+def _softmax_of(y, lse):
+    """softmax from its LogSumExp: e^(y - lse), one exp per element and no reduction (entries
+    outside the valid ones are left for the caller's mask). The exponent, ≤ 0 in exact
+    arithmetic, is clamped there (|x|/ε ≳ 1e9 rounds it up to values that would overflow)."""
+    return tl.exp2(tl.minimum(y - lse, 0.0) * LOG2E)
+
+
+@triton.jit
 def _sum(v, AXIS: tl.constexpr):
     return tl.sum(v, axis=AXIS, keep_dims=True)
 
@@ -222,34 +230,45 @@ def _lognorm_bwd(g, sm, valid, AXIS: tl.constexpr, MASKED: tl.constexpr):
 @triton.jit
 def _sinkhorn_step(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, PAPER: tl.constexpr,
                    MASKED: tl.constexpr, FAST: tl.constexpr):
-    """One iteration: (a, b) -> (a', b'). ``u`` = 1/ε_t; ``u_prev`` = 1/ε of the Y the paper's
-    Jacobi step reads (ε_{t-1}, ε_0 at t = 0)."""
+    """One iteration: (a, b) -> (a', b'), and the LogSumExps over the channels it formed
+    (exact: C [BW, BN, 1] and LSE_d(v) [BW, 1, 1]; paper: C and a zero). ``u`` = 1/ε_t;
+    ``u_prev`` = 1/ε of the Y the paper's Jacobi step reads (ε_{t-1}, ε_0 at t = 0)."""
     if PAPER:
         y = x * u_prev + a + b                                         # [BW, BN, BC]
         r = _lse(y, sv, AX_N, MASKED, FAST)  # [BW, 1, BC]
         c = _keep(_lse(y, cv, AX_C, MASKED, FAST), sv, MASKED)  # [BW, BN, 1]
         a_new = _keep(k2 * (a * u + lp0 - r), cv, MASKED)
         b_new = _keep(k3 * (b * u + lq0 - c), sv, MASKED)
+        lse_v = _sum(c, AX_N) * 0.0                                   # (unused)
     else:
         xu = x * u
         r = _lse(xu + b, sv, AX_N, MASKED, FAST)  # [BW, 1, BC] R_d
         v = k2 * lp0 + (1 - k2) * r
-        a_new = _keep(v - _lse(v, cv, AX_C, MASKED, FAST) - r, cv, MASKED)
+        lse_v = _lse(v, cv, AX_C, MASKED, FAST)                        # [BW, 1, 1]
+        a_new = _keep(v - lse_v - r, cv, MASKED)
         c = _keep(_lse(xu + a_new, cv, AX_C, MASKED, FAST), sv, MASKED)  # [BW, BN, 1] C_n
         q = k3 * lq0 + (1 - k3) * c
         b_new = _keep(q - _lse(q, sv, AX_N, MASKED, FAST) - c, sv, MASKED)
-    return a_new, b_new
+    return a_new, b_new, c, lse_v
 
 
 @triton.jit
-def _sinkhorn_step_bwd(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, ga_new, gb_new,
-                       PAPER: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr):
+def _sinkhorn_step_bwd(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, ga_new, gb_new, c_t,
+                       lse_v_t, PAPER: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr,
+                       TAPED: tl.constexpr):
     """VJP of _sinkhorn_step: returns (gx, ga, gb, gu_prev, gu, gk2, gk3); the scalar grads are
-    summed over the tile."""
+    summed over the tile. TAPED: the step's LogSumExps over the channels (c_t, lse_v_t, as the
+    replay formed them) come from the tape instead of two more reductions across the lanes
+    each, and the softmaxes over the channels are e^(y - LSE) (``_softmax_of``)."""
     if PAPER:
         y = x * u_prev + a + b
         r = _lse(y, sv, AX_N, MASKED, FAST)
-        c = _keep(_lse(y, cv, AX_C, MASKED, FAST), sv, MASKED)
+        if TAPED:
+            c = c_t
+            s_d = _softmax_of(y, c)
+        else:
+            c = _keep(_lse(y, cv, AX_C, MASKED, FAST), sv, MASKED)
+            s_d = _softmax(y, cv, AX_C, MASKED, FAST)
         ga_new = _keep(ga_new, cv, MASKED)
         gb_new = _keep(gb_new, sv, MASKED)
         gk2 = tl.sum(tl.sum(tl.sum(ga_new * (a * u + lp0 - r), 2), 1), 0)
@@ -257,8 +276,7 @@ def _sinkhorn_step_bwd(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, ga_new, gb_
         gu = (tl.sum(tl.sum(tl.sum(k2 * ga_new * a, 2), 1), 0)
               + tl.sum(tl.sum(tl.sum(k3 * gb_new * b, 2), 1), 0))
         # y feeds R (softmax over n) and C (softmax over d)
-        gy = (_softmax(y, sv, AX_N, MASKED, FAST) * (-k2 * ga_new)
-              + _softmax(y, cv, AX_C, MASKED, FAST) * (-k3 * gb_new))
+        gy = _softmax(y, sv, AX_N, MASKED, FAST) * (-k2 * ga_new) + s_d * (-k3 * gb_new)
         gy = _keep(gy, sv & cv, MASKED)
         gx = u_prev * gy
         gu_prev = tl.sum(tl.sum(tl.sum(x * gy, 2), 1), 0)
@@ -269,19 +287,30 @@ def _sinkhorn_step_bwd(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, ga_new, gb_
         y1 = xu + b
         r = _lse(y1, sv, AX_N, MASKED, FAST)  # [BW, 1, BC]
         v = k2 * lp0 + (1 - k2) * r
-        a_new = _keep(v - _lse(v, cv, AX_C, MASKED, FAST) - r, cv, MASKED)
+        if TAPED:
+            lse_v = lse_v_t
+            s_v = _softmax_of(v, lse_v)                                # softmax_d(v)
+        else:
+            lse_v = _lse(v, cv, AX_C, MASKED, FAST)
+            s_v = _softmax(v, cv, AX_C, MASKED, FAST)
+        a_new = _keep(v - lse_v - r, cv, MASKED)
         y2 = xu + a_new
-        c = _keep(_lse(y2, cv, AX_C, MASKED, FAST), sv, MASKED)  # [BW, BN, 1]
+        if TAPED:
+            c = c_t
+            s_2 = _softmax_of(y2, c)                                   # softmax_d(y2)
+        else:
+            c = _keep(_lse(y2, cv, AX_C, MASKED, FAST), sv, MASKED)  # [BW, BN, 1]
+            s_2 = _softmax(y2, cv, AX_C, MASKED, FAST)
         q = k3 * lq0 + (1 - k3) * c
         # b' = lognorm_n(q) - C
         gq = _lognorm_bwd(gb_new, _softmax(q, sv, AX_N, MASKED, FAST), sv, AX_N,
                           MASKED)  # [BW, BN, 1]
         gc = _keep(-gb_new + (1 - k3) * gq, sv, MASKED)
         gk3 = tl.sum(tl.sum(tl.sum(gq * (lq0 - c), 2), 1), 0)
-        gy2 = _keep(_softmax(y2, cv, AX_C, MASKED, FAST) * gc, sv & cv, MASKED)  # [BW, BN, BC]
+        gy2 = _keep(s_2 * gc, sv & cv, MASKED)                             # [BW, BN, BC]
         ga = _keep(ga_new + _sum(gy2, AX_N), cv, MASKED)                  # [BW, 1, BC]
         # a' = lognorm_d(v) - R
-        gv = _lognorm_bwd(ga, _softmax(v, cv, AX_C, MASKED, FAST), cv, AX_C, MASKED)
+        gv = _lognorm_bwd(ga, s_v, cv, AX_C, MASKED)
         gr = _keep(-ga + (1 - k2) * gv, cv, MASKED)
         gk2 = tl.sum(tl.sum(tl.sum(gv * (lp0 - r), 2), 1), 0)
         gy1 = _keep(_softmax(y1, sv, AX_N, MASKED, FAST) * gr, sv & cv, MASKED)
@@ -487,7 +516,8 @@ def _sinkhorn_run(x, w_ptr, n_steps, T: tl.constexpr, lp0, lq0, sv, cv, PAPER: t
     u_prev, _k2, _k3 = sinkhorn_params(w_ptr, 0, T)
     for t in range(n_steps):
         u, k2, k3 = sinkhorn_params(w_ptr, t, T)
-        a, b = _sinkhorn_step(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, PAPER, MASKED, FAST)
+        a, b, _c, _lv = _sinkhorn_step(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, PAPER,
+                                       MASKED, FAST)
         u_prev = u
     return a, b, u_prev
 
@@ -762,7 +792,8 @@ def _output_bwd(x, logits, gy, m, sv, MASKED: tl.constexpr, FAST: tl.constexpr):
 @triton.jit
 def _sinkhorn_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T: tl.constexpr,
                   L: tl.constexpr, PAPER: tl.constexpr, MASKED: tl.constexpr,
-                  FAST: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+                  FAST: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+                  TAPED: tl.constexpr = False):
     """(gx, acc + ∂y/∂w ᵀ gy, Σ gy·y per window [BW]) of a Sinkhorn tile. The T iterations
     in segments of L (last segment first): the segment's states are replayed once and kept in
     registers (``tape``), then back-propagated in reverse; the state at a segment's start is
@@ -782,12 +813,22 @@ def _sinkhorn_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T: tl.cons
                                      BW, BN, BC)
         tape = ()
         for i in tl.static_range(L):  # forward: states at the start of t0 … t0 + L - 1
-            tape = tape + ((a, b, u_prev),)
+            a0, b0, u0 = a, b, u_prev
+            if TAPED:   # the step's channel LSEs (defined only when kept: triton 3.6 would
+                c_i = tl.zeros([BW, BN, 1], dtype=tl.float32)    # keep unused ones alive)
+                lv_i = tl.zeros([BW, 1, 1], dtype=tl.float32)
             if t0 + i < T:
                 u, k2, k3 = sinkhorn_params(w_ptr, t0 + i, T)
-                a, b = _sinkhorn_step(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, PAPER,
-                                      MASKED, FAST)
+                a, b, c_s, lv_s = _sinkhorn_step(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv,
+                                                 PAPER, MASKED, FAST)
+                if TAPED:
+                    c_i = c_s
+                    lv_i = lv_s
                 u_prev = u
+            if TAPED:
+                tape = tape + ((a0, b0, u0, c_i, lv_i),)
+            else:
+                tape = tape + ((a0, b0, u0, 0.0, 0.0),)
         if seg == 0:  # (a, b) = (a_T, b_T): the output's logits are x/ε_T + b_T
             gx_o, g_l = _output_bwd(x, x * u_prev + b, gy, m, sv, MASKED, FAST)
             gyy = _window_sum(gx_o * x)        # gx_o = softmax · gy: Σ_c gy_c y_c
@@ -797,11 +838,11 @@ def _sinkhorn_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T: tl.cons
         for j in tl.static_range(L):  # backward: t0 + L - 1 … t0
             t = t0 + L - 1 - j
             if t < T:
-                ta, tb, tu_prev = tape[L - 1 - j]
+                ta, tb, tu_prev, tc, tlv = tape[L - 1 - j]
                 u, k2, k3 = sinkhorn_params(w_ptr, t, T)
                 gx_t, ga, gb, g_up, g_u, g_k2, g_k3 = _sinkhorn_step_bwd(
-                    x, ta, tb, tu_prev, u, k2, k3, lp0, lq0, sv, cv, ga, gb, PAPER, MASKED,
-                    FAST)
+                    x, ta, tb, tu_prev, u, k2, k3, lp0, lq0, sv, cv, ga, gb, tc, tlv, PAPER,
+                    MASKED, FAST, TAPED)
                 gx += gx_t
                 # 1/ε_t: its use in step t, in step t+1's Y (paper) or the output (carry), and
                 # the paper's initial Y = x/ε_0 (g_up of step 0)
@@ -879,7 +920,7 @@ def _window_bwd_tile(
     T: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
     L: tl.constexpr, METHOD: tl.constexpr, PAPER: tl.constexpr, OVERLAP: tl.constexpr,
-    MASKED: tl.constexpr, SCALED: tl.constexpr, FAST: tl.constexpr,
+    MASKED: tl.constexpr, SCALED: tl.constexpr, FAST: tl.constexpr, TAPED: tl.constexpr,
 ):
     """Backward of one tile of BW windows: gx += ∂y/∂x ᵀ gy (atomically into fp32 when windows
     overlap, else stored in x's dtype); returns acc plus the tile's ∂y/∂w ᵀ gy ((6, T)
@@ -909,7 +950,7 @@ def _window_bwd_tile(
         lq0 = -tl.log2(KH * KW * 1.0) * LN2
     if METHOD == 0:
         gx, acc, gyy = _sinkhorn_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T, L,
-                                     PAPER, MASKED, FAST, BW, BN, BC)
+                                     PAPER, MASKED, FAST, BW, BN, BC, TAPED)
     else:
         gx, acc, gyy = _admm_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T, L,
                                  METHOD == 2, PAPER, MASKED, FAST, BW, BN, BC)
@@ -933,11 +974,12 @@ def window_bwd_kernel(
     PH: tl.constexpr, PW: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
     L: tl.constexpr, TP: tl.constexpr, METHOD: tl.constexpr, PAPER: tl.constexpr,
     OVERLAP: tl.constexpr, MASKED: tl.constexpr, SCALED: tl.constexpr, FAST: tl.constexpr,
+    TAPED: tl.constexpr = False,
 ):
     """Backward of local ROT pooling. A grid of a few programs per SM strides over the tiles of
     windows, so the per-program weight cotangents gw (grid × TP, TP = next_pow2(6T), the (6, T)
     table flattened) stay small and their sum on the host is deterministic. SCALED: see
-    ``_window_bwd_tile``."""
+    ``_window_bwd_tile``; TAPED (Sinkhorn, one segment): see ``_sinkhorn_step_bwd``."""
     pid = tl.program_id(0)
     offs_p = tl.arange(0, TP)
     acc = tl.zeros([TP], dtype=tl.float32)
@@ -946,5 +988,5 @@ def window_bwd_kernel(
             tile, acc, offs_p, x_ptr, gy_ptr, w_ptr, gx_ptr, s_ptr, ds_ptr, C, H, W, Ho, Wo,
             n_windows, n_seg, lp0,
             sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw, T, KH, KW, SH, SW, PH,
-            PW, BW, BN, BC, L, METHOD, PAPER, OVERLAP, MASKED, SCALED, FAST)
+            PW, BW, BN, BC, L, METHOD, PAPER, OVERLAP, MASKED, SCALED, FAST, TAPED)
     tl.store(gw_ptr + pid * TP + offs_p, acc)

@@ -117,13 +117,15 @@ def fwd_config(g: Geometry) -> dict:
                 maxnreg=max_registers(warps))
 
 
-def tape_registers(method: str, paper: bool, BN: int, per_thread: int) -> int:
+def tape_registers(method: str, paper: bool, BN: int, per_thread: int,
+                   lse: bool = False) -> int:
     """Registers per thread that one iteration's state takes in the backward's tape: a
     window's samples of a channel sit in one thread, so an N-vector (b, log η, z2) costs BN,
-    a C-vector (a, log μ, z1) per_thread / BN, a tile (log S, Z) per_thread."""
+    a C-vector (a, log μ, z1) per_thread / BN, a tile (log S, Z) per_thread. ``lse``
+    (Sinkhorn): the step's LogSumExps over the channels too (C: BN, LSE_d(v): 1)."""
     c_vec = max(1, per_thread // BN)
     if method == "sinkhorn":
-        return BN + (c_vec if paper else 0)
+        return BN + (c_vec if paper else 0) + (BN + 1 if lse else 0)
     return 2 * per_thread + (2 * BN + 2 * c_vec if paper else 0)
 
 
@@ -133,11 +135,17 @@ def bwd_config(g: Geometry, T: int, method: str, variant: str) -> dict:
     warps = num_warps_for(BW * BN * BC, BWD_PER_THREAD[method])
     per_thread = max(1, BW * BN * BC // (32 * warps))
     regs = max_registers(warps)  # the tape's budget shrinks with the register cap
-    fit = (BWD_TAPE_REGISTERS * regs // 248) // tape_registers(method, variant == "paper", BN,
-                                                               per_thread)
+    budget = BWD_TAPE_REGISTERS * regs // 248
+    paper = variant == "paper"
+    fit = budget // tape_registers(method, paper, BN, per_thread)
+    # Sinkhorn: when all T iterations fit in one segment with the channel LSEs on the tape,
+    # keep them there (TAPED: two fewer reductions across the lanes per reverse step)
+    taped = method == "sinkhorn" and T <= min(BWD_SEGMENT[method],
+                                              budget // tape_registers(method, paper, BN,
+                                                                       per_thread, lse=True))
     return dict(BW=BW, BN=BN, BC=BC, L=max(1, min(T, BWD_SEGMENT[method], fit)),
                 MASKED=masked(g, BN, BC), FAST=not interpreter_enabled(), num_warps=warps,
-                maxnreg=regs)
+                maxnreg=regs, TAPED=taped)
 
 
 def is_channels_last(x: Tensor) -> bool:
