@@ -213,6 +213,17 @@ def _softmax_of(y, lse):
 
 
 @triton.jit
+def _softmax_taped(y, lse, valid, AXIS: tl.constexpr, MASKED: tl.constexpr,
+                   FAST: tl.constexpr, TAPED: tl.constexpr):
+    """softmax of y along AXIS: from its LogSumExp ``lse`` when TAPED, else from y alone."""
+    if TAPED:
+        sm = _softmax_of(y, lse)
+    else:
+        sm = _softmax(y, valid, AXIS, MASKED, FAST)
+    return sm
+
+
+@triton.jit
 def _sum(v, AXIS: tl.constexpr):
     return tl.sum(v, axis=AXIS, keep_dims=True)
 
@@ -265,10 +276,8 @@ def _sinkhorn_step_bwd(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, ga_new, gb_
         r = _lse(y, sv, AX_N, MASKED, FAST)
         if TAPED:
             c = c_t
-            s_d = _softmax_of(y, c)
         else:
             c = _keep(_lse(y, cv, AX_C, MASKED, FAST), sv, MASKED)
-            s_d = _softmax(y, cv, AX_C, MASKED, FAST)
         ga_new = _keep(ga_new, cv, MASKED)
         gb_new = _keep(gb_new, sv, MASKED)
         gk2 = tl.sum(tl.sum(tl.sum(ga_new * (a * u + lp0 - r), 2), 1), 0)
@@ -276,7 +285,8 @@ def _sinkhorn_step_bwd(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, ga_new, gb_
         gu = (tl.sum(tl.sum(tl.sum(k2 * ga_new * a, 2), 1), 0)
               + tl.sum(tl.sum(tl.sum(k3 * gb_new * b, 2), 1), 0))
         # y feeds R (softmax over n) and C (softmax over d)
-        gy = _softmax(y, sv, AX_N, MASKED, FAST) * (-k2 * ga_new) + s_d * (-k3 * gb_new)
+        gy = (_softmax(y, sv, AX_N, MASKED, FAST) * (-k2 * ga_new)
+              + _softmax_taped(y, c, cv, AX_C, MASKED, FAST, TAPED) * (-k3 * gb_new))
         gy = _keep(gy, sv & cv, MASKED)
         gx = u_prev * gy
         gu_prev = tl.sum(tl.sum(tl.sum(x * gy, 2), 1), 0)
@@ -289,28 +299,26 @@ def _sinkhorn_step_bwd(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, ga_new, gb_
         v = k2 * lp0 + (1 - k2) * r
         if TAPED:
             lse_v = lse_v_t
-            s_v = _softmax_of(v, lse_v)                                # softmax_d(v)
         else:
             lse_v = _lse(v, cv, AX_C, MASKED, FAST)
-            s_v = _softmax(v, cv, AX_C, MASKED, FAST)
         a_new = _keep(v - lse_v - r, cv, MASKED)
         y2 = xu + a_new
         if TAPED:
             c = c_t
-            s_2 = _softmax_of(y2, c)                                   # softmax_d(y2)
         else:
             c = _keep(_lse(y2, cv, AX_C, MASKED, FAST), sv, MASKED)  # [BW, BN, 1]
-            s_2 = _softmax(y2, cv, AX_C, MASKED, FAST)
         q = k3 * lq0 + (1 - k3) * c
         # b' = lognorm_n(q) - C
         gq = _lognorm_bwd(gb_new, _softmax(q, sv, AX_N, MASKED, FAST), sv, AX_N,
                           MASKED)  # [BW, BN, 1]
         gc = _keep(-gb_new + (1 - k3) * gq, sv, MASKED)
         gk3 = tl.sum(tl.sum(tl.sum(gq * (lq0 - c), 2), 1), 0)
-        gy2 = _keep(s_2 * gc, sv & cv, MASKED)                             # [BW, BN, BC]
+        gy2 = _keep(_softmax_taped(y2, c, cv, AX_C, MASKED, FAST, TAPED) * gc, sv & cv,
+                    MASKED)                                            # [BW, BN, BC]
         ga = _keep(ga_new + _sum(gy2, AX_N), cv, MASKED)                  # [BW, 1, BC]
         # a' = lognorm_d(v) - R
-        gv = _lognorm_bwd(ga, s_v, cv, AX_C, MASKED)
+        gv = _lognorm_bwd(ga, _softmax_taped(v, lse_v, cv, AX_C, MASKED, FAST, TAPED), cv,
+                          AX_C, MASKED)
         gr = _keep(-ga + (1 - k2) * gv, cv, MASKED)
         gk2 = tl.sum(tl.sum(tl.sum(gv * (lp0 - r), 2), 1), 0)
         gy1 = _keep(_softmax(y1, sv, AX_N, MASKED, FAST) * gr, sv & cv, MASKED)
