@@ -1025,7 +1025,9 @@ def _dx_pool_term(x, on, nm, od, dm, B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_f
 # max_n -log2 ρ_n or max_d -log2 α_d, is at most ONE_EXP2_MAX_SHIFT (a kernel argument, the
 # launcher's constant). The reverse iteration stores ρ [T, NR] and that bound per set and
 # iteration (``_alpha_bound``); past it the two-exp2 form runs. Products are formed as
-# e · (ρ R̄) and e · (α C̄): no intermediate exceeds the terms S R̄, Q C̄ themselves.
+# e · (ρ R̄) and e · (α C̄): no intermediate exceeds the terms S R̄, Q C̄ themselves. e's
+# exponent is clamped at the bound (exact arithmetic never reaches it; fp32 rounding of
+# |x|/ε ≳ 1e9 could, as ``_prob2`` guards the two-exp2 form).
 @triton.jit
 def _alpha_bound(A_cur, R_t, D, BD: tl.constexpr):
     """max_d -log2 α_d = max_d -(a_t[d] + R_t[d]) over a set's features (vectors only)."""
@@ -1104,7 +1106,7 @@ def _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, t_lo, T, NR, row0, D, xs_b,
         if fast:
             rho = _dx_row_vector(2, Rho_ptr, 0.0, t, on, nm, NR, row0, RV_b, NPAD, PACK)
             al = tl.where(dm, tl.exp2(tl.minimum(aq - nr, 0.0)), 0.0) * e_inv   # [BDX] α/ε
-            e = tl.exp2(x * s + ncn[:, None] + nr[None, :])
+            e = tl.exp2(tl.minimum(x * s + ncn[:, None] + nr[None, :], lim))
             term = e * (rho[:, None] * (rb * e_inv)[None, :] + al[None, :] * cb[:, None])
             dx += term          # (in each branch: one FMA, not a product and an add)
         else:
@@ -1173,12 +1175,14 @@ def _column_adjoint(ab, od, D, qu, r, sa, k2, add_init, abar_b, lp0_b, lp0_u, dl
 
 
 @triton.jit
-def _sweep_q_terms(xs, ac, r, dm, ncn, qu, cb, fast):
+def _sweep_q_terms(xs, ac, r, dm, ncn, qu, cb, fast, lim):
     """(e, Q C̄) on a reverse sweep's [P, BD] chunk (xs = x s_t; row vectors -C_t, C̄ [P],
     column vectors a_t, R_t, α [BD]): with ``fast`` the one-exp2 form, e = 2^(x s - C - R) and
-    Q = e α (e stays finite: _alpha_bound); otherwise Q = 2^(x s + a_t - C) and e = Q."""
+    Q = e α (e <= 2^lim: _alpha_bound; the exponent is clamped there, which changes nothing in
+    exact arithmetic and keeps a rounding of |x|/ε ≳ 1e9 finite, as ``_prob2``); otherwise
+    Q = 2^(x s + a_t - C) and e = Q."""
     if fast:
-        e = tl.exp2(xs + ncn[:, None] - tl.where(dm, r, float("inf"))[None, :])
+        e = tl.exp2(tl.minimum(xs + ncn[:, None] - tl.where(dm, r, float("inf"))[None, :], lim))
         qc = e * (qu[None, :] * cb[:, None])
     else:
         e = _prob2(xs + ac[None, :] + ncn[:, None])
@@ -1249,7 +1253,7 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
         ac = tl.load(A_cur + od, mask=dm, other=NEG_INF)                       # [BD]
         r = tl.load(R_t + od, mask=dm, other=0.0)
         qu = _prob2(ac + r)                                        # α = softmax(u), 0 if padded
-        e, qc = _sweep_q_terms(xs, ac, r, dm, ncn, qu, cb, fast)               # [BN, BD]
+        e, qc = _sweep_q_terms(xs, ac, r, dm, ncn, qu, cb, fast, lim)          # [BN, BD]
         ab = tl.sum(qc, axis=0)                                                # [BD] ā
         rbar, dk2, su, sq = _column_adjoint(ab, od, D, qu, r, sa, k2, add_init, abar_b, lp0_b,
                                             lp0_u, dlp0_b, Rbar_t, dk2, su, sq, HAS_P0)
@@ -1279,11 +1283,11 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
 
 # row pieces (launch.row_pieces, see _pieces_exact_iteration) in the exact one-tile reverse sweep
 @triton.jit
-def _piece_bwd_q(x_base, ro, sxd, od, D, s, ac, r, dm, ncn, qu, cb, fast):
+def _piece_bwd_q(x_base, ro, sxd, od, D, s, ac, r, dm, ncn, qu, cb, fast, lim):
     """(x, x s, e, Q C̄) of one piece's chunk, each [P, BD] (_sweep_q_terms)."""
     x = _lean_load_chunk(x_base, ro, sxd, od, D, True)
     xs = x * s
-    e, qc = _sweep_q_terms(xs, ac, r, dm, ncn, qu, cb, fast)
+    e, qc = _sweep_q_terms(xs, ac, r, dm, ncn, qu, cb, fast, lim)
     return x, xs, e, qc
 
 
@@ -1315,10 +1319,10 @@ def _piece_pool_dx(x, on, nm, B_fin, s_fin, ie_fin, rf, g, yd, a, gp_base, sgn, 
 
 
 @triton.jit
-def _piece_iter_dx_one(x, dx, ncn, cb, rho, s, nr, rb, al):
+def _piece_iter_dx_one(x, dx, ncn, cb, rho, s, nr, rb, al, lim):
     """dx += ȳ_t/ε(t) of iteration t on one piece in the one-exp2 form (its row vectors -C, C̄,
     ρ; the per-column vectors of t: -R, rb = R̄/ε(t), al = α/ε(t))."""
-    e = tl.exp2(x * s + ncn[:, None] + nr[None, :])
+    e = tl.exp2(tl.minimum(x * s + ncn[:, None] + nr[None, :], lim))
     return dx + e * (rho[:, None] * rb[None, :] + al[None, :] * cb[:, None])
 
 
@@ -1376,9 +1380,9 @@ def _pieces_dx_chunk(x0, x1, x2, yt0, yt1, yt2, on0, on1, on2, nm0, nm1, nm2, od
                                             NR, row0, RV_b, NPAD, PACK)
             al = tl.where(dm, tl.exp2(tl.minimum(aq - nr, 0.0)), 0.0) * e_inv      # α/ε(t)
             rb = rb * e_inv
-            dx0 = _piece_iter_dx_one(x0, dx0, -c0, cb0, r0, st, nr, rb, al)
-            dx1 = _piece_iter_dx_one(x1, dx1, -c1, cb1, r1, st, nr, rb, al)
-            dx2 = _piece_iter_dx_one(x2, dx2, -c2, cb2, r2, st, nr, rb, al)
+            dx0 = _piece_iter_dx_one(x0, dx0, -c0, cb0, r0, st, nr, rb, al, lim)
+            dx1 = _piece_iter_dx_one(x1, dx1, -c1, cb1, r1, st, nr, rb, al, lim)
+            dx2 = _piece_iter_dx_one(x2, dx2, -c2, cb2, r2, st, nr, rb, al, lim)
         else:
             b0, b1, b2 = _piece_row_vectors(3, Bv_ptr, NEG_INF, t, on0, nm0, on1, nm1, on2, nm2,
                                             NR, row0, RV_b, NPAD, PACK)
@@ -1413,6 +1417,7 @@ def _pieces_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar
                       PACK: tl.constexpr = False):
     """_exact_bwd_sweep with the set's rows in three pieces (same returns): ā sums the
     pieces' column sums, every per-row quantity is per piece."""
+    lim = dxa[27]                                   # the one-exp2 form's bound (see dxa)
     on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _piece_layout(n_b, sxn, P0, P1, P2, MASK2)
     cb0, ncn0, bp0, rho0 = _piece_bwd_vectors(C_t, Cbar_t, B_prev, Rho_t, on0, nm0)  # [P0]
     cb1, ncn1, bp1, rho1 = _piece_bwd_vectors(C_t, Cbar_t, B_prev, Rho_t, on1, nm1)  # [P1]
@@ -1434,11 +1439,11 @@ def _pieces_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar
         r = tl.load(R_t + od, mask=dm, other=0.0)
         qu = _prob2(ac + r)                                        # α = softmax(u), 0 if padded
         x0, xs0, e0, qc0 = _piece_bwd_q(x_base, ro0, sxd, od, D, s, ac, r, dm, ncn0, qu, cb0,
-                                        fast)                                  # [P0, BD]
+                                        fast, lim)                         # [P0, BD]
         x1, xs1, e1, qc1 = _piece_bwd_q(x_base, ro1, sxd, od, D, s, ac, r, dm, ncn1, qu, cb1,
-                                        fast)                                  # [P1, BD]
+                                        fast, lim)                         # [P1, BD]
         x2, xs2, e2, qc2 = _piece_bwd_q(x_base, ro2, sxd, od, D, s, ac, r, dm, ncn2, qu, cb2,
-                                        fast)                                  # [P2, BD]
+                                        fast, lim)                         # [P2, BD]
         ab = tl.sum(qc0, axis=0) + tl.sum(qc1, axis=0) + tl.sum(qc2, axis=0)   # [BD] ā
         rbar, dk2, su, sq = _column_adjoint(ab, od, D, qu, r, sa, k2, add_init, abar_b, lp0_b,
                                             lp0_u, dlp0_b, Rbar_t, dk2, su, sq, HAS_P0)
