@@ -583,20 +583,17 @@ def _window_tile(pid, C, H, W, Ho, Wo, n_windows, KH: tl.constexpr, KW: tl.const
 @triton.jit
 def _log2(v, FAST: tl.constexpr):
     """log2 of a reduced vector: one MUFU.LG2 on the GPU (tl.log2 is a ~20-instruction
-    polynomial there); the interpreter has no inline PTX."""
-    if FAST:
-        return lg2_approx(v)
-    else:
-        return tl.log2(v)
+    polynomial there); the interpreter has no inline PTX. FAST is the launchers'
+    ``common.FAST_MATH``; one line, so that bench/sass.py finds the GPU's instruction at the
+    line the interpreter counts (as ``common.log2_reduced``)."""
+    return lg2_approx(v) if FAST else tl.log2(v)
 
 
 @triton.jit
 def _rcp(v, FAST: tl.constexpr):
-    """1/v of a reduced vector (MUFU.RCP on the GPU instead of a precise division)."""
-    if FAST:
-        return rcp_approx(v)
-    else:
-        return 1.0 / v
+    """1/v of a reduced vector (MUFU.RCP on the GPU instead of a precise division; one line
+    as ``_log2``)."""
+    return rcp_approx(v) if FAST else 1.0 / v
 
 
 @triton.jit

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ... import params
-from ..common import interpreter_enabled, launcher, next_pow2, sm_count
+from ..common import FAST_MATH, launcher, next_pow2, sm_count
 from .kernels import window_bwd_kernel, window_fwd_kernel
 from ...window_geometry import pool_output_size  # one formula for every path
 
@@ -113,7 +113,7 @@ def fwd_config(g: Geometry) -> dict:
     BW, BN, BC = block_sizes(g.kh * g.kw, g.C, FWD_TILE)
     warps = num_warps_for(BW * BN * BC, FWD_PER_THREAD)
     return dict(BW=BW, BN=BN, BC=BC, MASKED=masked(g, BN, BC),
-                TAIL=g.n_windows % BW != 0, FAST=not interpreter_enabled(), num_warps=warps,
+                TAIL=g.n_windows % BW != 0, FAST=FAST_MATH.value, num_warps=warps,
                 maxnreg=max_registers(warps))
 
 
@@ -144,7 +144,7 @@ def bwd_config(g: Geometry, T: int, method: str, variant: str) -> dict:
                                               budget // tape_registers(method, paper, BN,
                                                                        per_thread, lse=True))
     return dict(BW=BW, BN=BN, BC=BC, L=max(1, min(T, BWD_SEGMENT[method], fit)),
-                MASKED=masked(g, BN, BC), FAST=not interpreter_enabled(), num_warps=warps,
+                MASKED=masked(g, BN, BC), FAST=FAST_MATH.value, num_warps=warps,
                 maxnreg=regs, TAPED=taped)
 
 
