@@ -1417,7 +1417,8 @@ def _pieces_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar
                       PACK: tl.constexpr = False):
     """_exact_bwd_sweep with the set's rows in three pieces (same returns): ā sums the
     pieces' column sums, every per-row quantity is per piece."""
-    lim = dxa[27]                                   # the one-exp2 form's bound (see dxa)
+    (_bf, _rf, _g, _y, _sf, ie_fin, _af, _gp, _sgn, _sgd, _tot, _pg, _T, _NR, _row0, _xs,
+     _bv, _cn, _cbar, _rn, _rbar, _ab, _dx, _sdn, _sdd, _rho, _eb, lim, _rv, _np) = dxa
     on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _piece_layout(n_b, sxn, P0, P1, P2, MASK2)
     cb0, ncn0, bp0, rho0 = _piece_bwd_vectors(C_t, Cbar_t, B_prev, Rho_t, on0, nm0)  # [P0]
     cb1, ncn1, bp1, rho1 = _piece_bwd_vectors(C_t, Cbar_t, B_prev, Rho_t, on1, nm1)  # [P1]
@@ -1459,8 +1460,6 @@ def _pieces_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar
     tl.store(bbar_b + on2, tl.sum(acc2, axis=1), mask=on2 < need)
     fin = tl.sum(af, axis=0)
     if DX:
-        (_bf, _rf, _g, _y, _sf, ie_fin, _af, _gp, _sgn, _sgd, _tot, _pg, _T, _NR, _row0, _xs,
-         _bv, _cn, _cbar, _rn, _rbar, _ab, _dx, _sdn, _sdd, _rho, _eb, _lim, _rv, _np) = dxa
         de_fin = -fin * ie_fin
     else:
         de_fin = fin
