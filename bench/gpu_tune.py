@@ -42,6 +42,7 @@ from rotp_triton.ops.rot.triton import common as triton_common  # noqa: E402
 from rotp_triton.ops.rot.triton.badmm import launch as badmm_launch  # noqa: E402
 from rotp_triton.ops.rot.triton.sinkhorn import launch as sinkhorn_launch  # noqa: E402
 from rotp_triton.ops.rot.triton.structure import launch as structure_launch  # noqa: E402
+from rotp_triton.ops.rot.triton.window import launch as window_launch  # noqa: E402
 
 
 def _sixteen_warps(sizes):
@@ -62,7 +63,7 @@ def variants():
     range. The Sinkhorn row-pieces variants give 16 resident warps per SM at a cost the model
     prices (forward at 8 warps: 72 bytes of stack spills with 8 fp32 per thread, or twice the
     instructions with 4; bench/results/occupancy_2026-11-30.md)."""
-    S, B, St = sinkhorn_launch, badmm_launch, structure_launch
+    S, B, St, Wi = sinkhorn_launch, badmm_launch, structure_launch, window_launch
     pieces, bwd_blocks = S.pieces_config, B.backward_block_sizes
     return [
         # most valuable first (the sweep has a time budget): the two launcher choices the
@@ -82,6 +83,19 @@ def variants():
         ("W1 a0=0.1", "badmm-e", "structure at 8 warps, wide GEMM tiles (until 2026-11-30)",
          {St: dict(PER_SET_WARPS=8, WIDE_GEMM_TILES=True,
                    row_block=lambda BD: max(1, min(64, 4096 // BD)))}),
+        # the window kernels' layouts of 2026-11-30 with triton >= 3.9 (window/launch.py; the
+        # calibrated model: W3 T=4 B-E forward kernel 751 -> 508 us at 2 warps a window,
+        # backward 2,962 -> 1,800 at 8; the first model +17 % / +20 % for the cross-warp
+        # channel sums) against the 1-warp forward and 4-warp backward they replaced
+        ("W3", "badmm-e", "shipped", {}),
+        ("W3", "badmm-e", "window B-ADMM forward at 1 warp (32 fp32 a thread, uncapped)",
+         {Wi: dict(FWD_LAYOUT=dict(Wi.FWD_LAYOUT, **{"badmm-e": (32, 255)}))}),
+        ("W3", "badmm-e", "window B-ADMM backward at 4 warps (8 fp32 a thread, uncapped)",
+         {Wi: dict(BWD_ELEMS=dict(Wi.BWD_ELEMS, **{"badmm-e": 8}), FRUGAL_REGISTERS=False)}),
+        ("W3", "sinkhorn", "shipped", {}),
+        ("W3", "sinkhorn", "window Sinkhorn uncapped (forward 93, backward 196 registers with "
+         "triton 3.9)", {Wi: dict(FWD_LAYOUT=dict(Wi.FWD_LAYOUT, sinkhorn=(32, 255)),
+                                  FRUGAL_REGISTERS=False)}),
         ("W2", "sinkhorn", "shipped", {}),
         # the forward calls pieces_config(D, pieces, BD), the backward with its warps and
         # elements per thread too: a patch can tell them apart

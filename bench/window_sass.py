@@ -39,10 +39,14 @@ METHODS = {0: "sinkhorn", 1: "badmm-e", 2: "badmm-q"}
 ALG_EXP_PER_ELEM_ITER = 2
 
 
-def fwd_config(L, g):
-    """The launcher's real constexprs and warps (v2: launch.fwd_config; v1: block_sizes)."""
+def fwd_config(L, g, method, paper):
+    """The launcher's real constexprs and warps (v2: launch.fwd_config, by method from
+    2026-11-30; v1: block_sizes)."""
     if hasattr(L, "fwd_config"):
-        cfg = dict(L.fwd_config(g))
+        try:
+            cfg = dict(L.fwd_config(g, METHODS[method], "paper" if paper else "exact"))
+        except TypeError:  # a tree whose forward tile did not depend on the method
+            cfg = dict(L.fwd_config(g))
         cfg["FAST"] = True
         return cfg
     BW, BN, BC = L.block_sizes(g.kh * g.kw, g.C, L.FWD_TILE)
@@ -115,7 +119,7 @@ def classes(ins):
 def analyse(L, K, method, paper, layout):
     from rotp_triton.ops.rot.triton.window.launch import geometry
     g = geometry(W3, (2, 2), (2, 2), (0, 0), False)
-    cfg = fwd_config(L, g)
+    cfg = fwd_config(L, g, method, paper)
     sass, warps, reg, local = sass_of(K.window_fwd_kernel, cfg, g, method, paper, layout)
     ins, loops = parse(sass)
     per_thread = cfg["BW"] * cfg["BN"] * cfg["BC"] / (32 * warps)   # elements per thread

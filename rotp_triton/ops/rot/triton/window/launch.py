@@ -10,6 +10,7 @@ import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+import triton
 from torch import Tensor
 
 from ... import params
@@ -19,14 +20,39 @@ from ...window_geometry import pool_output_size  # one formula for every path
 
 METHOD_IDS = {"sinkhorn": 0, "badmm-e": 1, "badmm-q": 2}
 # Tiles [BW, BN, BC]: BW windows per program so that a tile holds at least *_TILE elements, and
-# as many warps as give each thread *_PER_THREAD elements (1 to MAX_WARPS). Register use
-# (sm_90 AOT, tests/ops/rot/test_window.py) bounds both; not yet tuned on a GPU.
+# as many warps as give each thread the layout's elements (1 to MAX_WARPS), with a cap on the
+# registers a thread may use (ptxas maxnreg). Both set how many warps an SM keeps resident
+# (65,536 registers), by which bench/latency_model.py's calibrated model prices a window kernel;
+# the AOT test (tests/ops/rot/test_window.py) checks that each configuration compiles within its
+# cap without spills. Not yet timed on a GPU (bench/gpu_tune.py times the earlier layouts too).
 FWD_TILE = 1024
-FWD_PER_THREAD = 32
 BWD_TILE = 512
-# the backward keeps L iterations' states per thread: the Sinkhorn state is two vectors per
-# window (8 elements per thread would leave half the registers idle), B-ADMM two tiles
-BWD_PER_THREAD = {"sinkhorn": 16, "badmm-e": 8, "badmm-q": 8}
+# triton 3.6 (the H200 image's) builds these kernels in more registers than 3.9 (the Sinkhorn
+# forward at W3: 137 against 93; at a cap of 96 it spills 92 B where 3.9 fits 72; the 8-warp
+# B-ADMM backward spills 304 B at 128): the caps and the 8-warp B-ADMM backward found with 3.9
+# apply from 3.9 on (3.6 keeps the uncapped 1-warp Sinkhorn forward and 4-warp backward)
+FRUGAL_REGISTERS = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9)
+# (elements a thread, register cap) of the forward's exact unmasked tiles; masked tiles and the
+# paper variant (Sinkhorn: 188 B of spills at 72) take the same elements uncapped. Sinkhorn
+# keeps x and two vectors: 72 registers at 32 elements (28 resident one-warp windows per SM;
+# uncapped 93: 21); B-ADMM x and two tiles (log S, Z): 16 elements in 128 registers (32 took
+# 215: 9 warps per SM), and 32 beyond 8 warps (16 warps at 128 registers spill)
+FWD_LAYOUT = {"sinkhorn": (32, 72 if FRUGAL_REGISTERS else 255),
+              "badmm-e": (16, 128), "badmm-q": (16, 128)}
+# the backward's elements a thread: it keeps L iterations' states per thread, the Sinkhorn
+# state two vectors per window (8 elements a thread at W3 cross 4 warps: +50 % instructions,
+# sm_90, 2026-11-30), B-ADMM two tiles: the exact variant 4 elements a thread (8 warps a W3
+# window; 2 CTAs per SM in 128 registers instead of 2 of 4 warps at 229), the paper variant
+# (twice the tape) 8
+BWD_ELEMS = {"sinkhorn": 16, "badmm-e": 4 if FRUGAL_REGISTERS else 8,
+             "badmm-q": 4 if FRUGAL_REGISTERS else 8}
+BWD_ELEMS_PAPER = {"sinkhorn": 16, "badmm-e": 8, "badmm-q": 8}
+# the registers an exact unmasked backward needs besides its tape, at BWD_ELEMS (triton 3.9,
+# W3, no spills under a cap of this plus the tape, rounded up to 8, at L = 1 to 16: Sinkhorn
+# 4 taped steps in 157 registers, 16 untaped in 184-192; B-ADMM 4 steps in 128): the cap leaves
+# room for more resident CTAs than the uncapped 196-229 registers (W3 T=4 S 10 -> 12 warps per
+# SM, T=16 8 -> 10)
+BWD_BASE_REGISTERS = {"sinkhorn": 128, "badmm-e": 96, "badmm-q": 96}
 MAX_WARPS = 16
 # The backward's segment length L: the iterations whose states it keeps in registers at once,
 # at most BWD_SEGMENT and BWD_TAPE_REGISTERS per thread at the full register cap, fewer under a
@@ -107,14 +133,24 @@ def masked(g: Geometry, BN: int, BC: int) -> bool:
     return not full or g.C != BC
 
 
-def fwd_config(g: Geometry) -> dict:
+def fwd_layout(method: str, variant: str, tile: int, is_masked: bool) -> Tuple[int, int]:
+    """(num_warps, maxnreg) of a forward tile of ``tile`` elements (``FWD_LAYOUT``)."""
+    elems, cap = FWD_LAYOUT[method]
+    if method != "sinkhorn" and tile > 8 * 32 * elems:
+        elems = 32
+    warps = num_warps_for(tile, elems)
+    exact_fit = variant == "exact" and not is_masked and tile == warps * 32 * elems
+    return warps, min(max_registers(warps), cap) if exact_fit else max_registers(warps)
+
+
+def fwd_config(g: Geometry, method: str, variant: str) -> dict:
     """Block sizes and the mask flags of the forward kernel: MASKED (``masked``); TAIL when
     the last tile is partial (then only its loads and stores are masked)."""
     BW, BN, BC = block_sizes(g.kh * g.kw, g.C, FWD_TILE)
-    warps = num_warps_for(BW * BN * BC, FWD_PER_THREAD)
-    return dict(BW=BW, BN=BN, BC=BC, MASKED=masked(g, BN, BC),
-                TAIL=g.n_windows % BW != 0, FAST=FAST_MATH.value, num_warps=warps,
-                maxnreg=max_registers(warps))
+    is_masked = masked(g, BN, BC)
+    warps, regs = fwd_layout(method, variant, BW * BN * BC, is_masked)
+    return dict(BW=BW, BN=BN, BC=BC, MASKED=is_masked, TAIL=g.n_windows % BW != 0,
+                FAST=FAST_MATH.value, num_warps=warps, maxnreg=regs)
 
 
 def tape_registers(method: str, paper: bool, BN: int, per_thread: int,
@@ -130,22 +166,27 @@ def tape_registers(method: str, paper: bool, BN: int, per_thread: int,
 
 
 def bwd_config(g: Geometry, T: int, method: str, variant: str) -> dict:
-    """Block sizes, segment length L and mask flag of the backward."""
+    """Block sizes, segment length L, mask flag and register cap of the backward."""
     BW, BN, BC = block_sizes(g.kh * g.kw, g.C, BWD_TILE)
-    warps = num_warps_for(BW * BN * BC, BWD_PER_THREAD[method])
+    paper = variant == "paper"
+    is_masked = masked(g, BN, BC)
+    warps = num_warps_for(BW * BN * BC, (BWD_ELEMS_PAPER if paper else BWD_ELEMS)[method])
     per_thread = max(1, BW * BN * BC // (32 * warps))
     regs = max_registers(warps)  # the tape's budget shrinks with the register cap
     budget = BWD_TAPE_REGISTERS * regs // 248
-    paper = variant == "paper"
     fit = budget // tape_registers(method, paper, BN, per_thread)
     # Sinkhorn: when all T iterations fit in one segment with the channel LSEs on the tape,
     # keep them there (TAPED: two fewer reductions across the lanes per reverse step)
     taped = method == "sinkhorn" and T <= min(BWD_SEGMENT[method],
                                               budget // tape_registers(method, paper, BN,
                                                                        per_thread, lse=True))
-    return dict(BW=BW, BN=BN, BC=BC, L=max(1, min(T, BWD_SEGMENT[method], fit)),
-                MASKED=masked(g, BN, BC), FAST=FAST_MATH.value, num_warps=warps,
-                maxnreg=regs, TAPED=taped)
+    L = max(1, min(T, BWD_SEGMENT[method], fit))
+    if FRUGAL_REGISTERS and not paper and not is_masked:
+        need = BWD_BASE_REGISTERS[method] + L * tape_registers(method, paper, BN, per_thread,
+                                                               lse=taped)
+        regs = min(regs, -(-need // 8) * 8)
+    return dict(BW=BW, BN=BN, BC=BC, L=L, MASKED=is_masked, FAST=FAST_MATH.value,
+                num_warps=warps, maxnreg=regs, TAPED=taped)
 
 
 def is_channels_last(x: Tensor) -> bool:
@@ -165,7 +206,7 @@ def window_forward(x: Tensor, w: Tensor, g: Geometry, method: str, variant: str,
     y = empty_like_layout(x, (g.B, g.C, g.Ho, g.Wo), x.dtype)
     if g.n_windows == 0 or g.C == 0:
         return y
-    cfg = fwd_config(g)
+    cfg = fwd_config(g, method, variant)
     grid = (-(-g.n_windows // cfg["BW"]),)
     launcher(window_fwd_kernel, wrap)[grid](
         x, y, w, w if scale is None else scale, g.C, g.H, g.W, g.Ho, g.Wo, g.n_windows,
