@@ -56,6 +56,9 @@ _LN2 = tl.constexpr(LN2)
 _A1 = tl.constexpr(A1)
 _A2 = tl.constexpr(A2)
 _A3 = tl.constexpr(A3)
+# slots per iteration of the packed row vectors RV [B, T, RV_SLOTS, NPAD]: C_t, C̄_t, ρ_t,
+# b_{t-1}, γ_t = C̄_t / ρ_t, and max_n -log2 ρ_n (its first entry; ``_pack_row_vectors``)
+RV_SLOTS = tl.constexpr(6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1048,41 +1051,86 @@ def _one_exp2_ok(eb_b, t, lim):
 
 
 @triton.jit
+def _s_form_ok(RV_b, t, NPAD, lim):
+    """Whether the packed dx terms of iteration t take the S form (``_dx_iteration_terms``):
+    max_n -log2 ρ_n (RV slot 5, ``_pack_row_vectors``) <= lim, so γ = C̄/ρ stays finite."""
+    return tl.load(RV_b + (t * RV_SLOTS + 5) * NPAD) <= lim
+
+
+@triton.jit
 def _pack_row_vectors(RV_t, C_t, Cbar_t, Rho_t, B_prev, n_b, NPAD, BN: tl.constexpr):
-    """Copy iteration t's row vectors of a set (C_t, C̄_t, ρ_t, b_{t-1}) into RV_t [4, NPAD],
-    the padded rows as the dx terms' masked loads would give them (+inf, 0, 0, -inf): the
-    dx terms then load whole aligned vectors without masks (``_dx_row_vector``)."""
+    """Copy iteration t's row vectors of a set (C_t, C̄_t, ρ_t, b_{t-1}) and γ_t = C̄_t / ρ_t
+    into RV_t [RV_SLOTS, NPAD], the padded rows as the dx terms' masked loads would give them
+    (+inf, 0, 0, -inf, 0): the dx terms then load whole aligned vectors without masks
+    (``_dx_row_vector``). γ is read only where max_n -log2 ρ_n, stored in slot 5, is bounded
+    (``_s_form_ok``)."""
+    beta = tl.full([BN], float("-inf"), tl.float32)
     for n0 in range(0, NPAD, BN):
         on = n0 + tl.arange(0, BN)
         nm = on < n_b
         pm = on < NPAD
-        tl.store(RV_t + on, tl.load(C_t + on, mask=nm, other=float("inf")), mask=pm)
-        tl.store(RV_t + NPAD + on, tl.load(Cbar_t + on, mask=nm, other=0.0), mask=pm)
+        c = tl.load(C_t + on, mask=nm, other=float("inf"))
+        cb = tl.load(Cbar_t + on, mask=nm, other=0.0)
+        bp = tl.load(B_prev + on, mask=nm, other=NEG_INF)
+        tl.store(RV_t + on, c, mask=pm)
+        tl.store(RV_t + NPAD + on, cb, mask=pm)
         tl.store(RV_t + 2 * NPAD + on, tl.load(Rho_t + on, mask=nm, other=0.0), mask=pm)
-        tl.store(RV_t + 3 * NPAD + on, tl.load(B_prev + on, mask=nm, other=NEG_INF), mask=pm)
+        tl.store(RV_t + 3 * NPAD + on, bp, mask=pm)
+        # γ = C̄ / ρ = C̄ 2^-(b_{t-1} + C_t): an exp2, no division (its slow path spilled)
+        tl.store(RV_t + 4 * NPAD + on, tl.where(nm, cb * tl.exp2(-(bp + c)), 0.0), mask=pm)
+        beta = tl.maximum(beta, tl.where(nm, -(bp + c), NEG_INF))
+    tl.store(RV_t + 5 * NPAD, tl.max(beta, axis=0))
 
 
 @triton.jit
 def _dx_row_vector(k: tl.constexpr, src_ptr, other, t, on, nm, NR, row0, RV_b, NPAD,
                    PACK: tl.constexpr):
-    """Row vector k of iteration t for the rows ``on`` (0: C_t, 1: C̄_t, 2: ρ_t, 3: b_{t-1}):
-    PACK (dense exact): from the packed copy RV_b [T, 4, NPAD] (``_pack_row_vectors``), whole
-    aligned vectors; otherwise from its [T(+1), NR] buffer ``src_ptr``, masked (``other``)."""
+    """Row vector k of iteration t for the rows ``on`` (0: C_t, 1: C̄_t, 2: ρ_t, 3: b_{t-1},
+    4: γ_t, packed only): PACK (dense exact): from the packed copy RV_b [T, RV_SLOTS, NPAD]
+    (``_pack_row_vectors``), whole aligned vectors; otherwise from its [T(+1), NR] buffer
+    ``src_ptr``, masked (``other``)."""
     if PACK:
-        v = tl.load(RV_b + (t * 4 + k) * NPAD + on)
+        v = tl.load(RV_b + (t * RV_SLOTS + k) * NPAD + on)
     else:
         v = tl.load(src_ptr + t * NR + row0 + on, mask=nm, other=other)
     return v
 
 
 @triton.jit
+def _dx_terms_e_or_two(x, dx, s, e_inv, nr, rb, aq, fast, t, on, nm, dm, NR, row0, Bv_ptr,
+                       Cn_ptr, Cbar_ptr, Rho_ptr, lim, RV_b, NPAD, PACK: tl.constexpr):
+    """(dx + ȳ_t/ε(t), ȳ_t/ε(t)) of ``_dx_iteration_terms`` in the one-exp2 form (``fast``) or
+    the two-exp2 form (row vectors -C, C̄ and ρ or b_{t-1})."""
+    ncn = -_dx_row_vector(0, Cn_ptr, float("inf"), t, on, nm, NR, row0, RV_b, NPAD, PACK)
+    cb = _dx_row_vector(1, Cbar_ptr, 0.0, t, on, nm, NR, row0, RV_b, NPAD, PACK)
+    if fast:
+        rho = _dx_row_vector(2, Rho_ptr, 0.0, t, on, nm, NR, row0, RV_b, NPAD, PACK)
+        al = tl.where(dm, tl.exp2(tl.minimum(aq - nr, 0.0)), 0.0) * e_inv       # [BDX] α/ε
+        e = tl.exp2(tl.minimum(x * s + ncn[:, None] + nr[None, :], lim))
+        term = e * (rho[:, None] * (rb * e_inv)[None, :] + al[None, :] * cb[:, None])
+        dx += term              # (in each branch: one FMA, not a product and an add)
+    else:
+        bp = _dx_row_vector(3, Bv_ptr, NEG_INF, t, on, nm, NR, row0, RV_b, NPAD, PACK)
+        xs = x * s
+        sm = _prob2(xs + bp[:, None] + nr[None, :])
+        qm = _prob2(xs + aq[None, :] + ncn[:, None])
+        term = (sm * rb[None, :] + qm * cb[:, None]) * e_inv                   # ȳ_t/ε(t)
+        dx += term
+    return dx, term
+
+
+@triton.jit
 def _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, t_lo, T, NR, row0, D, xs_b, Bv_ptr,
                         Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, Rho_ptr, eb_b, lim, RV_b, NPAD,
                         PAPER: tl.constexpr, TX: tl.constexpr, BT: tl.constexpr,
-                        PACK: tl.constexpr):
+                        PACK: tl.constexpr, SFORM: tl.constexpr):
     """dx += Σ_{t_lo <= t < T} ȳ_t/ε(t), ȳ_t = S_t R̄_t + Q_t C̄_t, on one tile of x (softmaxes
     recomputed from the saved vectors; exact: one exp2 per element where the iteration's bound
-    allows, ρ from Rho_ptr [T, NR]; PACK: the row vectors from RV_b, ``_dx_row_vector``); TX:
+    allows, ρ from Rho_ptr [T, NR]; PACK: the row vectors from RV_b, ``_dx_row_vector``;
+    SFORM (packed): the S form ȳ_t = S_t (R̄_t + α_t γ_t), Q_t = S_t α_t / ρ_t, with two row
+    vectors b_{t-1} and γ = C̄/ρ where max -log2 ρ allows, else the two-exp2 form; the dx pass
+    of _dx_rows takes it, the reverse sweep that writes dx does not: its registers are full);
+    TX:
     de_x [BT] -= Σ ȳ_t ⊙ x/ε(t)² per t. Padded rows / features: -inf exponents (b, -C; -R, a)
     and zero adjoints (and ρ = α = 0). xs_b [T]: the x-scale s_t of every iteration (written
     once per set by sinkhorn_bwd_kernel: a load instead of a division per iteration and
@@ -1095,27 +1143,28 @@ def _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, t_lo, T, NR, row0, D, xs_b,
     for t in range(t_lo, T):
         s = tl.load(xs_b + t)
         e_inv = s * _LN2
-        ncn = -_dx_row_vector(0, Cn_ptr, float("inf"), t, on, nm, NR, row0, RV_b, NPAD, PACK)
-        cb = _dx_row_vector(1, Cbar_ptr, 0.0, t, on, nm, NR, row0, RV_b, NPAD, PACK)
         nr = -tl.load(Rn_b + t * D + od, mask=dm, other=float("inf"))
         rb = tl.load(Rbar_b + t * D + od, mask=dm, other=0.0)
         aq = tl.load(A_b + (t + QOFF) * D + od, mask=dm, other=NEG_INF)
         fast = False
+        fast_s = False
         if not PAPER:
-            fast = _one_exp2_ok(eb_b, t, lim)
-        if fast:
-            rho = _dx_row_vector(2, Rho_ptr, 0.0, t, on, nm, NR, row0, RV_b, NPAD, PACK)
-            al = tl.where(dm, tl.exp2(tl.minimum(aq - nr, 0.0)), 0.0) * e_inv   # [BDX] α/ε
-            e = tl.exp2(tl.minimum(x * s + ncn[:, None] + nr[None, :], lim))
-            term = e * (rho[:, None] * (rb * e_inv)[None, :] + al[None, :] * cb[:, None])
-            dx += term          # (in each branch: one FMA, not a product and an add)
-        else:
+            if SFORM:
+                fast_s = _s_form_ok(RV_b, t, NPAD, lim)
+            else:
+                fast = _one_exp2_ok(eb_b, t, lim)
+        if fast_s:
             bp = _dx_row_vector(3, Bv_ptr, NEG_INF, t, on, nm, NR, row0, RV_b, NPAD, PACK)
-            xs = x * s
-            sm = _prob2(xs + bp[:, None] + nr[None, :])
-            qm = _prob2(xs + aq[None, :] + ncn[:, None])
-            term = (sm * rb[None, :] + qm * cb[:, None]) * e_inv               # ȳ_t/ε(t)
+            gm = _dx_row_vector(4, Cbar_ptr, 0.0, t, on, nm, NR, row0, RV_b, NPAD, PACK)
+            al = tl.where(dm, tl.exp2(tl.minimum(aq - nr, 0.0)), 0.0) * e_inv   # [BDX] α/ε
+            # S_t <= 1 (columns of S sum to 1): the clamp only guards a rounding at |x|/ε ~ 1e9
+            sm = tl.exp2(tl.minimum(x * s + bp[:, None] + nr[None, :], 0.0))
+            term = sm * ((rb * e_inv)[None, :] + al[None, :] * gm[:, None])
             dx += term
+        else:
+            dx, term = _dx_terms_e_or_two(x, dx, s, e_inv, nr, rb, aq, fast, t, on, nm, dm,
+                                          NR, row0, Bv_ptr, Cn_ptr, Cbar_ptr, Rho_ptr, lim,
+                                          RV_b, NPAD, PACK)
         if TX:
             tx = tl.sum(tl.sum(term * (x * s), axis=1), axis=0)  # (x·s_t: no x² overflow)
             de_x += tl.where(ot == t, -tx * _LN2, 0.0)
@@ -1145,7 +1194,7 @@ def _dx_rows(x_base, sxn, sxd, on, nm, n_b, D, dxa, de_x, PAPER: tl.constexpr,
         de_fin -= tl.sum(tl.sum(zbx, axis=1), axis=0) * ie_fin
         dx, de_x = _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, 0, T, NR, row0, D, xs_b,
                                        Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, Rho_ptr,
-                                       eb_b, lim, RV_b, NPAD, PAPER, TX, BT, PACK)
+                                       eb_b, lim, RV_b, NPAD, PAPER, TX, BT, PACK, PACK)
         if SPREAD:
             mean = tl.load(mean_b + od, mask=dm, other=0.0)                    # [BDX]
             dx += kk * (x - mean[None, :])
@@ -1269,7 +1318,7 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
             dx, _ = _dx_iteration_terms(x, dx, tl.zeros([BT], tl.float32), on, nm, od, dm, 1,
                                         T, NR, row0, D, xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b,
                                         Rbar_b, A_b, Rho_ptr, eb_b, lim, RV_b, NPAD, False,
-                                        False, BT, PACK)
+                                        False, BT, PACK, False)
             tl.store(dx_base + on[:, None] * sdn + od[None, :] * sdd,
                      dx.to(dx_base.dtype.element_ty), mask=nm[:, None] & dm[None, :])
     tl.store(bbar_b + on, tl.sum(acc, axis=1), mask=on < n_b * need_b)
@@ -1532,7 +1581,7 @@ def sinkhorn_bwd_kernel(
     Exact: Rho [T, NR] (ρ of the one-exp2 form, see _alpha_bound) and eb [B, T] (its bound),
     written by each reverse iteration for its sweep and the dx terms; iterations whose bound
     exceeds ``one_exp2_max`` take the two-exp2 form. PACK (dense exact): each reverse iteration
-    also copies its row vectors into RV [B, T, 4, NPAD] for the dx terms
+    also copies its row vectors into RV [B, T, RV_SLOTS, NPAD] for the dx terms
     (``_pack_row_vectors``; NPAD covers every row tile of the dx pass and the row pieces).
     P0, P1, P2 > 0: the exact one-tile reverse sweeps hold the rows in three pieces
     (_pieces_bwd_sweep, launch.row_pieces); MASK_P: the last piece has padded rows.
@@ -1638,7 +1687,8 @@ def sinkhorn_bwd_kernel(
         eb_b = eb_ptr + b * T
         dxa = (B_fin, rfin_b, g_ptr + b * D, y_ptr + b * D, s_fin, ie_fin, A_fin, gp_base, sgn,
                sgd, tot, pg, T, NR, row0, xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b,
-               dx_base, sdn, sdd, Rho_ptr, eb_b, one_exp2_max, RV_ptr + b * T * 4 * NPAD, NPAD)
+               dx_base, sdn, sdd, Rho_ptr, eb_b, one_exp2_max, RV_ptr + b * T * RV_SLOTS * NPAD,
+               NPAD)
         de_fin = tl.sum(tl.zeros([BD], tl.float32), axis=0)
 
         # reverse sweep over the iterations: only vectors (adjoints of a, b, R, C) are carried
@@ -1740,8 +1790,8 @@ def sinkhorn_bwd_kernel(
                 tl.debug_barrier()
                 fast = _one_exp2_ok(eb_b, t, one_exp2_max)
                 if PACK:        # (read after this set's reverse sweeps: no barrier needed here)
-                    _pack_row_vectors(RV_ptr + (b * T + t) * 4 * NPAD, C_t, Cbar_t, Rho_t,
-                                      B_prev, n_b, NPAD, BN)
+                    _pack_row_vectors(RV_ptr + (b * T + t) * RV_SLOTS * NPAD, C_t, Cbar_t,
+                                      Rho_t, B_prev, n_b, NPAD, BN)
                 if ONE_TILE_N:
                     # C_t = LSE_d(x/ε_t + a_t): ā_t = Q_tᵀ C̄ (+ the plan's ā at t = T - 1), whose
                     # sum is known now: Σ_d ā_d = Σ_n C̄_n (rows of Q sum to 1) [+ Σ plan's ā]
@@ -1874,7 +1924,8 @@ def sinkhorn_dx_kernel(
     """dx of rows [j BNX, (j + 1) BNX) of set b (grid (B, cdiv(N, BNX))), from the vectors the
     backward kernel saved (it ran first, with SPLIT_DX): the dx pass spread over every SM where
     one program per set leaves most idle (W1: 50 sets); Rho, eb: the one-exp2 form's ρ and
-    bounds, RV [B, T, 4, NPAD] the packed row vectors with PACK (sinkhorn_bwd_kernel). Adds
+    bounds [B, T], RV [B, T, RV_SLOTS, NPAD] the packed row vectors with PACK
+    (sinkhorn_bwd_kernel). Adds
     its ε terms to dw [6, T] by atomic adds (the final log P's to ε_{T-1}; TX: ȳ_t ⊙ x's to
     ε_t, paper ε_{max(t-1, 0)});
     SCALED: those terms' share of ds [B] too (``_add_weight_grad``). SPREAD (sinkhorn_bwd_kernel's
@@ -1895,7 +1946,7 @@ def sinkhorn_dx_kernel(
            ie_fin * _LOG2E, ie_fin, A_ptr + b * (T + 1) * D + T * D, gp_ptr + b * sgb, sgn, sgd,
            tot, pg, T, NR, row0, xs_ptr + b * T, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_ptr + b * T * D,
            Rbar_ptr + b * T * D, A_ptr + b * (T + 1) * D, dx_ptr + b * sdb, sdn, sdd, Rho_ptr,
-           eb_ptr + b * T, one_exp2_max, RV_ptr + b * T * 4 * NPAD, NPAD)
+           eb_ptr + b * T, one_exp2_max, RV_ptr + b * T * RV_SLOTS * NPAD, NPAD)
     kk = 0.0
     if SPREAD:
         kk = _spread_coefficient(tl.load(ds_ptr + b), root_ptr + b, isig, D, N)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..common import as_f32, cdiv, launcher, next_pow2, sm_count
 from ..spread.launch import set_statistics
-from .kernels import (sinkhorn_bwd_kernel, sinkhorn_dx_kernel, sinkhorn_fwd_kernel,
+from .kernels import (RV_SLOTS, sinkhorn_bwd_kernel, sinkhorn_dx_kernel, sinkhorn_fwd_kernel,
                       sinkhorn_split_a_kernel,
                       sinkhorn_split_b_kernel, sinkhorn_split_col_kernel,
                       sinkhorn_split_row_kernel)
@@ -414,14 +414,16 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     fused = not fold and fuse_dx(P0 + P1 + P2 if P0 else BN, BDF, BNX, BDX, one_tile, paper)
     split = split_dx(x, B, N, fused)
     # per-set partials of the weight gradient (dk2, dk3, deps_rec, deps_x), the per-set table
-    # of x-scales s_t (xs), the one-exp2 bounds (eb), the adjoints Rbar, Cbar, abar, bbar,
-    # the one-exp2 row factors Rho (kernels._alpha_bound) and the dx terms' packed row vectors
-    # RV (packed_rows)
+    # of x-scales s_t (xs), the one-exp2 bounds (eb), the adjoints Rbar, Cbar, abar, bbar, the
+    # one-exp2 row factors Rho (kernels._alpha_bound) and the dx terms' packed row vectors RV
+    # (packed_rows, with the S form's bound)
     npad = packed_rows(N, BNX, P0 + P1 + P2, paper, sxn)
-    scratch = torch.empty(6 * B * T + B * T * D + 2 * T * NR + B * D + NR + B + B * T * 4 * npad,
-                          device=x.device, dtype=torch.float32)
+    slots = RV_SLOTS.value
+    scratch = torch.empty(6 * B * T + B * T * D + 2 * T * NR + B * D + NR + B
+                          + B * T * slots * npad, device=x.device, dtype=torch.float32)
     part, Rbar, Cbar, abar, bbar, pg, rho, rv = _carve(
-        scratch, [(6, B, T), (B, T, D), (T, NR), (B, D), (NR,), (B,), (T, NR), (B, T, 4, npad)])
+        scratch, [(6, B, T), (B, T, D), (T, NR), (B, D), (NR,), (B,), (T, NR),
+                  (B, T, slots, npad)])
     lp0 = as_f32(log_p0) if has_p0 else g
     lq0 = as_f32(log_q0) if has_q0 else g
     sc = (scale, dparams[n_params:]) if scale is not None else (g, g)
