@@ -352,11 +352,11 @@ BWD = ["x_ptr", "gy_ptr", "w_ptr", "gx_ptr", "gw_ptr", "s_ptr", "ds_ptr", "C", "
 NAMES = ("sinkhorn", "badmm-e", "badmm-q")
 for C, k, s, method, paper, kind, dt, T, *scaled in CASES:
     g = L.geometry((64, C, 56, 56), (k, k), (s, s), (0, 0), False)
+    variant = "paper" if paper else "exact"
     if kind == "fwd":
-        names, kern, cfg = FWD, K.window_fwd_kernel, L.fwd_config(g, NAMES[method], "paper" if paper else "exact")
+        names, kern, cfg = FWD, K.window_fwd_kernel, L.fwd_config(g, NAMES[method], variant)
         cfg["FAST"] = True
     else:
-        variant = "paper" if paper else "exact"
         names, kern, cfg = BWD, K.window_bwd_kernel, L.bwd_config(g, T, NAMES[method], variant)
         cfg.update(OVERLAP=g.overlap, TP=L.next_pow2(6 * T))
     warps, maxnreg = cfg.pop("num_warps"), cfg.pop("maxnreg")
