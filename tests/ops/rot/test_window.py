@@ -387,8 +387,12 @@ AOT_CASES = ([(256, 2, 2, m, pa, "fwd", "fp32", 4) for m in range(3) for pa in (
                 (64, 3, 2, 0, True, "bwd", "fp32", 4), (256, 2, 2, 1, False, "fwd", "bf16", 4),
                 (64, 2, 1, 2, False, "bwd", "fp16", 4), (1100, 2, 2, 0, False, "fwd", "fp32", 4),
                 (1100, 2, 2, 1, False, "fwd", "fp32", 4), (512, 2, 2, 1, False, "bwd", "fp32", 4),
-                # the backward's register caps grow with the tape (launch.BWD_BASE_REGISTERS)
-                (256, 2, 2, 0, False, "bwd", "fp32", 8), (256, 2, 2, 1, False, "bwd", "fp32", 2)]
+                # the register caps: the backward's grow with the tape (BWD_BASE_REGISTERS),
+                # apply to one-window Sinkhorn tiles; forward tiles of 8 warps (fwd_layout)
+                (256, 2, 2, 0, False, "bwd", "fp32", 8), (256, 2, 2, 1, False, "bwd", "fp32", 2),
+                (64, 2, 2, 0, False, "bwd", "fp32", 16), (512, 2, 2, 0, False, "bwd", "fp32", 16),
+                (2048, 2, 2, 0, False, "fwd", "fp32", 4), (1024, 2, 2, 1, False, "fwd", "fp32", 4),
+                (2048, 2, 2, 1, False, "fwd", "fp32", 4)]
              # the layers' feature scale folded in (scale="auto", W3 in bf16)
              + [(256, 2, 2, m, False, kind, "bf16", 4, "SCALED") for m in (0, 1)
                 for kind in ("fwd", "bwd")])

@@ -35,8 +35,10 @@ FRUGAL_REGISTERS = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (
 # (elements a thread, register cap) of the forward's exact unmasked tiles; masked tiles and the
 # paper variant (Sinkhorn: 188 B of spills at 72) take the same elements uncapped. Sinkhorn
 # keeps x and two vectors: 72 registers at 32 elements (28 resident one-warp windows per SM;
-# uncapped 93: 21); B-ADMM x and two tiles (log S, Z): 16 elements in 128 registers (32 took
-# 215: 9 warps per SM), and 32 beyond 8 warps (16 warps at 128 registers spill)
+# uncapped 93: 21), a cap for one-warp tiles only (C <= 256 at 2×2: summing the channels
+# across warps needs more, 108-116 B of spills at 72); B-ADMM x and two tiles (log S, Z): 16
+# elements in 128 registers at 2-8 warps (32 took 215: 9 warps per SM), and 32 uncapped
+# beyond 8 warps (16 warps at 128 registers spill)
 FWD_LAYOUT = {"sinkhorn": (32, 72 if FRUGAL_REGISTERS else 255),
               "badmm-e": (16, 128), "badmm-q": (16, 128)}
 # the backward's elements a thread: it keeps L iterations' states per thread, the Sinkhorn
@@ -51,7 +53,8 @@ BWD_ELEMS_PAPER = {"sinkhorn": 16, "badmm-e": 8, "badmm-q": 8}
 # W3, no spills under a cap of this plus the tape, rounded up to 8, at L = 1 to 16: Sinkhorn
 # 4 taped steps in 157 registers, 16 untaped in 184-192; B-ADMM 4 steps in 128): the cap leaves
 # room for more resident CTAs than the uncapped 196-229 registers (W3 T=4 S 10 -> 12 warps per
-# SM, T=16 8 -> 10)
+# SM, T=16 8 -> 10). Sinkhorn: tiles of one window only (C >= 256 at 2×2; a thread holding
+# samples of two windows keeps twice the per-sample tape: C = 64, T = 16 spilled 692 B)
 BWD_BASE_REGISTERS = {"sinkhorn": 128, "badmm-e": 96, "badmm-q": 96}
 MAX_WARPS = 16
 # The backward's segment length L: the iterations whose states it keeps in registers at once,
@@ -137,10 +140,11 @@ def fwd_layout(method: str, variant: str, tile: int, is_masked: bool) -> Tuple[i
     """(num_warps, maxnreg) of a forward tile of ``tile`` elements (``FWD_LAYOUT``)."""
     elems, cap = FWD_LAYOUT[method]
     if method != "sinkhorn" and tile > 8 * 32 * elems:
-        elems = 32
+        elems, cap = 32, 255           # beyond 8 warps: 32 a thread, uncapped (as before)
     warps = num_warps_for(tile, elems)
-    exact_fit = variant == "exact" and not is_masked and tile == warps * 32 * elems
-    return warps, min(max_registers(warps), cap) if exact_fit else max_registers(warps)
+    capped = (variant == "exact" and not is_masked and tile == warps * 32 * elems
+              and (warps == 1 or method != "sinkhorn"))
+    return warps, min(max_registers(warps), cap) if capped else max_registers(warps)
 
 
 def fwd_config(g: Geometry, method: str, variant: str) -> dict:
@@ -181,7 +185,7 @@ def bwd_config(g: Geometry, T: int, method: str, variant: str) -> dict:
                                               budget // tape_registers(method, paper, BN,
                                                                        per_thread, lse=True))
     L = max(1, min(T, BWD_SEGMENT[method], fit))
-    if FRUGAL_REGISTERS and not paper and not is_masked:
+    if FRUGAL_REGISTERS and not paper and not is_masked and (BW == 1 or method != "sinkhorn"):
         need = BWD_BASE_REGISTERS[method] + L * tape_registers(method, paper, BN, per_thread,
                                                                lse=taped)
         regs = min(regs, -(-need // 8) * 8)
