@@ -1079,6 +1079,8 @@ def _pack_row_vectors(RV_t, C_t, Cbar_t, Rho_t, B_prev, n_b, NPAD, BN: tl.conste
         # γ = C̄ / ρ = C̄ 2^-(b_{t-1} + C_t): an exp2, no division (its slow path spilled)
         tl.store(RV_t + 4 * NPAD + on, tl.where(nm, cb * tl.exp2(-(bp + c)), 0.0), mask=pm)
         beta = tl.maximum(beta, tl.where(nm, -(bp + c), NEG_INF))
+    # (the reverse row loop forms this max too, but a second store there, next to eb, pushed
+    # the one-tile backward past 255 registers: 88-96 B of spills; here it costs n_b maxes)
     tl.store(RV_t + 5 * NPAD, tl.max(beta, axis=0))
 
 
