@@ -867,8 +867,13 @@ def sinkhorn_fwd_kernel(
             t_end = T
         else:  # the iterations ran in the split-set launches: pooling (and plan) only
             t_end = 0
+        s_prev = tl.sum(tl.zeros([1], tl.float32), axis=0)
         for t in range(t_end):
             s = _x_scale(w_ptr, T, t, PAPER) * isig
+            # the exact iterations' fixed column shift -a_{t-1} bounds x s_{t-1} + b, not x s_t +
+            # b: where ε changed (per-iteration weights) the iteration takes the column max
+            first = (t == 0) | (s != s_prev)
+            s_prev = s
             k2 = _kappa_at(w_ptr, T, t, _A2)
             k3 = _kappa_at(w_ptr, T, t, _A3)
             A_prev = A_b + t * D
@@ -878,7 +883,7 @@ def sinkhorn_fwd_kernel(
             R_t = Rn_b + t * D
             C_t = Cn_ptr + t * NR + row0
             if P0 > 0:
-                if t == 0:
+                if first:
                     _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
                                             lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
                                             C_t, HAS_P0, HAS_Q0, True, P0, P1, P2, MASK_P, BN,
@@ -889,7 +894,7 @@ def sinkhorn_fwd_kernel(
                                             C_t, HAS_P0, HAS_Q0, False, P0, P1, P2, MASK_P, BN,
                                             BD)
             elif ONE_TILE_N and not PAPER:
-                if t == 0:
+                if first:
                     _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
                                              lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
                                              C_t, HAS_P0, HAS_Q0, MASK_N, True, BN, BD)
