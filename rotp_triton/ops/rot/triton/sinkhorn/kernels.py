@@ -393,12 +393,14 @@ def _lean_paper_iteration(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, lp0_u,
 # is <= 1 entrywise, i.e. x s + b <= -a_{t-1}: a fixed per-column shift for R = LSE_n(x s + b)
 # (t = 0 has no previous plan and takes the column max). After the a-update x s + b - R_d <= 0, so
 # x s + b + (u_d - R_d) <= u_d <= max u: the row sums of 2^(x s + b + a + LSE(u) - max u)
-# accumulate elementwise in a [BN, BD] register tile across chunks (one FFMA; the max of u is
-# kept per feature lane, so the rescale is a per-lane factor and no chunk needs a cross-thread
-# reduction) and are reduced once per iteration. The row-sum term needs no exp2 of its own: with
-# z = x s + b and e = 2^(z - sh) the column sum's terms, 2^(z + a + LSE(u) - max u) =
-# e · 2^(u - max u - log2 Σ_n e) (a factor per column, then one multiply-add per element: one
-# exp2 per element and iteration). A shift is only an upper bound: a column or row with almost
+# accumulate elementwise in a [BN, BD] register tile across chunks and are reduced once per
+# iteration: at t = 0 under the running max of u per feature lane (a per-lane rescale, no
+# cross-thread reduction per chunk: an FMUL and an FFMA per element), from t = 1 on under a
+# reference fixed before the pass, max_d of u's bound κ2 log p0 - (1 - κ2) a_{t-1}
+# (_fixed_u_reference: one FFMA per element, no rescale). The row-sum term needs no exp2 of
+# its own: with z = x s + b and e = 2^(z - sh) the column sum's terms, 2^(z + a + LSE(u) - max
+# u) = e · 2^(u - max u - log2 Σ_n e) (a factor per column, then one multiply-add per element:
+# one exp2 per element and iteration). A shift is only an upper bound: a column or row with almost
 # no mass (e.g. ε ≪ |x|) would lose precision, so the rare iteration where a column sum under
 # its shift is < 2^-30 (checked once after the pass) redoes the pass with the exact max-based
 # column LSE (column sums >= 1), and a row with < 2^-60 takes the exact row LSE in a second
@@ -410,11 +412,13 @@ _COL_TINY = tl.constexpr(2.0 ** -30)
 
 @triton.jit
 def _column_marginal_step(sh, col, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u, l_u,
-                          HAS_P0: tl.constexpr, MASK_D: tl.constexpr):
+                          HAS_P0: tl.constexpr, MASK_D: tl.constexpr, ONLINE: tl.constexpr):
     """From a chunk's column sums ``col`` of 2^(z - sh) [BD]: R = sh + log2 col,
-    u = κ2 log p0 + (1 - κ2) R; stores R_d and a_d + LSE(u) and advances the online LSE of u.
-    Returns (the row-sum factor 2^(u - max u - log2 col) of the columns' terms, the new running
-    max, the rescale of the row-sum accumulators, the new running sum), all [BD]."""
+    u = κ2 log p0 + (1 - κ2) R; stores R_d and a_d + LSE(u) and advances the LSE of u.
+    ONLINE: returns (the row-sum factor 2^(u - max u - log2 col) of the columns' terms, the new
+    running max, the rescale of the row-sum accumulators, the new running sum), all [BD];
+    else m_u is the fixed reference M of :func:`_fixed_u_reference` (every lane) and the
+    factor is 2^(u - M - log2 col), the running max stays M and the rescale is 1 (None)."""
     lc = log2_reduced(col)
     r = sh + lc
     if HAS_P0:
@@ -432,14 +436,42 @@ def _column_marginal_step(sh, col, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u, l_u
     else:
         tl.store(R_t + od, r)
         tl.store(A_cur + od, ar)
-    # the online LSE of u runs per feature lane (m_u, l_u [BD]; a lane padded in every chunk
-    # stays at -inf and is re-based to 0): no cross-thread reduction per chunk
-    mu = tl.maximum(m_u, u)                                                    # [BD]
-    mu = tl.where(mu == NEG_INF, 0.0, mu)
-    sc = tl.exp2(m_u - mu)
-    l_u = l_u * sc + tl.exp2(u - mu)
-    g = tl.exp2(u - mu - lc)
-    return g, mu, sc, l_u
+    if ONLINE:
+        # the online LSE of u runs per feature lane (m_u, l_u [BD]; a lane padded in every
+        # chunk stays at -inf and is re-based to 0): no cross-thread reduction per chunk
+        mu = tl.maximum(m_u, u)                                                # [BD]
+        mu = tl.where(mu == NEG_INF, 0.0, mu)
+        sc = tl.exp2(m_u - mu)
+        l_u = l_u * sc + tl.exp2(u - mu)
+        g = tl.exp2(u - mu - lc)
+        return g, mu, sc, l_u
+    else:
+        # (u <= M + log2 n_b: no rescale, the accumulators only add; a padded lane: u = -inf)
+        l_u = l_u + tl.exp2(u - m_u)
+        g = tl.exp2(u - m_u - lc)
+        return g, m_u, None, l_u
+
+
+@triton.jit
+def _fixed_u_reference(A_prev, D, k2, lp0_b, lp0_u, HAS_P0: tl.constexpr, BV: tl.constexpr):
+    """M = max_d (κ2 log p0_d - (1 - κ2) a_{t-1,d}) (log2 units; 0 without a finite lane): a
+    reference for u that needs no running max. The shift sh_d = -a_{t-1,d} bounds the
+    column's terms by 1, so R_d <= sh_d + log2 n_b and u_d <= M + log2 n_b; a pass whose
+    column sums stay >= 2^-30 (else it is redone: _COL_TINY) has u_d >= U_d - 30 for every d,
+    and the lane with U_d = M keeps the LSE of u and the row sums as well scaled as a running
+    max would (within 2^30; the factors 2^(u - M - log2 col) <= 2^30 as before)."""
+    m = tl.full([BV], NEG_INF, tl.float32)
+    for d0 in range(0, D, BV):
+        od = d0 + tl.arange(0, BV)
+        dm = od < D
+        a = tl.load(A_prev + od, mask=dm, other=0.0)
+        if HAS_P0:
+            lp0 = tl.load(lp0_b + od, mask=dm, other=0.0) * _LOG2E
+        else:
+            lp0 = lp0_u
+        m = tl.maximum(m, tl.where(dm, k2 * lp0 - (1.0 - k2) * a, NEG_INF))
+    M = tl.max(m, axis=0)
+    return tl.where(M == NEG_INF, 0.0, M)
 
 
 @triton.jit
@@ -466,8 +498,11 @@ def _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_pr
             col = tl.where(od < D, col, 1.0)
         cmin = tl.minimum(cmin, col)
     g, mu, sc, l_u = _column_marginal_step(sh, col, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u,
-                                           l_u, HAS_P0, MASK_D)
-    acc = acc * sc[None, :] + e * g[None, :]                                   # [BN, BD]
+                                           l_u, HAS_P0, MASK_D, FIRST)
+    if FIRST:
+        acc = acc * sc[None, :] + e * g[None, :]                               # [BN, BD]
+    else:
+        acc += e * g[None, :]                                                  # [BN, BD]
     return mu, l_u, acc, cmin
 
 
@@ -476,9 +511,14 @@ def _shifted_exact_pass(x_base, roff, sxd, bp, D, s, k2, lp0_b, lp0_u, A_prev, A
                         HAS_P0: tl.constexpr, MASK_N: tl.constexpr, FIRST: tl.constexpr,
                         BN: tl.constexpr, BD: tl.constexpr):
     """The feature chunks of one exact iteration (full chunks unmasked, then the partial one):
-    R_t and a_t + LSE(u) stored; returns the per-lane LSE state of u (max, sum [BD]), the row
-    sums' [BN, BD] accumulator and the smallest shifted column sum per lane (1 if FIRST)."""
-    m_u = tl.full([BD], NEG_INF, tl.float32)
+    R_t and a_t + LSE(u) stored; returns the per-lane LSE state of u (max, sum [BD]; after
+    t = 0 the max is the fixed reference of every lane), the row sums' [BN, BD] accumulator
+    and the smallest shifted column sum per lane (1 if FIRST)."""
+    if FIRST:
+        m_u = tl.full([BD], NEG_INF, tl.float32)
+    else:
+        m_u = tl.full([BD], 0.0, tl.float32) + _fixed_u_reference(
+            A_prev, D, k2, lp0_b, lp0_u, HAS_P0, _vector_block(BN, BD))
     l_u = tl.zeros([BD], tl.float32)
     acc = tl.zeros([BN, BD], tl.float32)
     cmin = tl.full([BD], 1.0, tl.float32)
@@ -624,10 +664,15 @@ def _pieces_exact_chunk(x_base, ro0, ro1, ro2, sxd, bp0, bp1, bp2, d0, D, s, k2,
             col = tl.where(dm, col, 1.0)
         cmin = tl.minimum(cmin, col)
     g, mu, sc, l_u = _column_marginal_step(sh, col, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u,
-                                           l_u, HAS_P0, MASK_D)
-    acc0 = acc0 * sc[None, :] + e0 * g[None, :]                                # [P0, BD]
-    acc1 = acc1 * sc[None, :] + e1 * g[None, :]                                # [P1, BD]
-    acc2 = acc2 * sc[None, :] + e2 * g[None, :]                                # [P2, BD]
+                                           l_u, HAS_P0, MASK_D, FIRST)
+    if FIRST:
+        acc0 = acc0 * sc[None, :] + e0 * g[None, :]                            # [P0, BD]
+        acc1 = acc1 * sc[None, :] + e1 * g[None, :]                            # [P1, BD]
+        acc2 = acc2 * sc[None, :] + e2 * g[None, :]                            # [P2, BD]
+    else:
+        acc0 += e0 * g[None, :]                                                # [P0, BD]
+        acc1 += e1 * g[None, :]                                                # [P1, BD]
+        acc2 += e2 * g[None, :]                                                # [P2, BD]
     return mu, l_u, acc0, acc1, acc2, cmin
 
 
@@ -636,7 +681,11 @@ def _pieces_exact_pass(x_base, ro0, ro1, ro2, sxd, bp0, bp1, bp2, D, s, k2, lp0_
                        A_prev, A_cur, R_t, HAS_P0: tl.constexpr, FIRST: tl.constexpr,
                        P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BD: tl.constexpr):
     """_shifted_exact_pass on the three row pieces."""
-    m_u = tl.full([BD], NEG_INF, tl.float32)
+    if FIRST:
+        m_u = tl.full([BD], NEG_INF, tl.float32)
+    else:
+        m_u = tl.full([BD], 0.0, tl.float32) + _fixed_u_reference(
+            A_prev, D, k2, lp0_b, lp0_u, HAS_P0, _vector_block(P0, BD))
     l_u = tl.zeros([BD], tl.float32)
     acc0 = tl.zeros([P0, BD], tl.float32)
     acc1 = tl.zeros([P1, BD], tl.float32)
