@@ -920,9 +920,10 @@ def sinkhorn_fwd_kernel(
         for t in range(t_end):
             s = _x_scale(w_ptr, T, t, PAPER) * isig
             # the exact iterations' fixed column shift -a_{t-1} bounds x s_{t-1} + b, not x s_t +
-            # b: where ε changed (per-iteration weights) the iteration takes the column max
-            first = (t == 0) | (s != s_prev)
-            s_prev = s
+            # b: where ε changed (per-iteration weights) the iteration takes the column max (a
+            # branch of its own: t == 0 merged into it kept the compiler from peeling t = 0,
+            # ~1 instruction per element-iteration more at W1)
+            s_last, s_prev = s_prev, s
             k2 = _kappa_at(w_ptr, T, t, _A2)
             k3 = _kappa_at(w_ptr, T, t, _A3)
             A_prev = A_b + t * D
@@ -932,7 +933,12 @@ def sinkhorn_fwd_kernel(
             R_t = Rn_b + t * D
             C_t = Cn_ptr + t * NR + row0
             if P0 > 0:
-                if first:
+                if t == 0:
+                    _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
+                                            lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
+                                            C_t, HAS_P0, HAS_Q0, True, P0, P1, P2, MASK_P, BN,
+                                            BD)
+                elif s != s_last:
                     _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
                                             lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
                                             C_t, HAS_P0, HAS_Q0, True, P0, P1, P2, MASK_P, BN,
@@ -943,7 +949,11 @@ def sinkhorn_fwd_kernel(
                                             C_t, HAS_P0, HAS_Q0, False, P0, P1, P2, MASK_P, BN,
                                             BD)
             elif ONE_TILE_N and not PAPER:
-                if first:
+                if t == 0:
+                    _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
+                                             lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
+                                             C_t, HAS_P0, HAS_Q0, MASK_N, True, BN, BD)
+                elif s != s_last:
                     _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
                                              lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
                                              C_t, HAS_P0, HAS_Q0, MASK_N, True, BN, BD)
