@@ -418,7 +418,7 @@ def _column_marginal_step(sh, col, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u, l_u
     ONLINE: returns (the row-sum factor 2^(u - max u - log2 col) of the columns' terms, the new
     running max, the rescale of the row-sum accumulators, the new running sum), all [BD];
     else m_u is the fixed reference M of :func:`_fixed_u_reference` (every lane) and the
-    factor is 2^(u - M - log2 col), the running max stays M and the rescale is 1 (None)."""
+    factor is 2^(u - M - log2 col), the running max stays M and there is no rescale."""
     lc = log2_reduced(col)
     r = sh + lc
     if HAS_P0:
@@ -449,7 +449,7 @@ def _column_marginal_step(sh, col, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u, l_u
         # (u <= M + log2 n_b: no rescale, the accumulators only add; a padded lane: u = -inf)
         l_u = l_u + tl.exp2(u - m_u)
         g = tl.exp2(u - m_u - lc)
-        return g, m_u, None, l_u
+        return g, m_u, g, l_u          # (no rescale: the third is unread; 3.6 returns no None)
 
 
 @triton.jit
