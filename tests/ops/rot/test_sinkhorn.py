@@ -512,6 +512,34 @@ def test_exact_iterations_far_from_zero(N, eps, p0):
     assert all(bool(torch.isfinite(g).all()) for g in gk if g is not None)
 
 
+@pytest.mark.parametrize("N", [8, 7], ids=["one_tile", "row_pieces"])
+@pytest.mark.usefixtures("forward_iteration")
+def test_pooling_column_without_mass(N):
+    """A feature whose prior mass is e^-100 (an fp32 subnormal) under a hard feature marginal
+    (α2 = ∞): its column of the plan sums to ~1e-44, so the one-tile pooling's terms under the
+    shift -a_T (kernels._pool_store) are subnormal or flushed, and the pooling must redo that
+    column under its max (the row pieces take the max anyway). y, the plan and the x gradient
+    against the oracle (the p0 gradient, ∝ 1/p0 ~ 1e44, is beyond fp32: not compared)."""
+    gen = torch.Generator().manual_seed(5)
+    T = 3
+    x = torch.randn(2, N, 8, generator=gen)
+    logits = torch.randn(2, 8, generator=gen)
+    logits[:, 3] = -100.0
+    p0 = torch.softmax(logits.double(), -1).float()
+    assert 0 < float(p0[:, 3].max()) < 1e-40
+    a1 = torch.full((T,), 0.5, dtype=torch.float64)
+    a2 = torch.full((T,), math.inf, dtype=torch.float64)
+    a3 = torch.full((T,), 1.0, dtype=torch.float64)
+    cy = torch.randn(2, 8, generator=gen)
+    cp = torch.randn(2, N, 8, generator=gen)
+    args = (x, None, "exact", T, a1, a2, a3, p0, None, cy, cp)
+    (yk, pk, gk), (yr, pr, gr) = _run_kernel(*args), _run_reference(*args)
+    tol = RTOL[torch.float32]
+    assert rel_err(yk.detach(), yr) <= tol, "y"
+    assert rel_err(pk.detach(), pr) <= tol, "plan"
+    assert rel_err(gk[0], gr[0]) <= tol, "grad x"
+
+
 # --------------------------------------------------------------------------------------------
 # routing, memory, reduced precision, compile
 # --------------------------------------------------------------------------------------------
