@@ -516,10 +516,10 @@ def test_exact_iterations_far_from_zero(N, eps, p0):
 @pytest.mark.usefixtures("forward_iteration")
 def test_pooling_column_without_mass(N):
     """A feature whose prior mass is e^-100 (an fp32 subnormal) under a hard feature marginal
-    (α2 = ∞): its column of the plan sums to ~1e-44, so the one-tile pooling's terms under the
-    shift -a_T (kernels._pool_store) are subnormal or flushed, and the pooling must redo that
-    column under its max (the row pieces take the max anyway). y, the plan and the x gradient
-    against the oracle (the p0 gradient, ∝ 1/p0 ~ 1e44, is beyond fp32: not compared)."""
+    (α2 = ∞): its column of the plan sums to ~1e-44, so a pooling under a bound instead of the
+    column max (-a_T, tried: kept out for its spills) would see subnormal or flushed terms (it
+    then had to redo the column under the max). y, the plan and the x gradient against the
+    oracle (the p0 gradient, ∝ 1/p0 ~ 1e44, is beyond fp32: not compared)."""
     gen = torch.Generator().manual_seed(5)
     T = 3
     x = torch.randn(2, N, 8, generator=gen)

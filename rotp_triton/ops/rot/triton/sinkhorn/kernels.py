@@ -408,7 +408,6 @@ def _lean_paper_iteration(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, lp0_u,
 # a term < 2^-96, against row sums >= 2^-60.)
 _TINY = tl.constexpr(2.0 ** -60)
 _COL_TINY = tl.constexpr(2.0 ** -30)
-_POOL_BIG = tl.constexpr(2.0 ** 8)    # the pooling's column sums under -a_T: <= 1 up to rounding
 
 
 @triton.jit
@@ -786,63 +785,10 @@ def _piece_pool_terms(x, z, ms):
 
 
 @triton.jit
-def _pool_store(l, w, sh, od, D, rfin_b, y_b, bad, MASK_D: tl.constexpr, FIXED: tl.constexpr):
-    """Stores rfin = sh + log2 Σ_n p and y = Σ_n p x / Σ_n p of a chunk's columns, p = 2^(z -
-    sh). The pooling's shift is -a_T (FIXED): the last b-update left every entry of 2^(x s + a_T
-    + b_T) <= 1, so x s + b_T <= -a_T - no column max, no cross-thread reduction per chunk; then
-    ``bad`` [BD] marks the real lanes whose Σ_n p left [2^-30, 2^8] or whose y is not finite (a
-    column with almost no mass under -a_T, or x s rounded far above its bound at |x|/ε ~ 1e9),
-    and the pooling is redone under the column max."""
-    y = w / l
-    if MASK_D:
-        dm = od < D
-        tl.store(rfin_b + od, sh + log2_reduced(l), mask=dm)
-        tl.store(y_b + od, y, mask=dm)
-    else:
-        tl.store(rfin_b + od, sh + log2_reduced(l))
-        tl.store(y_b + od, y)
-    if FIXED:
-        ok = (l >= _COL_TINY) & (l <= _POOL_BIG) & (tl.abs(y) < float("inf"))
-        if MASK_D:
-            ok = ok | (od >= D)
-        bad = tl.maximum(bad, tl.where(ok, 0.0, 1.0))
-    return bad
-
-
-@triton.jit
-def _streamed_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_b, y_b, BN: tl.constexpr,
-                   BD: tl.constexpr):
-    """The pooling (eq. 5) over [BN, BD] tiles of any set size: an online column max per
-    feature chunk (the streamed forward's)."""
-    for d0 in range(0, D, BD):
-        od = d0 + tl.arange(0, BD)
-        dm = od < D
-        m = tl.full([BD], NEG_INF, tl.float32)
-        l = tl.zeros([BD], tl.float32)
-        acc = tl.zeros([BD], tl.float32)
-        for n0 in range(0, n_b, BN):
-            on = n0 + tl.arange(0, BN)
-            x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)                # [BN, BD]
-            bb = tl.load(B_fin + on, mask=on < n_b, other=0.0)
-            z = tl.where(msk, x * s_fin + bb[:, None], NEG_INF)
-            mn = tl.maximum(m, tl.max(z, axis=0))
-            ms = tl.where(mn == NEG_INF, 0.0, mn)
-            alpha = tl.exp2(m - ms)
-            p = tl.exp2(z - ms[None, :])
-            l = l * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p * x, axis=0)
-            m = mn
-        tl.store(rfin_b + od, m + log2_reduced(l), mask=dm)
-        tl.store(y_b + od, acc / l, mask=dm)
-
-
-@triton.jit
 def _pieces_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_b, y_b, P0: tl.constexpr,
                  P1: tl.constexpr, P2: tl.constexpr, MASK2: tl.constexpr, BD: tl.constexpr):
     """The pooling (eq. 5) on the three row pieces, one pass: all rows of a chunk are in
-    registers, so the column max is taken once (no online rescale); padded rows have b = -inf.
-    (Not under the shift -a_T as the one-tile pooling: with the redo pass that needs, triton 3.6
-    spilled 16-40 B across the whole W2 forward.)"""
+    registers, so the column max is taken once (no online rescale); padded rows have b = -inf."""
     on0, ro0 = _piece_rows(0, P0, n_b, sxn, False)
     on1, ro1 = _piece_rows(P0, P1, n_b, sxn, False)
     on2, ro2 = _piece_rows(P0 + P1, P2, n_b, sxn, MASK2)
@@ -870,52 +816,38 @@ def _pieces_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_b, y_b, P0: tl.con
 
 
 @triton.jit
-def _one_tile_pool_chunk(x_base, roff, sxd, bb, d0, D, s_fin, A_fin, rfin_b, y_b, bad,
-                         MASK_D: tl.constexpr, FIXED: tl.constexpr, BD: tl.constexpr):
-    """One feature chunk of the one-tile pooling, every row of the tile at once (no online
-    rescale), each column shifted by -a_T (FIXED) or by its max; padded rows have b = -inf and
-    clamped (real) loads. Returns ``bad`` with this chunk's bad lanes (:func:`_pool_store`)."""
+def _one_tile_pool_chunk(x_base, roff, sxd, bb, d0, D, s_fin, rfin_b, y_b,
+                         MASK_D: tl.constexpr, BD: tl.constexpr):
+    """One feature chunk of the one-tile pooling: the column max taken once over all rows in
+    the tile (no online rescale); padded rows have b = -inf and clamped (real) loads."""
     od = d0 + tl.arange(0, BD)
     x = _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D)                     # [BN, BD]
     z = x * s_fin + bb[:, None]                                                # [BN, BD]
-    if FIXED:
-        # (a padded lane: -a = +inf, p = 0; not stored, not marked)
-        sh = -_lean_vec(A_fin, od, D, float("-inf"), MASK_D)                   # [BD]
+    m = tl.max(z, axis=0)                                                      # [BD]
+    ms = tl.where(m == NEG_INF, 0.0, m)
+    l, w = _piece_pool_terms(x, z, ms)                                         # [BD], [BD]
+    if MASK_D:
+        dm = od < D
+        tl.store(rfin_b + od, m + log2_reduced(l), mask=dm)
+        tl.store(y_b + od, w / l, mask=dm)
     else:
-        m = tl.max(z, axis=0)                                                  # [BD]
-        sh = tl.where(m == NEG_INF, 0.0, m)
-    l, w = _piece_pool_terms(x, z, sh)                                         # [BD], [BD]
-    return _pool_store(l, w, sh, od, D, rfin_b, y_b, bad, MASK_D, FIXED)
+        tl.store(rfin_b + od, m + log2_reduced(l))
+        tl.store(y_b + od, w / l)
 
 
 @triton.jit
-def _one_tile_pool_pass(x_base, roff, sxd, bb, D, s_fin, A_fin, rfin_b, y_b,
-                        FIXED: tl.constexpr, BD: tl.constexpr):
-    """Full feature chunks without any mask, the last partial one (if any) with a store mask;
-    returns the bad lanes [BD]."""
-    bad = tl.zeros([BD], tl.float32)
-    d_full = (D // BD) * BD
-    for d0 in range(0, d_full, BD):
-        bad = _one_tile_pool_chunk(x_base, roff, sxd, bb, d0, D, s_fin, A_fin, rfin_b, y_b,
-                                   bad, False, FIXED, BD)
-    if d_full < D:
-        bad = _one_tile_pool_chunk(x_base, roff, sxd, bb, d_full, D, s_fin, A_fin, rfin_b, y_b,
-                                   bad, True, FIXED, BD)
-    return bad
-
-
-@triton.jit
-def _one_tile_pool(x_base, sxn, sxd, n_b, D, s_fin, A_fin, B_fin, rfin_b, y_b,
-                   MASK_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """The pooling (eq. 5) with all n_b <= BN rows of the set in the tile, under the shift -a_T
-    (the rare bad column: the pass again under the column max)."""
+def _one_tile_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_b, y_b, MASK_N: tl.constexpr,
+                   BN: tl.constexpr, BD: tl.constexpr):
+    """The pooling (eq. 5) with all n_b <= BN rows of the set in the tile: full feature chunks
+    without any mask, the last partial one (if any) with a store mask."""
     on = tl.arange(0, BN)
     bb = _lean_vec(B_fin, on, n_b, float("-inf"), MASK_N)                      # [BN]
     roff = _lean_row_offsets(on, n_b, sxn, MASK_N)                             # [BN]
-    bad = _one_tile_pool_pass(x_base, roff, sxd, bb, D, s_fin, A_fin, rfin_b, y_b, True, BD)
-    if tl.max(bad, axis=0) > 0:
-        tl.debug_barrier()
-        _one_tile_pool_pass(x_base, roff, sxd, bb, D, s_fin, A_fin, rfin_b, y_b, False, BD)
+    d_full = (D // BD) * BD
+    for d0 in range(0, d_full, BD):
+        _one_tile_pool_chunk(x_base, roff, sxd, bb, d0, D, s_fin, rfin_b, y_b, False, BD)
+    if d_full < D:
+        _one_tile_pool_chunk(x_base, roff, sxd, bb, d_full, D, s_fin, rfin_b, y_b, True, BD)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1075,11 +1007,29 @@ def sinkhorn_fwd_kernel(
         elif ONE_TILE_N and not PAPER:
             # (the paper variant keeps the streamed pooling: with the one-tile one, its bf16
             # build spilled 8 B under triton 3.6)
-            _one_tile_pool(x_base, sxn, sxd, n_b, D, s_fin, A_fin, B_fin, rfin_ptr + b * D,
+            _one_tile_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_ptr + b * D,
                            y_ptr + b * D, MASK_N, BN, BD)
         else:
-            _streamed_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_ptr + b * D,
-                           y_ptr + b * D, BN, BD)
+            for d0 in range(0, D, BD):
+                od = d0 + tl.arange(0, BD)
+                dm = od < D
+                m = tl.full([BD], NEG_INF, tl.float32)
+                l = tl.zeros([BD], tl.float32)
+                acc = tl.zeros([BD], tl.float32)
+                for n0 in range(0, n_b, BN):
+                    on = n0 + tl.arange(0, BN)
+                    x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)        # [BN, BD]
+                    bb = tl.load(B_fin + on, mask=on < n_b, other=0.0)
+                    z = tl.where(msk, x * s_fin + bb[:, None], NEG_INF)
+                    mn = tl.maximum(m, tl.max(z, axis=0))
+                    ms = tl.where(mn == NEG_INF, 0.0, mn)
+                    alpha = tl.exp2(m - ms)
+                    p = tl.exp2(z - ms[None, :])
+                    l = l * alpha + tl.sum(p, axis=0)
+                    acc = acc * alpha + tl.sum(p * x, axis=0)
+                    m = mn
+                tl.store(rfin_ptr + b * D + od, m + log2_reduced(l), mask=dm)
+                tl.store(y_ptr + b * D + od, acc / l, mask=dm)
         if RETURN_PLAN:
             tl.debug_barrier()
             # log2 of the mass of P = 2^(x s + a + b): LSE_d(a_d + rfin_d)
