@@ -465,10 +465,7 @@ def _fixed_u_reference(A_prev, D, k2, lp0_b, lp0_u, HAS_P0: tl.constexpr, BV: tl
         od = d0 + tl.arange(0, BV)
         dm = od < D
         a = tl.load(A_prev + od, mask=dm, other=0.0)
-        if HAS_P0:
-            lp0 = tl.load(lp0_b + od, mask=dm, other=0.0) * _LOG2E
-        else:
-            lp0 = lp0_u
+        lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
         m = tl.maximum(m, tl.where(dm, k2 * lp0 - (1.0 - k2) * a, NEG_INF))
     M = tl.max(m, axis=0)
     return tl.where(M == NEG_INF, 0.0, M)
