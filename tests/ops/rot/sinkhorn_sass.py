@@ -4,6 +4,7 @@ spill usage, and the instruction mix of the innermost loop (PERF.md, "Measuring 
 Run WITHOUT ``TRITON_INTERPRET`` (``tests/ops/rot/test_sinkhorn.py`` runs it in a subprocess):
 
     python tests/ops/rot/sinkhorn_sass.py usage fwd1 exact fp32 8 [...]  # REG / LOCAL per config
+    python tests/ops/rot/sinkhorn_sass.py small fwd1 64 64 4 [...]       # SMALL_CONFIGS entries
     python tests/ops/rot/sinkhorn_sass.py loop W1 exact               # innermost-loop counts
 
 Workloads: W1 = 50 × 500 × 100 dense contiguous fp32, W2 = x (256, 2048, 7, 7) viewed as
@@ -116,6 +117,28 @@ AOT_CONFIGS = [("fwd", "exact", "bf16", 8), ("fwd", "paper", "fp32", 4),
                ("dx+s", "exact", "bf16", 8), ("split_row+s", "exact", "fp32", 8)]
 
 
+# small dense sets of contiguous rows, exact, one tile (no row pieces), (which, N, D, warps):
+# 16-128 rows, 32-128 features, where ptxas without launch.MAX_REGISTERS chose 80-128
+# registers and spilled; compiled with the JIT's specialisations of a contiguous (B, N, D)
+# batch (unit feature stride: vector loads)
+SMALL_CONFIGS = [("fwd1", 16, 32, 8), ("fwd1", 16, 128, 8), ("fwd1", 32, 32, 4),
+                 ("fwd1", 64, 64, 4), ("fwd1", 64, 64, 8), ("fwd1", 128, 64, 8),
+                 ("fwd1", 32, 128, 8), ("bwd1", 32, 64, 8), ("bwd1", 64, 64, 4),
+                 ("bwd1", 128, 64, 8), ("bwd1nogp", 32, 64, 4), ("bwd1nogp", 64, 64, 4),
+                 ("bwd1nogp", 64, 64, 8), ("bwd1nogp", 128, 64, 8)]
+
+
+def compile_small(which: str, N: int, D: int, nw: int, B: int = 64):
+    """A ``SMALL_CONFIGS`` entry as the launcher builds it for B contiguous fp32 sets."""
+    kern, ce = config(which, "exact", N, D, nw)
+    if which.startswith("fwd") and ce["P0"]:
+        nw = L.PIECES_NUM_WARPS
+    ints = dict(N=N, D=D, T=4, NR=B * N)
+    for p in ("sx", "sp", "sg", "sd"):      # x, plan, plan gradient, dx: all (B, N, D)
+        ints.update({p + "b": N * D, p + "n": D, p + "d": 1})
+    return compile_like_jit(kern, signature(kern, ce, "fp32"), ce, ints, nw)
+
+
 def split_config(which: str, N: int, D: int, num_warps: int) -> tuple:
     """(kernel, constexprs) of a split-set launch (launch._split_iterations) for B = 50 sets
     of N rows on 132 SMs."""
@@ -158,7 +181,9 @@ def compile_config(which, variant, xdt, nw):
             if which != "dx":
                 ce["FUSE_DX"] = False
                 ce["SPLIT_DX"] = False
-    return compile_sm90(kern, signature(kern, ce, xdt), ce, num_warps=nw)
+    capped = kern in (K.sinkhorn_fwd_kernel, K.sinkhorn_bwd_kernel)  # (as the launchers)
+    return compile_sm90(kern, signature(kern, ce, xdt), ce, num_warps=nw,
+                        maxnreg=L.MAX_REGISTERS if capped else None)
 
 
 def usage(compiled) -> tuple:
@@ -265,7 +290,8 @@ def compile_like_jit(kernel, sig: dict, constexprs: dict, ints: dict, num_warps:
         if sig[name].startswith("*") or (name in ints and ints[name] % 16 == 0):
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=ce, attrs=attrs)
-    return triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": 3})
+    return triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": 3,
+                                                       "maxnreg": L.MAX_REGISTERS})
 
 
 def loop_report(name: str, variant: str) -> str:
@@ -299,5 +325,11 @@ if __name__ == "__main__":
             which, variant, xdt, nw = args[i], args[i + 1], args[i + 2], int(args[i + 3])
             regs, local = usage(compile_config(which, variant, xdt, nw))
             print("USAGE", which, variant, xdt, nw, regs, local, flush=True)
+    elif sys.argv[1] == "small":     # one or more SMALL_CONFIGS entries: which N D warps, ...
+        args = sys.argv[2:]
+        for i in range(0, len(args), 4):
+            which, N, D, nw = args[i], int(args[i + 1]), int(args[i + 2]), int(args[i + 3])
+            regs, local = usage(compile_small(which, N, D, nw))
+            print("USAGE", which, N, D, nw, regs, local, flush=True)
     else:
         print(loop_report(sys.argv[2], sys.argv[3]))

@@ -712,22 +712,19 @@ def test_torch_compile_fullgraph(ragged):
 # --------------------------------------------------------------------------------------------
 # ahead-of-time compilation for sm_90 (no GPU needed)
 # --------------------------------------------------------------------------------------------
-def test_aot_sm90_compiles_without_spills():
-    """Each kernel configuration the launchers use (``sinkhorn_sass.AOT_CONFIGS``: forward /
-    backward, streamed / one-tile, both variants, fp32/fp16/bf16 pointers, 4 and 8 warps)
-    compiles for sm_90 with the tile sizes picked for D = 2048, and ptxas reports no spills
-    (neither local memory nor stack). The compilations run without TRITON_INTERPRET in two
+def _aot_usage(mode: str, configs: list) -> list:
+    """Compile ``configs`` with ``sinkhorn_sass.py <mode>`` (without TRITON_INTERPRET) in two
     concurrent subprocesses (one per CI core: a process per configuration imported torch 26
-    times and thrashed two cores, 195 s of CPU against 58)."""
+    times and thrashed two cores, 195 s of CPU against 58); the failures: a configuration that
+    did not compile, or a "USAGE ... regs spill-bytes" line over 255 registers or with spills
+    (local memory or stack)."""
     import os
     import subprocess
     import sys
-    sys.path.insert(0, os.path.dirname(__file__))
-    from sinkhorn_sass import AOT_CONFIGS
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sinkhorn_sass.py")
-    halves = [AOT_CONFIGS[0::2], AOT_CONFIGS[1::2]]
-    procs = [subprocess.Popen([sys.executable, script, "usage"]
+    halves = [configs[0::2], configs[1::2]]
+    procs = [subprocess.Popen([sys.executable, script, mode]
                               + [str(a) for cfg in half for a in cfg],
                               env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for half in halves]
@@ -743,6 +740,34 @@ def test_aot_sm90_compiles_without_spills():
             print(ln)
             if regs > 255 or local != 0:
                 failures.append(ln)
+    return failures
+
+
+def test_aot_sm90_compiles_without_spills():
+    """Each kernel configuration the launchers use (``sinkhorn_sass.AOT_CONFIGS``: forward /
+    backward, streamed / one-tile, both variants, fp32/fp16/bf16 pointers, 4 and 8 warps)
+    compiles for sm_90 with the tile sizes picked for D = 2048, and ptxas reports no spills
+    (neither local memory nor stack)."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from sinkhorn_sass import AOT_CONFIGS
+    failures = _aot_usage("usage", AOT_CONFIGS)
+    assert not failures, "\n".join(failures)
+
+
+def test_aot_sm90_small_sets_without_spills():
+    """Small dense sets of contiguous rows held in one tile (``sinkhorn_sass.SMALL_CONFIGS``:
+    16-128 rows, 32-128 features, 4 and 8 warps, the exact forward and backward with and
+    without a plan gradient) compile for sm_90 as the launcher builds them (its tile, its
+    register cap ``launch.MAX_REGISTERS``, the JIT's specialisation of a unit feature stride)
+    without spills. Without the cap ptxas 12.9 keeps values on the stack at 128 registers
+    (16 x 128 at 8 warps: 136 B)."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from sinkhorn_sass import SMALL_CONFIGS
+    failures = _aot_usage("small", SMALL_CONFIGS)
     assert not failures, "\n".join(failures)
 
 

@@ -70,6 +70,15 @@ def fwd_config(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
     return _config(D, N, FWD_ELEMS_PER_THREAD, num_warps)
 
 
+# the register cap passed to ptxas with the set kernels' launches (forward, backward;
+# ``maxnreg``): the hardware's 255 a thread. Without it ptxas 12.9 (triton 3.9) builds some
+# small one-tile configurations in 80-128 registers and keeps values on the stack (16 x 128 at
+# 8 warps: 128 registers, 136 B of spills; 172 and none with the cap). Not on the dx and split
+# launches: there it raised registers without removing any spill (W1's dx 125 -> 152: fewer
+# resident warps in the calibrated model)
+MAX_REGISTERS = 255
+
+
 # dense exact sets held in three power-of-two row pieces instead of one padded tile (see
 # row_pieces; False: always the padded [BN, BD] tile)
 ROW_PIECES = True
@@ -357,7 +366,8 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
             RAGGED=ptr is not None, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
             PAPER=paper, RETURN_PLAN=return_plan, ONE_TILE_N=one_tile, BN=BN, BD=BD,
             MASK_N=N is None or N != BN, ITERATE=not rows, P0=P0, P1=P1, P2=P2,
-            MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None, STATS=stats, num_warps=nw)
+            MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None, STATS=stats, num_warps=nw,
+            maxnreg=MAX_REGISTERS)
     if spread:
         return y, plan, state, saved
     return y, plan, state
@@ -439,7 +449,7 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
             PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one_tile, BN=BN, BD=BD, BT=next_pow2(T),
             BNX=BNX, BDX=BDX, FUSE_DX=fused, SPLIT_DX=split, BDF=BDF, P0=P0, P1=P1, P2=P2,
             MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None, SPREAD=fold, PACK=npad > 0,
-            num_warps=nw)
+            num_warps=nw, maxnreg=MAX_REGISTERS)
         if split:
             launcher(sinkhorn_dx_kernel, wrap)[(B, cdiv(N, BNX))](
                 x, sxb, sxn, sxd, N, D, T, NR, w, A, Rn, Bv, Cn, rfin, tot, y, g, gp, sgb, sgn,
