@@ -270,6 +270,13 @@ def set_spread(x_ptr, sn, sf, n_b, F, s_b, root_b, mean_b, BN: tl.constexpr, BF:
     return _store_spread(cm, acc, F, s_b, root_b)
 
 
+# set_spread_tile's unscaled sums of squares: a lane's sum within [2^-80, 2^100] lost no term
+# worth keeping to underflow (n_b <= 512 terms < 2^-126 each: < 2^-37 of it) and leaves room to
+# add 2^28 lanes' worth without overflow
+_SQ_MIN = tl.constexpr(2.0 ** -80)
+_SQ_MAX = tl.constexpr(2.0 ** 100)
+
+
 @triton.jit
 def set_spread_tile(x_ptr, sn, sf, n_b, F, s_b, root_b, mean_b, MASK_N: tl.constexpr,
                     BN: tl.constexpr, BF: tl.constexpr):
@@ -295,21 +302,32 @@ def set_spread_tile(x_ptr, sn, sf, n_b, F, s_b, root_b, mean_b, MASK_N: tl.const
             if MASK_N:
                 X = tl.where(rows[:, None], X, 0.0)
             mean = tl.sum(X, axis=0) * inv_n                                    # [BF]
+            tl.store(mean_b + offs_f, mean, mask=fm)
             dev = X - mean[None, :]
             if MASK_N:
                 dev = tl.where(rows[:, None], dev, 0.0)
-            cf = tl.max(tl.abs(dev), axis=0)                                    # [BF] c_f
-            # (every lane scaled by its own c_f, a padded one too: a padded lane's m2 then
-            # stays <= n_b, where dividing by 1 would square |x| ~ 1e30 to inf and inf · 0
-            # below would be NaN)
-            devs = dev * (1.0 / tl.where(cf > 0, cf, 1.0))[None, :]
-            m2 = tl.sum(devs * devs, axis=0)                                    # Σ (dev / c_f)²
-            c = tl.where(fm, cf, 0.0)
-            tl.store(mean_b + offs_f, mean, mask=fm)
-            # the block's Σ_f var_f = C² · Σ_f m2_f (c_f / C)² / n, C = max_f c_f
-            C = tl.max(c, axis=0)
-            rc = c / tl.where(C > 0, C, 1.0)
-            cm, acc = _merge_block_spread(cm, acc, C, tl.sum(m2 * rc * rc, axis=0) * inv_n)
+            # the squares as they are where every lane's sum lies in [2^-80, 2^100]; else
+            # (|x| ~ 1e30 overflows, ~1e-30 underflows to 0, a constant feature is 0 too) each
+            # lane scaled by its largest deviation: the max and the scaling cost ~1/5 of the
+            # pass on every block
+            m2 = tl.sum(dev * dev, axis=0)                                      # [BF]
+            odd = fm & ((m2 > _SQ_MAX) | (m2 < _SQ_MIN))
+            if tl.max(odd.to(tl.int32), axis=0) == 0:
+                cm, acc = _merge_block_spread(cm, acc, 1.0,
+                                              tl.sum(tl.where(fm, m2, 0.0), axis=0) * inv_n)
+            else:
+                cf = tl.max(tl.abs(dev), axis=0)                                # [BF] c_f
+                # (every lane scaled by its own c_f, a padded one too: a padded lane's m2
+                # then stays <= n_b, where dividing by 1 would square |x| ~ 1e30 to inf and
+                # inf · 0 below would be NaN)
+                devs = dev * (1.0 / tl.where(cf > 0, cf, 1.0))[None, :]
+                m2s = tl.sum(devs * devs, axis=0)                               # Σ (dev / c_f)²
+                c = tl.where(fm, cf, 0.0)
+                # the block's Σ_f var_f = C² · Σ_f m2_f (c_f / C)² / n, C = max_f c_f
+                C = tl.max(c, axis=0)
+                rc = c / tl.where(C > 0, C, 1.0)
+                cm, acc = _merge_block_spread(cm, acc, C,
+                                              tl.sum(m2s * rc * rc, axis=0) * inv_n)
     else:          # an empty set: means 0, σ = 1
         for f0 in range(0, F, BF):
             offs_f = f0 + tl.arange(0, BF)
