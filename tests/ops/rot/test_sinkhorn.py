@@ -771,9 +771,10 @@ def test_aot_sm90_small_sets_without_spills():
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("rows", [7, 23], ids=["pieces", "padded_piece"])
 @pytest.mark.parametrize("path", ["sweep", "pass", "split-dx", "split-rows", "ragged"])
 @pytest.mark.parametrize("variant_", ["exact", "paper"])
-def test_feature_scale_folded_in(variant_, path, monkeypatch):
+def test_feature_scale_folded_in(variant_, path, rows, monkeypatch):
     """``spread=True`` (the layers' scale="auto"): y = σ · pool(x / σ) with σ each set's
     spread (formed by the set kernel itself, or by the spread launches before split-set
     iterations), 1/σ folded into the kernels' x-scales (forward and backward; the paper's own 1/ε
@@ -782,7 +783,8 @@ def test_feature_scale_folded_in(variant_, path, monkeypatch):
     ``dense_spread`` / ``ragged_spread`` (x and the (T,) weights), on every dx path (the last
     reverse sweep, the backward's own pass, the row-block launch with its atomic ε and σ
     terms), the split-set forward and ragged sets with an empty one and a constant one
-    (σ = 1). Launches: no x / σ pass, no dot pass."""
+    (σ = 1). Launches: no x / σ pass, no dot pass. Dense sets of 7 rows (exact: row pieces
+    4 + 2 + 1) and 23 (16 + 4 + 4, the last piece padded: the spread's zeroed rows)."""
     from launch_counter import count_launches
     from rotp_triton.ops.rot.params import A1, A2, A3
     from rotp_triton.ops.rot.spread import dense_spread, ragged_spread
@@ -790,6 +792,8 @@ def test_feature_scale_folded_in(variant_, path, monkeypatch):
     from rotp_triton.ops.rot.triton.sinkhorn.op import sinkhorn_pool
     if variant_ == "paper" and path in ("sweep", "split-rows"):
         pytest.skip("the fused dx sweep and the split-set forward are exact-only")
+    if rows != 7 and (path == "ragged" or variant_ == "paper"):
+        pytest.skip("row pieces: dense exact sets only")
     monkeypatch.setattr(launch, "fuse_dx", lambda *args: path == "sweep")
     monkeypatch.setattr(launch, "split_dx", lambda *args: path == "split-dx")
     monkeypatch.setattr(launch, "SPLIT_ROWS", 2 if path == "split-rows" else None)
@@ -803,7 +807,7 @@ def test_feature_scale_folded_in(variant_, path, monkeypatch):
         index = torch.repeat_interleave(torch.arange(4), ptr.diff())
     else:
         ptr = None
-        x = torch.randn(3, 7, 5, generator=gen, dtype=torch.float64) * 3 + 2
+        x = torch.randn(3, rows, 5, generator=gen, dtype=torch.float64) * 3 + 2
     table = torch.zeros(6, T)
     table[A1], table[A2], table[A3] = a1.float(), a2.float(), a3.float()
     table = table.to(DEVICE).requires_grad_()

@@ -231,7 +231,7 @@ def feature_block_stats(x_ptr, sf, ss, n_b, offs_f, fm, BS: tl.constexpr, BF: tl
 
 
 @triton.jit
-def _merge_block_spread(cm, acc, c, part):
+def merge_block_spread(cm, acc, c, part):
     """Fold a feature block's (scale c, part) into the running (largest scale cm,
     Σ_blocks part·(c / cm)²)."""
     c_new = tl.maximum(cm, c)
@@ -242,7 +242,7 @@ def _merge_block_spread(cm, acc, c, part):
 
 
 @triton.jit
-def _store_spread(cm, acc, F, s_b, root_b):
+def store_spread(cm, acc, F, s_b, root_b):
     """The spread root = cm·sqrt(acc / F) and σ (1 where it is 0) stored; returns 1/σ."""
     root = cm * tl.sqrt(acc / F)
     sig = tl.where(root > 0, root, 1.0)
@@ -266,15 +266,15 @@ def set_spread(x_ptr, sn, sf, n_b, F, s_b, root_b, mean_b, BN: tl.constexpr, BF:
         fm = offs_f < F
         mean, c, part = feature_block_stats(x_ptr, sf, sn, n_b, offs_f, fm, BN, BF)
         tl.store(mean_b + offs_f, mean, mask=fm)
-        cm, acc = _merge_block_spread(cm, acc, c, part)
-    return _store_spread(cm, acc, F, s_b, root_b)
+        cm, acc = merge_block_spread(cm, acc, c, part)
+    return store_spread(cm, acc, F, s_b, root_b)
 
 
-# set_spread_tile's unscaled sums of squares: a lane's sum within [2^-80, 2^100] lost no term
-# worth keeping to underflow (n_b <= 512 terms < 2^-126 each: < 2^-37 of it) and leaves room to
-# add 2^28 lanes' worth without overflow
-_SQ_MIN = tl.constexpr(2.0 ** -80)
-_SQ_MAX = tl.constexpr(2.0 ** 100)
+# the one-tile spreads' unscaled sums of squares (set_spread_tile, the Sinkhorn row pieces'): a
+# lane's sum within [2^-80, 2^100] lost no term worth keeping to underflow (n_b <= 512 terms
+# < 2^-126 each: < 2^-37 of it) and leaves room to add 2^28 lanes' worth without overflow
+SPREAD_SQ_MIN = tl.constexpr(2.0 ** -80)
+SPREAD_SQ_MAX = tl.constexpr(2.0 ** 100)
 
 
 @triton.jit
@@ -311,9 +311,9 @@ def set_spread_tile(x_ptr, sn, sf, n_b, F, s_b, root_b, mean_b, MASK_N: tl.const
             # lane scaled by its largest deviation: the max and the scaling cost ~1/5 of the
             # pass on every block
             m2 = tl.sum(dev * dev, axis=0)                                      # [BF]
-            odd = fm & ((m2 > _SQ_MAX) | (m2 < _SQ_MIN))
+            odd = fm & ((m2 > SPREAD_SQ_MAX) | (m2 < SPREAD_SQ_MIN))
             if tl.max(odd.to(tl.int32), axis=0) == 0:
-                cm, acc = _merge_block_spread(cm, acc, 1.0,
+                cm, acc = merge_block_spread(cm, acc, 1.0,
                                               tl.sum(tl.where(fm, m2, 0.0), axis=0) * inv_n)
             else:
                 cf = tl.max(tl.abs(dev), axis=0)                                # [BF] c_f
@@ -326,11 +326,11 @@ def set_spread_tile(x_ptr, sn, sf, n_b, F, s_b, root_b, mean_b, MASK_N: tl.const
                 # the block's Σ_f var_f = C² · Σ_f m2_f (c_f / C)² / n, C = max_f c_f
                 C = tl.max(c, axis=0)
                 rc = c / tl.where(C > 0, C, 1.0)
-                cm, acc = _merge_block_spread(cm, acc, C,
+                cm, acc = merge_block_spread(cm, acc, C,
                                               tl.sum(m2s * rc * rc, axis=0) * inv_n)
     else:          # an empty set: means 0, σ = 1
         for f0 in range(0, F, BF):
             offs_f = f0 + tl.arange(0, BF)
             tl.store(mean_b + offs_f, tl.zeros([BF], tl.float32), mask=offs_f < F)
-    return _store_spread(cm, acc, F, s_b, root_b)
+    return store_spread(cm, acc, F, s_b, root_b)
 

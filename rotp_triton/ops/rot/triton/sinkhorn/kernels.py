@@ -47,8 +47,9 @@ import triton
 import triton.language as tl
 
 from ...params import A1, A2, A3
-from ..common import (LN2, LOG2E, kappa, log2_reduced, set_inv_scale, set_spread,
-                      set_spread_tile)
+from ..common import (LN2, LOG2E, SPREAD_SQ_MAX, SPREAD_SQ_MIN, kappa, log2_reduced,
+                      merge_block_spread, set_inv_scale, set_spread, set_spread_tile,
+                      store_spread)
 
 NEG_INF = tl.constexpr(float("-inf"))
 _LOG2E = tl.constexpr(LOG2E)
@@ -782,6 +783,53 @@ def _piece_pool_terms(x, z, ms):
 
 
 @triton.jit
+def _pieces_spread(x_base, sxn, sxd, n_b, D, s_b, root_b, mean_b, P0: tl.constexpr,
+                   P1: tl.constexpr, P2: tl.constexpr, MASK2: tl.constexpr, BD: tl.constexpr):
+    """``common.set_spread_tile`` on the three row pieces (W2: 49 rows, not 64): per feature
+    chunk the mean, then the squared deviations as they are, or scaled by each lane's largest
+    deviation where a lane's sum leaves [SPREAD_SQ_MIN, SPREAD_SQ_MAX]; padded rows of the last
+    piece read the last real row and are zeroed. Stores σ, its root and the means; returns
+    1/σ. (Dense sets only: n_b = N >= 3.)"""
+    on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _piece_layout(n_b, sxn, P0, P1, P2, MASK2)
+    inv_n = 1.0 / n_b.to(tl.float32)
+    cm = tl.sum(tl.zeros([BD], dtype=tl.float32), axis=0)
+    acc = tl.sum(tl.zeros([BD], dtype=tl.float32), axis=0)
+    for d0 in range(0, D, BD):
+        od = d0 + tl.arange(0, BD)
+        dm = od < D
+        x0 = _lean_load_chunk(x_base, ro0, sxd, od, D, True)                  # [P0, BD]
+        x1 = _lean_load_chunk(x_base, ro1, sxd, od, D, True)                  # [P1, BD]
+        x2 = _lean_load_chunk(x_base, ro2, sxd, od, D, True)                  # [P2, BD]
+        if MASK2:
+            x2 = tl.where(nm2[:, None], x2, 0.0)
+        mean = (tl.sum(x0, axis=0) + tl.sum(x1, axis=0) + tl.sum(x2, axis=0)) * inv_n
+        tl.store(mean_b + od, mean, mask=dm)
+        v0 = x0 - mean[None, :]
+        v1 = x1 - mean[None, :]
+        v2 = x2 - mean[None, :]
+        if MASK2:
+            v2 = tl.where(nm2[:, None], v2, 0.0)
+        m2 = tl.sum(v0 * v0, axis=0) + tl.sum(v1 * v1, axis=0) + tl.sum(v2 * v2, axis=0)
+        odd = dm & ((m2 > SPREAD_SQ_MAX) | (m2 < SPREAD_SQ_MIN))
+        if tl.max(odd.to(tl.int32), axis=0) == 0:
+            cm, acc = merge_block_spread(cm, acc, 1.0,
+                                         tl.sum(tl.where(dm, m2, 0.0), axis=0) * inv_n)
+        else:
+            cf = tl.maximum(tl.maximum(tl.max(tl.abs(v0), axis=0), tl.max(tl.abs(v1), axis=0)),
+                            tl.max(tl.abs(v2), axis=0))                       # [BD] c_f
+            r = 1.0 / tl.where(cf > 0, cf, 1.0)
+            w0 = v0 * r[None, :]
+            w1 = v1 * r[None, :]
+            w2 = v2 * r[None, :]
+            m2s = tl.sum(w0 * w0, axis=0) + tl.sum(w1 * w1, axis=0) + tl.sum(w2 * w2, axis=0)
+            c = tl.where(dm, cf, 0.0)
+            C = tl.max(c, axis=0)
+            rc = c / tl.where(C > 0, C, 1.0)
+            cm, acc = merge_block_spread(cm, acc, C, tl.sum(m2s * rc * rc, axis=0) * inv_n)
+    return store_spread(cm, acc, D, s_b, root_b)
+
+
+@triton.jit
 def _pieces_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_b, y_b, P0: tl.constexpr,
                  P1: tl.constexpr, P2: tl.constexpr, MASK2: tl.constexpr, BD: tl.constexpr):
     """The pooling (eq. 5) on the three row pieces, one pass: all rows of a chunk are in
@@ -887,7 +935,10 @@ def sinkhorn_fwd_kernel(
     """
     b = _set_of_program(order_ptr, RAGGED)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
-    if STATS and ONE_TILE_N:
+    if STATS and P0 > 0:
+        isig = _pieces_spread(x_ptr + x_off, sxn, sxd, n_b, D, sc_ptr + b, root_ptr + b,
+                              mean_ptr + b * D, P0, P1, P2, MASK_P, BD)
+    elif STATS and ONE_TILE_N:
         isig = set_spread_tile(x_ptr + x_off, sxn, sxd, n_b, D, sc_ptr + b, root_ptr + b,
                                mean_ptr + b * D, MASK_N, BN, BD)
     elif STATS:      # (an empty set too: mean 0, σ = 1)
