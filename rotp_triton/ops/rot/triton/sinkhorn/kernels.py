@@ -783,6 +783,16 @@ def _piece_pool_terms(x, z, ms):
 
 
 @triton.jit
+def _pieces_load_chunk(x_base, ro0, ro1, ro2, sxd, d0, D, BD: tl.constexpr):
+    """(features od [BD], their mask, x of the three pieces [P0 | P1 | P2, BD] as fp32) of the
+    feature chunk at d0, loaded without masks (``_lean_load_chunk``)."""
+    od = d0 + tl.arange(0, BD)
+    return (od, od < D, _lean_load_chunk(x_base, ro0, sxd, od, D, True),
+            _lean_load_chunk(x_base, ro1, sxd, od, D, True),
+            _lean_load_chunk(x_base, ro2, sxd, od, D, True))
+
+
+@triton.jit
 def _pieces_spread(x_base, sxn, sxd, n_b, D, s_b, root_b, mean_b, P0: tl.constexpr,
                    P1: tl.constexpr, P2: tl.constexpr, MASK2: tl.constexpr, BD: tl.constexpr):
     """``common.set_spread_tile`` on the three row pieces (W2: 49 rows, not 64): per feature
@@ -795,11 +805,7 @@ def _pieces_spread(x_base, sxn, sxd, n_b, D, s_b, root_b, mean_b, P0: tl.constex
     cm = tl.sum(tl.zeros([BD], dtype=tl.float32), axis=0)
     acc = tl.sum(tl.zeros([BD], dtype=tl.float32), axis=0)
     for d0 in range(0, D, BD):
-        od = d0 + tl.arange(0, BD)
-        dm = od < D
-        x0 = _lean_load_chunk(x_base, ro0, sxd, od, D, True)                  # [P0, BD]
-        x1 = _lean_load_chunk(x_base, ro1, sxd, od, D, True)                  # [P1, BD]
-        x2 = _lean_load_chunk(x_base, ro2, sxd, od, D, True)                  # [P2, BD]
+        od, dm, x0, x1, x2 = _pieces_load_chunk(x_base, ro0, ro1, ro2, sxd, d0, D, BD)
         if MASK2:
             x2 = tl.where(nm2[:, None], x2, 0.0)
         mean = (tl.sum(x0, axis=0) + tl.sum(x1, axis=0) + tl.sum(x2, axis=0)) * inv_n
@@ -841,11 +847,7 @@ def _pieces_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_b, y_b, P0: tl.con
     bb1 = _lean_vec(B_fin, on1, n_b, float("-inf"), False)
     bb2 = _lean_vec(B_fin, on2, n_b, float("-inf"), MASK2)
     for d0 in range(0, D, BD):
-        od = d0 + tl.arange(0, BD)
-        dm = od < D
-        x0 = _lean_load_chunk(x_base, ro0, sxd, od, D, True)                  # [P0, BD]
-        x1 = _lean_load_chunk(x_base, ro1, sxd, od, D, True)                  # [P1, BD]
-        x2 = _lean_load_chunk(x_base, ro2, sxd, od, D, True)                  # [P2, BD]
+        od, dm, x0, x1, x2 = _pieces_load_chunk(x_base, ro0, ro1, ro2, sxd, d0, D, BD)
         z0 = x0 * s_fin + bb0[:, None]                                         # [P0, BD]
         z1 = x1 * s_fin + bb1[:, None]                                         # [P1, BD]
         z2 = x2 * s_fin + bb2[:, None]                                         # [P2, BD]
