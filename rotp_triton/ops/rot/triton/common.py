@@ -281,12 +281,14 @@ SPREAD_SQ_MAX = tl.constexpr(2.0 ** 100)
 def set_spread_tile(x_ptr, sn, sf, n_b, F, s_b, root_b, mean_b, MASK_N: tl.constexpr,
                     BN: tl.constexpr, BF: tl.constexpr):
     """:func:`set_spread` of a set whose n_b <= BN samples all fit one [BN, BF] tile (the dense
-    one-tile set kernels): per feature block one pass - the mean, then the deviations scaled
-    by their largest magnitude c_f - with no pairwise merge across sample tiles and loads
+    one-tile set kernels): per feature block one pass - the mean, then the squared deviations
+    (scaled by their largest magnitude c_f where a sum leaves [SPREAD_SQ_MIN, SPREAD_SQ_MAX]) -
+    with no pairwise merge across sample tiles and loads
     without a per-element mask (padded rows read the last real row and are zeroed where
     MASK_N; a partial feature block reads the last feature, its results are not stored)."""
     cm = tl.sum(tl.zeros([BF], dtype=tl.float32), axis=0)
     acc = tl.sum(tl.zeros([BF], dtype=tl.float32), axis=0)
+    acc1 = tl.sum(tl.zeros([BF], dtype=tl.float32), axis=0)   # the unscaled blocks' sum
     if n_b > 0:
         on = tl.arange(0, BN)
         rows = on < n_b                                                         # [BN]
@@ -313,8 +315,7 @@ def set_spread_tile(x_ptr, sn, sf, n_b, F, s_b, root_b, mean_b, MASK_N: tl.const
             m2 = tl.sum(dev * dev, axis=0)                                      # [BF]
             odd = fm & ((m2 > SPREAD_SQ_MAX) | (m2 < SPREAD_SQ_MIN))
             if tl.max(odd.to(tl.int32), axis=0) == 0:
-                cm, acc = merge_block_spread(cm, acc, 1.0,
-                                              tl.sum(tl.where(fm, m2, 0.0), axis=0) * inv_n)
+                acc1 += tl.sum(tl.where(fm, m2, 0.0), axis=0) * inv_n
             else:
                 cf = tl.max(tl.abs(dev), axis=0)                                # [BF] c_f
                 # (every lane scaled by its own c_f, a padded one too: a padded lane's m2
@@ -332,5 +333,8 @@ def set_spread_tile(x_ptr, sn, sf, n_b, F, s_b, root_b, mean_b, MASK_N: tl.const
         for f0 in range(0, F, BF):
             offs_f = f0 + tl.arange(0, BF)
             tl.store(mean_b + offs_f, tl.zeros([BF], tl.float32), mask=offs_f < F)
+    # the unscaled blocks join once (a merge per block divides: ~20 instructions; scale 0 when
+    # there were none, so that 1 does not swamp a set of tiny features' scale)
+    cm, acc = merge_block_spread(cm, acc, tl.where(acc1 > 0, 1.0, 0.0), acc1)
     return store_spread(cm, acc, F, s_b, root_b)
 

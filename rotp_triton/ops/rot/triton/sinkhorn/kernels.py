@@ -804,6 +804,7 @@ def _pieces_spread(x_base, sxn, sxd, n_b, D, s_b, root_b, mean_b, P0: tl.constex
     inv_n = 1.0 / n_b.to(tl.float32)
     cm = tl.sum(tl.zeros([BD], dtype=tl.float32), axis=0)
     acc = tl.sum(tl.zeros([BD], dtype=tl.float32), axis=0)
+    acc1 = tl.sum(tl.zeros([BD], dtype=tl.float32), axis=0)   # the unscaled blocks' sum
     for d0 in range(0, D, BD):
         od, dm, x0, x1, x2 = _pieces_load_chunk(x_base, ro0, ro1, ro2, sxd, d0, D, BD)
         if MASK2:
@@ -818,8 +819,7 @@ def _pieces_spread(x_base, sxn, sxd, n_b, D, s_b, root_b, mean_b, P0: tl.constex
         m2 = tl.sum(v0 * v0, axis=0) + tl.sum(v1 * v1, axis=0) + tl.sum(v2 * v2, axis=0)
         odd = dm & ((m2 > SPREAD_SQ_MAX) | (m2 < SPREAD_SQ_MIN))
         if tl.max(odd.to(tl.int32), axis=0) == 0:
-            cm, acc = merge_block_spread(cm, acc, 1.0,
-                                         tl.sum(tl.where(dm, m2, 0.0), axis=0) * inv_n)
+            acc1 += tl.sum(tl.where(dm, m2, 0.0), axis=0) * inv_n
         else:
             cf = tl.maximum(tl.maximum(tl.max(tl.abs(v0), axis=0), tl.max(tl.abs(v1), axis=0)),
                             tl.max(tl.abs(v2), axis=0))                       # [BD] c_f
@@ -832,6 +832,9 @@ def _pieces_spread(x_base, sxn, sxd, n_b, D, s_b, root_b, mean_b, P0: tl.constex
             C = tl.max(c, axis=0)
             rc = c / tl.where(C > 0, C, 1.0)
             cm, acc = merge_block_spread(cm, acc, C, tl.sum(m2s * rc * rc, axis=0) * inv_n)
+    # the unscaled blocks join once (a merge divides; scale 0 when there were none, so that
+    # 1 does not swamp a set of tiny features' scale)
+    cm, acc = merge_block_spread(cm, acc, tl.where(acc1 > 0, 1.0, 0.0), acc1)
     return store_spread(cm, acc, D, s_b, root_b)
 
 
