@@ -72,7 +72,7 @@ def fwd_config(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
 
 # the register cap passed to ptxas with the set kernels' launches (forward, backward;
 # ``maxnreg``): the hardware's 255 a thread. Without it ptxas 12.9 (triton 3.9) builds some
-# small one-tile configurations in 80-128 registers and keeps values on the stack (16 x 128 at
+# small one-tile configurations in 80-168 registers and keeps values on the stack (16 x 128 at
 # 8 warps: 128 registers, 136 B of spills; 172 and none with the cap). Not on the dx and split
 # launches: there it raised registers without removing any spill (W1's dx 125 -> 152: fewer
 # resident warps in the calibrated model)
