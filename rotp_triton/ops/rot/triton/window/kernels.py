@@ -681,14 +681,20 @@ def _admm_fwd(x, w_ptr, lp0, lq0, sv, cv, T: tl.constexpr, QUAD: tl.constexpr,
         else:
             v = k2 * lp0 + (1 - k2) * r
             lmu_t = v - _lse2(v, cv, AX_C, MASKED, FAST)
-        lp = _keep(y + (lmu_t - r), m, MASKED)                         # log2 P
         # P = softmax_n(Y) μ = 2^(Y - m1) · 2^(log μ - log2 s1): one exp2 per channel, no rcp
-        p = _keep(e1 * tl.exp2(lmu_t - (r - m1)), m, MASKED)
+        pf = tl.exp2(lmu_t - (r - m1))                                 # [BW, 1, BC]
         # S-step: log S = Y2 + log η - LSE_d(Y2)
-        if QUAD:
-            y2 = lp + z * irho2 - c1l * p
+        if QUAD or PAPER or MASKED:
+            lp = _keep(y + (lmu_t - r), m, MASKED)                     # log2 P
+            p = _keep(e1 * pf, m, MASKED)
+            if QUAD:
+                y2 = lp + z * irho2 - c1l * p
+            else:
+                y2 = z * c1l + lp * c2
         else:
-            y2 = z * c1l + lp * c2
+            # exact B-E: Y2 = (Z + ρ log P)/(α1 + ρ) with log P = log S + (X - Z)/ρ + log μ - R:
+            # Z cancels (c2/ρ = c1), so neither log P nor P is formed
+            y2 = ls * c2 + (x * c1l + c2 * (lmu_t - r))
         m2, e2, s2 = _exp2_parts(y2, cv, AX_C, MASKED)                # [BW, BN, 1]
         cc = _keep(m2 + _log2(s2, FAST), sv, MASKED)
         if PAPER:
@@ -697,8 +703,13 @@ def _admm_fwd(x, w_ptr, lp0, lq0, sv, cv, T: tl.constexpr, QUAD: tl.constexpr,
             q = k3 * lq0 + (1 - k3) * cc
             leta_t = q - _lse2(q, sv, AX_N, MASKED, FAST)
         ls = _keep(y2 + (leta_t - cc), m, MASKED)
-        s_new = _keep(e2 * tl.exp2(leta_t - (cc - m2)), m, MASKED)    # S = softmax_d(Y2) η
-        z = z + rho * (p - s_new)
+        sf = tl.exp2(leta_t - (cc - m2))                               # [BW, BN, 1]
+        if QUAD or PAPER or MASKED:
+            s_new = _keep(e2 * sf, m, MASKED)                          # S = softmax_d(Y2) η
+            z = z + rho * (p - s_new)
+        else:
+            # Z += ρ (P - S) as two FMAs, ρ folded into P's and S's factors
+            z = z + e1 * (rho * pf) - e2 * (rho * sf)
         if QUAD:
             s = s_new
         if PAPER:
