@@ -1033,8 +1033,8 @@ def _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
             _y, _g, _s, lpb, _zb, d_a1, d_rho = _s_step_adjoint(X, L, Zt, Lb, Zb, r, lmu, c,
                                                                 leta, cb, a1, rho, QUAD)
             lpb = tl.where(mask, lpb, 0.0)
-            acc_rho += tl.sum(tl.sum(tl.where(mask, d_rho, 0.0), axis=1), axis=0)
-            acc_a1 += tl.sum(tl.sum(tl.where(mask, d_a1, 0.0), axis=1), axis=0)
+            acc_rho += tl.sum(tl.where(mask, d_rho, 0.0))
+            acc_a1 += tl.sum(tl.where(mask, d_a1, 0.0))
             tau += tl.sum(lpb, axis=0)
         tl.store(tau_ptr + offs_d, tau, mask=dm)
     return acc_a1, acc_rho
@@ -1255,9 +1255,9 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
                 yb, gx = _pooled_y_adjoint(X, y, r, rb, lpb, gy, out)
             lb, zb_new, gx, gb = _through_p_step_y(yb, s, Zb, gx, a1, inv_ws, mask, QUAD)
             # ∂/∂w_P
-            d_ws = tl.sum(tl.sum(tl.where(mask, -gb * g * inv_ws, 0.0), axis=1), axis=0)
+            d_ws = tl.sum(tl.where(mask, -gb * g * inv_ws, 0.0))
             if QUAD:
-                acc_a1 += tl.sum(tl.sum(tl.where(mask, -gb * s, 0.0), axis=1), axis=0)
+                acc_a1 += tl.sum(tl.where(mask, -gb * s, 0.0))
             if QUAD == QUAD_EXACT:                                              # w_P = ρ + α1
                 acc_a1 += d_ws
             acc_rho += d_ws
@@ -1271,7 +1271,7 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
                 tl.store(szb + o, zb_new, mask=kept)
                 tl.store(gx_b + o, gx, mask=mask)
             if SCALED:     # (used from the last reverse step, where X̄ is complete)
-                acc_gxx += tl.sum(tl.sum(tl.where(mask, gx * X, 0.0), axis=1), axis=0)
+                acc_gxx += tl.sum(tl.where(mask, gx * X, 0.0))
             # σ accumulates over the column blocks; the [BN] vector is replicated over the
             # columns' threads, so every replica loads before any stores (the barrier), and
             # all store the same sum (a replica's next load sees its own store)
@@ -1287,8 +1287,8 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
                     X, L_u, Z_u, lb, zb_new, tl.zeros([BD], dtype=tl.float32), shift_u, c_u,
                     leta_u, tl.zeros([BN], dtype=tl.float32), a1_u, rho_u, QUAD)
                 live = mask & ((offs_n * 0 + tb) > 0)[:, None]
-                acc_a1u += tl.sum(tl.sum(tl.where(live, d_a1u, 0.0), axis=1), axis=0)
-                acc_rhou += tl.sum(tl.sum(tl.where(live, d_rhou, 0.0), axis=1), axis=0)
+                acc_a1u += tl.sum(tl.where(live, d_a1u, 0.0))
+                acc_rhou += tl.sum(tl.where(live, d_rhou, 0.0))
                 tau_u += tl.sum(tl.where(live, lpb_u, 0.0), axis=0)                  # [BD]
         if FUSE:
             tl.store(tau0_ptr + offs_d, tau_u, mask=dm & ((offs_d * 0 + tb) > 0))

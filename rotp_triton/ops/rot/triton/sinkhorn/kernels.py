@@ -1285,7 +1285,7 @@ def _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, t_lo, T, NR, row0, D, xs_b,
                                           NR, row0, Bv_ptr, Cn_ptr, Cbar_ptr, Rho_ptr, lim,
                                           RV_b, NPAD, PACK)
         if TX:
-            tx = tl.sum(tl.sum(term * (x * s), axis=1), axis=0)  # (x·s_t: no x² overflow)
+            tx = tl.sum(term * (x * s))  # (x·s_t: no x² overflow)
             de_x += tl.where(ot == t, -tx * _LN2, 0.0)
     return dx, de_x
 
@@ -1310,7 +1310,7 @@ def _dx_rows(x_base, sxn, sxd, on, nm, n_b, D, dxa, de_x, PAPER: tl.constexpr,
         x = _lean_load_chunk(x_base, roff, sxd, od, D, True)                  # [BNX, BDX]
         dx, zbx = _dx_pool_term(x, on, nm, od, dm, B_fin, rfin_b, g_b, y_b, s_fin, ie_fin,
                                 A_fin, gp_base, sgn, sgd, tot, pg, HAS_GP)
-        de_fin -= tl.sum(tl.sum(zbx, axis=1), axis=0) * ie_fin
+        de_fin -= tl.sum(zbx) * ie_fin
         dx, de_x = _dx_iteration_terms(x, dx, de_x, on, nm, od, dm, 0, T, NR, row0, D, xs_b,
                                        Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, Rho_ptr,
                                        eb_b, lim, RV_b, NPAD, PAPER, TX, BT, PACK, PACK)
@@ -1442,11 +1442,11 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
                      dx.to(dx_base.dtype.element_ty), mask=nm[:, None] & dm[None, :])
     tl.store(bbar_b + on, tl.sum(acc, axis=1), mask=on < n_b * need_b)
     if DX:
-        de_fin = -tl.sum(tl.sum(acc_fin, axis=1), axis=0) * ie_fin
+        de_fin = -tl.sum(acc_fin) * ie_fin
     else:
-        de_fin = tl.sum(tl.sum(acc_fin, axis=1), axis=0)
+        de_fin = tl.sum(acc_fin)
     dk2_s = tl.sum(dk2, axis=0) - tl.sum(su, axis=0) * tl.sum(sq, axis=0)
-    return dk2_s * _LN2, tl.sum(tl.sum(acc_x, axis=1), axis=0), de_fin
+    return dk2_s * _LN2, tl.sum(acc_x), de_fin
 
 
 # row pieces (launch.row_pieces, see _pieces_exact_iteration) in the exact one-tile reverse sweep
@@ -1631,8 +1631,7 @@ def _pieces_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar
         de_fin = -fin * ie_fin
     else:
         de_fin = fin
-    tx = (tl.sum(tl.sum(ax0, axis=1), axis=0) + tl.sum(tl.sum(ax1, axis=1), axis=0)
-          + tl.sum(tl.sum(ax2, axis=1), axis=0))
+    tx = tl.sum(ax0) + tl.sum(ax1) + tl.sum(ax2)
     dk2_s = tl.sum(dk2, axis=0) - tl.sum(su, axis=0) * tl.sum(sq, axis=0)
     return dk2_s * _LN2, tx, de_fin
 
@@ -1753,7 +1752,7 @@ def sinkhorn_bwd_kernel(
                     gp = tl.load(gp_base + on[:, None] * sgn + od[None, :] * sgd, mask=msk,
                                  other=0.0).to(tl.float32)
                     p = _prob2(tl.where(msk, x * s_fin + a[None, :] + bb[:, None] - tot, NEG_INF))
-                    pg += tl.sum(tl.sum(p * gp, axis=1), axis=0)
+                    pg += tl.sum(p * gp)
 
         # adjoint of the final log P: z̄ = g_d W (x - y_d) [+ P (G - <P,G>)], W = softmax_n;
         # b̄ = Σ_d z̄ (row sums); the column sums are 0 for the pooling, ā = Σ_n of the plan term.
@@ -1780,7 +1779,7 @@ def sinkhorn_bwd_kernel(
                     zb += p * (gp - pg)
                 acc += tl.sum(zb, axis=1)
                 if SPREAD:     # the final log P's ε term, as _dx_rows forms it
-                    de_pool -= tl.sum(tl.sum(zb * (x * ie_fin), axis=1), axis=0) * ie_fin
+                    de_pool -= tl.sum(zb * (x * ie_fin)) * ie_fin
             tl.store(bbar_b + on, acc, mask=nm)
         for d0 in range(0, D, BD):
             od = d0 + tl.arange(0, BD)

@@ -474,8 +474,8 @@ def structure_factors_bwd_kernel(x32_ptr, g_xc_ptr, g_xt_ptr, g_x_ptr, bounds_pt
         xt0 = tl.where(msk, xv - (tl.sum(xv, 1) / D)[:, None], 0.0)
         var1 += tl.sum(xc0 * xc0, 0)
         max2 = tl.maximum(max2, tl.max(tl.where(r_ok, tl.sum(xt0 * xt0, 1) / D, 0.0), 0))
-        g_c1 += tl.sum(tl.sum(tl.load(g_xc_ptr + off, mask=msk, other=0.0) * xc0, 1), 0)
-        g_c2 += tl.sum(tl.sum(tl.load(g_xt_ptr + off, mask=msk, other=0.0) * xt0, 1), 0)
+        g_c1 += tl.sum(tl.load(g_xc_ptr + off, mask=msk, other=0.0) * xc0)
+        g_c2 += tl.sum(tl.load(g_xt_ptr + off, mask=msk, other=0.0) * xt0)
     diag1 = tl.where(d_ok, var1 / nf, 0.0)
     s1r = tl.max(diag1, 0)
     s1 = tl.maximum(s1r, _TINY)
@@ -892,7 +892,7 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
         glt = tl.load(g_ls_ptr + off, mask=msk, other=0.0) - rho * gz * s      # [BN, BD]
         if PAPER:
             glt += tl.load(row_x_ptr + row0 + rows, mask=r_ok, other=0.0)[:, None] * s
-        g_rho += tl.sum(tl.sum(gz * (p - s), 1), 0)
+        g_rho += tl.sum(gz * (p - s))
         g_eta = tl.sum(glt, 1)                                                  # [BN]
         tl.store(gvec_ptr + row0 + rows, g_eta, mask=r_ok)
         g_eta_sum += tl.sum(g_eta, 0)
@@ -934,17 +934,17 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
             g_h = g_y / w
             g_lp = g_y
             g_p = rho * gz - a1 * g_h
-            g_a1 += tl.sum(tl.sum(-g_h * p, 1), 0)
-            g_w += tl.sum(tl.sum(-g_h * (h - a1 * p), 1), 0) / w
+            g_a1 += tl.sum(-g_h * p)
+            g_w += tl.sum(-g_h * (h - a1 * p)) / w
         else:
             g_h = g_y / w
             g_lp = rho * g_h
             g_p = rho * gz
-            g_w += tl.sum(tl.sum(-g_h * y, 1), 0)
-            g_rho += tl.sum(tl.sum(g_h * lp, 1), 0)
+            g_w += tl.sum(-g_h * y)
+            g_rho += tl.sum(g_h * lp)
         if PAPER:
             g_p += tl.load(col_x_ptr + b * D + offs_d, mask=d_ok, other=0.0)[None, :]
-        g_a0 += tl.sum(tl.sum(g_h * sig, 1), 0)
+        g_a0 += tl.sum(g_h * sig)
         tl.store(g_z_out_ptr + off, gz + g_h, mask=msk)
         tl.store(g_sig_ptr + off, a0 * g_h, mask=msk)
         tl.store(g_lp_ptr + off, g_lp, mask=msk)
@@ -1035,11 +1035,11 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
         # R = LSE_n Y: ∂R/∂Y = exp(Y - R)
         g_y = glp + tl.where(msk, tl.exp(y - r[None, :]), 0.0) * g_r[None, :]   # [BN, BD]
         g_g = g_y / w
-        g_w += tl.sum(tl.sum(-g_g * g, 1), 0) / w
-        g_a0 += tl.sum(tl.sum(g_g * sig, 1), 0)
+        g_w += tl.sum(-g_g * g) / w
+        g_a0 += tl.sum(g_g * sig)
         g_l = g_y
         if QUADRATIC:
-            g_a1 += tl.sum(tl.sum(-g_g * s, 1), 0)
+            g_a1 += tl.sum(-g_g * s)
             g_l -= a1 * g_g * s
         tl.store(g_l_ptr + off, g_l, mask=msk)
         tl.store(g_x_ptr + off, tl.load(g_x_ptr + off, mask=msk, other=0.0) + g_g, mask=msk)
@@ -1202,9 +1202,9 @@ def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, 
         gy = tl.load(gy0_ptr + off, mask=msk, other=0.0) / eps
         sig = tl.load(sig_ptr + off, mask=msk, other=0.0)
         lp = tl.load(log_p_ptr + off, mask=msk, other=0.0)
-        g_a0 += tl.sum(tl.sum(gy * sig, 1), 0)
-        g_tau += tl.sum(tl.sum(gy * lp, 1), 0)
-        g_eps += tl.sum(tl.sum(-gy * tl.load(y0_ptr + off, mask=msk, other=0.0), 1), 0)
+        g_a0 += tl.sum(gy * sig)
+        g_tau += tl.sum(gy * lp)
+        g_eps += tl.sum(-gy * tl.load(y0_ptr + off, mask=msk, other=0.0))
         tl.store(g_x_ptr + off, tl.load(g_x_ptr + off, mask=msk, other=0.0) + gy, mask=msk)
         tl.store(g_sig_ptr + off, a0 * gy, mask=msk)
         tl.store(g_lp_ptr + off, tau * gy, mask=msk)

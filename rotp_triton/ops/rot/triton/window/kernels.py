@@ -280,16 +280,15 @@ def _sinkhorn_step_bwd(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, ga_new, gb_
             c = _keep(_lse(y, cv, AX_C, MASKED, FAST), sv, MASKED)
         ga_new = _keep(ga_new, cv, MASKED)
         gb_new = _keep(gb_new, sv, MASKED)
-        gk2 = tl.sum(tl.sum(tl.sum(ga_new * (a * u + lp0 - r), 2), 1), 0)
-        gk3 = tl.sum(tl.sum(tl.sum(gb_new * (b * u + lq0 - c), 2), 1), 0)
-        gu = (tl.sum(tl.sum(tl.sum(k2 * ga_new * a, 2), 1), 0)
-              + tl.sum(tl.sum(tl.sum(k3 * gb_new * b, 2), 1), 0))
+        gk2 = _tsum(ga_new * (a * u + lp0 - r))
+        gk3 = _tsum(gb_new * (b * u + lq0 - c))
+        gu = _tsum(k2 * ga_new * a) + _tsum(k3 * gb_new * b)
         # y feeds R (softmax over n) and C (softmax over d)
         gy = (_softmax(y, sv, AX_N, MASKED, FAST) * (-k2 * ga_new)
               + _softmax_taped(y, c, cv, AX_C, MASKED, FAST, TAPED) * (-k3 * gb_new))
         gy = _keep(gy, sv & cv, MASKED)
         gx = u_prev * gy
-        gu_prev = tl.sum(tl.sum(tl.sum(x * gy, 2), 1), 0)
+        gu_prev = _tsum(x * gy)
         ga = k2 * u * ga_new + _sum(gy, AX_N)
         gb = k3 * u * gb_new + _sum(gy, AX_C)
     else:
@@ -312,7 +311,7 @@ def _sinkhorn_step_bwd(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, ga_new, gb_
         gq = _lognorm_bwd(gb_new, _softmax(q, sv, AX_N, MASKED, FAST), sv, AX_N,
                           MASKED)  # [BW, BN, 1]
         gc = _keep(-gb_new + (1 - k3) * gq, sv, MASKED)
-        gk3 = tl.sum(tl.sum(tl.sum(gq * (lq0 - c), 2), 1), 0)
+        gk3 = _tsum(gq * (lq0 - c))
         gy2 = _keep(_softmax_taped(y2, c, cv, AX_C, MASKED, FAST, TAPED) * gc, sv & cv,
                     MASKED)                                            # [BW, BN, BC]
         ga = _keep(ga_new + _sum(gy2, AX_N), cv, MASKED)                  # [BW, 1, BC]
@@ -320,10 +319,10 @@ def _sinkhorn_step_bwd(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, ga_new, gb_
         gv = _lognorm_bwd(ga, _softmax_taped(v, lse_v, cv, AX_C, MASKED, FAST, TAPED), cv,
                           AX_C, MASKED)
         gr = _keep(-ga + (1 - k2) * gv, cv, MASKED)
-        gk2 = tl.sum(tl.sum(tl.sum(gv * (lp0 - r), 2), 1), 0)
+        gk2 = _tsum(gv * (lp0 - r))
         gy1 = _keep(_softmax(y1, sv, AX_N, MASKED, FAST) * gr, sv & cv, MASKED)
         gx = u * (gy1 + gy2)
-        gu = tl.sum(tl.sum(tl.sum(x * (gy1 + gy2), 2), 1), 0)
+        gu = _tsum(x * (gy1 + gy2))
         gu_prev = gu * 0.0
         gb = _sum(gy1, AX_C)
         ga = ga * 0.0                                                  # a does not feed a'
@@ -388,7 +387,10 @@ def _admm_step(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp0, l
 
 @triton.jit
 def _tsum(v):
-    return tl.sum(tl.sum(tl.sum(v, 2), 1), 0)
+    """[BW, BN, BC] -> scalar in one reduction (axis None: each thread sums its own elements,
+    then one exchange across lanes and warps; reducing the channels first sent every sample's
+    partial through the shuffle tree and shared memory, BN times the exchanges)."""
+    return tl.sum(v)
 
 
 @triton.jit
@@ -793,8 +795,8 @@ def _acc(acc, offs_p, k, v):
 
 @triton.jit
 def _window_sum(v):
-    """[BW, BN, BC] -> [BW]: the sum over each window."""
-    return tl.sum(tl.sum(v, axis=2), axis=1)
+    """[BW, BN, BC] -> [BW]: the sum over each window (samples first, as _tsum)."""
+    return tl.sum(tl.sum(v, axis=AX_N), axis=1)
 
 
 @triton.jit
