@@ -795,7 +795,7 @@ def _acc(acc, offs_p, k, v):
 
 @triton.jit
 def _window_sum(v):
-    """[BW, BN, BC] -> [BW]: the sum over each window (samples first, as _tsum)."""
+    """[BW, BN, BC] -> [BW]: the sum over each window, its samples (in-thread) first."""
     return tl.sum(tl.sum(v, axis=AX_N), axis=1)
 
 
