@@ -660,6 +660,8 @@ def _admm_fwd(x, w_ptr, lp0, lq0, sv, cv, T: tl.constexpr, QUAD: tl.constexpr,
     """Base-2 logits Y·log2(e) of the last P-step after T B-ADMM iterations: T - 1 full
     iterations, then the P-step logits only (the output reads nothing else). State in base 2:
     log2 S, Z (natural), [B-Q: S], [paper: log2 μ, z1, log2 η, z2]."""
+    # exact B-Q on an unmasked tile: the S-step logits without Z (below)
+    EXACT_Q: tl.constexpr = QUAD and not (PAPER or MASKED)
     m = sv & cv
     ls = _keep(lp0 + lq0 + tl.zeros([BW, BN, BC], dtype=tl.float32), m, MASKED)
     z = tl.zeros([BW, BN, BC], dtype=tl.float32)
@@ -673,9 +675,13 @@ def _admm_fwd(x, w_ptr, lp0, lq0, sv, cv, T: tl.constexpr, QUAD: tl.constexpr,
         irho2 = irho * LOG2E
         c1l = c1 * LOG2E
         # P-step: Y = log S + (X - Z)/ω [- α1 S/ω];  log P = Y + log μ - LSE_n(Y)
-        y = ls + (x - z) * irho2
-        if QUAD:
-            y = y - c1l * s
+        if EXACT_Q:
+            yz = ls + x * irho2 - c1l * s                              # Y + Z/ω
+            y = yz - z * irho2
+        else:
+            y = ls + (x - z) * irho2
+            if QUAD:
+                y = y - c1l * s
         m1, e1, s1 = _exp2_parts(y, sv, AX_N, MASKED)                 # [BW, 1, BC]
         r = m1 + _log2(s1, FAST)
         if PAPER:
@@ -686,7 +692,11 @@ def _admm_fwd(x, w_ptr, lp0, lq0, sv, cv, T: tl.constexpr, QUAD: tl.constexpr,
         # P = softmax_n(Y) μ = 2^(Y - m1) · 2^(log μ - log2 s1): one exp2 per channel, no rcp
         pf = tl.exp2(lmu_t - (r - m1))                                 # [BW, 1, BC]
         # S-step: log S = Y2 + log η - LSE_d(Y2)
-        if QUAD or PAPER or MASKED:
+        if EXACT_Q:
+            # exact B-Q: Y2 = log P + (Z - α1 P)/ω = (Y + Z/ω) + log μ - R - α1 P/ω: Z cancels
+            # again, and P = e1 pf is folded into the FMAs that read it (no log P, no P)
+            y2 = (yz + (lmu_t - r)) - e1 * (c1l * pf)
+        elif QUAD or PAPER or MASKED:
             lp = _keep(y + (lmu_t - r), m, MASKED)                     # log2 P
             p = _keep(e1 * pf, m, MASKED)
             if QUAD:
@@ -706,7 +716,10 @@ def _admm_fwd(x, w_ptr, lp0, lq0, sv, cv, T: tl.constexpr, QUAD: tl.constexpr,
             leta_t = q - _lse2(q, sv, AX_N, MASKED, FAST)
         ls = _keep(y2 + (leta_t - cc), m, MASKED)
         sf = tl.exp2(leta_t - (cc - m2))                               # [BW, BN, 1]
-        if QUAD or PAPER or MASKED:
+        if EXACT_Q:
+            s_new = e2 * sf                                            # S = softmax_d(Y2) η
+            z = z + e1 * (rho * pf) - rho * s_new
+        elif QUAD or PAPER or MASKED:
             s_new = _keep(e2 * sf, m, MASKED)                          # S = softmax_d(Y2) η
             z = z + rho * (p - s_new)
         else:

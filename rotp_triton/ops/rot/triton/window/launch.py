@@ -38,11 +38,12 @@ FRUGAL_REGISTERS = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (
 # uncapped 93: 21), a cap for one-warp tiles only (C <= 256 at 2×2: summing the channels
 # across warps needs more, 108-116 B of spills at 72); B-ADMM x and two tiles (log S, Z): 16
 # elements in 128 registers at 2-8 warps (32 took 215: 9 warps per SM), and 32 uncapped
-# beyond 8 warps (16 warps at 128 registers spill); exact B-E in 96 with 3.9 (no P or log P
-# formed: 20 warps per SM instead of 16; 3.6 spills 488 B at 96, 3.9 spilled 40 B before)
+# beyond 8 warps (16 warps at 128 registers spill); exact B-E and B-Q in 96 with 3.9 (no P or
+# log P formed: 20 warps per SM instead of 16; 3.6 spills 488 / 332 B at 96, 3.9 spilled 40 /
+# 108 B before)
 FWD_LAYOUT = {"sinkhorn": (32, 72 if FRUGAL_REGISTERS else 255),
               "badmm-e": (16, 96 if FRUGAL_REGISTERS else 128),
-              "badmm-q": (16, 128)}
+              "badmm-q": (16, 96 if FRUGAL_REGISTERS else 128)}
 # the backward's elements a thread: it keeps L iterations' states per thread, the Sinkhorn
 # state two vectors per window (8 elements a thread at W3 cross 4 warps: +50 % instructions,
 # sm_90, 2026-11-30), B-ADMM two tiles: the exact variant 4 elements a thread (8 warps a W3
