@@ -153,6 +153,15 @@ def lg2_approx(v):
 
 
 @triton.jit
+def lg2_approx_ftz(v):
+    """log2(v) as one MUFU.LG2 without ``lg2_approx``'s subnormal rescale (a compare, a multiply
+    and an add around it: subnormal v flush to 0, log2 to -inf). For v that is never
+    subnormal: a sum of 2^(y - max y), which holds its max term 1 (GPU only: inline PTX)."""
+    return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [v],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def rcp_approx(v):
     """1/v as one MUFU.RCP (GPU only: inline PTX; subnormal v flush to 0, 1/v to inf)."""
     return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [v],
@@ -177,7 +186,7 @@ def lse2_combine(m1, s1, m2, s2):
 
 __all__ = ["LOG2E", "LN2", "interpreter_enabled", "sm_count", "next_pow2", "cdiv",
            "HAS_TRITON_OP", "direct_launch", "eager_function", "launcher", "kappa", "lse2_combine",
-           "FAST_MATH", "lg2_approx", "rcp_approx", "log2_reduced"]
+           "FAST_MATH", "lg2_approx", "lg2_approx_ftz", "rcp_approx", "log2_reduced"]
 
 
 @triton.jit

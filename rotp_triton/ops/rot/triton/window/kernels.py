@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .. import common
-from ..common import kappa, lg2_approx, rcp_approx
+from ..common import lg2_approx_ftz, rcp_approx
 from ... import params
 
 LOG2E = tl.constexpr(common.LOG2E)
@@ -77,10 +77,21 @@ def _kappa_grads(alpha, w):
 
 
 @triton.jit
-def sinkhorn_params(w_ptr, t, T: tl.constexpr):
+def _kappa(alpha, w, RCP: tl.constexpr):
+    """``common.kappa``, its division as one MUFU.RCP with RCP."""
+    return tl.where(alpha == float("inf"), 1.0, alpha * _rcp(alpha + w, RCP))
+
+
+# The per-iteration weights below are formed by every thread. RCP: their divisions as MUFU.RCP
+# (within an ulp): the forward kernels under FAST_MATH, where precise divisions were 8 % of the
+# W3 B-E loop. The backward keeps precise ones (B-Q at C = 64, stride 1 spilled 16 B with
+# RCP), so the states it rebuilds may differ from the forward's in the last bits.
+@triton.jit
+def sinkhorn_params(w_ptr, t, T: tl.constexpr, RCP: tl.constexpr):
     """(1/ε, κ(α2, ε), κ(α3, ε)) of iteration t, ε = α1."""
     a1 = _weight(w_ptr, _A1, t, T)
-    return 1.0 / a1, kappa(_weight(w_ptr, _A2, t, T), a1), kappa(_weight(w_ptr, _A3, t, T), a1)
+    return (_rcp(a1, RCP), _kappa(_weight(w_ptr, _A2, t, T), a1, RCP),
+            _kappa(_weight(w_ptr, _A3, t, T), a1, RCP))
 
 
 @triton.jit
@@ -93,7 +104,8 @@ def sinkhorn_params_bwd(w_ptr, t, T: tl.constexpr, g_u, g_k2, g_k3):
 
 
 @triton.jit
-def admm_params(w_ptr, t, T: tl.constexpr, QUAD: tl.constexpr, PAPER: tl.constexpr):
+def admm_params(w_ptr, t, T: tl.constexpr, QUAD: tl.constexpr, PAPER: tl.constexpr,
+                RCP: tl.constexpr):
     """(ρ, 1/ω, κ2, κ3, c1, c2) of iteration t. ω is the step weight of the P-step and the B-Q
     S-step: ρ + α1 for B-Q exact (reference/rot.py ``_exact_badmm``: a majorised linearisation,
     non-expansive for every α1/ρ), ρ otherwise; the dual step Z += ρ (P - S) keeps ρ.
@@ -105,20 +117,21 @@ def admm_params(w_ptr, t, T: tl.constexpr, QUAD: tl.constexpr, PAPER: tl.constex
     om = rho
     if QUAD and not PAPER:
         om = rho + a1
-    k2 = kappa(_weight(w_ptr, _A2, t, T), om)
+    iom = _rcp(om, RCP)
+    k2 = _kappa(_weight(w_ptr, _A2, t, T), om, RCP)
     if QUAD:
-        k3 = kappa(a3, om)
-        c1 = a1 / om
+        k3 = _kappa(a3, om, RCP)
+        c1 = a1 * iom
         c2 = a1 * 0.0
     else:
         wq = a1 + rho
         if PAPER:
-            k3 = kappa(a3, rho)
+            k3 = _kappa(a3, rho, RCP)
         else:
-            k3 = kappa(a3, wq)
-        c1 = 1.0 / wq
-        c2 = rho / wq
-    return rho, 1.0 / om, k2, k3, c1, c2
+            k3 = _kappa(a3, wq, RCP)
+        c1 = _rcp(wq, RCP)
+        c2 = rho * c1
+    return rho, iom, k2, k3, c1, c2
 
 
 @triton.jit
@@ -523,9 +536,9 @@ def _sinkhorn_run(x, w_ptr, n_steps, T: tl.constexpr, lp0, lq0, sv, cv, PAPER: t
     a = b = 0: the backward's state at the start of a segment."""
     a = tl.zeros([BW, 1, BC], dtype=tl.float32)
     b = tl.zeros([BW, BN, 1], dtype=tl.float32)
-    u_prev, _k2, _k3 = sinkhorn_params(w_ptr, 0, T)
+    u_prev, _k2, _k3 = sinkhorn_params(w_ptr, 0, T, False)
     for t in range(n_steps):
-        u, k2, k3 = sinkhorn_params(w_ptr, t, T)
+        u, k2, k3 = sinkhorn_params(w_ptr, t, T, False)
         a, b, _c, _lv = _sinkhorn_step(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv, PAPER,
                                        MASKED, FAST)
         u_prev = u
@@ -546,7 +559,7 @@ def _admm_run(x, w_ptr, n_steps, T: tl.constexpr, lp0, lq0, sv, cv, QUAD: tl.con
     z1 = tl.zeros([BW, 1, BC], dtype=tl.float32)
     z2 = tl.zeros([BW, BN, 1], dtype=tl.float32)
     for t in range(n_steps):
-        rho, irho, k2, k3, c1, c2 = admm_params(w_ptr, t, T, QUAD, PAPER)
+        rho, irho, k2, k3, c1, c2 = admm_params(w_ptr, t, T, QUAD, PAPER, False)
         log_s, z, lmu, leta, z1, z2, _y = _admm_step(
             x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp0, lq0, sv, cv, QUAD,
             PAPER, MASKED, FAST)
@@ -584,17 +597,18 @@ def _window_tile(pid, C, H, W, Ho, Wo, n_windows, KH: tl.constexpr, KW: tl.const
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _log2(v, FAST: tl.constexpr):
-    """log2 of a reduced vector: one MUFU.LG2 on the GPU (tl.log2 is a ~20-instruction
-    polynomial there); the interpreter has no inline PTX. FAST is the launchers'
-    ``common.FAST_MATH``; one line, so that bench/sass.py finds the GPU's instruction at the
-    line the interpreter counts (as ``common.log2_reduced``)."""
-    return lg2_approx(v) if FAST else tl.log2(v)
+    """log2 of a reduced sum Σ 2^(y - max y) >= 1: one MUFU.LG2 on the GPU, in its
+    flush-to-zero form (such a sum is never subnormal; tl.log2 is a ~20-instruction polynomial
+    there); the interpreter has no inline PTX. FAST is the launchers' ``common.FAST_MATH``; one
+    line, so that bench/sass.py finds the GPU's instruction at the line the interpreter counts
+    (as ``common.log2_reduced``)."""
+    return lg2_approx_ftz(v) if FAST else tl.log2(v)
 
 
 @triton.jit
 def _rcp(v, FAST: tl.constexpr):
-    """1/v of a reduced vector (MUFU.RCP on the GPU instead of a precise division; one line
-    as ``_log2``)."""
+    """1/v of a reduced vector or of a weight (MUFU.RCP on the GPU instead of a precise
+    division; one line as ``_log2``)."""
     return rcp_approx(v) if FAST else 1.0 / v
 
 
@@ -632,9 +646,9 @@ def _sinkhorn_fwd(x, w_ptr, lp0, lq0, sv, cv, T: tl.constexpr, PAPER: tl.constex
     (a, b, lp0, lq0 in base 2)."""
     a = tl.zeros([BW, 1, BC], dtype=tl.float32)
     b = tl.zeros([BW, BN, 1], dtype=tl.float32)
-    u_prev, _k2, _k3 = sinkhorn_params(w_ptr, 0, T)
+    u_prev, _k2, _k3 = sinkhorn_params(w_ptr, 0, T, FAST)
     for t in range(T):
-        u, k2, k3 = sinkhorn_params(w_ptr, t, T)
+        u, k2, k3 = sinkhorn_params(w_ptr, t, T, FAST)
         if PAPER:
             y = x * (u_prev * LOG2E) + a + b                           # [BW, BN, BC]
             r = _lse2(y, sv, AX_N, MASKED, FAST)                      # [BW, 1, BC]
@@ -671,7 +685,7 @@ def _admm_fwd(x, w_ptr, lp0, lq0, sv, cv, T: tl.constexpr, QUAD: tl.constexpr,
     z1 = tl.zeros([BW, 1, BC], dtype=tl.float32)
     z2 = tl.zeros([BW, BN, 1], dtype=tl.float32)
     for t in range(T - 1):
-        rho, irho, k2, k3, c1, c2 = admm_params(w_ptr, t, T, QUAD, PAPER)
+        rho, irho, k2, k3, c1, c2 = admm_params(w_ptr, t, T, QUAD, PAPER, FAST)
         irho2 = irho * LOG2E
         c1l = c1 * LOG2E
         # P-step: Y = log S + (X - Z)/ω [- α1 S/ω];  log P = Y + log μ - LSE_n(Y)
@@ -736,7 +750,7 @@ def _admm_fwd(x, w_ptr, lp0, lq0, sv, cv, T: tl.constexpr, QUAD: tl.constexpr,
                        MASKED)
             z2 = _keep(z2 + rho * (tl.exp2(leta) - tl.sum(s_new, axis=AX_C, keep_dims=True)),
                        sv, MASKED)
-    rho, irho, k2, k3, c1, c2 = admm_params(w_ptr, T - 1, T, QUAD, PAPER)
+    rho, irho, k2, k3, c1, c2 = admm_params(w_ptr, T - 1, T, QUAD, PAPER, FAST)
     y = ls + (x - z) * (irho * LOG2E)
     if QUAD:
         y = y - (c1 * LOG2E) * s
@@ -849,7 +863,7 @@ def _sinkhorn_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T: tl.cons
                 c_i = tl.zeros([BW, BN, 1], dtype=tl.float32)    # keep unused ones alive)
                 lv_i = tl.zeros([BW, 1, 1], dtype=tl.float32)
             if t0 + i < T:
-                u, k2, k3 = sinkhorn_params(w_ptr, t0 + i, T)
+                u, k2, k3 = sinkhorn_params(w_ptr, t0 + i, T, False)
                 a, b, c_s, lv_s = _sinkhorn_step(x, a, b, u_prev, u, k2, k3, lp0, lq0, sv, cv,
                                                  PAPER, MASKED, FAST)
                 if TAPED:
@@ -870,7 +884,7 @@ def _sinkhorn_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T: tl.cons
             t = t0 + L - 1 - j
             if t < T:
                 ta, tb, tu_prev, tc, tlv = tape[L - 1 - j]
-                u, k2, k3 = sinkhorn_params(w_ptr, t, T)
+                u, k2, k3 = sinkhorn_params(w_ptr, t, T, False)
                 gx_t, ga, gb, g_up, g_u, g_k2, g_k3 = _sinkhorn_step_bwd(
                     x, ta, tb, tu_prev, u, k2, k3, lp0, lq0, sv, cv, ga, gb, tc, tlv, PAPER,
                     MASKED, FAST, TAPED)
@@ -912,7 +926,7 @@ def _admm_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T: tl.constexp
             tape = tape + ((log_s, z, lmu, leta, z1, z2),)
             if i < L - 1:
                 if t0 + i < T:
-                    rho, irho, k2, k3, c1, c2 = admm_params(w_ptr, t0 + i, T, QUAD, PAPER)
+                    rho, irho, k2, k3, c1, c2 = admm_params(w_ptr, t0 + i, T, QUAD, PAPER, False)
                     log_s, z, lmu, leta, z1, z2, _y = _admm_step(
                         x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp0, lq0,
                         sv, cv, QUAD, PAPER, MASKED, FAST)
@@ -920,7 +934,7 @@ def _admm_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T: tl.constexp
             t = t0 + L - 1 - j
             if t < T:
                 ls_t, z_t, lmu_t, leta_t, z1_t, z2_t = tape[L - 1 - j]
-                rho, irho, k2, k3, c1, c2 = admm_params(w_ptr, t, T, QUAD, PAPER)
+                rho, irho, k2, k3, c1, c2 = admm_params(w_ptr, t, T, QUAD, PAPER, False)
                 g_y = tl.zeros([BW, BN, BC], dtype=tl.float32)
                 if t == T - 1:  # the output reads Y of the last P-step only
                     gx_o, g_y = _output_bwd(
