@@ -38,12 +38,18 @@ FRUGAL_REGISTERS = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (
 # uncapped 93: 21), a cap for one-warp tiles only (C <= 256 at 2×2: summing the channels
 # across warps needs more, 108-116 B of spills at 72); B-ADMM x and two tiles (log S, Z): 16
 # elements in 128 registers at 2-8 warps (32 took 215: 9 warps per SM), and 32 uncapped
-# beyond 8 warps (16 warps at 128 registers spill); exact B-E and B-Q in 96 with 3.9 (no P or
-# log P formed: 20 warps per SM instead of 16; 3.6 spills 488 / 332 B at 96, 3.9 spilled 40 /
-# 108 B before)
+# beyond 8 warps (16 warps at 128 registers spill); exact B-E and B-Q in 88 with 3.9 (no P or
+# log P formed: 22 warps per SM instead of 16; 3.6 spills 488 / 332 B at 96, 3.9 spilled 40 /
+# 108 B at 96 before). The cap is that of a one-window tile: a thread of a tile of w windows
+# holds the per-sample vectors of several windows, so B-ADMM takes FWD_CAP_STEP registers more
+# per doubling of w, and tiles of more than FWD_CAP_WINDOWS windows none (3.9, 2×2, exact
+# unmasked: B-E at C = 128 spilled 40 B at 88, at C = 64 44 B at 96, at C = 32 124 B even at
+# 128 (uncapped: 211 registers); Sinkhorn at C = 32 192 B at 72)
 FWD_LAYOUT = {"sinkhorn": (32, 72 if FRUGAL_REGISTERS else 255),
-              "badmm-e": (16, 96 if FRUGAL_REGISTERS else 128),
-              "badmm-q": (16, 96 if FRUGAL_REGISTERS else 128)}
+              "badmm-e": (16, 88 if FRUGAL_REGISTERS else 128),
+              "badmm-q": (16, 88 if FRUGAL_REGISTERS else 128)}
+FWD_CAP_STEP = {"sinkhorn": 0, "badmm-e": 8, "badmm-q": 8}
+FWD_CAP_WINDOWS = 4
 # the backward's elements a thread: it keeps L iterations' states per thread, the Sinkhorn
 # state two vectors per window (8 elements a thread at W3 cross 4 warps: +50 % instructions,
 # sm_90, 2026-11-30), B-ADMM two tiles: the exact variant 4 elements a thread (8 warps a W3
@@ -139,14 +145,17 @@ def masked(g: Geometry, BN: int, BC: int) -> bool:
     return not full or g.C != BC
 
 
-def fwd_layout(method: str, variant: str, tile: int, is_masked: bool) -> Tuple[int, int]:
-    """(num_warps, maxnreg) of a forward tile of ``tile`` elements (``FWD_LAYOUT``)."""
+def fwd_layout(method: str, variant: str, tile: int, is_masked: bool,
+               windows: int = 1) -> Tuple[int, int]:
+    """(num_warps, maxnreg) of a forward tile of ``tile`` elements in ``windows`` windows
+    (``FWD_LAYOUT``, ``FWD_CAP_STEP``, ``FWD_CAP_WINDOWS``)."""
     elems, cap = FWD_LAYOUT[method]
     if method != "sinkhorn" and tile > 8 * 32 * elems:
         elems, cap = 32, 255           # beyond 8 warps: 32 a thread, uncapped (as before)
     warps = num_warps_for(tile, elems)
     capped = (variant == "exact" and not is_masked and tile == warps * 32 * elems
-              and (warps == 1 or method != "sinkhorn"))
+              and (warps == 1 or method != "sinkhorn") and windows <= FWD_CAP_WINDOWS)
+    cap += FWD_CAP_STEP[method] * (windows.bit_length() - 1)       # + step · log2(windows)
     return warps, min(max_registers(warps), cap) if capped else max_registers(warps)
 
 
@@ -155,7 +164,7 @@ def fwd_config(g: Geometry, method: str, variant: str) -> dict:
     the last tile is partial (then only its loads and stores are masked)."""
     BW, BN, BC = block_sizes(g.kh * g.kw, g.C, FWD_TILE)
     is_masked = masked(g, BN, BC)
-    warps, regs = fwd_layout(method, variant, BW * BN * BC, is_masked)
+    warps, regs = fwd_layout(method, variant, BW * BN * BC, is_masked, BW)
     return dict(BW=BW, BN=BN, BC=BC, MASKED=is_masked, TAIL=g.n_windows % BW != 0,
                 FAST=FAST_MATH.value, num_warps=warps, maxnreg=regs)
 
