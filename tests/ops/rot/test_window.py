@@ -395,7 +395,12 @@ AOT_CASES = ([(256, 2, 2, m, pa, "fwd", "fp32", 4) for m in range(3) for pa in (
                 (2048, 2, 2, 1, False, "fwd", "fp32", 4),
                 # forward tiles of 2, 4, 8 windows: their caps (FWD_CAP_STEP, FWD_CAP_WINDOWS)
                 (128, 2, 2, 1, False, "fwd", "fp32", 4), (64, 2, 2, 2, False, "fwd", "fp32", 4),
-                (32, 2, 2, 1, False, "fwd", "fp32", 4), (32, 2, 2, 0, False, "fwd", "fp32", 4)]
+                (32, 2, 2, 1, False, "fwd", "fp32", 4), (32, 2, 2, 0, False, "fwd", "fp32", 4),
+                # backward tiles of 2-16 windows: caps (BWD_CAP_STEP, BWD_CAP_WINDOWS) and
+                # warps (BWD_WINDOWS_PER_THREAD)
+                (64, 2, 2, 2, False, "bwd", "fp32", 4), (32, 2, 2, 1, False, "bwd", "fp32", 4),
+                (16, 2, 2, 0, False, "bwd", "fp32", 4), (16, 2, 2, 2, True, "bwd", "fp32", 4),
+                (8, 2, 2, 0, False, "bwd", "fp32", 16)]
              # the layers' feature scale folded in (scale="auto", W3 in bf16)
              + [(256, 2, 2, m, False, kind, "bf16", 4, "SCALED") for m in (0, 1)
                 for kind in ("fwd", "bwd")])

@@ -65,6 +65,13 @@ BWD_ELEMS_PAPER = {"sinkhorn": 16, "badmm-e": 8, "badmm-q": 8}
 # SM, T=16 8 -> 10). Sinkhorn: tiles of one window only (C >= 256 at 2×2; a thread holding
 # samples of two windows keeps twice the per-sample tape: C = 64, T = 16 spilled 692 B)
 BWD_BASE_REGISTERS = {"sinkhorn": 128, "badmm-e": 96, "badmm-q": 96}
+# Small C (tiles of several windows, 3.9 sm_90 AOT, 2×2): B-ADMM takes BWD_CAP_STEP more per
+# doubling of the windows a tile, and no cap beyond BWD_CAP_WINDOWS (C = 32 spilled 16-24 B at
+# 128, 8 B at 144); each thread holds the vectors of at most BWD_WINDOWS_PER_THREAD windows
+# (exact, paper), more warps otherwise (Sinkhorn at C = 8: 328-944 B of spills in one warp)
+BWD_CAP_STEP = {"sinkhorn": 0, "badmm-e": 8, "badmm-q": 8}
+BWD_CAP_WINDOWS = 2
+BWD_WINDOWS_PER_THREAD = {False: 2, True: 1}
 MAX_WARPS = 16
 # The backward's segment length L: the iterations whose states it keeps in registers at once,
 # at most BWD_SEGMENT and BWD_TAPE_REGISTERS per thread at the full register cap, fewer under a
@@ -170,15 +177,23 @@ def fwd_config(g: Geometry, method: str, variant: str) -> dict:
 
 
 def tape_registers(method: str, paper: bool, BN: int, per_thread: int,
-                   lse: bool = False) -> int:
+                   lse: bool = False, windows: int = 1) -> int:
     """Registers per thread that one iteration's state takes in the backward's tape: a
-    window's samples of a channel sit in one thread, so an N-vector (b, log η, z2) costs BN,
-    a C-vector (a, log μ, z1) per_thread / BN, a tile (log S, Z) per_thread. ``lse``
-    (Sinkhorn): the step's LogSumExps over the channels too (C: BN, LSE_d(v): 1)."""
+    window's samples of a channel sit in one thread, so an N-vector (b, log η, z2) costs BN
+    for each of the ``windows`` windows the thread holds, a C-vector (a, log μ, z1)
+    per_thread / BN, a tile (log S, Z) per_thread. ``lse`` (Sinkhorn): the step's LogSumExps
+    over the channels too (C: BN, LSE_d(v): 1, per window)."""
     c_vec = max(1, per_thread // BN)
     if method == "sinkhorn":
-        return BN + (c_vec if paper else 0) + (BN + 1 if lse else 0)
-    return 2 * per_thread + (2 * BN + 2 * c_vec if paper else 0)
+        return windows * (BN + (BN + 1 if lse else 0)) + (c_vec if paper else 0)
+    return 2 * per_thread + (2 * BN * windows + 2 * c_vec if paper else 0)
+
+
+def windows_per_thread(BW: int, BC: int, num_warps: int) -> int:
+    """Windows whose vectors one thread holds: the lanes spread over the channels first, then
+    over the windows (all BW windows when BC fills the CTA's threads)."""
+    threads = 32 * num_warps
+    return max(1, BW * min(BC, threads) // threads)
 
 
 def bwd_config(g: Geometry, T: int, method: str, variant: str) -> dict:
@@ -187,19 +202,28 @@ def bwd_config(g: Geometry, T: int, method: str, variant: str) -> dict:
     paper = variant == "paper"
     is_masked = masked(g, BN, BC)
     warps = num_warps_for(BW * BN * BC, (BWD_ELEMS_PAPER if paper else BWD_ELEMS)[method])
+    # small C: more warps until a thread holds the vectors of at most BWD_WINDOWS_PER_THREAD
+    # windows (their tape and reductions spilled beyond)
+    while (windows_per_thread(BW, BC, warps) > BWD_WINDOWS_PER_THREAD[paper]
+           and warps < MAX_WARPS and BW * BN * BC >= 64 * warps):
+        warps *= 2
     per_thread = max(1, BW * BN * BC // (32 * warps))
+    wpt = windows_per_thread(BW, BC, warps)
     regs = max_registers(warps)  # the tape's budget shrinks with the register cap
     budget = BWD_TAPE_REGISTERS * regs // 248
-    fit = budget // tape_registers(method, paper, BN, per_thread)
+    fit = budget // tape_registers(method, paper, BN, per_thread, windows=wpt)
     # Sinkhorn: when all T iterations fit in one segment with the channel LSEs on the tape,
     # keep them there (TAPED: two fewer reductions across the lanes per reverse step)
     taped = method == "sinkhorn" and T <= min(BWD_SEGMENT[method],
                                               budget // tape_registers(method, paper, BN,
-                                                                       per_thread, lse=True))
+                                                                       per_thread, lse=True,
+                                                                       windows=wpt))
     L = max(1, min(T, BWD_SEGMENT[method], fit))
-    if FRUGAL_REGISTERS and not paper and not is_masked and (BW == 1 or method != "sinkhorn"):
+    if (FRUGAL_REGISTERS and not paper and not is_masked
+            and (BW == 1 or method != "sinkhorn" and BW <= BWD_CAP_WINDOWS)):
         need = BWD_BASE_REGISTERS[method] + L * tape_registers(method, paper, BN, per_thread,
-                                                               lse=taped)
+                                                               lse=taped, windows=wpt)
+        need += BWD_CAP_STEP[method] * (BW.bit_length() - 1)
         regs = min(regs, -(-need // 8) * 8)
     return dict(BW=BW, BN=BN, BC=BC, L=L, MASKED=is_masked, FAST=FAST_MATH.value,
                 num_warps=warps, maxnreg=regs, TAPED=taped)
