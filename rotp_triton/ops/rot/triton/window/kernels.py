@@ -439,8 +439,16 @@ def _admm_step_bwd(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp
     s_new = _keep(sm2 * _exp(log_eta), m, MASKED)
 
     # ---- backward
+    # the weights' tile sums, fewest a step: exact B-E has c2 = ρ c1 and 1/ω = 1/ρ
+    # (admm_params), so c2's and 1/ω's terms join c1's and ρ's before summing (FOLD: 2 sums
+    # instead of 4); B-Q sums 1/ω's and c1's two terms each once (3 instead of 5)
+    FOLD: tl.constexpr = not (QUAD or PAPER)
     g_z = _keep(g_z_new, m, MASKED)
-    g_rho = _tsum(g_z * (p - s_new))
+    if FOLD:
+        g_rho_el = g_z * (p - s_new)                # ρ's terms, summed once at the end
+        g_rho = 0.0
+    else:
+        g_rho = _tsum(g_z * (p - s_new))
     g_p = rho * g_z
     g_s_new = -rho * g_z
     g_irho = g_rho * 0.0
@@ -491,15 +499,20 @@ def _admm_step_bwd(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp
     if QUAD:
         g_logp = g_y2
         g_z += irho * g_y2
-        g_irho += _tsum(z * g_y2)
         g_p += -c1 * g_y2
-        g_c1 = -_tsum(p * g_y2)
+        g_iom_el = z * g_y2                         # 1/ω's and c1's terms, each summed once
+        g_c1_el = p * g_y2                          # at the end (with Y's terms)
         g_c2 = g_rho * 0.0
     else:
         g_logp = c2 * g_y2
         g_z += c1 * g_y2
-        g_c1 = _tsum(z * g_y2)
-        g_c2 = _tsum(log_p * g_y2)
+        if FOLD:
+            g_c1 = _tsum((z + rho * log_p) * g_y2)
+            g_c2 = g_c1 * 0.0
+            g_rho_el += c1 * (log_p * g_y2)
+        else:
+            g_c1 = _tsum(z * g_y2)
+            g_c2 = _tsum(log_p * g_y2)
     g_logp = _keep(g_logp + p * g_p, m, MASKED)
     # log P = Y + log μ - LSE_n(Y)
     g_lmu_sum = _sum(g_logp, AX_N)                                        # [BW, 1, BC]
@@ -515,10 +528,15 @@ def _admm_step_bwd(x, log_s, z, lmu, leta, z1, z2, rho, irho, k2, k3, c1, c2, lp
     # Y = log S + (X - Z)/ω [- c1 S]
     g_x = irho * g_yy
     g_z += -irho * g_yy
-    g_irho += _tsum((x - z) * g_yy)
+    if FOLD:
+        g_rho = _tsum(g_rho_el - (irho * irho) * ((x - z) * g_yy))
+    elif QUAD:
+        g_irho += _tsum(g_iom_el + (x - z) * g_yy)
+    else:
+        g_irho += _tsum((x - z) * g_yy)
     g_log_s = g_yy
     if QUAD:
-        g_c1 += -_tsum(s * g_yy)
+        g_c1 = -_tsum(g_c1_el + s * g_yy)
         g_log_s += -c1 * s * g_yy
     g_log_s = _keep(g_log_s, m, MASKED)
     return (g_x, g_log_s, g_z, g_lmu, g_leta, g_z1, g_z2,
