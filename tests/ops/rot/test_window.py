@@ -393,10 +393,10 @@ AOT_CASES = ([(256, 2, 2, m, pa, "fwd", "fp32", 4) for m in range(3) for pa in (
                 (64, 2, 2, 0, False, "bwd", "fp32", 16), (512, 2, 2, 0, False, "bwd", "fp32", 16),
                 (2048, 2, 2, 0, False, "fwd", "fp32", 4), (1024, 2, 2, 1, False, "fwd", "fp32", 4),
                 (2048, 2, 2, 1, False, "fwd", "fp32", 4),
-                # forward tiles of 2, 4, 8 windows: their caps (FWD_CAP_STEP, FWD_CAP_WINDOWS)
+                # forward tiles of 2, 4, 8 windows: their caps (cap_step, FWD_CAP_WINDOWS)
                 (128, 2, 2, 1, False, "fwd", "fp32", 4), (64, 2, 2, 2, False, "fwd", "fp32", 4),
                 (32, 2, 2, 1, False, "fwd", "fp32", 4), (32, 2, 2, 0, False, "fwd", "fp32", 4),
-                # backward tiles of 2-16 windows: caps (BWD_CAP_STEP, BWD_CAP_WINDOWS) and
+                # backward tiles of 2-16 windows: caps (cap_step, BWD_CAP_WINDOWS) and
                 # warps (BWD_WINDOWS_PER_THREAD)
                 (64, 2, 2, 2, False, "bwd", "fp32", 4), (32, 2, 2, 1, False, "bwd", "fp32", 4),
                 (16, 2, 2, 0, False, "bwd", "fp32", 4), (16, 2, 2, 2, True, "bwd", "fp32", 4),

@@ -41,14 +41,14 @@ FRUGAL_REGISTERS = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (
 # beyond 8 warps (16 warps at 128 registers spill); exact B-E and B-Q in 88 with 3.9 (no P or
 # log P formed: 22 warps per SM instead of 16; 3.6 spills 488 / 332 B at 96, 3.9 spilled 40 /
 # 108 B at 96 before). The cap is that of a one-window tile: a thread of a tile of w windows
-# holds the per-sample vectors of several windows, so B-ADMM takes FWD_CAP_STEP registers more
-# per doubling of w, and tiles of more than FWD_CAP_WINDOWS windows none (3.9, 2×2, exact
-# unmasked: B-E at C = 128 spilled 40 B at 88, at C = 64 44 B at 96, at C = 32 124 B even at
-# 128 (uncapped: 211 registers); Sinkhorn at C = 32 192 B at 72)
+# holds the per-sample vectors of several windows, so B-ADMM takes CAP_STEP registers more
+# per doubling of w (``cap_step``), and tiles of more than FWD_CAP_WINDOWS windows none (3.9,
+# 2×2, exact unmasked: B-E at C = 128 spilled 40 B at 88, at C = 64 44 B at 96, at C = 32
+# 124 B even at 128 (uncapped: 211 registers); Sinkhorn at C = 32 192 B at 72)
 FWD_LAYOUT = {"sinkhorn": (32, 72 if FRUGAL_REGISTERS else 255),
               "badmm-e": (16, 88 if FRUGAL_REGISTERS else 128),
               "badmm-q": (16, 88 if FRUGAL_REGISTERS else 128)}
-FWD_CAP_STEP = {"sinkhorn": 0, "badmm-e": 8, "badmm-q": 8}
+CAP_STEP = {"sinkhorn": 0, "badmm-e": 8, "badmm-q": 8}
 FWD_CAP_WINDOWS = 4
 # the backward's elements a thread: it keeps L iterations' states per thread, the Sinkhorn
 # state two vectors per window (8 elements a thread at W3 cross 4 warps: +50 % instructions,
@@ -65,11 +65,10 @@ BWD_ELEMS_PAPER = {"sinkhorn": 16, "badmm-e": 8, "badmm-q": 8}
 # SM, T=16 8 -> 10). Sinkhorn: tiles of one window only (C >= 256 at 2×2; a thread holding
 # samples of two windows keeps twice the per-sample tape: C = 64, T = 16 spilled 692 B)
 BWD_BASE_REGISTERS = {"sinkhorn": 128, "badmm-e": 96, "badmm-q": 96}
-# Small C (tiles of several windows, 3.9 sm_90 AOT, 2×2): B-ADMM takes BWD_CAP_STEP more per
+# Small C (tiles of several windows, 3.9 sm_90 AOT, 2×2): B-ADMM takes CAP_STEP more per
 # doubling of the windows a tile, and no cap beyond BWD_CAP_WINDOWS (C = 32 spilled 16-24 B at
 # 128, 8 B at 144); each thread holds the vectors of at most BWD_WINDOWS_PER_THREAD windows
 # (exact, paper), more warps otherwise (Sinkhorn at C = 8: 328-944 B of spills in one warp)
-BWD_CAP_STEP = {"sinkhorn": 0, "badmm-e": 8, "badmm-q": 8}
 BWD_CAP_WINDOWS = 2
 BWD_WINDOWS_PER_THREAD = {False: 2, True: 1}
 MAX_WARPS = 16
@@ -152,17 +151,23 @@ def masked(g: Geometry, BN: int, BC: int) -> bool:
     return not full or g.C != BC
 
 
+def cap_step(method: str, windows: int) -> int:
+    """Registers a tile of ``windows`` (a power of 2) windows needs beyond a one-window tile's
+    cap: CAP_STEP per doubling."""
+    return CAP_STEP[method] * (windows.bit_length() - 1)
+
+
 def fwd_layout(method: str, variant: str, tile: int, is_masked: bool,
                windows: int = 1) -> Tuple[int, int]:
     """(num_warps, maxnreg) of a forward tile of ``tile`` elements in ``windows`` windows
-    (``FWD_LAYOUT``, ``FWD_CAP_STEP``, ``FWD_CAP_WINDOWS``)."""
+    (``FWD_LAYOUT``, ``cap_step``, ``FWD_CAP_WINDOWS``)."""
     elems, cap = FWD_LAYOUT[method]
     if method != "sinkhorn" and tile > 8 * 32 * elems:
         elems, cap = 32, 255           # beyond 8 warps: 32 a thread, uncapped (as before)
     warps = num_warps_for(tile, elems)
     capped = (variant == "exact" and not is_masked and tile == warps * 32 * elems
               and (warps == 1 or method != "sinkhorn") and windows <= FWD_CAP_WINDOWS)
-    cap += FWD_CAP_STEP[method] * (windows.bit_length() - 1)       # + step · log2(windows)
+    cap += cap_step(method, windows)
     return warps, min(max_registers(warps), cap) if capped else max_registers(warps)
 
 
@@ -223,7 +228,7 @@ def bwd_config(g: Geometry, T: int, method: str, variant: str) -> dict:
             and (BW == 1 or method != "sinkhorn" and BW <= BWD_CAP_WINDOWS)):
         need = BWD_BASE_REGISTERS[method] + L * tape_registers(method, paper, BN, per_thread,
                                                                lse=taped, windows=wpt)
-        need += BWD_CAP_STEP[method] * (BW.bit_length() - 1)
+        need += cap_step(method, BW)
         regs = min(regs, -(-need // 8) * 8)
     return dict(BW=BW, BN=BN, BC=BC, L=L, MASKED=is_masked, FAST=FAST_MATH.value,
                 num_warps=warps, maxnreg=regs, TAPED=taped)
