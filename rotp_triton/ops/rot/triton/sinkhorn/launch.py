@@ -111,17 +111,33 @@ def _row_pieces(N: Optional[int], BN: int, one_tile: bool, paper: bool, enabled:
     return best[1]
 
 
+# the row-pieces forward's launch: warps, x elements per thread, register cap. One program per
+# set, so at W2 (256 sets on 132 SMs) two 4-warp CTAs per SM are all there is to run (222
+# registers). 8 warps, 8 elements a thread and a cap of 128 would keep 16 warps resident:
+# calibrated model, W2 T=4 forward kernel 610 -> 384 µs (PREDICTED), but ptxas spills 24-48 B
+# at the cap for other set sizes (25, 196, 400 rows; 49 with contiguous features):
+# bench/results/sinkhorn_pieces_occupancy_2026-12-01.md. A bench/gpu_tune.py variant.
 PIECES_NUM_WARPS = 4
+PIECES_FWD_ELEMS_PER_THREAD = FWD_ELEMS_PER_THREAD
+PIECES_FWD_MAX_REGISTERS = MAX_REGISTERS
 
 
-def pieces_config(D: int, pieces: tuple, BD: int, nw: int = PIECES_NUM_WARPS,
-                  elems_per_thread: int = FWD_ELEMS_PER_THREAD) -> tuple:
+def fwd_register_cap(pieces: bool) -> int:
+    """``maxnreg`` of a forward launch: the row-pieces forward's cap or ``MAX_REGISTERS``."""
+    return PIECES_FWD_MAX_REGISTERS if pieces else MAX_REGISTERS
+
+
+def pieces_config(D: int, pieces: tuple, BD: int, nw: Optional[int] = None,
+                  elems_per_thread: Optional[int] = None) -> tuple:
     """(BD, num_warps) of the row-pieces kernels: the widest feature chunk (at most the tile's
     BD) that keeps ``elems_per_thread`` elements per thread with ``nw`` warps. The forward
-    takes 4 warps (W2: 49 × 32): with 8 the chunk is twice as wide at the same elements per
-    thread, but ptxas spills. The backward keeps the launcher's warps (W2: 8, 49 × 64 and
-    49 × 32 in the sweep that writes dx): the same instructions per element as 4 warps, half
-    the per-column vector loads per element in the dx terms."""
+    takes ``PIECES_NUM_WARPS`` (W2: 49 × 32 at 4 warps; with 8 the chunk is twice as wide at
+    the same elements per thread, but ptxas spills without a cap). The backward keeps the
+    launcher's warps (W2: 8, 49 × 64 and 49 × 32 in the sweep that writes dx): the same
+    instructions per element as 4 warps, half the per-column vector loads per element in the
+    dx terms."""
+    if nw is None:  # the forward's (read at the call: bench/gpu_tune.py patches them)
+        nw, elems_per_thread = PIECES_NUM_WARPS, PIECES_FWD_ELEMS_PER_THREAD
     budget = elems_per_thread * 32 * nw // sum(pieces)
     return max(min(BD, next_pow2(budget + 1) // 2, next_pow2(D)), 1), nw
 
@@ -367,7 +383,7 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
             PAPER=paper, RETURN_PLAN=return_plan, ONE_TILE_N=one_tile, BN=BN, BD=BD,
             MASK_N=N is None or N != BN, ITERATE=not rows, P0=P0, P1=P1, P2=P2,
             MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None, STATS=stats, num_warps=nw,
-            maxnreg=MAX_REGISTERS)
+            maxnreg=fwd_register_cap(P0 > 0))
     if spread:
         return y, plan, state, saved
     return y, plan, state
