@@ -62,7 +62,8 @@ def variants():
     2026-11-29 (8 warps) is here to time it against, 32 warps to test the model beyond its
     range. The Sinkhorn row-pieces variants give 16 resident warps per SM at a cost the model
     prices (forward at 8 warps: 72 bytes of stack spills with 8 fp32 per thread, or twice the
-    instructions with 4; bench/results/occupancy_2026-11-30.md)."""
+    instructions with 4; bench/results/occupancy_2026-11-30.md), under a 128-register cap
+    without the spills (bench/results/sinkhorn_pieces_occupancy_2026-12-01.md)."""
     S, B, St, Wi = sinkhorn_launch, badmm_launch, structure_launch, window_launch
     pieces, bwd_blocks = S.pieces_config, B.backward_block_sizes
     return [
@@ -99,12 +100,20 @@ def variants():
         ("W2", "sinkhorn", "shipped", {}),
         # the forward calls pieces_config(D, pieces, BD), the backward with its warps and
         # elements per thread too: a patch can tell them apart
+        # under a 128-register cap the 8-warp CTAs fit two per SM: 16 resident warps instead
+        # of 8 (bench/results/sinkhorn_pieces_occupancy_2026-12-01.md; W2's launches compile
+        # without spills, some other set sizes spill at the cap)
+        ("W2", "sinkhorn", "row-piece forward: 8 warps, 8 fp32 per thread, 128 registers",
+         {S: dict(PIECES_NUM_WARPS=8, PIECES_FWD_ELEMS_PER_THREAD=8,
+                  PIECES_FWD_MAX_REGISTERS=128)}),
+        ("W2", "sinkhorn", "row-piece forward: 8 warps, 4 fp32 per thread, 128 registers",
+         {S: dict(PIECES_NUM_WARPS=8, PIECES_FWD_ELEMS_PER_THREAD=4,
+                  PIECES_FWD_MAX_REGISTERS=128)}),
+        ("W2", "sinkhorn", "row-piece backward: a quarter of the elements per thread, 128 "
+         "registers", {S: dict(MAX_REGISTERS=128, pieces_config=lambda D, p, BD, *a: pieces(
+             D, p, BD, a[0], max(a[1] // 4, 1)) if a else pieces(D, p, BD))}),
         ("W2", "sinkhorn", "row-piece forward: 8 warps, 8 fp32 per thread (same tile)",
-         {S: dict(pieces_config=lambda D, p, BD, *a: pieces(D, p, BD, *a) if a else
-                  pieces(D, p, BD, 8, 8))}),
-        ("W2", "sinkhorn", "row-piece forward: 8 warps, 4 fp32 per thread", {S: dict(
-            pieces_config=lambda D, p, BD, *a: pieces(D, p, BD, *a) if a else
-            pieces(D, p, BD, 8, 4))}),
+         {S: dict(PIECES_NUM_WARPS=8, PIECES_FWD_ELEMS_PER_THREAD=8)}),
         ("W2", "sinkhorn", "row-piece backward: half the elements per thread", {S: dict(
             pieces_config=lambda D, p, BD, *a: pieces(D, p, BD, a[0], max(a[1] // 2, 1)) if a
             else pieces(D, p, BD))}),
