@@ -60,12 +60,10 @@ def variants():
     (one CTA per SM), chosen by the kernel report's calibrated model (bench/latency_model.py),
     which was fitted on 8-24 resident warps per SM; the layout measured on the H200 on
     2026-11-29 (8 warps) is here to time it against, 32 warps to test the model beyond its
-    range. The Sinkhorn row-pieces variants give 16 resident warps per SM at a cost the model
-    prices (forward at 8 warps: 72 bytes of stack spills with 8 fp32 per thread, or twice the
-    instructions with 4; bench/results/occupancy_2026-11-30.md), under a 128-register cap
-    without the spills (bench/results/sinkhorn_pieces_occupancy_2026-12-01.md)."""
+    range. The Sinkhorn row-pieces forward runs 16 resident warps per SM since 2026-12-01 (a
+    128-register cap); its layout until then is here to time it against."""
     S, B, St, Wi = sinkhorn_launch, badmm_launch, structure_launch, window_launch
-    pieces, bwd_blocks = S.pieces_config, B.backward_block_sizes
+    bwd_blocks = B.backward_block_sizes
     return [
         # most valuable first (the sweep has a time budget): the two launcher choices the
         # calibrated model made on 2026-11-30, each against the layout measured on 2026-11-29
@@ -98,25 +96,17 @@ def variants():
          "triton 3.9)", {Wi: dict(FWD_LAYOUT=dict(Wi.FWD_LAYOUT, sinkhorn=(32, 255)),
                                   FRUGAL_REGISTERS=False)}),
         ("W2", "sinkhorn", "shipped", {}),
-        # the forward calls pieces_config(D, pieces, BD), the backward with its warps and
-        # elements per thread too: a patch can tell them apart
-        # under a 128-register cap the 8-warp CTAs fit two per SM: 16 resident warps instead
-        # of 8 (bench/results/sinkhorn_pieces_occupancy_2026-12-01.md; W2's launches compile
-        # without spills, some other set sizes spill at the cap)
-        ("W2", "sinkhorn", "row-piece forward: 8 warps, 8 fp32 per thread, 128 registers",
-         {S: dict(PIECES_NUM_WARPS=8, PIECES_FWD_ELEMS_PER_THREAD=8,
-                  PIECES_FWD_MAX_REGISTERS=128)}),
-        ("W2", "sinkhorn", "row-piece forward: 8 warps, 4 fp32 per thread, 128 registers",
-         {S: dict(PIECES_NUM_WARPS=8, PIECES_FWD_ELEMS_PER_THREAD=4,
-                  PIECES_FWD_MAX_REGISTERS=128)}),
-        ("W2", "sinkhorn", "row-piece backward: a quarter of the elements per thread, 128 "
-         "registers", {S: dict(MAX_REGISTERS=128, pieces_config=lambda D, p, BD, *a: pieces(
-             D, p, BD, a[0], max(a[1] // 4, 1)) if a else pieces(D, p, BD))}),
-        ("W2", "sinkhorn", "row-piece forward: 8 warps, 8 fp32 per thread (same tile)",
-         {S: dict(PIECES_NUM_WARPS=8, PIECES_FWD_ELEMS_PER_THREAD=8)}),
-        ("W2", "sinkhorn", "row-piece backward: half the elements per thread", {S: dict(
-            pieces_config=lambda D, p, BD, *a: pieces(D, p, BD, a[0], max(a[1] // 2, 1)) if a
-            else pieces(D, p, BD))}),
+        # the row-pieces forward under a 128-register cap since 2026-12-01 (16 resident warps
+        # per SM instead of 8; bench/results/sinkhorn_pieces_occupancy_2026-12-01.md) against
+        # its layout until then; the backward so capped (it spills 32 B unspecialised); the
+        # wider forward chunk (spills at some set sizes)
+        ("W2", "sinkhorn", "row-pieces forward as until 2026-12-01 (4 warps, 16 fp32 a "
+         "thread, no cap)", {S: dict(PIECES_NUM_WARPS=4, PIECES_FWD_ELEMS_PER_THREAD=16,
+                                     PIECES_FWD_MAX_REGISTERS=255)}),
+        ("W2", "sinkhorn", "row-pieces backward at a quarter of its fp32 a thread, 128 "
+         "registers", {S: dict(PIECES_BWD_ELEMS_DIVISOR=4, PIECES_BWD_MAX_REGISTERS=128)}),
+        ("W2", "sinkhorn", "row-pieces forward at 8 fp32 a thread", {S: dict(
+            PIECES_FWD_ELEMS_PER_THREAD=8)}),
         ("W2", "badmm-e", "fused backward at 16 warps, 2 fp32 per thread", {B: dict(
             backward_fuses=lambda T, x_bytes: True,
             backward_block_sizes=lambda n, D: _sixteen_warps(bwd_blocks(n, D)))}),

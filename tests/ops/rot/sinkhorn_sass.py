@@ -67,8 +67,8 @@ def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = F
     if which.startswith("fwd"):
         BN, BD, one = L.fwd_config(D, N, num_warps)
         P0, P1, P2 = L.row_pieces(N, BN, one, paper)
-        if P0:  # the row-pieces forward (launched with L.PIECES_NUM_WARPS, its own cap)
-            BD = L.pieces_config(D, (P0, P1, P2), BD)[0]
+        if P0:  # the row-pieces forward (its own warps and cap: launch_options)
+            BD = L.pieces_fwd_launch(D, (P0, P1, P2), BD)[0]
         ce = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, PAPER=paper, RETURN_PLAN=True,
                   ONE_TILE_N=one, BN=BN, BD=BD, MASK_N=N is None or N != BN, P0=P0, P1=P1,
                   P2=P2, MASK_P=N is not None and P0 + P1 + P2 != N)
@@ -76,9 +76,8 @@ def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = F
     has_gp = not which.endswith("nogp")  # bwd*nogp: no plan gradient (wider sweep tiles)
     BN, BD, one = L.bwd_config(D, N, num_warps, has_gp)
     P0, P1, P2 = L.row_pieces(N, BN, one, paper)
-    if P0:  # the row-pieces reverse sweeps (launched with the launcher's warps)
-        BD = L.pieces_config(D, (P0, P1, P2), BD, num_warps, L.BWD_ELEMS_PER_THREAD if has_gp
-                             else L.SWEEP_ELEMS_PER_THREAD)[0]
+    if P0:  # the row-pieces reverse sweeps (the launcher's warps, their own cap)
+        BD = L.pieces_bwd_launch(D, (P0, P1, P2), BD, num_warps, has_gp)[0]
     BNX, BDX = L.dx_tile(D, N, num_warps)
     ce = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one,
               BN=BN, BD=BD, BT=16, BNX=BNX, BDX=BDX, BDF=L.fused_sweep_bd(BD, has_gp),
@@ -92,10 +91,28 @@ def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = F
     return K.sinkhorn_bwd_kernel, ce
 
 
+def launch_options(which: str, variant: str, N, D: int, num_warps: int) -> tuple:
+    """(num_warps, maxnreg) the launcher passes with ``config``'s launch: the row-pieces
+    kernels have their own (launch.pieces_fwd_launch / pieces_bwd_launch)."""
+    paper = variant == "paper"
+    if which.startswith("fwd"):
+        BN, BD, one = L.fwd_config(D, N, num_warps)
+        pieces = L.row_pieces(N, BN, one, paper)
+        if pieces[0]:
+            return L.pieces_fwd_launch(D, pieces, BD)[1:]
+        return num_warps, L.MAX_REGISTERS
+    has_gp = not which.endswith("nogp")
+    BN, BD, one = L.bwd_config(D, N, num_warps, has_gp)
+    pieces = L.row_pieces(N, BN, one, paper)
+    if pieces[0]:
+        return L.pieces_bwd_launch(D, pieces, BD, num_warps, has_gp)[1:]
+    return num_warps, L.MAX_REGISTERS
+
+
 # the launcher configurations compiled by the AOT test: (which, variant, x dtype, warps)
 # fwd / bwd: streamed tiles (ragged, D = 2048); fwd1 / bwd1: one tile per set (dense N = 49;
 # the exact forward then holds the rows in three pieces: its chunk within the tile of the
-# launcher's warps, 8 at W2's 256 sets on 132 SMs, launched with launch.PIECES_NUM_WARPS);
+# launcher's warps, 8 at W2's 256 sets on 132 SMs, launched with its own: launch_options);
 # bwd / bwd1 with a plan gradient, bwdnogp / bwd1nogp without (the launcher then picks wider
 # sweep tiles, launch.bwd_config); split_*: the split-set launches at W1's shape; dx: the
 # row-block dx launch at W1's shape
@@ -126,18 +143,21 @@ SMALL_CONFIGS = [("fwd1", 16, 32, 8), ("fwd1", 16, 128, 8), ("fwd1", 32, 32, 4),
                  ("fwd1", 64, 64, 4), ("fwd1", 64, 64, 8), ("fwd1", 128, 64, 8),
                  ("fwd1", 32, 128, 8), ("bwd1", 32, 64, 8), ("bwd1", 64, 64, 4),
                  ("bwd1", 128, 64, 8), ("bwd1nogp", 32, 64, 4), ("bwd1nogp", 64, 64, 4),
-                 ("bwd1nogp", 64, 64, 8), ("bwd1nogp", 128, 64, 8)]
+                 ("bwd1nogp", 64, 64, 8), ("bwd1nogp", 128, 64, 8),
+                 # row pieces, exact forward under launch.PIECES_FWD_MAX_REGISTERS: 25 = 16 + 8
+                 # + 1 and 49 rows (8 fp32 a thread spilled 24 B there), 196 (a chunk narrower
+                 # than launch.PIECES_MIN_BD: the 4-warp layout)
+                 ("fwd1", 25, 2048, 8), ("fwd1", 49, 2048, 8), ("fwd1", 196, 512, 8)]
 
 
 def compile_small(which: str, N: int, D: int, nw: int, B: int = 64):
     """A ``SMALL_CONFIGS`` entry as the launcher builds it for B contiguous fp32 sets."""
     kern, ce = config(which, "exact", N, D, nw)
-    if which.startswith("fwd") and ce["P0"]:
-        nw = L.PIECES_NUM_WARPS
+    nw, cap = launch_options(which, "exact", N, D, nw)
     ints = dict(N=N, D=D, T=4, NR=B * N)
     for p in ("sx", "sp", "sg", "sd"):      # x, plan, plan gradient, dx: all (B, N, D)
         ints.update({p + "b": N * D, p + "n": D, p + "d": 1})
-    return compile_like_jit(kern, signature(kern, ce, "fp32"), ce, ints, nw)
+    return compile_like_jit(kern, signature(kern, ce, "fp32"), ce, ints, nw, cap)
 
 
 def split_config(which: str, N: int, D: int, num_warps: int) -> tuple:
@@ -165,6 +185,7 @@ def dx_config(variant: str, N: int, D: int, num_warps: int) -> tuple:
 def compile_config(which, variant, xdt, nw):
     scaled = which.endswith("+s")
     which = which.removesuffix("+s")
+    cap = L.MAX_REGISTERS
     if which == "dx":  # W1's shape
         kern, ce = dx_config(variant, 500, 100, nw)
     elif which.startswith("split"):  # W1's shape
@@ -172,6 +193,7 @@ def compile_config(which, variant, xdt, nw):
     else:
         ragged = which in ("fwd", "bwd", "bwdnogp")
         kern, ce = config(which, variant, None if ragged else 49, 2048, nw, ragged=ragged)
+        nw, cap = launch_options(which, variant, None if ragged else 49, 2048, nw)
     if scaled:
         ce["SCALED"] = True
         if which == "fwd1":
@@ -182,11 +204,9 @@ def compile_config(which, variant, xdt, nw):
             if which != "dx":
                 ce["FUSE_DX"] = False
                 ce["SPLIT_DX"] = False
-    if kern is K.sinkhorn_fwd_kernel and ce["P0"]:
-        nw = L.PIECES_NUM_WARPS   # (the launcher's, whatever the entry says)
     capped = kern in (K.sinkhorn_fwd_kernel, K.sinkhorn_bwd_kernel)  # (as the launchers)
     return compile_sm90(kern, signature(kern, ce, xdt), ce, num_warps=nw,
-                        maxnreg=register_cap(kern, ce) if capped else None)
+                        maxnreg=cap if capped else None)
 
 
 def usage(compiled) -> tuple:
@@ -272,14 +292,8 @@ WORKLOADS = {"W1": dict(B=50, N=500, D=100, xdt="fp32", unit_stride="sxd",
                                  NR=12544))}
 
 
-def register_cap(kernel, ce: dict) -> int:
-    """The launchers' ``maxnreg`` of a set-kernel launch with constexprs ``ce``."""
-    if kernel is K.sinkhorn_fwd_kernel:
-        return L.fwd_register_cap(ce["P0"] > 0)
-    return L.MAX_REGISTERS
-
-
-def compile_like_jit(kernel, sig: dict, constexprs: dict, ints: dict, num_warps: int):
+def compile_like_jit(kernel, sig: dict, constexprs: dict, ints: dict, num_warps: int,
+                     maxnreg: int = L.MAX_REGISTERS):
     """compile_sm90 with the JIT's specialisation of the launch: an int argument is i32 when it
     fits, one equal to 1 is a constant (unless ``do_not_specialize``), one divisible by 16 and every pointer (torch allocations) carry
     ``tt.divisibility = 16``, which is what lets the compiler vectorise and hoist."""
@@ -301,7 +315,7 @@ def compile_like_jit(kernel, sig: dict, constexprs: dict, ints: dict, num_warps:
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=ce, attrs=attrs)
     return triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": 3,
-                                                       "maxnreg": register_cap(kernel, ce)})
+                                                       "maxnreg": maxnreg})
 
 
 def loop_report(name: str, variant: str) -> str:
@@ -309,9 +323,8 @@ def loop_report(name: str, variant: str) -> str:
     wl = WORKLOADS[name]
     nw = 8 if wl["B"] < 2 * 132 else 4  # launch.num_warps_for on an H100 (132 SMs)
     kern, ce = config("fwd1", variant, wl["N"], wl["D"], nw)
-    if ce["P0"]:
-        nw = L.PIECES_NUM_WARPS
-    c = compile_like_jit(kern, signature(kern, ce, wl["xdt"]), ce, wl["ints"], nw)
+    nw, cap = launch_options("fwd1", variant, wl["N"], wl["D"], nw)
+    c = compile_like_jit(kern, signature(kern, ce, wl["xdt"]), ce, wl["ints"], nw, cap)
     regs, local = usage(c)
     loops = [lp for lp in innermost_loops(sass(c)) if lp["mufu"] > 0]
     rows = ce["P0"] + ce["P1"] + ce["P2"] if ce["P0"] else ce["BN"]

@@ -111,35 +111,52 @@ def _row_pieces(N: Optional[int], BN: int, one_tile: bool, paper: bool, enabled:
     return best[1]
 
 
-# the row-pieces forward's launch: warps, x elements per thread, register cap. One program per
-# set, so at W2 (256 sets on 132 SMs) two 4-warp CTAs per SM are all there is to run (222
-# registers). 8 warps, 8 elements a thread and a cap of 128 would keep 16 warps resident:
-# calibrated model, W2 T=4 forward kernel 610 -> 384 µs (PREDICTED), but ptxas spills 24-48 B
-# at the cap for other set sizes (25, 196, 400 rows; 49 with contiguous features):
-# bench/results/sinkhorn_pieces_occupancy_2026-12-01.md. A bench/gpu_tune.py variant.
-PIECES_NUM_WARPS = 4
-PIECES_FWD_ELEMS_PER_THREAD = FWD_ELEMS_PER_THREAD
-PIECES_FWD_MAX_REGISTERS = MAX_REGISTERS
+# the row-pieces launches (W2's layout: 256 sets of 49 rows, one program each). With one program
+# per set an SM gets about two CTAs, whatever their registers; under a 128-register cap two
+# 8-warp CTAs fit: 16 resident warps per SM instead of 8 (the forward was a 4-warp CTA in 222
+# registers). The forward takes 8 warps at 4 x elements a thread under the cap (no spills with
+# triton 3.9 at 9-400 rows, strided or contiguous, nor with 3.6 at W2; 8 elements a thread
+# spill 24-48 B at some sizes): calibrated model, W2 T=4 forward kernel 610 -> 416 µs (priced
+# by runs, the model refitted on them: 736 -> 515; PREDICTED,
+# bench/results/sinkhorn_pieces_occupancy_2026-12-01.md). Feature chunks narrower than
+# PIECES_MIN_BD (large sets) would replicate their per-column vectors over too many lanes:
+# those keep the 4-warp layout. The backward's knobs are the same (a PIECES_BWD_ELEMS_DIVISOR-th
+# of its elements a thread under PIECES_BWD_MAX_REGISTERS) but off: with a quarter under 128
+# registers its W2 launch without the JIT's stride specialisation spills 32 B.
+PIECES_NUM_WARPS = 8
+PIECES_FWD_ELEMS_PER_THREAD = 4
+PIECES_BWD_ELEMS_DIVISOR = 1
+PIECES_FWD_MAX_REGISTERS = 128
+PIECES_BWD_MAX_REGISTERS = MAX_REGISTERS
+PIECES_MIN_BD = 8
 
 
-def fwd_register_cap(pieces: bool) -> int:
-    """``maxnreg`` of a forward launch: the row-pieces forward's cap or ``MAX_REGISTERS``."""
-    return PIECES_FWD_MAX_REGISTERS if pieces else MAX_REGISTERS
-
-
-def pieces_config(D: int, pieces: tuple, BD: int, nw: Optional[int] = None,
-                  elems_per_thread: Optional[int] = None) -> tuple:
-    """(BD, num_warps) of the row-pieces kernels: the widest feature chunk (at most the tile's
-    BD) that keeps ``elems_per_thread`` elements per thread with ``nw`` warps. The forward
-    takes ``PIECES_NUM_WARPS`` (W2: 49 × 32 at 4 warps; with 8 the chunk is twice as wide at
-    the same elements per thread, but ptxas spills without a cap). The backward keeps the
-    launcher's warps (W2: 8, 49 × 64 and 49 × 32 in the sweep that writes dx): the same
-    instructions per element as 4 warps, half the per-column vector loads per element in the
-    dx terms."""
-    if nw is None:  # the forward's (read at the call: bench/gpu_tune.py patches them)
-        nw, elems_per_thread = PIECES_NUM_WARPS, PIECES_FWD_ELEMS_PER_THREAD
+def pieces_config(D: int, pieces: tuple, BD: int, nw: int, elems_per_thread: int) -> int:
+    """The feature chunk BD of a row-pieces kernel: the widest (at most the tile's BD) that
+    keeps ``elems_per_thread`` elements per thread with ``nw`` warps."""
     budget = elems_per_thread * 32 * nw // sum(pieces)
-    return max(min(BD, next_pow2(budget + 1) // 2, next_pow2(D)), 1), nw
+    return max(min(BD, next_pow2(budget + 1) // 2, next_pow2(D)), 1)
+
+
+def pieces_fwd_launch(D: int, pieces: tuple, BD: int) -> tuple:
+    """(BD, num_warps, maxnreg) of the row-pieces forward (see PIECES_NUM_WARPS); the launcher's
+    4 warps at FWD_ELEMS_PER_THREAD and MAX_REGISTERS where the chunk would be too narrow."""
+    bd = pieces_config(D, pieces, BD, PIECES_NUM_WARPS, PIECES_FWD_ELEMS_PER_THREAD)
+    if bd >= min(PIECES_MIN_BD, next_pow2(D)):
+        return bd, PIECES_NUM_WARPS, PIECES_FWD_MAX_REGISTERS
+    return pieces_config(D, pieces, BD, 4, FWD_ELEMS_PER_THREAD), 4, MAX_REGISTERS
+
+
+def pieces_bwd_launch(D: int, pieces: tuple, BD: int, nw: int, has_gp: bool) -> tuple:
+    """(BD, num_warps, maxnreg) of the row-pieces backward: the launcher's warps at a
+    PIECES_BWD_ELEMS_DIVISOR-th of its elements per thread under PIECES_BWD_MAX_REGISTERS, or at
+    all of them under MAX_REGISTERS where that chunk would be too narrow (W2: 8 warps, 49 × 64
+    and 49 × 32 in the sweep that writes dx)."""
+    elems = BWD_ELEMS_PER_THREAD if has_gp else SWEEP_ELEMS_PER_THREAD
+    bd = pieces_config(D, pieces, BD, nw, max(elems // PIECES_BWD_ELEMS_DIVISOR, 1))
+    if bd >= min(PIECES_MIN_BD, next_pow2(D)):
+        return bd, nw, PIECES_BWD_MAX_REGISTERS
+    return pieces_config(D, pieces, BD, nw, elems), nw, MAX_REGISTERS
 
 
 def bwd_config(D: int, N: Optional[int], num_warps: int = 4, has_gp: bool = False) -> tuple:
@@ -360,8 +377,9 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
     nw = num_warps_for(x, B)
     BN, BD, one_tile = fwd_config(D, N, nw)
     P0, P1, P2 = row_pieces(N, BN, one_tile, paper)
+    cap = MAX_REGISTERS
     if P0:
-        BD, nw = pieces_config(D, (P0, P1, P2), BD)
+        BD, nw, cap = pieces_fwd_launch(D, (P0, P1, P2), BD)
     lp0 = as_f32(log_p0) if log_p0 is not None else y
     lq0 = as_f32(log_q0) if log_q0 is not None else y
     saved = set_statistics(x, ptr, B, D, stats, wrap,
@@ -383,7 +401,7 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
             PAPER=paper, RETURN_PLAN=return_plan, ONE_TILE_N=one_tile, BN=BN, BD=BD,
             MASK_N=N is None or N != BN, ITERATE=not rows, P0=P0, P1=P1, P2=P2,
             MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None, STATS=stats, num_warps=nw,
-            maxnreg=fwd_register_cap(P0 > 0))
+            maxnreg=cap)
     if spread:
         return y, plan, state, saved
     return y, plan, state
@@ -429,9 +447,9 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     nw = num_warps_for(x, B)
     BN, BD, one_tile = bwd_config(D, N, nw, has_gp)
     P0, P1, P2 = row_pieces(N, BN, one_tile, paper)
+    cap = MAX_REGISTERS
     if P0:
-        BD, nw = pieces_config(D, (P0, P1, P2), BD, nw, BWD_ELEMS_PER_THREAD if has_gp
-                               else SWEEP_ELEMS_PER_THREAD)
+        BD, nw, cap = pieces_bwd_launch(D, (P0, P1, P2), BD, nw, has_gp)
     BNX, BDX = dx_tile(D, N, nw)
     BDF = fused_sweep_bd(BD, has_gp)
     # the spread's x̄ term needs ds before dx is written: never in the last sweep then (that
@@ -465,7 +483,7 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
             PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one_tile, BN=BN, BD=BD, BT=next_pow2(T),
             BNX=BNX, BDX=BDX, FUSE_DX=fused, SPLIT_DX=split, BDF=BDF, P0=P0, P1=P1, P2=P2,
             MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None, SPREAD=fold, PACK=npad > 0,
-            num_warps=nw, maxnreg=MAX_REGISTERS)
+            num_warps=nw, maxnreg=cap)
         if split:
             launcher(sinkhorn_dx_kernel, wrap)[(B, cdiv(N, BNX))](
                 x, sxb, sxn, sxd, N, D, T, NR, w, A, Rn, Bv, Cn, rfin, tot, y, g, gp, sgb, sgn,
