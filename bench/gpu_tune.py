@@ -98,13 +98,16 @@ def variants():
         ("W2", "sinkhorn", "shipped", {}),
         # the row-pieces forward under a 128-register cap since 2026-12-01 (16 resident warps
         # per SM instead of 8; bench/results/sinkhorn_pieces_occupancy_2026-12-01.md) against
-        # its layout until then; the backward so capped (it spills 32 B unspecialised); the
+        # its layout until then; the backward capped alike with triton >= 3.9 where a stride
+        # is 1 (sinkhorn_pieces_bwd_cap_2026-12-01.md): the other of its two layouts; the
         # wider forward chunk (spills at some set sizes)
         ("W2", "sinkhorn", "row-pieces forward as until 2026-12-01 (4 warps, 16 fp32 a "
          "thread, no cap)", {S: dict(PIECES_NUM_WARPS=4, PIECES_FWD_ELEMS_PER_THREAD=16,
                                      PIECES_FWD_MAX_REGISTERS=255)}),
-        ("W2", "sinkhorn", "row-pieces backward at a quarter of its fp32 a thread, 128 "
-         "registers", {S: dict(PIECES_BWD_ELEMS_DIVISOR=4, PIECES_BWD_MAX_REGISTERS=128)}),
+        ("W2", "sinkhorn", "row-pieces backward " + (
+            "uncapped (all its fp32 a thread; 3.9's until 2026-12-01)" if S.PIECES_BWD_CAPPED
+            else "at a quarter of its fp32 a thread, 128 registers (shipped with triton 3.9)"),
+         {S: dict(PIECES_BWD_CAPPED=not S.PIECES_BWD_CAPPED)}),
         ("W2", "sinkhorn", "row-pieces forward at 8 fp32 a thread", {S: dict(
             PIECES_FWD_ELEMS_PER_THREAD=8)}),
         ("W2", "badmm-e", "fused backward at 16 warps, 2 fp32 per thread", {B: dict(

@@ -61,8 +61,10 @@ def signature(kernel, constexprs: dict, xdt: str) -> dict:
     return sig
 
 
-def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = False) -> tuple:
-    """(kernel, constexprs) the launcher would use for this shape."""
+def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = False,
+           unit_stride: bool = False) -> tuple:
+    """(kernel, constexprs) the launcher would use for this shape; ``unit_stride``: x has a
+    stride of 1 that the JIT specialises (the row-pieces backward's capped layout)."""
     paper = variant == "paper"
     if which.startswith("fwd"):
         BN, BD, one = L.fwd_config(D, N, num_warps)
@@ -77,7 +79,7 @@ def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = F
     BN, BD, one = L.bwd_config(D, N, num_warps, has_gp)
     P0, P1, P2 = L.row_pieces(N, BN, one, paper)
     if P0:  # the row-pieces reverse sweeps (the launcher's warps, their own cap)
-        BD = L.pieces_bwd_launch(D, (P0, P1, P2), BD, num_warps, has_gp)[0]
+        BD = L.pieces_bwd_launch(D, (P0, P1, P2), BD, num_warps, has_gp, unit_stride)[0]
     BNX, BDX = L.dx_tile(D, N, num_warps)
     ce = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one,
               BN=BN, BD=BD, BT=16, BNX=BNX, BDX=BDX, BDF=L.fused_sweep_bd(BD, has_gp),
@@ -91,7 +93,8 @@ def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = F
     return K.sinkhorn_bwd_kernel, ce
 
 
-def launch_options(which: str, variant: str, N, D: int, num_warps: int) -> tuple:
+def launch_options(which: str, variant: str, N, D: int, num_warps: int,
+                   unit_stride: bool = False) -> tuple:
     """(num_warps, maxnreg) the launcher passes with ``config``'s launch: the row-pieces
     kernels have their own (launch.pieces_fwd_launch / pieces_bwd_launch)."""
     paper = variant == "paper"
@@ -105,7 +108,7 @@ def launch_options(which: str, variant: str, N, D: int, num_warps: int) -> tuple
     BN, BD, one = L.bwd_config(D, N, num_warps, has_gp)
     pieces = L.row_pieces(N, BN, one, paper)
     if pieces[0]:
-        return L.pieces_bwd_launch(D, pieces, BD, num_warps, has_gp)[1:]
+        return L.pieces_bwd_launch(D, pieces, BD, num_warps, has_gp, unit_stride)[1:]
     return num_warps, L.MAX_REGISTERS
 
 
@@ -147,16 +150,43 @@ SMALL_CONFIGS = [("fwd1", 16, 32, 8), ("fwd1", 16, 128, 8), ("fwd1", 32, 32, 4),
                  # row pieces, exact forward under launch.PIECES_FWD_MAX_REGISTERS: 25 = 16 + 8
                  # + 1 and 49 rows (8 fp32 a thread spilled 24 B there), 196 (a chunk narrower
                  # than launch.PIECES_MIN_BD: the 4-warp layout)
-                 ("fwd1", 25, 2048, 8), ("fwd1", 49, 2048, 8), ("fwd1", 196, 512, 8)]
+                 ("fwd1", 25, 2048, 8), ("fwd1", 49, 2048, 8), ("fwd1", 196, 512, 8),
+                 # the row-pieces backward under launch.PIECES_BWD_MAX_REGISTERS (a unit stride
+                 # specialised), contiguous and ("@nchw") W2's NCHW view, with and without a
+                 # plan gradient, "+s" with the layers' feature scale (W2's launch)
+                 ("bwd1", 49, 2048, 8), ("bwd1nogp", 25, 2048, 8), ("bwd1nogp+s", 49, 2048, 8),
+                 ("bwd1@nchw", 49, 2048, 8), ("bwd1nogp@nchw", 49, 2048, 8),
+                 ("bwd1nogp+s@nchw", 49, 2048, 8), ("bwd1nogp+s@nchw", 81, 2048, 8)]
+
+
+def _fold_scale(ce: dict, which: str, variant: str) -> None:
+    """The constexprs of the layers' feature scale folded in (SCALED; the one-program-per-set
+    forward forms σ itself; the exact one-tile backward and dx: σ's x̄ term in the dx pass,
+    SPREAD), as launch.sinkhorn_forward / sinkhorn_backward set them."""
+    ce["SCALED"] = True
+    if which == "fwd1":
+        ce["STATS"] = True
+    if variant == "exact" and (which == "dx" or which.startswith("bwd") and ce["ONE_TILE_N"]):
+        ce["SPREAD"] = True
+        if which != "dx":
+            ce["FUSE_DX"] = False
+            ce["SPLIT_DX"] = False
 
 
 def compile_small(which: str, N: int, D: int, nw: int, B: int = 64):
-    """A ``SMALL_CONFIGS`` entry as the launcher builds it for B contiguous fp32 sets."""
-    kern, ce = config(which, "exact", N, D, nw)
-    nw, cap = launch_options(which, "exact", N, D, nw)
+    """A ``SMALL_CONFIGS`` entry as the launcher builds it for B fp32 sets of contiguous rows,
+    or ("...@nchw") the sets of an NCHW image batch viewed as (B, H·W, C) (samples
+    contiguous), "+s": with the layers' feature scale."""
+    which, nchw = which.removesuffix("@nchw"), which.endswith("@nchw")
+    which, scaled = which.removesuffix("+s"), which.endswith("+s")
+    kern, ce = config(which, "exact", N, D, nw, unit_stride=True)
+    nw, cap = launch_options(which, "exact", N, D, nw, unit_stride=True)
+    if scaled:
+        _fold_scale(ce, which, "exact")
     ints = dict(N=N, D=D, T=4, NR=B * N)
     for p in ("sx", "sp", "sg", "sd"):      # x, plan, plan gradient, dx: all (B, N, D)
-        ints.update({p + "b": N * D, p + "n": D, p + "d": 1})
+        ints.update({p + "b": N * D, p + "n": 1 if nchw else D, p + "d": N if nchw else 1})
+    ints["sxn_u"] = ints["sxn"]
     return compile_like_jit(kern, signature(kern, ce, "fp32"), ce, ints, nw, cap)
 
 
@@ -195,15 +225,7 @@ def compile_config(which, variant, xdt, nw):
         kern, ce = config(which, variant, None if ragged else 49, 2048, nw, ragged=ragged)
         nw, cap = launch_options(which, variant, None if ragged else 49, 2048, nw)
     if scaled:
-        ce["SCALED"] = True
-        if which == "fwd1":
-            ce["STATS"] = True          # (the one-program-per-set forward forms σ itself)
-        if variant == "exact" and (which == "dx" or which.startswith("bwd")
-                                   and ce["ONE_TILE_N"]):
-            ce["SPREAD"] = True         # (launch.sinkhorn_backward's fold)
-            if which != "dx":
-                ce["FUSE_DX"] = False
-                ce["SPLIT_DX"] = False
+        _fold_scale(ce, which, variant)
     capped = kern in (K.sinkhorn_fwd_kernel, K.sinkhorn_bwd_kernel)  # (as the launchers)
     return compile_sm90(kern, signature(kern, ce, xdt), ce, num_warps=nw,
                         maxnreg=cap if capped else None)

@@ -363,6 +363,45 @@ def test_row_pieces_choice():
     assert launch.row_pieces(None, 64, False, False) == (0, 0, 0)
 
 
+
+@pytest.mark.parametrize("layout,unit", [("contiguous", True), ("nchw_view", True),
+                                         ("every_other_feature", False)])
+def test_row_pieces_backward_cap_needs_a_unit_stride(layout, unit, monkeypatch):
+    """The row-pieces backward takes its register-capped layout (a quarter of the elements a
+    thread, launch.PIECES_BWD_MAX_REGISTERS) only where the JIT specialises a stride of 1 of x:
+    compiled without that specialisation it spills (32 B at W2, the AOT test's generic
+    strides). W2's choices, and the launcher's reading of the strides on a real call."""
+    from rotp_triton.ops.rot.triton.sinkhorn import launch
+    monkeypatch.setattr(launch, "PIECES_BWD_CAPPED", True)
+    w2 = (2048, (32, 16, 1), 64, 8)
+    assert launch.pieces_bwd_launch(*w2, False, True) == (16, 8, 128)
+    assert launch.pieces_bwd_launch(*w2, False, False) == (64, 8, launch.MAX_REGISTERS)
+    assert launch.pieces_bwd_launch(2048, (32, 16, 1), 32, 8, True, True) == (8, 8, 128)
+    monkeypatch.setattr(launch, "PIECES_BWD_CAPPED", False)
+    assert launch.pieces_bwd_launch(*w2, False, True) == (64, 8, launch.MAX_REGISTERS)
+    monkeypatch.setattr(launch, "PIECES_BWD_CAPPED", True)
+    seen = []
+    real = launch.pieces_bwd_launch
+
+    def spy(D, pieces, BD, nw, has_gp, unit_stride):
+        seen.append(unit_stride)
+        return real(D, pieces, BD, nw, has_gp, unit_stride)
+    monkeypatch.setattr(launch, "pieces_bwd_launch", spy)
+    gen = torch.Generator().manual_seed(3)
+    B, N, D, T = 2, 7, 8, 2
+    # (views of a tensor on the device: _run_kernel's .to() would make a copy contiguous)
+    if layout == "nchw_view":
+        x = torch.randn(B, D, N, 1, generator=gen).to(DEVICE).flatten(2).transpose(1, 2)
+    elif layout == "contiguous":
+        x = torch.randn(B, N, D, generator=gen).to(DEVICE)
+    else:
+        x = torch.randn(B, N, 2 * D, generator=gen).to(DEVICE)[:, :, ::2]
+    a1, a2, a3 = _weights(T, gen)
+    args = (x, None, "exact", T, a1, a2, a3, None, None, torch.randn(B, D, generator=gen),
+            torch.randn(B, N, D, generator=gen))
+    _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32], ["x", "a1"])
+    assert seen == [unit]
+
 # --------------------------------------------------------------------------------------------
 # Fig. 7 extremes
 # --------------------------------------------------------------------------------------------

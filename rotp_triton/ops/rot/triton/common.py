@@ -46,6 +46,11 @@ def cdiv(a: int, b: int) -> int:
     return -(-int(a) // int(b))
 
 
+# triton >= 3.9 (ptxas 12.9) builds the register-capped layouts found with it without spills;
+# 3.6 (the H200 image's) needs more registers for the same kernels and keeps the uncapped ones
+# (window/launch.py, sinkhorn/launch.py: where each family reads it)
+FRUGAL_REGISTERS = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9)
+
 # torch.library.triton_op makes a launcher one node for torch.compile / export; older torch
 # falls back to a plain autograd.Function (each family's op.py handles both).
 HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")

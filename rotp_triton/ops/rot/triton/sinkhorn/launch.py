@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..common import as_f32, cdiv, launcher, next_pow2, sm_count
+from ..common import FRUGAL_REGISTERS, as_f32, cdiv, launcher, next_pow2, sm_count
 from ..spread.launch import set_statistics
 from .kernels import (RV_SLOTS, sinkhorn_bwd_kernel, sinkhorn_dx_kernel, sinkhorn_fwd_kernel,
                       sinkhorn_split_a_kernel,
@@ -120,14 +120,19 @@ def _row_pieces(N: Optional[int], BN: int, one_tile: bool, paper: bool, enabled:
 # by runs, the model refitted on them: 736 -> 515; PREDICTED,
 # bench/results/sinkhorn_pieces_occupancy_2026-12-01.md). Feature chunks narrower than
 # PIECES_MIN_BD (large sets) would replicate their per-column vectors over too many lanes:
-# those keep the 4-warp layout. The backward's knobs are the same (a PIECES_BWD_ELEMS_DIVISOR-th
-# of its elements a thread under PIECES_BWD_MAX_REGISTERS) but off: with a quarter under 128
-# registers its W2 launch without the JIT's stride specialisation spills 32 B.
+# those keep the 4-warp layout. The backward keeps the launcher's warps at a quarter of its
+# elements a thread under the same cap (PIECES_BWD_CAPPED; W2 T=4 backward kernel 952 -> 563 µs
+# calibrated, PREDICTED, bench/results/sinkhorn_pieces_bwd_cap_2026-12-01.md) where the JIT
+# specialises a unit stride of x (and of the plan gradient): W2's NCHW view and contiguous
+# sets compile without spills at 9-400 rows (triton 3.9), the launch with no stride of 1
+# spills 32 B and keeps the uncapped layout; from triton 3.9 on (3.6 spills 8-24 B at W2
+# without the layers' feature scale).
 PIECES_NUM_WARPS = 8
 PIECES_FWD_ELEMS_PER_THREAD = 4
-PIECES_BWD_ELEMS_DIVISOR = 1
 PIECES_FWD_MAX_REGISTERS = 128
-PIECES_BWD_MAX_REGISTERS = MAX_REGISTERS
+PIECES_BWD_CAPPED = FRUGAL_REGISTERS
+PIECES_BWD_ELEMS_DIVISOR = 4
+PIECES_BWD_MAX_REGISTERS = 128
 PIECES_MIN_BD = 8
 
 
@@ -147,15 +152,19 @@ def pieces_fwd_launch(D: int, pieces: tuple, BD: int) -> tuple:
     return pieces_config(D, pieces, BD, 4, FWD_ELEMS_PER_THREAD), 4, MAX_REGISTERS
 
 
-def pieces_bwd_launch(D: int, pieces: tuple, BD: int, nw: int, has_gp: bool) -> tuple:
+def pieces_bwd_launch(D: int, pieces: tuple, BD: int, nw: int, has_gp: bool,
+                      unit_stride: bool) -> tuple:
     """(BD, num_warps, maxnreg) of the row-pieces backward: the launcher's warps at a
-    PIECES_BWD_ELEMS_DIVISOR-th of its elements per thread under PIECES_BWD_MAX_REGISTERS, or at
-    all of them under MAX_REGISTERS where that chunk would be too narrow (W2: 8 warps, 49 × 64
-    and 49 × 32 in the sweep that writes dx)."""
+    PIECES_BWD_ELEMS_DIVISOR-th of its elements per thread under PIECES_BWD_MAX_REGISTERS
+    (W2: 8 warps, 49 × 16 and 49 × 8 with a plan gradient), or at all of them under
+    MAX_REGISTERS (49 × 64 / 49 × 32) where that chunk would be too narrow, without
+    ``unit_stride`` (x, and the plan gradient if any, with a stride of 1 that the JIT
+    specialises) or with PIECES_BWD_CAPPED off."""
     elems = BWD_ELEMS_PER_THREAD if has_gp else SWEEP_ELEMS_PER_THREAD
-    bd = pieces_config(D, pieces, BD, nw, max(elems // PIECES_BWD_ELEMS_DIVISOR, 1))
-    if bd >= min(PIECES_MIN_BD, next_pow2(D)):
-        return bd, nw, PIECES_BWD_MAX_REGISTERS
+    if PIECES_BWD_CAPPED and unit_stride:
+        bd = pieces_config(D, pieces, BD, nw, max(elems // PIECES_BWD_ELEMS_DIVISOR, 1))
+        if bd >= min(PIECES_MIN_BD, next_pow2(D)):
+            return bd, nw, PIECES_BWD_MAX_REGISTERS
     return pieces_config(D, pieces, BD, nw, elems), nw, MAX_REGISTERS
 
 
@@ -449,7 +458,8 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     P0, P1, P2 = row_pieces(N, BN, one_tile, paper)
     cap = MAX_REGISTERS
     if P0:
-        BD, nw, cap = pieces_bwd_launch(D, (P0, P1, P2), BD, nw, has_gp)
+        unit = 1 in (sxn, sxd) and (not has_gp or 1 in (sgn, sgd))
+        BD, nw, cap = pieces_bwd_launch(D, (P0, P1, P2), BD, nw, has_gp, unit)
     BNX, BDX = dx_tile(D, N, nw)
     BDF = fused_sweep_bd(BD, has_gp)
     # the spread's x̄ term needs ds before dx is written: never in the last sweep then (that

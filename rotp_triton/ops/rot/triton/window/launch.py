@@ -10,11 +10,10 @@ import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
-import triton
 from torch import Tensor
 
 from ... import params
-from ..common import FAST_MATH, launcher, next_pow2, sm_count
+from ..common import FAST_MATH, FRUGAL_REGISTERS, launcher, next_pow2, sm_count
 from .kernels import window_bwd_kernel, window_fwd_kernel
 from ...window_geometry import pool_output_size  # one formula for every path
 
@@ -30,8 +29,8 @@ BWD_TILE = 512
 # triton 3.6 (the H200 image's) builds these kernels in more registers than 3.9 (the Sinkhorn
 # forward at W3: 137 against 93; at a cap of 96 it spills 92 B where 3.9 fits 72; the 8-warp
 # B-ADMM backward spills 304 B at 128): the caps and the 8-warp B-ADMM backward found with 3.9
-# apply from 3.9 on (3.6 keeps the uncapped 1-warp Sinkhorn forward and 4-warp backward)
-FRUGAL_REGISTERS = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9)
+# apply from 3.9 on (common.FRUGAL_REGISTERS; 3.6 keeps the uncapped 1-warp Sinkhorn forward
+# and 4-warp backward)
 # (elements a thread, register cap) of the forward's exact unmasked tiles; masked tiles and the
 # paper variant (Sinkhorn: 188 B of spills at 72) take the same elements uncapped. Sinkhorn
 # keeps x and two vectors: 72 registers at 32 elements (28 resident one-warp windows per SM;
