@@ -22,11 +22,15 @@ forward+backward call plus one per Triton launch (``HOST_*``, fitted to the W1 a
 which were host-bound there), and a call takes the larger of host and kernels.
 
     python bench/latency_model.py [--out results/latency_model_fit.md]
+    python bench/latency_model.py --compare bench/results/kernel_report_h200_code_68db8d4.json
 
 prints the fit: the two rates, each kernel's measured ÷ model ratio and the leave-one-out
 ratios (each kernel predicted by the rates fitted to the other 13) - the honest error bar -
 and, out of sample, every end-to-end call of the same H200 run (:data:`VALIDATION`: T = 16,
-the window kernels of W3) against the reports' calibrated prediction.
+the window kernels of W3) against the reports' calibrated prediction. ``--compare`` fits the
+model twice to one report of the measured code, instructions priced by the hot loop (shipped)
+and counted by runs, and judges both out of sample: the by-runs fit is closer on the 14 kernels
+and worse on the 18 calls (results/latency_model_by_runs_2026-12-01.md).
 """
 from __future__ import annotations
 
@@ -167,18 +171,43 @@ def call_seconds(pass_: str, launches: int, kernel_s: float,
     return max(host_seconds(pass_, launches, params), kernel_s)
 
 
-def _priced_calls() -> list:
-    """[(case, workload, pass, measured s, first model s, calibrated kernel s, launches)] of
-    :data:`VALIDATION`."""
-    gpu, reports = VALIDATION
-    with open(os.path.join(RESULTS, gpu)) as f:
-        measured = [r for r in json.load(f)["rows"] if r.get("impl") == "triton" and "ms" in r]
+def by_runs_instructions(k: dict, row: dict) -> float | None:
+    """Kernel ``k``'s thread instructions counted by runs (the report's per element-iteration
+    figure, ``sass.dynamic_instructions``, times the case's element-iterations N·D·T), or None
+    where its report has none. The model prices the hot loop's estimate instead (``k``'s
+    "instructions"): refitted on these counts it fits the 14 kernels closer but misses the
+    calls out of sample by more (:func:`compare_pricings`)."""
+    per = k.get("dynamic_instructions_per_element_iteration")
+    s = row["summary"]["fwd"]
+    if per is None or not s.get("mufu"):
+        return None
+    return per * s["mufu"] / s["mufu_per_element_iteration"]
+
+
+def _priced(k: dict, row: dict, pricing: str) -> dict:
+    """``k`` with its instructions as ``pricing`` counts them ("hot loop": as stored)."""
+    return k if pricing == "hot loop" else dict(k, instructions=by_runs_instructions(k, row))
+
+
+def _rows(fnames) -> dict:
+    """Case -> report row of the exact, α0 = 0 cases, the first report that has it winning."""
     priced = {}
-    for fname in reports:
+    for fname in fnames:
         with open(os.path.join(RESULTS, fname)) as f:
             for r in json.load(f)["rows"]:
                 if r.get("variant", "exact") == "exact" and not r.get("a0"):
                     priced.setdefault(r["case"], r)
+    return priced
+
+
+def _priced_calls(rows: dict | None = None, rates: tuple | None = None,
+                  pricing: str = "hot loop") -> list:
+    """[(case, workload, pass, measured s, first model s, calibrated kernel s, launches)] of
+    :data:`VALIDATION` (or of ``rows``, priced at ``rates`` with ``pricing``'s counts)."""
+    gpu, reports = VALIDATION
+    with open(os.path.join(RESULTS, gpu)) as f:
+        measured = [r for r in json.load(f)["rows"] if r.get("impl") == "triton" and "ms" in r]
+    priced = rows if rows is not None else _rows(reports)
     short = {"sinkhorn": "S", "badmm-e": "B-E", "badmm-q": "B-Q"}
     out = []
     for m in measured:
@@ -188,9 +217,41 @@ def _priced_calls() -> list:
             continue
         s = row["summary"][m["pass_"]]
         passes = ("fwd",) if m["pass_"] == "fwd" else ("fwd", "bwd")
-        cal = sum(calibrated_seconds(k) for k in row["kernels"].values() if k["pass_"] in passes)
+        cal = sum(calibrated_seconds(_priced(k, row, pricing), rates)
+                  for k in row["kernels"].values() if k["pass_"] in passes)
         out.append((case, m["workload"], m["pass_"], m["ms"] * 1e-3, s["predicted_s"], cal,
                     s["launches"]))
+    return out
+
+
+def compare_pricings(report: str) -> dict:
+    """The model fitted twice to the 14 kernels of :data:`MEASURED`, their counts taken from
+    ``report`` (one report of the measured code: ``kernel_report_h200_code_68db8d4.json``),
+    instructions priced as the hot loop's estimate and as counted by runs; each with its host
+    front end refitted (:func:`fit_host`) and judged on the calls of :data:`VALIDATION` outside
+    the fit. {pricing: dict(rates, host, rms, worst, loo (min, max), oos [(case, pass,
+    measured ÷ call)], oos_rms)}, rms and worst as factors."""
+    rows = _rows([os.path.abspath(report) if os.path.exists(report) else report])
+    fitted = {case for _f, case, _n, _us in MEASURED}
+    out = {}
+    for pricing in ("hot loop", "by runs"):
+        data = []
+        for _f, case, name, us in MEASURED:
+            k = next(k for k in rows[case]["kernels"].values() if k["name"] == name)
+            data.append((_priced(k, rows[case], pricing), us * 1e-6, f"{case} {name}"))
+        rates = fit(data)
+        errs = _log_errors(data, rates)
+        loo = [math.exp(_log_errors([data[j]], fit(data[:j] + data[j + 1:]))[0])
+               for j in range(len(data))]
+        calls = _priced_calls(rows, rates, pricing)
+        host = fit_host([c for c in calls if c[1] in ("W1", "W5")])
+        oos = [(case, ps, ms / call_seconds(ps, n, k, host))
+               for case, wl, ps, ms, _f, k, n in calls
+               if wl not in ("W1", "W5") and case not in fitted]
+        out[pricing] = dict(
+            rates=rates, host=host, rms=math.exp(math.sqrt(sum(e * e for e in errs) / len(errs))),
+            worst=math.exp(max(abs(e) for e in errs)), loo=(min(loo), max(loo)), oos=oos,
+            oos_rms=math.exp(math.sqrt(sum(math.log(r) ** 2 for *_x, r in oos) / len(oos))))
     return out
 
 
@@ -301,11 +362,36 @@ def report() -> str:
     return "\n".join(L) + "\n"
 
 
+def compare_report(report: str) -> str:
+    """:func:`compare_pricings` as Markdown."""
+    got = compare_pricings(report)
+    L = [f"Counts: `{os.path.basename(report)}`; measured: `{VALIDATION[0]}`.", "",
+         "| instructions priced | B/s a warp | instr/s a warp | host fwd / fwd+bwd / launch µs "
+         "| 14 kernels: rms × (worst) | leave-one-out | 18 calls out of sample: rms × | "
+         "range |", "|---|---|---|---|---|---|---|---|"]
+    for pricing, g in got.items():
+        r = [x for *_c, x in g["oos"]]
+        L.append(f"| {pricing} | {g['rates'][0]:.3g} | {g['rates'][1]:.3g} | "
+                 + " / ".join(f"{h * 1e6:.0f}" for h in g["host"])
+                 + f" | {g['rms']:.3f} ({g['worst']:.2f}) | {g['loo'][0]:.2f}-{g['loo'][1]:.2f} "
+                 f"| {g['oos_rms']:.3f} | {min(r):.2f}-{max(r):.2f} |")
+    names = list(got)
+    L += ["", "| case | pass | " + " | ".join(f"measured ÷ call, {n}" for n in names) + " |",
+          "|---|---|" + "---|" * len(names)]
+    for j, (case, ps, _r) in enumerate(got[names[0]]["oos"]):
+        L.append(f"| {case} | {ps} | "
+                 + " | ".join(f"{got[n]['oos'][j][2]:.2f}" for n in names) + " |")
+    return "\n".join(L) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None, help="also write the Markdown here")
+    p.add_argument("--compare", metavar="JSON", help="fit the model to this report's counts "
+                   "twice, instructions by the hot loop and by runs, and compare them out of "
+                   "sample (compare_pricings)")
     args = p.parse_args(argv)
-    text = report()
+    text = compare_report(args.compare) if args.compare else report()
     print(text)
     if args.out:
         with open(args.out, "w") as f:

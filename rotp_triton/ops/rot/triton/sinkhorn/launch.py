@@ -116,9 +116,8 @@ def _row_pieces(N: Optional[int], BN: int, one_tile: bool, paper: bool, enabled:
 # 8-warp CTAs fit: 16 resident warps per SM instead of 8 (the forward was a 4-warp CTA in 222
 # registers). The forward takes 8 warps at 4 x elements a thread under the cap (no spills with
 # triton 3.9 at 9-400 rows, strided or contiguous, nor with 3.6 at W2; 8 elements a thread
-# spill 24-48 B at some sizes): calibrated model, W2 T=4 forward kernel 610 -> 416 µs (priced
-# by runs, the model refitted on them: 736 -> 515; PREDICTED,
-# bench/results/sinkhorn_pieces_occupancy_2026-12-01.md). Feature chunks narrower than
+# spill 24-48 B at some sizes): calibrated model, W2 T=4 forward kernel 610 -> 416 µs
+# (PREDICTED, bench/results/sinkhorn_pieces_occupancy_2026-12-01.md). Feature chunks narrower than
 # PIECES_MIN_BD (large sets) would replicate their per-column vectors over too many lanes:
 # those keep the 4-warp layout. The backward keeps the launcher's warps at a quarter of its
 # elements a thread under the same cap (PIECES_BWD_CAPPED; W2 T=4 backward kernel 952 -> 563 µs
