@@ -124,8 +124,8 @@ def _row_pieces(N: Optional[int], BN: int, one_tile: bool, paper: bool, enabled:
 # calibrated, PREDICTED, bench/results/sinkhorn_pieces_bwd_cap_2026-12-01.md) where the JIT
 # specialises a unit stride of x (and of the plan gradient): W2's NCHW view and contiguous
 # sets compile without spills at 9-400 rows (triton 3.9), the launch with no stride of 1
-# spills 32 B and keeps the uncapped layout; from triton 3.9 on (3.6 spills 8-24 B at W2
-# without the layers' feature scale).
+# spills 32 B and keeps the uncapped layout; from triton 3.9 on (3.6 spills 16 B at W2's
+# NCHW view with a plan gradient).
 PIECES_NUM_WARPS = 8
 PIECES_FWD_ELEMS_PER_THREAD = 4
 PIECES_FWD_MAX_REGISTERS = 128
