@@ -799,9 +799,11 @@ def test_aot_sm90_small_sets_without_spills():
     """Small dense sets of contiguous rows held in one tile (``sinkhorn_sass.SMALL_CONFIGS``:
     16-128 rows, 32-128 features, 4 and 8 warps, the exact forward and backward with and
     without a plan gradient; and row pieces of 25, 49 and 196 rows, the exact forward under its
-    own cap) compile for sm_90 as the launcher builds them (its tile, warps and register cap,
-    the JIT's specialisation of a unit feature stride) without spills. Without the cap ptxas
-    12.9 keeps values on the stack at 128 registers (16 x 128 at 8 warps: 136 B)."""
+    own cap, and of 25-81 rows the exact backward under its cap, contiguous and as W2's NCHW
+    view, with the layers' feature scale too) compile for sm_90 as the launcher builds them
+    (its tile, warps and register cap, the JIT's specialisation of a unit stride) without
+    spills. Without the cap ptxas 12.9 keeps values on the stack at 128 registers (16 x 128 at
+    8 warps: 136 B)."""
     import os
     import sys
     sys.path.insert(0, os.path.dirname(__file__))
