@@ -142,11 +142,16 @@ def pieces_config(D: int, pieces: tuple, BD: int, nw: int, elems_per_thread: int
     return max(min(BD, next_pow2(budget + 1) // 2, next_pow2(D)), 1)
 
 
+def _wide_enough(bd: int, D: int) -> bool:
+    """A capped layout's feature chunk is taken only from PIECES_MIN_BD features (or all D)."""
+    return bd >= min(PIECES_MIN_BD, next_pow2(D))
+
+
 def pieces_fwd_launch(D: int, pieces: tuple, BD: int) -> tuple:
     """(BD, num_warps, maxnreg) of the row-pieces forward (see PIECES_NUM_WARPS); the launcher's
     4 warps at FWD_ELEMS_PER_THREAD and MAX_REGISTERS where the chunk would be too narrow."""
     bd = pieces_config(D, pieces, BD, PIECES_NUM_WARPS, PIECES_FWD_ELEMS_PER_THREAD)
-    if bd >= min(PIECES_MIN_BD, next_pow2(D)):
+    if _wide_enough(bd, D):
         return bd, PIECES_NUM_WARPS, PIECES_FWD_MAX_REGISTERS
     return pieces_config(D, pieces, BD, 4, FWD_ELEMS_PER_THREAD), 4, MAX_REGISTERS
 
@@ -162,7 +167,7 @@ def pieces_bwd_launch(D: int, pieces: tuple, BD: int, nw: int, has_gp: bool,
     elems = BWD_ELEMS_PER_THREAD if has_gp else SWEEP_ELEMS_PER_THREAD
     if PIECES_BWD_CAPPED and unit_stride:
         bd = pieces_config(D, pieces, BD, nw, max(elems // PIECES_BWD_ELEMS_DIVISOR, 1))
-        if bd >= min(PIECES_MIN_BD, next_pow2(D)):
+        if _wide_enough(bd, D):
             return bd, nw, PIECES_BWD_MAX_REGISTERS
     return pieces_config(D, pieces, BD, nw, elems), nw, MAX_REGISTERS
 
