@@ -363,7 +363,6 @@ def test_row_pieces_choice():
     assert launch.row_pieces(None, 64, False, False) == (0, 0, 0)
 
 
-
 @pytest.mark.parametrize("layout,unit", [("contiguous", True), ("nchw_view", True),
                                          ("every_other_feature", False)])
 def test_row_pieces_backward_cap_needs_a_unit_stride(layout, unit, monkeypatch):
@@ -401,6 +400,7 @@ def test_row_pieces_backward_cap_needs_a_unit_stride(layout, unit, monkeypatch):
             torch.randn(B, N, D, generator=gen))
     _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32], ["x", "a1"])
     assert seen == [unit]
+
 
 # --------------------------------------------------------------------------------------------
 # Fig. 7 extremes
