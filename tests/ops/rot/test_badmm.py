@@ -460,10 +460,50 @@ def test_split_saves_what_the_fused_kernel_saves(monkeypatch):
     (f2, _), (f6, _) = run(2, False), run(6, False)
     (s2, a2), (s6, a6) = run(2, True), run(6, True)
     assert (s2, s6) == (f2, f6), (s2, s6, f2, f6)
-    # per extra iteration: the fp32 weight partials (B, T, 4) and (B, T, 2, NS·DS, 2) and the
-    # (6, T) weight gradient only (the (WEIGHT_ROWS, T) table is part of the saved history)
-    per_iter = 4 * (B * 4 + B * 2 * 3 * 2 * 2 + 6)
+    # per extra iteration: the fp32 weight partials (B, T, 4) and (B, T, 2, NS·DS, 2), the
+    # (6, T) weight gradient and B-E's R̄ history (B, T, D) only (the (WEIGHT_ROWS, T) table is
+    # part of the saved history)
+    per_iter = 4 * (B * 4 + B * 2 * 3 * 2 * 2 + 6 + B * D)
     assert a6 - a2 == 4 * per_iter, (a2, a6)
+
+
+@pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("badmm-e", "paper"),
+                                            ("badmm-q", "exact")])
+def test_split_backward_memory_at_w1(method, variant, monkeypatch):
+    """W1 (50 sets of 500 × 100, fp32; fewer sets than SMs: the split backward), T = 16,
+    launches stubbed (only the host's allocations, the same on a GPU): B-E rebuilds Z̄' in its
+    passes (:func:`launch.backward_rebuilds_zbar`), so the backward allocates x̄, one
+    (rows, D) adjoint (L̄) and vectors, and with the saved history the forward+backward stays
+    under issue 17's 3× the input; B-Q keeps its Z̄ scratch too (one more (rows, D))."""
+    monkeypatch.setattr(launch, "launcher", lambda kernel, wrap=None: _NoLaunch())
+    monkeypatch.setattr(launch, "forward_replays", lambda *a, **k: True)   # no state scratch
+    monkeypatch.setattr(launch, "sm_count", lambda device: 132)            # an H100
+    from harness import allocation_counter
+    gen = torch.Generator().manual_seed(45)
+    B, N, D, T = 50, 500, 100, 16
+    x = torch.randn(B, N, D, generator=gen).to(DEVICE).requires_grad_()
+    assert launch.backward_splits(B, N, D, *launch.block_sizes(N, D)[:2], x.device) != (1, 1)
+    w = {k: v.to(DEVICE) for k, v in _weights(T, gen).items()}
+    y, _ = rot_pool_badmm_triton(x, None, method=method, variant=variant, **w, log_p0=None,
+                                 log_q0=None, return_plan=False)
+    history = y.grad_fn.saved_tensors if hasattr(y.grad_fn, "saved_tensors") else ()
+    with allocation_counter() as allocs:
+        (gx,) = torch.autograd.grad(y.sum(), [x])
+    bwd = 4 * sum(allocs.sizes)             # every backward buffer is fp32 and live at its end
+    saved = sum(t.numel() * t.element_size() for t in history
+                if t is not None and t.data_ptr() != x.data_ptr())
+    x_bytes = x.numel() * 4
+    adjoints = 1 if method == "badmm-e" else 2                      # (rows, D) fp32 scratch
+    assert (1 + adjoints) * x_bytes <= bwd < (1.2 + adjoints) * x_bytes, (bwd, x_bytes)
+    if method == "badmm-e":
+        assert saved > 0.3 * x_bytes and bwd + saved <= 3 * x_bytes, (bwd, saved, x_bytes)
+
+
+class _NoLaunch:
+    """A launcher that runs nothing: ``kernel[grid](...)`` returns None."""
+
+    def __getitem__(self, grid):
+        return lambda *a, **k: None
 
 
 def test_split_heuristic():
@@ -1006,10 +1046,19 @@ def signature(kernel, consts):
             else "fp32" if n in FP32 else "i32" for n in kernel.arg_names}
 
 for name, D, N, quad, paper, ragged in [("W1", 100, 500, False, False, False),
-                                        ("W5", 128, 0, True, True, True)]:
+                                        ("W5", 128, 0, True, True, True),
+                                        ("W5", 128, 0, False, True, True)]:
     BN, BD, BV, num_warps = launch.block_sizes(N, D)
     common = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=quad, KV=4 if paper else 2,
                   SCALED=ragged)     # W5 with the layers' feature scale folded in
+    zr = launch.backward_rebuilds_zbar(int(quad))     # B-E: Z̄' rebuilt in passes 2 and 3
+    # with a plan gradient, the rebuild reads P̄ in every step (B-E only)
+    plan_rebuilds = [(sb.badmm_split_bwd_pass2_kernel, dict(common, PAPER=paper, PLAN=False,
+                                                             GPLAN=True, ZREBUILD=zr, BN=BN,
+                                                             BD=BD)),
+                     (sb.badmm_split_bwd_pass3_kernel, dict(common, PAPER=paper, ADJ=1,
+                                                            PLAN=True, ZREBUILD=zr, BN=BN,
+                                                            BD=BD))] if zr else []
     for kernel, consts in [
             (s.badmm_split_column_lse_kernel, dict(common, PAPER=paper, REPLAY=True,
                                                    POOL=True, BN=BN, BD=BD)),
@@ -1030,18 +1079,18 @@ for name, D, N, quad, paper, ragged in [("W1", 100, 500, False, False, False),
                                                        HAS_Q0=True, QUAD=quad, KV=common["KV"],
                                                        PAPER=paper, BV=BV)),
             (sb.badmm_split_bwd_cols_step_kernel, dict(RAGGED=ragged, HAS_P0=True, QUAD=quad,
-                                                       PAPER=paper, BV=BV)),
-            (sb.badmm_split_bwd_pass2_kernel, dict(common, PAPER=paper, PLAN=False, BN=BN,
-                                                   BD=BD)),
-            (sb.badmm_split_bwd_pass2_kernel, dict(common, PAPER=paper, PLAN=True, BN=BN,
-                                                   BD=BD)),
+                                                       PAPER=paper, ZREBUILD=zr, BV=BV)),
+            (sb.badmm_split_bwd_pass2_kernel, dict(common, PAPER=paper, PLAN=False,
+                                                   GPLAN=False, ZREBUILD=zr, BN=BN, BD=BD)),
+            (sb.badmm_split_bwd_pass2_kernel, dict(common, PAPER=paper, PLAN=True, GPLAN=True,
+                                                   ZREBUILD=zr, BN=BN, BD=BD)),
             (sb.badmm_split_bwd_pass3_kernel, dict(common, PAPER=paper, ADJ=1, PLAN=False,
-                                                   BN=BN, BD=BD)),
+                                                   ZREBUILD=zr, BN=BN, BD=BD)),
             (sb.badmm_split_bwd_pass3_kernel, dict(common, PAPER=paper, ADJ=0, PLAN=True,
-                                                   BN=BN, BD=BD)),
+                                                   ZREBUILD=zr, BN=BN, BD=BD)),
             (sb.badmm_split_bwd_init_kernel, dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True,
                                                   PAPER=paper, SCALED=ragged, BN=BN, BD=BD,
-                                                  BV=BV))]:
+                                                  BV=BV))] + plan_rebuilds:
         c = compile_sm90(kernel, signature(kernel, consts), consts, num_warps=num_warps)
         assert ".target sm_90" in c.asm["ptx"]
         regs = spill = nins = "?"
@@ -1059,20 +1108,22 @@ for name, D, N, quad, paper, ragged in [("W1", 100, 500, False, False, False),
             nins = len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+[^;]*;", sass))
         kname = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
         print("split", name, kname, consts.get("PLAN", ""), consts.get("REPLAY", ""),
-              (BN, BD, BV, num_warps), "sass",
+              "zbar rebuilt" if consts.get("ZREBUILD") else "", (BN, BD, BV, num_warps), "sass",
               nins, "regs", regs, "local", spill)
 """
 
 
 def test_aot_compile_split_sm90():
     """The split forward's eight and backward's seven kernel configurations compile for sm_90 at
-    W1 (dense B-E exact, D = 100) and W5 (ragged B-Q paper, D = 128, with the feature scale
-    folded in: SCALED) configurations, no spills; SASS size and registers are printed
+    W1 (dense B-E exact, D = 100) and W5 (ragged B-Q and B-E paper, D = 128, with the feature
+    scale folded in: SCALED) configurations - B-E's backward rebuilding Z̄' (ZREBUILD), also
+    with a plan gradient (two more) - no spills; SASS size and registers are printed
     (bench/results/badmm_v2_*.md)."""
     out = run_without_interpreter(SPLIT_AOT_CODE, timeout=900)
     lines = [l for l in out.splitlines() if l.startswith("split")]
     print("\n".join(lines))
-    assert len(lines) == 30
+    assert len(lines) == 49
+    assert sum("zbar rebuilt" in l for l in lines) == 2 * 7
     for l in lines:
         if "local ?" not in l:
             assert l.endswith("local 0"), l

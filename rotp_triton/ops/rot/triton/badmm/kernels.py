@@ -725,6 +725,52 @@ WEIGHT_ROWS = 8
 
 
 @triton.jit
+def _rebuilt_zbar(X, L, Zt, offs_n, offs_d, tb, n_b, D, hd_b, hn_b, NR, w_ptr, T, zr_b, gy, out,
+                  gplan, KV: tl.constexpr, PLAN: tl.constexpr):
+    """Z̄' of B-E reverse step tb < T - 1 (the adjoint of Z_{tb+1}) for a [BN, BD] tile, from
+    the raw state (L, Zt) of iteration tb, instead of read from a (rows, D) scratch
+    (``ZREBUILD``, :func:`.launch.backward_rebuilds_zbar`). For B-E (exact and paper) pass 3's
+    Z̄ = Z̄' + Ȳ2/w - (ρ Ȳ2/w + ρ Z̄' P + R̄ e)/ρ loses its Ȳ2 terms:
+        Z̄_k = (1 - P_k) Z̄_{k+1} - e_k R̄_k / ρ_k,   e_k = softmax_n(Y_k) = exp(Y_k - R_k),
+    and the first reverse step leaves Z̄_{T-1} = -(e (R̄ + (X - y) ȳ) [+ P̄ P]) / ρ_{T-1}. So
+    Z̄_{tb+1} = Σ_{k>tb} (Π_{tb<j<k} (1 - P_j)) b_k sums forward over the replay continued to
+    iteration T - 1 (one more exp2 per element-iteration, for e; R̄_k from ``zr_b`` (T, D),
+    which the columns step of reverse step k filled). ``gy``, ``out`` [BD]: ȳ and y as the
+    last iteration's pass 3 scales them; ``gplan`` the tile of P̄ (PLAN)."""
+    L, Zt = _replay_iterations(X, L, Zt, offs_n, offs_d, tb, tb + 1, n_b, D, hd_b, hn_b, NR,
+                               w_ptr, T, 0, KV)
+    d_in = tl.minimum(offs_d, D - 1)        # lanes past the set: e = P = 0, any finite R̄
+    hd_col = _pair_ptr(hd_b, d_in, KV)                                                # [BD]
+    hn_row = _pair_ptr(hn_b, tl.maximum(tl.minimum(offs_n, n_b - 1), 0), KV)          # [BN]
+    acc = tl.zeros_like(X)
+    coef = acc + 1.0                                               # Π (1 - P_j) so far
+    for k in range(tb + 1, T - 1):
+        rho = tl.load(w_ptr + 4 * T + k)
+        inv_rho = tl.load(w_ptr + INV_WP * T + k)
+        cv = tl.load(hd_col + k * (KV // 2) * D)                                      # [BD]
+        rv = tl.load(hn_row + k * (KV // 2) * NR)                                     # [BN]
+        r = _pair_lo(cv)
+        y = L + (X - Zt) * inv_rho                       # as the replay and the passes form Y
+        lpk = y + (_pair_hi(cv) - r)[None, :]
+        pk = _exp(lpk)
+        rb = tl.load(zr_b + k * D + d_in)
+        acc -= coef * _exp(y - r[None, :]) * (rb * inv_rho)[None, :]
+        coef -= coef * pk
+        row = _pair_hi(rv) - _pair_lo(rv)
+        L = (Zt + rho * lpk) * tl.load(w_ptr + INV_W * T + k) + row[:, None]     # the replay's
+        Zt = Zt + rho * (pk - _exp(L))
+    inv_rho = tl.load(w_ptr + INV_WP * T + T - 1)
+    cv = tl.load(hd_col + (T - 1) * (KV // 2) * D)
+    r = _pair_lo(cv)
+    y = L + (X - Zt) * inv_rho
+    b = _exp(y - r[None, :]) * (tl.load(zr_b + (T - 1) * D + d_in)[None, :]
+                                + (X - out[None, :]) * gy[None, :])
+    if PLAN:
+        b += gplan * _exp(y + (_pair_hi(cv) - r)[None, :])
+    return acc - coef * b * inv_rho
+
+
+@triton.jit
 def badmm_coef_kernel(w_ptr, wc_ptr, T, QUAD: tl.constexpr, BT: tl.constexpr):
     """wc (WEIGHT_ROWS, T): the (6, T) table w, then the rows INV_WP and INV_W, divided as the
     passes divide (:func:`_p_step_y`, :func:`_s_step_y`: the same value to the last bit)."""
@@ -979,29 +1025,34 @@ def _s_step_adjoint(X, L, Zt, Lb, Zb, r, lmu, c, leta, cb, a1, rho, QUAD: tl.con
 @triton.jit
 def _adjoint_s_step_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                          slb, szb, vd, vn, ns, n_b, D, a1, rho, n_lo, n_hi, d_lo, d_hi, tau_ptr,
-                         HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
-                         QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                         gy_b, out_b, gplan_b, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr,
+                         KV: tl.constexpr, QUAD: tl.constexpr, ZREBUILD: tl.constexpr,
+                         GPLAN: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Backward pass 2: through log S' = Y2 + (log η - C), the S-step and the dual update
     (:func:`_s_step_adjoint`), reading L̄', Z̄' and writing nothing N × D; τ_d = Σ_n log P̄ over
     rows [n_lo, n_hi) into ``tau_ptr`` (the TAU slot, or a split program's partial), columns
-    [d_lo, d_hi). Returns the scalar partials (∂/∂α1, ∂/∂ρ) of this iteration so far."""
+    [d_lo, d_hi). Returns the scalar partials (∂/∂α1, ∂/∂ρ) of this iteration so far.
+    ZREBUILD (B-E): Z̄' rebuilt (:func:`_rebuilt_zbar`, ``szb`` the (T, D) R̄ history, ``gy_b``,
+    ``out_b`` ȳ and y, ``gplan_b`` P̄ with GPLAN) instead of read."""
     return _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
                                  w_ptr, T, tb, slb, szb, vd, vn, ns, n_b, D, a1, rho, n_lo, n_hi,
-                                 d_lo, d_hi, tau_ptr, tau_ptr, HAS_P0, HAS_Q0, KV, QUAD, False, BN,
-                                 BD)
+                                 d_lo, d_hi, tau_ptr, tau_ptr, gy_b, out_b, gplan_b, HAS_P0,
+                                 HAS_Q0, KV, QUAD, False, ZREBUILD, GPLAN, BN, BD)
 
 
 @triton.jit
 def _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T,
                           tb, slb, szb, vd, vn, ns, n_b, D, a1, rho, n_lo, n_hi, d_lo, d_hi,
-                          tau_ptr, tau0_ptr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr,
-                          KV: tl.constexpr, QUAD: tl.constexpr, CB_ONLY: tl.constexpr,
+                          tau_ptr, tau0_ptr, gy_b, out_b, gplan_b, HAS_P0: tl.constexpr,
+                          HAS_Q0: tl.constexpr, KV: tl.constexpr, QUAD: tl.constexpr,
+                          CB_ONLY: tl.constexpr, ZREBUILD: tl.constexpr, GPLAN: tl.constexpr,
                           BN: tl.constexpr, BD: tl.constexpr):
     """Pass 2 (:func:`_adjoint_s_step_pass`), or with CB_ONLY its C̄ part alone: the sweep of
     the fused kernel, where pass 3 of the step before already summed the part of τ and of the
     partials that comes from L̄', Z̄' (:func:`_adjoint_p_step_tiles` ``FUSE``; everything here
     is linear in (L̄', Z̄', C̄)), so this sweep reads x only (L̄' = Z̄' = 0) and adds the part
-    of C̄ to the τ in ``tau0_ptr``."""
+    of C̄ to the τ in ``tau0_ptr``. ZREBUILD: :func:`_adjoint_s_step_pass`."""
+    tl.static_assert(not (ZREBUILD and (CB_ONLY or QUAD)))
     acc_a1 = _vzero(BD)
     acc_rho = _vzero(BD)
     for d0 in range(d_lo, d_hi, BD):
@@ -1009,6 +1060,9 @@ def _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
         dm = offs_d < d_hi
         r = tl.load(vd + offs_d, mask=dm, other=0.0)
         lmu = tl.load(vd + D + offs_d, mask=dm, other=0.0)
+        if ZREBUILD:   # the last iteration's ȳ and y, as its pass 3 scales them
+            gy = tl.load(gy_b + offs_d, mask=dm, other=0.0) / isig
+            out = tl.load(out_b + offs_d, mask=dm, other=0.0) * isig
         if CB_ONLY:
             tau = tl.load(tau0_ptr + offs_d, mask=dm, other=0.0)
         else:
@@ -1022,14 +1076,28 @@ def _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
             cb = tl.load(vn + 3 * ns + offs_n, mask=nm, other=0.0)
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
-            L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
-                                  u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
-            if CB_ONLY:
-                Lb = tl.zeros_like(X)
-                Zb = tl.zeros_like(X)
-            else:
+            if ZREBUILD:
+                L, Zt = _replay_start(offs_n, offs_d, mask, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
+                                      HAS_P0, HAS_Q0)
+                L, Zt = _replay_iterations(X, L, Zt, offs_n, offs_d, 0, tb, n_b, D, hd_b, hn_b,
+                                           NR, w_ptr, T, QUAD, KV)
+                if GPLAN:
+                    gp = tl.load(gplan_b + o, mask=mask, other=0.0)
+                else:
+                    gp = X
+                Zb = _rebuilt_zbar(X, L, Zt, offs_n, offs_d, tb, n_b, D, hd_b, hn_b, NR, w_ptr,
+                                   T, szb, gy, out, gp, KV, GPLAN)
+                L = tl.where(mask, L, 0.0)
                 Lb = tl.load(slb + o, mask=mask, other=0.0)
-                Zb = tl.load(szb + o, mask=mask, other=0.0)
+            else:
+                L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
+                                      u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
+                if CB_ONLY:
+                    Lb = tl.zeros_like(X)
+                    Zb = tl.zeros_like(X)
+                else:
+                    Lb = tl.load(slb + o, mask=mask, other=0.0)
+                    Zb = tl.load(szb + o, mask=mask, other=0.0)
             _y, _g, _s, lpb, _zb, d_a1, d_rho = _s_step_adjoint(X, L, Zt, Lb, Zb, r, lmu, c,
                                                                 leta, cb, a1, rho, QUAD)
             lpb = tl.where(mask, lpb, 0.0)
@@ -1119,10 +1187,11 @@ def _last_step_adjoints(X, L1, Z1, mask, r1, gy, out, a1_1, rho_1, QUAD: tl.cons
 @triton.jit
 def _adjoint_p_step_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                          slb, szb, gx_b, vd, vn, ns, cb_ptr, gy_b, out_b, n_b, D, a1, rho, last,
-                         rho_prev, n_lo, n_hi, d_lo, d_hi, sigma_ptr, HAS_P0: tl.constexpr,
-                         HAS_Q0: tl.constexpr, KV: tl.constexpr, QUAD: tl.constexpr,
-                         ADJ: tl.constexpr, PLAN: tl.constexpr, SCALED: tl.constexpr,
-                         BN: tl.constexpr, BD: tl.constexpr):
+                         rho_prev, n_lo, n_hi, d_lo, d_hi, sigma_ptr, gplan_b,
+                         HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
+                         QUAD: tl.constexpr, ADJ: tl.constexpr, PLAN: tl.constexpr,
+                         SCALED: tl.constexpr, ZREBUILD: tl.constexpr, BN: tl.constexpr,
+                         BD: tl.constexpr):
     """Backward pass 3: log P̄ and Z̄ as ``ADJ`` says (ADJ_S_STEP: :func:`_s_step_adjoint` of
     L̄', Z̄' with C̄ from ``cb_ptr``, as pass 2 formed them), then Ȳ = log P̄ + R̄ softmax_n(Y)
     [+ the pooling's adjoint: last = 1.0 in the last iteration, 0.0 before], then through
@@ -1132,23 +1201,24 @@ def _adjoint_p_step_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_
     (the adjoint of C_{tb-1} and log η_{tb-1}; saves that step a pass), into ``sigma_ptr`` (a
     slot apart from C̄'s, or a split program's partial over columns [d_lo, d_hi)); rows
     [n_lo, n_hi). Returns the scalar partials (∂/∂α1, ∂/∂ρ) and (SCALED) Σ X̄ · x / σ_b over
-    the tiles."""
+    the tiles. ZREBUILD (B-E): Z̄' rebuilt (:func:`_rebuilt_zbar`; ``szb`` the (T, D) R̄
+    history, ``gplan_b`` P̄ with PLAN), Z̄ not stored."""
     da1, dr, _da1u, _dru, gxx = _adjoint_p_step_tiles(
         xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb, slb, szb, gx_b,
         vd, vn, ns, cb_ptr, gy_b, out_b, n_b, D, a1, rho, last, rho_prev, n_lo, n_hi, d_lo,
-        d_hi, sigma_ptr, sigma_ptr, HAS_P0, HAS_Q0, KV, QUAD, ADJ, PLAN, False, False, SCALED,
-        BN, BD)
+        d_hi, sigma_ptr, sigma_ptr, gplan_b, HAS_P0, HAS_Q0, KV, QUAD, ADJ, PLAN, False, False,
+        SCALED, ZREBUILD, BN, BD)
     return da1, dr, gxx
 
 
 @triton.jit
 def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T,
                           tb, slb, szb, gx_b, vd, vn, ns, cb_ptr, gy_b, out_b, n_b, D, a1, rho,
-                          last, rho_prev, n_lo, n_hi, d_lo, d_hi, sigma_ptr, tau0_ptr,
+                          last, rho_prev, n_lo, n_hi, d_lo, d_hi, sigma_ptr, tau0_ptr, gplan_b,
                           HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
                           QUAD: tl.constexpr, ADJ: tl.constexpr, PLAN: tl.constexpr,
                           FUSE: tl.constexpr, DEFER: tl.constexpr, SCALED: tl.constexpr,
-                          BN: tl.constexpr, BD: tl.constexpr):
+                          ZREBUILD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Pass 3 (:func:`_adjoint_p_step_pass`); with FUSE (tb > 0; the fused kernel, one program
     per set) it also does the part of the NEXT reverse step's pass 2 that the adjoints just
     formed determine: pass 2 of iteration u = tb - 1 is linear in (L̄', Z̄', C̄_u), and L̄', Z̄'
@@ -1166,8 +1236,9 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
     output and ȳ in HBM are σ_b · pool(x / σ_b) and d loss / dy, so y loads times 1/σ_b and ȳ
     times σ_b, and X̄ is d loss / d(x / σ_b); the last reverse step's Σ X̄ · X gives ∂/∂σ_b.
     Returns (∂/∂α1, ∂/∂ρ) of iteration tb, (FUSE) the parts of iteration u's, and (SCALED)
-    Σ X̄ · X over the tiles (0 otherwise)."""
+    Σ X̄ · X over the tiles (0 otherwise). ZREBUILD: :func:`_adjoint_p_step_pass`."""
     tl.static_assert(FUSE or not DEFER)
+    tl.static_assert(not (ZREBUILD and (FUSE or QUAD)))
     acc_gxx = _vzero(BD)
     acc_a1u = _vzero(BD)
     acc_rhou = _vzero(BD)
@@ -1196,6 +1267,9 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
         rb = tl.load(vd + 3 * D + offs_d, mask=dm, other=0.0)
         if ADJ == ADJ_S_STEP:
             lmu = tl.load(vd + D + offs_d, mask=dm, other=0.0)
+            if ZREBUILD:   # the last iteration's ȳ and y, as its pass 3 scales them
+                gy = tl.load(gy_b + offs_d, mask=dm, other=0.0) / isig
+                out = tl.load(out_b + offs_d, mask=dm, other=0.0) * isig
         else:          # the pooling's adjoint: only the last iteration pools (last = 1.0)
             gy = tl.load(gy_b + offs_d, mask=dm, other=0.0) * (last / isig)
             out = tl.load(out_b + offs_d, mask=dm, other=0.0) * isig
@@ -1227,6 +1301,18 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
                         L_1, Z_1 = _replay_iterations(X, L, Zt, offs_n, offs_d, tb, k_1, n_b, D,
                                                       hd_b, hn_b, NR, w_ptr, T, QUAD, KV)
                 L = tl.where(mask, L, 0.0)
+            elif ZREBUILD and ADJ == ADJ_S_STEP:
+                L, Zt = _replay_start(offs_n, offs_d, mask, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
+                                      HAS_P0, HAS_Q0)
+                L, Zt = _replay_iterations(X, L, Zt, offs_n, offs_d, 0, tb, n_b, D, hd_b, hn_b,
+                                           NR, w_ptr, T, QUAD, KV)
+                if PLAN:
+                    gp = tl.load(gplan_b + o, mask=mask, other=0.0)
+                else:
+                    gp = X
+                Zb_r = _rebuilt_zbar(X, L, Zt, offs_n, offs_d, tb, n_b, D, hd_b, hn_b, NR,
+                                     w_ptr, T, szb, gy, out, gp, KV, PLAN)
+                L = tl.where(mask, L, 0.0)
             else:
                 L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
                                       u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
@@ -1240,6 +1326,10 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
                                                          r_1, gy_1, out_1, a1_1, rho_1, QUAD)
                     else:
                         Lb, Zb, gx = _load_adjoints(slb, szb, gx_b, o, mask)
+                elif ZREBUILD:
+                    Lb = tl.load(slb + o, mask=mask, other=0.0)
+                    gx = tl.load(gx_b + o, mask=mask, other=0.0)
+                    Zb = Zb_r
                 else:
                     Lb, Zb, gx = _load_adjoints(slb, szb, gx_b, o, mask)
                 y, g, s, lpb, Zb, _da1, _drho = _s_step_adjoint(X, L, Zt, Lb, Zb, r, lmu, c,
@@ -1268,7 +1358,8 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
                     tl.store(slb + o, lb, mask=mask)
                 else:
                     tl.store(slb + o, lb, mask=kept)
-                tl.store(szb + o, zb_new, mask=kept)
+                if not ZREBUILD:
+                    tl.store(szb + o, zb_new, mask=kept)
                 tl.store(gx_b + o, gx, mask=mask)
             if SCALED:     # (used from the last reverse step, where X̄ is complete)
                 acc_gxx += tl.sum(tl.where(mask, gx * X, 0.0))
@@ -1525,8 +1616,8 @@ def badmm_bwd_kernel(
                     da1, dr = _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0,
                                                     hd_b, hn_b, NR, w_ptr, T, tb, slb, szb, vd, vn,
                                                     ns, n_b, D, a1, rho, 0, n_b, 0, D, vd + 3 * D,
-                                                    vd + 7 * D, HAS_P0, HAS_Q0, KV, QUAD, FUSE, BN,
-                                                    BD)
+                                                    vd + 7 * D, vd, vd, vd, HAS_P0, HAS_Q0, KV,
+                                                    QUAD, FUSE, False, False, BN, BD)
                     ga1 += da1
                     grho += dr
                     tl.debug_barrier()
@@ -1543,14 +1634,16 @@ def badmm_bwd_kernel(
                     da1, dr, ga1_next, grho_next, gxx = _adjoint_p_step_tiles(
                         xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                         slb, szb, gx_b, vd, vn, ns, vn + 3 * ns, gy_b, out_b, n_b, D, a1, rho,
-                        1.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, HAS_P0,
-                        HAS_Q0, KV, QUAD, ADJ_FIRST, PLAN_GRAD, FUSE, DEFER, SCALED, BN, BD)
+                        1.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, gx_b, HAS_P0,
+                        HAS_Q0, KV, QUAD, ADJ_FIRST, PLAN_GRAD, FUSE, DEFER, SCALED, False, BN,
+                        BD)
                 else:
                     da1, dr, ga1_next, grho_next, gxx = _adjoint_p_step_tiles(
                         xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                         slb, szb, gx_b, vd, vn, ns, vn + 3 * ns, gy_b, out_b, n_b, D, a1, rho,
-                        0.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, HAS_P0,
-                        HAS_Q0, KV, QUAD, ADJ_S_STEP, PLAN_GRAD, FUSE, DEFER, SCALED, BN, BD)
+                        0.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, gx_b, HAS_P0,
+                        HAS_Q0, KV, QUAD, ADJ_S_STEP, PLAN_GRAD, FUSE, DEFER, SCALED, False, BN,
+                        BD)
                 ga1 += da1
                 grho += dr
                 tl.debug_barrier()

@@ -30,6 +30,7 @@ __all__ = ["badmm_forward", "badmm_backward", "block_sizes", "forward_block_size
            "backward_block_sizes",
            "history_like", "history_views", "param_grads_numel", "param_grad_views",
            "forward_replays", "forward_one_pass", "backward_fuses", "backward_halves",
+           "backward_rebuilds_zbar",
            "forward_splits",
            "backward_splits"]
 
@@ -340,16 +341,29 @@ def _forward_split(x, geo, wc, lp0, lq0, y, plan, hd, hn, NS, DS, scratch, *, qu
             **flags, BN=BN, BD=BD, num_warps=num_warps)
 
 
-def _backward_split_shapes(geo, NS: int, DS: int, T: int):
+def backward_rebuilds_zbar(quadratic: int) -> bool:
+    """Whether the split backward rebuilds Z̄' in its passes (``ZREBUILD``,
+    :func:`.kernels._rebuilt_zbar`) instead of keeping it in a (rows, D) fp32 scratch: B-E,
+    exact and paper, whose Z̄ follows the forward state and the per-step R̄ alone (B-Q's
+    couples to L̄'). It saves 1× the input of peak memory (W1 / W5 fwd+bwd at T = 16:
+    3.53 -> 2.54× the input, MEASURED on the CPU by ``bench/peak_memory.py``: issue 17's
+    ≤ 3×) and 12 bytes of HBM traffic per element and reverse step, for a replay continued to
+    iteration T - 1 in passes 2 and 3 (twice the replayed iterations, one more exp2 each):
+    ``bench/results/badmm_zbar_rebuild_2026-12-01.md`` prices it."""
+    return quadratic == 0
+
+
+def _backward_split_shapes(geo, NS: int, DS: int, T: int, rebuild: bool):
     """(zeroed, empty) scratch of :func:`_backward_split`: the pass partials gwt
-    (B, T, 2, NS · DS, 2); L̄, Z̄ (rows, D), per-set D-vector slots (B, 7, D), N-vector slots
-    (7, rows), τ [B, NS, D], σ [DS, rows], the step kernels' partials gwv (B, T, 4), and
-    pass 3's partials of ∂/∂σ [B, NS · DS] (read only with a feature scale)."""
+    (B, T, 2, NS · DS, 2); L̄ (rows, D), Z̄ (rows, D) or (``rebuild``) the R̄ history
+    (B, T, D), per-set D-vector slots (B, 7, D), N-vector slots (7, rows), τ [B, NS, D],
+    σ [DS, rows], the step kernels' partials gwv (B, T, 4), and pass 3's partials of ∂/∂σ
+    [B, NS · DS] (read only with a feature scale)."""
     B, D, rows = geo.B, geo.D, geo.rows
     NS, _, DS = _split_slices(geo, NS, DS)
     return ([(B, T, 2, NS * DS, 2)],
-            [rows * D, rows * D, B * 7 * D, 7 * rows, B * NS * D, DS * rows, (B, T, 4),
-             B * NS * DS])
+            [rows * D, B * T * D if rebuild else rows * D, B * 7 * D, 7 * rows, B * NS * D,
+             DS * rows, (B, T, 4), B * NS * DS])
 
 
 def _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, NS, DS,
@@ -370,6 +384,8 @@ def _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, 
     flags = dict(sets, HAS_P0=has_p0, HAS_Q0=has_q0, QUAD=quadratic, PAPER=paper, KV=KV)
     scaled = dict(SCALED=scale is not None)
     sc, ds = (gx, gx) if scale is None else (scale, ds)   # unread without a scale
+    rebuild = backward_rebuilds_zbar(quadratic)           # szb: then the R̄ history
+    gp = gplan if gplan is not None else gx
     xargs = (x, geo.sxb, geo.sxn, geo.sxd, ptr, lp0, lq0, wc, hd, hn, vd, vn, slb, szb)
     for tb in range(T - 1, -1, -1):
         launcher(badmm_split_bwd_rows_step_kernel, wrap)[(B,)](
@@ -378,16 +394,17 @@ def _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, 
         has_tau = tb < T - 1 or gplan is not None
         if has_tau:
             launcher(badmm_split_bwd_pass2_kernel, wrap)[tiles](
-                *xargs, sc, gplan if gplan is not None else gx, tau, gwt, geo.N, D, rows, T,
-                tb, NS, SD, DS, u_p0, **flags, PLAN=tb == T - 1, **scaled, BN=BN, BD=BD,
-                num_warps=num_warps)
+                *xargs, sc, gp, gy, y32, tau, gwt, geo.N, D, rows, T, tb, NS, SD, DS, u_p0,
+                **flags, PLAN=tb == T - 1, **scaled, GPLAN=gplan is not None, ZREBUILD=rebuild,
+                BN=BN, BD=BD, num_warps=num_warps)
         launcher(badmm_split_bwd_cols_step_kernel, wrap)[(B,)](
-            ptr, lp0, wc, vd, tau, gwv, geo.N, D, T, tb, NS, u_p0, int(has_tau), **sets,
-            HAS_P0=has_p0, QUAD=quadratic, PAPER=paper, BV=BV, num_warps=num_warps)
+            ptr, lp0, wc, vd, tau, gwv, szb, geo.N, D, T, tb, NS, u_p0, int(has_tau), **sets,
+            HAS_P0=has_p0, QUAD=quadratic, PAPER=paper, ZREBUILD=rebuild, BV=BV,
+            num_warps=num_warps)
         launcher(badmm_split_bwd_pass3_kernel, wrap)[tiles](
-            *xargs, gx, gy, y32, sig, gwt, sc, dsp, geo.N, D, rows, T, tb, NS, SD, DS, u_p0,
+            *xargs, gx, gy, y32, sig, gwt, sc, dsp, gp, geo.N, D, rows, T, tb, NS, SD, DS, u_p0,
             **flags, ADJ=(ADJ_FIRST if tb == T - 1 else ADJ_S_STEP).value, PLAN=gplan is not None,
-            **scaled, BN=BN, BD=BD, num_warps=num_warps)
+            **scaled, ZREBUILD=rebuild, BN=BN, BD=BD, num_warps=num_warps)
     launcher(badmm_split_bwd_init_kernel, wrap)[(B,)](
         ptr, slb, vd, vn, gp0, gq0, sc, dsp, gy, y32, ds, geo.N, D, rows, NS * DS, **sets,
         HAS_P0=has_p0, HAS_Q0=has_q0, PAPER=paper, **scaled, BN=BN, BD=BD, BV=BV,
@@ -543,7 +560,8 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
         splits = backward_splits(B, geo.set_size, D, BN, BD, dev)
         gplan = as_f32(grad_plan).reshape(geo.rows, D) if grad_plan is not None else None
         if splits != (1, 1):
-            zeroed, empty = _backward_split_shapes(geo, *splits, T)
+            zeroed, empty = _backward_split_shapes(geo, *splits, T,
+                                                   backward_rebuilds_zbar(quadratic))
             zs, es = fp32_scratch(dev, zeroed=zeroed, empty=empty)
             gw, gwt = _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, as_f32(grad_y), gplan,
                                       gx, gp0, gq0, *splits, (zs, es), quadratic=quadratic,

@@ -27,7 +27,7 @@ import triton.language as tl
 from ..common import set_inv_scale
 from .kernels import (_adjoint_p_step_pass, _adjoint_plan_pass, _adjoint_s_step_pass,
                       _init_adjoint_pass, _iter_weights, _log, _restore, _rho_prev,
-                      _set_bounds, _vec_dot, _vec_fill, _vec_lognorm_mix_bwd,
+                      _set_bounds, _vec_copy, _vec_dot, _vec_fill, _vec_lognorm_mix_bwd,
                       _vec_paper_absorb, _vec_paper_update_bwd, _vzero)
 from .split_kernels import _tile_program
 
@@ -103,13 +103,14 @@ def badmm_split_bwd_rows_step_kernel(
 
 @triton.jit
 def badmm_split_bwd_cols_step_kernel(
-    ptr_ptr, lp0_ptr, w_ptr, vd_ptr, tau_ptr, gwv_ptr, N, D, T, tb, NS, u_p0, HAS_TAU,
+    ptr_ptr, lp0_ptr, w_ptr, vd_ptr, tau_ptr, gwv_ptr, zr_ptr, N, D, T, tb, NS, u_p0, HAS_TAU,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, QUAD: tl.constexpr, PAPER: tl.constexpr,
-    BV: tl.constexpr,
+    ZREBUILD: tl.constexpr, BV: tl.constexpr,
 ):
     """Per set, before pass 3 of reverse step tb: τ from the [NS, D] partials (0 when no pass
     produced one: the last iteration without a plan gradient), then R̄ (τ slot) and log p̄0 /
-    log μ̄; adds ∂κ2 to gwv[b, tb, 0]."""
+    log μ̄; adds ∂κ2 to gwv[b, tb, 0]. ZREBUILD: R̄ also into zr[b, tb] (B, T, D), the history
+    the later steps' passes rebuild Z̄' from (:func:`.kernels._rebuilt_zbar`)."""
     b = tl.program_id(0)
     b64 = b.to(tl.int64)
     rs, n_b, _xoff = _set_bounds(b, ptr_ptr, N, 0, 0, RAGGED)
@@ -128,18 +129,24 @@ def badmm_split_bwd_cols_step_kernel(
                                        vd + 6 * D, k2, D, BV)
             gwb = gwv_ptr + (b64 * T + tb) * 4
             tl.store(gwb, tl.load(gwb) + gk2)
+        if ZREBUILD:
+            tl.debug_barrier()
+            _vec_copy(vd + 3 * D, zr_ptr + (b64 * T + tb) * D, D, BV)
 
 
 @triton.jit
 def badmm_split_bwd_pass2_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, vd_ptr, vn_ptr,
-    slb_ptr, szb_ptr, sc_ptr, gplan_ptr, tau_ptr, gwt_ptr, N, D, NR, T, tb, NS, SD, DS, u_p0,
+    slb_ptr, szb_ptr, sc_ptr, gplan_ptr, gy_ptr, out_ptr, tau_ptr, gwt_ptr, N, D, NR, T, tb,
+    NS, SD, DS, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
     PAPER: tl.constexpr, KV: tl.constexpr, PLAN: tl.constexpr, SCALED: tl.constexpr,
-    BN: tl.constexpr, BD: tl.constexpr,
+    GPLAN: tl.constexpr, ZREBUILD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
 ):
     """Pass 2 of reverse step tb (PLAN: the plan adjoint of the last iteration instead) over
-    this program's tiles; partial τ into tau[b, i, :], (∂α1, ∂ρ) into gwt[b, tb, 0, i·DS + j]."""
+    this program's tiles; partial τ into tau[b, i, :], (∂α1, ∂ρ) into gwt[b, tb, 0, i·DS + j].
+    ZREBUILD: ``szb_ptr`` is the (B, T, D) R̄ history (Z̄' rebuilt; GPLAN: with a plan
+    gradient, ``gplan_ptr``)."""
     b64, si, sj, rs, n_b, xb, lp0_b, lq0_b, hd_b, hn_b, n_lo, n_hi, d_lo, d_hi, u_q0 = \
         _tile_program(x_ptr, sxb, sxn, ptr_ptr, lp0_ptr, lq0_ptr, hd_ptr, hn_ptr, N, D, T, NS,
                       SD, KV, RAGGED, BN)
@@ -157,10 +164,15 @@ def badmm_split_bwd_pass2_kernel(
         tl.store(gwt + 0, 0.0)
         tl.store(gwt + 1, 0.0)
     else:
+        if ZREBUILD:
+            szb = szb_ptr + b64 * T * D
+        else:
+            szb = szb_ptr + rs * D
         da1, dr = _adjoint_s_step_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
-                                       w_ptr, T, tb, slb, szb_ptr + rs * D, vd, vn, NR, n_b,
-                                       D, a1, rho, n_lo, n_hi, d_lo, d_hi, tau,
-                                       HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
+                                       w_ptr, T, tb, slb, szb, vd, vn, NR, n_b,
+                                       D, a1, rho, n_lo, n_hi, d_lo, d_hi, tau, gy_ptr + b64 * D,
+                                       out_ptr + b64 * D, gplan_ptr + rs * D, HAS_P0, HAS_Q0,
+                                       KV, QUAD, ZREBUILD, GPLAN, BN, BD)
         tl.store(gwt + 0, da1)
         tl.store(gwt + 1, dr)
 
@@ -168,30 +180,34 @@ def badmm_split_bwd_pass2_kernel(
 @triton.jit
 def badmm_split_bwd_pass3_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, vd_ptr, vn_ptr,
-    slb_ptr, szb_ptr, gx_ptr, gy_ptr, out_ptr, sig_ptr, gwt_ptr, sc_ptr, dsp_ptr, N, D, NR, T,
-    tb, NS, SD, DS, u_p0,
+    slb_ptr, szb_ptr, gx_ptr, gy_ptr, out_ptr, sig_ptr, gwt_ptr, sc_ptr, dsp_ptr, gplan_ptr, N,
+    D, NR, T, tb, NS, SD, DS, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
     PAPER: tl.constexpr, KV: tl.constexpr, ADJ: tl.constexpr, PLAN: tl.constexpr,
-    SCALED: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    SCALED: tl.constexpr, ZREBUILD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
 ):
     """Pass 3 of reverse step tb over this program's tiles (X̄, L̄, Z̄ in place; ``ADJ``,
     ``PLAN``, ``SCALED``: :func:`.kernels._adjoint_p_step_pass`); partial σ of step tb - 1 into
     sig[j, rows of b], (∂α1, ∂ρ) into gwt[b, tb, 1, i·DS + j]; SCALED, last step (tb = 0):
-    the partial Σ X̄ · x / σ_b into dsp[b, i·DS + j]."""
+    the partial Σ X̄ · x / σ_b into dsp[b, i·DS + j]. ZREBUILD: as pass 2 (no Z̄ stored)."""
     b64, si, sj, rs, n_b, xb, lp0_b, lq0_b, hd_b, hn_b, n_lo, n_hi, d_lo, d_hi, u_q0 = \
         _tile_program(x_ptr, sxb, sxn, ptr_ptr, lp0_ptr, lq0_ptr, hd_ptr, hn_ptr, N, D, T, NS,
                       SD, KV, RAGGED, BN)
     a1, rho, k2, k3 = _iter_weights(w_ptr, T, tb, QUAD, PAPER)
     isig = set_inv_scale(sc_ptr, b64, SCALED)
     NSD = NS * DS
+    if ZREBUILD:
+        szb = szb_ptr + b64 * T * D
+    else:
+        szb = szb_ptr + rs * D
     gwt = gwt_ptr + ((b64 * T + tb) * 2 * NSD + NSD + si * DS + sj) * 2
     da1, dr, gxx = _adjoint_p_step_pass(
         xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
-        slb_ptr + rs * D, szb_ptr + rs * D, gx_ptr + rs * D,
+        slb_ptr + rs * D, szb, gx_ptr + rs * D,
         vd_ptr + b64 * 7 * D, vn_ptr + rs, NR, vn_ptr + 3 * NR + rs, gy_ptr + b64 * D,
         out_ptr + b64 * D, n_b, D, a1, rho, tl.where(tb == T - 1, 1.0, 0.0),
         _rho_prev(w_ptr + 4 * T, tb), n_lo, n_hi, d_lo, d_hi, sig_ptr + sj * NR + rs,
-        HAS_P0, HAS_Q0, KV, QUAD, ADJ, PLAN, SCALED, BN, BD)
+        gplan_ptr + rs * D, HAS_P0, HAS_Q0, KV, QUAD, ADJ, PLAN, SCALED, ZREBUILD, BN, BD)
     tl.store(gwt + 0, da1)
     tl.store(gwt + 1, dr)
     if SCALED:
