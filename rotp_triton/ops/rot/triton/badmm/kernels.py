@@ -57,7 +57,9 @@ log η - C (per row) of every iteration - O(T · (N + D)) per set, saved with x 
 backward's reverse step t rebuilds (log S_t, Z_t) of each tile from x and that history
 (:func:`_replay_state`: t elementwise iterations, two exp2 each, no HBM traffic beyond x and
 the vectors) instead of re-running the forward's passes from iteration 0. The adjoints L̄, Z̄
-live in an fp32 scratch of the size above. Each reverse step needs two reductions in
+live in an fp32 scratch of the size above - except B-E's Z̄ where that scratch is per row (the
+split backward, ragged batches): it follows the state and the per-step R̄ alone, and passes
+2 and 3 rebuild it (:func:`_rebuilt_zbar`; 1× the input of memory less). Each reverse step needs two reductions in
 sequence, τ = Σ_n log P̄ (for R̄) and then σ = Σ_d (L̄ - ρ Z̄ S) (for the next step's C̄), so two
 sweeps per step, of which only one touches L̄, Z̄:
   pass 2 (a sweep over x, :func:`_adjoint_s_step_tiles` CB_ONLY): the part of τ_t and of the
@@ -1520,8 +1522,8 @@ def badmm_bwd_kernel(
     B, N, D, NR, T, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
     PAPER: tl.constexpr, PLAN_GRAD: tl.constexpr, KV: tl.constexpr, FUSE: tl.constexpr,
-    DEFER: tl.constexpr, SCALED: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    BV: tl.constexpr,
+    DEFER: tl.constexpr, SCALED: tl.constexpr, ZREBUILD: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr, BV: tl.constexpr,
 ):
     """Exact gradient of the T unrolled iterations: one reverse step per iteration, whose
     passes rebuild the forward state of that iteration from x and the vector history hd / hn
@@ -1538,6 +1540,9 @@ def badmm_bwd_kernel(
     SCALED (the forward's feature scale σ, sc (B,)): gx is d loss / d(x / σ) and ds (B,) gets
     ∂ loss/∂σ_b = (Σ_d ȳ_d y_d - Σ X̄ · x / σ_b) / σ_b: y = σ_b · pool(x / σ_b) is linear in
     σ_b at fixed x / σ_b, and x / σ_b moves by -(x / σ_b) / σ_b.
+    ZREBUILD (B-E, unfused; :func:`.launch.backward_rebuilds_zbar`): passes 2 and 3 rebuild
+    Z̄' (:func:`_rebuilt_zbar`) from each program's (T, D) slot of R̄ in ``szb_ptr`` instead of
+    keeping Z̄ in a scratch like L̄'s.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -1547,7 +1552,10 @@ def badmm_bwd_kernel(
         rs, n_b, xoff = _set_bounds(b, ptr_ptr, N, sxb, sxn, RAGGED)
         sbase, vn, ns = _scratch_bases(pid, rs, N, D, NR, RAGGED)
         slb = slb_ptr + sbase                                                        # [N_b, D]
-        szb = szb_ptr + sbase
+        if ZREBUILD:
+            szb = szb_ptr + pid.to(tl.int64) * T * D          # the set's R̄ of every step
+        else:
+            szb = szb_ptr + sbase
         vn = vn_ptr + vn
         if n_b > 0:
             xb = x_ptr + xoff
@@ -1558,6 +1566,9 @@ def badmm_bwd_kernel(
             hn_b = hn_ptr + rs * KV
             u_q0 = -_log(n_b.to(tl.float32))
             gx_b = gx_ptr + rs * D
+            gy_b = gy_ptr + b.to(tl.int64) * D
+            out_b = out_ptr + b.to(tl.int64) * D
+            gplan_b = gplan_ptr + rs * D
             # adjoint accumulators (L̄, Z̄ and X̄ need no zeroing: see ADJ_FIRST): log μ̄, z̄1, log p̄0 and log η̄, z̄2, log q̄0
             for j in range(4, 7):
                 _vec_fill(vd + j * D, 0.0, D, BV)
@@ -1616,8 +1627,9 @@ def badmm_bwd_kernel(
                     da1, dr = _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0,
                                                     hd_b, hn_b, NR, w_ptr, T, tb, slb, szb, vd, vn,
                                                     ns, n_b, D, a1, rho, 0, n_b, 0, D, vd + 3 * D,
-                                                    vd + 7 * D, vd, vd, vd, HAS_P0, HAS_Q0, KV,
-                                                    QUAD, FUSE, False, False, BN, BD)
+                                                    vd + 7 * D, gy_b, out_b, gplan_b, HAS_P0,
+                                                    HAS_Q0, KV, QUAD, FUSE, ZREBUILD, PLAN_GRAD,
+                                                    BN, BD)
                     ga1 += da1
                     grho += dr
                     tl.debug_barrier()
@@ -1627,23 +1639,24 @@ def badmm_bwd_kernel(
                     gk2 += _vec_lognorm_mix_bwd(lp0_b, HAS_P0, u_p0, vd, vd + D, vd + 3 * D,
                                                 vd + 6 * D, k2, D, BV)
                 tl.debug_barrier()
-                gy_b = gy_ptr + b.to(tl.int64) * D
-                out_b = out_ptr + b.to(tl.int64) * D
+                if ZREBUILD:   # R̄ of this step, which the later steps' passes rebuild Z̄' from
+                    _vec_copy(vd + 3 * D, szb + tb * D, D, BV)
+                    tl.debug_barrier()
                 rho_p = _rho_prev(w_ptr + 4 * T, tb)
                 if tb == T - 1:
                     da1, dr, ga1_next, grho_next, gxx = _adjoint_p_step_tiles(
                         xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                         slb, szb, gx_b, vd, vn, ns, vn + 3 * ns, gy_b, out_b, n_b, D, a1, rho,
-                        1.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, gx_b, HAS_P0,
-                        HAS_Q0, KV, QUAD, ADJ_FIRST, PLAN_GRAD, FUSE, DEFER, SCALED, False, BN,
-                        BD)
+                        1.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, gplan_b, HAS_P0,
+                        HAS_Q0, KV, QUAD, ADJ_FIRST, PLAN_GRAD, FUSE, DEFER, SCALED, ZREBUILD,
+                        BN, BD)
                 else:
                     da1, dr, ga1_next, grho_next, gxx = _adjoint_p_step_tiles(
                         xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                         slb, szb, gx_b, vd, vn, ns, vn + 3 * ns, gy_b, out_b, n_b, D, a1, rho,
-                        0.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, gx_b, HAS_P0,
-                        HAS_Q0, KV, QUAD, ADJ_S_STEP, PLAN_GRAD, FUSE, DEFER, SCALED, False, BN,
-                        BD)
+                        0.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, gplan_b, HAS_P0,
+                        HAS_Q0, KV, QUAD, ADJ_S_STEP, PLAN_GRAD, FUSE, DEFER, SCALED, ZREBUILD,
+                        BN, BD)
                 ga1 += da1
                 grho += dr
                 tl.debug_barrier()

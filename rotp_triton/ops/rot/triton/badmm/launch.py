@@ -341,16 +341,19 @@ def _forward_split(x, geo, wc, lp0, lq0, y, plan, hd, hn, NS, DS, scratch, *, qu
             **flags, BN=BN, BD=BD, num_warps=num_warps)
 
 
-def backward_rebuilds_zbar(quadratic: int) -> bool:
-    """Whether the split backward rebuilds Z̄' in its passes (``ZREBUILD``,
-    :func:`.kernels._rebuilt_zbar`) instead of keeping it in a (rows, D) fp32 scratch: B-E,
+def backward_rebuilds_zbar(quadratic: int, per_row: bool, fuse: bool = False) -> bool:
+    """Whether the backward rebuilds Z̄' in its passes (``ZREBUILD``,
+    :func:`.kernels._rebuilt_zbar`) instead of keeping it in an fp32 scratch like L̄'s: B-E,
     exact and paper, whose Z̄ follows the forward state and the per-step R̄ alone (B-Q's
-    couples to L̄'). It saves 1× the input of peak memory (W1 / W5 fwd+bwd at T = 16:
-    3.53 -> 2.54× the input, MEASURED on the CPU by ``bench/peak_memory.py``: issue 17's
-    ≤ 3×) and 12 bytes of HBM traffic per element and reverse step, for a replay continued to
-    iteration T - 1 in passes 2 and 3 (twice the replayed iterations, one more exp2 each):
-    ``bench/results/badmm_zbar_rebuild_2026-12-01.md`` prices it."""
-    return quadratic == 0
+    couples to L̄'), unfused, where that scratch is ``per_row`` - (rows, D), as large as x:
+    the split backward (fewer sets than SMs) and a ragged batch's one-program-per-set kernel;
+    a dense batch's is per program (O(#SMs · N · D)). It saves 1× the input of peak memory
+    (W1 / W5 fwd+bwd at T = 16: 3.53 -> 2.56 / 2.59× the input, MEASURED on the CPU by
+    ``bench/peak_memory.py``: issue 17's ≤ 3×) and 12 bytes of HBM traffic per element and
+    reverse step, for a replay continued to iteration T - 1 in passes 2 and 3 (twice the
+    replayed iterations, one more exp2 each): ``bench/results/badmm_zbar_rebuild_2026-12-01.md``
+    prices it."""
+    return quadratic == 0 and per_row and not fuse
 
 
 def _backward_split_shapes(geo, NS: int, DS: int, T: int, rebuild: bool):
@@ -384,7 +387,7 @@ def _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, 
     flags = dict(sets, HAS_P0=has_p0, HAS_Q0=has_q0, QUAD=quadratic, PAPER=paper, KV=KV)
     scaled = dict(SCALED=scale is not None)
     sc, ds = (gx, gx) if scale is None else (scale, ds)   # unread without a scale
-    rebuild = backward_rebuilds_zbar(quadratic)           # szb: then the R̄ history
+    rebuild = backward_rebuilds_zbar(quadratic, True)     # szb: then the R̄ history
     gp = gplan if gplan is not None else gx
     xargs = (x, geo.sxb, geo.sxn, geo.sxd, ptr, lp0, lq0, wc, hd, hn, vd, vn, slb, szb)
     for tb in range(T - 1, -1, -1):
@@ -561,7 +564,7 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
         gplan = as_f32(grad_plan).reshape(geo.rows, D) if grad_plan is not None else None
         if splits != (1, 1):
             zeroed, empty = _backward_split_shapes(geo, *splits, T,
-                                                   backward_rebuilds_zbar(quadratic))
+                                                   backward_rebuilds_zbar(quadratic, True))
             zs, es = fp32_scratch(dev, zeroed=zeroed, empty=empty)
             gw, gwt = _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, as_f32(grad_y), gplan,
                                       gx, gp0, gq0, *splits, (zs, es), quadratic=quadratic,
@@ -571,10 +574,13 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
             npart = gwt.shape[2] * gwt.shape[3]
         else:
             # gw (B, T, 4): per-set partials wrt (κ2, κ3, α1, ρ), every entry written by the
-            # kernel; adjoints of log S, Z
-            _, (gw, slb, szb, vd, vn) = fp32_scratch(
-                dev, empty=[(B, T, 4)] + _scratch_shapes(geo, 2))
+            # kernel; adjoints of log S, Z (ZREBUILD: log S and each program's (T, D) R̄)
             fuse = backward_fuses(T, x.element_size())
+            rebuild = backward_rebuilds_zbar(quadratic, geo.ragged, fuse)
+            shapes = [(B, T, 4)] + _scratch_shapes(geo, 2)
+            if rebuild:
+                shapes[2] = geo.grid * T * D
+            _, (gw, slb, szb, vd, vn) = fp32_scratch(dev, empty=shapes)
             if backward_halves(fuse, gplan is not None):
                 BN, BD, BV, num_warps = backward_block_sizes(geo.N, D)
             launcher(badmm_bwd_kernel, wrap)[(geo.grid,)](
@@ -587,7 +593,8 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
                 RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
                 QUAD=quadratic, PAPER=paper, PLAN_GRAD=grad_plan is not None, KV=hd.shape[-1],
                 FUSE=fuse, DEFER=backward_defers(fuse, T, grad_plan is not None),
-                SCALED=scale is not None, BN=BN, BD=BD, BV=BV, num_warps=num_warps,
+                SCALED=scale is not None, ZREBUILD=rebuild, BN=BN, BD=BD, BV=BV,
+                num_warps=num_warps,
             )
     else:                               # nothing to differentiate: no set contributes
         gw, B = dw, 0

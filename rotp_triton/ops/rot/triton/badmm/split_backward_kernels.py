@@ -17,7 +17,9 @@ from N_b on the device, as :func:`.split_kernels._tile_program`; empty sets skip
 adjoints L̄, Z̄ live in a (rows, D) fp32 scratch (not zeroed: pass 3 of the first step writes
 them, :data:`.kernels.ADJ_FIRST`) - the same size as the one-program-per-set
 kernel's when B < #SMs, where the launcher uses this schedule - and the per-set vector slots in
-(B, 7, D) / (7, rows).
+(B, 7, D) / (7, rows). B-E keeps L̄ only: passes 2 and 3 rebuild Z̄' from the state and the
+R̄ of the later steps, which the columns step records in (B, T, D)
+(:func:`.kernels._rebuilt_zbar`, :func:`.launch.backward_rebuilds_zbar`).
 """
 from __future__ import annotations
 
