@@ -993,7 +993,9 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
     # launch.backward_block_sizes); the forward's: PLAN or SCALED, last field REPLAY (with
     # one sweep per iteration where launch.forward_one_pass allows: W2 B-E, W2 B-Q paper)
     fused = kernel is m.badmm_bwd_kernel and replay
-    half = fused or (kernel is m.badmm_bwd_kernel and flag == "PLAN_GRAD")   # as the launcher
+    rebuild = kernel is m.badmm_bwd_kernel and launch.backward_rebuilds_zbar(
+        m.quad_flag(quad, paper), ragged, replay)
+    half = fused or (kernel is m.badmm_bwd_kernel and flag == "PLAN_GRAD") or rebuild
     sizes = launch.backward_block_sizes if half else launch.block_sizes
     if kernel is m.badmm_fwd_kernel:
         sizes = launch.forward_block_sizes          # (16 warps on a 2,048 tile)
@@ -1018,7 +1020,7 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
         consts["FUSE"] = replay
         consts.setdefault("PLAN_GRAD", False)
         consts.setdefault("DEFER", flag == "SCALED" and replay)
-        consts["ZREBUILD"] = launch.backward_rebuilds_zbar(consts["QUAD"], ragged, replay)
+        consts["ZREBUILD"] = rebuild                    # (as the launcher: half tiles)
     c = compile_sm90(kernel, signature(kernel, consts), consts,
                      num_warps=num_warps)
     assert ".target sm_90" in c.asm["ptx"]
@@ -1089,14 +1091,16 @@ for name, D, N, quad, paper, ragged in [("W1", 100, 500, False, False, False),
     BN, BD, BV, num_warps = launch.block_sizes(N, D)
     common = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=quad, KV=4 if paper else 2,
                   SCALED=ragged)     # W5 with the layers' feature scale folded in
-    zr = launch.backward_rebuilds_zbar(int(quad))     # B-E: Z̄' rebuilt in passes 2 and 3
+    zr = launch.backward_rebuilds_zbar(int(quad), True)   # B-E: Z̄' rebuilt (passes 2, 3)
+    # the backward on half tiles where it rebuilds (as the launcher)
+    BNb, BDb = launch.backward_block_sizes(N, D)[:2] if zr else (BN, BD)
     # with a plan gradient, the rebuild reads P̄ in every step (B-E only)
     plan_rebuilds = [(sb.badmm_split_bwd_pass2_kernel, dict(common, PAPER=paper, PLAN=False,
-                                                             GPLAN=True, ZREBUILD=zr, BN=BN,
-                                                             BD=BD)),
+                                                             GPLAN=True, ZREBUILD=zr, BN=BNb,
+                                                             BD=BDb)),
                      (sb.badmm_split_bwd_pass3_kernel, dict(common, PAPER=paper, ADJ=1,
-                                                            PLAN=True, ZREBUILD=zr, BN=BN,
-                                                            BD=BD))] if zr else []
+                                                            PLAN=True, ZREBUILD=zr, BN=BNb,
+                                                            BD=BDb))] if zr else []
     for kernel, consts in [
             (s.badmm_split_column_lse_kernel, dict(common, PAPER=paper, REPLAY=True,
                                                    POOL=True, BN=BN, BD=BD)),
@@ -1119,15 +1123,15 @@ for name, D, N, quad, paper, ragged in [("W1", 100, 500, False, False, False),
             (sb.badmm_split_bwd_cols_step_kernel, dict(RAGGED=ragged, HAS_P0=True, QUAD=quad,
                                                        PAPER=paper, ZREBUILD=zr, BV=BV)),
             (sb.badmm_split_bwd_pass2_kernel, dict(common, PAPER=paper, PLAN=False,
-                                                   GPLAN=False, ZREBUILD=zr, BN=BN, BD=BD)),
+                                                   GPLAN=False, ZREBUILD=zr, BN=BNb, BD=BDb)),
             (sb.badmm_split_bwd_pass2_kernel, dict(common, PAPER=paper, PLAN=True, GPLAN=True,
-                                                   ZREBUILD=zr, BN=BN, BD=BD)),
+                                                   ZREBUILD=zr, BN=BNb, BD=BDb)),
             (sb.badmm_split_bwd_pass3_kernel, dict(common, PAPER=paper, ADJ=1, PLAN=False,
-                                                   ZREBUILD=zr, BN=BN, BD=BD)),
+                                                   ZREBUILD=zr, BN=BNb, BD=BDb)),
             (sb.badmm_split_bwd_pass3_kernel, dict(common, PAPER=paper, ADJ=0, PLAN=True,
-                                                   ZREBUILD=zr, BN=BN, BD=BD)),
+                                                   ZREBUILD=zr, BN=BNb, BD=BDb)),
             (sb.badmm_split_bwd_init_kernel, dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True,
-                                                  PAPER=paper, SCALED=ragged, BN=BN, BD=BD,
+                                                  PAPER=paper, SCALED=ragged, BN=BNb, BD=BDb,
                                                   BV=BV))] + plan_rebuilds:
         c = compile_sm90(kernel, signature(kernel, consts), consts, num_warps=num_warps)
         assert ".target sm_90" in c.asm["ptx"]
@@ -1146,7 +1150,8 @@ for name, D, N, quad, paper, ragged in [("W1", 100, 500, False, False, False),
             nins = len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+[^;]*;", sass))
         kname = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
         print("split", name, kname, consts.get("PLAN", ""), consts.get("REPLAY", ""),
-              "zbar rebuilt" if consts.get("ZREBUILD") else "", (BN, BD, BV, num_warps), "sass",
+              "zbar rebuilt" if consts.get("ZREBUILD") else "",
+              (consts.get("BN"), consts.get("BD"), BV, num_warps), "sass",
               nins, "regs", regs, "local", spill)
 """
 

@@ -348,11 +348,13 @@ def backward_rebuilds_zbar(quadratic: int, per_row: bool, fuse: bool = False) ->
     couples to L̄'), unfused, where that scratch is ``per_row`` - (rows, D), as large as x:
     the split backward (fewer sets than SMs) and a ragged batch's one-program-per-set kernel;
     a dense batch's is per program (O(#SMs · N · D)). It saves 1× the input of peak memory
-    (W1 / W5 fwd+bwd at T = 16: 3.53 -> 2.56 / 2.59× the input, MEASURED on the CPU by
+    (W1 / W5 fwd+bwd at T = 16: 3.53 / 3.52 -> 2.56 / 2.59× the input, MEASURED on the CPU by
     ``bench/peak_memory.py``: issue 17's ≤ 3×) and 12 bytes of HBM traffic per element and
     reverse step, for a replay continued to iteration T - 1 in passes 2 and 3 (twice the
     replayed iterations, one more exp2 each): ``bench/results/badmm_zbar_rebuild_2026-12-01.md``
-    prices it."""
+    prices it. Those passes run :func:`backward_block_sizes`' half tiles: at 8 fp32 a thread
+    they sat at 227-255 registers and triton 3.6 spilled 88-408 bytes (one program per set,
+    ragged, paper, with the feature scale: 2,100)."""
     return quadratic == 0 and per_row and not fuse
 
 
@@ -388,6 +390,8 @@ def _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, 
     scaled = dict(SCALED=scale is not None)
     sc, ds = (gx, gx) if scale is None else (scale, ds)   # unread without a scale
     rebuild = backward_rebuilds_zbar(quadratic, True)     # szb: then the R̄ history
+    if rebuild:    # the passes' half tiles (SD stays a multiple of BD)
+        BN, BD = backward_block_sizes(geo.N, D)[:2]
     gp = gplan if gplan is not None else gx
     xargs = (x, geo.sxb, geo.sxn, geo.sxd, ptr, lp0, lq0, wc, hd, hn, vd, vn, slb, szb)
     for tb in range(T - 1, -1, -1):
@@ -581,7 +585,7 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
             if rebuild:
                 shapes[2] = geo.grid * T * D
             _, (gw, slb, szb, vd, vn) = fp32_scratch(dev, empty=shapes)
-            if backward_halves(fuse, gplan is not None):
+            if backward_halves(fuse, gplan is not None) or rebuild:
                 BN, BD, BV, num_warps = backward_block_sizes(geo.N, D)
             launcher(badmm_bwd_kernel, wrap)[(geo.grid,)](
                 x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else gx, geo.order(gx),
