@@ -728,6 +728,26 @@ WEIGHT_ROWS = 8
 
 
 @triton.jit
+def _state_and_rebuilt_zbar(X, offs_n, offs_d, mask, o, tb, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
+                            hd_b, hn_b, NR, w_ptr, T, zr_b, gy, out, gplan_b,
+                            HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
+                            PLAN: tl.constexpr):
+    """(log S_tb (0 off the set), Z_tb, Z̄') of a B-E [BN, BD] tile: :func:`_replay_state`,
+    then :func:`_rebuilt_zbar` from its raw state (P̄ read at ``gplan_b`` + ``o`` with PLAN)."""
+    L, Zt = _replay_start(offs_n, offs_d, mask, lp0_b, lq0_b, n_b, D, u_p0, u_q0, HAS_P0,
+                          HAS_Q0)
+    L, Zt = _replay_iterations(X, L, Zt, offs_n, offs_d, 0, tb, n_b, D, hd_b, hn_b, NR, w_ptr,
+                               T, 0, KV)
+    if PLAN:
+        gp = tl.load(gplan_b + o, mask=mask, other=0.0)
+    else:
+        gp = X
+    Zb = _rebuilt_zbar(X, L, Zt, offs_n, offs_d, tb, n_b, D, hd_b, hn_b, NR, w_ptr, T, zr_b, gy,
+                       out, gp, KV, PLAN)
+    return tl.where(mask, L, 0.0), Zt, Zb
+
+
+@triton.jit
 def _rebuilt_zbar(X, L, Zt, offs_n, offs_d, tb, n_b, D, hd_b, hn_b, NR, w_ptr, T, zr_b, gy, out,
                   gplan, KV: tl.constexpr, PLAN: tl.constexpr):
     """Z̄' of B-E reverse step tb < T - 1 (the adjoint of Z_{tb+1}) for a [BN, BD] tile, from
@@ -1080,17 +1100,10 @@ def _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig)
             o = _tile_ptrs(offs_n, offs_d, D, 1)
             if ZREBUILD:
-                L, Zt = _replay_start(offs_n, offs_d, mask, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
-                                      HAS_P0, HAS_Q0)
-                L, Zt = _replay_iterations(X, L, Zt, offs_n, offs_d, 0, tb, n_b, D, hd_b, hn_b,
-                                           NR, w_ptr, T, QUAD, KV)
-                if GPLAN:
-                    gp = tl.load(gplan_b + o, mask=mask, other=0.0)
-                else:
-                    gp = X
-                Zb = _rebuilt_zbar(X, L, Zt, offs_n, offs_d, tb, n_b, D, hd_b, hn_b, NR, w_ptr,
-                                   T, szb, gy, out, gp, KV, GPLAN)
-                L = tl.where(mask, L, 0.0)
+                L, Zt, Zb = _state_and_rebuilt_zbar(X, offs_n, offs_d, mask, o, tb, lp0_b, lq0_b,
+                                                    n_b, D, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T,
+                                                    szb, gy, out, gplan_b, HAS_P0, HAS_Q0, KV,
+                                                    GPLAN)
                 Lb = tl.load(slb + o, mask=mask, other=0.0)
             else:
                 L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
@@ -1305,17 +1318,10 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
                                                       hd_b, hn_b, NR, w_ptr, T, QUAD, KV)
                 L = tl.where(mask, L, 0.0)
             elif ZREBUILD and ADJ == ADJ_S_STEP:
-                L, Zt = _replay_start(offs_n, offs_d, mask, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
-                                      HAS_P0, HAS_Q0)
-                L, Zt = _replay_iterations(X, L, Zt, offs_n, offs_d, 0, tb, n_b, D, hd_b, hn_b,
-                                           NR, w_ptr, T, QUAD, KV)
-                if PLAN:
-                    gp = tl.load(gplan_b + o, mask=mask, other=0.0)
-                else:
-                    gp = X
-                Zb_r = _rebuilt_zbar(X, L, Zt, offs_n, offs_d, tb, n_b, D, hd_b, hn_b, NR,
-                                     w_ptr, T, szb, gy, out, gp, KV, PLAN)
-                L = tl.where(mask, L, 0.0)
+                L, Zt, Zb_r = _state_and_rebuilt_zbar(X, offs_n, offs_d, mask, o, tb, lp0_b,
+                                                      lq0_b, n_b, D, u_p0, u_q0, hd_b, hn_b, NR,
+                                                      w_ptr, T, szb, gy, out, gplan_b, HAS_P0,
+                                                      HAS_Q0, KV, PLAN)
             else:
                 L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
                                       u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
