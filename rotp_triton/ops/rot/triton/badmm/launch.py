@@ -372,7 +372,8 @@ def _backward_split_shapes(geo, NS: int, DS: int, T: int, rebuild: bool):
 
 
 def _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, NS, DS,
-                    scratch, *, quadratic, paper, has_p0, has_q0, wrap, scale=None, ds=None):
+                    scratch, *, quadratic, paper, has_p0, has_q0, wrap, rebuild, scale=None,
+                    ds=None):
     """The backward over B × NS × DS programs, dense or ragged (:mod:`.split_backward_kernels`):
     per reverse step a rows step, pass 2, a columns step and pass 3. Fills gx, gp0, gq0 (and
     with ``scale`` ds, as :func:`badmm_backward`) and returns gw (B, T, 4) like the
@@ -389,8 +390,7 @@ def _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, 
     flags = dict(sets, HAS_P0=has_p0, HAS_Q0=has_q0, QUAD=quadratic, PAPER=paper, KV=KV)
     scaled = dict(SCALED=scale is not None)
     sc, ds = (gx, gx) if scale is None else (scale, ds)   # unread without a scale
-    rebuild = backward_rebuilds_zbar(quadratic, True)     # szb: then the R̄ history
-    if rebuild:    # the passes' half tiles (SD stays a multiple of BD)
+    if rebuild:    # szb: the R̄ history; the passes' half tiles (SD stays a multiple of BD)
         BN, BD = backward_block_sizes(geo.N, D)[:2]
     gp = gplan if gplan is not None else gx
     xargs = (x, geo.sxb, geo.sxn, geo.sxd, ptr, lp0, lq0, wc, hd, hn, vd, vn, slb, szb)
@@ -567,14 +567,14 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
         splits = backward_splits(B, geo.set_size, D, BN, BD, dev)
         gplan = as_f32(grad_plan).reshape(geo.rows, D) if grad_plan is not None else None
         if splits != (1, 1):
-            zeroed, empty = _backward_split_shapes(geo, *splits, T,
-                                                   backward_rebuilds_zbar(quadratic, True))
+            rebuild = backward_rebuilds_zbar(quadratic, True)
+            zeroed, empty = _backward_split_shapes(geo, *splits, T, rebuild)
             zs, es = fp32_scratch(dev, zeroed=zeroed, empty=empty)
             gw, gwt = _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, as_f32(grad_y), gplan,
                                       gx, gp0, gq0, *splits, (zs, es), quadratic=quadratic,
                                       paper=paper, has_p0=log_p0 is not None,
-                                      has_q0=log_q0 is not None, wrap=wrap, scale=scale,
-                                      ds=ds)
+                                      has_q0=log_q0 is not None, wrap=wrap, rebuild=rebuild,
+                                      scale=scale, ds=ds)
             npart = gwt.shape[2] * gwt.shape[3]
         else:
             # gw (B, T, 4): per-set partials wrt (κ2, κ3, α1, ρ), every entry written by the

@@ -47,6 +47,17 @@ def _sum_partials(part_ptr, stride, dst_ptr, parts, length, BV: tl.constexpr):
 
 
 @triton.jit
+def _zbar_source(szb_ptr, b64, rs, T, D, ZREBUILD: tl.constexpr):
+    """Where passes 2 and 3 take Z̄' from: set b's (T, D) R̄ history (ZREBUILD: rebuilt), else
+    its rows of the (rows, D) scratch."""
+    if ZREBUILD:
+        base = szb_ptr + b64 * T * D
+    else:
+        base = szb_ptr + rs * D
+    return base
+
+
+@triton.jit
 def badmm_split_bwd_rows_step_kernel(
     ptr_ptr, lq0_ptr, lp0_ptr, w_ptr, hd_ptr, hn_ptr, vd_ptr, vn_ptr, sig_ptr, gwv_ptr,
     N, D, NR, T, tb, DS, u_p0,
@@ -166,10 +177,7 @@ def badmm_split_bwd_pass2_kernel(
         tl.store(gwt + 0, 0.0)
         tl.store(gwt + 1, 0.0)
     else:
-        if ZREBUILD:
-            szb = szb_ptr + b64 * T * D
-        else:
-            szb = szb_ptr + rs * D
+        szb = _zbar_source(szb_ptr, b64, rs, T, D, ZREBUILD)
         da1, dr = _adjoint_s_step_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
                                        w_ptr, T, tb, slb, szb, vd, vn, NR, n_b,
                                        D, a1, rho, n_lo, n_hi, d_lo, d_hi, tau, gy_ptr + b64 * D,
@@ -198,10 +206,7 @@ def badmm_split_bwd_pass3_kernel(
     a1, rho, k2, k3 = _iter_weights(w_ptr, T, tb, QUAD, PAPER)
     isig = set_inv_scale(sc_ptr, b64, SCALED)
     NSD = NS * DS
-    if ZREBUILD:
-        szb = szb_ptr + b64 * T * D
-    else:
-        szb = szb_ptr + rs * D
+    szb = _zbar_source(szb_ptr, b64, rs, T, D, ZREBUILD)
     gwt = gwt_ptr + ((b64 * T + tb) * 2 * NSD + NSD + si * DS + sj) * 2
     da1, dr, gxx = _adjoint_p_step_pass(
         xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
