@@ -140,11 +140,15 @@ def variants():
         # bench/results/host_overhead_eager_function.md): the host-bound W1 call measures it
         ("W1", "badmm-e", "custom operator in eager mode (until 2026-11-30)",
          {triton_common: dict(EAGER_FUNCTION=False)}),
-        # B-E's split backward rebuilds Z̄' since 2026-12-01 (1x the input less memory, twice
-        # the replayed iterations, half tiles: results/badmm_zbar_rebuild_2026-12-01.md)
-        # against the (rows, D) Z̄ scratch and full tiles it replaced
+        # the split backward rebuilds Z̄' since 2026-12-01 (1x the input less memory, twice
+        # the replayed iterations, half tiles: results/badmm_zbar_rebuild_2026-12-01.md,
+        # B-Q: badmm_bq_zbar_rebuild_2026-12-01.md) against the (rows, D) Z̄ scratch and full
+        # tiles it replaced
         ("W1", "badmm-e", "backward keeps Z̄ in a (rows, D) scratch (until 2026-12-01)",
-         {B: dict(backward_rebuilds_zbar=lambda quadratic, per_row, fuse=False: False)}),
+         {B: dict(backward_rebuilds_zbar=lambda per_row, fuse=False: False)}),
+        ("W1", "badmm-q", "shipped", {}),
+        ("W1", "badmm-q", "backward keeps Z̄ in a (rows, D) scratch (until 2026-12-01)",
+         {B: dict(backward_rebuilds_zbar=lambda per_row, fuse=False: False)}),
     ]
 
 

@@ -57,9 +57,9 @@ log η - C (per row) of every iteration - O(T · (N + D)) per set, saved with x 
 backward's reverse step t rebuilds (log S_t, Z_t) of each tile from x and that history
 (:func:`_replay_state`: t elementwise iterations, two exp2 each, no HBM traffic beyond x and
 the vectors) instead of re-running the forward's passes from iteration 0. The adjoints L̄, Z̄
-live in an fp32 scratch of the size above - except B-E's Z̄ where that scratch is per row (the
-split backward, ragged batches): it follows the state and the per-step R̄ alone, and passes
-2 and 3 rebuild it (:func:`_rebuilt_zbar`; 1× the input of memory less).
+live in an fp32 scratch of the size above - except Z̄ where that scratch is per row (the
+split backward, ragged batches): it follows the state and the per-step R̄ (B-Q: and C̄)
+alone, and passes 2 and 3 rebuild it (:func:`_rebuilt_zbar`; 1× the input of memory less).
 Each reverse step needs two reductions in sequence, τ = Σ_n log P̄ (for R̄) and then
 σ = Σ_d (L̄ - ρ Z̄ S) (for the next step's C̄), so two
 sweeps per step, of which only one touches L̄, Z̄:
@@ -729,68 +729,105 @@ WEIGHT_ROWS = 8
 
 @triton.jit
 def _state_and_rebuilt_zbar(X, offs_n, offs_d, mask, o, tb, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
-                            hd_b, hn_b, NR, w_ptr, T, zr_b, gy, out, gplan_b,
+                            hd_b, hn_b, NR, w_ptr, T, zr_b, zc_b, gy, out, gplan_b,
                             HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
-                            PLAN: tl.constexpr):
-    """(log S_tb (0 off the set), Z_tb, Z̄') of a B-E [BN, BD] tile: :func:`_replay_state`,
-    then :func:`_rebuilt_zbar` from its raw state (P̄ read at ``gplan_b`` + ``o`` with PLAN)."""
+                            QUAD: tl.constexpr, PLAN: tl.constexpr):
+    """(log S_tb (0 off the set), Z_tb, Z̄') of a [BN, BD] tile: :func:`_replay_state`, then
+    :func:`_rebuilt_zbar` from its raw state (P̄ read at ``gplan_b`` + ``o`` with PLAN)."""
     L, Zt = _replay_start(offs_n, offs_d, mask, lp0_b, lq0_b, n_b, D, u_p0, u_q0, HAS_P0,
                           HAS_Q0)
     L, Zt = _replay_iterations(X, L, Zt, offs_n, offs_d, 0, tb, n_b, D, hd_b, hn_b, NR, w_ptr,
-                               T, 0, KV)
+                               T, QUAD, KV)
     if PLAN:
         gp = tl.load(gplan_b + o, mask=mask, other=0.0)
     else:
         gp = X
-    Zb = _rebuilt_zbar(X, L, Zt, offs_n, offs_d, tb, n_b, D, hd_b, hn_b, NR, w_ptr, T, zr_b, gy,
-                       out, gp, KV, PLAN)
+    Zb = _rebuilt_zbar(X, L, Zt, offs_n, offs_d, tb, n_b, D, hd_b, hn_b, NR, w_ptr, T, zr_b, zc_b,
+                       gy, out, gp, KV, QUAD, PLAN)
     return tl.where(mask, L, 0.0), Zt, Zb
 
 
 @triton.jit
-def _rebuilt_zbar(X, L, Zt, offs_n, offs_d, tb, n_b, D, hd_b, hn_b, NR, w_ptr, T, zr_b, gy, out,
-                  gplan, KV: tl.constexpr, PLAN: tl.constexpr):
-    """Z̄' of B-E reverse step tb < T - 1 (the adjoint of Z_{tb+1}) for a [BN, BD] tile, from
-    the raw state (L, Zt) of iteration tb, instead of read from a (rows, D) scratch
-    (``ZREBUILD``, :func:`.launch.backward_rebuilds_zbar`). For B-E (exact and paper) pass 3's
-    Z̄ = Z̄' + Ȳ2/w - (ρ Ȳ2/w + ρ Z̄' P + R̄ e)/ρ loses its Ȳ2 terms:
-        Z̄_k = (1 - P_k) Z̄_{k+1} - e_k R̄_k / ρ_k,   e_k = softmax_n(Y_k) = exp(Y_k - R_k),
-    and the first reverse step leaves Z̄_{T-1} = -(e (R̄ + (X - y) ȳ) [+ P̄ P]) / ρ_{T-1}. So
-    Z̄_{tb+1} = Σ_{k>tb} (Π_{tb<j<k} (1 - P_j)) b_k sums forward over the replay continued to
-    iteration T - 1 (one more exp2 per element-iteration, for e; R̄_k from ``zr_b`` (T, D),
-    which the columns step of reverse step k filled). ``gy``, ``out`` [BD]: ȳ and y as the
-    last iteration's pass 3 scales them; ``gplan`` the tile of P̄ (PLAN)."""
+def _rebuilt_zbar(X, L, Zt, offs_n, offs_d, tb, n_b, D, hd_b, hn_b, NR, w_ptr, T, zr_b, zc_b, gy,
+                  out, gplan, KV: tl.constexpr, QUAD: tl.constexpr, PLAN: tl.constexpr):
+    """Z̄' of reverse step tb < T - 1 (the adjoint of Z_{tb+1}) for a [BN, BD] tile, from the
+    raw state (L, Zt) of iteration tb, instead of read from a (rows, D) scratch (``ZREBUILD``,
+    :func:`.launch.backward_rebuilds_zbar`). Reverse step k maps the adjoints a = (L̄, Z̄)
+    affinely, a_k = M_k a_{k+1} + b_k, M_k from iteration k's state and b_k linear in
+    c1 = R̄_k e_k and c2 = C̄_k e2_k (e = softmax_n(Y), e2 = softmax_d(Y2); R̄_k, C̄_k from the
+    histories ``zr_b`` (T, D) and ``zc_b`` (T, rows: stride NR), which the columns and rows
+    steps of reverse step k filled); the first reverse step leaves a_{T-1} = (h Ȳ, -Ȳ/w_P),
+    Ȳ = e (R̄ + (X - y) ȳ) [+ P̄ P]. So Z̄_{tb+1} = Σ_{k>tb} π_k b_k with the row vector
+    π_{tb+1} = (0, 1), π_{k+1} = π_k M_k: a forward sum over the replay continued to iteration
+    T - 1. With q = α1 P / w_P, h = 1 - α1 S / w_P (S entering k, s' leaving it):
+        B-Q:  M = [[h (1 - q), h ρ (P - (1 - q) s')], [q / w_P, 1 - ρ (q s' + P) / w_P]],
+              b = (h ((1 - q) c2 + c1), (q c2 - c1) / w_P)
+        B-E:  (no α1 S in Y) Z̄_k = (1 - P_k) Z̄_{k+1} - c1 / ρ_k: π stays (0, ·), no C̄
+    (B-E: one more exp2 per element-iteration, for e; B-Q two, e and e2). ``gy``, ``out``
+    [BD]: ȳ and y as the last iteration's pass 3 scales them; ``gplan`` P̄'s tile (PLAN)."""
     L, Zt = _replay_iterations(X, L, Zt, offs_n, offs_d, tb, tb + 1, n_b, D, hd_b, hn_b, NR,
-                               w_ptr, T, 0, KV)
-    d_in = tl.minimum(offs_d, D - 1)        # lanes past the set: e = P = 0, any finite R̄
+                               w_ptr, T, QUAD, KV)
+    d_in = tl.minimum(offs_d, D - 1)        # lanes past the set: e = P = 0, any finite R̄, C̄
+    n_in = tl.maximum(tl.minimum(offs_n, n_b - 1), 0)
     hd_col = _pair_ptr(hd_b, d_in, KV)                                                # [BD]
-    hn_row = _pair_ptr(hn_b, tl.maximum(tl.minimum(offs_n, n_b - 1), 0), KV)          # [BN]
+    hn_row = _pair_ptr(hn_b, n_in, KV)                                                # [BN]
     acc = tl.zeros_like(X)
-    coef = acc + 1.0                                               # Π (1 - P_j) so far
+    coef = acc + 1.0                                               # π's Z̄ entry
+    if QUAD:
+        coef_l = tl.zeros_like(X)                                  # π's L̄ entry
+        S = _exp(L)
     for k in range(tb + 1, T - 1):
         rho = tl.load(w_ptr + 4 * T + k)
-        inv_rho = tl.load(w_ptr + INV_WP * T + k)
+        inv_w = tl.load(w_ptr + INV_WP * T + k)
         cv = tl.load(hd_col + k * (KV // 2) * D)                                      # [BD]
         rv = tl.load(hn_row + k * (KV // 2) * NR)                                     # [BN]
         r = _pair_lo(cv)
-        y = L + (X - Zt) * inv_rho                       # as the replay and the passes form Y
-        lpk = y + (_pair_hi(cv) - r)[None, :]
-        pk = _exp(lpk)
-        rb = tl.load(zr_b + k * D + d_in)
-        acc -= coef * _exp(y - r[None, :]) * (rb * inv_rho)[None, :]
-        coef -= coef * pk
+        rb = tl.load(zr_b + k * D + d_in)                                             # [BD]
         row = _pair_hi(rv) - _pair_lo(rv)
-        L = (Zt + rho * lpk) * tl.load(w_ptr + INV_W * T + k) + row[:, None]     # the replay's
-        Zt = Zt + rho * (pk - _exp(L))
-    inv_rho = tl.load(w_ptr + INV_WP * T + T - 1)
+        if QUAD:
+            a1 = tl.load(w_ptr + 1 * T + k)
+            y = L + (X - Zt - a1 * S) * inv_w        # as the replay and the passes form Y
+            lpk = y + (_pair_hi(cv) - r)[None, :]
+            pk = _exp(lpk)
+            y2 = lpk + (Zt - a1 * pk) * inv_w
+            L = y2 + row[:, None]
+            s_new = _exp(L)
+            c1 = _exp(y - r[None, :]) * rb[None, :]
+            cb = tl.load(zc_b + k * NR + n_in)                                        # [BN]
+            c2 = _exp(y2 - _pair_lo(rv)[:, None]) * cb[:, None]
+            q = a1 * pk * inv_w
+            h = 1.0 - a1 * S * inv_w
+            acc += coef_l * (h * ((1.0 - q) * c2 + c1)) + coef * ((q * c2 - c1) * inv_w)
+            m_lz = h * rho * (pk - (1.0 - q) * s_new)
+            m_zz = 1.0 - rho * (q * s_new + pk) * inv_w
+            coef_l, coef = (coef_l * (h * (1.0 - q)) + coef * (q * inv_w),
+                            coef_l * m_lz + coef * m_zz)
+            Zt = Zt + rho * (pk - s_new)
+            S = s_new
+        else:
+            y = L + (X - Zt) * inv_w                 # as the replay and the passes form Y
+            lpk = y + (_pair_hi(cv) - r)[None, :]
+            pk = _exp(lpk)
+            acc -= coef * _exp(y - r[None, :]) * (rb * inv_w)[None, :]
+            coef -= coef * pk
+            L = (Zt + rho * lpk) * tl.load(w_ptr + INV_W * T + k) + row[:, None]  # the replay's
+            Zt = Zt + rho * (pk - _exp(L))
+    inv_w = tl.load(w_ptr + INV_WP * T + T - 1)
     cv = tl.load(hd_col + (T - 1) * (KV // 2) * D)
     r = _pair_lo(cv)
-    y = L + (X - Zt) * inv_rho
-    b = _exp(y - r[None, :]) * (tl.load(zr_b + (T - 1) * D + d_in)[None, :]
-                                + (X - out[None, :]) * gy[None, :])
+    if QUAD:
+        a1 = tl.load(w_ptr + 1 * T + T - 1)
+        y = L + (X - Zt - a1 * S) * inv_w
+    else:
+        y = L + (X - Zt) * inv_w
+    yb = _exp(y - r[None, :]) * (tl.load(zr_b + (T - 1) * D + d_in)[None, :]
+                                 + (X - out[None, :]) * gy[None, :])
     if PLAN:
-        b += gplan * _exp(y + (_pair_hi(cv) - r)[None, :])
-    return acc - coef * b * inv_rho
+        yb += gplan * _exp(y + (_pair_hi(cv) - r)[None, :])
+    if QUAD:
+        return acc + (coef_l * (1.0 - a1 * S * inv_w) - coef * inv_w) * yb
+    else:
+        return acc - coef * yb * inv_w
 
 
 @triton.jit
@@ -1047,26 +1084,26 @@ def _s_step_adjoint(X, L, Zt, Lb, Zb, r, lmu, c, leta, cb, a1, rho, QUAD: tl.con
 
 @triton.jit
 def _adjoint_s_step_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
-                         slb, szb, vd, vn, ns, n_b, D, a1, rho, n_lo, n_hi, d_lo, d_hi, tau_ptr,
-                         gy_b, out_b, gplan_b, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr,
+                         slb, szb, zcb, vd, vn, ns, n_b, D, a1, rho, n_lo, n_hi, d_lo, d_hi,
+                         tau_ptr, gy_b, out_b, gplan_b, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr,
                          KV: tl.constexpr, QUAD: tl.constexpr, ZREBUILD: tl.constexpr,
                          GPLAN: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Backward pass 2: through log S' = Y2 + (log η - C), the S-step and the dual update
     (:func:`_s_step_adjoint`), reading L̄', Z̄' and writing nothing N × D; τ_d = Σ_n log P̄ over
     rows [n_lo, n_hi) into ``tau_ptr`` (the TAU slot, or a split program's partial), columns
     [d_lo, d_hi). Returns the scalar partials (∂/∂α1, ∂/∂ρ) of this iteration so far.
-    ZREBUILD (B-E): Z̄' rebuilt (:func:`_rebuilt_zbar`, ``szb`` the (T, D) R̄ history, ``gy_b``,
-    ``out_b`` ȳ and y, ``gplan_b`` P̄ with GPLAN) instead of read."""
+    ZREBUILD: Z̄' rebuilt (:func:`_rebuilt_zbar`, ``szb`` the (T, D) R̄ history, ``zcb`` the
+    C̄ history (B-Q), ``gy_b``, ``out_b`` ȳ and y, ``gplan_b`` P̄ with GPLAN) instead of read."""
     return _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
-                                 w_ptr, T, tb, slb, szb, vd, vn, ns, n_b, D, a1, rho, n_lo, n_hi,
-                                 d_lo, d_hi, tau_ptr, tau_ptr, gy_b, out_b, gplan_b, HAS_P0,
+                                 w_ptr, T, tb, slb, szb, zcb, vd, vn, ns, n_b, D, a1, rho, n_lo,
+                                 n_hi, d_lo, d_hi, tau_ptr, tau_ptr, gy_b, out_b, gplan_b, HAS_P0,
                                  HAS_Q0, KV, QUAD, False, ZREBUILD, GPLAN, BN, BD)
 
 
 @triton.jit
 def _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T,
-                          tb, slb, szb, vd, vn, ns, n_b, D, a1, rho, n_lo, n_hi, d_lo, d_hi,
-                          tau_ptr, tau0_ptr, gy_b, out_b, gplan_b, HAS_P0: tl.constexpr,
+                          tb, slb, szb, zcb, vd, vn, ns, n_b, D, a1, rho, n_lo, n_hi, d_lo,
+                          d_hi, tau_ptr, tau0_ptr, gy_b, out_b, gplan_b, HAS_P0: tl.constexpr,
                           HAS_Q0: tl.constexpr, KV: tl.constexpr, QUAD: tl.constexpr,
                           CB_ONLY: tl.constexpr, ZREBUILD: tl.constexpr, GPLAN: tl.constexpr,
                           BN: tl.constexpr, BD: tl.constexpr):
@@ -1075,7 +1112,7 @@ def _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
     partials that comes from L̄', Z̄' (:func:`_adjoint_p_step_tiles` ``FUSE``; everything here
     is linear in (L̄', Z̄', C̄)), so this sweep reads x only (L̄' = Z̄' = 0) and adds the part
     of C̄ to the τ in ``tau0_ptr``. ZREBUILD: :func:`_adjoint_s_step_pass`."""
-    tl.static_assert(not (ZREBUILD and (CB_ONLY or QUAD)))
+    tl.static_assert(not (ZREBUILD and CB_ONLY))
     acc_a1 = _vzero(BD)
     acc_rho = _vzero(BD)
     for d0 in range(d_lo, d_hi, BD):
@@ -1102,8 +1139,8 @@ def _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
             if ZREBUILD:
                 L, Zt, Zb = _state_and_rebuilt_zbar(X, offs_n, offs_d, mask, o, tb, lp0_b, lq0_b,
                                                     n_b, D, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T,
-                                                    szb, gy, out, gplan_b, HAS_P0, HAS_Q0, KV,
-                                                    GPLAN)
+                                                    szb, zcb, gy, out, gplan_b, HAS_P0, HAS_Q0,
+                                                    KV, QUAD, GPLAN)
                 Lb = tl.load(slb + o, mask=mask, other=0.0)
             else:
                 L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
@@ -1202,8 +1239,8 @@ def _last_step_adjoints(X, L1, Z1, mask, r1, gy, out, a1_1, rho_1, QUAD: tl.cons
 
 @triton.jit
 def _adjoint_p_step_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
-                         slb, szb, gx_b, vd, vn, ns, cb_ptr, gy_b, out_b, n_b, D, a1, rho, last,
-                         rho_prev, n_lo, n_hi, d_lo, d_hi, sigma_ptr, gplan_b,
+                         slb, szb, zcb, gx_b, vd, vn, ns, cb_ptr, gy_b, out_b, n_b, D, a1, rho,
+                         last, rho_prev, n_lo, n_hi, d_lo, d_hi, sigma_ptr, gplan_b,
                          HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
                          QUAD: tl.constexpr, ADJ: tl.constexpr, PLAN: tl.constexpr,
                          SCALED: tl.constexpr, ZREBUILD: tl.constexpr, BN: tl.constexpr,
@@ -1217,11 +1254,11 @@ def _adjoint_p_step_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_
     (the adjoint of C_{tb-1} and log η_{tb-1}; saves that step a pass), into ``sigma_ptr`` (a
     slot apart from C̄'s, or a split program's partial over columns [d_lo, d_hi)); rows
     [n_lo, n_hi). Returns the scalar partials (∂/∂α1, ∂/∂ρ) and (SCALED) Σ X̄ · x / σ_b over
-    the tiles. ZREBUILD (B-E): Z̄' rebuilt (:func:`_rebuilt_zbar`; ``szb`` the (T, D) R̄
-    history, ``gplan_b`` P̄ with PLAN), Z̄ not stored."""
+    the tiles. ZREBUILD: Z̄' rebuilt (:func:`_rebuilt_zbar`; ``szb`` the (T, D) R̄ history,
+    ``zcb`` the C̄ history (B-Q), ``gplan_b`` P̄ with PLAN), Z̄ not stored."""
     da1, dr, _da1u, _dru, gxx = _adjoint_p_step_tiles(
-        xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb, slb, szb, gx_b,
-        vd, vn, ns, cb_ptr, gy_b, out_b, n_b, D, a1, rho, last, rho_prev, n_lo, n_hi, d_lo,
+        xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb, slb, szb, zcb,
+        gx_b, vd, vn, ns, cb_ptr, gy_b, out_b, n_b, D, a1, rho, last, rho_prev, n_lo, n_hi, d_lo,
         d_hi, sigma_ptr, sigma_ptr, gplan_b, HAS_P0, HAS_Q0, KV, QUAD, ADJ, PLAN, False, False,
         SCALED, ZREBUILD, BN, BD)
     return da1, dr, gxx
@@ -1229,7 +1266,7 @@ def _adjoint_p_step_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_
 
 @triton.jit
 def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T,
-                          tb, slb, szb, gx_b, vd, vn, ns, cb_ptr, gy_b, out_b, n_b, D, a1, rho,
+                          tb, slb, szb, zcb, gx_b, vd, vn, ns, cb_ptr, gy_b, out_b, n_b, D, a1, rho,
                           last, rho_prev, n_lo, n_hi, d_lo, d_hi, sigma_ptr, tau0_ptr, gplan_b,
                           HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
                           QUAD: tl.constexpr, ADJ: tl.constexpr, PLAN: tl.constexpr,
@@ -1254,7 +1291,7 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
     Returns (∂/∂α1, ∂/∂ρ) of iteration tb, (FUSE) the parts of iteration u's, and (SCALED)
     Σ X̄ · X over the tiles (0 otherwise). ZREBUILD: :func:`_adjoint_p_step_pass`."""
     tl.static_assert(FUSE or not DEFER)
-    tl.static_assert(not (ZREBUILD and (FUSE or QUAD)))
+    tl.static_assert(not (ZREBUILD and FUSE))
     acc_gxx = _vzero(BD)
     acc_a1u = _vzero(BD)
     acc_rhou = _vzero(BD)
@@ -1320,8 +1357,8 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
             elif ZREBUILD and ADJ == ADJ_S_STEP:
                 L, Zt, Zb_r = _state_and_rebuilt_zbar(X, offs_n, offs_d, mask, o, tb, lp0_b,
                                                       lq0_b, n_b, D, u_p0, u_q0, hd_b, hn_b, NR,
-                                                      w_ptr, T, szb, gy, out, gplan_b, HAS_P0,
-                                                      HAS_Q0, KV, PLAN)
+                                                      w_ptr, T, szb, zcb, gy, out, gplan_b,
+                                                      HAS_P0, HAS_Q0, KV, QUAD, PLAN)
             else:
                 L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
                                       u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
@@ -1525,7 +1562,7 @@ def badmm_bwd_kernel(
     w_ptr, hd_ptr, hn_ptr, sc_ptr,
     out_ptr, gy_ptr, gplan_ptr,
     gx_ptr, gp0_ptr, gq0_ptr, gw_ptr, ds_ptr,
-    slb_ptr, szb_ptr, vd_ptr, vn_ptr,
+    slb_ptr, szb_ptr, zc_ptr, vd_ptr, vn_ptr,
     B, N, D, NR, T, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
     PAPER: tl.constexpr, PLAN_GRAD: tl.constexpr, KV: tl.constexpr, FUSE: tl.constexpr,
@@ -1547,9 +1584,9 @@ def badmm_bwd_kernel(
     SCALED (the forward's feature scale σ, sc (B,)): gx is d loss / d(x / σ) and ds (B,) gets
     ∂ loss/∂σ_b = (Σ_d ȳ_d y_d - Σ X̄ · x / σ_b) / σ_b: y = σ_b · pool(x / σ_b) is linear in
     σ_b at fixed x / σ_b, and x / σ_b moves by -(x / σ_b) / σ_b.
-    ZREBUILD (B-E, unfused; :func:`.launch.backward_rebuilds_zbar`): passes 2 and 3 rebuild
-    Z̄' (:func:`_rebuilt_zbar`) from each program's (T, D) slot of R̄ in ``szb_ptr`` instead of
-    keeping Z̄ in a scratch like L̄'s.
+    ZREBUILD (unfused; :func:`.launch.backward_rebuilds_zbar`): passes 2 and 3 rebuild Z̄'
+    (:func:`_rebuilt_zbar`) from each program's (T, D) slot of R̄ in ``szb_ptr`` and (B-Q) the
+    (T, rows) C̄ history ``zc_ptr`` instead of keeping Z̄ in a scratch like L̄'s.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -1576,6 +1613,7 @@ def badmm_bwd_kernel(
             gy_b = gy_ptr + b.to(tl.int64) * D
             out_b = out_ptr + b.to(tl.int64) * D
             gplan_b = gplan_ptr + rs * D
+            zcb = zc_ptr + rs                 # ZREBUILD, B-Q: the set's C̄ of every step
             # adjoint accumulators (L̄, Z̄ and X̄ need no zeroing: see ADJ_FIRST): log μ̄, z̄1, log p̄0 and log η̄, z̄2, log q̄0
             for j in range(4, 7):
                 _vec_fill(vd + j * D, 0.0, D, BV)
@@ -1630,13 +1668,15 @@ def badmm_bwd_kernel(
                                                     vn + ns, vn + 3 * ns, vn + 6 * ns,
                                                     k3, n_b, BV)
                     tl.debug_barrier()
+                    if ZREBUILD and QUAD:  # C̄ of this step, for the later steps' rebuilt Z̄'
+                        _vec_copy(vn + 3 * ns, zcb + tb * NR, n_b, BV)
                     # pass 2's part of C̄ (pass 3 of step tb + 1 summed the rest into TAU0)
                     da1, dr = _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0,
-                                                    hd_b, hn_b, NR, w_ptr, T, tb, slb, szb, vd, vn,
-                                                    ns, n_b, D, a1, rho, 0, n_b, 0, D, vd + 3 * D,
-                                                    vd + 7 * D, gy_b, out_b, gplan_b, HAS_P0,
-                                                    HAS_Q0, KV, QUAD, FUSE, ZREBUILD, PLAN_GRAD,
-                                                    BN, BD)
+                                                    hd_b, hn_b, NR, w_ptr, T, tb, slb, szb, zcb,
+                                                    vd, vn, ns, n_b, D, a1, rho, 0, n_b, 0, D,
+                                                    vd + 3 * D, vd + 7 * D, gy_b, out_b,
+                                                    gplan_b, HAS_P0, HAS_Q0, KV, QUAD, FUSE,
+                                                    ZREBUILD, PLAN_GRAD, BN, BD)
                     ga1 += da1
                     grho += dr
                     tl.debug_barrier()
@@ -1653,17 +1693,17 @@ def badmm_bwd_kernel(
                 if tb == T - 1:
                     da1, dr, ga1_next, grho_next, gxx = _adjoint_p_step_tiles(
                         xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
-                        slb, szb, gx_b, vd, vn, ns, vn + 3 * ns, gy_b, out_b, n_b, D, a1, rho,
-                        1.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, gplan_b, HAS_P0,
-                        HAS_Q0, KV, QUAD, ADJ_FIRST, PLAN_GRAD, FUSE, DEFER, SCALED, ZREBUILD,
-                        BN, BD)
+                        slb, szb, zcb, gx_b, vd, vn, ns, vn + 3 * ns, gy_b, out_b, n_b, D, a1,
+                        rho, 1.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, gplan_b,
+                        HAS_P0, HAS_Q0, KV, QUAD, ADJ_FIRST, PLAN_GRAD, FUSE, DEFER, SCALED,
+                        ZREBUILD, BN, BD)
                 else:
                     da1, dr, ga1_next, grho_next, gxx = _adjoint_p_step_tiles(
                         xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
-                        slb, szb, gx_b, vd, vn, ns, vn + 3 * ns, gy_b, out_b, n_b, D, a1, rho,
-                        0.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, gplan_b, HAS_P0,
-                        HAS_Q0, KV, QUAD, ADJ_S_STEP, PLAN_GRAD, FUSE, DEFER, SCALED, ZREBUILD,
-                        BN, BD)
+                        slb, szb, zcb, gx_b, vd, vn, ns, vn + 3 * ns, gy_b, out_b, n_b, D, a1,
+                        rho, 0.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, gplan_b,
+                        HAS_P0, HAS_Q0, KV, QUAD, ADJ_S_STEP, PLAN_GRAD, FUSE, DEFER, SCALED,
+                        ZREBUILD, BN, BD)
                 ga1 += da1
                 grho += dr
                 tl.debug_barrier()

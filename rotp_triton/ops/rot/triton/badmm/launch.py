@@ -341,34 +341,37 @@ def _forward_split(x, geo, wc, lp0, lq0, y, plan, hd, hn, NS, DS, scratch, *, qu
             **flags, BN=BN, BD=BD, num_warps=num_warps)
 
 
-def backward_rebuilds_zbar(quadratic: int, per_row: bool, fuse: bool = False) -> bool:
+def backward_rebuilds_zbar(per_row: bool, fuse: bool = False) -> bool:
     """Whether the backward rebuilds Z̄' in its passes (``ZREBUILD``,
-    :func:`.kernels._rebuilt_zbar`) instead of keeping it in an fp32 scratch like L̄'s: B-E,
-    exact and paper, whose Z̄ follows the forward state and the per-step R̄ alone (B-Q's
-    couples to L̄'), unfused, where that scratch is ``per_row`` - (rows, D), as large as x:
-    the split backward (fewer sets than SMs) and a ragged batch's one-program-per-set kernel;
-    a dense batch's is per program (O(#SMs · N · D)). It saves 1× the input of peak memory
-    (W1 / W5 fwd+bwd at T = 16: 3.53 / 3.52 -> 2.56 / 2.59× the input, MEASURED on the CPU by
-    ``bench/peak_memory.py``: issue 17's ≤ 3×) and 12 bytes of HBM traffic per element and
-    reverse step, for a replay continued to iteration T - 1 in passes 2 and 3 (twice the
-    replayed iterations, one more exp2 each): ``bench/results/badmm_zbar_rebuild_2026-12-01.md``
-    prices it. Those passes run :func:`backward_block_sizes`' half tiles: at 8 fp32 a thread
-    they sat at 227-255 registers and triton 3.6 spilled 88-408 bytes (one program per set,
-    ragged, paper, with the feature scale: 2,100)."""
-    return quadratic == 0 and per_row and not fuse
+    :func:`.kernels._rebuilt_zbar`) instead of keeping it in an fp32 scratch like L̄'s: unfused,
+    where that scratch is ``per_row`` - (rows, D), as large as x: the split backward (fewer
+    sets than SMs) and a ragged batch's one-program-per-set kernel; a dense batch's is per
+    program (O(#SMs · N · D)). B-E's Z̄ follows the forward state and the per-step R̄ alone;
+    B-Q's couples to L̄' (its P-step subtracts α1 S), so its rebuild composes each reverse
+    step's 2 × 2 map of (L̄, Z̄) and also needs C̄ per step ((T, rows) floats, T / D × the
+    input). It saves 1× the input of peak memory (fwd+bwd at T = 16, MEASURED on the CPU by
+    ``bench/peak_memory.py``: B-E W1 / W5 3.53 / 3.52 -> 2.56 / 2.59× the input,
+    ``bench/results/badmm_zbar_rebuild_2026-12-01.md``; B-Q ``badmm_bq_zbar_rebuild_2026-12-01.md``:
+    issue 17's ≤ 3×) and 12 bytes of HBM traffic per element and reverse step, for a replay
+    continued to iteration T - 1 in passes 2 and 3 (twice the replayed iterations, one more
+    exp2 each, B-Q two). Those passes run :func:`backward_block_sizes`' half tiles: at 8 fp32
+    a thread they sat at 227-255 registers and triton 3.6 spilled 88-408 bytes (one program
+    per set, ragged, paper, with the feature scale: 2,100)."""
+    return per_row and not fuse
 
 
-def _backward_split_shapes(geo, NS: int, DS: int, T: int, rebuild: bool):
+def _backward_split_shapes(geo, NS: int, DS: int, T: int, rebuild: bool, quadratic: int):
     """(zeroed, empty) scratch of :func:`_backward_split`: the pass partials gwt
     (B, T, 2, NS · DS, 2); L̄ (rows, D), Z̄ (rows, D) or (``rebuild``) the R̄ history
     (B, T, D), per-set D-vector slots (B, 7, D), N-vector slots (7, rows), τ [B, NS, D],
-    σ [DS, rows], the step kernels' partials gwv (B, T, 4), and pass 3's partials of ∂/∂σ
-    [B, NS · DS] (read only with a feature scale)."""
+    σ [DS, rows], the step kernels' partials gwv (B, T, 4), pass 3's partials of ∂/∂σ
+    [B, NS · DS] (read only with a feature scale) and (``rebuild``, B-Q) the C̄ history
+    (T, rows) (1 float otherwise, unread)."""
     B, D, rows = geo.B, geo.D, geo.rows
     NS, _, DS = _split_slices(geo, NS, DS)
     return ([(B, T, 2, NS * DS, 2)],
             [rows * D, B * T * D if rebuild else rows * D, B * 7 * D, 7 * rows, B * NS * D,
-             DS * rows, (B, T, 4), B * NS * DS])
+             DS * rows, (B, T, 4), B * NS * DS, T * rows if rebuild and quadratic else 1])
 
 
 def _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, NS, DS,
@@ -381,7 +384,7 @@ def _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, 
     B, D, T, rows = geo.B, geo.D, wc.shape[1], geo.rows
     BN, BD, BV, num_warps = geo.blocks
     NS, SD, DS = _split_slices(geo, NS, DS)
-    (gwt,), (slb, szb, vd, vn, tau, sig, gwv, dsp) = scratch  # _backward_split_shapes
+    (gwt,), (slb, szb, vd, vn, tau, sig, gwv, dsp, zc) = scratch  # _backward_split_shapes
     u_p0 = -math.log(D)
     KV = hd.shape[-1]
     tiles = (B, NS, DS)
@@ -393,11 +396,11 @@ def _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, 
     if rebuild:    # szb: the R̄ history; the passes' half tiles (SD stays a multiple of BD)
         BN, BD = backward_block_sizes(geo.N, D)[:2]
     gp = gplan if gplan is not None else gx
-    xargs = (x, geo.sxb, geo.sxn, geo.sxd, ptr, lp0, lq0, wc, hd, hn, vd, vn, slb, szb)
+    xargs = (x, geo.sxb, geo.sxn, geo.sxd, ptr, lp0, lq0, wc, hd, hn, vd, vn, slb, szb, zc)
     for tb in range(T - 1, -1, -1):
         launcher(badmm_split_bwd_rows_step_kernel, wrap)[(B,)](
-            ptr, lq0, lp0, wc, hd, hn, vd, vn, sig, gwv, geo.N, D, rows, T, tb, DS, u_p0,
-            **flags, BV=BV, num_warps=num_warps)
+            ptr, lq0, lp0, wc, hd, hn, vd, vn, sig, gwv, zc, geo.N, D, rows, T, tb, DS, u_p0,
+            **flags, ZREBUILD=rebuild, BV=BV, num_warps=num_warps)
         has_tau = tb < T - 1 or gplan is not None
         if has_tau:
             launcher(badmm_split_bwd_pass2_kernel, wrap)[tiles](
@@ -567,8 +570,8 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
         splits = backward_splits(B, geo.set_size, D, BN, BD, dev)
         gplan = as_f32(grad_plan).reshape(geo.rows, D) if grad_plan is not None else None
         if splits != (1, 1):
-            rebuild = backward_rebuilds_zbar(quadratic, True)
-            zeroed, empty = _backward_split_shapes(geo, *splits, T, rebuild)
+            rebuild = backward_rebuilds_zbar(True)
+            zeroed, empty = _backward_split_shapes(geo, *splits, T, rebuild, quadratic)
             zs, es = fp32_scratch(dev, zeroed=zeroed, empty=empty)
             gw, gwt = _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, as_f32(grad_y), gplan,
                                       gx, gp0, gq0, *splits, (zs, es), quadratic=quadratic,
@@ -578,13 +581,15 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
             npart = gwt.shape[2] * gwt.shape[3]
         else:
             # gw (B, T, 4): per-set partials wrt (κ2, κ3, α1, ρ), every entry written by the
-            # kernel; adjoints of log S, Z (ZREBUILD: log S and each program's (T, D) R̄)
+            # kernel; adjoints of log S, Z (ZREBUILD: log S, each program's (T, D) R̄ and,
+            # B-Q, the (T, rows) C̄; 1 float otherwise, unread)
             fuse = backward_fuses(T, x.element_size())
-            rebuild = backward_rebuilds_zbar(quadratic, geo.ragged, fuse)
-            shapes = [(B, T, 4)] + _scratch_shapes(geo, 2)
+            rebuild = backward_rebuilds_zbar(geo.ragged, fuse)
+            shapes = [(B, T, 4)] + _scratch_shapes(geo, 2) + [1]
             if rebuild:
                 shapes[2] = geo.grid * T * D
-            _, (gw, slb, szb, vd, vn) = fp32_scratch(dev, empty=shapes)
+                shapes[-1] = T * geo.rows if quadratic else 1
+            _, (gw, slb, szb, vd, vn, zc) = fp32_scratch(dev, empty=shapes)
             if backward_halves(fuse, gplan is not None) or rebuild:
                 BN, BD, BV, num_warps = backward_block_sizes(geo.N, D)
             launcher(badmm_bwd_kernel, wrap)[(geo.grid,)](
@@ -592,7 +597,7 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
                 lp0, lq0, wc, hd, hn, gx if scale is None else scale,
                 y32, as_f32(grad_y), gplan if gplan is not None else gx,
                 gx, gp0, gq0, gw, gx if ds is None else ds,
-                slb, szb, vd, vn,
+                slb, szb, zc, vd, vn,
                 B, geo.N, D, geo.rows, T, -math.log(D),
                 RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
                 QUAD=quadratic, PAPER=paper, PLAN_GRAD=grad_plan is not None, KV=hd.shape[-1],

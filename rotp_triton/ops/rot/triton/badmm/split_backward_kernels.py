@@ -17,9 +17,9 @@ from N_b on the device, as :func:`.split_kernels._tile_program`; empty sets skip
 adjoints L̄, Z̄ live in a (rows, D) fp32 scratch (not zeroed: pass 3 of the first step writes
 them, :data:`.kernels.ADJ_FIRST`) - the same size as the one-program-per-set
 kernel's when B < #SMs, where the launcher uses this schedule - and the per-set vector slots in
-(B, 7, D) / (7, rows). B-E keeps L̄ only: passes 2 and 3 rebuild Z̄' from the state and the
-R̄ of the later steps, which the columns step records in (B, T, D)
-(:func:`.kernels._rebuilt_zbar`, :func:`.launch.backward_rebuilds_zbar`).
+(B, 7, D) / (7, rows). Only L̄ is kept: passes 2 and 3 rebuild Z̄' from the state and the R̄
+(and, B-Q, C̄) of the later steps, which the columns step records in (B, T, D) (the rows step
+in (T, rows)) (:func:`.kernels._rebuilt_zbar`, :func:`.launch.backward_rebuilds_zbar`).
 """
 from __future__ import annotations
 
@@ -59,15 +59,16 @@ def _zbar_source(szb_ptr, b64, rs, T, D, ZREBUILD: tl.constexpr):
 
 @triton.jit
 def badmm_split_bwd_rows_step_kernel(
-    ptr_ptr, lq0_ptr, lp0_ptr, w_ptr, hd_ptr, hn_ptr, vd_ptr, vn_ptr, sig_ptr, gwv_ptr,
+    ptr_ptr, lq0_ptr, lp0_ptr, w_ptr, hd_ptr, hn_ptr, vd_ptr, vn_ptr, sig_ptr, gwv_ptr, zc_ptr,
     N, D, NR, T, tb, DS, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
-    PAPER: tl.constexpr, KV: tl.constexpr, BV: tl.constexpr,
+    PAPER: tl.constexpr, KV: tl.constexpr, ZREBUILD: tl.constexpr, BV: tl.constexpr,
 ):
     """Per set, before pass 2 of reverse step tb: iteration tb's vectors into the set's slots,
     then (tb < T - 1) σ from the [DS, rows] partials, the paper vector adjoints, C̄ (σ slot)
     and log q̄0 / log η̄. Writes gwv[b, tb] = (∂κ2, ∂κ3, 0, ∂ρ) of the vector steps so far
-    (zeros for an empty set)."""
+    (zeros for an empty set). ZREBUILD with B-Q: C̄ also into zc[tb, rows of b] (T, rows), the
+    history the later steps' passes rebuild Z̄' from (:func:`.kernels._rebuilt_zbar`)."""
     b = tl.program_id(0)
     b64 = b.to(tl.int64)
     rs, n_b, _xoff = _set_bounds(b, ptr_ptr, N, 0, 0, RAGGED)
@@ -107,6 +108,9 @@ def badmm_split_bwd_rows_step_kernel(
         else:
             gk3 += _vec_lognorm_mix_bwd(lq0_b, HAS_Q0, u_q0, vn, vn + ns, vn + 3 * ns,
                                         vn + 6 * ns, k3, n_b, BV)
+        if ZREBUILD and QUAD:
+            tl.debug_barrier()
+            _vec_copy(vn + 3 * ns, zc_ptr + tb * NR + rs, n_b, BV)
     gwb = gwv_ptr + (b64 * T + tb) * 4
     tl.store(gwb + 0, gk2)
     tl.store(gwb + 1, gk3)
@@ -150,16 +154,16 @@ def badmm_split_bwd_cols_step_kernel(
 @triton.jit
 def badmm_split_bwd_pass2_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, vd_ptr, vn_ptr,
-    slb_ptr, szb_ptr, sc_ptr, gplan_ptr, gy_ptr, out_ptr, tau_ptr, gwt_ptr, N, D, NR, T, tb,
-    NS, SD, DS, u_p0,
+    slb_ptr, szb_ptr, zc_ptr, sc_ptr, gplan_ptr, gy_ptr, out_ptr, tau_ptr, gwt_ptr, N, D, NR, T,
+    tb, NS, SD, DS, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
     PAPER: tl.constexpr, KV: tl.constexpr, PLAN: tl.constexpr, SCALED: tl.constexpr,
     GPLAN: tl.constexpr, ZREBUILD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
 ):
     """Pass 2 of reverse step tb (PLAN: the plan adjoint of the last iteration instead) over
     this program's tiles; partial τ into tau[b, i, :], (∂α1, ∂ρ) into gwt[b, tb, 0, i·DS + j].
-    ZREBUILD: ``szb_ptr`` is the (B, T, D) R̄ history (Z̄' rebuilt; GPLAN: with a plan
-    gradient, ``gplan_ptr``)."""
+    ZREBUILD: ``szb_ptr`` is the (B, T, D) R̄ history and ``zc_ptr`` (B-Q) the (T, rows) C̄
+    history (Z̄' rebuilt; GPLAN: with a plan gradient, ``gplan_ptr``)."""
     b64, si, sj, rs, n_b, xb, lp0_b, lq0_b, hd_b, hn_b, n_lo, n_hi, d_lo, d_hi, u_q0 = \
         _tile_program(x_ptr, sxb, sxn, ptr_ptr, lp0_ptr, lq0_ptr, hd_ptr, hn_ptr, N, D, T, NS,
                       SD, KV, RAGGED, BN)
@@ -179,7 +183,7 @@ def badmm_split_bwd_pass2_kernel(
     else:
         szb = _zbar_source(szb_ptr, b64, rs, T, D, ZREBUILD)
         da1, dr = _adjoint_s_step_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
-                                       w_ptr, T, tb, slb, szb, vd, vn, NR, n_b,
+                                       w_ptr, T, tb, slb, szb, zc_ptr + rs, vd, vn, NR, n_b,
                                        D, a1, rho, n_lo, n_hi, d_lo, d_hi, tau, gy_ptr + b64 * D,
                                        out_ptr + b64 * D, gplan_ptr + rs * D, HAS_P0, HAS_Q0,
                                        KV, QUAD, ZREBUILD, GPLAN, BN, BD)
@@ -190,8 +194,8 @@ def badmm_split_bwd_pass2_kernel(
 @triton.jit
 def badmm_split_bwd_pass3_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, vd_ptr, vn_ptr,
-    slb_ptr, szb_ptr, gx_ptr, gy_ptr, out_ptr, sig_ptr, gwt_ptr, sc_ptr, dsp_ptr, gplan_ptr, N,
-    D, NR, T, tb, NS, SD, DS, u_p0,
+    slb_ptr, szb_ptr, zc_ptr, gx_ptr, gy_ptr, out_ptr, sig_ptr, gwt_ptr, sc_ptr, dsp_ptr,
+    gplan_ptr, N, D, NR, T, tb, NS, SD, DS, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
     PAPER: tl.constexpr, KV: tl.constexpr, ADJ: tl.constexpr, PLAN: tl.constexpr,
     SCALED: tl.constexpr, ZREBUILD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
@@ -210,7 +214,7 @@ def badmm_split_bwd_pass3_kernel(
     gwt = gwt_ptr + ((b64 * T + tb) * 2 * NSD + NSD + si * DS + sj) * 2
     da1, dr, gxx = _adjoint_p_step_pass(
         xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
-        slb_ptr + rs * D, szb, gx_ptr + rs * D,
+        slb_ptr + rs * D, szb, zc_ptr + rs, gx_ptr + rs * D,
         vd_ptr + b64 * 7 * D, vn_ptr + rs, NR, vn_ptr + 3 * NR + rs, gy_ptr + b64 * D,
         out_ptr + b64 * D, n_b, D, a1, rho, tl.where(tb == T - 1, 1.0, 0.0),
         _rho_prev(w_ptr + 4 * T, tb), n_lo, n_hi, d_lo, d_hi, sig_ptr + sj * NR + rs,
