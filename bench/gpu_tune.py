@@ -146,6 +146,10 @@ def variants():
         # tiles it replaced
         ("W1", "badmm-e", "backward keeps Z̄ in a (rows, D) scratch (until 2026-12-01)",
          {B: dict(backward_rebuilds_zbar=lambda per_row, fuse=False: False)}),
+        # ... and since the same day pass 3 sums pass 2's L̄', Z̄' part, so that pass 2 no
+        # longer rebuilds (one replay past t per reverse step instead of two)
+        ("W1", "badmm-e", "split backward: pass 2 rebuilds Z̄' too (unfused)",
+         {B: dict(split_backward_fuses=lambda rebuild: False)}),
         ("W1", "badmm-q", "shipped", {}),
         ("W1", "badmm-q", "backward keeps Z̄ in a (rows, D) scratch (until 2026-12-01)",
          {B: dict(backward_rebuilds_zbar=lambda per_row, fuse=False: False)}),

@@ -351,6 +351,27 @@ def test_split_forward_backward(method, variant, NS, DS, monkeypatch):
     assert set(calls) >= {"_forward_split", "_backward_split"}, calls
 
 
+@pytest.mark.parametrize("schedule", ["fused-rebuild", "unfused-rebuild", "stored"])
+@pytest.mark.parametrize("method,variant", [("badmm-q", "exact"), ("badmm-e", "paper")])
+def test_split_backward_schedules(method, variant, schedule, monkeypatch):
+    """The split backward's three schedules at T = 4 (the rebuild composes up to two later
+    reverse steps): Z̄' rebuilt in pass 3, which also sums pass 2's L̄', Z̄' part (the
+    launcher's: :func:`launch.split_backward_fuses`), rebuilt in both passes, or kept in a
+    (rows, D) scratch (:func:`launch.backward_rebuilds_zbar` off: ``bench/gpu_tune.py``'s
+    other schedule); against the reference."""
+    _small_blocks(monkeypatch)
+    calls = _split(monkeypatch, 3, 2)
+    if schedule != "fused-rebuild":
+        monkeypatch.setattr(launch, "split_backward_fuses", lambda rebuild: False)
+    if schedule == "stored":
+        monkeypatch.setattr(launch, "backward_rebuilds_zbar", lambda per_row, fuse=False: False)
+    gen = torch.Generator().manual_seed(17)
+    x, w, lp, lq, cy, cp = _case(2, 37, 19, 4, gen)
+    args = (x, None, method, variant, w, lp, lq, cy, cp)
+    _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32])
+    assert set(calls) >= {"_forward_split", "_backward_split"}, calls
+
+
 @pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("badmm-q", "paper"),
                                             ("badmm-q", "exact"), ("badmm-e", "paper")])
 def test_split_streamed_forward(method, variant, monkeypatch):
@@ -1096,16 +1117,17 @@ for name, D, N, quad, paper, ragged in [("W1", 100, 500, False, False, False),
     BN, BD, BV, num_warps = launch.block_sizes(N, D)
     common = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, QUAD=quad, KV=4 if paper else 2,
                   SCALED=ragged)     # W5 with the layers' feature scale folded in
-    zr = launch.backward_rebuilds_zbar(True)   # Z̄' rebuilt (passes 2, 3)
+    zr = launch.backward_rebuilds_zbar(True)   # Z̄' rebuilt (pass 3; pass 2 unfused)
+    fz = launch.split_backward_fuses(zr)       # pass 3 sums pass 2's L̄', Z̄' part
     # the backward on half tiles where it rebuilds (as the launcher)
     BNb, BDb = launch.backward_block_sizes(N, D)[:2] if zr else (BN, BD)
-    # with a plan gradient, the rebuild reads P̄ in every step
-    plan_rebuilds = [(sb.badmm_split_bwd_pass2_kernel, dict(common, PAPER=paper, PLAN=False,
-                                                             GPLAN=True, ZREBUILD=zr, BN=BNb,
-                                                             BD=BDb)),
-                     (sb.badmm_split_bwd_pass3_kernel, dict(common, PAPER=paper, ADJ=1,
-                                                            PLAN=True, ZREBUILD=zr, BN=BNb,
-                                                            BD=BDb))] if zr else []
+    bwd = dict(common, PAPER=paper, FUSE=fz, ZREBUILD=zr, BN=BNb, BD=BDb)
+    # with a plan gradient, the rebuild reads P̄ in every step (pass 2 unfused: the other
+    # schedule, bench/gpu_tune.py)
+    plan_rebuilds = [(sb.badmm_split_bwd_pass2_kernel, dict(bwd, PLAN=False, GPLAN=True,
+                                                             FUSE=False)),
+                     (sb.badmm_split_bwd_pass3_kernel, dict(bwd, ADJ=1, PLAN=True))] if zr \
+        else []
     for kernel, consts in [
             (s.badmm_split_column_lse_kernel, dict(common, PAPER=paper, REPLAY=True,
                                                    POOL=True, BN=BN, BD=BD)),
@@ -1127,14 +1149,10 @@ for name, D, N, quad, paper, ragged in [("W1", 100, 500, False, False, False),
                                                        PAPER=paper, ZREBUILD=zr, BV=BV)),
             (sb.badmm_split_bwd_cols_step_kernel, dict(RAGGED=ragged, HAS_P0=True, QUAD=quad,
                                                        PAPER=paper, ZREBUILD=zr, BV=BV)),
-            (sb.badmm_split_bwd_pass2_kernel, dict(common, PAPER=paper, PLAN=False,
-                                                   GPLAN=False, ZREBUILD=zr, BN=BNb, BD=BDb)),
-            (sb.badmm_split_bwd_pass2_kernel, dict(common, PAPER=paper, PLAN=True, GPLAN=True,
-                                                   ZREBUILD=zr, BN=BNb, BD=BDb)),
-            (sb.badmm_split_bwd_pass3_kernel, dict(common, PAPER=paper, ADJ=1, PLAN=False,
-                                                   ZREBUILD=zr, BN=BNb, BD=BDb)),
-            (sb.badmm_split_bwd_pass3_kernel, dict(common, PAPER=paper, ADJ=0, PLAN=True,
-                                                   ZREBUILD=zr, BN=BNb, BD=BDb)),
+            (sb.badmm_split_bwd_pass2_kernel, dict(bwd, PLAN=False, GPLAN=False)),
+            (sb.badmm_split_bwd_pass2_kernel, dict(bwd, PLAN=True, GPLAN=True)),
+            (sb.badmm_split_bwd_pass3_kernel, dict(bwd, ADJ=1, PLAN=False)),
+            (sb.badmm_split_bwd_pass3_kernel, dict(bwd, ADJ=0, PLAN=True)),
             (sb.badmm_split_bwd_init_kernel, dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True,
                                                   PAPER=paper, SCALED=ragged, BN=BNb, BD=BDb,
                                                   BV=BV))] + plan_rebuilds:

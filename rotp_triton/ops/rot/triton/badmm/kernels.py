@@ -84,7 +84,8 @@ gradient the first reverse step stores no L̄, Z̄, X̄ either (``DEFER``,
 :func:`.launch.backward_defers`): they depend only on iteration T - 1's state, R, y and ȳ
 (log P̄ = 0 there, so R̄ = 0), and the second step's pass 3 recomputes them
 (:func:`_last_step_adjoints`) - 24 bytes per element less. The split backward
-(:mod:`.split_backward_kernels`) always runs the unfused pass 2, across launches.
+(:mod:`.split_backward_kernels`) fuses where it rebuilds Z̄' (:func:`.launch.split_backward_fuses`:
+pass 2 then needs no rebuild), across launches, without DEFER.
 
 Launch shape and synchronisation: every pass that reads what another pass wrote is separated
 from it by ``tl.debug_barrier()`` (the passes use different thread mappings); in-place updates
@@ -1240,11 +1241,11 @@ def _last_step_adjoints(X, L1, Z1, mask, r1, gy, out, a1_1, rho_1, QUAD: tl.cons
 @triton.jit
 def _adjoint_p_step_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                          slb, szb, zcb, gx_b, vd, vn, ns, cb_ptr, gy_b, out_b, n_b, D, a1, rho,
-                         last, rho_prev, n_lo, n_hi, d_lo, d_hi, sigma_ptr, gplan_b,
+                         last, rho_prev, n_lo, n_hi, d_lo, d_hi, sigma_ptr, tau0_ptr, gplan_b,
                          HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
                          QUAD: tl.constexpr, ADJ: tl.constexpr, PLAN: tl.constexpr,
-                         SCALED: tl.constexpr, ZREBUILD: tl.constexpr, BN: tl.constexpr,
-                         BD: tl.constexpr):
+                         FUSE: tl.constexpr, SCALED: tl.constexpr, ZREBUILD: tl.constexpr,
+                         BN: tl.constexpr, BD: tl.constexpr):
     """Backward pass 3: log P̄ and Z̄ as ``ADJ`` says (ADJ_S_STEP: :func:`_s_step_adjoint` of
     L̄', Z̄' with C̄ from ``cb_ptr``, as pass 2 formed them), then Ȳ = log P̄ + R̄ softmax_n(Y)
     [+ the pooling's adjoint: last = 1.0 in the last iteration, 0.0 before], then through
@@ -1253,15 +1254,16 @@ def _adjoint_p_step_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_
     σ_n = Σ_d (L̄ - ρ_{tb-1} Z̄ S) from the adjoints just formed and this iteration's S
     (the adjoint of C_{tb-1} and log η_{tb-1}; saves that step a pass), into ``sigma_ptr`` (a
     slot apart from C̄'s, or a split program's partial over columns [d_lo, d_hi)); rows
-    [n_lo, n_hi). Returns the scalar partials (∂/∂α1, ∂/∂ρ) and (SCALED) Σ X̄ · x / σ_b over
-    the tiles. ZREBUILD: Z̄' rebuilt (:func:`_rebuilt_zbar`; ``szb`` the (T, D) R̄ history,
-    ``zcb`` the C̄ history (B-Q), ``gplan_b`` P̄ with PLAN), Z̄ not stored."""
-    da1, dr, _da1u, _dru, gxx = _adjoint_p_step_tiles(
+    [n_lo, n_hi). Returns the scalar partials (∂/∂α1, ∂/∂ρ), (FUSE) those of iteration tb - 1's
+    pass 2 from L̄', Z̄' (its τ part into ``tau0_ptr``: :func:`_adjoint_p_step_tiles`) and
+    (SCALED) Σ X̄ · x / σ_b over the tiles. ZREBUILD: Z̄' rebuilt (:func:`_rebuilt_zbar`;
+    ``szb`` the (T, D) R̄ history, ``zcb`` the C̄ history (B-Q), ``gplan_b`` P̄ with PLAN), Z̄
+    not stored."""
+    return _adjoint_p_step_tiles(
         xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb, slb, szb, zcb,
         gx_b, vd, vn, ns, cb_ptr, gy_b, out_b, n_b, D, a1, rho, last, rho_prev, n_lo, n_hi, d_lo,
-        d_hi, sigma_ptr, sigma_ptr, gplan_b, HAS_P0, HAS_Q0, KV, QUAD, ADJ, PLAN, False, False,
+        d_hi, sigma_ptr, tau0_ptr, gplan_b, HAS_P0, HAS_Q0, KV, QUAD, ADJ, PLAN, FUSE, False,
         SCALED, ZREBUILD, BN, BD)
-    return da1, dr, gxx
 
 
 @triton.jit
@@ -1273,12 +1275,14 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
                           FUSE: tl.constexpr, DEFER: tl.constexpr, SCALED: tl.constexpr,
                           ZREBUILD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Pass 3 (:func:`_adjoint_p_step_pass`); with FUSE (tb > 0; the fused kernel, one program
-    per set) it also does the part of the NEXT reverse step's pass 2 that the adjoints just
-    formed determine: pass 2 of iteration u = tb - 1 is linear in (L̄', Z̄', C̄_u), and L̄', Z̄'
-    are this pass's outputs, still in registers, so it sums τ_u and the partials (∂/∂α1_u,
-    ∂/∂ρ_u) of :func:`_s_step_adjoint` with C̄_u = 0 here (τ_u's part into ``tau0_ptr``, rows
-    [n_lo, n_hi) accumulated over the row blocks) and the next step only adds the part of C̄_u
-    in a sweep over x (:func:`_adjoint_s_step_tiles` ``CB_ONLY``) - no second read of L̄', Z̄'.
+    per set, and the split backward's pass 3 where it rebuilds Z̄', whose replay then runs on
+    from iteration tb to T - 1) it also does the part of the NEXT reverse step's pass 2 that
+    the adjoints just formed determine: pass 2 of iteration u = tb - 1 is linear in
+    (L̄', Z̄', C̄_u), and L̄', Z̄' are this pass's outputs, still in registers, so it sums τ_u
+    and the partials (∂/∂α1_u, ∂/∂ρ_u) of :func:`_s_step_adjoint` with C̄_u = 0 here (τ_u's
+    part into ``tau0_ptr``, rows [n_lo, n_hi) accumulated over the row blocks) and the next
+    step only adds the part of C̄_u in a sweep over x (:func:`_adjoint_s_step_tiles`
+    ``CB_ONLY``) - no second read (or rebuild) of L̄', Z̄'.
     The state of iteration u comes free: the replay stops at u, then runs iteration u.
     DEFER (with FUSE, T >= 2, no plan gradient): the first reverse step (ADJ_FIRST, tb = T - 1)
     stores no L̄, Z̄, X̄ - it still forms them in registers for σ and iteration u's partials -
@@ -1291,7 +1295,7 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
     Returns (∂/∂α1, ∂/∂ρ) of iteration tb, (FUSE) the parts of iteration u's, and (SCALED)
     Σ X̄ · X over the tiles (0 otherwise). ZREBUILD: :func:`_adjoint_p_step_pass`."""
     tl.static_assert(FUSE or not DEFER)
-    tl.static_assert(not (ZREBUILD and FUSE))
+    tl.static_assert(not (ZREBUILD and DEFER))
     acc_gxx = _vzero(BD)
     acc_a1u = _vzero(BD)
     acc_rhou = _vzero(BD)
@@ -1353,6 +1357,13 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
                     if ADJ == ADJ_S_STEP:  # iteration T - 1's state (tb = T - 2; else L, Zt)
                         L_1, Z_1 = _replay_iterations(X, L, Zt, offs_n, offs_d, tb, k_1, n_b, D,
                                                       hd_b, hn_b, NR, w_ptr, T, QUAD, KV)
+                if ZREBUILD and ADJ == ADJ_S_STEP:     # the replay continued to T - 1
+                    if PLAN:
+                        gp = tl.load(gplan_b + o, mask=mask, other=0.0)
+                    else:
+                        gp = X
+                    Zb_r = _rebuilt_zbar(X, L, Zt, offs_n, offs_d, tb, n_b, D, hd_b, hn_b, NR,
+                                         w_ptr, T, szb, zcb, gy, out, gp, KV, QUAD, PLAN)
                 L = tl.where(mask, L, 0.0)
             elif ZREBUILD and ADJ == ADJ_S_STEP:
                 L, Zt, Zb_r = _state_and_rebuilt_zbar(X, offs_n, offs_d, mask, o, tb, lp0_b,

@@ -30,7 +30,7 @@ __all__ = ["badmm_forward", "badmm_backward", "block_sizes", "forward_block_size
            "backward_block_sizes",
            "history_like", "history_views", "param_grads_numel", "param_grad_views",
            "forward_replays", "forward_one_pass", "backward_fuses", "backward_halves",
-           "backward_rebuilds_zbar",
+           "backward_rebuilds_zbar", "split_backward_fuses",
            "forward_splits",
            "backward_splits"]
 
@@ -360,6 +360,16 @@ def backward_rebuilds_zbar(per_row: bool, fuse: bool = False) -> bool:
     return per_row and not fuse
 
 
+def split_backward_fuses(rebuild: bool) -> bool:
+    """Whether the split backward's pass 3 also sums the L̄', Z̄' part of the next reverse
+    step's pass 2 (``FUSE``, :func:`.kernels._adjoint_p_step_tiles`), leaving that pass a
+    sweep over x for the part of C̄: where it rebuilds Z̄' (``rebuild``), which pass 2 then
+    skips - the replay past iteration t to T - 1 runs once per reverse step instead of twice.
+    Without the rebuild the unfused pass 2 reads L̄', Z̄' on full tiles (the fused pass 3 needs
+    the half tiles: :func:`backward_block_sizes`)."""
+    return rebuild
+
+
 def _backward_split_shapes(geo, NS: int, DS: int, T: int, rebuild: bool, quadratic: int):
     """(zeroed, empty) scratch of :func:`_backward_split`: the pass partials gwt
     (B, T, 2, NS · DS, 2); L̄ (rows, D), Z̄ (rows, D) or (``rebuild``) the R̄ history
@@ -375,12 +385,13 @@ def _backward_split_shapes(geo, NS: int, DS: int, T: int, rebuild: bool, quadrat
 
 
 def _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, NS, DS,
-                    scratch, *, quadratic, paper, has_p0, has_q0, wrap, rebuild, scale=None,
-                    ds=None):
+                    scratch, *, quadratic, paper, has_p0, has_q0, wrap, rebuild, fuse=False,
+                    scale=None, ds=None):
     """The backward over B × NS × DS programs, dense or ragged (:mod:`.split_backward_kernels`):
     per reverse step a rows step, pass 2, a columns step and pass 3. Fills gx, gp0, gq0 (and
     with ``scale`` ds, as :func:`badmm_backward`) and returns gw (B, T, 4) like the
-    one-program-per-set kernel."""
+    one-program-per-set kernel. ``rebuild``: Z̄' rebuilt (:func:`backward_rebuilds_zbar`),
+    ``fuse``: :func:`split_backward_fuses` (half tiles with either)."""
     B, D, T, rows = geo.B, geo.D, wc.shape[1], geo.rows
     BN, BD, BV, num_warps = geo.blocks
     NS, SD, DS = _split_slices(geo, NS, DS)
@@ -393,7 +404,7 @@ def _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, 
     flags = dict(sets, HAS_P0=has_p0, HAS_Q0=has_q0, QUAD=quadratic, PAPER=paper, KV=KV)
     scaled = dict(SCALED=scale is not None)
     sc, ds = (gx, gx) if scale is None else (scale, ds)   # unread without a scale
-    if rebuild:    # szb: the R̄ history; the passes' half tiles (SD stays a multiple of BD)
+    if rebuild or fuse:   # szb: the R̄ history; half tiles (SD stays a multiple of BD)
         BN, BD = backward_block_sizes(geo.N, D)[:2]
     gp = gplan if gplan is not None else gx
     xargs = (x, geo.sxb, geo.sxn, geo.sxd, ptr, lp0, lq0, wc, hd, hn, vd, vn, slb, szb, zc)
@@ -405,16 +416,17 @@ def _backward_split(x, geo, wc, lp0, lq0, hd, hn, y32, gy, gplan, gx, gp0, gq0, 
         if has_tau:
             launcher(badmm_split_bwd_pass2_kernel, wrap)[tiles](
                 *xargs, sc, gp, gy, y32, tau, gwt, geo.N, D, rows, T, tb, NS, SD, DS, u_p0,
-                **flags, PLAN=tb == T - 1, **scaled, GPLAN=gplan is not None, ZREBUILD=rebuild,
-                BN=BN, BD=BD, num_warps=num_warps)
+                **flags, PLAN=tb == T - 1, **scaled, GPLAN=gplan is not None, FUSE=fuse,
+                ZREBUILD=rebuild, BN=BN, BD=BD, num_warps=num_warps)
         launcher(badmm_split_bwd_cols_step_kernel, wrap)[(B,)](
             ptr, lp0, wc, vd, tau, gwv, szb, geo.N, D, T, tb, NS, u_p0, int(has_tau), **sets,
             HAS_P0=has_p0, QUAD=quadratic, PAPER=paper, ZREBUILD=rebuild, BV=BV,
             num_warps=num_warps)
         launcher(badmm_split_bwd_pass3_kernel, wrap)[tiles](
-            *xargs, gx, gy, y32, sig, gwt, sc, dsp, gp, geo.N, D, rows, T, tb, NS, SD, DS, u_p0,
-            **flags, ADJ=(ADJ_FIRST if tb == T - 1 else ADJ_S_STEP).value, PLAN=gplan is not None,
-            **scaled, ZREBUILD=rebuild, BN=BN, BD=BD, num_warps=num_warps)
+            *xargs, gx, gy, y32, sig, gwt, sc, dsp, gp, tau, geo.N, D, rows, T, tb, NS, SD, DS,
+            u_p0, **flags, ADJ=(ADJ_FIRST if tb == T - 1 else ADJ_S_STEP).value,
+            PLAN=gplan is not None, FUSE=fuse, **scaled, ZREBUILD=rebuild, BN=BN, BD=BD,
+            num_warps=num_warps)
     launcher(badmm_split_bwd_init_kernel, wrap)[(B,)](
         ptr, slb, vd, vn, gp0, gq0, sc, dsp, gy, y32, ds, geo.N, D, rows, NS * DS, **sets,
         HAS_P0=has_p0, HAS_Q0=has_q0, PAPER=paper, **scaled, BN=BN, BD=BD, BV=BV,
@@ -577,7 +589,7 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
                                       gx, gp0, gq0, *splits, (zs, es), quadratic=quadratic,
                                       paper=paper, has_p0=log_p0 is not None,
                                       has_q0=log_q0 is not None, wrap=wrap, rebuild=rebuild,
-                                      scale=scale, ds=ds)
+                                      fuse=split_backward_fuses(rebuild), scale=scale, ds=ds)
             npart = gwt.shape[2] * gwt.shape[3]
         else:
             # gw (B, T, 4): per-set partials wrt (κ2, κ3, α1, ρ), every entry written by the

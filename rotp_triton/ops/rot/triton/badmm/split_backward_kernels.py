@@ -9,17 +9,20 @@ combine the partials and run the lognorm / paper adjoints. Reverse step tb:
 
   rows step (b):        restore iteration tb's vectors; σ = Σ_j partials (written by pass 3 of
                         step tb + 1), paper vector adjoints, C̄ (or log η̄)
-  pass 2    (b, i, j):  :func:`.kernels._adjoint_s_step_pass` (or the plan adjoint at T - 1)
+  pass 2    (b, i, j):  :func:`.kernels._adjoint_s_step_pass` (or the plan adjoint at T - 1;
+                        FUSE: only the part of C̄, added to what pass 3 of step tb + 1 wrote)
   columns step (b):     τ = Σ_i partials, R̄ (or log μ̄)
-  pass 3    (b, i, j):  :func:`.kernels._adjoint_p_step_pass`
+  pass 3    (b, i, j):  :func:`.kernels._adjoint_p_step_pass` (FUSE: with the L̄', Z̄' part of
+                        pass 2 of step tb - 1: :func:`.launch.split_backward_fuses`)
 then :func:`.kernels._init_adjoint_pass` per set. Dense or ragged (row slices sized per set
 from N_b on the device, as :func:`.split_kernels._tile_program`; empty sets skipped). The
 adjoints L̄, Z̄ live in a (rows, D) fp32 scratch (not zeroed: pass 3 of the first step writes
 them, :data:`.kernels.ADJ_FIRST`) - the same size as the one-program-per-set
 kernel's when B < #SMs, where the launcher uses this schedule - and the per-set vector slots in
-(B, 7, D) / (7, rows). Only L̄ is kept: passes 2 and 3 rebuild Z̄' from the state and the R̄
-(and, B-Q, C̄) of the later steps, which the columns step records in (B, T, D) (the rows step
-in (T, rows)) (:func:`.kernels._rebuilt_zbar`, :func:`.launch.backward_rebuilds_zbar`).
+(B, 7, D) / (7, rows). Only L̄ is kept: pass 3 (and pass 2 unfused) rebuilds Z̄' from the
+state and the R̄ (and, B-Q, C̄) of the later steps, which the columns step records in
+(B, T, D) (the rows step in (T, rows)) (:func:`.kernels._rebuilt_zbar`,
+:func:`.launch.backward_rebuilds_zbar`).
 """
 from __future__ import annotations
 
@@ -28,9 +31,9 @@ import triton.language as tl
 
 from ..common import set_inv_scale
 from .kernels import (_adjoint_p_step_pass, _adjoint_plan_pass, _adjoint_s_step_pass,
-                      _init_adjoint_pass, _iter_weights, _log, _restore, _rho_prev,
-                      _set_bounds, _vec_copy, _vec_dot, _vec_fill, _vec_lognorm_mix_bwd,
-                      _vec_paper_absorb, _vec_paper_update_bwd, _vzero)
+                      _adjoint_s_step_tiles, _init_adjoint_pass, _iter_weights, _log, _restore,
+                      _rho_prev, _set_bounds, _vec_copy, _vec_dot, _vec_fill,
+                      _vec_lognorm_mix_bwd, _vec_paper_absorb, _vec_paper_update_bwd, _vzero)
 from .split_kernels import _tile_program
 
 
@@ -158,12 +161,15 @@ def badmm_split_bwd_pass2_kernel(
     tb, NS, SD, DS, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
     PAPER: tl.constexpr, KV: tl.constexpr, PLAN: tl.constexpr, SCALED: tl.constexpr,
-    GPLAN: tl.constexpr, ZREBUILD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    GPLAN: tl.constexpr, FUSE: tl.constexpr, ZREBUILD: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr,
 ):
     """Pass 2 of reverse step tb (PLAN: the plan adjoint of the last iteration instead) over
     this program's tiles; partial τ into tau[b, i, :], (∂α1, ∂ρ) into gwt[b, tb, 0, i·DS + j].
     ZREBUILD: ``szb_ptr`` is the (B, T, D) R̄ history and ``zc_ptr`` (B-Q) the (T, rows) C̄
-    history (Z̄' rebuilt; GPLAN: with a plan gradient, ``gplan_ptr``)."""
+    history (Z̄' rebuilt; GPLAN: with a plan gradient, ``gplan_ptr``). FUSE: pass 3 of step
+    tb + 1 wrote the L̄', Z̄' part of both, so this pass adds the part of C̄ alone, a sweep over
+    x that neither reads nor rebuilds Z̄' (:func:`.kernels._adjoint_s_step_tiles` CB_ONLY)."""
     b64, si, sj, rs, n_b, xb, lp0_b, lq0_b, hd_b, hn_b, n_lo, n_hi, d_lo, d_hi, u_q0 = \
         _tile_program(x_ptr, sxb, sxn, ptr_ptr, lp0_ptr, lq0_ptr, hd_ptr, hn_ptr, N, D, T, NS,
                       SD, KV, RAGGED, BN)
@@ -180,6 +186,14 @@ def badmm_split_bwd_pass2_kernel(
                            d_lo, d_hi, tau, HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
         tl.store(gwt + 0, 0.0)
         tl.store(gwt + 1, 0.0)
+    elif FUSE:
+        da1, dr = _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b,
+                                        NR, w_ptr, T, tb, slb, slb, slb, vd, vn, NR, n_b, D, a1,
+                                        rho, n_lo, n_hi, d_lo, d_hi, tau, tau, gy_ptr, out_ptr,
+                                        gplan_ptr, HAS_P0, HAS_Q0, KV, QUAD, True, False, False,
+                                        BN, BD)
+        tl.store(gwt + 0, tl.load(gwt + 0) + da1)
+        tl.store(gwt + 1, tl.load(gwt + 1) + dr)
     else:
         szb = _zbar_source(szb_ptr, b64, rs, T, D, ZREBUILD)
         da1, dr = _adjoint_s_step_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
@@ -195,15 +209,18 @@ def badmm_split_bwd_pass2_kernel(
 def badmm_split_bwd_pass3_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, vd_ptr, vn_ptr,
     slb_ptr, szb_ptr, zc_ptr, gx_ptr, gy_ptr, out_ptr, sig_ptr, gwt_ptr, sc_ptr, dsp_ptr,
-    gplan_ptr, N, D, NR, T, tb, NS, SD, DS, u_p0,
+    gplan_ptr, tau_ptr, N, D, NR, T, tb, NS, SD, DS, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
     PAPER: tl.constexpr, KV: tl.constexpr, ADJ: tl.constexpr, PLAN: tl.constexpr,
-    SCALED: tl.constexpr, ZREBUILD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    FUSE: tl.constexpr, SCALED: tl.constexpr, ZREBUILD: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr,
 ):
     """Pass 3 of reverse step tb over this program's tiles (X̄, L̄, Z̄ in place; ``ADJ``,
     ``PLAN``, ``SCALED``: :func:`.kernels._adjoint_p_step_pass`); partial σ of step tb - 1 into
     sig[j, rows of b], (∂α1, ∂ρ) into gwt[b, tb, 1, i·DS + j]; SCALED, last step (tb = 0):
-    the partial Σ X̄ · x / σ_b into dsp[b, i·DS + j]. ZREBUILD: as pass 2 (no Z̄ stored)."""
+    the partial Σ X̄ · x / σ_b into dsp[b, i·DS + j]. ZREBUILD: as pass 2 (no Z̄ stored).
+    FUSE (tb > 0): also the L̄', Z̄' part of pass 2 of step tb - 1, its partial τ into
+    tau[b, i, :] and (∂α1, ∂ρ) into gwt[b, tb - 1, 0, i·DS + j], which that pass 2 adds to."""
     b64, si, sj, rs, n_b, xb, lp0_b, lq0_b, hd_b, hn_b, n_lo, n_hi, d_lo, d_hi, u_q0 = \
         _tile_program(x_ptr, sxb, sxn, ptr_ptr, lp0_ptr, lq0_ptr, hd_ptr, hn_ptr, N, D, T, NS,
                       SD, KV, RAGGED, BN)
@@ -212,15 +229,21 @@ def badmm_split_bwd_pass3_kernel(
     NSD = NS * DS
     szb = _zbar_source(szb_ptr, b64, rs, T, D, ZREBUILD)
     gwt = gwt_ptr + ((b64 * T + tb) * 2 * NSD + NSD + si * DS + sj) * 2
-    da1, dr, gxx = _adjoint_p_step_pass(
+    da1, dr, da1u, dru, gxx = _adjoint_p_step_pass(
         xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
         slb_ptr + rs * D, szb, zc_ptr + rs, gx_ptr + rs * D,
         vd_ptr + b64 * 7 * D, vn_ptr + rs, NR, vn_ptr + 3 * NR + rs, gy_ptr + b64 * D,
         out_ptr + b64 * D, n_b, D, a1, rho, tl.where(tb == T - 1, 1.0, 0.0),
         _rho_prev(w_ptr + 4 * T, tb), n_lo, n_hi, d_lo, d_hi, sig_ptr + sj * NR + rs,
-        gplan_ptr + rs * D, HAS_P0, HAS_Q0, KV, QUAD, ADJ, PLAN, SCALED, ZREBUILD, BN, BD)
+        tau_ptr + (b64 * NS + si) * D, gplan_ptr + rs * D, HAS_P0, HAS_Q0, KV, QUAD, ADJ,
+        PLAN, FUSE, SCALED, ZREBUILD, BN, BD)
     tl.store(gwt + 0, da1)
     tl.store(gwt + 1, dr)
+    if FUSE:
+        if tb > 0:     # pass 2 of step tb - 1 adds its C̄ part to these
+            gwu = gwt_ptr + (((b64 * T + tb - 1) * 2 * NSD) + si * DS + sj) * 2
+            tl.store(gwu + 0, da1u)
+            tl.store(gwu + 1, dru)
     if SCALED:
         if tb == 0:
             tl.store(dsp_ptr + b64 * NSD + si * DS + sj, gxx)
