@@ -350,13 +350,14 @@ def backward_rebuilds_zbar(per_row: bool, fuse: bool = False) -> bool:
     B-Q's couples to L̄' (its P-step subtracts α1 S), so its rebuild composes each reverse
     step's 2 × 2 map of (L̄, Z̄) and also needs C̄ per step ((T, rows) floats, T / D × the
     input). It saves 1× the input of peak memory (fwd+bwd at T = 16, MEASURED on the CPU by
-    ``bench/peak_memory.py``: B-E W1 / W5 3.53 / 3.52 -> 2.56 / 2.59× the input,
-    ``bench/results/badmm_zbar_rebuild_2026-12-01.md``; B-Q ``badmm_bq_zbar_rebuild_2026-12-01.md``:
-    issue 17's ≤ 3×) and 12 bytes of HBM traffic per element and reverse step, for a replay
-    continued to iteration T - 1 in passes 2 and 3 (twice the replayed iterations, one more
-    exp2 each, B-Q two). Those passes run :func:`backward_block_sizes`' half tiles: at 8 fp32
-    a thread they sat at 227-255 registers and triton 3.6 spilled 88-408 bytes (one program
-    per set, ragged, paper, with the feature scale: 2,100)."""
+    ``bench/peak_memory.py``: W1 / W5 3.53 / 3.52 -> B-E 2.56 / 2.59, B-Q 2.72 / 2.71× the
+    input, issue 17's ≤ 3×; ``bench/results/badmm_zbar_rebuild_2026-12-01.md``,
+    ``badmm_bq_zbar_rebuild_2026-12-01.md``) and 12 bytes of HBM traffic per element and
+    reverse step, for a replay continued to iteration T - 1 in pass 3 and (one program per
+    set; the split backward unfused: :func:`split_backward_fuses`) pass 2, one more exp2 per
+    element-iteration (B-Q two). Those passes run :func:`backward_block_sizes`' half tiles:
+    at 8 fp32 a thread they sat at 227-255 registers and triton 3.6 spilled 88-408 bytes (one
+    program per set, ragged, paper, with the feature scale: 2,100)."""
     return per_row and not fuse
 
 
@@ -366,7 +367,12 @@ def split_backward_fuses(rebuild: bool) -> bool:
     sweep over x for the part of C̄: where it rebuilds Z̄' (``rebuild``), which pass 2 then
     skips - the replay past iteration t to T - 1 runs once per reverse step instead of twice.
     Without the rebuild the unfused pass 2 reads L̄', Z̄' on full tiles (the fused pass 3 needs
-    the half tiles: :func:`backward_block_sizes`)."""
+    the half tiles: :func:`backward_block_sizes`). PREDICTED (kernel report): the first model
+    puts the fused schedule 5-14 % ahead (W1 / W5, T = 4 and 16); the calibrated one prices
+    both alike (W1 T = 16 B-E 7.16 -> 7.11 ms) but the fused kernels 14 % above at W1 T = 4
+    B-E (a host-bound call): its pass 3 holds two iterations' states through the rebuild
+    (154 registers at W1, 8 warps per SM) - ``bench/results/badmm_bq_zbar_rebuild_2026-12-01.md``;
+    ``bench/gpu_tune.py`` times the unfused one."""
     return rebuild
 
 
