@@ -59,7 +59,8 @@ backward's reverse step t rebuilds (log S_t, Z_t) of each tile from x and that h
 the vectors) instead of re-running the forward's passes from iteration 0. The adjoints L̄, Z̄
 live in an fp32 scratch of the size above - except Z̄ where that scratch is per row (the
 split backward, ragged batches): it follows the state and the per-step R̄ (B-Q: and C̄)
-alone, and passes 2 and 3 rebuild it (:func:`_rebuilt_zbar`; 1× the input of memory less).
+alone, and pass 3 (and pass 2 where unfused) rebuilds it (:func:`_rebuilt_zbar`; 1× the
+input of memory less).
 Each reverse step needs two reductions in sequence, τ = Σ_n log P̄ (for R̄) and then
 σ = Σ_d (L̄ - ρ Z̄ S) (for the next step's C̄), so two
 sweeps per step, of which only one touches L̄, Z̄:

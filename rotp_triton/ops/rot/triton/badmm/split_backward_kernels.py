@@ -186,7 +186,7 @@ def badmm_split_bwd_pass2_kernel(
                            d_lo, d_hi, tau, HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
         tl.store(gwt + 0, 0.0)
         tl.store(gwt + 1, 0.0)
-    elif FUSE:
+    elif FUSE:     # (CB_ONLY: L̄', Z̄' are not read - slb stands in for their pointers)
         da1, dr = _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b,
                                         NR, w_ptr, T, tb, slb, slb, slb, vd, vn, NR, n_b, D, a1,
                                         rho, n_lo, n_hi, d_lo, d_hi, tau, tau, gy_ptr, out_ptr,
