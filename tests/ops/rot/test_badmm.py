@@ -351,14 +351,17 @@ def test_split_forward_backward(method, variant, NS, DS, monkeypatch):
     assert set(calls) >= {"_forward_split", "_backward_split"}, calls
 
 
-@pytest.mark.parametrize("schedule", ["fused-rebuild", "unfused-rebuild", "stored"])
-@pytest.mark.parametrize("method,variant", [("badmm-q", "exact"), ("badmm-e", "paper")])
+@pytest.mark.parametrize("method,variant,schedule", [("badmm-q", "exact", "fused-rebuild"),
+                                                     ("badmm-e", "paper", "fused-rebuild"),
+                                                     ("badmm-q", "paper", "unfused-rebuild"),
+                                                     ("badmm-q", "exact", "stored")])
 def test_split_backward_schedules(method, variant, schedule, monkeypatch):
     """The split backward's three schedules at T = 4 (the rebuild composes up to two later
     reverse steps): Z̄' rebuilt in pass 3, which also sums pass 2's L̄', Z̄' part (the
     launcher's: :func:`launch.split_backward_fuses`), rebuilt in both passes, or kept in a
     (rows, D) scratch (:func:`launch.backward_rebuilds_zbar` off: ``bench/gpu_tune.py``'s
-    other schedule); against the reference."""
+    other schedules; the T = 3 split tests run the launcher's for every method and variant);
+    against the reference."""
     _small_blocks(monkeypatch)
     calls = _split(monkeypatch, 3, 2)
     if schedule != "fused-rebuild":
