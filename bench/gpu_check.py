@@ -344,6 +344,44 @@ def section_smoke(env, out, budget, only_cases=None):
                 + ("OK" if row.get("ok") else "FAIL")
                 + (f" y {row['y']:.1e} dx {row['dx']:.1e} dw {row['dw']:.1e}"
                    if "y" in row else f" {row.get('error')}"))
+        row = dict(section="smoke", case="sinkhorn backward bits, twice", dtype="float32")
+        try:
+            row.update(run_determinism_check(env))
+        except Exception as e:
+            if is_timeout(e):
+                raise SectionTimeout() from e
+            row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:200]}")
+        out.append(row)
+        log(f"smoke {row['case']}: " + ("OK" if row.get("ok") else "FAIL")
+            + f" {dict((k, v) for k, v in row.items() if k.startswith('same'))}")
+
+
+def run_determinism_check(env):
+    """The Sinkhorn backward (its programs add their sets' shares of the weight gradient) run
+    twice, with atomic adds and under ``torch.use_deterministic_algorithms`` (shares summed in
+    a fixed order): whether each pair of runs gave the same bits. Only the deterministic pair
+    must (ok)."""
+    import rotp_triton as rt
+    gen = torch.Generator().manual_seed(31)
+    n_sets = 8 if env.smoke else 300
+    x = torch.randn(n_sets, 16, 32, generator=gen).to(env.device)
+    w = {k: torch.rand(4, generator=gen).add(0.5).to(env.device) for k in ("a1", "a2", "a3")}
+    before = torch.are_deterministic_algorithms_enabled()
+    same = {}
+    try:
+        for fixed in (False, True):
+            torch.use_deterministic_algorithms(fixed)
+            runs = []
+            for _ in range(2):
+                xk = x.clone().requires_grad_()
+                wk = {k: v.clone().requires_grad_() for k, v in w.items()}
+                y = rt.rot_pool(xk, method="sinkhorn", num_iters=4, backend="triton", **wk)
+                runs.append(torch.autograd.grad(y.square().sum(), [xk, *wk.values()]))
+            same["same_bits_deterministic" if fixed else "same_bits_atomic"] = all(
+                torch.equal(a, b) for a, b in zip(*runs))
+    finally:
+        torch.use_deterministic_algorithms(before)
+    return dict(same, ok=same["same_bits_deterministic"])
 
 
 # --------------------------------------------------------------------------------------------

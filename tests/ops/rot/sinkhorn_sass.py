@@ -6,6 +6,7 @@ Run WITHOUT ``TRITON_INTERPRET`` (``tests/ops/rot/test_sinkhorn.py`` runs it in 
     python tests/ops/rot/sinkhorn_sass.py usage fwd1 exact fp32 8 [...]  # REG / LOCAL per config
     python tests/ops/rot/sinkhorn_sass.py small fwd1 64 64 4 [...]       # SMALL_CONFIGS entries
     python tests/ops/rot/sinkhorn_sass.py loop W1 exact               # innermost-loop counts
+    python tests/ops/rot/sinkhorn_sass.py atomics dx paper fp32 4 fixed [...]  # atomics in SASS
 
 Workloads: W1 = 50 × 500 × 100 dense contiguous fp32, W2 = x (256, 2048, 7, 7) viewed as
 (256, 49, 2048) (``.flatten(2).transpose(1, 2)``). The numbers are read from SASS, not timed.
@@ -212,7 +213,9 @@ def dx_config(variant: str, N: int, D: int, num_warps: int) -> tuple:
                                       BT=16)
 
 
-def compile_config(which, variant, xdt, nw):
+def compile_config(which, variant, xdt, nw, fixed_order: bool = False):
+    """``fixed_order``: the backward / dx launch under ``torch.use_deterministic_algorithms``
+    (FIXED_ORDER: weight-gradient shares stored, not added atomically)."""
     scaled = which.endswith("+s")
     which = which.removesuffix("+s")
     cap = L.MAX_REGISTERS
@@ -226,6 +229,8 @@ def compile_config(which, variant, xdt, nw):
         nw, cap = launch_options(which, variant, None if ragged else 49, 2048, nw)
     if scaled:
         _fold_scale(ce, which, variant)
+    if fixed_order:
+        ce["FIXED_ORDER"] = True
     capped = kern in (K.sinkhorn_fwd_kernel, K.sinkhorn_bwd_kernel)  # (as the launchers)
     return compile_sm90(kern, signature(kern, ce, xdt), ce, num_warps=nw,
                         maxnreg=cap if capped else None)
@@ -252,6 +257,13 @@ def sass(compiled) -> str:
 
 
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+
+
+def atomic_instructions(compiled) -> int:
+    """Global atomics / reductions in the SASS (ATOMG, RED, REDG, ..., predicated or not)."""
+    return sum(1 for line in sass(compiled).splitlines()
+               for m in [_INSTR.search(line)]
+               if m and re.match(r"(@!?U?P\w+\s+)?(ATOM|RED)", m.group(2)))
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 
 
@@ -376,5 +388,12 @@ if __name__ == "__main__":
             which, N, D, nw = args[i], int(args[i + 1]), int(args[i + 2]), int(args[i + 3])
             regs, local = usage(compile_small(which, N, D, nw))
             print("USAGE", which, N, D, nw, regs, local, flush=True)
+    elif sys.argv[1] == "atomics":   # one or more configs: which variant xdt warps fixed, ...
+        args = sys.argv[2:]
+        for i in range(0, len(args), 5):
+            which, variant, xdt, nw = args[i], args[i + 1], args[i + 2], int(args[i + 3])
+            fixed = args[i + 4] == "fixed"
+            n = atomic_instructions(compile_config(which, variant, xdt, nw, fixed))
+            print("ATOMICS", which, variant, xdt, nw, args[i + 4], n, flush=True)
     else:
         print(loop_report(sys.argv[2], sys.argv[3]))

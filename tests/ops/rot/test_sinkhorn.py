@@ -242,6 +242,114 @@ def test_backward_dx_tiles_with_edges(variant, ragged, dx_by, layout, reverse_fo
         assert float(k[2][4][1].abs().max()) == 0.0  # dp0 of the empty set
 
 
+@pytest.fixture
+def deterministic():
+    """``torch.use_deterministic_algorithms(True)`` for the test; the previous setting after."""
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def _fixed_order_launches(launches) -> list:
+    """FIXED_ORDER of each backward / row-block dx launch recorded by count_launches."""
+    return [c.get("FIXED_ORDER") for name, c in zip(launches, launches.constexprs)
+            if name in ("sinkhorn_bwd_kernel", "sinkhorn_dx_kernel")]
+
+
+@pytest.mark.parametrize("variant", ["exact", "paper"])
+@pytest.mark.parametrize("path", ["split-dx", "ragged"])
+def test_deterministic_algorithms_weight_grads_in_a_fixed_order(variant, path, deterministic,
+                                                                 monkeypatch):
+    """Under ``torch.use_deterministic_algorithms(True)`` the backward adds nothing atomically:
+    its programs store their shares of the weight-table gradient and
+    ``launch.sum_weight_grad_partials`` sums them in a fixed order (FIXED_ORDER). == the oracle
+    where shares are added: the set kernel's (``kernels._add_weight_grad``; ragged, with an
+    empty set, whose prior gradient stays zero) and the row-block dx launch's (three blocks a
+    set; its final-log-P terms, and with the paper variant its x-scale terms, which belong to
+    ε_{t-1})."""
+    from launch_counter import count_launches
+    from rotp_triton.ops.rot.triton.sinkhorn import launch
+    monkeypatch.setattr(launch, "dx_tile", lambda D_, N_, nw=4: (2, 4))
+    monkeypatch.setattr(launch, "fuse_dx", lambda *args: False)
+    monkeypatch.setattr(launch, "split_dx", lambda *args: path == "split-dx")
+    gen = torch.Generator().manual_seed(23)
+    D, T = 6, 3
+    a1, a2, a3 = _weights(T, gen)
+    if path == "ragged":
+        sizes = [3, 0, 5]
+        ptr, B = _ragged_ptr(sizes), len(sizes)
+        x = torch.randn(sum(sizes), D, generator=gen)
+        q0 = torch.rand(sum(sizes), generator=gen) + 0.1
+    else:
+        ptr, B, N = None, 2, 5
+        x = torch.randn(B, N, D, generator=gen)
+        q0 = torch.rand(B, N, generator=gen) + 0.1
+    p0 = torch.rand(B, D, generator=gen) + 0.1
+    cy = torch.randn(B, D, generator=gen)
+    cp = torch.randn(x.shape, generator=gen)
+    args = (x, ptr, variant, T, a1, a2, a3, p0, q0, cy, cp)
+    with count_launches() as launches:
+        k = _run_kernel(*args)
+    assert _fixed_order_launches(launches) == [True] * (1 if path == "ragged" else 2)
+    _compare(k, _run_reference(*args), RTOL[torch.float32], ["x", "a1", "a2", "a3", "p0", "q0"])
+    if path == "ragged":
+        assert float(k[2][4][1].abs().max()) == 0.0  # dp0 of the empty set
+
+
+@pytest.mark.parametrize("variant", ["exact", "paper"])
+def test_deterministic_algorithms_feature_scale(variant, deterministic, monkeypatch):
+    """The layers' feature scale (``spread=True``) under deterministic algorithms, dx by the
+    row-block launch: the paper variant's dx programs store their ∂/∂σ shares too (exact:
+    σ's path is folded into the dx pass, ∂/∂σ complete in the set kernel, which stores it).
+    Same gradients as the atomic path (itself == the oracle: test_feature_scale_folded_in)."""
+    from launch_counter import count_launches
+    from rotp_triton.ops.rot.params import A1, A2, A3
+    from rotp_triton.ops.rot.triton.sinkhorn import launch
+    from rotp_triton.ops.rot.triton.sinkhorn.op import sinkhorn_pool
+    monkeypatch.setattr(launch, "dx_tile", lambda D_, N_, nw=4: (2, 4))
+    monkeypatch.setattr(launch, "fuse_dx", lambda *args: False)
+    monkeypatch.setattr(launch, "split_dx", lambda *args: True)
+    gen = torch.Generator().manual_seed(29)
+    T = 3
+    a1, a2, a3 = _weights(T, gen)
+    x = torch.randn(2, 5, 6, generator=gen) * 3 + 2
+    table = torch.zeros(6, T)
+    table[A1], table[A2], table[A3] = a1.float(), a2.float(), a3.float()
+    cy = torch.randn(2, 6, generator=gen)
+    grads = {}
+    for fixed in (False, True):
+        torch.use_deterministic_algorithms(fixed)
+        xk, tk = x.to(DEVICE).requires_grad_(), table.to(DEVICE).requires_grad_()
+        with count_launches() as launches:
+            y, _ = sinkhorn_pool(xk, None, tk, None, None, variant=variant, return_plan=False,
+                                 spread=True)
+            grads[fixed] = torch.autograd.grad((y * cy.to(DEVICE)).sum(), [xk, tk])
+        assert _fixed_order_launches(launches) == [fixed, fixed]
+        dx_launch = launches.constexprs[launches.index("sinkhorn_dx_kernel")]
+        assert dx_launch["SCALED"] and dx_launch["SPREAD"] == (variant == "exact")
+    for name, a, b in zip(["x", "table"], grads[True], grads[False]):
+        assert rel_err(a, b) <= RTOL[torch.float32], name
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the order of atomic adds varies on a GPU only")
+def test_deterministic_algorithms_bitwise_reproducible(deterministic):
+    """On the GPU, two backward passes under deterministic algorithms give the same bits (many
+    sets, each adding its share of the weight gradient)."""
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(300, 16, 32, generator=gen).to(DEVICE)
+    w = {k: torch.rand(4, generator=gen).add(0.5).to(DEVICE) for k in ("a1", "a2", "a3")}
+    runs = []
+    for _ in range(2):
+        xk = x.clone().requires_grad_()
+        wk = {k: v.clone().requires_grad_() for k, v in w.items()}
+        y = rt.rot_pool(xk, method="sinkhorn", num_iters=4, backend="triton", **wk)
+        runs.append(torch.autograd.grad(y.square().sum(), [xk, *wk.values()]))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("shape", [(3, 1, 4), (2, 6, 1), (1, 1, 1)])
 @pytest.mark.usefixtures("forward_iteration")
 def test_degenerate_shapes(shape):
@@ -810,6 +918,27 @@ def test_aot_sm90_small_sets_without_spills():
     from sinkhorn_sass import SMALL_CONFIGS
     failures = _aot_usage("small", SMALL_CONFIGS)
     assert not failures, "\n".join(failures)
+
+
+def test_aot_sm90_fixed_order_has_no_atomics():
+    """The backward and the row-block dx launch under deterministic algorithms (FIXED_ORDER)
+    compile for sm_90 without a single atomic or reduction instruction in their SASS, where
+    the default build has them (paper variant with the feature scale: every share they add -
+    the three weight rows, the final log P's and x-scale terms, ∂/∂σ)."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sinkhorn_sass.py")
+    cfgs = [(which, "paper", "fp32", 4, mode) for which in ("bwd1nogp+s", "dx+s")
+            for mode in ("fixed", "atomic")]
+    out = subprocess.run([sys.executable, script, "atomics"] + [str(a) for c in cfgs for a in c],
+                         env=env, text=True, capture_output=True, timeout=600)
+    lines = [ln.split() for ln in out.stdout.splitlines() if ln.startswith("ATOMICS")]
+    assert len(lines) == len(cfgs), out.stderr[-3000:]
+    for ln in lines:
+        print(" ".join(ln))
+        assert (int(ln[-1]) == 0) == (ln[-2] == "fixed"), ln
 
 
 @pytest.mark.parametrize("rows", [7, 23], ids=["pieces", "padded_piece"])

@@ -4,7 +4,8 @@ eq. 18); launchers in ``launch.py``.
 One program owns one set x_b (n_b samples × D features, rows = samples) and runs all T
 iterations, the pooling and (on request) the plan in one launch (ragged batches: largest set
 first); the backward is a second launch, whose programs add their set's share of the (6, T)
-table gradient atomically, and for a dense batch with fewer sets than SMs a third one writes dx
+table gradient atomically (under ``torch.use_deterministic_algorithms``: store it, for the host
+to sum in a fixed order), and for a dense batch with fewer sets than SMs a third one writes dx
 over row blocks (``sinkhorn_dx_kernel``; otherwise the backward's own pass or, for wide tiles,
 its last reverse sweep writes it). Tilings of the forward:
 
@@ -1678,13 +1679,14 @@ def sinkhorn_bwd_kernel(
     dx_ptr, sdb, sdn, sdd,
     dlp0_ptr, dlq0_ptr, dw_ptr, dk2_ptr, dk3_ptr, deps_rec_ptr, deps_x_ptr, xs_ptr,
     Rbar_ptr, Cbar_ptr, abar_ptr, bbar_ptr, pg_ptr, sc_ptr, ds_ptr, root_ptr, mean_ptr,
-    Rho_ptr, eb_ptr, one_exp2_max, RV_ptr, NPAD,
+    Rho_ptr, eb_ptr, one_exp2_max, RV_ptr, NPAD, dwp_ptr,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
     HAS_GP: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     BT: tl.constexpr, BNX: tl.constexpr, BDX: tl.constexpr, FUSE_DX: tl.constexpr = False,
     SPLIT_DX: tl.constexpr = False, BDF: tl.constexpr = 0, P0: tl.constexpr = 0,
     P1: tl.constexpr = 0, P2: tl.constexpr = 0, MASK_P: tl.constexpr = False,
     SCALED: tl.constexpr = False, SPREAD: tl.constexpr = False, PACK: tl.constexpr = False,
+    FIXED_ORDER: tl.constexpr = False,
 ):
     """Exact gradient of the T unrolled iterations + pooling (+ plan) of one set per program.
 
@@ -1705,6 +1707,8 @@ def sinkhorn_bwd_kernel(
     (_pieces_bwd_sweep, launch.row_pieces); MASK_P: the last piece has padded rows.
     SCALED: as in the forward; dx is then ∂/∂x at fixed σ and ds [B] (zero before) gets
     ∂/∂σ_b by atomic adds (``_add_weight_grad``).
+    FIXED_ORDER: the set's share of dw goes to dwp [B, 3, T] (zero before) instead, for a sum
+    in a fixed order (``_add_weight_grad``).
     SPREAD (with SCALED; exact, one tile per set, dx not fused into the last sweep): σ is the
     set's spread (the forward's statistics: root [B], the feature means mean [B, D]) and dx is
     the whole x̄ - the path through σ included (what ``spread_grad_kernel`` would add). Every
@@ -2022,7 +2026,8 @@ def sinkhorn_bwd_kernel(
                 tl.store(deps_x_ptr + b * T + ot, de_x, mask=ot < T)
         tl.debug_barrier()
         _add_weight_grad(w_ptr, dw_ptr, T, dk2_ptr + b * T, dk3_ptr + b * T, deps_rec_ptr + b * T,
-                         deps_x_ptr + b * T, de_fin, isig, ds_ptr + b, PAPER, SCALED, BT)
+                         deps_x_ptr + b * T, de_fin, isig, ds_ptr + b, dwp_ptr + b * 3 * T, PAPER,
+                         SCALED, BT, FIXED_ORDER)
 
 
 # --------------------------------------------------------------------------------------------
@@ -2034,10 +2039,10 @@ def sinkhorn_dx_kernel(
     w_ptr, A_ptr, Rn_ptr, Bv_ptr, Cn_ptr, rfin_ptr, tot_ptr, y_ptr,
     g_ptr, gp_ptr, sgb, sgn, sgd, dx_ptr, sdb, sdn, sdd,
     Rbar_ptr, Cbar_ptr, pg_ptr, dw_ptr, xs_ptr, sc_ptr, ds_ptr, root_ptr, mean_ptr,
-    Rho_ptr, eb_ptr, one_exp2_max, RV_ptr, NPAD,
+    Rho_ptr, eb_ptr, one_exp2_max, RV_ptr, NPAD, dwp_ptr,
     PAPER: tl.constexpr, HAS_GP: tl.constexpr, TX: tl.constexpr, BNX: tl.constexpr,
     BDX: tl.constexpr, BT: tl.constexpr, SCALED: tl.constexpr = False,
-    SPREAD: tl.constexpr = False, PACK: tl.constexpr = False,
+    SPREAD: tl.constexpr = False, PACK: tl.constexpr = False, FIXED_ORDER: tl.constexpr = False,
 ):
     """dx of rows [j BNX, (j + 1) BNX) of set b (grid (B, cdiv(N, BNX))), from the vectors the
     backward kernel saved (it ran first, with SPLIT_DX): the dx pass spread over every SM where
@@ -2048,7 +2053,10 @@ def sinkhorn_dx_kernel(
     ε_t, paper ε_{max(t-1, 0)});
     SCALED: those terms' share of ds [B] too (``_add_weight_grad``). SPREAD (sinkhorn_bwd_kernel's
     SPREAD): ds [B] is complete (that kernel summed every ε term), no ε term is added here, and
-    dx gets the path through σ, kk·(x - mean_f) (``_spread_coefficient``)."""
+    dx gets the path through σ, kk·(x - mean_f) (``_spread_coefficient``). FIXED_ORDER: no
+    atomics - the program's terms go to its row of dwp [B, NJ, T + 2] (zero before): ȳ_t ⊙ x's
+    term t at t (TX), the final log P's at T, ds's share at T + 1, summed by the host in a fixed
+    order (``launch.sum_weight_grad_partials``)."""
     b = tl.program_id(0).to(tl.int64)
     on = tl.program_id(1) * BNX + tl.arange(0, BNX)
     row0 = b * N
@@ -2074,22 +2082,33 @@ def sinkhorn_dx_kernel(
     if not SPREAD:
         # SCALED: these x-scale terms come out multiplied by 1/σ (see _add_weight_grad)
         sig = 1.0 / isig
-        tl.atomic_add(dw_ptr + _A1 * T + T - 1, de_fin * sig)
         dsv = de_fin * tl.load(w_ptr + _A1 * T + T - 1)   # (dropped by the compiler unless SCALED)
+        if FIXED_ORDER:
+            dwp = dwp_ptr + (b * tl.num_programs(1) + tl.program_id(1)) * (T + 2)
+            tl.store(dwp + T, de_fin * sig)
+        else:
+            tl.atomic_add(dw_ptr + _A1 * T + T - 1, de_fin * sig)
         if TX:
             ot = tl.arange(0, BT)
-            if PAPER:  # (one address per lane: term 0 goes to ε_0 in a second add)
+            if FIXED_ORDER:
+                tl.store(dwp + ot, de_x * sig, mask=ot < T)
+            elif PAPER:  # (one address per lane: term 0 goes to ε_0 in a second add)
                 tl.atomic_add(dw_ptr + _A1 * T + ot - 1, de_x * sig, mask=(ot >= 1) & (ot < T))
                 tl.atomic_add(dw_ptr + _A1 * T,
                               tl.sum(tl.where(ot == 0, de_x, 0.0), axis=0) * sig)
-                te = tl.maximum(ot - 1, 0)
             else:
                 tl.atomic_add(dw_ptr + _A1 * T + ot, de_x * sig, mask=ot < T)
+            if PAPER:
+                te = tl.maximum(ot - 1, 0)
+            else:
                 te = ot
             eps = tl.load(w_ptr + _A1 * T + te, mask=ot < T, other=0.0)
             dsv += tl.sum(tl.where(ot < T, de_x * eps, 0.0), axis=0)
         if SCALED:
-            tl.atomic_add(ds_ptr + b, dsv)
+            if FIXED_ORDER:
+                tl.store(dwp + T + 1, dsv)
+            else:
+                tl.atomic_add(ds_ptr + b, dsv)
 
 
 # --------------------------------------------------------------------------------------------
@@ -2126,14 +2145,18 @@ def _spread_coefficient(ds, root_b, isig, D, n_b):
 
 @triton.jit
 def _add_weight_grad(w_ptr, dw_ptr, T, dk2_b, dk3_b, deps_rec_b, deps_x_b, deps_fin, isig,
-                     ds_b, PAPER: tl.constexpr, SCALED: tl.constexpr, BT: tl.constexpr):
+                     ds_b, dwp_b, PAPER: tl.constexpr, SCALED: tl.constexpr, BT: tl.constexpr,
+                     FIXED_ORDER: tl.constexpr):
     """dw [6, T] += this set's share, by atomic adds (non-waiting: the programs of the launch
     never wait on each other). dk2, dk3 [T]: gradients w.r.t. κ2_t, κ3_t; deps_rec [T]: the
     paper's direct ε_t terms; deps_x [T]: term t of the x-scale (paper: it belongs to
     ε_{max(t-1, 0)}); deps_fin: the final log P's ε_{T-1}. dw starts at zero, so the rows
     Sinkhorn does not read stay zero. SCALED (x-scale s_t = 1/(σ ε_t)): the x-scale terms as
     formed, -Σ(...)·s_t² in natural units, are ∂/∂ε_t divided by σ, and
-    ∂/∂σ = Σ_t ε_t · (those terms as formed); the latter is added to ds_b."""
+    ∂/∂σ = Σ_t ε_t · (those terms as formed); the latter is added to ds_b.
+    FIXED_ORDER (``torch.use_deterministic_algorithms``): no atomics - the share's rows α1, α2,
+    α3 are stored to this set's dwp_b [3, T] and ds_b (this launch's only writer of it) is
+    stored; the host sums the sets in a fixed order (``launch.sum_weight_grad_partials``)."""
     ot = tl.arange(0, BT)
     tm = ot < T
     g2 = tl.load(dk2_b + ot, mask=tm, other=0.0)
@@ -2146,15 +2169,24 @@ def _add_weight_grad(w_ptr, dw_ptr, T, dk2_b, dk3_b, deps_rec_b, deps_x_b, deps_
     gx += tl.where(ot == T - 1, deps_fin, 0.0)                                # x-scale terms
     eps = tl.load(w_ptr + _A1 * T + ot, mask=tm, other=1.0)
     if SCALED:
-        tl.atomic_add(ds_b, tl.sum(tl.where(tm, gx * eps, 0.0), axis=0))
+        dsb = tl.sum(tl.where(tm, gx * eps, 0.0), axis=0)
+        if FIXED_ORDER:
+            tl.store(ds_b, dsb)
+        else:
+            tl.atomic_add(ds_b, dsb)
     ge = gx * (1.0 / isig)
     if PAPER:
         ge += tl.load(deps_rec_b + ot, mask=tm, other=0.0)
     k2_a, k2_e = _dkappa(tl.load(w_ptr + _A2 * T + ot, mask=tm, other=1.0), eps)
     k3_a, k3_e = _dkappa(tl.load(w_ptr + _A3 * T + ot, mask=tm, other=1.0), eps)
-    tl.atomic_add(dw_ptr + _A1 * T + ot, ge + g2 * k2_e + g3 * k3_e, mask=tm)
-    tl.atomic_add(dw_ptr + _A2 * T + ot, g2 * k2_a, mask=tm)
-    tl.atomic_add(dw_ptr + _A3 * T + ot, g3 * k3_a, mask=tm)
+    if FIXED_ORDER:
+        tl.store(dwp_b + ot, ge + g2 * k2_e + g3 * k3_e, mask=tm)
+        tl.store(dwp_b + T + ot, g2 * k2_a, mask=tm)
+        tl.store(dwp_b + 2 * T + ot, g3 * k3_a, mask=tm)
+    else:
+        tl.atomic_add(dw_ptr + _A1 * T + ot, ge + g2 * k2_e + g3 * k3_e, mask=tm)
+        tl.atomic_add(dw_ptr + _A2 * T + ot, g2 * k2_a, mask=tm)
+        tl.atomic_add(dw_ptr + _A3 * T + ot, g3 * k3_a, mask=tm)
 
 
 # --------------------------------------------------------------------------------------------

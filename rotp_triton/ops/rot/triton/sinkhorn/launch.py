@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ...params import A1, A2, A3
 from ..common import FRUGAL_REGISTERS, as_f32, cdiv, launcher, next_pow2, sm_count
 from ..spread.launch import set_statistics
 from .kernels import (RV_SLOTS, sinkhorn_bwd_kernel, sinkhorn_dx_kernel, sinkhorn_fwd_kernel,
@@ -420,6 +421,32 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
     return y, plan, state
 
 
+def sum_weight_grad_partials(dw: Tensor, ds: Optional[Tensor], dwp: Tensor, B: int, T: int,
+                             nj: int, paper: bool, tx: bool) -> None:
+    """dw (6, T) [and ds (B,)] += the shares that the backward's programs stored under
+    FIXED_ORDER (``torch.use_deterministic_algorithms``), summed by torch's reductions (a fixed
+    order: the same bits every run) instead of atomically in whatever order the programs ran.
+    ``dwp``: (B, 3, T) rows α1, α2, α3 of each set (kernels._add_weight_grad), then ``nj``
+    (B, nj, T + 2) rows of the dx launch (kernels.sinkhorn_dx_kernel: x-scale term t at t - with
+    ``paper`` it belongs to ε_{max(t - 1, 0)}; ``tx``: it has them - the final log P's at T,
+    ds's share at T + 1). Host ops: 3, 5-6 more with a dx launch, 2 more with ds."""
+    per_set = dwp[:B * 3 * T].view(B, 3, T).sum(0)
+    for row, k in enumerate((A1, A2, A3)):
+        dw[k] += per_set[row]
+    if nj == 0:
+        return
+    per_dx = dwp[B * 3 * T:].view(B, nj, T + 2)
+    tot = per_dx.sum((0, 1))
+    if tx and paper:
+        dw[A1, :T - 1] += tot[1:T]
+        dw[A1, 0] += tot[0]
+    elif tx:
+        dw[A1] += tot[:T]
+    dw[A1, T - 1] += tot[T]
+    if ds is not None:
+        ds += per_dx[:, :, T + 1].sum(1)
+
+
 def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
                       log_q0: Optional[Tensor], paper: bool, y: Tensor, state: Tensor,
                       grad_y: Tensor, grad_plan: Optional[Tensor], wrap=None,
@@ -486,6 +513,14 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     lq0 = as_f32(log_q0) if has_q0 else g
     sc = (scale, dparams[n_params:]) if scale is not None else (g, g)
     st = (spread[B:2 * B], spread[2 * B:]) if fold else (g, g)     # root, mean (B, D)
+    # torch.use_deterministic_algorithms: the programs store their shares of dw (and ds)
+    # instead of adding them atomically, and sum_weight_grad_partials adds them up in a fixed
+    # order (same bits every run); otherwise an unread placeholder
+    fixed = torch.are_deterministic_algorithms_enabled()
+    nj = cdiv(N, BNX) if split else 0
+    tx = not (one_tile and not paper)          # the dx launch's x-scale terms (its TX)
+    dwp = (torch.zeros(B * 3 * T + B * nj * (T + 2), device=x.device, dtype=torch.float32)
+           if fixed else g)
     if B > 0 and D > 0:
         launcher(sinkhorn_bwd_kernel, wrap)[(B,)](
             x, ptr if ptr is not None else g, _largest_first(ptr, g), sxb, sxn, sxd, sxn,
@@ -493,19 +528,22 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
             tot, y, g, gp, sgb, sgn, sgd, dx, sdb, sdn, sdd,
             dlp0 if has_p0 else g, dlq0 if has_q0 else g, dw, part[0], part[1], part[2],
             part[3], part[4], Rbar, Cbar, abar, bbar, pg, *sc, *st, rho, part[5],
-            ONE_EXP2_MAX_SHIFT, rv, npad, RAGGED=ptr is not None, HAS_P0=has_p0, HAS_Q0=has_q0,
-            PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one_tile, BN=BN, BD=BD, BT=next_pow2(T),
-            BNX=BNX, BDX=BDX, FUSE_DX=fused, SPLIT_DX=split, BDF=BDF, P0=P0, P1=P1, P2=P2,
-            MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None, SPREAD=fold, PACK=npad > 0,
-            num_warps=nw, maxnreg=cap)
+            ONE_EXP2_MAX_SHIFT, rv, npad, dwp, RAGGED=ptr is not None, HAS_P0=has_p0,
+            HAS_Q0=has_q0, PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one_tile, BN=BN, BD=BD,
+            BT=next_pow2(T), BNX=BNX, BDX=BDX, FUSE_DX=fused, SPLIT_DX=split, BDF=BDF, P0=P0,
+            P1=P1, P2=P2, MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None, SPREAD=fold,
+            PACK=npad > 0, FIXED_ORDER=fixed, num_warps=nw, maxnreg=cap)
         if split:
-            launcher(sinkhorn_dx_kernel, wrap)[(B, cdiv(N, BNX))](
+            launcher(sinkhorn_dx_kernel, wrap)[(B, nj)](
                 x, sxb, sxn, sxd, N, D, T, NR, w, A, Rn, Bv, Cn, rfin, tot, y, g, gp, sgb, sgn,
                 sgd, dx, sdb, sdn, sdd, Rbar, Cbar, pg, dw, part[4], *sc, *st, rho, part[5],
-                ONE_EXP2_MAX_SHIFT, rv, npad, PAPER=paper,
-                HAS_GP=has_gp, TX=not (one_tile and not paper), BNX=BNX, BDX=BDX,
-                BT=next_pow2(T), SCALED=scale is not None, SPREAD=fold, PACK=npad > 0,
+                ONE_EXP2_MAX_SHIFT, rv, npad, dwp[B * 3 * T:] if fixed else g, PAPER=paper,
+                HAS_GP=has_gp, TX=tx, BNX=BNX, BDX=BDX, BT=next_pow2(T),
+                SCALED=scale is not None, SPREAD=fold, PACK=npad > 0, FIXED_ORDER=fixed,
                 num_warps=nw)
+        if fixed:
+            sum_weight_grad_partials(dw, sc[1] if scale is not None and not fold else None,
+                                     dwp, B, T, nj, paper, tx)
     if scale is not None:
         return dx, dparams[:n_params], None if fold else sc[1]
     return dx, dparams
