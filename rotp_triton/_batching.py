@@ -223,6 +223,9 @@ def make_set_batch(x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tens
     """Validate ``x`` (+ ``index`` / ``ptr`` / ``dim_size``) and build the padded view
     (``pad=False``: only the bookkeeping, built lazily, no op on ``x``)."""
     check_tensor(x, name, ndim=(2, 3))
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} has no features (shape {tuple(x.shape)}): pooling needs at "
+                         f"least one (a last dimension >= 1)")
     if x.dim() == 3:
         if index is not None or ptr is not None:
             raise ValueError(f"index/ptr are only used with a 2-D (N_total, D) {name}; got a 3-D "

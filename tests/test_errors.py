@@ -11,6 +11,8 @@ INDEX = torch.tensor([0, 0, 1, 1, 1, 2])
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(x=torch.randn(4)), ValueError, "x must have 2 or 3 dimensions"),
     (dict(x=torch.randn(2, 3, 4, 5)), ValueError, "x must have 2 or 3 dimensions"),
+    (dict(x=torch.randn(2, 3, 0)), ValueError, "x has no features"),
+    (dict(x=torch.randn(6, 0), index=INDEX), ValueError, "x has no features"),
     (dict(x=torch.ones(6, 4, dtype=torch.long), index=INDEX), TypeError, "x must be a floating"),
     (dict(x=[[1.0]]), TypeError, "x must be a torch.Tensor"),
     (dict(x=X), ValueError, "needs index or ptr"),
