@@ -624,6 +624,28 @@ def test_huge_x_over_eps_gradient_finite_like_torch_path(variant, N):
     assert rel_err(yk, yt) <= RTOL[torch.float32]
 
 
+@pytest.mark.xfail(strict=True, reason="known defect (2026-12-01): with a hard sample marginal "
+                   "at |x|/α1 ≈ 300 the kernels' x̄ is 1.6e-3 off the oracle, the torch "
+                   "path's 1.1e-5 (errors on the plan's tied entries)")
+def test_hard_marginal_ties_at_large_x_over_eps():
+    """α3 = ∞ puts all of sample n's mass q0_n on its best feature, so features chosen by
+    several samples hold exactly tied plan entries and y_d is their mean. At |x|/α1 ≈ 300 the
+    kernels' x̄ is 1.6e-3 off the oracle (the torch path's fp32: 1.1e-5) and ∂L/∂α1 is 0.37
+    where it is ~0. The errors sit on the tied entries (±3.7e-4 on a pair): consistent with
+    tied logits x s + a + b, equal in exact arithmetic, a few ulps of |x s| ≈ 1e3 apart, so
+    that the pooling's weights split 0.5 ± 1e-5 - a hypothesis, not traced in the kernels yet
+    (found by a fuzz run)."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 12, 5, generator=gen, dtype=torch.float64) * 300
+    cy = torch.randn(1, 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    a1 = torch.ones(1, dtype=torch.float64)
+    a2 = torch.full((1,), 0.5, dtype=torch.float64)
+    a3 = torch.full((1,), math.inf, dtype=torch.float64)
+    args = (x, None, "exact", 1, a1, a2, a3, None, None, cy, None)
+    k, r = _run_kernel(*args), _run_reference(*args)
+    assert rel_err(k[2][0], r[2][0]) <= RTOL[torch.float32]
+
+
 @pytest.mark.parametrize("N", [8, 7], ids=["one_tile", "row_pieces"])
 @pytest.mark.parametrize("eps", ["constant", "per_iteration"])
 @pytest.mark.parametrize("p0", [False, True], ids=["uniform_p0", "p0"])
