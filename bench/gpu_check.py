@@ -344,7 +344,7 @@ def section_smoke(env, out, budget, only_cases=None):
                 + ("OK" if row.get("ok") else "FAIL")
                 + (f" y {row['y']:.1e} dx {row['dx']:.1e} dw {row['dw']:.1e}"
                    if "y" in row else f" {row.get('error')}"))
-        row = dict(section="smoke", case="sinkhorn backward bits, twice", dtype="float32")
+        row = dict(section="smoke", case="backward bits, twice", dtype="float32")
         try:
             row.update(run_determinism_check(env))
         except Exception as e:
@@ -357,31 +357,46 @@ def section_smoke(env, out, budget, only_cases=None):
 
 
 def run_determinism_check(env):
-    """The Sinkhorn backward (its programs add their sets' shares of the weight gradient) run
-    twice, with atomic adds and under ``torch.use_deterministic_algorithms`` (shares summed in
-    a fixed order): whether each pair of runs gave the same bits. Only the deterministic pair
-    must (ok)."""
+    """Backward passes run twice, whether each pair gave the same bits: the Sinkhorn set kernels
+    (their programs add their sets' shares of the weight gradient) with atomic adds and under
+    ``torch.use_deterministic_algorithms`` (shares summed in a fixed order), and, in the
+    default mode, B-E on 50 sets (the split kernels on a GPU: fewer sets than SMs) and the
+    B-E window kernels, which add nothing atomically. All but the atomic pair must (ok)."""
     import rotp_triton as rt
     gen = torch.Generator().manual_seed(31)
-    n_sets = 8 if env.smoke else 300
-    x = torch.randn(n_sets, 16, 32, generator=gen).to(env.device)
+    n_sets = 3 if env.smoke else 300      # (the interpreter is slow)
+    xs = torch.randn(n_sets, 16, 32, generator=gen).to(env.device)
+    xw = torch.randn(1 if env.smoke else 2, 8, 4 if env.smoke else 6, 6,
+                     generator=gen).to(env.device)
     w = {k: torch.rand(4, generator=gen).add(0.5).to(env.device) for k in ("a1", "a2", "a3")}
+
+    def sets(method, x):
+        def run():
+            xk = x.clone().requires_grad_()
+            wk = {k: v.clone().requires_grad_() for k, v in w.items()}
+            y = rt.rot_pool(xk, method=method, num_iters=4, backend="triton", **wk)
+            return torch.autograd.grad(y.square().sum(), [xk, *wk.values()])
+        return run
+
+    def window():
+        m = rt.ROTPool2d(8, 2, method="badmm-e", num_iters=4, backend="triton").to(env.device)
+        xk = xw.clone().requires_grad_()
+        return torch.autograd.grad(m(xk).square().sum(), [xk, *m.parameters()])
+
+    checks = [("same_bits_sinkhorn_atomic", False, sets("sinkhorn", xs)),
+              ("same_bits_sinkhorn_deterministic", True, sets("sinkhorn", xs)),
+              ("same_bits_badmm_e_50_sets", False, sets("badmm-e", xs[:min(n_sets, 50)])),
+              ("same_bits_window_badmm_e", False, window)]
     before = torch.are_deterministic_algorithms_enabled()
     same = {}
     try:
-        for fixed in (False, True):
+        for name, fixed, run in checks:
             torch.use_deterministic_algorithms(fixed)
-            runs = []
-            for _ in range(2):
-                xk = x.clone().requires_grad_()
-                wk = {k: v.clone().requires_grad_() for k, v in w.items()}
-                y = rt.rot_pool(xk, method="sinkhorn", num_iters=4, backend="triton", **wk)
-                runs.append(torch.autograd.grad(y.square().sum(), [xk, *wk.values()]))
-            same["same_bits_deterministic" if fixed else "same_bits_atomic"] = all(
-                torch.equal(a, b) for a, b in zip(*runs))
+            a, b = run(), run()
+            same[name] = all(torch.equal(u, v) for u, v in zip(a, b))
     finally:
         torch.use_deterministic_algorithms(before)
-    return dict(same, ok=same["same_bits_deterministic"])
+    return dict(same, ok=all(v for k, v in same.items() if not k.endswith("_atomic")))
 
 
 # --------------------------------------------------------------------------------------------
