@@ -104,6 +104,23 @@ _SCRATCH_ALIGN = 32  # fp32 elements: every view starts on a 128-byte boundary (
 #                      compile a second, slower variant of the kernel)
 
 
+def flat_views(buf: torch.Tensor, shapes, offsets=None) -> list:
+    """Contiguous views of the flat contiguous ``buf`` with the given shapes (tuples), at
+    ``offsets`` (elements; default: one after another). One ``as_strided`` each: a slice and a
+    ``view`` are two dispatches (the host front end, PERF.md)."""
+    base, out, o = buf.storage_offset(), [], 0
+    for i, shape in enumerate(shapes):
+        if offsets is not None:
+            o = offsets[i]
+        stride, acc = [], 1
+        for n in reversed(shape):
+            stride.append(acc)
+            acc *= n
+        out.append(buf.as_strided(shape, stride[::-1], base + o))
+        o += acc
+    return out
+
+
 def fp32_scratch(device, zeroed=(), empty=()):
     """Views of one fp32 allocation: ``(zeroed views, empty views)`` with the given shapes
     (ints or tuples). The ``zeroed`` ones lie first and are cleared by one fill; the rest are
@@ -117,7 +134,7 @@ def fp32_scratch(device, zeroed=(), empty=()):
         offsets.append(o)
         o += cdiv(n, _SCRATCH_ALIGN) * _SCRATCH_ALIGN
     buf = torch.empty(max(o, 1), device=device, dtype=torch.float32)
-    views = [buf[a:a + n].view(s) for a, n, s in zip(offsets, sizes, shapes)]
+    views = flat_views(buf, shapes, offsets)
     nz = len(zeroed)
     if nz:
         buf[:offsets[nz - 1] + sizes[nz - 1]].zero_()

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 
-from ..common import as_f32, cdiv, fp32_scratch, launcher, next_pow2, sm_count
+from ..common import as_f32, cdiv, flat_views, fp32_scratch, launcher, next_pow2, sm_count
 from ..spread.launch import set_statistics
 from .kernels import (ADJ_FIRST, ADJ_S_STEP, WEIGHT_ROWS, badmm_bwd_kernel, badmm_coef_kernel,
                       badmm_dw_kernel, badmm_fwd_kernel, quad_flag)
@@ -470,8 +470,8 @@ def history_like(x: Tensor, ptr: Optional[Tensor], T: int, paper: bool,
 
 def history_views(h: Tensor, x: Tensor, ptr: Optional[Tensor], T: int, paper: bool):
     """(wc, hd, hn): views of the flat history ``h`` (:func:`history_like`)."""
-    return [h[o:o + math.prod(shape)].view(shape)
-            for o, shape in _history_layout(x, ptr, T, paper)[0]]
+    layout = _history_layout(x, ptr, T, paper)[0]
+    return flat_views(h, [shape for _, shape in layout], [o for o, _ in layout])
 
 
 def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
@@ -548,9 +548,7 @@ def param_grads_numel(B: int, T: int, D: int, rows: int) -> int:
 
 def param_grad_views(dparams: Tensor, B: int, T: int, D: int, rows: int):
     """(dw (6, T), dlog_p0 (B, D), dlog_q0 (rows,)): views of the flat ``dparams``."""
-    n_w, n_p = 6 * T, B * D
-    return (dparams[:n_w].view(6, T), dparams[n_w:n_w + n_p].view(B, D),
-            dparams[n_w + n_p:n_w + n_p + rows])
+    return tuple(flat_views(dparams, [(6, T), (B, D), (rows,)]))
 
 
 def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],

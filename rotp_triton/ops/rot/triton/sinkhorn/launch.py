@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from ...params import A1, A2, A3
-from ..common import FRUGAL_REGISTERS, as_f32, cdiv, launcher, next_pow2, sm_count
+from ..common import (FRUGAL_REGISTERS, as_f32, cdiv, flat_views, launcher, next_pow2,
+                      sm_count)
 from ..spread.launch import set_statistics
 from .kernels import (RV_SLOTS, sinkhorn_bwd_kernel, sinkhorn_dx_kernel, sinkhorn_fwd_kernel,
                       sinkhorn_split_a_kernel,
@@ -316,12 +317,7 @@ def state_numel(B: int, T: int, D: int, NR: int) -> int:
 
 def _carve(buf: Tensor, shapes) -> list:
     """Consecutive views of the flat ``buf`` with the given shapes (no host op: views only)."""
-    out, o = [], 0
-    for shape in shapes:
-        n = math.prod(shape)
-        out.append(buf[o:o + n].view(shape))
-        o += n
-    return out
+    return flat_views(buf, shapes)
 
 
 def state_views(state: Tensor, B: int, T: int, D: int, NR: int) -> list:
