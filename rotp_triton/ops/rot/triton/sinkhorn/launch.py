@@ -456,9 +456,10 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
         dx (like x, x's dtype) and dparams: one flat fp32 tensor holding dw (6, T) (zeros in the
         rows Sinkhorn does not read), dlog_p0 and dlog_q0 where the priors are given; split it
         with :func:`param_grad_views`. Three allocations (dx, dparams zeroed: the kernel adds
-        each set's share; scratch) and one launch. With ``scale`` (the forward's σ): dx at
-        fixed σ, and a third output ds (B,) fp32, ∂/∂σ (zeroed with dparams, one
-        allocation).
+        each set's share; scratch) and one launch; under ``torch.use_deterministic_algorithms``
+        a zeroed table of the shares and :func:`sum_weight_grad_partials`' host ops more.
+        With ``scale`` (the forward's σ): dx at fixed σ, and a third output ds (B,) fp32,
+        ∂/∂σ (zeroed with dparams, one allocation).
         With ``spread`` too (σ the sets' spread: the (B, 2 + D) statistics that
         :func:`sinkhorn_forward` returned with ``spread``, ``scale`` = its first B): on the
         exact one-tile path dx is the whole x̄, the path through σ included
