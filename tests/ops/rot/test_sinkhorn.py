@@ -103,6 +103,15 @@ def _compare(k, r, tol, names):
         assert e <= tol, f"grad {name}: {e:.3g}"
 
 
+def _with_prior_and_cotangents(x, ptr, variant, T, weights, q0, B, D, gen):
+    """The arguments of _run_kernel / _run_reference, with a random p0 (B, D) and random
+    cotangents of y and of the plan drawn from ``gen``."""
+    p0 = torch.rand(B, D, generator=gen) + 0.1
+    cy = torch.randn(B, D, generator=gen)
+    cp = torch.randn(x.shape, generator=gen)
+    return (x, ptr, variant, T, *weights, p0, q0, cy, cp)
+
+
 @pytest.fixture(params=["one_program", "split"])
 def forward_iteration(request, monkeypatch):
     """Run the test with one program per set and with the split-set launches with blocks of 2
@@ -232,10 +241,7 @@ def test_backward_dx_tiles_with_edges(variant, ragged, dx_by, layout, reverse_fo
         else:
             x = torch.randn(B, N, D, generator=gen)
         q0 = torch.rand(B, N, generator=gen) + 0.1
-    p0 = torch.rand(B, D, generator=gen) + 0.1
-    cy = torch.randn(B, D, generator=gen)
-    cp = torch.randn(x.shape, generator=gen)
-    args = (x, ptr, variant, T, a1, a2, a3, p0, q0, cy, cp)
+    args = _with_prior_and_cotangents(x, ptr, variant, T, (a1, a2, a3), q0, B, D, gen)
     k = _run_kernel(*args)
     _compare(k, _run_reference(*args), RTOL[torch.float32], ["x", "a1", "a2", "a3", "p0", "q0"])
     if ragged:
@@ -286,10 +292,7 @@ def test_deterministic_algorithms_weight_grads_in_a_fixed_order(variant, path, d
         ptr, B, N = None, 2, 5
         x = torch.randn(B, N, D, generator=gen)
         q0 = torch.rand(B, N, generator=gen) + 0.1
-    p0 = torch.rand(B, D, generator=gen) + 0.1
-    cy = torch.randn(B, D, generator=gen)
-    cp = torch.randn(x.shape, generator=gen)
-    args = (x, ptr, variant, T, a1, a2, a3, p0, q0, cy, cp)
+    args = _with_prior_and_cotangents(x, ptr, variant, T, (a1, a2, a3), q0, B, D, gen)
     with count_launches() as launches:
         k = _run_kernel(*args)
     assert _fixed_order_launches(launches) == [True] * (1 if path == "ragged" else 2)
