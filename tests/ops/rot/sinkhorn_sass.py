@@ -257,14 +257,15 @@ def sass(compiled) -> str:
 
 
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 
 
 def atomic_instructions(compiled) -> int:
-    """Global atomics / reductions in the SASS (ATOMG, RED, REDG, ..., predicated or not)."""
+    """Atomic and reduction instructions in the SASS (ATOM, ATOMG, ATOMS, RED, REDG; predicated
+    or not; not REDUX, a warp reduction)."""
     return sum(1 for line in sass(compiled).splitlines()
                for m in [_INSTR.search(line)]
-               if m and re.match(r"(@!?U?P\w+\s+)?(ATOM|RED)", m.group(2)))
-_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+               if m and re.match(r"(@!?U?P\w+\s+)?(ATOM[GS]?|REDG?)\b", m.group(2)))
 
 
 # the kernels' rare-path guard (kernels._TINY = 2^-60 as printed by nvdisasm): the forward
