@@ -23,3 +23,14 @@ import torch  # noqa: E402
 def _seed():
     """Every test draws its random inputs from a fixed seed: failures reproduce."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def deterministic():
+    """``torch.use_deterministic_algorithms(True)`` for the test (which may switch it again);
+    the previous setting after."""
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])

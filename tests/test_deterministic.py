@@ -52,23 +52,18 @@ CASES = {"sinkhorn dense": _sets("sinkhorn"),
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_same_results_under_deterministic_algorithms(case):
+def test_same_results_under_deterministic_algorithms(case, deterministic):
     """y and every gradient under the switch == without it (fp32 tolerance: the Sinkhorn
     weight-gradient sums run in another order), all finite with NaN-filled allocations."""
-    before = (torch.are_deterministic_algorithms_enabled(),
-              torch.is_deterministic_algorithms_warn_only_enabled())
     out = {}
-    try:
-        for fixed in (False, True):
-            torch.use_deterministic_algorithms(fixed)
-            run, leaves = CASES[case](torch.Generator().manual_seed(5))
-            y = run()
-            cy = torch.randn(y.shape, generator=torch.Generator().manual_seed(6)).to(y)
-            grads = torch.autograd.grad((y * cy).sum(), leaves)
-            out[fixed] = [y.detach(), *grads]
-        assert torch.utils.deterministic.fill_uninitialized_memory
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    for fixed in (False, True):
+        torch.use_deterministic_algorithms(fixed)
+        run, leaves = CASES[case](torch.Generator().manual_seed(5))
+        y = run()
+        cy = torch.randn(y.shape, generator=torch.Generator().manual_seed(6)).to(y)
+        grads = torch.autograd.grad((y * cy).sum(), leaves)
+        out[fixed] = [y.detach(), *grads]
+    assert torch.utils.deterministic.fill_uninitialized_memory
     for i, (a, b) in enumerate(zip(out[True], out[False])):
         assert torch.isfinite(a).all(), f"output {i}: not finite"
         assert rel_err(a, b) <= RTOL[torch.float32], f"output {i}: {rel_err(a, b):.3g}"

@@ -248,16 +248,6 @@ def test_backward_dx_tiles_with_edges(variant, ragged, dx_by, layout, reverse_fo
         assert float(k[2][4][1].abs().max()) == 0.0  # dp0 of the empty set
 
 
-@pytest.fixture
-def deterministic():
-    """``torch.use_deterministic_algorithms(True)`` for the test; the previous setting after."""
-    before = (torch.are_deterministic_algorithms_enabled(),
-              torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-
-
 def _fixed_order_launches(launches) -> list:
     """FIXED_ORDER of each backward / row-block dx launch recorded by count_launches."""
     return [c.get("FIXED_ORDER") for name, c in zip(launches, launches.constexprs)

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ...params import A1, A2, A3
+from ...params import A1, A3
 from ..common import (FRUGAL_REGISTERS, as_f32, cdiv, flat_views, launcher, next_pow2,
                       sm_count)
 from ..spread.launch import set_statistics
@@ -425,11 +425,9 @@ def sum_weight_grad_partials(dw: Tensor, ds: Optional[Tensor], dwp: Tensor, B: i
     ``dwp``: (B, 3, T) rows α1, α2, α3 of each set (kernels._add_weight_grad), then ``nj``
     (B, nj, T + 2) rows of the dx launch (kernels.sinkhorn_dx_kernel: x-scale term t at t - with
     ``paper`` it belongs to ε_{max(t - 1, 0)}; ``tx``: it has them - the final log P's at T,
-    ds's share at T + 1). Host ops: 4 (a sum and three adds), 3-4 more with a dx launch, 2 more
+    ds's share at T + 1). Host ops: 2 (a sum and an add), 3-4 more with a dx launch, 2 more
     with ds."""
-    per_set = dwp[:B * 3 * T].view(B, 3, T).sum(0)
-    for row, k in enumerate((A1, A2, A3)):
-        dw[k] += per_set[row]
+    dw[A1:A3 + 1] += dwp[:B * 3 * T].view(B, 3, T).sum(0)     # (rows A1, A2, A3 adjacent)
     if nj == 0:
         return
     per_dx = dwp[B * 3 * T:].view(B, nj, T + 2)
