@@ -122,14 +122,18 @@ def forward_iteration(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["one_exp2", "two_exp2"])
+@pytest.fixture(params=["one_exp2", "two_exp2", "normalized"])
 def reverse_form(request, monkeypatch):
     """Run the test with the exact reverse iterations in their one-exp2 form wherever its bound
-    allows (the default, ``launch.ONE_EXP2_MAX_SHIFT``) and with the two-exp2 form forced in
-    every iteration: both must give the reference's results."""
+    allows (the default, ``launch.ONE_EXP2_MAX_SHIFT``), with the two-exp2 form forced in every
+    iteration, and with Q's rows normalized in every iteration (``launch.NORM_MIN_KAPPA3``,
+    kernels._q_row_sums; by default only where κ3 > 0.75): all must give the reference's
+    results."""
     from rotp_triton.ops.rot.triton.sinkhorn import launch
     if request.param == "two_exp2":
         monkeypatch.setattr(launch, "ONE_EXP2_MAX_SHIFT", -1.0)
+    if request.param == "normalized":
+        monkeypatch.setattr(launch, "NORM_MIN_KAPPA3", -1.0)
     return request.param
 
 
@@ -211,8 +215,8 @@ def test_backward_dx_tiles_with_edges(variant, ragged, dx_by, layout, reverse_fo
     two-exp2 form (``reverse_form``). Dense: x contiguous and as the (B, HW, C) view of an
     NCHW map, whose exact backward packs the dx terms' row vectors (``launch.packed_rows``)."""
     from rotp_triton.ops.rot.triton.sinkhorn import launch
-    if variant == "paper" and reverse_form == "two_exp2":
-        pytest.skip("the paper variant has only the two-exp2 form")
+    if variant == "paper" and reverse_form != "one_exp2":
+        pytest.skip("the paper variant has only the two-exp2 form, without normalization")
     if ragged and layout == "nchw_view":
         pytest.skip("a ragged batch has no NCHW view")
     if dx_by == "sweep" and (ragged or variant == "paper"):
@@ -617,34 +621,55 @@ def test_huge_x_over_eps_gradient_finite_like_torch_path(variant, N):
     assert rel_err(yk, yt) <= RTOL[torch.float32]
 
 
-@pytest.mark.xfail(strict=True, reason="known defect (2026-12-01): with a hard sample marginal "
-                   "and large |x|/α1 the kernels' x̄ is far off the oracle where the torch "
-                   "path's is not")
-@pytest.mark.parametrize("case", ["ties", "one_feature"])
-def test_hard_marginal_at_large_x_over_eps(case):
-    """α3 = ∞ puts all of sample n's mass q0_n on the features, so the plan's column n is q0_n
-    times the softmax over d of x s + a (Q): the x̄ through b = log q0 - C cancels the x̄
-    through the final log P's x s exactly. Likely cause (a hypothesis, not yet traced in the
-    kernels): they recompute Q from the stored C, an fp32 number of size |x|/ε quantised at
-    its ulp, so Q's rows miss 1 by ~ulp(|x|/ε) and the cancellation fails by that much of an
-    adjoint of size |x - y|/ε; autograd on the torch path uses the softmax itself.
-    "ties": |x|/α1 ≈ 300, 12 samples on 5 features
-    (tied plan entries): x̄ 1.6e-3 off (torch path 1.1e-5). "one_feature": D = 1 (the plan is
-    q0 whatever x), |x|/α1 ≈ 2,000: x̄ 1.1 off (torch path 2.3e-4). Found by a fuzz run."""
-    if case == "ties":
-        x = torch.randn(1, 12, 5, generator=torch.Generator().manual_seed(2),
-                        dtype=torch.float64) * 300
-        cy = torch.randn(1, 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-        a1 = 1.0
-    else:
+def _hard_marginal_case(case):
+    """(x, cy, T, a1, a2, a3) of test_hard_marginal_at_large_x_over_eps (float64)."""
+    inf = math.inf
+    if case == "one_feature":
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(4, 12, 1, generator=gen, dtype=torch.float64) * 100
+        x = torch.randn(4, 12, 1, generator=gen, dtype=torch.float64) * 5
         cy = torch.randn(4, 1, generator=gen, dtype=torch.float64)
-        a1 = 0.05
-    one = torch.ones(1, dtype=torch.float64)
-    args = (x, None, "exact", 1, one * a1, one * 0.5, one * math.inf, None, None, cy, None)
+        return x, cy, 1, [0.05], [0.5], [inf]
+    x = torch.randn(2, 12, 5, generator=torch.Generator().manual_seed(2),
+                    dtype=torch.float64) * 300
+    cy = torch.randn(2, 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    return x, cy, *{"hard": (1, [1.0], [0.5], [inf]),
+                    "both_hard": (3, [1.0] * 3, [inf] * 3, [inf] * 3),
+                    "nearly_hard": (3, [1.0] * 3, [0.5] * 3, [100.0] * 3),
+                    "mixed": (3, [1.0, 0.8, 1.2], [0.5] * 3, [inf, 0.5, inf])}[case]
+
+
+@pytest.mark.parametrize("case", ["hard", "one_feature", "both_hard", "nearly_hard", "mixed"])
+@pytest.mark.parametrize("path", ["row_pieces", "one_tile", "nchw_view", "dx_in_sweep",
+                                  "ragged"])
+def test_hard_marginal_at_large_x_over_eps(case, path, monkeypatch):
+    """A hard sample marginal (α3 = ∞: each row of the plan is q0_n times a softmax over d,
+    whatever x) at |x|/α1 ≈ 300 (one feature: ≈ 100, the plan then is q0 itself): the x̄
+    through C_t cancels the next step's x̄ row by row, so the x̄ of the kernels, which recompute
+    Q_t from x and saved vectors of size |x|/ε, was 1e-3 (one feature: 1e-3; two hard
+    marginals: 3e-3; α3 = 100 α1: 8e-4) off the oracle where autograd through the eager fp32
+    path is ~1e-5 off. With Q's rows normalized in the backward's own arithmetic
+    (kernels._q_row_sums, where κ3 > launch.NORM_MIN_KAPPA3) the kernels are within
+    fp32's 1e-4: on every path (row pieces; the padded one-tile; the NCHW view with packed dx
+    vectors and the S form; dx written by the last sweep; ragged, streamed), and with
+    per-iteration weights that switch the normalization on and off ("mixed")."""
+    from rotp_triton.ops.rot.triton.sinkhorn import launch
+    x, cy, T, a1, a2, a3 = _hard_marginal_case(case)
+    B, N, D = x.shape
+    ptr = None
+    if path == "one_tile":
+        monkeypatch.setattr(launch, "ROW_PIECES", False)
+    elif path == "nchw_view":
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)     # the same values, sxn = 1
+    elif path == "dx_in_sweep":
+        monkeypatch.setattr(launch, "fuse_dx", lambda *args: True)
+    elif path == "ragged":
+        ptr = _ragged_ptr([N] * B)
+        x = x.reshape(B * N, D)
+    w = [torch.tensor(v, dtype=torch.float64) for v in (a1, a2, a3)]
+    args = (x, ptr, "exact", T, *w, None, None, cy, None)
     k, r = _run_kernel(*args), _run_reference(*args)
-    assert rel_err(k[2][0], r[2][0]) <= RTOL[torch.float32]
+    assert rel_err(k[0].double(), r[0]) <= RTOL[torch.float32], "y"
+    assert rel_err(k[2][0], r[2][0]) <= RTOL[torch.float32], "x"
 
 
 @pytest.mark.parametrize("N", [8, 7], ids=["one_tile", "row_pieces"])

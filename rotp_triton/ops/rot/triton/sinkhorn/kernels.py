@@ -104,6 +104,23 @@ def _prob2(z):
     return tl.exp2(tl.minimum(z, 0.0))
 
 
+# The two-exp2 softmaxes of the backward, Q_t = 2^(x s_t + a_t[d] - C_t[n]) and
+# S_t = 2^(x s_t + b_{t-1}[n] - R_t[d]), are formed by these two helpers wherever they occur
+# (reverse sweeps, row-streamed passes, dx terms, the row sums of _q_row_sums), the
+# exponent by one explicit fma: every pass then rounds an entry alike (a contraction left to the
+# compiler could differ between passes), which the normalization of Q's rows relies on.
+@triton.jit
+def _q_two_exp2(x, s, a, ncn):
+    """Q = 2^(x s + a - C) of a [rows, features] tile (a [1, BD], ncn = -C [rows, 1])."""
+    return _prob2(tl.fma(x, s, a) + ncn)
+
+
+@triton.jit
+def _s_two_exp2(x, s, bp, nr):
+    """S = 2^(x s + b_{t-1} - R) of a [rows, features] tile (bp [rows, 1], nr = -R [1, BD])."""
+    return _prob2(tl.fma(x, s, bp) + nr)
+
+
 @triton.jit
 def _load_x_tile(x_base, sxn, sxd, on, od, n_b, D):
     """x[on, od] of one set as fp32 and its validity mask, both [BN, BD]."""
@@ -172,7 +189,7 @@ def _matvec_over_n(x_base, sxn, sxd, n_b, D, s, cadd_ptr, rsub_ptr, w_ptr, out_p
             x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)            # [BN, BD]
             r = tl.load(rsub_ptr + on, mask=nm, other=0.0)
             w = tl.load(w_ptr + on, mask=nm, other=0.0)
-            p = _prob2(tl.where(msk, x * s + c[None, :] - r[:, None], NEG_INF))
+            p = tl.where(msk, _q_two_exp2(x, s, c[None, :], -r[:, None]), 0.0)
             acc += tl.sum(p * w[:, None], axis=0)
         tl.store(out_ptr + od, acc, mask=dm)
 
@@ -192,7 +209,7 @@ def _matvec_over_d(x_base, sxn, sxd, n_b, D, s, radd_ptr, csub_ptr, w_ptr, out_p
             x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)            # [BN, BD]
             c = tl.load(csub_ptr + od, mask=dm, other=0.0)
             w = tl.load(w_ptr + od, mask=dm, other=0.0)
-            p = _prob2(tl.where(msk, x * s + r[:, None] - c[None, :], NEG_INF))
+            p = tl.where(msk, _s_two_exp2(x, s, r[:, None], -c[None, :]), 0.0)
             acc += tl.sum(p * w[None, :], axis=1)
         tl.store(out_ptr + on, acc, mask=nm)
 
@@ -1176,12 +1193,13 @@ def _s_form_ok(RV_b, t, NPAD, lim):
 
 
 @triton.jit
-def _pack_row_vectors(RV_t, C_t, Cbar_t, Rho_t, B_prev, n_b, NPAD, BN: tl.constexpr):
+def _pack_row_vectors(RV_t, C_t, Cbar_t, Rho_t, B_prev, n_b, NPAD, two_exp2,
+                      BN: tl.constexpr):
     """Copy iteration t's row vectors of a set (C_t, C̄_t, ρ_t, b_{t-1}) and γ_t = C̄_t / ρ_t
     into RV_t [RV_SLOTS, NPAD], the padded rows as the dx terms' masked loads would give them
     (+inf, 0, 0, -inf, 0): the dx terms then load whole aligned vectors without masks
     (``_dx_row_vector``). γ is read only where max_n -log2 ρ_n, stored in slot 5, is bounded
-    (``_s_form_ok``)."""
+    (``_s_form_ok``; never with ``two_exp2``: +inf in slot 5)."""
     beta = tl.full([BN], float("-inf"), tl.float32)
     for n0 in range(0, NPAD, BN):
         on = n0 + tl.arange(0, BN)
@@ -1199,7 +1217,7 @@ def _pack_row_vectors(RV_t, C_t, Cbar_t, Rho_t, B_prev, n_b, NPAD, BN: tl.conste
         beta = tl.maximum(beta, tl.where(nm, -(bp + c), NEG_INF))
     # (the reverse row loop forms this max too, but a second store there, next to eb, pushed
     # the one-tile backward past 255 registers: 88-96 B of spills; here it costs n_b maxes)
-    tl.store(RV_t + 5 * NPAD, tl.max(beta, axis=0))
+    tl.store(RV_t + 5 * NPAD, tl.where(two_exp2, float("inf"), tl.max(beta, axis=0)))
 
 
 @triton.jit
@@ -1226,14 +1244,13 @@ def _dx_terms_e_or_two(x, dx, s, e_inv, nr, rb, aq, fast, t, on, nm, dm, NR, row
     if fast:
         rho = _dx_row_vector(2, Rho_ptr, 0.0, t, on, nm, NR, row0, RV_b, NPAD, PACK)
         al = tl.where(dm, tl.exp2(tl.minimum(aq - nr, 0.0)), 0.0) * e_inv       # [BDX] α/ε
-        e = tl.exp2(tl.minimum(x * s + ncn[:, None] + nr[None, :], lim))
+        e = tl.exp2(tl.minimum(tl.fma(x, s, ncn[:, None]) + nr[None, :], lim))
         term = e * (rho[:, None] * (rb * e_inv)[None, :] + al[None, :] * cb[:, None])
         dx += term              # (in each branch: one FMA, not a product and an add)
     else:
         bp = _dx_row_vector(3, Bv_ptr, NEG_INF, t, on, nm, NR, row0, RV_b, NPAD, PACK)
-        xs = x * s
-        sm = _prob2(xs + bp[:, None] + nr[None, :])
-        qm = _prob2(xs + aq[None, :] + ncn[:, None])
+        sm = _s_two_exp2(x, s, bp[:, None], nr[None, :])
+        qm = _q_two_exp2(x, s, aq[None, :], ncn[:, None])
         term = (sm * rb[None, :] + qm * cb[:, None]) * e_inv                   # ȳ_t/ε(t)
         dx += term
     return dx, term
@@ -1343,30 +1360,72 @@ def _column_adjoint(ab, od, D, qu, r, sa, k2, add_init, abar_b, lp0_b, lp0_u, dl
     return rbar, dk2, su, sq
 
 
+# A hard sample marginal (α3 = ∞, κ3 = 1) makes row n of the plan q0_n Q_t[n, :] whatever x:
+# the x̄ of iteration t's C_t, Q_t C̄_t/ε (C̄_t = -Σ_d of the next step's adjoint), cancels the
+# next step's own x̄ row by row. Q_t is recomputed here from x and the saved a_t, C_t, and its
+# exponents are numbers of size |x|/ε rounded to fp32, so its rows miss 1 by a few ulp(|x|/ε)
+# (1e-4 at |x|/ε ≈ 1e3): the cancellation then leaves that much of a term of size |x - y|/ε,
+# far above the true x̄ (kernel x̄ 1e-3 to 1 relative off the oracle where autograd through the
+# eager path, whose LSE gives a one-hot row exactly 1, was 1e-5 off). So, where κ3_t exceeds
+# ``norm_min_k3`` (launch.NORM_MIN_KAPPA3), the backward forms every Q_t and S_t of that
+# iteration in the two-exp2 form (_q_two_exp2, _s_two_exp2: one rounding for all its passes) and
+# divides C̄_t by the row sums σ_n = Σ_d Q_t[n, d] of that same form (_q_row_sums, stored in
+# place of the one-exp2 form's ρ, which such an iteration does not read until it writes ρ
+# over σ, unread again): each use of Q_t C̄_t is
+# then (Q_t / σ) C̄_t, whose rows sum to 1 to fp32's precision (and Σ_d ā_d = Σ_n C̄_n still
+# holds: Σ_n σ_n C̄_n / σ_n). Cost: one more pass over x (one exp2 an element) and the two-exp2
+# form in the sweep and the dx terms of that iteration.
 @triton.jit
-def _sweep_q_terms(xs, ac, r, dm, ncn, qu, cb, fast, lim):
-    """(e, Q C̄) on a reverse sweep's [P, BD] chunk (xs = x s_t; row vectors -C_t, C̄ [P],
+def _q_row_sums(x_base, sxn, sxd, n_b, D, w_ptr, T, isig, norm_min_k3, A_b, Cn_b, NR, sig_b,
+                BN: tl.constexpr, BD: tl.constexpr):
+    """σ_t[n] = Σ_d Q_t[n, d] into sig_b [T, NR] (a set's rows) for every iteration t with
+    κ3_t > ``norm_min_k3``, Q_t = 2^(x s_t + a_t - C_t) as _q_two_exp2 forms it (see above).
+    The backward kernel's prologue: only the forward's state enters, and outside the reverse
+    loop its tiles add to no live state (inside, 24-56 B spilled). Unmasked loads as the
+    sweeps' (padded rows read a real row, their σ is not stored; padded features: a = -inf)."""
+    for t in range(T):
+        if _kappa_at(w_ptr, T, t, _A3) > norm_min_k3:
+            s = _x_scale(w_ptr, T, t, False) * isig
+            A_cur = A_b + (t + 1) * D
+            for n0 in range(0, n_b, BN):
+                on = n0 + tl.arange(0, BN)
+                nm = on < n_b
+                roff = _lean_row_offsets(on, n_b, sxn, True)                   # [BN]
+                ncn = -tl.load(Cn_b + t * NR + on, mask=nm, other=0.0)         # [BN]
+                sig = tl.zeros([BN], tl.float32)
+                for d0 in range(0, D, BD):
+                    od = d0 + tl.arange(0, BD)
+                    x = _lean_load_chunk(x_base, roff, sxd, od, D, True)       # [BN, BD]
+                    ac = tl.load(A_cur + od, mask=od < D, other=NEG_INF)       # [BD]
+                    sig += tl.sum(_q_two_exp2(x, s, ac[None, :], ncn[:, None]), axis=1)
+                tl.store(sig_b + t * NR + on, sig, mask=nm)
+
+
+@triton.jit
+def _sweep_q_terms(x, s, ac, r, dm, ncn, qu, cb, fast, lim):
+    """(e, Q C̄) on a reverse sweep's [P, BD] chunk (x s_t: s = s_t; row vectors -C_t, C̄ [P],
     column vectors a_t, R_t, α [BD]): with ``fast`` the one-exp2 form, e = 2^(x s - C - R) and
     Q = e α (e <= 2^lim: _alpha_bound; the exponent is clamped there, which changes nothing in
     exact arithmetic and keeps a rounding of |x|/ε ≳ 1e9 finite, as ``_prob2``); otherwise
     Q = 2^(x s + a_t - C) and e = Q."""
     if fast:
-        e = tl.exp2(tl.minimum(xs + ncn[:, None] - tl.where(dm, r, float("inf"))[None, :], lim))
+        z = tl.fma(x, s, ncn[:, None]) - tl.where(dm, r, float("inf"))[None, :]
+        e = tl.exp2(tl.minimum(z, lim))
         qc = e * (qu[None, :] * cb[:, None])
     else:
-        e = _prob2(xs + ac[None, :] + ncn[:, None])
+        e = _q_two_exp2(x, s, ac[None, :], ncn[:, None])
         qc = e * cb[:, None]
     return e, qc
 
 
 @triton.jit
-def _sweep_s_terms(xs, e, r, bp, rho, rbar, fast):
+def _sweep_s_terms(x, s, e, r, bp, rho, rbar, fast):
     """S R̄ on the same chunk (e from _sweep_q_terms): e (ρ R̄) with ``fast``, otherwise
     2^(x s + b_{t-1} - R_t) R̄."""
     if fast:
         sr = e * (rho[:, None] * rbar[None, :])
     else:
-        sr = _prob2(xs + bp[:, None] - r[None, :]) * rbar[None, :]
+        sr = _s_two_exp2(x, s, bp[:, None], -r[None, :]) * rbar[None, :]
     return sr
 
 
@@ -1418,18 +1477,17 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
         od = d0 + tl.arange(0, BD)
         dm = od < D
         x = _lean_load_chunk(x_base, roff, sxd, od, D, True)                  # [BN, BD]
-        xs = x * s
         ac = tl.load(A_cur + od, mask=dm, other=NEG_INF)                       # [BD]
         r = tl.load(R_t + od, mask=dm, other=0.0)
         qu = _prob2(ac + r)                                        # α = softmax(u), 0 if padded
-        e, qc = _sweep_q_terms(xs, ac, r, dm, ncn, qu, cb, fast, lim)          # [BN, BD]
+        e, qc = _sweep_q_terms(x, s, ac, r, dm, ncn, qu, cb, fast, lim)        # [BN, BD]
         ab = tl.sum(qc, axis=0)                                                # [BD] ā
         rbar, dk2, su, sq = _column_adjoint(ab, od, D, qu, r, sa, k2, add_init, abar_b, lp0_b,
                                             lp0_u, dlp0_b, Rbar_t, dk2, su, sq, HAS_P0)
-        sr = _sweep_s_terms(xs, e, r, bp, rho, rbar, fast)                     # S R̄
+        sr = _sweep_s_terms(x, s, e, r, bp, rho, rbar, fast)                   # S R̄
         acc += sr
         y_t = sr + qc                                                          # ȳ_t
-        acc_x += y_t * xs              # ȳ_t ⊙ x·s_t: ȳ_t ⊙ x (~x²) overflows from |x| ~ 1e19
+        acc_x += y_t * (x * s)         # ȳ_t ⊙ x·s_t: ȳ_t ⊙ x (~x²) overflows at |x| ~ 1e19
         if DX:
             dx, zbx = _dx_pool_term(x, on, nm, od, dm, B_fin, rfin_b, g_b, y_b, s_fin, ie_fin,
                                     A_fin, gp_base, sgn, sgd, tot, pg, HAS_GP)
@@ -1453,20 +1511,19 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
 # row pieces (launch.row_pieces, see _pieces_exact_iteration) in the exact one-tile reverse sweep
 @triton.jit
 def _piece_bwd_q(x_base, ro, sxd, od, D, s, ac, r, dm, ncn, qu, cb, fast, lim):
-    """(x, x s, e, Q C̄) of one piece's chunk, each [P, BD] (_sweep_q_terms)."""
+    """(x, e, Q C̄) of one piece's chunk, each [P, BD] (_sweep_q_terms)."""
     x = _lean_load_chunk(x_base, ro, sxd, od, D, True)
-    xs = x * s
-    e, qc = _sweep_q_terms(xs, ac, r, dm, ncn, qu, cb, fast, lim)
-    return x, xs, e, qc
+    e, qc = _sweep_q_terms(x, s, ac, r, dm, ncn, qu, cb, fast, lim)
+    return x, e, qc
 
 
 @triton.jit
-def _piece_bwd_rows(xs, e, qc, bp, rho, r, rbar, acc, acc_x, fast):
+def _piece_bwd_rows(x, s, e, qc, bp, rho, r, rbar, acc, acc_x, fast):
     """The per-row side of _exact_bwd_sweep's chunk on one piece: S R̄ into the b̄ row sums,
-    ȳ_t ⊙ x·s_t (xs) into acc_x; returns them and ȳ_t."""
-    sr = _sweep_s_terms(xs, e, r, bp, rho, rbar, fast)                         # S R̄
+    ȳ_t ⊙ x·s_t into acc_x; returns them and ȳ_t."""
+    sr = _sweep_s_terms(x, s, e, r, bp, rho, rbar, fast)                       # S R̄
     y_t = sr + qc                                                              # ȳ_t
-    return acc + sr, acc_x + y_t * xs, y_t
+    return acc + sr, acc_x + y_t * (x * s), y_t
 
 
 @triton.jit
@@ -1491,16 +1548,15 @@ def _piece_pool_dx(x, on, nm, B_fin, s_fin, ie_fin, rf, g, yd, a, gp_base, sgn, 
 def _piece_iter_dx_one(x, dx, ncn, cb, rho, s, nr, rb, al, lim):
     """dx += ȳ_t/ε(t) of iteration t on one piece in the one-exp2 form (its row vectors -C, C̄,
     ρ; the per-column vectors of t: -R, rb = R̄/ε(t), al = α/ε(t))."""
-    e = tl.exp2(tl.minimum(x * s + ncn[:, None] + nr[None, :], lim))
+    e = tl.exp2(tl.minimum(tl.fma(x, s, ncn[:, None]) + nr[None, :], lim))
     return dx + e * (rho[:, None] * rb[None, :] + al[None, :] * cb[:, None])
 
 
 @triton.jit
 def _piece_iter_dx_two(x, dx, ncn, cb, bp, s, e_inv, nr, rb, aq):
     """The same in the two-exp2 form (row vectors -C, C̄, b_{t-1}; rb = R̄, aq = a_t)."""
-    xs = x * s
-    sm = _prob2(xs + bp[:, None] + nr[None, :])
-    qm = _prob2(xs + aq[None, :] + ncn[:, None])
+    sm = _s_two_exp2(x, s, bp[:, None], nr[None, :])
+    qm = _q_two_exp2(x, s, aq[None, :], ncn[:, None])
     return dx + (sm * rb[None, :] + qm * cb[:, None]) * e_inv
 
 
@@ -1608,18 +1664,21 @@ def _pieces_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar
         ac = tl.load(A_cur + od, mask=dm, other=NEG_INF)                       # [BD]
         r = tl.load(R_t + od, mask=dm, other=0.0)
         qu = _prob2(ac + r)                                        # α = softmax(u), 0 if padded
-        x0, xs0, e0, qc0 = _piece_bwd_q(x_base, ro0, sxd, od, D, s, ac, r, dm, ncn0, qu, cb0,
+        x0, e0, qc0 = _piece_bwd_q(x_base, ro0, sxd, od, D, s, ac, r, dm, ncn0, qu, cb0,
                                         fast, lim)                         # [P0, BD]
-        x1, xs1, e1, qc1 = _piece_bwd_q(x_base, ro1, sxd, od, D, s, ac, r, dm, ncn1, qu, cb1,
+        x1, e1, qc1 = _piece_bwd_q(x_base, ro1, sxd, od, D, s, ac, r, dm, ncn1, qu, cb1,
                                         fast, lim)                         # [P1, BD]
-        x2, xs2, e2, qc2 = _piece_bwd_q(x_base, ro2, sxd, od, D, s, ac, r, dm, ncn2, qu, cb2,
+        x2, e2, qc2 = _piece_bwd_q(x_base, ro2, sxd, od, D, s, ac, r, dm, ncn2, qu, cb2,
                                         fast, lim)                         # [P2, BD]
         ab = tl.sum(qc0, axis=0) + tl.sum(qc1, axis=0) + tl.sum(qc2, axis=0)   # [BD] ā
         rbar, dk2, su, sq = _column_adjoint(ab, od, D, qu, r, sa, k2, add_init, abar_b, lp0_b,
                                             lp0_u, dlp0_b, Rbar_t, dk2, su, sq, HAS_P0)
-        acc0, ax0, yt0 = _piece_bwd_rows(xs0, e0, qc0, bp0, rho0, r, rbar, acc0, ax0, fast)
-        acc1, ax1, yt1 = _piece_bwd_rows(xs1, e1, qc1, bp1, rho1, r, rbar, acc1, ax1, fast)
-        acc2, ax2, yt2 = _piece_bwd_rows(xs2, e2, qc2, bp2, rho2, r, rbar, acc2, ax2, fast)
+        acc0, ax0, yt0 = _piece_bwd_rows(x0, s, e0, qc0, bp0, rho0, r, rbar, acc0, ax0,
+                                         fast)
+        acc1, ax1, yt1 = _piece_bwd_rows(x1, s, e1, qc1, bp1, rho1, r, rbar, acc1, ax1,
+                                         fast)
+        acc2, ax2, yt2 = _piece_bwd_rows(x2, s, e2, qc2, bp2, rho2, r, rbar, acc2, ax2,
+                                         fast)
         if DX:
             af += _pieces_dx_chunk(x0, x1, x2, yt0, yt1, yt2, on0, on1, on2, nm0, nm1, nm2, od,
                                    dm, D, s, dxa, HAS_GP, PACK)
@@ -1679,7 +1738,7 @@ def sinkhorn_bwd_kernel(
     dx_ptr, sdb, sdn, sdd,
     dlp0_ptr, dlq0_ptr, dw_ptr, dk2_ptr, dk3_ptr, deps_rec_ptr, deps_x_ptr, xs_ptr,
     Rbar_ptr, Cbar_ptr, abar_ptr, bbar_ptr, pg_ptr, sc_ptr, ds_ptr, root_ptr, mean_ptr,
-    Rho_ptr, eb_ptr, one_exp2_max, RV_ptr, NPAD, dwp_ptr,
+    Rho_ptr, eb_ptr, one_exp2_max, RV_ptr, NPAD, dwp_ptr, norm_min_k3,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
     HAS_GP: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     BT: tl.constexpr, BNX: tl.constexpr, BDX: tl.constexpr, FUSE_DX: tl.constexpr = False,
@@ -1700,9 +1759,12 @@ def sinkhorn_bwd_kernel(
     sinkhorn_dx_kernel, load it instead of dividing by ε_t per iteration and tile).
     Exact: Rho [T, NR] (ρ of the one-exp2 form, see _alpha_bound) and eb [B, T] (its bound),
     written by each reverse iteration for its sweep and the dx terms; iterations whose bound
-    exceeds ``one_exp2_max`` take the two-exp2 form. PACK (dense exact): each reverse iteration
-    also copies its row vectors into RV [B, T, RV_SLOTS, NPAD] for the dx terms
-    (``_pack_row_vectors``; NPAD covers every row tile of the dx pass and the row pieces).
+    exceeds ``one_exp2_max`` take the two-exp2 form, and so does every iteration with
+    κ3_t > ``norm_min_k3``, which divides C̄_t by Q_t's row sums (``_q_row_sums``: the
+    prologue stores them in Rho, read before that iteration writes its ρ). PACK (dense exact):
+    each reverse iteration also copies its row vectors into RV [B, T, RV_SLOTS, NPAD] for the
+    dx terms (``_pack_row_vectors``; NPAD covers every row tile of the dx pass and the row
+    pieces).
     P0, P1, P2 > 0: the exact one-tile reverse sweeps hold the rows in three pieces
     (_pieces_bwd_sweep, launch.row_pieces); MASK_P: the last piece has padded rows.
     SCALED: as in the forward; dx is then ∂/∂x at fixed σ and ds [B] (zero before) gets
@@ -1740,6 +1802,13 @@ def sinkhorn_bwd_kernel(
         else:
             gp_base = gp_ptr + b * sgb
             dx_base = dx_ptr + b * sdb
+
+        if not PAPER:
+            # Q_t's row sums where its rows are normalized (κ3_t > norm_min_k3), in Rho (read
+            # after the barrier that ends the final adjoint's pass). First: later in the kernel
+            # its loop pushed the capped row-pieces backward to 8 B of spills (W2, +s)
+            _q_row_sums(x_base, sxn, sxd, n_b, D, w_ptr, T, isig, norm_min_k3, A_b, Cn_ptr + row0,
+                        NR, Rho_ptr + row0, BN, BD)
 
         # <P, G> of the plan gradient (the plan is normalized: dlogP = P (G - <P, G>))
         pg = tl.sum(tl.zeros([BD], tl.float32), axis=0)
@@ -1883,6 +1952,7 @@ def sinkhorn_bwd_kernel(
             else:
                 # b_t = v - LSE(v) - C_t, v = κ3 lq0 + (1-κ3) C_t; softmax(v) = 2^(b_t + C_t)
                 sb = _vec_sum(bbar_b, n_b, BN)
+                norm = k3 > norm_min_k3               # (C̄ / σ, σ in Rho_t: _q_row_sums)
                 dk3 = tl.sum(tl.zeros([BN], tl.float32), axis=0)
                 scb = tl.sum(tl.zeros([BN], tl.float32), axis=0)
                 Rho_t = Rho_ptr + t * NR + row0
@@ -1896,8 +1966,10 @@ def sinkhorn_bwd_kernel(
                     lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
                     vb = tl.where(nm, bb - _prob2(bc + c) * sb, 0.0)          # v̄
                     cbar = -bb + (1.0 - k3) * vb                               # C̄ (0 if padded)
-                    tl.store(Cbar_t + on, cbar, mask=nm)
                     scb += tl.sum(cbar, axis=0)
+                    # (σ = 0: every Q_t[n, :] underflowed, |x|/ε ≳ 1e9 - C̄ left as it is)
+                    sig = tl.load(Rho_t + on, mask=on < n_b * norm.to(tl.int32), other=1.0)
+                    tl.store(Cbar_t + on, tl.where(sig > 0.0, cbar / sig, cbar), mask=nm)
                     if HAS_Q0:
                         old = tl.load(dlq0_ptr + row0 + on, mask=nm, other=0.0)
                         tl.store(dlq0_ptr + row0 + on, old + k3 * vb, mask=nm)
@@ -1907,13 +1979,15 @@ def sinkhorn_bwd_kernel(
                     tl.store(Rho_t + on, _prob2(lr), mask=nm)
                     beta = tl.maximum(beta, tl.where(nm, -lr, NEG_INF))
                 tl.store(dk3_ptr + b * T + t, dk3)
-                tl.store(eb_b + t, tl.minimum(tl.max(beta, axis=0),
-                                              _alpha_bound(A_cur, R_t, D, BD)))
+                # a (nearly) hard sample marginal: Q_t's rows normalized, every pass of this
+                # iteration in the two-exp2 form (a bound of +inf, see _q_row_sums)
+                tl.store(eb_b + t, tl.where(norm, float("inf"), tl.minimum(
+                    tl.max(beta, axis=0), _alpha_bound(A_cur, R_t, D, BD))))
                 tl.debug_barrier()
                 fast = _one_exp2_ok(eb_b, t, one_exp2_max)
                 if PACK:        # (read after this set's reverse sweeps: no barrier needed here)
                     _pack_row_vectors(RV_ptr + (b * T + t) * RV_SLOTS * NPAD, C_t, Cbar_t,
-                                      Rho_t, B_prev, n_b, NPAD, BN)
+                                      Rho_t, B_prev, n_b, NPAD, norm, BN)
                 if ONE_TILE_N:
                     # C_t = LSE_d(x/ε_t + a_t): ā_t = Q_tᵀ C̄ (+ the plan's ā at t = T - 1), whose
                     # sum is known now: Σ_d ā_d = Σ_n C̄_n (rows of Q sum to 1) [+ Σ plan's ā]
