@@ -33,7 +33,7 @@ from rotp_triton.ops.rot.triton.sinkhorn import launch as L  # noqa: E402
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 _X_PTRS = ("x_ptr", "plan_ptr", "gp_ptr", "dx_ptr")
 _I64 = ("sxb", "sxn", "sxd", "sxn_u", "spb", "spn", "spd", "sgb", "sgn", "sgd", "sdb", "sdn", "sdd")
-_F32 = ("lp0_u", "one_exp2_max", "norm_min_k3")
+_F32 = ("lp0_u", "one_exp2_max", "norm_min_kappa")
 
 
 def signature(kernel, constexprs: dict, xdt: str) -> dict:

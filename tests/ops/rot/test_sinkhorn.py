@@ -126,14 +126,14 @@ def forward_iteration(request, monkeypatch):
 def reverse_form(request, monkeypatch):
     """Run the test with the exact reverse iterations in their one-exp2 form wherever its bound
     allows (the default, ``launch.ONE_EXP2_MAX_SHIFT``), with the two-exp2 form forced in every
-    iteration, and with Q's rows normalized in every iteration (``launch.NORM_MIN_KAPPA3``,
-    kernels._q_row_sums; by default only where κ3 > 0.75): all must give the reference's
-    results."""
+    iteration, and with Q's rows and S's columns normalized in every iteration
+    (``launch.NORM_MIN_KAPPA``, kernels._q_row_sums; by default only where κ3, κ2 > 0.75): all
+    must give the reference's results."""
     from rotp_triton.ops.rot.triton.sinkhorn import launch
     if request.param == "two_exp2":
         monkeypatch.setattr(launch, "ONE_EXP2_MAX_SHIFT", -1.0)
     if request.param == "normalized":
-        monkeypatch.setattr(launch, "NORM_MIN_KAPPA3", -1.0)
+        monkeypatch.setattr(launch, "NORM_MIN_KAPPA", -1.0)
     return request.param
 
 
@@ -629,11 +629,15 @@ def _hard_marginal_case(case):
         x = torch.randn(4, 12, 1, generator=gen, dtype=torch.float64) * 5
         cy = torch.randn(4, 1, generator=gen, dtype=torch.float64)
         return x, cy, 1, [0.05], [0.5], [inf]
+    if case == "both_hard":
+        x = torch.randn(1, 12, 5, generator=torch.Generator().manual_seed(4),
+                        dtype=torch.float64) * 300
+        cy = torch.randn(1, 5, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+        return x, cy, 2, [1.0] * 2, [inf] * 2, [inf] * 2
     x = torch.randn(2, 12, 5, generator=torch.Generator().manual_seed(2),
                     dtype=torch.float64) * 300
     cy = torch.randn(2, 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     return x, cy, *{"hard": (1, [1.0], [0.5], [inf]),
-                    "both_hard": (3, [1.0] * 3, [inf] * 3, [inf] * 3),
                     "nearly_hard": (3, [1.0] * 3, [0.5] * 3, [100.0] * 3),
                     "mixed": (3, [1.0, 0.8, 1.2], [0.5] * 3, [inf, 0.5, inf])}[case]
 
@@ -645,13 +649,15 @@ def test_hard_marginal_at_large_x_over_eps(case, path, monkeypatch):
     """A hard sample marginal (α3 = ∞: each row of the plan is q0_n times a softmax over d,
     whatever x) at |x|/α1 ≈ 300 (one feature: ≈ 100, the plan then is q0 itself): the x̄
     through C_t cancels the next step's x̄ row by row, so the x̄ of the kernels, which recompute
-    Q_t from x and saved vectors of size |x|/ε, was 1e-3 (one feature: 1e-3; two hard
-    marginals: 3e-3; α3 = 100 α1: 8e-4) off the oracle where autograd through the eager fp32
-    path is ~1e-5 off. With Q's rows normalized in the backward's own arithmetic
-    (kernels._q_row_sums, where κ3 > launch.NORM_MIN_KAPPA3) the kernels are within
-    fp32's 1e-4: on every path (row pieces; the padded one-tile; the NCHW view with packed dx
-    vectors and the S form; dx written by the last sweep; ragged, streamed), and with
-    per-iteration weights that switch the normalization on and off ("mixed")."""
+    Q_t from x and saved vectors of size |x|/ε, was 1e-3 (one feature: 1e-3; α3 = 100 α1:
+    8e-4; both marginals hard, as balanced OT: 1.6e-3) off the oracle where autograd through
+    the eager fp32 path is ~1e-5 (both hard: 1.4e-4) off. With Q's rows normalized in the
+    backward's own arithmetic (kernels._q_row_sums, where κ3 > launch.NORM_MIN_KAPPA), and
+    S's columns where κ2 is (kernels._s_col_sums; both hard: 2.6e-4 off with the rows alone),
+    the kernels are within fp32's 1e-4. On every path (row pieces; the padded one-tile; the
+    NCHW view with packed dx vectors and the S form; dx written by the last sweep; ragged,
+    streamed), and with per-iteration weights that switch the normalization on and off
+    ("mixed")."""
     from rotp_triton.ops.rot.triton.sinkhorn import launch
     x, cy, T, a1, a2, a3 = _hard_marginal_case(case)
     B, N, D = x.shape

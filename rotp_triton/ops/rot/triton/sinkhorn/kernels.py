@@ -1341,15 +1341,24 @@ def _dx_rows(x_base, sxn, sxd, on, nm, n_b, D, dxa, de_x, PAPER: tl.constexpr,
 
 
 @triton.jit
+def _normalized(v, sig_ptr, o, n, norm):
+    """v / sig[o] where ``norm`` (a sum of 0: every term underflowed, |x|/ε ≳ 1e9 - v as it
+    is), else v; sig is read only where ``norm``."""
+    sig = tl.load(sig_ptr + o, mask=o < n * norm.to(tl.int32), other=1.0)
+    return tl.where(sig > 0.0, v / sig, v)
+
+
+@triton.jit
 def _column_adjoint(ab, od, D, qu, r, sa, k2, add_init, abar_b, lp0_b, lp0_u, dlp0_b, Rbar_t,
-                    dk2, su, sq, HAS_P0: tl.constexpr):
+                    dk2, su, sq, norm_s, HAS_P0: tl.constexpr):
     """A chunk's column adjoints from its ā [BD] (qu: α = softmax(u) = 2^(a_t + R_t), 0 on
-    padded features): stores R̄_d, adds κ2 ū to d log p0 (with priors), and advances the sums
+    padded features): stores R̄_d (``norm_s``: divided by S_t's column sums, which Rbar_t
+    holds until then, _s_col_sums), adds κ2 ū to d log p0 (with priors), and advances the sums
     behind dκ2 and the marginal terms. Returns (R̄, dk2, su, sq)."""
     dm = od < D
     ab += tl.where(add_init != 0, tl.load(abar_b + od, mask=dm, other=0.0), 0.0)
     ub = ab - qu * sa                                                      # ū
-    rbar = -ab + (1.0 - k2) * ub                                           # R̄
+    rbar = _normalized(-ab + (1.0 - k2) * ub, Rbar_t, od, D, norm_s)       # R̄
     tl.store(Rbar_t + od, rbar, mask=dm)
     lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
     if HAS_P0:
@@ -1366,25 +1375,27 @@ def _column_adjoint(ab, od, D, qu, r, sa, k2, add_init, abar_b, lp0_b, lp0_u, dl
 # exponents are numbers of size |x|/ε rounded to fp32, so its rows miss 1 by a few ulp(|x|/ε)
 # (1e-4 at |x|/ε ≈ 1e3): the cancellation then leaves that much of a term of size |x - y|/ε,
 # far above the true x̄ (kernel x̄ 1e-3 to 1 relative off the oracle where autograd through the
-# eager path, whose LSE gives a one-hot row exactly 1, was 1e-5 off). So, where κ3_t exceeds
-# ``norm_min_k3`` (launch.NORM_MIN_KAPPA3), the backward forms every Q_t and S_t of that
-# iteration in the two-exp2 form (_q_two_exp2, _s_two_exp2: one rounding for all its passes) and
-# divides C̄_t by the row sums σ_n = Σ_d Q_t[n, d] of that same form (_q_row_sums, stored in
-# place of the one-exp2 form's ρ, which such an iteration does not read until it writes ρ
-# over σ, unread again): each use of Q_t C̄_t is
-# then (Q_t / σ) C̄_t, whose rows sum to 1 to fp32's precision (and Σ_d ā_d = Σ_n C̄_n still
-# holds: Σ_n σ_n C̄_n / σ_n). Cost: one more pass over x (one exp2 an element) and the two-exp2
-# form in the sweep and the dx terms of that iteration.
+# eager path, whose LSE gives a one-hot row exactly 1, was 1e-5 off). A hard feature marginal
+# (α2 = ∞, κ2 = 1) does the same through the columns of S_t and R_t. So, where κ3_t (κ2_t)
+# exceeds ``norm_min_kappa`` (launch.NORM_MIN_KAPPA), the backward forms every Q_t and S_t of
+# that iteration in the two-exp2 form (_q_two_exp2, _s_two_exp2: one rounding for all its
+# passes) and divides C̄_t by the row sums σ_n = Σ_d Q_t[n, d] (R̄_t by the column sums
+# Σ_n S_t[n, d]) of that same form: each use of Q_t C̄_t (S_t R̄_t) is then (Q_t / σ) C̄_t,
+# whose rows (columns) sum to 1 to fp32's precision (and Σ_d ā_d = Σ_n C̄_n still holds:
+# Σ_n σ_n C̄_n / σ_n). The sums come from the forward's state only: the backward kernel's
+# prologue forms them (_q_row_sums into Rho, the one-exp2 form's ρ, which such an iteration
+# reads before it writes ρ over it; _s_col_sums into R̄, read before R̄ is written). Cost per
+# such iteration: one more pass over x (one exp2 an element) for each side, and the two-exp2
+# form's second exp2 in the sweep and the dx terms.
 @triton.jit
-def _q_row_sums(x_base, sxn, sxd, n_b, D, w_ptr, T, isig, norm_min_k3, A_b, Cn_b, NR, sig_b,
+def _q_row_sums(x_base, sxn, sxd, n_b, D, w_ptr, T, isig, norm_min_kappa, A_b, Cn_b, NR, sig_b,
                 BN: tl.constexpr, BD: tl.constexpr):
     """σ_t[n] = Σ_d Q_t[n, d] into sig_b [T, NR] (a set's rows) for every iteration t with
-    κ3_t > ``norm_min_k3``, Q_t = 2^(x s_t + a_t - C_t) as _q_two_exp2 forms it (see above).
-    The backward kernel's prologue: only the forward's state enters, and outside the reverse
-    loop its tiles add to no live state (inside, 24-56 B spilled). Unmasked loads as the
-    sweeps' (padded rows read a real row, their σ is not stored; padded features: a = -inf)."""
+    κ3_t > ``norm_min_kappa``, Q_t = 2^(x s_t + a_t - C_t) as _q_two_exp2 forms it (see above).
+    Unmasked loads as the sweeps' (padded rows read a real row, their σ is not stored; padded
+    features: a = -inf)."""
     for t in range(T):
-        if _kappa_at(w_ptr, T, t, _A3) > norm_min_k3:
+        if _kappa_at(w_ptr, T, t, _A3) > norm_min_kappa:
             s = _x_scale(w_ptr, T, t, False) * isig
             A_cur = A_b + (t + 1) * D
             for n0 in range(0, n_b, BN):
@@ -1399,6 +1410,29 @@ def _q_row_sums(x_base, sxn, sxd, n_b, D, w_ptr, T, isig, norm_min_k3, A_b, Cn_b
                     ac = tl.load(A_cur + od, mask=od < D, other=NEG_INF)       # [BD]
                     sig += tl.sum(_q_two_exp2(x, s, ac[None, :], ncn[:, None]), axis=1)
                 tl.store(sig_b + t * NR + on, sig, mask=nm)
+
+
+@triton.jit
+def _s_col_sums(x_base, sxn, sxd, n_b, D, w_ptr, T, isig, norm_min_kappa, Rn_b, Bv_b, NR,
+                sig_b, BN: tl.constexpr, BD: tl.constexpr):
+    """Σ_n S_t[n, d] into sig_b [T, D] (a set's R̄ rows) for every iteration t with
+    κ2_t > ``norm_min_kappa``, S_t = 2^(x s_t + b_{t-1} - R_t) as _s_two_exp2 forms it (see
+    above; padded rows get b = -inf, padded features are not stored)."""
+    for t in range(T):
+        if _kappa_at(w_ptr, T, t, _A2) > norm_min_kappa:
+            s = _x_scale(w_ptr, T, t, False) * isig
+            for d0 in range(0, D, BD):
+                od = d0 + tl.arange(0, BD)
+                dm = od < D
+                nr = -tl.load(Rn_b + t * D + od, mask=dm, other=0.0)           # [BD]
+                sig = tl.zeros([BD], tl.float32)
+                for n0 in range(0, n_b, BN):
+                    on = n0 + tl.arange(0, BN)
+                    roff = _lean_row_offsets(on, n_b, sxn, True)               # [BN]
+                    bp = tl.load(Bv_b + t * NR + on, mask=on < n_b, other=NEG_INF)
+                    x = _lean_load_chunk(x_base, roff, sxd, od, D, True)       # [BN, BD]
+                    sig += tl.sum(_s_two_exp2(x, s, bp[:, None], nr[None, :]), axis=0)
+                tl.store(sig_b + t * D + od, sig, mask=dm)
 
 
 @triton.jit
@@ -1430,9 +1464,9 @@ def _sweep_s_terms(x, s, e, r, bp, rho, rbar, fast):
 
 
 @triton.jit
-def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
-                     abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b, Rho_t, fast,
-                     dxa, HAS_P0: tl.constexpr, HAS_GP: tl.constexpr, DX: tl.constexpr,
+def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_t, Cbar_t,
+                     B_prev, abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b,
+                     Rho_t, fast, dxa, HAS_P0: tl.constexpr, HAS_GP: tl.constexpr, DX: tl.constexpr,
                      BN: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
                      PACK: tl.constexpr = False):
     """One exact reverse iteration after C̄ in ONE pass over x (BN >= n_b); returns dκ2,
@@ -1483,7 +1517,8 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_
         e, qc = _sweep_q_terms(x, s, ac, r, dm, ncn, qu, cb, fast, lim)        # [BN, BD]
         ab = tl.sum(qc, axis=0)                                                # [BD] ā
         rbar, dk2, su, sq = _column_adjoint(ab, od, D, qu, r, sa, k2, add_init, abar_b, lp0_b,
-                                            lp0_u, dlp0_b, Rbar_t, dk2, su, sq, HAS_P0)
+                                            lp0_u, dlp0_b, Rbar_t, dk2, su, sq, norm_s,
+                                            HAS_P0)
         sr = _sweep_s_terms(x, s, e, r, bp, rho, rbar, fast)                   # S R̄
         acc += sr
         y_t = sr + qc                                                          # ȳ_t
@@ -1634,8 +1669,8 @@ def _piece_bwd_vectors(C_t, Cbar_t, B_prev, Rho_t, on, nm):
 
 
 @triton.jit
-def _pieces_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
-                      abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b, Rho_t,
+def _pieces_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_t, Cbar_t,
+                      B_prev, abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b, Rho_t,
                       fast, dxa, HAS_P0: tl.constexpr, HAS_GP: tl.constexpr, DX: tl.constexpr,
                       P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                       MASK2: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
@@ -1672,7 +1707,8 @@ def _pieces_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar
                                         fast, lim)                         # [P2, BD]
         ab = tl.sum(qc0, axis=0) + tl.sum(qc1, axis=0) + tl.sum(qc2, axis=0)   # [BD] ā
         rbar, dk2, su, sq = _column_adjoint(ab, od, D, qu, r, sa, k2, add_init, abar_b, lp0_b,
-                                            lp0_u, dlp0_b, Rbar_t, dk2, su, sq, HAS_P0)
+                                            lp0_u, dlp0_b, Rbar_t, dk2, su, sq, norm_s,
+                                            HAS_P0)
         acc0, ax0, yt0 = _piece_bwd_rows(x0, s, e0, qc0, bp0, rho0, r, rbar, acc0, ax0,
                                          fast)
         acc1, ax1, yt1 = _piece_bwd_rows(x1, s, e1, qc1, bp1, rho1, r, rbar, acc1, ax1,
@@ -1738,7 +1774,7 @@ def sinkhorn_bwd_kernel(
     dx_ptr, sdb, sdn, sdd,
     dlp0_ptr, dlq0_ptr, dw_ptr, dk2_ptr, dk3_ptr, deps_rec_ptr, deps_x_ptr, xs_ptr,
     Rbar_ptr, Cbar_ptr, abar_ptr, bbar_ptr, pg_ptr, sc_ptr, ds_ptr, root_ptr, mean_ptr,
-    Rho_ptr, eb_ptr, one_exp2_max, RV_ptr, NPAD, dwp_ptr, norm_min_k3,
+    Rho_ptr, eb_ptr, one_exp2_max, RV_ptr, NPAD, dwp_ptr, norm_min_kappa,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
     HAS_GP: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     BT: tl.constexpr, BNX: tl.constexpr, BDX: tl.constexpr, FUSE_DX: tl.constexpr = False,
@@ -1760,7 +1796,7 @@ def sinkhorn_bwd_kernel(
     Exact: Rho [T, NR] (ρ of the one-exp2 form, see _alpha_bound) and eb [B, T] (its bound),
     written by each reverse iteration for its sweep and the dx terms; iterations whose bound
     exceeds ``one_exp2_max`` take the two-exp2 form, and so does every iteration with
-    κ3_t > ``norm_min_k3``, which divides C̄_t by Q_t's row sums (``_q_row_sums``: the
+    κ3_t > ``norm_min_kappa``, which divides C̄_t by Q_t's row sums (``_q_row_sums``: the
     prologue stores them in Rho, read before that iteration writes its ρ). PACK (dense exact):
     each reverse iteration also copies its row vectors into RV [B, T, RV_SLOTS, NPAD] for the
     dx terms (``_pack_row_vectors``; NPAD covers every row tile of the dx pass and the row
@@ -1804,11 +1840,11 @@ def sinkhorn_bwd_kernel(
             dx_base = dx_ptr + b * sdb
 
         if not PAPER:
-            # Q_t's row sums where its rows are normalized (κ3_t > norm_min_k3), in Rho (read
-            # after the barrier that ends the final adjoint's pass). First: later in the kernel
-            # its loop pushed the capped row-pieces backward to 8 B of spills (W2, +s)
-            _q_row_sums(x_base, sxn, sxd, n_b, D, w_ptr, T, isig, norm_min_k3, A_b, Cn_ptr + row0,
-                        NR, Rho_ptr + row0, BN, BD)
+            # the row sums of Q_t (κ3_t > norm_min_kappa) in Rho, read after the barrier that
+            # ends the final adjoint's pass. Here, first: after that pass the loop pushed the
+            # capped row-pieces backward to 8 B of spills (W2, +s)
+            _q_row_sums(x_base, sxn, sxd, n_b, D, w_ptr, T, isig, norm_min_kappa, A_b,
+                        Cn_ptr + row0, NR, Rho_ptr + row0, BN, BD)
 
         # <P, G> of the plan gradient (the plan is normalized: dlogP = P (G - <P, G>))
         pg = tl.sum(tl.zeros([BD], tl.float32), axis=0)
@@ -1870,6 +1906,14 @@ def sinkhorn_bwd_kernel(
                     acc += tl.sum(p * (gp - pg), axis=0)
             tl.store(abar_b + od, acc, mask=dm)
         tl.debug_barrier()
+
+        if not PAPER:
+            # the column sums of S_t (κ2_t > norm_min_kappa) in R̄. Here, not next to
+            # _q_row_sums: there (before or after it, or in its loop) the one-tile backward
+            # spilled 24-120 B
+            _s_col_sums(x_base, sxn, sxd, n_b, D, w_ptr, T, isig, norm_min_kappa, Rn_b,
+                        Bv_ptr + row0, NR, Rbar_b, BN, BD)
+            tl.debug_barrier()
 
         # the exact one-tile reverse sweep sums ȳ_t ⊙ x itself (deps_x); FUSED_DX: its last
         # pass (t = 0) writes dx too (dxa: what the dx terms read)
@@ -1952,7 +1996,8 @@ def sinkhorn_bwd_kernel(
             else:
                 # b_t = v - LSE(v) - C_t, v = κ3 lq0 + (1-κ3) C_t; softmax(v) = 2^(b_t + C_t)
                 sb = _vec_sum(bbar_b, n_b, BN)
-                norm = k3 > norm_min_k3               # (C̄ / σ, σ in Rho_t: _q_row_sums)
+                norm = k3 > norm_min_kappa            # (C̄ / σ, σ in Rho_t: _q_row_sums)
+                norm_s = k2 > norm_min_kappa          # (R̄ / σ, σ in Rbar_t: _s_col_sums)
                 dk3 = tl.sum(tl.zeros([BN], tl.float32), axis=0)
                 scb = tl.sum(tl.zeros([BN], tl.float32), axis=0)
                 Rho_t = Rho_ptr + t * NR + row0
@@ -1967,9 +2012,7 @@ def sinkhorn_bwd_kernel(
                     vb = tl.where(nm, bb - _prob2(bc + c) * sb, 0.0)          # v̄
                     cbar = -bb + (1.0 - k3) * vb                               # C̄ (0 if padded)
                     scb += tl.sum(cbar, axis=0)
-                    # (σ = 0: every Q_t[n, :] underflowed, |x|/ε ≳ 1e9 - C̄ left as it is)
-                    sig = tl.load(Rho_t + on, mask=on < n_b * norm.to(tl.int32), other=1.0)
-                    tl.store(Cbar_t + on, tl.where(sig > 0.0, cbar / sig, cbar), mask=nm)
+                    tl.store(Cbar_t + on, _normalized(cbar, Rho_t, on, n_b, norm), mask=nm)
                     if HAS_Q0:
                         old = tl.load(dlq0_ptr + row0 + on, mask=nm, other=0.0)
                         tl.store(dlq0_ptr + row0 + on, old + k3 * vb, mask=nm)
@@ -1979,15 +2022,16 @@ def sinkhorn_bwd_kernel(
                     tl.store(Rho_t + on, _prob2(lr), mask=nm)
                     beta = tl.maximum(beta, tl.where(nm, -lr, NEG_INF))
                 tl.store(dk3_ptr + b * T + t, dk3)
-                # a (nearly) hard sample marginal: Q_t's rows normalized, every pass of this
-                # iteration in the two-exp2 form (a bound of +inf, see _q_row_sums)
-                tl.store(eb_b + t, tl.where(norm, float("inf"), tl.minimum(
+                # a (nearly) hard marginal: Q_t's rows or S_t's columns normalized, every pass
+                # of this iteration in the two-exp2 form (a bound of +inf, see _q_row_sums)
+                two = norm | norm_s
+                tl.store(eb_b + t, tl.where(two, float("inf"), tl.minimum(
                     tl.max(beta, axis=0), _alpha_bound(A_cur, R_t, D, BD))))
                 tl.debug_barrier()
                 fast = _one_exp2_ok(eb_b, t, one_exp2_max)
                 if PACK:        # (read after this set's reverse sweeps: no barrier needed here)
                     _pack_row_vectors(RV_ptr + (b * T + t) * RV_SLOTS * NPAD, C_t, Cbar_t,
-                                      Rho_t, B_prev, n_b, NPAD, norm, BN)
+                                      Rho_t, B_prev, n_b, NPAD, two, BN)
                 if ONE_TILE_N:
                     # C_t = LSE_d(x/ε_t + a_t): ā_t = Q_tᵀ C̄ (+ the plan's ā at t = T - 1), whose
                     # sum is known now: Σ_d ā_d = Σ_n C̄_n (rows of Q sum to 1) [+ Σ plan's ā]
@@ -1998,40 +2042,40 @@ def sinkhorn_bwd_kernel(
                     if P0 > 0:
                         if t > 0:
                             dk2, tx, _ = _pieces_bwd_sweep(
-                                x_base, sxn_u, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t,
-                                B_prev, abar_b, last, Rbar_t, bbar_b, 1, lp0_b, lp0_u,
+                                x_base, sxn_u, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_t,
+                                Cbar_t, B_prev, abar_b, last, Rbar_t, bbar_b, 1, lp0_b, lp0_u,
                                 dlp0_ptr + b * D, Rho_t, fast, dxa, HAS_P0, HAS_GP, False, P0, P1,
                                 P2, MASK_P, BD, BT, PACK)
                         elif FUSED_DX:
                             dk2, tx, de_fin = _pieces_bwd_sweep(
-                                x_base, sxn_u, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t,
-                                B_prev, abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
+                                x_base, sxn_u, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_t,
+                                Cbar_t, B_prev, abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
                                 dlp0_ptr + b * D, Rho_t, fast, dxa, HAS_P0, HAS_GP, True, P0, P1,
                                 P2, MASK_P, BDF, BT, PACK)
                         else:
                             dk2, tx, de_fin = _pieces_bwd_sweep(
-                                x_base, sxn_u, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t,
-                                B_prev, abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
+                                x_base, sxn_u, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_t,
+                                Cbar_t, B_prev, abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
                                 dlp0_ptr + b * D, Rho_t, fast, dxa, HAS_P0, HAS_GP, False, P0, P1,
                                 P2, MASK_P, BD, BT, PACK)
                     elif t > 0:
                         dk2, tx, _ = _exact_bwd_sweep(
-                            x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
-                            abar_b, last, Rbar_t, bbar_b, 1, lp0_b, lp0_u,
+                            x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_t, Cbar_t,
+                            B_prev, abar_b, last, Rbar_t, bbar_b, 1, lp0_b, lp0_u,
                             dlp0_ptr + b * D, Rho_t, fast, dxa, HAS_P0, HAS_GP, False, BN, BD, BT,
                             PACK)
                     elif FUSED_DX:
                         # the sweep that also writes dx holds ~2x the live tiles: BDF features
                         # per chunk (launch.fused_sweep_bd; fuse_dx decides with that width)
                         dk2, tx, de_fin = _exact_bwd_sweep(
-                            x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
-                            abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
+                            x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_t, Cbar_t,
+                            B_prev, abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
                             dlp0_ptr + b * D, Rho_t, fast, dxa, HAS_P0, HAS_GP, True, BN, BDF, BT,
                             PACK)
                     else:
                         dk2, tx, de_fin = _exact_bwd_sweep(
-                            x_base, sxn, sxd, n_b, D, s, k2, sa, A_cur, R_t, C_t, Cbar_t, B_prev,
-                            abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
+                            x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_t, Cbar_t,
+                            B_prev, abar_b, last, Rbar_t, bbar_b, 0, lp0_b, lp0_u,
                             dlp0_ptr + b * D, Rho_t, fast, dxa, HAS_P0, HAS_GP, False, BN, BD, BT,
                             PACK)
                     e_inv = s * _LN2
@@ -2054,7 +2098,8 @@ def sinkhorn_bwd_kernel(
                         r = tl.load(R_t + od, mask=dm, other=0.0)
                         lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
                         ub = tl.where(dm, ab - _prob2(ac + r) * sa, 0.0)      # ū
-                        tl.store(Rbar_t + od, -ab + (1.0 - k2) * ub, mask=dm)  # R̄
+                        rb = _normalized(-ab + (1.0 - k2) * ub, Rbar_t, od, D, norm_s)
+                        tl.store(Rbar_t + od, rb, mask=dm)                     # R̄
                         if HAS_P0:
                             old = tl.load(dlp0_ptr + b * D + od, mask=dm, other=0.0)
                             tl.store(dlp0_ptr + b * D + od, old + k2 * ub, mask=dm)

@@ -37,11 +37,11 @@ SPLIT_MIN_ROWS = 32
 # below 0 to run the two-exp2 form everywhere)
 ONE_EXP2_MAX_SHIFT = 64.0
 
-# the exact reverse iteration t normalizes Q_t's rows (and forms S_t, Q_t in the two-exp2 form)
-# where κ3_t = α3/(α3 + ε_t) exceeds this, i.e. α3 > 3 ε_t (kernels._q_row_sums). The
-# rounding of Q's rows enters x̄ amplified by about κ3/(1 - κ3), ≤ 3 below it. Tests set it to
-# -1 to normalize every iteration, or 2 for none.
-NORM_MIN_KAPPA3 = 0.75
+# the exact reverse iteration t normalizes Q_t's rows where κ3_t = α3/(α3 + ε_t) exceeds this,
+# i.e. α3 > 3 ε_t, and S_t's columns where κ2_t does (and forms both in the two-exp2 form:
+# kernels._q_row_sums). The rounding of those sums enters x̄ amplified by about κ/(1 - κ), <= 3
+# below it. Tests set it to -1 to normalize every iteration, or 2 for none.
+NORM_MIN_KAPPA = 0.75
 
 # elements of x per thread in one [BN, BD] tile: the forward and the backward's reverse sweeps
 # hold ~3 tiles live, the dx pass (and the last sweep when it writes dx: it runs at BD / 2)
@@ -530,7 +530,7 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
             tot, y, g, gp, sgb, sgn, sgd, dx, sdb, sdn, sdd,
             dlp0 if has_p0 else g, dlq0 if has_q0 else g, dw, part[0], part[1], part[2],
             part[3], part[4], Rbar, Cbar, abar, bbar, pg, *sc, *st, rho, part[5],
-            ONE_EXP2_MAX_SHIFT, rv, npad, dwp, NORM_MIN_KAPPA3, RAGGED=ptr is not None,
+            ONE_EXP2_MAX_SHIFT, rv, npad, dwp, NORM_MIN_KAPPA, RAGGED=ptr is not None,
             HAS_P0=has_p0, HAS_Q0=has_q0, PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one_tile,
             BN=BN, BD=BD, BT=next_pow2(T), BNX=BNX, BDX=BDX, FUSE_DX=fused, SPLIT_DX=split,
             BDF=BDF, P0=P0, P1=P1, P2=P2, MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None,
