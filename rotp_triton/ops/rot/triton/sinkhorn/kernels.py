@@ -1466,8 +1466,8 @@ def _sweep_s_terms(x, s, e, r, bp, rho, rbar, fast):
 @triton.jit
 def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_t, Cbar_t,
                      B_prev, abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b,
-                     Rho_t, fast, dxa, HAS_P0: tl.constexpr, HAS_GP: tl.constexpr, DX: tl.constexpr,
-                     BN: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
+                     Rho_t, fast, dxa, HAS_P0: tl.constexpr, HAS_GP: tl.constexpr,
+                     DX: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
                      PACK: tl.constexpr = False):
     """One exact reverse iteration after C̄ in ONE pass over x (BN >= n_b); returns dκ2,
     Σ ȳ_t ⊙ x (the x-scale's ε term, ȳ_t = S R̄ + Q C̄ elementwise: dx's term of iteration t)
@@ -1670,9 +1670,9 @@ def _piece_bwd_vectors(C_t, Cbar_t, B_prev, Rho_t, on, nm):
 
 @triton.jit
 def _pieces_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_t, Cbar_t,
-                      B_prev, abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b, Rho_t,
-                      fast, dxa, HAS_P0: tl.constexpr, HAS_GP: tl.constexpr, DX: tl.constexpr,
-                      P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                      B_prev, abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b,
+                      Rho_t, fast, dxa, HAS_P0: tl.constexpr, HAS_GP: tl.constexpr,
+                      DX: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                       MASK2: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
                       PACK: tl.constexpr = False):
     """_exact_bwd_sweep with the set's rows in three pieces (same returns): ā sums the
@@ -1795,9 +1795,10 @@ def sinkhorn_bwd_kernel(
     sinkhorn_dx_kernel, load it instead of dividing by ε_t per iteration and tile).
     Exact: Rho [T, NR] (ρ of the one-exp2 form, see _alpha_bound) and eb [B, T] (its bound),
     written by each reverse iteration for its sweep and the dx terms; iterations whose bound
-    exceeds ``one_exp2_max`` take the two-exp2 form, and so does every iteration with
-    κ3_t > ``norm_min_kappa``, which divides C̄_t by Q_t's row sums (``_q_row_sums``: the
-    prologue stores them in Rho, read before that iteration writes its ρ). PACK (dense exact):
+    exceeds ``one_exp2_max`` take the two-exp2 form, and so does every iteration with κ3_t
+    or κ2_t > ``norm_min_kappa``, which divides C̄_t by Q_t's row sums (R̄_t by S_t's column
+    sums; ``_q_row_sums``, ``_s_col_sums``: the prologue stores them in Rho and Rbar, read
+    before that iteration writes ρ and R̄ there). PACK (dense exact):
     each reverse iteration also copies its row vectors into RV [B, T, RV_SLOTS, NPAD] for the
     dx terms (``_pack_row_vectors``; NPAD covers every row tile of the dx pass and the row
     pieces).
