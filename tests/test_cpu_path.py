@@ -2,10 +2,8 @@
 bench/test_bench_cpu.py measures it), B-Q stability on the Fig. 7 grid, no silent NaN at the
 edges, and the error messages of the layers."""
 import itertools
-import json
 import os
 import sys
-import tempfile
 
 import pytest
 import torch

@@ -543,7 +543,7 @@ def test_near_uniform_plan_weight_gradient(strided):
     ~1e-7; uncorrected, that residue put ∂L/∂α2 11 % off (found by bench/gpu_check.py's smoke
     run on AdaptiveROTPool2d). Compared with the float64 torch path."""
     gen = torch.Generator().manual_seed(3)
-    B, N, D, T = 2, 36, 4, 3
+    B, D, T = 2, 4, 3                                    # N = 36 positions
     img = torch.randn(B, D, 6, 6, generator=gen)
     x = img.flatten(2).transpose(1, 2)                   # (B, N, D), an NCHW view when strided
     if not strided:
