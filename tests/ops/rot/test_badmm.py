@@ -825,8 +825,10 @@ def test_saved_bytes_are_x_plus_vectors(variant, schedule, monkeypatch):
     iteration. The scratch the launchers allocate (per-program state and adjoint tiles,
     working vectors) does not depend on T (for a given forward schedule: replaying needs no
     state scratch, streaming an N × D pair per program), except the backward's (B, T, 4)
-    weight partials, which the kernel writes whole (no zero fill)."""
+    weight partials, which the kernel writes whole (no zero fill). Launches stubbed: the sizes
+    are the host's."""
     _schedule(monkeypatch, schedule)
+    monkeypatch.setattr(launch, "launcher", lambda kernel, wrap=None: _NoLaunch())
     gen = torch.Generator().manual_seed(7)
     B, N, D = 2, 9, 6
     KV = 4 if variant == "paper" else 2     # (the replay's shifts come from R, log μ pairs)
