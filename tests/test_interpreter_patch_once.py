@@ -1,5 +1,6 @@
 """The test harness's interpreter shim (``tests/interpreter_patch_once.py``): one language patch
-per launch, helpers still run interpreted, nothing left patched after the launch."""
+per launch (and one for triton's own helpers), helpers still run interpreted, ``tl`` restored
+after the launch (``tl.core`` stays patched after tl.sum's patch, as without the shim)."""
 import os
 
 import pytest
