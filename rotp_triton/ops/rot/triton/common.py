@@ -121,12 +121,24 @@ def flat_views(buf: torch.Tensor, shapes, offsets=None) -> list:
     return out
 
 
+def split_flat(buf: torch.Tensor, sizes) -> list:
+    """1-D views of consecutive segments of the flat contiguous ``buf`` with the given sizes,
+    all from one ``split_with_sizes``: one dispatch, where :func:`flat_views` makes one a view
+    (6 views: ~4 instead of ~11 µs on this project's CPU). For buffers that only kernels read
+    (their addresses matter, not their shapes)."""
+    sizes = list(sizes)
+    rest = buf.numel() - sum(sizes)
+    return list(buf.split_with_sizes(sizes + [rest] if rest else sizes))[:len(sizes)]
+
+
 def fp32_scratch(device, zeroed=(), empty=()):
     """Views of one fp32 allocation: ``(zeroed views, empty views)`` with the given shapes
     (ints or tuples). The ``zeroed`` ones lie first and are cleared by one fill; the rest are
     uninitialised. Two host ops (one with no ``zeroed``) however many buffers; never for
     tensors that leave the launcher (outputs, saved tensors): a view keeps the whole
-    allocation alive."""
+    allocation alive. (Not :func:`split_flat`: with the alignment gaps in the split, and a
+    ``view`` for each shape of 2 or more dimensions, the B-ADMM and structure launchers took
+    2-5 % longer, ``bench/results/host_overhead_split_views_2026-12-02.md``.)"""
     shapes = [(s,) if isinstance(s, int) else tuple(s) for s in (*zeroed, *empty)]
     sizes = [math.prod(s) for s in shapes]
     offsets, o = [], 0

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ...params import A1, A3
-from ..common import (FRUGAL_REGISTERS, as_f32, cdiv, flat_views, launcher, next_pow2,
+from ..common import (FRUGAL_REGISTERS, as_f32, cdiv, launcher, next_pow2, split_flat,
                       sm_count)
 from ..spread.launch import set_statistics
 from .kernels import (RV_SLOTS, sinkhorn_bwd_kernel, sinkhorn_dx_kernel, sinkhorn_fwd_kernel,
@@ -321,14 +321,10 @@ def state_numel(B: int, T: int, D: int, NR: int) -> int:
     return B * (T + 1) * D + B * T * D + (T + 1) * NR + T * NR + B * D + B
 
 
-def _carve(buf: Tensor, shapes) -> list:
-    """Consecutive views of the flat ``buf`` with the given shapes (no host op: views only)."""
-    return flat_views(buf, shapes)
-
-
 def state_views(state: Tensor, B: int, T: int, D: int, NR: int) -> list:
-    """A (B, T + 1, D), Rn (B, T, D), Bv (T + 1, NR), Cn (T, NR), rfin (B, D), tot (B,)."""
-    return _carve(state, [(B, T + 1, D), (B, T, D), (T + 1, NR), (T, NR), (B, D), (B,)])
+    """A (B, T + 1, D), Rn (B, T, D), Bv (T + 1, NR), Cn (T, NR), rfin (B, D), tot (B,): flat
+    (1-D) views of those row-major arrays (only kernels read them; one host op)."""
+    return split_flat(state, [B * (T + 1) * D, B * T * D, (T + 1) * NR, T * NR, B * D, B])
 
 
 def param_grads_numel(B: int, T: int, D: int, NR: int, has_p0: bool, has_q0: bool) -> int:
@@ -339,10 +335,10 @@ def param_grads_numel(B: int, T: int, D: int, NR: int, has_p0: bool, has_q0: boo
 
 def param_grad_views(dparams: Tensor, B: int, T: int, D: int, NR: int, has_p0: bool,
                      has_q0: bool) -> tuple:
-    """(dw (6, T), dlog_p0 (B, D) or None, dlog_q0 (NR,) or None) as views of ``dparams``."""
-    dw, rest = _carve(dparams, [(6, T), (dparams.numel() - 6 * T,)])
-    dlp0, dlq0 = _carve(rest, [(B * D if has_p0 else 0,), (NR if has_q0 else 0,)])
-    return dw, (dlp0.view(B, D) if has_p0 else None), (dlq0 if has_q0 else None)
+    """(dw (6, T), dlog_p0 (B, D) or None, dlog_q0 (NR,) or None) as views of ``dparams``
+    (which may hold more after them)."""
+    dw, dlp0, dlq0 = split_flat(dparams, [6 * T, B * D if has_p0 else 0, NR if has_q0 else 0])
+    return dw.view(6, T), (dlp0.view(B, D) if has_p0 else None), (dlq0 if has_q0 else None)
 
 
 def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],
@@ -404,7 +400,7 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
         scale = saved[:B]
     if B > 0 and D > 0:
         if rows:
-            Bv[0].zero_()  # b_{-1} = 0 (the forward kernel writes it only after the split launches)
+            Bv[:NR].zero_()  # b_{-1} = 0 (the forward kernel writes it after the split launches)
             _split_iterations(x, B, N, D, NR, (sxb, sxn, sxd), w, lp0, lq0, log_p0 is not None,
                               log_q0 is not None, A, Rn, Bv, Cn, scale, rows, nw, wrap)
         launcher(sinkhorn_fwd_kernel, wrap)[(B,)](
@@ -480,7 +476,7 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     n_params = param_grads_numel(B, T, D, NR, has_p0, has_q0)
     dparams = torch.zeros(n_params + (B if scale is not None else 0), device=x.device,
                           dtype=torch.float32)
-    dw, dlp0, dlq0 = param_grad_views(dparams[:n_params], B, T, D, NR, has_p0, has_q0)
+    dw, dlp0, dlq0 = param_grad_views(dparams, B, T, D, NR, has_p0, has_q0)
     g = as_f32(grad_y)  # (no host op when it already is contiguous fp32)
     has_gp = grad_plan is not None
     gp = grad_plan if has_gp else g
@@ -508,9 +504,9 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     slots = RV_SLOTS.value
     scratch = torch.empty(6 * B * T + B * T * D + 2 * T * NR + B * D + NR + B
                           + B * T * slots * npad, device=x.device, dtype=torch.float32)
-    part, Rbar, Cbar, abar, bbar, pg, rho, rv = _carve(
-        scratch, [(6, B, T), (B, T, D), (T, NR), (B, D), (NR,), (B,), (T, NR),
-                  (B, T, slots, npad)])
+    # (part: the six (B, T) partials; every buffer flat, only kernels read them)
+    *part, Rbar, Cbar, abar, bbar, pg, rho, rv = split_flat(
+        scratch, [B * T] * 6 + [B * T * D, T * NR, B * D, NR, B, T * NR, B * T * slots * npad])
     lp0 = as_f32(log_p0) if has_p0 else g
     lq0 = as_f32(log_q0) if has_q0 else g
     sc = (scale, dparams[n_params:]) if scale is not None else (g, g)

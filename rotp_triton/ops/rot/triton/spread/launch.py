@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..common import cdiv, launcher, next_pow2
+from ..common import cdiv, launcher, next_pow2, split_flat
 from .kernels import (spread_grad_dot_kernel, spread_grad_kernel, spread_normalize_kernel,
                       spread_stats_kernel)
 
@@ -71,9 +71,8 @@ def spread_forward(x: Tensor, sample_dims: Tuple[int, ...], out_dtype: Optional[
     # one allocation: what the backward keeps (s, root, mean) and the blocks' variance sums
     # (each as a scale and the sum over its square: kernels.spread_stats_kernel)
     buf = torch.empty(B * (2 + F + 2 * NFB), device=x.device, dtype=torch.float32)
-    saved = buf[:B * (2 + F)]
-    s, root, mean = saved[:B], saved[B:2 * B], saved[2 * B:]
-    part, pc = buf[B * (2 + F):B * (2 + F + NFB)], buf[B * (2 + F + NFB):]
+    saved, part, pc = split_flat(buf, [B * (2 + F), B * NFB, B * NFB])
+    s, root, mean = split_flat(saved, [B, B, B * F])
     grid = (B, NFB)
     rag = dict(RAGGED=ptr is not None)
     ptr = ptr if ptr is not None else buf                 # unread when dense
@@ -115,7 +114,7 @@ def spread_backward(x: Tensor, sample_dims: Tuple[int, ...], saved: Tensor, g: T
     B, F, S = sizes(x, sample_dims, ptr)
     BS, BF, num_warps = block_sizes(F, S)
     NFB = cdiv(F, BF)
-    s, root, mean = saved[:B], saved[B:2 * B], saved[2 * B:]
+    s, root, mean = split_flat(saved, [B, B, B * F])
     gst = bfs_strides(g, sample_dims)
     if gst is None:
         g = g.contiguous()
