@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 
-from ..common import as_f32, cdiv, flat_views, fp32_scratch, launcher, next_pow2, sm_count
+from ..common import (as_f32, cdiv, flat_views, fp32_scratch, launcher, next_pow2,
+                      sm_count, split_flat)
 from ..spread.launch import set_statistics
 from .kernels import (ADJ_FIRST, ADJ_S_STEP, WEIGHT_ROWS, badmm_bwd_kernel, badmm_coef_kernel,
                       badmm_dw_kernel, badmm_fwd_kernel, quad_flag)
@@ -504,7 +505,7 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
     saved = set_statistics(x, ptr, B, D, stats, wrap,
                            out=h[h.numel() - B * (2 + D):]) if spread else None
     if saved is not None:
-        scale = saved[:B]
+        scale, root, mean = split_flat(saved, [B, B, B * D])   # σ, root, the feature means
     y = torch.zeros(B, D, device=x.device, dtype=torch.float32)
     plan = torch.zeros(x.shape, device=x.device, dtype=x.dtype) if return_plan else None
     out = (y, plan, h) if not spread else (y, plan, h, saved)
@@ -528,8 +529,7 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
     BN, BD, BV, num_warps = one_pass or forward_block_sizes(geo.N, D)
     launcher(badmm_fwd_kernel, wrap)[(geo.grid,)](
         x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else y, geo.order(y), lp0, lq0, wc,
-        y if scale is None else scale, saved[B:2 * B] if stats else y,
-        saved[2 * B:] if stats else y,
+        y if scale is None else scale, root if stats else y, mean if stats else y,
         y, plan if return_plan else y, sl, sz, vd, vn, hd, hn,
         B, geo.N, D, geo.rows, T, -math.log(D),
         RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,

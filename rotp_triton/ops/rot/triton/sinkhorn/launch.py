@@ -397,7 +397,7 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
     saved = set_statistics(x, ptr, B, D, stats, wrap,
                            out=state[n_state + n_stats - B * (2 + D):]) if spread else None
     if saved is not None:
-        scale = saved[:B]
+        scale, root, mean = split_flat(saved, [B, B, B * D])   # σ, root, the feature means
     if B > 0 and D > 0:
         if rows:
             Bv[:NR].zero_()  # b_{-1} = 0 (the forward kernel writes it after the split launches)
@@ -407,8 +407,7 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
             x, ptr if ptr is not None else y, _largest_first(ptr, y), sxb, sxn, sxd,
             N if N is not None else 0, D, T, NR,
             -math.log2(D), w, lp0, lq0, A, Rn, Bv, Cn, rfin, tot, y, plan, spb, spn, spd,
-            y if scale is None else scale, saved[B:2 * B] if stats else y,
-            saved[2 * B:] if stats else y,
+            y if scale is None else scale, root if stats else y, mean if stats else y,
             RAGGED=ptr is not None, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
             PAPER=paper, RETURN_PLAN=return_plan, ONE_TILE_N=one_tile, BN=BN, BD=BD,
             MASK_N=N is None or N != BN, ITERATE=not rows, P0=P0, P1=P1, P2=P2,
@@ -510,7 +509,7 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     lp0 = as_f32(log_p0) if has_p0 else g
     lq0 = as_f32(log_q0) if has_q0 else g
     sc = (scale, dparams[n_params:]) if scale is not None else (g, g)
-    st = (spread[B:2 * B], spread[2 * B:]) if fold else (g, g)     # root, mean (B, D)
+    st = split_flat(spread, [B, B, B * D])[1:] if fold else (g, g)   # root, mean (B, D)
     # torch.use_deterministic_algorithms: the programs store their shares of dw (and ds)
     # instead of adding them atomically, and sum_weight_grad_partials adds them up in a fixed
     # order (same bits every run); otherwise an unread placeholder
