@@ -239,7 +239,7 @@ class _Noop(torch.autograd.Function):
 
 
 def baselines(reps: int, device: str) -> dict:
-    """torch's own costs on this host: an allocation, a 1-element add, and the forward+backward
+    """torch's own costs on this host: an allocation, a small add, and the forward+backward
     of a no-op autograd.Function (the autograd engine's round trip, ``.sum()`` and its grad)."""
     x = torch.randn(50, 8, 8, device=device, requires_grad=True)
     out = dict(
@@ -307,7 +307,7 @@ def write(path: str, rows: list, launches: list, base: dict, device: str, reps: 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--reps", type=int, default=None, help="calls per case (200; smoke 4)")
+    p.add_argument("--reps", type=int, default=None, help="calls per case (200; smoke 2)")
     p.add_argument("--device", default="cpu", help="cpu (launches stubbed) or cuda")
     p.add_argument("--smoke-cpu", action="store_true",
                    help="run the --device path on CPU under the interpreter (checks the script)")
