@@ -14,9 +14,8 @@ import torch
 from torch import Tensor
 
 
-from ..common import (as_f32, cdiv, flat_views, fp32_scratch, launcher, next_pow2,
-                      sm_count, split_flat)
-from ..spread.launch import set_statistics
+from ..common import as_f32, cdiv, flat_views, fp32_scratch, launcher, next_pow2, sm_count
+from ..spread.launch import set_statistics, statistics_views
 from .kernels import (ADJ_FIRST, ADJ_S_STEP, WEIGHT_ROWS, badmm_bwd_kernel, badmm_coef_kernel,
                       badmm_dw_kernel, badmm_fwd_kernel, quad_flag)
 from .split_backward_kernels import (badmm_split_bwd_cols_step_kernel,
@@ -505,7 +504,7 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
     saved = set_statistics(x, ptr, B, D, stats, wrap,
                            out=h[h.numel() - B * (2 + D):]) if spread else None
     if saved is not None:
-        scale, root, mean = split_flat(saved, [B, B, B * D])   # σ, root, the feature means
+        scale, root, mean = statistics_views(saved, B, D)
     y = torch.zeros(B, D, device=x.device, dtype=torch.float32)
     plan = torch.zeros(x.shape, device=x.device, dtype=x.dtype) if return_plan else None
     out = (y, plan, h) if not spread else (y, plan, h, saved)

@@ -15,7 +15,7 @@ from torch import Tensor
 from ...params import A1, A3
 from ..common import (FRUGAL_REGISTERS, as_f32, cdiv, launcher, next_pow2, split_flat,
                       sm_count)
-from ..spread.launch import set_statistics
+from ..spread.launch import set_statistics, statistics_views
 from .kernels import (RV_SLOTS, sinkhorn_bwd_kernel, sinkhorn_dx_kernel, sinkhorn_fwd_kernel,
                       sinkhorn_split_a_kernel,
                       sinkhorn_split_b_kernel, sinkhorn_split_col_kernel,
@@ -397,7 +397,7 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
     saved = set_statistics(x, ptr, B, D, stats, wrap,
                            out=state[n_state + n_stats - B * (2 + D):]) if spread else None
     if saved is not None:
-        scale, root, mean = split_flat(saved, [B, B, B * D])   # σ, root, the feature means
+        scale, root, mean = statistics_views(saved, B, D)
     if B > 0 and D > 0:
         if rows:
             Bv[:NR].zero_()  # b_{-1} = 0 (the forward kernel writes it after the split launches)
@@ -509,7 +509,7 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     lp0 = as_f32(log_p0) if has_p0 else g
     lq0 = as_f32(log_q0) if has_q0 else g
     sc = (scale, dparams[n_params:]) if scale is not None else (g, g)
-    st = split_flat(spread, [B, B, B * D])[1:] if fold else (g, g)   # root, mean (B, D)
+    st = statistics_views(spread, B, D)[1:] if fold else (g, g)   # root, mean (B, D)
     # torch.use_deterministic_algorithms: the programs store their shares of dw (and ds)
     # instead of adding them atomically, and sum_weight_grad_partials adds them up in a fixed
     # order (same bits every run); otherwise an unread placeholder

@@ -56,6 +56,12 @@ def block_sizes(F: int, S: int) -> Tuple[int, int, int]:
     return BS, BF, 4
 
 
+def statistics_views(saved: Tensor, B: int, F: int) -> list:
+    """(σ (B,), root (B,), the feature means (B·F,)): flat views of the (B, 2 + F) fp32
+    statistics :func:`spread_forward` saves (set kernels form them with STATS); one split."""
+    return split_flat(saved, [B, B, B * F])
+
+
 def spread_forward(x: Tensor, sample_dims: Tuple[int, ...], out_dtype: Optional[torch.dtype],
                    ptr: Optional[Tensor] = None, wrap=None):
     """(x / s in ``out_dtype`` and x's memory format, saved (B, 2 + F) fp32: s, root, then the
@@ -72,7 +78,7 @@ def spread_forward(x: Tensor, sample_dims: Tuple[int, ...], out_dtype: Optional[
     # (each as a scale and the sum over its square: kernels.spread_stats_kernel)
     buf = torch.empty(B * (2 + F + 2 * NFB), device=x.device, dtype=torch.float32)
     saved, part, pc = split_flat(buf, [B * (2 + F), B * NFB, B * NFB])
-    s, root, mean = split_flat(saved, [B, B, B * F])
+    s, root, mean = statistics_views(saved, B, F)
     grid = (B, NFB)
     rag = dict(RAGGED=ptr is not None)
     ptr = ptr if ptr is not None else buf                 # unread when dense
@@ -114,7 +120,7 @@ def spread_backward(x: Tensor, sample_dims: Tuple[int, ...], saved: Tensor, g: T
     B, F, S = sizes(x, sample_dims, ptr)
     BS, BF, num_warps = block_sizes(F, S)
     NFB = cdiv(F, BF)
-    s, root, mean = split_flat(saved, [B, B, B * F])
+    s, root, mean = statistics_views(saved, B, F)
     gst = bfs_strides(g, sample_dims)
     if gst is None:
         g = g.contiguous()
