@@ -28,7 +28,8 @@ once; α0 > 0 for B-E W1 T = 4), forward and forward+backward, through the PUBLI
    counts are cached in ~/.cache/rotp_triton_bench/<hash of rotp_triton's sources>/ (the
    interpreter dominates the report's time); ROTP_BENCH_NO_CACHE=1 turns the cache off.
 4. Dynamic instructions: the interpreter's exp2+log2 count × the hot loop's instructions per
-   MUFU.EX2/LG2 (the hot loop: the innermost SASS loop with the most MUFU). Per
+   MUFU.EX2/LG2 (the hot loop: the innermost SASS loop with the most MUFU among those that
+   ran, by the runs of the column below). Per
    element-iteration = that / (elements × T). Kernels whose loops have no EX2/LG2 get none
    (their time is then bounded by bytes only, and the table says "n/a"). The kernel table's
    column "loops by runs" counts instead every SASS instruction as often as its loop ran
@@ -371,6 +372,17 @@ def predict_torch(rows, scale: float) -> tuple[float, float, int, int]:
     return eager, comp, ops, syncs
 
 
+def _hot_loop_that_ran(a: dict, dyn: dict) -> dict | None:
+    """The hot loop among the innermost loops that ran: the one with the most MUFU (then the
+    most instructions) of those that executed any instruction by ``sass.dynamic_instructions``
+    (``dyn``). A fallback's copy of a loop that no input takes - as big as the loop it stands
+    in for, or bigger - is not it. None without such a loop."""
+    ran = {(int(L["loop"][0], 16), int(L["loop"][1], 16)) for L in dyn.get("loops", [])
+           if L["loop"] and L["instructions"] > 0}
+    inner = [L for L in a.get("innermost_loops") or [] if (L["start"], L["end"]) in ran]
+    return max(inner, key=lambda L: (L["mix"]["MUFU"], L["mix"]["total"]), default=None)
+
+
 def analyse(c, rec, work, scale, sass_cache):
     from bench import sass
     T = c["T"]
@@ -405,19 +417,11 @@ def analyse(c, rec, work, scale, sass_cache):
                 k_scale = 1.0 if same_grid else scale
                 w = {k: got[k] * k_scale for k in ("load_bytes", "store_bytes", "exp2", "log2")}
                 note = "grid independent of the batch: not scaled" if same_grid else ""
-            hot = a.get("hot") or {}
-            hmix = hot.get("mix", {})
-            ex = hmix.get("EX2LG2", 0)
             mufu_dyn = w["exp2"] + w["log2"]
-            per_ei = {}
-            instr = None
-            if ex:
-                instr = mufu_dyn * hmix["total"] / ex
-                for cat in ("total", "MUFU", "FP32", "SHFL", "BAR", "LDG", "STG"):
-                    per_ei[cat] = mufu_dyn * hmix[cat] / ex / (el * T)
             # every instruction weighted by its loop's runs (sass.dynamic_instructions): the
             # loops of fallback branches count as often as the interpreter took them
             dyn_ei = dyn_mufu = None
+            hot = a.get("hot") or {}
             if got is not None and got.get("sites") and not a.get("error"):
                 d = sass.dynamic_instructions(sass.compile_launch(Ls[0]).asm["cubin"],
                                               got["sites"], got["programs_total"],
@@ -427,6 +431,15 @@ def analyse(c, rec, work, scale, sass_cache):
                 # thread MUFU by those runs ÷ the interpreter's element count: ~1 when the
                 # weighting is right (above 1 by the lanes that compute a vector replicated)
                 dyn_mufu = d["mufu"] * thr / mufu_dyn if mufu_dyn else None
+                hot = _hot_loop_that_ran(a, d) or hot
+            hmix = hot.get("mix", {})
+            ex = hmix.get("EX2LG2", 0)
+            per_ei = {}
+            instr = None
+            if ex:
+                instr = mufu_dyn * hmix["total"] / ex
+                for cat in ("total", "MUFU", "FP32", "SHFL", "BAR", "LDG", "STG"):
+                    per_ei[cat] = mufu_dyn * hmix[cat] / ex / (el * T)
             programs = max(L.programs for L in Ls)
             frac = min(1.0, programs / sol.H100_SMS)
             nbytes = w["load_bytes"] + w["store_bytes"]

@@ -95,7 +95,9 @@ def test_dynamic_instructions_weigh_each_loop_by_its_runs():
     """``fallback_sum_kernel`` holds the same tile loop twice: one runs 8 trips, the other sits
     in a branch that is not taken. Weighed by the interpreter's site counts, the first loop
     executes 8 MUFU.EX2 per thread (whatever ptxas's unroll factor), the fallback copy none;
-    the whole kernel at most 3 more (the straight-line remainder of an unrolled loop)."""
+    the whole kernel at most 3 more (the straight-line remainder of an unrolled loop). The
+    kernel report's hot loop is the loop that ran, though the copy (one multiply more a
+    trip: x · 0.5) is as big or bigger."""
     import probe_kernels as pk
     from bench.interp_counter import count_kernel_work
     trips, block = 8, 128
@@ -116,7 +118,9 @@ d = sass.dynamic_instructions(cubin, c["sites"], 1, c["elems"], 128)
 ins, labels = sass.disassemble(cubin)
 body = {{f"{{a:#x}}": sum(1 for i in ins if a <= i.addr <= b and i.opcode.startswith("MUFU.EX2"))
         for a, b in sass.loops(ins, labels)}}
-print(json.dumps(dict(mufu=d["mufu"], loops=d["loops"], body=body)))
+from bench.kernel_report import _hot_loop_that_ran
+hot = _hot_loop_that_ran(sass.analyse_cubin(cubin), d)
+print(json.dumps(dict(mufu=d["mufu"], loops=d["loops"], body=body, hot=f"{{hot['start']:#x}}")))
 """)
     r = json.loads(out.strip().splitlines()[-1])
     loops = [b for b in r["loops"] if b["loop"]]
@@ -125,6 +129,7 @@ print(json.dumps(dict(mufu=d["mufu"], loops=d["loops"], body=body)))
     assert len(live) == 1, r                    # the fallback copy counts 0
     assert live[0]["runs"] * r["body"][live[0]["loop"][0]] == trips, r
     assert trips <= r["mufu"] <= trips + 3, r
+    assert r["hot"] == live[0]["loop"][0], r    # the report prices the loop that ran
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
