@@ -73,8 +73,14 @@ def variants():
         ("W2", "badmm-e", "fused backward (shipped up to T = 14 until 2026-11-30)", {B: dict(
             backward_fuses=lambda T, x_bytes: True)}),
         ("W2", "badmm-e", "forward at 32 warps", {B: dict(FORWARD_WARPS=32)}),
-        ("W2", "badmm-e", "unfused backward on half tiles (4 fp32 per thread)", {B: dict(
-            backward_halves=lambda fuse, plan_grad: True)}),
+        # the unfused backward at 16 warps on half the tile (2 fp32 a thread) since
+        # 2026-12-02 with triton >= 3.9 (calibrated model; results/badmm_backward_sixteen_warps
+        # _2026-12-02.md) against its 8-warp layouts until then: the full tile, and the half
+        # tile at 8 warps (4 fp32 a thread)
+        ("W2", "badmm-e", "backward at 8 warps, full tile (until 2026-12-02)", {B: dict(
+            BACKWARD_WARPS=8)}),
+        ("W2", "badmm-e", "unfused backward on half tiles at 8 warps (4 fp32 per thread)",
+         {B: dict(unfused_backward_block_sizes=lambda n, D, plan_grad: bwd_blocks(n, D))}),
         # the structure path (α0 > 0) runs one CTA per set: 16 warps, square GEMM tiles and
         # 2,048-element row tiles since 2026-11-30 (calibrated model: 18.0 -> 10.3 ms
         # fwd+bwd), against the 8-warp layout it replaced

@@ -283,6 +283,30 @@ def test_backward_schedules(method, variant, fuse, monkeypatch):
     assert defers == ([False, True, True] if fuse else [False] * 3)
 
 
+@pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("badmm-q", "exact"),
+                                            ("badmm-q", "paper")])
+def test_unfused_backward_on_half_tiles(method, variant, monkeypatch):
+    """The shipped unfused one-program backward of a dense batch whose tile would be an 8-warp
+    [16, 128] (W2's shape class: N >= 16, D >= 128) runs launch.unfused_backward_block_sizes'
+    half tile, [16, 64] with 512-wide vector chunks at 16 warps (triton >= 3.9; 8 warps and
+    the full tile before): 2 row blocks × 3 column blocks a pass here, with and without priors
+    and a plan cotangent, against the reference."""
+    monkeypatch.setattr(launch, "backward_splits", lambda *a: (1, 1))
+    picked = []
+    real = launch.unfused_backward_block_sizes
+    monkeypatch.setattr(launch, "unfused_backward_block_sizes",
+                        lambda *a: picked.append(real(*a)) or picked[-1])
+    gen = torch.Generator().manual_seed(23)
+    x, w, lp, lq, cy, cp = _case(2, 20, 160, 2, gen, inf_a2=True)
+    for priors, plan in (((lp, lq), cp), ((None, None), None)):
+        args = (x, None, method, variant, w, *priors, cy, plan)
+        _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32])
+    if launch.BACKWARD_WARPS == 16:
+        assert picked == [(16, 64, 512, 16)] * 2
+    else:          # triton 3.6: the half tile only with the plan's gradient
+        assert picked == [(16, 64, 256, 8), (16, 128, 256, 8)]
+
+
 @pytest.mark.parametrize("case", ["fused-plan", "fused-defer", "ragged", "ragged-q", "split"])
 def test_no_kernel_reads_memory_it_did_not_write(case, monkeypatch):
     """Every torch.empty the launchers take (outputs such as x̄, the scratch, the history) is
@@ -1016,7 +1040,8 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
         (m.badmm_bwd_kernel, 2048, 49, True, False, False, "PLAN_GRAD", False),
         (m.badmm_bwd_kernel, 2048, 49, False, False, False, "SCALED", True),
         (m.badmm_bwd_kernel, 2048, 49, True, False, False, "SCALED", True),
-        # the shipped W2 backward (launch.backward_fuses: unfused, 8 fp32 per thread)
+        # the shipped W2 backward (launch.backward_fuses: unfused; 2 fp32 per thread at 16
+        # warps, launch.unfused_backward_block_sizes)
         (m.badmm_bwd_kernel, 2048, 49, False, False, False, "SCALED", False),
         (m.badmm_bwd_kernel, 2048, 49, True, False, False, "SCALED", False),
         # ragged, unfused: Z̄' rebuilt (launch.backward_rebuilds_zbar)
@@ -1030,8 +1055,10 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
     # one sweep per iteration where launch.forward_one_pass allows: W2 B-E, W2 B-Q paper)
     fused = kernel is m.badmm_bwd_kernel and replay
     rebuild = kernel is m.badmm_bwd_kernel and launch.backward_rebuilds_zbar(ragged, replay)
-    half = fused or (kernel is m.badmm_bwd_kernel and flag == "PLAN_GRAD") or rebuild
-    sizes = launch.backward_block_sizes if half else launch.block_sizes
+    sizes = launch.block_sizes
+    if kernel is m.badmm_bwd_kernel:     # as the launcher: 16 warps unfused (triton >= 3.9)
+        sizes = (launch.backward_block_sizes if fused or rebuild else
+                 lambda n, d: launch.unfused_backward_block_sizes(n, d, flag == "PLAN_GRAD"))
     if kernel is m.badmm_fwd_kernel:
         sizes = launch.forward_block_sizes          # (16 warps on a 2,048 tile)
     BN, BD, BV, num_warps = sizes(0 if ragged else N, D)
@@ -1090,8 +1117,9 @@ def test_aot_compile_sm90():
     (D = 128 and 2048, both methods and variants, dense and ragged, both forward and both
     backward schedules, the fused one with a plan gradient and deferring without, and W2 with
     the layers' feature scale folded in: SCALED; the forward at 16 warps on 2,048 tiles,
-    launch.forward_block_sizes; ragged B-E and B-Q unfused rebuilding Z̄': ZREBUILD); register
-    use is printed and nothing spills (ptxas -v, stack included)."""
+    launch.forward_block_sizes; the dense unfused backward at 16 warps on half tiles,
+    launch.unfused_backward_block_sizes; ragged B-E and B-Q unfused rebuilding Z̄':
+    ZREBUILD); register use is printed and nothing spills (ptxas -v, stack included)."""
     out = run_without_interpreter(AOT_CODE, timeout=900)
     lines = [l for l in out.splitlines() if "regs" in l]
     print("\n".join(lines))
@@ -1103,6 +1131,9 @@ def test_aot_compile_sm90():
             assert l.endswith("local 0"), l
         assert " spill 0 " in l, l                # ptxas -v: no spills, stack included
     assert sum(l.startswith("badmm_fwd_kernel") and ", 16) spill" in l for l in lines) == 7
+    # the dense unfused backwards (W2's four, PLAN_GRAD and SCALED) at 16 warps from 3.9 on
+    assert sum(l.startswith("badmm_bwd_kernel") and ", 16) spill" in l
+               for l in lines) == (4 if launch.FRUGAL_REGISTERS else 0)
 
 
 SPLIT_AOT_CODE = r"""

@@ -80,7 +80,8 @@ iterations' states, the adjoints and x per element, so the launcher halves its 8
 smaller tiles amortise the replay's per-iteration loads over half the elements and pass 3 runs
 two more exp2 per element; the calibrated model prices those instructions above the bytes
 they save at every T, so the launcher runs the unfused schedule (``FUSE`` off: pass 2 reads
-L̄', Z̄', 12 + 28 bytes, 8-warp tiles; :func:`.launch.backward_fuses`). With FUSE and no plan
+L̄', Z̄', 12 + 28 bytes; :func:`.launch.backward_fuses`), on the half tiles at 16 warps
+(:func:`.launch.unfused_backward_block_sizes`). With FUSE and no plan
 gradient the first reverse step stores no L̄, Z̄, X̄ either (``DEFER``,
 :func:`.launch.backward_defers`): they depend only on iteration T - 1's state, R, y and ȳ
 (log P̄ = 0 there, so R̄ = 0), and the second step's pass 3 recomputes them

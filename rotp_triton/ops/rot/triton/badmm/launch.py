@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 
-from ..common import as_f32, cdiv, flat_views, fp32_scratch, launcher, next_pow2, sm_count
+from ..common import (FRUGAL_REGISTERS, as_f32, cdiv, flat_views, fp32_scratch, launcher,
+                      next_pow2, sm_count)
 from ..spread.launch import set_statistics, statistics_views
 from .kernels import (ADJ_FIRST, ADJ_S_STEP, WEIGHT_ROWS, badmm_bwd_kernel, badmm_coef_kernel,
                       badmm_dw_kernel, badmm_fwd_kernel, quad_flag)
@@ -27,9 +28,9 @@ from .split_kernels import (badmm_split_column_lse_kernel, badmm_split_column_st
                             badmm_split_row_lse_kernel)
 
 __all__ = ["badmm_forward", "badmm_backward", "block_sizes", "forward_block_sizes",
-           "backward_block_sizes",
+           "backward_block_sizes", "unfused_backward_block_sizes",
            "history_like", "history_views", "param_grads_numel", "param_grad_views",
-           "forward_replays", "forward_one_pass", "backward_fuses", "backward_halves",
+           "forward_replays", "forward_one_pass", "backward_fuses",
            "backward_rebuilds_zbar", "split_backward_fuses",
            "forward_splits",
            "backward_splits"]
@@ -72,8 +73,10 @@ def backward_block_sizes(n_hint: int, D: int):
 
 
 # Warps per CTA of the one-program-per-set forward on a tile of 2,048 fp32: see
-# :func:`forward_block_sizes`.
+# :func:`forward_block_sizes`; of the unfused backward on half that tile: see
+# :func:`unfused_backward_block_sizes`.
 FORWARD_WARPS = 16
+BACKWARD_WARPS = 16 if FRUGAL_REGISTERS else 8
 
 
 def forward_block_sizes(n_hint: int, D: int):
@@ -87,13 +90,37 @@ def forward_block_sizes(n_hint: int, D: int):
     configuration in 88-128 registers without spills (AOT test), and the calibrated model
     (``bench/latency_model.py``) predicts W2 B-E forward 1,464 -> 929 µs at T = 4 and
     14,531 -> 9,125 µs at T = 16 (a PREDICTION, within the 8-24 warps per SM the model was
-    checked on; ``bench/gpu_tune.py`` times 8 and 32 beside it). The backward stays at 8
-    warps: at 16 (128 registers at most) its passes spill 216-1,684 bytes."""
+    checked on; ``bench/gpu_tune.py`` times 8 and 32 beside it). The backward runs 16 warps
+    on half this tile: :func:`unfused_backward_block_sizes`."""
     BN, BD, BV, num_warps = block_sizes(n_hint, D)
     if num_warps == 8 and BN * BD >= 2048 and FORWARD_WARPS != num_warps:
         num_warps = FORWARD_WARPS
         BV = min(max(BV, 32 * num_warps), 1024)       # BV >= 32 · num_warps: one owner a lane
     return BN, BD, BV, num_warps
+
+
+def unfused_backward_block_sizes(n_hint: int, D: int, plan_grad: bool):
+    """(BN, BD, BV, num_warps) of the unfused one-program-per-set backward of a dense batch
+    (:func:`.kernels.badmm_bwd_kernel` without FUSE or ZREBUILD: W2): where
+    :func:`block_sizes` gives an 8-warp tile of 2,048 fp32, :func:`backward_block_sizes`'
+    half tile at :data:`BACKWARD_WARPS` = 16 warps (2 fp32 per thread). Its grid is one CTA
+    per SM, like the forward's (:func:`forward_block_sizes`), so the warps per CTA are all the
+    SM has in flight: at 8 (4 fp32 a thread on the full tile) ptxas took 254-255 registers,
+    and 16 warps on that tile spill 8-16 bytes in some configurations; on the half tile every
+    configuration fits in 94-128 registers without spills with triton 3.9 (AOT test; 3.6,
+    the H200 image's, spills 20-456 bytes there and keeps 8 warps:
+    ``common.FRUGAL_REGISTERS``). The calibrated model
+    (``bench/latency_model.py``) prices the W2 backward by the warps in flight (a PREDICTION;
+    ``bench/gpu_tune.py`` times 8 warps beside it). With BACKWARD_WARPS = 8: the layout until
+    2026-12-02 (the full tile; the half tile with the plan's gradient, whose full tile sat at
+    255 registers and spilled)."""
+    BN, BD, BV, num_warps = block_sizes(n_hint, D)
+    if num_warps != 8 or BN * BD < 2048:
+        return BN, BD, BV, num_warps
+    if BACKWARD_WARPS == 8:
+        return backward_block_sizes(n_hint, D) if plan_grad else (BN, BD, BV, num_warps)
+    BN, BD, BV, _ = backward_block_sizes(n_hint, D)
+    return BN, BD, min(max(BV, 32 * BACKWARD_WARPS), 1024), BACKWARD_WARPS
 
 
 def _num_programs(B: int, device: torch.device) -> int:
@@ -224,13 +251,6 @@ def backward_fuses(T: int, x_bytes: int) -> bool:
     is off; the fused schedule stays tested (``test_backward_schedules`` forces both) and
     compiled (AOT) for the GPU run that measures both. A PREDICTION, not measured."""
     return False
-
-
-def backward_halves(fuse: bool, plan_grad: bool) -> bool:
-    """Whether the one-program-per-set backward runs :func:`backward_block_sizes`' half tiles:
-    fused, or returning the plan's gradient (whose 8 fp32 a thread sat at 255 registers and
-    spilled). ``bench/gpu_tune.py`` times the unfused backward on them as well."""
-    return fuse or plan_grad
 
 
 def backward_defers(fuse: bool, T: int, plan_grad: bool) -> bool:
@@ -605,8 +625,11 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
                 shapes[2] = geo.grid * T * D
                 shapes[-1] = T * geo.rows if quadratic else 1
             _, (gw, slb, szb, vd, vn, zc) = fp32_scratch(dev, empty=shapes)
-            if backward_halves(fuse, gplan is not None) or rebuild:
+            if fuse or rebuild:
                 BN, BD, BV, num_warps = backward_block_sizes(geo.N, D)
+            else:
+                BN, BD, BV, num_warps = unfused_backward_block_sizes(geo.N, D,
+                                                                     gplan is not None)
             launcher(badmm_bwd_kernel, wrap)[(geo.grid,)](
                 x, geo.sxb, geo.sxn, geo.sxd, geo.ptr if geo.ragged else gx, geo.order(gx),
                 lp0, lq0, wc, hd, hn, gx if scale is None else scale,
