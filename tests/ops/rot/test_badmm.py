@@ -179,6 +179,14 @@ def _small_blocks(monkeypatch):
     monkeypatch.setattr(launch, "block_sizes", lambda n, d: (16, 16, bv, 4))
 
 
+def _returns_of(monkeypatch, name):
+    """A list that records every value launch.<name> returns (the launcher's choices)."""
+    got = []
+    real = getattr(launch, name)
+    monkeypatch.setattr(launch, name, lambda *a, **k: got.append(real(*a, **k)) or got[-1])
+    return got
+
+
 # --------------------------------------------------------------------------------------------
 # forward and gradients against the reference
 # --------------------------------------------------------------------------------------------
@@ -232,10 +240,7 @@ def test_one_pass_iterations(method, variant, scale, monkeypatch):
     _small_blocks(monkeypatch)
     _schedule(monkeypatch, "replay")
     monkeypatch.setattr(launch, "forward_splits", lambda *a: (1, 1))
-    chosen = []
-    real = launch.forward_one_pass
-    monkeypatch.setattr(launch, "forward_one_pass",
-                        lambda *a: chosen.append(real(*a)) or chosen[-1])
+    chosen = _returns_of(monkeypatch, "forward_one_pass")
     gen = torch.Generator().manual_seed(31)
     x, w, lp, lq, cy, cp = _case(2, 13, 40, 4, gen)
     args = (x * scale, None, method, variant, w, lp, lq, cy, cp)
@@ -262,10 +267,7 @@ def test_backward_schedules(method, variant, fuse, monkeypatch):
     is the last)."""
     _small_blocks(monkeypatch)
     monkeypatch.setattr(launch, "backward_fuses", lambda T, xb: fuse)
-    defers = []
-    real_defers = launch.backward_defers
-    monkeypatch.setattr(launch, "backward_defers",
-                        lambda *a: defers.append(real_defers(*a)) or defers[-1])
+    defers = _returns_of(monkeypatch, "backward_defers")
     # one program per set (B < the interpreter's 4 'SMs' would pick the split backward)
     monkeypatch.setattr(launch, "backward_splits", lambda *a: (1, 1))
     calls = []
@@ -292,10 +294,7 @@ def test_unfused_backward_on_half_tiles(method, variant, monkeypatch):
     the full tile before): 2 row blocks × 3 column blocks a pass here, with and without priors
     and a plan cotangent, against the reference."""
     monkeypatch.setattr(launch, "backward_splits", lambda *a: (1, 1))
-    picked = []
-    real = launch.unfused_backward_block_sizes
-    monkeypatch.setattr(launch, "unfused_backward_block_sizes",
-                        lambda *a: picked.append(real(*a)) or picked[-1])
+    picked = _returns_of(monkeypatch, "unfused_backward_block_sizes")
     gen = torch.Generator().manual_seed(23)
     x, w, lp, lq, cy, cp = _case(2, 20, 160, 2, gen, inf_a2=True)
     for priors, plan in (((lp, lq), cp), ((None, None), None)):
@@ -635,10 +634,7 @@ def test_ragged_backward_rebuilds_zbar(method, variant, monkeypatch):
     _small_blocks(monkeypatch)
     _schedule(monkeypatch, "replay")
     monkeypatch.setattr(launch, "backward_fuses", lambda *a: False)
-    chosen = []
-    real = launch.backward_rebuilds_zbar
-    monkeypatch.setattr(launch, "backward_rebuilds_zbar",
-                        lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1])
+    chosen = _returns_of(monkeypatch, "backward_rebuilds_zbar")
     _check_ragged_with_empty_sets(method, variant, [0, 7, 0, 18, 3, 1], D=5, T=4, seed=46)
     assert chosen == [True], chosen
 
