@@ -834,6 +834,29 @@ def test_feature_scale_folded_in(path, method, variant, monkeypatch):
 
 # --------------------------------------------------------------------------------------------
 # memory, routing, reduced precision, GPU compilation
+@pytest.mark.parametrize("quadratic,paper", [(False, False), (True, False), (True, True)])
+def test_weight_table_records(quadratic, paper):
+    """The kernels' weight table (``launch._fill_weight_table``): the (6, T) weights, then one
+    record per iteration at RECORDS · T - α1, ρ, 1 / w_P, 1 / (α1 + ρ) - the reciprocals
+    bit-equal to fp32 division as the passes divide (w_P = ρ + α1 for B-Q exact, else ρ): the
+    replay's hot loops read an iteration's scalars from its record."""
+    from rotp_triton.ops.rot.triton.badmm import kernels
+    gen = torch.Generator().manual_seed(3)
+    T = 5
+    w = (torch.rand(6, T, generator=gen) * 3 + 0.01).to(DEVICE)
+    wc = torch.full((launch.WEIGHT_ROWS * T,), float("nan"), device=DEVICE)
+    launch._fill_weight_table(w, wc, kernels.quad_flag(quadratic, paper), None)
+    assert torch.equal(wc[:6 * T].view(6, T), w)
+    rec = wc[kernels.RECORDS.value * T:].view(T, kernels.RECORD.value)
+    a1, rho = w[1], w[4]
+    wp = rho + a1 if quadratic and not paper else rho
+    fields = {kernels.REC_A1: a1, kernels.REC_RHO: rho, kernels.REC_INV_WP: 1.0 / wp,
+              kernels.REC_INV_W: 1.0 / (a1 + rho)}
+    assert sorted(f.value for f in fields) == list(range(kernels.RECORD.value))
+    for field, want in fields.items():
+        assert torch.equal(rec[:, field.value], want), field
+
+
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("variant", ["exact", "paper"])

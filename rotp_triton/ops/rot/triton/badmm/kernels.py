@@ -683,9 +683,10 @@ def _replay_iterations(X, L, Zt, offs_n, offs_d, k0, k1, n_b, D, hd_b, hn_b, NR,
     caller applies ``tl.where(mask, L, 0.0)`` once at the end).
 
     The hot loop of the forward and the backward (issue 17), so an element costs FMAs and two
-    MUFU.EX2: the weights' reciprocals come from the launcher's table (rows :data:`INV_WP`,
-    :data:`INV_W`, formed once per call by :func:`badmm_coef_kernel`, no division here), and
-    lanes outside the set stay at log S = -inf (P = S = 0, Z = 0): no select per iteration.
+    MUFU.EX2: an iteration's weights and their reciprocals come from its record in the
+    launcher's table (:data:`RECORDS`, formed once per call by :func:`badmm_coef_kernel`: one
+    pointer, no division here), and lanes outside the set stay at log S = -inf (P = S = 0,
+    Z = 0): no select per iteration.
     Y = log S + G/w_P is formed exactly as the passes form it (:func:`_p_step_y`, the same
     reciprocal), so that log P = Y + (log μ - R) cancels to the last bit like theirs: at
     |x| ~ 1e30 any other rounding of Y leaves log P ~ ±1e23 (issue 17's NaN). Splitting a
@@ -699,35 +700,45 @@ def _replay_iterations(X, L, Zt, offs_n, offs_d, k0, k1, n_b, D, hd_b, hn_b, NR,
     # (R, log μ)_d and (C, log η)_n pairs of iteration 0 as int64 [BD], [BN] pointers
     hd_col = _pair_ptr(hd_b, tl.minimum(offs_d, D - 1), KV)                           # [BD]
     hn_row = _pair_ptr(hn_b, tl.maximum(tl.minimum(offs_n, n_b - 1), 0), KV)          # [BN]
+    rec = w_ptr + RECORDS * T
     for k in range(k0, k1):
-        a1 = tl.load(w_ptr + 1 * T + k)
-        rho = tl.load(w_ptr + 4 * T + k)
+        rho = tl.load(rec + k * RECORD + REC_RHO)
+        inv_wp = tl.load(rec + k * RECORD + REC_INV_WP)
         # the shifts (log μ - R)_k and (log η - C)_k, one 64-bit load per entry
         cv = tl.load(hd_col + k * (KV // 2) * D)                                      # [BD]
         rv = tl.load(hn_row + k * (KV // 2) * NR)                                     # [BN]
         col = _pair_hi(cv) - _pair_lo(cv)
         row = _pair_hi(rv) - _pair_lo(rv)
         if QUAD:
+            a1 = tl.load(rec + k * RECORD + REC_A1)
             g = X - Zt - a1 * S
         else:
             g = X - Zt
-        lpk = (L + g * tl.load(w_ptr + INV_WP * T + k)) + col[None, :]                 # log P
+        lpk = (L + g * inv_wp) + col[None, :]                                          # log P
         pk = _exp(lpk)
         if QUAD:       # Y2 = log P + (Z - α1 P)/w_P
-            y2 = lpk + (Zt - a1 * pk) * tl.load(w_ptr + INV_WP * T + k)
+            y2 = lpk + (Zt - a1 * pk) * inv_wp
         else:          # Y2 = (Z + ρ log P)/(α1 + ρ)
-            y2 = (Zt + rho * lpk) * tl.load(w_ptr + INV_W * T + k)
+            y2 = (Zt + rho * lpk) * tl.load(rec + k * RECORD + REC_INV_W)
         L = y2 + row[:, None]
         S = _exp(L)
         Zt = Zt + rho * (pk - S)
     return L, Zt
 
 
-# Rows the launcher appends to the (6, T) weight table (:func:`badmm_coef_kernel`, once per
-# call): reciprocals of the step weights, so that the replay's hot loop does not divide.
-INV_WP = tl.constexpr(6)     # 1 / w_P
-INV_W = tl.constexpr(7)      # 1 / (α1 + ρ)
-WEIGHT_ROWS = 8
+# The kernels' weight table, WEIGHT_ROWS × T fp32 (:func:`badmm_coef_kernel`, once per call):
+# the (6, T) table w (rows as ``params.py``), then at RECORDS · T one record of RECORD fp32 per
+# iteration for the replay's hot loops - α1, ρ and the reciprocals 1 / w_P, 1 / (α1 + ρ) - so
+# that they load an iteration's scalars through one pointer at constant offsets (with rows of
+# a (·, T) table each load needed a 64-bit pointer of its own: 55 -> 45 SASS instructions a
+# trip of W2's backward replay) and divide nothing.
+RECORDS = tl.constexpr(6)
+RECORD = tl.constexpr(4)
+REC_A1 = tl.constexpr(0)
+REC_RHO = tl.constexpr(1)
+REC_INV_WP = tl.constexpr(2)     # 1 / w_P
+REC_INV_W = tl.constexpr(3)      # 1 / (α1 + ρ)
+WEIGHT_ROWS = RECORDS.value + RECORD.value     # (T records of RECORD fp32: RECORD rows of T)
 
 
 @triton.jit
@@ -779,16 +790,17 @@ def _rebuilt_zbar(X, L, Zt, offs_n, offs_d, tb, n_b, D, hd_b, hn_b, NR, w_ptr, T
     if QUAD:
         coef_l = tl.zeros_like(X)                                  # π's L̄ entry
         S = _exp(L)
+    rec = w_ptr + RECORDS * T
     for k in range(tb + 1, T - 1):
-        rho = tl.load(w_ptr + 4 * T + k)
-        inv_w = tl.load(w_ptr + INV_WP * T + k)
+        rho = tl.load(rec + k * RECORD + REC_RHO)
+        inv_w = tl.load(rec + k * RECORD + REC_INV_WP)
         cv = tl.load(hd_col + k * (KV // 2) * D)                                      # [BD]
         rv = tl.load(hn_row + k * (KV // 2) * NR)                                     # [BN]
         r = _pair_lo(cv)
         rb = tl.load(zr_b + k * D + d_in)                                             # [BD]
         row = _pair_hi(rv) - _pair_lo(rv)
         if QUAD:
-            a1 = tl.load(w_ptr + 1 * T + k)
+            a1 = tl.load(rec + k * RECORD + REC_A1)
             y = L + (X - Zt - a1 * S) * inv_w        # as the replay and the passes form Y
             lpk = y + (_pair_hi(cv) - r)[None, :]
             pk = _exp(lpk)
@@ -813,13 +825,14 @@ def _rebuilt_zbar(X, L, Zt, offs_n, offs_d, tb, n_b, D, hd_b, hn_b, NR, w_ptr, T
             pk = _exp(lpk)
             acc -= coef * _exp(y - r[None, :]) * (rb * inv_w)[None, :]
             coef -= coef * pk
-            L = (Zt + rho * lpk) * tl.load(w_ptr + INV_W * T + k) + row[:, None]  # the replay's
+            inv_wd = tl.load(rec + k * RECORD + REC_INV_W)
+            L = (Zt + rho * lpk) * inv_wd + row[:, None]                 # as the replay forms it
             Zt = Zt + rho * (pk - _exp(L))
-    inv_w = tl.load(w_ptr + INV_WP * T + T - 1)
+    inv_w = tl.load(rec + (T - 1) * RECORD + REC_INV_WP)
     cv = tl.load(hd_col + (T - 1) * (KV // 2) * D)
     r = _pair_lo(cv)
     if QUAD:
-        a1 = tl.load(w_ptr + 1 * T + T - 1)
+        a1 = tl.load(rec + (T - 1) * RECORD + REC_A1)
         y = L + (X - Zt - a1 * S) * inv_w
     else:
         y = L + (X - Zt) * inv_w
@@ -835,8 +848,9 @@ def _rebuilt_zbar(X, L, Zt, offs_n, offs_d, tb, n_b, D, hd_b, hn_b, NR, w_ptr, T
 
 @triton.jit
 def badmm_coef_kernel(w_ptr, wc_ptr, T, QUAD: tl.constexpr, BT: tl.constexpr):
-    """wc (WEIGHT_ROWS, T): the (6, T) table w, then the rows INV_WP and INV_W, divided as the
-    passes divide (:func:`_p_step_y`, :func:`_s_step_y`: the same value to the last bit)."""
+    """wc (WEIGHT_ROWS · T): the (6, T) table w, then the per-iteration records (:data:`RECORDS`),
+    their reciprocals divided as the passes divide (:func:`_p_step_y`, :func:`_s_step_y`: the
+    same value to the last bit)."""
     offs = tl.program_id(0) * BT + tl.arange(0, BT)                                      # [BT]
     m = offs < T
     for r in tl.static_range(6):
@@ -844,8 +858,11 @@ def badmm_coef_kernel(w_ptr, wc_ptr, T, QUAD: tl.constexpr, BT: tl.constexpr):
                  mask=m)
     a1 = tl.load(w_ptr + 1 * T + offs, mask=m, other=1.0)
     rho = tl.load(w_ptr + 4 * T + offs, mask=m, other=1.0)
-    tl.store(wc_ptr + INV_WP * T + offs, 1.0 / _step_weight(a1, rho, QUAD), mask=m)
-    tl.store(wc_ptr + INV_W * T + offs, 1.0 / (a1 + rho), mask=m)
+    rec = wc_ptr + RECORDS * T + offs * RECORD                                         # [BT]
+    tl.store(rec + REC_A1, a1, mask=m)
+    tl.store(rec + REC_RHO, rho, mask=m)
+    tl.store(rec + REC_INV_WP, 1.0 / _step_weight(a1, rho, QUAD), mask=m)
+    tl.store(rec + REC_INV_W, 1.0 / (a1 + rho), mask=m)
 
 
 # --------------------------------------------------------------------------------------------

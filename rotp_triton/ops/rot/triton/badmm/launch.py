@@ -166,8 +166,9 @@ class _Geometry:
 
 def _fill_weight_table(w: Tensor, wc: Tensor, quad: int, wrap) -> Tensor:
     """Fill ``wc`` (WEIGHT_ROWS, T), a view of the saved history, with the kernels' weight
-    table: w (6, T) followed by the replay's per-iteration coefficient rows
-    (:func:`.kernels.badmm_coef_kernel`; one launch in the forward, none in the backward)."""
+    table: w (6, T) followed by the replay's per-iteration records (α1, ρ and two reciprocals,
+    :data:`.kernels.RECORDS`; :func:`.kernels.badmm_coef_kernel`: one launch in the forward,
+    none in the backward)."""
     T = w.shape[1]
     BT = min(next_pow2(T), 128)
     launcher(badmm_coef_kernel, wrap)[(cdiv(T, BT),)](as_f32(w), wc, T, QUAD=quad, BT=BT)
