@@ -48,6 +48,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from rotp_triton._autocast import without_autocast
 from rotp_triton._batching import (SetBatch, check_finite, check_tensor, compute_dtype,
                                    make_set_batch)
 
@@ -187,6 +188,7 @@ def _solve_log_alpha(ell: Tensor, mask: Tensor, n: Tensor, mu: float, num_iters:
     return t
 
 
+@without_autocast
 def gsp_pool(x: Tensor, prototypes: Tensor, index: Optional[Tensor] = None,
              ptr: Optional[Tensor] = None, dim_size: Optional[int] = None, *,
              weight: Optional[Tensor] = None, mass: float = 0.3, gamma: float = 5.0,

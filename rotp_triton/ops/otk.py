@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from rotp_triton._autocast import without_autocast
 from rotp_triton._batching import SetBatch, check_tensor, compute_dtype
 from rotp_triton.ops.gsp import _check_float, _check_int, as_set_input
 
@@ -53,6 +54,7 @@ def check_otk_hparams(eps, num_iters, log_domain) -> tuple:
     return eps, num_iters, log_domain
 
 
+@without_autocast
 def otk_pool(x: Tensor, weight: Tensor, index: Optional[Tensor] = None,
              ptr: Optional[Tensor] = None, dim_size: Optional[int] = None, *, eps: float = 0.1,
              num_iters: int = 10, log_domain: bool = True, return_plan: bool = False,

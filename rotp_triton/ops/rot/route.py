@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..._autocast import without_autocast
 from ..._batching import SetBatch, check_prior_args, normalized_log_p0, normalized_log_q0
 from .params import weight_rows
 from .spread import normalize_by_spread, normalize_sets_by_spread
@@ -82,6 +83,7 @@ def _spread_kernels(x: Tensor, backend: str) -> bool:
     return x.is_cuda or (backend == "triton" and interpreter_enabled())
 
 
+@without_autocast
 def pool_sets(x: Tensor, batch: SetBatch, table: Tensor, *, method: str, variant: str,
               structure: bool, num_iters: int, inner_iters: int, p0=None, q0=None,
               log_p0=None, log_q0=None, backend: str = "auto", return_plan: bool = False,
@@ -164,6 +166,7 @@ def _torch_weights(table: Tensor, structure: bool) -> dict:
     return w
 
 
+@without_autocast
 def pool_windows(x: Tensor, table: Tensor, *, kernel_size, stride, padding, ceil_mode: bool,
                  method: str, variant: str, structure: bool, num_iters: int, inner_iters: int,
                  backend: str, spread: bool = False) -> Tensor:
@@ -194,6 +197,7 @@ def pool_windows(x: Tensor, table: Tensor, *, kernel_size, stride, padding, ceil
     return y if s is None else (y * s).to(x.dtype)
 
 
+@without_autocast
 def pool_adaptive(x: Tensor, table: Tensor, output_size: Tuple[int, int], *,
                   method: str, variant: str, structure: bool, num_iters: int,
                   inner_iters: int, backend: str, spread: bool = False) -> Tensor:
