@@ -17,13 +17,19 @@ import functools
 import torch
 
 
+# one C call that says whether autocast is on for any device (as nn.RNN and dynamo ask it):
+# a call without autocast costs 0.7-1.2 µs more than an undecorated one (~3 with the
+# per-device checks first; measured on this CPU)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def without_autocast(fn):
     """Decorate an op whose first argument is the input tensor x: it runs with autocast off on
-    x's device type (a no-op, one check, when autocast is off or x is not a tensor - the op's
-    own checks then name the bad argument)."""
+    x's device type (a no-op when autocast is off, or x is not a tensor - the op's own checks
+    then name the bad argument)."""
     @functools.wraps(fn)
     def run(x, *args, **kwargs):
-        if isinstance(x, torch.Tensor):
+        if _any_autocast() and isinstance(x, torch.Tensor):
             device_type = x.device.type
             if (torch.amp.is_autocast_available(device_type)
                     and torch.is_autocast_enabled(device_type)):
