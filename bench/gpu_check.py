@@ -344,26 +344,18 @@ def section_smoke(env, out, budget, only_cases=None):
                 + ("OK" if row.get("ok") else "FAIL")
                 + (f" y {row['y']:.1e} dx {row['dx']:.1e} dw {row['dw']:.1e}"
                    if "y" in row else f" {row.get('error')}"))
-        row = dict(section="smoke", case="backward bits, twice", dtype="float32")
-        try:
-            row.update(run_determinism_check(env))
-        except Exception as e:
-            if is_timeout(e):
-                raise SectionTimeout() from e
-            row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:200]}")
-        out.append(row)
-        log(f"smoke {row['case']}: " + ("OK" if row.get("ok") else "FAIL")
-            + f" {dict((k, v) for k, v in row.items() if k.startswith('same'))}")
-        row = dict(section="smoke", case="under torch.autocast", dtype="float32")
-        try:
-            row.update(run_autocast_check(env))
-        except Exception as e:
-            if is_timeout(e):
-                raise SectionTimeout() from e
-            row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:200]}")
-        out.append(row)
-        log(f"smoke {row['case']}: " + ("OK" if row.get("ok") else "FAIL")
-            + f" {dict((k, v) for k, v in row.items() if k.startswith('same'))}")
+        for case, check in (("backward bits, twice", run_determinism_check),
+                            ("under torch.autocast", run_autocast_check)):
+            row = dict(section="smoke", case=case, dtype="float32")
+            try:
+                row.update(check(env))
+            except Exception as e:
+                if is_timeout(e):
+                    raise SectionTimeout() from e
+                row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:200]}")
+            out.append(row)
+            log(f"smoke {row['case']}: " + ("OK" if row.get("ok") else "FAIL")
+                + f" {dict((k, v) for k, v in row.items() if k.startswith('same'))}")
 
 
 def run_determinism_check(env):
