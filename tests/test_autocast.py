@@ -19,8 +19,6 @@ LOW = torch.float16 if ON_CUDA else torch.bfloat16
 def _run(call, leaves, autocast: bool):
     """Output and the gradients of ``leaves`` of ``(call() * w).sum()`` (w fixed, not 1: every
     output entry weighs differently in the gradient)."""
-    for t in leaves:
-        t.grad = None
     if autocast:
         with torch.autocast(DEVICE, dtype=LOW):
             y = call()
