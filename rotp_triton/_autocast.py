@@ -2,13 +2,13 @@
 
 Autocast runs matmuls and convolutions in fp16/bf16 (and some reductions in fp32) whatever the
 code around them asks for. The solvers here iterate in the log/exp domain - the structure
-term's Σ1·M·Σ2 products, OTK's Sinkhorn matrix-vector products, GSP's distances - where a
-half-precision product loses the marginals' precision or overflows (fp16 tops out at 65,504). So
-every public op runs with autocast off on its input's device: it computes exactly as it does
-without autocast (in x's compute dtype, fp32 for half inputs: ``_batching.compute_dtype``) and
-returns x's dtype, as ``nn.AvgPool2d`` and ``nn.AdaptiveAvgPool2d`` do under autocast. Layers'
-own projections outside the ops (``ROTPool``'s attention prior: an ``nn.Linear``) still
-autocast.
+term's Σ1·M·Σ2 products, OTK's Sinkhorn matrix-vector products, GSP's projection and
+distances - where a half-precision product loses the marginals' precision or overflows (fp16
+tops out at 65,504). So every public op runs with autocast off on its input's device: it
+computes exactly as it does without autocast (in x's compute dtype, fp32 for half inputs:
+``_batching.compute_dtype``) and returns x's dtype, as ``nn.AvgPool2d`` and
+``nn.AdaptiveAvgPool2d`` do under autocast. Layers' own projections outside the ops
+(``ROTPool``'s attention prior: an ``nn.Linear``) still autocast.
 """
 from __future__ import annotations
 

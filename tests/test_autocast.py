@@ -1,7 +1,8 @@
 """The pooling ops under ``torch.autocast`` (``rotp_triton/_autocast.py``): autocast is off inside
 every op, so a call under autocast gives the same bits, forward and backward, as the same call
 without it, and returns x's dtype (as ``nn.AvgPool2d`` does). Without that, autocast runs the
-structure term's matmuls (α0 > 0), OTK's Sinkhorn products and GSP's distances in bf16 / fp16.
+structure term's matmuls (α0 > 0), OTK's Sinkhorn products and GSP's projection and distances
+in bf16 / fp16.
 
 On the CPU autocast means bf16 (the kernels run under the interpreter); with
 ``ROTP_TEST_DEVICE=cuda``, fp16 on the GPU. Deterministic algorithms on, so that the kernels'
