@@ -66,7 +66,7 @@ def test_image_layers(method, backend, deterministic):
 
 
 SET_LAYERS = {
-    "ROTPool learned a0": lambda: rt.ROTPool(6, method="badmm-e", a0=0.5),
+    "ROTPool a0=0.5": lambda: rt.ROTPool(6, method="badmm-e", a0=0.5),
     "GSPool": lambda: rt.GSPool(6, num_prototypes=3),
     "OTKPool": lambda: rt.OTKPool(6, num_supports=3),
     "MixedROTPool": lambda: rt.MixedROTPool(6),
@@ -75,7 +75,7 @@ SET_LAYERS = {
 
 @pytest.mark.parametrize("name", list(SET_LAYERS))
 def test_set_layers(name, deterministic):
-    """ROTPool with learned α0 (the structure term), GSP, OTK and the mixture, on a ragged
+    """ROTPool with α0 = 0.5 (the structure term), GSP, OTK and the mixture, on a ragged
     batch with PyG's ``index``."""
     x = _x(9, 6)
     index = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2], device=DEVICE)
