@@ -36,7 +36,9 @@ once; α0 > 0 for B-E W1 T = 4), forward and forward+backward, through the PUBLI
    (``sass.dynamic_instructions``: the cubin's line info matched with the interpreter's counts
    of the same source sites; fallback loops that no input took count 0), per thread; it is
    what the issues' "instructions per element-iteration" targets read. (The timing columns
-   still use the hot-loop estimate, the one the calibrated model was fitted with.)
+   still use the hot-loop estimate, the one the calibrated model was fitted with: priced by
+   runs it fits the measured kernels closer and the calls out of sample worse,
+   `bench/results/latency_model_recount_2026-12-02.md`.)
 5. Predicted kernel time, per kernel (its launches summed) = max(bytes / 3.0 TB/s, MUFU / 3.7e12
    /s, instructions / (128 · 132 · 1.75 GHz)) ÷ min(1, programs / 132) + 4 µs per launch; the
    front end adds, per non-view host aten op, what an eager op costs, max(5 µs, the bytes it
@@ -522,11 +524,19 @@ def summarise(c, rec, res, torch_rows, scale, x_el_full, y_el_full, x_bytes):
     return out
 
 
+def selected(cid: str, only: str) -> bool:
+    """Whether ``--only`` keeps case ``cid``: any of its ';'-separated filters is a substring of
+    it, or, ending in '$', the whole of it."""
+    return any(cid == f[:-1] if f.endswith("$") else f in cid for f in only.split(";"))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="one workload (W1, T=4, S and B-E)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
-    p.add_argument("--only", default="", help="substring filter on case ids")
+    p.add_argument("--only", default="", help="filter on case ids: a substring, or several "
+                   "separated by ';' (a case is kept if any matches); a filter ending in '$' "
+                   "matches a whole id ('W1 T=4 B-E$' leaves out 'W1 T=4 B-E paper')")
     p.add_argument("--variant", default="", help="price a launch-configuration variant of "
                    "bench/gpu_tune.py (its name, e.g. 'row-piece forward: 8 warps') for the "
                    "cases of its workload and method")
@@ -547,7 +557,7 @@ def main(argv=None) -> int:
               "backend)")
         return 2
     t_start = time.time()
-    cs = [c for c in cases(args.quick) if args.only in case_id(c)]
+    cs = [c for c in cases(args.quick) if selected(case_id(c), args.only)]
     if args.variant:
         from bench import gpu_tune
         which = {(wl, m) for wl, m, name, _ in gpu_tune.variants() if name == args.variant}

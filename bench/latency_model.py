@@ -22,7 +22,8 @@ forward+backward call plus one per Triton launch (``HOST_*``, fitted to the W1 a
 which were host-bound there), and a call takes the larger of host and kernels.
 
     python bench/latency_model.py [--out results/latency_model_fit.md]
-    python bench/latency_model.py --compare bench/results/kernel_report_h200_code_68db8d4.json
+    python bench/latency_model.py --compare \
+        bench/results/kernel_report_h200_code_68db8d4_recount_2026-12-02.json
 
 prints the fit: the two rates, each kernel's measured ÷ model ratio and the leave-one-out
 ratios (each kernel predicted by the rates fitted to the other 13) - the honest error bar -
@@ -30,7 +31,8 @@ and, out of sample, every end-to-end call of the same H200 run (:data:`VALIDATIO
 the window kernels of W3) against the reports' calibrated prediction. ``--compare`` fits the
 model twice to one report of the measured code, instructions priced by the hot loop (shipped)
 and counted by runs, and judges both out of sample: the by-runs fit is closer on the 14 kernels
-and worse on the 18 calls (results/latency_model_by_runs_2026-12-01.md).
+and worse on the 18 calls (results/latency_model_recount_2026-12-02.md, on counts that read
+every loop's trips right; results/latency_model_by_runs_2026-12-01.md before).
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ import ast
 import collections
 import dataclasses
 import functools
+import math
 import os
 import re
 import subprocess
@@ -215,30 +216,85 @@ def analyse_cubin(cubin: bytes) -> dict:
                 innermost_loops=inner, hot=hot)
 
 
+def _words(i) -> int:
+    """32-bit words a load or store moves per thread (LDG.E.128: 4, .64: 2, else 1)."""
+    m = re.search(r"\.(64|128)\b", i.opcode)
+    return int(m.group(1)) // 32 if m else 1
+
+
 def _unroll(ins, sites, elems, threads) -> int:
-    """How many source trips one trip of a loop body holds (ptxas unrolls small loops, 4× at
-    most here): the loads, stores and MUFU ops of each counted statement, against what one
-    execution of it gives a thread (its tile's elements ÷ the threads, at least 1)."""
-    per = collections.Counter((i.base, i.chain) for i in ins
-                              if i.chain in sites and i.base in ("LDG", "STG", "MUFU"))
-    ratios = sorted(n / max(1.0, elems.get(c, 1) / threads) for (_, c), n in per.items())
+    """How many source trips one trip of a loop body holds (ptxas unrolls small loops), read
+    from the words its counted loads and stores move against what one execution of their
+    statement gives a thread: only statements whose tile covers every thread (a blocked layout
+    then gives each thread elements ÷ threads of it, none replicated across lanes; fp32
+    assumed - a half-precision tile reads half). MUFU is no evidence: one statement may hold
+    several transcendental ops, and ptxas's line info credits two calls' MUFU to one. 1
+    without such a statement (an unrolled body beside its remainder loop or peeled trips is
+    read by :func:`_trips_held` first)."""
+    per = collections.Counter()
+    for i in ins:
+        if i.base in ("LDG", "STG") and i.chain in sites and elems.get(i.chain, 1) >= threads:
+            per[(i.base, i.chain)] += _words(i)
+    ratios = sorted(n / (elems[c] / threads) for (_, c), n in per.items())
     if not ratios:
         return 1
     return max(1, int(round(ratios[len(ratios) // 2])))
+
+
+def _trips_held(bodies, sites) -> list:
+    """How many source trips each of several copies of one loop's body holds (the loop, the
+    other loops of its statements - a remainder loop, a copy -, and last the code around it
+    where ptxas may have peeled trips: lists of instructions): their counts of one kind of
+    counted instruction over the largest count that divides them all. The kind: MUFU.EX2/LG2
+    where the loop has any, else stores, else loads (a load pipelined ahead of a loop is no copy
+    of its body, nor a reciprocal of its trip count; an exp2 or a store is one). The code around
+    holds no trip unless it has every counted statement of the loop."""
+    def count(ins, kind):
+        if kind == "MUFU":
+            return sum(1 for i in ins if i.chain in sites
+                       and i.opcode.startswith(("MUFU.EX2", "MUFU.LG2")))
+        return sum(1 for i in ins if i.chain in sites and i.base == kind)
+
+    def statements(ins):
+        return {i.chain for i in ins if i.chain in sites and i.base in ("LDG", "STG", "MUFU")}
+    kind = next((k for k in ("MUFU", "STG", "LDG") if count(bodies[0], k)), None)
+    if kind is None:
+        return [1] * (len(bodies) - 1) + [0]
+    n = [count(b, kind) for b in bodies]
+    if not statements(bodies[0]) <= statements(bodies[-1]):
+        n[-1] = 0
+    unit = functools.reduce(math.gcd, [c for c in n if c])
+    return [c // unit for c in n]
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @functools.lru_cache(maxsize=None)
-def _branch_bodies(name: str) -> tuple:
-    """(first, last) source lines of every ``if`` / ``else`` body in a source file as the
-    chains name it (``source_name``; () when it is not found under the repository)."""
+def _source_tree(name: str):
+    """The parsed source of a file as the chains name it (``source_name``: a path from the
+    repository root, or a base name, looked for under it - the test probes'), or None."""
     path = os.path.join(ROOT, name)
     if not os.path.isfile(path):
-        return ()
+        found = []
+        for d, dirs, files in os.walk(ROOT):
+            dirs[:] = sorted(x for x in dirs if not x.startswith(".") and x != "site-packages")
+            if name in files:
+                found.append(os.path.join(d, name))
+        if not found:
+            return None
+        path = found[0]
     with open(path) as f:
-        tree = ast.parse(f.read())
+        return ast.parse(f.read())
+
+
+@functools.lru_cache(maxsize=None)
+def _branch_bodies(name: str) -> tuple:
+    """(first, last) source lines of every ``if`` / ``else`` body in a source file as the
+    chains name it (() when it is not found under the repository)."""
+    tree = _source_tree(name)
+    if tree is None:
+        return ()
     spans = []
     for node in ast.walk(tree):
         if isinstance(node, ast.If):
@@ -246,6 +302,47 @@ def _branch_bodies(name: str) -> tuple:
                 if body:
                     spans.append((body[0].lineno, max(b.end_lineno for b in body)))
     return tuple(spans)
+
+
+@functools.lru_cache(maxsize=None)
+def _static_bodies(name: str) -> tuple:
+    """(first, last) source lines of every ``for ... in tl.static_range(...)`` body in a source
+    file as the chains name it (() when it is not found under the repository)."""
+    tree = _source_tree(name)
+    if tree is None:
+        return ()
+    return tuple((node.body[0].lineno, max(b.end_lineno for b in node.body))
+                 for node in ast.walk(tree)
+                 if isinstance(node, ast.For) and isinstance(node.iter, ast.Call)
+                 and getattr(node.iter.func, "attr", getattr(node.iter.func, "id", None))
+                 == "static_range")
+
+
+@functools.lru_cache(maxsize=None)
+def _loop_headers(name: str) -> frozenset:
+    """The lines of every ``for`` / ``while`` header in a source file as the chains name it."""
+    tree = _source_tree(name)
+    if tree is None:
+        return frozenset()
+    return frozenset(node.lineno for node in ast.walk(tree)
+                     if isinstance(node, (ast.For, ast.While)))
+
+
+def _loop_header(chain: str) -> bool:
+    """Whether a statement is a loop's header: the interpreter counts its ops (the range) once
+    per entry, while ptxas puts the trip's increment and test under its line in the body."""
+    name, _, line = chain.split("<", 1)[0].rpartition(":")
+    return line.isdigit() and int(line) in _loop_headers(name)
+
+
+def _in_static_range(chain: str) -> bool:
+    """Whether a statement, or a call on its chain, lies in a ``tl.static_range`` body: the
+    compiler copies it once per index, so its count is a multiple of the loop trips around it."""
+    for part in chain.split("<"):
+        name, _, line = part.rpartition(":")
+        if line.isdigit() and any(a <= int(line) <= b for a, b in _static_bodies(name)):
+            return True
+    return False
 
 
 def _untaken_branch(chain: str, lines_by_context: dict) -> bool:
@@ -273,16 +370,20 @@ def dynamic_instructions(cubin: bytes, sites: dict, programs: int, site_elems=No
     often as its loop; an instruction without a site as often as its loop, or never where the
     call it was inlined from never ran (a fallback pass) or where it lies in an ``if`` /
     ``else`` body none of whose statements ran in that context (``_untaken_branch``: an inline
-    fallback form). A loop runs as often as most of its
-    own matched instructions say (their most common count: a pipelined copy of a load or a
-    branch not taken inside it aside), divided among the copies the compiler made of it and
-    by the source trips one trip of an unrolled body holds (``_unroll``: from the sites' tile
-    sizes ``site_elems`` and the program's ``threads``); a loop without any site as often as
-    the loop around it; code outside loops once per program (the remainder copies of an
-    unrolled loop too: an upper bound). Returns the instructions, their MUFU.EX2/LG2 (to set
-    against the interpreter's exp2/log2 count, replicated lanes aside), how many instructions
-    matched a site or lay in calls or branches that never ran, the static count, and per loop its
-    instructions, runs and executed instructions."""
+    fallback form). A loop runs as often as most of its own matched instructions say (their
+    most common count: a pipelined copy of a load or a branch not taken inside it aside; not
+    its header's, which the interpreter counts once per entry, nor a statement a
+    ``tl.static_range`` inside it copies), less the trips ptxas peeled into the code around it
+    (run once per entry), divided among the copies the compiler made of it and by the source
+    trips one trip of an unrolled body holds: against its remainder loop and the peeled trips
+    where ptxas made them (``_trips_held``; the remainder loop gets (factor - 1) / 2 trips per
+    entry, an estimate), else from the words its tile loads and stores move (``_unroll``: the
+    sites' tile sizes ``site_elems`` and the program's ``threads``). A loop without any site
+    runs as often as the loop around it; code outside loops once per program. Returns the
+    instructions, their MUFU.EX2/LG2 (to set against the interpreter's exp2/log2 count,
+    replicated lanes aside), how many instructions matched a site or lay in calls or branches
+    that never ran, the static count, and per loop its instructions, runs and executed
+    instructions."""
     instrs, labels = disassemble(cubin, line_info=True)
     ranges = loops(instrs, labels)
 
@@ -293,20 +394,59 @@ def dynamic_instructions(cubin: bytes, sites: dict, programs: int, site_elems=No
     own = collections.defaultdict(list)                 # loop -> its instructions (not nested)
     for i in instrs:
         own[inner(i.addr, ranges)].append(i)
-    # a loop the compiler duplicated (the same source sites, e.g. a tail after a rarely taken
-    # branch copied into both paths): the copies share its runs
-    copies = collections.Counter(frozenset(i.chain for i in own[r] if i.chain) for r in ranges)
+    # loops of the same source statements: copies the compiler made of one loop (a tail
+    # duplicated into both paths of a rarely taken branch share its runs) or an unrolled body
+    # beside its remainder loop (the body once)
+    def stmts(r):
+        return frozenset(i.chain for i in own[r] if i.chain)
+
+    same = collections.defaultdict(list)
+    for r in ranges:
+        same[stmts(r)].append(r)
+
+    def unrolled(r):
+        return (_unroll(own[r], sites, site_elems, threads)
+                if site_elems is not None and threads else 1)
+
     runs = {None: float(programs)}
     for r in sorted(ranges, key=lambda r: r[1] - r[0], reverse=True):  # outer loops first
-        seen = collections.Counter(sites[i.chain] for i in own[r] if i.chain in sites)
-        if seen:
-            runs[r] = float(seen.most_common(1)[0][0])
-            runs[r] /= copies[frozenset(i.chain for i in own[r] if i.chain)]
-            if site_elems is not None and threads:
-                runs[r] /= _unroll(own[r], sites, site_elems, threads)
+        outer = inner(r[0], [o for o in ranges if o != r and o[0] <= r[0] and r[1] <= o[1]])
+        around = runs[outer]                                # entries into the loop
+        # its statements, not a nested loop's (ptxas may peel a nested loop's first trips into
+        # the body around it: those run as often as the nested loop, not as this one)
+        nested = set().union(*(stmts(o) for o in ranges
+                               if o != r and r[0] <= o[0] and o[1] <= r[1]))
+        counted = [i.chain for i in own[r] if i.chain in sites and i.chain not in nested
+                   and not _loop_header(i.chain)]
+        # a statement copied by a static_range inside the loop counts once per copy: the
+        # loop's trips are read from the others where there are any
+        plain = [c for c in counted if not _in_static_range(c)]
+        seen = collections.Counter(sites[c] for c in (plain or counted))
+        if not seen:
+            runs[r] = around
+            continue
+        n = float(seen.most_common(1)[0][0])                # source trips, all programs
+        group = same[stmts(r)]
+        # the loop, the other loops of its statements (a remainder loop, a copy) and the trips
+        # ptxas peeled into the code around it (straight-line copies of its body there, run once
+        # per entry: counted there)
+        others = [o for o in group if o != r]
+        peeled = [i for i in own[outer] if i.chain in stmts(r)]
+        held = _trips_held([own[r]] + [own[o] for o in others] + [peeled], sites)
+        n = max(0.0, n - around * held[-1])
+        held = dict(zip([r] + others, held[:-1]))
+        u = max(held.values())
+        if u == min(held.values()):                         # one loop, or plain copies
+            runs[r] = n / len(group) / (held[r] if held[r] > 1 else unrolled(r))
+            continue
+        # unrolled by u beside its remainder loop: each entry leaves (u - 1) / 2 trips to the
+        # remainder on average (the trip count per entry is not counted: an estimate)
+        rest = [o for o in group if held[o] == 1]
+        left = min(n, around * (u - 1) / 2) if rest else 0.0
+        if held[r] == 1:
+            runs[r] = left / len(rest)
         else:
-            runs[r] = runs[inner(r[0], [o for o in ranges if o != r and o[0] <= r[0]
-                                        and r[1] <= o[1]])]
+            runs[r] = (n - left) / held[r] / (len(group) - len(rest))
     # the call contexts that ran: every executed site's chain and each outer part of it
     ran = set(sites) | {c.split("<", k)[-1] for c in sites for k in range(1, c.count("<") + 1)}
     by_context = collections.defaultdict(set)        # (file, call context) -> lines that ran

@@ -40,3 +40,58 @@ def fallback_sum_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     if total < 2.0 ** -100:
         total = _scaled_exp2_sum(x_ptr, n, 0.5, BLOCK)
     tl.store(y_ptr, total)
+
+
+@triton.jit
+def replay_kernel(x_ptr, r_ptr, y_ptr, n, BN: tl.constexpr, BD: tl.constexpr):
+    """The shape of the B-ADMM replay: a [BN, BD] tile held in registers, n trips that each load
+    a [BN] row vector (replicated across the lanes of a row) and take two exp2 per element in
+    one statement: 2 MUFU.EX2 per element a trip, whatever ptxas's unroll."""
+    offs_n = tl.arange(0, BN)                                                         # [BN]
+    offs_d = tl.arange(0, BD)                                                         # [BD]
+    x = tl.load(x_ptr + offs_n[:, None] * BD + offs_d[None, :])                      # [BN, BD]
+    acc = tl.zeros([BN, BD], tl.float32)
+    for k in range(n):
+        row = tl.load(r_ptr + k * BN + offs_n)                                        # [BN]
+        acc += tl.exp2(x - row[:, None]) + tl.exp2(acc * 0.5)
+    tl.store(y_ptr + offs_n[:, None] * BD + offs_d[None, :], acc)
+
+
+@triton.jit
+def static_copies_kernel(x_ptr, y_ptr, n, C: tl.constexpr, BLOCK: tl.constexpr):
+    """n trips of a loop whose body holds C copies of one exp2 statement (tl.static_range): the
+    statement runs n·C times, the loop n."""
+    offs = tl.arange(0, BLOCK)                                                        # [BLOCK]
+    x = tl.load(x_ptr + offs)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for k in range(n):
+        acc += k
+        for i in tl.static_range(C):
+            acc = tl.exp2(acc * 0.5 + x * i)
+    tl.store(y_ptr + offs, acc)
+
+
+@triton.jit
+def small_body_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    """n trips of a small loop body (one element per thread a trip, one exp2 and an online
+    sum): ptxas unrolls it and keeps a remainder loop of the same statements."""
+    offs = tl.arange(0, BLOCK)                                                        # [BLOCK]
+    acc = tl.zeros([BLOCK], tl.float32)
+    for k in range(n):
+        v = tl.load(x_ptr + k * BLOCK + offs)
+        acc = acc * 0.5 + tl.exp2(v)
+    tl.store(y_ptr + offs, acc)
+
+
+@triton.jit
+def persistent_kernel(x_ptr, y_ptr, B, BLOCK: tl.constexpr):
+    """y = exp2(x) over B tiles of BLOCK, program p taking tiles p, p + P, ... (P programs): the
+    trip count is an integer division (MUFU.RCP), which ptxas evaluates before the loop and
+    again in it - an instruction of the loop's statement outside it that is no peeled trip."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs = tl.arange(0, BLOCK)                                                        # [BLOCK]
+    for it in range(0, tl.cdiv(B - pid, nprog)):
+        b = pid + it * nprog
+        v = tl.load(x_ptr + b * BLOCK + offs)
+        tl.store(y_ptr + b * BLOCK + offs, tl.exp2(v))

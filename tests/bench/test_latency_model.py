@@ -101,8 +101,11 @@ def test_hot_loop_pricing_is_the_one_that_holds_out_of_sample():
     """Counted again with today's kit on the code the H200 ran (68db8d4), the 14 kernels give
     the shipped rates back when their instructions are priced as the hot loop's estimate; priced
     by runs instead they fit closer, but the 18 calls outside the fit come out worse - why the
-    model keeps the hot loop (results/latency_model_by_runs_2026-12-01.md)."""
-    got = latency_model.compare_pricings("kernel_report_h200_code_68db8d4.json")
+    model keeps the hot loop (results/latency_model_recount_2026-12-02.md; the same verdict on
+    the earlier kit's counts, which read some loops' trips wrong:
+    results/latency_model_by_runs_2026-12-01.md)."""
+    got = latency_model.compare_pricings(
+        "kernel_report_h200_code_68db8d4_recount_2026-12-02.json")
     hot, runs = got["hot loop"], got["by runs"]
     assert hot["rates"][0] == pytest.approx(latency_model.BYTES_PER_S_PER_WARP, rel=0.05)
     assert hot["rates"][1] == pytest.approx(latency_model.LANE_INSTR_PER_S_PER_WARP, rel=0.05)
@@ -110,4 +113,4 @@ def test_hot_loop_pricing_is_the_one_that_holds_out_of_sample():
     assert runs["rms"] < hot["rms"]
     assert hot["oos_rms"] < runs["oos_rms"]
     assert hot["oos_rms"] == pytest.approx(1.349, abs=0.005)
-    assert runs["oos_rms"] == pytest.approx(1.554, abs=0.005)
+    assert runs["oos_rms"] == pytest.approx(1.552, abs=0.005)
