@@ -174,11 +174,11 @@ def test_dynamic_instructions_count_source_trips(probe):
     thread: each tile covers every thread once, so nothing is replicated and the two counts
     must agree exactly (the remainder's share of an unrolled loop is an estimate, but the trips
     it moves between the copies carry the same MUFU each)."""
-    import probe_kernels as pk  # noqa: F401 (the launch line names it)
+    import probe_kernels as pk
     from bench.interp_counter import count_kernel_work
     name, trips, tile, warps = _TRIP_PROBES[probe]
     with count_kernel_work() as W:
-        eval(_probe_launch(name, trips, tile, warps))
+        exec(_probe_launch(name, trips, tile, warps), dict(pk=pk, torch=torch))
     threads = 32 * warps
     assert tile % threads == 0
     counts = json.dumps(dict(sites=W[0].sites, elems=W[0].site_elems))
