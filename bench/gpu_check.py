@@ -16,7 +16,8 @@ finished):
    bandwidth measured in this run).
 3. kernel profile (W2, W1 at T = 4, fwd+bwd, torch.profiler): each kernel's device time per call
    and the wall time, so that a gap to bench/kernel_report.py's prediction can be placed in the
-   kernels or between them (host work, launch gaps).
+   kernels or between them (host work, launch gaps); and the same call replayed from a CUDA
+   graph (``torch.cuda.graph``: no host front end), against section 2's eager time.
 4. torch.compile of the torch path at T = 4, W2 then W1, compiled at the real shape.
 5. the timings of 2 at T = 16.  6. α0 > 0 (B-E, W1, T = 4).  7. W4: a ResNet-50 training step
    (batch 64, 224²) with the head pool replaced vs average pooling (needs torchvision).
@@ -552,10 +553,33 @@ def _fmt(r) -> str:
 # --------------------------------------------------------------------------------------------
 # section 3: kernel profile
 # --------------------------------------------------------------------------------------------
+def graph_ms(run, reps: int) -> float:
+    """Wall ms per call of ``run`` replayed from a CUDA graph: the call without its host front
+    end, as a training step captured with ``torch.cuda.graph`` runs it (warmed up on a side
+    stream first, as capture requires)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run()
+    g.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        g.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps * 1e3
+
+
 def section_profile(env, out, budget, T: int, workloads, methods, reps: int = 5):
     """Per workload and method, forward+backward through the public API under torch.profiler:
     the device time of each kernel per call (summed over its launches), their total, and the
-    wall time per call; kernels / wall is how much of the call the GPU spends in kernels."""
+    wall time per call; kernels / wall is how much of the call the GPU spends in kernels. Then
+    the same call replayed from a CUDA graph (:func:`graph_ms`; not on the CPU smoke)."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([] if env.smoke else [ProfilerActivity.CUDA])
     with deadline(budget):
@@ -596,10 +620,20 @@ def section_profile(env, out, budget, T: int, workloads, methods, reps: int = 5)
                            self_device_ms=self_dev / 1e3,
                            kernels=[dict(name=k[:90], per_call=n, us=round(t, 1))
                                     for k, n, t in per_call[:12]])
+                if env.smoke:
+                    row["graph_status"] = "not on the CPU"
+                else:
+                    try:
+                        row["graph_ms"] = graph_ms(run, reps)
+                    except Exception as e:  # a capture the path does not allow: reported
+                        if is_timeout(e):
+                            raise
+                        row["graph_status"] = f"{type(e).__name__}: {str(e)[:160]}"
                 out.append(row)
                 log(f"profile {wl} T={T} {method}: wall {row['wall_ms']:.3f} ms, kernels "
                     f"{row['kernel_ms']:.3f} ms in {row['launches']:.0f} launches (self "
-                    f"device {row['self_device_ms']:.3f} ms); top: "
+                    f"device {row['self_device_ms']:.3f} ms), CUDA graph "
+                    f"{row.get('graph_ms', row.get('graph_status'))}; top: "
                     + "; ".join(f"{k[:40]} {t:.0f} us" for k, _, t in per_call[:4]))
 
 
@@ -703,13 +737,22 @@ def write(out_dir, info, rows, sections) -> str:
     prof = [r for r in rows if r.get("section") == "profile"]
     if prof:
         L += ["", "## Kernel profile (fwd+bwd, torch.profiler; device time per call)", "",
-              "| workload | T | method | wall ms | kernels ms | launches | kernels (us per call) |",
-              "|---|---|---|---|---|---|---|"]
+              "CUDA graph: the same call replayed from a `torch.cuda.graph` capture (no host "
+              "front end); × eager: section 2's eager torch fwd+bwd of the same case ÷ it.", "",
+              "| workload | T | method | wall ms | kernels ms | launches | CUDA graph ms | "
+              "× eager | kernels (us per call) |", "|---|---|---|---|---|---|---|---|---|"]
+        eager = {(r["workload"], r["T"], r["method"]): r["ms"] for r in rows
+                 if r.get("impl") == "eager" and r.get("pass_") == "fwd+bwd" and "ms" in r
+                 and r.get("section") == f"T={r['T']}"}      # not the α0 > 0 section's
         for r in prof:
             ks = "; ".join(f"{k['name'][:48]} x{k['per_call']:g}: {k['us']:.0f}"
                            for k in r["kernels"][:6])
+            g = r.get("graph_ms")
+            e = eager.get((r["workload"], r["T"], r["method"]))
             L.append(f"| {r['workload']} | {r['T']} | {r['method']} | {r['wall_ms']:.3f} | "
-                     f"{r['kernel_ms']:.3f} | {r['launches']:g} | {ks} |")
+                     f"{r['kernel_ms']:.3f} | {r['launches']:g} | "
+                     f"{f'{g:.3f}' if g is not None else r.get('graph_status', '')} | "
+                     f"{f'{e / g:.1f}' if g and e else ''} | {ks} |")
     with open(base + ".md", "w") as f:
         f.write("\n".join(L) + "\n")
     return base
