@@ -228,7 +228,8 @@ def _priced_calls(rows: dict | None = None, rates: tuple | None = None,
 
 def compare_pricings(report: str) -> dict:
     """The model fitted twice to the 14 kernels of :data:`MEASURED`, their counts taken from
-    ``report`` (one report of the measured code: ``kernel_report_h200_code_68db8d4.json``),
+    ``report`` (one report of the measured code:
+    ``kernel_report_h200_code_68db8d4_recount_2026-12-02.json``),
     instructions priced as the hot loop's estimate and as counted by runs; each with its host
     front end refitted (:func:`fit_host`) and judged on the calls of :data:`VALIDATION` outside
     the fit. {pricing: dict(rates, host, rms, worst, loo (min, max), oos [(case, pass,
