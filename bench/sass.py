@@ -155,6 +155,12 @@ def resource_usage(cubin: bytes) -> dict:
     return res
 
 
+def _words(i) -> int:
+    """32-bit words a load or store moves per thread (LDG.E.128: 4, .64: 2, else 1)."""
+    m = re.search(r"\.(64|128)\b", i.opcode)
+    return int(m.group(1)) // 32 if m else 1
+
+
 def mix(instrs) -> dict:
     """Instruction counts by category (NOP excluded)."""
     c = collections.Counter()
@@ -171,9 +177,8 @@ def mix(instrs) -> dict:
             c["FP32"] += 1
         elif b in ("SHFL", "BAR", "LDG", "STG", "LDS", "STS", "LDL", "STL", "BRA"):
             c[b] += 1
-            if b == "LDG":  # 32-bit words per thread: LDG.E.128 loads 4, .64 2, plain 1
-                m = re.search(r"\.(64|128)\b", i.opcode)
-                c["LDG_WORDS"] += int(m.group(1)) // 32 if m else 1
+            if b == "LDG":
+                c["LDG_WORDS"] += _words(i)
         elif b in ("ATOM", "ATOMG", "RED", "REDG", "ATOMS"):
             c["ATOM"] += 1
     return {k: c.get(k, 0) for k in CATEGORIES}
@@ -214,12 +219,6 @@ def analyse_cubin(cubin: bytes) -> dict:
                 shared_bytes_static=res["shared"], spill_ldl_stl=kernel_mix["LDL"] +
                 kernel_mix["STL"], kernel_mix=kernel_mix, loops=len(ranges),
                 innermost_loops=inner, hot=hot)
-
-
-def _words(i) -> int:
-    """32-bit words a load or store moves per thread (LDG.E.128: 4, .64: 2, else 1)."""
-    m = re.search(r"\.(64|128)\b", i.opcode)
-    return int(m.group(1)) // 32 if m else 1
 
 
 def _unroll(ins, sites, elems, threads) -> int:
