@@ -112,20 +112,24 @@ def variants():
          "triton 3.9)", {Wi: dict(FWD_LAYOUT=dict(Wi.FWD_LAYOUT, sinkhorn=(32, 255)),
                                   FRUGAL_REGISTERS=False)}),
         ("W2", "sinkhorn", "shipped", {}),
-        # the row-pieces forward under a 128-register cap since 2026-12-01 (16 resident warps
-        # per SM instead of 8; bench/results/sinkhorn_pieces_occupancy_2026-12-01.md) against
-        # its layout until then; the backward capped alike with triton >= 3.9 where a stride
-        # is 1 (sinkhorn_pieces_bwd_cap_2026-12-01.md): the other of its two layouts; the
-        # wider forward chunk (spills at some set sizes)
+        # the row-pieces forward as [P / RL, BD, RL] tiles since 2026-12-02 (RL = 4 lanes a
+        # column at W2, 128 registers: bench/results/sinkhorn_pieces_lanes_2026-12-02.md)
+        # against its [P, BD] layouts until then (8 warps at 4 fp32 a thread under the cap; 4
+        # warps at 16, uncapped) and RL = 2 (25 fp32 a thread: spills under the cap, uncapped
+        # one CTA an SM); the backward capped with triton >= 3.9 where a stride is 1
+        # (sinkhorn_pieces_bwd_cap_2026-12-01.md) against its other layout
+        ("W2", "sinkhorn", "row-pieces forward as until 2026-12-02 (a column over 2 lanes and 8 "
+         "warps, 16 features a chunk, 128 registers)", {S: dict(
+             PIECES_FWD_ROW_LANES=1, PIECES_FWD_BD=16)}),
         ("W2", "sinkhorn", "row-pieces forward as until 2026-12-01 (4 warps, 16 fp32 a "
-         "thread, no cap)", {S: dict(PIECES_NUM_WARPS=4, PIECES_FWD_ELEMS_PER_THREAD=16,
-                                     PIECES_FWD_MAX_REGISTERS=255)}),
+         "thread, no cap)", {S: dict(PIECES_FWD_ROW_LANES=1, PIECES_FWD_BD=32,
+                                     PIECES_NUM_WARPS=4, PIECES_FWD_MAX_REGISTERS=255)}),
+        ("W2", "sinkhorn", "row-pieces forward at 2 lanes a column (25 fp32 a thread), no cap",
+         {S: dict(PIECES_FWD_ROW_LANES=2, PIECES_FWD_MAX_REGISTERS=255)}),
         ("W2", "sinkhorn", "row-pieces backward " + (
             "uncapped (all its fp32 a thread; 3.9's until 2026-12-01)" if S.PIECES_BWD_CAPPED
             else "at a quarter of its fp32 a thread, 128 registers (shipped with triton 3.9)"),
          {S: dict(PIECES_BWD_CAPPED=not S.PIECES_BWD_CAPPED)}),
-        ("W2", "sinkhorn", "row-pieces forward at 8 fp32 a thread", {S: dict(
-            PIECES_FWD_ELEMS_PER_THREAD=8)}),
         ("W2", "badmm-e", "fused backward at 16 warps, 2 fp32 per thread", {B: dict(
             backward_fuses=lambda T, x_bytes: True,
             backward_block_sizes=lambda n, D: _sixteen_warps(bwd_blocks(n, D)))}),

@@ -63,18 +63,22 @@ def signature(kernel, constexprs: dict, xdt: str) -> dict:
 
 
 def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = False,
-           unit_stride: bool = False) -> tuple:
+           unit_stride: bool = False, unit_rows: bool = False) -> tuple:
     """(kernel, constexprs) the launcher would use for this shape; ``unit_stride``: x has a
-    stride of 1 that the JIT specialises (the row-pieces backward's capped layout)."""
+    stride of 1 that the JIT specialises (the row-pieces backward's capped layout);
+    ``unit_rows``: x's rows are contiguous (sxn == 1: the row-pieces forward's lanes layout).
+    """
     paper = variant == "paper"
     if which.startswith("fwd"):
         BN, BD, one = L.fwd_config(D, N, num_warps)
         P0, P1, P2 = L.row_pieces(N, BN, one, paper)
+        RL, unit_n = 1, False
         if P0:  # the row-pieces forward (its own warps and cap: launch_options)
-            BD = L.pieces_fwd_launch(D, (P0, P1, P2), BD)[0]
+            BD, RL, unit_n = L.pieces_fwd_launch(D, (P0, P1, P2), BD, unit_rows)[:3]
         ce = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, PAPER=paper, RETURN_PLAN=True,
                   ONE_TILE_N=one, BN=BN, BD=BD, MASK_N=N is None or N != BN, P0=P0, P1=P1,
-                  P2=P2, MASK_P=N is not None and P0 + P1 + P2 != N)
+                  P2=P2, MASK_P=N is not None and P0 + P1 + P2 != N, RL=RL,
+                  UNIT_N=unit_n)
         return K.sinkhorn_fwd_kernel, ce
     has_gp = not which.endswith("nogp")  # bwd*nogp: no plan gradient (wider sweep tiles)
     BN, BD, one = L.bwd_config(D, N, num_warps, has_gp)
@@ -95,7 +99,7 @@ def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = F
 
 
 def launch_options(which: str, variant: str, N, D: int, num_warps: int,
-                   unit_stride: bool = False) -> tuple:
+                   unit_stride: bool = False, unit_rows: bool = False) -> tuple:
     """(num_warps, maxnreg) the launcher passes with ``config``'s launch: the row-pieces
     kernels have their own (launch.pieces_fwd_launch / pieces_bwd_launch)."""
     paper = variant == "paper"
@@ -103,7 +107,7 @@ def launch_options(which: str, variant: str, N, D: int, num_warps: int,
         BN, BD, one = L.fwd_config(D, N, num_warps)
         pieces = L.row_pieces(N, BN, one, paper)
         if pieces[0]:
-            return L.pieces_fwd_launch(D, pieces, BD)[1:]
+            return L.pieces_fwd_launch(D, pieces, BD, unit_rows)[3:]
         return num_warps, L.MAX_REGISTERS
     has_gp = not which.endswith("nogp")
     BN, BD, one = L.bwd_config(D, N, num_warps, has_gp)
@@ -180,8 +184,8 @@ def compile_small(which: str, N: int, D: int, nw: int, B: int = 64):
     contiguous), "+s": with the layers' feature scale."""
     which, nchw = which.removesuffix("@nchw"), which.endswith("@nchw")
     which, scaled = which.removesuffix("+s"), which.endswith("+s")
-    kern, ce = config(which, "exact", N, D, nw, unit_stride=True)
-    nw, cap = launch_options(which, "exact", N, D, nw, unit_stride=True)
+    kern, ce = config(which, "exact", N, D, nw, unit_stride=True, unit_rows=nchw)
+    nw, cap = launch_options(which, "exact", N, D, nw, unit_stride=True, unit_rows=nchw)
     if scaled:
         _fold_scale(ce, which, "exact")
     ints = dict(N=N, D=D, T=4, NR=B * N)
@@ -225,8 +229,11 @@ def compile_config(which, variant, xdt, nw, fixed_order: bool = False):
         kern, ce = split_config(which, 500, 100, nw)
     else:
         ragged = which in ("fwd", "bwd", "bwdnogp")
-        kern, ce = config(which, variant, None if ragged else 49, 2048, nw, ragged=ragged)
-        nw, cap = launch_options(which, variant, None if ragged else 49, 2048, nw)
+        # (dense: W2's NCHW view, rows contiguous)
+        kern, ce = config(which, variant, None if ragged else 49, 2048, nw, ragged=ragged,
+                          unit_rows=not ragged)
+        nw, cap = launch_options(which, variant, None if ragged else 49, 2048, nw,
+                                 unit_rows=not ragged)
     if scaled:
         _fold_scale(ce, which, variant)
     if fixed_order:

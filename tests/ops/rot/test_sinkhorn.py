@@ -457,6 +457,75 @@ def test_row_pieces(N, D, BD, pieces, layout, dx_by, reverse_form, monkeypatch):
              ["x", "a1", "a2", "a3", "p0", "q0"])
 
 
+@pytest.mark.parametrize("rl", [1, 2, 4, 8])
+@pytest.mark.parametrize("N,D,BD,pieces", [(7, 8, 4, (4, 2, 1)), (23, 6, 4, (16, 4, 4)),
+                                           (13, 5, 2, (8, 4, 1))],
+                         ids=["exact_rows", "padded_piece", "edge_d"])
+@pytest.mark.parametrize("layout", ["contiguous", "nchw_view"])
+def test_row_pieces_lanes(N, D, BD, pieces, layout, rl, monkeypatch):
+    """The row-pieces forward with each piece as [P / RL, BD, RL] tiles, RL lanes a column
+    (kernels._lanes_layout, launch.pieces_fwd_launch) at RL = 1 to 8: pieces narrower than RL
+    (a middle one, whose extra lanes hold the next piece's rows, masked: (4, 2, 1) at RL = 4)
+    and padded last pieces; the NCHW view's rows as immediates of the loads (UNIT_N), the
+    contiguous sets' as row pointers; full and partial feature chunks. Forward, plan and
+    gradients (the backward reads the forward's saved vectors) against the reference."""
+    from launch_counter import count_launches
+    from rotp_triton.ops.rot.triton.sinkhorn import launch
+    BN = launch.next_pow2(N)
+    monkeypatch.setattr(launch, "fwd_config", lambda D_, N_, nw=4: (BN, BD, True))
+    monkeypatch.setattr(launch, "PIECES_FWD_ROW_LANES", rl)
+    monkeypatch.setattr(launch, "PIECES_FWD_BD", BD)
+    assert launch.row_pieces(N, BN, True, False) == pieces
+    gen = torch.Generator().manual_seed(17)
+    B, T = 2, 3
+    if layout == "nchw_view":
+        x = torch.randn(B, D, N, 1, generator=gen).flatten(2).transpose(1, 2)  # (B, N, D)
+    else:
+        x = torch.randn(B, N, D, generator=gen)
+    a1, a2, a3 = _weights(T, gen)
+    p0 = torch.rand(B, D, generator=gen) + 0.1
+    q0 = torch.rand(B, N, generator=gen) + 0.1
+    cy = torch.randn(B, D, generator=gen)
+    cp = torch.randn(B, N, D, generator=gen)
+    args = (x, None, "exact", T, a1, a2, a3, p0, q0, cy, cp)
+    with count_launches() as launches:
+        got = _run_kernel(*args)
+    ce = launches.constexprs[launches.index("sinkhorn_fwd_kernel")]
+    assert (ce["RL"], ce["BD"], ce["UNIT_N"]) == (rl, BD, layout == "nchw_view")
+    _compare(got, _run_reference(*args), RTOL[torch.float32],
+             ["x", "a1", "a2", "a3", "p0", "q0"])
+
+
+@pytest.mark.parametrize("rl", [2, 4])
+@pytest.mark.parametrize("hw", [(7, 1), (23, 1)], ids=["pieces", "padded_piece"])
+def test_row_pieces_lanes_feature_spread(hw, rl, monkeypatch):
+    """The layers' scale="auto" on an NCHW map with row pieces at RL > 1 lanes a column: the
+    forward kernel forms each set's feature spread σ on the [P / RL, BD, RL] pieces
+    (kernels._pieces_spread; the masked rows zeroed) and pools x / σ. y and ∂/∂x ==
+    the torch path's (float32, 1e-4)."""
+    from launch_counter import count_launches
+    from rotp_triton.ops.rot.triton.sinkhorn import launch
+    monkeypatch.setattr(launch, "PIECES_FWD_ROW_LANES", rl)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 12, *hw, generator=gen) * 2 + 1
+    outs = []
+    for backend in ("triton", "torch"):
+        torch.manual_seed(0)
+        layer = rt.AdaptiveROTPool2d(12, method="sinkhorn", num_iters=3, backend=backend)
+        xl = x.clone().to(DEVICE).requires_grad_()
+        with count_launches() as launches:
+            y = layer(xl)
+        if backend == "triton":
+            ce = launches.constexprs[launches.index("sinkhorn_fwd_kernel")]
+            assert ce["STATS"] and ce["UNIT_N"] and ce["RL"] == rl and ce["P0"] > 0
+        w = torch.linspace(-1, 1, y.numel()).view(y.shape).to(y)
+        (gx,) = torch.autograd.grad((y * w).sum(), xl)
+        outs.append((y.double().cpu(), gx.double().cpu()))
+    (yk, gk), (yt, gt) = outs
+    assert rel_err(yk, yt) <= RTOL[torch.float32], rel_err(yk, yt)
+    assert rel_err(gk, gt) <= RTOL[torch.float32], rel_err(gk, gt)
+
+
 def test_row_pieces_choice():
     """W2's 49 rows take three pieces without padding, W1's 500 keep the padded tile (pieces
     would pad to 512 as well), a power of two and the paper variant never take pieces."""

@@ -15,8 +15,8 @@ its last reverse sweep writes it). Tilings of the forward:
   in registers) and ``_lean_paper_iteration`` (paper);
 - row pieces (dense exact, a set size far from a power of two, ``launch.row_pieces``): the
   same one-pass exact iteration and the pooling with the rows in three power-of-two tiles
-  (W2: 49 = 32 + 16 + 1) instead of one tile padded to 64 rows (``_pieces_exact_iteration``,
-  ``_pieces_pool``);
+  (W2: 49 = 32 + 16 + 1) instead of one tile padded to 64 rows, each [P / RL, BD, RL] with
+  RL lanes a feature (``_pieces_exact_iteration``, ``_pieces_pool``, ``_lanes_layout``);
 - streamed [BN, BD] tiles with an online LogSumExp (ragged batches, long sets; two passes);
 - split sets (``sinkhorn_split_*``, dense exact, ``launch.SPLIT_SETS``): row blocks of a set in
   separate programs, combined through separate launches; the forward kernel then only pools.
@@ -619,10 +619,11 @@ def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, 
 # A set of N rows in one [next_pow2(N), BD] tile evaluates every exp2 on the padded rows too
 # (W2: N = 49 in 64 rows, 64/49 ≈ 1.3× the MUFU work, and the clamped loads of the padded rows
 # are loads all the same). With PIECES = (P0, P1, P2), powers of two with P0 + P1 + P2 >= N
-# (launch.row_pieces; 49 = 32 + 16 + 1) the rows are held in three tiles [P0, BD], [P1, BD],
-# [P2, BD] at row offsets 0, P0, P0 + P1: per-column vectors are shared (a column sum is the
-# sum of the three tiles' column sums), per-row vectors are per piece. Only the last piece can
-# have padded rows (MASK2), handled like the one-tile path's (clamped row, bias -inf).
+# (launch.row_pieces; 49 = 32 + 16 + 1) the rows are held in three tiles at row offsets 0, P0,
+# P0 + P1: per-column vectors are shared (a column sum is the sum of the three tiles' column
+# sums), per-row vectors are per piece. Only the last piece can have padded rows (MASK2),
+# handled like the one-tile path's (clamped row, bias -inf). The backward's sweeps hold a piece
+# as [P, BD] (_piece_layout); the forward as [P / RL, BD, RL] (below).
 @triton.jit
 def _piece_rows(o0, P: tl.constexpr, n_b, sxn, MASK: tl.constexpr):
     """(rows [P], row offsets int64 [P]) of the piece that starts at row o0."""
@@ -643,59 +644,196 @@ def _piece_layout(n_b, sxn, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr
     return on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2
 
 
-@triton.jit
-def _piece_shifted_terms(z, sh):
-    """The terms 2^(z - sh[d]) of one piece and their column sums: [P, BD] -> ([P, BD], [BD])."""
-    e = tl.exp2(z - sh[None, :])
-    return e, tl.sum(e, axis=0)
+# The forward's pieces: [P / RL, BD, RL] tiles (launch.pieces_fwd_launch), row o0 + q RL + r of
+# a piece in lane r of the RL lanes that share a column, the column's other rows in the same
+# thread (q), 32 / RL columns a warp and the warps side by side along the features. A column
+# sum is then the thread's own adds and log2(RL) shuffles, with no shared memory or barrier per
+# chunk, and the per-column vector maths of a chunk runs on RL lanes, not on every row-lane and
+# warp (W2: RL = 4, 8 + 4 + 1 fp32 of x a thread, 64 features a chunk at 8 warps, where the
+# [P, BD] layout spread a column's 49 rows over 2 lanes and 8 warps: 16 features a chunk, a
+# block-wide reduction per column sum). A piece narrower than RL (the last one of W2's: 1 row
+# in 4 lanes) holds RL rows, those past the piece masked like padded rows (bias -inf, not read).
+# The forward takes this layout where the rows are contiguous (UNIT_N), the rows of a thread
+# then immediates of its loads; RL = 1 with strided rows (launch.pieces_fwd_launch).
+@triton.constexpr_function
+def _lane_rows(P, RL):
+    """Rows of a P-row piece each thread holds with RL lanes a column."""
+    return max(P // RL, 1)
+
+
+@triton.constexpr_function
+def _masked_piece(P, RL, padded):
+    """Whether a piece's [P / RL, RL] rows include some to mask: past the piece (P < RL) or
+    past the set (``padded``: the last piece of a set below P0 + P1 + P2 rows)."""
+    return P < RL or bool(padded)
 
 
 @triton.jit
-def _pieces_exact_chunk(x_base, ro0, ro1, ro2, sxd, bp0, bp1, bp2, d0, D, s, k2, lp0_b, lp0_u,
-                        A_prev, A_cur, R_t, m_u, l_u, acc0, acc1, acc2, cmin,
+def _lanes_rows(o0, P: tl.constexpr, RL: tl.constexpr, n_b, sxn, MASK: tl.constexpr):
+    """(rows, row offsets int64, row mask), each [P / RL, RL], of the piece that starts at row
+    o0; MASK: the rows past the piece or the set read the last real row, and are masked."""
+    on = o0 + tl.arange(0, _lane_rows(P, RL))[:, None] * RL + tl.arange(0, RL)[None, :]
+    if MASK:
+        nm = (on < n_b) & (on < o0 + P)
+        return on, tl.where(nm, on, n_b - 1).to(tl.int64) * sxn, nm
+    return on, on.to(tl.int64) * sxn, on < n_b
+
+
+@triton.jit
+def _lanes_layout(n_b, sxn, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                  RL: tl.constexpr, MASK2: tl.constexpr):
+    """(rows, row offsets, row mask) of each of the three pieces, [P / RL, RL] each."""
+    on0, ro0, nm0 = _lanes_rows(0, P0, RL, n_b, sxn, _masked_piece(P0, RL, False))
+    on1, ro1, nm1 = _lanes_rows(P0, P1, RL, n_b, sxn, _masked_piece(P1, RL, False))
+    on2, ro2, nm2 = _lanes_rows(P0 + P1, P2, RL, n_b, sxn, _masked_piece(P2, RL, MASK2))
+    return on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2
+
+
+@triton.constexpr_function
+def _direct_rows(P, RL, padded, unit):
+    """Whether a piece's rows are addressed as immediates of its loads: contiguous rows
+    (``unit``: sxn == 1), none of them masked."""
+    return bool(unit) and not _masked_piece(P, RL, padded)
+
+
+@triton.jit
+def _piece_load(x_base, ro, nm, o0, P: tl.constexpr, RL: tl.constexpr, sxd, od, D,
+                DIRECT: tl.constexpr, MASKED: tl.constexpr, MASK_D: tl.constexpr):
+    """x of one piece's chunk as fp32 [P / RL, BD, RL] (the feature clamp of _lean_load_chunk).
+    DIRECT (_direct_rows): a pointer per thread, its rows at offsets q RL known to the compiler
+    (immediates of the loads); else the rows' offsets ``ro`` (a 64-bit pointer per row of the
+    thread, hoisted out of the chunk loop). MASKED: the rows outside the piece or the set
+    (``nm`` false: each has a bias of -inf) are not read (0: no traffic for W2's 1-row piece
+    in RL lanes)."""
+    if MASK_D:
+        od = tl.minimum(od, D - 1)
+    if DIRECT:
+        base = x_base + ((od * sxd)[:, None] + (o0 + tl.arange(0, RL))[None, :])    # [BD, RL]
+        q = tl.arange(0, _lane_rows(P, RL)) * RL                                 # [P / RL]
+        x = tl.load(base[None, :, :] + q[:, None, None])
+    elif MASKED:
+        x = tl.load(x_base + ro[:, None, :] + (od * sxd)[None, :, None], mask=_rows(nm),
+                    other=0.0)
+    else:
+        x = tl.load(x_base + ro[:, None, :] + (od * sxd)[None, :, None])
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _pieces_load(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D, P0: tl.constexpr,
+                 P1: tl.constexpr, P2: tl.constexpr, RL: tl.constexpr, MASK2: tl.constexpr,
+                 UNIT_N: tl.constexpr, MASK_D: tl.constexpr):
+    """x of the three pieces' chunk (_piece_load), [P / RL, BD, RL] each."""
+    x0 = _piece_load(x_base, ro0, nm0, 0, P0, RL, sxd, od, D,
+                     _direct_rows(P0, RL, False, UNIT_N), _masked_piece(P0, RL, False), MASK_D)
+    x1 = _piece_load(x_base, ro1, nm1, P0, P1, RL, sxd, od, D,
+                     _direct_rows(P1, RL, False, UNIT_N), _masked_piece(P1, RL, False), MASK_D)
+    x2 = _piece_load(x_base, ro2, nm2, P0 + P1, P2, RL, sxd, od, D,
+                     _direct_rows(P2, RL, MASK2, UNIT_N), _masked_piece(P2, RL, MASK2), MASK_D)
+    return x0, x1, x2
+
+
+@triton.jit
+def _lanes_vec(ptr, on, nm, other, MASK: tl.constexpr):
+    """A per-row vector of one piece, [P / RL, RL] fp32, ``other`` on masked rows (MASK: the
+    piece has some; else no mask, so that its rows are offsets known to the compiler and the
+    mask holds no registers)."""
+    if MASK:
+        return tl.load(ptr + on, mask=nm, other=other).to(tl.float32)
+    return tl.load(ptr + on).to(tl.float32)
+
+
+@triton.jit
+def _lanes_store(ptr, on, v, nm, MASK: tl.constexpr):
+    """ptr[rows] = v for one piece's [P / RL, RL] rows, its masked rows left out (MASK)."""
+    if MASK:
+        tl.store(ptr + on, v, mask=nm)
+    else:
+        tl.store(ptr + on, v)
+
+
+@triton.jit
+def _cols(v):
+    """A per-column vector against a piece's tile: [BD] -> [1, BD, 1]."""
+    return v[None, :, None]
+
+
+@triton.jit
+def _rows(v):
+    """A per-row vector against its piece's tile: [P / RL, RL] -> [P / RL, 1, RL]."""
+    return v[:, None, :]
+
+
+@triton.jit
+def _pieces_col_sum(t0, t1, t2):
+    """Column sums over the three pieces' rows: [P / RL, BD, RL] × 3 -> [BD] (each thread's
+    rows of all three first, then one exchange across the RL lanes)."""
+    return tl.sum(tl.sum(t0, axis=0) + tl.sum(t1, axis=0) + tl.sum(t2, axis=0), axis=1)
+
+
+@triton.jit
+def _pieces_col_max(t0, t1, t2):
+    """Column maxima over the three pieces' rows (as _pieces_col_sum)."""
+    m = tl.maximum(tl.maximum(tl.max(t0, axis=0), tl.max(t1, axis=0)), tl.max(t2, axis=0))
+    return tl.max(m, axis=1)
+
+
+@triton.jit
+def _zero_masked_rows(t, nm, MASK: tl.constexpr):
+    """A piece's tile with its masked rows zeroed (MASK), else as it is."""
+    if MASK:
+        return tl.where(_rows(nm), t, 0.0)
+    return t
+
+
+@triton.jit
+def _pieces_exact_chunk(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2, d0, D, s, k2,
+                        lp0_b, lp0_u, A_prev, A_cur, R_t, m_u, l_u, acc0, acc1, acc2, cmin,
                         HAS_P0: tl.constexpr, MASK_D: tl.constexpr, FIRST: tl.constexpr,
-                        BD: tl.constexpr):
+                        P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, RL: tl.constexpr,
+                        MASK2: tl.constexpr, UNIT_N: tl.constexpr, BD: tl.constexpr):
     """_shifted_exact_chunk on the three row pieces: the column LSE sums the pieces' column
     sums (FIRST: under the max of all three), each piece keeps its own row-sum accumulator."""
     od = d0 + tl.arange(0, BD)
+    x0, x1, x2 = _pieces_load(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D, P0, P1, P2, RL,
+                              MASK2, UNIT_N, MASK_D)                           # [P/RL, BD, RL]
     # z = x s + b: one FFMA per element, shared by the column sum and the row-sum term
-    z0 = _lean_load_chunk(x_base, ro0, sxd, od, D, MASK_D) * s + bp0[:, None]  # [P0, BD]
-    z1 = _lean_load_chunk(x_base, ro1, sxd, od, D, MASK_D) * s + bp1[:, None]  # [P1, BD]
-    z2 = _lean_load_chunk(x_base, ro2, sxd, od, D, MASK_D) * s + bp2[:, None]  # [P2, BD]
-    if MASK_D:
-        dm = od < D
+    z0 = x0 * s + _rows(bp0)
+    z1 = x1 * s + _rows(bp1)
+    z2 = x2 * s + _rows(bp2)
     if FIRST:
-        mz = tl.maximum(tl.maximum(tl.max(z0, axis=0), tl.max(z1, axis=0)),
-                        tl.max(z2, axis=0))                                    # [BD]
+        mz = _pieces_col_max(z0, z1, z2)                                       # [BD]
         sh = tl.where(mz == NEG_INF, 0.0, mz)
     else:
         # (padded lanes: sh = +inf, so e = 0 there and e · g never meets inf · 0)
         sh = -_lean_vec(A_prev, od, D, float("-inf"), MASK_D)                  # [BD] >= max z
-    e0, c0 = _piece_shifted_terms(z0, sh)                                      # [P0, BD]
-    e1, c1 = _piece_shifted_terms(z1, sh)                                      # [P1, BD]
-    e2, c2 = _piece_shifted_terms(z2, sh)                                      # [P2, BD]
-    col = c0 + c1 + c2                                                         # [BD]
+    e0 = tl.exp2(z0 - _cols(sh))
+    e1 = tl.exp2(z1 - _cols(sh))
+    e2 = tl.exp2(z2 - _cols(sh))
+    col = _pieces_col_sum(e0, e1, e2)                                          # [BD]
     if not FIRST:
         if MASK_D:
-            col = tl.where(dm, col, 1.0)
+            col = tl.where(od < D, col, 1.0)
         cmin = tl.minimum(cmin, col)
     g, mu, sc, l_u = _column_marginal_step(sh, col, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u,
                                            l_u, HAS_P0, MASK_D, FIRST)
     if FIRST:
-        acc0 = acc0 * sc[None, :] + e0 * g[None, :]                            # [P0, BD]
-        acc1 = acc1 * sc[None, :] + e1 * g[None, :]                            # [P1, BD]
-        acc2 = acc2 * sc[None, :] + e2 * g[None, :]                            # [P2, BD]
+        acc0 = acc0 * _cols(sc) + e0 * _cols(g)
+        acc1 = acc1 * _cols(sc) + e1 * _cols(g)
+        acc2 = acc2 * _cols(sc) + e2 * _cols(g)
     else:
-        acc0 += e0 * g[None, :]                                                # [P0, BD]
-        acc1 += e1 * g[None, :]                                                # [P1, BD]
-        acc2 += e2 * g[None, :]                                                # [P2, BD]
+        acc0 += e0 * _cols(g)
+        acc1 += e1 * _cols(g)
+        acc2 += e2 * _cols(g)
     return mu, l_u, acc0, acc1, acc2, cmin
 
 
 @triton.jit
-def _pieces_exact_pass(x_base, ro0, ro1, ro2, sxd, bp0, bp1, bp2, D, s, k2, lp0_b, lp0_u,
-                       A_prev, A_cur, R_t, HAS_P0: tl.constexpr, FIRST: tl.constexpr,
-                       P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BD: tl.constexpr):
+def _pieces_exact_pass(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2, D, s, k2,
+                       lp0_b, lp0_u, A_prev, A_cur, R_t, HAS_P0: tl.constexpr,
+                       FIRST: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
+                       P2: tl.constexpr, RL: tl.constexpr, MASK2: tl.constexpr,
+                       UNIT_N: tl.constexpr, BD: tl.constexpr):
     """_shifted_exact_pass on the three row pieces."""
     if FIRST:
         m_u = tl.full([BD], NEG_INF, tl.float32)
@@ -703,35 +841,22 @@ def _pieces_exact_pass(x_base, ro0, ro1, ro2, sxd, bp0, bp1, bp2, D, s, k2, lp0_
         m_u = tl.full([BD], 0.0, tl.float32) + _fixed_u_reference(
             A_prev, D, k2, lp0_b, lp0_u, HAS_P0, _vector_block(P0, BD))
     l_u = tl.zeros([BD], tl.float32)
-    acc0 = tl.zeros([P0, BD], tl.float32)
-    acc1 = tl.zeros([P1, BD], tl.float32)
-    acc2 = tl.zeros([P2, BD], tl.float32)
+    acc0 = tl.zeros([_lane_rows(P0, RL), BD, RL], tl.float32)
+    acc1 = tl.zeros([_lane_rows(P1, RL), BD, RL], tl.float32)
+    acc2 = tl.zeros([_lane_rows(P2, RL), BD, RL], tl.float32)
     cmin = tl.full([BD], 1.0, tl.float32)
     d_full = (D // BD) * BD
     for d0 in range(0, d_full, BD):
         m_u, l_u, acc0, acc1, acc2, cmin = _pieces_exact_chunk(
-            x_base, ro0, ro1, ro2, sxd, bp0, bp1, bp2, d0, D, s, k2, lp0_b, lp0_u, A_prev,
-            A_cur, R_t, m_u, l_u, acc0, acc1, acc2, cmin, HAS_P0, False, FIRST, BD)
+            x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2, d0, D, s, k2, lp0_b, lp0_u,
+            A_prev, A_cur, R_t, m_u, l_u, acc0, acc1, acc2, cmin, HAS_P0, False, FIRST, P0, P1,
+            P2, RL, MASK2, UNIT_N, BD)
     if d_full < D:
         m_u, l_u, acc0, acc1, acc2, cmin = _pieces_exact_chunk(
-            x_base, ro0, ro1, ro2, sxd, bp0, bp1, bp2, d_full, D, s, k2, lp0_b, lp0_u, A_prev,
-            A_cur, R_t, m_u, l_u, acc0, acc1, acc2, cmin, HAS_P0, True, FIRST, BD)
+            x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2, d_full, D, s, k2, lp0_b,
+            lp0_u, A_prev, A_cur, R_t, m_u, l_u, acc0, acc1, acc2, cmin, HAS_P0, True, FIRST, P0,
+            P1, P2, RL, MASK2, UNIT_N, BD)
     return m_u, l_u, acc0, acc1, acc2, cmin
-
-
-@triton.jit
-def _piece_row_lse(acc, f, bp, shift, on, nm):
-    """(row sums of one piece under the common shift, the row LSE c) - see
-    _shifted_exact_iteration; padded rows give c = 0."""
-    rs = tl.sum(acc * f[None, :], axis=1)                                      # [P]
-    return tl.where(nm, rs, 1.0), tl.where(nm, log2_reduced(rs) - bp + shift, 0.0)
-
-
-@triton.jit
-def _piece_scaling(lq0_b, lq0_u, on, nm, n_b, c, k3, HAS_Q0: tl.constexpr):
-    """v = κ3 lq0 + (1 - κ3) c of one piece (-inf on padded rows)."""
-    lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
-    return tl.where(nm, k3 * lq0 + (1.0 - k3) * c, NEG_INF)
 
 
 @triton.jit
@@ -739,54 +864,62 @@ def _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, l
                             A_prev, B_prev, A_cur, B_cur, R_t, C_t, HAS_P0: tl.constexpr,
                             HAS_Q0: tl.constexpr, FIRST: tl.constexpr, P0: tl.constexpr,
                             P1: tl.constexpr, P2: tl.constexpr, MASK2: tl.constexpr,
-                            BN: tl.constexpr, BD: tl.constexpr):
+                            RL: tl.constexpr, UNIT_N: tl.constexpr, BN: tl.constexpr,
+                            BD: tl.constexpr):
     """_shifted_exact_iteration with the set's rows in three pieces (rows [0, P0), [P0, P0 +
     P1), [P0 + P1, P0 + P1 + P2); only the last may hold padded rows, MASK2)."""
-    on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _piece_layout(n_b, sxn, P0, P1, P2, MASK2)
-    bp0 = _lean_vec(B_prev, on0, n_b, float("-inf"), False)                    # [P0]
-    bp1 = _lean_vec(B_prev, on1, n_b, float("-inf"), False)                    # [P1]
-    bp2 = _lean_vec(B_prev, on2, n_b, float("-inf"), MASK2)                    # [P2]
+    on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _lanes_layout(n_b, sxn, P0, P1, P2, RL,
+                                                                MASK2)
+    bp0 = _lanes_vec(B_prev, on0, nm0, float("-inf"),
+                     _masked_piece(P0, RL, False))                             # [P0/RL, RL]
+    bp1 = _lanes_vec(B_prev, on1, nm1, float("-inf"),
+                     _masked_piece(P1, RL, False))
+    bp2 = _lanes_vec(B_prev, on2, nm2, float("-inf"),
+                     _masked_piece(P2, RL, MASK2))
     m_u, l_u, acc0, acc1, acc2, cmin = _pieces_exact_pass(
-        x_base, ro0, ro1, ro2, sxd, bp0, bp1, bp2, D, s, k2, lp0_b, lp0_u, A_prev, A_cur, R_t,
-        HAS_P0, FIRST, P0, P1, P2, BD)
+        x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2, D, s, k2, lp0_b, lp0_u, A_prev,
+        A_cur, R_t, HAS_P0, FIRST, P0, P1, P2, RL, MASK2, UNIT_N, BD)
     if not FIRST:
         if tl.min(cmin, axis=0) < _COL_TINY:
             # a column with almost no mass under its fixed shift: the pass again with the exact
             # max-based column LSE (rare; it rewrites R_t and a_t)
             tl.debug_barrier()
             m_u, l_u, acc0, acc1, acc2, cmin = _pieces_exact_pass(
-                x_base, ro0, ro1, ro2, sxd, bp0, bp1, bp2, D, s, k2, lp0_b, lp0_u, A_prev,
-                A_cur, R_t, HAS_P0, True, P0, P1, P2, BD)
+                x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2, D, s, k2, lp0_b, lp0_u,
+                A_prev, A_cur, R_t, HAS_P0, True, P0, P1, P2, RL, MASK2, UNIT_N, BD)
     m_all = tl.max(m_u, axis=0)
     f = tl.exp2(m_u - m_all)                                                   # [BD]
     lse_u = m_all + log2_reduced(tl.sum(l_u * f, axis=0))
-    shift = m_all - lse_u
-    rs0, c0 = _piece_row_lse(acc0, f, bp0, shift, on0, nm0)
-    rs1, c1 = _piece_row_lse(acc1, f, bp1, shift, on1, nm1)
-    rs2, c2 = _piece_row_lse(acc2, f, bp2, shift, on2, nm2)
-    rmin = tl.minimum(tl.minimum(tl.min(rs0, axis=0), tl.min(rs1, axis=0)), tl.min(rs2, axis=0))
-    if rmin < _TINY:
+    # the row sums go to C_t (scratch until their LSEs replace them) and the row maths runs
+    # on a [BN] vector: a piece's [P / RL, RL] row vectors are held by every lane of a row, as
+    # many registers a thread as rows (W2: bp, the row sums, c, v, ... 25 each spilled)
+    _lanes_store(C_t, on0, tl.sum(acc0 * _cols(f), axis=1), nm0,
+                 _masked_piece(P0, RL, False))
+    _lanes_store(C_t, on1, tl.sum(acc1 * _cols(f), axis=1), nm1,
+                 _masked_piece(P1, RL, False))
+    _lanes_store(C_t, on2, tl.sum(acc2 * _cols(f), axis=1), nm2,
+                 _masked_piece(P2, RL, MASK2))
+    tl.debug_barrier()
+    on = tl.arange(0, BN)
+    nm = on < n_b
+    rs = tl.load(C_t + on, mask=nm, other=1.0)                                 # [BN]
+    if tl.min(rs, axis=0) < _TINY:
         # a row with almost no mass: the exact row LSE in a second pass (rare; in [P0, BD]
         # tiles, so that its loop is not the one with the most exp2 per trip)
         tl.debug_barrier()
         _lse_over_d(x_base, sxn, sxd, n_b, D, s, A_cur, C_t, P0, BD)
         tl.debug_barrier()
-        c0 = tl.load(C_t + on0, mask=nm0, other=0.0) - lse_u
-        c1 = tl.load(C_t + on1, mask=nm1, other=0.0) - lse_u
-        c2 = tl.load(C_t + on2, mask=nm2, other=0.0) - lse_u
-        tl.debug_barrier()
-    tl.store(C_t + on0, c0, mask=nm0)
-    tl.store(C_t + on1, c1, mask=nm1)
-    tl.store(C_t + on2, c2, mask=nm2)
-    v0 = _piece_scaling(lq0_b, lq0_u, on0, nm0, n_b, c0, k3, HAS_Q0)
-    v1 = _piece_scaling(lq0_b, lq0_u, on1, nm1, n_b, c1, k3, HAS_Q0)
-    v2 = _piece_scaling(lq0_b, lq0_u, on2, nm2, n_b, c2, k3, HAS_Q0)
-    mv = tl.maximum(tl.maximum(tl.max(v0, axis=0), tl.max(v1, axis=0)), tl.max(v2, axis=0))
-    lse_v = mv + log2_reduced(tl.sum(tl.exp2(v0 - mv), axis=0) + tl.sum(tl.exp2(v1 - mv), axis=0)
-                              + tl.sum(tl.exp2(v2 - mv), axis=0))
-    tl.store(B_cur + on0, v0 - lse_v - c0, mask=nm0)
-    tl.store(B_cur + on1, v1 - lse_v - c1, mask=nm1)
-    tl.store(B_cur + on2, v2 - lse_v - c2, mask=nm2)
+        c = tl.load(C_t + on, mask=nm, other=0.0) - lse_u
+    else:
+        c = log2_reduced(rs) - tl.load(B_prev + on, mask=nm, other=0.0) + (m_all - lse_u)
+    c = tl.where(nm, c, 0.0)                                                   # [BN] C_n
+    tl.debug_barrier()
+    tl.store(C_t + on, c, mask=nm)
+    lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
+    v = tl.where(nm, k3 * lq0 + (1.0 - k3) * c, NEG_INF)
+    mv = tl.max(v, axis=0)
+    lse_v = mv + log2_reduced(tl.sum(tl.exp2(v - mv), axis=0))
+    tl.store(B_cur + on, v - lse_v - c, mask=nm)
     tl.debug_barrier()
     _subtract_from_vector(A_cur, D, lse_u, _vector_block(BN, BD))
 
@@ -801,51 +934,42 @@ def _piece_pool_terms(x, z, ms):
 
 
 @triton.jit
-def _pieces_load_chunk(x_base, ro0, ro1, ro2, sxd, d0, D, BD: tl.constexpr):
-    """(features od [BD], their mask, x of the three pieces [P0 | P1 | P2, BD] as fp32) of the
-    feature chunk at d0, loaded without masks (``_lean_load_chunk``)."""
-    od = d0 + tl.arange(0, BD)
-    return (od, od < D, _lean_load_chunk(x_base, ro0, sxd, od, D, True),
-            _lean_load_chunk(x_base, ro1, sxd, od, D, True),
-            _lean_load_chunk(x_base, ro2, sxd, od, D, True))
-
-
-@triton.jit
 def _pieces_spread(x_base, sxn, sxd, n_b, D, s_b, root_b, mean_b, P0: tl.constexpr,
-                   P1: tl.constexpr, P2: tl.constexpr, MASK2: tl.constexpr, BD: tl.constexpr):
+                   P1: tl.constexpr, P2: tl.constexpr, MASK2: tl.constexpr, RL: tl.constexpr,
+                   UNIT_N: tl.constexpr, BD: tl.constexpr):
     """``common.set_spread_tile`` on the three row pieces (W2: 49 rows, not 64): per feature
     chunk the mean, then the squared deviations as they are, or scaled by each lane's largest
-    deviation where a lane's sum leaves [SPREAD_SQ_MIN, SPREAD_SQ_MAX]; padded rows of the last
-    piece read the last real row and are zeroed. Stores σ, its root and the means; returns
-    1/σ. (Dense sets only: n_b = N >= 3.)"""
-    on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _piece_layout(n_b, sxn, P0, P1, P2, MASK2)
+    deviation where a lane's sum leaves [SPREAD_SQ_MIN, SPREAD_SQ_MAX]; masked rows are not
+    read (0) and their deviations are zeroed. Stores σ, its root and the means; returns 1/σ.
+    (Dense sets only: n_b = N >= 3.)"""
+    on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _lanes_layout(n_b, sxn, P0, P1, P2, RL,
+                                                                MASK2)
     inv_n = 1.0 / n_b.to(tl.float32)
     cm = tl.sum(tl.zeros([BD], dtype=tl.float32), axis=0)
     acc = tl.sum(tl.zeros([BD], dtype=tl.float32), axis=0)
     acc1 = tl.sum(tl.zeros([BD], dtype=tl.float32), axis=0)   # the unscaled blocks' sum
     for d0 in range(0, D, BD):
-        od, dm, x0, x1, x2 = _pieces_load_chunk(x_base, ro0, ro1, ro2, sxd, d0, D, BD)
-        if MASK2:
-            x2 = tl.where(nm2[:, None], x2, 0.0)
-        mean = (tl.sum(x0, axis=0) + tl.sum(x1, axis=0) + tl.sum(x2, axis=0)) * inv_n
+        od = d0 + tl.arange(0, BD)
+        dm = od < D
+        # (masked rows read as 0)
+        x0, x1, x2 = _pieces_load(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D, P0, P1, P2,
+                                  RL, MASK2, UNIT_N, True)
+        mean = _pieces_col_sum(x0, x1, x2) * inv_n                             # [BD]
         tl.store(mean_b + od, mean, mask=dm)
-        v0 = x0 - mean[None, :]
-        v1 = x1 - mean[None, :]
-        v2 = x2 - mean[None, :]
-        if MASK2:
-            v2 = tl.where(nm2[:, None], v2, 0.0)
-        m2 = tl.sum(v0 * v0, axis=0) + tl.sum(v1 * v1, axis=0) + tl.sum(v2 * v2, axis=0)
+        v0 = _zero_masked_rows(x0 - _cols(mean), nm0, _masked_piece(P0, RL, False))
+        v1 = _zero_masked_rows(x1 - _cols(mean), nm1, _masked_piece(P1, RL, False))
+        v2 = _zero_masked_rows(x2 - _cols(mean), nm2, _masked_piece(P2, RL, MASK2))
+        m2 = _pieces_col_sum(v0 * v0, v1 * v1, v2 * v2)
         odd = dm & ((m2 > SPREAD_SQ_MAX) | (m2 < SPREAD_SQ_MIN))
         if tl.max(odd.to(tl.int32), axis=0) == 0:
             acc1 += tl.sum(tl.where(dm, m2, 0.0), axis=0) * inv_n
         else:
-            cf = tl.maximum(tl.maximum(tl.max(tl.abs(v0), axis=0), tl.max(tl.abs(v1), axis=0)),
-                            tl.max(tl.abs(v2), axis=0))                       # [BD] c_f
+            cf = _pieces_col_max(tl.abs(v0), tl.abs(v1), tl.abs(v2))          # [BD] c_f
             r = 1.0 / tl.where(cf > 0, cf, 1.0)
-            w0 = v0 * r[None, :]
-            w1 = v1 * r[None, :]
-            w2 = v2 * r[None, :]
-            m2s = tl.sum(w0 * w0, axis=0) + tl.sum(w1 * w1, axis=0) + tl.sum(w2 * w2, axis=0)
+            w0 = v0 * _cols(r)
+            w1 = v1 * _cols(r)
+            w2 = v2 * _cols(r)
+            m2s = _pieces_col_sum(w0 * w0, w1 * w1, w2 * w2)
             c = tl.where(dm, cf, 0.0)
             C = tl.max(c, axis=0)
             rc = c / tl.where(C > 0, C, 1.0)
@@ -858,29 +982,35 @@ def _pieces_spread(x_base, sxn, sxd, n_b, D, s_b, root_b, mean_b, P0: tl.constex
 
 @triton.jit
 def _pieces_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_b, y_b, P0: tl.constexpr,
-                 P1: tl.constexpr, P2: tl.constexpr, MASK2: tl.constexpr, BD: tl.constexpr):
+                 P1: tl.constexpr, P2: tl.constexpr, MASK2: tl.constexpr, RL: tl.constexpr,
+                 UNIT_N: tl.constexpr, BD: tl.constexpr):
     """The pooling (eq. 5) on the three row pieces, one pass: all rows of a chunk are in
-    registers, so the column max is taken once (no online rescale); padded rows have b = -inf."""
-    on0, ro0 = _piece_rows(0, P0, n_b, sxn, False)
-    on1, ro1 = _piece_rows(P0, P1, n_b, sxn, False)
-    on2, ro2 = _piece_rows(P0 + P1, P2, n_b, sxn, MASK2)
-    bb0 = _lean_vec(B_fin, on0, n_b, float("-inf"), False)
-    bb1 = _lean_vec(B_fin, on1, n_b, float("-inf"), False)
-    bb2 = _lean_vec(B_fin, on2, n_b, float("-inf"), MASK2)
+    registers, so the column max is taken once (no online rescale); masked rows have b = -inf.
+    (p = 2^(z - max), not 2^(x s + (b - max)): see _piece_pool_terms.)"""
+    on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _lanes_layout(n_b, sxn, P0, P1, P2, RL,
+                                                                MASK2)
+    bb0 = _lanes_vec(B_fin, on0, nm0, float("-inf"),
+                     _masked_piece(P0, RL, False))                             # [P0/RL, RL]
+    bb1 = _lanes_vec(B_fin, on1, nm1, float("-inf"),
+                     _masked_piece(P1, RL, False))
+    bb2 = _lanes_vec(B_fin, on2, nm2, float("-inf"),
+                     _masked_piece(P2, RL, MASK2))
     for d0 in range(0, D, BD):
-        od, dm, x0, x1, x2 = _pieces_load_chunk(x_base, ro0, ro1, ro2, sxd, d0, D, BD)
-        z0 = x0 * s_fin + bb0[:, None]                                         # [P0, BD]
-        z1 = x1 * s_fin + bb1[:, None]                                         # [P1, BD]
-        z2 = x2 * s_fin + bb2[:, None]                                         # [P2, BD]
-        m = tl.maximum(tl.maximum(tl.max(z0, axis=0), tl.max(z1, axis=0)),
-                       tl.max(z2, axis=0))                                     # [BD]
+        od = d0 + tl.arange(0, BD)
+        dm = od < D
+        x0, x1, x2 = _pieces_load(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D, P0, P1, P2,
+                                  RL, MASK2, UNIT_N, True)                     # [P/RL, BD, RL]
+        z0 = x0 * s_fin + _rows(bb0)
+        z1 = x1 * s_fin + _rows(bb1)
+        z2 = x2 * s_fin + _rows(bb2)
+        m = _pieces_col_max(z0, z1, z2)                                        # [BD]
         ms = tl.where(m == NEG_INF, 0.0, m)
-        l0, w0 = _piece_pool_terms(x0, z0, ms)
-        l1, w1 = _piece_pool_terms(x1, z1, ms)
-        l2, w2 = _piece_pool_terms(x2, z2, ms)
-        l = l0 + l1 + l2
+        p0 = tl.exp2(z0 - _cols(ms))
+        p1 = tl.exp2(z1 - _cols(ms))
+        p2 = tl.exp2(z2 - _cols(ms))
+        l = _pieces_col_sum(p0, p1, p2)
         tl.store(rfin_b + od, m + log2_reduced(l), mask=dm)
-        tl.store(y_b + od, (w0 + w1 + w2) / l, mask=dm)
+        tl.store(y_b + od, _pieces_col_sum(p0 * x0, p1 * x1, p2 * x2) / l, mask=dm)
 
 
 @triton.jit
@@ -935,7 +1065,8 @@ def sinkhorn_fwd_kernel(
     RETURN_PLAN: tl.constexpr, ONE_TILE_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     MASK_N: tl.constexpr = True, ITERATE: tl.constexpr = True, P0: tl.constexpr = 0,
     P1: tl.constexpr = 0, P2: tl.constexpr = 0, MASK_P: tl.constexpr = False,
-    SCALED: tl.constexpr = False, STATS: tl.constexpr = False,
+    SCALED: tl.constexpr = False, STATS: tl.constexpr = False, RL: tl.constexpr = 1,
+    UNIT_N: tl.constexpr = False,
 ):
     """T Sinkhorn iterations, the pooled y and (optionally) the plan of one set per program.
 
@@ -943,9 +1074,11 @@ def sinkhorn_fwd_kernel(
     w: [6, T] weight table (ε, κ2, κ3 of iteration t derived on chip); lp0: [B, D], lq0: [NR]
     natural log priors; writes A, Rn, Bv, Cn (see the module docstring), rfin [B, D] (final
     LSE over n), tot [B] (log2 of the plan's mass), y [B, D] fp32, plan like x.
-    P0, P1, P2 > 0 (dense exact, launch.row_pieces): the one-tile iterations and the pooling
-    hold the rows in three pieces instead of one padded [BN, BD] tile; MASK_P: the last piece
-    has padded rows.
+    P0, P1, P2 > 0 (dense exact, launch.row_pieces): the one-tile iterations, the pooling and
+    the feature spread hold the rows in three pieces instead of one padded [BN, BD] tile, each
+    as [P / RL, BD, RL] (RL lanes a column, ``launch.pieces_fwd_launch``); MASK_P: the last
+    piece has padded rows; UNIT_N: sxn == 1 (W2's NCHW view), so that the pieces' row offsets
+    are constants of the code (no register per row).
     MASK_N: some set has fewer than BN rows (dense: N < BN), so row loads need a mask. The
     buffers come uninitialised: slot 0 of A and Bv (the zero initial state) and, for an empty
     set, y and rfin are written here. SCALED: the sets' feature scale σ (sc [B]) folded in
@@ -958,9 +1091,13 @@ def sinkhorn_fwd_kernel(
     """
     b = _set_of_program(order_ptr, RAGGED)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
+    if UNIT_N:
+        sxn_p = 1          # the pieces' row strides: immediates of the loads
+    else:
+        sxn_p = sxn
     if STATS and P0 > 0:
-        isig = _pieces_spread(x_ptr + x_off, sxn, sxd, n_b, D, sc_ptr + b, root_ptr + b,
-                              mean_ptr + b * D, P0, P1, P2, MASK_P, BD)
+        isig = _pieces_spread(x_ptr + x_off, sxn_p, sxd, n_b, D, sc_ptr + b, root_ptr + b,
+                              mean_ptr + b * D, P0, P1, P2, MASK_P, RL, UNIT_N, BD)
     elif STATS and ONE_TILE_N:
         isig = set_spread_tile(x_ptr + x_off, sxn, sxd, n_b, D, sc_ptr + b, root_ptr + b,
                                mean_ptr + b * D, MASK_N, BN, BD)
@@ -1005,20 +1142,20 @@ def sinkhorn_fwd_kernel(
             C_t = Cn_ptr + t * NR + row0
             if P0 > 0:
                 if t == 0:
-                    _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
+                    _pieces_exact_iteration(x_base, sxn_p, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
                                             lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
-                                            C_t, HAS_P0, HAS_Q0, True, P0, P1, P2, MASK_P, BN,
-                                            BD)
+                                            C_t, HAS_P0, HAS_Q0, True, P0, P1, P2, MASK_P, RL,
+                                            UNIT_N, BN, BD)
                 elif s != s_last:
-                    _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
+                    _pieces_exact_iteration(x_base, sxn_p, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
                                             lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
-                                            C_t, HAS_P0, HAS_Q0, True, P0, P1, P2, MASK_P, BN,
-                                            BD)
+                                            C_t, HAS_P0, HAS_Q0, True, P0, P1, P2, MASK_P, RL,
+                                            UNIT_N, BN, BD)
                 else:
-                    _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
+                    _pieces_exact_iteration(x_base, sxn_p, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
                                             lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
-                                            C_t, HAS_P0, HAS_Q0, False, P0, P1, P2, MASK_P, BN,
-                                            BD)
+                                            C_t, HAS_P0, HAS_Q0, False, P0, P1, P2, MASK_P, RL,
+                                            UNIT_N, BN, BD)
             elif ONE_TILE_N and not PAPER:
                 if t == 0:
                     _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
@@ -1073,8 +1210,8 @@ def sinkhorn_fwd_kernel(
         B_fin = Bv_ptr + T * NR + row0
         A_fin = A_b + T * D
         if P0 > 0:
-            _pieces_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_ptr + b * D, y_ptr + b * D,
-                         P0, P1, P2, MASK_P, BD)
+            _pieces_pool(x_base, sxn_p, sxd, n_b, D, s_fin, B_fin, rfin_ptr + b * D, y_ptr + b * D,
+                         P0, P1, P2, MASK_P, RL, UNIT_N, BD)
         elif ONE_TILE_N and not PAPER:
             # (the paper variant keeps the streamed pooling: with the one-tile one, its bf16
             # build spilled 8 B under triton 3.6)

@@ -121,22 +121,29 @@ def _row_pieces(N: Optional[int], BN: int, one_tile: bool, paper: bool, enabled:
 
 # the row-pieces launches (W2's layout: 256 sets of 49 rows, one program each). With one program
 # per set an SM gets about two CTAs, whatever their registers; under a 128-register cap two
-# 8-warp CTAs fit: 16 resident warps per SM instead of 8 (the forward was a 4-warp CTA in 222
-# registers). The forward takes 8 warps at 4 x elements a thread under the cap (no spills with
-# triton 3.9 at 9-400 rows, strided or contiguous, nor with 3.6 at W2; 8 elements a thread
-# spill 24-48 B at some sizes): calibrated model, W2 T=4 forward kernel 610 -> 416 µs
-# (PREDICTED, bench/results/sinkhorn_pieces_occupancy_2026-12-01.md). Feature chunks narrower than
-# PIECES_MIN_BD (large sets) would replicate their per-column vectors over too many lanes:
-# those keep the 4-warp layout. The backward keeps the launcher's warps at a quarter of its
-# elements a thread under the same cap (PIECES_BWD_CAPPED; W2 T=4 backward kernel 952 -> 563 µs
-# calibrated, PREDICTED, bench/results/sinkhorn_pieces_bwd_cap_2026-12-01.md) where the JIT
-# specialises a unit stride of x (and of the plan gradient): W2's NCHW view and contiguous
-# sets compile without spills at 9-400 rows (triton 3.9), the launch with no stride of 1
-# spills 32 B and keeps the uncapped layout; from triton 3.9 on (3.6 spills 16 B at W2's
-# NCHW view with a plan gradient).
+# 8-warp CTAs fit: 16 resident warps per SM instead of 8. Where the rows are contiguous (sxn ==
+# 1: W2's NCHW view) the forward holds each piece as [P / RL, BD, RL] (kernels._lanes_layout):
+# RL lanes share a column, each holding P / RL of its rows, so that a column sum needs no
+# shared memory; RL is the fewest lanes (a power of two, at most a warp) that keep a thread at
+# <= PIECES_FWD_ELEMS_PER_THREAD fp32 of x, and a chunk is 32 / RL columns a warp (W2: RL = 4,
+# 8 + 4 + 1 fp32 a thread, 64 features a chunk, no spills under the cap with triton 3.9; RL = 2
+# spills there; bench/results/sinkhorn_pieces_lanes_2026-12-02.md). Strided rows (a 64-bit
+# address per row) and triton 3.6 (PIECES_FWD_LANES: it spills 56-384 B with the lanes) keep
+# one row a lane at PIECES_FWD_STRIDED_ELEMS_PER_THREAD, the layout until 2026-12-02;
+# PIECES_FWD_ROW_LANES / PIECES_FWD_BD fix RL / BD (tests, bench/gpu_tune.py). The backward
+# keeps the launcher's warps at a quarter of its elements a thread under the same cap
+# (PIECES_BWD_CAPPED; W2 T=4 backward kernel 952 -> 563 µs calibrated, PREDICTED,
+# bench/results/sinkhorn_pieces_bwd_cap_2026-12-01.md) where the JIT specialises a unit stride
+# of x (and of the plan gradient): W2's NCHW view and contiguous sets compile without spills at
+# 9-400 rows (triton 3.9), the launch with no stride of 1 spills 32 B and keeps the uncapped
+# layout; from triton 3.9 on (3.6 spills 16 B at W2's NCHW view with a plan gradient).
 PIECES_NUM_WARPS = 8
-PIECES_FWD_ELEMS_PER_THREAD = 4
+PIECES_FWD_ELEMS_PER_THREAD = 16
+PIECES_FWD_STRIDED_ELEMS_PER_THREAD = 4
 PIECES_FWD_MAX_REGISTERS = 128
+PIECES_FWD_LANES = FRUGAL_REGISTERS
+PIECES_FWD_ROW_LANES = 0
+PIECES_FWD_BD = 0
 PIECES_BWD_CAPPED = FRUGAL_REGISTERS
 PIECES_BWD_ELEMS_DIVISOR = 4
 PIECES_BWD_MAX_REGISTERS = 128
@@ -155,13 +162,34 @@ def _wide_enough(bd: int, D: int) -> bool:
     return bd >= min(PIECES_MIN_BD, next_pow2(D))
 
 
-def pieces_fwd_launch(D: int, pieces: tuple, BD: int) -> tuple:
-    """(BD, num_warps, maxnreg) of the row-pieces forward (see PIECES_NUM_WARPS); the launcher's
-    4 warps at FWD_ELEMS_PER_THREAD and MAX_REGISTERS where the chunk would be too narrow."""
-    bd = pieces_config(D, pieces, BD, PIECES_NUM_WARPS, PIECES_FWD_ELEMS_PER_THREAD)
+def _rows_a_thread(pieces: tuple, rl: int) -> int:
+    """fp32 of x a thread holds of the pieces' [P / RL, BD, RL] tiles."""
+    return sum(max(p // rl, 1) for p in pieces)
+
+
+def pieces_fwd_launch(D: int, pieces: tuple, BD: int, unit_rows: bool) -> tuple:
+    """(BD, RL, UNIT_N, num_warps, maxnreg) of the row-pieces forward (see PIECES_NUM_WARPS).
+    Rows contiguous (``unit_rows``: sxn == 1) and PIECES_FWD_LANES: RL lanes a column, 32 / RL
+    columns a warp, fewer warps where D has fewer features, the rows addressed as immediates of
+    the loads (UNIT_N). Otherwise RL = 1 and a chunk of PIECES_FWD_STRIDED_ELEMS_PER_THREAD fp32
+    a thread (the tile's BD at most; 4 warps at FWD_ELEMS_PER_THREAD where that chunk would be
+    too narrow): a row's address is then a register of its own, and more rows a thread spill
+    (so do triton 3.6's builds of the lanes layout)."""
+    if (unit_rows and PIECES_FWD_LANES) or PIECES_FWD_ROW_LANES:
+        rl = PIECES_FWD_ROW_LANES or next(
+            (r for r in (1, 2, 4, 8, 16) if _rows_a_thread(pieces, r)
+             <= PIECES_FWD_ELEMS_PER_THREAD), 32)
+        if PIECES_FWD_BD:
+            return PIECES_FWD_BD, rl, unit_rows, PIECES_NUM_WARPS, PIECES_FWD_MAX_REGISTERS
+        bd = min(next_pow2(D), 32 // rl * PIECES_NUM_WARPS)
+        nw = min(PIECES_NUM_WARPS, max(bd * rl // 32, 1))
+        cap = PIECES_FWD_MAX_REGISTERS if nw == PIECES_NUM_WARPS else MAX_REGISTERS
+        return bd, rl, unit_rows, nw, cap
+    bd = PIECES_FWD_BD or pieces_config(D, pieces, BD, PIECES_NUM_WARPS,
+                                        PIECES_FWD_STRIDED_ELEMS_PER_THREAD)
     if _wide_enough(bd, D):
-        return bd, PIECES_NUM_WARPS, PIECES_FWD_MAX_REGISTERS
-    return pieces_config(D, pieces, BD, 4, FWD_ELEMS_PER_THREAD), 4, MAX_REGISTERS
+        return bd, 1, False, PIECES_NUM_WARPS, PIECES_FWD_MAX_REGISTERS
+    return pieces_config(D, pieces, BD, 4, FWD_ELEMS_PER_THREAD), 1, False, 4, MAX_REGISTERS
 
 
 def pieces_bwd_launch(D: int, pieces: tuple, BD: int, nw: int, has_gp: bool,
@@ -389,9 +417,9 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
     nw = num_warps_for(x, B)
     BN, BD, one_tile = fwd_config(D, N, nw)
     P0, P1, P2 = row_pieces(N, BN, one_tile, paper)
-    cap = MAX_REGISTERS
+    cap, RL, unit_n = MAX_REGISTERS, 1, False
     if P0:
-        BD, nw, cap = pieces_fwd_launch(D, (P0, P1, P2), BD)
+        BD, RL, unit_n, nw, cap = pieces_fwd_launch(D, (P0, P1, P2), BD, sxn == 1)
     lp0 = as_f32(log_p0) if log_p0 is not None else y
     lq0 = as_f32(log_q0) if log_q0 is not None else y
     saved = set_statistics(x, ptr, B, D, stats, wrap,
@@ -411,8 +439,8 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
             RAGGED=ptr is not None, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
             PAPER=paper, RETURN_PLAN=return_plan, ONE_TILE_N=one_tile, BN=BN, BD=BD,
             MASK_N=N is None or N != BN, ITERATE=not rows, P0=P0, P1=P1, P2=P2,
-            MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None, STATS=stats, num_warps=nw,
-            maxnreg=cap)
+            MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None, STATS=stats, RL=RL,
+            UNIT_N=unit_n, num_warps=nw, maxnreg=cap)
     if spread:
         return y, plan, state, saved
     return y, plan, state
