@@ -126,6 +126,8 @@ def variants():
                                      PIECES_NUM_WARPS=4, PIECES_FWD_MAX_REGISTERS=255)}),
         ("W2", "sinkhorn", "row-pieces forward at 2 lanes a column (25 fp32 a thread), no cap",
          {S: dict(PIECES_FWD_ROW_LANES=2, PIECES_FWD_MAX_REGISTERS=255)}),
+        ("W2", "sinkhorn", "row-pieces forward in lanes with any triton (shipped from 3.9; "
+         "3.6 spills it)", {S: dict(PIECES_FWD_LANES=True)}),
         ("W2", "sinkhorn", "row-pieces backward " + (
             "uncapped (all its fp32 a thread; 3.9's until 2026-12-01)" if S.PIECES_BWD_CAPPED
             else "at a quarter of its fp32 a thread, 128 registers (shipped with triton 3.9)"),
