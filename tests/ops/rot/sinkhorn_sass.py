@@ -364,8 +364,9 @@ def loop_report(name: str, variant: str) -> str:
     """The forward's innermost-loop counts per element-iteration for workload ``name``."""
     wl = WORKLOADS[name]
     nw = 8 if wl["B"] < 2 * 132 else 4  # launch.num_warps_for on an H100 (132 SMs)
-    kern, ce = config("fwd1", variant, wl["N"], wl["D"], nw)
-    nw, cap = launch_options("fwd1", variant, wl["N"], wl["D"], nw)
+    unit_rows = wl["unit_stride"] == "sxn"
+    kern, ce = config("fwd1", variant, wl["N"], wl["D"], nw, unit_rows=unit_rows)
+    nw, cap = launch_options("fwd1", variant, wl["N"], wl["D"], nw, unit_rows=unit_rows)
     c = compile_like_jit(kern, signature(kern, ce, wl["xdt"]), ce, wl["ints"], nw, cap)
     regs, local = usage(c)
     loops = [lp for lp in innermost_loops(sass(c)) if lp["mufu"] > 0]
