@@ -156,6 +156,11 @@ SMALL_CONFIGS = [("fwd1", 16, 32, 8), ("fwd1", 16, 128, 8), ("fwd1", 32, 32, 4),
                  # + 1 and 49 rows (8 fp32 a thread spilled 24 B there), 196 (a chunk narrower
                  # than launch.PIECES_MIN_BD: the 4-warp layout)
                  ("fwd1", 25, 2048, 8), ("fwd1", 49, 2048, 8), ("fwd1", 196, 512, 8),
+                 # the row-pieces forward in lanes (rows contiguous: "@nchw"; W2's 49 rows are
+                 # AOT_CONFIGS'): RL = 2 at 25 rows, RL = 4 with two pieces narrower than RL at
+                 # 36 = 32 + 2 + 2; 81 rows (RL would be 8: 16 B spilled) one row a lane
+                 ("fwd1@nchw", 25, 2048, 8), ("fwd1@nchw", 36, 2048, 8),
+                 ("fwd1@nchw", 81, 2048, 8),
                  # the row-pieces backward under launch.PIECES_BWD_MAX_REGISTERS (a unit stride
                  # specialised), contiguous and ("@nchw") W2's NCHW view, with and without a
                  # plan gradient, "+s" with the layers' feature scale (W2's launch)

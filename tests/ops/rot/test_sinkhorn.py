@@ -526,6 +526,24 @@ def test_row_pieces_lanes_feature_spread(hw, rl, monkeypatch):
     assert rel_err(gk, gt) <= RTOL[torch.float32], rel_err(gk, gt)
 
 
+def test_row_pieces_forward_layout_choice(monkeypatch):
+    """The row-pieces forward's layout (launch.pieces_fwd_launch -> BD, RL, UNIT_N, warps,
+    register cap): W2's 49 contiguous rows in lanes, RL = 4 (13 fp32 a thread, 64 features a
+    chunk, 8 warps under the 128-register cap); strided rows, sets that would need more than 4
+    lanes a column (81 rows) and triton 3.6 (PIECES_FWD_LANES off) one row a lane, 4 fp32 a
+    thread; a narrow D fewer warps, uncapped."""
+    from rotp_triton.ops.rot.triton.sinkhorn import launch
+    monkeypatch.setattr(launch, "PIECES_FWD_LANES", True)
+    w2 = (2048, (32, 16, 1), 32)
+    assert launch.pieces_fwd_launch(*w2, True) == (64, 4, True, 8, 128)
+    assert launch.pieces_fwd_launch(*w2, False) == (16, 1, False, 8, 128)
+    assert launch.pieces_fwd_launch(2048, (16, 8, 1), 64, True) == (128, 2, True, 8, 128)
+    assert launch.pieces_fwd_launch(2048, (64, 16, 1), 16, True) == (8, 1, False, 8, 128)
+    assert launch.pieces_fwd_launch(16, (32, 16, 1), 32, True) == (16, 4, True, 2, 255)
+    monkeypatch.setattr(launch, "PIECES_FWD_LANES", False)
+    assert launch.pieces_fwd_launch(*w2, True) == (16, 1, False, 8, 128)
+
+
 def test_row_pieces_choice():
     """W2's 49 rows take three pieces without padding, W1's 500 keep the padded tile (pieces
     would pad to 512 as well), a power of two and the paper variant never take pieces."""

@@ -169,16 +169,17 @@ def _rows_a_thread(pieces: tuple, rl: int) -> int:
 
 def pieces_fwd_launch(D: int, pieces: tuple, BD: int, unit_rows: bool) -> tuple:
     """(BD, RL, UNIT_N, num_warps, maxnreg) of the row-pieces forward (see PIECES_NUM_WARPS).
-    Rows contiguous (``unit_rows``: sxn == 1) and PIECES_FWD_LANES: RL lanes a column, 32 / RL
-    columns a warp, fewer warps where D has fewer features, the rows addressed as immediates of
-    the loads (UNIT_N). Otherwise RL = 1 and a chunk of PIECES_FWD_STRIDED_ELEMS_PER_THREAD fp32
-    a thread (the tile's BD at most; 4 warps at FWD_ELEMS_PER_THREAD where that chunk would be
-    too narrow): a row's address is then a register of its own, and more rows a thread spill
-    (so do triton 3.6's builds of the lanes layout)."""
-    if (unit_rows and PIECES_FWD_LANES) or PIECES_FWD_ROW_LANES:
-        rl = PIECES_FWD_ROW_LANES or next(
-            (r for r in (1, 2, 4, 8, 16) if _rows_a_thread(pieces, r)
-             <= PIECES_FWD_ELEMS_PER_THREAD), 32)
+    Rows contiguous (``unit_rows``: sxn == 1), PIECES_FWD_LANES and a set whose pieces fit a
+    thread at <= PIECES_FWD_ELEMS_PER_THREAD rows with RL <= 4 lanes a column (<= 64 rows):
+    RL lanes a column, 32 / RL columns a warp, fewer warps where D has fewer features, the rows
+    addressed as immediates of the loads (UNIT_N). Otherwise RL = 1 and a chunk of
+    PIECES_FWD_STRIDED_ELEMS_PER_THREAD fp32 a thread (the tile's BD at most; 4 warps at
+    FWD_ELEMS_PER_THREAD where that chunk would be too narrow): a row's address is then a
+    register of its own, and more rows a thread spill (as do triton 3.6's builds of the lanes
+    layout, and 81 or 400 rows at RL = 8 or 32: 16 / 48 B)."""
+    rl = PIECES_FWD_ROW_LANES or next(
+        (r for r in (1, 2, 4) if _rows_a_thread(pieces, r) <= PIECES_FWD_ELEMS_PER_THREAD), 0)
+    if (unit_rows and PIECES_FWD_LANES and rl) or PIECES_FWD_ROW_LANES:
         if PIECES_FWD_BD:
             return PIECES_FWD_BD, rl, unit_rows, PIECES_NUM_WARPS, PIECES_FWD_MAX_REGISTERS
         bd = min(next_pow2(D), 32 // rl * PIECES_NUM_WARPS)
