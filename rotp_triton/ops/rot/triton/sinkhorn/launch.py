@@ -124,12 +124,13 @@ def _row_pieces(N: Optional[int], BN: int, one_tile: bool, paper: bool, enabled:
 # 8-warp CTAs fit: 16 resident warps per SM instead of 8. Where the rows are contiguous (sxn ==
 # 1: W2's NCHW view) the forward holds each piece as [P / RL, BD, RL] (kernels._lanes_layout):
 # RL lanes share a column, each holding P / RL of its rows, so that a column sum needs no
-# shared memory; RL is the fewest lanes (a power of two, at most a warp) that keep a thread at
-# <= PIECES_FWD_ELEMS_PER_THREAD fp32 of x, and a chunk is 32 / RL columns a warp (W2: RL = 4,
+# shared memory; RL is the fewest lanes (1, 2 or 4) that keep a thread at <=
+# PIECES_FWD_ELEMS_PER_THREAD fp32 of x, and a chunk is 32 / RL columns a warp (W2: RL = 4,
 # 8 + 4 + 1 fp32 a thread, 64 features a chunk, no spills under the cap with triton 3.9; RL = 2
 # spills there; bench/results/sinkhorn_pieces_lanes_2026-12-02.md). Strided rows (a 64-bit
-# address per row) and triton 3.6 (PIECES_FWD_LANES: it spills 56-384 B with the lanes) keep
-# one row a lane at PIECES_FWD_STRIDED_ELEMS_PER_THREAD, the layout until 2026-12-02;
+# address per row), sets that would need more lanes (> 64 rows) and triton 3.6
+# (PIECES_FWD_LANES: it spills 56-384 B with the lanes) keep one row a lane at
+# PIECES_FWD_STRIDED_ELEMS_PER_THREAD, the layout until 2026-12-02;
 # PIECES_FWD_ROW_LANES / PIECES_FWD_BD fix RL / BD (tests, bench/gpu_tune.py). The backward
 # keeps the launcher's warps at a quarter of its elements a thread under the same cap
 # (PIECES_BWD_CAPPED; W2 T=4 backward kernel 952 -> 563 µs calibrated, PREDICTED,
