@@ -129,7 +129,7 @@ def _row_pieces(N: Optional[int], BN: int, one_tile: bool, paper: bool, enabled:
 # 8 + 4 + 1 fp32 a thread, 64 features a chunk, no spills under the cap with triton 3.9; RL = 2
 # spills there; bench/results/sinkhorn_pieces_lanes_2026-12-02.md). Strided rows (a 64-bit
 # address per row), sets that would need more lanes (> 64 rows) and triton 3.6
-# (PIECES_FWD_LANES: it spills 56-384 B with the lanes) keep one row a lane at
+# (PIECES_FWD_LANES: it spills 32-384 B with the lanes) keep one row a lane at
 # PIECES_FWD_STRIDED_ELEMS_PER_THREAD, the layout until 2026-12-02;
 # PIECES_FWD_ROW_LANES / PIECES_FWD_BD fix RL / BD (tests, bench/gpu_tune.py). The backward
 # keeps the launcher's warps at a quarter of its elements a thread under the same cap
