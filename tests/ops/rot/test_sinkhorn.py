@@ -422,6 +422,24 @@ def test_lean_tile_edges(variant, N, D, BN, BD, monkeypatch):
              ["x", "a1", "a2", "a3", "p0", "q0"])
 
 
+def _pieces_problem(N, D, layout, seed):
+    """_run_kernel / _run_reference arguments of two dense exact sets of N rows (contiguous,
+    or the strided view of an NCHW map: rows contiguous), T = 3, priors, y and plan
+    cotangents."""
+    gen = torch.Generator().manual_seed(seed)
+    B, T = 2, 3
+    if layout == "nchw_view":
+        x = torch.randn(B, D, N, 1, generator=gen).flatten(2).transpose(1, 2)  # (B, N, D)
+    else:
+        x = torch.randn(B, N, D, generator=gen)
+    a1, a2, a3 = _weights(T, gen)
+    p0 = torch.rand(B, D, generator=gen) + 0.1
+    q0 = torch.rand(B, N, generator=gen) + 0.1
+    cy = torch.randn(B, D, generator=gen)
+    cp = torch.randn(B, N, D, generator=gen)
+    return (x, None, "exact", T, a1, a2, a3, p0, q0, cy, cp)
+
+
 @pytest.mark.parametrize("N,D,BD,pieces", [(7, 8, 4, (4, 2, 1)), (23, 6, 4, (16, 4, 4)),
                                            (13, 5, 2, (8, 4, 1))],
                          ids=["exact_rows", "padded_piece", "edge_d"])
@@ -441,18 +459,7 @@ def test_row_pieces(N, D, BD, pieces, layout, dx_by, reverse_form, monkeypatch):
     monkeypatch.setattr(launch, "fuse_dx", lambda *args: dx_by == "sweep")
     monkeypatch.setattr(launch, "split_dx", lambda *args: False)
     assert launch.row_pieces(N, BN, True, False) == pieces
-    gen = torch.Generator().manual_seed(16)
-    B, T = 2, 3
-    if layout == "nchw_view":
-        x = torch.randn(B, D, N, 1, generator=gen).flatten(2).transpose(1, 2)  # (B, N, D)
-    else:
-        x = torch.randn(B, N, D, generator=gen)
-    a1, a2, a3 = _weights(T, gen)
-    p0 = torch.rand(B, D, generator=gen) + 0.1
-    q0 = torch.rand(B, N, generator=gen) + 0.1
-    cy = torch.randn(B, D, generator=gen)
-    cp = torch.randn(B, N, D, generator=gen)
-    args = (x, None, "exact", T, a1, a2, a3, p0, q0, cy, cp)
+    args = _pieces_problem(N, D, layout, 16)
     _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32],
              ["x", "a1", "a2", "a3", "p0", "q0"])
 
@@ -476,18 +483,7 @@ def test_row_pieces_lanes(N, D, BD, pieces, layout, rl, monkeypatch):
     monkeypatch.setattr(launch, "PIECES_FWD_ROW_LANES", rl)
     monkeypatch.setattr(launch, "PIECES_FWD_BD", BD)
     assert launch.row_pieces(N, BN, True, False) == pieces
-    gen = torch.Generator().manual_seed(17)
-    B, T = 2, 3
-    if layout == "nchw_view":
-        x = torch.randn(B, D, N, 1, generator=gen).flatten(2).transpose(1, 2)  # (B, N, D)
-    else:
-        x = torch.randn(B, N, D, generator=gen)
-    a1, a2, a3 = _weights(T, gen)
-    p0 = torch.rand(B, D, generator=gen) + 0.1
-    q0 = torch.rand(B, N, generator=gen) + 0.1
-    cy = torch.randn(B, D, generator=gen)
-    cp = torch.randn(B, N, D, generator=gen)
-    args = (x, None, "exact", T, a1, a2, a3, p0, q0, cy, cp)
+    args = _pieces_problem(N, D, layout, 17)
     with count_launches() as launches:
         got = _run_kernel(*args)
     ce = launches.constexprs[launches.index("sinkhorn_fwd_kernel")]

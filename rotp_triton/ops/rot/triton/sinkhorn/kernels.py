@@ -753,6 +753,16 @@ def _lanes_store(ptr, on, v, nm, MASK: tl.constexpr):
 
 
 @triton.jit
+def _lanes_row_bias(b_ptr, on0, nm0, on1, nm1, on2, nm2, P0: tl.constexpr, P1: tl.constexpr,
+                    P2: tl.constexpr, RL: tl.constexpr, MASK2: tl.constexpr):
+    """The three pieces' row vector b (b_ptr[rows]), -inf on masked rows: [P / RL, RL] each."""
+    b0 = _lanes_vec(b_ptr, on0, nm0, float("-inf"), _masked_piece(P0, RL, False))
+    b1 = _lanes_vec(b_ptr, on1, nm1, float("-inf"), _masked_piece(P1, RL, False))
+    b2 = _lanes_vec(b_ptr, on2, nm2, float("-inf"), _masked_piece(P2, RL, MASK2))
+    return b0, b1, b2
+
+
+@triton.jit
 def _cols(v):
     """A per-column vector against a piece's tile: [BD] -> [1, BD, 1]."""
     return v[None, :, None]
@@ -870,12 +880,8 @@ def _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, l
     P1), [P0 + P1, P0 + P1 + P2); only the last may hold padded rows, MASK2)."""
     on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _lanes_layout(n_b, sxn, P0, P1, P2, RL,
                                                                 MASK2)
-    bp0 = _lanes_vec(B_prev, on0, nm0, float("-inf"),
-                     _masked_piece(P0, RL, False))                             # [P0/RL, RL]
-    bp1 = _lanes_vec(B_prev, on1, nm1, float("-inf"),
-                     _masked_piece(P1, RL, False))
-    bp2 = _lanes_vec(B_prev, on2, nm2, float("-inf"),
-                     _masked_piece(P2, RL, MASK2))
+    bp0, bp1, bp2 = _lanes_row_bias(B_prev, on0, nm0, on1, nm1, on2, nm2, P0, P1, P2, RL,
+                                     MASK2)                                    # [P/RL, RL]
     m_u, l_u, acc0, acc1, acc2, cmin = _pieces_exact_pass(
         x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2, D, s, k2, lp0_b, lp0_u, A_prev,
         A_cur, R_t, HAS_P0, FIRST, P0, P1, P2, RL, MASK2, UNIT_N, BD)
@@ -989,12 +995,8 @@ def _pieces_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_b, y_b, P0: tl.con
     (p = 2^(z - max), not 2^(x s + (b - max)): see _piece_pool_terms.)"""
     on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _lanes_layout(n_b, sxn, P0, P1, P2, RL,
                                                                 MASK2)
-    bb0 = _lanes_vec(B_fin, on0, nm0, float("-inf"),
-                     _masked_piece(P0, RL, False))                             # [P0/RL, RL]
-    bb1 = _lanes_vec(B_fin, on1, nm1, float("-inf"),
-                     _masked_piece(P1, RL, False))
-    bb2 = _lanes_vec(B_fin, on2, nm2, float("-inf"),
-                     _masked_piece(P2, RL, MASK2))
+    bb0, bb1, bb2 = _lanes_row_bias(B_fin, on0, nm0, on1, nm1, on2, nm2, P0, P1, P2, RL,
+                                     MASK2)                                    # [P/RL, RL]
     for d0 in range(0, D, BD):
         od = d0 + tl.arange(0, BD)
         dm = od < D
