@@ -568,6 +568,21 @@ def _subtract_from_vector(v_ptr, n, value, BV: tl.constexpr):
 
 
 @triton.jit
+def _row_marginal_step(c, on, nm, n_b, k3, lq0_b, lq0_u, lse_u, A_cur, B_cur, C_t, D,
+                       HAS_Q0: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """The end of an exact one-pass iteration from its row LSEs c [BN] (0 on padded rows):
+    stores C_t = c and b_t = v - LSE(v) - c, v = κ3 log q0 + (1 - κ3) c, then a_t -= LSE(u)."""
+    tl.store(C_t + on, c, mask=nm)
+    lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
+    v = tl.where(nm, k3 * lq0 + (1.0 - k3) * c, NEG_INF)
+    mv = tl.max(v, axis=0)
+    lse_v = mv + log2_reduced(tl.sum(tl.exp2(v - mv), axis=0))
+    tl.store(B_cur + on, v - lse_v - c, mask=nm)
+    tl.debug_barrier()
+    _subtract_from_vector(A_cur, D, lse_u, _vector_block(BN, BD))
+
+
+@triton.jit
 def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u,
                              A_prev, B_prev, A_cur, B_cur, R_t, C_t, HAS_P0: tl.constexpr,
                              HAS_Q0: tl.constexpr, MASK_N: tl.constexpr, FIRST: tl.constexpr,
@@ -602,15 +617,8 @@ def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, 
         c = tl.load(C_t + on, mask=nm, other=0.0) - lse_u
     else:
         c = log2_reduced(rs) - bp + (m_all - lse_u)
-    c = tl.where(nm, c, 0.0)                                                   # [BN] C_n
-    tl.store(C_t + on, c, mask=nm)
-    lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
-    v = tl.where(nm, k3 * lq0 + (1.0 - k3) * c, NEG_INF)
-    mv = tl.max(v, axis=0)
-    lse_v = mv + log2_reduced(tl.sum(tl.exp2(v - mv), axis=0))
-    tl.store(B_cur + on, v - lse_v - c, mask=nm)
-    tl.debug_barrier()
-    _subtract_from_vector(A_cur, D, lse_u, _vector_block(BN, BD))
+    _row_marginal_step(tl.where(nm, c, 0.0), on, nm, n_b, k3, lq0_b, lq0_u, lse_u, A_cur, B_cur,
+                       C_t, D, HAS_Q0, BN, BD)
 
 
 # --------------------------------------------------------------------------------------------
@@ -918,16 +926,9 @@ def _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, l
         c = tl.load(C_t + on, mask=nm, other=0.0) - lse_u
     else:
         c = log2_reduced(rs) - tl.load(B_prev + on, mask=nm, other=0.0) + (m_all - lse_u)
-    c = tl.where(nm, c, 0.0)                                                   # [BN] C_n
-    tl.debug_barrier()
-    tl.store(C_t + on, c, mask=nm)
-    lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
-    v = tl.where(nm, k3 * lq0 + (1.0 - k3) * c, NEG_INF)
-    mv = tl.max(v, axis=0)
-    lse_v = mv + log2_reduced(tl.sum(tl.exp2(v - mv), axis=0))
-    tl.store(B_cur + on, v - lse_v - c, mask=nm)
-    tl.debug_barrier()
-    _subtract_from_vector(A_cur, D, lse_u, _vector_block(BN, BD))
+    tl.debug_barrier()      # (every thread has read the row sums from C_t)
+    _row_marginal_step(tl.where(nm, c, 0.0), on, nm, n_b, k3, lq0_b, lq0_u, lse_u, A_cur, B_cur,
+                       C_t, D, HAS_Q0, BN, BD)
 
 
 @triton.jit
