@@ -1095,7 +1095,7 @@ def sinkhorn_fwd_kernel(
     b = _set_of_program(order_ptr, RAGGED)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
     if UNIT_N:
-        sxn_p = 1          # the pieces' row strides: immediates of the loads
+        sxn_p = 1          # (a known 1: the masked piece's and the fallback's row offsets fold)
     else:
         sxn_p = sxn
     if STATS and P0 > 0:
