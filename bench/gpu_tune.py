@@ -128,6 +128,14 @@ def variants():
          {S: dict(PIECES_FWD_ROW_LANES=2, PIECES_FWD_MAX_REGISTERS=255)}),
         ("W2", "sinkhorn", "row-pieces forward in lanes with any triton (shipped from 3.9; "
          "3.6 spills it)", {S: dict(PIECES_FWD_LANES=True)}),
+        # the backward's reverse sweeps in lanes too since 2026-12-02 (S form, RL = 4, dx by its
+        # own launch; triton >= 3.9: 3.6 spills 120-144 B;
+        # bench/results/sinkhorn_pieces_bwd_lanes_2026-12-02.md) against the [P, BD] sweeps
+        # with dx in the backward kernel
+        ("W2", "sinkhorn", "row-pieces backward sweeps " + (
+            "as [P, BD] pieces, dx in the backward kernel (as until 2026-12-02)"
+            if S.PIECES_BWD_LANES else "in lanes, dx by its own launch (shipped from 3.9; 3.6 "
+            "spills it)"), {S: dict(PIECES_BWD_LANES=not S.PIECES_BWD_LANES)}),
         ("W2", "sinkhorn", "row-pieces backward " + (
             "uncapped (all its fp32 a thread; 3.9's until 2026-12-01)" if S.PIECES_BWD_CAPPED
             else "at a quarter of its fp32 a thread, 128 registers (shipped with triton 3.9)"),

@@ -83,15 +83,20 @@ def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = F
     has_gp = not which.endswith("nogp")  # bwd*nogp: no plan gradient (wider sweep tiles)
     BN, BD, one = L.bwd_config(D, N, num_warps, has_gp)
     P0, P1, P2 = L.row_pieces(N, BN, one, paper)
-    if P0:  # the row-pieces reverse sweeps (the launcher's warps, their own cap)
+    RL, unit_n, BDP = 0, False, 0
+    if P0:  # the row-pieces reverse sweeps (the launcher's warps, their own cap, lanes)
         BD = L.pieces_bwd_launch(D, (P0, P1, P2), BD, num_warps, has_gp, unit_stride)[0]
+        RL, unit_n, BDP = L.pieces_bwd_lanes(D, (P0, P1, P2), num_warps, unit_rows, has_gp)
     BNX, BDX = L.dx_tile(D, N, num_warps)
     ce = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one,
               BN=BN, BD=BD, BT=16, BNX=BNX, BDX=BDX, BDF=L.fused_sweep_bd(BD, has_gp),
               FUSE_DX=L.fuse_dx(P0 + P1 + P2 if P0 else BN, L.fused_sweep_bd(BD, has_gp), BNX,
                                 BDX, one, paper),
-              P0=P0, P1=P1, P2=P2, MASK_P=N is not None and P0 + P1 + P2 != N)
-    # dense with dx not in the sweep: the few-sets case (dx by its own launch) is compiled
+              P0=P0, P1=P1, P2=P2, MASK_P=N is not None and P0 + P1 + P2 != N, RL=RL,
+              UNIT_N=unit_n, BDP=BDP)
+    # dense with dx not in the sweep: the few-sets case (dx by its own launch) is compiled,
+    # as is every launch with the lanes sweeps (launch.sinkhorn_backward)
+    ce["FUSE_DX"] = ce["FUSE_DX"] and not RL
     ce["SPLIT_DX"] = not ragged and not ce["FUSE_DX"]
     # dense exact at W2's layout (the NCHW view, samples contiguous): packed dx row vectors
     ce["PACK"] = not ragged and L.packed_rows(N, BNX, P0 + P1 + P2, paper, 1) > 0
@@ -166,7 +171,10 @@ SMALL_CONFIGS = [("fwd1", 16, 32, 8), ("fwd1", 16, 128, 8), ("fwd1", 32, 32, 4),
                  # plan gradient, "+s" with the layers' feature scale (W2's launch)
                  ("bwd1", 49, 2048, 8), ("bwd1nogp", 25, 2048, 8), ("bwd1nogp+s", 49, 2048, 8),
                  ("bwd1@nchw", 49, 2048, 8), ("bwd1nogp@nchw", 49, 2048, 8),
-                 ("bwd1nogp+s@nchw", 49, 2048, 8), ("bwd1nogp+s@nchw", 81, 2048, 8)]
+                 ("bwd1nogp+s@nchw", 49, 2048, 8), ("bwd1nogp+s@nchw", 81, 2048, 8),
+                 # its reverse sweeps in lanes (rows contiguous, no plan gradient; W2's 49 rows
+                 # above): RL = 2 at 25 rows, RL = 4 with two pieces narrower than RL at 36
+                 ("bwd1nogp@nchw", 25, 2048, 8), ("bwd1nogp+s@nchw", 36, 2048, 8)]
 
 
 def _fold_scale(ce: dict, which: str, variant: str) -> None:
@@ -180,7 +188,7 @@ def _fold_scale(ce: dict, which: str, variant: str) -> None:
         ce["SPREAD"] = True
         if which != "dx":
             ce["FUSE_DX"] = False
-            ce["SPLIT_DX"] = False
+            ce["SPLIT_DX"] = bool(ce["RL"])
 
 
 def compile_small(which: str, N: int, D: int, nw: int, B: int = 64):

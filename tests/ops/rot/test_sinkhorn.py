@@ -469,25 +469,31 @@ def test_row_pieces(N, D, BD, pieces, layout, dx_by, reverse_form, monkeypatch):
                                            (13, 5, 2, (8, 4, 1))],
                          ids=["exact_rows", "padded_piece", "edge_d"])
 @pytest.mark.parametrize("layout", ["contiguous", "nchw_view"])
-def test_row_pieces_lanes(N, D, BD, pieces, layout, rl, monkeypatch):
-    """The row-pieces forward with each piece as [P / RL, BD, RL] tiles, RL lanes a column
-    (kernels._lanes_layout, launch.pieces_fwd_launch) at RL = 1 to 8: pieces narrower than RL
-    (a middle one, whose extra lanes hold the next piece's rows, masked: (4, 2, 1) at RL = 4)
-    and padded last pieces; the NCHW view's rows as immediates of the loads (UNIT_N), the
-    contiguous sets' as row pointers; full and partial feature chunks. Forward, plan and
-    gradients (the backward reads the forward's saved vectors) against the reference."""
+def test_row_pieces_lanes(N, D, BD, pieces, layout, rl, reverse_form, monkeypatch):
+    """The row-pieces forward and the reverse sweeps that do not write dx with each piece as
+    [P / RL, BD, RL] tiles, RL lanes a column (kernels._lanes_layout, _lanes_bwd_sweep;
+    launch.pieces_fwd_launch, pieces_bwd_lanes) at RL = 1 to 8: pieces narrower than RL (a
+    middle one, whose extra lanes hold the next piece's rows, masked: (4, 2, 1) at RL = 4) and
+    padded last pieces; the NCHW view's rows as immediates of the loads (UNIT_N), the
+    contiguous sets' as row pointers; full and partial feature chunks; the reverse iterations
+    in both forms (``reverse_form``: the lanes sweeps take the S form, the others the [P, BD]
+    pieces); dx then by its own launch. Forward, plan and gradients against the reference."""
     from launch_counter import count_launches
     from rotp_triton.ops.rot.triton.sinkhorn import launch
     BN = launch.next_pow2(N)
     monkeypatch.setattr(launch, "fwd_config", lambda D_, N_, nw=4: (BN, BD, True))
     monkeypatch.setattr(launch, "PIECES_FWD_ROW_LANES", rl)
     monkeypatch.setattr(launch, "PIECES_FWD_BD", BD)
+    monkeypatch.setattr(launch, "PIECES_BWD_ROW_LANES", rl)
     assert launch.row_pieces(N, BN, True, False) == pieces
     args = _pieces_problem(N, D, layout, 17)
     with count_launches() as launches:
         got = _run_kernel(*args)
     ce = launches.constexprs[launches.index("sinkhorn_fwd_kernel")]
     assert (ce["RL"], ce["BD"], ce["UNIT_N"]) == (rl, BD, layout == "nchw_view")
+    ce = launches.constexprs[launches.index("sinkhorn_bwd_kernel")]
+    assert (ce["RL"], ce["UNIT_N"], ce["FUSE_DX"], ce["SPLIT_DX"]) == (
+        rl, layout == "nchw_view", False, True)
     _compare(got, _run_reference(*args), RTOL[torch.float32],
              ["x", "a1", "a2", "a3", "p0", "q0"])
 
@@ -497,11 +503,13 @@ def test_row_pieces_lanes(N, D, BD, pieces, layout, rl, monkeypatch):
 def test_row_pieces_lanes_feature_spread(hw, rl, monkeypatch):
     """The layers' scale="auto" on an NCHW map with row pieces at RL > 1 lanes a column: the
     forward kernel forms each set's feature spread σ on the [P / RL, BD, RL] pieces
-    (kernels._pieces_spread; the masked rows zeroed) and pools x / σ. y and ∂/∂x ==
-    the torch path's (float32, 1e-4)."""
+    (kernels._pieces_spread; the masked rows zeroed) and pools x / σ; the backward's sweeps
+    in lanes too, and dx with the path through σ by its own launch (SPREAD, SPLIT_DX: W2's
+    backward). y and ∂/∂x == the torch path's (float32, 1e-4)."""
     from launch_counter import count_launches
     from rotp_triton.ops.rot.triton.sinkhorn import launch
     monkeypatch.setattr(launch, "PIECES_FWD_ROW_LANES", rl)
+    monkeypatch.setattr(launch, "PIECES_BWD_ROW_LANES", rl)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 12, *hw, generator=gen) * 2 + 1
     outs = []
@@ -515,7 +523,12 @@ def test_row_pieces_lanes_feature_spread(hw, rl, monkeypatch):
             ce = launches.constexprs[launches.index("sinkhorn_fwd_kernel")]
             assert ce["STATS"] and ce["UNIT_N"] and ce["RL"] == rl and ce["P0"] > 0
         w = torch.linspace(-1, 1, y.numel()).view(y.shape).to(y)
-        (gx,) = torch.autograd.grad((y * w).sum(), xl)
+        with count_launches() as launches:
+            (gx,) = torch.autograd.grad((y * w).sum(), xl)
+        if backend == "triton":
+            ce = launches.constexprs[launches.index("sinkhorn_bwd_kernel")]
+            assert (ce["RL"], ce["SPREAD"], ce["SPLIT_DX"]) == (rl, True, True)
+            assert "sinkhorn_dx_kernel" in launches
         outs.append((y.double().cpu(), gx.double().cpu()))
     (yk, gk), (yt, gt) = outs
     assert rel_err(yk, yt) <= RTOL[torch.float32], rel_err(yk, yt)
@@ -538,6 +551,26 @@ def test_row_pieces_forward_layout_choice(monkeypatch):
     assert launch.pieces_fwd_launch(16, (32, 16, 1), 32, True) == (16, 4, True, 2, 255)
     monkeypatch.setattr(launch, "PIECES_FWD_LANES", False)
     assert launch.pieces_fwd_launch(*w2, True) == (16, 1, False, 8, 128)
+
+
+def test_row_pieces_backward_lanes_choice(monkeypatch):
+    """The row-pieces backward's lanes (launch.pieces_bwd_lanes -> RL, UNIT_N, BDP): W2's 49
+    contiguous rows without a plan gradient at RL = 4, 64 features a chunk of 8 warps; not
+    with strided rows, a plan gradient, more than 64 rows or PIECES_BWD_LANES off (triton
+    3.6); PIECES_BWD_ROW_LANES forces RL (a narrow D: a chunk of its features)."""
+    from rotp_triton.ops.rot.triton.sinkhorn import launch
+    monkeypatch.setattr(launch, "PIECES_BWD_LANES", True)
+    w2 = (2048, (32, 16, 1), 8)
+    assert launch.pieces_bwd_lanes(*w2, True, False) == (4, True, 64)
+    assert launch.pieces_bwd_lanes(2048, (16, 8, 1), 8, True, False) == (2, True, 128)
+    assert launch.pieces_bwd_lanes(*w2, False, False) == (0, False, 0)
+    assert launch.pieces_bwd_lanes(*w2, True, True) == (0, False, 0)
+    assert launch.pieces_bwd_lanes(2048, (64, 16, 1), 8, True, False) == (0, False, 0)
+    monkeypatch.setattr(launch, "PIECES_BWD_ROW_LANES", 8)
+    assert launch.pieces_bwd_lanes(6, (4, 2, 1), 8, False, True) == (8, False, 8)
+    monkeypatch.setattr(launch, "PIECES_BWD_ROW_LANES", 0)
+    monkeypatch.setattr(launch, "PIECES_BWD_LANES", False)
+    assert launch.pieces_bwd_lanes(*w2, True, False) == (0, False, 0)
 
 
 def test_row_pieces_choice():

@@ -1576,30 +1576,31 @@ def _s_col_sums(x_base, sxn, sxd, n_b, D, w_ptr, T, isig, norm_min_kappa, Rn_b, 
 
 
 @triton.jit
-def _sweep_q_terms(x, s, ac, r, dm, ncn, qu, cb, fast, lim):
-    """(e, Q C̄) on a reverse sweep's [P, BD] chunk (x s_t: s = s_t; row vectors -C_t, C̄ [P],
-    column vectors a_t, R_t, α [BD]): with ``fast`` the one-exp2 form, e = 2^(x s - C - R) and
-    Q = e α (e <= 2^lim: _alpha_bound; the exponent is clamped there, which changes nothing in
-    exact arithmetic and keeps a rounding of |x|/ε ≳ 1e9 finite, as ``_prob2``); otherwise
-    Q = 2^(x s + a_t - C) and e = Q."""
+def _sweep_q_terms(x, s, ac, rm, ncn, qu, cb, fast, lim):
+    """(e, Q C̄) on a reverse sweep's chunk of x (x s_t: s = s_t), every vector given in the
+    tile's shape: the row vectors -C_t, C̄ ([P, 1] or _rows) and the column vectors a_t, R_t
+    (+inf on padded features), α ([1, BD] or _cols). With ``fast`` the one-exp2 form,
+    e = 2^(x s - C - R) and Q = e α (e <= 2^lim: _alpha_bound; the exponent is clamped there,
+    which changes nothing in exact arithmetic and keeps a rounding of |x|/ε ≳ 1e9 finite, as
+    ``_prob2``); otherwise Q = 2^(x s + a_t - C) and e = Q."""
     if fast:
-        z = tl.fma(x, s, ncn[:, None]) - tl.where(dm, r, float("inf"))[None, :]
-        e = tl.exp2(tl.minimum(z, lim))
-        qc = e * (qu[None, :] * cb[:, None])
+        e = tl.exp2(tl.minimum(tl.fma(x, s, ncn) - rm, lim))
+        qc = e * (qu * cb)
     else:
-        e = _q_two_exp2(x, s, ac[None, :], ncn[:, None])
-        qc = e * cb[:, None]
+        e = _q_two_exp2(x, s, ac, ncn)
+        qc = e * cb
     return e, qc
 
 
 @triton.jit
-def _sweep_s_terms(x, s, e, r, bp, rho, rbar, fast):
-    """S R̄ on the same chunk (e from _sweep_q_terms): e (ρ R̄) with ``fast``, otherwise
+def _sweep_s_terms(x, s, e, nr, bp, rho, rbar, fast):
+    """S R̄ on the same chunk (e from _sweep_q_terms; nr = -R_t and R̄ column vectors, b_{t-1}
+    and ρ row vectors, in the tile's shape): e (ρ R̄) with ``fast``, otherwise
     2^(x s + b_{t-1} - R_t) R̄."""
     if fast:
-        sr = e * (rho[:, None] * rbar[None, :])
+        sr = e * (rho * rbar)
     else:
-        sr = _s_two_exp2(x, s, bp[:, None], -r[None, :]) * rbar[None, :]
+        sr = _s_two_exp2(x, s, bp, nr) * rbar
     return sr
 
 
@@ -1654,12 +1655,14 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_
         ac = tl.load(A_cur + od, mask=dm, other=NEG_INF)                       # [BD]
         r = tl.load(R_t + od, mask=dm, other=0.0)
         qu = _prob2(ac + r)                                        # α = softmax(u), 0 if padded
-        e, qc = _sweep_q_terms(x, s, ac, r, dm, ncn, qu, cb, fast, lim)        # [BN, BD]
+        e, qc = _sweep_q_terms(x, s, ac[None, :], tl.where(dm, r, float("inf"))[None, :],
+                               ncn[:, None], qu[None, :], cb[:, None], fast, lim)  # [BN, BD]
         ab = tl.sum(qc, axis=0)                                                # [BD] ā
         rbar, dk2, su, sq = _column_adjoint(ab, od, D, qu, r, sa, k2, add_init, abar_b, lp0_b,
                                             lp0_u, dlp0_b, Rbar_t, dk2, su, sq, norm_s,
                                             HAS_P0)
-        sr = _sweep_s_terms(x, s, e, r, bp, rho, rbar, fast)                   # S R̄
+        sr = _sweep_s_terms(x, s, e, -r[None, :], bp[:, None], rho[:, None], rbar[None, :],
+                            fast)                                              # S R̄
         acc += sr
         y_t = sr + qc                                                          # ȳ_t
         acc_x += y_t * (x * s)         # ȳ_t ⊙ x·s_t: ȳ_t ⊙ x (~x²) overflows at |x| ~ 1e19
@@ -1688,7 +1691,8 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_
 def _piece_bwd_q(x_base, ro, sxd, od, D, s, ac, r, dm, ncn, qu, cb, fast, lim):
     """(x, e, Q C̄) of one piece's chunk, each [P, BD] (_sweep_q_terms)."""
     x = _lean_load_chunk(x_base, ro, sxd, od, D, True)
-    e, qc = _sweep_q_terms(x, s, ac, r, dm, ncn, qu, cb, fast, lim)
+    e, qc = _sweep_q_terms(x, s, ac[None, :], tl.where(dm, r, float("inf"))[None, :],
+                           ncn[:, None], qu[None, :], cb[:, None], fast, lim)
     return x, e, qc
 
 
@@ -1696,7 +1700,8 @@ def _piece_bwd_q(x_base, ro, sxd, od, D, s, ac, r, dm, ncn, qu, cb, fast, lim):
 def _piece_bwd_rows(x, s, e, qc, bp, rho, r, rbar, acc, acc_x, fast):
     """The per-row side of _exact_bwd_sweep's chunk on one piece: S R̄ into the b̄ row sums,
     ȳ_t ⊙ x·s_t into acc_x; returns them and ȳ_t."""
-    sr = _sweep_s_terms(x, s, e, r, bp, rho, rbar, fast)                       # S R̄
+    sr = _sweep_s_terms(x, s, e, -r[None, :], bp[:, None], rho[:, None], rbar[None, :],
+                        fast)                                                  # S R̄
     y_t = sr + qc                                                              # ȳ_t
     return acc + sr, acc_x + y_t * (x * s), y_t
 
@@ -1872,6 +1877,103 @@ def _pieces_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C
     return dk2_s * _LN2, tx, de_fin
 
 
+# The reverse sweeps that do not write dx hold the pieces as the forward does ([P / RL, BD, RL],
+# _lanes_layout; launch.pieces_bwd_lanes) where the iteration's S form applies: ā's column sum
+# is then a thread's own adds and log2(RL) shuffles, the column adjoint runs on RL lanes, and a
+# thread's rows are immediates of its loads. The S form (as the dx terms', _dx_iteration_terms):
+#     S_t = 2^(x s_t + b_{t-1}[n] - R_t[d]),   Q_t C̄_t = S_t α_d γ_n,   γ = C̄ / ρ = C̄ 2^-(b + C)
+# two row vectors (b_{t-1}, γ) where the one-exp2 form needs three (-C, C̄, ρ): a thread holds
+# one register per row of each, and three spilled under the 128-register cap. It applies where
+# γ is bounded, max_n -log2 ρ_n <= ONE_EXP2_MAX_SHIFT, and no marginal is normalized (the
+# kernel's ``s_form``); otherwise, and in the sweep that writes dx (DX, t = 0), the [P, BD]
+# pieces of _pieces_bwd_sweep.
+@triton.jit
+def _lanes_bwd_vectors(C_t, Cbar_t, B_prev, on, nm, MASK: tl.constexpr):
+    """(b_{t-1}, γ = C̄ 2^-(b_{t-1} + C)) of one piece's [P / RL, RL] rows (masked rows: -inf,
+    0)."""
+    bp = _lanes_vec(B_prev, on, nm, NEG_INF, MASK)
+    cb = _lanes_vec(Cbar_t, on, nm, 0.0, MASK)
+    c = _lanes_vec(C_t, on, nm, float("inf"), MASK)
+    gm = cb * tl.exp2(-(bp + c))
+    if MASK:
+        gm = tl.where(nm, gm, 0.0)
+    return bp, gm
+
+
+@triton.jit
+def _lanes_bwd_terms(x, s, rm, bp, gm):
+    """(S, Σ_rows S γ, Σ_rows S γ ⊙ x·s_t, Σ_rows S ⊙ x·s_t) of one piece's [P / RL, BD, RL]
+    chunk in the S form, the sums over the thread's own rows ([BD, RL]); R_t (+inf on padded
+    features: rm [BD]), b_{t-1} and γ [P / RL, RL]. α_d is a factor of every column of Q C̄ =
+    S α γ: it multiplies the column sums, not the elements. Everything that needs x is formed
+    before R̄ is known: S R̄ is S times a column vector and Σ S R̄ ⊙ x·s_t = Σ_d R̄_d Σ_n S ⊙
+    x·s_t, so that x is dead across the column adjoint. (S <= 1, its columns summing to 1: the
+    clamp only guards a rounding at |x|/ε ~ 1e9, as _prob2.)"""
+    xs = x * s
+    sm = _prob2((xs + _rows(bp)) - _cols(rm))
+    sg = sm * _rows(gm)
+    return sm, tl.sum(sg, axis=0), tl.sum(sg * xs, axis=0), tl.sum(sm * xs, axis=0)
+
+
+@triton.jit
+def _lanes_store_bbar(bbar_b, on, v, nm, need):
+    """b̄_{t-1}[rows] = v of one piece's [P / RL, RL] rows where ``need`` (t > 0)."""
+    tl.store(bbar_b + on, v, mask=nm & (on < need))
+
+
+@triton.jit
+def _lanes_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_t, Cbar_t,
+                     B_prev, abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b,
+                     HAS_P0: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
+                     P2: tl.constexpr, MASK2: tl.constexpr, RL: tl.constexpr,
+                     UNIT_N: tl.constexpr, BD: tl.constexpr):
+    """_pieces_bwd_sweep without DX, in the S form, the pieces in lanes (_lanes_bwd_terms;
+    returns dκ2, Σ ȳ_t ⊙ x·s_t, 0). Masked rows (past a piece narrower than RL, or past the
+    set) are not read (x = 0) and have b = -inf, γ = 0: S = Q = 0 there."""
+    on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _lanes_layout(n_b, sxn, P0, P1, P2, RL,
+                                                                MASK2)
+    M0: tl.constexpr = _masked_piece(P0, RL, False)
+    M1: tl.constexpr = _masked_piece(P1, RL, False)
+    M2: tl.constexpr = _masked_piece(P2, RL, MASK2)
+    bp0, gm0 = _lanes_bwd_vectors(C_t, Cbar_t, B_prev, on0, nm0, M0)          # [P0/RL, RL]
+    bp1, gm1 = _lanes_bwd_vectors(C_t, Cbar_t, B_prev, on1, nm1, M1)
+    bp2, gm2 = _lanes_bwd_vectors(C_t, Cbar_t, B_prev, on2, nm2, M2)
+    acc0 = tl.zeros([_lane_rows(P0, RL), BD, RL], tl.float32)
+    acc1 = tl.zeros([_lane_rows(P1, RL), BD, RL], tl.float32)
+    acc2 = tl.zeros([_lane_rows(P2, RL), BD, RL], tl.float32)
+    ax = tl.zeros([BD, RL], tl.float32)
+    dk2 = tl.zeros([BD], tl.float32)
+    su = tl.zeros([BD], tl.float32)
+    sq = tl.zeros([BD], tl.float32)
+    for d0 in range(0, D, BD):
+        od = d0 + tl.arange(0, BD)
+        dm = od < D
+        ac = tl.load(A_cur + od, mask=dm, other=NEG_INF)                       # [BD]
+        r = tl.load(R_t + od, mask=dm, other=0.0)
+        qu = _prob2(ac + r)                                        # α = softmax(u), 0 if padded
+        rm = tl.where(dm, r, float("inf"))
+        x0, x1, x2 = _pieces_load(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D, P0, P1, P2,
+                                  RL, MASK2, UNIT_N, True)                     # [P/RL, BD, RL]
+        s0, g0, qx0, sx0 = _lanes_bwd_terms(x0, s, rm, bp0, gm0)
+        s1, g1, qx1, sx1 = _lanes_bwd_terms(x1, s, rm, bp1, gm1)
+        s2, g2, qx2, sx2 = _lanes_bwd_terms(x2, s, rm, bp2, gm2)
+        ab = tl.sum(g0 + g1 + g2, axis=1) * qu                                 # [BD] ā
+        rbar, dk2, su, sq = _column_adjoint(ab, od, D, qu, r, sa, k2, add_init, abar_b, lp0_b,
+                                            lp0_u, dlp0_b, Rbar_t, dk2, su, sq, norm_s,
+                                            HAS_P0)
+        acc0 += s0 * _cols(rbar)                                               # S R̄
+        acc1 += s1 * _cols(rbar)
+        acc2 += s2 * _cols(rbar)
+        ax += (qx0 + qx1 + qx2) * qu[:, None] + (sx0 + sx1 + sx2) * rbar[:, None]  # [BD, RL]
+    need = n_b * need_b
+    _lanes_store_bbar(bbar_b, on0, tl.sum(acc0, axis=1), nm0, need)
+    _lanes_store_bbar(bbar_b, on1, tl.sum(acc1, axis=1), nm1, need)
+    _lanes_store_bbar(bbar_b, on2, tl.sum(acc2, axis=1), nm2, need)
+    dk2_s = tl.sum(dk2, axis=0) - tl.sum(su, axis=0) * tl.sum(sq, axis=0)
+    return dk2_s * _LN2, tl.sum(tl.sum(ax, axis=1), axis=0), tl.sum(
+        tl.zeros([BD], tl.float32), axis=0)
+
+
 @triton.jit
 def _paper_bwd_sweep(x_base, sxn, sxd, n_b, D, s, A_prev, B_prev, R_t, C_t, Rbar_t, Cbar_t,
                      abar_b, bbar_b, BN: tl.constexpr, BD: tl.constexpr):
@@ -1921,7 +2023,8 @@ def sinkhorn_bwd_kernel(
     SPLIT_DX: tl.constexpr = False, BDF: tl.constexpr = 0, P0: tl.constexpr = 0,
     P1: tl.constexpr = 0, P2: tl.constexpr = 0, MASK_P: tl.constexpr = False,
     SCALED: tl.constexpr = False, SPREAD: tl.constexpr = False, PACK: tl.constexpr = False,
-    FIXED_ORDER: tl.constexpr = False,
+    FIXED_ORDER: tl.constexpr = False, RL: tl.constexpr = 0, UNIT_N: tl.constexpr = False,
+    BDP: tl.constexpr = 0,
 ):
     """Exact gradient of the T unrolled iterations + pooling (+ plan) of one set per program.
 
@@ -1943,7 +2046,10 @@ def sinkhorn_bwd_kernel(
     dx terms (``_pack_row_vectors``; NPAD covers every row tile of the dx pass and the row
     pieces).
     P0, P1, P2 > 0: the exact one-tile reverse sweeps hold the rows in three pieces
-    (_pieces_bwd_sweep, launch.row_pieces); MASK_P: the last piece has padded rows.
+    (_pieces_bwd_sweep, launch.row_pieces); MASK_P: the last piece has padded rows. RL > 0:
+    the sweeps of the iterations in the S form hold them in lanes, RL a column, BDP features a
+    chunk (_lanes_bwd_sweep; UNIT_N: rows contiguous, sxn = 1); never with FUSE_DX. PACK
+    without FUSE_DX: the row vectors are packed after the reverse sweeps.
     SCALED: as in the forward; dx is then ∂/∂x at fixed σ and ds [B] (zero before) gets
     ∂/∂σ_b by atomic adds (``_add_weight_grad``).
     FIXED_ORDER: the set's share of dw goes to dwp [B, 3, T] (zero before) instead, for a sum
@@ -1954,6 +2060,7 @@ def sinkhorn_bwd_kernel(
     ε term is known before the dx pass: the reverse sweeps sum ȳ_t ⊙ x, and the final log
     P's term, z̄ ⊙ x, is summed in the pass that forms z̄ (b̄), so ds comes first.
     """
+    tl.static_assert(RL == 0 or not FUSE_DX, "the lanes sweeps leave dx to its own pass")
     b = _set_of_program(order_ptr, RAGGED)
     isig = set_inv_scale(sc_ptr, b, SCALED)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
@@ -2166,11 +2273,14 @@ def sinkhorn_bwd_kernel(
                 # a (nearly) hard marginal: Q_t's rows or S_t's columns normalized, every pass
                 # of this iteration in the two-exp2 form (a bound of +inf, see _q_row_sums)
                 two = norm | norm_s
+                bmax = tl.max(beta, axis=0)
                 tl.store(eb_b + t, tl.where(two, float("inf"), tl.minimum(
-                    tl.max(beta, axis=0), _alpha_bound(A_cur, R_t, D, BD))))
+                    bmax, _alpha_bound(A_cur, R_t, D, _vector_block(BN, BD)))))
                 tl.debug_barrier()
                 fast = _one_exp2_ok(eb_b, t, one_exp2_max)
-                if PACK:        # (read after this set's reverse sweeps: no barrier needed here)
+                # the S form of the lanes sweep (_lanes_bwd_sweep): γ = C̄/ρ bounded
+                s_form = (bmax <= one_exp2_max) & (two == 0)
+                if PACK and FUSED_DX:   # (read after this set's reverse sweeps: no barrier)
                     _pack_row_vectors(RV_ptr + (b * T + t) * RV_SLOTS * NPAD, C_t, Cbar_t,
                                       Rho_t, B_prev, n_b, NPAD, two, BN)
                 if ONE_TILE_N:
@@ -2178,9 +2288,24 @@ def sinkhorn_bwd_kernel(
                     # sum is known now: Σ_d ā_d = Σ_n C̄_n (rows of Q sum to 1) [+ Σ plan's ā]
                     sa = scb
                     if t == T - 1:
-                        sa += _vec_sum(abar_b, D, BD)
+                        sa += _vec_sum(abar_b, D, _vector_block(BN, BD))
                     last = (t == T - 1).to(tl.int32)
-                    if P0 > 0:
+                    if P0 > 0 and RL > 0:
+                        # (the launcher never fuses dx into the last sweep with the lanes)
+                        if s_form:
+                            dk2, tx, de_fin = _lanes_bwd_sweep(
+                                x_base, sxn_u, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_t,
+                                Cbar_t, B_prev, abar_b, last, Rbar_t, bbar_b,
+                                (t > 0).to(tl.int32), lp0_b, lp0_u, dlp0_ptr + b * D, HAS_P0, P0,
+                                P1, P2, MASK_P, RL, UNIT_N, BDP)
+                        else:
+                            dk2, tx, de_fin = _pieces_bwd_sweep(
+                                x_base, sxn_u, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_t,
+                                Cbar_t, B_prev, abar_b, last, Rbar_t, bbar_b,
+                                (t > 0).to(tl.int32), lp0_b, lp0_u, dlp0_ptr + b * D, Rho_t,
+                                fast, dxa, HAS_P0, HAS_GP, False, P0, P1, P2, MASK_P, BD, BT,
+                                PACK)
+                    elif P0 > 0:
                         if t > 0:
                             dk2, tx, _ = _pieces_bwd_sweep(
                                 x_base, sxn_u, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_t,
@@ -2229,7 +2354,7 @@ def sinkhorn_bwd_kernel(
                                    (t == T - 1).to(tl.int32), BN, BD)
                     tl.debug_barrier()
                     # a_t = u - LSE(u) - R_t, u = κ2 lp0 + (1-κ2) R_t; softmax(u) = 2^(a_t + R_t)
-                    sa = _vec_sum(abar_b, D, BD)
+                    sa = _vec_sum(abar_b, D, _vector_block(BN, BD))
                     dk2 = tl.sum(tl.zeros([BD], tl.float32), axis=0)
                     for d0 in range(0, D, BD):
                         od = d0 + tl.arange(0, BD)
@@ -2252,6 +2377,19 @@ def sinkhorn_bwd_kernel(
                         _matvec_over_d(x_base, sxn, sxd, n_b, D, s, B_prev, R_t, Rbar_t, bbar_b,
                                        0, BN, BD)
                         tl.debug_barrier()
+
+        if PACK and not FUSED_DX:
+            # the dx terms' row vectors packed after the reverse sweeps, not in them: its
+            # pointers and row offsets then hold no registers across the sweeps (the lanes
+            # sweep spilled with them there); the sweep that writes dx reads them during the
+            # reverse loop, so FUSED_DX packs there
+            for t in range(T):
+                two = ((_kappa_at(w_ptr, T, t, _A3) > norm_min_kappa)
+                       | (_kappa_at(w_ptr, T, t, _A2) > norm_min_kappa))
+                _pack_row_vectors(RV_ptr + (b * T + t) * RV_SLOTS * NPAD, Cn_ptr + t * NR + row0,
+                                  Cbar_ptr + t * NR + row0, Rho_ptr + t * NR + row0,
+                                  Bv_ptr + t * NR + row0, n_b, NPAD, two, BN)
+            tl.debug_barrier()
 
         # dx = Σ_t (S_t R̄_t + Q_t C̄_t)/ε(t) + g_d W (1 + (x - y_d)/ε_{T-1}) [+ plan term],
         # every softmax recomputed from x and the saved vectors; one write of dx per element

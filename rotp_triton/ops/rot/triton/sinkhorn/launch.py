@@ -137,7 +137,11 @@ def _row_pieces(N: Optional[int], BN: int, one_tile: bool, paper: bool, enabled:
 # bench/results/sinkhorn_pieces_bwd_cap_2026-12-01.md) where the JIT specialises a unit stride
 # of x (and of the plan gradient): W2's NCHW view and contiguous sets compile without spills at
 # 9-400 rows (triton 3.9), the launch with no stride of 1 spills 32 B and keeps the uncapped
-# layout; from triton 3.9 on (3.6 spills 16 B at W2's NCHW view with a plan gradient).
+# layout; from triton 3.9 on (3.6 spills 16 B at W2's NCHW view with a plan gradient). Its
+# reverse sweeps in the S form take the forward's lanes (pieces_bwd_lanes,
+# kernels._lanes_bwd_sweep: rows contiguous, no plan gradient, triton >= 3.9: 3.6 spills
+# 120-144 B), and dx then goes to its own launch: beside the lanes sweep, the dx pass's state
+# spilled 96 B (bench/results/sinkhorn_pieces_bwd_lanes_2026-12-02.md).
 PIECES_NUM_WARPS = 8
 PIECES_FWD_ELEMS_PER_THREAD = 16
 PIECES_FWD_STRIDED_ELEMS_PER_THREAD = 4
@@ -149,6 +153,8 @@ PIECES_BWD_CAPPED = FRUGAL_REGISTERS
 PIECES_BWD_ELEMS_DIVISOR = 4
 PIECES_BWD_MAX_REGISTERS = 128
 PIECES_MIN_BD = 8
+PIECES_BWD_LANES = FRUGAL_REGISTERS
+PIECES_BWD_ROW_LANES = 0
 
 
 def pieces_config(D: int, pieces: tuple, BD: int, nw: int, elems_per_thread: int) -> int:
@@ -168,6 +174,13 @@ def _rows_a_thread(pieces: tuple, rl: int) -> int:
     return sum(max(p // rl, 1) for p in pieces)
 
 
+def _row_lanes(pieces: tuple) -> int:
+    """The fewest lanes a column (1, 2 or 4) that keep a thread at <=
+    PIECES_FWD_ELEMS_PER_THREAD fp32 of x, or 0 (more than 64 rows)."""
+    return next((r for r in (1, 2, 4)
+                 if _rows_a_thread(pieces, r) <= PIECES_FWD_ELEMS_PER_THREAD), 0)
+
+
 def pieces_fwd_launch(D: int, pieces: tuple, BD: int, unit_rows: bool) -> tuple:
     """(BD, RL, UNIT_N, num_warps, maxnreg) of the row-pieces forward (see PIECES_NUM_WARPS).
     Rows contiguous (``unit_rows``: sxn == 1), PIECES_FWD_LANES and a set whose pieces fit a
@@ -178,8 +191,7 @@ def pieces_fwd_launch(D: int, pieces: tuple, BD: int, unit_rows: bool) -> tuple:
     FWD_ELEMS_PER_THREAD where that chunk would be too narrow): a row's address is then a
     register of its own, and more rows a thread spill (as do triton 3.6's builds of the lanes
     layout, and 81 or 400 rows at RL = 8 or 32: 16 / 48 B)."""
-    rl = PIECES_FWD_ROW_LANES or next(
-        (r for r in (1, 2, 4) if _rows_a_thread(pieces, r) <= PIECES_FWD_ELEMS_PER_THREAD), 0)
+    rl = PIECES_FWD_ROW_LANES or _row_lanes(pieces)
     if (unit_rows and PIECES_FWD_LANES and rl) or PIECES_FWD_ROW_LANES:
         if PIECES_FWD_BD:
             return PIECES_FWD_BD, rl, unit_rows, PIECES_NUM_WARPS, PIECES_FWD_MAX_REGISTERS
@@ -208,6 +220,19 @@ def pieces_bwd_launch(D: int, pieces: tuple, BD: int, nw: int, has_gp: bool,
         if _wide_enough(bd, D):
             return bd, nw, PIECES_BWD_MAX_REGISTERS
     return pieces_config(D, pieces, BD, nw, elems), nw, MAX_REGISTERS
+
+
+def pieces_bwd_lanes(D: int, pieces: tuple, nw: int, unit_rows: bool, has_gp: bool) -> tuple:
+    """(RL, UNIT_N, BDP) of the row-pieces backward's reverse sweeps in the S form
+    (kernels._lanes_bwd_sweep): where the forward takes its lanes (rows contiguous,
+    ``unit_rows``; <= 64 rows), PIECES_BWD_LANES and no plan gradient, the same RL lanes a
+    column and 32 / RL columns a warp of the launch's ``nw`` warps; else (0, False, 0): [P, BD]
+    tiles. dx then goes to its own launch (sinkhorn_backward), and with a plan gradient the
+    kernel would still spill. PIECES_BWD_ROW_LANES fixes RL (tests, bench/gpu_tune.py)."""
+    rl = PIECES_BWD_ROW_LANES or _row_lanes(pieces)
+    if not ((unit_rows and PIECES_BWD_LANES and rl and not has_gp) or PIECES_BWD_ROW_LANES):
+        return 0, False, 0
+    return rl, unit_rows, max(min(next_pow2(D), 32 // rl * nw), 1)
 
 
 def bwd_config(D: int, N: Optional[int], num_warps: int = 4, has_gp: bool = False) -> tuple:
@@ -514,17 +539,21 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     nw = num_warps_for(x, B)
     BN, BD, one_tile = bwd_config(D, N, nw, has_gp)
     P0, P1, P2 = row_pieces(N, BN, one_tile, paper)
-    cap = MAX_REGISTERS
+    cap, RL, unit_n, BDP = MAX_REGISTERS, 0, False, 0
     if P0:
         unit = 1 in (sxn, sxd) and (not has_gp or 1 in (sgn, sgd))
         BD, nw, cap = pieces_bwd_launch(D, (P0, P1, P2), BD, nw, has_gp, unit)
+        RL, unit_n, BDP = pieces_bwd_lanes(D, (P0, P1, P2), nw, sxn == 1, has_gp)
     BNX, BDX = dx_tile(D, N, nw)
     BDF = fused_sweep_bd(BD, has_gp)
     # the spread's x̄ term needs ds before dx is written: never in the last sweep then (that
     # saves one read of x; the spread pass it avoids reads and writes x̄ and reads x)
     fold = spread is not None and one_tile and not paper
     fused = not fold and fuse_dx(P0 + P1 + P2 if P0 else BN, BDF, BNX, BDX, one_tile, paper)
-    split = split_dx(x, B, N, fused)
+    # the lanes sweeps (RL) hold too many registers for the dx pass's state beside them
+    # (kernels._lanes_bwd_sweep; W2: 96 B of spills under the cap): dx by its own launch
+    fused = fused and not RL
+    split = split_dx(x, B, N, fused) or RL > 0
     # per-set partials of the weight gradient (dk2, dk3, deps_rec, deps_x), the per-set table
     # of x-scales s_t (xs), the one-exp2 bounds (eb), the adjoints Rbar, Cbar, abar, bbar, the
     # one-exp2 row factors Rho (kernels._alpha_bound) and the dx terms' packed row vectors RV
@@ -559,7 +588,8 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
             HAS_P0=has_p0, HAS_Q0=has_q0, PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one_tile,
             BN=BN, BD=BD, BT=next_pow2(T), BNX=BNX, BDX=BDX, FUSE_DX=fused, SPLIT_DX=split,
             BDF=BDF, P0=P0, P1=P1, P2=P2, MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None,
-            SPREAD=fold, PACK=npad > 0, FIXED_ORDER=fixed, num_warps=nw, maxnreg=cap)
+            SPREAD=fold, PACK=npad > 0, FIXED_ORDER=fixed, RL=RL, UNIT_N=unit_n, BDP=BDP,
+            num_warps=nw, maxnreg=cap)
         if split:
             launcher(sinkhorn_dx_kernel, wrap)[(B, nj)](
                 x, sxb, sxn, sxd, N, D, T, NR, w, A, Rn, Bv, Cn, rfin, tot, y, g, gp, sgb, sgn,
