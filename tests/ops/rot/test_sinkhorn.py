@@ -477,7 +477,9 @@ def test_row_pieces_lanes(N, D, BD, pieces, layout, rl, reverse_form, monkeypatc
     padded last pieces; the NCHW view's rows as immediates of the loads (UNIT_N), the
     contiguous sets' as row pointers; full and partial feature chunks; the reverse iterations
     in both forms (``reverse_form``: the lanes sweeps take the S form, the others the [P, BD]
-    pieces); dx then by its own launch. Forward, plan and gradients against the reference."""
+    pieces); dx then by its own launch. The NCHW view without a plan cotangent (W2's case: the
+    final adjoint in lanes too, _lanes_pool_adjoint), the contiguous sets with one. Forward,
+    plan and gradients against the reference."""
     from launch_counter import count_launches
     from rotp_triton.ops.rot.triton.sinkhorn import launch
     BN = launch.next_pow2(N)
@@ -487,13 +489,15 @@ def test_row_pieces_lanes(N, D, BD, pieces, layout, rl, reverse_form, monkeypatc
     monkeypatch.setattr(launch, "PIECES_BWD_ROW_LANES", rl)
     assert launch.row_pieces(N, BN, True, False) == pieces
     args = _pieces_problem(N, D, layout, 17)
+    if layout == "nchw_view":
+        args = args[:-1] + (None,)
     with count_launches() as launches:
         got = _run_kernel(*args)
     ce = launches.constexprs[launches.index("sinkhorn_fwd_kernel")]
     assert (ce["RL"], ce["BD"], ce["UNIT_N"]) == (rl, BD, layout == "nchw_view")
     ce = launches.constexprs[launches.index("sinkhorn_bwd_kernel")]
-    assert (ce["RL"], ce["UNIT_N"], ce["FUSE_DX"], ce["SPLIT_DX"]) == (
-        rl, layout == "nchw_view", False, True)
+    assert (ce["RL"], ce["UNIT_N"], ce["FUSE_DX"], ce["SPLIT_DX"], ce["HAS_GP"]) == (
+        rl, layout == "nchw_view", False, True, layout != "nchw_view")
     _compare(got, _run_reference(*args), RTOL[torch.float32],
              ["x", "a1", "a2", "a3", "p0", "q0"])
 

@@ -1975,6 +1975,47 @@ def _lanes_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_
 
 
 @triton.jit
+def _lanes_pool_adjoint(x_base, sxn, sxd, n_b, D, B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, bbar_b,
+                        SPREAD: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
+                        P2: tl.constexpr, MASK2: tl.constexpr, RL: tl.constexpr,
+                        UNIT_N: tl.constexpr, BD: tl.constexpr):
+    """The adjoint of the final log P without a plan on the pieces in lanes: b̄ = Σ_d z̄,
+    z̄ = g_d W (x - y_d), W = softmax_n = 2^(x s + b_fin - R_fin) (stored), and with SPREAD its
+    ε term -Σ z̄ ⊙ x / ε_{T-1}², returned (0 without). The row sums and the ε term accumulate
+    in the thread's registers ([P / RL, BD, RL], [BD, RL]) and are reduced once after the pass.
+    Masked rows have b = -inf, padded features R = +inf and g = 0: W = z̄ = 0 there."""
+    on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _lanes_layout(n_b, sxn, P0, P1, P2, RL,
+                                                                MASK2)
+    bb0, bb1, bb2 = _lanes_row_bias(B_fin, on0, nm0, on1, nm1, on2, nm2, P0, P1, P2, RL,
+                                     MASK2)                                    # [P/RL, RL]
+    acc0 = tl.zeros([_lane_rows(P0, RL), BD, RL], tl.float32)
+    acc1 = tl.zeros([_lane_rows(P1, RL), BD, RL], tl.float32)
+    acc2 = tl.zeros([_lane_rows(P2, RL), BD, RL], tl.float32)
+    ex = tl.zeros([BD, RL], tl.float32)
+    for d0 in range(0, D, BD):
+        od = d0 + tl.arange(0, BD)
+        dm = od < D
+        rf = _cols(tl.load(rfin_b + od, mask=dm, other=float("inf")))
+        g = _cols(tl.load(g_b + od, mask=dm, other=0.0))
+        yd = _cols(tl.load(y_b + od, mask=dm, other=0.0))
+        x0, x1, x2 = _pieces_load(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D, P0, P1, P2,
+                                  RL, MASK2, UNIT_N, True)                     # [P/RL, BD, RL]
+        z0 = g * _prob2(x0 * s_fin + _rows(bb0) - rf) * (x0 - yd)
+        z1 = g * _prob2(x1 * s_fin + _rows(bb1) - rf) * (x1 - yd)
+        z2 = g * _prob2(x2 * s_fin + _rows(bb2) - rf) * (x2 - yd)
+        acc0 += z0
+        acc1 += z1
+        acc2 += z2
+        if SPREAD:     # (z̄ ⊙ x/ε: as _dx_rows forms it)
+            ex += (tl.sum(z0 * (x0 * ie_fin), axis=0) + tl.sum(z1 * (x1 * ie_fin), axis=0)
+                   + tl.sum(z2 * (x2 * ie_fin), axis=0))
+    _lanes_store(bbar_b, on0, tl.sum(acc0, axis=1), nm0, _masked_piece(P0, RL, False))
+    _lanes_store(bbar_b, on1, tl.sum(acc1, axis=1), nm1, _masked_piece(P1, RL, False))
+    _lanes_store(bbar_b, on2, tl.sum(acc2, axis=1), nm2, _masked_piece(P2, RL, MASK2))
+    return -tl.sum(tl.sum(ex, axis=1), axis=0) * ie_fin
+
+
+@triton.jit
 def _paper_bwd_sweep(x_base, sxn, sxd, n_b, D, s, A_prev, B_prev, R_t, C_t, Rbar_t, Cbar_t,
                      abar_b, bbar_b, BN: tl.constexpr, BD: tl.constexpr):
     """ā += Qᵀ c̄ and b̄ += S r̄ of one paper reverse iteration in ONE pass (BN >= n_b)."""
@@ -2114,30 +2155,38 @@ def sinkhorn_bwd_kernel(
         # adjoint of the final log P: z̄ = g_d W (x - y_d) [+ P (G - <P,G>)], W = softmax_n;
         # b̄ = Σ_d z̄ (row sums); the column sums are 0 for the pooling, ā = Σ_n of the plan term.
         de_pool = tl.sum(tl.zeros([BD], tl.float32), axis=0)
-        for n0 in range(0, n_b, BN):
-            on = n0 + tl.arange(0, BN)
-            nm = on < n_b
-            bb = tl.load(B_fin + on, mask=nm, other=0.0)
-            acc = tl.zeros([BN], tl.float32)
-            for d0 in range(0, D, BD):
-                od = d0 + tl.arange(0, BD)
-                dm = od < D
-                x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)        # [BN, BD]
-                rf = tl.load(rfin_b + od, mask=dm, other=0.0)
-                g = tl.load(g_ptr + b * D + od, mask=dm, other=0.0)
-                yd = tl.load(y_ptr + b * D + od, mask=dm, other=0.0)
-                w = _prob2(tl.where(msk, x * s_fin + bb[:, None] - rf[None, :], NEG_INF))
-                zb = g[None, :] * w * (x - yd[None, :])
-                if HAS_GP:
-                    a = tl.load(A_fin + od, mask=dm, other=0.0)
-                    gp = tl.load(gp_base + on[:, None] * sgn + od[None, :] * sgd, mask=msk,
-                                 other=0.0).to(tl.float32)
-                    p = _prob2(tl.where(msk, x * s_fin + a[None, :] + bb[:, None] - tot, NEG_INF))
-                    zb += p * (gp - pg)
-                acc += tl.sum(zb, axis=1)
-                if SPREAD:     # the final log P's ε term, as _dx_rows forms it
-                    de_pool -= tl.sum(zb * (x * ie_fin)) * ie_fin
-            tl.store(bbar_b + on, acc, mask=nm)
+        LANES_POOL: tl.constexpr = P0 > 0 and RL > 0 and not HAS_GP
+        if LANES_POOL:
+            # (in lanes, as the reverse sweeps: _lanes_pool_adjoint)
+            de_pool = _lanes_pool_adjoint(x_base, sxn_u, sxd, n_b, D, B_fin, rfin_b, g_ptr + b * D,
+                                          y_ptr + b * D, s_fin, ie_fin, bbar_b, SPREAD, P0, P1,
+                                          P2, MASK_P, RL, UNIT_N, BDP)
+        else:
+            for n0 in range(0, n_b, BN):
+                on = n0 + tl.arange(0, BN)
+                nm = on < n_b
+                bb = tl.load(B_fin + on, mask=nm, other=0.0)
+                acc = tl.zeros([BN], tl.float32)
+                for d0 in range(0, D, BD):
+                    od = d0 + tl.arange(0, BD)
+                    dm = od < D
+                    x, msk = _load_x_tile(x_base, sxn, sxd, on, od, n_b, D)        # [BN, BD]
+                    rf = tl.load(rfin_b + od, mask=dm, other=0.0)
+                    g = tl.load(g_ptr + b * D + od, mask=dm, other=0.0)
+                    yd = tl.load(y_ptr + b * D + od, mask=dm, other=0.0)
+                    w = _prob2(tl.where(msk, x * s_fin + bb[:, None] - rf[None, :], NEG_INF))
+                    zb = g[None, :] * w * (x - yd[None, :])
+                    if HAS_GP:
+                        a = tl.load(A_fin + od, mask=dm, other=0.0)
+                        gp = tl.load(gp_base + on[:, None] * sgn + od[None, :] * sgd, mask=msk,
+                                     other=0.0).to(tl.float32)
+                        p = _prob2(tl.where(msk, x * s_fin + a[None, :] + bb[:, None] - tot,
+                                            NEG_INF))
+                        zb += p * (gp - pg)
+                    acc += tl.sum(zb, axis=1)
+                    if SPREAD:     # the final log P's ε term, as _dx_rows forms it
+                        de_pool -= tl.sum(zb * (x * ie_fin)) * ie_fin
+                tl.store(bbar_b + on, acc, mask=nm)
         for d0 in range(0, D, BD):
             od = d0 + tl.arange(0, BD)
             dm = od < D
