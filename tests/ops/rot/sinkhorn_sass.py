@@ -174,7 +174,9 @@ SMALL_CONFIGS = [("fwd1", 16, 32, 8), ("fwd1", 16, 128, 8), ("fwd1", 32, 32, 4),
                  ("bwd1nogp+s@nchw", 49, 2048, 8), ("bwd1nogp+s@nchw", 81, 2048, 8),
                  # its reverse sweeps in lanes (rows contiguous, no plan gradient; W2's 49 rows
                  # above): RL = 2 at 25 rows, RL = 4 with two pieces narrower than RL at 36
-                 ("bwd1nogp@nchw", 25, 2048, 8), ("bwd1nogp+s@nchw", 36, 2048, 8)]
+                 ("bwd1nogp@nchw", 25, 2048, 8), ("bwd1nogp+s@nchw", 36, 2048, 8),
+                 # and its dx launch in lanes (launch.PIECES_DX_MAX_REGISTERS): W2's, 25, 36
+                 ("dx+s@nchw", 49, 2048, 8), ("dx@nchw", 25, 2048, 8), ("dx+s@nchw", 36, 2048, 8)]
 
 
 def _fold_scale(ce: dict, which: str, variant: str) -> None:
@@ -197,14 +199,22 @@ def compile_small(which: str, N: int, D: int, nw: int, B: int = 64):
     contiguous), "+s": with the layers' feature scale."""
     which, nchw = which.removesuffix("@nchw"), which.endswith("@nchw")
     which, scaled = which.removesuffix("+s"), which.endswith("+s")
-    kern, ce = config(which, "exact", N, D, nw, unit_stride=True, unit_rows=nchw)
-    nw, cap = launch_options(which, "exact", N, D, nw, unit_stride=True, unit_rows=nchw)
-    if scaled:
-        _fold_scale(ce, which, "exact")
+    if which == "dx":      # the lanes dx launch (rows contiguous, its register cap)
+        kern, ce = lanes_dx_config(N, D, nw)
+        cap = L.PIECES_DX_MAX_REGISTERS
+        if scaled:
+            ce.update(SCALED=True, SPREAD=True)
+    else:
+        kern, ce = config(which, "exact", N, D, nw, unit_stride=True, unit_rows=nchw)
+        nw, cap = launch_options(which, "exact", N, D, nw, unit_stride=True, unit_rows=nchw)
+        if scaled:
+            _fold_scale(ce, which, "exact")
     ints = dict(N=N, D=D, T=4, NR=B * N)
     for p in ("sx", "sp", "sg", "sd"):      # x, plan, plan gradient, dx: all (B, N, D)
         ints.update({p + "b": N * D, p + "n": 1 if nchw else D, p + "d": N if nchw else 1})
     ints["sxn_u"] = ints["sxn"]
+    if which == "dx":
+        ints["NPAD"] = L.packed_rows(N, ce["BNX"], ce["P0"] + ce["P1"] + ce["P2"], False, 1)
     return compile_like_jit(kern, signature(kern, ce, "fp32"), ce, ints, nw, cap)
 
 
@@ -228,6 +238,19 @@ def dx_config(variant: str, N: int, D: int, num_warps: int) -> tuple:
     return K.sinkhorn_dx_kernel, dict(PAPER=variant == "paper", HAS_GP=True,
                                       TX=not (one and variant == "exact"), BNX=BNX, BDX=BDX,
                                       BT=16)
+
+
+def lanes_dx_config(N: int, D: int, num_warps: int) -> tuple:
+    """(kernel, constexprs) of the dx launch with the backward's lanes (launch.sinkhorn_backward:
+    dense exact sets of contiguous rows, no plan gradient; kernels._lanes_dx)."""
+    BN, BD, one = L.bwd_config(D, N, num_warps, False)
+    P0, P1, P2 = L.row_pieces(N, BN, one, False)
+    RL, unit_n, BDP = L.pieces_bwd_lanes(D, (P0, P1, P2), num_warps, True, False)
+    BNX, BDX = L.dx_tile(D, N, num_warps)
+    return K.sinkhorn_dx_kernel, dict(
+        PAPER=False, HAS_GP=False, TX=False, BNX=BNX, BDX=BDX, BT=16, PACK=True, RL=RL,
+        UNIT_N=unit_n, P0=P0, P1=P1, P2=P2, MASK_P=P0 + P1 + P2 != N, BDP=BDP,
+        DB=BDP * L.PIECES_DX_CHUNKS)
 
 
 def compile_config(which, variant, xdt, nw, fixed_order: bool = False):

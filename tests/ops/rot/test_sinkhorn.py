@@ -478,8 +478,8 @@ def test_row_pieces_lanes(N, D, BD, pieces, layout, rl, reverse_form, monkeypatc
     contiguous sets' as row pointers; full and partial feature chunks; the reverse iterations
     in both forms (``reverse_form``: the lanes sweeps take the S form, the others the [P, BD]
     pieces); dx then by its own launch. The NCHW view without a plan cotangent (W2's case: the
-    final adjoint in lanes too, _lanes_pool_adjoint), the contiguous sets with one. Forward,
-    plan and gradients against the reference."""
+    final adjoint and dx in lanes too, _lanes_pool_adjoint, _lanes_dx), the contiguous sets
+    with one. Forward, plan and gradients against the reference."""
     from launch_counter import count_launches
     from rotp_triton.ops.rot.triton.sinkhorn import launch
     BN = launch.next_pow2(N)
@@ -498,6 +498,9 @@ def test_row_pieces_lanes(N, D, BD, pieces, layout, rl, reverse_form, monkeypatc
     ce = launches.constexprs[launches.index("sinkhorn_bwd_kernel")]
     assert (ce["RL"], ce["UNIT_N"], ce["FUSE_DX"], ce["SPLIT_DX"], ce["HAS_GP"]) == (
         rl, layout == "nchw_view", False, True, layout != "nchw_view")
+    # dx by feature blocks in lanes where there is no plan gradient (kernels._lanes_dx)
+    ce = launches.constexprs[launches.index("sinkhorn_dx_kernel")]
+    assert ce["RL"] == (rl if layout == "nchw_view" else 0)
     _compare(got, _run_reference(*args), RTOL[torch.float32],
              ["x", "a1", "a2", "a3", "p0", "q0"])
 
@@ -532,7 +535,7 @@ def test_row_pieces_lanes_feature_spread(hw, rl, monkeypatch):
         if backend == "triton":
             ce = launches.constexprs[launches.index("sinkhorn_bwd_kernel")]
             assert (ce["RL"], ce["SPREAD"], ce["SPLIT_DX"]) == (rl, True, True)
-            assert "sinkhorn_dx_kernel" in launches
+            assert launches.constexprs[launches.index("sinkhorn_dx_kernel")]["RL"] == rl
         outs.append((y.double().cpu(), gx.double().cpu()))
     (yk, gk), (yt, gt) = outs
     assert rel_err(yk, yt) <= RTOL[torch.float32], rel_err(yk, yt)

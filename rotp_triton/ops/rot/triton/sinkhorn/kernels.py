@@ -2015,6 +2015,126 @@ def _lanes_pool_adjoint(x_base, sxn, sxd, n_b, D, B_fin, rfin_b, g_b, y_b, s_fin
     return -tl.sum(tl.sum(ex, axis=1), axis=0) * ie_fin
 
 
+# dx of the row pieces in lanes (sinkhorn_dx_kernel with RL > 0, dense exact sets without a
+# plan gradient, its row vectors packed: the backward's lanes case): a program holds all rows of
+# a set and a range of its features, x of a chunk in registers for the pooling term and every
+# iteration's; an iteration takes the S form where its bound allows (2 row vectors), else the
+# two-exp2 form (3).
+@triton.jit
+def _lanes_packed_row(RV_b, NPAD, t, k: tl.constexpr, on, nm, other, MASK: tl.constexpr):
+    """Packed row vector k of iteration t (``_dx_row_vector``) for one piece's rows."""
+    return _lanes_vec(RV_b + (t * RV_SLOTS + k) * NPAD, on, nm, other, MASK)
+
+
+@triton.jit
+def _lanes_iter_dx_s(x, dx, s, bp, gm, nr, rbe, al):
+    """dx + ȳ_t/ε(t) of one piece in the S form: S (R̄/ε + α γ/ε) (bp, gm [P / RL, RL]; nr =
+    -R, rbe = R̄/ε, al = α/ε [BD]; S <= 1: the clamp only guards a rounding, as _prob2)."""
+    sm = tl.exp2(tl.minimum(x * s + _rows(bp) + _cols(nr), 0.0))
+    return dx + sm * (_cols(rbe) + _cols(al) * _rows(gm))
+
+
+@triton.jit
+def _lanes_iter_dx_two(x, dx, s, e_inv, bp, ncn, cb, nr, rb, aq):
+    """The same in the two-exp2 form (row vectors b_{t-1}, -C, C̄; rb = R̄, aq = a_t)."""
+    sm = _s_two_exp2(x, s, _rows(bp), _cols(nr))
+    qm = _q_two_exp2(x, s, _cols(aq), _rows(ncn))
+    return dx + (sm * _cols(rb) + qm * _rows(cb)) * e_inv
+
+
+@triton.jit
+def _lanes_pool_dx(x, bb, rf, g, yd, s_fin, ie_fin):
+    """dx's pooling term of one piece and z̄ ⊙ x/ε_{T-1} summed over the thread's rows
+    (_piece_pool_dx without a plan; bb [P / RL, RL], rf, g, yd [BD])."""
+    w = _prob2(x * s_fin + _rows(bb) - _cols(rf))
+    zb = _cols(g) * w * (x - _cols(yd))
+    return _cols(g) * w + zb * ie_fin, tl.sum(zb * (x * ie_fin), axis=0)
+
+
+@triton.jit
+def _lanes_store_tile(ptr, on, od, sdn, sdd, v, nm, D, MASK: tl.constexpr):
+    """ptr[rows, features] = v of one piece's [P / RL, BD, RL] chunk (masked rows left out with
+    MASK; features past D always)."""
+    offs = _rows(on) * sdn + _cols(od) * sdd
+    v = v.to(ptr.dtype.element_ty)
+    if MASK:
+        tl.store(ptr + offs, v, mask=_rows(nm) & _cols(od < D))
+    else:
+        tl.store(ptr + offs, v, mask=_cols(od < D))
+
+
+@triton.jit
+def _lanes_dx(x_base, sxn, sxd, n_b, D, d_lo, d_hi, dxa, kk, mean_b, SPREAD: tl.constexpr,
+              P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, MASK2: tl.constexpr,
+              RL: tl.constexpr, UNIT_N: tl.constexpr, BD: tl.constexpr):
+    """dx of features [d_lo, d_hi) of one set, its rows in lanes: the pooling term and every
+    iteration's (S or two-exp2 form), SPREAD's kk·(x - mean_f); returns the final log P's ε
+    term -Σ z̄ ⊙ x / ε_{T-1}² of these features."""
+    (B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base, sgn, sgd, tot, pg, T, NR, row0,
+     xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd, Rho_ptr, eb_b,
+     lim, RV_b, NPAD) = dxa
+    on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _lanes_layout(n_b, sxn, P0, P1, P2, RL,
+                                                                MASK2)
+    M0: tl.constexpr = _masked_piece(P0, RL, False)
+    M1: tl.constexpr = _masked_piece(P1, RL, False)
+    M2: tl.constexpr = _masked_piece(P2, RL, MASK2)
+    bb0, bb1, bb2 = _lanes_row_bias(B_fin, on0, nm0, on1, nm1, on2, nm2, P0, P1, P2, RL,
+                                     MASK2)                                    # [P/RL, RL]
+    ef = tl.zeros([BD, RL], tl.float32)
+    for d0 in range(d_lo, d_hi, BD):
+        od = d0 + tl.arange(0, BD)
+        dm = od < D
+        x0, x1, x2 = _pieces_load(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D, P0, P1, P2,
+                                  RL, MASK2, UNIT_N, True)                     # [P/RL, BD, RL]
+        rf = tl.load(rfin_b + od, mask=dm, other=float("inf"))                 # [BD]
+        g = tl.load(g_b + od, mask=dm, other=0.0)
+        yd = tl.load(y_b + od, mask=dm, other=0.0)
+        dx0, f0 = _lanes_pool_dx(x0, bb0, rf, g, yd, s_fin, ie_fin)
+        dx1, f1 = _lanes_pool_dx(x1, bb1, rf, g, yd, s_fin, ie_fin)
+        dx2, f2 = _lanes_pool_dx(x2, bb2, rf, g, yd, s_fin, ie_fin)
+        ef += f0 + f1 + f2
+        for t in range(T):
+            s = tl.load(xs_b + t)
+            e_inv = s * _LN2
+            nr = -tl.load(Rn_b + t * D + od, mask=dm, other=float("inf"))      # [BD]
+            rb = tl.load(Rbar_b + t * D + od, mask=dm, other=0.0)
+            aq = tl.load(A_b + (t + 1) * D + od, mask=dm, other=NEG_INF)
+            if _s_form_ok(RV_b, t, NPAD, lim):
+                al = tl.where(dm, tl.exp2(tl.minimum(aq - nr, 0.0)), 0.0) * e_inv   # α/ε
+                rbe = rb * e_inv
+                dx0 = _lanes_iter_dx_s(x0, dx0, s, _lanes_packed_row(
+                    RV_b, NPAD, t, 3, on0, nm0, NEG_INF, M0), _lanes_packed_row(
+                    RV_b, NPAD, t, 4, on0, nm0, 0.0, M0), nr, rbe, al)
+                dx1 = _lanes_iter_dx_s(x1, dx1, s, _lanes_packed_row(
+                    RV_b, NPAD, t, 3, on1, nm1, NEG_INF, M1), _lanes_packed_row(
+                    RV_b, NPAD, t, 4, on1, nm1, 0.0, M1), nr, rbe, al)
+                dx2 = _lanes_iter_dx_s(x2, dx2, s, _lanes_packed_row(
+                    RV_b, NPAD, t, 3, on2, nm2, NEG_INF, M2), _lanes_packed_row(
+                    RV_b, NPAD, t, 4, on2, nm2, 0.0, M2), nr, rbe, al)
+            else:
+                dx0 = _lanes_iter_dx_two(
+                    x0, dx0, s, e_inv, _lanes_packed_row(RV_b, NPAD, t, 3, on0, nm0, NEG_INF, M0),
+                    -_lanes_packed_row(RV_b, NPAD, t, 0, on0, nm0, float("inf"), M0),
+                    _lanes_packed_row(RV_b, NPAD, t, 1, on0, nm0, 0.0, M0), nr, rb, aq)
+                dx1 = _lanes_iter_dx_two(
+                    x1, dx1, s, e_inv, _lanes_packed_row(RV_b, NPAD, t, 3, on1, nm1, NEG_INF, M1),
+                    -_lanes_packed_row(RV_b, NPAD, t, 0, on1, nm1, float("inf"), M1),
+                    _lanes_packed_row(RV_b, NPAD, t, 1, on1, nm1, 0.0, M1), nr, rb, aq)
+                dx2 = _lanes_iter_dx_two(
+                    x2, dx2, s, e_inv, _lanes_packed_row(RV_b, NPAD, t, 3, on2, nm2, NEG_INF, M2),
+                    -_lanes_packed_row(RV_b, NPAD, t, 0, on2, nm2, float("inf"), M2),
+                    _lanes_packed_row(RV_b, NPAD, t, 1, on2, nm2, 0.0, M2), nr, rb, aq)
+        if SPREAD:
+            mean = _cols(tl.load(mean_b + od, mask=dm, other=0.0))
+            dx0 += kk * (x0 - mean)
+            dx1 += kk * (x1 - mean)
+            dx2 += kk * (x2 - mean)
+        _lanes_store_tile(dx_base, on0, od, sdn, sdd, dx0, nm0, D, M0)
+        _lanes_store_tile(dx_base, on1, od, sdn, sdd, dx1, nm1, D, M1)
+        _lanes_store_tile(dx_base, on2, od, sdn, sdd, dx2, nm2, D, M2)
+    return -tl.sum(tl.sum(ef, axis=1), axis=0) * ie_fin
+
+
 @triton.jit
 def _paper_bwd_sweep(x_base, sxn, sxd, n_b, D, s, A_prev, B_prev, R_t, C_t, Rbar_t, Cbar_t,
                      abar_b, bbar_b, BN: tl.constexpr, BD: tl.constexpr):
@@ -2490,6 +2610,9 @@ def sinkhorn_dx_kernel(
     PAPER: tl.constexpr, HAS_GP: tl.constexpr, TX: tl.constexpr, BNX: tl.constexpr,
     BDX: tl.constexpr, BT: tl.constexpr, SCALED: tl.constexpr = False,
     SPREAD: tl.constexpr = False, PACK: tl.constexpr = False, FIXED_ORDER: tl.constexpr = False,
+    RL: tl.constexpr = 0, UNIT_N: tl.constexpr = False, P0: tl.constexpr = 0,
+    P1: tl.constexpr = 0, P2: tl.constexpr = 0, MASK_P: tl.constexpr = False,
+    BDP: tl.constexpr = 0, DB: tl.constexpr = 0,
 ):
     """dx of rows [j BNX, (j + 1) BNX) of set b (grid (B, cdiv(N, BNX))), from the vectors the
     backward kernel saved (it ran first, with SPLIT_DX): the dx pass spread over every SM where
@@ -2503,7 +2626,12 @@ def sinkhorn_dx_kernel(
     dx gets the path through σ, kk·(x - mean_f) (``_spread_coefficient``). FIXED_ORDER: no
     atomics - the program's terms go to its row of dwp [B, NJ, T + 2] (zero before): ȳ_t ⊙ x's
     term t at t (TX), the final log P's at T, ds's share at T + 1, summed by the host in a fixed
-    order (``launch.sum_weight_grad_partials``)."""
+    order (``launch.sum_weight_grad_partials``).
+    RL > 0 (the backward's lanes, exact, no plan gradient, PACK, no TX): features
+    [j DB, (j + 1) DB) of every row of set b instead (grid (B, cdiv(D, DB))), the rows in the
+    backward's row pieces as [P / RL, BDP, RL] lanes (_lanes_dx)."""
+    tl.static_assert(RL == 0 or (PACK and not HAS_GP and not TX and not PAPER),
+                     "the lanes dx reads packed row vectors, without a plan or x-scale terms")
     b = tl.program_id(0).to(tl.int64)
     on = tl.program_id(1) * BNX + tl.arange(0, BNX)
     row0 = b * N
@@ -2523,9 +2651,15 @@ def sinkhorn_dx_kernel(
     kk = 0.0
     if SPREAD:
         kk = _spread_coefficient(tl.load(ds_ptr + b), root_ptr + b, isig, D, N)
-    de_fin, de_x = _dx_rows(x_ptr + b * sxb, sxn, sxd, on, on < N, N, D, dxa,
-                            tl.zeros([BT], tl.float32), PAPER, HAS_GP, TX, BDX, BT, kk,
-                            mean_ptr + b * D, SPREAD, PACK)
+    if RL > 0:
+        d_lo = tl.program_id(1) * DB
+        de_fin = _lanes_dx(x_ptr + b * sxb, sxn, sxd, N, D, d_lo, tl.minimum(d_lo + DB, D), dxa,
+                           kk, mean_ptr + b * D, SPREAD, P0, P1, P2, MASK_P, RL, UNIT_N, BDP)
+        de_x = tl.zeros([BT], tl.float32)
+    else:
+        de_fin, de_x = _dx_rows(x_ptr + b * sxb, sxn, sxd, on, on < N, N, D, dxa,
+                                tl.zeros([BT], tl.float32), PAPER, HAS_GP, TX, BDX, BT, kk,
+                                mean_ptr + b * D, SPREAD, PACK)
     if not SPREAD:
         # SCALED: these x-scale terms come out multiplied by 1/σ (see _add_weight_grad)
         sig = 1.0 / isig

@@ -155,6 +155,8 @@ PIECES_BWD_MAX_REGISTERS = 128
 PIECES_MIN_BD = 8
 PIECES_BWD_LANES = FRUGAL_REGISTERS
 PIECES_BWD_ROW_LANES = 0
+PIECES_DX_CHUNKS = 16
+PIECES_DX_MAX_REGISTERS = 80
 
 
 def pieces_config(D: int, pieces: tuple, BD: int, nw: int, elems_per_thread: int) -> int:
@@ -573,7 +575,13 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     # instead of adding them atomically, and sum_weight_grad_partials adds them up in a fixed
     # order (same bits every run); otherwise an unread placeholder
     fixed = torch.are_deterministic_algorithms_enabled()
-    nj = cdiv(N, BNX) if split else 0
+    # the dx launch: row blocks of BNX, or with the lanes (no plan gradient) feature blocks of
+    # PIECES_DX_CHUNKS chunks, every row of a set in lanes (kernels._lanes_dx), under
+    # PIECES_DX_MAX_REGISTERS: three 8-warp CTAs an SM (W2: 80 registers, no spills; 167
+    # uncapped under maxnreg=255, one CTA an SM; left to ptxas, 80 with 8 B on the stack)
+    lanes_dx = RL > 0 and not has_gp and npad > 0
+    DB = BDP * PIECES_DX_CHUNKS
+    nj = (cdiv(D, DB) if lanes_dx else cdiv(N, BNX)) if split else 0
     tx = not (one_tile and not paper)          # the dx launch's x-scale terms (its TX)
     dwp = (torch.zeros(B * 3 * T + B * nj * (T + 2), device=x.device, dtype=torch.float32)
            if fixed else g)
@@ -597,7 +605,9 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
                 ONE_EXP2_MAX_SHIFT, rv, npad, dwp[B * 3 * T:] if fixed else g, PAPER=paper,
                 HAS_GP=has_gp, TX=tx, BNX=BNX, BDX=BDX, BT=next_pow2(T),
                 SCALED=scale is not None, SPREAD=fold, PACK=npad > 0, FIXED_ORDER=fixed,
-                num_warps=nw)
+                RL=RL if lanes_dx else 0, UNIT_N=unit_n, P0=P0, P1=P1, P2=P2,
+                MASK_P=P0 + P1 + P2 != N, BDP=BDP, DB=DB, num_warps=nw,
+                **(dict(maxnreg=PIECES_DX_MAX_REGISTERS) if lanes_dx else {}))
         if fixed:
             sum_weight_grad_partials(dw, sc[1] if scale is not None and not fold else None,
                                      dwp, B, T, nj, paper, tx)
