@@ -175,8 +175,8 @@ SMALL_CONFIGS = [("fwd1", 16, 32, 8), ("fwd1", 16, 128, 8), ("fwd1", 32, 32, 4),
                  # its reverse sweeps in lanes (rows contiguous, no plan gradient; W2's 49 rows
                  # above): RL = 2 at 25 rows, RL = 4 with two pieces narrower than RL at 36
                  ("bwd1nogp@nchw", 25, 2048, 8), ("bwd1nogp+s@nchw", 36, 2048, 8),
-                 # and its dx launch in lanes (launch.PIECES_DX_MAX_REGISTERS): W2's, 25, 36
-                 ("dx+s@nchw", 49, 2048, 8), ("dx@nchw", 25, 2048, 8), ("dx+s@nchw", 36, 2048, 8)]
+                 # and its dx launch in lanes (launch.PIECES_DX_MAX_REGISTERS): W2's, 36 rows
+                 ("dx+s@nchw", 49, 2048, 8), ("dx@nchw", 36, 2048, 8)]
 
 
 def _fold_scale(ce: dict, which: str, variant: str) -> None:

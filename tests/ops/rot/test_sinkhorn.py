@@ -129,12 +129,17 @@ def reverse_form(request, monkeypatch):
     iteration, and with Q's rows and S's columns normalized in every iteration
     (``launch.NORM_MIN_KAPPA``, kernels._q_row_sums; by default only where κ3, κ2 > 0.75): all
     must give the reference's results."""
-    from rotp_triton.ops.rot.triton.sinkhorn import launch
-    if request.param == "two_exp2":
-        monkeypatch.setattr(launch, "ONE_EXP2_MAX_SHIFT", -1.0)
-    if request.param == "normalized":
-        monkeypatch.setattr(launch, "NORM_MIN_KAPPA", -1.0)
+    _set_reverse_form(request.param, monkeypatch)
     return request.param
+
+
+def _set_reverse_form(form, monkeypatch):
+    """The launcher constants of ``reverse_form``'s form."""
+    from rotp_triton.ops.rot.triton.sinkhorn import launch
+    if form == "two_exp2":
+        monkeypatch.setattr(launch, "ONE_EXP2_MAX_SHIFT", -1.0)
+    if form == "normalized":
+        monkeypatch.setattr(launch, "NORM_MIN_KAPPA", -1.0)
 
 
 def _ragged_ptr(sizes):
@@ -464,20 +469,22 @@ def test_row_pieces(N, D, BD, pieces, layout, dx_by, reverse_form, monkeypatch):
              ["x", "a1", "a2", "a3", "p0", "q0"])
 
 
-@pytest.mark.parametrize("rl", [1, 2, 4, 8])
+# RL = 1 to 8 in the default form; the forced reverse forms (reverse_form) at RL = 4
+@pytest.mark.parametrize("rl,form", [(1, "one_exp2"), (2, "one_exp2"), (4, "one_exp2"),
+                                     (8, "one_exp2"), (4, "two_exp2"), (4, "normalized")])
 @pytest.mark.parametrize("N,D,BD,pieces", [(7, 8, 4, (4, 2, 1)), (23, 6, 4, (16, 4, 4)),
                                            (13, 5, 2, (8, 4, 1))],
                          ids=["exact_rows", "padded_piece", "edge_d"])
 @pytest.mark.parametrize("layout", ["contiguous", "nchw_view"])
-def test_row_pieces_lanes(N, D, BD, pieces, layout, rl, reverse_form, monkeypatch):
+def test_row_pieces_lanes(N, D, BD, pieces, layout, rl, form, monkeypatch):
     """The row-pieces forward and the reverse sweeps that do not write dx with each piece as
     [P / RL, BD, RL] tiles, RL lanes a column (kernels._lanes_layout, _lanes_bwd_sweep;
     launch.pieces_fwd_launch, pieces_bwd_lanes) at RL = 1 to 8: pieces narrower than RL (a
     middle one, whose extra lanes hold the next piece's rows, masked: (4, 2, 1) at RL = 4) and
     padded last pieces; the NCHW view's rows as immediates of the loads (UNIT_N), the
     contiguous sets' as row pointers; full and partial feature chunks; the reverse iterations
-    in both forms (``reverse_form``: the lanes sweeps take the S form, the others the [P, BD]
-    pieces); dx then by its own launch. The NCHW view without a plan cotangent (W2's case: the
+    in every form (``reverse_form``'s, at RL = 4: the lanes sweeps take the S form, the others
+    the [P, BD] pieces; dx the S or the two-exp2 form); dx then by its own launch. The NCHW view without a plan cotangent (W2's case: the
     final adjoint and dx in lanes too, _lanes_pool_adjoint, _lanes_dx), the contiguous sets
     with one. Forward, plan and gradients against the reference."""
     from launch_counter import count_launches
@@ -487,6 +494,7 @@ def test_row_pieces_lanes(N, D, BD, pieces, layout, rl, reverse_form, monkeypatc
     monkeypatch.setattr(launch, "PIECES_FWD_ROW_LANES", rl)
     monkeypatch.setattr(launch, "PIECES_FWD_BD", BD)
     monkeypatch.setattr(launch, "PIECES_BWD_ROW_LANES", rl)
+    _set_reverse_form(form, monkeypatch)
     assert launch.row_pieces(N, BN, True, False) == pieces
     args = _pieces_problem(N, D, layout, 17)
     if layout == "nchw_view":
