@@ -1489,6 +1489,21 @@ def _normalized(v, sig_ptr, o, n, norm):
 
 
 @triton.jit
+def _dk2_sums(BD: tl.constexpr):
+    """The per-feature-lane sums behind dκ2 (dκ2's terms, Σū, Σ α (lp0 - R); advanced by
+    _column_adjoint), zero."""
+    return (tl.zeros([BD], tl.float32), tl.zeros([BD], tl.float32),
+            tl.zeros([BD], tl.float32))
+
+
+@triton.jit
+def _dk2_of(dk2, su, sq):
+    """dκ2 of a reverse sweep from its sums (the residue Σū of Q's fp32 row sums corrected,
+    see _exact_bwd_sweep), natural units."""
+    return (tl.sum(dk2, axis=0) - tl.sum(su, axis=0) * tl.sum(sq, axis=0)) * _LN2
+
+
+@triton.jit
 def _column_adjoint(ab, od, D, qu, r, sa, k2, add_init, abar_b, lp0_b, lp0_u, dlp0_b, Rbar_t,
                     dk2, su, sq, norm_s, HAS_P0: tl.constexpr):
     """A chunk's column adjoints from its ā [BD] (qu: α = softmax(u) = 2^(a_t + R_t), 0 on
@@ -1642,9 +1657,7 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_
     # e.g. κ2 ≈ 1): δ = Σū and Σ softmax(u)·(lp0 - R) are accumulated alongside. All three
     # sums accumulate per feature lane ([BD]) and are reduced once after the pass: a reduction
     # per chunk costs a shuffle tree and a barrier each (~30 SASS instructions per chunk).
-    dk2 = tl.zeros([BD], tl.float32)
-    su = tl.zeros([BD], tl.float32)
-    sq = tl.zeros([BD], tl.float32)
+    dk2, su, sq = _dk2_sums(BD)
     (B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, A_fin, gp_base, sgn, sgd, tot, pg, T, NR, row0,
      xs_b, Bv_ptr, Cn_ptr, Cbar_ptr, Rn_b, Rbar_b, A_b, dx_base, sdn, sdd, Rho_ptr, eb_b,
      lim, RV_b, NPAD) = dxa
@@ -1682,8 +1695,7 @@ def _exact_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_
         de_fin = -tl.sum(acc_fin) * ie_fin
     else:
         de_fin = tl.sum(acc_fin)
-    dk2_s = tl.sum(dk2, axis=0) - tl.sum(su, axis=0) * tl.sum(sq, axis=0)
-    return dk2_s * _LN2, tl.sum(acc_x), de_fin
+    return _dk2_of(dk2, su, sq), tl.sum(acc_x), de_fin
 
 
 # row pieces (launch.row_pieces, see _pieces_exact_iteration) in the exact one-tile reverse sweep
@@ -1835,9 +1847,7 @@ def _pieces_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C
     ax1 = tl.zeros([P1, BD], tl.float32)
     ax2 = tl.zeros([P2, BD], tl.float32)
     af = tl.zeros([BD], tl.float32)
-    dk2 = tl.zeros([BD], tl.float32)
-    su = tl.zeros([BD], tl.float32)
-    sq = tl.zeros([BD], tl.float32)
+    dk2, su, sq = _dk2_sums(BD)
     for d0 in range(0, D, BD):
         od = d0 + tl.arange(0, BD)
         dm = od < D
@@ -1873,8 +1883,7 @@ def _pieces_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C
     else:
         de_fin = fin
     tx = tl.sum(ax0) + tl.sum(ax1) + tl.sum(ax2)
-    dk2_s = tl.sum(dk2, axis=0) - tl.sum(su, axis=0) * tl.sum(sq, axis=0)
-    return dk2_s * _LN2, tx, de_fin
+    return _dk2_of(dk2, su, sq), tx, de_fin
 
 
 # The reverse sweeps that do not write dx hold the pieces as the forward does ([P / RL, BD, RL],
@@ -1942,9 +1951,7 @@ def _lanes_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_
     acc1 = tl.zeros([_lane_rows(P1, RL), BD, RL], tl.float32)
     acc2 = tl.zeros([_lane_rows(P2, RL), BD, RL], tl.float32)
     ax = tl.zeros([BD, RL], tl.float32)
-    dk2 = tl.zeros([BD], tl.float32)
-    su = tl.zeros([BD], tl.float32)
-    sq = tl.zeros([BD], tl.float32)
+    dk2, su, sq = _dk2_sums(BD)
     for d0 in range(0, D, BD):
         od = d0 + tl.arange(0, BD)
         dm = od < D
@@ -1969,8 +1976,7 @@ def _lanes_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_
     _lanes_store_bbar(bbar_b, on0, tl.sum(acc0, axis=1), nm0, need)
     _lanes_store_bbar(bbar_b, on1, tl.sum(acc1, axis=1), nm1, need)
     _lanes_store_bbar(bbar_b, on2, tl.sum(acc2, axis=1), nm2, need)
-    dk2_s = tl.sum(dk2, axis=0) - tl.sum(su, axis=0) * tl.sum(sq, axis=0)
-    return dk2_s * _LN2, tl.sum(tl.sum(ax, axis=1), axis=0), tl.sum(
+    return _dk2_of(dk2, su, sq), tl.sum(tl.sum(ax, axis=1), axis=0), tl.sum(
         tl.zeros([BD], tl.float32), axis=0)
 
 
