@@ -1925,12 +1925,6 @@ def _lanes_bwd_terms(x, s, rm, bp, gm):
 
 
 @triton.jit
-def _lanes_store_bbar(bbar_b, on, v, nm, need):
-    """b̄_{t-1}[rows] = v of one piece's [P / RL, RL] rows where ``need`` (t > 0)."""
-    tl.store(bbar_b + on, v, mask=nm & (on < need))
-
-
-@triton.jit
 def _lanes_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_t, Cbar_t,
                      B_prev, abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b,
                      HAS_P0: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
@@ -1973,9 +1967,9 @@ def _lanes_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_
         acc2 += s2 * _cols(rbar)
         ax += (qx0 + qx1 + qx2) * qu[:, None] + (sx0 + sx1 + sx2) * rbar[:, None]  # [BD, RL]
     need = n_b * need_b
-    _lanes_store_bbar(bbar_b, on0, tl.sum(acc0, axis=1), nm0, need)
-    _lanes_store_bbar(bbar_b, on1, tl.sum(acc1, axis=1), nm1, need)
-    _lanes_store_bbar(bbar_b, on2, tl.sum(acc2, axis=1), nm2, need)
+    _lanes_store(bbar_b, on0, tl.sum(acc0, axis=1), nm0 & (on0 < need), True)
+    _lanes_store(bbar_b, on1, tl.sum(acc1, axis=1), nm1 & (on1 < need), True)
+    _lanes_store(bbar_b, on2, tl.sum(acc2, axis=1), nm2 & (on2 < need), True)
     return _dk2_of(dk2, su, sq), tl.sum(tl.sum(ax, axis=1), axis=0), tl.sum(
         tl.zeros([BD], tl.float32), axis=0)
 
