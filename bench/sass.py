@@ -184,11 +184,33 @@ def mix(instrs) -> dict:
     return {k: c.get(k, 0) for k in CATEGORIES}
 
 
-def loops(instrs, labels) -> list[tuple[int, int]]:
-    """(start, end) address ranges of backward branches: target < branch address."""
-    out = []
+def divergent_paths(instrs, labels) -> set[int]:
+    """Addresses of the code a ``BRA.DIV`` jumps to: the warp-divergent fallback of a warp
+    collective (a shuffle under a branch ptxas cannot prove warp-uniform, e.g. one on a value
+    reduced across the block), from its target through the unconditional BRA that returns.
+    ptxas lays it out at the kernel's end, so that its jump back spans unrelated code; a warp
+    runs it only when diverged, which the kernels' block-uniform branches never are."""
+    at = {i.addr: k for k, i in enumerate(instrs)}
+    out = set()
     for i in instrs:
-        if i.base != "BRA":
+        m = _TARGET.search(i.operands) if i.opcode == "BRA.DIV" else None
+        k = at.get(labels.get(m.group(1))) if m else None
+        while k is not None and k < len(instrs):
+            j = instrs[k]
+            out.add(j.addr)
+            if j.base in ("BRA", "EXIT", "RET") and not j.pred and j.opcode != "BRA.DIV":
+                break
+            k += 1
+    return out
+
+
+def loops(instrs, labels) -> list[tuple[int, int]]:
+    """(start, end) address ranges of backward branches: target < branch address (not the
+    jumps back from :func:`divergent_paths`)."""
+    out = []
+    fallback = divergent_paths(instrs, labels)
+    for i in instrs:
+        if i.base != "BRA" or i.addr in fallback:
             continue
         m = _TARGET.search(i.operands)
         # target < branch: a loop (target == branch is the `BRA self` that ends every kernel)
@@ -360,29 +382,69 @@ def _untaken_branch(chain: str, lines_by_context: dict) -> bool:
     return not any(lo <= m <= hi for m in lines_by_context.get((name, ctx), ()))
 
 
+class _SiteCounts:
+    """How often an instruction of a given source call chain ran, from the interpreter's site
+    counts (:func:`dynamic_instructions`)."""
+
+    def __init__(self, sites: dict):
+        self.sites = sites
+        # the call contexts that ran: every executed site's chain and each outer part of it
+        self.ran = set(sites)
+        self.by_context = collections.defaultdict(set)   # (file, context) -> lines that ran
+        self.most = {}                                    # context -> its most frequent site
+        for c in sites:
+            head, _, ctx = c.partition("<")
+            name, _, line = head.rpartition(":")
+            if line.isdigit():
+                self.by_context[(name, ctx)].add(int(line))
+            for k in range(1, c.count("<") + 1):
+                outer = c.split("<", k)[-1]
+                self.ran.add(outer)
+                self.most[outer] = max(self.most.get(outer, 0.0), float(sites[c]))
+
+    def runs(self, chain: str, loop_runs: float):
+        """(runs, "matched" | "dead" | None) of an instruction of ``chain`` in a loop that ran
+        ``loop_runs`` times: its site's count (at most the loop's); 0 inside a call that never
+        ran or in a branch body none of whose statements ran; else the loop's, at most the most
+        frequent site of the call it was inlined from."""
+        if chain in self.sites:
+            return min(float(self.sites[chain]), loop_runs), "matched"
+        ctx = chain.split("<", 1)[1] if "<" in chain else None
+        if ctx is not None and ctx not in self.ran:
+            return 0.0, "dead"          # inside a call (a helper's inlined body) that never ran
+        if chain and _untaken_branch(chain, self.by_context):
+            return 0.0, "dead"          # in a branch body none of whose statements ran
+        if ctx is not None:
+            return min(loop_runs, self.most.get(ctx, float(self.sites.get(ctx, loop_runs)))), None
+        return loop_runs, None
+
+
 def dynamic_instructions(cubin: bytes, sites: dict, programs: int, site_elems=None,
                          threads: int = 0) -> dict:
     """Instructions one thread executes, summed over ``programs`` programs.
 
     An instruction whose source call chain is a site the interpreter counted (``sites``: that
     statement's executions over all programs, ``interp_counter``) runs that often, at most as
-    often as its loop; an instruction without a site as often as its loop, or never where the
+    often as its loop; an instruction without a site as often as its loop, at most as often as
+    the most frequent site of the call it was inlined from (ptxas lays the tail of a helper, a
+    reduction the interpreter does not count, into whatever loop's address range it likes: a
+    per-iteration vector pass's max counted at an element loop's trips), or never where the
     call it was inlined from never ran (a fallback pass) or where it lies in an ``if`` /
     ``else`` body none of whose statements ran in that context (``_untaken_branch``: an inline
-    fallback form). A loop runs as often as most of its own matched instructions say (their
-    most common count: a pipelined copy of a load or a branch not taken inside it aside; not
-    its header's, which the interpreter counts once per entry, nor a statement a
-    ``tl.static_range`` inside it copies), less the trips ptxas peeled into the code around it
-    (run once per entry), divided among the copies the compiler made of it and by the source
-    trips one trip of an unrolled body holds: against its remainder loop and the peeled trips
-    where ptxas made them (``_trips_held``; the remainder loop gets (factor - 1) / 2 trips per
-    entry, an estimate), else from the words its tile loads and stores move (``_unroll``: the
-    sites' tile sizes ``site_elems`` and the program's ``threads``). A loop without any site
-    runs as often as the loop around it; code outside loops once per program. Returns the
-    instructions, their MUFU.EX2/LG2 (to set against the interpreter's exp2/log2 count,
-    replicated lanes aside), how many instructions matched a site or lay in calls or branches
-    that never ran, the static count, and per loop its instructions, runs and executed
-    instructions."""
+    fallback form), nor in a warp-divergent fallback (:func:`divergent_paths`). A loop runs as
+    often as most of its own matched instructions say (their most common count: a pipelined
+    copy of a load or a branch not taken inside it aside; not its header's, which the
+    interpreter counts once per entry, nor a statement a ``tl.static_range`` inside it copies),
+    less the trips ptxas peeled into the code around it (run once per entry), divided among the
+    copies the compiler made of it and by the source trips one trip of an unrolled body holds:
+    against its remainder loop and the peeled trips where ptxas made them (``_trips_held``; the
+    remainder loop gets (factor - 1) / 2 trips per entry, an estimate), else from the words its
+    tile loads and stores move (``_unroll``: the sites' tile sizes ``site_elems`` and the
+    program's ``threads``). A loop without any site runs as often as the loop around it; code
+    outside loops once per program. Returns the instructions, their MUFU.EX2/LG2 (to set
+    against the interpreter's exp2/log2 count, replicated lanes aside), how many instructions
+    matched a site or lay in calls or branches that never ran, the static count, and per loop
+    its instructions, runs and executed instructions."""
     instrs, labels = disassemble(cubin, line_info=True)
     ranges = loops(instrs, labels)
 
@@ -446,30 +508,16 @@ def dynamic_instructions(cubin: bytes, sites: dict, programs: int, site_elems=No
             runs[r] = left / len(rest)
         else:
             runs[r] = (n - left) / held[r] / (len(group) - len(rest))
-    # the call contexts that ran: every executed site's chain and each outer part of it
-    ran = set(sites) | {c.split("<", k)[-1] for c in sites for k in range(1, c.count("<") + 1)}
-    by_context = collections.defaultdict(set)        # (file, call context) -> lines that ran
-    for c in sites:
-        head, _, ctx = c.partition("<")
-        name, _, line = head.rpartition(":")
-        if line.isdigit():
-            by_context[(name, ctx)].add(int(line))
+    counts = _SiteCounts(sites)
+    fallback = divergent_paths(instrs, labels)
     total = matched = dead = mufu = 0.0
     breakdown = []
     for r, ins in own.items():
         before = total
         for i in ins:
-            if i.chain in sites:
-                matched += 1
-                n = min(float(sites[i.chain]), runs[r])
-            elif "<" in i.chain and i.chain.split("<", 1)[1] not in ran:
-                dead += 1         # inside a call (a helper's inlined body) that never ran
-                n = 0.0
-            elif i.chain and _untaken_branch(i.chain, by_context):
-                dead += 1         # in a branch body none of whose statements ran
-                n = 0.0
-            else:
-                n = runs[r]
+            n, kind = (0.0, "dead") if i.addr in fallback else counts.runs(i.chain, runs[r])
+            matched += kind == "matched"
+            dead += kind == "dead"
             total += n
             if i.opcode.startswith(("MUFU.EX2", "MUFU.LG2")):
                 mufu += n

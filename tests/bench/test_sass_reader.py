@@ -199,6 +199,46 @@ print(json.dumps(dict(mufu=d["mufu"], loops=d["loops"])))
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                     reason="the work counter runs under the interpreter")
+def test_site_counts_of_instructions_without_a_site():
+    """How often an instruction runs that the interpreter did not count itself
+    (sass._SiteCounts): its own site's count where it has one (at most its loop's runs); 0
+    inside a call that never ran; the loop's runs, but never more than the most frequent site
+    of the call it was inlined from: a helper's reduction that ptxas placed inside an element
+    loop's address range runs as often as the helper's statements, not as the loop."""
+    sites = {"k.py:10<k.py:90": 3,            # a vector pass's statement before its loop
+             "k.py:12<k.py:90": 12,           # its loop's body (4 trips a call)
+             "k.py:40<k.py:95": 96}           # an element loop's body
+    counts = sass._SiteCounts(sites)
+    assert counts.runs("k.py:12<k.py:90", 96.0) == (12.0, "matched")
+    assert counts.runs("k.py:40<k.py:95", 32.0) == (32.0, "matched")
+    assert counts.runs("k.py:14<k.py:90", 96.0) == (12.0, None)      # the helper's max
+    assert counts.runs("k.py:14<k.py:90", 8.0) == (8.0, None)
+    assert counts.runs("k.py:14<k.py:91", 96.0) == (0.0, "dead")     # a call that never ran
+    assert counts.runs("k.py:50", 96.0) == (96.0, None)              # the kernel's own body
+
+
+def test_divergent_fallback_is_neither_a_loop_nor_run():
+    """A shuffle under a branch ptxas cannot prove warp-uniform gets a BRA.DIV to a fallback
+    laid out at the kernel's end, whose jump back spans unrelated code: sass.divergent_paths
+    finds it (target through the returning BRA), and sass.loops keeps only the real loop."""
+    I = sass.Instr
+    instrs = [I(0x00, "", "FADD", "R1, R1, R2"),
+              I(0x10, "", "BRA.DIV", "UR6, `(.L_x_9)"),
+              I(0x20, "", "SHFL.BFLY", "PT, R3, R1, 0x1, 0x1f"),
+              I(0x30, "", "FADD", "R1, R1, R3"),
+              I(0x40, "@P0", "BRA", "`(.L_x_1)"),
+              I(0x50, "", "EXIT", ""),
+              I(0x60, "", "WARPSYNC.COLLECTIVE", "R4, `(.L_x_10)"),
+              I(0x70, "", "SHFL.BFLY", "P6, R3, R1, R5, R6"),
+              I(0x80, "", "ENDCOLLECTIVE", ""),
+              I(0x90, "", "BRA", "`(.L_x_2)"),
+              I(0xa0, "", "BRA", "`(.L_x_11)")]
+    labels = {".L_x_1": 0x00, ".L_x_2": 0x30, ".L_x_9": 0x60, ".L_x_10": 0x80,
+              ".L_x_11": 0xa0}
+    assert sass.divergent_paths(instrs, labels) == {0x60, 0x70, 0x80, 0x90}
+    assert sass.loops(instrs, labels) == [(0x00, 0x40)]
+
+
 def test_interp_counter_counts_bytes_and_exp2():
     import probe_kernels as pk
     from bench.interp_counter import count_kernel_work
