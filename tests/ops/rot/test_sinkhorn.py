@@ -520,13 +520,15 @@ def test_row_pieces_lanes_feature_spread(hw, rl, monkeypatch):
     forward kernel forms each set's feature spread σ on the [P / RL, BD, RL] pieces
     (kernels._pieces_spread; the masked rows zeroed) and pools x / σ; the backward's sweeps
     in lanes too, and dx with the path through σ by its own launch (SPREAD, SPLIT_DX: W2's
-    backward). y and ∂/∂x == the torch path's (float32, 1e-4)."""
+    backward). One channel is 0 everywhere (a dead ReLU channel: the spread's fast pass adds
+    it as 0, without the scaled fallback). y and ∂/∂x == the torch path's (float32, 1e-4)."""
     from launch_counter import count_launches
     from rotp_triton.ops.rot.triton.sinkhorn import launch
     monkeypatch.setattr(launch, "PIECES_FWD_ROW_LANES", rl)
     monkeypatch.setattr(launch, "PIECES_BWD_ROW_LANES", rl)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 12, *hw, generator=gen) * 2 + 1
+    x[:, 3] = 0.0
     outs = []
     for backend in ("triton", "torch"):
         torch.manual_seed(0)
@@ -817,7 +819,7 @@ def test_exact_iterations_far_from_zero(N, eps, p0):
     """Features offset by 50 at ε ≈ 0.05 with soft feature marginals (α2 ≈ 0.01, κ2 ≈ 0.2):
     the column scalings u of the exact iterations are ~(1 - κ2) · 50 / ε · log2 e ≈ 1e3 (log2
     units), far outside 2^±127 of 0, so the row sums are only right under a reference near max
-    u (kernels._fixed_u_reference: NaN under 0); and with ε changing across iterations the
+    u (kernels._fixed_references: NaN under 0); and with ε changing across iterations the
     previous iteration's column shift no longer bounds x / ε_t + b (2^(50 · Δ(1/ε)) overflowed:
     NaN y before such an iteration took the column max). y, the plan and the x gradient
     against the oracle at 1e-3: |x| / ε ≈ 1e3 makes one fp32 ulp of x / ε ≈ 1e-4 in an
@@ -842,6 +844,48 @@ def test_exact_iterations_far_from_zero(N, eps, p0):
     assert rel_err(pk.detach(), pr_) <= 1e-3, "plan"
     assert rel_err(gk[0], gr[0]) <= 1e-3, "grad x"
     assert all(bool(torch.isfinite(g).all()) for g in gk if g is not None)
+
+
+@pytest.mark.parametrize("shift", ["set", "column", "set_redone"])
+@pytest.mark.parametrize("path", ["one_tile", "row_pieces", "row_pieces_lanes"])
+def test_exact_iteration_shifts(path, shift, monkeypatch):
+    """The exact iterations from t = 1 on (and the row pieces' pooling) shift every column by
+    the set's bound H = max_d -a_d (a bias b - H per row) where the span of -a is at most
+    kernels._SET_SHIFT_SPAN, and each column by its own bound (the pooling: its max)
+    otherwise; both forced here (the span limit at +inf and at -1), and the set shift's passes
+    redone under the max (``set_redone``: every column sum counted above _COL_HUGE), on the
+    one-tile iteration (8 rows), the row pieces one row a lane (7 rows, contiguous) and in
+    lanes (the NCHW view, RL = 2). The same weights in every iteration (per-iteration ε takes
+    the column max instead), feature scales 0.3-3, priors, y and plan cotangents: forward, plan
+    and gradients against the reference."""
+    from rotp_triton.ops.rot.triton.sinkhorn import kernels, launch
+    import triton.language as tl
+    monkeypatch.setattr(kernels, "_SET_SHIFT_SPAN",
+                        tl.constexpr(-1.0 if shift == "column" else math.inf))
+    if shift == "set_redone":
+        monkeypatch.setattr(kernels, "_COL_HUGE", tl.constexpr(0.0))
+    N = 8 if path == "one_tile" else 7
+    if path != "one_tile":
+        monkeypatch.setattr(launch, "fwd_config", lambda D_, N_, nw=4: (8, 4, True))
+        monkeypatch.setattr(launch, "PIECES_FWD_BD", 4)
+        monkeypatch.setattr(launch, "PIECES_FWD_ROW_LANES", 2 if path == "row_pieces_lanes" else 1)
+        assert launch.row_pieces(N, 8, True, False) == (4, 2, 1)
+    gen = torch.Generator().manual_seed(41)
+    B, D, T = 2, 6, 4
+    scale = torch.logspace(-0.5, 0.5, D, dtype=torch.float64).float()
+    if path == "row_pieces_lanes":
+        x = torch.randn(B, D, N, 1, generator=gen).flatten(2).transpose(1, 2)  # (B, N, D)
+    else:
+        x = torch.randn(B, N, D, generator=gen)
+    x = x * scale
+    a1, a2, a3 = (torch.full((T,), v, dtype=torch.float64) for v in (0.7, 1.5, 0.6))
+    p0 = torch.rand(B, D, generator=gen) + 0.1
+    q0 = torch.rand(B, N, generator=gen) + 0.1
+    cy = torch.randn(B, D, generator=gen)
+    cp = torch.randn(B, N, D, generator=gen)
+    args = (x, None, "exact", T, a1, a2, a3, p0, q0, cy, cp)
+    _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32],
+             ["x", "a1", "a2", "a3", "p0", "q0"])
 
 
 @pytest.mark.parametrize("N", [8, 7], ids=["one_tile", "row_pieces"])

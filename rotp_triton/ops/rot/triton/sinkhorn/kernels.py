@@ -416,7 +416,7 @@ def _lean_paper_iteration(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, lp0_u,
 # iteration: at t = 0 under the running max of u per feature lane (a per-lane rescale, no
 # cross-thread reduction per chunk: an FMUL and an FFMA per element), from t = 1 on under a
 # reference fixed before the pass, max_d of u's bound κ2 log p0 - (1 - κ2) a_{t-1}
-# (_fixed_u_reference: one FFMA per element, no rescale). The row-sum term needs no exp2 of
+# (_fixed_references: one FFMA per element, no rescale). The row-sum term needs no exp2 of
 # its own: with z = x s + b and e = 2^(z - sh) the column sum's terms, 2^(z + a + LSE(u) - max
 # u) = e · 2^(u - max u - log2 Σ_n e) (a factor per column, then one multiply-add per element:
 # one exp2 per element and iteration). A shift is only an upper bound: a column or row with almost
@@ -427,6 +427,16 @@ def _lean_paper_iteration(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, lp0_u,
 # a term < 2^-96, against row sums >= 2^-60.)
 _TINY = tl.constexpr(2.0 ** -60)
 _COL_TINY = tl.constexpr(2.0 ** -30)
+# From t = 1 on the shift can also be one per set: H = max_d -a_{t-1,d} bounds every column
+# (_fixed_references), and with a bias b - H per row an element's exponent is one FFMA,
+# x s + (b - H), instead of an FFMA and an FADD (x s + b - sh_d). A column's sum under H is
+# its sum under sh_d times 2^(sh_d - H), so the set shift is taken where the span of -a_{t-1}
+# over the features is at most _SET_SHIFT_SPAN (a factor >= 2^-16; the _COL_TINY check still
+# guards each pass), the per-column shifts otherwise (features whose spreads differ by far more
+# than ε). Under either, a column sum above _COL_HUGE (it is <= n_b in exact arithmetic; inf or
+# beyond where rounding at |x|/ε ≳ 1e9 broke the bound) redoes the pass under the max too.
+_SET_SHIFT_SPAN = tl.constexpr(16.0)
+_COL_HUGE = tl.constexpr(2.0 ** 30)
 
 
 @triton.jit
@@ -436,7 +446,7 @@ def _column_marginal_step(sh, col, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u, l_u
     u = κ2 log p0 + (1 - κ2) R; stores R_d and a_d + LSE(u) and advances the LSE of u.
     ONLINE: returns (the row-sum factor 2^(u - max u - log2 col) of the columns' terms, the new
     running max, the rescale of the row-sum accumulators, the new running sum), all [BD];
-    else m_u is the fixed reference M of :func:`_fixed_u_reference` (every lane) and the
+    else m_u is the fixed reference M of :func:`_fixed_references` (every lane) and the
     factor is 2^(u - M - log2 col), the running max stays M and there is no rescale."""
     lc = log2_reduced(col)
     r = sh + lc
@@ -472,47 +482,89 @@ def _column_marginal_step(sh, col, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u, l_u
 
 
 @triton.jit
-def _fixed_u_reference(A_prev, D, k2, lp0_b, lp0_u, HAS_P0: tl.constexpr, BV: tl.constexpr):
-    """M = max_d (κ2 log p0_d - (1 - κ2) a_{t-1,d}) (log2 units; 0 without a finite lane): a
-    reference for u that needs no running max. The shift sh_d = -a_{t-1,d} bounds the
-    column's terms by 1, so R_d <= sh_d + log2 n_b and u_d <= M + log2 n_b; a pass whose
-    column sums stay >= 2^-30 (else it is redone: _COL_TINY) has u_d >= U_d - 30 for every d,
-    and the lane with U_d = M keeps the LSE of u and the row sums as well scaled as a running
-    max would (within 2^30; the factors 2^(u - M - log2 col) <= 2^30 as before)."""
+def _fixed_references(A_prev, D, k2, lp0_b, lp0_u, HAS_P0: tl.constexpr, BV: tl.constexpr):
+    """(M, H, span) from a_{t-1} in one pass over it (log2 units; 0 without a finite lane).
+    M = max_d (κ2 log p0_d - (1 - κ2) a_{t-1,d}): a reference for u that needs no running
+    max. The shift sh_d = -a_{t-1,d} bounds the column's terms by 1, so R_d <= sh_d + log2 n_b
+    and u_d <= M + log2 n_b; a pass whose column sums stay >= 2^-30 (else it is redone:
+    _COL_TINY) has u_d >= U_d - 30 for every d, and the lane with U_d = M keeps the LSE of u
+    and the row sums as well scaled as a running max would (within 2^30; the factors
+    2^(u - M - log2 col) <= 2^30 as before).
+    H = max_d -a_{t-1,d}, the set's shift, and span = H - min_d -a_{t-1,d} (:func:`_set_shift`;
+    see the comment above _SET_SHIFT_SPAN)."""
     m = tl.full([BV], NEG_INF, tl.float32)
+    hi = tl.full([BV], NEG_INF, tl.float32)
+    lo = tl.full([BV], float("inf"), tl.float32)
     for d0 in range(0, D, BV):
         od = d0 + tl.arange(0, BV)
         dm = od < D
         a = tl.load(A_prev + od, mask=dm, other=0.0)
         lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
         m = tl.maximum(m, tl.where(dm, k2 * lp0 - (1.0 - k2) * a, NEG_INF))
+        hi, lo = _span_update(hi, lo, a, dm)
     M = tl.max(m, axis=0)
-    return tl.where(M == NEG_INF, 0.0, M)
+    H, span = _span_of(hi, lo)
+    return tl.where(M == NEG_INF, 0.0, M), H, span
+
+
+@triton.jit
+def _span_update(hi, lo, a, dm):
+    """The running max and min of -a over the lanes ``dm`` [BV]."""
+    return tl.maximum(hi, tl.where(dm, -a, NEG_INF)), tl.minimum(lo, tl.where(dm, -a, float("inf")))
+
+
+@triton.jit
+def _span_of(hi, lo):
+    """(H = max -a, 0 without a finite lane; span = H - min -a) from _span_update's lanes."""
+    H = tl.max(hi, axis=0)
+    return tl.where(H == NEG_INF, 0.0, H), H - tl.min(lo, axis=0)
+
+
+@triton.jit
+def _set_shift(A, D, BV: tl.constexpr):
+    """(H, span): H = max_d -a_d, the set's shift (0 without a finite lane), and span =
+    H - min_d -a_d. With a the previous iteration's (or the last one's, for the pooling) every
+    plan entry is <= 1, so x s + b <= -a_d <= H; where the span is at most _SET_SHIFT_SPAN a
+    pass shifts every column by H (the bias b - H per row) instead of by its own bound or
+    max."""
+    hi = tl.full([BV], NEG_INF, tl.float32)
+    lo = tl.full([BV], float("inf"), tl.float32)
+    for d0 in range(0, D, BV):
+        od = d0 + tl.arange(0, BV)
+        dm = od < D
+        hi, lo = _span_update(hi, lo, tl.load(A + od, mask=dm, other=0.0), dm)
+    return _span_of(hi, lo)
 
 
 @triton.jit
 def _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_prev,
-                         A_cur, R_t, m_u, l_u, acc, cmin, HAS_P0: tl.constexpr,
+                         A_cur, R_t, shift, m_u, l_u, acc, cmin, HAS_P0: tl.constexpr,
                          MASK_N: tl.constexpr, MASK_D: tl.constexpr, FIRST: tl.constexpr,
-                         BD: tl.constexpr):
+                         SET: tl.constexpr, BD: tl.constexpr):
     """One feature chunk of an exact iteration; FIRST (t = 0, no previous plan, or the redo of
     an iteration where a column had almost no mass): the column LSE takes its max; otherwise
-    the fixed shift (see above), and ``cmin`` [BD] keeps the smallest shifted column sum per
-    lane, checked once after the pass (a check per chunk costs a block-wide reduction)."""
+    the fixed shift (see above): SET, the set's ``shift`` H, already in the bias (bp = b - H),
+    else each column's own; ``cmin`` [BD] keeps the smallest shifted column sum per lane (0
+    for one above _COL_HUGE), checked once after the pass (a check per chunk costs a
+    block-wide reduction)."""
     od = d0 + tl.arange(0, BD)
     z = _lean_load_chunk(x_base, roff, sxd, od, D, MASK_D) * s + bp[:, None]   # [BN, BD]
     if FIRST:
         mz = tl.max(z, axis=0)                                                 # [BD]
         sh = tl.where(mz == NEG_INF, 0.0, mz)
+        e = tl.exp2(z - sh[None, :])                                           # [BN, BD]
+    elif SET:
+        sh = shift
+        e = tl.exp2(z)                                                         # [BN, BD]
     else:
         # (padded lanes: sh = +inf, so e = 0 there and e · g never meets inf · 0)
         sh = -_lean_vec(A_prev, od, D, float("-inf"), MASK_D)                  # [BD] >= max z
-    e = tl.exp2(z - sh[None, :])                                               # [BN, BD]
+        e = tl.exp2(z - sh[None, :])                                           # [BN, BD]
     col = tl.sum(e, axis=0)                                                    # [BD]
     if not FIRST:
         if MASK_D:
             col = tl.where(od < D, col, 1.0)
-        cmin = tl.minimum(cmin, col)
+        cmin = tl.minimum(cmin, tl.where(col <= _COL_HUGE, col, 0.0))
     g, mu, sc, l_u = _column_marginal_step(sh, col, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u,
                                            l_u, HAS_P0, MASK_D, FIRST)
     if FIRST:
@@ -524,29 +576,34 @@ def _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_pr
 
 @triton.jit
 def _shifted_exact_pass(x_base, roff, sxd, bp, D, s, k2, lp0_b, lp0_u, A_prev, A_cur, R_t,
-                        HAS_P0: tl.constexpr, MASK_N: tl.constexpr, FIRST: tl.constexpr,
-                        BN: tl.constexpr, BD: tl.constexpr):
+                        m_ref, shift, HAS_P0: tl.constexpr, MASK_N: tl.constexpr,
+                        FIRST: tl.constexpr, SET: tl.constexpr, BN: tl.constexpr,
+                        BD: tl.constexpr):
     """The feature chunks of one exact iteration (full chunks unmasked, then the partial one):
     R_t and a_t + LSE(u) stored; returns the per-lane LSE state of u (max, sum [BD]; after
-    t = 0 the max is the fixed reference of every lane), the row sums' [BN, BD] accumulator
-    and the smallest shifted column sum per lane (1 if FIRST)."""
+    t = 0 the max is the fixed reference ``m_ref`` of every lane), the row sums' [BN, BD]
+    accumulator and the smallest shifted column sum per lane (1 if FIRST). SET: every column
+    under the set's ``shift`` (_fixed_references)."""
     if FIRST:
         m_u = tl.full([BD], NEG_INF, tl.float32)
     else:
-        m_u = tl.full([BD], 0.0, tl.float32) + _fixed_u_reference(
-            A_prev, D, k2, lp0_b, lp0_u, HAS_P0, _vector_block(BN, BD))
+        m_u = tl.full([BD], 0.0, tl.float32) + m_ref
+    if SET:
+        bp = bp - shift                                                        # [BN]
     l_u = tl.zeros([BD], tl.float32)
     acc = tl.zeros([BN, BD], tl.float32)
     cmin = tl.full([BD], 1.0, tl.float32)
     d_full = (D // BD) * BD
     for d0 in range(0, d_full, BD):
         m_u, l_u, acc, cmin = _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b,
-                                                   lp0_u, A_prev, A_cur, R_t, m_u, l_u, acc,
-                                                   cmin, HAS_P0, MASK_N, False, FIRST, BD)
+                                                   lp0_u, A_prev, A_cur, R_t, shift, m_u, l_u,
+                                                   acc, cmin, HAS_P0, MASK_N, False, FIRST,
+                                                   SET, BD)
     if d_full < D:
         m_u, l_u, acc, cmin = _shifted_exact_chunk(x_base, roff, sxd, bp, d_full, D, s, k2,
-                                                   lp0_b, lp0_u, A_prev, A_cur, R_t, m_u, l_u,
-                                                   acc, cmin, HAS_P0, MASK_N, True, FIRST, BD)
+                                                   lp0_b, lp0_u, A_prev, A_cur, R_t, shift, m_u,
+                                                   l_u, acc, cmin, HAS_P0, MASK_N, True, FIRST,
+                                                   SET, BD)
     return m_u, l_u, acc, cmin
 
 
@@ -584,26 +641,29 @@ def _row_marginal_step(c, on, nm, n_b, k3, lq0_b, lq0_u, lse_u, A_cur, B_cur, C_
 
 @triton.jit
 def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u,
-                             A_prev, B_prev, A_cur, B_cur, R_t, C_t, HAS_P0: tl.constexpr,
-                             HAS_Q0: tl.constexpr, MASK_N: tl.constexpr, FIRST: tl.constexpr,
-                             BN: tl.constexpr, BD: tl.constexpr):
-    """An exact iteration in one pass over x, all n_b <= BN rows in the tile (FIRST: t = 0);
-    writes R_t, a_t, C_t, b_t."""
+                             A_prev, B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift,
+                             HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, MASK_N: tl.constexpr,
+                             FIRST: tl.constexpr, SET: tl.constexpr, BN: tl.constexpr,
+                             BD: tl.constexpr):
+    """An exact iteration in one pass over x, all n_b <= BN rows in the tile (FIRST: t = 0,
+    or ε changed; else the fixed shifts: SET, the set's; ``m_ref``, ``shift``:
+    _fixed_references); writes R_t, a_t, C_t, b_t."""
     on = tl.arange(0, BN)
     nm = on < n_b
     bp = _lean_vec(B_prev, on, n_b, float("-inf"), MASK_N)                     # [BN]
     roff = _lean_row_offsets(on, n_b, sxn, MASK_N)                             # [BN]
     m_u, l_u, acc, cmin = _shifted_exact_pass(x_base, roff, sxd, bp, D, s, k2, lp0_b, lp0_u,
-                                              A_prev, A_cur, R_t, HAS_P0, MASK_N, FIRST, BN,
-                                              BD)
+                                              A_prev, A_cur, R_t, m_ref, shift, HAS_P0, MASK_N,
+                                              FIRST, SET, BN, BD)
     if not FIRST:
         if tl.min(cmin, axis=0) < _COL_TINY:
-            # a column with almost no mass under its fixed shift: the pass again with the exact
-            # max-based column LSE (rare; it rewrites R_t and a_t)
+            # a column with almost no mass under its fixed shift (or one whose bound rounding
+            # broke): the pass again with the exact max-based column LSE (rare; it rewrites R_t
+            # and a_t)
             tl.debug_barrier()
             m_u, l_u, acc, cmin = _shifted_exact_pass(x_base, roff, sxd, bp, D, s, k2, lp0_b,
-                                                      lp0_u, A_prev, A_cur, R_t, HAS_P0, MASK_N,
-                                                      True, BN, BD)
+                                                      lp0_u, A_prev, A_cur, R_t, m_ref, shift,
+                                                      HAS_P0, MASK_N, True, False, BN, BD)
     # lanes to the common shift max u (once per iteration: one multiply per tile element)
     m_all = tl.max(m_u, axis=0)
     f = tl.exp2(m_u - m_all)                                                   # [BD]
@@ -806,10 +866,11 @@ def _zero_masked_rows(t, nm, MASK: tl.constexpr):
 
 @triton.jit
 def _pieces_exact_chunk(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2, d0, D, s, k2,
-                        lp0_b, lp0_u, A_prev, A_cur, R_t, m_u, l_u, acc0, acc1, acc2, cmin,
-                        HAS_P0: tl.constexpr, MASK_D: tl.constexpr, FIRST: tl.constexpr,
-                        P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, RL: tl.constexpr,
-                        MASK2: tl.constexpr, UNIT_N: tl.constexpr, BD: tl.constexpr):
+                        lp0_b, lp0_u, A_prev, A_cur, R_t, shift, m_u, l_u, acc0, acc1, acc2,
+                        cmin, HAS_P0: tl.constexpr, MASK_D: tl.constexpr, FIRST: tl.constexpr,
+                        SET: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
+                        P2: tl.constexpr, RL: tl.constexpr, MASK2: tl.constexpr,
+                        UNIT_N: tl.constexpr, BD: tl.constexpr):
     """_shifted_exact_chunk on the three row pieces: the column LSE sums the pieces' column
     sums (FIRST: under the max of all three), each piece keeps its own row-sum accumulator."""
     od = d0 + tl.arange(0, BD)
@@ -819,20 +880,26 @@ def _pieces_exact_chunk(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2
     z0 = x0 * s + _rows(bp0)
     z1 = x1 * s + _rows(bp1)
     z2 = x2 * s + _rows(bp2)
-    if FIRST:
-        mz = _pieces_col_max(z0, z1, z2)                                       # [BD]
-        sh = tl.where(mz == NEG_INF, 0.0, mz)
+    if SET and not FIRST:
+        sh = shift                                                             # (in the bias)
+        e0 = tl.exp2(z0)
+        e1 = tl.exp2(z1)
+        e2 = tl.exp2(z2)
     else:
-        # (padded lanes: sh = +inf, so e = 0 there and e · g never meets inf · 0)
-        sh = -_lean_vec(A_prev, od, D, float("-inf"), MASK_D)                  # [BD] >= max z
-    e0 = tl.exp2(z0 - _cols(sh))
-    e1 = tl.exp2(z1 - _cols(sh))
-    e2 = tl.exp2(z2 - _cols(sh))
+        if FIRST:
+            mz = _pieces_col_max(z0, z1, z2)                                   # [BD]
+            sh = tl.where(mz == NEG_INF, 0.0, mz)
+        else:
+            # (padded lanes: sh = +inf, so e = 0 there and e · g never meets inf · 0)
+            sh = -_lean_vec(A_prev, od, D, float("-inf"), MASK_D)              # [BD] >= max z
+        e0 = tl.exp2(z0 - _cols(sh))
+        e1 = tl.exp2(z1 - _cols(sh))
+        e2 = tl.exp2(z2 - _cols(sh))
     col = _pieces_col_sum(e0, e1, e2)                                          # [BD]
     if not FIRST:
         if MASK_D:
             col = tl.where(od < D, col, 1.0)
-        cmin = tl.minimum(cmin, col)
+        cmin = tl.minimum(cmin, tl.where(col <= _COL_HUGE, col, 0.0))
     g, mu, sc, l_u = _column_marginal_step(sh, col, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u,
                                            l_u, HAS_P0, MASK_D, FIRST)
     if FIRST:
@@ -847,17 +914,24 @@ def _pieces_exact_chunk(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2
 
 
 @triton.jit
-def _pieces_exact_pass(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2, D, s, k2,
-                       lp0_b, lp0_u, A_prev, A_cur, R_t, HAS_P0: tl.constexpr,
-                       FIRST: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
-                       P2: tl.constexpr, RL: tl.constexpr, MASK2: tl.constexpr,
-                       UNIT_N: tl.constexpr, BD: tl.constexpr):
-    """_shifted_exact_pass on the three row pieces."""
+def _pieces_exact_pass(x_base, on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2, sxd, B_prev, D, s,
+                       k2, lp0_b, lp0_u, A_prev, A_cur, R_t, m_ref, shift, HAS_P0: tl.constexpr,
+                       FIRST: tl.constexpr, SET: tl.constexpr, P0: tl.constexpr,
+                       P1: tl.constexpr, P2: tl.constexpr, RL: tl.constexpr,
+                       MASK2: tl.constexpr, UNIT_N: tl.constexpr, BD: tl.constexpr):
+    """_shifted_exact_pass on the three row pieces. (Each pass loads the row biases b_{t-1}
+    itself: held across the passes of an iteration beside the set shift's b - H, they spilled
+    8-32 B under the 128-register cap at 25 and 36 rows.)"""
     if FIRST:
         m_u = tl.full([BD], NEG_INF, tl.float32)
     else:
-        m_u = tl.full([BD], 0.0, tl.float32) + _fixed_u_reference(
-            A_prev, D, k2, lp0_b, lp0_u, HAS_P0, _vector_block(P0, BD))
+        m_u = tl.full([BD], 0.0, tl.float32) + m_ref
+    bp0, bp1, bp2 = _lanes_row_bias(B_prev, on0, nm0, on1, nm1, on2, nm2, P0, P1, P2, RL,
+                                     MASK2)                                    # [P/RL, RL]
+    if SET:
+        bp0 = bp0 - shift                                                      # [P/RL, RL]
+        bp1 = bp1 - shift
+        bp2 = bp2 - shift
     l_u = tl.zeros([BD], tl.float32)
     acc0 = tl.zeros([_lane_rows(P0, RL), BD, RL], tl.float32)
     acc1 = tl.zeros([_lane_rows(P1, RL), BD, RL], tl.float32)
@@ -867,40 +941,41 @@ def _pieces_exact_pass(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2,
     for d0 in range(0, d_full, BD):
         m_u, l_u, acc0, acc1, acc2, cmin = _pieces_exact_chunk(
             x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2, d0, D, s, k2, lp0_b, lp0_u,
-            A_prev, A_cur, R_t, m_u, l_u, acc0, acc1, acc2, cmin, HAS_P0, False, FIRST, P0, P1,
-            P2, RL, MASK2, UNIT_N, BD)
+            A_prev, A_cur, R_t, shift, m_u, l_u, acc0, acc1, acc2, cmin, HAS_P0, False, FIRST,
+            SET, P0, P1, P2, RL, MASK2, UNIT_N, BD)
     if d_full < D:
         m_u, l_u, acc0, acc1, acc2, cmin = _pieces_exact_chunk(
             x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2, d_full, D, s, k2, lp0_b,
-            lp0_u, A_prev, A_cur, R_t, m_u, l_u, acc0, acc1, acc2, cmin, HAS_P0, True, FIRST, P0,
-            P1, P2, RL, MASK2, UNIT_N, BD)
+            lp0_u, A_prev, A_cur, R_t, shift, m_u, l_u, acc0, acc1, acc2, cmin, HAS_P0, True,
+            FIRST, SET, P0, P1, P2, RL, MASK2, UNIT_N, BD)
     return m_u, l_u, acc0, acc1, acc2, cmin
 
 
 @triton.jit
 def _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u,
-                            A_prev, B_prev, A_cur, B_cur, R_t, C_t, HAS_P0: tl.constexpr,
-                            HAS_Q0: tl.constexpr, FIRST: tl.constexpr, P0: tl.constexpr,
-                            P1: tl.constexpr, P2: tl.constexpr, MASK2: tl.constexpr,
-                            RL: tl.constexpr, UNIT_N: tl.constexpr, BN: tl.constexpr,
-                            BD: tl.constexpr):
+                            A_prev, B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift,
+                            HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, FIRST: tl.constexpr,
+                            SET: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
+                            P2: tl.constexpr, MASK2: tl.constexpr, RL: tl.constexpr,
+                            UNIT_N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """_shifted_exact_iteration with the set's rows in three pieces (rows [0, P0), [P0, P0 +
     P1), [P0 + P1, P0 + P1 + P2); only the last may hold padded rows, MASK2)."""
     on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _lanes_layout(n_b, sxn, P0, P1, P2, RL,
                                                                 MASK2)
-    bp0, bp1, bp2 = _lanes_row_bias(B_prev, on0, nm0, on1, nm1, on2, nm2, P0, P1, P2, RL,
-                                     MASK2)                                    # [P/RL, RL]
     m_u, l_u, acc0, acc1, acc2, cmin = _pieces_exact_pass(
-        x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2, D, s, k2, lp0_b, lp0_u, A_prev,
-        A_cur, R_t, HAS_P0, FIRST, P0, P1, P2, RL, MASK2, UNIT_N, BD)
+        x_base, on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2, sxd, B_prev, D, s, k2, lp0_b,
+        lp0_u, A_prev, A_cur, R_t, m_ref, shift, HAS_P0, FIRST, SET, P0, P1, P2, RL, MASK2,
+        UNIT_N, BD)
     if not FIRST:
         if tl.min(cmin, axis=0) < _COL_TINY:
-            # a column with almost no mass under its fixed shift: the pass again with the exact
-            # max-based column LSE (rare; it rewrites R_t and a_t)
+            # a column with almost no mass under its fixed shift (or one whose bound rounding
+            # broke): the pass again with the exact max-based column LSE (rare; it rewrites R_t
+            # and a_t)
             tl.debug_barrier()
             m_u, l_u, acc0, acc1, acc2, cmin = _pieces_exact_pass(
-                x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2, D, s, k2, lp0_b, lp0_u,
-                A_prev, A_cur, R_t, HAS_P0, True, P0, P1, P2, RL, MASK2, UNIT_N, BD)
+                x_base, on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2, sxd, B_prev, D, s, k2,
+                lp0_b, lp0_u, A_prev, A_cur, R_t, m_ref, shift, HAS_P0, True, False, P0, P1,
+                P2, RL, MASK2, UNIT_N, BD)
     m_all = tl.max(m_u, axis=0)
     f = tl.exp2(m_u - m_all)                                                   # [BD]
     lse_u = m_all + log2_reduced(tl.sum(l_u * f, axis=0))
@@ -941,14 +1016,69 @@ def _piece_pool_terms(x, z, ms):
 
 
 @triton.jit
+def _pieces_deviations(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D, inv_n, mean_b,
+                       P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                       MASK2: tl.constexpr, RL: tl.constexpr, UNIT_N: tl.constexpr):
+    """A feature chunk's deviations from its means on the three pieces, [P / RL, BD, RL]
+    each (masked rows read as 0 and their deviations zeroed); the means [BD] stored."""
+    x0, x1, x2 = _pieces_load(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D, P0, P1, P2,
+                              RL, MASK2, UNIT_N, True)
+    mean = _pieces_col_sum(x0, x1, x2) * inv_n                                 # [BD]
+    tl.store(mean_b + od, mean, mask=od < D)
+    v0 = _zero_masked_rows(x0 - _cols(mean), nm0, _masked_piece(P0, RL, False))
+    v1 = _zero_masked_rows(x1 - _cols(mean), nm1, _masked_piece(P1, RL, False))
+    v2 = _zero_masked_rows(x2 - _cols(mean), nm2, _masked_piece(P2, RL, MASK2))
+    return v0, v1, v2
+
+
+@triton.jit
 def _pieces_spread(x_base, sxn, sxd, n_b, D, s_b, root_b, mean_b, P0: tl.constexpr,
                    P1: tl.constexpr, P2: tl.constexpr, MASK2: tl.constexpr, RL: tl.constexpr,
                    UNIT_N: tl.constexpr, BD: tl.constexpr):
+    """The set's feature spread on the three row pieces: per feature chunk the mean (stored)
+    and the squared deviations, summed per feature lane as they are (no reduction across the
+    block a chunk); where some feature's sum of squares is neither 0 nor in [SPREAD_SQ_MIN,
+    SPREAD_SQ_MAX] (checked once, after the pass) the chunks are summed again with scales
+    (:func:`_pieces_spread_blocks`, one more read of x). Stores σ, its root and the means;
+    returns 1/σ. (Dense sets only: n_b = N >= 3.)"""
+    on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _lanes_layout(n_b, sxn, P0, P1, P2, RL,
+                                                                MASK2)
+    inv_n = 1.0 / n_b.to(tl.float32)
+    acc1 = tl.zeros([BD], dtype=tl.float32)
+    odd = tl.zeros([BD], dtype=tl.int32)
+    for d0 in range(0, D, BD):
+        od = d0 + tl.arange(0, BD)
+        dm = od < D
+        v0, v1, v2 = _pieces_deviations(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D,
+                                        inv_n, mean_b, P0, P1, P2, MASK2, RL, UNIT_N)
+        m2 = _pieces_col_sum(v0 * v0, v1 * v1, v2 * v2)                        # [BD]
+        # (a feature constant over the set, e.g. a dead ReLU channel, adds exactly 0 and needs
+        # no scale; m2 = 0 alone is not that: deviations under 2^-63 square to 0)
+        flat = _pieces_col_max(tl.abs(v0), tl.abs(v1), tl.abs(v2)) == 0.0
+        bad = dm & ((m2 > SPREAD_SQ_MAX) | ((m2 < SPREAD_SQ_MIN) & ~flat))
+        odd = tl.maximum(odd, bad.to(tl.int32))
+        acc1 += tl.where(dm, m2, 0.0)
+    if tl.max(odd, axis=0) == 0:
+        part = tl.sum(acc1, axis=0) * inv_n
+        # (merged as the fallback merges its unscaled blocks: scale 1, or 0 without any)
+        cm, acc = merge_block_spread(0.0, 0.0, tl.where(part > 0, 1.0, 0.0), part)
+        return store_spread(cm, acc, D, s_b, root_b)
+    else:
+        tl.debug_barrier()
+        return _pieces_spread_blocks(x_base, sxn, sxd, n_b, D, s_b, root_b, mean_b, P0, P1, P2,
+                                     MASK2, RL, UNIT_N, BD)
+
+
+@triton.jit
+def _pieces_spread_blocks(x_base, sxn, sxd, n_b, D, s_b, root_b, mean_b, P0: tl.constexpr,
+                          P1: tl.constexpr, P2: tl.constexpr, MASK2: tl.constexpr,
+                          RL: tl.constexpr, UNIT_N: tl.constexpr, BD: tl.constexpr):
     """``common.set_spread_tile`` on the three row pieces (W2: 49 rows, not 64): per feature
     chunk the mean, then the squared deviations as they are, or scaled by each lane's largest
     deviation where a lane's sum leaves [SPREAD_SQ_MIN, SPREAD_SQ_MAX]; masked rows are not
     read (0) and their deviations are zeroed. Stores σ, its root and the means; returns 1/σ.
-    (Dense sets only: n_b = N >= 3.)"""
+    (Dense sets only: n_b = N >= 3.) The fallback of :func:`_pieces_spread`: two block-wide
+    reductions a chunk."""
     on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _lanes_layout(n_b, sxn, P0, P1, P2, RL,
                                                                 MASK2)
     inv_n = 1.0 / n_b.to(tl.float32)
@@ -958,14 +1088,8 @@ def _pieces_spread(x_base, sxn, sxd, n_b, D, s_b, root_b, mean_b, P0: tl.constex
     for d0 in range(0, D, BD):
         od = d0 + tl.arange(0, BD)
         dm = od < D
-        # (masked rows read as 0)
-        x0, x1, x2 = _pieces_load(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D, P0, P1, P2,
-                                  RL, MASK2, UNIT_N, True)
-        mean = _pieces_col_sum(x0, x1, x2) * inv_n                             # [BD]
-        tl.store(mean_b + od, mean, mask=dm)
-        v0 = _zero_masked_rows(x0 - _cols(mean), nm0, _masked_piece(P0, RL, False))
-        v1 = _zero_masked_rows(x1 - _cols(mean), nm1, _masked_piece(P1, RL, False))
-        v2 = _zero_masked_rows(x2 - _cols(mean), nm2, _masked_piece(P2, RL, MASK2))
+        v0, v1, v2 = _pieces_deviations(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D,
+                                        inv_n, mean_b, P0, P1, P2, MASK2, RL, UNIT_N)
         m2 = _pieces_col_sum(v0 * v0, v1 * v1, v2 * v2)
         odd = dm & ((m2 > SPREAD_SQ_MAX) | (m2 < SPREAD_SQ_MIN))
         if tl.max(odd.to(tl.int32), axis=0) == 0:
@@ -988,16 +1112,20 @@ def _pieces_spread(x_base, sxn, sxd, n_b, D, s_b, root_b, mean_b, P0: tl.constex
 
 
 @triton.jit
-def _pieces_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_b, y_b, P0: tl.constexpr,
-                 P1: tl.constexpr, P2: tl.constexpr, MASK2: tl.constexpr, RL: tl.constexpr,
-                 UNIT_N: tl.constexpr, BD: tl.constexpr):
+def _pieces_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_b, y_b, shift, SET: tl.constexpr,
+                 P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, MASK2: tl.constexpr,
+                 RL: tl.constexpr, UNIT_N: tl.constexpr, BD: tl.constexpr):
     """The pooling (eq. 5) on the three row pieces, one pass: all rows of a chunk are in
     registers, so the column max is taken once (no online rescale); masked rows have b = -inf.
-    (p = 2^(z - max), not 2^(x s + (b - max)): see _piece_pool_terms.)"""
+    (p = 2^(z - max), not 2^(x s + (b - max)): see _piece_pool_terms.) SET: every column
+    under the set's ``shift`` H (_set_shift of a_T, which bounds x s + b as the iterations'
+    shifts do): p = 2^(z - H), no max; returns the smallest column sum
+    (0 for one above _COL_HUGE): under _COL_TINY the caller pools again under the max."""
     on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _lanes_layout(n_b, sxn, P0, P1, P2, RL,
                                                                 MASK2)
     bb0, bb1, bb2 = _lanes_row_bias(B_fin, on0, nm0, on1, nm1, on2, nm2, P0, P1, P2, RL,
                                      MASK2)                                    # [P/RL, RL]
+    lmin = tl.full([BD], 1.0, tl.float32)
     for d0 in range(0, D, BD):
         od = d0 + tl.arange(0, BD)
         dm = od < D
@@ -1006,14 +1134,26 @@ def _pieces_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_b, y_b, P0: tl.con
         z0 = x0 * s_fin + _rows(bb0)
         z1 = x1 * s_fin + _rows(bb1)
         z2 = x2 * s_fin + _rows(bb2)
-        m = _pieces_col_max(z0, z1, z2)                                        # [BD]
-        ms = tl.where(m == NEG_INF, 0.0, m)
-        p0 = tl.exp2(z0 - _cols(ms))
-        p1 = tl.exp2(z1 - _cols(ms))
-        p2 = tl.exp2(z2 - _cols(ms))
+        if SET:
+            # (z - H, not x s + (b - H): the backward forms the final plan from z as rounded
+            # here; with a hard marginal at |x|/ε ~ 300 the latter put x̄ 1e-3 off)
+            m = shift
+            p0 = tl.exp2(z0 - m)
+            p1 = tl.exp2(z1 - m)
+            p2 = tl.exp2(z2 - m)
+        else:
+            m = _pieces_col_max(z0, z1, z2)                                    # [BD]
+            ms = tl.where(m == NEG_INF, 0.0, m)
+            p0 = tl.exp2(z0 - _cols(ms))
+            p1 = tl.exp2(z1 - _cols(ms))
+            p2 = tl.exp2(z2 - _cols(ms))
         l = _pieces_col_sum(p0, p1, p2)
+        if SET:
+            lmin = tl.minimum(lmin, tl.where((l <= _COL_HUGE) | (od >= D), l, 0.0))
         tl.store(rfin_b + od, m + log2_reduced(l), mask=dm)
         tl.store(y_b + od, _pieces_col_sum(p0 * x0, p1 * x1, p2 * x2) / l, mask=dm)
+    if SET:
+        return tl.min(lmin, axis=0)
 
 
 @triton.jit
@@ -1145,33 +1285,54 @@ def sinkhorn_fwd_kernel(
             C_t = Cn_ptr + t * NR + row0
             if P0 > 0:
                 if t == 0:
-                    _pieces_exact_iteration(x_base, sxn_p, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
-                                            lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
-                                            C_t, HAS_P0, HAS_Q0, True, P0, P1, P2, MASK_P, RL,
-                                            UNIT_N, BN, BD)
+                    _pieces_exact_iteration(
+                        x_base, sxn_p, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u, A_prev,
+                        B_prev, A_cur, B_cur, R_t, C_t, 0.0, 0.0, HAS_P0, HAS_Q0, True, False, P0,
+                        P1, P2, MASK_P, RL, UNIT_N, BN, BD)
                 elif s != s_last:
-                    _pieces_exact_iteration(x_base, sxn_p, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
-                                            lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
-                                            C_t, HAS_P0, HAS_Q0, True, P0, P1, P2, MASK_P, RL,
-                                            UNIT_N, BN, BD)
+                    _pieces_exact_iteration(
+                        x_base, sxn_p, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u, A_prev,
+                        B_prev, A_cur, B_cur, R_t, C_t, 0.0, 0.0, HAS_P0, HAS_Q0, True, False, P0,
+                        P1, P2, MASK_P, RL, UNIT_N, BN, BD)
                 else:
-                    _pieces_exact_iteration(x_base, sxn_p, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
-                                            lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
-                                            C_t, HAS_P0, HAS_Q0, False, P0, P1, P2, MASK_P, RL,
-                                            UNIT_N, BN, BD)
+                    # the fixed shifts: the set's where a_{t-1} spans little, else each
+                    # column's
+                    m_ref, shift, span = _fixed_references(A_prev, D, k2, lp0_b, lp0_u, HAS_P0,
+                                                           _vector_block(P0, BD))
+                    if span <= _SET_SHIFT_SPAN:
+                        _pieces_exact_iteration(
+                            x_base, sxn_p, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u,
+                            A_prev, B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift, HAS_P0, HAS_Q0,
+                            False, True, P0, P1, P2, MASK_P, RL, UNIT_N, BN, BD)
+                    else:
+                        _pieces_exact_iteration(
+                            x_base, sxn_p, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u,
+                            A_prev, B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift, HAS_P0, HAS_Q0,
+                            False, False, P0, P1, P2, MASK_P, RL, UNIT_N, BN, BD)
             elif ONE_TILE_N and not PAPER:
                 if t == 0:
-                    _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
-                                             lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
-                                             C_t, HAS_P0, HAS_Q0, MASK_N, True, BN, BD)
+                    _shifted_exact_iteration(
+                        x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u, A_prev,
+                        B_prev, A_cur, B_cur, R_t, C_t, 0.0, 0.0, HAS_P0, HAS_Q0, MASK_N, True,
+                        False, BN, BD)
                 elif s != s_last:
-                    _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
-                                             lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
-                                             C_t, HAS_P0, HAS_Q0, MASK_N, True, BN, BD)
+                    _shifted_exact_iteration(
+                        x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u, A_prev,
+                        B_prev, A_cur, B_cur, R_t, C_t, 0.0, 0.0, HAS_P0, HAS_Q0, MASK_N, True,
+                        False, BN, BD)
                 else:
-                    _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u,
-                                             lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
-                                             C_t, HAS_P0, HAS_Q0, MASK_N, False, BN, BD)
+                    m_ref, shift, span = _fixed_references(A_prev, D, k2, lp0_b, lp0_u, HAS_P0,
+                                                           _vector_block(BN, BD))
+                    if span <= _SET_SHIFT_SPAN:
+                        _shifted_exact_iteration(
+                            x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u, A_prev,
+                            B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift, HAS_P0, HAS_Q0, MASK_N,
+                            False, True, BN, BD)
+                    else:
+                        _shifted_exact_iteration(
+                            x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u, A_prev,
+                            B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift, HAS_P0, HAS_Q0, MASK_N,
+                            False, False, BN, BD)
             elif ONE_TILE_N:
                 _lean_paper_iteration(x_base, sxn, sxd, n_b, D, s, _inv_eps(w_ptr, T, t), k2,
                                       k3, lp0_b, lp0_u, lq0_b, lq0_u, A_prev, B_prev, A_cur,
@@ -1213,8 +1374,19 @@ def sinkhorn_fwd_kernel(
         B_fin = Bv_ptr + T * NR + row0
         A_fin = A_b + T * D
         if P0 > 0:
-            _pieces_pool(x_base, sxn_p, sxd, n_b, D, s_fin, B_fin, rfin_ptr + b * D, y_ptr + b * D,
-                         P0, P1, P2, MASK_P, RL, UNIT_N, BD)
+            # under the set's shift where a_T spans little (a column with almost no mass, or
+            # one whose bound rounding broke, pools again under the max), else under the max
+            shift, span = _set_shift(A_fin, D, _vector_block(P0, BD))
+            by_max = span > _SET_SHIFT_SPAN
+            if not by_max:
+                lmin = _pieces_pool(x_base, sxn_p, sxd, n_b, D, s_fin, B_fin, rfin_ptr + b * D,
+                                    y_ptr + b * D, shift, True, P0, P1, P2, MASK_P, RL, UNIT_N,
+                                    BD)
+                by_max = lmin < _COL_TINY
+                tl.debug_barrier()
+            if by_max:
+                _pieces_pool(x_base, sxn_p, sxd, n_b, D, s_fin, B_fin, rfin_ptr + b * D,
+                             y_ptr + b * D, 0.0, False, P0, P1, P2, MASK_P, RL, UNIT_N, BD)
         elif ONE_TILE_N and not PAPER:
             # (the paper variant keeps the streamed pooling: with the one-tile one, its bf16
             # build spilled 8 B under triton 3.6)
