@@ -860,6 +860,7 @@ def test_exact_iteration_shifts(path, shift, monkeypatch):
     and gradients against the reference."""
     from rotp_triton.ops.rot.triton.sinkhorn import kernels, launch
     import triton.language as tl
+    monkeypatch.setattr(launch, "SET_SHIFT", True)          # (off by default under triton 3.6)
     monkeypatch.setattr(kernels, "_SET_SHIFT_SPAN",
                         tl.constexpr(-1.0 if shift == "column" else math.inf))
     if shift == "set_redone":

@@ -1209,7 +1209,7 @@ def sinkhorn_fwd_kernel(
     MASK_N: tl.constexpr = True, ITERATE: tl.constexpr = True, P0: tl.constexpr = 0,
     P1: tl.constexpr = 0, P2: tl.constexpr = 0, MASK_P: tl.constexpr = False,
     SCALED: tl.constexpr = False, STATS: tl.constexpr = False, RL: tl.constexpr = 1,
-    UNIT_N: tl.constexpr = False,
+    UNIT_N: tl.constexpr = False, SET_SHIFT: tl.constexpr = False,
 ):
     """T Sinkhorn iterations, the pooled y and (optionally) the plan of one set per program.
 
@@ -1230,7 +1230,8 @@ def sinkhorn_fwd_kernel(
     with x itself is σ_b · pool(x / σ_b) as it stands). STATS (with SCALED): σ_b is the set's
     feature spread, formed here first (``common.set_spread``: one more read of x; sc, root [B]
     and the feature means mean [B, D] written for the backward) instead of by the spread
-    launches.
+    launches. SET_SHIFT: the exact iterations and the row-pieces pooling may shift every column
+    by the set's bound (see _SET_SHIFT_SPAN; ``launch.SET_SHIFT``), else each by its own.
     """
     b = _set_of_program(order_ptr, RAGGED)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
@@ -1299,7 +1300,7 @@ def sinkhorn_fwd_kernel(
                     # column's
                     m_ref, shift, span = _fixed_references(A_prev, D, k2, lp0_b, lp0_u, HAS_P0,
                                                            _vector_block(P0, BD))
-                    if span <= _SET_SHIFT_SPAN:
+                    if SET_SHIFT and span <= _SET_SHIFT_SPAN:
                         _pieces_exact_iteration(
                             x_base, sxn_p, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u,
                             A_prev, B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift, HAS_P0, HAS_Q0,
@@ -1323,7 +1324,7 @@ def sinkhorn_fwd_kernel(
                 else:
                     m_ref, shift, span = _fixed_references(A_prev, D, k2, lp0_b, lp0_u, HAS_P0,
                                                            _vector_block(BN, BD))
-                    if span <= _SET_SHIFT_SPAN:
+                    if SET_SHIFT and span <= _SET_SHIFT_SPAN:
                         _shifted_exact_iteration(
                             x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u, A_prev,
                             B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift, HAS_P0, HAS_Q0, MASK_N,
@@ -1376,15 +1377,19 @@ def sinkhorn_fwd_kernel(
         if P0 > 0:
             # under the set's shift where a_T spans little (a column with almost no mass, or
             # one whose bound rounding broke, pools again under the max), else under the max
-            shift, span = _set_shift(A_fin, D, _vector_block(P0, BD))
-            by_max = span > _SET_SHIFT_SPAN
-            if not by_max:
-                lmin = _pieces_pool(x_base, sxn_p, sxd, n_b, D, s_fin, B_fin, rfin_ptr + b * D,
-                                    y_ptr + b * D, shift, True, P0, P1, P2, MASK_P, RL, UNIT_N,
-                                    BD)
-                by_max = lmin < _COL_TINY
-                tl.debug_barrier()
-            if by_max:
+            if SET_SHIFT:
+                shift, span = _set_shift(A_fin, D, _vector_block(P0, BD))
+                by_max = span > _SET_SHIFT_SPAN
+                if not by_max:
+                    lmin = _pieces_pool(x_base, sxn_p, sxd, n_b, D, s_fin, B_fin,
+                                        rfin_ptr + b * D, y_ptr + b * D, shift, True, P0, P1, P2,
+                                        MASK_P, RL, UNIT_N, BD)
+                    by_max = lmin < _COL_TINY
+                    tl.debug_barrier()
+                if by_max:
+                    _pieces_pool(x_base, sxn_p, sxd, n_b, D, s_fin, B_fin, rfin_ptr + b * D,
+                                 y_ptr + b * D, 0.0, False, P0, P1, P2, MASK_P, RL, UNIT_N, BD)
+            else:
                 _pieces_pool(x_base, sxn_p, sxd, n_b, D, s_fin, B_fin, rfin_ptr + b * D,
                              y_ptr + b * D, 0.0, False, P0, P1, P2, MASK_P, RL, UNIT_N, BD)
         elif ONE_TILE_N and not PAPER:

@@ -157,6 +157,10 @@ PIECES_BWD_LANES = FRUGAL_REGISTERS
 PIECES_BWD_ROW_LANES = 0
 PIECES_DX_CHUNKS = 16
 PIECES_DX_MAX_REGISTERS = 80
+# The exact forward's fixed shifts one per set where they span little (kernels._SET_SHIFT_SPAN;
+# bench/results/sinkhorn_set_shift_2026-12-02.md), from triton 3.9 on: 3.6 (the H200 image's)
+# spilled 8 B in W2's row-pieces forward with them
+SET_SHIFT = FRUGAL_REGISTERS
 
 
 def pieces_config(D: int, pieces: tuple, BD: int, nw: int, elems_per_thread: int) -> int:
@@ -469,7 +473,7 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
             PAPER=paper, RETURN_PLAN=return_plan, ONE_TILE_N=one_tile, BN=BN, BD=BD,
             MASK_N=N is None or N != BN, ITERATE=not rows, P0=P0, P1=P1, P2=P2,
             MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None, STATS=stats, RL=RL,
-            UNIT_N=unit_n, num_warps=nw, maxnreg=cap)
+            UNIT_N=unit_n, SET_SHIFT=SET_SHIFT, num_warps=nw, maxnreg=cap)
     if spread:
         return y, plan, state, saved
     return y, plan, state
