@@ -136,6 +136,12 @@ def variants():
             "as [P, BD] pieces, dx in the backward kernel (as until 2026-12-02)"
             if S.PIECES_BWD_LANES else "in lanes, dx by its own launch (shipped from 3.9; 3.6 "
             "spills it)"), {S: dict(PIECES_BWD_LANES=not S.PIECES_BWD_LANES)}),
+        # the exact forward's fixed shifts one per set since 2026-12-02 (triton >= 3.9: 3.6
+        # spilled 8 B; bench/results/sinkhorn_set_shift_2026-12-02.md) against one per column
+        ("W2", "sinkhorn", "forward " + (
+            "with a shift per column (as until 2026-12-02)" if S.SET_SHIFT
+            else "with a shift per set (shipped from 3.9; 3.6 spills it)"),
+         {S: dict(SET_SHIFT=not S.SET_SHIFT)}),
         ("W2", "sinkhorn", "row-pieces backward " + (
             "uncapped (all its fp32 a thread; 3.9's until 2026-12-01)" if S.PIECES_BWD_CAPPED
             else "at a quarter of its fp32 a thread, 128 registers (shipped with triton 3.9)"),
