@@ -1137,16 +1137,13 @@ def _pieces_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_b, y_b, shift, SET
         if SET:
             # (z - H, not x s + (b - H): the backward forms the final plan from z as rounded
             # here; with a hard marginal at |x|/ε ~ 300 the latter put x̄ 1e-3 off)
-            m = shift
-            p0 = tl.exp2(z0 - m)
-            p1 = tl.exp2(z1 - m)
-            p2 = tl.exp2(z2 - m)
+            m = tl.zeros([BD], tl.float32) + shift                             # [BD]
         else:
             m = _pieces_col_max(z0, z1, z2)                                    # [BD]
-            ms = tl.where(m == NEG_INF, 0.0, m)
-            p0 = tl.exp2(z0 - _cols(ms))
-            p1 = tl.exp2(z1 - _cols(ms))
-            p2 = tl.exp2(z2 - _cols(ms))
+        ms = tl.where(m == NEG_INF, 0.0, m)
+        p0 = tl.exp2(z0 - _cols(ms))
+        p1 = tl.exp2(z1 - _cols(ms))
+        p2 = tl.exp2(z2 - _cols(ms))
         l = _pieces_col_sum(p0, p1, p2)
         if SET:
             lmin = tl.minimum(lmin, tl.where((l <= _COL_HUGE) | (od >= D), l, 0.0))
