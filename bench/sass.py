@@ -349,6 +349,52 @@ def _loop_headers(name: str) -> frozenset:
                      if isinstance(node, (ast.For, ast.While)))
 
 
+@functools.lru_cache(maxsize=None)
+def _loop_bodies(name: str) -> dict:
+    """header line -> (first, last) line of its body, for every ``for`` / ``while`` in a source
+    file as the chains name it."""
+    tree = _source_tree(name)
+    if tree is None:
+        return {}
+    return {node.lineno: (node.body[0].lineno, max(b.end_lineno for b in node.body))
+            for node in ast.walk(tree) if isinstance(node, (ast.For, ast.While))}
+
+
+@functools.lru_cache(maxsize=None)
+def _guarded_bodies(name: str) -> tuple:
+    """(first, last) lines of every body that may run other than once each time the code
+    around it runs: ``if`` / ``else`` bodies and loop bodies."""
+    return _branch_bodies(name) + tuple(_loop_bodies(name).values())
+
+
+def _frame(part: str) -> tuple:
+    name, _, line = part.rpartition(":")
+    return name, int(line) if line.isdigit() else -1
+
+
+def _once_per_trip(chain: str, header: str) -> bool:
+    """Whether a statement runs exactly once per trip of the loop whose header statement is
+    ``header`` (a chain too): it lies in that loop's body, called from it through frames in
+    the same context, and neither there nor in any helper on the way is it inside an ``if`` /
+    ``else`` body or an inner loop's body."""
+    head, _, ctx = header.partition("<")
+    hname, hline = _frame(head)
+    frames = chain.split("<")
+    for j in range(len(frames)):
+        if "<".join(frames[j + 1:]) != ctx:
+            continue
+        name, line = _frame(frames[j])
+        first, last = _loop_bodies(name).get(hline, (0, -1)) if name == hname else (0, -1)
+        if not first <= line <= last:
+            return False
+        if any(first <= a and b <= last and (a, b) != (first, last) and a <= line <= b
+               for a, b in _guarded_bodies(name)):
+            return False
+        return not any(a <= ln <= b for f in frames[:j] for n, ln in [_frame(f)]
+                       for a, b in _guarded_bodies(n))
+    return False
+
+
 def _loop_header(chain: str) -> bool:
     """Whether a statement is a loop's header: the interpreter counts its ops (the range) once
     per entry, while ptxas puts the trip's increment and test under its line in the body."""
@@ -432,9 +478,11 @@ def dynamic_instructions(cubin: bytes, sites: dict, programs: int, site_elems=No
     call it was inlined from never ran (a fallback pass) or where it lies in an ``if`` /
     ``else`` body none of whose statements ran in that context (``_untaken_branch``: an inline
     fallback form), nor in a warp-divergent fallback (:func:`divergent_paths`). A loop runs as
-    often as most of its own matched instructions say (their most common count: a pipelined
-    copy of a load or a branch not taken inside it aside; not its header's, which the
-    interpreter counts once per entry, nor a statement a ``tl.static_range`` inside it copies),
+    often as its statements that run once per trip of its source loop say (``_once_per_trip``:
+    in its body, under no ``if`` / ``else`` and no inner loop, at any call depth), else as most
+    of its own matched instructions say (their most common count: a pipelined copy of a load
+    or a branch not taken inside it aside; not its header's, which the interpreter counts once
+    per entry, nor a statement a ``tl.static_range`` inside it copies),
     less the trips ptxas peeled into the code around it (run once per entry), divided among the
     copies the compiler made of it and by the source trips one trip of an unrolled body holds:
     against its remainder loop and the peeled trips where ptxas made them (``_trips_held``; the
@@ -479,10 +527,16 @@ def dynamic_instructions(cubin: bytes, sites: dict, programs: int, site_elems=No
                                if o != r and r[0] <= o[0] and o[1] <= r[1]))
         counted = [i.chain for i in own[r] if i.chain in sites and i.chain not in nested
                    and not _loop_header(i.chain)]
-        # a statement copied by a static_range inside the loop counts once per copy: the
-        # loop's trips are read from the others where there are any
+        # the statements that run once per trip of its source loop say how often it ran
+        # (a loop body whose first trip takes a long branch holds more instructions that ran
+        # once than ones that ran every trip); else the most common count: a statement copied
+        # by a static_range inside the loop counts once per copy, so the loop's trips are read
+        # from the others where there are any
+        per_trip = max(([c for c in counted if _once_per_trip(c, h)] for h in
+                        {i.chain for i in own[r] if i.chain and _loop_header(i.chain)}),
+                       key=len, default=[])
         plain = [c for c in counted if not _in_static_range(c)]
-        seen = collections.Counter(sites[c] for c in (plain or counted))
+        seen = collections.Counter(sites[c] for c in (per_trip or plain or counted))
         if not seen:
             runs[r] = around
             continue

@@ -95,3 +95,30 @@ def persistent_kernel(x_ptr, y_ptr, B, BLOCK: tl.constexpr):
         b = pid + it * nprog
         v = tl.load(x_ptr + b * BLOCK + offs)
         tl.store(y_ptr + b * BLOCK + offs, tl.exp2(v))
+
+
+@triton.jit(do_not_specialize=["first"])
+def first_trip_kernel(x_ptr, y_ptr, n, first, BLOCK: tl.constexpr):
+    """n trips of a loop whose trip k == ``first`` takes a long branch (a dozen statements, two
+    exp2 per element) and the others a short one (one exp2): most of the loop's instructions
+    run once and the loop n times, as in the Sinkhorn forward's iteration loop (its t = 0
+    branch)."""
+    offs = tl.arange(0, BLOCK)                                                        # [BLOCK]
+    acc = tl.zeros([BLOCK], tl.float32)
+    for k in range(n):
+        v = tl.load(x_ptr + k * BLOCK + offs)
+        acc = acc * 0.5 + v
+        if k == first:
+            a = v * 1.5 + 0.25
+            b = tl.sqrt(a * a + 1.0)
+            c = tl.exp2(a - b)
+            d = c * c + a * 0.75
+            e = tl.maximum(d, b) - tl.minimum(d, c)
+            g = e * e * 0.125 + d
+            h = tl.where(g > a, g - a, a - g)
+            i = tl.exp2(h * -0.5)
+            j = (i + c) * (b - 0.5)
+            acc += j / (1.0 + e * e)
+        else:
+            acc += tl.exp2(v)
+    tl.store(y_ptr + offs, acc)

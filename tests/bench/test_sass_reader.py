@@ -147,7 +147,12 @@ _TRIP_PROBES = {
     # a persistent loop over 7 tiles: unrolled, a remainder loop, trips peeled before and
     # after it, and the trip count's MUFU.RCP before it (no trip)
     "persistent": ("persistent_kernel", 7, 256, 4),
+    # a long branch taken on the first trip only, a short one on the others: most of the
+    # loop's instructions ran once
+    "first trip": ("first_trip_kernel", 9, 256, 4),
 }
+# exp2 per element over all trips (the interpreter's count, checked against the probe)
+_TRIP_PROBE_EXP2 = {"static copies": 4 * 9, "replay": 2 * 9, "first trip": 2 + 8}
 
 
 def _probe_launch(name, trips, tile, warps):
@@ -158,6 +163,9 @@ def _probe_launch(name, trips, tile, warps):
     if name == "static_copies_kernel":
         return (f"pk.static_copies_kernel[(1,)](torch.zeros({tile}), torch.empty({tile}), "
                 f"{trips}, C=4, BLOCK={tile}, num_warps={warps})")
+    if name == "first_trip_kernel":
+        return (f"pk.first_trip_kernel[(1,)](torch.zeros({trips} * {tile}), "
+                f"torch.empty({tile}), {trips}, 0, BLOCK={tile}, num_warps={warps})")
     if name == "persistent_kernel":
         return (f"pk.persistent_kernel[(1,)](torch.zeros({trips} * {tile}), "
                 f"torch.empty({trips} * {tile}), {trips}, BLOCK={tile}, num_warps={warps})")
@@ -192,8 +200,7 @@ d = sass.dynamic_instructions(cubin, c["sites"], 1, c["elems"], {threads})
 print(json.dumps(dict(mufu=d["mufu"], loops=d["loops"])))
 """)
     r = json.loads(out.strip().splitlines()[-1])
-    assert W[0].exp2 == trips * tile * (4 if "static" in probe else 2 if "replay" in probe
-                                        else 1)
+    assert W[0].exp2 == tile * _TRIP_PROBE_EXP2.get(probe, trips)
     assert r["mufu"] == pytest.approx(W[0].exp2 / threads, rel=1e-9), r
 
 
