@@ -819,7 +819,7 @@ def test_exact_iterations_far_from_zero(N, eps, p0):
     """Features offset by 50 at ε ≈ 0.05 with soft feature marginals (α2 ≈ 0.01, κ2 ≈ 0.2):
     the column scalings u of the exact iterations are ~(1 - κ2) · 50 / ε · log2 e ≈ 1e3 (log2
     units), far outside 2^±127 of 0, so the row sums are only right under a reference near max
-    u (kernels._fixed_references: NaN under 0); and with ε changing across iterations the
+    u (kernels._scaling_from_lse: NaN under 0); and with ε changing across iterations the
     previous iteration's column shift no longer bounds x / ε_t + b (2^(50 · Δ(1/ε)) overflowed:
     NaN y before such an iteration took the column max). y, the plan and the x gradient
     against the oracle at 1e-3: |x| / ε ≈ 1e3 makes one fp32 ulp of x / ε ≈ 1e-4 in an

@@ -416,7 +416,7 @@ def _lean_paper_iteration(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, lp0_u,
 # iteration: at t = 0 under the running max of u per feature lane (a per-lane rescale, no
 # cross-thread reduction per chunk: an FMUL and an FFMA per element), from t = 1 on under a
 # reference fixed before the pass, max_d of u's bound κ2 log p0 - (1 - κ2) a_{t-1}
-# (_fixed_references: one FFMA per element, no rescale). The row-sum term needs no exp2 of
+# (_scaling_from_lse: one FFMA per element, no rescale). The row-sum term needs no exp2 of
 # its own: with z = x s + b and e = 2^(z - sh) the column sum's terms, 2^(z + a + LSE(u) - max
 # u) = e · 2^(u - max u - log2 Σ_n e) (a factor per column, then one multiply-add per element:
 # one exp2 per element and iteration). A shift is only an upper bound: a column or row with almost
@@ -428,7 +428,7 @@ def _lean_paper_iteration(x_base, sxn, sxd, n_b, D, s, ie, k2, k3, lp0_b, lp0_u,
 _TINY = tl.constexpr(2.0 ** -60)
 _COL_TINY = tl.constexpr(2.0 ** -30)
 # From t = 1 on the shift can also be one per set: H = max_d -a_{t-1,d} bounds every column
-# (_fixed_references), and with a bias b - H per row an element's exponent is one FFMA,
+# (_scaling_from_lse), and with a bias b - H per row an element's exponent is one FFMA,
 # x s + (b - H), instead of an FFMA and an FADD (x s + b - sh_d). A column's sum under H is
 # its sum under sh_d times 2^(sh_d - H), so the set shift is taken where the span of -a_{t-1}
 # over the features is at most _SET_SHIFT_SPAN (a factor >= 2^-16; the _COL_TINY check still
@@ -440,13 +440,14 @@ _COL_HUGE = tl.constexpr(2.0 ** 30)
 
 
 @triton.jit
-def _column_marginal_step(sh, col, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u, l_u,
+def _column_marginal_step(sh, col, od, D, k2, lp0_b, lp0_u, R_t, m_u, l_u,
                           HAS_P0: tl.constexpr, MASK_D: tl.constexpr, ONLINE: tl.constexpr):
     """From a chunk's column sums ``col`` of 2^(z - sh) [BD]: R = sh + log2 col,
-    u = κ2 log p0 + (1 - κ2) R; stores R_d and a_d + LSE(u) and advances the LSE of u.
+    u = κ2 log p0 + (1 - κ2) R; stores R_d and advances the LSE of u (a_t is formed from R_t
+    once the LSE is known: _scaling_from_lse, one store a chunk fewer here).
     ONLINE: returns (the row-sum factor 2^(u - max u - log2 col) of the columns' terms, the new
     running max, the rescale of the row-sum accumulators, the new running sum), all [BD];
-    else m_u is the fixed reference M of :func:`_fixed_references` (every lane) and the
+    else m_u is the fixed reference M of :func:`_scaling_from_lse` (every lane) and the
     factor is 2^(u - M - log2 col), the running max stays M and there is no rescale."""
     lc = log2_reduced(col)
     r = sh + lc
@@ -455,16 +456,12 @@ def _column_marginal_step(sh, col, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u, l_u
     else:
         lp0 = lp0_u
     u = k2 * lp0 + (1.0 - k2) * r
-    ar = u - r                                                                 # a_d + LSE(u)
     if MASK_D:
         dm = od < D
         u = tl.where(dm, u, NEG_INF)
-        ar = tl.where(dm, ar, NEG_INF)
         tl.store(R_t + od, r, mask=dm)
-        tl.store(A_cur + od, ar, mask=dm)
     else:
         tl.store(R_t + od, r)
-        tl.store(A_cur + od, ar)
     if ONLINE:
         # the online LSE of u runs per feature lane (m_u, l_u [BD]; a lane padded in every
         # chunk stays at -inf and is re-based to 0): no cross-thread reduction per chunk
@@ -482,16 +479,27 @@ def _column_marginal_step(sh, col, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u, l_u
 
 
 @triton.jit
+def _references_update(m, hi, lo, a, lp0, dm, k2):
+    """One block of features of a into the lanes of the fixed references (see
+    _scaling_from_lse): m, the max of κ2 log p0 - (1 - κ2) a, and the span's lanes of -a."""
+    m = tl.maximum(m, tl.where(dm, k2 * lp0 - (1.0 - k2) * a, NEG_INF))
+    hi, lo = _span_update(hi, lo, a, dm)
+    return m, hi, lo
+
+
+@triton.jit
+def _references_of(m, hi, lo):
+    """(M, H, span) from _references_update's lanes (0 without a finite lane)."""
+    M = tl.max(m, axis=0)
+    H, span = _span_of(hi, lo)
+    return tl.where(M == NEG_INF, 0.0, M), H, span
+
+
+@triton.jit
 def _fixed_references(A_prev, D, k2, lp0_b, lp0_u, HAS_P0: tl.constexpr, BV: tl.constexpr):
-    """(M, H, span) from a_{t-1} in one pass over it (log2 units; 0 without a finite lane).
-    M = max_d (κ2 log p0_d - (1 - κ2) a_{t-1,d}): a reference for u that needs no running
-    max. The shift sh_d = -a_{t-1,d} bounds the column's terms by 1, so R_d <= sh_d + log2 n_b
-    and u_d <= M + log2 n_b; a pass whose column sums stay >= 2^-30 (else it is redone:
-    _COL_TINY) has u_d >= U_d - 30 for every d, and the lane with U_d = M keeps the LSE of u
-    and the row sums as well scaled as a running max would (within 2^30; the factors
-    2^(u - M - log2 col) <= 2^30 as before).
-    H = max_d -a_{t-1,d}, the set's shift, and span = H - min_d -a_{t-1,d} (:func:`_set_shift`;
-    see the comment above _SET_SHIFT_SPAN)."""
+    """The fixed references (M, H, span) of a_{t-1} (see _scaling_from_lse) in a pass of
+    their own over it: the one-tile path's (carried from the previous iteration's pass instead,
+    as the row pieces do, they kept more registers live across W1's iteration loop)."""
     m = tl.full([BV], NEG_INF, tl.float32)
     hi = tl.full([BV], NEG_INF, tl.float32)
     lo = tl.full([BV], float("inf"), tl.float32)
@@ -500,11 +508,8 @@ def _fixed_references(A_prev, D, k2, lp0_b, lp0_u, HAS_P0: tl.constexpr, BV: tl.
         dm = od < D
         a = tl.load(A_prev + od, mask=dm, other=0.0)
         lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
-        m = tl.maximum(m, tl.where(dm, k2 * lp0 - (1.0 - k2) * a, NEG_INF))
-        hi, lo = _span_update(hi, lo, a, dm)
-    M = tl.max(m, axis=0)
-    H, span = _span_of(hi, lo)
-    return tl.where(M == NEG_INF, 0.0, M), H, span
+        m, hi, lo = _references_update(m, hi, lo, a, lp0, dm, k2)
+    return _references_of(m, hi, lo)
 
 
 @triton.jit
@@ -538,7 +543,7 @@ def _set_shift(A, D, BV: tl.constexpr):
 
 @triton.jit
 def _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_prev,
-                         A_cur, R_t, shift, m_u, l_u, acc, cmin, HAS_P0: tl.constexpr,
+                         R_t, shift, m_u, l_u, acc, cmin, HAS_P0: tl.constexpr,
                          MASK_N: tl.constexpr, MASK_D: tl.constexpr, FIRST: tl.constexpr,
                          SET: tl.constexpr, BD: tl.constexpr):
     """One feature chunk of an exact iteration; FIRST (t = 0, no previous plan, or the redo of
@@ -565,8 +570,8 @@ def _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_pr
         if MASK_D:
             col = tl.where(od < D, col, 1.0)
         cmin = tl.minimum(cmin, tl.where(col <= _COL_HUGE, col, 0.0))
-    g, mu, sc, l_u = _column_marginal_step(sh, col, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u,
-                                           l_u, HAS_P0, MASK_D, FIRST)
+    g, mu, sc, l_u = _column_marginal_step(sh, col, od, D, k2, lp0_b, lp0_u, R_t, m_u, l_u,
+                                           HAS_P0, MASK_D, FIRST)
     if FIRST:
         acc = acc * sc[None, :] + e * g[None, :]                               # [BN, BD]
     else:
@@ -575,15 +580,15 @@ def _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b, lp0_u, A_pr
 
 
 @triton.jit
-def _shifted_exact_pass(x_base, roff, sxd, bp, D, s, k2, lp0_b, lp0_u, A_prev, A_cur, R_t,
+def _shifted_exact_pass(x_base, roff, sxd, bp, D, s, k2, lp0_b, lp0_u, A_prev, R_t,
                         m_ref, shift, HAS_P0: tl.constexpr, MASK_N: tl.constexpr,
                         FIRST: tl.constexpr, SET: tl.constexpr, BN: tl.constexpr,
                         BD: tl.constexpr):
     """The feature chunks of one exact iteration (full chunks unmasked, then the partial one):
-    R_t and a_t + LSE(u) stored; returns the per-lane LSE state of u (max, sum [BD]; after
-    t = 0 the max is the fixed reference ``m_ref`` of every lane), the row sums' [BN, BD]
-    accumulator and the smallest shifted column sum per lane (1 if FIRST). SET: every column
-    under the set's ``shift`` (_fixed_references)."""
+    R_t stored; returns the per-lane LSE state of u (max, sum [BD]; after t = 0 the max is the
+    fixed reference ``m_ref`` of every lane), the row sums' [BN, BD] accumulator and the
+    smallest shifted column sum per lane (1 if FIRST). SET: every column under the set's
+    ``shift`` (_fixed_references)."""
     if FIRST:
         m_u = tl.full([BD], NEG_INF, tl.float32)
     else:
@@ -596,12 +601,12 @@ def _shifted_exact_pass(x_base, roff, sxd, bp, D, s, k2, lp0_b, lp0_u, A_prev, A
     d_full = (D // BD) * BD
     for d0 in range(0, d_full, BD):
         m_u, l_u, acc, cmin = _shifted_exact_chunk(x_base, roff, sxd, bp, d0, D, s, k2, lp0_b,
-                                                   lp0_u, A_prev, A_cur, R_t, shift, m_u, l_u,
+                                                   lp0_u, A_prev, R_t, shift, m_u, l_u,
                                                    acc, cmin, HAS_P0, MASK_N, False, FIRST,
                                                    SET, BD)
     if d_full < D:
         m_u, l_u, acc, cmin = _shifted_exact_chunk(x_base, roff, sxd, bp, d_full, D, s, k2,
-                                                   lp0_b, lp0_u, A_prev, A_cur, R_t, shift, m_u,
+                                                   lp0_b, lp0_u, A_prev, R_t, shift, m_u,
                                                    l_u, acc, cmin, HAS_P0, MASK_N, True, FIRST,
                                                    SET, BD)
     return m_u, l_u, acc, cmin
@@ -615,54 +620,80 @@ def _vector_block(BN, BD):
 
 
 @triton.jit
-def _subtract_from_vector(v_ptr, n, value, BV: tl.constexpr):
-    """v[:n] -= value in place, then a barrier (other threads read v next)."""
-    for i0 in range(0, n, BV):
+def _scaling_from_lse(R_t, lp0_b, lp0_u, k2, lse_u, A_cur, D, k2_next, HAS_P0: tl.constexpr,
+                      BV: tl.constexpr):
+    """a_t = u - LSE(u) - R_t, u = κ2 log p0 + (1 - κ2) R_t, over the D features, then a
+    barrier (other threads read a_t next). The exact pass stores R_t only: this one vector pass
+    stands for a store of a_t + LSE(u) per chunk there, a pass subtracting LSE(u) and the next
+    iteration's pass over a_t (the row pieces'; the one tile's leaves them unread, and the
+    compiler drops them). Returns the next iteration's fixed references (M, H, span) of a_t
+    (log2 units; 0 without a finite lane), ``k2_next`` its κ2:
+    M = max_d (κ2 log p0_d - (1 - κ2) a_{t,d}): a reference for u that needs no running max.
+    The shift sh_d = -a_{t,d} bounds the next pass's column terms by 1, so R_d <= sh_d +
+    log2 n_b and u_d <= M + log2 n_b; a pass whose column sums stay >= 2^-30 (else it is redone:
+    _COL_TINY) has u_d >= U_d - 30 for every d, and the lane with U_d = M keeps the LSE of u
+    and the row sums as well scaled as a running max would (within 2^30; the factors
+    2^(u - M - log2 col) <= 2^30 as before).
+    H = max_d -a_{t,d}, the set's shift, and span = H - min_d -a_{t,d} (:func:`_span_of`; see
+    the comment above _SET_SHIFT_SPAN): after the last iteration, the pooling's."""
+    m = tl.full([BV], NEG_INF, tl.float32)
+    hi = tl.full([BV], NEG_INF, tl.float32)
+    lo = tl.full([BV], float("inf"), tl.float32)
+    for i0 in range(0, D, BV):
         o = i0 + tl.arange(0, BV)
-        m = o < n
-        tl.store(v_ptr + o, tl.load(v_ptr + o, mask=m, other=0.0) - value, mask=m)
+        dm = o < D
+        r = tl.load(R_t + o, mask=dm, other=0.0)
+        lp0 = _load_log_prior(lp0_b, o, D, lp0_u, HAS_P0)
+        u = k2 * lp0 + (1.0 - k2) * r
+        a = (u - r) - lse_u
+        tl.store(A_cur + o, a, mask=dm)
+        m, hi, lo = _references_update(m, hi, lo, a, lp0, dm, k2_next)
     tl.debug_barrier()
+    return _references_of(m, hi, lo)
 
 
 @triton.jit
-def _row_marginal_step(c, on, nm, n_b, k3, lq0_b, lq0_u, lse_u, A_cur, B_cur, C_t, D,
-                       HAS_Q0: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+def _row_marginal_step(c, on, nm, n_b, k3, lq0_b, lq0_u, lse_u, A_cur, B_cur, C_t, D, R_t, k2,
+                       k2_next, lp0_b, lp0_u, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr,
+                       BN: tl.constexpr, BD: tl.constexpr):
     """The end of an exact one-pass iteration from its row LSEs c [BN] (0 on padded rows):
-    stores C_t = c and b_t = v - LSE(v) - c, v = κ3 log q0 + (1 - κ3) c, then a_t -= LSE(u)."""
+    stores C_t = c and b_t = v - LSE(v) - c, v = κ3 log q0 + (1 - κ3) c, then a_t; returns
+    the next iteration's fixed references (_scaling_from_lse)."""
     tl.store(C_t + on, c, mask=nm)
     lq0 = _load_log_prior(lq0_b, on, n_b, lq0_u, HAS_Q0)
     v = tl.where(nm, k3 * lq0 + (1.0 - k3) * c, NEG_INF)
     mv = tl.max(v, axis=0)
     lse_v = mv + log2_reduced(tl.sum(tl.exp2(v - mv), axis=0))
     tl.store(B_cur + on, v - lse_v - c, mask=nm)
-    tl.debug_barrier()
-    _subtract_from_vector(A_cur, D, lse_u, _vector_block(BN, BD))
+    tl.debug_barrier()      # (the pass's stores of R_t, in the tile's layout, before the reads)
+    return _scaling_from_lse(R_t, lp0_b, lp0_u, k2, lse_u, A_cur, D, k2_next, HAS_P0,
+                             _vector_block(BN, BD))
 
 
 @triton.jit
-def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u,
-                             A_prev, B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift,
+def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, k2_next, lp0_b, lp0_u, lq0_b,
+                             lq0_u, A_prev, B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift,
                              HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, MASK_N: tl.constexpr,
                              FIRST: tl.constexpr, SET: tl.constexpr, BN: tl.constexpr,
                              BD: tl.constexpr):
     """An exact iteration in one pass over x, all n_b <= BN rows in the tile (FIRST: t = 0,
-    or ε changed; else the fixed shifts: SET, the set's; ``m_ref``, ``shift``:
-    _fixed_references); writes R_t, a_t, C_t, b_t."""
+    or ε changed; else the fixed shifts: SET, the set's; ``m_ref``, ``shift``: the previous
+    iteration's references); writes R_t, a_t, C_t, b_t and returns the next iteration's
+    references (M, H, span) for ``k2_next`` (_scaling_from_lse)."""
     on = tl.arange(0, BN)
     nm = on < n_b
     bp = _lean_vec(B_prev, on, n_b, float("-inf"), MASK_N)                     # [BN]
     roff = _lean_row_offsets(on, n_b, sxn, MASK_N)                             # [BN]
     m_u, l_u, acc, cmin = _shifted_exact_pass(x_base, roff, sxd, bp, D, s, k2, lp0_b, lp0_u,
-                                              A_prev, A_cur, R_t, m_ref, shift, HAS_P0, MASK_N,
+                                              A_prev, R_t, m_ref, shift, HAS_P0, MASK_N,
                                               FIRST, SET, BN, BD)
     if not FIRST:
         if tl.min(cmin, axis=0) < _COL_TINY:
             # a column with almost no mass under its fixed shift (or one whose bound rounding
-            # broke): the pass again with the exact max-based column LSE (rare; it rewrites R_t
-            # and a_t)
+            # broke): the pass again with the exact max-based column LSE (rare; it rewrites R_t)
             tl.debug_barrier()
             m_u, l_u, acc, cmin = _shifted_exact_pass(x_base, roff, sxd, bp, D, s, k2, lp0_b,
-                                                      lp0_u, A_prev, A_cur, R_t, m_ref, shift,
+                                                      lp0_u, A_prev, R_t, m_ref, shift,
                                                       HAS_P0, MASK_N, True, False, BN, BD)
     # lanes to the common shift max u (once per iteration: one multiply per tile element)
     m_all = tl.max(m_u, axis=0)
@@ -670,15 +701,18 @@ def _shifted_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, 
     lse_u = m_all + log2_reduced(tl.sum(l_u * f, axis=0))
     rs = tl.sum(acc * f[None, :], axis=1)                                      # [BN]
     if tl.min(tl.where(nm, rs, 1.0), axis=0) < _TINY:
-        # a row with almost no mass: the exact row LSE in a second pass (rare)
+        # a row with almost no mass: the exact row LSE in a second pass over a_t (rare)
         tl.debug_barrier()
+        _scaling_from_lse(R_t, lp0_b, lp0_u, k2, lse_u, A_cur, D, k2_next, HAS_P0,
+                          _vector_block(BN, BD))
         _lse_over_d(x_base, sxn, sxd, n_b, D, s, A_cur, C_t, BN, BD)
         tl.debug_barrier()
-        c = tl.load(C_t + on, mask=nm, other=0.0) - lse_u
+        c = tl.load(C_t + on, mask=nm, other=0.0)
     else:
         c = log2_reduced(rs) - bp + (m_all - lse_u)
-    _row_marginal_step(tl.where(nm, c, 0.0), on, nm, n_b, k3, lq0_b, lq0_u, lse_u, A_cur, B_cur,
-                       C_t, D, HAS_Q0, BN, BD)
+    return _row_marginal_step(tl.where(nm, c, 0.0), on, nm, n_b, k3, lq0_b, lq0_u, lse_u, A_cur,
+                              B_cur, C_t, D, R_t, k2, k2_next, lp0_b, lp0_u, HAS_P0, HAS_Q0, BN,
+                              BD)
 
 
 # --------------------------------------------------------------------------------------------
@@ -866,7 +900,7 @@ def _zero_masked_rows(t, nm, MASK: tl.constexpr):
 
 @triton.jit
 def _pieces_exact_chunk(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2, d0, D, s, k2,
-                        lp0_b, lp0_u, A_prev, A_cur, R_t, shift, m_u, l_u, acc0, acc1, acc2,
+                        lp0_b, lp0_u, A_prev, R_t, shift, m_u, l_u, acc0, acc1, acc2,
                         cmin, HAS_P0: tl.constexpr, MASK_D: tl.constexpr, FIRST: tl.constexpr,
                         SET: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
                         P2: tl.constexpr, RL: tl.constexpr, MASK2: tl.constexpr,
@@ -900,8 +934,8 @@ def _pieces_exact_chunk(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2
         if MASK_D:
             col = tl.where(od < D, col, 1.0)
         cmin = tl.minimum(cmin, tl.where(col <= _COL_HUGE, col, 0.0))
-    g, mu, sc, l_u = _column_marginal_step(sh, col, od, D, k2, lp0_b, lp0_u, A_cur, R_t, m_u,
-                                           l_u, HAS_P0, MASK_D, FIRST)
+    g, mu, sc, l_u = _column_marginal_step(sh, col, od, D, k2, lp0_b, lp0_u, R_t, m_u, l_u,
+                                           HAS_P0, MASK_D, FIRST)
     if FIRST:
         acc0 = acc0 * _cols(sc) + e0 * _cols(g)
         acc1 = acc1 * _cols(sc) + e1 * _cols(g)
@@ -915,7 +949,7 @@ def _pieces_exact_chunk(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2
 
 @triton.jit
 def _pieces_exact_pass(x_base, on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2, sxd, B_prev, D, s,
-                       k2, lp0_b, lp0_u, A_prev, A_cur, R_t, m_ref, shift, HAS_P0: tl.constexpr,
+                       k2, lp0_b, lp0_u, A_prev, R_t, m_ref, shift, HAS_P0: tl.constexpr,
                        FIRST: tl.constexpr, SET: tl.constexpr, P0: tl.constexpr,
                        P1: tl.constexpr, P2: tl.constexpr, RL: tl.constexpr,
                        MASK2: tl.constexpr, UNIT_N: tl.constexpr, BD: tl.constexpr):
@@ -941,19 +975,19 @@ def _pieces_exact_pass(x_base, on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2, sxd,
     for d0 in range(0, d_full, BD):
         m_u, l_u, acc0, acc1, acc2, cmin = _pieces_exact_chunk(
             x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2, d0, D, s, k2, lp0_b, lp0_u,
-            A_prev, A_cur, R_t, shift, m_u, l_u, acc0, acc1, acc2, cmin, HAS_P0, False, FIRST,
+            A_prev, R_t, shift, m_u, l_u, acc0, acc1, acc2, cmin, HAS_P0, False, FIRST,
             SET, P0, P1, P2, RL, MASK2, UNIT_N, BD)
     if d_full < D:
         m_u, l_u, acc0, acc1, acc2, cmin = _pieces_exact_chunk(
             x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2, d_full, D, s, k2, lp0_b,
-            lp0_u, A_prev, A_cur, R_t, shift, m_u, l_u, acc0, acc1, acc2, cmin, HAS_P0, True,
+            lp0_u, A_prev, R_t, shift, m_u, l_u, acc0, acc1, acc2, cmin, HAS_P0, True,
             FIRST, SET, P0, P1, P2, RL, MASK2, UNIT_N, BD)
     return m_u, l_u, acc0, acc1, acc2, cmin
 
 
 @triton.jit
-def _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u,
-                            A_prev, B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift,
+def _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, k2_next, lp0_b, lp0_u, lq0_b,
+                            lq0_u, A_prev, B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift,
                             HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, FIRST: tl.constexpr,
                             SET: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
                             P2: tl.constexpr, MASK2: tl.constexpr, RL: tl.constexpr,
@@ -964,17 +998,16 @@ def _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, l
                                                                 MASK2)
     m_u, l_u, acc0, acc1, acc2, cmin = _pieces_exact_pass(
         x_base, on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2, sxd, B_prev, D, s, k2, lp0_b,
-        lp0_u, A_prev, A_cur, R_t, m_ref, shift, HAS_P0, FIRST, SET, P0, P1, P2, RL, MASK2,
+        lp0_u, A_prev, R_t, m_ref, shift, HAS_P0, FIRST, SET, P0, P1, P2, RL, MASK2,
         UNIT_N, BD)
     if not FIRST:
         if tl.min(cmin, axis=0) < _COL_TINY:
             # a column with almost no mass under its fixed shift (or one whose bound rounding
-            # broke): the pass again with the exact max-based column LSE (rare; it rewrites R_t
-            # and a_t)
+            # broke): the pass again with the exact max-based column LSE (rare; it rewrites R_t)
             tl.debug_barrier()
             m_u, l_u, acc0, acc1, acc2, cmin = _pieces_exact_pass(
                 x_base, on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2, sxd, B_prev, D, s, k2,
-                lp0_b, lp0_u, A_prev, A_cur, R_t, m_ref, shift, HAS_P0, True, False, P0, P1,
+                lp0_b, lp0_u, A_prev, R_t, m_ref, shift, HAS_P0, True, False, P0, P1,
                 P2, RL, MASK2, UNIT_N, BD)
     m_all = tl.max(m_u, axis=0)
     f = tl.exp2(m_u - m_all)                                                   # [BD]
@@ -993,17 +1026,20 @@ def _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, l
     nm = on < n_b
     rs = tl.load(C_t + on, mask=nm, other=1.0)                                 # [BN]
     if tl.min(rs, axis=0) < _TINY:
-        # a row with almost no mass: the exact row LSE in a second pass (rare; in [P0, BD]
-        # tiles, so that its loop is not the one with the most exp2 per trip)
+        # a row with almost no mass: the exact row LSE in a second pass over a_t (rare; in
+        # [P0, BD] tiles, so that its loop is not the one with the most exp2 per trip)
         tl.debug_barrier()
+        _scaling_from_lse(R_t, lp0_b, lp0_u, k2, lse_u, A_cur, D, k2_next, HAS_P0,
+                          _vector_block(P0, BD))
         _lse_over_d(x_base, sxn, sxd, n_b, D, s, A_cur, C_t, P0, BD)
         tl.debug_barrier()
-        c = tl.load(C_t + on, mask=nm, other=0.0) - lse_u
+        c = tl.load(C_t + on, mask=nm, other=0.0)
     else:
         c = log2_reduced(rs) - tl.load(B_prev + on, mask=nm, other=0.0) + (m_all - lse_u)
     tl.debug_barrier()      # (every thread has read the row sums from C_t)
-    _row_marginal_step(tl.where(nm, c, 0.0), on, nm, n_b, k3, lq0_b, lq0_u, lse_u, A_cur, B_cur,
-                       C_t, D, HAS_Q0, BN, BD)
+    return _row_marginal_step(tl.where(nm, c, 0.0), on, nm, n_b, k3, lq0_b, lq0_u, lse_u, A_cur,
+                              B_cur, C_t, D, R_t, k2, k2_next, lp0_b, lp0_u, HAS_P0, HAS_Q0, BN,
+                              BD)
 
 
 @triton.jit
@@ -1118,9 +1154,9 @@ def _pieces_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_b, y_b, shift, SET
     """The pooling (eq. 5) on the three row pieces, one pass: all rows of a chunk are in
     registers, so the column max is taken once (no online rescale); masked rows have b = -inf.
     (p = 2^(z - max), not 2^(x s + (b - max)): see _piece_pool_terms.) SET: every column
-    under the set's ``shift`` H (_set_shift of a_T, which bounds x s + b as the iterations'
-    shifts do): p = 2^(z - H), no max; returns the smallest column sum
-    (0 for one above _COL_HUGE): under _COL_TINY the caller pools again under the max."""
+    under the set's ``shift`` H (of a_T, from _scaling_from_lse or _set_shift; it bounds
+    x s + b as the iterations' shifts do): p = 2^(z - H), no max; returns the smallest column
+    sum (0 for one above _COL_HUGE): under _COL_TINY the caller pools again under the max."""
     on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _lanes_layout(n_b, sxn, P0, P1, P2, RL,
                                                                 MASK2)
     bb0, bb1, bb2 = _lanes_row_bias(B_fin, on0, nm0, on1, nm1, on2, nm2, P0, P1, P2, RL,
@@ -1266,6 +1302,11 @@ def sinkhorn_fwd_kernel(
         else:  # the iterations ran in the split-set launches: pooling (and plan) only
             t_end = 0
         s_prev = tl.sum(tl.zeros([1], tl.float32), axis=0)
+        # the row pieces' fixed references (M, H, span) of a_{t-1}, which iteration t - 1
+        # returns from its last vector pass (_scaling_from_lse) for κ2 of iteration t
+        m_ref = s_prev
+        shift = s_prev
+        span = s_prev
         for t in range(t_end):
             s = _x_scale(w_ptr, T, t, PAPER) * isig
             # the exact iterations' fixed column shift -a_{t-1} bounds x s_{t-1} + b, not x s_t +
@@ -1282,55 +1323,55 @@ def sinkhorn_fwd_kernel(
             R_t = Rn_b + t * D
             C_t = Cn_ptr + t * NR + row0
             if P0 > 0:
+                # κ2 of iteration t + 1 (the last iteration's own: its M is not read)
+                k2n = _kappa_at(w_ptr, T, tl.minimum(t + 1, T - 1), _A2)
                 if t == 0:
-                    _pieces_exact_iteration(
-                        x_base, sxn_p, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u, A_prev,
-                        B_prev, A_cur, B_cur, R_t, C_t, 0.0, 0.0, HAS_P0, HAS_Q0, True, False, P0,
-                        P1, P2, MASK_P, RL, UNIT_N, BN, BD)
+                    m_ref, shift, span = _pieces_exact_iteration(
+                        x_base, sxn_p, sxd, n_b, D, s, k2, k3, k2n, lp0_b, lp0_u, lq0_b, lq0_u,
+                        A_prev, B_prev, A_cur, B_cur, R_t, C_t, 0.0, 0.0, HAS_P0, HAS_Q0, True,
+                        False, P0, P1, P2, MASK_P, RL, UNIT_N, BN, BD)
                 elif s != s_last:
-                    _pieces_exact_iteration(
-                        x_base, sxn_p, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u, A_prev,
-                        B_prev, A_cur, B_cur, R_t, C_t, 0.0, 0.0, HAS_P0, HAS_Q0, True, False, P0,
-                        P1, P2, MASK_P, RL, UNIT_N, BN, BD)
-                else:
+                    m_ref, shift, span = _pieces_exact_iteration(
+                        x_base, sxn_p, sxd, n_b, D, s, k2, k3, k2n, lp0_b, lp0_u, lq0_b, lq0_u,
+                        A_prev, B_prev, A_cur, B_cur, R_t, C_t, 0.0, 0.0, HAS_P0, HAS_Q0, True,
+                        False, P0, P1, P2, MASK_P, RL, UNIT_N, BN, BD)
+                elif SET_SHIFT and span <= _SET_SHIFT_SPAN:
                     # the fixed shifts: the set's where a_{t-1} spans little, else each
                     # column's
-                    m_ref, shift, span = _fixed_references(A_prev, D, k2, lp0_b, lp0_u, HAS_P0,
-                                                           _vector_block(P0, BD))
-                    if SET_SHIFT and span <= _SET_SHIFT_SPAN:
-                        _pieces_exact_iteration(
-                            x_base, sxn_p, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u,
-                            A_prev, B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift, HAS_P0, HAS_Q0,
-                            False, True, P0, P1, P2, MASK_P, RL, UNIT_N, BN, BD)
-                    else:
-                        _pieces_exact_iteration(
-                            x_base, sxn_p, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u,
-                            A_prev, B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift, HAS_P0, HAS_Q0,
-                            False, False, P0, P1, P2, MASK_P, RL, UNIT_N, BN, BD)
+                    m_ref, shift, span = _pieces_exact_iteration(
+                        x_base, sxn_p, sxd, n_b, D, s, k2, k3, k2n, lp0_b, lp0_u, lq0_b, lq0_u,
+                        A_prev, B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift, HAS_P0, HAS_Q0,
+                        False, True, P0, P1, P2, MASK_P, RL, UNIT_N, BN, BD)
+                else:
+                    m_ref, shift, span = _pieces_exact_iteration(
+                        x_base, sxn_p, sxd, n_b, D, s, k2, k3, k2n, lp0_b, lp0_u, lq0_b, lq0_u,
+                        A_prev, B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift, HAS_P0, HAS_Q0,
+                        False, False, P0, P1, P2, MASK_P, RL, UNIT_N, BN, BD)
             elif ONE_TILE_N and not PAPER:
+                # (κ2 as the next iteration's: the references it returns are not read)
                 if t == 0:
                     _shifted_exact_iteration(
-                        x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u, A_prev,
-                        B_prev, A_cur, B_cur, R_t, C_t, 0.0, 0.0, HAS_P0, HAS_Q0, MASK_N, True,
-                        False, BN, BD)
+                        x_base, sxn, sxd, n_b, D, s, k2, k3, k2, lp0_b, lp0_u, lq0_b, lq0_u,
+                        A_prev, B_prev, A_cur, B_cur, R_t, C_t, 0.0, 0.0, HAS_P0, HAS_Q0, MASK_N,
+                        True, False, BN, BD)
                 elif s != s_last:
                     _shifted_exact_iteration(
-                        x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u, A_prev,
-                        B_prev, A_cur, B_cur, R_t, C_t, 0.0, 0.0, HAS_P0, HAS_Q0, MASK_N, True,
-                        False, BN, BD)
+                        x_base, sxn, sxd, n_b, D, s, k2, k3, k2, lp0_b, lp0_u, lq0_b, lq0_u,
+                        A_prev, B_prev, A_cur, B_cur, R_t, C_t, 0.0, 0.0, HAS_P0, HAS_Q0, MASK_N,
+                        True, False, BN, BD)
                 else:
                     m_ref, shift, span = _fixed_references(A_prev, D, k2, lp0_b, lp0_u, HAS_P0,
                                                            _vector_block(BN, BD))
                     if SET_SHIFT and span <= _SET_SHIFT_SPAN:
                         _shifted_exact_iteration(
-                            x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u, A_prev,
-                            B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift, HAS_P0, HAS_Q0, MASK_N,
-                            False, True, BN, BD)
+                            x_base, sxn, sxd, n_b, D, s, k2, k3, k2, lp0_b, lp0_u, lq0_b, lq0_u,
+                            A_prev, B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift, HAS_P0, HAS_Q0,
+                            MASK_N, False, True, BN, BD)
                     else:
                         _shifted_exact_iteration(
-                            x_base, sxn, sxd, n_b, D, s, k2, k3, lp0_b, lp0_u, lq0_b, lq0_u, A_prev,
-                            B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift, HAS_P0, HAS_Q0, MASK_N,
-                            False, False, BN, BD)
+                            x_base, sxn, sxd, n_b, D, s, k2, k3, k2, lp0_b, lp0_u, lq0_b, lq0_u,
+                            A_prev, B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift, HAS_P0, HAS_Q0,
+                            MASK_N, False, False, BN, BD)
             elif ONE_TILE_N:
                 _lean_paper_iteration(x_base, sxn, sxd, n_b, D, s, _inv_eps(w_ptr, T, t), k2,
                                       k3, lp0_b, lp0_u, lq0_b, lq0_u, A_prev, B_prev, A_cur,
@@ -1375,7 +1416,8 @@ def sinkhorn_fwd_kernel(
             # under the set's shift where a_T spans little (a column with almost no mass, or
             # one whose bound rounding broke, pools again under the max), else under the max
             if SET_SHIFT:
-                shift, span = _set_shift(A_fin, D, _vector_block(P0, BD))
+                if not ITERATE:      # (else the last iteration's H and span of a_T)
+                    shift, span = _set_shift(A_fin, D, _vector_block(P0, BD))
                 by_max = span > _SET_SHIFT_SPAN
                 if not by_max:
                     lmin = _pieces_pool(x_base, sxn_p, sxd, n_b, D, s_fin, B_fin,
