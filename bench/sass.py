@@ -513,8 +513,11 @@ def dynamic_instructions(cubin: bytes, sites: dict, programs: int, site_elems=No
     for r in ranges:
         same[stmts(r)].append(r)
 
-    def unrolled(r):
-        return (_unroll(own[r], sites, site_elems, threads)
+    def unrolled(r, per_trip):
+        # read from the once-per-trip statements where there are any: a vector pass inlined
+        # in an outer loop's body, its trips unrolled there, is no copy of that body
+        body = [i for i in own[r] if i.chain in per_trip] if per_trip else own[r]
+        return (_unroll(body, sites, site_elems, threads)
                 if site_elems is not None and threads else 1)
 
     runs = {None: float(programs)}
@@ -552,7 +555,7 @@ def dynamic_instructions(cubin: bytes, sites: dict, programs: int, site_elems=No
         held = dict(zip([r] + others, held[:-1]))
         u = max(held.values())
         if u == min(held.values()):                         # one loop, or plain copies
-            runs[r] = n / len(group) / (held[r] if held[r] > 1 else unrolled(r))
+            runs[r] = n / len(group) / (held[r] if held[r] > 1 else unrolled(r, set(per_trip)))
             continue
         # unrolled by u beside its remainder loop: each entry leaves (u - 1) / 2 trips to the
         # remainder on average (the trip count per entry is not counted: an estimate)

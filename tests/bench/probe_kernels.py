@@ -122,3 +122,20 @@ def first_trip_kernel(x_ptr, y_ptr, n, first, BLOCK: tl.constexpr):
         else:
             acc += tl.exp2(v)
     tl.store(y_ptr + offs, acc)
+
+
+@triton.jit
+def inlined_pass_kernel(x_ptr, v_ptr, y_ptr, n, BLOCK: tl.constexpr, V: tl.constexpr):
+    """n trips of a loop whose body holds, besides one exp2 per element, a pass of V tiles
+    with a constant trip count, which the compiler unrolls into the body: its loads move V
+    tiles a trip, yet the body is no V-fold copy of the loop's (the Sinkhorn forward's
+    iteration loop and its vector passes over the features)."""
+    offs = tl.arange(0, BLOCK)                                                        # [BLOCK]
+    acc = tl.zeros([BLOCK], tl.float32)
+    for k in range(n):
+        acc = acc * 0.5 + tl.exp2(tl.load(x_ptr + k * BLOCK + offs))
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        for j in range(0, V * BLOCK, BLOCK):
+            m = tl.maximum(m, tl.load(v_ptr + (k * V) * BLOCK + j + offs))
+        acc += m
+    tl.store(y_ptr + offs, acc)

@@ -150,6 +150,9 @@ _TRIP_PROBES = {
     # a long branch taken on the first trip only, a short one on the others: most of the
     # loop's instructions ran once
     "first trip": ("first_trip_kernel", 9, 256, 4),
+    # a pass of 16 tiles with a constant trip count, unrolled into the loop's body: not a
+    # 16-fold copy of the body
+    "inlined pass": ("inlined_pass_kernel", 9, 256, 4),
 }
 # exp2 per element over all trips (the interpreter's count, checked against the probe)
 _TRIP_PROBE_EXP2 = {"static copies": 4 * 9, "replay": 2 * 9, "first trip": 2 + 8}
@@ -166,6 +169,10 @@ def _probe_launch(name, trips, tile, warps):
     if name == "first_trip_kernel":
         return (f"pk.first_trip_kernel[(1,)](torch.zeros({trips} * {tile}), "
                 f"torch.empty({tile}), {trips}, 0, BLOCK={tile}, num_warps={warps})")
+    if name == "inlined_pass_kernel":
+        return (f"pk.inlined_pass_kernel[(1,)](torch.zeros({trips} * {tile}), "
+                f"torch.zeros({trips} * 16 * {tile}), torch.empty({tile}), {trips}, "
+                f"BLOCK={tile}, V=16, num_warps={warps})")
     if name == "persistent_kernel":
         return (f"pk.persistent_kernel[(1,)](torch.zeros({trips} * {tile}), "
                 f"torch.empty({trips} * {tile}), {trips}, BLOCK={tile}, num_warps={warps})")
