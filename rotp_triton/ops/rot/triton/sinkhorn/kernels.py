@@ -496,19 +496,32 @@ def _references_of(m, hi, lo):
 
 
 @triton.jit
-def _fixed_references(A_prev, D, k2, lp0_b, lp0_u, HAS_P0: tl.constexpr, BV: tl.constexpr):
+def _references_init(BV: tl.constexpr):
+    """The lanes of _references_update before any feature."""
+    return (tl.full([BV], NEG_INF, tl.float32), tl.full([BV], NEG_INF, tl.float32),
+            tl.full([BV], float("inf"), tl.float32))
+
+
+@triton.jit
+def _fixed_references(A_prev, D, scale, k2, lp0_b, lp0_u, HAS_P0: tl.constexpr,
+                      SCALE: tl.constexpr, BV: tl.constexpr):
     """The fixed references (M, H, span) of a_{t-1} (see _scaling_from_lse) in a pass of
     their own over it: the one-tile path's (carried from the previous iteration's pass instead,
-    as the row pieces do, they kept more registers live across W1's iteration loop)."""
-    m = tl.full([BV], NEG_INF, tl.float32)
-    hi = tl.full([BV], NEG_INF, tl.float32)
-    lo = tl.full([BV], float("inf"), tl.float32)
+    as the row pieces do, they kept more registers live across W1's iteration loop). SCALE:
+    a_{t-1} is ``scale`` times what A_prev holds, stored back before a barrier (the row
+    pieces' t = 0 under the spread pass's column maxima)."""
+    m, hi, lo = _references_init(BV)
     for d0 in range(0, D, BV):
         od = d0 + tl.arange(0, BV)
         dm = od < D
         a = tl.load(A_prev + od, mask=dm, other=0.0)
+        if SCALE:
+            a = a * scale
+            tl.store(A_prev + od, a, mask=dm)
         lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
         m, hi, lo = _references_update(m, hi, lo, a, lp0, dm, k2)
+    if SCALE:
+        tl.debug_barrier()
     return _references_of(m, hi, lo)
 
 
@@ -636,9 +649,7 @@ def _scaling_from_lse(R_t, lp0_b, lp0_u, k2, lse_u, A_cur, D, k2_next, HAS_P0: t
     2^(u - M - log2 col) <= 2^30 as before).
     H = max_d -a_{t,d}, the set's shift, and span = H - min_d -a_{t,d} (:func:`_span_of`; see
     the comment above _SET_SHIFT_SPAN): after the last iteration, the pooling's."""
-    m = tl.full([BV], NEG_INF, tl.float32)
-    hi = tl.full([BV], NEG_INF, tl.float32)
-    lo = tl.full([BV], float("inf"), tl.float32)
+    m, hi, lo = _references_init(BV)
     for i0 in range(0, D, BV):
         o = i0 + tl.arange(0, BV)
         dm = o < D
@@ -1056,7 +1067,7 @@ def _pieces_deviations(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D, inv_n, 
                        P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                        MASK2: tl.constexpr, RL: tl.constexpr, UNIT_N: tl.constexpr):
     """A feature chunk's deviations from its means on the three pieces, [P / RL, BD, RL]
-    each (masked rows read as 0 and their deviations zeroed); the means [BD] stored."""
+    each (masked rows read as 0 and their deviations zeroed), and the means [BD] (stored)."""
     x0, x1, x2 = _pieces_load(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D, P0, P1, P2,
                               RL, MASK2, UNIT_N, True)
     mean = _pieces_col_sum(x0, x1, x2) * inv_n                                 # [BD]
@@ -1064,15 +1075,16 @@ def _pieces_deviations(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D, inv_n, 
     v0 = _zero_masked_rows(x0 - _cols(mean), nm0, _masked_piece(P0, RL, False))
     v1 = _zero_masked_rows(x1 - _cols(mean), nm1, _masked_piece(P1, RL, False))
     v2 = _zero_masked_rows(x2 - _cols(mean), nm2, _masked_piece(P2, RL, MASK2))
-    return v0, v1, v2
+    return v0, v1, v2, mean
 
 
 @triton.jit
-def _pieces_spread(x_base, sxn, sxd, n_b, D, s_b, root_b, mean_b, P0: tl.constexpr,
+def _pieces_spread(x_base, sxn, sxd, n_b, D, s_b, root_b, mean_b, top_b, P0: tl.constexpr,
                    P1: tl.constexpr, P2: tl.constexpr, MASK2: tl.constexpr, RL: tl.constexpr,
                    UNIT_N: tl.constexpr, BD: tl.constexpr):
-    """The set's feature spread on the three row pieces: per feature chunk the mean (stored)
-    and the squared deviations, summed per feature lane as they are (no reduction across the
+    """The set's feature spread on the three row pieces: per feature chunk the mean (stored),
+    each column's max of x (stored at ``top_b``: the t = 0 iteration's shifts) and the squared
+    deviations, summed per feature lane as they are (no reduction across the
     block a chunk); where some feature's sum of squares is neither 0 nor in [SPREAD_SQ_MIN,
     SPREAD_SQ_MAX] (checked once, after the pass) the chunks are summed again with scales
     (:func:`_pieces_spread_blocks`, one more read of x). Stores σ, its root and the means;
@@ -1085,8 +1097,10 @@ def _pieces_spread(x_base, sxn, sxd, n_b, D, s_b, root_b, mean_b, P0: tl.constex
     for d0 in range(0, D, BD):
         od = d0 + tl.arange(0, BD)
         dm = od < D
-        v0, v1, v2 = _pieces_deviations(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D,
-                                        inv_n, mean_b, P0, P1, P2, MASK2, RL, UNIT_N)
+        v0, v1, v2, mean = _pieces_deviations(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od,
+                                              D, inv_n, mean_b, P0, P1, P2, MASK2, RL, UNIT_N)
+        # each column's max of x (a masked row's deviation 0 is no larger than the largest)
+        tl.store(top_b + od, mean + _pieces_col_max(v0, v1, v2), mask=dm)
         m2 = _pieces_col_sum(v0 * v0, v1 * v1, v2 * v2)                        # [BD]
         # (a feature constant over the set, e.g. a dead ReLU channel, adds exactly 0 and needs
         # no scale; m2 = 0 alone is not that: deviations under 2^-63 square to 0)
@@ -1124,8 +1138,8 @@ def _pieces_spread_blocks(x_base, sxn, sxd, n_b, D, s_b, root_b, mean_b, P0: tl.
     for d0 in range(0, D, BD):
         od = d0 + tl.arange(0, BD)
         dm = od < D
-        v0, v1, v2 = _pieces_deviations(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D,
-                                        inv_n, mean_b, P0, P1, P2, MASK2, RL, UNIT_N)
+        v0, v1, v2, _ = _pieces_deviations(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D,
+                                           inv_n, mean_b, P0, P1, P2, MASK2, RL, UNIT_N)
         m2 = _pieces_col_sum(v0 * v0, v1 * v1, v2 * v2)
         odd = dm & ((m2 > SPREAD_SQ_MAX) | (m2 < SPREAD_SQ_MIN))
         if tl.max(odd.to(tl.int32), axis=0) == 0:
@@ -1273,8 +1287,10 @@ def sinkhorn_fwd_kernel(
     else:
         sxn_p = sxn
     if STATS and P0 > 0:
+        # (each column's max of x into a_0's slot of A, which iteration 0 writes last)
         isig = _pieces_spread(x_ptr + x_off, sxn_p, sxd, n_b, D, sc_ptr + b, root_ptr + b,
-                              mean_ptr + b * D, P0, P1, P2, MASK_P, RL, UNIT_N, BD)
+                              mean_ptr + b * D, A_ptr + (b * (T + 1) + 1) * D, P0, P1, P2,
+                              MASK_P, RL, UNIT_N, BD)
     elif STATS and ONE_TILE_N:
         isig = set_spread_tile(x_ptr + x_off, sxn, sxd, n_b, D, sc_ptr + b, root_ptr + b,
                                mean_ptr + b * D, MASK_N, BN, BD)
@@ -1307,6 +1323,14 @@ def sinkhorn_fwd_kernel(
         m_ref = s_prev
         shift = s_prev
         span = s_prev
+        if STATS and P0 > 0:
+            # t = 0 under a fixed shift too: with b_{-1} = 0, s_0 times each column's max of x
+            # (the spread pass's) bounds x s_0 + b_{-1}; a_{-1} := -s_0 max_n x (in a_0's slot:
+            # the pass reads it, _scaling_from_lse writes a_0 over it), no column max per chunk
+            s_prev = _x_scale(w_ptr, T, 0, PAPER) * isig
+            m_ref, shift, span = _fixed_references(A_b + D, D, -s_prev,
+                                                   _kappa_at(w_ptr, T, 0, _A2), lp0_b, lp0_u,
+                                                   HAS_P0, True, _vector_block(P0, BD))
         for t in range(t_end):
             s = _x_scale(w_ptr, T, t, PAPER) * isig
             # the exact iterations' fixed column shift -a_{t-1} bounds x s_{t-1} + b, not x s_t +
@@ -1316,7 +1340,10 @@ def sinkhorn_fwd_kernel(
             s_last, s_prev = s_prev, s
             k2 = _kappa_at(w_ptr, T, t, _A2)
             k3 = _kappa_at(w_ptr, T, t, _A3)
-            A_prev = A_b + t * D
+            if STATS and P0 > 0:
+                A_prev = A_b + tl.maximum(t, 1) * D                            # (see above)
+            else:
+                A_prev = A_b + t * D
             A_cur = A_b + (t + 1) * D
             B_prev = Bv_ptr + t * NR + row0
             B_cur = Bv_ptr + (t + 1) * NR + row0
@@ -1325,12 +1352,8 @@ def sinkhorn_fwd_kernel(
             if P0 > 0:
                 # κ2 of iteration t + 1 (the last iteration's own: its M is not read)
                 k2n = _kappa_at(w_ptr, T, tl.minimum(t + 1, T - 1), _A2)
-                if t == 0:
-                    m_ref, shift, span = _pieces_exact_iteration(
-                        x_base, sxn_p, sxd, n_b, D, s, k2, k3, k2n, lp0_b, lp0_u, lq0_b, lq0_u,
-                        A_prev, B_prev, A_cur, B_cur, R_t, C_t, 0.0, 0.0, HAS_P0, HAS_Q0, True,
-                        False, P0, P1, P2, MASK_P, RL, UNIT_N, BN, BD)
-                elif s != s_last:
+                # (t = 0 without the spread's maxima: s_last = 0 < s)
+                if s != s_last:
                     m_ref, shift, span = _pieces_exact_iteration(
                         x_base, sxn_p, sxd, n_b, D, s, k2, k3, k2n, lp0_b, lp0_u, lq0_b, lq0_u,
                         A_prev, B_prev, A_cur, B_cur, R_t, C_t, 0.0, 0.0, HAS_P0, HAS_Q0, True,
@@ -1360,8 +1383,8 @@ def sinkhorn_fwd_kernel(
                         A_prev, B_prev, A_cur, B_cur, R_t, C_t, 0.0, 0.0, HAS_P0, HAS_Q0, MASK_N,
                         True, False, BN, BD)
                 else:
-                    m_ref, shift, span = _fixed_references(A_prev, D, k2, lp0_b, lp0_u, HAS_P0,
-                                                           _vector_block(BN, BD))
+                    m_ref, shift, span = _fixed_references(A_prev, D, 1.0, k2, lp0_b, lp0_u,
+                                                           HAS_P0, False, _vector_block(BN, BD))
                     if SET_SHIFT and span <= _SET_SHIFT_SPAN:
                         _shifted_exact_iteration(
                             x_base, sxn, sxd, n_b, D, s, k2, k3, k2, lp0_b, lp0_u, lq0_b, lq0_u,
