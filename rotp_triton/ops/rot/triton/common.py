@@ -203,6 +203,56 @@ def rcp_approx(v):
 
 
 @triton.jit
+def st_global_f32(ptr, v):
+    """ptr[...] = v (fp32), each element by the threads that hold it, in v's own layout (GPU
+    only: inline PTX ``st.global``; the threads holding a replicated element store the same
+    value to the same address)."""
+    return tl.inline_asm_elementwise("st.global.f32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,f",
+                                     [ptr.to(tl.int64, bitcast=True), v], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def st_global_f32_masked(ptr, v, mask):
+    """``st_global_f32`` where ``mask`` holds (GPU only: a predicated PTX ``st.global``)."""
+    return tl.inline_asm_elementwise(
+        "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, $3, 0;\n\t@p st.global.f32 [$1], $2;\n\t}"
+        "\n\tmov.u32 $0, 0;", "=r,l,f,r",
+        [ptr.to(tl.int64, bitcast=True), v, mask.to(tl.int32)], dtype=tl.int32, is_pure=False,
+        pack=1)
+
+
+# tl.store of a reduced vector (a [BD] column vector that the lanes of a tile layout hold
+# replicated) goes through shared memory: the store is given a blocked layout of its own
+# (triton's coalescing), so every chunk converts the vector into it with an STS, an LDS and two
+# barriers. An element-loop store of such a vector is written where it is held instead. No
+# barrier comes with it: a read of the same addresses before it (by any thread that holds them)
+# or after it (by other threads) needs one of its own. From triton 3.9 on: under 3.6 it moved
+# small one-tile sets' spills both ways (sm_90 ptxas, e.g. the forward at 32 × 128 rows ×
+# features, 8 warps: 0 -> 136 B; at 64 × 64: 88 -> 40 B), and there tl.store stays.
+STORE_IN_LAYOUT = tl.constexpr(not interpreter_enabled() and FRUGAL_REGISTERS)
+
+
+@triton.jit
+def store_reduced(ptr, v):
+    """ptr[...] = v for a reduced fp32 vector, no mask: ``st_global_f32`` where
+    ``STORE_IN_LAYOUT``, else ``tl.store`` (the same values)."""
+    if STORE_IN_LAYOUT:
+        st_global_f32(ptr, v)
+    else:
+        tl.store(ptr, v)
+
+
+@triton.jit
+def store_reduced_masked(ptr, v, mask):
+    """``store_reduced`` where ``mask`` holds."""
+    if STORE_IN_LAYOUT:
+        st_global_f32_masked(ptr, v, mask)
+    else:
+        tl.store(ptr, v, mask=mask)
+
+
+@triton.jit
 def log2_reduced(v):
     """log2 of a reduced vector (a column or row sum): ``lg2_approx`` on the GPU, ``tl.log2``
     under the interpreter (one line, so that bench/sass.py finds the GPU's instructions at the
@@ -220,7 +270,9 @@ def lse2_combine(m1, s1, m2, s2):
 
 __all__ = ["LOG2E", "LN2", "interpreter_enabled", "sm_count", "next_pow2", "cdiv",
            "HAS_TRITON_OP", "direct_launch", "eager_function", "launcher", "kappa", "lse2_combine",
-           "FAST_MATH", "lg2_approx", "lg2_approx_ftz", "rcp_approx", "log2_reduced"]
+           "FAST_MATH", "lg2_approx", "lg2_approx_ftz", "rcp_approx", "log2_reduced",
+           "st_global_f32", "st_global_f32_masked", "STORE_IN_LAYOUT", "store_reduced",
+           "store_reduced_masked"]
 
 
 @triton.jit
