@@ -47,6 +47,8 @@ def _main():
                     os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
                         os.path.abspath(__file__)))))]
     from aot import compile_sm90
+    from rotp_triton.ops.rot.triton.common import STORE_IN_LAYOUT
+    print("STORE_IN_LAYOUT", int(bool(STORE_IN_LAYOUT)))
     kernel = _probe_kernel()
     sig = {"x_ptr": "*fp32", "out_ptr": "*fp32", "sxd": "i32", "D": "i32",
            "VARIANT": "constexpr", "BD": "constexpr"}
@@ -63,20 +65,22 @@ def probe_counts():
                          capture_output=True, timeout=600)
     rows = [ln.split() for ln in out.stdout.splitlines() if ln.startswith("PROBE")]
     assert len(rows) == len(PROBES), out.stderr[-3000:]
-    return {PROBES[int(r[1])]: tuple(map(int, r[2:])) for r in rows}
+    counts = {PROBES[int(r[1])]: tuple(map(int, r[2:])) for r in rows}
+    on = [ln.split()[1] for ln in out.stdout.splitlines() if ln.startswith("STORE_IN_LAYOUT")]
+    return counts, on == ["1"]
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
 def test_store_reduced_skips_the_shared_memory_round_trip(probe_counts, masked):
-    """From triton 3.9 on (``STORE_IN_LAYOUT`` on the GPU) no STS and no barrier; under 3.6
-    the helper is ``tl.store``, round trip included."""
-    from rotp_triton.ops.rot.triton.common import FRUGAL_REGISTERS
+    """With ``STORE_IN_LAYOUT`` (the GPU build from triton 3.9 on) no STS and no barrier; else
+    (triton 3.6) the helper is ``tl.store``, round trip included."""
+    counts, store_in_layout = probe_counts
     suffix = " masked" if masked else ""
-    plain = probe_counts["tl.store" + suffix]
+    plain = counts["tl.store" + suffix]
     sts, bar, stg = plain
     assert sts >= 1 and bar >= 1 and stg >= 1      # the round trip the helper avoids
-    sts, bar, stg = probe_counts["store_reduced" + suffix]
-    if FRUGAL_REGISTERS:
+    sts, bar, stg = counts["store_reduced" + suffix]
+    if store_in_layout:
         assert (sts, bar) == (0, 0) and stg >= 1
     else:
         assert (sts, bar, stg) == plain

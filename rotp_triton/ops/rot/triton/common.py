@@ -229,8 +229,11 @@ def st_global_f32_masked(ptr, v, mask):
 # barrier comes with it: a read of the same addresses before it (by any thread that holds them)
 # or after it (by other threads) needs one of its own. From triton 3.9 on: under 3.6 it moved
 # small one-tile sets' spills both ways (sm_90 ptxas, e.g. the forward at 32 × 128 rows ×
-# features, 8 warps: 0 -> 136 B; at 64 × 64: 88 -> 40 B), and there tl.store stays.
-STORE_IN_LAYOUT = tl.constexpr(not interpreter_enabled() and FRUGAL_REGISTERS)
+# features, 8 warps: 0 -> 136 B; at 64 × 64: 88 -> 40 B), and there tl.store stays, unless
+# ROTP_TRITON_STORE_IN_LAYOUT=1 (read at import: a 3.6 GPU can check the inline stores,
+# bench/README.md "A GPU lease").
+STORE_IN_LAYOUT = tl.constexpr(not interpreter_enabled() and (
+    FRUGAL_REGISTERS or os.environ.get("ROTP_TRITON_STORE_IN_LAYOUT", "") == "1"))
 
 
 @triton.jit
