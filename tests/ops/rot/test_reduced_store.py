@@ -17,7 +17,7 @@ def _probe_kernel():
     import triton
     import triton.language as tl
 
-    from rotp_triton.ops.rot.triton.common import store_reduced, store_reduced_masked
+    from rotp_triton.ops.rot.triton.common import store_reduced
 
     @triton.jit
     def column_lse_kernel(x_ptr, out_ptr, sxd, D, VARIANT: tl.constexpr, BD: tl.constexpr):
@@ -37,7 +37,7 @@ def _probe_kernel():
             elif VARIANT == 2:
                 tl.store(out_ptr + od, col, mask=od < D)
             else:
-                store_reduced_masked(out_ptr + od, col, od < D)
+                store_reduced(out_ptr + od, col, od < D)
 
     return column_lse_kernel
 

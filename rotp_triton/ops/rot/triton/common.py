@@ -237,20 +237,15 @@ STORE_IN_LAYOUT = tl.constexpr(not interpreter_enabled() and (
 
 
 @triton.jit
-def store_reduced(ptr, v):
-    """ptr[...] = v for a reduced fp32 vector, no mask: ``st_global_f32`` where
-    ``STORE_IN_LAYOUT``, else ``tl.store`` (the same values)."""
+def store_reduced(ptr, v, mask=None):
+    """ptr[...] = v for a reduced fp32 vector (where ``mask`` holds, if given):
+    ``st_global_f32`` / ``st_global_f32_masked`` where ``STORE_IN_LAYOUT``, else ``tl.store``
+    (the same values)."""
     if STORE_IN_LAYOUT:
-        st_global_f32(ptr, v)
-    else:
-        tl.store(ptr, v)
-
-
-@triton.jit
-def store_reduced_masked(ptr, v, mask):
-    """``store_reduced`` where ``mask`` holds."""
-    if STORE_IN_LAYOUT:
-        st_global_f32_masked(ptr, v, mask)
+        if mask is None:
+            st_global_f32(ptr, v)
+        else:
+            st_global_f32_masked(ptr, v, mask)
     else:
         tl.store(ptr, v, mask=mask)
 
@@ -274,8 +269,7 @@ def lse2_combine(m1, s1, m2, s2):
 __all__ = ["LOG2E", "LN2", "interpreter_enabled", "sm_count", "next_pow2", "cdiv",
            "HAS_TRITON_OP", "direct_launch", "eager_function", "launcher", "kappa", "lse2_combine",
            "FAST_MATH", "lg2_approx", "lg2_approx_ftz", "rcp_approx", "log2_reduced",
-           "st_global_f32", "st_global_f32_masked", "STORE_IN_LAYOUT", "store_reduced",
-           "store_reduced_masked"]
+           "st_global_f32", "st_global_f32_masked", "STORE_IN_LAYOUT", "store_reduced"]
 
 
 @triton.jit

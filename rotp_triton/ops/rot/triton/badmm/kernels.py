@@ -110,7 +110,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common import LOG2E, kappa, set_inv_scale, set_spread, store_reduced_masked
+from ..common import LOG2E, kappa, set_inv_scale, set_spread, store_reduced
 
 _LOG2E = tl.constexpr(LOG2E)   # jit code reads module constants as constexprs
 
@@ -308,9 +308,9 @@ def _row_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, r_ptr, out_ptr, n_b, D
                 acc = acc * alpha + tl.sum(e * X, axis=0)
             m = m_new
         l = tl.where(dm, l, 1.0)                        # columns past D: keep them finite
-        store_reduced_masked(r_ptr + offs_d, m + _log(l), dm)
+        store_reduced(r_ptr + offs_d, m + _log(l), dm)
         if POOL:       # σ_b · pool(x / σ_b) where a feature scale is folded in
-            store_reduced_masked(out_ptr + offs_d, acc / l / isig, dm)
+            store_reduced(out_ptr + offs_d, acc / l / isig, dm)
 
 
 @triton.jit
@@ -348,7 +348,7 @@ def _col_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr,
             if WRITE and not REPLAY:
                 tl.store(sl + o, y2, mask=mask)
                 tl.store(sz + o, Zt + rho * p, mask=mask)
-        store_reduced_masked(c_ptr + offs_n, m + _log(tl.where(nm, l, 1.0)), nm)
+        store_reduced(c_ptr + offs_n, m + _log(tl.where(nm, l, 1.0)), nm)
 
 
 # |R|, |κ2 log p0 + (1 - κ2) R| and |Λ| up to which the one-pass iteration's C (formed
@@ -392,12 +392,12 @@ def _one_pass_iteration(xb, sxn, sxd, isig, vd, c_ptr, n_b, D, a1, rho, k2, lp0_
         ms = _finite(mx)
         r = tl.where(dm, mx + _log(tl.where(dm, tl.sum(_exp(ym - ms[None, :]), axis=0), 1.0)),
                      0.0)
-        store_reduced_masked(vd + offs_d, r, dm)
+        store_reduced(vd + offs_d, r, dm)
         if PAPER:
             shift = tl.load(vd + D + offs_d, mask=dm, other=0.0) - r        # log μ - R
         else:
             u = k2 * _load_prior(lp0_b, offs_d, D, u_p0, HAS_P0) + (1 - k2) * r
-            store_reduced_masked(vd + D + offs_d, u, dm)
+            store_reduced(vd + D + offs_d, u, dm)
             m_l, l_l = _lse_add(m_l, l_l, tl.where(dm, u, float("-inf")))
             mag = tl.maximum(mag, tl.where(dm, tl.maximum(tl.abs(r), tl.abs(u)), 0.0))
             shift = u - r
@@ -1177,7 +1177,7 @@ def _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
             acc_rho += tl.sum(tl.where(mask, d_rho, 0.0))
             acc_a1 += tl.sum(tl.where(mask, d_a1, 0.0))
             tau += tl.sum(lpb, axis=0)
-        store_reduced_masked(tau_ptr + offs_d, tau, dm)
+        store_reduced(tau_ptr + offs_d, tau, dm)
     return acc_a1, acc_rho
 
 
@@ -1206,7 +1206,7 @@ def _adjoint_plan_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b,
             lpb = tl.where(mask, tl.load(gplan_b + o, mask=mask, other=0.0) * p, 0.0)
             tl.store(slb + o, lpb, mask=mask)
             tau += tl.sum(lpb, axis=0)
-        store_reduced_masked(tau_ptr + offs_d, tau, dm)
+        store_reduced(tau_ptr + offs_d, tau, dm)
 
 
 # where pass 3 takes the adjoints of its iteration's outputs from (ADJ constexpr)

@@ -50,7 +50,7 @@ import triton.language as tl
 from ...params import A1, A2, A3
 from ..common import (LN2, LOG2E, SPREAD_SQ_MAX, SPREAD_SQ_MIN, kappa, log2_reduced,
                       merge_block_spread, set_inv_scale, set_spread, set_spread_tile,
-                      store_reduced, store_reduced_masked, store_spread)
+                      store_reduced, store_spread)
 
 NEG_INF = tl.constexpr(float("-inf"))
 _LOG2E = tl.constexpr(LOG2E)
@@ -1071,7 +1071,7 @@ def _pieces_deviations(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D, inv_n, 
     x0, x1, x2 = _pieces_load(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D, P0, P1, P2,
                               RL, MASK2, UNIT_N, True)
     mean = _pieces_col_sum(x0, x1, x2) * inv_n                                 # [BD]
-    store_reduced_masked(mean_b + od, mean, od < D)
+    store_reduced(mean_b + od, mean, od < D)
     v0 = _zero_masked_rows(x0 - _cols(mean), nm0, _masked_piece(P0, RL, False))
     v1 = _zero_masked_rows(x1 - _cols(mean), nm1, _masked_piece(P1, RL, False))
     v2 = _zero_masked_rows(x2 - _cols(mean), nm2, _masked_piece(P2, RL, MASK2))
@@ -1100,7 +1100,7 @@ def _pieces_spread(x_base, sxn, sxd, n_b, D, s_b, root_b, mean_b, top_b, P0: tl.
         v0, v1, v2, mean = _pieces_deviations(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od,
                                               D, inv_n, mean_b, P0, P1, P2, MASK2, RL, UNIT_N)
         # each column's max of x (a masked row's deviation 0 is no larger than the largest)
-        store_reduced_masked(top_b + od, mean + _pieces_col_max(v0, v1, v2), dm)
+        store_reduced(top_b + od, mean + _pieces_col_max(v0, v1, v2), dm)
         m2 = _pieces_col_sum(v0 * v0, v1 * v1, v2 * v2)                        # [BD]
         # (a feature constant over the set, e.g. a dead ReLU channel, adds exactly 0 and needs
         # no scale; m2 = 0 alone is not that: deviations under 2^-63 square to 0)
@@ -1197,8 +1197,8 @@ def _pieces_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_b, y_b, shift, SET
         l = _pieces_col_sum(p0, p1, p2)
         if SET:
             lmin = tl.minimum(lmin, tl.where((l <= _COL_HUGE) | (od >= D), l, 0.0))
-        store_reduced_masked(rfin_b + od, m + log2_reduced(l), dm)
-        store_reduced_masked(y_b + od, _pieces_col_sum(p0 * x0, p1 * x1, p2 * x2) / l, dm)
+        store_reduced(rfin_b + od, m + log2_reduced(l), dm)
+        store_reduced(y_b + od, _pieces_col_sum(p0 * x0, p1 * x1, p2 * x2) / l, dm)
     if SET:
         return tl.min(lmin, axis=0)
 
@@ -1756,7 +1756,7 @@ def _column_adjoint(ab, od, D, qu, r, sa, k2, add_init, abar_b, lp0_b, lp0_u, dl
     if norm_s:
         # (every lane that holds a column has read its sum before one of them overwrites it)
         tl.debug_barrier()
-    store_reduced_masked(Rbar_t + od, rbar, dm)
+    store_reduced(Rbar_t + od, rbar, dm)
     lp0 = _load_log_prior(lp0_b, od, D, lp0_u, HAS_P0)
     if HAS_P0:
         tl.store(dlp0_b + od, tl.load(dlp0_b + od, mask=dm, other=0.0) + k2 * ub, mask=dm)
