@@ -251,7 +251,11 @@ def smoke_cases(env: Env):
     index = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
     index = index[torch.randperm(index.numel(), generator=g)]
     img = torch.randn(2, 16 if not env.smoke else 4, 6, 6, generator=g)
-    out = []
+    # two sets of 480 rows: fewer sets than SMs in one tile, the Sinkhorn kernels' 16-warp
+    # layout (sinkhorn/launch.few_sets_launch; no GPU has run it yet)
+    large = torch.randn(2, 480, 20 if not env.smoke else 4, generator=g)
+    out = [("rot_pool few large sets sinkhorn", "set", large, None, None, "sinkhorn", "exact",
+            0.0)]
     for m in ("sinkhorn", "badmm-e", "badmm-q"):
         out += [(f"rot_pool dense {m}", "set", dense, None, None, m, "exact", 0.0),
                 (f"rot_pool ptr {m}", "ragged", rag, ptr, None, m, "exact", 0.0),
@@ -268,7 +272,8 @@ def smoke_cases(env: Env):
     # every family once first (in case the deadline cuts the section), then the variations
     # (the H200 run of 2026-11-29 checked dense S / B-E / B-Q, ROTPool2d B-E, ptr S, index
     # B-E and α0 > 0: the families and layouts it did not reach come first)
-    first = ("ROTPool2d channels_last sinkhorn", "AdaptiveROTPool2d badmm-e",
+    first = ("rot_pool few large sets sinkhorn",
+             "ROTPool2d channels_last sinkhorn", "AdaptiveROTPool2d badmm-e",
              "rot_pool dense badmm-e paper", "rot_pool ptr badmm-q", "ROTPool2d sinkhorn",
              "rot_pool dense sinkhorn paper", "rot_pool index badmm-q",
              "AdaptiveROTPool2d sinkhorn", "rot_pool dense sinkhorn", "rot_pool dense badmm-e")

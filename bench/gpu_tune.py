@@ -34,7 +34,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 # first: gpu_check switches the interpreter on under --smoke-cpu before torch / triton load
-from bench.gpu_check import (Env, deadline, is_timeout, log, pool_fn,  # noqa: E402
+from bench.gpu_check import (Env, deadline, graph_ms, is_timeout, log, pool_fn,  # noqa: E402
                               rel, workload)
 
 import torch  # noqa: E402
@@ -70,6 +70,13 @@ def variants():
         ("W2", "badmm-e", "shipped", {}),
         ("W2", "badmm-e", "forward at 8 warps, as measured 2026-11-29", {B: dict(
             FORWARD_WARPS=8)}),
+        # the Sinkhorn one-tile kernels of fewer sets than SMs at 16 warps since 2026-12-03
+        # (sinkhorn/launch.few_sets_launch; calibrated model: W1 T=4 forward kernel 138 -> 76
+        # us, backward 135 -> 73; results/sinkhorn_few_sets_warps_2026-12-03.md) against the
+        # 8 warps measured on 2026-11-29; its call is host-bound: the CUDA-graph column tells
+        ("W1", "sinkhorn", "shipped", {}),
+        ("W1", "sinkhorn", "one-tile kernels at 8 warps (until 2026-12-03)", {S: dict(
+            FEW_SETS_WARPS=0)}),
         ("W2", "badmm-e", "fused backward (shipped up to T = 14 until 2026-11-30)", {B: dict(
             backward_fuses=lambda T, x_bytes: True)}),
         ("W2", "badmm-e", "forward at 32 warps", {B: dict(FORWARD_WARPS=32)}),
@@ -218,6 +225,14 @@ def run_variant(env, wl, method, T, patches, reference):
         row["fwd_ms"] = env.do_bench(lambda: fn(x))
         row["fwd_bwd_ms"] = env.do_bench(
             lambda: torch.autograd.grad(fn(x).sum(), leaves, allow_unused=True))
+        if not env.smoke:
+            # the same fwd+bwd replayed from a CUDA graph: its kernels without the host front
+            # end, which bounds W1's calls (a variant of its kernels shows only here)
+            try:
+                row["graph_fwd_bwd_ms"] = graph_ms(
+                    lambda: torch.autograd.grad(fn(x).sum(), leaves, allow_unused=True), 20)
+            except Exception as e:  # noqa: BLE001 (a capture failure is a result too)
+                row["graph_status"] = f"{type(e).__name__}: {str(e)[:80]}"
     return row
 
 
@@ -273,13 +288,16 @@ def main(argv=None) -> int:
         L = [f"# Launch-configuration sweep - {dev}, {date} (MEASURED)", "",
              f"torch {meta['torch']}, triton {meta['triton']}; T = {T}, fp32; medians of "
              "triton.testing.do_bench; errors: relative L2 against backend='torch' (≤ 2e-3).",
-             "", "| workload | method | variant | fwd ms | fwd+bwd ms | err y | err dx | "
-             "ok / status |", "|---|---|---|---|---|---|---|---|"]
+             "CUDA graph: the fwd+bwd replayed from a `torch.cuda.graph` capture (kernels, no "
+             "host front end).", "",
+             "| workload | method | variant | fwd ms | fwd+bwd ms | CUDA graph fwd+bwd ms | "
+             "err y | err dx | ok / status |", "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             f_ = lambda k: f"{r[k]:.3f}" if k in r else ""  # noqa: E731
             e_ = lambda k: f"{r[k]:.1e}" if k in r else ""  # noqa: E731
             L.append(f"| {r['workload']} | {r['method']} | {r['variant']} | {f_('fwd_ms')} | "
                      f"{f_('fwd_bwd_ms')} | "
+                     f"{f_('graph_fwd_bwd_ms') or r.get('graph_status', '')} | "
                      f"{e_('err_y')} | {e_('err_dx')} | "
                      f"{('OK' if r.get('ok') else 'FAIL') if 'ok' in r else r.get('status')} |")
         with open(base + ".md", "w") as f:

@@ -63,15 +63,21 @@ def signature(kernel, constexprs: dict, xdt: str) -> dict:
 
 
 def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = False,
-           unit_stride: bool = False, unit_rows: bool = False) -> tuple:
+           unit_stride: bool = False, unit_rows: bool = False, sets: int = 256,
+           spread: bool = False) -> tuple:
     """(kernel, constexprs) the launcher would use for this shape; ``unit_stride``: x has a
     stride of 1 that the JIT specialises (the row-pieces backward's capped layout);
-    ``unit_rows``: x's rows are contiguous (sxn == 1: the row-pieces forward's lanes layout).
+    ``unit_rows``: x's rows are contiguous (sxn == 1: the row-pieces forward's lanes layout);
+    ``sets``: the batch's sets on 132 SMs (fewer: launch.few_sets_launch's layout);
+    ``spread``: with the layers' feature scale (_fold_scale).
     """
     paper = variant == "paper"
     if which.startswith("fwd"):
         BN, BD, one = L.fwd_config(D, N, num_warps)
         P0, P1, P2 = L.row_pieces(N, BN, one, paper)
+        few = L.few_sets_launch(sets, 132, N, D, one, (P0, P1, P2), True)
+        if few:
+            BN, BD = few[:2]
         RL, unit_n = 1, False
         if P0:  # the row-pieces forward (its own warps and cap: launch_options)
             BD, RL, unit_n = L.pieces_fwd_launch(D, (P0, P1, P2), BD, unit_rows)[:3]
@@ -88,6 +94,11 @@ def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = F
         BD = L.pieces_bwd_launch(D, (P0, P1, P2), BD, num_warps, has_gp, unit_stride)[0]
         RL, unit_n, BDP = L.pieces_bwd_lanes(D, (P0, P1, P2), num_warps, unit_rows, has_gp)
     BNX, BDX = L.dx_tile(D, N, num_warps)
+    # (the layers' feature scale, exact one tile: _fold_scale's SPREAD; sets of W1's size)
+    few = L.few_sets_launch(sets, 132, N, D, one, (P0, P1, P2), False,
+                            has_gp or spread and one and not paper)
+    if few:
+        BN, BD = few[:2]
     ce = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one,
               BN=BN, BD=BD, BT=16, BNX=BNX, BDX=BDX, BDF=L.fused_sweep_bd(BD, has_gp),
               FUSE_DX=L.fuse_dx(P0 + P1 + P2 if P0 else BN, L.fused_sweep_bd(BD, has_gp), BNX,
@@ -104,19 +115,22 @@ def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = F
 
 
 def launch_options(which: str, variant: str, N, D: int, num_warps: int,
-                   unit_stride: bool = False, unit_rows: bool = False) -> tuple:
+                   unit_stride: bool = False, unit_rows: bool = False,
+                   sets: int = 256, spread: bool = False) -> tuple:
     """(num_warps, maxnreg) the launcher passes with ``config``'s launch: the row-pieces
-    kernels have their own (launch.pieces_fwd_launch / pieces_bwd_launch)."""
+    kernels and few large sets (launch.few_sets_launch) have their own."""
     paper = variant == "paper"
-    if which.startswith("fwd"):
-        BN, BD, one = L.fwd_config(D, N, num_warps)
-        pieces = L.row_pieces(N, BN, one, paper)
-        if pieces[0]:
-            return L.pieces_fwd_launch(D, pieces, BD, unit_rows)[3:]
-        return num_warps, L.MAX_REGISTERS
-    has_gp = not which.endswith("nogp")
-    BN, BD, one = L.bwd_config(D, N, num_warps, has_gp)
+    fwd = which.startswith("fwd")
+    has_gp = not fwd and not which.endswith("nogp")
+    BN, BD, one = (L.fwd_config(D, N, num_warps) if fwd
+                   else L.bwd_config(D, N, num_warps, has_gp))
     pieces = L.row_pieces(N, BN, one, paper)
+    few = L.few_sets_launch(sets, 132, N, D, one, pieces, fwd,
+                            has_gp or spread and one and not paper)
+    if few:
+        return few[2:]
+    if pieces[0] and fwd:
+        return L.pieces_fwd_launch(D, pieces, BD, unit_rows)[3:]
     if pieces[0]:
         return L.pieces_bwd_launch(D, pieces, BD, num_warps, has_gp, unit_stride)[1:]
     return num_warps, L.MAX_REGISTERS
@@ -176,7 +190,12 @@ SMALL_CONFIGS = [("fwd1", 16, 32, 8), ("fwd1", 16, 128, 8), ("fwd1", 32, 32, 4),
                  # above): RL = 2 at 25 rows, RL = 4 with two pieces narrower than RL at 36
                  ("bwd1nogp@nchw", 25, 2048, 8), ("bwd1nogp+s@nchw", 36, 2048, 8),
                  # and its dx launch in lanes (launch.PIECES_DX_MAX_REGISTERS): W2's, 36 rows
-                 ("dx+s@nchw", 49, 2048, 8), ("dx@nchw", 36, 2048, 8)]
+                 ("dx+s@nchw", 49, 2048, 8), ("dx@nchw", 36, 2048, 8),
+                 # fewer sets (64) than SMs, at least launch.FEW_SETS_MIN_ROWS rows: 16 warps
+                 # under 128 registers (launch.few_sets_launch); W1's 500 x 100, a wide set
+                 ("fwd1", 500, 100, 8), ("fwd1+s", 500, 100, 8), ("fwd1%paper", 500, 100, 8),
+                 ("bwd1nogp", 500, 100, 8), ("bwd1", 500, 100, 8), ("bwd1nogp+s", 500, 100, 8),
+                 ("bwd1nogp%paper", 256, 2048, 8)]
 
 
 def _fold_scale(ce: dict, which: str, variant: str) -> None:
@@ -197,6 +216,7 @@ def compile_small(which: str, N: int, D: int, nw: int, B: int = 64):
     """A ``SMALL_CONFIGS`` entry as the launcher builds it for B fp32 sets of contiguous rows,
     or ("...@nchw") the sets of an NCHW image batch viewed as (B, H·W, C) (samples
     contiguous), "+s": with the layers' feature scale."""
+    which, variant = (which[:-6], "paper") if which.endswith("%paper") else (which, "exact")
     which, nchw = which.removesuffix("@nchw"), which.endswith("@nchw")
     which, scaled = which.removesuffix("+s"), which.endswith("+s")
     if which == "dx":      # the lanes dx launch (rows contiguous, its register cap)
@@ -205,10 +225,12 @@ def compile_small(which: str, N: int, D: int, nw: int, B: int = 64):
         if scaled:
             ce.update(SCALED=True, SPREAD=True)
     else:
-        kern, ce = config(which, "exact", N, D, nw, unit_stride=True, unit_rows=nchw)
-        nw, cap = launch_options(which, "exact", N, D, nw, unit_stride=True, unit_rows=nchw)
+        kern, ce = config(which, variant, N, D, nw, unit_stride=True, unit_rows=nchw, sets=B,
+                          spread=scaled)
+        nw, cap = launch_options(which, variant, N, D, nw, unit_stride=True, unit_rows=nchw,
+                                 sets=B, spread=scaled)
         if scaled:
-            _fold_scale(ce, which, "exact")
+            _fold_scale(ce, which, variant)
     ints = dict(N=N, D=D, T=4, NR=B * N)
     for p in ("sx", "sp", "sg", "sd"):      # x, plan, plan gradient, dx: all (B, N, D)
         ints.update({p + "b": N * D, p + "n": 1 if nchw else D, p + "d": N if nchw else 1})

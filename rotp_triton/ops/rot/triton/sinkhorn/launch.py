@@ -72,6 +72,36 @@ def _config(D: int, N: Optional[int], elems_per_thread: int, num_warps: int) -> 
     return BN, BD, False
 
 
+# Fewer sets than SMs (W1: 50 on 132) give an SM at most one CTA, so a CTA's warps are all
+# its resident warps; at 8 warps the one-tile kernels needed 229 (forward) / 238 (backward)
+# registers, and the H200 ran such kernels 2-7x slower than the peak-rate model (latency at
+# ~8 warps per SM, bench/results/gpu_vs_prediction_2026-11-29.md). A dense set of at least
+# FEW_SETS_MIN_ROWS rows held in one tile then runs FEW_SETS_WARPS warps at FEW_SETS_FWD_ELEMS
+# / FEW_SETS_BWD_ELEMS fp32 of x a thread (with a plan gradient half as many) under the
+# 65,536 / (32 · warps) registers a CTA of that size may hold (W1: 122 / 127, no spills;
+# calibrated model 138 -> 76 µs forward, 135 -> 73 backward at T = 4, with 1.8x / 1.3x the
+# instructions: bench/results/sinkhorn_few_sets_warps_2026-12-03.md, PREDICTED). 8 fp32 a
+# thread in the forward spilled 64 B.
+FEW_SETS_WARPS = 16
+FEW_SETS_FWD_ELEMS = 4
+FEW_SETS_BWD_ELEMS = 8 if FRUGAL_REGISTERS else 4     # (triton 3.6 spilled 24 B at 8)
+FEW_SETS_MIN_ROWS = 256
+
+
+def few_sets_launch(B: int, sms: int, N: Optional[int], D: int, one_tile: bool,
+                    pieces: tuple, fwd: bool, halve: bool = False) -> Optional[tuple]:
+    """(BN, BD, num_warps, maxnreg) of a one-tile set kernel where there are fewer sets than
+    SMs (see FEW_SETS_WARPS), or None: the launcher's own layout. ``halve``: the backward
+    holds more per element (a plan gradient, or the feature spread's terms: 16 B of spills
+    at W1 with FEW_SETS_BWD_ELEMS), half the fp32 a thread then."""
+    if not FEW_SETS_WARPS or B >= sms or not one_tile or pieces[0] or N is None \
+            or N < FEW_SETS_MIN_ROWS:
+        return None
+    elems = FEW_SETS_FWD_ELEMS if fwd else FEW_SETS_BWD_ELEMS // (2 if halve else 1)
+    BN, BD, _ = _config(D, N, elems, FEW_SETS_WARPS)
+    return BN, BD, FEW_SETS_WARPS, min(MAX_REGISTERS, 65536 // (32 * FEW_SETS_WARPS))
+
+
 def fwd_config(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
     """(BN, BD, one_tile) of the forward: a dense batch with N <= 512 puts all of a set's rows in
     one tile (one pass over x per iteration instead of two); otherwise streamed [BN, BD] tiles."""
@@ -451,6 +481,9 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
     BN, BD, one_tile = fwd_config(D, N, nw)
     P0, P1, P2 = row_pieces(N, BN, one_tile, paper)
     cap, RL, unit_n = MAX_REGISTERS, 1, False
+    few = few_sets_launch(B, sm_count(x.device), N, D, one_tile, (P0, P1, P2), True)
+    if few:
+        BN, BD, nw, cap = few
     if P0:
         BD, RL, unit_n, nw, cap = pieces_fwd_launch(D, (P0, P1, P2), BD, sxn == 1)
     lp0 = as_f32(log_p0) if log_p0 is not None else y
@@ -551,10 +584,15 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
         BD, nw, cap = pieces_bwd_launch(D, (P0, P1, P2), BD, nw, has_gp, unit)
         RL, unit_n, BDP = pieces_bwd_lanes(D, (P0, P1, P2), nw, sxn == 1, has_gp)
     BNX, BDX = dx_tile(D, N, nw)
-    BDF = fused_sweep_bd(BD, has_gp)
     # the spread's x̄ term needs ds before dx is written: never in the last sweep then (that
     # saves one read of x; the spread pass it avoids reads and writes x̄ and reads x)
     fold = spread is not None and one_tile and not paper
+    nwb = nw                                        # (the dx launch keeps nw)
+    few = few_sets_launch(B, sm_count(x.device), N, D, one_tile, (P0, P1, P2), False,
+                          has_gp or fold)
+    if few:
+        BN, BD, nwb, cap = few
+    BDF = fused_sweep_bd(BD, has_gp)
     fused = not fold and fuse_dx(P0 + P1 + P2 if P0 else BN, BDF, BNX, BDX, one_tile, paper)
     # the lanes sweeps (RL) hold too many registers for the dx pass's state beside them
     # (kernels._lanes_bwd_sweep; W2: 96 B of spills under the cap): dx by its own launch
@@ -601,7 +639,7 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
             BN=BN, BD=BD, BT=next_pow2(T), BNX=BNX, BDX=BDX, FUSE_DX=fused, SPLIT_DX=split,
             BDF=BDF, P0=P0, P1=P1, P2=P2, MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None,
             SPREAD=fold, PACK=npad > 0, FIXED_ORDER=fixed, RL=RL, UNIT_N=unit_n, BDP=BDP,
-            num_warps=nw, maxnreg=cap)
+            num_warps=nwb, maxnreg=cap)
         if split:
             launcher(sinkhorn_dx_kernel, wrap)[(B, nj)](
                 x, sxb, sxn, sxd, N, D, T, NR, w, A, Rn, Bv, Cn, rfin, tot, y, g, gp, sgb, sgn,
