@@ -81,10 +81,12 @@ def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = F
         RL, unit_n = 1, False
         if P0:  # the row-pieces forward (its own warps and cap: launch_options)
             BD, RL, unit_n = L.pieces_fwd_launch(D, (P0, P1, P2), BD, unit_rows)[:3]
+        TR, TBD, HALF = L.ragged_tile(D, num_warps, ragged, paper)
         ce = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, PAPER=paper, RETURN_PLAN=True,
                   ONE_TILE_N=one, BN=BN, BD=BD, MASK_N=N is None or N != BN, P0=P0, P1=P1,
                   P2=P2, MASK_P=N is not None and P0 + P1 + P2 != N, RL=RL,
-                  UNIT_N=unit_n, SET_SHIFT=L.SET_SHIFT)
+                  UNIT_N=unit_n, SET_SHIFT=L.SET_SHIFT, TILE_ROWS=TR, TILE_BD=TBD,
+                  TILE_HALF=HALF)
         return K.sinkhorn_fwd_kernel, ce
     has_gp = not which.endswith("nogp")  # bwd*nogp: no plan gradient (wider sweep tiles)
     BN, BD, one = L.bwd_config(D, N, num_warps, has_gp)
@@ -137,13 +139,16 @@ def launch_options(which: str, variant: str, N, D: int, num_warps: int,
 
 
 # the launcher configurations compiled by the AOT test: (which, variant, x dtype, warps)
-# fwd / bwd: streamed tiles (ragged, D = 2048); fwd1 / bwd1: one tile per set (dense N = 49;
-# the exact forward then holds the rows in three pieces: its chunk within the tile of the
-# launcher's warps, 8 at W2's 256 sets on 132 SMs, launched with its own: launch_options);
+# fwd / bwd: streamed tiles (ragged, D = 2048; the exact forward also holds its one-tile
+# iterations for sets of 129-512 rows, launch.ragged_tile); fwd1 / bwd1: one tile per set
+# (dense N = 49; the exact forward then holds the rows in three pieces: its chunk within the
+# tile of the launcher's warps, 8 at W2's 256 sets on 132 SMs, launched with its own:
+# launch_options);
 # bwd / bwd1 with a plan gradient, bwdnogp / bwd1nogp without (the launcher then picks wider
 # sweep tiles, launch.bwd_config); split_*: the split-set launches at W1's shape; dx: the
 # row-block dx launch at W1's shape
-AOT_CONFIGS = [("fwd", "exact", "bf16", 8), ("fwd", "paper", "fp32", 4),
+AOT_CONFIGS = [("fwd", "exact", "bf16", 8), ("fwd", "exact", "fp32", 4),
+               ("fwd", "paper", "fp32", 4),
                ("fwd1", "exact", "fp32", 8), ("fwd1", "exact", "bf16", 8),
                ("fwd1", "paper", "bf16", 4),
                ("bwd", "exact", "fp32", 4), ("bwd", "paper", "fp16", 8),

@@ -188,6 +188,54 @@ def test_ragged_with_empty_and_singleton_sets(variant):
     assert all(torch.isfinite(g).all() for g in grads if g is not None)
 
 
+def test_ragged_tile_choice(monkeypatch):
+    """The ragged exact forward's tiles (``launch.ragged_tile``): the forward's tile budget over
+    RAGGED_TILE_ROWS rows (W5: 128 features at 8 warps, 512 x 8, and the half tile); none for
+    dense batches, the paper variant, or with RAGGED_TILE_ROWS = 0 (triton 3.6's default)."""
+    from rotp_triton.ops.rot.triton.sinkhorn import launch
+    monkeypatch.setattr(launch, "RAGGED_TILE_ROWS", 512)
+    assert launch.ragged_tile(128, 8, True, False) == (512, 8, True)
+    assert launch.ragged_tile(128, 4, True, False) == (512, 4, True)
+    assert launch.ragged_tile(3, 8, True, False) == (512, 4, True)
+    assert launch.ragged_tile(128, 8, False, False) == (0, 1, False)
+    assert launch.ragged_tile(128, 8, True, True) == (0, 1, False)
+    monkeypatch.setattr(launch, "RAGGED_HALF_TILE", False)
+    assert launch.ragged_tile(128, 8, True, False) == (512, 8, False)
+    monkeypatch.setattr(launch, "RAGGED_TILE_ROWS", 0)
+    assert launch.ragged_tile(128, 8, True, False) == (0, 1, False)
+
+
+@pytest.mark.parametrize("weights", ["per_iteration", "constant"])
+def test_ragged_sets_in_one_tile(weights, monkeypatch):
+    """Ragged exact sets of RAGGED_TILE_ROWS / 2 < n <= RAGGED_TILE_ROWS rows run their
+    iterations in one tile, those of RAGGED_TILE_ROWS / 4 < n <= RAGGED_TILE_ROWS / 2 in one
+    half as tall (``launch.ragged_tile``; lowered to 8 here: sizes 6, 8 and 5 take the first,
+    3 the second, 1 stays streamed, 0 is empty), in one launch; with priors, the plan and its
+    gradient, the backward's streamed sweeps reading the state they wrote.
+    Per-iteration weights (a2 = inf in one) run the tile's column-max branch; constant ones its
+    fixed shifts from t = 1 on. All == the reference."""
+    from launch_counter import count_launches
+    from rotp_triton.ops.rot.triton.sinkhorn import launch
+    monkeypatch.setattr(launch, "RAGGED_TILE_ROWS", 8)
+    gen = torch.Generator().manual_seed(29)
+    sizes = [6, 0, 3, 8, 5, 1]
+    D, T = 5, 4
+    ptr = _ragged_ptr(sizes)
+    x = torch.randn(sum(sizes), D, generator=gen)
+    if weights == "constant":
+        a1, a2, a3 = (torch.full((T,), v, dtype=torch.float64) for v in (0.8, 1.3, 0.6))
+    else:
+        a1, a2, a3 = _weights(T, gen, inf_a2=True)
+    q0 = torch.rand(sum(sizes), generator=gen) + 0.1
+    args = _with_prior_and_cotangents(x, ptr, "exact", T, (a1, a2, a3), q0, len(sizes), D, gen)
+    with count_launches() as launches:
+        k = _run_kernel(*args)
+    assert [c.get("TILE_ROWS") for name, c in zip(launches, launches.constexprs)
+            if name == "sinkhorn_fwd_kernel"] == [8]
+    _compare(k, _run_reference(*args), RTOL[torch.float32], ["x", "a1", "a2", "a3", "p0", "q0"])
+    assert float(k[0][1].abs().max()) == 0.0
+
+
 def test_ragged_priors_exact():
     """Ragged with given p0 (B, D) and q0 (N_total,), exact variant, plan returned."""
     gen = torch.Generator().manual_seed(3)

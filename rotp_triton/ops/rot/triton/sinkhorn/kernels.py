@@ -1241,6 +1241,38 @@ def _one_tile_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_b, y_b, MASK_N: 
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
+@triton.jit
+def _one_tile_exact_step(x_base, sxn, sxd, n_b, D, t, s, s_last, k2, k3, lp0_b, lp0_u, lq0_b,
+                         lq0_u, A_prev, B_prev, A_cur, B_cur, R_t, C_t, HAS_P0: tl.constexpr,
+                         HAS_Q0: tl.constexpr, MASK_N: tl.constexpr, SET_SHIFT: tl.constexpr,
+                         BN: tl.constexpr, BD: tl.constexpr):
+    """Exact iteration t of a set held in one [BN, BD] tile (n_b <= BN rows): under the column
+    max where there is no previous plan (t = 0) or ε changed (s != s_last), else under the
+    fixed shifts of a_{t-1} (the set's where they span little). κ2 goes in as the next
+    iteration's too: the references _shifted_exact_iteration returns are not read."""
+    if t == 0:
+        _shifted_exact_iteration(
+            x_base, sxn, sxd, n_b, D, s, k2, k3, k2, lp0_b, lp0_u, lq0_b, lq0_u, A_prev, B_prev,
+            A_cur, B_cur, R_t, C_t, 0.0, 0.0, HAS_P0, HAS_Q0, MASK_N, True, False, BN, BD)
+    elif s != s_last:
+        _shifted_exact_iteration(
+            x_base, sxn, sxd, n_b, D, s, k2, k3, k2, lp0_b, lp0_u, lq0_b, lq0_u, A_prev, B_prev,
+            A_cur, B_cur, R_t, C_t, 0.0, 0.0, HAS_P0, HAS_Q0, MASK_N, True, False, BN, BD)
+    else:
+        m_ref, shift, span = _fixed_references(A_prev, D, 1.0, k2, lp0_b, lp0_u, HAS_P0, False,
+                                               _vector_block(BN, BD))
+        if SET_SHIFT and span <= _SET_SHIFT_SPAN:
+            _shifted_exact_iteration(
+                x_base, sxn, sxd, n_b, D, s, k2, k3, k2, lp0_b, lp0_u, lq0_b, lq0_u, A_prev,
+                B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift, HAS_P0, HAS_Q0, MASK_N, False,
+                True, BN, BD)
+        else:
+            _shifted_exact_iteration(
+                x_base, sxn, sxd, n_b, D, s, k2, k3, k2, lp0_b, lp0_u, lq0_b, lq0_u, A_prev,
+                B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift, HAS_P0, HAS_Q0, MASK_N, False,
+                False, BN, BD)
+
+
 # sxn, sxd not specialised on 1: with n known contiguous (the NCHW view, W2) the compiler lays a
 # warp along n, and every per-column vector op of a chunk runs once per row-lane (66 SASS
 # instructions per element-iteration at W2); unspecialised, a warp spans features and holds
@@ -1257,6 +1289,7 @@ def sinkhorn_fwd_kernel(
     P1: tl.constexpr = 0, P2: tl.constexpr = 0, MASK_P: tl.constexpr = False,
     SCALED: tl.constexpr = False, STATS: tl.constexpr = False, RL: tl.constexpr = 1,
     UNIT_N: tl.constexpr = False, SET_SHIFT: tl.constexpr = False,
+    TILE_ROWS: tl.constexpr = 0, TILE_BD: tl.constexpr = 1, TILE_HALF: tl.constexpr = False,
 ):
     """T Sinkhorn iterations, the pooled y and (optionally) the plan of one set per program.
 
@@ -1279,6 +1312,10 @@ def sinkhorn_fwd_kernel(
     and the feature means mean [B, D] written for the backward) instead of by the spread
     launches. SET_SHIFT: the exact iterations and the row-pieces pooling may shift every column
     by the set's bound (see _SET_SHIFT_SPAN; ``launch.SET_SHIFT``), else each by its own.
+    TILE_ROWS > 0 (ragged exact, ``launch.ragged_tile``): a set of TILE_ROWS / 2 < n_b <=
+    TILE_ROWS rows runs its iterations in one [TILE_ROWS, TILE_BD] tile, one pass over x each,
+    instead of the streamed two (its pooling stays streamed); TILE_HALF: one of
+    TILE_ROWS / 4 < n_b <= TILE_ROWS / 2 rows in a [TILE_ROWS / 2, TILE_BD] tile.
     """
     b = _set_of_program(order_ptr, RAGGED)
     row0, n_b, x_off = _set_bounds(ptr_ptr, b, N, sxb, sxn, RAGGED)
@@ -1317,6 +1354,9 @@ def sinkhorn_fwd_kernel(
             t_end = T
         else:  # the iterations ran in the split-set launches: pooling (and plan) only
             t_end = 0
+        # (a runtime choice, the same in the whole program: at most half the tile padded)
+        tiled = (n_b <= TILE_ROWS) & (2 * n_b > TILE_ROWS)
+        tiled2 = (2 * n_b <= TILE_ROWS) & (4 * n_b > TILE_ROWS)
         s_prev = tl.sum(tl.zeros([1], tl.float32), axis=0)
         # the row pieces' fixed references (M, H, span) of a_{t-1}, which iteration t - 1
         # returns from its last vector pass (_scaling_from_lse) for κ2 of iteration t
@@ -1371,30 +1411,18 @@ def sinkhorn_fwd_kernel(
                         A_prev, B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift, HAS_P0, HAS_Q0,
                         False, False, P0, P1, P2, MASK_P, RL, UNIT_N, BN, BD)
             elif ONE_TILE_N and not PAPER:
-                # (κ2 as the next iteration's: the references it returns are not read)
-                if t == 0:
-                    _shifted_exact_iteration(
-                        x_base, sxn, sxd, n_b, D, s, k2, k3, k2, lp0_b, lp0_u, lq0_b, lq0_u,
-                        A_prev, B_prev, A_cur, B_cur, R_t, C_t, 0.0, 0.0, HAS_P0, HAS_Q0, MASK_N,
-                        True, False, BN, BD)
-                elif s != s_last:
-                    _shifted_exact_iteration(
-                        x_base, sxn, sxd, n_b, D, s, k2, k3, k2, lp0_b, lp0_u, lq0_b, lq0_u,
-                        A_prev, B_prev, A_cur, B_cur, R_t, C_t, 0.0, 0.0, HAS_P0, HAS_Q0, MASK_N,
-                        True, False, BN, BD)
-                else:
-                    m_ref, shift, span = _fixed_references(A_prev, D, 1.0, k2, lp0_b, lp0_u,
-                                                           HAS_P0, False, _vector_block(BN, BD))
-                    if SET_SHIFT and span <= _SET_SHIFT_SPAN:
-                        _shifted_exact_iteration(
-                            x_base, sxn, sxd, n_b, D, s, k2, k3, k2, lp0_b, lp0_u, lq0_b, lq0_u,
-                            A_prev, B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift, HAS_P0, HAS_Q0,
-                            MASK_N, False, True, BN, BD)
-                    else:
-                        _shifted_exact_iteration(
-                            x_base, sxn, sxd, n_b, D, s, k2, k3, k2, lp0_b, lp0_u, lq0_b, lq0_u,
-                            A_prev, B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift, HAS_P0, HAS_Q0,
-                            MASK_N, False, False, BN, BD)
+                _one_tile_exact_step(x_base, sxn, sxd, n_b, D, t, s, s_last, k2, k3, lp0_b,
+                                     lp0_u, lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
+                                     C_t, HAS_P0, HAS_Q0, MASK_N, SET_SHIFT, BN, BD)
+            elif TILE_ROWS > 0 and tiled:
+                _one_tile_exact_step(x_base, sxn, sxd, n_b, D, t, s, s_last, k2, k3, lp0_b,
+                                     lp0_u, lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
+                                     C_t, HAS_P0, HAS_Q0, True, SET_SHIFT, TILE_ROWS, TILE_BD)
+            elif TILE_HALF and tiled2:
+                _one_tile_exact_step(x_base, sxn, sxd, n_b, D, t, s, s_last, k2, k3, lp0_b,
+                                     lp0_u, lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
+                                     C_t, HAS_P0, HAS_Q0, True, SET_SHIFT, TILE_ROWS // 2,
+                                     TILE_BD)
             elif ONE_TILE_N:
                 _lean_paper_iteration(x_base, sxn, sxd, n_b, D, s, _inv_eps(w_ptr, T, t), k2,
                                       k3, lp0_b, lp0_u, lq0_b, lq0_u, A_prev, B_prev, A_cur,

@@ -102,6 +102,28 @@ def few_sets_launch(B: int, sms: int, N: Optional[int], D: int, one_tile: bool,
     return BN, BD, FEW_SETS_WARPS, min(MAX_REGISTERS, 65536 // (32 * FEW_SETS_WARPS))
 
 
+# A ragged batch's sizes are not known on the host (no sync), so its sets are streamed: two
+# passes over x per exact iteration, an online max per tile. The forward also carries the
+# one-tile iteration for sets of RAGGED_TILE_ROWS / 2 < n <= RAGGED_TILE_ROWS rows and
+# (RAGGED_HALF_TILE) of RAGGED_TILE_ROWS / 4 < n <= RAGGED_TILE_ROWS / 2 in a tile half as
+# tall with the same features a chunk, chosen in the kernel from the set's size (at most half
+# a tile padded; 0: off; bench/results/sinkhorn_ragged_tiles_2026-12-03.md). Tests lower it
+# so that small sets take them. From triton 3.9 on: 3.6's build spills 32-96 B with them (and
+# 3.9's 376 B with a half tile of twice the features a chunk).
+RAGGED_TILE_ROWS = ONE_TILE_MAX_N if FRUGAL_REGISTERS else 0
+RAGGED_HALF_TILE = True
+
+
+def ragged_tile(D: int, num_warps: int, ragged: bool, paper: bool) -> tuple:
+    """(TILE_ROWS, TILE_BD, TILE_HALF) of the forward's one-tile iterations of ragged sets (see
+    RAGGED_TILE_ROWS): the forward's tile budget at ``num_warps``; (0, 1, False): none."""
+    if not ragged or paper or not RAGGED_TILE_ROWS:
+        return 0, 1, False
+    rows = next_pow2(RAGGED_TILE_ROWS)
+    bd = FWD_ELEMS_PER_THREAD * 32 * num_warps // rows
+    return rows, max(min(bd, next_pow2(D), 128), 1), RAGGED_HALF_TILE and rows >= 2
+
+
 def fwd_config(D: int, N: Optional[int], num_warps: int = 4) -> tuple:
     """(BN, BD, one_tile) of the forward: a dense batch with N <= 512 puts all of a set's rows in
     one tile (one pass over x per iteration instead of two); otherwise streamed [BN, BD] tiles."""
@@ -486,6 +508,7 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
         BN, BD, nw, cap = few
     if P0:
         BD, RL, unit_n, nw, cap = pieces_fwd_launch(D, (P0, P1, P2), BD, sxn == 1)
+    tile_rows, tile_bd, tile_half = ragged_tile(D, nw, ptr is not None, paper)
     lp0 = as_f32(log_p0) if log_p0 is not None else y
     lq0 = as_f32(log_q0) if log_q0 is not None else y
     saved = set_statistics(x, ptr, B, D, stats, wrap,
@@ -506,7 +529,8 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
             PAPER=paper, RETURN_PLAN=return_plan, ONE_TILE_N=one_tile, BN=BN, BD=BD,
             MASK_N=N is None or N != BN, ITERATE=not rows, P0=P0, P1=P1, P2=P2,
             MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None, STATS=stats, RL=RL,
-            UNIT_N=unit_n, SET_SHIFT=SET_SHIFT, num_warps=nw, maxnreg=cap)
+            UNIT_N=unit_n, SET_SHIFT=SET_SHIFT, TILE_ROWS=tile_rows, TILE_BD=tile_bd,
+            TILE_HALF=tile_half, num_warps=nw, maxnreg=cap)
     if spread:
         return y, plan, state, saved
     return y, plan, state
