@@ -254,8 +254,14 @@ def smoke_cases(env: Env):
     # two sets of 480 rows: fewer sets than SMs in one tile, the Sinkhorn kernels' 16-warp
     # layout (sinkhorn/launch.few_sets_launch; no GPU has run it yet)
     large = torch.randn(2, 480, 20 if not env.smoke else 4, generator=g)
+    # ragged sets of 150-480 rows and an empty one: the exact forward's one-tile classes
+    # (sinkhorn/launch.ragged_tile; from triton 3.9 on)
+    big_ptr = torch.tensor([0, 300, 300, 500, 980, 1130])
+    big_rag = torch.randn(1130, 20 if not env.smoke else 4, generator=g)
     out = [("rot_pool few large sets sinkhorn", "set", large, None, None, "sinkhorn", "exact",
-            0.0)]
+            0.0),
+           ("rot_pool ptr large sets sinkhorn", "ragged", big_rag, big_ptr, None, "sinkhorn",
+            "exact", 0.0)]
     for m in ("sinkhorn", "badmm-e", "badmm-q"):
         out += [(f"rot_pool dense {m}", "set", dense, None, None, m, "exact", 0.0),
                 (f"rot_pool ptr {m}", "ragged", rag, ptr, None, m, "exact", 0.0),
@@ -272,7 +278,7 @@ def smoke_cases(env: Env):
     # every family once first (in case the deadline cuts the section), then the variations
     # (the H200 run of 2026-11-29 checked dense S / B-E / B-Q, ROTPool2d B-E, ptr S, index
     # B-E and α0 > 0: the families and layouts it did not reach come first)
-    first = ("rot_pool few large sets sinkhorn",
+    first = ("rot_pool few large sets sinkhorn", "rot_pool ptr large sets sinkhorn",
              "ROTPool2d channels_last sinkhorn", "AdaptiveROTPool2d badmm-e",
              "rot_pool dense badmm-e paper", "rot_pool ptr badmm-q", "ROTPool2d sinkhorn",
              "rot_pool dense sinkhorn paper", "rot_pool index badmm-q",
