@@ -75,13 +75,14 @@ def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = F
     if which.startswith("fwd"):
         BN, BD, one = L.fwd_config(D, N, num_warps)
         P0, P1, P2 = L.row_pieces(N, BN, one, paper)
-        few = L.few_sets_launch(sets, 132, N, D, one, (P0, P1, P2), True)
+        few = L.few_sets_launch(sets, 132, N, D, one, (P0, P1, P2), True, paper=paper)
         if few:
             BN, BD = few[:2]
         RL, unit_n = 1, False
         if P0:  # the row-pieces forward (its own warps and cap: launch_options)
             BD, RL, unit_n = L.pieces_fwd_launch(D, (P0, P1, P2), BD, unit_rows)[:3]
-        TR, TBD, HALF = L.ragged_tile(D, num_warps, ragged, paper)
+        TR, TBD, HALF = L.ragged_tile(D, few[2] if few else num_warps, ragged, paper,
+                                      L.FEW_SETS_FWD_ELEMS if few else L.FWD_ELEMS_PER_THREAD)
         ce = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, PAPER=paper, RETURN_PLAN=True,
                   ONE_TILE_N=one, BN=BN, BD=BD, MASK_N=N is None or N != BN, P0=P0, P1=P1,
                   P2=P2, MASK_P=N is not None and P0 + P1 + P2 != N, RL=RL,
@@ -128,7 +129,7 @@ def launch_options(which: str, variant: str, N, D: int, num_warps: int,
                    else L.bwd_config(D, N, num_warps, has_gp))
     pieces = L.row_pieces(N, BN, one, paper)
     few = L.few_sets_launch(sets, 132, N, D, one, pieces, fwd,
-                            has_gp or spread and one and not paper)
+                            has_gp or spread and one and not paper, paper=paper)
     if few:
         return few[2:]
     if pieces[0] and fwd:
@@ -146,8 +147,10 @@ def launch_options(which: str, variant: str, N, D: int, num_warps: int,
 # launch_options);
 # bwd / bwd1 with a plan gradient, bwdnogp / bwd1nogp without (the launcher then picks wider
 # sweep tiles, launch.bwd_config); split_*: the split-set launches at W1's shape; dx: the
-# row-block dx launch at W1's shape
+# row-block dx launch at W1's shape; "@few": fewer sets than SMs (64; launch.few_sets_launch:
+# the ragged exact forward at 16 warps)
 AOT_CONFIGS = [("fwd", "exact", "bf16", 8), ("fwd", "exact", "fp32", 4),
+               ("fwd@few", "exact", "fp32", 8), ("fwd@few", "exact", "bf16", 8),
                ("fwd", "paper", "fp32", 4),
                ("fwd1", "exact", "fp32", 8), ("fwd1", "exact", "bf16", 8),
                ("fwd1", "paper", "bf16", 4),
@@ -282,7 +285,9 @@ def lanes_dx_config(N: int, D: int, num_warps: int) -> tuple:
 
 def compile_config(which, variant, xdt, nw, fixed_order: bool = False):
     """``fixed_order``: the backward / dx launch under ``torch.use_deterministic_algorithms``
-    (FIXED_ORDER: weight-gradient shares stored, not added atomically)."""
+    (FIXED_ORDER: weight-gradient shares stored, not added atomically); "...@few": 64 sets,
+    fewer than the SMs (launch.few_sets_launch), else 256."""
+    which, sets = (which[:-4], 64) if which.endswith("@few") else (which, 256)
     scaled = which.endswith("+s")
     which = which.removesuffix("+s")
     cap = L.MAX_REGISTERS
@@ -294,9 +299,9 @@ def compile_config(which, variant, xdt, nw, fixed_order: bool = False):
         ragged = which in ("fwd", "bwd", "bwdnogp")
         # (dense: W2's NCHW view, rows contiguous)
         kern, ce = config(which, variant, None if ragged else 49, 2048, nw, ragged=ragged,
-                          unit_rows=not ragged)
+                          unit_rows=not ragged, sets=sets)
         nw, cap = launch_options(which, variant, None if ragged else 49, 2048, nw,
-                                 unit_rows=not ragged)
+                                 unit_rows=not ragged, sets=sets)
     if scaled:
         _fold_scale(ce, which, variant)
     if fixed_order:

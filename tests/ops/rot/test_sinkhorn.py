@@ -649,10 +649,11 @@ def test_row_pieces_choice():
     assert launch.row_pieces(None, 64, False, False) == (0, 0, 0)
 
 
-def test_few_large_sets_choice():
+def test_few_large_sets_choice(monkeypatch):
     """Fewer sets than SMs with at least FEW_SETS_MIN_ROWS rows in one tile run FEW_SETS_WARPS
     warps under the registers a CTA of that size may hold (W1: 500 x 100 on 132 SMs); many
-    sets, small sets, row pieces and streamed (ragged) sets keep the launcher's layout."""
+    sets, small sets and row pieces keep the launcher's layout; ragged sets take it in the
+    exact forward where its one-tile classes are on (W5: 128 sets)."""
     from rotp_triton.ops.rot.triton.sinkhorn import launch
     w1 = (50, 132, 500, 100, True, (0, 0, 0))
     elems = launch.FEW_SETS_FWD_ELEMS
@@ -664,7 +665,16 @@ def test_few_large_sets_choice():
     assert launch.few_sets_launch(132, *w1[1:], True) is None
     assert launch.few_sets_launch(50, 132, 255, 100, True, (0, 0, 0), True) is None
     assert launch.few_sets_launch(50, 132, 300, 100, True, (256, 32, 16), True) is None
-    assert launch.few_sets_launch(50, 132, None, 100, False, (0, 0, 0), True) is None
+    # ragged: the exact forward (its one-tile classes on) takes the warps, its streamed tile
+    # at FEW_SETS_FWD_ELEMS fp32 a thread; not the paper variant, not the backward
+    monkeypatch.setattr(launch, "RAGGED_TILE_ROWS", 512)
+    ragged = (128, 132, None, 100, False, (0, 0, 0))
+    rows = launch.FEW_SETS_FWD_ELEMS * 32 * 16 // 128
+    assert launch.few_sets_launch(*ragged, True) == (rows, 128, 16, 128)
+    assert launch.few_sets_launch(*ragged, True, paper=True) is None
+    assert launch.few_sets_launch(*ragged, False) is None
+    monkeypatch.setattr(launch, "RAGGED_TILE_ROWS", 0)
+    assert launch.few_sets_launch(*ragged, True) is None
 
 
 @pytest.mark.parametrize("variant", ["exact", "paper"])
@@ -680,8 +690,8 @@ def test_few_large_sets_layout_matches_reference(variant, monkeypatch):
     seen = []
     real = launch.few_sets_launch
 
-    def spy(*a):
-        seen.append(real(*a))
+    def spy(*a, **k):
+        seen.append(real(*a, **k))
         return seen[-1]
     monkeypatch.setattr(launch, "few_sets_launch", spy)
     gen = torch.Generator().manual_seed(17)

@@ -89,17 +89,29 @@ FEW_SETS_MIN_ROWS = 256
 
 
 def few_sets_launch(B: int, sms: int, N: Optional[int], D: int, one_tile: bool,
-                    pieces: tuple, fwd: bool, halve: bool = False) -> Optional[tuple]:
-    """(BN, BD, num_warps, maxnreg) of a one-tile set kernel where there are fewer sets than
-    SMs (see FEW_SETS_WARPS), or None: the launcher's own layout. ``halve``: the backward
-    holds more per element (a plan gradient, or the feature spread's terms: 16 B of spills
-    at W1 with FEW_SETS_BWD_ELEMS), half the fp32 a thread then."""
-    if not FEW_SETS_WARPS or B >= sms or not one_tile or pieces[0] or N is None \
-            or N < FEW_SETS_MIN_ROWS:
+                    pieces: tuple, fwd: bool, halve: bool = False,
+                    paper: bool = False) -> Optional[tuple]:
+    """(BN, BD, num_warps, maxnreg) of a set kernel where there are fewer sets than SMs (see
+    FEW_SETS_WARPS), or None: the launcher's own layout. Dense: one-tile sets of at least
+    FEW_SETS_MIN_ROWS rows; ragged (N None): the exact forward with its one-tile classes
+    (RAGGED_TILE_ROWS; W5: 243 -> 116 registers, calibrated forward 104 -> 69 µs at T = 4,
+    PREDICTED: bench/results/sinkhorn_ragged_tiles_2026-12-03.md), its streamed tile at
+    FEW_SETS_FWD_ELEMS too. ``halve``: the backward holds more per element (a plan gradient,
+    or the feature spread's terms: 16 B of spills at W1 with FEW_SETS_BWD_ELEMS), half the
+    fp32 a thread then."""
+    if not FEW_SETS_WARPS or B >= sms or pieces[0]:
+        return None
+    cap = min(MAX_REGISTERS, 65536 // (32 * FEW_SETS_WARPS))
+    if N is None:
+        if not fwd or paper or not RAGGED_TILE_ROWS:
+            return None
+        return (*_blocks(D, None, FEW_SETS_FWD_ELEMS * 32 * FEW_SETS_WARPS), FEW_SETS_WARPS,
+                cap)
+    if not one_tile or N < FEW_SETS_MIN_ROWS:
         return None
     elems = FEW_SETS_FWD_ELEMS if fwd else FEW_SETS_BWD_ELEMS // (2 if halve else 1)
     BN, BD, _ = _config(D, N, elems, FEW_SETS_WARPS)
-    return BN, BD, FEW_SETS_WARPS, min(MAX_REGISTERS, 65536 // (32 * FEW_SETS_WARPS))
+    return BN, BD, FEW_SETS_WARPS, cap
 
 
 # A ragged batch's sizes are not known on the host (no sync), so its sets are streamed: two
@@ -114,13 +126,15 @@ RAGGED_TILE_ROWS = ONE_TILE_MAX_N if FRUGAL_REGISTERS else 0
 RAGGED_HALF_TILE = True
 
 
-def ragged_tile(D: int, num_warps: int, ragged: bool, paper: bool) -> tuple:
+def ragged_tile(D: int, num_warps: int, ragged: bool, paper: bool,
+                elems: int = FWD_ELEMS_PER_THREAD) -> tuple:
     """(TILE_ROWS, TILE_BD, TILE_HALF) of the forward's one-tile iterations of ragged sets (see
-    RAGGED_TILE_ROWS): the forward's tile budget at ``num_warps``; (0, 1, False): none."""
+    RAGGED_TILE_ROWS): a tile of ``elems`` fp32 a thread at ``num_warps``; (0, 1, False):
+    none."""
     if not ragged or paper or not RAGGED_TILE_ROWS:
         return 0, 1, False
     rows = next_pow2(RAGGED_TILE_ROWS)
-    bd = FWD_ELEMS_PER_THREAD * 32 * num_warps // rows
+    bd = elems * 32 * num_warps // rows
     return rows, max(min(bd, next_pow2(D), 128), 1), RAGGED_HALF_TILE and rows >= 2
 
 
@@ -503,12 +517,14 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
     BN, BD, one_tile = fwd_config(D, N, nw)
     P0, P1, P2 = row_pieces(N, BN, one_tile, paper)
     cap, RL, unit_n = MAX_REGISTERS, 1, False
-    few = few_sets_launch(B, sm_count(x.device), N, D, one_tile, (P0, P1, P2), True)
+    few = few_sets_launch(B, sm_count(x.device), N, D, one_tile, (P0, P1, P2), True,
+                          paper=paper)
     if few:
         BN, BD, nw, cap = few
     if P0:
         BD, RL, unit_n, nw, cap = pieces_fwd_launch(D, (P0, P1, P2), BD, sxn == 1)
-    tile_rows, tile_bd, tile_half = ragged_tile(D, nw, ptr is not None, paper)
+    tile_rows, tile_bd, tile_half = ragged_tile(
+        D, nw, ptr is not None, paper, FEW_SETS_FWD_ELEMS if few else FWD_ELEMS_PER_THREAD)
     lp0 = as_f32(log_p0) if log_p0 is not None else y
     lq0 = as_f32(log_q0) if log_q0 is not None else y
     saved = set_statistics(x, ptr, B, D, stats, wrap,
