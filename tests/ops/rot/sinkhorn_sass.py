@@ -151,6 +151,7 @@ def launch_options(which: str, variant: str, N, D: int, num_warps: int,
 # the ragged exact forward at 16 warps)
 AOT_CONFIGS = [("fwd", "exact", "bf16", 8), ("fwd", "exact", "fp32", 4),
                ("fwd@few", "exact", "fp32", 8), ("fwd@few", "exact", "bf16", 8),
+               ("fwd+s@few", "exact", "fp32", 8),
                ("fwd", "paper", "fp32", 4),
                ("fwd1", "exact", "fp32", 8), ("fwd1", "exact", "bf16", 8),
                ("fwd1", "paper", "bf16", 4),
@@ -208,10 +209,10 @@ SMALL_CONFIGS = [("fwd1", 16, 32, 8), ("fwd1", 16, 128, 8), ("fwd1", 32, 32, 4),
 
 def _fold_scale(ce: dict, which: str, variant: str) -> None:
     """The constexprs of the layers' feature scale folded in (SCALED; the one-program-per-set
-    forward forms σ itself; the exact one-tile backward and dx: σ's x̄ term in the dx pass,
-    SPREAD), as launch.sinkhorn_forward / sinkhorn_backward set them."""
+    forward, dense or ragged, forms σ itself; the exact one-tile backward and dx: σ's x̄ term
+    in the dx pass, SPREAD), as launch.sinkhorn_forward / sinkhorn_backward set them."""
     ce["SCALED"] = True
-    if which == "fwd1":
+    if which in ("fwd", "fwd1"):
         ce["STATS"] = True
     if variant == "exact" and (which == "dx" or which.startswith("bwd") and ce["ONE_TILE_N"]):
         ce["SPREAD"] = True
