@@ -150,7 +150,7 @@ def launch_options(which: str, variant: str, N, D: int, num_warps: int,
 # row-block dx launch at W1's shape; "@few": fewer sets than SMs (64; launch.few_sets_launch:
 # the ragged exact forward at 16 warps)
 AOT_CONFIGS = [("fwd", "exact", "bf16", 8), ("fwd", "exact", "fp32", 4),
-               ("fwd@few", "exact", "fp32", 8), ("fwd+s@few", "exact", "bf16", 8),
+               ("fwd+s@few", "exact", "bf16", 8),
                ("fwd", "paper", "fp32", 4),
                ("fwd1", "exact", "fp32", 8), ("fwd1", "exact", "bf16", 8),
                ("fwd1", "paper", "bf16", 4),
