@@ -77,16 +77,18 @@ def variants():
         ("W1", "sinkhorn", "shipped", {}),
         ("W1", "sinkhorn", "one-tile kernels at 8 warps (until 2026-12-03)", {S: dict(
             FEW_SETS_WARPS=0)}),
-        # the ragged exact forward's one-tile iterations for sets of 129-512 rows since
-        # 2026-12-03 with triton >= 3.9, at 16 warps with fewer sets than SMs (3.6 spills
-        # 32-96 B with them; calibrated model: W5 T=4 forward kernel 226 -> 104 us at 8 warps,
-        # 69 at 16; results/sinkhorn_ragged_tiles_2026-12-03.md)
+        # the ragged exact forward's one-tile iterations and the backward's one-pass reverse
+        # sweeps for sets of 129-512 rows since 2026-12-03 with triton >= 3.9, at 16 warps with
+        # fewer sets than SMs (3.6 spills 32-96 B in the forward, 24 B in the 16-warp backward;
+        # calibrated model, T=4: W5 forward kernel 226 -> 104 us at 8 warps, 69 at 16,
+        # backward 201 -> 155 at 8, 106 at 16; results/sinkhorn_ragged_tiles_2026-12-03.md,
+        # sinkhorn_ragged_bwd_tiles_2026-12-03.md)
         ("W5", "sinkhorn", "shipped", {}),
-        ("W5", "sinkhorn", "ragged forward " + (
+        ("W5", "sinkhorn", "ragged exact " + (
             "streamed only at 8 warps (as until 2026-12-03)" if S.RAGGED_TILE_ROWS
-            else "with one-tile iterations (shipped from triton 3.9; 3.6 spills 32-96 B)"),
+            else "with one-tile iterations and sweeps (shipped from triton 3.9; 3.6 spills)"),
          {S: dict(RAGGED_TILE_ROWS=0 if S.RAGGED_TILE_ROWS else S.ONE_TILE_MAX_N)}),
-        ("W5", "sinkhorn", "ragged forward with one-tile iterations at 8 warps", {S: dict(
+        ("W5", "sinkhorn", "ragged exact with one-tile iterations and sweeps at 8 warps", {S: dict(
             RAGGED_TILE_ROWS=S.ONE_TILE_MAX_N, FEW_SETS_WARPS=0)}),
         ("W2", "badmm-e", "fused backward (shipped up to T = 14 until 2026-11-30)", {B: dict(
             backward_fuses=lambda T, x_bytes: True)}),

@@ -82,7 +82,7 @@ def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = F
         if P0:  # the row-pieces forward (its own warps and cap: launch_options)
             BD, RL, unit_n = L.pieces_fwd_launch(D, (P0, P1, P2), BD, unit_rows)[:3]
         TR, TBD, HALF = L.ragged_tile(D, few[2] if few else num_warps, ragged, paper,
-                                      L.FEW_SETS_FWD_ELEMS if few else L.FWD_ELEMS_PER_THREAD)
+                                      L.few_sets_elems(True) if few else L.FWD_ELEMS_PER_THREAD)
         ce = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, PAPER=paper, RETURN_PLAN=True,
                   ONE_TILE_N=one, BN=BN, BD=BD, MASK_N=N is None or N != BN, P0=P0, P1=P1,
                   P2=P2, MASK_P=N is not None and P0 + P1 + P2 != N, RL=RL,
@@ -102,12 +102,15 @@ def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = F
                             has_gp or spread and one and not paper)
     if few:
         BN, BD = few[:2]
+    TR, TBD, HALF = L.ragged_tile(D, few[2] if few else num_warps, ragged, paper,
+                                  L.few_sets_elems(False, has_gp, ragged) if few else
+                                  L.BWD_ELEMS_PER_THREAD if has_gp else L.SWEEP_ELEMS_PER_THREAD)
     ce = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, PAPER=paper, HAS_GP=has_gp, ONE_TILE_N=one,
               BN=BN, BD=BD, BT=16, BNX=BNX, BDX=BDX, BDF=L.fused_sweep_bd(BD, has_gp),
               FUSE_DX=L.fuse_dx(P0 + P1 + P2 if P0 else BN, L.fused_sweep_bd(BD, has_gp), BNX,
                                 BDX, one, paper),
               P0=P0, P1=P1, P2=P2, MASK_P=N is not None and P0 + P1 + P2 != N, RL=RL,
-              UNIT_N=unit_n, BDP=BDP)
+              UNIT_N=unit_n, BDP=BDP, TILE_ROWS=TR, TILE_BD=TBD, TILE_HALF=HALF)
     # dense with dx not in the sweep: the few-sets case (dx by its own launch) is compiled,
     # as is every launch with the lanes sweeps (launch.sinkhorn_backward)
     ce["FUSE_DX"] = ce["FUSE_DX"] and not RL
@@ -140,17 +143,17 @@ def launch_options(which: str, variant: str, N, D: int, num_warps: int,
 
 
 # the launcher configurations compiled by the AOT test: (which, variant, x dtype, warps)
-# fwd / bwd: streamed tiles (ragged, D = 2048; the exact forward also holds its one-tile
-# iterations for sets of 129-512 rows, launch.ragged_tile); fwd1 / bwd1: one tile per set
-# (dense N = 49; the exact forward then holds the rows in three pieces: its chunk within the
-# tile of the launcher's warps, 8 at W2's 256 sets on 132 SMs, launched with its own:
-# launch_options);
+# fwd / bwd: streamed tiles (ragged, D = 2048; the exact forward and backward also hold their
+# one-tile iterations and sweeps for sets of 129-512 rows, launch.ragged_tile); fwd1 / bwd1:
+# one tile per set (dense N = 49; the exact forward then holds the rows in three pieces: its
+# chunk within the tile of the launcher's warps, 8 at W2's 256 sets on 132 SMs, launched with
+# its own: launch_options);
 # bwd / bwd1 with a plan gradient, bwdnogp / bwd1nogp without (the launcher then picks wider
 # sweep tiles, launch.bwd_config); split_*: the split-set launches at W1's shape; dx: the
 # row-block dx launch at W1's shape; "@few": fewer sets than SMs (64; launch.few_sets_launch:
-# the ragged exact forward at 16 warps)
+# the ragged exact forward and backward at 16 warps)
 AOT_CONFIGS = [("fwd", "exact", "bf16", 8), ("fwd", "exact", "fp32", 4),
-               ("fwd+s@few", "exact", "bf16", 8),
+               ("fwd+s@few", "exact", "bf16", 8), ("bwd@few", "exact", "bf16", 8),
                ("fwd", "paper", "fp32", 4),
                ("fwd1", "exact", "fp32", 8), ("fwd1", "exact", "bf16", 8),
                ("fwd1", "paper", "bf16", 4),

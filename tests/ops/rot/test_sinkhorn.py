@@ -205,18 +205,29 @@ def test_ragged_tile_choice(monkeypatch):
     assert launch.ragged_tile(128, 8, True, False) == (0, 1, False)
 
 
-@pytest.mark.parametrize("weights", ["per_iteration", "constant"])
-def test_ragged_sets_in_one_tile(weights, monkeypatch):
+@pytest.mark.parametrize("weights,form,few", [("per_iteration", "one_exp2", False),
+                                              ("constant", "one_exp2", False),
+                                              ("per_iteration", "two_exp2", False),
+                                              ("constant", "normalized", False),
+                                              ("per_iteration", "one_exp2", True)])
+def test_ragged_sets_in_one_tile(weights, form, few, monkeypatch):
     """Ragged exact sets of RAGGED_TILE_ROWS / 2 < n <= RAGGED_TILE_ROWS rows run their
-    iterations in one tile, those of RAGGED_TILE_ROWS / 4 < n <= RAGGED_TILE_ROWS / 2 in one
-    half as tall (``launch.ragged_tile``; lowered to 8 here: sizes 6, 8 and 5 take the first,
-    3 the second, 1 stays streamed, 0 is empty), in one launch; with priors, the plan and its
-    gradient, the backward's streamed sweeps reading the state they wrote.
+    iterations and reverse sweeps in one tile, those of RAGGED_TILE_ROWS / 4 < n <=
+    RAGGED_TILE_ROWS / 2 in one half as tall (``launch.ragged_tile``; lowered to 8 here: sizes
+    6, 8 and 5 take the first, 3 the second, 1 stays streamed, 0 is empty), in one launch each
+    way; with priors, the plan and its gradient.
     Per-iteration weights (a2 = inf in one) run the tile's column-max branch; constant ones its
-    fixed shifts from t = 1 on. All == the reference."""
+    fixed shifts from t = 1 on. The reverse sweeps in the one-exp2 form, the forced two-exp2
+    form and with Q's rows and S's columns normalized (``reverse_form``). ``few``: fewer sets
+    than SMs (64 stand in for the interpreter's 4), so both launches take
+    launch.few_sets_launch's layout (16 warps, their own streamed tiles). All == the
+    reference."""
     from launch_counter import count_launches
     from rotp_triton.ops.rot.triton.sinkhorn import launch
     monkeypatch.setattr(launch, "RAGGED_TILE_ROWS", 8)
+    if few:
+        monkeypatch.setattr(launch, "sm_count", lambda device: 64)
+    _set_reverse_form(form, monkeypatch)
     gen = torch.Generator().manual_seed(29)
     sizes = [6, 0, 3, 8, 5, 1]
     D, T = 5, 4
@@ -230,8 +241,11 @@ def test_ragged_sets_in_one_tile(weights, monkeypatch):
     args = _with_prior_and_cotangents(x, ptr, "exact", T, (a1, a2, a3), q0, len(sizes), D, gen)
     with count_launches() as launches:
         k = _run_kernel(*args)
-    assert [c.get("TILE_ROWS") for name, c in zip(launches, launches.constexprs)
-            if name == "sinkhorn_fwd_kernel"] == [8]
+    warps = launch.FEW_SETS_WARPS if few else 4
+    assert [(name, c.get("TILE_ROWS"), c.get("num_warps"))
+            for name, c in zip(launches, launches.constexprs)
+            if name.startswith("sinkhorn_")] == [("sinkhorn_fwd_kernel", 8, warps),
+                                                  ("sinkhorn_bwd_kernel", 8, warps)]
     _compare(k, _run_reference(*args), RTOL[torch.float32], ["x", "a1", "a2", "a3", "p0", "q0"])
     assert float(k[0][1].abs().max()) == 0.0
 
@@ -653,7 +667,7 @@ def test_few_large_sets_choice(monkeypatch):
     """Fewer sets than SMs with at least FEW_SETS_MIN_ROWS rows in one tile run FEW_SETS_WARPS
     warps under the registers a CTA of that size may hold (W1: 500 x 100 on 132 SMs); many
     sets, small sets and row pieces keep the launcher's layout; ragged sets take it in the
-    exact forward where its one-tile classes are on (W5: 128 sets)."""
+    exact forward and backward where their one-tile classes are on (W5: 128 sets)."""
     from rotp_triton.ops.rot.triton.sinkhorn import launch
     w1 = (50, 132, 500, 100, True, (0, 0, 0))
     elems = launch.FEW_SETS_FWD_ELEMS
@@ -665,16 +679,22 @@ def test_few_large_sets_choice(monkeypatch):
     assert launch.few_sets_launch(132, *w1[1:], True) is None
     assert launch.few_sets_launch(50, 132, 255, 100, True, (0, 0, 0), True) is None
     assert launch.few_sets_launch(50, 132, 300, 100, True, (256, 32, 16), True) is None
-    # ragged: the exact forward (its one-tile classes on) takes the warps, its streamed tile
-    # at FEW_SETS_FWD_ELEMS fp32 a thread; not the paper variant, not the backward
+    # ragged: the exact forward and backward (their one-tile classes on) take the warps, the
+    # streamed tiles at FEW_SETS_FWD_ELEMS / FEW_SETS_RAGGED_BWD_ELEMS fp32 a thread (with a
+    # plan gradient too); not the paper variant
     monkeypatch.setattr(launch, "RAGGED_TILE_ROWS", 512)
     ragged = (128, 132, None, 100, False, (0, 0, 0))
     rows = launch.FEW_SETS_FWD_ELEMS * 32 * 16 // 128
     assert launch.few_sets_launch(*ragged, True) == (rows, 128, 16, 128)
     assert launch.few_sets_launch(*ragged, True, paper=True) is None
-    assert launch.few_sets_launch(*ragged, False) is None
+    rows = launch.FEW_SETS_RAGGED_BWD_ELEMS * 32 * 16 // 128
+    assert launch.few_sets_launch(*ragged, False) == (rows, 128, 16, 128)
+    assert launch.few_sets_launch(*ragged, False, True) == (rows, 128, 16, 128)
+    assert launch.few_sets_launch(*ragged, False, paper=True) is None
+    assert launch.few_sets_elems(False, True, True) == launch.FEW_SETS_RAGGED_BWD_ELEMS
     monkeypatch.setattr(launch, "RAGGED_TILE_ROWS", 0)
     assert launch.few_sets_launch(*ragged, True) is None
+    assert launch.few_sets_launch(*ragged, False) is None
 
 
 @pytest.mark.parametrize("variant", ["exact", "paper"])

@@ -2455,7 +2455,8 @@ def sinkhorn_bwd_kernel(
     P1: tl.constexpr = 0, P2: tl.constexpr = 0, MASK_P: tl.constexpr = False,
     SCALED: tl.constexpr = False, SPREAD: tl.constexpr = False, PACK: tl.constexpr = False,
     FIXED_ORDER: tl.constexpr = False, RL: tl.constexpr = 0, UNIT_N: tl.constexpr = False,
-    BDP: tl.constexpr = 0,
+    BDP: tl.constexpr = 0, TILE_ROWS: tl.constexpr = 0, TILE_BD: tl.constexpr = 1,
+    TILE_HALF: tl.constexpr = False,
 ):
     """Exact gradient of the T unrolled iterations + pooling (+ plan) of one set per program.
 
@@ -2485,6 +2486,11 @@ def sinkhorn_bwd_kernel(
     ∂/∂σ_b by atomic adds (``_add_weight_grad``).
     FIXED_ORDER: the set's share of dw goes to dwp [B, 3, T] (zero before) instead, for a sum
     in a fixed order (``_add_weight_grad``).
+    TILE_ROWS > 0 (ragged exact, ``launch.ragged_tile``): as in the forward, a set of
+    TILE_ROWS / 2 < n_b <= TILE_ROWS rows (TILE_HALF: TILE_ROWS / 4 < n_b <= TILE_ROWS / 2, in a
+    tile half as tall) takes the one-pass reverse sweep (_exact_bwd_sweep) of a [TILE_ROWS,
+    TILE_BD] tile instead of the streamed two passes; the dx pass stays streamed and still
+    sums the x-scale terms (its sum replaces the sweep's).
     SPREAD (with SCALED; exact, one tile per set, dx not fused into the last sweep): σ is the
     set's spread (the forward's statistics: root [B], the feature means mean [B, D]) and dx is
     the whole x̄ - the path through σ included (what ``spread_grad_kernel`` would add). Every
@@ -2612,6 +2618,9 @@ def sinkhorn_bwd_kernel(
                dx_base, sdn, sdd, Rho_ptr, eb_b, one_exp2_max, RV_ptr + b * T * RV_SLOTS * NPAD,
                NPAD)
         de_fin = tl.sum(tl.zeros([BD], tl.float32), axis=0)
+        # (a runtime choice, the same in the whole program, as the forward's)
+        tiled = (n_b <= TILE_ROWS) & (2 * n_b > TILE_ROWS)
+        tiled2 = (2 * n_b <= TILE_ROWS) & (4 * n_b > TILE_ROWS)
 
         # reverse sweep over the iterations: only vectors (adjoints of a, b, R, C) are carried
         for i in range(T):
@@ -2786,6 +2795,27 @@ def sinkhorn_bwd_kernel(
                     e_inv = s * _LN2
                     # tx = Σ ȳ_t ⊙ x·s_t: the term -Σ ȳ_t ⊙ x / ε(t)² is -tx·e_inv·ln 2
                     tl.store(deps_x_ptr + b * T + t, -tx * e_inv * _LN2)
+                    tl.store(dk2_ptr + b * T + t, dk2)
+                    tl.debug_barrier()
+                elif TILE_ROWS > 0 and (tiled | (TILE_HALF and tiled2)):
+                    # (ragged: the dx pass below sums the x-scale terms, so tx is not kept)
+                    sa = scb
+                    if t == T - 1:
+                        sa += _vec_sum(abar_b, D, _vector_block(BN, BD))
+                    last = (t == T - 1).to(tl.int32)
+                    dk2 = tl.sum(tl.zeros([BD], tl.float32), axis=0)
+                    if tiled:
+                        dk2, _, _ = _exact_bwd_sweep(
+                            x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_t, Cbar_t,
+                            B_prev, abar_b, last, Rbar_t, bbar_b, (t > 0).to(tl.int32), lp0_b,
+                            lp0_u, dlp0_ptr + b * D, Rho_t, fast, dxa, HAS_P0, HAS_GP, False,
+                            TILE_ROWS, TILE_BD, BT)
+                    elif TILE_HALF:
+                        dk2, _, _ = _exact_bwd_sweep(
+                            x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_t, Cbar_t,
+                            B_prev, abar_b, last, Rbar_t, bbar_b, (t > 0).to(tl.int32), lp0_b,
+                            lp0_u, dlp0_ptr + b * D, Rho_t, fast, dxa, HAS_P0, HAS_GP, False,
+                            TILE_ROWS // 2, TILE_BD, BT)
                     tl.store(dk2_ptr + b * T + t, dk2)
                     tl.debug_barrier()
                 else:

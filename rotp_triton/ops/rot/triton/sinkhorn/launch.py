@@ -86,6 +86,18 @@ FEW_SETS_WARPS = 16
 FEW_SETS_FWD_ELEMS = 4
 FEW_SETS_BWD_ELEMS = 8 if FRUGAL_REGISTERS else 4     # (triton 3.6 spilled 24 B at 8)
 FEW_SETS_MIN_ROWS = 256
+# the ragged exact backward holds the streamed sweeps beside its one-tile ones: at 8 fp32 a
+# thread it spilled 96 B under the cap, at 4 none (127 registers; with a plan gradient too)
+FEW_SETS_RAGGED_BWD_ELEMS = 4
+
+
+def few_sets_elems(fwd: bool, halve: bool = False, ragged: bool = False) -> int:
+    """fp32 of x a thread in :func:`few_sets_launch`'s tiles (``halve``: see there)."""
+    if fwd:
+        return FEW_SETS_FWD_ELEMS
+    if ragged:
+        return FEW_SETS_RAGGED_BWD_ELEMS
+    return FEW_SETS_BWD_ELEMS // (2 if halve else 1)
 
 
 def few_sets_launch(B: int, sms: int, N: Optional[int], D: int, one_tile: bool,
@@ -93,30 +105,32 @@ def few_sets_launch(B: int, sms: int, N: Optional[int], D: int, one_tile: bool,
                     paper: bool = False) -> Optional[tuple]:
     """(BN, BD, num_warps, maxnreg) of a set kernel where there are fewer sets than SMs (see
     FEW_SETS_WARPS), or None: the launcher's own layout. Dense: one-tile sets of at least
-    FEW_SETS_MIN_ROWS rows; ragged (N None): the exact forward with its one-tile classes
-    (RAGGED_TILE_ROWS; W5: 243 -> 116 registers, calibrated forward 104 -> 69 µs at T = 4,
-    PREDICTED: bench/results/sinkhorn_ragged_tiles_2026-12-03.md), its streamed tile at
-    FEW_SETS_FWD_ELEMS too. ``halve``: the backward holds more per element (a plan gradient,
-    or the feature spread's terms: 16 B of spills at W1 with FEW_SETS_BWD_ELEMS), half the
-    fp32 a thread then."""
+    FEW_SETS_MIN_ROWS rows; ragged (N None): the exact forward and backward with their
+    one-tile classes (RAGGED_TILE_ROWS; W5, T = 4, calibrated, PREDICTED: forward 243 -> 116
+    registers, 104 -> 69 µs, bench/results/sinkhorn_ragged_tiles_2026-12-03.md; backward
+    streamed at 8 warps 201 µs, with the sweeps 155, at 16 warps 106 (128 registers),
+    sinkhorn_ragged_bwd_tiles_2026-12-03.md), their streamed
+    tiles at :func:`few_sets_elems` too. ``halve``: the dense backward holds more per element
+    (a plan gradient, or the feature spread's terms: 16 B of spills at W1 with
+    FEW_SETS_BWD_ELEMS), half the fp32 a thread then."""
     if not FEW_SETS_WARPS or B >= sms or pieces[0]:
         return None
     cap = min(MAX_REGISTERS, 65536 // (32 * FEW_SETS_WARPS))
+    elems = few_sets_elems(fwd, halve, N is None)
     if N is None:
-        if not fwd or paper or not RAGGED_TILE_ROWS:
+        if paper or not RAGGED_TILE_ROWS:
             return None
-        return (*_blocks(D, None, FEW_SETS_FWD_ELEMS * 32 * FEW_SETS_WARPS), FEW_SETS_WARPS,
-                cap)
+        return (*_blocks(D, None, elems * 32 * FEW_SETS_WARPS), FEW_SETS_WARPS, cap)
     if not one_tile or N < FEW_SETS_MIN_ROWS:
         return None
-    elems = FEW_SETS_FWD_ELEMS if fwd else FEW_SETS_BWD_ELEMS // (2 if halve else 1)
     BN, BD, _ = _config(D, N, elems, FEW_SETS_WARPS)
     return BN, BD, FEW_SETS_WARPS, cap
 
 
 # A ragged batch's sizes are not known on the host (no sync), so its sets are streamed: two
 # passes over x per exact iteration, an online max per tile. The forward also carries the
-# one-tile iteration for sets of RAGGED_TILE_ROWS / 2 < n <= RAGGED_TILE_ROWS rows and
+# one-tile iteration (the backward its one-pass reverse sweep; the dx pass stays streamed)
+# for sets of RAGGED_TILE_ROWS / 2 < n <= RAGGED_TILE_ROWS rows and
 # (RAGGED_HALF_TILE) of RAGGED_TILE_ROWS / 4 < n <= RAGGED_TILE_ROWS / 2 in a tile half as
 # tall with the same features a chunk, chosen in the kernel from the set's size (at most half
 # a tile padded; 0: off; bench/results/sinkhorn_ragged_tiles_2026-12-03.md). Tests lower it
@@ -128,9 +142,9 @@ RAGGED_HALF_TILE = True
 
 def ragged_tile(D: int, num_warps: int, ragged: bool, paper: bool,
                 elems: int = FWD_ELEMS_PER_THREAD) -> tuple:
-    """(TILE_ROWS, TILE_BD, TILE_HALF) of the forward's one-tile iterations of ragged sets (see
-    RAGGED_TILE_ROWS): a tile of ``elems`` fp32 a thread at ``num_warps``; (0, 1, False):
-    none."""
+    """(TILE_ROWS, TILE_BD, TILE_HALF) of the one-tile iterations (forward) or reverse sweeps
+    (backward) of ragged sets (see RAGGED_TILE_ROWS): a tile of ``elems`` fp32 a thread at
+    ``num_warps``; (0, 1, False): none."""
     if not ragged or paper or not RAGGED_TILE_ROWS:
         return 0, 1, False
     rows = next_pow2(RAGGED_TILE_ROWS)
@@ -524,7 +538,7 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
     if P0:
         BD, RL, unit_n, nw, cap = pieces_fwd_launch(D, (P0, P1, P2), BD, sxn == 1)
     tile_rows, tile_bd, tile_half = ragged_tile(
-        D, nw, ptr is not None, paper, FEW_SETS_FWD_ELEMS if few else FWD_ELEMS_PER_THREAD)
+        D, nw, ptr is not None, paper, few_sets_elems(True) if few else FWD_ELEMS_PER_THREAD)
     lp0 = as_f32(log_p0) if log_p0 is not None else y
     lq0 = as_f32(log_q0) if log_q0 is not None else y
     saved = set_statistics(x, ptr, B, D, stats, wrap,
@@ -632,6 +646,11 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
                           has_gp or fold)
     if few:
         BN, BD, nwb, cap = few
+    # ragged exact: the one-pass reverse sweeps of the forward's one-tile classes
+    tile_rows, tile_bd, tile_half = ragged_tile(
+        D, nwb, ptr is not None, paper,
+        few_sets_elems(False, has_gp, ptr is not None) if few else
+        BWD_ELEMS_PER_THREAD if has_gp else SWEEP_ELEMS_PER_THREAD)
     BDF = fused_sweep_bd(BD, has_gp)
     fused = not fold and fuse_dx(P0 + P1 + P2 if P0 else BN, BDF, BNX, BDX, one_tile, paper)
     # the lanes sweeps (RL) hold too many registers for the dx pass's state beside them
@@ -679,7 +698,8 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
             BN=BN, BD=BD, BT=next_pow2(T), BNX=BNX, BDX=BDX, FUSE_DX=fused, SPLIT_DX=split,
             BDF=BDF, P0=P0, P1=P1, P2=P2, MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None,
             SPREAD=fold, PACK=npad > 0, FIXED_ORDER=fixed, RL=RL, UNIT_N=unit_n, BDP=BDP,
-            num_warps=nwb, maxnreg=cap)
+            TILE_ROWS=tile_rows, TILE_BD=tile_bd, TILE_HALF=tile_half, num_warps=nwb,
+            maxnreg=cap)
         if split:
             launcher(sinkhorn_dx_kernel, wrap)[(B, nj)](
                 x, sxb, sxn, sxd, N, D, T, NR, w, A, Rn, Bv, Cn, rfin, tot, y, g, gp, sgb, sgn,
