@@ -1297,7 +1297,8 @@ def test_aot_sm90_fixed_order_has_no_atomics():
 
 
 @pytest.mark.parametrize("rows", [7, 23], ids=["pieces", "padded_piece"])
-@pytest.mark.parametrize("path", ["sweep", "pass", "split-dx", "split-rows", "ragged"])
+@pytest.mark.parametrize("path", ["sweep", "pass", "split-dx", "split-rows", "ragged",
+                                  "ragged-tiles"])
 @pytest.mark.parametrize("variant_", ["exact", "paper"])
 def test_feature_scale_folded_in(variant_, path, rows, monkeypatch):
     """``spread=True`` (the layers' scale="auto"): y = σ · pool(x / σ) with σ each set's
@@ -1308,8 +1309,10 @@ def test_feature_scale_folded_in(variant_, path, rows, monkeypatch):
     ``dense_spread`` / ``ragged_spread`` (x and the (T,) weights), on every dx path (the last
     reverse sweep, the backward's own pass, the row-block launch with its atomic ε and σ
     terms), the split-set forward and ragged sets with an empty one and a constant one
-    (σ = 1). Launches: no x / σ pass, no dot pass. Dense sets of 7 rows (exact: row pieces
-    4 + 2 + 1) and 23 (16 + 4 + 4, the last piece padded: the spread's zeroed rows)."""
+    (σ = 1); "ragged-tiles": the exact one-tile classes on (launch.RAGGED_TILE_ROWS lowered
+    to 4: sets of 3 and 2 rows in one tile each way, 5 streamed). Launches: no x / σ pass, no
+    dot pass. Dense sets of 7 rows (exact: row pieces 4 + 2 + 1) and 23 (16 + 4 + 4, the last
+    piece padded: the spread's zeroed rows)."""
     from launch_counter import count_launches
     from rotp_triton.ops.rot.params import A1, A2, A3
     from rotp_triton.ops.rot.spread import dense_spread, ragged_spread
@@ -1317,15 +1320,18 @@ def test_feature_scale_folded_in(variant_, path, rows, monkeypatch):
     from rotp_triton.ops.rot.triton.sinkhorn.op import sinkhorn_pool
     if variant_ == "paper" and path in ("sweep", "split-rows"):
         pytest.skip("the fused dx sweep and the split-set forward are exact-only")
-    if rows != 7 and (path == "ragged" or variant_ == "paper"):
+    if rows != 7 and (path.startswith("ragged") or variant_ == "paper"):
         pytest.skip("row pieces: dense exact sets only")
+    if path == "ragged-tiles" and variant_ == "paper":
+        pytest.skip("the ragged one-tile classes are exact-only")
+    monkeypatch.setattr(launch, "RAGGED_TILE_ROWS", 4 if path == "ragged-tiles" else 0)
     monkeypatch.setattr(launch, "fuse_dx", lambda *args: path == "sweep")
     monkeypatch.setattr(launch, "split_dx", lambda *args: path == "split-dx")
     monkeypatch.setattr(launch, "SPLIT_ROWS", 2 if path == "split-rows" else None)
     gen = torch.Generator().manual_seed(41)
     T = 3
     a1, a2, a3 = _weights(T, gen)
-    if path == "ragged":
+    if path.startswith("ragged"):
         ptr = _ragged_ptr([3, 0, 5, 2])
         x = torch.randn(10, 4, generator=gen, dtype=torch.float64) * 3 + 2
         x[8:] = 1.5                                    # a constant set: spread 0 -> σ = 1
@@ -1353,7 +1359,9 @@ def test_feature_scale_folded_in(variant_, path, rows, monkeypatch):
     # exact, one tile per set: the kernels write the whole x̄ (σ's path too; dx never fused
     # into the last sweep); ragged sets (several tiles) keep the spread pass
     fold = variant_ == "exact" and bwd.constexprs[0]["ONE_TILE_N"]
-    assert fold == (variant_ == "exact" and path != "ragged")
+    assert fold == (variant_ == "exact" and not path.startswith("ragged"))
+    assert all(c.get("TILE_ROWS", 0) == (4 if path == "ragged-tiles" else 0)
+               for c in fwd.constexprs[-1:] + bwd.constexprs[:1])
     assert ("spread_grad_kernel" in bwd) != fold and "spread_grad_dot_kernel" not in bwd
     assert bwd[-1] == ("spread_grad_kernel" if not fold else
                        "sinkhorn_dx_kernel" if path == "split-dx" else "sinkhorn_bwd_kernel")
