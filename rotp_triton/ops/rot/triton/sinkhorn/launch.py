@@ -106,12 +106,12 @@ def few_sets_launch(B: int, sms: int, N: Optional[int], D: int, one_tile: bool,
     """(BN, BD, num_warps, maxnreg) of a set kernel where there are fewer sets than SMs (see
     FEW_SETS_WARPS), or None: the launcher's own layout. Dense: one-tile sets of at least
     FEW_SETS_MIN_ROWS rows; ragged (N None): the exact forward and backward with their
-    one-tile classes (RAGGED_TILE_ROWS; W5, T = 4, calibrated, PREDICTED: forward 243 -> 116
-    registers, 104 -> 69 µs, bench/results/sinkhorn_ragged_tiles_2026-12-03.md; backward
-    streamed at 8 warps 201 µs, with the sweeps 155, at 16 warps 106 (128 registers),
-    sinkhorn_ragged_bwd_tiles_2026-12-03.md), their streamed
-    tiles at :func:`few_sets_elems` too. ``halve``: the dense backward holds more per element
-    (a plan gradient, or the feature spread's terms: 16 B of spills at W1 with
+    one-tile classes (RAGGED_TILE_ROWS), their streamed tiles at :func:`few_sets_elems` too
+    (W5, T = 4, calibrated, PREDICTED: forward 243 -> 116 registers, 104 -> 69 µs,
+    bench/results/sinkhorn_ragged_tiles_2026-12-03.md; backward 201 µs streamed at 8 warps,
+    155 with the sweeps, 106 at 16 warps (128 registers),
+    sinkhorn_ragged_bwd_tiles_2026-12-03.md). ``halve``: the dense backward holds more per
+    element (a plan gradient, or the feature spread's terms: 16 B of spills at W1 with
     FEW_SETS_BWD_ELEMS), half the fp32 a thread then."""
     if not FEW_SETS_WARPS or B >= sms or pieces[0]:
         return None
