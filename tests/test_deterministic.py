@@ -4,7 +4,9 @@ Every family runs under the switch with the results it gives without. Under the 
 also fills every ``torch.empty`` with NaN (``torch.utils.deterministic.fill_uninitialized_memory``),
 so a kernel that read memory nobody wrote would show here. The Sinkhorn backward's fixed-order
 sums of its weight-gradient shares are checked against the oracle in
-``tests/ops/rot/test_sinkhorn.py`` (``test_deterministic_algorithms_*``).
+``tests/ops/rot/test_sinkhorn.py`` (``test_deterministic_algorithms_*``), the overlapping
+windows' shares of x̄ in ``tests/ops/rot/test_window.py``
+(``test_overlap_under_deterministic_algorithms``).
 """
 import pytest
 import torch
@@ -48,6 +50,9 @@ CASES = {"sinkhorn dense": _sets("sinkhorn"),
          "badmm-q dense paper": _sets("badmm-q", "paper"),
          "badmm-e a0": _sets("badmm-e", a0=0.3),
          "ROTPool2d sinkhorn": _image(lambda c, **k: rt.ROTPool2d(c, 2, **k), "sinkhorn"),
+         # overlapping windows: their shares of x̄ summed in a fixed order, no atomics
+         "ROTPool2d 3x3/2 badmm-q": _image(
+             lambda c, **k: rt.ROTPool2d(c, 3, stride=2, padding=1, **k), "badmm-q"),
          "AdaptiveROTPool2d badmm-e": _image(rt.AdaptiveROTPool2d, "badmm-e")}
 
 

@@ -29,6 +29,8 @@ CASES = {  # name: (B, C, H, W, k, s, p, ceil_mode, layout)
     "3x3-pad-ceil-overlap-cl": (1, 5, 5, 6, (3, 3), (2, 2), (1, 1), True, "channels_last"),
     "3x3-stride1-nchw": (1, 3, 4, 5, (3, 3), (1, 1), (0, 0), False, "nchw"),
     "2x3-noncontig": (2, 6, 4, 5, (2, 3), (1, 2), (1, 1), True, "noncontig"),
+    # overlapping windows that leave the last row uncovered (floor mode)
+    "3x3-stride2-uncovered": (2, 3, 6, 7, (3, 3), (2, 2), (0, 0), False, "nchw"),
     # next_pow2(k²) · next_pow2(C) = 4 · 2048 > 4096: the tile size nn/image.py's "auto" used to
     # send to the torch path
     "2x2-wideC": (1, 1100, 2, 4, (2, 2), (2, 2), (0, 0), False, "channels_last"),
@@ -139,18 +141,23 @@ def test_badmm_q_large_a1_over_rho():
     check_window("badmm-q", "exact", "2x2-oddC", T=T, weights=w, x_scale=30.0)
 
 
-@pytest.mark.parametrize("case,method,variant", [
-    ("2x2-even", "sinkhorn", "exact"), ("2x2-even-tail-cl", "badmm-e", "exact"),
-    ("3x3-pad-ceil-overlap-cl", "badmm-q", "paper"), ("2x3-noncontig", "sinkhorn", "paper"),
-    ("2x2-oddC", "badmm-e", "paper")])
-def test_feature_scale_folded_in(case, method, variant):
+@pytest.mark.parametrize("case,method,variant,fixed", [
+    ("2x2-even", "sinkhorn", "exact", False), ("2x2-even-tail-cl", "badmm-e", "exact", False),
+    ("3x3-pad-ceil-overlap-cl", "badmm-q", "paper", False),
+    ("2x3-noncontig", "sinkhorn", "paper", False), ("2x2-oddC", "badmm-e", "paper", False),
+    ("3x3-pad-ceil-overlap-cl", "badmm-e", "exact", True)])
+def test_feature_scale_folded_in(case, method, variant, fixed, request):
     """``spread=True`` (the layers' scale="auto"): y = s · pool(x / s) with s each image's
     spread, 1 / s folded into the window kernels' loads and s into the store; the backward's
     window kernel forms ∂/∂(x / s) and ds, one spread pass the rest. == the oracle on x / s
     times s in float64, autograd through ``image_spread`` (forward, x and weight gradients);
     an image with every pixel equal (s = 1, no gradient through s) included. Launches: 3
-    forward (statistics, s, windows), 2 backward (windows, x̄): no x / s and no dot pass."""
+    forward (statistics, s, windows), 2 backward (windows, x̄): no x / s and no dot pass.
+    ``fixed``: under ``torch.use_deterministic_algorithms(True)`` (the windows' shares of
+    ∂/∂(x / s) summed by ``sum_window_shares``, no atomics)."""
     from launch_counter import count_launches
+    if fixed:
+        request.getfixturevalue("deterministic")
     from rotp_triton.ops.rot.spread import image_spread
     B, C, H, W, k, st, p, cm, layout = CASES[case]
     T = 3
@@ -176,6 +183,7 @@ def test_feature_scale_folded_in(case, method, variant):
     with count_launches() as bwd:
         gx, gw = torch.autograd.grad((y * g.to(DEVICE, torch.float32)).sum(), [x, wt])
     assert bwd == ["window_bwd_kernel", "spread_grad_kernel"]
+    assert bwd.constexprs[0]["SHARES"] == fixed
     gr = torch.autograd.grad((yr * g).sum(), [x64] + list(wr.values()), allow_unused=True,
                              materialize_grads=True)
     for name, a, b in zip(["x"] + list(wr), [gx] + [gw[WEIGHT_ROWS[n]] for n in wr], gr):
@@ -184,6 +192,22 @@ def test_feature_scale_folded_in(case, method, variant):
             assert a.abs().max() <= 1e-6, name
         else:
             assert (a - b).norm() <= RTOL[torch.float32] * b.norm(), name
+
+
+@pytest.mark.parametrize("case,method,variant", [
+    ("3x3-pad-ceil-overlap-cl", "badmm-e", "exact"), ("3x3-stride1-nchw", "sinkhorn", "exact"),
+    ("2x3-noncontig", "badmm-q", "paper"), ("3x3-stride2-uncovered", "sinkhorn", "paper")])
+def test_overlap_under_deterministic_algorithms(case, method, variant, deterministic):
+    """Under ``torch.use_deterministic_algorithms(True)`` overlapping windows add nothing
+    atomically (an order that varies on a GPU): the backward stores each window's share of x̄
+    (SHARES) and ``launch.sum_window_shares`` sums every pixel's shares in a fixed order.
+    Forward and gradients == the oracle with padding, ceil_mode, stride 1, a non-contiguous
+    input and pixels that no window reaches; the launch takes no atomic path."""
+    from launch_counter import count_launches
+    with count_launches() as launches:
+        check_window(method, variant, case)
+    assert launches == ["window_fwd_kernel", "window_bwd_kernel"]
+    assert launches.constexprs[1]["SHARES"] and not launches.constexprs[1]["OVERLAP"]
 
 
 @pytest.mark.parametrize("case", ["2x2-even", "3x3-pad-ceil-overlap-cl"])
@@ -350,7 +374,7 @@ BWD = ["x_ptr", "gy_ptr", "w_ptr", "gx_ptr", "gw_ptr", "s_ptr", "ds_ptr", "C", "
        "n_windows", "n_tiles", "n_seg", "lp0", "sxb", "sxc", "sxh", "sxw", "sgb", "sgc", "sgh",
        "sgw", "sdb", "sdc", "sdh", "sdw"]
 NAMES = ("sinkhorn", "badmm-e", "badmm-q")
-for C, k, s, method, paper, kind, dt, T, *scaled in CASES:
+for C, k, s, method, paper, kind, dt, T, *extra in CASES:
     g = L.geometry((64, C, 56, 56), (k, k), (s, s), (0, 0), False)
     variant = "paper" if paper else "exact"
     if kind == "fwd":
@@ -358,9 +382,10 @@ for C, k, s, method, paper, kind, dt, T, *scaled in CASES:
         cfg["FAST"] = True
     else:
         names, kern, cfg = BWD, K.window_bwd_kernel, L.bwd_config(g, T, NAMES[method], variant)
-        cfg.update(OVERLAP=g.overlap, TP=L.next_pow2(6 * T))
+        shares = "SHARES" in extra   # the deterministic backward of overlapping windows
+        cfg.update(OVERLAP=g.overlap and not shares, SHARES=shares, TP=L.next_pow2(6 * T))
     warps, maxnreg = cfg.pop("num_warps"), cfg.pop("maxnreg")
-    ce = dict(T=T, METHOD=method, PAPER=paper, SCALED=bool(scaled), **cfg, **g.constexprs())
+    ce = dict(T=T, METHOD=method, PAPER=paper, SCALED="SCALED" in extra, **cfg, **g.constexprs())
     # x, y, gy in the input dtype; the weight table and gx (accumulated) in fp32
     low = ("x_ptr", "y_ptr", "gy_ptr")
     sig = {n: (f"*{dt}" if n in low else "*fp32" if n.endswith("_ptr") else
@@ -370,7 +395,7 @@ for C, k, s, method, paper, kind, dt, T, *scaled in CASES:
     assert "cubin" in c.asm
     u = ptxas_usage(c)
     usage = f"REG:{u['registers']} SPILL:{u['spill_bytes']}"
-    flags = "".join(f for f in ("MASKED", "TAIL", "SCALED") if ce.get(f))
+    flags = "".join(f for f in ("MASKED", "TAIL", "SCALED", "SHARES") if ce.get(f))
     print(f"RESULT C={C} k={k} s={s} method={method} paper={paper} {kind} {dt} T={T} "
           f"tile={cfg['BW']}x{cfg['BN']}x{cfg['BC']} warps={warps} {flags} {usage}", flush=True)
 """
@@ -379,13 +404,15 @@ for C, k, s, method, paper, kind, dt, T, *scaled in CASES:
 # (C = 256, 2×2, full windows: the unmasked kernels; the backward at T = 4, one segment, and
 # T = 16, its own segment length; their register caps), plus masked / overlapping / 3×3,
 # fp16/bf16, and the tiles beyond 4,096 elements (C = 1100: forward 8,192 elements); a 9th
-# entry: SCALED
+# entry: SCALED, or SHARES (overlapping windows under torch.use_deterministic_algorithms)
 AOT_CASES = ([(256, 2, 2, m, pa, "fwd", "fp32", 4) for m in range(3) for pa in (False, True)]
              + [(256, 2, 2, m, pa, "bwd", "fp32", T) for m in range(3) for pa in (False, True)
                 for T in (4, 16)]
              + [(100, 2, 2, 1, False, "fwd", "fp32", 4), (64, 3, 3, 1, False, "fwd", "fp32", 4),
                 (64, 3, 2, 0, True, "bwd", "fp32", 4), (256, 2, 2, 1, False, "fwd", "bf16", 4),
-                (64, 2, 1, 2, False, "bwd", "fp16", 4), (1100, 2, 2, 0, False, "fwd", "fp32", 4),
+                (64, 2, 1, 2, False, "bwd", "fp16", 4), (64, 2, 1, 2, False, "bwd", "fp16", 4,
+                                                          "SHARES"),
+                (1100, 2, 2, 0, False, "fwd", "fp32", 4),
                 (1100, 2, 2, 1, False, "fwd", "fp32", 4), (512, 2, 2, 1, False, "bwd", "fp32", 4),
                 # the register caps: the backward's grow with the tape (BWD_BASE_REGISTERS),
                 # apply to one-window Sinkhorn tiles; forward tiles of 8 warps (fwd_layout)

@@ -984,12 +984,15 @@ def _window_bwd_tile(
     PH: tl.constexpr, PW: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
     L: tl.constexpr, METHOD: tl.constexpr, PAPER: tl.constexpr, OVERLAP: tl.constexpr,
     MASKED: tl.constexpr, SCALED: tl.constexpr, FAST: tl.constexpr, TAPED: tl.constexpr,
+    SHARES: tl.constexpr,
 ):
     """Backward of one tile of BW windows: gx += ∂y/∂x ᵀ gy (atomically into fp32 when windows
-    overlap, else stored in x's dtype); returns acc plus the tile's ∂y/∂w ᵀ gy ((6, T)
-    flattened). MASKED as in the forward; loads and stores are always masked. SCALED
-    (y = s · f(x / s)): gx is the cotangent of x / s, ∂f ᵀ (s·gy), and each window's share of
-    ∂y/∂s ᵀ gy = Σ gy·f - Σ gx·(x / s) / s goes to ds (n_windows,)."""
+    overlap, else stored in x's dtype; SHARES: each window's share stored in fp32 at
+    (b, c, sample, window), which ``launch.sum_window_shares`` sums per pixel in a fixed order);
+    returns acc plus the tile's ∂y/∂w ᵀ gy ((6, T) flattened). MASKED as in the forward; loads
+    and stores are always masked. SCALED (y = s · f(x / s)): gx is the cotangent of x / s,
+    ∂f ᵀ (s·gy), and each window's share of ∂y/∂s ᵀ gy = Σ gy·f - Σ gx·(x / s) / s goes to ds
+    (n_windows,)."""
     offs_w, w_ok, ow, oh, bi, hh, ww, inside, sv2, offs_c, c_ok = _window_tile(
         tile, C, H, W, Ho, Wo, n_windows, KH, KW, SH, SW, PH, PW, BW, BN, BC)
     sv = sv2[:, :, None]                                               # [BW, BN, 1]
@@ -1019,12 +1022,19 @@ def _window_bwd_tile(
                                  METHOD == 2, PAPER, MASKED, FAST, BW, BN, BC)
     if SCALED:  # gy and gyy carry the factor s
         tl.store(ds_ptr + offs_w, (gyy - _window_sum(gx * x)) / sc, mask=w_ok)
-    gptrs = (gx_ptr + b64 * sdb + offs_c[None, None, :] * sdc + hh[:, :, None] * sdh
-             + ww[:, :, None] * sdw)
-    if OVERLAP:  # fp32 accumulation across windows
-        tl.atomic_add(gptrs, gx, mask=lmask)
-    else:  # each pixel belongs to one window: written once, in x's dtype
-        tl.store(gptrs, gx.to(gx_ptr.dtype.element_ty), mask=lmask)
+    if SHARES:  # (B, C, KH·KW, Ho·Wo) fp32: sdh steps over the samples, sdw over the windows
+        # (an image's shares may pass 2^31 elements where the image does not: int64 channels)
+        gptrs = (gx_ptr + b64 * sdb + offs_c.to(tl.int64)[None, None, :] * sdc
+                 + tl.arange(0, BN)[None, :, None] * sdh
+                 + (offs_w % (Ho * Wo))[:, None, None] * sdw)
+        tl.store(gptrs, gx, mask=lmask)
+    else:
+        gptrs = (gx_ptr + b64 * sdb + offs_c[None, None, :] * sdc + hh[:, :, None] * sdh
+                 + ww[:, :, None] * sdw)
+        if OVERLAP:  # fp32 accumulation across windows
+            tl.atomic_add(gptrs, gx, mask=lmask)
+        else:  # each pixel belongs to one window: written once, in x's dtype
+            tl.store(gptrs, gx.to(gx_ptr.dtype.element_ty), mask=lmask)
     return acc
 
 
@@ -1037,12 +1047,14 @@ def window_bwd_kernel(
     PH: tl.constexpr, PW: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
     L: tl.constexpr, TP: tl.constexpr, METHOD: tl.constexpr, PAPER: tl.constexpr,
     OVERLAP: tl.constexpr, MASKED: tl.constexpr, SCALED: tl.constexpr, FAST: tl.constexpr,
-    TAPED: tl.constexpr = False,
+    TAPED: tl.constexpr = False, SHARES: tl.constexpr = False,
 ):
     """Backward of local ROT pooling. A grid of a few programs per SM strides over the tiles of
     windows, so the per-program weight cotangents gw (grid × TP, TP = next_pow2(6T), the (6, T)
     table flattened) stay small and their sum on the host is deterministic. SCALED: see
-    ``_window_bwd_tile``; TAPED (Sinkhorn, one segment): see ``_sinkhorn_step_bwd``."""
+    ``_window_bwd_tile``; TAPED (Sinkhorn, one segment): see ``_sinkhorn_step_bwd``; SHARES
+    (overlapping windows under ``torch.use_deterministic_algorithms``): no atomics, see
+    ``_window_bwd_tile``."""
     pid = tl.program_id(0)
     offs_p = tl.arange(0, TP)
     acc = tl.zeros([TP], dtype=tl.float32)
@@ -1051,5 +1063,5 @@ def window_bwd_kernel(
             tile, acc, offs_p, x_ptr, gy_ptr, w_ptr, gx_ptr, s_ptr, ds_ptr, C, H, W, Ho, Wo,
             n_windows, n_seg, lp0,
             sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw, T, KH, KW, SH, SW, PH,
-            PW, BW, BN, BC, L, METHOD, PAPER, OVERLAP, MASKED, SCALED, FAST, TAPED)
+            PW, BW, BN, BC, L, METHOD, PAPER, OVERLAP, MASKED, SCALED, FAST, TAPED, SHARES)
     tl.store(gw_ptr + pid * TP + offs_p, acc)

@@ -259,17 +259,42 @@ def window_forward(x: Tensor, w: Tensor, g: Geometry, method: str, variant: str,
     return y
 
 
+def sum_window_shares(shares: Tensor, g: Geometry, x: Tensor) -> Tensor:
+    """x̄ (B, C, H, W) fp32 in x's memory format from the windows' shares (B, C, kh·kw,
+    Ho·Wo), each pixel's shares summed in a fixed order by ``F.fold`` (torch's col2im: one
+    thread per output element, no atomics). The fold covers the padded frame the windows span,
+    which the image's rows and columns are then cut from (padding, ceil_mode and the pixels no
+    window reaches included)."""
+    Hp, Wp = (g.Ho - 1) * g.sh + g.kh, (g.Wo - 1) * g.sw + g.kw
+    frame = torch.nn.functional.fold(shares.view(g.B, g.C * g.kh * g.kw, g.Ho * g.Wo),
+                                     (Hp, Wp), (g.kh, g.kw), stride=(g.sh, g.sw))
+    hi, wi = min(g.H, Hp - g.ph), min(g.W, Wp - g.pw)
+    gx = empty_like_layout(x, x.shape, torch.float32)
+    if hi < g.H or wi < g.W:
+        gx.zero_()
+    gx[:, :, :hi, :wi] = frame[:, :, g.ph:g.ph + hi, g.pw:g.pw + wi]
+    return gx
+
+
 def window_backward(x: Tensor, w: Tensor, gy: Tensor, g: Geometry, method: str, variant: str,
                     wrap=None, scale: Optional[Tensor] = None):
     """(dx in x's dtype and memory format, dw (6, T) float32). With ``scale`` (the forward's
     y = s · f(x / s)): (d(x / s), dw, ds (B,) fp32) - the cotangent of x / s, not yet of x
     (the spread's backward adds the path through s and divides by s)."""
     T = w.shape[1]
-    # overlapping windows accumulate dx atomically in fp32; otherwise every pixel is written
-    # once (by its window, in x's dtype) or belongs to no window (then zeros are needed)
-    gx = empty_like_layout(x, x.shape, torch.float32 if g.overlap else x.dtype)
-    if g.overlap or not g.tiles_image:
-        gx.zero_()
+    live = g.n_windows > 0 and g.C > 0
+    # overlapping windows accumulate dx atomically in fp32, in an order that varies on a GPU;
+    # under torch.use_deterministic_algorithms they store their shares instead (SHARES) and
+    # sum_window_shares adds them up. Otherwise every pixel is written once (by its window,
+    # in x's dtype) or belongs to no window (then zeros are needed)
+    shares = g.overlap and live and torch.are_deterministic_algorithms_enabled()
+    if shares:
+        gx = torch.zeros(g.B, g.C, g.kh * g.kw, g.Ho * g.Wo, dtype=torch.float32,
+                         device=x.device)
+    else:
+        gx = empty_like_layout(x, x.shape, torch.float32 if g.overlap else x.dtype)
+        if g.overlap or not g.tiles_image:
+            gx.zero_()
     cfg = bwd_config(g, T, method, variant)
     TP = next_pow2(T * params.NUM_WEIGHTS)
     n_tiles = max(1, -(-g.n_windows // cfg["BW"]))
@@ -278,14 +303,16 @@ def window_backward(x: Tensor, w: Tensor, gy: Tensor, g: Geometry, method: str, 
     # SCALED: each window's share of ds, summed per image below (deterministic)
     ds = (torch.empty(g.B, g.Ho * g.Wo, dtype=torch.float32, device=x.device)
           if scale is not None else None)
-    if g.n_windows > 0 and g.C > 0:
+    if live:
         launcher(window_bwd_kernel, wrap)[(n_prog,)](
             x, gy, w, gx, gw, w if scale is None else scale, gw if ds is None else ds, g.C,
             g.H, g.W, g.Ho, g.Wo, g.n_windows, n_tiles, -(-T // cfg["L"]), -math.log(g.C),
             *x.stride(), *gy.stride(), *gx.stride(), T=T, TP=TP, METHOD=METHOD_IDS[method],
-            PAPER=variant == "paper", OVERLAP=g.overlap, SCALED=scale is not None, **cfg,
-            **g.constexprs())
+            PAPER=variant == "paper", OVERLAP=g.overlap and not shares, SHARES=shares,
+            SCALED=scale is not None, **cfg, **g.constexprs())
+    if shares:
+        gx = sum_window_shares(gx, g, x)
     gw = gw.sum(0)[:T * params.NUM_WEIGHTS].view(params.NUM_WEIGHTS, T)
     if scale is not None:  # the fp32 x̄ of overlapping windows stays fp32 for the spread pass
-        return gx, gw, ds.sum(1) if g.n_windows > 0 and g.C > 0 else ds.new_zeros(g.B)
+        return gx, gw, ds.sum(1) if live else ds.new_zeros(g.B)
     return (gx if gx.dtype == x.dtype else gx.to(x.dtype)), gw   # no host op when equal
