@@ -210,6 +210,23 @@ def test_overlap_under_deterministic_algorithms(case, method, variant, determini
     assert launches.constexprs[1]["SHARES"] and not launches.constexprs[1]["OVERLAP"]
 
 
+@pytest.mark.skipif(not ON_CUDA, reason="the order of atomic adds varies on a GPU only")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_overlap_bitwise_reproducible(layout, deterministic):
+    """On the GPU, two backward passes of overlapping windows (3×3, stride 2, padding 1: every
+    other row and column in 2-4 windows) under deterministic algorithms give the same bits."""
+    x = make_input(8, 64, 28, 28, layout, torch.float32, seed=9)
+    wt = weight_table(random_weights(4, torch.float64, seed=2), 4).float().to(DEVICE)
+    runs = []
+    for _ in range(2):
+        xk, wk = x.clone().requires_grad_(), wt.clone().requires_grad_()
+        y = window_pool(xk, wk, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1),
+                        ceil_mode=False, method="badmm-e", variant="exact")
+        runs.append(torch.autograd.grad(y.square().sum(), [xk, wk]))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("case", ["2x2-even", "3x3-pad-ceil-overlap-cl"])
 def test_feature_scale_memory(case):
     """The folded scale saves x itself, the (6, T) table and B·(2 + C) statistics (no x / s),
