@@ -207,17 +207,42 @@ def test_repr_and_reset():
 
 
 @pytest.mark.parametrize("make,x,err,match", [
-    (lambda: ROTPool2d(4), torch.randn(4, 4, 4), ValueError, "B, C, H, W"),
+    (lambda: ROTPool2d(4), torch.randn(4, 4), ValueError, "B, C, H, W"),
+    (lambda: ROTPool2d(4), torch.randn(1, 1, 4, 4, 4), ValueError, "C, H, W"),
     (lambda: ROTPool2d(4), torch.randn(1, 3, 4, 4), ValueError, "channels=4"),
+    (lambda: ROTPool2d(4), torch.randn(3, 4, 4), ValueError, "channels=4"),
     (lambda: ROTPool2d(4), torch.ones(1, 4, 4, 4, dtype=torch.long), TypeError, "floating"),
     (lambda: ROTPool2d(4), [1.0], TypeError, "torch.Tensor"),
     (lambda: AdaptiveROTPool2d(4), torch.randn(2, 5, 3, 3), ValueError, "channels=4"),
-    (lambda: AdaptiveROTPool2d(4), torch.randn(2, 4, 3), ValueError, "B, C, H, W"),
+    (lambda: AdaptiveROTPool2d(4), torch.randn(2, 4), ValueError, "B, C, H, W"),
     (lambda: ROTPool2d(2, 3, padding=0), torch.randn(1, 2, 2, 2), ValueError, "too small"),
 ])
 def test_bad_inputs(make, x, err, match):
     with pytest.raises(err, match=match):
         make()(x)
+
+
+@pytest.mark.parametrize("make,out_shape", [
+    (lambda: ROTPool2d(3, 3, 2, 1), (3, 3, 4)),
+    (lambda: AdaptiveROTPool2d(3, method="sinkhorn"), (3, 1, 1)),
+    (lambda: AdaptiveROTPool2d(3, (2, 3)), (3, 2, 3)),
+    (lambda: AdaptiveROTPool2d(3, flatten=True), (3,)),
+], ids=["window", "adaptive-1", "adaptive-2x3", "flatten"])
+def test_unbatched_image(make, out_shape):
+    """An unbatched (C, H, W) image, as torch's pooling layers take it: the output and the
+    gradients of the image and the weights are those of the batch of that one image."""
+    torch.manual_seed(0)
+    m = make()
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    y = m(x)
+    assert y.shape == out_shape
+    y1 = m(x.unsqueeze(0))
+    assert torch.equal(y, y1.squeeze(0))
+    g = torch.randn(out_shape, dtype=torch.float64)
+    grads = torch.autograd.grad((y * g).sum(), [x, *m.parameters()])
+    grads1 = torch.autograd.grad((y1.squeeze(0) * g).sum(), [x, *m.parameters()])
+    for a, b in zip(grads, grads1):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("kwargs,err,match", [

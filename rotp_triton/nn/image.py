@@ -59,7 +59,8 @@ def _check_image(x, channels: int) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"x must be a (B, C, H, W) image batch, got shape {tuple(x.shape)}")
+        raise ValueError(f"x must be a (B, C, H, W) image batch or an unbatched (C, H, W) "
+                         f"image, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
     if x.shape[1] != channels:
@@ -85,6 +86,8 @@ class _ImageROTBase(nn.Module):
         self.weights = ROTWeights(num_iters, per_iter_params, **weights)
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Tensor) and x.dim() == 3:  # unbatched (C, H, W), as torch's pooling
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         _check_image(x, self.channels)
         if self.scale is None:
             return self._forward(x)
@@ -150,6 +153,7 @@ class AdaptiveROTPool2d(_ImageROTBase):
 
     Shapes:
         (B, C, H, W) -> (B, C, oh, ow), or (B, C) with ``flatten=True``; output in x's dtype.
+        An unbatched (C, H, W) image gives (C, oh, ow) (or (C,)), as nn.AdaptiveAvgPool2d.
     """
 
     def __init__(self, channels: int, output_size=1, flatten: bool = False, **rot_kwargs):
@@ -226,6 +230,7 @@ class ROTPool2d(_ImageROTBase):
         (B, C, H, W) -> (B, C, Ho, Wo), Ho = floor((H + 2ph − kh)/sh) + 1 (ceil with
         ``ceil_mode``, dropping a last window that would start in the bottom padding); output in
         x's dtype, channels_last strides on the torch path and for channels_last input.
+        An unbatched (C, H, W) image gives (C, Ho, Wo), as nn.MaxPool2d.
     """
 
     def __init__(self, channels: int, kernel_size: IntPair = 2, stride: Optional[IntPair] = None,
