@@ -9,7 +9,8 @@ finished):
 1. smoke: every kernel family through the public API, forward and gradients (x and weights) vs
    backend="torch", every case in fp32, then in bf16: rot_pool dense / ragged ptr / unsorted
    index for S, B-E, B-Q, B-E paper, α0 > 0; ROTPool2d 2×2 NCHW and channels_last;
-   AdaptiveROTPool2d; the backward's bits twice; the Triton path under torch.autocast.
+   AdaptiveROTPool2d; the backward's bits twice; the Triton path under torch.autocast;
+   overlapping windows' backward under deterministic algorithms (same bits, == atomic mode).
 2. W2, W1, W3, W5 at T = 4: median time (triton.testing.do_bench) and peak memory above the
    pre-call level (torch.cuda.max_memory_allocated) of forward and forward+backward for triton,
    the eager torch path and mean/avg pooling; the ratio to the SoL (bench/sol.py, with the copy
@@ -357,7 +358,8 @@ def section_smoke(env, out, budget, only_cases=None):
                 + (f" y {row['y']:.1e} dx {row['dx']:.1e} dw {row['dw']:.1e}"
                    if "y" in row else f" {row.get('error')}"))
         for case, check in (("backward bits, twice", run_determinism_check),
-                            ("under torch.autocast", run_autocast_check)):
+                            ("under torch.autocast", run_autocast_check),
+                            ("overlapping windows, deterministic", run_overlap_check)):
             row = dict(section="smoke", case=case, dtype="float32")
             try:
                 row.update(check(env))
@@ -367,7 +369,7 @@ def section_smoke(env, out, budget, only_cases=None):
                 row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:200]}")
             out.append(row)
             log(f"smoke {row['case']}: " + ("OK" if row.get("ok") else "FAIL")
-                + f" {dict((k, v) for k, v in row.items() if k.startswith('same'))}")
+                + f" {dict((k, v) for k, v in row.items() if k.startswith(('same', 'rel_err')))}")
 
 
 def run_determinism_check(env):
@@ -411,6 +413,36 @@ def run_determinism_check(env):
     finally:
         torch.use_deterministic_algorithms(before)
     return dict(same, ok=all(v for k, v in same.items() if not k.endswith("_atomic")))
+
+
+def run_overlap_check(env):
+    """Overlapping windows (3×3, stride 2, padding 1) under ``torch.use_deterministic_algorithms``:
+    the backward stores each window's share of x̄ and ``F.fold`` sums them (no atomic adds).
+    Two backward passes must give the same bits, and the gradients those of the default
+    (atomic) mode up to the order of fp32 sums (relative error ≤ 1e-5; ok needs both)."""
+    import rotp_triton as rt
+    gen = torch.Generator().manual_seed(41)
+    xw = torch.randn(1 if env.smoke else 8, 8, 5 if env.smoke else 28, 5 if env.smoke else 28,
+                     generator=gen).to(env.device)
+    m = rt.ROTPool2d(8, 3, stride=2, padding=1, method="badmm-e", num_iters=4,
+                     backend="triton").to(env.device)
+
+    def run():
+        xk = xw.clone().requires_grad_()
+        return torch.autograd.grad(m(xk).square().sum(), [xk, *m.parameters()])
+
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        atomic = run()
+        torch.use_deterministic_algorithms(True)
+        a, b = run(), run()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    same = all(torch.equal(u, v) for u, v in zip(a, b))
+    err = max(float((u - v).norm() / v.norm().clamp_min(1e-30)) for u, v in zip(a, atomic))
+    return dict(same_bits_window_overlap_deterministic=same, rel_err_vs_atomic=err,
+                ok=same and err <= 1e-5)
 
 
 def run_autocast_check(env):
