@@ -449,8 +449,9 @@ AOT_CASES = ([(256, 2, 2, m, pa, "fwd", "fp32", 4) for m in range(3) for pa in (
              + [(256, 2, 2, m, False, kind, "bf16", 4, "SCALED") for m in (0, 1)
                 for kind in ("fwd", "bwd")])
 # Known limit: a B-ADMM backward tile beyond 8 warps × 32 × 8 = 2,048 elements (2×2
-# windows with C > 512) needs 16 warps, whose 128-register cap makes the B-ADMM backward spill;
-# it compiles and is correct (test_wide_channels), only slower. Printed, not asserted.
+# windows with C > 512; 3×3 windows, 16 samples a window, with C > 128: 8-160 B at C = 256)
+# needs 16 warps, whose 128-register cap makes the B-ADMM backward spill; it compiles and is
+# correct (test_wide_channels), only slower. Printed, not asserted.
 AOT_SPILLING = [(1024, 2, 2, 1, False, "bwd", "fp32", 4),
                 (1100, 2, 2, 1, False, "bwd", "fp32", 4)]
 

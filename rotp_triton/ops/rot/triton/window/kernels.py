@@ -34,7 +34,8 @@ pooled output is y_d = Σ_n softmax_n(L)_nd x_nd, and every per-channel shift of
                    [+ log μ, z1 (C), log η, z2 (N) for paper]; L = Y of the last P-step.
 
 Limits (sm_90 AOT, tests/ops/rot/test_window.py): no register spills up to 8,192 tile elements
-forward and 2,048 backward (2×2 windows: C ≤ 2048 / C ≤ 512); larger tiles run with spills.
+forward and 2,048 backward (2×2 windows: C ≤ 2048 / C ≤ 512; 3×3, padded to 16 samples:
+C ≤ 512 / C ≤ 128); larger tiles run with spills (3×3 B-ADMM backward at C = 256: 8-160 B).
 """
 from __future__ import annotations
 
