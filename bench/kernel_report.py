@@ -542,6 +542,9 @@ def main(argv=None) -> int:
                    "cases of its workload and method")
     p.add_argument("--reprice", metavar="JSON", help="add the calibrated model's columns to a "
                    "stored report (written to --out under the same name; nothing compiled)")
+    p.add_argument("--jobs", type=int, default=1, help="interpreter workers (processes) that "
+                   "count the cases' traffic side by side, each with its share of the cases "
+                   "(the compiles run beside them in this process); the report is the same")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -567,16 +570,21 @@ def main(argv=None) -> int:
         cs = [dict(c, tune=args.variant) for c in cs if (c["workload"], c["method"]) in which
               and c["variant"] == "exact" and not c["a0"]]
     tmp = tempfile.mkdtemp(prefix="kernel_report_")
-    spec, wout = os.path.join(tmp, "spec.json"), os.path.join(tmp, "work.json")
-    json.dump(cs, open(spec, "w"))
+    # the cases dealt round-robin to the workers (the slow T = 16 B-ADMM ones spread out)
+    jobs = max(1, min(args.jobs, len(cs)))
+    shares = [(os.path.join(tmp, f"spec{i}.json"), os.path.join(tmp, f"work{i}.json"))
+              for i in range(jobs)]
+    for i, (spec, _) in enumerate(shares):
+        json.dump(cs[i::jobs], open(spec, "w"))
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     # ROTP_REPORT_WORKER_PYTHONPATH: the interpreter worker's own PYTHONPATH, so that this
     # process can compile with another triton (e.g. a GPU image's 3.6, put first on PYTHONPATH)
     # while the traffic is counted under the installed one (3.6's interpreter fails here)
     if "ROTP_REPORT_WORKER_PYTHONPATH" in os.environ:
         env["PYTHONPATH"] = os.environ["ROTP_REPORT_WORKER_PYTHONPATH"]
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", spec, wout]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT)  # runs while this process compiles
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", spec, wout],
+                              env=env, cwd=ROOT)    # they run while this process compiles
+             for spec, wout in shares]
     torch.set_num_threads(1)
     recs, sass_cache = {}, {}
     for c in cs:
@@ -591,11 +599,13 @@ def main(argv=None) -> int:
         print(f"{case_id(c)}: {len(rec['launches_fwd'])} + {len(rec['launches_bwd'])} launches, "
               f"{len(sass_cache)} kernels compiled so far ({time.time() - t0:.1f} s)",
               flush=True)
-    rc = proc.wait()
-    if rc != 0:
-        print(f"kernel_report: interpreter worker failed (exit {rc})")
-        return 1
-    work = json.load(open(wout))
+    work = {}
+    for proc, (_, wout) in zip(procs, shares):
+        rc = proc.wait()
+        if rc != 0:
+            print(f"kernel_report: interpreter worker failed (exit {rc})")
+            return 1
+        work.update(json.load(open(wout)))
     rows = []
     for c in cs:
         cid = case_id(c)
