@@ -156,9 +156,9 @@ def test_feature_scale_folded_in(case, method, variant, fixed, request):
     ``fixed``: under ``torch.use_deterministic_algorithms(True)`` (the windows' shares of
     ∂/∂(x / s) summed by ``sum_window_shares``, no atomics)."""
     from launch_counter import count_launches
+    from rotp_triton.ops.rot.spread import image_spread
     if fixed:
         request.getfixturevalue("deterministic")
-    from rotp_triton.ops.rot.spread import image_spread
     B, C, H, W, k, st, p, cm, layout = CASES[case]
     T = 3
     x = make_input(B, C, H, W, layout, torch.float32, seed=7).mul_(3).add_(5)  # layout kept
