@@ -185,3 +185,48 @@ def test_parameters_only_for_the_weights_the_method_reads(method, variant, T, le
         rt.ROTPool(4, method="badmm-e", learn_a0=True, learn_tau=True)
     # a value for an unused weight is accepted (kwargs shared by heads of different methods)
     assert not rt.ROTPool(4, method="sinkhorn", rho=5.0).weights.learn["rho"]
+
+
+# every public layer that holds parameters or buffers, with an input it takes
+_LAYERS = {
+    "ROTPool2d": (lambda: rt.ROTPool2d(8, 2, num_iters=2), (2, 8, 6, 6)),
+    "AdaptiveROTPool2d": (lambda: rt.AdaptiveROTPool2d(8, (1, 2), method="sinkhorn",
+                                                      a2=float("inf"), learn_a2=False,
+                                                      num_iters=2), (2, 8, 6, 6)),
+    "ROTSelectAdaptivePool2d": (lambda: rt.nn.ROTSelectAdaptivePool2d(8, num_iters=2),
+                                (2, 8, 6, 6)),
+    "ROTPool": (lambda: rt.ROTPool(6, p0="attention", q0="attention", learn_a0=True,
+                                   per_iter_params=False, num_iters=2), (3, 5, 6)),
+    "OTKPool": (lambda: rt.OTKPool(6, num_supports=2), (3, 5, 6)),
+    "GSPool": (lambda: rt.GSPool(6), (3, 5, 6)),
+    "MixedROTPool": (lambda: MixedROTPool(6, num_iters=2), (3, 5, 6)),
+    "SetFusionROTPool": (lambda: SetFusionROTPool(6, num_iters=2), (2, 3, 5, 6)),
+}
+
+
+@pytest.mark.parametrize("name", list(_LAYERS))
+def test_built_on_the_meta_device_then_materialized(name):
+    """Deferred initialisation (large models, FSDP): build under ``torch.device("meta")``, then
+    ``to_empty()`` (uninitialised memory: NaN here) and every module's ``reset_parameters()``.
+    The layer must then equal one built directly: its buffers too, which are not in the state
+    dict (so ``load_state_dict`` cannot restore them)."""
+    make, shape = _LAYERS[name]
+    direct = make()
+    with torch.device("meta"):
+        layer = make()
+    assert all(t.is_meta for t in [*layer.parameters(), *layer.buffers()])
+    layer = layer.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in [*layer.parameters(), *layer.buffers()]:
+            t.fill_(float("nan"))
+    for m in layer.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    buffers = dict(direct.named_buffers())
+    assert buffers.keys() == dict(layer.named_buffers()).keys()
+    for key, t in layer.named_buffers():
+        torch.testing.assert_close(t, buffers[key], rtol=0, atol=0, msg=key)
+    assert all(torch.isfinite(p).all() for p in layer.parameters())
+    layer.load_state_dict(direct.state_dict())
+    x = torch.randn(*shape)
+    torch.testing.assert_close(layer(x), direct(x), rtol=0, atol=0)

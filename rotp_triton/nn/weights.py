@@ -78,19 +78,32 @@ class ROTWeights(nn.Module):
                 v = A0_LEARN_INIT
             self.init[name], self.learn[name] = v, bool(learn)
             size = num_iters if per_iter_params else 1
+            # the buffers' values are set by reset_parameters (_fill_constants), so that a layer
+            # built on the meta device gets them there after to_empty(), as its parameters
             if learn:
-                floor = max(FLOOR_REL * v, MIN_WEIGHT if name in ("a1", "rho") else 0.0)
                 self.register_parameter(f"raw_{name}", nn.Parameter(torch.empty(size)))
-                # weight = scale * softplus(raw) + floor, = v at raw = 0
-                self.register_buffer(f"scale_{name}", torch.tensor((v - floor) / math.log(2.0)),
-                                     persistent=False)
-                self.register_buffer(f"floor_{name}", torch.tensor(floor), persistent=False)
+                self.register_buffer(f"scale_{name}", torch.empty(()), persistent=False)
+                self.register_buffer(f"floor_{name}", torch.empty(()), persistent=False)
             elif name != "a0":  # a fixed α0 stays a Python number: see forward()
-                self.register_buffer(f"fixed_{name}", torch.full((size,), v), persistent=False)
+                self.register_buffer(f"fixed_{name}", torch.empty(size), persistent=False)
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
         self._register_table_constants()
         self.reset_parameters()
+
+    def _floor_scale(self, name: str):
+        """(floor, scale) of a learned weight: weight = scale · softplus(raw) + floor, = its
+        initial value at raw = 0; Python floats, from the configuration alone."""
+        v = self.init[name]
+        floor = max(FLOOR_REL * v, MIN_WEIGHT if name in ("a1", "rho") else 0.0)
+        return floor, (v - floor) / math.log(2.0)
+
+    def _table_values(self):
+        """The (6, T) table's constants as nested lists (see _register_table_constants)."""
+        base = [[self._floor_scale(n)[0] if self.learn[n] else self.init[n]] * self.num_iters
+                for n in WEIGHT_NAMES]
+        scale = [self._floor_scale(n)[1] if self.learn[n] else 0.0 for n in WEIGHT_NAMES]
+        return base, scale
 
     def _register_table_constants(self) -> None:
         """The constants of the (6, T) table in one op (``table``): the fixed weights' values
@@ -99,19 +112,32 @@ class ROTWeights(nn.Module):
         values; non-persistent buffers, so they follow ``.to()`` and stay out of state dicts."""
         ref = next(iter(self.buffers()), None)
         kw = {} if ref is None else dict(device=ref.device, dtype=ref.dtype)
-        base = [[self.init[n] if not self.learn[n] else float(getattr(self, f"floor_{n}"))]
-                * self.num_iters for n in WEIGHT_NAMES]
-        scale = [float(getattr(self, f"scale_{n}")) if self.learn[n] else 0.0
-                 for n in WEIGHT_NAMES]
+        base, scale = self._table_values()
         self.register_buffer("table_base", torch.tensor(base, **kw), persistent=False)
         self.register_buffer("table_scale", torch.tensor(scale, **kw), persistent=False)
         self.learned_rows = tuple(i for i, n in enumerate(WEIGHT_NAMES) if self.learn[n])
 
+    def _fill_constants(self) -> None:
+        """Writes every buffer's value (all are constants of the configuration)."""
+        for name in WEIGHT_NAMES:
+            if self.learn[name]:
+                floor, scale = self._floor_scale(name)
+                getattr(self, f"floor_{name}").fill_(floor)
+                getattr(self, f"scale_{name}").fill_(scale)
+            elif name != "a0":
+                getattr(self, f"fixed_{name}").fill_(self.init[name])
+        base, scale = self._table_values()
+        self.table_base.copy_(torch.tensor(base, dtype=torch.float64))
+        self.table_scale.copy_(torch.tensor(scale, dtype=torch.float64))
+
     def reset_parameters(self) -> None:
+        """Raw parameters to 0 (each weight at its initial value) and every buffer written: a
+        layer built under ``torch.device("meta")`` is ready after ``to_empty()`` and this."""
         with torch.no_grad():
             for name in WEIGHT_NAMES:
                 if self.learn[name]:
                     getattr(self, f"raw_{name}").zero_()
+            self._fill_constants()
 
     @property
     def structure(self) -> bool:
