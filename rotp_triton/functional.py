@@ -15,6 +15,7 @@ from ._batching import SetBatch, compute_dtype, make_set_batch
 from .ops.rot.params import A1, BACKENDS, RHO, check_options, wants_structure, weight_table
 from .ops.rot.route import pool_sets
 from ._checks import check_rot_values
+from ._fx import traced_as_function
 
 Weight = Union[float, Tensor]
 check_rot_options = check_options  # the layers' name for it
@@ -22,6 +23,7 @@ check_rot_options = check_options  # the layers' name for it
 __all__ = ["rot_pool", "rot_pool_table", "check_rot_options", "BACKENDS"]
 
 
+@traced_as_function
 def rot_pool(x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = None,
              dim_size: Optional[int] = None, *, method: str = "badmm-e", variant: str = "exact",
              num_iters: int = 4, inner_iters: int = 5, a0: Weight = 0.0, a1: Weight = 1.0,

@@ -6,8 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from rotp_triton._fx import traced_as_module
 from rotp_triton.nn.aggregation import SetAggregation, native_layout, pool_sets
-
 from rotp_triton.ops.gsp import _check_int, _unit_ball, as_set_input, check_gsp_hparams, gsp_pool
 from rotp_triton.ops.otk import kmeans
 
@@ -84,6 +84,7 @@ class GSPool(SetAggregation):
                 raise ValueError(f"x has {c} features ({where}) but GSPool expects in_channels = "
                                  f"{self.in_channels}")
 
+    @traced_as_module
     def forward(self, x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = None,
                 dim_size: Optional[int] = None, dim: int = -2, *, mask: Optional[Tensor] = None,
                 return_histogram: bool = False, return_plan: bool = False):

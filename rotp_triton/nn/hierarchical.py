@@ -6,6 +6,7 @@ from typing import List, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._fx import traced_as_module
 from .aggregation import SetAggregation
 from .rot_pool import ROTPool
 
@@ -58,6 +59,7 @@ class MixedROTPool(SetAggregation):
         for m in list(self.heads) + [self.final]:
             m.reset_parameters()
 
+    @traced_as_module
     def forward(self, x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = None,
                 dim_size: Optional[int] = None, dim: int = -2, *, mask: Optional[Tensor] = None,
                 return_plan: bool = False):
@@ -121,6 +123,7 @@ class SetFusionROTPool(nn.Module):
         if self.g is not None and hasattr(self.g, "reset_parameters"):
             self.g.reset_parameters()
 
+    @traced_as_module
     def forward(self, x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = None,
                 dim_size: Optional[int] = None, *, group_index: Optional[Tensor] = None,
                 group_ptr: Optional[Tensor] = None, num_groups: Optional[int] = None,

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .._batching import compute_dtype, make_set_batch
 from .._checks import check_rot_values
+from .._fx import traced_as_module
 from ..functional import check_rot_options, rot_pool_table
 from ..ops.rot import route
 from ..ops.rot.params import A1, RHO
@@ -85,6 +86,7 @@ class _ImageROTBase(nn.Module):
         weights = restrict_learning(method, weights, variant, num_iters)
         self.weights = ROTWeights(num_iters, per_iter_params, **weights)
 
+    @traced_as_module
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(x, Tensor) and x.dim() == 3:  # unbatched (C, H, W), as torch's pooling
             return self.forward(x.unsqueeze(0)).squeeze(0)

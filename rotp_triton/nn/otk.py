@@ -7,8 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from rotp_triton._fx import traced_as_module
 from rotp_triton.nn.aggregation import SetAggregation, native_layout, pool_sets
-
 from rotp_triton.ops.gsp import _check_int, as_set_input
 from rotp_triton.ops.otk import check_otk_hparams, kmeans, otk_pool
 
@@ -81,6 +81,7 @@ class OTKPool(SetAggregation):
                 where = "x.shape[1] (channels)" if x.dim() == 4 else "x.shape[-1]"
                 raise ValueError(f"x has {c} features ({where}) but OTKPool expects dim = {self.dim}")
 
+    @traced_as_module
     def forward(self, x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = None,
                 dim_size: Optional[int] = None, dim: int = -2, *, mask: Optional[Tensor] = None,
                 return_plan: bool = False):

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .._batching import check_tensor, compute_dtype, make_set_batch
+from .._fx import traced_as_module
 from ..functional import check_rot_options, rot_pool_table
 from .aggregation import SetAggregation, pool_sets
 from .scale import check_scale
@@ -112,6 +113,7 @@ class ROTPool(SetAggregation):
             log_q0 = self.q0_score(torch.tanh(self.q0_hidden(x))).squeeze(-1)  # like x[..., 0]
         return log_p0, log_q0
 
+    @traced_as_module
     def forward(self, x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = None,
                 dim_size: Optional[int] = None, dim: int = -2, *, mask: Optional[Tensor] = None,
                 return_plan: bool = False):

@@ -51,6 +51,7 @@ from torch import Tensor
 from rotp_triton._autocast import without_autocast
 from rotp_triton._batching import (SetBatch, check_finite, check_tensor, compute_dtype,
                                    make_set_batch)
+from rotp_triton._fx import traced_as_function
 
 __all__ = ["gsp_pool", "GSPOutput", "check_gsp_hparams", "as_set_input"]
 
@@ -188,6 +189,7 @@ def _solve_log_alpha(ell: Tensor, mask: Tensor, n: Tensor, mu: float, num_iters:
     return t
 
 
+@traced_as_function  # outermost: the graph's node calls the public function
 @without_autocast
 def gsp_pool(x: Tensor, prototypes: Tensor, index: Optional[Tensor] = None,
              ptr: Optional[Tensor] = None, dim_size: Optional[int] = None, *,

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from rotp_triton._autocast import without_autocast
 from rotp_triton._batching import SetBatch, check_tensor, compute_dtype
+from rotp_triton._fx import traced_as_function
 from rotp_triton.ops.gsp import _check_float, _check_int, as_set_input
 
 __all__ = ["otk_pool", "check_otk_hparams", "kmeans"]
@@ -54,6 +55,7 @@ def check_otk_hparams(eps, num_iters, log_domain) -> tuple:
     return eps, num_iters, log_domain
 
 
+@traced_as_function  # outermost: the graph's node calls the public function
 @without_autocast
 def otk_pool(x: Tensor, weight: Tensor, index: Optional[Tensor] = None,
              ptr: Optional[Tensor] = None, dim_size: Optional[int] = None, *, eps: float = 0.1,
