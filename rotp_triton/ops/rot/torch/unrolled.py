@@ -305,9 +305,9 @@ class UnrolledRot(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_out):
         solver, L, T, keep = ctx.solver, ctx.L, ctx.T, ctx.keep
-        saved = ctx.saved_tensors
+        saved = ctx.saved_tensors  # once: checkpoint(use_reentrant=False) allows no more
         if getattr(solver, "exact_vjp", False) and getattr(L, "mask", None) is None:
-            return (None, None, None, *exact_backward(ctx, g_out))
+            return (None, None, None, *exact_backward(ctx, g_out, saved=saved))
         leaves = [v.detach().requires_grad_() for v in saved]             # x, lp0, lq0, a1..rho
         x, lp0, lq0 = leaves[:3]
         w = tuple(leaves[3:])
@@ -353,13 +353,13 @@ class UnrolledRot(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-def _replayed_state(ctx, t: int, arena=None, snapshot=None):
+def _replayed_state(ctx, saved, t: int, arena=None, snapshot=None):
     """The (detached) state entering iteration t of a replay solver, rebuilt from x and the
     saved LSE vectors, from ``snapshot`` = (t0, state) when t0 <= t: the first step from it
     leaves it alone (``borrowed``); at t = t0 the snapshot itself is handed over (the caller
-    goes down in t: it is not used again)."""
+    goes down in t: it is not used again). ``saved``: ctx's saved tensors, as unpacked once."""
     solver, L, keep = ctx.solver, ctx.L, ctx.keep
-    x, lp0, lq0, *w = ctx.saved_tensors
+    x, lp0, lq0, *w = saved
     w = getattr(ctx, "wf", None) or w
     with torch.no_grad():
         borrowed = snapshot is not None and snapshot[0] <= t
@@ -376,7 +376,7 @@ def _replayed_state(ctx, t: int, arena=None, snapshot=None):
 
 
 def exact_backward(ctx, g_out, gx: Optional[Tensor] = None, arena: Optional[Arena] = None,
-                     pending: Optional[dict] = None):
+                     pending: Optional[dict] = None, saved: Optional[tuple] = None):
     """Backward of the exact solvers with the hand-written adjoints of adjoint.py.
 
     ``ctx``: the UnrolledRot context or anything with its attributes (chunked.py's per-chunk
@@ -385,10 +385,14 @@ def exact_backward(ctx, g_out, gx: Optional[Tensor] = None, arena: Optional[Aren
     ``gx``: a zeroed buffer to accumulate the gradient of x into (default: a new one).
     ``ctx.wf``, when present: the weights to compute with (Python floats, chunked.py).
     ``pending``: a dict to record the weight gradients in (the caller applies them, once for
-    all chunks); default: applied here, and returned as the weights' gradients.)"""
+    all chunks); default: applied here, and returned as the weights' gradients.)
+    ``saved``: ``ctx.saved_tensors`` where the caller has unpacked them (a backward may unpack
+    them once only under ``torch.utils.checkpoint(use_reentrant=False)``)."""
     from . import adjoint
     solver, L, T, keep = ctx.solver, ctx.L, ctx.T, ctx.keep
-    x, lp0, lq0, *w_tensors = ctx.saved_tensors
+    if saved is None:
+        saved = ctx.saved_tensors
+    x, lp0, lq0, *w_tensors = saved
     w = getattr(ctx, "wf", None) or tuple(w_tensors)
     need = ctx.needs_input_grad[3:]
     acc = dict(x=torch.zeros_like(x) if gx is None else gx, lp0=torch.zeros_like(lp0),
@@ -403,12 +407,12 @@ def exact_backward(ctx, g_out, gx: Optional[Tensor] = None, arena: Optional[Aren
             # quarter of the O(T²) replay steps (none left at T <= 3)
             snapshot = None
             if T >= 3:
-                mid = _replayed_state(ctx, T // 2, arena)   # kept until t = T // 2
+                mid = _replayed_state(ctx, saved, T // 2, arena)   # kept until t = T // 2
                 arena.give(*mid[2:])                         # log P (and S)
                 snapshot = (T // 2, mid[:2])
             g_ls, g_z, g_lp = None, None, g_out
             for t in reversed(range(T)):
-                state = _replayed_state(ctx, t, arena, snapshot)
+                state = _replayed_state(ctx, saved, t, arena, snapshot)
                 if snapshot is not None and t == snapshot[0]:
                     snapshot = mid = None                # handed over with the state
                 g_ls, g_z = adjoint.badmm_exact_vjp(L, t, x, lp0, lq0, w, state, g_ls, g_z, g_lp,
