@@ -45,7 +45,9 @@ class GSPool(SetAggregation):
         out_channels: the projected feature size (default ``in_channels``).
         num_prototypes: K. mass: :math:`\mu \in (0, 1]`. gamma: :math:`\gamma \ge 0`.
         num_iters: at most this many Newton/bisection steps for :math:`\alpha` (a handful are
-            used in practice).
+            used in practice; in a model exported by torch.export all of them run, as no host
+            check can stop the loop there: ~20 suffice). Under torch.compile the check is a
+            graph break, so ``fullgraph=True`` does not capture this layer.
         tol: solve tolerance on the transported mass (default 1e-12 in float64, 1e-6 otherwise).
 
     Shapes:
