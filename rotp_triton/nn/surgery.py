@@ -91,9 +91,9 @@ class _FunctionalPoolSpy(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _dry_run(model: nn.Module, example_input, cands) -> tuple:
+def _dry_run(model: nn.Module, example_input, cands, who: str = "replace_avgpool") -> tuple:
     """Run ``model`` once; returns ({name: input shape}, [names in execution order],
-    [functional pooling calls])."""
+    [functional pooling calls]). ``who``: the public function, for the error message."""
     shapes, order, stack = {}, [], []
     handles = []
     cand_ids = {id(m) for _, m in cands}
@@ -118,13 +118,23 @@ def _dry_run(model: nn.Module, example_input, cands) -> tuple:
             else:
                 model(example_input)
     except Exception as e:
-        raise ValueError(f"replace_avgpool: the dry run of the model failed ({type(e).__name__}: "
-                         f"{e}); pass example_input= (or input_size=) that the model accepts") from e
+        raise ValueError(f"{who}: the dry run of the model failed ({type(e).__name__}: {e}); "
+                         f"pass example_input= (or input_size=) that the model accepts") from e
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
     return shapes, order, spy.calls
+
+
+def _check_model_and_selectors(model, include, exclude) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    for name, sel in (("include", include), ("exclude", exclude)):
+        if sel is not None and not (callable(sel) or isinstance(sel, str) or (
+                isinstance(sel, (list, tuple)) and all(isinstance(p, str) for p in sel))):
+            raise TypeError(f"{name} must be a name pattern, a list of patterns or a predicate "
+                            f"(name, module) -> bool, got {type(sel).__name__}")
 
 
 def _example(model: nn.Module, example_input, input_size):
@@ -210,13 +220,7 @@ def replace_avgpool(model: nn.Module, example_input=None, *, input_size: Optiona
         ``model.reset_classifier(...)`` keeps the ROT pool (and its learned weights) whenever
         it would rebuild an average pool.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    for name, sel in (("include", include), ("exclude", exclude)):
-        if sel is not None and not (callable(sel) or isinstance(sel, str) or (
-                isinstance(sel, (list, tuple)) and all(isinstance(p, str) for p in sel))):
-            raise TypeError(f"{name} must be a name pattern, a list of patterns or a predicate "
-                            f"(name, module) -> bool, got {type(sel).__name__}")
+    _check_model_and_selectors(model, include, exclude)
     example = _example(model, example_input, input_size)
     if functional:
         from .surgery_fx import replace_functional_avgpool
