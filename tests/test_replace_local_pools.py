@@ -95,6 +95,9 @@ def test_selection_kwargs_and_errors():
     assert model.rotp_replaced == ["2"]
     assert model[2].method == "badmm-q" and model[2].num_iters == 2   # given kwargs: no max init
     assert isinstance(model[6], _MyMaxPool)
+    model = rt.replace_local_pools(_net(), input_size=(1, 3, 32, 32), backend="torch")
+    assert (model[2].method, model[2].backend) == ("sinkhorn", "torch")  # the rest: max init
+    assert (model[4].method, model[4].backend) == ("badmm-e", "torch")
     with pytest.raises(ValueError, match=r"no local pool.*'7' \(MaxPool2d: dilation=2\)"):
         rt.replace_local_pools(_net(), input_size=(1, 3, 32, 32), include="7")
     kept = rt.replace_local_pools(_net(), input_size=(1, 3, 32, 32), include="7", strict=False)

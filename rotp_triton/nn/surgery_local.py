@@ -22,6 +22,12 @@ log = logging.getLogger("rotp_triton")
 # 2×2 and 3×3/2; measured); α1 learns.
 MAX_POOL_INIT = dict(method="sinkhorn", num_iters=1, a1=0.05, a2=math.inf, learn_a2=False,
                      a3=0.0, learn_a3=False)
+# keyword arguments that choose the solver or a weight: any of them replaces MAX_POOL_INIT
+_SOLVER_KEYS = {"method", "variant", "num_iters", "a0", "a1", "a2", "a3", "rho", "tau"}
+
+
+def _solver_given(rot_kwargs: dict) -> bool:
+    return any(k in _SOLVER_KEYS or k.startswith("learn_") for k in rot_kwargs)
 
 
 def _unsupported(m: nn.Module) -> Optional[str]:
@@ -64,10 +70,11 @@ def replace_local_pools(model: nn.Module, example_input=None, *,
         exclude: pools never to replace (same forms).
         strict: raise ValueError when nothing is replaced (default); ``False`` returns the
             model unchanged.
-        **rot_kwargs: passed to every new layer (method, num_iters, a1, ...). Without them a
-            max pool starts at ROT's max-pooling limit (``MAX_POOL_INIT``: Sinkhorn, α2 = ∞,
-            α3 = 0, α1 = 0.05 learnable, one iteration) and an average pool at the layer's
-            near-mean defaults; given ones replace those defaults for both kinds.
+        **rot_kwargs: passed to every new layer (method, num_iters, a1, backend, scale, ...).
+            A max pool starts at ROT's max-pooling limit (``MAX_POOL_INIT``: Sinkhorn, α2 = ∞,
+            α3 = 0, α1 = 0.05 learnable, one iteration) unless they choose the solver or a
+            weight (method, variant, num_iters, a0 … tau, learn_*); an average pool starts at
+            the layer's near-mean defaults.
 
     Pools with ``dilation`` ≠ 1, ``return_indices=True`` or a ``divisor_override`` are kept.
 
@@ -98,11 +105,9 @@ def replace_local_pools(model: nn.Module, example_input=None, *,
     param = next(iter(model.parameters()), None)
     replaced = []
     for name in chosen:
-        mod, shape = ran[name], shapes[name]
-        if len(shape) not in (3, 4):
-            raise ValueError(f"replace_local_pools: {name!r} pools a {len(shape)}-D input "
-                             f"{shape}; ROTPool2d takes (B, C, H, W) or (C, H, W) images")
-        kwargs = dict(MAX_POOL_INIT) if _kind(mod) == "max" and not rot_kwargs else rot_kwargs
+        mod, shape = ran[name], shapes[name]      # (B, C, H, W) or (C, H, W), as torch's pools
+        max_init = _kind(mod) == "max" and not _solver_given(rot_kwargs)
+        kwargs = {**MAX_POOL_INIT, **rot_kwargs} if max_init else rot_kwargs
         new = ROTPool2d(shape[-3], mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode,
                         **kwargs)
         if param is not None:
