@@ -186,6 +186,27 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
+def _nothing_to_replace(model: nn.Module, strict: bool, message: str) -> nn.Module:
+    """``strict``: ValueError(message); otherwise the model, unchanged (``rotp_replaced`` [])."""
+    if strict:
+        raise ValueError(f"{message}. strict=False allows this.")
+    model.rotp_replaced = []
+    return model
+
+
+def _put(model: nn.Module, name: str, new: nn.Module, param) -> bool:
+    """Moves ``new`` to the device and floating dtype of ``param`` (the model's first
+    parameter, taken before any replacement; None: left as built) and installs it at ``name``;
+    True when ``name`` is the model itself (then ``new`` replaces it: the caller returns it)."""
+    if param is not None:
+        new.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
+    if name == "":
+        new.rotp_replaced = [""]
+        return True
+    _set(model, name, new)
+    return False
+
+
 def replace_avgpool(model: nn.Module, example_input=None, *, input_size: Optional[Sequence[int]] = None,
                     include: Selector = None, exclude: Selector = None, strict: bool = True,
                     functional: bool = False, **rot_kwargs) -> nn.Module:
@@ -239,32 +260,24 @@ def replace_avgpool(model: nn.Module, example_input=None, *, input_size: Optiona
     if exclude is not None:
         chosen = [n for n in chosen if not _matches(exclude, n, ran[n])]
     if not chosen:
-        if strict:
-            seen = ", ".join(f"{n!r} ({type(m).__name__})" for n, m in ran.items()) or "none"
-            hint = ""
-            if calls:
-                hint = (f"; the model pools with function calls: {calls[-1]} - pass "
-                        f"functional=True to rewrite it with torch.fx")
-            raise ValueError(f"replace_avgpool found no average pool to replace (pools that ran: "
-                             f"{seen}; include={include!r}, exclude={exclude!r}){hint}. "
-                             f"strict=False allows this.")
-        model.rotp_replaced = []
-        return model
+        seen = ", ".join(f"{n!r} ({type(m).__name__})" for n, m in ran.items()) or "none"
+        hint = ""
+        if calls:
+            hint = (f"; the model pools with function calls: {calls[-1]} - pass "
+                    f"functional=True to rewrite it with torch.fx")
+        return _nothing_to_replace(model, strict, f"replace_avgpool found no average pool to "
+                                   f"replace (pools that ran: {seen}; include={include!r}, "
+                                   f"exclude={exclude!r}){hint}")
     param = next(iter(model.parameters()), None)
     replaced = []
     for name in chosen:
         mod = ran[name]
         new = _new_pool(mod, _channels(mod, shapes[name]), rot_kwargs)
-        if param is not None:
-            new = new.to(device=param.device,
-                         dtype=param.dtype if param.is_floating_point() else None)
         log.info("replace_avgpool: %s (%s, input %s) -> %r", name or "<model>",
                  type(mod).__name__, shapes[name], new)
         replaced.append(name)
-        if name == "":
-            new.rotp_replaced = [""]
+        if _put(model, name, new, param):
             return new
-        _set(model, name, new)
     model.rotp_replaced = replaced
     if callable(getattr(type(model), "reset_classifier", None)):
         keeper = KeepROTPoolOnReset(model, type(model).reset_classifier,

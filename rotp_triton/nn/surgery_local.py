@@ -11,7 +11,8 @@ from typing import Optional, Sequence
 from torch import nn
 
 from .image import ROTPool2d
-from .surgery import Selector, _check_model_and_selectors, _dry_run, _example, _matches, _set
+from .surgery import (Selector, _check_model_and_selectors, _dry_run, _example, _matches,
+                      _nothing_to_replace, _put)
 
 log = logging.getLogger("rotp_triton")
 
@@ -93,15 +94,12 @@ def replace_local_pools(model: nn.Module, example_input=None, *,
     kept = {n: _unsupported(ran[n]) for n in chosen if _unsupported(ran[n])}
     chosen = [n for n in chosen if n not in kept]
     if not chosen:
-        if strict:
-            seen = ", ".join(f"{n!r} ({type(m).__name__}"
-                             f"{': ' + _unsupported(m) if _unsupported(m) else ''})"
-                             for n, m in ran.items()) or "none"
-            raise ValueError(f"replace_local_pools found no local pool to replace (pools that "
-                             f"ran: {seen}; include={include!r}, exclude={exclude!r}). "
-                             f"strict=False allows this.")
-        model.rotp_replaced = []
-        return model
+        seen = ", ".join(f"{n!r} ({type(m).__name__}"
+                         f"{': ' + _unsupported(m) if _unsupported(m) else ''})"
+                         for n, m in ran.items()) or "none"
+        return _nothing_to_replace(model, strict, f"replace_local_pools found no local pool to "
+                                   f"replace (pools that ran: {seen}; include={include!r}, "
+                                   f"exclude={exclude!r})")
     param = next(iter(model.parameters()), None)
     replaced = []
     for name in chosen:
@@ -110,16 +108,11 @@ def replace_local_pools(model: nn.Module, example_input=None, *,
         kwargs = {**MAX_POOL_INIT, **rot_kwargs} if max_init else rot_kwargs
         new = ROTPool2d(shape[-3], mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode,
                         **kwargs)
-        if param is not None:
-            new = new.to(device=param.device,
-                         dtype=param.dtype if param.is_floating_point() else None)
         log.info("replace_local_pools: %s (%r, input %s) -> %r", name or "<model>", mod, shape,
                  new)
         replaced.append(name)
-        if name == "":
-            new.rotp_replaced = [""]
+        if _put(model, name, new, param):
             return new
-        _set(model, name, new)
     for name, why in kept.items():
         log.info("replace_local_pools: %s kept (%s)", name, why)
     model.rotp_replaced = replaced
