@@ -114,6 +114,50 @@ def test_selection_kwargs_and_errors():
     assert MAX_POOL_INIT["a2"] == math.inf
 
 
+class _FunctionalNet(nn.Module):
+    """LeNet-style: pooling by function calls (no module to swap)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 6, 5), nn.Conv2d(6, 16, 5)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.c1(x)), 2)
+        x = F.max_pool2d(F.relu(self.c2(x)), (2, 2), stride=2, ceil_mode=True)
+        x = F.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
+        x = torch.max_pool2d(x, 1)
+        x = F.max_pool2d(x, 1, dilation=2)                   # kept: dilated
+        return x.flatten(1)
+
+
+def test_functional_pooling_calls():
+    net = _FunctionalNet()
+    x = torch.randn(2, 1, 29, 29)
+    with pytest.raises(ValueError, match="functional=True"):
+        rt.replace_local_pools(net, x)
+    gm = rt.replace_local_pools(net, x, functional=True)
+    assert gm.rotp_replaced == ["rot_max_pool2d", "rot_max_pool2d_1", "rot_avg_pool2d",
+                                "rot_max_pool2d_2"]
+    pools = [m for m in gm.modules() if isinstance(m, rt.ROTPool2d)]
+    assert [(p.channels, p.kernel_size, p.stride, p.padding, p.ceil_mode, p.method)
+            for p in pools] == [(6, (2, 2), (2, 2), (0, 0), False, "sinkhorn"),
+                                (16, (2, 2), (2, 2), (0, 0), True, "sinkhorn"),
+                                (16, (3, 3), (2, 2), (1, 1), False, "badmm-e"),
+                                (16, (1, 1), (1, 1), (0, 0), False, "sinkhorn")]
+    left = [n.kwargs.get("dilation") for n in gm.graph.nodes if n.op == "call_function"
+            and n.target in (F.max_pool2d, torch.max_pool2d, F.avg_pool2d)]
+    assert left == [2]
+    with torch.no_grad():
+        y, want = gm(x), net(x)
+    assert y.shape == want.shape
+    assert (y - want).norm() <= 2e-2 * want.norm()           # measured 0.45 %
+    assert not any(isinstance(m, rt.ROTPool2d) for m in net.modules())   # net left as it was
+    one = rt.replace_local_pools(net, x, functional=True, include="max_pool2d_1")
+    assert one.rotp_replaced == ["rot_max_pool2d_1"]
+    with pytest.raises(ValueError, match="'max_pool2d_3': dilation=2"):
+        rt.replace_local_pools(net, x, functional=True, include="max_pool2d_3")
+
+
 def test_torchvision_vgg_and_resnet():
     torchvision = pytest.importorskip("torchvision")
     for make, names in ((torchvision.models.vgg11, None), (torchvision.models.resnet18,

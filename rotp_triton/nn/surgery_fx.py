@@ -35,22 +35,30 @@ def _global_pool_call(node):
     return None
 
 
-def replace_functional_avgpool(model: nn.Module, example, *, strict: bool = True, **rot_kwargs):
+def traced_with_shapes(model: nn.Module, example, who: str, instead: str):
+    """``model`` traced by torch.fx, every node's ``meta["tensor_meta"]`` filled by one run on
+    ``example`` (eval mode, no_grad). ``who``: the caller for the error; ``instead``: the module
+    to use where tracing fails."""
     import torch.fx as fx
     from torch.fx.passes.shape_prop import ShapeProp
 
     try:
         gm = fx.symbolic_trace(model)
     except Exception as e:
-        raise ValueError(f"replace_avgpool(functional=True): torch.fx cannot trace "
+        raise ValueError(f"{who}(functional=True): torch.fx cannot trace "
                          f"{type(model).__name__} ({type(e).__name__}: {e}); replace its "
-                         f"pooling call by an nn.AdaptiveAvgPool2d module instead") from e
+                         f"pooling call by an {instead} module instead") from e
     args = tuple(example) if isinstance(example, (tuple, list)) else (example,)
     was_training = gm.training
     gm.eval()
     with torch.no_grad():
         ShapeProp(gm).propagate(*args)
     gm.train(was_training)
+    return gm
+
+
+def replace_functional_avgpool(model: nn.Module, example, *, strict: bool = True, **rot_kwargs):
+    gm = traced_with_shapes(model, example, "replace_avgpool", "nn.AdaptiveAvgPool2d")
     found = [(n, _global_pool_call(n)) for n in gm.graph.nodes]
     found = [(n, k) for n, k in found if k is not None]
     if not found:

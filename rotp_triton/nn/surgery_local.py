@@ -8,11 +8,14 @@ import logging
 import math
 from typing import Optional, Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .image import ROTPool2d
 from .surgery import (Selector, _check_model_and_selectors, _dry_run, _example, _matches,
                       _nothing_to_replace, _put)
+from .surgery_fx import traced_with_shapes
 
 log = logging.getLogger("rotp_triton")
 
@@ -53,7 +56,7 @@ def _kind(m: nn.Module) -> Optional[str]:
 
 def replace_local_pools(model: nn.Module, example_input=None, *,
                         input_size: Optional[Sequence[int]] = None, include: Selector = None,
-                        exclude: Selector = None, strict: bool = True,
+                        exclude: Selector = None, strict: bool = True, functional: bool = False,
                         **rot_kwargs) -> nn.Module:
     """Replace ``model``'s local pooling layers by :class:`ROTPool2d`, in place.
 
@@ -71,6 +74,11 @@ def replace_local_pools(model: nn.Module, example_input=None, *,
         exclude: pools never to replace (same forms).
         strict: raise ValueError when nothing is replaced (default); ``False`` returns the
             model unchanged.
+        functional: for models that pool with function calls (``F.max_pool2d(x, 2)``,
+            ``F.avg_pool2d``, ``torch.max_pool2d``): trace the model with torch.fx and replace
+            those calls (``include`` / ``exclude`` match the graph's node names, e.g.
+            ``"max_pool2d_1"``). Returns the traced ``torch.fx.GraphModule``; ``model`` is
+            left unchanged.
         **rot_kwargs: passed to every new layer (method, num_iters, a1, backend, scale, ...).
             A max pool starts at ROT's max-pooling limit (``MAX_POOL_INIT``: Sinkhorn, α2 = ∞,
             α3 = 0, α1 = 0.05 learnable, one iteration) unless they choose the solver or a
@@ -86,6 +94,8 @@ def replace_local_pools(model: nn.Module, example_input=None, *,
     """
     _check_model_and_selectors(model, include, exclude)
     example = _example(model, example_input, input_size)
+    if functional:
+        return _replace_pool_calls(model, example, include, exclude, strict, rot_kwargs)
     pools = [(n, m) for n, m in model.named_modules() if _kind(m) is not None]
     shapes, _, _ = _dry_run(model, example, pools, who="replace_local_pools")
     ran = {n: m for n, m in pools if n in shapes}
@@ -97,17 +107,16 @@ def replace_local_pools(model: nn.Module, example_input=None, *,
         seen = ", ".join(f"{n!r} ({type(m).__name__}"
                          f"{': ' + _unsupported(m) if _unsupported(m) else ''})"
                          for n, m in ran.items()) or "none"
+        hint = "" if ran else "; for pooling by function calls (F.max_pool2d) functional=True"
         return _nothing_to_replace(model, strict, f"replace_local_pools found no local pool to "
                                    f"replace (pools that ran: {seen}; include={include!r}, "
-                                   f"exclude={exclude!r})")
+                                   f"exclude={exclude!r}){hint}")
     param = next(iter(model.parameters()), None)
     replaced = []
     for name in chosen:
         mod, shape = ran[name], shapes[name]      # (B, C, H, W) or (C, H, W), as torch's pools
-        max_init = _kind(mod) == "max" and not _solver_given(rot_kwargs)
-        kwargs = {**MAX_POOL_INIT, **rot_kwargs} if max_init else rot_kwargs
-        new = ROTPool2d(shape[-3], mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode,
-                        **kwargs)
+        new = _rot_pool(_kind(mod), shape[-3], mod.kernel_size, mod.stride, mod.padding,
+                        mod.ceil_mode, rot_kwargs)
         log.info("replace_local_pools: %s (%r, input %s) -> %r", name or "<model>", mod, shape,
                  new)
         replaced.append(name)
@@ -117,3 +126,74 @@ def replace_local_pools(model: nn.Module, example_input=None, *,
         log.info("replace_local_pools: %s kept (%s)", name, why)
     model.rotp_replaced = replaced
     return model
+
+
+def _rot_pool(kind: str, channels: int, kernel_size, stride, padding, ceil_mode,
+              rot_kwargs: dict) -> ROTPool2d:
+    """The ROTPool2d in place of a ``kind`` ("max" / "avg") pool of these windows."""
+    kwargs = rot_kwargs
+    if kind == "max" and not _solver_given(rot_kwargs):
+        kwargs = {**MAX_POOL_INIT, **rot_kwargs}
+    return ROTPool2d(channels, kernel_size, stride, padding, ceil_mode, **kwargs)
+
+
+# the pooling functions a traced model may call, their kind and their positional parameters
+_POOL_CALLS = {
+    F.max_pool2d: "max", torch.max_pool2d: "max", F.avg_pool2d: "avg"}
+_PARAMS = {
+    "max": ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
+            "return_indices"),
+    "avg": ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+            "divisor_override")}
+
+
+def _call_geometry(node) -> tuple:
+    """(kind, kernel_size, stride, padding, ceil_mode, why it cannot be replaced or None) of a
+    pooling call node."""
+    kind = _POOL_CALLS[node.target]
+    a = {**dict(zip(_PARAMS[kind], node.args)), **node.kwargs}
+    k = a["kernel_size"]
+    stride = a.get("stride") or k        # None (F) or [] (torch.max_pool2d): the kernel size
+    why = None
+    if a.get("dilation", 1) not in (1, (1, 1), [1, 1]):
+        why = f"dilation={a['dilation']}"
+    elif a.get("return_indices") or a.get("divisor_override"):
+        why = "return_indices=True" if a.get("return_indices") else \
+            f"divisor_override={a['divisor_override']}"
+    return kind, k, stride, a.get("padding", 0), bool(a.get("ceil_mode", False)), why
+
+
+def _replace_pool_calls(model, example, include, exclude, strict, rot_kwargs):
+    """``functional=True``: the model traced by torch.fx, its pooling calls replaced."""
+    gm = traced_with_shapes(model, example, "replace_local_pools", "nn.MaxPool2d / nn.AvgPool2d")
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _POOL_CALLS
+             and "tensor_meta" in getattr(n.args[0], "meta", {})]
+    chosen = [n for n in calls if (include is None or _matches(include, n.name, None))
+              and (exclude is None or not _matches(exclude, n.name, None))]
+    geometry = {n: _call_geometry(n) for n in chosen}
+    chosen = [n for n in chosen if geometry[n][-1] is None]
+    if not chosen:
+        why = {n: _call_geometry(n)[-1] for n in calls}
+        seen = ", ".join(f"{n.name!r}{': ' + why[n] if why[n] else ''}" for n in calls) or "none"
+        return _nothing_to_replace(gm, strict, f"replace_local_pools(functional=True) found no "
+                                   f"pooling call to replace (calls: {seen}; "
+                                   f"include={include!r}, exclude={exclude!r})")
+    channels = {n: int(n.args[0].meta["tensor_meta"].shape[-3]) for n in chosen}  # (B, C, H, W)
+    param = next(iter(model.parameters()), None)
+    replaced = []
+    for node in chosen:  # (a replaced call's input may be the new node of an earlier one)
+        kind, k, stride, padding, ceil_mode, _ = geometry[node]
+        new = _rot_pool(kind, channels[node], k, stride, padding, ceil_mode, rot_kwargs)
+        name = f"rot_{node.name}"
+        while hasattr(gm, name):
+            name = "_" + name
+        _put(gm, name, new, param)
+        log.info("replace_local_pools: %s -> %s = %r", node.name, name, new)
+        with gm.graph.inserting_after(node):
+            new_node = gm.graph.call_module(name, (node.args[0],))
+        node.replace_all_uses_with(new_node)
+        gm.graph.erase_node(node)
+        replaced.append(name)
+    gm.recompile()
+    gm.rotp_replaced = replaced
+    return gm
