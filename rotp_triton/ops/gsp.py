@@ -55,6 +55,9 @@ from rotp_triton._fx import traced_as_function
 
 __all__ = ["gsp_pool", "GSPOutput", "check_gsp_hparams", "as_set_input"]
 
+# torch.compiler.is_exporting is recent: an older torch cannot export GSPool (eager is the same)
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
 GAMMA_MAX = 1e6
 
 
@@ -181,7 +184,7 @@ def _solve_log_alpha(ell: Tensor, mask: Tensor, n: Tensor, mu: float, num_iters:
         # The early exit reads a value on the host, which torch.export cannot: exported, all
         # num_iters run (a set that is done keeps its t: the rest change nothing). Under
         # torch.compile it stays, a graph break: unrolled, 100 steps took inductor ~2 min.
-        if not torch.compiler.is_exporting() and bool(done.all()):
+        if not _is_exporting() and bool(done.all()):
             break
         dF = (sg * (1.0 - sg)).sum(1) / n
         hi = torch.where(F > 0, t, hi)
