@@ -101,11 +101,11 @@ def replace_local_pools(model: nn.Module, example_input=None, *,
     ran = {n: m for n, m in pools if n in shapes}
     chosen = [n for n in ran if (include is None or _matches(include, n, ran[n]))
               and (exclude is None or not _matches(exclude, n, ran[n]))]
-    kept = {n: _unsupported(ran[n]) for n in chosen if _unsupported(ran[n])}
+    why = {n: _unsupported(m) for n, m in ran.items()}
+    kept = {n: why[n] for n in chosen if why[n]}
     chosen = [n for n in chosen if n not in kept]
     if not chosen:
-        seen = ", ".join(f"{n!r} ({type(m).__name__}"
-                         f"{': ' + _unsupported(m) if _unsupported(m) else ''})"
+        seen = ", ".join(f"{n!r} ({type(m).__name__}{': ' + why[n] if why[n] else ''})"
                          for n, m in ran.items()) or "none"
         hint = "" if ran else "; for pooling by function calls (F.max_pool2d) functional=True"
         return _nothing_to_replace(model, strict, f"replace_local_pools found no local pool to "
@@ -170,10 +170,10 @@ def _replace_pool_calls(model, example, include, exclude, strict, rot_kwargs):
              and "tensor_meta" in getattr(n.args[0], "meta", {})]
     chosen = [n for n in calls if (include is None or _matches(include, n.name, None))
               and (exclude is None or not _matches(exclude, n.name, None))]
-    geometry = {n: _call_geometry(n) for n in chosen}
+    geometry = {n: _call_geometry(n) for n in calls}
     chosen = [n for n in chosen if geometry[n][-1] is None]
     if not chosen:
-        why = {n: _call_geometry(n)[-1] for n in calls}
+        why = {n: geometry[n][-1] for n in calls}
         seen = ", ".join(f"{n.name!r}{': ' + why[n] if why[n] else ''}" for n in calls) or "none"
         return _nothing_to_replace(gm, strict, f"replace_local_pools(functional=True) found no "
                                    f"pooling call to replace (calls: {seen}; "
