@@ -6,6 +6,8 @@ Kernels run in fp32 under
 TRITON_INTERPRET=1 on CPU (or on CUDA with ROTP_TEST_DEVICE=cuda, plus fp16/bf16); tolerance:
 relative error 1e-4 (fp32).
 """
+import math
+
 import pytest
 import torch
 
@@ -139,6 +141,21 @@ def test_badmm_q_large_a1_over_rho():
     # X enters the P-step as X/(ρ + α1): at |x| ~ 1 the plan barely leaves p0 q0ᵀ and the weight
     # gradients (1e-9 … 1e-5) sit at fp32 rounding; |x| ~ 30 moves it (weight gradients ~1e-2)
     check_window("badmm-q", "exact", "2x2-oddC", T=T, weights=w, x_scale=30.0)
+
+
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("case", ["2x2-even", "3x3-pad-ceil-overlap-cl"])
+def test_sinkhorn_max_pool_limit(case, T):
+    """ROT's max-pooling limit (DESIGN §4; replace_local_pools' start for a max pool): small
+    α1, α2 = ∞, α3 = 0. The softmaxes are near one-hot, and ∂/∂(1/ε) of the output, Σ x·ḡ_L
+    with ḡ_L summing to 0 over each channel's samples, cancelled terms ~100× its value: ∂/∂α1
+    was 1e-4 to 6e-3 off in fp32 until the kernel centred the sum, Σ (x - y)·ḡ_L. (The paper
+    variant's ∂/∂α3 there, Σ b̄·(b/ε + log q0 - C), cancels alike without a known centre: 1e-2
+    off, in the kernel as in the fp32 torch path, whose paper iterates are further off still.)"""
+    f64 = dict(dtype=torch.float64)
+    w = dict(a1=torch.linspace(0.05, 0.02, T, **f64), a2=torch.full((T,), math.inf, **f64),
+             a3=torch.zeros(T, **f64), rho=torch.ones(T, **f64))
+    check_window("sinkhorn", "exact", case, T=T, weights=w, inf_a2=True)
 
 
 @pytest.mark.parametrize("case,method,variant,fixed", [
