@@ -821,6 +821,69 @@ def test_near_uniform_plan_weight_gradient(strided):
         assert rel_err(a.cpu().double(), b) <= 1e-3, name
 
 
+@pytest.mark.parametrize("dx_by", ["pass", "split", "sweep", "lanes"])
+def test_max_pool_limit_eps_gradient(dx_by, monkeypatch):
+    """ROT's max-pooling limit (DESIGN §4): α1 = 0.05 … 0.02, α2 = ∞, α3 = 0, so every column
+    softmax of the final plan is near one-hot. The final log P's ε term, Σ z̄ ⊙ x with the
+    pooling part of z̄ summing to 0 over each column, cancelled terms ~100× its value: ∂/∂α1
+    was 4e-3 (lanes) to 5e-2 off in fp32 here until the kernels centred that part,
+    Σ z̄_pool ⊙ (x - y). (The plan part, whose sum is 0 over the set only, stays Σ z̄_plan ⊙ x:
+    with a plan cotangent ∂/∂α1 is still ~1.2e-4 off on other draws.) On every path that
+    forms the term: dx by the backward's own pass, by the row-block launch, by the last
+    reverse sweep, and the final adjoint and dx in lanes (row pieces of an NCHW view). No
+    priors: with α3 = 0 the output does not depend on them."""
+    from rotp_triton.ops.rot.triton.sinkhorn import launch
+    gen = torch.Generator().manual_seed(11)
+    B, N, D, T = 2, 7, 8, 3
+    if dx_by == "lanes":
+        monkeypatch.setattr(launch, "fwd_config", lambda D_, N_, nw=4: (8, 4, True))
+        monkeypatch.setattr(launch, "PIECES_FWD_ROW_LANES", 2)
+        monkeypatch.setattr(launch, "PIECES_FWD_BD", 4)
+        monkeypatch.setattr(launch, "PIECES_BWD_ROW_LANES", 2)
+        x = torch.randn(B, D, N, 1, generator=gen).flatten(2).transpose(1, 2)  # (B, N, D)
+    else:
+        monkeypatch.setattr(launch, "dx_tile", lambda D_, N_, nw=4: (2, 4))
+        monkeypatch.setattr(launch, "fuse_dx", lambda *args: dx_by == "sweep")
+        monkeypatch.setattr(launch, "split_dx", lambda *args: dx_by == "split")
+        x = torch.randn(B, N, D, generator=gen)
+    f64 = dict(dtype=torch.float64)
+    weights = (torch.linspace(0.05, 0.02, T, **f64), torch.full((T,), math.inf, **f64),
+               torch.zeros(T, **f64))
+    args = (x, None, "exact", T, *weights, None, None, torch.randn(B, D, generator=gen), None)
+    _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32],
+             ["x", "a1", "a2", "a3"])
+
+
+@pytest.mark.parametrize("lanes", [False, True], ids=["row_blocks", "lanes"])
+def test_max_pool_limit_feature_spread(lanes, monkeypatch):
+    """test_max_pool_limit_eps_gradient through the layers' scale="auto" (a learnable α1 at
+    the max-pooling limit): the final ε term then comes from the backward's adjoint pass, in
+    row blocks or in lanes (SPREAD), and feeds the scale's gradient too. y, ∂/∂x and ∂/∂α1
+    == the float64 torch path's (1e-4; ∂/∂α1 was 1e-3 off before the centring)."""
+    from launch_counter import count_launches
+    from rotp_triton.ops.rot.triton.sinkhorn import launch
+    monkeypatch.setattr(launch, "PIECES_BWD_ROW_LANES", 2 if lanes else 0)
+    monkeypatch.setattr(launch, "PIECES_BWD_LANES", lanes)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 8, 7, 1, generator=gen) * 2 + 1
+    gy = torch.randn(2, 8, 1, 1, generator=gen)
+    outs = []
+    for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+        layer = rt.AdaptiveROTPool2d(8, method="sinkhorn", num_iters=3, a1=0.05, a2=math.inf,
+                                     learn_a2=False, a3=0.0, learn_a3=False,
+                                     backend=backend).to(DEVICE, dtype)
+        xl = x.to(DEVICE, dtype).requires_grad_()
+        with count_launches() as launches:
+            y = layer(xl)
+            gx, ga1 = torch.autograd.grad((y * gy.to(y)).sum(), [xl, layer.weights.raw_a1])
+        if backend == "triton":
+            ce = launches.constexprs[launches.index("sinkhorn_bwd_kernel")]
+            assert (ce["SPREAD"], ce["RL"] > 0) == (True, lanes)
+        outs.append((y, gx, ga1))
+    for name, a, b in zip(("y", "x", "a1"), *outs):
+        assert rel_err(a.cpu(), b) <= RTOL[torch.float32], name
+
+
 @pytest.mark.parametrize("a1,a23", [(1e-5, 1e-5), (1e-3, 1e4), (1e-1, 1e-5)])
 @pytest.mark.usefixtures("forward_iteration")
 def test_fig7_T16_paper_diverges_like_the_fp32_torch_path(a1, a23):

@@ -1995,15 +1995,20 @@ def _piece_pool_dx(x, on, nm, B_fin, s_fin, ie_fin, rf, g, yd, a, gp_base, sgn, 
     them with the other two)."""
     bb = tl.load(B_fin + on, mask=nm, other=NEG_INF)                           # [P]
     w = _prob2(x * s_fin + bb[:, None] - rf[None, :])
-    zb = g[None, :] * w * (x - yd[None, :])
+    dev = x - yd[None, :]
+    zb = g[None, :] * w * dev
+    # z̄ ⊙ x / ε_{T-1} (ie_fin carries 1/σ where a scale is folded in), its pooling part
+    # centred (``_pool_eps_term``); x ~ 1e20 would overflow z̄ ⊙ x in fp32 (~x²) before the two
+    # factors 1/ε could bring it back
+    zx = zb * (dev * ie_fin)
     if HAS_GP:
         gp = tl.load(gp_base + on[:, None] * sgn + od[None, :] * sgd,
                      mask=nm[:, None] & dm[None, :], other=0.0).to(tl.float32)
         p = _prob2(x * s_fin + a[None, :] + bb[:, None] - tot)
-        zb += p * (gp - pg)
-    # z̄ ⊙ x / ε_{T-1} (ie_fin carries 1/σ where a scale is folded in): x ~ 1e20 would
-    # overflow z̄ ⊙ x in fp32 (~x²) before the two factors 1/ε could bring it back
-    return g[None, :] * w + zb * ie_fin, zb * (x * ie_fin)
+        zp = p * (gp - pg)
+        zb += zp
+        zx += zp * (x * ie_fin)
+    return g[None, :] * w + zb * ie_fin, zx
 
 
 @triton.jit
@@ -2270,15 +2275,16 @@ def _lanes_pool_adjoint(x_base, sxn, sxd, n_b, D, B_fin, rfin_b, g_b, y_b, s_fin
         yd = _cols(tl.load(y_b + od, mask=dm, other=0.0))
         x0, x1, x2 = _pieces_load(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D, P0, P1, P2,
                                   RL, MASK2, UNIT_N, True)                     # [P/RL, BD, RL]
-        z0 = g * _prob2(x0 * s_fin + _rows(bb0) - rf) * (x0 - yd)
-        z1 = g * _prob2(x1 * s_fin + _rows(bb1) - rf) * (x1 - yd)
-        z2 = g * _prob2(x2 * s_fin + _rows(bb2) - rf) * (x2 - yd)
+        v0, v1, v2 = x0 - yd, x1 - yd, x2 - yd
+        z0 = g * _prob2(x0 * s_fin + _rows(bb0) - rf) * v0
+        z1 = g * _prob2(x1 * s_fin + _rows(bb1) - rf) * v1
+        z2 = g * _prob2(x2 * s_fin + _rows(bb2) - rf) * v2
         acc0 += z0
         acc1 += z1
         acc2 += z2
-        if SPREAD:     # (z̄ ⊙ x/ε: as _dx_rows forms it)
-            ex += (tl.sum(z0 * (x0 * ie_fin), axis=0) + tl.sum(z1 * (x1 * ie_fin), axis=0)
-                   + tl.sum(z2 * (x2 * ie_fin), axis=0))
+        if SPREAD:     # (z̄ ⊙ x/ε, centred: as _dx_rows forms it)
+            ex += (tl.sum(z0 * (v0 * ie_fin), axis=0) + tl.sum(z1 * (v1 * ie_fin), axis=0)
+                   + tl.sum(z2 * (v2 * ie_fin), axis=0))
     _lanes_store(bbar_b, on0, tl.sum(acc0, axis=1), nm0, _masked_piece(P0, RL, False))
     _lanes_store(bbar_b, on1, tl.sum(acc1, axis=1), nm1, _masked_piece(P1, RL, False))
     _lanes_store(bbar_b, on2, tl.sum(acc2, axis=1), nm2, _masked_piece(P2, RL, MASK2))
@@ -2317,8 +2323,9 @@ def _lanes_pool_dx(x, bb, rf, g, yd, s_fin, ie_fin):
     """dx's pooling term of one piece and z̄ ⊙ x/ε_{T-1} summed over the thread's rows
     (_piece_pool_dx without a plan; bb [P / RL, RL], rf, g, yd [BD])."""
     w = _prob2(x * s_fin + _rows(bb) - _cols(rf))
-    zb = _cols(g) * w * (x - _cols(yd))
-    return _cols(g) * w + zb * ie_fin, tl.sum(zb * (x * ie_fin), axis=0)
+    dev = x - _cols(yd)
+    zb = _cols(g) * w * dev
+    return _cols(g) * w + zb * ie_fin, tl.sum(zb * (dev * ie_fin), axis=0)
 
 
 @triton.jit
@@ -2571,17 +2578,21 @@ def sinkhorn_bwd_kernel(
                     g = tl.load(g_ptr + b * D + od, mask=dm, other=0.0)
                     yd = tl.load(y_ptr + b * D + od, mask=dm, other=0.0)
                     w = _prob2(tl.where(msk, x * s_fin + bb[:, None] - rf[None, :], NEG_INF))
-                    zb = g[None, :] * w * (x - yd[None, :])
+                    dev = x - yd[None, :]
+                    zb = g[None, :] * w * dev
+                    if SPREAD:     # the final log P's ε term, as _dx_rows forms it
+                        de_pool -= tl.sum(zb * (dev * ie_fin)) * ie_fin
                     if HAS_GP:
                         a = tl.load(A_fin + od, mask=dm, other=0.0)
                         gp = tl.load(gp_base + on[:, None] * sgn + od[None, :] * sgd, mask=msk,
                                      other=0.0).to(tl.float32)
                         p = _prob2(tl.where(msk, x * s_fin + a[None, :] + bb[:, None] - tot,
                                             NEG_INF))
-                        zb += p * (gp - pg)
+                        zp = p * (gp - pg)
+                        zb += zp
+                        if SPREAD:
+                            de_pool -= tl.sum(zp * (x * ie_fin)) * ie_fin
                     acc += tl.sum(zb, axis=1)
-                    if SPREAD:     # the final log P's ε term, as _dx_rows forms it
-                        de_pool -= tl.sum(zb * (x * ie_fin)) * ie_fin
                 tl.store(bbar_b + on, acc, mask=nm)
         for d0 in range(0, D, BD):
             od = d0 + tl.arange(0, BD)
