@@ -158,6 +158,21 @@ def test_sinkhorn_max_pool_limit(case, T):
     check_window("sinkhorn", "exact", case, T=T, weights=w, inf_a2=True)
 
 
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("method,variant", [(m, v) for m in METHODS[1:] for v in VARIANTS],
+                         ids=[f"{m}-{v}" for m in METHODS[1:] for v in VARIANTS])
+def test_badmm_small_rho(method, variant, T):
+    """B-ADMM with small ρ and α1 (0.05): the last P-step's Y = log S + (X - Z)/ω is near
+    one-hot over each channel's samples, and 1/ω's cotangent Σ (x - z)·ḡ_Y holds the output's
+    part Σ x·g_Y, whose g_Y sums to 0 over each channel's samples: it cancelled terms ~100×
+    its value, and ∂/∂ρ was up to 5e-4 off (B-E), ∂/∂α1 1.2e-4 (B-Q) until the kernel took
+    Σ y·g_Y (rounding only) back out."""
+    f64 = dict(dtype=torch.float64)
+    w = dict(a1=torch.full((T,), 0.05, **f64), a2=torch.ones(T, **f64),
+             a3=torch.ones(T, **f64), rho=torch.linspace(0.05, 0.1, T, **f64))
+    check_window(method, variant, "2x2-even", T=T, weights=w)
+
+
 @pytest.mark.parametrize("case,method,variant,fixed", [
     ("2x2-even", "sinkhorn", "exact", False), ("2x2-even-tail-cl", "badmm-e", "exact", False),
     ("3x3-pad-ceil-overlap-cl", "badmm-q", "paper", False),

@@ -847,10 +847,11 @@ def _window_sum(v):
 
 @triton.jit
 def _output_bwd(x, logits, gy, m, sv, MASKED: tl.constexpr, FAST: tl.constexpr):
-    """VJP of y_d = Σ_n softmax_n(L)_nd x_nd: (∂/∂x through the weights' x, ∂/∂L, x - y)."""
+    """VJP of y_d = Σ_n softmax_n(L)_nd x_nd: (∂/∂x through the weights' x, ∂/∂L, x - y, y)."""
     w = _softmax(logits, sv, AX_N, MASKED, FAST)
-    dev = x - _sum(w * x, AX_N)                                        # [BW, BN, BC]
-    return _keep(w * gy, m, MASKED), _keep(w * dev * gy, m, MASKED), dev
+    yv = _sum(w * x, AX_N)                                             # [BW, 1, BC]
+    dev = x - yv                                                       # [BW, BN, BC]
+    return _keep(w * gy, m, MASKED), _keep(w * dev * gy, m, MASKED), dev, yv
 
 
 @triton.jit
@@ -894,7 +895,7 @@ def _sinkhorn_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T: tl.cons
             else:
                 tape = tape + ((a0, b0, u0, 0.0, 0.0),)
         if seg == 0:  # (a, b) = (a_T, b_T): the output's logits are x/ε_T + b_T
-            gx_o, g_l, dev = _output_bwd(x, x * u_prev + b, gy, m, sv, MASKED, FAST)
+            gx_o, g_l, dev, _y = _output_bwd(x, x * u_prev + b, gy, m, sv, MASKED, FAST)
             gyy = _window_sum(gx_o * x)        # gx_o = softmax · gy: Σ_c gy_c y_c
             gx = gx_o + u_prev * g_l
             # ∂/∂(1/ε_T) = Σ x·g_l = Σ (x - y)·g_l (g_l sums to 0 over each channel's samples):
@@ -958,18 +959,27 @@ def _admm_bwd(x, gy, w_ptr, acc, offs_p, lp0, lq0, sv, cv, n_seg, T: tl.constexp
                 ls_t, z_t, lmu_t, leta_t, z1_t, z2_t = tape[L - 1 - j]
                 rho, irho, k2, k3, c1, c2 = admm_params(w_ptr, t, T, QUAD, PAPER, False)
                 g_y = tl.zeros([BW, BN, BC], dtype=tl.float32)
+                y_sum = tl.sum(gy, axis=None) * 0.0
                 if t == T - 1:  # the output reads Y of the last P-step only
-                    gx_o, g_y, _dev = _output_bwd(
+                    gx_o, g_y, _dev, yv = _output_bwd(
                         x, _admm_p_logits(x, ls_t, z_t, irho, c1, m, QUAD, MASKED), gy, m, sv,
                         MASKED, FAST)
                     gyy = _window_sum(gx_o * x)
                     gx += gx_o
+                    # g_y sums to 0 over each channel's samples, so its part of 1/ω's
+                    # Σ (x - z)·ḡ_Y is Σ (x - y - z)·g_y: y·g_y, rounding only, is taken back
+                    # out (as the Sinkhorn output's centred sum; at small ρ it cancelled)
+                    y_sum = tl.sum(yv * g_y, axis=None)
                 (gx_t, g_ls, g_z, g_lmu, g_leta, g_z1, g_z2,
                  g_rho, g_irho, g_k2, g_k3, g_c1, g_c2) = _admm_step_bwd(
                     x, ls_t, z_t, lmu_t, leta_t, z1_t, z2_t, rho, irho, k2, k3, c1, c2, lp0,
                     lq0, sv, cv, g_ls, g_z, g_lmu, g_leta, g_z1, g_z2, g_y, QUAD, PAPER,
                     MASKED, FAST)
                 gx += gx_t
+                if QUAD or PAPER:
+                    g_irho -= y_sum
+                else:  # exact B-E sums 1/ω's terms into ρ's (FOLD): 1/ω = 1/ρ
+                    g_rho += irho * irho * y_sum
                 ga1, ga2, ga3, grho = admm_params_bwd(w_ptr, t, T, g_rho, g_irho, g_k2, g_k3,
                                                       g_c1, g_c2, QUAD, PAPER)
                 acc = _acc(acc, offs_p, _A1 * T + t, ga1)
