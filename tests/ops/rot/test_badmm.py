@@ -285,6 +285,33 @@ def test_backward_schedules(method, variant, fuse, monkeypatch):
     assert defers == ([False, True, True] if fuse else [False] * 3)
 
 
+@pytest.mark.parametrize("path", ["fused", "unfused", "split"])
+@pytest.mark.parametrize("method,variant", [(m, v) for m in ("badmm-e", "badmm-q")
+                                            for v in ("exact", "paper")],
+                         ids=[f"{m}-{v}" for m in ("badmm-e", "badmm-q")
+                              for v in ("exact", "paper")])
+def test_small_rho_weight_gradients(method, variant, path, monkeypatch):
+    """Small ρ and α1 (0.05): the last P-step's Y = log S + (X - Z)/ω is near one-hot over
+    each column's rows, and ∂/∂(1/ω) = Σ (X - Z) ⊙ Ȳ holds the pooling's Σ X ⊙ Ȳ_pool, whose
+    columns sum to 0. It cancelled terms ~100× its value until pass 3 took Σ y ⊙ Ȳ_pool
+    (rounding only) back out: ∂/∂ρ was up to 6e-4 off here (1.6e-3 on another draw) and
+    ∂/∂α1 2e-4, and 7 of the 12 cases failed. Every backward schedule: fused (which defers
+    the first step's adjoints: no plan cotangent), unfused, split over programs."""
+    _small_blocks(monkeypatch)
+    if path == "split":
+        _split(monkeypatch, 2, 2)
+    else:
+        monkeypatch.setattr(launch, "backward_fuses", lambda T, xb: path == "fused")
+        monkeypatch.setattr(launch, "backward_splits", lambda *a: (1, 1))
+    gen = torch.Generator().manual_seed(8)
+    T = 4
+    x = torch.randn(4, 9, 20, generator=gen)
+    w = dict(a1=torch.full((T,), 0.05), a2=torch.ones(T), a3=torch.ones(T),
+             rho=torch.full((T,), 0.05))
+    args = (x, None, method, variant, w, None, None, torch.randn(4, 20, generator=gen), None)
+    _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32])
+
+
 @pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("badmm-q", "exact"),
                                             ("badmm-q", "paper")])
 def test_unfused_backward_on_half_tiles(method, variant, monkeypatch):

@@ -1218,11 +1218,12 @@ ADJ_S_STEP = tl.constexpr(1)  # later steps: log P̄, Z̄ recomputed from L̄', 
 @triton.jit
 def _pooled_y_adjoint(X, y, r, rb, lpb, gy, out):
     """Ȳ of the last iteration, the one that pools: log P̄ + R̄ softmax_n(Y) plus the pooling's
-    adjoint (y_d = Σ_n e_nd X_nd: Ȳ += e (X - y_d) ȳ_d), and its direct X̄ = e ȳ."""
+    adjoint (y_d = Σ_n e_nd X_nd: Ȳ += e (X - y_d) ȳ_d), its direct X̄ = e ȳ, and that
+    adjoint's part alone (each of its columns sums to 0)."""
     e = _exp(y - r[None, :])                                                     # softmax_n(Y)
-    yb = lpb + rb[None, :] * e
-    yb += e * (X - out[None, :]) * gy[None, :]
-    return yb, e * gy[None, :]
+    pb = e * (X - out[None, :]) * gy[None, :]
+    yb = lpb + rb[None, :] * e + pb
+    return yb, e * gy[None, :], pb
 
 
 @triton.jit
@@ -1251,7 +1252,7 @@ def _last_step_adjoints(X, L1, Z1, mask, r1, gy, out, a1_1, rho_1, QUAD: tl.cons
     the same values: the second reverse step of a DEFER backward recomputes them."""
     y1, _g1, s1 = _p_step_y(X, L1, Z1, a1_1, rho_1, QUAD)
     zero = tl.zeros_like(X)
-    yb1, gx1 = _pooled_y_adjoint(X, y1, r1, tl.zeros_like(r1), zero, gy, out)
+    yb1, gx1, _pb1 = _pooled_y_adjoint(X, y1, r1, tl.zeros_like(r1), zero, gy, out)
     lb1, zb1, gx1, _gb1 = _through_p_step_y(yb1, s1, zero, gx1, a1_1,
                                             1.0 / _step_weight(a1_1, rho_1, QUAD), mask, QUAD)
     return lb1, zb1, gx1
@@ -1411,6 +1412,7 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
                 y, g, s, lpb, Zb, _da1, _drho = _s_step_adjoint(X, L, Zt, Lb, Zb, r, lmu, c,
                                                                 leta, cb, a1, rho, QUAD)
                 yb = lpb + rb[None, :] * _exp(y - r[None, :])              # + R̄ softmax_n(Y)
+                y_term = 0.0
             else:
                 y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
                 if PLAN:
@@ -1418,10 +1420,14 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
                 else:
                     lpb = tl.zeros_like(X)
                 Zb = tl.zeros_like(X)
-                yb, gx = _pooled_y_adjoint(X, y, r, rb, lpb, gy, out)
+                yb, gx, pb = _pooled_y_adjoint(X, y, r, rb, lpb, gy, out)
+                # Σ y·(the pooling's Ȳ): 0 but for rounding (its columns sum to 0), see below
+                y_term = tl.sum(tl.where(mask, pb * out[None, :], 0.0))
             lb, zb_new, gx, gb = _through_p_step_y(yb, s, Zb, gx, a1, inv_ws, mask, QUAD)
-            # ∂/∂w_P
-            d_ws = tl.sum(tl.where(mask, -gb * g * inv_ws, 0.0))
+            # ∂/∂w_P = -Σ Ȳ ⊙ G / w_P², with the pooling's part of Ȳ against G - y: near
+            # one-hot softmaxes (small ρ, α1) Σ Ȳ_pool ⊙ X cancels terms ~100× its value
+            # (∂/∂ρ was 1e-3 off float64), the centred sum does not
+            d_ws = tl.sum(tl.where(mask, -gb * g * inv_ws, 0.0)) + y_term * (inv_ws * inv_ws)
             if QUAD:
                 acc_a1 += tl.sum(tl.where(mask, -gb * s, 0.0))
             if QUAD == QUAD_EXACT:                                              # w_P = ρ + α1
