@@ -1998,8 +1998,8 @@ def _piece_pool_dx(x, on, nm, B_fin, s_fin, ie_fin, rf, g, yd, a, gp_base, sgn, 
     dev = x - yd[None, :]
     zb = g[None, :] * w * dev
     # z̄ ⊙ x / ε_{T-1} (ie_fin carries 1/σ where a scale is folded in), its pooling part
-    # centred (``_pool_eps_term``); x ~ 1e20 would overflow z̄ ⊙ x in fp32 (~x²) before the two
-    # factors 1/ε could bring it back
+    # centred, z̄ ⊙ (x - y) (docs/kernels.md, "The output's ε term, centred"); x ~ 1e20 would
+    # overflow z̄ ⊙ x in fp32 (~x²) before the two factors 1/ε could bring it back
     zx = zb * (dev * ie_fin)
     if HAS_GP:
         gp = tl.load(gp_base + on[:, None] * sgn + od[None, :] * sgd,
