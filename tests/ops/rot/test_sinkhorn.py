@@ -828,7 +828,7 @@ def test_max_pool_limit_eps_gradient(dx_by, monkeypatch):
     pooling part of z̄ summing to 0 over each column, cancelled terms ~100× its value: ∂/∂α1
     was 4e-3 (lanes) to 5e-2 off in fp32 here until the kernels centred that part,
     Σ z̄_pool ⊙ (x - y). (The plan part, whose sum is 0 over the set only, stays Σ z̄_plan ⊙ x:
-    with a plan cotangent ∂/∂α1 is still ~1.2e-4 off on other draws.) On every path that
+    with a plan cotangent ∂/∂α1 was still 1.2e-4 off on one draw.) On every path that
     forms the term: dx by the backward's own pass, by the row-block launch, by the last
     reverse sweep, and the final adjoint and dx in lanes (row pieces of an NCHW view). No
     priors: with α3 = 0 the output does not depend on them."""
