@@ -910,6 +910,17 @@ def _zero_masked_rows(t, nm, MASK: tl.constexpr):
 
 
 @triton.jit
+def _chunk_start(i, last, rev):
+    """The first feature of trip ``i`` (0, BD, ..., last) of a pass over a set's feature chunks:
+    i, or last - i where ``rev`` (0 or 1) is 1. The row-pieces forward alternates the direction
+    from pass to pass (snake order): a set is larger than its share of L2 (W2: 401 KB a set,
+    256 sets resident, ~200 KB of a 50 MB L2 each), so a pass in the same direction as the one
+    before finds none of its chunks in L2 (LRU), and one in the opposite direction starts on
+    the chunks read last (``bench/l2_reuse.py``)."""
+    return i + rev * (last - 2 * i)
+
+
+@triton.jit
 def _pieces_exact_chunk(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2, d0, D, s, k2,
                         lp0_b, lp0_u, A_prev, R_t, shift, m_u, l_u, acc0, acc1, acc2,
                         cmin, HAS_P0: tl.constexpr, MASK_D: tl.constexpr, FIRST: tl.constexpr,
@@ -960,13 +971,14 @@ def _pieces_exact_chunk(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2
 
 @triton.jit
 def _pieces_exact_pass(x_base, on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2, sxd, B_prev, D, s,
-                       k2, lp0_b, lp0_u, A_prev, R_t, m_ref, shift, HAS_P0: tl.constexpr,
+                       k2, lp0_b, lp0_u, A_prev, R_t, m_ref, shift, rev, HAS_P0: tl.constexpr,
                        FIRST: tl.constexpr, SET: tl.constexpr, P0: tl.constexpr,
                        P1: tl.constexpr, P2: tl.constexpr, RL: tl.constexpr,
                        MASK2: tl.constexpr, UNIT_N: tl.constexpr, BD: tl.constexpr):
-    """_shifted_exact_pass on the three row pieces. (Each pass loads the row biases b_{t-1}
-    itself: held across the passes of an iteration beside the set shift's b - H, they spilled
-    8-32 B under the 128-register cap at 25 and 36 rows.)"""
+    """_shifted_exact_pass on the three row pieces, its full chunks in the direction ``rev``
+    (_chunk_start). (Each pass loads the row biases b_{t-1} itself: held across the passes of
+    an iteration beside the set shift's b - H, they spilled 8-32 B under the 128-register cap
+    at 25 and 36 rows.)"""
     if FIRST:
         m_u = tl.full([BD], NEG_INF, tl.float32)
     else:
@@ -983,7 +995,8 @@ def _pieces_exact_pass(x_base, on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2, sxd,
     acc2 = tl.zeros([_lane_rows(P2, RL), BD, RL], tl.float32)
     cmin = tl.full([BD], 1.0, tl.float32)
     d_full = (D // BD) * BD
-    for d0 in range(0, d_full, BD):
+    for i in range(0, d_full, BD):
+        d0 = _chunk_start(i, d_full - BD, rev)
         m_u, l_u, acc0, acc1, acc2, cmin = _pieces_exact_chunk(
             x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2, d0, D, s, k2, lp0_b, lp0_u,
             A_prev, R_t, shift, m_u, l_u, acc0, acc1, acc2, cmin, HAS_P0, False, FIRST,
@@ -998,7 +1011,7 @@ def _pieces_exact_pass(x_base, on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2, sxd,
 
 @triton.jit
 def _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, k2_next, lp0_b, lp0_u, lq0_b,
-                            lq0_u, A_prev, B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift,
+                            lq0_u, A_prev, B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift, rev,
                             HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, FIRST: tl.constexpr,
                             SET: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
                             P2: tl.constexpr, MASK2: tl.constexpr, RL: tl.constexpr,
@@ -1009,7 +1022,7 @@ def _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, k2_next, lp0_b,
                                                                 MASK2)
     m_u, l_u, acc0, acc1, acc2, cmin = _pieces_exact_pass(
         x_base, on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2, sxd, B_prev, D, s, k2, lp0_b,
-        lp0_u, A_prev, R_t, m_ref, shift, HAS_P0, FIRST, SET, P0, P1, P2, RL, MASK2,
+        lp0_u, A_prev, R_t, m_ref, shift, rev, HAS_P0, FIRST, SET, P0, P1, P2, RL, MASK2,
         UNIT_N, BD)
     if not FIRST:
         if tl.min(cmin, axis=0) < _COL_TINY:
@@ -1018,7 +1031,7 @@ def _pieces_exact_iteration(x_base, sxn, sxd, n_b, D, s, k2, k3, k2_next, lp0_b,
             tl.debug_barrier()
             m_u, l_u, acc0, acc1, acc2, cmin = _pieces_exact_pass(
                 x_base, on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2, sxd, B_prev, D, s, k2,
-                lp0_b, lp0_u, A_prev, R_t, m_ref, shift, HAS_P0, True, False, P0, P1,
+                lp0_b, lp0_u, A_prev, R_t, m_ref, shift, rev, HAS_P0, True, False, P0, P1,
                 P2, RL, MASK2, UNIT_N, BD)
     m_all = tl.max(m_u, axis=0)
     f = tl.exp2(m_u - m_all)                                                   # [BD]
@@ -1079,7 +1092,7 @@ def _pieces_deviations(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D, inv_n, 
 
 
 @triton.jit
-def _pieces_spread(x_base, sxn, sxd, n_b, D, s_b, root_b, mean_b, top_b, P0: tl.constexpr,
+def _pieces_spread(x_base, sxn, sxd, n_b, D, s_b, root_b, mean_b, top_b, rev, P0: tl.constexpr,
                    P1: tl.constexpr, P2: tl.constexpr, MASK2: tl.constexpr, RL: tl.constexpr,
                    UNIT_N: tl.constexpr, BD: tl.constexpr):
     """The set's feature spread on the three row pieces: per feature chunk the mean (stored),
@@ -1094,8 +1107,8 @@ def _pieces_spread(x_base, sxn, sxd, n_b, D, s_b, root_b, mean_b, top_b, P0: tl.
     inv_n = 1.0 / n_b.to(tl.float32)
     acc1 = tl.zeros([BD], dtype=tl.float32)
     odd = tl.zeros([BD], dtype=tl.int32)
-    for d0 in range(0, D, BD):
-        od = d0 + tl.arange(0, BD)
+    for i in range(0, D, BD):
+        od = _chunk_start(i, (D - 1) // BD * BD, rev) + tl.arange(0, BD)
         dm = od < D
         v0, v1, v2, mean = _pieces_deviations(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od,
                                               D, inv_n, mean_b, P0, P1, P2, MASK2, RL, UNIT_N)
@@ -1162,9 +1175,10 @@ def _pieces_spread_blocks(x_base, sxn, sxd, n_b, D, s_b, root_b, mean_b, P0: tl.
 
 
 @triton.jit
-def _pieces_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_b, y_b, shift, SET: tl.constexpr,
-                 P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, MASK2: tl.constexpr,
-                 RL: tl.constexpr, UNIT_N: tl.constexpr, BD: tl.constexpr):
+def _pieces_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_b, y_b, shift, rev,
+                 SET: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                 MASK2: tl.constexpr, RL: tl.constexpr, UNIT_N: tl.constexpr,
+                 BD: tl.constexpr):
     """The pooling (eq. 5) on the three row pieces, one pass: all rows of a chunk are in
     registers, so the column max is taken once (no online rescale); masked rows have b = -inf.
     (p = 2^(z - max), not 2^(x s + (b - max)): see _piece_pool_terms.) SET: every column
@@ -1176,8 +1190,8 @@ def _pieces_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_b, y_b, shift, SET
     bb0, bb1, bb2 = _lanes_row_bias(B_fin, on0, nm0, on1, nm1, on2, nm2, P0, P1, P2, RL,
                                      MASK2)                                    # [P/RL, RL]
     lmin = tl.full([BD], 1.0, tl.float32)
-    for d0 in range(0, D, BD):
-        od = d0 + tl.arange(0, BD)
+    for i in range(0, D, BD):
+        od = _chunk_start(i, (D - 1) // BD * BD, rev) + tl.arange(0, BD)
         dm = od < D
         x0, x1, x2 = _pieces_load(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D, P0, P1, P2,
                                   RL, MASK2, UNIT_N, True)                     # [P/RL, BD, RL]
@@ -1326,8 +1340,8 @@ def sinkhorn_fwd_kernel(
     if STATS and P0 > 0:
         # (each column's max of x into a_0's slot of A, which iteration 0 writes last)
         isig = _pieces_spread(x_ptr + x_off, sxn_p, sxd, n_b, D, sc_ptr + b, root_ptr + b,
-                              mean_ptr + b * D, A_ptr + (b * (T + 1) + 1) * D, P0, P1, P2,
-                              MASK_P, RL, UNIT_N, BD)
+                              mean_ptr + b * D, A_ptr + (b * (T + 1) + 1) * D, 0, P0, P1,
+                              P2, MASK_P, RL, UNIT_N, BD)
     elif STATS and ONE_TILE_N:
         isig = set_spread_tile(x_ptr + x_off, sxn, sxd, n_b, D, sc_ptr + b, root_ptr + b,
                                mean_ptr + b * D, MASK_N, BN, BD)
@@ -1390,26 +1404,29 @@ def sinkhorn_fwd_kernel(
             R_t = Rn_b + t * D
             C_t = Cn_ptr + t * NR + row0
             if P0 > 0:
+                # the passes over x alternate their direction (_chunk_start): iteration t's
+                # is pass t + 1 after the spread's pass 0
+                rev = (t + 1) % 2 if STATS else t % 2
                 # κ2 of iteration t + 1 (the last iteration's own: its M is not read)
                 k2n = _kappa_at(w_ptr, T, tl.minimum(t + 1, T - 1), _A2)
                 # (t = 0 without the spread's maxima: s_last = 0 < s)
                 if s != s_last:
                     m_ref, shift, span = _pieces_exact_iteration(
                         x_base, sxn_p, sxd, n_b, D, s, k2, k3, k2n, lp0_b, lp0_u, lq0_b, lq0_u,
-                        A_prev, B_prev, A_cur, B_cur, R_t, C_t, 0.0, 0.0, HAS_P0, HAS_Q0, True,
-                        False, P0, P1, P2, MASK_P, RL, UNIT_N, BN, BD)
+                        A_prev, B_prev, A_cur, B_cur, R_t, C_t, 0.0, 0.0, rev, HAS_P0, HAS_Q0,
+                        True, False, P0, P1, P2, MASK_P, RL, UNIT_N, BN, BD)
                 elif SET_SHIFT and span <= _SET_SHIFT_SPAN:
                     # the fixed shifts: the set's where a_{t-1} spans little, else each
                     # column's
                     m_ref, shift, span = _pieces_exact_iteration(
                         x_base, sxn_p, sxd, n_b, D, s, k2, k3, k2n, lp0_b, lp0_u, lq0_b, lq0_u,
-                        A_prev, B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift, HAS_P0, HAS_Q0,
-                        False, True, P0, P1, P2, MASK_P, RL, UNIT_N, BN, BD)
+                        A_prev, B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift, rev, HAS_P0,
+                        HAS_Q0, False, True, P0, P1, P2, MASK_P, RL, UNIT_N, BN, BD)
                 else:
                     m_ref, shift, span = _pieces_exact_iteration(
                         x_base, sxn_p, sxd, n_b, D, s, k2, k3, k2n, lp0_b, lp0_u, lq0_b, lq0_u,
-                        A_prev, B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift, HAS_P0, HAS_Q0,
-                        False, False, P0, P1, P2, MASK_P, RL, UNIT_N, BN, BD)
+                        A_prev, B_prev, A_cur, B_cur, R_t, C_t, m_ref, shift, rev, HAS_P0,
+                        HAS_Q0, False, False, P0, P1, P2, MASK_P, RL, UNIT_N, BN, BD)
             elif ONE_TILE_N and not PAPER:
                 _one_tile_exact_step(x_base, sxn, sxd, n_b, D, t, s, s_last, k2, k3, lp0_b,
                                      lp0_u, lq0_b, lq0_u, A_prev, B_prev, A_cur, B_cur, R_t,
@@ -1464,6 +1481,8 @@ def sinkhorn_fwd_kernel(
         B_fin = Bv_ptr + T * NR + row0
         A_fin = A_b + T * D
         if P0 > 0:
+            # (the pass after the last iteration's: _chunk_start)
+            rev = (t_end + 1) % 2 if STATS else t_end % 2
             # under the set's shift where a_T spans little (a column with almost no mass, or
             # one whose bound rounding broke, pools again under the max), else under the max
             if SET_SHIFT:
@@ -1472,16 +1491,17 @@ def sinkhorn_fwd_kernel(
                 by_max = span > _SET_SHIFT_SPAN
                 if not by_max:
                     lmin = _pieces_pool(x_base, sxn_p, sxd, n_b, D, s_fin, B_fin,
-                                        rfin_ptr + b * D, y_ptr + b * D, shift, True, P0, P1, P2,
-                                        MASK_P, RL, UNIT_N, BD)
+                                        rfin_ptr + b * D, y_ptr + b * D, shift, rev, True, P0,
+                                        P1, P2, MASK_P, RL, UNIT_N, BD)
                     by_max = lmin < _COL_TINY
                     tl.debug_barrier()
                 if by_max:
                     _pieces_pool(x_base, sxn_p, sxd, n_b, D, s_fin, B_fin, rfin_ptr + b * D,
-                                 y_ptr + b * D, 0.0, False, P0, P1, P2, MASK_P, RL, UNIT_N, BD)
+                                 y_ptr + b * D, 0.0, rev, False, P0, P1, P2, MASK_P, RL, UNIT_N,
+                                 BD)
             else:
                 _pieces_pool(x_base, sxn_p, sxd, n_b, D, s_fin, B_fin, rfin_ptr + b * D,
-                             y_ptr + b * D, 0.0, False, P0, P1, P2, MASK_P, RL, UNIT_N, BD)
+                             y_ptr + b * D, 0.0, rev, False, P0, P1, P2, MASK_P, RL, UNIT_N, BD)
         elif ONE_TILE_N and not PAPER:
             # (the paper variant keeps the streamed pooling: with the one-tile one, its bf16
             # build spilled 8 B under triton 3.6)
@@ -2201,13 +2221,14 @@ def _lanes_bwd_terms(x, s, rm, bp, gm):
 
 @triton.jit
 def _lanes_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_t, Cbar_t,
-                     B_prev, abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b,
+                     B_prev, abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b, rev,
                      HAS_P0: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
                      P2: tl.constexpr, MASK2: tl.constexpr, RL: tl.constexpr,
                      UNIT_N: tl.constexpr, BD: tl.constexpr):
     """_pieces_bwd_sweep without DX, in the S form, the pieces in lanes (_lanes_bwd_terms;
-    returns dκ2, Σ ȳ_t ⊙ x·s_t, 0). Masked rows (past a piece narrower than RL, or past the
-    set) are not read (x = 0) and have b = -inf, γ = 0: S = Q = 0 there."""
+    returns dκ2, Σ ȳ_t ⊙ x·s_t, 0), its chunks in the direction ``rev`` (_chunk_start). Masked
+    rows (past a piece narrower than RL, or past the set) are not read (x = 0) and have
+    b = -inf, γ = 0: S = Q = 0 there."""
     on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _lanes_layout(n_b, sxn, P0, P1, P2, RL,
                                                                 MASK2)
     M0: tl.constexpr = _masked_piece(P0, RL, False)
@@ -2221,8 +2242,8 @@ def _lanes_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_
     acc2 = tl.zeros([_lane_rows(P2, RL), BD, RL], tl.float32)
     ax = tl.zeros([BD, RL], tl.float32)
     dk2, su, sq = _dk2_sums(BD)
-    for d0 in range(0, D, BD):
-        od = d0 + tl.arange(0, BD)
+    for i in range(0, D, BD):
+        od = _chunk_start(i, (D - 1) // BD * BD, rev) + tl.arange(0, BD)
         dm = od < D
         ac = tl.load(A_cur + od, mask=dm, other=NEG_INF)                       # [BD]
         r = tl.load(R_t + od, mask=dm, other=0.0)
@@ -2251,7 +2272,7 @@ def _lanes_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_
 
 @triton.jit
 def _lanes_pool_adjoint(x_base, sxn, sxd, n_b, D, B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, bbar_b,
-                        SPREAD: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
+                        rev, SPREAD: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
                         P2: tl.constexpr, MASK2: tl.constexpr, RL: tl.constexpr,
                         UNIT_N: tl.constexpr, BD: tl.constexpr):
     """The adjoint of the final log P without a plan on the pieces in lanes: b̄ = Σ_d z̄,
@@ -2267,8 +2288,8 @@ def _lanes_pool_adjoint(x_base, sxn, sxd, n_b, D, B_fin, rfin_b, g_b, y_b, s_fin
     acc1 = tl.zeros([_lane_rows(P1, RL), BD, RL], tl.float32)
     acc2 = tl.zeros([_lane_rows(P2, RL), BD, RL], tl.float32)
     ex = tl.zeros([BD, RL], tl.float32)
-    for d0 in range(0, D, BD):
-        od = d0 + tl.arange(0, BD)
+    for i in range(0, D, BD):
+        od = _chunk_start(i, (D - 1) // BD * BD, rev) + tl.arange(0, BD)
         dm = od < D
         rf = _cols(tl.load(rfin_b + od, mask=dm, other=float("inf")))
         g = _cols(tl.load(g_b + od, mask=dm, other=0.0))
@@ -2561,9 +2582,11 @@ def sinkhorn_bwd_kernel(
         LANES_POOL: tl.constexpr = P0 > 0 and RL > 0 and not HAS_GP
         if LANES_POOL:
             # (in lanes, as the reverse sweeps: _lanes_pool_adjoint)
+            # (the first of the lanes' passes over x: the reverse sweep of iteration t is pass
+            # T - t, in the direction (T - t) % 2, _chunk_start)
             de_pool = _lanes_pool_adjoint(x_base, sxn_u, sxd, n_b, D, B_fin, rfin_b, g_ptr + b * D,
-                                          y_ptr + b * D, s_fin, ie_fin, bbar_b, SPREAD, P0, P1,
-                                          P2, MASK_P, RL, UNIT_N, BDP)
+                                          y_ptr + b * D, s_fin, ie_fin, bbar_b, 0, SPREAD, P0,
+                                          P1, P2, MASK_P, RL, UNIT_N, BDP)
         else:
             for n0 in range(0, n_b, BN):
                 on = n0 + tl.arange(0, BN)
@@ -2755,8 +2778,8 @@ def sinkhorn_bwd_kernel(
                             dk2, tx, de_fin = _lanes_bwd_sweep(
                                 x_base, sxn_u, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_t,
                                 Cbar_t, B_prev, abar_b, last, Rbar_t, bbar_b,
-                                (t > 0).to(tl.int32), lp0_b, lp0_u, dlp0_ptr + b * D, HAS_P0, P0,
-                                P1, P2, MASK_P, RL, UNIT_N, BDP)
+                                (t > 0).to(tl.int32), lp0_b, lp0_u, dlp0_ptr + b * D, (T - t) % 2,
+                                HAS_P0, P0, P1, P2, MASK_P, RL, UNIT_N, BDP)
                         else:
                             dk2, tx, de_fin = _pieces_bwd_sweep(
                                 x_base, sxn_u, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_t,
