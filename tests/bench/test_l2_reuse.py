@@ -1,5 +1,5 @@
 """The L2 model (bench/l2_reuse.py): LRU as its docstring says, and the Sinkhorn row-pieces
-kernels' passes over a set alternating their direction, which is what the model rewards."""
+forward's passes over a set alternating their direction, which is what the model rewards."""
 from __future__ import annotations
 
 import os
@@ -46,29 +46,22 @@ def test_programs_share_the_cache_in_lockstep():
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="records the kernels' accesses under the interpreter")
-def test_sinkhorn_row_pieces_passes_alternate_direction():
-    """W2's kernels (AdaptiveROTPool2d, 49 rows in row pieces, lanes, the spread in the
-    forward) on a set twice the cache: the forward's 5 passes (spread, 3 iterations, pooling)
-    and the backward's 4 (final adjoint, 3 reverse sweeps) each start on the chunks the pass
-    before read last, so about half of every pass after the first hits. In one direction
-    every pass misses (measured on the kernels before: 0.99 and 0.97 of the loads; now 0.74
-    and 0.72)."""
+def test_sinkhorn_row_pieces_forward_passes_alternate_direction():
+    """W2's forward (AdaptiveROTPool2d: 49 rows in row pieces, lanes, the spread in the kernel)
+    on a set twice the cache: each of its 5 passes (spread, 3 iterations, pooling) starts on
+    the chunks the pass before read last, so about half of every pass after the first hits.
+    In one direction every pass misses (measured on the kernel before: 0.99 of the loads; now
+    0.74)."""
     import rotp_triton as rt
     from bench.l2_reuse import record_accesses
     from launch_counter import count_launches
-    C = 256      # 4 feature chunks in the forward, more in the backward's sweeps
-    x = torch.randn(1, C, 7, 7, requires_grad=True)
+    C = 256      # 4 feature chunks
+    x = torch.randn(1, C, 7, 7)
     layer = rt.AdaptiveROTPool2d(C, method="sinkhorn", num_iters=3, backend="triton")
-    with count_launches() as launches, record_accesses([]) as fwd:
-        y = layer(x)
+    with count_launches() as launches, record_accesses([]) as fwd, torch.no_grad():
+        layer(x)
     ce = launches.constexprs[launches.index("sinkhorn_fwd_kernel")]
     assert ce["P0"] > 0 and ce["RL"] > 0 and ce["STATS"] and C // ce["BD"] >= 4
-    with count_launches() as launches, record_accesses([]) as bwd:
-        torch.autograd.grad(y.sum(), x)
-    ce = launches.constexprs[launches.index("sinkhorn_bwd_kernel")]
-    assert ce["RL"] > 0 and C // ce["BDP"] >= 4
-    half = x.numel() * 4 // SECTOR // 2
-    for name, _, streams in fwd + bwd:
-        if name in ("sinkhorn_fwd_kernel", "sinkhorn_bwd_kernel"):
-            t = lru_traffic(streams, half)
-            assert t["missed"] < 0.85 * t["loaded"], (name, t)
+    (streams,) = [s for name, _, s in fwd if name == "sinkhorn_fwd_kernel"]
+    t = lru_traffic(streams, x.numel() * 4 // SECTOR // 2)
+    assert t["missed"] < 0.85 * t["loaded"], t

@@ -2221,14 +2221,16 @@ def _lanes_bwd_terms(x, s, rm, bp, gm):
 
 @triton.jit
 def _lanes_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_t, Cbar_t,
-                     B_prev, abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b, rev,
+                     B_prev, abar_b, add_init, Rbar_t, bbar_b, need_b, lp0_b, lp0_u, dlp0_b,
                      HAS_P0: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
                      P2: tl.constexpr, MASK2: tl.constexpr, RL: tl.constexpr,
                      UNIT_N: tl.constexpr, BD: tl.constexpr):
     """_pieces_bwd_sweep without DX, in the S form, the pieces in lanes (_lanes_bwd_terms;
-    returns dκ2, Σ ȳ_t ⊙ x·s_t, 0), its chunks in the direction ``rev`` (_chunk_start). Masked
-    rows (past a piece narrower than RL, or past the set) are not read (x = 0) and have
-    b = -inf, γ = 0: S = Q = 0 there."""
+    returns dκ2, Σ ȳ_t ⊙ x·s_t, 0). Masked rows (past a piece narrower than RL, or past the
+    set) are not read (x = 0) and have b = -inf, γ = 0: S = Q = 0 there. (Its chunks in one
+    direction, not the forward's snake order (_chunk_start): a direction that changes from
+    sweep to sweep took ~10 registers more, 40-56 B of spills at W2's 49 rows with the feature
+    spread under the 128-register cap.)"""
     on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _lanes_layout(n_b, sxn, P0, P1, P2, RL,
                                                                 MASK2)
     M0: tl.constexpr = _masked_piece(P0, RL, False)
@@ -2242,8 +2244,8 @@ def _lanes_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_
     acc2 = tl.zeros([_lane_rows(P2, RL), BD, RL], tl.float32)
     ax = tl.zeros([BD, RL], tl.float32)
     dk2, su, sq = _dk2_sums(BD)
-    for i in range(0, D, BD):
-        od = _chunk_start(i, (D - 1) // BD * BD, rev) + tl.arange(0, BD)
+    for d0 in range(0, D, BD):
+        od = d0 + tl.arange(0, BD)
         dm = od < D
         ac = tl.load(A_cur + od, mask=dm, other=NEG_INF)                       # [BD]
         r = tl.load(R_t + od, mask=dm, other=0.0)
@@ -2272,7 +2274,7 @@ def _lanes_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_
 
 @triton.jit
 def _lanes_pool_adjoint(x_base, sxn, sxd, n_b, D, B_fin, rfin_b, g_b, y_b, s_fin, ie_fin, bbar_b,
-                        rev, SPREAD: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
+                        SPREAD: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
                         P2: tl.constexpr, MASK2: tl.constexpr, RL: tl.constexpr,
                         UNIT_N: tl.constexpr, BD: tl.constexpr):
     """The adjoint of the final log P without a plan on the pieces in lanes: b̄ = Σ_d z̄,
@@ -2288,8 +2290,8 @@ def _lanes_pool_adjoint(x_base, sxn, sxd, n_b, D, B_fin, rfin_b, g_b, y_b, s_fin
     acc1 = tl.zeros([_lane_rows(P1, RL), BD, RL], tl.float32)
     acc2 = tl.zeros([_lane_rows(P2, RL), BD, RL], tl.float32)
     ex = tl.zeros([BD, RL], tl.float32)
-    for i in range(0, D, BD):
-        od = _chunk_start(i, (D - 1) // BD * BD, rev) + tl.arange(0, BD)
+    for d0 in range(0, D, BD):
+        od = d0 + tl.arange(0, BD)
         dm = od < D
         rf = _cols(tl.load(rfin_b + od, mask=dm, other=float("inf")))
         g = _cols(tl.load(g_b + od, mask=dm, other=0.0))
@@ -2582,11 +2584,9 @@ def sinkhorn_bwd_kernel(
         LANES_POOL: tl.constexpr = P0 > 0 and RL > 0 and not HAS_GP
         if LANES_POOL:
             # (in lanes, as the reverse sweeps: _lanes_pool_adjoint)
-            # (the first of the lanes' passes over x: the reverse sweep of iteration t is pass
-            # T - t, in the direction (T - t) % 2, _chunk_start)
             de_pool = _lanes_pool_adjoint(x_base, sxn_u, sxd, n_b, D, B_fin, rfin_b, g_ptr + b * D,
-                                          y_ptr + b * D, s_fin, ie_fin, bbar_b, 0, SPREAD, P0,
-                                          P1, P2, MASK_P, RL, UNIT_N, BDP)
+                                          y_ptr + b * D, s_fin, ie_fin, bbar_b, SPREAD, P0, P1,
+                                          P2, MASK_P, RL, UNIT_N, BDP)
         else:
             for n0 in range(0, n_b, BN):
                 on = n0 + tl.arange(0, BN)
@@ -2778,8 +2778,8 @@ def sinkhorn_bwd_kernel(
                             dk2, tx, de_fin = _lanes_bwd_sweep(
                                 x_base, sxn_u, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_t,
                                 Cbar_t, B_prev, abar_b, last, Rbar_t, bbar_b,
-                                (t > 0).to(tl.int32), lp0_b, lp0_u, dlp0_ptr + b * D, (T - t) % 2,
-                                HAS_P0, P0, P1, P2, MASK_P, RL, UNIT_N, BDP)
+                                (t > 0).to(tl.int32), lp0_b, lp0_u, dlp0_ptr + b * D, HAS_P0, P0,
+                                P1, P2, MASK_P, RL, UNIT_N, BDP)
                         else:
                             dk2, tx, de_fin = _pieces_bwd_sweep(
                                 x_base, sxn_u, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_t,
