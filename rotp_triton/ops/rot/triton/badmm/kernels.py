@@ -273,15 +273,27 @@ def _init_state_pass(sl, sz, lp0_ptr, lq0_ptr, n_b, D, u_p0, u_q0,
 
 
 @triton.jit
+def _block_start(i, last, rev):
+    """The first column of trip ``i`` (0, BD, ..., last) of a pass over a set's column blocks:
+    i, or last - i where ``rev`` (0 or 1) is 1. The one-pass forward alternates the direction
+    from pass to pass (snake order): W2's set (401 KB) is larger than a persistent program's
+    share of L2 (50 MB / 132), so a pass in the direction of the one before finds none of its
+    blocks in L2 (LRU) and one in the opposite direction starts on those read last
+    (``bench/l2_reuse.py``; the Sinkhorn forward's ``_chunk_start``)."""
+    return i + rev * (last - 2 * i)
+
+
+@triton.jit
 def _row_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, r_ptr, out_ptr, n_b, D, a1, rho,
-                  lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
+                  lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t, rev,
                   HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
                   REPLAY: tl.constexpr, QUAD: tl.constexpr, POOL: tl.constexpr,
                   BN: tl.constexpr, BD: tl.constexpr):
     """Pass A: R_d = LSE_n(Y_nd) by an online LSE over n tiles; with POOL also
-    out_d = Σ_n softmax_n(Y)_nd X_nd (online-softmax weighted sum), / isig."""
-    for d0 in range(0, D, BD):
-        offs_d = d0 + tl.arange(0, BD)
+    out_d = Σ_n softmax_n(Y)_nd X_nd (online-softmax weighted sum), / isig. Its column blocks
+    in the direction ``rev`` (:func:`_block_start`)."""
+    for i in range(0, D, BD):
+        offs_d = _block_start(i, (D - 1) // BD * BD, rev) + tl.arange(0, BD)
         dm = offs_d < D
         m = tl.full([BD], float("-inf"), dtype=tl.float32)
         l = tl.zeros([BD], dtype=tl.float32)
@@ -359,7 +371,7 @@ FUSED_MAGNITUDE = tl.constexpr(256.0)
 
 @triton.jit
 def _one_pass_iteration(xb, sxn, sxd, isig, vd, c_ptr, n_b, D, a1, rho, k2, lp0_b, lq0_b, u_p0,
-                        u_q0, hd_b, hn_b, NR, w_ptr, T, t, HAS_P0: tl.constexpr,
+                        u_q0, hd_b, hn_b, NR, w_ptr, T, t, rev, HAS_P0: tl.constexpr,
                         HAS_Q0: tl.constexpr, QUAD: tl.constexpr, PAPER: tl.constexpr,
                         KV: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Passes A and B of iteration t in one sweep over x, for a set whose rows fit one tile
@@ -371,7 +383,8 @@ def _one_pass_iteration(xb, sxn, sxd, isig, vd, c_ptr, n_b, D, a1, rho, k2, lp0_
     column, so the sweep uses m - R as the shift and returns Λ: its Y2 is Y2 + ρΛ/(α1 + ρ),
     a constant, and so its C (the caller subtracts it). Writes R (vd), m (exact) into the
     log μ slot (vd + D) and that C into ``c_ptr``. Returns (Λ, the largest of |R|, |m|),
-    0 and 0 for the paper variant."""
+    0 and 0 for the paper variant. Its column blocks in the direction ``rev``
+    (:func:`_block_start`)."""
     offs_n = tl.arange(0, BN)
     nm = offs_n < n_b
     m_c = tl.full([BN], float("-inf"), dtype=tl.float32)          # the rows' online LSE of Y2
@@ -379,8 +392,8 @@ def _one_pass_iteration(xb, sxn, sxd, isig, vd, c_ptr, n_b, D, a1, rho, k2, lp0_
     m_l = tl.full([BD], float("-inf"), dtype=tl.float32)          # Λ's, lane-wise (exact)
     l_l = tl.zeros([BD], dtype=tl.float32)
     mag = tl.zeros([BD], dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        offs_d = d0 + tl.arange(0, BD)
+    for i in range(0, D, BD):
+        offs_d = _block_start(i, (D - 1) // BD * BD, rev) + tl.arange(0, BD)
         dm = offs_d < D
         mask = nm[:, None] & dm[None, :]
         X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig)                        # [BN, BD]
@@ -870,7 +883,7 @@ def badmm_coef_kernel(w_ptr, wc_ptr, T, QUAD: tl.constexpr, BT: tl.constexpr):
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _forward_iteration(xb, sxn, sxd, isig, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
-                       a1, rho, k2, k3, rp, hd_b, hn_b, NR, w_ptr, T, t,
+                       a1, rho, k2, k3, rp, hd_b, hn_b, NR, w_ptr, T, t, rev,
                        HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
                        PAPER: tl.constexpr, REPLAY: tl.constexpr, KV: tl.constexpr,
                        ONE_PASS: tl.constexpr, BN: tl.constexpr,
@@ -879,7 +892,8 @@ def _forward_iteration(xb, sxn, sxd, isig, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b
     state stays in the deferred form of :func:`_load_state` (``rp``: ρ of the previous
     iteration). ONE_PASS (replay, the set's rows in one tile, B-E or paper): passes A and B
     in one sweep (:func:`_one_pass_iteration`); the exact variant then shifts its log μ and C
-    by Λ, or, where |R|, |m| or |Λ| exceed :data:`FUSED_MAGNITUDE`, re-forms C by pass B."""
+    by Λ, or, where |R|, |m| or |Λ| exceed :data:`FUSED_MAGNITUDE`, re-forms C by pass B.
+    ``rev``: the one-pass sweep's direction (the two passes keep one)."""
     r_ptr = vd
     lmu_ptr = vd + D
     c_ptr = vn
@@ -889,7 +903,7 @@ def _forward_iteration(xb, sxn, sxd, isig, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b
     if ONE_PASS:
         lam, big = _one_pass_iteration(xb, sxn, sxd, isig, vd, c_ptr, n_b, D, a1, rho, k2,
                                        lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
-                                       HAS_P0, HAS_Q0, QUAD, PAPER, KV, BN, BD)
+                                       rev, HAS_P0, HAS_Q0, QUAD, PAPER, KV, BN, BD)
         tl.debug_barrier()
         if not PAPER:
             _vec_add(lmu_ptr, -lam, D, BV)                         # log μ = m - Λ
@@ -903,7 +917,7 @@ def _forward_iteration(xb, sxn, sxd, isig, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b
             tl.debug_barrier()
     else:
         _row_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, r_ptr, r_ptr, n_b, D, a1, rho,
-                      lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
+                      lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t, 0,
                       HAS_P0, HAS_Q0, KV, REPLAY, QUAD, False, BN, BD)
         tl.debug_barrier()
         if not PAPER:
@@ -927,6 +941,20 @@ def _forward_iteration(xb, sxn, sxd, isig, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b
         _vec_paper_update(lp0_b, HAS_P0, u_p0, lmu_ptr, vd + 2 * D, k2, rho, D, BV)
         _vec_paper_update(lq0_b, HAS_Q0, u_q0, leta_ptr, vn + 2 * ns, k3, rho, n_b, BV)
         tl.debug_barrier()
+
+
+@triton.jit
+def _pass_direction(t, ONE_PASS: tl.constexpr, STATS: tl.constexpr):
+    """The direction (_block_start) of the forward's pass of iteration t (the last one's: the
+    pooling): alternating with ONE_PASS, one pass an iteration after the spread's (STATS);
+    0 otherwise (two passes an iteration, the second over row blocks)."""
+    if ONE_PASS:
+        if STATS:
+            return (t + 1) % 2
+        else:
+            return t % 2
+    else:
+        return t * 0
 
 
 @triton.jit
@@ -1041,11 +1069,13 @@ def badmm_fwd_kernel(
             hn_b = hn_ptr + rs * KV
             for t in range(0, T - 1):
                 a1_t, rho_t, k2_t, k3_t = _iter_weights(w_ptr, T, t, QUAD, PAPER)
+                # (one pass over x an iteration: iteration t's is pass t + 1 after the
+                # spread's, its direction alternating, _block_start)
                 _forward_iteration(xb, sxn, sxd, isig, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D,
                                    u_p0, u_q0, a1_t, rho_t, k2_t, k3_t,
                                    _rho_prev(rho_ptr, t), hd_b, hn_b, NR, w_ptr, T, t,
-                                   HAS_P0, HAS_Q0, QUAD, PAPER, REPLAY, KV, ONE_PASS, BN, BD,
-                                   BV)
+                                   _pass_direction(t, ONE_PASS, STATS), HAS_P0, HAS_Q0, QUAD,
+                                   PAPER, REPLAY, KV, ONE_PASS, BN, BD, BV)
             # last iteration: its P-step only, pooling on the fly
             a1, rho, k2_last, _k3 = _iter_weights(w_ptr, T, T - 1, QUAD, PAPER)
             cp = vn + 7 * ns
@@ -1053,7 +1083,8 @@ def badmm_fwd_kernel(
             rp = _rho_prev(rho_ptr, T - 1)
             _row_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, vd, y_ptr + b.to(tl.int64) * D,
                           n_b, D, a1, rho, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T,
-                          T - 1, HAS_P0, HAS_Q0, KV, REPLAY, QUAD, True, BN, BD)
+                          T - 1, _pass_direction(T - 1, ONE_PASS, STATS), HAS_P0, HAS_Q0, KV,
+                          REPLAY, QUAD, True, BN, BD)
             tl.debug_barrier()
             if not PAPER:
                 _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, vd, vd + D, k2_last, D, BV)
