@@ -70,6 +70,16 @@ def variants():
         ("W2", "badmm-e", "shipped", {}),
         ("W2", "badmm-e", "forward at 8 warps, as measured 2026-11-29", {B: dict(
             FORWARD_WARPS=8)}),
+        # the W2 forwards' passes over a set in alternating directions since 2026-12-03 (snake
+        # order: a pass starts on the chunks still in L2; bench/l2_reuse.py's LRU model,
+        # PREDICTED, T = 4 forward HBM loads: B-E 0.530 -> 0.161 GB, Sinkhorn 0.622 -> 0.395;
+        # results/l2_snake_order_2026-12-03.md) against one direction; the kernel report
+        # counts both alike (no L2 in its model)
+        ("W2", "badmm-e", "forward sweeps in one direction (until 2026-12-03)", {B: dict(
+            SNAKE_ORDER=False)}),
+        ("W2", "sinkhorn", "shipped", {}),
+        ("W2", "sinkhorn", "forward passes in one direction (until 2026-12-03)", {S: dict(
+            SNAKE_ORDER=False)}),
         # the Sinkhorn one-tile kernels of fewer sets than SMs at 16 warps since 2026-12-03
         # (sinkhorn/launch.few_sets_launch; calibrated model: W1 T=4 forward kernel 138 -> 76
         # us, backward 135 -> 73; results/sinkhorn_few_sets_warps_2026-12-03.md) against the
@@ -131,7 +141,6 @@ def variants():
         ("W3", "sinkhorn", "window Sinkhorn uncapped (forward 93, backward 196 registers with "
          "triton 3.9)", {Wi: dict(FWD_LAYOUT=dict(Wi.FWD_LAYOUT, sinkhorn=(32, 255)),
                                   FRUGAL_REGISTERS=False)}),
-        ("W2", "sinkhorn", "shipped", {}),
         # the row-pieces forward as [P / RL, BD, RL] tiles since 2026-12-02 (RL = 4 lanes a
         # column at W2, 128 registers: bench/results/sinkhorn_pieces_lanes_2026-12-02.md)
         # against its [P, BD] layouts until then (8 warps at 4 fp32 a thread under the cap; 4

@@ -86,8 +86,8 @@ def config(which: str, variant: str, N, D: int, num_warps: int, ragged: bool = F
         ce = dict(RAGGED=ragged, HAS_P0=True, HAS_Q0=True, PAPER=paper, RETURN_PLAN=True,
                   ONE_TILE_N=one, BN=BN, BD=BD, MASK_N=N is None or N != BN, P0=P0, P1=P1,
                   P2=P2, MASK_P=N is not None and P0 + P1 + P2 != N, RL=RL,
-                  UNIT_N=unit_n, SET_SHIFT=L.SET_SHIFT, TILE_ROWS=TR, TILE_BD=TBD,
-                  TILE_HALF=HALF)
+                  UNIT_N=unit_n, SET_SHIFT=L.SET_SHIFT, SNAKE=L.SNAKE_ORDER, TILE_ROWS=TR,
+                  TILE_BD=TBD, TILE_HALF=HALF)
         return K.sinkhorn_fwd_kernel, ce
     has_gp = not which.endswith("nogp")  # bwd*nogp: no plan gradient (wider sweep tiles)
     BN, BD, one = L.bwd_config(D, N, num_warps, has_gp)

@@ -1124,6 +1124,7 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
         consts.setdefault("PLAN", False)
         consts["STATS"] = consts["SCALED"]   # (W2: one program per set forms σ itself)
         consts["ONE_PASS"] = one_pass is not None
+        consts["SNAKE"] = launch.SNAKE_ORDER
     else:
         consts["FUSE"] = replay
         consts.setdefault("PLAN_GRAD", False)

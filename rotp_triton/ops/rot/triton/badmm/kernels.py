@@ -944,11 +944,12 @@ def _forward_iteration(xb, sxn, sxd, isig, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b
 
 
 @triton.jit
-def _pass_direction(t, ONE_PASS: tl.constexpr, STATS: tl.constexpr):
+def _pass_direction(t, SNAKE: tl.constexpr, STATS: tl.constexpr):
     """The direction (_block_start) of the forward's pass of iteration t (the last one's: the
-    pooling): alternating with ONE_PASS, one pass an iteration after the spread's (STATS);
-    0 otherwise (two passes an iteration, the second over row blocks)."""
-    if ONE_PASS:
+    pooling): alternating with SNAKE (and ONE_PASS: one pass an iteration) after the
+    spread's pass (STATS); 0 otherwise (two passes an iteration, the second over row
+    blocks)."""
+    if SNAKE:
         if STATS:
             return (t + 1) % 2
         else:
@@ -1026,7 +1027,8 @@ def badmm_fwd_kernel(
     B, N, D, NR, T, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
     PAPER: tl.constexpr, PLAN: tl.constexpr, REPLAY: tl.constexpr, KV: tl.constexpr,
-    SCALED: tl.constexpr, STATS: tl.constexpr, ONE_PASS: tl.constexpr, BN: tl.constexpr,
+    SCALED: tl.constexpr, STATS: tl.constexpr, ONE_PASS: tl.constexpr, SNAKE: tl.constexpr,
+    BN: tl.constexpr,
     BD: tl.constexpr, BV: tl.constexpr,
 ):
     """Pooled output y (B, D) fp32 [and the plan] of T B-ADMM iterations, one set per program
@@ -1040,8 +1042,9 @@ def badmm_fwd_kernel(
     (:func:`..common.set_spread`, one more read of x; sc, root (B,) and the feature means mean
     (B, D) written for the backward) instead of by the two spread launches.
     ONE_PASS (REPLAY, dense, N <= BN, B-E or paper): one sweep per iteration instead of two
-    (:func:`_forward_iteration`)."""
+    (:func:`_forward_iteration`); SNAKE: their directions alternate (:func:`_block_start`)."""
     tl.static_assert(not ONE_PASS or (REPLAY and not RAGGED and (PAPER or not QUAD)))
+    SNAKE_PASSES: tl.constexpr = ONE_PASS and SNAKE          # (one pass over x an iteration)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rho_ptr = w_ptr + 4 * T                                              # row RHO of the table
@@ -1074,8 +1077,8 @@ def badmm_fwd_kernel(
                 _forward_iteration(xb, sxn, sxd, isig, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D,
                                    u_p0, u_q0, a1_t, rho_t, k2_t, k3_t,
                                    _rho_prev(rho_ptr, t), hd_b, hn_b, NR, w_ptr, T, t,
-                                   _pass_direction(t, ONE_PASS, STATS), HAS_P0, HAS_Q0, QUAD,
-                                   PAPER, REPLAY, KV, ONE_PASS, BN, BD, BV)
+                                   _pass_direction(t, SNAKE_PASSES, STATS), HAS_P0, HAS_Q0,
+                                   QUAD, PAPER, REPLAY, KV, ONE_PASS, BN, BD, BV)
             # last iteration: its P-step only, pooling on the fly
             a1, rho, k2_last, _k3 = _iter_weights(w_ptr, T, T - 1, QUAD, PAPER)
             cp = vn + 7 * ns
@@ -1083,8 +1086,8 @@ def badmm_fwd_kernel(
             rp = _rho_prev(rho_ptr, T - 1)
             _row_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, vd, y_ptr + b.to(tl.int64) * D,
                           n_b, D, a1, rho, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T,
-                          T - 1, _pass_direction(T - 1, ONE_PASS, STATS), HAS_P0, HAS_Q0, KV,
-                          REPLAY, QUAD, True, BN, BD)
+                          T - 1, _pass_direction(T - 1, SNAKE_PASSES, STATS), HAS_P0, HAS_Q0,
+                          KV, REPLAY, QUAD, True, BN, BD)
             tl.debug_barrier()
             if not PAPER:
                 _vec_lognorm_mix(lp0_b, HAS_P0, u_p0, vd, vd + D, k2_last, D, BV)

@@ -77,6 +77,11 @@ def backward_block_sizes(n_hint: int, D: int):
 # :func:`unfused_backward_block_sizes`.
 FORWARD_WARPS = 16
 BACKWARD_WARPS = 16 if FRUGAL_REGISTERS else 8
+# The one-pass forward's sweeps alternate their direction (kernels._block_start: each starts on
+# the column blocks still in L2; W2 T = 4 B-E forward HBM loads 0.530 -> 0.161 GB under
+# bench/l2_reuse.py's LRU model, PREDICTED: bench/results/l2_snake_order_2026-12-03.md); False:
+# every sweep in one direction (bench/gpu_tune.py times both)
+SNAKE_ORDER = True
 
 
 def forward_block_sizes(n_hint: int, D: int):
@@ -556,7 +561,8 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
         B, geo.N, D, geo.rows, T, -math.log(D),
         RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
         QUAD=quadratic, PAPER=paper, PLAN=return_plan, REPLAY=replay, KV=hd.shape[-1],
-        SCALED=scale is not None, STATS=stats, ONE_PASS=bool(one_pass), BN=BN, BD=BD, BV=BV,
+        SCALED=scale is not None, STATS=stats, ONE_PASS=bool(one_pass), SNAKE=SNAKE_ORDER, BN=BN,
+        BD=BD, BV=BV,
         num_warps=num_warps,
     )
     return out

@@ -921,6 +921,19 @@ def _chunk_start(i, last, rev):
 
 
 @triton.jit
+def _pass_direction(t, SNAKE: tl.constexpr, STATS: tl.constexpr):
+    """The direction (_chunk_start) of the row-pieces forward's pass of iteration t (t = T:
+    the pooling): alternating with SNAKE, after the spread's pass (STATS), else 0."""
+    if SNAKE:
+        if STATS:
+            return (t + 1) % 2
+        else:
+            return t % 2
+    else:
+        return t * 0
+
+
+@triton.jit
 def _pieces_exact_chunk(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2, d0, D, s, k2,
                         lp0_b, lp0_u, A_prev, R_t, shift, m_u, l_u, acc0, acc1, acc2,
                         cmin, HAS_P0: tl.constexpr, MASK_D: tl.constexpr, FIRST: tl.constexpr,
@@ -1302,7 +1315,7 @@ def sinkhorn_fwd_kernel(
     MASK_N: tl.constexpr = True, ITERATE: tl.constexpr = True, P0: tl.constexpr = 0,
     P1: tl.constexpr = 0, P2: tl.constexpr = 0, MASK_P: tl.constexpr = False,
     SCALED: tl.constexpr = False, STATS: tl.constexpr = False, RL: tl.constexpr = 1,
-    UNIT_N: tl.constexpr = False, SET_SHIFT: tl.constexpr = False,
+    UNIT_N: tl.constexpr = False, SET_SHIFT: tl.constexpr = False, SNAKE: tl.constexpr = False,
     TILE_ROWS: tl.constexpr = 0, TILE_BD: tl.constexpr = 1, TILE_HALF: tl.constexpr = False,
 ):
     """T Sinkhorn iterations, the pooled y and (optionally) the plan of one set per program.
@@ -1326,6 +1339,7 @@ def sinkhorn_fwd_kernel(
     and the feature means mean [B, D] written for the backward) instead of by the spread
     launches. SET_SHIFT: the exact iterations and the row-pieces pooling may shift every column
     by the set's bound (see _SET_SHIFT_SPAN; ``launch.SET_SHIFT``), else each by its own.
+    SNAKE: the row pieces' passes alternate their direction (_chunk_start), else run in one.
     TILE_ROWS > 0 (ragged exact, ``launch.ragged_tile``): a set of TILE_ROWS / 2 < n_b <=
     TILE_ROWS rows runs its iterations in one [TILE_ROWS, TILE_BD] tile, one pass over x each,
     instead of the streamed two (its pooling stays streamed); TILE_HALF: one of
@@ -1406,7 +1420,7 @@ def sinkhorn_fwd_kernel(
             if P0 > 0:
                 # the passes over x alternate their direction (_chunk_start): iteration t's
                 # is pass t + 1 after the spread's pass 0
-                rev = (t + 1) % 2 if STATS else t % 2
+                rev = _pass_direction(t, SNAKE, STATS)
                 # κ2 of iteration t + 1 (the last iteration's own: its M is not read)
                 k2n = _kappa_at(w_ptr, T, tl.minimum(t + 1, T - 1), _A2)
                 # (t = 0 without the spread's maxima: s_last = 0 < s)
@@ -1482,7 +1496,7 @@ def sinkhorn_fwd_kernel(
         A_fin = A_b + T * D
         if P0 > 0:
             # (the pass after the last iteration's: _chunk_start)
-            rev = (t_end + 1) % 2 if STATS else t_end % 2
+            rev = _pass_direction(t_end, SNAKE, STATS)
             # under the set's shift where a_T spans little (a column with almost no mass, or
             # one whose bound rounding broke, pools again under the max), else under the max
             if SET_SHIFT:

@@ -241,6 +241,11 @@ PIECES_DX_MAX_REGISTERS = 80
 # bench/results/sinkhorn_set_shift_2026-12-02.md), from triton 3.9 on: 3.6 (the H200 image's)
 # spilled 8 B in W2's row-pieces forward with them
 SET_SHIFT = FRUGAL_REGISTERS
+# The row-pieces forward's passes over a set alternate their direction (kernels._chunk_start:
+# each starts on the feature chunks still in L2; W2 T = 4 forward HBM loads 0.622 -> 0.395 GB
+# under bench/l2_reuse.py's LRU model, PREDICTED: bench/results/l2_snake_order_2026-12-03.md);
+# False: every pass in one direction (bench/gpu_tune.py times both)
+SNAKE_ORDER = True
 
 
 def pieces_config(D: int, pieces: tuple, BD: int, nw: int, elems_per_thread: int) -> int:
@@ -559,7 +564,8 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
             PAPER=paper, RETURN_PLAN=return_plan, ONE_TILE_N=one_tile, BN=BN, BD=BD,
             MASK_N=N is None or N != BN, ITERATE=not rows, P0=P0, P1=P1, P2=P2,
             MASK_P=P0 + P1 + P2 != N, SCALED=scale is not None, STATS=stats, RL=RL,
-            UNIT_N=unit_n, SET_SHIFT=SET_SHIFT, TILE_ROWS=tile_rows, TILE_BD=tile_bd,
+            UNIT_N=unit_n, SET_SHIFT=SET_SHIFT, SNAKE=SNAKE_ORDER, TILE_ROWS=tile_rows,
+            TILE_BD=tile_bd,
             TILE_HALF=tile_half, num_warps=nw, maxnreg=cap)
     if spread:
         return y, plan, state, saved
