@@ -259,6 +259,31 @@ def log2_reduced(v):
 
 
 @triton.jit
+def snake_start(i, last, rev):
+    """The first feature of trip ``i`` (0, BD, ..., last) of a pass over a set's feature
+    blocks: i, or last - i where ``rev`` (0 or 1) is 1. A set larger than its program's share
+    of L2 (W2: 401 KB; ~200 KB for the Sinkhorn forward's 256 resident programs, ~388 KB for
+    the B-ADMM forward's 132) finds none of its blocks in L2 (LRU) on a pass in the direction
+    of the one before; one in the opposite direction starts on the blocks read last
+    (``bench/l2_reuse.py``, docs/kernels.md "Passes over a set in alternating directions")."""
+    return i + rev * (last - 2 * i)
+
+
+@triton.jit
+def snake_direction(t, SNAKE: tl.constexpr, AFTER_ONE: tl.constexpr):
+    """The direction (:func:`snake_start`) of a forward's pass t, one pass per iteration (the
+    pass after the last iteration: the pooling): alternating with SNAKE, starting reversed
+    where a pass went before iteration 0 (AFTER_ONE: the feature spread's), else 0."""
+    if SNAKE:
+        if AFTER_ONE:
+            return (t + 1) % 2
+        else:
+            return t % 2
+    else:
+        return t * 0
+
+
+@triton.jit
 def lse2_combine(m1, s1, m2, s2):
     """Merge two partial base-2 log-sum-exps kept as (max m, sum s of 2^(v - m))."""
     m = tl.maximum(m1, m2)
@@ -269,7 +294,8 @@ def lse2_combine(m1, s1, m2, s2):
 __all__ = ["LOG2E", "LN2", "interpreter_enabled", "sm_count", "next_pow2", "cdiv",
            "HAS_TRITON_OP", "direct_launch", "eager_function", "launcher", "kappa", "lse2_combine",
            "FAST_MATH", "lg2_approx", "lg2_approx_ftz", "rcp_approx", "log2_reduced",
-           "st_global_f32", "st_global_f32_masked", "STORE_IN_LAYOUT", "store_reduced"]
+           "st_global_f32", "st_global_f32_masked", "STORE_IN_LAYOUT", "store_reduced",
+           "snake_start", "snake_direction"]
 
 
 @triton.jit

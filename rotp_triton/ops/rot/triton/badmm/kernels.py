@@ -110,7 +110,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common import LOG2E, kappa, set_inv_scale, set_spread, store_reduced
+from ..common import (LOG2E, kappa, set_inv_scale, set_spread, snake_direction,
+                      snake_start, store_reduced)
 
 _LOG2E = tl.constexpr(LOG2E)   # jit code reads module constants as constexprs
 
@@ -273,17 +274,6 @@ def _init_state_pass(sl, sz, lp0_ptr, lq0_ptr, n_b, D, u_p0, u_q0,
 
 
 @triton.jit
-def _block_start(i, last, rev):
-    """The first column of trip ``i`` (0, BD, ..., last) of a pass over a set's column blocks:
-    i, or last - i where ``rev`` (0 or 1) is 1. The one-pass forward alternates the direction
-    from pass to pass (snake order): W2's set (401 KB) is larger than a persistent program's
-    share of L2 (50 MB / 132), so a pass in the direction of the one before finds none of its
-    blocks in L2 (LRU) and one in the opposite direction starts on those read last
-    (``bench/l2_reuse.py``; the Sinkhorn forward's ``_chunk_start``)."""
-    return i + rev * (last - 2 * i)
-
-
-@triton.jit
 def _row_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, r_ptr, out_ptr, n_b, D, a1, rho,
                   lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t, rev,
                   HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
@@ -291,9 +281,9 @@ def _row_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, r_ptr, out_ptr, n_b, D
                   BN: tl.constexpr, BD: tl.constexpr):
     """Pass A: R_d = LSE_n(Y_nd) by an online LSE over n tiles; with POOL also
     out_d = Σ_n softmax_n(Y)_nd X_nd (online-softmax weighted sum), / isig. Its column blocks
-    in the direction ``rev`` (:func:`_block_start`)."""
+    in the direction ``rev`` (:func:`snake_start`)."""
     for i in range(0, D, BD):
-        offs_d = _block_start(i, (D - 1) // BD * BD, rev) + tl.arange(0, BD)
+        offs_d = snake_start(i, (D - 1) // BD * BD, rev) + tl.arange(0, BD)
         dm = offs_d < D
         m = tl.full([BD], float("-inf"), dtype=tl.float32)
         l = tl.zeros([BD], dtype=tl.float32)
@@ -384,7 +374,7 @@ def _one_pass_iteration(xb, sxn, sxd, isig, vd, c_ptr, n_b, D, a1, rho, k2, lp0_
     a constant, and so its C (the caller subtracts it). Writes R (vd), m (exact) into the
     log μ slot (vd + D) and that C into ``c_ptr``. Returns (Λ, the largest of |R|, |m|),
     0 and 0 for the paper variant. Its column blocks in the direction ``rev``
-    (:func:`_block_start`)."""
+    (:func:`snake_start`)."""
     offs_n = tl.arange(0, BN)
     nm = offs_n < n_b
     m_c = tl.full([BN], float("-inf"), dtype=tl.float32)          # the rows' online LSE of Y2
@@ -393,7 +383,7 @@ def _one_pass_iteration(xb, sxn, sxd, isig, vd, c_ptr, n_b, D, a1, rho, k2, lp0_
     l_l = tl.zeros([BD], dtype=tl.float32)
     mag = tl.zeros([BD], dtype=tl.float32)
     for i in range(0, D, BD):
-        offs_d = _block_start(i, (D - 1) // BD * BD, rev) + tl.arange(0, BD)
+        offs_d = snake_start(i, (D - 1) // BD * BD, rev) + tl.arange(0, BD)
         dm = offs_d < D
         mask = nm[:, None] & dm[None, :]
         X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig)                        # [BN, BD]
@@ -944,21 +934,6 @@ def _forward_iteration(xb, sxn, sxd, isig, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b
 
 
 @triton.jit
-def _pass_direction(t, SNAKE: tl.constexpr, STATS: tl.constexpr):
-    """The direction (_block_start) of the forward's pass of iteration t (the last one's: the
-    pooling): alternating with SNAKE (and ONE_PASS: one pass an iteration) after the
-    spread's pass (STATS); 0 otherwise (two passes an iteration, the second over row
-    blocks)."""
-    if SNAKE:
-        if STATS:
-            return (t + 1) % 2
-        else:
-            return t % 2
-    else:
-        return t * 0
-
-
-@triton.jit
 def _set_of(order_ptr, j, RAGGED: tl.constexpr):
     """The j-th set a persistent program takes: ragged sets largest first (``order``, set ids
     by descending N_b, so the round-robin over programs balances like LPT scheduling), dense
@@ -1042,7 +1017,7 @@ def badmm_fwd_kernel(
     (:func:`..common.set_spread`, one more read of x; sc, root (B,) and the feature means mean
     (B, D) written for the backward) instead of by the two spread launches.
     ONE_PASS (REPLAY, dense, N <= BN, B-E or paper): one sweep per iteration instead of two
-    (:func:`_forward_iteration`); SNAKE: their directions alternate (:func:`_block_start`)."""
+    (:func:`_forward_iteration`); SNAKE: their directions alternate (:func:`snake_start`)."""
     tl.static_assert(not ONE_PASS or (REPLAY and not RAGGED and (PAPER or not QUAD)))
     SNAKE_PASSES: tl.constexpr = ONE_PASS and SNAKE          # (one pass over x an iteration)
     pid = tl.program_id(0)
@@ -1073,11 +1048,11 @@ def badmm_fwd_kernel(
             for t in range(0, T - 1):
                 a1_t, rho_t, k2_t, k3_t = _iter_weights(w_ptr, T, t, QUAD, PAPER)
                 # (one pass over x an iteration: iteration t's is pass t + 1 after the
-                # spread's, its direction alternating, _block_start)
+                # spread's, its direction alternating, snake_start)
                 _forward_iteration(xb, sxn, sxd, isig, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D,
                                    u_p0, u_q0, a1_t, rho_t, k2_t, k3_t,
                                    _rho_prev(rho_ptr, t), hd_b, hn_b, NR, w_ptr, T, t,
-                                   _pass_direction(t, SNAKE_PASSES, STATS), HAS_P0, HAS_Q0,
+                                   snake_direction(t, SNAKE_PASSES, STATS), HAS_P0, HAS_Q0,
                                    QUAD, PAPER, REPLAY, KV, ONE_PASS, BN, BD, BV)
             # last iteration: its P-step only, pooling on the fly
             a1, rho, k2_last, _k3 = _iter_weights(w_ptr, T, T - 1, QUAD, PAPER)
@@ -1086,7 +1061,7 @@ def badmm_fwd_kernel(
             rp = _rho_prev(rho_ptr, T - 1)
             _row_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, vd, y_ptr + b.to(tl.int64) * D,
                           n_b, D, a1, rho, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T,
-                          T - 1, _pass_direction(T - 1, SNAKE_PASSES, STATS), HAS_P0, HAS_Q0,
+                          T - 1, snake_direction(T - 1, SNAKE_PASSES, STATS), HAS_P0, HAS_Q0,
                           KV, REPLAY, QUAD, True, BN, BD)
             tl.debug_barrier()
             if not PAPER:

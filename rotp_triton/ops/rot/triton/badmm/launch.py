@@ -77,7 +77,7 @@ def backward_block_sizes(n_hint: int, D: int):
 # :func:`unfused_backward_block_sizes`.
 FORWARD_WARPS = 16
 BACKWARD_WARPS = 16 if FRUGAL_REGISTERS else 8
-# The one-pass forward's sweeps alternate their direction (kernels._block_start: each starts on
+# The one-pass forward's sweeps alternate their direction (common.snake_start: each starts on
 # the column blocks still in L2; W2 T = 4 B-E forward HBM loads 0.530 -> 0.161 GB under
 # bench/l2_reuse.py's LRU model, PREDICTED: bench/results/l2_snake_order_2026-12-03.md); False:
 # every sweep in one direction (bench/gpu_tune.py times both)

@@ -50,7 +50,7 @@ import triton.language as tl
 from ...params import A1, A2, A3
 from ..common import (LN2, LOG2E, SPREAD_SQ_MAX, SPREAD_SQ_MIN, kappa, log2_reduced,
                       merge_block_spread, set_inv_scale, set_spread, set_spread_tile,
-                      store_reduced, store_spread)
+                      snake_direction, snake_start, store_reduced, store_spread)
 
 NEG_INF = tl.constexpr(float("-inf"))
 _LOG2E = tl.constexpr(LOG2E)
@@ -910,30 +910,6 @@ def _zero_masked_rows(t, nm, MASK: tl.constexpr):
 
 
 @triton.jit
-def _chunk_start(i, last, rev):
-    """The first feature of trip ``i`` (0, BD, ..., last) of a pass over a set's feature chunks:
-    i, or last - i where ``rev`` (0 or 1) is 1. The row-pieces forward alternates the direction
-    from pass to pass (snake order): a set is larger than its share of L2 (W2: 401 KB a set,
-    256 sets resident, ~200 KB of a 50 MB L2 each), so a pass in the same direction as the one
-    before finds none of its chunks in L2 (LRU), and one in the opposite direction starts on
-    the chunks read last (``bench/l2_reuse.py``)."""
-    return i + rev * (last - 2 * i)
-
-
-@triton.jit
-def _pass_direction(t, SNAKE: tl.constexpr, STATS: tl.constexpr):
-    """The direction (_chunk_start) of the row-pieces forward's pass of iteration t (t = T:
-    the pooling): alternating with SNAKE, after the spread's pass (STATS), else 0."""
-    if SNAKE:
-        if STATS:
-            return (t + 1) % 2
-        else:
-            return t % 2
-    else:
-        return t * 0
-
-
-@triton.jit
 def _pieces_exact_chunk(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2, d0, D, s, k2,
                         lp0_b, lp0_u, A_prev, R_t, shift, m_u, l_u, acc0, acc1, acc2,
                         cmin, HAS_P0: tl.constexpr, MASK_D: tl.constexpr, FIRST: tl.constexpr,
@@ -989,7 +965,7 @@ def _pieces_exact_pass(x_base, on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2, sxd,
                        P1: tl.constexpr, P2: tl.constexpr, RL: tl.constexpr,
                        MASK2: tl.constexpr, UNIT_N: tl.constexpr, BD: tl.constexpr):
     """_shifted_exact_pass on the three row pieces, its full chunks in the direction ``rev``
-    (_chunk_start). (Each pass loads the row biases b_{t-1} itself: held across the passes of
+    (snake_start). (Each pass loads the row biases b_{t-1} itself: held across the passes of
     an iteration beside the set shift's b - H, they spilled 8-32 B under the 128-register cap
     at 25 and 36 rows.)"""
     if FIRST:
@@ -1009,7 +985,7 @@ def _pieces_exact_pass(x_base, on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2, sxd,
     cmin = tl.full([BD], 1.0, tl.float32)
     d_full = (D // BD) * BD
     for i in range(0, d_full, BD):
-        d0 = _chunk_start(i, d_full - BD, rev)
+        d0 = snake_start(i, d_full - BD, rev)
         m_u, l_u, acc0, acc1, acc2, cmin = _pieces_exact_chunk(
             x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2, d0, D, s, k2, lp0_b, lp0_u,
             A_prev, R_t, shift, m_u, l_u, acc0, acc1, acc2, cmin, HAS_P0, False, FIRST,
@@ -1121,7 +1097,7 @@ def _pieces_spread(x_base, sxn, sxd, n_b, D, s_b, root_b, mean_b, top_b, rev, P0
     acc1 = tl.zeros([BD], dtype=tl.float32)
     odd = tl.zeros([BD], dtype=tl.int32)
     for i in range(0, D, BD):
-        od = _chunk_start(i, (D - 1) // BD * BD, rev) + tl.arange(0, BD)
+        od = snake_start(i, (D - 1) // BD * BD, rev) + tl.arange(0, BD)
         dm = od < D
         v0, v1, v2, mean = _pieces_deviations(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od,
                                               D, inv_n, mean_b, P0, P1, P2, MASK2, RL, UNIT_N)
@@ -1204,7 +1180,7 @@ def _pieces_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_b, y_b, shift, rev
                                      MASK2)                                    # [P/RL, RL]
     lmin = tl.full([BD], 1.0, tl.float32)
     for i in range(0, D, BD):
-        od = _chunk_start(i, (D - 1) // BD * BD, rev) + tl.arange(0, BD)
+        od = snake_start(i, (D - 1) // BD * BD, rev) + tl.arange(0, BD)
         dm = od < D
         x0, x1, x2 = _pieces_load(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D, P0, P1, P2,
                                   RL, MASK2, UNIT_N, True)                     # [P/RL, BD, RL]
@@ -1339,7 +1315,7 @@ def sinkhorn_fwd_kernel(
     and the feature means mean [B, D] written for the backward) instead of by the spread
     launches. SET_SHIFT: the exact iterations and the row-pieces pooling may shift every column
     by the set's bound (see _SET_SHIFT_SPAN; ``launch.SET_SHIFT``), else each by its own.
-    SNAKE: the row pieces' passes alternate their direction (_chunk_start), else run in one.
+    SNAKE: the row pieces' passes alternate their direction (snake_start), else run in one.
     TILE_ROWS > 0 (ragged exact, ``launch.ragged_tile``): a set of TILE_ROWS / 2 < n_b <=
     TILE_ROWS rows runs its iterations in one [TILE_ROWS, TILE_BD] tile, one pass over x each,
     instead of the streamed two (its pooling stays streamed); TILE_HALF: one of
@@ -1418,9 +1394,9 @@ def sinkhorn_fwd_kernel(
             R_t = Rn_b + t * D
             C_t = Cn_ptr + t * NR + row0
             if P0 > 0:
-                # the passes over x alternate their direction (_chunk_start): iteration t's
+                # the passes over x alternate their direction (snake_start): iteration t's
                 # is pass t + 1 after the spread's pass 0
-                rev = _pass_direction(t, SNAKE, STATS)
+                rev = snake_direction(t, SNAKE, STATS)
                 # κ2 of iteration t + 1 (the last iteration's own: its M is not read)
                 k2n = _kappa_at(w_ptr, T, tl.minimum(t + 1, T - 1), _A2)
                 # (t = 0 without the spread's maxima: s_last = 0 < s)
@@ -1495,8 +1471,8 @@ def sinkhorn_fwd_kernel(
         B_fin = Bv_ptr + T * NR + row0
         A_fin = A_b + T * D
         if P0 > 0:
-            # (the pass after the last iteration's: _chunk_start)
-            rev = _pass_direction(t_end, SNAKE, STATS)
+            # (the pass after the last iteration's: snake_start)
+            rev = snake_direction(t_end, SNAKE, STATS)
             # under the set's shift where a_T spans little (a column with almost no mass, or
             # one whose bound rounding broke, pools again under the max), else under the max
             if SET_SHIFT:
@@ -2242,7 +2218,7 @@ def _lanes_bwd_sweep(x_base, sxn, sxd, n_b, D, s, k2, norm_s, sa, A_cur, R_t, C_
     """_pieces_bwd_sweep without DX, in the S form, the pieces in lanes (_lanes_bwd_terms;
     returns dκ2, Σ ȳ_t ⊙ x·s_t, 0). Masked rows (past a piece narrower than RL, or past the
     set) are not read (x = 0) and have b = -inf, γ = 0: S = Q = 0 there. (Its chunks in one
-    direction, not the forward's snake order (_chunk_start): a direction that changes from
+    direction, not the forward's snake order (snake_start): a direction that changes from
     sweep to sweep took ~10 registers more, 40-56 B of spills at W2's 49 rows with the feature
     spread under the 128-register cap.)"""
     on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2 = _lanes_layout(n_b, sxn, P0, P1, P2, RL,

@@ -241,7 +241,7 @@ PIECES_DX_MAX_REGISTERS = 80
 # bench/results/sinkhorn_set_shift_2026-12-02.md), from triton 3.9 on: 3.6 (the H200 image's)
 # spilled 8 B in W2's row-pieces forward with them
 SET_SHIFT = FRUGAL_REGISTERS
-# The row-pieces forward's passes over a set alternate their direction (kernels._chunk_start:
+# The row-pieces forward's passes over a set alternate their direction (common.snake_start:
 # each starts on the feature chunks still in L2; W2 T = 4 forward HBM loads 0.622 -> 0.395 GB
 # under bench/l2_reuse.py's LRU model, PREDICTED: bench/results/l2_snake_order_2026-12-03.md);
 # False: every pass in one direction (bench/gpu_tune.py times both)
