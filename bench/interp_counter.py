@@ -198,6 +198,26 @@ def count_kernel_work(out: list | None = None):
         I.GridExecutor.__call__ = saved_call
 
 
+@contextlib.contextmanager
+def interpreter_patched(methods: dict, grid_call):
+    """For the block, the interpreter's builder with ``methods`` (InterpreterBuilder method
+    name -> replacement) and ``grid_call`` as ``GridExecutor.__call__``; the originals after
+    it. Yields the originals ({name: function}, and "__call__")."""
+    from triton.runtime import interpreter as I
+    B = I.InterpreterBuilder
+    saved = {n: B.__dict__[n] for n in methods}
+    saved["__call__"] = I.GridExecutor.__call__
+    for n, f in methods.items():
+        setattr(B, n, f)
+    I.GridExecutor.__call__ = grid_call
+    try:
+        yield saved
+    finally:
+        for n in methods:
+            setattr(B, n, saved[n])
+        I.GridExecutor.__call__ = saved["__call__"]
+
+
 # full-size batch of each workload (PERF.md) and the reduced batch kernel_report interprets
 FULL_SETS = {"W1": 50, "W2": 256, "W3": 64, "W5": 128}
 H100_SMS = 132

@@ -57,10 +57,12 @@ def record_accesses(out: list):
     import numpy as np
     from triton.runtime import interpreter as I
 
+    from bench.interp_counter import interpreter_patched
+
     B = I.InterpreterBuilder
     saved = {n: B.__dict__[n] for n in ("create_masked_load", "create_masked_store",
                                          "set_grid_dim", "set_grid_idx")}
-    saved_call = I.GridExecutor.__call__
+    saved["__call__"] = I.GridExecutor.__call__
     cur = [None, 0, (1, 1, 1)]    # the launch's streams, the running program, the grid
 
     def access(is_store, ptrs, mask):
@@ -95,23 +97,16 @@ def record_accesses(out: list):
         cur[0] = streams
         name = getattr(self.fn, "__name__", "?")
         try:
-            return saved_call(self, *args, **kwargs)
+            return saved["__call__"](self, *args, **kwargs)
         finally:
             g = cur[2]
             out.append((name, g[0] * g[1] * g[2], dict(streams)))
             cur[0] = None
 
-    B.create_masked_load = masked_load
-    B.create_masked_store = masked_store
-    B.set_grid_dim = grid_dim
-    B.set_grid_idx = grid_idx
-    I.GridExecutor.__call__ = call
-    try:
+    with interpreter_patched(dict(create_masked_load=masked_load,
+                                  create_masked_store=masked_store, set_grid_dim=grid_dim,
+                                  set_grid_idx=grid_idx), call):
         yield out
-    finally:
-        for n, f in saved.items():
-            setattr(B, n, f)
-        I.GridExecutor.__call__ = saved_call
 
 
 def lru_traffic(streams: dict, capacity_sectors: int) -> dict:
