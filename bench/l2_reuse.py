@@ -203,7 +203,7 @@ def worker(case_id: str, l2_mb: float, report: str) -> list:
 
 
 def _markdown(rows, l2_mb) -> str:
-    hbm = 3.0e12
+    from bench.sol import HBM_BYTES_PER_S as hbm
     L = [f"L2 model: LRU, {l2_mb:g} MB, 32-B sectors, programs in lockstep (PREDICTION; "
          "`bench/l2_reuse.py`)", "",
          "| case | kernel | launches | resident programs | L2 a program (KB) | global loads GB "
