@@ -16,7 +16,7 @@ from bench.l2_reuse import SECTOR, lru_traffic  # noqa: E402
 
 
 def _stream(order, is_store=False):
-    """One program's accesses: a 32-byte sector each, fp32 bytes."""
+    """One program's accesses, one 32-byte sector each (all of its bytes read or written)."""
     return [(is_store, np.array([s], dtype=np.uint64), SECTOR) for s in order]
 
 
