@@ -188,16 +188,25 @@ def _by_name(works) -> dict:
     return {n: dict(a, sites=dict(a["sites"])) for n, a in agg.items()}
 
 
-def kernel_work(c: dict, T: int) -> dict:
-    from bench.interp_counter import FULL_SETS, count_kernel_work, same_launch_plan
+def run_reduced(c: dict, T: int, recorder) -> tuple:
+    """Case ``c`` at T on the reduced batch through the Triton path, launched as for the full
+    batch (``same_launch_plan``): forward, then backward, each under ``recorder()`` (a context
+    manager yielding what it records). Returns the (forward, backward) records."""
+    from bench.interp_counter import FULL_SETS, same_launch_plan
     fwd, leaves, x = make_call(c, T, reduced=True, backend="triton")
     _, ptr, _ = workload_input(c["workload"], reduced=True)
     reduced_sets = x.shape[0] if ptr is None else ptr.numel() - 1
     with same_launch_plan(FULL_SETS[c["workload"]], reduced_sets):
-        with count_kernel_work() as wf:
+        with recorder() as wf:
             y = fwd()
-        with count_kernel_work() as wb:
+        with recorder() as wb:
             _grad(y, leaves)
+    return wf, wb
+
+
+def kernel_work(c: dict, T: int) -> dict:
+    from bench.interp_counter import count_kernel_work
+    wf, wb = run_reduced(c, T, count_kernel_work)
     return dict(fwd=_by_name(wf), bwd=_by_name(wb))
 
 

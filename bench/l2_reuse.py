@@ -165,19 +165,13 @@ def resident_programs(entry: dict | None) -> int | None:
 def worker(case_id: str, l2_mb: float, report: str) -> list:
     """Rows of one case (run with TRITON_INTERPRET=1)."""
     from bench import kernel_report as kr
-    from bench.interp_counter import FULL_SETS, same_launch_plan
+    from bench.sol import H100_SMS
     c = [c for c in kr.cases(False) if kr.case_id(c) == case_id][0]
     x_full, _, _ = kr.workload_input(c["workload"], reduced=False)
-    fwd, leaves, x = kr.make_call(c, c["T"], reduced=True, backend="triton")
-    _, ptr, _ = kr.workload_input(c["workload"], reduced=True)
-    reduced_sets = x.shape[0] if ptr is None else ptr.numel() - 1
-    scale = x_full.numel() / x.numel()
+    x_red, _, _ = kr.workload_input(c["workload"], reduced=True)
+    scale = x_full.numel() / x_red.numel()
     entries = _report_kernels(report, case_id)
-    with same_launch_plan(FULL_SETS[c["workload"]], reduced_sets):
-        with record_accesses([]) as rf:
-            y = fwd()
-        with record_accesses([]) as rb:
-            kr._grad(y, leaves)
+    rf, rb = kr.run_reduced(c, c["T"], lambda: record_accesses([]))
     launches = [("fwd", *r) for r in rf] + [("bwd", *r) for r in rb]
     agg = collections.OrderedDict()
     l2 = l2_mb * 2 ** 20
@@ -188,7 +182,7 @@ def worker(case_id: str, l2_mb: float, report: str) -> list:
         # a grid the batch does not scale (the weight table): counted as it ran
         k_scale = 1.0 if (full_programs is not None and full_programs == programs) else scale
         if resident is None:
-            resident = max(1, min(round(programs * scale), 132))
+            resident = max(1, min(round(programs * scale), H100_SMS))
         share = l2 / resident
         cap = max(1, int(share * max(1, len(streams)) / SECTOR))
         t = lru_traffic(streams, cap)

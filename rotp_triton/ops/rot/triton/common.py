@@ -259,14 +259,15 @@ def log2_reduced(v):
 
 
 @triton.jit
-def snake_start(i, last, rev):
-    """The first feature of trip ``i`` (0, BD, ..., last) of a pass over a set's feature
-    blocks: i, or last - i where ``rev`` (0 or 1) is 1. A set larger than its program's share
+def snake_start(i, n, rev, BD: tl.constexpr):
+    """The first feature of trip ``i`` (0, BD, 2 BD, ...) of a pass over the BD-wide blocks
+    that cover features [0, n): i, or the same trip counted from the last block where ``rev``
+    (0 or 1) is 1. A set larger than its program's share
     of L2 (W2: 401 KB; ~200 KB for the Sinkhorn forward's 256 resident programs, ~388 KB for
     the B-ADMM forward's 132) finds none of its blocks in L2 (LRU) on a pass in the direction
     of the one before; one in the opposite direction starts on the blocks read last
     (``bench/l2_reuse.py``, docs/kernels.md "Passes over a set in alternating directions")."""
-    return i + rev * (last - 2 * i)
+    return i + rev * ((n - 1) // BD * BD - 2 * i)
 
 
 @triton.jit

@@ -283,7 +283,7 @@ def _row_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, r_ptr, out_ptr, n_b, D
     out_d = Σ_n softmax_n(Y)_nd X_nd (online-softmax weighted sum), / isig. Its column blocks
     in the direction ``rev`` (:func:`snake_start`)."""
     for i in range(0, D, BD):
-        offs_d = snake_start(i, (D - 1) // BD * BD, rev) + tl.arange(0, BD)
+        offs_d = snake_start(i, D, rev, BD) + tl.arange(0, BD)
         dm = offs_d < D
         m = tl.full([BD], float("-inf"), dtype=tl.float32)
         l = tl.zeros([BD], dtype=tl.float32)
@@ -383,7 +383,7 @@ def _one_pass_iteration(xb, sxn, sxd, isig, vd, c_ptr, n_b, D, a1, rho, k2, lp0_
     l_l = tl.zeros([BD], dtype=tl.float32)
     mag = tl.zeros([BD], dtype=tl.float32)
     for i in range(0, D, BD):
-        offs_d = snake_start(i, (D - 1) // BD * BD, rev) + tl.arange(0, BD)
+        offs_d = snake_start(i, D, rev, BD) + tl.arange(0, BD)
         dm = offs_d < D
         mask = nm[:, None] & dm[None, :]
         X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig)                        # [BN, BD]

@@ -985,7 +985,7 @@ def _pieces_exact_pass(x_base, on0, ro0, nm0, on1, ro1, nm1, on2, ro2, nm2, sxd,
     cmin = tl.full([BD], 1.0, tl.float32)
     d_full = (D // BD) * BD
     for i in range(0, d_full, BD):
-        d0 = snake_start(i, d_full - BD, rev)
+        d0 = snake_start(i, d_full, rev, BD)
         m_u, l_u, acc0, acc1, acc2, cmin = _pieces_exact_chunk(
             x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, bp0, bp1, bp2, d0, D, s, k2, lp0_b, lp0_u,
             A_prev, R_t, shift, m_u, l_u, acc0, acc1, acc2, cmin, HAS_P0, False, FIRST,
@@ -1097,7 +1097,7 @@ def _pieces_spread(x_base, sxn, sxd, n_b, D, s_b, root_b, mean_b, top_b, rev, P0
     acc1 = tl.zeros([BD], dtype=tl.float32)
     odd = tl.zeros([BD], dtype=tl.int32)
     for i in range(0, D, BD):
-        od = snake_start(i, (D - 1) // BD * BD, rev) + tl.arange(0, BD)
+        od = snake_start(i, D, rev, BD) + tl.arange(0, BD)
         dm = od < D
         v0, v1, v2, mean = _pieces_deviations(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od,
                                               D, inv_n, mean_b, P0, P1, P2, MASK2, RL, UNIT_N)
@@ -1180,7 +1180,7 @@ def _pieces_pool(x_base, sxn, sxd, n_b, D, s_fin, B_fin, rfin_b, y_b, shift, rev
                                      MASK2)                                    # [P/RL, RL]
     lmin = tl.full([BD], 1.0, tl.float32)
     for i in range(0, D, BD):
-        od = snake_start(i, (D - 1) // BD * BD, rev) + tl.arange(0, BD)
+        od = snake_start(i, D, rev, BD) + tl.arange(0, BD)
         dm = od < D
         x0, x1, x2 = _pieces_load(x_base, ro0, ro1, ro2, nm0, nm1, nm2, sxd, od, D, P0, P1, P2,
                                   RL, MASK2, UNIT_N, True)                     # [P/RL, BD, RL]
