@@ -73,10 +73,11 @@ def variants():
         # the W2 forwards' passes over a set in alternating directions since 2026-12-03 (snake
         # order: a pass starts on the chunks still in L2; bench/l2_reuse.py's LRU model,
         # PREDICTED, T = 4 forward HBM loads: B-E 0.530 -> 0.161 GB, Sinkhorn 0.622 -> 0.395;
-        # results/l2_snake_order_2026-12-03.md) against one direction; the kernel report
-        # counts both alike (no L2 in its model)
-        ("W2", "badmm-e", "forward sweeps in one direction (until 2026-12-03)", {B: dict(
-            SNAKE_ORDER=False)}),
+        # results/l2_snake_order_2026-12-03.md), the B-ADMM backward's passes 2 and 3 since
+        # 2026-12-04 (results/l2_badmm_backward_snake_2026-12-04.md), against one direction;
+        # the kernel report counts both alike (no L2 in its model)
+        ("W2", "badmm-e", "sweeps in one direction (forward until 2026-12-03, backward "
+         "until 2026-12-04)", {B: dict(SNAKE_ORDER=False)}),
         ("W2", "sinkhorn", "shipped", {}),
         ("W2", "sinkhorn", "forward passes in one direction (until 2026-12-03)", {S: dict(
             SNAKE_ORDER=False)}),

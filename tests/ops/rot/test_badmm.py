@@ -1130,6 +1130,7 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
         consts.setdefault("PLAN_GRAD", False)
         consts.setdefault("DEFER", flag == "SCALED" and replay)
         consts["ZREBUILD"] = rebuild                    # (as the launcher: half tiles)
+        consts["SNAKE"] = launch.SNAKE_ORDER
     c = compile_sm90(kernel, signature(kernel, consts), consts,
                      num_warps=num_warps)
     assert ".target sm_90" in c.asm["ptx"]

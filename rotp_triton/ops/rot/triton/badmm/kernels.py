@@ -1126,7 +1126,7 @@ def _adjoint_s_step_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_
     return _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
                                  w_ptr, T, tb, slb, szb, zcb, vd, vn, ns, n_b, D, a1, rho, n_lo,
                                  n_hi, d_lo, d_hi, tau_ptr, tau_ptr, gy_b, out_b, gplan_b, HAS_P0,
-                                 HAS_Q0, KV, QUAD, False, ZREBUILD, GPLAN, BN, BD)
+                                 HAS_Q0, KV, QUAD, False, ZREBUILD, GPLAN, False, BN, BD)
 
 
 @triton.jit
@@ -1135,16 +1135,20 @@ def _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
                           d_hi, tau_ptr, tau0_ptr, gy_b, out_b, gplan_b, HAS_P0: tl.constexpr,
                           HAS_Q0: tl.constexpr, KV: tl.constexpr, QUAD: tl.constexpr,
                           CB_ONLY: tl.constexpr, ZREBUILD: tl.constexpr, GPLAN: tl.constexpr,
-                          BN: tl.constexpr, BD: tl.constexpr):
+                          REV: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Pass 2 (:func:`_adjoint_s_step_pass`), or with CB_ONLY its C̄ part alone: the sweep of
     the fused kernel, where pass 3 of the step before already summed the part of τ and of the
     partials that comes from L̄', Z̄' (:func:`_adjoint_p_step_tiles` ``FUSE``; everything here
     is linear in (L̄', Z̄', C̄)), so this sweep reads x only (L̄' = Z̄' = 0) and adds the part
-    of C̄ to the τ in ``tau0_ptr``. ZREBUILD: :func:`_adjoint_s_step_pass`."""
+    of C̄ to the τ in ``tau0_ptr``. ZREBUILD: :func:`_adjoint_s_step_pass`. REV: the column
+    blocks from the last (:func:`badmm_bwd_kernel` SNAKE)."""
     tl.static_assert(not (ZREBUILD and CB_ONLY))
     acc_a1 = _vzero(BD)
     acc_rho = _vzero(BD)
-    for d0 in range(d_lo, d_hi, BD):
+    for i0 in range(d_lo, d_hi, BD):
+        d0 = i0
+        if REV:
+            d0 = d_lo + snake_start(i0 - d_lo, d_hi - d_lo, 1, BD)
         offs_d = d0 + tl.arange(0, BD)
         dm = offs_d < d_hi
         r = tl.load(vd + offs_d, mask=dm, other=0.0)
@@ -1292,7 +1296,7 @@ def _adjoint_p_step_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_
         xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb, slb, szb, zcb,
         gx_b, vd, vn, ns, cb_ptr, gy_b, out_b, n_b, D, a1, rho, last, rho_prev, n_lo, n_hi, d_lo,
         d_hi, sigma_ptr, tau0_ptr, gplan_b, HAS_P0, HAS_Q0, KV, QUAD, ADJ, PLAN, FUSE, False,
-        SCALED, ZREBUILD, BN, BD)
+        SCALED, ZREBUILD, False, BN, BD)
 
 
 @triton.jit
@@ -1302,7 +1306,8 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
                           HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
                           QUAD: tl.constexpr, ADJ: tl.constexpr, PLAN: tl.constexpr,
                           FUSE: tl.constexpr, DEFER: tl.constexpr, SCALED: tl.constexpr,
-                          ZREBUILD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                          ZREBUILD: tl.constexpr, REV: tl.constexpr, BN: tl.constexpr,
+                          BD: tl.constexpr):
     """Pass 3 (:func:`_adjoint_p_step_pass`); with FUSE (tb > 0; the fused kernel, one program
     per set, and the split backward's pass 3 where it rebuilds Z̄', whose replay then runs on
     from iteration tb to T - 1) it also does the part of the NEXT reverse step's pass 2 that
@@ -1322,7 +1327,8 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
     output and ȳ in HBM are σ_b · pool(x / σ_b) and d loss / dy, so y loads times 1/σ_b and ȳ
     times σ_b, and X̄ is d loss / d(x / σ_b); the last reverse step's Σ X̄ · X gives ∂/∂σ_b.
     Returns (∂/∂α1, ∂/∂ρ) of iteration tb, (FUSE) the parts of iteration u's, and (SCALED)
-    Σ X̄ · X over the tiles (0 otherwise). ZREBUILD: :func:`_adjoint_p_step_pass`."""
+    Σ X̄ · X over the tiles (0 otherwise). ZREBUILD: :func:`_adjoint_p_step_pass`. REV: the
+    column blocks from the last (:func:`badmm_bwd_kernel` SNAKE)."""
     tl.static_assert(FUSE or not DEFER)
     tl.static_assert(not (ZREBUILD and DEFER))
     acc_gxx = _vzero(BD)
@@ -1346,7 +1352,10 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
         k_1 = tl.where(tb == T - 2, tb + 1, tb)
     # column blocks outside, rows inside: the column vectors load once per column block and
     # τ_u sums in registers; σ (a row sum) accumulates over the column blocks in place
-    for d0 in range(d_lo, d_hi, BD):
+    for i0 in range(d_lo, d_hi, BD):
+        d0 = i0
+        if REV:
+            d0 = d_lo + snake_start(i0 - d_lo, d_hi - d_lo, 1, BD)
         offs_d = d0 + tl.arange(0, BD)
         dm = offs_d < d_hi
         r = tl.load(vd + offs_d, mask=dm, other=0.0)
@@ -1458,8 +1467,8 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
             # columns' threads, so every replica loads before any stores (the barrier), and
             # all store the same sum (a replica's next load sees its own store)
             sigma = tl.sum(tl.where(mask, lb - rho_prev * zb_new * s, 0.0), axis=1)  # [BN]
-            sig_old = tl.load(sigma_ptr + offs_n, mask=nm & ((offs_n * 0 + d0) > d_lo),
-                              other=0.0)
+            sig_old = tl.load(sigma_ptr + offs_n, mask=nm & ((offs_n * 0 + i0) > d_lo),
+                              other=0.0)                     # (from the sweep's second block)
             tl.debug_barrier()
             tl.store(sigma_ptr + offs_n, sig_old + sigma, mask=nm & ((offs_n * 0 + tb) > 0))
             if FUSE:   # iteration u's pass 2 with C̄_u = 0, from the L̄, Z̄ just formed
@@ -1611,8 +1620,8 @@ def badmm_bwd_kernel(
     B, N, D, NR, T, u_p0,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
     PAPER: tl.constexpr, PLAN_GRAD: tl.constexpr, KV: tl.constexpr, FUSE: tl.constexpr,
-    DEFER: tl.constexpr, SCALED: tl.constexpr, ZREBUILD: tl.constexpr, BN: tl.constexpr,
-    BD: tl.constexpr, BV: tl.constexpr,
+    DEFER: tl.constexpr, SCALED: tl.constexpr, ZREBUILD: tl.constexpr, SNAKE: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
 ):
     """Exact gradient of the T unrolled iterations: one reverse step per iteration, whose
     passes rebuild the forward state of that iteration from x and the vector history hd / hn
@@ -1632,6 +1641,9 @@ def badmm_bwd_kernel(
     ZREBUILD (unfused; :func:`.launch.backward_rebuilds_zbar`): passes 2 and 3 rebuild Z̄'
     (:func:`_rebuilt_zbar`) from each program's (T, D) slot of R̄ in ``szb_ptr`` and (B-Q) the
     (T, rows) C̄ history ``zc_ptr`` instead of keeping Z̄ in a scratch like L̄'s.
+    SNAKE: pass 2 walks the column blocks from the last, pass 3 from the first, so each pass
+    starts on the blocks the one before read last (still in L2 where a set is larger than its
+    program's share: :func:`.common.snake_start`).
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -1721,7 +1733,7 @@ def badmm_bwd_kernel(
                                                     vd, vn, ns, n_b, D, a1, rho, 0, n_b, 0, D,
                                                     vd + 3 * D, vd + 7 * D, gy_b, out_b,
                                                     gplan_b, HAS_P0, HAS_Q0, KV, QUAD, FUSE,
-                                                    ZREBUILD, PLAN_GRAD, BN, BD)
+                                                    ZREBUILD, PLAN_GRAD, SNAKE, BN, BD)
                     ga1 += da1
                     grho += dr
                     tl.debug_barrier()
@@ -1741,14 +1753,14 @@ def badmm_bwd_kernel(
                         slb, szb, zcb, gx_b, vd, vn, ns, vn + 3 * ns, gy_b, out_b, n_b, D, a1,
                         rho, 1.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, gplan_b,
                         HAS_P0, HAS_Q0, KV, QUAD, ADJ_FIRST, PLAN_GRAD, FUSE, DEFER, SCALED,
-                        ZREBUILD, BN, BD)
+                        ZREBUILD, False, BN, BD)
                 else:
                     da1, dr, ga1_next, grho_next, gxx = _adjoint_p_step_tiles(
                         xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                         slb, szb, zcb, gx_b, vd, vn, ns, vn + 3 * ns, gy_b, out_b, n_b, D, a1,
                         rho, 0.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, gplan_b,
                         HAS_P0, HAS_Q0, KV, QUAD, ADJ_S_STEP, PLAN_GRAD, FUSE, DEFER, SCALED,
-                        ZREBUILD, BN, BD)
+                        ZREBUILD, False, BN, BD)
                 ga1 += da1
                 grho += dr
                 tl.debug_barrier()

@@ -79,8 +79,9 @@ FORWARD_WARPS = 16
 BACKWARD_WARPS = 16 if FRUGAL_REGISTERS else 8
 # The one-pass forward's sweeps alternate their direction (common.snake_start: each starts on
 # the column blocks still in L2; W2 T = 4 B-E forward HBM loads 0.530 -> 0.161 GB under
-# bench/l2_reuse.py's LRU model, PREDICTED: bench/results/l2_snake_order_2026-12-03.md); False:
-# every sweep in one direction (bench/gpu_tune.py times both)
+# bench/l2_reuse.py's LRU model, PREDICTED: bench/results/l2_snake_order_2026-12-03.md), and
+# the one-program-per-set backward's passes 2 and 3 go opposite ways (since 2026-12-04);
+# False: every sweep in one direction (bench/gpu_tune.py times both)
 SNAKE_ORDER = True
 
 
@@ -649,8 +650,8 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
                 RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
                 QUAD=quadratic, PAPER=paper, PLAN_GRAD=grad_plan is not None, KV=hd.shape[-1],
                 FUSE=fuse, DEFER=backward_defers(fuse, T, grad_plan is not None),
-                SCALED=scale is not None, ZREBUILD=rebuild, BN=BN, BD=BD, BV=BV,
-                num_warps=num_warps,
+                SCALED=scale is not None, ZREBUILD=rebuild, SNAKE=SNAKE_ORDER, BN=BN, BD=BD,
+                BV=BV, num_warps=num_warps,
             )
     else:                               # nothing to differentiate: no set contributes
         gw, B = dw, 0

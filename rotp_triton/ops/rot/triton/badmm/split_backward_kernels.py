@@ -191,7 +191,7 @@ def badmm_split_bwd_pass2_kernel(
                                         NR, w_ptr, T, tb, slb, slb, slb, vd, vn, NR, n_b, D, a1,
                                         rho, n_lo, n_hi, d_lo, d_hi, tau, tau, gy_ptr, out_ptr,
                                         gplan_ptr, HAS_P0, HAS_Q0, KV, QUAD, True, False, False,
-                                        BN, BD)
+                                        False, BN, BD)
         tl.store(gwt + 0, tl.load(gwt + 0) + da1)
         tl.store(gwt + 1, tl.load(gwt + 1) + dr)
     else:
