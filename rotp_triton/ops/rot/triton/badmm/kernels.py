@@ -320,15 +320,23 @@ def _col_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr,
                   lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
                   HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
                   REPLAY: tl.constexpr, QUAD: tl.constexpr, WRITE: tl.constexpr,
-                  BN: tl.constexpr, BD: tl.constexpr):
+                  REV: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Pass B: log P = Y + (log μ - R), P = exp(log P), the S-step input Y2 and
-    C_n = LSE_d(Y2_n·). WRITE (streamed forward): log S ← Y2 and Z ← Z + ρ P in place."""
-    for n0 in range(0, n_b, BN):
+    C_n = LSE_d(Y2_n·). WRITE (streamed forward): log S ← Y2 and Z ← Z + ρ P in place.
+    REV: row tiles and column blocks from the last, so that the pass starts on the tile pass A
+    read last (:func:`snake_start`)."""
+    for j0 in range(0, n_b, BN):
+        n0 = j0
+        if REV:
+            n0 = snake_start(j0, n_b, 1, BN)
         offs_n = n0 + tl.arange(0, BN)
         nm = offs_n < n_b
         m = tl.full([BN], float("-inf"), dtype=tl.float32)
         l = tl.zeros([BN], dtype=tl.float32)
-        for d0 in range(0, D, BD):
+        for i0 in range(0, D, BD):
+            d0 = i0
+            if REV:
+                d0 = snake_start(i0, D, 1, BD)
             offs_d = d0 + tl.arange(0, BD)
             dm = offs_d < D
             mask = nm[:, None] & dm[None, :]
@@ -876,14 +884,15 @@ def _forward_iteration(xb, sxn, sxd, isig, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b
                        a1, rho, k2, k3, rp, hd_b, hn_b, NR, w_ptr, T, t, rev,
                        HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
                        PAPER: tl.constexpr, REPLAY: tl.constexpr, KV: tl.constexpr,
-                       ONE_PASS: tl.constexpr, BN: tl.constexpr,
+                       ONE_PASS: tl.constexpr, SNAKE: tl.constexpr, BN: tl.constexpr,
                        BD: tl.constexpr, BV: tl.constexpr):
     """One full B-ADMM iteration (P-step, S-step, dual[, paper vector updates]) in place; the
     state stays in the deferred form of :func:`_load_state` (``rp``: ρ of the previous
     iteration). ONE_PASS (replay, the set's rows in one tile, B-E or paper): passes A and B
     in one sweep (:func:`_one_pass_iteration`); the exact variant then shifts its log μ and C
     by Λ, or, where |R|, |m| or |Λ| exceed :data:`FUSED_MAGNITUDE`, re-forms C by pass B.
-    ``rev``: the one-pass sweep's direction (the two passes keep one)."""
+    ``rev``: the one-pass sweep's direction; SNAKE (two passes): pass B goes against pass A,
+    so each of the two starts on the tiles the other read last."""
     r_ptr = vd
     lmu_ptr = vd + D
     c_ptr = vn
@@ -903,7 +912,7 @@ def _forward_iteration(xb, sxn, sxd, isig, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b
             else:
                 _col_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr,
                               n_b, D, a1, rho, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr,
-                              T, t, HAS_P0, HAS_Q0, KV, REPLAY, QUAD, False, BN, BD)
+                              T, t, HAS_P0, HAS_Q0, KV, REPLAY, QUAD, False, False, BN, BD)
             tl.debug_barrier()
     else:
         _row_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, r_ptr, r_ptr, n_b, D, a1, rho,
@@ -915,7 +924,7 @@ def _forward_iteration(xb, sxn, sxd, isig, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b
             tl.debug_barrier()
         _col_lse_pass(xb, sxn, sxd, isig, sl, sz, cp, ep, rp, r_ptr, lmu_ptr, c_ptr, n_b, D, a1,
                       rho, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, t,
-                      HAS_P0, HAS_Q0, KV, REPLAY, QUAD, True, BN, BD)
+                      HAS_P0, HAS_Q0, KV, REPLAY, QUAD, True, SNAKE, BN, BD)
         tl.debug_barrier()
     if not PAPER:
         _vec_lognorm_mix(lq0_b, HAS_Q0, u_q0, c_ptr, leta_ptr, k3, n_b, BV)
@@ -1017,7 +1026,8 @@ def badmm_fwd_kernel(
     (:func:`..common.set_spread`, one more read of x; sc, root (B,) and the feature means mean
     (B, D) written for the backward) instead of by the two spread launches.
     ONE_PASS (REPLAY, dense, N <= BN, B-E or paper): one sweep per iteration instead of two
-    (:func:`_forward_iteration`); SNAKE: their directions alternate (:func:`snake_start`)."""
+    (:func:`_forward_iteration`); SNAKE: their directions alternate (:func:`snake_start`), or
+    with two passes, pass B goes against pass A."""
     tl.static_assert(not ONE_PASS or (REPLAY and not RAGGED and (PAPER or not QUAD)))
     SNAKE_PASSES: tl.constexpr = ONE_PASS and SNAKE          # (one pass over x an iteration)
     pid = tl.program_id(0)
@@ -1053,7 +1063,7 @@ def badmm_fwd_kernel(
                                    u_p0, u_q0, a1_t, rho_t, k2_t, k3_t,
                                    _rho_prev(rho_ptr, t), hd_b, hn_b, NR, w_ptr, T, t,
                                    snake_direction(t, SNAKE_PASSES, STATS), HAS_P0, HAS_Q0,
-                                   QUAD, PAPER, REPLAY, KV, ONE_PASS, BN, BD, BV)
+                                   QUAD, PAPER, REPLAY, KV, ONE_PASS, SNAKE, BN, BD, BV)
             # last iteration: its P-step only, pooling on the fly
             a1, rho, k2_last, _k3 = _iter_weights(w_ptr, T, T - 1, QUAD, PAPER)
             cp = vn + 7 * ns
