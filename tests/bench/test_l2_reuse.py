@@ -91,8 +91,7 @@ def test_badmm_backward_passes_go_opposite_ways(snake, monkeypatch):
     program): each reverse step's pass 2 reads x, L̄' and Z̄', its pass 3 those and X̄ (all
     x-sized). With ``launch.SNAKE_ORDER`` pass 2 starts on the column blocks pass 3 read last
     and pass 3 on those pass 2 read last (measured: 0.84 of the loads miss); in one direction
-    (the kernel before 2026-12-04) each pass starts on blocks evicted (0.94: the vectors and
-    the first reverse step's reads hit)."""
+    (the kernel before 2026-12-04) each pass starts on blocks evicted (0.94)."""
     import rotp_triton as rt
     from bench.l2_reuse import record_accesses
     from launch_counter import count_launches
