@@ -285,6 +285,40 @@ def test_backward_schedules(method, variant, fuse, monkeypatch):
     assert defers == ([False, True, True] if fuse else [False] * 3)
 
 
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("badmm-q", "paper"),
+                                            ("badmm-q", "exact"), ("badmm-e", "paper")])
+def test_column_major_adjoints(method, variant, fuse, monkeypatch):
+    """x an NCHW image's view (sets of H·W samples along x's fastest axis): the
+    one-program-per-set backward keeps L̄, Z̄ and gx column-major, x's own order
+    (launch.adjoints_column_major, kernels._adjoint_tile NMAJOR), in both schedules, over
+    several [16, 16] tiles each way, with priors and a plan cotangent (the plan pass writes
+    L̄ in that order, the priors' pass reads it) and without; gx comes back with x's strides,
+    and everything matches the reference."""
+    _small_blocks(monkeypatch)
+    monkeypatch.setattr(launch, "backward_fuses", lambda T, xb: fuse)
+    monkeypatch.setattr(launch, "backward_splits", lambda *a: (1, 1))
+    chosen = _returns_of(monkeypatch, "adjoints_column_major")
+    grads = []
+    real = op.badmm_backward
+    monkeypatch.setattr(op, "badmm_backward",
+                        lambda x, *a, **k: grads.append((x, real(x, *a, **k))) or grads[-1][1])
+    gen = torch.Generator().manual_seed(23)
+    B, C, H, W, T = 2, 19, 5, 7, 3
+    img = torch.randn(B, C, H, W, generator=gen)
+    w = _weights(T, gen, inf_a2=True)
+    view = lambda t: t.flatten(2).transpose(1, 2)                    # (B, 35, 19), strided
+    lp, lq = torch.randn(B, C, generator=gen), torch.randn(B, H * W, generator=gen)
+    cy, cp = torch.randn(B, C, generator=gen), torch.randn(B, H * W, C, generator=gen)
+    for priors, plan in (((lp, lq), cp), ((None, None), None)):
+        args = (img, None, method, variant, w, *priors, cy, plan)
+        _compare(_run_kernel(*args, x_view=view), _run_reference(*args, x_view=view),
+                 RTOL[torch.float32])
+    assert chosen == [True, True]
+    assert [g[1][0].stride() for g in grads] == [g[0].stride() for g in grads] == \
+        [(C * H * W, 1, H * W)] * 2
+
+
 @pytest.mark.parametrize("path", ["fused", "unfused", "split"])
 @pytest.mark.parametrize("method,variant", [(m, v) for m in ("badmm-e", "badmm-q")
                                             for v in ("exact", "paper")],
@@ -1131,6 +1165,8 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
         consts.setdefault("DEFER", flag == "SCALED" and replay)
         consts["ZREBUILD"] = rebuild                    # (as the launcher: half tiles)
         consts["SNAKE"] = launch.SNAKE_ORDER
+        # W2's x is an NCHW feature map's view: its adjoints column-major, as x
+        consts["NMAJOR"] = not ragged and D == 2048
     c = compile_sm90(kernel, signature(kernel, consts), consts,
                      num_warps=num_warps)
     assert ".target sm_90" in c.asm["ptx"]

@@ -150,6 +150,38 @@ def _vzero(BV: tl.constexpr):
 
 
 @triton.jit
+def _sums_init(PER_TILE: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """A sweep's accumulator of a scalar sum over its [BN, BD] tiles: a tile that each one adds
+    to elementwise, reduced once after the sweep (:func:`_sums_total`), or (PER_TILE) a 0-d
+    sum that each tile adds its own full sum to - a cross-warp reduction per tile (~25
+    instructions and 3 barriers a thread at W2's 2 elements a thread) for one tile of
+    registers less."""
+    if PER_TILE:
+        acc = _vzero(BD)
+    else:
+        acc = tl.zeros([BN, BD], dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _sums_add(acc, v, PER_TILE: tl.constexpr):
+    """:func:`_sums_init`'s accumulator plus the [BN, BD] tile ``v`` (masked lanes 0)."""
+    if PER_TILE:
+        acc += tl.sum(v)
+    else:
+        acc += v
+    return acc
+
+
+@triton.jit
+def _sums_total(acc, PER_TILE: tl.constexpr):
+    """The scalar sum of :func:`_sums_init`'s accumulator."""
+    if not PER_TILE:
+        acc = tl.sum(acc)
+    return acc
+
+
+@triton.jit
 def _load_prior(prior_ptr, offs, length, uval, HAS: tl.constexpr):
     """log p0 / log q0 entries at ``offs`` (uniform ``uval`` when not given); 0 past ``length``."""
     m = offs < length
@@ -163,6 +195,17 @@ def _load_prior(prior_ptr, offs, length, uval, HAS: tl.constexpr):
 @triton.jit
 def _tile_ptrs(offs_n, offs_d, stride_n, stride_d):
     return offs_n[:, None].to(tl.int64) * stride_n + offs_d[None, :] * stride_d   # [BN, BD]
+
+
+@triton.jit
+def _adjoint_tile(offs_n, offs_d, n_b, D, NMAJOR: tl.constexpr):
+    """Offsets of a [BN, BD] tile in a set's (n_b, D) adjoint buffer (the backward's L̄, Z̄
+    scratch and X̄): row-major, or (NMAJOR) column-major - x's own order when it is an NCHW
+    view (W2) - so that these tiles load in x's register layout: in the other order ptxas
+    moved each one through shared memory (pass 3 at W2: 7 tile exchanges, 14 barriers)."""
+    if NMAJOR:
+        return _tile_ptrs(offs_n, offs_d, 1, n_b)
+    return _tile_ptrs(offs_n, offs_d, D, 1)
 
 
 @triton.jit
@@ -1136,7 +1179,7 @@ def _adjoint_s_step_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_
     return _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR,
                                  w_ptr, T, tb, slb, szb, zcb, vd, vn, ns, n_b, D, a1, rho, n_lo,
                                  n_hi, d_lo, d_hi, tau_ptr, tau_ptr, gy_b, out_b, gplan_b, HAS_P0,
-                                 HAS_Q0, KV, QUAD, False, ZREBUILD, GPLAN, False, BN, BD)
+                                 HAS_Q0, KV, QUAD, False, ZREBUILD, GPLAN, False, False, BN, BD)
 
 
 @triton.jit
@@ -1145,16 +1188,21 @@ def _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
                           d_hi, tau_ptr, tau0_ptr, gy_b, out_b, gplan_b, HAS_P0: tl.constexpr,
                           HAS_Q0: tl.constexpr, KV: tl.constexpr, QUAD: tl.constexpr,
                           CB_ONLY: tl.constexpr, ZREBUILD: tl.constexpr, GPLAN: tl.constexpr,
-                          REV: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                          NMAJOR: tl.constexpr, REV: tl.constexpr, BN: tl.constexpr,
+                          BD: tl.constexpr):
     """Pass 2 (:func:`_adjoint_s_step_pass`), or with CB_ONLY its C̄ part alone: the sweep of
     the fused kernel, where pass 3 of the step before already summed the part of τ and of the
     partials that comes from L̄', Z̄' (:func:`_adjoint_p_step_tiles` ``FUSE``; everything here
     is linear in (L̄', Z̄', C̄)), so this sweep reads x only (L̄' = Z̄' = 0) and adds the part
-    of C̄ to the τ in ``tau0_ptr``. ZREBUILD: :func:`_adjoint_s_step_pass`. REV: the column
-    blocks from the last (:func:`badmm_bwd_kernel` SNAKE)."""
+    of C̄ to the τ in ``tau0_ptr``. ZREBUILD: :func:`_adjoint_s_step_pass`. NMAJOR: L̄', Z̄'
+    column-major (:func:`_adjoint_tile`). REV: the column blocks from the last
+    (:func:`badmm_bwd_kernel` SNAKE)."""
     tl.static_assert(not (ZREBUILD and CB_ONLY))
-    acc_a1 = _vzero(BD)
-    acc_rho = _vzero(BD)
+    tl.static_assert(not (ZREBUILD and NMAJOR))     # (ZREBUILD's P̄ shares the tile offsets)
+    # the partials and τ sum elementwise into tiles, reduced after the sweep (τ: after the
+    # column block); ZREBUILD holds the rebuild's state too and sums each tile (_sums_init)
+    acc_a1 = _sums_init(ZREBUILD, BN, BD)
+    acc_rho = _sums_init(ZREBUILD, BN, BD)
     for i0 in range(d_lo, d_hi, BD):
         d0 = i0
         if REV:
@@ -1166,10 +1214,8 @@ def _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
         if ZREBUILD:   # the last iteration's ȳ and y, as its pass 3 scales them
             gy = tl.load(gy_b + offs_d, mask=dm, other=0.0) / isig
             out = tl.load(out_b + offs_d, mask=dm, other=0.0) * isig
-        if CB_ONLY:
-            tau = tl.load(tau0_ptr + offs_d, mask=dm, other=0.0)
-        else:
-            tau = tl.zeros([BD], dtype=tl.float32)
+        tau = tl.zeros([BD], dtype=tl.float32)
+        tau_t = tl.zeros([BN, BD], dtype=tl.float32)     # τ over the row tiles, then its rows
         for n0 in range(n_lo, n_hi, BN):
             offs_n = n0 + tl.arange(0, BN)
             nm = offs_n < n_hi
@@ -1178,7 +1224,7 @@ def _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
             leta = tl.load(vn + ns + offs_n, mask=nm, other=0.0)
             cb = tl.load(vn + 3 * ns + offs_n, mask=nm, other=0.0)
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig)
-            o = _tile_ptrs(offs_n, offs_d, D, 1)
+            o = _adjoint_tile(offs_n, offs_d, n_b, D, NMAJOR)
             if ZREBUILD:
                 L, Zt, Zb = _state_and_rebuilt_zbar(X, offs_n, offs_d, mask, o, tb, lp0_b, lq0_b,
                                                     n_b, D, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T,
@@ -1196,21 +1242,29 @@ def _adjoint_s_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
                     Zb = tl.load(szb + o, mask=mask, other=0.0)
             _y, _g, _s, lpb, _zb, d_a1, d_rho = _s_step_adjoint(X, L, Zt, Lb, Zb, r, lmu, c,
                                                                 leta, cb, a1, rho, QUAD)
-            lpb = tl.where(mask, lpb, 0.0)
-            acc_rho += tl.sum(tl.where(mask, d_rho, 0.0))
-            acc_a1 += tl.sum(tl.where(mask, d_a1, 0.0))
-            tau += tl.sum(lpb, axis=0)
+            acc_rho = _sums_add(acc_rho, tl.where(mask, d_rho, 0.0), ZREBUILD)
+            acc_a1 = _sums_add(acc_a1, tl.where(mask, d_a1, 0.0), ZREBUILD)
+            if ZREBUILD:
+                tau += tl.sum(tl.where(mask, lpb, 0.0), axis=0)
+            else:
+                tau_t += tl.where(mask, lpb, 0.0)
+        if not ZREBUILD:
+            tau = tl.sum(tau_t, axis=0)                                                 # [BD]
+        if CB_ONLY:
+            tau += tl.load(tau0_ptr + offs_d, mask=dm, other=0.0)
         store_reduced(tau_ptr + offs_d, tau, dm)
-    return acc_a1, acc_rho
+    return _sums_total(acc_a1, ZREBUILD), _sums_total(acc_rho, ZREBUILD)
 
 
 @triton.jit
 def _adjoint_plan_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                        slb, vd, vn, ns, gplan_b, n_b, D, a1, rho, n_lo, n_hi, d_lo, d_hi,
                        tau_ptr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
-                       QUAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """Last iteration with a plan gradient: log P̄ = P̄ ⊙ P (over L̄), τ_d = Σ_n log P̄ (rows
-    [n_lo, n_hi), into ``tau_ptr``), columns [d_lo, d_hi)."""
+                       QUAD: tl.constexpr, NMAJOR: tl.constexpr, BN: tl.constexpr,
+                       BD: tl.constexpr):
+    """Last iteration with a plan gradient: log P̄ = P̄ ⊙ P (over L̄, in its order: NMAJOR,
+    :func:`_adjoint_tile`; P̄ row-major), τ_d = Σ_n log P̄ (rows [n_lo, n_hi), into
+    ``tau_ptr``), columns [d_lo, d_hi)."""
     for d0 in range(d_lo, d_hi, BD):
         offs_d = d0 + tl.arange(0, BD)
         dm = offs_d < d_hi
@@ -1221,13 +1275,13 @@ def _adjoint_plan_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b,
             offs_n = n0 + tl.arange(0, BN)
             mask = (offs_n < n_hi)[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig)
-            o = _tile_ptrs(offs_n, offs_d, D, 1)
             L, Zt = _replay_state(X, offs_n, offs_d, mask, tb, lp0_b, lq0_b, n_b, D, u_p0,
                                   u_q0, hd_b, hn_b, NR, w_ptr, T, HAS_P0, HAS_Q0, QUAD, KV)
             y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
             p = _exp(y + (lmu - r)[None, :])
-            lpb = tl.where(mask, tl.load(gplan_b + o, mask=mask, other=0.0) * p, 0.0)
-            tl.store(slb + o, lpb, mask=mask)
+            gp = tl.load(gplan_b + _tile_ptrs(offs_n, offs_d, D, 1), mask=mask, other=0.0)
+            lpb = tl.where(mask, gp * p, 0.0)
+            tl.store(slb + _adjoint_tile(offs_n, offs_d, n_b, D, NMAJOR), lpb, mask=mask)
             tau += tl.sum(lpb, axis=0)
         store_reduced(tau_ptr + offs_d, tau, dm)
 
@@ -1306,7 +1360,7 @@ def _adjoint_p_step_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_
         xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb, slb, szb, zcb,
         gx_b, vd, vn, ns, cb_ptr, gy_b, out_b, n_b, D, a1, rho, last, rho_prev, n_lo, n_hi, d_lo,
         d_hi, sigma_ptr, tau0_ptr, gplan_b, HAS_P0, HAS_Q0, KV, QUAD, ADJ, PLAN, FUSE, False,
-        SCALED, ZREBUILD, False, BN, BD)
+        SCALED, ZREBUILD, False, False, BN, BD)
 
 
 @triton.jit
@@ -1316,8 +1370,8 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
                           HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, KV: tl.constexpr,
                           QUAD: tl.constexpr, ADJ: tl.constexpr, PLAN: tl.constexpr,
                           FUSE: tl.constexpr, DEFER: tl.constexpr, SCALED: tl.constexpr,
-                          ZREBUILD: tl.constexpr, REV: tl.constexpr, BN: tl.constexpr,
-                          BD: tl.constexpr):
+                          ZREBUILD: tl.constexpr, NMAJOR: tl.constexpr, REV: tl.constexpr,
+                          BN: tl.constexpr, BD: tl.constexpr):
     """Pass 3 (:func:`_adjoint_p_step_pass`); with FUSE (tb > 0; the fused kernel, one program
     per set, and the split backward's pass 3 where it rebuilds Z̄', whose replay then runs on
     from iteration tb to T - 1) it also does the part of the NEXT reverse step's pass 2 that
@@ -1337,11 +1391,17 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
     output and ȳ in HBM are σ_b · pool(x / σ_b) and d loss / dy, so y loads times 1/σ_b and ȳ
     times σ_b, and X̄ is d loss / d(x / σ_b); the last reverse step's Σ X̄ · X gives ∂/∂σ_b.
     Returns (∂/∂α1, ∂/∂ρ) of iteration tb, (FUSE) the parts of iteration u's, and (SCALED)
-    Σ X̄ · X over the tiles (0 otherwise). ZREBUILD: :func:`_adjoint_p_step_pass`. REV: the
-    column blocks from the last (:func:`badmm_bwd_kernel` SNAKE)."""
+    Σ X̄ · X over the tiles (0 otherwise). ZREBUILD: :func:`_adjoint_p_step_pass`. NMAJOR:
+    L̄, Z̄, X̄ column-major (:func:`_adjoint_tile`). REV: the column blocks from the last
+    (:func:`badmm_bwd_kernel` SNAKE)."""
     tl.static_assert(FUSE or not DEFER)
     tl.static_assert(not (ZREBUILD and DEFER))
-    acc_gxx = _vzero(BD)
+    tl.static_assert(not (ZREBUILD and NMAJOR))     # (ZREBUILD's P̄ shares the tile offsets)
+    # ∂/∂w_P, (B-Q) ∂/∂α1's own part and (SCALED) X̄ · X sum elementwise into tiles, reduced
+    # once after the sweep, as pass 2's partials (:func:`_sums_init`; ZREBUILD: per tile)
+    acc_ws = _sums_init(ZREBUILD, BN, BD)
+    acc_a1s = _sums_init(ZREBUILD, BN, BD)
+    acc_gxx = _sums_init(ZREBUILD, BN, BD)
     acc_a1u = _vzero(BD)
     acc_rhou = _vzero(BD)
     if FUSE:       # iteration u = tb - 1 (u = 0 at tb = 0, whose results are not kept)
@@ -1350,8 +1410,6 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
         rho_u = tl.load(w_ptr + 4 * T + tu)
         hd_u = hd_b + tu.to(tl.int64) * KV * D
         hn_u = hn_b + tu.to(tl.int64) * KV * NR
-    acc_a1 = _vzero(BD)
-    acc_rho = _vzero(BD)
     inv_ws = 1.0 / _step_weight(a1, rho, QUAD)
     n_kept = tl.where(tb > 0, n_hi, n_lo)            # rows whose L̄, Z̄ a later pass reads
     if DEFER:      # the first reverse step's weights and R (iteration T - 1)
@@ -1391,7 +1449,7 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
             nm = offs_n < n_hi
             mask = nm[:, None] & dm[None, :]
             X = _load_x(xb, offs_n, offs_d, sxn, sxd, mask, isig)
-            o = _tile_ptrs(offs_n, offs_d, D, 1)
+            o = _adjoint_tile(offs_n, offs_d, n_b, D, NMAJOR)
             if FUSE:   # the state of iteration u on the way to iteration tb's
                 L, Zt = _replay_start(offs_n, offs_d, mask, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
                                       HAS_P0, HAS_Q0)
@@ -1440,7 +1498,6 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
                 y, g, s, lpb, Zb, _da1, _drho = _s_step_adjoint(X, L, Zt, Lb, Zb, r, lmu, c,
                                                                 leta, cb, a1, rho, QUAD)
                 yb = lpb + rb[None, :] * _exp(y - r[None, :])              # + R̄ softmax_n(Y)
-                y_term = 0.0
             else:
                 y, g, s = _p_step_y(X, L, Zt, a1, rho, QUAD)
                 if PLAN:
@@ -1449,18 +1506,18 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
                     lpb = tl.zeros_like(X)
                 Zb = tl.zeros_like(X)
                 yb, gx, pb = _pooled_y_adjoint(X, y, r, rb, lpb, gy, out)
-                # Σ y·(the pooling's Ȳ): 0 but for rounding (its columns sum to 0), see below
-                y_term = tl.sum(tl.where(mask, pb * out[None, :], 0.0))
             lb, zb_new, gx, gb = _through_p_step_y(yb, s, Zb, gx, a1, inv_ws, mask, QUAD)
             # ∂/∂w_P = -Σ Ȳ ⊙ G / w_P², with the pooling's part of Ȳ against G - y: near
             # one-hot softmaxes (small ρ, α1) Σ Ȳ_pool ⊙ X cancels terms ~100× its value
-            # (∂/∂ρ was 1e-3 off float64), the centred sum does not
-            d_ws = tl.sum(tl.where(mask, -gb * g * inv_ws, 0.0)) + y_term * (inv_ws * inv_ws)
+            # (∂/∂ρ was 1e-3 off float64), the centred sum does not: each element adds
+            # Ȳ_pool · y (Σ 0 but for rounding: the pooling's columns sum to 0)
+            if ADJ == ADJ_S_STEP:
+                d_ws = tl.where(mask, -gb * g * inv_ws, 0.0)
+            else:
+                d_ws = tl.where(mask, (pb * out[None, :] * inv_ws - gb * g) * inv_ws, 0.0)
+            acc_ws = _sums_add(acc_ws, d_ws, ZREBUILD)
             if QUAD:
-                acc_a1 += tl.sum(tl.where(mask, -gb * s, 0.0))
-            if QUAD == QUAD_EXACT:                                              # w_P = ρ + α1
-                acc_a1 += d_ws
-            acc_rho += d_ws
+                acc_a1s = _sums_add(acc_a1s, tl.where(mask, -gb * s, 0.0), ZREBUILD)
             # the first iteration's L̄ only feeds the priors' gradients, its Z̄ nothing (Z_0 = 0)
             kept = mask & (offs_n < n_kept)[:, None]
             if ADJ != ADJ_FIRST or not DEFER:  # DEFER: the next step recomputes them
@@ -1472,7 +1529,7 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
                     tl.store(szb + o, zb_new, mask=kept)
                 tl.store(gx_b + o, gx, mask=mask)
             if SCALED:     # (used from the last reverse step, where X̄ is complete)
-                acc_gxx += tl.sum(tl.where(mask, gx * X, 0.0))
+                acc_gxx = _sums_add(acc_gxx, tl.where(mask, gx * X, 0.0), ZREBUILD)
             # σ accumulates over the column blocks; the [BN] vector is replicated over the
             # columns' threads, so every replica loads before any stores (the barrier), and
             # all store the same sum (a replica's next load sees its own store)
@@ -1493,7 +1550,16 @@ def _adjoint_p_step_tiles(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn
                 tau_u += tl.sum(tl.where(live, lpb_u, 0.0), axis=0)                  # [BD]
         if FUSE:
             tl.store(tau0_ptr + offs_d, tau_u, mask=dm & ((offs_d * 0 + tb) > 0))
-    return acc_a1, acc_rho, acc_a1u, acc_rhou, acc_gxx
+    d_ws = _sums_total(acc_ws, ZREBUILD)
+    acc_a1 = _vzero(BD)
+    if QUAD:
+        acc_a1 += _sums_total(acc_a1s, ZREBUILD)
+    if QUAD == QUAD_EXACT:                                                      # w_P = ρ + α1
+        acc_a1 += d_ws
+    gxx = _vzero(BD)
+    if SCALED:
+        gxx += _sums_total(acc_gxx, ZREBUILD)
+    return acc_a1, d_ws, acc_a1u, acc_rhou, gxx
 
 
 @triton.jit
@@ -1587,9 +1653,10 @@ def _vec_paper_update_bwd(prior_ptr, HAS: tl.constexpr, uval, lmu_ptr, z1_ptr, g
 @triton.jit
 def _init_adjoint_pass(slb, vd, vn, ns, gp0_b, gq0_b, n_b, D,
                        HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, PAPER: tl.constexpr,
-                       BN: tl.constexpr, BD: tl.constexpr):
+                       NMAJOR: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Adjoint of log S_0 = log p0 + log q0 (and paper: log μ_0 = log p0, log η_0 = log q0):
-    log p̄0 += Σ_n L̄, log q̄0 += Σ_d L̄; written to the gradient outputs."""
+    log p̄0 += Σ_n L̄, log q̄0 += Σ_d L̄ (L̄ in the order NMAJOR says: :func:`_adjoint_tile`);
+    written to the gradient outputs."""
     if HAS_Q0:
         for n0 in range(0, n_b, BN):
             offs_n = n0 + tl.arange(0, BN)
@@ -1598,8 +1665,8 @@ def _init_adjoint_pass(slb, vd, vn, ns, gp0_b, gq0_b, n_b, D,
             for d0 in range(0, D, BD):
                 offs_d = d0 + tl.arange(0, BD)
                 mask = nm[:, None] & (offs_d < D)[None, :]
-                acc += tl.sum(tl.load(slb + _tile_ptrs(offs_n, offs_d, D, 1), mask=mask, other=0.0),
-                              axis=1)
+                acc += tl.sum(tl.load(slb + _adjoint_tile(offs_n, offs_d, n_b, D, NMAJOR),
+                                      mask=mask, other=0.0), axis=1)
             acc += tl.load(vn + 6 * ns + offs_n, mask=nm, other=0.0)
             if PAPER:
                 acc += tl.load(vn + 4 * ns + offs_n, mask=nm, other=0.0)
@@ -1612,8 +1679,8 @@ def _init_adjoint_pass(slb, vd, vn, ns, gp0_b, gq0_b, n_b, D,
             for n0 in range(0, n_b, BN):
                 offs_n = n0 + tl.arange(0, BN)
                 mask = (offs_n < n_b)[:, None] & dm[None, :]
-                acc += tl.sum(tl.load(slb + _tile_ptrs(offs_n, offs_d, D, 1), mask=mask, other=0.0),
-                              axis=0)
+                acc += tl.sum(tl.load(slb + _adjoint_tile(offs_n, offs_d, n_b, D, NMAJOR),
+                                      mask=mask, other=0.0), axis=0)
             acc += tl.load(vd + 6 * D + offs_d, mask=dm, other=0.0)
             if PAPER:
                 acc += tl.load(vd + 4 * D + offs_d, mask=dm, other=0.0)
@@ -1631,7 +1698,7 @@ def badmm_bwd_kernel(
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, HAS_Q0: tl.constexpr, QUAD: tl.constexpr,
     PAPER: tl.constexpr, PLAN_GRAD: tl.constexpr, KV: tl.constexpr, FUSE: tl.constexpr,
     DEFER: tl.constexpr, SCALED: tl.constexpr, ZREBUILD: tl.constexpr, SNAKE: tl.constexpr,
-    BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    NMAJOR: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
 ):
     """Exact gradient of the T unrolled iterations: one reverse step per iteration, whose
     passes rebuild the forward state of that iteration from x and the vector history hd / hn
@@ -1654,7 +1721,10 @@ def badmm_bwd_kernel(
     SNAKE: pass 2 walks the column blocks from the last, pass 3 from the first, so each pass
     starts on the blocks the one before read last (still in L2 where a set is larger than its
     program's share: :func:`.common.snake_start`).
+    NMAJOR (dense, x an NCHW view: :func:`.launch.adjoints_column_major`): the L̄, Z̄ scratch
+    and gx (B, N, D) with strides (N·D, 1, N), x's order (:func:`_adjoint_tile`).
     """
+    tl.static_assert(not (NMAJOR and RAGGED))
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     vd = vd_ptr + pid.to(tl.int64) * 8 * D
@@ -1706,7 +1776,7 @@ def badmm_bwd_kernel(
                         _adjoint_plan_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b,
                                            NR, w_ptr, T, tb, slb, vd, vn, ns, gplan_ptr + rs * D,
                                            n_b, D, a1, rho, 0, n_b, 0, D, vd + 3 * D, HAS_P0,
-                                           HAS_Q0, KV, QUAD, BN, BD)
+                                           HAS_Q0, KV, QUAD, NMAJOR, BN, BD)
                     else:
                         _vec_fill(vd + 3 * D, 0.0, D, BV)
                     tl.debug_barrier()
@@ -1743,7 +1813,7 @@ def badmm_bwd_kernel(
                                                     vd, vn, ns, n_b, D, a1, rho, 0, n_b, 0, D,
                                                     vd + 3 * D, vd + 7 * D, gy_b, out_b,
                                                     gplan_b, HAS_P0, HAS_Q0, KV, QUAD, FUSE,
-                                                    ZREBUILD, PLAN_GRAD, SNAKE, BN, BD)
+                                                    ZREBUILD, PLAN_GRAD, NMAJOR, SNAKE, BN, BD)
                     ga1 += da1
                     grho += dr
                     tl.debug_barrier()
@@ -1763,14 +1833,14 @@ def badmm_bwd_kernel(
                         slb, szb, zcb, gx_b, vd, vn, ns, vn + 3 * ns, gy_b, out_b, n_b, D, a1,
                         rho, 1.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, gplan_b,
                         HAS_P0, HAS_Q0, KV, QUAD, ADJ_FIRST, PLAN_GRAD, FUSE, DEFER, SCALED,
-                        ZREBUILD, False, BN, BD)
+                        ZREBUILD, NMAJOR, False, BN, BD)
                 else:
                     da1, dr, ga1_next, grho_next, gxx = _adjoint_p_step_tiles(
                         xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T, tb,
                         slb, szb, zcb, gx_b, vd, vn, ns, vn + 3 * ns, gy_b, out_b, n_b, D, a1,
                         rho, 0.0, rho_p, 0, n_b, 0, D, vn + 7 * ns, vd + 7 * D, gplan_b,
                         HAS_P0, HAS_Q0, KV, QUAD, ADJ_S_STEP, PLAN_GRAD, FUSE, DEFER, SCALED,
-                        ZREBUILD, False, BN, BD)
+                        ZREBUILD, NMAJOR, False, BN, BD)
                 ga1 += da1
                 grho += dr
                 tl.debug_barrier()
@@ -1780,7 +1850,7 @@ def badmm_bwd_kernel(
                 tl.store(gwb + 2, ga1)
                 tl.store(gwb + 3, grho)
             _init_adjoint_pass(slb, vd, vn, ns, gp0_ptr + b.to(tl.int64) * D, gq0_ptr + rs,
-                               n_b, D, HAS_P0, HAS_Q0, PAPER, BN, BD)
+                               n_b, D, HAS_P0, HAS_Q0, PAPER, NMAJOR, BN, BD)
             if SCALED:
                 gyy = _vec_dot(gy_ptr + b.to(tl.int64) * D, out_ptr + b.to(tl.int64) * D, D, BV)
                 tl.store(ds_ptr + b, (gyy - gxx) * isig)

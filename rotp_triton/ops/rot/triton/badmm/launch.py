@@ -299,6 +299,42 @@ def backward_splits(B: int, N: int, D: int, BN: int, BD: int, device: torch.devi
     return forward_splits(B, N, D, BN, BD, device)
 
 
+def adjoints_column_major(geo: _Geometry, splits) -> bool:
+    """Whether the one-program-per-set backward keeps its L̄, Z̄ scratch and gx column-major
+    (``NMAJOR``, :func:`.kernels._adjoint_tile`; gx (B, N, D) with strides (N·D, 1, N)): a
+    dense batch whose x steps along N faster than along D, an NCHW feature map's view (W2).
+    Its x tiles load in a register layout with N fastest; row-major adjoint tiles took
+    another, and ptxas moved them through shared memory each tile (pass 3 at W2: 7 tile
+    exchanges, 14 barriers). x's gradient then has x's own layout (no copy where it flows back
+    through the view). The split backward stays row-major."""
+    return (splits == (1, 1) and not geo.ragged and geo.N > 1 and geo.D > 1
+            and geo.sxn < geo.sxd)
+
+
+def _grad_x_buffer(geo: _Geometry, nmajor: bool, device) -> Tensor:
+    """badmm_backward's fp32 gx, unfilled: (rows, D), or (NMAJOR) (B, N, D) column-major."""
+    if nmajor:
+        return torch.empty(geo.B, geo.D, geo.N, device=device,
+                           dtype=torch.float32).transpose(1, 2)
+    return torch.empty(geo.rows, geo.D, device=device, dtype=torch.float32)
+
+
+def _backward_geometry(x: Tensor, ptr: Optional[Tensor]) -> tuple:
+    """(geometry, (NS, DS) of the split backward or (1, 1), NMAJOR) of badmm_backward."""
+    geo = _Geometry(x, ptr)
+    splits = (1, 1)
+    if geo.B > 0 and geo.rows > 0 and geo.D > 0:
+        BN, BD = geo.blocks[:2]
+        splits = backward_splits(geo.B, geo.set_size, geo.D, BN, BD, x.device)
+    return geo, splits, adjoints_column_major(geo, splits)
+
+
+def grad_x_like(x: Tensor, ptr: Optional[Tensor]) -> Tensor:
+    """An unfilled tensor shaped and laid out as the gx badmm_backward returns (its fake)."""
+    geo, _splits, nmajor = _backward_geometry(x, ptr)
+    return _grad_x_buffer(geo, nmajor, x.device).reshape(x.shape)
+
+
 def _slice(size: int, parts: int, block: int):
     """(slice length, a multiple of ``block``; number of non-empty slices)."""
     length = cdiv(cdiv(size, parts), block) * block
@@ -592,7 +628,7 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
     ``scale``: the forward's (B,) feature scale σ (y = σ · pool(x / σ), y32 that output): then
     grad_x is d loss / d(x / σ) and a third result ds (B,) fp32 is ∂ loss / ∂σ, the path
     through x / σ included (:func:`.kernels.badmm_bwd_kernel` SCALED)."""
-    geo = _Geometry(x, ptr)
+    geo, splits, nmajor = _backward_geometry(x, ptr)
     B, D, T = geo.B, geo.D, w.shape[1]
     quadratic = quad_flag(quadratic, paper)              # the kernels' QUAD: B-Q exact is 2
     dev = x.device
@@ -600,7 +636,7 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
     # every element is written by the kernels (the first reverse step's pass 3 - DEFER: the
     # second's - covers every row of every set; no kernel runs only when gx is empty), so no
     # fill: one full-size write less (tests: NaN-filled allocations)
-    gx = torch.empty(geo.rows, D, device=dev, dtype=torch.float32)
+    gx = _grad_x_buffer(geo, nmajor, dev)
     # (with a scale, ∂/∂σ (B,) after them: zero for an empty set, one allocation for both)
     n_params = param_grads_numel(B, T, D, geo.rows)
     dparams = torch.zeros(n_params + (B if scale is not None else 0), device=dev,
@@ -611,8 +647,6 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
     gwt, npart = dw, 0                  # the split backward's pass partials (none: unread)
     if B > 0 and geo.rows > 0 and D > 0:
         lp0, lq0 = _priors(gx, log_p0, log_q0)
-        BN, BD, BV, num_warps = geo.blocks
-        splits = backward_splits(B, geo.set_size, D, BN, BD, dev)
         gplan = as_f32(grad_plan).reshape(geo.rows, D) if grad_plan is not None else None
         if splits != (1, 1):
             rebuild = backward_rebuilds_zbar(True)
@@ -650,8 +684,8 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
                 RAGGED=geo.ragged, HAS_P0=log_p0 is not None, HAS_Q0=log_q0 is not None,
                 QUAD=quadratic, PAPER=paper, PLAN_GRAD=grad_plan is not None, KV=hd.shape[-1],
                 FUSE=fuse, DEFER=backward_defers(fuse, T, grad_plan is not None),
-                SCALED=scale is not None, ZREBUILD=rebuild, SNAKE=SNAKE_ORDER, BN=BN, BD=BD,
-                BV=BV, num_warps=num_warps,
+                SCALED=scale is not None, ZREBUILD=rebuild, SNAKE=SNAKE_ORDER, NMAJOR=nmajor,
+                BN=BN, BD=BD, BV=BV, num_warps=num_warps,
             )
     else:                               # nothing to differentiate: no set contributes
         gw, B = dw, 0

@@ -14,8 +14,8 @@ from torch.autograd.function import once_differentiable
 
 from ..common import HAS_TRITON_OP, direct_launch, eager_function
 from ..spread.launch import spread_backward
-from .launch import (badmm_backward, badmm_forward, history_like, param_grad_views,
-                     param_grads_numel)
+from .launch import (badmm_backward, badmm_forward, grad_x_like, history_like,
+                     param_grad_views, param_grads_numel)
 
 __all__ = ["badmm_pool", "BadmmFunction", "SpreadBadmmFunction", "badmm_fwd_op",
            "badmm_bwd_op"]
@@ -163,7 +163,7 @@ if HAS_TRITON_OP:
             f = dict(dtype=torch.float32)
             B, D = y32.shape
             rows = x.numel() // D if D else 0
-            return (x.new_empty(x.shape, **f),
+            return (grad_x_like(x, ptr),      # (x's layout where x is an NCHW view)
                     x.new_empty(param_grads_numel(B, w.shape[1], D, rows), **f))
     except Exception:  # pragma: no cover - a torch whose triton_op rejects these ops
         badmm_fwd_op = badmm_bwd_op = None

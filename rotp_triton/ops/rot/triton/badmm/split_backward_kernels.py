@@ -183,7 +183,7 @@ def badmm_split_bwd_pass2_kernel(
     if PLAN:
         _adjoint_plan_pass(xb, sxn, sxd, isig, lp0_b, lq0_b, u_p0, u_q0, hd_b, hn_b, NR, w_ptr, T,
                            tb, slb, vd, vn, NR, gplan_ptr + rs * D, n_b, D, a1, rho, n_lo, n_hi,
-                           d_lo, d_hi, tau, HAS_P0, HAS_Q0, KV, QUAD, BN, BD)
+                           d_lo, d_hi, tau, HAS_P0, HAS_Q0, KV, QUAD, False, BN, BD)
         tl.store(gwt + 0, 0.0)
         tl.store(gwt + 1, 0.0)
     elif FUSE:     # (CB_ONLY: L̄', Z̄' are not read - slb stands in for their pointers)
@@ -191,7 +191,7 @@ def badmm_split_bwd_pass2_kernel(
                                         NR, w_ptr, T, tb, slb, slb, slb, vd, vn, NR, n_b, D, a1,
                                         rho, n_lo, n_hi, d_lo, d_hi, tau, tau, gy_ptr, out_ptr,
                                         gplan_ptr, HAS_P0, HAS_Q0, KV, QUAD, True, False, False,
-                                        False, BN, BD)
+                                        False, False, BN, BD)
         tl.store(gwt + 0, tl.load(gwt + 0) + da1)
         tl.store(gwt + 1, tl.load(gwt + 1) + dr)
     else:
@@ -265,7 +265,7 @@ def badmm_split_bwd_init_kernel(
     if n_b > 0:                     # an empty set keeps its zero gradients
         _init_adjoint_pass(slb_ptr + rs * D, vd_ptr + b64 * 7 * D, vn_ptr + rs, NR,
                            gp0_ptr + b64 * D, gq0_ptr + rs, n_b, D, HAS_P0, HAS_Q0, PAPER,
-                           BN, BD)
+                           False, BN, BD)
         if SCALED:
             acc = tl.zeros([BV], dtype=tl.float32)
             for j0 in range(0, NSD, BV):
