@@ -113,15 +113,17 @@ def unfused_backward_block_sizes(n_hint: int, D: int, plan_grad: bool):
     per SM, like the forward's (:func:`forward_block_sizes`), so the warps per CTA are all the
     SM has in flight: at 8 (8 fp32 a thread on the full tile) ptxas took 242-255 registers,
     and 16 warps on that tile spill 8-104 bytes in some configurations (104 at W2 with the
-    layers' feature scale); on the half tile every configuration fits in 94-128 registers
-    without spills with triton 3.9 (AOT test; 3.6, the H200 image's, spills 20-456 bytes
-    there and keeps 8 warps: ``common.FRUGAL_REGISTERS``). The calibrated model
-    (``bench/latency_model.py``) prices the doubled warps above the half tile's doubled
-    instructions per element: W2 B-E backward 3,707 -> 3,260 µs at T = 4, 35,930 -> 34,595 at
-    T = 16 (PREDICTIONS, ``bench/results/badmm_backward_sixteen_warps_2026-12-02.md``;
-    ``bench/gpu_tune.py`` times the 8-warp layouts beside it). With BACKWARD_WARPS = 8: the
-    layout until 2026-12-02 (the full tile; the half tile with the plan's gradient, whose full
-    tile sat at 255 registers and spilled)."""
+    layers' feature scale); on the half tile every configuration fits in 103-127 registers
+    without spills with triton 3.9 (AOT test and kernel report, 2026-12-04; 3.6, the H200
+    image's, spills in 3 of W2's 6 configurations there, 44-112 bytes - 20-456 before the
+    tile sums and column-major adjoints of 2026-12-04 - and keeps 8 warps:
+    ``common.FRUGAL_REGISTERS``). The calibrated model (``bench/latency_model.py``) prices
+    the doubled warps above the half tile's doubled instructions per element: W2 B-E
+    backward 3,707 -> 3,260 µs at T = 4, 35,930 -> 34,595 at T = 16 (PREDICTIONS,
+    ``bench/results/badmm_backward_sixteen_warps_2026-12-02.md``; ``bench/gpu_tune.py`` times
+    the 8-warp layouts beside it). With BACKWARD_WARPS = 8: the layout until 2026-12-02 (the
+    full tile; the half tile with the plan's gradient, whose full tile sat at 255 registers
+    and spilled)."""
     BN, BD, BV, num_warps = block_sizes(n_hint, D)
     if num_warps != 8 or BN * BD < 2048:
         return BN, BD, BV, num_warps
