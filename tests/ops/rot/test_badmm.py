@@ -254,6 +254,26 @@ def test_one_pass_iterations(method, variant, scale, monkeypatch):
     assert chosen == [(16, 16, 16 if not ON_CUDA else 128, 4) if one_pass else None]
 
 
+@pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("badmm-q", "paper")])
+def test_one_pass_persistent_loop(method, variant, monkeypatch):
+    """The one-pass forward steps through its sets by the grid size (kernels.badmm_fwd_kernel,
+    ONE_PASS): 7 sets on the interpreter's 4 programs, so three programs take two sets; with
+    priors and a plan, against the reference."""
+    _small_blocks(monkeypatch)
+    _schedule(monkeypatch, "replay")
+    monkeypatch.setattr(launch, "forward_splits", lambda *a: (1, 1))
+    chosen = _returns_of(monkeypatch, "forward_one_pass")
+    grids = []
+    real = launch._num_programs
+    monkeypatch.setattr(launch, "_num_programs",
+                        lambda *a: grids.append(real(*a)) or grids[-1])
+    gen = torch.Generator().manual_seed(32)
+    x, w, lp, lq, cy, cp = _case(7, 5, 12, 2, gen)
+    args = (x, None, method, variant, w, lp, lq, cy, cp)
+    _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32])
+    assert chosen and chosen[0] is not None and grids[0] == 4, (chosen, grids)
+
+
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("badmm-q", "paper"),
                                             ("badmm-q", "exact"), ("badmm-e", "paper")])
@@ -700,6 +720,22 @@ def test_ragged_backward_rebuilds_zbar(method, variant, monkeypatch):
     assert chosen == [True], chosen
 
 
+@pytest.mark.parametrize("method,variant", [("badmm-e", "exact"), ("badmm-q", "paper")])
+def test_ragged_rebuild_on_triton36_tiles(method, variant, monkeypatch):
+    """With triton 3.6 (``FRUGAL_REGISTERS`` false) the Z̄'-rebuilding backward runs tiles
+    halved once more than the forward's (:func:`launch.rebuild_block_sizes`: BD 64 -> 32
+    here, so D = 40 spans two column blocks in the backward and one in the forward); with empty
+    sets, priors and a plan gradient, against the reference."""
+    monkeypatch.setattr(launch, "FRUGAL_REGISTERS", False)
+    bv = 16 if not ON_CUDA else 128
+    monkeypatch.setattr(launch, "block_sizes", lambda n, d: (16, 64, bv, 2))
+    _schedule(monkeypatch, "replay")
+    monkeypatch.setattr(launch, "backward_fuses", lambda *a: False)
+    picked = _returns_of(monkeypatch, "rebuild_block_sizes")
+    _check_ragged_with_empty_sets(method, variant, [0, 7, 0, 18, 3, 1], D=40, T=3, seed=47)
+    assert picked == [(16, 32, bv, 2)], picked
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_strided_image_without_copy(channels_last, monkeypatch):
     """A (B, C, H, W) image read as x = img.flatten(2).transpose(1, 2) (sets of H·W samples,
@@ -1128,6 +1164,7 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
         (m.badmm_bwd_kernel, 128, 500, False, False, True, "PLAN_GRAD", False),
         (m.badmm_bwd_kernel, 128, 500, False, True, True, "SCALED", False),
         (m.badmm_bwd_kernel, 128, 500, True, False, True, "PLAN_GRAD", False),
+        (m.badmm_bwd_kernel, 128, 500, True, True, True, "PLAN_GRAD", False),
         (m.badmm_bwd_kernel, 128, 500, True, True, True, "SCALED", False)]:
     # the backward's flag: PLAN_GRAD, DEFER (W2 has no plan gradient) or SCALED (W2 under
     # the layers' scale="auto": with DEFER), last field: FUSE (its half tiles:
@@ -1137,7 +1174,8 @@ for kernel, D, N, quad, paper, ragged, flag, replay in [
     rebuild = kernel is m.badmm_bwd_kernel and launch.backward_rebuilds_zbar(ragged, replay)
     sizes = launch.block_sizes
     if kernel is m.badmm_bwd_kernel:     # as the launcher: 16 warps unfused (triton >= 3.9)
-        sizes = (launch.backward_block_sizes if fused or rebuild else
+        sizes = (launch.rebuild_block_sizes if rebuild else
+                 launch.backward_block_sizes if fused else
                  lambda n, d: launch.unfused_backward_block_sizes(n, d, flag == "PLAN_GRAD"))
     if kernel is m.badmm_fwd_kernel:
         sizes = launch.forward_block_sizes          # (16 warps on a 2,048 tile)
@@ -1203,12 +1241,13 @@ def test_aot_compile_sm90():
     the layers' feature scale folded in: SCALED; the forward at 16 warps on 2,048 tiles,
     launch.forward_block_sizes; the dense unfused backward at 16 warps on half tiles,
     launch.unfused_backward_block_sizes; ragged B-E and B-Q unfused rebuilding Z̄':
-    ZREBUILD); register use is printed and nothing spills (ptxas -v, stack included)."""
+    ZREBUILD, launch.rebuild_block_sizes); register use is printed and nothing spills (ptxas
+    -v, stack included), with triton 3.9 and 3.6 (the H200 image's) alike."""
     out = run_without_interpreter(AOT_CODE, timeout=900)
     lines = [l for l in out.splitlines() if "regs" in l]
     print("\n".join(lines))
-    assert len(lines) == 21
-    assert sum("zbar rebuilt" in l for l in lines) == 4
+    assert len(lines) == 22
+    assert sum("zbar rebuilt" in l for l in lines) == 5
     assert sum("one-pass" in l for l in lines) == 2
     for l in lines:
         if "local ?" not in l:

@@ -1077,8 +1077,14 @@ def badmm_fwd_kernel(
     nprog = tl.num_programs(0)
     rho_ptr = w_ptr + 4 * T                                              # row RHO of the table
     vd = vd_ptr + pid.to(tl.int64) * 7 * D
-    for it in range(0, tl.cdiv(B - pid, nprog)):
-        b = _set_of(order_ptr, pid + it * nprog, RAGGED)
+    # the program's sets pid, pid + nprog, ...: ONE_PASS steps through them by nprog, the other
+    # schedules count them - the same sets; at the 128-register cap triton 3.6 spilled the
+    # count and counter in the one-pass B-Q paper forward with a plan (20 B), and the stepped
+    # form makes 3.9 spill in the streamed W2 forward with a plan (44 B): AOT test
+    lo = pid if ONE_PASS else 0
+    hi = B if ONE_PASS else tl.cdiv(B - pid, nprog)
+    for j in range(lo, hi, nprog if ONE_PASS else 1):
+        b = _set_of(order_ptr, j if ONE_PASS else pid + j * nprog, RAGGED)
         rs, n_b, xoff = _set_bounds(b, ptr_ptr, N, sxb, sxn, RAGGED)
         sbase, vn, ns = _scratch_bases(pid, rs, N, D, NR, RAGGED)
         sl = sl_ptr + sbase                                                          # [N_b, D]

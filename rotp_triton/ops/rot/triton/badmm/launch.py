@@ -28,7 +28,7 @@ from .split_kernels import (badmm_split_column_lse_kernel, badmm_split_column_st
                             badmm_split_row_lse_kernel)
 
 __all__ = ["badmm_forward", "badmm_backward", "block_sizes", "forward_block_sizes",
-           "backward_block_sizes", "unfused_backward_block_sizes",
+           "backward_block_sizes", "rebuild_block_sizes", "unfused_backward_block_sizes",
            "history_like", "history_views", "param_grads_numel", "param_grad_views",
            "forward_replays", "forward_one_pass", "backward_fuses",
            "backward_rebuilds_zbar", "split_backward_fuses",
@@ -65,6 +65,23 @@ def backward_block_sizes(n_hint: int, D: int):
     16 bytes once the replay loaded its shifts as (R, log μ) pairs (W2, B-E)."""
     BN, BD, BV, num_warps = block_sizes(n_hint, D)
     if num_warps == 8 and BN * BD >= 2048:
+        if BD >= 32:
+            BD //= 2
+        else:
+            BN //= 2
+    return BN, BD, BV, num_warps
+
+
+def rebuild_block_sizes(n_hint: int, D: int):
+    """(BN, BD, BV, num_warps) of the one-program-per-set backward that rebuilds Z̄' (ragged,
+    unfused: :func:`backward_rebuilds_zbar`): :func:`backward_block_sizes`' half tile, with
+    triton 3.6 (``common.FRUGAL_REGISTERS`` false) halved once more the same way (BD first;
+    2 fp32 per thread at 8 warps). At 4 per thread 3.6's ptxas spilled in 8 of the 12
+    configurations (B-E and B-Q, exact and paper, with the plan's gradient, the feature scale
+    or both; 24-236 bytes at 255 registers); at 2 none do (208-242 registers, D = 128); 3.9 fits
+    the half tile without spills (214-244; ``bench/results/aot_triton36_spills_2026-12-04.md``)."""
+    BN, BD, BV, num_warps = backward_block_sizes(n_hint, D)
+    if not FRUGAL_REGISTERS and BN * BD >= 4 * 32 * num_warps:
         if BD >= 32:
             BD //= 2
         else:
@@ -424,7 +441,8 @@ def backward_rebuilds_zbar(per_row: bool, fuse: bool = False) -> bool:
     set; the split backward unfused: :func:`split_backward_fuses`) pass 2, one more exp2 per
     element-iteration (B-Q two). Those passes run :func:`backward_block_sizes`' half tiles:
     at 8 fp32 a thread they sat at 227-255 registers and triton 3.6 spilled 88-408 bytes (one
-    program per set, ragged, paper, with the feature scale: 2,100)."""
+    program per set, ragged, paper, with the feature scale: 2,100); with 3.6 the one-program-
+    per-set kernel halves them again (:func:`rebuild_block_sizes`)."""
     return per_row and not fuse
 
 
@@ -671,7 +689,9 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
                 shapes[2] = geo.grid * T * D
                 shapes[-1] = T * geo.rows if quadratic else 1
             _, (gw, slb, szb, vd, vn, zc) = fp32_scratch(dev, empty=shapes)
-            if fuse or rebuild:
+            if rebuild:
+                BN, BD, BV, num_warps = rebuild_block_sizes(geo.N, D)
+            elif fuse:
                 BN, BD, BV, num_warps = backward_block_sizes(geo.N, D)
             else:
                 BN, BD, BV, num_warps = unfused_backward_block_sizes(geo.N, D,
