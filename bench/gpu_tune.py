@@ -1,8 +1,8 @@
 """Launch-configuration sweep for the next GPU lease (issues 12, 13, 17): MEASURED times of the
 W2 Sinkhorn and B-E kernels under the shipped and alternative layouts (the ones measured on
 2026-11-29 among them), of W1 B-E with and without its split over several programs per set,
-and of the W1 structure path (α0 = 0.1) at 16 and 8 warps, each checked against the torch
-path.
+and of the W1 structure path (α0 = 0.1) at 16 and 8 warps, and the W3 window backwards'
+layouts without spills under triton 3.6, each checked against the torch path.
 
 The H200 run of 2026-11-29 measured the one-program-per-set kernels 2-7× over the kernel
 report's prediction, with ~8 resident warps per SM (200-255 registers per thread; see
@@ -142,6 +142,21 @@ def variants():
         ("W3", "sinkhorn", "window Sinkhorn uncapped (forward 93, backward 196 registers with "
          "triton 3.9)", {Wi: dict(FWD_LAYOUT=dict(Wi.FWD_LAYOUT, sinkhorn=(32, 255)),
                                   FRUGAL_REGISTERS=False)}),
+        # triton 3.6 (the H200 image's) spills in the window backwards' shipped layouts (W3:
+        # Sinkhorn 1,520 B at T = 16, B-ADMM 8-48 B), 3.9 does not; these layouts build
+        # without spills with 3.6 and the same 8 warps per SM, but the kernel report (built
+        # with 3.6, spills not priced) puts them 23-39 % slower for their extra instructions
+        # (results/aot_triton36_window_2026-12-04.md). With 3.9 the B-ADMM one is the shipped
+        # layout without its register cap.
+        ("W3", "badmm-e", "window B-ADMM backward at 8 warps, 4 fp32 a thread, uncapped (no "
+         "spills with triton 3.6)", {Wi: dict(BWD_ELEMS=dict(Wi.BWD_ELEMS, **{"badmm-e": 4}),
+                                              FRUGAL_REGISTERS=False)}),
+        ("W3 T=16", "sinkhorn", "shipped", {}),
+        ("W3 T=16", "sinkhorn", "window Sinkhorn backward at 8 fp32 a thread, 8 iterations a "
+         "segment (no spills with triton 3.6)", {Wi: dict(
+             BWD_ELEMS=dict(Wi.BWD_ELEMS, sinkhorn=8),
+             BWD_ELEMS_PAPER=dict(Wi.BWD_ELEMS_PAPER, sinkhorn=8),
+             BWD_SEGMENT=dict(Wi.BWD_SEGMENT, sinkhorn=8))}),
         # the row-pieces forward as [P / RL, BD, RL] tiles since 2026-12-02 (RL = 4 lanes a
         # column at W2, 128 registers: bench/results/sinkhorn_pieces_lanes_2026-12-02.md)
         # against its [P, BD] layouts until then (8 warps at 4 fp32 a thread under the cap; 4
@@ -226,9 +241,16 @@ def patched(patches):
 
 
 def _workload_a0(wl: str):
-    """("W1", 0.1) from "W1 a0=0.1"; (wl, 0.0) without an α0."""
-    name, _, a0 = wl.partition(" a0=")
+    """("W1", 0.1) from "W1 a0=0.1"; (wl, 0.0) without an α0 (a " T=..." part dropped)."""
+    name, _, a0 = wl.partition(" T=")[0].partition(" a0=")
     return name, float(a0) if a0 else 0.0
+
+
+def _workload_T(wl: str, T: int, smoke: bool) -> int:
+    """The iterations of a variant: 16 for "W3 T=16", else the sweep's ``T`` (and always
+    under --smoke-cpu, whose interpreter shapes are for small T)."""
+    _, _, t = wl.partition(" T=")
+    return int(t) if t and not smoke else T
 
 
 def run_variant(env, wl, method, T, patches, reference):
@@ -284,19 +306,20 @@ def main(argv=None) -> int:
     for wl, method, name, patches in variants():
         if keep and method not in keep:
             continue
-        row = dict(workload=wl, T=T, method=method, variant=name)
+        Tv = _workload_T(wl, T, env.smoke)
+        row = dict(workload=wl, T=Tv, method=method, variant=name)
         try:
             with deadline(end - time.time()):
                 if (wl, method) not in refs:  # the torch path once: the check's reference
                     name_, a0 = _workload_a0(wl)
                     x0, ptr, kind, desc = workload(name_, env)
-                    fn, params = pool_fn(kind, x0, ptr, method, T, "torch", env, a0=a0)
+                    fn, params = pool_fn(kind, x0, ptr, method, Tv, "torch", env, a0=a0)
                     x = x0.clone().requires_grad_()
                     y = fn(x)
                     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(y)
                     refs[wl, method] = dict(data=(x0, ptr, kind, desc), gy=gy, out=(
                         y.detach(), torch.autograd.grad(y, [x] + params, gy)))
-                row.update(run_variant(env, wl, method, T, patches, refs[wl, method]))
+                row.update(run_variant(env, wl, method, Tv, patches, refs[wl, method]))
         except Exception as e:
             row["status"] = "out of time" if is_timeout(e) else \
                 f"error {type(e).__name__}: {str(e)[:200]}"
@@ -309,7 +332,8 @@ def main(argv=None) -> int:
         with open(base + ".json", "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
         L = [f"# Launch-configuration sweep - {dev}, {date} (MEASURED)", "",
-             f"torch {meta['torch']}, triton {meta['triton']}; T = {T}, fp32; medians of "
+             f"torch {meta['torch']}, triton {meta['triton']}; T = {T} (a workload "
+             "named '... T=n': n), fp32; medians of "
              "triton.testing.do_bench; errors: relative L2 against backend='torch' (≤ 2e-3).",
              "CUDA graph: the fwd+bwd replayed from a `torch.cuda.graph` capture (kernels, no "
              "host front end).", "",
