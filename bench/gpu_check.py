@@ -259,9 +259,16 @@ def smoke_cases(env: Env):
     # (sinkhorn/launch.ragged_tile; from triton 3.9 on)
     big_ptr = torch.tensor([0, 300, 300, 500, 980, 1130])
     big_rag = torch.randn(1130, 20 if not env.smoke else 4, generator=g)
+    # nn.AdaptiveAvgPool2d's windows of different sizes, overlapping (7 × 5 -> 3 × 2): the
+    # window kernels' ADAPTIVE tiles (since 2026-12-04; no GPU has run them yet)
+    uneven = torch.randn(2, 16 if not env.smoke else 4, 7, 5, generator=g)
     out = [("rot_pool few large sets sinkhorn", "set", large, None, None, "sinkhorn", "exact",
             0.0),
            ("rot_pool ptr large sets sinkhorn", "ragged", big_rag, big_ptr, None, "sinkhorn",
+            "exact", 0.0),
+           ("AdaptiveROTPool2d 3x2 uneven badmm-e", "adaptive", uneven, None, None, "badmm-e",
+            "exact", 0.0),
+           ("AdaptiveROTPool2d 3x2 uneven sinkhorn", "adaptive", uneven, None, None, "sinkhorn",
             "exact", 0.0)]
     for m in ("sinkhorn", "badmm-e", "badmm-q"):
         out += [(f"rot_pool dense {m}", "set", dense, None, None, m, "exact", 0.0),
@@ -280,6 +287,7 @@ def smoke_cases(env: Env):
     # (the H200 run of 2026-11-29 checked dense S / B-E / B-Q, ROTPool2d B-E, ptr S, index
     # B-E and α0 > 0: the families and layouts it did not reach come first)
     first = ("rot_pool few large sets sinkhorn", "rot_pool ptr large sets sinkhorn",
+             "AdaptiveROTPool2d 3x2 uneven badmm-e", "AdaptiveROTPool2d 3x2 uneven sinkhorn",
              "ROTPool2d channels_last sinkhorn", "AdaptiveROTPool2d badmm-e",
              "rot_pool dense badmm-e paper", "rot_pool ptr badmm-q", "ROTPool2d sinkhorn",
              "rot_pool dense sinkhorn paper", "rot_pool index badmm-q",
@@ -301,9 +309,10 @@ def run_smoke_case(env, case, dtype):
         torch.manual_seed(0)
         x = x0.clone().requires_grad_() if kind != "window_cl" else \
             x0.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
-        if kind in ("window", "window_cl", "global"):
-            cls = rt.ROTPool2d if kind != "global" else rt.AdaptiveROTPool2d
-            args = (x.shape[1], 2) if kind != "global" else (x.shape[1],)
+        if kind in ("window", "window_cl", "global", "adaptive"):
+            cls = rt.ROTPool2d if kind.startswith("window") else rt.AdaptiveROTPool2d
+            args = {"global": (x.shape[1],), "adaptive": (x.shape[1], (3, 2))}.get(
+                kind, (x.shape[1], 2))
             m = cls(*args, method=method, variant=variant, num_iters=T,
                     backend=backend).to(env.device)
             params = list(m.parameters())
@@ -341,7 +350,8 @@ def section_smoke(env, out, budget, only_cases=None):
     if env.smoke:  # the interpreter is slow: one case per family and layout
         keep = ("rot_pool dense sinkhorn", "rot_pool ptr badmm-e", "rot_pool index badmm-q",
                 "ROTPool2d channels_last badmm-e", "AdaptiveROTPool2d sinkhorn",
-                "rot_pool dense badmm-e paper", "rot_pool dense badmm-e a0=0.1")
+                "rot_pool dense badmm-e paper", "rot_pool dense badmm-e a0=0.1",
+                "AdaptiveROTPool2d 3x2 uneven badmm-e")
         cases = [c for c in cases if c[0] in keep] or cases[:1]
     with deadline(budget):
         for dt, case in [(dt, c) for dt in dtypes for c in cases]:   # fp32 first

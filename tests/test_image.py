@@ -349,3 +349,27 @@ def test_adaptive_even_windows_use_kernel(monkeypatch):
     assert calls == [(2, 2)]
     assert outs[0].shape == (2, 3, 2, 3)
     assert rel_err(outs[0], outs[1]) <= 1e-4
+
+
+@pytest.mark.parametrize("scale", [None, "auto"])
+def test_adaptive_uneven_windows_use_kernel(monkeypatch, scale):
+    """AdaptiveROTPool2d with windows that differ in size and overlap (7 × 5 -> 3 × 2) runs the
+    window kernel with nn.AdaptiveAvgPool2d's windows (with the feature scale folded in or
+    not) and matches the torch path, forward and gradients."""
+    from rotp_triton.ops.rot.triton.window import op as window_op
+    calls = []
+    real = window_op.window_pool
+    monkeypatch.setattr(window_op, "window_pool",
+                        lambda x, w, **k: calls.append(k.get("output_size")) or real(x, w, **k))
+    x = make_input(2, 3, 7, 5, "channels_last", torch.float32, seed=6)
+    res = []
+    for backend in ("triton", "torch"):
+        xl = x.clone().requires_grad_()
+        m = AdaptiveROTPool2d(3, (3, 2), num_iters=2, a1=0.5, rho=0.5, backend=backend,
+                              scale=scale).to(DEVICE)
+        y = m(xl)
+        res.append((y,) + torch.autograd.grad((y * y).sum(), [xl, m.weights.raw_a1]))
+    assert calls == [(3, 2)]
+    assert res[0][0].shape == (2, 3, 3, 2)
+    for a, b in zip(*res):
+        assert rel_err(a, b) <= 1e-4

@@ -136,9 +136,10 @@ class AdaptiveROTPool2d(_ImageROTBase):
 
     Backend: ``output_size=1`` goes through :func:`rotp_triton.rot_pool` on the strided view
     ``x.flatten(2).transpose(1, 2)`` (no copy), i.e. the Triton set kernels for CUDA inputs.
-    Adaptive windows that tile the image evenly (H % oh == 0 and W % ow == 0) use the local
-    window kernels (``rotp_triton.ops.rot.triton.window``, routed by ``ops/rot/route.py``) on
-    CUDA when α0 = 0; other windows use the torch path.
+    Other output sizes run the window kernels (``rotp_triton.ops.rot.triton.window``, routed by
+    ``ops/rot/route.py``) on CUDA when α0 = 0: windows that tile the image evenly (H % oh == 0
+    and W % ow == 0) as local windows, the others (of different sizes, overlapping) as
+    nn.AdaptiveAvgPool2d's windows; with α0 > 0 (or beyond the kernels' tile) the torch path.
 
     Args:
         channels: C.

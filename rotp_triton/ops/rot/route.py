@@ -29,6 +29,7 @@ from .spread import normalize_by_spread, normalize_sets_by_spread
 from .torch.pool import rot_pool_padded
 from .torch.windows import adaptive_rot_pool2d_torch, rot_pool2d_torch
 from .triton.common import interpreter_enabled, next_pow2
+from .window_geometry import adaptive_bounds
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The window kernels hold a tile of next_pow2(kh·kw) × next_pow2(C) per program in registers
@@ -177,24 +178,14 @@ def pool_windows(x: Tensor, table: Tensor, *, kernel_size, stride, padding, ceil
     (``spread.py``, the layers' ``scale="auto"``): folded into the window kernels where they
     run eagerly; otherwise the separate ops (spread kernels on CUDA, torch ops under
     ``torch.compile`` or on CPU)."""
-    kernels = use_kernels(x, backend, structure=structure,
-                          window_tile=_window_tile(kernel_size, x.shape[1]))
-    if kernels:
-        from .triton.window.op import window_pool
-        if spread and not torch.compiler.is_compiling():
-            return window_pool(x, table, kernel_size=kernel_size, stride=stride,
-                               padding=padding, ceil_mode=ceil_mode, method=method,
-                               variant=variant, spread=True)
-    xs, s = (normalize_by_spread(x, (2, 3), x.dtype, kernels=_spread_kernels(x, backend))
-             if spread else (x, None))
-    if kernels:
-        y = window_pool(xs, table, kernel_size=kernel_size, stride=stride, padding=padding,
-                        ceil_mode=ceil_mode, method=method, variant=variant)
-    else:
-        y = rot_pool2d_torch(xs, kernel_size, stride, padding, ceil_mode, method=method,
-                             variant=variant, num_iters=num_iters, inner_iters=inner_iters,
-                             weights=_torch_weights(table, structure))
-    return y if s is None else (y * s).to(x.dtype)
+    def torch_path(xs):
+        return rot_pool2d_torch(xs, kernel_size, stride, padding, ceil_mode, method=method,
+                                variant=variant, num_iters=num_iters, inner_iters=inner_iters,
+                                weights=_torch_weights(table, structure))
+    windows = dict(kernel_size=kernel_size, stride=stride, padding=padding, ceil_mode=ceil_mode)
+    return _pool_image_windows(x, table, windows, kernel_size, torch_path, method=method,
+                               variant=variant, structure=structure, backend=backend,
+                               spread=spread)
 
 
 @without_autocast
@@ -202,8 +193,9 @@ def pool_adaptive(x: Tensor, table: Tensor, output_size: Tuple[int, int], *,
                   method: str, variant: str, structure: bool, num_iters: int,
                   inner_iters: int, backend: str, spread: bool = False) -> Tensor:
     """Adaptive ROT pooling (nn.AdaptiveAvgPool2d's windows), output size other than 1×1:
-    windows that tile the image evenly are local windows (kernels where they apply), others
-    run on the torch path (also with backend="triton"). ``spread``: as in ``pool_windows``."""
+    windows that tile the image evenly are local windows; others (they may differ in size and
+    overlap) run on the window kernels too (``window_pool(output_size=...)``) where kernels
+    apply, else on the torch path. ``spread``: as in ``pool_windows``."""
     B, C, H, W = x.shape
     oh, ow = output_size
     if H % oh == 0 and W % ow == 0:
@@ -212,9 +204,34 @@ def pool_adaptive(x: Tensor, table: Tensor, output_size: Tuple[int, int], *,
                             ceil_mode=False, method=method, variant=variant,
                             structure=structure, num_iters=num_iters, inner_iters=inner_iters,
                             backend=backend, spread=spread)
+
+    def torch_path(xs):
+        return adaptive_rot_pool2d_torch(xs, output_size, method=method, variant=variant,
+                                         num_iters=num_iters, inner_iters=inner_iters,
+                                         weights=_torch_weights(table, structure))
+    largest = (max(e - s for s, e in adaptive_bounds(H, oh)),
+               max(e - s for s, e in adaptive_bounds(W, ow)))
+    return _pool_image_windows(x, table, dict(output_size=(oh, ow)), largest, torch_path,
+                               method=method, variant=variant, structure=structure,
+                               backend=backend, spread=spread)
+
+
+def _pool_image_windows(x: Tensor, table: Tensor, windows: dict, largest, torch_path, *,
+                        method: str, variant: str, structure: bool, backend: str,
+                        spread: bool) -> Tensor:
+    """The window kernels (``window_pool(**windows)``) where they apply - ``largest``: the
+    largest window (kh, kw), which sets the kernels' tile - else ``torch_path(x or x / s)``."""
+    kernels = use_kernels(x, backend, structure=structure,
+                          window_tile=_window_tile(largest, x.shape[1]))
+    if kernels:
+        from .triton.window.op import window_pool
+        if spread and not torch.compiler.is_compiling():
+            return window_pool(x, table, method=method, variant=variant, spread=True,
+                               **windows)
     xs, s = (normalize_by_spread(x, (2, 3), x.dtype, kernels=_spread_kernels(x, backend))
              if spread else (x, None))
-    y = adaptive_rot_pool2d_torch(xs, output_size, method=method, variant=variant,
-                                  num_iters=num_iters, inner_iters=inner_iters,
-                                  weights=_torch_weights(table, structure))
+    if kernels:
+        y = window_pool(xs, table, method=method, variant=variant, **windows)
+    else:
+        y = torch_path(xs)
     return y if s is None else (y * s).to(x.dtype)

@@ -13,7 +13,7 @@ import torch
 
 from kernel_utils import DEVICE, KERNEL_DTYPES, ON_CUDA, RTOL, rel_err, run_without_interpreter
 from reference.window import pool_windows as reference_pool
-from reference.window import window_positions
+from reference.window import adaptive_positions, window_positions
 from test_image import make_input, random_weights
 from rotp_triton.ops.rot.params import A0, A1, A2, A3, RHO, TAU
 from rotp_triton.ops.rot.triton.window import window_pool
@@ -37,6 +37,16 @@ CASES = {  # name: (B, C, H, W, k, s, p, ceil_mode, layout)
     # send to the torch path
     "2x2-wideC": (1, 1100, 2, 4, (2, 2), (2, 2), (0, 0), False, "channels_last"),
 }
+# nn.AdaptiveAvgPool2d's windows where they do not tile the image (window_pool(output_size=)):
+# name: (B, C, H, W, (oh, ow), layout)
+ADAPTIVE_CASES = {
+    # sizes 2-3 × 3-4, overlapping by a row / a column: [0, 2), [1, 4), [3, 5) × [0, 4), [3, 7)
+    "adaptive-5x7-to-3x2": (2, 3, 5, 7, (3, 2), "nchw"),
+    # more windows than pixels (output 5 × 3 from 3 × 2): windows repeat, a pixel in up to 3
+    "adaptive-upsample-cl": (1, 4, 3, 2, (5, 3), "channels_last"),
+    # one axis even (4 -> 2: windows of 2), the other not (7 -> 3: [0, 3), [2, 5), [4, 7))
+    "adaptive-4x7-to-2x3-noncontig": (2, 5, 4, 7, (2, 3), "noncontig"),
+}
 
 
 def weight_table(w64, T):
@@ -51,15 +61,20 @@ def check_window(method, variant, case, dtype=torch.float32, T=3, inf_a2=False, 
     fp16/bf16); ``atol`` (absolute, weight gradients only) for sums of thousands of cancelling
     fp32 terms. ``weights``: float64 rows a1, a2, a3, rho of length T (default: random);
     ``x_scale`` multiplies the input."""
-    B, C, H, W, k, s, p, cm, layout = CASES[case]
+    if case in ADAPTIVE_CASES:
+        B, C, H, W, (Ho, Wo), layout = ADAPTIVE_CASES[case]
+        windows = dict(output_size=(Ho, Wo))
+        wins = adaptive_positions(H, W, Ho, Wo)
+    else:
+        B, C, H, W, k, s, p, cm, layout = CASES[case]
+        windows = dict(kernel_size=k, stride=s, padding=p, ceil_mode=cm)
+        Ho, Wo, wins = window_positions(H, W, k, s, p, cm)
     x = (make_input(B, C, H, W, layout, dtype, seed=len(case)) * x_scale).requires_grad_()
     w64 = weights if weights is not None else random_weights(T, torch.float64, seed=3,
                                                              inf_a2=inf_a2)
     learn = [n for n in w64 if not (inf_a2 and n == "a2")]
     wt = weight_table(w64, T).float().to(DEVICE).requires_grad_()
-    y = window_pool(x, wt, kernel_size=k, stride=s, padding=p, ceil_mode=cm, method=method,
-                    variant=variant)
-    Ho, Wo, wins = window_positions(H, W, k, s, p, cm)
+    y = window_pool(x, wt, method=method, variant=variant, **windows)
     assert y.shape == (B, C, Ho, Wo) and y.dtype == dtype
     if layout == "channels_last":
         assert y.is_contiguous(memory_format=torch.channels_last)
@@ -127,6 +142,52 @@ def test_hard_marginal_and_single_iteration():
     check_window("sinkhorn", "exact", "2x2-oddC", inf_a2=True)
     check_window("badmm-e", "exact", "2x2-oddC", inf_a2=True, T=2)
     check_window("badmm-q", "exact", "2x2-oddC", T=1)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("method", METHODS)
+def test_adaptive_windows(method, variant):
+    """nn.AdaptiveAvgPool2d's windows that do not tile the image (different sizes, rows and
+    columns shared by two windows) on the kernels: forward and gradients == the oracle."""
+    check_window(method, variant, "adaptive-5x7-to-3x2")
+
+
+@pytest.mark.parametrize("case", ["adaptive-upsample-cl", "adaptive-4x7-to-2x3-noncontig"])
+@pytest.mark.parametrize("method,variant", [("sinkhorn", "exact"), ("badmm-e", "paper")],
+                         ids=["s-exact", "be-paper"])
+def test_adaptive_windows_layouts(case, method, variant):
+    """Adaptive windows with more windows than pixels (a pixel in up to three windows per
+    axis), channels_last, a non-contiguous input and one axis even: == the oracle."""
+    check_window(method, variant, case)
+
+
+@pytest.mark.parametrize("case", ["adaptive-5x7-to-3x2", "adaptive-upsample-cl"])
+def test_adaptive_windows_under_deterministic_algorithms(case, deterministic):
+    """Overlapping adaptive windows under ``torch.use_deterministic_algorithms(True)``: the
+    windows' shares of x̄ are summed per pixel by a gather in a fixed order
+    (``launch._sum_adaptive_shares``, no fold geometry), == the oracle; no atomic path."""
+    from launch_counter import count_launches
+    with count_launches() as launches:
+        check_window("badmm-q", "exact", case)
+    assert launches.constexprs[1]["SHARES"] and not launches.constexprs[1]["OVERLAP"]
+    assert launches.constexprs[0]["ADAPTIVE"] and launches.constexprs[1]["ADAPTIVE"]
+
+
+def test_adaptive_geometry():
+    """The launcher's geometry of adaptive windows: the largest window sets the tile (kh, kw),
+    windows overlap exactly where nn.AdaptiveAvgPool2d's do, and an even split tiles the
+    image."""
+    from rotp_triton.ops.rot.triton.window.launch import geometry, masked
+    g = geometry((2, 3, 5, 7), None, None, None, False, (3, 2))
+    assert (g.Ho, g.Wo, g.kh, g.kw, g.adaptive) == (3, 2, 3, 4, True)
+    assert g.overlap and not g.tiles_image and masked(g, 16, 4)
+    assert g.constexprs()["ADAPTIVE"]
+    even = geometry((1, 4, 6, 4), None, None, None, False, (3, 2))
+    assert (even.kh, even.kw) == (2, 2) and not even.overlap and even.tiles_image
+    assert not masked(even, 4, 4)
+    assert geometry((1, 1, 7, 1), None, None, None, False, (2, 1)).overlap   # [0, 4), [3, 7)
+    local = geometry((1, 1, 6, 6), (2, 2), (2, 2), (0, 0), False)
+    assert not local.adaptive and not local.constexprs()["ADAPTIVE"]
 
 
 def test_badmm_q_large_a1_over_rho():
@@ -352,8 +413,12 @@ def test_saves_only_input_and_weight_table():
         assert saved[1].shape == (6, T)
 
 
-def test_compile_fullgraph():
-    """torch.compile(fullgraph=True) traces window_pool as one node (custom op, fake kernel);
+@pytest.mark.parametrize("windows", [
+    dict(kernel_size=(2, 2), stride=(2, 2), padding=(0, 0), ceil_mode=False),
+    dict(output_size=(3, 2))], ids=["local", "adaptive"])
+def test_compile_fullgraph(windows):
+    """torch.compile(fullgraph=True) traces window_pool as one node (custom op, fake kernel),
+    forward and backward (local windows, and adaptive ones: 4 rows -> 3 overlapping windows);
     under the interpreter the graph runs on the "eager" backend (wrap_triton hands back the
     interpreted kernel, which cannot run inside AOT autograd)."""
     from rotp_triton.ops.rot.triton import window as win
@@ -363,12 +428,18 @@ def test_compile_fullgraph():
     w = weight_table(random_weights(2, torch.float64), 2).float().to(DEVICE)
 
     def f(x, w):
-        return window_pool(x, w, kernel_size=(2, 2), stride=(2, 2), padding=(0, 0),
-                           ceil_mode=False, method="sinkhorn", variant="exact")
+        return window_pool(x, w, method="sinkhorn", variant="exact", **windows)
 
-    ref = f(x, w)
-    out = torch.compile(f, fullgraph=True, backend="inductor" if ON_CUDA else "eager")(x, w)
-    assert out.shape == ref.shape and rel_err(out, ref) <= 1e-6
+    def run(fn):
+        xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(xl, wl)
+        return (y,) + torch.autograd.grad((y * y).sum(), [xl, wl])
+
+    ref = run(f)
+    torch._dynamo.reset()
+    out = run(torch.compile(f, fullgraph=True, backend="inductor" if ON_CUDA else "eager"))
+    for a, b in zip(out, ref):
+        assert a.shape == b.shape and rel_err(a, b) <= 1e-6
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="peak memory is measured on CUDA")
@@ -424,7 +495,10 @@ BWD = ["x_ptr", "gy_ptr", "w_ptr", "gx_ptr", "gw_ptr", "s_ptr", "ds_ptr", "C", "
        "sgw", "sdb", "sdc", "sdh", "sdw"]
 NAMES = ("sinkhorn", "badmm-e", "badmm-q")
 for C, k, s, method, paper, kind, dt, T, *extra in CASES:
-    g = L.geometry((64, C, 56, 56), (k, k), (s, s), (0, 0), False)
+    if "ADAPTIVE" in extra:   # nn.AdaptiveAvgPool2d's windows, output k × k
+        g = L.geometry((64, C, 56, 56), None, None, None, False, (k, k))
+    else:
+        g = L.geometry((64, C, 56, 56), (k, k), (s, s), (0, 0), False)
     variant = "paper" if paper else "exact"
     if kind == "fwd":
         names, kern, cfg = FWD, K.window_fwd_kernel, L.fwd_config(g, NAMES[method], variant)
@@ -444,7 +518,7 @@ for C, k, s, method, paper, kind, dt, T, *extra in CASES:
     assert "cubin" in c.asm
     u = ptxas_usage(c)
     usage = f"REG:{u['registers']} SPILL:{u['spill_bytes']}"
-    flags = "".join(f for f in ("MASKED", "TAIL", "SCALED", "SHARES") if ce.get(f))
+    flags = "".join(f for f in ("MASKED", "TAIL", "SCALED", "SHARES", "ADAPTIVE") if ce.get(f))
     print(f"RESULT C={C} k={k} s={s} method={method} paper={paper} {kind} {dt} T={T} "
           f"tile={cfg['BW']}x{cfg['BN']}x{cfg['BC']} warps={warps} {flags} {usage}", flush=True)
 """
@@ -453,7 +527,9 @@ for C, k, s, method, paper, kind, dt, T, *extra in CASES:
 # (C = 256, 2×2, full windows: the unmasked kernels; the backward at T = 4, one segment, and
 # T = 16, its own segment length; their register caps), plus masked / overlapping / 3×3,
 # fp16/bf16, and the tiles beyond 4,096 elements (C = 1100: forward 8,192 elements); a 9th
-# entry: SCALED, or SHARES (overlapping windows under torch.use_deterministic_algorithms)
+# entry: SCALED, SHARES (overlapping windows under torch.use_deterministic_algorithms), or
+# ADAPTIVE (nn.AdaptiveAvgPool2d's windows 56 -> k: 56 -> 24 gives windows of 3 rows, 2 or 3
+# apart: a 3×3 tile, masked, overlapping)
 AOT_CASES = ([(256, 2, 2, m, pa, "fwd", "fp32", 4) for m in range(3) for pa in (False, True)]
              + [(256, 2, 2, m, pa, "bwd", "fp32", T) for m in range(3) for pa in (False, True)
                 for T in (4, 16)]
@@ -463,6 +539,8 @@ AOT_CASES = ([(256, 2, 2, m, pa, "fwd", "fp32", 4) for m in range(3) for pa in (
                                                           "SHARES"),
                 (1100, 2, 2, 0, False, "fwd", "fp32", 4),
                 (1100, 2, 2, 1, False, "fwd", "fp32", 4), (512, 2, 2, 1, False, "bwd", "fp32", 4),
+                (64, 24, 0, 1, False, "fwd", "fp32", 4, "ADAPTIVE"),
+                (64, 24, 0, 0, False, "bwd", "fp32", 4, "ADAPTIVE"),
                 # the register caps: the backward's grow with the tape (BWD_BASE_REGISTERS),
                 # apply to one-window Sinkhorn tiles; forward tiles of 8 warps (fwd_layout)
                 (256, 2, 2, 0, False, "bwd", "fp32", 8), (256, 2, 2, 1, False, "bwd", "fp32", 2),

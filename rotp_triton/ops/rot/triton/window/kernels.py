@@ -588,9 +588,11 @@ def _admm_run(x, w_ptr, n_steps, T: tl.constexpr, lp0, lq0, sv, cv, QUAD: tl.con
 @triton.jit
 def _window_tile(pid, C, H, W, Ho, Wo, n_windows, KH: tl.constexpr, KW: tl.constexpr,
                  SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                 BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+                 BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, ADAPTIVE: tl.constexpr):
     """Indices and masks of the program's tile of BW windows: [BW] window and [BW, BN] sample
-    positions, [BC] channels (the kernels expand them to [BW, BN, BC])."""
+    positions, [BC] channels (the kernels expand them to [BW, BN, BC]). ADAPTIVE:
+    nn.AdaptiveAvgPool2d's windows, rows floor(oh·H/Ho) to ceil((oh+1)·H/Ho) (likewise
+    columns; sizes differ by one at most, KH × KW the largest), instead of stride and padding."""
     offs_w = pid * BW + tl.arange(0, BW)                               # [BW]
     w_ok = offs_w < n_windows
     ow = offs_w % Wo
@@ -599,10 +601,18 @@ def _window_tile(pid, C, H, W, Ho, Wo, n_windows, KH: tl.constexpr, KW: tl.const
     offs_n = tl.arange(0, BN)
     ki = offs_n // KW
     kj = offs_n % KW
-    hh = oh[:, None] * SH - PH + ki[None, :]                           # [BW, BN]
-    ww = ow[:, None] * SW - PW + kj[None, :]
-    inside = ((offs_n[None, :] < KH * KW) & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-              & w_ok[:, None])
+    if ADAPTIVE:
+        h1 = ((oh + 1) * H + Ho - 1) // Ho                             # [BW] rows h0 .. h1 - 1
+        w1 = ((ow + 1) * W + Wo - 1) // Wo
+        hh = ((oh * H) // Ho)[:, None] + ki[None, :]                   # [BW, BN]
+        ww = ((ow * W) // Wo)[:, None] + kj[None, :]
+        inside = ((offs_n[None, :] < KH * KW) & (hh < h1[:, None]) & (ww < w1[:, None])
+                  & w_ok[:, None])
+    else:
+        hh = oh[:, None] * SH - PH + ki[None, :]                       # [BW, BN]
+        ww = ow[:, None] * SW - PW + kj[None, :]
+        inside = ((offs_n[None, :] < KH * KW) & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+                  & w_ok[:, None])
     # windows past the end get one dummy sample so that every reduction stays finite
     sv2 = inside | ((offs_n[None, :] == 0) & (offs_w[:, None] >= n_windows))
     offs_c = tl.arange(0, BC)
@@ -784,17 +794,18 @@ def window_fwd_kernel(
     T: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
     METHOD: tl.constexpr, PAPER: tl.constexpr, MASKED: tl.constexpr, TAIL: tl.constexpr,
-    SCALED: tl.constexpr, FAST: tl.constexpr,
+    SCALED: tl.constexpr, FAST: tl.constexpr, ADAPTIVE: tl.constexpr = False,
 ):
     """y[b, :, oh, ow] = ROT pooling of window (oh, ow) of image b, all T iterations fused, for
     a [BW, BN, BC] tile: a window's samples of a channel in one thread (or a few lanes), the
     channel reductions across lanes. MASKED: some windows lose samples to padding / the border
     or C < BC; TAIL: the last tile has fewer than BW windows (masks its loads/stores only).
     SCALED: the layer's feature scale folded in, y = s_b · pool(x / s_b) with s (B,) fp32 (the
-    image's spread, ``spread`` family): no x / s pass and no output multiply on the host."""
+    image's spread, ``spread`` family): no x / s pass and no output multiply on the host.
+    ADAPTIVE: nn.AdaptiveAvgPool2d's windows (``_window_tile``)."""
     pid = tl.program_id(0)
     offs_w, w_ok, ow, oh, bi, hh, ww, inside, sv2, offs_c, c_ok = _window_tile(
-        pid, C, H, W, Ho, Wo, n_windows, KH, KW, SH, SW, PH, PW, BW, BN, BC)
+        pid, C, H, W, Ho, Wo, n_windows, KH, KW, SH, SW, PH, PW, BW, BN, BC, ADAPTIVE)
     sv = sv2[:, :, None]                                               # [BW, BN, 1]
     cv = c_ok[None, None, :]                                           # [1, BC, 1]
     ptrs = (x_ptr + bi.to(tl.int64)[:, None, None] * sxb + offs_c[None, None, :] * sxc
@@ -998,7 +1009,7 @@ def _window_bwd_tile(
     PH: tl.constexpr, PW: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
     L: tl.constexpr, METHOD: tl.constexpr, PAPER: tl.constexpr, OVERLAP: tl.constexpr,
     MASKED: tl.constexpr, SCALED: tl.constexpr, FAST: tl.constexpr, TAPED: tl.constexpr,
-    SHARES: tl.constexpr,
+    SHARES: tl.constexpr, ADAPTIVE: tl.constexpr,
 ):
     """Backward of one tile of BW windows: gx += ∂y/∂x ᵀ gy (atomically into fp32 when windows
     overlap, else stored in x's dtype; SHARES: each window's share stored in fp32 at
@@ -1008,7 +1019,7 @@ def _window_bwd_tile(
     ∂f ᵀ (s·gy), and each window's share of ∂y/∂s ᵀ gy = Σ gy·f - Σ gx·(x / s) / s goes to ds
     (n_windows,)."""
     offs_w, w_ok, ow, oh, bi, hh, ww, inside, sv2, offs_c, c_ok = _window_tile(
-        tile, C, H, W, Ho, Wo, n_windows, KH, KW, SH, SW, PH, PW, BW, BN, BC)
+        tile, C, H, W, Ho, Wo, n_windows, KH, KW, SH, SW, PH, PW, BW, BN, BC, ADAPTIVE)
     sv = sv2[:, :, None]                                               # [BW, BN, 1]
     cv = c_ok[None, None, :]                                           # [1, 1, BC]
     b64 = bi.to(tl.int64)[:, None, None]
@@ -1061,14 +1072,14 @@ def window_bwd_kernel(
     PH: tl.constexpr, PW: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
     L: tl.constexpr, TP: tl.constexpr, METHOD: tl.constexpr, PAPER: tl.constexpr,
     OVERLAP: tl.constexpr, MASKED: tl.constexpr, SCALED: tl.constexpr, FAST: tl.constexpr,
-    TAPED: tl.constexpr = False, SHARES: tl.constexpr = False,
+    TAPED: tl.constexpr = False, SHARES: tl.constexpr = False, ADAPTIVE: tl.constexpr = False,
 ):
     """Backward of local ROT pooling. A grid of a few programs per SM strides over the tiles of
     windows, so the per-program weight cotangents gw (grid × TP, TP = next_pow2(6T), the (6, T)
     table flattened) stay small and their sum on the host is deterministic. SCALED: see
     ``_window_bwd_tile``; TAPED (Sinkhorn, one segment): see ``_sinkhorn_step_bwd``; SHARES
     (overlapping windows under ``torch.use_deterministic_algorithms``): no atomics, see
-    ``_window_bwd_tile``."""
+    ``_window_bwd_tile``; ADAPTIVE: as in ``window_fwd_kernel``."""
     pid = tl.program_id(0)
     offs_p = tl.arange(0, TP)
     acc = tl.zeros([TP], dtype=tl.float32)
@@ -1077,5 +1088,6 @@ def window_bwd_kernel(
             tile, acc, offs_p, x_ptr, gy_ptr, w_ptr, gx_ptr, s_ptr, ds_ptr, C, H, W, Ho, Wo,
             n_windows, n_seg, lp0,
             sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw, T, KH, KW, SH, SW, PH,
-            PW, BW, BN, BC, L, METHOD, PAPER, OVERLAP, MASKED, SCALED, FAST, TAPED, SHARES)
+            PW, BW, BN, BC, L, METHOD, PAPER, OVERLAP, MASKED, SCALED, FAST, TAPED, SHARES,
+            ADAPTIVE)
     tl.store(gw_ptr + pid * TP + offs_p, acc)

@@ -6,6 +6,7 @@ table directly. The backward's weight cotangent comes back as per-program partia
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional, Tuple
 
@@ -15,7 +16,7 @@ from torch import Tensor
 from ... import params
 from ..common import FAST_MATH, FRUGAL_REGISTERS, launcher, next_pow2, sm_count
 from .kernels import window_bwd_kernel, window_fwd_kernel
-from ...window_geometry import pool_output_size  # one formula for every path
+from ...window_geometry import adaptive_bounds, pool_output_size  # one formula for every path
 
 METHOD_IDS = {"sinkhorn": 0, "badmm-e": 1, "badmm-q": 2}
 # Tiles [BW, BN, BC]: BW windows per program so that a tile holds at least *_TILE elements, and
@@ -83,7 +84,9 @@ BWD_PROGRAMS_PER_SM = 8
 
 
 class Geometry(NamedTuple):
-    """Sizes of one window pooling problem (all host ints, from shapes only)."""
+    """Sizes of one window pooling problem (all host ints, from shapes only). ``adaptive``:
+    nn.AdaptiveAvgPool2d's windows for the output size (Ho, Wo) (``window_geometry``), kh × kw
+    the largest of them, stride and padding 0 (unused)."""
     B: int
     C: int
     H: int
@@ -96,6 +99,7 @@ class Geometry(NamedTuple):
     sw: int
     ph: int
     pw: int
+    adaptive: bool = False
 
     @property
     def n_windows(self) -> int:
@@ -104,20 +108,39 @@ class Geometry(NamedTuple):
     @property
     def overlap(self) -> bool:
         """Windows share pixels: the backward accumulates dx with atomics."""
+        if self.adaptive:
+            return _adaptive_overlap(self.H, self.Ho) or _adaptive_overlap(self.W, self.Wo)
         return self.sh < self.kh or self.sw < self.kw
 
     @property
     def tiles_image(self) -> bool:
-        """Every pixel lies in exactly one window (stride = kernel, no padding, no remainder)."""
+        """Every pixel lies in exactly one window (stride = kernel, no padding, no remainder;
+        adaptive windows cover the image, so: without overlap)."""
+        if self.adaptive:
+            return not self.overlap
         return (self.sh == self.kh and self.sw == self.kw and self.ph == 0 and self.pw == 0
                 and self.Ho * self.kh == self.H and self.Wo * self.kw == self.W)
 
     def constexprs(self) -> dict:
-        return dict(KH=self.kh, KW=self.kw, SH=self.sh, SW=self.sw, PH=self.ph, PW=self.pw)
+        return dict(KH=self.kh, KW=self.kw, SH=self.sh, SW=self.sw, PH=self.ph, PW=self.pw,
+                    ADAPTIVE=self.adaptive)
 
 
-def geometry(x_shape, kernel_size, stride, padding, ceil_mode: bool) -> Geometry:
+def _adaptive_overlap(size: int, out: int) -> bool:
+    bounds = adaptive_bounds(size, out)
+    return any(s < e for (_, e), (s, _) in zip(bounds, bounds[1:]))
+
+
+def geometry(x_shape, kernel_size, stride, padding, ceil_mode: bool,
+             output_size=None) -> Geometry:
+    """The windows of nn.MaxPool2d (kernel_size, stride, padding, ceil_mode; dilation 1) or,
+    with ``output_size`` (oh, ow), those of nn.AdaptiveAvgPool2d (the other arguments unused)."""
     B, C, H, W = x_shape
+    if output_size:
+        oh, ow = output_size
+        kh = max(e - s for s, e in adaptive_bounds(H, oh))
+        kw = max(e - s for s, e in adaptive_bounds(W, ow))
+        return Geometry(B, C, H, W, oh, ow, kh, kw, 0, 0, 0, 0, True)
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
     return Geometry(B, C, H, W, pool_output_size(H, kh, sh, ph, ceil_mode),
                     pool_output_size(W, kw, sw, pw, ceil_mode), kh, kw, sh, sw, ph, pw)
@@ -145,8 +168,11 @@ def max_registers(num_warps: int) -> int:
 def masked(g: Geometry, BN: int, BC: int) -> bool:
     """Some window loses samples (padding, border, ceil_mode, k² not a power of 2) or
     C < next_pow2(C): the kernels mask their reductions."""
-    full = (g.ph == 0 and g.pw == 0 and g.kh * g.kw == BN and (g.Ho - 1) * g.sh + g.kh <= g.H
-            and (g.Wo - 1) * g.sw + g.kw <= g.W)
+    if g.adaptive:   # windows of different sizes (one size: the local windows' route)
+        full = g.H % g.Ho == 0 and g.W % g.Wo == 0 and g.kh * g.kw == BN
+    else:
+        full = (g.ph == 0 and g.pw == 0 and g.kh * g.kw == BN
+                and (g.Ho - 1) * g.sh + g.kh <= g.H and (g.Wo - 1) * g.sw + g.kw <= g.W)
     return not full or g.C != BC
 
 
@@ -264,7 +290,9 @@ def sum_window_shares(shares: Tensor, g: Geometry, x: Tensor) -> Tensor:
     Ho·Wo), each pixel's shares summed in a fixed order by ``F.fold`` (torch's col2im: one
     thread per output element, no atomics). The fold covers the padded frame the windows span,
     which the image's rows and columns are then cut from (padding, ceil_mode and the pixels no
-    window reaches included)."""
+    window reaches included). Adaptive windows: :func:`_sum_adaptive_shares`."""
+    if g.adaptive:
+        return _sum_adaptive_shares(shares, g, x)
     Hp, Wp = (g.Ho - 1) * g.sh + g.kh, (g.Wo - 1) * g.sw + g.kw
     frame = torch.nn.functional.fold(shares.view(g.B, g.C * g.kh * g.kw, g.Ho * g.Wo),
                                      (Hp, Wp), (g.kh, g.kw), stride=(g.sh, g.sw))
@@ -274,6 +302,35 @@ def sum_window_shares(shares: Tensor, g: Geometry, x: Tensor) -> Tensor:
         gx.zero_()
     gx[:, :, :hi, :wi] = frame[:, :, g.ph:g.ph + hi, g.pw:g.pw + wi]
     return gx
+
+
+def _sum_adaptive_shares(shares: Tensor, g: Geometry, x: Tensor) -> Tensor:
+    """:func:`sum_window_shares` for adaptive windows (no fold geometry): each pixel gathers
+    its slots (sample, window) of ``shares`` - at most M of them, padded with the zero slot
+    past the end that :func:`window_backward` allocates - and sums them in a fixed order."""
+    slots = _adaptive_pixel_slots(g.H, g.W, g.Ho, g.Wo, g.kh, g.kw).to(shares.device)
+    flat = shares.reshape(g.B, g.C, -1)   # a view: the (B, C, K + 1) buffer's first K slots
+    flat = flat.as_strided((g.B, g.C, flat.shape[2] + 1), flat.stride())
+    gx = empty_like_layout(x, x.shape, torch.float32)
+    gx.copy_(flat.index_select(2, slots.view(-1)).view(g.B, g.C, g.H, g.W, -1).sum(-1))
+    return gx
+
+
+@functools.lru_cache(maxsize=64)
+def _adaptive_pixel_slots(H: int, W: int, Ho: int, Wo: int, kh: int, kw: int) -> Tensor:
+    """(H·W, M) int64: per pixel the flat slots n·Ho·Wo + window of the adaptive windows'
+    samples at that pixel (n = (h - h0)·kw + (w - w0)), padded with kh·kw·Ho·Wo (a zero)."""
+    rows, cols = adaptive_bounds(H, Ho), adaptive_bounds(W, Wo)
+    per_pixel = [[] for _ in range(H * W)]
+    for i, (h0, h1) in enumerate(rows):
+        for j, (w0, w1) in enumerate(cols):
+            for h in range(h0, h1):
+                for w in range(w0, w1):
+                    n = (h - h0) * kw + (w - w0)
+                    per_pixel[h * W + w].append(n * Ho * Wo + i * Wo + j)
+    M = max(len(v) for v in per_pixel)
+    zero = kh * kw * Ho * Wo
+    return torch.tensor([v + [zero] * (M - len(v)) for v in per_pixel], dtype=torch.int64)
 
 
 def window_backward(x: Tensor, w: Tensor, gy: Tensor, g: Geometry, method: str, variant: str,
@@ -288,9 +345,10 @@ def window_backward(x: Tensor, w: Tensor, gy: Tensor, g: Geometry, method: str, 
     # sum_window_shares adds them up. Otherwise every pixel is written once (by its window,
     # in x's dtype) or belongs to no window (then zeros are needed)
     shares = g.overlap and live and torch.are_deterministic_algorithms_enabled()
-    if shares:
-        gx = torch.zeros(g.B, g.C, g.kh * g.kw, g.Ho * g.Wo, dtype=torch.float32,
-                         device=x.device)
+    if shares:   # adaptive windows: one zero slot more per (b, c), _sum_adaptive_shares'
+        K = g.kh * g.kw * g.Ho * g.Wo
+        gx = torch.zeros(g.B, g.C, K + g.adaptive, dtype=torch.float32, device=x.device)
+        gx = gx[:, :, :K].view(g.B, g.C, g.kh * g.kw, g.Ho * g.Wo)
     else:
         gx = empty_like_layout(x, x.shape, torch.float32 if g.overlap else x.dtype)
         if g.overlap or not g.tiles_image:
