@@ -32,8 +32,10 @@ def _weights(T, gen, inf_a2=False):
     return a1, a2, a3
 
 
-def _run_kernel(x, ptr, variant, T, a1, a2, a3, p0, q0, cy, cp, dtype=torch.float32):
-    """rot_pool on the Triton backend; returns y, plan and the grads of <cy, y> + <cp, plan>."""
+def _run_kernel(x, ptr, variant, T, a1, a2, a3, p0, q0, cy, cp, dtype=torch.float32,
+                backend="triton"):
+    """rot_pool on the Triton backend (or ``backend``); returns y, plan and the grads of
+    <cy, y> + <cp, plan>."""
     xk = x.detach().to(DEVICE, dtype).requires_grad_()
     leaves = [xk]
     ws = []
@@ -50,7 +52,7 @@ def _run_kernel(x, ptr, variant, T, a1, a2, a3, p0, q0, cy, cp, dtype=torch.floa
         leaves.append(qk)
     y, plan = rt.rot_pool(xk, ptr=None if ptr is None else ptr.to(DEVICE), method="sinkhorn",
                           variant=variant, num_iters=T, a1=ws[0], a2=ws[1], a3=ws[2], p0=pk,
-                          q0=qk, backend="triton", return_plan=True)
+                          q0=qk, backend=backend, return_plan=True)
     loss = (y.float() * cy.to(DEVICE)).sum()
     if cp is not None:
         loss = loss + (plan.float() * cp.to(DEVICE)).sum()
@@ -831,7 +833,13 @@ def test_max_pool_limit_eps_gradient(dx_by, monkeypatch):
     with a plan cotangent ∂/∂α1 was still 1.2e-4 off on one draw.) On every path that
     forms the term: dx by the backward's own pass, by the row-block launch, by the last
     reverse sweep, and the final adjoint and dx in lanes (row pieces of an NCHW view). No
-    priors: with α3 = 0 the output does not depend on them."""
+    priors: with α3 = 0 the output does not depend on them.
+
+    ∂/∂α1 sits at fp32's own limit here: the fp32 torch path is 1.00e-4 off the oracle on this
+    input, the kernels 0.96-1.03e-4 depending on the interpreter's exp2 / log2 (numpy's AVX-512
+    code or not). So ∂/∂α1 must be as accurate as fp32 allows - within 1e-4, or within 1.25×
+    the fp32 torch path's error measured on the same input - and y, the plan, x̄, ∂/∂α2,
+    ∂/∂α3 within 1e-4."""
     from rotp_triton.ops.rot.triton.sinkhorn import launch
     gen = torch.Generator().manual_seed(11)
     B, N, D, T = 2, 7, 8, 3
@@ -850,8 +858,12 @@ def test_max_pool_limit_eps_gradient(dx_by, monkeypatch):
     weights = (torch.linspace(0.05, 0.02, T, **f64), torch.full((T,), math.inf, **f64),
                torch.zeros(T, **f64))
     args = (x, None, "exact", T, *weights, None, None, torch.randn(B, D, generator=gen), None)
-    _compare(_run_kernel(*args), _run_reference(*args), RTOL[torch.float32],
-             ["x", "a1", "a2", "a3"])
+    (yk, pk, gk), ref = _run_kernel(*args), _run_reference(*args)
+    _compare((yk, pk, gk[:1] + gk[2:]), (ref[0], ref[1], ref[2][:1] + ref[2][2:]),
+             RTOL[torch.float32], ["x", "a2", "a3"])
+    fp32 = rel_err(_run_kernel(*args, backend="torch")[2][1], ref[2][1])
+    e = rel_err(gk[1], ref[2][1])
+    assert e <= max(RTOL[torch.float32], 1.25 * fp32), f"grad a1: {e:.3g} (fp32: {fp32:.3g})"
 
 
 @pytest.mark.parametrize("lanes", [False, True], ids=["row_blocks", "lanes"])
