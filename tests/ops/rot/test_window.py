@@ -46,6 +46,8 @@ ADAPTIVE_CASES = {
     "adaptive-upsample-cl": (1, 4, 3, 2, (5, 3), "channels_last"),
     # one axis even (4 -> 2: windows of 2), the other not (7 -> 3: [0, 3), [2, 5), [4, 7))
     "adaptive-4x7-to-2x3-noncontig": (2, 5, 4, 7, (2, 3), "noncontig"),
+    # an even split (2 × 2 windows, C = next_pow2(C)): the unmasked kernel with ADAPTIVE
+    "adaptive-even-4x4-to-2x2": (2, 4, 4, 4, (2, 2), "nchw"),
 }
 
 
@@ -152,13 +154,19 @@ def test_adaptive_windows(method, variant):
     check_window(method, variant, "adaptive-5x7-to-3x2")
 
 
-@pytest.mark.parametrize("case", ["adaptive-upsample-cl", "adaptive-4x7-to-2x3-noncontig"])
+@pytest.mark.parametrize("case", ["adaptive-upsample-cl", "adaptive-4x7-to-2x3-noncontig",
+                                  "adaptive-even-4x4-to-2x2"])
 @pytest.mark.parametrize("method,variant", [("sinkhorn", "exact"), ("badmm-e", "paper")],
                          ids=["s-exact", "be-paper"])
 def test_adaptive_windows_layouts(case, method, variant):
     """Adaptive windows with more windows than pixels (a pixel in up to three windows per
-    axis), channels_last, a non-contiguous input and one axis even: == the oracle."""
-    check_window(method, variant, case)
+    axis), channels_last, a non-contiguous input, one axis even, and an even split (the
+    unmasked kernel, no overlap: each pixel's x̄ stored once): == the oracle."""
+    from launch_counter import count_launches
+    with count_launches() as launches:
+        check_window(method, variant, case)
+    even = case.startswith("adaptive-even")
+    assert launches.constexprs[0]["MASKED"] != even and launches.constexprs[1]["OVERLAP"] != even
 
 
 @pytest.mark.parametrize("case", ["adaptive-5x7-to-3x2", "adaptive-upsample-cl"])
