@@ -219,7 +219,7 @@ def interpreter_patched(methods: dict, grid_call):
 
 
 # full-size batch of each workload (PERF.md) and the reduced batch kernel_report interprets
-FULL_SETS = {"W1": 50, "W2": 256, "W3": 64, "W5": 128}
+FULL_SETS = {"W1": 50, "W2": 256, "W3": 64, "W3a": 64, "W5": 128}
 H100_SMS = 132
 
 

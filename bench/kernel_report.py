@@ -4,7 +4,8 @@ PERF.md "Measuring on the CPU"). Every time in it is a PREDICTION.
     python bench/kernel_report.py [--quick] [--out DIR]
 
 For each case (workload W1, W2, W3, W5 at T = 4 and 16; Sinkhorn, B-E, B-Q exact; B-E paper
-once; α0 > 0 for B-E W1 T = 4), forward and forward+backward, through the PUBLIC API only:
+once; α0 > 0 for B-E W1 T = 4; W3a at T = 4: W3's image through AdaptiveROTPool2d(256, 24),
+overlapping 3 × 3 windows), forward and forward+backward, through the PUBLIC API only:
 
 1. Launches (``bench/launch_recorder.py``): the call runs at full size on CPU tensors that pass
    for CUDA ones (``h100_host``), with every Triton launch recorded and skipped: grid,
@@ -91,6 +92,8 @@ def cases(quick: bool) -> list[dict]:
         for T in (4, 16):
             for m in METHODS:
                 out.append(dict(workload=wl, T=T, method=m, variant="exact", a0=0.0))
+    for m in METHODS:   # adaptive windows that overlap (W3's image, AdaptiveROTPool2d)
+        out.append(dict(workload="W3a", T=4, method=m, variant="exact", a0=0.0))
     out.append(dict(workload="W1", T=4, method="badmm-e", variant="paper", a0=0.0))
     out.append(dict(workload="W1", T=4, method="badmm-e", variant="exact", a0=0.1))
     return out
@@ -128,6 +131,10 @@ def workload_input(wl: str, reduced: bool):
     if wl == "W3":
         shape = (1, 256, 8, 8) if reduced else (64, 256, 56, 56)
         return torch.randn(*shape, generator=g), None, f"{shape} ROTPool2d(256, 2)"
+    if wl == "W3a":   # 56 -> 24 and 7 -> 3 give the same windows: 3 rows, 2 or 3 apart
+        shape = (1, 256, 7, 7) if reduced else (64, 256, 56, 56)
+        return torch.randn(*shape, generator=g), None, \
+            f"{shape} AdaptiveROTPool2d(256, {W3A_OUT(shape[2])}): 3 × 3 windows, overlapping"
     if wl == "W5":
         ptr = _w5_ptr(3 if reduced else None)
         n = int(ptr[-1])
@@ -143,7 +150,24 @@ def output_elements(wl: str, x, ptr) -> int:
         return x.shape[0] * x.shape[1]
     if wl == "W3":
         return x.numel() // 4
+    if wl == "W3a":
+        return x.shape[0] * x.shape[1] * W3A_OUT(x.shape[2]) ** 2
     return (ptr.numel() - 1) * x.shape[1]
+
+
+def W3A_OUT(size: int) -> int:
+    """W3a's output side: 3/7 of the image's (56 -> 24, 7 -> 3)."""
+    return size * 3 // 7
+
+
+def work_elements(wl: str, x, ptr) -> int:
+    """The elements the algorithm works on: x's, or for W3a its windows' samples (a pixel lies
+    in up to four overlapping windows: 9 samples a window, 24² windows on 56² pixels)."""
+    if wl != "W3a":
+        return x.numel()
+    from rotp_triton.ops.rot.window_geometry import adaptive_bounds
+    side = sum(e - s for s, e in adaptive_bounds(x.shape[2], W3A_OUT(x.shape[2])))
+    return x.shape[0] * x.shape[1] * side * side
 
 
 def make_call(c: dict, T: int, reduced: bool, backend: str):
@@ -152,9 +176,11 @@ def make_call(c: dict, T: int, reduced: bool, backend: str):
     x0, ptr, _ = workload_input(c["workload"], reduced)
     x = x0.clone().requires_grad_()
     kw = dict(method=c["method"], variant=c["variant"], num_iters=T, backend=backend)
-    if c["workload"] in ("W2", "W3"):
+    if c["workload"] in ("W2", "W3", "W3a"):
         if c["workload"] == "W2":
             m = rt.AdaptiveROTPool2d(2048, **kw)
+        elif c["workload"] == "W3a":
+            m = rt.AdaptiveROTPool2d(256, W3A_OUT(x.shape[2]), **kw)
         else:
             m = rt.ROTPool2d(256, 2, **kw)
         return (lambda: m(x)), [x, *m.parameters()], x
@@ -346,6 +372,7 @@ def record_case(c: dict):
                        fwd_bwd_syncs=syncs_fb, fwd_op_bytes=nb(ops_f),
                        fwd_bwd_op_bytes=nb(ops_fb))
     out["x_elements"] = x.numel()
+    out["work_elements"] = work_elements(c["workload"], x, None)   # the per el-it divisor
     out["x_bytes"] = x.element_size()
     return out
 
@@ -397,7 +424,7 @@ def _hot_loop_that_ran(a: dict, dyn: dict) -> dict | None:
 def analyse(c, rec, work, scale, sass_cache):
     from bench import sass
     T = c["T"]
-    el = rec["x_elements"]
+    el = rec.get("work_elements", rec["x_elements"])
     res = dict(case=case_id(c), **{k: c[k] for k in ("workload", "T", "method", "variant", "a0")})
     kernels = {}
     for pass_ in ("fwd", "bwd"):
@@ -499,8 +526,12 @@ def add_calibrated(row: dict) -> None:
                  speedup_vs_compile_cal=s["compile_s"] / total)
 
 
-def summarise(c, rec, res, torch_rows, scale, x_el_full, y_el_full, x_bytes):
+def summarise(c, rec, res, torch_rows, scale, x_el_full, y_el_full, x_bytes,
+              work_el_full=None):
+    """``work_el_full``: the elements the algorithm works on where they are not x's (W3a's
+    overlapping windows): the SoL's transcendentals and the per element-iteration counts."""
     T = c["T"]
+    work = work_el_full or x_el_full
     structure = bool(c["a0"])
     out = {}
     for pass_, passes in (("fwd", ("fwd",)), ("fwd+bwd", ("fwd", "bwd"))):
@@ -512,7 +543,7 @@ def summarise(c, rec, res, torch_rows, scale, x_el_full, y_el_full, x_bytes):
             else (h["fwd_bwd_ops"], h["fwd_bwd_syncs"], h["fwd_bwd_op_bytes"])
         front = front_end_seconds(op_bytes, syncs)
         pb = sol.problem_bytes(x_el_full, x_bytes, y_el_full, x_bytes, backward=bwd)
-        ex = sol.min_transcendentals(x_el_full, T, backward=bwd, structure=structure)
+        ex = sol.min_transcendentals(work, T, backward=bwd, structure=structure)
         sol_s, sol_bound = sol.sol_seconds(pb, ex)
         e1, c1, o1, s1 = predict_torch(torch_rows["fwd"], scale)
         if bwd:
@@ -525,7 +556,7 @@ def summarise(c, rec, res, torch_rows, scale, x_el_full, y_el_full, x_bytes):
             launches=sum(k["launches"] for k in ks), kernel_s=kernel_s, front_end_s=front,
             host_ops=ops, host_syncs=syncs, predicted_s=total,
             hbm_bytes=sum(k["bytes"] for k in ks), problem_bytes=pb,
-            mufu=mufu, mufu_per_element_iteration=mufu / (x_el_full * T),
+            mufu=mufu, mufu_per_element_iteration=mufu / (work * T),
             min_exp2=ex, instructions=sum(i for i in instr if i) if any(instr) else None,
             sol_s=sol_s, sol_bound=sol_bound, eager_s=e1, eager_ops=o1, eager_syncs=s1,
             compile_s=c1, ratio_to_sol=total / sol_s, kernel_ratio_to_sol=kernel_s / sol_s,
@@ -627,7 +658,8 @@ def main(argv=None) -> int:
         res["scale"] = scale
         res["summary"] = summarise(c, rec, res, work[cid]["torch"], scale, x_full.numel(),
                                    output_elements(c["workload"], x_full, ptr_full),
-                                   x_full.element_size())
+                                   x_full.element_size(),
+                                   work_elements(c["workload"], x_full, ptr_full))
         add_calibrated(res)
         rows.append(res)
     meta = dict(torch=torch.__version__, triton=__import__("triton").__version__,
