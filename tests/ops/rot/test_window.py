@@ -549,6 +549,9 @@ AOT_CASES = ([(256, 2, 2, m, pa, "fwd", "fp32", 4) for m in range(3) for pa in (
                 (1100, 2, 2, 1, False, "fwd", "fp32", 4), (512, 2, 2, 1, False, "bwd", "fp32", 4),
                 (64, 24, 0, 1, False, "fwd", "fp32", 4, "ADAPTIVE"),
                 (64, 24, 0, 0, False, "bwd", "fp32", 4, "ADAPTIVE"),
+                # masked one-window forward tiles under FWD_MASKED_CAP (3×3 at C = 256)
+                (256, 3, 2, 0, False, "fwd", "fp32", 4), (256, 3, 2, 2, False, "fwd", "fp32", 4),
+                (256, 24, 0, 1, False, "fwd", "fp32", 4, "ADAPTIVE"),
                 # the register caps: the backward's grow with the tape (BWD_BASE_REGISTERS),
                 # apply to one-window Sinkhorn tiles; forward tiles of 8 warps (fwd_layout)
                 (256, 2, 2, 0, False, "bwd", "fp32", 8), (256, 2, 2, 1, False, "bwd", "fp32", 2),

@@ -50,6 +50,15 @@ FWD_LAYOUT = {"sinkhorn": (32, 72 if FRUGAL_REGISTERS else 255),
               "badmm-q": (16, 88 if FRUGAL_REGISTERS else 128)}
 CAP_STEP = {"sinkhorn": 0, "badmm-e": 8, "badmm-q": 8}
 FWD_CAP_WINDOWS = 4
+# masked exact tiles of one window (3×3 windows, adaptive ones, padding, C < next_pow2(C);
+# triton 3.9): caps of their own. Uncapped, the B-ADMM forward of a 3×3 window at C = 256
+# ([1, 16, 256], 8 warps) took 135-138 registers: one CTA, 8 warps per SM; at 120, 112-120
+# and no spills for [1, 4 or 16, 64-512] tiles (112 spilled 72 B at [2, 4, 128]), two CTAs.
+# Sinkhorn at 96: 79-96 registers, no spills (72 spilled 16-204 B in some). Several windows a
+# tile (C < 64 for 3×3) stay uncapped: C = 3 spilled 8 B at 128
+FWD_MASKED_CAP = {"sinkhorn": 96 if FRUGAL_REGISTERS else 255,
+                  "badmm-e": 120 if FRUGAL_REGISTERS else 255,
+                  "badmm-q": 120 if FRUGAL_REGISTERS else 255}
 # the backward's elements a thread: it keeps L iterations' states per thread, the Sinkhorn
 # state two vectors per window (8 elements a thread at W3 cross 4 warps: +50 % instructions,
 # sm_90, 2026-11-30), B-ADMM two tiles: the exact variant 4 elements a thread (8 warps a W3
@@ -187,12 +196,16 @@ def fwd_layout(method: str, variant: str, tile: int, is_masked: bool,
     """(num_warps, maxnreg) of a forward tile of ``tile`` elements in ``windows`` windows
     (``FWD_LAYOUT``, ``cap_step``, ``FWD_CAP_WINDOWS``)."""
     elems, cap = FWD_LAYOUT[method]
-    if method != "sinkhorn" and tile > 8 * 32 * elems:
+    wide = method != "sinkhorn" and tile > 8 * 32 * elems
+    if wide:
         elems, cap = 32, 255           # beyond 8 warps: 32 a thread, uncapped (as before)
     warps = num_warps_for(tile, elems)
-    capped = (variant == "exact" and not is_masked and tile == warps * 32 * elems
-              and (warps == 1 or method != "sinkhorn") and windows <= FWD_CAP_WINDOWS)
-    cap += cap_step(method, windows)
+    full = variant == "exact" and tile == warps * 32 * elems
+    if is_masked:   # FWD_MASKED_CAP: one window a tile only
+        capped, cap = full and windows == 1 and not wide, FWD_MASKED_CAP[method]
+    else:
+        capped = (full and (warps == 1 or method != "sinkhorn") and windows <= FWD_CAP_WINDOWS)
+        cap += cap_step(method, windows)
     return warps, min(max_registers(warps), cap) if capped else max_registers(warps)
 
 
