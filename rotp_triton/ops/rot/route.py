@@ -29,7 +29,7 @@ from .spread import normalize_by_spread, normalize_sets_by_spread
 from .torch.pool import rot_pool_padded
 from .torch.windows import adaptive_rot_pool2d_torch, rot_pool2d_torch
 from .triton.common import interpreter_enabled, next_pow2
-from .window_geometry import adaptive_bounds
+from .window_geometry import largest_adaptive_window
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The window kernels hold a tile of next_pow2(kh·kw) × next_pow2(C) per program in registers
@@ -209,8 +209,7 @@ def pool_adaptive(x: Tensor, table: Tensor, output_size: Tuple[int, int], *,
         return adaptive_rot_pool2d_torch(xs, output_size, method=method, variant=variant,
                                          num_iters=num_iters, inner_iters=inner_iters,
                                          weights=_torch_weights(table, structure))
-    largest = (max(e - s for s, e in adaptive_bounds(H, oh)),
-               max(e - s for s, e in adaptive_bounds(W, ow)))
+    largest = (largest_adaptive_window(H, oh), largest_adaptive_window(W, ow))
     return _pool_image_windows(x, table, dict(output_size=(oh, ow)), largest, torch_path,
                                method=method, variant=variant, structure=structure,
                                backend=backend, spread=spread)

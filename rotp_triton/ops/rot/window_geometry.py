@@ -21,3 +21,14 @@ def pool_output_size(size: int, k: int, s: int, p: int, ceil_mode: bool) -> int:
 def adaptive_bounds(size: int, out: int) -> list:
     """Window [start, end) of each output index, exactly nn.AdaptiveAvgPool2d's."""
     return [((i * size) // out, -((-(i + 1) * size) // out)) for i in range(out)]
+
+
+def largest_adaptive_window(size: int, out: int) -> int:
+    """The longest of the adaptive windows along one axis (the window kernels' tile side)."""
+    return max(e - s for s, e in adaptive_bounds(size, out))
+
+
+def adaptive_windows_overlap(size: int, out: int) -> bool:
+    """Whether two adaptive windows along one axis share a row (or column)."""
+    bounds = adaptive_bounds(size, out)
+    return any(s < e for (_, e), (s, _) in zip(bounds, bounds[1:]))

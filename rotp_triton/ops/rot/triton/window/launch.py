@@ -16,7 +16,9 @@ from torch import Tensor
 from ... import params
 from ..common import FAST_MATH, FRUGAL_REGISTERS, launcher, next_pow2, sm_count
 from .kernels import window_bwd_kernel, window_fwd_kernel
-from ...window_geometry import adaptive_bounds, pool_output_size  # one formula for every path
+# the window geometry: one formula for every path
+from ...window_geometry import (adaptive_bounds, adaptive_windows_overlap,
+                                largest_adaptive_window, pool_output_size)
 
 METHOD_IDS = {"sinkhorn": 0, "badmm-e": 1, "badmm-q": 2}
 # Tiles [BW, BN, BC]: BW windows per program so that a tile holds at least *_TILE elements, and
@@ -118,7 +120,8 @@ class Geometry(NamedTuple):
     def overlap(self) -> bool:
         """Windows share pixels: the backward accumulates dx with atomics."""
         if self.adaptive:
-            return _adaptive_overlap(self.H, self.Ho) or _adaptive_overlap(self.W, self.Wo)
+            return (adaptive_windows_overlap(self.H, self.Ho)
+                    or adaptive_windows_overlap(self.W, self.Wo))
         return self.sh < self.kh or self.sw < self.kw
 
     @property
@@ -135,11 +138,6 @@ class Geometry(NamedTuple):
                     ADAPTIVE=self.adaptive)
 
 
-def _adaptive_overlap(size: int, out: int) -> bool:
-    bounds = adaptive_bounds(size, out)
-    return any(s < e for (_, e), (s, _) in zip(bounds, bounds[1:]))
-
-
 def geometry(x_shape, kernel_size, stride, padding, ceil_mode: bool,
              output_size=None) -> Geometry:
     """The windows of nn.MaxPool2d (kernel_size, stride, padding, ceil_mode; dilation 1) or,
@@ -147,9 +145,8 @@ def geometry(x_shape, kernel_size, stride, padding, ceil_mode: bool,
     B, C, H, W = x_shape
     if output_size:
         oh, ow = output_size
-        kh = max(e - s for s, e in adaptive_bounds(H, oh))
-        kw = max(e - s for s, e in adaptive_bounds(W, ow))
-        return Geometry(B, C, H, W, oh, ow, kh, kw, 0, 0, 0, 0, True)
+        return Geometry(B, C, H, W, oh, ow, largest_adaptive_window(H, oh),
+                        largest_adaptive_window(W, ow), 0, 0, 0, 0, True)
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
     return Geometry(B, C, H, W, pool_output_size(H, kh, sh, ph, ceil_mode),
                     pool_output_size(W, kw, sw, pw, ceil_mode), kh, kw, sh, sw, ph, pw)
