@@ -55,9 +55,10 @@ FWD_CAP_WINDOWS = 4
 # masked exact tiles of one window (3×3 windows, adaptive ones, padding, C < next_pow2(C);
 # triton 3.9): caps of their own. Uncapped, the B-ADMM forward of a 3×3 window at C = 256
 # ([1, 16, 256], 8 warps) took 135-138 registers: one CTA, 8 warps per SM; at 120, 112-120
-# and no spills for [1, 4 or 16, 64-512] tiles (112 spilled 72 B at [2, 4, 128]), two CTAs.
-# Sinkhorn at 96: 79-96 registers, no spills (72 spilled 16-204 B in some). Several windows a
-# tile (C < 64 for 3×3) stay uncapped: C = 3 spilled 8 B at 128
+# and no spills for [1, 4 or 16, 64-256] tiles (112 spilled 72 B at [2, 4, 128]), two CTAs.
+# Sinkhorn at 96: 79-96 registers, no spills up to [1, 4, 2048] (72 spilled 16-204 B in
+# some). Several windows a tile (C < 64 for 3×3) stay uncapped (C = 3 spilled 8 B at 128),
+# and so do B-ADMM's wide tiles (beyond 4,096 elements: [1, 16, 512] spilled 288 B at 120)
 FWD_MASKED_CAP = {"sinkhorn": 96 if FRUGAL_REGISTERS else 255,
                   "badmm-e": 120 if FRUGAL_REGISTERS else 255,
                   "badmm-q": 120 if FRUGAL_REGISTERS else 255}
