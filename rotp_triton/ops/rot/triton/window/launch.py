@@ -317,20 +317,21 @@ def sum_window_shares(shares: Tensor, g: Geometry, x: Tensor) -> Tensor:
 
 def _sum_adaptive_shares(shares: Tensor, g: Geometry, x: Tensor) -> Tensor:
     """:func:`sum_window_shares` for adaptive windows (no fold geometry): each pixel gathers
-    its slots (sample, window) of ``shares`` - at most M of them, padded with the zero slot
-    past the end that :func:`window_backward` allocates - and sums them in a fixed order."""
-    slots = _adaptive_pixel_slots(g.H, g.W, g.Ho, g.Wo, g.kh, g.kw).to(shares.device)
-    flat = shares.reshape(g.B, g.C, -1)   # a view: the (B, C, K + 1) buffer's first K slots
-    flat = flat.as_strided((g.B, g.C, flat.shape[2] + 1), flat.stride())
+    its slots (sample, window) of ``shares`` - at most M of them, the missing ones weighted
+    0 - and sums them in a fixed order."""
+    slots, used = (t.to(shares.device) for t in _adaptive_pixel_slots(
+        g.H, g.W, g.Ho, g.Wo, g.kh, g.kw))
+    got = shares.reshape(g.B, g.C, -1).index_select(2, slots.view(-1))   # [B, C, H·W·M]
     gx = empty_like_layout(x, x.shape, torch.float32)
-    gx.copy_(flat.index_select(2, slots.view(-1)).view(g.B, g.C, g.H, g.W, -1).sum(-1))
+    gx.copy_((got.view(g.B, g.C, g.H, g.W, -1) * used).sum(-1))
     return gx
 
 
 @functools.lru_cache(maxsize=64)
-def _adaptive_pixel_slots(H: int, W: int, Ho: int, Wo: int, kh: int, kw: int) -> Tensor:
-    """(H·W, M) int64: per pixel the flat slots n·Ho·Wo + window of the adaptive windows'
-    samples at that pixel (n = (h - h0)·kw + (w - w0)), padded with kh·kw·Ho·Wo (a zero)."""
+def _adaptive_pixel_slots(H: int, W: int, Ho: int, Wo: int, kh: int, kw: int):
+    """((H, W, M) int64, (H, W, M) fp32): per pixel the flat slots n·Ho·Wo + window of the
+    adaptive windows' samples at that pixel (n = (h - h0)·kw + (w - w0)), padded with slot 0,
+    and 1 for a slot of the pixel, 0 for padding."""
     rows, cols = adaptive_bounds(H, Ho), adaptive_bounds(W, Wo)
     per_pixel = [[] for _ in range(H * W)]
     for i, (h0, h1) in enumerate(rows):
@@ -340,8 +341,9 @@ def _adaptive_pixel_slots(H: int, W: int, Ho: int, Wo: int, kh: int, kw: int) ->
                     n = (h - h0) * kw + (w - w0)
                     per_pixel[h * W + w].append(n * Ho * Wo + i * Wo + j)
     M = max(len(v) for v in per_pixel)
-    zero = kh * kw * Ho * Wo
-    return torch.tensor([v + [zero] * (M - len(v)) for v in per_pixel], dtype=torch.int64)
+    slots = torch.tensor([v + [0] * (M - len(v)) for v in per_pixel], dtype=torch.int64)
+    used = torch.tensor([[1.0] * len(v) + [0.0] * (M - len(v)) for v in per_pixel])
+    return slots.view(H, W, M), used.view(H, W, M)
 
 
 def window_backward(x: Tensor, w: Tensor, gy: Tensor, g: Geometry, method: str, variant: str,
@@ -356,10 +358,9 @@ def window_backward(x: Tensor, w: Tensor, gy: Tensor, g: Geometry, method: str, 
     # sum_window_shares adds them up. Otherwise every pixel is written once (by its window,
     # in x's dtype) or belongs to no window (then zeros are needed)
     shares = g.overlap and live and torch.are_deterministic_algorithms_enabled()
-    if shares:   # adaptive windows: one zero slot more per (b, c), _sum_adaptive_shares'
-        K = g.kh * g.kw * g.Ho * g.Wo
-        gx = torch.zeros(g.B, g.C, K + g.adaptive, dtype=torch.float32, device=x.device)
-        gx = gx[:, :, :K].view(g.B, g.C, g.kh * g.kw, g.Ho * g.Wo)
+    if shares:
+        gx = torch.zeros(g.B, g.C, g.kh * g.kw, g.Ho * g.Wo, dtype=torch.float32,
+                         device=x.device)
     else:
         gx = empty_like_layout(x, x.shape, torch.float32 if g.overlap else x.dtype)
         if g.overlap or not g.tiles_image:
