@@ -18,24 +18,17 @@ import math
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..._batching import compute_dtype
+from .higher_order import recomputed_vjp, recorded_backward
+from .spread_math import ragged_spread_ops, spread_ops
 
 
 def _safe_sqrt(v: Tensor) -> Tensor:
     # spread 0 -> 1 (and a finite gradient: sqrt is never evaluated at 0)
     pos = v > 0
     return torch.sqrt(torch.where(pos, v, torch.ones_like(v)))
-
-
-def _pow2_scale(amax: Tensor) -> Tensor:
-    """2^floor(log2(amax)) (1 where amax is 0): dividing by it is exact, and brings the largest
-    |value| into [1, 2), so squares cannot overflow (fp32 squares overflow from 1.8e19); the
-    statistics of x / c times c (c² for the variance, c after the root) are those of x bit for
-    bit wherever nothing overflowed before."""
-    return torch.exp2(torch.floor(torch.log2(F.threshold(amax, 0.0, 1.0))))
 
 
 def dense_spread(x: Tensor) -> Tensor:
@@ -74,21 +67,19 @@ class _SpreadNormalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, sample_dims, feature_dim, out_dtype):
-        dims = tuple(range(1, x.dim()))
-        # (max |x| as the inf-norm: one reduction, no x-sized |x| temporary)
-        c = _pow2_scale(torch.linalg.vector_norm(x, math.inf, dims, keepdim=True))  # [B, 1, ...]
-        var, mean = torch.var_mean(x / c, dim=sample_dims, correction=0, keepdim=True)
-        root = torch.sqrt(var.mean(feature_dim, keepdim=True)) * c         # [B, 1, ...]
-        mean = mean * c
-        s = F.threshold(root, 0.0, 1.0)                                    # spread 0 -> 1
-        xn = x / s
-        out = xn.to(out_dtype)
+        out, s, xn, mean, root = spread_ops(x, sample_dims, feature_dim, out_dtype)
         # x / s itself when it is the output (no copy); else the output is rounded: use x
         ctx.save_for_backward(x, mean, root, s, out if out is xn else None)
+        ctx.args = (sample_dims, feature_dim, out_dtype)
         return out, s
 
     @staticmethod
     def backward(ctx, g_xn, g_s):
+        if recorded_backward():  # create_graph: the forward's ops, differentiable again
+            (gx,) = recomputed_vjp(lambda x: spread_ops(x, *ctx.args)[:2],
+                                   ctx.saved_tensors[:1], ctx.needs_input_grad[:1],
+                                   (g_xn, g_s))
+            return gx, None, None, None
         x, mean, root, s, xn = ctx.saved_tensors
         dims = tuple(range(1, x.dim()))
         n = max(math.prod(x.shape[1:]), 1)  # v = Σ (x - mean)² / n over one batch entry
@@ -131,28 +122,23 @@ class _RaggedSpreadNormalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, index, lengths, num_sets, out_dtype):
-        count = lengths.clamp_min(1)[:, None]                             # [B, 1] int
-        mean = x.new_zeros(num_sets, x.shape[1]).index_add_(0, index, x) / count
-        dev = x - mean[index]                                              # [N, D]
-        # squares of dev / c, c a power of 2 per set (_pow2_scale): no overflow
-        c = _pow2_scale(x.new_zeros(num_sets).scatter_reduce_(
-            0, index, torch.linalg.vector_norm(dev, math.inf, -1), "amax",
-            include_self=True))                                                # [B]
-        devc = dev / c[index][:, None]
-        var = x.new_zeros(num_sets, x.shape[1]).index_add_(0, index, devc * devc) / count
-        root = torch.sqrt(var.mean(-1)) * c                                # [B]
-        s = F.threshold(root, 0.0, 1.0)                                    # spread 0 -> 1
-        s_rows = s[index][:, None]                                         # [N, 1]
-        xn = x / s_rows
-        out = xn.to(out_dtype)
+        out, s, xn, count, dev, root, s_rows = ragged_spread_ops(x, index, lengths,
+                                                                        num_sets, out_dtype)
         ctx.save_for_backward(x, index, count, dev, root, s, s_rows,
-                              out if out is xn else None)
-        ctx.num_sets = num_sets
+                              out if out is xn else None, lengths)
+        ctx.num_sets, ctx.out_dtype = num_sets, out_dtype
         return out, s
 
     @staticmethod
     def backward(ctx, g_xn, g_s):
-        x, index, count, dev, root, s, s_rows, xn = ctx.saved_tensors
+        if recorded_backward():  # create_graph: the forward's ops, differentiable again
+            x, index, lengths = (ctx.saved_tensors[i] for i in (0, 1, 8))
+            (gx,) = recomputed_vjp(
+                lambda x: ragged_spread_ops(x, index, lengths, ctx.num_sets,
+                                                   ctx.out_dtype)[:2],
+                (x,), ctx.needs_input_grad[:1], (g_xn, g_s))
+            return gx, None, None, None, None
+        x, index, count, dev, root, s, s_rows, xn, _lengths = ctx.saved_tensors
         # total ds: the direct gradient and the one through x / s (= -Σ g·x / s² per set)
         if xn is not None:
             t = x.new_zeros(ctx.num_sets).index_add_(0, index, (g_xn * xn).sum(-1))

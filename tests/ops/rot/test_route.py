@@ -342,8 +342,8 @@ def test_recorded_forward_takes_the_function_in_eager_mode(monkeypatch, layer, m
     """In eager mode a forward that records a graph goes through its family's
     autograd.Function, not the custom operator (common.eager_function: ~25 % less host time
     per fwd+bwd, bench/results/host_overhead_eager_function.md), with exactly the operator's
-    outputs and gradients (the same launchers); a second derivative raises on both paths (the
-    kernels' backward is first order). torch.compile traces the operator
+    outputs and gradients (the same launchers), second derivatives included (both recompute
+    the torch path: tests/test_double_backward.py). torch.compile traces the operator
     (test_compile_export.py, test_fullgraph_cpu.py)."""
     from rotp_triton.ops.rot.triton import common
     gen = torch.Generator().manual_seed(11)
@@ -376,9 +376,8 @@ def test_recorded_forward_takes_the_function_in_eager_mode(monkeypatch, layer, m
         if p is not None:
             loss = loss + (p * p).sum()
         (g,) = torch.autograd.grad(loss, xg, create_graph=True)
-        outs.append((y.detach(), None if p is None else p.detach(), g.detach()))
-        with pytest.raises(RuntimeError):
-            g.sum().backward()
+        (h,) = torch.autograd.grad(g.square().sum(), xg)
+        outs.append((y.detach(), None if p is None else p.detach(), g.detach(), h))
         monkeypatch.undo()
     for a, b in zip(*outs):
         assert (a is None and b is None) or torch.equal(a, b)

@@ -9,16 +9,18 @@ and backward peak: the gradient of x plus a few chunks plus the saved per-iterat
 
 Pooling (eq. 5) and its adjoint, per set: w = softmax over rows of log P, y = Σ_n w x;
 dx += w dy, d log P = w dy (x - y). The backward rebuilds log P of a chunk inside the last
-iteration's adjoint (replayed from the saved vectors) and calls :func:`_pool_vjp` on it.
+iteration's adjoint (replayed from the saved vectors) and calls :func:`_pool_vjp` on it. A
+recorded backward (``create_graph=True``) runs the plain loop instead (``..higher_order``).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from ..higher_order import recomputed_vjp, recorded_backward
 from . import adjoint
 from .arena import Arena
-from .unrolled import exact_backward, run_iterations
+from .unrolled import exact_backward, plain_log_plan, run_iterations
 
 
 class _ChunkRecord:
@@ -98,8 +100,11 @@ class ChunkedRotPool(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g_y):
+        if recorded_backward():  # create_graph: the plain iterations, differentiable again
+            return (None, None, None, None, *recomputed_vjp(
+                lambda *s: _plain_pool(ctx.solver, ctx.chunks, g_y.shape[0], ctx.T, *s),
+                ctx.saved_tensors, ctx.needs_input_grad[4:], (g_y,)))
         x, lp0, lq0, *w = ctx.saved_tensors
         need = ctx.needs_input_grad[4:]
         gx = torch.zeros_like(x) if need[0] else None
@@ -129,6 +134,18 @@ class ChunkedRotPool(torch.autograd.Function):
                                            # retained graph may run backward again
         adjoint.apply_weight_grads(pending, w, g_w)
         return (None, None, None, None, gx, g_lp0, g_lq0, *g_w)
+
+
+def _plain_pool(solver, chunks, B: int, T: int, x: Tensor, lp0: Tensor, lq0: Tensor,
+                *w: Tensor) -> Tensor:
+    """y (B, D) chunk by chunk by the plain loop, with autograd recording (a recorded
+    backward: ``..higher_order``)."""
+    y = x.new_zeros(B, x.shape[-1])
+    for ch in chunks:
+        xc = ch.gather_rows(x)
+        log_p = plain_log_plan(solver, ch.L, T, xc, lp0[ch.sets], ch.gather_rows(lq0), *w)
+        y[ch.sets] = ch.L.pool(log_p, xc).reshape(-1, x.shape[-1])
+    return y
 
 
 def chunked_rot_pool(solver, chunks, B: int, T: int, x: Tensor, lp0: Tensor, lq0: Tensor,

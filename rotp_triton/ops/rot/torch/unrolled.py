@@ -18,7 +18,8 @@ the (T,) weights, only small per-iteration vectors:
 
 Each differentiated iteration runs the same ops as the forward (the LSEs recomputed, not taken
 from the saved vectors), so the gradients are exactly those of autograd through the unrolled
-iterations (what the reference gives). Double backward is not supported.
+iterations (what the reference gives). A recorded backward (``create_graph=True``) runs the
+plain loop instead, differentiable again (``..higher_order``).
 
 On the CPU the exact variant runs these steps and the adjoints of :mod:`.adjoint` one chunk of
 sets at a time instead (:mod:`.chunked`, the weights as Python floats), through
@@ -31,6 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..higher_order import recomputed_vjp, recorded_backward
 from .arena import Arena
 from .vectors import A1, A2, A3, RHO, add_mul_, axpy, kappa, lognorm_feat  # noqa: F401
 
@@ -302,10 +304,17 @@ class UnrolledRot(torch.autograd.Function):
         return solver.output(L, x, w, state)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g_out):
-        solver, L, T, keep = ctx.solver, ctx.L, ctx.T, ctx.keep
         saved = ctx.saved_tensors  # once: checkpoint(use_reentrant=False) allows no more
+        if recorded_backward():  # create_graph: the plain iterations, differentiable again
+            return (None, None, None, *recomputed_vjp(
+                lambda *s: plain_log_plan(ctx.solver, ctx.L, ctx.T, *s), saved,
+                ctx.needs_input_grad[3:], (g_out,)))
+        return UnrolledRot._first_order(ctx, g_out, saved)
+
+    @staticmethod
+    def _first_order(ctx, g_out, saved):
+        solver, L, T, keep = ctx.solver, ctx.L, ctx.T, ctx.keep
         if getattr(solver, "exact_vjp", False) and getattr(L, "mask", None) is None:
             return (None, None, None, *exact_backward(ctx, g_out, saved=saved))
         leaves = [v.detach().requires_grad_() for v in saved]             # x, lp0, lq0, a1..rho
@@ -447,4 +456,11 @@ def unrolled_log_plan(L, x: Tensor, lp0: Tensor, lq0: Tensor, *, method: str, va
     if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
             and not torch.compiler.is_compiling()):
         return UnrolledRot.apply(solver, L, T, *tensors)
+    return plain_log_plan(solver, L, T, *tensors)
+
+
+def plain_log_plan(solver, L, T: int, x: Tensor, lp0: Tensor, lq0: Tensor, a1: Tensor,
+                   a2: Tensor, a3: Tensor, rho: Tensor) -> Tensor:
+    """log P by the plain loop: autograd (when it records) keeps every iteration's graph."""
+    w = (a1, a2, a3, rho)
     return solver.output(L, x, w, run_iterations(solver, L, x, lp0, lq0, w, T, None))

@@ -10,9 +10,9 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
-
+from ...higher_order import recorded_backward
 from ..common import HAS_TRITON_OP, direct_launch, eager_function
+from ..recompute import set_grads
 from ..spread.launch import spread_backward
 from .launch import (badmm_backward, badmm_forward, grad_x_like, history_like,
                      param_grad_views, param_grads_numel)
@@ -39,6 +39,15 @@ def _input_grads(x, w, log_p0, log_q0, y32, gx, dparams):
             None, None, None)
 
 
+def _recorded_grads(ctx, grad_y, grad_plan) -> tuple:
+    """The backward's result where autograd records it (create_graph): the gradients of the
+    torch path recomputed (``..recompute``)."""
+    grads = set_grads(ctx, ctx.saved_tensors[:5], (grad_y, grad_plan),
+                      method="badmm-q" if ctx.quadratic else "badmm-e",
+                      variant="paper" if ctx.paper else "exact", return_plan=ctx.return_plan)
+    return (*grads, None, None, None)
+
+
 class BadmmFunction(torch.autograd.Function):
     """y (B, D) fp32-then-x.dtype [and the plan] of T B-ADMM iterations; differentiable in x,
     the weight table w (6, T), log p0 and log q0."""
@@ -57,8 +66,9 @@ class BadmmFunction(torch.autograd.Function):
         return y32.to(x.dtype), plan, h
 
     @staticmethod
-    @once_differentiable  # (the kernels' backward is first order)
     def backward(ctx, grad_y, grad_plan, grad_h):
+        if recorded_backward():  # the kernels' backward is first order: the torch path's
+            return _recorded_grads(ctx, grad_y, grad_plan)
         x, ptr, w, log_p0, log_q0, h, y32 = ctx.saved_tensors
         if grad_y is None:
             grad_y = torch.zeros_like(y32)
@@ -87,10 +97,15 @@ class SpreadBadmmFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gy):
-        x, ptr, w, h, y, saved = ctx.saved_tensors
         quadratic, paper, sample_dims, B = ctx.args
+        if recorded_backward():  # the kernels' backward is first order: the torch path's
+            x, ptr, w = ctx.saved_tensors[:3]
+            gx, _, dw = set_grads(ctx, (x, ptr, w, None, None), (gy,),
+                                  method="badmm-q" if quadratic else "badmm-e",
+                                  variant="paper" if paper else "exact", spread=True)[:3]
+            return gx, None, dw, None, None, None
+        x, ptr, w, h, y, saved = ctx.saved_tensors
         g_xs, dparams, ds = badmm_backward(x, ptr, w, None, None, h, y, gy, None,
                                            quadratic=quadratic, paper=paper, scale=saved[:B])
         D = x.shape[-1]
@@ -137,6 +152,8 @@ if HAS_TRITON_OP:
             ctx.set_materialize_grads(False)
 
         def _backward(ctx, grad_y, grad_plan, grad_h):
+            if recorded_backward():  # the kernels' backward is first order: the torch path's
+                return _recorded_grads(ctx, grad_y, grad_plan)
             x, ptr, w, log_p0, log_q0, h, y32 = ctx.saved_tensors
             gp = grad_plan.contiguous() if (ctx.return_plan and grad_plan is not None) else None
             if grad_y is None:

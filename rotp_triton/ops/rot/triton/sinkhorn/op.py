@@ -14,9 +14,9 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
-
 from ..common import HAS_TRITON_OP, direct_launch, eager_function
+from ...higher_order import recorded_backward
+from ..recompute import set_grads
 from ..spread.launch import spread_backward
 from .launch import (layout, param_grad_views, param_grads_numel, sinkhorn_backward,
                      sinkhorn_forward, state_numel)
@@ -37,8 +37,9 @@ class SinkhornFunction(torch.autograd.Function):
         return y, plan
 
     @staticmethod
-    @once_differentiable  # (the kernels' backward is first order)
     def backward(ctx, gy, gplan):
+        if recorded_backward():  # the kernels' backward is first order: the torch path's
+            return (*_recorded_grads(ctx, gy, gplan), None, None)
         x, ptr, w, log_p0, log_q0, y, state = ctx.saved_tensors
         gp = gplan.contiguous() if (ctx.return_plan and gplan is not None) else None
         gy = torch.zeros_like(y) if gy is None else gy
@@ -46,6 +47,13 @@ class SinkhornFunction(torch.autograd.Function):
                                         gy.contiguous(), gp)
         dw, dlp0, dlq0 = _param_grads(dparams, x, ptr, w, log_p0, log_q0)
         return dx, None, dw, dlp0, dlq0, None, None
+
+
+def _recorded_grads(ctx, gy, gplan) -> list:
+    """Gradients of (x, ptr, w, log p0, log q0) that autograd records (create_graph): the
+    torch path recomputed (``..recompute``)."""
+    return set_grads(ctx, ctx.saved_tensors[:5], (gy, gplan), method="sinkhorn",
+                     variant="paper" if ctx.paper else "exact", return_plan=ctx.return_plan)
 
 
 def _param_grads(dparams, x, ptr, w, log_p0, log_q0):
@@ -76,10 +84,14 @@ class SpreadSinkhornFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gy):
-        x, ptr, w, y, state, saved = ctx.saved_tensors
         paper, sample_dims, B = ctx.args
+        if recorded_backward():  # the kernels' backward is first order: the torch path's
+            x, ptr, w = ctx.saved_tensors[:3]
+            gx, _, dw = set_grads(ctx, (x, ptr, w, None, None), (gy,), method="sinkhorn",
+                                  variant="paper" if paper else "exact", spread=True)[:3]
+            return gx, None, dw, None, None
+        x, ptr, w, y, state, saved = ctx.saved_tensors
         dx, dparams, ds = sinkhorn_backward(x, ptr, w, None, None, paper, y, state,
                                             gy.contiguous(), None, scale=saved[:B],
                                             spread=saved)
@@ -128,6 +140,8 @@ if HAS_TRITON_OP:
             ctx.set_materialize_grads(False)
 
         def _backward(ctx, gy, gplan, _state_grad):
+            if recorded_backward():  # the kernels' backward is first order: the torch path's
+                return (*_recorded_grads(ctx, gy, gplan), None, None)
             x, ptr, w, log_p0, log_q0, y, state = ctx.saved_tensors
             gp = gplan.contiguous() if (ctx.return_plan and gplan is not None) else None
             gy = torch.zeros_like(y) if gy is None else gy  # (not materialised: y unused)

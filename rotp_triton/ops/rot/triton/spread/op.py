@@ -6,8 +6,8 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
-
+from ...higher_order import recomputed_vjp, recorded_backward
+from ...spread_math import ragged_spread_ops, spread_ops
 from ..common import as_f32
 from .launch import bfs_strides, spread_backward, spread_forward
 
@@ -22,16 +22,27 @@ class SpreadNormalizeFunction(torch.autograd.Function):
     def forward(ctx, x, sample_dims, out_dtype, ptr):
         out, saved = spread_forward(x, sample_dims, out_dtype, ptr)
         ctx.save_for_backward(x, saved, ptr)
-        ctx.sample_dims = sample_dims
+        ctx.sample_dims, ctx.out_dtype = sample_dims, out_dtype
         if ptr is not None:
             return out, saved[:ptr.shape[0] - 1]
         B = x.shape[0]
         return out, saved[:B].view((B,) + (1,) * (x.dim() - 1))
 
     @staticmethod
-    @once_differentiable  # (the torch path is differentiable twice; the kernels once)
     def backward(ctx, g_xn, g_s):
         x, saved, ptr = ctx.saved_tensors
+        if recorded_backward():  # the kernels' backward is first order: the torch ops'
+            def forward(x):
+                x = x.float()                        # (the kernels' statistics are fp32)
+                if ptr is None:
+                    feature_dim = 1 if 1 not in ctx.sample_dims else 2
+                    return spread_ops(x, ctx.sample_dims, feature_dim, ctx.out_dtype)[:2]
+                lengths = ptr.diff()
+                index = torch.repeat_interleave(torch.arange(lengths.numel(), device=x.device),
+                                                lengths, output_size=x.shape[0])
+                return ragged_spread_ops(x, index, lengths, lengths.numel(), ctx.out_dtype)[:2]
+            return (*recomputed_vjp(forward, (x,), ctx.needs_input_grad[:1], (g_xn, g_s)),
+                    None, None, None)
         B = x.shape[0] if ptr is None else ptr.shape[0] - 1
         g_s = as_f32(g_s.reshape(B)) if g_s is not None else saved.new_zeros(B)
         if g_xn is None:

@@ -18,9 +18,9 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
-
+from ...higher_order import recomputed_vjp, recorded_backward
 from ..common import eager_function
+from ..recompute import pool_sets
 from .launch import _LAUNCH_WRAP, _WEIGHTS, structure_backward, structure_forward
 
 _HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
@@ -59,6 +59,16 @@ def _input_grads(x, log_p0, log_q0, ws, grads):
     return gx, g_lp0, g_lq0, [g_w[i].to(w.dtype) for i, w in enumerate(ws)]
 
 
+def _recorded_grads(ctx, gy, gplan, method, variant, K, return_plan) -> list:
+    """Gradients of (x, ptr, log p0, log q0, a0 … τ) that autograd records (create_graph):
+    the torch path recomputed (``..recompute``)."""
+    def forward(x, ptr, lp0, lq0, *ws):
+        return pool_sets(x, ptr, torch.stack(ws), lp0, lq0, method=method, variant=variant,
+                         structure=True, inner_iters=K, return_plan=return_plan)
+    return recomputed_vjp(forward, ctx.saved_tensors[:10], ctx.needs_input_grad[:10],
+                          (gy, gplan))
+
+
 class StructureROTFunction(torch.autograd.Function):
     """The same forward and backward as the custom operators, for a torch without triton_op."""
 
@@ -71,10 +81,12 @@ class StructureROTFunction(torch.autograd.Function):
         return y, plan
 
     @staticmethod
-    @once_differentiable  # (the kernels' backward is first order)
     def backward(ctx, gy, gplan):
-        x, ptr, log_p0, log_q0, *ws, log_p_T = ctx.saved_tensors
         m = ctx.meta
+        if recorded_backward():  # the kernels' backward is first order: the torch path's
+            return (*_recorded_grads(ctx, gy, gplan, m["method"], m["variant"], m["K"],
+                                     m["return_plan"]), None)
+        x, ptr, log_p0, log_q0, *ws, log_p_T = ctx.saved_tensors
         grads = _bwd(x, ptr, log_p0, log_q0, *ws, log_p_T, gy,
                      gplan if m["return_plan"] else None, m["method"], m["variant"], m["K"])
         gx, g_lp0, g_lq0, gws = _input_grads(x, log_p0, log_q0, ws, grads)
@@ -118,8 +130,11 @@ if _HAS_TRITON_OP:
             ctx.args = (method, variant, K, return_plan)
 
         def _backward(ctx, gy, gplan, g_lp_out):
-            x, ptr, log_p0, log_q0, *ws, log_p_T = ctx.saved_tensors
             method, variant, K, return_plan = ctx.args
+            if recorded_backward():  # the kernels' backward is first order: the torch path's
+                return (*_recorded_grads(ctx, gy, gplan, method, variant, K, return_plan),
+                        None, None, None, None)
+            x, ptr, log_p0, log_q0, *ws, log_p_T = ctx.saved_tensors
             grads = structure_bwd_op(x, ptr, log_p0, log_q0, *ws, log_p_T, gy,
                                      gplan if return_plan else None, method, variant, K)
             gx, g_lp0, g_lq0, gws = _input_grads(x, log_p0, log_q0, ws, grads)

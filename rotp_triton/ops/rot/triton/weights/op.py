@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from ...higher_order import recomputed_vjp, recorded_backward
 from .launch import table_backward, table_forward
 
 
@@ -22,13 +23,31 @@ class SoftplusTableFunction(torch.autograd.Function):
         return table_forward(base, scale, rows, raws, shared)
 
     @staticmethod
-    @once_differentiable  # (the kernels' own backward is first order too)
     def backward(ctx, g):
+        if recorded_backward():  # the kernel's backward is first order: the torch ops'
+            # (base only adds a constant: its value does not change the derivatives)
+            base = torch.zeros(g.shape, dtype=g.dtype, device=g.device)
+
+            def forward(scale, *raws):
+                return table_ops(base, scale, ctx.rows, raws, ctx.shared)
+            grads = recomputed_vjp(forward, ctx.saved_tensors, (False,) + tuple(
+                ctx.needs_input_grad[4:]), (g,))
+            return (None, None, None, None, *grads[1:])
         scale, *raws = ctx.saved_tensors
         graw = table_backward(g, scale, ctx.rows, raws, ctx.shared)       # [n_learned, T]
         # (rows as views by one unbind: a select each costs a dispatch, PERF.md front end)
         grads = (graw[:, :1] if ctx.shared else graw).unbind(0)
         return (None, None, None, None, *grads)
+
+
+def table_ops(base: Tensor, scale: Tensor, rows: Sequence[int], raws: Sequence[Tensor],
+              shared: bool) -> Tensor:
+    """What the kernel computes, as torch ops: base + scale · softplus(raw) on the learned
+    ``rows`` (a recorded backward differentiates them)."""
+    out = list(base.unbind(0))
+    for r, raw in zip(rows, raws):
+        out[r] = base[r] + scale[r] * F.softplus(raw).expand(base.shape[1])
+    return torch.stack(out)
 
 
 def softplus_table(base: Tensor, scale: Tensor, rows: Sequence[int], raws: Sequence[Tensor],

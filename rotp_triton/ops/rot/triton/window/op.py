@@ -12,11 +12,20 @@ from typing import List, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
-
+from ...higher_order import recomputed_vjp, recorded_backward
 from ..common import HAS_TRITON_OP, direct_launch, eager_function
+from ..recompute import pool_windows
 from ..spread.launch import bfs_strides, spread_backward, spread_forward
 from .launch import empty_like_layout, geometry, window_backward, window_forward
+
+
+def _recorded_grads(ctx, gy, args, spread: bool = False) -> list:
+    """Gradients of (x, w) that autograd records (create_graph): the torch path recomputed
+    (``..recompute``); ``args``: ``window_pool``'s windows, method and variant as ``recompute.
+    pool_windows`` takes them."""
+    def forward(x, w):
+        return pool_windows(x, w, *args, spread=spread)
+    return recomputed_vjp(forward, ctx.saved_tensors[:2], ctx.needs_input_grad[:2], (gy,))
 
 
 class WindowPoolFunction(torch.autograd.Function):
@@ -28,11 +37,13 @@ class WindowPoolFunction(torch.autograd.Function):
         g = geometry(x.shape, kernel_size, stride, padding, ceil_mode, output_size)
         ctx.save_for_backward(x, w)
         ctx.args = (g, method, variant)
+        ctx.windows = (kernel_size, stride, padding, ceil_mode, method, variant, output_size)
         return window_forward(x, w, g, method, variant)
 
     @staticmethod
-    @once_differentiable  # (the kernels' backward is first order)
     def backward(ctx, gy):
+        if recorded_backward():  # the kernels' backward is first order: the torch path's
+            return (*_recorded_grads(ctx, gy, ctx.windows), *[None] * 7)
         x, w = ctx.saved_tensors
         gx, gw = window_backward(x, w, gy, *ctx.args)
         return (gx if ctx.needs_input_grad[0] else None,
@@ -56,11 +67,13 @@ class SpreadWindowPoolFunction(torch.autograd.Function):
         y = window_forward(x, w, g, method, variant, scale=saved[:g.B])
         ctx.save_for_backward(x, w, saved)
         ctx.args = (g, method, variant)
+        ctx.windows = (kernel_size, stride, padding, ceil_mode, method, variant, output_size)
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gy):
+        if recorded_backward():  # the kernels' backward is first order: the torch path's
+            return (*_recorded_grads(ctx, gy, ctx.windows, spread=True), *[None] * 7)
         x, w, saved = ctx.saved_tensors
         g = ctx.args[0]
         g_xs, gw, ds = window_backward(x, w, gy, *ctx.args, scale=saved[:g.B])
@@ -99,6 +112,8 @@ if HAS_TRITON_OP:
             ctx.args = rest
 
         def _backward(ctx, gy):
+            if recorded_backward():  # the kernels' backward is first order: the torch path's
+                return (*_recorded_grads(ctx, gy, ctx.args), *[None] * 7)
             x, w = ctx.saved_tensors
             gx, gw = window_bwd_op(x, w, gy, *ctx.args)
             return (gx if ctx.needs_input_grad[0] else None,
