@@ -101,6 +101,15 @@ def test_learned_weights_penalty_matches_autograd_through_the_loop():
 # --------------------------------------------------------------------------------------------
 # the kernels (interpreter fp32 on CPU; CUDA with ROTP_TEST_DEVICE=cuda) == reference
 # --------------------------------------------------------------------------------------------
+@pytest.fixture(params=["function", "operator"])
+def autograd_path(request, monkeypatch):
+    """The kernels' autograd: their families' torch.autograd.Function (eager mode's) or the
+    custom operators' registered autograd (what torch.compile traces)."""
+    from rotp_triton.ops.rot.triton import common
+    monkeypatch.setattr(common, "EAGER_FUNCTION", request.param == "function")
+    return request.param
+
+
 def _hvp(run, x, extra):
     """∂⟨v, ∂⟨c, y⟩/∂x⟩/∂(x, *extra), y = run(x, *extra); c, v fixed random (float64)."""
     y = run(x, *extra)
@@ -123,7 +132,7 @@ def _check(kernel, reference, name):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("method", METHODS)
-def test_kernels_second_order_match_reference(method, variant):
+def test_kernels_second_order_match_reference(method, variant, autograd_path):
     """Ragged batch (sets of 3, 0 and 5 rows), per-iteration α1, α2, p0 and the plan output:
     the kernels' recorded backward (custom operator or Function) == the reference."""
     T, D = 3, 4
@@ -149,7 +158,7 @@ def test_kernels_second_order_match_reference(method, variant):
 
     ins = [x64, w64["a1"], w64["a2"], p64]
     kernel = _hvp(run, *_leaves([t.float().to(DEVICE) for t in ins]))
-    assert "rotp_triton" in nodes[0] or "Function" in nodes[0], nodes   # the kernels' node
+    assert ("Function" if autograd_path == "function" else "rotp_triton") in nodes[0], nodes
     _check(kernel, _hvp(ref, *_leaves(ins)), f"{method} {variant}")
 
 
@@ -159,7 +168,7 @@ def _leaves(ts):
 
 
 @pytest.mark.parametrize("method", ["sinkhorn", "badmm-e"])
-def test_structure_kernels_second_order_match_reference(method):
+def test_structure_kernels_second_order_match_reference(method, autograd_path):
     """α0 > 0 (the structure kernels), dense, α0 learned."""
     T = 2
     x64 = _x(15, 2, 4, 3)
@@ -193,7 +202,7 @@ def test_spread_statistics_kernels_second_order():
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_window_kernels_second_order_match_reference(method):
+def test_window_kernels_second_order_match_reference(method, autograd_path):
     """Uneven adaptive windows (5 × 7 → 3 × 2) on the window kernels, gradients in x and the
     weight table."""
     T = 2
@@ -218,7 +227,7 @@ def test_window_kernels_second_order_match_reference(method):
 
 
 @pytest.mark.parametrize("scale", [None, "auto"])
-def test_kernel_layers_penalty_matches_torch_path(scale):
+def test_kernel_layers_penalty_matches_torch_path(scale, autograd_path):
     """An R1-style penalty through the layers with learned weights (the weight-table kernel)
     and ``scale="auto"`` (folded into the kernels): ∂‖∂⟨c, y⟩/∂x‖²/∂(x, parameters) on the
     kernels == the torch path's (float64)."""
@@ -242,6 +251,30 @@ def test_kernel_layers_penalty_matches_torch_path(scale):
             got.append(torch.autograd.grad(gx.square().sum(), [x, *m.parameters()]))
         ref = got[1]
         floor = 1e-3 * float(ref[0].norm())
+        for i, (a, b) in enumerate(zip(*got)):
+            assert_close(a.cpu(), b, torch.float32, name=f"{type(layer).__name__} [{i}]",
+                         floor=floor if i else 0)
+
+
+def test_kernel_layers_meta_gradient_matches_torch_path(autograd_path):
+    """A MAML-style meta-gradient: ∂‖∂L/∂θ‖²/∂(θ, x) with θ the layer's learned weights (the
+    weight-table kernel's backward differentiated again), kernels == the torch path (float64)."""
+    layers = [(rt.ROTPool(4, method="badmm-e", num_iters=2, a1=1.0, rho=1.0, learn_a2=True),
+               _x(18, 7, 4), dict(ptr=torch.tensor([0, 2, 7]))),
+              (rt.ROTPool2d(4, 2, method="sinkhorn", num_iters=2, a1=1.0, learn_a3=True),
+               _x(19, 1, 4, 4, 6), {})]
+    for layer, x64, kw in layers:
+        got = []
+        for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+            layer.backend = backend
+            m = layer.to(DEVICE if backend == "triton" else "cpu", dtype)
+            x = x64.to(m_device(m), dtype).requires_grad_()
+            y = m(x, **{k: v.to(x.device) for k, v in kw.items()})
+            c = torch.linspace(-1, 1, y.numel(), device=x.device, dtype=dtype).view_as(y)
+            params = list(m.parameters())
+            g = torch.autograd.grad((y * c).sum(), params, create_graph=True)
+            got.append(torch.autograd.grad(sum(gi.square().sum() for gi in g), [x, *params]))
+        floor = 1e-3 * float(got[1][0].norm())
         for i, (a, b) in enumerate(zip(*got)):
             assert_close(a.cpu(), b, torch.float32, name=f"{type(layer).__name__} [{i}]",
                          floor=floor if i else 0)
