@@ -33,6 +33,9 @@ How it is computed (all equal to the formulas above; chosen for range and exactn
   t = t* - F(t*, l) / F'(t*) is taken with F' detached. Its value is t* (up to tol) and its
   derivative is the implicit-function-theorem one, dt/dl_i = -sigma'(t + l_i) / sum_j
   sigma'(t + l_j): exact for the solved equation, O(n) extra work, no memory for iterations.
+  A second Newton step, F' attached, leaves that value and first derivative (N(t) = t - F/F'
+  has N'(t*) = 0) and makes the second derivative the implicit function's too (Newton doubles
+  the order of contact), for gradients that are differentiated again (create_graph).
 * Pooling weights w_i = (1/n - rho_i)/mu = sigma(t + l_i)/(n mu) are evaluated as
   sigma(t + l_i) / sum_j sigma(t + l_j) (equal at the root) so they sum to 1 exactly whatever the
   solve tolerance: gamma = 0 or equal s_i give global average pooling to rounding. Likewise
@@ -283,11 +286,14 @@ def _gsp_padded(batch: SetBatch, weight, prototypes, mu, gamma, num_iters, tol, 
     else:
         t = _solve_log_alpha(ell.detach(), mask, n, mu, num_iters, tol)
         if ell.requires_grad:
-            # implicit differentiation: a Newton step whose derivative is the IFT one
-            sg = torch.sigmoid(t[:, None] + ell) * m
-            F = sg.sum(1) / n - mu
-            dF = ((sg * (1.0 - sg)).sum(1) / n).detach().clamp_min(torch.finfo(cd).tiny)
-            t = t - F / dF
+            # implicit differentiation: Newton steps from the root t*, whose derivatives are
+            # the implicit function's - one step its first derivative, a second step with F'
+            # attached its second too (module docstring), for gradients differentiated again
+            for attach in (False, True):
+                sg = torch.sigmoid(t[:, None] + ell) * m
+                F = sg.sum(1) / n - mu
+                dF = ((sg * (1.0 - sg)).sum(1) / n).clamp_min(torch.finfo(cd).tiny)
+                t = t - F / (dF if attach else dF.detach())
         z = t[:, None] + ell
         sig = torch.sigmoid(z) * m                                # n alpha rho_i s_i
         alpha = torch.exp(t)
