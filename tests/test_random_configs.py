@@ -100,7 +100,7 @@ def test_torch_path_random_config(seed):
     check_against_reference(run, reference, inputs, dtype=torch.float64, seed=seed)
 
 
-@pytest.mark.parametrize("seed", range(100, 112))
+@pytest.mark.parametrize("seed", range(100, 124))
 def test_kernels_random_config(seed):
     kw, inputs, run, reference = draw(seed)
     run.backend = "triton"
