@@ -21,6 +21,8 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
+from ..._transforms import plain_ops
+
 METHODS = ("sinkhorn", "badmm-e", "badmm-q")
 VARIANTS = ("exact", "paper")
 BACKENDS = ("auto", "triton", "torch")
@@ -99,8 +101,9 @@ class set_value_checks:
 
 
 def value_checks_enabled(t: Tensor) -> bool:
-    """Whether the values of ``t`` are checked now (never while torch.compile traces)."""
-    if torch.compiler.is_compiling():
+    """Whether the values of ``t`` are checked now (never while torch.compile traces or a
+    torch.func transform runs: ``_transforms.py``)."""
+    if plain_ops():
         return False
     mode = _VALUE_CHECKS[0]
     return t.device.type == "cpu" if mode == "auto" else bool(mode)

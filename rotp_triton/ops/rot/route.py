@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..._autocast import without_autocast
+from ..._transforms import func_transforms_active
 from ..._batching import SetBatch, check_prior_args, normalized_log_p0, normalized_log_q0
 from .params import weight_rows
 from .spread import normalize_by_spread, normalize_sets_by_spread
@@ -60,6 +61,11 @@ def use_kernels(x: Tensor, backend: str, *, structure: bool = False,
         if required:
             raise ValueError(f"backend='triton' is not available here: {why}")
         return False
+
+    if func_transforms_active():
+        return no("a torch.func transform (grad, vmap, jacrev, ...) is active, which runs the "
+                  "torch path (the kernels' autograd has no torch.func rules); use "
+                  "backend='auto' or 'torch'")
 
     if window_tile is not None:
         if structure:

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ...._transforms import plain_ops
 from ..params import kappa, wants_structure  # noqa: F401  (wants_structure: re-exported)
 from .layouts import Padded
 from .structure import StructureFactors, structure_factors
@@ -119,7 +120,7 @@ def sinkhorn_structure(x: Tensor, mask: Tensor, log_p0: Tensor, log_q0: Tensor,
 def _checkpointed(fn, *args):
     """fn(*args), recomputed in the backward when autograd records (memory: one module's
     activations plus the state between modules, instead of every module's activations)."""
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if torch.is_grad_enabled() and not plain_ops():
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
 
@@ -184,7 +185,7 @@ def rot_log_plan(x: Tensor, mask: Tensor, log_p0: Tensor, log_q0: Tensor, *, met
     sf = structure_factors(x, mask) if structure else None
     if not structure:  # memory independent of T (unrolled.py)
         # no padding (e.g. image windows): the mask-free layout has the hand-written adjoints
-        full = not torch.compiler.is_compiling() and bool(mask.all())
+        full = not plain_ops() and bool(mask.all())
         return unrolled_log_plan(Padded(None if full else mask), x, log_p0, log_q0,
                                  method=method, variant=variant, a1=a1, a2=a2, a3=a3, rho=rho,
                                  T=T)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from ...._transforms import plain_ops
 from .chunked import chunked_rot_pool
 from .chunks import chunk_bytes_for, dense_chunks, segment_chunks
 from .layouts import Padded, Segments
@@ -25,7 +26,7 @@ def _chunkable(x: Tensor, variant: str, return_plan: bool) -> bool:
     torch.compile, nor under a Python dispatch mode (fake tensors have no values; op recorders
     such as bench/kernel_report.py's eager model want the device-independent op stream)."""
     return (CHUNKED and x.device.type == "cpu" and variant == "exact" and not return_plan
-            and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None)
+            and not plain_ops() and _get_current_dispatch_mode() is None)
 
 
 def _in_domain(w: dict) -> bool:

@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ...._transforms import plain_ops
 from ..higher_order import recomputed_vjp, recorded_backward
 from .arena import Arena
 from .vectors import A1, A2, A3, RHO, add_mul_, axpy, kappa, lognorm_feat  # noqa: F401
@@ -454,7 +455,7 @@ def unrolled_log_plan(L, x: Tensor, lp0: Tensor, lq0: Tensor, *, method: str, va
     w = (a1, a2, a3, rho)
     tensors = (x, lp0, lq0) + w
     if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-            and not torch.compiler.is_compiling()):
+            and not plain_ops()):
         return UnrolledRot.apply(solver, L, T, *tensors)
     return plain_log_plan(solver, L, T, *tensors)
 

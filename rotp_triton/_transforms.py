@@ -1,0 +1,22 @@
+"""torch.func transforms (``grad``, ``vmap``, ``jacrev``, ``jvp``, ``functional_call`` under
+them): while one is active the package runs plain torch ops - no custom autograd.Function
+(torch.func needs ``setup_context`` and vmap rules they do not have), no Triton kernel (the
+router takes the torch path; ``backend="triton"`` raises), no value check (a check reads values
+on the host, which ``vmap`` forbids) - as while torch.compile traces."""
+from __future__ import annotations
+
+import torch
+
+_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def func_transforms_active() -> bool:
+    """Whether a torch.func transform is active (over any tensor)."""
+    return bool(_active())
+
+
+def plain_ops() -> bool:
+    """Whether the package must run plain torch ops: torch.compile traces (dynamo traces the
+    Functions' forwards but inductor fuses plain ops better) or a torch.func transform is
+    active."""
+    return torch.compiler.is_compiling() or func_transforms_active()
