@@ -78,6 +78,21 @@ def test_rot_pool_transforms_structure_and_plan():
     _close(jacrev(plan)(x), torch.autograd.functional.jacobian(plan, x), "jacrev plan")
 
 
+@pytest.mark.parametrize("layout", ["ptr", "index"])
+def test_ragged_layer_with_feature_scale(layout):
+    """A ragged batch through ROTPool with ``scale="auto"`` (each set's spread, empty set
+    included): jacrev and vmap."""
+    shape, where = LAYOUTS[layout]
+    where = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in where.items()}
+    pool = rt.ROTPool(3, num_iters=2).to(**f64)
+    x = _x(5, *shape)
+
+    def f(x):
+        return pool(x, **where)
+    _close(jacrev(f)(x), torch.autograd.functional.jacobian(f, x), "jacrev")
+    _close(vmap(f)(torch.stack([x, 3 * x])), torch.stack([f(x), f(3 * x)]), "vmap")
+
+
 LAYERS = {
     "ROTPool": (lambda: rt.ROTPool(3, num_iters=2, learn_a2=True), (4, 3)),
     "ROTPool2d": (lambda: rt.ROTPool2d(3, 2, num_iters=2), (3, 4, 6)),
