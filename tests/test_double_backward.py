@@ -92,8 +92,8 @@ def test_other_set_layers_twice_differentiable(name):
     x = _x(20, 2, 4, 3).requires_grad_()
 
     def f(x, *params):
-        out = torch.func.functional_call(m, dict(zip(names, params)),
-                                         (x.reshape(8, 3)[:7],), dict(ptr=torch.tensor([0, 3, 3, 7])))
+        out = torch.func.functional_call(m, dict(zip(names, params)), (x.reshape(8, 3)[:7],),
+                                         dict(ptr=torch.tensor([0, 3, 3, 7])))
         return out[0] if isinstance(out, tuple) else out
     assert gradgradcheck(f, (x, *[p.detach().clone().requires_grad_() for p in m.parameters()]))
     assert gradgradcheck(lambda x: m(x) if not isinstance(m(x), tuple) else m(x)[0], (x,))
