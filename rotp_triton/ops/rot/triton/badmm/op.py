@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
 from ...higher_order import recorded_backward
 from ..common import HAS_TRITON_OP, direct_launch, eager_function
 from ..recompute import set_grads

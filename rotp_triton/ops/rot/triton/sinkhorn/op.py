@@ -14,8 +14,9 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from ..common import HAS_TRITON_OP, direct_launch, eager_function
+
 from ...higher_order import recorded_backward
+from ..common import HAS_TRITON_OP, direct_launch, eager_function
 from ..recompute import set_grads
 from ..spread.launch import spread_backward
 from .launch import (layout, param_grad_views, param_grads_numel, sinkhorn_backward,

@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
 from ...higher_order import recomputed_vjp, recorded_backward
 from ...spread_math import ragged_spread_ops, spread_ops
 from ..common import as_f32

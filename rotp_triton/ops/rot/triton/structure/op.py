@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
 from ...higher_order import recomputed_vjp, recorded_backward
 from ..common import eager_function
 from ..recompute import pool_sets

@@ -12,6 +12,7 @@ from typing import List, Tuple
 
 import torch
 from torch import Tensor
+
 from ...higher_order import recomputed_vjp, recorded_backward
 from ..common import HAS_TRITON_OP, direct_launch, eager_function
 from ..recompute import pool_windows
