@@ -126,8 +126,8 @@ class _RaggedSpreadNormalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, index, lengths, num_sets, out_dtype):
-        out, s, xn, count, dev, root, s_rows = ragged_spread_ops(x, index, lengths,
-                                                                        num_sets, out_dtype)
+        out, s, xn, count, dev, root, s_rows = ragged_spread_ops(x, index, lengths, num_sets,
+                                                                 out_dtype)
         ctx.save_for_backward(x, index, count, dev, root, s, s_rows,
                               out if out is xn else None, lengths)
         ctx.num_sets, ctx.out_dtype = num_sets, out_dtype
@@ -138,8 +138,7 @@ class _RaggedSpreadNormalize(torch.autograd.Function):
         if recorded_backward():  # create_graph: the forward's ops, differentiable again
             x, index, lengths = (ctx.saved_tensors[i] for i in (0, 1, 8))
             (gx,) = recomputed_vjp(
-                lambda x: ragged_spread_ops(x, index, lengths, ctx.num_sets,
-                                                   ctx.out_dtype)[:2],
+                lambda x: ragged_spread_ops(x, index, lengths, ctx.num_sets, ctx.out_dtype)[:2],
                 (x,), ctx.needs_input_grad[:1], (g_xn, g_s))
             return gx, None, None, None, None
         x, index, count, dev, root, s, s_rows, xn, _lengths = ctx.saved_tensors
