@@ -10,7 +10,8 @@ finished):
    backend="torch", every case in fp32, then in bf16: rot_pool dense / ragged ptr / unsorted
    index for S, B-E, B-Q, B-E paper, α0 > 0; ROTPool2d 2×2 NCHW and channels_last;
    AdaptiveROTPool2d; the backward's bits twice; the Triton path under torch.autocast;
-   overlapping windows' backward under deterministic algorithms (same bits, == atomic mode).
+   overlapping windows' backward under deterministic algorithms (same bits, == atomic mode);
+   second derivatives through the kernels and torch.func.grad (vs the torch path's autograd).
 2. W2, W1, W3, W5 at T = 4: median time (triton.testing.do_bench) and peak memory above the
    pre-call level (torch.cuda.max_memory_allocated) of forward and forward+backward for triton,
    the eager torch path and mean/avg pooling; the ratio to the SoL (bench/sol.py, with the copy
@@ -369,7 +370,8 @@ def section_smoke(env, out, budget, only_cases=None):
                    if "y" in row else f" {row.get('error')}"))
         for case, check in (("backward bits, twice", run_determinism_check),
                             ("under torch.autocast", run_autocast_check),
-                            ("overlapping windows, deterministic", run_overlap_check)):
+                            ("overlapping windows, deterministic", run_overlap_check),
+                            ("second derivatives, torch.func", run_higher_order_check)):
             row = dict(section="smoke", case=case, dtype="float32")
             try:
                 row.update(check(env))
@@ -380,6 +382,43 @@ def section_smoke(env, out, budget, only_cases=None):
             out.append(row)
             log(f"smoke {row['case']}: " + ("OK" if row.get("ok") else "FAIL")
                 + f" {dict((k, v) for k, v in row.items() if k.startswith(('same', 'rel_err')))}")
+
+
+def run_higher_order_check(env):
+    """Second derivatives through the kernels (their recorded backward recomputes the torch
+    path: an R1-style penalty ∂‖∂⟨c, y⟩/∂x‖²/∂(x, weights), sets and 2×2 windows) and
+    torch.func.grad (the torch path, on the GPU too) against the torch path's autograd (fp32).
+    ok: every relative error ≤ 2e-3."""
+    import rotp_triton as rt
+    gen = torch.Generator().manual_seed(37)
+    xs = torch.randn(4, 9, 6, generator=gen).to(env.device)
+    xw = torch.randn(2, 6, 4, 6, generator=gen).to(env.device)
+
+    def penalty(backend, make, x0):
+        torch.manual_seed(0)
+        m = make(backend).to(env.device)
+        x = x0.clone().requires_grad_()
+        y = m(x)
+        c = torch.linspace(-1, 1, y.numel(), device=x.device).view_as(y)
+        (gx,) = torch.autograd.grad((y * c).sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), [x, *m.parameters()])
+
+    errs = {}
+    makes = dict(sets=(lambda b: rt.ROTPool(6, method="sinkhorn", num_iters=3, a1=1.0, rho=1.0,
+                                            backend=b), xs),
+                 windows=(lambda b: rt.ROTPool2d(6, 2, method="badmm-e", num_iters=3, a1=1.0,
+                                                 rho=1.0, backend=b), xw))
+    for name, (make, x0) in makes.items():
+        got = [penalty(b, make, x0) for b in ("triton", "torch")]
+        errs[f"rel_err_second_{name}"] = max(rel(a, b) for a, b in zip(*got))
+
+    def loss(x):
+        return rt.rot_pool(x, method="badmm-e", num_iters=3).square().sum()
+    g_func = torch.func.grad(loss)(xs)
+    x = xs.clone().requires_grad_()
+    (g_autograd,) = torch.autograd.grad(loss(x), x)
+    errs["rel_err_func_grad"] = rel(g_func, g_autograd)
+    return dict(errs, ok=all(v == v and v <= 2e-3 for v in errs.values()))
 
 
 def run_determinism_check(env):
