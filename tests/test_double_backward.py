@@ -247,6 +247,26 @@ def test_window_kernels_second_order_match_reference(method, autograd_path):
     _check(kernel, reference, method)
 
 
+def _layer_kernels_vs_torch(layer, x64, kw, first_in: str):
+    """∂‖g‖²/∂(x, parameters) with g = ∂⟨c, y⟩/∂(x or the parameters, ``first_in``), y the
+    layer's output: the kernels (fp32) == the torch path (float64)."""
+    got = []
+    for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+        layer.backend = backend
+        m = layer.to(DEVICE if backend == "triton" else "cpu", dtype)
+        x = x64.to(m_device(m), dtype).requires_grad_()
+        y = m(x, **{k: v.to(x.device) for k, v in kw.items()})
+        c = torch.linspace(-1, 1, y.numel(), device=x.device, dtype=dtype).view_as(y)
+        params = list(m.parameters())
+        g = torch.autograd.grad((y * c).sum(), [x] if first_in == "x" else params,
+                                create_graph=True)
+        got.append(torch.autograd.grad(sum(gi.square().sum() for gi in g), [x, *params]))
+    floor = 1e-3 * float(got[1][0].norm())
+    for i, (a, b) in enumerate(zip(*got)):
+        assert_close(a.cpu(), b, torch.float32, name=f"{type(layer).__name__} [{i}]",
+                     floor=floor if i else 0)
+
+
 @pytest.mark.parametrize("scale", [None, "auto"])
 def test_kernel_layers_penalty_matches_torch_path(scale, autograd_path):
     """An R1-style penalty through the layers with learned weights (the weight-table kernel)
@@ -261,44 +281,17 @@ def test_kernel_layers_penalty_matches_torch_path(scale, autograd_path):
     inputs = [(_x(11, 7, 4), dict(ptr=torch.tensor([0, 2, 7]))), (_x(12, 2, 5, 4), {}),
               (_x(13, 1, 4, 4, 6), {})]
     for layer, (x64, kw) in zip(layers, inputs):
-        got = []
-        for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
-            layer.backend = backend
-            m = layer.to(DEVICE if backend == "triton" else "cpu", dtype)
-            x = x64.to(m_device(m), dtype).requires_grad_()
-            y = m(x, **{k: v.to(x.device) for k, v in kw.items()})
-            c = torch.linspace(-1, 1, y.numel(), device=x.device, dtype=dtype).view_as(y)
-            (gx,) = torch.autograd.grad((y * c).sum(), x, create_graph=True)
-            got.append(torch.autograd.grad(gx.square().sum(), [x, *m.parameters()]))
-        ref = got[1]
-        floor = 1e-3 * float(ref[0].norm())
-        for i, (a, b) in enumerate(zip(*got)):
-            assert_close(a.cpu(), b, torch.float32, name=f"{type(layer).__name__} [{i}]",
-                         floor=floor if i else 0)
+        _layer_kernels_vs_torch(layer, x64, kw, "x")
 
 
 def test_kernel_layers_meta_gradient_matches_torch_path(autograd_path):
     """A MAML-style meta-gradient: ∂‖∂L/∂θ‖²/∂(θ, x) with θ the layer's learned weights (the
     weight-table kernel's backward differentiated again), kernels == the torch path (float64)."""
-    layers = [(rt.ROTPool(4, method="badmm-e", num_iters=2, a1=1.0, rho=1.0, learn_a2=True),
-               _x(18, 7, 4), dict(ptr=torch.tensor([0, 2, 7]))),
-              (rt.ROTPool2d(4, 2, method="sinkhorn", num_iters=2, a1=1.0, learn_a3=True),
-               _x(19, 1, 4, 4, 6), {})]
-    for layer, x64, kw in layers:
-        got = []
-        for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
-            layer.backend = backend
-            m = layer.to(DEVICE if backend == "triton" else "cpu", dtype)
-            x = x64.to(m_device(m), dtype).requires_grad_()
-            y = m(x, **{k: v.to(x.device) for k, v in kw.items()})
-            c = torch.linspace(-1, 1, y.numel(), device=x.device, dtype=dtype).view_as(y)
-            params = list(m.parameters())
-            g = torch.autograd.grad((y * c).sum(), params, create_graph=True)
-            got.append(torch.autograd.grad(sum(gi.square().sum() for gi in g), [x, *params]))
-        floor = 1e-3 * float(got[1][0].norm())
-        for i, (a, b) in enumerate(zip(*got)):
-            assert_close(a.cpu(), b, torch.float32, name=f"{type(layer).__name__} [{i}]",
-                         floor=floor if i else 0)
+    _layer_kernels_vs_torch(rt.ROTPool(4, method="badmm-e", num_iters=2, a1=1.0, rho=1.0,
+                                       learn_a2=True),
+                            _x(18, 7, 4), dict(ptr=torch.tensor([0, 2, 7])), "parameters")
+    _layer_kernels_vs_torch(rt.ROTPool2d(4, 2, method="sinkhorn", num_iters=2, a1=1.0,
+                                         learn_a3=True), _x(19, 1, 4, 4, 6), {}, "parameters")
 
 
 def m_device(module):
