@@ -25,10 +25,9 @@ from torch import Tensor
 from ..._autocast import without_autocast
 from ..._transforms import func_transforms_active
 from ..._batching import SetBatch, check_prior_args, normalized_log_p0, normalized_log_q0
-from .params import weight_rows
 from .spread import normalize_by_spread, normalize_sets_by_spread
 from .torch.pool import rot_pool_padded
-from .torch.windows import adaptive_rot_pool2d_torch, rot_pool2d_torch
+from .torch.windows import adaptive_rot_pool2d_torch, rot_pool2d_torch, table_weights
 from .triton.common import interpreter_enabled, next_pow2
 from .window_geometry import largest_adaptive_window
 
@@ -164,15 +163,6 @@ def _window_tile(kernel_size, channels: int) -> int:
     return next_pow2(kernel_size[0] * kernel_size[1]) * next_pow2(channels)
 
 
-def _torch_weights(table: Tensor, structure: bool) -> dict:
-    """The torch window path's weights from the table: (T,) rows, α0 the number 0 when the
-    α0 = 0 algorithm runs (static for torch.compile, as a layer's fixed α0)."""
-    w = weight_rows(table)
-    if not structure:
-        w["a0"] = 0.0
-    return w
-
-
 @without_autocast
 def pool_windows(x: Tensor, table: Tensor, *, kernel_size, stride, padding, ceil_mode: bool,
                  method: str, variant: str, structure: bool, num_iters: int, inner_iters: int,
@@ -187,7 +177,7 @@ def pool_windows(x: Tensor, table: Tensor, *, kernel_size, stride, padding, ceil
     def torch_path(xs):
         return rot_pool2d_torch(xs, kernel_size, stride, padding, ceil_mode, method=method,
                                 variant=variant, num_iters=num_iters, inner_iters=inner_iters,
-                                weights=_torch_weights(table, structure))
+                                weights=table_weights(table, structure))
     windows = dict(kernel_size=kernel_size, stride=stride, padding=padding, ceil_mode=ceil_mode)
     return _pool_image_windows(x, table, windows, kernel_size, torch_path, method=method,
                                variant=variant, structure=structure, backend=backend,
@@ -214,7 +204,7 @@ def pool_adaptive(x: Tensor, table: Tensor, output_size: Tuple[int, int], *,
     def torch_path(xs):
         return adaptive_rot_pool2d_torch(xs, output_size, method=method, variant=variant,
                                          num_iters=num_iters, inner_iters=inner_iters,
-                                         weights=_torch_weights(table, structure))
+                                         weights=table_weights(table, structure))
     largest = (largest_adaptive_window(H, oh), largest_adaptive_window(W, ow))
     return _pool_image_windows(x, table, dict(output_size=(oh, ow)), largest, torch_path,
                                method=method, variant=variant, structure=structure,

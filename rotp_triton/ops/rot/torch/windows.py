@@ -14,11 +14,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...._batching import compute_dtype
-from ..params import wants_structure
+from ..params import wants_structure, weight_rows
 from ..window_geometry import adaptive_bounds, pool_output_size
 from .sets import pool_from_log_plan, rot_log_plan
 
 IntPair = Tuple[int, int]
+
+
+def table_weights(table: Tensor, structure: bool) -> dict:
+    """The torch window path's weights from the (6, T) table: (T,) rows, α0 the number 0 when
+    the α0 = 0 algorithm runs (static for torch.compile, as a layer's fixed α0)."""
+    w = weight_rows(table)
+    if not structure:
+        w["a0"] = 0.0
+    return w
 
 
 def _solve_sets(sets: Tensor, mask: Tensor, *, method, variant, num_iters, inner_iters,

@@ -9,10 +9,9 @@ from torch import Tensor
 
 from ...._batching import make_set_batch
 from ..higher_order import recomputed_vjp
-from ..params import weight_rows
 from ..spread import normalize_by_spread, normalize_sets_by_spread
 from ..torch.pool import rot_pool_padded
-from ..torch.windows import adaptive_rot_pool2d_torch, rot_pool2d_torch
+from ..torch.windows import adaptive_rot_pool2d_torch, rot_pool2d_torch, table_weights
 
 
 def pool_sets(x: Tensor, ptr: Optional[Tensor], table: Tensor, log_p0: Optional[Tensor],
@@ -37,13 +36,11 @@ def pool_windows(x: Tensor, table: Tensor, kernel_size: Sequence[int], stride: S
                  output_size: Sequence[int] = (), spread: bool = False) -> Tensor:
     """(B, C, Ho, Wo) of the window family's inputs (``window_pool``'s: ``output_size``
     non-empty for nn.AdaptiveAvgPool2d's windows); ``spread``: s · (pooling of x / s)."""
-    weights = weight_rows(table)
-    weights["a0"] = 0.0                     # the α0 = 0 algorithm, as the kernels run it
     s = None
     if spread:
         x, s = normalize_by_spread(x, (2, 3), x.dtype)
     kw = dict(method=method, variant=variant, num_iters=table.shape[1], inner_iters=1,
-              weights=weights)
+              weights=table_weights(table, structure=False))     # the kernels' α0 = 0
     if len(output_size):
         y = adaptive_rot_pool2d_torch(x, tuple(output_size), **kw)
     else:
