@@ -99,6 +99,13 @@ def test_other_set_layers_twice_differentiable(name):
     assert gradgradcheck(lambda x: m(x) if not isinstance(m(x), tuple) else m(x)[0], (x,))
 
 
+def test_set_fusion_twice_differentiable():
+    """SetFusionROTPool on a dense batch of groups of sets (G, M, N, D)."""
+    from rotp_triton.nn.hierarchical import SetFusionROTPool
+    m = SetFusionROTPool(3, num_iters=2).double()
+    assert gradgradcheck(lambda x: m(x), (_x(21, 2, 2, 4, 3).requires_grad_(),))
+
+
 def test_learned_weights_penalty_matches_autograd_through_the_loop():
     """An R1-style penalty ‖∂D/∂x‖² differentiated in the layer's learned weights: the torch
     path (CPU: chunked, hand-written adjoints) equals autograd through the plain loop, which

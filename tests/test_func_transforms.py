@@ -13,7 +13,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 import rotp_triton as rt
 from harness import DEVICE
-from rotp_triton.nn.hierarchical import MixedROTPool
+from rotp_triton.nn.hierarchical import MixedROTPool, SetFusionROTPool
 
 f64 = dict(dtype=torch.float64, device=DEVICE)
 
@@ -100,6 +100,7 @@ LAYERS = {
     "GSPool": (lambda: rt.GSPool(3, num_prototypes=4), (4, 3)),
     "OTKPool": (lambda: rt.OTKPool(3, 2), (4, 3)),
     "MixedROTPool": (lambda: MixedROTPool(3, num_iters=2), (4, 3)),
+    "SetFusionROTPool": (lambda: SetFusionROTPool(3, num_iters=2), (2, 4, 3)),
 }
 
 
