@@ -16,7 +16,7 @@ def func_transforms_active() -> bool:
 
 
 def plain_ops() -> bool:
-    """Whether the package must run plain torch ops: torch.compile traces (dynamo traces the
-    Functions' forwards but inductor fuses plain ops better) or a torch.func transform is
-    active."""
+    """Whether the package must run plain torch ops (the torch path's plain loop, no chunks, no
+    per-module checkpoint, no value check): while torch.compile traces, as before, or while a
+    torch.func transform is active."""
     return torch.compiler.is_compiling() or func_transforms_active()

@@ -80,9 +80,8 @@ def test_layers_twice_differentiable(scale):
 
 @pytest.mark.parametrize("name", ["GSPool", "OTKPool", "MixedROTPool"])
 def test_other_set_layers_twice_differentiable(name):
-    """GSP's implicit gradient (Newton steps from the solved root: the second one, F'
-    attached, makes the second derivative exact; with one detached step it was silently
-    wrong), OTK and the hierarchical mixture, dense and ragged (an empty set), parameters
+    """GSP's implicit gradient (two Newton steps from the solved root make the second
+    derivative exact; with one step, F' detached, it was silently wrong), OTK and the hierarchical mixture, dense and ragged (an empty set), parameters
     included."""
     from rotp_triton.nn.hierarchical import MixedROTPool
     make = dict(GSPool=lambda: rt.GSPool(3, num_prototypes=5, mass=0.7, gamma=2.0),

@@ -29,13 +29,14 @@ How it is computed (all equal to the formulas above; chosen for range and exactn
   rounding of that sum gives c an absolute error up to ~3e-4 for near-coincident points (the
   sqrt of the rounding), i.e. a relative error up to ~gamma * 3e-4 in their kernel; float64 is
   exact to ~1e-8 there.
-* Gradients: implicit, not unrolled. The root t* is found without autograd; then one Newton step
-  t = t* - F(t*, l) / F'(t*) is taken with F' detached. Its value is t* (up to tol) and its
-  derivative is the implicit-function-theorem one, dt/dl_i = -sigma'(t + l_i) / sum_j
-  sigma'(t + l_j): exact for the solved equation, O(n) extra work, no memory for iterations.
-  A second Newton step, F' attached, leaves that value and first derivative (N(t) = t - F/F'
-  has N'(t*) = 0) and makes the second derivative the implicit function's too (Newton doubles
-  the order of contact), for gradients that are differentiated again (create_graph).
+* Gradients: implicit, not unrolled. The root t* is found without autograd; then two Newton
+  steps t <- N(t, l) = t - F(t, l) / F'(t, l) are taken from it with autograd recording. Their
+  value is t* (up to tol); since N_t = 0 at the root, the first step's derivative is the
+  implicit-function-theorem one, dt/dl_i = -sigma'(t + l_i) / sum_j sigma'(t + l_j), and the
+  second step makes the second derivative the implicit function's too (Newton doubles the order
+  of contact; one step, or F' detached, gives a wrong one), for gradients that are
+  differentiated again (create_graph). Exact for the solved equation, O(n) extra work, no
+  memory for iterations.
 * Pooling weights w_i = (1/n - rho_i)/mu = sigma(t + l_i)/(n mu) are evaluated as
   sigma(t + l_i) / sum_j sigma(t + l_j) (equal at the root) so they sum to 1 exactly whatever the
   solve tolerance: gamma = 0 or equal s_i give global average pooling to rounding. Likewise
@@ -288,14 +289,13 @@ def _gsp_padded(batch: SetBatch, weight, prototypes, mu, gamma, num_iters, tol, 
     else:
         t = _solve_log_alpha(ell.detach(), mask, n, mu, num_iters, tol)
         if ell.requires_grad:
-            # implicit differentiation: Newton steps from the root t*, whose derivatives are
-            # the implicit function's - one step its first derivative, a second step with F'
-            # attached its second too (module docstring), for gradients differentiated again
-            for attach in (False, True):
+            # implicit differentiation: two Newton steps from the root t*, whose first and
+            # second derivatives are the implicit function's (module docstring)
+            for _ in range(2):
                 sg = torch.sigmoid(t[:, None] + ell) * m
                 F = sg.sum(1) / n - mu
                 dF = ((sg * (1.0 - sg)).sum(1) / n).clamp_min(torch.finfo(cd).tiny)
-                t = t - F / (dF if attach else dF.detach())
+                t = t - F / dF
         z = t[:, None] + ell
         sig = torch.sigmoid(z) * m                                # n alpha rho_i s_i
         alpha = torch.exp(t)

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from ..._autocast import without_autocast
-from ..._transforms import func_transforms_active
 from ..._batching import SetBatch, check_prior_args, normalized_log_p0, normalized_log_q0
+from ..._transforms import func_transforms_active
 from .spread import normalize_by_spread, normalize_sets_by_spread
 from .torch.pool import rot_pool_padded
 from .torch.windows import adaptive_rot_pool2d_torch, rot_pool2d_torch, table_weights
