@@ -26,7 +26,8 @@ finished):
 Writes bench/results/gpu_<device>_<date>[_<tag>].{md,json} after every section (device,
 torch/triton versions, clocks, date). Only the public API is used (rot_pool, the modules).
 ``--only 1,3,6`` runs those sections; ``--cases a0=,paper`` keeps the smoke cases whose name
-contains one of the strings (a follow-up run within a short lease).
+contains one of the strings, ``--workloads W1 --methods badmm-q`` the timing, profile and
+compile rows of those (a follow-up run within a short lease: the rows a run did not reach).
 """
 from __future__ import annotations
 
@@ -851,6 +852,17 @@ def write(out_dir, info, rows, sections) -> str:
     return base
 
 
+def _names(parser, flag: str, value, known: tuple):
+    """The comma-separated names of ``value`` (None: all), each one of ``known``."""
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in names if v not in known]
+    if bad or not names:
+        parser.error(f"{flag}: unknown {bad or value!r}; choose from {', '.join(known)}")
+    return set(names)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke-cpu", action="store_true",
@@ -863,8 +875,15 @@ def main(argv=None) -> int:
                    help="comma-separated section numbers to run (default: all), e.g. 1,4,6")
     p.add_argument("--cases", default=None,
                    help="comma-separated substrings: the smoke cases to keep (default: all)")
+    p.add_argument("--workloads", default=None,
+                   help="comma-separated workloads the timing, profile and compile sections "
+                   "keep (default: all), e.g. W1")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods they keep (default: all), e.g. badmm-q")
     p.add_argument("--tag", default="", help="suffix of the results files' names")
     args = p.parse_args(argv)
+    wanted_wls = _names(p, "--workloads", args.workloads, ("W1", "W2", "W3", "W5"))
+    wanted_methods = _names(p, "--methods", args.methods, ("sinkhorn", "badmm-e", "badmm-q"))
     if not args.smoke_cpu and not torch.cuda.is_available():
         print("gpu_check: no CUDA device (use --smoke-cpu to check the script on CPU); exit 0")
         return 0
@@ -879,12 +898,16 @@ def main(argv=None) -> int:
     log(f"{info['device']}: torch {info['torch']}, triton {info['triton']}, copy bandwidth "
         f"{bw / 1e12:.2f} TB/s")
     s = args.budget_scale
-    methods = ("sinkhorn", "badmm-e", "badmm-q")
-    wls = ("W2", "W1", "W3", "W5")
+    def kept(names, wanted):  # in the section's own order (most valuable first)
+        return tuple(n for n in names if wanted is None or n in wanted)
+
+    methods = kept(("sinkhorn", "badmm-e", "badmm-q"), wanted_methods)
+    wls = kept(("W2", "W1", "W3", "W5"), wanted_wls)
     # under --smoke-cpu: T = 2 / 3 and one method per timing section (the interpreter is slow;
     # the point is that every code path of the script runs)
     T4, T16 = (2, 3) if env.smoke else (4, 16)
-    m4, m16 = (("sinkhorn",), ("badmm-e",)) if env.smoke else (methods, methods)
+    m4, m16 = (kept(("sinkhorn",), wanted_methods), kept(("badmm-e",), wanted_methods)) \
+        if env.smoke else (methods, methods)
     # seconds per section: the first H200 run (2026-11-29, 403 s in all) spent 85 on 7 of the
     # smoke's 22 cases, 110 on the T = 4 triton and eager rows, 95 on T = 16 without reaching
     # W5, and its compile estimates produced nothing; ~480 s in all with start-up. Section 3
@@ -899,13 +922,14 @@ def main(argv=None) -> int:
         # W3 last: its window kernels (few bytes, long dependent chains) are what the kernel
         # report's calibrated model has no measured kernel of
         (f"3 kernel profile (W2, W1, W3 at T={T4})", budgets[2], lambda o, b: section_profile(
-            env, o, b, T4, ("W2", "W1", "W3"), m4)),
+            env, o, b, T4, kept(("W2", "W1", "W3"), wanted_wls), m4)),
         (f"4 torch.compile at T={T4} (W2, W1)", budgets[3], lambda o, b: section_compile(
-            env, o, b, T4, ("W2", "W1"), m4, section=f"T={T4}")),
+            env, o, b, T4, kept(("W2", "W1"), wanted_wls), m4, section=f"T={T4}")),
         (f"5 T={T16}", budgets[4], lambda o, b: section_timings(
             env, o, b, T16, wls, m16, bw, section=f"T={T16}")),
         (f"6 a0 > 0 (B-E W1 T={T4})", budgets[5], lambda o, b: section_timings(
-            env, o, b, T4, ("W1",), ("badmm-e",), bw, a0=0.1, section="a0=0.1")),
+            env, o, b, T4, kept(("W1",), wanted_wls), kept(("badmm-e",), wanted_methods), bw,
+            a0=0.1, section="a0=0.1")),
         ("7 W4 ResNet-50 step", budgets[6], lambda o, b: section_w4(env, o, b)),
     ]
     if args.only:

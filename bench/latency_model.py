@@ -203,12 +203,14 @@ def _rows(fnames) -> dict:
 
 
 def _priced_calls(rows: dict | None = None, rates: tuple | None = None,
-                  pricing: str = "hot loop") -> list:
+                  pricing: str = "hot loop", validation: tuple = VALIDATION) -> list:
     """[(case, workload, pass, measured s, first model s, calibrated kernel s, launches)] of
-    :data:`VALIDATION` (or of ``rows``, priced at ``rates`` with ``pricing``'s counts)."""
-    gpu, reports = VALIDATION
+    ``validation`` = (gpu_check JSON, report JSONs) (or of ``rows``, priced at ``rates`` with
+    ``pricing``'s counts). The α0 > 0 section's calls are not the reports' α0 = 0 cases."""
+    gpu, reports = validation
     with open(os.path.join(RESULTS, gpu)) as f:
-        measured = [r for r in json.load(f)["rows"] if r.get("impl") == "triton" and "ms" in r]
+        measured = [r for r in json.load(f)["rows"] if r.get("impl") == "triton" and "ms" in r
+                    and not str(r.get("section", "")).startswith("a0")]
     priced = rows if rows is not None else _rows(reports)
     short = {"sinkhorn": "S", "badmm-e": "B-E", "badmm-q": "B-Q"}
     out = []
@@ -387,14 +389,59 @@ def compare_report(report: str) -> str:
     return "\n".join(L) + "\n"
 
 
+def validate(gpu: str, report: str) -> str:
+    """The shipped model (its two rates and host costs, unchanged) judged on a later GPU run of
+    later code: each call of ``gpu`` (a gpu_check JSON) against ``report`` (a kernel report
+    JSON of the code that ran), measured ÷ predicted call; and the host costs that run's W1 / W5
+    calls would refit (:func:`fit_host`), for comparison only."""
+    gpu, report = os.path.abspath(gpu), os.path.abspath(report)
+    calls = _priced_calls(validation=(gpu, (report,)))
+    if not calls:
+        raise ValueError(f"no call of {gpu} has a case in {report}")
+    host = fit_host([c for c in calls if c[1] in ("W1", "W5")])
+    L = [f"# The calibrated model on {os.path.basename(gpu)} (out of sample)", "",
+         f"Measured: `{os.path.basename(gpu)}` (gpu_check.py, median of do_bench). Predicted: "
+         f"`{os.path.basename(report)}` priced by the shipped model - "
+         f"{BYTES_PER_S_PER_WARP:.2g} B/s and {LANE_INSTR_PER_S_PER_WARP:.2g} instr/s a warp, "
+         f"host {HOST_CALL_S['fwd'] * 1e6:.0f} / {HOST_CALL_S['fwd+bwd'] * 1e6:.0f} µs a "
+         f"fwd / fwd+bwd call + {HOST_PER_LAUNCH_S * 1e6:.0f} µs a launch (fitted to "
+         f"{VALIDATION[0]}, none of these calls). A call = max(host, kernels).", "",
+         "| case | pass | launches | measured µs | calibrated kernels µs | host µs | call µs "
+         "| measured ÷ call | bound in the model |", "|---|---|---|---|---|---|---|---|---|"]
+    ratios = {"host": [], "kernels": []}
+    for case, _wl, ps, ms, _first, k, n in calls:
+        h = host_seconds(ps, n)
+        c = call_seconds(ps, n, k)
+        bound = "host" if h >= k else "kernels"
+        ratios[bound].append(ms / c)
+        L.append(f"| {case} | {ps} | {n} | {ms * 1e6:,.0f} | {k * 1e6:,.0f} | {h * 1e6:,.0f} | "
+                 f"{c * 1e6:,.0f} | {ms / c:.2f} | {bound} |")
+
+    def rms(xs):
+        return math.exp(math.sqrt(sum(math.log(x) ** 2 for x in xs) / len(xs))) if xs else 0.0
+    L += ["", "| bound in the model | calls | rms factor | measured ÷ call, min - max |",
+          "|---|---|---|---|"]
+    for bound, xs in ratios.items():
+        if xs:
+            L.append(f"| {bound} | {len(xs)} | ×{rms(xs):.2f} | {min(xs):.2f} - {max(xs):.2f} |")
+    L += ["", f"Host costs refitted to this run's W1 / W5 calls (not shipped): "
+          f"{host[0] * 1e6:.0f} / {host[1] * 1e6:.0f} µs a fwd / fwd+bwd call + "
+          f"{host[2] * 1e6:.0f} µs a launch."]
+    return "\n".join(L) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None, help="also write the Markdown here")
     p.add_argument("--compare", metavar="JSON", help="fit the model to this report's counts "
                    "twice, instructions by the hot loop and by runs, and compare them out of "
                    "sample (compare_pricings)")
+    p.add_argument("--validate", nargs=2, metavar=("GPU_JSON", "REPORT_JSON"),
+                   help="judge the shipped model on a later gpu_check run against a kernel "
+                   "report of the code that ran (validate)")
     args = p.parse_args(argv)
-    text = compare_report(args.compare) if args.compare else report()
+    text = (validate(*args.validate) if args.validate else
+            compare_report(args.compare) if args.compare else report())
     print(text)
     if args.out:
         with open(args.out, "w") as f:

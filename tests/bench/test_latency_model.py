@@ -114,3 +114,29 @@ def test_hot_loop_pricing_is_the_one_that_holds_out_of_sample():
     assert hot["oos_rms"] < runs["oos_rms"]
     assert hot["oos_rms"] == pytest.approx(1.349, abs=0.005)
     assert runs["oos_rms"] == pytest.approx(1.552, abs=0.005)
+
+
+def test_validate_judges_each_call_of_a_later_run_by_the_shipped_model():
+    gpu = os.path.join(latency_model.RESULTS, "gpu_nvidia-h200_2026-12-04.json")
+    report = os.path.join(latency_model.RESULTS, "kernel_report.json")
+    text = latency_model.validate(gpu, report)
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 9 and cells[0].startswith("W"):
+            rows[cells[0], cells[1]] = cells
+    short = {"sinkhorn": "S", "badmm-e": "B-E", "badmm-q": "B-Q"}
+    with open(gpu) as f:
+        measured = {(f"{r['workload']} T={r['T']} {short[r['method']]}", r["pass_"]): r["ms"]
+                    for r in json.load(f)["rows"] if r.get("impl") == "triton" and "ms" in r}
+    assert len(rows) >= 20 and set(rows) <= set(measured)
+    for key, cells in rows.items():
+        launches = int(cells[2])
+        kernels = float(cells[4].replace(",", "")) * 1e-6
+        call = latency_model.call_seconds(key[1], launches, kernels)
+        assert float(cells[3].replace(",", "")) == pytest.approx(measured[key] * 1e3, abs=0.5)
+        assert float(cells[7]) == pytest.approx(measured[key] * 1e-3 / call, abs=0.006)
+    # the α0 > 0 section's calls are not priced as the reports' α0 = 0 cases
+    followup = os.path.join(latency_model.RESULTS, "gpu_nvidia-h200_2026-12-04_followup.json")
+    with pytest.raises(ValueError, match="no call"):
+        latency_model.validate(followup, report)
