@@ -200,11 +200,15 @@ def variants():
             forward_one_pass=lambda *a: None)}),
         ("W2", "sinkhorn", "no row pieces (padded tile)", {S: dict(ROW_PIECES=False)}),
         ("W2", "sinkhorn", "4 warps everywhere", {S: dict(num_warps_for=lambda x, B_: 4)}),
-        # W1 (50 sets < 132 SMs) is split over several programs per set: 33 launches per
-        # fwd+bwd, chosen when a launch was priced at 4 µs; the H200 spent tens of µs of host
-        # time per launch (W1 B-E: 0.66 ms of kernels in a 3.0 ms call)
+        # W1 (50 sets < 132 SMs) is split over several programs per set by its shapes, but
+        # since 2026-12-04 an eager call at T <= 6 runs one program a set (launch.eager_splits:
+        # the split's 26 launches a fwd+bwd cost ~58 µs of host time each on the H200, W1 B-E
+        # 3.16 ms for 0.59 ms of kernels; PREDICTED 3.1 -> ~1.8 ms); the split as shipped until
+        # then, eager and from a CUDA graph (where it is still chosen)
         ("W1", "badmm-e", "shipped", {}),
-        ("W1", "badmm-e", "one program per set (no split)", {B: dict(
+        ("W1", "badmm-e", "split at every T (until 2026-12-04)", {B: dict(
+            eager_splits=lambda splits, *a: splits)}),
+        ("W1", "badmm-e", "one program per set (no split, captured too)", {B: dict(
             forward_splits=lambda *a: (1, 1), backward_splits=lambda *a: (1, 1))}),
         # the recorded forward in eager mode through the custom operator, as until
         # 2026-11-30 (now the autograd.Function: 24-28 % less host time on the CPU,

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 
-from ..common import (FRUGAL_REGISTERS, as_f32, cdiv, flat_views, fp32_scratch, launcher,
-                      next_pow2, sm_count)
+from ..common import (FRUGAL_REGISTERS, as_f32, cdiv, flat_views, fp32_scratch,
+                      graph_capture_under_way, launcher, next_pow2, sm_count)
 from ..spread.launch import set_statistics, statistics_views
 from .kernels import (ADJ_FIRST, ADJ_S_STEP, WEIGHT_ROWS, badmm_bwd_kernel, badmm_coef_kernel,
                       badmm_dw_kernel, badmm_fwd_kernel, quad_flag)
@@ -32,8 +32,7 @@ __all__ = ["badmm_forward", "badmm_backward", "block_sizes", "forward_block_size
            "history_like", "history_views", "param_grads_numel", "param_grad_views",
            "forward_replays", "forward_one_pass", "backward_fuses",
            "backward_rebuilds_zbar", "split_backward_fuses",
-           "forward_splits",
-           "backward_splits"]
+           "forward_splits", "backward_splits", "eager_splits"]
 
 
 def block_sizes(n_hint: int, D: int):
@@ -310,6 +309,32 @@ def forward_splits(B: int, N: int, D: int, BN: int, BD: int, device: torch.devic
     return NS, DS
 
 
+# Where the split does not pay in an eager call: its extra launches (~6 a fwd+bwd iteration at
+# W1) each cost ~58 µs of host time on the H200's machine, measured (results/
+# gpu_vs_targets_2026-12-04.md: W1 B-E T=4 fwd+bwd 3.16 ms for 0.59 ms of kernels), more than
+# the kernel time it saves while T is small and the sets are W1-sized (PREDICTED, calibrated
+# model: one program a set 3.1 -> ~1.8 ms at T = 4; the split ahead from T ~ 11 on, where the
+# one-program kernels, ~0.6 ms an iteration, outgrow the split's host time).
+EAGER_ONE_PROGRAM_MAX_ITERS = 6
+EAGER_ONE_PROGRAM_MAX_SET = 1 << 16                          # N·D of a set (W1: 50,000)
+
+
+def eager_splits(splits: tuple, T: int, set_elements: int, device: torch.device) -> tuple:
+    """``splits`` (of :func:`forward_splits` / :func:`backward_splits`), or (1, 1) where the
+    split's launches would cost more host time than they save kernel time: launched one by one
+    from the host (a CUDA device, no CUDA-graph capture under way: a captured call pays no host
+    time a launch, and keeps the split), T ≤ :data:`EAGER_ONE_PROGRAM_MAX_ITERS` and sets of at
+    most :data:`EAGER_ONE_PROGRAM_MAX_SET` elements. Layouts never depend on it (the forward's
+    saved history, the backward's gx: :func:`_backward_geometry`), so a fake tensor traced
+    outside a capture matches a captured run. Not under the interpreter (CPU tensors): its
+    tests exercise the split on small shapes."""
+    if (splits == (1, 1) or device.type != "cuda" or T > EAGER_ONE_PROGRAM_MAX_ITERS
+            or set_elements > EAGER_ONE_PROGRAM_MAX_SET
+            or graph_capture_under_way()):
+        return splits
+    return 1, 1
+
+
 def backward_splits(B: int, N: int, D: int, BN: int, BD: int, device: torch.device):
     """(NS, DS) of the split backward (:mod:`.split_backward_kernels`), (1, 1) for one program
     per set: as the forward (fewer sets than SMs). Its adjoint scratch is (rows, D), which is
@@ -338,14 +363,19 @@ def _grad_x_buffer(geo: _Geometry, nmajor: bool, device) -> Tensor:
     return torch.empty(geo.rows, geo.D, device=device, dtype=torch.float32)
 
 
-def _backward_geometry(x: Tensor, ptr: Optional[Tensor]) -> tuple:
-    """(geometry, (NS, DS) of the split backward or (1, 1), NMAJOR) of badmm_backward."""
+def _backward_geometry(x: Tensor, ptr: Optional[Tensor], T: int = 0) -> tuple:
+    """(geometry, (NS, DS) of the split backward or (1, 1), NMAJOR) of badmm_backward; with
+    ``T`` the splits of an eager call (:func:`eager_splits`). NMAJOR - gx's layout, which the
+    custom operator's fake (:func:`grad_x_like`, no T) must match - from the shapes alone."""
     geo = _Geometry(x, ptr)
     splits = (1, 1)
     if geo.B > 0 and geo.rows > 0 and geo.D > 0:
         BN, BD = geo.blocks[:2]
         splits = backward_splits(geo.B, geo.set_size, geo.D, BN, BD, x.device)
-    return geo, splits, adjoints_column_major(geo, splits)
+    nmajor = adjoints_column_major(geo, splits)
+    if T:
+        splits = eager_splits(splits, T, geo.set_size * geo.D, x.device)
+    return geo, splits, nmajor
 
 
 def grad_x_like(x: Tensor, ptr: Optional[Tensor]) -> Tensor:
@@ -580,7 +610,8 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
     B, D, T = geo.B, geo.D, w.shape[1]
     quadratic = quad_flag(quadratic, paper)              # the kernels' QUAD: B-Q exact is 2
     BN, BD, BV, num_warps = geo.blocks
-    splits = forward_splits(B, geo.set_size, D, BN, BD, x.device)
+    splits = eager_splits(forward_splits(B, geo.set_size, D, BN, BD, x.device), T,
+                          geo.set_size * D, x.device)
     stats = spread and splits == (1, 1) and B > 0 and D > 0 and geo.rows > 0
     # the statistics the kernel forms (STATS) after the history, in its allocation: both are
     # saved for the backward
@@ -648,7 +679,7 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
     ``scale``: the forward's (B,) feature scale σ (y = σ · pool(x / σ), y32 that output): then
     grad_x is d loss / d(x / σ) and a third result ds (B,) fp32 is ∂ loss / ∂σ, the path
     through x / σ included (:func:`.kernels.badmm_bwd_kernel` SCALED)."""
-    geo, splits, nmajor = _backward_geometry(x, ptr)
+    geo, splits, nmajor = _backward_geometry(x, ptr, w.shape[1])
     B, D, T = geo.B, geo.D, w.shape[1]
     quadratic = quad_flag(quadratic, paper)              # the kernels' QUAD: B-Q exact is 2
     dev = x.device
