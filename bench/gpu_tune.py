@@ -202,7 +202,7 @@ def variants():
         ("W2", "sinkhorn", "4 warps everywhere", {S: dict(num_warps_for=lambda x, B_: 4)}),
         # W1 (50 sets < 132 SMs) is split over several programs per set by its shapes, but
         # since 2026-12-04 an eager call at T <= 6 runs one program a set (launch.eager_splits:
-        # the split's 26 launches a fwd+bwd cost ~58 µs of host time each on the H200, W1 B-E
+        # the split's 26 launches a fwd+bwd cost ~50-60 µs of host time each on the H200, W1 B-E
         # 3.16 ms for 0.59 ms of kernels; PREDICTED 3.1 -> ~1.8 ms); the split as shipped until
         # then, eager and from a CUDA graph (where it is still chosen)
         ("W1", "badmm-e", "shipped", {}),

@@ -310,11 +310,12 @@ def forward_splits(B: int, N: int, D: int, BN: int, BD: int, device: torch.devic
 
 
 # Where the split does not pay in an eager call: its extra launches (~6 a fwd+bwd iteration at
-# W1) each cost ~58 µs of host time on the H200's machine, measured (results/
-# gpu_vs_targets_2026-12-04.md: W1 B-E T=4 fwd+bwd 3.16 ms for 0.59 ms of kernels), more than
-# the kernel time it saves while T is small and the sets are W1-sized (PREDICTED, calibrated
-# model: one program a set 3.1 -> ~1.8 ms at T = 4; the split ahead from T ~ 11 on, where the
-# one-program kernels, ~0.6 ms an iteration, outgrow the split's host time).
+# W1) each cost ~50-60 µs of host time on the H200's machine, fitted to its measured calls
+# (results/gpu_vs_targets_2026-12-04.md: W1 B-E T=4 fwd+bwd 3.16 ms for 0.59 ms of kernels),
+# more than the kernel time it saves while T is small and the sets are W1-sized. PREDICTED (calibrated
+# model, results/kernel_report_w1w5_badmm_t4_eager_one_program_94cacb1.md): W1 and W5 T=4
+# fwd+bwd 3,098 -> 2,042 µs (kernels 534 -> 875 µs at W1 B-E); the split ahead again from
+# T ~ 11, where the one-program kernels (~0.6 ms an iteration) outgrow the split's host time.
 EAGER_ONE_PROGRAM_MAX_ITERS = 6
 EAGER_ONE_PROGRAM_MAX_SET = 1 << 16                          # N·D of a set (W1: 50,000)
 
