@@ -64,6 +64,7 @@ def variants():
     128-register cap); its layout until then is here to time it against."""
     S, B, St, Wi = sinkhorn_launch, badmm_launch, structure_launch, window_launch
     bwd_blocks = B.backward_block_sizes
+    SPLIT = dict(eager_splits=lambda splits, *a: splits)     # the shapes' split, eager too
     return [
         # most valuable first (the sweep has a time budget): the two launcher choices the
         # calibrated model made on 2026-11-30, each against the layout measured on 2026-11-29
@@ -206,8 +207,7 @@ def variants():
         # 3.16 ms for 0.59 ms of kernels; PREDICTED 3.1 -> ~1.8 ms); the split as shipped until
         # then, eager and from a CUDA graph (where it is still chosen)
         ("W1", "badmm-e", "shipped", {}),
-        ("W1", "badmm-e", "split at every T (until 2026-12-04)", {B: dict(
-            eager_splits=lambda splits, *a: splits)}),
+        ("W1", "badmm-e", "split at every T (until 2026-12-04)", {B: SPLIT}),
         ("W1", "badmm-e", "one program per set (no split, captured too)", {B: dict(
             forward_splits=lambda *a: (1, 1), backward_splits=lambda *a: (1, 1))}),
         # the recorded forward in eager mode through the custom operator, as until
@@ -218,16 +218,17 @@ def variants():
         # the split backward rebuilds Z̄' since 2026-12-01 (1x the input less memory, twice
         # the replayed iterations, half tiles: results/badmm_zbar_rebuild_2026-12-01.md,
         # B-Q: badmm_bq_zbar_rebuild_2026-12-01.md) against the (rows, D) Z̄ scratch and full
-        # tiles it replaced
+        # tiles it replaced; split at T = 4 as in a captured call (against "split at every T")
         ("W1", "badmm-e", "backward keeps Z̄ in a (rows, D) scratch (until 2026-12-01)",
-         {B: dict(backward_rebuilds_zbar=lambda per_row, fuse=False: False)}),
+         {B: dict(backward_rebuilds_zbar=lambda per_row, fuse=False: False, **SPLIT)}),
         # ... and since the same day pass 3 sums pass 2's L̄', Z̄' part, so that pass 2 no
         # longer rebuilds (one replay past t per reverse step instead of two)
         ("W1", "badmm-e", "split backward: pass 2 rebuilds Z̄' too (unfused)",
-         {B: dict(split_backward_fuses=lambda rebuild: False)}),
+         {B: dict(split_backward_fuses=lambda rebuild: False, **SPLIT)}),
         ("W1", "badmm-q", "shipped", {}),
+        ("W1", "badmm-q", "split at every T (until 2026-12-04)", {B: SPLIT}),
         ("W1", "badmm-q", "backward keeps Z̄ in a (rows, D) scratch (until 2026-12-01)",
-         {B: dict(backward_rebuilds_zbar=lambda per_row, fuse=False: False)}),
+         {B: dict(backward_rebuilds_zbar=lambda per_row, fuse=False: False, **SPLIT)}),
     ]
 
 
