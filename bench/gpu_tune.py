@@ -64,7 +64,7 @@ def variants():
     128-register cap); its layout until then is here to time it against."""
     S, B, St, Wi = sinkhorn_launch, badmm_launch, structure_launch, window_launch
     bwd_blocks = B.backward_block_sizes
-    SPLIT = dict(eager_splits=lambda splits, *a: splits)     # the shapes' split, eager too
+    SPLIT = dict(host_bound_splits=lambda splits, *a: splits)    # the shapes' split at any T
     return [
         # most valuable first (the sweep has a time budget): the two launcher choices the
         # calibrated model made on 2026-11-30, each against the layout measured on 2026-11-29
@@ -202,14 +202,12 @@ def variants():
         ("W2", "sinkhorn", "no row pieces (padded tile)", {S: dict(ROW_PIECES=False)}),
         ("W2", "sinkhorn", "4 warps everywhere", {S: dict(num_warps_for=lambda x, B_: 4)}),
         # W1 (50 sets < 132 SMs) is split over several programs per set by its shapes, but
-        # since 2026-12-04 an eager call at T <= 6 runs one program a set (launch.eager_splits:
+        # since 2026-12-04 a call at T <= 6 runs one program a set (launch.host_bound_splits:
         # the split's 26 launches a fwd+bwd cost ~50-60 µs of host time each on the H200, W1 B-E
-        # 3.16 ms for 0.59 ms of kernels; PREDICTED 3.1 -> ~1.8 ms); the split as shipped until
-        # then, eager and from a CUDA graph (where it is still chosen)
+        # 3.16 ms for 0.59 ms of kernels; PREDICTED 3.1 -> 2.0 ms); the split as shipped until
+        # then, eager and from a CUDA graph
         ("W1", "badmm-e", "shipped", {}),
         ("W1", "badmm-e", "split at every T (until 2026-12-04)", {B: SPLIT}),
-        ("W1", "badmm-e", "one program per set (no split, captured too)", {B: dict(
-            forward_splits=lambda *a: (1, 1), backward_splits=lambda *a: (1, 1))}),
         # the recorded forward in eager mode through the custom operator, as until
         # 2026-11-30 (now the autograd.Function: 24-28 % less host time on the CPU,
         # bench/results/host_overhead_eager_function.md): the host-bound W1 call measures it
@@ -218,7 +216,7 @@ def variants():
         # the split backward rebuilds Z̄' since 2026-12-01 (1x the input less memory, twice
         # the replayed iterations, half tiles: results/badmm_zbar_rebuild_2026-12-01.md,
         # B-Q: badmm_bq_zbar_rebuild_2026-12-01.md) against the (rows, D) Z̄ scratch and full
-        # tiles it replaced; split at T = 4 as in a captured call (against "split at every T")
+        # tiles it replaced; split at T = 4 as until 2026-12-04 (against "split at every T")
         ("W1", "badmm-e", "backward keeps Z̄ in a (rows, D) scratch (until 2026-12-01)",
          {B: dict(backward_rebuilds_zbar=lambda per_row, fuse=False: False, **SPLIT)}),
         # ... and since the same day pass 3 sums pass 2's L̄', Z̄' part, so that pass 2 no

@@ -231,7 +231,7 @@ def same_launch_plan(full_sets: int, reduced_sets: int):
     would send a 1-set W2 batch down the split path that its 256 sets never take. So
     ``sm_count`` answers 1 when the full batch fills the H100 (no split) and otherwise the SM
     count scaled by reduced/full sets (about the same programs per set as at full size). B-ADMM's
-    ``eager_splits`` decides as for a CUDA device outside a graph capture."""
+    ``host_bound_splits`` decides as for a CUDA device."""
     import importlib
     import pkgutil
 
@@ -247,11 +247,11 @@ def same_launch_plan(full_sets: int, reduced_sets: int):
         if hasattr(mod, "sm_count"):
             patched.append((mod, "sm_count", mod.sm_count))
             mod.sm_count = lambda device, _v=sms: _v
-        if hasattr(mod, "eager_splits"):
-            # the schedule an eager call on a CUDA device takes (B-ADMM: one program a set
-            # for W1-sized sets at small T), not the interpreter's (CPU tensors keep the split)
-            patched.append((mod, "eager_splits", mod.eager_splits))
-            mod.eager_splits = lambda splits, *a, _f=mod.eager_splits: _f(
+        if hasattr(mod, "host_bound_splits"):
+            # the schedule a CUDA device takes (B-ADMM: one program a set for W1-sized sets at
+            # small T), not the interpreter's (CPU tensors keep the split)
+            patched.append((mod, "host_bound_splits", mod.host_bound_splits))
+            mod.host_bound_splits = lambda splits, *a, _f=mod.host_bound_splits: _f(
                 splits, *a[:-1], torch.device("cuda"))
         if hasattr(mod, "num_warps_for"):
             # the warps (and so the tile) a CUDA tensor gets, not the interpreter's default:

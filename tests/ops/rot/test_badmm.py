@@ -663,33 +663,31 @@ def test_split_heuristic():
     assert launch.forward_splits(1000, 500, 100, 16, 128, cpu) == (1, 1)
 
 
-def test_eager_splits_run_one_program_per_set_where_launches_dominate(monkeypatch):
-    """On a GPU, outside a CUDA-graph capture, few small iterations of W1-sized sets run one
-    program a set (each of the split's launches costs host time); larger T or sets, a capture,
-    and the interpreter keep the shape rule's split."""
+def test_host_bound_splits_run_one_program_per_set_where_launches_dominate():
+    """On a GPU, few small iterations of W1-sized sets run one program a set (each of the
+    split's launches costs host time); larger T or sets and the interpreter keep the shape
+    rule's split."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    monkeypatch.setattr(launch, "graph_capture_under_way", lambda: False)
-    T_max, set_max = launch.EAGER_ONE_PROGRAM_MAX_ITERS, launch.EAGER_ONE_PROGRAM_MAX_SET
-    assert launch.eager_splits((4, 3), 4, 500 * 100, cuda) == (1, 1)             # W1, T = 4
-    assert launch.eager_splits((4, 3), T_max, set_max, cuda) == (1, 1)
-    assert launch.eager_splits((4, 3), T_max + 1, 500 * 100, cuda) == (4, 3)
-    assert launch.eager_splits((4, 3), 4, set_max + 1, cuda) == (4, 3)
-    assert launch.eager_splits((4, 3), 4, 500 * 100, cpu) == (4, 3)
-    assert launch.eager_splits((1, 1), 4, 500 * 100, cuda) == (1, 1)
-    monkeypatch.setattr(launch, "graph_capture_under_way", lambda: True)
-    assert launch.eager_splits((4, 3), 4, 500 * 100, cuda) == (4, 3)
+    T_max, set_max = launch.ONE_PROGRAM_MAX_ITERS, launch.ONE_PROGRAM_MAX_SET
+    assert launch.host_bound_splits((4, 3), 4, 500 * 100, cuda) == (1, 1)        # W1, T = 4
+    assert launch.host_bound_splits((4, 3), T_max, set_max, cuda) == (1, 1)
+    assert launch.host_bound_splits((4, 3), T_max + 1, 500 * 100, cuda) == (4, 3)
+    assert launch.host_bound_splits((4, 3), 4, set_max + 1, cuda) == (4, 3)
+    assert launch.host_bound_splits((4, 3), 4, 500 * 100, cpu) == (4, 3)
+    assert launch.host_bound_splits((1, 1), 4, 500 * 100, cuda) == (1, 1)
 
 
 @pytest.mark.parametrize("method", ["badmm-e", "badmm-q"])
-def test_eager_one_program_keeps_the_shape_rule_layout(method, monkeypatch):
-    """The shape rule splits (gx row-major, as the custom operator's fake says), the eager rule
-    runs one program a set: gx keeps the fake's layout - not x's, as it would where the shapes
+def test_one_program_by_host_cost_keeps_the_shape_rule_layout(method, monkeypatch):
+    """The shape rule splits (gx row-major, as the custom operator's fake says), the host-cost
+    rule runs one program a set: gx keeps the fake's layout - not x's, as it would where the shapes
     alone chose one program - and forward and gradients match the reference."""
     _small_blocks(monkeypatch)
     monkeypatch.setattr(launch, "forward_splits", lambda *a: (2, 1))
     monkeypatch.setattr(launch, "backward_splits", lambda *a: (2, 1))
     chosen = []
-    monkeypatch.setattr(launch, "eager_splits", lambda splits, *a: chosen.append(splits) or (1, 1))
+    monkeypatch.setattr(launch, "host_bound_splits",
+                        lambda splits, *a: chosen.append(splits) or (1, 1))
     launched = []
     real_launcher = launch.launcher
     monkeypatch.setattr(launch, "launcher", lambda kernel, *a: launched.append(

@@ -37,12 +37,6 @@ def sm_count(device: torch.device) -> int:
     return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def graph_capture_under_way() -> bool:
-    """Whether the current CUDA stream is capturing a CUDA graph (its launches then cost no host
-    time when replayed). False without CUDA."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 def next_pow2(n: int) -> int:
     """Smallest power of two ≥ max(n, 1)."""
     return 1 << max(int(n) - 1, 0).bit_length()

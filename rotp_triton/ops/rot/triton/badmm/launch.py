@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 
-from ..common import (FRUGAL_REGISTERS, as_f32, cdiv, flat_views, fp32_scratch,
-                      graph_capture_under_way, launcher, next_pow2, sm_count)
+from ..common import (FRUGAL_REGISTERS, as_f32, cdiv, flat_views, fp32_scratch, launcher,
+                      next_pow2, sm_count)
 from ..spread.launch import set_statistics, statistics_views
 from .kernels import (ADJ_FIRST, ADJ_S_STEP, WEIGHT_ROWS, badmm_bwd_kernel, badmm_coef_kernel,
                       badmm_dw_kernel, badmm_fwd_kernel, quad_flag)
@@ -32,7 +32,7 @@ __all__ = ["badmm_forward", "badmm_backward", "block_sizes", "forward_block_size
            "history_like", "history_views", "param_grads_numel", "param_grad_views",
            "forward_replays", "forward_one_pass", "backward_fuses",
            "backward_rebuilds_zbar", "split_backward_fuses",
-           "forward_splits", "backward_splits", "eager_splits"]
+           "forward_splits", "backward_splits", "host_bound_splits"]
 
 
 def block_sizes(n_hint: int, D: int):
@@ -309,29 +309,30 @@ def forward_splits(B: int, N: int, D: int, BN: int, BD: int, device: torch.devic
     return NS, DS
 
 
-# Where the split does not pay in an eager call: its extra launches (~6 a fwd+bwd iteration at
-# W1) each cost ~50-60 µs of host time on the H200's machine, fitted to its measured calls
-# (results/gpu_vs_targets_2026-12-04.md: W1 B-E T=4 fwd+bwd 3.16 ms for 0.59 ms of kernels),
-# more than the kernel time it saves while T is small and the sets are W1-sized. PREDICTED (calibrated
+# Where the split does not pay: its extra launches (~6 a fwd+bwd iteration at W1) each cost
+# ~50-60 µs of host time on the H200's machine, fitted to its measured calls (results/
+# gpu_vs_targets_2026-12-04.md: W1 B-E T=4 fwd+bwd 3.16 ms for 0.59 ms of kernels), more than
+# the kernel time they save while T is small and the sets are W1-sized. PREDICTED (calibrated
 # model, results/kernel_report_w1w5_badmm_t4_eager_one_program_94cacb1.md): W1 and W5 T=4
 # fwd+bwd 3,098 -> 2,042 µs (kernels 534 -> 875 µs at W1 B-E); the split ahead again from
 # T ~ 11, where the one-program kernels (~0.6 ms an iteration) outgrow the split's host time.
-EAGER_ONE_PROGRAM_MAX_ITERS = 6
-EAGER_ONE_PROGRAM_MAX_SET = 1 << 16                          # N·D of a set (W1: 50,000)
+ONE_PROGRAM_MAX_ITERS = 6
+ONE_PROGRAM_MAX_SET = 1 << 16                          # N·D of a set (W1: 50,000)
 
 
-def eager_splits(splits: tuple, T: int, set_elements: int, device: torch.device) -> tuple:
+def host_bound_splits(splits: tuple, T: int, set_elements: int, device: torch.device) -> tuple:
     """``splits`` (of :func:`forward_splits` / :func:`backward_splits`), or (1, 1) where the
-    split's launches would cost more host time than they save kernel time: launched one by one
-    from the host (a CUDA device, no CUDA-graph capture under way: a captured call pays no host
-    time a launch, and keeps the split), T ≤ :data:`EAGER_ONE_PROGRAM_MAX_ITERS` and sets of at
-    most :data:`EAGER_ONE_PROGRAM_MAX_SET` elements. Layouts never depend on it (the forward's
-    saved history, the backward's gx: :func:`_backward_geometry`), so a fake tensor traced
-    outside a capture matches a captured run. Not under the interpreter (CPU tensors): its
-    tests exercise the split on small shapes."""
-    if (splits == (1, 1) or device.type != "cuda" or T > EAGER_ONE_PROGRAM_MAX_ITERS
-            or set_elements > EAGER_ONE_PROGRAM_MAX_SET
-            or graph_capture_under_way()):
+    split's launches would cost more host time than they save kernel time: a CUDA device,
+    T ≤ :data:`ONE_PROGRAM_MAX_ITERS` and sets of at most
+    :data:`ONE_PROGRAM_MAX_SET` elements. Shapes and T decide, never the state of a
+    CUDA-graph capture: a capture then runs the kernels its eager warm-up loaded (a Triton
+    kernel's first launch loads its module, which a capturing stream does not permit), at the
+    price of the one-program kernels (~0.3 ms more at W1 T = 4, PREDICTED) where the host
+    time is gone. Layouts never depend on it (the forward's saved history, the backward's gx:
+    :func:`_backward_geometry`), so the custom operator's fakes match. Not under the
+    interpreter (CPU tensors): its tests exercise the split on small shapes."""
+    if (splits == (1, 1) or device.type != "cuda" or T > ONE_PROGRAM_MAX_ITERS
+            or set_elements > ONE_PROGRAM_MAX_SET):
         return splits
     return 1, 1
 
@@ -366,7 +367,7 @@ def _grad_x_buffer(geo: _Geometry, nmajor: bool, device) -> Tensor:
 
 def _backward_geometry(x: Tensor, ptr: Optional[Tensor], T: int = 0) -> tuple:
     """(geometry, (NS, DS) of the split backward or (1, 1), NMAJOR) of badmm_backward; with
-    ``T`` the splits of an eager call (:func:`eager_splits`). NMAJOR - gx's layout, which the
+    ``T`` the splits :func:`host_bound_splits` keeps. NMAJOR - gx's layout, which the
     custom operator's fake (:func:`grad_x_like`, no T) must match - from the shapes alone."""
     geo = _Geometry(x, ptr)
     splits = (1, 1)
@@ -375,7 +376,7 @@ def _backward_geometry(x: Tensor, ptr: Optional[Tensor], T: int = 0) -> tuple:
         splits = backward_splits(geo.B, geo.set_size, geo.D, BN, BD, x.device)
     nmajor = adjoints_column_major(geo, splits)
     if T:
-        splits = eager_splits(splits, T, geo.set_size * geo.D, x.device)
+        splits = host_bound_splits(splits, T, geo.set_size * geo.D, x.device)
     return geo, splits, nmajor
 
 
@@ -611,8 +612,8 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
     B, D, T = geo.B, geo.D, w.shape[1]
     quadratic = quad_flag(quadratic, paper)              # the kernels' QUAD: B-Q exact is 2
     BN, BD, BV, num_warps = geo.blocks
-    splits = eager_splits(forward_splits(B, geo.set_size, D, BN, BD, x.device), T,
-                          geo.set_size * D, x.device)
+    splits = host_bound_splits(forward_splits(B, geo.set_size, D, BN, BD, x.device), T,
+                               geo.set_size * D, x.device)
     stats = spread and splits == (1, 1) and B > 0 and D > 0 and geo.rows > 0
     # the statistics the kernel forms (STATS) after the history, in its allocation: both are
     # saved for the backward
