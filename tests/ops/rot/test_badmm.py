@@ -187,6 +187,25 @@ def _returns_of(monkeypatch, name):
     return got
 
 
+def _recorded_backwards(monkeypatch):
+    """A list that records (x, results) of every badmm_backward the kernel path runs."""
+    grads = []
+    real = op.badmm_backward
+    monkeypatch.setattr(op, "badmm_backward",
+                        lambda x, *a, **k: grads.append((x, real(x, *a, **k))) or grads[-1][1])
+    return grads
+
+
+def _nchw_image(seed: int):
+    """((B, C, H, W), an NCHW image, T = 3 weights, the (B, H·W, C) strided view its pooling
+    reads - sets of H·W samples along x's fastest axis - and the generator)."""
+    gen = torch.Generator().manual_seed(seed)
+    B, C, H, W, T = 2, 19, 5, 7, 3
+    img = torch.randn(B, C, H, W, generator=gen)
+    w = _weights(T, gen, inf_a2=True)
+    return (B, C, H, W), img, w, (lambda t: t.flatten(2).transpose(1, 2)), gen
+
+
 # --------------------------------------------------------------------------------------------
 # forward and gradients against the reference
 # --------------------------------------------------------------------------------------------
@@ -319,15 +338,8 @@ def test_column_major_adjoints(method, variant, fuse, monkeypatch):
     monkeypatch.setattr(launch, "backward_fuses", lambda T, xb: fuse)
     monkeypatch.setattr(launch, "backward_splits", lambda *a: (1, 1))
     chosen = _returns_of(monkeypatch, "adjoints_column_major")
-    grads = []
-    real = op.badmm_backward
-    monkeypatch.setattr(op, "badmm_backward",
-                        lambda x, *a, **k: grads.append((x, real(x, *a, **k))) or grads[-1][1])
-    gen = torch.Generator().manual_seed(23)
-    B, C, H, W, T = 2, 19, 5, 7, 3
-    img = torch.randn(B, C, H, W, generator=gen)
-    w = _weights(T, gen, inf_a2=True)
-    view = lambda t: t.flatten(2).transpose(1, 2)                    # (B, 35, 19), strided
+    grads = _recorded_backwards(monkeypatch)
+    (B, C, H, W), img, w, view, gen = _nchw_image(23)
     lp, lq = torch.randn(B, C, generator=gen), torch.randn(B, H * W, generator=gen)
     cy, cp = torch.randn(B, C, generator=gen), torch.randn(B, H * W, C, generator=gen)
     for priors, plan in (((lp, lq), cp), ((None, None), None)):
@@ -692,15 +704,8 @@ def test_one_program_by_host_cost_keeps_the_shape_rule_layout(method, monkeypatc
     real_launcher = launch.launcher
     monkeypatch.setattr(launch, "launcher", lambda kernel, *a: launched.append(
         getattr(kernel, "fn", kernel).__name__) or real_launcher(kernel, *a))
-    grads = []
-    real = op.badmm_backward
-    monkeypatch.setattr(op, "badmm_backward",
-                        lambda x, *a, **k: grads.append((x, real(x, *a, **k))) or grads[-1][1])
-    gen = torch.Generator().manual_seed(29)
-    B, C, H, W, T = 2, 19, 5, 7, 3
-    img = torch.randn(B, C, H, W, generator=gen)
-    w = _weights(T, gen, inf_a2=True)
-    view = lambda t: t.flatten(2).transpose(1, 2)                    # (B, 35, 19), strided
+    grads = _recorded_backwards(monkeypatch)
+    (B, C, H, W), img, w, view, gen = _nchw_image(29)
     cy = torch.randn(B, C, generator=gen)
     args = (img, None, method, "exact", w, None, None, cy, None)
     _compare(_run_kernel(*args, x_view=view), _run_reference(*args, x_view=view),
