@@ -322,15 +322,15 @@ ONE_PROGRAM_MAX_SET = 1 << 16                          # N·D of a set (W1: 50,0
 
 def host_bound_splits(splits: tuple, T: int, set_elements: int, device: torch.device) -> tuple:
     """``splits`` (of :func:`forward_splits` / :func:`backward_splits`), or (1, 1) where the
-    split's launches would cost more host time than they save kernel time: a CUDA device,
-    T ≤ :data:`ONE_PROGRAM_MAX_ITERS` and sets of at most
-    :data:`ONE_PROGRAM_MAX_SET` elements. Shapes and T decide, never the state of a
-    CUDA-graph capture: a capture then runs the kernels its eager warm-up loaded (a Triton
-    kernel's first launch loads its module, which a capturing stream does not permit), at the
-    price of the one-program kernels (~0.3 ms more at W1 T = 4, PREDICTED) where the host
-    time is gone. Layouts never depend on it (the forward's saved history, the backward's gx:
-    :func:`_backward_geometry`), so the custom operator's fakes match. Not under the
-    interpreter (CPU tensors): its tests exercise the split on small shapes."""
+    split's launches would cost more host time than they save kernel time: a CUDA device, T ≤
+    :data:`ONE_PROGRAM_MAX_ITERS` and sets of at most :data:`ONE_PROGRAM_MAX_SET` elements.
+    Shapes and T decide, never the state of a CUDA-graph capture: a capture then runs the
+    kernels its eager warm-up loaded (a Triton kernel's first launch loads its module, which a
+    capturing stream does not permit), at the price of the one-program kernels (~0.3 ms more
+    at W1 T = 4, PREDICTED) where the host time is gone. Layouts never depend on it (the
+    forward's saved history, the backward's gx: :func:`_backward_geometry`), so the custom
+    operator's fakes match. Not under the interpreter (CPU tensors): its tests exercise the
+    split on small shapes."""
     if (splits == (1, 1) or device.type != "cuda" or T > ONE_PROGRAM_MAX_ITERS
             or set_elements > ONE_PROGRAM_MAX_SET):
         return splits
