@@ -366,29 +366,23 @@ def _grad_x_buffer(geo: _Geometry, nmajor: bool, device) -> Tensor:
 
 
 def _backward_geometry(x: Tensor, ptr: Optional[Tensor], T: int = 0) -> tuple:
-    """(geometry, (NS, DS) of the split backward or (1, 1), NMAJOR, per_row) of
-    badmm_backward; with ``T`` the splits :func:`host_bound_splits` keeps. NMAJOR - gx's
-    layout, which the custom operator's fake (:func:`grad_x_like`, no T) must match - from the
-    shapes alone. ``per_row``: the one-program-per-set kernel's adjoint scratch is as large as
-    x - a ragged batch's (rows, D), or a dense one of fewer sets than SMs (a program a set)
-    where :func:`host_bound_splits` overrode the shapes' split - so that it rebuilds Z̄'
-    (:func:`backward_rebuilds_zbar`) as the split would."""
+    """(geometry, (NS, DS) of the split backward or (1, 1), NMAJOR) of badmm_backward; with
+    ``T`` the splits :func:`host_bound_splits` keeps. NMAJOR - gx's layout, which the
+    custom operator's fake (:func:`grad_x_like`, no T) must match - from the shapes alone."""
     geo = _Geometry(x, ptr)
     splits = (1, 1)
     if geo.B > 0 and geo.rows > 0 and geo.D > 0:
         BN, BD = geo.blocks[:2]
         splits = backward_splits(geo.B, geo.set_size, geo.D, BN, BD, x.device)
     nmajor = adjoints_column_major(geo, splits)
-    overridden = False
     if T:
-        by_shape, splits = splits, host_bound_splits(splits, T, geo.set_size * geo.D, x.device)
-        overridden = splits != by_shape
-    return geo, splits, nmajor, geo.ragged or overridden
+        splits = host_bound_splits(splits, T, geo.set_size * geo.D, x.device)
+    return geo, splits, nmajor
 
 
 def grad_x_like(x: Tensor, ptr: Optional[Tensor]) -> Tensor:
     """An unfilled tensor shaped and laid out as the gx badmm_backward returns (its fake)."""
-    geo, _splits, nmajor, _per_row = _backward_geometry(x, ptr)
+    geo, _splits, nmajor = _backward_geometry(x, ptr)
     return _grad_x_buffer(geo, nmajor, x.device).reshape(x.shape)
 
 
@@ -467,9 +461,8 @@ def backward_rebuilds_zbar(per_row: bool, fuse: bool = False) -> bool:
     """Whether the backward rebuilds Z̄' in its passes (``ZREBUILD``,
     :func:`.kernels._rebuilt_zbar`) instead of keeping it in an fp32 scratch like L̄'s: unfused,
     where that scratch is ``per_row`` - (rows, D), as large as x: the split backward (fewer
-    sets than SMs), a ragged batch's one-program-per-set kernel and a dense one that
-    :func:`host_bound_splits` chose over the split (a program a set); a dense batch's is
-    otherwise per program (O(#SMs · N · D)). B-E's Z̄ follows the forward state and the per-step R̄ alone;
+    sets than SMs) and a ragged batch's one-program-per-set kernel; a dense batch's is per
+    program (O(#SMs · N · D)). B-E's Z̄ follows the forward state and the per-step R̄ alone;
     B-Q's couples to L̄' (its P-step subtracts α1 S), so its rebuild composes each reverse
     step's 2 × 2 map of (L̄, Z̄) and also needs C̄ per step ((T, rows) floats, T / D × the
     input). It saves 1× the input of peak memory (fwd+bwd at T = 16, MEASURED on the CPU by
@@ -688,7 +681,7 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
     ``scale``: the forward's (B,) feature scale σ (y = σ · pool(x / σ), y32 that output): then
     grad_x is d loss / d(x / σ) and a third result ds (B,) fp32 is ∂ loss / ∂σ, the path
     through x / σ included (:func:`.kernels.badmm_bwd_kernel` SCALED)."""
-    geo, splits, nmajor, per_row = _backward_geometry(x, ptr, w.shape[1])
+    geo, splits, nmajor = _backward_geometry(x, ptr, w.shape[1])
     B, D, T = geo.B, geo.D, w.shape[1]
     quadratic = quad_flag(quadratic, paper)              # the kernels' QUAD: B-Q exact is 2
     dev = x.device
@@ -723,7 +716,7 @@ def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional
             # kernel; adjoints of log S, Z (ZREBUILD: log S, each program's (T, D) R̄ and,
             # B-Q, the (T, rows) C̄; 1 float otherwise, unread)
             fuse = backward_fuses(T, x.element_size())
-            rebuild = backward_rebuilds_zbar(per_row, fuse)
+            rebuild = backward_rebuilds_zbar(geo.ragged, fuse)
             shapes = [(B, T, 4)] + _scratch_shapes(geo, 2) + [1]
             if rebuild:
                 shapes[2] = geo.grid * T * D
