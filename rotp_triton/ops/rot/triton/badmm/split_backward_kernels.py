@@ -60,7 +60,7 @@ def _zbar_source(szb_ptr, b64, rs, T, D, ZREBUILD: tl.constexpr):
     return base
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tb"])
 def badmm_split_bwd_rows_step_kernel(
     ptr_ptr, lq0_ptr, lp0_ptr, w_ptr, hd_ptr, hn_ptr, vd_ptr, vn_ptr, sig_ptr, gwv_ptr, zc_ptr,
     N, D, NR, T, tb, DS, u_p0,
@@ -121,7 +121,7 @@ def badmm_split_bwd_rows_step_kernel(
     tl.store(gwb + 3, grho)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tb", "HAS_TAU"])
 def badmm_split_bwd_cols_step_kernel(
     ptr_ptr, lp0_ptr, w_ptr, vd_ptr, tau_ptr, gwv_ptr, zr_ptr, N, D, T, tb, NS, u_p0, HAS_TAU,
     RAGGED: tl.constexpr, HAS_P0: tl.constexpr, QUAD: tl.constexpr, PAPER: tl.constexpr,
@@ -154,7 +154,7 @@ def badmm_split_bwd_cols_step_kernel(
             _vec_copy(vd + 3 * D, zr_ptr + (b64 * T + tb) * D, D, BV)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tb"])
 def badmm_split_bwd_pass2_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, vd_ptr, vn_ptr,
     slb_ptr, szb_ptr, zc_ptr, sc_ptr, gplan_ptr, gy_ptr, out_ptr, tau_ptr, gwt_ptr, N, D, NR, T,
@@ -205,7 +205,7 @@ def badmm_split_bwd_pass2_kernel(
         tl.store(gwt + 1, dr)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tb"])
 def badmm_split_bwd_pass3_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, vd_ptr, vn_ptr,
     slb_ptr, szb_ptr, zc_ptr, gx_ptr, gy_ptr, out_ptr, sig_ptr, gwt_ptr, sc_ptr, dsp_ptr,

@@ -107,7 +107,7 @@ def badmm_split_init_state_kernel(
             tl.store(sz + o, tl.zeros([BN, BD], dtype=tl.float32), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def badmm_split_column_lse_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, sl_ptr, sz_ptr,
     sc_ptr, qm_ptr, ql_ptr, pm_ptr, pl_ptr, pa_ptr, N, D, NR, T, t, NS, SD, DS, u_p0,
@@ -286,7 +286,7 @@ def _row_step(rs, n_b, lq0_ptr, w_ptr, hn_ptr, qm_ptr, ql_ptr, NR, T, t, DS, n_l
                  k3, k3_p, rho_p, t, ql_ptr, 1.0, PAPER, KV, False, BV)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def badmm_split_column_step_kernel(
     ptr_ptr, lp0_ptr, w_ptr, hd_ptr, pm_ptr, pl_ptr, pa_ptr, sc_ptr, y_ptr, N, D, T, t, NS,
     u_p0,
@@ -303,7 +303,7 @@ def badmm_split_column_step_kernel(
                      QUAD, PAPER, KV, POOL, BV)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def badmm_split_row_lse_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, lp0_ptr, lq0_ptr, w_ptr, hd_ptr, hn_ptr, sl_ptr, sz_ptr,
     sc_ptr, pm_ptr, pl_ptr, qm_ptr, ql_ptr, N, D, NR, T, t, NS, SD, u_p0,

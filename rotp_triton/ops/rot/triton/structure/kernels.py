@@ -540,7 +540,7 @@ def _s_step_weight(a1, rho, QUADRATIC: tl.constexpr, PAPER: tl.constexpr):
     return w
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr, log_mu_ptr,
                         r_out_ptr, mu_out_ptr, bounds_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
                         D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, gram_slot,
@@ -611,7 +611,7 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
         tl.store(log_p_ptr + off, y + shift[None, :], mask=msk)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr, log_eta_ptr,
                         z2_ptr, log_p0_ptr, log_mu_ptr, z1_ptr, eta_out_ptr, bounds_ptr,
                         a0_ptr, a1_ptr, a2_ptr, a3_ptr, rho_ptr, t, D,
@@ -720,7 +720,7 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
         tl.store(z1_ptr + b * D + offs_d, z1, mask=d_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr, log_p0_ptr,
                               log_q0_ptr, hist_r_ptr, hist_a_ptr, hist_c_ptr, hist_b_ptr,
                               bounds_ptr, a0_ptr, a1_ptr, a2_ptr, a3_ptr, tau_ptr, t,
@@ -846,7 +846,7 @@ def sinkhorn_prox_step_kernel(x_ptr, log_p_ptr, sig_ptr, y0_ptr, bvec_ptr, c_ptr
         tl.store(log_p_ptr + off, y, mask=msk)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_s_new_ptr, c_ptr,
                             eta_ptr, log_q0_ptr, g_z_out_ptr, g_sig_ptr, g_lp_ptr, g_p_ptr,
                             g_lq0_ptr, gvec_ptr, row_x_ptr, col_x_ptr, wpart_ptr, bounds_ptr,
@@ -963,7 +963,7 @@ def badmm_s_step_bwd_kernel(g_ls_ptr, g_z_ptr, log_p_ptr, z_ptr, sig_p_ptr, log_
                    g_lp_ptr + rows0, n_b, D, PRECISION, BT, BW, BK, ROWS_HERE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_ptr, sig_s_ptr,
                             r_ptr, mu_ptr, log_p0_ptr, g_l_ptr, g_x_ptr, g_z_ptr, g_sig_ptr,
                             g_lp0_ptr, wpart_ptr, bounds_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
@@ -1058,7 +1058,7 @@ def badmm_p_step_bwd_kernel(g_lp_ptr, g_p_ptr, log_p_ptr, log_s_ptr, z_ptr, x_pt
                    g_l_ptr + rows0, n_b, D, PRECISION, BT, BW, BK, ROWS_HERE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def sinkhorn_prox_step_bwd_kernel(g_out_ptr, x_ptr, log_p_ptr, sig_ptr, y0_ptr, gy0_ptr,
                                   hist_r_ptr, hist_a_ptr, hist_c_ptr, hist_b_ptr, gb_ptr, gc_ptr,
                                   log_p0_ptr, log_q0_ptr, g_lp_ptr, g_x_ptr, g_sig_ptr,
