@@ -104,6 +104,14 @@ _SCRATCH_ALIGN = 32  # fp32 elements: every view starts on a 128-byte boundary (
 #                      compile a second, slower variant of the kernel)
 
 
+def aligned_row(n: int) -> int:
+    """The row length, in fp32 elements, of a scratch buffer whose rows are handed to kernels
+    one at a time: ``n`` rounded up to whole 128-byte lines, so that every row starts aligned
+    as every carved view does (rows of an odd length alternate the alignment, and each launch
+    of the same kernel would compile again)."""
+    return cdiv(n, _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+
+
 def flat_views(buf: torch.Tensor, shapes, offsets=None) -> list:
     """Contiguous views of the flat contiguous ``buf`` with the given shapes (tuples), at
     ``offsets`` (elements; default: one after another). One ``as_strided`` each: a slice and a

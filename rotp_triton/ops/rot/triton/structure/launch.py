@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from ...params import kappa
-from ..common import as_f32, cdiv, fp32_scratch, launcher, next_pow2, sm_count
+from ..common import (aligned_row, as_f32, cdiv, fp32_scratch, launcher, next_pow2,
+                      sm_count)
 from .kernels import (badmm_p_step_bwd_kernel, badmm_p_step_kernel, badmm_s_step_bwd_kernel,
                       badmm_s_step_kernel, pool_from_log_plan_kernel, sigma_adjoint_kernel,
                       sigma_adjoint_rows_kernel, sigma_product_kernel,
@@ -340,9 +341,10 @@ def _scratch_layout(R: int, D: int, B: int, G: int, T: int, K: int, method: str,
     if gy:
         zeroed["_gy"] = vd
     # ∂L/∂xc, ∂L/∂xt; the adjoint kernels' per-set weight partials; ∂L/∂log p0, ∂L/∂log q0
-    # per iteration (row t: iteration t's, row T: the initial state's), summed at the end
+    # per iteration (row t: iteration t's, row T: the initial state's), summed at the end;
+    # rows padded to whole lines (aligned_row: each is a kernel argument of its own)
     zeroed.update(_g_xc=rd, _g_xt=rd, _wp=(T, B, 8) if sink else (2, T, B, 8),
-                  _acc_lp0=(T + 1, B, D), _acc_lq0=(T + 1, R))
+                  _acc_lp0=(T + 1, aligned_row(B * D)), _acc_lq0=(T + 1, aligned_row(R)))
     # Reverse step t writes its gradients to the buffers of parity t % 2 and reads step
     # t + 1's, so a buffer of parity T % 2 is free until step T - 2 writes it: ∂L/∂log P_T
     # (setup's _g_lp_T, read by step T - 1 only) waits there (B-E/B-Q: in step T - 1's own
@@ -1009,7 +1011,10 @@ def structure_backward(x: Tensor, ptr: Optional[Tensor], log_p0, log_q0, weights
     # (x's own is pb.g_x: it becomes x.grad)
     sc = pb.scratch
     g_w = pb.x32.new_zeros(len(_WEIGHTS), pb.T)
-    grads = [pb.g_x, sc["_g_xc"], sc["_g_xt"], sc["_acc_lp0"], sc["_acc_lq0"], *g_w.unbind(0)]
+    acc_lp0, acc_lq0 = sc["_acc_lp0"], sc["_acc_lq0"]     # (T + 1, B, D), (T + 1, R) in them
+    acc_lp0 = acc_lp0.as_strided((pb.T + 1, pb.B, pb.D), (acc_lp0.shape[1], pb.D, 1))
+    acc_lq0 = acc_lq0.as_strided((pb.T + 1, pb.R), (acc_lq0.shape[1], 1))
+    grads = [pb.g_x, sc["_g_xc"], sc["_g_xt"], acc_lp0, acc_lq0, *g_w.unbind(0)]
     reverse_iterations(pb, fac, pb.g_lp_T, grads, g_w)
     if pb.B > 0:   # the factors' gradients through the centring and normalization, into x's
         _wrap(structure_factors_bwd_kernel)[(pb.B,)](pb.x32, grads[1], grads[2], grads[0],
