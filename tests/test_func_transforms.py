@@ -1,5 +1,6 @@
 """torch.func transforms (``grad``, ``jacrev``, ``jvp``, ``vmap``, per-sample gradients with
-``functional_call``) through ``rot_pool`` and the layers: ``rotp_triton/_transforms.py``.
+``functional_call``) and forward-mode AD (``torch.autograd.forward_ad``'s dual tensors) through
+``rot_pool`` and the layers: ``rotp_triton/_transforms.py``.
 
 While a transform is active the package runs plain torch ops (no custom autograd.Function, no
 kernel, no value check). Oracle: the same call under plain autograd (float64, the torch path
@@ -9,6 +10,7 @@ over its batch. Before, every transform raised (the Functions have no ``setup_co
 """
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 import rotp_triton as rt
@@ -125,10 +127,57 @@ def test_per_sample_parameter_gradients(name):
             _close(per_sample[k][i], p.grad, f"{name} {k} sample {i}")
 
 
+def _forward_ad(f, x, t):
+    """(f(x), its directional derivative along t) from a dual tensor."""
+    with fwAD.dual_level():
+        y = f(fwAD.make_dual(x, t))
+        p = fwAD.unpack_dual(y)
+        assert p.tangent is not None, "the output carries no tangent"
+        return p.primal, p.tangent
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("method,a0", [("sinkhorn", 0.0), ("badmm-e", 0.0), ("badmm-q", 0.0),
+                                       ("badmm-e", 0.3)])
+def test_rot_pool_forward_ad_equals_the_jacobian(method, a0, layout):
+    """A dual tensor through rot_pool (before, the torch path's out= ops raised): its tangent
+    is the Jacobian (plain autograd) times the direction, the primal the plain call."""
+    shape, where = LAYOUTS[layout]
+    where = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in where.items()}
+    x, t = _x(6, *shape), _x(7, *shape)
+
+    def pool(x):
+        return rt.rot_pool(x, **where, method=method, num_iters=3, a0=a0, inner_iters=2)
+    y, ty = _forward_ad(pool, x, t)
+    jac = torch.autograd.functional.jacobian(pool, x)
+    _close(y, pool(x), "primal")
+    _close(ty, (jac.reshape(-1, x.numel()) @ t.reshape(-1)).reshape(jac.shape[:2]), "tangent")
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_layers_forward_ad_equals_the_jacobian(name):
+    """The layers (``scale="auto"``, their default, included: before, its autograd.Function
+    raised without a jvp) under forward-mode AD: the tangent is the Jacobian times the
+    direction."""
+    make, shape = LAYERS[name]
+    layer = make().to(**f64)
+    x, t = _x(8, 2, *shape), _x(9, 2, *shape)
+
+    def f(x):
+        out = layer(x)
+        return out[0] if isinstance(out, tuple) else out
+    y, ty = _forward_ad(f, x, t)
+    jac = torch.autograd.functional.jacobian(f, x)
+    _close(y, f(x), "primal")
+    _close(ty, (jac.reshape(y.numel(), -1) @ t.reshape(-1)).reshape(y.shape), "tangent")
+
+
 def test_backend_triton_under_a_transform_raises():
     x = _x(4, 2, 5, 3).float()
     with pytest.raises(ValueError, match="torch.func transform"):
         grad(lambda x: rt.rot_pool(x, backend="triton").sum())(x)
+    with pytest.raises(ValueError, match="forward-mode AD"):
+        _forward_ad(lambda x: rt.rot_pool(x, backend="triton"), x, torch.ones_like(x))
     # backend="auto" takes the torch path there, also for CUDA tensors
     g = grad(lambda x: rt.rot_pool(x).sum())(x)
     assert torch.isfinite(g).all()

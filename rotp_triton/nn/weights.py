@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._transforms import func_transforms_active
+from .._transforms import transforms_active
 from ..ops.rot.params import check_weight_values, value_checks_enabled
 
 WEIGHT_NAMES = ("a0", "a1", "a2", "a3", "rho", "tau")
@@ -38,7 +38,7 @@ def _launchable_on(device: torch.device) -> bool:
 def kernels_may_run(x: Tensor, backend: str) -> bool:
     """Whether a layer's call on ``x`` may run the Triton kernels (CUDA x, or backend="triton"
     under the interpreter): then its weight table is built by one launch too."""
-    if func_transforms_active():  # the torch path, and the table's torch ops
+    if transforms_active():  # the torch path, and the table's torch ops
         return False
     return x.is_cuda or (backend == "triton" and _launchable_on(x.device))
 

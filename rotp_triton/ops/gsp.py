@@ -56,7 +56,7 @@ from rotp_triton._autocast import without_autocast
 from rotp_triton._batching import (SetBatch, check_finite, check_tensor, compute_dtype,
                                    make_set_batch)
 from rotp_triton._fx import traced_as_function
-from rotp_triton._transforms import func_transforms_active
+from rotp_triton._transforms import transforms_active
 
 __all__ = ["gsp_pool", "GSPOutput", "check_gsp_hparams", "as_set_input"]
 
@@ -190,7 +190,7 @@ def _solve_log_alpha(ell: Tensor, mask: Tensor, n: Tensor, mu: float, num_iters:
         # cannot: there all num_iters run (a set that is done keeps its t: the rest change
         # nothing). Under torch.compile it stays, a graph break: unrolled, 100 steps took
         # inductor ~2 min.
-        if not _is_exporting() and not func_transforms_active() and bool(done.all()):
+        if not _is_exporting() and not transforms_active() and bool(done.all()):
             break
         dF = (sg * (1.0 - sg)).sum(1) / n
         hi = torch.where(F > 0, t, hi)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..._autocast import without_autocast
 from ..._batching import SetBatch, check_prior_args, normalized_log_p0, normalized_log_q0
-from ..._transforms import func_transforms_active
+from ..._transforms import transforms_active
 from .spread import normalize_by_spread, normalize_sets_by_spread
 from .torch.pool import rot_pool_padded
 from .torch.windows import adaptive_rot_pool2d_torch, rot_pool2d_torch, table_weights
@@ -61,10 +61,10 @@ def use_kernels(x: Tensor, backend: str, *, structure: bool = False,
             raise ValueError(f"backend='triton' is not available here: {why}")
         return False
 
-    if func_transforms_active():
-        return no("a torch.func transform (grad, vmap, jacrev, ...) is active, which runs the "
-                  "torch path (the kernels' autograd has no torch.func rules); use "
-                  "backend='auto' or 'torch'")
+    if transforms_active():
+        return no("a torch.func transform (grad, vmap, jacrev, ...) or forward-mode AD is "
+                  "active, which runs the torch path (the kernels' autograd has no rules for "
+                  "them); use backend='auto' or 'torch'")
 
     if window_tile is not None:
         if structure:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..._batching import compute_dtype
-from ..._transforms import func_transforms_active
+from ..._transforms import transforms_active
 from .higher_order import recomputed_vjp, recorded_backward
 from .spread_math import ragged_spread_ops, spread_ops
 
@@ -111,7 +111,7 @@ def normalize_by_spread(x: Tensor, sample_dims: Tuple[int, ...], out_dtype: torc
         if out is not None:
             return out
     feature_dim = 1 if 1 not in sample_dims else 2
-    if func_transforms_active():  # no autograd.Function under torch.func: the plain ops
+    if transforms_active():  # no autograd.Function under torch.func: the plain ops
         return spread_ops(x.to(compute_dtype(x.dtype)), tuple(sample_dims), feature_dim,
                           out_dtype)[:2]
     return _SpreadNormalize.apply(x.to(compute_dtype(x.dtype)), tuple(sample_dims),
@@ -160,7 +160,7 @@ def normalize_ragged_by_spread(x: Tensor, index: Tensor, lengths: Tensor, num_se
                                out_dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     """``(x / s[index] in out_dtype, s (num_sets,))`` for the rows ``x (N_total, D)`` (compute
     dtype) of sets ``index`` with ``lengths`` rows each: ``ragged_spread``'s values."""
-    if func_transforms_active():  # no autograd.Function under torch.func: the plain ops
+    if transforms_active():  # no autograd.Function under torch.func: the plain ops
         return ragged_spread_ops(x, index, lengths, num_sets, out_dtype)[:2]
     return _RaggedSpreadNormalize.apply(x, index, lengths, num_sets, out_dtype)
 
