@@ -546,15 +546,16 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
                         D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, gram_slot,
                         PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
                         BK: tl.constexpr,
-                        QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
-                        SAVE: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                        SAVE, QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
+                        BN: tl.constexpr, BD: tl.constexpr):
     """P-step of B-E/B-Q, one program per set (all D features).
 
     G = x + α0 Σ(S) - Z [- α1 S];  Y = log S + G/w;  R = LSE_n Y;
     exact: log μ = lognorm(κ2 log p0 + (1-κ2) R), κ2 = κ(α2, w);  paper: log μ is the state;
     log P = Y + (log μ - R).  w = ρ, except B-Q exact: w = ρ + α1 (the stable majorized step,
     reference/rot.py ``_exact_badmm``).   sig = Σ(S) (R, D); log_mu (B, D) (paper only).
-    SAVE: also write R and log μ to r_out, mu_out (B, D) for the backward.
+    SAVE (a runtime flag, not a constexpr: the forward's and the backward's re-runs share one
+    binary): also write R and log μ to r_out, mu_out (B, D) for the backward.
     """
     b = tl.program_id(0)
     row0, n_b = _set_rows(bounds_ptr, b)
@@ -617,8 +618,8 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
                         a0_ptr, a1_ptr, a2_ptr, a3_ptr, rho_ptr, t, D,
                         xc_ptr, xt_ptr, gram_ptr, scratch_ptr, gram_slot,
                         PRECISION: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
-                        BK: tl.constexpr,
-                        QUADRATIC: tl.constexpr, PAPER: tl.constexpr, SAVE: tl.constexpr,
+                        BK: tl.constexpr, SAVE,
+                        QUADRATIC: tl.constexpr, PAPER: tl.constexpr,
                         BN: tl.constexpr, BD: tl.constexpr):
     """S-step and dual update of B-E/B-Q, one program per set.
 
@@ -629,7 +630,8 @@ def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr,
     log S = Y + log η - C;  Z += ρ (P - S).
     Paper only, eqs. (26)-(28): log μ, log η, z1 (B, D), z2 (R,) updated in place.
     c: (R,) scratch for C.  Y is parked in log_s between the two passes.
-    SAVE: also write log η to eta_out (R,) for the backward (C stays in c).
+    SAVE (a runtime flag, as the P-step's): also write log η to eta_out (R,) for the backward
+    (C stays in c).
     """
     b = tl.program_id(0)
     row0, n_b = _set_rows(bounds_ptr, b)
