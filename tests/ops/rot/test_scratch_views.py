@@ -1,34 +1,42 @@
 """The launchers' views of one allocation (ops/rot/triton/common.py): ``split_flat`` (1-D
-segments by one split, the Sinkhorn and spread launchers) and ``fp32_scratch`` (128-byte aligned
-buffers, some cleared). Kernels find each buffer by its address alone, so what matters is where
+segments by one split, each on a 128-byte line: the Sinkhorn and spread launchers) and
+``fp32_scratch`` (128-byte aligned buffers, some cleared). Kernels find each buffer by its address alone, so what matters is where
 each view starts, how long it is, and that it writes into the one allocation."""
 import pytest
 import torch
 
-from rotp_triton.ops.rot.triton.common import flat_views, fp32_scratch, split_flat
+from rotp_triton.ops.rot.triton.common import (flat_numel, flat_views, fp32_scratch,
+                                                split_flat)
 
 
-def test_split_flat_gives_consecutive_segments_of_the_buffer():
-    buf = torch.arange(40.0)[3:]                  # a view with a storage offset: 37 elements
-    a, b, c, d = split_flat(buf, [5, 0, 12, 7])   # 13 elements left over
-    assert [v.shape for v in (a, b, c, d)] == [(5,), (0,), (12,), (7,)]
-    assert [v.storage_offset() for v in (a, c, d)] == [3, 8, 20]
-    assert torch.equal(c, torch.arange(8.0, 20.0))
-    d.fill_(-1.0)                                  # a view: the write lands in the allocation
-    assert torch.equal(buf[17:24], torch.full((7,), -1.0))
-    (e,) = split_flat(buf, [37])                  # exactly the buffer: no remainder
-    assert e.shape == (37,) and e.data_ptr() == buf.data_ptr()
-    with pytest.raises(RuntimeError):
-        split_flat(buf, [30, 8])                  # more than the buffer holds
+def test_split_flat_starts_every_segment_on_a_128_byte_line():
+    buf = torch.arange(140.0)[3:]                 # a view with a storage offset: 137 elements
+    sizes = [5, 0, 12, 33, 7]
+    assert flat_numel(sizes) == 32 + 0 + 32 + 64 + 32    # whole lines, the last one too
+    a, b, c, d, e = split_flat(buf, sizes)        # the last ends at 135: 2 left over
+    assert [v.shape for v in (a, b, c, d, e)] == [(5,), (0,), (12,), (33,), (7,)]
+    # offsets from the buffer's start: multiples of 32 fp32, in order, no overlap
+    assert [v.storage_offset() - 3 for v in (a, c, d, e)] == [0, 32, 64, 128]
+    assert torch.equal(d, torch.arange(67.0, 100.0))
+    e.fill_(-1.0)                                  # a view: the write lands in the allocation
+    assert torch.equal(buf[128:135], torch.full((7,), -1.0))
+    (f,) = split_flat(buf[:32], [32])             # exactly the buffer: no remainder
+    assert f.shape == (32,) and f.data_ptr() == buf.data_ptr()
+    with pytest.raises(ValueError, match="need"):
+        split_flat(buf, [100, 10])                # 128 + 10 > 137: more than the buffer holds
 
 
-def test_split_flat_matches_the_row_major_views_it_replaces():
-    B, T, D, NR = 3, 4, 5, 11
-    state = torch.randn(B * (T + 1) * D + B * T * D + (T + 1) * NR + T * NR + B * D + B)
-    shapes = [(B, T + 1, D), (B, T, D), (T + 1, NR), (T, NR), (B, D), (B,)]
-    flat = split_flat(state, [B * (T + 1) * D, B * T * D, (T + 1) * NR, T * NR, B * D, B])
-    for v, ref in zip(flat, flat_views(state, shapes)):
-        assert v.data_ptr() == ref.data_ptr() and torch.equal(v, ref.reshape(-1))
+def test_split_flat_offsets_do_not_follow_the_sizes_modulo_a_line():
+    """The Sinkhorn state's segments of two ragged batches whose row counts differ start at
+    the same alignment (triton specialises pointers on it: a new one compiled the kernels
+    again for each batch)."""
+    B, T, D = 3, 4, 5
+    for NR in (11, 12, 13, 16, 29):
+        sizes = [B * (T + 1) * D, B * T * D, (T + 1) * NR, T * NR, B * D, B]
+        state = torch.empty(flat_numel(sizes))
+        views = split_flat(state, sizes)
+        assert [v.numel() for v in views] == sizes
+        assert all(v.storage_offset() % 32 == 0 for v in views), NR
 
 
 def test_fp32_scratch_aligns_every_buffer_and_clears_the_zeroed_ones():

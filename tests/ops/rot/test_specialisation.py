@@ -71,3 +71,67 @@ def test_launches_of_a_kernel_share_one_binary_per_configuration(recorded, case)
     extra = {n: f"{b} binaries for {c} configurations over {n_l} launches"
              for n, (n_l, c, b) in kernels.items() if b > c}
     assert not extra, f"{case}: triton specialised an argument's value: {extra}"
+
+
+# Training batches of another composition: a PyG loader's ragged batches (the number of sets
+# and of rows change every batch, multiples of 16 among them) and a dense loader's last, smaller
+# batch - through the layers with their defaults (scale="auto": the spread statistics' views
+# too). Each used to compile new binaries as the batch's sizes moved the scratch views off a
+# 16-byte boundary or flipped an int's divisibility by 16.
+LAYER_CALLS = {
+    "ROTPool S ragged": "rt.ROTPool(16, method='sinkhorn', num_iters=4, backend='triton')",
+    "ROTPool B-E ragged": "rt.ROTPool(16, method='badmm-e', num_iters=4, backend='triton')",
+    "ROTPool B-Q ragged": "rt.ROTPool(16, method='badmm-q', num_iters=4, backend='triton')",
+    "AdaptiveROTPool2d S dense": "rt.AdaptiveROTPool2d(16, method='sinkhorn', num_iters=4, "
+                                 "backend='triton')",
+    "AdaptiveROTPool2d B-E dense": "rt.AdaptiveROTPool2d(16, method='badmm-e', num_iters=4, "
+                                   "backend='triton')",
+}
+
+_BATCHES = """
+import json
+import torch
+import rotp_triton as rt
+from bench.compile_time import binaries
+from bench.launch_recorder import h100_host, record_launches
+
+g = torch.Generator().manual_seed(0)
+ragged = [torch.randint(3, 30, (b,), generator=g) for b in (16, 17, 32, 5, 48)]
+ragged[0][:] = 2                     # 32 rows: a multiple of 16
+ragged[2][:] = 4                     # 128 rows
+out = {}
+for case, make in CALLS.items():
+    layer = eval(make)
+    launches = []
+    for i in range(5):
+        if "ragged" in case:
+            sizes = ragged[i]
+            ptr = torch.zeros(sizes.numel() + 1, dtype=torch.long)
+            ptr[1:] = sizes.cumsum(0)
+            x = torch.randn(int(ptr[-1]), 16, generator=g).requires_grad_()
+            kw = dict(ptr=ptr)
+        else:
+            x = torch.randn((16, 16, 16, 5, 7)[i], 16, 3, 3, generator=g).requires_grad_()
+            kw = {}
+        with h100_host(), record_launches() as L:
+            layer(x, **kw).sum().backward()
+        launches += L
+    out[case] = {n: [k['launches'], len(k['configs']), len(k['keys'])]
+                 for n, k in binaries(launches).items()}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def recorded_batches():
+    code = f"CALLS = {LAYER_CALLS!r}\n" + _BATCHES
+    return json.loads(run_without_interpreter(code).strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", list(LAYER_CALLS))
+def test_batches_of_other_sizes_reuse_the_binaries(recorded_batches, case):
+    kernels = recorded_batches[case]
+    assert kernels, f"{case}: no Triton launch recorded"
+    extra = {n: f"{b} binaries for {c} configurations over {n_l} launches"
+             for n, (n_l, c, b) in kernels.items() if b > c}
+    assert not extra, f"{case}: new batches compiled again: {extra}"

@@ -129,14 +129,36 @@ def flat_views(buf: torch.Tensor, shapes, offsets=None) -> list:
     return out
 
 
+def flat_numel(sizes) -> int:
+    """Elements of a flat buffer that :func:`split_flat` splits into segments of ``sizes``:
+    each rounded up to whole 128-byte lines (:func:`aligned_row`), the last too, so that what
+    a caller puts after them starts aligned as well."""
+    return sum(aligned_row(n) for n in sizes)
+
+
 def split_flat(buf: torch.Tensor, sizes) -> list:
-    """1-D views of consecutive segments of the flat contiguous ``buf`` with the given sizes,
-    all from one ``split_with_sizes``: one dispatch, where :func:`flat_views` makes one a view
-    (6 views: ~4 instead of ~11 µs on this project's CPU). For buffers that only kernels read
-    (their addresses matter, not their shapes)."""
-    sizes = list(sizes)
-    rest = buf.numel() - sum(sizes)
-    return list(buf.split_with_sizes(sizes + [rest] if rest else sizes))[:len(sizes)]
+    """1-D views of the flat contiguous ``buf`` (:func:`flat_numel` of ``sizes`` elements is
+    enough) with the given sizes, each starting on a 128-byte line, all from one
+    ``split_with_sizes`` (the gaps are segments of it too, dropped): one dispatch, where
+    :func:`flat_views` makes one a view (6 views: ~4 instead of ~11 µs on this project's CPU).
+    For buffers that only kernels read (their addresses matter, not their shapes). Aligned
+    because triton specialises a pointer on it: views at offsets that follow the batch's
+    sizes (a ragged batch's rows) compiled a kernel again for new batches."""
+    parts, keep, o = [], [], 0
+    for n in sizes:
+        gap = aligned_row(o) - o         # up to the next line (none before the first)
+        if gap:
+            parts.append(gap)
+        keep.append(len(parts))
+        parts.append(n)
+        o += gap + n
+    rest = buf.numel() - o
+    if rest < 0:
+        raise ValueError(f"split_flat: {buf.numel()} elements, the segments need {o}")
+    if rest:
+        parts.append(rest)
+    views = buf.split_with_sizes(parts)
+    return [views[i] for i in keep]
 
 
 def fp32_scratch(device, zeroed=(), empty=()):

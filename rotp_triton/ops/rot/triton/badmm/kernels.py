@@ -1046,7 +1046,7 @@ def _restart(xb, sxn, sxd, sl, sz, vd, vn, ns, lp0_b, lq0_b, n_b, D, u_p0, u_q0,
     tl.debug_barrier()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "NR"])
 def badmm_fwd_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, order_ptr, lp0_ptr, lq0_ptr,
     w_ptr, sc_ptr, root_ptr, mean_ptr,
@@ -1693,7 +1693,7 @@ def _init_adjoint_pass(slb, vd, vn, ns, gp0_b, gq0_b, n_b, D,
             tl.store(gp0_b + offs_d, acc, mask=dm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "NR"])
 def badmm_bwd_kernel(
     x_ptr, sxb, sxn, sxd, ptr_ptr, order_ptr, lp0_ptr, lq0_ptr,
     w_ptr, hd_ptr, hn_ptr, sc_ptr,
@@ -1873,7 +1873,7 @@ def _dkappa(alpha, w):
     return tl.where(inf, 0.0, w / (s * s)), tl.where(inf, 0.0, -alpha / (s * s))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def badmm_dw_kernel(w_ptr, gw_ptr, gwt_ptr, dw_ptr, B, T, NPART, QUAD: tl.constexpr,
                     PAPER: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr):
     """dw (6, T) from the per-set partials gw (B, T, 4) = ∂/∂(κ2, κ3, α1, ρ) - plus, from the

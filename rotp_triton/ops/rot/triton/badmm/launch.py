@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 
-from ..common import (FRUGAL_REGISTERS, as_f32, cdiv, flat_views, fp32_scratch, launcher,
-                      next_pow2, sm_count)
-from ..spread.launch import set_statistics, statistics_views
+from ..common import (FRUGAL_REGISTERS, aligned_row, as_f32, cdiv, flat_views, fp32_scratch,
+                      launcher, next_pow2, sm_count)
+from ..spread.launch import set_statistics, statistics_numel, statistics_views
 from .kernels import (ADJ_FIRST, ADJ_S_STEP, WEIGHT_ROWS, badmm_bwd_kernel, badmm_coef_kernel,
                       badmm_dw_kernel, badmm_fwd_kernel, quad_flag)
 from .split_backward_kernels import (badmm_split_bwd_cols_step_kernel,
@@ -617,10 +617,10 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
     stats = spread and splits == (1, 1) and B > 0 and D > 0 and geo.rows > 0
     # the statistics the kernel forms (STATS) after the history, in its allocation: both are
     # saved for the backward
-    h = history_like(x, ptr, T, paper, B * (2 + D) if stats else 0)
+    h = history_like(x, ptr, T, paper, statistics_numel(B, D) if stats else 0)
     wc, hd, hn = history_views(h, x, ptr, T, paper)
     saved = set_statistics(x, ptr, B, D, stats, wrap,
-                           out=h[h.numel() - B * (2 + D):]) if spread else None
+                           out=h[h.numel() - statistics_numel(B, D):]) if spread else None
     if saved is not None:
         scale, root, mean = statistics_views(saved, B, D)
     y = torch.zeros(B, D, device=x.device, dtype=torch.float32)
@@ -658,15 +658,27 @@ def badmm_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[
     return out
 
 
+def _param_grad_layout(B: int, T: int, D: int, rows: int):
+    """[(offset, shape)] of dw (6, T), dlog_p0 (B, D), dlog_q0 (rows,) in the flat parameter
+    gradient, each on a 128-byte line (a kernel argument each: an offset that follows B or T
+    would compile the kernels again), and the total size (whole lines too: ∂/∂σ may follow)."""
+    out, o = [], 0
+    for shape in ((6, T), (B, D), (rows,)):
+        out.append((o, shape))
+        o += aligned_row(math.prod(shape))
+    return out, o
+
+
 def param_grads_numel(B: int, T: int, D: int, rows: int) -> int:
     """Size of the backward's flat parameter gradient: dw (6, T), dlog_p0 (B, D), dlog_q0
-    (rows,)."""
-    return 6 * T + B * D + rows
+    (rows,), each starting on a 128-byte line."""
+    return _param_grad_layout(B, T, D, rows)[1]
 
 
 def param_grad_views(dparams: Tensor, B: int, T: int, D: int, rows: int):
     """(dw (6, T), dlog_p0 (B, D), dlog_q0 (rows,)): views of the flat ``dparams``."""
-    return tuple(flat_views(dparams, [(6, T), (B, D), (rows,)]))
+    layout = _param_grad_layout(B, T, D, rows)[0]
+    return tuple(flat_views(dparams, [s for _, s in layout], [o for o, _ in layout]))
 
 
 def badmm_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optional[Tensor],

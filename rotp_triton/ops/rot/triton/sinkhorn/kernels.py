@@ -1280,7 +1280,7 @@ def _one_tile_exact_step(x_base, sxn, sxd, n_b, D, t, s, s_last, k2, k3, lp0_b, 
 # warp along n, and every per-column vector op of a chunk runs once per row-lane (66 SASS
 # instructions per element-iteration at W2); unspecialised, a warp spans features and holds
 # several rows of a column per thread (tests/ops/rot/sinkhorn_sass.py)
-@triton.jit(do_not_specialize=["sxn", "sxd"])
+@triton.jit(do_not_specialize=["sxn", "sxd", "NR"])
 def sinkhorn_fwd_kernel(
     x_ptr, ptr_ptr, order_ptr, sxb, sxn, sxd, N, D, T, NR, lp0_u,
     w_ptr, lp0_ptr, lq0_ptr,
@@ -2458,7 +2458,7 @@ def _paper_bwd_sweep(x_base, sxn, sxd, n_b, D, s, A_prev, B_prev, R_t, C_t, Rbar
 # compiler lays each piece's loads along n in a layout of its own ([32, BD] and [16, BD] differ)
 # and converts every tile through shared memory (436 vs 258 SASS instructions per trip); the
 # other paths keep the specialised sxn (W5's sxn = 128: divisibility, vectorised loads)
-@triton.jit(do_not_specialize=["sxn_u"])
+@triton.jit(do_not_specialize=["sxn_u", "NR"])
 def sinkhorn_bwd_kernel(
     x_ptr, ptr_ptr, order_ptr, sxb, sxn, sxd, sxn_u, N, D, T, NR, lp0_u,
     w_ptr, lp0_ptr, lq0_ptr,
@@ -2924,7 +2924,7 @@ def sinkhorn_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # dx of a dense batch over row blocks (launch.split_dx)
 # --------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["sxn", "sxd"])
+@triton.jit(do_not_specialize=["sxn", "sxd", "NR"])
 def sinkhorn_dx_kernel(
     x_ptr, sxb, sxn, sxd, N, D, T, NR,
     w_ptr, A_ptr, Rn_ptr, Bv_ptr, Cn_ptr, rfin_ptr, tot_ptr, y_ptr,

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from ...params import A1, A3
-from ..common import (FRUGAL_REGISTERS, as_f32, cdiv, launcher, next_pow2, split_flat,
-                      sm_count)
-from ..spread.launch import set_statistics, statistics_views
+from ..common import (FRUGAL_REGISTERS, as_f32, cdiv, flat_numel, launcher, next_pow2,
+                      split_flat, sm_count)
+from ..spread.launch import set_statistics, statistics_numel, statistics_views
 from .kernels import (RV_SLOTS, sinkhorn_bwd_kernel, sinkhorn_dx_kernel, sinkhorn_fwd_kernel,
                       sinkhorn_split_a_kernel,
                       sinkhorn_split_b_kernel, sinkhorn_split_col_kernel,
@@ -464,26 +464,34 @@ def _strides3(t: Tensor, ragged: bool) -> tuple:
 def state_numel(B: int, T: int, D: int, NR: int) -> int:
     """Size of the forward's saved state, one fp32 buffer (one allocation: each host op costs
     ~5 µs on the GPU, PERF.md): A, Rn, Bv, Cn, rfin, tot (see :func:`state_views`)."""
-    return B * (T + 1) * D + B * T * D + (T + 1) * NR + T * NR + B * D + B
+    return flat_numel(_state_sizes(B, T, D, NR))
+
+
+def _state_sizes(B: int, T: int, D: int, NR: int) -> list:
+    return [B * (T + 1) * D, B * T * D, (T + 1) * NR, T * NR, B * D, B]
 
 
 def state_views(state: Tensor, B: int, T: int, D: int, NR: int) -> list:
     """A (B, T + 1, D), Rn (B, T, D), Bv (T + 1, NR), Cn (T, NR), rfin (B, D), tot (B,): flat
     (1-D) views of those row-major arrays (only kernels read them; one host op)."""
-    return split_flat(state, [B * (T + 1) * D, B * T * D, (T + 1) * NR, T * NR, B * D, B])
+    return split_flat(state, _state_sizes(B, T, D, NR))
 
 
 def param_grads_numel(B: int, T: int, D: int, NR: int, has_p0: bool, has_q0: bool) -> int:
     """Size of the backward's flat parameter-gradient output: dw (6, T), dlog_p0 (B, D) if
     has_p0, dlog_q0 (NR,) if has_q0."""
-    return 6 * T + (B * D if has_p0 else 0) + (NR if has_q0 else 0)
+    return flat_numel(_param_grad_sizes(B, T, D, NR, has_p0, has_q0))
+
+
+def _param_grad_sizes(B: int, T: int, D: int, NR: int, has_p0: bool, has_q0: bool) -> list:
+    return [6 * T, B * D if has_p0 else 0, NR if has_q0 else 0]
 
 
 def param_grad_views(dparams: Tensor, B: int, T: int, D: int, NR: int, has_p0: bool,
                      has_q0: bool) -> tuple:
     """(dw (6, T), dlog_p0 (B, D) or None, dlog_q0 (NR,) or None) as views of ``dparams``
     (which may hold more after them)."""
-    dw, dlp0, dlq0 = split_flat(dparams, [6 * T, B * D if has_p0 else 0, NR if has_q0 else 0])
+    dw, dlp0, dlq0 = split_flat(dparams, _param_grad_sizes(B, T, D, NR, has_p0, has_q0))
     return dw.view(6, T), (dlp0.view(B, D) if has_p0 else None), (dlq0 if has_q0 else None)
 
 
@@ -521,7 +529,7 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
     # the statistics the kernel forms (STATS) after the state, in the same allocation: both
     # are saved for the backward
     n_state = state_numel(B, T, D, NR)
-    n_stats = cdiv(n_state, 32) * 32 - n_state + B * (2 + D) if stats else 0
+    n_stats = statistics_numel(B, D) if stats else 0      # (n_state: whole 128-byte lines)
     state = torch.empty(n_state + n_stats, device=x.device, dtype=torch.float32)
     A, Rn, Bv, Cn, rfin, tot = state_views(state, B, T, D, NR)
     y = torch.empty(B, D, device=x.device, dtype=torch.float32)
@@ -547,7 +555,7 @@ def sinkhorn_forward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Option
     lp0 = as_f32(log_p0) if log_p0 is not None else y
     lq0 = as_f32(log_q0) if log_q0 is not None else y
     saved = set_statistics(x, ptr, B, D, stats, wrap,
-                           out=state[n_state + n_stats - B * (2 + D):]) if spread else None
+                           out=state[n_state:]) if spread else None
     if saved is not None:
         scale, root, mean = statistics_views(saved, B, D)
     if B > 0 and D > 0:
@@ -669,11 +677,10 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     # (packed_rows, with the S form's bound)
     npad = packed_rows(N, BNX, P0 + P1 + P2, paper, sxn)
     slots = RV_SLOTS.value
-    scratch = torch.empty(6 * B * T + B * T * D + 2 * T * NR + B * D + NR + B
-                          + B * T * slots * npad, device=x.device, dtype=torch.float32)
     # (part: the six (B, T) partials; every buffer flat, only kernels read them)
-    *part, Rbar, Cbar, abar, bbar, pg, rho, rv = split_flat(
-        scratch, [B * T] * 6 + [B * T * D, T * NR, B * D, NR, B, T * NR, B * T * slots * npad])
+    sizes = [B * T] * 6 + [B * T * D, T * NR, B * D, NR, B, T * NR, B * T * slots * npad]
+    scratch = torch.empty(flat_numel(sizes), device=x.device, dtype=torch.float32)
+    *part, Rbar, Cbar, abar, bbar, pg, rho, rv = split_flat(scratch, sizes)
     lp0 = as_f32(log_p0) if has_p0 else g
     lq0 = as_f32(log_q0) if has_q0 else g
     sc = (scale, dparams[n_params:]) if scale is not None else (g, g)

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..common import cdiv, launcher, next_pow2, split_flat
+from ..common import cdiv, flat_numel, launcher, next_pow2, split_flat
 from .kernels import (spread_grad_dot_kernel, spread_grad_kernel, spread_normalize_kernel,
                       spread_stats_kernel)
 
@@ -56,6 +56,12 @@ def block_sizes(F: int, S: int) -> Tuple[int, int, int]:
     return BS, BF, 4
 
 
+def statistics_numel(B: int, F: int) -> int:
+    """Elements of the flat statistics buffer of B sets of F features (σ, root, the feature
+    means: :func:`statistics_views`)."""
+    return flat_numel([B, B, B * F])
+
+
 def statistics_views(saved: Tensor, B: int, F: int) -> list:
     """(σ (B,), root (B,), the feature means (B·F,)): flat views of the (B, 2 + F) fp32
     statistics :func:`spread_forward` saves (set kernels form them with STATS); one split."""
@@ -76,8 +82,9 @@ def spread_forward(x: Tensor, sample_dims: Tuple[int, ...], out_dtype: Optional[
     out = torch.empty_like(x, dtype=out_dtype) if normalize else None
     # one allocation: what the backward keeps (s, root, mean) and the blocks' variance sums
     # (each as a scale and the sum over its square: kernels.spread_stats_kernel)
-    buf = torch.empty(B * (2 + F + 2 * NFB), device=x.device, dtype=torch.float32)
-    saved, part, pc = split_flat(buf, [B * (2 + F), B * NFB, B * NFB])
+    segments = [statistics_numel(B, F), B * NFB, B * NFB]
+    buf = torch.empty(flat_numel(segments), device=x.device, dtype=torch.float32)
+    saved, part, pc = split_flat(buf, segments)
     s, root, mean = statistics_views(saved, B, F)
     grid = (B, NFB)
     rag = dict(RAGGED=ptr is not None)
@@ -103,7 +110,7 @@ def set_statistics(x: Tensor, ptr: Optional[Tensor], B: int, D: int, in_kernel: 
     if in_kernel:
         if out is not None:
             return out
-        return torch.empty(B * (2 + D), device=x.device, dtype=torch.float32)
+        return torch.empty(statistics_numel(B, D), device=x.device, dtype=torch.float32)
     return spread_forward(x, (1,) if ptr is None else (0,), None, ptr, wrap=wrap)[1]
 
 
