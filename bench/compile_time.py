@@ -3,6 +3,8 @@ to build them (the wait of a first call, before any kernel runs). MEASURED on th
 CPU; no GPU needed (the compile is the same work on a GPU host, on that host's CPU).
 
     python bench/compile_time.py [--only 'CASE;CASE$'] [--out DIR]
+    python bench/compile_time.py --stream 20 [--compile]
+
 
 The cases are ``kernel_report.py``'s (same ids, same ``--only``). Each case runs in a fresh
 process with an empty triton cache: its launches (forward, then forward+backward) are recorded
@@ -11,6 +13,12 @@ sm_90 and timed. A kernel's *configurations* are its distinct declared-``tl.cons
 each binary beyond them is a specialisation triton made from an argument's value (an int equal
 to 1, or divisible by 16) - an iteration index passed as a plain int costs two extra binaries
 per kernel this way, which ``@triton.jit(do_not_specialize=[...])`` removes.
+
+``--stream N``: the binaries a training loop's first N ragged batches need (a PyG loader:
+16-128 sets of 5-59 rows of 64 features, new sizes every batch) through ``ROTPool`` with its
+defaults, per method: counted, not compiled. One per configuration is the aim; before
+2e5f22a the batches' sizes moved scratch views off a 16-byte boundary and flipped ints'
+divisibility, and each new combination compiled again.
 """
 from __future__ import annotations
 
@@ -126,16 +134,63 @@ def markdown(meta: dict, results: list) -> str:
     return "\n".join(out) + "\n"
 
 
+def stream(n: int, compile_them: bool = False) -> dict:
+    """method -> kernel -> [launches, configurations, binaries] over ``n`` ragged batches
+    (and "compile_s": the seconds to build them all for sm_90, with ``compile_them``)."""
+    import torch
+    import rotp_triton as rt
+    from bench.launch_recorder import h100_host, record_launches
+    out = {}
+    for method in ("sinkhorn", "badmm-e", "badmm-q"):
+        g = torch.Generator().manual_seed(0)
+        pool = rt.ROTPool(64, method=method, num_iters=4, backend="triton")
+        launches = []
+        for _ in range(n):
+            sizes = torch.randint(5, 60, (int(torch.randint(16, 129, (1,), generator=g)),),
+                                  generator=g)
+            ptr = torch.zeros(sizes.numel() + 1, dtype=torch.long)
+            ptr[1:] = sizes.cumsum(0)
+            x = torch.randn(int(ptr[-1]), 64, generator=g, requires_grad=True)
+            with h100_host(), record_launches() as L:
+                pool(x, ptr=ptr).sum().backward()
+            launches += L
+        kernels = binaries(launches)
+        out[method] = {name: [k["launches"], len(k["configs"]), len(k["keys"])]
+                       for name, k in kernels.items()}
+        if compile_them:      # cold (main points triton at an empty cache): the loop's wait
+            from bench import sass
+            t0 = time.perf_counter()
+            for k in kernels.values():
+                for L in k["keys"].values():
+                    sass.compile_launch(L)
+            out[method]["compile_s"] = time.perf_counter() - t0
+    return out
+
+
 def main(argv=None) -> int:
     from bench import kernel_report
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", default="", help="kernel_report.py's case filter")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     p.add_argument("--stem", default="compile_time")
+    p.add_argument("--stream", type=int, default=0, metavar="N",
+                   help="count the binaries of N ragged training batches through ROTPool")
+    p.add_argument("--compile", action="store_true",
+                   help="with --stream: also build them cold for sm_90 and time it")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker(*args.worker)
+    if args.stream:
+        if args.compile:
+            os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="compile_time_")
+            _warm_up()
+        for method, kernels in stream(args.stream, args.compile).items():
+            secs = kernels.pop("compile_s", None)
+            print(f"{method}: " + ", ".join(f"{n} {b} binaries / {c} configurations"
+                                           for n, (_, c, b) in kernels.items())
+                  + ("" if secs is None else f"; built in {secs:.1f} s"), flush=True)
+        return 0
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_time: run WITHOUT TRITON_INTERPRET (kernels are compiled for sm_90)")
         return 2
