@@ -105,11 +105,11 @@ _SCRATCH_ALIGN = 32  # fp32 elements: every view starts on a 128-byte boundary (
 
 
 def aligned_row(n: int) -> int:
-    """The row length, in fp32 elements, of a scratch buffer whose rows are handed to kernels
-    one at a time: ``n`` rounded up to whole 128-byte lines, so that every row starts aligned
-    as every carved view does (rows of an odd length alternate the alignment, and each launch
-    of the same kernel would compile again)."""
-    return cdiv(n, _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+    """``n`` fp32 elements rounded up to whole 128-byte lines: the room a row or a segment of
+    a flat buffer takes so that the next one starts aligned, as every carved view does (rows
+    or segments laid end to end start where their lengths put them, and a kernel handed one
+    of them compiled again when that moved it off a 16-byte boundary)."""
+    return -(-n // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
 
 
 def flat_views(buf: torch.Tensor, shapes, offsets=None) -> list:
@@ -133,7 +133,26 @@ def flat_numel(sizes) -> int:
     """Elements of a flat buffer that :func:`split_flat` splits into segments of ``sizes``:
     each rounded up to whole 128-byte lines (:func:`aligned_row`), the last too, so that what
     a caller puts after them starts aligned as well."""
-    return sum(aligned_row(n) for n in sizes)
+    return sum(-(-n // _SCRATCH_ALIGN) for n in sizes) * _SCRATCH_ALIGN
+
+
+@functools.lru_cache(maxsize=256)
+def _split_plan(sizes: tuple, numel: int) -> tuple:
+    """(the split's segment sizes, gaps included, and the indices of the requested ones) of
+    :func:`split_flat`: computed once per shape (a launcher calls it every step)."""
+    parts, keep, o = [], [], 0
+    for n in sizes:
+        gap = -o % _SCRATCH_ALIGN        # up to the next line (none before the first)
+        if gap:
+            parts.append(gap)
+        keep.append(len(parts))
+        parts.append(n)
+        o += gap + n
+    if numel < o:
+        raise ValueError(f"split_flat: {numel} elements, the segments need {o}")
+    if numel > o:
+        parts.append(numel - o)
+    return tuple(parts), tuple(keep)
 
 
 def split_flat(buf: torch.Tensor, sizes) -> list:
@@ -144,19 +163,11 @@ def split_flat(buf: torch.Tensor, sizes) -> list:
     For buffers that only kernels read (their addresses matter, not their shapes). Aligned
     because triton specialises a pointer on it: views at offsets that follow the batch's
     sizes (a ragged batch's rows) compiled a kernel again for new batches."""
-    parts, keep, o = [], [], 0
-    for n in sizes:
-        gap = aligned_row(o) - o         # up to the next line (none before the first)
-        if gap:
-            parts.append(gap)
-        keep.append(len(parts))
-        parts.append(n)
-        o += gap + n
-    rest = buf.numel() - o
-    if rest < 0:
-        raise ValueError(f"split_flat: {buf.numel()} elements, the segments need {o}")
-    if rest:
-        parts.append(rest)
+    sizes, numel = tuple(sizes), buf.numel()
+    try:
+        parts, keep = _split_plan(sizes, numel)
+    except TypeError:                    # symbolic sizes (tracing) are not hashable
+        parts, keep = _split_plan.__wrapped__(sizes, numel)
     views = buf.split_with_sizes(parts)
     return [views[i] for i in keep]
 

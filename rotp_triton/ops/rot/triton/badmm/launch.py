@@ -662,11 +662,9 @@ def _param_grad_layout(B: int, T: int, D: int, rows: int):
     """[(offset, shape)] of dw (6, T), dlog_p0 (B, D), dlog_q0 (rows,) in the flat parameter
     gradient, each on a 128-byte line (a kernel argument each: an offset that follows B or T
     would compile the kernels again), and the total size (whole lines too: ∂/∂σ may follow)."""
-    out, o = [], 0
-    for shape in ((6, T), (B, D), (rows,)):
-        out.append((o, shape))
-        o += aligned_row(math.prod(shape))
-    return out, o
+    o1 = aligned_row(6 * T)
+    o2 = o1 + aligned_row(B * D)
+    return [(0, (6, T)), (o1, (B, D)), (o2, (rows,))], o2 + aligned_row(rows)
 
 
 def param_grads_numel(B: int, T: int, D: int, rows: int) -> int:
