@@ -5,8 +5,7 @@ each view starts, how long it is, and that it writes into the one allocation."""
 import pytest
 import torch
 
-from rotp_triton.ops.rot.triton.common import (flat_numel, flat_views, fp32_scratch,
-                                                split_flat)
+from rotp_triton.ops.rot.triton.common import flat_numel, fp32_scratch, split_flat
 
 
 def test_split_flat_starts_every_segment_on_a_128_byte_line():
