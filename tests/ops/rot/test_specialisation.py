@@ -58,19 +58,29 @@ print(json.dumps(out))
 """
 
 
+def _record(calls: dict, script: str) -> dict:
+    """case -> kernel -> [launches, configurations, binaries], from ``script`` run without the
+    interpreter on ``calls``."""
+    code = f"CALLS = {calls!r}\n" + script
+    return json.loads(run_without_interpreter(code).strip().splitlines()[-1])
+
+
+def _assert_one_binary_per_configuration(kernels: dict, case: str, what: str):
+    assert kernels, f"{case}: no Triton launch recorded"
+    extra = {n: f"{b} binaries for {c} configurations over {n_l} launches"
+             for n, (n_l, c, b) in kernels.items() if b > c}
+    assert not extra, f"{case}: {what}: {extra}"
+
+
 @pytest.fixture(scope="module")
 def recorded():
-    code = f"CALLS = {CALLS!r}\n" + _RECORD
-    return json.loads(run_without_interpreter(code).strip().splitlines()[-1])
+    return _record(CALLS, _RECORD)
 
 
 @pytest.mark.parametrize("case", list(CALLS))
 def test_launches_of_a_kernel_share_one_binary_per_configuration(recorded, case):
-    kernels = recorded[case]
-    assert kernels, f"{case}: no Triton launch recorded"
-    extra = {n: f"{b} binaries for {c} configurations over {n_l} launches"
-             for n, (n_l, c, b) in kernels.items() if b > c}
-    assert not extra, f"{case}: triton specialised an argument's value: {extra}"
+    _assert_one_binary_per_configuration(recorded[case], case,
+                                         "triton specialised an argument's value")
 
 
 # Training batches of another composition: a PyG loader's ragged batches (the number of sets
@@ -124,14 +134,10 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def recorded_batches():
-    code = f"CALLS = {LAYER_CALLS!r}\n" + _BATCHES
-    return json.loads(run_without_interpreter(code).strip().splitlines()[-1])
+    return _record(LAYER_CALLS, _BATCHES)
 
 
 @pytest.mark.parametrize("case", list(LAYER_CALLS))
 def test_batches_of_other_sizes_reuse_the_binaries(recorded_batches, case):
-    kernels = recorded_batches[case]
-    assert kernels, f"{case}: no Triton launch recorded"
-    extra = {n: f"{b} binaries for {c} configurations over {n_l} launches"
-             for n, (n_l, c, b) in kernels.items() if b > c}
-    assert not extra, f"{case}: new batches compiled again: {extra}"
+    _assert_one_binary_per_configuration(recorded_batches[case], case,
+                                         "new batches compiled again")
