@@ -72,17 +72,6 @@ def _assert_one_binary_per_configuration(kernels: dict, case: str, what: str):
     assert not extra, f"{case}: {what}: {extra}"
 
 
-@pytest.fixture(scope="module")
-def recorded():
-    return _record(CALLS, _RECORD)
-
-
-@pytest.mark.parametrize("case", list(CALLS))
-def test_launches_of_a_kernel_share_one_binary_per_configuration(recorded, case):
-    _assert_one_binary_per_configuration(recorded[case], case,
-                                         "triton specialised an argument's value")
-
-
 # Training batches of another composition: a PyG loader's ragged batches (the number of sets
 # and of rows change every batch, multiples of 16 among them) and a dense loader's last, smaller
 # batch - through the layers with their defaults (scale="auto": the spread statistics' views
@@ -133,11 +122,16 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def recorded_batches():
-    return _record(LAYER_CALLS, _BATCHES)
+def recorded():
+    return {**_record(CALLS, _RECORD), **_record(LAYER_CALLS, _BATCHES)}
+
+
+@pytest.mark.parametrize("case", list(CALLS))
+def test_launches_of_a_kernel_share_one_binary_per_configuration(recorded, case):
+    _assert_one_binary_per_configuration(recorded[case], case,
+                                         "triton specialised an argument's value")
 
 
 @pytest.mark.parametrize("case", list(LAYER_CALLS))
-def test_batches_of_other_sizes_reuse_the_binaries(recorded_batches, case):
-    _assert_one_binary_per_configuration(recorded_batches[case], case,
-                                         "new batches compiled again")
+def test_batches_of_other_sizes_reuse_the_binaries(recorded, case):
+    _assert_one_binary_per_configuration(recorded[case], case, "new batches compiled again")
