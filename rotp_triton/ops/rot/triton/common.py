@@ -133,7 +133,7 @@ def flat_numel(sizes) -> int:
     """Elements of a flat buffer that :func:`split_flat` splits into segments of ``sizes``:
     each rounded up to whole 128-byte lines (:func:`aligned_row`), the last too, so that what
     a caller puts after them starts aligned as well."""
-    return sum(-(-n // _SCRATCH_ALIGN) for n in sizes) * _SCRATCH_ALIGN
+    return sum(aligned_row(n) for n in sizes)
 
 
 @functools.lru_cache(maxsize=256)
@@ -185,7 +185,7 @@ def fp32_scratch(device, zeroed=(), empty=()):
     offsets, o = [], 0
     for n in sizes:
         offsets.append(o)
-        o += cdiv(n, _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+        o += aligned_row(n)
     buf = torch.empty(max(o, 1), device=device, dtype=torch.float32)
     views = flat_views(buf, shapes, offsets)
     nz = len(zeroed)

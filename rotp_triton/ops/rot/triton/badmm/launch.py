@@ -568,7 +568,7 @@ def _history_layout(x: Tensor, ptr: Optional[Tensor], T: int, paper: bool):
     out, o = [], 0
     for shape in ((WEIGHT_ROWS, T), (B, T, D, KV), (T, rows, KV)):
         out.append((o, shape))
-        o += cdiv(math.prod(shape), 32) * 32
+        o += aligned_row(math.prod(shape))
     return out, o
 
 
