@@ -182,8 +182,14 @@ def weight_table(a0: Weight, a1: Weight, a2: Weight, a3: Weight, rho: Weight, ta
     # the number rows: views of the cached constant table (no op per call; tensor slots 0)
     numbers = _constant_table(tuple(0.0 if isinstance(v, Tensor) else float(v) for v in values),
                               T, torch.device(device), dtype)
-    rows = [v.reshape(-1).to(device=device, dtype=dtype).expand(T) if isinstance(v, Tensor)
-            else numbers[i] for i, v in enumerate(values)]
+    rows = list(numbers.unbind(0))
+    for i, v in enumerate(values):
+        if isinstance(v, Tensor):
+            # a (T,) row in the table's dtype and device as it is: every view op more is an
+            # autograd node more, forward and backward (~8 µs of host time each, PERF.md)
+            rows[i] = v if (v.shape == numbers.shape[1:] and v.dtype == dtype
+                            and v.device == numbers.device) else \
+                v.reshape(-1).to(device=device, dtype=dtype).expand(T)
     table = torch.stack(rows)
     if value_checks_enabled(table):
         check_weight_values(table)

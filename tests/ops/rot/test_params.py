@@ -84,3 +84,25 @@ def test_constant_table_is_cached_and_not_an_inference_tensor():
         rt.rot_pool(x.detach(), a1=1.37, a3=float("inf"), num_iters=3)
     rt.rot_pool(x, a1=1.37, a3=float("inf"), num_iters=3).sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_weight_table_gradient_of_every_weight_shape():
+    """A (T,) weight in the table's dtype enters the stack as it is, the others reshaped, cast
+    and expanded: each gets its own row's gradient, summed for a scalar, in its own dtype."""
+    T = 3
+    a1 = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)    # ()
+    a2 = torch.tensor([1.5], requires_grad=True)                        # (1,)
+    a3 = torch.tensor([2.0, 3.0, 4.0], requires_grad=True)              # (T,), the table's
+    rho = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64, requires_grad=True)
+    t = params.weight_table(0.0, a1, a2, a3, rho, 0.5, T, "cpu")
+    assert t.dtype == torch.float32 and t.shape == (params.NUM_WEIGHTS, T)
+    assert t[params.A3].tolist() == [2.0, 3.0, 4.0] and t[params.A2].tolist() == [1.5] * 3
+    coef = torch.arange(1.0, 1.0 + params.NUM_WEIGHTS * T).view(params.NUM_WEIGHTS, T)
+    grads = torch.autograd.grad((t * coef).sum(), (a1, a2, a3, rho))
+    assert [g.shape for g in grads] == [(), (1,), (T,), (T,)]
+    assert [g.dtype for g in grads] == [torch.float64, torch.float32, torch.float32,
+                                         torch.float64]
+    assert grads[0].item() == coef[params.A1].sum().item()
+    assert grads[1].tolist() == [coef[params.A2].sum().item()]
+    assert grads[2].tolist() == coef[params.A3].tolist()
+    assert grads[3].tolist() == coef[params.RHO].tolist()
