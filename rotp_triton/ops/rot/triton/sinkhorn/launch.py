@@ -219,9 +219,13 @@ def _row_pieces(N: Optional[int], BN: int, one_tile: bool, paper: bool, enabled:
 # 9-400 rows (triton 3.9), the launch with no stride of 1 spills 32 B and keeps the uncapped
 # layout; from triton 3.9 on (3.6 spills 16 B at W2's NCHW view with a plan gradient). Its
 # reverse sweeps in the S form take the forward's lanes (pieces_bwd_lanes,
-# kernels._lanes_bwd_sweep: rows contiguous, no plan gradient, triton >= 3.9: 3.6 spills
-# 120-144 B), and dx then goes to its own launch: beside the lanes sweep, the dx pass's state
-# spilled 96 B (bench/results/sinkhorn_pieces_bwd_lanes_2026-12-02.md).
+# kernels._lanes_bwd_sweep: rows contiguous, no plan gradient), and dx then goes to its own
+# launch: beside the lanes sweep, the dx pass's state spilled 96 B
+# (bench/results/sinkhorn_pieces_bwd_lanes_2026-12-02.md). With triton 3.6 (the H200 image's)
+# the lanes sweep builds without spills only uncapped (PIECES_BWD_CAPPED off: 246 registers, one
+# CTA an SM; under the cap 152 B) and the dx launch under 128 registers (two CTAs an SM; under
+# 80: 96 B): W2 T = 4 backward kernels 1,178 -> 627 + 211 µs calibrated against 3.6's [P, BD]
+# sweeps with dx inside (bench/results/sinkhorn_bwd_lanes_triton36_2026-12-04.md, PREDICTED).
 PIECES_NUM_WARPS = 8
 PIECES_FWD_ELEMS_PER_THREAD = 16
 PIECES_FWD_STRIDED_ELEMS_PER_THREAD = 4
@@ -233,10 +237,10 @@ PIECES_BWD_CAPPED = FRUGAL_REGISTERS
 PIECES_BWD_ELEMS_DIVISOR = 4
 PIECES_BWD_MAX_REGISTERS = 128
 PIECES_MIN_BD = 8
-PIECES_BWD_LANES = FRUGAL_REGISTERS
+PIECES_BWD_LANES = True
 PIECES_BWD_ROW_LANES = 0
 PIECES_DX_CHUNKS = 16
-PIECES_DX_MAX_REGISTERS = 80
+PIECES_DX_MAX_REGISTERS = 80 if FRUGAL_REGISTERS else 128
 # The exact forward's fixed shifts one per set where they span little (kernels._SET_SHIFT_SPAN;
 # bench/results/sinkhorn_set_shift_2026-12-02.md), from triton 3.9 on: 3.6 (the H200 image's)
 # spilled 8 B in W2's row-pieces forward with them
@@ -692,7 +696,8 @@ def sinkhorn_backward(x: Tensor, ptr: Optional[Tensor], w: Tensor, log_p0: Optio
     # the dx launch: row blocks of BNX, or with the lanes (no plan gradient) feature blocks of
     # PIECES_DX_CHUNKS chunks, every row of a set in lanes (kernels._lanes_dx), under
     # PIECES_DX_MAX_REGISTERS: three 8-warp CTAs an SM (W2: 80 registers, no spills; 167
-    # uncapped under maxnreg=255, one CTA an SM; left to ptxas, 80 with 8 B on the stack)
+    # uncapped under maxnreg=255, one CTA an SM; left to ptxas, 80 with 8 B on the stack), two
+    # with triton 3.6 (122 registers)
     lanes_dx = RL > 0 and not has_gp and npad > 0
     DB = BDP * PIECES_DX_CHUNKS
     nj = (cdiv(D, DB) if lanes_dx else cdiv(N, BNX)) if split else 0
