@@ -636,11 +636,14 @@ def test_row_pieces_forward_layout_choice(monkeypatch):
 
 def test_row_pieces_backward_lanes_choice(monkeypatch):
     """The row-pieces backward's lanes (launch.pieces_bwd_lanes -> RL, UNIT_N, BDP): W2's 49
-    contiguous rows without a plan gradient at RL = 4, 64 features a chunk of 8 warps; not
-    with strided rows, a plan gradient, more than 64 rows or PIECES_BWD_LANES off (triton
-    3.6); PIECES_BWD_ROW_LANES forces RL (a narrow D: a chunk of its features)."""
+    contiguous rows without a plan gradient at RL = 4, 64 features a chunk of 8 warps (with
+    any triton: 3.6 builds the sweeps uncapped, and the dx launch under 128 registers instead
+    of 80); not with strided rows, a plan gradient, more than 64 rows or PIECES_BWD_LANES off;
+    PIECES_BWD_ROW_LANES forces RL (a narrow D: a chunk of its features)."""
+    from rotp_triton.ops.rot.triton.common import FRUGAL_REGISTERS
     from rotp_triton.ops.rot.triton.sinkhorn import launch
-    monkeypatch.setattr(launch, "PIECES_BWD_LANES", True)
+    assert launch.PIECES_BWD_LANES
+    assert launch.PIECES_DX_MAX_REGISTERS == (80 if FRUGAL_REGISTERS else 128)
     w2 = (2048, (32, 16, 1), 8)
     assert launch.pieces_bwd_lanes(*w2, True, False) == (4, True, 64)
     assert launch.pieces_bwd_lanes(2048, (16, 8, 1), 8, True, False) == (2, True, 128)
