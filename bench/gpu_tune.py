@@ -175,18 +175,24 @@ def variants():
         ("W2", "sinkhorn", "row-pieces forward in lanes with any triton (shipped from 3.9; "
          "3.6 spills it)", {S: dict(PIECES_FWD_LANES=True)}),
         # the backward's reverse sweeps in lanes too since 2026-12-02 (S form, RL = 4, dx by its
-        # own launch; triton >= 3.9: 3.6 spills 120-144 B;
-        # bench/results/sinkhorn_pieces_bwd_lanes_2026-12-02.md) against the [P, BD] sweeps
-        # with dx in the backward kernel
+        # own launch; bench/results/sinkhorn_pieces_bwd_lanes_2026-12-02.md), with triton 3.6
+        # since 2026-12-04 (uncapped, one CTA an SM, dx under 128 registers: no spills;
+        # results/sinkhorn_bwd_lanes_triton36_2026-12-04.md) against the [P, BD] sweeps with
+        # dx in the backward kernel (3.6's layout until then), and with 3.6 against lanes of 8
+        # under the 128-register cap (two CTAs an SM; 3.6 spills 24 B there, RL = 4 152 B)
         ("W2", "sinkhorn", "row-pieces backward sweeps " + (
-            "as [P, BD] pieces, dx in the backward kernel (as until 2026-12-02)"
-            if S.PIECES_BWD_LANES else "in lanes, dx by its own launch (shipped from 3.9; 3.6 "
-            "spills it)"), {S: dict(PIECES_BWD_LANES=not S.PIECES_BWD_LANES)}),
+            "as [P, BD] pieces, dx in the backward kernel (as until 2026-12-02; with triton "
+            "3.6 until 2026-12-04)" if S.PIECES_BWD_LANES else "in lanes, dx by its own launch"),
+         {S: dict(PIECES_BWD_LANES=not S.PIECES_BWD_LANES)}),
+        ("W2", "sinkhorn", "row-pieces backward sweeps in lanes of 8 under 128 registers, dx "
+         "under 128 (two CTAs an SM; triton 3.6 spills 24 B)", {S: dict(
+             PIECES_BWD_CAPPED=True, PIECES_BWD_ROW_LANES=8, PIECES_DX_MAX_REGISTERS=128)}),
         # the exact forward's fixed shifts one per set since 2026-12-02 (triton >= 3.9: 3.6
-        # spilled 8 B; bench/results/sinkhorn_set_shift_2026-12-02.md) against one per column
+        # spilled 8 B then, none at W2 T = 4 on 2026-12-04, 432 -> 429 µs calibrated;
+        # bench/results/sinkhorn_set_shift_2026-12-02.md) against one per column
         ("W2", "sinkhorn", "forward " + (
             "with a shift per column (as until 2026-12-02)" if S.SET_SHIFT
-            else "with a shift per set (shipped from 3.9; 3.6 spills it)"),
+            else "with a shift per set (shipped from 3.9)"),
          {S: dict(SET_SHIFT=not S.SET_SHIFT)}),
         ("W2", "sinkhorn", "row-pieces backward " + (
             "uncapped (all its fp32 a thread; 3.9's until 2026-12-01)" if S.PIECES_BWD_CAPPED
