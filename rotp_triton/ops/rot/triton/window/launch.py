@@ -52,6 +52,13 @@ FWD_LAYOUT = {"sinkhorn": (32, 72 if FRUGAL_REGISTERS else 255),
               "badmm-q": (16, 88 if FRUGAL_REGISTERS else 128)}
 CAP_STEP = {"sinkhorn": 0, "badmm-e": 8, "badmm-q": 8}
 FWD_CAP_WINDOWS = 4
+# With triton 3.6 the one-warp Sinkhorn tile (W3's [1, 4, 256]) takes 136 registers uncapped
+# (15 resident warps an SM) and spills under 104: it runs on two warps instead, 16 elements a
+# thread, under the same 72-register cap (72 registers, no spills: 28 resident warps, as 3.9's
+# one warp under 72). W3 T = 4 forward kernel, calibrated with 3.6: 404 -> 282 µs (3.9's
+# layout: 242; four warps under 48: 258, beyond the model's fitted occupancy; PREDICTED,
+# bench/results/window_sinkhorn_fwd_triton36_2026-12-04.md). The two warps' cap (0: off)
+FWD_TWO_WARP_SINKHORN = 0 if FRUGAL_REGISTERS else 72
 # masked exact tiles of one window (3×3 windows, adaptive ones, padding, C < next_pow2(C);
 # triton 3.9): caps of their own. Uncapped, the B-ADMM forward of a 3×3 window at C = 256
 # ([1, 16, 256], 8 warps) took 135-138 registers: one CTA, 8 warps per SM; at 120, 112-120
@@ -199,6 +206,9 @@ def fwd_layout(method: str, variant: str, tile: int, is_masked: bool,
         elems, cap = 32, 255           # beyond 8 warps: 32 a thread, uncapped (as before)
     warps = num_warps_for(tile, elems)
     full = variant == "exact" and tile == warps * 32 * elems
+    if (FWD_TWO_WARP_SINKHORN and method == "sinkhorn" and full and warps == 1
+            and not is_masked and windows <= FWD_CAP_WINDOWS):
+        return 2, FWD_TWO_WARP_SINKHORN
     if is_masked:   # FWD_MASKED_CAP: one window a tile only
         capped, cap = full and windows == 1 and not wide, FWD_MASKED_CAP[method]
     else:
