@@ -199,27 +199,33 @@ def test_adaptive_geometry():
     assert not local.adaptive and not local.constexprs()["ADAPTIVE"]
 
 
-def test_sinkhorn_forward_layout_by_triton_version():
-    """The Sinkhorn forward's exact unmasked tiles of one warp at 32 fp32 a thread (W3's
-    [1, 4, 256]; tiles of 2 and 4 windows of 128 / 64 channels) run one warp under 72
-    registers with triton >= 3.9, and with 3.6 (which takes 136 uncapped and spills under 104)
-    two warps under the same 72 (launch.FWD_TWO_WARP_SINKHORN); the paper variant, masked
-    tiles and wider tiles keep their layouts."""
+def test_forward_layout_by_triton_version():
+    """The forward's exact unmasked tiles of 1,024 elements (W3's [1, 4, 256]; tiles of 2 and 4
+    windows of 128 / 64 channels) with triton >= 3.9: Sinkhorn one warp under 72 registers,
+    B-ADMM two under 88 (+ 8 a doubling of the windows); with 3.6 (which builds those in more
+    registers: 136 uncapped, spills under 104; spills under 96) twice the warps at half the
+    elements a thread (launch.FWD_HALF_ELEMS): Sinkhorn two under 72, B-ADMM four under 80
+    (+ 8 a doubling). The paper variant, masked tiles and wider tiles keep their layouts."""
     from rotp_triton.ops.rot.triton.common import FRUGAL_REGISTERS
     from rotp_triton.ops.rot.triton.window import launch as L
 
-    def layout(C, k, s, variant="exact"):
+    def layout(C, k, s, method, variant="exact"):
         cfg = L.fwd_config(L.geometry((8, C, 56, 56), (k, k), (s, s), (0, 0), False),
-                           "sinkhorn", variant)
+                           method, variant)
         return cfg["BW"] * cfg["BN"] * cfg["BC"], cfg["num_warps"], cfg["maxnreg"]
 
-    one_warp = (1, 72) if FRUGAL_REGISTERS else (2, 72)
-    assert L.FWD_TWO_WARP_SINKHORN == (0 if FRUGAL_REGISTERS else 72)
-    for C in (256, 128, 64):                     # 1, 2, 4 windows a tile of 1,024 elements
-        assert layout(C, 2, 2) == (1024, *one_warp)
-    assert layout(256, 2, 2, "paper") == (1024, 1, 248)
-    assert layout(512, 2, 2) == (2048, 2, 248)
-    assert layout(256, 3, 2)[1:] == (4, 96 if FRUGAL_REGISTERS else 248)   # masked (3×3)
+    assert bool(L.FWD_HALF_ELEMS) != FRUGAL_REGISTERS
+    for step, C in enumerate((256, 128, 64)):    # 1, 2, 4 windows a tile of 1,024 elements
+        assert layout(C, 2, 2, "sinkhorn") == ((1024, 1, 72) if FRUGAL_REGISTERS
+                                               else (1024, 2, 72))
+        for method in ("badmm-e", "badmm-q"):
+            assert layout(C, 2, 2, method) == ((1024, 2, 88 + 8 * step) if FRUGAL_REGISTERS
+                                               else (1024, 4, 80 + 8 * step))
+    assert layout(256, 2, 2, "sinkhorn", "paper") == (1024, 1, 248)
+    assert layout(256, 2, 2, "badmm-e", "paper") == (1024, 2, 248)
+    assert layout(512, 2, 2, "sinkhorn") == (2048, 2, 248)
+    assert layout(512, 2, 2, "badmm-e") == (2048, 4, 88 if FRUGAL_REGISTERS else 128)
+    assert layout(256, 3, 2, "sinkhorn")[1:] == (4, 96 if FRUGAL_REGISTERS else 248)   # masked
 
 
 def test_badmm_q_large_a1_over_rho():

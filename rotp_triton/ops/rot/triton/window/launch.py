@@ -52,13 +52,18 @@ FWD_LAYOUT = {"sinkhorn": (32, 72 if FRUGAL_REGISTERS else 255),
               "badmm-q": (16, 88 if FRUGAL_REGISTERS else 128)}
 CAP_STEP = {"sinkhorn": 0, "badmm-e": 8, "badmm-q": 8}
 FWD_CAP_WINDOWS = 4
-# With triton 3.6 the one-warp Sinkhorn tile (W3's [1, 4, 256]) takes 136 registers uncapped
-# (15 resident warps an SM) and spills under 104: it runs on two warps instead, 16 elements a
-# thread, under the same 72-register cap (72 registers, no spills: 28 resident warps, as 3.9's
-# one warp under 72). W3 T = 4 forward kernel, calibrated with 3.6: 404 -> 282 µs (3.9's
-# layout: 242; four warps under 48: 258, beyond the model's fitted occupancy; PREDICTED,
-# bench/results/window_sinkhorn_fwd_triton36_2026-12-04.md). The two warps' cap (0: off)
-FWD_TWO_WARP_SINKHORN = 0 if FRUGAL_REGISTERS else 72
+# With triton 3.6 the forward's exact unmasked tiles of few warps run on twice the warps (half
+# the elements a thread) under caps of their own: {method: (up to that many warps, cap)}
+# (+ cap_step for tiles of several windows). 3.6 builds 3.9's layouts in more registers: the
+# one-warp Sinkhorn tile (W3's [1, 4, 256]) in 136 uncapped (15 resident warps an SM),
+# spilling under 104; on two warps under 72: 72, no spills (28 resident warps, as 3.9's one
+# warp under 72). The two-warp B-ADMM tile spills 332-488 B under 96 and took 128 (16
+# resident warps); on four under 80: no spills (24). W3 T = 4 forward kernels, calibrated
+# with 3.6: Sinkhorn 404 -> 282 µs, B-E 425 -> 341 (3.9's layouts: 242 and 353; more warps
+# under lower caps price lower still, at 36-40 resident warps, beyond the occupancy the model
+# was fitted on; PREDICTED, bench/results/window_fwd_triton36_2026-12-04.md)
+FWD_HALF_ELEMS = {} if FRUGAL_REGISTERS else {"sinkhorn": (1, 72), "badmm-e": (2, 80),
+                                              "badmm-q": (2, 80)}
 # masked exact tiles of one window (3×3 windows, adaptive ones, padding, C < next_pow2(C);
 # triton 3.9): caps of their own. Uncapped, the B-ADMM forward of a 3×3 window at C = 256
 # ([1, 16, 256], 8 warps) took 135-138 registers: one CTA, 8 warps per SM; at 120, 112-120
@@ -206,9 +211,10 @@ def fwd_layout(method: str, variant: str, tile: int, is_masked: bool,
         elems, cap = 32, 255           # beyond 8 warps: 32 a thread, uncapped (as before)
     warps = num_warps_for(tile, elems)
     full = variant == "exact" and tile == warps * 32 * elems
-    if (FWD_TWO_WARP_SINKHORN and method == "sinkhorn" and full and warps == 1
-            and not is_masked and windows <= FWD_CAP_WINDOWS):
-        return 2, FWD_TWO_WARP_SINKHORN
+    half = FWD_HALF_ELEMS.get(method)
+    if (half and full and warps <= half[0] and not is_masked and not wide
+            and windows <= FWD_CAP_WINDOWS):
+        return 2 * warps, half[1] + cap_step(method, windows)
     if is_masked:   # FWD_MASKED_CAP: one window a tile only
         capped, cap = full and windows == 1 and not wide, FWD_MASKED_CAP[method]
     else:
