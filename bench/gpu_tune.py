@@ -140,6 +140,14 @@ def variants():
          {Wi: dict(FWD_LAYOUT=dict(Wi.FWD_LAYOUT, **{
              "badmm-e": (8, 56 if Wi.FRUGAL_REGISTERS else 72)}))}),
         ("W3", "sinkhorn", "shipped", {}),
+        # triton 3.6: the forwards' one-warp Sinkhorn / two-warp B-ADMM tiles on twice the
+        # warps under caps of their own since 2026-12-04 (window/launch.py FWD_HALF_ELEMS; W3
+        # T = 4 forward kernel calibrated with 3.6: S 404 -> 282 µs, B-E 425 -> 341;
+        # results/window_fwd_triton36_2026-12-04.md) against their layouts until then
+        *([("W3", m, "window forward as until 2026-12-04 with triton 3.6 (" + how + ")",
+            {Wi: dict(FWD_HALF_ELEMS={})})
+           for m, how in (("sinkhorn", "one warp uncapped"), ("badmm-e", "two warps under 128"))]
+          if Wi.FWD_HALF_ELEMS else []),
         ("W3", "sinkhorn", "window Sinkhorn uncapped (forward 93, backward 196 registers with "
          "triton 3.9)", {Wi: dict(FWD_LAYOUT=dict(Wi.FWD_LAYOUT, sinkhorn=(32, 255)),
                                   FRUGAL_REGISTERS=False)}),
@@ -198,6 +206,12 @@ def variants():
             "uncapped (all its fp32 a thread; 3.9's until 2026-12-01)" if S.PIECES_BWD_CAPPED
             else "at a quarter of its fp32 a thread, 128 registers (shipped with triton 3.9)"),
          {S: dict(PIECES_BWD_CAPPED=not S.PIECES_BWD_CAPPED)}),
+        # triton 3.6 keeps the unfused W2 backward at 8 warps (BACKWARD_WARPS): at 16 it
+        # builds W2's B-E exact call with the feature scale without spills (128 registers;
+        # calibrated with 3.6 3,612 -> 3,341 µs at T = 4), but spills 44-156 B in other
+        # configurations (paper variant, plan gradient, B-Q, D = 512 / 1,024)
+        *([("W2", "badmm-e", "unfused backward at 16 warps with triton 3.6 (3.9's layout)",
+            {B: dict(BACKWARD_WARPS=16)})] if B.BACKWARD_WARPS != 16 else []),
         ("W2", "badmm-e", "fused backward at 16 warps, 2 fp32 per thread", {B: dict(
             backward_fuses=lambda T, x_bytes: True,
             backward_block_sizes=lambda n, D: _sixteen_warps(bwd_blocks(n, D)))}),
