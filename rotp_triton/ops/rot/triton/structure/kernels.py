@@ -540,7 +540,7 @@ def _s_step_weight(a1, rho, QUADRATIC: tl.constexpr, PAPER: tl.constexpr):
     return w
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["t", "SAVE"])
 def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr, log_mu_ptr,
                         r_out_ptr, mu_out_ptr, bounds_ptr, a0_ptr, a1_ptr, a2_ptr, rho_ptr, t,
                         D, xc_ptr, xt_ptr, gram_ptr, scratch_ptr, gram_slot,
@@ -554,8 +554,9 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
     exact: log μ = lognorm(κ2 log p0 + (1-κ2) R), κ2 = κ(α2, w);  paper: log μ is the state;
     log P = Y + (log μ - R).  w = ρ, except B-Q exact: w = ρ + α1 (the stable majorized step,
     reference/rot.py ``_exact_badmm``).   sig = Σ(S) (R, D); log_mu (B, D) (paper only).
-    SAVE (a runtime flag, not a constexpr: the forward's and the backward's re-runs share one
-    binary): also write R and log μ to r_out, mu_out (B, D) for the backward.
+    SAVE (a runtime int, 0 or 1, not a constexpr: the forward's and the backward's re-runs
+    share one binary; not a bool, which triton 3.6's interpreter cannot pass): also write R and
+    log μ to r_out, mu_out (B, D) for the backward.
     """
     b = tl.program_id(0)
     row0, n_b = _set_rows(bounds_ptr, b)
@@ -612,7 +613,7 @@ def badmm_p_step_kernel(x_ptr, log_s_ptr, z_ptr, sig_ptr, log_p_ptr, log_p0_ptr,
         tl.store(log_p_ptr + off, y + shift[None, :], mask=msk)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["t", "SAVE"])
 def badmm_s_step_kernel(log_p_ptr, z_ptr, sig_ptr, log_s_ptr, c_ptr, log_q0_ptr, log_eta_ptr,
                         z2_ptr, log_p0_ptr, log_mu_ptr, z1_ptr, eta_out_ptr, bounds_ptr,
                         a0_ptr, a1_ptr, a2_ptr, a3_ptr, rho_ptr, t, D,

@@ -563,13 +563,13 @@ def run_iterations(pb: _Problem, fac: Factors, st: dict, t0: int, t1: int,
             pb.x32, log_s_in if t == t0 else st["log_s"], st["z"], sig, log_p, pb.log_p0,
             st.get("log_mu", dummy), dummy, dummy, pb.bounds, w["a0"], w["a1"], w["a2"],
             w["rho"], t, D, *sigma,
-            QUADRATIC=quad, PAPER=paper, SAVE=False, BN=pb.BN, BD=pb.BD,
+            QUADRATIC=quad, PAPER=paper, SAVE=0, BN=pb.BN, BD=pb.BD,
             num_warps=PER_SET_WARPS, **fac.meta())
         _wrap(badmm_s_step_kernel)[(B,)](
             log_p, st["z"], sig, st["log_s"], cbuf, pb.log_q0, st.get("log_eta", dummy),
             st.get("z2", dummy), pb.log_p0, st.get("log_mu", dummy), st.get("z1", dummy),
             dummy, pb.bounds, w["a0"], w["a1"], w["a2"], w["a3"], w["rho"], t, D, *sigma,
-            QUADRATIC=quad, PAPER=paper, SAVE=False, BN=pb.BN, BD=pb.BD,
+            QUADRATIC=quad, PAPER=paper, SAVE=0, BN=pb.BN, BD=pb.BD,
             num_warps=PER_SET_WARPS, **fac.meta())
     if transient_lp is None:
         st["log_p"] = log_p
@@ -663,7 +663,7 @@ def badmm_rerun(pb: _Problem, fac: Factors, st: dict, t: int, bufs: _Buffers,
     _wrap(badmm_p_step_kernel)[(B,)](pb.x32, st["log_s"], st["z"], sv["sig_s"], sv["log_p"],
                                      pb.log_p0, st.get("log_mu", dummy), sv["r"], sv["mu"],
                                      pb.bounds, w["a0"], w["a1"], w["a2"], w["rho"], t, D,
-                                     *sigma, SAVE=True, **kw)
+                                     *sigma, SAVE=1, **kw)
     sv["z_new"].copy_(st["z"])
     new = {k: st[k].clone() for k in ("log_mu", "log_eta", "z1", "z2")} if paper else {}
     _wrap(badmm_s_step_kernel)[(B,)](sv["log_p"], sv["z_new"], sv["sig_p"], sv["ls_new"],
@@ -671,7 +671,7 @@ def badmm_rerun(pb: _Problem, fac: Factors, st: dict, t: int, bufs: _Buffers,
                                      new.get("z2", dummy), pb.log_p0, new.get("log_mu", dummy),
                                      new.get("z1", dummy), sv["eta"], pb.bounds, w["a0"],
                                      w["a1"], w["a2"], w["a3"], w["rho"], t, D, *sigma,
-                                     SAVE=True, **kw)
+                                     SAVE=1, **kw)
     sv["st"], sv["new"] = st, new
     sv["next"] = {"log_s": sv["ls_new"], "z": sv["z_new"], **new}
     return sv
